@@ -1,0 +1,19 @@
+"""quamba-fx: capture, verify and quantize Hugging Face Mamba models as torch.fx graphs."""
+
+from .capture import annotate_shapes, capture
+from .errors import (
+    CheckpointError,
+    InputError,
+    MetaDeviceError,
+    MissingDependencyError,
+    PassError,
+    QuambaError,
+    TopologyError,
+    UnsupportedModelError,
+)
+from .dump import dump, write_dump
+from .models import BUILTIN_SHAPES, builtin_config, load_model, random_model
+from .passes.verify import VerifyTopology, verify_topology
+from .pipeline import Pipeline
+
+__version__ = "0.1.0"

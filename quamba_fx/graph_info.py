@@ -1,0 +1,102 @@
+"""Read what capture recorded on nodes, and classify ops by what they do to data.
+
+The op classes are what the topology check walks through: layout ops move or view data, elementwise
+ops compute per element, quantization boundaries change only the encoding. Later passes register
+their own ops here (`register_op`) so that checks keep working on rewritten graphs.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .capture import META_KEY
+
+LAYOUT_OPS: set[str] = {
+    "transpose", "permute", "view", "reshape", "contiguous", "chunk", "split", "split_with_sizes",
+    "getitem", "slice", "select", "narrow", "unsqueeze", "squeeze", "flatten", "unflatten", "expand",
+    "t", "to", "float", "half", "bfloat16", "type_as", "clone", "_to_copy", "alias", "unbind",
+}
+ELEMENTWISE_OPS: set[str] = {
+    "silu", "sigmoid", "relu", "gelu", "softplus", "exp", "neg", "abs", "add", "sub", "mul", "div",
+    "truediv", "iadd", "imul", "pow", "rsqrt", "sqrt", "tanh", "clamp", "round",
+}
+# Ops that only change a tensor's encoding (quantize/dequantize); filled by the quantization passes.
+QUANT_BOUNDARY_OPS: set[str] = set()
+# Ops that compute a depthwise causal conv1d or a Linear, besides nn.Conv1d / nn.Linear modules.
+CONV1D_OPS: set[str] = {"conv1d", "convolution"}
+LINEAR_OPS: set[str] = {"linear"}
+SCAN_OPS: set[str] = {"selective_scan"}
+
+_KINDS = {
+    "layout": LAYOUT_OPS, "elementwise": ELEMENTWISE_OPS, "quant_boundary": QUANT_BOUNDARY_OPS,
+    "conv1d": CONV1D_OPS, "linear": LINEAR_OPS, "scan": SCAN_OPS,
+}
+
+
+def register_op(kind: str, name: str) -> None:
+    """Declare that ops named `name` (see `op_name`) belong to `kind` for the topology check."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown op kind {kind!r}; expected one of {sorted(_KINDS)}")
+    _KINDS[kind].add(name)
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """A short name for what a node computes: `transpose`, `silu`, `selective_scan`, `getitem`..."""
+    target = node.target
+    if node.op == "call_method":
+        return str(target)
+    if node.op != "call_function":
+        return node.op
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target.__name__
+    if target is operator.getitem:
+        return "getitem"
+    return getattr(target, "__name__", str(target))
+
+
+def node_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(node.target)
+
+
+def is_kind(gm: torch.fx.GraphModule, node: torch.fx.Node, kind: str) -> bool:
+    """Whether `node` is of `kind` (layout, elementwise, quant_boundary, conv1d, linear, scan)."""
+    module = node_module(gm, node)
+    if module is not None:
+        return (kind == "conv1d" and isinstance(module, nn.Conv1d)) or (
+            kind == "linear" and isinstance(module, nn.Linear)
+        )
+    return node.op in ("call_function", "call_method") and op_name(node) in _KINDS[kind]
+
+
+def info(node: torch.fx.Node) -> dict[str, Any]:
+    """The capture annotation of a node: `{"role", "block", "module"}` (empty when absent)."""
+    return node.meta.get(META_KEY, {})
+
+
+def role(node: torch.fx.Node) -> str | None:
+    return info(node).get("role")
+
+
+def block(node: torch.fx.Node) -> int | None:
+    return info(node).get("block")
+
+
+def describe(node: torch.fx.Node) -> str:
+    """`name` plus whatever is known of it: `backbone_layers_0_mixer_conv1d [backbone.layers.0.mixer.conv1d, block 0]`."""
+    details = []
+    if info(node).get("module"):
+        details.append(info(node)["module"])
+    elif node.op in ("call_function", "call_method"):
+        details.append(op_name(node))
+    if block(node) is not None:
+        details.append(f"block {block(node)}")
+    return f"{node.name} [{', '.join(details)}]" if details else node.name

@@ -1,0 +1,124 @@
+"""Where models come from: built-in configs with seeded random weights, local checkpoints, live objects.
+
+The Hugging Face Hub is never contacted. The built-in names carry the published state-spaces Mamba-1
+shapes, so capture, dump and benchmarks see real architectures even without their weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import MambaConfig, MambaForCausalLM, MambaModel
+
+from .errors import CheckpointError, UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class BuiltinShape:
+    """The architecture of one published Mamba-1 checkpoint (vocab 50280, d_state 16, expand 2, conv 4)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    vocab_size: int = 50280
+
+
+BUILTIN_SHAPES: dict[str, BuiltinShape] = {
+    "mamba-tiny": BuiltinShape(hidden_size=64, num_hidden_layers=2, vocab_size=256),
+    "mamba-130m": BuiltinShape(hidden_size=768, num_hidden_layers=24),
+    "mamba-370m": BuiltinShape(hidden_size=1024, num_hidden_layers=48),
+    "mamba-790m": BuiltinShape(hidden_size=1536, num_hidden_layers=48),
+    "mamba-1.4b": BuiltinShape(hidden_size=2048, num_hidden_layers=48),
+    "mamba-2.8b": BuiltinShape(hidden_size=2560, num_hidden_layers=64),
+}
+
+
+def builtin_config(name: str) -> MambaConfig:
+    """The `MambaConfig` of a built-in model name (see `BUILTIN_SHAPES`)."""
+    if name not in BUILTIN_SHAPES:
+        raise UnsupportedModelError(
+            f"unknown built-in model {name!r}; built-in names are: {', '.join(BUILTIN_SHAPES)}"
+        )
+    shape = BUILTIN_SHAPES[name]
+    return MambaConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        state_size=16,
+        expand=2,
+        conv_kernel=4,
+        residual_in_fp32=True,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
+
+
+def random_model(config: MambaConfig, seed: int = 0, device: str | torch.device = "cpu") -> MambaForCausalLM:
+    """A `MambaForCausalLM` with HF's initialisation under `torch.manual_seed(seed)`.
+
+    On `device="meta"` no memory is allocated: the model has shapes only, enough to capture and dump.
+    """
+    with torch.device(device):
+        torch.manual_seed(seed)
+        model = MambaForCausalLM(config)
+    return model.eval()
+
+
+def load_model(source: str | Path | nn.Module, seed: int = 0, device: str = "cpu") -> nn.Module:
+    """Resolve a model source to an eval-mode `transformers` Mamba model.
+
+    `source` is a live `MambaForCausalLM`/`MambaModel` (returned as is), a directory written by
+    `save_pretrained`, or a built-in name (`mamba-tiny`, `mamba-130m`, ... `mamba-2.8b`) that gets
+    seeded random weights. `device="meta"` builds built-in models without allocating weights.
+    """
+    if isinstance(source, nn.Module):
+        if not isinstance(source, (MambaForCausalLM, MambaModel)):
+            raise UnsupportedModelError(
+                f"expected a transformers MambaForCausalLM or MambaModel, got {type(source).__name__}"
+            )
+        return source
+    text = str(source)
+    if text in BUILTIN_SHAPES:
+        return random_model(builtin_config(text), seed=seed, device=device)
+    path = Path(text)
+    if not path.exists():
+        raise CheckpointError(
+            f"{text!r} is neither a built-in model ({', '.join(BUILTIN_SHAPES)}) nor an existing directory"
+        )
+    return _load_checkpoint_dir(path, device)
+
+
+def _load_checkpoint_dir(path: Path, device: str) -> nn.Module:
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; expected a model directory written by save_pretrained")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; is it a save_pretrained directory?")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type != "mamba":
+        raise UnsupportedModelError(
+            f"{config_file} describes model_type={model_type!r}; quamba-fx supports 'mamba' (Mamba-1) models"
+        )
+    weight_files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    if not weight_files:
+        raise CheckpointError(f"{path} has a config.json but no weight file (*.safetensors or *.bin)")
+    architectures = raw.get("architectures") or ["MambaForCausalLM"]
+    cls = MambaModel if architectures[0] == "MambaModel" else MambaForCausalLM
+    try:
+        model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    except Exception as exc:  # transformers raises many types for a damaged checkpoint
+        raise CheckpointError(f"could not load the checkpoint in {path}: {type(exc).__name__}: {exc}") from exc
+    # transformers fills missing tensors with fresh random values and only warns: that would hand the
+    # user a silently wrong model, so a checkpoint missing anything but a tied head is an error here.
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = sorted(set(info.get("missing_keys", ())) - tied)
+    if missing:
+        raise CheckpointError(f"the checkpoint in {path} lacks tensors: {', '.join(missing[:8])}")
+    return model.to(device).eval()

@@ -1,0 +1,83 @@
+"""Opaque operators that appear as single nodes in captured graphs.
+
+`torch.ops.quamba.selective_scan` is the Mamba-1 selective scan. It is a `torch.library` custom op, so
+torch.fx, dynamo and export all see one node whatever the sequence length, and its fake implementation
+lets shape propagation run without computing anything.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.library.custom_op("quamba::selective_scan", mutates_args=())
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = True,
+) -> torch.Tensor:
+    """Selective scan `y = scan(u, delta, A, B, C) + D * u`, gated by `silu(z)`.
+
+    Layouts follow mamba_ssm's `selective_scan_fn`: `u`, `delta`, `z` are `[batch, d_inner, L]`,
+    `A` is `[d_inner, d_state]`, `B` and `C` are `[batch, d_state, L]`, `D` and `delta_bias` are
+    `[d_inner]`. The state is kept in fp32; the result has `u`'s dtype.
+    """
+    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
+
+
+@selective_scan.register_fake
+def _selective_scan_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
+    return torch.empty_like(u)
+
+
+def selective_scan_reference(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = True,
+    initial_state: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch reference of the scan: a plain loop over time, fp32 state.
+
+    Returns `(y, final_state)` with `final_state` of shape `[batch, d_inner, d_state]` (fp32). The loop
+    is the oracle the Triton kernels are tested against, so it favours clarity over speed; it keeps
+    one `[batch, d_inner, d_state]` state rather than materialising the `[.., L, d_state]` discretised
+    tensors, so memory stays flat in L.
+    """
+    batch, d_inner, length = u.shape
+    d_state = A.shape[-1]
+    dt = delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()[None, :, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    A32, B32, C32, u32 = A.float(), B.float(), C.float(), u.float()
+    if initial_state is None:
+        state = u32.new_zeros(batch, d_inner, d_state)
+    else:
+        state = initial_state.float().clone()
+    ys = []
+    for t in range(length):
+        dt_t = dt[:, :, t, None]
+        state = torch.exp(dt_t * A32) * state + (dt_t * u32[:, :, t, None]) * B32[:, None, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", state, C32[:, :, t]))
+    y = torch.stack(ys, dim=-1) if ys else u32.new_zeros(batch, d_inner, 0)
+    if D is not None:
+        y = y + u32 * D.float()[None, :, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(u.dtype), state

@@ -1,0 +1,154 @@
+"""The topology check: every Mamba block is Linear(in_proj) -> conv1d -> Linear(x_proj), once.
+
+Rules (see docs/quamba-dataflow in shared docs), each checked on the whole graph at once so one error
+lists every violation:
+
+1. every block has exactly one conv1d;
+2. a conv1d is fed by a Linear (in_proj) through layout and quantization-boundary ops only;
+3. a conv1d's output reaches only Linears (x_proj) and the selective scan, through SiLU, layout and
+   quantization-boundary ops only, and reaches at least one Linear;
+4. no conv1d reaches another conv1d through elementwise, layout and boundary ops only.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..capture import META_KEY
+from ..errors import TopologyError
+from ..graph_info import block, describe, is_kind, op_name, role
+
+
+def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    # all_input_nodes also lists shape operands (the `size` in `x[..., :size]`); data comes first.
+    return [n for n in node.all_input_nodes if n.op != "call_method" or n.target != "size"]
+
+
+def _path(nodes: list[torch.fx.Node]) -> str:
+    return " -> ".join(n.name for n in nodes)
+
+
+def node_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
+    """The use-def graph of `gm` as a networkx DiGraph over fx Nodes (edge producer -> consumer)."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(gm.graph.nodes)
+    for node in gm.graph.nodes:
+        for producer in node.all_input_nodes:
+            graph.add_edge(producer, node)
+    return graph
+
+
+class _Checker:
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.graph = node_graph(gm)
+        self.convs = [n for n in gm.graph.nodes if is_kind(gm, n, "conv1d")]
+        self.problems: list[str] = []
+
+    def kind(self, node: torch.fx.Node, *kinds: str) -> bool:
+        return any(is_kind(self.gm, node, k) for k in kinds)
+
+    def run(self) -> list[str]:
+        self.check_conv_never_feeds_conv()
+        self.check_one_conv_per_block()
+        for conv in self.convs:
+            self.check_producer(conv)
+            self.check_consumers(conv)
+        return self.problems
+
+    def check_conv_never_feeds_conv(self) -> None:
+        passable = [n for n in self.graph if self.kind(n, "layout", "elementwise", "quant_boundary")]
+        # Walks start at a conv's users and stop at the next conv: a path through a third conv is
+        # that conv's own violation, reported from there.
+        stops = nx.DiGraph(self.graph.subgraph(passable + self.convs))
+        stops.remove_edges_from([(c, user) for c in self.convs for user in list(stops.successors(c))])
+        for conv in self.convs:
+            for user in conv.users:
+                if user not in stops:
+                    continue
+                for reached, path in nx.single_source_shortest_path(stops, user).items():
+                    if reached in self.convs:
+                        self.problems.append(
+                            f"conv1d {describe(conv)} feeds conv1d {describe(reached)} through elementwise/"
+                            f"layout ops only: {_path([conv] + path)}"
+                        )
+
+    def check_one_conv_per_block(self) -> None:
+        num_blocks = self.gm.meta.get(META_KEY, {}).get("num_blocks")
+        per_block: dict[int | None, list[torch.fx.Node]] = {}
+        for conv in self.convs:
+            per_block.setdefault(block(conv), []).append(conv)
+        for conv in per_block.pop(None, []):
+            self.problems.append(f"conv1d {describe(conv)} belongs to no block (missing block annotation)")
+        expected = range(num_blocks) if num_blocks is not None else sorted(per_block)
+        for b in expected:
+            found = per_block.get(b, [])
+            if len(found) != 1:
+                names = ", ".join(describe(c) for c in found) or "none"
+                self.problems.append(f"block {b} has {len(found)} conv1d (expected exactly 1): {names}")
+
+    def check_producer(self, conv: torch.fx.Node) -> None:
+        chain = [conv]
+        node = _tensor_inputs(conv)[0]
+        while self.kind(node, "layout", "quant_boundary") and _tensor_inputs(node):
+            chain.append(node)
+            node = _tensor_inputs(node)[0]
+        chain.append(node)
+        path = _path(list(reversed(chain)))
+        if not self.kind(node, "linear"):
+            self.problems.append(
+                f"conv1d {describe(conv)} is fed by {describe(node)}, which is not a Linear "
+                f"(only layout/quantization ops may stand between in_proj and conv1d): {path}"
+            )
+        elif role(node) not in (None, "in_proj") or block(node) != block(conv):
+            self.problems.append(
+                f"conv1d {describe(conv)} is fed by Linear {describe(node)} (role {role(node)!r}), "
+                f"not by its own block's in_proj: {path}"
+            )
+
+    def check_consumers(self, conv: torch.fx.Node) -> None:
+        linears = 0
+        stack: list[tuple[torch.fx.Node, list[torch.fx.Node]]] = [(conv, [conv])]
+        while stack:
+            node, path = stack.pop()
+            for user in node.users:
+                walk = path + [user]
+                if self.kind(user, "layout", "quant_boundary") or op_name(user) == "silu":
+                    stack.append((user, walk))
+                elif self.kind(user, "linear"):
+                    linears += 1
+                    if role(user) not in (None, "x_proj") or block(user) != block(conv):
+                        self.problems.append(
+                            f"conv1d {describe(conv)} feeds Linear {describe(user)} (role {role(user)!r}), "
+                            f"not its own block's x_proj: {_path(walk)}"
+                        )
+                elif not self.kind(user, "scan", "conv1d"):
+                    # A conv1d consumer is reported by check_conv_never_feeds_conv.
+                    self.problems.append(
+                        f"conv1d {describe(conv)} reaches {describe(user)}, which is neither a Linear (x_proj) "
+                        f"nor the selective scan: {_path(walk)}"
+                    )
+        if linears == 0:
+            self.problems.append(f"conv1d {describe(conv)} reaches no Linear (x_proj)")
+
+
+def verify_topology(gm: torch.fx.GraphModule) -> None:
+    """Raise `TopologyError` listing every violation of the Mamba block invariants in `gm`.
+
+    Each message names the offending nodes (fx name, module path, block) and the path between them.
+    Returns None when the graph is well formed.
+    """
+    problems = _Checker(gm).run()
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise TopologyError(f"the graph breaks {len(problems)} Mamba topology rule(s):\n{lines}")
+
+
+class VerifyTopology(PassBase):
+    """`verify_topology` as a pass: changes nothing, raises `TopologyError` on a malformed graph."""
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        verify_topology(graph_module)
+        return PassResult(graph_module, False)

@@ -1,0 +1,40 @@
+"""Shared fixtures: small real-architecture Mamba models with seeded random weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from transformers import MambaConfig, MambaForCausalLM, MambaModel
+
+settings.register_profile(
+    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def tiny_config(**overrides) -> MambaConfig:
+    fields = dict(
+        vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
+        use_cache=False,
+    )
+    fields.update(overrides)
+    return MambaConfig(**fields)
+
+
+def make_model(config: MambaConfig, seed: int = 0, head: bool = True):
+    torch.manual_seed(seed)
+    model = (MambaForCausalLM if head else MambaModel)(config)
+    # HF initialises dt_proj/A/D identically in every block; perturb so blocks really differ.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_model(tiny_config())
