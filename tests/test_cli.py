@@ -1,0 +1,54 @@
+"""The command line: dump and demo work, errors are one line with a reliable exit code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quamba_fx.cli import main
+
+
+def test_dump_json_to_stdout(capsys):
+    assert main(["dump", "mamba-tiny", "--format", "json", "--block", "1"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {n["block"] for n in doc["nodes"]} == {1}
+
+
+def test_dump_of_a_large_builtin_uses_the_meta_device(tmp_path, capsys):
+    out = tmp_path / "g.dot"
+    assert main(["dump", "mamba-2.8b", "--format", "dot", "--block", "63", "--out", str(out)]) == 0
+    assert "cluster_block63" in out.read_text()
+    assert "wrote dot dump of mamba-2.8b" in capsys.readouterr().err
+
+
+def test_dump_of_a_saved_checkpoint(tmp_path, tiny_model, capsys):
+    tiny_model.save_pretrained(tmp_path / "m")
+    assert main(["dump", str(tmp_path / "m"), "--seq-len", "5"]) == 0
+    assert "[1, 5, 97]" in capsys.readouterr().out
+
+
+def test_demo_on_tiny_model(capsys):
+    assert main(["demo", "--model", "mamba-tiny", "--run", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "graph: 74 nodes, 2 conv1d, 2 selective_scan ops" in out
+    assert "topology verified" in out and "capture" in out and "logits (1, 4, 256)" in out
+
+
+@pytest.mark.slow
+def test_demo_default_is_mamba_130m(capsys):
+    assert main(["demo", "--run", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "mamba-130m" in out and "24 conv1d, 24 selective_scan ops" in out
+    assert out.count("768->3072") == 24
+
+
+def test_errors_are_one_line_with_exit_codes(capsys):
+    assert main(["dump", "no-such-model"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("quamba-fx: error: 'no-such-model' is neither a built-in model") and err.count("\n") == 1
+    assert main(["dump", "mamba-tiny", "--block", "9"]) == 2
+    assert "block 9 does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["dump"])
+    assert exit_info.value.code == 2
