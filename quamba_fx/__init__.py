@@ -1,5 +1,6 @@
 """quamba-fx: capture, verify and quantize Hugging Face Mamba models as torch.fx graphs."""
 
+from .calibrate import Calibration, CalibrationError, calibrate
 from .capture import annotate_shapes, capture
 from .errors import (
     CheckpointError,
@@ -14,6 +15,8 @@ from .errors import (
 from .dump import dump, write_dump
 from .models import BUILTIN_SHAPES, builtin_config, load_model, random_model
 from .passes.verify import VerifyTopology, verify_topology
+from .evaluate import EvalResult, evaluate
 from .pipeline import Pipeline
+from .w8a8 import quantize
 
 __version__ = "0.1.0"

@@ -61,6 +61,17 @@ def op_name(node: torch.fx.Node) -> str:
     return getattr(target, "__name__", str(target))
 
 
+# Module classes that compute a kind, besides nn.Conv1d / nn.Linear (e.g. a quantized Linear).
+_MODULE_KINDS: dict[str, tuple[type, ...]] = {"conv1d": (nn.Conv1d,), "linear": (nn.Linear,)}
+
+
+def register_module(kind: str, cls: type) -> None:
+    """Declare that `call_module` nodes of `cls` compute `kind` (`conv1d` or `linear`)."""
+    if kind not in _MODULE_KINDS:
+        raise ValueError(f"modules can be registered as {sorted(_MODULE_KINDS)}, not {kind!r}")
+    _MODULE_KINDS[kind] += (cls,)
+
+
 def node_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
     if node.op != "call_module":
         return None
@@ -71,9 +82,7 @@ def is_kind(gm: torch.fx.GraphModule, node: torch.fx.Node, kind: str) -> bool:
     """Whether `node` is of `kind` (layout, elementwise, quant_boundary, conv1d, linear, scan)."""
     module = node_module(gm, node)
     if module is not None:
-        return (kind == "conv1d" and isinstance(module, nn.Conv1d)) or (
-            kind == "linear" and isinstance(module, nn.Linear)
-        )
+        return isinstance(module, _MODULE_KINDS.get(kind, ()))
     return node.op in ("call_function", "call_method") and op_name(node) in _KINDS[kind]
 
 

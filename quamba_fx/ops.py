@@ -74,10 +74,23 @@ def selective_scan_reference(
     for t in range(length):
         dt_t = dt[:, :, t, None]
         state = torch.exp(dt_t * A32) * state + (dt_t * u32[:, :, t, None]) * B32[:, None, :, t]
-        ys.append(torch.einsum("bdn,bn->bd", state, C32[:, :, t]))
+        ys.append(torch.bmm(state, C32[:, :, t, None])[..., 0])
     y = torch.stack(ys, dim=-1) if ys else u32.new_zeros(batch, d_inner, 0)
     if D is not None:
         y = y + u32 * D.float()[None, :, None]
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(u.dtype), state
+
+
+@torch.library.custom_op("quamba::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Hadamard rotation of the last dim (`x @ H.T`, see `quamba_fx.quant.hadamard`)."""
+    from .quant.hadamard import hadamard_transform
+
+    return hadamard_transform(x, dim=-1)
+
+
+@hadamard.register_fake
+def _hadamard_fake(x):
+    return torch.empty_like(x)

@@ -1,0 +1,109 @@
+"""Calibration: run sample text through the float graph and record per-block activation statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+from tqdm.auto import tqdm
+
+from .errors import QuambaError
+from .graph_info import describe
+from .quant.observers import Observer, observer_from_state_dict
+from .recipe import Recipe, block_paths, make_recipe, tap_node
+
+CALIBRATION_FORMAT = 1
+
+
+class CalibrationError(QuambaError, ValueError):
+    """Calibration data or activations are unusable (NaN/Inf, no batches)."""
+
+
+class Calibration:
+    """Observers keyed by the scale buffer they set: `backbone.layers.0.mixer.conv1d.output_scale`."""
+
+    def __init__(self, recipe: str, observers: dict[str, Observer], batches: int = 0):
+        self.recipe = recipe
+        self.observers = observers
+        self.batches = batches
+
+    def scales(self) -> dict[str, float]:
+        """The int8 scale of every tap: observed statistic / 127."""
+        return {key: obs.scale() for key, obs in self.observers.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": CALIBRATION_FORMAT, "recipe": self.recipe, "batches": self.batches,
+            "observers": {key: obs.state_dict() for key, obs in self.observers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
+        if data.get("format") != CALIBRATION_FORMAT:
+            raise CalibrationError(f"calibration format {data.get('format')!r} is not supported (expected {CALIBRATION_FORMAT})")
+        observers = {key: observer_from_state_dict(state) for key, state in data["observers"].items()}
+        return cls(data["recipe"], observers, data.get("batches", 0))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the graph node by node and feeds the tapped values to their observers."""
+
+    def __init__(self, gm: torch.fx.GraphModule, taps: dict[torch.fx.Node, tuple[str, Observer]]):
+        super().__init__(gm)
+        self.taps = taps
+        self.batch_index = 0
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        value = super().run_node(node)
+        if node in self.taps:
+            key, observer = self.taps[node]
+            try:
+                observer.observe(value)
+            except ValueError as exc:
+                raise CalibrationError(
+                    f"calibration batch {self.batch_index}: the activation of {describe(node)} ({key}) "
+                    f"is not finite: {exc}"
+                ) from exc
+        return value
+
+
+def calibrate(
+    gm: torch.fx.GraphModule,
+    batches: Iterable[torch.Tensor],
+    recipe: str | Recipe = "quamba",
+    progress: bool = True,
+) -> Calibration:
+    """Record the statistics `recipe` needs, one independent set per block.
+
+    `gm` is a float graph from `capture` (after the recipe's float passes, e.g. the Hadamard
+    rotation, so statistics are those of the tensors that will really be quantized). `batches`
+    yields `input_ids [B, L]`. Raises `CalibrationError` naming the node and block when an
+    activation holds NaN or Inf, or when there are no batches.
+    """
+    recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
+    taps: dict[torch.fx.Node, tuple[str, Observer]] = {}
+    for path in block_paths(gm):
+        for tap in recipe.taps:
+            key = f"{path}.{tap.module}.{tap.scale}"
+            taps[tap_node(gm, path, tap)] = (key, recipe.observer(tap, key))
+    recorder = _Recorder(gm, taps)
+    count = 0
+    total = len(batches) if hasattr(batches, "__len__") else None
+    with torch.no_grad():
+        for batch in tqdm(batches, total=total, desc=f"calibrating ({recipe.name})", unit="batch", disable=not progress):
+            recorder.batch_index = count
+            recorder.run(batch)
+            count += 1
+    if count == 0:
+        raise CalibrationError("calibration got no batches: pass at least one [batch, seq_len] tensor of token ids")
+    return Calibration(recipe.name, {key: obs for key, obs in taps.values()}, count)

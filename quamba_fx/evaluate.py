@@ -1,0 +1,68 @@
+"""Accuracy of a (quantized) model on text: bits per byte, and agreement with a reference model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .textdata import next_byte_loss
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EvalResult:
+    """Bits per byte of the model and, against a reference model on the same windows: its bits per
+    byte, the mean KL(reference || model) in nats per position, and the top-1 agreement."""
+
+    bits_per_byte: float
+    windows: int
+    seq_len: int
+    reference_bits_per_byte: float | None = None
+    kl_divergence: float | None = None
+    top1_agreement: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def evaluate(
+    logits_fn: LogitsFn,
+    windows: torch.Tensor,
+    reference_fn: LogitsFn | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "evaluating",
+) -> EvalResult:
+    """Score `logits_fn` (ids [B, L] -> logits [B, L, V]) on `windows` [N, L] of byte ids.
+
+    Every window scores L-1 next-byte predictions; all windows have the same length, so means over
+    batches weighted by batch size are means over positions.
+    """
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"expected windows of shape [N>0, L>1], got {tuple(windows.shape)}")
+    nats = ref_nats = kl = agree = 0.0
+    n = windows.shape[0]
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
+        batch = windows[start:start + batch_size]
+        logits = logits_fn(batch).float()
+        nats += next_byte_loss(logits, batch).item() * batch.shape[0]
+        if reference_fn is None:
+            continue
+        ref = reference_fn(batch).float()
+        ref_nats += next_byte_loss(ref, batch).item() * batch.shape[0]
+        log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
+        kl += (log_p.exp() * (log_p - log_q)).sum(-1).mean().item() * batch.shape[0]
+        agree += (ref.argmax(-1) == logits.argmax(-1)).float().mean().item() * batch.shape[0]
+    result = EvalResult(nats / n / math.log(2), n, windows.shape[1])
+    if reference_fn is not None:
+        result.reference_bits_per_byte = ref_nats / n / math.log(2)
+        result.kl_divergence = kl / n
+        result.top1_agreement = agree / n
+    return result

@@ -1,0 +1,178 @@
+"""Passes that turn a calibrated float graph into the W8A8 reference graph.
+
+1. `InsertQuantDequant`: after every tapped activation, a `quantize -> dequantize` pair reading the
+   tap's scale buffer. Numerically this is the fake-quantized model.
+2. `SinkDequantize`: a rule table run to a fixpoint. Dequantize commutes with ops that only move
+   data, so it is pushed past them: layout ops then act on int8 tensors, and every dequantize sits
+   right before the compute op that consumes it (the form fusion passes match).
+3. `LowerLinears`: `dequantize -> Linear [-> quantize]` becomes one `QuantizedLinear` call with int8
+   weights, reading int8 activations and, where the output is requantized, writing int8.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..graph_info import info, op_name, register_op
+from ..quant.linear import QuantizedLinear
+from ..recipe import block_paths, tap_node
+
+QUANTIZE = torch.ops.quamba.quantize.default
+DEQUANTIZE = torch.ops.quamba.dequantize.default
+register_op("quant_boundary", "quantize")
+register_op("quant_boundary", "dequantize")
+
+# Ops that move data without changing values or dtype: a dequantize may move past them.
+_SINKABLE = {"transpose", "permute", "view", "reshape", "contiguous", "chunk", "split", "getitem",
+             "unsqueeze", "squeeze", "flatten", "select", "narrow", "t", "expand"}
+_MULTI_OUTPUT = {"chunk", "split"}
+
+
+def _is(node: torch.fx.Node, target) -> bool:
+    return node.op == "call_function" and node.target is target
+
+
+def _meta_like(new: torch.fx.Node, like: torch.fx.Node, **extra) -> torch.fx.Node:
+    new.meta["quamba"] = {**info(like), **extra}
+    return new
+
+
+class InsertQuantDequant(PassBase):
+    """Insert `quantize -> dequantize` after each tapped activation, at its calibrated scale.
+
+    `scales` maps a buffer path (`backbone.layers.0.mixer.conv1d.output_scale`) to its scale; the
+    pass registers each as an fp32 buffer on its module, so scales live in the state dict and can be
+    changed in place without recompiling.
+    """
+
+    def __init__(self, scales: dict[str, float], taps):
+        super().__init__()
+        self.scales = scales
+        self.taps = taps
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        for path in block_paths(gm):
+            for tap in self.taps:
+                key = f"{path}.{tap.module}.{tap.scale}"
+                if key not in self.scales:
+                    raise KeyError(f"no calibrated scale for {key}")
+                node = tap_node(gm, path, tap)
+                owner = gm.get_submodule(f"{path}.{tap.module}")
+                owner.register_buffer(tap.scale, torch.tensor(self.scales[key], dtype=torch.float32,
+                                                              device=_device_of(gm)))
+                meta = node.meta.get("tensor_meta")
+                float_dtype = getattr(meta, "dtype", torch.float32)
+                with gm.graph.inserting_after(node):
+                    scale = _meta_like(gm.graph.get_attr(key), node)
+                with gm.graph.inserting_after(scale):
+                    q = _meta_like(gm.graph.call_function(QUANTIZE, (node, scale)), node, scale=key)
+                with gm.graph.inserting_after(q):
+                    dq = _meta_like(gm.graph.call_function(DEQUANTIZE, (q, scale, float_dtype)), node, scale=key)
+                node.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q)
+        return PassResult(gm, True)
+
+
+def _device_of(gm: torch.fx.GraphModule) -> torch.device:
+    return next(iter(gm.parameters())).device
+
+
+Rule = Callable[[torch.fx.GraphModule, torch.fx.Node], bool]
+
+
+def sink_dequantize_past_layout(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """`layout(dequantize(q, s))` -> `dequantize(layout(q), s)`; for chunk/split, per getitem."""
+    if node.op not in ("call_method", "call_function") or op_name(node) not in _SINKABLE:
+        return False
+    source = node.args[0] if node.args else None
+    if not isinstance(source, torch.fx.Node) or not _is(source, DEQUANTIZE):
+        return False
+    if op_name(node) in _MULTI_OUTPUT and not all(_is(u, operator.getitem) for u in node.users):
+        return False
+    q, scale, dtype = source.args
+    graph = gm.graph
+    with graph.inserting_after(node):
+        moved = _meta_like(graph.create_node(node.op, node.target, (q, *node.args[1:]), dict(node.kwargs)), node)
+    if op_name(node) in _MULTI_OUTPUT:
+        for user in list(node.users):
+            with graph.inserting_after(user):
+                item = _meta_like(graph.call_function(operator.getitem, (moved, user.args[1])), user)
+            with graph.inserting_after(item):
+                dq = _meta_like(graph.call_function(DEQUANTIZE, (item, scale, dtype)), user, **_scale_of(source))
+            user.replace_all_uses_with(dq)
+            graph.erase_node(user)
+    else:
+        with graph.inserting_after(moved):
+            dq = _meta_like(graph.call_function(DEQUANTIZE, (moved, scale, dtype)), node, **_scale_of(source))
+        node.replace_all_uses_with(dq)
+    graph.erase_node(node)
+    if not source.users:
+        graph.erase_node(source)
+    return True
+
+
+def _scale_of(node: torch.fx.Node) -> dict:
+    return {"scale": info(node)["scale"]} if "scale" in info(node) else {}
+
+
+def run_rules(gm: torch.fx.GraphModule, rules: list[Rule]) -> bool:
+    """Apply `rules` to every node until none fires; True when anything changed."""
+    changed_any, changed = False, True
+    while changed:
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.graph is not gm.graph or node not in gm.graph.nodes:
+                continue
+            for rule in rules:
+                if rule(gm, node):
+                    changed = changed_any = True
+                    break
+    return changed_any
+
+
+class SinkDequantize(PassBase):
+    """Push every dequantize past the layout ops after it (see `sink_dequantize_past_layout`)."""
+
+    rules: list[Rule] = [sink_dequantize_past_layout]
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        return PassResult(gm, run_rules(gm, self.rules))
+
+
+def lower_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """`dequantize(q, s_in) -> Linear [-> quantize(., s_out)]` -> `QuantizedLinear(q, s_in[, s_out])`."""
+    if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), torch.nn.Linear):
+        return False
+    source = node.args[0]
+    if not (isinstance(source, torch.fx.Node) and _is(source, DEQUANTIZE)):
+        return False
+    q, in_scale, _ = source.args
+    gm.set_submodule(node.target, QuantizedLinear.from_float(gm.get_submodule(node.target)))
+    requant = [u for u in node.users if _is(u, QUANTIZE)]
+    graph = gm.graph
+    if len(requant) == 1 and len(node.users) == 1:
+        out_scale = requant[0].args[1]
+        with graph.inserting_after(requant[0]):
+            fused = _meta_like(graph.call_module(node.target, (q, in_scale, out_scale)), node,
+                               **_scale_of(requant[0]))
+        requant[0].replace_all_uses_with(fused)
+        graph.erase_node(requant[0])
+    else:
+        with graph.inserting_after(node):
+            fused = _meta_like(graph.call_module(node.target, (q, in_scale)), node)
+        node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    if not source.users:
+        graph.erase_node(source)
+    return True
+
+
+class LowerLinears(PassBase):
+    """Replace every float Linear fed by a dequantize with a W8A8 `QuantizedLinear`."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        return PassResult(gm, run_rules(gm, [lower_linear]))

@@ -1,0 +1,53 @@
+"""`QuantizedLinear`: the W8A8 module that replaces an `nn.Linear` at the same module path."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..graph_info import register_module
+from .qops import quantize_weight_per_channel
+
+
+class QuantizedLinear(nn.Module):
+    """int8 weight `[N, K]` with per-output-channel fp32 scales, fp32 bias, int8 activations.
+
+    `forward(x_q, x_scale, out_scale=None)`: `x_q` is int8 `[..., K]` quantized with the per-tensor
+    `x_scale`; the result is int8 at `out_scale` when given, else `out_dtype` (the float Linear's
+    dtype). Activation scales are graph inputs, not attributes, because they belong to the edge: the
+    producer's scale is shared by every consumer of the same int8 tensor.
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype):
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.dim() != 2:
+            raise ValueError(f"QuantizedLinear needs an int8 [N, K] weight, got {weight.dtype} {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.out_dtype = out_dtype
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale.to(torch.float32))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "QuantizedLinear":
+        """Quantize `linear`'s weight per output channel (abs-max, symmetric).
+
+        Extra buffers a pass registered on the float module (activation scales) are carried over,
+        so `get_attr` nodes pointing at them stay valid after the swap.
+        """
+        w_q, w_scale = quantize_weight_per_channel(linear.weight.detach())
+        q = cls(w_q, w_scale, linear.bias, linear.weight.dtype)
+        for name, buffer in linear.named_buffers(recurse=False):
+            q.register_buffer(name, buffer)
+        return q
+
+    def forward(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        out_dtype = None if out_scale is not None else self.out_dtype
+        return torch.ops.quamba.int8_linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, out_scale, out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+register_module("linear", QuantizedLinear)

@@ -1,0 +1,54 @@
+"""`quantize`: the whole W8A8 flow as two pipelines around a calibration run."""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+import torch.fx
+from torch import nn
+
+from .calibrate import Calibration, calibrate
+from .capture import annotate_shapes, capture
+from .passes.hadamard import RotateOutProjInput
+from .passes.quantize import InsertQuantDequant, LowerLinears, SinkDequantize
+from .pipeline import Pipeline
+from .recipe import Recipe, make_recipe
+
+
+def float_passes(recipe: Recipe) -> list:
+    """Passes that change the float graph without changing its result (run before calibration)."""
+    return [RotateOutProjInput()] if recipe.hadamard else []
+
+
+def quantize(
+    model: nn.Module | torch.fx.GraphModule | str,
+    calibration_data: Iterable[torch.Tensor] | None = None,
+    recipe: str | Recipe = "quamba",
+    calibration: Calibration | None = None,
+    progress: bool = True,
+    dump_dir: str | None = None,
+) -> torch.fx.GraphModule:
+    """Quantize a Mamba model to W8A8 and return the runnable reference graph.
+
+    `model` is anything `capture` accepts, or a captured GraphModule (copied: the float graph and
+    model are never modified). Statistics come from `calibration` if given, else from running
+    `calibration_data` (an iterable of `input_ids [B, L]` batches). The result runs on CPU with the
+    reference int8 ops; each block's scales are buffers on its modules, e.g.
+    `qm.get_submodule("backbone.layers.0.mixer.conv1d").output_scale`.
+    """
+    recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
+    gm = copy.deepcopy(model) if isinstance(model, torch.fx.GraphModule) else capture(model)
+    gm = Pipeline(float_passes(recipe), dump_dir=dump_dir and f"{dump_dir}/float")(gm)
+    if calibration is None:
+        if calibration_data is None:
+            raise ValueError("quantize needs calibration_data (batches of token ids) or a saved calibration")
+        calibration = calibrate(gm, calibration_data, recipe, progress=progress)
+    elif calibration.recipe != recipe.name:
+        raise ValueError(f"the calibration was recorded for recipe {calibration.recipe!r}, not {recipe.name!r}")
+    passes = [InsertQuantDequant(calibration.scales(), recipe.taps), SinkDequantize(), LowerLinears()]
+    gm = Pipeline(passes, dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
+    gm.meta["quamba"]["recipe"] = recipe.name
+    annotate_shapes(gm, tuple(gm.meta["quamba"].get("example_shape", (1, 8))))
+    return gm
