@@ -36,6 +36,13 @@ BUILTIN_SHAPES: dict[str, BuiltinShape] = {
 }
 
 
+# Trained checkpoints shipped inside the package (see benchmarks/train_bytes_model.py).
+PACKAGED_MODELS: dict[str, Path] = {
+    "mamba-bytes-wt2": Path(__file__).parent / "models_data" / "mamba-bytes-wt2",
+}
+DEFAULT_MODEL = "mamba-bytes-wt2"
+
+
 def builtin_config(name: str) -> MambaConfig:
     """The `MambaConfig` of a built-in model name (see `BUILTIN_SHAPES`)."""
     if name not in BUILTIN_SHAPES:
@@ -67,12 +74,16 @@ def random_model(config: MambaConfig, seed: int = 0, device: str | torch.device 
     return model.eval()
 
 
-def load_model(source: str | Path | nn.Module, seed: int = 0, device: str = "cpu") -> nn.Module:
+def load_model(
+    source: str | Path | nn.Module, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """Resolve a model source to an eval-mode `transformers` Mamba model.
 
     `source` is a live `MambaForCausalLM`/`MambaModel` (returned as is), a directory written by
-    `save_pretrained`, or a built-in name (`mamba-tiny`, `mamba-130m`, ... `mamba-2.8b`) that gets
-    seeded random weights. `device="meta"` builds built-in models without allocating weights.
+    `save_pretrained`, a packaged trained model (`mamba-bytes-wt2`: byte-level, trained on
+    WikiText-2), or a built-in name (`mamba-tiny`, `mamba-130m`, ... `mamba-2.8b`) that gets seeded
+    random weights. `device="meta"` builds built-in models without allocating weights. Checkpoints
+    are loaded in `dtype` (default fp32, whatever they were saved in: capture bakes the dtype in).
     """
     if isinstance(source, nn.Module):
         if not isinstance(source, (MambaForCausalLM, MambaModel)):
@@ -81,17 +92,20 @@ def load_model(source: str | Path | nn.Module, seed: int = 0, device: str = "cpu
             )
         return source
     text = str(source)
+    if text in PACKAGED_MODELS:
+        if not PACKAGED_MODELS[text].is_dir():
+            raise CheckpointError(f"the packaged model {text} is missing from this installation ({PACKAGED_MODELS[text]})")
+        return _load_checkpoint_dir(PACKAGED_MODELS[text], "cpu" if device == "meta" else device, dtype)
     if text in BUILTIN_SHAPES:
         return random_model(builtin_config(text), seed=seed, device=device)
     path = Path(text)
     if not path.exists():
-        raise CheckpointError(
-            f"{text!r} is neither a built-in model ({', '.join(BUILTIN_SHAPES)}) nor an existing directory"
-        )
-    return _load_checkpoint_dir(path, device)
+        names = ", ".join([*PACKAGED_MODELS, *BUILTIN_SHAPES])
+        raise CheckpointError(f"{text!r} is neither a built-in model ({names}) nor an existing directory")
+    return _load_checkpoint_dir(path, device, dtype)
 
 
-def _load_checkpoint_dir(path: Path, device: str) -> nn.Module:
+def _load_checkpoint_dir(path: Path, device: str, dtype: torch.dtype) -> nn.Module:
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; expected a model directory written by save_pretrained")
     config_file = path / "config.json"
@@ -112,7 +126,9 @@ def _load_checkpoint_dir(path: Path, device: str) -> nn.Module:
     architectures = raw.get("architectures") or ["MambaForCausalLM"]
     cls = MambaModel if architectures[0] == "MambaModel" else MambaForCausalLM
     try:
-        model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
+        model, info = cls.from_pretrained(
+            path, local_files_only=True, output_loading_info=True, dtype=dtype
+        )
     except Exception as exc:  # transformers raises many types for a damaged checkpoint
         raise CheckpointError(f"could not load the checkpoint in {path}: {type(exc).__name__}: {exc}") from exc
     # transformers fills missing tensors with fresh random values and only warns: that would hand the
