@@ -14,17 +14,22 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.fx
 
 from .capture import capture
 from .dump import FORMATS, dump, write_dump
 from .errors import QuambaError
 from .graph_info import block, is_kind
-from .models import BUILTIN_SHAPES, load_model
+from .evaluate import EvalResult, evaluate
+from .models import BUILTIN_SHAPES, DEFAULT_MODEL, PACKAGED_MODELS, load_model
 from .passes.verify import verify_topology
+from .recipe import RECIPE_NAMES, make_recipe
+from .textdata import chunk_sequences, find_wikitext, load_bytes
+from .w8a8 import quantize
 
 
 def _model_arg_help() -> str:
-    return f"a save_pretrained directory or a built-in name ({', '.join(BUILTIN_SHAPES)})"
+    return f"a save_pretrained directory or a built-in name ({', '.join([*PACKAGED_MODELS, *BUILTIN_SHAPES])})"
 
 
 def _load_for_shapes(model: str, device: str | None) -> torch.nn.Module:
@@ -49,22 +54,11 @@ def _linear_shape(module: torch.nn.Module) -> str:
     return f"{module.in_features}->{module.out_features}"
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    print(f"quamba-fx demo: {args.model} with seeded random weights (the Hub is not contacted)")
-    started = time.perf_counter()
-    model = load_model(args.model, seed=args.seed)
-    built = time.perf_counter() - started
-    started = time.perf_counter()
-    gm = capture(model)
-    captured = time.perf_counter() - started
-    started = time.perf_counter()
-    verify_topology(gm)
-    verified = time.perf_counter() - started
-
+def _print_block_summary(gm: torch.fx.GraphModule) -> None:
     per_block = Counter(block(n) for n in gm.graph.nodes if block(n) is not None)
     prefix = gm.meta["quamba"]["prefix"]
-    header = f"{'block':>5}  {'nodes':>5}  {'in_proj':>11}  {'conv1d (ch x k)':>15}  {'x_proj':>10}  {'dt_proj':>10}  {'out_proj':>11}"
-    print(header)
+    print(f"{'block':>5}  {'nodes':>5}  {'in_proj':>11}  {'conv1d (ch x k)':>15}  {'x_proj':>10}  "
+          f"{'dt_proj':>10}  {'out_proj':>11}")
     for b in sorted(per_block):
         mixer = gm.get_submodule(f"{prefix}layers.{b}.mixer")
         conv = mixer.conv1d
@@ -75,31 +69,129 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     kinds = Counter(k for n in gm.graph.nodes for k in ("conv1d", "scan") if is_kind(gm, n, k))
     print(f"graph: {len(gm.graph.nodes)} nodes, {kinds['conv1d']} conv1d, {kinds['scan']} selective_scan ops")
+
+
+def state_bytes(module: torch.nn.Module, float_bytes: int | None = None) -> int:
+    """Bytes of the state dict, each shared tensor (tied embeddings) counted once; `float_bytes`
+    counts floating-point tensors at that width (2 for "as if fp16")."""
+    unique = {t.data_ptr(): t for t in module.state_dict().values()}.values()
+    return sum(t.numel() * (float_bytes if float_bytes and t.is_floating_point() else t.element_size())
+               for t in unique)
+
+
+def _text_windows(split: str, seq_len: int, count: int, path: Path | None = None) -> torch.Tensor:
+    ids = load_bytes(path if path is not None else find_wikitext(split))
+    return chunk_sequences(ids, seq_len, num_sequences=count)
+
+
+def _require_bytes_model(model: torch.nn.Module, name: str) -> None:
+    vocab = model.config.vocab_size
+    if vocab != 256:
+        raise QuambaError(
+            f"text evaluation reads raw bytes, so it needs a byte-level model (vocab 256); {name} has vocab {vocab}"
+        )
+
+
+def _print_accuracy(name: str, result: EvalResult) -> None:
+    print(f"{name:<8} bits/byte {result.bits_per_byte:.4f}", end="")
+    if result.reference_bits_per_byte is not None:
+        rel = result.bits_per_byte / result.reference_bits_per_byte - 1
+        print(f"  ({rel:+.2%} vs fp32)  KL {result.kl_divergence:.5f}  top-1 agreement {result.top1_agreement:.4f}", end="")
+    print()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print(f"quamba-fx demo: {args.model} (no network access is needed)")
+    started = time.perf_counter()
+    model = load_model(args.model, seed=args.seed)
+    built = time.perf_counter() - started
+    started = time.perf_counter()
+    gm = capture(model)
+    captured = time.perf_counter() - started
+    started = time.perf_counter()
+    verify_topology(gm)
+    verified = time.perf_counter() - started
+    _print_block_summary(gm)
     print("topology verified: every block is in_proj -> conv1d -> x_proj, no conv1d feeds a conv1d")
-    print(f"time: build {built:.2f} s, capture {captured:.2f} s, verify {verified:.3f} s")
+    print(f"time: load {built:.2f} s, capture {captured:.2f} s, verify {verified:.3f} s")
     if args.run:
         ids = torch.randint(0, model.config.vocab_size, (1, args.run), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             started = time.perf_counter()
             logits = gm(ids)
         print(f"ran the graph on {tuple(ids.shape)} token ids: logits {tuple(logits.shape)} in {time.perf_counter() - started:.2f} s")
+    if model.config.vocab_size != 256 or args.windows == 0:
+        print("(W8A8 quantization and text accuracy run on byte-level models, e.g. --model mamba-bytes-wt2)")
+        return 0
+    calib = _text_windows("valid", args.seq_len, args.windows)
+    held_out = _text_windows("test", args.seq_len, args.windows)
+    started = time.perf_counter()
+    qm = quantize(gm, calib.split(args.batch_size), recipe="quamba", progress=not args.quiet)
+    # Both sides count the tensors left in floating point (embeddings, norms, A, D, conv) at fp16,
+    # as deployed; the CPU reference keeps them in fp32.
+    print(f"quantized W8A8 (quamba recipe) in {time.perf_counter() - started:.1f} s; state dict "
+          f"{state_bytes(gm, float_bytes=2) / 1e6:.2f} MB fp16 -> {state_bytes(qm, float_bytes=2) / 1e6:.2f} MB W8A8")
+    verify_topology(qm)
+    result = evaluate(qm, held_out, gm, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"accuracy on {result.windows} windows of {result.seq_len} bytes of WikiText-2 test.txt:")
+    _print_accuracy("fp32", EvalResult(result.reference_bits_per_byte, result.windows, result.seq_len))
+    _print_accuracy("W8A8", result)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model = load_model(args.model, seed=args.seed)
+    _require_bytes_model(model, args.model)
+    gm = capture(model)
+    held_out = _text_windows("test", args.seq_len, args.windows, args.text)
+    if args.recipe == "none":
+        _print_accuracy("fp32", evaluate(gm, held_out, batch_size=args.batch_size, progress=not args.quiet))
+        return 0
+    calib = _text_windows("valid", args.seq_len, args.calib_windows, args.calib)
+    recipe = make_recipe(args.recipe, percentile=args.percentile)
+    qm = quantize(gm, calib.split(args.batch_size), recipe=recipe, progress=not args.quiet)
+    result = evaluate(qm, held_out, gm, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"{args.model}: {result.windows} windows of {result.seq_len} bytes; recipe {args.recipe}")
+    _print_accuracy("fp32", EvalResult(result.reference_bits_per_byte, result.windows, result.seq_len))
+    _print_accuracy(args.recipe, result)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quamba-fx",
-        description="Capture, verify and inspect Hugging Face Mamba models as torch.fx graphs.",
+        description="Capture, verify, quantize (W8A8) and inspect Hugging Face Mamba models as torch.fx graphs.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="capture and verify a built-in model, print a per-block summary")
-    demo.add_argument("--model", default="mamba-130m", help=_model_arg_help() + " (default: mamba-130m)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    demo = sub.add_parser("demo", help="capture, verify, quantize and evaluate a built-in model")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help=_model_arg_help() + f" (default: {DEFAULT_MODEL})")
+    demo.add_argument("--seed", type=int, default=0, help="seed of random weights for built-in shapes (default: 0)")
     demo.add_argument("--run", type=int, default=16, metavar="L",
                       help="also run the captured graph on L random tokens (0 to skip; default: 16)")
+    demo.add_argument("--windows", type=int, default=16,
+                      help="text windows for calibration and for evaluation (0 skips quantization; default: 16)")
+    demo.add_argument("--seq-len", type=int, default=512, help="bytes per window (default: 512)")
+    demo.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="bits per byte on WikiText-2 test.txt, float or quantized, vs the float model")
+    ev.add_argument("model", help=_model_arg_help() + " (byte-level, vocab 256)")
+    ev.add_argument("--recipe", choices=("none", *RECIPE_NAMES), default="quamba",
+                    help="none (float), naive or quamba W8A8 (default: quamba)")
+    ev.add_argument("--windows", type=int, default=64, help="evaluation windows, spread over test.txt (default: 64)")
+    ev.add_argument("--seq-len", type=int, default=512, help="bytes per window (default: 512)")
+    ev.add_argument("--calib-windows", type=int, default=32, help="calibration windows from valid.txt (default: 32)")
+    ev.add_argument("--percentile", type=float, default=99.999,
+                    help="percentile of |x| for the conv1d output scale in the quamba recipe (default: 99.999)")
+    ev.add_argument("--text", type=Path, default=None, help="evaluation text file (default: WikiText-2 test.txt)")
+    ev.add_argument("--calib", type=Path, default=None, help="calibration text file (default: WikiText-2 valid.txt)")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of random weights for built-in shapes (default: 0)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("dump", help="print or write the captured graph as text, json, dot or svg")
     d.add_argument("model", help=_model_arg_help())

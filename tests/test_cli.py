@@ -28,19 +28,45 @@ def test_dump_of_a_saved_checkpoint(tmp_path, tiny_model, capsys):
     assert "[1, 5, 97]" in capsys.readouterr().out
 
 
-def test_demo_on_tiny_model(capsys):
-    assert main(["demo", "--model", "mamba-tiny", "--run", "4"]) == 0
+def test_demo_on_tiny_model_quantizes_and_evaluates(capsys):
+    assert main(["demo", "--model", "mamba-tiny", "--run", "4", "--windows", "2", "--seq-len", "64", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "graph: 74 nodes, 2 conv1d, 2 selective_scan ops" in out
     assert "topology verified" in out and "capture" in out and "logits (1, 4, 256)" in out
+    assert "quantized W8A8 (quamba recipe)" in out and "accuracy on 2 windows of 64 bytes" in out
+    assert "W8A8     bits/byte" in out and "vs fp32" in out
 
 
 @pytest.mark.slow
-def test_demo_default_is_mamba_130m(capsys):
-    assert main(["demo", "--run", "0"]) == 0
+def test_demo_default_is_the_trained_byte_model(capsys):
+    assert main(["demo", "--quiet", "--windows", "4"]) == 0
     out = capsys.readouterr().out
-    assert "mamba-130m" in out and "24 conv1d, 24 selective_scan ops" in out
-    assert out.count("768->3072") == 24
+    assert "mamba-bytes-wt2" in out and "4 conv1d, 4 selective_scan ops" in out
+    fp32 = float(out.split("fp32     bits/byte ")[1].split()[0])
+    w8a8 = float(out.split("W8A8     bits/byte ")[1].split()[0])
+    assert 1.5 < fp32 < 2.3 and abs(w8a8 / fp32 - 1) < 0.02
+
+
+@pytest.mark.slow
+def test_demo_on_mamba_130m_captures_without_quantizing(capsys):
+    assert main(["demo", "--model", "mamba-130m", "--run", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "24 conv1d, 24 selective_scan ops" in out and out.count("768->3072") == 24
+    assert "W8A8 quantization and text accuracy run on byte-level models" in out
+
+
+def test_eval_prints_bits_per_byte_for_each_recipe(capsys):
+    args = ["eval", "mamba-bytes-wt2", "--windows", "2", "--calib-windows", "2", "--seq-len", "96", "--quiet"]
+    assert main(args + ["--recipe", "none"]) == 0
+    assert capsys.readouterr().out.startswith("fp32     bits/byte ")
+    assert main(args + ["--recipe", "naive"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe naive" in out and "naive    bits/byte" in out and "top-1 agreement" in out
+
+
+def test_eval_rejects_token_models(capsys):
+    assert main(["eval", "mamba-130m", "--windows", "1"]) == 1
+    assert "needs a byte-level model (vocab 256); mamba-130m has vocab 50280" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_with_exit_codes(capsys):
