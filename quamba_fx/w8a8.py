@@ -22,6 +22,11 @@ def float_passes(recipe: Recipe) -> list:
     return [RotateOutProjInput()] if recipe.hadamard else []
 
 
+def quantization_passes(scales: dict[str, float], recipe: Recipe) -> list:
+    """Passes that turn the calibrated float graph into the W8A8 reference graph."""
+    return [InsertQuantDequant(scales, recipe.taps), SinkDequantize(), LowerLinears()]
+
+
 def quantize(
     model: nn.Module | torch.fx.GraphModule | str,
     calibration_data: Iterable[torch.Tensor] | None = None,
@@ -39,7 +44,9 @@ def quantize(
     `qm.get_submodule("backbone.layers.0.mixer.conv1d").output_scale`.
     """
     recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
-    gm = copy.deepcopy(model) if isinstance(model, torch.fx.GraphModule) else capture(model)
+    # Always a deep copy: a fresh capture shares its modules with the user's model, and the passes
+    # register scale buffers on them and swap Linears out.
+    gm = copy.deepcopy(model if isinstance(model, torch.fx.GraphModule) else capture(model))
     gm = Pipeline(float_passes(recipe), dump_dir=dump_dir and f"{dump_dir}/float")(gm)
     if calibration is None:
         if calibration_data is None:
@@ -47,8 +54,8 @@ def quantize(
         calibration = calibrate(gm, calibration_data, recipe, progress=progress)
     elif calibration.recipe != recipe.name:
         raise ValueError(f"the calibration was recorded for recipe {calibration.recipe!r}, not {recipe.name!r}")
-    passes = [InsertQuantDequant(calibration.scales(), recipe.taps), SinkDequantize(), LowerLinears()]
-    gm = Pipeline(passes, dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
+    gm = Pipeline(quantization_passes(calibration.scales(), recipe), dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
     gm.meta["quamba"]["recipe"] = recipe.name
+    gm.meta["quamba"]["percentile"] = recipe.percentile
     annotate_shapes(gm, tuple(gm.meta["quamba"].get("example_shape", (1, 8))))
     return gm

@@ -178,3 +178,13 @@ def test_quantize_any_config_gives_a_verified_runnable_graph(hidden, layers, ker
         out, ref = qm(ids), model(ids, use_cache=False).logits
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert (out - ref).abs().max() < 0.25 * ref.abs().max()
+
+
+def test_quantize_leaves_the_float_model_untouched():
+    model = make_model(tiny_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize(model, token_batches(97), recipe="quamba", progress=False)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert isinstance(model.backbone.layers[0].mixer.out_proj, torch.nn.Linear)
