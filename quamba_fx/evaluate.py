@@ -18,7 +18,9 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class EvalResult:
     """Bits per byte of the model and, against a reference model on the same windows: its bits per
-    byte, the mean KL(reference || model) in nats per position, and the top-1 agreement."""
+    byte, the mean KL(reference || model) in nats per position, the top-1 agreement, and the
+    relative error of the logits ||model - reference|| / ||reference|| (meaningful even where the
+    softmax saturates, e.g. on random weights)."""
 
     bits_per_byte: float
     windows: int
@@ -26,6 +28,7 @@ class EvalResult:
     reference_bits_per_byte: float | None = None
     kl_divergence: float | None = None
     top1_agreement: float | None = None
+    logits_rel_error: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +50,7 @@ def evaluate(
     """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"expected windows of shape [N>0, L>1], got {tuple(windows.shape)}")
-    nats = ref_nats = kl = agree = 0.0
+    nats = ref_nats = kl = agree = rel = 0.0
     n = windows.shape[0]
     for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
         batch = windows[start:start + batch_size]
@@ -60,9 +63,11 @@ def evaluate(
         log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
         kl += (log_p.exp() * (log_p - log_q)).sum(-1).mean().item() * batch.shape[0]
         agree += (ref.argmax(-1) == logits.argmax(-1)).float().mean().item() * batch.shape[0]
+        rel += ((logits - ref).norm() / ref.norm()).item() * batch.shape[0]
     result = EvalResult(nats / n / math.log(2), n, windows.shape[1])
     if reference_fn is not None:
         result.reference_bits_per_byte = ref_nats / n / math.log(2)
         result.kl_divergence = kl / n
         result.top1_agreement = agree / n
+        result.logits_rel_error = rel / n
     return result

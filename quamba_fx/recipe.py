@@ -50,6 +50,7 @@ class Recipe:
     hadamard: bool
     observers: dict[Tap, Callable[[], Observer]] = field(default_factory=dict)
     taps: tuple[Tap, ...] = W8A8_TAPS
+    percentile: float | None = None
 
     def observer(self, tap: Tap, name: str) -> Observer:
         factory = self.observers.get(tap)
@@ -65,7 +66,8 @@ def make_recipe(name: str, percentile: float = 99.999) -> Recipe:
     if name == "naive":
         return Recipe("naive", hadamard=False)
     if name == "quamba":
-        return Recipe("quamba", hadamard=True, observers={CONV_OUT: lambda: PercentileObserver(percentile)})
+        return Recipe("quamba", hadamard=True, observers={CONV_OUT: lambda: PercentileObserver(percentile)},
+                      percentile=percentile)
     raise ValueError(f"unknown recipe {name!r}; choose 'naive' or 'quamba'")
 
 

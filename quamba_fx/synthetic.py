@@ -26,3 +26,21 @@ def inject_out_proj_outliers(model: nn.Module, channels: int = 4, factor: float 
         mixer.out_proj.weight[:, idx] /= factor
         chosen.append(sorted(idx.tolist()))
     return chosen
+
+
+@torch.no_grad()
+def reinit_like_mamba_ssm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-draw in_proj, x_proj and out_proj with PyTorch's default Linear init (as mamba_ssm does).
+
+    HF's `_init_weights` draws every Linear from N(0, 0.1), about 7x wider than mamba_ssm's
+    kaiming-uniform for d_inner=1536: x_proj's B and C then reach ~16 and the random 130m model's
+    scan output ~6000, a dynamic range no trained model has. dt_proj, A and D keep HF's
+    (mamba_ssm's) special initialisation.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    backbone = getattr(model, "backbone", model)
+    for layer in backbone.layers:
+        for linear in (layer.mixer.in_proj, layer.mixer.x_proj, layer.mixer.out_proj):
+            bound = 1.0 / linear.in_features ** 0.5
+            linear.weight.copy_(torch.empty_like(linear.weight).uniform_(-bound, bound, generator=generator))
+    return model
