@@ -65,10 +65,29 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _scale_inputs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, float]:
+    """Current values of the scale buffers a node reads (`...conv1d.output_scale`: 0.0123)."""
+    scales = {}
+    for source in node.all_input_nodes:
+        if source.op == "get_attr" and source.target.endswith("_scale"):
+            value = _fetch_attr(gm, source.target)
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
+                scales[source.target] = float(value)
+    return scales
+
+
+def _fetch_attr(gm: torch.fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
+
+
 def node_record(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, Any]:
     """Everything a dump says about one node, as JSON-ready values."""
     shape, dtype = _tensor_meta(node)
     annotations = {k: _jsonable(v) for k, v in info(node).items() if k not in _CORE_KEYS}
+    scales = _scale_inputs(gm, node)
+    if scales:
+        annotations["scales"] = scales
     return {
         "name": node.name,
         "op": node.op,
