@@ -1,7 +1,8 @@
 """quamba-fx: capture, verify and quantize Hugging Face Mamba models as torch.fx graphs."""
 
 from .calibrate import Calibration, CalibrationError, calibrate
-from .capture import annotate_shapes, capture
+from .capture import MambaGraphModule, annotate_shapes, capture
+from .checkpoint import from_pretrained, save_pretrained
 from .errors import (
     CheckpointError,
     InputError,
@@ -14,6 +15,7 @@ from .errors import (
 )
 from .dump import dump, write_dump
 from .models import BUILTIN_SHAPES, builtin_config, load_model, random_model
+from .passes.fuse_conv import FuseConv1dSiLU, fuse
 from .passes.verify import VerifyTopology, verify_topology
 from .evaluate import EvalResult, evaluate
 from .pipeline import Pipeline

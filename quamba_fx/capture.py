@@ -78,6 +78,19 @@ def check_input_ids(input_ids: torch.Tensor, embedding_weight: torch.Tensor) -> 
     return input_ids
 
 
+class MambaGraphModule(torch.fx.GraphModule):
+    """The GraphModule `capture` returns: a plain `torch.fx.GraphModule` plus `save_pretrained`."""
+
+    def save_pretrained(self, path) -> None:
+        """Write this graph's weights and scales (safetensors) and its recipe (JSON), atomically.
+
+        `quamba_fx.from_pretrained(path)` rebuilds the same graph; see `quamba_fx.checkpoint`.
+        """
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
+
 class _MambaTracer(torch.fx.Tracer):
     """Keeps Linear/Conv1d/Embedding/RMSNorm as modules and stamps each node with the current stage."""
 
@@ -208,7 +221,7 @@ def capture(
     started = time.perf_counter()
     root = _MambaRoot(model)
     graph = _MambaTracer().trace(root)
-    gm = torch.fx.GraphModule(root, graph, class_name="MambaGraphModule")
+    gm = MambaGraphModule(root, graph, class_name="MambaGraphModule")
     config = model.config
     gm.meta[META_KEY] = {
         "source": type(model).__name__,
@@ -216,6 +229,8 @@ def capture(
         "config": architecture(config),
         "prefix": root.prefix,
         "on_meta_device": model.get_input_embeddings().weight.is_meta,
+        "hf_config": config.to_dict(),
+        "dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""),
     }
     if propagate_shapes:
         annotate_shapes(gm, example_shape)

@@ -36,7 +36,12 @@ class QuantizedLinear(nn.Module):
         Extra buffers a pass registered on the float module (activation scales) are carried over,
         so `get_attr` nodes pointing at them stay valid after the swap.
         """
-        w_q, w_scale = quantize_weight_per_channel(linear.weight.detach())
+        weight = linear.weight.detach()
+        if weight.is_meta:  # rebuilding a graph skeleton before loading a checkpoint into it
+            w_q = torch.empty(weight.shape, dtype=torch.int8, device="meta")
+            w_scale = torch.empty(weight.shape[0], dtype=torch.float32, device="meta")
+        else:
+            w_q, w_scale = quantize_weight_per_channel(weight)
         q = cls(w_q, w_scale, linear.bias, linear.weight.dtype)
         for name, buffer in linear.named_buffers(recurse=False):
             q.register_buffer(name, buffer)
