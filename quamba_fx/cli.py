@@ -16,12 +16,14 @@ from typing import Sequence
 import torch
 import torch.fx
 
-from .capture import capture
+from .capture import annotate_shapes, capture
+from .checkpoint import from_pretrained, is_quamba_checkpoint
 from .dump import FORMATS, dump, write_dump
 from .errors import QuambaError
 from .graph_info import block, is_kind
 from .evaluate import EvalResult, evaluate
 from .models import BUILTIN_SHAPES, DEFAULT_MODEL, PACKAGED_MODELS, load_model
+from .passes.fuse_conv import fuse
 from .passes.verify import verify_topology
 from .recipe import RECIPE_NAMES, make_recipe
 from .textdata import chunk_sequences, find_wikitext, load_bytes
@@ -39,8 +41,17 @@ def _load_for_shapes(model: str, device: str | None) -> torch.nn.Module:
     return load_model(model, device=device)
 
 
+def load_graph(source: str, device: str | None = None, example_shape: tuple[int, int] = (1, 8)) -> torch.fx.GraphModule:
+    """A quantized checkpoint directory (from save_pretrained) as it was saved, anything else captured."""
+    if is_quamba_checkpoint(source):
+        gm = from_pretrained(source)
+        annotate_shapes(gm, example_shape)
+        return gm
+    return capture(_load_for_shapes(source, device), example_shape=example_shape)
+
+
 def cmd_dump(args: argparse.Namespace) -> int:
-    gm = capture(_load_for_shapes(args.model, args.device), example_shape=(args.batch, args.seq_len))
+    gm = load_graph(args.model, args.device, (args.batch, args.seq_len))
     verify_topology(gm)
     if args.out:
         path = write_dump(gm, args.out, args.format, args.block)
@@ -140,10 +151,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    held_out = _text_windows("test", args.seq_len, args.windows, args.text)
+    if is_quamba_checkpoint(args.model):
+        return _eval_checkpoint(args, held_out)
     model = load_model(args.model, seed=args.seed)
     _require_bytes_model(model, args.model)
     gm = capture(model)
-    held_out = _text_windows("test", args.seq_len, args.windows, args.text)
     if args.recipe == "none":
         _print_accuracy("fp32", evaluate(gm, held_out, batch_size=args.batch_size, progress=not args.quiet))
         return 0
@@ -154,6 +167,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.model}: {result.windows} windows of {result.seq_len} bytes; recipe {args.recipe}")
     _print_accuracy("fp32", EvalResult(result.reference_bits_per_byte, result.windows, result.seq_len))
     _print_accuracy(args.recipe, result)
+    return 0
+
+
+def _eval_checkpoint(args: argparse.Namespace, held_out: torch.Tensor) -> int:
+    qm = from_pretrained(args.model)
+    vocab = qm.meta["quamba"]["hf_config"]["vocab_size"]
+    if vocab != 256:
+        raise QuambaError(f"text evaluation reads raw bytes, so it needs a byte-level model (vocab 256); {args.model} has vocab {vocab}")
+    reference = None
+    if args.reference:
+        reference = capture(load_model(args.reference))
+    result = evaluate(qm, held_out, reference, batch_size=args.batch_size, progress=not args.quiet)
+    recipe = qm.meta["quamba"].get("recipe") or "float"
+    print(f"{args.model}: {result.windows} windows of {result.seq_len} bytes; recipe {recipe}")
+    if reference is not None:
+        _print_accuracy("fp32", EvalResult(result.reference_bits_per_byte, result.windows, result.seq_len))
+    _print_accuracy(recipe, result)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    model = load_model(args.model, seed=args.seed)
+    _require_bytes_model(model, args.model)
+    calib = _text_windows("valid", args.seq_len, args.calib_windows, args.calib)
+    recipe = make_recipe(args.recipe, percentile=args.percentile)
+    started = time.perf_counter()
+    qm = quantize(model, calib.split(args.batch_size), recipe=recipe, progress=not args.quiet)
+    if args.fuse:
+        qm = fuse(qm)
+    verify_topology(qm)
+    qm.save_pretrained(args.out)
+    print(f"quantized {args.model} with the {args.recipe} recipe on {calib.shape[0]} x {calib.shape[1]} bytes "
+          f"in {time.perf_counter() - started:.1f} s{' (conv1d fused)' if args.fuse else ''}")
+    print(f"wrote {args.out}: {state_bytes(qm) / 1e6:.2f} MB of tensors "
+          f"(the float model: {state_bytes(model) / 1e6:.2f} MB as loaded, {state_bytes(model, float_bytes=2) / 1e6:.2f} MB as fp16)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    gm = load_graph(args.model).to(device)
+    vocab = gm.meta["quamba"]["hf_config"]["vocab_size"]
+    generator = torch.Generator().manual_seed(0)
+    print(f"{args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"recipe {gm.meta['quamba'].get('recipe') or 'float'}; median of {args.repeats} after 1 warm-up")
+    print(f"{'batch':>5} {'seq':>6} {'ms':>10} {'tokens/s':>10}")
+    for batch, seq_len in ((args.batch, args.seq_len),):
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
+        times = []
+        with torch.no_grad():
+            for _ in range(args.repeats + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                started = time.perf_counter()
+                gm(ids)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - started)
+        median = sorted(times[1:])[len(times[1:]) // 2]
+        print(f"{batch:>5} {seq_len:>6} {median * 1e3:>10.2f} {batch * seq_len / median:>10.0f}")
+    print(f"state dict: {state_bytes(gm) / 1e6:.2f} MB")
     return 0
 
 
@@ -178,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="bits per byte on WikiText-2 test.txt, float or quantized, vs the float model")
-    ev.add_argument("model", help=_model_arg_help() + " (byte-level, vocab 256)")
+    ev.add_argument("model", help=_model_arg_help() + " (byte-level, vocab 256), or a checkpoint directory from `quantize`")
     ev.add_argument("--recipe", choices=("none", *RECIPE_NAMES), default="quamba",
                     help="none (float), naive or quamba W8A8 (default: quamba)")
     ev.add_argument("--windows", type=int, default=64, help="evaluation windows, spread over test.txt (default: 64)")
@@ -190,8 +264,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--calib", type=Path, default=None, help="calibration text file (default: WikiText-2 valid.txt)")
     ev.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
     ev.add_argument("--seed", type=int, default=0, help="seed of random weights for built-in shapes (default: 0)")
+    ev.add_argument("--reference", default=None,
+                    help="for a quantized checkpoint: the float model to compare with (KL, top-1 agreement)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
+
+    qz = sub.add_parser("quantize", help="calibrate on text, quantize to W8A8 and save a checkpoint directory")
+    qz.add_argument("model", help=_model_arg_help() + " (byte-level, vocab 256)")
+    qz.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (replaced atomically)")
+    qz.add_argument("--recipe", choices=RECIPE_NAMES, default="quamba", help="W8A8 recipe (default: quamba)")
+    qz.add_argument("--calib", type=Path, default=None, help="calibration text file (default: WikiText-2 valid.txt)")
+    qz.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default: 32)")
+    qz.add_argument("--seq-len", type=int, default=512, help="bytes per calibration window (default: 512)")
+    qz.add_argument("--percentile", type=float, default=99.999,
+                    help="percentile of |x| for the conv1d output scale in the quamba recipe (default: 99.999)")
+    qz.add_argument("--fuse", action="store_true", help="also fuse each conv1d + SiLU into the int8 Triton kernel")
+    qz.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    qz.add_argument("--seed", type=int, default=0, help="seed of random weights for built-in shapes (default: 0)")
+    qz.add_argument("--quiet", action="store_true", help="no progress bars")
+    qz.set_defaults(func=cmd_quantize)
+
+    bench = sub.add_parser("bench", help="time a forward pass (prefill) of a model or checkpoint")
+    bench.add_argument("model", help=_model_arg_help() + ", or a checkpoint directory from `quantize`")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    bench.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (default: 5)")
+    bench.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("dump", help="print or write the captured graph as text, json, dot or svg")
     d.add_argument("model", help=_model_arg_help())

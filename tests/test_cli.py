@@ -78,3 +78,37 @@ def test_errors_are_one_line_with_exit_codes(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["dump"])
     assert exit_info.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "q"
+    assert main(["quantize", "mamba-bytes-wt2", "--out", str(out), "--calib-windows", "2", "--seq-len", "64",
+                 "--fuse", "--quiet"]) == 0
+    return out
+
+
+def test_quantize_writes_a_checkpoint(checkpoint, capsys):
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["recipe"] == "quamba" and config["fused"] is True
+
+
+def test_eval_dump_and_bench_take_a_checkpoint(checkpoint, capsys):
+    assert main(["eval", str(checkpoint), "--windows", "2", "--seq-len", "64", "--quiet",
+                 "--reference", "mamba-bytes-wt2"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe quamba" in out and "quamba   bits/byte" in out and "top-1 agreement" in out
+    assert main(["dump", str(checkpoint), "--format", "json", "--block", "2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (conv,) = [n for n in doc["nodes"] if n["is_conv1d"]]
+    assert conv["target"] == "torch.ops.quamba.conv1d_silu_int8" and conv["dtype"] == "int8"
+    assert main(["bench", str(checkpoint), "--device", "cpu", "--seq-len", "16", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe quamba" in out and "tokens/s" in out and "state dict:" in out
+
+
+def test_quantize_refuses_token_models_without_writing(tmp_path, capsys):
+    assert main(["quantize", "mamba-130m", "--out", str(tmp_path / "x")]) == 1
+    assert "needs a byte-level model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
