@@ -231,6 +231,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that calibrate (eval, quantize)."""
+    parser.add_argument("--calib", type=Path, default=None, help="calibration text file (default: WikiText-2 valid.txt)")
+    parser.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default: 32)")
+    parser.add_argument("--seq-len", type=int, default=512, help="bytes per window (default: 512)")
+    parser.add_argument("--percentile", type=float, default=99.999,
+                        help="percentile of |x| for the conv1d output scale in the quamba recipe (default: 99.999)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random weights for built-in shapes (default: 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quamba-fx",
@@ -256,32 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recipe", choices=("none", *RECIPE_NAMES), default="quamba",
                     help="none (float), naive or quamba W8A8 (default: quamba)")
     ev.add_argument("--windows", type=int, default=64, help="evaluation windows, spread over test.txt (default: 64)")
-    ev.add_argument("--seq-len", type=int, default=512, help="bytes per window (default: 512)")
-    ev.add_argument("--calib-windows", type=int, default=32, help="calibration windows from valid.txt (default: 32)")
-    ev.add_argument("--percentile", type=float, default=99.999,
-                    help="percentile of |x| for the conv1d output scale in the quamba recipe (default: 99.999)")
     ev.add_argument("--text", type=Path, default=None, help="evaluation text file (default: WikiText-2 test.txt)")
-    ev.add_argument("--calib", type=Path, default=None, help="calibration text file (default: WikiText-2 valid.txt)")
-    ev.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of random weights for built-in shapes (default: 0)")
     ev.add_argument("--reference", default=None,
                     help="for a quantized checkpoint: the float model to compare with (KL, top-1 agreement)")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_calibration_args(ev)
     ev.set_defaults(func=cmd_eval)
 
     qz = sub.add_parser("quantize", help="calibrate on text, quantize to W8A8 and save a checkpoint directory")
     qz.add_argument("model", help=_model_arg_help() + " (byte-level, vocab 256)")
     qz.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (replaced atomically)")
     qz.add_argument("--recipe", choices=RECIPE_NAMES, default="quamba", help="W8A8 recipe (default: quamba)")
-    qz.add_argument("--calib", type=Path, default=None, help="calibration text file (default: WikiText-2 valid.txt)")
-    qz.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default: 32)")
-    qz.add_argument("--seq-len", type=int, default=512, help="bytes per calibration window (default: 512)")
-    qz.add_argument("--percentile", type=float, default=99.999,
-                    help="percentile of |x| for the conv1d output scale in the quamba recipe (default: 99.999)")
     qz.add_argument("--fuse", action="store_true", help="also fuse each conv1d + SiLU into the int8 Triton kernel")
-    qz.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
-    qz.add_argument("--seed", type=int, default=0, help="seed of random weights for built-in shapes (default: 0)")
-    qz.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_calibration_args(qz)
     qz.set_defaults(func=cmd_quantize)
 
     bench = sub.add_parser("bench", help="time a forward pass (prefill) of a model or checkpoint")
