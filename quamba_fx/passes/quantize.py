@@ -125,7 +125,7 @@ def run_rules(gm: torch.fx.GraphModule, rules: list[Rule]) -> bool:
     while changed:
         changed = False
         for node in list(gm.graph.nodes):
-            if node.graph is not gm.graph or node not in gm.graph.nodes:
+            if node._erased:  # removed by a rule earlier in this sweep
                 continue
             for rule in rules:
                 if rule(gm, node):
