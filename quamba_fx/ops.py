@@ -31,12 +31,13 @@ def selective_scan(
     `A` is `[d_inner, d_state]`, `B` and `C` are `[batch, d_state, L]`, `D` and `delta_bias` are
     `[d_inner]`. The state is kept in fp32; the result has `u`'s dtype.
     """
-    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0]
+    # Contiguous, as the fake promises: compilers trust the fake's strides.
+    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0].contiguous()
 
 
 @selective_scan.register_fake
 def _selective_scan_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
-    return torch.empty_like(u)
+    return u.new_empty(u.shape)
 
 
 def selective_scan_reference(
@@ -88,9 +89,9 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Hadamard rotation of the last dim (`x @ H.T`, see `quamba_fx.quant.hadamard`)."""
     from .quant.hadamard import hadamard_transform
 
-    return hadamard_transform(x, dim=-1)
+    return hadamard_transform(x, dim=-1).contiguous()
 
 
 @hadamard.register_fake
 def _hadamard_fake(x):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)

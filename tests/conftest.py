@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from transformers import MambaConfig, MambaForCausalLM, MambaModel
+
+# A fresh Inductor cache per run: its keys do not cover our custom ops' fake kernels, so a cache
+# left by an older checkout could replay graphs compiled against older output layouts.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="quamba-inductor-"))
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]

@@ -73,3 +73,19 @@ def test_opcheck_validates_registration_and_fake():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.quamba.selective_scan.default, (u, delta, A, B, C, None, None, None, False),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_outputs_are_contiguous_as_the_fakes_promise():
+    # Inductor trusts a fake kernel's strides and asserts them at run time.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    u, delta, A, B, C, D, z, bias = scan_inputs(2, 6, 3, 5)
+    z = z.transpose(1, 2).contiguous().transpose(1, 2)  # a strided gate, as the in_proj chunk gives
+    real = torch.ops.quamba.selective_scan(u, delta, A, B, C, D, z, bias, True)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.quamba.selective_scan(*(mode.from_tensor(t) for t in (u, delta, A, B, C, D, z, bias)), True)
+    assert real.stride() == fake.stride() == u.new_empty(u.shape).stride()
+    x = torch.randn(3, 8, 12).transpose(1, 2)
+    assert torch.ops.quamba.hadamard(x).is_contiguous()
+    q = torch.ops.quamba.quantize(x, torch.tensor(0.1))
+    assert q.is_contiguous() and torch.ops.quamba.dequantize(q.transpose(1, 2), torch.tensor(0.1)).is_contiguous()

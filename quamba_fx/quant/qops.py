@@ -137,7 +137,8 @@ def quantize(x: Tensor, scale: Tensor, axis: int = -1) -> Tensor:
     `scale` is fp32, shape `[]`/`[1]` (per tensor) or `[C]` (per channel along `axis`). The division
     is IEEE fp32 (`x` is first converted to fp32 exactly). Returns an int8 tensor of `x`'s shape.
     """
-    return _quantize_fp32(x.to(torch.float32), _scale_view(scale, x, axis, "quantize"))
+    # Contiguous whatever x's layout, as the fake promises: compilers trust the fake's strides.
+    return _quantize_fp32(x.to(torch.float32), _scale_view(scale, x, axis, "quantize")).contiguous()
 
 
 @quantize.register_fake
@@ -156,7 +157,7 @@ def dequantize(q: Tensor, scale: Tensor, out_dtype: torch.dtype = torch.float32,
     s = _scale_view(scale, q, axis, "dequantize")
     if not out_dtype.is_floating_point:
         raise ValueError(f"dequantize: out_dtype must be a floating dtype, got {out_dtype}")
-    return (q.to(torch.float32) * s).to(out_dtype)
+    return (q.to(torch.float32) * s).to(out_dtype).contiguous()
 
 
 @dequantize.register_fake
