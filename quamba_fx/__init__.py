@@ -20,5 +20,6 @@ from .passes.verify import VerifyTopology, verify_topology
 from .evaluate import EvalResult, evaluate
 from .pipeline import Pipeline
 from .w8a8 import quantize
+from . import backend as _backend  # registers torch.compile backend "quamba"
 
 __version__ = "0.1.0"

@@ -40,7 +40,11 @@ def node_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
     return graph
 
 
-class _Checker:
+class TopologyChecker:
+    """The rules of this module, each a method that appends messages to `problems`; `run` applies
+    all of them. Callers that can only check some rules (the torch.compile backend on dynamo's
+    graphs of HF models) call the methods one by one."""
+
     def __init__(self, gm: torch.fx.GraphModule):
         self.gm = gm
         self.graph = node_graph(gm)
@@ -140,7 +144,7 @@ def verify_topology(gm: torch.fx.GraphModule) -> None:
     Each message names the offending nodes (fx name, module path, block) and the path between them.
     Returns None when the graph is well formed.
     """
-    problems = _Checker(gm).run()
+    problems = TopologyChecker(gm).run()
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise TopologyError(f"the graph breaks {len(problems)} Mamba topology rule(s):\n{lines}")
