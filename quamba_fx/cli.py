@@ -207,7 +207,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    gm = load_graph(args.model).to(device)
+    gm = load_graph(args.model, device="cpu").to(device)
     vocab = gm.meta["quamba"]["hf_config"]["vocab_size"]
     generator = torch.Generator().manual_seed(0)
     print(f"{args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
@@ -228,6 +228,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         median = sorted(times[1:])[len(times[1:]) // 2]
         print(f"{batch:>5} {seq_len:>6} {median * 1e3:>10.2f} {batch * seq_len / median:>10.0f}")
     print(f"state dict: {state_bytes(gm) / 1e6:.2f} MB")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import generate_text
+
+    gm = load_graph(args.model, device="cpu")
+    started = time.perf_counter()
+    text = generate_text(gm, args.prompt, args.max_new_tokens, do_sample=args.sample,
+                         temperature=args.temperature if args.sample else None,
+                         top_k=args.top_k if args.sample else None, seed=args.seed)
+    elapsed = time.perf_counter() - started
+    print(args.prompt + text)
+    print(f"({len(text.encode())} bytes in {elapsed:.1f} s, recipe {gm.meta['quamba'].get('recipe') or 'float'}; "
+          "no decode cache yet: each step reruns the prefix)", file=sys.stderr)
     return 0
 
 
@@ -281,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--fuse", action="store_true", help="also fuse each conv1d + SiLU into the int8 Triton kernel")
     _add_calibration_args(qz)
     qz.set_defaults(func=cmd_quantize)
+
+    gen = sub.add_parser("generate", help="continue a prompt with a byte-level model or checkpoint")
+    gen.add_argument("model", help=_model_arg_help() + ", or a checkpoint directory from `quantize`")
+    gen.add_argument("--prompt", required=True, help="text to continue (UTF-8 bytes are the tokens)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="bytes to generate (default: 64)")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
+    gen.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest bytes (default: 50)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="time a forward pass (prefill) of a model or checkpoint")
     bench.add_argument("model", help=_model_arg_help() + ", or a checkpoint directory from `quantize`")

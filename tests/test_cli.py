@@ -112,3 +112,12 @@ def test_quantize_refuses_token_models_without_writing(tmp_path, capsys):
     assert main(["quantize", "mamba-130m", "--out", str(tmp_path / "x")]) == 1
     assert "needs a byte-level model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_generate_continues_a_prompt(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--prompt", "The city", "--max-new-tokens", "12"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The city") and len(captured.out.rstrip("\n").encode()) >= len("The city")
+    assert "12 bytes" in captured.err or "bytes in" in captured.err
+    assert main(["generate", "mamba-130m", "--prompt", "x", "--max-new-tokens", "1"]) == 1
+    assert "byte-level" in capsys.readouterr().err

@@ -1,0 +1,369 @@
+"""Text generation with captured and quantized graphs through Hugging Face's own `generate`.
+
+`QuambaForCausalLM` wraps a GraphModule from `capture`, `quantize` or `from_pretrained` as a
+`transformers` model, so `generate(...)` is `transformers.GenerationMixin.generate` itself: greedy,
+sampling (temperature / top-k / top-p), beam search, logits processors, stopping criteria,
+streamers and eos handling behave exactly as for `MambaForCausalLM`.
+
+There is no KV/SSM cache yet: every decoding step reruns the graph over the whole sequence so far,
+so generating N tokens after a prompt of P costs about N forward passes of length P..P+N. The
+wrapper tells `generate` not to build a cache and hands the full prefix to every forward; a cached
+decode path comes with a later issue.
+
+`generate_text` is the string-in, string-out convenience for byte-level models (vocab 256, one
+token per UTF-8 byte), which need no tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from transformers import GenerationMixin, MambaConfig, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
+from transformers.modeling_outputs import CausalLMOutput
+
+from .errors import InputError, MetaDeviceError, UnsupportedModelError
+
+BYTE_VOCAB_SIZE = 256
+
+# Keywords `forward` tolerates and ignores: generation bookkeeping some transformers releases pass
+# along (the names moved between 5.x releases), none of which changes a full-sequence forward.
+_IGNORED_FORWARD_KWARGS = frozenset(
+    {"use_cache", "output_attentions", "output_hidden_states", "cache_position", "position_ids", "logits_to_keep"}
+)
+_CACHE_KWARGS = frozenset({"cache", "cache_params", "past_key_values"})
+
+
+def _graph_meta(graph: torch.fx.GraphModule) -> dict[str, Any]:
+    """The capture metadata of a graph that maps token ids to logits; errors say what is wrong."""
+    if not isinstance(graph, torch.fx.GraphModule):
+        raise UnsupportedModelError(
+            f"QuambaForCausalLM wraps a GraphModule from quamba_fx.capture/quantize/from_pretrained, "
+            f"got {type(graph).__name__}"
+        )
+    meta = graph.meta.get("quamba")
+    if not meta or "hf_config" not in meta:
+        raise UnsupportedModelError("this GraphModule has no quamba capture metadata; make it with quamba_fx.capture")
+    if meta.get("source") != "MambaForCausalLM":
+        raise UnsupportedModelError(
+            f"generation needs a graph with a language-model head (captured from MambaForCausalLM); "
+            f"this one was captured from {meta.get('source')} and returns hidden states"
+        )
+    if meta.get("on_meta_device"):
+        raise MetaDeviceError("this graph was captured on the meta device: it has no weights to generate with")
+    return meta
+
+
+class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
+    """A captured (float or W8A8) Mamba graph as a `transformers` causal LM with the real `generate`.
+
+    `QuambaForCausalLM(gm)` shares `gm`'s modules (nothing is copied or re-initialised); the graph
+    is `self.model`. `forward(input_ids, attention_mask=None)` returns a `CausalLMOutput` whose
+    fp32 `logits` are the graph's. Padding is handled by running each distinct mask pattern on its
+    unpadded tokens (a left-padded batch gives every row the logits of its own prompt); logits at
+    padded positions are 0.
+    """
+
+    config_class = MambaConfig
+    main_input_name = "input_ids"
+    # Nothing of ours for transformers to tie, split across devices, or checkpoint.
+    _tied_weights_keys = None
+    _no_split_modules: list[str] = []
+    supports_gradient_checkpointing = False
+
+    def __init__(self, graph: torch.fx.GraphModule, config: MambaConfig | None = None):
+        meta = _graph_meta(graph)
+        if config is None:
+            config = MambaConfig.from_dict(meta["hf_config"])
+        super().__init__(config)
+        # post_init runs transformers' weight initialisation over the submodules registered so far:
+        # run it before the graph is attached, so no transformers release can re-initialise our
+        # weights (`_init_weights` below is a no-op as a second line of defence).
+        self.post_init()
+        self.model = graph
+        self._prefix = meta.get("prefix", "backbone.")
+        self.generation_config.use_cache = False
+        self.eval()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """No-op: the weights come from the captured graph and must never be re-initialised."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "QuambaForCausalLM":
+        """Wrap a `save_pretrained` directory of quamba-fx, or capture anything `quamba_fx.capture`
+        accepts (a built-in name such as "mamba-bytes-wt2", or a Hugging Face Mamba checkpoint dir).
+
+        Unlike `transformers.PreTrainedModel.from_pretrained`, this never contacts the Hub.
+        """
+        from .capture import capture
+        from .checkpoint import from_pretrained, is_quamba_checkpoint
+
+        if is_quamba_checkpoint(path):
+            return cls(from_pretrained(path, device=device))
+        from .models import load_model
+
+        return cls(capture(load_model(str(path), device=str(device))))
+
+    def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
+        """Write the wrapped graph with `quamba_fx.save_pretrained` (reload with `from_pretrained`)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self.model, save_directory)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_submodule(f"{self._prefix}embeddings")
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.get_submodule("lm_head")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutput | tuple[torch.Tensor]:
+        """Logits of the whole sequence `input_ids [B, L]` (one graph run per distinct mask row)."""
+        for key, value in kwargs.items():
+            if key in _CACHE_KWARGS and value is not None:
+                raise NotImplementedError(
+                    "QuambaForCausalLM has no KV/SSM cache yet: pass the full sequence without a cache"
+                )
+            if key not in _IGNORED_FORWARD_KWARGS | _CACHE_KWARGS:
+                raise TypeError(f"QuambaForCausalLM.forward got an unexpected argument {key!r}")
+        if input_ids is None:
+            raise InputError("QuambaForCausalLM.forward needs input_ids (the graph takes token ids, not embeddings)")
+        logits = self._logits(input_ids.to(self.device), attention_mask)
+        if return_dict is False:
+            return (logits,)
+        return CausalLMOutput(logits=logits)
+
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:
+            return self.model(input_ids)
+        keep = _check_mask(attention_mask, input_ids).to(input_ids.device)
+        if bool(keep.all()):
+            return self.model(input_ids)
+        # The graph has no mask input. Mamba is causal, so a row's logits at its kept positions are
+        # those of the row with the padding removed: run each distinct mask pattern once on its
+        # kept columns (a left-padded batch has one pattern per prompt length).
+        patterns, which = torch.unique(keep, dim=0, return_inverse=True)
+        logits = None
+        for index, pattern in enumerate(patterns):
+            rows = (which == index).nonzero().squeeze(1)
+            cols = pattern.nonzero().squeeze(1)
+            out = self.model(input_ids[rows][:, cols])
+            if logits is None:
+                logits = out.new_zeros((*input_ids.shape, out.shape[-1]))
+            logits[rows[:, None], cols[None, :]] = out
+        return logits
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """The whole sequence so far, every step: without a cache there is nothing to slice.
+
+        Whatever else `generate` passes (cache hints, `next_sequence_length`, `cache_position`,
+        `use_cache`, depending on the transformers release) is deliberately dropped.
+        """
+        inputs: dict[str, Any] = {"input_ids": input_ids.to(self.device)}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask.to(self.device)
+        return inputs
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """`transformers` generate (all its arguments), after checking the prompt and turning the
+        cache off. Returns what HF returns: by default the prompt plus the new tokens, `[B, P + N]`.
+        """
+        if kwargs.get("inputs_embeds") is not None:
+            raise InputError("QuambaForCausalLM.generate takes token ids (input_ids), not inputs_embeds")
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        _check_prompt(prompt, kwargs.get("attention_mask"), self.config.vocab_size)
+        if kwargs.pop("use_cache", None):
+            warnings.warn(
+                "QuambaForCausalLM has no KV/SSM cache yet: use_cache=True is ignored and every step "
+                "reruns the whole sequence",
+                stacklevel=2,
+            )
+        if generation_config is not None:
+            generation_config = copy.deepcopy(generation_config)
+            generation_config.use_cache = False
+        else:
+            kwargs["use_cache"] = False
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+
+def _check_prompt(prompt: Any, attention_mask: Any, vocab_size: int) -> None:
+    if prompt is None:
+        raise InputError("generate needs a prompt: pass input_ids of shape [batch, prompt_len]")
+    if not isinstance(prompt, torch.Tensor):
+        raise InputError(f"input_ids must be a tensor of token ids, got {type(prompt).__name__}")
+    if prompt.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"input_ids must be int64 or int32 token ids, got dtype {prompt.dtype}")
+    if prompt.dim() != 2:
+        hint = " (add a batch dimension: input_ids[None])" if prompt.dim() == 1 else ""
+        raise InputError(f"input_ids must have shape [batch, prompt_len], got {tuple(prompt.shape)}{hint}")
+    if prompt.numel() == 0:
+        raise InputError(f"input_ids is empty (shape {tuple(prompt.shape)}): the prompt needs at least one token")
+    low, high = int(prompt.min()), int(prompt.max())
+    if low < 0 or high >= vocab_size:
+        raise InputError(f"token ids must lie in [0, {vocab_size}); got values in [{low}, {high}]")
+    if attention_mask is not None:
+        _check_mask(attention_mask, prompt)
+
+
+def _check_mask(attention_mask: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """The mask as booleans, after checking its shape, values, and that no row is all padding."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise InputError(f"attention_mask must be a tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise InputError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: "
+            f"they must match"
+        )
+    keep = attention_mask != 0
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise InputError("attention_mask must hold only 0 (padding) and 1 (token)")
+    empty = (~keep.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise InputError(f"attention_mask rows {empty} are all padding: every row needs at least one token")
+    return keep
+
+
+def as_causal_lm(model: Any) -> QuambaForCausalLM:
+    """A `QuambaForCausalLM` for `model`: one already, a GraphModule, a Hugging Face Mamba model
+    (captured), or a string (`QuambaForCausalLM.from_pretrained`)."""
+    if isinstance(model, QuambaForCausalLM):
+        return model
+    if isinstance(model, torch.fx.GraphModule):
+        return QuambaForCausalLM(model)
+    if isinstance(model, (str, Path)):
+        return QuambaForCausalLM.from_pretrained(model)
+    if isinstance(model, nn.Module):
+        from .capture import capture
+
+        return QuambaForCausalLM(capture(model))
+    raise UnsupportedModelError(
+        f"expected a GraphModule, QuambaForCausalLM, Mamba model, name or directory; got {type(model).__name__}"
+    )
+
+
+class StopOnStrings(StoppingCriteria):
+    """Stop each row once its generated text (after `prompt_len` tokens) contains one of `stops`.
+
+    `decode` maps a list of token ids to text (bytes -> UTF-8 for byte-level models). Only the last
+    `window` generated tokens are decoded each step, enough to see any stop string arrive.
+    """
+
+    def __init__(self, stops: Sequence[str], prompt_len: int, decode: Callable[[list[int]], str]):
+        self.stops = [s for s in stops if s]
+        self.prompt_len = prompt_len
+        self.decode = decode
+        # A stop string of k characters spans at most 4k UTF-8 bytes (or k tokens of >= 1 character).
+        self.window = 4 * max((len(s) for s in self.stops), default=1) + 4
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if not self.stops:
+            return done
+        for row, ids in enumerate(input_ids[:, self.prompt_len:].tolist()):
+            tail = self.decode(ids[-self.window:])
+            done[row] = any(stop in tail for stop in self.stops)
+        return done
+
+
+def truncate_at_stops(text: str, stops: Sequence[str]) -> str:
+    """`text` up to (not including) the earliest occurrence of any of `stops`."""
+    cut = len(text)
+    for stop in stops:
+        if stop:
+            at = text.find(stop)
+            if at != -1:
+                cut = min(cut, at)
+    return text[:cut]
+
+
+def encode_bytes(text: str) -> list[int]:
+    """Byte-level tokens: the UTF-8 bytes of `text`."""
+    return list(text.encode("utf-8"))
+
+
+def decode_bytes(ids: Sequence[int]) -> str:
+    """Text of byte-level tokens; bytes that are not valid UTF-8 become U+FFFD."""
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _require_byte_model(lm: QuambaForCausalLM, what: str) -> None:
+    if lm.config.vocab_size != BYTE_VOCAB_SIZE:
+        raise UnsupportedModelError(
+            f"{what} works on byte-level models (vocab_size {BYTE_VOCAB_SIZE}, one token per UTF-8 byte); "
+            f"this model has vocab_size {lm.config.vocab_size} and no tokenizer is available offline. Tokenize the "
+            f"prompt yourself and call QuambaForCausalLM(gm).generate(input_ids, ...)"
+        )
+
+
+def generate_text(
+    model: Any,
+    prompt: str,
+    max_new_tokens: int = 64,
+    *,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    include_prompt: bool = False,
+    **generate_kwargs: Any,
+) -> str:
+    """Continue `prompt` with a byte-level model and return the new text (UTF-8, errors replaced).
+
+    `model` is a GraphModule (float or quantized), a `QuambaForCausalLM`, or a name/directory.
+    Greedy by default; `do_sample=True` samples with `temperature`/`top_k`/`top_p`, reproducibly
+    when `seed` is given (the global RNG state is restored afterwards). Generation ends after
+    `max_new_tokens` bytes, at the model's eos byte, or once any `stop` string appears (the text is
+    cut before it). Other keywords go to `QuambaForCausalLM.generate`.
+    """
+    lm = as_causal_lm(model)
+    _require_byte_model(lm, "generate_text")
+    if not isinstance(prompt, str):
+        raise InputError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not prompt:
+        raise InputError("prompt is empty: byte-level generation needs at least one byte to continue")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    ids = torch.tensor([encode_bytes(prompt)], dtype=torch.long)
+    sampling = {k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)) if v is not None}
+    if stops:
+        criteria = generate_kwargs.pop("stopping_criteria", None) or []
+        stop_on = StopOnStrings(stops, ids.shape[1], decode_bytes)
+        generate_kwargs["stopping_criteria"] = StoppingCriteriaList([*criteria, stop_on])
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = lm.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling, **generate_kwargs
+        )
+    sequence = out.sequences if hasattr(out, "sequences") else out
+    new = sequence[0, ids.shape[1]:].tolist()
+    eos = lm.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    # generate keeps the eos token it stopped at; the text ends before it.
+    for i, token in enumerate(new):
+        if token in eos_ids:
+            new = new[:i]
+            break
+    text = truncate_at_stops(decode_bytes(new), stops)
+    return prompt + text if include_prompt else text
