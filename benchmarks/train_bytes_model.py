@@ -37,10 +37,10 @@ import torch.nn.functional as F
 import transformers
 from transformers import MambaConfig, MambaForCausalLM
 
+from quamba_fx.evaluate import evaluate
 from quamba_fx.textdata import (
     VOCAB_SIZE,
     chunk_sequences,
-    evaluate_bits_per_byte,
     find_wikitext,
     load_bytes,
     next_byte_loss,
@@ -341,9 +341,10 @@ def dev_bits_per_byte(model: MambaForCausalLM, dev_windows: torch.Tensor, settin
     model.eval()
     try:
         with _autocast(settings.device):
-            return evaluate_bits_per_byte(
-                lambda ids: parallel_forward(model, ids, settings.chunk_len), dev_windows, settings.eval_batch
-            )
+            return evaluate(
+                lambda ids: parallel_forward(model, ids, settings.chunk_len), dev_windows,
+                batch_size=settings.eval_batch, progress=False,
+            ).bits_per_byte
     finally:
         model.train()
 
@@ -461,12 +462,13 @@ def evaluate_test_bpb(model: MambaForCausalLM, test_ids: torch.Tensor, settings:
     windows = chunk_sequences(test_ids, settings.eval_seq_len, num_sequences=settings.eval_windows)
     model.eval()
     with full_fp32_matmul():
-        bpb = evaluate_bits_per_byte(
+        bpb = evaluate(
             lambda ids: model(ids, use_cache=False).logits,
             windows,
             batch_size=settings.eval_batch,
             device=settings.device,
-        )
+            progress=False,
+        ).bits_per_byte
     return bpb, windows.shape[0]
 
 

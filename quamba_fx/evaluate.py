@@ -42,11 +42,13 @@ def evaluate(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "evaluating",
+    device: str | torch.device | None = None,
 ) -> EvalResult:
     """Score `logits_fn` (ids [B, L] -> logits [B, L, V]) on `windows` [N, L] of byte ids.
 
     Every window scores L-1 next-byte predictions; all windows have the same length, so means over
-    batches weighted by batch size are means over positions.
+    batches weighted by batch size are means over positions. `device` moves each batch of ids there
+    (windows can stay on the CPU).
     """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"expected windows of shape [N>0, L>1], got {tuple(windows.shape)}")
@@ -54,6 +56,8 @@ def evaluate(
     n = windows.shape[0]
     for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
         batch = windows[start:start + batch_size]
+        if device is not None:
+            batch = batch.to(device)
         logits = logits_fn(batch).float()
         nats += next_byte_loss(logits, batch).item() * batch.shape[0]
         if reference_fn is None:

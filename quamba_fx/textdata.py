@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -204,26 +204,3 @@ def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor) -> float:
     `next_byte_loss` for the shift.
     """
     return next_byte_loss(logits, targets).item() / math.log(2)
-
-
-@torch.inference_mode()
-def evaluate_bits_per_byte(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    windows: torch.Tensor,
-    batch_size: int = 32,
-    device: str | torch.device | None = None,
-) -> float:
-    """Bits per byte of `logits_fn` (ids [B, L] -> logits [B, L, V]) over all `windows`.
-
-    Every window scores the same number of bytes, so the mean of the per-batch means weighted by
-    batch size is the mean over all scored bytes.
-    """
-    if windows.dim() != 2 or windows.shape[0] == 0:
-        raise ValueError(f"expected windows of shape [N>0, L], got {tuple(windows.shape)}")
-    total_nats = 0.0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]
-        if device is not None:
-            batch = batch.to(device)
-        total_nats += next_byte_loss(logits_fn(batch), batch).item() * batch.shape[0]
-    return total_nats / windows.shape[0] / math.log(2)

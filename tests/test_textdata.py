@@ -16,7 +16,6 @@ from quamba_fx.textdata import (
     TextDataNotFoundError,
     bits_per_byte,
     chunk_sequences,
-    evaluate_bits_per_byte,
     find_wikitext,
     load_bytes,
     next_byte_loss,
@@ -235,6 +234,12 @@ def test_bits_per_byte_rejects_mismatched_or_too_short_windows():
         bits_per_byte(torch.zeros(2, 10, 256), torch.zeros(2, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="at least 2"):
         bits_per_byte(torch.zeros(2, 1, 256), torch.zeros(2, 1, dtype=torch.long))
+
+
+def evaluate_bits_per_byte(logits_fn, windows, batch_size):
+    from quamba_fx.evaluate import evaluate
+
+    return evaluate(logits_fn, windows, batch_size=batch_size, progress=False).bits_per_byte
 
 
 def test_evaluate_bits_per_byte_averages_over_uneven_batches(valid_ids):
