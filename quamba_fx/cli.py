@@ -7,6 +7,7 @@ Errors print one line; `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections import Counter
@@ -95,8 +96,7 @@ def _text_windows(split: str, seq_len: int, count: int, path: Path | None = None
     return chunk_sequences(ids, seq_len, num_sequences=count)
 
 
-def _require_bytes_model(model: torch.nn.Module, name: str) -> None:
-    vocab = model.config.vocab_size
+def _require_bytes_model(vocab: int, name: str) -> None:
     if vocab != 256:
         raise QuambaError(
             f"text evaluation reads raw bytes, so it needs a byte-level model (vocab 256); {name} has vocab {vocab}"
@@ -155,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if is_quamba_checkpoint(args.model):
         return _eval_checkpoint(args, held_out)
     model = load_model(args.model, seed=args.seed)
-    _require_bytes_model(model, args.model)
+    _require_bytes_model(model.config.vocab_size, args.model)
     gm = capture(model)
     if args.recipe == "none":
         _print_accuracy("fp32", evaluate(gm, held_out, batch_size=args.batch_size, progress=not args.quiet))
@@ -172,9 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_checkpoint(args: argparse.Namespace, held_out: torch.Tensor) -> int:
     qm = from_pretrained(args.model)
-    vocab = qm.meta["quamba"]["hf_config"]["vocab_size"]
-    if vocab != 256:
-        raise QuambaError(f"text evaluation reads raw bytes, so it needs a byte-level model (vocab 256); {args.model} has vocab {vocab}")
+    _require_bytes_model(qm.meta["quamba"]["hf_config"]["vocab_size"], args.model)
     reference = None
     if args.reference:
         reference = capture(load_model(args.reference))
@@ -189,7 +187,7 @@ def _eval_checkpoint(args: argparse.Namespace, held_out: torch.Tensor) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     model = load_model(args.model, seed=args.seed)
-    _require_bytes_model(model, args.model)
+    _require_bytes_model(model.config.vocab_size, args.model)
     calib = _text_windows("valid", args.seq_len, args.calib_windows, args.calib)
     recipe = make_recipe(args.recipe, percentile=args.percentile)
     started = time.perf_counter()
@@ -213,20 +211,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"recipe {gm.meta['quamba'].get('recipe') or 'float'}; median of {args.repeats} after 1 warm-up")
     print(f"{'batch':>5} {'seq':>6} {'ms':>10} {'tokens/s':>10}")
-    for batch, seq_len in ((args.batch, args.seq_len),):
-        ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
-        times = []
-        with torch.no_grad():
-            for _ in range(args.repeats + 1):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                started = time.perf_counter()
-                gm(ids)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - started)
-        median = sorted(times[1:])[len(times[1:]) // 2]
-        print(f"{batch:>5} {seq_len:>6} {median * 1e3:>10.2f} {batch * seq_len / median:>10.0f}")
+    ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=generator).to(device)
+    times = []
+    with torch.no_grad():
+        for _ in range(args.repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            gm(ids)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - started)
+    median = statistics.median(times[1:])  # the first call is the warm-up
+    print(f"{args.batch:>5} {args.seq_len:>6} {median * 1e3:>10.2f} {args.batch * args.seq_len / median:>10.0f}")
     print(f"state dict: {state_bytes(gm) / 1e6:.2f} MB")
     return 0
 
