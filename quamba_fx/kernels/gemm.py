@@ -1,0 +1,455 @@
+"""W8A8 GEMM: int8 x int8 -> int32 accumulation with the dequantize / bias / requantize epilogue fused.
+
+One entry point, `int8_gemm`, with the semantics and argument rules of `torch.ops.quamba.int8_linear`
+(`quamba_fx/quant/qops.py`), which is also its reference (`int8_gemm_reference` calls it).
+
+Numerics (the contract; int8_linear's docstring fixes it, restated here for the kernel)
+----------------------------------------------------------------------------------------
+For each output element (m, n):
+
+1. `acc = sum_k x_q[m, k] * w_q[n, k]` in int32. Exact whatever the summation order, since
+   |acc| <= K * 2**14 < 2**31 for K <= MAX_INT8_LINEAR_K (checked).
+2. `a = fp32(acc)`, round to nearest even (`cvt.rn.f32.s32` on the GPU).
+3. `s = x_scale * w_scale[n]`, one fp32 multiply (w_scale per channel or per tensor).
+4. `y = a * s`, then `y = y + bias[n]`: two roundings, not an FMA.
+5. int8 output (`out_scale` given): `q = round_half_even(clamp(y / out_scale, -128, 127))`, the
+   division IEEE (`tl.math.div_rn`), the rounding by the 1.5 * 2**23 float-bit trick (as in
+   conv1d.py). Otherwise `y` cast to `out_dtype` with round-to-nearest-even: fp32 as is, fp16 by the
+   native conversion, bf16 by an integer rounding of the fp32 bits (the interpreter's own
+   fp32 -> bf16 cast truncates, and its "rtne" mode rounds ties away from zero; the bit trick is
+   exact on both, and costs a few integer ops per output, nothing next to the GEMM).
+   Non-finite scales, NaN bias, and NaN results are outside the contract.
+
+Every step is a single correctly rounded fp32 operation, so under TRITON_INTERPRET=1 (numpy) the
+kernel is bit-exact with int8_linear for every output dtype. On CUDA it is compiled with
+`enable_fp_fusion=False`, which stops LLVM / ptxas from contracting step 4 into an FMA (the GEMM
+itself is integer, so nothing else is affected), and `div_rn` is IEEE there too: the kernel is
+bit-exact on GPUs as well (seen on H100 and H200 with Triton 3.6: every Mamba shape of
+benchmarks/gemm.py and the CUDA tests), though the tests only require int8 outputs to be within one
+step there (the documented tolerance for our kernels) and floats to be close.
+
+The exact division has a price on short-K problems, whose time is mostly epilogue: on H100,
+2.8b's dt_proj (K = 160) at 16384 tokens took 0.137 ms with `div_rn` against 0.099 ms with a
+multiplication by `1 / out_scale` (which could move a value at a .5 boundary by one step).
+
+Scales and bias are read from memory by the kernel, so updating a scale buffer in place changes the
+next call without recompiling or re-tuning.
+
+Performance design (H100)
+-------------------------
+Both operands are K-contiguous (x `[M, K]` rows, w in nn.Linear's `[N, K]` layout): Hopper's int8
+wgmma only takes K-major operands, so the weight tile is loaded as `[BLOCK_N, BLOCK_K]` and handed
+to `tl.dot` through `tl.trans`, which Triton lowers to a K-major shared-memory view, not a shuffle.
+Programs are numbered along a GROUP_M-swizzled order so that consecutive programs share weight
+columns in L2. Out-of-range rows and columns are clamped (`% M`, `% N`) instead of masked, so the
+main loop only masks K, and not at all when K % BLOCK_K == 0 (EVEN_K). Tiles are autotuned per
+(N, K, M bucket) with the bucket = next_power_of_2(M) capped at 4096, from three config families:
+decode (M <= 16; BLOCK_M = 16, wide BLOCK_K to stream the weight like a GEMV), small batches
+(M <= 128) and prefill. Configs are clipped to the problem (BLOCK_N <= next_pow2(N), BLOCK_K <=
+next_pow2(K), num_stages <= number of K tiles) before tuning, so x_proj (N = 80 / 192) and dt_proj
+(K = 48 / 160) neither waste tiles nor hold shared memory for pipeline stages they cannot use.
+Once a problem is tuned, its config is recorded and later calls launch the bare JIT function
+(`_launch`), skipping the autotuner's per-call Python.
+
+Layouts: `x_q` is `[..., K]` with unit stride along K; leading dims that merge into one row stride
+(e.g. `x[..., :rank]`, a slice of a wider row) are read in place, others are copied once. `w_q` is
+read with its row stride (a copy only if its K stride is not 1). The output is a new contiguous
+`[..., N]` tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..quant import qops  # noqa: F401  (registers torch.ops.quamba.int8_linear, the reference)
+from ..quant.qops import _check_linear, _linear_out_dtype
+
+__all__ = ["int8_gemm", "int8_gemm_reference"]
+
+# Read once, like triton.jit does at decoration time: it decides whether the kernel below is
+# interpreted, so a later change of the variable would not affect it anyway.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tuning is per power-of-two bucket of M, not per exact M: prefill lengths vary per request and
+# re-tuning each would dominate. Past a few thousand rows the best tile no longer changes.
+_M_BUCKET_CAP = 4096
+
+# out_dtype -> the kernel's OUT_MODE. Other floating dtypes (fp64, fp8) go to the reference.
+_OUT_INT8, _OUT_BF16, _OUT_CAST = 0, 1, 2
+_OUT_MODES = {torch.int8: _OUT_INT8, torch.bfloat16: _OUT_BF16, torch.float16: _OUT_CAST, torch.float32: _OUT_CAST}
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _requant_int8(y, out_scale):
+    q = tl.math.div_rn(y, out_scale)
+    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+    # Adding 1.5 * 2**23 leaves an fp32 whose ulp is 1, so the add itself rounds q half-to-even
+    # and the bits become 0x4B400000 + round(q), whose low byte is round(q) as int8: the cast
+    # truncates. Same on the GPU and in the interpreter, no dependence on a backend's rint.
+    return (q + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@triton.jit
+def _f32_to_bf16_rne(y):
+    # Round to nearest even on the bits: add 0x7FFF plus the lowest kept bit, keep the top half.
+    # A carry into the exponent is the correct rounding (up to inf past bf16's max).
+    b = y.to(tl.uint32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+def _cdiv(a: int, b: int) -> int:
+    # Plain Python on purpose: triton.cdiv / next_power_of_2 are ConstexprFunction objects in
+    # recent Triton, whose call costs microseconds on every launch.
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def _cfg(bm: int, bn: int, bk: int, group_m: int, stages: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_stages=stages, num_warps=warps)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps). int8 tiles are 1 byte a value, so
+# a 128x256x128 stage is 48 KiB of shared memory: 3-4 stages fit in the H100's 227 KiB.
+_DECODE_CONFIGS = [  # M <= 16: memory bound on the weight, one M tile; many N tiles, long K steps
+    (16, 32, 128, 1, 4, 4),
+    (16, 32, 256, 1, 4, 4),
+    (16, 64, 128, 1, 4, 4),
+    (16, 64, 256, 1, 3, 4),
+    (16, 128, 128, 1, 4, 4),
+    (16, 16, 256, 1, 4, 2),  # twice the programs for the narrow x_proj (N = 80 / 192)
+]
+_SMALL_CONFIGS = [  # 16 < M <= 128
+    (32, 64, 128, 4, 4, 4),
+    (32, 128, 128, 4, 4, 4),
+    (64, 64, 128, 4, 4, 4),
+    (64, 128, 128, 4, 4, 4),
+    (64, 256, 128, 4, 3, 4),
+    (128, 128, 128, 4, 4, 8),
+]
+_LARGE_CONFIGS = [  # prefill: compute bound, wgmma tiles
+    (128, 256, 128, 8, 3, 8),
+    (128, 256, 64, 8, 4, 8),
+    (256, 128, 128, 8, 3, 8),
+    (128, 128, 128, 8, 4, 8),
+    (128, 128, 128, 8, 4, 4),
+    (128, 128, 64, 8, 5, 4),
+    (128, 64, 128, 8, 4, 4),
+    (64, 128, 128, 8, 4, 4),
+    (64, 64, 128, 8, 5, 4),
+    # Short K (dt_proj: K = 48 / 160): few K steps, so the epilogue dominates; small stage counts
+    # (see _prune_configs) let several CTAs share an SM and overlap one's epilogue with another's
+    # loads, and 8 warps spread the epilogue's per-element work.
+    (128, 128, 64, 8, 3, 8),
+    (128, 128, 32, 8, 3, 4),
+]
+
+
+def _configs() -> List[triton.Config]:
+    if _INTERPRET:
+        # Small tiles keep the numpy blocks cheap, and test shapes still span several M, N and K
+        # tiles (ragged edges, K tails, the GROUP_M swizzle's short last group). One config: no
+        # tuning.
+        return [_cfg(16, 32, 32, 4, 1, 1)]
+    return [_cfg(*c) for c in _DECODE_CONFIGS + _SMALL_CONFIGS + _LARGE_CONFIGS]
+
+
+def _family(m_bucket: int) -> List[tuple]:
+    if m_bucket <= 16:
+        return _DECODE_CONFIGS
+    if m_bucket <= 128:
+        return _SMALL_CONFIGS
+    return _LARGE_CONFIGS
+
+
+def _prune_configs(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
+    """The config family for this M bucket, each tile clipped to the problem, duplicates dropped.
+
+    `configs` (all families) is ignored: Triton's early_config_prune hook may return new configs.
+    """
+    m_bucket, n, k = named_args["M_BUCKET"], named_args["N"], named_args["K"]
+    # tl.dot needs every dim >= 16, and int8 MMA steps K by 32.
+    cap_n = max(16, _next_pow2(n))
+    cap_k = max(32, _next_pow2(k))
+    out, seen = [], set()
+    for bm, bn, bk, group_m, stages, warps in _family(m_bucket):
+        bn, bk = min(bn, cap_n), min(bk, cap_k)
+        # More stages than K tiles only hold shared memory that could host another CTA.
+        stages = max(2, min(stages, _cdiv(k, bk)))
+        sig = (bm, bn, bk, group_m, stages, warps)
+        if sig not in seen:
+            seen.add(sig)
+            out.append(_cfg(*sig))
+    return out
+
+
+# M changes with every prefill length: keep it (and its bucket, only an autotune key) out of the
+# specialisation so a new M never recompiles. N, K and the strides stay specialised (% 16 lets
+# the loads be 16-byte vectors).
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _int8_gemm_jit(
+    x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_wn, stride_om,
+    W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
+    OUT_PER_CHANNEL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    # Flat grid in GROUP_M-swizzled order: GROUP_M row tiles sweep all column tiles together, so
+    # a weight tile loaded into L2 serves GROUP_M programs that run at about the same time.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past M and columns past N wrap onto valid ones (their results are never stored), so
+    # the loads need no M / N masks; row offsets in int64 (M * stride may pass 2**31).
+    rows = (offs_m % M).to(tl.int64)
+    cols = offs_n % N
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_mask = offs_k[None, :] < K - kt * BLOCK_K
+            a = tl.load(x_ptrs, mask=k_mask, other=0)
+            b = tl.load(w_ptrs, mask=k_mask, other=0)
+        # b is [BLOCK_N, BLOCK_K], K-contiguous: the transposed view keeps both dot operands
+        # K-major, the only int8 layout Hopper's wgmma accepts. out_dtype must be spelled out:
+        # Triton 3.6 defaults it to fp32 and rejects an int32 accumulator otherwise.
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    # Epilogue, in the contract's order. Scales are loaded here (not passed as floats) so that
+    # in-place updates take effect; `cols` keeps the loads in bounds without masks.
+    a32 = acc.to(tl.float32)
+    x_scale = tl.load(x_scale_ptr)
+    if W_PER_CHANNEL:
+        s = x_scale * tl.load(w_scale_ptr + cols)
+        y = a32 * s[None, :]
+    else:
+        s = x_scale * tl.load(w_scale_ptr)
+        y = a32 * s
+    if HAS_BIAS:
+        # `y` is its own statement above, and the kernel is compiled without fp fusion: the
+        # multiply rounds before the add, as in the reference.
+        y = y + tl.load(bias_ptr + cols)[None, :]
+
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if OUT_MODE == 0:
+        if OUT_PER_CHANNEL:
+            q = _requant_int8(y, tl.load(out_scale_ptr + cols)[None, :])
+        else:
+            q = _requant_int8(y, tl.load(out_scale_ptr))
+        tl.store(out_ptrs, q, mask=mask)
+    elif OUT_MODE == 1:
+        tl.store(out_ptrs, _f32_to_bf16_rne(y), mask=mask)
+    else:
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _even_k(args: dict) -> bool:
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+# The tuned entry: picks a config per (N, K, M bucket, tensor dtypes), then EVEN_K from it.
+_int8_gemm_kernel = triton.autotune(
+    configs=_configs(), key=["N", "K", "M_BUCKET"],
+    prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_configs},
+)(triton.heuristics({"EVEN_K": _even_k})(_int8_gemm_jit))
+
+# Launch fast path: once the autotuner has chosen a config for a problem, later calls launch the
+# bare JIT function with it, skipping the autotuner's and heuristics' per-call Python (about 25 us
+# of a 70 us call in a cProfile on an H200 host, Triton 3.6; decode launches are host-bound).
+# Keyed by everything that selects a config or a compiled variant.
+_TUNED: dict = {}
+
+
+def _launch(grid, args: tuple, key: tuple, k: int, **flags) -> None:
+    meta = _TUNED.get(key)
+    if meta is not None:
+        _int8_gemm_jit[grid](*args, **flags, **meta, EVEN_K=k % meta["BLOCK_K"] == 0)
+        return
+    _int8_gemm_kernel[grid](*args, **flags)
+    best = getattr(_int8_gemm_kernel, "best_config", None)
+    if best is not None:
+        _TUNED[key] = best.all_kwargs()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and argument preparation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_types(x_q, x_scale, w_q, w_scale, bias, out_scale) -> None:
+    # qops._check_linear assumes tensors; a Python float scale would fail there with an
+    # AttributeError rather than a clear message.
+    for name, t in (("x_q", x_q), ("x_scale", x_scale), ("w_q", w_q), ("w_scale", w_scale), ("bias", bias),
+                    ("out_scale", out_scale)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"int8_gemm: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_devices(x_q, x_scale, w_q, w_scale, bias, out_scale) -> None:
+    # The kernel dereferences every scale, so all must live on x_q's device (int8_linear would
+    # accept a CPU scalar scale with CUDA activations; a kernel cannot).
+    dev = x_q.device
+    for name, t in (("x_scale", x_scale), ("w_q", w_q), ("w_scale", w_scale), ("bias", bias),
+                    ("out_scale", out_scale)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"int8_gemm: {name} is on {t.device} but x_q is on {dev}")
+
+
+def _validate(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype) -> tuple:
+    _check_types(x_q, x_scale, w_q, w_scale, bias, out_scale)
+    n, k = _check_linear(x_q, x_scale, w_q, w_scale, bias, out_scale)
+    dtype = _linear_out_dtype(out_scale, out_dtype)
+    _check_devices(x_q, x_scale, w_q, w_scale, bias, out_scale)
+    return n, k, dtype
+
+
+def _as_rows(x_q: Tensor, m: int, k: int) -> Tensor:
+    """`x_q [..., K]` as a 2-D `[M, K]` tensor with unit K stride, a view whenever one exists.
+
+    `reshape` returns a view when the leading dims merge into one stride, which covers the
+    contiguous case and slices of wider rows such as `x[..., :rank]` (row stride > K).
+    """
+    x2 = x_q.reshape(m, k)
+    if k > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def _f32_vector(t: Tensor) -> Tensor:
+    """A scale / bias as fp32 with unit stride: itself in the usual case, else a fresh copy (made
+    on every call, so in-place updates of the original still take effect)."""
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    if t.numel() > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return t
+
+
+def _use_triton(t: Tensor) -> bool:
+    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def int8_gemm_reference(
+    x_q: Tensor,
+    x_scale: Tensor,
+    w_q: Tensor,
+    w_scale: Tensor,
+    bias: Optional[Tensor] = None,
+    out_scale: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """The reference of `int8_gemm`: `torch.ops.quamba.int8_linear` with the same arguments."""
+    return torch.ops.quamba.int8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
+
+
+def int8_gemm(
+    x_q: Tensor,
+    x_scale: Tensor,
+    w_q: Tensor,
+    w_scale: Tensor,
+    bias: Optional[Tensor] = None,
+    out_scale: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """W8A8 linear layer: `x_q @ w_q.T` in int32, dequantized, biased and optionally requantized.
+
+    Args:
+        x_q: int8 `[..., K]`, unit stride along K (other strides free: `x[..., :rank]` is read in
+            place; a layout whose leading dims do not merge into one row stride is copied).
+        x_scale: per-tensor activation scale, a 0-dim or 1-element float tensor.
+        w_q: int8 `[N, K]` (nn.Linear layout), unit stride along K.
+        w_scale: float `[N]` (per output channel) or 1 element (per tensor).
+        bias: float `[N]` or None.
+        out_scale: float, 1 element or `[N]`: requantize to int8 with it; None for a float output.
+        out_dtype: without `out_scale`, the float output dtype (default fp32); with it, None or
+            int8.
+
+    Returns:
+        A new contiguous `[..., N]` tensor: int8 with `out_scale`, else `out_dtype`.
+
+    Semantics, argument rules and error messages are those of `torch.ops.quamba.int8_linear`
+    (ValueError on bad arguments), plus: every tensor must be on `x_q`'s device. CUDA tensors run
+    the Triton kernel, as do CPU tensors under TRITON_INTERPRET=1 (bit-exact with the reference);
+    other CPU tensors, and float output dtypes other than fp32 / fp16 / bf16, run the reference.
+    Scales are read by the kernel at run time: in-place updates take effect on the next call.
+    Non-fp32 scales or bias are converted (a small copy per call).
+    """
+    n, k, dtype = _validate(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
+    out_mode = _OUT_MODES.get(dtype)
+    # K == 0 (an all-zero accumulator) is left to the reference: empty operands may have null
+    # data pointers, which a kernel launch can reject.
+    if out_mode is None or k == 0 or not _use_triton(x_q):
+        return int8_gemm_reference(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
+
+    lead = x_q.shape[:-1]
+    m = math.prod(lead)
+    out = torch.empty((*lead, n), dtype=dtype, device=x_q.device)
+    if m == 0 or n == 0:
+        return out
+
+    x2 = _as_rows(x_q, m, k)
+    w = w_q if k <= 1 or w_q.stride(1) == 1 else w_q.contiguous()
+    xs = _f32_vector(x_scale)
+    ws = _f32_vector(w_scale)
+    b = _f32_vector(bias) if bias is not None else None
+    os_ = _f32_vector(out_scale) if out_scale is not None else None
+    m_bucket = min(_next_pow2(m), _M_BUCKET_CAP)
+
+    w_per_channel = ws.numel() > 1
+    out_per_channel = os_ is not None and os_.numel() > 1
+
+    def grid(meta):
+        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
+
+    _launch(
+        grid,
+        (x2, w, xs, ws, b if b is not None else xs, os_ if os_ is not None else xs, out,
+         m, n, k, m_bucket, x2.stride(0), w.stride(0), n),
+        (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device),
+        k,
+        W_PER_CHANNEL=w_per_channel, HAS_BIAS=b is not None, OUT_MODE=out_mode, OUT_PER_CHANNEL=out_per_channel,
+        # Keeps `a * s + bias` two roundings on the GPU (see the module docstring).
+        enable_fp_fusion=False,
+    )
+    return out

@@ -1,0 +1,447 @@
+"""Tests for the W8A8 GEMM kernel (quamba_fx.kernels.gemm) against torch.ops.quamba.int8_linear.
+
+Run on CPU with the Triton interpreter, where kernel and reference must agree bit for bit:
+
+    TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python -m pytest tests/test_kernel_gemm.py -q
+
+Without the interpreter, kernel tests run on CUDA when present (int8 outputs may differ by one
+step, floats by rounding) and are skipped otherwise; reference, validation and config tests always
+run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quamba_fx.kernels import gemm
+from quamba_fx.kernels.gemm import int8_gemm, int8_gemm_reference
+from quamba_fx.quant.qops import MAX_INT8_LINEAR_K
+
+if gemm._INTERPRET:
+    DEVICE, EXACT = "cpu", True
+elif torch.cuda.is_available():
+    DEVICE, EXACT = "cuda", False
+else:
+    DEVICE, EXACT = None, False
+
+needs_kernel = pytest.mark.skipif(
+    DEVICE is None, reason="Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before import)"
+)
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_match(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit-exact under the interpreter; on CUDA int8 within one step, floats within rounding."""
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    assert got.is_contiguous()
+    got, want = got.cpu(), want.cpu()
+    if torch.equal(got, want):
+        return
+    if got.dtype == torch.int8:
+        diff = (got.int() - want.int()).abs()
+        msg = f"{int((diff != 0).sum())} of {diff.numel()} int8 values differ, max |diff| {int(diff.max())}"
+        assert not EXACT, msg
+        assert int(diff.max()) <= 1, msg
+    else:
+        assert not EXACT, f"{int((got != want).sum())} of {got.numel()} {got.dtype} values differ"
+        scale = want.float().abs().max().item() or 1.0
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5 * scale)
+
+
+def scale(v: float, device: str, shape=()) -> torch.Tensor:
+    return torch.full(shape, v, dtype=torch.float32, device=device)
+
+
+def int8_values(gen: torch.Generator, shape, mode: str) -> torch.Tensor:
+    if mode == "uniform":
+        return torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+    # The int8 extremes (largest accumulators, saturated outputs) and small values.
+    pool = torch.tensor([-128, -127, -1, 0, 1, 126, 127], dtype=torch.int8)
+    return pool[torch.randint(0, pool.numel(), shape, generator=gen)]
+
+
+def make_x(gen: torch.Generator, lead: tuple, K: int, layout: str, mode: str, device: str) -> torch.Tensor:
+    """int8 `[*lead, K]` in a memory layout the wrapper must handle."""
+    if layout == "contiguous":
+        return int8_values(gen, (*lead, K), mode).to(device)
+    if layout == "slice":  # x[..., :K] of wider rows (row stride K + pad): read in place
+        pad = int(torch.randint(1, 20, (), generator=gen))
+        return int8_values(gen, (*lead, K + pad), mode).to(device)[..., :K]
+    # "permuted": leading dims that do not merge into one row stride (the wrapper copies)
+    wide = int8_values(gen, (*reversed(lead), K), mode).to(device)
+    return wide.permute(*reversed(range(len(lead))), len(lead))
+
+
+@st.composite
+def cases(draw):
+    # The interpreter runs 16 x 32 x 32 tiles with GROUP_M = 4: hit the tile edges, K tails and
+    # K < one tile, and the decode shape M = 1.
+    three_d = draw(st.booleans())
+    if three_d:
+        lead = (draw(st.integers(1, 3)), draw(st.integers(1, 23)))
+    else:
+        lead = (draw(st.one_of(st.integers(1, 70), st.sampled_from([1, 15, 16, 17, 33, 64, 65, 70]))),)
+    K = draw(st.one_of(st.integers(1, 200), st.sampled_from([1, 31, 32, 33, 48, 64, 96, 160, 200])))
+    N = draw(st.one_of(st.integers(1, 150), st.sampled_from([1, 16, 31, 32, 33, 80, 150])))
+    layouts = ["contiguous", "slice"] + (["permuted"] if len(lead) > 1 else [])
+    return dict(
+        lead=lead, K=K, N=N,
+        layout=draw(st.sampled_from(layouts)),
+        values=draw(st.sampled_from(["uniform", "extreme"])),
+        w_per_channel=draw(st.booleans()),
+        # "dyadic": power-of-two scales, so y / out_scale = acc * 2**e exactly and odd
+        # accumulators land exactly on .5 ties (e = -1 makes half of them ties); e near 0
+        # saturates almost everything.
+        scales=draw(st.sampled_from(["dyadic", "random"])),
+        exp=draw(st.integers(-14, 0)),
+        bias=draw(st.sampled_from([None, "random", "dyadic"])),
+        out=draw(st.sampled_from(["int8", "int8_per_channel", "fp32", "fp16", "bf16"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def build(case: dict, device: str) -> dict:
+    gen = torch.Generator().manual_seed(case["seed"])
+    K, N = case["K"], case["N"]
+    x = make_x(gen, case["lead"], K, case["layout"], case["values"], device)
+    w = int8_values(gen, (N, K), case["values"]).to(device)
+    n_ws = N if case["w_per_channel"] else 1
+    if case["scales"] == "dyadic":
+        # x_scale * w_scale = 2**(exp + j - 8) with j in 0..2, out_scale 2**-8 (per-channel ones
+        # vary by powers of two as well): every quotient is an exact binary fraction.
+        x_scale = scale(2.0 ** case["exp"], device)
+        w_scale = (2.0 ** (-8 + torch.randint(0, 3, (n_ws,), generator=gen).float())).to(device)
+        out_scale = (2.0 ** (-8 + torch.randint(-1, 2, (N,), generator=gen).float())).to(device)
+    else:
+        x_scale = scale(float(torch.empty(()).uniform_(0.005, 0.05, generator=gen)), device)
+        w_scale = (torch.rand(n_ws, generator=gen) * 0.01 + 1e-4).to(device)
+        out_scale = (torch.rand(N, generator=gen) * 0.5 + 0.01).to(device)
+    if n_ws == 1 and case["seed"] % 2:
+        w_scale = w_scale.reshape(())  # 0-dim and [1] both mean per tensor
+    bias = None
+    if case["bias"] == "dyadic":  # multiples of 2**-9: with dyadic scales, more exact ties
+        bias = (torch.randint(-300, 300, (N,), generator=gen).float() * 2.0 ** -9).to(device)
+    elif case["bias"] == "random":
+        bias = (torch.randn(N, generator=gen) * 4).to(device)
+    kwargs = dict(x_q=x, x_scale=x_scale, w_q=w, w_scale=w_scale, bias=bias)
+    out = case["out"]
+    if out == "int8":
+        kwargs["out_scale"] = out_scale[:1].clone()
+    elif out == "int8_per_channel":
+        kwargs["out_scale"] = out_scale
+    else:
+        kwargs["out_dtype"] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[out]
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel vs reference
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_kernel
+@settings(max_examples=60, **SETTINGS)
+@given(case=cases())
+def test_matches_int8_linear(case):
+    kwargs = build(case, DEVICE)
+    got = int8_gemm(**kwargs)
+    want = int8_gemm_reference(**kwargs)
+    assert got.shape == (*case["lead"], case["N"])
+    assert_match(got, want)
+    if case["out"] in ("fp16", "bf16"):
+        # The contract: the fp32 result, rounded once to the narrow type.
+        f32 = int8_gemm_reference(**{**kwargs, "out_dtype": torch.float32})
+        assert_match(got, f32.to(got.dtype))
+
+
+@needs_kernel
+def test_kernel_path_is_taken(monkeypatch):
+    """Guards the comparisons above: the wrapper must not fall back to the reference."""
+    def boom(*args, **kwargs):
+        raise AssertionError("wrapper fell back to the reference")
+
+    monkeypatch.setattr(gemm, "int8_gemm_reference", boom)
+    gen = torch.Generator().manual_seed(0)
+    x = int8_values(gen, (3, 40), "uniform").to(DEVICE)
+    w = int8_values(gen, (20, 40), "uniform").to(DEVICE)
+    for kw in (dict(out_scale=scale(0.5, DEVICE)), dict(out_dtype=torch.float16), dict(out_dtype=torch.bfloat16), {}):
+        int8_gemm(x, scale(0.02, DEVICE), w, scale(0.01, DEVICE, (20,)), None, **kw)
+
+
+@needs_kernel
+def test_fast_path_after_tuning(monkeypatch):
+    """The second call of a problem launches the recorded config directly, with the same result."""
+    gen = torch.Generator().manual_seed(7)
+    x = int8_values(gen, (37, 50), "uniform").to(DEVICE)  # K % 32 != 0: EVEN_K must be recomputed
+    w = int8_values(gen, (45, 50), "uniform").to(DEVICE)
+    args = (x, scale(0.02, DEVICE), w, scale(0.01, DEVICE, (45,)), None, scale(0.3, DEVICE, (45,)))
+    monkeypatch.setattr(gemm, "_TUNED", {})
+    first = int8_gemm(*args)
+    assert len(gemm._TUNED) == 1
+    (key, meta), = gemm._TUNED.items()
+    assert key[:3] == (45, 50, 64) and {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} <= set(meta)
+
+    class NoTuner:
+        def __getitem__(self, grid):
+            raise AssertionError("the autotuned entry was used again")
+
+    monkeypatch.setattr(gemm, "_int8_gemm_kernel", NoTuner())
+    assert torch.equal(int8_gemm(*args), first)
+    assert_match(first, int8_gemm_reference(*args))
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setattr(gemm, "_INTERPRET", False)
+    calls = []
+    real = gemm.int8_gemm_reference
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gemm, "int8_gemm_reference", spy)
+    gen = torch.Generator().manual_seed(0)
+    x = int8_values(gen, (2, 8), "uniform")
+    w = int8_values(gen, (4, 8), "uniform")
+    out = int8_gemm(x, scale(0.1, "cpu"), w, scale(0.1, "cpu"), out_scale=scale(1.0, "cpu"))
+    assert calls == [1] and out.dtype == torch.int8
+
+
+@needs_kernel
+def test_scales_changed_in_place_take_effect():
+    gen = torch.Generator().manual_seed(1)
+    M, K, N = 5, 70, 40
+    x = int8_values(gen, (M, K), "uniform").to(DEVICE)
+    w = int8_values(gen, (N, K), "uniform").to(DEVICE)
+    xs, ws, os_ = scale(0.02, DEVICE), scale(0.003, DEVICE, (N,)), scale(2.0, DEVICE, (1,))
+    bias = torch.zeros(N, device=DEVICE)
+    first = int8_gemm(x, xs, w, ws, bias, os_)
+    for t, v in ((xs, 0.03), (ws, 0.002), (os_, 1.5), (bias, 0.25)):
+        t.fill_(v)
+        second = int8_gemm(x, xs, w, ws, bias, os_)
+        assert not torch.equal(first, second)
+        assert_match(second, int8_gemm_reference(x, xs, w, ws, bias, os_))
+        first = second
+
+
+@pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=needs_kernel)])
+def test_ties_round_half_to_even(use_kernel):
+    """K = 1, unit weights and scales: y / out_scale = x / 2 lands exactly on .5 for odd x."""
+    device = DEVICE if use_kernel else "cpu"
+    fn = int8_gemm if use_kernel else int8_gemm_reference
+    xs_int = torch.arange(-128, 128, dtype=torch.int8)
+    x = xs_int.view(-1, 1).to(device)
+    w = torch.ones(1, 1, dtype=torch.int8, device=device)
+    out = fn(x, scale(1.0, device), w, scale(1.0, device), None, scale(2.0, device))
+    expected = torch.tensor([round(v / 2) for v in xs_int.tolist()], dtype=torch.int8)  # Python: half-even
+    assert torch.equal(out.cpu().view(-1), expected)
+    # Sanity: the case really has ties, where half-away-from-zero would answer differently.
+    assert expected.tolist() != [math.floor(v / 2 + 0.5) for v in xs_int.tolist()]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's, in the interpreter
+@pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=needs_kernel)])
+def test_saturation_and_overflowing_quotient(use_kernel):
+    device = DEVICE if use_kernel else "cpu"
+    fn = int8_gemm if use_kernel else int8_gemm_reference
+    x = torch.tensor([[127, 127], [-128, -128], [1, 0], [-1, 0], [0, 0]], dtype=torch.int8, device=device)
+    w = torch.tensor([[127, 127], [1, 0]], dtype=torch.int8, device=device)
+    bias = torch.tensor([0.0, 0.25], device=device)
+    # Column 0: y = +-32258 or +-127 -> far past +-127.5 (saturates); column 1: +-1 + 0.25.
+    out = fn(x, scale(1.0, device), w, scale(1.0, device), bias, scale(0.5, device))
+    assert out.cpu().tolist() == [[127, 127], [-128, -128], [127, 2], [-128, -2], [0, 0]]
+    # A quotient past fp32's range (inf) still saturates.
+    tiny = fn(x, scale(1.0, device), w, scale(1.0, device), None, scale(1e-38, device))
+    assert tiny.cpu()[:, 0].tolist() == [127, -128, 127, -128, 0]
+
+
+def _near_tie_outputs(out_scales) -> tuple:
+    """fp32 outputs y within 4 ulps of each (k + 0.5) * out_scale, k = -128..126, per scale.
+
+    Returns (y, the out_scale of each, the int8 the contract gives it (numpy: IEEE division), and
+    whether multiplying by the rounded reciprocal 1 / out_scale instead would give another int8).
+    """
+    f32 = np.float32
+    ys, scales = [], []
+    for v in out_scales:
+        os_ = f32(v)
+        centre = ((np.arange(-128, 127, dtype=np.float32) + f32(0.5)) * os_).astype(np.float32)
+        bits = centre.view(np.int32)[:, None] + np.arange(-4, 5, dtype=np.int32)[None, :]
+        ys.append(bits.reshape(-1).view(np.float32))
+        scales.append(np.full(bits.size, os_, dtype=np.float32))
+    y, osv = np.concatenate(ys), np.concatenate(scales)
+    want = np.rint(np.clip(y / osv, -128, 127))
+    by_reciprocal = np.rint(np.clip(y * (f32(1) / osv), -128, 127))
+    return y, osv, want.astype(np.int8), want != by_reciprocal
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=needs_kernel)])
+def test_near_ties_follow_the_contract(use_kernel, per_channel):
+    """Adversarial requantization: zero weights, so y == bias exactly, with biases placed within
+    a few ulps of .5 boundaries, where y * (1 / out_scale) would round differently from the IEEE
+    division. Compared with the contract computed here in numpy, not with the reference code."""
+    y, osv, want, flips = _near_tie_outputs([0.3, 0.0123, 1.7] if per_channel else [0.1])
+    assert flips.sum() >= 20, "the search should find division-sensitive values"
+    device = DEVICE if use_kernel else "cpu"
+    fn = int8_gemm if use_kernel else int8_gemm_reference
+    N = y.size
+    x = torch.randint(-128, 128, (2, 3), dtype=torch.int8, generator=torch.Generator().manual_seed(6)).to(device)
+    w = torch.zeros(N, 3, dtype=torch.int8, device=device)
+    out_scale = torch.from_numpy(osv if per_channel else osv[:1]).to(device)
+    out = fn(x, scale(0.05, device), w, scale(0.01, device), torch.from_numpy(y).to(device), out_scale)
+    want_t = torch.from_numpy(want).expand(2, N)
+    if use_kernel:
+        assert_match(out, want_t)
+    else:
+        assert torch.equal(out, want_t)
+
+
+@needs_kernel
+def test_row_strides_and_shapes():
+    gen = torch.Generator().manual_seed(2)
+    K, N = 48, 80  # 130m's dt_proj: K below one tile on the GPU, N not a tile multiple
+    w = int8_values(gen, (N, K), "uniform").to(DEVICE)
+    ws, b = (torch.rand(N, generator=gen) * 0.01).to(DEVICE), torch.randn(N, generator=gen).to(DEVICE)
+    wide = int8_values(gen, (2, 7, K + 32), "uniform").to(DEVICE)
+    for x in (wide[..., :K], wide[:, 3, :K], wide[1:, :, 5:5 + K], wide[:, :, :K].transpose(0, 1)):
+        for kw in (dict(out_scale=scale(0.5, DEVICE)), dict(out_dtype=torch.float16)):
+            got = int8_gemm(x, scale(0.02, DEVICE), w, ws, b, **kw)
+            assert got.shape == (*x.shape[:-1], N)
+            assert_match(got, int8_gemm_reference(x, scale(0.02, DEVICE), w, ws, b, **kw))
+    # A weight with a row stride > K (a slice), and one whose K stride is not 1 (copied).
+    w_wide = int8_values(gen, (N, K + 16), "uniform").to(DEVICE)
+    w_t = w.t().contiguous().t()
+    x = wide[0, :, :K]
+    for wq in (w_wide[:, 8:8 + K], w_t):
+        assert_match(int8_gemm(x, scale(0.02, DEVICE), wq, ws, b),
+                     int8_gemm_reference(x, scale(0.02, DEVICE), wq, ws, b))
+
+
+def test_rows_view_avoids_copies():
+    wide = torch.zeros(2, 7, 50, dtype=torch.int8)
+    x = wide[..., :40]
+    rows = gemm._as_rows(x, 14, 40)
+    assert rows.data_ptr() == x.data_ptr() and rows.stride() == (50, 1)
+    x = wide[:, 2:5, 3:43]
+    rows = gemm._as_rows(x, 6, 40)
+    assert rows.is_contiguous() and torch.equal(rows, x.reshape(6, 40))  # (2, 3) rows do not merge
+    x = wide[1, :, 10:50]
+    rows = gemm._as_rows(x, 7, 40)
+    assert rows.data_ptr() == x.data_ptr() and rows.stride() == (50, 1)
+    cols = torch.zeros(40, 6, dtype=torch.int8).t()  # K stride 6: must be copied
+    assert gemm._as_rows(cols, 6, 40).stride() == (40, 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(0, 16), (3, 0, 16), (4, 0)])
+def test_empty_dims(shape):
+    K = shape[-1]
+    x = torch.zeros(shape, dtype=torch.int8, device=DEVICE)
+    w = torch.ones(5, K, dtype=torch.int8, device=DEVICE)
+    bias = torch.arange(5, dtype=torch.float32, device=DEVICE)
+    got = int8_gemm(x, scale(0.1, DEVICE), w, scale(0.1, DEVICE), bias)
+    assert got.shape == (*shape[:-1], 5)
+    assert_match(got, int8_gemm_reference(x, scale(0.1, DEVICE), w, scale(0.1, DEVICE), bias))
+    w0 = torch.ones(0, K, dtype=torch.int8, device=DEVICE)
+    assert int8_gemm(x, scale(0.1, DEVICE), w0, scale(0.1, DEVICE)).shape == (*shape[:-1], 0)
+
+
+@needs_kernel
+def test_other_dtypes():
+    """Non-fp32 scales / bias are converted like the reference does; an fp64 output falls back."""
+    gen = torch.Generator().manual_seed(3)
+    x = int8_values(gen, (9, 33), "uniform").to(DEVICE)
+    w = int8_values(gen, (17, 33), "uniform").to(DEVICE)
+    xs = torch.tensor([0.0213], dtype=torch.float64, device=DEVICE)
+    ws = (torch.rand(17, generator=gen) * 0.01).to(DEVICE, torch.float16)
+    bias = torch.randn(34, generator=gen).to(DEVICE, torch.bfloat16)[::2]  # strided, bf16
+    os_ = torch.full((17,), 0.7, dtype=torch.float64, device=DEVICE)
+    for kw in (dict(out_scale=os_), dict(out_dtype=torch.float32), dict(out_dtype=torch.float64)):
+        assert_match(int8_gemm(x, xs, w, ws, bias, **kw), int8_gemm_reference(x, xs, w, ws, bias, **kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotune configs (pure Python: checks the GPU config families whatever the machine)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 48, 1536), (1, 5120, 192), (16, 2560, 10240), (64, 1536, 80),
+                                   (2048, 160, 5120), (16384, 5120, 2560), (1, 1, 1)])
+def test_config_pruning(M, K, N):
+    configs = [gemm._cfg(*c) for c in gemm._DECODE_CONFIGS + gemm._SMALL_CONFIGS + gemm._LARGE_CONFIGS]
+    m_bucket = min(1 << (M - 1).bit_length(), gemm._M_BUCKET_CAP)
+    pruned = gemm._prune_configs(configs, {"M_BUCKET": m_bucket, "N": N, "K": K})
+    assert pruned
+    sigs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"], c.num_stages,
+             c.num_warps) for c in pruned]
+    assert len(set(sigs)) == len(sigs)
+    for bm, bn, bk, _, stages, _ in sigs:
+        assert bm >= 16 and bn >= 16 and bk >= 32  # tl.dot / int8 MMA minimums
+        assert 2 <= stages <= max(2, -(-K // bk))  # no more stages than K tiles
+        assert bn <= max(16, 1 << (N - 1).bit_length()) and bk <= max(32, 1 << (K - 1).bit_length())
+        if M <= 16:
+            assert bm == 16
+        if M >= 2048:
+            assert bm >= 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _good():
+    return dict(x_q=torch.zeros(3, 4, dtype=torch.int8), x_scale=scale(0.1, "cpu"),
+                w_q=torch.zeros(5, 4, dtype=torch.int8), w_scale=scale(0.1, "cpu", (5,)),
+                bias=torch.zeros(5), out_scale=None, out_dtype=None)
+
+
+SHARED_ERRORS = [
+    (dict(x_q=torch.zeros(3, 4)), r"x_q must be int8"),
+    (dict(w_q=torch.zeros(5, 4, dtype=torch.int16)), r"w_q must be int8"),
+    (dict(w_q=torch.zeros(1, 5, 4, dtype=torch.int8)), r"w_q must be \[N, K\]"),
+    (dict(x_q=torch.tensor(1, dtype=torch.int8)), r"at least one dim"),
+    (dict(x_q=torch.zeros(3, 5, dtype=torch.int8)), r"x_q has K=5 but w_q \(5, 4\) has K=4"),
+    (dict(x_q=torch.zeros(1, MAX_INT8_LINEAR_K + 1, dtype=torch.int8),
+          w_q=torch.zeros(5, MAX_INT8_LINEAR_K + 1, dtype=torch.int8)), r"could overflow an int32 accumulator"),
+    (dict(x_scale=scale(0.1, "cpu", (2,))), r"x_scale must be per-tensor"),
+    (dict(w_scale=scale(0.1, "cpu", (4,))), r"w_scale must have shape \[\], \[1\] or \[N=5\]"),
+    (dict(bias=torch.zeros(4)), r"bias must have shape \[N=5\]"),
+    (dict(out_scale=scale(0.1, "cpu", (3,))), r"out_scale must have shape"),
+    (dict(w_scale=torch.ones(5, dtype=torch.int32)), r"w_scale must be a floating-point tensor"),
+    (dict(out_scale=scale(0.1, "cpu"), out_dtype=torch.float16), r"out_scale requantizes to int8"),
+    (dict(out_dtype=torch.int32), r"out_dtype must be a floating dtype"),
+]
+OWN_ERRORS = [
+    (dict(x_scale=0.1), r"x_scale must be a torch.Tensor, got float"),
+    (dict(w_scale=[0.1] * 5), r"w_scale must be a torch.Tensor, got list"),
+    # The kernel reads every scale from memory: all must be on x_q's device.
+    (dict(x_q=torch.zeros(3, 4, dtype=torch.int8, device="meta"),
+          w_q=torch.zeros(5, 4, dtype=torch.int8, device="meta")), r"x_scale is on cpu but x_q is on meta"),
+]
+
+
+@pytest.mark.parametrize("fn", [int8_gemm, int8_gemm_reference])
+@pytest.mark.parametrize("override,match", SHARED_ERRORS)
+def test_rejects_bad_inputs(fn, override, match):
+    with pytest.raises(ValueError, match=match):
+        fn(**{**_good(), **override})
+
+
+@pytest.mark.parametrize("override,match", OWN_ERRORS)
+def test_rejects_bad_inputs_kernel_rules(override, match):
+    with pytest.raises(ValueError, match=match):
+        int8_gemm(**{**_good(), **override})
