@@ -1,0 +1,840 @@
+"""Mamba-1 selective scan in Triton: prefill (`selective_scan`) and one decode step (`selective_state_update`).
+
+One kernel serves both input kinds, chosen per input by a compile-time flag: the W8A8 path (int8
+activations, each with a per-tensor fp32 scale) and the float baseline (fp16 / bf16 / fp32, no scale).
+The pure-PyTorch references (`selective_scan_int8_reference`, `selective_state_update_reference`)
+dequantize and call `quamba_fx.ops.selective_scan_reference`, the project's scan oracle, so the
+dequantization contract lives in `_dequantize` alone.
+
+Numerics (what the kernels compute, per batch b, channel d, state n, step t)
+---------------------------------------------------------------------------
+All arithmetic is fp32; the state `h` is fp32 throughout (also between prefill and decode).
+
+1. dequantize: an int8 input `q` with scale `s` is `float32(q) * s` (the int8 -> fp32 conversion is
+   exact); float inputs are upcast to fp32.
+2. `dt = delta (+ delta_bias[d])`; with `delta_softplus`, `dt = dt if dt > 20 else log1p(exp(dt))`
+   (torch's threshold rule), log1p evaluated as `log(w) * e / (w - 1)` with `w = 1 + e` (exact to
+   a few ulps, unlike `log(1 + e)` for small e), or `e` itself when `w == 1`.
+3. step: `h = exp(dt * A[d, n]) * h + (dt * u) * B[n]`; `y = sum_n h * C[n] + D[d] * u`.
+4. gate: `y = y * (z / (1 + exp(-z)))` (SiLU); then `y` is rounded to the output dtype (fp16 by
+   default for int8 inputs, else u's dtype).
+
+The kernels reassociate a few products, each a change of an ulp or so, to save work per element:
+`exp(dt * A)` is `exp2(dt * (A * log2(e)))` (one multiply fewer per element, `A * log2(e)` is
+formed once per program); B's scale is folded into the per-channel `dt * u` and C's into the
+per-channel sum (`(dt*u*sB) * qB` and `sC * sum_n h * qC`), so the per-step vectors B and C, which
+every thread of a program holds in full, are only converted, never scaled. Steps past the end of
+the sequence inside the last unrolled chunk run with dt = 0 and dt*u = 0, an exact identity on h.
+Prefill and decode run the same per-step `@triton.jit` helpers, so chaining decode steps after a
+prefill's final state reproduces the prefill bit for bit under TRITON_INTERPRET=1. On CUDA it
+agrees to rounding: the two kernels may get different register layouts from the compiler, hence
+a different order of the sum over d_state, and different FMA contraction.
+
+Against the reference (fp32, torch.exp / log1p / silu, no reassociation) the kernel is not
+bit-exact: exp/log implementations differ (numpy's under the interpreter, approximate hardware
+exp2/log on CUDA, relative errors ~2**-22), and the reassociations above add a few ulps. Each
+step's error is a few fp32 ulps of the terms, and the scan is contractive (`exp(dt * A) <= 1` for
+`A <= 0`), so errors do not grow with L; the tests use rtol 1e-4 of the magnitude of the summed
+terms plus the output dtype's rounding (see tests/test_kernel_scan.py). Non-finite inputs are
+outside the contract.
+
+Performance design (H100; 2.8b: d_inner 5120, d_state 16, L 2048)
+----------------------------------------------------------------
+A program owns `BLOCK_D` channels of one sequence and keeps their `[d_state, BLOCK_D]` fp32 state
+tile in registers (d_state padded to a power of two, masked). It walks the sequence in chunks of
+`UNROLL` steps: the next chunk's loads (u, delta, z: contiguous vectors along d_inner in the
+graph's `[B, L, D]` memory; B, C: d_state-vectors) are issued before the current chunk's math,
+since Triton keeps memory operations in program order; the steps of a chunk are independent but
+for one FMA per state element, so their softplus / exp / reduction / gate chains overlap. Rows past
+the end are not masked: the row pointers stop at the last row. Scales, A, D and delta_bias are
+loaded once per program; int8 is converted with integer/float bit tricks rather than the slow I2F
+unit (every thread converts all of B and C). The decode kernel is one program per (batch, channel
+block): one step, state updated in place.
+
+Measured on H100 (Triton 3.6, int8 inputs in the graph layout, L2 flushed between runs): with one
+step per iteration the best configs ran 1.03 ms (batch 1) and 1.32 ms (batch 8); the same loop
+with two steps per iteration ran 0.59 ms (batch 1, BLOCK_D 16, 1 warp) and 1.15 ms (batch 8,
+BLOCK_D 128, 4 warps) -- the loop is bound by each step's dependent chain, not by bandwidth
+(floors: the per-state-element exp on the MUFU unit, 40 us / 320 us; bytes moved, 17 us /
+140 us). Loading 2-4 steps ahead into registers, or prefetching 16-32 steps ahead into L2, did
+not help. Triton chooses the tile's register layout itself; in the configs inspected it spread
+d_state over threads (following the d_state-contiguous accesses to A, B and C), so each step
+reduces over d_state with shuffles and moves dt, dt*u and y through shared memory. Forcing a
+channel-major layout (hiding d_state contiguity, loading B and C as 2-D broadcasts) made it
+1.5-2x slower. The autotuner picks BLOCK_D, num_warps and UNROLL per (d_inner, d_state, batch
+bucket).
+
+Layouts: every input may have any strides. The output `y` is allocated as `[batch, L, d_inner]`
+contiguous and returned transposed (`[batch, d_inner, L]` view), the layout out_proj's GEMM reads.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import ops as _ops
+
+__all__ = [
+    "selective_scan",
+    "selective_scan_int8_reference",
+    "selective_state_update",
+    "selective_state_update_reference",
+]
+
+# Read once, like triton.jit does at decoration time: it decides whether the kernels below are
+# interpreted, so a later change of the variable would not affect them anyway.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# The state tile is [next_power_of_2(d_state), BLOCK_D] fp32 registers per program.
+MAX_D_STATE = 256
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+ScanResult = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton helpers (shared by the prefill and the decode kernel, so both do identical arithmetic)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _to_f32(x, IS_INT8: tl.constexpr):
+    if IS_INT8:
+        # Exact, through the float bits of 2**23 + 128 + q: two integer ops and one fp32 subtraction
+        # instead of an I2F conversion, which on H100 issues at 1/8 of the FP32 rate (and every
+        # thread converts the whole B and C vectors each step).
+        return (x.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _softplus(x):
+    # torch's rule: x above 20, else log1p(exp(x)). The exp argument is clamped so that nothing
+    # overflows in lanes whose result is discarded (numpy, under the interpreter, would warn).
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    # log1p(e) = log(w) * e / (w - 1): the rounding error of 1 + e cancels (Goldberg's trick).
+    # When w == 1 (e < 2**-24), log1p(e) == e to fp32 precision.
+    tiny = w == 1.0
+    lp = tl.where(tiny, e, tl.log(w) * (e / tl.where(tiny, 1.0, w - 1.0)))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _channel_terms(u_raw, dt_raw, z_raw, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
+                   U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, Z_Q: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """Per-channel vectors of one step: dt, dt*u (times B's scale), the skip D*u and the SiLU gate."""
+    u = _to_f32(u_raw, U_Q)
+    if U_Q:
+        u = u * u_scale
+    dt = _to_f32(dt_raw, DT_Q)
+    if DT_Q:
+        dt = dt * dt_scale
+    if HAS_BIAS:
+        dt = dt + bias
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    dtu = dt * u
+    if B_Q:
+        dtu = dtu * B_scale
+    if HAS_D:
+        skip = Dv * u
+    else:
+        skip = tl.zeros_like(u)
+    if HAS_Z:
+        z = _to_f32(z_raw, Z_Q)
+        if Z_Q:
+            z = z * z_scale
+        # Clamped so exp cannot overflow (for z < -80 the gate is ~z * 2e-35, i.e. 0 in fp16 and
+        # within an ulp of torch's silu in fp32).
+        gate = z / (1.0 + tl.exp(tl.minimum(-z, 80.0)))
+    else:
+        gate = tl.zeros_like(u)
+    return dt, dtu, skip, gate
+
+
+@triton.jit
+def _state_step(h, A2, dt, dtu, B_raw, C_raw, C_scale, skip, gate,
+                B_Q: tl.constexpr, C_Q: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """One recurrence step on the [NS, BLOCK_D] tile; returns the new state and y (fp32 [BLOCK_D])."""
+    Bv = _to_f32(B_raw, B_Q)
+    Cv = _to_f32(C_raw, C_Q)
+    # A2 = A * log2(e): exp(dt * A) as one multiply and one exp2 (MUFU ex2) per element.
+    dA = tl.exp2(dt[None, :] * A2)
+    h = dA * h + dtu[None, :] * Bv[:, None]
+    y = tl.sum(h * Cv[:, None], axis=0)
+    if C_Q:
+        y = y * C_scale
+    if HAS_D:
+        y = y + skip
+    if HAS_Z:
+        y = y * gate
+    return h, y
+
+
+@triton.jit
+def _to_out(y, OUT: tl.constexpr):
+    """y (fp32) rounded to nearest-even in the output dtype."""
+    if OUT == tl.bfloat16:
+        # Round in the fp32 bits (add 0x7FFF plus the lowest kept bit, clear the low half), so the
+        # cast itself is exact: the interpreter's fp32 -> bf16 cast truncates, the GPU's rounds.
+        bits = y.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        y = bits.to(tl.float32, bitcast=True)
+    return y.to(OUT)
+
+
+@triton.jit
+def _load_scale(ptr, IS_Q: tl.constexpr):
+    if IS_Q:
+        return tl.load(ptr)
+    else:
+        return 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z: tl.constexpr):
+    """The raw (unconverted) inputs of one time step from its row pointers: u, delta, z along
+    channels ([BLOCK_D]) and B, C along states ([NS])."""
+    u = tl.load(u_t + u_o, mask=mask_d, other=0)
+    d = tl.load(t_t + t_o, mask=mask_d, other=0)
+    if HAS_Z:
+        z = tl.load(z_t + z_o, mask=mask_d, other=0)
+    else:
+        z = u
+    B = tl.load(B_t + B_o, mask=mask_n, other=0)
+    C = tl.load(C_t + C_o, mask=mask_n, other=0)
+    return u, d, z, B, C
+
+
+@triton.jit
+def _scan_step(h, A2, u_r, d_r, z_r, B_r, C_r, valid, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+               U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
+               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """One prefill step from raw inputs. A step that is not `valid` (past the end of the sequence, in
+    the last chunk) runs with dt = 0 and dt*u = 0: h = exp(0) * h + 0 = h exactly."""
+    dt, dtu, skip, gate = _channel_terms(u_r, d_r, z_r, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
+                                         U_Q, DT_Q, B_Q, Z_Q, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z)
+    dt = tl.where(valid, dt, 0.0)
+    dtu = tl.where(valid, dtu, 0.0)
+    return _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
+
+
+# Autotune candidates on GPUs: (BLOCK_D, num_warps, UNROLL).
+# * BLOCK_D / num_warps: d_inner / BLOCK_D * batch programs, each owning a [d_state, BLOCK_D] tile;
+#   batch 1 has only d_inner / BLOCK_D programs, hence the small blocks.
+# * UNROLL: time steps per loop iteration. A step's own work is a long dependent chain (softplus,
+#   exp, the state update, the sum over d_state, the gate) with fixed costs per iteration (layout
+#   exchanges through shared memory, the loads' round trip) that unrolled steps overlap: the steps
+#   of a chunk are independent except for one FMA per state element, and the next chunk's loads are
+#   issued before the current chunk's math.
+GPU_CONFIGS = [
+    (8, 1, 4), (16, 1, 2), (16, 1, 4), (32, 1, 2), (32, 1, 4), (64, 2, 2), (128, 4, 2), (128, 4, 4),
+]
+
+
+def _config(block_d: int, num_warps: int, unroll: int) -> triton.Config:
+    return triton.Config({"BLOCK_D": block_d, "UNROLL": unroll}, num_warps=num_warps)
+
+
+def _scan_configs():
+    if _INTERPRET:
+        # Small tiles keep the numpy blocks cheap, and the test shapes (d_inner up to 40) still span
+        # several channel blocks; 2 steps per iteration exercise the partial last chunk. A real
+        # model's d_inner (512 and up) takes the wide tile: the interpreter pays per operation, not
+        # per element, so 32 narrow programs cost 8x four wide ones.
+        return [_config(16, 1, 2), _config(128, 1, 2)]
+    return [_config(*c) for c in GPU_CONFIGS]
+
+
+def _interpreter_pick(configs, named_args, **kwargs):
+    # One config per shape under the interpreter, so the autotuner never times numpy runs.
+    if not _INTERPRET:
+        return configs
+    wide = named_args["d_inner"] > 64
+    return [c for c in configs if (c.kwargs["BLOCK_D"] == 128) == wide]
+
+
+@triton.autotune(configs=_scan_configs(), key=["d_inner", "d_state", "batch_bucket"],
+                 prune_configs_by={"early_config_prune": _interpreter_pick})
+# L == 1 would otherwise become a compile-time constant (and each new L % 16 class a new variant).
+@triton.jit(do_not_specialize=["L"])
+def _selective_scan_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
+    h0_ptr, y_ptr, hT_ptr,
+    batch_bucket, d_inner, d_state, L,
+    stride_ub, stride_ud, stride_ul,
+    stride_tb, stride_td, stride_tl,
+    stride_zb, stride_zd, stride_zl,
+    stride_Bb, stride_Bn, stride_Bl,
+    stride_Cb, stride_Cn, stride_Cl,
+    stride_Ad, stride_An,
+    stride_hb, stride_hd, stride_hn,
+    stride_yb, stride_yd, stride_yl,
+    stride_fb, stride_fd, stride_fn,
+    U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr,
+    NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
+):
+    tl.static_assert(UNROLL == 1 or UNROLL == 2 or UNROLL == 4)
+    # A flat grid, channel blocks fastest: no 65535 limit on grid axis 1, and programs running
+    # side by side read neighbouring bytes of the same [B, L, D] rows.
+    pid = tl.program_id(0)
+    n_d = tl.cdiv(d_inner, BLOCK_D)
+    pid_d = pid % n_d
+    pid_b = (pid // n_d).to(tl.int64)
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NS)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    offs_d64 = offs_d.to(tl.int64)
+
+    # Loaded once per program. Scales come from memory so that updating them in place needs no
+    # recompilation.
+    u_scale = _load_scale(u_scale_ptr, U_Q)
+    dt_scale = _load_scale(dt_scale_ptr, DT_Q)
+    B_scale = _load_scale(B_scale_ptr, B_Q)
+    C_scale = _load_scale(C_scale_ptr, C_Q)
+    z_scale = _load_scale(z_scale_ptr, Z_Q)
+    A2 = tl.load(A_ptr + offs_d64[None, :] * stride_Ad + offs_n[:, None] * stride_An, mask=mask_nd,
+                 other=0.0) * 1.4426950408889634
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    else:
+        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn,
+                    mask=mask_nd, other=0.0)
+    else:
+        h = tl.zeros([NS, BLOCK_D], dtype=tl.float32)
+
+    # Row pointers (scalars, 64-bit: t * stride can pass 2**31 for long sequences), advanced one row
+    # at a time, plus loop-invariant per-lane offsets.
+    u_t = u_ptr + pid_b * stride_ub
+    t_t = dt_ptr + pid_b * stride_tb
+    z_t = z_ptr + pid_b * stride_zb
+    B_t = B_ptr + pid_b * stride_Bb
+    C_t = C_ptr + pid_b * stride_Cb
+    y_t = y_ptr + pid_b * stride_yb
+    u_o = offs_d64 * stride_ud
+    t_o = offs_d64 * stride_td
+    z_o = offs_d64 * stride_zd
+    y_o = offs_d64 * stride_yd
+    B_o = offs_n * stride_Bn
+    C_o = offs_n * stride_Cn
+    zero_d = tl.zeros([BLOCK_D], dtype=tl.int32)
+
+    # Slots 0..UNROLL-1 hold the raw inputs of the current chunk's steps; the row pointers point at
+    # the newest loaded row. Rows past the end are not masked (that would put predicates on every
+    # load): the pointers stop at the last row, which is re-read, and those steps are identities
+    # (see `_scan_step`). Unused slots alias slot 0 and are never read.
+    u0, d0, z0, B0, C0 = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z)
+    u1, d1, z1, B1, C1 = u0, d0, z0, B0, C0
+    u2, d2, z2, B2, C2 = u0, d0, z0, B0, C0
+    u3, d3, z3, B3, C3 = u0, d0, z0, B0, C0
+    for k in tl.static_range(1, UNROLL):
+        adv = (k < L).to(tl.int32)
+        u_t += adv * stride_ul
+        t_t += adv * stride_tl
+        z_t += adv * stride_zl
+        B_t += adv * stride_Bl
+        C_t += adv * stride_Cl
+        ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z)
+        if k == 1:
+            u1, d1, z1, B1, C1 = ld
+        elif k == 2:
+            u2, d2, z2, B2, C2 = ld
+        else:
+            u3, d3, z3, B3, C3 = ld
+
+    for t in range(0, L, UNROLL):
+        # The next chunk's loads first: Triton keeps memory operations in program order, so loads
+        # placed after this chunk's stores would only start once those are done.
+        n0u, n0d, n0z, n0B, n0C = u0, d0, z0, B0, C0
+        n1u, n1d, n1z, n1B, n1C = u0, d0, z0, B0, C0
+        n2u, n2d, n2z, n2B, n2C = u0, d0, z0, B0, C0
+        n3u, n3d, n3z, n3B, n3C = u0, d0, z0, B0, C0
+        for k in tl.static_range(UNROLL):
+            adv = (t + UNROLL + k < L).to(tl.int32)
+            u_t += adv * stride_ul
+            t_t += adv * stride_tl
+            z_t += adv * stride_zl
+            B_t += adv * stride_Bl
+            C_t += adv * stride_Cl
+            ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z)
+            if k == 0:
+                n0u, n0d, n0z, n0B, n0C = ld
+            elif k == 1:
+                n1u, n1d, n1z, n1B, n1C = ld
+            elif k == 2:
+                n2u, n2d, n2z, n2B, n2C = ld
+            else:
+                n3u, n3d, n3z, n3B, n3C = ld
+
+        for k in tl.static_range(UNROLL):
+            if k == 0:
+                su, sd, sz, sB, sC = u0, d0, z0, B0, C0
+            elif k == 1:
+                su, sd, sz, sB, sC = u1, d1, z1, B1, C1
+            elif k == 2:
+                su, sd, sz, sB, sC = u2, d2, z2, B2, C2
+            else:
+                su, sd, sz, sB, sC = u3, d3, z3, B3, C3
+            valid = (zero_d + (t + k)) < L
+            h, y = _scan_step(h, A2, su, sd, sz, sB, sC, valid, u_scale, dt_scale, B_scale, C_scale, z_scale,
+                              bias, Dv, U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z)
+            tl.store(y_t + k * stride_yl + y_o, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d & valid)
+        y_t += UNROLL * stride_yl
+
+        u0, d0, z0, B0, C0 = n0u, n0d, n0z, n0B, n0C
+        u1, d1, z1, B1, C1 = n1u, n1d, n1z, n1B, n1C
+        u2, d2, z2, B2, C2 = n2u, n2d, n2z, n2B, n2C
+        u3, d3, z3, B3, C3 = n3u, n3d, n3z, n3B, n3C
+
+    if WRITE_FINAL:
+        f = hT_ptr + pid_b * stride_fb + offs_d64[None, :] * stride_fd + offs_n[:, None] * stride_fn
+        tl.store(f, h, mask=mask_nd)
+
+
+@triton.jit
+def _selective_state_update_kernel(
+    h_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
+    y_ptr,
+    d_inner, d_state,
+    stride_hb, stride_hd, stride_hn,
+    stride_ub, stride_ud,
+    stride_tb, stride_td,
+    stride_zb, stride_zd,
+    stride_Bb, stride_Bn,
+    stride_Cb, stride_Cn,
+    stride_Ad, stride_An,
+    stride_yb, stride_yd,
+    U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    NS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NS)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    offs_d64 = offs_d.to(tl.int64)
+
+    # All loads first (one round trip of latency), then the same step as the prefill kernel.
+    h_p = h_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn
+    h = tl.load(h_p, mask=mask_nd, other=0.0)
+    u_r = tl.load(u_ptr + pid_b * stride_ub + offs_d64 * stride_ud, mask=mask_d, other=0)
+    t_r = tl.load(dt_ptr + pid_b * stride_tb + offs_d64 * stride_td, mask=mask_d, other=0)
+    if HAS_Z:
+        z_r = tl.load(z_ptr + pid_b * stride_zb + offs_d64 * stride_zd, mask=mask_d, other=0)
+    else:
+        z_r = u_r
+    B_r = tl.load(B_ptr + pid_b * stride_Bb + offs_n * stride_Bn, mask=mask_n, other=0)
+    C_r = tl.load(C_ptr + pid_b * stride_Cb + offs_n * stride_Cn, mask=mask_n, other=0)
+    u_scale = _load_scale(u_scale_ptr, U_Q)
+    dt_scale = _load_scale(dt_scale_ptr, DT_Q)
+    B_scale = _load_scale(B_scale_ptr, B_Q)
+    C_scale = _load_scale(C_scale_ptr, C_Q)
+    z_scale = _load_scale(z_scale_ptr, Z_Q)
+    A2 = tl.load(A_ptr + offs_d64[None, :] * stride_Ad + offs_n[:, None] * stride_An, mask=mask_nd,
+                 other=0.0) * 1.4426950408889634
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    else:
+        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    dt, dtu, skip, gate = _channel_terms(u_r, t_r, z_r, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
+                                         U_Q, DT_Q, B_Q, Z_Q, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z)
+    h, y = _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
+    # In place: each program reads and writes only its own channels.
+    tl.store(h_p, h, mask=mask_nd)
+    tl.store(y_ptr + pid_b * stride_yb + offs_d64 * stride_yd, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+    return type(t).__name__
+
+
+def _check_activation(name: str, t: object, shape: tuple, scale: object, device: torch.device) -> bool:
+    """Checks one activation and its scale; returns whether it is int8 (quantized)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but u is on {device}")
+    scale_name = f"{name}_scale"
+    if t.dtype == torch.int8:
+        if scale is None:
+            raise ValueError(f"{name} is int8, so {scale_name} (its per-tensor fp32 scale) is required")
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() != 1:
+            raise ValueError(
+                f"{scale_name} must be a 0-dim or 1-element float32 tensor (read by the kernel at run time), "
+                f"got {_describe(scale)}"
+            )
+        if scale.device != device:
+            raise ValueError(f"{scale_name} is on {scale.device} but u is on {device}")
+        return True
+    if t.dtype in _FLOAT_DTYPES:
+        if scale is not None:
+            raise ValueError(f"{name} is {t.dtype}, not int8, so {scale_name} must be None")
+        return False
+    raise ValueError(f"{name} must be int8 (with {scale_name}) or float16/bfloat16/float32, got {t.dtype}")
+
+
+def _check_param(name: str, t: object, shape: tuple, device: torch.device, optional: bool) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
+        what = "None or a" if optional else "a"
+        raise ValueError(f"{name} must be {what} float32 tensor of shape {tuple(shape)}, got {_describe(t)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but u is on {device}")
+
+
+def _check_out_dtype(out_dtype: object, any_int8: bool, u_dtype: torch.dtype) -> torch.dtype:
+    if out_dtype is None:
+        return torch.float16 if any_int8 or u_dtype == torch.int8 else u_dtype
+    if out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be None, float16, bfloat16 or float32, got {out_dtype}")
+    return out_dtype
+
+
+def _validate(u, delta, A, B, C, D, z, delta_bias, scales: dict, state_dims: int) -> dict:
+    """Shared by prefill (`state_dims` 3: [batch, d, L]) and decode (2: [batch, d]) inputs."""
+    if not isinstance(u, torch.Tensor):
+        raise ValueError(f"u must be a torch.Tensor, got {type(u).__name__}")
+    if u.dim() != state_dims:
+        layout = "[batch, d_inner, L]" if state_dims == 3 else "[batch, d_inner]"
+        raise ValueError(f"u must be {layout}, got shape {tuple(u.shape)}")
+    device = u.device
+    if not isinstance(A, torch.Tensor) or A.dim() != 2:
+        raise ValueError(f"A must be a float32 [d_inner, d_state] tensor, got {_describe(A)}")
+    batch, d_inner = u.shape[0], u.shape[1]
+    d_state = A.shape[1]
+    _check_param("A", A, (d_inner, d_state), device, optional=False)
+    if not 1 <= d_state <= MAX_D_STATE:
+        raise ValueError(f"d_state (A.shape[1]) must be in 1..{MAX_D_STATE}, got {d_state}")
+    tail = tuple(u.shape[2:])
+    quant = {
+        "u": _check_activation("u", u, u.shape, scales["u"], device),
+        "delta": _check_activation("delta", delta, (batch, d_inner) + tail, scales["delta"], device),
+        "B": _check_activation("B", B, (batch, d_state) + tail, scales["B"], device),
+        "C": _check_activation("C", C, (batch, d_state) + tail, scales["C"], device),
+    }
+    if z is not None:
+        quant["z"] = _check_activation("z", z, (batch, d_inner) + tail, scales["z"], device)
+    elif scales["z"] is not None:
+        raise ValueError("z_scale was given but z is None")
+    _check_param("D", D, (d_inner,), device, optional=True)
+    _check_param("delta_bias", delta_bias, (d_inner,), device, optional=True)
+    return dict(batch=batch, d_inner=d_inner, d_state=d_state, quant=quant)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# References (the dequantization contract, then quamba_fx.ops.selective_scan_reference)
+# ---------------------------------------------------------------------------------------------
+
+
+def _dequantize(x: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Step 1 of the contract: int8 `q` -> `float32(q) * scale`; float inputs -> fp32."""
+    if x is None:
+        return None
+    if scale is not None:
+        return x.float() * scale.reshape(())
+    return x.float()
+
+
+def selective_scan_int8_reference(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = True,
+    *,
+    u_scale: Optional[torch.Tensor] = None,
+    delta_scale: Optional[torch.Tensor] = None,
+    B_scale: Optional[torch.Tensor] = None,
+    C_scale: Optional[torch.Tensor] = None,
+    z_scale: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    return_final_state: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+) -> ScanResult:
+    """PyTorch reference of `selective_scan` (int8 or float inputs): same arguments, layouts and dtypes.
+
+    Dequantizes (`q.float() * scale`), runs `quamba_fx.ops.selective_scan_reference` in fp32 and
+    rounds y to the output dtype.
+    """
+    scales = dict(u=u_scale, delta=delta_scale, B=B_scale, C=C_scale, z=z_scale)
+    info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=3)
+    out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
+    _check_initial_state(initial_state, info, u.device)
+    y32, final = _ops.selective_scan_reference(
+        _dequantize(u, u_scale), _dequantize(delta, delta_scale), A, _dequantize(B, B_scale),
+        _dequantize(C, C_scale), D, _dequantize(z, z_scale), delta_bias, delta_softplus, initial_state,
+    )
+    batch, d_inner, L = u.shape
+    y = torch.empty(batch, L, d_inner, dtype=out_dtype, device=u.device).transpose(1, 2)
+    y.copy_(y32)
+    if return_final_state:
+        return y, final.contiguous()
+    return y
+
+
+def selective_state_update_reference(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = True,
+    *,
+    u_scale: Optional[torch.Tensor] = None,
+    delta_scale: Optional[torch.Tensor] = None,
+    B_scale: Optional[torch.Tensor] = None,
+    C_scale: Optional[torch.Tensor] = None,
+    z_scale: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """PyTorch reference of `selective_state_update`: a one-step scan from `state`, updated in place."""
+    scales = dict(u=u_scale, delta=delta_scale, B=B_scale, C=C_scale, z=z_scale)
+    info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=2)
+    out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
+    _check_state("state", state, info, u.device)
+
+    def step(x):
+        return None if x is None else x[..., None]
+
+    y, final = selective_scan_int8_reference(
+        step(u), step(delta), A, step(B), step(C), D, step(z), delta_bias, delta_softplus,
+        u_scale=u_scale, delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale,
+        initial_state=state, return_final_state=True, out_dtype=out_dtype,
+    )
+    state.copy_(final)
+    return y[..., 0].contiguous()
+
+
+def _check_state(name: str, s: object, info: dict, device: torch.device) -> None:
+    shape = (info["batch"], info["d_inner"], info["d_state"])
+    if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or tuple(s.shape) != shape:
+        raise ValueError(f"{name} must be a float32 tensor of shape [batch, d_inner, d_state] = {shape}, "
+                         f"got {_describe(s)}")
+    if s.device != device:
+        raise ValueError(f"{name} is on {s.device} but u is on {device}")
+
+
+def _check_initial_state(s: object, info: dict, device: torch.device) -> None:
+    if s is not None:
+        _check_state("initial_state", s, info, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def _flags(info: dict, D, z, delta_bias, delta_softplus: bool) -> dict:
+    q = info["quant"]
+    return dict(
+        U_Q=q["u"], DT_Q=q["delta"], B_Q=q["B"], C_Q=q["C"], Z_Q=q.get("z", False),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), NS=triton.next_power_of_2(info["d_state"]),
+    )
+
+
+def _scale_arg(scale: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    # Absent scales are never read (their flag is off); any tensor serves as the pointer.
+    return scale if scale is not None else dummy
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = True,
+    *,
+    u_scale: Optional[torch.Tensor] = None,
+    delta_scale: Optional[torch.Tensor] = None,
+    B_scale: Optional[torch.Tensor] = None,
+    C_scale: Optional[torch.Tensor] = None,
+    z_scale: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    return_final_state: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+) -> ScanResult:
+    """Mamba-1 selective scan over a whole sequence (prefill); see the module docstring for numerics.
+
+    Args:
+        u, delta, z: `[batch, d_inner, L]`, any strides (e.g. transposed views of `[batch, L, *]`
+            GEMM outputs). Each is int8 with its `*_scale` (a 0-dim or 1-element fp32 tensor) or
+            float16/bfloat16/float32 with scale None. z (the gate) is optional.
+        B, C: `[batch, d_state, L]`, any strides (slices of x_proj's output), int8 + scale or float.
+        A: fp32 `[d_inner, d_state]` (negative in Mamba: `-exp(A_log)`).
+        D, delta_bias: optional fp32 `[d_inner]`.
+        delta_softplus: apply softplus to `delta (+ delta_bias)`.
+        initial_state: optional fp32 `[batch, d_inner, d_state]` (zeros when None).
+        return_final_state: also return the fp32 state after the last step.
+        out_dtype: dtype of y; default fp16 when any input is int8, else u's dtype.
+
+    Returns:
+        y `[batch, d_inner, L]` whose memory is `[batch, L, d_inner]` contiguous; with
+        `return_final_state`, `(y, final_state)` with final_state fp32 `[batch, d_inner, d_state]`
+        contiguous.
+
+    CUDA tensors run the Triton kernel, as do CPU tensors under TRITON_INTERPRET=1; other CPU tensors
+    run `selective_scan_int8_reference`.
+    """
+    scales = dict(u=u_scale, delta=delta_scale, B=B_scale, C=C_scale, z=z_scale)
+    info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=3)
+    out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
+    _check_initial_state(initial_state, info, u.device)
+    batch, d_inner, L = u.shape
+    d_state = info["d_state"]
+    if not _use_triton(u) or batch * d_inner * L == 0:
+        return selective_scan_int8_reference(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale=u_scale, delta_scale=delta_scale,
+            B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, initial_state=initial_state,
+            return_final_state=return_final_state, out_dtype=out_dtype,
+        )
+
+    y = torch.empty(batch, L, d_inner, dtype=out_dtype, device=u.device).transpose(1, 2)
+    final = (torch.empty(batch, d_inner, d_state, dtype=torch.float32, device=u.device)
+             if return_final_state else A)  # dummy pointer when not written
+    h0 = initial_state if initial_state is not None else A
+    h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0)
+    zz = z if z is not None else u
+    # Tune per batch bucket: batch 1 has d_inner / BLOCK_D programs and wants small blocks, large
+    # batches fill the GPU anyway and want fewer, wider programs.
+    batch_bucket = min(triton.next_power_of_2(batch), 16)
+
+    def grid(meta):
+        return (batch * triton.cdiv(d_inner, meta["BLOCK_D"]),)
+
+    _selective_scan_kernel[grid](
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+        _scale_arg(u_scale, A), _scale_arg(delta_scale, A), _scale_arg(B_scale, A), _scale_arg(C_scale, A),
+        _scale_arg(z_scale, A),
+        h0, y, final,
+        batch_bucket, d_inner, d_state, L,
+        *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
+        *h0_strides, *y.stride(), d_inner * d_state, d_state, 1,
+        HAS_H0=initial_state is not None, WRITE_FINAL=return_final_state,
+        **_flags(info, D, z, delta_bias, delta_softplus),
+    )
+    if return_final_state:
+        return y, final
+    return y
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = True,
+    *,
+    u_scale: Optional[torch.Tensor] = None,
+    delta_scale: Optional[torch.Tensor] = None,
+    B_scale: Optional[torch.Tensor] = None,
+    C_scale: Optional[torch.Tensor] = None,
+    z_scale: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """One decode step of `selective_scan`, advancing `state` in place.
+
+    Args:
+        state: fp32 `[batch, d_inner, d_state]` (any strides), updated in place, so chained steps
+            continue a prefill's final state (and reproduce its y; see the module docstring).
+        u, delta, z: `[batch, d_inner]`; B, C: `[batch, d_state]`; any strides, int8 + scale or
+            float. The other arguments are as in `selective_scan`.
+
+    Returns:
+        y `[batch, d_inner]`, contiguous, dtype `out_dtype` (default as in `selective_scan`).
+    """
+    scales = dict(u=u_scale, delta=delta_scale, B=B_scale, C=C_scale, z=z_scale)
+    info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=2)
+    out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
+    _check_state("state", state, info, u.device)
+    batch, d_inner = u.shape
+    if not _use_triton(u) or batch * d_inner == 0:
+        return selective_state_update_reference(
+            state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale=u_scale,
+            delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype,
+        )
+
+    y = torch.empty(batch, d_inner, dtype=out_dtype, device=u.device)
+    zz = z if z is not None else u
+    # Decode moves ~70 bytes of state per channel and does one step: a memory-bound kernel, so
+    # 128-channel programs of 4 warps (d_state 16: 2048 states, 16 per thread) keep enough bytes in
+    # flight; no autotuning, since the kernel updates state in place.
+    block_d = 16 if _INTERPRET else 128
+    grid = (triton.cdiv(d_inner, block_d), batch)
+    _selective_state_update_kernel[grid](
+        state, u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+        _scale_arg(u_scale, A), _scale_arg(delta_scale, A), _scale_arg(B_scale, A), _scale_arg(C_scale, A),
+        _scale_arg(z_scale, A),
+        y,
+        d_inner, info["d_state"],
+        *state.stride(), *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
+        *y.stride(),
+        BLOCK_D=block_d, num_warps=1 if _INTERPRET else 4,
+        **_flags(info, D, z, delta_bias, delta_softplus),
+    )
+    return y

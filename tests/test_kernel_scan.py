@@ -1,0 +1,524 @@
+"""Tests for the selective-scan Triton kernels (quamba_fx.kernels.scan).
+
+Run on CPU with the Triton interpreter (OMP_NUM_THREADS=1 keeps numpy's small blocks fast):
+
+    TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python -m pytest tests/test_kernel_scan.py -q
+
+Without the interpreter, kernel tests run on CUDA when present and are skipped otherwise; reference
+and validation tests always run.
+
+Tolerance. The kernel is compared with `selective_scan_int8_reference` (dequantize, then
+`quamba_fx.ops.selective_scan_reference` in fp32), which it does not match bit for bit: exp/log
+come from other implementations (numpy under the interpreter, ex2/lg2 approximations on CUDA) and
+the kernel reassociates a few products (module docstring). Each of these is a relative error of a
+few fp32 ulps (~1e-6) on each term of `y = sum_n C_n sum_s exp(..) dt_s u_s B_s + D u`, and the
+scan is contractive, so errors do not grow with L; but terms may cancel, so the bound is relative
+to the *magnitude* of the terms, not to y: `mag` is the same scan run on |u|, |B|, |C|, |D|
+(times |silu(z)|), an upper bound of the sum of |terms|. We allow `1e-4 * mag` (about 100x the
+expected error, so the tests are not flaky, and still ~1000x below what a wrong index, a skipped
+step or a missing term produces) plus half an ulp of the output dtype on |y| for its final
+rounding. The final state gets `1e-4 * hmag` likewise.
+
+Chained decode steps after a prefill must reproduce the prefill: bit for bit under the interpreter
+(both kernels run the same per-step helpers), within the tolerance above on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quamba_fx import ops as qops
+from quamba_fx.kernels import scan
+from quamba_fx.kernels.scan import (
+    selective_scan,
+    selective_scan_int8_reference,
+    selective_state_update,
+    selective_state_update_reference,
+)
+
+if scan._INTERPRET:
+    DEVICE, EXACT = "cpu", True
+elif torch.cuda.is_available():
+    DEVICE, EXACT = "cuda", False
+else:
+    DEVICE, EXACT = None, False
+
+needs_kernel = pytest.mark.skipif(
+    DEVICE is None, reason="Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before import)"
+)
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+RTOL = 1e-4
+# Half an ulp (relative) of each output dtype: the final rounding of y.
+HALF_ULP = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
+SUBNORMAL_HALF_ULP = {torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134, torch.float32: 2.0**-150}
+ACT_NAMES = ("u", "delta", "B", "C", "z")
+
+
+def _force_config(block_d: int, num_warps: int, unroll: int):
+    """Make the autotuned prefill kernel run one config (one config: the autotuner benchmarks nothing)."""
+    kernel = scan._selective_scan_kernel
+    saved = kernel.configs
+    kernel.configs = [scan._config(block_d, num_warps, unroll)]
+    return kernel, saved
+
+
+@pytest.fixture(autouse=True)
+def _one_config_on_cuda():
+    """On CUDA, every new flag combination would otherwise autotune (compile and time every config):
+    the property tests use one config; `test_every_gpu_config` covers the others."""
+    if DEVICE != "cuda":
+        yield
+        return
+    kernel, saved = _force_config(*scan.GPU_CONFIGS[0])
+    try:
+        yield
+    finally:
+        kernel.configs = saved
+
+
+# ---------------------------------------------------------------------------------------------
+# Building inputs
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def cases(draw, max_b=3, max_d=40, max_l=40, min_l=1):
+    kinds = draw(st.sampled_from(["int8", "float32", "float16", "bfloat16", "mixed"]))
+    if kinds == "mixed":  # each activation int8 or float on its own
+        kind = {n: draw(st.sampled_from(["int8", "float32", "float16"])) for n in ACT_NAMES}
+    else:
+        kind = {n: kinds for n in ACT_NAMES}
+    return dict(
+        batch=draw(st.integers(1, max_b)),
+        # The interpreter runs 16-channel programs: hit 1, the edges of a block and several blocks.
+        d_inner=draw(st.one_of(st.integers(1, max_d), st.sampled_from([d for d in (1, 15, 16, 17, 33) if d <= max_d]))),
+        # 5: a d_state that is padded to a power of two inside the kernel.
+        d_state=draw(st.sampled_from([1, 4, 5, 8, 16])),
+        L=draw(st.one_of(st.integers(min_l, max_l), st.sampled_from([v for v in (1, 2, 3) if v >= min_l]))),
+        kind=kind,
+        layout=draw(st.sampled_from(["graph", "contiguous", "strided"])),
+        has_D=draw(st.booleans()),
+        has_z=draw(st.booleans()),
+        has_bias=draw(st.booleans()),
+        softplus=draw(st.booleans()),
+        has_h0=draw(st.booleans()),
+        out_dtype=draw(st.sampled_from([None, None, torch.float32, torch.bfloat16])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _act(gen, shape, kind, lo, hi, scale, float_scale):
+    """An activation of `shape` (fp32 values, then int8 or float storage) and its scale."""
+    if kind == "int8":
+        q = torch.randint(lo, hi, shape, dtype=torch.int8, generator=gen)
+        return q, torch.tensor(scale)
+    x = torch.rand(shape, generator=gen) * (hi - lo) + lo
+    return (x * float_scale).to(getattr(torch, kind)), None
+
+
+def build(case: dict, device: str) -> dict:
+    """Scan inputs as keyword arguments, with the memory layouts of our graphs.
+
+    "graph": u, delta are `[b, L, D]` contiguous viewed as `[b, D, L]`; z is the second half of
+    in_proj's `[b, L, 2D]`; B and C are slices of x_proj's `[b, L, R + 2N]`. "strided": every other
+    time step of `[b, *, 2L]` buffers. "contiguous": plain `[b, *, L]`.
+    """
+    gen = torch.Generator().manual_seed(case["seed"])
+    b, d, n, L, kind = case["batch"], case["d_inner"], case["d_state"], case["L"], case["kind"]
+    sp = case["softplus"]
+    # Without softplus dt must be >= 0 (as after softplus) or exp(dt * A) > 1 makes the scan blow up.
+    u, u_s = _act(gen, (b, L, d), kind["u"], -128, 128, 0.02, 1 / 64)
+    if sp:
+        delta, delta_s = _act(gen, (b, L, d), kind["delta"], -128, 128, 0.03, 1 / 32)
+    else:
+        delta, delta_s = _act(gen, (b, L, d), kind["delta"], 0, 128, 0.005, 1 / 200)
+    rank = 3
+    xdbl, bc_s = _act(gen, (b, L, rank + 2 * n), kind["B"], -128, 128, 0.05, 1 / 40)
+    xdbl_c, c_s = _act(gen, (b, L, rank + 2 * n), kind["C"], -128, 128, 0.04, 1 / 40)
+    xz, z_s = _act(gen, (b, L, 2 * d), kind["z"], -128, 128, 0.03, 1 / 40)
+    B = xdbl[:, :, rank:rank + n]
+    C = xdbl_c[:, :, rank + n:]
+    z = xz[:, :, d:]
+    acts = dict(u=u, delta=delta, B=B, C=C, z=z)
+    if case["layout"] == "graph":
+        acts = {k: v.to(device).transpose(1, 2) for k, v in acts.items()}
+    elif case["layout"] == "contiguous":
+        acts = {k: v.transpose(1, 2).contiguous().to(device) for k, v in acts.items()}
+    else:
+        acts = {k: torch.repeat_interleave(v.transpose(1, 2), 2, dim=2).to(device)[:, :, ::2] for k, v in acts.items()}
+    # Mamba's A = -exp(A_log) with A_log ~ log(1..16).
+    A = -torch.exp(torch.rand(d, n, generator=gen) * 3.0 - 0.5)
+    D = torch.randn(d, generator=gen)
+    bias = (torch.rand(d, generator=gen) * 4 - 5) if sp else torch.rand(d, generator=gen) * 0.05
+    h0 = torch.randn(b, d, n, generator=gen)
+    scales = dict(u_scale=u_s, delta_scale=delta_s, B_scale=bc_s, C_scale=c_s, z_scale=z_s)
+    if not case["has_z"]:
+        acts["z"] = None
+        scales["z_scale"] = None
+    kwargs = dict(
+        u=acts["u"], delta=acts["delta"], A=A.to(device), B=acts["B"], C=acts["C"],
+        D=D.to(device) if case["has_D"] else None, z=acts["z"],
+        delta_bias=bias.to(device) if case["has_bias"] else None, delta_softplus=sp,
+        initial_state=h0.to(device) if case["has_h0"] else None, out_dtype=case["out_dtype"],
+    )
+    kwargs.update({k: (v.to(device) if v is not None else None) for k, v in scales.items()})
+    return kwargs
+
+
+def magnitudes(kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper bounds of sum |terms| of y and of the final state: the scan of the inputs' magnitudes."""
+    def deq(name):
+        x, s = kw[name], kw.get(f"{name}_scale")
+        return None if x is None else (x.float() * s if s is not None else x.float())
+
+    u, delta, B, C, z = (deq(n) for n in ACT_NAMES)
+    D = kw["D"].abs() if kw["D"] is not None else None
+    h0 = kw["initial_state"].abs() if kw["initial_state"] is not None else None
+    # dt and A as given (the decay factors are positive), the other factors as magnitudes.
+    y, h = qops.selective_scan_reference(u.abs(), delta, kw["A"], B.abs(), C.abs(), D, None, kw["delta_bias"],
+                                         kw["delta_softplus"], h0)
+    if z is not None:
+        y = y * F.silu(z).abs()
+    return y, h
+
+
+def assert_close_scan(got: torch.Tensor, want: torch.Tensor, mag: torch.Tensor, what: str = "y") -> None:
+    """|got - want| <= RTOL * mag + half an ulp of got's dtype at want (want is fp32)."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    g, w, m = got.float().cpu(), want.float().cpu(), mag.float().cpu()
+    # Half an ulp of the output dtype: relative for normal numbers, absolute below (subnormals).
+    tol = RTOL * m + HALF_ULP[got.dtype] * w.abs() + SUBNORMAL_HALF_ULP[got.dtype]
+    err = (g - w).abs()
+    bad = ~(err <= tol)
+    if bad.any():
+        i = int(torch.where(bad.flatten(), err.flatten() / tol.flatten(), torch.zeros(())).argmax())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.numel()} values off; worst: got {float(g.flatten()[i]):.9g}, "
+            f"want {float(w.flatten()[i]):.9g}, |err| {float(err.flatten()[i]):.3g} > "
+            f"tol {float(tol.flatten()[i]):.3g} (mag {float(m.flatten()[i]):.3g})"
+        )
+
+
+def ref_call(kw: dict, **extra):
+    """The reference with fp32 output: what the kernel's pre-rounding y approximates."""
+    args = {**kw, **extra, "out_dtype": torch.float32}
+    return selective_scan_int8_reference(**args)
+
+
+def expected_out_dtype(kw: dict) -> torch.dtype:
+    if kw["out_dtype"] is not None:
+        return kw["out_dtype"]
+    if any(kw[f"{n}_scale"] is not None for n in ACT_NAMES):
+        return torch.float16
+    return kw["u"].dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel vs reference
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_kernel
+@settings(max_examples=25, **SETTINGS)
+@given(case=cases())
+def test_prefill_matches_reference(case):
+    kw = build(case, DEVICE)
+    y, final = selective_scan(**kw, return_final_state=True)
+    y_ref, final_ref = ref_call(kw, return_final_state=True)
+    mag, hmag = magnitudes(kw)
+    b, d, n, L = case["batch"], case["d_inner"], case["d_state"], case["L"]
+    # y: [b, d, L] laid out as [b, L, d] (what out_proj reads); state fp32 contiguous.
+    assert y.shape == (b, d, L) and y.stride() == (L * d, 1, d)
+    assert y.dtype == expected_out_dtype(kw) and y.device.type == DEVICE
+    assert final.shape == (b, d, n) and final.dtype == torch.float32 and final.is_contiguous()
+    assert_close_scan(y, y_ref, mag)
+    assert_close_scan(final, final_ref, hmag, "final state")
+    # Without return_final_state the result is the bare tensor, identical.
+    alone = selective_scan(**kw)
+    assert isinstance(alone, torch.Tensor) and torch.equal(alone, y)
+
+
+@needs_kernel
+@settings(max_examples=15, **SETTINGS)
+@given(case=cases(max_l=16, min_l=1), data=st.data())
+def test_decode_chain_equals_prefill(case, data):
+    """Prefill a prefix, decode the rest one token at a time: same y and final state as one prefill."""
+    kw = build(case, DEVICE)
+    b, d, n, L = case["batch"], case["d_inner"], case["d_state"], case["L"]
+    cut = data.draw(st.integers(0, L - 1), label="cut")
+    y_all, final_all = selective_scan(**kw, return_final_state=True)
+
+    def part(x, sl):
+        return None if x is None else x[:, :, sl]
+
+    seq = ("u", "delta", "B", "C", "z")
+    head = {**kw, **{k: part(kw[k], slice(0, cut)) for k in seq}}
+    y_head, state = selective_scan(**head, return_final_state=True)
+    # A non-contiguous state buffer: the update must honour its strides in place.
+    buf = torch.empty(b, n, d, dtype=torch.float32, device=DEVICE).transpose(1, 2)
+    buf.copy_(state)
+    ys = [y_head]
+    step_kw = {k: v for k, v in kw.items() if k not in seq + ("initial_state",)}
+    for t in range(cut, L):
+        tok = {k: None if kw[k] is None else kw[k][:, :, t] for k in seq}
+        before = buf.clone()
+        y_t = selective_state_update(buf, **tok, **step_kw)
+        ref_state = before.clone()
+        y_t_ref = selective_state_update_reference(ref_state, **tok, **{**step_kw, "out_dtype": torch.float32})
+        assert y_t.shape == (b, d) and y_t.is_contiguous() and y_t.dtype == y_all.dtype
+        # One step from the same state agrees with the reference too.
+        one = {k: None if v is None else v[..., None] for k, v in tok.items()}
+        step_mag, _ = magnitudes({**step_kw, **one, "initial_state": before})
+        assert_close_scan(y_t, y_t_ref, step_mag[..., 0], "decode y")
+        ys.append(y_t[:, :, None])
+    y_chain = torch.cat(ys, dim=2)
+    if EXACT:
+        assert torch.equal(y_chain, y_all)
+        assert torch.equal(buf, final_all)
+    else:
+        mag, hmag = magnitudes(kw)
+        assert_close_scan(y_chain, y_all.float(), mag)
+        assert_close_scan(buf, final_all, hmag, "final state")
+
+
+@needs_kernel
+@settings(max_examples=12, **SETTINGS)
+@given(case=cases(max_l=1, min_l=1))
+def test_decode_matches_reference(case):
+    kw = build(case, DEVICE)
+    tok = {k: None if kw[k] is None else kw[k][:, :, 0] for k in ACT_NAMES}
+    rest = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state",)}
+    b, d, n = case["batch"], case["d_inner"], case["d_state"]
+    before = torch.randn(b, d, n, generator=torch.Generator().manual_seed(case["seed"])).to(DEVICE)
+    state, ref_state = before.clone(), before.clone()
+    y = selective_state_update(state, **tok, **rest)
+    y_ref = selective_state_update_reference(ref_state, **tok, **{**rest, "out_dtype": torch.float32})
+    assert y.dtype == expected_out_dtype(kw) and y.shape == (b, d) and y.is_contiguous()
+    mag, hmag = magnitudes({**kw, "initial_state": before})
+    assert_close_scan(y, y_ref, mag[..., 0])
+    assert_close_scan(state, ref_state, hmag, "state")
+
+
+@needs_kernel
+def test_kernel_path_is_taken(monkeypatch):
+    """Guards the comparisons above: the wrappers must not fall back to the reference."""
+    def boom(*args, **kwargs):
+        raise AssertionError("wrapper fell back to the reference")
+
+    monkeypatch.setattr(scan, "selective_scan_int8_reference", boom)
+    monkeypatch.setattr(scan, "selective_state_update_reference", boom)
+    case = dict(batch=1, d_inner=8, d_state=4, L=5, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=False, out_dtype=None, seed=0)
+    kw = build(case, DEVICE)
+    selective_scan(**kw)
+    state = torch.zeros(1, 8, 4, device=DEVICE)
+    tok = {k: kw[k][:, :, 0] for k in ACT_NAMES}
+    rest = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state",)}
+    selective_state_update(state, **tok, **rest)
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setattr(scan, "_INTERPRET", False)
+    calls = []
+    real = scan.selective_scan_int8_reference
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scan, "selective_scan_int8_reference", spy)
+    case = dict(batch=1, d_inner=4, d_state=4, L=3, kind={n: "float32" for n in ACT_NAMES}, layout="contiguous",
+                has_D=True, has_z=False, has_bias=False, softplus=True, has_h0=False, out_dtype=None, seed=0)
+    y = selective_scan(**build(case, "cpu"))
+    assert calls == [1] and y.stride() == (12, 1, 4)
+
+
+@needs_kernel
+def test_scale_changed_in_place_takes_effect():
+    case = dict(batch=2, d_inner=20, d_state=8, L=6, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=False, out_dtype=torch.float32, seed=3)
+    kw = build(case, DEVICE)
+    first = selective_scan(**kw)
+    for name in ACT_NAMES:
+        kw[f"{name}_scale"].mul_(1.5)
+    second = selective_scan(**kw)
+    assert not torch.equal(first, second)
+    mag, _ = magnitudes(kw)
+    assert_close_scan(second, ref_call(kw), mag)
+
+
+@needs_kernel
+def test_empty_sequence_passes_state_through():
+    case = dict(batch=2, d_inner=5, d_state=4, L=1, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=None, seed=4)
+    kw = build(case, DEVICE)
+    kw.update({k: kw[k][:, :, :0] for k in ACT_NAMES})
+    y, final = selective_scan(**kw, return_final_state=True)
+    assert y.shape == (2, 5, 0) and y.dtype == torch.float16
+    assert torch.equal(final, kw["initial_state"]) and final.data_ptr() != kw["initial_state"].data_ptr()
+    kw["initial_state"] = None
+    _, zero = selective_scan(**kw, return_final_state=True)
+    assert torch.equal(zero, torch.zeros(2, 5, 4, device=DEVICE))
+
+
+@pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=needs_kernel)])
+def test_softplus_and_extremes(use_kernel):
+    """With A = 0, u = B = C = 1 and a zero state, one step gives y = dt exactly (no rounding in the
+    rest of the step), so y is the kernel's softplus itself: checked against float64 over the whole
+    range, including the threshold at 20 and inputs where log(1 + e) would lose all precision."""
+    device = DEVICE if use_kernel else "cpu"
+    fn = selective_scan if use_kernel else selective_scan_int8_reference
+    x = torch.tensor([-100.0, -30.0, -17.0, -5.0, -1e-3, 0.0, 1e-3, 1.0, 5.0, 19.9, 20.0, 20.01, 50.0, 1e4])
+    d = x.numel()
+    one = torch.ones(1, d, 1, device=device)
+    y = fn(one, x.view(1, d, 1).to(device), torch.zeros(d, 1, device=device), torch.ones(1, 1, 1, device=device),
+           torch.ones(1, 1, 1, device=device), out_dtype=torch.float32)
+    want = F.softplus(x.double())
+    # ~ a few fp32 ulps; CUDA's approximate exp/log may cost a little more.
+    # (atol: softplus(-100) = 3.7e-44 is an fp32 subnormal, with few significant bits.)
+    torch.testing.assert_close(y.view(-1).cpu().double(), want, rtol=1e-6 if EXACT or not use_kernel else 1e-5,
+                               atol=1e-42)
+    # Extreme gates stay finite: silu(-1e4) = -0, silu(1e4) = 1e4.
+    z = torch.tensor([-1e4, -100.0, -90.0, 0.0, 100.0, 1e4]).view(1, 6, 1).to(device)
+    y = fn(torch.ones(1, 6, 1, device=device), torch.zeros(1, 6, 1, device=device), torch.zeros(6, 1, device=device),
+           torch.ones(1, 1, 1, device=device), torch.ones(1, 1, 1, device=device), z=z, delta_softplus=False,
+           D=torch.ones(6, device=device), out_dtype=torch.float32)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.view(-1).cpu(), F.silu(z.view(-1).cpu()), rtol=1e-6, atol=1e-30)
+
+
+@needs_kernel
+@pytest.mark.parametrize("config", scan.GPU_CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_every_gpu_config(config):
+    """Each autotune candidate computes the same scan (tile edges: d_inner not a multiple of any
+    BLOCK_D, d_state padded from 12 to 16); under the interpreter too, where they are not tuned."""
+    case = dict(batch=2, d_inner=260, d_state=12, L=3, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=None, seed=9)
+    kw = build(case, DEVICE)
+    kernel, saved = _force_config(*config)
+    try:
+        y, final = selective_scan(**kw, return_final_state=True)
+    finally:
+        kernel.configs = saved
+    y_ref, final_ref = ref_call(kw, return_final_state=True)
+    mag, hmag = magnitudes(kw)
+    assert_close_scan(y, y_ref, mag)
+    assert_close_scan(final, final_ref, hmag, "final state")
+
+
+@needs_kernel
+def test_long_sequence_is_stable():
+    """Many steps through one program (the loop, not the tile edges): still within tolerance."""
+    case = dict(batch=1, d_inner=3, d_state=16, L=300, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=torch.float32, seed=5)
+    kw = build(case, DEVICE)
+    y, final = selective_scan(**kw, return_final_state=True)
+    y_ref, final_ref = ref_call(kw, return_final_state=True)
+    mag, hmag = magnitudes(kw)
+    assert_close_scan(y, y_ref, mag)
+    assert_close_scan(final, final_ref, hmag, "final state")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the dequantization contract, in one place
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reference_dequantizes_then_calls_the_oracle():
+    case = dict(batch=2, d_inner=6, d_state=4, L=7, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=torch.float32, seed=6)
+    kw = build(case, "cpu")
+    y, final = selective_scan_int8_reference(**kw, return_final_state=True)
+    deq = {n: kw[n].float() * kw[f"{n}_scale"] for n in ACT_NAMES}
+    y2, final2 = qops.selective_scan_reference(deq["u"], deq["delta"], kw["A"], deq["B"], deq["C"], kw["D"],
+                                               deq["z"], kw["delta_bias"], True, kw["initial_state"])
+    assert torch.equal(y, y2) and torch.equal(final, final2)
+    assert y.stride() == (7 * 6, 1, 6)
+    # Default output dtype: fp16 for int8 inputs.
+    kw["out_dtype"] = None
+    assert selective_scan_int8_reference(**kw).dtype == torch.float16
+
+
+def test_reference_state_update_advances_in_place():
+    case = dict(batch=2, d_inner=6, d_state=4, L=3, kind={n: "bfloat16" for n in ACT_NAMES}, layout="contiguous",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=None, seed=7)
+    kw = build(case, "cpu")
+    y_all, final = selective_scan_int8_reference(**kw, return_final_state=True)
+    state = kw["initial_state"].clone()
+    rest = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state",)}
+    for t in range(3):
+        y_t = selective_state_update_reference(state, **{k: kw[k][:, :, t] for k in ACT_NAMES}, **rest)
+        assert y_t.dtype == torch.bfloat16
+        assert torch.equal(y_t, y_all[:, :, t])
+    assert torch.equal(state, final)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _good_prefill() -> dict:
+    case = dict(batch=2, d_inner=4, d_state=3, L=5, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=False, out_dtype=None, seed=8)
+    return build(case, "cpu")
+
+
+I8 = dict(dtype=torch.int8)
+PREFILL_ERRORS = [
+    (dict(u=torch.zeros(2, 4, **I8)), r"u must be \[batch, d_inner, L\], got shape \(2, 4\)"),
+    (dict(u="x"), r"u must be a torch.Tensor"),
+    (dict(delta=torch.zeros(2, 4, 6, **I8)), r"delta must have shape \(2, 4, 5\), got \(2, 4, 6\)"),
+    (dict(B=torch.zeros(2, 4, 5, **I8)), r"B must have shape \(2, 3, 5\)"),
+    (dict(C=torch.zeros(2, 3, 5, dtype=torch.int32)), r"C must be int8 \(with C_scale\) or float16/bfloat16/float32"),
+    (dict(u_scale=None), r"u is int8, so u_scale \(its per-tensor fp32 scale\) is required"),
+    (dict(z_scale=0.1), r"z_scale must be a 0-dim or 1-element float32 tensor"),
+    (dict(B_scale=torch.tensor([0.1, 0.2])), r"B_scale must be a 0-dim or 1-element float32 tensor"),
+    (dict(delta_scale=torch.tensor(0.1, dtype=torch.float64)), r"delta_scale must be .*float32"),
+    (dict(u=torch.zeros(2, 4, 5)), r"u is torch.float32, not int8, so u_scale must be None"),
+    (dict(z=None), r"z_scale was given but z is None"),
+    (dict(A=torch.zeros(4, 3, dtype=torch.float16)), r"A must be a float32 tensor of shape \(4, 3\)"),
+    (dict(A=torch.zeros(5, 3)), r"A must be a float32 tensor of shape \(4, 3\)"),
+    (dict(A=torch.zeros(4)), r"A must be a float32 \[d_inner, d_state\] tensor"),
+    (dict(A=torch.zeros(4, 300), B=torch.zeros(2, 300, 5, **I8), C=torch.zeros(2, 300, 5, **I8)),
+     r"d_state \(A.shape\[1\]\) must be in 1..256, got 300"),
+    (dict(D=torch.zeros(5)), r"D must be None or a float32 tensor of shape \(4,\)"),
+    (dict(delta_bias=torch.zeros(4, dtype=torch.float16)), r"delta_bias must be None or a float32 tensor"),
+    (dict(initial_state=torch.zeros(2, 4, 4)), r"initial_state must be a float32 tensor of shape .* = \(2, 4, 3\)"),
+    (dict(initial_state=torch.zeros(2, 4, 3, dtype=torch.float16)), r"initial_state must be a float32 tensor"),
+    (dict(out_dtype=torch.int8), r"out_dtype must be None, float16, bfloat16 or float32"),
+]
+
+
+@pytest.mark.parametrize("fn", [selective_scan, selective_scan_int8_reference])
+@pytest.mark.parametrize("override,match", PREFILL_ERRORS)
+def test_prefill_rejects_bad_inputs(fn, override, match):
+    kwargs = {**_good_prefill(), **override}
+    with pytest.raises(ValueError, match=match):
+        fn(**kwargs)
+
+
+UPDATE_ERRORS = [
+    (dict(state=torch.zeros(2, 4, 3, dtype=torch.float16)), r"state must be a float32 tensor of shape"),
+    (dict(state=torch.zeros(2, 4, 5)),
+     r"state must be a float32 tensor of shape \[batch, d_inner, d_state\] = \(2, 4, 3\)"),
+    (dict(u=torch.zeros(2, 4, 1, **I8)), r"u must be \[batch, d_inner\], got shape \(2, 4, 1\)"),
+    (dict(B=torch.zeros(2, 4, **I8)), r"B must have shape \(2, 3\)"),
+    (dict(C_scale=None), r"C is int8, so C_scale .* is required"),
+]
+
+
+@pytest.mark.parametrize("fn", [selective_state_update, selective_state_update_reference])
+@pytest.mark.parametrize("override,match", UPDATE_ERRORS)
+def test_update_rejects_bad_inputs(fn, override, match):
+    kw = _good_prefill()
+    kwargs = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state",)}
+    kwargs.update({k: kw[k][:, :, 0] for k in ACT_NAMES})
+    kwargs["state"] = torch.zeros(2, 4, 3)
+    kwargs.update(override)
+    with pytest.raises(ValueError, match=match):
+        fn(**kwargs)
