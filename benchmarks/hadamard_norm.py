@@ -1,0 +1,252 @@
+"""Benchmark the fused Hadamard + quantize and residual add + RMSNorm + quantize kernels.
+
+    python benchmarks/hadamard_norm.py [--json PATH] [--shapes ROWSxN ...] [--no-graph]
+
+Needs a CUDA device. For each (rows, n) it times (median of triton.testing.do_bench, which flushes
+L2 between repetitions), on an fp16 input `[rows, n]`:
+
+Hadamard (n = d_inner, the scan output rotated before out_proj):
+* ours        -- `hadamard_quantize(x, scale)` (int8 out);
+* ours fp32   -- `hadamard_transform_triton(x)` (the same kernel, fp32 out: 2x the write traffic);
+* reference   -- `hadamard_quantize_reference`: `torch.ops.quamba.hadamard` + `quamba.quantize`, eager;
+* copy        -- `dst.copy_(src)` moving as many bytes as ours reads and writes, the ceiling.
+
+Norm (n = H; x the block output, residual fp32):
+* ours        -- `add_rmsnorm_quantize(x, residual, w, eps, scale)` (int8 out + fp32 residual out);
+* ours fp16   -- the same without a scale (fp16 out: norm_f before lm_head);
+* reference   -- `add_rmsnorm_quantize_reference`, eager PyTorch;
+* copy        -- as above.
+
+GB/s counts the bytes the fused kernel must move (Hadamard: 2 + 1 bytes per element; norm: x 2 +
+residual 4 + residual out 4 + int8 1 = 11 bytes per element) for every row of a shape, so the column
+compares times, not each implementation's own traffic; "% copy" is copy time / row time. The
+"graph" rows replay the call from a CUDA graph, separating host launch cost from kernel time (it
+dominates the one-row shapes). Also checks the kernels against the references on the timed data
+(int8 at most one step apart on rare .5 boundaries; fp32 transform to rtol 1e-5; residual exact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+DEFAULT_SHAPES: List[Tuple[int, int]] = [(1, 5120), (16, 5120), (16384, 5120), (16384, 2560)]
+DEVICE = "cuda"
+EPS = 1e-5
+
+
+def _fail(msg: str) -> None:
+    print(f"benchmarks/hadamard_norm.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_shape(text: str) -> Tuple[int, int]:
+    try:
+        rows, n = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxN (e.g. 16384x5120), got {text!r}") from None
+    if rows < 1 or n < 1:
+        raise argparse.ArgumentTypeError(f"rows and n must be positive, got {text!r}")
+    return rows, n
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    fn()  # compile outside the timed region
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` captured once in a CUDA graph; the replay times the kernels without host launch cost."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the capture: compilation happens here
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _time_all(fns: Dict[str, Callable[[], object]]) -> Dict[str, Optional[float]]:
+    ms: Dict[str, Optional[float]] = {}
+    for name, fn in fns.items():
+        try:
+            ms[name] = _time_ms(fn)
+        except Exception as exc:  # report it, keep the other rows
+            print(f"  [{name}] failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+            ms[name] = None
+    return ms
+
+
+def _int8_check(got: torch.Tensor, want: torch.Tensor) -> Dict[str, int]:
+    diff = (got.int() - want.int()).abs()
+    return {"n_diff": int((diff != 0).sum()), "max_abs_diff": int(diff.max()) if diff.numel() else 0,
+            "numel": diff.numel()}
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    # Relative to |want| + the row's RMS: elements near zero are compared at the row's scale.
+    rms = want.float().pow(2).mean(-1, keepdim=True).sqrt()
+    return float(((got.float() - want.float()).abs() / (want.float().abs() + rms)).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_hadamard(rows: int, n: int, graph: bool, gen: torch.Generator) -> Dict:
+    from quamba_fx.kernels.hadamard import (
+        hadamard_quantize,
+        hadamard_quantize_reference,
+        hadamard_transform_reference,
+        hadamard_transform_triton,
+    )
+
+    x = torch.randn(rows, n, generator=gen).to(DEVICE, torch.float16)
+    # Outlier channels, which the rotation exists to spread.
+    x[:, : max(1, n // 64)] *= 20
+    y_ref = hadamard_transform_reference(x)
+    scale = (y_ref.abs().amax() / 127).reshape(()).float()
+
+    check = _int8_check(hadamard_quantize(x, scale), hadamard_quantize_reference(x, scale))
+    check["transform_rel_err"] = _rel_err(hadamard_transform_triton(x), y_ref)
+    del y_ref
+
+    nbytes = rows * n * (2 + 1)
+    src = torch.empty(nbytes // 2, dtype=torch.int8, device=DEVICE)  # read + write = nbytes
+    dst = torch.empty_like(src)
+    fns = {
+        "ours": lambda: hadamard_quantize(x, scale),
+        "ours fp32": lambda: hadamard_transform_triton(x),
+        "reference": lambda: hadamard_quantize_reference(x, scale),
+        "copy": lambda: dst.copy_(src),
+    }
+    if graph:
+        fns["ours graph"] = _graphed(fns["ours"])
+    return {"kernel": "hadamard_quantize", "shape": [rows, n], "bytes": nbytes, "check": check,
+            "ms": _time_all(fns)}
+
+
+def bench_norm(rows: int, h: int, graph: bool, gen: torch.Generator) -> Dict:
+    from quamba_fx.kernels.norm import add_rmsnorm_quantize, add_rmsnorm_quantize_reference
+
+    x = torch.randn(rows, h, generator=gen).to(DEVICE, torch.float16)
+    residual = (4 * torch.randn(rows, h, generator=gen)).to(DEVICE)
+    weight = (1 + 0.1 * torch.randn(h, generator=gen)).to(DEVICE)
+    ref, ref_r = add_rmsnorm_quantize_reference(x, residual, weight, EPS, None, torch.float32)
+    scale = (ref.abs().amax() / 127).reshape(()).float()
+
+    q, r = add_rmsnorm_quantize(x, residual, weight, EPS, scale)
+    check = _int8_check(q, add_rmsnorm_quantize_reference(x, residual, weight, EPS, scale)[0])
+    check["residual_exact"] = bool(torch.equal(r, ref_r))
+    check["normed_rel_err"] = _rel_err(add_rmsnorm_quantize(x, residual, weight, EPS, None, torch.float32)[0], ref)
+    del ref, ref_r, q, r
+
+    nbytes = rows * h * (2 + 4 + 4 + 1)
+    src = torch.empty(nbytes // 2, dtype=torch.int8, device=DEVICE)  # read + write = nbytes
+    dst = torch.empty_like(src)
+    fns = {
+        "ours": lambda: add_rmsnorm_quantize(x, residual, weight, EPS, scale),
+        "ours fp16": lambda: add_rmsnorm_quantize(x, residual, weight, EPS, None),
+        "reference": lambda: add_rmsnorm_quantize_reference(x, residual, weight, EPS, scale),
+        "copy": lambda: dst.copy_(src),
+    }
+    if graph:
+        fns["ours graph"] = _graphed(fns["ours"])
+    return {"kernel": "add_rmsnorm_quantize", "shape": [rows, h], "bytes": nbytes, "check": check,
+            "ms": _time_all(fns)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_ok(check: Dict) -> bool:
+    ok = check["max_abs_diff"] <= 1 and check["n_diff"] <= 1 + check["numel"] // 1000
+    if "transform_rel_err" in check:
+        ok = ok and check["transform_rel_err"] <= 1e-5
+    if "normed_rel_err" in check:
+        ok = ok and check["normed_rel_err"] <= 1e-5 and check["residual_exact"]
+    return ok
+
+
+def _print_table(results: List[Dict]) -> None:
+    order = ["ours", "ours graph", "ours fp32", "ours fp16", "reference", "copy"]
+    print(f"{'kernel':21} {'shape (rows,n)':>15} {'impl':>11} {'ms':>10} {'GB/s':>9} {'% copy':>7}")
+    for r in results:
+        copy_ms = r["ms"].get("copy")
+        shape = "(" + ",".join(str(s) for s in r["shape"]) + ")"
+        for name in order:
+            if name not in r["ms"]:
+                continue
+            ms = r["ms"][name]
+            if ms is None:
+                print(f"{r['kernel']:21} {shape:>15} {name:>11} {'failed':>10}")
+                continue
+            gbs = r["bytes"] / (ms * 1e-3) / 1e9
+            frac = f"{100 * copy_ms / ms:6.1f}%" if copy_ms else "   n/a"
+            print(f"{r['kernel']:21} {shape:>15} {name:>11} {ms:10.4f} {gbs:9.1f} {frac:>7}")
+        c = r["check"]
+        extra = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items()
+                          if k not in ("n_diff", "max_abs_diff", "numel"))
+        print(f"{'':21} {'':>15} {'check':>11} {'OK' if _check_ok(c) else 'FAIL'}: {c['n_diff']}/{c['numel']} "
+              f"int8 differ (max |diff| {c['max_abs_diff']}); {extra}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--shapes", metavar="ROWSxN", nargs="+", type=_parse_shape,
+                        help="(rows, n) pairs to time, e.g. 16384x5120 (default: "
+                        + " ".join(f"{r}x{n}" for r, n in DEFAULT_SHAPES) + ")")
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay rows")
+    parser.add_argument("--only", choices=["hadamard", "norm"], help="time one kernel only")
+    args = parser.parse_args(argv)
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        _fail("TRITON_INTERPRET=1 is set; unset it, the benchmark must run compiled kernels")
+    if not torch.cuda.is_available():
+        _fail("no CUDA device found (torch.cuda.is_available() is False); this benchmark needs a GPU")
+
+    # Run from a checkout without installing the package.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import triton
+
+    dev_name = torch.cuda.get_device_name()
+    print(f"device: {dev_name}  torch {torch.__version__}  triton {triton.__version__}\n")
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for rows, n in args.shapes or DEFAULT_SHAPES:
+        if args.only in (None, "hadamard"):
+            results.append(bench_hadamard(rows, n, not args.no_graph, gen))
+        if args.only in (None, "norm"):
+            results.append(bench_norm(rows, n, not args.no_graph, gen))
+        torch.cuda.empty_cache()
+    _print_table(results)
+
+    if args.json:
+        meta = {"device": dev_name, "torch": torch.__version__, "triton": triton.__version__}
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0 if all(_check_ok(r["check"]) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""Fused Hadamard rotation + per-tensor int8 quantization (Quamba's input to `out_proj`).
+
+`hadamard_quantize(x, scale) = quantize(hadamard_transform(x.float()), scale)`: the scan output `y`
+is rotated by the orthonormal Hadamard matrix `H = hadamard_matrix(n)` of `quamba_fx.quant.hadamard`
+(`x @ H.T` along the last dim) and quantized to int8 with one fp32 scale, in one pass over memory.
+`hadamard_transform_triton(x)` is the same kernel stopping before the quantization (fp32 out); it
+exists to test the transform itself, and is a fast fp32 rotation in its own right.
+
+Algorithm (one program per row of `n = M * 2**k`, the row held in registers as an `[M_PAD, P]` tile)
+----------------------------------------------------------------------------------------------------
+`H = kron(D, S) / sqrt(n)` with `D` the dense `M x M` Paley factor (+-1 entries, `M = 1` for powers
+of two) and `S` the Sylvester matrix of order `P = 2**k`. Viewing the row as `X[a, p] = x[a * P + p]`,
+`H x` is `D @ X @ S.T / sqrt(n)`, computed in this order (`M_PAD = next_power_of_2(M)`, because
+Triton tiles are powers of two: padding rows are zero, never stored):
+
+1. dense factor `acc = D @ X`, every product exact (`D` is +-1), sums in fp32:
+   * tensor cores (`tl.dot`) when the tile allows it (M_PAD and P >= 16, M_PAD <= 64, i.e. all of
+     Mamba's sizes): D and X enter as 16-bit floats, which is exact: D is +-1, an fp16/bf16 x is
+     itself, and an fp32 x is first split exactly into three bfloat16 parts `x = hi + mid + lo`
+     (24 significant bits = 3 x 8; three products accumulated). This is not TF32: no bit of x is
+     dropped. Only the fp32 accumulation rounds (the MMA unit's, a few ulps at most);
+   * otherwise fp32 FMAs, M rank-1 updates `acc += D[:, b] (x) X[b, :]` in order b = 0..M-1;
+2. Sylvester factor: a radix-2 fast Walsh-Hadamard transform of every row of `acc`, `k` fp32 stages of
+   `(u, v) -> (u + v, u - v)` written with reshape / split / join / permute (stage order chosen per
+   layout, see `_fwht_rows`; it only changes the order of the same fp32 additions);
+3. `y = acc * fp32(1 / sqrt(n))`, the same fp32 constant the reference multiplies by;
+4. (quantize) `q = clamp(round_half_even(y / scale), -128, 127)` with the correctly rounded fp32
+   quotient, like `torch.ops.quamba.quantize` (computed as a reciprocal product plus one exact FMA
+   correction, see `_quantize_rn`), rounding with the 1.5 * 2**23 float-bit trick (exact
+   half-to-even, applied after clamping to [-128, 127]).
+
+Numerics versus the reference, and the test tolerances
+------------------------------------------------------
+The reference (`torch.ops.quamba.hadamard` then `torch.ops.quamba.quantize`) applies the butterfly
+first and the dense factor second, with its own summation orders; both compute the same sums of
+exact `+-x` terms with fp32 additions, so they differ only by rounding: each of the `k` butterfly
+stages and each of the `M - 1` dense additions adds at most about an ulp of a partial sum, and an
+orthogonal transform keeps partial sums at the scale of the row's RMS times a small factor. The
+observed difference is below 1e-6 of the row's RMS (the output's natural scale; CPU interpreter and
+H100, fp16/bf16/fp32 inputs), so the fp32 transform is tested at
+`|got - want| <= 1e-5 * (|want| + rms(row))`, a >10x margin that still catches any wrong sign,
+order or scale (those give errors of order 1). The quantized result is the same function of `y`
+(correctly rounded division on both sides, identical rounding), so it can only differ where
+`y / scale` lies within a few ulps of a .5 boundary: for values up to 127 a window of ~127 * 2**-21
+around each boundary, hit by a tiny fraction of elements. The tests allow `|diff| <= 1` on at most
+0.1% of the elements (plus one), never more than one step. Bit equality is checked where every
+partial sum is exact (small integer-valued inputs, on every kernel path), and the quantize step
+alone is checked bit for bit against IEEE division.
+
+On CUDA nothing else changes: no approximate division, no transcendental functions.
+
+Performance notes (H100, triton 3.6, fp16 in, 16384 rows; benchmarks/hadamard_norm.py): the kernel
+is bound by on-chip work, not DRAM: moving the fp32 tile through shared memory for the butterfly
+stages whose bit is not in one thread's registers, and per-element work on the padding rows (20
+live rows of 32 for n = 5120). Measured: n = 4096 at 75% of copy bandwidth, 1536 at 58%, 2560 at
+54%, 5120 at 45% (0.196 ms; 0.28 ms with a div.rn per element, 0.375 ms with the Pease form after
+the tensor cores, 0.6 ms with the dense factor on FMAs); 20-60x faster than the eager reference.
+
+Layouts: `x` is `[..., n]` with stride 1 along the last dim (other last-dim strides are copied
+first); leading dims may have any strides (e.g. a `[B, L, D]` view of a larger buffer), collapsed
+to at most two (row index -> two strides) without a copy. The output is a new contiguous tensor.
+Sizes: every `n` that `quamba_fx.quant.hadamard.is_hadamard_size` accepts, up to `MAX_N`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import qops as _qops  # noqa: F401  (registers torch.ops.quamba.quantize)
+from ..quant.hadamard import _check_size, _dense_int
+
+__all__ = [
+    "MAX_N",
+    "hadamard_quantize",
+    "hadamard_quantize_reference",
+    "hadamard_transform_reference",
+    "hadamard_transform_triton",
+]
+
+# Read once, like triton.jit does at decoration time (see kernels/conv1d.py).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# The kernel keeps a padded row of M_PAD * P <= 2 * n fp32 values in registers; beyond 32768 the
+# tile would spill heavily (and compile slowly). Mamba's largest d_inner is 5120.
+MAX_N = 32768
+# The dense factor runs on tensor cores when tl.dot accepts the tile (every dim >= 16) and the
+# [M_PAD, M_PAD] operand is small enough to stay in registers; otherwise on fp32 FMAs.
+_MAX_DOT_M = 64
+_MIN_DOT_DIM = 16
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_rn(y, scale):
+    # q = clamp(round_half_even(y / scale), -128, 127) with y / scale the correctly rounded IEEE
+    # quotient, as torch.ops.quamba.quantize computes it, but without a full division per element
+    # (div.rn.f32 costs ~10 instructions plus a range check; on H100 it was a third of this
+    # kernel's time): with inv = RN(1 / scale), once per program, q0 = RN(y * inv) is within about
+    # an ulp of y / scale, the residual y - q0 * scale is exact in one FMA, and one correction
+    # step RN(q0 + residual * inv) is the correctly rounded quotient (Markstein's theorem; checked
+    # bit for bit against IEEE division on 6.7e8 random pairs on H100, and in the tests).
+    # Clamping q0 first keeps the correction finite when y / scale overflows (inf - inf = NaN);
+    # it cannot change a result, since any |quotient| >= 256 saturates anyway.
+    inv = tl.math.div_rn(1.0, scale)
+    q0 = tl.minimum(tl.maximum(y * inv, -256.0), 256.0)
+    s = tl.fma(tl.fma(-q0, scale, y), inv, q0)
+    # Clamp, then round half to even by adding 1.5 * 2**23: the add leaves an fp32 whose ulp is 1,
+    # so the hardware's own round-to-nearest-even does the rounding and the low byte of the bits is
+    # the result (bits = 0x4B400000 + round(s)). Clamping first is exact: the bounds are integers.
+    s = tl.minimum(tl.maximum(s, -128.0), 127.0)
+    return (s + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@triton.jit
+def _butterfly(acc, M_PAD: tl.constexpr, P: tl.constexpr, H: tl.constexpr):
+    # One radix-2 stage on index bit log2(H) of every row: (u, v) -> (u + v, u - v) for the pairs
+    # (i, i + H) inside each block of 2H columns. The size-2 axis is moved last for split/join.
+    t = tl.permute(tl.reshape(acc, [M_PAD, P // (2 * H), 2, H]), (0, 1, 3, 2))
+    u, v = tl.split(t)
+    return tl.reshape(tl.permute(tl.join(u + v, u - v), (0, 1, 3, 2)), [M_PAD, P])
+
+
+@triton.jit
+def _fwht_rows(acc, M_PAD: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, PEASE: tl.constexpr):
+    # Unnormalised Walsh-Hadamard transform of every row of acc [M_PAD, P], i.e. acc @ S.
+    # The two forms compute the same sums in a different order. They differ in what Triton's
+    # layouts make of them, and every stage whose bit is not held in one thread's registers costs
+    # a pass of the tile through shared memory, the kernel's bottleneck (measured on H100):
+    # * PEASE (constant geometry): every stage takes neighbours (2i, 2i+1) and writes u + v to i
+    #   and u - v to i + P/2; after LOG_P stages the bits are back in order. Best on the blocked
+    #   layout of a plain load (M == 1): 3 layout conversions for n = 4096;
+    # * otherwise textbook stages from the highest bit down, best on the tensor-core output
+    #   layout, whose high column bits are register bits: 2 conversions for n = 5120, against 8
+    #   for the Pease form (1.3-1.5x faster overall).
+    if PEASE:
+        for _ in tl.static_range(LOG_P):
+            pairs = tl.reshape(acc, [M_PAD, P // 2, 2])
+            u, v = tl.split(pairs)
+            acc = tl.reshape(tl.permute(tl.join(u + v, u - v), (0, 2, 1)), [M_PAD, P])
+    else:
+        for j in tl.static_range(LOG_P):
+            acc = _butterfly(acc, M_PAD, P, 1 << (LOG_P - 1 - j))
+    return acc
+
+
+@triton.jit
+def _dense_dot(dmat, x, acc, EMULATE: tl.constexpr):
+    # acc + D @ X with operands exact in the MMA input type (+-1 and a 16-bit float), so the tensor
+    # cores' products are exact and only the fp32 accumulation rounds. Under the interpreter,
+    # whose dot mishandles bfloat16, the same exact values are multiplied in fp32.
+    if EMULATE:
+        return tl.dot(dmat.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(dmat, x, acc)
+
+
+@triton.jit
+def _hadamard_kernel(
+    x_ptr, d_ptr, scale_ptr, out_ptr,
+    D1, stride_0, stride_1, inv_sqrt_n,
+    M: tl.constexpr, M_PAD: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, QUANT: tl.constexpr,
+    DENSE: tl.constexpr, EMULATE_DOT: tl.constexpr,
+):
+    row = tl.program_id(0)
+    # Rows are numbered over the (at most two, see _lead_layout) leading dims; 64-bit offsets so
+    # that views of large buffers do not overflow.
+    i0 = row // D1
+    i1 = row - i0 * D1
+    x_row = x_ptr + i0.to(tl.int64) * stride_0 + i1.to(tl.int64) * stride_1
+    offs_a = tl.arange(0, M_PAD)
+    offs_p = tl.arange(0, P)
+    rows_ok = offs_a[:, None] < M
+
+    # Step 1 of the module docstring: acc = D @ X, X[b, p] = x[b * P + p] (rows >= M are zero).
+    if DENSE == 0:  # M == 1: no dense factor
+        acc = tl.load(x_row + offs_a[:, None] * P + offs_p[None, :]).to(tl.float32)
+    elif DENSE == 1:
+        # Tensor cores: d_ptr is D zero-padded to [M_PAD, M_PAD] in x's 16-bit type (bfloat16 for
+        # fp32 x). An fp32 x is first split exactly into three bfloat16 parts, x = hi + mid + lo
+        # (each residual is exact in fp32 and the last one has at most 8 significant bits), so the
+        # three products are exact too: no TF32-style truncation of x.
+        x = tl.load(x_row + offs_a[:, None] * P + offs_p[None, :], mask=rows_ok, other=0.0)
+        dmat = tl.load(d_ptr + offs_a[:, None] * M_PAD + offs_a[None, :])
+        acc = tl.zeros([M_PAD, P], dtype=tl.float32)
+        if x.dtype == tl.float32:
+            hi = x.to(tl.bfloat16)
+            rest = x - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+            # Smallest parts first, accumulating in place.
+            acc = _dense_dot(dmat, lo, acc, EMULATE_DOT)
+            acc = _dense_dot(dmat, mid, acc, EMULATE_DOT)
+            acc = _dense_dot(dmat, hi, acc, EMULATE_DOT)
+        else:
+            acc = _dense_dot(dmat, x, acc, EMULATE_DOT)
+    else:
+        # fp32 FMAs (tiles too small for tl.dot, or a dense factor too large for one): M rank-1
+        # updates acc += D[:, b] (x) X[b, :] in order b = 0, 1, ..., M-1, each row X[b, :] loaded
+        # from memory (a register tile has no cheap row extraction). d_ptr holds D transposed and
+        # zero-padded to [M, M_PAD] in fp32, so D[:, b] is one contiguous load and the padding
+        # rows of acc stay zero without masks.
+        acc = tl.zeros([M_PAD, P], dtype=tl.float32)
+        for b in range(M):
+            d = tl.load(d_ptr + b * M_PAD + offs_a)
+            xb = tl.load(x_row + b * P + offs_p).to(tl.float32)
+            acc += d[:, None] * xb[None, :]
+
+    # Step 2: the Sylvester factor along every row.
+    if LOG_P > 0:
+        acc = _fwht_rows(acc, M_PAD, P, LOG_P, DENSE == 0)
+    y = acc * inv_sqrt_n
+
+    offs = row.to(tl.int64) * (M * P) + offs_a[:, None] * P + offs_p[None, :]
+    if QUANT:
+        tl.store(out_ptr + offs, _quantize_rn(y, tl.load(scale_ptr)), mask=rows_ok)
+    else:
+        tl.store(out_ptr + offs, y, mask=rows_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _lead_layout(shape: Tuple[int, ...], strides: List[Tuple[int, ...]]) -> List[Tuple[int, ...]]:
+    """Collapse leading dims shared by several tensors of the same `shape` into as few as possible.
+
+    `strides` lists each tensor's leading-dim strides. Returns `[(size, stride_t0, stride_t1, ...),
+    ...]`, outermost first, without size-1 dims; adjacent dims merge when they are collapsible in
+    every tensor (`stride[i] == stride[i+1] * size[i+1]`). The caller copies when more than two
+    dims remain.
+    """
+    dims: List[Tuple[int, ...]] = []
+    for i, size in enumerate(shape):
+        if size == 1:
+            continue
+        cur = tuple(s[i] for s in strides)
+        if dims and all(prev == c * size for prev, c in zip(dims[-1][1:], cur)):
+            dims[-1] = (dims[-1][0] * size,) + cur
+        else:
+            dims.append((size,) + cur)
+    return dims
+
+
+def _rows(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int]:
+    """`(x', rows, D1, stride_0, stride_1)`: row r of x' starts at `(r // D1) * stride_0 +
+    (r % D1) * stride_1`; x' is x itself unless its layout needed a copy."""
+    n = x.shape[-1]
+    if n > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    dims = _lead_layout(tuple(x.shape[:-1]), [x.stride()[:-1]])
+    if len(dims) > 2:
+        x = x.contiguous()
+        dims = _lead_layout(tuple(x.shape[:-1]), [x.stride()[:-1]])
+    dims = [(1, 0)] * (2 - len(dims)) + dims
+    (d0, s0), (d1, s1) = dims
+    return x, d0 * d1, d1, s0, s1
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_table(bases: Tuple[int, ...], m_pad: int, dtype: torch.dtype, transpose: bool, device: str) -> torch.Tensor:
+    """The dense factor D zero-padded for the kernel, cached per (size, dtype, device).
+
+    `transpose=False`: `[M_PAD, M_PAD]`, the tensor-core operand. `transpose=True`: `D^T` as
+    `[M, M_PAD]`, whose row b is column b of D (the FMA path's rank-1 updates).
+    """
+    d = _dense_int(bases)
+    m = d.shape[0]
+    if transpose:
+        table = torch.zeros(m, m_pad, dtype=dtype)
+        table[:, :m] = d.t().to(dtype)
+    else:
+        table = torch.zeros(m_pad, m_pad, dtype=dtype)
+        table[:m, :m] = d.to(dtype)
+    return table.to(device)
+
+
+def _config(n: int) -> Tuple[Tuple[int, ...], int, int, int]:
+    bases, k = _check_size(n)
+    m = math.prod(bases)
+    return bases, m, triton.next_power_of_2(m), k
+
+
+def _dense_mode(m: int, m_pad: int, p: int) -> int:
+    """0: no dense factor (M = 1); 1: tensor cores (tl.dot); 2: fp32 FMA rank-1 updates."""
+    if m == 1:
+        return 0
+    if m_pad <= _MAX_DOT_M and min(m_pad, p) >= _MIN_DOT_DIM:
+        return 1
+    return 2
+
+
+def _num_warps(tile: int) -> int:
+    if _INTERPRET:
+        return 1
+    # Measured on H100 (fp16 in, 16384 rows): 4 warps for tiles of 1024..4096 values (n = 1536,
+    # 2560, 4096), 8 from 8192 (n = 5120: 0.28 ms against 0.34 ms with 4); up to 64 values per
+    # thread keeps the butterfly's two copies of the tile in registers without spills.
+    if tile >= 8192:
+        return 8 if tile <= 16384 else 16
+    if tile >= 1024:
+        return 4
+    return max(1, tile // 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_x(fn: str, x: object) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{fn}: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: x must have at least one dim [..., n], got a 0-dim tensor")
+    n = x.shape[-1]
+    _check_size(n)  # ValueError naming the nearest supported sizes
+    return n
+
+
+def _check_scale(fn: str, scale: object, device: torch.device) -> None:
+    if not isinstance(scale, torch.Tensor):
+        raise ValueError(
+            f"{fn}: scale must be a 0-dim or 1-element float32 tensor (read by the kernel at run time), "
+            f"got {type(scale).__name__}"
+        )
+    if scale.dtype != torch.float32 or scale.numel() != 1:
+        raise ValueError(
+            f"{fn}: scale must be a 0-dim or 1-element float32 tensor, got {scale.dtype} of shape {tuple(scale.shape)}"
+        )
+    if scale.device != device:
+        raise ValueError(f"{fn}: scale is on {scale.device} but x is on {device}")
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# References (built from the graph's own ops)
+# ---------------------------------------------------------------------------------------------
+
+
+def hadamard_transform_reference(x: torch.Tensor) -> torch.Tensor:
+    """fp32 `hadamard_transform(x.float())` through `torch.ops.quamba.hadamard`, contiguous."""
+    _check_x("hadamard_transform_reference", x)
+    from .. import ops as _graph_ops  # noqa: F401  (registers torch.ops.quamba.hadamard)
+
+    return torch.ops.quamba.hadamard(x.to(torch.float32))
+
+
+def hadamard_quantize_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference of `hadamard_quantize`: `quamba.quantize(quamba.hadamard(x.float()), scale)`."""
+    _check_x("hadamard_quantize_reference", x)
+    _check_scale("hadamard_quantize_reference", scale, x.device)
+    return torch.ops.quamba.quantize(hadamard_transform_reference(x), scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def _launch(x: torch.Tensor, scale: torch.Tensor, quant: bool) -> torch.Tensor:
+    n = x.shape[-1]
+    if n > MAX_N:
+        raise ValueError(
+            f"hadamard kernel: n={n} exceeds the kernel's limit MAX_N={MAX_N} (one row per program, "
+            "held in registers); use quamba_fx.quant.hadamard.hadamard_transform for larger sizes"
+        )
+    bases, m, m_pad, k = _config(n)
+    out = torch.empty(x.shape, dtype=torch.int8 if quant else torch.float32, device=x.device)
+    xr, rows, d1, s0, s1 = _rows(x)
+    if rows == 0:
+        return out
+    dense = _dense_mode(m, m_pad, 1 << k)
+    if dense == 0:
+        table = out  # a dummy pointer, never read
+    elif dense == 1:
+        table = _dense_table(bases, m_pad, torch.float16 if x.dtype == torch.float16 else torch.bfloat16,
+                             False, str(x.device))
+    else:
+        table = _dense_table(bases, m_pad, torch.float32, True, str(x.device))
+    _hadamard_kernel[(rows,)](
+        xr, table, scale, out,
+        d1, s0, s1, 1.0 / math.sqrt(n),
+        M=m, M_PAD=m_pad, P=1 << k, LOG_P=k, QUANT=quant, DENSE=dense, EMULATE_DOT=_INTERPRET,
+        num_warps=_num_warps(m_pad << k),
+    )
+    return out
+
+
+def hadamard_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Rotate the last dim of `x` by the orthonormal Hadamard matrix and quantize to int8, fused.
+
+    Args:
+        x: `[..., n]` float16, bfloat16 or float32; `n` any size `is_hadamard_size` accepts (up to
+            `MAX_N`), e.g. Mamba's d_inner 1536, 2048, 2560, 3072, 4096, 5120. The last dim should
+            have stride 1 (else it is copied); leading dims may have any strides.
+        scale: per-tensor scale, a 0-dim or 1-element float32 tensor on x's device, read by the
+            kernel at run time (updating it in place needs no recompilation).
+
+    Returns:
+        int8 `[..., n]`, contiguous: `quantize(hadamard_transform(x.float()), scale)`, i.e.
+        `clamp(round_half_even((x.float() @ H.T) / scale), -128, 127)` with the transform in fp32.
+
+    CUDA tensors run the Triton kernel, as do CPU tensors under TRITON_INTERPRET=1; other CPU
+    tensors run `hadamard_quantize_reference`. Results may differ from the reference by one int8
+    step where the fp32 value sits at a rounding boundary (see the module docstring).
+    """
+    _check_x("hadamard_quantize", x)
+    _check_scale("hadamard_quantize", scale, x.device)
+    if not _use_triton(x):
+        return hadamard_quantize_reference(x, scale)
+    return _launch(x, scale, quant=True)
+
+
+def hadamard_transform_triton(x: torch.Tensor) -> torch.Tensor:
+    """The rotation of `hadamard_quantize` without the quantization: fp32 `x.float() @ H.T`.
+
+    Same arguments, layouts and sizes as `hadamard_quantize` (no scale); returns a contiguous
+    float32 tensor of x's shape. Runs the same kernel (CUDA, or CPU under TRITON_INTERPRET=1),
+    else `hadamard_transform_reference`.
+    """
+    _check_x("hadamard_transform_triton", x)
+    if not _use_triton(x):
+        return hadamard_transform_reference(x)
+    return _launch(x, x, quant=False)  # scale pointer unused without QUANT

@@ -1,0 +1,351 @@
+"""Tests for the fused Hadamard transform + int8 quantize kernel (quamba_fx.kernels.hadamard).
+
+Run on CPU with the Triton interpreter:
+
+    TRITON_INTERPRET=1 OMP_NUM_THREADS=1 python -m pytest tests/test_kernel_hadamard.py -q
+
+Without the interpreter, kernel tests run on CUDA when present and are skipped otherwise; reference
+and validation tests always run. Kernel and reference sum the same exact +-x terms in different
+orders, so (see the module docstring) the fp32 transform is compared at 1e-5 of the row's scale and
+int8 results may differ by one step on rare .5 boundaries; integer-valued inputs, whose sums are
+exact, must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quamba_fx.kernels import hadamard
+from quamba_fx.kernels.hadamard import (
+    MAX_N,
+    hadamard_quantize,
+    hadamard_quantize_reference,
+    hadamard_transform_reference,
+    hadamard_transform_triton,
+    _quantize_rn,
+)
+from quamba_fx.quant.hadamard import _decompose, hadamard_matrix
+
+if hadamard._INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    DEVICE = None
+
+needs_kernel = pytest.mark.skipif(
+    DEVICE is None, reason="Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before import)"
+)
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# Sizes exercising every kernel path (see _mode): powers of two (no dense factor), tensor-core
+# dense factors (M_PAD and P >= 16) and the FMA fallback (P < 16, or M_PAD > 64 as for 68 * 16).
+SMALL_SIZES = [1, 2, 4, 8, 12, 16, 20, 24, 28, 36, 40, 44, 48, 64, 96, 144, 160, 192, 320, 384, 448, 640, 1088]
+MAMBA_SIZES = [1536, 2048, 2560, 3072, 4096, 5120]  # d_inner of the 130m ... 2.8b models
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _mode(n: int) -> int:
+    bases, k = _decompose(n)
+    m = math.prod(bases)
+    return hadamard._dense_mode(m, 1 << (m - 1).bit_length(), 1 << k)
+
+
+def assert_transform_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """|got - want| <= 1e-5 * (|want| + rms(row)): rounding-level, relative to the output's scale."""
+    assert got.dtype == want.dtype == torch.float32
+    assert got.shape == want.shape and got.is_contiguous()
+    got, want = got.cpu(), want.cpu()
+    rms = want.pow(2).mean(-1, keepdim=True).sqrt()
+    err = (got - want).abs() / (want.abs() + rms + 1e-30)
+    assert float(err.max()) <= 1e-5, f"max relative error {float(err.max()):.3g}"
+
+
+def assert_int8_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """At most one step apart, on at most 0.1% of the elements (+1): .5 boundaries only."""
+    assert got.dtype == want.dtype == torch.int8
+    assert got.shape == want.shape and got.is_contiguous()
+    diff = (got.cpu().int() - want.cpu().int()).abs()
+    n_diff = int((diff != 0).sum())
+    msg = f"{n_diff} of {diff.numel()} int8 values differ, max |diff| {int(diff.max()) if diff.numel() else 0}"
+    assert n_diff == 0 or int(diff.max()) <= 1, msg
+    assert n_diff <= 1 + diff.numel() // 1000, msg
+
+
+def make_x(gen: torch.Generator, lead: tuple, n: int, dtype: torch.dtype, layout: str, device: str) -> torch.Tensor:
+    """A `[*lead, n]` tensor in one of several memory layouts, with a few outlier channels."""
+    def randn(*shape):
+        v = torch.randn(*shape, generator=gen)
+        v[..., : max(1, n // 16)] *= 10
+        return v.to(dtype)
+
+    if layout == "contiguous":
+        x = randn(*lead, n)
+    elif layout == "row_stride":  # rows of a wider buffer, e.g. one half of a [.., 2n] projection
+        x = randn(*lead, 2 * n)[..., :n]
+    elif layout == "transposed":  # leading dims that do not collapse into one row stride
+        x = randn(*reversed(lead), n).transpose(0, -2) if len(lead) > 1 else randn(*lead, n)
+    else:  # "every_other": strided rows and strided leading dims
+        x = randn(*lead[:-1], 2 * lead[-1], n)[..., ::2, :]
+    return x.to(device)
+
+
+def scale_for(y: torch.Tensor, factor: float, device: str) -> torch.Tensor:
+    """absmax(y) / 127 * factor: factor < 1 saturates the largest values."""
+    return (y.abs().amax().float().clamp_min(1e-6) / 127 * factor).reshape(()).to(device)
+
+
+@st.composite
+def cases(draw):
+    n = draw(st.sampled_from(SMALL_SIZES))
+    rows = draw(st.integers(1, 20))
+    lead = draw(st.sampled_from([(rows,), (1, rows), (2, (rows + 1) // 2), (rows, 1)]))
+    return dict(
+        n=n, lead=lead,
+        dtype=draw(st.sampled_from(DTYPES)),
+        layout=draw(st.sampled_from(["contiguous", "row_stride", "transposed", "every_other"])),
+        factor=draw(st.sampled_from([0.3, 0.7, 1.0, 2.0])),
+        scale_shape=draw(st.sampled_from([(), (1,)])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel vs reference
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sizes_cover_every_kernel_path():
+    assert {_mode(n) for n in SMALL_SIZES} == {0, 1, 2}
+    assert {_mode(n) for n in MAMBA_SIZES} == {0, 1}
+
+
+@needs_kernel
+@settings(max_examples=25, **SETTINGS)
+@given(case=cases())
+def test_matches_reference(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    x = make_x(gen, case["lead"], case["n"], case["dtype"], case["layout"], DEVICE)
+    y = hadamard_transform_triton(x)
+    y_ref = hadamard_transform_reference(x)
+    assert y.shape == x.shape
+    assert_transform_close(y, y_ref)
+    scale = scale_for(y_ref, case["factor"], DEVICE).reshape(case["scale_shape"])
+    q = hadamard_quantize(x, scale)
+    q_ref = hadamard_quantize_reference(x, scale)
+    assert q.shape == x.shape
+    assert_int8_close(q, q_ref)
+    if case["factor"] < 1:
+        assert int(q.int().abs().max()) >= 127, "the scale should saturate some values"
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", MAMBA_SIZES)
+def test_mamba_sizes(n):
+    gen = torch.Generator().manual_seed(n)
+    # A [B, L, D] view of a wider buffer, as the scan output may be.
+    x = make_x(gen, (2, 2), n, torch.float16, "row_stride", DEVICE)
+    y_ref = hadamard_transform_reference(x)
+    assert_transform_close(hadamard_transform_triton(x), y_ref)
+    scale = scale_for(y_ref, 0.5, DEVICE)
+    assert_int8_close(hadamard_quantize(x, scale), hadamard_quantize_reference(x, scale))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_largest_size_other_dtypes(dtype):
+    """5120 (Mamba-2.8b) through the bf16 and the exact three-way split of fp32 inputs."""
+    gen = torch.Generator().manual_seed(7)
+    x = make_x(gen, (3,), 5120, dtype, "contiguous", DEVICE)
+    if dtype == torch.float32:  # values over many binades: every bit of the split matters
+        x = x * torch.logspace(-6, 6, 5120, device=DEVICE)
+    y_ref = hadamard_transform_reference(x)
+    assert_transform_close(hadamard_transform_triton(x), y_ref)
+    scale = scale_for(y_ref, 0.8, DEVICE)
+    assert_int8_close(hadamard_quantize(x, scale), hadamard_quantize_reference(x, scale))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 8, 12, 24, 96, 192, 320, 1088, 1536, 2560])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_integer_inputs_are_exact(n, dtype):
+    """Small integers make every partial sum exact in fp32 (also in the tensor cores), whatever the
+    order; both sides then multiply by the same fp32 1/sqrt(n): results must be bit-identical."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randint(-8, 9, (3, n), generator=gen).to(dtype).to(DEVICE)
+    y = hadamard_transform_triton(x)
+    y_ref = hadamard_transform_reference(x)
+    assert torch.equal(y.cpu(), y_ref.cpu())
+    scale = scale_for(y_ref, 0.6, DEVICE)
+    assert torch.equal(hadamard_quantize(x, scale).cpu(), hadamard_quantize_reference(x, scale).cpu())
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [12, 64, 192, 2560])
+def test_matches_explicit_matrix(n):
+    """Against x @ H.T in float64 with H = hadamard_matrix(n), independently of the reference op."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, n, generator=gen)
+    want = (x.double() @ hadamard_matrix(n, dtype=torch.float64).T).float()
+    assert_transform_close(hadamard_transform_triton(x.to(DEVICE)), want)
+
+
+@needs_kernel
+def test_kernel_path_is_taken(monkeypatch):
+    """Guards the comparisons above: the entry points must not fall back to the references."""
+    def boom(*args, **kwargs):
+        raise AssertionError("entry point fell back to the reference")
+
+    monkeypatch.setattr(hadamard, "hadamard_quantize_reference", boom)
+    monkeypatch.setattr(hadamard, "hadamard_transform_reference", boom)
+    x = torch.randn(2, 24, device=DEVICE)
+    hadamard_quantize(x, torch.tensor(0.1, device=DEVICE))
+    hadamard_transform_triton(x)
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setattr(hadamard, "_INTERPRET", False)
+    calls = []
+    real = hadamard.hadamard_quantize_reference
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hadamard, "hadamard_quantize_reference", spy)
+    x = torch.randn(2, 12)
+    q = hadamard_quantize(x, torch.tensor(0.05))
+    assert calls == [1] and q.dtype == torch.int8
+
+
+@needs_kernel
+def test_scale_changed_in_place_takes_effect():
+    gen = torch.Generator().manual_seed(1)
+    x = make_x(gen, (3,), 192, torch.float16, "contiguous", DEVICE)
+    scale = torch.tensor([0.05], device=DEVICE)
+    first = hadamard_quantize(x, scale)
+    scale.fill_(0.2)
+    second = hadamard_quantize(x, scale)
+    assert not torch.equal(first, second)
+    assert_int8_close(second, hadamard_quantize_reference(x, scale))
+
+
+@needs_kernel
+def test_empty_rows():
+    x = torch.empty(0, 3, 64, device=DEVICE)
+    assert hadamard_quantize(x, torch.tensor(1.0, device=DEVICE)).shape == (0, 3, 64)
+    assert hadamard_transform_triton(x).shape == (0, 3, 64)
+
+
+@pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=needs_kernel)])
+def test_ties_round_half_to_even(use_kernel):
+    """Exact .5 quotients, independent of the reference: n = 1 is the identity, and for n = 4,
+    x = (v, 0, 0, 0) gives y = (v/2, v/2, v/2, v/2) exactly."""
+    device = DEVICE if use_kernel else "cpu"
+    fn = hadamard_quantize if use_kernel else hadamard_quantize_reference
+    v = torch.tensor([0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, 126.5, -127.5, 200.0, -300.0])
+    got = fn(v[:, None].to(device), torch.tensor(1.0, device=device))
+    expected = [max(-128, min(127, round(float(t)))) for t in v]  # Python's round is half-to-even
+    assert got.cpu().view(-1).tolist() == expected
+    x4 = torch.zeros(v.numel(), 4)
+    x4[:, 0] = 2 * v
+    got4 = fn(x4.to(device), torch.tensor(1.0, device=device))
+    assert got4.cpu().tolist() == [[e] * 4 for e in expected]
+
+
+@triton.jit
+def _quantize_block_kernel(y_ptr, scale_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, _quantize_rn(y, tl.load(scale_ptr)), mask=mask)
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, for the +-3e38 inputs
+@pytest.mark.parametrize("scale", [1.0, 0.0371, 3.3e-4, 7.77, 1e-8, 0.1])
+def test_quantize_step_matches_ieee_division(scale):
+    """The kernels' quantize step (reciprocal product + one FMA correction) against torch's IEEE
+    division, bit for bit, on quotients within a few ulps of every .5 boundary, random ones and
+    overflowing ones: a wrong correctly-rounded quotient would flip a value at a boundary."""
+    s = torch.tensor(scale, dtype=torch.float32)
+    targets = torch.arange(-130, 131, dtype=torch.float64) + 0.5
+    near = (targets * scale).float()
+    nudged = [near]
+    for _ in range(4):  # up to 4 ulps on each side
+        nudged = [torch.nextafter(nudged[0], torch.tensor(-float("inf")))] + nudged
+        nudged = nudged + [torch.nextafter(nudged[-1], torch.tensor(float("inf")))]
+    rand = (torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 300 - 150) * scale
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3e38, -3e38, 1e-45])
+    y = torch.cat(nudged + [rand.float(), special])
+    want = torch.round(torch.clamp(y / s, -128, 127)).to(torch.int8)
+    out = torch.empty(y.numel(), dtype=torch.int8, device=DEVICE)
+    _quantize_block_kernel[(triton.cdiv(y.numel(), 1024),)](y.to(DEVICE), s.to(DEVICE), out, y.numel(), BLOCK=1024)
+    assert torch.equal(out.cpu(), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _x(n=24, dtype=torch.float32):
+    return torch.zeros(2, n, dtype=dtype)
+
+
+QUANT_ERRORS = [
+    (dict(x=_x(10)), r"no Hadamard matrix construction for n=10.*nearest supported sizes: 8 and 12"),
+    (dict(x=_x(6)), r"n=6.*nearest supported sizes: 4 and 8"),
+    (dict(x=_x(0)), r"no Hadamard matrix construction for n=0"),
+    (dict(x=torch.zeros(2, 24, dtype=torch.int8)), r"x must be float16, bfloat16 or float32, got torch.int8"),
+    (dict(x=_x(24, torch.float64)), r"x must be float16, bfloat16 or float32, got torch.float64"),
+    (dict(x=torch.tensor(1.0)), r"at least one dim"),
+    (dict(x=[1.0, 2.0]), r"x must be a torch.Tensor, got list"),
+    (dict(scale=0.1), r"scale must be a 0-dim or 1-element float32 tensor .*got float"),
+    (dict(scale=torch.tensor(0.1, dtype=torch.float64)), r"scale must be a 0-dim or 1-element float32 tensor, got torch.float64"),
+    (dict(scale=torch.tensor([0.1, 0.2])), r"scale must be .*of shape \(2,\)"),
+]
+
+
+@pytest.mark.parametrize("fn", [hadamard_quantize, hadamard_quantize_reference])
+@pytest.mark.parametrize("override,match", QUANT_ERRORS)
+def test_quantize_rejects_bad_inputs(fn, override, match):
+    kwargs = {"x": _x(), "scale": torch.tensor(0.1), **override}
+    with pytest.raises(ValueError, match=match):
+        fn(**kwargs)
+
+
+@pytest.mark.parametrize("fn", [hadamard_transform_triton, hadamard_transform_reference])
+@pytest.mark.parametrize("x,match", [
+    (_x(10), r"nearest supported sizes: 8 and 12"),
+    (torch.zeros(3, dtype=torch.int32), r"x must be float16, bfloat16 or float32"),
+])
+def test_transform_rejects_bad_inputs(fn, x, match):
+    with pytest.raises(ValueError, match=match):
+        fn(x)
+
+
+@needs_kernel
+def test_kernel_rejects_sizes_beyond_max_n():
+    x = torch.zeros(1, 2 * MAX_N, device=DEVICE)
+    with pytest.raises(ValueError, match=rf"exceeds the kernel's limit MAX_N={MAX_N}"):
+        hadamard_quantize(x, torch.tensor(1.0, device=DEVICE))
+
+
+def test_scale_device_mismatch_is_rejected():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a second device")
+    with pytest.raises(ValueError, match=r"scale is on cpu but x is on cuda"):
+        hadamard_quantize(_x().cuda(), torch.tensor(0.1))
