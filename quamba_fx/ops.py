@@ -29,10 +29,19 @@ def selective_scan(
 
     Layouts follow mamba_ssm's `selective_scan_fn`: `u`, `delta`, `z` are `[batch, d_inner, L]`,
     `A` is `[d_inner, d_state]`, `B` and `C` are `[batch, d_state, L]`, `D` and `delta_bias` are
-    `[d_inner]`. The state is kept in fp32; the result has `u`'s dtype.
+    `[d_inner]`. The state is kept in fp32; the result has `u`'s dtype. CUDA tensors run the
+    Triton kernel of `quamba_fx.kernels.scan`, others this module's reference loop.
     """
     # Contiguous, as the fake promises: compilers trust the fake's strides.
     return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0].contiguous()
+
+
+@selective_scan.register_kernel("cuda")
+def _selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
+    # The Triton kernel in float mode (imported here: kernels.scan imports this module).
+    from .kernels.scan import selective_scan as triton_selective_scan
+
+    return triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus).contiguous()
 
 
 @selective_scan.register_fake
