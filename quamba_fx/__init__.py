@@ -16,9 +16,11 @@ from .errors import (
 from .dump import dump, write_dump
 from .models import BUILTIN_SHAPES, builtin_config, load_model, random_model
 from .passes.fuse_conv import FuseConv1dSiLU, fuse
+from .passes.lower import LowerToKernels, lower
 from .passes.verify import VerifyTopology, verify_topology
 from .evaluate import EvalResult, evaluate
 from .pipeline import Pipeline
+from .runtime import Generator, MambaCache
 from .w8a8 import quantize
 from . import backend as _backend  # registers torch.compile backend "quamba"
 

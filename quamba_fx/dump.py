@@ -114,13 +114,15 @@ def _selected(gm: torch.fx.GraphModule, only_block: int | None) -> list[torch.fx
 
 
 def to_text(gm: torch.fx.GraphModule, only_block: int | None = None) -> str:
-    rows = [("name", "op", "target", "role", "block", "shape", "dtype")]
-    for node in _selected(gm, only_block):
+    nodes = _selected(gm, only_block)
+    # A lowered graph says which kernel each node runs; other graphs keep the narrower table.
+    with_kernel = any("kernel" in info(n) for n in nodes)
+    rows = [("name", "op", "target", "role", "block", "shape", "dtype") + (("kernel",) if with_kernel else ())]
+    for node in nodes:
         r = node_record(gm, node)
-        rows.append(
-            (r["name"], r["op"], r["target"], r["role"] or "-", "-" if r["block"] is None else str(r["block"]),
-             "-" if r["shape"] is None else str(r["shape"]), "-" if r["dtype"] is None else str(r["dtype"]))
-        )
+        row = (r["name"], r["op"], r["target"], r["role"] or "-", "-" if r["block"] is None else str(r["block"]),
+               "-" if r["shape"] is None else str(r["shape"]), "-" if r["dtype"] is None else str(r["dtype"]))
+        rows.append(row + ((info(node).get("kernel", "-"),) if with_kernel else ()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,140 @@
+"""Cached generation with a lowered W8A8 graph: prefill once, then one token per step.
+
+`Generator(lowered, batch_size)` derives two graphs from a `quamba_fx.lower` result (see
+`passes.lower.cached_graph`): the prefill graph runs the prompt and leaves each block's last conv
+inputs and final scan state in a `MambaCache`; the decode graph advances them by one token. On CUDA
+the decode step is captured once as a CUDA graph and replayed, so batch-1 decode costs the kernels'
+time, not one Python launch per kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from .errors import InputError
+from .passes.lower import cached_graph
+from .recipe import block_paths
+
+
+@dataclass
+class MambaCache:
+    """Per-block decode state: `conv_states[i]` int8 `[B, D, W-1]`, `ssm_states[i]` fp32 `[B, D, N]`."""
+
+    conv_states: list[torch.Tensor]
+    ssm_states: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, gm: torch.fx.GraphModule, batch_size: int, device: torch.device | str | None = None) -> "MambaCache":
+        """Zeroed states shaped for the blocks of `gm`, on `device` (default: the graph's)."""
+        if device is None:
+            device = next(iter(gm.buffers())).device
+        conv, ssm = [], []
+        for path in block_paths(gm):
+            d_inner, _, width = gm.get_submodule(f"{path}.mixer.conv1d").weight.shape
+            d_state = gm.get_submodule(f"{path}.mixer").A_log.shape[-1]
+            conv.append(torch.zeros(batch_size, d_inner, width - 1, dtype=torch.int8, device=device))
+            ssm.append(torch.zeros(batch_size, d_inner, d_state, dtype=torch.float32, device=device))
+        return cls(conv, ssm)
+
+    def zero_(self) -> "MambaCache":
+        for state in (*self.conv_states, *self.ssm_states):
+            state.zero_()
+        return self
+
+    def copy_(self, other: "MambaCache") -> "MambaCache":
+        for mine, theirs in zip((*self.conv_states, *self.ssm_states), (*other.conv_states, *other.ssm_states)):
+            mine.copy_(theirs)
+        return self
+
+    def clone(self) -> "MambaCache":
+        return MambaCache([s.clone() for s in self.conv_states], [s.clone() for s in self.ssm_states])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in (*self.conv_states, *self.ssm_states))
+
+
+class Generator:
+    """Prefill + cached decode of a lowered graph for a fixed batch size.
+
+    `prefill(input_ids [B, L])` returns logits `[B, L, V]` and fills the cache; `decode(tokens [B])`
+    returns the next logits `[B, V]`; `generate(input_ids, n)` is greedy decoding. `cuda_graph`
+    (default: on for CUDA models) replays the decode step from a CUDA graph captured on first use.
+    """
+
+    def __init__(self, lowered: torch.fx.GraphModule, batch_size: int, cuda_graph: bool | None = None):
+        if not lowered.meta.get("quamba", {}).get("lowered"):
+            raise InputError("Generator needs a lowered graph: quamba_fx.lower(quamba_fx.quantize(...))")
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.prefill_graph = cached_graph(lowered, decode=False)
+        self.decode_graph = cached_graph(lowered, decode=True)
+        self.device = next(iter(lowered.buffers())).device
+        self.cache = MambaCache.allocate(lowered, batch_size, self.device)
+        self.use_cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.use_cuda_graph and self.device.type != "cuda":
+            raise InputError("cuda_graph=True needs the model on a CUDA device")
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static_ids: torch.Tensor | None = None
+        self._static_logits: torch.Tensor | None = None
+
+    def _check_ids(self, input_ids: torch.Tensor, length: int | None = None) -> None:
+        if input_ids.dim() != 2 or input_ids.shape[0] != self.batch_size:
+            raise InputError(f"expected token ids of shape [{self.batch_size}, L], got {tuple(input_ids.shape)}")
+        if length is not None and input_ids.shape[1] != length:
+            raise InputError(f"expected {length} token(s) per row, got {input_ids.shape[1]}")
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt from an empty cache; returns logits `[B, L, V]` and fills the cache."""
+        self._check_ids(input_ids)
+        self.cache.zero_()
+        return self.prefill_graph(input_ids.to(self.device), self.cache.conv_states, self.cache.ssm_states)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One step: `tokens [B]` (the last tokens) -> logits `[B, V]`; advances the cache."""
+        ids = tokens.reshape(self.batch_size, 1).to(self.device)
+        if not self.use_cuda_graph:
+            return self.decode_graph(ids, self.cache.conv_states, self.cache.ssm_states)[:, -1]
+        if self._graph is None:
+            self._capture(ids)
+        self._static_ids.copy_(ids)
+        self._graph.replay()
+        return self._static_logits[:, -1]
+
+    def _capture(self, ids: torch.Tensor) -> None:
+        # Warm-up runs (Triton autotuning and compilation) change the cache: restore it after.
+        saved = self.cache.clone()
+        self._static_ids = ids.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.decode_graph(self._static_ids, self.cache.conv_states, self.cache.ssm_states)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.cache.copy_(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._static_logits = self.decode_graph(self._static_ids, self.cache.conv_states, self.cache.ssm_states)
+        self._graph = graph
+        # Capture records without running: the cache still holds the state before this step.
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: returns `[B, L + max_new_tokens]` token ids (prompt included)."""
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        input_ids = input_ids.to(self.device)
+        logits = self.prefill(input_ids)[:, -1]
+        tokens = [input_ids]
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(dim=-1)
+            tokens.append(nxt[:, None])
+            if step + 1 < max_new_tokens:
+                logits = self.decode(nxt)
+        return torch.cat(tokens, dim=1)

@@ -1,0 +1,182 @@
+"""Lowering the W8A8 graph to kernel ops, and cached generation through the lowered graph.
+
+Under TRITON_INTERPRET=1 (the README's test command) the kernel ops run the Triton kernels on CPU;
+otherwise they run the kernels' references. Either way the lowered graph must compute what the
+reference W8A8 graph computes, and cached decoding must reproduce full recomputation.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import quamba_fx
+from quamba_fx import textdata
+from quamba_fx.graph_info import op_name
+from quamba_fx.quant.linear import QuantizedLinear
+from quamba_fx.runtime import MambaCache
+
+from .conftest import make_model, tiny_config
+
+KERNEL_OPS = {"w8a8_linear", "selective_scan_int8", "hadamard_quantize", "add_rmsnorm_quantize", "conv1d_silu_int8"}
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized():
+    model = make_model(tiny_config(vocab_size=64, num_hidden_layers=2))
+    torch.manual_seed(1)
+    calib = [torch.randint(0, 64, (2, 24))]
+    return quamba_fx.quantize(model, calib, progress=False)
+
+
+@pytest.fixture(scope="module")
+def bytes_quantized():
+    model = quamba_fx.load_model("mamba-bytes-wt2")
+    valid = textdata.load_bytes(textdata.find_wikitext("valid"))
+    calib = textdata.chunk_sequences(valid, 256, num_sequences=8)
+    return quamba_fx.quantize(model, calib.split(4), progress=False)
+
+
+# The Triton interpreter runs a kernel program at numpy speed: the real-text tests keep to a few
+# hundred bytes so the suite stays fast under TRITON_INTERPRET=1.
+
+
+@pytest.fixture(scope="module")
+def test_windows():
+    return textdata.chunk_sequences(textdata.load_bytes(textdata.find_wikitext("test")), 96, num_sequences=2)
+
+
+def ops_by_block(gm: torch.fx.GraphModule) -> dict:
+    counts: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            key = (node.meta.get("quamba", {}).get("block"), op_name(node))
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_every_reference_op_is_replaced_by_one_kernel_per_block(tiny_quantized):
+    low = quamba_fx.lower(tiny_quantized)
+    names = {op_name(n) for n in low.graph.nodes if n.op == "call_function"}
+    assert not names & {"int8_linear", "selective_scan", "hadamard", "quantize", "dequantize", "exp", "neg"}
+    assert not any(isinstance(m, QuantizedLinear) for n in low.graph.nodes if n.op == "call_module"
+                   for m in [low.get_submodule(n.target)])
+    counts = ops_by_block(low)
+    for b in range(2):
+        assert counts[(b, "w8a8_linear")] == 4  # in_proj, x_proj, dt_proj, out_proj
+        for op in ("conv1d_silu_int8", "selective_scan_int8", "hadamard_quantize", "add_rmsnorm_quantize"):
+            assert counts[(b, op)] == 1, op
+    assert counts[(None, "add_rmsnorm_quantize")] == 1  # norm_f
+    quamba_fx.verify_topology(low)
+    # The input graph is untouched.
+    assert any(op_name(n) == "selective_scan" for n in tiny_quantized.graph.nodes)
+
+
+def test_dump_names_the_kernel_of_each_node(tiny_quantized):
+    low = quamba_fx.lower(tiny_quantized)
+    text = quamba_fx.dump(low, block=0)
+    assert text.splitlines()[0].split()[-1] == "kernel"
+    for kernel in ("triton:int8_gemm", "triton:selective_scan_int8", "triton:hadamard_quantize",
+                   "triton:add_rmsnorm_quantize", "triton:conv1d_silu_int8"):
+        assert kernel in text
+    records = json.loads(quamba_fx.dump(low, format="json"))["nodes"]
+    kernels = {r["annotations"].get("kernel") for r in records if r["target"].startswith("torch.ops.quamba")}
+    assert "triton:int8_gemm" in kernels
+    # Graphs that are not lowered keep the narrower table.
+    assert "kernel" not in quamba_fx.dump(tiny_quantized).splitlines()[0]
+
+
+def test_fp16_lowering_stays_close_to_the_reference_graph(tiny_quantized):
+    # fp16 scan and out_proj outputs perturb values right before they are requantized, which
+    # re-rolls some int8 roundings: the error is of the order of the quantization noise (on
+    # mamba-bytes-wt2, 16 x 512 bytes of test.txt: bits/byte 0.08% from the reference), so the
+    # bound is looser than fp32's but still catches a wrong kernel or layout.
+    low = quamba_fx.lower(tiny_quantized)
+    assert low.lm_head.weight.dtype == torch.float16
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref, got = tiny_quantized(ids), low(ids)
+    assert got.dtype == torch.float32
+    assert (got - ref).norm() / ref.norm() < 0.05
+
+
+@pytest.mark.parametrize("length", [1, 5, 17])
+def test_fp32_lowering_matches_the_reference_graph(tiny_quantized, length):
+    low = quamba_fx.lower(tiny_quantized, dtype=torch.float32)
+    ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        ref, got = tiny_quantized(ids), low(ids)
+    # Kernels round differently (scan exp/log1p, Hadamard summation order: at most one int8 step
+    # here and there), so compare logits relative to their size.
+    assert (got - ref).norm() / ref.norm() < 0.02
+
+
+@pytest.mark.slow
+def test_lowered_bits_per_byte_within_a_tenth_of_a_percent(bytes_quantized, test_windows):
+    # fp32 between kernels: what is left is the kernels' own rounding (scan exp/log1p, Hadamard
+    # summation order), each flipping an int8 rounding here and there.
+    low = quamba_fx.lower(bytes_quantized, dtype=torch.float32)
+    result = quamba_fx.evaluate(low, test_windows, bytes_quantized, batch_size=2, progress=False)
+    assert abs(result.bits_per_byte / result.reference_bits_per_byte - 1) < 1e-3, result
+    assert result.top1_agreement > 0.98
+
+
+@pytest.mark.slow
+def test_cached_greedy_decoding_equals_full_recomputation(bytes_quantized, test_windows):
+    low = quamba_fx.lower(bytes_quantized)
+    prompt = test_windows[:2, :24]
+    out = quamba_fx.Generator(low, batch_size=2).generate(prompt, 8)
+    ref = prompt
+    with torch.no_grad():
+        for _ in range(8):  # the reference W8A8 graph, rerun over the whole prefix
+            ref = torch.cat([ref, bytes_quantized(ref)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, ref), (bytes(out[0].tolist()), bytes(ref[0].tolist()))
+
+
+def test_decode_step_logits_equal_the_prefill_of_the_longer_sequence(tiny_quantized):
+    low = quamba_fx.lower(tiny_quantized)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    gen = quamba_fx.Generator(low, batch_size=2)
+    with torch.no_grad():
+        gen.prefill(ids[:, :6])
+        steps = [gen.decode(ids[:, t]) for t in range(6, 9)]
+        full = low(ids)
+    for i, logits in enumerate(steps):
+        torch.testing.assert_close(logits, full[:, 6 + i], rtol=1e-3, atol=1e-3)
+
+
+def test_cache_shapes_and_reset(tiny_quantized):
+    low = quamba_fx.lower(tiny_quantized)
+    cache = MambaCache.allocate(low, batch_size=3)
+    config = tiny_config()
+    d_inner = config.hidden_size * config.expand
+    assert [tuple(s.shape) for s in cache.conv_states] == [(3, d_inner, config.conv_kernel - 1)] * 2
+    assert [tuple(s.shape) for s in cache.ssm_states] == [(3, d_inner, config.state_size)] * 2
+    assert cache.conv_states[0].dtype == torch.int8 and cache.ssm_states[0].dtype == torch.float32
+    gen = quamba_fx.Generator(low, batch_size=1)
+    gen.prefill(torch.randint(0, 64, (1, 7)))
+    assert any(bool(s.abs().sum() > 0) for s in gen.cache.ssm_states)
+    gen.prefill(torch.zeros(1, 1, dtype=torch.long))  # a new prompt starts from an empty cache
+    first = gen.cache.clone()
+    gen.cache.zero_()
+    gen.prefill(torch.zeros(1, 1, dtype=torch.long))
+    assert all(torch.equal(a, b) for a, b in zip(first.ssm_states, gen.cache.ssm_states))
+
+
+def test_clear_errors(tiny_quantized):
+    float_graph = quamba_fx.capture(make_model(tiny_config(vocab_size=64)))
+    with pytest.raises(ValueError, match="quantized graph"):
+        quamba_fx.lower(float_graph)
+    with pytest.raises(quamba_fx.InputError, match="lowered graph"):
+        quamba_fx.Generator(tiny_quantized, batch_size=1)
+    low = quamba_fx.lower(tiny_quantized)
+    with pytest.raises(quamba_fx.InputError, match="batch_size"):
+        quamba_fx.Generator(low, batch_size=0)
+    gen = quamba_fx.Generator(low, batch_size=2)
+    with pytest.raises(quamba_fx.InputError, match=r"\[2, L\]"):
+        gen.prefill(torch.zeros(3, 4, dtype=torch.long))
+    if not torch.cuda.is_available():
+        with pytest.raises(quamba_fx.InputError, match="CUDA"):
+            quamba_fx.Generator(low, batch_size=1, cuda_graph=True)
