@@ -22,23 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+from gpu_timing import graphed, require_gpu, time_all
 import torch.nn.functional as F
 
 PREFILL_SHAPES = [(1, 1536, 2048), (8, 5120, 2048), (1, 1536, 128)]
 DECODE_SHAPES = [(64, 5120)]
 TARGET_FRACTION = 0.70  # of copy bandwidth, on (8, 5120, 2048)
 DEVICE = "cuda"
-
-
-def _fail(msg: str) -> None:
-    print(f"benchmarks/conv1d.py: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,14 +69,6 @@ def fp16_decode(x16: torch.Tensor, state16: torch.Tensor, weight16: torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------
-
-
-def _time_ms(fn: Callable[[], object]) -> float:
-    import triton.testing
-
-    fn()  # compile / autotune outside the timed region
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
 def _maybe_compile(fn: Callable, enabled: bool) -> Optional[Callable]:
@@ -135,13 +122,13 @@ def bench_prefill(B: int, D: int, L: int, W: int, compile_: bool, gen: torch.Gen
     }
     # Host launch cost is part of what a caller pays per call, but at small shapes it hides the
     # kernel: the CUDA-graph rows separate the two.
-    fns["ours graph"] = _graphed(fns["ours"])
-    fns["fp16 graph"] = _graphed(fns["fp16 eager"])
+    fns["ours graph"] = graphed(fns["ours"])
+    fns["fp16 graph"] = graphed(fns["fp16 eager"])
     compiled = _maybe_compile(int8_pipeline, compile_)
     if compiled is not None:
         fns["int8 compile"] = lambda: compiled(x_q, x_scale, weight, bias, out_scale)
     return {"kind": "prefill", "shape": [B, D, L], "W": W, "bytes": 2 * B * D * L, "check": check,
-            "ms": _time_all(fns)}
+            "ms": time_all(fns)}
 
 
 def bench_decode(B: int, D: int, W: int, compile_: bool, gen: torch.Generator) -> Dict:
@@ -177,37 +164,13 @@ def bench_decode(B: int, D: int, W: int, compile_: bool, gen: torch.Generator) -
         "int8 eager": lambda: int8_decode_pipeline(x_q, state_pipe, x_scale, weight, bias, out_scale),
         "copy": lambda: dst.copy_(src),
     }
-    fns["ours graph"] = _graphed(fns["ours"])
-    fns["fp16 graph"] = _graphed(fns["fp16 eager"])
+    fns["ours graph"] = graphed(fns["ours"])
+    fns["fp16 graph"] = graphed(fns["fp16 eager"])
     compiled = _maybe_compile(int8_decode_pipeline, compile_)
     if compiled is not None:
         fns["int8 compile"] = lambda: compiled(x_q, state_pipe, x_scale, weight, bias, out_scale)
     return {"kind": "decode", "shape": [B, D, 1], "W": W, "bytes": 2 * B * D, "check": check,
-            "ms": _time_all(fns)}
-
-
-def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` captured once in a CUDA graph; the replay times the kernels without host launch cost."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up outside the capture: autotuning and compilation happen here
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def _time_all(fns: Dict[str, Callable[[], object]]) -> Dict[str, Optional[float]]:
-    ms: Dict[str, Optional[float]] = {}
-    for name, fn in fns.items():
-        try:
-            ms[name] = _time_ms(fn)
-        except Exception as exc:  # e.g. Inductor failing: report it, keep the other rows
-            print(f"  [{name}] failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
-            ms[name] = None
-    return ms
+            "ms": time_all(fns)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,16 +217,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--width", type=int, default=4, choices=[2, 3, 4], help="conv kernel width W")
     args = parser.parse_args(argv)
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        _fail("TRITON_INTERPRET=1 is set; unset it, the benchmark must run compiled kernels")
-    if not torch.cuda.is_available():
-        _fail("no CUDA device found (torch.cuda.is_available() is False); this benchmark needs a GPU")
-
-    # Run from a checkout without installing the package.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    dev_name = require_gpu("conv1d.py")
     import triton
 
-    dev_name = torch.cuda.get_device_name()
     print(f"device: {dev_name}  torch {torch.__version__}  triton {triton.__version__}  W={args.width}\n")
     gen = torch.Generator().manual_seed(0)
     results = []

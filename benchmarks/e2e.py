@@ -19,7 +19,6 @@ activations look like a trained model's), all in one run:
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+from gpu_timing import graphed, require_gpu, time_all
 import torch.nn.functional as F
 
 # name -> (K, N) of nn.Linear(K, N), Mamba's per-block projections.
@@ -51,46 +51,6 @@ DEFAULT_M = [1, 16, 2048, 16384]
 CHECK_ROWS = 256
 DEVICE = "cuda"
 OUT_DTYPES = {"int8": torch.int8, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _fail(msg: str) -> None:
-    print(f"benchmarks/gemm.py: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _time_ms(fn: Callable[[], object]) -> float:
-    import triton.testing
-
-    fn()  # compile / autotune outside the timed region
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` captured once in a CUDA graph; the replay times the kernels without host launch cost."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up outside the capture: autotuning and compilation happen here
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def _time_all(fns: Dict[str, Optional[Callable[[], object]]]) -> Dict[str, Optional[float]]:
-    ms: Dict[str, Optional[float]] = {}
-    for name, fn in fns.items():
-        if fn is None:
-            ms[name] = None
-            continue
-        try:
-            ms[name] = _time_ms(fn)
-        except Exception as exc:  # e.g. _int_mm refusing a shape: report it, keep the other rows
-            print(f"  [{name}] failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
-            ms[name] = None
-    return ms
 
 
 def _int_mm_ok(M: int, K: int, N: int) -> bool:
@@ -138,9 +98,9 @@ def bench_one(name: str, M: int, K: int, N: int, out: str, graph: bool, gen: tor
     }
     if graph:
         for key in list(fns):
-            fns[key + " graph"] = _graphed(fns[key]) if fns[key] is not None else None
+            fns[key + " graph"] = graphed(fns[key]) if fns[key] is not None else None
     host_us = _host_us(fns["ours"]) if M == 1 else None
-    return {"name": name, "M": M, "K": K, "N": N, "out": out, "check": check, "ms": _time_all(fns),
+    return {"name": name, "M": M, "K": K, "N": N, "out": out, "check": check, "ms": time_all(fns, rep=100),
             "host_us_per_call": host_us}
 
 
@@ -253,16 +213,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also cProfile 300 host calls of int8_gemm at M=1")
     args = parser.parse_args(argv)
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        _fail("TRITON_INTERPRET=1 is set; unset it, the benchmark must run compiled kernels")
-    if not torch.cuda.is_available():
-        _fail("no CUDA device found (torch.cuda.is_available() is False); this benchmark needs a GPU")
-
-    # Run from a checkout without installing the package.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    dev_name = require_gpu("gemm.py")
     import triton
 
-    dev_name = torch.cuda.get_device_name()
     print(f"device: {dev_name}  torch {torch.__version__}  triton {triton.__version__}  out={args.out}\n")
     gen = torch.Generator().manual_seed(0)
     results = []

@@ -29,21 +29,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+from gpu_timing import graphed, require_gpu, time_all
 
 DEFAULT_SHAPES: List[Tuple[int, int]] = [(1, 5120), (16, 5120), (16384, 5120), (16384, 2560)]
 DEVICE = "cuda"
 EPS = 1e-5
-
-
-def _fail(msg: str) -> None:
-    print(f"benchmarks/hadamard_norm.py: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _parse_shape(text: str) -> Tuple[int, int]:
@@ -59,38 +54,6 @@ def _parse_shape(text: str) -> Tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------
-
-
-def _time_ms(fn: Callable[[], object]) -> float:
-    import triton.testing
-
-    fn()  # compile outside the timed region
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-
-
-def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` captured once in a CUDA graph; the replay times the kernels without host launch cost."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up outside the capture: compilation happens here
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def _time_all(fns: Dict[str, Callable[[], object]]) -> Dict[str, Optional[float]]:
-    ms: Dict[str, Optional[float]] = {}
-    for name, fn in fns.items():
-        try:
-            ms[name] = _time_ms(fn)
-        except Exception as exc:  # report it, keep the other rows
-            print(f"  [{name}] failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
-            ms[name] = None
-    return ms
 
 
 def _int8_check(got: torch.Tensor, want: torch.Tensor) -> Dict[str, int]:
@@ -138,9 +101,9 @@ def bench_hadamard(rows: int, n: int, graph: bool, gen: torch.Generator) -> Dict
         "copy": lambda: dst.copy_(src),
     }
     if graph:
-        fns["ours graph"] = _graphed(fns["ours"])
+        fns["ours graph"] = graphed(fns["ours"])
     return {"kernel": "hadamard_quantize", "shape": [rows, n], "bytes": nbytes, "check": check,
-            "ms": _time_all(fns)}
+            "ms": time_all(fns)}
 
 
 def bench_norm(rows: int, h: int, graph: bool, gen: torch.Generator) -> Dict:
@@ -168,9 +131,9 @@ def bench_norm(rows: int, h: int, graph: bool, gen: torch.Generator) -> Dict:
         "copy": lambda: dst.copy_(src),
     }
     if graph:
-        fns["ours graph"] = _graphed(fns["ours"])
+        fns["ours graph"] = graphed(fns["ours"])
     return {"kernel": "add_rmsnorm_quantize", "shape": [rows, h], "bytes": nbytes, "check": check,
-            "ms": _time_all(fns)}
+            "ms": time_all(fns)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,16 +183,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", choices=["hadamard", "norm"], help="time one kernel only")
     args = parser.parse_args(argv)
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        _fail("TRITON_INTERPRET=1 is set; unset it, the benchmark must run compiled kernels")
-    if not torch.cuda.is_available():
-        _fail("no CUDA device found (torch.cuda.is_available() is False); this benchmark needs a GPU")
-
-    # Run from a checkout without installing the package.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    dev_name = require_gpu("hadamard_norm.py")
     import triton
 
-    dev_name = torch.cuda.get_device_name()
     print(f"device: {dev_name}  torch {torch.__version__}  triton {triton.__version__}\n")
     gen = torch.Generator().manual_seed(0)
     results = []

@@ -237,7 +237,7 @@ def test_ties_round_half_to_even(use_kernel):
     device = DEVICE if use_kernel else "cpu"
     fn = causal_conv1d_silu_int8 if use_kernel else causal_conv1d_silu_int8_reference
     xs_int = torch.arange(34, 128, dtype=torch.int8)  # 17.0, 17.5, ..., 63.5
-    D, L = 1, xs_int.numel()
+    L = xs_int.numel()
     x = xs_int.view(1, 1, L).to(device)
     w = torch.tensor([[0.0, 1.0]], device=device)  # y[t] = x[t] * x_scale
     out = fn(x, scale(0.5, device), w, None, scale(1.0, device))

@@ -1,0 +1,70 @@
+"""What every GPU micro-benchmark here shares: the device check, do_bench timing, CUDA-graph rows.
+
+Scripts import it as `from gpu_timing import ...` (they are run as `python benchmarks/<name>.py`,
+which puts this folder on sys.path).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+
+def fail(script: str, msg: str) -> None:
+    print(f"benchmarks/{script}: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def require_gpu(script: str) -> str:
+    """Exit with a clear message unless compiled kernels can run on CUDA; returns the device name.
+
+    Also puts the checkout on sys.path, so the benchmarks run without installing the package.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        fail(script, "TRITON_INTERPRET=1 is set; unset it, the benchmark must run compiled kernels")
+    if not torch.cuda.is_available():
+        fail(script, "no CUDA device found (torch.cuda.is_available() is False); this benchmark needs a GPU")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    return torch.cuda.get_device_name()
+
+
+def time_ms(fn: Callable[[], object], rep: int = 200) -> float:
+    """Median of `triton.testing.do_bench` (L2 flushed between repetitions), after one warm-up call
+    so that compilation and autotuning stay outside the timed region."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` captured once in a CUDA graph; the replay times the kernels without host launch cost."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up outside the capture: autotuning and compilation happen here
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def time_all(fns: Dict[str, Optional[Callable[[], object]]], rep: int = 200) -> Dict[str, Optional[float]]:
+    """`time_ms` of each function; a failing or absent (None) one becomes a None row, reported."""
+    ms: Dict[str, Optional[float]] = {}
+    for name, fn in fns.items():
+        if fn is None:
+            ms[name] = None
+            continue
+        try:
+            ms[name] = time_ms(fn, rep)
+        except Exception as exc:  # e.g. Inductor or _int_mm refusing a shape: keep the other rows
+            print(f"  [{name}] failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+            ms[name] = None
+    return ms
