@@ -20,11 +20,12 @@ import torch.fx
 from .capture import annotate_shapes, capture
 from .checkpoint import from_pretrained, is_quamba_checkpoint
 from .dump import FORMATS, dump, write_dump
-from .errors import QuambaError
+from .errors import InputError, QuambaError
 from .graph_info import block, is_kind
 from .evaluate import EvalResult, evaluate
 from .models import BUILTIN_SHAPES, DEFAULT_MODEL, PACKAGED_MODELS, load_model
 from .passes.fuse_conv import fuse
+from .passes.lower import lower
 from .passes.verify import verify_topology
 from .recipe import RECIPE_NAMES, make_recipe
 from .textdata import chunk_sequences, find_wikitext, load_bytes
@@ -53,6 +54,8 @@ def load_graph(source: str, device: str | None = None, example_shape: tuple[int,
 
 def cmd_dump(args: argparse.Namespace) -> int:
     gm = load_graph(args.model, args.device, (args.batch, args.seq_len))
+    if args.kernels:
+        gm = _lowered(gm, args.model)
     verify_topology(gm)
     if args.out:
         path = write_dump(gm, args.out, args.format, args.block)
@@ -203,43 +206,89 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lowered(gm: torch.fx.GraphModule, name: str) -> torch.fx.GraphModule:
+    """`--kernels`: the graph lowered to the Triton kernel ops (quantized graphs only)."""
+    if not gm.meta["quamba"].get("recipe"):
+        raise InputError(f"--kernels runs the W8A8 kernels: {name} is a float model; quantize it first "
+                         "(quamba-fx quantize ... --out DIR) and pass the checkpoint directory")
+    return lower(gm)
+
+
+def _synchronized_seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    gm = load_graph(args.model, device="cpu").to(device)
+    gm = load_graph(args.model, device="cpu")
+    if args.kernels:
+        gm = _lowered(gm, args.model)
+    gm = gm.to(device)
     vocab = gm.meta["quamba"]["hf_config"]["vocab_size"]
     generator = torch.Generator().manual_seed(0)
+    kind = "W8A8 kernels" if args.kernels else f"recipe {gm.meta['quamba'].get('recipe') or 'float'}"
     print(f"{args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"recipe {gm.meta['quamba'].get('recipe') or 'float'}; median of {args.repeats} after 1 warm-up")
+          f"{kind}; median of {args.repeats} after 1 warm-up")
     print(f"{'batch':>5} {'seq':>6} {'ms':>10} {'tokens/s':>10}")
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=generator).to(device)
-    times = []
     with torch.no_grad():
-        for _ in range(args.repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            gm(ids)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - started)
+        times = [_synchronized_seconds(lambda: gm(ids), device) for _ in range(args.repeats + 1)]
     median = statistics.median(times[1:])  # the first call is the warm-up
     print(f"{args.batch:>5} {args.seq_len:>6} {median * 1e3:>10.2f} {args.batch * args.seq_len / median:>10.0f}")
+    if args.kernels and args.decode_steps > 0:
+        from .runtime import Generator
+
+        runner = Generator(gm, args.batch)
+        with torch.no_grad():
+            token = runner.prefill(ids)[:, -1].argmax(-1)
+            token = runner.decode(token).argmax(-1)  # warm-up (and CUDA-graph capture)
+
+            def steps():
+                nonlocal token
+                for _ in range(args.decode_steps):
+                    token = runner.decode(token).argmax(-1)
+
+            seconds = _synchronized_seconds(steps, device)
+        graph = " (CUDA graph)" if runner.use_cuda_graph else ""
+        print(f"decode{graph}: {args.decode_steps} steps at batch {args.batch}, "
+              f"{seconds / args.decode_steps * 1e3:.2f} ms/step, {args.batch * args.decode_steps / seconds:.0f} tokens/s")
     print(f"state dict: {state_bytes(gm) / 1e6:.2f} MB")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import generate_text
+    from .generation import decode_bytes, encode_bytes, generate_text
 
     gm = load_graph(args.model, device="cpu")
     started = time.perf_counter()
-    text = generate_text(gm, args.prompt, args.max_new_tokens, do_sample=args.sample,
-                         temperature=args.temperature if args.sample else None,
-                         top_k=args.top_k if args.sample else None, seed=args.seed)
+    if args.kernels:
+        from .runtime import Generator
+
+        if args.sample:
+            raise InputError("--kernels decodes greedily; drop --sample (or --kernels)")
+        device = torch.device(args.device)
+        runner = Generator(_lowered(gm, args.model).to(device), batch_size=1)
+        prompt = torch.tensor([encode_bytes(args.prompt)], dtype=torch.long)
+        if prompt.shape[1] == 0:
+            raise InputError("prompt is empty: byte-level generation needs at least one byte to continue")
+        tokens = runner.generate(prompt, args.max_new_tokens)[0, prompt.shape[1]:].tolist()
+        text = decode_bytes(tokens)
+        how = f"W8A8 kernels on {device}, decode cache"
+    else:
+        text = generate_text(gm, args.prompt, args.max_new_tokens, do_sample=args.sample,
+                             temperature=args.temperature if args.sample else None,
+                             top_k=args.top_k if args.sample else None, seed=args.seed)
+        how = (f"recipe {gm.meta['quamba'].get('recipe') or 'float'}; no decode cache: each step reruns "
+               "the prefix (--kernels decodes from a cache)")
     elapsed = time.perf_counter() - started
     print(args.prompt + text)
-    print(f"({len(text.encode())} bytes in {elapsed:.1f} s, recipe {gm.meta['quamba'].get('recipe') or 'float'}; "
-          "no decode cache yet: each step reruns the prefix)", file=sys.stderr)
+    print(f"({len(text.encode())} bytes in {elapsed:.1f} s, {how})", file=sys.stderr)
     return 0
 
 
@@ -302,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest bytes (default: 50)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.add_argument("--kernels", action="store_true",
+                     help="a quantized checkpoint on the W8A8 kernels with a decode cache (greedy)")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="with --kernels: cpu or cuda (default: cuda when available)")
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="time a forward pass (prefill) of a model or checkpoint")
@@ -311,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
     bench.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (default: 5)")
+    bench.add_argument("--kernels", action="store_true",
+                       help="lower a quantized checkpoint to the W8A8 kernels first, and time cached decode")
+    bench.add_argument("--decode-steps", type=int, default=32, help="with --kernels: decode steps to time (default: 32)")
     bench.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("dump", help="print or write the captured graph as text, json, dot or svg")
@@ -322,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to build the model: 'meta' (shapes only; default for built-in names) or 'cpu'")
     d.add_argument("--batch", type=int, default=1, help="batch of the example input for shapes (default: 1)")
     d.add_argument("--seq-len", type=int, default=8, help="length of the example input for shapes (default: 8)")
+    d.add_argument("--kernels", action="store_true",
+                   help="dump a quantized checkpoint lowered to the kernel ops (adds a kernel column)")
     d.set_defaults(func=cmd_dump)
     return parser
 

@@ -105,7 +105,8 @@ class Generator:
             self._capture(ids)
         self._static_ids.copy_(ids)
         self._graph.replay()
-        return self._static_logits[:, -1]
+        # A copy: the graph's output buffer is overwritten by the next replay.
+        return self._static_logits[:, -1].clone()
 
     def _capture(self, ids: torch.Tensor) -> None:
         # Warm-up runs (Triton autotuning and compilation) change the cache: restore it after.

@@ -121,3 +121,26 @@ def test_generate_continues_a_prompt(checkpoint, capsys):
     assert "12 bytes" in captured.err or "bytes in" in captured.err
     assert main(["generate", "mamba-130m", "--prompt", "x", "--max-new-tokens", "1"]) == 1
     assert "byte-level" in capsys.readouterr().err
+
+
+def test_kernels_flag_lowers_a_checkpoint(checkpoint, capsys):
+    prompt = ["--prompt", "The city", "--max-new-tokens", "6"]
+    assert main(["generate", str(checkpoint), *prompt]) == 0
+    reference = capsys.readouterr().out
+    assert main(["generate", str(checkpoint), *prompt, "--kernels", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == reference  # greedy from the decode cache = greedy by recomputation
+    assert "decode cache" in captured.err
+    assert main(["bench", str(checkpoint), "--device", "cpu", "--seq-len", "8", "--repeats", "1", "--kernels",
+                 "--decode-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "W8A8 kernels" in out and "decode: 2 steps at batch 1" in out
+    assert main(["dump", str(checkpoint), "--kernels", "--block", "0"]) == 0
+    assert "triton:selective_scan_int8" in capsys.readouterr().out
+
+
+def test_kernels_flag_refuses_float_models_and_sampling(checkpoint, capsys):
+    assert main(["bench", "mamba-tiny", "--device", "cpu", "--kernels"]) == 1
+    assert "is a float model; quantize it first" in capsys.readouterr().err
+    assert main(["generate", str(checkpoint), "--prompt", "x", "--kernels", "--sample", "--device", "cpu"]) == 1
+    assert "--kernels decodes greedily" in capsys.readouterr().err
