@@ -5,10 +5,10 @@
 sampling (temperature / top-k / top-p), beam search, logits processors, stopping criteria,
 streamers and eos handling behave exactly as for `MambaForCausalLM`.
 
-There is no KV/SSM cache yet: every decoding step reruns the graph over the whole sequence so far,
-so generating N tokens after a prompt of P costs about N forward passes of length P..P+N. The
-wrapper tells `generate` not to build a cache and hands the full prefix to every forward; a cached
-decode path comes with a later issue.
+This wrapper keeps no SSM cache: every decoding step reruns the graph over the whole sequence so
+far, so generating N tokens after a prompt of P costs about N forward passes of length P..P+N. The
+wrapper tells `generate` not to build a cache and hands the full prefix to every forward. Cached
+greedy decoding on the W8A8 kernels is `quamba_fx.runtime.Generator` (on a lowered graph).
 
 `generate_text` is the string-in, string-out convenience for byte-level models (vocab 256, one
 token per UTF-8 byte), which need no tokenizer.
