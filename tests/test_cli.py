@@ -124,14 +124,14 @@ def test_generate_continues_a_prompt(checkpoint, capsys):
 
 
 def test_kernels_flag_lowers_a_checkpoint(checkpoint, capsys):
-    prompt = ["--prompt", "The city", "--max-new-tokens", "6"]
+    prompt = ["--prompt", "The city", "--max-new-tokens", "3"]
     assert main(["generate", str(checkpoint), *prompt]) == 0
     reference = capsys.readouterr().out
     assert main(["generate", str(checkpoint), *prompt, "--kernels", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert captured.out == reference  # greedy from the decode cache = greedy by recomputation
     assert "decode cache" in captured.err
-    assert main(["bench", str(checkpoint), "--device", "cpu", "--seq-len", "8", "--repeats", "1", "--kernels",
+    assert main(["bench", str(checkpoint), "--device", "cpu", "--seq-len", "4", "--repeats", "1", "--kernels",
                  "--decode-steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "W8A8 kernels" in out and "decode: 2 steps at batch 1" in out

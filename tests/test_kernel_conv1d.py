@@ -135,6 +135,19 @@ def test_prefill_matches_reference(case):
 
 
 @needs_kernel
+def test_model_sized_prefill_matches_reference():
+    # Model-sized shapes take another tile (under the interpreter, a wide one that keeps
+    # model-level tests affordable): same contract, ragged last L tile, initial state.
+    case = dict(B=2, D=520, L=70, W=4, layout="inproj", has_bias=True, has_state=True, seed=5,
+                x_scale=0.03, out_scale=0.02)
+    x, xs, w, b, os_, s0 = build(case, DEVICE)
+    out, final = causal_conv1d_silu_int8(x, xs, w, b, os_, s0, return_final_state=True)
+    ref, ref_final = causal_conv1d_silu_int8_reference(x, xs, w, b, os_, s0, return_final_state=True)
+    assert_int8_match(out, ref)
+    assert torch.equal(final, ref_final)
+
+
+@needs_kernel
 @settings(max_examples=30, **SETTINGS)
 @given(case=cases(max_l=30), data=st.data())
 def test_chunked_prefill_equals_whole(case, data):

@@ -139,8 +139,11 @@ def _tap_scale(w_ptr, offs_d, mask_d, stride_wd, stride_wk, x_scale, k: tl.const
 def _prefill_configs():
     if _INTERPRET:
         # Small tiles keep the numpy blocks cheap, and the test shapes still span several D and
-        # L tiles, so halos across tiles and ragged edges are exercised. One config: no tuning.
-        return [triton.Config({"BLOCK_D": 64, "BLOCK_L": 8}, num_warps=1)]
+        # L tiles, so halos across tiles and ragged edges are exercised. Model-sized inputs take a
+        # wide tile (the interpreter pays per operation, not per element); `_interpreter_pick`
+        # leaves one config per shape: no tuning.
+        return [triton.Config({"BLOCK_D": 64, "BLOCK_L": 8}, num_warps=1),
+                triton.Config({"BLOCK_D": 512, "BLOCK_L": 16}, num_warps=1)]
     # BLOCK_D / (32 * num_warps) channels per thread (4..16 bytes per access); BLOCK_L steps per
     # program trade the W-1 halo rows re-read per tile against the number of programs.
     return [
@@ -156,7 +159,15 @@ def _prefill_configs():
     ]
 
 
-@triton.autotune(configs=_prefill_configs(), key=["D", "L_BUCKET", "W"])
+def _interpreter_pick(configs, named_args, **kwargs):
+    if not _INTERPRET:
+        return configs
+    wide = named_args["D"] >= 512 and named_args["L"] >= 64
+    return [c for c in configs if (c.kwargs["BLOCK_D"] == 512) == wide] or configs
+
+
+@triton.autotune(configs=_prefill_configs(), key=["D", "L_BUCKET", "W"],
+                 prune_configs_by={"early_config_prune": _interpreter_pick})
 # L == 1 would otherwise become a compile-time constant (and every new L % 16 class a new
 # specialisation); D stays specialised: D % 16 == 0 lets the D mask keep wide vector accesses.
 @triton.jit(do_not_specialize=["L", "L_BUCKET"])

@@ -164,9 +164,10 @@ _LARGE_CONFIGS = [  # prefill: compute bound, wgmma tiles
 def _configs() -> List[triton.Config]:
     if _INTERPRET:
         # Small tiles keep the numpy blocks cheap, and test shapes still span several M, N and K
-        # tiles (ragged edges, K tails, the GROUP_M swizzle's short last group). One config: no
-        # tuning.
-        return [_cfg(16, 32, 32, 4, 1, 1)]
+        # tiles (ragged edges, K tails, the GROUP_M swizzle's short last group). Model-sized
+        # problems take a wide tile: the interpreter pays per operation, not per element.
+        # `_interpreter_pick` leaves one config per problem: no tuning.
+        return [_cfg(16, 32, 32, 4, 1, 1), _cfg(64, 64, 64, 4, 1, 1)]
     return [_cfg(*c) for c in _DECODE_CONFIGS + _SMALL_CONFIGS + _LARGE_CONFIGS]
 
 
@@ -283,10 +284,15 @@ def _even_k(args: dict) -> bool:
     return args["K"] % args["BLOCK_K"] == 0
 
 
+def _interpreter_pick(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
+    wide = min(named_args["M_BUCKET"], named_args["N"], named_args["K"]) >= 128
+    return [c for c in configs if (c.kwargs["BLOCK_M"] == 64) == wide] or configs
+
+
 # The tuned entry: picks a config per (N, K, M bucket, tensor dtypes), then EVEN_K from it.
 _int8_gemm_kernel = triton.autotune(
     configs=_configs(), key=["N", "K", "M_BUCKET"],
-    prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": _interpreter_pick if _INTERPRET else _prune_configs},
 )(triton.heuristics({"EVEN_K": _even_k})(_int8_gemm_jit))
 
 # Launch fast path: once the autotuner has chosen a config for a problem, later calls launch the
