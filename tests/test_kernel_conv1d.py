@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import conv1d
+from quamba_fx.kernels import dispatch, conv1d
 from quamba_fx.kernels.conv1d import (
     causal_conv1d_silu_int8,
     causal_conv1d_silu_int8_reference,
@@ -27,16 +27,8 @@ from quamba_fx.kernels.conv1d import (
     causal_conv1d_update_silu_int8_reference,
 )
 
-if conv1d._INTERPRET:
-    DEVICE, EXACT = "cpu", True
-elif torch.cuda.is_available():
-    DEVICE, EXACT = "cuda", False
-else:
-    DEVICE, EXACT = None, False
+from .kernel_support import DEVICE, EXACT, needs_kernel
 
-needs_kernel = pytest.mark.skipif(
-    DEVICE is None, reason="Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before import)"
-)
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -202,7 +194,7 @@ def test_kernel_path_is_taken(monkeypatch):
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setattr(conv1d, "_INTERPRET", False)
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
     calls = []
     real = conv1d.causal_conv1d_silu_int8_reference
 

@@ -19,20 +19,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import gemm
+from quamba_fx.kernels import dispatch, gemm
 from quamba_fx.kernels.gemm import int8_gemm, int8_gemm_reference
 from quamba_fx.quant.qops import MAX_INT8_LINEAR_K
 
-if gemm._INTERPRET:
-    DEVICE, EXACT = "cpu", True
-elif torch.cuda.is_available():
-    DEVICE, EXACT = "cuda", False
-else:
-    DEVICE, EXACT = None, False
+from .kernel_support import DEVICE, EXACT, needs_kernel
 
-needs_kernel = pytest.mark.skipif(
-    DEVICE is None, reason="Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before import)"
-)
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -203,7 +195,7 @@ def test_fast_path_after_tuning(monkeypatch):
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setattr(gemm, "_INTERPRET", False)
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
     calls = []
     real = gemm.int8_gemm_reference
 

@@ -22,7 +22,7 @@ import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import hadamard
+from quamba_fx.kernels import dispatch, hadamard
 from quamba_fx.kernels.hadamard import (
     MAX_N,
     hadamard_quantize,
@@ -33,16 +33,8 @@ from quamba_fx.kernels.hadamard import (
 )
 from quamba_fx.quant.hadamard import _decompose, hadamard_matrix
 
-if hadamard._INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = None
+from .kernel_support import DEVICE, needs_kernel
 
-needs_kernel = pytest.mark.skipif(
-    DEVICE is None, reason="Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before import)"
-)
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # Sizes exercising every kernel path (see _mode): powers of two (no dense factor), tensor-core
@@ -216,7 +208,7 @@ def test_kernel_path_is_taken(monkeypatch):
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setattr(hadamard, "_INTERPRET", False)
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
     calls = []
     real = hadamard.hadamard_quantize_reference
 

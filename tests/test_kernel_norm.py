@@ -17,19 +17,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import norm
+from quamba_fx.kernels import dispatch, norm
 from quamba_fx.kernels.norm import add_rmsnorm_quantize, add_rmsnorm_quantize_reference
 
-if norm._INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    DEVICE = None
+from .kernel_support import DEVICE, needs_kernel
 
-needs_kernel = pytest.mark.skipif(
-    DEVICE is None, reason="Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before import)"
-)
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # Relative tolerance of a normed value stored as this dtype: a few fp32 ulps apart before the cast
@@ -203,7 +195,7 @@ def test_kernel_path_is_taken(monkeypatch):
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setattr(norm, "_INTERPRET", False)
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
     calls = []
     real = norm.add_rmsnorm_quantize_reference
 

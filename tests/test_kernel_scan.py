@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quamba_fx import ops as qops
-from quamba_fx.kernels import scan
+from quamba_fx.kernels import dispatch, scan
 from quamba_fx.kernels.scan import (
     selective_scan,
     selective_scan_int8_reference,
@@ -40,16 +40,8 @@ from quamba_fx.kernels.scan import (
     selective_state_update_reference,
 )
 
-if scan._INTERPRET:
-    DEVICE, EXACT = "cpu", True
-elif torch.cuda.is_available():
-    DEVICE, EXACT = "cuda", False
-else:
-    DEVICE, EXACT = None, False
+from .kernel_support import DEVICE, EXACT, needs_kernel
 
-needs_kernel = pytest.mark.skipif(
-    DEVICE is None, reason="Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before import)"
-)
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 RTOL = 1e-4
 # Half an ulp (relative) of each output dtype: the final rounding of y.
@@ -322,7 +314,7 @@ def test_kernel_path_is_taken(monkeypatch):
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setattr(scan, "_INTERPRET", False)
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
     calls = []
     real = scan.selective_scan_int8_reference
 

@@ -52,13 +52,15 @@ as `[B, L, D]` and returned transposed, the layout x_proj's GEMM wants (the scan
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from .dispatch import INTERPRET as _INTERPRET
+from .dispatch import use_triton as _use_triton
 
 __all__ = [
     "causal_conv1d_silu_int8",
@@ -67,9 +69,6 @@ __all__ = [
     "causal_conv1d_update_silu_int8_reference",
 ]
 
-# Read once, like triton.jit does at decoration time: it decides whether the kernels below are
-# interpreted, so a later change of the variable would not affect them anyway.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 PrefillResult = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -388,10 +387,6 @@ def _validate_update(x_q, conv_state, x_scale, weight, bias, out_scale) -> int:
     W = _check_params(weight, bias, D, x_q.device)
     _check_state("conv_state", conv_state, B, D, W, x_q.device)
     return W
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
 
 
 # ---------------------------------------------------------------------------------------------

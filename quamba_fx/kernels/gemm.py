@@ -60,12 +60,14 @@ read with its row stride (a copy only if its K stride is not 1). The output is a
 from __future__ import annotations
 
 import math
-import os
 from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .dispatch import INTERPRET as _INTERPRET
+from .dispatch import use_triton as _use_triton
 from torch import Tensor
 
 from ..quant import qops  # noqa: F401  (registers torch.ops.quamba.int8_linear, the reference)
@@ -73,9 +75,6 @@ from ..quant.qops import _check_linear, _linear_out_dtype
 
 __all__ = ["int8_gemm", "int8_gemm_reference"]
 
-# Read once, like triton.jit does at decoration time: it decides whether the kernel below is
-# interpreted, so a later change of the variable would not affect it anyway.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Tuning is per power-of-two bucket of M, not per exact M: prefill lengths vary per request and
 # re-tuning each would dominate. Past a few thousand rows the best tile no longer changes.
@@ -365,10 +364,6 @@ def _f32_vector(t: Tensor) -> Tensor:
     if t.numel() > 1 and t.stride(-1) != 1:
         t = t.contiguous()
     return t
-
-
-def _use_triton(t: Tensor) -> bool:
-    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,12 +66,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .dispatch import INTERPRET as _INTERPRET
+from .dispatch import use_triton as _use_triton
 
 from ..quant import qops as _qops  # noqa: F401  (registers torch.ops.quamba.quantize)
 from ..quant.hadamard import _check_size, _dense_int
@@ -84,8 +86,6 @@ __all__ = [
     "hadamard_transform_triton",
 ]
 
-# Read once, like triton.jit does at decoration time (see kernels/conv1d.py).
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # The kernel keeps a padded row of M_PAD * P <= 2 * n fp32 values in registers; beyond 32768 the
 # tile would spill heavily (and compile slowly). Mamba's largest d_inner is 5120.
@@ -344,10 +344,6 @@ def _check_scale(fn: str, scale: object, device: torch.device) -> None:
         )
     if scale.device != device:
         raise ValueError(f"{fn}: scale is on {scale.device} but x is on {device}")
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
 
 
 # ---------------------------------------------------------------------------------------------

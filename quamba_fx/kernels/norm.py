@@ -41,20 +41,20 @@ have any strides (collapsed to at most two without copying). Outputs are new con
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .dispatch import INTERPRET as _INTERPRET
+from .dispatch import use_triton as _use_triton
+
 from ..quant import qops as _qops  # noqa: F401  (registers torch.ops.quamba.quantize)
 from .hadamard import _lead_layout, _quantize_rn
 
 __all__ = ["add_rmsnorm_quantize", "add_rmsnorm_quantize_reference"]
 
-# Read once, like triton.jit does at decoration time (see kernels/conv1d.py).
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Longest row kept whole in registers (8192 fp32 = 32 values a thread over 8 warps); a module
 # variable so the tests can force the two-pass loop on small rows.
@@ -188,10 +188,6 @@ def _validate(fn: str, x: object, residual: object, weight: object, eps: object,
             f"{fn}: without a scale, out_dtype must be float16, bfloat16 or float32, got {out_dtype!r}"
         )
     return out_dtype
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,12 +70,14 @@ contiguous and returned transposed (`[batch, d_inner, L]` view), the layout out_
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
+
+from .dispatch import INTERPRET as _INTERPRET
+from .dispatch import use_triton as _use_triton
 
 from .. import ops as _ops
 
@@ -86,9 +88,6 @@ __all__ = [
     "selective_state_update_reference",
 ]
 
-# Read once, like triton.jit does at decoration time: it decides whether the kernels below are
-# interpreted, so a later change of the variable would not affect them anyway.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # The state tile is [next_power_of_2(d_state), BLOCK_D] fp32 registers per program.
 MAX_D_STATE = 256
@@ -564,10 +563,6 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, scales: dict, state_dims: int
     _check_param("D", D, (d_inner,), device, optional=True)
     _check_param("delta_bias", delta_bias, (d_inner,), device, optional=True)
     return dict(batch=batch, d_inner=d_inner, d_state=d_state, quant=quant)
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
