@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-from gpu_timing import graphed, require_gpu, time_all
+from gpu_timing import graphed, print_rows, require_gpu, time_all
 import torch.nn.functional as F
 
 PREFILL_SHAPES = [(1, 1536, 2048), (8, 5120, 2048), (1, 1536, 128)]
@@ -186,18 +186,7 @@ def _print_table(results: List[Dict]) -> None:
     order = ["ours", "ours graph", "fp16 eager", "fp16 graph", "int8 eager", "int8 compile", "copy"]
     print(f"{'kind':8} {'shape (B,D,L)':>18} {'impl':>13} {'ms':>10} {'GB/s':>9} {'% copy':>7}")
     for r in results:
-        copy_ms = r["ms"].get("copy")
-        shape = "(" + ",".join(str(s) for s in r["shape"]) + ")"
-        for name in order:
-            if name not in r["ms"]:
-                continue
-            ms = r["ms"][name]
-            if ms is None:
-                print(f"{r['kind']:8} {shape:>18} {name:>13} {'failed':>10}")
-                continue
-            gbs = r["bytes"] / (ms * 1e-3) / 1e9
-            frac = f"{100 * copy_ms / ms:6.1f}%" if copy_ms else "   n/a"
-            print(f"{r['kind']:8} {shape:>18} {name:>13} {ms:10.4f} {gbs:9.1f} {frac:>7}")
+        print_rows(r["kind"], r["shape"], r["ms"], order, r["bytes"], (8, 18, 13))
         c = r["check"]
         status = "OK" if _check_ok(c) else "FAIL"
         print(f"{'':8} {'':>18} {'check':>13} {status}: {c['n_diff']}/{c['numel']} int8 outputs differ from the "

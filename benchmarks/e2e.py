@@ -167,9 +167,6 @@ def bench_model(name: str, compile_: bool, hf: bool) -> dict:
         result["decode"].append(row)
         print(f"{name} decode batch {batch}: " + ", ".join(
             f"{k} {v:.0f} tok/s" for k, v in row["tokens_per_s"].items() if v), flush=True)
-    del lowered, compiled, fp16_graph, model
-    gc.collect()
-    empty_cache()
     return result
 
 
@@ -303,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
                                                  4 if args.smoke else 64)
     if acc:
         print(f"accuracy: {acc}", flush=True)
-    results = [bench_model(name, not args.no_compile, not args.no_hf) for name in args.models]
+    results = []
+    for name in args.models:
+        results.append(bench_model(name, not args.no_compile, not args.no_hf))
+        gc.collect()  # the model's locals are gone: give its memory back before the next one
+        empty_cache()
     print_tables(results, acc)
     if args.json:
         meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -68,3 +68,21 @@ def time_all(fns: Dict[str, Optional[Callable[[], object]]], rep: int = 200) -> 
             print(f"  [{name}] failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
             ms[name] = None
     return ms
+
+
+def print_rows(label: str, shape: Sequence[int], ms: Dict[str, Optional[float]], order: List[str], nbytes: int,
+               widths: Sequence[int]) -> None:
+    """One table row per timed implementation in `order`: ms, GB/s of `nbytes`, and the share of
+    the same run's "copy" time (the bandwidth ceiling). `widths`: label, shape and impl columns."""
+    w_label, w_shape, w_impl = widths
+    copy_ms = ms.get("copy")
+    shape_text = "(" + ",".join(str(s) for s in shape) + ")"
+    for name in order:
+        if name not in ms:
+            continue
+        if ms[name] is None:
+            print(f"{label:{w_label}} {shape_text:>{w_shape}} {name:>{w_impl}} {'failed':>10}")
+            continue
+        gbs = nbytes / (ms[name] * 1e-3) / 1e9
+        frac = f"{100 * copy_ms / ms[name]:6.1f}%" if copy_ms else "   n/a"
+        print(f"{label:{w_label}} {shape_text:>{w_shape}} {name:>{w_impl}} {ms[name]:10.4f} {gbs:9.1f} {frac:>7}")

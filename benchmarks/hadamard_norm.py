@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from gpu_timing import graphed, require_gpu, time_all
+from gpu_timing import graphed, print_rows, require_gpu, time_all
 
 DEFAULT_SHAPES: List[Tuple[int, int]] = [(1, 5120), (16, 5120), (16384, 5120), (16384, 2560)]
 DEVICE = "cuda"
@@ -154,18 +154,7 @@ def _print_table(results: List[Dict]) -> None:
     order = ["ours", "ours graph", "ours fp32", "ours fp16", "reference", "copy"]
     print(f"{'kernel':21} {'shape (rows,n)':>15} {'impl':>11} {'ms':>10} {'GB/s':>9} {'% copy':>7}")
     for r in results:
-        copy_ms = r["ms"].get("copy")
-        shape = "(" + ",".join(str(s) for s in r["shape"]) + ")"
-        for name in order:
-            if name not in r["ms"]:
-                continue
-            ms = r["ms"][name]
-            if ms is None:
-                print(f"{r['kernel']:21} {shape:>15} {name:>11} {'failed':>10}")
-                continue
-            gbs = r["bytes"] / (ms * 1e-3) / 1e9
-            frac = f"{100 * copy_ms / ms:6.1f}%" if copy_ms else "   n/a"
-            print(f"{r['kernel']:21} {shape:>15} {name:>11} {ms:10.4f} {gbs:9.1f} {frac:>7}")
+        print_rows(r["kernel"], r["shape"], r["ms"], order, r["bytes"], (21, 15, 11))
         c = r["check"]
         extra = ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items()
                           if k not in ("n_diff", "max_abs_diff", "numel"))
