@@ -17,7 +17,7 @@ import torch.fx
 
 from .capture import META_KEY
 from .errors import MissingDependencyError
-from .graph_info import block, info, is_kind
+from .graph_info import block, fetch_attr, info, is_kind
 
 SCHEMA_VERSION = 1
 FORMATS = ("text", "json", "dot", "svg")
@@ -70,15 +70,10 @@ def _scale_inputs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, fl
     scales = {}
     for source in node.all_input_nodes:
         if source.op == "get_attr" and source.target.endswith("_scale"):
-            value = _fetch_attr(gm, source.target)
+            value = fetch_attr(gm, source.target)
             if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
                 scales[source.target] = float(value)
     return scales
-
-
-def _fetch_attr(gm: torch.fx.GraphModule, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
 
 
 def node_record(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, Any]:

@@ -86,6 +86,12 @@ def is_kind(gm: torch.fx.GraphModule, node: torch.fx.Node, kind: str) -> bool:
     return node.op in ("call_function", "call_method") and op_name(node) in _KINDS[kind]
 
 
+def fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    """What a `get_attr` node with this target reads (`backbone.layers.0.mixer.A_log`); None if absent."""
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
+
+
 def info(node: torch.fx.Node) -> dict[str, Any]:
     """The capture annotation of a node: `{"role", "block", "module"}` (empty when absent)."""
     return node.meta.get(META_KEY, {})

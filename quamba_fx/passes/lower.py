@@ -27,7 +27,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..graph_info import info, op_name
+from ..graph_info import fetch_attr, info, op_name
 from ..kernels import ops as kernel_ops  # noqa: F401  (registers the kernel ops)
 from ..quant.linear import QuantizedLinear
 from .quantize import DEQUANTIZE, QUANTIZE, run_rules
@@ -75,10 +75,8 @@ def _strip_casts(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
-def _annotate(new: torch.fx.Node, like: torch.fx.Node, kernel: str | None = None) -> torch.fx.Node:
+def _annotate(new: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
     new.meta["quamba"] = {**info(like)}
-    if kernel is not None:
-        new.meta["quamba"]["kernel"] = kernel
     return new
 
 
@@ -104,6 +102,7 @@ class LowerToKernels(PassBase):
         changed |= self.cast_float_leftovers(gm)
         gm.graph.eliminate_dead_code()
         _delete_unused_attributes(gm)
+        # Once, for every kernel node: the rules' new nodes and the conv1d fused by an earlier pass.
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target in KERNELS:
                 node.meta.setdefault("quamba", {})["kernel"] = KERNELS[node.target]
@@ -125,7 +124,7 @@ class LowerToKernels(PassBase):
             bias = _get_attr(graph, f"{node.target}.bias", node) if module.bias is not None else None
             out_dtype = None if out_scale is not None else self.dtype
             new = graph.call_function(W8A8_LINEAR, (x_q, x_scale, weight, w_scale, bias, out_scale, out_dtype))
-        node.replace_all_uses_with(_annotate(new, node, KERNELS[W8A8_LINEAR]))
+        node.replace_all_uses_with(_annotate(new, node))
         graph.erase_node(node)
         return True
 
@@ -140,7 +139,7 @@ class LowerToKernels(PassBase):
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 SCAN_INT8, (u_q, su, dt_q, sdt, A, b_q, sb, c_q, sc, D, z_q, sz, delta_bias, softplus, self.dtype))
-        node.replace_all_uses_with(_annotate(new, node, KERNELS[SCAN_INT8]))
+        node.replace_all_uses_with(_annotate(new, node))
         gm.graph.erase_node(node)
         return True
 
@@ -154,7 +153,7 @@ class LowerToKernels(PassBase):
         source = _strip_casts(rotation.args[0])
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(HADAMARD_QUANTIZE, (source, node.args[1]))
-        node.replace_all_uses_with(_annotate(new, node, KERNELS[HADAMARD_QUANTIZE]))
+        node.replace_all_uses_with(_annotate(new, node))
         gm.graph.erase_node(node)
         return True
 
@@ -182,7 +181,7 @@ class LowerToKernels(PassBase):
             fused = _annotate(
                 graph.call_function(ADD_RMSNORM, (x, residual, weight, float(module.variance_epsilon), scale,
                                                   self.dtype)),
-                node, KERNELS[ADD_RMSNORM])
+                node)
             normed = _annotate(graph.call_function(operator.getitem, (fused, 0)), node)
             stream_out = _annotate(graph.call_function(operator.getitem, (fused, 1)), node)
         order = {n: i for i, n in enumerate(graph.nodes)}
@@ -232,8 +231,7 @@ def _scan_args(node: torch.fx.Node) -> list:
 
 def _evaluate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
     if node.op == "get_attr":
-        owner, _, name = node.target.rpartition(".")
-        return getattr(gm.get_submodule(owner) if owner else gm, name)
+        return fetch_attr(gm, node.target)
     args = torch.fx.node.map_arg(node.args, lambda n: _evaluate(gm, n))
     kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: _evaluate(gm, n))
     if node.op == "call_method":
