@@ -60,6 +60,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET as _INTERPRET
+from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
 
 __all__ = [
@@ -144,16 +145,23 @@ def _prefill_configs():
         return [triton.Config({"BLOCK_D": 64, "BLOCK_L": 8}, num_warps=1),
                 triton.Config({"BLOCK_D": 512, "BLOCK_L": 16}, num_warps=1)]
     # BLOCK_D / (32 * num_warps) channels per thread (4..16 bytes per access); BLOCK_L steps per
-    # program trade the W-1 halo rows re-read per tile against the number of programs.
+    # program trade the W-1 halo rows re-read per tile against the number of programs; PREFETCH
+    # 8 keeps twice as many loads in flight per warp for the large, bandwidth-bound shapes.
     return [
-        triton.Config({"BLOCK_D": bd, "BLOCK_L": bl}, num_warps=nw)
-        for bd, bl, nw in [
-            (128, 16, 1),
-            (256, 32, 1),
-            (256, 64, 1),
-            (512, 32, 2),
-            (512, 64, 4),
-            (1024, 32, 4),
+        triton.Config({"BLOCK_D": bd, "BLOCK_L": bl, "PREFETCH": pf}, num_warps=nw)
+        for bd, bl, nw, pf in [
+            (128, 16, 1, 4),
+            (256, 32, 1, 4),
+            (256, 64, 1, 4),
+            (512, 32, 2, 4),
+            (512, 64, 4, 4),
+            (1024, 32, 4, 4),
+            (256, 64, 1, 8),
+            (512, 32, 2, 8),
+            (512, 64, 2, 8),
+            (512, 64, 4, 8),
+            (1024, 32, 4, 8),
+            (1024, 64, 4, 8),
         ]
     ]
 
@@ -178,7 +186,7 @@ def _causal_conv1d_silu_int8_kernel(
     stride_sb, stride_sd, stride_sk,
     stride_ob, stride_od, stride_ol,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, WRITE_FINAL: tl.constexpr,
-    FAST_MATH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    FAST_MATH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, PREFETCH: tl.constexpr = 4,
 ):
     # Each program owns BLOCK_D channels (the vectorised axis: contiguous in both the in_proj
     # read and the [B, L, D] write) over BLOCK_L time steps, and walks the steps in order with
@@ -186,7 +194,7 @@ def _causal_conv1d_silu_int8_kernel(
     # has only ~35 issue slots per output, so instruction count matters: a 2-D [L, D] tile with W
     # shifted loads converts every input W times and compiled (sm_90) to ~37 SASS instructions
     # per output; this walk needs ~26, most of them in the exp/divide epilogue.
-    tl.static_assert(BLOCK_L >= 4)
+    tl.static_assert(BLOCK_L >= PREFETCH)
     # A flat grid (D tiles fastest, then L tiles, then batch): no 65535 limit on grid axes 1/2,
     # and neighbouring programs touch neighbouring bytes of the same rows.
     pid = tl.program_id(0)
@@ -233,20 +241,34 @@ def _causal_conv1d_silu_int8_kernel(
         h3 = _int8_to_f32(_load_step(x_b, s_b, offs_d, mask_d, t0 - 3, L, stride_xd, stride_xl, stride_sd,
                                      stride_sk, W, HAS_STATE))
 
-    # Software prefetch, 4 steps ahead: Triton emits loads and stores as ordered side-effecting
-    # asm, so without it each step's load would only be issued after the previous step's store
-    # and a warp would have one load in flight.
+    # Software prefetch, PREFETCH (4 or 8) steps ahead: Triton emits loads and stores as ordered
+    # side-effecting asm, so without it each step's load would only be issued after the previous
+    # step's store and a warp would have one load in flight.
+    tl.static_assert(PREFETCH == 4 or PREFETCH == 8)
     q0 = tl.load(x_row, mask=mask_d & (n_rows > 0), other=0)
     q1 = tl.load(x_row + 1 * stride_xl, mask=mask_d & (n_rows > 1), other=0)
     q2 = tl.load(x_row + 2 * stride_xl, mask=mask_d & (n_rows > 2), other=0)
     q3 = tl.load(x_row + 3 * stride_xl, mask=mask_d & (n_rows > 3), other=0)
+    if PREFETCH == 8:
+        q4 = tl.load(x_row + 4 * stride_xl, mask=mask_d & (n_rows > 4), other=0)
+        q5 = tl.load(x_row + 5 * stride_xl, mask=mask_d & (n_rows > 5), other=0)
+        q6 = tl.load(x_row + 6 * stride_xl, mask=mask_d & (n_rows > 6), other=0)
+        q7 = tl.load(x_row + 7 * stride_xl, mask=mask_d & (n_rows > 7), other=0)
     for i in tl.static_range(BLOCK_L):
         cur = _int8_to_f32(q0)
         q0 = q1
         q1 = q2
         q2 = q3
-        if i + 4 < BLOCK_L:
-            q3 = tl.load(x_row + (i + 4) * stride_xl, mask=mask_d & (n_rows > i + 4), other=0)
+        if PREFETCH == 8:
+            q3 = q4
+            q4 = q5
+            q5 = q6
+            q6 = q7
+            if i + 8 < BLOCK_L:
+                q7 = tl.load(x_row + (i + 8) * stride_xl, mask=mask_d & (n_rows > i + 8), other=0)
+        else:
+            if i + 4 < BLOCK_L:
+                q3 = tl.load(x_row + (i + 4) * stride_xl, mask=mask_d & (n_rows > i + 4), other=0)
         # Taps in the contract's order k = 0..W-1, i.e. oldest input first.
         acc = bias
         if W >= 4:
@@ -474,6 +496,8 @@ def _launch_prefill(key: tuple, B: int, D: int, L: int, args: tuple, flags: dict
         def grid(meta):
             return (B * triton.cdiv(D, meta["BLOCK_D"]) * triton.cdiv(L, meta["BLOCK_L"]),)
 
+        precompile(_causal_conv1d_silu_int8_kernel.fn, args,
+                   ({**flags, **c.all_kwargs()} for c in _causal_conv1d_silu_int8_kernel.configs))
         _causal_conv1d_silu_int8_kernel[grid](*args, **flags)
         config = _causal_conv1d_silu_int8_kernel.best_config
         _PREFILL_TUNED[key] = dict(config.all_kwargs())

@@ -8,6 +8,9 @@ kernel module asks `use_triton` and otherwise runs its PyTorch reference.
 from __future__ import annotations
 
 import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 
@@ -17,3 +20,39 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def use_triton(t: torch.Tensor) -> bool:
     """Whether a call on `t` runs the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+# Autotuners compile their candidate configs one after another, ~1-3 s each for a Hopper kernel;
+# a model's first call meets dozens of new (kernel, shape) keys. Compiling the candidates on a
+# thread pool first overlaps their ptxas runs and the parts of MLIR that drop the GIL.
+PARALLEL_COMPILE = os.environ.get("QUAMBA_FX_PARALLEL_COMPILE", "1") != "0"
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def precompile(jit_fn: Any, args: Sequence[Any], variants: Iterable[Dict[str, Any]]) -> None:
+    """Compile `jit_fn` for every keyword set in `variants` (config meta-parameters and flags,
+    exactly as the autotuner will pass them), in parallel, without launching anything.
+
+    Best effort: needs Triton's `AsyncCompileMode` (Triton >= 3.4); where it is missing, disabled
+    (`QUAMBA_FX_PARALLEL_COMPILE=0`), interpreted, or a compile fails, the autotuner compiles
+    whatever is not cached yet itself, as it would without this call.
+    """
+    variants = list(variants)
+    if INTERPRET or not PARALLEL_COMPILE or len(variants) < 2:
+        return
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1),
+                                   thread_name_prefix="quamba-fx-compile")
+    try:
+        with AsyncCompileMode(_pool):
+            for kwargs in variants:
+                jit_fn.warmup(*args, grid=(1,), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the sequential compile below reports real errors
+        warnings.warn(f"quamba_fx: parallel precompile of {getattr(jit_fn, '__name__', jit_fn)} failed "
+                      f"({type(exc).__name__}: {exc}); the autotuner compiles its configs one by one",
+                      RuntimeWarning, stacklevel=2)

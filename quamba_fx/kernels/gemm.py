@@ -67,6 +67,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET as _INTERPRET
+from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
 from torch import Tensor
 
@@ -306,6 +307,10 @@ def _launch(grid, args: tuple, key: tuple, k: int, **flags) -> None:
     if meta is not None:
         _int8_gemm_jit[grid](*args, **flags, **meta, EVEN_K=k % meta["BLOCK_K"] == 0)
         return
+    named = dict(zip(_int8_gemm_jit.arg_names, args))
+    precompile(_int8_gemm_jit, args, (
+        {**flags, **c.all_kwargs(), "EVEN_K": k % c.kwargs["BLOCK_K"] == 0}
+        for c in _prune_configs(_int8_gemm_kernel.configs, named)))
     _int8_gemm_kernel[grid](*args, **flags)
     best = getattr(_int8_gemm_kernel, "best_config", None)
     if best is not None:

@@ -77,6 +77,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET as _INTERPRET
+from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
 
 from .. import ops as _ops
@@ -265,6 +266,10 @@ def _interpreter_pick(configs, named_args, **kwargs):
     wide = named_args["d_inner"] > 64
     # Tests that pin one config (kernel.configs = [...]) get it whatever the shape.
     return [c for c in configs if (c.kwargs["BLOCK_D"] == 512) == wide] or configs
+
+
+# Autotune keys (plus dtypes and flags) whose candidate configs were already compiled in parallel.
+_PRECOMPILED: set = set()
 
 
 @triton.autotune(configs=_scan_configs(), key=["d_inner", "d_state", "batch_bucket"],
@@ -758,7 +763,7 @@ def selective_scan(
     def grid(meta):
         return (batch * triton.cdiv(d_inner, meta["BLOCK_D"]),)
 
-    _selective_scan_kernel[grid](
+    args = (
         u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
         _scale_arg(u_scale, A), _scale_arg(delta_scale, A), _scale_arg(B_scale, A), _scale_arg(C_scale, A),
         _scale_arg(z_scale, A),
@@ -766,9 +771,16 @@ def selective_scan(
         batch_bucket, d_inner, d_state, L,
         *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
         *h0_strides, *y.stride(), d_inner * d_state, d_state, 1,
-        HAS_H0=initial_state is not None, WRITE_FINAL=return_final_state,
-        **_flags(info, D, z, delta_bias, delta_softplus),
     )
+    flags = dict(HAS_H0=initial_state is not None, WRITE_FINAL=return_final_state,
+                 **_flags(info, D, z, delta_bias, delta_softplus))
+    tune_key = (d_inner, d_state, batch_bucket, u.dtype, delta.dtype, B.dtype, C.dtype, zz.dtype, y.dtype,
+                tuple(sorted(flags.items())))
+    if tune_key not in _PRECOMPILED:
+        _PRECOMPILED.add(tune_key)
+        precompile(_selective_scan_kernel.fn, args,
+                   ({**flags, **c.all_kwargs()} for c in _selective_scan_kernel.configs))
+    _selective_scan_kernel[grid](*args, **flags)
     if return_final_state:
         return y, final
     return y
