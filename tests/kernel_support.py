@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quamba_fx.kernels import dispatch
 from quamba_fx.kernels.dispatch import INTERPRET
 
 if INTERPRET:
@@ -18,3 +19,18 @@ else:
 needs_kernel = pytest.mark.skipif(
     DEVICE is None, reason="Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before import)"
 )
+
+
+def reference_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list:
+    """Run as a CPU without the interpreter would (`dispatch.INTERPRET` off) and record the calls
+    of `module.name`, a kernel's PyTorch reference: the returned list gains one entry a call."""
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
+    calls: list = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import dispatch, conv1d
+from quamba_fx.kernels import conv1d
 from quamba_fx.kernels.conv1d import (
     causal_conv1d_silu_int8,
     causal_conv1d_silu_int8_reference,
@@ -27,7 +27,7 @@ from quamba_fx.kernels.conv1d import (
     causal_conv1d_update_silu_int8_reference,
 )
 
-from .kernel_support import DEVICE, EXACT, needs_kernel
+from .kernel_support import DEVICE, EXACT, needs_kernel, reference_calls
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -194,15 +194,7 @@ def test_kernel_path_is_taken(monkeypatch):
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setattr(dispatch, "INTERPRET", False)
-    calls = []
-    real = conv1d.causal_conv1d_silu_int8_reference
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(conv1d, "causal_conv1d_silu_int8_reference", spy)
+    calls = reference_calls(monkeypatch, conv1d, "causal_conv1d_silu_int8_reference")
     gen = torch.Generator().manual_seed(0)
     x = make_x(gen, 1, 4, 3, "contiguous", "cpu")
     w, b = make_params(gen, 4, 3, False, "cpu")

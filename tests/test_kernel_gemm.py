@@ -19,11 +19,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import dispatch, gemm
+from quamba_fx.kernels import gemm
 from quamba_fx.kernels.gemm import int8_gemm, int8_gemm_reference
 from quamba_fx.quant.qops import MAX_INT8_LINEAR_K
 
-from .kernel_support import DEVICE, EXACT, needs_kernel
+from .kernel_support import DEVICE, EXACT, needs_kernel, reference_calls
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -195,15 +195,7 @@ def test_fast_path_after_tuning(monkeypatch):
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setattr(dispatch, "INTERPRET", False)
-    calls = []
-    real = gemm.int8_gemm_reference
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gemm, "int8_gemm_reference", spy)
+    calls = reference_calls(monkeypatch, gemm, "int8_gemm_reference")
     gen = torch.Generator().manual_seed(0)
     x = int8_values(gen, (2, 8), "uniform")
     w = int8_values(gen, (4, 8), "uniform")

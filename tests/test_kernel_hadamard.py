@@ -22,7 +22,7 @@ import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import dispatch, hadamard
+from quamba_fx.kernels import hadamard
 from quamba_fx.kernels.hadamard import (
     MAX_N,
     hadamard_quantize,
@@ -33,7 +33,7 @@ from quamba_fx.kernels.hadamard import (
 )
 from quamba_fx.quant.hadamard import _decompose, hadamard_matrix
 
-from .kernel_support import DEVICE, needs_kernel
+from .kernel_support import DEVICE, needs_kernel, reference_calls
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -208,15 +208,7 @@ def test_kernel_path_is_taken(monkeypatch):
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setattr(dispatch, "INTERPRET", False)
-    calls = []
-    real = hadamard.hadamard_quantize_reference
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hadamard, "hadamard_quantize_reference", spy)
+    calls = reference_calls(monkeypatch, hadamard, "hadamard_quantize_reference")
     x = torch.randn(2, 12)
     q = hadamard_quantize(x, torch.tensor(0.05))
     assert calls == [1] and q.dtype == torch.int8

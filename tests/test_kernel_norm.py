@@ -17,10 +17,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import dispatch, norm
+from quamba_fx.kernels import norm
 from quamba_fx.kernels.norm import add_rmsnorm_quantize, add_rmsnorm_quantize_reference
 
-from .kernel_support import DEVICE, needs_kernel
+from .kernel_support import DEVICE, needs_kernel, reference_calls
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -195,15 +195,7 @@ def test_kernel_path_is_taken(monkeypatch):
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setattr(dispatch, "INTERPRET", False)
-    calls = []
-    real = norm.add_rmsnorm_quantize_reference
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(norm, "add_rmsnorm_quantize_reference", spy)
+    calls = reference_calls(monkeypatch, norm, "add_rmsnorm_quantize_reference")
     q, r = add_rmsnorm_quantize(torch.randn(2, 8), torch.randn(2, 8), torch.ones(8), 1e-5, torch.tensor(0.1))
     assert calls == [1] and q.dtype == torch.int8 and r.dtype == torch.float32
 

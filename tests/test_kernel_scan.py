@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quamba_fx import ops as qops
-from quamba_fx.kernels import dispatch, scan
+from quamba_fx.kernels import scan
 from quamba_fx.kernels.scan import (
     selective_scan,
     selective_scan_int8_reference,
@@ -40,7 +40,7 @@ from quamba_fx.kernels.scan import (
     selective_state_update_reference,
 )
 
-from .kernel_support import DEVICE, EXACT, needs_kernel
+from .kernel_support import DEVICE, EXACT, needs_kernel, reference_calls
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 RTOL = 1e-4
@@ -314,15 +314,7 @@ def test_kernel_path_is_taken(monkeypatch):
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setattr(dispatch, "INTERPRET", False)
-    calls = []
-    real = scan.selective_scan_int8_reference
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(scan, "selective_scan_int8_reference", spy)
+    calls = reference_calls(monkeypatch, scan, "selective_scan_int8_reference")
     case = dict(batch=1, d_inner=4, d_state=4, L=3, kind={n: "float32" for n in ACT_NAMES}, layout="contiguous",
                 has_D=True, has_z=False, has_bias=False, softplus=True, has_h0=False, out_dtype=None, seed=0)
     y = selective_scan(**build(case, "cpu"))
