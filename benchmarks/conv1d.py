@@ -21,13 +21,11 @@ rows also ignore the conv state's (W-1) bytes per channel read and written.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-from gpu_timing import graphed, print_rows, require_gpu, time_all
+from gpu_timing import graphed, print_rows, require_gpu, time_all, write_json
 import torch.nn.functional as F
 
 PREFILL_SHAPES = [(1, 1536, 2048), (8, 5120, 2048), (1, 1536, 128)]
@@ -219,8 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _print_table(results)
 
     if args.json:
-        meta = {"device": dev_name, "torch": torch.__version__, "triton": triton.__version__}
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        write_json(args.json, dev_name, results=results)
         print(f"\nwrote {args.json}")
     return 0 if all(_check_ok(r["check"]) for r in results) else 1
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from gpu_timing import write_json
 
 PREFILL_SHAPES = [(1, 128), (1, 2048), (8, 2048)]
 DECODE_BATCHES = [1, 16]
@@ -332,21 +332,17 @@ def main(argv: list[str] | None = None) -> int:
                                                  4 if args.smoke else 64)
     if acc:
         log(f"accuracy: {acc}")
-    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__}
     results: list[dict] = []
 
-    def write_json() -> None:
+    def save() -> None:
         # Written after every model, so a run cut short by a time limit keeps what it measured.
         if args.json:
-            tmp = Path(args.json).with_suffix(".tmp")
-            tmp.write_text(json.dumps({"meta": meta, "results": results, "accuracy": acc}, indent=2))
-            tmp.replace(args.json)
+            write_json(args.json, device, {"transformers": transformers.__version__}, results=results, accuracy=acc)
 
-    write_json()
+    save()
     for name in args.models:
         results.append(bench_model(name, not args.no_compile, not args.no_hf))
-        write_json()
+        save()
         gc.collect()  # the model's locals are gone: give its memory back before the next one
         empty_cache()
     print_tables(results, acc)

@@ -27,13 +27,11 @@ first 256 rows: the kernel is expected to be bit-exact, and must be within one i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-from gpu_timing import graphed, require_gpu, time_all
+from gpu_timing import graphed, require_gpu, time_all, write_json
 import torch.nn.functional as F
 
 # name -> (K, N) of nn.Linear(K, N), Mamba's per-block projections.
@@ -233,8 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           + ", ".join(f"{k} {v:.1f}" for k, v in overhead.items()))
 
     if args.json:
-        meta = {"device": dev_name, "torch": torch.__version__, "triton": triton.__version__, "out": args.out}
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "host_us": overhead}, indent=2))
+        write_json(args.json, dev_name, {"out": args.out}, results=results, host_us=overhead)
         print(f"\nwrote {args.json}")
     return 0 if all(_check_ok(r) for r in results) else 1
 

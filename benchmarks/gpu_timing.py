@@ -1,4 +1,4 @@
-"""What every GPU micro-benchmark here shares: the device check, do_bench timing, CUDA-graph rows.
+"""What every GPU benchmark here shares: the device check, do_bench timing, CUDA-graph rows, JSON.
 
 Scripts import it as `from gpu_timing import ...` (they are run as `python benchmarks/<name>.py`,
 which puts this folder on sys.path).
@@ -6,6 +6,7 @@ which puts this folder on sys.path).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -86,3 +87,17 @@ def print_rows(label: str, shape: Sequence[int], ms: Dict[str, Optional[float]],
         gbs = nbytes / (ms[name] * 1e-3) / 1e9
         frac = f"{100 * copy_ms / ms[name]:6.1f}%" if copy_ms else "   n/a"
         print(f"{label:{w_label}} {shape_text:>{w_shape}} {name:>{w_impl}} {ms[name]:10.4f} {gbs:9.1f} {frac:>7}")
+
+
+def write_json(path: str, device: str, extra_meta: Optional[Dict] = None, **payload) -> None:
+    """Write `{"meta": {device, torch and triton versions, **extra_meta}, **payload}` to `path`.
+
+    The file is replaced whole (a temporary file, then a rename), so a run stopped part-way never
+    leaves half a JSON behind, and a script may call it again as results accumulate.
+    """
+    import triton
+
+    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, **(extra_meta or {})}
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, **payload}, indent=2))
+    tmp.replace(path)

@@ -28,13 +28,11 @@ dominates the one-row shapes). Also checks the kernels against the references on
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from gpu_timing import graphed, print_rows, require_gpu, time_all
+from gpu_timing import graphed, print_rows, require_gpu, time_all, write_json
 
 DEFAULT_SHAPES: List[Tuple[int, int]] = [(1, 5120), (16, 5120), (16384, 5120), (16384, 2560)]
 DEVICE = "cuda"
@@ -187,8 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _print_table(results)
 
     if args.json:
-        meta = {"device": dev_name, "torch": torch.__version__, "triton": triton.__version__}
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        write_json(args.json, dev_name, results=results)
         print(f"\nwrote {args.json}")
     return 0 if all(_check_ok(r["check"]) for r in results) else 1
 
