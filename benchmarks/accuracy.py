@@ -18,7 +18,7 @@ import torch
 
 import quamba_fx
 from quamba_fx import textdata
-from quamba_fx.cli import state_bytes
+from quamba_fx.commands import state_bytes
 from quamba_fx.synthetic import inject_out_proj_outliers, reinit_like_mamba_ssm
 
 

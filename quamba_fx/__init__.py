@@ -1,11 +1,22 @@
-"""quamba-fx: capture, verify and quantize Hugging Face Mamba models as torch.fx graphs."""
+"""quamba-fx: capture, verify and quantize Hugging Face Mamba models as torch.fx graphs.
 
-from .calibrate import Calibration, CalibrationError, calibrate
-from .capture import MambaGraphModule, annotate_shapes, capture
-from .checkpoint import from_pretrained, save_pretrained
+The package imports torch and transformers only when one of its names is first used, so the
+command line answers `--help` and usage errors at once. The first use imports every public module,
+as an eager import did: importing registers the custom ops and the graph kinds that verification
+and lowering look up, so what a graph is checked against never depends on which name came first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
+
 from .errors import (
     CheckpointError,
     InputError,
+    InvalidArgumentError,
     MetaDeviceError,
     MissingDependencyError,
     PassError,
@@ -13,15 +24,60 @@ from .errors import (
     TopologyError,
     UnsupportedModelError,
 )
-from .dump import dump, write_dump
-from .models import BUILTIN_SHAPES, builtin_config, load_model, random_model
-from .passes.fuse_conv import FuseConv1dSiLU, fuse
-from .passes.lower import LowerToKernels, lower
-from .passes.verify import VerifyTopology, verify_topology
-from .evaluate import EvalResult, evaluate
-from .pipeline import Pipeline
-from .runtime import Generator, MambaCache
-from .w8a8 import quantize
-from . import backend as _backend  # registers torch.compile backend "quamba"
 
 __version__ = "0.1.0"
+
+# Public name -> the submodule that defines it.
+_EXPORTS: dict[str, str] = {
+    "Calibration": "calibrate", "CalibrationError": "calibrate", "calibrate": "calibrate",
+    "MambaGraphModule": "capture", "annotate_shapes": "capture", "capture": "capture",
+    "from_pretrained": "checkpoint", "save_pretrained": "checkpoint",
+    "dump": "dump", "write_dump": "dump",
+    "BUILTIN_SHAPES": "models", "builtin_config": "models", "load_model": "models", "random_model": "models",
+    "FuseConv1dSiLU": "passes.fuse_conv", "fuse": "passes.fuse_conv",
+    "LowerToKernels": "passes.lower", "lower": "passes.lower",
+    "VerifyTopology": "passes.verify", "verify_topology": "passes.verify",
+    "EvalResult": "evaluate", "evaluate": "evaluate",
+    "Pipeline": "pipeline",
+    "Generator": "runtime", "MambaCache": "runtime",
+    "quantize": "w8a8",
+}
+
+__all__ = [
+    *_EXPORTS, "__version__", "CheckpointError", "InputError", "InvalidArgumentError", "MetaDeviceError", "MissingDependencyError",
+    "PassError", "QuambaError", "TopologyError", "UnsupportedModelError",
+]
+
+
+def _import_all() -> None:
+    for name, module in _EXPORTS.items():
+        globals()[name] = getattr(importlib.import_module(f".{module}", __name__), name)
+    importlib.import_module(".backend", __name__)  # registers the torch.compile backend "quamba"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _import_all()
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+class _Package(types.ModuleType):
+    """Keeps `quamba_fx.capture` (and calibrate, dump, evaluate) the function, never the submodule.
+
+    Importing a submodule binds it on its package; an eager `from .capture import capture` used to
+    rebind the name to the function afterwards. Lazily, that rebinding may never happen, so the
+    import system's binding of a submodule over a public function name is dropped here.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -31,7 +31,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .capture import META_KEY
-from .errors import QuambaError, TopologyError
+from .errors import InvalidArgumentError, QuambaError, TopologyError
 from .graph_info import is_kind, op_name, register_op
 from .passes.verify import TopologyChecker, verify_topology
 
@@ -301,13 +301,13 @@ def _fallback(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: 
 def _check_options(options: dict[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(options or {}) - set(DEFAULT_OPTIONS))
     if unknown:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"quamba backend: unknown option(s) {unknown}; supported: {sorted(DEFAULT_OPTIONS)}. To quantize, "
             "run quamba_fx.quantize first and compile its result (or save_pretrained it and pass checkpoint=DIR)."
         )
     merged = {**DEFAULT_OPTIONS, **(options or {})}
     if merged["fallback"] not in ("inductor", "eager"):
-        raise ValueError(f"quamba backend: fallback must be 'inductor' or 'eager', got {merged['fallback']!r}")
+        raise InvalidArgumentError(f"quamba backend: fallback must be 'inductor' or 'eager', got {merged['fallback']!r}")
     return merged
 
 
@@ -405,7 +405,8 @@ def quamba_backend(
     example inputs and `options=` / `mode=` as keyword arguments (torch passes each only when set).
     Options: `verify` (bool, default True), `fallback` ("inductor" or "eager"), `fuse` (bool: fuse
     each int8 conv1d + SiLU of a quantized graph into one kernel), `checkpoint` (a save_pretrained
-    directory whose graph runs instead, if its architecture matches). Unknown options raise ValueError.
+    directory whose graph runs instead, if its architecture matches). Unknown options raise
+    InvalidArgumentError (a ValueError).
     """
     options = _check_options(options)
     try:

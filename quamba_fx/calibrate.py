@@ -10,7 +10,7 @@ import torch
 import torch.fx
 from tqdm.auto import tqdm
 
-from .errors import QuambaError
+from .errors import InputError, QuambaError
 from .graph_info import describe
 from .quant.observers import Observer, observer_from_state_dict
 from .recipe import Recipe, block_paths, make_recipe, tap_node
@@ -60,6 +60,9 @@ class _Recorder(torch.fx.Interpreter):
 
     def __init__(self, gm: torch.fx.GraphModule, taps: dict[torch.fx.Node, tuple[str, Observer]]):
         super().__init__(gm)
+        # Our errors name the node and block themselves; torch.fx's "While executing ..." trailer
+        # would turn them into many lines of graph internals.
+        self.extra_traceback = False
         self.taps = taps
         self.batch_index = 0
 
@@ -87,9 +90,18 @@ def calibrate(
 
     `gm` is a float graph from `capture` (after the recipe's float passes, e.g. the Hadamard
     rotation, so statistics are those of the tensors that will really be quantized). `batches`
-    yields `input_ids [B, L]`. Raises `CalibrationError` naming the node and block when an
-    activation holds NaN or Inf, or when there are no batches.
+    is an iterable of `input_ids [B, L]` tensors, or one `[B, L]` tensor, taken as a single batch
+    (split it, e.g. `ids.split(8)`, to bound memory). Raises `CalibrationError` naming the batch for
+    a batch that is not integer token ids of rank 2 within the vocabulary, naming the node and block
+    when an activation holds NaN or Inf, and when there are no batches.
     """
+    if isinstance(batches, torch.Tensor):
+        if batches.dim() != 2:
+            raise CalibrationError(
+                f"calibration data is one tensor of shape {tuple(batches.shape)}; expected input_ids "
+                "[batch, seq_len], or an iterable of such batches"
+            )
+        batches = [batches]
     recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
     taps: dict[torch.fx.Node, tuple[str, Observer]] = {}
     for path in block_paths(gm):
@@ -102,7 +114,12 @@ def calibrate(
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc=f"calibrating ({recipe.name})", unit="batch", disable=not progress):
             recorder.batch_index = count
-            recorder.run(batch)
+            if not isinstance(batch, torch.Tensor):
+                raise CalibrationError(f"calibration batch {count} is a {type(batch).__name__}, not a tensor of token ids")
+            try:
+                recorder.run(batch)
+            except InputError as exc:
+                raise CalibrationError(f"calibration batch {count} (shape {tuple(batch.shape)}): {exc}") from exc
             count += 1
     if count == 0:
         raise CalibrationError("calibration got no batches: pass at least one [batch, seq_len] tensor of token ids")

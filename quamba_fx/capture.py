@@ -67,14 +67,14 @@ def check_input_ids(input_ids: torch.Tensor, embedding_weight: torch.Tensor) -> 
             "this graph was captured from a model on the meta device: it has shapes but no weights. "
             "Load real weights (a checkpoint or a built-in model on cpu/cuda) and capture again to run it."
         )
-    fake = isinstance(input_ids, FakeTensor) or input_ids.is_meta or torch.compiler.is_compiling()
     # The range check reads the data; on CUDA that would sync every call, and the embedding's own
     # device assert catches it there, so only CPU pays for the friendlier message.
-    if not fake and input_ids.device.type == "cpu":
-        low, high = int(input_ids.min()), int(input_ids.max())
-        vocab = embedding_weight.shape[0]
-        if low < 0 or high >= vocab:
-            raise InputError(f"token ids must lie in [0, {vocab}); got values in [{low}, {high}]")
+    if input_ids.device.type != "cpu":
+        return input_ids
+    if torch.compiler.is_compiling():
+        return torch.ops.quamba.token_ids_in_range(input_ids, embedding_weight.shape[0])
+    if not (isinstance(input_ids, FakeTensor) or input_ids.is_meta):
+        ops.check_token_range(input_ids, embedding_weight.shape[0])
     return input_ids
 
 

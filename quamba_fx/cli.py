@@ -1,305 +1,94 @@
-"""The `quamba-fx` command line.
+"""The `quamba-fx` command line: parse and validate arguments, run a command, report errors.
 
-Exit codes: 0 success, 1 a quamba-fx error (bad model, bad graph, bad checkpoint...), 2 bad usage.
-Errors print one line; `--debug` shows the traceback.
+Exit codes: 0 success; 1 the command failed (a bad model, graph, checkpoint or file; a missing GPU),
+with one line on stderr; 2 bad usage (argparse's own message); 130 interrupted. `--debug` shows
+the traceback instead of the one line.
+
+This module imports neither torch nor transformers: arguments are checked here, before the
+seconds-long imports that `commands` (the command bodies) needs, so `--help` and usage errors
+answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import math
+import re
 import sys
-import time
-from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-import torch
-import torch.fx
+from .catalog import BUILTIN_SHAPES, DEFAULT_MODEL, DUMP_FORMATS, PACKAGED_MODELS, RECIPE_NAMES
+from .errors import QuambaError
 
-from .capture import annotate_shapes, capture
-from .checkpoint import from_pretrained, is_quamba_checkpoint
-from .dump import FORMATS, dump, write_dump
-from .errors import InputError, QuambaError
-from .graph_info import block, is_kind
-from .evaluate import EvalResult, evaluate
-from .models import BUILTIN_SHAPES, DEFAULT_MODEL, PACKAGED_MODELS, load_model
-from .passes.fuse_conv import fuse
-from .passes.lower import lower
-from .passes.verify import verify_topology
-from .recipe import RECIPE_NAMES, make_recipe
-from .textdata import chunk_sequences, find_wikitext, load_bytes
-from .w8a8 import quantize
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def percentile(text: str) -> float:
+    value = positive_float(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"a percentile lies in (0, 100], got {text}")
+    return value
+
+
+_DEVICE = re.compile(r"(cpu|cuda)(:\d+)?$")
+
+
+def compute_device(text: str) -> str:
+    """cpu, cuda or cuda:N. Whether a GPU is really there is checked when the command runs."""
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} {'is a directory' if path.is_dir() else 'does not exist'}")
+    return path
 
 
 def _model_arg_help() -> str:
     return f"a save_pretrained directory or a built-in name ({', '.join([*PACKAGED_MODELS, *BUILTIN_SHAPES])})"
 
 
-def _load_for_shapes(model: str, device: str | None) -> torch.nn.Module:
-    # Dumps need shapes only: built-in models default to the meta device, so even 2.8b costs no memory.
-    if device is None:
-        device = "meta" if model in BUILTIN_SHAPES else "cpu"
-    return load_model(model, device=device)
-
-
-def load_graph(source: str, device: str | None = None, example_shape: tuple[int, int] = (1, 8)) -> torch.fx.GraphModule:
-    """A quantized checkpoint directory (from save_pretrained) as it was saved, anything else captured."""
-    if is_quamba_checkpoint(source):
-        gm = from_pretrained(source)
-        annotate_shapes(gm, example_shape)
-        return gm
-    return capture(_load_for_shapes(source, device), example_shape=example_shape)
-
-
-def cmd_dump(args: argparse.Namespace) -> int:
-    gm = load_graph(args.model, args.device, (args.batch, args.seq_len))
-    if args.kernels:
-        gm = _lowered(gm, args.model)
-    verify_topology(gm)
-    if args.out:
-        path = write_dump(gm, args.out, args.format, args.block)
-        print(f"wrote {args.format} dump of {args.model} to {path}", file=sys.stderr)
-    else:
-        sys.stdout.write(dump(gm, args.format, args.block))
-    return 0
-
-
-def _linear_shape(module: torch.nn.Module) -> str:
-    return f"{module.in_features}->{module.out_features}"
-
-
-def _print_block_summary(gm: torch.fx.GraphModule) -> None:
-    per_block = Counter(block(n) for n in gm.graph.nodes if block(n) is not None)
-    prefix = gm.meta["quamba"]["prefix"]
-    print(f"{'block':>5}  {'nodes':>5}  {'in_proj':>11}  {'conv1d (ch x k)':>15}  {'x_proj':>10}  "
-          f"{'dt_proj':>10}  {'out_proj':>11}")
-    for b in sorted(per_block):
-        mixer = gm.get_submodule(f"{prefix}layers.{b}.mixer")
-        conv = mixer.conv1d
-        print(
-            f"{b:>5}  {per_block[b]:>5}  {_linear_shape(mixer.in_proj):>11}  "
-            f"{f'{conv.out_channels} x {conv.kernel_size[0]}':>15}  {_linear_shape(mixer.x_proj):>10}  "
-            f"{_linear_shape(mixer.dt_proj):>10}  {_linear_shape(mixer.out_proj):>11}"
-        )
-    kinds = Counter(k for n in gm.graph.nodes for k in ("conv1d", "scan") if is_kind(gm, n, k))
-    print(f"graph: {len(gm.graph.nodes)} nodes, {kinds['conv1d']} conv1d, {kinds['scan']} selective_scan ops")
-
-
-def state_bytes(module: torch.nn.Module, float_bytes: int | None = None) -> int:
-    """Bytes of the state dict, each shared tensor (tied embeddings) counted once; `float_bytes`
-    counts floating-point tensors at that width (2 for "as if fp16")."""
-    unique = {t.data_ptr(): t for t in module.state_dict().values()}.values()
-    return sum(t.numel() * (float_bytes if float_bytes and t.is_floating_point() else t.element_size())
-               for t in unique)
-
-
-def _text_windows(split: str, seq_len: int, count: int, path: Path | None = None) -> torch.Tensor:
-    ids = load_bytes(path if path is not None else find_wikitext(split))
-    return chunk_sequences(ids, seq_len, num_sequences=count)
-
-
-def _require_bytes_model(vocab: int, name: str) -> None:
-    if vocab != 256:
-        raise QuambaError(
-            f"text evaluation reads raw bytes, so it needs a byte-level model (vocab 256); {name} has vocab {vocab}"
-        )
-
-
-def _print_accuracy(name: str, result: EvalResult) -> None:
-    print(f"{name:<8} bits/byte {result.bits_per_byte:.4f}", end="")
-    if result.reference_bits_per_byte is not None:
-        rel = result.bits_per_byte / result.reference_bits_per_byte - 1
-        print(f"  ({rel:+.2%} vs fp32)  KL {result.kl_divergence:.5f}  top-1 agreement {result.top1_agreement:.4f}", end="")
-    print()
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    print(f"quamba-fx demo: {args.model} (no network access is needed)")
-    started = time.perf_counter()
-    model = load_model(args.model, seed=args.seed)
-    built = time.perf_counter() - started
-    started = time.perf_counter()
-    gm = capture(model)
-    captured = time.perf_counter() - started
-    started = time.perf_counter()
-    verify_topology(gm)
-    verified = time.perf_counter() - started
-    _print_block_summary(gm)
-    print("topology verified: every block is in_proj -> conv1d -> x_proj, no conv1d feeds a conv1d")
-    print(f"time: load {built:.2f} s, capture {captured:.2f} s, verify {verified:.3f} s")
-    if args.run:
-        ids = torch.randint(0, model.config.vocab_size, (1, args.run), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            started = time.perf_counter()
-            logits = gm(ids)
-        print(f"ran the graph on {tuple(ids.shape)} token ids: logits {tuple(logits.shape)} in {time.perf_counter() - started:.2f} s")
-    if model.config.vocab_size != 256 or args.windows == 0:
-        print("(W8A8 quantization and text accuracy run on byte-level models, e.g. --model mamba-bytes-wt2)")
-        return 0
-    calib = _text_windows("valid", args.seq_len, args.windows)
-    held_out = _text_windows("test", args.seq_len, args.windows)
-    started = time.perf_counter()
-    qm = quantize(gm, calib.split(args.batch_size), recipe="quamba", progress=not args.quiet)
-    # Both sides count the tensors left in floating point (embeddings, norms, A, D, conv) at fp16,
-    # as deployed; the CPU reference keeps them in fp32.
-    print(f"quantized W8A8 (quamba recipe) in {time.perf_counter() - started:.1f} s; state dict "
-          f"{state_bytes(gm, float_bytes=2) / 1e6:.2f} MB fp16 -> {state_bytes(qm, float_bytes=2) / 1e6:.2f} MB W8A8")
-    verify_topology(qm)
-    result = evaluate(qm, held_out, gm, batch_size=args.batch_size, progress=not args.quiet)
-    print(f"accuracy on {result.windows} windows of {result.seq_len} bytes of WikiText-2 test.txt:")
-    _print_accuracy("fp32", EvalResult(result.reference_bits_per_byte, result.windows, result.seq_len))
-    _print_accuracy("W8A8", result)
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    held_out = _text_windows("test", args.seq_len, args.windows, args.text)
-    if is_quamba_checkpoint(args.model):
-        return _eval_checkpoint(args, held_out)
-    model = load_model(args.model, seed=args.seed)
-    _require_bytes_model(model.config.vocab_size, args.model)
-    gm = capture(model)
-    if args.recipe == "none":
-        _print_accuracy("fp32", evaluate(gm, held_out, batch_size=args.batch_size, progress=not args.quiet))
-        return 0
-    calib = _text_windows("valid", args.seq_len, args.calib_windows, args.calib)
-    recipe = make_recipe(args.recipe, percentile=args.percentile)
-    qm = quantize(gm, calib.split(args.batch_size), recipe=recipe, progress=not args.quiet)
-    result = evaluate(qm, held_out, gm, batch_size=args.batch_size, progress=not args.quiet)
-    print(f"{args.model}: {result.windows} windows of {result.seq_len} bytes; recipe {args.recipe}")
-    _print_accuracy("fp32", EvalResult(result.reference_bits_per_byte, result.windows, result.seq_len))
-    _print_accuracy(args.recipe, result)
-    return 0
-
-
-def _eval_checkpoint(args: argparse.Namespace, held_out: torch.Tensor) -> int:
-    qm = from_pretrained(args.model)
-    _require_bytes_model(qm.meta["quamba"]["hf_config"]["vocab_size"], args.model)
-    reference = None
-    if args.reference:
-        reference = capture(load_model(args.reference))
-    result = evaluate(qm, held_out, reference, batch_size=args.batch_size, progress=not args.quiet)
-    recipe = qm.meta["quamba"].get("recipe") or "float"
-    print(f"{args.model}: {result.windows} windows of {result.seq_len} bytes; recipe {recipe}")
-    if reference is not None:
-        _print_accuracy("fp32", EvalResult(result.reference_bits_per_byte, result.windows, result.seq_len))
-    _print_accuracy(recipe, result)
-    return 0
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    model = load_model(args.model, seed=args.seed)
-    _require_bytes_model(model.config.vocab_size, args.model)
-    calib = _text_windows("valid", args.seq_len, args.calib_windows, args.calib)
-    recipe = make_recipe(args.recipe, percentile=args.percentile)
-    started = time.perf_counter()
-    qm = quantize(model, calib.split(args.batch_size), recipe=recipe, progress=not args.quiet)
-    if args.fuse:
-        qm = fuse(qm)
-    verify_topology(qm)
-    qm.save_pretrained(args.out)
-    print(f"quantized {args.model} with the {args.recipe} recipe on {calib.shape[0]} x {calib.shape[1]} bytes "
-          f"in {time.perf_counter() - started:.1f} s{' (conv1d fused)' if args.fuse else ''}")
-    print(f"wrote {args.out}: {state_bytes(qm) / 1e6:.2f} MB of tensors "
-          f"(the float model: {state_bytes(model) / 1e6:.2f} MB as loaded, {state_bytes(model, float_bytes=2) / 1e6:.2f} MB as fp16)")
-    return 0
-
-
-def _lowered(gm: torch.fx.GraphModule, name: str) -> torch.fx.GraphModule:
-    """`--kernels`: the graph lowered to the Triton kernel ops (quantized graphs only)."""
-    if not gm.meta["quamba"].get("recipe"):
-        raise InputError(f"--kernels runs the W8A8 kernels: {name} is a float model; quantize it first "
-                         "(quamba-fx quantize ... --out DIR) and pass the checkpoint directory")
-    return lower(gm)
-
-
-def _synchronized_seconds(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
-    gm = load_graph(args.model, device="cpu")
-    if args.kernels:
-        gm = _lowered(gm, args.model)
-    gm = gm.to(device)
-    vocab = gm.meta["quamba"]["hf_config"]["vocab_size"]
-    generator = torch.Generator().manual_seed(0)
-    kind = "W8A8 kernels" if args.kernels else f"recipe {gm.meta['quamba'].get('recipe') or 'float'}"
-    print(f"{args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"{kind}; median of {args.repeats} after 1 warm-up")
-    print(f"{'batch':>5} {'seq':>6} {'ms':>10} {'tokens/s':>10}")
-    ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=generator).to(device)
-    with torch.no_grad():
-        times = [_synchronized_seconds(lambda: gm(ids), device) for _ in range(args.repeats + 1)]
-    median = statistics.median(times[1:])  # the first call is the warm-up
-    print(f"{args.batch:>5} {args.seq_len:>6} {median * 1e3:>10.2f} {args.batch * args.seq_len / median:>10.0f}")
-    if args.kernels and args.decode_steps > 0:
-        from .runtime import Generator
-
-        runner = Generator(gm, args.batch)
-        with torch.no_grad():
-            token = runner.prefill(ids)[:, -1].argmax(-1)
-            token = runner.decode(token).argmax(-1)  # warm-up (and CUDA-graph capture)
-
-            def steps():
-                nonlocal token
-                for _ in range(args.decode_steps):
-                    token = runner.decode(token).argmax(-1)
-
-            seconds = _synchronized_seconds(steps, device)
-        graph = " (CUDA graph)" if runner.use_cuda_graph else ""
-        print(f"decode{graph}: {args.decode_steps} steps at batch {args.batch}, "
-              f"{seconds / args.decode_steps * 1e3:.2f} ms/step, {args.batch * args.decode_steps / seconds:.0f} tokens/s")
-    print(f"state dict: {state_bytes(gm) / 1e6:.2f} MB")
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import decode_bytes, encode_bytes, generate_text
-
-    gm = load_graph(args.model, device="cpu")
-    started = time.perf_counter()
-    if args.kernels:
-        from .runtime import Generator
-
-        if args.sample:
-            raise InputError("--kernels decodes greedily; drop --sample (or --kernels)")
-        device = torch.device(args.device)
-        runner = Generator(_lowered(gm, args.model).to(device), batch_size=1)
-        prompt = torch.tensor([encode_bytes(args.prompt)], dtype=torch.long)
-        if prompt.shape[1] == 0:
-            raise InputError("prompt is empty: byte-level generation needs at least one byte to continue")
-        tokens = runner.generate(prompt, args.max_new_tokens)[0, prompt.shape[1]:].tolist()
-        text = decode_bytes(tokens)
-        how = f"W8A8 kernels on {device}, decode cache"
-    else:
-        text = generate_text(gm, args.prompt, args.max_new_tokens, do_sample=args.sample,
-                             temperature=args.temperature if args.sample else None,
-                             top_k=args.top_k if args.sample else None, seed=args.seed)
-        how = (f"recipe {gm.meta['quamba'].get('recipe') or 'float'}; no decode cache: each step reruns "
-               "the prefix (--kernels decodes from a cache)")
-    elapsed = time.perf_counter() - started
-    print(args.prompt + text)
-    print(f"({len(text.encode())} bytes in {elapsed:.1f} s, {how})", file=sys.stderr)
-    return 0
-
-
 def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by the commands that calibrate (eval, quantize)."""
-    parser.add_argument("--calib", type=Path, default=None, help="calibration text file (default: WikiText-2 valid.txt)")
-    parser.add_argument("--calib-windows", type=int, default=32, help="calibration windows (default: 32)")
-    parser.add_argument("--seq-len", type=int, default=512, help="bytes per window (default: 512)")
-    parser.add_argument("--percentile", type=float, default=99.999,
+    parser.add_argument("--calib", type=existing_file, default=None,
+                        help="calibration text file (default: WikiText-2 valid.txt)")
+    parser.add_argument("--calib-windows", type=positive_int, default=32, help="calibration windows (default: 32)")
+    parser.add_argument("--seq-len", type=_int_at_least(2), default=512, help="tokens per window (default: 512)")
+    parser.add_argument("--percentile", type=percentile, default=99.999,
                         help="percentile of |x| for the conv1d output scale in the quamba recipe (default: 99.999)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per batch (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights for built-in shapes (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -308,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quamba-fx",
         description="Capture, verify, quantize (W8A8) and inspect Hugging Face Mamba models as torch.fx graphs.",
+        epilog="Exit codes: 0 ok, 1 the command failed (one line on stderr), 2 bad usage.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -315,90 +105,108 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="capture, verify, quantize and evaluate a built-in model")
     demo.add_argument("--model", default=DEFAULT_MODEL, help=_model_arg_help() + f" (default: {DEFAULT_MODEL})")
     demo.add_argument("--seed", type=int, default=0, help="seed of random weights for built-in shapes (default: 0)")
-    demo.add_argument("--run", type=int, default=16, metavar="L",
+    demo.add_argument("--run", type=non_negative_int, default=16, metavar="L",
                       help="also run the captured graph on L random tokens (0 to skip; default: 16)")
-    demo.add_argument("--windows", type=int, default=16,
+    demo.add_argument("--windows", type=non_negative_int, default=16,
                       help="text windows for calibration and for evaluation (0 skips quantization; default: 16)")
-    demo.add_argument("--seq-len", type=int, default=512, help="bytes per window (default: 512)")
-    demo.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    demo.add_argument("--seq-len", type=_int_at_least(2), default=512, help="bytes per window (default: 512)")
+    demo.add_argument("--batch-size", type=positive_int, default=8, help="windows per batch (default: 8)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(command_name="demo")
 
     ev = sub.add_parser("eval", help="bits per byte on WikiText-2 test.txt, float or quantized, vs the float model")
-    ev.add_argument("model", help=_model_arg_help() + " (byte-level, vocab 256), or a checkpoint directory from `quantize`")
+    ev.add_argument("model", help=_model_arg_help() + ", or a checkpoint directory from `quantize`")
     ev.add_argument("--recipe", choices=("none", *RECIPE_NAMES), default="quamba",
                     help="none (float), naive or quamba W8A8 (default: quamba)")
-    ev.add_argument("--windows", type=int, default=64, help="evaluation windows, spread over test.txt (default: 64)")
-    ev.add_argument("--text", type=Path, default=None, help="evaluation text file (default: WikiText-2 test.txt)")
+    ev.add_argument("--windows", type=positive_int, default=64,
+                    help="evaluation windows, spread over the text (default: 64)")
+    ev.add_argument("--text", type=existing_file, default=None, help="evaluation text file (default: WikiText-2 test.txt)")
     ev.add_argument("--reference", default=None,
                     help="for a quantized checkpoint: the float model to compare with (KL, top-1 agreement)")
     _add_calibration_args(ev)
-    ev.set_defaults(func=cmd_eval)
+    ev.set_defaults(command_name="eval")
 
     qz = sub.add_parser("quantize", help="calibrate on text, quantize to W8A8 and save a checkpoint directory")
-    qz.add_argument("model", help=_model_arg_help() + " (byte-level, vocab 256)")
-    qz.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (replaced atomically)")
+    qz.add_argument("model", help=_model_arg_help())
+    qz.add_argument("--out", type=Path, required=True,
+                    help="checkpoint directory to write (new, or empty; never replaces anything else)")
+    qz.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it holds a quamba-fx checkpoint (anything else is always refused)")
     qz.add_argument("--recipe", choices=RECIPE_NAMES, default="quamba", help="W8A8 recipe (default: quamba)")
     qz.add_argument("--fuse", action="store_true", help="also fuse each conv1d + SiLU into the int8 Triton kernel")
     _add_calibration_args(qz)
-    qz.set_defaults(func=cmd_quantize)
+    qz.set_defaults(command_name="quantize")
 
-    gen = sub.add_parser("generate", help="continue a prompt with a byte-level model or checkpoint")
+    gen = sub.add_parser("generate", help="continue a prompt with a model or checkpoint")
     gen.add_argument("model", help=_model_arg_help() + ", or a checkpoint directory from `quantize`")
-    gen.add_argument("--prompt", required=True, help="text to continue (UTF-8 bytes are the tokens)")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="bytes to generate (default: 64)")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default: 64)")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
-    gen.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest bytes (default: 50)")
+    gen.add_argument("--temperature", type=positive_float, default=0.8, help="sampling temperature (default: 0.8)")
+    gen.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens (default: 50)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     gen.add_argument("--kernels", action="store_true",
                      help="a quantized checkpoint on the W8A8 kernels with a decode cache (greedy)")
-    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="with --kernels: cpu or cuda (default: cuda when available)")
-    gen.set_defaults(func=cmd_generate)
+    gen.add_argument("--device", type=compute_device, default=None,
+                     help="with --kernels: cpu, cuda or cuda:N (default: cuda when available)")
+    gen.set_defaults(command_name="generate")
 
     bench = sub.add_parser("bench", help="time a forward pass (prefill) of a model or checkpoint")
     bench.add_argument("model", help=_model_arg_help() + ", or a checkpoint directory from `quantize`")
-    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="cpu or cuda (default: cuda when available)")
-    bench.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
-    bench.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
-    bench.add_argument("--repeats", type=int, default=5, help="timed repetitions (default: 5)")
+    bench.add_argument("--device", type=compute_device, default=None,
+                       help="cpu, cuda or cuda:N (default: cuda when available)")
+    bench.add_argument("--batch", type=positive_int, default=1, help="batch size (default: 1)")
+    bench.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence (default: 128)")
+    bench.add_argument("--repeats", type=positive_int, default=5, help="timed repetitions (default: 5)")
     bench.add_argument("--kernels", action="store_true",
                        help="lower a quantized checkpoint to the W8A8 kernels first, and time cached decode")
-    bench.add_argument("--decode-steps", type=int, default=32, help="with --kernels: decode steps to time (default: 32)")
-    bench.set_defaults(func=cmd_bench)
+    bench.add_argument("--decode-steps", type=non_negative_int, default=32,
+                       help="with --kernels: decode steps to time (default: 32)")
+    bench.set_defaults(command_name="bench")
 
     d = sub.add_parser("dump", help="print or write the captured graph as text, json, dot or svg")
     d.add_argument("model", help=_model_arg_help())
-    d.add_argument("--format", choices=FORMATS, default="text", help="output format (default: text)")
-    d.add_argument("--block", type=int, default=None, help="only the nodes of this block")
+    d.add_argument("--format", choices=DUMP_FORMATS, default="text", help="output format (default: text)")
+    d.add_argument("--block", type=non_negative_int, default=None, help="only the nodes of this block")
     d.add_argument("--out", type=Path, default=None, help="write to this file instead of stdout")
-    d.add_argument("--device", default=None,
+    d.add_argument("--device", choices=("meta", "cpu"), default=None,
                    help="where to build the model: 'meta' (shapes only; default for built-in names) or 'cpu'")
-    d.add_argument("--batch", type=int, default=1, help="batch of the example input for shapes (default: 1)")
-    d.add_argument("--seq-len", type=int, default=8, help="length of the example input for shapes (default: 8)")
+    d.add_argument("--batch", type=positive_int, default=1, help="batch of the example input for shapes (default: 1)")
+    d.add_argument("--seq-len", type=positive_int, default=8, help="length of the example input for shapes (default: 8)")
     d.add_argument("--kernels", action="store_true",
                    help="dump a quantized checkpoint lowered to the kernel ops (adds a kernel column)")
-    d.set_defaults(func=cmd_dump)
+    d.set_defaults(command_name="dump")
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the command line on `argv` (default: `sys.argv[1:]`) and return the exit code."""
+    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except QuambaError as exc:
+        from . import commands  # the heavy imports (torch, transformers) start here
+
+        return getattr(commands, f"cmd_{args.command_name}")(args)
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"quamba-fx: error: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
+        print("quamba-fx: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (QuambaError, OSError) as exc:  # OSError: a file we were asked to read or write
         if args.debug:
             raise
-        print(f"quamba-fx: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"quamba-fx: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug of ours: still one line, and how to see more
+        if args.debug:
+            raise
+        print(f"quamba-fx: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

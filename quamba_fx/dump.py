@@ -16,11 +16,12 @@ import torch
 import torch.fx
 
 from .capture import META_KEY
-from .errors import MissingDependencyError
+from .catalog import DUMP_FORMATS
+from .errors import InvalidArgumentError, MissingDependencyError
 from .graph_info import block, fetch_attr, info, is_kind
 
 SCHEMA_VERSION = 1
-FORMATS = ("text", "json", "dot", "svg")
+FORMATS = DUMP_FORMATS
 _CORE_KEYS = ("role", "block", "module")
 
 
@@ -104,7 +105,7 @@ def _selected(gm: torch.fx.GraphModule, only_block: int | None) -> list[torch.fx
         return nodes
     num_blocks = gm.meta.get(META_KEY, {}).get("num_blocks")
     if num_blocks is not None and not 0 <= only_block < num_blocks:
-        raise ValueError(f"block {only_block} does not exist: the graph has blocks 0..{num_blocks - 1}")
+        raise InvalidArgumentError(f"block {only_block} does not exist: the graph has blocks 0..{num_blocks - 1}")
     return [n for n in nodes if block(n) == only_block]
 
 
@@ -209,7 +210,7 @@ _RENDERERS = {"text": to_text, "json": to_json, "dot": to_dot, "svg": to_svg}
 def dump(gm: torch.fx.GraphModule, format: str = "text", block: int | None = None) -> str:
     """Render `gm` as `text`, `json`, `dot` or `svg`; `block` keeps only that block's nodes."""
     if format not in _RENDERERS:
-        raise ValueError(f"unknown dump format {format!r}; choose one of {', '.join(FORMATS)}")
+        raise InvalidArgumentError(f"unknown dump format {format!r}; choose one of {', '.join(FORMATS)}")
     return _RENDERERS[format](gm, block)
 
 

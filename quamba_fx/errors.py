@@ -11,6 +11,10 @@ class UnsupportedModelError(QuambaError, TypeError):
     """The object handed to `capture` (or named on the command line) is not a supported Mamba model."""
 
 
+class InvalidArgumentError(QuambaError, ValueError):
+    """A public function or command got an argument it cannot use: an unknown block, recipe or format."""
+
+
 class CheckpointError(QuambaError, OSError):
     """A model directory is missing, incomplete, or its files cannot be read."""
 

@@ -7,40 +7,14 @@ shapes, so capture, dump and benchmarks see real architectures even without thei
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import MambaConfig, MambaForCausalLM, MambaModel
 
+from .catalog import BUILTIN_SHAPES, DEFAULT_MODEL, PACKAGED_MODELS, BuiltinShape  # noqa: F401  (re-exported)
 from .errors import CheckpointError, UnsupportedModelError
-
-
-@dataclass(frozen=True)
-class BuiltinShape:
-    """The architecture of one published Mamba-1 checkpoint (vocab 50280, d_state 16, expand 2, conv 4)."""
-
-    hidden_size: int
-    num_hidden_layers: int
-    vocab_size: int = 50280
-
-
-BUILTIN_SHAPES: dict[str, BuiltinShape] = {
-    "mamba-tiny": BuiltinShape(hidden_size=64, num_hidden_layers=2, vocab_size=256),
-    "mamba-130m": BuiltinShape(hidden_size=768, num_hidden_layers=24),
-    "mamba-370m": BuiltinShape(hidden_size=1024, num_hidden_layers=48),
-    "mamba-790m": BuiltinShape(hidden_size=1536, num_hidden_layers=48),
-    "mamba-1.4b": BuiltinShape(hidden_size=2048, num_hidden_layers=48),
-    "mamba-2.8b": BuiltinShape(hidden_size=2560, num_hidden_layers=64),
-}
-
-
-# Trained checkpoints shipped inside the package (see benchmarks/train_bytes_model.py).
-PACKAGED_MODELS: dict[str, Path] = {
-    "mamba-bytes-wt2": Path(__file__).parent / "models_data" / "mamba-bytes-wt2",
-}
-DEFAULT_MODEL = "mamba-bytes-wt2"
 
 
 def builtin_config(name: str) -> MambaConfig:

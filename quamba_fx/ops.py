@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 
 @torch.library.custom_op("quamba::selective_scan", mutates_args=())
 def selective_scan(
@@ -104,3 +106,27 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 @hadamard.register_fake
 def _hadamard_fake(x):
     return x.new_empty(x.shape)
+
+
+def check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise `InputError` unless every id lies in `[0, vocab_size)` (reads the data: a sync on GPU)."""
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise InputError(f"token ids must lie in [0, {vocab_size}); got values in [{low}, {high}]")
+
+
+@torch.library.custom_op("quamba::token_ids_in_range", mutates_args=())
+def token_ids_in_range(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`input_ids` (a copy), after `check_token_range`: the range check as a node of compiled graphs.
+
+    Compilers drop plain Python checks from the graphs they build; an out-of-range id then reaches a
+    compiled embedding, which fails with an index assert that names no token, or aborts the process.
+    As an opaque op the check stays, and it costs a copy of the ids, not of the activations.
+    """
+    check_token_range(input_ids, vocab_size)
+    return input_ids.clone()
+
+
+@token_ids_in_range.register_fake
+def _token_ids_in_range_fake(input_ids, vocab_size):
+    return torch.empty_like(input_ids)

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch.fx
 
+from .catalog import RECIPE_NAMES
+from .errors import InvalidArgumentError
 from .graph_info import is_kind, op_name
 from .quant.observers import AbsMaxObserver, Observer, PercentileObserver
 
@@ -68,10 +70,7 @@ def make_recipe(name: str, percentile: float = 99.999) -> Recipe:
     if name == "quamba":
         return Recipe("quamba", hadamard=True, observers={CONV_OUT: lambda: PercentileObserver(percentile)},
                       percentile=percentile)
-    raise ValueError(f"unknown recipe {name!r}; choose 'naive' or 'quamba'")
-
-
-RECIPE_NAMES = ("naive", "quamba")
+    raise InvalidArgumentError(f"unknown recipe {name!r}; choose 'naive' or 'quamba'")
 
 
 def block_paths(gm: torch.fx.GraphModule) -> list[str]:

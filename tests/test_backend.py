@@ -113,6 +113,20 @@ def test_quantized_graph_matches_eager_across_shapes(quantized, verify_calls):
     assert count_ops(verify_calls[0], "int8_linear") == 4 * 2  # in/x/dt/out_proj of 2 blocks
 
 
+def test_out_of_range_token_ids_raise_input_error_in_the_compiled_graph(quantized, verify_calls):
+    # Dynamo drops the eager range check; without the guard op an id past the vocabulary reached
+    # Inductor's embedding kernel, which failed with an index assert (or aborted the process).
+    compiled = torch.compile(quantized, backend="quamba", dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids()), quantized(ids()))
+        for bad in (torch.full((2, 8), 97), torch.full((2, 8), -1)):
+            with pytest.raises(quamba_fx.InputError, match=r"token ids must lie in \[0, 97\)"):
+                compiled(bad)
+    assert len(verify_calls) == 1
+    guards = [n for n in verify_calls[0].graph.nodes if "token_ids_in_range" in str(n.target)]
+    assert len(guards) == 1, "the range check is not a node of the compiled graph"
+
+
 def test_fuse_option_fuses_every_block_and_matches_fused_eager(quantized, verify_calls):
     fused = quamba_fx.fuse(quantized)
     compiled = torch.compile(quantized, backend="quamba", dynamic=False, options={"fuse": True})

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
+import torch
 
 from quamba_fx.cli import main
 
@@ -73,8 +77,11 @@ def test_errors_are_one_line_with_exit_codes(capsys):
     assert main(["dump", "no-such-model"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("quamba-fx: error: 'no-such-model' is neither a built-in model") and err.count("\n") == 1
-    assert main(["dump", "mamba-tiny", "--block", "9"]) == 2
-    assert "block 9 does not exist" in capsys.readouterr().err
+    # A block the model does not have is found once the model is loaded: the command fails (1);
+    # only what the parser itself can reject is bad usage (2).
+    assert main(["dump", "mamba-tiny", "--block", "9"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("quamba-fx: error: block 9 does not exist") and err.count("\n") == 1
     with pytest.raises(SystemExit) as exit_info:
         main(["dump"])
     assert exit_info.value.code == 2
@@ -144,3 +151,71 @@ def test_kernels_flag_refuses_float_models_and_sampling(checkpoint, capsys):
     assert "is a float model; quantize it first" in capsys.readouterr().err
     assert main(["generate", str(checkpoint), "--prompt", "x", "--kernels", "--sample", "--device", "cpu"]) == 1
     assert "--kernels decodes greedily" in capsys.readouterr().err
+
+
+USAGE_ERRORS = [
+    (["bench", "mamba-tiny", "--seq-len", "-5"], "argument --seq-len: must be at least 1, got -5"),
+    (["dump", "mamba-tiny", "--seq-len", "-5"], "argument --seq-len: must be at least 1, got -5"),
+    (["dump", "mamba-tiny", "--batch", "0"], "argument --batch: must be at least 1, got 0"),
+    (["dump", "mamba-tiny", "--block", "-1"], "argument --block: must be at least 0, got -1"),
+    (["bench", "mamba-tiny", "--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    (["bench", "mamba-tiny", "--batch", "two"], "argument --batch: expected an integer, got 'two'"),
+    (["quantize", "mamba-tiny", "--out", "x", "--percentile", "200"], "a percentile lies in (0, 100], got 200"),
+    (["eval", "mamba-tiny", "--calib", "/no/such/file.txt"], "argument --calib: /no/such/file.txt does not exist"),
+    (["generate", "mamba-tiny", "--prompt", "a", "--temperature", "nan"], "must be a finite number above 0, got nan"),
+]
+
+
+@pytest.mark.parametrize("argv, message", USAGE_ERRORS, ids=[" ".join(a[:1] + a[2:3]) for a, _ in USAGE_ERRORS])
+def test_bad_arguments_are_usage_errors_from_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_help_and_usage_errors_import_neither_torch_nor_transformers():
+    # `quamba-fx --help` used to pay seconds of torch/transformers imports before printing anything.
+    script = textwrap.dedent("""
+        import sys
+        from quamba_fx.cli import main
+        for argv in (["--help"], ["bench", "m", "--seq-len", "-5"], ["dump"]):
+            try:
+                main(argv)
+            except SystemExit:
+                pass
+        heavy = sorted(m for m in ("torch", "transformers", "triton") if m in sys.modules)
+        print("heavy:", heavy)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "heavy: []" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cuda_without_a_gpu_is_one_line(capsys):
+    assert main(["bench", "mamba-tiny", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err == "quamba-fx: error: --device cuda: no CUDA GPU is visible to torch here; use --device cpu\n"
+
+
+def test_unwritable_dump_destination_is_one_line(capsys):
+    assert main(["dump", "mamba-tiny", "--out", "/proc/quamba-fx-dump.txt"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("quamba-fx: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_an_unexpected_exception_is_one_line_with_a_hint(monkeypatch, capsys):
+    from quamba_fx import commands
+
+    def broken(args):
+        raise RuntimeError("something\nthat spans lines")
+
+    monkeypatch.setattr(commands, "cmd_dump", broken)
+    assert main(["dump", "mamba-tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("quamba-fx: internal error: RuntimeError: something that spans lines (rerun with --debug")
+    with pytest.raises(RuntimeError):
+        main(["--debug", "dump", "mamba-tiny"])

@@ -140,6 +140,32 @@ def test_nan_activation_names_node_and_block():
         calibrate(quamba_fx.capture(make_model(tiny_config())), [], "naive", progress=False)
 
 
+def test_one_2d_tensor_is_calibrated_as_one_batch(float_gm):
+    # It used to be iterated row by row, each row failing as "got (24,)".
+    ids = torch.cat(token_batches(97))
+    one = calibrate(float_gm, ids, "naive", progress=False)
+    listed = calibrate(float_gm, [ids], "naive", progress=False)
+    assert one.batches == 1 and one.scales() == listed.scales()
+
+
+BAD_CALIBRATION = [
+    (torch.randint(0, 97, (24,)), r"one tensor of shape \(24,\); expected input_ids \[batch, seq_len\]"),
+    ([torch.full((2, 8), float("nan"))], r"calibration batch 0 \(shape \(2, 8\)\): input_ids must be int64 or int32"),
+    ([torch.randint(0, 97, (2, 8)), torch.full((2, 8), 500)],
+     r"calibration batch 1 \(shape \(2, 8\)\): token ids must lie in \[0, 97\); got values in \[500, 500\]"),
+    ([torch.randint(0, 97, (2, 3, 4))], r"calibration batch 0 \(shape \(2, 3, 4\)\): input_ids must have shape"),
+    ([[1, 2, 3]], r"calibration batch 0 is a list, not a tensor of token ids"),
+]
+
+
+@pytest.mark.parametrize("data, message", BAD_CALIBRATION, ids=["1d", "nan-floats", "out-of-range", "3d", "list"])
+def test_bad_calibration_batches_are_named_in_one_line(float_gm, data, message):
+    with pytest.raises(CalibrationError, match=message) as info:
+        calibrate(float_gm, data, "naive", progress=False)
+    # torch.fx's interpreter appends "While executing ..." and graph internals unless told not to.
+    assert "\n" not in str(info.value) and "While executing" not in str(info.value)
+
+
 def test_saved_calibration_reproduces_the_quantized_model(float_gm, quantized, tmp_path):
     calib = calibrate(RotateOutProjInput()(copy.deepcopy(float_gm)).graph_module, token_batches(97), "quamba",
                       progress=False)

@@ -27,6 +27,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..errors import InvalidArgumentError
 from ..graph_info import fetch_attr, info, op_name
 from ..kernels import ops as kernel_ops  # noqa: F401  (registers the kernel ops)
 from ..quant.linear import QuantizedLinear
@@ -330,7 +331,7 @@ def lower(quantized: torch.fx.GraphModule, dtype: torch.dtype = torch.float16) -
 
     meta = quantized.meta.get("quamba", {})
     if not meta.get("recipe"):
-        raise ValueError("lower needs a quantized graph (quamba_fx.quantize or from_pretrained of a W8A8 checkpoint)")
+        raise InvalidArgumentError("lower needs a quantized graph (quamba_fx.quantize or from_pretrained of a W8A8 checkpoint)")
     gm = Pipeline([FuseConv1dSiLU(), LowerToKernels(dtype)])(copy.deepcopy(quantized))
     gm.meta["quamba"]["fused"] = True
     gm.meta["quamba"]["lowered"] = str(dtype).replace("torch.", "")

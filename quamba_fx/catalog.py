@@ -1,0 +1,38 @@
+"""Names the command line offers before anything heavy is imported: built-in models, recipes, formats.
+
+This module imports neither torch nor transformers, so `quamba-fx --help` and usage errors answer
+at once. The modules that act on these names (`models`, `recipe`, `dump`) import them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BuiltinShape:
+    """The architecture of one published Mamba-1 checkpoint (vocab 50280, d_state 16, expand 2, conv 4)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    vocab_size: int = 50280
+
+
+BUILTIN_SHAPES: dict[str, BuiltinShape] = {
+    "mamba-tiny": BuiltinShape(hidden_size=64, num_hidden_layers=2, vocab_size=256),
+    "mamba-130m": BuiltinShape(hidden_size=768, num_hidden_layers=24),
+    "mamba-370m": BuiltinShape(hidden_size=1024, num_hidden_layers=48),
+    "mamba-790m": BuiltinShape(hidden_size=1536, num_hidden_layers=48),
+    "mamba-1.4b": BuiltinShape(hidden_size=2048, num_hidden_layers=48),
+    "mamba-2.8b": BuiltinShape(hidden_size=2560, num_hidden_layers=64),
+}
+
+# Trained checkpoints shipped inside the package (see benchmarks/train_bytes_model.py).
+PACKAGED_MODELS: dict[str, Path] = {
+    "mamba-bytes-wt2": Path(__file__).parent / "models_data" / "mamba-bytes-wt2",
+}
+DEFAULT_MODEL = "mamba-bytes-wt2"
+
+RECIPE_NAMES = ("naive", "quamba")
+DUMP_FORMATS = ("text", "json", "dot", "svg")
