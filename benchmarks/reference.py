@@ -68,6 +68,7 @@ DECODE_BATCHES = [1, 16, 64]
 DECODE_STEPS = 256  # 64 steps of a 130m batch-1 decode last only ~45 ms: too short a window
 PROMPT_LEN = 16
 DEVICE = "cuda"
+BUDGET_S = 1.0  # seconds of repetitions per timed row (at least 3); --smoke sets 0
 _STARTED = time.perf_counter()
 
 
@@ -253,7 +254,7 @@ def build(name: str, with_ref: bool) -> tuple:
 def _timed(result_ms: dict, key: str, label: str, fn: Callable[[], object], slow: bool) -> None:
     started = time.perf_counter()
     try:
-        result_ms[key] = time_ms(fn, budget_s=1.0, max_reps=5 if slow else 20)
+        result_ms[key] = time_ms(fn, budget_s=BUDGET_S, max_reps=5 if slow else 20)
         log(f"  {label} {key}: {result_ms[key]:.3f} ms ({time.perf_counter() - started:.1f} s with warm-up)")
     except Exception as exc:  # one failing row must not lose the rest of the run
         print(f"  [{label} {key}] failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr, flush=True)
@@ -444,7 +445,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global DEVICE
+    global DEVICE, BUDGET_S
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["mamba-130m", "mamba-2.8b"])
     parser.add_argument("--prefill", nargs="*", type=_shape, default=PREFILL_SHAPES, metavar="BxL")
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="check the script on CPU: mamba-tiny, tiny shapes, our side only")
     args = parser.parse_args(argv)
     if args.smoke:
-        DEVICE = "cpu"
+        DEVICE, BUDGET_S = "cpu", 0.0
         args.models, args.breakdown_models = ["mamba-tiny"], ["mamba-tiny"]
         args.prefill, args.breakdown_shapes = [(1, 8), (2, 16)], [(1, 16)]
         args.decode_batches, args.steps = [1, 2], 3
