@@ -409,7 +409,7 @@ def print_tables(results: list[dict], bandwidth: float) -> None:
             print(f"| {r['model']} | {row['batch']} | {_cell(t.get(REF), '.0f')} | {_cell(t.get(OURS), '.0f')} | "
                   f"{_ratio(t.get(OURS), t.get(REF))} | {share(REF)} | {share(OURS)} |")
     print("\nWeights and decode state (bytes per sequence)\n")
-    print(f"| model | {REF} fp16 weights GB | W8A8 weights GB | {REF} state MB/seq | W8A8 state MB/seq | "
+    print(f"| model | {REF} fp16 weights GB | W8A8 weights GB | {REF} state MiB/seq | W8A8 state MiB/seq | "
           f"logits rel. error vs HF fp32 ({REF} / W8A8) |")
     print("|---|---|---|---|---|---|")
     for r in results:
