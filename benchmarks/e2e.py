@@ -93,11 +93,13 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def random_model(name: str):
+def random_model(name: str, device: str | None = None):
+    """The seeded random `MambaForCausalLM` of a built-in shape, in/x/out_proj re-drawn on `device`
+    (default: this script's) as mamba_ssm initialises them; benchmarks/reference.py times it too."""
     import quamba_fx
     from transformers import MambaForCausalLM
 
-    with torch.device(DEVICE):
+    with torch.device(device or DEVICE):
         torch.manual_seed(0)
         model = MambaForCausalLM(quamba_fx.builtin_config(name)).eval()
         with torch.no_grad():

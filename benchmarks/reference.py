@@ -1,0 +1,507 @@
+"""Speed against the reference stack: mamba_ssm fp16 vs our lowered W8A8, same weights, one process.
+
+    python benchmarks/reference.py [--models mamba-130m mamba-2.8b] [--prefill 1x128 1x2048 8x2048]
+        [--decode-batches 1 16 64] [--breakdown-models mamba-2.8b] [--json PATH] [--smoke]
+
+Needs CUDA and the reference stack of /work/shared/anchors (`anchors.py` importable: put its folder
+on PYTHONPATH). For each model shape, from ONE seeded random `MambaForCausalLM` (in/x/out_proj drawn
+as mamba_ssm initialises them, as benchmarks/e2e.py does):
+
+* the reference: `anchors.mamba_ssm_from_hf(model, float16)`, mamba_ssm's `MambaLMHeadModel` (CUDA
+  selective scan and causal conv1d, Triton fused add+RMSNorm, cuBLAS fp16 GEMMs);
+* ours: `quamba_fx.lower(quamba_fx.quantize(model, one 1 x 256 calibration batch))`, W8A8.
+
+Rows (ratio = reference / ours, so > 1 means we are faster):
+
+* prefill ms of a full forward to logits at each (B, L), plain calls and CUDA-graph replays;
+* decode tokens/s of greedy steps after a 16-token prompt, both replaying a captured step: the
+  reference through mamba_ssm's own `update_graph_cache` (what `generate(..., cg=True)` runs), ours
+  through `quamba_fx.Generator`; each stack's share of its bandwidth limit, batch x (measured copy
+  bandwidth) / (bytes read per step: the weights, and the weights plus the decode state read and
+  written);
+* kernel time by kind (scan, GEMM, conv, norm, Hadamard, other) from `torch.profiler`, for the
+  prefill shapes of `--breakdown-shapes` and one batch-1 decode step (plain calls: the same kernels
+  a replay runs).
+
+`--smoke` checks the script on CPU without mamba_ssm (mamba-tiny, our side only, tiny shapes): the
+numbers mean nothing there, the table, JSON and profiler logic run. tests/test_reference_script.py
+runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_timing, e2e (also when imported by a test)
+from gpu_timing import write_json  # noqa: E402
+
+REF, OURS = "mamba_ssm", "w8a8"
+KINDS = ("scan", "GEMM", "conv", "norm", "Hadamard", "other")
+# First match wins: Hadamard before GEMM (our hadamard_quantize may contain "dot"), scan before the
+# rest. Names seen: mamba_ssm `selective_scan_fwd_kernel`, `_selective_scan_update_kernel`,
+# `causal_conv1d_fwd_kernel`, `_layer_norm_fwd_1pass_kernel`; ours `_selective_scan_kernel`,
+# `_selective_state_update_kernel`, `_causal_conv1d_silu_int8_kernel`, `_add_rmsnorm_kernel`,
+# `_hadamard_kernel`, `_int8_gemm_jit`; cuBLAS `nvjet_*`, `sm90_xmma_gemm_*`, `gemv2T_kernel*`,
+# `splitKreduce_kernel`; on CPU (smoke) the op names `quamba::w8a8_linear`, `aten::addmm`.
+_PATTERNS = (
+    ("Hadamard", r"hadamard"),
+    ("scan", r"selective_(scan|state)|scan_update|ssm_scan"),
+    ("conv", r"conv1d"),
+    ("norm", r"rms_?norm|layer_?norm"),
+    ("GEMM", r"gemm|gemv|xmma|cutlass|nvjet|cublas|splitk|matmul|linear|wgmma|dot_kernel|_int_mm"
+             r"|aten::(mm|addmm|bmm)$"),
+)
+
+PREFILL_SHAPES = [(1, 128), (1, 2048), (8, 2048)]
+BREAKDOWN_SHAPES = [(1, 2048), (8, 2048)]
+DECODE_BATCHES = [1, 16, 64]
+DECODE_STEPS = 256  # 64 steps of a 130m batch-1 decode last only ~45 ms: too short a window
+PROMPT_LEN = 16
+DEVICE = "cuda"
+BUDGET_S = 1.0  # seconds of repetitions per timed row (at least 3); --smoke sets 0
+_STARTED = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress with the seconds since start: each device call must fit a time limit."""
+    print(f"[{time.perf_counter() - _STARTED:6.1f} s] {msg}", flush=True)
+
+
+def _fail(msg: str) -> None:
+    print(f"benchmarks/reference.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def classify(kernel_name: str) -> str:
+    """The kind (one of `KINDS`) of a GPU kernel or, on CPU, an op name."""
+    name = kernel_name.lower()
+    for kind, pattern in _PATTERNS:
+        if re.search(pattern, name):
+            return kind
+    return "other"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_ms(fn: Callable[[], object], budget_s: float = 1.0, max_reps: int = 20) -> float:
+    """Median wall time of `fn` (synchronized) after one warm-up call (compilation, autotuning)."""
+    fn()
+    sync()
+    times: list[float] = []
+    while len(times) < max_reps and (sum(times) < budget_s * 1e3 or len(times) < 3):
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 2**30) -> float:
+    """Bytes/s of a device copy, counting bytes read plus written: the memory-bound ceiling."""
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), budget_s=0.5, max_reps=50)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers, each storage once (tied embeddings count once)."""
+    seen, total = set(), 0
+    for t in (*module.parameters(), *module.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def kernel_breakdown(fn: Callable[[], object], calls: int = 3) -> dict[str, float]:
+    """Milliseconds per call of `fn` by kernel kind (and "total"), from `torch.profiler`.
+
+    On CUDA the device kernels are summed; on CPU (smoke) the ops' self time.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm-up outside the profile: autotuning is not kernel time of the model
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    us = dict.fromkeys(KINDS, 0.0)
+    for event in prof.events():
+        if DEVICE == "cuda":
+            if event.device_type != DeviceType.CUDA:
+                continue
+            took = event.device_time_total
+        else:
+            if event.device_type != DeviceType.CPU:
+                continue
+            took = event.self_cpu_time_total
+        us[classify(event.name)] += took
+    ms = {kind: t / 1e3 / calls for kind, t in us.items()}
+    ms["total"] = sum(ms.values())
+    return ms
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return float((x - ref).norm() / ref.norm())
+
+
+class RefDecoder:
+    """mamba_ssm's own cached decoding, as its `generate` runs it: prefill through `InferenceParams`,
+    then one step per token, replayed from the graph `update_graph_cache` captures (`cuda_graph`)."""
+
+    def __init__(self, ref, batch_size: int, max_length: int, cuda_graph: bool = True):
+        from mamba_ssm.utils.generation import InferenceParams, update_graph_cache
+
+        self.ref, self.batch_size, self.max_length = ref, batch_size, max_length
+        self.cache = None
+        if cuda_graph:
+            self.cache = update_graph_cache(ref, None, batch_size, PROMPT_LEN, max_length)
+            self.params = self.cache.inference_params
+        else:
+            self.params = InferenceParams(max_seqlen=max_length, max_batch_size=batch_size)
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=DEVICE)
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for states in self.params.key_value_memory_dict.values()
+                   for t in states)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        self.params.reset(self.max_length, self.batch_size)
+        logits = self.ref(ids, inference_params=self.params, num_last_tokens=1).logits[:, -1]
+        self.params.seqlen_offset += ids.shape[1]
+        return logits
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens.reshape(self.batch_size, 1)
+        if self.cache is not None:
+            self.positions.fill_(self.params.seqlen_offset)
+            logits = self.cache.run(ids, self.positions, self.params.seqlen_offset)
+        else:
+            logits = self.ref(ids, inference_params=self.params, num_last_tokens=1).logits
+        self.params.seqlen_offset += 1
+        return logits[:, -1]
+
+
+def decode_rate(prefill: Callable, decode: Callable, prompt: torch.Tensor, steps: int) -> float:
+    """Tokens/s of greedy steps (decode + argmax) after `prompt`, after 3 warm-up steps; `prefill`
+    returns the last position's logits `[B, V]`, `decode` maps tokens `[B]` to logits `[B, V]`."""
+    token = prefill(prompt).argmax(-1)
+    for _ in range(3):
+        token = decode(token).argmax(-1)
+    sync()
+    started = time.perf_counter()
+    for _ in range(steps):
+        token = decode(token).argmax(-1)
+    sync()
+    return prompt.shape[0] * steps / (time.perf_counter() - started)
+
+
+def build(name: str, with_ref: bool) -> tuple:
+    """(lowered W8A8, mamba_ssm fp16 or None, same-weights check, vocab) from one seeded random model."""
+    import quamba_fx
+    from e2e import random_model
+
+    model = random_model(name, DEVICE)
+    vocab = model.config.vocab_size
+    started = time.perf_counter()
+    calib = [torch.randint(0, vocab, (1, 256), device=DEVICE)]
+    lowered = quamba_fx.lower(quamba_fx.quantize(model, calib, progress=False))
+    log(f"{name}: quantized and lowered in {time.perf_counter() - started:.1f} s")
+    check_ids = torch.randint(0, vocab, (1, 128), device=DEVICE)
+    with torch.inference_mode():
+        # fp32 HF logits before mamba_ssm is importable, so HF surely runs its own torch path.
+        hf_logits = model(check_ids, use_cache=False).logits.float()
+        check = {"shape": [1, 128], "w8a8 vs hf fp32": rel_error(lowered(check_ids), hf_logits)}
+    ref = None
+    if with_ref:
+        import anchors
+
+        ref = anchors.mamba_ssm_from_hf(model, torch.float16)
+        with torch.inference_mode():
+            check[f"{REF} fp16 vs hf fp32"] = rel_error(ref(check_ids).logits[..., :vocab], hf_logits)
+    log(f"{name}: logits relative error on {check['shape']}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in check.items() if k != "shape"))
+    del model, hf_logits
+    empty_cache()
+    return lowered, ref, check, vocab
+
+
+def _timed(result_ms: dict, key: str, label: str, fn: Callable[[], object], slow: bool) -> None:
+    started = time.perf_counter()
+    try:
+        result_ms[key] = time_ms(fn, budget_s=BUDGET_S, max_reps=5 if slow else 20)
+        log(f"  {label} {key}: {result_ms[key]:.3f} ms ({time.perf_counter() - started:.1f} s with warm-up)")
+    except Exception as exc:  # one failing row must not lose the rest of the run
+        print(f"  [{label} {key}] failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr, flush=True)
+        result_ms[key] = None
+
+
+def bench_prefill(lowered, ref, shapes, graphs: bool, vocab: int) -> list[dict]:
+    from gpu_timing import graphed
+
+    rows = []
+    for batch, length in shapes:
+        ids = torch.randint(0, vocab, (batch, length), device=DEVICE)
+        row = {"shape": [batch, length], "ms": {}}
+        slow = batch * length >= 8192
+        impls: dict[str, Callable[[], Callable]] = {}
+        if ref is not None:
+            impls[REF] = lambda: (lambda: ref(ids).logits)
+        impls[OURS] = lambda: (lambda: lowered(ids))
+        if graphs and DEVICE == "cuda":
+            if ref is not None:
+                impls[f"{REF} graph"] = lambda: graphed(lambda: ref(ids).logits)
+            impls[f"{OURS} graph"] = lambda: graphed(lambda: lowered(ids))
+        for key, make in impls.items():
+            try:
+                fn = make()  # a graph is captured here (its warm-up autotunes)
+            except Exception as exc:
+                print(f"  [{batch}x{length} {key}] capture failed: {type(exc).__name__}: {exc}"[:400],
+                      file=sys.stderr, flush=True)
+                row["ms"][key] = None
+                continue
+            _timed(row["ms"], key, f"prefill {batch}x{length}", fn, slow)
+            del fn
+            empty_cache()
+        rows.append(row)
+    return rows
+
+
+def bench_decode(lowered, ref, batches, steps: int, vocab: int) -> list[dict]:
+    import quamba_fx
+
+    rows = []
+    for batch in batches:
+        prompt = torch.randint(0, vocab, (batch, PROMPT_LEN), device=DEVICE)
+        row: dict = {"batch": batch, "tokens_per_s": {}, "state_bytes": {}}
+        if ref is not None:
+            try:
+                dec = RefDecoder(ref, batch, PROMPT_LEN + steps + 8)
+                row["tokens_per_s"][REF] = decode_rate(dec.prefill, dec.decode, prompt, steps)
+                row["state_bytes"][REF] = dec.state_bytes
+                del dec
+            except Exception as exc:
+                print(f"  [decode {batch} {REF}] failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr, flush=True)
+                row["tokens_per_s"][REF] = None
+        gen = quamba_fx.Generator(lowered, batch, cuda_graph=DEVICE == "cuda")
+        row["tokens_per_s"][OURS] = decode_rate(lambda p: gen.prefill(p)[:, -1], gen.decode, prompt, steps)
+        row["state_bytes"][OURS] = gen.cache.nbytes
+        del gen
+        empty_cache()
+        log(f"  decode batch {batch}: " + ", ".join(
+            f"{k} {v:.0f} tok/s" if v else f"{k} failed" for k, v in row["tokens_per_s"].items()))
+        rows.append(row)
+    return rows
+
+
+def bench_breakdown(lowered, ref, shapes, vocab: int) -> dict[str, dict]:
+    import quamba_fx
+
+    out: dict[str, dict] = {}
+    for batch, length in shapes:
+        ids = torch.randint(0, vocab, (batch, length), device=DEVICE)
+        label = f"{batch}x{length}"
+        out[label] = {}
+        if ref is not None:
+            out[label][REF] = kernel_breakdown(lambda: ref(ids).logits)
+        out[label][OURS] = kernel_breakdown(lambda: lowered(ids))
+        log(f"  breakdown {label}: " + "; ".join(
+            f"{k} " + ", ".join(f"{kind} {ms:.2f}" for kind, ms in v.items()) for k, v in out[label].items()))
+    prompt = torch.randint(0, vocab, (1, PROMPT_LEN), device=DEVICE)
+    label = "decode 1"
+    out[label] = {}
+    token = prompt[:, -1]
+    if ref is not None:
+        dec = RefDecoder(ref, 1, PROMPT_LEN + 64, cuda_graph=False)
+        dec.prefill(prompt)
+        out[label][REF] = kernel_breakdown(lambda: dec.decode(token), calls=5)
+    gen = quamba_fx.Generator(lowered, 1, cuda_graph=False)
+    gen.prefill(prompt)
+    out[label][OURS] = kernel_breakdown(lambda: gen.decode(token), calls=5)
+    log(f"  breakdown {label}: " + "; ".join(
+        f"{k} " + ", ".join(f"{kind} {ms:.3f}" for kind, ms in v.items()) for k, v in out[label].items()))
+    return out
+
+
+def bench_model(name: str, args, bandwidth: float, result: dict, save: Callable[[], None]) -> None:
+    """Fills `result` section by section, calling `save` after each (a timeout keeps the rest)."""
+    lowered, ref, check, vocab = build(name, with_ref=not args.smoke)
+    result.update(check=check, weight_bytes={OURS: weight_bytes(lowered), **({REF: weight_bytes(ref)} if ref else {})},
+                  prefill=[], decode=[])
+    with torch.inference_mode():
+        result["prefill"] = bench_prefill(lowered, ref, args.prefill, not args.no_graph, vocab)
+        save()
+        result["decode"] = bench_decode(lowered, ref, args.decode_batches, args.steps, vocab)
+        for row in result["decode"]:
+            row["limit_fraction"] = limit_fractions(row, result["weight_bytes"], bandwidth)
+        save()
+        if name in args.breakdown_models:
+            result["breakdown"] = bench_breakdown(lowered, ref, args.breakdown_shapes, vocab)
+            save()
+
+
+def limit_fractions(row: dict, weights: dict, bandwidth: float) -> dict:
+    """Measured tokens/s over the bandwidth limit batch * bandwidth / bytes per step, with the bytes
+    of the weights alone and of the weights plus the decode state read and written once each."""
+    out = {}
+    for impl, rate in row["tokens_per_s"].items():
+        if not rate or impl not in weights:
+            continue
+        per_step = {"weights": weights[impl], "weights+state": weights[impl] + 2 * row["state_bytes"][impl]}
+        out[impl] = {k: rate / (row["batch"] * bandwidth / b) for k, b in per_step.items()}
+    return out
+
+
+def _cell(value, fmt: str) -> str:
+    return format(value, fmt) if value else "-"
+
+
+def _ratio(ref, ours) -> str:
+    return f"{ref / ours:.2f}x" if ref and ours else "-"
+
+
+def print_tables(results: list[dict], bandwidth: float) -> None:
+    """Markdown tables (docs/benchmarks.md quotes them): ratio = reference / ours, > 1: we are faster."""
+    print(f"\nPrefill, ms per forward to logits (ratio = {REF} / ours; > 1: ours faster)\n")
+    print(f"| model | B x L | {REF} fp16 ms | W8A8 ms | ratio | {REF} graph ms | W8A8 graph ms | ratio (graph) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        for row in r["prefill"]:
+            ms = row["ms"]
+            g_ref, g_ours = ms.get(f"{REF} graph"), ms.get(f"{OURS} graph")
+            print(f"| {r['model']} | {row['shape'][0]} x {row['shape'][1]} | {_cell(ms.get(REF), '.2f')} | "
+                  f"{_cell(ms.get(OURS), '.2f')} | {_ratio(ms.get(REF), ms.get(OURS))} | {_cell(g_ref, '.2f')} | "
+                  f"{_cell(g_ours, '.2f')} | {_ratio(g_ref, g_ours)} |")
+    print(f"\nDecode, tokens/s, CUDA-graph steps (ratio = ours / {REF}; > 1: ours faster); share of the "
+          f"bandwidth limit batch x {bandwidth / 1e12:.2f} TB/s / bytes per step (weights | weights + state r/w)\n")
+    print(f"| model | batch | {REF} fp16 tok/s | W8A8 tok/s | ratio | {REF} % of limit | W8A8 % of limit |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        for row in r["decode"]:
+            t, frac = row["tokens_per_s"], row.get("limit_fraction", {})
+            share = lambda k: (f"{100 * frac[k]['weights']:.1f}% \\| {100 * frac[k]['weights+state']:.1f}%"  # noqa: E731
+                               if k in frac else "-")
+            print(f"| {r['model']} | {row['batch']} | {_cell(t.get(REF), '.0f')} | {_cell(t.get(OURS), '.0f')} | "
+                  f"{_ratio(t.get(OURS), t.get(REF))} | {share(REF)} | {share(OURS)} |")
+    print("\nWeights and decode state (bytes per sequence)\n")
+    print(f"| model | {REF} fp16 weights GB | W8A8 weights GB | {REF} state MiB/seq | W8A8 state MiB/seq | "
+          f"logits rel. error vs HF fp32 ({REF} / W8A8) |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        wb, c = r["weight_bytes"], r["check"]
+        row = r["decode"][0] if r["decode"] else {"batch": 1, "state_bytes": {}}
+        state = lambda k: (f"{row['state_bytes'][k] / row['batch'] / 2**20:.2f}"  # noqa: E731
+                           if k in row["state_bytes"] else "-")
+        err = f"{_cell(c.get(f'{REF} fp16 vs hf fp32'), '.4f')} / {c['w8a8 vs hf fp32']:.4f}"
+        print(f"| {r['model']} | {_cell(wb.get(REF, 0) / 1e9, '.3f')} | {wb[OURS] / 1e9:.3f} | {state(REF)} | "
+              f"{state(OURS)} | {err} |")
+    for r in results:
+        if "breakdown" not in r:
+            continue
+        labels = list(r["breakdown"])
+        print(f"\nKernel time by kind, {r['model']}, ms per call (torch.profiler, plain calls)\n")
+        print("| kind | " + " | ".join(f"{label} {REF} | {label} W8A8" for label in labels) + " |")
+        print("|---|" + "---|---|" * len(labels))
+        for kind in (*KINDS, "total"):
+            cells = []
+            for label in labels:
+                entry = r["breakdown"][label]
+                digits = ".3f" if label.startswith("decode") else ".2f"
+                cells += [format(entry[k][kind], digits) if k in entry else "-" for k in (REF, OURS)]
+            print(f"| {kind} | " + " | ".join(cells) + " |")
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        batch, length = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape BxL such as 8x2048, got {text!r}") from None
+    return batch, length
+
+
+def main(argv: list[str] | None = None) -> int:
+    global DEVICE, BUDGET_S
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["mamba-130m", "mamba-2.8b"])
+    parser.add_argument("--prefill", nargs="*", type=_shape, default=PREFILL_SHAPES, metavar="BxL")
+    parser.add_argument("--decode-batches", nargs="*", type=int, default=DECODE_BATCHES)
+    parser.add_argument("--steps", type=int, default=DECODE_STEPS, help="timed decode steps")
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph prefill rows")
+    parser.add_argument("--breakdown-models", nargs="*", default=["mamba-2.8b"],
+                        help="models to profile by kernel kind (none: no breakdown)")
+    parser.add_argument("--breakdown-shapes", nargs="*", type=_shape, default=BREAKDOWN_SHAPES, metavar="BxL")
+    parser.add_argument("--commit", default=None, help="the checkout's commit, recorded in the JSON")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--smoke", action="store_true",
+                        help="check the script on CPU: mamba-tiny, tiny shapes, our side only")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        DEVICE, BUDGET_S = "cpu", 0.0
+        args.models, args.breakdown_models = ["mamba-tiny"], ["mamba-tiny"]
+        args.prefill, args.breakdown_shapes = [(1, 8), (2, 16)], [(1, 16)]
+        args.decode_batches, args.steps = [1, 2], 3
+    else:
+        from gpu_timing import require_gpu
+
+        require_gpu("reference.py")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import transformers
+    import triton
+
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)"
+    meta = {"transformers": transformers.__version__, "commit": args.commit}
+    if not args.smoke:
+        try:  # enabled later by `mamba_ssm_from_hf`: the first HF fp32 check runs before mamba_ssm is importable
+            import anchors  # noqa: F401
+        except ImportError:
+            _fail("cannot import anchors: put the reference stack's folder (/work/shared/anchors) on PYTHONPATH")
+    print(f"device: {device}  torch {torch.__version__}  triton {triton.__version__}  transformers "
+          f"{transformers.__version__}", flush=True)
+    bandwidth = copy_bandwidth(2**30 if DEVICE == "cuda" else 2**24)
+    log(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s (bytes read + written)")
+    results: list[dict] = []
+
+    def save() -> None:  # after every section: a run cut short keeps what it measured
+        if args.json:
+            write_json(args.json, device, meta, copy_bandwidth_bytes_per_s=bandwidth, results=results)
+
+    for name in args.models:
+        torch.manual_seed(1)  # the same token ids for every model and run
+        results.append({"model": name})
+        bench_model(name, args, bandwidth, results[-1], save)
+        if "mamba_ssm" in sys.modules:
+            meta["mamba_ssm"] = getattr(sys.modules["mamba_ssm"], "__version__", "?")
+        empty_cache()
+    print_tables(results, bandwidth)
+    if args.json:
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
