@@ -239,10 +239,14 @@ def capture(
 
 
 def annotate_shapes(gm: torch.fx.GraphModule, example_shape: tuple[int, int] = (1, 8)) -> None:
-    """Record shape/dtype of every node for an `example_shape` input, using fake tensors only."""
+    """Record shape/dtype of every node for an `example_shape` input, using fake tensors only.
+
+    The example input is itself fake, so no memory is allocated whatever the shape.
+    """
     weight = next(iter(gm.parameters()))
     device = "meta" if weight.is_meta else weight.device
-    example = torch.zeros(example_shape, dtype=torch.long, device=device)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        example = torch.zeros(example_shape, dtype=torch.long, device=device)
     ShapeProp(gm, fake_mode=fake_mode).propagate(example)
     gm.meta[META_KEY]["example_shape"] = list(example_shape)
