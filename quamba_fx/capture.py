@@ -81,14 +81,15 @@ def check_input_ids(input_ids: torch.Tensor, embedding_weight: torch.Tensor) -> 
 class MambaGraphModule(torch.fx.GraphModule):
     """The GraphModule `capture` returns: a plain `torch.fx.GraphModule` plus `save_pretrained`."""
 
-    def save_pretrained(self, path) -> None:
+    def save_pretrained(self, path, overwrite: bool = True) -> None:
         """Write this graph's weights and scales (safetensors) and its recipe (JSON), atomically.
 
-        `quamba_fx.from_pretrained(path)` rebuilds the same graph; see `quamba_fx.checkpoint`.
+        `quamba_fx.from_pretrained(path)` rebuilds the same graph; see `quamba_fx.save_pretrained`
+        for what `path` may already hold and what `overwrite` allows.
         """
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, path)
+        save_pretrained(self, path, overwrite=overwrite)
 
 
 class _MambaTracer(torch.fx.Tracer):
