@@ -361,6 +361,7 @@ def test_malformed_fields_give_one_checkpoint_error(saved, field, value, message
 
 @pytest.mark.parametrize("field, value, message", [
     ("num_hidden_layers", 10000, "num_hidden_layers is 10000 but .*model.safetensors holds layers 0, 1"),
+    ("num_hidden_layers", 2**40, "num_hidden_layers is 1099511627776 but"),
     ("num_hidden_layers", 0, "source_config.num_hidden_layers must be a positive integer"),
     ("hidden_size", "32", r"source_config.hidden_size must be a positive integer|source_config is not a valid MambaConfig"),
     ("hidden_size", 64, r"has shape \[97, 32\] but .*describes \[97, 64\]"),
