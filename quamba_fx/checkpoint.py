@@ -308,18 +308,28 @@ def _hf_config(config: dict[str, Any], where: Path) -> MambaConfig:
     return hf_config
 
 
-def _check_architecture(config: dict[str, Any], hf_config: MambaConfig, header: dict, path: Path) -> None:
-    """Compare the architecture the config describes with the tensors the weights file holds."""
+def _check_layer_count(config: dict[str, Any], header: dict, path: Path) -> None:
+    """Compare the config's layer count with the layers in the weights file, before transformers
+    sees the config: building a MambaConfig allocates per layer, so 10**12 layers must stop here."""
     where, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    count = config["source_config"].get("num_hidden_layers")
+    if not _is_int(count) or count < 1:
+        raise _field_error(where, "source_config.num_hidden_layers", "a positive integer", count)
     prefix = "backbone." if config["source"] == "MambaForCausalLM" else ""
     layer = re.compile(rf"{re.escape(prefix)}layers\.(\d+)\.")
     layers = {int(m.group(1)) for name in header if (m := layer.match(name))}
-    count = hf_config.num_hidden_layers
     if len(layers) != count or max(layers, default=-1) != count - 1:  # never range(count): it may be 10**12
         raise CheckpointError(
             f"{where}: source_config.num_hidden_layers is {count} but {weights} holds layers "
             f"{name_list([str(i) for i in sorted(layers)])}: the files do not belong together"
         )
+
+
+def _check_architecture(config: dict[str, Any], hf_config: MambaConfig, header: dict, path: Path) -> None:
+    """Compare the architecture the config describes with the tensors the weights file holds."""
+    where, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    prefix = "backbone." if config["source"] == "MambaForCausalLM" else ""
+    count = hf_config.num_hidden_layers
     for alias, source in config["aliases"].items():
         if source not in header or alias in header:
             raise CheckpointError(f"{where}: alias {alias} -> {source} does not match the tensors in {weights}")
@@ -354,10 +364,11 @@ def _validated_config(path: Path) -> dict[str, Any]:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS_FILE}")
-    hf_config = _hf_config(config, path / CONFIG_FILE)
     if _sha256(weights) != config["weights_sha256"]:
         raise CheckpointError(f"{weights} does not match the SHA-256 recorded in {CONFIG_FILE}: it was modified or truncated")
     header, metadata = _read_header(weights)
+    _check_layer_count(config, header, path)
+    hf_config = _hf_config(config, path / CONFIG_FILE)
     recorded = metadata.get(CONFIG_DIGEST_KEY)
     if recorded is not None and recorded != digest:
         raise CheckpointError(
