@@ -14,6 +14,7 @@ Saving goes through `_atomic_dir`: written aside, swapped in under a lock, recov
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -161,8 +162,7 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool 
     created = _missing_ancestors(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        replaceable = lambda target: _check_replaceable(target, overwrite)  # noqa: E731
-        with _atomic_dir.replacing(path, replaceable, _is_intact) as staging:
+        with _atomic_dir.replacing(path, functools.partial(_check_replaceable, overwrite=overwrite), _is_intact) as staging:
             save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", CONFIG_DIGEST_KEY: _config_digest(config)})
             _atomic_dir.crash_point("weights-written")
             config["weights_sha256"] = _sha256(staging / WEIGHTS_FILE)
