@@ -81,14 +81,15 @@ def check_input_ids(input_ids: torch.Tensor, embedding_weight: torch.Tensor) -> 
 class MambaGraphModule(torch.fx.GraphModule):
     """The GraphModule `capture` returns: a plain `torch.fx.GraphModule` plus `save_pretrained`."""
 
-    def save_pretrained(self, path) -> None:
+    def save_pretrained(self, path, overwrite: bool = True) -> None:
         """Write this graph's weights and scales (safetensors) and its recipe (JSON), atomically.
 
-        `quamba_fx.from_pretrained(path)` rebuilds the same graph; see `quamba_fx.checkpoint`.
+        `quamba_fx.from_pretrained(path)` rebuilds the same graph; see `quamba_fx.save_pretrained`
+        for what `path` may already hold and what `overwrite` allows.
         """
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, path)
+        save_pretrained(self, path, overwrite=overwrite)
 
 
 class _MambaTracer(torch.fx.Tracer):
@@ -239,10 +240,14 @@ def capture(
 
 
 def annotate_shapes(gm: torch.fx.GraphModule, example_shape: tuple[int, int] = (1, 8)) -> None:
-    """Record shape/dtype of every node for an `example_shape` input, using fake tensors only."""
+    """Record shape/dtype of every node for an `example_shape` input, using fake tensors only.
+
+    The example input is itself fake, so no memory is allocated whatever the shape.
+    """
     weight = next(iter(gm.parameters()))
     device = "meta" if weight.is_meta else weight.device
-    example = torch.zeros(example_shape, dtype=torch.long, device=device)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        example = torch.zeros(example_shape, dtype=torch.long, device=device)
     ShapeProp(gm, fake_mode=fake_mode).propagate(example)
     gm.meta[META_KEY]["example_shape"] = list(example_shape)

@@ -19,6 +19,10 @@ class CheckpointError(QuambaError, OSError):
     """A model directory is missing, incomplete, or its files cannot be read."""
 
 
+class NonFiniteError(QuambaError, ValueError):
+    """A model's weights hold NaN or infinite values, which would silently turn every output into NaN."""
+
+
 class InputError(QuambaError, ValueError):
     """A captured graph was called with inputs it cannot run on (dtype, rank, empty sequence, ...)."""
 

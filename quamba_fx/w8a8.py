@@ -11,10 +11,12 @@ from torch import nn
 
 from .calibrate import Calibration, calibrate
 from .capture import annotate_shapes, capture
+from .errors import NonFiniteError
 from .passes.hadamard import RotateOutProjInput
 from .passes.quantize import InsertQuantDequant, LowerLinears, SinkDequantize
 from .pipeline import Pipeline
 from .recipe import Recipe, make_recipe
+from .tensor_checks import name_list, non_finite_tensors
 
 
 def float_passes(recipe: Recipe) -> list:
@@ -41,12 +43,19 @@ def quantize(
     model are never modified). Statistics come from `calibration` if given, else from running
     `calibration_data` (an iterable of `input_ids [B, L]` batches). The result runs on CPU with the
     reference int8 ops; each block's scales are buffers on its modules, e.g.
-    `qm.get_submodule("backbone.layers.0.mixer.conv1d").output_scale`.
+    `qm.get_submodule("backbone.layers.0.mixer.conv1d").output_scale`. Raises `NonFiniteError` when
+    a weight holds NaN or infinity (even one calibration never reads, like an unused embedding row).
     """
     recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
     # Always a deep copy: a fresh capture shares its modules with the user's model, and the passes
     # register scale buffers on them and swap Linears out.
     gm = copy.deepcopy(model if isinstance(model, torch.fx.GraphModule) else capture(model))
+    bad = non_finite_tensors([*gm.named_parameters(), *gm.named_buffers()])
+    if bad:
+        raise NonFiniteError(
+            f"the model holds NaN or infinite values in {name_list(bad)}: every output would be NaN; "
+            "fix or reload its weights before quantizing"
+        )
     gm = Pipeline(float_passes(recipe), dump_dir=dump_dir and f"{dump_dir}/float")(gm)
     if calibration is None:
         if calibration_data is None:
