@@ -19,6 +19,7 @@ from .errors import (
     InvalidArgumentError,
     MetaDeviceError,
     MissingDependencyError,
+    NonFiniteError,
     PassError,
     QuambaError,
     TopologyError,
@@ -44,8 +45,9 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
-    *_EXPORTS, "__version__", "CheckpointError", "InputError", "InvalidArgumentError", "MetaDeviceError", "MissingDependencyError",
-    "PassError", "QuambaError", "TopologyError", "UnsupportedModelError",
+    *_EXPORTS, "__version__", "CheckpointError", "InputError", "InvalidArgumentError", "MetaDeviceError",
+    "MissingDependencyError", "NonFiniteError", "PassError", "QuambaError", "TopologyError",
+    "UnsupportedModelError",
 ]
 
 

@@ -114,7 +114,7 @@ def _check_replaceable(path: Path, overwrite: bool) -> None:
             "refusing to replace it: choose another path or empty it"
         )
     if not overwrite:
-        raise CheckpointError(f"{path} already holds a quamba-fx checkpoint; pass overwrite=True to replace it")
+        raise CheckpointError(f"{path} already holds a quamba-fx checkpoint; pass overwrite=True (command line: --overwrite) to replace it")
 
 
 def _missing_ancestors(directory: Path) -> list[Path]:

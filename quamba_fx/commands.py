@@ -193,7 +193,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.fuse:
         qm = fuse(qm)
     verify_topology(qm)
-    qm.save_pretrained(args.out)
+    qm.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"quantized {args.model} with the {args.recipe} recipe on {calib.shape[0]} x {calib.shape[1]} bytes "
           f"in {time.perf_counter() - started:.1f} s{' (conv1d fused)' if args.fuse else ''}")
     print(f"wrote {args.out}: {state_bytes(qm) / 1e6:.2f} MB of tensors "

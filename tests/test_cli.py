@@ -95,6 +95,38 @@ def checkpoint(tmp_path_factory):
     return out
 
 
+QUICK_QUANTIZE = ["quantize", "mamba-tiny", "--calib-windows", "1", "--seq-len", "32", "--quiet"]
+
+
+def test_quantize_never_replaces_what_is_not_a_checkpoint(tmp_path, capsys):
+    # --out over a directory of someone's files used to delete them all, exit 0, no message.
+    out = tmp_path / "mine"
+    (out / "photos").mkdir(parents=True)
+    (out / "thesis.txt").write_text("four years")
+    assert main([*QUICK_QUANTIZE, "--out", str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "is not a quamba-fx checkpoint" in err and err.count("\n") == 1
+    assert (out / "thesis.txt").read_text() == "four years" and (out / "photos").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_quantize_replaces_a_checkpoint_only_with_overwrite(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main([*QUICK_QUANTIZE, "--out", str(out)]) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    assert main([*QUICK_QUANTIZE, "--out", str(out), "--recipe", "naive"]) == 1
+    assert "already holds a quamba-fx checkpoint; pass overwrite=True (command line: --overwrite)" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert main([*QUICK_QUANTIZE, "--out", str(out), "--recipe", "naive", "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["recipe"] == "naive"
+
+
+def test_quantize_to_an_unwritable_place_is_one_line(capsys):
+    assert main([*QUICK_QUANTIZE, "--out", "/proc/quamba-fx-ckpt"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("quamba-fx: error: cannot write a checkpoint to /proc/quamba-fx-ckpt") and err.count("\n") == 1
+
+
 def test_quantize_writes_a_checkpoint(checkpoint, capsys):
     assert sorted(p.name for p in checkpoint.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((checkpoint / "config.json").read_text())
