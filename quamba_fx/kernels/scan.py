@@ -163,13 +163,14 @@ def _channel_terms(u_raw, dt_raw, z_raw, u_scale, dt_scale, B_scale, z_scale, bi
 @triton.jit
 def _state_step(h, A2, dt, dtu, B_raw, C_raw, C_scale, skip, gate,
                 B_Q: tl.constexpr, C_Q: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
-    """One recurrence step on the [NS, BLOCK_D] tile; returns the new state and y (fp32 [BLOCK_D])."""
+    """One recurrence step on the [NS, BLOCK_D] tile; returns the new state and y (fp32 [BLOCK_D]).
+    B_raw and C_raw are [NS, 1] columns or [NS, BLOCK_D] tiles (the same vector in every column)."""
     Bv = _to_f32(B_raw, B_Q)
     Cv = _to_f32(C_raw, C_Q)
     # A2 = A * log2(e): exp(dt * A) as one multiply and one exp2 (MUFU ex2) per element.
     dA = tl.exp2(dt[None, :] * A2)
-    h = dA * h + dtu[None, :] * Bv[:, None]
-    y = tl.sum(h * Cv[:, None], axis=0)
+    h = dA * h + dtu[None, :] * Bv
+    y = tl.sum(h * Cv, axis=0)
     if C_Q:
         y = y * C_scale
     if HAS_D:
@@ -205,17 +206,30 @@ def _load_scale(ptr, IS_Q: tl.constexpr):
 
 
 @triton.jit
-def _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z: tl.constexpr):
+def _as_tile(x, BC_TILE: tl.constexpr):
+    """B or C as loaded ([NS, BLOCK_D] tile, or [NS] vector) -> broadcastable against the state."""
+    if BC_TILE:
+        return x
+    else:
+        return x[:, None]
+
+
+@triton.jit
+def _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_nd,
+               HAS_Z: tl.constexpr, HAS_C: tl.constexpr):
     """The raw (unconverted) inputs of one time step from its row pointers: u, delta, z along
-    channels ([BLOCK_D]) and B, C along states ([NS])."""
+    channels ([BLOCK_D]); B, C in the shape of their offsets `B_o`, `C_o` (see `BC_TILE`)."""
     u = tl.load(u_t + u_o, mask=mask_d, other=0)
     d = tl.load(t_t + t_o, mask=mask_d, other=0)
     if HAS_Z:
         z = tl.load(z_t + z_o, mask=mask_d, other=0)
     else:
         z = u
-    B = tl.load(B_t + B_o, mask=mask_n, other=0)
-    C = tl.load(C_t + C_o, mask=mask_n, other=0)
+    B = tl.load(B_t + B_o, mask=mask_nd, other=0)
+    if HAS_C:
+        C = tl.load(C_t + C_o, mask=mask_nd, other=0)
+    else:
+        C = B
     return u, d, z, B, C
 
 
@@ -223,39 +237,57 @@ def _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n,
 def _scan_step(h, A2, u_r, d_r, z_r, B_r, C_r, valid, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
                U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
-    """One prefill step from raw inputs. A step that is not `valid` (past the end of the sequence, in
-    the last chunk) runs with dt = 0 and dt*u = 0: h = exp(0) * h + 0 = h exactly."""
+    """One prefill step from raw inputs. A step that is not `valid` (past the end of its chunk, in
+    the last unrolled iteration) runs with dt = 0 and dt*u = 0: h = exp(0) * h + 0 = h exactly."""
     dt, dtu, skip, gate = _channel_terms(u_r, d_r, z_r, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
                                          U_Q, DT_Q, B_Q, Z_Q, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z)
     dt = tl.where(valid, dt, 0.0)
     dtu = tl.where(valid, dtu, 0.0)
-    return _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
+    h, y = _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
+    return h, y, dt
 
 
-# Autotune candidates on GPUs: (BLOCK_D, num_warps, UNROLL).
-# * BLOCK_D / num_warps: d_inner / BLOCK_D * batch programs, each owning a [d_state, BLOCK_D] tile;
-#   batch 1 has only d_inner / BLOCK_D programs, hence the small blocks.
-# * UNROLL: time steps per loop iteration. A step's own work is a long dependent chain (softplus,
-#   exp, the state update, the sum over d_state, the gate) with fixed costs per iteration (layout
-#   exchanges through shared memory, the loads' round trip) that unrolled steps overlap: the steps
-#   of a chunk are independent except for one FMA per state element, and the next chunk's loads are
-#   issued before the current chunk's math.
+@triton.jit
+def _local_step(h, A2, u_r, d_r, B_r, valid, u_scale, dt_scale, B_scale, bias,
+                U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr):
+    """Pass 1's step: the state update alone (no C, D, z, y); also returns dt for the chunk's sum."""
+    dt, dtu, _skip, _gate = _channel_terms(u_r, d_r, u_r, u_scale, dt_scale, B_scale, 1.0, bias, bias,
+                                           U_Q, DT_Q, B_Q, False, HAS_BIAS, SOFTPLUS, False, False)
+    dt = tl.where(valid, dt, 0.0)
+    dtu = tl.where(valid, dtu, 0.0)
+    dA = tl.exp2(dt[None, :] * A2)
+    h = dA * h + dtu[None, :] * _to_f32(B_r, B_Q)
+    return h, dt
+
+
+# Autotune candidates on GPUs: (BLOCK_D, num_warps, UNROLL, BC_TILE).
+# * BC_TILE (see the kernel) picks the register layout of the [NS, BLOCK_D] state tile. True: one
+#   channel per thread when BLOCK_D = 32 * num_warps, its d_state states in that thread's registers.
+#   False: d_state spread over threads, as the compiler lays out [NS] vectors; fewer conversions
+#   of B and C per thread, and the faster layout once many channels fill the GPU (batch 8).
+# * BLOCK_D / num_warps: with one chunk, batch * d_inner / BLOCK_D programs.
+# * UNROLL: time steps per loop iteration; the next iteration's loads are issued before the
+#   current one's math.
+# Under a few thousand channels the parallel work comes from the chunks over L (`_chunk_len`).
 GPU_CONFIGS = [
-    (8, 1, 4), (16, 1, 2), (16, 1, 4), (32, 1, 2), (32, 1, 4), (64, 2, 2), (128, 4, 2), (128, 4, 4),
+    (32, 1, 1, True), (32, 1, 2, True), (64, 1, 2, True), (64, 2, 2, True), (128, 4, 2, True),
+    (16, 1, 2, False), (32, 1, 2, False), (64, 2, 2, False), (128, 4, 2, False), (128, 4, 4, False),
 ]
 
 
-def _config(block_d: int, num_warps: int, unroll: int) -> triton.Config:
-    return triton.Config({"BLOCK_D": block_d, "UNROLL": unroll}, num_warps=num_warps)
+def _config(block_d: int, num_warps: int, unroll: int, bc_tile: bool) -> triton.Config:
+    return triton.Config({"BLOCK_D": block_d, "UNROLL": unroll, "BC_TILE": bc_tile}, num_warps=num_warps)
 
 
 def _scan_configs():
     if _INTERPRET:
         # Small tiles keep the numpy blocks cheap, and the test shapes (d_inner up to 40) still span
-        # several channel blocks; 2 steps per iteration exercise the partial last chunk. A real
+        # several channel blocks; 2 steps per iteration exercise the partial last iteration. A real
         # model's d_inner (512 and up) takes the wide tile: the interpreter pays per operation, not
         # per element, so 32 narrow programs cost ~30x one wide one.
-        return [_config(16, 1, 2), _config(512, 1, 2)]
+        # The two B / C layouts run the same arithmetic; each tile width takes one of them.
+        return [_config(16, 1, 2, True), _config(512, 1, 2, False)]
     return [_config(*c) for c in GPU_CONFIGS]
 
 
@@ -268,19 +300,26 @@ def _interpreter_pick(configs, named_args, **kwargs):
     return [c for c in configs if (c.kwargs["BLOCK_D"] == 512) == wide] or configs
 
 
-# Autotune keys (plus dtypes and flags) whose candidate configs were already compiled in parallel.
+# Autotune keys (plus dtypes and flags) whose candidate configs were already compiled in parallel,
+# and the tuned launch parameters per key: after a shape's first call, launches go straight to
+# the JIT function, skipping the autotuner's per-call host work.
 _PRECOMPILED: set = set()
+_TUNED: dict = {}
 
 
-@triton.autotune(configs=_scan_configs(), key=["d_inner", "d_state", "batch_bucket"],
+@triton.autotune(configs=_scan_configs(), key=["d_inner", "d_state", "batch_bucket", "chunk_len", "PASS"],
                  prune_configs_by={"early_config_prune": _interpreter_pick})
 # L == 1 would otherwise become a compile-time constant (and each new L % 16 class a new variant).
-@triton.jit(do_not_specialize=["L"])
+# The channel strides are not specialized either: a channel stride known to be 1 makes the compiler
+# give each thread a run of consecutive channels in the per-channel loads, a layout that the state
+# tile (with BC_TILE and two channels per thread: channels i and i + 32 of a warp) does not share,
+# so every step would move u, delta, z and y through shared memory.
+@triton.jit(do_not_specialize=["L", "stride_ud", "stride_td", "stride_zd", "stride_yd"])
 def _selective_scan_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
-    h0_ptr, y_ptr, hT_ptr,
-    batch_bucket, d_inner, d_state, L,
+    h0_ptr, y_ptr, hT_ptr, hc_ptr, sc_ptr,
+    batch_bucket, d_inner, d_state, L, chunk_len, n_chunks,
     stride_ub, stride_ud, stride_ul,
     stride_tb, stride_td, stride_tl,
     stride_zb, stride_zd, stride_zl,
@@ -290,18 +329,30 @@ def _selective_scan_kernel(
     stride_hb, stride_hd, stride_hn,
     stride_yb, stride_yd, stride_yl,
     stride_fb, stride_fd, stride_fn,
+    stride_cc, stride_cb,
     U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr,
-    NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
+    HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr, PASS: tl.constexpr,
+    NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr, BC_TILE: tl.constexpr,
 ):
+    """Passes 1 and 3 of the chunked scan over one chunk of `chunk_len` steps of BLOCK_D channels.
+
+    PASS 1 (chunks 0 .. n_chunks-2): the chunk's state from zero, stored into `hc[chunk]`
+    ([n_chunks-1, batch, d_inner, NS] fp32), and the chunk's sum of dt into `sc[chunk]`.
+    PASS 3 (every chunk): the scan from the state entering the chunk (h0 or zero for chunk 0,
+    `hc[chunk-1]` after pass 2 otherwise), writing y, and the final state from the last chunk.
+    """
     tl.static_assert(UNROLL == 1 or UNROLL == 2 or UNROLL == 4)
     # A flat grid, channel blocks fastest: no 65535 limit on grid axis 1, and programs running
     # side by side read neighbouring bytes of the same [B, L, D] rows.
     pid = tl.program_id(0)
     n_d = tl.cdiv(d_inner, BLOCK_D)
     pid_d = pid % n_d
-    pid_b = (pid // n_d).to(tl.int64)
+    rest = pid // n_d
+    chunk = rest % n_chunks
+    pid_b = (rest // n_chunks).to(tl.int64)
+    t0 = chunk * chunk_len
+    n_steps = tl.minimum(chunk_len, L - t0)
 
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, NS)
@@ -309,6 +360,21 @@ def _selective_scan_kernel(
     mask_n = offs_n < d_state
     mask_nd = mask_n[:, None] & mask_d[None, :]
     offs_d64 = offs_d.to(tl.int64)
+    if BC_TILE:
+        # B / C as [NS, BLOCK_D] tiles whose offsets do not move along channels: one vector load of
+        # the whole d_state vector per thread, which makes the compiler keep a channel's states in
+        # one thread (no shuffles for the sum over d_state; B and C converted by every thread).
+        B_o = offs_n[:, None] * stride_Bn + offs_d[None, :] * 0
+        C_o = offs_n[:, None] * stride_Cn + offs_d[None, :] * 0
+        mask_nb = mask_n[:, None] & (offs_d[None, :] >= 0)
+    else:
+        # B / C as [NS] vectors: the compiler spreads d_state over threads (each converts a part
+        # of B and C and holds a part of several channels; the sum over d_state shuffles).
+        B_o = offs_n * stride_Bn
+        C_o = offs_n * stride_Cn
+        mask_nb = mask_n
+    # The chunk-state buffer: [chunk, batch, d_inner, NS] with NS innermost.
+    hc_o = offs_d64[None, :] * NS + offs_n[:, None]
 
     # Loaded once per program. Scales come from memory so that updating them in place needs no
     # recompilation.
@@ -327,44 +393,50 @@ def _selective_scan_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
     else:
         Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn,
-                    mask=mask_nd, other=0.0)
-    else:
-        h = tl.zeros([NS, BLOCK_D], dtype=tl.float32)
+    h = tl.zeros([NS, BLOCK_D], dtype=tl.float32)
+    if PASS == 3:
+        if HAS_H0:
+            h = tl.load(h0_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn,
+                        mask=mask_nd & (chunk == 0), other=0.0)
+        # The state entering the chunk, from pass 2 (chunk 0 has none: masked off).
+        prev = tl.maximum(chunk - 1, 0).to(tl.int64)
+        h += tl.load(hc_ptr + prev * stride_cc + pid_b * stride_cb + hc_o, mask=mask_nd & (chunk > 0), other=0.0)
+    dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     # Row pointers (scalars, 64-bit: t * stride can pass 2**31 for long sequences), advanced one row
     # at a time, plus loop-invariant per-lane offsets.
-    u_t = u_ptr + pid_b * stride_ub
-    t_t = dt_ptr + pid_b * stride_tb
-    z_t = z_ptr + pid_b * stride_zb
-    B_t = B_ptr + pid_b * stride_Bb
-    C_t = C_ptr + pid_b * stride_Cb
-    y_t = y_ptr + pid_b * stride_yb
+    t064 = t0.to(tl.int64)
+    u_t = u_ptr + pid_b * stride_ub + t064 * stride_ul
+    t_t = dt_ptr + pid_b * stride_tb + t064 * stride_tl
+    z_t = z_ptr + pid_b * stride_zb + t064 * stride_zl
+    B_t = B_ptr + pid_b * stride_Bb + t064 * stride_Bl
+    C_t = C_ptr + pid_b * stride_Cb + t064 * stride_Cl
+    y_t = y_ptr + pid_b * stride_yb + t064 * stride_yl
     u_o = offs_d64 * stride_ud
     t_o = offs_d64 * stride_td
     z_o = offs_d64 * stride_zd
     y_o = offs_d64 * stride_yd
-    B_o = offs_n * stride_Bn
-    C_o = offs_n * stride_Cn
     zero_d = tl.zeros([BLOCK_D], dtype=tl.int32)
+    LOAD_Z: tl.constexpr = HAS_Z and PASS == 3
+    LOAD_C: tl.constexpr = PASS == 3
 
-    # Slots 0..UNROLL-1 hold the raw inputs of the current chunk's steps; the row pointers point at
-    # the newest loaded row. Rows past the end are not masked (that would put predicates on every
-    # load): the pointers stop at the last row, which is re-read, and those steps are identities
-    # (see `_scan_step`). Unused slots alias slot 0 and are never read.
-    u0, d0, z0, B0, C0 = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z)
+    # Slots 0..UNROLL-1 hold the raw inputs of the current iteration's steps; the row pointers point
+    # at the newest loaded row. Rows past the chunk's end are not masked (that would put predicates
+    # on every load): the pointers stop at the chunk's last row, which is re-read, and those steps
+    # are identities (see `_scan_step`). Unused slots alias slot 0 and are never read.
+    u0, d0, z0, B0, C0 = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_nb,
+                                    LOAD_Z, LOAD_C)
     u1, d1, z1, B1, C1 = u0, d0, z0, B0, C0
     u2, d2, z2, B2, C2 = u0, d0, z0, B0, C0
     u3, d3, z3, B3, C3 = u0, d0, z0, B0, C0
     for k in tl.static_range(1, UNROLL):
-        adv = (k < L).to(tl.int32)
+        adv = (k < n_steps).to(tl.int32)
         u_t += adv * stride_ul
         t_t += adv * stride_tl
         z_t += adv * stride_zl
         B_t += adv * stride_Bl
         C_t += adv * stride_Cl
-        ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z)
+        ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_nb, LOAD_Z, LOAD_C)
         if k == 1:
             u1, d1, z1, B1, C1 = ld
         elif k == 2:
@@ -372,21 +444,21 @@ def _selective_scan_kernel(
         else:
             u3, d3, z3, B3, C3 = ld
 
-    for t in range(0, L, UNROLL):
-        # The next chunk's loads first: Triton keeps memory operations in program order, so loads
-        # placed after this chunk's stores would only start once those are done.
+    for t in range(0, n_steps, UNROLL):
+        # The next iteration's loads first: Triton keeps memory operations in program order, so
+        # loads placed after this iteration's stores would only start once those are done.
         n0u, n0d, n0z, n0B, n0C = u0, d0, z0, B0, C0
         n1u, n1d, n1z, n1B, n1C = u0, d0, z0, B0, C0
         n2u, n2d, n2z, n2B, n2C = u0, d0, z0, B0, C0
         n3u, n3d, n3z, n3B, n3C = u0, d0, z0, B0, C0
         for k in tl.static_range(UNROLL):
-            adv = (t + UNROLL + k < L).to(tl.int32)
+            adv = (t + UNROLL + k < n_steps).to(tl.int32)
             u_t += adv * stride_ul
             t_t += adv * stride_tl
             z_t += adv * stride_zl
             B_t += adv * stride_Bl
             C_t += adv * stride_Cl
-            ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z)
+            ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_nb, LOAD_Z, LOAD_C)
             if k == 0:
                 n0u, n0d, n0z, n0B, n0C = ld
             elif k == 1:
@@ -405,10 +477,16 @@ def _selective_scan_kernel(
                 su, sd, sz, sB, sC = u2, d2, z2, B2, C2
             else:
                 su, sd, sz, sB, sC = u3, d3, z3, B3, C3
-            valid = (zero_d + (t + k)) < L
-            h, y = _scan_step(h, A2, su, sd, sz, sB, sC, valid, u_scale, dt_scale, B_scale, C_scale, z_scale,
-                              bias, Dv, U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z)
-            tl.store(y_t + k * stride_yl + y_o, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d & valid)
+            valid = (zero_d + (t + k)) < n_steps
+            if PASS == 1:
+                h, dt = _local_step(h, A2, su, sd, _as_tile(sB, BC_TILE), valid, u_scale, dt_scale, B_scale, bias,
+                                    U_Q, DT_Q, B_Q, HAS_BIAS, SOFTPLUS)
+                dt_sum += dt
+            else:
+                h, y, dt = _scan_step(h, A2, su, sd, sz, _as_tile(sB, BC_TILE), _as_tile(sC, BC_TILE), valid, u_scale, dt_scale, B_scale, C_scale,
+                                      z_scale, bias, Dv, U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_BIAS, SOFTPLUS, HAS_D,
+                                      HAS_Z)
+                tl.store(y_t + k * stride_yl + y_o, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d & valid)
         y_t += UNROLL * stride_yl
 
         u0, d0, z0, B0, C0 = n0u, n0d, n0z, n0B, n0C
@@ -416,9 +494,54 @@ def _selective_scan_kernel(
         u2, d2, z2, B2, C2 = n2u, n2d, n2z, n2B, n2C
         u3, d3, z3, B3, C3 = n3u, n3d, n3z, n3B, n3C
 
-    if WRITE_FINAL:
+    if PASS == 1:
+        c64 = chunk.to(tl.int64)
+        tl.store(hc_ptr + c64 * stride_cc + pid_b * stride_cb + hc_o, h, mask=mask_nd)
+        tl.store(sc_ptr + c64 * (stride_cc // NS) + pid_b * (stride_cb // NS) + offs_d64, dt_sum, mask=mask_d)
+    elif WRITE_FINAL:
         f = hT_ptr + pid_b * stride_fb + offs_d64[None, :] * stride_fd + offs_n[:, None] * stride_fn
-        tl.store(f, h, mask=mask_nd)
+        tl.store(f, h, mask=mask_nd & (chunk == n_chunks - 1))
+
+
+@triton.jit
+def _carry_combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2): h -> a2 * (a1 * h + b1) + b2.
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _selective_scan_carry_kernel(
+    A_ptr, h0_ptr, hc_ptr, sc_ptr,
+    d_inner, d_state, n_prev,
+    stride_Ad, stride_An,
+    stride_hb, stride_hd, stride_hn,
+    stride_cc, stride_cb,
+    HAS_H0: tl.constexpr, NS: tl.constexpr, NCP: tl.constexpr, BLOCK_DN: tl.constexpr,
+):
+    """Pass 2: turns the chunks' local end states `hc[c]` (from zero) into the true states at the
+    end of each chunk, `prod decay * h0 + ...`, in place: a scan over chunks of the pairs
+    (decay = exp(A * sum dt), local state), for BLOCK_DN (channel, state) pairs of one sequence."""
+    pid = tl.program_id(0)
+    n_dn = tl.cdiv(d_inner * NS, BLOCK_DN)
+    pid_dn = pid % n_dn
+    pid_b = (pid // n_dn).to(tl.int64)
+    offs_c = tl.arange(0, NCP)
+    offs_dn = pid_dn * BLOCK_DN + tl.arange(0, BLOCK_DN)
+    d = offs_dn // NS
+    n = offs_dn % NS
+    mask_dn = (d < d_inner) & (n < d_state)
+    mask = (offs_c[:, None] < n_prev) & mask_dn[None, :]
+    c64 = offs_c.to(tl.int64)[:, None]
+    d64 = d.to(tl.int64)
+    hloc = tl.load(hc_ptr + c64 * stride_cc + pid_b * stride_cb + offs_dn[None, :], mask=mask, other=0.0)
+    s = tl.load(sc_ptr + c64 * (stride_cc // NS) + pid_b * (stride_cb // NS) + d64[None, :], mask=mask, other=0.0)
+    A2 = tl.load(A_ptr + d64 * stride_Ad + n * stride_An, mask=mask_dn, other=0.0) * 1.4426950408889634
+    decay = tl.exp2(s * A2[None, :])
+    a, b = tl.associative_scan((decay, hloc), 0, _carry_combine)
+    if HAS_H0:
+        h0 = tl.load(h0_ptr + pid_b * stride_hb + d64 * stride_hd + n * stride_hn, mask=mask_dn, other=0.0)
+        b = a * h0[None, :] + b
+    tl.store(hc_ptr + c64 * stride_cc + pid_b * stride_cb + offs_dn[None, :], b, mask=mask)
 
 
 @triton.jit
@@ -477,7 +600,7 @@ def _selective_state_update_kernel(
 
     dt, dtu, skip, gate = _channel_terms(u_r, t_r, z_r, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
                                          U_Q, DT_Q, B_Q, Z_Q, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z)
-    h, y = _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
+    h, y = _state_step(h, A2, dt, dtu, B_r[:, None], C_r[:, None], C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
     # In place: each program reads and writes only its own channels.
     tl.store(h_p, h, mask=mask_nd)
     tl.store(y_ptr + pid_b * stride_yb + offs_d64 * stride_yd, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d)
@@ -676,6 +799,57 @@ def _check_initial_state(s: object, info: dict, device: torch.device) -> None:
         _check_state("initial_state", s, info, device)
 
 
+# Chunk length of the prefill scan (tests and benchmarks may pin it; None: `_chunk_len`'s rule).
+CHUNK_LEN: Optional[int] = None
+# Under the interpreter: short chunks, so that the tests' sequences (up to 40 steps) span several.
+INTERPRET_CHUNK_LEN = 16
+# On GPUs: one chunk once batch * d_inner reaches PARALLEL_CHANNELS (the channels fill the device
+# and passes 1-2 would only add work: measured on an H200, 8 x 5120 channels ran 1.16 ms in one
+# chunk, 1.64-1.96 ms in 4); below it, enough (sequence, channel, chunk) threads to fill the
+# device, chunks no shorter than MIN_CHUNK_LEN steps (each chunk costs a state write and read in
+# passes 1-3), and at most MAX_CHUNKS chunks (pass 2 holds them all in one tile).
+PARALLEL_CHANNELS = 32 * 1024
+TARGET_THREADS = 128 * 1024
+MIN_CHUNK_LEN = 32
+MAX_CHUNKS = 256
+
+
+def _chunk_len(batch: int, d_inner: int, L: int) -> int:
+    """Steps per chunk of the prefill scan (a power of two; >= L means one chunk, no passes 1-2)."""
+    if CHUNK_LEN is not None:
+        return CHUNK_LEN
+    if _INTERPRET:
+        return INTERPRET_CHUNK_LEN
+    if batch * d_inner >= PARALLEL_CHANNELS:
+        return max(triton.next_power_of_2(L), MIN_CHUNK_LEN)
+    want_chunks = triton.cdiv(TARGET_THREADS, batch * d_inner)
+    chunk = max(MIN_CHUNK_LEN, triton.next_power_of_2(triton.cdiv(L, want_chunks)),
+                triton.next_power_of_2(triton.cdiv(L, MAX_CHUNKS)))
+    return chunk
+
+
+def _launch_chunks(tune_base: tuple, pass_: int, batch: int, d_inner: int, n_run: int, args: tuple,
+                   flags: dict) -> None:
+    """Pass 1 or 3 over `n_run` chunks: autotuned on a key's first call, then launched directly."""
+    key = tune_base + (pass_,)
+    tuned = _TUNED.get(key)
+    if tuned is None:
+        def grid(meta):
+            return (batch * n_run * triton.cdiv(d_inner, meta["BLOCK_D"]),)
+
+        if key not in _PRECOMPILED:
+            _PRECOMPILED.add(key)
+            precompile(_selective_scan_kernel.fn, args,
+                       ({**flags, "PASS": pass_, **c.all_kwargs()} for c in _selective_scan_kernel.configs))
+        _selective_scan_kernel[grid](*args, **flags, PASS=pass_)
+        if not _INTERPRET:
+            _TUNED[key] = dict(_selective_scan_kernel.best_config.all_kwargs())
+        return
+    n_programs = batch * n_run * triton.cdiv(d_inner, tuned["BLOCK_D"])
+    _selective_scan_kernel.fn[(n_programs,)](*args, **flags, PASS=pass_, **tuned)
+
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 # ---------------------------------------------------------------------------------------------
@@ -759,28 +933,41 @@ def selective_scan(
     # Tune per batch bucket: batch 1 has d_inner / BLOCK_D programs and wants small blocks, large
     # batches fill the GPU anyway and want fewer, wider programs.
     batch_bucket = min(triton.next_power_of_2(batch), 16)
-
-    def grid(meta):
-        return (batch * triton.cdiv(d_inner, meta["BLOCK_D"]),)
-
-    args = (
-        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
-        _scale_arg(u_scale, A), _scale_arg(delta_scale, A), _scale_arg(B_scale, A), _scale_arg(C_scale, A),
-        _scale_arg(z_scale, A),
-        h0, y, final,
-        batch_bucket, d_inner, d_state, L,
-        *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
-        *h0_strides, *y.stride(), d_inner * d_state, d_state, 1,
-    )
     flags = dict(HAS_H0=initial_state is not None, WRITE_FINAL=return_final_state,
                  **_flags(info, D, z, delta_bias, delta_softplus))
-    tune_key = (d_inner, d_state, batch_bucket, u.dtype, delta.dtype, B.dtype, C.dtype, zz.dtype, y.dtype,
-                tuple(sorted(flags.items())))
-    if tune_key not in _PRECOMPILED:
-        _PRECOMPILED.add(tune_key)
-        precompile(_selective_scan_kernel.fn, args,
-                   ({**flags, **c.all_kwargs()} for c in _selective_scan_kernel.configs))
-    _selective_scan_kernel[grid](*args, **flags)
+    ns = flags["NS"]
+    chunk_len = _chunk_len(batch, d_inner, L)
+    n_chunks = triton.cdiv(L, chunk_len)
+    # Pass 1's outputs, pass 2 in place: per chunk but the last, the state at its end and its sum of
+    # dt. (A 1-element dummy when there is one chunk: nothing reads or writes it.)
+    n_prev = n_chunks - 1
+    hc = torch.empty(max(n_prev, 1) * batch * d_inner * ns, dtype=torch.float32, device=u.device)
+    sc = torch.empty(max(n_prev, 1) * batch * d_inner, dtype=torch.float32, device=u.device)
+
+    def args_for(pass_: int, n_run: int) -> tuple:
+        return (
+            u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+            _scale_arg(u_scale, A), _scale_arg(delta_scale, A), _scale_arg(B_scale, A), _scale_arg(C_scale, A),
+            _scale_arg(z_scale, A),
+            h0, y, final, hc, sc,
+            batch_bucket, d_inner, d_state, L, chunk_len, n_run,
+            *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
+            *h0_strides, *y.stride(), d_inner * d_state, d_state, 1,
+            batch * d_inner * ns, d_inner * ns,
+        )
+
+    tune_base = (d_inner, d_state, batch_bucket, chunk_len, u.dtype, delta.dtype, B.dtype, C.dtype, zz.dtype,
+                 y.dtype, tuple(sorted(flags.items())))
+    if n_prev > 0:
+        _launch_chunks(tune_base, 1, batch, d_inner, n_prev, args_for(1, n_prev), flags)
+        ncp = triton.next_power_of_2(n_prev)
+        block_dn = max(16, 4096 // ncp)
+        _selective_scan_carry_kernel[(batch * triton.cdiv(d_inner * ns, block_dn),)](
+            A, h0, hc, sc, d_inner, d_state, n_prev, *A.stride(), *h0_strides,
+            batch * d_inner * ns, d_inner * ns,
+            HAS_H0=initial_state is not None, NS=ns, NCP=ncp, BLOCK_DN=block_dn, num_warps=4,
+        )
+    _launch_chunks(tune_base, 3, batch, d_inner, n_chunks, args_for(3, n_chunks), flags)
     if return_final_state:
         return y, final
     return y
