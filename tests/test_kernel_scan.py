@@ -50,11 +50,11 @@ SUBNORMAL_HALF_ULP = {torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134, torch.
 ACT_NAMES = ("u", "delta", "B", "C", "z")
 
 
-def _force_config(block_d: int, num_warps: int, unroll: int, bc_tile: bool):
+def _force_config(block_d: int, num_warps: int, unroll: int):
     """Make the autotuned prefill kernel run one config (one config: the autotuner benchmarks nothing)."""
     kernel = scan._selective_scan_kernel
     saved = kernel.configs
-    kernel.configs = [scan._config(block_d, num_warps, unroll, bc_tile)]
+    kernel.configs = [scan._config(block_d, num_warps, unroll)]
     # Tuned launches bypass the autotuner (and so its configs): forget them.
     scan._TUNED.clear()
     return kernel, saved

@@ -163,14 +163,13 @@ def _channel_terms(u_raw, dt_raw, z_raw, u_scale, dt_scale, B_scale, z_scale, bi
 @triton.jit
 def _state_step(h, A2, dt, dtu, B_raw, C_raw, C_scale, skip, gate,
                 B_Q: tl.constexpr, C_Q: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
-    """One recurrence step on the [NS, BLOCK_D] tile; returns the new state and y (fp32 [BLOCK_D]).
-    B_raw and C_raw are [NS, 1] columns or [NS, BLOCK_D] tiles (the same vector in every column)."""
+    """One recurrence step on the [NS, BLOCK_D] tile; returns the new state and y (fp32 [BLOCK_D])."""
     Bv = _to_f32(B_raw, B_Q)
     Cv = _to_f32(C_raw, C_Q)
     # A2 = A * log2(e): exp(dt * A) as one multiply and one exp2 (MUFU ex2) per element.
     dA = tl.exp2(dt[None, :] * A2)
-    h = dA * h + dtu[None, :] * Bv
-    y = tl.sum(h * Cv, axis=0)
+    h = dA * h + dtu[None, :] * Bv[:, None]
+    y = tl.sum(h * Cv[:, None], axis=0)
     if C_Q:
         y = y * C_scale
     if HAS_D:
@@ -206,28 +205,19 @@ def _load_scale(ptr, IS_Q: tl.constexpr):
 
 
 @triton.jit
-def _as_tile(x, BC_TILE: tl.constexpr):
-    """B or C as loaded ([NS, BLOCK_D] tile, or [NS] vector) -> broadcastable against the state."""
-    if BC_TILE:
-        return x
-    else:
-        return x[:, None]
-
-
-@triton.jit
-def _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_nd,
+def _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n,
                HAS_Z: tl.constexpr, HAS_C: tl.constexpr):
     """The raw (unconverted) inputs of one time step from its row pointers: u, delta, z along
-    channels ([BLOCK_D]); B, C in the shape of their offsets `B_o`, `C_o` (see `BC_TILE`)."""
+    channels ([BLOCK_D]) and B, C along states ([NS])."""
     u = tl.load(u_t + u_o, mask=mask_d, other=0)
     d = tl.load(t_t + t_o, mask=mask_d, other=0)
     if HAS_Z:
         z = tl.load(z_t + z_o, mask=mask_d, other=0)
     else:
         z = u
-    B = tl.load(B_t + B_o, mask=mask_nd, other=0)
+    B = tl.load(B_t + B_o, mask=mask_n, other=0)
     if HAS_C:
-        C = tl.load(C_t + C_o, mask=mask_nd, other=0)
+        C = tl.load(C_t + C_o, mask=mask_n, other=0)
     else:
         C = B
     return u, d, z, B, C
@@ -257,27 +247,25 @@ def _local_step(h, A2, u_r, d_r, B_r, valid, u_scale, dt_scale, B_scale, bias,
     dt = tl.where(valid, dt, 0.0)
     dtu = tl.where(valid, dtu, 0.0)
     dA = tl.exp2(dt[None, :] * A2)
-    h = dA * h + dtu[None, :] * _to_f32(B_r, B_Q)
+    h = dA * h + dtu[None, :] * _to_f32(B_r, B_Q)[:, None]
     return h, dt
 
 
-# Autotune candidates on GPUs: (BLOCK_D, num_warps, UNROLL, BC_TILE).
-# * BC_TILE (see the kernel) picks the register layout of the [NS, BLOCK_D] state tile. True: one
-#   channel per thread when BLOCK_D = 32 * num_warps, its d_state states in that thread's registers.
-#   False: d_state spread over threads, as the compiler lays out [NS] vectors; fewer conversions
-#   of B and C per thread, and the faster layout once many channels fill the GPU (batch 8).
-# * BLOCK_D / num_warps: with one chunk, batch * d_inner / BLOCK_D programs.
-# * UNROLL: time steps per loop iteration; the next iteration's loads are issued before the
-#   current one's math.
-# Under a few thousand channels the parallel work comes from the chunks over L (`_chunk_len`).
+# Autotune candidates on GPUs: (BLOCK_D, num_warps, UNROLL).
+# * BLOCK_D / num_warps: batch * n_chunks * d_inner / BLOCK_D programs, each owning a
+#   [d_state, BLOCK_D] tile.
+# * UNROLL: time steps per loop iteration. A step's own work is a long dependent chain (softplus,
+#   exp, the state update, the sum over d_state, the gate) with fixed costs per iteration (layout
+#   exchanges through shared memory, the loads' round trip) that unrolled steps overlap: the steps
+#   of an iteration are independent except for one FMA per state element, and the next
+#   iteration's loads are issued before the current one's math.
 GPU_CONFIGS = [
-    (32, 1, 1, True), (32, 1, 2, True), (64, 1, 2, True), (64, 2, 2, True), (128, 4, 2, True),
-    (16, 1, 2, False), (32, 1, 2, False), (64, 2, 2, False), (128, 4, 2, False), (128, 4, 4, False),
+    (8, 1, 4), (16, 1, 2), (16, 1, 4), (32, 1, 2), (32, 1, 4), (64, 2, 2), (128, 4, 2), (128, 4, 4), (256, 8, 2),
 ]
 
 
-def _config(block_d: int, num_warps: int, unroll: int, bc_tile: bool) -> triton.Config:
-    return triton.Config({"BLOCK_D": block_d, "UNROLL": unroll, "BC_TILE": bc_tile}, num_warps=num_warps)
+def _config(block_d: int, num_warps: int, unroll: int) -> triton.Config:
+    return triton.Config({"BLOCK_D": block_d, "UNROLL": unroll}, num_warps=num_warps)
 
 
 def _scan_configs():
@@ -286,8 +274,7 @@ def _scan_configs():
         # several channel blocks; 2 steps per iteration exercise the partial last iteration. A real
         # model's d_inner (512 and up) takes the wide tile: the interpreter pays per operation, not
         # per element, so 32 narrow programs cost ~30x one wide one.
-        # The two B / C layouts run the same arithmetic; each tile width takes one of them.
-        return [_config(16, 1, 2, True), _config(512, 1, 2, False)]
+        return [_config(16, 1, 2), _config(512, 1, 2)]
     return [_config(*c) for c in GPU_CONFIGS]
 
 
@@ -310,11 +297,7 @@ _TUNED: dict = {}
 @triton.autotune(configs=_scan_configs(), key=["d_inner", "d_state", "batch_bucket", "chunk_len", "PASS"],
                  prune_configs_by={"early_config_prune": _interpreter_pick})
 # L == 1 would otherwise become a compile-time constant (and each new L % 16 class a new variant).
-# The channel strides are not specialized either: a channel stride known to be 1 makes the compiler
-# give each thread a run of consecutive channels in the per-channel loads, a layout that the state
-# tile (with BC_TILE and two channels per thread: channels i and i + 32 of a warp) does not share,
-# so every step would move u, delta, z and y through shared memory.
-@triton.jit(do_not_specialize=["L", "stride_ud", "stride_td", "stride_zd", "stride_yd"])
+@triton.jit(do_not_specialize=["L"])
 def _selective_scan_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
@@ -333,7 +316,7 @@ def _selective_scan_kernel(
     U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr, PASS: tl.constexpr,
-    NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr, BC_TILE: tl.constexpr,
+    NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Passes 1 and 3 of the chunked scan over one chunk of `chunk_len` steps of BLOCK_D channels.
 
@@ -360,19 +343,8 @@ def _selective_scan_kernel(
     mask_n = offs_n < d_state
     mask_nd = mask_n[:, None] & mask_d[None, :]
     offs_d64 = offs_d.to(tl.int64)
-    if BC_TILE:
-        # B / C as [NS, BLOCK_D] tiles whose offsets do not move along channels: one vector load of
-        # the whole d_state vector per thread, which makes the compiler keep a channel's states in
-        # one thread (no shuffles for the sum over d_state; B and C converted by every thread).
-        B_o = offs_n[:, None] * stride_Bn + offs_d[None, :] * 0
-        C_o = offs_n[:, None] * stride_Cn + offs_d[None, :] * 0
-        mask_nb = mask_n[:, None] & (offs_d[None, :] >= 0)
-    else:
-        # B / C as [NS] vectors: the compiler spreads d_state over threads (each converts a part
-        # of B and C and holds a part of several channels; the sum over d_state shuffles).
-        B_o = offs_n * stride_Bn
-        C_o = offs_n * stride_Cn
-        mask_nb = mask_n
+    B_o = offs_n * stride_Bn
+    C_o = offs_n * stride_Cn
     # The chunk-state buffer: [chunk, batch, d_inner, NS] with NS innermost.
     hc_o = offs_d64[None, :] * NS + offs_n[:, None]
 
@@ -424,7 +396,7 @@ def _selective_scan_kernel(
     # at the newest loaded row. Rows past the chunk's end are not masked (that would put predicates
     # on every load): the pointers stop at the chunk's last row, which is re-read, and those steps
     # are identities (see `_scan_step`). Unused slots alias slot 0 and are never read.
-    u0, d0, z0, B0, C0 = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_nb,
+    u0, d0, z0, B0, C0 = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n,
                                     LOAD_Z, LOAD_C)
     u1, d1, z1, B1, C1 = u0, d0, z0, B0, C0
     u2, d2, z2, B2, C2 = u0, d0, z0, B0, C0
@@ -436,7 +408,7 @@ def _selective_scan_kernel(
         z_t += adv * stride_zl
         B_t += adv * stride_Bl
         C_t += adv * stride_Cl
-        ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_nb, LOAD_Z, LOAD_C)
+        ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, LOAD_Z, LOAD_C)
         if k == 1:
             u1, d1, z1, B1, C1 = ld
         elif k == 2:
@@ -458,7 +430,7 @@ def _selective_scan_kernel(
             z_t += adv * stride_zl
             B_t += adv * stride_Bl
             C_t += adv * stride_Cl
-            ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_nb, LOAD_Z, LOAD_C)
+            ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, LOAD_Z, LOAD_C)
             if k == 0:
                 n0u, n0d, n0z, n0B, n0C = ld
             elif k == 1:
@@ -479,11 +451,11 @@ def _selective_scan_kernel(
                 su, sd, sz, sB, sC = u3, d3, z3, B3, C3
             valid = (zero_d + (t + k)) < n_steps
             if PASS == 1:
-                h, dt = _local_step(h, A2, su, sd, _as_tile(sB, BC_TILE), valid, u_scale, dt_scale, B_scale, bias,
+                h, dt = _local_step(h, A2, su, sd, sB, valid, u_scale, dt_scale, B_scale, bias,
                                     U_Q, DT_Q, B_Q, HAS_BIAS, SOFTPLUS)
                 dt_sum += dt
             else:
-                h, y, dt = _scan_step(h, A2, su, sd, sz, _as_tile(sB, BC_TILE), _as_tile(sC, BC_TILE), valid, u_scale, dt_scale, B_scale, C_scale,
+                h, y, dt = _scan_step(h, A2, su, sd, sz, sB, sC, valid, u_scale, dt_scale, B_scale, C_scale,
                                       z_scale, bias, Dv, U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_BIAS, SOFTPLUS, HAS_D,
                                       HAS_Z)
                 tl.store(y_t + k * stride_yl + y_o, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d & valid)
@@ -600,7 +572,7 @@ def _selective_state_update_kernel(
 
     dt, dtu, skip, gate = _channel_terms(u_r, t_r, z_r, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
                                          U_Q, DT_Q, B_Q, Z_Q, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z)
-    h, y = _state_step(h, A2, dt, dtu, B_r[:, None], C_r[:, None], C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
+    h, y = _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
     # In place: each program reads and writes only its own channels.
     tl.store(h_p, h, mask=mask_nd)
     tl.store(y_ptr + pid_b * stride_yb + offs_d64 * stride_yd, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d)
@@ -810,7 +782,7 @@ INTERPRET_CHUNK_LEN = 16
 # passes 1-3), and at most MAX_CHUNKS chunks (pass 2 holds them all in one tile).
 PARALLEL_CHANNELS = 32 * 1024
 TARGET_THREADS = 128 * 1024
-MIN_CHUNK_LEN = 32
+MIN_CHUNK_LEN = 64
 MAX_CHUNKS = 256
 
 
