@@ -24,7 +24,7 @@ The kernels reassociate a few products, each a change of an ulp or so, to save w
 formed once per program); B's scale is folded into the per-channel `dt * u` and C's into the
 per-channel sum (`(dt*u*sB) * qB` and `sC * sum_n h * qC`), so the per-step vectors B and C, which
 every thread of a program holds in full, are only converted, never scaled. Steps past the end of
-the sequence inside the last unrolled chunk run with dt = 0 and dt*u = 0, an exact identity on h.
+the chunk inside the last unrolled group run with dt = 0 and dt*u = 0, an exact identity on h.
 Prefill and decode run the same per-step `@triton.jit` helpers, so chaining decode steps after a
 prefill's final state reproduces the prefill bit for bit under TRITON_INTERPRET=1. On CUDA it
 agrees to rounding: the two kernels may get different register layouts from the compiler, hence
@@ -38,31 +38,61 @@ step's error is a few fp32 ulps of the terms, and the scan is contractive (`exp(
 terms plus the output dtype's rounding (see tests/test_kernel_scan.py). Non-finite inputs are
 outside the contract.
 
-Performance design (H100; 2.8b: d_inner 5120, d_state 16, L 2048)
-----------------------------------------------------------------
-A program owns `BLOCK_D` channels of one sequence and keeps their `[d_state, BLOCK_D]` fp32 state
-tile in registers (d_state padded to a power of two, masked). It walks the sequence in chunks of
-`UNROLL` steps: the next chunk's loads (u, delta, z: contiguous vectors along d_inner in the
-graph's `[B, L, D]` memory; B, C: d_state-vectors) are issued before the current chunk's math,
-since Triton keeps memory operations in program order; the steps of a chunk are independent but
-for one FMA per state element, so their softplus / exp / reduction / gate chains overlap. Rows past
-the end are not masked: the row pointers stop at the last row. Scales, A, D and delta_bias are
-loaded once per program; int8 is converted with integer/float bit tricks rather than the slow I2F
-unit (every thread converts all of B and C). The decode kernel is one program per (batch, channel
-block): one step, state updated in place.
+Chunked prefill (when batch * d_inner < PARALLEL_CHANNELS)
+----------------------------------------------------------
+A sequence of few channels gives one program per channel block too little parallel work: the
+time is then each step's dependent chain, L times over. So the prefill splits L into chunks of
+`_chunk_len` steps (enough (sequence, channel, chunk) triples to fill the GPU) and runs:
 
-Measured on H100 (Triton 3.6, int8 inputs in the graph layout, L2 flushed between runs): with one
-step per iteration the best configs ran 1.03 ms (batch 1) and 1.32 ms (batch 8); the same loop
-with two steps per iteration ran 0.59 ms (batch 1, BLOCK_D 16, 1 warp) and 1.15 ms (batch 8,
-BLOCK_D 128, 4 warps) -- the loop is bound by each step's dependent chain, not by bandwidth
-(floors: the per-state-element exp on the MUFU unit, 40 us / 320 us; bytes moved, 17 us /
-140 us). Loading 2-4 steps ahead into registers, or prefetching 16-32 steps ahead into L2, did
-not help. Triton chooses the tile's register layout itself; in the configs inspected it spread
-d_state over threads (following the d_state-contiguous accesses to A, B and C), so each step
-reduces over d_state with shuffles and moves dt, dt*u and y through shared memory. Forcing a
-channel-major layout (hiding d_state contiguity, loading B and C as 2-D broadcasts) made it
-1.5-2x slower. The autotuner picks BLOCK_D, num_warps and UNROLL per (d_inner, d_state, batch
-bucket).
+1. pass 1, every chunk but the last: the scan of the chunk from a zero state, storing its end
+   state `hloc[c]` and its sum of dt `S[c]` (fp32);
+2. pass 2 (`_selective_scan_carry_kernel`): per (sequence, channel, state), an associative scan
+   over the chunks of the pairs `(exp2(S[c] * A * log2(e)), hloc[c])` under
+   `(a1, b1) . (a2, b2) = (a1 * a2, a2 * b1 + b2)`, plus h0: the true state at each chunk's end;
+3. pass 3, every chunk: the scan from the state entering the chunk (h0 or zero for the first),
+   writing y, and the final state from the last chunk.
+
+Numerics: pass 3 does exactly the per-step arithmetic above; only the state entering a chunk is
+computed another way, as a sum of the same terms grouped by chunk, with the decay over a chunk as
+one `exp2(A2 * sum dt)` instead of a product of per-step exps. Summing dt over a chunk of T steps
+costs at most ~T ulps of the sum, so the decay is off by a relative `|A * S| * T * 2**-24`, which
+is largest (about 0.37 * T * 2**-24) where the decay `exp(-|A * S|)` is e**-1 and negligible where
+it is small, i.e. below 1e-5 for T <= 128; the regrouped sums add a few ulps of the summed terms.
+So the tolerance of the tests (1e-4 of the magnitude of the summed terms, module tests) holds for
+chunked and unchunked prefill alike; bit-exactness holds only within one chunk (the interpreter's
+chunks are INTERPRET_CHUNK_LEN = 16 steps, so the decode-chain test, L <= 16, stays bit-exact).
+
+Performance (H200, Triton 3.6, int8 inputs in the graph layout, CUDA-graph replays, L2 flushed;
+benchmarks/scan.py): 1 x 5120 x 2048 0.209 ms (one chunk: 0.63 ms), 1 x 1536 x 2048 0.079 ms
+(0.56 ms), 8 x 5120 x 2048 1.164 ms in one chunk (chunks of 64-128 steps: 1.39-1.49 ms, since
+passes 1 and 3 together do about 1.6x the work of one pass). The autotuner picked the
+[NS, BLOCK_D] layout described below, BLOCK_D 128 / 4 warps for pass 3 and 32 / 1 warp for pass 1,
+on every shape; a layout with each channel's states inside one thread (B and C loaded as
+[NS, BLOCK_D] tiles) cost ~430 instructions per channel-step against ~290, because every thread
+converts all of B and C, and lost on all three shapes (0.29 / 0.095 / 1.64 ms).
+
+Kernel design (d_inner 5120, d_state 16, L 2048)
+------------------------------------------------
+A program owns `BLOCK_D` channels of one sequence (and one chunk) and keeps their
+`[d_state, BLOCK_D]` fp32 state tile in registers (d_state padded to a power of two, masked). It
+walks its steps in groups of `UNROLL`: the next group's loads (u, delta, z: contiguous vectors
+along d_inner in the graph's `[B, L, D]` memory; B, C: d_state-vectors) are issued before the
+current group's math, since Triton keeps memory operations in program order; the steps of a group
+are independent but for one FMA per state element, so their softplus / exp / reduction / gate
+chains overlap. Rows past the chunk's end are not masked: the row pointers stop at its last row.
+Scales, A, D and delta_bias are loaded once per program; int8 is converted with integer/float bit
+tricks rather than the slow I2F unit (every thread converts its part of B and C). The decode
+kernel is one program per (batch, channel block): one step, state updated in place.
+
+Measured on H100 before chunking (one chunk): with one step per iteration the best configs ran
+1.03 ms (batch 1) and 1.32 ms (batch 8); two steps per iteration ran 0.59 ms (batch 1, BLOCK_D 16,
+1 warp) and 1.15 ms (batch 8, BLOCK_D 128, 4 warps). Loading 2-4 steps ahead into registers, or
+prefetching 16-32 steps ahead into L2, did not help. Triton chooses the tile's register layout
+itself; in the configs inspected it spread d_state over threads (following the d_state-contiguous
+accesses to A, B and C), so each step reduces over d_state with shuffles and moves dt, dt*u and y
+through shared memory. The autotuner picks BLOCK_D, num_warps and UNROLL per (d_inner, d_state,
+batch bucket, chunk length, pass); after a key's first call the launch goes straight to the JIT
+function.
 
 Layouts: every input may have any strides. The output `y` is allocated as `[batch, L, d_inner]`
 contiguous and returned transposed (`[batch, d_inner, L]` view), the layout out_proj's GEMM reads.
