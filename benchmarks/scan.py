@@ -1,7 +1,7 @@
 """Time our selective scan kernel alone against mamba_ssm's CUDA `selective_scan_fn` (issue 13).
 
     PYTHONPATH=$PWD:/path/to/anchors python benchmarks/scan.py [--json PATH] [--chunk-lens 64 128 ...]
-        [--commit HASH]
+        [--shapes B,D,L ...] [--commit HASH]
 
 Needs a CUDA device and the mamba_ssm anchors (`anchors.py`'s folder on the path; without them the
 mamba_ssm rows are left out). Shapes `(batch, d_inner, L)`: mamba-2.8b's 5120 channels at batch 1 and
@@ -81,6 +81,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--commit", default="", help="recorded in the JSON")
     ap.add_argument("--chunk-lens", type=int, nargs="*", default=[],
                     help="also time ours with the chunk length pinned to each of these")
+    ap.add_argument("--shapes", nargs="*", default=None, metavar="B,D,L",
+                    help="shapes instead of the issue's three, e.g. 8,1536,2048")
     args = ap.parse_args(argv)
     device = require_gpu("scan.py")
     from quamba_fx.kernels import scan
@@ -92,8 +94,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"benchmarks/scan.py: mamba_ssm not available ({exc}); timing ours alone", file=sys.stderr)
         selective_scan_fn = None
 
+    shapes = SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in text.split(",")) for text in args.shapes]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(shape) != 3 or min(shape) < 1 for shape in shapes):
+            ap.error(f"--shapes takes B,D,L triples of positive integers, got {args.shapes}")
     rows = []
-    for batch, d_inner, L in SHAPES:
+    for batch, d_inner, L in shapes:
         kw = make_inputs(batch, d_inner, L)
         ref = scan.selective_scan_int8_reference(**kw, out_dtype=torch.float32)
         row: Dict[str, object] = dict(batch=batch, d_inner=d_inner, L=L,
