@@ -84,6 +84,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--shapes", nargs="*", default=None, metavar="B,D,L",
                     help="shapes instead of the issue's three, e.g. 8,1536,2048")
     args = ap.parse_args(argv)
+    shapes = SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in text.split(",")) for text in args.shapes]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(shape) != 3 or min(shape) < 1 for shape in shapes):
+            ap.error(f"--shapes takes B,D,L triples of positive integers, got {args.shapes}")
     device = require_gpu("scan.py")
     from quamba_fx.kernels import scan
     try:
@@ -94,14 +102,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"benchmarks/scan.py: mamba_ssm not available ({exc}); timing ours alone", file=sys.stderr)
         selective_scan_fn = None
 
-    shapes = SHAPES
-    if args.shapes:
-        try:
-            shapes = [tuple(int(v) for v in text.split(",")) for text in args.shapes]
-        except ValueError:
-            shapes = []
-        if not shapes or any(len(shape) != 3 or min(shape) < 1 for shape in shapes):
-            ap.error(f"--shapes takes B,D,L triples of positive integers, got {args.shapes}")
     rows = []
     for batch, d_inner, L in shapes:
         kw = make_inputs(batch, d_inner, L)
