@@ -19,8 +19,15 @@ expected error, so the tests are not flaky, and still ~1000x below what a wrong 
 step or a missing term produces) plus half an ulp of the output dtype on |y| for its final
 rounding. The final state gets `1e-4 * hmag` likewise.
 
+The chunked prefill (few channels: the scan split over L, see the kernel module's docstring) is
+held to the same tolerance: it regroups the sums by chunk and takes a chunk's decay as one exp of
+the summed dt, each a few ulps of the terms. Under the interpreter chunks are 16 steps long, so the
+property tests (L up to 40) cover one to three chunks; `test_chunked_scan_matches_reference` pins
+chunk lengths from 1 step to one chunk.
+
 Chained decode steps after a prefill must reproduce the prefill: bit for bit under the interpreter
-(both kernels run the same per-step helpers), within the tolerance above on CUDA.
+(both kernels run the same per-step helpers, and L <= 16 is one chunk there), within the
+tolerance above on CUDA.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ def _force_config(block_d: int, num_warps: int, unroll: int):
     kernel = scan._selective_scan_kernel
     saved = kernel.configs
     kernel.configs = [scan._config(block_d, num_warps, unroll)]
+    # Tuned launches bypass the autotuner (and so its configs): forget them.
+    scan._TUNED.clear()
     return kernel, saved
 
 
@@ -70,6 +79,7 @@ def _one_config_on_cuda():
         yield
     finally:
         kernel.configs = saved
+        scan._TUNED.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +398,7 @@ def test_every_gpu_config(config):
         y, final = selective_scan(**kw, return_final_state=True)
     finally:
         kernel.configs = saved
+        scan._TUNED.clear()
     y_ref, final_ref = ref_call(kw, return_final_state=True)
     mag, hmag = magnitudes(kw)
     assert_close_scan(y, y_ref, mag)
@@ -419,6 +430,37 @@ def test_long_sequence_is_stable():
     mag, hmag = magnitudes(kw)
     assert_close_scan(y, y_ref, mag)
     assert_close_scan(final, final_ref, hmag, "final state")
+
+
+@needs_kernel
+@pytest.mark.parametrize("chunk_len", [1, 3, 8, 64])
+def test_chunked_scan_matches_reference(chunk_len, monkeypatch):
+    """The scan split into chunks over L (pass 1: each chunk's state from zero and its sum of dt;
+    pass 2: the true state entering each chunk; pass 3: each chunk from that state) computes the
+    same scan: ragged last chunk, an initial state, a single step per chunk, and one chunk (64)."""
+    monkeypatch.setattr(scan, "CHUNK_LEN", chunk_len)
+    case = dict(batch=2, d_inner=20, d_state=5, L=37, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=torch.float32, seed=12)
+    kw = build(case, DEVICE)
+    y, final = selective_scan(**kw, return_final_state=True)
+    y_ref, final_ref = ref_call(kw, return_final_state=True)
+    mag, hmag = magnitudes(kw)
+    assert_close_scan(y, y_ref, mag)
+    assert_close_scan(final, final_ref, hmag, "final state")
+
+
+def test_chunk_len_rule(monkeypatch):
+    """The GPU rule: one chunk once the channels fill the device; otherwise chunks enough for about
+    TARGET_THREADS (within the factor 2 of a power-of-two length), within the length limits."""
+    monkeypatch.setattr(scan, "_INTERPRET", False)
+    monkeypatch.setattr(scan, "CHUNK_LEN", None)
+    assert scan._chunk_len(8, 5120, 2048) >= 2048
+    for batch, d_inner, L in [(1, 5120, 2048), (1, 1536, 2048), (2, 768, 2048), (1, 768, 10**6), (1, 40, 5)]:
+        chunk = scan._chunk_len(batch, d_inner, L)
+        n_chunks = -(-L // chunk)
+        assert chunk >= scan.MIN_CHUNK_LEN and n_chunks <= scan.MAX_CHUNKS, (batch, d_inner, L, chunk)
+        assert (2 * batch * d_inner * n_chunks >= scan.TARGET_THREADS or chunk == scan.MIN_CHUNK_LEN
+                or n_chunks == scan.MAX_CHUNKS or n_chunks == 1), (batch, d_inner, L, chunk)
 
 
 # ---------------------------------------------------------------------------------------------

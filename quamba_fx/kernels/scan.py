@@ -24,7 +24,7 @@ The kernels reassociate a few products, each a change of an ulp or so, to save w
 formed once per program); B's scale is folded into the per-channel `dt * u` and C's into the
 per-channel sum (`(dt*u*sB) * qB` and `sC * sum_n h * qC`), so the per-step vectors B and C, which
 every thread of a program holds in full, are only converted, never scaled. Steps past the end of
-the sequence inside the last unrolled chunk run with dt = 0 and dt*u = 0, an exact identity on h.
+the chunk inside the last unrolled group run with dt = 0 and dt*u = 0, an exact identity on h.
 Prefill and decode run the same per-step `@triton.jit` helpers, so chaining decode steps after a
 prefill's final state reproduces the prefill bit for bit under TRITON_INTERPRET=1. On CUDA it
 agrees to rounding: the two kernels may get different register layouts from the compiler, hence
@@ -38,31 +38,61 @@ step's error is a few fp32 ulps of the terms, and the scan is contractive (`exp(
 terms plus the output dtype's rounding (see tests/test_kernel_scan.py). Non-finite inputs are
 outside the contract.
 
-Performance design (H100; 2.8b: d_inner 5120, d_state 16, L 2048)
-----------------------------------------------------------------
-A program owns `BLOCK_D` channels of one sequence and keeps their `[d_state, BLOCK_D]` fp32 state
-tile in registers (d_state padded to a power of two, masked). It walks the sequence in chunks of
-`UNROLL` steps: the next chunk's loads (u, delta, z: contiguous vectors along d_inner in the
-graph's `[B, L, D]` memory; B, C: d_state-vectors) are issued before the current chunk's math,
-since Triton keeps memory operations in program order; the steps of a chunk are independent but
-for one FMA per state element, so their softplus / exp / reduction / gate chains overlap. Rows past
-the end are not masked: the row pointers stop at the last row. Scales, A, D and delta_bias are
-loaded once per program; int8 is converted with integer/float bit tricks rather than the slow I2F
-unit (every thread converts all of B and C). The decode kernel is one program per (batch, channel
-block): one step, state updated in place.
+Chunked prefill (when batch * d_inner < PARALLEL_CHANNELS)
+----------------------------------------------------------
+A sequence of few channels gives one program per channel block too little parallel work: the
+time is then each step's dependent chain, L times over. So the prefill splits L into chunks of
+`_chunk_len` steps (enough (sequence, channel, chunk) triples to fill the GPU) and runs:
 
-Measured on H100 (Triton 3.6, int8 inputs in the graph layout, L2 flushed between runs): with one
-step per iteration the best configs ran 1.03 ms (batch 1) and 1.32 ms (batch 8); the same loop
-with two steps per iteration ran 0.59 ms (batch 1, BLOCK_D 16, 1 warp) and 1.15 ms (batch 8,
-BLOCK_D 128, 4 warps) -- the loop is bound by each step's dependent chain, not by bandwidth
-(floors: the per-state-element exp on the MUFU unit, 40 us / 320 us; bytes moved, 17 us /
-140 us). Loading 2-4 steps ahead into registers, or prefetching 16-32 steps ahead into L2, did
-not help. Triton chooses the tile's register layout itself; in the configs inspected it spread
-d_state over threads (following the d_state-contiguous accesses to A, B and C), so each step
-reduces over d_state with shuffles and moves dt, dt*u and y through shared memory. Forcing a
-channel-major layout (hiding d_state contiguity, loading B and C as 2-D broadcasts) made it
-1.5-2x slower. The autotuner picks BLOCK_D, num_warps and UNROLL per (d_inner, d_state, batch
-bucket).
+1. pass 1, every chunk but the last: the scan of the chunk from a zero state, storing its end
+   state `hloc[c]` and its sum of dt `S[c]` (fp32);
+2. pass 2 (`_selective_scan_carry_kernel`): per (sequence, channel, state), an associative scan
+   over the chunks of the pairs `(exp2(S[c] * A * log2(e)), hloc[c])` under
+   `(a1, b1) . (a2, b2) = (a1 * a2, a2 * b1 + b2)`, plus h0: the true state at each chunk's end;
+3. pass 3, every chunk: the scan from the state entering the chunk (h0 or zero for the first),
+   writing y, and the final state from the last chunk.
+
+Numerics: pass 3 does exactly the per-step arithmetic above; only the state entering a chunk is
+computed another way, as a sum of the same terms grouped by chunk, with the decay over a chunk as
+one `exp2(A2 * sum dt)` instead of a product of per-step exps. Summing dt over a chunk of T steps
+costs at most ~T ulps of the sum, so the decay is off by a relative `|A * S| * T * 2**-24`, which
+is largest (about 0.37 * T * 2**-24) where the decay `exp(-|A * S|)` is e**-1 and negligible where
+it is small, i.e. below 1e-5 for T <= 128; the regrouped sums add a few ulps of the summed terms.
+So the tolerance of the tests (1e-4 of the magnitude of the summed terms, module tests) holds for
+chunked and unchunked prefill alike; bit-exactness holds only within one chunk (the interpreter's
+chunks are INTERPRET_CHUNK_LEN = 16 steps, so the decode-chain test, L <= 16, stays bit-exact).
+
+Performance (H200, Triton 3.6, int8 inputs in the graph layout, CUDA-graph replays, L2 flushed;
+benchmarks/scan.py): 1 x 5120 x 2048 0.209 ms (one chunk: 0.63 ms), 1 x 1536 x 2048 0.079 ms
+(0.56 ms), 8 x 5120 x 2048 1.164 ms in one chunk (chunks of 64-128 steps: 1.39-1.49 ms, since
+passes 1 and 3 together do about 1.6x the work of one pass). The autotuner picked the
+[NS, BLOCK_D] layout described below, BLOCK_D 128 / 4 warps for pass 3 and 32 / 1 warp for pass 1,
+on every shape; a layout with each channel's states inside one thread (B and C loaded as
+[NS, BLOCK_D] tiles) cost ~430 instructions per channel-step against ~290, because every thread
+converts all of B and C, and lost on all three shapes (0.29 / 0.095 / 1.64 ms).
+
+Kernel design (d_inner 5120, d_state 16, L 2048)
+------------------------------------------------
+A program owns `BLOCK_D` channels of one sequence (and one chunk) and keeps their
+`[d_state, BLOCK_D]` fp32 state tile in registers (d_state padded to a power of two, masked). It
+walks its steps in groups of `UNROLL`: the next group's loads (u, delta, z: contiguous vectors
+along d_inner in the graph's `[B, L, D]` memory; B, C: d_state-vectors) are issued before the
+current group's math, since Triton keeps memory operations in program order; the steps of a group
+are independent but for one FMA per state element, so their softplus / exp / reduction / gate
+chains overlap. Rows past the chunk's end are not masked: the row pointers stop at its last row.
+Scales, A, D and delta_bias are loaded once per program; int8 is converted with integer/float bit
+tricks rather than the slow I2F unit (every thread converts its part of B and C). The decode
+kernel is one program per (batch, channel block): one step, state updated in place.
+
+Measured on H100 before chunking (one chunk): with one step per iteration the best configs ran
+1.03 ms (batch 1) and 1.32 ms (batch 8); two steps per iteration ran 0.59 ms (batch 1, BLOCK_D 16,
+1 warp) and 1.15 ms (batch 8, BLOCK_D 128, 4 warps). Loading 2-4 steps ahead into registers, or
+prefetching 16-32 steps ahead into L2, did not help. Triton chooses the tile's register layout
+itself; in the configs inspected it spread d_state over threads (following the d_state-contiguous
+accesses to A, B and C), so each step reduces over d_state with shuffles and moves dt, dt*u and y
+through shared memory. The autotuner picks BLOCK_D, num_warps and UNROLL per (d_inner, d_state,
+batch bucket, chunk length, pass); after a key's first call the launch goes straight to the JIT
+function.
 
 Layouts: every input may have any strides. The output `y` is allocated as `[batch, L, d_inner]`
 contiguous and returned transposed (`[batch, d_inner, L]` view), the layout out_proj's GEMM reads.
@@ -205,7 +235,8 @@ def _load_scale(ptr, IS_Q: tl.constexpr):
 
 
 @triton.jit
-def _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z: tl.constexpr):
+def _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n,
+               HAS_Z: tl.constexpr, HAS_C: tl.constexpr):
     """The raw (unconverted) inputs of one time step from its row pointers: u, delta, z along
     channels ([BLOCK_D]) and B, C along states ([NS])."""
     u = tl.load(u_t + u_o, mask=mask_d, other=0)
@@ -215,7 +246,10 @@ def _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n,
     else:
         z = u
     B = tl.load(B_t + B_o, mask=mask_n, other=0)
-    C = tl.load(C_t + C_o, mask=mask_n, other=0)
+    if HAS_C:
+        C = tl.load(C_t + C_o, mask=mask_n, other=0)
+    else:
+        C = B
     return u, d, z, B, C
 
 
@@ -223,25 +257,40 @@ def _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n,
 def _scan_step(h, A2, u_r, d_r, z_r, B_r, C_r, valid, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
                U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
-    """One prefill step from raw inputs. A step that is not `valid` (past the end of the sequence, in
-    the last chunk) runs with dt = 0 and dt*u = 0: h = exp(0) * h + 0 = h exactly."""
+    """One prefill step from raw inputs. A step that is not `valid` (past the end of its chunk, in
+    the last unrolled iteration) runs with dt = 0 and dt*u = 0: h = exp(0) * h + 0 = h exactly."""
     dt, dtu, skip, gate = _channel_terms(u_r, d_r, z_r, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
                                          U_Q, DT_Q, B_Q, Z_Q, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z)
     dt = tl.where(valid, dt, 0.0)
     dtu = tl.where(valid, dtu, 0.0)
-    return _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
+    h, y = _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
+    return h, y, dt
+
+
+@triton.jit
+def _local_step(h, A2, u_r, d_r, B_r, valid, u_scale, dt_scale, B_scale, bias,
+                U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr):
+    """Pass 1's step: the state update alone (no C, D, z, y); also returns dt for the chunk's sum."""
+    dt, dtu, _skip, _gate = _channel_terms(u_r, d_r, u_r, u_scale, dt_scale, B_scale, 1.0, bias, bias,
+                                           U_Q, DT_Q, B_Q, False, HAS_BIAS, SOFTPLUS, False, False)
+    dt = tl.where(valid, dt, 0.0)
+    dtu = tl.where(valid, dtu, 0.0)
+    dA = tl.exp2(dt[None, :] * A2)
+    h = dA * h + dtu[None, :] * _to_f32(B_r, B_Q)[:, None]
+    return h, dt
 
 
 # Autotune candidates on GPUs: (BLOCK_D, num_warps, UNROLL).
-# * BLOCK_D / num_warps: d_inner / BLOCK_D * batch programs, each owning a [d_state, BLOCK_D] tile;
-#   batch 1 has only d_inner / BLOCK_D programs, hence the small blocks.
+# * BLOCK_D / num_warps: batch * n_chunks * d_inner / BLOCK_D programs, each owning a
+#   [d_state, BLOCK_D] tile.
 # * UNROLL: time steps per loop iteration. A step's own work is a long dependent chain (softplus,
 #   exp, the state update, the sum over d_state, the gate) with fixed costs per iteration (layout
 #   exchanges through shared memory, the loads' round trip) that unrolled steps overlap: the steps
-#   of a chunk are independent except for one FMA per state element, and the next chunk's loads are
-#   issued before the current chunk's math.
+#   of an iteration are independent except for one FMA per state element, and the next
+#   iteration's loads are issued before the current one's math.
 GPU_CONFIGS = [
-    (8, 1, 4), (16, 1, 2), (16, 1, 4), (32, 1, 2), (32, 1, 4), (64, 2, 2), (128, 4, 2), (128, 4, 4),
+    (8, 1, 4), (16, 1, 2), (16, 1, 4), (32, 1, 2), (32, 1, 4), (64, 2, 2), (128, 4, 2), (128, 4, 4), (256, 8, 2),
 ]
 
 
@@ -252,7 +301,7 @@ def _config(block_d: int, num_warps: int, unroll: int) -> triton.Config:
 def _scan_configs():
     if _INTERPRET:
         # Small tiles keep the numpy blocks cheap, and the test shapes (d_inner up to 40) still span
-        # several channel blocks; 2 steps per iteration exercise the partial last chunk. A real
+        # several channel blocks; 2 steps per iteration exercise the partial last iteration. A real
         # model's d_inner (512 and up) takes the wide tile: the interpreter pays per operation, not
         # per element, so 32 narrow programs cost ~30x one wide one.
         return [_config(16, 1, 2), _config(512, 1, 2)]
@@ -268,19 +317,22 @@ def _interpreter_pick(configs, named_args, **kwargs):
     return [c for c in configs if (c.kwargs["BLOCK_D"] == 512) == wide] or configs
 
 
-# Autotune keys (plus dtypes and flags) whose candidate configs were already compiled in parallel.
+# Autotune keys (plus dtypes and flags) whose candidate configs were already compiled in parallel,
+# and the tuned launch parameters per key: after a shape's first call, launches go straight to
+# the JIT function, skipping the autotuner's per-call host work.
 _PRECOMPILED: set = set()
+_TUNED: dict = {}
 
 
-@triton.autotune(configs=_scan_configs(), key=["d_inner", "d_state", "batch_bucket"],
+@triton.autotune(configs=_scan_configs(), key=["d_inner", "d_state", "batch_bucket", "chunk_len", "PASS"],
                  prune_configs_by={"early_config_prune": _interpreter_pick})
 # L == 1 would otherwise become a compile-time constant (and each new L % 16 class a new variant).
 @triton.jit(do_not_specialize=["L"])
 def _selective_scan_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
-    h0_ptr, y_ptr, hT_ptr,
-    batch_bucket, d_inner, d_state, L,
+    h0_ptr, y_ptr, hT_ptr, hc_ptr, sc_ptr,
+    batch_bucket, d_inner, d_state, L, chunk_len, n_chunks,
     stride_ub, stride_ud, stride_ul,
     stride_tb, stride_td, stride_tl,
     stride_zb, stride_zd, stride_zl,
@@ -290,18 +342,30 @@ def _selective_scan_kernel(
     stride_hb, stride_hd, stride_hn,
     stride_yb, stride_yd, stride_yl,
     stride_fb, stride_fd, stride_fn,
+    stride_cc, stride_cb,
     U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr,
+    HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr, PASS: tl.constexpr,
     NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
 ):
+    """Passes 1 and 3 of the chunked scan over one chunk of `chunk_len` steps of BLOCK_D channels.
+
+    PASS 1 (chunks 0 .. n_chunks-2): the chunk's state from zero, stored into `hc[chunk]`
+    ([n_chunks-1, batch, d_inner, NS] fp32), and the chunk's sum of dt into `sc[chunk]`.
+    PASS 3 (every chunk): the scan from the state entering the chunk (h0 or zero for chunk 0,
+    `hc[chunk-1]` after pass 2 otherwise), writing y, and the final state from the last chunk.
+    """
     tl.static_assert(UNROLL == 1 or UNROLL == 2 or UNROLL == 4)
     # A flat grid, channel blocks fastest: no 65535 limit on grid axis 1, and programs running
     # side by side read neighbouring bytes of the same [B, L, D] rows.
     pid = tl.program_id(0)
     n_d = tl.cdiv(d_inner, BLOCK_D)
     pid_d = pid % n_d
-    pid_b = (pid // n_d).to(tl.int64)
+    rest = pid // n_d
+    chunk = rest % n_chunks
+    pid_b = (rest // n_chunks).to(tl.int64)
+    t0 = chunk * chunk_len
+    n_steps = tl.minimum(chunk_len, L - t0)
 
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, NS)
@@ -309,6 +373,10 @@ def _selective_scan_kernel(
     mask_n = offs_n < d_state
     mask_nd = mask_n[:, None] & mask_d[None, :]
     offs_d64 = offs_d.to(tl.int64)
+    B_o = offs_n * stride_Bn
+    C_o = offs_n * stride_Cn
+    # The chunk-state buffer: [chunk, batch, d_inner, NS] with NS innermost.
+    hc_o = offs_d64[None, :] * NS + offs_n[:, None]
 
     # Loaded once per program. Scales come from memory so that updating them in place needs no
     # recompilation.
@@ -327,44 +395,50 @@ def _selective_scan_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
     else:
         Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn,
-                    mask=mask_nd, other=0.0)
-    else:
-        h = tl.zeros([NS, BLOCK_D], dtype=tl.float32)
+    h = tl.zeros([NS, BLOCK_D], dtype=tl.float32)
+    if PASS == 3:
+        if HAS_H0:
+            h = tl.load(h0_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn,
+                        mask=mask_nd & (chunk == 0), other=0.0)
+        # The state entering the chunk, from pass 2 (chunk 0 has none: masked off).
+        prev = tl.maximum(chunk - 1, 0).to(tl.int64)
+        h += tl.load(hc_ptr + prev * stride_cc + pid_b * stride_cb + hc_o, mask=mask_nd & (chunk > 0), other=0.0)
+    dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     # Row pointers (scalars, 64-bit: t * stride can pass 2**31 for long sequences), advanced one row
     # at a time, plus loop-invariant per-lane offsets.
-    u_t = u_ptr + pid_b * stride_ub
-    t_t = dt_ptr + pid_b * stride_tb
-    z_t = z_ptr + pid_b * stride_zb
-    B_t = B_ptr + pid_b * stride_Bb
-    C_t = C_ptr + pid_b * stride_Cb
-    y_t = y_ptr + pid_b * stride_yb
+    t064 = t0.to(tl.int64)
+    u_t = u_ptr + pid_b * stride_ub + t064 * stride_ul
+    t_t = dt_ptr + pid_b * stride_tb + t064 * stride_tl
+    z_t = z_ptr + pid_b * stride_zb + t064 * stride_zl
+    B_t = B_ptr + pid_b * stride_Bb + t064 * stride_Bl
+    C_t = C_ptr + pid_b * stride_Cb + t064 * stride_Cl
+    y_t = y_ptr + pid_b * stride_yb + t064 * stride_yl
     u_o = offs_d64 * stride_ud
     t_o = offs_d64 * stride_td
     z_o = offs_d64 * stride_zd
     y_o = offs_d64 * stride_yd
-    B_o = offs_n * stride_Bn
-    C_o = offs_n * stride_Cn
     zero_d = tl.zeros([BLOCK_D], dtype=tl.int32)
+    LOAD_Z: tl.constexpr = HAS_Z and PASS == 3
+    LOAD_C: tl.constexpr = PASS == 3
 
-    # Slots 0..UNROLL-1 hold the raw inputs of the current chunk's steps; the row pointers point at
-    # the newest loaded row. Rows past the end are not masked (that would put predicates on every
-    # load): the pointers stop at the last row, which is re-read, and those steps are identities
-    # (see `_scan_step`). Unused slots alias slot 0 and are never read.
-    u0, d0, z0, B0, C0 = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z)
+    # Slots 0..UNROLL-1 hold the raw inputs of the current iteration's steps; the row pointers point
+    # at the newest loaded row. Rows past the chunk's end are not masked (that would put predicates
+    # on every load): the pointers stop at the chunk's last row, which is re-read, and those steps
+    # are identities (see `_scan_step`). Unused slots alias slot 0 and are never read.
+    u0, d0, z0, B0, C0 = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n,
+                                    LOAD_Z, LOAD_C)
     u1, d1, z1, B1, C1 = u0, d0, z0, B0, C0
     u2, d2, z2, B2, C2 = u0, d0, z0, B0, C0
     u3, d3, z3, B3, C3 = u0, d0, z0, B0, C0
     for k in tl.static_range(1, UNROLL):
-        adv = (k < L).to(tl.int32)
+        adv = (k < n_steps).to(tl.int32)
         u_t += adv * stride_ul
         t_t += adv * stride_tl
         z_t += adv * stride_zl
         B_t += adv * stride_Bl
         C_t += adv * stride_Cl
-        ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z)
+        ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, LOAD_Z, LOAD_C)
         if k == 1:
             u1, d1, z1, B1, C1 = ld
         elif k == 2:
@@ -372,21 +446,21 @@ def _selective_scan_kernel(
         else:
             u3, d3, z3, B3, C3 = ld
 
-    for t in range(0, L, UNROLL):
-        # The next chunk's loads first: Triton keeps memory operations in program order, so loads
-        # placed after this chunk's stores would only start once those are done.
+    for t in range(0, n_steps, UNROLL):
+        # The next iteration's loads first: Triton keeps memory operations in program order, so
+        # loads placed after this iteration's stores would only start once those are done.
         n0u, n0d, n0z, n0B, n0C = u0, d0, z0, B0, C0
         n1u, n1d, n1z, n1B, n1C = u0, d0, z0, B0, C0
         n2u, n2d, n2z, n2B, n2C = u0, d0, z0, B0, C0
         n3u, n3d, n3z, n3B, n3C = u0, d0, z0, B0, C0
         for k in tl.static_range(UNROLL):
-            adv = (t + UNROLL + k < L).to(tl.int32)
+            adv = (t + UNROLL + k < n_steps).to(tl.int32)
             u_t += adv * stride_ul
             t_t += adv * stride_tl
             z_t += adv * stride_zl
             B_t += adv * stride_Bl
             C_t += adv * stride_Cl
-            ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z)
+            ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, LOAD_Z, LOAD_C)
             if k == 0:
                 n0u, n0d, n0z, n0B, n0C = ld
             elif k == 1:
@@ -405,10 +479,16 @@ def _selective_scan_kernel(
                 su, sd, sz, sB, sC = u2, d2, z2, B2, C2
             else:
                 su, sd, sz, sB, sC = u3, d3, z3, B3, C3
-            valid = (zero_d + (t + k)) < L
-            h, y = _scan_step(h, A2, su, sd, sz, sB, sC, valid, u_scale, dt_scale, B_scale, C_scale, z_scale,
-                              bias, Dv, U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_BIAS, SOFTPLUS, HAS_D, HAS_Z)
-            tl.store(y_t + k * stride_yl + y_o, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d & valid)
+            valid = (zero_d + (t + k)) < n_steps
+            if PASS == 1:
+                h, dt = _local_step(h, A2, su, sd, sB, valid, u_scale, dt_scale, B_scale, bias,
+                                    U_Q, DT_Q, B_Q, HAS_BIAS, SOFTPLUS)
+                dt_sum += dt
+            else:
+                h, y, dt = _scan_step(h, A2, su, sd, sz, sB, sC, valid, u_scale, dt_scale, B_scale, C_scale,
+                                      z_scale, bias, Dv, U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_BIAS, SOFTPLUS, HAS_D,
+                                      HAS_Z)
+                tl.store(y_t + k * stride_yl + y_o, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d & valid)
         y_t += UNROLL * stride_yl
 
         u0, d0, z0, B0, C0 = n0u, n0d, n0z, n0B, n0C
@@ -416,9 +496,54 @@ def _selective_scan_kernel(
         u2, d2, z2, B2, C2 = n2u, n2d, n2z, n2B, n2C
         u3, d3, z3, B3, C3 = n3u, n3d, n3z, n3B, n3C
 
-    if WRITE_FINAL:
+    if PASS == 1:
+        c64 = chunk.to(tl.int64)
+        tl.store(hc_ptr + c64 * stride_cc + pid_b * stride_cb + hc_o, h, mask=mask_nd)
+        tl.store(sc_ptr + c64 * (stride_cc // NS) + pid_b * (stride_cb // NS) + offs_d64, dt_sum, mask=mask_d)
+    elif WRITE_FINAL:
         f = hT_ptr + pid_b * stride_fb + offs_d64[None, :] * stride_fd + offs_n[:, None] * stride_fn
-        tl.store(f, h, mask=mask_nd)
+        tl.store(f, h, mask=mask_nd & (chunk == n_chunks - 1))
+
+
+@triton.jit
+def _carry_combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2): h -> a2 * (a1 * h + b1) + b2.
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _selective_scan_carry_kernel(
+    A_ptr, h0_ptr, hc_ptr, sc_ptr,
+    d_inner, d_state, n_prev,
+    stride_Ad, stride_An,
+    stride_hb, stride_hd, stride_hn,
+    stride_cc, stride_cb,
+    HAS_H0: tl.constexpr, NS: tl.constexpr, NCP: tl.constexpr, BLOCK_DN: tl.constexpr,
+):
+    """Pass 2: turns the chunks' local end states `hc[c]` (from zero) into the true states at the
+    end of each chunk, `prod decay * h0 + ...`, in place: a scan over chunks of the pairs
+    (decay = exp(A * sum dt), local state), for BLOCK_DN (channel, state) pairs of one sequence."""
+    pid = tl.program_id(0)
+    n_dn = tl.cdiv(d_inner * NS, BLOCK_DN)
+    pid_dn = pid % n_dn
+    pid_b = (pid // n_dn).to(tl.int64)
+    offs_c = tl.arange(0, NCP)
+    offs_dn = pid_dn * BLOCK_DN + tl.arange(0, BLOCK_DN)
+    d = offs_dn // NS
+    n = offs_dn % NS
+    mask_dn = (d < d_inner) & (n < d_state)
+    mask = (offs_c[:, None] < n_prev) & mask_dn[None, :]
+    c64 = offs_c.to(tl.int64)[:, None]
+    d64 = d.to(tl.int64)
+    hloc = tl.load(hc_ptr + c64 * stride_cc + pid_b * stride_cb + offs_dn[None, :], mask=mask, other=0.0)
+    s = tl.load(sc_ptr + c64 * (stride_cc // NS) + pid_b * (stride_cb // NS) + d64[None, :], mask=mask, other=0.0)
+    A2 = tl.load(A_ptr + d64 * stride_Ad + n * stride_An, mask=mask_dn, other=0.0) * 1.4426950408889634
+    decay = tl.exp2(s * A2[None, :])
+    a, b = tl.associative_scan((decay, hloc), 0, _carry_combine)
+    if HAS_H0:
+        h0 = tl.load(h0_ptr + pid_b * stride_hb + d64 * stride_hd + n * stride_hn, mask=mask_dn, other=0.0)
+        b = a * h0[None, :] + b
+    tl.store(hc_ptr + c64 * stride_cc + pid_b * stride_cb + offs_dn[None, :], b, mask=mask)
 
 
 @triton.jit
@@ -676,6 +801,57 @@ def _check_initial_state(s: object, info: dict, device: torch.device) -> None:
         _check_state("initial_state", s, info, device)
 
 
+# Chunk length of the prefill scan (tests and benchmarks may pin it; None: `_chunk_len`'s rule).
+CHUNK_LEN: Optional[int] = None
+# Under the interpreter: short chunks, so that the tests' sequences (up to 40 steps) span several.
+INTERPRET_CHUNK_LEN = 16
+# On GPUs: one chunk once batch * d_inner reaches PARALLEL_CHANNELS (the channels fill the device
+# and passes 1-2 would only add work: measured on an H200, 8 x 5120 channels ran 1.16 ms in one
+# chunk, 1.64-1.96 ms in 4); below it, enough (sequence, channel, chunk) threads to fill the
+# device, chunks no shorter than MIN_CHUNK_LEN steps (each chunk costs a state write and read in
+# passes 1-3), and at most MAX_CHUNKS chunks (pass 2 holds them all in one tile).
+PARALLEL_CHANNELS = 32 * 1024
+TARGET_THREADS = 128 * 1024
+MIN_CHUNK_LEN = 64
+MAX_CHUNKS = 256
+
+
+def _chunk_len(batch: int, d_inner: int, L: int) -> int:
+    """Steps per chunk of the prefill scan (a power of two; >= L means one chunk, no passes 1-2)."""
+    if CHUNK_LEN is not None:
+        return CHUNK_LEN
+    if _INTERPRET:
+        return INTERPRET_CHUNK_LEN
+    if batch * d_inner >= PARALLEL_CHANNELS:
+        return max(triton.next_power_of_2(L), MIN_CHUNK_LEN)
+    want_chunks = triton.cdiv(TARGET_THREADS, batch * d_inner)
+    chunk = max(MIN_CHUNK_LEN, triton.next_power_of_2(triton.cdiv(L, want_chunks)),
+                triton.next_power_of_2(triton.cdiv(L, MAX_CHUNKS)))
+    return chunk
+
+
+def _launch_chunks(tune_base: tuple, pass_: int, batch: int, d_inner: int, n_run: int, args: tuple,
+                   flags: dict) -> None:
+    """Pass 1 or 3 over `n_run` chunks: autotuned on a key's first call, then launched directly."""
+    key = tune_base + (pass_,)
+    tuned = _TUNED.get(key)
+    if tuned is None:
+        def grid(meta):
+            return (batch * n_run * triton.cdiv(d_inner, meta["BLOCK_D"]),)
+
+        if key not in _PRECOMPILED:
+            _PRECOMPILED.add(key)
+            precompile(_selective_scan_kernel.fn, args,
+                       ({**flags, "PASS": pass_, **c.all_kwargs()} for c in _selective_scan_kernel.configs))
+        _selective_scan_kernel[grid](*args, **flags, PASS=pass_)
+        if not _INTERPRET:
+            _TUNED[key] = dict(_selective_scan_kernel.best_config.all_kwargs())
+        return
+    n_programs = batch * n_run * triton.cdiv(d_inner, tuned["BLOCK_D"])
+    _selective_scan_kernel.fn[(n_programs,)](*args, **flags, PASS=pass_, **tuned)
+
+
+
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 # ---------------------------------------------------------------------------------------------
@@ -759,28 +935,41 @@ def selective_scan(
     # Tune per batch bucket: batch 1 has d_inner / BLOCK_D programs and wants small blocks, large
     # batches fill the GPU anyway and want fewer, wider programs.
     batch_bucket = min(triton.next_power_of_2(batch), 16)
-
-    def grid(meta):
-        return (batch * triton.cdiv(d_inner, meta["BLOCK_D"]),)
-
-    args = (
-        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
-        _scale_arg(u_scale, A), _scale_arg(delta_scale, A), _scale_arg(B_scale, A), _scale_arg(C_scale, A),
-        _scale_arg(z_scale, A),
-        h0, y, final,
-        batch_bucket, d_inner, d_state, L,
-        *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
-        *h0_strides, *y.stride(), d_inner * d_state, d_state, 1,
-    )
     flags = dict(HAS_H0=initial_state is not None, WRITE_FINAL=return_final_state,
                  **_flags(info, D, z, delta_bias, delta_softplus))
-    tune_key = (d_inner, d_state, batch_bucket, u.dtype, delta.dtype, B.dtype, C.dtype, zz.dtype, y.dtype,
-                tuple(sorted(flags.items())))
-    if tune_key not in _PRECOMPILED:
-        _PRECOMPILED.add(tune_key)
-        precompile(_selective_scan_kernel.fn, args,
-                   ({**flags, **c.all_kwargs()} for c in _selective_scan_kernel.configs))
-    _selective_scan_kernel[grid](*args, **flags)
+    ns = flags["NS"]
+    chunk_len = _chunk_len(batch, d_inner, L)
+    n_chunks = triton.cdiv(L, chunk_len)
+    # Pass 1's outputs, pass 2 in place: per chunk but the last, the state at its end and its sum of
+    # dt. (A 1-element dummy when there is one chunk: nothing reads or writes it.)
+    n_prev = n_chunks - 1
+    hc = torch.empty(max(n_prev, 1) * batch * d_inner * ns, dtype=torch.float32, device=u.device)
+    sc = torch.empty(max(n_prev, 1) * batch * d_inner, dtype=torch.float32, device=u.device)
+
+    def args_for(pass_: int, n_run: int) -> tuple:
+        return (
+            u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+            _scale_arg(u_scale, A), _scale_arg(delta_scale, A), _scale_arg(B_scale, A), _scale_arg(C_scale, A),
+            _scale_arg(z_scale, A),
+            h0, y, final, hc, sc,
+            batch_bucket, d_inner, d_state, L, chunk_len, n_run,
+            *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
+            *h0_strides, *y.stride(), d_inner * d_state, d_state, 1,
+            batch * d_inner * ns, d_inner * ns,
+        )
+
+    tune_base = (d_inner, d_state, batch_bucket, chunk_len, u.dtype, delta.dtype, B.dtype, C.dtype, zz.dtype,
+                 y.dtype, tuple(sorted(flags.items())))
+    if n_prev > 0:
+        _launch_chunks(tune_base, 1, batch, d_inner, n_prev, args_for(1, n_prev), flags)
+        ncp = triton.next_power_of_2(n_prev)
+        block_dn = max(16, 4096 // ncp)
+        _selective_scan_carry_kernel[(batch * triton.cdiv(d_inner * ns, block_dn),)](
+            A, h0, hc, sc, d_inner, d_state, n_prev, *A.stride(), *h0_strides,
+            batch * d_inner * ns, d_inner * ns,
+            HAS_H0=initial_state is not None, NS=ns, NCP=ncp, BLOCK_DN=block_dn, num_warps=4,
+        )
+    _launch_chunks(tune_base, 3, batch, d_inner, n_chunks, args_for(3, n_chunks), flags)
     if return_final_state:
         return y, final
     return y
