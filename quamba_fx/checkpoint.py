@@ -28,6 +28,9 @@ from .errors import CheckpointError
 from .passes.fuse_conv import FuseConv1dSiLU
 from .pipeline import Pipeline
 from .recipe import block_paths, make_recipe
+from .text import (
+    CHECKPOINT_TOKENIZER_DIR, TextCodec, as_codec, attach_tokenizer, check_fits, save_tokenizer,
+)
 from .w8a8 import float_passes, quantization_passes
 
 FORMAT_NAME = "quamba-fx"
@@ -65,11 +68,13 @@ def _unique_tensors(gm: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     return tensors, aliases
 
 
-def save_pretrained(gm: torch.fx.GraphModule, path: str | Path) -> Path:
+def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, *, tokenizer: Any = None) -> Path:
     """Write `gm` (from `capture`, `quantize` or `fuse`) to the directory `path`, atomically.
 
     Everything is written to a temporary sibling directory first and renamed into place, so an
     interrupted save leaves either the previous checkpoint or none, never half of one.
+    `tokenizer` (anything `quamba_fx.text.as_codec` takes; default: the one the graph carries
+    from `from_pretrained`) is copied into `path/tokenizer/`, so the checkpoint is self-contained.
     """
     meta = gm.meta.get("quamba")
     if not meta or "hf_config" not in meta:
@@ -78,6 +83,7 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path) -> Path:
         raise CheckpointError("this graph was captured on the meta device: it has no weights to save")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    codec = _checkpoint_codec(gm, tokenizer)
     tensors, aliases = _unique_tensors(gm)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -97,6 +103,8 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path) -> Path:
             "source_config": meta["hf_config"],
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+        if codec is not None:
+            save_tokenizer(codec, tmp / CHECKPOINT_TOKENIZER_DIR)
         backup = None
         if path.exists():
             backup = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -108,6 +116,17 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _checkpoint_codec(gm: torch.fx.GraphModule, tokenizer: Any = None) -> TextCodec | None:
+    """The tokenizer a checkpoint of `gm` keeps: `tokenizer`, else the graph's own; checked
+    against the graph's vocabulary before anything is written."""
+    tokenizer = tokenizer if tokenizer is not None else gm.meta["quamba"].get("tokenizer")
+    if tokenizer is None:
+        return None
+    codec = as_codec(tokenizer)
+    check_fits(codec, gm.meta["quamba"]["hf_config"].get("vocab_size"), "this graph")
+    return codec
 
 
 def is_quamba_checkpoint(path: str | Path) -> bool:
@@ -195,5 +214,6 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tor
     if left:
         raise CheckpointError(f"{weights} lacks tensors: {', '.join(left[:8])}")
     gm.meta["quamba"]["on_meta_device"] = False
+    attach_tokenizer(gm, path)
     annotate_shapes(gm, tuple(config.get("example_shape", (1, 8))))
     return gm
