@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import quamba_fx
+from quamba_fx.cli import main
 from quamba_fx.errors import UnsupportedModelError
 from quamba_fx.generation import QuambaForCausalLM, generate_text
 from quamba_fx.kernels import dispatch
@@ -195,19 +196,23 @@ def test_lm_eval_adapter_uses_the_checkpoint_tokenizer(checkpoint, codec):
 # ------------------------------------------------------------------------------------- errors
 
 
-def test_a_directory_without_tokenizer_and_vocab_not_256_is_refused(tmp_path, model_dir):
+def test_a_directory_without_tokenizer_and_vocab_not_256_is_refused(tmp_path, model_dir, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(model_dir / name, bare / name)
     with pytest.raises(UnsupportedModelError, match=rf"has no tokenizer.json and its model has vocab_size {MODEL_VOCAB}"):
         load_tokenizer(bare)
+    assert main(["eval", str(bare), "--recipe", "none", "--windows", "1", "--seq-len", "8"]) == 1
+    assert "has no tokenizer.json" in capsys.readouterr().err
+    assert main(["quantize", str(bare), "--out", str(tmp_path / "q")]) == 1
+    assert "has no tokenizer.json" in capsys.readouterr().err and not (tmp_path / "q").exists()
     (bare / "vocab.json").write_text("{}")
     with pytest.raises(TokenizerError, match="has vocab.json but no tokenizer.json"):
         load_tokenizer(bare)
 
 
-def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path, model_dir, quantized):
+def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path, model_dir, quantized, capsys):
     small = tmp_path / "small"  # another model's tokenizer beside a model of vocab 512
     make_model(tiny_config(vocab_size=512)).save_pretrained(small)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -218,6 +223,8 @@ def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path, model_dir,
         load_tokenizer(model_dir, vocab_size=512)
     with pytest.raises(TokenizerError, match="do not belong together"):
         quamba_fx.capture(str(small))
+    assert main(["eval", str(small), "--recipe", "none", "--windows", "1", "--seq-len", "8"]) == 1
+    assert "do not belong together" in capsys.readouterr().err
     bigger = as_codec(train_tokenizer("abc def ghi " * 50 + (model_dir / "tokenizer.json").read_text(), 700))
     assert bigger.vocab_size > MODEL_VOCAB
     with pytest.raises(TokenizerError, match="vocab_size is 608"):
@@ -226,3 +233,54 @@ def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path, model_dir,
     (small / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="not a valid tokenizer"):
         load_tokenizer(small)
+
+
+# ------------------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory, model_dir, corpus) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "q"
+    assert main(["quantize", str(model_dir), "--calib", str(corpus["calib"]), "--out", str(out),
+                 "--calib-windows", "4", "--seq-len", str(SEQ_LEN), "--batch-size", "2", "--quiet"]) == 0
+    return out
+
+
+def test_cli_quantize_writes_a_self_contained_checkpoint(cli_checkpoint, model_dir, capsys):
+    names = sorted(p.name for p in cli_checkpoint.iterdir())
+    assert names == ["config.json", "model.safetensors", "tokenizer"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (cli_checkpoint / "tokenizer" / name).read_bytes() == (model_dir / name).read_bytes()
+
+
+def test_cli_eval_prints_bits_per_byte_and_perplexity(cli_checkpoint, model_dir, corpus, capsys):
+    common = ["--text", str(corpus["eval"]), "--windows", "2", "--seq-len", str(SEQ_LEN), "--quiet"]
+    assert main(["eval", str(cli_checkpoint), *common, "--reference", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"2 windows of {SEQ_LEN} tokens; recipe quamba" in out
+    fp32 = float(out.split("fp32     bits/byte ")[1].split()[0])
+    w8a8 = float(out.split("quamba   bits/byte ")[1].split()[0])
+    ppl = float(out.split("quamba   bits/byte ")[1].split("perplexity ")[1].split("/")[0])
+    assert 1 < ppl < 2 * MODEL_VOCAB and abs(w8a8 / fp32 - 1) < 0.05 and "top-1 agreement" in out
+    assert main(["eval", str(model_dir), "--recipe", "none", *common]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fp32     bits/byte ") and float(out.split()[2]) == pytest.approx(fp32, abs=1e-4)
+
+
+def test_cli_generate_on_the_model_and_the_checkpoint(cli_checkpoint, model_dir, kernel_references, capsys):
+    prompt = ["--prompt", "The city of", "--max-new-tokens", "3"]
+    assert main(["generate", str(cli_checkpoint), *prompt]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The city of") and " tokens, " in captured.err
+    assert main(["generate", str(cli_checkpoint), *prompt, "--kernels", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == captured.out  # cached kernel decoding = greedy by recomputation
+    assert main(["generate", str(model_dir), *prompt, "--sample", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("The city of")
+
+
+@pytest.mark.slow
+def test_cli_dump_and_bench_on_the_checkpoint(cli_checkpoint, capsys):
+    assert main(["dump", str(cli_checkpoint), "--seq-len", "5"]) == 0
+    assert f"[1, 5, {MODEL_VOCAB}]" in capsys.readouterr().out
+    assert main(["bench", str(cli_checkpoint), "--device", "cpu", "--seq-len", "4", "--repeats", "1"]) == 0
+    assert "recipe quamba" in capsys.readouterr().out
