@@ -27,6 +27,7 @@ from transformers import MambaForCausalLM, MambaModel
 from . import ops  # noqa: F401  (registers torch.ops.quamba.*)
 from .errors import InputError, MetaDeviceError, UnsupportedModelError
 from .models import load_model
+from .text import attach_tokenizer
 
 META_KEY = "quamba"
 
@@ -81,15 +82,16 @@ def check_input_ids(input_ids: torch.Tensor, embedding_weight: torch.Tensor) -> 
 class MambaGraphModule(torch.fx.GraphModule):
     """The GraphModule `capture` returns: a plain `torch.fx.GraphModule` plus `save_pretrained`."""
 
-    def save_pretrained(self, path, overwrite: bool = True) -> None:
-        """Write this graph's weights and scales (safetensors) and its recipe (JSON), atomically.
+    def save_pretrained(self, path, overwrite: bool = True, *, tokenizer=None) -> None:
+        """Write this graph's weights and scales (safetensors), its recipe (JSON) and its tokenizer
+        (`tokenizer`, else the one it carries), atomically.
 
         `quamba_fx.from_pretrained(path)` rebuilds the same graph; see `quamba_fx.save_pretrained`
         for what `path` may already hold and what `overwrite` allows.
         """
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, path, overwrite=overwrite)
+        save_pretrained(self, path, overwrite=overwrite, tokenizer=tokenizer)
 
 
 class _MambaTracer(torch.fx.Tracer):
@@ -211,13 +213,15 @@ def capture(
     """Capture a Mamba model as one `torch.fx.GraphModule` mapping `input_ids [B, L]` to logits.
 
     `model` is a `MambaForCausalLM` (output: fp32 logits `[B, L, vocab]`), a `MambaModel` (output: the
-    last hidden state) or anything `quamba_fx.load_model` accepts (a built-in name or a checkpoint dir).
+    last hidden state) or anything `quamba_fx.load_model` accepts (a built-in name or a checkpoint dir;
+    a directory's tokenizer is kept in `gm.meta["quamba"]["tokenizer"]`, see `quamba_fx.text`).
     Models on the meta device are captured too; their graphs can be inspected and dumped, and raise
     `MetaDeviceError` when run. Shapes recorded in `node.meta["tensor_meta"]` are those of an
     `example_shape` input, computed with fake tensors (no arithmetic is done).
     """
-    if isinstance(model, str):
-        model = load_model(model)
+    source = model if isinstance(model, str) else None
+    if source is not None:
+        model = load_model(source)
     _check_supported(model)
     started = time.perf_counter()
     root = _MambaRoot(model)
@@ -233,6 +237,8 @@ def capture(
         "hf_config": config.to_dict(),
         "dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""),
     }
+    if source is not None:
+        attach_tokenizer(gm, source)  # a model directory's tokenizer travels with its graph
     if propagate_shapes:
         annotate_shapes(gm, example_shape)
     gm.meta[META_KEY]["capture_seconds"] = time.perf_counter() - started

@@ -36,6 +36,7 @@ from .passes.fuse_conv import FuseConv1dSiLU
 from .pipeline import Pipeline
 from .recipe import RECIPE_NAMES, block_paths, make_recipe
 from .tensor_checks import name_list, non_finite_tensors
+from .text import CHECKPOINT_TOKENIZER_DIR, TextCodec, as_codec, attach_tokenizer, check_fits, save_tokenizer
 from .w8a8 import float_passes, quantization_passes
 
 FORMAT_NAME = "quamba-fx"
@@ -125,7 +126,7 @@ def _missing_ancestors(directory: Path) -> list[Path]:
     return missing
 
 
-def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool = True) -> Path:
+def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool = True, *, tokenizer: Any = None) -> Path:
     """Write `gm` (from `capture`, `quantize` or `fuse`) to the directory `path`, atomically.
 
     `path` may be missing, an empty directory, or (when `overwrite`) a quamba-fx checkpoint; anything
@@ -133,7 +134,9 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool 
     written to a hidden sibling and swapped in under a lock, so readers and concurrent writers see
     either the previous checkpoint or the new one; a save killed half way is put right by the next
     save or load of `path`. Non-finite weights, or a place that can't be written, raise
-    `CheckpointError` and leave nothing behind.
+    `CheckpointError` and leave nothing behind. `tokenizer` (anything `quamba_fx.text.as_codec`
+    takes; default: the one the graph carries) is copied into `path/tokenizer/`, its files hashed in
+    the config, so the checkpoint is self-contained.
     """
     meta = gm.meta.get("quamba")
     if not meta or "hf_config" not in meta:
@@ -141,6 +144,7 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool 
     if meta.get("on_meta_device"):
         raise CheckpointError("this graph was captured on the meta device: it has no weights to save")
     path = Path(path)
+    codec = _checkpoint_codec(gm, tokenizer)
     tensors, aliases = _unique_tensors(gm)
     bad = non_finite_tensors(tensors.items())
     if bad:
@@ -163,6 +167,10 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _atomic_dir.replacing(path, functools.partial(_check_replaceable, overwrite=overwrite), _is_intact) as staging:
+            if codec is not None:
+                # First, so its files' hashes are part of the config the weights' metadata hashes.
+                save_tokenizer(codec, staging / CHECKPOINT_TOKENIZER_DIR)
+                config["tokenizer_sha256"] = _tokenizer_hashes(staging)
             save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", CONFIG_DIGEST_KEY: _config_digest(config)})
             _atomic_dir.crash_point("weights-written")
             config["weights_sha256"] = _sha256(staging / WEIGHTS_FILE)
@@ -179,6 +187,25 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool 
             raise CheckpointError(f"cannot write a checkpoint to {path}: {reason}{where}") from exc
         raise
     return path
+
+
+def _checkpoint_codec(gm: torch.fx.GraphModule, tokenizer: Any = None) -> TextCodec | None:
+    """The tokenizer a checkpoint of `gm` keeps: `tokenizer`, else the graph's own; checked
+    against the graph's vocabulary before anything is written."""
+    tokenizer = tokenizer if tokenizer is not None else gm.meta["quamba"].get("tokenizer")
+    if tokenizer is None:
+        return None
+    codec = as_codec(tokenizer)
+    check_fits(codec, gm.meta["quamba"]["hf_config"].get("vocab_size"), "this graph")
+    return codec
+
+
+def _tokenizer_hashes(path: Path) -> dict[str, str]:
+    """SHA-256 of every file in the checkpoint's tokenizer folder, by name (empty if it has none)."""
+    folder = path / CHECKPOINT_TOKENIZER_DIR
+    if not folder.is_dir():
+        return {}
+    return {entry.name: _sha256(entry) for entry in sorted(folder.iterdir()) if entry.is_file()}
 
 
 def is_quamba_checkpoint(path: str | Path) -> bool:
@@ -243,6 +270,7 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
     config.setdefault("fused", False)
     config.setdefault("example_shape", [1, 8])
     config.setdefault("aliases", {})
+    config.setdefault("tokenizer_sha256", None)
     checks = {
         "source": (config["source"] in SOURCES, f"one of {', '.join(SOURCES)}"),
         "dtype": (isinstance(config["dtype"], str) and config["dtype"].replace("torch.", "") in DTYPES,
@@ -263,6 +291,10 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
         "weights_sha256": (isinstance(config["weights_sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", config["weights_sha256"]),
                            "64 lowercase hex digits"),
         "source_config": (isinstance(config["source_config"], dict), "an object (a Hugging Face MambaConfig)"),
+        "tokenizer_sha256": (config["tokenizer_sha256"] is None or (
+            isinstance(config["tokenizer_sha256"], dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in config["tokenizer_sha256"].items())),
+            "null or an object mapping tokenizer file names to SHA-256 digests"),
     }
     for field, (ok, expected) in checks.items():
         if not ok:
@@ -376,6 +408,13 @@ def _validated_config(path: Path) -> dict[str, Any]:
             "save the model again"
         )
     _check_architecture(config, hf_config, header, path)
+    # Checkpoints from before tokenizers were kept record none; the tokenizer, if any, is then
+    # read as it is.
+    if config["tokenizer_sha256"] is not None and _tokenizer_hashes(path) != config["tokenizer_sha256"]:
+        raise CheckpointError(
+            f"{path / CHECKPOINT_TOKENIZER_DIR} does not match the SHA-256s recorded in {CONFIG_FILE}: "
+            "a tokenizer file was edited, added or removed; save the model again"
+        )
     return config
 
 
@@ -448,5 +487,6 @@ def _load(path: Path, device: str | torch.device) -> torch.fx.GraphModule:
     if left:
         raise CheckpointError(f"{weights} lacks tensors: {', '.join(left[:8])}")
     gm.meta["quamba"]["on_meta_device"] = False
+    attach_tokenizer(gm, path)
     annotate_shapes(gm, tuple(config["example_shape"]))
     return gm

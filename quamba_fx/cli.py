@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(command_name="demo")
 
-    ev = sub.add_parser("eval", help="bits per byte on WikiText-2 test.txt, float or quantized, vs the float model")
-    ev.add_argument("model", help=_model_arg_help() + ", or a checkpoint directory from `quantize`")
+    ev = sub.add_parser("eval", help="bits per byte (and perplexity per token) on WikiText-2 test.txt, float or "
+                        "quantized, vs the float model")
+    ev.add_argument("model", help=_model_arg_help() + " (byte-level, or with its tokenizer.json), or a checkpoint "
+                    "directory from `quantize`")
     ev.add_argument("--recipe", choices=("none", *RECIPE_NAMES), default="quamba",
                     help="none (float), naive or quamba W8A8 (default: quamba)")
     ev.add_argument("--windows", type=positive_int, default=64,
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(command_name="eval")
 
     qz = sub.add_parser("quantize", help="calibrate on text, quantize to W8A8 and save a checkpoint directory")
-    qz.add_argument("model", help=_model_arg_help())
+    qz.add_argument("model", help=_model_arg_help() + " (byte-level, or with its tokenizer.json)")
     qz.add_argument("--out", type=Path, required=True,
                     help="checkpoint directory to write (new, or empty; never replaces anything else)")
     qz.add_argument("--overwrite", action="store_true",
@@ -137,10 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(qz)
     qz.set_defaults(command_name="quantize")
 
-    gen = sub.add_parser("generate", help="continue a prompt with a model or checkpoint")
+    gen = sub.add_parser("generate", help="continue a prompt with a model or checkpoint (bytes or its tokenizer)")
     gen.add_argument("model", help=_model_arg_help() + ", or a checkpoint directory from `quantize`")
     gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default: 64)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens (bytes for byte-level models) to "
+                     "generate (default: 64)")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=positive_float, default=0.8, help="sampling temperature (default: 0.8)")
     gen.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens (default: 50)")

@@ -27,7 +27,8 @@ from .passes.fuse_conv import fuse
 from .passes.lower import lower
 from .passes.verify import verify_topology
 from .recipe import make_recipe
-from .textdata import chunk_sequences, find_wikitext, load_bytes
+from .text import ByteCodec, TextCodec, graph_codec, source_codec, text_windows
+from .textdata import find_wikitext
 from .w8a8 import quantize
 
 
@@ -89,24 +90,31 @@ def state_bytes(module: torch.nn.Module, float_bytes: int | None = None) -> int:
                for t in unique)
 
 
-def _text_windows(split: str, seq_len: int, count: int, path: Path | None = None) -> torch.Tensor:
-    ids = load_bytes(path if path is not None else find_wikitext(split))
-    return chunk_sequences(ids, seq_len, num_sequences=count)
+def _text_windows(split: str, seq_len: int, count: int, path: Path | None = None,
+                  codec: TextCodec | None = None) -> torch.Tensor:
+    """`count` windows of `seq_len` tokens of a text file (default: WikiText-2 `split`), read
+    through `codec` (default: bytes)."""
+    return text_windows(codec or ByteCodec(), path if path is not None else find_wikitext(split), seq_len, count)
 
 
-def _require_bytes_model(vocab: int, name: str) -> None:
-    if vocab != 256:
-        raise QuambaError(
-            f"text evaluation reads raw bytes, so it needs a byte-level model (vocab 256); {name} has vocab {vocab}"
-        )
+def _unit(codec: TextCodec) -> str:
+    return "bytes" if isinstance(codec, ByteCodec) else "tokens"
 
 
-def _print_accuracy(name: str, result: EvalResult) -> None:
+def _print_accuracy(name: str, result: EvalResult, perplexity: bool = False) -> None:
+    """One row: bits per byte (and, for a tokenized model, perplexity per token) vs the reference."""
     print(f"{name:<8} bits/byte {result.bits_per_byte:.4f}", end="")
+    if perplexity and result.perplexity is not None:
+        print(f"  perplexity {result.perplexity:.3f}/token", end="")
     if result.reference_bits_per_byte is not None:
         rel = result.bits_per_byte / result.reference_bits_per_byte - 1
         print(f"  ({rel:+.2%} vs fp32)  KL {result.kl_divergence:.5f}  top-1 agreement {result.top1_agreement:.4f}", end="")
     print()
+
+
+def _reference_row(result: EvalResult) -> EvalResult:
+    return EvalResult(result.reference_bits_per_byte, result.windows, result.seq_len,
+                      perplexity=result.reference_perplexity)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -149,52 +157,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    held_out = _text_windows("test", args.seq_len, args.windows, args.text)
     if is_quamba_checkpoint(args.model):
-        return _eval_checkpoint(args, held_out)
+        return _eval_checkpoint(args)
     model = load_model(args.model, seed=args.seed)
-    _require_bytes_model(model.config.vocab_size, args.model)
+    codec = source_codec(args.model, model.config.vocab_size)
+    held_out = _text_windows("test", args.seq_len, args.windows, args.text, codec)
+    tokenized = not isinstance(codec, ByteCodec)
     gm = capture(model)
     if args.recipe == "none":
-        _print_accuracy("fp32", evaluate(gm, held_out, batch_size=args.batch_size, progress=not args.quiet))
+        result = evaluate(gm, held_out, batch_size=args.batch_size, progress=not args.quiet, codec=codec)
+        _print_accuracy("fp32", result, tokenized)
         return 0
-    calib = _text_windows("valid", args.seq_len, args.calib_windows, args.calib)
+    calib = _text_windows("valid", args.seq_len, args.calib_windows, args.calib, codec)
     recipe = make_recipe(args.recipe, percentile=args.percentile)
     qm = quantize(gm, calib.split(args.batch_size), recipe=recipe, progress=not args.quiet)
-    result = evaluate(qm, held_out, gm, batch_size=args.batch_size, progress=not args.quiet)
-    print(f"{args.model}: {result.windows} windows of {result.seq_len} bytes; recipe {args.recipe}")
-    _print_accuracy("fp32", EvalResult(result.reference_bits_per_byte, result.windows, result.seq_len))
-    _print_accuracy(args.recipe, result)
+    result = evaluate(qm, held_out, gm, batch_size=args.batch_size, progress=not args.quiet, codec=codec)
+    print(f"{args.model}: {result.windows} windows of {result.seq_len} {_unit(codec)}; recipe {args.recipe}")
+    _print_accuracy("fp32", _reference_row(result), tokenized)
+    _print_accuracy(args.recipe, result, tokenized)
     return 0
 
 
-def _eval_checkpoint(args: argparse.Namespace, held_out: torch.Tensor) -> int:
+def _eval_checkpoint(args: argparse.Namespace) -> int:
     qm = from_pretrained(args.model)
-    _require_bytes_model(qm.meta["quamba"]["hf_config"]["vocab_size"], args.model)
+    codec = graph_codec(qm, f"evaluating {args.model}")
+    held_out = _text_windows("test", args.seq_len, args.windows, args.text, codec)
+    tokenized = not isinstance(codec, ByteCodec)
     reference = None
     if args.reference:
         reference = capture(load_model(args.reference))
-    result = evaluate(qm, held_out, reference, batch_size=args.batch_size, progress=not args.quiet)
+    result = evaluate(qm, held_out, reference, batch_size=args.batch_size, progress=not args.quiet, codec=codec)
     recipe = qm.meta["quamba"].get("recipe") or "float"
-    print(f"{args.model}: {result.windows} windows of {result.seq_len} bytes; recipe {recipe}")
+    print(f"{args.model}: {result.windows} windows of {result.seq_len} {_unit(codec)}; recipe {recipe}")
     if reference is not None:
-        _print_accuracy("fp32", EvalResult(result.reference_bits_per_byte, result.windows, result.seq_len))
-    _print_accuracy(recipe, result)
+        _print_accuracy("fp32", _reference_row(result), tokenized)
+    _print_accuracy(recipe, result, tokenized)
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     model = load_model(args.model, seed=args.seed)
-    _require_bytes_model(model.config.vocab_size, args.model)
-    calib = _text_windows("valid", args.seq_len, args.calib_windows, args.calib)
+    codec = source_codec(args.model, model.config.vocab_size)
+    calib = _text_windows("valid", args.seq_len, args.calib_windows, args.calib, codec)
     recipe = make_recipe(args.recipe, percentile=args.percentile)
     started = time.perf_counter()
     qm = quantize(model, calib.split(args.batch_size), recipe=recipe, progress=not args.quiet)
     if args.fuse:
         qm = fuse(qm)
     verify_topology(qm)
-    qm.save_pretrained(args.out, overwrite=args.overwrite)
-    print(f"quantized {args.model} with the {args.recipe} recipe on {calib.shape[0]} x {calib.shape[1]} bytes "
+    qm.save_pretrained(args.out, overwrite=args.overwrite, tokenizer=codec)  # the checkpoint keeps the tokenizer
+    print(f"quantized {args.model} with the {args.recipe} recipe on {calib.shape[0]} x {calib.shape[1]} {_unit(codec)} "
           f"in {time.perf_counter() - started:.1f} s{' (conv1d fused)' if args.fuse else ''}")
     print(f"wrote {args.out}: {state_bytes(qm) / 1e6:.2f} MB of tensors "
           f"(the float model: {state_bytes(model) / 1e6:.2f} MB as loaded, {state_bytes(model, float_bytes=2) / 1e6:.2f} MB as fp16)")
@@ -271,9 +283,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import decode_bytes, encode_bytes, generate_text
+    from .generation import generate_text
 
     gm = load_graph(args.model, device="cpu")
+    codec = source_codec(args.model, gm.meta["quamba"]["hf_config"]["vocab_size"])
     started = time.perf_counter()
     if args.kernels:
         from .runtime import Generator
@@ -282,19 +295,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise InputError("--kernels decodes greedily; drop --sample (or --kernels)")
         device = _device(args.device)
         runner = Generator(_lowered(gm, args.model).to(device), batch_size=1)
-        prompt = torch.tensor([encode_bytes(args.prompt)], dtype=torch.long)
+        prompt = torch.tensor([codec.encode(args.prompt)], dtype=torch.long)
         if prompt.shape[1] == 0:
-            raise InputError("prompt is empty: byte-level generation needs at least one byte to continue")
+            raise InputError("prompt is empty: generation needs at least one token to continue")
         tokens = runner.generate(prompt, args.max_new_tokens)[0, prompt.shape[1]:].tolist()
-        text = decode_bytes(tokens)
+        text = codec.decode(tokens)
         how = f"W8A8 kernels on {device}, decode cache"
     else:
         text = generate_text(gm, args.prompt, args.max_new_tokens, do_sample=args.sample,
                              temperature=args.temperature if args.sample else None,
-                             top_k=args.top_k if args.sample else None, seed=args.seed)
+                             top_k=args.top_k if args.sample else None, seed=args.seed, tokenizer=codec)
         how = (f"recipe {gm.meta['quamba'].get('recipe') or 'float'}; no decode cache: each step reruns "
                "the prefix (--kernels decodes from a cache)")
     elapsed = time.perf_counter() - started
     print(args.prompt + text)
-    print(f"({len(text.encode())} bytes in {elapsed:.1f} s, {how})", file=sys.stderr)
+    count = "" if isinstance(codec, ByteCodec) else f"{len(codec.encode(text))} tokens, "
+    print(f"({count}{len(text.encode())} bytes in {elapsed:.1f} s, {how})", file=sys.stderr)
     return 0

@@ -10,8 +10,8 @@ far, so generating N tokens after a prompt of P costs about N forward passes of 
 wrapper tells `generate` not to build a cache and hands the full prefix to every forward. Cached
 greedy decoding on the W8A8 kernels is `quamba_fx.runtime.Generator` (on a lowered graph).
 
-`generate_text` is the string-in, string-out convenience for byte-level models (vocab 256, one
-token per UTF-8 byte), which need no tokenizer.
+`generate_text` is the string-in, string-out convenience: UTF-8 bytes for byte-level models (vocab
+256), the model's tokenizer otherwise (see `quamba_fx.text`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from transformers import GenerationMixin, MambaConfig, PreTrainedModel, Stopping
 from transformers.modeling_outputs import CausalLMOutput
 
 from .errors import InputError, MetaDeviceError, UnsupportedModelError
+from .text import as_codec, attach_tokenizer, check_fits, graph_codec
 
 BYTE_VOCAB_SIZE = 256
 
@@ -108,7 +109,9 @@ class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
             return cls(from_pretrained(path, device=device))
         from .models import load_model
 
-        return cls(capture(load_model(str(path), device=str(device))))
+        gm = capture(load_model(str(path), device=str(device)))
+        attach_tokenizer(gm, path)  # a Hugging Face directory's own tokenizer
+        return cls(gm)
 
     def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
         """Write the wrapped graph with `quamba_fx.save_pretrained` (reload with `from_pretrained`)."""
@@ -304,15 +307,6 @@ def decode_bytes(ids: Sequence[int]) -> str:
     return bytes(ids).decode("utf-8", errors="replace")
 
 
-def _require_byte_model(lm: QuambaForCausalLM, what: str) -> None:
-    if lm.config.vocab_size != BYTE_VOCAB_SIZE:
-        raise UnsupportedModelError(
-            f"{what} works on byte-level models (vocab_size {BYTE_VOCAB_SIZE}, one token per UTF-8 byte); "
-            f"this model has vocab_size {lm.config.vocab_size} and no tokenizer is available offline. Tokenize the "
-            f"prompt yourself and call QuambaForCausalLM(gm).generate(input_ids, ...)"
-        )
-
-
 def generate_text(
     model: Any,
     prompt: str,
@@ -325,30 +319,36 @@ def generate_text(
     seed: int | None = None,
     stop: str | Sequence[str] | None = None,
     include_prompt: bool = False,
+    tokenizer: Any = None,
     **generate_kwargs: Any,
 ) -> str:
-    """Continue `prompt` with a byte-level model and return the new text (UTF-8, errors replaced).
+    """Continue `prompt` and return the new text (UTF-8, errors replaced).
 
     `model` is a GraphModule (float or quantized), a `QuambaForCausalLM`, or a name/directory.
-    Greedy by default; `do_sample=True` samples with `temperature`/`top_k`/`top_p`, reproducibly
-    when `seed` is given (the global RNG state is restored afterwards). Generation ends after
-    `max_new_tokens` bytes, at the model's eos byte, or once any `stop` string appears (the text is
-    cut before it). Other keywords go to `QuambaForCausalLM.generate`.
+    Text becomes tokens through `tokenizer` (anything `quamba_fx.text.as_codec` takes), else the
+    tokenizer the graph carries (a checkpoint saved with one), else UTF-8 bytes for a byte-level
+    model. Greedy by default; `do_sample=True` samples with `temperature`/`top_k`/`top_p`,
+    reproducibly when `seed` is given (the global RNG state is restored afterwards). Generation
+    ends after `max_new_tokens` tokens, at the model's eos token, or once any `stop` string appears
+    (the text is cut before it). Other keywords go to `QuambaForCausalLM.generate`.
     """
     lm = as_causal_lm(model)
-    _require_byte_model(lm, "generate_text")
+    codec = as_codec(tokenizer) if tokenizer is not None else graph_codec(lm.model, "generate_text")
+    check_fits(codec, lm.config.vocab_size, "this model")
     if not isinstance(prompt, str):
         raise InputError(f"prompt must be a str, got {type(prompt).__name__}")
     if not prompt:
-        raise InputError("prompt is empty: byte-level generation needs at least one byte to continue")
+        raise InputError("prompt is empty: generation needs at least one token to continue")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    ids = torch.tensor([encode_bytes(prompt)], dtype=torch.long)
+    ids = torch.tensor([codec.encode(prompt)], dtype=torch.long)
+    if ids.shape[1] == 0:
+        raise InputError(f"prompt {prompt!r} encodes to no tokens: generation needs at least one to continue")
     sampling = {k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)) if v is not None}
     if stops:
         criteria = generate_kwargs.pop("stopping_criteria", None) or []
-        stop_on = StopOnStrings(stops, ids.shape[1], decode_bytes)
+        stop_on = StopOnStrings(stops, ids.shape[1], codec.decode)
         generate_kwargs["stopping_criteria"] = StoppingCriteriaList([*criteria, stop_on])
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -365,5 +365,5 @@ def generate_text(
         if token in eos_ids:
             new = new[:i]
             break
-    text = truncate_at_stops(decode_bytes(new), stops)
+    text = truncate_at_stops(codec.decode(new), stops)
     return prompt + text if include_prompt else text

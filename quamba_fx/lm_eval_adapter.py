@@ -5,9 +5,11 @@
 registered as model "quamba" (`--model quamba --model_args checkpoint=DIR`); without it the class
 still works on any request objects with an `.args` tuple, so it can be used and tested alone.
 
-Tokens are UTF-8 bytes for byte-level models (vocab 256); any other model needs a `tokenizer`
-(an object with `encode(str) -> list[int]` and `decode(list[int]) -> str`, or the path of a local
-Hugging Face tokenizer). Semantics follow the harness's own HF model (`HFLM`):
+Tokens come from `tokenizer=` (an object with `encode(str) -> list[int]` and
+`decode(list[int]) -> str`, or the path of a local Hugging Face tokenizer), else from the tokenizer
+the model carries (its directory's `tokenizer.json`, or the one saved in a quamba-fx checkpoint),
+else UTF-8 bytes for a byte-level model (vocab 256). Semantics follow the harness's own HF model
+(`HFLM`):
 
 - the context's trailing whitespace moves to the front of the continuation before encoding;
 - an empty context is replaced by `prefix_token_id` (for byte models a newline: the byte models
@@ -31,16 +33,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList
 
-from .errors import InputError, UnsupportedModelError
-from .generation import (
-    BYTE_VOCAB_SIZE,
-    QuambaForCausalLM,
-    StopOnStrings,
-    as_causal_lm,
-    decode_bytes,
-    encode_bytes,
-    truncate_at_stops,
-)
+from .errors import InputError
+from .generation import QuambaForCausalLM, StopOnStrings, as_causal_lm, truncate_at_stops
+from .text import ByteCodec, graph_codec, load_tokenizer, tokenizer_dir
 
 try:  # lm_eval is optional: the adapter is a plain class without it.
     from lm_eval.api.model import LM as _HarnessLM
@@ -144,12 +139,14 @@ class QuambaLM(_Base):
         self.max_gen_toks = int(max_gen_toks)
         self.progress = bool(progress)
         self._encode, self._decode, self._tokenizer_name = _codec(tokenizer, self.lm)
-        self.prefix_token_id = self._default_prefix(tokenizer) if prefix_token_id is None else int(prefix_token_id)
+        if prefix_token_id is None:
+            prefix_token_id = self._default_prefix(tokenizer)
+        self.prefix_token_id = int(prefix_token_id)
         eos = self.lm.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     def _default_prefix(self, tokenizer: Any) -> int:
-        if tokenizer is None:
+        if self._tokenizer_name == ByteCodec.name:
             return NEWLINE_BYTE
         for source in (tokenizer, self.lm.config):
             for name in ("bos_token_id", "eos_token_id"):
@@ -327,15 +324,15 @@ def _parse_batch_size(batch_size: int | str, max_batch_size: int | None) -> int:
 
 
 def _codec(tokenizer: Any, lm: QuambaForCausalLM) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str], str]:
-    """encode, decode and a name: UTF-8 bytes, or the given tokenizer (an object or a local path)."""
-    if tokenizer is None:
-        if lm.config.vocab_size != BYTE_VOCAB_SIZE:
-            raise UnsupportedModelError(
-                f"this model has vocab_size {lm.config.vocab_size}, not {BYTE_VOCAB_SIZE}: it is not byte-level, so "
-                f"QuambaLM needs tokenizer= (an object with encode/decode, or a local tokenizer directory)"
-            )
-        return encode_bytes, decode_bytes, "utf-8-bytes"
-    if isinstance(tokenizer, str):
+    """encode, decode and a name: the given tokenizer (an object or a local path), else the one the
+    graph carries (see `quamba_fx.text`), else UTF-8 bytes for a byte-level model."""
+    if tokenizer is None:  # the graph's own tokenizer (from its directory or checkpoint), else bytes
+        codec = graph_codec(lm.model, "QuambaLM")
+        return codec.encode, codec.decode, codec.name
+    if isinstance(tokenizer, str) and tokenizer_dir(tokenizer) is not None:
+        codec = load_tokenizer(tokenizer, lm.config.vocab_size)
+        return codec.encode, codec.decode, codec.name
+    if isinstance(tokenizer, str):  # formats without a tokenizer.json: transformers converts them
         from transformers import AutoTokenizer
 
         name = tokenizer

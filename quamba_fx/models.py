@@ -107,7 +107,9 @@ def _load_checkpoint_dir(path: Path, device: str, dtype: torch.dtype) -> nn.Modu
         raise CheckpointError(f"could not load the checkpoint in {path}: {type(exc).__name__}: {exc}") from exc
     # transformers fills missing tensors with fresh random values and only warns: that would hand the
     # user a silently wrong model, so a checkpoint missing anything but a tied head is an error here.
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    # Tied or not is read off the model: transformers 5.0 configs saved without the field lack it.
+    head = model.get_output_embeddings() if isinstance(model, MambaForCausalLM) else None
+    tied = {"lm_head.weight"} if head is not None and head.weight is model.get_input_embeddings().weight else set()
     missing = sorted(set(info.get("missing_keys", ())) - tied)
     if missing:
         raise CheckpointError(f"the checkpoint in {path} lacks tensors: {', '.join(missing[:8])}")

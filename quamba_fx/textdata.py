@@ -97,11 +97,11 @@ def load_bytes(path: str | Path) -> torch.Tensor:
 
 def _check_ids(ids: torch.Tensor, seq_len: int) -> None:
     if ids.dim() != 1:
-        raise ValueError(f"expected a 1-D tensor of byte ids, got shape {tuple(ids.shape)}")
+        raise ValueError(f"expected a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
     if seq_len < 1:
         raise ValueError(f"seq_len must be at least 1, got {seq_len}")
     if ids.numel() < seq_len:
-        raise EmptyTextError(f"the text has {ids.numel()} bytes, fewer than one window of seq_len={seq_len}")
+        raise EmptyTextError(f"the text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
 
 
 def _windows(ids: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -115,11 +115,12 @@ def chunk_sequences(
     num_sequences: int | None = None,
     stride: int | None = None,
 ) -> torch.Tensor:
-    """Deterministic windows of `seq_len` bytes, as a LongTensor [N, seq_len].
+    """Deterministic windows of `seq_len` token ids (bytes, or a tokenizer's ids: see
+    `quamba_fx.text`), as a LongTensor [N, seq_len].
 
     - Neither `num_sequences` nor `stride`: every non-overlapping window from the start of the text.
     - `num_sequences` alone: that many non-overlapping windows spread evenly over the whole text, the
-      first at byte 0 and the last ending at the final byte, so a small calibration set still samples
+      first at token 0 and the last ending at the final token, so a small calibration set still samples
       the whole text rather than its first articles.
     - `stride` (with or without `num_sequences`): windows starting at 0, stride, 2*stride, ... (the
       first `num_sequences` of them); a stride below `seq_len` gives overlapping windows.
@@ -133,8 +134,8 @@ def chunk_sequences(
         if num_sequences is not None:
             if num_sequences > starts.numel():
                 raise EmptyTextError(
-                    f"asked for {num_sequences} windows of {seq_len} bytes at stride {stride}, "
-                    f"but the text ({total} bytes) holds only {starts.numel()}"
+                    f"asked for {num_sequences} windows of {seq_len} tokens at stride {stride}, "
+                    f"but the text ({total} tokens) holds only {starts.numel()}"
                 )
             starts = starts[:num_sequences]
     elif num_sequences is None:
@@ -150,8 +151,8 @@ def _evenly_spaced_starts(total: int, seq_len: int, num_sequences: int) -> torch
     available = total // seq_len
     if num_sequences > available:
         raise EmptyTextError(
-            f"asked for {num_sequences} non-overlapping windows of {seq_len} bytes, "
-            f"but the text ({total} bytes) holds only {available}"
+            f"asked for {num_sequences} non-overlapping windows of {seq_len} tokens, "
+            f"but the text ({total} tokens) holds only {available}"
         )
     if num_sequences == 1:
         return torch.zeros(1, dtype=torch.long)

@@ -70,7 +70,7 @@ def test_eval_prints_bits_per_byte_for_each_recipe(capsys):
 
 def test_eval_rejects_token_models(capsys):
     assert main(["eval", "mamba-130m", "--windows", "1"]) == 1
-    assert "needs a byte-level model (vocab 256); mamba-130m has vocab 50280" in capsys.readouterr().err
+    assert "mamba-130m has vocab_size 50280 and no tokenizer" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_with_exit_codes(capsys):
@@ -149,7 +149,7 @@ def test_eval_dump_and_bench_take_a_checkpoint(checkpoint, capsys):
 
 def test_quantize_refuses_token_models_without_writing(tmp_path, capsys):
     assert main(["quantize", "mamba-130m", "--out", str(tmp_path / "x")]) == 1
-    assert "needs a byte-level model" in capsys.readouterr().err
+    assert "has vocab_size 50280 and no tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
