@@ -41,8 +41,9 @@ def quantize(
 
     `model` is anything `capture` accepts, or a captured GraphModule (copied: the float graph and
     model are never modified). Statistics come from `calibration` if given, else from running
-    `calibration_data` (an iterable of `input_ids [B, L]` batches). The result runs on CPU with the
-    reference int8 ops; each block's scales are buffers on its modules, e.g.
+    `calibration_data` (an iterable of `input_ids [B, L]` batches, or one `[B, L]` tensor taken as a
+    single batch). The result runs on CPU with the reference int8 ops; each block's scales are
+    buffers on its modules, e.g.
     `qm.get_submodule("backbone.layers.0.mixer.conv1d").output_scale`. Raises `NonFiniteError` when
     a weight holds NaN or infinity (even one calibration never reads, like an unused embedding row).
     """
