@@ -16,6 +16,11 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+if INTERPRET:
+    from . import interpreter_compat
+
+    interpreter_compat.install()  # older Tritons' interpreter against NumPy >= 2.4, see there
+
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether a call on `t` runs the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
