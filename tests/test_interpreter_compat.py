@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from triton.runtime import interpreter
 
-from quamba_fx.kernels import interpreter_compat
+from quamba_fx.kernels import dispatch, interpreter_compat
 from quamba_fx.kernels.dispatch import INTERPRET
 
 
@@ -72,3 +72,14 @@ def test_install_leaves_a_working_interpreter_alone(monkeypatch):
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", working)
     assert interpreter_compat.install() is False
     assert interpreter._patch_lang_tensor is working
+
+
+def test_autotuners_time_nothing_under_the_interpreter():
+    """Triton 3.6's autotuner times even a single pruned config, through a GPU driver that a CPU
+    machine lacks; under the interpreter our autotuners get a do_bench that runs nothing."""
+    if not INTERPRET:
+        assert dispatch.AUTOTUNE_DO_BENCH is None  # Triton's own timing on the GPU
+        return
+    calls = []
+    assert dispatch.AUTOTUNE_DO_BENCH(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    assert calls == []
