@@ -25,6 +25,9 @@ def tiny_config(**overrides) -> MambaConfig:
     fields = dict(
         vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
         use_cache=False,
+        # Explicit: transformers 5.0's MambaConfig has no such default and leaves lm_head untied,
+        # later 5.x tie it; the tiny models must be the same model on every version we support.
+        tie_word_embeddings=True,
     )
     fields.update(overrides)
     return MambaConfig(**fields)

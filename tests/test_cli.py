@@ -133,6 +133,7 @@ def test_quantize_writes_a_checkpoint(checkpoint, capsys):
     assert config["recipe"] == "quamba" and config["fused"] is True
 
 
+@pytest.mark.slow
 def test_eval_dump_and_bench_take_a_checkpoint(checkpoint, capsys):
     assert main(["eval", str(checkpoint), "--windows", "2", "--seq-len", "64", "--quiet",
                  "--reference", "mamba-bytes-wt2"]) == 0
@@ -153,6 +154,7 @@ def test_quantize_refuses_token_models_without_writing(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_generate_continues_a_prompt(checkpoint, capsys):
     assert main(["generate", str(checkpoint), "--prompt", "The city", "--max-new-tokens", "12"]) == 0
     captured = capsys.readouterr()
@@ -162,6 +164,7 @@ def test_generate_continues_a_prompt(checkpoint, capsys):
     assert "byte-level" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_kernels_flag_lowers_a_checkpoint(checkpoint, capsys):
     prompt = ["--prompt", "The city", "--max-new-tokens", "3"]
     assert main(["generate", str(checkpoint), *prompt]) == 0

@@ -195,6 +195,7 @@ def test_what_cannot_be_wrapped(tiny_model):
         generate_text(quamba_fx.capture(tiny_model), "hello", 4)
 
 
+@pytest.mark.slow
 def test_generate_text_on_the_byte_model(bytes_pair):
     _, gm = bytes_pair
     text = generate_text(gm, "The film was released in", 24)
@@ -205,6 +206,7 @@ def test_generate_text_on_the_byte_model(bytes_pair):
     assert sampled[0] == sampled[1] != sampled[2]
 
 
+@pytest.mark.slow
 def test_generate_text_stops_at_stop_strings(bytes_pair):
     _, gm = bytes_pair
     free = generate_text(gm, "The film was released in", 40)

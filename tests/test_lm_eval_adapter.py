@@ -59,6 +59,7 @@ def direct_loglikelihood(gm, context: list[int], continuation: list[int]) -> tup
     return logprobs[positions, target].sum().item(), bool((logprobs[positions].argmax(-1) == target).all())
 
 
+@pytest.mark.slow
 def test_toy_multiple_choice_prefers_the_right_continuation(byte_lm):
     requests = [Request(context, choice) for context, choices in TOY_MULTIPLE_CHOICE for choice in choices]
     results = byte_lm.loglikelihood(requests)
@@ -124,6 +125,7 @@ def test_rolling_windows_follow_the_harness_example():
         assert all(len(c) + len(k) <= 6 for c, k in pairs)
 
 
+@pytest.mark.slow
 def test_generate_until_stops_at_the_until_strings(byte_lm, byte_graph):
     context = "The film was released in"
     free = generate_text(byte_graph, context, 24)

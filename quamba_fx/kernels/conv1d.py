@@ -59,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
@@ -174,7 +175,7 @@ def _interpreter_pick(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_prefill_configs(), key=["D", "L_BUCKET", "W"],
-                 prune_configs_by={"early_config_prune": _interpreter_pick})
+                 prune_configs_by={"early_config_prune": _interpreter_pick}, do_bench=AUTOTUNE_DO_BENCH)
 # L == 1 would otherwise become a compile-time constant (and every new L % 16 class a new
 # specialisation); D stays specialised: D % 16 == 0 lets the D mask keep wide vector accesses.
 @triton.jit(do_not_specialize=["L", "L_BUCKET"])

@@ -10,11 +10,27 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if INTERPRET:
+    from . import interpreter_compat
+
+    interpreter_compat.install()  # older Tritons' interpreter against NumPy >= 2.4, see there
+
+
+def _no_timing(kernel_call: Any, quantiles: Sequence[float]) -> List[float]:
+    # Under the interpreter the kernels' early_config_prune leaves one config per shape, so there
+    # is nothing to time. Triton 3.8's autotuner then skips timing; Triton 3.6's still "times"
+    # the one config through the GPU driver, which a CPU machine lacks ("0 active drivers").
+    return [0.0 for _ in quantiles]
+
+
+# `do_bench=` for every triton.autotune here: None (Triton's own timing) unless interpreted.
+AUTOTUNE_DO_BENCH = _no_timing if INTERPRET else None
 
 
 def use_triton(t: torch.Tensor) -> bool:

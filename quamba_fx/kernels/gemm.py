@@ -66,6 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
@@ -293,6 +294,7 @@ def _interpreter_pick(configs: List[triton.Config], named_args: dict, **kwargs) 
 _int8_gemm_kernel = triton.autotune(
     configs=_configs(), key=["N", "K", "M_BUCKET"],
     prune_configs_by={"early_config_prune": _interpreter_pick if _INTERPRET else _prune_configs},
+    do_bench=AUTOTUNE_DO_BENCH,
 )(triton.heuristics({"EVEN_K": _even_k})(_int8_gemm_jit))
 
 # Launch fast path: once the autotuner has chosen a config for a problem, later calls launch the

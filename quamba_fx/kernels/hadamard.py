@@ -26,7 +26,8 @@ Triton tiles are powers of two: padding rows are zero, never stored):
 3. `y = acc * fp32(1 / sqrt(n))`, the same fp32 constant the reference multiplies by;
 4. (quantize) `q = clamp(round_half_even(y / scale), -128, 127)` with the correctly rounded fp32
    quotient, like `torch.ops.quamba.quantize` (computed as a reciprocal product plus one exact FMA
-   correction, see `_quantize_rn`), rounding with the 1.5 * 2**23 float-bit trick (exact
+   correction, see `rounding.quantize_rn`; the FMA is emulated exactly under the interpreter,
+   whose own `tl.fma` rounds twice), rounding with the 1.5 * 2**23 float-bit trick (exact
    half-to-even, applied after clamping to [-128, 127]).
 
 Numerics versus the reference, and the test tolerances
@@ -77,6 +78,7 @@ from .dispatch import use_triton as _use_triton
 
 from ..quant import qops as _qops  # noqa: F401  (registers torch.ops.quamba.quantize)
 from ..quant.hadamard import _check_size, _dense_int
+from .rounding import quantize_rn
 
 __all__ = [
     "MAX_N",
@@ -101,27 +103,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _quantize_rn(y, scale):
-    # q = clamp(round_half_even(y / scale), -128, 127) with y / scale the correctly rounded IEEE
-    # quotient, as torch.ops.quamba.quantize computes it, but without a full division per element
-    # (div.rn.f32 costs ~10 instructions plus a range check; on H100 it was a third of this
-    # kernel's time): with inv = RN(1 / scale), once per program, q0 = RN(y * inv) is within about
-    # an ulp of y / scale, the residual y - q0 * scale is exact in one FMA, and one correction
-    # step RN(q0 + residual * inv) is the correctly rounded quotient (Markstein's theorem; checked
-    # bit for bit against IEEE division on 6.7e8 random pairs on H100, and in the tests).
-    # Clamping q0 first keeps the correction finite when y / scale overflows (inf - inf = NaN);
-    # it cannot change a result, since any |quotient| >= 256 saturates anyway.
-    inv = tl.math.div_rn(1.0, scale)
-    q0 = tl.minimum(tl.maximum(y * inv, -256.0), 256.0)
-    s = tl.fma(tl.fma(-q0, scale, y), inv, q0)
-    # Clamp, then round half to even by adding 1.5 * 2**23: the add leaves an fp32 whose ulp is 1,
-    # so the hardware's own round-to-nearest-even does the rounding and the low byte of the bits is
-    # the result (bits = 0x4B400000 + round(s)). Clamping first is exact: the bounds are integers.
-    s = tl.minimum(tl.maximum(s, -128.0), 127.0)
-    return (s + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit
@@ -224,7 +205,7 @@ def _hadamard_kernel(
 
     offs = row.to(tl.int64) * (M * P) + offs_a[:, None] * P + offs_p[None, :]
     if QUANT:
-        tl.store(out_ptr + offs, _quantize_rn(y, tl.load(scale_ptr)), mask=rows_ok)
+        tl.store(out_ptr + offs, quantize_rn(y, tl.load(scale_ptr)), mask=rows_ok)
     else:
         tl.store(out_ptr + offs, y, mask=rows_ok)
 

@@ -51,7 +51,8 @@ from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import use_triton as _use_triton
 
 from ..quant import qops as _qops  # noqa: F401  (registers torch.ops.quamba.quantize)
-from .hadamard import _lead_layout, _quantize_rn
+from .hadamard import _lead_layout
+from .rounding import quantize_rn
 
 __all__ = ["add_rmsnorm_quantize", "add_rmsnorm_quantize_reference"]
 
@@ -82,7 +83,7 @@ def _normed_out(r, rstd, w_ptr, stride_w, offs, mask, scale_ptr, o_row, QUANT: t
     w = tl.load(w_ptr + offs * stride_w, mask=mask, other=0.0).to(tl.float32)
     y = w * (r * rstd)
     if QUANT:
-        tl.store(o_row + offs, _quantize_rn(y, tl.load(scale_ptr)), mask=mask)
+        tl.store(o_row + offs, quantize_rn(y, tl.load(scale_ptr)), mask=mask)
     else:
         tl.store(o_row + offs, y.to(o_row.dtype.element_ty), mask=mask)
 

@@ -106,6 +106,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
@@ -325,7 +326,7 @@ _TUNED: dict = {}
 
 
 @triton.autotune(configs=_scan_configs(), key=["d_inner", "d_state", "batch_bucket", "chunk_len", "PASS"],
-                 prune_configs_by={"early_config_prune": _interpreter_pick})
+                 prune_configs_by={"early_config_prune": _interpreter_pick}, do_bench=AUTOTUNE_DO_BENCH)
 # L == 1 would otherwise become a compile-time constant (and each new L % 16 class a new variant).
 @triton.jit(do_not_specialize=["L"])
 def _selective_scan_kernel(

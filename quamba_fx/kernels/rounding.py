@@ -1,0 +1,90 @@
+"""fp32 rounding primitives shared by the kernels, exact on CUDA and under the Triton interpreter.
+
+* `fma_rn(a, b, c)`: `a * b + c` with ONE rounding (IEEE fusedMultiplyAdd, round to nearest even).
+  On CUDA it is `tl.fma`, the hardware's `fma.rn.f32`. The Triton interpreter's `tl.fma` computes
+  `a * b` and `+ c` as two numpy float32 operations, i.e. two roundings (seen with Triton 3.6 and
+  3.8 on numpy 2.x), so under TRITON_INTERPRET=1 the same fused result is computed in float64
+  instead: the product of two fp32 values is exact in float64 (24 + 24 <= 53 significant bits),
+  the sum is rounded to odd (round to nearest, then, if Knuth's TwoSum says it was inexact and the
+  last bit is even, one ulp towards the exact value), and the final float64 -> fp32 conversion
+  rounds to nearest. Rounding to odd at 53 bits and then to nearest at 24 equals one rounding to
+  nearest at 24 (Boldo and Melquiond, "Emulation of FMA and correctly rounded sums: proved
+  algorithms using rounding to odd", 2008; it needs 53 >= 24 + 2), so both sides compute the
+  same bits and the interpreter tests check the GPU's arithmetic, not a stand-in for it.
+  Non-finite inputs give what the plain float64 expression gives (inf or NaN, as the hardware).
+* `quantize_rn(y, scale)`: `clamp(round_half_even(y / scale), -128, 127)` as int8, with `y / scale`
+  the correctly rounded fp32 quotient (like `torch.ops.quamba.quantize`), from a reciprocal product
+  and one `fma_rn` correction (see its comments for why no division per element).
+
+Only the interpreter pays for the emulation (a handful of numpy operations per element); on CUDA
+the flag below is a compile-time constant and the kernels keep their single `fma.rn.f32`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .dispatch import INTERPRET
+
+__all__ = ["fma_rn", "quantize_rn"]
+
+# A compile-time constant: Triton accepts globals in kernels only as constexprs (and hashes their
+# values into the kernel's cache key).
+_EMULATE_FMA = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _fma_round_to_odd(a, b, c):
+    p = a.to(tl.float64) * b.to(tl.float64)  # exact
+    c64 = c.to(tl.float64)
+    s = p + c64
+    p_plus_c = s
+    # An inf or NaN sum is already the fused result; its TwoSum would only make NaNs (inf - inf),
+    # which numpy warns about, so it runs on zeros there. (NaN compares false.)
+    finite = tl.abs(s) <= 1.7976931348623157e308
+    p = tl.where(finite, p, 0.0)
+    c64 = tl.where(finite, c64, 0.0)
+    s = tl.where(finite, s, 0.0)
+    # TwoSum: err = (p + c) - s exactly (no overflow is possible: |p| <= 2**256).
+    p_part = s - c64
+    c_part = s - p_part
+    err = (p - p_part) + (c64 - c_part)
+    bits = s.to(tl.int64, bitcast=True)
+    # An even last bit on an inexact sum means round-to-nearest picked the even neighbour: take the
+    # other (odd) one, which lies on the exact value's side. Moving the bits by one steps one ulp
+    # away from zero (+1) or towards it (-1); s != 0 here (an inexact sum never rounds to zero).
+    to_odd = finite & (err != 0.0) & ((bits & 1) == 0)
+    away = (err > 0.0) == (s > 0.0)
+    odd = tl.where(away, bits + 1, bits - 1).to(tl.float64, bitcast=True)
+    return tl.where(finite, tl.where(to_odd, odd, s), p_plus_c).to(tl.float32)
+
+
+@triton.jit
+def fma_rn(a, b, c):
+    """fp32 `a * b + c` rounded once, to nearest even, on CUDA and under the interpreter alike."""
+    if _EMULATE_FMA:
+        return _fma_round_to_odd(a, b, c)
+    else:
+        return tl.fma(a, b, c)
+
+
+@triton.jit
+def quantize_rn(y, scale):
+    """int8 `clamp(round_half_even(y / scale), -128, 127)`, `y / scale` correctly rounded in fp32."""
+    # No full division per element (div.rn.f32 costs ~10 instructions plus a range check; on H100
+    # it was a third of the Hadamard kernel's time): with inv = RN(1 / scale), once per program,
+    # q0 = RN(y * inv) is within about an ulp of y / scale, the residual y - q0 * scale is exact in
+    # one FMA, and one correction step RN(q0 + residual * inv) is the correctly rounded quotient
+    # (Markstein's theorem; checked bit for bit against IEEE division on 6.7e8 random pairs on
+    # H100, and in the tests). Both steps need a single rounding: `fma_rn`, not `a * b + c`.
+    # Clamping q0 first keeps the correction finite when y / scale overflows (inf - inf = NaN);
+    # it cannot change a result, since any |quotient| >= 256 saturates anyway.
+    inv = tl.math.div_rn(1.0, scale)
+    q0 = tl.minimum(tl.maximum(y * inv, -256.0), 256.0)
+    s = fma_rn(fma_rn(-q0, scale, y), inv, q0)
+    # Clamp, then round half to even by adding 1.5 * 2**23: the add leaves an fp32 whose ulp is 1,
+    # so the hardware's own round-to-nearest-even does the rounding and the low byte of the bits is
+    # the result (bits = 0x4B400000 + round(s)). Clamping first is exact: the bounds are integers.
+    s = tl.minimum(tl.maximum(s, -128.0), 127.0)
+    return (s + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
