@@ -20,7 +20,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from transformers import MambaForCausalLM, MambaModel
 
@@ -72,10 +72,11 @@ def check_input_ids(input_ids: torch.Tensor, embedding_weight: torch.Tensor) -> 
     # device assert catches it there, so only CPU pays for the friendlier message.
     if input_ids.device.type != "cpu":
         return input_ids
-    if torch.compiler.is_compiling():
+    # Traced by dynamo, or by AOT/make_fx (fake or functional tensor subclasses): compilers drop
+    # Python checks, so the check becomes an op of the graph they build.
+    if torch.compiler.is_compiling() or type(input_ids) is not torch.Tensor:
         return torch.ops.quamba.token_ids_in_range(input_ids, embedding_weight.shape[0])
-    if not (isinstance(input_ids, FakeTensor) or input_ids.is_meta):
-        ops.check_token_range(input_ids, embedding_weight.shape[0])
+    ops.check_token_range(input_ids, embedding_weight.shape[0])
     return input_ids
 
 

@@ -15,12 +15,22 @@ import warnings
 import pytest
 import torch
 import torch._dynamo
+import transformers
 
 import quamba_fx
 from quamba_fx import backend
 from quamba_fx.backend import QuambaBackendWarning, module_path
 
 from .conftest import make_model, tiny_config
+
+# These tests compile Hugging Face's own MambaForCausalLM.forward, whose dynamo-traceability is
+# transformers' business: with 5.0 dynamo refuses its MambaCache (mark_static_address is called
+# inside the traced forward) and the prefill graph holds each conv1d three times. 5.24 traces
+# cleanly; the releases in between were not tried.
+hf_forward_traceable = pytest.mark.skipif(
+    tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (5, 24),
+    reason=f"dynamo cannot trace transformers {transformers.__version__}'s Mamba forward as these tests need",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -146,6 +156,7 @@ def test_checkpoint_option_runs_the_saved_graph(model, quantized, tmp_path):
         torch.testing.assert_close(compiled(ids()), quamba_fx.from_pretrained(tmp_path / "q")(ids()))
 
 
+@hf_forward_traceable
 def test_hugging_face_model_compiles_unchanged_with_one_warning(model, monkeypatch):
     checked = []
     real = backend._verify_hf
@@ -262,6 +273,7 @@ def test_checkpoint_replaces_a_hugging_face_forward(model, quantized, tmp_path, 
     assert quamba_warnings(caught) == []
 
 
+@hf_forward_traceable
 def test_hugging_face_decode_step_falls_back(no_inductor):
     model = make_model(tiny_config(use_cache=True))
     compiled = torch.compile(model, backend="quamba", dynamic=False, options={"fallback": "eager"})
