@@ -405,6 +405,15 @@ def test_every_gpu_config(config):
     assert_close_scan(final, final_ref, hmag, "final state")
 
 
+def check_against_reference(kw: dict) -> None:
+    """The kernel's output and final state against the reference loop, within the scan tolerance."""
+    y, final = selective_scan(**kw, return_final_state=True)
+    y_ref, final_ref = ref_call(kw, return_final_state=True)
+    mag, hmag = magnitudes(kw)
+    assert_close_scan(y, y_ref, mag)
+    assert_close_scan(final, final_ref, hmag, "final state")
+
+
 @needs_kernel
 def test_model_sized_channels_match_reference():
     """A model's d_inner takes the default tile for its size (under the interpreter a wide one that
@@ -412,11 +421,7 @@ def test_model_sized_channels_match_reference():
     case = dict(batch=2, d_inner=520, d_state=16, L=5, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
                 has_D=True, has_z=True, has_bias=False, softplus=True, has_h0=True, out_dtype=None, seed=11)
     kw = build(case, DEVICE)
-    y, final = selective_scan(**kw, return_final_state=True)
-    y_ref, final_ref = ref_call(kw, return_final_state=True)
-    mag, hmag = magnitudes(kw)
-    assert_close_scan(y, y_ref, mag)
-    assert_close_scan(final, final_ref, hmag, "final state")
+    check_against_reference(kw)
 
 
 @needs_kernel
@@ -425,11 +430,7 @@ def test_long_sequence_is_stable():
     case = dict(batch=1, d_inner=3, d_state=16, L=300, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
                 has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=torch.float32, seed=5)
     kw = build(case, DEVICE)
-    y, final = selective_scan(**kw, return_final_state=True)
-    y_ref, final_ref = ref_call(kw, return_final_state=True)
-    mag, hmag = magnitudes(kw)
-    assert_close_scan(y, y_ref, mag)
-    assert_close_scan(final, final_ref, hmag, "final state")
+    check_against_reference(kw)
 
 
 @needs_kernel
@@ -442,11 +443,7 @@ def test_chunked_scan_matches_reference(chunk_len, monkeypatch):
     case = dict(batch=2, d_inner=20, d_state=5, L=37, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
                 has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=torch.float32, seed=12)
     kw = build(case, DEVICE)
-    y, final = selective_scan(**kw, return_final_state=True)
-    y_ref, final_ref = ref_call(kw, return_final_state=True)
-    mag, hmag = magnitudes(kw)
-    assert_close_scan(y, y_ref, mag)
-    assert_close_scan(final, final_ref, hmag, "final state")
+    check_against_reference(kw)
 
 
 def test_chunk_len_rule(monkeypatch):
