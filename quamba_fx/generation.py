@@ -5,10 +5,14 @@
 sampling (temperature / top-k / top-p), beam search, logits processors, stopping criteria,
 streamers and eos handling behave exactly as for `MambaForCausalLM`.
 
-This wrapper keeps no SSM cache: every decoding step reruns the graph over the whole sequence so
-far, so generating N tokens after a prompt of P costs about N forward passes of length P..P+N. The
-wrapper tells `generate` not to build a cache and hands the full prefix to every forward. Cached
-greedy decoding on the W8A8 kernels is `quamba_fx.runtime.Generator` (on a lowered graph).
+A lowered graph (`quamba_fx.lower`) generates with its SSM cache: the prompt runs once through the
+prefill graph, then each new token costs one decode step (`quamba_fx.runtime.Generator`, with its
+CUDA-graph replay on GPUs), for greedy decoding and sampling on unpadded batches. Transformers'
+own cache machinery is not involved: the wrapper carries a `Generator` from step to step in its own
+model keyword (`quamba_cache`), so the protocol does not depend on the transformers release.
+Everything else (float or quantized graphs that are not lowered, beam search, assisted decoding, a
+padded batch) reruns the graph over the whole sequence every step: N new tokens after a prompt of
+P cost N forward passes of length P..P+N.
 
 `generate_text` is the string-in, string-out convenience: UTF-8 bytes for byte-level models (vocab
 256), the model's tokenizer otherwise (see `quamba_fx.text`).
@@ -19,6 +23,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +32,10 @@ import torch.fx
 from torch import nn
 from transformers import GenerationMixin, MambaConfig, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import CausalLMOutput
+from transformers.utils import ModelOutput
 
 from .errors import InputError, MetaDeviceError, UnsupportedModelError
+from .runtime import Generator
 from .text import as_codec, attach_tokenizer, check_fits, graph_codec
 
 BYTE_VOCAB_SIZE = 256
@@ -39,6 +46,16 @@ _IGNORED_FORWARD_KWARGS = frozenset(
     {"use_cache", "output_attentions", "output_hidden_states", "cache_position", "position_ids", "logits_to_keep"}
 )
 _CACHE_KWARGS = frozenset({"cache", "cache_params", "past_key_values"})
+# Generation settings that leave `_sample` (greedy / multinomial decoding), the only loop the cache
+# serves: each would need the cache reordered or rolled back, which Generator does not do.
+_UNCACHED_MODES = {"num_beams": 1, "assistant_model": None, "prompt_lookup_num_tokens": None, "penalty_alpha": None}
+
+
+@dataclass
+class QuambaCausalLMOutput(CausalLMOutput):
+    """`CausalLMOutput` plus the cache a cached generation step leaves for the next one."""
+
+    quamba_cache: Generator | None = None
 
 
 def _graph_meta(graph: torch.fx.GraphModule) -> dict[str, Any]:
@@ -68,7 +85,7 @@ class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
     is `self.model`. `forward(input_ids, attention_mask=None)` returns a `CausalLMOutput` whose
     fp32 `logits` are the graph's. Padding is handled by running each distinct mask pattern on its
     unpadded tokens (a left-padded batch gives every row the logits of its own prompt); logits at
-    padded positions are 0.
+    padded positions are 0. `generate` on a lowered graph uses the SSM cache (module docstring).
     """
 
     config_class = MambaConfig
@@ -89,7 +106,12 @@ class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
         self.model = graph
         self._prefix = meta.get("prefix", "backbone.")
-        self.generation_config.use_cache = False
+        self._lowered = bool(meta.get("lowered"))
+        # One Generator (cache and CUDA graph) per batch size, made on first use and kept.
+        self._generators: dict[int, Generator] = {}
+        # Set by `generate` for the duration of a cached generation.
+        self._caching = False
+        self.generation_config.use_cache = self._lowered
         self.eval()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -130,9 +152,19 @@ class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        quamba_cache: Generator | None = None,
         **kwargs: Any,
     ) -> CausalLMOutput | tuple[torch.Tensor]:
-        """Logits of the whole sequence `input_ids [B, L]` (one graph run per distinct mask row)."""
+        """Logits of the whole sequence `input_ids [B, L]` (one graph run per distinct mask row).
+
+        Inside a cached `generate` (lowered graphs), the first call runs the prompt through the
+        prefill graph and returns the filled cache as `quamba_cache`; later calls get it back with
+        the newest token alone and return that token's logits `[B, 1, V]`.
+        """
+        if self._caching:
+            return self._cached_step(input_ids, quamba_cache)
+        if quamba_cache is not None:
+            raise InputError("quamba_cache is generate's own: call forward without it")
         for key, value in kwargs.items():
             if key in _CACHE_KWARGS and value is not None:
                 raise NotImplementedError(
@@ -146,6 +178,19 @@ class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
         if return_dict is False:
             return (logits,)
         return CausalLMOutput(logits=logits)
+
+    def _cached_step(self, input_ids: torch.Tensor | None, cache: Generator | None) -> QuambaCausalLMOutput:
+        if input_ids is None:
+            raise InputError("QuambaForCausalLM.forward needs input_ids (the graph takes token ids, not embeddings)")
+        ids = input_ids.to(self.device)
+        if cache is None:
+            cache = self._generators.get(ids.shape[0])
+            if cache is None:
+                cache = self._generators[ids.shape[0]] = Generator(self.model, ids.shape[0])
+            logits = cache.prefill(ids)
+        else:
+            logits = cache.decode(ids[:, -1])[:, None]
+        return QuambaCausalLMOutput(logits=logits, quamba_cache=cache)
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None:
@@ -168,17 +213,33 @@ class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
         return logits
 
     def prepare_inputs_for_generation(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        quamba_cache: Generator | None = None,
+        **kwargs: Any,
     ) -> dict[str, Any]:
-        """The whole sequence so far, every step: without a cache there is nothing to slice.
+        """The whole sequence so far, or, once a cached generation holds a cache, the last token.
 
         Whatever else `generate` passes (cache hints, `next_sequence_length`, `cache_position`,
         `use_cache`, depending on the transformers release) is deliberately dropped.
         """
+        if self._caching:
+            ids = input_ids if quamba_cache is None else input_ids[:, -1:]
+            return {"input_ids": ids.to(self.device), "quamba_cache": quamba_cache}
         inputs: dict[str, Any] = {"input_ids": input_ids.to(self.device)}
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask.to(self.device)
         return inputs
+
+    def _update_model_kwargs_for_generation(
+        self, outputs: ModelOutput, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Transformers' bookkeeping, plus the cache handed from this step to the next."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if self._caching:
+            model_kwargs["quamba_cache"] = outputs.get("quamba_cache")
+        return model_kwargs
 
     def generate(
         self,
@@ -186,17 +247,27 @@ class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
         generation_config: Any = None,
         **kwargs: Any,
     ) -> Any:
-        """`transformers` generate (all its arguments), after checking the prompt and turning the
-        cache off. Returns what HF returns: by default the prompt plus the new tokens, `[B, P + N]`.
+        """`transformers` generate (all its arguments), after checking the prompt. Returns what HF
+        returns: by default the prompt plus the new tokens, `[B, P + N]`.
+
+        A lowered graph decodes from its SSM cache (`use_cache`, default True for them) when the
+        decoding is greedy or sampled and the batch is unpadded; otherwise, and for graphs that are
+        not lowered, each step reruns the whole sequence. Transformers never builds a cache of
+        its own for this model.
         """
         if kwargs.get("inputs_embeds") is not None:
             raise InputError("QuambaForCausalLM.generate takes token ids (input_ids), not inputs_embeds")
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
-        _check_prompt(prompt, kwargs.get("attention_mask"), self.config.vocab_size)
-        if kwargs.pop("use_cache", None):
+        attention_mask = kwargs.get("attention_mask")
+        _check_prompt(prompt, attention_mask, self.config.vocab_size)
+        settings = generation_config if generation_config is not None else self.generation_config
+        use_cache = kwargs.pop("use_cache", None)
+        if use_cache is None:
+            use_cache = settings.use_cache
+        if use_cache and not self._lowered:
             warnings.warn(
-                "QuambaForCausalLM has no KV/SSM cache yet: use_cache=True is ignored and every step "
-                "reruns the whole sequence",
+                "this graph is not lowered (quamba_fx.lower), so it has no SSM cache: use_cache=True is "
+                "ignored and every step reruns the whole sequence",
                 stacklevel=2,
             )
         if generation_config is not None:
@@ -204,7 +275,22 @@ class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
             generation_config.use_cache = False
         else:
             kwargs["use_cache"] = False
-        return super().generate(inputs, generation_config=generation_config, **kwargs)
+        cached = bool(use_cache) and self._lowered and _cacheable(settings, kwargs, attention_mask)
+        self._caching = cached
+        try:
+            return super().generate(inputs, generation_config=generation_config, **kwargs)
+        finally:
+            self._caching = False
+
+
+def _cacheable(settings: Any, kwargs: dict[str, Any], attention_mask: torch.Tensor | None) -> bool:
+    """Whether this generation runs transformers' greedy/sampling loop on an unpadded batch."""
+    for name, plain in _UNCACHED_MODES.items():
+        value = kwargs.get(name, getattr(settings, name, plain))
+        if value is not None and value != plain:
+            return False
+    # The prefill graph has no mask input: padding would enter the state.
+    return attention_mask is None or bool((attention_mask != 0).all())
 
 
 def _check_prompt(prompt: Any, attention_mask: Any, vocab_size: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.fx
 from transformers import GenerationConfig
 
 import quamba_fx
@@ -96,10 +97,73 @@ def test_every_step_reruns_the_whole_prefix(tiny_model):
 def test_use_cache_is_refused_with_a_warning(tiny_model):
     lm = QuambaForCausalLM(quamba_fx.capture(tiny_model))
     expected = lm.generate(prompt(), max_new_tokens=4)
-    with pytest.warns(UserWarning, match="no KV/SSM cache"):
+    with pytest.warns(UserWarning, match="not lowered .* has no SSM cache"):
         out = lm.generate(prompt(), max_new_tokens=4, use_cache=True)
     assert torch.equal(out, expected)
     assert lm.generation_config.use_cache is False
+
+
+@pytest.fixture(scope="module")
+def lowered_lm(varied_model):
+    calib = [torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    lowered = quamba_fx.lower(quamba_fx.quantize(varied_model, calib, recipe="quamba", progress=False))
+    return QuambaForCausalLM(lowered)
+
+
+def graph_lengths(gm: torch.fx.GraphModule) -> tuple[list[int], object]:
+    """The sequence length of every call of `gm` from now on, and the hook's handle."""
+    lengths: list[int] = []
+    handle = gm.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    return lengths, handle
+
+
+def test_lowered_graph_generates_from_the_ssm_cache(lowered_lm):
+    ids = prompt()
+    first = lowered_lm.generate(ids, do_sample=False, max_new_tokens=8, eos_token_id=None)
+    generator = lowered_lm._generators[2]
+    seen = {name: graph_lengths(gm) for name, gm in
+            (("full", lowered_lm.model), ("prefill", generator.prefill_graph), ("decode", generator.decode_graph))}
+    again = lowered_lm.generate(ids, do_sample=False, max_new_tokens=8, eos_token_id=None)
+    for lengths, handle in seen.values():
+        handle.remove()
+    # The prompt once, then one token per step: linear, not quadratic, in the generated length.
+    assert seen["prefill"][0] == [6] and seen["decode"][0] == [1] * 7 and seen["full"][0] == []
+    assert torch.equal(first, again)
+    assert torch.equal(first, quamba_fx.Generator(lowered_lm.model, 2).generate(ids, 8))
+    # The cache changes the cost, not the tokens.
+    assert torch.equal(first, lowered_lm.generate(ids, do_sample=False, max_new_tokens=8, eos_token_id=None,
+                                                  use_cache=False))
+
+
+def test_cached_sampling_is_seeded(lowered_lm):
+    kwargs = dict(do_sample=True, temperature=0.9, top_k=30, max_new_tokens=12, eos_token_id=None)
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        runs.append(lowered_lm.generate(prompt(1), **kwargs))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6]), pad_token_id=0),
+    dict(num_beams=2),
+], ids=["padded", "beams"])
+def test_cache_is_skipped_where_it_cannot_serve(lowered_lm, kwargs):
+    # A padded batch (the prefill graph has no mask) and beam search (which reorders rows) rerun
+    # the full graph every step, and give what the uncached path gives.
+    lengths, handle = graph_lengths(lowered_lm.model)
+    try:
+        out = lowered_lm.generate(prompt(), max_new_tokens=3, eos_token_id=None, **kwargs)
+    finally:
+        handle.remove()
+    assert lengths and lengths[-1] == 8
+    assert torch.equal(out, lowered_lm.generate(prompt(), max_new_tokens=3, eos_token_id=None, use_cache=False,
+                                                **kwargs))
+
+
+def test_forward_refuses_a_cache_outside_generate(lowered_lm):
+    with pytest.raises(InputError, match="quamba_cache is generate's own"):
+        lowered_lm(prompt(), quamba_cache=object())
 
 
 def test_wrapping_never_reinitialises_weights(tiny_model):
