@@ -150,6 +150,23 @@ def test_packing_fills_the_tensor_core_tile():
     assert hadamard._packing(20, 1024) == (1, 32)  # 3 rows would exceed _PACKED_MAX_TILE
 
 
+def test_schedule_of_the_packed_kernel(monkeypatch):
+    """Grid and pipelining depth on CUDA (the interpreter always uses 3 programs, 1 stage)."""
+    monkeypatch.setattr(hadamard, "_INTERPRET", False)
+    monkeypatch.setattr(hadamard, "_sm_count", lambda device: 132)
+    dev = torch.device("cuda")
+    # 5120 (64 x 256 tile): 2 programs per SM, 3 stages of fp16; fp32 inputs are not pipelined.
+    assert hadamard._schedule(3, 5462, 64 * 256, 2, dev) == (264, 3)
+    assert hadamard._schedule(3, 5462, 64 * 256, 4, dev) == (264, 1)
+    # 1536 / 2560 (64 x 128): 3 per SM; fewer blocks than that: one program each.
+    assert hadamard._schedule(5, 3277, 64 * 128, 2, dev) == (396, 3)
+    assert hadamard._schedule(5, 100, 64 * 128, 2, dev) == (100, 3)
+    # Unpacked tiles keep one program per row, no pipelining.
+    assert hadamard._schedule(1, 1000, 32 * 512, 2, dev) == (1000, 1)
+    monkeypatch.setattr(hadamard, "_INTERPRET", True)
+    assert hadamard._schedule(3, 10, 64 * 256, 2, dev) == (3, 1)
+
+
 @needs_kernel
 @pytest.mark.parametrize("n,rows", [(192, 11), (320, 7), (448, 5), (576, 4)])
 def test_packed_blocks_and_partial_last_block(n, rows):

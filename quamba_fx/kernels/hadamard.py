@@ -96,15 +96,15 @@ MAX_N = 32768
 # [M_PAD, M_PAD] operand is small enough to stay in registers; otherwise on fp32 FMAs.
 _MAX_DOT_M = 64
 _MIN_DOT_DIM = 16
-# Packed tensor-core tiles: at most this many fp32 values (128 a thread with 4 warps, the one
-# warpgroup of a 64-row wgmma). Each program loops over blocks with loads _STAGES deep (the next
-# blocks' tiles stream into shared memory while one is computed), on a persistent grid of
-# _PROGRAMS_PER_SM programs per multiprocessor for tiles up to _SMALL_TILE values, 2 above (as
-# many as fit: ~240 registers a thread and 112 KiB of shared memory for 64 x 256 at 3 stages).
-# 0 programs per SM: one program per block.
-# The stages' input tiles share _STAGE_BYTES of shared memory, so that two programs fit on a
-# multiprocessor (a 64 x 256 fp16 tile, 32 KiB, gets 3 stages; fp32 inputs, whose tiles are split
-# into three bf16 operands in shared memory besides, get 1).
+# Packed tensor-core tiles (R > 1 rows each): at most this many fp32 values (128 a thread with 4
+# warps, the one warpgroup of a 64-row wgmma). Each program loops over blocks with loads _STAGES
+# deep (the next blocks' tiles stream into shared memory while one is computed), on a persistent
+# grid of _PROGRAMS_PER_SM programs per multiprocessor for tiles up to _SMALL_TILE values, 2 above
+# (as many as fit: ~240 registers a thread and 112 KiB of shared memory for 64 x 256 at 3 stages;
+# measured on H200 against 1-4 programs and 1-3 stages, docs/benchmarks.md). The stages' input
+# tiles share _STAGE_BYTES of shared memory (a 64 x 256 fp16 tile, 32 KiB, gets 3 stages; fp32
+# inputs, split into three bf16 operands in shared memory besides, get 1). 0 programs per SM:
+# one program per block.
 _PACKED_MAX_TILE = 16384
 _SMALL_TILE = 8192
 _PROGRAMS_PER_SM = 3
@@ -357,22 +357,19 @@ def _packing(m: int, p: int) -> Tuple[int, int]:
     return best
 
 
-def _programs(n_blocks: int, tile: int, device: torch.device) -> int:
-    """Grid size of the packed kernel (see _PROGRAMS_PER_SM). Under the interpreter a grid of 3
-    makes the tests run each program's loop over several blocks."""
+def _schedule(pack: int, n_blocks: int, tile: int, itemsize: int, device: torch.device) -> Tuple[int, int]:
+    """`(grid, stages)` of the packed kernel for `n_blocks` blocks of `pack` rows, `tile` inputs of
+    `itemsize` bytes each. Packed tiles (measured: 64 x 256 and 64 x 128) get the persistent grid
+    and the pipelined loop described at _PROGRAMS_PER_SM; unpacked ones (R = 1: large P, or M > 32)
+    one program per row and no pipelining, like the one-row kernel. Under the interpreter a grid of
+    3 makes the tests run each program's loop over several blocks."""
     if _INTERPRET:
-        return min(n_blocks, 3)
-    if _PROGRAMS_PER_SM <= 0:
-        return n_blocks
+        return min(n_blocks, 3), 1
+    if pack == 1 or _PROGRAMS_PER_SM <= 0:
+        return n_blocks, 1
     per_sm = _PROGRAMS_PER_SM if tile <= _SMALL_TILE else min(_PROGRAMS_PER_SM, 2)
-    return min(n_blocks, per_sm * _sm_count(str(device)))
-
-
-def _stages(tile: int, itemsize: int) -> int:
-    """Software-pipelining depth of the packed kernel's loop for a tile of `tile` inputs."""
-    if itemsize > 2:
-        return 1
-    return max(1, min(_STAGES, _STAGE_BYTES // (tile * itemsize)))
+    stages = 1 if itemsize > 2 else max(1, min(_STAGES, _STAGE_BYTES // (tile * itemsize)))
+    return min(n_blocks, per_sm * _sm_count(str(device))), stages
 
 
 @functools.lru_cache(maxsize=8)
@@ -472,12 +469,13 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: bool) -> torch.Tensor:
         table = _dense_table(bases, pack, mp, torch.float16 if x.dtype == torch.float16 else torch.bfloat16,
                              False, str(x.device))
         n_blocks = triton.cdiv(rows, pack)
-        _hadamard_packed_kernel[(_programs(n_blocks, mp * p, x.device),)](
+        grid, stages = _schedule(pack, n_blocks, mp * p, x.element_size(), x.device)
+        _hadamard_packed_kernel[(grid,)](
             xr, table, scale, out,
             rows, n_blocks, d1, s0, s1,
             INV_SQRT_N=1.0 / math.sqrt(n), M=m, R=pack, MP=mp, P=p, LOG_P=k, QUANT=quant,
-            EMULATE_DOT=_INTERPRET, STAGES=_stages(mp * p, x.element_size()),
-            num_warps=4 if pack > 1 and not _INTERPRET else _num_warps(mp * p),
+            EMULATE_DOT=_INTERPRET, STAGES=stages,
+            num_warps=4 if pack > 1 else _num_warps(mp * p),
         )
         return out
     # dense 0 (no dense factor) needs no table: out is a dummy pointer, never read.
