@@ -1,6 +1,6 @@
 """Benchmark the fused Hadamard + quantize and residual add + RMSNorm + quantize kernels.
 
-    python benchmarks/hadamard_norm.py [--json PATH] [--shapes ROWSxN ...] [--no-graph]
+    python benchmarks/hadamard_norm.py [--json PATH] [--shapes ROWSxN ...] [--no-graph] [--only hadamard|norm]
 
 Needs a CUDA device. For each (rows, n) it times (median of triton.testing.do_bench, which flushes
 L2 between repetitions), on an fp16 input `[rows, n]`:
@@ -10,6 +10,8 @@ Hadamard (n = d_inner, the scan output rotated before out_proj):
 * ours fp32   -- `hadamard_transform_triton(x)` (the same kernel, fp32 out: 2x the write traffic);
 * reference   -- `hadamard_quantize_reference`: `torch.ops.quamba.hadamard` + `quamba.quantize`, eager;
 * copy        -- `dst.copy_(src)` moving as many bytes as ours reads and writes, the ceiling.
+
+Issue 13's target: the Hadamard "ours graph" row at >= 70% of copy for n = 5120.
 
 Norm (n = H; x the block output, residual fp32):
 * ours        -- `add_rmsnorm_quantize(x, residual, w, eps, scale)` (int8 out + fp32 residual out);
@@ -21,7 +23,10 @@ GB/s counts the bytes the fused kernel must move (Hadamard: 2 + 1 bytes per elem
 residual 4 + residual out 4 + int8 1 = 11 bytes per element) for every row of a shape, so the column
 compares times, not each implementation's own traffic; "% copy" is copy time / row time. The
 "graph" rows replay the call from a CUDA graph, separating host launch cost from kernel time (it
-dominates the one-row shapes). Also checks the kernels against the references on the timed data
+dominates small shapes; the copy is timed the same way, so "% copy" of a graph row compares kernel
+times). The copy bandwidth line (bytes read + written per second) is one 256 MiB copy, about the
+traffic of the largest default shape: on the H200 here a 1 GiB copy read only ~2.8 TB/s where
+copies of 0.1-0.3 GB read 3.5-3.9 TB/s, so "% copy" always uses a copy of the row's own size. Also checks the kernels against the references on the timed data
 (int8 at most one step apart on rare .5 boundaries; fp32 transform to rtol 1e-5; residual exact).
 """
 
@@ -32,9 +37,12 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from gpu_timing import graphed, print_rows, require_gpu, time_all, write_json
+from gpu_timing import graphed, print_rows, require_gpu, time_all, time_ms, write_json
 
-DEFAULT_SHAPES: List[Tuple[int, int]] = [(1, 5120), (16, 5120), (16384, 5120), (16384, 2560)]
+# Hadamard: n = d_inner of mamba-2.8b (5120), -130m (1536) and -790m (2560), rows = batch x length for
+# 1 x 2048 and 8 x 2048 prefill. Norm: n = d_model (2560 for 2.8b, 768 for 130m).
+HADAMARD_SHAPES: List[Tuple[int, int]] = [(2048, 5120), (16384, 5120), (2048, 1536), (16384, 1536), (16384, 2560)]
+NORM_SHAPES: List[Tuple[int, int]] = [(16384, 2560), (16384, 768)]
 DEVICE = "cuda"
 EPS = 1e-5
 
@@ -71,6 +79,18 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def copy_bandwidth(nbytes: int = 2**28) -> float:
+    """GB/s of a device-to-device copy of `nbytes` (read + written: 2 * nbytes moved), replayed
+    from a CUDA graph after a warm-up that also brings the clocks up."""
+    src = torch.empty(nbytes, dtype=torch.int8, device=DEVICE)
+    dst = torch.empty_like(src)
+    copy = graphed(lambda: dst.copy_(src))
+    time_ms(copy, rep=50)  # warm-up: the first timing runs on idle clocks
+    ms = time_ms(copy)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
 def bench_hadamard(rows: int, n: int, graph: bool, gen: torch.Generator) -> Dict:
     from quamba_fx.kernels.hadamard import (
         hadamard_quantize,
@@ -100,6 +120,7 @@ def bench_hadamard(rows: int, n: int, graph: bool, gen: torch.Generator) -> Dict
     }
     if graph:
         fns["ours graph"] = graphed(fns["ours"])
+        fns["copy"] = graphed(fns["copy"])
     return {"kernel": "hadamard_quantize", "shape": [rows, n], "bytes": nbytes, "check": check,
             "ms": time_all(fns)}
 
@@ -130,6 +151,7 @@ def bench_norm(rows: int, h: int, graph: bool, gen: torch.Generator) -> Dict:
     }
     if graph:
         fns["ours graph"] = graphed(fns["ours"])
+        fns["copy"] = graphed(fns["copy"])
     return {"kernel": "add_rmsnorm_quantize", "shape": [rows, h], "bytes": nbytes, "check": check,
             "ms": time_all(fns)}
 
@@ -164,8 +186,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--shapes", metavar="ROWSxN", nargs="+", type=_parse_shape,
-                        help="(rows, n) pairs to time, e.g. 16384x5120 (default: "
-                        + " ".join(f"{r}x{n}" for r, n in DEFAULT_SHAPES) + ")")
+                        help="(rows, n) pairs to time, e.g. 16384x5120 (default: Hadamard "
+                        + " ".join(f"{r}x{n}" for r, n in HADAMARD_SHAPES) + "; norm "
+                        + " ".join(f"{r}x{n}" for r, n in NORM_SHAPES) + ")")
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay rows")
     parser.add_argument("--only", choices=["hadamard", "norm"], help="time one kernel only")
     args = parser.parse_args(argv)
@@ -174,18 +197,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     import triton
 
     print(f"device: {dev_name}  torch {torch.__version__}  triton {triton.__version__}\n")
+    copy_gbs = copy_bandwidth()
     gen = torch.Generator().manual_seed(0)
     results = []
-    for rows, n in args.shapes or DEFAULT_SHAPES:
-        if args.only in (None, "hadamard"):
-            results.append(bench_hadamard(rows, n, not args.no_graph, gen))
-        if args.only in (None, "norm"):
-            results.append(bench_norm(rows, n, not args.no_graph, gen))
-        torch.cuda.empty_cache()
+    for kernel, bench, default in (("hadamard", bench_hadamard, HADAMARD_SHAPES), ("norm", bench_norm, NORM_SHAPES)):
+        if args.only not in (None, kernel):
+            continue
+        for rows, n in args.shapes or default:
+            results.append(bench(rows, n, not args.no_graph, gen))
+            torch.cuda.empty_cache()
+    print(f"copy bandwidth (256 MiB device-to-device, read + write): {copy_gbs:.0f} GB/s\n")
     _print_table(results)
 
     if args.json:
-        write_json(args.json, dev_name, results=results)
+        write_json(args.json, dev_name, copy_GBps=copy_gbs, results=results)
         print(f"\nwrote {args.json}")
     return 0 if all(_check_ok(r["check"]) for r in results) else 1
 

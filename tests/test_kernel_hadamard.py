@@ -35,8 +35,9 @@ from .kernel_support import DEVICE, needs_kernel, reference_calls
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # Sizes exercising every kernel path (see _mode): powers of two (no dense factor), tensor-core
-# dense factors (M_PAD and P >= 16) and the FMA fallback (P < 16, or M_PAD > 64 as for 68 * 16).
-SMALL_SIZES = [1, 2, 4, 8, 12, 16, 20, 24, 28, 36, 40, 44, 48, 64, 96, 144, 160, 192, 320, 384, 448, 640, 1088]
+# dense factors (M_PAD and P >= 16; several rows packed per tile, e.g. 5 x 12 for 192, 3 x 20 for
+# 320, or one, 28 in 32 for 448, 36 in 64 for 576) and the FMA fallback (P < 16, or M_PAD > 64 as for 68 * 16).
+SMALL_SIZES = [1, 2, 4, 8, 12, 16, 20, 24, 28, 36, 40, 44, 48, 64, 96, 144, 160, 192, 320, 384, 448, 576, 640, 1088]
 MAMBA_SIZES = [1536, 2048, 2560, 3072, 4096, 5120]  # d_inner of the 130m ... 2.8b models
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -138,6 +139,48 @@ def test_matches_reference(case):
     assert_int8_close(q, q_ref)
     if case["factor"] < 1:
         assert int(q.int().abs().max()) >= 127, "the scale should saturate some values"
+
+
+def test_packing_fills_the_tensor_core_tile():
+    """Rows per tile for the tensor-core path: the densest power-of-two tile of at most 64 rows."""
+    assert hadamard._packing(20, 256) == (3, 64)  # 5120: 60 live rows of 64
+    assert hadamard._packing(12, 128) == (5, 64)  # 1536
+    assert hadamard._packing(28, 16) == (1, 32)  # 2 x 28 in 64 is no denser: the smaller tile
+    assert hadamard._packing(36, 16) == (1, 64)
+    assert hadamard._packing(20, 1024) == (1, 32)  # 3 rows would exceed _PACKED_MAX_TILE
+
+
+def test_schedule_of_the_packed_kernel(monkeypatch):
+    """Grid and pipelining depth on CUDA (the interpreter always uses 3 programs, 1 stage)."""
+    monkeypatch.setattr(hadamard, "_INTERPRET", False)
+    monkeypatch.setattr(hadamard, "_sm_count", lambda device: 132)
+    dev = torch.device("cuda")
+    # 5120 (64 x 256 tile): 2 programs per SM, 3 stages of fp16; fp32 inputs are not pipelined.
+    assert hadamard._schedule(3, 5462, 64 * 256, 2, dev) == (264, 3)
+    assert hadamard._schedule(3, 5462, 64 * 256, 4, dev) == (264, 1)
+    # 1536 / 2560 (64 x 128): 3 per SM; fewer blocks than that: one program each.
+    assert hadamard._schedule(5, 3277, 64 * 128, 2, dev) == (396, 3)
+    assert hadamard._schedule(5, 100, 64 * 128, 2, dev) == (100, 3)
+    # Unpacked tiles keep one program per row, no pipelining.
+    assert hadamard._schedule(1, 1000, 32 * 512, 2, dev) == (1000, 1)
+    monkeypatch.setattr(hadamard, "_INTERPRET", True)
+    assert hadamard._schedule(3, 10, 64 * 256, 2, dev) == (3, 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,rows", [(192, 11), (320, 7), (448, 5), (576, 4)])
+def test_packed_blocks_and_partial_last_block(n, rows):
+    """Every row of every block, the last one partial, through the persistent loop (under the
+    interpreter 3 programs, so each takes several blocks), against the reference; rows of one tile
+    must not mix (the block-diagonal dense factor)."""
+    gen = torch.Generator().manual_seed(rows)
+    x = make_x(gen, (rows,), n, torch.float16, "contiguous", DEVICE)
+    x[rows // 2] = 0  # a zero row between non-zero ones stays zero
+    y = hadamard_transform_triton(x)
+    assert_transform_close(y, hadamard_transform_reference(x))
+    assert not y[rows // 2].any()
+    scale = scale_for(y, 0.9, DEVICE)
+    assert_int8_close(hadamard_quantize(x, scale), hadamard_quantize_reference(x, scale))
 
 
 @needs_kernel

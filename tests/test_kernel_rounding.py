@@ -117,7 +117,7 @@ def test_fma_rn_non_finite():
 
 @needs_kernel
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, for the +-3e38 inputs
-@pytest.mark.parametrize("scale", [1.0, 0.0371, 3.3e-4, 7.77, 1e-8, 0.1])
+@pytest.mark.parametrize("scale", [1.0, 0.0371, 3.3e-4, 7.77, 1e-8, 0.1, 1.0e30, 0.013717, 0.0191])
 def test_quantize_step_matches_ieee_division(scale):
     """The kernels' quantize step (reciprocal product + one FMA correction) against torch's IEEE
     division, bit for bit, on quotients within a few ulps of every .5 boundary, random ones and
@@ -131,7 +131,12 @@ def test_quantize_step_matches_ieee_division(scale):
         nudged = nudged + [torch.nextafter(nudged[-1], torch.tensor(float("inf")))]
     rand = (torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 300 - 150) * scale
     special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3e38, -3e38, 1e-45])
-    y = torch.cat(nudged + [rand.float(), special])
+    # The saturation bounds the kernel clamps y to, -128 * scale and RN(127 * scale), +-4 ulps.
+    edges = [(torch.tensor([-128.0, 127.0], dtype=torch.float64) * scale).float()]
+    for _ in range(4):
+        edges = [torch.nextafter(edges[0], torch.tensor(-float("inf")))] + edges
+        edges = edges + [torch.nextafter(edges[-1], torch.tensor(float("inf")))]
+    y = torch.cat(nudged + edges + [rand.float(), special])
     want = torch.round(torch.clamp(y / s, -128, 127)).to(torch.int8)
     out = torch.empty(y.numel(), dtype=torch.int8, device=DEVICE)
     _quantize_block_kernel[(triton.cdiv(y.numel(), BLOCK),)](y.to(DEVICE), s.to(DEVICE), out, y.numel(), BLOCK=BLOCK)

@@ -6,29 +6,33 @@ is rotated by the orthonormal Hadamard matrix `H = hadamard_matrix(n)` of `quamb
 `hadamard_transform_triton(x)` is the same kernel stopping before the quantization (fp32 out); it
 exists to test the transform itself, and is a fast fp32 rotation in its own right.
 
-Algorithm (one program per row of `n = M * 2**k`, the row held in registers as an `[M_PAD, P]` tile)
-----------------------------------------------------------------------------------------------------
+Algorithm
+---------
 `H = kron(D, S) / sqrt(n)` with `D` the dense `M x M` Paley factor (+-1 entries, `M = 1` for powers
-of two) and `S` the Sylvester matrix of order `P = 2**k`. Viewing the row as `X[a, p] = x[a * P + p]`,
-`H x` is `D @ X @ S.T / sqrt(n)`, computed in this order (`M_PAD = next_power_of_2(M)`, because
-Triton tiles are powers of two: padding rows are zero, never stored):
+of two) and `S` the Sylvester matrix of order `P = 2**k`. Viewing a row as `X[b, p] = x[b * P + p]`,
+`H x` is `D @ X @ S.T / sqrt(n)`, computed in this order:
 
 1. dense factor `acc = D @ X`, every product exact (`D` is +-1), sums in fp32:
-   * tensor cores (`tl.dot`) when the tile allows it (M_PAD and P >= 16, M_PAD <= 64, i.e. all of
-     Mamba's sizes): D and X enter as 16-bit floats, which is exact: D is +-1, an fp16/bf16 x is
-     itself, and an fp32 x is first split exactly into three bfloat16 parts `x = hi + mid + lo`
-     (24 significant bits = 3 x 8; three products accumulated). This is not TF32: no bit of x is
-     dropped. Only the fp32 accumulation rounds (the MMA unit's, a few ulps at most);
-   * otherwise fp32 FMAs, M rank-1 updates `acc += D[:, b] (x) X[b, :]` in order b = 0..M-1;
-2. Sylvester factor: a radix-2 fast Walsh-Hadamard transform of every row of `acc`, `k` fp32 stages of
-   `(u, v) -> (u + v, u - v)` written with reshape / split / join / permute (stage order chosen per
-   layout, see `_fwht_rows`; it only changes the order of the same fp32 additions);
+   * tensor cores (`_hadamard_packed_kernel`, when M_PAD = next_power_of_2(M) <= 64 and P >= 16,
+     i.e. all of Mamba's sizes): R rows share one `[MP, P]` tile, their `R * M` row-blocks stacked
+     (3 x 20 = 60 of 64 for n = 5120 and 2560, 5 x 12 for 1536), multiplied by `kron(I_R, D)`:
+     the work after the MMA then runs on 4 dead tile rows of 64 instead of 12 of 32. D and X enter
+     the MMA as 16-bit floats, which is exact: D is +-1, an fp16/bf16 x is itself, and an fp32 x is
+     first split exactly into three bfloat16 parts `x = hi + mid + lo` (24 significant bits =
+     3 x 8; three products accumulated; not TF32: no bit of x is dropped). Only the fp32
+     accumulation rounds. Dead tile rows are loaded as zeros. Programs form a persistent grid and
+     loop over blocks, the next blocks' tiles streaming into shared memory (Triton's software
+     pipelining) while one is computed;
+   * otherwise (one row per program, `_hadamard_kernel`) fp32 FMAs, M rank-1 updates
+     `acc += D[:, b] (x) X[b, :]` in order b = 0..M-1;
+2. Sylvester factor: a radix-2 fast Walsh-Hadamard transform of every tile row, `k` fp32 stages of
+   `(u, v) -> (u + v, u - v)` written with reshape / split / join / permute (the stage order only
+   changes the order of the same fp32 additions; see `_fwht_rows`);
 3. `y = acc * fp32(1 / sqrt(n))`, the same fp32 constant the reference multiplies by;
 4. (quantize) `q = clamp(round_half_even(y / scale), -128, 127)` with the correctly rounded fp32
-   quotient, like `torch.ops.quamba.quantize` (computed as a reciprocal product plus one exact FMA
-   correction, see `rounding.quantize_rn`; the FMA is emulated exactly under the interpreter,
-   whose own `tl.fma` rounds twice), rounding with the 1.5 * 2**23 float-bit trick (exact
-   half-to-even, applied after clamping to [-128, 127]).
+   quotient, like `torch.ops.quamba.quantize` (`rounding.quantize_rn`: saturation by clamping y,
+   a reciprocal product plus one exact FMA correction, rounding with the 1.5 * 2**23 trick; valid
+   for scales in [2**-126, 2**120]).
 
 Numerics versus the reference, and the test tolerances
 ------------------------------------------------------
@@ -37,25 +41,21 @@ first and the dense factor second, with its own summation orders; both compute t
 exact `+-x` terms with fp32 additions, so they differ only by rounding: each of the `k` butterfly
 stages and each of the `M - 1` dense additions adds at most about an ulp of a partial sum, and an
 orthogonal transform keeps partial sums at the scale of the row's RMS times a small factor. The
-observed difference is below 1e-6 of the row's RMS (the output's natural scale; CPU interpreter and
-H100, fp16/bf16/fp32 inputs), so the fp32 transform is tested at
-`|got - want| <= 1e-5 * (|want| + rms(row))`, a >10x margin that still catches any wrong sign,
-order or scale (those give errors of order 1). The quantized result is the same function of `y`
-(correctly rounded division on both sides, identical rounding), so it can only differ where
+block-diagonal `kron(I_R, D)` adds only exact zero products from the other rows of a tile, which
+changes no sum of finite values (a row holding inf or NaN, whose own output is meaningless, makes
+0 * inf = NaN in the up to R - 1 rows sharing its tile). The observed difference is below 1e-6 of
+the row's RMS (CPU interpreter, H100 and H200; fp16/bf16/fp32 inputs), so the fp32 transform is
+tested at `|got - want| <= 1e-5 * (|want| + rms(row))`, a >10x margin that still catches any wrong
+sign, order or scale (those give errors of order 1). The quantized result is the same function of
+`y` (correctly rounded division on both sides, identical rounding), so it can only differ where
 `y / scale` lies within a few ulps of a .5 boundary: for values up to 127 a window of ~127 * 2**-21
 around each boundary, hit by a tiny fraction of elements. The tests allow `|diff| <= 1` on at most
 0.1% of the elements (plus one), never more than one step. Bit equality is checked where every
 partial sum is exact (small integer-valued inputs, on every kernel path), and the quantize step
 alone is checked bit for bit against IEEE division.
 
-On CUDA nothing else changes: no approximate division, no transcendental functions.
-
-Performance notes (H100, triton 3.6, fp16 in, 16384 rows; benchmarks/hadamard_norm.py): the kernel
-is bound by on-chip work, not DRAM: moving the fp32 tile through shared memory for the butterfly
-stages whose bit is not in one thread's registers, and per-element work on the padding rows (20
-live rows of 32 for n = 5120). Measured: n = 4096 at 75% of copy bandwidth, 1536 at 58%, 2560 at
-54%, 5120 at 45% (0.196 ms; 0.28 ms with a div.rn per element, 0.375 ms with the Pease form after
-the tensor cores, 0.6 ms with the dense factor on FMAs); 20-60x faster than the eager reference.
+On CUDA nothing else changes: no approximate division, no transcendental functions. Speed:
+docs/benchmarks.md (benchmarks/hadamard_norm.py).
 
 Layouts: `x` is `[..., n]` with stride 1 along the last dim (other last-dim strides are copied
 first); leading dims may have any strides (e.g. a `[B, L, D]` view of a larger buffer), collapsed
@@ -96,6 +96,20 @@ MAX_N = 32768
 # [M_PAD, M_PAD] operand is small enough to stay in registers; otherwise on fp32 FMAs.
 _MAX_DOT_M = 64
 _MIN_DOT_DIM = 16
+# Packed tensor-core tiles (R > 1 rows each): at most this many fp32 values (128 a thread with 4
+# warps, the one warpgroup of a 64-row wgmma). Each program loops over blocks with loads _STAGES
+# deep (the next blocks' tiles stream into shared memory while one is computed), on a persistent
+# grid of _PROGRAMS_PER_SM programs per multiprocessor for tiles up to _SMALL_TILE values, 2 above
+# (as many as fit: ~240 registers a thread and 112 KiB of shared memory for 64 x 256 at 3 stages;
+# measured on H200 against 1-4 programs and 1-3 stages, docs/benchmarks.md). The stages' input
+# tiles share _STAGE_BYTES of shared memory (a 64 x 256 fp16 tile, 32 KiB, gets 3 stages; fp32
+# inputs, split into three bf16 operands in shared memory besides, get 1). 0 programs per SM:
+# one program per block.
+_PACKED_MAX_TILE = 16384
+_SMALL_TILE = 8192
+_PROGRAMS_PER_SM = 3
+_STAGES = 3
+_STAGE_BYTES = 96 * 1024
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -152,8 +166,10 @@ def _hadamard_kernel(
     x_ptr, d_ptr, scale_ptr, out_ptr,
     D1, stride_0, stride_1, inv_sqrt_n,
     M: tl.constexpr, M_PAD: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, QUANT: tl.constexpr,
-    DENSE: tl.constexpr, EMULATE_DOT: tl.constexpr,
+    DENSE: tl.constexpr,
 ):
+    # Dense factors that tl.dot cannot take (DENSE == 2) and powers of two (DENSE == 0), one row
+    # per program; the tensor-core path is _hadamard_packed_kernel.
     row = tl.program_id(0)
     # Rows are numbered over the (at most two, see _lead_layout) leading dims; 64-bit offsets so
     # that views of large buffers do not overflow.
@@ -167,25 +183,6 @@ def _hadamard_kernel(
     # Step 1 of the module docstring: acc = D @ X, X[b, p] = x[b * P + p] (rows >= M are zero).
     if DENSE == 0:  # M == 1: no dense factor
         acc = tl.load(x_row + offs_a[:, None] * P + offs_p[None, :]).to(tl.float32)
-    elif DENSE == 1:
-        # Tensor cores: d_ptr is D zero-padded to [M_PAD, M_PAD] in x's 16-bit type (bfloat16 for
-        # fp32 x). An fp32 x is first split exactly into three bfloat16 parts, x = hi + mid + lo
-        # (each residual is exact in fp32 and the last one has at most 8 significant bits), so the
-        # three products are exact too: no TF32-style truncation of x.
-        x = tl.load(x_row + offs_a[:, None] * P + offs_p[None, :], mask=rows_ok, other=0.0)
-        dmat = tl.load(d_ptr + offs_a[:, None] * M_PAD + offs_a[None, :])
-        acc = tl.zeros([M_PAD, P], dtype=tl.float32)
-        if x.dtype == tl.float32:
-            hi = x.to(tl.bfloat16)
-            rest = x - hi.to(tl.float32)
-            mid = rest.to(tl.bfloat16)
-            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-            # Smallest parts first, accumulating in place.
-            acc = _dense_dot(dmat, lo, acc, EMULATE_DOT)
-            acc = _dense_dot(dmat, mid, acc, EMULATE_DOT)
-            acc = _dense_dot(dmat, hi, acc, EMULATE_DOT)
-        else:
-            acc = _dense_dot(dmat, x, acc, EMULATE_DOT)
     else:
         # fp32 FMAs (tiles too small for tl.dot, or a dense factor too large for one): M rank-1
         # updates acc += D[:, b] (x) X[b, :] in order b = 0, 1, ..., M-1, each row X[b, :] loaded
@@ -208,6 +205,69 @@ def _hadamard_kernel(
         tl.store(out_ptr + offs, quantize_rn(y, tl.load(scale_ptr)), mask=rows_ok)
     else:
         tl.store(out_ptr + offs, y, mask=rows_ok)
+
+
+@triton.jit
+def _dense_dot_exact(dmat, x, EMULATE_DOT: tl.constexpr):
+    # D @ X with every product exact: a 16-bit x enters the MMA as itself; an fp32 x is first split
+    # exactly into three bfloat16 parts, x = hi + mid + lo (each residual is exact in fp32 and the
+    # last one has at most 8 significant bits), so no bit of x is dropped (unlike TF32).
+    acc = tl.zeros([dmat.shape[0], x.shape[1]], dtype=tl.float32)
+    if x.dtype == tl.float32:
+        hi = x.to(tl.bfloat16)
+        rest = x - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        # Smallest parts first, accumulating in place.
+        acc = _dense_dot(dmat, lo, acc, EMULATE_DOT)
+        acc = _dense_dot(dmat, mid, acc, EMULATE_DOT)
+        acc = _dense_dot(dmat, hi, acc, EMULATE_DOT)
+    else:
+        acc = _dense_dot(dmat, x, acc, EMULATE_DOT)
+    return acc
+
+
+@triton.jit
+def _hadamard_packed_kernel(
+    x_ptr, d_ptr, scale_ptr, out_ptr,
+    rows, n_blocks, D1, stride_0, stride_1,
+    INV_SQRT_N: tl.constexpr, M: tl.constexpr, R: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
+    LOG_P: tl.constexpr, QUANT: tl.constexpr, EMULATE_DOT: tl.constexpr, STAGES: tl.constexpr,
+):
+    # Tensor-core path: R rows per block, their R * M row-blocks X[b, :] = x[row, b * P : (b + 1) * P]
+    # stacked into one [MP, P] tile (MP = next_power_of_2(R * M); e.g. 3 rows of 20 in 64 for
+    # n = 5120), so that the per-element work after the MMA (butterflies, quantization) runs on
+    # padding for MP - R * M tile rows only (4 of 64, against 12 of 32 with one row of 20 per tile).
+    # d_ptr is kron(I_R, D) zero-padded to [MP, MP], in x's 16-bit type (bfloat16 for fp32 x).
+    # Programs loop over blocks (a persistent grid on CUDA); STAGES > 1 lets Triton prefetch the
+    # next blocks' tiles into shared memory while this one is computed.
+    offs_z = tl.arange(0, MP)
+    offs_p = tl.arange(0, P)
+    r_in = offs_z // M
+    b = offs_z - r_in * M
+    dmat = tl.load(d_ptr + offs_z[:, None] * MP + offs_z[None, :])
+    if QUANT:
+        scale = tl.load(scale_ptr)
+    for blk in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0), num_stages=STAGES):
+        row = blk * R + r_in
+        live = (offs_z < R * M) & (row < rows)
+        # Rows are numbered over the (at most two, see _lead_layout) leading dims; 64-bit offsets
+        # so that views of large buffers do not overflow.
+        i0 = row // D1
+        i1 = row - i0 * D1
+        x_off = i0.to(tl.int64) * stride_0 + i1.to(tl.int64) * stride_1 + b * P
+        # Dead tile rows load zeros (never other rows' data: 0 * inf would be NaN in the MMA).
+        x = tl.load(x_ptr + x_off[:, None] + offs_p[None, :], mask=live[:, None], other=0.0)
+        # Step 1 of the module docstring, then step 2 on the MMA's output, then 3 and 4.
+        acc = _dense_dot_exact(dmat, x, EMULATE_DOT)
+        acc = _fwht_rows(acc, MP, P, LOG_P, False)
+        y = acc * INV_SQRT_N
+        out_off = row.to(tl.int64) * (M * P) + b * P
+        out_ptrs = out_ptr + out_off[:, None] + offs_p[None, :]
+        if QUANT:
+            tl.store(out_ptrs, quantize_rn(y, scale), mask=live[:, None])
+        else:
+            tl.store(out_ptrs, y, mask=live[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,11 +311,13 @@ def _rows(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _dense_table(bases: Tuple[int, ...], m_pad: int, dtype: torch.dtype, transpose: bool, device: str) -> torch.Tensor:
-    """The dense factor D zero-padded for the kernel, cached per (size, dtype, device).
+def _dense_table(bases: Tuple[int, ...], pack: int, m_pad: int, dtype: torch.dtype, transpose: bool,
+                 device: str) -> torch.Tensor:
+    """The dense factor D zero-padded for the kernel, cached per (size, packing, dtype, device).
 
-    `transpose=False`: `[M_PAD, M_PAD]`, the tensor-core operand. `transpose=True`: `D^T` as
-    `[M, M_PAD]`, whose row b is column b of D (the FMA path's rank-1 updates).
+    `transpose=False`: `kron(I_pack, D)` as `[M_PAD, M_PAD]`, the tensor-core operand for `pack`
+    rows per tile. `transpose=True`: `D^T` as `[M, M_PAD]`, whose row b is column b of D (the FMA
+    path's rank-1 updates; `pack` must be 1).
     """
     d = _dense_int(bases)
     m = d.shape[0]
@@ -264,7 +326,7 @@ def _dense_table(bases: Tuple[int, ...], m_pad: int, dtype: torch.dtype, transpo
         table[:, :m] = d.t().to(dtype)
     else:
         table = torch.zeros(m_pad, m_pad, dtype=dtype)
-        table[:m, :m] = d.to(dtype)
+        table[: pack * m, : pack * m] = torch.kron(torch.eye(pack, dtype=torch.int8), d).to(dtype)
     return table.to(device)
 
 
@@ -281,6 +343,38 @@ def _dense_mode(m: int, m_pad: int, p: int) -> int:
     if m_pad <= _MAX_DOT_M and min(m_pad, p) >= _MIN_DOT_DIM:
         return 1
     return 2
+
+
+def _packing(m: int, p: int) -> Tuple[int, int]:
+    """`(R, MP)` for the tensor-core kernel: R rows per tile of MP = next_power_of_2(R * M) rows,
+    the R with the fewest dead tile rows (R * M / MP largest; the smallest R on ties) such that
+    MP <= _MAX_DOT_M and the fp32 tile MP * P fits _PACKED_MAX_TILE; R = 1 when nothing packs."""
+    best = (1, triton.next_power_of_2(m))
+    for r in range(2, _MAX_DOT_M // m + 1):
+        mp = triton.next_power_of_2(r * m)
+        if mp <= _MAX_DOT_M and mp * p <= _PACKED_MAX_TILE and r * m * best[1] > best[0] * m * mp:
+            best = (r, mp)
+    return best
+
+
+def _schedule(pack: int, n_blocks: int, tile: int, itemsize: int, device: torch.device) -> Tuple[int, int]:
+    """`(grid, stages)` of the packed kernel for `n_blocks` blocks of `pack` rows, `tile` inputs of
+    `itemsize` bytes each. Packed tiles (measured: 64 x 256 and 64 x 128) get the persistent grid
+    and the pipelined loop described at _PROGRAMS_PER_SM; unpacked ones (R = 1: large P, or M > 32)
+    one program per row and no pipelining, like the one-row kernel. Under the interpreter a grid of
+    3 makes the tests run each program's loop over several blocks."""
+    if _INTERPRET:
+        return min(n_blocks, 3), 1
+    if pack == 1 or _PROGRAMS_PER_SM <= 0:
+        return n_blocks, 1
+    per_sm = _PROGRAMS_PER_SM if tile <= _SMALL_TILE else min(_PROGRAMS_PER_SM, 2)
+    stages = 1 if itemsize > 2 else max(1, min(_STAGES, _STAGE_BYTES // (tile * itemsize)))
+    return min(n_blocks, per_sm * _sm_count(str(device))), stages
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: str) -> int:
+    return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
 
 
 def _num_warps(tile: int) -> int:
@@ -364,18 +458,32 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: bool) -> torch.Tensor:
     xr, rows, d1, s0, s1 = _rows(x)
     if rows == 0:
         return out
-    dense = _dense_mode(m, m_pad, 1 << k)
-    if dense == 0:
-        table = out  # a dummy pointer, never read
-    elif dense == 1:
-        table = _dense_table(bases, m_pad, torch.float16 if x.dtype == torch.float16 else torch.bfloat16,
+    if d1 == rows:
+        # One leading dim: pass it as the outer one, so that D1 = 1, which Triton specialises on,
+        # and the kernels' per-row integer division by D1 disappears.
+        d1, s0, s1 = 1, s1, 0
+    p = 1 << k
+    dense = _dense_mode(m, m_pad, p)
+    if dense == 1:
+        pack, mp = _packing(m, p)
+        table = _dense_table(bases, pack, mp, torch.float16 if x.dtype == torch.float16 else torch.bfloat16,
                              False, str(x.device))
-    else:
-        table = _dense_table(bases, m_pad, torch.float32, True, str(x.device))
+        n_blocks = triton.cdiv(rows, pack)
+        grid, stages = _schedule(pack, n_blocks, mp * p, x.element_size(), x.device)
+        _hadamard_packed_kernel[(grid,)](
+            xr, table, scale, out,
+            rows, n_blocks, d1, s0, s1,
+            INV_SQRT_N=1.0 / math.sqrt(n), M=m, R=pack, MP=mp, P=p, LOG_P=k, QUANT=quant,
+            EMULATE_DOT=_INTERPRET, STAGES=stages,
+            num_warps=4 if pack > 1 else _num_warps(mp * p),
+        )
+        return out
+    # dense 0 (no dense factor) needs no table: out is a dummy pointer, never read.
+    table = out if dense == 0 else _dense_table(bases, 1, m_pad, torch.float32, True, str(x.device))
     _hadamard_kernel[(rows,)](
         xr, table, scale, out,
         d1, s0, s1, 1.0 / math.sqrt(n),
-        M=m, M_PAD=m_pad, P=1 << k, LOG_P=k, QUANT=quant, DENSE=dense, EMULATE_DOT=_INTERPRET,
+        M=m, M_PAD=m_pad, P=p, LOG_P=k, QUANT=quant, DENSE=dense,
         num_warps=_num_warps(m_pad << k),
     )
     return out

@@ -14,7 +14,8 @@
   Non-finite inputs give what the plain float64 expression gives (inf or NaN, as the hardware).
 * `quantize_rn(y, scale)`: `clamp(round_half_even(y / scale), -128, 127)` as int8, with `y / scale`
   the correctly rounded fp32 quotient (like `torch.ops.quamba.quantize`), from a reciprocal product
-  and one `fma_rn` correction (see its comments for why no division per element).
+  and one `fma_rn` correction (see its comments for why no division per element), for scales in
+  [2**-126, 2**120].
 
 Only the interpreter pays for the emulation (a handful of numpy operations per element); on CUDA
 the flag below is a compile-time constant and the kernels keep their single `fma.rn.f32`.
@@ -78,13 +79,21 @@ def quantize_rn(y, scale):
     # one FMA, and one correction step RN(q0 + residual * inv) is the correctly rounded quotient
     # (Markstein's theorem; checked bit for bit against IEEE division on 6.7e8 random pairs on
     # H100, and in the tests). Both steps need a single rounding: `fma_rn`, not `a * b + c`.
-    # Clamping q0 first keeps the correction finite when y / scale overflows (inf - inf = NaN);
-    # it cannot change a result, since any |quotient| >= 256 saturates anyway.
+    # Saturation happens on y, before the division, which saves clamping the quotient twice:
+    # y is clamped to [lo, hi] = [-128 * scale, RN(127 * scale)] (lo is exact). A y above hi has
+    # y / scale >= 127 * (1 - 2**-24) and must give 127; hi / scale lies within 127 * 2**-24 of 127
+    # and rounds to 127. Likewise below lo (-128, exactly). Inside [lo, hi] nothing changes, and
+    # the quotient's magnitude stays <= 128 * (1 + 2**-23), so the correction step never meets an
+    # overflow (inf - inf) and the rounding below needs no clamp. Valid for scales in
+    # [2**-126, 2**120], where 1 / scale and 128 * scale are finite (a calibrated int8 scale is
+    # absmax / 127; fp16 activations give at most 516).
     inv = tl.math.div_rn(1.0, scale)
-    q0 = tl.minimum(tl.maximum(y * inv, -256.0), 256.0)
+    lo = -128.0 * scale
+    hi = 127.0 * scale
+    y = tl.minimum(tl.maximum(y, lo), hi)
+    q0 = y * inv
     s = fma_rn(fma_rn(-q0, scale, y), inv, q0)
-    # Clamp, then round half to even by adding 1.5 * 2**23: the add leaves an fp32 whose ulp is 1,
-    # so the hardware's own round-to-nearest-even does the rounding and the low byte of the bits is
-    # the result (bits = 0x4B400000 + round(s)). Clamping first is exact: the bounds are integers.
-    s = tl.minimum(tl.maximum(s, -128.0), 127.0)
+    # Round half to even by adding 1.5 * 2**23: the add leaves an fp32 whose ulp is 1, so the
+    # hardware's own round-to-nearest-even does the rounding and the low byte of the bits is the
+    # result (bits = 0x4B400000 + round(s), round(s) in [-128, 127]).
     return (s + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
