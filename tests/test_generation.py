@@ -103,6 +103,17 @@ def test_use_cache_is_refused_with_a_warning(tiny_model):
     assert lm.generation_config.use_cache is False
 
 
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """The lowered ops' PyTorch references instead of interpreted Triton: these tests are about the
+    cache protocol, which is the same whichever implementation computes each op (the kernels have
+    their own tests against the references), and interpreting a decode step per token is slow."""
+    from quamba_fx.kernels import conv1d, gemm, hadamard, norm, scan
+
+    for module in (conv1d, gemm, hadamard, norm, scan):
+        monkeypatch.setattr(module, "_use_triton", lambda t: t.is_cuda)
+
+
 @pytest.fixture(scope="module")
 def lowered_lm(varied_model):
     calib = [torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
@@ -117,6 +128,7 @@ def graph_lengths(gm: torch.fx.GraphModule) -> tuple[list[int], object]:
     return lengths, handle
 
 
+@pytest.mark.usefixtures("reference_kernels")
 def test_lowered_graph_generates_from_the_ssm_cache(lowered_lm):
     ids = prompt()
     first = lowered_lm.generate(ids, do_sample=False, max_new_tokens=8, eos_token_id=None)
@@ -135,6 +147,7 @@ def test_lowered_graph_generates_from_the_ssm_cache(lowered_lm):
                                                   use_cache=False))
 
 
+@pytest.mark.usefixtures("reference_kernels")
 def test_cached_sampling_is_seeded(lowered_lm):
     kwargs = dict(do_sample=True, temperature=0.9, top_k=30, max_new_tokens=12, eos_token_id=None)
     runs = []
@@ -148,6 +161,7 @@ def test_cached_sampling_is_seeded(lowered_lm):
     dict(attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6]), pad_token_id=0),
     dict(num_beams=2),
 ], ids=["padded", "beams"])
+@pytest.mark.usefixtures("reference_kernels")
 def test_cache_is_skipped_where_it_cannot_serve(lowered_lm, kwargs):
     # A padded batch (the prefill graph has no mask) and beam search (which reorders rows) rerun
     # the full graph every step, and give what the uncached path gives.
@@ -161,6 +175,7 @@ def test_cache_is_skipped_where_it_cannot_serve(lowered_lm, kwargs):
                                                 **kwargs))
 
 
+@pytest.mark.usefixtures("reference_kernels")
 def test_forward_refuses_a_cache_outside_generate(lowered_lm):
     with pytest.raises(InputError, match="quamba_cache is generate's own"):
         lowered_lm(prompt(), quamba_cache=object())
