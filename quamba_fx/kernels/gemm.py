@@ -70,6 +70,11 @@ from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
+from . import gemm_tma
+from .gemm_epilogue import OUT_BF16 as _OUT_BF16
+from .gemm_epilogue import OUT_CAST as _OUT_CAST
+from .gemm_epilogue import OUT_INT8 as _OUT_INT8
+from .gemm_epilogue import epilogue
 from torch import Tensor
 
 from ..quant import qops  # noqa: F401  (registers torch.ops.quamba.int8_linear, the reference)
@@ -80,35 +85,18 @@ __all__ = ["int8_gemm", "int8_gemm_reference"]
 
 # Tuning is per power-of-two bucket of M, not per exact M: prefill lengths vary per request and
 # re-tuning each would dominate. Past a few thousand rows the best tile no longer changes.
-_M_BUCKET_CAP = 4096
+_M_BUCKET_CAP = 16384
+
+# From this M bucket on, problems TMA can address run the persistent kernel of gemm_tma.py.
+_TMA_MIN_M = 256
 
 # out_dtype -> the kernel's OUT_MODE. Other floating dtypes (fp64, fp8) go to the reference.
-_OUT_INT8, _OUT_BF16, _OUT_CAST = 0, 1, 2
 _OUT_MODES = {torch.int8: _OUT_INT8, torch.bfloat16: _OUT_BF16, torch.float16: _OUT_CAST, torch.float32: _OUT_CAST}
 
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _requant_int8(y, out_scale):
-    q = tl.math.div_rn(y, out_scale)
-    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-    # Adding 1.5 * 2**23 leaves an fp32 whose ulp is 1, so the add itself rounds q half-to-even
-    # and the bits become 0x4B400000 + round(q), whose low byte is round(q) as int8: the cast
-    # truncates. Same on the GPU and in the interpreter, no dependence on a backend's rint.
-    return (q + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
-
-
-@triton.jit
-def _f32_to_bf16_rne(y):
-    # Round to nearest even on the bits: add 0x7FFF plus the lowest kept bit, keep the top half.
-    # A carry into the exponent is the correct rounding (up to inf past bf16's max).
-    b = y.to(tl.uint32, bitcast=True)
-    b = b + 0x7FFF + ((b >> 16) & 1)
-    return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -252,33 +240,11 @@ def _int8_gemm_jit(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    # Epilogue, in the contract's order. Scales are loaded here (not passed as floats) so that
-    # in-place updates take effect; `cols` keeps the loads in bounds without masks.
-    a32 = acc.to(tl.float32)
-    x_scale = tl.load(x_scale_ptr)
-    if W_PER_CHANNEL:
-        s = x_scale * tl.load(w_scale_ptr + cols)
-        y = a32 * s[None, :]
-    else:
-        s = x_scale * tl.load(w_scale_ptr)
-        y = a32 * s
-    if HAS_BIAS:
-        # `y` is its own statement above, and the kernel is compiled without fp fusion: the
-        # multiply rounds before the add, as in the reference.
-        y = y + tl.load(bias_ptr + cols)[None, :]
-
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    if OUT_MODE == 0:
-        if OUT_PER_CHANNEL:
-            q = _requant_int8(y, tl.load(out_scale_ptr + cols)[None, :])
-        else:
-            q = _requant_int8(y, tl.load(out_scale_ptr))
-        tl.store(out_ptrs, q, mask=mask)
-    elif OUT_MODE == 1:
-        tl.store(out_ptrs, _f32_to_bf16_rne(y), mask=mask)
-    else:
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
+                   W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
+    tl.store(out_ptrs, out, mask=mask)
 
 
 def _even_k(args: dict) -> bool:
@@ -446,17 +412,26 @@ def int8_gemm(
 
     w_per_channel = ws.numel() > 1
     out_per_channel = os_ is not None and os_.numel() > 1
+    flags = dict(W_PER_CHANNEL=w_per_channel, HAS_BIAS=b is not None, OUT_MODE=out_mode,
+                 OUT_PER_CHANNEL=out_per_channel)
+    # Unused pointers get a valid placeholder (x_scale): the kernels never read them.
+    b_arg = b if b is not None else xs
+    os_arg = os_ if os_ is not None else xs
+    out2 = out.view(m, n)
+
+    if m_bucket >= _TMA_MIN_M and gemm_tma.supported(x2, w, out2):
+        gemm_tma.launch((x2, w, xs, ws, b_arg, os_arg, out2), m, n, k, m_bucket, flags)
+        return out
 
     def grid(meta):
         return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
 
     _launch(
         grid,
-        (x2, w, xs, ws, b if b is not None else xs, os_ if os_ is not None else xs, out,
-         m, n, k, m_bucket, x2.stride(0), w.stride(0), n),
+        (x2, w, xs, ws, b_arg, os_arg, out, m, n, k, m_bucket, x2.stride(0), w.stride(0), n),
         (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device),
         k,
-        W_PER_CHANNEL=w_per_channel, HAS_BIAS=b is not None, OUT_MODE=out_mode, OUT_PER_CHANNEL=out_per_channel,
+        **flags,
         # Keeps `a * s + bias` two roundings on the GPU (see the module docstring).
         enable_fp_fusion=False,
     )
