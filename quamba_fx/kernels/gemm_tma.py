@@ -56,20 +56,19 @@ _PREFILL = [
     TmaConfig(256, 128, 128, 8, 3, 8, split=True),
     TmaConfig(128, 128, 128, 8, 4, 8),
     TmaConfig(128, 128, 128, 8, 4, 4),
-    # Short K (dt_proj, K = 160) is epilogue-bound: more programs per SM overlap one's epilogue
-    # with another's loads and MMAs.
-    TmaConfig(128, 128, 64, 8, 3, 8, per_sm=2),
-    TmaConfig(128, 128, 32, 8, 4, 4, per_sm=2),
-    TmaConfig(128, 256, 64, 8, 3, 8, split=True),
-    # Narrow N, long K (x_proj: N = 192, K = 5120): memory-bound on x; small M tiles give enough
-    # programs at M = 2048.
     TmaConfig(64, 256, 128, 8, 4, 8),
-    TmaConfig(64, 128, 128, 8, 4, 4),
+    # Short K (dt_proj, K = 160) is epilogue-bound: two programs per SM overlap one's epilogue
+    # with the other's loads and MMAs.
+    TmaConfig(128, 128, 32, 8, 4, 4, per_sm=2),
+    # Narrow N, long K (x_proj: N = 192, K = 5120): small tiles give enough programs at M = 2048.
     TmaConfig(64, 64, 128, 8, 6, 4, per_sm=2),
 ]
-# The interpreter runs one small tile, and few programs, so that tests walk several tiles per
-# program (the persistent loop), ragged edges and K tails.
+# The interpreter runs one config: a small tile, and few programs, so that tests walk several
+# tiles per program (the persistent loop), ragged edges and K tails; model-sized problems (a
+# lowered model's prefill in the interpreter) a wide one, since the interpreter pays per
+# operation, not per element.
 _INTERPRETER_CONFIG = TmaConfig(16, 32, 32, 2, 1, 1)
+_INTERPRETER_WIDE_CONFIG = TmaConfig(64, 64, 64, 2, 1, 1)
 _INTERPRETER_PROGRAMS = 3
 
 _SMEM_LIMIT = 227 * 1024 - 2048  # H100 / H200 per-block limit, less barriers and slack
@@ -88,7 +87,7 @@ def _smem_bytes(c: TmaConfig, out_bytes: int) -> int:
 def candidates(n: int, k: int, out_bytes: int) -> List[TmaConfig]:
     """The configs to time for an `[N, K]` weight and `out_bytes`-wide outputs."""
     if INTERPRET:
-        return [_INTERPRETER_CONFIG]
+        return [_INTERPRETER_WIDE_CONFIG if min(n, k) >= 128 else _INTERPRETER_CONFIG]
     return _clip_candidates(_PREFILL, n, k, out_bytes)
 
 
@@ -231,12 +230,21 @@ def launch_config(c: TmaConfig, tensors: Tuple, m: int, n: int, k: int, flags: D
     _int8_gemm_tma_jit[(grid,)](*args, **kwargs)
 
 
-def _time_ms(fn) -> float:
+def gpu_time_ms(fn) -> float:
+    """GPU time of one call of `fn`, replayed from a CUDA graph: a prefill-sized kernel can take
+    less time than its host launch, which plain event timing would measure instead."""
+    # do_bench_cudagraph runs `fn` on a stream of its own, which does not wait for the caller's:
+    # without this, the timed launches can run while earlier work on the caller's stream still
+    # uses the memory `fn`'s output was just allocated from (seen: a reference computed before the
+    # first call came out corrupted).
+    torch.cuda.synchronize()
     try:
         fn()  # compiles if the parallel precompile did not
-        return float(triton.testing.do_bench(fn, return_mode="median"))
+        return float(triton.testing.do_bench_cudagraph(fn, rep=10, return_mode="median"))
     except triton.runtime.errors.OutOfResources:
         return float("inf")  # e.g. a tile the device's shared memory cannot hold
+    finally:
+        torch.cuda.synchronize()
 
 
 # (N, K, M bucket, out dtype, flags, device) -> the config timed fastest.
@@ -251,7 +259,7 @@ def _tune(cands: List[TmaConfig], tensors: Tuple, m: int, n: int, k: int, flags:
         args, kwargs, _ = _call(c, tensors, m, n, k, flags)
         calls.append((args, kwargs))
     precompile_calls(_int8_gemm_tma_jit, calls)
-    times = {c: _time_ms(lambda c=c: launch_config(c, tensors, m, n, k, flags)) for c in cands}
+    times = {c: gpu_time_ms(lambda c=c: launch_config(c, tensors, m, n, k, flags)) for c in cands}
     best = min(times, key=times.get)
     if times[best] == float("inf"):
         raise RuntimeError(f"int8_gemm: no TMA config fits this device for N={n}, K={k}")
