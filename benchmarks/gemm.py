@@ -291,6 +291,13 @@ def _check_ok(r: Dict) -> bool:
     return c["max_abs_diff"] <= 1 if c["int8"] else c["max_rel_diff"] <= 1e-5
 
 
+def _before_text(r: Dict, fp16_ms: Optional[float]) -> str:
+    before_ms = r["ms"].get("before graph")
+    if not before_ms or not fp16_ms:
+        return ""
+    return f" | before {_tops(r, before_ms)} TOP/s {fp16_ms / before_ms:.2f}x fp16"
+
+
 def _print_table(results: List[Dict]) -> None:
     print("Eager: the Python call as a model makes it (host launch cost included, visible at small M).")
     print("Graph: replayed from a CUDA graph, the kernel's GPU time; TOP/s and 'x fp16 gr' use it.\n")
@@ -311,7 +318,7 @@ def _print_table(results: List[Dict]) -> None:
               f"{_fmt_ms(og):>8} {_fmt_ms(fg):>8} {_fmt_ms(ig):>9} | "
               f"{_tops(r, og or ours):>10} {_tops(r, fg or fp16):>9} {_tops(r, ig):>7} | {speed} {speed_g} | "
               f"{status} {c['n_diff']}/{c['numel']} differ (max {c['max_abs_diff']:g}) out {r['out']}"
-              + (f" | before {_tops(r, bg)} TOP/s {fg / bg:.2f}x fp16" if (bg := ms.get("before graph")) and fg else ""))
+              + _before_text(r, fg))
 
 
 def _print_variants(results: List[Dict]) -> None:
@@ -322,7 +329,8 @@ def _print_variants(results: List[Dict]) -> None:
         if not rows:
             continue
         fg = r["ms"].get("fp16 graph")
-        print(f"{r['name']} M={r['M']} (out {r['out']}; fp16 {_fmt_ms(fg)} ms, ours {_fmt_ms(r['ms'].get('ours graph'))} ms)")
+        ours = _fmt_ms(r["ms"].get("ours graph"))
+        print(f"{r['name']} M={r['M']} (out {r['out']}; fp16 {_fmt_ms(fg)} ms, ours {ours} ms)")
         for vname, ms in sorted(rows, key=lambda kv: kv[1] if kv[1] else float("inf")):
             c = r["variant_checks"].get(vname)
             exact = "exact" if c and c["n_diff"] == 0 else (f"{c['n_diff']} differ" if c else "failed")

@@ -13,8 +13,11 @@ Same numerics and epilogue as gemm.py's kernel (`gemm_epilogue.epilogue`); diffe
   half the shared memory for the store's staging tile.
 
 TMA needs 16-byte aligned bases and row strides (`supported`); other layouts stay on gemm.py's
-kernel. Tiles are tuned here per (N, K, M bucket, flags) by timing each candidate (`_tune`), and
-the winner is recorded: later calls only build three descriptors and launch.
+kernel. Tiles are tuned here per (N, K, M bucket, flags) by timing each candidate from CUDA-graph
+replays (`_tune`: a short prefill kernel takes less time than its host launch, which plain event
+timing would measure), and the winner is recorded: later calls only build three descriptors and
+launch. `warp_specialize` is kept as a knob for newer Tritons; Triton 3.6 does not apply it to
+this loop on sm_90 (same registers and shared memory), so no candidate sets it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ __all__ = ["TmaConfig", "candidates", "launch", "launch_config", "supported"]
 
 
 class TmaConfig(NamedTuple):
+    """One tile config: block sizes, GROUP_M, pipeline stages, warps, and the loop options."""
+
     block_m: int
     block_n: int
     block_k: int
