@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -53,8 +53,13 @@ def precompile(jit_fn: Any, args: Sequence[Any], variants: Iterable[Dict[str, An
     (`QUAMBA_FX_PARALLEL_COMPILE=0`), interpreted, or a compile fails, the autotuner compiles
     whatever is not cached yet itself, as it would without this call.
     """
-    variants = list(variants)
-    if INTERPRET or not PARALLEL_COMPILE or len(variants) < 2:
+    precompile_calls(jit_fn, [(args, kwargs) for kwargs in variants])
+
+
+def precompile_calls(jit_fn: Any, calls: Sequence[Tuple[Sequence[Any], Dict[str, Any]]]) -> None:
+    """`precompile` where each variant has its own positional arguments too (`(args, kwargs)`
+    pairs): e.g. TMA descriptors, whose block shape is part of the compiled signature."""
+    if INTERPRET or not PARALLEL_COMPILE or len(calls) < 2:
         return
     try:
         from triton.runtime._async_compile import AsyncCompileMode
@@ -66,7 +71,7 @@ def precompile(jit_fn: Any, args: Sequence[Any], variants: Iterable[Dict[str, An
                                    thread_name_prefix="quamba-fx-compile")
     try:
         with AsyncCompileMode(_pool):
-            for kwargs in variants:
+            for args, kwargs in calls:
                 jit_fn.warmup(*args, grid=(1,), **kwargs)
     except Exception as exc:  # noqa: BLE001 - the sequential compile below reports real errors
         warnings.warn(f"quamba_fx: parallel precompile of {getattr(jit_fn, '__name__', jit_fn)} failed "

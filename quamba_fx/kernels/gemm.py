@@ -12,44 +12,50 @@ For each output element (m, n):
 2. `a = fp32(acc)`, round to nearest even (`cvt.rn.f32.s32` on the GPU).
 3. `s = x_scale * w_scale[n]`, one fp32 multiply (w_scale per channel or per tensor).
 4. `y = a * s`, then `y = y + bias[n]`: two roundings, not an FMA.
-5. int8 output (`out_scale` given): `q = round_half_even(clamp(y / out_scale, -128, 127))`, the
-   division IEEE (`tl.math.div_rn`), the rounding by the 1.5 * 2**23 float-bit trick (as in
-   conv1d.py). Otherwise `y` cast to `out_dtype` with round-to-nearest-even: fp32 as is, fp16 by the
-   native conversion, bf16 by an integer rounding of the fp32 bits (the interpreter's own
-   fp32 -> bf16 cast truncates, and its "rtne" mode rounds ties away from zero; the bit trick is
-   exact on both, and costs a few integer ops per output, nothing next to the GEMM).
+5. int8 output (`out_scale` given): `q = round_half_even(clamp(y / out_scale, -128, 127))` with
+   the IEEE quotient. Otherwise `y` cast to `out_dtype` with round-to-nearest-even: fp32 as is,
+   fp16 by the native conversion, bf16 by an integer rounding of the fp32 bits (the interpreter's
+   own fp32 -> bf16 cast truncates, and its "rtne" mode rounds ties away from zero).
    Non-finite scales, NaN bias, and NaN results are outside the contract.
 
-Every step is a single correctly rounded fp32 operation, so under TRITON_INTERPRET=1 (numpy) the
-kernel is bit-exact with int8_linear for every output dtype. On CUDA it is compiled with
-`enable_fp_fusion=False`, which stops LLVM / ptxas from contracting step 4 into an FMA (the GEMM
-itself is integer, so nothing else is affected), and `div_rn` is IEEE there too: the kernel is
-bit-exact on GPUs as well (seen on H100 and H200 with Triton 3.6: every Mamba shape of
-benchmarks/gemm.py and the CUDA tests), though the tests only require int8 outputs to be within one
-step there (the documented tolerance for our kernels) and floats to be close.
+How the kernels (both share `gemm_epilogue.epilogue`) keep it bit for bit: steps 2-4 are single
+fp32 operations, compiled with `enable_fp_fusion=False` so step 4 is not contracted into an FMA
+(the GEMM itself is integer, so nothing else is affected). Step 5 does no division per value:
+y and out_scale are first multiplied by the power of two that brings out_scale to [1, 2) (exact,
+and the quotient is unchanged), then `rounding.quantize_rn` forms the quotient from the
+reciprocal and one FMA correction (correctly rounded by Markstein's theorem), and rounds by the
+1.5 * 2**23 float-bit trick. Under TRITON_INTERPRET=1 the FMA is emulated exactly, so the tests
+there compare bit for bit, also at near-ties and extreme scales; on CUDA the tests allow one int8
+step (the documented tolerance for our kernels) and benchmarks/gemm.py checks every output of the
+Mamba shapes bit for bit.
 
-The exact division has a price on short-K problems, whose time is mostly epilogue: on H100,
-2.8b's dt_proj (K = 160) at 16384 tokens took 0.137 ms with `div_rn` against 0.099 ms with a
-multiplication by `1 / out_scale` (which could move a value at a .5 boundary by one step).
+Scales and bias are read from memory by the kernels, so updating a scale buffer in place changes
+the next call without recompiling or re-tuning.
 
-Scales and bias are read from memory by the kernel, so updating a scale buffer in place changes the
-next call without recompiling or re-tuning.
-
-Performance design (H100)
--------------------------
+Design
+------
 Both operands are K-contiguous (x `[M, K]` rows, w in nn.Linear's `[N, K]` layout): Hopper's int8
 wgmma only takes K-major operands, so the weight tile is loaded as `[BLOCK_N, BLOCK_K]` and handed
-to `tl.dot` through `tl.trans`, which Triton lowers to a K-major shared-memory view, not a shuffle.
-Programs are numbered along a GROUP_M-swizzled order so that consecutive programs share weight
-columns in L2. Out-of-range rows and columns are clamped (`% M`, `% N`) instead of masked, so the
-main loop only masks K, and not at all when K % BLOCK_K == 0 (EVEN_K). Tiles are autotuned per
-(N, K, M bucket) with the bucket = next_power_of_2(M) capped at 4096, from three config families:
-decode (M <= 16; BLOCK_M = 16, wide BLOCK_K to stream the weight like a GEMV), small batches
-(M <= 128) and prefill. Configs are clipped to the problem (BLOCK_N <= next_pow2(N), BLOCK_K <=
-next_pow2(K), num_stages <= number of K tiles) before tuning, so x_proj (N = 80 / 192) and dt_proj
-(K = 48 / 160) neither waste tiles nor hold shared memory for pipeline stages they cannot use.
-Once a problem is tuned, its config is recorded and later calls launch the bare JIT function
-(`_launch`), skipping the autotuner's per-call Python.
+to `tl.dot` transposed, which Triton lowers to a K-major shared-memory view, not a shuffle. Tiles
+are numbered in a GROUP_M-swizzled order so that programs running together share weight columns
+in L2. Two kernels, chosen per call:
+
+* prefill (M bucket >= `_TMA_MIN_M`) with 16-byte aligned row strides and bases: the persistent
+  TMA kernel of gemm_tma.py (descriptors for x, w and the output, one program per SM walking
+  tiles, the next tile's loads overlapping this tile's epilogue; see there), unless the pointer
+  kernel timed faster on the problem's first call (both tuned, then compared by CUDA-graph
+  replays; on an H200 the pointer kernel keeps out_proj at 2048 rows and x_proj / dt_proj at 2048
+  are a tie).
+* everything else (decode, small batches, unaligned layouts): the pointer kernel here. Rows and
+  columns past the edges are wrapped (`% M`, `% N`) instead of masked, so the main loop only masks
+  K, and not at all when K % BLOCK_K == 0 (EVEN_K). Tiles are autotuned from three families:
+  decode (M <= 16; BLOCK_M = 16, wide BLOCK_K to stream the weight like a GEMV), small batches
+  (M <= 128) and prefill, clipped to the problem (BLOCK_N <= next_pow2(N), BLOCK_K <=
+  next_pow2(K), num_stages <= number of K tiles).
+
+Both tune per (N, K, M bucket), the bucket = next_power_of_2(M) capped at `_M_BUCKET_CAP`, and
+record the winner: later calls launch the bare JIT function, skipping the autotuner's Python.
+Measured speeds are in docs/benchmarks.md ("int8 GEMM").
 
 Layouts: `x_q` is `[..., K]` with unit stride along K; leading dims that merge into one row stride
 (e.g. `x[..., :rank]`, a slice of a wider row) are read in place, others are copied once. `w_q` is
@@ -70,6 +76,11 @@ from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
+from . import gemm_tma
+from .gemm_epilogue import OUT_BF16 as _OUT_BF16
+from .gemm_epilogue import OUT_CAST as _OUT_CAST
+from .gemm_epilogue import OUT_INT8 as _OUT_INT8
+from .gemm_epilogue import epilogue
 from torch import Tensor
 
 from ..quant import qops  # noqa: F401  (registers torch.ops.quamba.int8_linear, the reference)
@@ -79,36 +90,20 @@ __all__ = ["int8_gemm", "int8_gemm_reference"]
 
 
 # Tuning is per power-of-two bucket of M, not per exact M: prefill lengths vary per request and
-# re-tuning each would dominate. Past a few thousand rows the best tile no longer changes.
-_M_BUCKET_CAP = 4096
+# re-tuning each would dominate. The cap lets 8 x 2048-token prefill tune apart from 2048 tokens:
+# on an H200 their best tiles differ (out_proj: 128x128 at 2048 rows, 128x256 at 16384).
+_M_BUCKET_CAP = 16384
+
+# From this M bucket on, problems TMA can address run the persistent kernel of gemm_tma.py.
+_TMA_MIN_M = 256
 
 # out_dtype -> the kernel's OUT_MODE. Other floating dtypes (fp64, fp8) go to the reference.
-_OUT_INT8, _OUT_BF16, _OUT_CAST = 0, 1, 2
 _OUT_MODES = {torch.int8: _OUT_INT8, torch.bfloat16: _OUT_BF16, torch.float16: _OUT_CAST, torch.float32: _OUT_CAST}
 
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _requant_int8(y, out_scale):
-    q = tl.math.div_rn(y, out_scale)
-    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
-    # Adding 1.5 * 2**23 leaves an fp32 whose ulp is 1, so the add itself rounds q half-to-even
-    # and the bits become 0x4B400000 + round(q), whose low byte is round(q) as int8: the cast
-    # truncates. Same on the GPU and in the interpreter, no dependence on a backend's rint.
-    return (q + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
-
-
-@triton.jit
-def _f32_to_bf16_rne(y):
-    # Round to nearest even on the bits: add 0x7FFF plus the lowest kept bit, keep the top half.
-    # A carry into the exponent is the correct rounding (up to inf past bf16's max).
-    b = y.to(tl.uint32, bitcast=True)
-    b = b + 0x7FFF + ((b >> 16) & 1)
-    return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -252,33 +247,24 @@ def _int8_gemm_jit(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    # Epilogue, in the contract's order. Scales are loaded here (not passed as floats) so that
-    # in-place updates take effect; `cols` keeps the loads in bounds without masks.
-    a32 = acc.to(tl.float32)
-    x_scale = tl.load(x_scale_ptr)
-    if W_PER_CHANNEL:
-        s = x_scale * tl.load(w_scale_ptr + cols)
-        y = a32 * s[None, :]
-    else:
-        s = x_scale * tl.load(w_scale_ptr)
-        y = a32 * s
-    if HAS_BIAS:
-        # `y` is its own statement above, and the kernel is compiled without fp fusion: the
-        # multiply rounds before the add, as in the reference.
-        y = y + tl.load(bias_ptr + cols)[None, :]
-
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    if OUT_MODE == 0:
-        if OUT_PER_CHANNEL:
-            q = _requant_int8(y, tl.load(out_scale_ptr + cols)[None, :])
-        else:
-            q = _requant_int8(y, tl.load(out_scale_ptr))
-        tl.store(out_ptrs, q, mask=mask)
-    elif OUT_MODE == 1:
-        tl.store(out_ptrs, _f32_to_bf16_rne(y), mask=mask)
-    else:
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
+                   W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
+    tl.store(out_ptrs, out, mask=mask)
+
+
+# Prefill problems TMA can address: (problem key) -> whether the tuned TMA kernel beat the tuned
+# pointer kernel (it mostly does; not e.g. on out_proj at 2048 rows on an H200).
+_PREFILL_USES_TMA: dict = {}
+
+
+def _tma_is_faster(tma, pointer) -> bool:
+    """Tune both kernels (each call tunes on first sight) and compare their GPU times. Under the
+    interpreter there is nothing to time: the TMA kernel, which the tests are there to check."""
+    if _INTERPRET:
+        return True
+    return gemm_tma.gpu_time_ms(tma) <= gemm_tma.gpu_time_ms(pointer)
 
 
 def _even_k(args: dict) -> bool:
@@ -446,18 +432,36 @@ def int8_gemm(
 
     w_per_channel = ws.numel() > 1
     out_per_channel = os_ is not None and os_.numel() > 1
+    flags = dict(W_PER_CHANNEL=w_per_channel, HAS_BIAS=b is not None, OUT_MODE=out_mode,
+                 OUT_PER_CHANNEL=out_per_channel)
+    # Unused pointers get a valid placeholder (x_scale): the kernels never read them.
+    b_arg = b if b is not None else xs
+    os_arg = os_ if os_ is not None else xs
+    out2 = out.view(m, n)
 
     def grid(meta):
         return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
 
-    _launch(
-        grid,
-        (x2, w, xs, ws, b if b is not None else xs, os_ if os_ is not None else xs, out,
-         m, n, k, m_bucket, x2.stride(0), w.stride(0), n),
-        (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device),
-        k,
-        W_PER_CHANNEL=w_per_channel, HAS_BIAS=b is not None, OUT_MODE=out_mode, OUT_PER_CHANNEL=out_per_channel,
-        # Keeps `a * s + bias` two roundings on the GPU (see the module docstring).
-        enable_fp_fusion=False,
-    )
+    def pointer_kernel() -> None:
+        _launch(
+            grid,
+            (x2, w, xs, ws, b_arg, os_arg, out, m, n, k, m_bucket, x2.stride(0), w.stride(0), n),
+            (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device),
+            k,
+            **flags,
+            # Keeps `a * s + bias` two roundings on the GPU (see the module docstring).
+            enable_fp_fusion=False,
+        )
+
+    if m_bucket >= _TMA_MIN_M and gemm_tma.supported(x2, w, out2):
+        tensors = (x2, w, xs, ws, b_arg, os_arg, out2)
+        key = (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device)
+        use_tma = _PREFILL_USES_TMA.get(key)
+        if use_tma is None:
+            use_tma = _PREFILL_USES_TMA[key] = _tma_is_faster(
+                lambda: gemm_tma.launch(tensors, m, n, k, m_bucket, flags), pointer_kernel)
+        if use_tma:
+            gemm_tma.launch(tensors, m, n, k, m_bucket, flags)
+            return out
+    pointer_kernel()
     return out

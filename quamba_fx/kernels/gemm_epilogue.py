@@ -1,0 +1,73 @@
+"""The W8A8 GEMM epilogue shared by both GEMM kernels (gemm.py, gemm_tma.py): int32 accumulator
+tile -> dequantize -> bias -> requantize / cast, in the order gemm.py's numerical contract fixes.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .rounding import quantize_rn
+
+__all__ = ["epilogue"]
+
+# out_dtype -> the kernels' OUT_MODE.
+OUT_INT8, OUT_BF16, OUT_CAST = 0, 1, 2
+
+
+@triton.jit
+def _requant_int8(y, out_scale):
+    """`round_half_even(clamp(y / out_scale, -128, 127))` with the IEEE quotient, for any finite
+    out_scale (a scalar or a `[1, BN]` row)."""
+    # `div_rn` costs ~10 instructions a value plus a range check, most of the epilogue and so most
+    # of a short-K GEMM's time; `quantize_rn` (reciprocal product + one exact FMA correction) gives
+    # the same bits in ~5, provided its residual is exact, which needs a scale far from fp32's
+    # limits. So both sides are first multiplied by p = 2**(127 - exponent(out_scale)), clamped to
+    # 2**+-126: the scale lands in [1, 2) (or [2**-23, 4) at the extremes), the quotient is
+    # unchanged, and y * p is exact or, where it over- or underflows, the quotient saturates or
+    # rounds to 0 either way. One multiply a value, no branch (an if/else around a division
+    # fallback made the 128x256 tiles spill).
+    e = (out_scale.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    shift = tl.minimum(tl.maximum(127 - e, -126), 126)
+    p = ((shift + 127) << 23).to(tl.float32, bitcast=True)
+    return quantize_rn(y * p, out_scale * p)
+
+
+@triton.jit
+def _f32_to_bf16_rne(y):
+    # Round to nearest even on the bits: add 0x7FFF plus the lowest kept bit, keep the top half.
+    # A carry into the exponent is the correct rounding (up to inf past bf16's max).
+    b = y.to(tl.uint32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, OUT_TY: tl.constexpr,
+             W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
+             OUT_PER_CHANNEL: tl.constexpr):
+    """`acc [BM, BN]` int32 -> the output tile in OUT_TY. `cols` are in-range column indices (the
+    callers wrap columns past N onto valid ones and never store those), so the loads need no mask.
+    Scales are read here, not passed as floats, so in-place updates take effect."""
+    a32 = acc.to(tl.float32)
+    x_scale = tl.load(x_scale_ptr)
+    if W_PER_CHANNEL:
+        s = x_scale * tl.load(w_scale_ptr + cols)
+        y = a32 * s[None, :]
+    else:
+        s = x_scale * tl.load(w_scale_ptr)
+        y = a32 * s
+    if HAS_BIAS:
+        # `y` is its own statement above, and the kernels are compiled without fp fusion: the
+        # multiply rounds before the add, as in the reference.
+        y = y + tl.load(bias_ptr + cols)[None, :]
+    if OUT_MODE == 0:
+        if OUT_PER_CHANNEL:
+            out = _requant_int8(y, tl.load(out_scale_ptr + cols)[None, :])
+        else:
+            out = _requant_int8(y, tl.load(out_scale_ptr))
+    elif OUT_MODE == 1:
+        out = _f32_to_bf16_rne(y)
+    else:
+        out = y.to(OUT_TY)
+    return out
