@@ -150,6 +150,19 @@ def test_packing_fills_the_tensor_core_tile():
     assert hadamard._packing(20, 1024) == (1, 32)  # 3 rows would exceed _PACKED_MAX_TILE
 
 
+def test_calls_with_fewer_rows_than_a_packed_tile_use_one_row_tiles():
+    """A decode step (1-2 rows) would transform mostly padding in a packed tile."""
+    assert hadamard._packing_for(1, 20, 32, 256) == (1, 32)
+    assert hadamard._packing_for(2, 20, 32, 256) == (1, 32)
+    assert hadamard._packing_for(3, 20, 32, 256) == (3, 64)
+    assert hadamard._packing_for(16384, 12, 16, 128) == (5, 64)
+    x = torch.randn(1, 1, 5120, dtype=torch.float16, generator=torch.Generator().manual_seed(0))
+    scale = torch.tensor(0.05)
+    got = hadamard.hadamard_quantize(x, scale)
+    want = hadamard.hadamard_quantize_reference(x, scale)
+    assert (got.int() - want.int()).abs().max() <= 1
+
+
 def test_schedule_of_the_packed_kernel(monkeypatch):
     """Grid and pipelining depth on CUDA (the interpreter always uses 3 programs, 1 stage)."""
     monkeypatch.setattr(hadamard, "_INTERPRET", False)

@@ -357,6 +357,17 @@ def _packing(m: int, p: int) -> Tuple[int, int]:
     return best
 
 
+def _packing_for(rows: int, m: int, m_pad: int, p: int) -> Tuple[int, int]:
+    """`_packing(m, p)`, or one row per tile when a call has fewer rows than a packed tile holds."""
+    pack, mp = _packing(m, p)
+    if rows < pack:
+        # Decode steps (a row or two a call): a packed tile would mostly transform padding. The
+        # 2.8b decode step's 64 calls took 0.304 ms packed against 0.198 ms with one row per tile
+        # before packing (H200, benchmarks/reference.py, docs/benchmarks.md).
+        return 1, m_pad
+    return pack, mp
+
+
 def _schedule(pack: int, n_blocks: int, tile: int, itemsize: int, device: torch.device) -> Tuple[int, int]:
     """`(grid, stages)` of the packed kernel for `n_blocks` blocks of `pack` rows, `tile` inputs of
     `itemsize` bytes each. Packed tiles (measured: 64 x 256 and 64 x 128) get the persistent grid
@@ -465,7 +476,7 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: bool) -> torch.Tensor:
     p = 1 << k
     dense = _dense_mode(m, m_pad, p)
     if dense == 1:
-        pack, mp = _packing(m, p)
+        pack, mp = _packing_for(rows, m, m_pad, p)
         table = _dense_table(bases, pack, mp, torch.float16 if x.dtype == torch.float16 else torch.bfloat16,
                              False, str(x.device))
         n_blocks = triton.cdiv(rows, pack)
