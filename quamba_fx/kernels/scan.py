@@ -62,15 +62,6 @@ So the tolerance of the tests (1e-4 of the magnitude of the summed terms, module
 chunked and unchunked prefill alike; bit-exactness holds only within one chunk (the interpreter's
 chunks are INTERPRET_CHUNK_LEN = 16 steps, so the decode-chain test, L <= 16, stays bit-exact).
 
-Performance (H200, Triton 3.6, int8 inputs in the graph layout, CUDA-graph replays, L2 flushed;
-benchmarks/scan.py): 1 x 5120 x 2048 0.209 ms (one chunk: 0.63 ms), 1 x 1536 x 2048 0.079 ms
-(0.56 ms), 8 x 5120 x 2048 1.164 ms in one chunk (chunks of 64-128 steps: 1.39-1.49 ms, since
-passes 1 and 3 together do about 1.6x the work of one pass). The autotuner picked the
-[NS, BLOCK_D] layout described below, BLOCK_D 128 / 4 warps for pass 3 and 32 / 1 warp for pass 1,
-on every shape; a layout with each channel's states inside one thread (B and C loaded as
-[NS, BLOCK_D] tiles) cost ~430 instructions per channel-step against ~290, because every thread
-converts all of B and C, and lost on all three shapes (0.29 / 0.095 / 1.64 ms).
-
 Kernel design (d_inner 5120, d_state 16, L 2048)
 ------------------------------------------------
 A program owns `BLOCK_D` channels of one sequence (and one chunk) and keeps their
@@ -84,15 +75,13 @@ Scales, A, D and delta_bias are loaded once per program; int8 is converted with 
 tricks rather than the slow I2F unit (every thread converts its part of B and C). The decode
 kernel is one program per (batch, channel block): one step, state updated in place.
 
-Measured on H100 before chunking (one chunk): with one step per iteration the best configs ran
-1.03 ms (batch 1) and 1.32 ms (batch 8); two steps per iteration ran 0.59 ms (batch 1, BLOCK_D 16,
-1 warp) and 1.15 ms (batch 8, BLOCK_D 128, 4 warps). Loading 2-4 steps ahead into registers, or
-prefetching 16-32 steps ahead into L2, did not help. Triton chooses the tile's register layout
-itself; in the configs inspected it spread d_state over threads (following the d_state-contiguous
-accesses to A, B and C), so each step reduces over d_state with shuffles and moves dt, dt*u and y
-through shared memory. The autotuner picks BLOCK_D, num_warps and UNROLL per (d_inner, d_state,
-batch bucket, chunk length, pass); after a key's first call the launch goes straight to the JIT
-function.
+Triton chooses the tile's register layout itself; in the configs inspected it spread d_state over
+threads (following the d_state-contiguous accesses to A, B and C), so each step reduces over
+d_state with shuffles and moves dt, dt*u and y through shared memory. The autotuner picks BLOCK_D,
+num_warps and UNROLL per (d_inner, d_state, batch bucket, chunk length, pass); after a key's first
+call the launch goes straight to the JIT function. The per-channel vectors take the layout of the
+per-channel loads that feed them, which is why the kernels always load a dt bias
+(`_bias_or_zeros`). Timings and the variants tried: docs/benchmarks.md.
 
 Layouts: every input may have any strides. The output `y` is allocated as `[batch, L, d_inner]`
 contiguous and returned transposed (`[batch, d_inner, L]` view), the layout out_proj's GEMM reads.
