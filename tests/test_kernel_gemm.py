@@ -279,10 +279,15 @@ def test_near_ties_follow_the_contract(use_kernel, per_channel):
     division. Compared with the contract computed here in numpy, not with the reference code."""
     y, osv, want, flips = _near_tie_outputs([0.3, 0.0123, 1.7] if per_channel else [0.1])
     assert flips.sum() >= 20, "the search should find division-sensitive values"
+    _check_near_ties(use_kernel, per_channel, y, osv, want, seed=6)
+
+
+def _check_near_ties(use_kernel: bool, per_channel: bool, y, osv, want, seed: int) -> None:
+    """int8_gemm (or its reference) with zero weights, so that its output is requantize(bias)."""
     device = DEVICE if use_kernel else "cpu"
     fn = int8_gemm if use_kernel else int8_gemm_reference
     N = y.size
-    x = torch.randint(-128, 128, (2, 3), dtype=torch.int8, generator=torch.Generator().manual_seed(6)).to(device)
+    x = torch.randint(-128, 128, (2, 3), dtype=torch.int8, generator=torch.Generator().manual_seed(seed)).to(device)
     w = torch.zeros(N, 3, dtype=torch.int8, device=device)
     out_scale = torch.from_numpy(osv if per_channel else osv[:1]).to(device)
     out = fn(x, scale(0.05, device), w, scale(0.01, device), torch.from_numpy(y).to(device), out_scale)
@@ -303,18 +308,7 @@ def test_near_ties_with_extreme_out_scales(use_kernel, per_channel):
     the kernels rescale first, so the contract (IEEE division) holds for any finite scale."""
     scales = _EXTREME_OUT_SCALES if per_channel else _EXTREME_OUT_SCALES[1:2]
     y, osv, want, _ = _near_tie_outputs(scales)
-    device = DEVICE if use_kernel else "cpu"
-    fn = int8_gemm if use_kernel else int8_gemm_reference
-    N = y.size
-    x = torch.randint(-128, 128, (2, 3), dtype=torch.int8, generator=torch.Generator().manual_seed(8)).to(device)
-    w = torch.zeros(N, 3, dtype=torch.int8, device=device)
-    out_scale = torch.from_numpy(osv if per_channel else osv[:1]).to(device)
-    out = fn(x, scale(0.05, device), w, scale(0.01, device), torch.from_numpy(y).to(device), out_scale)
-    want_t = torch.from_numpy(want).expand(2, N)
-    if use_kernel:
-        assert_match(out, want_t)
-    else:
-        assert torch.equal(out, want_t)
+    _check_near_ties(use_kernel, per_channel, y, osv, want, seed=8)
 
 
 # ---------------------------------------------------------------------------------------------
