@@ -475,6 +475,10 @@ def test_chunk_len_rule(monkeypatch):
         assert chunk >= scan.MIN_CHUNK_LEN and n_chunks <= scan.MAX_CHUNKS, (batch, d_inner, L, chunk)
         assert (2 * batch * d_inner * n_chunks >= scan.TARGET_THREADS or chunk == scan.MIN_CHUNK_LEN
                 or n_chunks == scan.MAX_CHUNKS or n_chunks == 1), (batch, d_inner, L, chunk)
+        assert n_chunks == 1 or n_chunks >= scan.MIN_CHUNKS, (batch, d_inner, L, chunk)
+    # A 128-token prompt on 2.8b's 5120 channels would make two chunks of 64: no shorter chain.
+    assert scan._chunk_len(1, 5120, 128) >= 128
+    assert scan._chunk_len(1, 5120, 256) == 64
 
 
 # ---------------------------------------------------------------------------------------------

@@ -799,6 +799,9 @@ PARALLEL_CHANNELS = 32 * 1024
 TARGET_THREADS = 128 * 1024
 MIN_CHUNK_LEN = 64
 MAX_CHUNKS = 256
+# Fewer chunks than this run as one: with two, pass 1 over the first chunk and pass 3 over the
+# second are as long a chain of steps as the unchunked scan, plus a carry pass and two launches.
+MIN_CHUNKS = 3
 
 
 def _chunk_len(batch: int, d_inner: int, L: int) -> int:
@@ -812,6 +815,8 @@ def _chunk_len(batch: int, d_inner: int, L: int) -> int:
     want_chunks = triton.cdiv(TARGET_THREADS, batch * d_inner)
     chunk = max(MIN_CHUNK_LEN, triton.next_power_of_2(triton.cdiv(L, want_chunks)),
                 triton.next_power_of_2(triton.cdiv(L, MAX_CHUNKS)))
+    if triton.cdiv(L, chunk) < MIN_CHUNKS:
+        return max(triton.next_power_of_2(L), MIN_CHUNK_LEN)
     return chunk
 
 
