@@ -261,10 +261,10 @@ class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask = kwargs.get("attention_mask")
         _check_prompt(prompt, attention_mask, self.config.vocab_size)
         settings = generation_config if generation_config is not None else self.generation_config
-        use_cache = kwargs.pop("use_cache", None)
-        if use_cache is None:
-            use_cache = settings.use_cache
-        if use_cache and not self._lowered:
+        asked = kwargs.pop("use_cache", None)
+        use_cache = settings.use_cache if asked is None else asked
+        # Only an explicit keyword earns the warning: a GenerationConfig has use_cache=True by default.
+        if asked and not self._lowered:
             warnings.warn(
                 "this graph is not lowered (quamba_fx.lower), so it has no SSM cache: use_cache=True is "
                 "ignored and every step reruns the whole sequence",

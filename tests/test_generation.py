@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 
 import pytest
 import torch
@@ -69,7 +70,11 @@ def test_beam_search_and_generation_config_object(varied_model):
     lm = QuambaForCausalLM(quamba_fx.capture(varied_model))
     ids, mask = prompt(), torch.ones(2, 6, dtype=torch.long)
     config = GenerationConfig(num_beams=3, max_new_tokens=6, use_cache=True, eos_token_id=0, pad_token_id=0)
-    ours = lm.generate(ids, generation_config=config, attention_mask=mask)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = lm.generate(ids, generation_config=config, attention_mask=mask)
+    # A GenerationConfig has use_cache=True by default: no reason to warn.
+    assert not [w for w in caught if "no SSM cache" in str(w.message)]
     assert config.use_cache is True  # the caller's object is not modified
     assert torch.equal(ours, varied_model.generate(ids, num_beams=3, max_new_tokens=6, attention_mask=mask))
 
