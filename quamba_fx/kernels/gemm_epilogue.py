@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .rounding import quantize_rn
+from .rounding import f32_to_bf16_rne, quantize_rn
 
 __all__ = ["epilogue"]
 
@@ -31,15 +31,6 @@ def _requant_int8(y, out_scale):
     shift = tl.minimum(tl.maximum(127 - e, -126), 126)
     p = ((shift + 127) << 23).to(tl.float32, bitcast=True)
     return quantize_rn(y * p, out_scale * p)
-
-
-@triton.jit
-def _f32_to_bf16_rne(y):
-    # Round to nearest even on the bits: add 0x7FFF plus the lowest kept bit, keep the top half.
-    # A carry into the exponent is the correct rounding (up to inf past bf16's max).
-    b = y.to(tl.uint32, bitcast=True)
-    b = b + 0x7FFF + ((b >> 16) & 1)
-    return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -67,7 +58,7 @@ def epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, OUT_T
         else:
             out = _requant_int8(y, tl.load(out_scale_ptr))
     elif OUT_MODE == 1:
-        out = _f32_to_bf16_rne(y)
+        out = f32_to_bf16_rne(y)
     else:
         out = y.to(OUT_TY)
     return out

@@ -16,6 +16,8 @@
   the correctly rounded fp32 quotient (like `torch.ops.quamba.quantize`), from a reciprocal product
   and one `fma_rn` correction (see its comments for why no division per element), for scales in
   [2**-126, 2**120].
+* `f32_to_bf16_rne(y)`: fp32 -> bf16 rounded to nearest even on the bits (the interpreter's own
+  fp32 -> bf16 cast truncates, and its "rtne" mode rounds ties away from zero; the GPU's rounds).
 
 Only the interpreter pays for the emulation (a handful of numpy operations per element); on CUDA
 the flag below is a compile-time constant and the kernels keep their single `fma.rn.f32`.
@@ -28,7 +30,7 @@ import triton.language as tl
 
 from .dispatch import INTERPRET
 
-__all__ = ["fma_rn", "quantize_rn"]
+__all__ = ["f32_to_bf16_rne", "fma_rn", "quantize_rn"]
 
 # A compile-time constant: Triton accepts globals in kernels only as constexprs (and hashes their
 # values into the kernel's cache key).
@@ -97,3 +99,13 @@ def quantize_rn(y, scale):
     # hardware's own round-to-nearest-even does the rounding and the low byte of the bits is the
     # result (bits = 0x4B400000 + round(s), round(s) in [-128, 127]).
     return (s + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@triton.jit
+def f32_to_bf16_rne(y):
+    """`y` (fp32) as bf16, rounded to nearest even, the same on CUDA and under the interpreter."""
+    # Add 0x7FFF plus the lowest kept bit, keep the top half. A carry into the exponent is the
+    # correct rounding (up to inf past bf16's max).
+    b = y.to(tl.uint32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)

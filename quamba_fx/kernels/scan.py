@@ -99,6 +99,7 @@ from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
+from .rounding import f32_to_bf16_rne
 
 from .. import ops as _ops
 
@@ -202,11 +203,7 @@ def _state_step(h, A2, dt, dtu, B_raw, C_raw, C_scale, skip, gate,
 def _to_out(y, OUT: tl.constexpr):
     """y (fp32) rounded to nearest-even in the output dtype."""
     if OUT == tl.bfloat16:
-        # Round in the fp32 bits (add 0x7FFF plus the lowest kept bit, clear the low half), so the
-        # cast itself is exact: the interpreter's fp32 -> bf16 cast truncates, the GPU's rounds.
-        bits = y.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        y = bits.to(tl.float32, bitcast=True)
+        return f32_to_bf16_rne(y)
     return y.to(OUT)
 
 
