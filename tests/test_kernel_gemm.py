@@ -158,6 +158,50 @@ def test_matches_int8_linear(case):
         assert_match(got, f32.to(got.dtype))
 
 
+class _PinnedConfig(dict):
+    """A `_TUNED` table that answers every problem with one config (the launch fast path)."""
+
+    def __init__(self, meta: dict):
+        super().__init__()
+        self.meta = meta
+
+    def get(self, key, default=None):
+        return self.meta
+
+
+@needs_kernel
+@pytest.mark.parametrize("split", [2, 3, 5])
+@pytest.mark.parametrize("M,K,N", [(1, 200, 70), (37, 161, 45), (16, 96, 32), (5, 40, 33)])
+def test_split_k_sums_every_k_range_once(split, M, K, N, monkeypatch):
+    """Split-K with ragged splits (K tiles not a multiple of SPLIT_K, splits with no K left,
+    K < one tile), several M and N tiles and wrapped edges: equal to the reference, and every
+    tile counter back at zero after each call (the next launch relies on it)."""
+    monkeypatch.setattr(gemm, "_TUNED", _PinnedConfig(gemm._cfg(16, 32, 32, 1, 2, 1, split).all_kwargs()))
+    monkeypatch.setattr(gemm, "_WORKSPACES", {})
+    gen = torch.Generator().manual_seed(M * K + N + split)
+    x = int8_values(gen, (M, K), "extreme").to(DEVICE)
+    w = int8_values(gen, (N, K), "uniform").to(DEVICE)
+    xs, ws = scale(0.02, DEVICE), (torch.rand(N, generator=gen) * 1e-3).to(DEVICE)
+    for kw in (dict(out_scale=scale(0.3, DEVICE)), dict(out_dtype=torch.float32)):
+        for _ in range(2):  # the second call reuses the scratch and its counters
+            got = int8_gemm(x, xs, w, ws, None, **kw)
+            assert_match(got, int8_gemm_reference(x, xs, w, ws, None, **kw))
+            (partials, counters), = gemm._WORKSPACES.values()
+            assert int(counters.abs().sum()) == 0
+
+
+@needs_kernel
+def test_split_workspace_is_shared_and_grows(monkeypatch):
+    """One scratch per device and stream, grown to the largest need and kept."""
+    monkeypatch.setattr(gemm, "_WORKSPACES", {})
+    dev = torch.device(DEVICE)
+    small = gemm._split_workspace(dev, 64, 4)
+    assert gemm._split_workspace(dev, 32, 2) is small
+    big = gemm._split_workspace(dev, 128, 3)
+    assert big[0].numel() == 128 and big[1].numel() == 4 and int(big[1].abs().sum()) == 0
+    assert gemm._split_workspace(dev, 64, 4) is big
+
+
 @needs_kernel
 def test_kernel_path_is_taken(monkeypatch):
     """Guards the comparisons above: the wrapper must not fall back to the reference."""
@@ -538,23 +582,36 @@ def test_other_dtypes():
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 48, 1536), (1, 5120, 192), (16, 2560, 10240), (64, 1536, 80),
-                                   (2048, 160, 5120), (16384, 5120, 2560), (1, 1, 1)])
+                                   (1, 5120, 2560), (128, 2560, 10240), (2048, 160, 5120), (16384, 5120, 2560),
+                                   (1, 1, 1)])
 def test_config_pruning(M, K, N):
-    configs = [gemm._cfg(*c) for c in gemm._DECODE_CONFIGS + gemm._SMALL_CONFIGS + gemm._LARGE_CONFIGS]
     m_bucket = min(1 << (M - 1).bit_length(), gemm._M_BUCKET_CAP)
-    pruned = gemm._prune_configs(configs, {"M_BUCKET": m_bucket, "N": N, "K": K})
+    pruned = gemm._prune_configs([], {"M_BUCKET": m_bucket, "N": N, "K": K})
     assert pruned
-    sigs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["GROUP_M"], c.num_stages,
-             c.num_warps) for c in pruned]
+    sigs = [gemm._config_sig(c) for c in pruned]
     assert len(set(sigs)) == len(sigs)
-    for bm, bn, bk, _, stages, _ in sigs:
+    for bm, bn, bk, _, stages, _, split in sigs:
         assert bm >= 16 and bn >= 16 and bk >= 32  # tl.dot / int8 MMA minimums
-        assert 2 <= stages <= max(2, -(-K // bk))  # no more stages than K tiles
+        k_tiles = -(-K // bk)
+        assert 1 <= split <= k_tiles or split == 1  # every split has K tiles to sum
+        assert 2 <= stages <= max(2, -(-k_tiles // split))  # no more stages than a split's K tiles
         assert bn <= max(16, 1 << (N - 1).bit_length()) and bk <= max(32, 1 << (K - 1).bit_length())
-        if M <= 16:
-            assert bm == 16
-        if M >= 2048:
-            assert bm >= 64
+        if M <= gemm.SKINNY_MAX_M:
+            assert bm == max(16, m_bucket)  # one M tile: the weight is read once
+        else:
+            assert split == 1 and bm >= 64
+
+
+def test_skinny_configs_split_k_when_column_tiles_are_few():
+    """out_proj at decode (N = 2560, K = 5120) has 40 column tiles of 64 for 132 SMs: some of its
+    candidates split K so that every SM streams part of the weight."""
+    pruned = gemm._prune_configs([], {"M_BUCKET": 1, "N": 2560, "K": 5120})
+    most = max(-(-2560 // c.kwargs["BLOCK_N"]) * c.kwargs["SPLIT_K"] for c in pruned)
+    assert most >= 2 * 132
+    # Never more splits than needed to fill the SMs twice (each split adds a partial tile's traffic).
+    for c in pruned:
+        tiles = -(-2560 // c.kwargs["BLOCK_N"])
+        assert c.kwargs["SPLIT_K"] == 1 or tiles * c.kwargs["SPLIT_K"] // 2 < 2 * 132
 
 
 # ---------------------------------------------------------------------------------------------

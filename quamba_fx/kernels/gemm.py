@@ -46,12 +46,16 @@ in L2. Two kernels, chosen per call:
   kernel timed faster on the problem's first call (both tuned, then compared by CUDA-graph
   replays; on an H200 the pointer kernel keeps out_proj at 2048 rows and x_proj / dt_proj at 2048
   are a tie).
-* everything else (decode, small batches, unaligned layouts): the pointer kernel here. Rows and
+* everything else (decode, short prompts, unaligned layouts): the pointer kernel here. Rows and
   columns past the edges are wrapped (`% M`, `% N`) instead of masked, so the main loop only masks
-  K, and not at all when K % BLOCK_K == 0 (EVEN_K). Tiles are autotuned from three families:
-  decode (M <= 16; BLOCK_M = 16, wide BLOCK_K to stream the weight like a GEMV), small batches
-  (M <= 128) and prefill, clipped to the problem (BLOCK_N <= next_pow2(N), BLOCK_K <=
-  next_pow2(K), num_stages <= number of K tiles).
+  K, and not at all when every split's K range is whole tiles (EVEN_K). Up to SKINNY_MAX_M rows
+  the problem is bound by streaming the weight: one M tile holds every row, and K may be split
+  across SPLIT_K programs (`_skinny_family`), so that a decode GEMM with few output columns still
+  keeps every SM loading. The splits write int32 partial tiles to a scratch buffer; the last to
+  arrive at the tile's counter (an atomic) sums them, runs the epilogue and resets the counter:
+  one launch, and the sum is exact whatever the order. Larger M takes wgmma-sized tiles.
+  Tiles are clipped to the problem (BLOCK_N <= next_pow2(N), BLOCK_K <= next_pow2(K), num_stages
+  <= a split's K tiles).
 
 Both tune per (N, K, M bucket), the bucket = next_power_of_2(M) capped at `_M_BUCKET_CAP`, and
 record the winner: later calls launch the bare JIT function, skipping the autotuner's Python.
@@ -66,7 +70,7 @@ read with its row stride (a copy only if its K stride is not 1). The output is a
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Iterable, List, Optional
 
 import torch
 import triton
@@ -116,29 +120,27 @@ def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
-def _cfg(bm: int, bn: int, bk: int, group_m: int, stages: int, warps: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+def _cfg(bm: int, bn: int, bk: int, group_m: int, stages: int, warps: int, split_k: int = 1) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SPLIT_K": split_k},
                          num_stages=stages, num_warps=warps)
 
 
+def _config_sig(c: triton.Config) -> tuple:
+    kw = c.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], c.num_stages, c.num_warps, kw["SPLIT_K"])
+
+
+# Problems with at most this many rows (decode steps, short prompts) are weight-bandwidth bound:
+# one M tile covers every row, so each weight byte is read once, and K may be split across programs
+# (`_skinny_family`).
+SKINNY_MAX_M = 128
+
+# Shared memory one skinny config may use across its pipeline stages (the H100/H200 have 227 KiB a
+# CTA); staying under it leaves room for two CTAs an SM with the smaller tiles.
+_SKINNY_SMEM = 160 * 1024
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_stages, num_warps). int8 tiles are 1 byte a value, so
 # a 128x256x128 stage is 48 KiB of shared memory: 3-4 stages fit in the H100's 227 KiB.
-_DECODE_CONFIGS = [  # M <= 16: memory bound on the weight, one M tile; many N tiles, long K steps
-    (16, 32, 128, 1, 4, 4),
-    (16, 32, 256, 1, 4, 4),
-    (16, 64, 128, 1, 4, 4),
-    (16, 64, 256, 1, 3, 4),
-    (16, 128, 128, 1, 4, 4),
-    (16, 16, 256, 1, 4, 2),  # twice the programs for the narrow x_proj (N = 80 / 192)
-]
-_SMALL_CONFIGS = [  # 16 < M <= 128
-    (32, 64, 128, 4, 4, 4),
-    (32, 128, 128, 4, 4, 4),
-    (64, 64, 128, 4, 4, 4),
-    (64, 128, 128, 4, 4, 4),
-    (64, 256, 128, 4, 3, 4),
-    (128, 128, 128, 4, 4, 8),
-]
 _LARGE_CONFIGS = [  # prefill: compute bound, wgmma tiles
     (128, 256, 128, 8, 3, 8),
     (128, 256, 64, 8, 4, 8),
@@ -157,43 +159,95 @@ _LARGE_CONFIGS = [  # prefill: compute bound, wgmma tiles
 ]
 
 
+def _sm_count() -> int:
+    """Streaming multiprocessors of the current GPU (the H100/H200's 132 without one: the config
+    tests run on CPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132
+
+
+def _skinny_family(m_bucket: int, n: int, k: int, sms: int) -> List[tuple]:
+    """Configs for M <= SKINNY_MAX_M: one M tile, tiles clipped to the problem, and for each tile
+    the K splits that bring the program count towards two per SM (a decode GEMM with few output
+    columns, such as out_proj's 2560 or x_proj's 192, has fewer column tiles than SMs; split K,
+    every SM streams its share of the weight)."""
+    bm = max(16, m_bucket)
+    cap_n = max(16, _next_pow2(n))
+    cap_k = max(32, _next_pow2(k))
+    family = []
+    for bn in (32, 64, 128):
+        for bk in (128, 256):
+            bn_, bk_ = min(bn, cap_n), min(bk, cap_k)
+            stage_bytes = (bm + bn_) * bk_
+            k_tiles = _cdiv(k, bk_)
+            stages = max(2, min(4, k_tiles, _SKINNY_SMEM // stage_bytes))
+            warps = 8 if bm * bn_ >= 128 * 128 else 4
+            tiles = _cdiv(n, bn_)
+            split = 1
+            while True:
+                family.append((bm, bn_, bk_, 1, max(2, min(stages, _cdiv(k_tiles, split))), warps, split))
+                # Stop once the programs fill the SMs twice, or K has no tiles left to share.
+                if tiles * split >= 2 * sms or split * 2 > k_tiles or split >= 32:
+                    break
+                split *= 2
+    return family
+
+
 def _configs() -> List[triton.Config]:
     if _INTERPRET:
         # Small tiles keep the numpy blocks cheap, and test shapes still span several M, N and K
-        # tiles (ragged edges, K tails, the GROUP_M swizzle's short last group). Model-sized
-        # problems take a wide tile: the interpreter pays per operation, not per element.
-        # `_interpreter_pick` leaves one config per problem: no tuning.
-        return [_cfg(16, 32, 32, 4, 1, 1), _cfg(64, 64, 64, 4, 1, 1)]
-    return [_cfg(*c) for c in _DECODE_CONFIGS + _SMALL_CONFIGS + _LARGE_CONFIGS]
-
-
-def _family(m_bucket: int) -> List[tuple]:
-    if m_bucket <= 16:
-        return _DECODE_CONFIGS
-    if m_bucket <= 128:
-        return _SMALL_CONFIGS
-    return _LARGE_CONFIGS
+        # tiles (ragged edges, K tails, the GROUP_M swizzle's short last group, K split in two).
+        # Model-sized problems take a wide tile: the interpreter pays per operation, not per
+        # element. `_interpreter_pick` leaves one config per problem: no tuning.
+        return [_cfg(16, 32, 32, 4, 1, 1), _cfg(16, 32, 32, 1, 1, 1, 2), _cfg(64, 64, 64, 4, 1, 1)]
+    return [_cfg(*c) for c in _LARGE_CONFIGS]
 
 
 def _prune_configs(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
     """The config family for this M bucket, each tile clipped to the problem, duplicates dropped.
 
-    `configs` (all families) is ignored: Triton's early_config_prune hook may return new configs.
+    `configs` is ignored: Triton's early_config_prune hook may return new configs, and the skinny
+    family depends on the problem.
     """
     m_bucket, n, k = named_args["M_BUCKET"], named_args["N"], named_args["K"]
+    if m_bucket <= SKINNY_MAX_M:
+        family = _skinny_family(m_bucket, n, k, _sm_count())
+    else:
+        family = [c + (1,) for c in _LARGE_CONFIGS]
     # tl.dot needs every dim >= 16, and int8 MMA steps K by 32.
     cap_n = max(16, _next_pow2(n))
     cap_k = max(32, _next_pow2(k))
     out, seen = [], set()
-    for bm, bn, bk, group_m, stages, warps in _family(m_bucket):
+    for bm, bn, bk, group_m, stages, warps, split in family:
         bn, bk = min(bn, cap_n), min(bk, cap_k)
         # More stages than K tiles only hold shared memory that could host another CTA.
-        stages = max(2, min(stages, _cdiv(k, bk)))
-        sig = (bm, bn, bk, group_m, stages, warps)
+        stages = max(2, min(stages, _cdiv(_cdiv(k, bk), split)))
+        sig = (bm, bn, bk, group_m, stages, warps, split)
         if sig not in seen:
             seen.add(sig)
             out.append(_cfg(*sig))
     return out
+
+
+def _k_tiles_per_split(k: int, meta: dict) -> int:
+    return _cdiv(_cdiv(k, meta["BLOCK_K"]), meta["SPLIT_K"])
+
+
+def _even_k(k: int, meta: dict) -> bool:
+    """Whether every split's K range is whole BLOCK_K tiles inside K (no K mask in the loop)."""
+    return k % (meta["BLOCK_K"] * meta["SPLIT_K"]) == 0
+
+
+@triton.jit
+def _store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr,
+                out_ptr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
+                OUT_PER_CHANNEL: tl.constexpr):
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
+                   W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
+    tl.store(out_ptrs, out, mask=mask)
 
 
 # M changes with every prefill length: keep it (and its bucket, only an autotune key) out of the
@@ -201,17 +255,20 @@ def _prune_configs(configs: List[triton.Config], named_args: dict, **kwargs) -> 
 # the loads be 16-byte vectors).
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _int8_gemm_jit(
-    x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
+    x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr, partial_ptr, count_ptr,
     M, N, K, M_BUCKET,
     stride_xm, stride_wn, stride_om,
     W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
+    # SPLIT_K consecutive programs share one output tile, each summing one range of K tiles.
+    pid = tl.program_id(0)
+    pid_k = pid % SPLIT_K
+    pid = pid // SPLIT_K
     # Flat grid in GROUP_M-swizzled order: GROUP_M row tiles sweep all column tiles together, so
     # a weight tile loaded into L2 serves GROUP_M programs that run at about the same time.
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
@@ -221,9 +278,11 @@ def _int8_gemm_jit(
     pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
     pid_n = (pid % num_pid_in_group) // group_size_m
 
+    k_tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_first = pid_k * k_tiles * BLOCK_K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = k_first + tl.arange(0, BLOCK_K)
     # Rows past M and columns past N wrap onto valid ones (their results are never stored), so
     # the loads need no M / N masks; row offsets in int64 (M * stride may pass 2**31).
     rows = (offs_m % M).to(tl.int64)
@@ -232,11 +291,12 @@ def _int8_gemm_jit(
     w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+    for kt in range(0, k_tiles):
         if EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
         else:
+            # Also masks whole tiles of the last split that lie past K.
             k_mask = offs_k[None, :] < K - kt * BLOCK_K
             a = tl.load(x_ptrs, mask=k_mask, other=0)
             b = tl.load(w_ptrs, mask=k_mask, other=0)
@@ -247,11 +307,29 @@ def _int8_gemm_jit(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
-                   W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
-    tl.store(out_ptrs, out, mask=mask)
+    if SPLIT_K == 1:
+        _store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
+                    out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
+    else:
+        # Each split writes its int32 partial tile; the split that arrives last at the tile's
+        # counter sums them all (exact in int32, so the order does not matter), runs the epilogue
+        # and sets the counter back to 0 for the next launch. One launch, no zeroed workspace.
+        tile = pid_m * num_pid_n + pid_n
+        slot = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_partials = partial_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+        # .cg: through L2, where the other programs' partials are; never a stale L1 line.
+        tl.store(tile_partials + pid_k * (BLOCK_M * BLOCK_N) + slot, acc, cache_modifier=".cg")
+        # Every thread's partial is written before the counter moves (the release below covers
+        # what the barrier ordered before it).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(tile_partials + s * (BLOCK_M * BLOCK_N) + slot, cache_modifier=".cg")
+            _store_tile(total, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
+                        out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
+            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 # Prefill problems TMA can address: (problem key) -> whether the tuned TMA kernel beat the tuned
@@ -267,21 +345,25 @@ def _tma_is_faster(tma, pointer) -> bool:
     return gemm_tma.gpu_time_ms(tma) <= gemm_tma.gpu_time_ms(pointer)
 
 
-def _even_k(args: dict) -> bool:
-    return args["K"] % args["BLOCK_K"] == 0
-
-
 def _interpreter_pick(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
-    wide = min(named_args["M_BUCKET"], named_args["N"], named_args["K"]) >= 128
-    return [c for c in configs if (c.kwargs["BLOCK_M"] == 64) == wide] or configs
+    m_bucket, n, k = named_args["M_BUCKET"], named_args["N"], named_args["K"]
+    if min(m_bucket, n, k) >= 128:
+        want = (64, 1)
+    else:
+        # Skinny problems with three or more K tiles split K in two (a ragged last split included),
+        # so the split-K path runs under the interpreter on most test shapes.
+        want = (16, 2 if m_bucket <= SKINNY_MAX_M and k > 64 else 1)
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["SPLIT_K"]) == want] or configs
 
+
+_prune = _interpreter_pick if _INTERPRET else _prune_configs
 
 # The tuned entry: picks a config per (N, K, M bucket, tensor dtypes), then EVEN_K from it.
 _int8_gemm_kernel = triton.autotune(
     configs=_configs(), key=["N", "K", "M_BUCKET"],
-    prune_configs_by={"early_config_prune": _interpreter_pick if _INTERPRET else _prune_configs},
+    prune_configs_by={"early_config_prune": _prune},
     do_bench=AUTOTUNE_DO_BENCH,
-)(triton.heuristics({"EVEN_K": _even_k})(_int8_gemm_jit))
+)(triton.heuristics({"EVEN_K": lambda args: _even_k(args["K"], args)})(_int8_gemm_jit))
 
 # Launch fast path: once the autotuner has chosen a config for a problem, later calls launch the
 # bare JIT function with it, skipping the autotuner's and heuristics' per-call Python (about 25 us
@@ -289,17 +371,54 @@ _int8_gemm_kernel = triton.autotune(
 # Keyed by everything that selects a config or a compiled variant.
 _TUNED: dict = {}
 
+# Split-K scratch per (device, stream): int32 partial tiles and the per-tile arrival counters,
+# which every launch leaves at zero. Launches on one stream run one after another, so they can
+# share it; another stream gets its own.
+_WORKSPACES: dict = {}
 
-def _launch(grid, args: tuple, key: tuple, k: int, **flags) -> None:
+
+def _workspace_need(m: int, n: int, metas: Iterable[dict]) -> tuple:
+    """(int32 partial values, counters) the largest split config among `metas` needs."""
+    partials = counters = 0
+    for meta in metas:
+        if meta["SPLIT_K"] > 1:
+            tiles = _cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"])
+            partials = max(partials, tiles * meta["SPLIT_K"] * meta["BLOCK_M"] * meta["BLOCK_N"])
+            counters = max(counters, tiles)
+    return partials, counters
+
+
+def _split_workspace(device: torch.device, partials: int, counters: int) -> tuple:
+    """Scratch of at least the given sizes, grown on demand. Grown during a CUDA-graph capture,
+    it belongs to that graph alone (its memory is the graph's) and is not kept for other calls."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    have = _WORKSPACES.get(key)
+    if have is not None and have[0].numel() >= partials and have[1].numel() >= counters:
+        return have
+    if have is not None:
+        partials, counters = max(partials, have[0].numel()), max(counters, have[1].numel())
+    grown = (torch.empty(partials, dtype=torch.int32, device=device),
+             torch.zeros(counters, dtype=torch.int32, device=device))
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _WORKSPACES[key] = grown
+    return grown
+
+
+def _launch(grid, args: tuple, key: tuple, m: int, n: int, k: int, **flags) -> None:
+    """Launch the pointer kernel on `args` (all but the split-K scratch, which is added here)."""
+    head, tail = args[:7], args[7:]
     meta = _TUNED.get(key)
     if meta is not None:
-        _int8_gemm_jit[grid](*args, **flags, **meta, EVEN_K=k % meta["BLOCK_K"] == 0)
+        scratch = (_split_workspace(args[0].device, *_workspace_need(m, n, (meta,))) if meta["SPLIT_K"] > 1
+                   else (args[2], args[2]))
+        _int8_gemm_jit[grid](*head, *scratch, *tail, **flags, **meta, EVEN_K=_even_k(k, meta))
         return
-    named = dict(zip(_int8_gemm_jit.arg_names, args))
-    precompile(_int8_gemm_jit, args, (
-        {**flags, **c.all_kwargs(), "EVEN_K": k % c.kwargs["BLOCK_K"] == 0}
-        for c in _prune_configs(_int8_gemm_kernel.configs, named)))
-    _int8_gemm_kernel[grid](*args, **flags)
+    named = dict(zip(_int8_gemm_jit.arg_names, head + (None, None) + tail))
+    candidates = [c.all_kwargs() for c in _prune(_int8_gemm_kernel.configs, named)]
+    full = head + _split_workspace(args[0].device, *_workspace_need(m, n, candidates)) + tail
+    precompile(_int8_gemm_jit, full, ({**flags, **c, "EVEN_K": _even_k(k, c)} for c in candidates))
+    _int8_gemm_kernel[grid](*full, **flags)
     best = getattr(_int8_gemm_kernel, "best_config", None)
     if best is not None:
         _TUNED[key] = best.all_kwargs()
@@ -440,14 +559,14 @@ def int8_gemm(
     out2 = out.view(m, n)
 
     def grid(meta):
-        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
+        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
 
     def pointer_kernel() -> None:
         _launch(
             grid,
             (x2, w, xs, ws, b_arg, os_arg, out, m, n, k, m_bucket, x2.stride(0), w.stride(0), n),
             (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device),
-            k,
+            m, n, k,
             **flags,
             # Keeps `a * s + bias` two roundings on the GPU (see the module docstring).
             enable_fp_fusion=False,
