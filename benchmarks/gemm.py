@@ -20,7 +20,8 @@ calls) and replayed from a CUDA graph ("gr", the GPU time of the kernels alone).
 the host microseconds per call of our wrapper, of its validation alone and of the bare Triton
 launch (`--profile` adds a cProfile of the wrapper).
 
-TOP/s counts 2 * M * N * K operations for every row, from graph times. Speedups are fp16 time /
+TOP/s counts 2 * M * N * K operations for every row, from graph times; wTB/s the weight bytes
+streamed per second (int8 ours, fp16 cuBLAS), what bounds decode and short prompts. Speedups are fp16 time /
 ours time. The check compares ours with the reference (`torch.ops.quamba.int8_linear`) on every
 row: the kernel is expected to be bit-exact, and must be within one int8 step.
 
@@ -98,8 +99,10 @@ def _check(got: torch.Tensor, want: torch.Tensor) -> Dict:
             "max_rel_diff": float(diff.max() / want.float().abs().max().clamp_min(1e-30))}
 
 
-def _variant_fns(inp: Dict, M: int, K: int, N: int, before, ptr: bool) -> Dict[str, Callable[[], torch.Tensor]]:
-    """name -> a call returning the output, for every TMA config, the pointer kernel and `before`."""
+def _variant_fns(inp: Dict, M: int, K: int, N: int, before, ptr: bool,
+                 tma: bool = True) -> Dict[str, Callable[[], torch.Tensor]]:
+    """name -> a call returning the output, for every TMA config (`tma`), the pointer kernel and
+    `before`."""
     from quamba_fx.kernels import gemm, gemm_tma
 
     x_q, x_scale, w_q, w_scale, bias, kw = (inp[k] for k in ("x_q", "x_scale", "w_q", "w_scale", "bias", "kw"))
@@ -109,7 +112,7 @@ def _variant_fns(inp: Dict, M: int, K: int, N: int, before, ptr: bool) -> Dict[s
     out = torch.empty(M, N, dtype=dtype, device=DEVICE)
     tensors = (x_q, w_q, x_scale, w_scale, bias, os_ if os_ is not None else x_scale, out)
     fns: Dict[str, Callable[[], torch.Tensor]] = {}
-    for c in _tma_variants(N, K, out.element_size()):
+    for c in _tma_variants(N, K, out.element_size()) if tma else ():
         def call(c=c):
             gemm_tma.launch_config(c, tensors, M, N, K, flags)
             return out
@@ -196,9 +199,9 @@ def bench_one(name: str, M: int, K: int, N: int, out: str, graph: bool, gen: tor
             fns[key + " graph"] = graphed(fns[key]) if fns[key] is not None else None
     ms = time_all(fns, rep=100)
     variant_checks: Dict[str, Dict] = {}
-    if variants:
+    if variants or before is not None:
         vfns: Dict[str, Optional[Callable[[], object]]] = {}
-        for vname, fn in _variant_fns(inp, M, K, N, before, ptr).items():
+        for vname, fn in _variant_fns(inp, M, K, N, before, ptr, tma=variants).items():
             try:
                 variant_checks[vname] = _check(fn(), want)
                 vfns[vname + " graph"] = graphed(fn)
@@ -210,9 +213,13 @@ def bench_one(name: str, M: int, K: int, N: int, out: str, graph: bool, gen: tor
     host_us = _host_us(fns["ours"]) if M == 1 else None
     from quamba_fx.kernels import gemm_tma
 
+    from quamba_fx.kernels import gemm
+
     tuned = [c._asdict() for key, c in gemm_tma._TUNED.items() if key[:2] == (N, K)]
+    ptr_tuned = [meta for key, meta in gemm._TUNED.items() if key[:2] == (N, K)]
     return {"name": name, "M": M, "K": K, "N": N, "out": out, "check": check, "ms": ms,
-            "variant_checks": variant_checks, "host_us_per_call": host_us, "tma_tuned": tuned}
+            "variant_checks": variant_checks, "host_us_per_call": host_us, "tma_tuned": tuned,
+            "pointer_tuned": ptr_tuned}
 
 
 def _host_us(fn: Callable[[], object], calls: int = 300) -> float:
@@ -247,13 +254,14 @@ def launch_overhead(gen: torch.Generator, profile: bool) -> Dict[str, float]:
 
     gemm.int8_gemm(x_q, xs, w_q, ws, b, os_)  # tunes, and records the config for the fast path
     meta = next(v for key, v in gemm._TUNED.items() if key[:3] == (N, K, 1))
-    grid = (triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = (triton.cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],)
+    scratch = gemm._split_workspace(x_q.device, *gemm._workspace_need(1, N, (meta,)))
 
     def bare():
         gemm._int8_gemm_jit[grid](
-            x_q, w_q, xs, ws, b, os_, out, 1, N, K, 1, K, K, N,
+            x_q, w_q, xs, ws, b, os_, out, *scratch, 1, N, K, 1, K, K, N,
             W_PER_CHANNEL=True, HAS_BIAS=True, OUT_MODE=0, OUT_PER_CHANNEL=False, enable_fp_fusion=False,
-            **meta, EVEN_K=K % meta["BLOCK_K"] == 0)
+            **meta, EVEN_K=gemm._even_k(K, meta))
 
     res = {
         "int8_gemm": _host_us(lambda: gemm.int8_gemm(x_q, xs, w_q, ws, b, os_)),
@@ -281,6 +289,13 @@ def _tops(r: Dict, ms: Optional[float]) -> str:
     return f"{2 * r['M'] * r['N'] * r['K'] / (ms * 1e-3) / 1e12:.1f}"
 
 
+def _weight_tbps(r: Dict, ms: Optional[float], bytes_per_weight: int) -> str:
+    """Weight bytes streamed per second: what bounds a GEMM at small M (decode, short prompts)."""
+    if not ms:
+        return "n/a"
+    return f"{r['N'] * r['K'] * bytes_per_weight / (ms * 1e-3) / 1e12:.2f}"
+
+
 def _fmt_ms(ms: Optional[float]) -> str:
     return "n/a" if ms is None else f"{ms:.4f}"
 
@@ -302,8 +317,8 @@ def _print_table(results: List[Dict]) -> None:
     print("Eager: the Python call as a model makes it (host launch cost included, visible at small M).")
     print("Graph: replayed from a CUDA graph, the kernel's GPU time; TOP/s and 'x fp16 gr' use it.\n")
     head = (f"{'shape':15} {'M':>6} {'K':>5} {'N':>6} | {'ours':>8} {'fp16':>8} | {'ours gr':>8} {'fp16 gr':>8} "
-            f"{'int_mm gr':>9} | {'ours TOP/s':>10} {'fp16 TF/s':>9} {'int_mm':>7} | {'x fp16':>6} {'x fp16 gr':>9} "
-            f"| check")
+            f"{'int_mm gr':>9} | {'ours TOP/s':>10} {'fp16 TF/s':>9} {'int_mm':>7} | {'ours wTB/s':>10} {'fp16 wTB/s':>10} "
+            f"| {'x fp16':>6} {'x fp16 gr':>9} | check")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -316,7 +331,8 @@ def _print_table(results: List[Dict]) -> None:
         status = "OK" if _check_ok(r) else "FAIL"
         print(f"{r['name']:15} {r['M']:>6} {r['K']:>5} {r['N']:>6} | {_fmt_ms(ours):>8} {_fmt_ms(fp16):>8} | "
               f"{_fmt_ms(og):>8} {_fmt_ms(fg):>8} {_fmt_ms(ig):>9} | "
-              f"{_tops(r, og or ours):>10} {_tops(r, fg or fp16):>9} {_tops(r, ig):>7} | {speed} {speed_g} | "
+              f"{_tops(r, og or ours):>10} {_tops(r, fg or fp16):>9} {_tops(r, ig):>7} | "
+              f"{_weight_tbps(r, og or ours, 1):>10} {_weight_tbps(r, fg or fp16, 2):>10} | {speed} {speed_g} | "
               f"{status} {c['n_diff']}/{c['numel']} differ (max {c['max_abs_diff']:g}) out {r['out']}"
               + _before_text(r, fg))
 
@@ -363,7 +379,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--variants", action="store_true",
                         help="also time every TMA tile config, the pointer kernel and --before on each shape")
     parser.add_argument("--ptr", action="store_true", help="with --variants: also time gemm.py's pointer kernel")
-    parser.add_argument("--before", metavar="FILE", help="another gemm.py to time as 'before' (with --variants)")
+    parser.add_argument("--before", metavar="FILE", help="another gemm.py to time as 'before'")
     parser.add_argument("--no-overhead", action="store_true", help="skip the host launch-overhead measurement")
     args = parser.parse_args(argv)
 
@@ -397,7 +413,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             write_json(args.json, dev_name, {"out": args.out, "argv": sys.argv[1:]}, results=results)
     print()
     _print_table(results)
-    if args.variants:
+    if args.variants or before is not None:
         _print_variants(results)
     overhead = None
     if not args.no_overhead:
