@@ -65,6 +65,7 @@ _PATTERNS = (
 PREFILL_SHAPES = [(1, 128), (1, 2048), (8, 2048)]
 BREAKDOWN_SHAPES = [(1, 2048), (8, 2048)]
 DECODE_BATCHES = [1, 16, 64]
+TOP_KERNELS = 12  # kernels by name per breakdown row, in the JSON
 DECODE_STEPS = 256  # 64 steps of a 130m batch-1 decode last only ~45 ms: too short a window
 PROMPT_LEN = 16
 DEVICE = "cuda"
@@ -133,8 +134,9 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def kernel_breakdown(fn: Callable[[], object], calls: int = 3) -> dict[str, float]:
-    """Milliseconds per call of `fn` by kernel kind (and "total"), from `torch.profiler`.
+def kernel_breakdown(fn: Callable[[], object], calls: int = 3) -> dict:
+    """Milliseconds per call of `fn` by kernel kind (and "total"), from `torch.profiler`, plus
+    "kernels": the heaviest kernels by name.
 
     On CUDA the device kernels are summed; on CPU (smoke) the ops' self time.
     """
@@ -149,6 +151,7 @@ def kernel_breakdown(fn: Callable[[], object], calls: int = 3) -> dict[str, floa
             fn()
         sync()
     us = dict.fromkeys(KINDS, 0.0)
+    per_kernel: dict[str, float] = {}
     for event in prof.events():
         if DEVICE == "cuda":
             if event.device_type != DeviceType.CUDA:
@@ -159,8 +162,13 @@ def kernel_breakdown(fn: Callable[[], object], calls: int = 3) -> dict[str, floa
                 continue
             took = event.self_cpu_time_total
         us[classify(event.name)] += took
-    ms = {kind: t / 1e3 / calls for kind, t in us.items()}
+        per_kernel[event.name] = per_kernel.get(event.name, 0.0) + took
+    ms: dict = {kind: t / 1e3 / calls for kind, t in us.items()}
     ms["total"] = sum(ms.values())
+    # The heaviest kernels by name (in the JSON only): what a kind's time is made of, and what
+    # "other" holds.
+    heaviest = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
+    ms["kernels"] = {name[:120]: t / 1e3 / calls for name, t in heaviest}
     return ms
 
 
@@ -331,7 +339,7 @@ def bench_breakdown(lowered, ref, shapes, vocab: int) -> dict[str, dict]:
             out[label][REF] = kernel_breakdown(lambda: ref(ids).logits)
         out[label][OURS] = kernel_breakdown(lambda: lowered(ids))
         log(f"  breakdown {label}: " + "; ".join(
-            f"{k} " + ", ".join(f"{kind} {ms:.2f}" for kind, ms in v.items()) for k, v in out[label].items()))
+            f"{k} " + ", ".join(f"{kind} {v[kind]:.2f}" for kind in (*KINDS, "total")) for k, v in out[label].items()))
     prompt = torch.randint(0, vocab, (1, PROMPT_LEN), device=DEVICE)
     label = "decode 1"
     out[label] = {}
@@ -344,7 +352,7 @@ def bench_breakdown(lowered, ref, shapes, vocab: int) -> dict[str, dict]:
     gen.prefill(prompt)
     out[label][OURS] = kernel_breakdown(lambda: gen.decode(token), calls=5)
     log(f"  breakdown {label}: " + "; ".join(
-        f"{k} " + ", ".join(f"{kind} {ms:.3f}" for kind, ms in v.items()) for k, v in out[label].items()))
+        f"{k} " + ", ".join(f"{kind} {v[kind]:.3f}" for kind in (*KINDS, "total")) for k, v in out[label].items()))
     return out
 
 

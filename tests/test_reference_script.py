@@ -101,6 +101,9 @@ def test_cpu_smoke_run_writes_tables_and_json(tmp_path, capsys, monkeypatch):
     assert set(result["breakdown"]) == {"1x16", "decode 1"}
     for entry in result["breakdown"].values():
         kinds = entry["w8a8"]
-        assert set(kinds) == {*ref.KINDS, "total"}
+        assert set(kinds) == {*ref.KINDS, "total", "kernels"}
         assert kinds["total"] == pytest.approx(sum(kinds[k] for k in ref.KINDS)) and kinds["total"] > 0
+        # the heaviest kernels by name, at most TOP_KERNELS, none heavier than the total
+        assert 0 < len(kinds["kernels"]) <= ref.TOP_KERNELS
+        assert max(kinds["kernels"].values()) <= kinds["total"] + 1e-9
     assert result["check"]["w8a8 vs hf fp32"] < 0.5  # the same weights: W8A8 error, not garbage
