@@ -255,7 +255,9 @@ def launch_overhead(gen: torch.Generator, profile: bool) -> Dict[str, float]:
     gemm.int8_gemm(x_q, xs, w_q, ws, b, os_)  # tunes, and records the config for the fast path
     meta = next(v for key, v in gemm._TUNED.items() if key[:3] == (N, K, 1))
     grid = (triton.cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],)
-    scratch = gemm._split_workspace(x_q.device, *gemm._workspace_need(1, N, (meta,)))
+    from quamba_fx.kernels import split_k
+
+    scratch = split_k.scratch(x_q.device, *split_k.scratch_need(1, N, (meta,)))
 
     def bare():
         gemm._int8_gemm_jit[grid](

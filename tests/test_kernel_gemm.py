@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import gemm
+from quamba_fx.kernels import gemm, split_k
 from quamba_fx.kernels.gemm import int8_gemm, int8_gemm_reference
 from quamba_fx.quant.qops import MAX_INT8_LINEAR_K
 
@@ -177,7 +177,7 @@ def test_split_k_sums_every_k_range_once(split, M, K, N, monkeypatch):
     K < one tile), several M and N tiles and wrapped edges: equal to the reference, and every
     tile counter back at zero after each call (the next launch relies on it)."""
     monkeypatch.setattr(gemm, "_TUNED", _PinnedConfig(gemm._cfg(16, 32, 32, 1, 2, 1, split).all_kwargs()))
-    monkeypatch.setattr(gemm, "_WORKSPACES", {})
+    monkeypatch.setattr(split_k, "_SCRATCH", {})
     gen = torch.Generator().manual_seed(M * K + N + split)
     x = int8_values(gen, (M, K), "extreme").to(DEVICE)
     w = int8_values(gen, (N, K), "uniform").to(DEVICE)
@@ -186,20 +186,28 @@ def test_split_k_sums_every_k_range_once(split, M, K, N, monkeypatch):
         for _ in range(2):  # the second call reuses the scratch and its counters
             got = int8_gemm(x, xs, w, ws, None, **kw)
             assert_match(got, int8_gemm_reference(x, xs, w, ws, None, **kw))
-            (partials, counters), = gemm._WORKSPACES.values()
+            (partials, counters), = split_k._SCRATCH.values()
             assert int(counters.abs().sum()) == 0
 
 
 @needs_kernel
-def test_split_workspace_is_shared_and_grows(monkeypatch):
-    """One scratch per device and stream, grown to the largest need and kept."""
-    monkeypatch.setattr(gemm, "_WORKSPACES", {})
+def test_split_scratch_is_shared_and_grows(monkeypatch):
+    """One scratch per device and stream, grown to the largest need and kept, counters zeroed."""
+    monkeypatch.setattr(split_k, "_SCRATCH", {})
     dev = torch.device(DEVICE)
-    small = gemm._split_workspace(dev, 64, 4)
-    assert gemm._split_workspace(dev, 32, 2) is small
-    big = gemm._split_workspace(dev, 128, 3)
+    small = split_k.scratch(dev, 64, 4)
+    assert split_k.scratch(dev, 32, 2) is small
+    big = split_k.scratch(dev, 128, 3)
     assert big[0].numel() == 128 and big[1].numel() == 4 and int(big[1].abs().sum()) == 0
-    assert gemm._split_workspace(dev, 64, 4) is big
+    assert split_k.scratch(dev, 64, 4) is big
+
+
+def test_split_scratch_need():
+    metas = [dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=1), dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=4),
+             dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=2)]
+    # 40 x 70: 3 x 3 tiles of 16 x 32 (4 splits), 3 x 2 tiles of 16 x 64 (2 splits)
+    assert split_k.scratch_need(40, 70, metas) == (9 * 4 * 16 * 32, 9)
+    assert split_k.scratch_need(40, 70, metas[:1]) == (0, 0)
 
 
 @needs_kernel

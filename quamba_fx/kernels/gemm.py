@@ -51,9 +51,8 @@ in L2. Two kernels, chosen per call:
   K, and not at all when every split's K range is whole tiles (EVEN_K). Up to SKINNY_MAX_M rows
   the problem is bound by streaming the weight: one M tile holds every row, and K may be split
   across SPLIT_K programs (`_skinny_family`), so that a decode GEMM with few output columns still
-  keeps every SM loading. The splits write int32 partial tiles to a scratch buffer; the last to
-  arrive at the tile's counter (an atomic) sums them, runs the epilogue and resets the counter:
-  one launch, and the sum is exact whatever the order. Larger M takes wgmma-sized tiles.
+  keeps every SM loading (the last split to finish a tile sums the partials and runs the
+  epilogue, in the same launch: split_k.py). Larger M takes wgmma-sized tiles.
   Tiles are clipped to the problem (BLOCK_N <= next_pow2(N), BLOCK_K <= next_pow2(K), num_stages
   <= a split's K tiles).
 
@@ -70,7 +69,7 @@ read with its row stride (a copy only if its K stride is not 1). The output is a
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
 import torch
 import triton
@@ -80,7 +79,7 @@ from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
-from . import gemm_tma
+from . import gemm_tma, split_k
 from .gemm_epilogue import OUT_BF16 as _OUT_BF16
 from .gemm_epilogue import OUT_CAST as _OUT_CAST
 from .gemm_epilogue import OUT_INT8 as _OUT_INT8
@@ -310,26 +309,10 @@ def _int8_gemm_jit(
     if SPLIT_K == 1:
         _store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
                     out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
-    else:
-        # Each split writes its int32 partial tile; the split that arrives last at the tile's
-        # counter sums them all (exact in int32, so the order does not matter), runs the epilogue
-        # and sets the counter back to 0 for the next launch. One launch, no zeroed workspace.
-        tile = pid_m * num_pid_n + pid_n
-        slot = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tile_partials = partial_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-        # .cg: through L2, where the other programs' partials are; never a stale L1 line.
-        tl.store(tile_partials + pid_k * (BLOCK_M * BLOCK_N) + slot, acc, cache_modifier=".cg")
-        # Every thread's partial is written before the counter moves (the release below covers
-        # what the barrier ordered before it).
-        tl.debug_barrier()
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(tile_partials + s * (BLOCK_M * BLOCK_N) + slot, cache_modifier=".cg")
-            _store_tile(total, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
-                        out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
-            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+    elif split_k.arrive(acc, partial_ptr, count_ptr, pid_m * num_pid_n + pid_n, pid_k, SPLIT_K, BLOCK_M, BLOCK_N):
+        acc = split_k.total(partial_ptr, count_ptr, pid_m * num_pid_n + pid_n, SPLIT_K, BLOCK_M, BLOCK_N)
+        _store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
+                    out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
 
 
 # Prefill problems TMA can address: (problem key) -> whether the tuned TMA kernel beat the tuned
@@ -371,52 +354,18 @@ _int8_gemm_kernel = triton.autotune(
 # Keyed by everything that selects a config or a compiled variant.
 _TUNED: dict = {}
 
-# Split-K scratch per (device, stream): int32 partial tiles and the per-tile arrival counters,
-# which every launch leaves at zero. Launches on one stream run one after another, so they can
-# share it; another stream gets its own.
-_WORKSPACES: dict = {}
-
-
-def _workspace_need(m: int, n: int, metas: Iterable[dict]) -> tuple:
-    """(int32 partial values, counters) the largest split config among `metas` needs."""
-    partials = counters = 0
-    for meta in metas:
-        if meta["SPLIT_K"] > 1:
-            tiles = _cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"])
-            partials = max(partials, tiles * meta["SPLIT_K"] * meta["BLOCK_M"] * meta["BLOCK_N"])
-            counters = max(counters, tiles)
-    return partials, counters
-
-
-def _split_workspace(device: torch.device, partials: int, counters: int) -> tuple:
-    """Scratch of at least the given sizes, grown on demand. Grown during a CUDA-graph capture,
-    it belongs to that graph alone (its memory is the graph's) and is not kept for other calls."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    have = _WORKSPACES.get(key)
-    if have is not None and have[0].numel() >= partials and have[1].numel() >= counters:
-        return have
-    if have is not None:
-        partials, counters = max(partials, have[0].numel()), max(counters, have[1].numel())
-    grown = (torch.empty(partials, dtype=torch.int32, device=device),
-             torch.zeros(counters, dtype=torch.int32, device=device))
-    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-        _WORKSPACES[key] = grown
-    return grown
-
-
 def _launch(grid, args: tuple, key: tuple, m: int, n: int, k: int, **flags) -> None:
     """Launch the pointer kernel on `args` (all but the split-K scratch, which is added here)."""
     head, tail = args[:7], args[7:]
     meta = _TUNED.get(key)
     if meta is not None:
-        scratch = (_split_workspace(args[0].device, *_workspace_need(m, n, (meta,))) if meta["SPLIT_K"] > 1
+        scratch = (split_k.scratch(args[0].device, *split_k.scratch_need(m, n, (meta,))) if meta["SPLIT_K"] > 1
                    else (args[2], args[2]))
         _int8_gemm_jit[grid](*head, *scratch, *tail, **flags, **meta, EVEN_K=_even_k(k, meta))
         return
     named = dict(zip(_int8_gemm_jit.arg_names, head + (None, None) + tail))
     candidates = [c.all_kwargs() for c in _prune(_int8_gemm_kernel.configs, named)]
-    full = head + _split_workspace(args[0].device, *_workspace_need(m, n, candidates)) + tail
+    full = head + split_k.scratch(args[0].device, *split_k.scratch_need(m, n, candidates)) + tail
     precompile(_int8_gemm_jit, full, ({**flags, **c, "EVEN_K": _even_k(k, c)} for c in candidates))
     _int8_gemm_kernel[grid](*full, **flags)
     best = getattr(_int8_gemm_kernel, "best_config", None)
