@@ -1,5 +1,6 @@
-"""The W8A8 GEMM epilogue shared by both GEMM kernels (gemm.py, gemm_tma.py): int32 accumulator
-tile -> dequantize -> bias -> requantize / cast, in the order gemm.py's numerical contract fixes.
+"""The W8A8 GEMM epilogue shared by the GEMM kernels (gemm.py, gemm_tma.py, gemv.py): int32
+accumulator tile -> dequantize -> bias -> requantize / cast, in the order gemm.py's numerical
+contract fixes.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import triton.language as tl
 
 from .rounding import f32_to_bf16_rne, quantize_rn
 
-__all__ = ["epilogue"]
+__all__ = ["epilogue", "store_tile"]
 
 # out_dtype -> the kernels' OUT_MODE.
 OUT_INT8, OUT_BF16, OUT_CAST = 0, 1, 2
@@ -62,3 +63,16 @@ def epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, OUT_T
     else:
         out = y.to(OUT_TY)
     return out
+
+
+@triton.jit
+def store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr,
+               out_ptr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
+               OUT_PER_CHANNEL: tl.constexpr):
+    """The epilogue of `acc` (rows `offs_m`, columns `offs_n`; `cols` the in-range columns) stored
+    into the `[M, N]` output with row stride `stride_om`, masked to the output's edges."""
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
+                   W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
+    tl.store(out_ptrs, out, mask=mask)

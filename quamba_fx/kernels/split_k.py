@@ -24,7 +24,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["arrive", "total", "scratch", "scratch_need"]
+__all__ = ["arrive", "load_k_step", "total", "scratch", "scratch_need"]
+
+
+@triton.jit
+def load_k_step(x_ptrs, w_ptrs, offs_k, K, kt, EVEN_K: tl.constexpr):
+    """Step `kt` of a split's K loop: the activation and weight tiles at `offs_k` (the split's K
+    offsets), zero past K, which also covers whole steps of the last split that lie beyond it.
+    EVEN_K: every split's steps are whole tiles inside K, so nothing is masked."""
+    if EVEN_K:
+        a = tl.load(x_ptrs)
+        b = tl.load(w_ptrs)
+    else:
+        k_mask = offs_k[None, :] < K - kt * offs_k.shape[0]
+        a = tl.load(x_ptrs, mask=k_mask, other=0)
+        b = tl.load(w_ptrs, mask=k_mask, other=0)
+    return a, b
 
 
 @triton.jit
@@ -57,12 +72,13 @@ def total(partial_ptr, count_ptr, tile, SPLIT_K: tl.constexpr, BLOCK_M: tl.const
 
 def scratch_need(m: int, n: int, metas: Iterable[dict]) -> Tuple[int, int]:
     """(int32 partial values, counters) the largest split config among `metas` needs for an
-    `m x n` output: configs with SPLIT_K = 1 need none."""
+    `m x n` output: configs with SPLIT_K = 1 need none; a config without BLOCK_M has one row."""
     partials = counters = 0
     for meta in metas:
         if meta["SPLIT_K"] > 1:
-            tiles = -(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"])
-            partials = max(partials, tiles * meta["SPLIT_K"] * meta["BLOCK_M"] * meta["BLOCK_N"])
+            block_m = meta.get("BLOCK_M", 1)
+            tiles = -(-m // block_m) * -(-n // meta["BLOCK_N"])
+            partials = max(partials, tiles * meta["SPLIT_K"] * block_m * meta["BLOCK_N"])
             counters = max(counters, tiles)
     return partials, counters
 
