@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import gemm, split_k
+from quamba_fx.kernels import gemm, gemv, split_k
 from quamba_fx.kernels.gemm import int8_gemm, int8_gemm_reference
 from quamba_fx.quant.qops import MAX_INT8_LINEAR_K
 
@@ -77,14 +77,16 @@ def make_x(gen: torch.Generator, lead: tuple, K: int, layout: str, mode: str, de
 
 
 @st.composite
-def cases(draw):
+def cases(draw, max_rows: int = 70):
     # The interpreter runs 16 x 32 x 32 tiles with GROUP_M = 4: hit the tile edges, K tails and
-    # K < one tile, and the decode shape M = 1.
+    # K < one tile, and the decode shape M = 1. `max_rows` bounds M (the product of `lead`).
     three_d = draw(st.booleans())
     if three_d:
-        lead = (draw(st.integers(1, 3)), draw(st.integers(1, 23)))
+        first = draw(st.integers(1, min(3, max_rows)))
+        lead = (first, draw(st.integers(1, min(23, max_rows // first))))
     else:
-        lead = (draw(st.one_of(st.integers(1, 70), st.sampled_from([1, 15, 16, 17, 33, 64, 65, 70]))),)
+        rows = [r for r in [1, 15, 16, 17, 33, 64, 65, 70] if r <= max_rows]
+        lead = (draw(st.one_of(st.integers(1, max_rows), st.sampled_from(rows))),)
     K = draw(st.one_of(st.integers(1, 200), st.sampled_from([1, 31, 32, 33, 48, 64, 96, 160, 200])))
     N = draw(st.one_of(st.integers(1, 150), st.sampled_from([1, 16, 31, 32, 33, 80, 150])))
     layouts = ["contiguous", "slice"] + (["permuted"] if len(lead) > 1 else [])
@@ -177,6 +179,7 @@ def test_split_k_sums_every_k_range_once(split, M, K, N, monkeypatch):
     K < one tile), several M and N tiles and wrapped edges: equal to the reference, and every
     tile counter back at zero after each call (the next launch relies on it)."""
     monkeypatch.setattr(gemm, "_TUNED", _PinnedConfig(gemm._cfg(16, 32, 32, 1, 2, 1, split).all_kwargs()))
+    monkeypatch.setattr(gemv, "GEMV_MAX_M", 0)  # the tensor-core kernel at every M
     monkeypatch.setattr(split_k, "_SCRATCH", {})
     gen = torch.Generator().manual_seed(M * K + N + split)
     x = int8_values(gen, (M, K), "extreme").to(DEVICE)
@@ -188,6 +191,52 @@ def test_split_k_sums_every_k_range_once(split, M, K, N, monkeypatch):
             assert_match(got, int8_gemm_reference(x, xs, w, ws, None, **kw))
             (partials, counters), = split_k._SCRATCH.values()
             assert int(counters.abs().sum()) == 0
+
+
+@needs_kernel
+@settings(max_examples=40, **SETTINGS)
+@given(case=cases(max_rows=gemv.GEMV_MAX_M))
+def test_gemv_matches_int8_linear(case):
+    """Up to GEMV_MAX_M rows the GEMV runs (under the interpreter it is always chosen), bit for bit
+    the contract of int8_linear, K split or not."""
+    launches = []
+    real = gemv.launch
+    kwargs = build(case, DEVICE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gemv, "launch", lambda *a, **k: (launches.append(1), real(*a, **k)))
+        got = int8_gemm(**kwargs)
+    assert_match(got, int8_gemm_reference(**kwargs))
+    assert launches or not EXACT
+
+
+@needs_kernel
+@pytest.mark.parametrize("split", [3, 5])
+@pytest.mark.parametrize("K,N", [(200, 70), (161, 45), (96, 16), (40, 33)])
+def test_gemv_split_k_sums_every_k_range_once(split, K, N, monkeypatch):
+    monkeypatch.setattr(gemv, "_TUNED", _PinnedConfig(gemv._cfg(16, 32, split, 1, 1).all_kwargs()))
+    monkeypatch.setattr(split_k, "_SCRATCH", {})
+    gen = torch.Generator().manual_seed(K + N + split)
+    x = int8_values(gen, (1, K), "extreme").to(DEVICE)
+    w = int8_values(gen, (N, K), "uniform").to(DEVICE)
+    xs, ws = scale(0.02, DEVICE), (torch.rand(N, generator=gen) * 1e-3).to(DEVICE)
+    for kw in (dict(out_scale=scale(0.3, DEVICE)), dict(out_dtype=torch.bfloat16)):
+        for _ in range(2):
+            assert_match(int8_gemm(x, xs, w, ws, None, **kw), int8_gemm_reference(x, xs, w, ws, None, **kw))
+            (partials, counters), = split_k._SCRATCH.values()
+            assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("K,N", [(2560, 10240), (5120, 192), (160, 5120), (5120, 2560), (1, 1)])
+def test_gemv_configs(K, N):
+    """A bounded running sum a thread, and K splits only while the programs do not yet fill the
+    SMs four times over."""
+    configs = gemv.gpu_configs(N, K, sms=132)
+    sigs = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.num_stages) for c in configs]
+    assert sigs and len(set(sigs)) == len(sigs)
+    for bn, bk, split, _ in sigs:
+        assert bn * bk <= 64 * 32 * gemv._WARPS or bn == 16
+        assert split == 1 or -(-N // bn) * split // 2 < 4 * 132
+        assert split <= max(1, -(-K // bk))
 
 
 @needs_kernel
@@ -375,8 +424,8 @@ def tma_path(monkeypatch):
 
     monkeypatch.setattr(gemm, "_TMA_MIN_M", 1)
     # On CUDA the wrapper would also time the pointer kernel against it: skip that race here.
-    monkeypatch.setattr(gemm, "_PREFILL_USES_TMA", {})
-    monkeypatch.setattr(gemm, "_tma_is_faster", lambda tma, pointer: True)
+    monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
+    monkeypatch.setattr(gemm, "_alternative_is_faster", lambda alternative, pointer: True)
     monkeypatch.setattr(gemm_tma, "_TUNED", {})
     launched = []
     real = gemm_tma.launch_config
@@ -460,6 +509,31 @@ def test_tma_kernel_reads_row_slices_in_place(tma_path):
 
 
 @pytest.mark.skipif(not EXACT, reason="fake timings of interpreted kernels; needs TRITON_INTERPRET=1")
+def test_a_failing_alternative_kernel_falls_back_to_the_pointer_kernel(monkeypatch):
+    """A one-row problem on CUDA times the GEMV against the pointer kernel; if the GEMV cannot
+    compile or run on the device, a warning says so and the pointer kernel runs it, then and
+    later, with the same result as the reference."""
+    from quamba_fx.kernels import gemm_tma
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such instruction on this device")
+
+    monkeypatch.setattr(gemv, "launch", broken)
+    monkeypatch.setattr(gemm_tma, "gpu_time_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(gemm, "_INTERPRET", False)  # time the two, as on CUDA
+    monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
+    gen = torch.Generator().manual_seed(15)
+    x = int8_values(gen, (1, 48), "uniform")
+    w = int8_values(gen, (24, 48), "uniform")
+    args = (x, scale(0.02, "cpu"), w, scale(0.003, "cpu", (24,)), None, scale(0.5, "cpu"))
+    with pytest.warns(RuntimeWarning, match="gemv_kernel failed on this device .*no such instruction"):
+        first = int8_gemm(*args)
+    assert list(gemm._USES_ALTERNATIVE.values()) == [False]
+    assert torch.equal(int8_gemm(*args), first)  # no second try, no second warning
+    assert_match(first, int8_gemm_reference(*args))
+
+
+@pytest.mark.skipif(not EXACT, reason="fake timings of interpreted kernels; needs TRITON_INTERPRET=1")
 def test_prefill_kernel_choice_is_timed_once_and_recorded(monkeypatch):
     """On CUDA a prefill problem runs whichever kernel timed faster on first sight (e.g. the pointer
     kernel for 2.8b's out_proj at 2048 rows on an H200), and later calls reuse the choice."""
@@ -479,13 +553,13 @@ def test_prefill_kernel_choice_is_timed_once_and_recorded(monkeypatch):
     monkeypatch.setattr(gemm_tma, "_TUNED", {})
     monkeypatch.setattr(gemm, "_INTERPRET", False)  # time the two, as on CUDA
     monkeypatch.setattr(gemm, "_TMA_MIN_M", 1)
-    monkeypatch.setattr(gemm, "_PREFILL_USES_TMA", {})
+    monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
     gen = torch.Generator().manual_seed(14)
     x = int8_values(gen, (20, 32), "uniform")
     w = int8_values(gen, (16, 32), "uniform")
     args = (x, scale(0.02, "cpu"), w, scale(0.003, "cpu", (16,)), None, scale(0.5, "cpu"))
     first = int8_gemm(*args)
-    assert len(calls) == 2 and list(gemm._PREFILL_USES_TMA.values()) == [False]
+    assert len(calls) == 2 and list(gemm._USES_ALTERNATIVE.values()) == [False]
     tma_launches = len(launched)
     assert tma_launches >= 1  # the TMA kernel was tuned and timed, then not chosen
     assert torch.equal(int8_gemm(*args), first)

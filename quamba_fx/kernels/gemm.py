@@ -38,7 +38,7 @@ Both operands are K-contiguous (x `[M, K]` rows, w in nn.Linear's `[N, K]` layou
 wgmma only takes K-major operands, so the weight tile is loaded as `[BLOCK_N, BLOCK_K]` and handed
 to `tl.dot` transposed, which Triton lowers to a K-major shared-memory view, not a shuffle. Tiles
 are numbered in a GROUP_M-swizzled order so that programs running together share weight columns
-in L2. Two kernels, chosen per call:
+in L2. Three kernels, chosen per call:
 
 * prefill (M bucket >= `_TMA_MIN_M`) with 16-byte aligned row strides and bases: the persistent
   TMA kernel of gemm_tma.py (descriptors for x, w and the output, one program per SM walking
@@ -52,7 +52,9 @@ in L2. Two kernels, chosen per call:
   the problem is bound by streaming the weight: one M tile holds every row, and K may be split
   across SPLIT_K programs (`_skinny_family`), so that a decode GEMM with few output columns still
   keeps every SM loading (the last split to finish a tile sums the partials and runs the
-  epilogue, in the same launch: split_k.py). Larger M takes wgmma-sized tiles.
+  epilogue, in the same launch: split_k.py). Larger M takes wgmma-sized tiles. At one row
+  the GEMV of gemv.py (CUDA cores, no tensor-core tile) runs instead where it timed faster on the
+  problem's first call.
   Tiles are clipped to the problem (BLOCK_N <= next_pow2(N), BLOCK_K <= next_pow2(K), num_stages
   <= a split's K tiles).
 
@@ -69,6 +71,7 @@ read with its row stride (a copy only if its K stride is not 1). The output is a
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Optional
 
 import torch
@@ -79,11 +82,11 @@ from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
-from . import gemm_tma, split_k
+from . import gemm_tma, gemv, split_k
 from .gemm_epilogue import OUT_BF16 as _OUT_BF16
 from .gemm_epilogue import OUT_CAST as _OUT_CAST
 from .gemm_epilogue import OUT_INT8 as _OUT_INT8
-from .gemm_epilogue import epilogue
+from .gemm_epilogue import store_tile
 from torch import Tensor
 
 from ..quant import qops  # noqa: F401  (registers torch.ops.quamba.int8_linear, the reference)
@@ -238,17 +241,6 @@ def _even_k(k: int, meta: dict) -> bool:
     return k % (meta["BLOCK_K"] * meta["SPLIT_K"]) == 0
 
 
-@triton.jit
-def _store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr,
-                out_ptr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
-                OUT_PER_CHANNEL: tl.constexpr):
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
-                   W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
-    tl.store(out_ptrs, out, mask=mask)
-
-
 # M changes with every prefill length: keep it (and its bucket, only an autotune key) out of the
 # specialisation so a new M never recompiles. N, K and the strides stay specialised (% 16 lets
 # the loads be 16-byte vectors).
@@ -291,14 +283,7 @@ def _int8_gemm_jit(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for kt in range(0, k_tiles):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            # Also masks whole tiles of the last split that lie past K.
-            k_mask = offs_k[None, :] < K - kt * BLOCK_K
-            a = tl.load(x_ptrs, mask=k_mask, other=0)
-            b = tl.load(w_ptrs, mask=k_mask, other=0)
+        a, b = split_k.load_k_step(x_ptrs, w_ptrs, offs_k, K, kt, EVEN_K)
         # b is [BLOCK_N, BLOCK_K], K-contiguous: the transposed view keeps both dot operands
         # K-major, the only int8 layout Hopper's wgmma accepts. out_dtype must be spelled out:
         # Triton 3.6 defaults it to fp32 and rejects an int32 accumulator otherwise.
@@ -307,25 +292,43 @@ def _int8_gemm_jit(
         w_ptrs += BLOCK_K
 
     if SPLIT_K == 1:
-        _store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
+        store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
                     out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
     elif split_k.arrive(acc, partial_ptr, count_ptr, pid_m * num_pid_n + pid_n, pid_k, SPLIT_K, BLOCK_M, BLOCK_N):
         acc = split_k.total(partial_ptr, count_ptr, pid_m * num_pid_n + pid_n, SPLIT_K, BLOCK_M, BLOCK_N)
-        _store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
+        store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
                     out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
 
 
-# Prefill problems TMA can address: (problem key) -> whether the tuned TMA kernel beat the tuned
-# pointer kernel (it mostly does; not e.g. on out_proj at 2048 rows on an H200).
-_PREFILL_USES_TMA: dict = {}
+# Problems another kernel could run, the TMA kernel (prefill) or the GEMV (a few rows): ("tma" or
+# "gemv", problem key) -> whether it beat the tuned pointer kernel. The TMA kernel mostly does,
+# not e.g. on out_proj at 2048 rows on an H200.
+_USES_ALTERNATIVE: dict = {}
 
 
-def _tma_is_faster(tma, pointer) -> bool:
+def _alternative_is_faster(alternative, pointer) -> bool:
     """Tune both kernels (each call tunes on first sight) and compare their GPU times. Under the
-    interpreter there is nothing to time: the TMA kernel, which the tests are there to check."""
+    interpreter there is nothing to time: the alternative, which the tests are there to check.
+    An alternative that fails to compile or run on this device is not chosen (with a warning):
+    the pointer kernel runs every problem."""
     if _INTERPRET:
         return True
-    return gemm_tma.gpu_time_ms(tma) <= gemm_tma.gpu_time_ms(pointer)
+    try:
+        alternative_ms = gemm_tma.gpu_time_ms(alternative)
+    except Exception as exc:  # noqa: BLE001 - reported, and the pointer kernel is always there
+        warnings.warn(f"quamba_fx: int8_gemm's {getattr(alternative, '__name__', 'alternative')} failed on this "
+                      f"device ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                      "using the pointer kernel for this problem", RuntimeWarning, stacklevel=3)
+        return False
+    return alternative_ms <= gemm_tma.gpu_time_ms(pointer)
+
+
+def _runs_alternative(kind: str, key: tuple, alternative, pointer) -> bool:
+    """Whether `alternative` (a launch) runs this problem, timed against `pointer` on first sight."""
+    chosen = _USES_ALTERNATIVE.get((kind, key))
+    if chosen is None:
+        chosen = _USES_ALTERNATIVE[(kind, key)] = _alternative_is_faster(alternative, pointer)
+    return chosen
 
 
 def _interpreter_pick(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
@@ -521,15 +524,21 @@ def int8_gemm(
             enable_fp_fusion=False,
         )
 
+    tensors = (x2, w, xs, ws, b_arg, os_arg, out2)
+    key = (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device)
     if m_bucket >= _TMA_MIN_M and gemm_tma.supported(x2, w, out2):
-        tensors = (x2, w, xs, ws, b_arg, os_arg, out2)
-        key = (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device)
-        use_tma = _PREFILL_USES_TMA.get(key)
-        if use_tma is None:
-            use_tma = _PREFILL_USES_TMA[key] = _tma_is_faster(
-                lambda: gemm_tma.launch(tensors, m, n, k, m_bucket, flags), pointer_kernel)
-        if use_tma:
+        def tma_kernel() -> None:
             gemm_tma.launch(tensors, m, n, k, m_bucket, flags)
+
+        if _runs_alternative("tma", key, tma_kernel, pointer_kernel):
+            tma_kernel()
+            return out
+    elif m <= gemv.GEMV_MAX_M:
+        def gemv_kernel() -> None:
+            gemv.launch(tensors, n, k, key, flags)
+
+        if _runs_alternative("gemv", key, gemv_kernel, pointer_kernel):
+            gemv_kernel()
             return out
     pointer_kernel()
     return out
