@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from .errors import InputError, QuambaError
 from .graph_info import describe
 from .quant.observers import Observer, observer_from_state_dict
-from .recipe import Recipe, block_paths, make_recipe, tap_node
+from .recipe import block_paths, tap_node
+from .recipes import Recipe, as_recipe
 
 CALIBRATION_FORMAT = 1
 
@@ -89,7 +90,8 @@ def calibrate(
     """Record the statistics `recipe` needs, one independent set per block.
 
     `gm` is a float graph from `capture` (after the recipe's float passes, e.g. the Hadamard
-    rotation, so statistics are those of the tensors that will really be quantized). `batches`
+    rotation, so statistics are those of the tensors that will really be quantized); `recipe` is a
+    registered recipe's name or a `quamba_fx.recipes.Recipe`. `batches`
     is an iterable of `input_ids [B, L]` tensors, or one `[B, L]` tensor, taken as a single batch
     (split it, e.g. `ids.split(8)`, to bound memory). Raises `CalibrationError` naming the batch for
     a batch that is not integer token ids of rank 2 within the vocabulary, naming the node and block
@@ -102,7 +104,7 @@ def calibrate(
                 "[batch, seq_len], or an iterable of such batches"
             )
         batches = [batches]
-    recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
+    recipe = as_recipe(recipe)
     taps: dict[torch.fx.Node, tuple[str, Observer]] = {}
     for path in block_paths(gm):
         for tap in recipe.taps:

@@ -8,9 +8,11 @@ import copy
 import json
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import quamba_fx
 from quamba_fx.catalog import RECIPE_NAMES
 from quamba_fx.errors import InvalidArgumentError, QuambaError, RecipeError
 from quamba_fx.quant import AbsMaxObserver, PercentileObserver
@@ -28,6 +30,8 @@ from quamba_fx.recipes import (
     register_recipe,
     registry,
 )
+
+from .conftest import make_model, tiny_config
 
 
 def through_json(data):
@@ -142,6 +146,24 @@ def test_register_recipe(monkeypatch):
         register_recipe(mine.to_dict())
 
 
+def test_a_recipe_object_works_wherever_a_name_does():
+    """quantize and calibrate take a Recipe as they take a name; a custom tap set is honoured."""
+    model = make_model(tiny_config(num_hidden_layers=1))
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    by_name = quamba_fx.quantize(model, [ids], recipe="quamba", progress=False)
+    by_object = quamba_fx.quantize(model, [ids], recipe=make_recipe("quamba"), progress=False)
+    assert torch.equal(by_name(ids), by_object(ids))
+    mine = Recipe("clip-out-proj", True, {
+        **{tap: QuantSpec() for tap in W8A8_TAPS},
+        OUT_PROJ_IN: QuantSpec(observer="percentile", observer_args={"percentile": 99.0}),
+    })
+    qm = quamba_fx.quantize(model, [ids], recipe=mine, progress=False)
+    assert qm.meta["quamba"]["recipe"] == "clip-out-proj" and qm.meta["quamba"]["recipe_spec"] == mine
+    calibration = quamba_fx.calibrate(quamba_fx.capture(model), [ids], mine, progress=False)
+    assert isinstance(calibration.observers["backbone.layers.0.mixer.out_proj.input_scale"], PercentileObserver)
+    assert isinstance(calibration.observers["backbone.layers.0.mixer.conv1d.output_scale"], AbsMaxObserver)
+
+
 # --- malformed recipes ----------------------------------------------------------------------------
 
 
@@ -251,3 +273,10 @@ def test_any_edit_of_a_recipe_dict_reads_back_or_raises_one_recipe_error(path, v
         assert "\n" not in str(exc) and str(exc).startswith(f"recipe field {path[0]}")
         return
     assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_the_package_exports_the_recipe_api():
+    assert quamba_fx.Recipe is Recipe and quamba_fx.QuantSpec is QuantSpec
+    assert quamba_fx.make_recipe is make_recipe and quamba_fx.register_recipe is register_recipe
+    assert issubclass(quamba_fx.RecipeError, quamba_fx.InvalidArgumentError)
+    assert quamba_fx.recipe.make_recipe is make_recipe  # the old module path keeps working
