@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, QuambaError
 from .graph_info import describe
-from .quant.observers import Observer, observer_from_state_dict
+from .quant.observers import Observer, observer_class, observer_from_state_dict
 from .recipe import block_paths, tap_node
 from .recipes import Recipe, as_recipe
 
@@ -30,6 +30,25 @@ class Calibration:
         self.recipe = recipe
         self.observers = observers
         self.batches = batches
+
+    def check_matches(self, recipe: Recipe, blocks: list[str]) -> None:
+        """Raise `CalibrationError` unless this calibration was recorded for `recipe`: the same name,
+        and for every tap of every block in `blocks` an observer of the class and arguments its spec
+        names (a graph records its recipe, so scales from other observers would be misdescribed)."""
+        if self.recipe != recipe.name:
+            raise CalibrationError(f"the calibration was recorded for recipe {self.recipe!r}, not {recipe.name!r}")
+        for block in blocks:
+            for tap, spec in recipe.specs:
+                key = f"{block}.{tap.key}"
+                observer = self.observers.get(key)
+                if observer is None:
+                    raise CalibrationError(f"the calibration has no observer for {key}, which recipe {recipe.name!r} quantizes; "
+                                           "calibrate again with this recipe")
+                if type(observer) is not observer_class(spec.observer) or observer.arguments() != spec.observer_kwargs:
+                    raise CalibrationError(
+                        f"the calibration's observer for {key} is {observer.label()}, but recipe {recipe.name!r} asks for "
+                        f"{spec.observer} with {spec.observer_kwargs}; calibrate again with this recipe"
+                    )
 
     def scales(self) -> dict[str, float]:
         """The int8 scale of every tap: observed statistic / 127."""

@@ -15,6 +15,7 @@ from .errors import NonFiniteError
 from .passes.hadamard import RotateOutProjInput
 from .passes.quantize import InsertQuantDequant, LowerLinears, SinkDequantize
 from .pipeline import Pipeline
+from .recipe import block_paths
 from .recipes import Recipe, as_recipe
 from .tensor_checks import name_list, non_finite_tensors
 
@@ -48,6 +49,7 @@ def quantize(
     a weight holds NaN or infinity (even one calibration never reads, like an unused embedding row).
     `recipe` is a registered recipe's name (`naive`, `quamba`) or any `quamba_fx.recipes.Recipe`;
     the graph keeps it (`meta["quamba"]["recipe_spec"]`), so `save_pretrained` can store it whole.
+    A `calibration` recorded for another recipe (name or observers) raises `CalibrationError`.
     """
     recipe = as_recipe(recipe)
     # Always a deep copy: a fresh capture shares its modules with the user's model, and the passes
@@ -64,8 +66,8 @@ def quantize(
         if calibration_data is None:
             raise ValueError("quantize needs calibration_data (batches of token ids) or a saved calibration")
         calibration = calibrate(gm, calibration_data, recipe, progress=progress)
-    elif calibration.recipe != recipe.name:
-        raise ValueError(f"the calibration was recorded for recipe {calibration.recipe!r}, not {recipe.name!r}")
+    else:
+        calibration.check_matches(recipe, block_paths(gm))
     gm = Pipeline(quantization_passes(calibration.scales(), recipe), dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
     gm.meta["quamba"]["recipe"] = recipe.name
     gm.meta["quamba"]["recipe_spec"] = recipe

@@ -102,6 +102,10 @@ class Observer:
 
     # -- public API -----------------------------------------------------------------------------
 
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments this observer was built with, as `check_arguments` returns them."""
+        return self._config()
+
     def label(self) -> str:
         """How error messages name this observer, e.g. `PercentileObserver(percentile=99.999) 'x'`."""
         args = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
