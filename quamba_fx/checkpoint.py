@@ -1,10 +1,9 @@
 """Save and load captured (float, quantized or fused) graphs: safetensors weights plus a JSON recipe.
 
 A checkpoint directory holds `config.json` (format version, library version, the whole recipe as
-`Recipe.to_dict()` wrote it, the source
-model's Hugging Face config, dtype, the SHA-256 of the weights) and `model.safetensors` (int8
-weights, every scale, the float parameters; its metadata records the SHA-256 of the config, so an
-edit of either file is caught). No pickle: the graph is not stored but rebuilt, by running the same
+`Recipe.to_dict()` writes it, the source model's Hugging Face config, dtype, the SHA-256 of the
+weights) and `model.safetensors` (int8 weights, every scale, the float parameters; its metadata
+records the SHA-256 of the config, so an edit of either file is caught). No pickle: the graph is not stored but rebuilt, by running the same
 passes on a meta-device copy of the source architecture, and the tensors are then loaded into it
 strictly, so a missing or extra tensor is an error rather than a silent default.
 
@@ -301,11 +300,10 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
             and all(isinstance(k, str) and isinstance(v, str) for k, v in config["tokenizer_sha256"].items())),
             "null or an object mapping tokenizer file names to SHA-256 digests"),
     }
-    # Read first: the checks below may fail on a field a malformed recipe made meaningless.
-    config["recipe"] = _format_1_recipe(config, where) if version == 1 else _stored_recipe(config["recipe"], where)
     for field, (ok, expected) in checks.items():
         if not ok:
             raise _field_error(where, field, expected, config[field])
+    config["recipe"] = _format_1_recipe(config, where) if version == 1 else _stored_recipe(config["recipe"], where)
     config["dtype"] = config["dtype"].replace("torch.", "")
     return config, digest
 
