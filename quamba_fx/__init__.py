@@ -22,6 +22,7 @@ from .errors import (
     NonFiniteError,
     PassError,
     QuambaError,
+    RecipeError,
     TopologyError,
     UnsupportedModelError,
 )
@@ -40,13 +41,14 @@ _EXPORTS: dict[str, str] = {
     "VerifyTopology": "passes.verify", "verify_topology": "passes.verify",
     "EvalResult": "evaluate", "evaluate": "evaluate",
     "Pipeline": "pipeline",
+    "QuantSpec": "recipes", "Recipe": "recipes", "make_recipe": "recipes", "register_recipe": "recipes",
     "Generator": "runtime", "MambaCache": "runtime",
     "quantize": "w8a8",
 }
 
 __all__ = [
     *_EXPORTS, "__version__", "CheckpointError", "InputError", "InvalidArgumentError", "MetaDeviceError",
-    "MissingDependencyError", "NonFiniteError", "PassError", "QuambaError", "TopologyError",
+    "MissingDependencyError", "NonFiniteError", "PassError", "QuambaError", "RecipeError", "TopologyError",
     "UnsupportedModelError",
 ]
 

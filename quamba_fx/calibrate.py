@@ -12,8 +12,9 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, QuambaError
 from .graph_info import describe
-from .quant.observers import Observer, observer_from_state_dict
-from .recipe import Recipe, block_paths, make_recipe, tap_node
+from .quant.observers import Observer, observer_class, observer_from_state_dict
+from .recipe import block_paths, tap_node
+from .recipes import Recipe, as_recipe
 
 CALIBRATION_FORMAT = 1
 
@@ -29,6 +30,25 @@ class Calibration:
         self.recipe = recipe
         self.observers = observers
         self.batches = batches
+
+    def check_matches(self, recipe: Recipe, blocks: list[str]) -> None:
+        """Raise `CalibrationError` unless this calibration was recorded for `recipe`: the same name,
+        and for every tap of every block in `blocks` an observer of the class and arguments its spec
+        names (a graph records its recipe, so scales from other observers would be misdescribed)."""
+        if self.recipe != recipe.name:
+            raise CalibrationError(f"the calibration was recorded for recipe {self.recipe!r}, not {recipe.name!r}")
+        for block in blocks:
+            for tap, spec in recipe.specs:
+                key = f"{block}.{tap.key}"
+                observer = self.observers.get(key)
+                if observer is None:
+                    raise CalibrationError(f"the calibration has no observer for {key}, which recipe {recipe.name!r} quantizes; "
+                                           "calibrate again with this recipe")
+                if type(observer) is not observer_class(spec.observer) or observer.arguments() != spec.observer_kwargs:
+                    raise CalibrationError(
+                        f"the calibration's observer for {key} is {observer.label()}, but recipe {recipe.name!r} asks for "
+                        f"{spec.observer} with {spec.observer_kwargs}; calibrate again with this recipe"
+                    )
 
     def scales(self) -> dict[str, float]:
         """The int8 scale of every tap: observed statistic / 127."""
@@ -89,7 +109,8 @@ def calibrate(
     """Record the statistics `recipe` needs, one independent set per block.
 
     `gm` is a float graph from `capture` (after the recipe's float passes, e.g. the Hadamard
-    rotation, so statistics are those of the tensors that will really be quantized). `batches`
+    rotation, so statistics are those of the tensors that will really be quantized); `recipe` is a
+    registered recipe's name or a `quamba_fx.recipes.Recipe`. `batches`
     is an iterable of `input_ids [B, L]` tensors, or one `[B, L]` tensor, taken as a single batch
     (split it, e.g. `ids.split(8)`, to bound memory). Raises `CalibrationError` naming the batch for
     a batch that is not integer token ids of rank 2 within the vocabulary, naming the node and block
@@ -102,7 +123,7 @@ def calibrate(
                 "[batch, seq_len], or an iterable of such batches"
             )
         batches = [batches]
-    recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
+    recipe = as_recipe(recipe)
     taps: dict[torch.fx.Node, tuple[str, Observer]] = {}
     for path in block_paths(gm):
         for tap in recipe.taps:

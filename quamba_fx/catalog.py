@@ -1,7 +1,8 @@
 """Names the command line offers before anything heavy is imported: built-in models, recipes, formats.
 
 This module imports neither torch nor transformers, so `quamba-fx --help` and usage errors answer
-at once. The modules that act on these names (`models`, `recipe`, `dump`) import them from here.
+at once. The modules that act on these names (`models`, `dump`) import them from here; the recipe
+names are the built-ins `quamba_fx.recipes` registers (tests/test_recipes.py checks they agree).
 """
 
 from __future__ import annotations
@@ -34,5 +35,5 @@ PACKAGED_MODELS: dict[str, Path] = {
 }
 DEFAULT_MODEL = "mamba-bytes-wt2"
 
-RECIPE_NAMES = ("naive", "quamba")
+RECIPE_NAMES = ("naive", "quamba")  # the --recipe choices; each one is a file in quamba_fx/recipes/
 DUMP_FORMATS = ("text", "json", "dot", "svg")

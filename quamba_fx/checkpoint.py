@@ -1,14 +1,16 @@
 """Save and load captured (float, quantized or fused) graphs: safetensors weights plus a JSON recipe.
 
-A checkpoint directory holds `config.json` (format version, library version, recipe, the source
-model's Hugging Face config, dtype, the SHA-256 of the weights) and `model.safetensors` (int8
-weights, every scale, the float parameters; its metadata records the SHA-256 of the config, so an
-edit of either file is caught). No pickle: the graph is not stored but rebuilt, by running the same
+A checkpoint directory holds `config.json` (format version, library version, the whole recipe as
+`Recipe.to_dict()` writes it, the source model's Hugging Face config, dtype, the SHA-256 of the
+weights) and `model.safetensors` (int8 weights, every scale, the float parameters; its metadata
+records the SHA-256 of the config, so an edit of either file is caught). No pickle: the graph is not stored but rebuilt, by running the same
 passes on a meta-device copy of the source architecture, and the tensors are then loaded into it
 strictly, so a missing or extra tensor is an error rather than a silent default.
 
-Loading validates before it builds anything: the config's fields (types and ranges), the
-architecture against the tensor names and shapes in the safetensors header, then both hashes.
+Loading validates before it builds anything: the config's fields (types and ranges, the recipe
+through `Recipe.from_dict`), the architecture against the tensor names and shapes in the
+safetensors header, then both hashes. Format 1 (before recipes were data) stored only the recipe's
+name and percentile; `_format_1_recipe` still reads it.
 Saving goes through `_atomic_dir`: written aside, swapped in under a lock, recoverable if killed.
 """
 
@@ -31,16 +33,18 @@ from transformers import MambaConfig, MambaForCausalLM, MambaModel
 
 from . import _atomic_dir
 from .capture import annotate_shapes, capture
-from .errors import CheckpointError
+from .errors import CheckpointError, RecipeError
 from .passes.fuse_conv import FuseConv1dSiLU
 from .pipeline import Pipeline
-from .recipe import RECIPE_NAMES, block_paths, make_recipe
+from .recipe import block_paths
+from .recipes import CONV_OUT, W8A8_TAPS, QuantSpec, Recipe
 from .tensor_checks import name_list, non_finite_tensors
 from .text import CHECKPOINT_TOKENIZER_DIR, TextCodec, as_codec, attach_tokenizer, check_fits, save_tokenizer
 from .w8a8 import float_passes, quantization_passes
 
 FORMAT_NAME = "quamba-fx"
-FORMAT_VERSION = 1
+# 2: the recipe is stored whole (`Recipe.to_dict()`); 1: by name and percentile only.
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Key of the safetensors metadata entry holding the config's digest (absent in checkpoints written
@@ -143,6 +147,12 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool 
         raise CheckpointError("save_pretrained needs a graph made by quamba_fx.capture (it has no capture metadata)")
     if meta.get("on_meta_device"):
         raise CheckpointError("this graph was captured on the meta device: it has no weights to save")
+    recipe = meta.get("recipe_spec")
+    if meta.get("recipe") is not None and not isinstance(recipe, Recipe):
+        raise CheckpointError(
+            f"this graph says it was quantized with recipe {meta['recipe']!r} but carries no Recipe "
+            "(meta['quamba']['recipe_spec']): quantize it with quamba_fx.quantize"
+        )
     path = Path(path)
     codec = _checkpoint_codec(gm, tokenizer)
     tensors, aliases = _unique_tensors(gm)
@@ -154,8 +164,7 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool 
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "library_version": _library_version(),
-        "recipe": meta.get("recipe"),
-        "percentile": meta.get("percentile"),
+        "recipe": recipe.to_dict() if recipe is not None else None,
         "fused": bool(meta.get("fused", False)),
         "source": meta["source"],
         "dtype": meta["dtype"],
@@ -266,7 +275,6 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
         raise CheckpointError(f"{where} lacks {', '.join(missing)}")
     digest = _config_digest(config)
     config.setdefault("recipe", None)
-    config.setdefault("percentile", None)
     config.setdefault("fused", False)
     config.setdefault("example_shape", [1, 8])
     config.setdefault("aliases", {})
@@ -275,10 +283,6 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
         "source": (config["source"] in SOURCES, f"one of {', '.join(SOURCES)}"),
         "dtype": (isinstance(config["dtype"], str) and config["dtype"].replace("torch.", "") in DTYPES,
                   f"one of {', '.join(DTYPES)}"),
-        "recipe": (config["recipe"] is None or config["recipe"] in RECIPE_NAMES,
-                   f"null or one of {', '.join(RECIPE_NAMES)}"),
-        "percentile": (config["percentile"] is None or (_is_number(config["percentile"]) and 0 < config["percentile"] <= 100),
-                       "null or a number in (0, 100]"),
         "fused": (type(config["fused"]) is bool and not (config["fused"] and config["recipe"] is None),
                   "a boolean, true only with a recipe"),
         "example_shape": (isinstance(config["example_shape"], list) and len(config["example_shape"]) == 2
@@ -299,8 +303,49 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
     for field, (ok, expected) in checks.items():
         if not ok:
             raise _field_error(where, field, expected, config[field])
+    config["recipe"] = _format_1_recipe(config, where) if version == 1 else _stored_recipe(config["recipe"], where)
     config["dtype"] = config["dtype"].replace("torch.", "")
     return config, digest
+
+
+def _stored_recipe(data: Any, where: Path) -> Recipe | None:
+    """The recipe a format-2 config stores (null for a float graph), every field checked."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise _field_error(where, "recipe", "null or an object (a recipe as Recipe.to_dict() writes it)", data)
+    try:
+        return Recipe.from_dict(data)
+    except RecipeError as exc:
+        raise CheckpointError(
+            f"{where}: recipe.{exc.field}: {exc.problem}; the file was edited or damaged: save the model again"
+        ) from exc
+
+
+# The recipes format 1 named, as they were when it was current. Pinned here rather than taken from
+# the registry, so that a later change to a built-in recipe never changes how an old checkpoint loads.
+_FORMAT_1_ABS_MAX = QuantSpec(observer="abs_max")
+_FORMAT_1_RECIPES = ("naive", "quamba")
+_FORMAT_1_DEFAULT_PERCENTILE = 99.999
+
+
+def _format_1_recipe(config: dict[str, Any], where: Path) -> Recipe | None:
+    """The recipe a format-1 config names by `recipe` (null, "naive" or "quamba") and `percentile`
+    (null, or the percentile of quamba's conv1d output)."""
+    name, percentile = config["recipe"], config.get("percentile")
+    if not (name is None or name in _FORMAT_1_RECIPES):
+        raise _field_error(where, "recipe", f"null or one of {', '.join(_FORMAT_1_RECIPES)}", name)
+    if not (percentile is None or (_is_number(percentile) and 0 < percentile <= 100)):
+        raise _field_error(where, "percentile", "null or a number in (0, 100]", percentile)
+    if name is None:
+        return None
+    specs = {tap: _FORMAT_1_ABS_MAX for tap in W8A8_TAPS}
+    if name == "naive":
+        return Recipe("naive", hadamard=False, specs=specs)
+    # Format 1 wrote the percentile of every quamba checkpoint; null only ever meant the default.
+    specs[CONV_OUT] = QuantSpec(observer="percentile", observer_args={
+        "percentile": percentile or _FORMAT_1_DEFAULT_PERCENTILE, "bins": 4096})
+    return Recipe("quamba", hadamard=True, specs=specs)
 
 
 def _read_header(weights: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, str]]:
@@ -435,16 +480,15 @@ def _skeleton(config: dict[str, Any]) -> torch.fx.GraphModule:
     with torch.device("meta"):
         model = cls(hf_config).to(dtype)
     gm = capture(model.eval(), propagate_shapes=False)
-    recipe_name = config.get("recipe")
-    if recipe_name is None:
+    recipe = config["recipe"]
+    if recipe is None:
         return gm
-    recipe = make_recipe(recipe_name, **({"percentile": config["percentile"]} if config.get("percentile") else {}))
     keys = [f"{p}.{tap.module}.{tap.scale}" for p in block_paths(gm) for tap in recipe.taps]
     passes = float_passes(recipe) + quantization_passes(dict.fromkeys(keys, 1.0), recipe)
     if config.get("fused"):
         passes.append(FuseConv1dSiLU())
     gm = Pipeline(passes)(gm)
-    gm.meta["quamba"].update(recipe=recipe_name, fused=bool(config.get("fused")))
+    gm.meta["quamba"].update(recipe=recipe.name, recipe_spec=recipe, fused=bool(config.get("fused")))
     return gm
 
 

@@ -15,6 +15,23 @@ class InvalidArgumentError(QuambaError, ValueError):
     """A public function or command got an argument it cannot use: an unknown block, recipe or format."""
 
 
+class RecipeError(InvalidArgumentError):
+    """A quantization recipe, or the dict it was read from, is malformed.
+
+    `field` names the bad entry as a path into `Recipe.to_dict()` (`taps[2].spec.observer`),
+    `problem` says what is wrong with it and what to do.
+    """
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"recipe field {field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+    def within(self, prefix: str) -> "RecipeError":
+        """The same error, its field seen from an enclosing entry (`taps[2].spec` + `.dtype`)."""
+        return RecipeError(f"{prefix}.{self.field}", self.problem)
+
+
 class CheckpointError(QuambaError, OSError):
     """A model directory is missing, incomplete, or its files cannot be read."""
 

@@ -1,76 +1,35 @@
-"""Quantization recipes: which activations become int8, how their scales are calibrated.
+"""Where a recipe's taps sit in a captured graph (`block_paths`, `tap_node`).
 
-A recipe is data: a tuple of `Tap`s (one per quantized activation of a block) plus whether out_proj's
-input is Hadamard-rotated. Every tap's scale is an fp32 buffer on the module that owns the edge
-(`backbone.layers.3.mixer.conv1d.output_scale`), so each block has its own independent scales and a
-user can change one in place between forwards.
+The recipes themselves (`Recipe`, `QuantSpec`, `Tap`, the registry and the built-in recipes)
+live in `quamba_fx.recipes`; the names re-exported here keep `quamba_fx.recipe.make_recipe` and
+`quamba_fx.recipe.Recipe` working.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
 import torch.fx
 
-from .catalog import RECIPE_NAMES
-from .errors import InvalidArgumentError
 from .graph_info import is_kind, op_name
-from .quant.observers import AbsMaxObserver, Observer, PercentileObserver
+from .recipes import (
+    CONV_OUT,
+    DT_PROJ_OUT,
+    IN_PROJ_OUT,
+    NORM_OUT,
+    OUT_PROJ_IN,
+    W8A8_TAPS,
+    X_PROJ_OUT,
+    QuantSpec,
+    Recipe,
+    Tap,
+    as_recipe,
+    make_recipe,
+    register_recipe,
+)
 
-
-@dataclass(frozen=True)
-class Tap:
-    """One activation a block quantizes.
-
-    `module` is the owning module's path inside the block, `scale` the buffer name on it, and
-    `at` where the activation is: `output` (of the module), `input` (of the module), or `activation`
-    (the SiLU after the module, i.e. conv1d + SiLU).
-    """
-
-    module: str
-    scale: str
-    at: str
-
-
-NORM_OUT = Tap("norm", "output_scale", "output")
-IN_PROJ_OUT = Tap("mixer.in_proj", "output_scale", "output")
-CONV_OUT = Tap("mixer.conv1d", "output_scale", "activation")
-X_PROJ_OUT = Tap("mixer.x_proj", "output_scale", "output")
-DT_PROJ_OUT = Tap("mixer.dt_proj", "output_scale", "output")
-OUT_PROJ_IN = Tap("mixer.out_proj", "input_scale", "input")
-# The W8A8 boundaries of the Quamba dataflow (see the shared dataflow note): everything between the
-# RMSNorm and out_proj is int8 on the wire; the residual stream, embeddings and lm_head stay float.
-W8A8_TAPS = (NORM_OUT, IN_PROJ_OUT, CONV_OUT, X_PROJ_OUT, DT_PROJ_OUT, OUT_PROJ_IN)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A named quantization recipe. `observers` maps a tap to its observer factory (default abs-max)."""
-
-    name: str
-    hadamard: bool
-    observers: dict[Tap, Callable[[], Observer]] = field(default_factory=dict)
-    taps: tuple[Tap, ...] = W8A8_TAPS
-    percentile: float | None = None
-
-    def observer(self, tap: Tap, name: str) -> Observer:
-        factory = self.observers.get(tap)
-        observer = factory() if factory is not None else AbsMaxObserver()
-        observer.name = name
-        return observer
-
-
-def make_recipe(name: str, percentile: float = 99.999) -> Recipe:
-    """`naive`: abs-max scales everywhere, no rotation. `quamba`: the conv1d+SiLU output (x_proj's
-    input) takes a `percentile` scale, clipping its rare outliers, and out_proj's input is
-    Hadamard-rotated; the rest is abs-max."""
-    if name == "naive":
-        return Recipe("naive", hadamard=False)
-    if name == "quamba":
-        return Recipe("quamba", hadamard=True, observers={CONV_OUT: lambda: PercentileObserver(percentile)},
-                      percentile=percentile)
-    raise InvalidArgumentError(f"unknown recipe {name!r}; choose 'naive' or 'quamba'")
+__all__ = [
+    "CONV_OUT", "DT_PROJ_OUT", "IN_PROJ_OUT", "NORM_OUT", "OUT_PROJ_IN", "W8A8_TAPS", "X_PROJ_OUT", "QuantSpec",
+    "Recipe", "Tap", "as_recipe", "block_paths", "make_recipe", "register_recipe", "tap_node",
+]
 
 
 def block_paths(gm: torch.fx.GraphModule) -> list[str]:

@@ -15,7 +15,8 @@ from .errors import NonFiniteError
 from .passes.hadamard import RotateOutProjInput
 from .passes.quantize import InsertQuantDequant, LowerLinears, SinkDequantize
 from .pipeline import Pipeline
-from .recipe import Recipe, make_recipe
+from .recipe import block_paths
+from .recipes import Recipe, as_recipe
 from .tensor_checks import name_list, non_finite_tensors
 
 
@@ -46,8 +47,11 @@ def quantize(
     buffers on its modules, e.g.
     `qm.get_submodule("backbone.layers.0.mixer.conv1d").output_scale`. Raises `NonFiniteError` when
     a weight holds NaN or infinity (even one calibration never reads, like an unused embedding row).
+    `recipe` is a registered recipe's name (`naive`, `quamba`) or any `quamba_fx.recipes.Recipe`;
+    the graph keeps it (`meta["quamba"]["recipe_spec"]`), so `save_pretrained` can store it whole.
+    A `calibration` recorded for another recipe (name or observers) raises `CalibrationError`.
     """
-    recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
+    recipe = as_recipe(recipe)
     # Always a deep copy: a fresh capture shares its modules with the user's model, and the passes
     # register scale buffers on them and swap Linears out.
     gm = copy.deepcopy(model if isinstance(model, torch.fx.GraphModule) else capture(model))
@@ -62,10 +66,10 @@ def quantize(
         if calibration_data is None:
             raise ValueError("quantize needs calibration_data (batches of token ids) or a saved calibration")
         calibration = calibrate(gm, calibration_data, recipe, progress=progress)
-    elif calibration.recipe != recipe.name:
-        raise ValueError(f"the calibration was recorded for recipe {calibration.recipe!r}, not {recipe.name!r}")
+    else:
+        calibration.check_matches(recipe, block_paths(gm))
     gm = Pipeline(quantization_passes(calibration.scales(), recipe), dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
     gm.meta["quamba"]["recipe"] = recipe.name
-    gm.meta["quamba"]["percentile"] = recipe.percentile
+    gm.meta["quamba"]["recipe_spec"] = recipe
     annotate_shapes(gm, tuple(gm.meta["quamba"].get("example_shape", (1, 8))))
     return gm

@@ -21,6 +21,7 @@ import quamba_fx
 from quamba_fx import CheckpointError
 from quamba_fx.checkpoint import CONFIG_DIGEST_KEY, WEIGHTS_FILE, _config_digest, _sha256
 from quamba_fx.errors import NonFiniteError
+from quamba_fx.recipes import CONV_OUT, OUT_PROJ_IN, W8A8_TAPS, X_PROJ_OUT, QuantSpec, Recipe, make_recipe
 
 from .conftest import make_model, tiny_config
 
@@ -59,11 +60,131 @@ def test_round_trip_is_bit_identical(graphs, tmp_path, kind):
     assert [n.format_node() for n in loaded.graph.nodes] == [n.format_node() for n in graphs[kind].graph.nodes]
 
 
+def assert_same_graph(loaded, original, ids):
+    """Every parameter and buffer equal in dtype, shape and bits, the same nodes, the same logits."""
+    for kind, named in (("parameter", "named_parameters"), ("buffer", "named_buffers")):
+        mine = dict(getattr(loaded, named)(remove_duplicate=False))
+        theirs = dict(getattr(original, named)(remove_duplicate=False))
+        assert mine.keys() == theirs.keys(), kind
+        for name, tensor in mine.items():
+            assert tensor.dtype == theirs[name].dtype and torch.equal(tensor, theirs[name]), name
+    assert [n.format_node() for n in loaded.graph.nodes] == [n.format_node() for n in original.graph.nodes]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), original(ids))
+
+
+# Never registered: percentile scales on out_proj's input and x_proj's output instead of conv1d's,
+# no Hadamard rotation.
+CUSTOM = Recipe("clip-late", hadamard=False, specs={
+    **{tap: QuantSpec() for tap in W8A8_TAPS},
+    X_PROJ_OUT: QuantSpec(observer="percentile", observer_args={"percentile": 99.5, "bins": 512}),
+    OUT_PROJ_IN: QuantSpec(observer="percentile", observer_args={"percentile": 99.0}),
+})
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_never_registered_recipe_reloads_bit_identically(tmp_path, fused):
+    model = make_model(tiny_config(hidden_size=32, conv_kernel=3))
+    quantized = quamba_fx.quantize(model, batches(), recipe=CUSTOM, progress=False)
+    if fused:
+        quantized = quamba_fx.fuse(quantized)
+    # The custom scales really differ from what a built-in recipe would give.
+    reference = quamba_fx.quantize(model, batches(), recipe="naive", progress=False)
+    scale = "backbone.layers.0.mixer.out_proj.input_scale"
+    assert quantized.get_buffer(scale) < reference.get_buffer(scale)
+    quantized.save_pretrained(tmp_path / "custom")
+    assert read_config(tmp_path / "custom")["recipe"] == CUSTOM.to_dict()
+    loaded = quamba_fx.from_pretrained(tmp_path / "custom")
+    assert loaded.meta["quamba"]["recipe"] == "clip-late" and loaded.meta["quamba"]["recipe_spec"] == CUSTOM
+    assert loaded.meta["quamba"]["fused"] is fused
+    assert_same_graph(loaded, quantized, batches(1, seed=4)[0])
+    # ... and saves again to the same config.
+    loaded.save_pretrained(tmp_path / "again")
+    assert read_config(tmp_path / "again")["recipe"] == CUSTOM.to_dict()
+
+
+def format_1_config(config, percentile):
+    """`config` (format 2) as format 1 wrote it: the recipe by name, and the percentile."""
+    old = {key: value for key, value in config.items() if key != "recipe"}
+    name = config["recipe"]["name"] if config["recipe"] else None
+    return {**old, "format_version": 1, "recipe": name, "percentile": percentile}
+
+
+@pytest.mark.parametrize("kind, percentile", [("float", None), ("naive", None), ("quamba", 99.999), ("fused", 99.999)])
+def test_format_1_checkpoints_still_load_identically(graphs, tmp_path, kind, percentile):
+    path = tmp_path / kind
+    graphs[kind].save_pretrained(path)
+    write_config(path, format_1_config(read_config(path), percentile), restamp=True)
+    loaded = quamba_fx.from_pretrained(path)
+    assert loaded.meta["quamba"].get("recipe_spec") == (None if kind == "float" else graphs[kind].meta["quamba"]["recipe_spec"])
+    assert_same_graph(loaded, graphs[kind], batches(1, seed=4)[0])
+
+
+def test_format_1_percentile_sets_the_conv1d_observer(graphs, tmp_path):
+    graphs["quamba"].save_pretrained(tmp_path / "q")
+    current = read_config(tmp_path / "q")
+    write_config(tmp_path / "q", format_1_config(current, 99.9), restamp=True)
+    recipe = quamba_fx.from_pretrained(tmp_path / "q").meta["quamba"]["recipe_spec"]
+    assert recipe == make_recipe("quamba", percentile=99.9)
+    assert recipe.spec(CONV_OUT).observer_kwargs == {"percentile": 99.9, "bins": 4096}
+    # Format 1 treated a null percentile as the default.
+    write_config(tmp_path / "q", format_1_config(current, None), restamp=True)
+    assert quamba_fx.from_pretrained(tmp_path / "q").meta["quamba"]["recipe_spec"] == make_recipe("quamba")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("recipe", "awq", "recipe must be null or one of naive, quamba, got 'awq'"),
+    ("recipe", {"name": "quamba"}, "recipe must be null or one of naive, quamba"),
+    ("percentile", 101, r"percentile must be null or a number in \(0, 100\]"),
+    ("percentile", True, r"percentile must be null or a number in \(0, 100\]"),
+])
+def test_malformed_format_1_fields_give_one_checkpoint_error(saved, field, value, message):
+    write_config(saved, {**format_1_config(read_config(saved), 99.999), field: value})
+    with pytest.raises(CheckpointError, match=message) as info:
+        quamba_fx.from_pretrained(saved)
+    assert "config.json" in one_line(info)
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("taps", 2, "spec", "observer"), "minmax", r"recipe.taps\[2\].spec.observer: unknown observer 'minmax'"),
+    (("taps", 0, "spec", "dtype"), "int4", r"recipe.taps\[0\].spec.dtype: must be one of int8, got 'int4'"),
+    (("taps", 1, "at"), "before", r"recipe.taps\[1\].at: must be one of output, input, activation"),
+    (("hadamard",), None, "recipe.hadamard: must be a boolean, got None"),
+])
+def test_a_malformed_recipe_in_the_config_names_the_field(saved, path, value, message):
+    config = read_config(saved)
+    target = config["recipe"]
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    write_config(saved, config, restamp=True)
+    with pytest.raises(CheckpointError, match=message) as info:
+        quamba_fx.from_pretrained(saved)
+    assert one_line(info).startswith(str(saved / "config.json")) and "save the model again" in str(info.value)
+
+
+def test_a_recipe_tap_the_graph_lacks_is_one_checkpoint_error(saved):
+    config = read_config(saved)
+    config["recipe"]["taps"][0]["module"] = "mixer.gate"
+    write_config(saved, config, restamp=True)
+    with pytest.raises(CheckpointError, match="describes a graph that cannot be rebuilt .*mixer.gate") as info:
+        quamba_fx.from_pretrained(saved)
+    one_line(info)
+
+
+def test_a_graph_naming_a_recipe_it_does_not_carry_is_not_saved(graphs, tmp_path):
+    gm = copy.deepcopy(graphs["quamba"])
+    del gm.meta["quamba"]["recipe_spec"]
+    with pytest.raises(CheckpointError, match="quantized with recipe 'quamba' but carries no Recipe"):
+        gm.save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_files_are_safetensors_and_json_only(saved):
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((saved / "config.json").read_text())
-    assert config["format"] == "quamba-fx" and config["format_version"] == 1
-    assert config["recipe"] == "quamba" and config["percentile"] == 99.999
+    assert config["format"] == "quamba-fx" and config["format_version"] == 2
+    assert config["recipe"] == make_recipe("quamba").to_dict() and "percentile" not in config
     assert config["source_config"]["hidden_size"] == 32 and config["library_version"] == quamba_fx.__version__
     tensors = load_file(saved / WEIGHTS_FILE)
     assert tensors["backbone.layers.0.mixer.in_proj.weight"].dtype == torch.int8
@@ -73,7 +194,7 @@ def test_files_are_safetensors_and_json_only(saved):
 
 def test_save_replaces_an_old_checkpoint_and_leaves_no_temporaries(graphs, saved):
     graphs["naive"].save_pretrained(saved)
-    assert json.loads((saved / "config.json").read_text())["recipe"] == "naive"
+    assert json.loads((saved / "config.json").read_text())["recipe"]["name"] == "naive"
     assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]
 
 
@@ -304,7 +425,7 @@ def write_config(path, config, restamp=False):
 
 def test_edited_config_is_rejected(saved):
     config = read_config(saved)
-    write_config(saved, {**config, "recipe": "naive"})
+    write_config(saved, {**config, "recipe": make_recipe("naive").to_dict()})
     with pytest.raises(CheckpointError, match=r"config.json does not match the SHA-256 recorded in model.safetensors") as info:
         quamba_fx.from_pretrained(saved)
     one_line(info)
@@ -346,8 +467,9 @@ def test_checkpoint_written_before_the_config_digest_loads(graphs, saved):
     ("format_version", True, "format_version must be a positive integer"),
     ("format_version", "1", "format_version must be a positive integer, got '1'"),
     ("format_version", 1.0, "format_version must be a positive integer"),
-    ("recipe", "awq", "recipe must be null or one of naive, quamba"),
-    ("percentile", 101, r"percentile must be null or a number in \(0, 100\]"),
+    ("recipe", "awq", r"recipe must be null or an object \(a recipe as Recipe.to_dict\(\) writes it\), got 'awq'"),
+    ("recipe", ["quamba"], "recipe must be null or an object"),
+    ("recipe", {"name": "quamba"}, "recipe.hadamard: is missing"),
     ("fused", "yes", "fused must be a boolean"),
     ("source", "MambaLMHeadModel", "source must be one of"),
     ("weights_sha256", 12, "weights_sha256 must be 64 lowercase hex digits"),
@@ -403,16 +525,21 @@ JSON_VALUES = st.one_of(
     st.text(max_size=6), st.lists(st.integers(-1, 2**21), max_size=3),
     st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
 )
-TOP_FIELDS = ["format", "format_version", "library_version", "recipe", "percentile", "fused", "source", "dtype",
+TOP_FIELDS = ["format", "format_version", "library_version", "recipe", "fused", "source", "dtype",
               "example_shape", "aliases", "weights_sha256", "source_config"]
 SOURCE_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "state_size", "num_hidden_layers", "expand",
                  "conv_kernel", "time_step_rank", "use_bias", "use_conv_bias", "residual_in_fp32",
                  "layer_norm_epsilon", "tie_word_embeddings", "hidden_act", "initializer_range", "time_step_scale",
                  "time_step_init_scheme", "rescale_prenorm_residual", "dtype", "model_type", "pad_token_id"]
 DELETE = object()
+SPEC_FIELDS = ["dtype", "qmin", "qmax", "granularity", "observer", "observer_args"]
 MUTATIONS = st.one_of(
     st.tuples(st.just("top"), st.sampled_from(TOP_FIELDS), st.one_of(st.just(DELETE), JSON_VALUES)),
     st.tuples(st.just("source_config"), st.sampled_from(SOURCE_FIELDS), st.one_of(st.just(DELETE), JSON_VALUES)),
+    st.tuples(st.just("recipe"), st.sampled_from(["name", "hadamard", "taps"]), st.one_of(st.just(DELETE), JSON_VALUES)),
+    # The conv1d tap's spec (the percentile one): st.sampled_from covers "abs_max", int and float edits.
+    st.tuples(st.just("conv1d_spec"), st.sampled_from(SPEC_FIELDS),
+              st.one_of(st.just(DELETE), JSON_VALUES, st.sampled_from(["abs_max", "percentile", -128, 127, 99.0]))),
 )
 
 
@@ -428,7 +555,8 @@ def mutated_copy(pristine, directory, mutation, restamp):
     path = Path(directory) / "ckpt"
     shutil.copytree(pristine, path)
     config = read_config(path)
-    section = config if where == "top" else config["source_config"]
+    section = {"top": config, "source_config": config["source_config"], "recipe": config["recipe"],
+               "conv1d_spec": config["recipe"]["taps"][W8A8_TAPS.index(CONV_OUT)]["spec"]}[where]
     if value is DELETE:
         section.pop(field, None)
     else:

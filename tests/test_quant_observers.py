@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quamba_fx.quant import MIN_SCALE, AbsMaxObserver, Observer, PercentileObserver, observer_from_state_dict
+from quamba_fx.quant.observers import OBSERVERS, make_observer, register_observer
 
 PERCENTILES = [0.0, 10.0, 50.0, 90.0, 99.0, 99.9, 99.999, 100.0]
 
@@ -299,3 +300,45 @@ def test_state_dict_is_plain_python():
     assert all(isinstance(v, (str, int, float, list, type(None))) for v in state.values())
     assert all(isinstance(c, int) for c in state["counts"])
     assert math.isclose(sum(state["counts"]), 40)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry: recipes name their observers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_registry_builds_observers_by_name_with_defaults_filled_in():
+    assert OBSERVERS["abs_max"] is AbsMaxObserver and OBSERVERS["percentile"] is PercentileObserver
+    obs = make_observer("percentile", {"percentile": 99}, label="x")
+    assert isinstance(obs, PercentileObserver) and obs.percentile == 99.0 and obs.bins == 4096 and obs.name == "x"
+    assert isinstance(make_observer("abs_max"), AbsMaxObserver)
+    checked = PercentileObserver.check_arguments({"percentile": 99, "bins": 8.0})
+    assert checked == {"percentile": 99.0, "bins": 8} and type(checked["percentile"]) is float
+    assert type(checked["bins"]) is int
+    assert AbsMaxObserver.check_arguments({}) == {}
+
+
+@pytest.mark.parametrize("name, arguments, message", [
+    ("minmax", {}, "unknown observer 'minmax'; use one of abs_max, percentile"),
+    (None, {}, "unknown observer None"),
+    ("abs_max", {"percentile": 9.0}, "AbsMaxObserver has no argument 'percentile' \\(its arguments: none\\)"),
+    ("percentile", {"bin": 8}, "PercentileObserver has no argument 'bin' \\(its arguments: percentile, bins\\)"),
+    ("percentile", {"percentile": True}, "percentile must be in \\[0, 100\\], got True"),
+    ("percentile", {"percentile": "99"}, "percentile must be in \\[0, 100\\], got '99'"),
+    ("percentile", {"bins": float("inf")}, "bins must be an int >= 2, got inf"),
+])
+def test_registry_rejects_unknown_names_and_bad_arguments(name, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        make_observer(name, arguments)
+
+
+def test_register_observer_refuses_a_taken_name_or_kind():
+    class Twin(AbsMaxObserver):
+        pass
+
+    with pytest.raises(ValueError, match="observer name 'abs_max' is already taken by AbsMaxObserver"):
+        register_observer("abs_max")(Twin)
+    with pytest.raises(ValueError, match="observer kind 'AbsMaxObserver' is already registered"):
+        register_observer("twin")(Twin)
+    assert register_observer("abs_max")(AbsMaxObserver) is AbsMaxObserver  # the same class again: allowed
+    assert "twin" not in OBSERVERS

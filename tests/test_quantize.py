@@ -14,6 +14,7 @@ from quamba_fx.calibrate import Calibration, CalibrationError, calibrate
 from quamba_fx.evaluate import evaluate
 from quamba_fx.passes.hadamard import RotateOutProjInput
 from quamba_fx.quant.linear import QuantizedLinear
+from quamba_fx.recipes import make_recipe
 from quamba_fx.synthetic import inject_out_proj_outliers
 from quamba_fx.w8a8 import quantize
 
@@ -214,3 +215,20 @@ def test_quantize_leaves_the_float_model_untouched():
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert isinstance(model.backbone.layers[0].mixer.out_proj, torch.nn.Linear)
+
+
+def test_a_calibration_must_match_the_recipe_observer_for_observer(float_gm):
+    """The graph records its recipe (and a checkpoint stores it): scales from other observers would
+    be saved under a recipe that did not make them."""
+    rotated = RotateOutProjInput()(copy.deepcopy(float_gm)).graph_module
+    at_99_9 = calibrate(rotated, token_batches(97, count=1), make_recipe("quamba", percentile=99.9), progress=False)
+    with pytest.raises(CalibrationError, match=r"the calibration's observer for backbone.layers.0.mixer.conv1d.output_scale "
+                                               r"is PercentileObserver\(percentile=99.9, bins=4096\).*asks for percentile "
+                                               r"with \{'bins': 4096, 'percentile': 99.999\}; calibrate again") as info:
+        quantize(float_gm, recipe="quamba", calibration=at_99_9)
+    assert "\n" not in str(info.value)
+    qm = quantize(float_gm, recipe=make_recipe("quamba", percentile=99.9), calibration=at_99_9)
+    assert qm.meta["quamba"]["recipe_spec"] == make_recipe("quamba", percentile=99.9)
+    del at_99_9.observers["backbone.layers.1.norm.output_scale"]
+    with pytest.raises(CalibrationError, match="no observer for backbone.layers.1.norm.output_scale"):
+        quantize(float_gm, recipe=make_recipe("quamba", percentile=99.9), calibration=at_99_9)

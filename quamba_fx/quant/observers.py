@@ -7,19 +7,34 @@ number (`value`) and the int8 scale derived from it (`scale`). Both observers ke
 State round-trips through `state_dict()` / `from_state_dict()` as plain Python values (str, int,
 float, list of int): JSON-serialisable as is; `from_state_dict` also accepts tensors in place of
 numbers and lists (as after a round-trip through safetensors).
+
+Recipes name their observers instead of holding factories, so that a recipe is plain data: the
+registry maps `abs_max` and `percentile` to their classes (`make_observer`, `register_observer`),
+and each class declares the keyword arguments a recipe may set, with their defaults (`defaults`)
+and their check (`check_arguments`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Mapping, Optional
+import numbers
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from .qops import MIN_SCALE, QMAX
 
-__all__ = ["AbsMaxObserver", "Observer", "PercentileObserver", "observer_from_state_dict"]
+__all__ = [
+    "OBSERVERS",
+    "AbsMaxObserver",
+    "Observer",
+    "PercentileObserver",
+    "make_observer",
+    "observer_class",
+    "observer_from_state_dict",
+    "register_observer",
+]
 
 
 def _as_float(v: Any) -> float:
@@ -30,6 +45,13 @@ def _as_int(v: Any) -> int:
     return int(v.item()) if isinstance(v, Tensor) else int(v)
 
 
+def _is_real(v: Any) -> bool:
+    """A real number (a 0-dim tensor counts), never a bool: `True` is no percentile."""
+    if isinstance(v, Tensor):
+        return v.numel() == 1 and not v.dtype.is_complex and v.dtype != torch.bool
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 class Observer:
     """Base class: input checking, counters, scale and (de)serialisation shared by all observers.
 
@@ -38,11 +60,28 @@ class Observer:
     """
 
     kind: ClassVar[str] = "Observer"
+    # The keyword arguments a recipe may set, with their defaults.
+    defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, name: Optional[str] = None) -> None:
         self.name = name
         self.count = 0
         self.batches = 0
+
+    @classmethod
+    def check_arguments(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """`arguments` with every default filled in and each value in its canonical type (so two
+        spellings of one configuration compare equal). Raises `ValueError` naming the first unknown
+        or invalid argument."""
+        unknown = sorted(set(arguments) - set(cls.defaults))
+        if unknown:
+            takes = ", ".join(cls.defaults) or "none"
+            raise ValueError(f"{cls.kind} has no argument {unknown[0]!r} (its arguments: {takes})")
+        return cls._check_arguments({**cls.defaults, **arguments})
+
+    @classmethod
+    def _check_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
+        return arguments
 
     # -- subclass hooks -------------------------------------------------------------------------
 
@@ -62,6 +101,10 @@ class Observer:
         raise NotImplementedError
 
     # -- public API -----------------------------------------------------------------------------
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments this observer was built with, as `check_arguments` returns them."""
+        return self._config()
 
     def label(self) -> str:
         """How error messages name this observer, e.g. `PercentileObserver(percentile=99.999) 'x'`."""
@@ -177,18 +220,25 @@ class PercentileObserver(Observer):
     """
 
     kind = "PercentileObserver"
+    defaults = {"percentile": 99.999, "bins": 4096}
 
     def __init__(self, percentile: float = 99.999, bins: int = 4096, name: Optional[str] = None) -> None:
         super().__init__(name)
-        if not 0.0 <= float(percentile) <= 100.0:
-            raise ValueError(f"PercentileObserver: percentile must be in [0, 100], got {percentile}")
-        if int(bins) != bins or bins < 2:
-            raise ValueError(f"PercentileObserver: bins must be an int >= 2, got {bins}")
-        self.percentile = float(percentile)
-        self.bins = int(bins)
+        checked = self._check_arguments({"percentile": percentile, "bins": bins})
+        self.percentile = checked["percentile"]
+        self.bins = checked["bins"]
         self.upper = 0.0  # 0 until a nonzero value arrives; then all counts live in [0, upper]
         self.max = 0.0
         self.counts = torch.zeros(self.bins, dtype=torch.int64)
+
+    @classmethod
+    def _check_arguments(cls, arguments: dict[str, Any]) -> dict[str, Any]:
+        percentile, bins = arguments["percentile"], arguments["bins"]
+        if not (_is_real(percentile) and 0.0 <= float(percentile) <= 100.0):
+            raise ValueError(f"PercentileObserver: percentile must be in [0, 100], got {percentile!r}")
+        if not (_is_real(bins) and math.isfinite(bins) and int(bins) == bins and bins >= 2):
+            raise ValueError(f"PercentileObserver: bins must be an int >= 2, got {bins!r}")
+        return {"percentile": float(percentile), "bins": int(bins)}
 
     def _config(self) -> dict[str, Any]:
         return {"percentile": self.percentile, "bins": self.bins}
@@ -260,12 +310,55 @@ class PercentileObserver(Observer):
         self.max = _as_float(state["max"])
 
 
-_OBSERVERS: dict[str, type[Observer]] = {c.kind: c for c in (AbsMaxObserver, PercentileObserver)}
+# Observer classes by the name a recipe gives them.
+OBSERVERS: dict[str, type[Observer]] = {}
+
+
+def register_observer(name: str) -> Callable[[type[Observer]], type[Observer]]:
+    """Class decorator: make the observer class available to recipes as `name`.
+
+    Its `kind` must be unique too (it names the class in saved calibrations). Registering another
+    class under a taken name raises `ValueError`; registering the same class again is allowed.
+    """
+
+    def register(cls: type[Observer]) -> type[Observer]:
+        if not (isinstance(cls, type) and issubclass(cls, Observer)):
+            raise TypeError(f"register_observer({name!r}) needs an Observer subclass, got {cls!r}")
+        taken = OBSERVERS.get(name)
+        if taken is not None and taken is not cls:
+            raise ValueError(f"observer name {name!r} is already taken by {taken.kind}; choose another name")
+        same_kind = [other for other in OBSERVERS.values() if other.kind == cls.kind and other is not cls]
+        if same_kind:
+            raise ValueError(f"observer kind {cls.kind!r} is already registered; give {cls.__name__} its own kind")
+        OBSERVERS[name] = cls
+        return cls
+
+    return register
+
+
+register_observer("abs_max")(AbsMaxObserver)
+register_observer("percentile")(PercentileObserver)
+
+
+def observer_class(name: str) -> type[Observer]:
+    """The observer class registered as `name`; `ValueError` naming the known ones otherwise."""
+    cls = OBSERVERS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"unknown observer {name!r}; use one of {', '.join(sorted(OBSERVERS))}")
+    return cls
+
+
+def make_observer(name: str, arguments: Mapping[str, Any] | None = None, label: Optional[str] = None) -> Observer:
+    """A fresh observer of the class registered as `name`, built with `arguments` (checked by
+    `check_arguments`); `label` names it in error messages."""
+    cls = observer_class(name)
+    return cls(**cls.check_arguments(arguments or {}), name=label)
 
 
 def observer_from_state_dict(state: Mapping[str, Any]) -> Observer:
     """Rebuild whichever observer `state["type"]` names."""
     kind = state.get("type")
-    if kind not in _OBSERVERS:
-        raise ValueError(f"unknown observer type {kind!r}; known: {sorted(_OBSERVERS)}")
-    return _OBSERVERS[kind].from_state_dict(state)
+    by_kind = {cls.kind: cls for cls in OBSERVERS.values()}
+    if kind not in by_kind:
+        raise ValueError(f"unknown observer type {kind!r}; known: {sorted(by_kind)}")
+    return by_kind[kind].from_state_dict(state)

@@ -1,0 +1,24 @@
+"""Quantization recipes: frozen, serializable configs, one file per recipe, registered by name.
+
+A `Recipe` is data (`spec.py`): whether out_proj's input is Hadamard-rotated, and for each tapped
+activation (`taps.py`) a `QuantSpec` (dtype, code range, scale granularity, observer by name and
+its arguments). `Recipe.to_dict()` / `Recipe.from_dict()` round-trip exactly through JSON, which
+is how checkpoints store them. The built-in recipes are imported here explicitly, so they are
+registered whatever is imported first; `register_recipe` adds a user's own.
+"""
+
+from __future__ import annotations
+
+from . import naive, quamba
+from .registry import as_recipe, make_recipe, recipe_names, register_recipe
+from .spec import ACTIVATION_DTYPES, GRANULARITIES, TAP_SITES, QuantSpec, Recipe, Tap
+from .taps import CONV_OUT, DT_PROJ_OUT, IN_PROJ_OUT, NORM_OUT, OUT_PROJ_IN, W8A8_TAPS, X_PROJ_OUT
+
+NAIVE = naive.NAIVE
+QUAMBA = quamba.QUAMBA
+
+__all__ = [
+    "ACTIVATION_DTYPES", "CONV_OUT", "DT_PROJ_OUT", "GRANULARITIES", "IN_PROJ_OUT", "NAIVE", "NORM_OUT",
+    "OUT_PROJ_IN", "QUAMBA", "TAP_SITES", "W8A8_TAPS", "X_PROJ_OUT", "QuantSpec", "Recipe", "Tap", "as_recipe",
+    "make_recipe", "recipe_names", "register_recipe",
+]

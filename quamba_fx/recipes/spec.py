@@ -1,0 +1,236 @@
+"""The data a quantization recipe is: where it quantizes (`Tap`), how (`QuantSpec`), and the
+`Recipe` that pairs them, plus whether out_proj's input is Hadamard-rotated.
+
+Everything here is frozen and validated on construction, and `Recipe.to_dict()` is plain JSON
+(str, int, float, bool, lists, objects) that `Recipe.from_dict` turns back into an equal recipe:
+a checkpoint stores that dict, so any recipe, registered or not, reloads exactly. Observers are
+named (`abs_max`, `percentile`: the registry in `quant/observers.py`), never held as callables.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from ..errors import RecipeError
+from ..quant.observers import Observer, make_observer, observer_class
+from ..quant.qops import QMAX, QMIN
+
+__all__ = ["ACTIVATION_DTYPES", "GRANULARITIES", "TAP_SITES", "QuantSpec", "Recipe", "Tap"]
+
+# Activation dtypes a spec may name, with the integer range of their codes. The quantize ops
+# implement exactly these ranges, so a spec must use a dtype's full range.
+ACTIVATION_DTYPES: dict[str, tuple[int, int]] = {"int8": (QMIN, QMAX)}
+# Activations are quantized with one scale per tensor: the ops read a 0-dim scale buffer.
+GRANULARITIES = ("per_tensor",)
+# Where on a module a tap takes its activation: its output, its input, or the SiLU after it.
+TAP_SITES = ("output", "input", "activation")
+
+_MODULE_PATH = re.compile(r"\w+(\.\w+)*", re.ASCII)
+_BUFFER_NAME = re.compile(r"[A-Za-z_]\w*", re.ASCII)
+_MAX_NAME_LENGTH = 200
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # bool is an int in Python, and True is no range bound
+
+
+def _is_json_scalar(value: Any) -> bool:
+    if type(value) is float:
+        return math.isfinite(value)  # JSON has no NaN or infinity
+    return value is None or type(value) in (str, int, bool)
+
+
+def _expect(ok: bool, where: str, expected: str, value: Any) -> None:
+    if not ok:
+        text = repr(value)
+        raise RecipeError(where, f"must be {expected}, got {text if len(text) <= 60 else text[:57] + '...'}")
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One activation a block quantizes, and the scale buffer that holds its scale.
+
+    `module` is the owning module's path inside the block (`mixer.conv1d`), `scale` the buffer's
+    name on it, and `at` where the activation is: `output` (of the module), `input` (of the
+    module), or `activation` (the SiLU after the module, i.e. conv1d + SiLU).
+    """
+
+    module: str
+    scale: str
+    at: str
+
+    def __post_init__(self) -> None:
+        _expect(isinstance(self.module, str) and bool(_MODULE_PATH.fullmatch(self.module)), "module",
+                "a module path inside a block, like 'mixer.conv1d'", self.module)
+        _expect(isinstance(self.scale, str) and bool(_BUFFER_NAME.fullmatch(self.scale)), "scale",
+                "a buffer name, like 'output_scale'", self.scale)
+        _expect(self.at in TAP_SITES, "at", f"one of {', '.join(TAP_SITES)}", self.at)
+
+    @property
+    def key(self) -> str:
+        """`module.scale`: the buffer's path inside a block, unique within a recipe."""
+        return f"{self.module}.{self.scale}"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one activation is quantized: its integer `dtype` and code range `qmin..qmax`, the
+    `granularity` of its scale, and the observer (by registered name, with its keyword arguments)
+    whose statistic sets the scale (`statistic / qmax`).
+
+    `observer_args` may be given as a mapping; it is stored as sorted `(name, value)` pairs with
+    every default filled in, so the spec stays hashable and two spellings of one configuration
+    compare equal. Values must be JSON scalars. Raises `RecipeError` naming the bad field.
+    """
+
+    dtype: str = "int8"
+    qmin: int = -128
+    qmax: int = 127
+    granularity: str = "per_tensor"
+    observer: str = "abs_max"
+    observer_args: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        _expect(isinstance(self.dtype, str) and self.dtype in ACTIVATION_DTYPES, "dtype",
+                f"one of {', '.join(ACTIVATION_DTYPES)}", self.dtype)
+        low, high = ACTIVATION_DTYPES[self.dtype]
+        _expect(_is_int(self.qmin) and self.qmin == low, "qmin", f"{low} (the full {self.dtype} range)", self.qmin)
+        _expect(_is_int(self.qmax) and self.qmax == high, "qmax", f"{high} (the full {self.dtype} range)", self.qmax)
+        _expect(self.granularity in GRANULARITIES, "granularity", f"one of {', '.join(GRANULARITIES)}",
+                self.granularity)
+        try:
+            cls = observer_class(self.observer)
+        except ValueError as exc:
+            raise RecipeError("observer", str(exc)) from None
+        arguments = self.observer_args
+        if not isinstance(arguments, Mapping):
+            _expect(isinstance(arguments, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2
+                                                                for p in arguments),
+                    "observer_args", "a mapping of argument names to values", arguments)
+            arguments = dict(arguments)
+        for name, value in arguments.items():
+            _expect(isinstance(name, str), "observer_args", "a mapping with string keys", name)
+            _expect(_is_json_scalar(value), f"observer_args.{name}", "a string, finite number, boolean or null", value)
+        try:
+            checked = cls.check_arguments(arguments)
+        except ValueError as exc:
+            raise RecipeError("observer_args", str(exc)) from None
+        object.__setattr__(self, "observer_args", tuple(sorted(checked.items())))
+
+    @property
+    def observer_kwargs(self) -> dict[str, Any]:
+        """The observer's keyword arguments as a dict."""
+        return dict(self.observer_args)
+
+    def to_dict(self) -> dict[str, Any]:
+        """This spec as JSON-ready data."""
+        return {"dtype": self.dtype, "qmin": self.qmin, "qmax": self.qmax, "granularity": self.granularity,
+                "observer": self.observer, "observer_args": self.observer_kwargs}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "QuantSpec":
+        """The spec `to_dict` wrote. Raises `RecipeError` naming a missing, unknown or bad field."""
+        _check_keys(data, ("dtype", "qmin", "qmax", "granularity", "observer", "observer_args"), None)
+        _expect(isinstance(data["observer_args"], dict), "observer_args", "an object", data["observer_args"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A quantization recipe: a `name`, whether out_proj's input is Hadamard-rotated (`hadamard`),
+    and a `QuantSpec` for each tapped activation (`specs`, in the order the taps are quantized).
+
+    `specs` may be given as a mapping from `Tap` to `QuantSpec`; it is stored as `(tap, spec)`
+    pairs. Raises `RecipeError` naming the bad field for an invalid name, no taps, or a tap given
+    twice. Build one and pass it as `recipe=` to `quantize` or `calibrate`, or register it
+    (`quamba_fx.recipes.register_recipe`) to use it by name.
+    """
+
+    name: str
+    hadamard: bool
+    specs: tuple[tuple[Tap, QuantSpec], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        _expect(isinstance(self.name, str) and 0 < len(self.name) <= _MAX_NAME_LENGTH and self.name.isprintable(),
+                "name", f"a printable string of 1 to {_MAX_NAME_LENGTH} characters", self.name)
+        _expect(type(self.hadamard) is bool, "hadamard", "a boolean", self.hadamard)
+        pairs = tuple(self.specs.items()) if isinstance(self.specs, Mapping) else self.specs
+        _expect(isinstance(pairs, (tuple, list)) and len(pairs) > 0, "taps", "a non-empty list of taps", pairs)
+        seen: set[str] = set()
+        for i, pair in enumerate(pairs):
+            _expect(isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], Tap)
+                    and isinstance(pair[1], QuantSpec), f"taps[{i}]", "a (Tap, QuantSpec) pair", pair)
+            _expect(pair[0].key not in seen, f"taps[{i}]", "a tap whose scale buffer no other tap uses", pair[0].key)
+            seen.add(pair[0].key)
+        object.__setattr__(self, "specs", tuple((tap, spec) for tap, spec in pairs))
+
+    @property
+    def taps(self) -> tuple[Tap, ...]:
+        """The tapped activations, in order."""
+        return tuple(tap for tap, _ in self.specs)
+
+    def spec(self, tap: Tap) -> QuantSpec:
+        """The spec of `tap`; `KeyError` if this recipe does not quantize it."""
+        for candidate, spec in self.specs:
+            if candidate == tap:
+                return spec
+        raise KeyError(f"recipe {self.name!r} does not quantize {tap.key}")
+
+    def observer(self, tap: Tap, name: str) -> Observer:
+        """A fresh observer for `tap`, as its spec says; `name` labels it in error messages."""
+        spec = self.spec(tap)
+        return make_observer(spec.observer, spec.observer_kwargs, label=name)
+
+    def with_observer_args(self, observer: str, **arguments: Any) -> "Recipe":
+        """A copy in which every tap observed by `observer` takes `arguments` (e.g. the quamba recipe
+        at another percentile: `recipe.with_observer_args("percentile", percentile=99.9)`)."""
+        specs = tuple((tap, replace(spec, observer_args={**spec.observer_kwargs, **arguments})
+                       if spec.observer == observer else spec) for tap, spec in self.specs)
+        return replace(self, specs=specs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """This recipe as JSON-ready data; `Recipe.from_dict(recipe.to_dict()) == recipe`."""
+        return {
+            "name": self.name,
+            "hadamard": self.hadamard,
+            "taps": [{"module": tap.module, "scale": tap.scale, "at": tap.at, "spec": spec.to_dict()}
+                     for tap, spec in self.specs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Recipe":
+        """The recipe `to_dict` wrote. Raises `RecipeError` naming the first missing, unknown or
+        malformed field (`taps[2].spec.observer`)."""
+        _check_keys(data, ("name", "hadamard", "taps"), None)
+        _expect(isinstance(data["taps"], list), "taps", "a list", data["taps"])
+        specs = []
+        for i, entry in enumerate(data["taps"]):
+            where = f"taps[{i}]"
+            _check_keys(entry, ("module", "scale", "at", "spec"), where)
+            try:
+                tap = Tap(entry["module"], entry["scale"], entry["at"])
+            except RecipeError as exc:
+                raise exc.within(where) from None
+            _expect(isinstance(entry["spec"], dict), f"{where}.spec", "an object", entry["spec"])
+            try:
+                spec = QuantSpec.from_dict(entry["spec"])
+            except RecipeError as exc:
+                raise exc.within(f"{where}.spec") from None
+            specs.append((tap, spec))
+        return cls(data["name"], data["hadamard"], tuple(specs))
+
+
+def _check_keys(data: Any, keys: tuple[str, ...], where: str | None) -> None:
+    """`data` is a dict with exactly `keys`: a misspelt key must not silently become a default."""
+    _expect(isinstance(data, dict), where or "(top level)", "an object", data)
+    missing = [key for key in keys if key not in data]
+    if missing:
+        name = f"{where}.{missing[0]}" if where else missing[0]
+        raise RecipeError(name, "is missing; a recipe dict names every field (see Recipe.to_dict)")
+    unknown = sorted(str(key) for key in data if key not in keys)
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise RecipeError(name, f"is not a recipe field; expected only {', '.join(keys)}")
