@@ -28,11 +28,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .capture import META_KEY
 from .errors import InvalidArgumentError, QuambaError, TopologyError
 from .graph_info import is_kind, op_name, register_op
+from .passes.fuse_conv import fuse_conv1d_silu
+from .passes.quantize import run_rules
 from .passes.verify import TopologyChecker, verify_topology
 
 BACKEND_NAME = "quamba"
@@ -197,65 +198,8 @@ def _verify_hf(gm: torch.fx.GraphModule) -> None:
             f"with a cache, whose conv1d reads cat(conv_state, x), does):\n{lines}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Rewrites of quamba graphs
-# ---------------------------------------------------------------------------------------------
-
-
 def _value(node: Any) -> Any:
     return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else node
-
-
-def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dim() == b.dim() and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
-
-
-def fuse_conv1d_silu(gm: torch.fx.GraphModule) -> int:
-    """Dynamo-graph twin of `FuseConv1dSiLU`: `quantize(silu(conv1d(dequantize(x))[..., :L]))` -> one op.
-
-    Returns the number of blocks fused. The conv must be Mamba's (depthwise, causal padding, stride
-    and dilation 1) and the slice must keep exactly the input's length, as the kernel computes that.
-    """
-    fused = 0
-    for q in [n for n in gm.graph.nodes if _is_quamba_op(n, "quantize")]:
-        silu = q.args[0]
-        sliced = silu.args[0] if op_name(silu) == "silu" and len(silu.users) == 1 else None
-        conv = sliced.args[0] if sliced is not None and op_name(sliced) == "getitem" and len(sliced.users) == 1 else None
-        if conv is None or op_name(conv) != "conv1d" or len(conv.users) != 1 or conv.kwargs:
-            continue
-        x, weight, bias, stride, padding, dilation, groups = (list(conv.args) + [None, (1,), (0,), (1,), 1])[:7]
-        if not (isinstance(x, torch.fx.Node) and _is_quamba_op(x, "dequantize") and len(x.users) == 1):
-            continue
-        x_q, in_scale = x.args[0], x.args[1]
-        w, out_scale = _value(weight), q.args[1]
-        # The kernel takes per-tensor scales only (per-channel ones come with an `axis` argument).
-        if not (_tensor(w) and w.dim() == 3 and _tensor(_value(sliced)) and _tensor(_value(x))) \
-                or len(q.args) > 2 or q.kwargs or len(x.args) > 3 or x.kwargs \
-                or not all(_tensor(_value(scale)) and _value(scale).numel() == 1 for scale in (in_scale, out_scale)):
-            continue
-        if _as_tuple(stride) != (1,) or _as_tuple(dilation) != (1,) or groups != w.shape[0] \
-                or _as_tuple(padding) != (w.shape[-1] - 1,) or not _same_shape(_value(sliced), _value(x)):
-            continue
-        with gm.graph.inserting_before(q):
-            node = gm.graph.call_function(
-                torch.ops.quamba.conv1d_silu_int8.default, (x_q, in_scale, weight, bias, out_scale))
-        node.meta[META_KEY] = dict(conv.meta.get(META_KEY, {}))
-        q.replace_all_uses_with(node)
-        for dead in (q, silu, sliced, conv, x):
-            gm.graph.erase_node(dead)
-        fused += 1
-    if fused:
-        gm.graph.lint()
-        gm.recompile()
-    return fused
-
-
-def _as_tuple(value: Any) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-def _tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,8 +332,11 @@ def _plan(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict
         if not any(_is_quamba_op(n, "quantize") for n in gm.graph.nodes):
             _warn_once("quamba backend: fuse=True ignored: the graph is not quantized (nothing to fuse); "
                        "compile quamba_fx.quantize(...) to fuse its int8 conv1d + SiLU")
-        elif fuse_conv1d_silu(gm) and options["verify"]:
-            verify_topology(gm)
+        elif run_rules(gm, [fuse_conv1d_silu]):
+            gm.graph.lint()
+            gm.recompile()
+            if options["verify"]:
+                verify_topology(gm)
     return gm
 
 
