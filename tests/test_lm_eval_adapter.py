@@ -142,6 +142,30 @@ def test_generate_until_stops_at_the_until_strings(byte_lm, byte_graph):
     assert outputs[2] == free[:7]
 
 
+def test_generate_until_on_a_lowered_graph_decodes_from_the_ssm_cache(byte_graph, monkeypatch):
+    """Issue 14: generate_until reaches HF generate on the wrapper, which on a lowered graph runs
+    the prompt once and then one token per step from the SSM cache (the full graph is never
+    called), with the tokens the cache-free path gives."""
+    from quamba_fx.kernels import conv1d, gemm, hadamard, norm, scan
+
+    # The ops' PyTorch references: this is about the cache protocol, not the kernels (tested alone).
+    for module in (conv1d, gemm, hadamard, norm, scan):
+        monkeypatch.setattr(module, "_use_triton", lambda t: t.is_cuda)
+    calib = textdata.chunk_sequences(torch.tensor(list(("The game was released . " * 40).encode())), 64, 4)
+    lowered = quamba_fx.lower(quamba_fx.quantize(byte_graph, calib.split(2), recipe="quamba", progress=False))
+    lm = QuambaLM(model=lowered, progress=False)
+    full_calls = []
+    handle = lm.lm.model.register_forward_pre_hook(lambda module, args: full_calls.append(args[0].shape[1]))
+    try:
+        [cached] = lm.generate_until([Request("The film was", {"until": ["never-seen"], "max_gen_toks": 6})])
+    finally:
+        handle.remove()
+    assert full_calls == []
+    ids = torch.tensor([list(b"The film was")])
+    expected = quamba_fx.Generator(lowered, 1).generate(ids, 6)[0, ids.shape[1]:].tolist()
+    assert cached == bytes(expected).decode("utf-8", errors="replace")
+
+
 def test_a_quantized_checkpoint_is_scored_through_checkpoint_arg(byte_graph, tmp_path):
     calib = textdata.chunk_sequences(torch.tensor(list(("The game was released . " * 40).encode())), 64, 4)
     qgm = quamba_fx.quantize(byte_graph, calib.split(2), recipe="quamba", progress=False)
