@@ -10,9 +10,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
+from .kernels.scan import selective_scan as triton_selective_scan
+from .quant.hadamard import hadamard_transform
+from .scan_reference import selective_scan_reference
+
+__all__ = ["check_token_range", "hadamard", "selective_scan", "selective_scan_reference", "token_ids_in_range"]
 
 
 @torch.library.custom_op("quamba::selective_scan", mutates_args=())
@@ -32,7 +36,7 @@ def selective_scan(
     Layouts follow mamba_ssm's `selective_scan_fn`: `u`, `delta`, `z` are `[batch, d_inner, L]`,
     `A` is `[d_inner, d_state]`, `B` and `C` are `[batch, d_state, L]`, `D` and `delta_bias` are
     `[d_inner]`. The state is kept in fp32; the result has `u`'s dtype. CUDA tensors run the
-    Triton kernel of `quamba_fx.kernels.scan`, others this module's reference loop.
+    Triton kernel of `quamba_fx.kernels.scan`, others the reference loop of `scan_reference`.
     """
     # Contiguous, as the fake promises: compilers trust the fake's strides.
     return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)[0].contiguous()
@@ -40,9 +44,7 @@ def selective_scan(
 
 @selective_scan.register_kernel("cuda")
 def _selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
-    # The Triton kernel in float mode (imported here: kernels.scan imports this module).
-    from .kernels.scan import selective_scan as triton_selective_scan
-
+    # The Triton kernel in float mode.
     return triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus).contiguous()
 
 
@@ -51,55 +53,9 @@ def _selective_scan_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return u.new_empty(u.shape)
 
 
-def selective_scan_reference(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: Optional[torch.Tensor] = None,
-    z: Optional[torch.Tensor] = None,
-    delta_bias: Optional[torch.Tensor] = None,
-    delta_softplus: bool = True,
-    initial_state: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch reference of the scan: a plain loop over time, fp32 state.
-
-    Returns `(y, final_state)` with `final_state` of shape `[batch, d_inner, d_state]` (fp32). The loop
-    is the oracle the Triton kernels are tested against, so it favours clarity over speed; it keeps
-    one `[batch, d_inner, d_state]` state rather than materialising the `[.., L, d_state]` discretised
-    tensors, so memory stays flat in L.
-    """
-    batch, d_inner, length = u.shape
-    d_state = A.shape[-1]
-    dt = delta.float()
-    if delta_bias is not None:
-        dt = dt + delta_bias.float()[None, :, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    A32, B32, C32, u32 = A.float(), B.float(), C.float(), u.float()
-    if initial_state is None:
-        state = u32.new_zeros(batch, d_inner, d_state)
-    else:
-        state = initial_state.float().clone()
-    ys = []
-    for t in range(length):
-        dt_t = dt[:, :, t, None]
-        state = torch.exp(dt_t * A32) * state + (dt_t * u32[:, :, t, None]) * B32[:, None, :, t]
-        ys.append(torch.bmm(state, C32[:, :, t, None])[..., 0])
-    y = torch.stack(ys, dim=-1) if ys else u32.new_zeros(batch, d_inner, 0)
-    if D is not None:
-        y = y + u32 * D.float()[None, :, None]
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(u.dtype), state
-
-
 @torch.library.custom_op("quamba::hadamard", mutates_args=())
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Hadamard rotation of the last dim (`x @ H.T`, see `quamba_fx.quant.hadamard`)."""
-    from .quant.hadamard import hadamard_transform
-
     return hadamard_transform(x, dim=-1).contiguous()
 
 

@@ -3,7 +3,7 @@
 One kernel serves both input kinds, chosen per input by a compile-time flag: the W8A8 path (int8
 activations, each with a per-tensor fp32 scale) and the float baseline (fp16 / bf16 / fp32, no scale).
 The pure-PyTorch references (`selective_scan_int8_reference`, `selective_state_update_reference`)
-dequantize and call `quamba_fx.ops.selective_scan_reference`, the project's scan oracle, so the
+dequantize and call `quamba_fx.scan_reference.selective_scan_reference`, the project's scan oracle, so the
 dequantization contract lives in `_dequantize` alone.
 
 Numerics (what the kernels compute, per batch b, channel d, state n, step t)
@@ -101,7 +101,7 @@ from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
 from .rounding import f32_to_bf16_rne
 
-from .. import ops as _ops
+from ..scan_reference import selective_scan_reference
 
 __all__ = [
     "selective_scan",
@@ -678,7 +678,7 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, scales: dict, state_dims: int
 
 
 # ---------------------------------------------------------------------------------------------
-# References (the dequantization contract, then quamba_fx.ops.selective_scan_reference)
+# References (the dequantization contract, then quamba_fx.scan_reference.selective_scan_reference)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -713,14 +713,14 @@ def selective_scan_int8_reference(
 ) -> ScanResult:
     """PyTorch reference of `selective_scan` (int8 or float inputs): same arguments, layouts and dtypes.
 
-    Dequantizes (`q.float() * scale`), runs `quamba_fx.ops.selective_scan_reference` in fp32 and
+    Dequantizes (`q.float() * scale`), runs `quamba_fx.scan_reference.selective_scan_reference` in fp32 and
     rounds y to the output dtype.
     """
     scales = dict(u=u_scale, delta=delta_scale, B=B_scale, C=C_scale, z=z_scale)
     info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=3)
     out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
     _check_initial_state(initial_state, info, u.device)
-    y32, final = _ops.selective_scan_reference(
+    y32, final = selective_scan_reference(
         _dequantize(u, u_scale), _dequantize(delta, delta_scale), A, _dequantize(B, B_scale),
         _dequantize(C, C_scale), D, _dequantize(z, z_scale), delta_bias, delta_softplus, initial_state,
     )
