@@ -18,7 +18,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..graph_info import META_KEY, info, op_name
 from ..kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_int8)
-from .quantize import DEQUANTIZE, QUANTIZE, run_rules
+from .rewrite import run_rules
 
 FUSED_CONV = torch.ops.quamba.conv1d_silu_int8.default
 

@@ -31,7 +31,8 @@ from ..errors import InvalidArgumentError
 from ..graph_info import fetch_attr, info, op_name
 from ..kernels import ops as kernel_ops  # noqa: F401  (registers the kernel ops)
 from ..quant.linear import QuantizedLinear
-from .quantize import DEQUANTIZE, QUANTIZE, run_rules
+from .quantize import DEQUANTIZE, QUANTIZE
+from .rewrite import run_rules
 
 W8A8_LINEAR = torch.ops.quamba.w8a8_linear.default
 SCAN = torch.ops.quamba.selective_scan.default

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import operator
-from typing import Callable
 
 import torch
 import torch.fx
@@ -21,6 +20,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..graph_info import info, op_name, register_op
 from ..quant.linear import QuantizedLinear
 from ..recipe import block_paths, tap_node
+from .rewrite import Rule, run_rules
 
 QUANTIZE = torch.ops.quamba.quantize.default
 DEQUANTIZE = torch.ops.quamba.dequantize.default
@@ -81,7 +81,6 @@ def _device_of(gm: torch.fx.GraphModule) -> torch.device:
     return next(iter(gm.parameters())).device
 
 
-Rule = Callable[[torch.fx.GraphModule, torch.fx.Node], bool]
 
 
 def sink_dequantize_past_layout(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -119,19 +118,6 @@ def _scale_of(node: torch.fx.Node) -> dict:
     return {"scale": info(node)["scale"]} if "scale" in info(node) else {}
 
 
-def run_rules(gm: torch.fx.GraphModule, rules: list[Rule]) -> bool:
-    """Apply `rules` to every node until none fires; True when anything changed."""
-    changed_any, changed = False, True
-    while changed:
-        changed = False
-        for node in list(gm.graph.nodes):
-            if node._erased:  # removed by a rule earlier in this sweep
-                continue
-            for rule in rules:
-                if rule(gm, node):
-                    changed = changed_any = True
-                    break
-    return changed_any
 
 
 class SinkDequantize(PassBase):
