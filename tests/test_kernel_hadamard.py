@@ -166,7 +166,7 @@ def test_calls_with_fewer_rows_than_a_packed_tile_use_one_row_tiles():
 def test_schedule_of_the_packed_kernel(monkeypatch):
     """Grid and pipelining depth on CUDA (the interpreter always uses 3 programs, 1 stage)."""
     monkeypatch.setattr(hadamard, "_INTERPRET", False)
-    monkeypatch.setattr(hadamard, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(hadamard, "sm_count", lambda device: 132)
     dev = torch.device("cuda")
     # 5120 (64 x 256 tile): 2 programs per SM, 3 stages of fp16; fp32 inputs are not pipelined.
     assert hadamard._schedule(3, 5462, 64 * 256, 2, dev) == (264, 3)

@@ -33,6 +33,25 @@ def _no_timing(kernel_call: Any, quantiles: Sequence[float]) -> List[float]:
 AUTOTUNE_DO_BENCH = _no_timing if INTERPRET else None
 
 
+_SM_COUNTS: Dict[torch.device, int] = {}
+
+
+def sm_count(device: Any = None) -> int:
+    """Streaming multiprocessors of the CUDA `device` (default: the current one). Without one
+    (CPU, the interpreter) the H100 / H200's 132, so that tuning rules can be checked anywhere."""
+    if not torch.cuda.is_available():
+        return 132
+    dev = torch.device("cuda") if device is None else torch.device(device)
+    if dev.type != "cuda":
+        return 132
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    count = _SM_COUNTS.get(dev)
+    if count is None:
+        count = _SM_COUNTS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return count
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether a call on `t` runs the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")

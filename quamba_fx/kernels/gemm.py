@@ -80,7 +80,7 @@ import triton.language as tl
 
 from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import precompile
+from .dispatch import precompile, sm_count
 from .dispatch import use_triton as _use_triton
 from . import gemm_tma, gemv, split_k
 from .gemm_epilogue import OUT_BF16 as _OUT_BF16
@@ -161,13 +161,6 @@ _LARGE_CONFIGS = [  # prefill: compute bound, wgmma tiles
 ]
 
 
-def _sm_count() -> int:
-    """Streaming multiprocessors of the current GPU (the H100/H200's 132 without one: the config
-    tests run on CPU)."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return 132
-
 
 def _skinny_family(m_bucket: int, n: int, k: int, sms: int) -> List[tuple]:
     """Configs for M <= SKINNY_MAX_M: one M tile, tiles clipped to the problem, and for each tile
@@ -214,7 +207,7 @@ def _prune_configs(configs: List[triton.Config], named_args: dict, **kwargs) -> 
     """
     m_bucket, n, k = named_args["M_BUCKET"], named_args["N"], named_args["K"]
     if m_bucket <= SKINNY_MAX_M:
-        family = _skinny_family(m_bucket, n, k, _sm_count())
+        family = _skinny_family(m_bucket, n, k, sm_count())
     else:
         family = [c + (1,) for c in _LARGE_CONFIGS]
     # tl.dot needs every dim >= 16, and int8 MMA steps K by 32.
@@ -230,10 +223,6 @@ def _prune_configs(configs: List[triton.Config], named_args: dict, **kwargs) -> 
             seen.add(sig)
             out.append(_cfg(*sig))
     return out
-
-
-def _k_tiles_per_split(k: int, meta: dict) -> int:
-    return _cdiv(_cdiv(k, meta["BLOCK_K"]), meta["SPLIT_K"])
 
 
 def _even_k(k: int, meta: dict) -> bool:
@@ -293,11 +282,12 @@ def _int8_gemm_jit(
 
     if SPLIT_K == 1:
         store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
-                    out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
+                   out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
     elif split_k.arrive(acc, partial_ptr, count_ptr, pid_m * num_pid_n + pid_n, pid_k, SPLIT_K, BLOCK_M, BLOCK_N):
+        # The last split to finish this tile: every split's partial is in, sum them and store.
         acc = split_k.total(partial_ptr, count_ptr, pid_m * num_pid_n + pid_n, SPLIT_K, BLOCK_M, BLOCK_N)
         store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
-                    out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
+                   out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
 
 
 # Problems another kernel could run, the TMA kernel (prefill) or the GEMV (a few rows): ("tma" or
@@ -356,6 +346,7 @@ _int8_gemm_kernel = triton.autotune(
 # of a 70 us call in a cProfile on an H200 host, Triton 3.6; decode launches are host-bound).
 # Keyed by everything that selects a config or a compiled variant.
 _TUNED: dict = {}
+
 
 def _launch(grid, args: tuple, key: tuple, m: int, n: int, k: int, **flags) -> None:
     """Launch the pointer kernel on `args` (all but the split-K scratch, which is added here)."""

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .dispatch import INTERPRET, precompile_calls
+from .dispatch import INTERPRET, precompile_calls, sm_count
 from .gemm_epilogue import epilogue
 
 __all__ = ["TmaConfig", "candidates", "launch", "launch_config", "supported"]
@@ -197,16 +197,10 @@ def _int8_gemm_tma_jit(
 # Launching
 # ---------------------------------------------------------------------------------------------
 
-_SM_COUNT: Dict[torch.device, int] = {}
-
-
 def _programs(c: TmaConfig, device: torch.device) -> int:
     if INTERPRET:
         return _INTERPRETER_PROGRAMS
-    sms = _SM_COUNT.get(device)
-    if sms is None:
-        sms = _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return sms * c.per_sm
+    return sm_count(device) * c.per_sm
 
 
 def _call(c: TmaConfig, tensors: Tuple, m: int, n: int, k: int, flags: Dict) -> Tuple[Tuple, Dict, int]:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 from typing import List
 
-import torch
 import triton
 import triton.language as tl
 
 from . import split_k
 from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import precompile
+from .dispatch import precompile, sm_count
 from .gemm_epilogue import store_tile
 
 __all__ = ["GEMV_MAX_M", "launch"]
@@ -50,11 +49,6 @@ def _next_pow2(n: int) -> int:
 def _cfg(bn: int, bk: int, split: int, stages: int, warps: int) -> triton.Config:
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_stages=stages, num_warps=warps)
 
-
-def _sm_count() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return 132
 
 
 def gpu_configs(n: int, k: int, sms: int) -> List[triton.Config]:
@@ -95,7 +89,7 @@ def _interpreter_pick(configs: List[triton.Config], named_args: dict, **kwargs) 
 
 
 def _gpu_prune(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
-    return gpu_configs(named_args["N"], named_args["K"], _sm_count())
+    return gpu_configs(named_args["N"], named_args["K"], sm_count())
 
 
 _prune = _interpreter_pick if _INTERPRET else _gpu_prune

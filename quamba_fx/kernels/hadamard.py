@@ -74,6 +74,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET as _INTERPRET
+from .dispatch import sm_count
 from .dispatch import use_triton as _use_triton
 
 from ..quant import qops as _qops  # noqa: F401  (registers torch.ops.quamba.quantize)
@@ -380,12 +381,7 @@ def _schedule(pack: int, n_blocks: int, tile: int, itemsize: int, device: torch.
         return n_blocks, 1
     per_sm = _PROGRAMS_PER_SM if tile <= _SMALL_TILE else min(_PROGRAMS_PER_SM, 2)
     stages = 1 if itemsize > 2 else max(1, min(_STAGES, _STAGE_BYTES // (tile * itemsize)))
-    return min(n_blocks, per_sm * _sm_count(str(device))), stages
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: str) -> int:
-    return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+    return min(n_blocks, per_sm * sm_count(device)), stages
 
 
 def _num_warps(tile: int) -> int:
