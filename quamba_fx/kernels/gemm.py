@@ -178,14 +178,10 @@ def _skinny_family(m_bucket: int, n: int, k: int, sms: int) -> List[tuple]:
             k_tiles = _cdiv(k, bk_)
             stages = max(2, min(4, k_tiles, _SKINNY_SMEM // stage_bytes))
             warps = 8 if bm * bn_ >= 128 * 128 else 4
-            tiles = _cdiv(n, bn_)
-            split = 1
-            while True:
-                family.append((bm, bn_, bk_, 1, max(2, min(stages, _cdiv(k_tiles, split))), warps, split))
-                # Stop once the programs fill the SMs twice, or K has no tiles left to share.
-                if tiles * split >= 2 * sms or split * 2 > k_tiles or split >= 32:
-                    break
-                split *= 2
+            # Splits until the programs fill the SMs twice; `_prune_configs` clips the stages to
+            # each split's K steps.
+            family += [(bm, bn_, bk_, 1, stages, warps, split)
+                       for split in split_k.split_counts(_cdiv(n, bn_), k_tiles, 2 * sms)]
     return family
 
 

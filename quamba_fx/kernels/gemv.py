@@ -63,16 +63,11 @@ def gpu_configs(n: int, k: int, sms: int) -> List[triton.Config]:
         for bk in (128, 256, 512):
             bk_ = min(bk, cap_k)
             bn = min(max(16, per_thread * threads // bk_), cap_n)
-            k_tiles, tiles = _cdiv(k, bk_), _cdiv(n, bn)
-            split = 1
-            while True:
+            for split in split_k.split_counts(_cdiv(n, bn), _cdiv(k, bk_), 4 * sms):
                 sig = (bn, bk_, split, 1, _WARPS)
                 if sig not in seen:
                     seen.add(sig)
                     out.append(_cfg(*sig))
-                if tiles * split >= 4 * sms or split * 2 > k_tiles or split >= 32:
-                    break
-                split *= 2
     return out
 
 

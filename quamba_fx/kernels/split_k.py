@@ -17,14 +17,14 @@ graph while split-K GEMMs run on that device from another stream.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["arrive", "load_k_step", "total", "scratch", "scratch_need"]
+__all__ = ["arrive", "load_k_step", "total", "scratch", "scratch_need", "split_counts"]
 
 
 @triton.jit
@@ -68,6 +68,19 @@ def total(partial_ptr, count_ptr, tile, SPLIT_K: tl.constexpr, BLOCK_M: tl.const
         acc += tl.load(tile_partials + s * (BLOCK_M * BLOCK_N) + slot, cache_modifier=".cg")
     tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
     return acc
+
+
+# Never more splits than this: each adds a partial tile's traffic and a share of the final sum.
+MAX_SPLIT_K = 32
+
+
+def split_counts(tiles: int, k_tiles: int, programs: int) -> List[int]:
+    """The SPLIT_K candidates of a tiling with `tiles` output tiles and `k_tiles` K steps: 1, 2, 4,
+    ... until the programs (tiles x splits) reach `programs`, or K has too few steps to share."""
+    counts = [1]
+    while tiles * counts[-1] < programs and counts[-1] * 2 <= k_tiles and counts[-1] < MAX_SPLIT_K:
+        counts.append(counts[-1] * 2)
+    return counts
 
 
 def scratch_need(m: int, n: int, metas: Iterable[dict]) -> Tuple[int, int]:
