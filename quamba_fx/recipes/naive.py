@@ -4,10 +4,8 @@ the Quamba recipe's percentile clipping and Hadamard rotation buy."""
 from __future__ import annotations
 
 from .registry import register_recipe
-from .spec import QuantSpec, Recipe
+from .spec import ABS_MAX_INT8, Recipe
 from .taps import CONV_OUT, DT_PROJ_OUT, IN_PROJ_OUT, NORM_OUT, OUT_PROJ_IN, X_PROJ_OUT
-
-ABS_MAX_INT8 = QuantSpec(dtype="int8", qmin=-128, qmax=127, granularity="per_tensor", observer="abs_max")
 
 NAIVE = register_recipe(Recipe(
     name="naive",

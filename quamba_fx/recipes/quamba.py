@@ -9,10 +9,9 @@ spreads its outliers over all channels; every other activation takes its abs-max
 from __future__ import annotations
 
 from .registry import register_recipe
-from .spec import QuantSpec, Recipe
+from .spec import ABS_MAX_INT8, QuantSpec, Recipe
 from .taps import CONV_OUT, DT_PROJ_OUT, IN_PROJ_OUT, NORM_OUT, OUT_PROJ_IN, X_PROJ_OUT
 
-ABS_MAX_INT8 = QuantSpec(dtype="int8", qmin=-128, qmax=127, granularity="per_tensor", observer="abs_max")
 PERCENTILE_INT8 = QuantSpec(dtype="int8", qmin=-128, qmax=127, granularity="per_tensor", observer="percentile",
                             observer_args={"percentile": 99.999, "bins": 4096})
 

@@ -18,7 +18,7 @@ from ..errors import RecipeError
 from ..quant.observers import Observer, make_observer, observer_class
 from ..quant.qops import QMAX, QMIN
 
-__all__ = ["ACTIVATION_DTYPES", "GRANULARITIES", "TAP_SITES", "QuantSpec", "Recipe", "Tap"]
+__all__ = ["ABS_MAX_INT8", "ACTIVATION_DTYPES", "GRANULARITIES", "TAP_SITES", "QuantSpec", "Recipe", "Tap"]
 
 # Activation dtypes a spec may name, with the integer range of their codes. The quantize ops
 # implement exactly these ranges, so a spec must use a dtype's full range.
@@ -136,6 +136,11 @@ class QuantSpec:
         _check_keys(data, ("dtype", "qmin", "qmax", "granularity", "observer", "observer_args"), None)
         _expect(isinstance(data["observer_args"], dict), "observer_args", "an object", data["observer_args"])
         return cls(**data)
+
+
+# The plainest activation spec (int8, full range, one scale a tensor, abs-max), which most taps
+# of every built-in recipe use.
+ABS_MAX_INT8 = QuantSpec(dtype="int8", qmin=-128, qmax=127, granularity="per_tensor", observer="abs_max")
 
 
 @dataclass(frozen=True)
