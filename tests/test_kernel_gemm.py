@@ -77,9 +77,10 @@ def make_x(gen: torch.Generator, lead: tuple, K: int, layout: str, mode: str, de
 
 
 @st.composite
-def cases(draw, max_rows: int = 70):
+def cases(draw, max_rows: int = 70, k_multiple: int = 1):
     # The interpreter runs 16 x 32 x 32 tiles with GROUP_M = 4: hit the tile edges, K tails and
-    # K < one tile, and the decode shape M = 1. `max_rows` bounds M (the product of `lead`).
+    # K < one tile, and the decode shape M = 1. `max_rows` bounds M (the product of `lead`); K is
+    # rounded down to a multiple of `k_multiple` (at least one).
     three_d = draw(st.booleans())
     if three_d:
         first = draw(st.integers(1, min(3, max_rows)))
@@ -88,6 +89,7 @@ def cases(draw, max_rows: int = 70):
         rows = [r for r in [1, 15, 16, 17, 33, 64, 65, 70] if r <= max_rows]
         lead = (draw(st.one_of(st.integers(1, max_rows), st.sampled_from(rows))),)
     K = draw(st.one_of(st.integers(1, 200), st.sampled_from([1, 31, 32, 33, 48, 64, 96, 160, 200])))
+    K = max(k_multiple, K - K % k_multiple)
     N = draw(st.one_of(st.integers(1, 150), st.sampled_from([1, 16, 31, 32, 33, 80, 150])))
     layouts = ["contiguous", "slice"] + (["permuted"] if len(lead) > 1 else [])
     return dict(
@@ -195,10 +197,11 @@ def test_split_k_sums_every_k_range_once(split, M, K, N, monkeypatch):
 
 @needs_kernel
 @settings(max_examples=40, **SETTINGS)
-@given(case=cases(max_rows=gemv.GEMV_MAX_M))
+@given(case=cases(max_rows=gemv.GEMV_MAX_M, k_multiple=4))
 def test_gemv_matches_int8_linear(case):
-    """Up to GEMV_MAX_M rows the GEMV runs (under the interpreter it is always chosen), bit for bit
-    the contract of int8_linear, K split or not."""
+    """Up to GEMV_MAX_M rows and with K a multiple of four the GEMV runs (under the interpreter it
+    is always chosen), bit for bit the contract of int8_linear, K split or not: its packed-word
+    dot product sign-extends every byte (the "extreme" values hold -128 and 127)."""
     launches = []
     real = gemv.launch
     kwargs = build(case, DEVICE)
@@ -211,9 +214,10 @@ def test_gemv_matches_int8_linear(case):
 
 @needs_kernel
 @pytest.mark.parametrize("split", [3, 5])
-@pytest.mark.parametrize("K,N", [(200, 70), (161, 45), (96, 16), (40, 33)])
+@pytest.mark.parametrize("K,N", [(200, 70), (164, 45), (96, 16), (40, 33)])
 def test_gemv_split_k_sums_every_k_range_once(split, K, N, monkeypatch):
-    monkeypatch.setattr(gemv, "_TUNED", _PinnedConfig(gemv._cfg(16, 32, split, 1, 1).all_kwargs()))
+    # Steps of 8 words (32 bytes): 2-7 steps, ragged splits and splits with nothing left.
+    monkeypatch.setattr(gemv, "_TUNED", _PinnedConfig(gemv._cfg(16, 8, split, 1, 1).all_kwargs()))
     monkeypatch.setattr(split_k, "_SCRATCH", {})
     gen = torch.Generator().manual_seed(K + N + split)
     x = int8_values(gen, (1, K), "extreme").to(DEVICE)
@@ -230,13 +234,23 @@ def test_gemv_split_k_sums_every_k_range_once(split, K, N, monkeypatch):
 def test_gemv_configs(K, N):
     """A bounded running sum a thread, and K splits only while the programs do not yet fill the
     SMs four times over."""
-    configs = gemv.gpu_configs(N, K, sms=132)
+    k_words = -(-K // 4)
+    configs = gemv.gpu_configs(N, k_words, sms=132)
     sigs = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.num_stages) for c in configs]
     assert sigs and len(set(sigs)) == len(sigs)
     for bn, bk, split, _ in sigs:
-        assert bn * bk <= 64 * 32 * gemv._WARPS or bn == 16
+        assert bn * bk <= max(gemv._WORDS_PER_THREAD) * 32 * gemv._WARPS or bn == 16
         assert split == 1 or -(-N // bn) * split // 2 < 4 * 132
-        assert split <= max(1, -(-K // bk))
+        assert split <= max(1, -(-k_words // bk))
+
+
+@pytest.mark.parametrize("K,offset,supported", [(64, 0, True), (62, 0, False), (64, 2, False), (64, 4, True)])
+def test_gemv_needs_whole_aligned_words(K, offset, supported):
+    """The GEMV reads int32 words: K and the operands' addresses must be multiples of four bytes;
+    otherwise int8_gemm runs the tensor-core kernel (still the reference's result)."""
+    w = torch.zeros(8, K + offset, dtype=torch.int8)[:, offset:]
+    x = torch.zeros(1, K + offset, dtype=torch.int8)[:, offset:]
+    assert gemv.supported(x, w) is supported
 
 
 @needs_kernel

@@ -63,6 +63,7 @@ from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
+from .pdl import launch_options, wait_for_previous
 
 __all__ = [
     "causal_conv1d_silu_int8",
@@ -302,7 +303,9 @@ def _causal_conv1d_update_silu_int8_kernel(
     stride_wd, stride_wk,
     stride_ob, stride_od,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -604,6 +607,6 @@ def causal_conv1d_update_silu_int8(
         *weight.stride(),
         *out.stride(),
         W=W, HAS_BIAS=bias is not None, FAST_MATH=not _INTERPRET, BLOCK_D=block_d,
-        num_warps=1 if _INTERPRET else 4,
+        num_warps=1 if _INTERPRET else 4, **launch_options(x_q.device),
     )
     return out

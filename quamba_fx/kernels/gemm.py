@@ -83,6 +83,7 @@ from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile, sm_count
 from .dispatch import use_triton as _use_triton
 from . import gemm_tma, gemv, split_k
+from .pdl import launch_options, wait_for_previous
 from .gemm_epilogue import OUT_BF16 as _OUT_BF16
 from .gemm_epilogue import OUT_CAST as _OUT_CAST
 from .gemm_epilogue import OUT_INT8 as _OUT_INT8
@@ -237,7 +238,7 @@ def _int8_gemm_jit(
     W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # SPLIT_K consecutive programs share one output tile, each summing one range of K tiles.
     pid = tl.program_id(0)
@@ -266,6 +267,7 @@ def _int8_gemm_jit(
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
 
+    wait_for_previous(USE_PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for kt in range(0, k_tiles):
         a, b = split_k.load_k_step(x_ptrs, w_ptrs, offs_k, K, kt, EVEN_K)
@@ -509,6 +511,7 @@ def int8_gemm(
             **flags,
             # Keeps `a * s + bias` two roundings on the GPU (see the module docstring).
             enable_fp_fusion=False,
+            **launch_options(x_q.device),
         )
 
     tensors = (x2, w, xs, ws, b_arg, os_arg, out2)
@@ -520,7 +523,7 @@ def int8_gemm(
         if _runs_alternative("tma", key, tma_kernel, pointer_kernel):
             tma_kernel()
             return out
-    elif m <= gemv.GEMV_MAX_M:
+    elif m <= gemv.GEMV_MAX_M and gemv.supported(x2, w):
         def gemv_kernel() -> None:
             gemv.launch(tensors, n, k, key, flags)
 

@@ -4,21 +4,29 @@ Same semantics, arguments and epilogue as `gemm.int8_gemm` (which calls `launch`
 validation); its numerical contract holds unchanged, since the accumulation is exact in int32.
 
 Why a second kernel: at one row a tensor-core tile is 1/16 useful and routes every weight byte
-through shared memory; here each thread loads 16-byte vectors of the weight, multiplies them
-with the matching activations in int32 and keeps a per-element running sum, reduced over K once
-at the end. One row only: with several, the rows' broadcast products need layout exchanges
-through shared memory every step (compiled for sm_90: 4 barriers and ~27 shared-memory accesses
-an iteration at 1 x 16 x 256 when written for up to 4 rows), and a few rows are the tensor-core
-kernel's anyway. The work is a small fraction of the time it takes to stream the weight, and light
-programs let several share an SM, keeping more loads in flight. K may be split across programs
-(split_k.py) so that few output columns still spread over every SM. `gemm.int8_gemm` times this
-kernel against its tensor-core kernel on a problem's first call and keeps the faster.
+through shared memory. Here the weight and the activation row are read as packed int32 words
+(four int8 each) and multiplied with the GPU's 4-way byte dot product (`dp4a`): one instruction
+per word, where unpacking bytes cost three per byte (sm_90 SASS of the byte-wise loop: 48 PRMT +
+32 IMAD per 32 weight bytes), so the loop is the weight loads and little else. Each thread keeps
+a per-word running sum, reduced over K once after the loop, and the next weight tile is loaded
+before the current one is used (two tiles in flight a thread). K may be split across programs
+(split_k.py) so that few output columns still spread over every SM.
+
+Launched with programmatic dependent launch where the GPU has it (pdl.py), a program loads
+its first weight tile before it waits for the kernel before it: the weights do not depend on it,
+so the launch and the first loads overlap that kernel's tail. Nothing is written, and the
+activations are not read, before the wait.
+
+`gemm.int8_gemm` times this kernel against its tensor-core kernel on a problem's first call and
+keeps the faster. Under the Triton interpreter the dot product is the same sum written with
+shifts (`_dot4`), which the tests check against the reference.
 """
 
 from __future__ import annotations
 
 from typing import List
 
+import torch
 import triton
 import triton.language as tl
 
@@ -27,14 +35,19 @@ from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile, sm_count
 from .gemm_epilogue import store_tile
+from .pdl import launch_options, wait_for_previous
 
-__all__ = ["GEMV_MAX_M", "launch"]
+__all__ = ["GEMV_MAX_M", "launch", "supported"]
 
-# Problems with at most this many rows run here (see the module docstring for why one).
+# Problems with at most this many rows run here: with several, the rows' broadcast products need
+# layout exchanges through shared memory every step, and a few rows are the tensor-core kernel's.
 GEMV_MAX_M = 1
 
-# Elements of the running sum each thread holds (BLOCK_N * BLOCK_K / threads).
-_ELEMENTS_PER_THREAD = (32, 64)
+# int8 values in an int32 word.
+_PACK = 4
+# Words of the running sum each thread holds (BLOCK_N * BLOCK_K / threads): 2 or 4 16-byte loads
+# of the weight a step.
+_WORDS_PER_THREAD = (8, 16)
 _WARPS = 4
 
 
@@ -46,24 +59,30 @@ def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `x [1, K]` and `w [N, K]` (unit K stride) can be read as int32 words: K, the
+    weight's row stride and both addresses a multiple of four bytes."""
+    k = x.shape[-1]
+    return (k % _PACK == 0 and w.stride(0) % _PACK == 0
+            and x.data_ptr() % _PACK == 0 and w.data_ptr() % _PACK == 0)
+
+
 def _cfg(bn: int, bk: int, split: int, stages: int, warps: int) -> triton.Config:
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_stages=stages, num_warps=warps)
 
 
-
-def gpu_configs(n: int, k: int, sms: int) -> List[triton.Config]:
-    """Candidates: tiles of 32 or 64 sum elements a thread, K steps of 128-512 bytes a weight row,
-    and for each the K splits that bring the programs towards four per SM. One stage: compiled for
-    sm_90 by Triton 3.6 the loop came out the same with three, and the light programs hide load
-    latency by sharing an SM instead."""
+def gpu_configs(n: int, k_words: int, sms: int) -> List[triton.Config]:
+    """Candidates (BLOCK_K in words): 8 or 16 running-sum words a thread, K steps of 32-128 words
+    (128-512 bytes) a weight row, and for each the K splits that bring the programs towards four
+    per SM. One stage: the loop double-buffers the weight itself."""
     threads = 32 * _WARPS
-    cap_n, cap_k = max(16, _next_pow2(n)), max(32, _next_pow2(k))
+    cap_n, cap_k = max(16, _next_pow2(n)), max(8, _next_pow2(k_words))
     out, seen = [], set()
-    for per_thread in _ELEMENTS_PER_THREAD:
-        for bk in (128, 256, 512):
+    for per_thread in _WORDS_PER_THREAD:
+        for bk in (32, 64, 128):
             bk_ = min(bk, cap_k)
             bn = min(max(16, per_thread * threads // bk_), cap_n)
-            for split in split_k.split_counts(_cdiv(n, bn), _cdiv(k, bk_), 4 * sms):
+            for split in split_k.split_counts(_cdiv(n, bn), _cdiv(k_words, bk_), 4 * sms):
                 sig = (bn, bk_, split, 1, _WARPS)
                 if sig not in seen:
                     seen.add(sig)
@@ -73,13 +92,13 @@ def gpu_configs(n: int, k: int, sms: int) -> List[triton.Config]:
 
 def _configs() -> List[triton.Config]:
     if _INTERPRET:
-        # Small tiles; problems with three or more K tiles split K in two (`_interpreter_pick`).
-        return [_cfg(16, 32, split, 1, 1) for split in (1, 2)]
-    return [_cfg(64, 256, 1, 1, _WARPS)]  # placeholder list: `_prune` builds the real ones
+        # Small tiles; problems with three or more K steps split K in two (`_interpreter_pick`).
+        return [_cfg(16, 8, split, 1, 1) for split in (1, 2)]
+    return [_cfg(64, 64, 1, 1, _WARPS)]  # placeholder list: `_prune` builds the real ones
 
 
 def _interpreter_pick(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
-    want = 2 if named_args["K"] > 64 else 1
+    want = 2 if named_args["K"] > 16 else 1
     return [c for c in configs if c.kwargs["SPLIT_K"] == want]
 
 
@@ -90,8 +109,30 @@ def _gpu_prune(configs: List[triton.Config], named_args: dict, **kwargs) -> List
 _prune = _interpreter_pick if _INTERPRET else _gpu_prune
 
 
-def _even_k(k: int, meta: dict) -> bool:
-    return k % (meta["BLOCK_K"] * meta["SPLIT_K"]) == 0
+def _even_k(k_words: int, meta: dict) -> bool:
+    return k_words % (meta["BLOCK_K"] * meta["SPLIT_K"]) == 0
+
+
+@triton.jit
+def _dot4(a, b, acc, DP4A: tl.constexpr):
+    """`acc` plus the dot products of the four signed bytes of each int32 word of `a` and `b`."""
+    if DP4A:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        # Byte i sign-extended: shifted to the top, then arithmetically back down.
+        for i in tl.static_range(4):
+            acc += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+        return acc
+
+
+@triton.jit
+def _load_step(ptrs, offs_k, K, kt, EVEN_K: tl.constexpr):
+    # Zero past K, which also covers whole steps of the last split that lie beyond it.
+    if EVEN_K:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=offs_k[None, :] < K - kt * offs_k.shape[0], other=0)
 
 
 @triton.jit
@@ -102,7 +143,9 @@ def _int8_gemv_jit(
     W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    # x and w are int32 words (four int8 each): K and stride_wn count words.
     # SPLIT_K consecutive programs share one column tile.
     pid = tl.program_id(0)
     pid_k = pid % SPLIT_K
@@ -113,20 +156,24 @@ def _int8_gemv_jit(
     # Columns past N wrap onto valid ones (never stored): no N mask on the loads.
     cols = offs_n % N
     # x is loaded as a [BLOCK_N, BLOCK_K] tile of repeated rows, in the layout of the weight tile
-    # it multiplies: each thread reads the 16 bytes it needs (from L1 after the first). Loaded as a
-    # [BLOCK_K] vector or a [1, BLOCK_K] row, it went through shared memory every step (4 barriers
-    # an iteration, compiled for sm_90).
+    # it multiplies: each thread reads the words it needs (from L1 after the first). Loaded as a
+    # [BLOCK_K] vector it went through shared memory every step (4 barriers an iteration, sm_90).
     x_ptrs = x_ptr + (offs_k[None, :] + tl.zeros((BLOCK_N, 1), dtype=tl.int32))
     w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+
+    b = _load_step(w_ptrs, offs_k, K, 0, EVEN_K)
+    wait_for_previous(USE_PDL)  # x, the scratch and the output belong to the kernels ahead
 
     # Element-wise running sums, reduced over K once after the loop: a reduction every step would
     # put a chain of shuffles between each load and the next.
     sums = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
     for kt in range(0, k_tiles):
-        a, b = split_k.load_k_step(x_ptrs, w_ptrs, offs_k, K, kt, EVEN_K)
-        sums += a.to(tl.int32) * b.to(tl.int32)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        a = _load_step(x_ptrs + kt * BLOCK_K, offs_k, K, kt, EVEN_K)
+        # The next step's weight (the last again on the last step: cached, and unused).
+        nxt = tl.minimum(kt + 1, k_tiles - 1)
+        b_next = _load_step(w_ptrs + nxt * BLOCK_K, offs_k, K, nxt, EVEN_K)
+        sums = _dot4(a, b, sums, DP4A)
+        b = b_next
     acc = tl.sum(sums, axis=1)[None, :]  # [1, BLOCK_N]: the epilogue's tile shape
 
     row = tl.arange(0, 1)
@@ -157,25 +204,26 @@ def _grid(n: int):
 
 def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict) -> None:
     """Run the GEMV on `tensors = (x [1, K], w [N, K], x_scale, w_scale, bias, out_scale, out
-    [1, N])` (placeholders for absent bias / out_scale), validated by `gemm.int8_gemm`. `key`
-    names everything that selects a config or a compiled variant; `flags` are the epilogue's."""
+    [1, N])` (placeholders for absent bias / out_scale), validated by `gemm.int8_gemm` and
+    `supported`. `key` names everything that selects a config or a compiled variant; `flags` are
+    the epilogue's."""
     x, w = tensors[0], tensors[1]
-    m = 1
-    tail = (n, k, w.stride(0))
+    words = (x[0].view(torch.int32)[None], w.view(torch.int32)) + tuple(tensors[2:])
+    k_words = k // _PACK
+    tail = (n, k_words, w.stride(0) // _PACK)
+    # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
+    options = dict(flags, DP4A=not _INTERPRET, enable_fp_fusion=False, **launch_options(x.device))
     meta = _TUNED.get(key)
     if meta is not None:
-        scratch = (split_k.scratch(x.device, *split_k.scratch_need(m, n, (meta,))) if meta["SPLIT_K"] > 1
+        scratch = (split_k.scratch(x.device, *split_k.scratch_need(1, n, (meta,))) if meta["SPLIT_K"] > 1
                    else (tensors[2], tensors[2]))
-        _int8_gemv_jit[_grid(n)](*tensors, *scratch, *tail, **flags, **meta, EVEN_K=_even_k(k, meta),
-                                 enable_fp_fusion=False)
+        _int8_gemv_jit[_grid(n)](*words, *scratch, *tail, **options, **meta, EVEN_K=_even_k(k_words, meta))
         return
-    named = dict(zip(_int8_gemv_jit.arg_names, tensors + (None, None) + tail))
+    named = dict(zip(_int8_gemv_jit.arg_names, words + (None, None) + tail))
     candidates = [c.all_kwargs() for c in _prune(_int8_gemv_kernel.configs, named)]
-    args = tensors + split_k.scratch(x.device, *split_k.scratch_need(m, n, candidates)) + tail
-    precompile(_int8_gemv_jit, args, ({**flags, **c, "EVEN_K": _even_k(k, c), "enable_fp_fusion": False}
-                                      for c in candidates))
-    # Keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
-    _int8_gemv_kernel[_grid(n)](*args, **flags, enable_fp_fusion=False)
+    args = words + split_k.scratch(x.device, *split_k.scratch_need(1, n, candidates)) + tail
+    precompile(_int8_gemv_jit, args, ({**options, **c, "EVEN_K": _even_k(k_words, c)} for c in candidates))
+    _int8_gemv_kernel[_grid(n)](*args, **options)
     best = getattr(_int8_gemv_kernel, "best_config", None)
     if best is not None:
         _TUNED[key] = best.all_kwargs()

@@ -76,6 +76,7 @@ import triton.language as tl
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import sm_count
 from .dispatch import use_triton as _use_triton
+from .pdl import launch_options, wait_for_previous
 
 from ..quant import qops as _qops  # noqa: F401  (registers torch.ops.quamba.quantize)
 from ..quant.hadamard import _check_size, _dense_int
@@ -167,8 +168,9 @@ def _hadamard_kernel(
     x_ptr, d_ptr, scale_ptr, out_ptr,
     D1, stride_0, stride_1, inv_sqrt_n,
     M: tl.constexpr, M_PAD: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, QUANT: tl.constexpr,
-    DENSE: tl.constexpr,
+    DENSE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     # Dense factors that tl.dot cannot take (DENSE == 2) and powers of two (DENSE == 0), one row
     # per program; the tensor-core path is _hadamard_packed_kernel.
     row = tl.program_id(0)
@@ -234,7 +236,9 @@ def _hadamard_packed_kernel(
     rows, n_blocks, D1, stride_0, stride_1,
     INV_SQRT_N: tl.constexpr, M: tl.constexpr, R: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
     LOG_P: tl.constexpr, QUANT: tl.constexpr, EMULATE_DOT: tl.constexpr, STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     # Tensor-core path: R rows per block, their R * M row-blocks X[b, :] = x[row, b * P : (b + 1) * P]
     # stacked into one [MP, P] tile (MP = next_power_of_2(R * M); e.g. 3 rows of 20 in 64 for
     # n = 5120), so that the per-element work after the MMA (butterflies, quantization) runs on
@@ -482,7 +486,7 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: bool) -> torch.Tensor:
             rows, n_blocks, d1, s0, s1,
             INV_SQRT_N=1.0 / math.sqrt(n), M=m, R=pack, MP=mp, P=p, LOG_P=k, QUANT=quant,
             EMULATE_DOT=_INTERPRET, STAGES=stages,
-            num_warps=4 if pack > 1 else _num_warps(mp * p),
+            num_warps=4 if pack > 1 else _num_warps(mp * p), **launch_options(x.device),
         )
         return out
     # dense 0 (no dense factor) needs no table: out is a dummy pointer, never read.
@@ -491,7 +495,7 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: bool) -> torch.Tensor:
         xr, table, scale, out,
         d1, s0, s1, 1.0 / math.sqrt(n),
         M=m, M_PAD=m_pad, P=p, LOG_P=k, QUANT=quant, DENSE=dense,
-        num_warps=_num_warps(m_pad << k),
+        num_warps=_num_warps(m_pad << k), **launch_options(x.device),
     )
     return out
 

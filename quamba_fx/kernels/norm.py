@@ -49,6 +49,7 @@ import triton.language as tl
 
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import use_triton as _use_triton
+from .pdl import launch_options, wait_for_previous
 
 from ..quant import qops as _qops  # noqa: F401  (registers torch.ops.quamba.quantize)
 from .hadamard import _lead_layout
@@ -93,7 +94,9 @@ def _add_rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, scale_ptr, out_ptr, r_ptr,
     H, D1, stride_x0, stride_x1, stride_r0, stride_r1, stride_w, eps,
     HAS_RES: tl.constexpr, QUANT: tl.constexpr, BLOCK_H: tl.constexpr, SINGLE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     row = tl.program_id(0)
     i0 = (row // D1).to(tl.int64)
     i1 = (row % D1).to(tl.int64)
@@ -290,6 +293,6 @@ def add_rmsnorm_quantize(
         x, res, weight, scale if scale is not None else r_out, out, r_out,
         H, d1, sx0, sx1, sr0, sr1, weight.stride(0), float(eps),
         HAS_RES=residual is not None, QUANT=scale is not None, BLOCK_H=block_h, SINGLE=block_h >= H,
-        num_warps=_num_warps(block_h),
+        num_warps=_num_warps(block_h), **launch_options(x.device),
     )
     return out, r_out

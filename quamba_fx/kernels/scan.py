@@ -99,6 +99,7 @@ from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
+from .pdl import launch_options, wait_for_previous
 from .rounding import f32_to_bf16_rne
 
 from ..scan_reference import selective_scan_reference
@@ -546,8 +547,9 @@ def _selective_state_update_kernel(
     stride_yb, stride_yd,
     U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    NS: tl.constexpr, BLOCK_D: tl.constexpr,
+    NS: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -1050,6 +1052,6 @@ def selective_state_update(
         *state.stride(), *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
         *y.stride(),
         BLOCK_D=block_d, num_warps=1 if _INTERPRET else 4,
-        **_flags(info, D, z, delta_bias, delta_softplus),
+        **_flags(info, D, z, delta_bias, delta_softplus), **launch_options(u.device),
     )
     return y
