@@ -24,16 +24,13 @@ shifts (`_dot4`), which the tests check against the reference.
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 import triton
 import triton.language as tl
 
 from . import split_k
-from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import precompile, sm_count
+from .dispatch import sm_count
 from .gemm_epilogue import store_tile
 from .pdl import launch_options, wait_for_previous
 
@@ -45,9 +42,6 @@ GEMV_MAX_M = 1
 
 # int8 values in an int32 word.
 _PACK = 4
-# Words of the running sum each thread holds (BLOCK_N * BLOCK_K / threads): 2 or 4 16-byte loads
-# of the weight a step.
-_WORDS_PER_THREAD = (8, 16)
 _WARPS = 4
 
 
@@ -71,42 +65,23 @@ def _cfg(bn: int, bk: int, split: int, stages: int, warps: int) -> triton.Config
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_stages=stages, num_warps=warps)
 
 
-def gpu_configs(n: int, k_words: int, sms: int) -> List[triton.Config]:
-    """Candidates (BLOCK_K in words): 8 or 16 running-sum words a thread, K steps of 32-128 words
-    (128-512 bytes) a weight row, and for each the K splits that bring the programs towards four
-    per SM. One stage: the loop double-buffers the weight itself."""
-    threads = 32 * _WARPS
-    cap_n, cap_k = max(16, _next_pow2(n)), max(8, _next_pow2(k_words))
-    out, seen = [], set()
-    for per_thread in _WORDS_PER_THREAD:
-        for bk in (32, 64, 128):
-            bk_ = min(bk, cap_k)
-            bn = min(max(16, per_thread * threads // bk_), cap_n)
-            for split in split_k.split_counts(_cdiv(n, bn), _cdiv(k_words, bk_), 4 * sms):
-                sig = (bn, bk_, split, 1, _WARPS)
-                if sig not in seen:
-                    seen.add(sig)
-                    out.append(_cfg(*sig))
-    return out
+def gpu_config(n: int, k_words: int, sms: int) -> triton.Config:
+    """The GPU config of an `n x k_words` problem: 16 columns a program, K steps of up to 128 words
+    (512 bytes) a weight row, and K split until the programs reach four per SM (or K runs out of
+    steps). A rule, not a tuner: Triton's autotuner times single launches between L2 flushes,
+    which ranks configs unlike a decode step, where launches run back to back on weights that do
+    not fit in L2. Timed that way (docs/benchmarks.md, session 20), the rule's pick was within 9%
+    of the best of 6-28 configs on each 2.8b projection."""
+    bk = min(128, max(8, _next_pow2(k_words)))
+    split = split_k.split_counts(_cdiv(n, 16), _cdiv(k_words, bk), 4 * sms)[-1]
+    return _cfg(16, bk, split, 1, _WARPS)
 
 
-def _configs() -> List[triton.Config]:
+def _config(n: int, k_words: int) -> dict:
     if _INTERPRET:
-        # Small tiles; problems with three or more K steps split K in two (`_interpreter_pick`).
-        return [_cfg(16, 8, split, 1, 1) for split in (1, 2)]
-    return [_cfg(64, 64, 1, 1, _WARPS)]  # placeholder list: `_prune` builds the real ones
-
-
-def _interpreter_pick(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
-    want = 2 if named_args["K"] > 16 else 1
-    return [c for c in configs if c.kwargs["SPLIT_K"] == want]
-
-
-def _gpu_prune(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
-    return gpu_configs(named_args["N"], named_args["K"], sm_count())
-
-
-_prune = _interpreter_pick if _INTERPRET else _gpu_prune
+        # Small tiles; problems with three or more K steps split K in two, so both paths run.
+        return _cfg(16, 8, 2 if k_words > 16 else 1, 1, 1).all_kwargs()
+    return gpu_config(n, k_words, sm_count()).all_kwargs()
 
 
 def _even_k(k_words: int, meta: dict) -> bool:
@@ -186,13 +161,7 @@ def _int8_gemv_jit(
                    out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
 
 
-_int8_gemv_kernel = triton.autotune(
-    configs=_configs(), key=["N", "K"],
-    prune_configs_by={"early_config_prune": _prune},
-    do_bench=AUTOTUNE_DO_BENCH,
-)(triton.heuristics({"EVEN_K": lambda args: _even_k(args["K"], args)})(_int8_gemv_jit))
-
-# (N, K, out dtype, flags, device) -> the tuned config: later calls skip the autotuner.
+# (N, K, out dtype, flags, device) -> the config.
 _TUNED: dict = {}
 
 
@@ -208,22 +177,14 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict) -> None:
     `supported`. `key` names everything that selects a config or a compiled variant; `flags` are
     the epilogue's."""
     x, w = tensors[0], tensors[1]
-    words = (x[0].view(torch.int32)[None], w.view(torch.int32)) + tuple(tensors[2:])
     k_words = k // _PACK
-    tail = (n, k_words, w.stride(0) // _PACK)
-    # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
-    options = dict(flags, DP4A=not _INTERPRET, enable_fp_fusion=False, **launch_options(x.device))
     meta = _TUNED.get(key)
-    if meta is not None:
-        scratch = (split_k.scratch(x.device, *split_k.scratch_need(1, n, (meta,))) if meta["SPLIT_K"] > 1
-                   else (tensors[2], tensors[2]))
-        _int8_gemv_jit[_grid(n)](*words, *scratch, *tail, **options, **meta, EVEN_K=_even_k(k_words, meta))
-        return
-    named = dict(zip(_int8_gemv_jit.arg_names, words + (None, None) + tail))
-    candidates = [c.all_kwargs() for c in _prune(_int8_gemv_kernel.configs, named)]
-    args = words + split_k.scratch(x.device, *split_k.scratch_need(1, n, candidates)) + tail
-    precompile(_int8_gemv_jit, args, ({**options, **c, "EVEN_K": _even_k(k_words, c)} for c in candidates))
-    _int8_gemv_kernel[_grid(n)](*args, **options)
-    best = getattr(_int8_gemv_kernel, "best_config", None)
-    if best is not None:
-        _TUNED[key] = best.all_kwargs()
+    if meta is None:
+        meta = _TUNED[key] = _config(n, k_words)
+    scratch = (split_k.scratch(x.device, *split_k.scratch_need(1, n, (meta,))) if meta["SPLIT_K"] > 1
+               else (tensors[2], tensors[2]))
+    words = (x[0].view(torch.int32)[None], w.view(torch.int32)) + tuple(tensors[2:])
+    # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
+    _int8_gemv_jit[_grid(n)](*words, *scratch, n, k_words, w.stride(0) // _PACK, **flags, **meta,
+                             EVEN_K=_even_k(k_words, meta), DP4A=not _INTERPRET, enable_fp_fusion=False,
+                             **launch_options(x.device))
