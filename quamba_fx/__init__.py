@@ -27,7 +27,7 @@ from .errors import (
     UnsupportedModelError,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Public name -> the submodule that defines it.
 _EXPORTS: dict[str, str] = {

@@ -29,9 +29,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
-from .capture import META_KEY
 from .errors import InvalidArgumentError, QuambaError, TopologyError
-from .graph_info import is_kind, register_op
+from .graph_info import META_KEY, is_kind, register_op
 from .passes.fuse_conv import fuse_conv1d_silu
 from .passes.rewrite import run_rules
 from .passes.verify import TopologyChecker, verify_topology

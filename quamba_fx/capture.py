@@ -26,10 +26,9 @@ from transformers import MambaForCausalLM, MambaModel
 
 from . import ops  # noqa: F401  (registers torch.ops.quamba.*)
 from .errors import InputError, MetaDeviceError, UnsupportedModelError
+from .graph_info import META_KEY  # noqa: F401  (re-exported: passes and tests read it from here)
 from .models import load_model
 from .text import attach_tokenizer
-
-META_KEY = "quamba"
 
 # Roles of nodes, in dataflow order. Glue nodes (transpose, split, casts) take the role of the stage
 # they serve, so a dump or a pass can select a whole stage by role.

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from transformers import MambaConfig, MambaForCausalLM, MambaModel
 
 from . import _atomic_dir
+from ._version import __version__
 from .capture import annotate_shapes, capture
 from .errors import CheckpointError, RecipeError
 from .passes.fuse_conv import FuseConv1dSiLU
@@ -54,12 +55,6 @@ SOURCES = ("MambaForCausalLM", "MambaModel")
 DTYPES = ("float32", "float16", "bfloat16")
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_EXAMPLE_TOKENS = 1 << 24  # a shape annotation, never allocated; bounded so a typo stands out
-
-
-def _library_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _sha256(path: Path) -> str:
@@ -163,7 +158,7 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool 
     config = json.loads(json.dumps({
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "library_version": _library_version(),
+        "library_version": __version__,
         "recipe": recipe.to_dict() if recipe is not None else None,
         "fused": bool(meta.get("fused", False)),
         "source": meta["source"],
@@ -268,7 +263,7 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} was written in checkpoint format {version!r}, newer than this quamba-fx "
-            f"({_library_version()}) reads (up to {FORMAT_VERSION}): upgrade quamba-fx"
+            f"({__version__}) reads (up to {FORMAT_VERSION}): upgrade quamba-fx"
         )
     missing = [k for k in ("source", "dtype", "source_config", "weights_sha256") if k not in config]
     if missing:

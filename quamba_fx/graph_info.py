@@ -14,7 +14,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from .capture import META_KEY
+# The key of capture's annotations in `node.meta` and of the graph's facts in `gm.meta`.
+META_KEY = "quamba"
 
 LAYOUT_OPS: set[str] = {
     "transpose", "permute", "view", "reshape", "contiguous", "chunk", "split", "split_with_sizes",
