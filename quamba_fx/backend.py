@@ -30,16 +30,13 @@ import torch
 import torch.fx
 
 from .errors import InvalidArgumentError, QuambaError, TopologyError
-from .graph_info import META_KEY, is_kind, register_op
+from .graph_info import META_KEY, is_kind
 from .passes.fuse_conv import fuse_conv1d_silu
 from .passes.rewrite import run_rules
 from .passes.verify import TopologyChecker, verify_topology
 
 BACKEND_NAME = "quamba"
 DEFAULT_OPTIONS: dict[str, Any] = {"verify": True, "fallback": "inductor", "fuse": False, "checkpoint": None}
-
-# Dynamo inlines QuantizedLinear.forward, so a quantized Linear reaches us as this op, not a module.
-register_op("linear", "int8_linear")
 
 # Module names (the last component of a Hugging Face module path) that name a node's role.
 _ROLES = {"embeddings", "norm", "in_proj", "conv1d", "x_proj", "dt_proj", "out_proj", "norm_f", "lm_head"}

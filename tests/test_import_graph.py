@@ -187,3 +187,16 @@ def test_a_dynamic_import_depends_on_every_module(tmp_path):
     graph = import_graph(pkg)
     assert graph["quamba_fx"] == {"quamba_fx.a"}
     assert strongly_connected(graph) == [["quamba_fx", "quamba_fx.a"]]
+
+
+def test_no_module_registers_op_kinds_on_import():
+    """graph_info declares the kinds of every op the package puts into a graph; a `register_op` call
+    elsewhere would make verification depend on whether that module was imported."""
+    calls = []
+    for module, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", getattr(node.func, "attr", None))
+                if name in ("register_op", "register_module"):
+                    calls.append(f"{module}:{node.lineno} {name}")
+    assert calls == []
