@@ -36,14 +36,14 @@ _EXPORTS: dict[str, str] = {
     "from_pretrained": "checkpoint", "save_pretrained": "checkpoint",
     "dump": "dump", "write_dump": "dump",
     "BUILTIN_SHAPES": "models", "builtin_config": "models", "load_model": "models", "random_model": "models",
-    "FuseConv1dSiLU": "passes.fuse_conv", "fuse": "passes.fuse_conv",
-    "LowerToKernels": "passes.lower", "lower": "passes.lower",
+    "FuseConv1dSiLU": "passes.conv_fusion", "fuse": "flows",
+    "LowerToKernels": "passes.kernel_lowering", "lower": "flows",
     "VerifyTopology": "passes.verify", "verify_topology": "passes.verify",
     "EvalResult": "evaluate", "evaluate": "evaluate",
     "Pipeline": "pipeline",
     "QuantSpec": "recipes", "Recipe": "recipes", "make_recipe": "recipes", "register_recipe": "recipes",
     "Generator": "runtime", "MambaCache": "runtime",
-    "quantize": "w8a8",
+    "quantize": "flows",
 }
 
 __all__ = [

@@ -29,9 +29,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
+from .checkpoint import from_pretrained
 from .errors import InvalidArgumentError, QuambaError, TopologyError
+from .flows import fuse
 from .graph_info import META_KEY, is_kind
-from .passes.fuse_conv import fuse_conv1d_silu
+from .passes.conv_fusion import fuse_conv1d_silu
 from .passes.rewrite import run_rules
 from .passes.verify import TopologyChecker, verify_topology
 
@@ -253,8 +255,6 @@ def _check_options(options: dict[str, Any] | None) -> dict[str, Any]:
 
 def _checkpoint_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict) -> torch.fx.GraphModule:
     """A graph with `gm`'s inputs and outputs that runs the checkpoint's graph instead (docs/compile.md)."""
-    from .checkpoint import from_pretrained
-
     path = Path(options["checkpoint"])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     data = [i for i, n in enumerate(placeholders)
@@ -289,8 +289,6 @@ def _checkpoint_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], o
     if options["verify"]:
         verify_topology(loaded)
     if options["fuse"] and loaded.meta[META_KEY].get("recipe") and not loaded.meta[META_KEY].get("fused"):
-        from .passes.fuse_conv import fuse
-
         loaded = fuse(loaded)
     loaded.requires_grad_(False)  # a private copy: keeps AOTAutograd on its inference path
     root = torch.nn.Module()

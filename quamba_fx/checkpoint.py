@@ -35,13 +35,10 @@ from . import _atomic_dir
 from ._version import __version__
 from .capture import annotate_shapes, capture
 from .errors import CheckpointError, RecipeError
-from .passes.fuse_conv import FuseConv1dSiLU
-from .pipeline import Pipeline
-from .recipe import block_paths
+from .flows import quantized_structure
 from .recipes import CONV_OUT, W8A8_TAPS, QuantSpec, Recipe
 from .tensor_checks import name_list, non_finite_tensors
 from .text import CHECKPOINT_TOKENIZER_DIR, TextCodec, as_codec, attach_tokenizer, check_fits, save_tokenizer
-from .w8a8 import float_passes, quantization_passes
 
 FORMAT_NAME = "quamba-fx"
 # 2: the recipe is stored whole (`Recipe.to_dict()`); 1: by name and percentile only.
@@ -475,16 +472,9 @@ def _skeleton(config: dict[str, Any]) -> torch.fx.GraphModule:
     with torch.device("meta"):
         model = cls(hf_config).to(dtype)
     gm = capture(model.eval(), propagate_shapes=False)
-    recipe = config["recipe"]
-    if recipe is None:
+    if config["recipe"] is None:
         return gm
-    keys = [f"{p}.{tap.module}.{tap.scale}" for p in block_paths(gm) for tap in recipe.taps]
-    passes = float_passes(recipe) + quantization_passes(dict.fromkeys(keys, 1.0), recipe)
-    if config.get("fused"):
-        passes.append(FuseConv1dSiLU())
-    gm = Pipeline(passes)(gm)
-    gm.meta["quamba"].update(recipe=recipe.name, recipe_spec=recipe, fused=bool(config.get("fused")))
-    return gm
+    return quantized_structure(gm, config["recipe"], fused=bool(config.get("fused")))
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.fx.GraphModule:
