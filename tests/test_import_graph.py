@@ -5,10 +5,12 @@ other, so a change to either can break the other's import order. This test reads
 `ast` (nothing is imported) and checks the module graph is acyclic.
 
 Edges: `import a.b` and `from a.b import c` depend on `a.b`, or on the submodule `a.b.c` when `c` is
-one. A module importing a submodule also runs its packages' `__init__`s; those implicit edges are
-left out (every module would otherwise depend on the lazy top-level package). A dynamic import
-(`importlib.import_module` with a name that is not a literal) is taken to import every module of the
-package, which is what the lazy `quamba_fx/__init__.py` does on first use.
+one, and on the `__init__` of every package on the way that the importer is not itself inside
+(`quamba_fx.passes` for `from .passes.verify import x`: importing a submodule runs its package
+first). The top-level package is left out of those implicit edges: its `__init__` imports nothing
+of ours at import time (it is lazy, PEP 562), so importing `quamba_fx.x` never runs the rest. A
+dynamic import (`importlib.import_module` with a name that is not a literal) is taken to import
+every module of the package, which is what that lazy `__init__` does on first use of a name.
 """
 
 from __future__ import annotations
@@ -66,7 +68,14 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 found.add(_resolve(module, is_package, arg.value.lstrip(".") or None, level))
             else:
                 found.update(modules)
-    return {name for name in found if name in modules and name != module}
+    found = {name for name in found if name in modules and name != module}
+    for name in list(found):
+        parts = name.split(".")
+        for end in range(2, len(parts)):
+            package = ".".join(parts[:end])
+            if package in modules and not f"{module}.".startswith(f"{package}."):
+                found.add(package)
+    return found
 
 
 def _is_import_module(func: ast.expr) -> bool:
@@ -169,13 +178,27 @@ def test_cycle_detection_finds_function_level_and_relative_imports(tmp_path):
     (pkg / "c.py").write_text("import quamba_fx.a\n")
     (pkg / "leaf.py").write_text("from . import c\n")
     graph = import_graph(pkg)
-    assert graph["quamba_fx.a"] == {"quamba_fx.sub.b"}
+    assert graph["quamba_fx.a"] == {"quamba_fx.sub", "quamba_fx.sub.b"}  # sub's __init__ runs first
     assert graph["quamba_fx.sub.b"] == {"quamba_fx.c"}
     assert strongly_connected(graph) == [["quamba_fx.a", "quamba_fx.c", "quamba_fx.sub.b"]]
     assert one_cycle(graph, ["quamba_fx.a", "quamba_fx.c", "quamba_fx.sub.b"]) == [
         "quamba_fx.a", "quamba_fx.sub.b", "quamba_fx.c", "quamba_fx.a"
     ]
 
+
+
+def test_a_circle_through_a_package_init_is_found(tmp_path):
+    """`o` imports `k.s`, which runs `k/__init__`, which imports `k.h`, which imports `o`."""
+    pkg = tmp_path / PACKAGE
+    (pkg / "k").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "k" / "__init__.py").write_text("from .h import f\n")
+    (pkg / "k" / "h.py").write_text("def f():\n    from .. import o\n")
+    (pkg / "k" / "s.py").write_text("")
+    (pkg / "o.py").write_text("from .k.s import x\n")
+    graph = import_graph(pkg)
+    assert graph["quamba_fx.k.h"] == {"quamba_fx.o"}  # its own package is not an edge
+    assert strongly_connected(graph) == [["quamba_fx.k", "quamba_fx.k.h", "quamba_fx.o"]]
 
 def test_a_dynamic_import_depends_on_every_module(tmp_path):
     pkg = tmp_path / PACKAGE
