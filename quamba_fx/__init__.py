@@ -2,8 +2,8 @@
 
 The package imports torch and transformers only when one of its names is first used, so the
 command line answers `--help` and usage errors at once. The first use imports every public module,
-as an eager import did: importing registers the custom ops and the graph kinds that verification
-and lowering look up, so what a graph is checked against never depends on which name came first.
+as an eager import did (which also registers the torch.compile backend). What verification accepts
+does not depend on imports: `graph_info` declares every op kind itself.
 """
 
 from __future__ import annotations

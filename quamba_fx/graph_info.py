@@ -48,7 +48,10 @@ _KINDS = {
 
 
 def register_op(kind: str, name: str) -> None:
-    """Declare that ops named `name` (see `op_name`) belong to `kind` for the topology check."""
+    """Declare that ops named `name` (see `op_name`) belong to `kind` for the topology check.
+
+    For ops defined outside quamba-fx; the package's own ops are in the sets above.
+    """
     if kind not in _KINDS:
         raise ValueError(f"unknown op kind {kind!r}; expected one of {sorted(_KINDS)}")
     _KINDS[kind].add(name)
@@ -75,7 +78,10 @@ _MODULE_KINDS: dict[str, tuple[type, ...]] = {"conv1d": (nn.Conv1d,), "linear": 
 
 
 def register_module(kind: str, cls: type) -> None:
-    """Declare that `call_module` nodes of `cls` compute `kind` (`conv1d` or `linear`)."""
+    """Declare that `call_module` nodes of `cls` compute `kind` (`conv1d` or `linear`).
+
+    For module classes defined outside quamba-fx; the package's own are in `_MODULE_KINDS`.
+    """
     if kind not in _MODULE_KINDS:
         raise ValueError(f"modules can be registered as {sorted(_MODULE_KINDS)}, not {kind!r}")
     _MODULE_KINDS[kind] += (cls,)
