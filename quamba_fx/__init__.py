@@ -2,8 +2,8 @@
 
 The package imports torch and transformers only when one of its names is first used, so the
 command line answers `--help` and usage errors at once. The first use imports every public module,
-as an eager import did: importing registers the custom ops and the graph kinds that verification
-and lowering look up, so what a graph is checked against never depends on which name came first.
+as an eager import did (which also registers the torch.compile backend). What verification accepts
+does not depend on imports: `graph_info` declares every op kind itself.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .errors import (
     UnsupportedModelError,
 )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Public name -> the submodule that defines it.
 _EXPORTS: dict[str, str] = {
@@ -36,14 +36,14 @@ _EXPORTS: dict[str, str] = {
     "from_pretrained": "checkpoint", "save_pretrained": "checkpoint",
     "dump": "dump", "write_dump": "dump",
     "BUILTIN_SHAPES": "models", "builtin_config": "models", "load_model": "models", "random_model": "models",
-    "FuseConv1dSiLU": "passes.fuse_conv", "fuse": "passes.fuse_conv",
-    "LowerToKernels": "passes.lower", "lower": "passes.lower",
+    "FuseConv1dSiLU": "passes.conv_fusion", "fuse": "flows",
+    "LowerToKernels": "passes.kernel_lowering", "lower": "flows",
     "VerifyTopology": "passes.verify", "verify_topology": "passes.verify",
     "EvalResult": "evaluate", "evaluate": "evaluate",
     "Pipeline": "pipeline",
     "QuantSpec": "recipes", "Recipe": "recipes", "make_recipe": "recipes", "register_recipe": "recipes",
     "Generator": "runtime", "MambaCache": "runtime",
-    "quantize": "w8a8",
+    "quantize": "flows",
 }
 
 __all__ = [

@@ -29,18 +29,16 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
-from .capture import META_KEY
+from .checkpoint import from_pretrained
 from .errors import InvalidArgumentError, QuambaError, TopologyError
-from .graph_info import is_kind, register_op
-from .passes.fuse_conv import fuse_conv1d_silu
+from .flows import fuse
+from .graph_info import META_KEY, is_kind
+from .passes.conv_fusion import fuse_conv1d_silu
 from .passes.rewrite import run_rules
 from .passes.verify import TopologyChecker, verify_topology
 
 BACKEND_NAME = "quamba"
 DEFAULT_OPTIONS: dict[str, Any] = {"verify": True, "fallback": "inductor", "fuse": False, "checkpoint": None}
-
-# Dynamo inlines QuantizedLinear.forward, so a quantized Linear reaches us as this op, not a module.
-register_op("linear", "int8_linear")
 
 # Module names (the last component of a Hugging Face module path) that name a node's role.
 _ROLES = {"embeddings", "norm", "in_proj", "conv1d", "x_proj", "dt_proj", "out_proj", "norm_f", "lm_head"}
@@ -257,8 +255,6 @@ def _check_options(options: dict[str, Any] | None) -> dict[str, Any]:
 
 def _checkpoint_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict) -> torch.fx.GraphModule:
     """A graph with `gm`'s inputs and outputs that runs the checkpoint's graph instead (docs/compile.md)."""
-    from .checkpoint import from_pretrained
-
     path = Path(options["checkpoint"])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     data = [i for i, n in enumerate(placeholders)
@@ -293,8 +289,6 @@ def _checkpoint_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], o
     if options["verify"]:
         verify_topology(loaded)
     if options["fuse"] and loaded.meta[META_KEY].get("recipe") and not loaded.meta[META_KEY].get("fused"):
-        from .passes.fuse_conv import fuse
-
         loaded = fuse(loaded)
     loaded.requires_grad_(False)  # a private copy: keeps AOTAutograd on its inference path
     root = torch.nn.Module()

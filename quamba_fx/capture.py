@@ -25,11 +25,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 from transformers import MambaForCausalLM, MambaModel
 
 from . import ops  # noqa: F401  (registers torch.ops.quamba.*)
+from .checkpoint_format import save_pretrained
 from .errors import InputError, MetaDeviceError, UnsupportedModelError
+from .graph_info import META_KEY  # noqa: F401  (re-exported: passes and tests read it from here)
 from .models import load_model
 from .text import attach_tokenizer
-
-META_KEY = "quamba"
 
 # Roles of nodes, in dataflow order. Glue nodes (transpose, split, casts) take the role of the stage
 # they serve, so a dump or a pass can select a whole stage by role.
@@ -90,8 +90,6 @@ class MambaGraphModule(torch.fx.GraphModule):
         `quamba_fx.from_pretrained(path)` rebuilds the same graph; see `quamba_fx.save_pretrained`
         for what `path` may already hold and what `overwrite` allows.
         """
-        from .checkpoint import save_pretrained
-
         save_pretrained(self, path, overwrite=overwrite, tokenizer=tokenizer)
 
 

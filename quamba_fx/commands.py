@@ -22,14 +22,12 @@ from .dump import dump, write_dump
 from .errors import InputError, QuambaError
 from .graph_info import block, is_kind
 from .evaluate import EvalResult, evaluate
+from .flows import fuse, lower, quantize
 from .models import BUILTIN_SHAPES, load_model
-from .passes.fuse_conv import fuse
-from .passes.lower import lower
 from .passes.verify import verify_topology
 from .recipe import make_recipe
 from .text import ByteCodec, TextCodec, graph_codec, source_codec, text_windows
 from .textdata import find_wikitext
-from .w8a8 import quantize
 
 
 def _load_for_shapes(model: str, device: str | None) -> torch.nn.Module:

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from .capture import META_KEY
 from .catalog import DUMP_FORMATS
 from .errors import InvalidArgumentError, MissingDependencyError
-from .graph_info import block, fetch_attr, info, is_kind
+from .graph_info import META_KEY, block, fetch_attr, info, is_kind
 
 SCHEMA_VERSION = 1
 FORMATS = DUMP_FORMATS

@@ -34,7 +34,12 @@ from transformers import GenerationMixin, MambaConfig, PreTrainedModel, Stopping
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.utils import ModelOutput
 
+from .capture import capture
+from .checkpoint import from_pretrained as load_checkpoint
+from .checkpoint import is_quamba_checkpoint
+from .checkpoint import save_pretrained as save_checkpoint
 from .errors import InputError, MetaDeviceError, UnsupportedModelError
+from .models import load_model
 from .runtime import Generator
 from .text import as_codec, attach_tokenizer, check_fits, graph_codec
 
@@ -124,22 +129,15 @@ class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
 
         Unlike `transformers.PreTrainedModel.from_pretrained`, this never contacts the Hub.
         """
-        from .capture import capture
-        from .checkpoint import from_pretrained, is_quamba_checkpoint
-
         if is_quamba_checkpoint(path):
-            return cls(from_pretrained(path, device=device))
-        from .models import load_model
-
+            return cls(load_checkpoint(path, device=device))
         gm = capture(load_model(str(path), device=str(device)))
         attach_tokenizer(gm, path)  # a Hugging Face directory's own tokenizer
         return cls(gm)
 
     def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
         """Write the wrapped graph with `quamba_fx.save_pretrained` (reload with `from_pretrained`)."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self.model, save_directory)
+        save_checkpoint(self.model, save_directory)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_submodule(f"{self._prefix}embeddings")
@@ -340,8 +338,6 @@ def as_causal_lm(model: Any) -> QuambaForCausalLM:
     if isinstance(model, (str, Path)):
         return QuambaForCausalLM.from_pretrained(model)
     if isinstance(model, nn.Module):
-        from .capture import capture
-
         return QuambaForCausalLM(capture(model))
     raise UnsupportedModelError(
         f"expected a GraphModule, QuambaForCausalLM, Mamba model, name or directory; got {type(model).__name__}"

@@ -1,8 +1,10 @@
 """Read what capture recorded on nodes, and classify ops by what they do to data.
 
 The op classes are what the topology check walks through: layout ops move or view data, elementwise
-ops compute per element, quantization boundaries change only the encoding. Later passes register
-their own ops here (`register_op`) so that checks keep working on rewritten graphs.
+ops compute per element, quantization boundaries change only the encoding. Every op and module that
+quamba-fx's own passes and kernels put into a graph is declared here, so what the check accepts does
+not depend on which modules happen to have been imported; `register_op` and `register_module` are
+for ops defined outside the package.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from .capture import META_KEY
+from .quant.linear import QuantizedLinear
+
+# The key of capture's annotations in `node.meta` and of the graph's facts in `gm.meta`.
+META_KEY = "quamba"
 
 LAYOUT_OPS: set[str] = {
     "transpose", "permute", "view", "reshape", "contiguous", "chunk", "split", "split_with_sizes",
@@ -25,12 +30,16 @@ ELEMENTWISE_OPS: set[str] = {
     "silu", "sigmoid", "relu", "gelu", "softplus", "exp", "neg", "abs", "add", "sub", "mul", "div",
     "truediv", "iadd", "imul", "pow", "rsqrt", "sqrt", "tanh", "clamp", "round",
 }
-# Ops that only change a tensor's encoding (quantize/dequantize); filled by the quantization passes.
-QUANT_BOUNDARY_OPS: set[str] = set()
+# The `torch.ops.quamba` ops below are defined in quant/qops.py (the int8 references the quantize
+# pass inserts) and kernels/ops.py (the kernel ops fusion and lowering insert). No module adds to
+# these sets on import (tests/test_verify.py checks it).
+# Ops that only change a tensor's encoding.
+QUANT_BOUNDARY_OPS: set[str] = {"quantize", "dequantize", "hadamard_quantize"}
 # Ops that compute a depthwise causal conv1d or a Linear, besides nn.Conv1d / nn.Linear modules.
-CONV1D_OPS: set[str] = {"conv1d", "convolution"}
-LINEAR_OPS: set[str] = {"linear"}
-SCAN_OPS: set[str] = {"selective_scan"}
+CONV1D_OPS: set[str] = {"conv1d", "convolution", "conv1d_silu_int8", "conv1d_silu_int8_cached"}
+# int8_linear: Dynamo inlines QuantizedLinear.forward, so the torch.compile backend sees the op.
+LINEAR_OPS: set[str] = {"linear", "int8_linear", "w8a8_linear"}
+SCAN_OPS: set[str] = {"selective_scan", "selective_scan_int8", "selective_scan_int8_cached"}
 
 _KINDS = {
     "layout": LAYOUT_OPS, "elementwise": ELEMENTWISE_OPS, "quant_boundary": QUANT_BOUNDARY_OPS,
@@ -39,7 +48,10 @@ _KINDS = {
 
 
 def register_op(kind: str, name: str) -> None:
-    """Declare that ops named `name` (see `op_name`) belong to `kind` for the topology check."""
+    """Declare that ops named `name` (see `op_name`) belong to `kind` for the topology check.
+
+    For ops defined outside quamba-fx; the package's own ops are in the sets above.
+    """
     if kind not in _KINDS:
         raise ValueError(f"unknown op kind {kind!r}; expected one of {sorted(_KINDS)}")
     _KINDS[kind].add(name)
@@ -62,11 +74,14 @@ def op_name(node: torch.fx.Node) -> str:
 
 
 # Module classes that compute a kind, besides nn.Conv1d / nn.Linear (e.g. a quantized Linear).
-_MODULE_KINDS: dict[str, tuple[type, ...]] = {"conv1d": (nn.Conv1d,), "linear": (nn.Linear,)}
+_MODULE_KINDS: dict[str, tuple[type, ...]] = {"conv1d": (nn.Conv1d,), "linear": (nn.Linear, QuantizedLinear)}
 
 
 def register_module(kind: str, cls: type) -> None:
-    """Declare that `call_module` nodes of `cls` compute `kind` (`conv1d` or `linear`)."""
+    """Declare that `call_module` nodes of `cls` compute `kind` (`conv1d` or `linear`).
+
+    For module classes defined outside quamba-fx; the package's own are in `_MODULE_KINDS`.
+    """
     if kind not in _MODULE_KINDS:
         raise ValueError(f"modules can be registered as {sorted(_MODULE_KINDS)}, not {kind!r}")
     _MODULE_KINDS[kind] += (cls,)

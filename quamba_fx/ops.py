@@ -13,7 +13,7 @@ import torch
 
 from .errors import InputError
 from .kernels.scan import selective_scan as triton_selective_scan
-from .quant.hadamard import hadamard_transform
+from .quant.hadamard import hadamard  # noqa: F401  (re-exported: torch.ops.quamba.hadamard is defined beside its math)
 from .scan_reference import selective_scan_reference
 
 __all__ = ["check_token_range", "hadamard", "selective_scan", "selective_scan_reference", "token_ids_in_range"]
@@ -51,17 +51,6 @@ def _selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 @selective_scan.register_fake
 def _selective_scan_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
     return u.new_empty(u.shape)
-
-
-@torch.library.custom_op("quamba::hadamard", mutates_args=())
-def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Hadamard rotation of the last dim (`x @ H.T`, see `quamba_fx.quant.hadamard`)."""
-    return hadamard_transform(x, dim=-1).contiguous()
-
-
-@hadamard.register_fake
-def _hadamard_fake(x):
-    return x.new_empty(x.shape)
 
 
 def check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:

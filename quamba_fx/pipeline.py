@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from .dump import write_dump
 from .errors import PassError
 from .passes.verify import verify_topology
 
@@ -96,8 +97,6 @@ class Pipeline:
     def _dump(self, gm: torch.fx.GraphModule, index: int, name: str) -> None:
         if self.dump_dir is None:
             return
-        from .dump import write_dump
-
         self.dump_dir.mkdir(parents=True, exist_ok=True)
         for fmt in self.dump_formats:
             write_dump(gm, self.dump_dir / f"{index:02d}_{name}.{fmt_suffix(fmt)}", fmt)

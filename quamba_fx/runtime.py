@@ -15,7 +15,7 @@ import torch
 import torch.fx
 
 from .errors import InputError
-from .passes.lower import cached_graph
+from .passes.kernel_lowering import cached_graph
 from .recipe import block_paths
 
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import quamba_fx
 from quamba_fx import CheckpointError
-from quamba_fx.checkpoint import CONFIG_DIGEST_KEY, WEIGHTS_FILE, _config_digest, _sha256
+from quamba_fx.checkpoint import CONFIG_DIGEST_KEY, WEIGHTS_FILE
+from quamba_fx.checkpoint_format import _config_digest, _sha256
 from quamba_fx.errors import NonFiniteError
 from quamba_fx.recipes import CONV_OUT, OUT_PROJ_IN, W8A8_TAPS, X_PROJ_OUT, QuantSpec, Recipe, make_recipe
 
@@ -199,7 +200,7 @@ def test_save_replaces_an_old_checkpoint_and_leaves_no_temporaries(graphs, saved
 
 
 def test_interrupted_save_leaves_nothing_behind(graphs, tmp_path, monkeypatch):
-    import quamba_fx.checkpoint as checkpoint
+    import quamba_fx.checkpoint_format as checkpoint  # where saving lives
 
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
@@ -362,7 +363,7 @@ def test_unwritable_places_give_one_checkpoint_error(graphs, tmp_path, where):
 def test_missing_parents_are_created_and_removed_again_on_failure(graphs, tmp_path, monkeypatch):
     graphs["float"].save_pretrained(tmp_path / "a" / "b" / "ckpt")
     assert (tmp_path / "a" / "b" / "ckpt" / "config.json").is_file()
-    import quamba_fx.checkpoint as checkpoint
+    import quamba_fx.checkpoint_format as checkpoint  # where saving lives
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")

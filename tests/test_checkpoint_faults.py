@@ -118,7 +118,7 @@ def test_a_live_writers_directory_is_left_alone(graphs, tmp_path):
     written, go_on = context.Event(), context.Event()
 
     def slow_save():
-        import quamba_fx.checkpoint as checkpoint
+        import quamba_fx.checkpoint_format as checkpoint  # where saving lives
 
         real_save_file = checkpoint.save_file
 

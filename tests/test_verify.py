@@ -162,3 +162,22 @@ def test_conv_classification_covers_modules_and_functions(gm):
     assert [n.target for n in convs] == ["backbone.layers.0.mixer.conv1d", "backbone.layers.1.mixer.conv1d"]
     linears = [n for n in gm.graph.nodes if is_kind(gm, n, "linear")]
     assert len(linears) == 2 * 4 + 1
+
+
+def test_what_verification_accepts_does_not_depend_on_what_was_imported():
+    """The op and module kinds are what graph_info declares: importing the rest of the package (the
+    passes, kernels, backend) adds none, so a check run before or after those imports agrees."""
+    import importlib.util
+
+    import quamba_fx.graph_info as live
+
+    quamba_fx.fuse  # noqa: B018  (the first public name imports every module of the package)
+    spec = importlib.util.spec_from_file_location("quamba_fx._fresh_graph_info", live.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)  # graph_info as declared, before anything could register into it
+    assert {kind: sorted(ops) for kind, ops in live._KINDS.items()} == {
+        kind: sorted(ops) for kind, ops in fresh._KINDS.items()
+    }
+    assert live._MODULE_KINDS == fresh._MODULE_KINDS
+    for kind, op in [("quant_boundary", "quantize"), ("linear", "int8_linear"), ("scan", "selective_scan_int8")]:
+        assert op in fresh._KINDS[kind]

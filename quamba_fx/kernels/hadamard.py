@@ -79,7 +79,7 @@ from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 
 from ..quant import qops as _qops  # noqa: F401  (registers torch.ops.quamba.quantize)
-from ..quant.hadamard import _check_size, _dense_int
+from ..quant.hadamard import _check_size, _dense_int  # and registers torch.ops.quamba.hadamard
 from .rounding import quantize_rn
 
 __all__ = [
@@ -440,8 +440,6 @@ def _check_scale(fn: str, scale: object, device: torch.device) -> None:
 def hadamard_transform_reference(x: torch.Tensor) -> torch.Tensor:
     """fp32 `hadamard_transform(x.float())` through `torch.ops.quamba.hadamard`, contiguous."""
     _check_x("hadamard_transform_reference", x)
-    from .. import ops as _graph_ops  # noqa: F401  (registers torch.ops.quamba.hadamard)
-
     return torch.ops.quamba.hadamard(x.to(torch.float32))
 
 

@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..graph_info import register_op
 from .conv1d import causal_conv1d_silu_int8, causal_conv1d_update_silu_int8
 from .gemm import int8_gemm
 from .hadamard import hadamard_quantize as _hadamard_quantize
@@ -193,10 +192,3 @@ def _add_rmsnorm_quantize_fake(x, residual, weight, eps, scale, out_dtype):
     return (torch.empty(x.shape, dtype=dtype, device=x.device),
             torch.empty(x.shape, dtype=torch.float32, device=x.device))
 
-
-register_op("conv1d", "conv1d_silu_int8")
-register_op("conv1d", "conv1d_silu_int8_cached")
-register_op("linear", "w8a8_linear")
-register_op("scan", "selective_scan_int8")
-register_op("scan", "selective_scan_int8_cached")
-register_op("quant_boundary", "hadamard_quantize")

@@ -17,15 +17,13 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..graph_info import info, op_name, register_op
+from ..graph_info import info, op_name
 from ..quant.linear import QuantizedLinear
 from ..recipe import block_paths, tap_node
 from .rewrite import Rule, run_rules
 
 QUANTIZE = torch.ops.quamba.quantize.default
 DEQUANTIZE = torch.ops.quamba.dequantize.default
-register_op("quant_boundary", "quantize")
-register_op("quant_boundary", "dequantize")
 
 # Ops that move data without changing values or dtype: a dequantize may move past them.
 _SINKABLE = {"transpose", "permute", "view", "reshape", "contiguous", "chunk", "split", "getitem",

@@ -16,9 +16,8 @@ import networkx as nx
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..capture import META_KEY
 from ..errors import TopologyError
-from ..graph_info import block, describe, is_kind, op_name, role
+from ..graph_info import META_KEY, block, describe, is_kind, op_name, role
 
 
 def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:

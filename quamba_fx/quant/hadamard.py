@@ -284,3 +284,17 @@ def fold_hadamard_into_linear_weight(weight: Tensor) -> Tensor:
     if weight.dim() != 2:
         raise ValueError(f"expected a Linear weight of shape [out, in], got shape {tuple(weight.shape)}")
     return hadamard_transform(weight, dim=-1)
+
+
+# The rotation as one graph node. Defined here, beside the math, so that the kernels' references
+# (kernels/hadamard.py) and the graph ops (quamba_fx.ops, which re-exports it) both import it from
+# below them rather than from each other.
+@torch.library.custom_op("quamba::hadamard", mutates_args=())
+def hadamard(x: Tensor) -> Tensor:
+    """Orthonormal Hadamard rotation of the last dim (`x @ H.T`, see `hadamard_transform`)."""
+    return hadamard_transform(x, dim=-1).contiguous()
+
+
+@hadamard.register_fake
+def _hadamard_fake(x):
+    return x.new_empty(x.shape)

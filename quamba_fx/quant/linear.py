@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graph_info import register_module
 from .qops import quantize_weight_per_channel
 
 
@@ -54,5 +53,3 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
-
-register_module("linear", QuantizedLinear)

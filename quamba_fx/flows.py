@@ -1,0 +1,137 @@
+"""The W8A8 flows: quantize -> fuse -> lower, the one place that says which passes run in what order.
+
+Passes (`quamba_fx.passes`) each do one rewrite and know nothing of each other; the flows here put
+them into `Pipeline`s (which check the topology after every pass), always on a copy of the input:
+
+- `quantize`: the float passes, a calibration run, the quantization passes (the reference W8A8 graph);
+- `fuse`: each block's int8 conv1d + SiLU as one kernel call;
+- `lower`: fuse if not yet fused, then every reference op to its Triton kernel op;
+- `quantized_structure`: the passes of `quantize` (and `fuse`) with placeholder scales, which is how
+  `from_pretrained` rebuilds a checkpoint's graph before loading its tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+import torch.fx
+from torch import nn
+
+from .calibrate import Calibration, calibrate
+from .capture import annotate_shapes, capture
+from .errors import InvalidArgumentError, NonFiniteError
+from .graph_info import META_KEY
+from .passes.conv_fusion import FuseConv1dSiLU
+from .passes.hadamard import RotateOutProjInput
+from .passes.kernel_lowering import LowerToKernels
+from .passes.quantize import InsertQuantDequant, LowerLinears, SinkDequantize
+from .pipeline import Pipeline
+from .recipe import block_paths
+from .recipes import Recipe, as_recipe
+from .tensor_checks import name_list, non_finite_tensors
+
+
+def float_passes(recipe: Recipe) -> list:
+    """Passes that change the float graph without changing its result (run before calibration)."""
+    return [RotateOutProjInput()] if recipe.hadamard else []
+
+
+def quantization_passes(scales: dict[str, float], recipe: Recipe) -> list:
+    """Passes that turn the calibrated float graph into the W8A8 reference graph."""
+    return [InsertQuantDequant(scales, recipe.taps), SinkDequantize(), LowerLinears()]
+
+
+def fusion_passes() -> list:
+    """Passes that turn the W8A8 reference graph into its fused form (conv1d + SiLU as one kernel)."""
+    return [FuseConv1dSiLU()]
+
+
+def lowering_passes(dtype: torch.dtype) -> list:
+    """Passes that turn a quantized graph, fused or not, into one that runs on the Triton kernels."""
+    return [*fusion_passes(), LowerToKernels(dtype)]
+
+
+def _example_shape(gm: torch.fx.GraphModule) -> tuple[int, ...]:
+    return tuple(gm.meta[META_KEY].get("example_shape", (1, 8)))
+
+
+def quantize(
+    model: nn.Module | torch.fx.GraphModule | str,
+    calibration_data: Iterable[torch.Tensor] | None = None,
+    recipe: str | Recipe = "quamba",
+    calibration: Calibration | None = None,
+    progress: bool = True,
+    dump_dir: str | None = None,
+) -> torch.fx.GraphModule:
+    """Quantize a Mamba model to W8A8 and return the runnable reference graph.
+
+    `model` is anything `capture` accepts, or a captured GraphModule (copied: the float graph and
+    model are never modified). Statistics come from `calibration` if given, else from running
+    `calibration_data` (an iterable of `input_ids [B, L]` batches, or one `[B, L]` tensor taken as a
+    single batch). The result runs on CPU with the reference int8 ops; each block's scales are
+    buffers on its modules, e.g.
+    `qm.get_submodule("backbone.layers.0.mixer.conv1d").output_scale`. Raises `NonFiniteError` when
+    a weight holds NaN or infinity (even one calibration never reads, like an unused embedding row).
+    `recipe` is a registered recipe's name (`naive`, `quamba`) or any `quamba_fx.recipes.Recipe`;
+    the graph keeps it (`meta["quamba"]["recipe_spec"]`), so `save_pretrained` can store it whole.
+    A `calibration` recorded for another recipe (name or observers) raises `CalibrationError`.
+    """
+    recipe = as_recipe(recipe)
+    # Always a deep copy: a fresh capture shares its modules with the user's model, and the passes
+    # register scale buffers on them and swap Linears out.
+    gm = copy.deepcopy(model if isinstance(model, torch.fx.GraphModule) else capture(model))
+    bad = non_finite_tensors([*gm.named_parameters(), *gm.named_buffers()])
+    if bad:
+        raise NonFiniteError(
+            f"the model holds NaN or infinite values in {name_list(bad)}: every output would be NaN; "
+            "fix or reload its weights before quantizing"
+        )
+    gm = Pipeline(float_passes(recipe), dump_dir=dump_dir and f"{dump_dir}/float")(gm)
+    if calibration is None:
+        if calibration_data is None:
+            raise ValueError("quantize needs calibration_data (batches of token ids) or a saved calibration")
+        calibration = calibrate(gm, calibration_data, recipe, progress=progress)
+    else:
+        calibration.check_matches(recipe, block_paths(gm))
+    gm = Pipeline(quantization_passes(calibration.scales(), recipe), dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
+    gm.meta[META_KEY]["recipe"] = recipe.name
+    gm.meta[META_KEY]["recipe_spec"] = recipe
+    annotate_shapes(gm, _example_shape(gm))
+    return gm
+
+
+def fuse(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of a quantized graph with each block's conv1d + SiLU as one fused int8 kernel call."""
+    gm = Pipeline(fusion_passes())(copy.deepcopy(quantized))
+    gm.meta[META_KEY]["fused"] = True
+    annotate_shapes(gm, _example_shape(gm))
+    return gm
+
+
+def lower(quantized: torch.fx.GraphModule, dtype: torch.dtype = torch.float16) -> torch.fx.GraphModule:
+    """A copy of a W8A8 graph (from `quantize` or `from_pretrained`) that runs on the Triton kernels.
+
+    The conv1d is fused first when it is not already. Move the result to the GPU with `.cuda()`
+    (on CPU it runs the kernels' references, or the kernels themselves under TRITON_INTERPRET=1).
+    """
+    if not quantized.meta.get(META_KEY, {}).get("recipe"):
+        raise InvalidArgumentError("lower needs a quantized graph (quamba_fx.quantize or from_pretrained of a W8A8 checkpoint)")
+    gm = Pipeline(lowering_passes(dtype))(copy.deepcopy(quantized))
+    gm.meta[META_KEY]["fused"] = True
+    gm.meta[META_KEY]["lowered"] = str(dtype).replace("torch.", "")
+    annotate_shapes(gm, _example_shape(quantized))
+    return gm
+
+
+def quantized_structure(gm: torch.fx.GraphModule, recipe: Recipe, fused: bool) -> torch.fx.GraphModule:
+    """`gm` (a float capture, typically on the meta device) rewritten as `quantize` (and `fuse`)
+    would, with every scale 1.0: the structure a checkpoint's tensors are loaded into. Modifies `gm`."""
+    keys = [f"{p}.{tap.module}.{tap.scale}" for p in block_paths(gm) for tap in recipe.taps]
+    passes = float_passes(recipe) + quantization_passes(dict.fromkeys(keys, 1.0), recipe)
+    if fused:
+        passes += fusion_passes()
+    gm = Pipeline(passes)(gm)
+    gm.meta[META_KEY].update(recipe=recipe.name, recipe_spec=recipe, fused=fused)
+    return gm

@@ -1,0 +1,318 @@
+"""Lower the W8A8 reference graph to GPU kernels: a rule table run to a fixpoint.
+
+Each rule matches one reference subgraph and replaces it with one kernel op from
+`quamba_fx.kernels.ops`, recording the kernel in `node.meta["quamba"]["kernel"]` (the dump shows it):
+
+| reference subgraph                                        | kernel op                      |
+|-----------------------------------------------------------|--------------------------------|
+| `QuantizedLinear` (int8_linear)                            | `w8a8_linear` (int8 GEMM)      |
+| `selective_scan(dequantize(u), ..., dequantize(z))`        | `selective_scan_int8`          |
+| `quantize(hadamard(y), s)`                                 | `hadamard_quantize`            |
+| `[quantize](RMSNorm(residual + out))`                      | `add_rmsnorm_quantize`         |
+| expressions of parameters only (`-exp(A_log.float())`)     | folded into a buffer           |
+
+The conv1d must already be fused (`passes.conv_fusion`; `quamba_fx.flows.lower` runs both). Float leftovers (embedding, lm_head) and the
+activations between kernels are cast to `dtype` (fp16 by default); the residual stream and the scan
+state stay fp32. The result computes what the reference graph computes up to the kernels' documented
+rounding differences; `cached_graph` derives the prefill and decode graphs of generation from it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..graph_info import fetch_attr, info, op_name
+from ..kernels import ops as kernel_ops  # noqa: F401  (registers the kernel ops)
+from ..quant.linear import QuantizedLinear
+from .quantize import DEQUANTIZE, QUANTIZE
+from .rewrite import run_rules
+
+W8A8_LINEAR = torch.ops.quamba.w8a8_linear.default
+SCAN = torch.ops.quamba.selective_scan.default
+SCAN_INT8 = torch.ops.quamba.selective_scan_int8.default
+HADAMARD = torch.ops.quamba.hadamard.default
+HADAMARD_QUANTIZE = torch.ops.quamba.hadamard_quantize.default
+ADD_RMSNORM = torch.ops.quamba.add_rmsnorm_quantize.default
+FUSED_CONV = torch.ops.quamba.conv1d_silu_int8.default
+
+KERNELS = {
+    W8A8_LINEAR: "triton:int8_gemm",
+    SCAN_INT8: "triton:selective_scan_int8",
+    HADAMARD_QUANTIZE: "triton:hadamard_quantize",
+    ADD_RMSNORM: "triton:add_rmsnorm_quantize",
+    FUSED_CONV: "triton:conv1d_silu_int8",
+}
+
+# Ops a parameter-only expression may consist of (folded once at lowering time).
+_FOLDABLE = {"float", "to", "exp", "neg", "half", "contiguous"}
+
+
+def _is(node: Any, target) -> bool:
+    """Whether `node` calls `target`; an op overload also matches a call of its packet (capture
+    writes `torch.ops.quamba.selective_scan(...)`, passes write `.default`)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    packet = getattr(target, "overloadpacket", None)
+    return node.target is target or (packet is not None and node.target is packet)
+
+
+def _is_cast(node: Any) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in ("to", "float")
+
+
+def _is_fp32_cast(node: torch.fx.Node) -> bool:
+    return _is_cast(node) and (node.target == "float" or torch.float32 in node.args[1:])
+
+
+def _strip_casts(node: torch.fx.Node) -> torch.fx.Node:
+    while _is_cast(node):
+        node = node.args[0]
+    return node
+
+
+def _annotate(new: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
+    new.meta["quamba"] = {**info(like)}
+    return new
+
+
+def _get_attr(graph: torch.fx.Graph, target: str, like: torch.fx.Node) -> torch.fx.Node:
+    return _annotate(graph.get_attr(target), like)
+
+
+def _is_rmsnorm(module: nn.Module) -> bool:
+    return hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+class LowerToKernels(PassBase):
+    """Replace the reference ops of a fused W8A8 graph with Triton kernel ops (see module docs)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.dtype = dtype
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        rules = [self.lower_linear, self.fuse_scan, self.fuse_hadamard_quantize, self.fuse_norm]
+        changed = run_rules(gm, rules)
+        changed |= fold_parameter_expressions(gm)
+        changed |= self.cast_float_leftovers(gm)
+        gm.graph.eliminate_dead_code()
+        _delete_unused_attributes(gm)
+        # Once, for every kernel node: the rules' new nodes and the conv1d fused by an earlier pass.
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in KERNELS:
+                node.meta.setdefault("quamba", {})["kernel"] = KERNELS[node.target]
+        return PassResult(gm, changed)
+
+    # --- rules: each returns True when it rewrote the graph at `node` ---------------------------
+
+    def lower_linear(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+        """`QuantizedLinear(x_q, s_in[, s_out])` -> `w8a8_linear(x_q, s_in, w, w_scale, bias, s_out)`."""
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), QuantizedLinear):
+            return False
+        module = gm.get_submodule(node.target)
+        x_q, x_scale = node.args[:2]
+        out_scale = node.args[2] if len(node.args) > 2 else None
+        graph = gm.graph
+        with graph.inserting_before(node):
+            weight = _get_attr(graph, f"{node.target}.weight", node)
+            w_scale = _get_attr(graph, f"{node.target}.weight_scale", node)
+            bias = _get_attr(graph, f"{node.target}.bias", node) if module.bias is not None else None
+            out_dtype = None if out_scale is not None else self.dtype
+            new = graph.call_function(W8A8_LINEAR, (x_q, x_scale, weight, w_scale, bias, out_scale, out_dtype))
+        node.replace_all_uses_with(_annotate(new, node))
+        graph.erase_node(node)
+        return True
+
+    def fuse_scan(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+        """`selective_scan` whose u, delta, B, C, z are dequantized int8 -> `selective_scan_int8`."""
+        if not _is(node, SCAN):
+            return False
+        u, delta, A, B, C, D, z, delta_bias, softplus = _scan_args(node)
+        if not all(_is(t, DEQUANTIZE) for t in (u, delta, B, C, z)):
+            return False
+        (u_q, su), (dt_q, sdt), (b_q, sb), (c_q, sc), (z_q, sz) = (t.args[:2] for t in (u, delta, B, C, z))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(
+                SCAN_INT8, (u_q, su, dt_q, sdt, A, b_q, sb, c_q, sc, D, z_q, sz, delta_bias, softplus, self.dtype))
+        node.replace_all_uses_with(_annotate(new, node))
+        gm.graph.erase_node(node)
+        return True
+
+    def fuse_hadamard_quantize(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+        """`quantize(hadamard(cast(y)), s)` -> `hadamard_quantize(y, s)` (the kernel reads y's dtype)."""
+        if not _is(node, QUANTIZE):
+            return False
+        rotation = node.args[0]
+        if not _is(rotation, HADAMARD) or len(rotation.users) != 1 or len(node.args) > 2:
+            return False
+        source = _strip_casts(rotation.args[0])
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(HADAMARD_QUANTIZE, (source, node.args[1]))
+        node.replace_all_uses_with(_annotate(new, node))
+        gm.graph.erase_node(node)
+        return True
+
+    def fuse_norm(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+        """`[quantize](RMSNorm(cast(residual + out)))` -> `add_rmsnorm_quantize(out, residual, ...)`.
+
+        The kernel also returns the new residual stream `float(residual + out)`, which replaces the
+        add (and fp32 casts of it) for every later user: the next block's residual add reads it.
+        """
+        if node.op != "call_module" or not _is_rmsnorm(gm.get_submodule(node.target)):
+            return False
+        module = gm.get_submodule(node.target)
+        stream = _strip_casts(node.args[0])
+        if _is(stream, operator.add) and info(stream).get("role") == "residual":
+            x, residual = stream.args[1], stream.args[0]
+        else:
+            x, residual = stream, None
+        users = list(node.users)
+        quantize = users[0] if len(users) == 1 and _is(users[0], QUANTIZE) and len(users[0].args) == 2 else None
+        graph = gm.graph
+        with graph.inserting_before(node):
+            weight = _get_attr(graph, f"{node.target}.weight", node)
+            # The scale's get_attr sits after the norm (where the quantize was inserted): read it anew.
+            scale = _get_attr(graph, quantize.args[1].target, node) if quantize is not None else None
+            fused = _annotate(
+                graph.call_function(ADD_RMSNORM, (x, residual, weight, float(module.variance_epsilon), scale,
+                                                  self.dtype)),
+                node)
+            normed = _annotate(graph.call_function(operator.getitem, (fused, 0)), node)
+            stream_out = _annotate(graph.call_function(operator.getitem, (fused, 1)), node)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        later = lambda user: order.get(user, -1) > order[stream_out]  # noqa: E731
+        for alias in [stream, *[u for u in stream.users if _is_fp32_cast(u)]]:
+            alias.replace_all_uses_with(stream_out, delete_user_cb=later)
+        (quantize or node).replace_all_uses_with(normed)
+        if quantize is not None:
+            graph.erase_node(quantize)
+        graph.erase_node(node)
+        return True
+
+    # --- whole-graph steps ---------------------------------------------------------------------
+
+    def cast_float_leftovers(self, gm: torch.fx.GraphModule) -> bool:
+        """Embedding and lm_head weights to `dtype` (ties kept); the cast before lm_head follows."""
+        changed = False
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            module = gm.get_submodule(node.target)
+            if not isinstance(module, (nn.Embedding, nn.Linear)) or module.weight.dtype == self.dtype:
+                continue
+            module.to(self.dtype)
+            changed = True
+        head = next((n for n in gm.graph.nodes if n.op == "call_module" and info(n).get("role") == "lm_head"), None)
+        if head is not None:
+            embedding = next(m for m in gm.modules() if isinstance(m, nn.Embedding))
+            lm_head = gm.get_submodule(head.target)
+            if lm_head.weight.shape == embedding.weight.shape and torch.equal(lm_head.weight, embedding.weight):
+                lm_head.weight = embedding.weight  # tied in the source model: keep one copy
+            cast = head.args[0]
+            if _is_cast(cast):
+                cast.args = (cast.args[0], self.dtype) if cast.target == "to" else cast.args
+        return changed
+
+
+def _scan_args(node: torch.fx.Node) -> list:
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus"]
+    defaults = [None, None, None, None, None, None, None, None, True]
+    values = list(node.args) + defaults[len(node.args):]
+    for i, name in enumerate(names):
+        if name in node.kwargs:
+            values[i] = node.kwargs[name]
+    return values
+
+
+def _evaluate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
+    if node.op == "get_attr":
+        return fetch_attr(gm, node.target)
+    args = torch.fx.node.map_arg(node.args, lambda n: _evaluate(gm, n))
+    kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: _evaluate(gm, n))
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def fold_parameter_expressions(gm: torch.fx.GraphModule) -> bool:
+    """Evaluate expressions of parameters only (`-exp(A_log.float())`, `D.float()`) once.
+
+    Each maximal such expression becomes a buffer next to the parameter it reads (`A_log` ->
+    `A_log_folded_<node>`), read by one get_attr: at batch-1 decode every kernel launch counts. A
+    lowered graph is for running; change parameters on the reference graph and lower again.
+    """
+    constant: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            constant.add(node)
+        elif (node.op in ("call_method", "call_function") and op_name(node) in _FOLDABLE
+              and node.all_input_nodes and all(n in constant for n in node.all_input_nodes)):
+            constant.add(node)
+    changed = False
+    with torch.no_grad():
+        for node in list(gm.graph.nodes):
+            if node.op == "get_attr" or node not in constant or all(u in constant for u in node.users):
+                continue
+            source = next(n for n in node.all_input_nodes)
+            while source.op != "get_attr":
+                source = source.all_input_nodes[0]
+            owner_path, _, param = source.target.rpartition(".")
+            name = f"{param}_folded_{node.name}"
+            gm.get_submodule(owner_path).register_buffer(name, _evaluate(gm, node).detach().clone())
+            with gm.graph.inserting_before(node):
+                folded = _annotate(gm.graph.get_attr(f"{owner_path}.{name}"), node)
+            node.replace_all_uses_with(folded)
+            changed = True
+    return changed
+
+
+def _delete_unused_attributes(gm: torch.fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached graphs for generation
+# ---------------------------------------------------------------------------------------------
+
+CONV_CACHED = torch.ops.quamba.conv1d_silu_int8_cached.default
+SCAN_INT8_CACHED = torch.ops.quamba.selective_scan_int8_cached.default
+
+
+def cached_graph(lowered: torch.fx.GraphModule, decode: bool) -> torch.fx.GraphModule:
+    """The prefill (`decode=False`) or one-token decode graph of a lowered graph.
+
+    The result is called as `gm(input_ids, conv_states, ssm_states)` with one cache tensor per block
+    in each list (see `quamba_fx.runtime.MambaCache`); the conv1d and scan nodes become their
+    `*_cached` ops, which read and write those tensors in place. Shares modules with `lowered`.
+    """
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    conv_states = ssm_states = None
+    for node in lowered.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            if conv_states is None:
+                conv_states = graph.placeholder("conv_states")
+                ssm_states = graph.placeholder("ssm_states")
+            continue
+        if _is(node, FUSED_CONV) or _is(node, SCAN_INT8):
+            cached_op, states = (CONV_CACHED, conv_states) if _is(node, FUSED_CONV) else (SCAN_INT8_CACHED, ssm_states)
+            state = graph.call_function(operator.getitem, (states, info(node)["block"]))
+            args = torch.fx.node.map_arg(node.args, lambda n: env[n])
+            env[node] = graph.call_function(cached_op, (*args, state, decode))
+            env[node].meta["quamba"] = {**info(node), "kernel": KERNELS[node.target] + ("_update" if decode else "")}
+            state.meta["quamba"] = {**info(node)}
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    gm = torch.fx.GraphModule(lowered, graph, class_name="CachedMambaGraph")
+    gm.meta["quamba"] = {**lowered.meta.get("quamba", {}), "cached": "decode" if decode else "prefill"}
+    return gm
+
