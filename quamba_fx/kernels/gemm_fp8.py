@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..graph_info import register_op
 from ..quant.fp8 import _check_fp8_linear, _linear_out_dtype
 from .dispatch import use_triton
 from .rounding import quantize_rn
@@ -188,3 +189,6 @@ def fp8_gemm_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias
 @fp8_gemm_op.register_fake
 def _fp8_gemm_fake(x_q, x_scale, w_q, w_scale, bias=None, out_scale=None, out_dtype=None):
     return torch.ops.quamba.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
+
+
+register_op("linear", "fp8_gemm")

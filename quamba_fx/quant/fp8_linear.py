@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..graph_info import register_module
+from ..graph_info import register_module, register_op
 from .fp8 import FP8_DTYPE, quantize_weight_per_channel_fp8
 
 
@@ -55,3 +55,5 @@ class Fp8Linear(nn.Module):
 
 
 register_module("linear", Fp8Linear)
+# Dynamo inlines Fp8Linear.forward, so torch.compile's backend sees the op, not the module.
+register_op("linear", "fp8_linear")
