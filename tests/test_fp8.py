@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import quamba_fx
 from quamba_fx.calibrate import calibrate
+from quamba_fx.cli import main
 from quamba_fx.quant.fp8 import (
     E4M3_MAX,
     FP8_DTYPE,
@@ -21,10 +22,13 @@ from quamba_fx.quant.fp8 import (
     quantize_weight_per_channel_fp8,
     to_e4m3,
 )
+from quamba_fx.pipeline import Pipeline
 from quamba_fx.quant.fp8_linear import Fp8Linear
 from quamba_fx.quant.linear import QuantizedLinear
 from quamba_fx.recipes import FP8, QUAMBA, Recipe, make_recipe
-from tests.conftest import make_model, tiny_config
+from quamba_fx.w8a8 import float_passes
+
+from .conftest import make_model, tiny_config
 
 # --- an independent bit-level e4m3 oracle ------------------------------------------------------
 
@@ -188,8 +192,6 @@ def test_fp8_graph_swaps_in_and_out_proj_and_keeps_int8_elsewhere(fp8_graph):
 def test_fp8_activation_scales_are_absmax_over_448(tiny, fp8_graph):
     model, calib, _ = tiny
     gm = quamba_fx.capture(model)
-    from quamba_fx.w8a8 import float_passes
-    from quamba_fx.pipeline import Pipeline
     rotated = Pipeline(float_passes(FP8))(gm)
     calibration = calibrate(rotated, calib, FP8, progress=False)
     key = "backbone.layers.1.norm.output_scale"
@@ -225,3 +227,14 @@ def test_fp8_checkpoint_reloads_bit_identically(tmp_path, tiny, fp8_graph):
     assert loaded.meta["quamba"]["recipe_spec"] == FP8
     assert loaded.get_submodule("backbone.layers.0.mixer.out_proj").weight.dtype == FP8_DTYPE
     assert torch.equal(logits(loaded(ids)), logits(fp8_graph(ids)))
+
+
+def test_cli_quantize_with_the_fp8_recipe_writes_a_loadable_fused_checkpoint(tmp_path, capsys):
+    out = tmp_path / "fp8"
+    assert main(["quantize", "mamba-tiny", "--recipe", "fp8", "--fuse", "--calib-windows", "1", "--seq-len", "32",
+                 "--quiet", "--out", str(out)]) == 0
+    assert "fp8 recipe" in capsys.readouterr().out
+    loaded = quamba_fx.from_pretrained(out)
+    assert loaded.meta["quamba"]["recipe_spec"] == FP8
+    assert isinstance(loaded.get_submodule("backbone.layers.0.mixer.in_proj"), Fp8Linear)
+    assert torch.isfinite(logits(loaded(torch.randint(0, 256, (1, 12))))).all()

@@ -79,9 +79,10 @@ class Tap:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one activation is quantized: its integer `dtype` and code range `qmin..qmax`, the
-    `granularity` of its scale, and the observer (by registered name, with its keyword arguments)
-    whose statistic sets the scale (`statistic / qmax`).
+    """How one activation is quantized: its `dtype` (`int8`, or `float8_e4m3` whose values span
+    +-448) and range `qmin..qmax` (the dtype's full range), the `granularity` of its scale, and
+    the observer (by registered name, with its keyword arguments) whose statistic sets the scale
+    (`statistic / qmax`).
 
     `observer_args` may be given as a mapping; it is stored as sorted `(name, value)` pairs with
     every default filled in, so the spec stays hashable and two spellings of one configuration
