@@ -6,7 +6,10 @@
    data, so it is pushed past them: layout ops then act on int8 tensors, and every dequantize sits
    right before the compute op that consumes it (the form fusion passes match).
 3. `LowerLinears`: `dequantize -> Linear [-> quantize]` becomes one `QuantizedLinear` call with int8
-   weights, reading int8 activations and, where the output is requantized, writing int8.
+   weights, reading int8 activations and, where the output is requantized, writing int8; behind a
+   `dequantize_fp8` (a `float8_e4m3` tap), an `Fp8Linear` with e4m3 weights instead.
+
+Each tap's spec dtype picks its quantize/dequantize pair (`QDQ_OPS`).
 """
 
 from __future__ import annotations
