@@ -102,11 +102,12 @@ def test_to_e4m3_matches_the_oracle_in_and_just_beyond_range(values):
 
 
 def test_out_of_range_saturates_and_nan_stays_nan():
-    # torch 2.11's plain cast gives NaN from 464 up (2.14 saturates); ours saturates on both.
-    x = torch.tensor([449.0, 464.0, 1e6, math.inf, -math.inf, -500.0, math.nan])
+    # torch 2.11's plain cast gives NaN above 464 (the midpoint 464 itself rounds to 448) and for
+    # +-inf; torch 2.14 saturates. Ours saturates on both.
+    x = torch.tensor([449.0, 464.0, 465.0, 1e6, math.inf, -math.inf, -500.0, math.nan])
     out = to_e4m3(x).float()
-    assert out[:6].tolist() == [448.0, 448.0, 448.0, 448.0, -448.0, -448.0]
-    assert math.isnan(out[6].item())
+    assert out[:7].tolist() == [448.0, 448.0, 448.0, 448.0, 448.0, -448.0, -448.0]
+    assert math.isnan(out[7].item())
 
 
 # --- reference ops --------------------------------------------------------------------------

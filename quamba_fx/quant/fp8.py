@@ -7,7 +7,7 @@ Conventions (the fp8 counterpart of `qops`):
   quotient an IEEE fp32 true division. Scales are `absmax / 448`.
 * `e4m3` rounds to nearest, ties to even, and SATURATES: anything beyond +-448 (+-inf included)
   becomes +-448. The plain cast does not do this the same way on every torch we support: torch
-  2.11 turns values from 464 up (and +-inf) into NaN, torch 2.14 saturates them. Clamping to
+  2.11 turns values above 464 (and +-inf) into NaN, torch 2.14 saturates them. Clamping to
   +-448 first gives the same codes on both, and is what a static per-tensor scale needs (a
   calibrated scale is exceeded by rare outliers, which must clip, not poison the GEMM with NaN).
   NaN stays NaN (e4m3fn has a NaN code); NaN inputs are not checked, to keep the ops sync-free.
