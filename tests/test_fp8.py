@@ -211,11 +211,26 @@ def test_fp8_output_is_close_to_fp32(tiny, fp8_graph):
     assert error < 0.05
 
 
-def test_lowered_fp8_graph_runs_the_fp8_gemm_and_matches_the_reference(tiny, fp8_graph):
-    _, _, ids = tiny
-    lowered = quamba_fx.lower(fp8_graph)
-    gemms = [n for n in lowered.graph.nodes if n.op == "call_function" and n.target is torch.ops.quamba.fp8_gemm.default]
+@pytest.fixture(scope="module")
+def fp8_lowered(fp8_graph):
+    return quamba_fx.lower(fp8_graph)
+
+
+def test_lowering_turns_each_fp8_linear_into_one_fp8_gemm(fp8_lowered):
+    gemms = [n for n in fp8_lowered.graph.nodes
+             if n.op == "call_function" and n.target is torch.ops.quamba.fp8_gemm.default]
+    # in_proj and out_proj of both blocks; in_proj's absorbs the int8 requantization for conv1d.
     assert len(gemms) == 4 and all(n.meta["quamba"]["kernel"] == "fp8_gemm" for n in gemms)
+    assert sorted(n.args[5] is not None for n in gemms) == [False, False, True, True]
+    # The modules stay (their buffers are the GEMM's get_attr operands) but are no longer called.
+    assert not any(n.op == "call_module" and isinstance(fp8_lowered.get_submodule(n.target), Fp8Linear)
+                   for n in fp8_lowered.graph.nodes)
+
+
+@pytest.mark.slow  # 14 s under TRITON_INTERPRET=1, where every kernel of the graph is interpreted
+def test_lowered_fp8_graph_matches_the_reference(tiny, fp8_graph, fp8_lowered):
+    _, _, ids = tiny
+    lowered = fp8_lowered
     reference = logits(fp8_graph(ids))
     error = (logits(lowered(ids)) - reference).norm() / reference.norm()
     assert error < 0.02  # fp16 activations between the kernels (measured 0.0085)
@@ -230,6 +245,7 @@ def test_fp8_checkpoint_reloads_bit_identically(tmp_path, tiny, fp8_graph):
     assert torch.equal(logits(loaded(ids)), logits(fp8_graph(ids)))
 
 
+@pytest.mark.slow  # 2.3 s: over the fast suite's 2 s per test
 def test_cli_quantize_with_the_fp8_recipe_writes_a_loadable_fused_checkpoint(tmp_path, capsys):
     out = tmp_path / "fp8"
     assert main(["quantize", "mamba-tiny", "--recipe", "fp8", "--fuse", "--calib-windows", "1", "--seq-len", "32",
