@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .errors import InputError, QuambaError
 from .graph_info import describe
 from .quant.observers import Observer, observer_class, observer_from_state_dict
+from .quant.qops import QMAX
 from .recipe import block_paths, tap_node
 from .recipes import Recipe, as_recipe
 
@@ -50,9 +51,15 @@ class Calibration:
                         f"{spec.observer} with {spec.observer_kwargs}; calibrate again with this recipe"
                     )
 
-    def scales(self) -> dict[str, float]:
-        """The int8 scale of every tap: observed statistic / 127."""
-        return {key: obs.scale() for key, obs in self.observers.items()}
+    def scales(self, recipe: Recipe | None = None) -> dict[str, float]:
+        """The scale of every tap: observed statistic / the tap's `qmax` in `recipe` (127 for
+        int8, 448 for float8_e4m3); without a recipe, / 127 for every tap."""
+        specs = recipe.specs if recipe is not None else ()
+
+        def qmax(key: str) -> int:
+            return next((spec.qmax for tap, spec in specs if key.endswith(f".{tap.key}")), QMAX)
+
+        return {key: obs.scale(qmax(key)) for key, obs in self.observers.items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {

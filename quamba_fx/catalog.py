@@ -35,5 +35,5 @@ PACKAGED_MODELS: dict[str, Path] = {
 }
 DEFAULT_MODEL = "mamba-bytes-wt2"
 
-RECIPE_NAMES = ("naive", "quamba")  # the --recipe choices; each one is a file in quamba_fx/recipes/
+RECIPE_NAMES = ("naive", "quamba", "fp8")  # the --recipe choices; each one is a file in quamba_fx/recipes/
 DUMP_FORMATS = ("text", "json", "dot", "svg")

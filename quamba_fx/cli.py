@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help=_model_arg_help() + " (byte-level, or with its tokenizer.json), or a checkpoint "
                     "directory from `quantize`")
     ev.add_argument("--recipe", choices=("none", *RECIPE_NAMES), default="quamba",
-                    help="none (float), naive or quamba W8A8 (default: quamba)")
+                    help="none (float), naive or quamba (int8) or fp8 (e4m3) W8A8 (default: quamba)")
     ev.add_argument("--windows", type=positive_int, default=64,
                     help="evaluation windows, spread over the text (default: 64)")
     ev.add_argument("--text", type=existing_file, default=None, help="evaluation text file (default: WikiText-2 test.txt)")

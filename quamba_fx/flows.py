@@ -40,7 +40,8 @@ def float_passes(recipe: Recipe) -> list:
 
 def quantization_passes(scales: dict[str, float], recipe: Recipe) -> list:
     """Passes that turn the calibrated float graph into the W8A8 reference graph."""
-    return [InsertQuantDequant(scales, recipe.taps), SinkDequantize(), LowerLinears()]
+    dtypes = {tap.key: spec.dtype for tap, spec in recipe.specs}
+    return [InsertQuantDequant(scales, recipe.taps, dtypes), SinkDequantize(), LowerLinears()]
 
 
 def fusion_passes() -> list:
@@ -95,7 +96,7 @@ def quantize(
         calibration = calibrate(gm, calibration_data, recipe, progress=progress)
     else:
         calibration.check_matches(recipe, block_paths(gm))
-    gm = Pipeline(quantization_passes(calibration.scales(), recipe), dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
+    gm = Pipeline(quantization_passes(calibration.scales(recipe), recipe), dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
     gm.meta[META_KEY]["recipe"] = recipe.name
     gm.meta[META_KEY]["recipe_spec"] = recipe
     annotate_shapes(gm, _example_shape(gm))

@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .quant.fp8_linear import Fp8Linear
 from .quant.linear import QuantizedLinear
 
 # The key of capture's annotations in `node.meta` and of the graph's facts in `gm.meta`.
@@ -30,15 +31,16 @@ ELEMENTWISE_OPS: set[str] = {
     "silu", "sigmoid", "relu", "gelu", "softplus", "exp", "neg", "abs", "add", "sub", "mul", "div",
     "truediv", "iadd", "imul", "pow", "rsqrt", "sqrt", "tanh", "clamp", "round",
 }
-# The `torch.ops.quamba` ops below are defined in quant/qops.py (the int8 references the quantize
-# pass inserts) and kernels/ops.py (the kernel ops fusion and lowering insert). No module adds to
+# The `torch.ops.quamba` ops below are defined in quant/qops.py and quant/fp8.py (the int8 and
+# e4m3 references the quantize pass inserts), kernels/gemm_fp8.py and kernels/ops.py (the kernel ops fusion and lowering insert). No module adds to
 # these sets on import (tests/test_verify.py checks it).
 # Ops that only change a tensor's encoding.
-QUANT_BOUNDARY_OPS: set[str] = {"quantize", "dequantize", "hadamard_quantize"}
+QUANT_BOUNDARY_OPS: set[str] = {"quantize", "dequantize", "quantize_fp8", "dequantize_fp8", "hadamard_quantize"}
 # Ops that compute a depthwise causal conv1d or a Linear, besides nn.Conv1d / nn.Linear modules.
 CONV1D_OPS: set[str] = {"conv1d", "convolution", "conv1d_silu_int8", "conv1d_silu_int8_cached"}
-# int8_linear: Dynamo inlines QuantizedLinear.forward, so the torch.compile backend sees the op.
-LINEAR_OPS: set[str] = {"linear", "int8_linear", "w8a8_linear"}
+# int8_linear / fp8_linear: Dynamo inlines QuantizedLinear / Fp8Linear.forward, so the
+# torch.compile backend sees the op.
+LINEAR_OPS: set[str] = {"linear", "int8_linear", "w8a8_linear", "fp8_linear", "fp8_gemm"}
 SCAN_OPS: set[str] = {"selective_scan", "selective_scan_int8", "selective_scan_int8_cached"}
 
 _KINDS = {
@@ -74,7 +76,9 @@ def op_name(node: torch.fx.Node) -> str:
 
 
 # Module classes that compute a kind, besides nn.Conv1d / nn.Linear (e.g. a quantized Linear).
-_MODULE_KINDS: dict[str, tuple[type, ...]] = {"conv1d": (nn.Conv1d,), "linear": (nn.Linear, QuantizedLinear)}
+_MODULE_KINDS: dict[str, tuple[type, ...]] = {
+    "conv1d": (nn.Conv1d,), "linear": (nn.Linear, QuantizedLinear, Fp8Linear),
+}
 
 
 def register_module(kind: str, cls: type) -> None:

@@ -148,7 +148,7 @@ def test_malformed_format_1_fields_give_one_checkpoint_error(saved, field, value
 
 @pytest.mark.parametrize("path, value, message", [
     (("taps", 2, "spec", "observer"), "minmax", r"recipe.taps\[2\].spec.observer: unknown observer 'minmax'"),
-    (("taps", 0, "spec", "dtype"), "int4", r"recipe.taps\[0\].spec.dtype: must be one of int8, got 'int4'"),
+    (("taps", 0, "spec", "dtype"), "int4", r"recipe.taps\[0\].spec.dtype: must be one of int8, float8_e4m3, got 'int4'"),
     (("taps", 1, "at"), "before", r"recipe.taps\[1\].at: must be one of output, input, activation"),
     (("hadamard",), None, "recipe.hadamard: must be a boolean, got None"),
 ])

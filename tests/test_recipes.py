@@ -194,8 +194,8 @@ DELETE = object()
 @pytest.mark.parametrize("path, value, field, message", [
     (("taps", 2, "spec", "observer"), "minmax", "taps[2].spec.observer",
      "unknown observer 'minmax'; use one of abs_max, percentile"),
-    (("taps", 0, "spec", "dtype"), "int4", "taps[0].spec.dtype", "must be one of int8, got 'int4'"),
-    (("taps", 0, "spec", "dtype"), 8, "taps[0].spec.dtype", "must be one of int8, got 8"),
+    (("taps", 0, "spec", "dtype"), "int4", "taps[0].spec.dtype", "must be one of int8, float8_e4m3, got 'int4'"),
+    (("taps", 0, "spec", "dtype"), 8, "taps[0].spec.dtype", "must be one of int8, float8_e4m3, got 8"),
     (("taps", 1, "spec", "qmin"), -127, "taps[1].spec.qmin", r"must be -128 \(the full int8 range\), got -127"),
     (("taps", 1, "spec", "qmax"), 127.0, "taps[1].spec.qmax", "must be 127"),
     (("taps", 1, "spec", "granularity"), "per_channel", "taps[1].spec.granularity", "must be one of per_tensor"),

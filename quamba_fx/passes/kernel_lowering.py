@@ -6,6 +6,7 @@ Each rule matches one reference subgraph and replaces it with one kernel op from
 | reference subgraph                                        | kernel op                      |
 |-----------------------------------------------------------|--------------------------------|
 | `QuantizedLinear` (int8_linear)                            | `w8a8_linear` (int8 GEMM)      |
+| `Fp8Linear` (fp8_linear)                                  | `fp8_gemm` (e4m3 GEMM)         |
 | `selective_scan(dequantize(u), ..., dequantize(z))`        | `selective_scan_int8`          |
 | `quantize(hadamard(y), s)`                                 | `hadamard_quantize`            |
 | `[quantize](RMSNorm(residual + out))`                      | `add_rmsnorm_quantize`         |
@@ -28,12 +29,15 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..graph_info import fetch_attr, info, op_name
+from ..kernels import gemm_fp8  # noqa: F401  (registers torch.ops.quamba.fp8_gemm)
 from ..kernels import ops as kernel_ops  # noqa: F401  (registers the kernel ops)
+from ..quant.fp8_linear import Fp8Linear
 from ..quant.linear import QuantizedLinear
 from .quantize import DEQUANTIZE, QUANTIZE
 from .rewrite import run_rules
 
 W8A8_LINEAR = torch.ops.quamba.w8a8_linear.default
+FP8_GEMM = torch.ops.quamba.fp8_gemm.default
 SCAN = torch.ops.quamba.selective_scan.default
 SCAN_INT8 = torch.ops.quamba.selective_scan_int8.default
 HADAMARD = torch.ops.quamba.hadamard.default
@@ -43,6 +47,7 @@ FUSED_CONV = torch.ops.quamba.conv1d_silu_int8.default
 
 KERNELS = {
     W8A8_LINEAR: "triton:int8_gemm",
+    FP8_GEMM: "fp8_gemm",
     SCAN_INT8: "triton:selective_scan_int8",
     HADAMARD_QUANTIZE: "triton:hadamard_quantize",
     ADD_RMSNORM: "triton:add_rmsnorm_quantize",
@@ -112,9 +117,11 @@ class LowerToKernels(PassBase):
     # --- rules: each returns True when it rewrote the graph at `node` ---------------------------
 
     def lower_linear(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-        """`QuantizedLinear(x_q, s_in[, s_out])` -> `w8a8_linear(x_q, s_in, w, w_scale, bias, s_out)`."""
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), QuantizedLinear):
+        """`QuantizedLinear(x_q, s_in[, s_out])` -> `w8a8_linear(x_q, s_in, w, w_scale, bias, s_out)`;
+        an `Fp8Linear` likewise -> `fp8_gemm(...)`."""
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), (QuantizedLinear, Fp8Linear)):
             return False
+        op = FP8_GEMM if isinstance(gm.get_submodule(node.target), Fp8Linear) else W8A8_LINEAR
         module = gm.get_submodule(node.target)
         x_q, x_scale = node.args[:2]
         out_scale = node.args[2] if len(node.args) > 2 else None
@@ -124,7 +131,7 @@ class LowerToKernels(PassBase):
             w_scale = _get_attr(graph, f"{node.target}.weight_scale", node)
             bias = _get_attr(graph, f"{node.target}.bias", node) if module.bias is not None else None
             out_dtype = None if out_scale is not None else self.dtype
-            new = graph.call_function(W8A8_LINEAR, (x_q, x_scale, weight, w_scale, bias, out_scale, out_dtype))
+            new = graph.call_function(op, (x_q, x_scale, weight, w_scale, bias, out_scale, out_dtype))
         node.replace_all_uses_with(_annotate(new, node))
         graph.erase_node(node)
         return True

@@ -6,7 +6,10 @@
    data, so it is pushed past them: layout ops then act on int8 tensors, and every dequantize sits
    right before the compute op that consumes it (the form fusion passes match).
 3. `LowerLinears`: `dequantize -> Linear [-> quantize]` becomes one `QuantizedLinear` call with int8
-   weights, reading int8 activations and, where the output is requantized, writing int8.
+   weights, reading int8 activations and, where the output is requantized, writing int8; behind a
+   `dequantize_fp8` (a `float8_e4m3` tap), an `Fp8Linear` with e4m3 weights instead.
+
+Each tap's spec dtype picks its quantize/dequantize pair (`QDQ_OPS`).
 """
 
 from __future__ import annotations
@@ -18,12 +21,21 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..graph_info import info, op_name
+from ..quant import fp8 as _fp8_ops  # noqa: F401  (registers torch.ops.quamba.quantize_fp8 and friends)
+from ..quant.fp8_linear import Fp8Linear
 from ..quant.linear import QuantizedLinear
 from ..recipe import block_paths, tap_node
 from .rewrite import Rule, run_rules
 
 QUANTIZE = torch.ops.quamba.quantize.default
 DEQUANTIZE = torch.ops.quamba.dequantize.default
+QUANTIZE_FP8 = torch.ops.quamba.quantize_fp8.default
+DEQUANTIZE_FP8 = torch.ops.quamba.dequantize_fp8.default
+
+# A recipe spec's activation dtype -> the (quantize, dequantize) ops that encode it.
+QDQ_OPS = {"int8": (QUANTIZE, DEQUANTIZE), "float8_e4m3": (QUANTIZE_FP8, DEQUANTIZE_FP8)}
+# The dequantize feeding a float Linear -> the quantized Linear that replaces both.
+LINEAR_FOR = {DEQUANTIZE: QuantizedLinear, DEQUANTIZE_FP8: Fp8Linear}
 
 # Ops that move data without changing values or dtype: a dequantize may move past them.
 _SINKABLE = {"transpose", "permute", "view", "reshape", "contiguous", "chunk", "split", "getitem",
@@ -48,15 +60,18 @@ class InsertQuantDequant(PassBase):
     changed in place without recompiling.
     """
 
-    def __init__(self, scales: dict[str, float], taps):
+    def __init__(self, scales: dict[str, float], taps, dtypes: dict[str, str] | None = None):
         super().__init__()
         self.scales = scales
         self.taps = taps
+        # tap key (`mixer.conv1d.output_scale`) -> spec dtype; a tap not named is int8.
+        self.dtypes = dtypes or {}
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         for path in block_paths(gm):
             for tap in self.taps:
                 key = f"{path}.{tap.module}.{tap.scale}"
+                quantize_op, dequantize_op = QDQ_OPS[self.dtypes.get(tap.key, "int8")]
                 if key not in self.scales:
                     raise KeyError(f"no calibrated scale for {key}")
                 node = tap_node(gm, path, tap)
@@ -68,9 +83,9 @@ class InsertQuantDequant(PassBase):
                 with gm.graph.inserting_after(node):
                     scale = _meta_like(gm.graph.get_attr(key), node)
                 with gm.graph.inserting_after(scale):
-                    q = _meta_like(gm.graph.call_function(QUANTIZE, (node, scale)), node, scale=key)
+                    q = _meta_like(gm.graph.call_function(quantize_op, (node, scale)), node, scale=key)
                 with gm.graph.inserting_after(q):
-                    dq = _meta_like(gm.graph.call_function(DEQUANTIZE, (q, scale, float_dtype)), node, scale=key)
+                    dq = _meta_like(gm.graph.call_function(dequantize_op, (q, scale, float_dtype)), node, scale=key)
                 node.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q)
         return PassResult(gm, True)
 
@@ -86,7 +101,7 @@ def sink_dequantize_past_layout(gm: torch.fx.GraphModule, node: torch.fx.Node) -
     if node.op not in ("call_method", "call_function") or op_name(node) not in _SINKABLE:
         return False
     source = node.args[0] if node.args else None
-    if not isinstance(source, torch.fx.Node) or not _is(source, DEQUANTIZE):
+    if not isinstance(source, torch.fx.Node) or not (_is(source, DEQUANTIZE) or _is(source, DEQUANTIZE_FP8)):
         return False
     if op_name(node) in _MULTI_OUTPUT and not all(_is(u, operator.getitem) for u in node.users):
         return False
@@ -99,12 +114,12 @@ def sink_dequantize_past_layout(gm: torch.fx.GraphModule, node: torch.fx.Node) -
             with graph.inserting_after(user):
                 item = _meta_like(graph.call_function(operator.getitem, (moved, user.args[1])), user)
             with graph.inserting_after(item):
-                dq = _meta_like(graph.call_function(DEQUANTIZE, (item, scale, dtype)), user, **_scale_of(source))
+                dq = _meta_like(graph.call_function(source.target, (item, scale, dtype)), user, **_scale_of(source))
             user.replace_all_uses_with(dq)
             graph.erase_node(user)
     else:
         with graph.inserting_after(moved):
-            dq = _meta_like(graph.call_function(DEQUANTIZE, (moved, scale, dtype)), node, **_scale_of(source))
+            dq = _meta_like(graph.call_function(source.target, (moved, scale, dtype)), node, **_scale_of(source))
         node.replace_all_uses_with(dq)
     graph.erase_node(node)
     if not source.users:
@@ -128,14 +143,18 @@ class SinkDequantize(PassBase):
 
 
 def lower_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """`dequantize(q, s_in) -> Linear [-> quantize(., s_out)]` -> `QuantizedLinear(q, s_in[, s_out])`."""
+    """`dequantize(q, s_in) -> Linear [-> quantize(., s_out)]` -> `QuantizedLinear(q, s_in[, s_out])`.
+
+    An e4m3 input (`dequantize_fp8`) gives an `Fp8Linear` instead; the requantization it absorbs
+    is always the int8 one (an int8 boundary such as conv1d's input follows the Linear).
+    """
     if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), torch.nn.Linear):
         return False
     source = node.args[0]
-    if not (isinstance(source, torch.fx.Node) and _is(source, DEQUANTIZE)):
+    if not (isinstance(source, torch.fx.Node) and source.op == "call_function" and source.target in LINEAR_FOR):
         return False
     q, in_scale, _ = source.args
-    gm.set_submodule(node.target, QuantizedLinear.from_float(gm.get_submodule(node.target)))
+    gm.set_submodule(node.target, LINEAR_FOR[source.target].from_float(gm.get_submodule(node.target)))
     requant = [u for u in node.users if _is(u, QUANTIZE)]
     graph = gm.graph
     if len(requant) == 1 and len(node.users) == 1:

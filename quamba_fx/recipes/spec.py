@@ -16,13 +16,15 @@ from typing import Any, Mapping
 
 from ..errors import RecipeError
 from ..quant.observers import Observer, make_observer, observer_class
+from ..quant.fp8 import E4M3_MAX
 from ..quant.qops import QMAX, QMIN
 
 __all__ = ["ABS_MAX_INT8", "ACTIVATION_DTYPES", "GRANULARITIES", "TAP_SITES", "QuantSpec", "Recipe", "Tap"]
 
-# Activation dtypes a spec may name, with the integer range of their codes. The quantize ops
-# implement exactly these ranges, so a spec must use a dtype's full range.
-ACTIVATION_DTYPES: dict[str, tuple[int, int]] = {"int8": (QMIN, QMAX)}
+# Activation dtypes a spec may name, with the range of their values (integer codes for int8, the
+# largest finite e4m3 magnitude for fp8). The quantize ops implement exactly these ranges, so a
+# spec must use a dtype's full range; the scale is `statistic / qmax`.
+ACTIVATION_DTYPES: dict[str, tuple[int, int]] = {"int8": (QMIN, QMAX), "float8_e4m3": (-int(E4M3_MAX), int(E4M3_MAX))}
 # Activations are quantized with one scale per tensor: the ops read a 0-dim scale buffer.
 GRANULARITIES = ("per_tensor",)
 # Where on a module a tap takes its activation: its output, its input, or the SiLU after it.
@@ -77,9 +79,10 @@ class Tap:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one activation is quantized: its integer `dtype` and code range `qmin..qmax`, the
-    `granularity` of its scale, and the observer (by registered name, with its keyword arguments)
-    whose statistic sets the scale (`statistic / qmax`).
+    """How one activation is quantized: its `dtype` (`int8`, or `float8_e4m3` whose values span
+    +-448) and range `qmin..qmax` (the dtype's full range), the `granularity` of its scale, and
+    the observer (by registered name, with its keyword arguments) whose statistic sets the scale
+    (`statistic / qmax`).
 
     `observer_args` may be given as a mapping; it is stored as sorted `(name, value)` pairs with
     every default filled in, so the spec stays hashable and two spellings of one configuration

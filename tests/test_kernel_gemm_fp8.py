@@ -1,0 +1,107 @@
+"""The fp8 GEMM (`kernels/gemm_fp8.py`): Triton kernel (under TRITON_INTERPRET=1) and the
+torch._scaled_mm backend against the exact reference `fp8_linear`, and benchmarks/gemm_fp8.py --smoke."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quamba_fx.kernels import dispatch
+from quamba_fx.kernels.gemm_fp8 import fp8_gemm, fp8_gemm_reference
+from quamba_fx.quant.fp8 import E4M3_MAX, quantize_fp8, quantize_weight_per_channel_fp8
+
+needs_interpreter = pytest.mark.skipif(not dispatch.INTERPRET, reason="runs the Triton kernel: set TRITON_INTERPRET=1")
+
+
+def operands(m, n, k, seed=0, lead=()):
+    torch.manual_seed(seed)
+    x = torch.randn(*lead, m, k) * 3
+    x_scale = torch.tensor(x.abs().max().item() / E4M3_MAX)
+    w_q, w_scale = quantize_weight_per_channel_fp8(torch.randn(n, k))
+    return quantize_fp8(x, x_scale), x_scale, w_q, w_scale, torch.randn(n)
+
+
+def close(y: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Within fp32 summation error (the kernel adds in its own order) plus the output's rounding."""
+    if y.dtype == torch.int8:
+        return bool((y.int() - reference.int()).abs().max() <= 1)
+    tol = 1e-5 * reference.abs().max() + 2.0 ** -10 * reference.abs()
+    return bool(((y.float() - reference.float()).abs() <= tol).all())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("backend", ["triton", "scaled_mm"])
+@pytest.mark.parametrize("m, n, k, lead", [(1, 40, 72, ()), (33, 130, 200, ()), (5, 24, 16, (2,))])
+@pytest.mark.parametrize("out", ["fp16", "fp32", "int8", "int8_per_channel"])
+def test_fp8_gemm_matches_the_reference(backend, m, n, k, lead, out):
+    x_q, xs, w_q, ws, bias = operands(m, n, k, lead=lead)
+    out_scale = {"int8": torch.tensor(0.2), "int8_per_channel": torch.rand(n) * 0.3 + 0.05}.get(out)
+    out_dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(out)
+    y = fp8_gemm(x_q, xs, w_q, ws, bias, out_scale, out_dtype, backend=backend)
+    reference = fp8_gemm_reference(x_q, xs, w_q, ws, bias, out_scale, out_dtype)
+    assert y.shape == reference.shape and y.dtype == reference.dtype
+    assert close(y, reference)
+
+
+@needs_interpreter
+def test_fp8_gemm_per_tensor_weight_scale_and_no_bias():
+    x_q, xs, w_q, _, _ = operands(4, 24, 32)
+    ws = torch.tensor(0.003)
+    assert close(fp8_gemm(x_q, xs, w_q, ws), fp8_gemm_reference(x_q, xs, w_q, ws))
+
+
+@needs_interpreter
+def test_fp8_gemm_reads_scales_at_run_time():
+    x_q, xs, w_q, ws, bias = operands(3, 16, 32)
+    first = fp8_gemm(x_q, xs, w_q, ws, bias, out_dtype=torch.float32)
+    ws.mul_(2)
+    second = fp8_gemm(x_q, xs, w_q, ws, bias, out_dtype=torch.float32)
+    assert close(second - bias, 2 * (first - bias))
+
+
+def test_fp8_gemm_rejects_bad_arguments(monkeypatch):
+    x_q, xs, w_q, ws, bias = operands(2, 8, 16)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_gemm(x_q.float(), xs, w_q, ws)
+    with pytest.raises(ValueError, match="must be a torch.Tensor"):
+        fp8_gemm(x_q, 0.5, w_q, ws)
+    with pytest.raises(ValueError, match="backend is 'cutlass'"):
+        fp8_gemm(x_q, xs, w_q, ws, backend="cutlass")
+    monkeypatch.setenv("QUAMBA_FX_FP8_GEMM", "fast")
+    with pytest.raises(ValueError, match=r"\$QUAMBA_FX_FP8_GEMM is 'fast'"):
+        fp8_gemm(x_q, xs, w_q, ws)
+
+
+def test_fp8_gemm_op_has_the_reference_shape_under_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x_q, xs, w_q, ws, bias = operands(6, 8, 16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = torch.ops.quamba.fp8_gemm(x_q, xs, w_q, ws, bias, torch.tensor(0.1), None)
+    assert out.shape == (6, 8) and out.dtype == torch.int8
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_fp8.py"
+    spec = importlib.util.spec_from_file_location("gemm_fp8_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_interpreter
+def test_benchmark_smoke_runs_on_cpu_and_writes_checked_rows(tmp_path, capsys):
+    bench = _load_benchmark()
+    assert bench.main(["--smoke", "--json", str(tmp_path / "fp8.json")]) == 0
+    data = json.loads((tmp_path / "fp8.json").read_text())
+    assert data["meta"]["smoke"] is True
+    rows = {(r["shape"], r["m"]) for r in data["results"]}
+    assert rows == {(s, m) for s in bench.SHAPES for m in bench.SMOKE_M}
+    assert all(e is not None and e < 2e-3 for r in data["results"] for e in r["rel_error"].values())
+    assert "2.8b in_proj" in capsys.readouterr().out
