@@ -17,9 +17,10 @@ its first weight tile before it waits for the kernel before it: the weights do n
 so the launch and the first loads overlap that kernel's tail. Nothing is written, and the
 activations are not read, before the wait.
 
-`gemm.int8_gemm` times this kernel against its tensor-core kernel on a problem's first call and
-keeps the faster. Under the Triton interpreter the dot product is the same sum written with
-shifts (`_dot4`), which the tests check against the reference.
+`gemm.int8_gemm` runs it for every one-row problem whose operands are whole words (`supported`),
+with one config by rule (`gpu_config`, which says why no tuner). Under the Triton interpreter the
+dot product is the same sum written with shifts (`_dot4`), which the tests check against the
+reference.
 """
 
 from __future__ import annotations
