@@ -75,7 +75,7 @@ def quantize(
     buffers on its modules, e.g.
     `qm.get_submodule("backbone.layers.0.mixer.conv1d").output_scale`. Raises `NonFiniteError` when
     a weight holds NaN or infinity (even one calibration never reads, like an unused embedding row).
-    `recipe` is a registered recipe's name (`naive`, `quamba`) or any `quamba_fx.recipes.Recipe`;
+    `recipe` is a registered recipe's name (`naive`, `quamba`, `fp8`) or any `quamba_fx.recipes.Recipe`;
     the graph keeps it (`meta["quamba"]["recipe_spec"]`), so `save_pretrained` can store it whole.
     A `calibration` recorded for another recipe (name or observers) raises `CalibrationError`.
     """

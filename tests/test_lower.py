@@ -102,7 +102,7 @@ def test_fp16_lowering_stays_close_to_the_reference_graph(tiny_quantized):
     assert (got - ref).norm() / ref.norm() < 0.05
 
 
-@pytest.mark.parametrize("length", [1, 5, 17])
+@pytest.mark.parametrize("length", [1, 5, pytest.param(17, marks=pytest.mark.slow)])
 def test_fp32_lowering_matches_the_reference_graph(tiny_quantized, length):
     low = quamba_fx.lower(tiny_quantized, dtype=torch.float32)
     ids = torch.randint(0, 64, (2, length), generator=torch.Generator().manual_seed(length))
