@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import RecipeError
 
@@ -90,6 +90,9 @@ class ArchSpec:
     the block itself); `roles` lists every node role in dataflow order. `activations` are the
     `config.hidden_act` values the captured forward implements; `config_keys` the config fields
     that define the computation. `taps` are the activations a W8A8 recipe quantizes, in order.
+    `capture_root(model)` is the module `quamba_fx.capture` traces: the model's submodules under
+    their Hugging Face paths with a traceable forward that opens `arch.tracing.stage` for each
+    role, and a `prefix` attribute (the blocks' parent path, e.g. `backbone.`).
     """
 
     name: str
@@ -106,6 +109,7 @@ class ArchSpec:
     topology: Topology
     taps: tuple[Tap, ...]
     cache: CacheLayout
+    capture_root: Callable[[Any], Any]
 
     @property
     def class_names(self) -> tuple[str, ...]:
