@@ -96,3 +96,17 @@ def test_a_tap_validates_its_fields():
     with pytest.raises(RecipeError, match="recipe field at"):
         Tap("mixer.conv1d", "output_scale", "somewhere")
     assert isinstance(MAMBA1, ArchSpec)
+
+
+def test_class_named_maps_recorded_sources_to_classes():
+    from transformers import MambaForCausalLM, MambaModel
+
+    assert MAMBA1.class_named("MambaModel") is MambaModel
+    assert MAMBA1.class_named("MambaForCausalLM") is MambaForCausalLM
+    assert MAMBA1.class_named("SomethingElse") is MambaForCausalLM  # HF's default for a config without architectures
+
+
+def test_a_checkpoint_of_an_unregistered_model_type_names_the_registered_ones(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "jamba"}')
+    with pytest.raises(QuambaError, match=r"model_type='jamba'; quamba-fx supports 'mamba' \(Mamba-1\) models"):
+        quamba_fx.load_model(str(tmp_path))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import MambaForCausalLM, MambaModel
+from transformers import MambaConfig, MambaForCausalLM, MambaModel
 
 from .. import ops  # noqa: F401  (registers torch.ops.quamba.selective_scan, which the forward calls)
 from .registry import register_arch
@@ -111,8 +111,10 @@ class Mamba1Root(nn.Module):
 
 MAMBA1 = register_arch(ArchSpec(
     name="mamba1",
+    title="Mamba-1",
     display_name="Mamba",
     model_type="mamba",
+    config_class=MambaConfig,
     classes=(MambaForCausalLM, MambaModel),
     head_class=MambaForCausalLM,
     head_prefix="backbone.",

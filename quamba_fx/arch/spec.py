@@ -84,8 +84,9 @@ class CacheLayout:
 class ArchSpec:
     """An architecture quamba-fx can capture, check, quantize and run.
 
+    `title` names the family in messages (`Mamba-1`), `display_name` its blocks (`Mamba`).
     `classes` are the accepted model classes, `head_class` the one of them with a language-model
-    head (its backbone is under `head_prefix`); `model_type` is the HF config's. A block's path
+    head (its backbone is under `head_prefix`); `model_type` and `config_class` are the HF config's. A block's path
     is `{prefix}{blocks}.{i}`; `modules` maps each role to its module path inside a block ('' is
     the block itself); `roles` lists every node role in dataflow order. `activations` are the
     `config.hidden_act` values the captured forward implements; `config_keys` the config fields
@@ -96,8 +97,10 @@ class ArchSpec:
     """
 
     name: str
+    title: str
     display_name: str
     model_type: str
+    config_class: type
     classes: tuple[type, ...]
     head_class: type
     head_prefix: str
@@ -115,6 +118,11 @@ class ArchSpec:
     def class_names(self) -> tuple[str, ...]:
         """The accepted classes' names, as `gm.meta["quamba"]["source"]` and checkpoints record them."""
         return tuple(cls.__name__ for cls in self.classes)
+
+    def class_named(self, name: str) -> type:
+        """The accepted class called `name`; the head class for any other name (HF configs that
+        list no `architectures` are causal LMs)."""
+        return next((cls for cls in self.classes if cls.__name__ == name), self.head_class)
 
     def accepts(self, model: Any) -> bool:
         """Whether `model` is an instance of one of the accepted classes."""
