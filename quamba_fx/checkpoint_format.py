@@ -35,6 +35,7 @@ from transformers import MambaConfig
 
 from . import _atomic_dir
 from ._version import __version__
+from .arch import arch_for_class_name, arch_named, arch_names
 from .errors import CheckpointError, RecipeError
 from .recipes import CONV_OUT, W8A8_TAPS, QuantSpec, Recipe
 from .tensor_checks import name_list, non_finite_tensors
@@ -48,7 +49,8 @@ WEIGHTS_FILE = "model.safetensors"
 # Key of the safetensors metadata entry holding the config's digest (absent in checkpoints written
 # before it existed, which load with the weights hash alone).
 CONFIG_DIGEST_KEY = "quamba_fx_config_sha256"
-SOURCES = ("MambaForCausalLM", "MambaModel")
+# The model classes a checkpoint may record as its source: those of every registered architecture.
+SOURCES = tuple(name for spec in map(arch_named, arch_names()) for name in spec.class_names)
 DTYPES = ("float32", "float16", "bfloat16")
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_EXAMPLE_TOKENS = 1 << 24  # a shape annotation, never allocated; bounded so a typo stands out
@@ -384,9 +386,9 @@ def _check_layer_count(config: dict[str, Any], header: dict, path: Path) -> None
     count = config["source_config"].get("num_hidden_layers")
     if not _is_int(count) or count < 1:
         raise _field_error(where, "source_config.num_hidden_layers", "a positive integer", count)
-    prefix = "backbone." if config["source"] == "MambaForCausalLM" else ""
-    layer = re.compile(rf"{re.escape(prefix)}layers\.(\d+)\.")
-    layers = {int(m.group(1)) for name in header if (m := layer.match(name))}
+    arch = arch_for_class_name(config["source"])
+    prefix = arch.prefix(config["source"])
+    layers = {i for name in header if (i := arch.block_index(prefix, name)) is not None}
     if len(layers) != count or max(layers, default=-1) != count - 1:  # never range(count): it may be 10**12
         raise CheckpointError(
             f"{where}: source_config.num_hidden_layers is {count} but {weights} holds layers "
@@ -397,25 +399,12 @@ def _check_layer_count(config: dict[str, Any], header: dict, path: Path) -> None
 def _check_architecture(config: dict[str, Any], hf_config: MambaConfig, header: dict, path: Path) -> None:
     """Compare the architecture the config describes with the tensors the weights file holds."""
     where, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    prefix = "backbone." if config["source"] == "MambaForCausalLM" else ""
-    count = hf_config.num_hidden_layers
+    arch = arch_for_class_name(config["source"])
+    prefix = arch.prefix(config["source"])
     for alias, source in config["aliases"].items():
         if source not in header or alias in header:
             raise CheckpointError(f"{where}: alias {alias} -> {source} does not match the tensors in {weights}")
-    hidden, inner, state = hf_config.hidden_size, hf_config.intermediate_size, hf_config.state_size
-    rank = hf_config.time_step_rank
-    expected = {f"{prefix}embeddings.weight": [hf_config.vocab_size, hidden], f"{prefix}norm_f.weight": [hidden]}
-    for i in range(count):
-        block = f"{prefix}layers.{i}"
-        expected.update({
-            f"{block}.norm.weight": [hidden],
-            f"{block}.mixer.in_proj.weight": [2 * inner, hidden],
-            f"{block}.mixer.conv1d.weight": [inner, 1, hf_config.conv_kernel],
-            f"{block}.mixer.x_proj.weight": [rank + 2 * state, inner],
-            f"{block}.mixer.dt_proj.weight": [inner, rank],
-            f"{block}.mixer.A_log": [inner, state],
-            f"{block}.mixer.out_proj.weight": [hidden, inner],
-        })
+    expected = arch.weight_shapes(hf_config, prefix)
     for name, shape in expected.items():
         stored = header.get(config["aliases"].get(name, name))
         if stored is None:

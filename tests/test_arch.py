@@ -110,3 +110,17 @@ def test_a_checkpoint_of_an_unregistered_model_type_names_the_registered_ones(tm
     (tmp_path / "config.json").write_text('{"model_type": "jamba"}')
     with pytest.raises(QuambaError, match=r"model_type='jamba'; quamba-fx supports 'mamba' \(Mamba-1\) models"):
         quamba_fx.load_model(str(tmp_path))
+
+
+def test_weight_shapes_are_the_models_tensors_and_block_index_reads_their_paths(captured):
+    model, _ = captured
+    state = {name: list(t.shape) for name, t in model.state_dict().items()}
+    expected = MAMBA1.weight_shapes(model.config, "backbone.")
+    assert {name: state[name] for name in expected} == expected
+    assert {name for name in state if ".layers." in name} <= set(expected) | {
+        name for name in state if name.endswith("bias") or name.endswith(".D")
+    }
+    assert MAMBA1.block_index("backbone.", "backbone.layers.12.mixer.A_log") == 12
+    assert MAMBA1.block_index("", "layers.0.norm.weight") == 0
+    assert MAMBA1.block_index("backbone.", "backbone.norm_f.weight") is None
+    assert MAMBA1.block_index("backbone.", "backbone.layers.x.norm.weight") is None

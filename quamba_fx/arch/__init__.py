@@ -10,6 +10,7 @@ from __future__ import annotations
 from . import mamba1  # isort: skip  (registers the built-in architecture)
 from .registry import (
     DEFAULT_ARCH,
+    arch_for_class_name,
     arch_for_model,
     arch_for_model_type,
     arch_named,
@@ -22,6 +23,6 @@ from .spec import TAP_SITES, ArchSpec, CacheLayout, Tap, Topology
 MAMBA1 = mamba1.MAMBA1
 
 __all__ = [
-    "DEFAULT_ARCH", "MAMBA1", "TAP_SITES", "ArchSpec", "CacheLayout", "Tap", "Topology", "arch_for_model",
+    "DEFAULT_ARCH", "MAMBA1", "TAP_SITES", "ArchSpec", "CacheLayout", "Tap", "Topology", "arch_for_class_name", "arch_for_model",
     "arch_for_model_type", "arch_named", "arch_names", "arch_of", "register_arch",
 ]

@@ -109,6 +109,25 @@ class Mamba1Root(nn.Module):
             return residual + out
 
 
+def weight_shapes(config: MambaConfig, prefix: str) -> dict[str, list[int]]:
+    """The tensors of a Mamba-1 model of `config` whose blocks' parent is `prefix`, with their shapes."""
+    hidden, inner, state = config.hidden_size, config.intermediate_size, config.state_size
+    rank = config.time_step_rank
+    shapes = {f"{prefix}embeddings.weight": [config.vocab_size, hidden], f"{prefix}norm_f.weight": [hidden]}
+    for i in range(config.num_hidden_layers):
+        block = f"{prefix}layers.{i}"
+        shapes.update({
+            f"{block}.norm.weight": [hidden],
+            f"{block}.mixer.in_proj.weight": [2 * inner, hidden],
+            f"{block}.mixer.conv1d.weight": [inner, 1, config.conv_kernel],
+            f"{block}.mixer.x_proj.weight": [rank + 2 * state, inner],
+            f"{block}.mixer.dt_proj.weight": [inner, rank],
+            f"{block}.mixer.A_log": [inner, state],
+            f"{block}.mixer.out_proj.weight": [hidden, inner],
+        })
+    return shapes
+
+
 MAMBA1 = register_arch(ArchSpec(
     name="mamba1",
     title="Mamba-1",
@@ -141,5 +160,6 @@ MAMBA1 = register_arch(ArchSpec(
     ),
     taps=W8A8_TAPS,
     cache=CacheLayout(conv="conv1d", scan="scan", ssm_param="A_log"),
+    weight_shapes=weight_shapes,
     capture_root=Mamba1Root,
 ))

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import UnsupportedModelError
 from .spec import ArchSpec
 
-__all__ = ["DEFAULT_ARCH", "arch_for_model", "arch_for_model_type", "arch_named", "arch_names", "arch_of",
+__all__ = ["DEFAULT_ARCH", "arch_for_class_name", "arch_for_model", "arch_for_model_type", "arch_named", "arch_names", "arch_of",
            "register_arch"]
 
 # Graphs without capture metadata (Dynamo's, in the torch.compile backend) are read as this
@@ -55,6 +55,11 @@ def arch_for_model_type(model_type: Any) -> ArchSpec | None:
 def arch_for_model(model: Any) -> ArchSpec | None:
     """The spec that accepts `model`'s class, or None."""
     return next((spec for spec in _SPECS.values() if spec.accepts(model)), None)
+
+
+def arch_for_class_name(name: Any) -> ArchSpec | None:
+    """The spec that accepts the model class called `name` (as checkpoints record it), or None."""
+    return next((spec for spec in _SPECS.values() if name in spec.class_names), None)
 
 
 def arch_of(gm: Any) -> ArchSpec:

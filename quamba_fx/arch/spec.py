@@ -91,7 +91,8 @@ class ArchSpec:
     the block itself); `roles` lists every node role in dataflow order. `activations` are the
     `config.hidden_act` values the captured forward implements; `config_keys` the config fields
     that define the computation. `taps` are the activations a W8A8 recipe quantizes, in order.
-    `capture_root(model)` is the module `quamba_fx.capture` traces: the model's submodules under
+    `weight_shapes(config, prefix)` lists the tensors (name -> shape) a model of HF config
+    `config` holds, for checkpoint validation. `capture_root(model)` is the module `quamba_fx.capture` traces: the model's submodules under
     their Hugging Face paths with a traceable forward that opens `arch.tracing.stage` for each
     role, and a `prefix` attribute (the blocks' parent path, e.g. `backbone.`).
     """
@@ -112,6 +113,7 @@ class ArchSpec:
     topology: Topology
     taps: tuple[Tap, ...]
     cache: CacheLayout
+    weight_shapes: Callable[[Any, str], dict[str, list[int]]]
     capture_root: Callable[[Any], Any]
 
     @property
@@ -131,6 +133,15 @@ class ArchSpec:
     def prefix(self, source: str) -> str:
         """The path of the blocks' parent for a model of class name `source`."""
         return self.head_prefix if source == self.head_class.__name__ else ""
+
+    def block_index(self, prefix: str, name: str) -> int | None:
+        """The index of the block a tensor or module path `name` lies in (3 for
+        `backbone.layers.3.norm.weight` with prefix `backbone.`), or None."""
+        head = f"{prefix}{self.blocks}."
+        if not name.startswith(head):
+            return None
+        index = name[len(head):].split(".", 1)[0]
+        return int(index) if index.isascii() and index.isdigit() else None
 
     def block_path(self, prefix: str, index: int) -> str:
         """The module path of block `index` (`backbone.layers.3` for prefix `backbone.`)."""
