@@ -159,6 +159,8 @@ MAMBA1 = register_arch(ArchSpec(
         rules=("conv_never_feeds_conv", "one_conv_per_block", "producer", "consumers"),
     ),
     taps=W8A8_TAPS,
+    # The scan output's outlier channels (Quamba, section 4).
+    rotated="out_proj",
     cache=CacheLayout(conv="conv1d", scan="scan", ssm_param="A_log"),
     weight_shapes=weight_shapes,
     capture_root=Mamba1Root,

@@ -90,7 +90,9 @@ class ArchSpec:
     is `{prefix}{blocks}.{i}`; `modules` maps each role to its module path inside a block ('' is
     the block itself); `roles` lists every node role in dataflow order. `activations` are the
     `config.hidden_act` values the captured forward implements; `config_keys` the config fields
-    that define the computation. `taps` are the activations a W8A8 recipe quantizes, in order.
+    that define the computation. `taps` are the activations a W8A8 recipe quantizes, in order;
+    `rotated` is the role of the Linear whose input a Hadamard recipe rotates (its outliers are the
+    ones a per-tensor scale cannot fit).
     `weight_shapes(config, prefix)` lists the tensors (name -> shape) a model of HF config
     `config` holds, for checkpoint validation. `capture_root(model)` is the module `quamba_fx.capture` traces: the model's submodules under
     their Hugging Face paths with a traceable forward that opens `arch.tracing.stage` for each
@@ -112,6 +114,7 @@ class ArchSpec:
     config_keys: tuple[str, ...]
     topology: Topology
     taps: tuple[Tap, ...]
+    rotated: str
     cache: CacheLayout
     weight_shapes: Callable[[Any, str], dict[str, list[int]]]
     capture_root: Callable[[Any], Any]
