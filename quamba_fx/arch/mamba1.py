@@ -154,6 +154,13 @@ MAMBA1 = register_arch(ArchSpec(
         "expand", "conv_kernel", "time_step_rank", "use_bias", "use_conv_bias", "residual_in_fp32",
         "layer_norm_epsilon", "tie_word_embeddings", "hidden_act",
     ),
+    positive_ints=(
+        "vocab_size", "hidden_size", "intermediate_size", "state_size", "num_hidden_layers", "conv_kernel",
+        "time_step_rank",
+    ),
+    positive_numbers=("layer_norm_epsilon",),
+    # transformers 5.0's MambaConfig has no tie_word_embeddings attribute at all
+    booleans=("use_bias", "use_conv_bias", "residual_in_fp32", "tie_word_embeddings"),
     topology=Topology(
         conv="conv1d", producer="in_proj", consumer="x_proj",
         rules=("conv_never_feeds_conv", "one_conv_per_block", "producer", "consumers"),

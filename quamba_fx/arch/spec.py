@@ -90,7 +90,8 @@ class ArchSpec:
     is `{prefix}{blocks}.{i}`; `modules` maps each role to its module path inside a block ('' is
     the block itself); `roles` lists every node role in dataflow order. `activations` are the
     `config.hidden_act` values the captured forward implements; `config_keys` the config fields
-    that define the computation. `taps` are the activations a W8A8 recipe quantizes, in order;
+    that define the computation, of which a checkpoint's config must hold `positive_ints` as
+    integers >= 1, `positive_numbers` as numbers > 0 and `booleans` (where present) as booleans. `taps` are the activations a W8A8 recipe quantizes, in order;
     `rotated` is the role of the Linear whose input a Hadamard recipe rotates (its outliers are the
     ones a per-tensor scale cannot fit).
     `weight_shapes(config, prefix)` lists the tensors (name -> shape) a model of HF config
@@ -112,6 +113,9 @@ class ArchSpec:
     modules: tuple[tuple[str, str], ...]
     activations: tuple[str, ...]
     config_keys: tuple[str, ...]
+    positive_ints: tuple[str, ...]
+    positive_numbers: tuple[str, ...]
+    booleans: tuple[str, ...]
     topology: Topology
     taps: tuple[Tap, ...]
     rotated: str
