@@ -124,3 +124,32 @@ def test_weight_shapes_are_the_models_tensors_and_block_index_reads_their_paths(
     assert MAMBA1.block_index("", "layers.0.norm.weight") == 0
     assert MAMBA1.block_index("backbone.", "backbone.norm_f.weight") is None
     assert MAMBA1.block_index("backbone.", "backbone.layers.x.norm.weight") is None
+
+
+# Modules that read Mamba-1's facts from its spec; a literal module name or HF class in their code
+# (docstrings aside) would be a second copy of the spec that a new architecture has to find.
+_SPEC_READERS = ("capture", "passes/verify", "passes/hadamard", "recipe", "runtime", "checkpoint",
+                 "checkpoint_format")
+_MAMBA1_NAMES = ("mixer", "in_proj", "x_proj", "dt_proj", "out_proj", "A_log", "layers.", "backbone.")
+_MAMBA1_CLASSES = {"MambaForCausalLM", "MambaModel", "MambaConfig"}
+
+
+@pytest.mark.parametrize("module", _SPEC_READERS)
+def test_spec_readers_name_no_mamba1_module_or_class_in_code(module):
+    import ast
+    from pathlib import Path
+
+    path = Path(quamba_fx.__file__).parent / f"{module}.py"
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            found += [f"{node.lineno}: {word!r}" for word in _MAMBA1_NAMES if word in node.value]
+        elif isinstance(node, (ast.Name, ast.alias)):
+            name = node.id if isinstance(node, ast.Name) else node.name
+            if name in _MAMBA1_CLASSES:
+                found.append(f"{getattr(node, 'lineno', '?')}: {name}")
+    assert found == [], f"{module}.py names Mamba-1 specifics; read them from quamba_fx.arch instead"
