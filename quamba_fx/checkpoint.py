@@ -15,9 +15,9 @@ import torch
 import torch.fx
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import MambaConfig, MambaForCausalLM, MambaModel
 
 from . import _atomic_dir
+from .arch import DEFAULT_ARCH, arch_for_model_type, arch_named
 from .capture import annotate_shapes, capture
 from .checkpoint_format import (  # noqa: F401  (re-exported: the checkpoint API and its format constants)
     CONFIG_DIGEST_KEY,
@@ -42,8 +42,9 @@ from .text import attach_tokenizer
 
 def _skeleton(config: dict[str, Any]) -> torch.fx.GraphModule:
     """The checkpoint's graph with the right structure and meta-device tensors."""
-    hf_config = MambaConfig.from_dict(config["source_config"])
-    cls = MambaModel if config["source"] == "MambaModel" else MambaForCausalLM
+    arch = arch_for_model_type(config["source_config"].get("model_type")) or arch_named(DEFAULT_ARCH)
+    hf_config = arch.config_class.from_dict(config["source_config"])
+    cls = arch.class_named(config["source"])
     dtype = getattr(torch, config["dtype"])
     with torch.device("meta"):
         model = cls(hf_config).to(dtype)

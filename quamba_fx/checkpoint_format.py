@@ -31,10 +31,10 @@ import torch
 import torch.fx
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers import MambaConfig
 
 from . import _atomic_dir
 from ._version import __version__
+from .arch import arch_for_class_name, arch_named, arch_names
 from .errors import CheckpointError, RecipeError
 from .recipes import CONV_OUT, W8A8_TAPS, QuantSpec, Recipe
 from .tensor_checks import name_list, non_finite_tensors
@@ -48,7 +48,8 @@ WEIGHTS_FILE = "model.safetensors"
 # Key of the safetensors metadata entry holding the config's digest (absent in checkpoints written
 # before it existed, which load with the weights hash alone).
 CONFIG_DIGEST_KEY = "quamba_fx_config_sha256"
-SOURCES = ("MambaForCausalLM", "MambaModel")
+# The model classes a checkpoint may record as its source: those of every registered architecture.
+SOURCES = tuple(name for spec in map(arch_named, arch_names()) for name in spec.class_names)
 DTYPES = ("float32", "float16", "bfloat16")
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_EXAMPLE_TOKENS = 1 << 24  # a shape annotation, never allocated; bounded so a typo stands out
@@ -286,7 +287,7 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
                     "an object mapping tensor names to tensor names"),
         "weights_sha256": (isinstance(config["weights_sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", config["weights_sha256"]),
                            "64 lowercase hex digits"),
-        "source_config": (isinstance(config["source_config"], dict), "an object (a Hugging Face MambaConfig)"),
+        "source_config": (isinstance(config["source_config"], dict), "an object (a Hugging Face model config)"),
         "tokenizer_sha256": (config["tokenizer_sha256"] is None or (
             isinstance(config["tokenizer_sha256"], dict)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in config["tokenizer_sha256"].items())),
@@ -353,40 +354,44 @@ def _read_header(weights: Path) -> tuple[dict[str, tuple[str, list[int]]], dict[
         raise CheckpointError(f"could not read {weights}: {exc}") from exc
 
 
-def _hf_config(config: dict[str, Any], where: Path) -> MambaConfig:
-    """The source model's config, its architecture fields checked for type and range."""
+def _hf_config(config: dict[str, Any], where: Path) -> Any:
+    """The source model's config (the source architecture's config class), its architecture fields
+    checked for type and range."""
+    arch = arch_for_class_name(config["source"])
+    config_class = arch.config_class.__name__
     try:
-        hf_config = MambaConfig.from_dict(config["source_config"])
+        hf_config = arch.config_class.from_dict(config["source_config"])
     except Exception as exc:  # transformers validates with errors of its own choosing
         message = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"{where}: source_config is not a valid MambaConfig ({type(exc).__name__}: {message})") from exc
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "state_size", "num_hidden_layers", "conv_kernel",
-                "time_step_rank"):
+        raise CheckpointError(f"{where}: source_config is not a valid {config_class} ({type(exc).__name__}: {message})") from exc
+    for key in arch.positive_ints:
         value = getattr(hf_config, key, None)
         if not _is_int(value) or value < 1:
             raise _field_error(where, f"source_config.{key}", "a positive integer", value)
-    for key in ("use_bias", "use_conv_bias", "residual_in_fp32", "tie_word_embeddings"):
-        # transformers 5.0's MambaConfig has no tie_word_embeddings attribute at all
+    for key in arch.booleans:
+        # a config class may lack a field in some transformers release: checked where present
         if hasattr(hf_config, key) and type(getattr(hf_config, key)) is not bool:
             raise _field_error(where, f"source_config.{key}", "a boolean", getattr(hf_config, key))
-    epsilon = getattr(hf_config, "layer_norm_epsilon", None)
-    if not (_is_number(epsilon) and epsilon > 0):
-        raise _field_error(where, "source_config.layer_norm_epsilon", "a positive number", epsilon)
-    if getattr(hf_config, "hidden_act", None) != "silu":
-        raise _field_error(where, "source_config.hidden_act", "'silu'", getattr(hf_config, "hidden_act", None))
+    for key in arch.positive_numbers:
+        value = getattr(hf_config, key, None)
+        if not (_is_number(value) and value > 0):
+            raise _field_error(where, f"source_config.{key}", "a positive number", value)
+    if getattr(hf_config, "hidden_act", None) not in arch.activations:
+        raise _field_error(where, "source_config.hidden_act", " or ".join(repr(a) for a in arch.activations),
+                           getattr(hf_config, "hidden_act", None))
     return hf_config
 
 
 def _check_layer_count(config: dict[str, Any], header: dict, path: Path) -> None:
     """Compare the config's layer count with the layers in the weights file, before transformers
-    sees the config: building a MambaConfig allocates per layer, so 10**12 layers must stop here."""
+    sees the config: building the HF config allocates per layer, so 10**12 layers must stop here."""
     where, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
     count = config["source_config"].get("num_hidden_layers")
     if not _is_int(count) or count < 1:
         raise _field_error(where, "source_config.num_hidden_layers", "a positive integer", count)
-    prefix = "backbone." if config["source"] == "MambaForCausalLM" else ""
-    layer = re.compile(rf"{re.escape(prefix)}layers\.(\d+)\.")
-    layers = {int(m.group(1)) for name in header if (m := layer.match(name))}
+    arch = arch_for_class_name(config["source"])
+    prefix = arch.prefix(config["source"])
+    layers = {i for name in header if (i := arch.block_index(prefix, name)) is not None}
     if len(layers) != count or max(layers, default=-1) != count - 1:  # never range(count): it may be 10**12
         raise CheckpointError(
             f"{where}: source_config.num_hidden_layers is {count} but {weights} holds layers "
@@ -394,28 +399,15 @@ def _check_layer_count(config: dict[str, Any], header: dict, path: Path) -> None
         )
 
 
-def _check_architecture(config: dict[str, Any], hf_config: MambaConfig, header: dict, path: Path) -> None:
+def _check_architecture(config: dict[str, Any], hf_config: Any, header: dict, path: Path) -> None:
     """Compare the architecture the config describes with the tensors the weights file holds."""
     where, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    prefix = "backbone." if config["source"] == "MambaForCausalLM" else ""
-    count = hf_config.num_hidden_layers
+    arch = arch_for_class_name(config["source"])
+    prefix = arch.prefix(config["source"])
     for alias, source in config["aliases"].items():
         if source not in header or alias in header:
             raise CheckpointError(f"{where}: alias {alias} -> {source} does not match the tensors in {weights}")
-    hidden, inner, state = hf_config.hidden_size, hf_config.intermediate_size, hf_config.state_size
-    rank = hf_config.time_step_rank
-    expected = {f"{prefix}embeddings.weight": [hf_config.vocab_size, hidden], f"{prefix}norm_f.weight": [hidden]}
-    for i in range(count):
-        block = f"{prefix}layers.{i}"
-        expected.update({
-            f"{block}.norm.weight": [hidden],
-            f"{block}.mixer.in_proj.weight": [2 * inner, hidden],
-            f"{block}.mixer.conv1d.weight": [inner, 1, hf_config.conv_kernel],
-            f"{block}.mixer.x_proj.weight": [rank + 2 * state, inner],
-            f"{block}.mixer.dt_proj.weight": [inner, rank],
-            f"{block}.mixer.A_log": [inner, state],
-            f"{block}.mixer.out_proj.weight": [hidden, inner],
-        })
+    expected = arch.weight_shapes(hf_config, prefix)
     for name, shape in expected.items():
         stored = header.get(config["aliases"].get(name, name))
         if stored is None:

@@ -34,6 +34,7 @@ from transformers import GenerationMixin, MambaConfig, PreTrainedModel, Stopping
 from transformers.modeling_outputs import CausalLMOutput
 from transformers.utils import ModelOutput
 
+from .arch import arch_of
 from .capture import capture
 from .checkpoint import from_pretrained as load_checkpoint
 from .checkpoint import is_quamba_checkpoint
@@ -73,9 +74,10 @@ def _graph_meta(graph: torch.fx.GraphModule) -> dict[str, Any]:
     meta = graph.meta.get("quamba")
     if not meta or "hf_config" not in meta:
         raise UnsupportedModelError("this GraphModule has no quamba capture metadata; make it with quamba_fx.capture")
-    if meta.get("source") != "MambaForCausalLM":
+    head_class = arch_of(graph).head_class.__name__
+    if meta.get("source") != head_class:
         raise UnsupportedModelError(
-            f"generation needs a graph with a language-model head (captured from MambaForCausalLM); "
+            f"generation needs a graph with a language-model head (captured from {head_class}); "
             f"this one was captured from {meta.get('source')} and returns hidden states"
         )
     if meta.get("on_meta_device"):
@@ -103,7 +105,7 @@ class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, graph: torch.fx.GraphModule, config: MambaConfig | None = None):
         meta = _graph_meta(graph)
         if config is None:
-            config = MambaConfig.from_dict(meta["hf_config"])
+            config = arch_of(graph).config_class.from_dict(meta["hf_config"])
         super().__init__(config)
         # post_init runs transformers' weight initialisation over the submodules registered so far:
         # run it before the graph is attached, so no transformers release can re-initialise our

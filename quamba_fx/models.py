@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import MambaConfig, MambaForCausalLM, MambaModel
+from transformers import MambaConfig, MambaForCausalLM
 
+from .arch import arch_for_model, arch_for_model_type, arch_named, arch_names
 from .catalog import BUILTIN_SHAPES, DEFAULT_MODEL, PACKAGED_MODELS, BuiltinShape  # noqa: F401  (re-exported)
 from .errors import CheckpointError, UnsupportedModelError
 
@@ -60,9 +61,10 @@ def load_model(
     are loaded in `dtype` (default fp32, whatever they were saved in: capture bakes the dtype in).
     """
     if isinstance(source, nn.Module):
-        if not isinstance(source, (MambaForCausalLM, MambaModel)):
+        if arch_for_model(source) is None:
+            accepted = [name for spec in map(arch_named, arch_names()) for name in spec.class_names]
             raise UnsupportedModelError(
-                f"expected a transformers MambaForCausalLM or MambaModel, got {type(source).__name__}"
+                f"expected a transformers {' or '.join(accepted)}, got {type(source).__name__}"
             )
         return source
     text = str(source)
@@ -90,15 +92,15 @@ def _load_checkpoint_dir(path: Path, device: str, dtype: torch.dtype) -> nn.Modu
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type != "mamba":
-        raise UnsupportedModelError(
-            f"{config_file} describes model_type={model_type!r}; quamba-fx supports 'mamba' (Mamba-1) models"
-        )
+    arch = arch_for_model_type(model_type)
+    if arch is None:
+        known = ", ".join(f"{spec.model_type!r} ({spec.title})" for spec in map(arch_named, arch_names()))
+        raise UnsupportedModelError(f"{config_file} describes model_type={model_type!r}; quamba-fx supports {known} models")
     weight_files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
     if not weight_files:
         raise CheckpointError(f"{path} has a config.json but no weight file (*.safetensors or *.bin)")
-    architectures = raw.get("architectures") or ["MambaForCausalLM"]
-    cls = MambaModel if architectures[0] == "MambaModel" else MambaForCausalLM
+    architectures = raw.get("architectures") or [arch.head_class.__name__]
+    cls = arch.class_named(architectures[0])
     try:
         model, info = cls.from_pretrained(
             path, local_files_only=True, output_loading_info=True, dtype=dtype
@@ -108,7 +110,7 @@ def _load_checkpoint_dir(path: Path, device: str, dtype: torch.dtype) -> nn.Modu
     # transformers fills missing tensors with fresh random values and only warns: that would hand the
     # user a silently wrong model, so a checkpoint missing anything but a tied head is an error here.
     # Tied or not is read off the model: transformers 5.0 configs saved without the field lack it.
-    head = model.get_output_embeddings() if isinstance(model, MambaForCausalLM) else None
+    head = model.get_output_embeddings() if isinstance(model, arch.head_class) else None
     tied = {"lm_head.weight"} if head is not None and head.weight is model.get_input_embeddings().weight else set()
     missing = sorted(set(info.get("missing_keys", ())) - tied)
     if missing:

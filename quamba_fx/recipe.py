@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch.fx
 
+from .arch import arch_of
 from .graph_info import is_kind, op_name
 from .recipes import (
     CONV_OUT,
@@ -33,9 +34,10 @@ __all__ = [
 
 
 def block_paths(gm: torch.fx.GraphModule) -> list[str]:
-    """Module path of every block: `backbone.layers.0`, ..."""
+    """Module path of every block: `backbone.layers.0`, ... (where the graph's architecture puts them)."""
     meta = gm.meta["quamba"]
-    return [f"{meta['prefix']}layers.{b}" for b in range(meta["num_blocks"])]
+    arch = arch_of(gm)
+    return [arch.block_path(meta["prefix"], b) for b in range(meta["num_blocks"])]
 
 
 def tap_node(gm: torch.fx.GraphModule, block_path: str, tap: Tap) -> torch.fx.Node:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from .arch import arch_of
 from .errors import InputError
 from .passes.kernel_lowering import cached_graph
 from .recipe import block_paths
@@ -31,12 +32,12 @@ class MambaCache:
         """Zeroed states shaped for the blocks of `gm`, on `device` (default: the graph's)."""
         if device is None:
             device = next(iter(gm.buffers())).device
+        arch = arch_of(gm)
         conv, ssm = [], []
         for path in block_paths(gm):
-            d_inner, _, width = gm.get_submodule(f"{path}.mixer.conv1d").weight.shape
-            d_state = gm.get_submodule(f"{path}.mixer").A_log.shape[-1]
-            conv.append(torch.zeros(batch_size, d_inner, width - 1, dtype=torch.int8, device=device))
-            ssm.append(torch.zeros(batch_size, d_inner, d_state, dtype=torch.float32, device=device))
+            conv_shape, ssm_shape = arch.cache_shapes(gm, path, batch_size)
+            conv.append(torch.zeros(conv_shape, dtype=torch.int8, device=device))
+            ssm.append(torch.zeros(ssm_shape, dtype=torch.float32, device=device))
         return cls(conv, ssm)
 
     def zero_(self) -> "MambaCache":

@@ -18,6 +18,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = "quamba_fx"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
@@ -223,3 +225,17 @@ def test_no_module_registers_op_kinds_on_import():
                 if name in ("register_op", "register_module"):
                     calls.append(f"{module}:{node.lineno} {name}")
     assert calls == []
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers: ~5 s on 2 cores
+def test_the_runtime_imports_first_in_a_fresh_interpreter():
+    """kernel_lowering reads torch.ops.quamba.selective_scan at import; it must register it itself
+    rather than rely on some other module having been imported before."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
+    done = subprocess.run([sys.executable, "-c", "import quamba_fx.runtime"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1]

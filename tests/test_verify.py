@@ -181,3 +181,23 @@ def test_what_verification_accepts_does_not_depend_on_what_was_imported():
     assert live._MODULE_KINDS == fresh._MODULE_KINDS
     for kind, op in [("quant_boundary", "quantize"), ("linear", "int8_linear"), ("scan", "selective_scan_int8")]:
         assert op in fresh._KINDS[kind]
+
+
+def test_the_checked_roles_and_rules_come_from_the_graphs_architecture_spec(gm):
+    """The checker names no block roles itself: a spec whose producer is dt_proj rejects the real
+    graph, whose conv1d is fed by in_proj; a spec without the producer rule does not look."""
+    from dataclasses import replace
+
+    from quamba_fx.arch import MAMBA1, arch_of
+    from quamba_fx.passes.verify import TopologyChecker
+
+    assert arch_of(gm) is MAMBA1 and TopologyChecker(gm).run() == []
+    wrong_producer = replace(MAMBA1, topology=replace(MAMBA1.topology, producer="dt_proj"))
+    problems = TopologyChecker(gm, arch=wrong_producer).run()
+    assert len(problems) == 2 and all("not by its own block's dt_proj" in p for p in problems)
+    rules = tuple(r for r in MAMBA1.topology.rules if r != "producer")
+    unchecked = replace(wrong_producer, topology=replace(wrong_producer.topology, rules=rules))
+    assert TopologyChecker(gm, arch=unchecked).run() == []
+    unknown = replace(MAMBA1, topology=replace(MAMBA1.topology, rules=("nonsense",)))
+    with pytest.raises(TopologyError, match="unknown topology rule"):
+        TopologyChecker(gm, arch=unknown).run()

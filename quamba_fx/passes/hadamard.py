@@ -1,5 +1,7 @@
 """Rotate each out_proj's input by a Hadamard matrix and fold the inverse rotation into its weight.
 
+Which Linear that is comes from the graph's architecture spec (`ArchSpec.rotated`; Mamba-1: out_proj).
+
 The float result is unchanged (`W H^T H y = W y`), but `H y` spreads the outlier channels of the
 scan output over all channels, so a single per-tensor int8 scale fits it (Quamba, section 4).
 Run on the float graph before calibration, so the recorded statistics are those of `H y`.
@@ -12,6 +14,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..arch import arch_of
 from ..graph_info import info, role
 from ..quant.hadamard import fold_hadamard_into_linear_weight
 
@@ -28,12 +31,14 @@ def _folded_copy(linear: nn.Linear) -> nn.Linear:
 
 
 class RotateOutProjInput(PassBase):
-    """`out_proj(y)` becomes `out_proj'(hadamard(y))` with `out_proj'.weight = W @ H^T`."""
+    """`out_proj(y)` becomes `out_proj'(hadamard(y))` with `out_proj'.weight = W @ H^T` (for the
+    Linear of the spec's `rotated` role)."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         modified = False
+        rotated_role = arch_of(gm).rotated
         for node in list(gm.graph.nodes):
-            if node.op != "call_module" or role(node) != "out_proj":
+            if node.op != "call_module" or role(node) != rotated_role:
                 continue
             linear = gm.get_submodule(node.target)
             if not isinstance(linear, nn.Linear):

@@ -28,6 +28,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .. import ops as reference_ops  # noqa: F401  (registers torch.ops.quamba.selective_scan, read below)
 from ..graph_info import fetch_attr, info, op_name
 from ..kernels import gemm_fp8  # noqa: F401  (registers torch.ops.quamba.fp8_gemm)
 from ..kernels import ops as kernel_ops  # noqa: F401  (registers the kernel ops)

@@ -1,13 +1,16 @@
-"""The topology check: every Mamba block is Linear(in_proj) -> conv1d -> Linear(x_proj), once.
+"""The topology check: every block is Linear(producer) -> conv1d -> Linear(consumer), once.
 
-Rules (see docs/quamba-dataflow in shared docs), each checked on the whole graph at once so one error
-lists every violation:
+The roles come from the graph's architecture spec (`quamba_fx.arch`; for Mamba-1, in_proj and
+x_proj). Rules (see docs/quamba-dataflow in shared docs), each checked on the whole graph at once so
+one error lists every violation; the spec's `topology.rules` names the ones that apply:
 
-1. every block has exactly one conv1d;
-2. a conv1d is fed by a Linear (in_proj) through layout and quantization-boundary ops only;
-3. a conv1d's output reaches only Linears (x_proj) and the selective scan, through SiLU, layout and
-   quantization-boundary ops only, and reaches at least one Linear;
-4. no conv1d reaches another conv1d through elementwise, layout and boundary ops only.
+1. `one_conv_per_block`: every block has exactly one conv1d;
+2. `producer`: a conv1d is fed by a Linear (the producer role) through layout and
+   quantization-boundary ops only;
+3. `consumers`: a conv1d's output reaches only Linears (the consumer role) and the selective scan,
+   through SiLU, layout and quantization-boundary ops only, and reaches at least one Linear;
+4. `conv_never_feeds_conv`: no conv1d reaches another conv1d through elementwise, layout and
+   boundary ops only.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import networkx as nx
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..arch import ArchSpec, arch_of
 from ..errors import TopologyError
 from ..graph_info import META_KEY, block, describe, is_kind, op_name, role
 
@@ -42,10 +46,13 @@ def node_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
 class TopologyChecker:
     """The rules of this module, each a method that appends messages to `problems`; `run` applies
     all of them. Callers that can only check some rules (the torch.compile backend on dynamo's
-    graphs of HF models) call the methods one by one."""
+    graphs of HF models) call the methods one by one. `arch` defaults to the graph's own spec."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, arch: ArchSpec | None = None):
         self.gm = gm
+        self.arch = arch if arch is not None else arch_of(gm)
+        self.producer = self.arch.topology.producer
+        self.consumer = self.arch.topology.consumer
         self.graph = node_graph(gm)
         self.convs = [n for n in gm.graph.nodes if is_kind(gm, n, "conv1d")]
         self.problems: list[str] = []
@@ -54,11 +61,21 @@ class TopologyChecker:
         return any(is_kind(self.gm, node, k) for k in kinds)
 
     def run(self) -> list[str]:
-        self.check_conv_never_feeds_conv()
-        self.check_one_conv_per_block()
+        rules = self.arch.topology.rules
+        whole_graph = {"conv_never_feeds_conv": self.check_conv_never_feeds_conv,
+                       "one_conv_per_block": self.check_one_conv_per_block}
+        per_conv = {"producer": self.check_producer, "consumers": self.check_consumers}
+        unknown = [rule for rule in rules if rule not in whole_graph and rule not in per_conv]
+        if unknown:
+            raise TopologyError(f"architecture {self.arch.name!r} names unknown topology rule(s) {unknown}; "
+                                f"known: {sorted({**whole_graph, **per_conv})}")
+        for rule in rules:
+            if rule in whole_graph:
+                whole_graph[rule]()
         for conv in self.convs:
-            self.check_producer(conv)
-            self.check_consumers(conv)
+            for rule in rules:
+                if rule in per_conv:
+                    per_conv[rule](conv)
         return self.problems
 
     def check_conv_never_feeds_conv(self) -> None:
@@ -103,12 +120,12 @@ class TopologyChecker:
         if not self.kind(node, "linear"):
             self.problems.append(
                 f"conv1d {describe(conv)} is fed by {describe(node)}, which is not a Linear "
-                f"(only layout/quantization ops may stand between in_proj and conv1d): {path}"
+                f"(only layout/quantization ops may stand between {self.producer} and conv1d): {path}"
             )
-        elif role(node) not in (None, "in_proj") or block(node) != block(conv):
+        elif role(node) not in (None, self.producer) or block(node) != block(conv):
             self.problems.append(
                 f"conv1d {describe(conv)} is fed by Linear {describe(node)} (role {role(node)!r}), "
-                f"not by its own block's in_proj: {path}"
+                f"not by its own block's {self.producer}: {path}"
             )
 
     def check_consumers(self, conv: torch.fx.Node) -> None:
@@ -122,31 +139,32 @@ class TopologyChecker:
                     stack.append((user, walk))
                 elif self.kind(user, "linear"):
                     linears += 1
-                    if role(user) not in (None, "x_proj") or block(user) != block(conv):
+                    if role(user) not in (None, self.consumer) or block(user) != block(conv):
                         self.problems.append(
                             f"conv1d {describe(conv)} feeds Linear {describe(user)} (role {role(user)!r}), "
-                            f"not its own block's x_proj: {_path(walk)}"
+                            f"not its own block's {self.consumer}: {_path(walk)}"
                         )
                 elif not self.kind(user, "scan", "conv1d"):
                     # A conv1d consumer is reported by check_conv_never_feeds_conv.
                     self.problems.append(
-                        f"conv1d {describe(conv)} reaches {describe(user)}, which is neither a Linear (x_proj) "
+                        f"conv1d {describe(conv)} reaches {describe(user)}, which is neither a Linear ({self.consumer}) "
                         f"nor the selective scan: {_path(walk)}"
                     )
         if linears == 0:
-            self.problems.append(f"conv1d {describe(conv)} reaches no Linear (x_proj)")
+            self.problems.append(f"conv1d {describe(conv)} reaches no Linear ({self.consumer})")
 
 
 def verify_topology(gm: torch.fx.GraphModule) -> None:
-    """Raise `TopologyError` listing every violation of the Mamba block invariants in `gm`.
+    """Raise `TopologyError` listing every violation of the block invariants of `gm`'s architecture.
 
     Each message names the offending nodes (fx name, module path, block) and the path between them.
     Returns None when the graph is well formed.
     """
-    problems = TopologyChecker(gm).run()
+    checker = TopologyChecker(gm)
+    problems = checker.run()
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
-        raise TopologyError(f"the graph breaks {len(problems)} Mamba topology rule(s):\n{lines}")
+        raise TopologyError(f"the graph breaks {len(problems)} {checker.arch.display_name} topology rule(s):\n{lines}")
 
 
 class VerifyTopology(PassBase):

@@ -10,10 +10,10 @@ named (`abs_max`, `percentile`: the registry in `quant/observers.py`), never hel
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
+from ..arch.spec import TAP_SITES, Tap  # re-exported: where a tap sits is an architecture fact
 from ..errors import RecipeError
 from ..quant.observers import Observer, make_observer, observer_class
 from ..quant.fp8 import E4M3_MAX
@@ -27,11 +27,6 @@ __all__ = ["ABS_MAX_INT8", "ACTIVATION_DTYPES", "GRANULARITIES", "TAP_SITES", "Q
 ACTIVATION_DTYPES: dict[str, tuple[int, int]] = {"int8": (QMIN, QMAX), "float8_e4m3": (-int(E4M3_MAX), int(E4M3_MAX))}
 # Activations are quantized with one scale per tensor: the ops read a 0-dim scale buffer.
 GRANULARITIES = ("per_tensor",)
-# Where on a module a tap takes its activation: its output, its input, or the SiLU after it.
-TAP_SITES = ("output", "input", "activation")
-
-_MODULE_PATH = re.compile(r"\w+(\.\w+)*", re.ASCII)
-_BUFFER_NAME = re.compile(r"[A-Za-z_]\w*", re.ASCII)
 _MAX_NAME_LENGTH = 200
 
 
@@ -49,32 +44,6 @@ def _expect(ok: bool, where: str, expected: str, value: Any) -> None:
     if not ok:
         text = repr(value)
         raise RecipeError(where, f"must be {expected}, got {text if len(text) <= 60 else text[:57] + '...'}")
-
-
-@dataclass(frozen=True)
-class Tap:
-    """One activation a block quantizes, and the scale buffer that holds its scale.
-
-    `module` is the owning module's path inside the block (`mixer.conv1d`), `scale` the buffer's
-    name on it, and `at` where the activation is: `output` (of the module), `input` (of the
-    module), or `activation` (the SiLU after the module, i.e. conv1d + SiLU).
-    """
-
-    module: str
-    scale: str
-    at: str
-
-    def __post_init__(self) -> None:
-        _expect(isinstance(self.module, str) and bool(_MODULE_PATH.fullmatch(self.module)), "module",
-                "a module path inside a block, like 'mixer.conv1d'", self.module)
-        _expect(isinstance(self.scale, str) and bool(_BUFFER_NAME.fullmatch(self.scale)), "scale",
-                "a buffer name, like 'output_scale'", self.scale)
-        _expect(self.at in TAP_SITES, "at", f"one of {', '.join(TAP_SITES)}", self.at)
-
-    @property
-    def key(self) -> str:
-        """`module.scale`: the buffer's path inside a block, unique within a recipe."""
-        return f"{self.module}.{self.scale}"
 
 
 @dataclass(frozen=True)

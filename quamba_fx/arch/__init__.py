@@ -1,0 +1,28 @@
+"""Architecture specs: what quamba-fx knows of each model family it captures, as data.
+
+One module per architecture (`mamba1.py`), each building a frozen `ArchSpec` (`spec.py`) and
+registering it by name (`registry.py`). The built-in ones are imported here explicitly, so they are
+registered whatever is imported first.
+"""
+
+from __future__ import annotations
+
+from . import mamba1  # isort: skip  (registers the built-in architecture)
+from .registry import (
+    DEFAULT_ARCH,
+    arch_for_class_name,
+    arch_for_model,
+    arch_for_model_type,
+    arch_named,
+    arch_names,
+    arch_of,
+    register_arch,
+)
+from .spec import TAP_SITES, ArchSpec, CacheLayout, Tap, Topology
+
+MAMBA1 = mamba1.MAMBA1
+
+__all__ = [
+    "DEFAULT_ARCH", "MAMBA1", "TAP_SITES", "ArchSpec", "CacheLayout", "Tap", "Topology", "arch_for_class_name", "arch_for_model",
+    "arch_for_model_type", "arch_named", "arch_names", "arch_of", "register_arch",
+]
