@@ -153,7 +153,7 @@ def test_model_sized_prefill_matches_reference():
 
 
 @needs_kernel
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=15, **SETTINGS)
 @given(case=cases(max_l=30), data=st.data())
 def test_chunked_prefill_equals_whole(case, data):
     x, xs, w, b, os_, s0 = build(case, DEVICE)

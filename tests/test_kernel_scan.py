@@ -454,6 +454,7 @@ def test_model_sized_channels_match_reference():
     check_against_reference(kw)
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_long_sequence_is_stable():
     """Many steps through one program (the loop, not the tile edges): still within tolerance."""
@@ -464,7 +465,8 @@ def test_long_sequence_is_stable():
 
 
 @needs_kernel
-@pytest.mark.parametrize("chunk_len", [1, 3, 8, 64])
+# One-step chunks are the costliest case under the interpreter (a carry pass per step): slow.
+@pytest.mark.parametrize("chunk_len", [pytest.param(1, marks=pytest.mark.slow), 3, 8, 64])
 def test_chunked_scan_matches_reference(chunk_len, monkeypatch):
     """The scan split into chunks over L (pass 1: each chunk's state from zero and its sum of dt;
     pass 2: the true state entering each chunk; pass 3: each chunk from that state) computes the
