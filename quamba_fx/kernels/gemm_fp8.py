@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..quant.fp8 import _check_fp8_linear, _linear_out_dtype
+from ..quant.qops import _quantize_fp32
 from .dispatch import use_triton
 from .rounding import quantize_rn
 
@@ -123,7 +124,7 @@ def _scaled_mm(x2: Tensor, xs: Tensor, w: Tensor, ws: Tensor, b: Optional[Tensor
     if b is not None:
         y = y + b
     if os_ is not None:
-        return torch.round(y / os_).clamp_(-128, 127).to(torch.int8)
+        return _quantize_fp32(y, os_)
     return y.to(dtype)
 
 

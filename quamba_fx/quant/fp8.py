@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .qops import _linear_out_dtype, _quantize_fp32, _scale_view, absmax_to_scale
+from .qops import (_check_linear_args, _linear_epilogue, _linear_fake, _linear_out_dtype, _scale_view,
+                   absmax_to_scale)
 
 __all__ = [
     "E4M3_MAX",
@@ -53,27 +54,7 @@ def _check_fp8(t: Tensor, what: str) -> None:
 
 def _check_fp8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
                       bias: Optional[Tensor], out_scale: Optional[Tensor]) -> tuple[int, int]:
-    _check_fp8(x_q, "fp8_linear: x_q")
-    _check_fp8(w_q, "fp8_linear: w_q")
-    if w_q.dim() != 2:
-        raise ValueError(f"fp8_linear: w_q must be [N, K] (nn.Linear layout), got shape {tuple(w_q.shape)}")
-    if x_q.dim() < 1:
-        raise ValueError("fp8_linear: x_q must have at least one dim [..., K]")
-    n, k = w_q.shape
-    if x_q.shape[-1] != k:
-        raise ValueError(f"fp8_linear: x_q has K={x_q.shape[-1]} but w_q {tuple(w_q.shape)} has K={k}")
-    if x_scale.numel() != 1 or x_scale.dim() > 1:
-        raise ValueError(f"fp8_linear: x_scale must be per-tensor (shape [] or [1]), got {tuple(x_scale.shape)}")
-    if w_scale.dim() > 1 or w_scale.numel() not in (1, n):
-        raise ValueError(f"fp8_linear: w_scale must have shape [], [1] or [N={n}], got {tuple(w_scale.shape)}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"fp8_linear: bias must have shape [N={n}], got {tuple(bias.shape)}")
-    if out_scale is not None and (out_scale.dim() > 1 or out_scale.numel() not in (1, n)):
-        raise ValueError(f"fp8_linear: out_scale must have shape [], [1] or [N={n}], got {tuple(out_scale.shape)}")
-    for name, t in (("x_scale", x_scale), ("w_scale", w_scale), ("bias", bias), ("out_scale", out_scale)):
-        if t is not None and not t.is_floating_point():
-            raise ValueError(f"fp8_linear: {name} must be a floating-point tensor, got {t.dtype}")
-    return n, k
+    return _check_linear_args("fp8_linear", _check_fp8, x_q, x_scale, w_q, w_scale, bias, out_scale)
 
 
 @torch.library.custom_op("quamba::quantize_fp8", mutates_args=())
@@ -139,21 +120,13 @@ def fp8_linear(
         raise ValueError(f"fp8_linear: K={w_q.shape[1]} is above 65536, where the reference stops being exact")
     dtype = _linear_out_dtype(out_scale, out_dtype)
     acc = torch.matmul(x_q.to(torch.float64), w_q.to(torch.float64).t())
-    a = acc.to(torch.float32)
-    s = x_scale.to(torch.float32).reshape(()) * _scale_view(w_scale, a, -1, "fp8_linear: w_scale")
-    y = a * s
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    if out_scale is not None:
-        return _quantize_fp32(y, _scale_view(out_scale, y, -1, "fp8_linear: out_scale"))
-    return y.to(dtype)
+    return _linear_epilogue("fp8_linear", acc, x_scale, w_scale, bias, out_scale, dtype)
 
 
 @fp8_linear.register_fake
 def _fp8_linear_fake(x_q, x_scale, w_q, w_scale, bias=None, out_scale=None, out_dtype=None):
     n, _ = _check_fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale)
-    dtype = _linear_out_dtype(out_scale, out_dtype)
-    return torch.empty((*x_q.shape[:-1], n), dtype=dtype, device=x_q.device)
+    return _linear_fake(x_q, n, out_scale, out_dtype)
 
 
 def quantize_weight_per_channel_fp8(w: Tensor) -> tuple[Tensor, Tensor]:

@@ -2,13 +2,60 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from .qops import quantize_weight_per_channel
 
 
-class QuantizedLinear(nn.Module):
+class _PerChannelLinear(nn.Module):
+    """What every quantized Linear shares: a `[N, K]` weight of `WEIGHT_DTYPE` with per-output-channel
+    fp32 scales, an fp32 bias, and a forward that calls its reference op. Subclasses name the
+    dtype, the weight quantizer and the op."""
+
+    WEIGHT_DTYPE: torch.dtype
+    WEIGHT_KIND: str  # for messages, e.g. "an int8"
+    LABEL: str  # for extra_repr
+    # weight [N, K] -> (quantized weight, fp32 scale [N])
+    quantize_weight: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype):
+        super().__init__()
+        if weight.dtype != self.WEIGHT_DTYPE or weight.dim() != 2:
+            raise ValueError(f"{type(self).__name__} needs {self.WEIGHT_KIND} [N, K] weight, "
+                             f"got {weight.dtype} {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.out_dtype = out_dtype
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale.to(torch.float32))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "_PerChannelLinear":
+        """Quantize `linear`'s weight per output channel (abs-max, symmetric).
+
+        Extra buffers a pass registered on the float module (activation scales) are carried over,
+        so `get_attr` nodes pointing at them stay valid after the swap.
+        """
+        weight = linear.weight.detach()
+        if weight.is_meta:  # rebuilding a graph skeleton before loading a checkpoint into it
+            w_q = torch.empty(weight.shape, dtype=cls.WEIGHT_DTYPE, device="meta")
+            w_scale = torch.empty(weight.shape[0], dtype=torch.float32, device="meta")
+        else:
+            w_q, w_scale = cls.quantize_weight(weight)
+        q = cls(w_q, w_scale, linear.bias, linear.weight.dtype)
+        for name, buffer in linear.named_buffers(recurse=False):
+            q.register_buffer(name, buffer)
+        return q
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.LABEL} per-channel"
+
+
+class QuantizedLinear(_PerChannelLinear):
     """int8 weight `[N, K]` with per-output-channel fp32 scales, fp32 bias, int8 activations.
 
     `forward(x_q, x_scale, out_scale=None)`: `x_q` is int8 `[..., K]` quantized with the per-tensor
@@ -17,39 +64,11 @@ class QuantizedLinear(nn.Module):
     producer's scale is shared by every consumer of the same int8 tensor.
     """
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype):
-        super().__init__()
-        if weight.dtype != torch.int8 or weight.dim() != 2:
-            raise ValueError(f"QuantizedLinear needs an int8 [N, K] weight, got {weight.dtype} {tuple(weight.shape)}")
-        self.out_features, self.in_features = weight.shape
-        self.out_dtype = out_dtype
-        self.register_buffer("weight", weight)
-        self.register_buffer("weight_scale", weight_scale.to(torch.float32))
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear) -> "QuantizedLinear":
-        """Quantize `linear`'s weight per output channel (abs-max, symmetric).
-
-        Extra buffers a pass registered on the float module (activation scales) are carried over,
-        so `get_attr` nodes pointing at them stay valid after the swap.
-        """
-        weight = linear.weight.detach()
-        if weight.is_meta:  # rebuilding a graph skeleton before loading a checkpoint into it
-            w_q = torch.empty(weight.shape, dtype=torch.int8, device="meta")
-            w_scale = torch.empty(weight.shape[0], dtype=torch.float32, device="meta")
-        else:
-            w_q, w_scale = quantize_weight_per_channel(weight)
-        q = cls(w_q, w_scale, linear.bias, linear.weight.dtype)
-        for name, buffer in linear.named_buffers(recurse=False):
-            q.register_buffer(name, buffer)
-        return q
+    WEIGHT_DTYPE = torch.int8
+    WEIGHT_KIND = "an int8"
+    LABEL = "int8"
+    quantize_weight = staticmethod(quantize_weight_per_channel)
 
     def forward(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
         out_dtype = None if out_scale is not None else self.out_dtype
         return torch.ops.quamba.int8_linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, out_scale, out_dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
-

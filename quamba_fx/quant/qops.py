@@ -93,31 +93,58 @@ def _linear_out_dtype(out_scale: Optional[Tensor], out_dtype: Optional[torch.dty
     return out_dtype
 
 
-def _check_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
-                  bias: Optional[Tensor], out_scale: Optional[Tensor]) -> tuple[int, int]:
-    _check_int8(x_q, "int8_linear: x_q")
-    _check_int8(w_q, "int8_linear: w_q")
+def _check_linear_args(op: str, check_operand, x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                       bias: Optional[Tensor], out_scale: Optional[Tensor],
+                       max_k: Optional[int] = None) -> tuple[int, int]:
+    """The argument rules every W8A8 Linear reference shares (`op` names it in messages):
+    `check_operand(t, what)` checks the operands' dtype; `max_k` bounds K where the accumulator
+    could overflow. Returns `(N, K)`."""
+    check_operand(x_q, f"{op}: x_q")
+    check_operand(w_q, f"{op}: w_q")
     if w_q.dim() != 2:
-        raise ValueError(f"int8_linear: w_q must be [N, K] (nn.Linear layout), got shape {tuple(w_q.shape)}")
+        raise ValueError(f"{op}: w_q must be [N, K] (nn.Linear layout), got shape {tuple(w_q.shape)}")
     if x_q.dim() < 1:
-        raise ValueError("int8_linear: x_q must have at least one dim [..., K]")
+        raise ValueError(f"{op}: x_q must have at least one dim [..., K]")
     n, k = w_q.shape
     if x_q.shape[-1] != k:
-        raise ValueError(f"int8_linear: x_q has K={x_q.shape[-1]} but w_q {tuple(w_q.shape)} has K={k}")
-    if k > MAX_INT8_LINEAR_K:
-        raise ValueError(f"int8_linear: K={k} could overflow an int32 accumulator (max {MAX_INT8_LINEAR_K})")
+        raise ValueError(f"{op}: x_q has K={x_q.shape[-1]} but w_q {tuple(w_q.shape)} has K={k}")
+    if max_k is not None and k > max_k:
+        raise ValueError(f"{op}: K={k} could overflow an int32 accumulator (max {max_k})")
     if x_scale.numel() != 1 or x_scale.dim() > 1:
-        raise ValueError(f"int8_linear: x_scale must be per-tensor (shape [] or [1]), got {tuple(x_scale.shape)}")
+        raise ValueError(f"{op}: x_scale must be per-tensor (shape [] or [1]), got {tuple(x_scale.shape)}")
     if w_scale.dim() > 1 or w_scale.numel() not in (1, n):
-        raise ValueError(f"int8_linear: w_scale must have shape [], [1] or [N={n}], got {tuple(w_scale.shape)}")
+        raise ValueError(f"{op}: w_scale must have shape [], [1] or [N={n}], got {tuple(w_scale.shape)}")
     if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"int8_linear: bias must have shape [N={n}], got {tuple(bias.shape)}")
+        raise ValueError(f"{op}: bias must have shape [N={n}], got {tuple(bias.shape)}")
     if out_scale is not None and (out_scale.dim() > 1 or out_scale.numel() not in (1, n)):
-        raise ValueError(f"int8_linear: out_scale must have shape [], [1] or [N={n}], got {tuple(out_scale.shape)}")
+        raise ValueError(f"{op}: out_scale must have shape [], [1] or [N={n}], got {tuple(out_scale.shape)}")
     for name, t in (("x_scale", x_scale), ("w_scale", w_scale), ("bias", bias), ("out_scale", out_scale)):
         if t is not None and not t.is_floating_point():
-            raise ValueError(f"int8_linear: {name} must be a floating-point tensor, got {t.dtype}")
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     return n, k
+
+
+def _check_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                  bias: Optional[Tensor], out_scale: Optional[Tensor]) -> tuple[int, int]:
+    return _check_linear_args("int8_linear", _check_int8, x_q, x_scale, w_q, w_scale, bias, out_scale,
+                              max_k=MAX_INT8_LINEAR_K)
+
+
+def _linear_epilogue(op: str, acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                     out_scale: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """Steps 2-5 of `int8_linear` on an exact accumulator `acc` (any float dtype)."""
+    a = acc.to(torch.float32)
+    s = x_scale.to(torch.float32).reshape(()) * _scale_view(w_scale, a, -1, f"{op}: w_scale")
+    y = a * s
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    if out_scale is not None:
+        return _quantize_fp32(y, _scale_view(out_scale, y, -1, f"{op}: out_scale"))
+    return y.to(dtype)
+
+
+def _linear_fake(x_q: Tensor, n: int, out_scale: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Tensor:
+    return torch.empty((*x_q.shape[:-1], n), dtype=_linear_out_dtype(out_scale, out_dtype), device=x_q.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,21 +226,13 @@ def int8_linear(
     _check_linear(x_q, x_scale, w_q, w_scale, bias, out_scale)
     dtype = _linear_out_dtype(out_scale, out_dtype)
     acc = torch.matmul(x_q.to(torch.float64), w_q.to(torch.float64).t())
-    a = acc.to(torch.float32)
-    s = x_scale.to(torch.float32).reshape(()) * _scale_view(w_scale, a, -1, "int8_linear: w_scale")
-    y = a * s
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    if out_scale is not None:
-        return _quantize_fp32(y, _scale_view(out_scale, y, -1, "int8_linear: out_scale"))
-    return y.to(dtype)
+    return _linear_epilogue("int8_linear", acc, x_scale, w_scale, bias, out_scale, dtype)
 
 
 @int8_linear.register_fake
 def _int8_linear_fake(x_q, x_scale, w_q, w_scale, bias=None, out_scale=None, out_dtype=None):
     n, _ = _check_linear(x_q, x_scale, w_q, w_scale, bias, out_scale)
-    dtype = _linear_out_dtype(out_scale, out_dtype)
-    return torch.empty((*x_q.shape[:-1], n), dtype=dtype, device=x_q.device)
+    return _linear_fake(x_q, n, out_scale, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
