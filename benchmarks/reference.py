@@ -20,8 +20,8 @@ Rows (ratio = reference / ours, so > 1 means we are faster):
   bandwidth) / (bytes read per step: the weights, and the weights plus the decode state read and
   written);
 * kernel time by kind (scan, GEMM, conv, norm, Hadamard, other) from `torch.profiler`, for the
-  prefill shapes of `--breakdown-shapes` and one batch-1 decode step (plain calls: the same kernels
-  a replay runs).
+  prefill shapes of `--breakdown-shapes` and one decode step at each of `--breakdown-decode-batches`
+  (default 1; plain calls: the same kernels a replay runs).
 
 `--smoke` checks the script on CPU without mamba_ssm (mamba-tiny, our side only, tiny shapes): the
 numbers mean nothing there, the table, JSON and profiler logic run. tests/test_reference_script.py
@@ -65,6 +65,7 @@ _PATTERNS = (
 PREFILL_SHAPES = [(1, 128), (1, 2048), (8, 2048)]
 BREAKDOWN_SHAPES = [(1, 2048), (8, 2048)]
 DECODE_BATCHES = [1, 16, 64]
+BREAKDOWN_DECODE_BATCHES = [1]
 TOP_KERNELS = 12  # kernels by name per breakdown row, in the JSON
 DECODE_STEPS = 256  # 64 steps of a 130m batch-1 decode last only ~45 ms: too short a window
 PROMPT_LEN = 16
@@ -327,7 +328,7 @@ def bench_decode(lowered, ref, batches, steps: int, vocab: int) -> list[dict]:
     return rows
 
 
-def bench_breakdown(lowered, ref, shapes, vocab: int) -> dict[str, dict]:
+def bench_breakdown(lowered, ref, shapes, decode_batches, vocab: int) -> dict[str, dict]:
     import quamba_fx
 
     out: dict[str, dict] = {}
@@ -340,19 +341,23 @@ def bench_breakdown(lowered, ref, shapes, vocab: int) -> dict[str, dict]:
         out[label][OURS] = kernel_breakdown(lambda: lowered(ids))
         log(f"  breakdown {label}: " + "; ".join(
             f"{k} " + ", ".join(f"{kind} {v[kind]:.2f}" for kind in (*KINDS, "total")) for k, v in out[label].items()))
-    prompt = torch.randint(0, vocab, (1, PROMPT_LEN), device=DEVICE)
-    label = "decode 1"
-    out[label] = {}
-    token = prompt[:, -1]
-    if ref is not None:
-        dec = RefDecoder(ref, 1, PROMPT_LEN + 64, cuda_graph=False)
-        dec.prefill(prompt)
-        out[label][REF] = kernel_breakdown(lambda: dec.decode(token), calls=5)
-    gen = quamba_fx.Generator(lowered, 1, cuda_graph=False)
-    gen.prefill(prompt)
-    out[label][OURS] = kernel_breakdown(lambda: gen.decode(token), calls=5)
-    log(f"  breakdown {label}: " + "; ".join(
-        f"{k} " + ", ".join(f"{kind} {v[kind]:.3f}" for kind in (*KINDS, "total")) for k, v in out[label].items()))
+    for batch in decode_batches:
+        prompt = torch.randint(0, vocab, (batch, PROMPT_LEN), device=DEVICE)
+        label = f"decode {batch}"
+        out[label] = {}
+        token = prompt[:, -1]
+        if ref is not None:
+            dec = RefDecoder(ref, batch, PROMPT_LEN + 64, cuda_graph=False)
+            dec.prefill(prompt)
+            out[label][REF] = kernel_breakdown(lambda: dec.decode(token), calls=5)
+            del dec
+        gen = quamba_fx.Generator(lowered, batch, cuda_graph=False)
+        gen.prefill(prompt)
+        out[label][OURS] = kernel_breakdown(lambda: gen.decode(token), calls=5)
+        del gen
+        empty_cache()
+        log(f"  breakdown {label}: " + "; ".join(
+            f"{k} " + ", ".join(f"{kind} {v[kind]:.3f}" for kind in (*KINDS, "total")) for k, v in out[label].items()))
     return out
 
 
@@ -369,7 +374,8 @@ def bench_model(name: str, args, bandwidth: float, result: dict, save: Callable[
             row["limit_fraction"] = limit_fractions(row, result["weight_bytes"], bandwidth)
         save()
         if name in args.breakdown_models:
-            result["breakdown"] = bench_breakdown(lowered, ref, args.breakdown_shapes, vocab)
+            result["breakdown"] = bench_breakdown(lowered, ref, args.breakdown_shapes, args.breakdown_decode_batches,
+                                                      vocab)
             save()
 
 
@@ -463,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--breakdown-models", nargs="*", default=["mamba-2.8b"],
                         help="models to profile by kernel kind (none: no breakdown)")
     parser.add_argument("--breakdown-shapes", nargs="*", type=_shape, default=BREAKDOWN_SHAPES, metavar="BxL")
+    parser.add_argument("--breakdown-decode-batches", nargs="*", type=int, default=BREAKDOWN_DECODE_BATCHES,
+                        metavar="B", help="decode batch sizes to profile by kernel kind")
     parser.add_argument("--commit", default=None, help="the checkout's commit, recorded in the JSON")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--smoke", action="store_true",
@@ -472,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         DEVICE, BUDGET_S = "cpu", 0.0
         args.models, args.breakdown_models = ["mamba-tiny"], ["mamba-tiny"]
         args.prefill, args.breakdown_shapes = [(1, 8), (2, 16)], [(1, 16)]
-        args.decode_batches, args.steps = [1, 2], 3
+        args.decode_batches, args.steps, args.breakdown_decode_batches = [1, 2], 3, [1, 2]
     else:
         from gpu_timing import require_gpu
 

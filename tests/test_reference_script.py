@@ -98,7 +98,7 @@ def test_cpu_smoke_run_writes_tables_and_json(tmp_path, capsys, monkeypatch):
         assert row["tokens_per_s"]["w8a8"] > 0
         # more bytes per step, a lower limit: the share of it can only grow
         assert 0 < row["limit_fraction"]["w8a8"]["weights"] <= row["limit_fraction"]["w8a8"]["weights+state"]
-    assert set(result["breakdown"]) == {"1x16", "decode 1"}
+    assert set(result["breakdown"]) == {"1x16", "decode 1", "decode 2"}
     for entry in result["breakdown"].values():
         kinds = entry["w8a8"]
         assert set(kinds) == {*ref.KINDS, "total", "kernels"}
