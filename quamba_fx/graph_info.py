@@ -42,7 +42,11 @@ CONV1D_OPS: set[str] = {"conv1d", "convolution", "conv1d_silu_int8", "conv1d_sil
 # int8_linear / fp8_linear: Dynamo inlines QuantizedLinear / Fp8Linear.forward, so the
 # torch.compile backend sees the op.
 LINEAR_OPS: set[str] = {"linear", "int8_linear", "w8a8_linear", "fp8_linear", "fp8_gemm"}
-SCAN_OPS: set[str] = {"selective_scan", "selective_scan_int8", "selective_scan_int8_cached"}
+SCAN_OPS: set[str] = {
+    "selective_scan", "selective_scan_int8", "selective_scan_int8_cached",
+    # the decode step with dt_proj folded in (passes/kernel_lowering.py)
+    "dt_proj_state_update",
+}
 
 _KINDS = {
     "layout": LAYOUT_OPS, "elementwise": ELEMENTWISE_OPS, "quant_boundary": QUANT_BOUNDARY_OPS,

@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 from quamba_fx import ops as qops
 from quamba_fx.kernels import scan
 from quamba_fx.kernels.scan import (
+    DeltaProjection,
     selective_scan,
     selective_scan_int8_reference,
     selective_state_update,
@@ -334,6 +335,108 @@ def test_kernel_path_is_taken(monkeypatch):
     tok = {k: kw[k][:, :, 0] for k in ACT_NAMES}
     rest = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state",)}
     selective_state_update(state, **tok, **rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# dt_proj inside the decode kernel (DeltaProjection)
+# ---------------------------------------------------------------------------------------------
+
+
+def _step_with_projection(batch: int, d_inner: int, rank: int, per_channel: bool, has_bias: bool, seed: int,
+                          device: str | None = DEVICE):
+    """One decode step's inputs (int8, graph layouts) and a DeltaProjection whose x is a slice of an
+    x_proj-like row, as in the lowered graph."""
+    case = dict(batch=batch, d_inner=d_inner, d_state=5, L=1, kind={n: "int8" for n in ACT_NAMES},
+                layout="graph", has_D=True, has_z=True, has_bias=False, softplus=True, has_h0=False,
+                out_dtype=None, seed=seed)
+    kw = build(case, device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    xdbl = torch.randint(-128, 128, (batch, rank + 7), dtype=torch.int8, generator=gen)
+    proj = DeltaProjection(
+        x=xdbl[:, :rank].to(device), x_scale=torch.tensor(0.05, device=device),
+        weight=torch.randint(-128, 128, (d_inner, rank), dtype=torch.int8, generator=gen).to(device),
+        weight_scale=(torch.rand(d_inner if per_channel else 1, generator=gen) * 4e-3 + 1e-4).to(device),
+        bias=(torch.rand(d_inner, generator=gen) * 4 - 5).to(device) if has_bias else None,
+        out_scale=torch.tensor(0.04, device=device),
+    )
+    tok = {k: kw[k][:, :, 0] for k in ACT_NAMES if k != "delta"}
+    rest = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state", "delta_scale")}
+    state = torch.randn(batch, d_inner, 5, generator=gen).to(device)
+    return tok, rest, proj, state
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch, d_inner, rank, per_channel, has_bias", [
+    (1, 33, 37, True, True),    # several R steps (8 a step under the interpreter), a partial block
+    (3, 16, 1, False, True),    # rank 1, one scale for the whole weight
+    (2, 40, 8, True, False),    # no bias
+])
+def test_dt_proj_in_the_kernel_equals_the_gemm_then_the_update(batch, d_inner, rank, per_channel, has_bias,
+                                                               monkeypatch):
+    tok, rest, proj, state = _step_with_projection(batch, d_inner, rank, per_channel, has_bias, seed=batch + rank)
+    delta = proj.delta()
+    assert delta.dtype == torch.int8 and delta.shape == (batch, d_inner)
+    plain_state = state.clone()
+    plain = selective_state_update(plain_state, delta=delta, delta_scale=proj.out_scale, **tok, **rest)
+
+    def no_gemm():
+        raise AssertionError("the projection ran as its own GEMM")
+
+    with monkeypatch.context() as m:
+        m.setattr(DeltaProjection, "delta", lambda self: no_gemm())
+        fused = selective_state_update(state, delta=None, delta_proj=proj, **tok, **rest)
+    # The same int32 sums and epilogue (mul_rn keeps its rounding under fp fusion on CUDA): the
+    # same delta, so the same step, bit for bit, on every device.
+    assert torch.equal(fused, plain)
+    assert torch.equal(state, plain_state)
+
+
+@needs_kernel
+def test_dt_proj_above_the_batch_limit_runs_as_a_gemm_with_the_same_result(monkeypatch):
+    tok, rest, proj, state = _step_with_projection(2, 24, 11, True, True, seed=5)
+    fused_state = state.clone()
+    fused = selective_state_update(fused_state, delta=None, delta_proj=proj, **tok, **rest)
+    gemms = []
+    real = DeltaProjection.delta
+    monkeypatch.setattr(scan, "DT_PROJ_MAX_BATCH", 1)
+    monkeypatch.setattr(DeltaProjection, "delta", lambda self: gemms.append(1) or real(self))
+    split = selective_state_update(state, delta=None, delta_proj=proj, **tok, **rest)
+    assert gemms == [1]
+    assert torch.equal(split, fused) and torch.equal(state, fused_state)
+
+
+def test_reference_with_a_projection_equals_the_reference_with_its_delta():
+    tok, rest, proj, state = _step_with_projection(2, 9, 6, True, True, seed=3, device="cpu")
+    a, b = state.clone(), state.clone()
+    y_proj = selective_state_update_reference(a, delta=None, delta_proj=proj, **tok, **rest)
+    delta = torch.ops.quamba.int8_linear(proj.x, proj.x_scale, proj.weight, proj.weight_scale, proj.bias,
+                                         proj.out_scale, None)
+    y = selective_state_update_reference(b, delta=delta, delta_scale=proj.out_scale, **tok, **rest)
+    assert torch.equal(y_proj, y) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fn", [selective_state_update, selective_state_update_reference])
+@pytest.mark.parametrize("change, match", [
+    (dict(delta=torch.zeros(2, 4, dtype=torch.int8)), r"with delta_proj, delta and delta_scale must be None"),
+    (dict(x=torch.zeros(2, 6)), r"delta_proj.x must be int8 \[batch=2, R >= 1\]"),
+    (dict(x=torch.zeros(2, 6, 2, dtype=torch.int8)[:, :, 0]), r"unit stride along R"),
+    (dict(weight=torch.zeros(4, 5, dtype=torch.int8)), r"delta_proj.weight must be int8 \[d_inner, R\] = \(4, 6\)"),
+    (dict(weight_scale=torch.ones(3)), r"delta_proj.weight_scale must be float32 with 1 or d_inner = 4"),
+    (dict(out_scale=torch.ones(2)), r"delta_proj.out_scale must be a one-element float32 tensor"),
+    (dict(bias=torch.zeros(4, dtype=torch.float16)), r"delta_proj.bias must be None or a float32 tensor"),
+])
+def test_bad_delta_projections_are_refused(fn, change, match):
+    kw = _good_prefill()
+    kwargs = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state", "delta_scale")}
+    kwargs.update({k: kw[k][:, :, 0] for k in ACT_NAMES if k != "delta"})
+    fields = dict(x=torch.zeros(2, 6, dtype=torch.int8), x_scale=torch.tensor(0.1),
+                  weight=torch.zeros(4, 6, dtype=torch.int8), weight_scale=torch.ones(4), bias=None,
+                  out_scale=torch.tensor(0.1))
+    change = dict(change)  # parametrize shares the dict between the two functions
+    delta = change.pop("delta", None)
+    fields.update(change)
+    with pytest.raises(ValueError, match=match):
+        fn(torch.zeros(2, 4, 3), delta=delta, delta_proj=DeltaProjection(**fields), **kwargs)
 
 
 @needs_kernel

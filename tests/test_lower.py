@@ -150,6 +150,40 @@ def test_decode_step_logits_equal_the_prefill_of_the_longer_sequence(tiny_quanti
         torch.testing.assert_close(logits, full[:, 6 + i], rtol=1e-3, atol=1e-3)
 
 
+def test_decode_graph_runs_dt_proj_inside_the_scan_kernel(tiny_quantized):
+    low = quamba_fx.lower(tiny_quantized)
+    gen = quamba_fx.Generator(low, batch_size=1)
+    decode = [n for n in gen.decode_graph.graph.nodes if n.op == "call_function"]
+    fused = [n for n in decode if op_name(n) == "dt_proj_state_update"]
+    assert len(fused) == tiny_config().num_hidden_layers
+    assert all(n.meta["quamba"]["kernel"] == "triton:dt_proj_state_update" for n in fused)
+    # dt_proj's weight is read by the fused op, not by a GEMM; the prefill keeps its GEMM.
+    gemm_weights = {n.args[2].target for n in decode if op_name(n) == "w8a8_linear"}
+    assert not any("dt_proj" in target for target in gemm_weights)
+    assert all("dt_proj" in n.args[4].target for n in fused)
+    prefill = [n for n in gen.prefill_graph.graph.nodes if op_name(n) == "w8a8_linear"]
+    assert sum("dt_proj" in n.args[2].target for n in prefill) == tiny_config().num_hidden_layers
+
+
+@pytest.mark.slow  # ~11 s under the interpreter; the kernel's own equality test is in the fast suite
+def test_fused_dt_proj_decodes_the_same_logits_as_the_separate_gemm(tiny_quantized, monkeypatch):
+    from quamba_fx.kernels import scan
+
+    low = quamba_fx.lower(tiny_quantized)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+
+    def decode_two() -> list[torch.Tensor]:
+        gen = quamba_fx.Generator(low, batch_size=2)
+        with torch.no_grad():
+            gen.prefill(ids[:, :5])
+            return [gen.decode(ids[:, t]) for t in (5, 6)]
+
+    fused = decode_two()
+    monkeypatch.setattr(scan, "DT_PROJ_MAX_BATCH", 0)  # every batch: dt_proj as its own GEMM first
+    separate = decode_two()
+    assert all(torch.equal(a, b) for a, b in zip(fused, separate))
+
+
 def test_cache_shapes_and_reset(tiny_quantized):
     low = quamba_fx.lower(tiny_quantized)
     cache = MambaCache.allocate(low, batch_size=3)

@@ -10,14 +10,14 @@ import triton.language as tl
 
 from .rounding import f32_to_bf16_rne, quantize_rn
 
-__all__ = ["epilogue", "store_tile"]
+__all__ = ["epilogue", "requant_int8", "store_tile"]
 
 # out_dtype -> the kernels' OUT_MODE.
 OUT_INT8, OUT_BF16, OUT_CAST = 0, 1, 2
 
 
 @triton.jit
-def _requant_int8(y, out_scale):
+def requant_int8(y, out_scale):
     """`round_half_even(clamp(y / out_scale, -128, 127))` with the IEEE quotient, for any finite
     out_scale (a scalar or a `[1, BN]` row)."""
     # `div_rn` costs ~10 instructions a value plus a range check, most of the epilogue and so most
@@ -55,9 +55,9 @@ def epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, OUT_T
         y = y + tl.load(bias_ptr + cols)[None, :]
     if OUT_MODE == 0:
         if OUT_PER_CHANNEL:
-            out = _requant_int8(y, tl.load(out_scale_ptr + cols)[None, :])
+            out = requant_int8(y, tl.load(out_scale_ptr + cols)[None, :])
         else:
-            out = _requant_int8(y, tl.load(out_scale_ptr))
+            out = requant_int8(y, tl.load(out_scale_ptr))
     elif OUT_MODE == 1:
         out = f32_to_bf16_rne(y)
     else:

@@ -20,7 +20,7 @@ from .gemm import int8_gemm
 from .hadamard import hadamard_quantize as _hadamard_quantize
 from .norm import add_rmsnorm_quantize as _add_rmsnorm_quantize
 from .scan import selective_scan as _selective_scan
-from .scan import selective_state_update
+from .scan import DeltaProjection, selective_state_update
 
 
 def _conv_params(weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -155,6 +155,36 @@ def selective_scan_int8_cached(u_q: Tensor, u_scale: Tensor, delta_q: Tensor, de
 @selective_scan_int8_cached.register_fake
 def _selective_scan_int8_cached_fake(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q,
                                      z_scale, delta_bias, delta_softplus, out_dtype, ssm_state, decode):
+    batch, channels, length = u_q.shape
+    return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
+
+
+@torch.library.custom_op("quamba::dt_proj_state_update", mutates_args=("ssm_state",))
+def dt_proj_state_update(u_q: Tensor, u_scale: Tensor, dt_x_q: Tensor, dt_x_scale: Tensor, dt_weight: Tensor,
+                         dt_weight_scale: Tensor, dt_bias: Optional[Tensor], delta_scale: Tensor, A: Tensor,
+                         B_q: Tensor, B_scale: Tensor, C_q: Tensor, C_scale: Tensor, D: Optional[Tensor],
+                         z_q: Optional[Tensor], z_scale: Optional[Tensor], delta_bias: Optional[Tensor],
+                         delta_softplus: bool, out_dtype: torch.dtype, ssm_state: Tensor) -> Tensor:
+    """One decode step of `selective_scan_int8_cached` whose delta is dt_proj's int8 output
+    `w8a8_linear(dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale)`, computed
+    inside the scan kernel (`kernels.scan.DeltaProjection`): the same result, one launch fewer.
+
+    u_q, z_q: `[B, D, 1]`; dt_x_q: `[B, 1, R]`; B_q, C_q: `[B, N, 1]`; returns y `[B, D, 1]` laid
+    out `[B, 1, D]`, and advances `ssm_state` `[B, D, N]`.
+    """
+    proj = DeltaProjection(dt_x_q[:, 0], _scalar(dt_x_scale), dt_weight, dt_weight_scale.float().reshape(-1),
+                           _f32(dt_bias), _scalar(delta_scale))
+    y = selective_state_update(
+        ssm_state, u_q[:, :, 0], None, _f32(A), B_q[:, :, 0], C_q[:, :, 0], _f32(D),
+        None if z_q is None else z_q[:, :, 0], _f32(delta_bias), delta_softplus,
+        u_scale=u_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype, delta_proj=proj)
+    return y[:, None, :].transpose(1, 2)
+
+
+@dt_proj_state_update.register_fake
+def _dt_proj_state_update_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale,
+                               A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias, delta_softplus,
+                               out_dtype, ssm_state):
     batch, channels, length = u_q.shape
     return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
 

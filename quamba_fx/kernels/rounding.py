@@ -16,6 +16,9 @@
   the correctly rounded fp32 quotient (like `torch.ops.quamba.quantize`), from a reciprocal product
   and one `fma_rn` correction (see its comments for why no division per element), for scales in
   [2**-126, 2**120].
+* `mul_rn(a, b)`: `a * b` rounded once and never contracted with a later add into an FMA, for
+  kernels compiled with fp fusion that must reproduce a two-rounding `a * b + c` (on CUDA a
+  `mul.rn.f32` in inline PTX, which the compiler cannot see through; the interpreter never fuses).
 * `f32_to_bf16_rne(y)`: fp32 -> bf16 rounded to nearest even on the bits (the interpreter's own
   fp32 -> bf16 cast truncates, and its "rtne" mode rounds ties away from zero; the GPU's rounds).
 
@@ -30,7 +33,7 @@ import triton.language as tl
 
 from .dispatch import INTERPRET
 
-__all__ = ["f32_to_bf16_rne", "fma_rn", "quantize_rn"]
+__all__ = ["f32_to_bf16_rne", "fma_rn", "mul_rn", "quantize_rn"]
 
 # A compile-time constant: Triton accepts globals in kernels only as constexprs (and hashes their
 # values into the kernel's cache key).
@@ -70,6 +73,16 @@ def fma_rn(a, b, c):
         return _fma_round_to_odd(a, b, c)
     else:
         return tl.fma(a, b, c)
+
+
+@triton.jit
+def mul_rn(a, b):
+    """fp32 `a * b` (same shapes) rounded to nearest even, opaque to FMA contraction on CUDA."""
+    if _EMULATE_FMA:
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit

@@ -89,6 +89,7 @@ contiguous and returned transposed (`[batch, d_inner, L]` view), the layout out_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
@@ -100,11 +101,14 @@ from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
-from .rounding import f32_to_bf16_rne
+from .gemm import int8_gemm, int8_gemm_reference
+from .gemm_epilogue import requant_int8
+from .rounding import f32_to_bf16_rne, mul_rn
 
 from ..scan_reference import selective_scan_reference
 
 __all__ = [
+    "DeltaProjection",
     "selective_scan",
     "selective_scan_int8_reference",
     "selective_state_update",
@@ -532,10 +536,37 @@ def _selective_scan_carry_kernel(
 
 
 @triton.jit
+def _project_delta(x_row, w_ptr, x_scale_ptr, w_scale_ptr, wb_ptr, out_scale_ptr, offs_d, mask_d, R, stride_wd,
+                   W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dt_proj's int8 output for the channels `offs_d`: `int8_gemm(x, w)` of one row, the same
+    int32 sum and epilogue (gemm_epilogue.py), so the same bits as the GEMM that it replaces."""
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros([offs_d.shape[0]], dtype=tl.int32)
+    w_rows = w_ptr + offs_d.to(tl.int64)[:, None] * stride_wd
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + offs_r
+        mask_r = r < R
+        x = tl.load(x_row + r, mask=mask_r, other=0).to(tl.int32)
+        w = tl.load(w_rows + r[None, :], mask=mask_d[:, None] & mask_r[None, :], other=0).to(tl.int32)
+        acc += tl.sum(w * x[None, :], axis=1)
+    if W_PER_CHANNEL:
+        s = tl.load(x_scale_ptr) * tl.load(w_scale_ptr + offs_d, mask=mask_d, other=1.0)
+    else:
+        s = tl.load(x_scale_ptr) * tl.load(w_scale_ptr) + tl.zeros([offs_d.shape[0]], dtype=tl.float32)
+    # This kernel is compiled with fp fusion (the state update wants its FMAs): `mul_rn` keeps the
+    # GEMM epilogue's product rounded before the bias is added.
+    y = mul_rn(acc.to(tl.float32), s)
+    if HAS_BIAS:
+        y = y + tl.load(wb_ptr + offs_d, mask=mask_d, other=0.0)
+    return requant_int8(y, tl.load(out_scale_ptr))
+
+
+@triton.jit
 def _selective_state_update_kernel(
     h_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
     y_ptr,
+    px_ptr, pw_ptr, px_scale_ptr, pw_scale_ptr, pb_ptr, R, stride_pxb, stride_pwd,
     d_inner, d_state,
     stride_hb, stride_hd, stride_hn,
     stride_ub, stride_ud,
@@ -548,7 +579,10 @@ def _selective_state_update_kernel(
     U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     NS: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
+    DT_PROJ: tl.constexpr, PW_PER_CHANNEL: tl.constexpr, PW_HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    # DT_PROJ: delta is dt_proj's int8 output, computed here from its input row `px` [batch, R]
+    # and weight `pw` [d_inner, R] (see `DeltaProjection`) instead of read from dt_ptr.
     wait_for_previous(USE_PDL)
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -563,7 +597,11 @@ def _selective_state_update_kernel(
     h_p = h_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn
     h = tl.load(h_p, mask=mask_nd, other=0.0)
     u_r = tl.load(u_ptr + pid_b * stride_ub + offs_d64 * stride_ud, mask=mask_d, other=0)
-    t_r = tl.load(dt_ptr + pid_b * stride_tb + offs_d64 * stride_td, mask=mask_d, other=0)
+    if DT_PROJ:
+        t_r = _project_delta(px_ptr + pid_b * stride_pxb, pw_ptr, px_scale_ptr, pw_scale_ptr, pb_ptr, dt_scale_ptr,
+                             offs_d, mask_d, R, stride_pwd, PW_PER_CHANNEL, PW_HAS_BIAS, BLOCK_R)
+    else:
+        t_r = tl.load(dt_ptr + pid_b * stride_tb + offs_d64 * stride_td, mask=mask_d, other=0)
     if HAS_Z:
         z_r = tl.load(z_ptr + pid_b * stride_zb + offs_d64 * stride_zd, mask=mask_d, other=0)
     else:
@@ -684,6 +722,69 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, scales: dict, state_dims: int
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DeltaProjection:
+    """dt_proj as the decode step's delta: `delta = int8_gemm(x, x_scale, weight, weight_scale, bias,
+    out_scale)`, an int8 `[batch, d_inner]` with scale `out_scale` (`quamba_fx.kernels.gemm`).
+
+    x: int8 `[batch, R]` (x_proj's dt slice); weight: int8 `[d_inner, R]`; both with unit stride
+    along R. weight_scale: fp32 `[d_inner]` or one element; bias: fp32 `[d_inner]` or None;
+    x_scale, out_scale: one-element fp32. `selective_state_update(..., delta_proj=...)` computes it
+    inside the scan kernel: no GEMM launch, no delta round trip through memory, the same bits.
+    """
+
+    x: torch.Tensor
+    x_scale: torch.Tensor
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: Optional[torch.Tensor]
+    out_scale: torch.Tensor
+
+    def delta(self) -> torch.Tensor:
+        """The projection as its own W8A8 GEMM: int8 `[batch, d_inner]`."""
+        return int8_gemm(self.x, self.x_scale, self.weight, self.weight_scale, self.bias, self.out_scale)
+
+    def delta_like(self) -> torch.Tensor:
+        """A zero-copy int8 `[batch, d_inner]` view standing for the delta in shape checks."""
+        return self.weight[:, 0].expand(self.x.shape[0], self.weight.shape[0])
+
+
+def _shape_info(u: object) -> dict:
+    if not isinstance(u, torch.Tensor) or u.dim() != 2:
+        raise ValueError(f"u must be a [batch, d_inner] tensor, got {_describe(u)}")
+    return dict(batch=u.shape[0], d_inner=u.shape[1])
+
+
+def _check_projection(p: object, delta: object, delta_scale: object, info: dict, device: torch.device) -> None:
+    if not isinstance(p, DeltaProjection):
+        raise ValueError(f"delta_proj must be a DeltaProjection, got {type(p).__name__}")
+    if delta is not None or delta_scale is not None:
+        raise ValueError("with delta_proj, delta and delta_scale must be None (the projection computes them)")
+    batch, d_inner = info["batch"], info["d_inner"]
+    x, w = p.x, p.weight
+    if not (isinstance(x, torch.Tensor) and x.dtype == torch.int8 and x.dim() == 2 and x.shape[0] == batch
+            and x.shape[1] >= 1 and (x.shape[1] == 1 or x.stride(1) == 1)):
+        raise ValueError(f"delta_proj.x must be int8 [batch={batch}, R >= 1] with unit stride along R, "
+                         f"got {_describe(x)}")
+    rank = x.shape[1]
+    if not (isinstance(w, torch.Tensor) and w.dtype == torch.int8 and tuple(w.shape) == (d_inner, rank)
+            and (rank == 1 or w.stride(1) == 1)):
+        raise ValueError(f"delta_proj.weight must be int8 [d_inner, R] = {(d_inner, rank)} with unit stride "
+                         f"along R, got {_describe(w)}")
+    for name in ("x_scale", "out_scale"):
+        t = getattr(p, name)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != 1:
+            raise ValueError(f"delta_proj.{name} must be a one-element float32 tensor, got {_describe(t)}")
+    ws = p.weight_scale
+    if not isinstance(ws, torch.Tensor) or ws.dtype != torch.float32 or ws.numel() not in (1, d_inner):
+        raise ValueError(f"delta_proj.weight_scale must be float32 with 1 or d_inner = {d_inner} elements, "
+                         f"got {_describe(ws)}")
+    _check_param("delta_proj.bias", p.bias, (d_inner,), device, optional=True)
+    for name in ("x", "x_scale", "weight", "weight_scale", "out_scale"):
+        if getattr(p, name).device != device:
+            raise ValueError(f"delta_proj.{name} is on {getattr(p, name).device} but u is on {device}")
+
+
 def _dequantize(x: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Step 1 of the contract: int8 `q` -> `float32(q) * scale`; float inputs -> fp32."""
     if x is None:
@@ -752,8 +853,14 @@ def selective_state_update_reference(
     C_scale: Optional[torch.Tensor] = None,
     z_scale: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
+    delta_proj: Optional[DeltaProjection] = None,
 ) -> torch.Tensor:
     """PyTorch reference of `selective_state_update`: a one-step scan from `state`, updated in place."""
+    if delta_proj is not None:
+        _check_projection(delta_proj, delta, delta_scale, _shape_info(u), u.device)
+        p = delta_proj
+        delta = int8_gemm_reference(p.x, p.x_scale, p.weight, p.weight_scale, p.bias, p.out_scale)
+        delta_scale = p.out_scale
     scales = dict(u=u_scale, delta=delta_scale, B=B_scale, C=C_scale, z=z_scale)
     info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=2)
     out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
@@ -995,6 +1102,12 @@ def selective_scan(
     return y
 
 
+# Decode steps with a DeltaProjection compute it inside the scan kernel up to this batch: each
+# program reads its channels' dt_proj rows (128 x R bytes) once per sequence, which at batch 64 is
+# 64 reads of every row, more than a GEMM launch saves.
+DT_PROJ_MAX_BATCH = 16
+
+
 def selective_state_update(
     state: torch.Tensor,
     u: torch.Tensor,
@@ -1013,6 +1126,7 @@ def selective_state_update(
     C_scale: Optional[torch.Tensor] = None,
     z_scale: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
+    delta_proj: Optional[DeltaProjection] = None,
 ) -> torch.Tensor:
     """One decode step of `selective_scan`, advancing `state` in place.
 
@@ -1021,10 +1135,20 @@ def selective_state_update(
             continue a prefill's final state (and reproduce its y; see the module docstring).
         u, delta, z: `[batch, d_inner]`; B, C: `[batch, d_state]`; any strides, int8 + scale or
             float. The other arguments are as in `selective_scan`.
+        delta_proj: dt_proj to compute delta from (`DeltaProjection`), with `delta` and
+            `delta_scale` None: at batch <= DT_PROJ_MAX_BATCH inside the kernel, above it as a GEMM
+            first (each program would re-read its channels' dt_proj rows once per sequence).
 
     Returns:
         y `[batch, d_inner]`, contiguous, dtype `out_dtype` (default as in `selective_scan`).
     """
+    fused = None
+    if delta_proj is not None:
+        _check_projection(delta_proj, delta, delta_scale, _shape_info(u), u.device)
+        if u.shape[0] <= DT_PROJ_MAX_BATCH and _use_triton(u):
+            fused, delta, delta_scale = delta_proj, delta_proj.delta_like(), delta_proj.out_scale
+        else:
+            delta, delta_scale = delta_proj.delta(), delta_proj.out_scale
     scales = dict(u=u_scale, delta=delta_scale, B=B_scale, C=C_scale, z=z_scale)
     info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=2)
     out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
@@ -1035,6 +1159,14 @@ def selective_state_update(
             state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale=u_scale,
             delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype,
         )
+    if fused is not None:
+        proj = (fused.x, fused.weight, fused.x_scale, fused.weight_scale,
+                fused.bias if fused.bias is not None else A, fused.x.shape[1], fused.x.stride(0), fused.weight.stride(0))
+        proj_flags = dict(DT_PROJ=True, PW_PER_CHANNEL=fused.weight_scale.numel() > 1,
+                          PW_HAS_BIAS=fused.bias is not None)
+    else:
+        proj = (A, A, A, A, A, 0, 0, 0)  # placeholders, never read
+        proj_flags = dict(DT_PROJ=False, PW_PER_CHANNEL=False, PW_HAS_BIAS=False)
 
     y = torch.empty(batch, d_inner, dtype=out_dtype, device=u.device)
     zz = z if z is not None else u
@@ -1048,10 +1180,11 @@ def selective_state_update(
         _scale_arg(u_scale, A), _scale_arg(delta_scale, A), _scale_arg(B_scale, A), _scale_arg(C_scale, A),
         _scale_arg(z_scale, A),
         y,
+        *proj,
         d_inner, info["d_state"],
         *state.stride(), *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
         *y.stride(),
-        BLOCK_D=block_d, num_warps=1 if _INTERPRET else 4,
-        **_flags(info, D, z, delta_bias, delta_softplus), **launch_options(u.device),
+        BLOCK_D=block_d, num_warps=1 if _INTERPRET else 4, BLOCK_R=8 if _INTERPRET else 32,
+        **_flags(info, D, z, delta_bias, delta_softplus), **proj_flags, **launch_options(u.device),
     )
     return y

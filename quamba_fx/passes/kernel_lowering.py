@@ -292,6 +292,32 @@ def _delete_unused_attributes(gm: torch.fx.GraphModule) -> None:
 
 CONV_CACHED = torch.ops.quamba.conv1d_silu_int8_cached.default
 SCAN_INT8_CACHED = torch.ops.quamba.selective_scan_int8_cached.default
+DT_PROJ_STATE_UPDATE = torch.ops.quamba.dt_proj_state_update.default
+
+
+def fuse_dt_proj_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Decode only: `selective_scan_int8_cached(u, .., transpose(w8a8_linear(x, xs, w, ws, b, s)), s,
+    .., decode=True)`, dt_proj's int8 output feeding nothing else -> `dt_proj_state_update(u, ..,
+    x, xs, w, ws, b, s, ..)`: the scan kernel computes delta itself, one launch a block fewer."""
+    if not _is(node, SCAN_INT8_CACHED) or node.args[-1] is not True:
+        return False
+    u, su, delta, delta_scale, *rest, state, _decode = node.args
+    if not (isinstance(delta, torch.fx.Node) and delta.op == "call_method" and delta.target == "transpose"
+            and tuple(delta.args[1:]) == (1, 2) and len(delta.users) == 1):
+        return False
+    linear = delta.args[0]
+    if not _is(linear, W8A8_LINEAR) or len(linear.users) != 1 or linear.kwargs or len(linear.args) < 6:
+        return False
+    x, xs, w, ws, bias, out_scale = linear.args[:6]
+    if out_scale is not delta_scale:  # an int8 delta, the scale the scan reads it with
+        return False
+    with gm.graph.inserting_before(node):
+        fused = gm.graph.call_function(DT_PROJ_STATE_UPDATE, (u, su, x, xs, w, ws, bias, delta_scale, *rest, state))
+    fused.meta["quamba"] = {**info(node), "kernel": "triton:dt_proj_state_update"}
+    node.replace_all_uses_with(fused)
+    for dead in (node, delta, linear):
+        gm.graph.erase_node(dead)
+    return True
 
 
 def cached_graph(lowered: torch.fx.GraphModule, decode: bool) -> torch.fx.GraphModule:
@@ -322,5 +348,9 @@ def cached_graph(lowered: torch.fx.GraphModule, decode: bool) -> torch.fx.GraphM
         env[node] = graph.node_copy(node, lambda n: env[n])
     gm = torch.fx.GraphModule(lowered, graph, class_name="CachedMambaGraph")
     gm.meta["quamba"] = {**lowered.meta.get("quamba", {}), "cached": "decode" if decode else "prefill"}
+    if decode:
+        run_rules(gm, [fuse_dt_proj_into_state_update])
+        _delete_unused_attributes(gm)
+        gm.recompile()
     return gm
 
