@@ -536,19 +536,25 @@ def _selective_scan_carry_kernel(
 
 
 @triton.jit
-def _project_delta(x_row, w_ptr, x_scale_ptr, w_scale_ptr, wb_ptr, out_scale_ptr, offs_d, mask_d, R, stride_wd,
-                   W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
-    """dt_proj's int8 output for the channels `offs_d`: `int8_gemm(x, w)` of one row, the same
-    int32 sum and epilogue (gemm_epilogue.py), so the same bits as the GEMM that it replaces."""
-    offs_r = tl.arange(0, BLOCK_R)
-    acc = tl.zeros([offs_d.shape[0]], dtype=tl.int32)
+def _load_projection_rows(w_ptr, offs_d, mask_d, r0, R, stride_wd, BLOCK_R: tl.constexpr):
+    """dt_proj's weight `[BLOCK_D, BLOCK_R]` (columns r0..) for the channels `offs_d`, as int32."""
+    r = r0 + tl.arange(0, BLOCK_R)
     w_rows = w_ptr + offs_d.to(tl.int64)[:, None] * stride_wd
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + offs_r
-        mask_r = r < R
-        x = tl.load(x_row + r, mask=mask_r, other=0).to(tl.int32)
-        w = tl.load(w_rows + r[None, :], mask=mask_d[:, None] & mask_r[None, :], other=0).to(tl.int32)
-        acc += tl.sum(w * x[None, :], axis=1)
+    return tl.load(w_rows + r[None, :], mask=mask_d[:, None] & (r < R)[None, :], other=0).to(tl.int32)
+
+
+@triton.jit
+def _project_delta(w_first, x_row, w_ptr, x_scale_ptr, w_scale_ptr, wb_ptr, out_scale_ptr, offs_d, mask_d, R,
+                   stride_wd, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dt_proj's int8 output for the channels `offs_d`: `int8_gemm(x, w)` of one row, the same
+    int32 sum and epilogue (gemm_epilogue.py), so the same bits as the GEMM that it replaces.
+    `w_first` is the weight's first BLOCK_R columns, loaded by the caller before it waited."""
+    offs_r = tl.arange(0, BLOCK_R)
+    x = tl.load(x_row + offs_r, mask=offs_r < R, other=0).to(tl.int32)
+    acc = tl.sum(w_first * x[None, :], axis=1)
+    for r0 in range(BLOCK_R, R, BLOCK_R):  # ranks above BLOCK_R (256): none in Mamba's shapes
+        x = tl.load(x_row + r0 + offs_r, mask=r0 + offs_r < R, other=0).to(tl.int32)
+        acc += tl.sum(_load_projection_rows(w_ptr, offs_d, mask_d, r0, R, stride_wd, BLOCK_R) * x[None, :], axis=1)
     if W_PER_CHANNEL:
         s = tl.load(x_scale_ptr) * tl.load(w_scale_ptr + offs_d, mask=mask_d, other=1.0)
     else:
@@ -583,12 +589,15 @@ def _selective_state_update_kernel(
 ):
     # DT_PROJ: delta is dt_proj's int8 output, computed here from its input row `px` [batch, R]
     # and weight `pw` [d_inner, R] (see `DeltaProjection`) instead of read from dt_ptr.
-    wait_for_previous(USE_PDL)
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, NS)
     mask_d = offs_d < d_inner
+    if DT_PROJ:
+        # The weight does not depend on the kernels ahead: its load overlaps their tail.
+        w_first = _load_projection_rows(pw_ptr, offs_d, mask_d, 0, R, stride_pwd, BLOCK_R)
+    wait_for_previous(USE_PDL)
     mask_n = offs_n < d_state
     mask_nd = mask_n[:, None] & mask_d[None, :]
     offs_d64 = offs_d.to(tl.int64)
@@ -598,8 +607,8 @@ def _selective_state_update_kernel(
     h = tl.load(h_p, mask=mask_nd, other=0.0)
     u_r = tl.load(u_ptr + pid_b * stride_ub + offs_d64 * stride_ud, mask=mask_d, other=0)
     if DT_PROJ:
-        t_r = _project_delta(px_ptr + pid_b * stride_pxb, pw_ptr, px_scale_ptr, pw_scale_ptr, pb_ptr, dt_scale_ptr,
-                             offs_d, mask_d, R, stride_pwd, PW_PER_CHANNEL, PW_HAS_BIAS, BLOCK_R)
+        t_r = _project_delta(w_first, px_ptr + pid_b * stride_pxb, pw_ptr, px_scale_ptr, pw_scale_ptr, pb_ptr,
+                             dt_scale_ptr, offs_d, mask_d, R, stride_pwd, PW_PER_CHANNEL, PW_HAS_BIAS, BLOCK_R)
     else:
         t_r = tl.load(dt_ptr + pid_b * stride_tb + offs_d64 * stride_td, mask=mask_d, other=0)
     if HAS_Z:
@@ -1172,8 +1181,11 @@ def selective_state_update(
     zz = z if z is not None else u
     # Decode moves ~70 bytes of state per channel and does one step: a memory-bound kernel, so
     # 128-channel programs of 4 warps (d_state 16: 2048 states, 16 per thread) keep enough bytes in
-    # flight; no autotuning, since the kernel updates state in place.
-    block_d = 16 if _INTERPRET else 128
+    # flight; no autotuning, since the kernel updates state in place. With dt_proj inside, a
+    # program also reads R bytes of weight a channel (160 on 2.8b) in one [BLOCK_D, BLOCK_R] tile:
+    # 32 channels keep that tile at 64 registers a thread and give batch 1 160 programs, not 40.
+    block_d = 16 if _INTERPRET else (32 if fused is not None else 128)
+    block_r = 8 if _INTERPRET else min(triton.next_power_of_2(max(proj[5], 1)), 256)
     grid = (triton.cdiv(d_inner, block_d), batch)
     _selective_state_update_kernel[grid](
         state, u, delta, A, B, C, D if D is not None else A, zz, _bias_or_zeros(delta_bias, d_inner, u.device),
@@ -1184,7 +1196,7 @@ def selective_state_update(
         d_inner, info["d_state"],
         *state.stride(), *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
         *y.stride(),
-        BLOCK_D=block_d, num_warps=1 if _INTERPRET else 4, BLOCK_R=8 if _INTERPRET else 32,
+        BLOCK_D=block_d, num_warps=1 if _INTERPRET else 4, BLOCK_R=block_r,
         **_flags(info, D, z, delta_bias, delta_softplus), **proj_flags, **launch_options(u.device),
     )
     return y
