@@ -386,9 +386,15 @@ def test_dt_proj_in_the_kernel_equals_the_gemm_then_the_update(batch, d_inner, r
         m.setattr(DeltaProjection, "delta", lambda self: no_gemm())
         fused = selective_state_update(state, delta=None, delta_proj=proj, **tok, **rest)
     # The same int32 sums and epilogue (mul_rn keeps its rounding under fp fusion on CUDA): the
-    # same delta, so the same step, bit for bit, on every device.
-    assert torch.equal(fused, plain)
-    assert torch.equal(state, plain_state)
+    # same delta, so the same step: bit for bit under the interpreter. On CUDA the two launches
+    # are compiled for different channel blocks, whose state updates may contract into FMAs
+    # differently (H200: y equal, the state within an ulp or two).
+    if EXACT:
+        assert torch.equal(fused, plain)
+        assert torch.equal(state, plain_state)
+    else:
+        torch.testing.assert_close(fused, plain, rtol=2.0**-10, atol=1e-6)
+        torch.testing.assert_close(state, plain_state, rtol=1e-6, atol=1e-6)
 
 
 @needs_kernel
@@ -402,7 +408,11 @@ def test_dt_proj_above_the_batch_limit_runs_as_a_gemm_with_the_same_result(monke
     monkeypatch.setattr(DeltaProjection, "delta", lambda self: gemms.append(1) or real(self))
     split = selective_state_update(state, delta=None, delta_proj=proj, **tok, **rest)
     assert gemms == [1]
-    assert torch.equal(split, fused) and torch.equal(state, fused_state)
+    if EXACT:
+        assert torch.equal(split, fused) and torch.equal(state, fused_state)
+    else:
+        torch.testing.assert_close(split, fused, rtol=2.0**-10, atol=1e-6)
+        torch.testing.assert_close(state, fused_state, rtol=1e-6, atol=1e-6)
 
 
 def test_reference_with_a_projection_equals_the_reference_with_its_delta():

@@ -167,7 +167,7 @@ def dt_proj_state_update(u_q: Tensor, u_scale: Tensor, dt_x_q: Tensor, dt_x_scal
                          delta_softplus: bool, out_dtype: torch.dtype, ssm_state: Tensor) -> Tensor:
     """One decode step of `selective_scan_int8_cached` whose delta is dt_proj's int8 output
     `w8a8_linear(dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale)`, computed
-    inside the scan kernel (`kernels.scan.DeltaProjection`): the same result, one launch fewer.
+    inside the scan kernel (`kernels.scan.DeltaProjection`): the same delta, one launch fewer.
 
     u_q, z_q: `[B, D, 1]`; dt_x_q: `[B, 1, R]`; B_q, C_q: `[B, N, 1]`; returns y `[B, D, 1]` laid
     out `[B, 1, D]`, and advances `ssm_state` `[B, D, N]`.

@@ -325,7 +325,8 @@ def cached_graph(lowered: torch.fx.GraphModule, decode: bool) -> torch.fx.GraphM
 
     The result is called as `gm(input_ids, conv_states, ssm_states)` with one cache tensor per block
     in each list (see `quamba_fx.runtime.MambaCache`); the conv1d and scan nodes become their
-    `*_cached` ops, which read and write those tensors in place. Shares modules with `lowered`.
+    `*_cached` ops, which read and write those tensors in place. In the decode graph dt_proj then
+    moves into the scan's kernel (`fuse_dt_proj_into_state_update`). Shares modules with `lowered`.
     """
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
