@@ -38,7 +38,11 @@ ELEMENTWISE_OPS: set[str] = {
 # Ops that only change a tensor's encoding.
 QUANT_BOUNDARY_OPS: set[str] = {"quantize", "dequantize", "quantize_fp8", "dequantize_fp8", "hadamard_quantize"}
 # Ops that compute a depthwise causal conv1d or a Linear, besides nn.Conv1d / nn.Linear modules.
-CONV1D_OPS: set[str] = {"conv1d", "convolution", "conv1d_silu_int8", "conv1d_silu_int8_cached"}
+CONV1D_OPS: set[str] = {
+    "conv1d", "convolution", "conv1d_silu_int8", "conv1d_silu_int8_cached",
+    # a decode step's in_proj with the conv1d step after it (passes/kernel_lowering.py)
+    "in_proj_conv_update",
+}
 # int8_linear / fp8_linear: Dynamo inlines QuantizedLinear / Fp8Linear.forward, so the
 # torch.compile backend sees the op.
 LINEAR_OPS: set[str] = {"linear", "int8_linear", "w8a8_linear", "fp8_linear", "fp8_gemm"}

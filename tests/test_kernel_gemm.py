@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quamba_fx.kernels import gemm, gemv, split_k
-from quamba_fx.kernels.gemm import int8_gemm, int8_gemm_reference
+from quamba_fx.kernels.conv1d import causal_conv1d_update_silu_int8
+from quamba_fx.kernels.gemm import ConvStep, int8_gemm, int8_gemm_conv_step, int8_gemm_reference
 from quamba_fx.quant.qops import MAX_INT8_LINEAR_K
 
 from .kernel_support import DEVICE, EXACT, needs_kernel, reference_calls
@@ -242,6 +243,65 @@ def test_gemv_split_k_sums_every_k_range_once(split, K, N, monkeypatch):
             # On CUDA the first call also times the tensor-core kernel, on a stream of its own
             # (a second scratch): every counter of every scratch must be back at zero.
             assert all(int(counters.abs().sum()) == 0 for _, counters in split_k._SCRATCH.values())
+
+
+def _conv_step_case(M: int, K: int, D: int, W: int, has_bias: bool, seed: int, device: str | None = DEVICE):
+    """in_proj-like GEMM inputs (N = 2D + 6: an x half, a z half, a ragged tail) and a conv step."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 2 * D + 6
+    x = int8_values(gen, (M, 1, K), "uniform").to(device)
+    w = int8_values(gen, (n, K), "uniform").to(device)
+    gemm_args = (x, scale(0.02, device), w, (torch.rand(n, generator=gen) * 1e-3 + 1e-4).to(device), None,
+                 scale(0.3, device))
+    conv = ConvStep(state=int8_values(gen, (M, D, W - 1), "uniform").to(device),
+                    weight=torch.randn(D, W, generator=gen).to(device),
+                    bias=torch.randn(D, generator=gen).to(device) if has_bias else None,
+                    out_scale=scale(0.05, device))
+    return gemm_args, conv
+
+
+@needs_kernel
+@pytest.mark.parametrize("M, K, D, W, has_bias", [
+    (1, 64, 40, 4, True),     # one K step, tiles straddling the x/z edge (D not a multiple of 16)
+    (1, 200, 37, 3, False),   # split K (the last program to arrive runs the epilogue)
+    (1, 96, 16, 2, True),
+    (2, 64, 24, 4, True),     # two rows: the GEMM, then the conv kernel
+])
+def test_gemm_with_a_conv_step_equals_the_gemm_then_the_conv_kernel(M, K, D, W, has_bias, monkeypatch):
+    gemm_args, conv = _conv_step_case(M, K, D, W, has_bias, seed=K + D)
+    state = conv.state.clone()
+    want = int8_gemm(*gemm_args)
+    want_u = causal_conv1d_update_silu_int8(want.reshape(M, -1)[:, :D], state, gemm_args[5], conv.weight,
+                                            conv.bias, conv.out_scale)
+    conv_kernel_calls = []
+    real = gemm.causal_conv1d_update_silu_int8
+    monkeypatch.setattr(gemm, "causal_conv1d_update_silu_int8",
+                        lambda *a, **k: conv_kernel_calls.append(1) or real(*a, **k))
+    out, u = int8_gemm_conv_step(*gemm_args, conv)
+    assert torch.equal(out, want)
+    # One row: the GEMV's epilogue ran the step (no conv kernel); more rows: the conv kernel.
+    assert len(conv_kernel_calls) == (M > 1)
+    if EXACT or M > 1:
+        assert torch.equal(u, want_u) and torch.equal(conv.state, state)
+    else:  # CUDA: the conv kernel's `acc + w * x` may contract into an FMA, the GEMV's does not
+        assert (u.int() - want_u.int()).abs().max() <= 1 and torch.equal(conv.state, state)
+
+
+def test_conv_step_on_the_reference_path_and_its_errors():
+    gemm_args, conv = _conv_step_case(1, 16, 8, 4, True, seed=3, device="cpu")
+    state = conv.state.clone()
+    want = int8_gemm_reference(*gemm_args)
+    want_u = causal_conv1d_update_silu_int8(want.reshape(1, -1)[:, :8], state, gemm_args[5], conv.weight,
+                                            conv.bias, conv.out_scale)
+    out, u = int8_gemm_conv_step(*gemm_args, conv)
+    assert torch.equal(out, want) and torch.equal(u, want_u) and torch.equal(conv.state, state)
+    with pytest.raises(ValueError, match="a conv step needs the GEMM's int8 output with one per-tensor out_scale"):
+        int8_gemm_conv_step(*gemm_args[:5], scale(0.3, "cpu", (22,)), conv)
+    with pytest.raises(ValueError, match=r"conv.state must be int8 \[M, D, W-1\] with D <= N = 22"):
+        int8_gemm_conv_step(*gemm_args, ConvStep(torch.zeros(1, 30, 3, dtype=torch.int8), conv.weight, None,
+                                                 conv.out_scale))
+    with pytest.raises(ValueError, match="conv must be a ConvStep"):
+        int8_gemm_conv_step(*gemm_args, "conv")
 
 
 @pytest.mark.parametrize("K,N,want", [

@@ -165,21 +165,34 @@ def test_decode_graph_runs_dt_proj_inside_the_scan_kernel(tiny_quantized):
     assert sum("dt_proj" in n.args[2].target for n in prefill) == tiny_config().num_hidden_layers
 
 
+def test_decode_graph_runs_the_conv_step_with_in_proj(tiny_quantized):
+    low = quamba_fx.lower(tiny_quantized)
+    gen = quamba_fx.Generator(low, batch_size=1)
+    decode = [n for n in gen.decode_graph.graph.nodes if n.op == "call_function"]
+    fused = [n for n in decode if op_name(n) == "in_proj_conv_update"]
+    assert len(fused) == tiny_config().num_hidden_layers
+    assert not any(op_name(n) == "conv1d_silu_int8_cached" for n in decode)
+    assert all("in_proj" in n.args[2].target and "conv1d" in n.args[6].target for n in fused)
+    assert sum(op_name(n) == "conv1d_silu_int8_cached" for n in gen.prefill_graph.graph.nodes) == len(fused)
+
+
 @pytest.mark.slow  # ~11 s under the interpreter; the kernel's own equality test is in the fast suite
-def test_fused_dt_proj_decodes_the_same_logits_as_the_separate_gemm(tiny_quantized, monkeypatch):
-    from quamba_fx.kernels import scan
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_decode_kernels_give_the_logits_of_the_separate_ones(tiny_quantized, batch, monkeypatch):
+    from quamba_fx.kernels import gemv, scan
 
     low = quamba_fx.lower(tiny_quantized)
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 64, (batch, 7), generator=torch.Generator().manual_seed(4))
 
     def decode_two() -> list[torch.Tensor]:
-        gen = quamba_fx.Generator(low, batch_size=2)
+        gen = quamba_fx.Generator(low, batch_size=batch)
         with torch.no_grad():
             gen.prefill(ids[:, :5])
             return [gen.decode(ids[:, t]) for t in (5, 6)]
 
     fused = decode_two()
-    monkeypatch.setattr(scan, "DT_PROJ_MAX_BATCH", 0)  # every batch: dt_proj as its own GEMM first
+    monkeypatch.setattr(scan, "DT_PROJ_MAX_BATCH", 0)  # dt_proj as its own GEMM first
+    monkeypatch.setattr(gemv, "GEMV_MAX_M", 0)  # no GEMV: in_proj, then the conv kernel
     separate = decode_two()
     assert all(torch.equal(a, b) for a, b in zip(fused, separate))
 

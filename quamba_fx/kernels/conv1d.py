@@ -310,29 +310,61 @@ def _causal_conv1d_update_silu_int8_kernel(
     pid_b = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    s_base = state_ptr + pid_b.to(tl.int64) * stride_sb + offs_d * stride_sd
+    x_new = tl.load(x_ptr + pid_b.to(tl.int64) * stride_xb + offs_d * stride_xd, mask=mask_d, other=0)
+    q = conv_update_step(x_new, state_ptr + pid_b.to(tl.int64) * stride_sb, x_scale_ptr, w_ptr, bias_ptr,
+                         out_scale_ptr, offs_d, mask_d, stride_sd, stride_sk, stride_wd, stride_wk,
+                         W, HAS_BIAS, FAST_MATH)
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_d * stride_od, q, mask=mask_d)
 
+
+@triton.jit
+def _tap(acc, v, w_ptr, offs_d, mask_d, k: tl.constexpr, stride_wd, stride_wk, x_scale):
+    ws = tl.load(w_ptr + offs_d * stride_wd + k * stride_wk, mask=mask_d, other=0.0) * x_scale
+    return acc + ws * _int8_to_f32(v)
+
+
+@triton.jit
+def conv_update_step(x_new, state_row, x_scale_ptr, w_ptr, bias_ptr, out_scale_ptr, offs_d, mask_d,
+                     stride_sd, stride_sk, stride_wd, stride_wk,
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr):
+    """One decode step of the channels `offs_d` of one sequence, given its new int8 inputs
+    `x_new`: the conv over `[state, x_new]`, SiLU, requantised to int8 (returned), and the state
+    (`state_row`: that sequence's `[D, W-1]`) rolled left in place with `x_new` appended. Also the
+    in_proj GEMV's epilogue in decode graphs (gemv.py), so both compute the same step."""
+    s_base = state_row + offs_d * stride_sd
     x_scale = tl.load(x_scale_ptr)
     inv_out_scale = tl.math.div_rn(1.0, tl.load(out_scale_ptr))
     if HAS_BIAS:
         acc = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
     else:
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-
-    for k in tl.static_range(W):
-        if k < W - 1:
-            v = tl.load(s_base + k * stride_sk, mask=mask_d, other=0)
-        else:
-            v = tl.load(x_ptr + pid_b.to(tl.int64) * stride_xb + offs_d * stride_xd, mask=mask_d, other=0)
-        ws = tl.load(w_ptr + offs_d * stride_wd + k * stride_wk, mask=mask_d, other=0.0) * x_scale
-        acc = acc + ws * _int8_to_f32(v)
-        # Roll left in place: column k moves to k-1. Column k-1 was read in the previous
-        # iteration by this same thread, and no other program owns these channels.
-        if k > 0:
-            tl.store(s_base + (k - 1) * stride_sk, v, mask=mask_d)
-
+        acc = tl.zeros(offs_d.shape, dtype=tl.float32)
+    # Columns c0..c2 of [state, x_new] (2 <= W <= 4), all read before any is written: a channel
+    # may be held by several threads (the GEMV's 16-channel tiles spread over 128), and the
+    # barrier below keeps one thread's roll from reaching a column another has yet to read.
+    c0 = tl.load(s_base, mask=mask_d, other=0)
+    if W > 2:
+        c1 = tl.load(s_base + stride_sk, mask=mask_d, other=0)
+    else:
+        c1 = x_new
+    if W > 3:
+        c2 = tl.load(s_base + 2 * stride_sk, mask=mask_d, other=0)
+    else:
+        c2 = x_new
+    acc = _tap(acc, c0, w_ptr, offs_d, mask_d, 0, stride_wd, stride_wk, x_scale)
+    acc = _tap(acc, c1, w_ptr, offs_d, mask_d, 1, stride_wd, stride_wk, x_scale)
+    if W > 2:
+        acc = _tap(acc, c2, w_ptr, offs_d, mask_d, 2, stride_wd, stride_wk, x_scale)
+    if W > 3:
+        acc = _tap(acc, x_new, w_ptr, offs_d, mask_d, 3, stride_wd, stride_wk, x_scale)
     q = _silu_requant(acc, inv_out_scale, FAST_MATH)
-    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_d * stride_od, q, mask=mask_d)
+
+    tl.debug_barrier()
+    tl.store(s_base, c1, mask=mask_d)
+    if W > 2:
+        tl.store(s_base + stride_sk, c2, mask=mask_d)
+    if W > 3:
+        tl.store(s_base + 2 * stride_sk, x_new, mask=mask_d)
+    return q
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,7 +72,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -83,6 +84,8 @@ from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile, sm_count
 from .dispatch import use_triton as _use_triton
 from . import gemm_tma, gemv, split_k
+from .conv1d import _validate_update as _validate_conv_step
+from .conv1d import causal_conv1d_update_silu_int8
 from .pdl import launch_options, wait_for_previous
 from .gemm_epilogue import OUT_BF16 as _OUT_BF16
 from .gemm_epilogue import OUT_CAST as _OUT_CAST
@@ -93,7 +96,7 @@ from torch import Tensor
 from ..quant import qops  # noqa: F401  (registers torch.ops.quamba.int8_linear, the reference)
 from ..quant.qops import _check_linear, _linear_out_dtype
 
-__all__ = ["int8_gemm", "int8_gemm_reference"]
+__all__ = ["ConvStep", "int8_gemm", "int8_gemm_conv_step", "int8_gemm_reference"]
 
 
 # Tuning is per power-of-two bucket of M, not per exact M: prefill lengths vary per request and
@@ -473,18 +476,80 @@ def int8_gemm(
     Scales are read by the kernel at run time: in-place updates take effect on the next call.
     Non-fp32 scales or bias are converted (a small copy per call).
     """
+    return _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, None)[0]
+
+
+@dataclass(frozen=True)
+class ConvStep:
+    """A decode conv1d step fed by the first D int8 output columns of a GEMM (`int8_gemm_conv_step`):
+    `causal_conv1d_update_silu_int8(out[:, :D], state, out_scale_of_the_gemm, weight, bias, out_scale)`.
+
+    state: int8 `[M, D, W-1]`, advanced in place; weight: fp32 `[D, W]`; bias: fp32 `[D]` or None;
+    out_scale: the conv output's one-element fp32 scale.
+    """
+
+    state: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    out_scale: Tensor
+
+
+def int8_gemm_conv_step(
+    x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_scale: Tensor,
+    conv: ConvStep,
+) -> Tuple[Tensor, Tensor]:
+    """`int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale)` (int8 out, one row per sequence) and
+    the conv step of its first `D = conv.state.shape[1]` columns: returns `(out, u)` with u int8
+    `[M, D]`, and advances `conv.state`. A decode step's in_proj and conv1d.
+
+    A one-row problem that the GEMV runs (batch-1 decode on the GPU) is one launch: the epilogue of
+    each column tile does the conv step of its channels (`conv1d.conv_update_step`, the conv
+    kernel's own arithmetic; on CUDA the GEMV is compiled without fp fusion, so where the conv
+    kernel's `acc + w * x` contracts into an FMA this one rounds twice, as the reference does).
+    Other problems run the GEMM, then the conv kernel.
+    """
+    if not isinstance(conv, ConvStep):
+        raise ValueError(f"conv must be a ConvStep, got {type(conv).__name__}")
+    return _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, None, conv)
+
+
+def _conv_after(out: Tensor, out_scale: Tensor, conv: ConvStep) -> Tensor:
+    d = conv.state.shape[1]
+    rows = out.reshape(-1, out.shape[-1])[:, :d]
+    return causal_conv1d_update_silu_int8(rows, conv.state, _f32_vector(out_scale).reshape(()), conv.weight,
+                                          conv.bias, conv.out_scale)
+
+
+def _check_conv_step(conv: ConvStep, out: Tensor, out_scale: Optional[Tensor]) -> None:
+    if out.dtype != torch.int8 or out_scale is None or out_scale.numel() != 1:
+        raise ValueError("a conv step needs the GEMM's int8 output with one per-tensor out_scale")
+    state = conv.state
+    if not isinstance(state, Tensor) or state.dim() != 3 or not 1 <= state.shape[1] <= out.shape[-1]:
+        raise ValueError(f"conv.state must be int8 [M, D, W-1] with D <= N = {out.shape[-1]}, "
+                         f"got {tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__}")
+    rows = out.reshape(-1, out.shape[-1])[:, :state.shape[1]]
+    _validate_conv_step(rows, state, _f32_vector(out_scale).reshape(()), conv.weight, conv.bias, conv.out_scale)
+
+
+def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Optional[ConvStep]):
+    """int8_gemm's body: `(out, u)`, u the conv step's output when `conv` is given, else None."""
     n, k, dtype = _validate(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
     out_mode = _OUT_MODES.get(dtype)
-    # K == 0 (an all-zero accumulator) is left to the reference: empty operands may have null
-    # data pointers, which a kernel launch can reject.
-    if out_mode is None or k == 0 or not _use_triton(x_q):
-        return int8_gemm_reference(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
-
     lead = x_q.shape[:-1]
     m = math.prod(lead)
+    # K == 0 (an all-zero accumulator) is left to the reference: empty operands may have null
+    # data pointers, which a kernel launch can reject.
+    if out_mode is None or k == 0 or not _use_triton(x_q) or m == 0 or n == 0:
+        out = (int8_gemm_reference(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype) if m * n
+               else torch.empty((*lead, n), dtype=dtype, device=x_q.device))
+        if conv is None:
+            return out, None
+        _check_conv_step(conv, out, out_scale)
+        return out, _conv_after(out, out_scale, conv)
+
     out = torch.empty((*lead, n), dtype=dtype, device=x_q.device)
-    if m == 0 or n == 0:
-        return out
+    if conv is not None:
+        _check_conv_step(conv, out, out_scale)
 
     x2 = _as_rows(x_q, m, k)
     w = w_q if k <= 1 or w_q.stride(1) == 1 else w_q.contiguous()
@@ -526,16 +591,43 @@ def int8_gemm(
 
         if _runs_alternative("tma", key, tma_kernel, pointer_kernel):
             tma_kernel()
-            return out
+            return out, None if conv is None else _conv_after(out, out_scale, conv)
     elif m <= gemv.GEMV_MAX_M and gemv.supported(x2, w):
         def gemv_kernel() -> None:
             gemv.launch(tensors, n, k, key, flags)
 
+        if conv is not None and _USES_ALTERNATIVE.get(("gemv_conv", key), True):
+            u = _gemv_conv_step(tensors, n, k, key, flags, conv)
+            if u is not None:
+                return out, u
         # Not timed: the graph-replayed timing keeps a one-row problem's weight in L2, unlike a
         # decode step; streamed from memory the GEMV was 1.3-1.7x faster than the pointer kernel
         # on every 2.8b projection (docs/benchmarks.md, session 20).
         if _runs_alternative("gemv", key, gemv_kernel, pointer_kernel, timed=False):
             gemv_kernel()
-            return out
+            return out, None if conv is None else _conv_after(out, out_scale, conv)
     pointer_kernel()
-    return out
+    return out, None if conv is None else _conv_after(out, out_scale, conv)
+
+
+def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: ConvStep) -> Optional[Tensor]:
+    """The GEMV with the conv step in its epilogue; None (with a warning, once per problem) when it
+    fails to compile here. A failed launch fails before its kernel runs: the state is untouched."""
+    d = conv.state.shape[1]
+    u = torch.empty((1, d), dtype=torch.int8, device=tensors[0].device)
+    try:
+        gemv.launch(tensors, n, k, key, flags, conv=(conv.state, conv.weight, conv.bias, conv.out_scale, u))
+    except Exception as exc:  # noqa: BLE001 - reported; the GEMM and conv kernels run instead
+        if key in _GEMV_CONV_RAN or _INTERPRET:
+            raise
+        warnings.warn(f"quamba_fx: the GEMV with a conv epilogue failed on this device ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); running the GEMV and the conv "
+                      "kernel instead", RuntimeWarning, stacklevel=4)
+        _USES_ALTERNATIVE[("gemv_conv", key)] = False
+        return None
+    _GEMV_CONV_RAN.add(key)
+    return u
+
+
+# Problems whose GEMV-with-conv launched once: a later failure is a real error, not a compile one.
+_GEMV_CONV_RAN: set = set()

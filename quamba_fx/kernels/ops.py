@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .conv1d import causal_conv1d_silu_int8, causal_conv1d_update_silu_int8
-from .gemm import int8_gemm
+from .gemm import ConvStep, int8_gemm, int8_gemm_conv_step
 from .hadamard import hadamard_quantize as _hadamard_quantize
 from .norm import add_rmsnorm_quantize as _add_rmsnorm_quantize
 from .scan import selective_scan as _selective_scan
@@ -90,6 +90,30 @@ def w8a8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias
 @w8a8_linear.register_fake
 def _w8a8_linear_fake(x_q, x_scale, w_q, w_scale, bias=None, out_scale=None, out_dtype=None):
     return torch.ops.quamba.int8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
+
+
+@torch.library.custom_op("quamba::in_proj_conv_update", mutates_args=("conv_state",))
+def in_proj_conv_update(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                        out_scale: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], conv_out_scale: Tensor,
+                        conv_state: Tensor) -> tuple[Tensor, Tensor]:
+    """A decode step's in_proj and conv1d: `xz = w8a8_linear(x_q, .., out_scale)` (int8) and
+    `conv1d_silu_int8_cached(xz.transpose(1, 2)[:, :D], out_scale, conv_weight, conv_bias,
+    conv_out_scale, conv_state, decode=True)`, D = conv_state.shape[1]; returns `(xz, u)`, u
+    `[B, D, 1]` laid out `[B, 1, D]`. At batch 1 on the GPU one GEMV launch computes both
+    (`kernels.gemm.int8_gemm_conv_step`).
+    """
+    w, b = _conv_params(conv_weight, conv_bias)
+    xz, u = int8_gemm_conv_step(x_q, x_scale, w_q, w_scale, bias, out_scale,
+                                ConvStep(conv_state, w, b, _scalar(conv_out_scale)))
+    return xz, u[:, None, :].transpose(1, 2)
+
+
+@in_proj_conv_update.register_fake
+def _in_proj_conv_update_fake(x_q, x_scale, w_q, w_scale, bias, out_scale, conv_weight, conv_bias, conv_out_scale,
+                              conv_state):
+    xz = torch.ops.quamba.int8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale, None)
+    batch, channels = conv_state.shape[:2]
+    return xz, x_q.new_empty((batch, 1, channels)).transpose(1, 2)
 
 
 # --- selective scan -------------------------------------------------------------------------------

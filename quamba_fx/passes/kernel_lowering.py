@@ -320,13 +320,64 @@ def fuse_dt_proj_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node
     return True
 
 
+IN_PROJ_CONV_UPDATE = torch.ops.quamba.in_proj_conv_update.default
+
+
+def fuse_conv_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Decode only: `conv1d_silu_int8_cached(chunk(transpose(w8a8_linear(.., s)), 2, dim=1)[0], s,
+    .., decode=True)`, in_proj's int8 output at the scale the conv reads -> `in_proj_conv_update`,
+    whose two results replace in_proj's output and the conv's: at batch 1 the GEMV's epilogue
+    runs the conv step, one launch a block fewer."""
+    if not _is(node, CONV_CACHED) or node.args[-1] is not True:
+        return False
+    x_half, x_scale, conv_w, conv_b, conv_scale, state, _decode = node.args
+    if not (isinstance(x_half, torch.fx.Node) and x_half.target is operator.getitem and x_half.args[1] == 0):
+        return False
+    chunk = x_half.args[0]
+    if not (chunk.op == "call_method" and chunk.target == "chunk" and chunk.args[1:] == (2,)
+            and chunk.kwargs == {"dim": 1}):
+        return False
+    transpose = chunk.args[0]
+    if not (transpose.op == "call_method" and transpose.target == "transpose" and tuple(transpose.args[1:]) == (1, 2)):
+        return False
+    linear = transpose.args[0]
+    if not _is(linear, W8A8_LINEAR) or linear.kwargs or len(linear.args) < 6 or linear.args[5] is not x_scale:
+        return False
+    if len(linear.args) > 6 and linear.args[6] is not None:
+        return False
+    # The conv's parameters and cache slot are read before in_proj runs: move their nodes (get_attr
+    # and getitem of the cache list) up to it.
+    for operand in (conv_w, conv_b, conv_scale, state):
+        if isinstance(operand, torch.fx.Node) and operand.op == "call_function":
+            if not all(a.op == "placeholder" for a in operand.all_input_nodes):
+                return False
+    for operand in (conv_w, conv_b, conv_scale, state):
+        if isinstance(operand, torch.fx.Node):
+            linear.prepend(operand)
+    graph = gm.graph
+    with graph.inserting_before(linear):
+        fused = graph.call_function(IN_PROJ_CONV_UPDATE, (*linear.args[:6], conv_w, conv_b, conv_scale, state))
+        xz = graph.call_function(operator.getitem, (fused, 0))
+        u = graph.call_function(operator.getitem, (fused, 1))
+    fused.meta["quamba"] = {**info(linear), "kernel": "triton:in_proj_conv_update"}
+    xz.meta["quamba"], u.meta["quamba"] = {**info(linear)}, {**info(node)}
+    linear.replace_all_uses_with(xz)
+    node.replace_all_uses_with(u)
+    graph.erase_node(node)
+    graph.erase_node(linear)
+    if not x_half.users:
+        graph.erase_node(x_half)
+    return True
+
+
 def cached_graph(lowered: torch.fx.GraphModule, decode: bool) -> torch.fx.GraphModule:
     """The prefill (`decode=False`) or one-token decode graph of a lowered graph.
 
     The result is called as `gm(input_ids, conv_states, ssm_states)` with one cache tensor per block
     in each list (see `quamba_fx.runtime.MambaCache`); the conv1d and scan nodes become their
     `*_cached` ops, which read and write those tensors in place. In the decode graph dt_proj then
-    moves into the scan's kernel (`fuse_dt_proj_into_state_update`). Shares modules with `lowered`.
+    moves into the scan's kernel (`fuse_dt_proj_into_state_update`) and the conv step into
+    in_proj's (`fuse_conv_into_in_proj`). Shares modules with `lowered`.
     """
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -350,8 +401,9 @@ def cached_graph(lowered: torch.fx.GraphModule, decode: bool) -> torch.fx.GraphM
     gm = torch.fx.GraphModule(lowered, graph, class_name="CachedMambaGraph")
     gm.meta["quamba"] = {**lowered.meta.get("quamba", {}), "cached": "decode" if decode else "prefill"}
     if decode:
-        run_rules(gm, [fuse_dt_proj_into_state_update])
+        run_rules(gm, [fuse_dt_proj_into_state_update, fuse_conv_into_in_proj])
         _delete_unused_attributes(gm)
+        gm.graph.lint()
         gm.recompile()
     return gm
 
