@@ -639,7 +639,8 @@ def test_prefill_rejects_bad_inputs(fn, override, match):
 
 
 UPDATE_ERRORS = [
-    (dict(state=torch.zeros(2, 4, 3, dtype=torch.float64)), r"state must be a float16/bfloat16/float32 tensor of shape"),
+    (dict(state=torch.zeros(2, 4, 3, dtype=torch.float64)),
+     r"state must be a float16/bfloat16/float32 tensor of shape .* got torch.float64"),
     (dict(state=torch.zeros(2, 4, 3, dtype=torch.int8)), r"state must be a float16/bfloat16/float32 tensor"),
     (dict(state=torch.zeros(2, 4, 5)),
      r"state must be a float16/bfloat16/float32 tensor of shape \[batch, d_inner, d_state\] = \(2, 4, 3\)"),

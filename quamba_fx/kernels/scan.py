@@ -34,9 +34,9 @@ every thread of a program holds in full, are only converted, never scaled. Steps
 the chunk inside the last unrolled group run with dt = 0 and dt*u = 0, an exact identity on h.
 Prefill and decode run the same per-step `@triton.jit` helpers, so chaining decode steps after a
 prefill's final state reproduces the prefill bit for bit under TRITON_INTERPRET=1 with an fp32
-state (a narrower one rounds the state after every decode step, the prefill only at its end). On CUDA it
-agrees to rounding: the two kernels may get different register layouts from the compiler, hence
-a different order of the sum over d_state, and different FMA contraction.
+state (a narrower one is rounded after every decode step, the prefill's only at its end). On
+CUDA it agrees to rounding: the two kernels may get different register layouts from the
+compiler, hence a different order of the sum over d_state, and different FMA contraction.
 
 Against the reference (fp32, torch.exp / log1p / silu, no reassociation) the kernel is not
 bit-exact: exp/log implementations differ (numpy's under the interpreter, approximate hardware
