@@ -265,15 +265,17 @@ def check_prefill(case: dict) -> None:
     assert final.shape == (b, d, n) and final.dtype == state_dtype and final.is_contiguous()
     assert_close_scan(y, y_ref, mag)
     assert_close_scan(final, final_ref, hmag, "final state")
-    # Without return_final_state the result is the bare tensor, identical.
-    alone = selective_scan(**kw)
-    assert isinstance(alone, torch.Tensor) and torch.equal(alone, y)
+    # One more kernel run either way (the interpreter's time is the suite's budget).
     if EXACT and state_dtype != torch.float32:
         # The narrow state is the fp32 one read exactly and rounded once, at the store.
         h0 = kw["initial_state"]
         y32, final32 = selective_scan(**{**kw, "initial_state": None if h0 is None else h0.float()},
                                       return_final_state=True)
         assert torch.equal(y, y32) and torch.equal(final, final32.to(state_dtype))
+    else:
+        # Without return_final_state the result is the bare tensor, identical.
+        alone = selective_scan(**kw)
+        assert isinstance(alone, torch.Tensor) and torch.equal(alone, y)
 
 
 @needs_kernel
