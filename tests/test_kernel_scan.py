@@ -368,6 +368,38 @@ def test_kernel_path_is_taken(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cached_op_keeps_the_state_in_its_dtype(state_dtype):
+    """The decode cache's op writes the prefill's final state into `ssm_state` in that tensor's
+    dtype (the kernel's fp32 state, rounded) and advances it in place by one decode step."""
+    from quamba_fx.kernels import ops as kernel_ops  # noqa: F401  (registers the op)
+
+    case = dict(batch=2, d_inner=8, d_state=4, L=5, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=False, out_dtype=None, seed=13)
+    kw = build(case, DEVICE)
+    op = torch.ops.quamba.selective_scan_int8_cached.default
+
+    def steps(sl):
+        part = {n: kw[n][:, :, sl] for n in ACT_NAMES}
+        return part, (part["u"], kw["u_scale"], part["delta"], kw["delta_scale"], kw["A"], part["B"], kw["B_scale"],
+                      part["C"], kw["C_scale"], kw["D"], part["z"], kw["z_scale"], kw["delta_bias"], True,
+                      torch.float16)
+
+    params = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state",)}
+    ssm = torch.full((2, 8, 4), float("nan"), dtype=state_dtype, device=DEVICE)
+    part, args = steps(slice(0, 4))
+    y = op(*args, ssm, False)
+    y_want, final = selective_scan(**part, **params, return_final_state=True)
+    assert final.dtype == torch.float32
+    assert torch.equal(y, y_want) and ssm.dtype == state_dtype and torch.equal(ssm, final.to(state_dtype))
+    part, args = steps(slice(4, 5))
+    state = ssm.clone()
+    y = op(*args, ssm, True)
+    y_want = selective_state_update(state, **{n: part[n][:, :, 0] for n in ACT_NAMES}, **params)
+    assert torch.equal(y[:, :, 0], y_want) and torch.equal(ssm, state)
+
+
+@needs_kernel
 def test_kernels_always_get_a_bias(monkeypatch):
     """Without delta_bias the kernels get zeros: the bias load fixes the layout of the per-channel
     work (`scan._bias_or_zeros`; without it a 2.8b model's scan ran 1.7x slower on an H200)."""
