@@ -334,7 +334,7 @@ def test_decode_matches_reference(case):
     state_dtype = state_dtype_of(case)
     before = torch.randn(b, d, n, generator=torch.Generator().manual_seed(case["seed"])).to(DEVICE, state_dtype)
     # The reference from the same values in fp32, so its new state is unrounded.
-    state, ref_state = before.clone(), before.float()
+    state, ref_state = before.clone(), before.to(torch.float32, copy=True)
     y = selective_state_update(state, **tok, **rest)
     y_ref = selective_state_update_reference(ref_state, **tok, **{**rest, "out_dtype": torch.float32})
     assert y.dtype == expected_out_dtype(kw) and y.shape == (b, d) and y.is_contiguous()
@@ -344,7 +344,7 @@ def test_decode_matches_reference(case):
     assert_close_scan(state, ref_state, hmag, "state")
     if EXACT and state_dtype != torch.float32:
         # The kernel's own fp32 step from the same values, its new state rounded once.
-        state32 = before.float()
+        state32 = before.to(torch.float32, copy=True)
         y32 = selective_state_update(state32, **tok, **rest)
         assert torch.equal(y, y32) and torch.equal(state, state32.to(state_dtype))
 
