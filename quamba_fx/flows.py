@@ -49,9 +49,9 @@ def fusion_passes() -> list:
     return [FuseConv1dSiLU()]
 
 
-def lowering_passes(dtype: torch.dtype) -> list:
+def lowering_passes(dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> list:
     """Passes that turn a quantized graph, fused or not, into one that runs on the Triton kernels."""
-    return [*fusion_passes(), LowerToKernels(dtype)]
+    return [*fusion_passes(), LowerToKernels(dtype, state_dtype)]
 
 
 def _example_shape(gm: torch.fx.GraphModule) -> tuple[int, ...]:
@@ -111,15 +111,19 @@ def fuse(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def lower(quantized: torch.fx.GraphModule, dtype: torch.dtype = torch.float16) -> torch.fx.GraphModule:
+def lower(quantized: torch.fx.GraphModule, dtype: torch.dtype = torch.float16,
+          state_dtype: torch.dtype | None = None) -> torch.fx.GraphModule:
     """A copy of a W8A8 graph (from `quantize` or `from_pretrained`) that runs on the Triton kernels.
 
     The conv1d is fused first when it is not already. Move the result to the GPU with `.cuda()`
     (on CPU it runs the kernels' references, or the kernels themselves under TRITON_INTERPRET=1).
+    `dtype` is the activations' dtype between kernels; `state_dtype` (float16, bfloat16 or float32)
+    the dtype `Generator`'s decode cache keeps each block's scan state in, by default float16 for
+    the float16 lowering (as mamba_ssm) and float32 otherwise. The scan computes in fp32 either way.
     """
     if not quantized.meta.get(META_KEY, {}).get("recipe"):
         raise InvalidArgumentError("lower needs a quantized graph (quamba_fx.quantize or from_pretrained of a W8A8 checkpoint)")
-    gm = Pipeline(lowering_passes(dtype))(copy.deepcopy(quantized))
+    gm = Pipeline(lowering_passes(dtype, state_dtype))(copy.deepcopy(quantized))
     gm.meta[META_KEY]["fused"] = True
     gm.meta[META_KEY]["lowered"] = str(dtype).replace("torch.", "")
     annotate_shapes(gm, _example_shape(quantized))

@@ -16,28 +16,36 @@ import torch.fx
 
 from .arch import arch_of
 from .errors import InputError
-from .passes.kernel_lowering import cached_graph
+from .passes.kernel_lowering import cached_graph, ssm_state_dtype
 from .recipe import block_paths
 
 
 @dataclass
 class MambaCache:
-    """Per-block decode state: `conv_states[i]` int8 `[B, D, W-1]`, `ssm_states[i]` fp32 `[B, D, N]`."""
+    """Per-block decode state: `conv_states[i]` int8 `[B, D, W-1]`, `ssm_states[i]` `[B, D, N]`.
+
+    The scan state's dtype is the one `quamba_fx.lower` chose (`state_dtype`: float16 for the
+    default float16 lowering, as mamba_ssm keeps it; float32 for a float32 lowering and for graphs
+    lowered before the choice was recorded). The scan computes in fp32 and rounds the state to
+    nearest even when it stores it.
+    """
 
     conv_states: list[torch.Tensor]
     ssm_states: list[torch.Tensor]
 
     @classmethod
     def allocate(cls, gm: torch.fx.GraphModule, batch_size: int, device: torch.device | str | None = None) -> "MambaCache":
-        """Zeroed states shaped for the blocks of `gm`, on `device` (default: the graph's)."""
+        """Zeroed states shaped for the blocks of `gm`, on `device` (default: the graph's), the scan
+        state in the dtype `gm` was lowered with."""
         if device is None:
             device = next(iter(gm.buffers())).device
         arch = arch_of(gm)
+        state_dtype = ssm_state_dtype(gm)
         conv, ssm = [], []
         for path in block_paths(gm):
             conv_shape, ssm_shape = arch.cache_shapes(gm, path, batch_size)
             conv.append(torch.zeros(conv_shape, dtype=torch.int8, device=device))
-            ssm.append(torch.zeros(ssm_shape, dtype=torch.float32, device=device))
+            ssm.append(torch.zeros(ssm_shape, dtype=state_dtype, device=device))
         return cls(conv, ssm)
 
     def zero_(self) -> "MambaCache":

@@ -120,10 +120,14 @@ def reference_kernels(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def lowered_lm(varied_model):
+def varied_quantized(varied_model):
     calib = [torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    lowered = quamba_fx.lower(quamba_fx.quantize(varied_model, calib, recipe="quamba", progress=False))
-    return QuambaForCausalLM(lowered)
+    return quamba_fx.quantize(varied_model, calib, recipe="quamba", progress=False)
+
+
+@pytest.fixture(scope="module")
+def lowered_lm(varied_quantized):
+    return QuambaForCausalLM(quamba_fx.lower(varied_quantized))
 
 
 def graph_lengths(gm: torch.fx.GraphModule) -> tuple[list[int], object]:
@@ -150,6 +154,39 @@ def test_lowered_graph_generates_from_the_ssm_cache(lowered_lm):
     # The cache changes the cost, not the tokens.
     assert torch.equal(first, lowered_lm.generate(ids, do_sample=False, max_new_tokens=8, eos_token_id=None,
                                                   use_cache=False))
+
+
+def decoded_and_uncached_logits(lowered: torch.fx.GraphModule, ids: torch.Tensor, cut: int):
+    """Logits of ids[:, cut:] decoded one token at a time after a prefill of ids[:, :cut], and the
+    same positions' logits from one run of the uncached graph (whose scan state is never stored)."""
+    gen = quamba_fx.Generator(lowered, ids.shape[0])
+    with torch.no_grad():
+        gen.prefill(ids[:, :cut])
+        decoded = torch.stack([gen.decode(ids[:, t]) for t in range(cut, ids.shape[1])], dim=1)
+        return gen, decoded, lowered(ids)[:, cut:]
+
+
+@pytest.mark.usefixtures("reference_kernels")
+def test_fp16_state_decodes_like_the_uncached_graph(lowered_lm, varied_quantized):
+    """The default fp16 lowering keeps the decode state in fp16: every prefill and decode step
+    stores it rounded to nearest even (relative error <= 2**-11), where the uncached graph keeps
+    fp32 in registers. That rounding is the only difference: with an fp32 state the decoded logits
+    equal the uncached graph's. The rounding errors decay with the scan and reach the logits
+    damped by the rest of the model, so the logits stay within 2**-11 (relative, over all decoded
+    positions; measured 1.6e-4 with torch 2.14 and 0 with torch 2.11, where no rounding reached
+    the fp16 logits). Losing the state (5e-3 to 6e-3 on the two), rounding it to bf16 (about
+    2e-3) or scaling it by 1 + 2**-7 at one step (1e-3 to 2.6e-3) all exceed that."""
+    low = lowered_lm.model
+    ids = prompt(2, 20, seed=4)
+    gen, decoded, uncached = decoded_and_uncached_logits(low, ids, 4)
+    assert low.meta["quamba"]["state_dtype"] == "float16"
+    assert all(s.dtype == torch.float16 and bool(s.any()) for s in gen.cache.ssm_states)
+    error = float((decoded - uncached).norm() / uncached.norm())
+    assert error < 2.0**-11, error
+    wide = quamba_fx.lower(varied_quantized, state_dtype=torch.float32)
+    gen, decoded, uncached = decoded_and_uncached_logits(wide, ids, 4)
+    assert all(s.dtype == torch.float32 for s in gen.cache.ssm_states)
+    assert torch.equal(decoded, uncached)
 
 
 @pytest.mark.usefixtures("reference_kernels")

@@ -28,6 +28,11 @@ chunk lengths from 1 step to one chunk.
 Chained decode steps after a prefill must reproduce the prefill: bit for bit under the interpreter
 (both kernels run the same per-step helpers, and L <= 16 is one chunk there), within the
 tolerance above on CUDA.
+
+A float16 or bfloat16 state is read as fp32 and stored rounded to nearest even, so against the
+fp32 reference it gets half an ulp of its dtype on top (`assert_close_scan` adds it for got's
+dtype); under the interpreter the kernel with such a state is, bit for bit, the kernel with the
+same values in an fp32 state, its stored state rounded.
 """
 
 from __future__ import annotations
@@ -109,6 +114,8 @@ def cases(draw, max_b=3, max_d=40, max_l=40, min_l=1):
         has_bias=draw(st.booleans()),
         softplus=draw(st.booleans()),
         has_h0=draw(st.booleans()),
+        # The dtype the state is kept in: the initial state's and the final (or updated) one's.
+        state_dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16])),
         out_dtype=draw(st.sampled_from([None, None, torch.float32, torch.bfloat16])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
@@ -157,7 +164,7 @@ def build(case: dict, device: str) -> dict:
     A = -torch.exp(torch.rand(d, n, generator=gen) * 3.0 - 0.5)
     D = torch.randn(d, generator=gen)
     bias = (torch.rand(d, generator=gen) * 4 - 5) if sp else torch.rand(d, generator=gen) * 0.05
-    h0 = torch.randn(b, d, n, generator=gen)
+    h0 = torch.randn(b, d, n, generator=gen).to(state_dtype_of(case))
     scales = dict(u_scale=u_s, delta_scale=delta_s, B_scale=bc_s, C_scale=c_s, z_scale=z_s)
     if not case["has_z"]:
         acts["z"] = None
@@ -170,6 +177,10 @@ def build(case: dict, device: str) -> dict:
     )
     kwargs.update({k: (v.to(device) if v is not None else None) for k, v in scales.items()})
     return kwargs
+
+
+def state_dtype_of(case: dict) -> torch.dtype:
+    return case.get("state_dtype", torch.float32)
 
 
 def magnitudes(kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,19 +254,29 @@ def test_prefill_matches_reference_on_more_cases(case):
 def check_prefill(case: dict) -> None:
     """The kernel against the reference on one drawn case: output, final state, layouts."""
     kw = build(case, DEVICE)
-    y, final = selective_scan(**kw, return_final_state=True)
-    y_ref, final_ref = ref_call(kw, return_final_state=True)
+    state_dtype = state_dtype_of(case)
+    y, final = selective_scan(**kw, return_final_state=True, state_dtype=state_dtype)
+    # The reference's final state unrounded (fp32): the kernel's gets half an ulp of its dtype.
+    y_ref, final_ref = ref_call(kw, return_final_state=True, state_dtype=torch.float32)
     mag, hmag = magnitudes(kw)
     b, d, n, L = case["batch"], case["d_inner"], case["d_state"], case["L"]
-    # y: [b, d, L] laid out as [b, L, d] (what out_proj reads); state fp32 contiguous.
+    # y: [b, d, L] laid out as [b, L, d] (what out_proj reads); state contiguous, in its dtype.
     assert y.shape == (b, d, L) and y.stride() == (L * d, 1, d)
     assert y.dtype == expected_out_dtype(kw) and y.device.type == DEVICE
-    assert final.shape == (b, d, n) and final.dtype == torch.float32 and final.is_contiguous()
+    assert final.shape == (b, d, n) and final.dtype == state_dtype and final.is_contiguous()
     assert_close_scan(y, y_ref, mag)
     assert_close_scan(final, final_ref, hmag, "final state")
-    # Without return_final_state the result is the bare tensor, identical.
-    alone = selective_scan(**kw)
-    assert isinstance(alone, torch.Tensor) and torch.equal(alone, y)
+    # One more kernel run either way (the interpreter's time is the suite's budget).
+    if EXACT and state_dtype != torch.float32:
+        # The narrow state is the fp32 one read exactly and rounded once, at the store.
+        h0 = kw["initial_state"]
+        y32, final32 = selective_scan(**{**kw, "initial_state": None if h0 is None else h0.float()},
+                                      return_final_state=True)
+        assert torch.equal(y, y32) and torch.equal(final, final32.to(state_dtype))
+    else:
+        # Without return_final_state the result is the bare tensor, identical.
+        alone = selective_scan(**kw)
+        assert isinstance(alone, torch.Tensor) and torch.equal(alone, y)
 
 
 @needs_kernel
@@ -266,14 +287,16 @@ def test_decode_chain_equals_prefill(case, data):
     kw = build(case, DEVICE)
     b, d, n, L = case["batch"], case["d_inner"], case["d_state"], case["L"]
     cut = data.draw(st.integers(0, L - 1), label="cut")
-    y_all, final_all = selective_scan(**kw, return_final_state=True)
+    # A narrow initial state is read as fp32; the chain keeps fp32 (a narrow one would round the
+    # state after every step, the prefill only at its end).
+    y_all, final_all = selective_scan(**kw, return_final_state=True, state_dtype=torch.float32)
 
     def part(x, sl):
         return None if x is None else x[:, :, sl]
 
     seq = ("u", "delta", "B", "C", "z")
     head = {**kw, **{k: part(kw[k], slice(0, cut)) for k in seq}}
-    y_head, state = selective_scan(**head, return_final_state=True)
+    y_head, state = selective_scan(**head, return_final_state=True, state_dtype=torch.float32)
     # A non-contiguous state buffer: the update must honour its strides in place.
     buf = torch.empty(b, n, d, dtype=torch.float32, device=DEVICE).transpose(1, 2)
     buf.copy_(state)
@@ -309,14 +332,22 @@ def test_decode_matches_reference(case):
     tok = {k: None if kw[k] is None else kw[k][:, :, 0] for k in ACT_NAMES}
     rest = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state",)}
     b, d, n = case["batch"], case["d_inner"], case["d_state"]
-    before = torch.randn(b, d, n, generator=torch.Generator().manual_seed(case["seed"])).to(DEVICE)
-    state, ref_state = before.clone(), before.clone()
+    state_dtype = state_dtype_of(case)
+    before = torch.randn(b, d, n, generator=torch.Generator().manual_seed(case["seed"])).to(DEVICE, state_dtype)
+    # The reference from the same values in fp32, so its new state is unrounded.
+    state, ref_state = before.clone(), before.to(torch.float32, copy=True)
     y = selective_state_update(state, **tok, **rest)
     y_ref = selective_state_update_reference(ref_state, **tok, **{**rest, "out_dtype": torch.float32})
     assert y.dtype == expected_out_dtype(kw) and y.shape == (b, d) and y.is_contiguous()
+    assert state.dtype == state_dtype
     mag, hmag = magnitudes({**kw, "initial_state": before})
     assert_close_scan(y, y_ref, mag[..., 0])
     assert_close_scan(state, ref_state, hmag, "state")
+    if EXACT and state_dtype != torch.float32:
+        # The kernel's own fp32 step from the same values, its new state rounded once.
+        state32 = before.to(torch.float32, copy=True)
+        y32 = selective_state_update(state32, **tok, **rest)
+        assert torch.equal(y, y32) and torch.equal(state, state32.to(state_dtype))
 
 
 @needs_kernel
@@ -366,14 +397,15 @@ def _step_with_projection(batch: int, d_inner: int, rank: int, per_channel: bool
 
 
 @needs_kernel
-@pytest.mark.parametrize("batch, d_inner, rank, per_channel, has_bias", [
-    (1, 33, 37, True, True),    # several R steps (8 a step under the interpreter), a partial block
-    (3, 16, 1, False, True),    # rank 1, one scale for the whole weight
-    (2, 40, 8, True, False),    # no bias
+@pytest.mark.parametrize("batch, d_inner, rank, per_channel, has_bias, state_dtype", [
+    (1, 33, 37, True, True, torch.float16),  # several R steps (8 a step under the interpreter), a partial block
+    (3, 16, 1, False, True, torch.float32),  # rank 1, one scale for the whole weight
+    (2, 40, 8, True, False, torch.float32),  # no bias
 ])
 def test_dt_proj_in_the_kernel_equals_the_gemm_then_the_update(batch, d_inner, rank, per_channel, has_bias,
-                                                               monkeypatch):
+                                                               state_dtype, monkeypatch):
     tok, rest, proj, state = _step_with_projection(batch, d_inner, rank, per_channel, has_bias, seed=batch + rank)
+    state = state.to(state_dtype)
     delta = proj.delta()
     assert delta.dtype == torch.int8 and delta.shape == (batch, d_inner)
     plain_state = state.clone()
@@ -394,7 +426,8 @@ def test_dt_proj_in_the_kernel_equals_the_gemm_then_the_update(batch, d_inner, r
         assert torch.equal(state, plain_state)
     else:
         torch.testing.assert_close(fused, plain, rtol=2.0**-10, atol=1e-6)
-        torch.testing.assert_close(state, plain_state, rtol=1e-6, atol=1e-6)
+        ulp = 1e-6 if state.dtype == torch.float32 else 2.0**-10  # an fp32 state's few ulps, or an fp16 one
+        torch.testing.assert_close(state.float(), plain_state.float(), rtol=ulp, atol=1e-6)
 
 
 @needs_kernel
@@ -447,6 +480,38 @@ def test_bad_delta_projections_are_refused(fn, change, match):
     fields.update(change)
     with pytest.raises(ValueError, match=match):
         fn(torch.zeros(2, 4, 3), delta=delta, delta_proj=DeltaProjection(**fields), **kwargs)
+
+
+@needs_kernel
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cached_op_keeps_the_state_in_its_dtype(state_dtype):
+    """The decode cache's op writes the prefill's final state into `ssm_state` in that tensor's
+    dtype (the kernel's fp32 state, rounded) and advances it in place by one decode step."""
+    from quamba_fx.kernels import ops as kernel_ops  # noqa: F401  (registers the op)
+
+    case = dict(batch=2, d_inner=8, d_state=4, L=5, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=False, out_dtype=None, seed=13)
+    kw = build(case, DEVICE)
+    op = torch.ops.quamba.selective_scan_int8_cached.default
+
+    def steps(sl):
+        part = {n: kw[n][:, :, sl] for n in ACT_NAMES}
+        return part, (part["u"], kw["u_scale"], part["delta"], kw["delta_scale"], kw["A"], part["B"], kw["B_scale"],
+                      part["C"], kw["C_scale"], kw["D"], part["z"], kw["z_scale"], kw["delta_bias"], True,
+                      torch.float16)
+
+    params = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state",)}
+    ssm = torch.full((2, 8, 4), float("nan"), dtype=state_dtype, device=DEVICE)
+    part, args = steps(slice(0, 4))
+    y = op(*args, ssm, False)
+    y_want, final = selective_scan(**part, **params, return_final_state=True)
+    assert final.dtype == torch.float32
+    assert torch.equal(y, y_want) and ssm.dtype == state_dtype and torch.equal(ssm, final.to(state_dtype))
+    part, args = steps(slice(4, 5))
+    state = ssm.clone()
+    y = op(*args, ssm, True)
+    y_want = selective_state_update(state, **{n: part[n][:, :, 0] for n in ACT_NAMES}, **params)
+    assert torch.equal(y[:, :, 0], y_want) and torch.equal(ssm, state)
 
 
 @needs_kernel
@@ -627,6 +692,15 @@ def test_reference_dequantizes_then_calls_the_oracle():
                                                deq["z"], kw["delta_bias"], True, kw["initial_state"])
     assert torch.equal(y, y2) and torch.equal(final, final2)
     assert y.stride() == (7 * 6, 1, 6)
+    # A narrow state: read as fp32, the final one rounded to nearest even (torch's own cast).
+    for dtype in (torch.float16, torch.bfloat16):
+        h0 = kw["initial_state"].to(dtype)
+        y3, final3 = selective_scan_int8_reference(**{**kw, "initial_state": h0}, return_final_state=True)
+        y4, final4 = qops.selective_scan_reference(deq["u"], deq["delta"], kw["A"], deq["B"], deq["C"], kw["D"],
+                                                   deq["z"], kw["delta_bias"], True, h0.float())
+        assert final3.dtype == dtype and torch.equal(final3, final4.to(dtype)) and torch.equal(y3, y4)
+        _, final5 = selective_scan_int8_reference(**kw, return_final_state=True, state_dtype=dtype)
+        assert torch.equal(final5, final2.to(dtype))
     # Default output dtype: fp16 for int8 inputs.
     kw["out_dtype"] = None
     assert selective_scan_int8_reference(**kw).dtype == torch.float16
@@ -644,6 +718,25 @@ def test_reference_state_update_advances_in_place():
         assert y_t.dtype == torch.bfloat16
         assert torch.equal(y_t, y_all[:, :, t])
     assert torch.equal(state, final)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float16, torch.bfloat16])
+def test_reference_state_update_rounds_a_narrow_state_each_step(state_dtype):
+    """Each step reads the state as fp32 and stores it rounded to nearest even: the fp32 step from
+    the same values, rounded (what the kernel does, and mamba_ssm with its fp16 state)."""
+    case = dict(batch=2, d_inner=6, d_state=4, L=3, kind={n: "int8" for n in ACT_NAMES}, layout="contiguous",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=None, seed=7,
+                state_dtype=state_dtype)
+    kw = build(case, "cpu")
+    state = kw["initial_state"].clone()
+    rest = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state",)}
+    for t in range(3):
+        tok = {k: kw[k][:, :, t] for k in ACT_NAMES}
+        wide = state.float()
+        y_wide = selective_state_update_reference(wide, **tok, **rest)
+        y_t = selective_state_update_reference(state, **tok, **rest)
+        assert state.dtype == state_dtype and torch.equal(y_t, y_wide)
+        assert torch.equal(state, wide.to(state_dtype)) and not torch.equal(state.float(), wide)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,8 +770,11 @@ PREFILL_ERRORS = [
      r"d_state \(A.shape\[1\]\) must be in 1..256, got 300"),
     (dict(D=torch.zeros(5)), r"D must be None or a float32 tensor of shape \(4,\)"),
     (dict(delta_bias=torch.zeros(4, dtype=torch.float16)), r"delta_bias must be None or a float32 tensor"),
-    (dict(initial_state=torch.zeros(2, 4, 4)), r"initial_state must be a float32 tensor of shape .* = \(2, 4, 3\)"),
-    (dict(initial_state=torch.zeros(2, 4, 3, dtype=torch.float16)), r"initial_state must be a float32 tensor"),
+    (dict(initial_state=torch.zeros(2, 4, 4)),
+     r"initial_state must be a float16/bfloat16/float32 tensor of shape .* = \(2, 4, 3\)"),
+    (dict(initial_state=torch.zeros(2, 4, 3, dtype=torch.float64)),
+     r"initial_state must be a float16/bfloat16/float32 tensor .* got torch.float64"),
+    (dict(state_dtype=torch.int8), r"state_dtype must be None, float16, bfloat16 or float32, got torch.int8"),
     (dict(out_dtype=torch.int8), r"out_dtype must be None, float16, bfloat16 or float32"),
 ]
 
@@ -692,9 +788,11 @@ def test_prefill_rejects_bad_inputs(fn, override, match):
 
 
 UPDATE_ERRORS = [
-    (dict(state=torch.zeros(2, 4, 3, dtype=torch.float16)), r"state must be a float32 tensor of shape"),
+    (dict(state=torch.zeros(2, 4, 3, dtype=torch.float64)),
+     r"state must be a float16/bfloat16/float32 tensor of shape .* got torch.float64"),
+    (dict(state=torch.zeros(2, 4, 3, dtype=torch.int8)), r"state must be a float16/bfloat16/float32 tensor"),
     (dict(state=torch.zeros(2, 4, 5)),
-     r"state must be a float32 tensor of shape \[batch, d_inner, d_state\] = \(2, 4, 3\)"),
+     r"state must be a float16/bfloat16/float32 tensor of shape \[batch, d_inner, d_state\] = \(2, 4, 3\)"),
     (dict(u=torch.zeros(2, 4, 1, **I8)), r"u must be \[batch, d_inner\], got shape \(2, 4, 1\)"),
     (dict(B=torch.zeros(2, 4, **I8)), r"B must have shape \(2, 3\)"),
     (dict(C_scale=None), r"C is int8, so C_scale .* is required"),

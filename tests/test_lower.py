@@ -204,7 +204,8 @@ def test_cache_shapes_and_reset(tiny_quantized):
     d_inner = config.hidden_size * config.expand
     assert [tuple(s.shape) for s in cache.conv_states] == [(3, d_inner, config.conv_kernel - 1)] * 2
     assert [tuple(s.shape) for s in cache.ssm_states] == [(3, d_inner, config.state_size)] * 2
-    assert cache.conv_states[0].dtype == torch.int8 and cache.ssm_states[0].dtype == torch.float32
+    # The default fp16 lowering keeps the scan state in fp16, as mamba_ssm does.
+    assert cache.conv_states[0].dtype == torch.int8 and cache.ssm_states[0].dtype == torch.float16
     gen = quamba_fx.Generator(low, batch_size=1)
     gen.prefill(torch.randint(0, 64, (1, 7)))
     assert any(bool(s.abs().sum() > 0) for s in gen.cache.ssm_states)
@@ -213,6 +214,43 @@ def test_cache_shapes_and_reset(tiny_quantized):
     gen.cache.zero_()
     gen.prefill(torch.zeros(1, 1, dtype=torch.long))
     assert all(torch.equal(a, b) for a, b in zip(first.ssm_states, gen.cache.ssm_states))
+
+
+@pytest.mark.parametrize("kwargs, want", [
+    ({}, torch.float16),
+    (dict(dtype=torch.float32), torch.float32),  # the exact option keeps an fp32 state
+    (dict(dtype=torch.bfloat16), torch.float32),  # bf16's 8-bit mantissa: too coarse by default
+    (dict(state_dtype=torch.bfloat16), torch.bfloat16),
+    (dict(dtype=torch.float32, state_dtype=torch.float16), torch.float16),
+    (dict(state_dtype=torch.float32), torch.float32),
+])
+def test_cache_state_dtype_follows_lower(tiny_quantized, kwargs, want):
+    low = quamba_fx.lower(tiny_quantized, **kwargs)
+    assert low.meta["quamba"]["state_dtype"] == str(want).replace("torch.", "")
+    cache = MambaCache.allocate(low, batch_size=2)
+    assert [s.dtype for s in cache.ssm_states] == [want] * 2
+    assert [s.dtype for s in cache.conv_states] == [torch.int8] * 2
+    gen = quamba_fx.Generator(low, batch_size=2)
+    assert [s.dtype for s in gen.cache.ssm_states] == [want] * 2
+    # The cached graphs carry the lowered graph's facts.
+    assert gen.decode_graph.meta["quamba"]["state_dtype"] == low.meta["quamba"]["state_dtype"]
+
+
+def test_graphs_lowered_before_the_state_dtype_was_recorded_keep_fp32(tiny_quantized):
+    low = quamba_fx.lower(tiny_quantized)
+    del low.meta["quamba"]["state_dtype"]
+    assert [s.dtype for s in MambaCache.allocate(low, batch_size=1).ssm_states] == [torch.float32] * 2
+    low.meta["quamba"]["state_dtype"] = "float64"
+    with pytest.raises(quamba_fx.InputError, match=r"state_dtype'\] is 'float64'.*lower the quantized graph again"):
+        MambaCache.allocate(low, batch_size=1)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float64, torch.int8, "float16"])
+def test_bad_state_dtype_is_refused(tiny_quantized, state_dtype):
+    match = "state_dtype must be None, torch.float16, torch.bfloat16 or torch.float32"
+    with pytest.raises(quamba_fx.InvalidArgumentError, match=match) as raised:
+        quamba_fx.lower(tiny_quantized, state_dtype=state_dtype)
+    assert isinstance(raised.value, ValueError) and "\n" not in str(raised.value)
 
 
 def test_clear_errors(tiny_quantized):

@@ -158,10 +158,11 @@ def selective_scan_int8_cached(u_q: Tensor, u_scale: Tensor, delta_q: Tensor, de
                                z_q: Optional[Tensor], z_scale: Optional[Tensor], delta_bias: Optional[Tensor],
                                delta_softplus: bool, out_dtype: torch.dtype, ssm_state: Tensor,
                                decode: bool) -> Tensor:
-    """`selective_scan_int8` with a cache: `ssm_state` fp32 `[B, D, N]`.
+    """`selective_scan_int8` with a cache: `ssm_state` float16, bfloat16 or float32 `[B, D, N]`.
 
     Prefill starts from a zero state and leaves the final one in `ssm_state`; decode (L = 1)
-    advances `ssm_state` by one step.
+    advances `ssm_state` by one step. The scan computes in fp32 either way; the state is stored
+    rounded to nearest even in `ssm_state`'s dtype.
     """
     if decode:
         y = selective_state_update(
@@ -171,7 +172,8 @@ def selective_scan_int8_cached(u_q: Tensor, u_scale: Tensor, delta_q: Tensor, de
             out_dtype=out_dtype)
         return y[:, None, :].transpose(1, 2)
     y, final = _scan_int8(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale,
-                          delta_bias, delta_softplus, out_dtype, return_final_state=True)
+                          delta_bias, delta_softplus, out_dtype, return_final_state=True,
+                          state_dtype=ssm_state.dtype)
     ssm_state.copy_(final)
     return y
 

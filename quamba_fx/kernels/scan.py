@@ -8,7 +8,14 @@ dequantization contract lives in `_dequantize` alone.
 
 Numerics (what the kernels compute, per batch b, channel d, state n, step t)
 ---------------------------------------------------------------------------
-All arithmetic is fp32; the state `h` is fp32 throughout (also between prefill and decode).
+All arithmetic is fp32, and the state `h` is fp32 in registers. The state in memory (a prefill's
+initial and final state, the decode step's state, i.e. what is kept between prefill and decode) is
+float16, bfloat16 or float32: it is loaded in its dtype and converted to fp32 (exact), and stored
+rounded to nearest even in its dtype. The chunked prefill's chunk states (below) stay fp32. With
+an fp32 state nothing is rounded; with fp16 each decode step rounds every state element once
+(relative 2**-11; bf16 2**-8), and since the scan is contractive those errors decay by
+exp(dt * A) per step rather than add up without bound (mamba_ssm keeps its decode state in the
+model's dtype, fp16, the same way).
 
 1. dequantize: an int8 input `q` with scale `s` is `float32(q) * s` (the int8 -> fp32 conversion is
    exact); float inputs are upcast to fp32.
@@ -26,9 +33,10 @@ per-channel sum (`(dt*u*sB) * qB` and `sC * sum_n h * qC`), so the per-step vect
 every thread of a program holds in full, are only converted, never scaled. Steps past the end of
 the chunk inside the last unrolled group run with dt = 0 and dt*u = 0, an exact identity on h.
 Prefill and decode run the same per-step `@triton.jit` helpers, so chaining decode steps after a
-prefill's final state reproduces the prefill bit for bit under TRITON_INTERPRET=1. On CUDA it
-agrees to rounding: the two kernels may get different register layouts from the compiler, hence
-a different order of the sum over d_state, and different FMA contraction.
+prefill's final state reproduces the prefill bit for bit under TRITON_INTERPRET=1 with an fp32
+state (a narrower one is rounded after every decode step, the prefill's only at its end). On
+CUDA it agrees to rounding: the two kernels may get different register layouts from the
+compiler, hence a different order of the sum over d_state, and different FMA contraction.
 
 Against the reference (fp32, torch.exp / log1p / silu, no reassociation) the kernel is not
 bit-exact: exp/log implementations differ (numpy's under the interpreter, approximate hardware
@@ -208,7 +216,7 @@ def _state_step(h, A2, dt, dtu, B_raw, C_raw, C_scale, skip, gate,
 
 @triton.jit
 def _to_out(y, OUT: tl.constexpr):
-    """y (fp32) rounded to nearest-even in the output dtype."""
+    """y (fp32; an output or a state) rounded to nearest-even in the dtype it is stored in."""
     if OUT == tl.bfloat16:
         return f32_to_bf16_rne(y)
     return y.to(OUT)
@@ -390,7 +398,7 @@ def _selective_scan_kernel(
     if PASS == 3:
         if HAS_H0:
             h = tl.load(h0_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn,
-                        mask=mask_nd & (chunk == 0), other=0.0)
+                        mask=mask_nd & (chunk == 0), other=0.0).to(tl.float32)
         # The state entering the chunk, from pass 2 (chunk 0 has none: masked off).
         prev = tl.maximum(chunk - 1, 0).to(tl.int64)
         h += tl.load(hc_ptr + prev * stride_cc + pid_b * stride_cb + hc_o, mask=mask_nd & (chunk > 0), other=0.0)
@@ -493,7 +501,7 @@ def _selective_scan_kernel(
         tl.store(sc_ptr + c64 * (stride_cc // NS) + pid_b * (stride_cb // NS) + offs_d64, dt_sum, mask=mask_d)
     elif WRITE_FINAL:
         f = hT_ptr + pid_b * stride_fb + offs_d64[None, :] * stride_fd + offs_n[:, None] * stride_fn
-        tl.store(f, h, mask=mask_nd & (chunk == n_chunks - 1))
+        tl.store(f, _to_out(h, hT_ptr.dtype.element_ty), mask=mask_nd & (chunk == n_chunks - 1))
 
 
 @triton.jit
@@ -532,7 +540,8 @@ def _selective_scan_carry_kernel(
     decay = tl.exp2(s * A2[None, :])
     a, b = tl.associative_scan((decay, hloc), 0, _carry_combine)
     if HAS_H0:
-        h0 = tl.load(h0_ptr + pid_b * stride_hb + d64 * stride_hd + n * stride_hn, mask=mask_dn, other=0.0)
+        h0 = tl.load(h0_ptr + pid_b * stride_hb + d64 * stride_hd + n * stride_hn, mask=mask_dn,
+                     other=0.0).to(tl.float32)
         b = a * h0[None, :] + b
     tl.store(hc_ptr + c64 * stride_cc + pid_b * stride_cb + offs_dn[None, :], b, mask=mask)
 
@@ -606,7 +615,7 @@ def _selective_state_update_kernel(
 
     # All loads first (one round trip of latency), then the same step as the prefill kernel.
     h_p = h_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn
-    h = tl.load(h_p, mask=mask_nd, other=0.0)
+    h = tl.load(h_p, mask=mask_nd, other=0.0).to(tl.float32)
     u_r = tl.load(u_ptr + pid_b * stride_ub + offs_d64 * stride_ud, mask=mask_d, other=0)
     if DT_PROJ:
         t_r = _project_delta(w_first, px_ptr + pid_b * stride_pxb, pw_ptr, px_scale_ptr, pw_scale_ptr, pb_ptr,
@@ -637,7 +646,7 @@ def _selective_state_update_kernel(
                                          U_Q, DT_Q, B_Q, Z_Q, SOFTPLUS, HAS_D, HAS_Z)
     h, y = _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
     # In place: each program reads and writes only its own channels.
-    tl.store(h_p, h, mask=mask_nd)
+    tl.store(h_p, _to_out(h, h_ptr.dtype.element_ty), mask=mask_nd)
     tl.store(y_ptr + pid_b * stride_yb + offs_d64 * stride_yd, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -826,16 +835,19 @@ def selective_scan_int8_reference(
     initial_state: Optional[torch.Tensor] = None,
     return_final_state: bool = False,
     out_dtype: Optional[torch.dtype] = None,
+    state_dtype: Optional[torch.dtype] = None,
 ) -> ScanResult:
     """PyTorch reference of `selective_scan` (int8 or float inputs): same arguments, layouts and dtypes.
 
-    Dequantizes (`q.float() * scale`), runs `quamba_fx.scan_reference.selective_scan_reference` in fp32 and
-    rounds y to the output dtype.
+    Dequantizes (`q.float() * scale`), runs `quamba_fx.scan_reference.selective_scan_reference` in fp32
+    (from `initial_state.float()`) and rounds y to the output dtype and the final state to
+    `state_dtype`, to nearest even.
     """
     scales = dict(u=u_scale, delta=delta_scale, B=B_scale, C=C_scale, z=z_scale)
     info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=3)
     out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
     _check_initial_state(initial_state, info, u.device)
+    state_dtype = _check_state_dtype(state_dtype, initial_state)
     y32, final = selective_scan_reference(
         _dequantize(u, u_scale), _dequantize(delta, delta_scale), A, _dequantize(B, B_scale),
         _dequantize(C, C_scale), D, _dequantize(z, z_scale), delta_bias, delta_softplus, initial_state,
@@ -844,7 +856,7 @@ def selective_scan_int8_reference(
     y = torch.empty(batch, L, d_inner, dtype=out_dtype, device=u.device).transpose(1, 2)
     y.copy_(y32)
     if return_final_state:
-        return y, final.contiguous()
+        return y, final.to(state_dtype).contiguous()
     return y
 
 
@@ -868,7 +880,8 @@ def selective_state_update_reference(
     out_dtype: Optional[torch.dtype] = None,
     delta_proj: Optional[DeltaProjection] = None,
 ) -> torch.Tensor:
-    """PyTorch reference of `selective_state_update`: a one-step scan from `state`, updated in place."""
+    """PyTorch reference of `selective_state_update`: a one-step scan from `state` (read as fp32),
+    updated in place (the new state rounded to nearest even in state's dtype)."""
     if delta_proj is not None:
         _check_projection(delta_proj, delta, delta_scale, _shape_info(u), u.device)
         p = delta_proj
@@ -893,9 +906,9 @@ def selective_state_update_reference(
 
 def _check_state(name: str, s: object, info: dict, device: torch.device) -> None:
     shape = (info["batch"], info["d_inner"], info["d_state"])
-    if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or tuple(s.shape) != shape:
-        raise ValueError(f"{name} must be a float32 tensor of shape [batch, d_inner, d_state] = {shape}, "
-                         f"got {_describe(s)}")
+    if not isinstance(s, torch.Tensor) or s.dtype not in _FLOAT_DTYPES or tuple(s.shape) != shape:
+        raise ValueError(f"{name} must be a float16/bfloat16/float32 tensor of shape [batch, d_inner, d_state] = "
+                         f"{shape}, got {_describe(s)}")
     if s.device != device:
         raise ValueError(f"{name} is on {s.device} but u is on {device}")
 
@@ -903,6 +916,15 @@ def _check_state(name: str, s: object, info: dict, device: torch.device) -> None
 def _check_initial_state(s: object, info: dict, device: torch.device) -> None:
     if s is not None:
         _check_state("initial_state", s, info, device)
+
+
+def _check_state_dtype(state_dtype: object, initial_state: Optional[torch.Tensor]) -> torch.dtype:
+    """The final state's dtype: `state_dtype`, else initial_state's, else float32."""
+    if state_dtype is None:
+        return initial_state.dtype if initial_state is not None else torch.float32
+    if state_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"state_dtype must be None, float16, bfloat16 or float32, got {state_dtype}")
+    return state_dtype
 
 
 # Chunk length of the prefill scan (tests and benchmarks may pin it; None: `_chunk_len`'s rule).
@@ -1029,6 +1051,7 @@ def selective_scan(
     initial_state: Optional[torch.Tensor] = None,
     return_final_state: bool = False,
     out_dtype: Optional[torch.dtype] = None,
+    state_dtype: Optional[torch.dtype] = None,
 ) -> ScanResult:
     """Mamba-1 selective scan over a whole sequence (prefill); see the module docstring for numerics.
 
@@ -1040,14 +1063,17 @@ def selective_scan(
         A: fp32 `[d_inner, d_state]` (negative in Mamba: `-exp(A_log)`).
         D, delta_bias: optional fp32 `[d_inner]`.
         delta_softplus: apply softplus to `delta (+ delta_bias)`.
-        initial_state: optional fp32 `[batch, d_inner, d_state]` (zeros when None).
-        return_final_state: also return the fp32 state after the last step.
+        initial_state: optional float16/bfloat16/float32 `[batch, d_inner, d_state]` (zeros when
+            None), any strides; read as fp32.
+        return_final_state: also return the state after the last step.
         out_dtype: dtype of y; default fp16 when any input is int8, else u's dtype.
+        state_dtype: dtype of the final state (float16, bfloat16 or float32), rounded to nearest
+            even from the fp32 state; default initial_state's dtype, float32 without one.
 
     Returns:
         y `[batch, d_inner, L]` whose memory is `[batch, L, d_inner]` contiguous; with
-        `return_final_state`, `(y, final_state)` with final_state fp32 `[batch, d_inner, d_state]`
-        contiguous.
+        `return_final_state`, `(y, final_state)` with final_state `[batch, d_inner, d_state]`
+        contiguous, of dtype `state_dtype`.
 
     CUDA tensors run the Triton kernel, as do CPU tensors under TRITON_INTERPRET=1; other CPU tensors
     run `selective_scan_int8_reference`.
@@ -1056,17 +1082,18 @@ def selective_scan(
     info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=3)
     out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
     _check_initial_state(initial_state, info, u.device)
+    state_dtype = _check_state_dtype(state_dtype, initial_state)
     batch, d_inner, L = u.shape
     d_state = info["d_state"]
     if not _use_triton(u) or batch * d_inner * L == 0:
         return selective_scan_int8_reference(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale=u_scale, delta_scale=delta_scale,
             B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, initial_state=initial_state,
-            return_final_state=return_final_state, out_dtype=out_dtype,
+            return_final_state=return_final_state, out_dtype=out_dtype, state_dtype=state_dtype,
         )
 
     y = torch.empty(batch, L, d_inner, dtype=out_dtype, device=u.device).transpose(1, 2)
-    final = (torch.empty(batch, d_inner, d_state, dtype=torch.float32, device=u.device)
+    final = (torch.empty(batch, d_inner, d_state, dtype=state_dtype, device=u.device)
              if return_final_state else A)  # dummy pointer when not written
     h0 = initial_state if initial_state is not None else A
     h0_strides = initial_state.stride() if initial_state is not None else (0, 0, 0)
@@ -1099,7 +1126,7 @@ def selective_scan(
         )
 
     tune_base = (d_inner, d_state, batch_bucket, chunk_len, u.dtype, delta.dtype, B.dtype, C.dtype, zz.dtype,
-                 y.dtype, tuple(sorted(flags.items())))
+                 y.dtype, h0.dtype, final.dtype, tuple(sorted(flags.items())))
     if n_prev > 0:
         _launch_chunks(tune_base, 1, batch, d_inner, n_prev, args_for(1, n_prev), flags)
         ncp = triton.next_power_of_2(n_prev)
@@ -1145,8 +1172,10 @@ def selective_state_update(
     """One decode step of `selective_scan`, advancing `state` in place.
 
     Args:
-        state: fp32 `[batch, d_inner, d_state]` (any strides), updated in place, so chained steps
-            continue a prefill's final state (and reproduce its y; see the module docstring).
+        state: float16/bfloat16/float32 `[batch, d_inner, d_state]` (any strides), updated in
+            place, so chained steps continue a prefill's final state (and reproduce its y; see the
+            module docstring). It is read as fp32 and the new state is stored rounded to nearest
+            even in its dtype.
         u, delta, z: `[batch, d_inner]`; B, C: `[batch, d_state]`; any strides, int8 + scale or
             float. The other arguments are as in `selective_scan`.
         delta_proj: dt_proj to compute delta from (`DeltaProjection`), with `delta` and

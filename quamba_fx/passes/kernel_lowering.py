@@ -13,8 +13,12 @@ Each rule matches one reference subgraph and replaces it with one kernel op from
 | expressions of parameters only (`-exp(A_log.float())`)     | folded into a buffer           |
 
 The conv1d must already be fused (`passes.conv_fusion`; `quamba_fx.flows.lower` runs both). Float leftovers (embedding, lm_head) and the
-activations between kernels are cast to `dtype` (fp16 by default); the residual stream and the scan
-state stay fp32. The result computes what the reference graph computes up to the kernels' documented
+activations between kernels are cast to `dtype` (fp16 by default); the residual stream stays fp32.
+The scan computes in fp32; the decode cache keeps its state in `state_dtype` (recorded as
+`gm.meta["quamba"]["state_dtype"]`, read by `ssm_state_dtype`): by default fp16 for the fp16
+lowering, as mamba_ssm does (it halves the state read and written every decode step), and fp32
+otherwise (bf16's 8-bit mantissa is too coarse for a recurrent state; an fp32 lowering stays the
+exact option). The result computes what the reference graph computes up to the kernels' documented
 rounding differences; `cached_graph` derives the prefill and decode graphs of generation from it.
 """
 
@@ -29,7 +33,8 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import ops as reference_ops  # noqa: F401  (registers torch.ops.quamba.selective_scan, read below)
-from ..graph_info import fetch_attr, info, op_name
+from ..errors import InputError, InvalidArgumentError
+from ..graph_info import META_KEY, fetch_attr, info, op_name
 from ..kernels import gemm_fp8  # noqa: F401  (registers torch.ops.quamba.fp8_gemm)
 from ..kernels import ops as kernel_ops  # noqa: F401  (registers the kernel ops)
 from ..quant.fp8_linear import Fp8Linear
@@ -95,14 +100,49 @@ def _is_rmsnorm(module: nn.Module) -> bool:
     return hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
-class LowerToKernels(PassBase):
-    """Replace the reference ops of a fused W8A8 graph with Triton kernel ops (see module docs)."""
+# The dtypes a decode cache may keep the scan state in, by the name the graph's metadata records.
+STATE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-    def __init__(self, dtype: torch.dtype = torch.float16):
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def resolve_state_dtype(dtype: torch.dtype, state_dtype: torch.dtype | None) -> torch.dtype:
+    """The scan state's dtype for a lowering to `dtype`: `state_dtype`, or by default fp16 for the
+    fp16 lowering and fp32 for any other. Raises InvalidArgumentError for any other dtype."""
+    if state_dtype is None:
+        return torch.float16 if dtype == torch.float16 else torch.float32
+    if state_dtype not in STATE_DTYPES.values():
+        raise InvalidArgumentError(
+            f"state_dtype must be None, torch.float16, torch.bfloat16 or torch.float32, got {state_dtype!r}")
+    return state_dtype
+
+
+def ssm_state_dtype(gm: torch.fx.GraphModule) -> torch.dtype:
+    """The dtype a lowered graph's decode cache keeps the scan state in (fp32 for graphs lowered
+    before the choice was recorded)."""
+    name = gm.meta.get(META_KEY, {}).get("state_dtype", "float32")
+    if name not in STATE_DTYPES:
+        raise InputError(f"the graph's meta['quamba']['state_dtype'] is {name!r}, not one of "
+                         f"{', '.join(STATE_DTYPES)}: lower the quantized graph again")
+    return STATE_DTYPES[name]
+
+
+class LowerToKernels(PassBase):
+    """Replace the reference ops of a fused W8A8 graph with Triton kernel ops (see module docs).
+
+    `dtype` is the activations' dtype between kernels; `state_dtype` the decode cache's scan
+    state (None: fp16 for an fp16 lowering, else fp32), recorded in `gm.meta["quamba"]`.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float16, state_dtype: torch.dtype | None = None):
         super().__init__()
         self.dtype = dtype
+        self.state_dtype = resolve_state_dtype(dtype, state_dtype)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        gm.meta.setdefault(META_KEY, {})["state_dtype"] = _dtype_name(self.state_dtype)
         rules = [self.lower_linear, self.fuse_scan, self.fuse_hadamard_quantize, self.fuse_norm]
         changed = run_rules(gm, rules)
         changed |= fold_parameter_expressions(gm)
