@@ -45,11 +45,7 @@ CONV1D_OPS: set[str] = {
 }
 # int8_linear / fp8_linear: Dynamo inlines QuantizedLinear / Fp8Linear.forward, so the
 # torch.compile backend sees the op.
-LINEAR_OPS: set[str] = {
-    "linear", "int8_linear", "w8a8_linear", "fp8_linear", "fp8_gemm",
-    # a decode step's out_proj with the next norm after it (passes/kernel_lowering.py)
-    "out_proj_add_rmsnorm",
-}
+LINEAR_OPS: set[str] = {"linear", "int8_linear", "w8a8_linear", "fp8_linear", "fp8_gemm"}
 SCAN_OPS: set[str] = {
     "selective_scan", "selective_scan_int8", "selective_scan_int8_cached",
     # the decode step with dt_proj folded in (passes/kernel_lowering.py)

@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 
 from quamba_fx.kernels import gemm, gemv, split_k
 from quamba_fx.kernels.conv1d import causal_conv1d_update_silu_int8
-from quamba_fx.kernels.gemm import ConvStep, NormStep, int8_gemm, int8_gemm_conv_step, int8_gemm_norm_step, int8_gemm_reference
-from quamba_fx.kernels.norm import add_rmsnorm_quantize
+from quamba_fx.kernels.gemm import ConvStep, int8_gemm, int8_gemm_conv_step, int8_gemm_reference
 from quamba_fx.quant.qops import MAX_INT8_LINEAR_K
 
 from .kernel_support import DEVICE, EXACT, needs_kernel, reference_calls
@@ -303,42 +302,6 @@ def test_conv_step_on_the_reference_path_and_its_errors():
                                                  conv.out_scale))
     with pytest.raises(ValueError, match="conv must be a ConvStep"):
         int8_gemm_conv_step(*gemm_args, "conv")
-
-
-@needs_kernel
-@pytest.mark.parametrize("M, K, N, has_residual, quantized", [
-    (1, 64, 40, True, True),      # one K step, a ragged last tile
-    (1, 200, 37, False, True),    # split K: the row's last tile is finished by a last split
-    (1, 96, 70, True, False),     # a float output (the final norm before lm_head)
-    (2, 64, 24, True, True),      # two rows: the GEMM, then the norm kernel
-])
-def test_gemm_with_a_norm_step_equals_the_gemm_then_the_norm_kernel(M, K, N, has_residual, quantized,
-                                                                     monkeypatch):
-    gen = torch.Generator().manual_seed(K + N)
-    x = int8_values(gen, (M, 1, K), "uniform").to(DEVICE)
-    w = int8_values(gen, (N, K), "uniform").to(DEVICE)
-    gemm_args = (x, scale(0.02, DEVICE), w, (torch.rand(N, generator=gen) * 1e-3 + 1e-4).to(DEVICE), None)
-    step = NormStep(residual=torch.randn(M, 1, N, generator=gen).to(DEVICE) if has_residual else None,
-                    weight=torch.randn(N, generator=gen).to(DEVICE), eps=1e-5,
-                    scale=scale(0.05, DEVICE) if quantized else None, out_dtype=torch.float16)
-    out = int8_gemm(*gemm_args, out_dtype=torch.float16)
-    want = add_rmsnorm_quantize(out, step.residual, step.weight, step.eps, step.scale, step.out_dtype)
-    norm_kernel_calls = []
-    real = gemm.add_rmsnorm_quantize
-    monkeypatch.setattr(gemm, "add_rmsnorm_quantize", lambda *a, **k: norm_kernel_calls.append(1) or real(*a, **k))
-    for _ in range(2):  # the row counter is back at zero after each launch
-        normed, residual_out = int8_gemm_norm_step(*gemm_args, torch.float16, step)
-        assert normed.shape == residual_out.shape == (M, 1, N) and residual_out.dtype == torch.float32
-        assert torch.equal(residual_out, want[1])
-        if EXACT or M > 1:
-            assert torch.equal(normed, want[0])
-        else:  # CUDA: the sum of squares is reduced over other threads, without FMA contraction
-            torch.testing.assert_close(normed.float(), want[0].float(), rtol=2.0**-10, atol=1.0 if quantized else 0)
-    assert len(norm_kernel_calls) == 2 * (M > 1)
-    with pytest.raises(ValueError, match="norm must be a NormStep"):
-        int8_gemm_norm_step(*gemm_args, torch.float16, "norm")
-    with pytest.raises(ValueError, match="a norm step needs the GEMM's float output"):
-        gemm._int8_gemm(*gemm_args, scale(0.3, DEVICE), None, step)
 
 
 @pytest.mark.parametrize("K,N,want", [

@@ -73,7 +73,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -86,8 +86,6 @@ from .dispatch import use_triton as _use_triton
 from . import gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
 from .conv1d import causal_conv1d_update_silu_int8
-from .norm import _validate as _validate_norm_step
-from .norm import add_rmsnorm_quantize
 from .pdl import launch_options, wait_for_previous
 from .gemm_epilogue import OUT_BF16 as _OUT_BF16
 from .gemm_epilogue import OUT_CAST as _OUT_CAST
@@ -98,7 +96,7 @@ from torch import Tensor
 from ..quant import qops  # noqa: F401  (registers torch.ops.quamba.int8_linear, the reference)
 from ..quant.qops import _check_linear, _linear_out_dtype
 
-__all__ = ["ConvStep", "NormStep", "int8_gemm", "int8_gemm_conv_step", "int8_gemm_norm_step", "int8_gemm_reference"]
+__all__ = ["ConvStep", "int8_gemm", "int8_gemm_conv_step", "int8_gemm_reference"]
 
 
 # Tuning is per power-of-two bucket of M, not per exact M: prefill lengths vary per request and
@@ -515,38 +513,6 @@ def int8_gemm_conv_step(
     return _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, None, conv)
 
 
-@dataclass(frozen=True)
-class NormStep:
-    """The residual add + RMSNorm (+ int8 quantize) of a GEMM's float output rows
-    (`int8_gemm_norm_step`): `norm.add_rmsnorm_quantize(out, residual, weight, eps, scale, out_dtype)`."""
-
-    residual: Optional[Tensor]
-    weight: Tensor
-    eps: float
-    scale: Optional[Tensor]
-    out_dtype: torch.dtype
-
-
-def int8_gemm_norm_step(
-    x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype,
-    norm: NormStep,
-) -> Tuple[Tensor, Tensor]:
-    """`out = int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype=out_dtype)` (a float output)
-    followed by `add_rmsnorm_quantize(out, ...)` of `norm`: returns `(normed, residual_out)`. A
-    decode step's out_proj and the next block's norm.
-
-    A one-row problem that the GEMV runs (batch-1 decode on the GPU) is one launch: the program
-    that finishes the row's last column tile runs the norm over the row (`norm.add_rmsnorm_row`,
-    the norm kernel's own arithmetic; on CUDA the sum of squares may round differently, being
-    reduced over another number of threads and without FMA contraction). Other problems run the
-    GEMM, then the norm kernel.
-    """
-    if not isinstance(norm, NormStep):
-        raise ValueError(f"norm must be a NormStep, got {type(norm).__name__}")
-    _, normed = _int8_gemm(x_q, x_scale, w_q, w_scale, bias, None, out_dtype, norm)
-    return normed
-
-
 def _conv_after(out: Tensor, out_scale: Tensor, conv: ConvStep) -> Tensor:
     d = conv.state.shape[1]
     rows = out.reshape(-1, out.shape[-1])[:, :d]
@@ -565,28 +531,8 @@ def _check_conv_step(conv: ConvStep, out: Tensor, out_scale: Optional[Tensor]) -
     _validate_conv_step(rows, state, _f32_vector(out_scale).reshape(()), conv.weight, conv.bias, conv.out_scale)
 
 
-def _after(out: Tensor, out_scale: Optional[Tensor], step: Union[ConvStep, NormStep, None]):
-    """The step after the GEMM, as its own kernel: the conv's u, the norm's (normed, residual)."""
-    if step is None:
-        return None
-    if isinstance(step, ConvStep):
-        return _conv_after(out, out_scale, step)
-    return add_rmsnorm_quantize(out, step.residual, step.weight, step.eps, step.scale, step.out_dtype)
-
-
-def _check_step(step: Union[ConvStep, NormStep, None], out: Tensor, out_scale: Optional[Tensor]) -> None:
-    if isinstance(step, ConvStep):
-        _check_conv_step(step, out, out_scale)
-    elif isinstance(step, NormStep):
-        if not out.dtype.is_floating_point:
-            raise ValueError(f"a norm step needs the GEMM's float output, not {out.dtype}")
-        _validate_norm_step("int8_gemm_norm_step", out, step.residual, step.weight, step.eps, step.scale,
-                            step.out_dtype)
-
-
-def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Union[ConvStep, NormStep, None]):
-    """int8_gemm's body: `(out, after)`, after the result of the step `conv` (a ConvStep or a
-    NormStep) when given, else None."""
+def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Optional[ConvStep]):
+    """int8_gemm's body: `(out, u)`, u the conv step's output when `conv` is given, else None."""
     n, k, dtype = _validate(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
     out_mode = _OUT_MODES.get(dtype)
     lead = x_q.shape[:-1]
@@ -596,11 +542,14 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Uni
     if out_mode is None or k == 0 or not _use_triton(x_q) or m == 0 or n == 0:
         out = (int8_gemm_reference(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype) if m * n
                else torch.empty((*lead, n), dtype=dtype, device=x_q.device))
-        _check_step(conv, out, out_scale)
-        return out, _after(out, out_scale, conv)
+        if conv is None:
+            return out, None
+        _check_conv_step(conv, out, out_scale)
+        return out, _conv_after(out, out_scale, conv)
 
     out = torch.empty((*lead, n), dtype=dtype, device=x_q.device)
-    _check_step(conv, out, out_scale)
+    if conv is not None:
+        _check_conv_step(conv, out, out_scale)
 
     x2 = _as_rows(x_q, m, k)
     w = w_q if k <= 1 or w_q.stride(1) == 1 else w_q.contiguous()
@@ -642,57 +591,43 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Uni
 
         if _runs_alternative("tma", key, tma_kernel, pointer_kernel):
             tma_kernel()
-            return out, _after(out, out_scale, conv)
+            return out, None if conv is None else _conv_after(out, out_scale, conv)
     elif m <= gemv.GEMV_MAX_M and gemv.supported(x2, w):
         def gemv_kernel() -> None:
             gemv.launch(tensors, n, k, key, flags)
 
-        if conv is not None and _USES_ALTERNATIVE.get(("gemv_step", type(conv), key), True):
-            done = _gemv_with_step(tensors, n, k, key, flags, conv)
-            if done is not None:
-                # The norm's outputs come back as the [1, N] row of the launch.
-                return out, done if isinstance(conv, ConvStep) else tuple(t.view(out.shape) for t in done)
+        if conv is not None and _USES_ALTERNATIVE.get(("gemv_conv", key), True):
+            u = _gemv_conv_step(tensors, n, k, key, flags, conv)
+            if u is not None:
+                return out, u
         # Not timed: the graph-replayed timing keeps a one-row problem's weight in L2, unlike a
         # decode step; streamed from memory the GEMV was 1.3-1.7x faster than the pointer kernel
         # on every 2.8b projection (docs/benchmarks.md, session 20).
         if _runs_alternative("gemv", key, gemv_kernel, pointer_kernel, timed=False):
             gemv_kernel()
-            return out, _after(out, out_scale, conv)
+            return out, None if conv is None else _conv_after(out, out_scale, conv)
     pointer_kernel()
-    return out, _after(out, out_scale, conv)
+    return out, None if conv is None else _conv_after(out, out_scale, conv)
 
 
-def _gemv_with_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, step: Union[ConvStep, NormStep]):
-    """The GEMV with the conv or norm step in its epilogue, returning the step's result; None
-    (with a warning, once per problem) when it fails to compile here. A failed launch fails
-    before its kernel runs: no state is touched."""
-    device = tensors[0].device
-    if isinstance(step, ConvStep):
-        u = torch.empty((1, step.state.shape[1]), dtype=torch.int8, device=device)
-        extra, result = dict(conv=(step.state, step.weight, step.bias, step.out_scale, u)), u
-    else:
-        out = tensors[6]
-        normed = torch.empty(out.shape, dtype=torch.int8 if step.scale is not None else step.out_dtype,
-                             device=device)
-        r_out = torch.empty(out.shape, dtype=torch.float32, device=device)
-        residual = None if step.residual is None else step.residual.reshape(out.shape)
-        if residual is not None and residual.stride(-1) != 1:
-            residual = residual.contiguous()
-        extra = dict(norm=(residual, step.weight, step.eps, step.scale, normed, r_out))
-        result = (normed, r_out)
+def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: ConvStep) -> Optional[Tensor]:
+    """The GEMV with the conv step in its epilogue; None (with a warning, once per problem) when it
+    fails to compile here. A failed launch fails before its kernel runs: the state is untouched."""
+    d = conv.state.shape[1]
+    u = torch.empty((1, d), dtype=torch.int8, device=tensors[0].device)
     try:
-        gemv.launch(tensors, n, k, key, flags, **extra)
-    except Exception as exc:  # noqa: BLE001 - reported; the GEMM and the step's kernel run instead
-        if (type(step), key) in _GEMV_STEP_RAN or _INTERPRET:
+        gemv.launch(tensors, n, k, key, flags, conv=(conv.state, conv.weight, conv.bias, conv.out_scale, u))
+    except Exception as exc:  # noqa: BLE001 - reported; the GEMM and conv kernels run instead
+        if key in _GEMV_CONV_RAN or _INTERPRET:
             raise
-        warnings.warn(f"quamba_fx: the GEMV with a {type(step).__name__} epilogue failed on this device "
-                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); running the "
-                      "GEMV and the step's kernel instead", RuntimeWarning, stacklevel=4)
-        _USES_ALTERNATIVE[("gemv_step", type(step), key)] = False
+        warnings.warn(f"quamba_fx: the GEMV with a conv epilogue failed on this device ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); running the GEMV and the conv "
+                      "kernel instead", RuntimeWarning, stacklevel=4)
+        _USES_ALTERNATIVE[("gemv_conv", key)] = False
         return None
-    _GEMV_STEP_RAN.add((type(step), key))
-    return result
+    _GEMV_CONV_RAN.add(key)
+    return u
 
 
-# Problems whose GEMV with a step launched once: a later failure is a real error, not a compile one.
-_GEMV_STEP_RAN: set = set()
+# Problems whose GEMV-with-conv launched once: a later failure is a real error, not a compile one.
+_GEMV_CONV_RAN: set = set()

@@ -34,7 +34,6 @@ from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import sm_count
 from .conv1d import conv_update_step
 from .gemm_epilogue import epilogue, store_tile
-from .norm import add_rmsnorm_row
 from .pdl import launch_options, wait_for_previous
 
 __all__ = ["GEMV_MAX_M", "launch", "supported"]
@@ -42,10 +41,6 @@ __all__ = ["GEMV_MAX_M", "launch", "supported"]
 # Problems with at most this many rows run here: with several, the rows' broadcast products need
 # layout exchanges through shared memory every step, and a few rows are the tensor-core kernel's.
 GEMV_MAX_M = 1
-
-# The NORM tail keeps a row of up to this many fp32 values in registers (32 a thread over the
-# GEMV's 4 warps at 4096, 2.8b's 2560 padded); longer rows loop over it twice.
-_MAX_NORM_BLOCK = 4096
 
 # int8 values in an int32 word.
 _PACK = 4
@@ -118,31 +113,15 @@ def _load_step(ptrs, offs_k, K, kt, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr, count_ptr,
+def _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
             cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
-            res_ptr, nw_ptr, ns_ptr, no_ptr, ro_ptr, stride_nw, norm_eps,
             W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
             OUT_PER_CHANNEL: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
-            CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr, NORM: tl.constexpr, NORM_HAS_RES: tl.constexpr,
-            NORM_QUANT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The epilogue of a column tile, then
-    * CONV: the decode conv step of its columns below D_CONV: in_proj's x half feeds the conv1d,
-      one channel a column (conv1d.conv_update_step);
-    * NORM: the residual add + RMSNorm (+ quantize) of the whole output row, by the program that
-      finishes the row's last tile (norm.add_rmsnorm_row): out_proj's output feeds the next norm.
-      Tiles count their arrivals in `count_ptr[number of tiles]`, as split-K's tiles do theirs."""
+            CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The epilogue of a column tile, then (CONV) the decode conv step of its columns below D_CONV:
+    in_proj's x half feeds the conv1d, one channel a column (conv1d.conv_update_step)."""
     row = tl.arange(0, 1)
-    if NORM:
-        store_tile(acc, row, offs_n, cols, 1, N, 0, x_scale_ptr, w_scale_ptr, bias_ptr,
-                   out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
-        n_tiles = tl.cdiv(N, BLOCK_N)
-        # Every thread's stores before the release; the acquire makes the other tiles' visible.
-        tl.debug_barrier()
-        if tl.atomic_add(count_ptr + n_tiles, 1, sem="acq_rel", scope="gpu") == n_tiles - 1:
-            add_rmsnorm_row(out_ptr, res_ptr, nw_ptr, stride_nw, ns_ptr, no_ptr, ro_ptr, N, norm_eps,
-                            NORM_HAS_RES, NORM_QUANT, BLOCK_H, BLOCK_H >= N)
-            tl.atomic_xchg(count_ptr + n_tiles, 0, sem="relaxed", scope="gpu")
-    elif CONV:
+    if CONV:
         out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
                        W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
         tl.store(out_ptr + offs_n[None, :], out, mask=(offs_n < N)[None, :])
@@ -161,20 +140,17 @@ def _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_
 def _int8_gemv_jit(
     x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr, partial_ptr, count_ptr,
     cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr,
-    res_ptr, nw_ptr, ns_ptr, no_ptr, ro_ptr,
     N, K,
     stride_wn,
     D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
-    stride_nw, norm_eps,
     W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     DP4A: tl.constexpr, USE_PDL: tl.constexpr,
     CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
-    NORM: tl.constexpr, NORM_HAS_RES: tl.constexpr, NORM_QUANT: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    # CONV: also the decode conv step of columns < D_CONV, its state `cs` [D, W-1] rolled in
-    # place, its output written to u; NORM: also the add + RMSNorm of the row (see _finish).
+    # CONV: also the decode conv step of columns < D_CONV (see _finish), its state `cs` [D, W-1]
+    # rolled in place, its output written to u.
     # x and w are int32 words (four int8 each): K and stride_wn count words.
     # SPLIT_K consecutive programs share one column tile.
     pid = tl.program_id(0)
@@ -207,18 +183,14 @@ def _int8_gemv_jit(
     acc = tl.sum(sums, axis=1)[None, :]  # [1, BLOCK_N]: the epilogue's tile shape
 
     if SPLIT_K == 1:
-        _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr, count_ptr,
+        _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
                 cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
-                res_ptr, nw_ptr, ns_ptr, no_ptr, ro_ptr, stride_nw, norm_eps,
-                W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH,
-                NORM, NORM_HAS_RES, NORM_QUANT, BLOCK_H, BLOCK_N)
+                W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH, BLOCK_N)
     elif split_k.arrive(acc, partial_ptr, count_ptr, pid_n, pid_k, SPLIT_K, 1, BLOCK_N):
         acc = split_k.total(partial_ptr, count_ptr, pid_n, SPLIT_K, 1, BLOCK_N)
-        _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr, count_ptr,
+        _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
                 cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
-                res_ptr, nw_ptr, ns_ptr, no_ptr, ro_ptr, stride_nw, norm_eps,
-                W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH,
-                NORM, NORM_HAS_RES, NORM_QUANT, BLOCK_H, BLOCK_N)
+                W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH, BLOCK_N)
 
 
 # (N, K, out dtype, flags, device) -> the config.
@@ -231,26 +203,19 @@ def _grid(n: int):
     return grid
 
 
-def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple | None = None,
-           norm: tuple | None = None) -> None:
+def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple | None = None) -> None:
     """Run the GEMV on `tensors = (x [1, K], w [N, K], x_scale, w_scale, bias, out_scale, out
     [1, N])` (placeholders for absent bias / out_scale), validated by `gemm.int8_gemm` and
     `supported`. `key` names everything that selects a config or a compiled variant; `flags` are
     the epilogue's. `conv = (state [1, D, W-1], weight [D, W], bias or None, out_scale, u [1, D])`
-    adds the decode conv step of the first D columns (`gemm.int8_gemm_conv_step` validated it);
-    `norm = (residual [1, N] or None, weight [N], eps, scale or None, normed [1, N], residual_out
-    [1, N] fp32)` the add + RMSNorm of the output row (`gemm.int8_gemm_norm_step`)."""
+    adds the decode conv step of the first D columns (`gemm.int8_gemm_conv_step` validated it)."""
     x, w = tensors[0], tensors[1]
     k_words = k // _PACK
     meta = _TUNED.get(key)
     if meta is None:
         meta = _TUNED[key] = _config(n, k_words)
-    if meta["SPLIT_K"] > 1 or norm is not None:
-        partials, counters = split_k.scratch_need(1, n, (meta,))
-        # NORM counts the row's finished tiles in the counter after the tiles' own.
-        scratch = split_k.scratch(x.device, max(partials, 1), max(counters, _cdiv(n, meta["BLOCK_N"]) + 1))
-    else:
-        scratch = (tensors[2], tensors[2])
+    scratch = (split_k.scratch(x.device, *split_k.scratch_need(1, n, (meta,))) if meta["SPLIT_K"] > 1
+               else (tensors[2], tensors[2]))
     words = (x[0].view(torch.int32)[None], w.view(torch.int32)) + tuple(tensors[2:])
     if conv is not None:
         state, cw, cb, cu_scale, u = conv
@@ -260,18 +225,8 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
     else:
         conv_args = (x, x, x, x, x, 0, 0, 0, 0, 0)  # placeholders, never read
         conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
-    if norm is not None:
-        residual, nw, eps, nscale, normed, r_out = norm
-        norm_args = (residual if residual is not None else r_out, nw, nscale if nscale is not None else nw, normed,
-                     r_out, nw.stride(0), float(eps))
-        norm_flags = dict(NORM=True, NORM_HAS_RES=residual is not None, NORM_QUANT=nscale is not None,
-                          BLOCK_H=min(triton.next_power_of_2(n), _MAX_NORM_BLOCK))
-    else:
-        norm_args = (x, x, x, x, x, 0, 0.0)  # placeholders, never read
-        norm_flags = dict(NORM=False, NORM_HAS_RES=False, NORM_QUANT=False, BLOCK_H=16)
     # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
-    _int8_gemv_jit[_grid(n)](*words, *scratch, *conv_args[:5], *norm_args[:5], n, k_words, w.stride(0) // _PACK,
-                             *conv_args[5:], *norm_args[5:],
-                             **flags, **meta, **conv_flags, **norm_flags, FAST_MATH=not _INTERPRET,
+    _int8_gemv_jit[_grid(n)](*words, *scratch, *conv_args[:5], n, k_words, w.stride(0) // _PACK, *conv_args[5:],
+                             **flags, **meta, **conv_flags, FAST_MATH=not _INTERPRET,
                              EVEN_K=_even_k(k_words, meta), DP4A=not _INTERPRET, enable_fp_fusion=False,
                              **launch_options(x.device))

@@ -104,16 +104,10 @@ def _add_rmsnorm_kernel(
     res_row = res_ptr + i0 * stride_r0 + i1 * stride_r1
     # Both outputs are contiguous [rows, H].
     base = row.to(tl.int64) * H
-    add_rmsnorm_row(x_row, res_row, w_ptr, stride_w, scale_ptr, out_ptr + base, r_ptr + base, H, eps,
-                    HAS_RES, QUANT, BLOCK_H, SINGLE)
-
-
-@triton.jit
-def add_rmsnorm_row(x_row, res_row, w_ptr, stride_w, scale_ptr, o_row, ro_row, H, eps,
-                    HAS_RES: tl.constexpr, QUANT: tl.constexpr, BLOCK_H: tl.constexpr, SINGLE: tl.constexpr):
-    """One row of `add_rmsnorm_quantize`: the residual sum `ro_row` and the normed `o_row`. Also
-    the tail of out_proj's GEMV in decode graphs (gemv.py), so both compute the same row."""
+    ro_row = r_ptr + base
+    o_row = out_ptr + base
     offs = tl.arange(0, BLOCK_H)
+
     if SINGLE:
         mask = offs < H
         r = _residual_sum(x_row, res_row, offs, mask, HAS_RES)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .conv1d import causal_conv1d_silu_int8, causal_conv1d_update_silu_int8
-from .gemm import ConvStep, NormStep, int8_gemm, int8_gemm_conv_step, int8_gemm_norm_step
+from .gemm import ConvStep, int8_gemm, int8_gemm_conv_step
 from .hadamard import hadamard_quantize as _hadamard_quantize
 from .norm import add_rmsnorm_quantize as _add_rmsnorm_quantize
 from .scan import selective_scan as _selective_scan
@@ -248,22 +248,3 @@ def _add_rmsnorm_quantize_fake(x, residual, weight, eps, scale, out_dtype):
     return (torch.empty(x.shape, dtype=dtype, device=x.device),
             torch.empty(x.shape, dtype=torch.float32, device=x.device))
 
-
-@torch.library.custom_op("quamba::out_proj_add_rmsnorm", mutates_args=())
-def out_proj_add_rmsnorm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                         out_dtype: torch.dtype, residual: Optional[Tensor], norm_weight: Tensor, eps: float,
-                         norm_scale: Optional[Tensor], norm_out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """A decode step's out_proj and the next norm: `add_rmsnorm_quantize(w8a8_linear(x_q, x_scale,
-    w_q, w_scale, bias, None, out_dtype), residual, norm_weight, eps, norm_scale, norm_out_dtype)`,
-    i.e. `(normed, residual_out)`. At batch 1 on the GPU one GEMV launch computes both
-    (`kernels.gemm.int8_gemm_norm_step`).
-    """
-    step = NormStep(residual, norm_weight, eps, None if norm_scale is None else _scalar(norm_scale), norm_out_dtype)
-    return int8_gemm_norm_step(x_q, x_scale, w_q, w_scale, bias, out_dtype, step)
-
-
-@out_proj_add_rmsnorm.register_fake
-def _out_proj_add_rmsnorm_fake(x_q, x_scale, w_q, w_scale, bias, out_dtype, residual, norm_weight, eps, norm_scale,
-                               norm_out_dtype):
-    out = torch.ops.quamba.int8_linear(x_q, x_scale, w_q, w_scale, bias, None, out_dtype)
-    return _add_rmsnorm_quantize_fake(out, residual, norm_weight, eps, norm_scale, norm_out_dtype)

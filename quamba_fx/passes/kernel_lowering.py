@@ -410,37 +410,14 @@ def fuse_conv_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> boo
     return True
 
 
-OUT_PROJ_ADD_RMSNORM = torch.ops.quamba.out_proj_add_rmsnorm.default
-
-
-def fuse_norm_into_out_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Decode only: `add_rmsnorm_quantize(w8a8_linear(.., None, dtype), residual, ..)` whose GEMM
-    (out_proj, a float output) feeds nothing else -> `out_proj_add_rmsnorm`, the same two
-    results: at batch 1 the GEMV's last tile runs the norm, one launch a block fewer."""
-    if not _is(node, ADD_RMSNORM):
-        return False
-    x, residual, weight, eps, scale, out_dtype = node.args
-    if not _is(x, W8A8_LINEAR) or len(x.users) != 1 or x.kwargs or len(x.args) != 7 or x.args[5] is not None:
-        return False
-    with gm.graph.inserting_before(node):
-        fused = gm.graph.call_function(OUT_PROJ_ADD_RMSNORM, (*x.args[:5], x.args[6], residual, weight, eps, scale,
-                                                              out_dtype))
-    fused.meta["quamba"] = {**info(node), "kernel": "triton:out_proj_add_rmsnorm"}
-    node.replace_all_uses_with(fused)
-    gm.graph.erase_node(node)
-    gm.graph.erase_node(x)
-    return True
-
-
 def cached_graph(lowered: torch.fx.GraphModule, decode: bool) -> torch.fx.GraphModule:
     """The prefill (`decode=False`) or one-token decode graph of a lowered graph.
 
     The result is called as `gm(input_ids, conv_states, ssm_states)` with one cache tensor per block
     in each list (see `quamba_fx.runtime.MambaCache`); the conv1d and scan nodes become their
     `*_cached` ops, which read and write those tensors in place. In the decode graph dt_proj then
-    moves into the scan's kernel (`fuse_dt_proj_into_state_update`), the conv step into in_proj's
-    (`fuse_conv_into_in_proj`) and the residual add + norm into out_proj's
-    (`fuse_norm_into_out_proj`). Shares modules with `lowered`.
+    moves into the scan's kernel (`fuse_dt_proj_into_state_update`) and the conv step into
+    in_proj's (`fuse_conv_into_in_proj`). Shares modules with `lowered`.
     """
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -464,7 +441,7 @@ def cached_graph(lowered: torch.fx.GraphModule, decode: bool) -> torch.fx.GraphM
     gm = torch.fx.GraphModule(lowered, graph, class_name="CachedMambaGraph")
     gm.meta["quamba"] = {**lowered.meta.get("quamba", {}), "cached": "decode" if decode else "prefill"}
     if decode:
-        run_rules(gm, [fuse_dt_proj_into_state_update, fuse_conv_into_in_proj, fuse_norm_into_out_proj])
+        run_rules(gm, [fuse_dt_proj_into_state_update, fuse_conv_into_in_proj])
         _delete_unused_attributes(gm)
         gm.graph.lint()
         gm.recompile()
