@@ -1143,10 +1143,12 @@ def selective_scan(
 
 
 # Decode steps with a DeltaProjection compute it inside the scan kernel up to this batch: each
-# program reads its channels' dt_proj rows once per sequence. On the H200, 2.8b (session 21): batch
-# 1 decodes 572 tokens/s fused against 542 with the GEMM; batch 16 5751 against 5731 (the fused
-# scan's kernel time grows by as much as the GEMM's drops); above, the re-reads only grow.
-DT_PROJ_MAX_BATCH = 16
+# program reads its channels' dt_proj rows once per sequence. On the H200, 2.8b (session 21,
+# docs/benchmarks.md run 6): at batch 1 fused 572 tokens/s against 542 with the GEMM; at batch 16
+# within the runs' spread (5751 / 5731, 5764 / 5835 with other changes), but the fused scan's
+# kernel time grew by 0.36 ms a step where the GEMM's fell by 0.27. The growth is per sequence, the
+# saving fixed: on those two points they cross near batch 9.
+DT_PROJ_MAX_BATCH = 8
 
 
 def selective_state_update(
