@@ -150,30 +150,26 @@ def test_decode_step_logits_equal_the_prefill_of_the_longer_sequence(tiny_quanti
         torch.testing.assert_close(logits, full[:, 6 + i], rtol=1e-3, atol=1e-3)
 
 
-def test_decode_graph_runs_dt_proj_inside_the_scan_kernel(tiny_quantized):
+def test_decode_graph_folds_dt_proj_into_the_scan_and_the_conv_into_in_proj(tiny_quantized):
     low = quamba_fx.lower(tiny_quantized)
     gen = quamba_fx.Generator(low, batch_size=1)
+    blocks = tiny_config().num_hidden_layers
     decode = [n for n in gen.decode_graph.graph.nodes if n.op == "call_function"]
-    fused = [n for n in decode if op_name(n) == "dt_proj_state_update"]
-    assert len(fused) == tiny_config().num_hidden_layers
-    assert all(n.meta["quamba"]["kernel"] == "triton:dt_proj_state_update" for n in fused)
-    # dt_proj's weight is read by the fused op, not by a GEMM; the prefill keeps its GEMM.
-    gemm_weights = {n.args[2].target for n in decode if op_name(n) == "w8a8_linear"}
-    assert not any("dt_proj" in target for target in gemm_weights)
-    assert all("dt_proj" in n.args[4].target for n in fused)
-    prefill = [n for n in gen.prefill_graph.graph.nodes if op_name(n) == "w8a8_linear"]
-    assert sum("dt_proj" in n.args[2].target for n in prefill) == tiny_config().num_hidden_layers
-
-
-def test_decode_graph_runs_the_conv_step_with_in_proj(tiny_quantized):
-    low = quamba_fx.lower(tiny_quantized)
-    gen = quamba_fx.Generator(low, batch_size=1)
-    decode = [n for n in gen.decode_graph.graph.nodes if n.op == "call_function"]
-    fused = [n for n in decode if op_name(n) == "in_proj_conv_update"]
-    assert len(fused) == tiny_config().num_hidden_layers
+    prefill = [n for n in gen.prefill_graph.graph.nodes if n.op == "call_function"]
+    scans = [n for n in decode if op_name(n) == "dt_proj_state_update"]
+    convs = [n for n in decode if op_name(n) == "in_proj_conv_update"]
+    assert len(scans) == len(convs) == blocks
+    assert all(n.meta["quamba"]["kernel"] == "triton:dt_proj_state_update" for n in scans)
+    assert all(n.meta["quamba"]["kernel"] == "triton:in_proj_conv_update" for n in convs)
+    # dt_proj's weight is read by the scan's op, in_proj's and the conv's by one op: no GEMM of
+    # dt_proj or in_proj, no conv op left in the decode graph; the prefill graph keeps them all.
+    assert all("dt_proj" in n.args[4].target for n in scans)
+    assert all("in_proj" in n.args[2].target and "conv1d" in n.args[6].target for n in convs)
+    gemm_weights = [n.args[2].target for n in decode if op_name(n) == "w8a8_linear"]
+    assert not any("dt_proj" in t or "in_proj" in t for t in gemm_weights)
     assert not any(op_name(n) == "conv1d_silu_int8_cached" for n in decode)
-    assert all("in_proj" in n.args[2].target and "conv1d" in n.args[6].target for n in fused)
-    assert sum(op_name(n) == "conv1d_silu_int8_cached" for n in gen.prefill_graph.graph.nodes) == len(fused)
+    assert sum(op_name(n) == "conv1d_silu_int8_cached" for n in prefill) == blocks
+    assert sum(op_name(n) == "w8a8_linear" and "dt_proj" in n.args[2].target for n in prefill) == blocks
 
 
 @pytest.mark.slow  # ~11 s under the interpreter; the kernel's own equality test is in the fast suite
