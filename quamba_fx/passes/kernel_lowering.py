@@ -388,9 +388,10 @@ def fuse_conv_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> boo
     # The conv's parameters and cache slot are read before in_proj runs: move their nodes (get_attr
     # and getitem of the cache list) up to it.
     for operand in (conv_w, conv_b, conv_scale, state):
-        if isinstance(operand, torch.fx.Node) and operand.op == "call_function":
-            if not all(a.op == "placeholder" for a in operand.all_input_nodes):
-                return False
+        if isinstance(operand, torch.fx.Node) and not (
+                operand.op == "get_attr"
+                or (operand.op == "call_function" and all(a.op == "placeholder" for a in operand.all_input_nodes))):
+            return False
     for operand in (conv_w, conv_b, conv_scale, state):
         if isinstance(operand, torch.fx.Node):
             linear.prepend(operand)
