@@ -12,6 +12,7 @@ run.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -285,6 +286,34 @@ def test_gemm_with_a_conv_step_equals_the_gemm_then_the_conv_kernel(M, K, D, W, 
         assert torch.equal(u, want_u) and torch.equal(conv.state, state)
     else:  # CUDA: the conv kernel's `acc + w * x` may contract into an FMA, the GEMV's does not
         assert (u.int() - want_u.int()).abs().max() <= 1 and torch.equal(conv.state, state)
+
+
+def test_a_gemv_conv_step_that_fails_to_compile_falls_back_to_the_two_kernels(monkeypatch):
+    """If the GEMV with the conv epilogue cannot be built on the device, a warning says so once and
+    the GEMV then the conv kernel run, with the same results (and the state advanced once)."""
+    real_launch = gemv.launch
+
+    def no_conv_epilogue(*args, conv=None, **kwargs):
+        if conv is not None:
+            raise RuntimeError("no such instruction on this device")
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(gemv, "launch", no_conv_epilogue)
+    monkeypatch.setattr(gemm, "_INTERPRET", False)  # compile failures are tolerated off the interpreter
+    monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
+    gemm_args, conv = _conv_step_case(1, 64, 40, 4, True, seed=9, device="cpu")
+    state = conv.state.clone()
+    want = int8_gemm_reference(*gemm_args)
+    want_u = causal_conv1d_update_silu_int8(want.reshape(1, -1)[:, :40], state, gemm_args[5], conv.weight,
+                                            conv.bias, conv.out_scale)
+    with pytest.warns(RuntimeWarning, match="GEMV with a conv epilogue failed on this device .*no such instruction"):
+        out, u = int8_gemm_conv_step(*gemm_args, conv)
+    assert torch.equal(out, want) and torch.equal(u, want_u) and torch.equal(conv.state, state)
+    assert False in gemm._USES_ALTERNATIVE.values()
+    with warnings.catch_warnings(record=True) as seen:  # no second try, no second warning
+        warnings.simplefilter("always")
+        int8_gemm_conv_step(*gemm_args, conv)
+    assert not any("conv epilogue" in str(w.message) for w in seen)
 
 
 def test_conv_step_on_the_reference_path_and_its_errors():

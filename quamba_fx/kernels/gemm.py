@@ -618,16 +618,12 @@ def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, con
     try:
         gemv.launch(tensors, n, k, key, flags, conv=(conv.state, conv.weight, conv.bias, conv.out_scale, u))
     except Exception as exc:  # noqa: BLE001 - reported; the GEMM and conv kernels run instead
-        if key in _GEMV_CONV_RAN or _INTERPRET:
+        if ("gemv_conv", key) in _USES_ALTERNATIVE or _INTERPRET:  # it ran before: a real error
             raise
         warnings.warn(f"quamba_fx: the GEMV with a conv epilogue failed on this device ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); running the GEMV and the conv "
                       "kernel instead", RuntimeWarning, stacklevel=4)
         _USES_ALTERNATIVE[("gemv_conv", key)] = False
         return None
-    _GEMV_CONV_RAN.add(key)
+    _USES_ALTERNATIVE[("gemv_conv", key)] = True
     return u
-
-
-# Problems whose GEMV-with-conv launched once: a later failure is a real error, not a compile one.
-_GEMV_CONV_RAN: set = set()
