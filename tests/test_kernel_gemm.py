@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import gemm, gemv, split_k
+from quamba_fx.kernels import gemm, gemm_skinny, gemv, split_k
 from quamba_fx.kernels.conv1d import causal_conv1d_update_silu_int8
 from quamba_fx.kernels.gemm import ConvStep, int8_gemm, int8_gemm_conv_step, int8_gemm_reference
 from quamba_fx.quant.qops import MAX_INT8_LINEAR_K
@@ -196,7 +196,8 @@ def test_split_k_sums_every_k_range_once(split, M, K, N, monkeypatch):
     K < one tile), several M and N tiles and wrapped edges: equal to the reference, and every
     tile counter back at zero after each call (the next launch relies on it)."""
     monkeypatch.setattr(gemm, "_TUNED", _PinnedConfig(gemm._cfg(16, 32, 32, 1, 2, 1, split).all_kwargs()))
-    monkeypatch.setattr(gemv, "GEMV_MAX_M", 0)  # the tensor-core kernel at every M
+    monkeypatch.setattr(gemv, "GEMV_MAX_M", 0)  # the pointer kernel at every M
+    monkeypatch.setattr(gemm_skinny, "MAX_M", 0)
     monkeypatch.setattr(split_k, "_SCRATCH", {})
     gen = torch.Generator().manual_seed(M * K + N + split)
     x = int8_values(gen, (M, K), "extreme").to(DEVICE)
@@ -244,6 +245,61 @@ def test_gemv_split_k_sums_every_k_range_once(split, K, N, monkeypatch):
             # On CUDA the first call also times the tensor-core kernel, on a stream of its own
             # (a second scratch): every counter of every scratch must be back at zero.
             assert all(int(counters.abs().sum()) == 0 for _, counters in split_k._SCRATCH.values())
+
+
+@needs_kernel
+@settings(max_examples=30, **SETTINGS)
+@given(case=cases(max_rows=gemm_skinny.MAX_M))
+def test_skinny_kernel_matches_int8_linear(case):
+    """From MIN_M to MAX_M rows gemm_skinny runs (weight rows on the MMA's M side), bit for bit
+    the contract of int8_linear, K split or not, rows padded to 16 and wrapped."""
+    rows = math.prod(case["lead"])
+    launches = []
+    real = gemm_skinny.launch
+    kwargs = build(case, DEVICE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gemm_skinny, "launch", lambda *a, **k: (launches.append(1), real(*a, **k)))
+        got = int8_gemm(**kwargs)
+    assert_match(got, int8_gemm_reference(**kwargs))
+    assert bool(launches) == (gemm_skinny.MIN_M <= rows <= gemm_skinny.MAX_M)
+
+
+@needs_kernel
+@pytest.mark.parametrize("early", [True, False])
+@pytest.mark.parametrize("split", [1, 3, 5])
+@pytest.mark.parametrize("M,K,N", [(2, 200, 70), (33, 161, 45), (64, 96, 16), (5, 40, 33)])
+def test_skinny_kernel_both_loops_and_split_k(early, split, M, K, N, monkeypatch):
+    """Both loop forms (the weight fetched a step ahead, or Triton's pipeliner), ragged and empty
+    K splits: equal to the reference, and every split-K counter back at zero after each call."""
+    monkeypatch.setattr(gemm_skinny, "_TUNED", _PinnedConfig(gemm_skinny._cfg(32, 32, split, early, 1 if early else 2,
+                                                                              1 if EXACT else 4).all_kwargs()))
+    monkeypatch.setattr(split_k, "_SCRATCH", {})
+    gen = torch.Generator().manual_seed(M * K + N + split)
+    x = int8_values(gen, (M, K), "extreme").to(DEVICE)
+    w = int8_values(gen, (N, K), "uniform").to(DEVICE)
+    xs, ws = scale(0.02, DEVICE), (torch.rand(N, generator=gen) * 1e-3).to(DEVICE)
+    for kw in (dict(out_scale=scale(0.3, DEVICE)), dict(out_dtype=torch.float16)):
+        for _ in range(2):
+            assert_match(int8_gemm(x, xs, w, ws, None, **kw), int8_gemm_reference(x, xs, w, ws, None, **kw))
+            assert all(int(counters.abs().sum()) == 0 for _, counters in split_k._SCRATCH.values())
+
+
+@pytest.mark.parametrize("M", [2, 16, 64])
+@pytest.mark.parametrize("K,N", [(2560, 10240), (5120, 192), (160, 5120), (5120, 2560), (1536, 80), (48, 1536),
+                                 (40, 7)])
+def test_skinny_config_rule(M, K, N):
+    """The rule's config is one of the benchmarked candidates, its tiles fit the problem, and K is
+    split only while the programs do not yet fill the SMs four times over."""
+    rule = gemm_skinny.gpu_config(M, N, K, sms=132)
+    candidates = gemm_skinny.candidates(M, N, K, sms=132)
+    assert any(c.all_kwargs() == rule.all_kwargs() for c in candidates)
+    for c in candidates:
+        bn, bk, split = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
+        assert 16 <= bn <= max(16, 1 << (N - 1).bit_length()) and 32 <= bk <= max(32, 1 << (K - 1).bit_length())
+        assert split <= max(1, -(-K // bk)) and c.num_warps % 4 == 0
+    bn, bk, split = (rule.kwargs[key] for key in ("BLOCK_N", "BLOCK_K", "SPLIT_K"))
+    assert split == 1 or -(-N // bn) * split // 2 < 4 * 132
+    assert gemm_skinny.block_m(M) == max(16, M)
 
 
 def _conv_step_case(M: int, K: int, D: int, W: int, has_bias: bool, seed: int, device: str | None = DEVICE):
@@ -396,14 +452,15 @@ def test_kernel_path_is_taken(monkeypatch):
 def test_fast_path_after_tuning(monkeypatch):
     """The second call of a problem launches the recorded config directly, with the same result."""
     gen = torch.Generator().manual_seed(7)
-    x = int8_values(gen, (37, 50), "uniform").to(DEVICE)  # K % 32 != 0: EVEN_K must be recomputed
+    # 70 rows: more than gemm_skinny's, the pointer kernel; K % 32 != 0: EVEN_K must be recomputed
+    x = int8_values(gen, (70, 50), "uniform").to(DEVICE)
     w = int8_values(gen, (45, 50), "uniform").to(DEVICE)
     args = (x, scale(0.02, DEVICE), w, scale(0.01, DEVICE, (45,)), None, scale(0.3, DEVICE, (45,)))
     monkeypatch.setattr(gemm, "_TUNED", {})
     first = int8_gemm(*args)
     assert len(gemm._TUNED) == 1
     (key, meta), = gemm._TUNED.items()
-    assert key[:3] == (45, 50, 64) and {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} <= set(meta)
+    assert key[:3] == (45, 50, 128) and {"BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"} <= set(meta)
 
     class NoTuner:
         def __getitem__(self, grid):

@@ -83,7 +83,7 @@ from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import precompile, sm_count
 from .dispatch import use_triton as _use_triton
-from . import gemm_tma, gemv, split_k
+from . import gemm_skinny, gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
 from .conv1d import causal_conv1d_update_silu_int8
 from .pdl import launch_options, wait_for_previous
@@ -605,6 +605,14 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
         # on every 2.8b projection (docs/benchmarks.md, session 20).
         if _runs_alternative("gemv", key, gemv_kernel, pointer_kernel, timed=False):
             gemv_kernel()
+            return out, None if conv is None else _conv_after(out, out_scale, conv)
+    elif gemm_skinny.MIN_M <= m <= gemm_skinny.MAX_M:
+        def skinny_kernel() -> None:
+            gemm_skinny.launch(tensors, m, n, k, key, flags)
+
+        # Not timed, for the GEMV's reason (benchmarks/decode_gemm.py times it as a step runs it).
+        if _runs_alternative("skinny", key, skinny_kernel, pointer_kernel, timed=False):
+            skinny_kernel()
             return out, None if conv is None else _conv_after(out, out_scale, conv)
     pointer_kernel()
     return out, None if conv is None else _conv_after(out, out_scale, conv)

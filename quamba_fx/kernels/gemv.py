@@ -104,15 +104,6 @@ def _dot4(a, b, acc, DP4A: tl.constexpr):
 
 
 @triton.jit
-def _load_step(ptrs, offs_k, K, kt, EVEN_K: tl.constexpr):
-    # Zero past K, which also covers whole steps of the last split that lie beyond it.
-    if EVEN_K:
-        return tl.load(ptrs)
-    else:
-        return tl.load(ptrs, mask=offs_k[None, :] < K - kt * offs_k.shape[0], other=0)
-
-
-@triton.jit
 def _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
             cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
             W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
@@ -167,17 +158,17 @@ def _int8_gemv_jit(
     x_ptrs = x_ptr + (offs_k[None, :] + tl.zeros((BLOCK_N, 1), dtype=tl.int32))
     w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
 
-    b = _load_step(w_ptrs, offs_k, K, 0, EVEN_K)
+    b = split_k.load_step(w_ptrs, offs_k, K, 0, EVEN_K)
     wait_for_previous(USE_PDL)  # x, the scratch and the output belong to the kernels ahead
 
     # Element-wise running sums, reduced over K once after the loop: a reduction every step would
     # put a chain of shuffles between each load and the next.
     sums = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
     for kt in range(0, k_tiles):
-        a = _load_step(x_ptrs + kt * BLOCK_K, offs_k, K, kt, EVEN_K)
+        a = split_k.load_step(x_ptrs + kt * BLOCK_K, offs_k, K, kt, EVEN_K)
         # The next step's weight (the last again on the last step: cached, and unused).
         nxt = tl.minimum(kt + 1, k_tiles - 1)
-        b_next = _load_step(w_ptrs + nxt * BLOCK_K, offs_k, K, nxt, EVEN_K)
+        b_next = split_k.load_step(w_ptrs + nxt * BLOCK_K, offs_k, K, nxt, EVEN_K)
         sums = _dot4(a, b, sums, DP4A)
         b = b_next
     acc = tl.sum(sums, axis=1)[None, :]  # [1, BLOCK_N]: the epilogue's tile shape

@@ -24,22 +24,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["arrive", "load_k_step", "total", "scratch", "scratch_need", "split_counts"]
+__all__ = ["arrive", "load_k_step", "load_step", "total", "scratch", "scratch_need", "split_counts"]
+
+
+@triton.jit
+def load_step(ptrs, offs_k, K, kt, EVEN_K: tl.constexpr):
+    """Step `kt` of a split's K loop for one operand: the tile at `ptrs` (`[rows, BLOCK_K]`, its
+    K offsets `offs_k` the split's), zero past K, which also covers whole steps of the last split
+    that lie beyond it. EVEN_K: every split's steps are whole tiles inside K, so nothing is masked."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=offs_k[None, :] < K - kt * offs_k.shape[0], other=0)
 
 
 @triton.jit
 def load_k_step(x_ptrs, w_ptrs, offs_k, K, kt, EVEN_K: tl.constexpr):
-    """Step `kt` of a split's K loop: the activation and weight tiles at `offs_k` (the split's K
-    offsets), zero past K, which also covers whole steps of the last split that lie beyond it.
-    EVEN_K: every split's steps are whole tiles inside K, so nothing is masked."""
-    if EVEN_K:
-        a = tl.load(x_ptrs)
-        b = tl.load(w_ptrs)
-    else:
-        k_mask = offs_k[None, :] < K - kt * offs_k.shape[0]
-        a = tl.load(x_ptrs, mask=k_mask, other=0)
-        b = tl.load(w_ptrs, mask=k_mask, other=0)
-    return a, b
+    """`load_step` of the activation and the weight tile."""
+    return load_step(x_ptrs, offs_k, K, kt, EVEN_K), load_step(w_ptrs, offs_k, K, kt, EVEN_K)
 
 
 @triton.jit

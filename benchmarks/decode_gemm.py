@@ -1,0 +1,195 @@
+"""Time the decode GEMMs the way a decode step runs them, and every config of the few-row kernel.
+
+    python benchmarks/decode_gemm.py [--models 2.8b 130m] [--m 1 2 4 8 16 32 64] [--sweep-m 16 64]
+                                     [--json PATH]
+
+Needs a CUDA device. A decode step launches its GEMMs back to back on weights that do not fit in
+L2; `benchmarks/gemm.py` (do_bench: one launch between L2 flushes) ranks small kernels otherwise.
+Here each row is R launches in a row, each on its own copy of the weight (R copies make at least
+`--chain-mb` MB, several times the H200's 50 MB of L2), captured in one CUDA graph and replayed;
+the figure is microseconds per launch, and wTB/s the weight bytes streamed per second. Kernels
+launch with programmatic dependent launch where the GPU has it, as in the model.
+
+Rows for each Mamba projection (2.8b and 130m shapes, the output dtype the lowered model asks of
+it) and each M:
+
+* rule    -- `int8_gemm` as the model calls it (GEMV at one row, gemm_skinny's rule at 2-64 rows);
+* pointer -- gemm.py's tensor-core kernel (autotuned), what ran at 2-64 rows before gemm_skinny;
+* fp16    -- cuBLAS `F.linear` in fp16 on fp16 copies of the weight (mamba_ssm's GEMMs);
+* with `--sweep-m`, at those M, every candidate config of gemm_skinny (`candidates`), best first.
+
+Every output is checked against `int8_linear` (int8 within one step, as the CUDA kernel tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from gemm import MODEL_OUTS, SHAPES, _check, _inputs
+from gpu_timing import require_gpu, write_json
+
+DEVICE = "cuda"
+
+
+@contextlib.contextmanager
+def _patched(module, **values):
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def chained_us(launch: Callable[[int], object], copies: int, replays: int = 10) -> float:
+    """Microseconds per launch of `launch(r)` for r = 0 .. copies-1, captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for r in range(copies):  # outside the capture: compiles, tunes, allocates split-K scratch
+            launch(r)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for r in range(copies):
+            launch(r)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / copies)
+    return statistics.median(times)
+
+
+def _cfg_name(meta: dict, warps: int, stages: int) -> str:
+    loop = "early" if meta["EARLY"] else f"pipe{stages}"
+    return f"bn{meta['BLOCK_N']} bk{meta['BLOCK_K']} split{meta['SPLIT_K']} {loop} w{warps}"
+
+
+def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
+                gen: torch.Generator) -> List[Dict]:
+    from quamba_fx.kernels import gemm, gemm_skinny, gemv
+    from quamba_fx.kernels.dispatch import precompile_calls, sm_count
+
+    out = MODEL_OUTS[name.split()[-1]]
+    inp = _inputs(m, k, n, out, gen)
+    x_q, x_scale, w_scale, bias, kw = (inp[key] for key in ("x_q", "x_scale", "w_scale", "bias", "kw"))
+    copies = max(2, -(-int(chain_mb * 2**20) // (n * k)))
+    weights = [inp["w_q"]] + [inp["w_q"].clone() for _ in range(copies - 1)]
+    want = gemm.int8_gemm_reference(x_q, x_scale, inp["w_q"], w_scale, bias, **kw)
+
+    def model_call(r: int):
+        return gemm.int8_gemm(x_q, x_scale, weights[r], w_scale, bias, **kw)
+
+    def pointer_call(r: int):
+        with _patched(gemm_skinny, MAX_M=0), _patched(gemv, GEMV_MAX_M=0):
+            return gemm.int8_gemm(x_q, x_scale, weights[r], w_scale, bias, **kw)
+
+    rows: List[Dict] = []
+
+    def row(variant: str, launch: Callable[[int], object], wbytes: int = 1) -> None:
+        try:
+            check = _check(launch(0), want)
+            us = chained_us(launch, copies)
+        except Exception as exc:  # noqa: BLE001 - one failing config must not end the sweep
+            print(f"  {name} M={m} [{variant}] failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            return
+        ok = check["max_abs_diff"] <= (1 if check["int8"] else 1e-2 * float(want.float().abs().max()))
+        rows.append(dict(shape=name, M=m, K=k, N=n, out=out, variant=variant, us=us, copies=copies,
+                         weight_tbps=n * k * wbytes / (us * 1e-6) / 1e12, check=check, ok=ok))
+
+    row("rule", model_call)
+    if m > 1:
+        row("pointer", pointer_call)
+    w16 = [w.half() for w in weights]
+    x16, b16 = x_q.half(), bias.half()
+    rows_fp16: List[Dict] = []
+    try:
+        fp16_us = chained_us(lambda r: F.linear(x16, w16[r], b16), copies)
+        rows_fp16.append(dict(shape=name, M=m, K=k, N=n, out="fp16", variant="fp16", us=fp16_us, copies=copies,
+                              weight_tbps=n * k * 2 / (fp16_us * 1e-6) / 1e12, ok=True))
+    finally:
+        del w16
+    if sweep and gemm_skinny.MIN_M <= m <= gemm_skinny.MAX_M:
+        dtype = want.dtype
+        os_ = kw.get("out_scale")
+        flags = dict(W_PER_CHANNEL=True, HAS_BIAS=True, OUT_MODE=gemm._OUT_MODES[dtype], OUT_PER_CHANNEL=False)
+        outs = torch.empty(m, n, dtype=dtype, device=DEVICE)
+        tensors = [(x_q, w, x_scale, w_scale, bias, os_ if os_ is not None else x_scale, outs) for w in weights]
+        configs = gemm_skinny.candidates(m, n, k, sm_count())
+        metas = [c.all_kwargs() for c in configs]
+        calls = []
+        for meta in metas:
+            _, args, kwargs = gemm_skinny.launch_call(tensors[0], m, n, k, flags, meta)
+            calls.append((args, kwargs))
+        precompile_calls(gemm_skinny._skinny_jit, calls)
+        for c, meta in zip(configs, metas):
+            def sweep_call(r: int, meta=meta):
+                gemm_skinny.launch(tensors[r], m, n, k, None, flags, meta=meta)
+                return outs
+            row(_cfg_name(meta, c.num_warps, c.num_stages), sweep_call)
+    return rows + rows_fp16
+
+
+def _print(rows: List[Dict]) -> None:
+    by_problem: Dict[tuple, List[Dict]] = {}
+    for r in rows:
+        by_problem.setdefault((r["shape"], r["M"]), []).append(r)
+    print(f"{'shape':16} {'M':>3} {'rule us':>8} {'pointer':>8} {'fp16':>8} {'best config':>38} {'us':>7} "
+          f"{'rule wTB/s':>10} {'configs':>7} {'bad':>4}")
+    for (shape, m), rs in by_problem.items():
+        get = {r["variant"]: r for r in rs}
+        sweep = sorted((r for r in rs if r["variant"] not in ("rule", "pointer", "fp16")), key=lambda r: r["us"])
+
+        def us(v: str) -> str:
+            return f"{get[v]['us']:8.2f}" if v in get else f"{'-':>8}"
+
+        best = sweep[0] if sweep else None
+        bad = sum(1 for r in rs if not r.get("ok", True))
+        rule_tbps = f"{get['rule']['weight_tbps']:10.2f}" if "rule" in get else f"{'-':>10}"
+        print(f"{shape:16} {m:3d} {us('rule')} {us('pointer')} {us('fp16')} "
+              f"{best['variant'] if best else '-':>38} {best['us'] if best else float('nan'):7.2f} "
+              f"{rule_tbps} {len(sweep):7d} {bad:4d}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["2.8b", "130m"], help="shape sets of benchmarks/gemm.py")
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="rows (decode batch)")
+    parser.add_argument("--sweep-m", type=int, nargs="*", default=[], help="M at which to time every config")
+    parser.add_argument("--chain-mb", type=float, default=400.0, help="weight MB a chain of launches streams")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON (rewritten after each shape)")
+    parser.add_argument("--commit", default="", help="recorded in the JSON")
+    args = parser.parse_args(argv)
+    device = require_gpu("decode_gemm.py")
+    print(f"device: {device}")
+    gen = torch.Generator().manual_seed(0)
+    rows: List[Dict] = []
+    for name, (k, n) in SHAPES.items():
+        if name.split()[0] not in args.models:
+            continue
+        for m in args.m:
+            rows += bench_shape(name, m, k, n, m in args.sweep_m, args.chain_mb, gen)
+            if args.json:
+                write_json(args.json, device, {"commit": args.commit, "chain_mb": args.chain_mb}, rows=rows)
+    _print(rows)
+    bad = [r for r in rows if not r.get("ok", True)]
+    for r in bad:
+        print(f"OUTPUT MISMATCH: {r['shape']} M={r['M']} {r['variant']}: {r['check']}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

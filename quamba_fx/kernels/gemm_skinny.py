@@ -1,0 +1,198 @@
+"""int8 GEMM for a few rows (decode batches of 2-64): the weight streamed through the tensor cores
+with the operands' roles swapped.
+
+Same semantics, arguments and epilogue as `gemm.int8_gemm` (which calls `launch` and owns the
+validation); the accumulation is exact in int32, so its numerical contract holds unchanged.
+
+Why a third kernel: with 16-64 rows a decode GEMM is bound by streaming the weight, and its time
+is mostly the ramp (first bytes in flight) and the tail, not the MMAs. The pointer kernel of
+gemm.py puts the rows on the MMA's M side (16-row `mma.sync` tiles) and waits for the kernel ahead
+before its first load. Here, as in the GEMV:
+
+* a program owns `BLOCK_N` weight rows, which are the MMA's M side (`w [BN, BK] @ x.T [BK, BM]`):
+  on Hopper that is a 64-row wgmma whose N side is the padded batch, and both operands stay
+  K-major (the int8 wgmma layout) without any copy, since `w` and `x` are both K-contiguous;
+* the weight tile of the first K step is loaded before the wait for the kernel ahead (weights are
+  never written by the kernels of a step, pdl.py), and each step loads the next weight tile before
+  it multiplies the current one (`EARLY`). The other form (`EARLY` off) leaves the loop to Triton's
+  software pipeliner (`num_stages` tiles in flight through shared memory), waiting first;
+* K may be split across programs (split_k.py) so that a projection with few output rows (x_proj's
+  192, out_proj's 2560) still spreads over every SM.
+
+Configs are chosen by rule (`gpu_config`), not by Triton's autotuner, for the GEMV's reason: the
+autotuner times single launches between L2 flushes, unlike a decode step, whose launches run back
+to back on weights that do not fit in L2. `benchmarks/decode_gemm.py` times the candidates
+(`candidates`) the way a step runs them; docs/benchmarks.md has the figures behind the rule.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+
+from . import split_k
+from .dispatch import INTERPRET as _INTERPRET
+from .dispatch import sm_count
+from .gemm_epilogue import store_tile
+from .pdl import launch_options, wait_for_previous
+
+__all__ = ["MAX_M", "MIN_M", "block_m", "candidates", "gpu_config", "launch", "launch_call"]
+
+# Row counts this kernel runs: one row is the GEMV's (gemv.py), more than MAX_M the pointer
+# kernel's, whose tiles then fill the MMA's M side with rows.
+MIN_M = 2
+MAX_M = 64
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def block_m(m: int) -> int:
+    """The padded row count of an `m`-row problem: `tl.dot` needs every dim >= 16."""
+    return max(16, _next_pow2(m))
+
+
+def _cfg(bn: int, bk: int, split: int, early: bool, stages: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "EARLY": early},
+                         num_stages=stages, num_warps=warps)
+
+
+def _clip(bn: int, bk: int, n: int, k: int) -> tuple:
+    # tl.dot needs every dim >= 16, and int8 MMA steps K by 32.
+    return min(bn, max(16, _next_pow2(n))), min(bk, max(32, _next_pow2(k)))
+
+
+def candidates(m: int, n: int, k: int, sms: int) -> List[triton.Config]:
+    """The configs `benchmarks/decode_gemm.py` times for an `m x n x k` problem: 64 or 128 weight
+    rows, K steps of 128-512 bytes, both loop forms, and for each the K splits that take the
+    programs towards one, two, four and eight per SM."""
+    out, seen = [], set()
+    for bn0 in (64, 128):
+        for bk0 in (128, 256, 512):
+            bn, bk = _clip(bn0, bk0, n, k)
+            k_tiles = _cdiv(k, bk)
+            for split in split_k.split_counts(_cdiv(n, bn), k_tiles, 8 * sms):
+                for early, stages in ((True, 1), (False, 3)):
+                    for warps in (4, 8):
+                        if warps == 8 and bn < 128:
+                            continue  # a 64-row tile is one warpgroup's wgmma
+                        c = (bn, bk, split, early, stages, warps)
+                        if c not in seen:
+                            seen.add(c)
+                            out.append(_cfg(*c))
+    return out
+
+
+def gpu_config(m: int, n: int, k: int, sms: int) -> triton.Config:
+    """The GPU config of an `m x n x k` problem (a rule; see the module docstring): 64 weight rows
+    a program, K steps of up to 256 bytes, the weight fetched early, and K split until the
+    programs reach four per SM (or K runs out of steps)."""
+    bn, bk = _clip(64, 256, n, k)
+    split = split_k.split_counts(_cdiv(n, bn), _cdiv(k, bk), 4 * sms)[-1]
+    return _cfg(bn, bk, split, True, 1, 4)
+
+
+def _config(m: int, n: int, k: int) -> dict:
+    if _INTERPRET:
+        # Small tiles; problems with three or more K steps split K in two, so both paths run.
+        return _cfg(32, 32, 2 if k > 64 else 1, True, 1, 1).all_kwargs()
+    return gpu_config(m, n, k, sm_count()).all_kwargs()
+
+
+def _even_k(k: int, meta: dict) -> bool:
+    return k % (meta["BLOCK_K"] * meta["SPLIT_K"]) == 0
+
+
+# M changes with the batch: it only enters through BLOCK_M (a power of two) and the masks, so it
+# stays out of the specialisation.
+@triton.jit(do_not_specialize=["M"])
+def _skinny_jit(
+    x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr, partial_ptr, count_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
+    OUT_PER_CHANNEL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, EARLY: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    # SPLIT_K consecutive programs share one tile of BLOCK_N weight rows (output columns).
+    pid = tl.program_id(0)
+    pid_k = pid % SPLIT_K
+    pid_n = pid // SPLIT_K
+    k_tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    offs_k = pid_k * k_tiles * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    # Rows past M and columns past N wrap onto valid ones (never stored): only K is masked.
+    cols = offs_n % N
+    rows = (offs_m % M).to(tl.int64)
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    if EARLY:
+        w = split_k.load_step(w_ptrs, offs_k, K, 0, EVEN_K)
+        wait_for_previous(USE_PDL)  # x, the scratch and the output belong to the kernels ahead
+        for kt in range(0, k_tiles):
+            x = split_k.load_step(x_ptrs + kt * BLOCK_K, offs_k, K, kt, EVEN_K)
+            # The next step's weight (the last again on the last step: cached, and unused).
+            nxt = tl.minimum(kt + 1, k_tiles - 1)
+            w_next = split_k.load_step(w_ptrs + nxt * BLOCK_K, offs_k, K, nxt, EVEN_K)
+            # Weight rows on the MMA's M side, the batch on its N side; x.T is a K-major view.
+            # out_dtype spelled out: Triton 3.6 defaults it to fp32 and rejects int32 otherwise.
+            acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.int32)
+            w = w_next
+    else:
+        wait_for_previous(USE_PDL)
+        for kt in range(0, k_tiles):
+            x, w = split_k.load_k_step(x_ptrs + kt * BLOCK_K, w_ptrs + kt * BLOCK_K, offs_k, K, kt, EVEN_K)
+            acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.int32)
+    acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]: the epilogue's tile shape
+
+    if SPLIT_K == 1:
+        store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
+                   out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
+    elif split_k.arrive(acc, partial_ptr, count_ptr, pid_n, pid_k, SPLIT_K, BLOCK_M, BLOCK_N):
+        # The last split to finish this tile: every split's partial is in, sum them and store.
+        acc = split_k.total(partial_ptr, count_ptr, pid_n, SPLIT_K, BLOCK_M, BLOCK_N)
+        store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
+                   out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
+
+
+# gemm.py's problem key (N, K, M bucket, out dtype, flags, device) -> the config.
+_TUNED: dict = {}
+
+
+def launch_call(tensors: tuple, m: int, n: int, k: int, flags: dict, meta: dict) -> tuple:
+    """`(grid, args, kwargs)` of the launch of config `meta` on `tensors` (see `launch`)."""
+    x, w = tensors[0], tensors[1]
+    bm = block_m(m)
+    scratch = (split_k.scratch(x.device, *split_k.scratch_need(bm, n, ({**meta, "BLOCK_M": bm},)))
+               if meta["SPLIT_K"] > 1 else (tensors[2], tensors[2]))
+    grid = (_cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
+    args = (*tensors, *scratch, m, n, k, x.stride(0), w.stride(0), tensors[-1].stride(0))
+    # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
+    kwargs = dict(flags, **meta, BLOCK_M=bm, EVEN_K=_even_k(k, meta), enable_fp_fusion=False,
+                  **launch_options(x.device))
+    return grid, args, kwargs
+
+
+def launch(tensors: tuple, m: int, n: int, k: int, key: tuple, flags: dict, meta: dict | None = None) -> None:
+    """Run the kernel on `tensors = (x [M, K], w [N, K], x_scale, w_scale, bias, out_scale, out
+    [M, N])` (placeholders for absent bias / out_scale), validated by `gemm.int8_gemm`; MIN_M <= M
+    <= MAX_M. `key` names everything that selects a config or a compiled variant, `flags` are the
+    epilogue's; `meta` forces a config (benchmarks), else the rule's is used."""
+    if meta is None:
+        meta = _TUNED.get(key)
+        if meta is None:
+            meta = _TUNED[key] = _config(m, n, k)
+    grid, args, kwargs = launch_call(tensors, m, n, k, flags, meta)
+    _skinny_jit[grid](*args, **kwargs)
