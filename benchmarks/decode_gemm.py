@@ -1,7 +1,7 @@
 """Time the decode GEMMs the way a decode step runs them, and every config of the few-row kernel.
 
     python benchmarks/decode_gemm.py [--models 2.8b 130m] [--m 1 2 4 8 16 32 64] [--sweep-m 16 64]
-                                     [--json PATH]
+                                     [--sweep-models 2.8b] [--json PATH]
 
 Needs a CUDA device. A decode step launches its GEMMs back to back on weights that do not fit in
 L2; `benchmarks/gemm.py` (do_bench: one launch between L2 flushes) ranks small kernels otherwise.
@@ -86,7 +86,9 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
     out = MODEL_OUTS[name.split()[-1]]
     inp = _inputs(m, k, n, out, gen)
     x_q, x_scale, w_scale, bias, kw = (inp[key] for key in ("x_q", "x_scale", "w_scale", "bias", "kw"))
-    copies = max(2, -(-int(chain_mb * 2**20) // (n * k)))
+    # At most 512 launches a chain: the smallest 130m weights then stay in L2, as they mostly would
+    # in a step too (a whole 130m step streams ~130 MB).
+    copies = min(512, max(2, -(-int(chain_mb * 2**20) // (n * k))))
     weights = [inp["w_q"]] + [inp["w_q"].clone() for _ in range(copies - 1)]
     want = gemm.int8_gemm_reference(x_q, x_scale, inp["w_q"], w_scale, bias, **kw)
 
@@ -115,13 +117,9 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
         row("pointer", pointer_call)
     w16 = [w.half() for w in weights]
     x16, b16 = x_q.half(), bias.half()
-    rows_fp16: List[Dict] = []
-    try:
-        fp16_us = chained_us(lambda r: F.linear(x16, w16[r], b16), copies)
-        rows_fp16.append(dict(shape=name, M=m, K=k, N=n, out="fp16", variant="fp16", us=fp16_us, copies=copies,
-                              weight_tbps=n * k * 2 / (fp16_us * 1e-6) / 1e12, ok=True))
-    finally:
-        del w16
+    fp16_us = chained_us(lambda r: F.linear(x16, w16[r], b16), copies)
+    rows.append(dict(shape=name, M=m, K=k, N=n, out="fp16", variant="fp16", us=fp16_us, copies=copies,
+                     weight_tbps=n * k * 2 / (fp16_us * 1e-6) / 1e12, ok=True))
     if sweep and gemm_skinny.MIN_M <= m <= gemm_skinny.MAX_M:
         dtype = want.dtype
         os_ = kw.get("out_scale")
@@ -140,7 +138,7 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
                 gemm_skinny.launch(tensors[r], m, n, k, None, flags, meta=meta)
                 return outs
             row(_cfg_name(meta, c.num_warps, c.num_stages), sweep_call)
-    return rows + rows_fp16
+    return rows
 
 
 def _print(rows: List[Dict]) -> None:
@@ -169,6 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--models", nargs="+", default=["2.8b", "130m"], help="shape sets of benchmarks/gemm.py")
     parser.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="rows (decode batch)")
     parser.add_argument("--sweep-m", type=int, nargs="*", default=[], help="M at which to time every config")
+    parser.add_argument("--sweep-models", nargs="*", default=["2.8b"], help="shape sets the sweep covers")
     parser.add_argument("--chain-mb", type=float, default=400.0, help="weight MB a chain of launches streams")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON (rewritten after each shape)")
     parser.add_argument("--commit", default="", help="recorded in the JSON")
@@ -181,7 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if name.split()[0] not in args.models:
             continue
         for m in args.m:
-            rows += bench_shape(name, m, k, n, m in args.sweep_m, args.chain_mb, gen)
+            sweep = m in args.sweep_m and name.split()[0] in args.sweep_models
+            rows += bench_shape(name, m, k, n, sweep, args.chain_mb, gen)
             if args.json:
                 write_json(args.json, device, {"commit": args.commit, "chain_mb": args.chain_mb}, rows=rows)
     _print(rows)

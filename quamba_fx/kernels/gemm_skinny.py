@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from typing import List
 
-import torch
 import triton
 import triton.language as tl
 
