@@ -132,7 +132,7 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
         for meta in metas:
             _, args, kwargs = gemm_skinny.launch_call(tensors[0], m, n, k, flags, meta)
             calls.append((args, kwargs))
-        precompile_calls(gemm_skinny._skinny_jit, calls)
+        precompile_calls(gemm_skinny._int8_gemm_skinny_jit, calls)
         for c, meta in zip(configs, metas):
             def sweep_call(r: int, meta=meta):
                 gemm_skinny.launch(tensors[r], m, n, k, None, flags, meta=meta)

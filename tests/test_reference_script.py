@@ -41,6 +41,7 @@ ref = _load_script()
     ("_add_rmsnorm_kernel", "norm"),
     ("_hadamard_kernel", "Hadamard"),
     ("_int8_gemm_jit", "GEMM"),
+    ("_int8_gemm_skinny_jit", "GEMM"),
     # cuBLAS and the rest
     ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "GEMM"),
     ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "GEMM"),

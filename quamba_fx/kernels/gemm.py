@@ -606,7 +606,7 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
         if _runs_alternative("gemv", key, gemv_kernel, pointer_kernel, timed=False):
             gemv_kernel()
             return out, None if conv is None else _conv_after(out, out_scale, conv)
-    elif gemm_skinny.MIN_M <= m <= gemm_skinny.MAX_M:
+    elif gemm_skinny.MIN_M <= m <= gemm_skinny.MAX_M and gemm_skinny.use_for(m, n, k):
         def skinny_kernel() -> None:
             gemm_skinny.launch(tensors, m, n, k, key, flags)
 

@@ -38,7 +38,7 @@ from .dispatch import sm_count
 from .gemm_epilogue import store_tile
 from .pdl import launch_options, wait_for_previous
 
-__all__ = ["MAX_M", "MIN_M", "block_m", "candidates", "gpu_config", "launch", "launch_call"]
+__all__ = ["MAX_M", "MIN_M", "block_m", "candidates", "gpu_config", "launch", "launch_call", "use_for"]
 
 # Row counts this kernel runs: one row is the GEMV's (gemv.py), more than MAX_M the pointer
 # kernel's, whose tiles then fill the MMA's M side with rows.
@@ -90,13 +90,31 @@ def candidates(m: int, n: int, k: int, sms: int) -> List[triton.Config]:
     return out
 
 
+def use_for(m: int, n: int, k: int) -> bool:
+    """Whether int8_gemm runs this kernel on an `m x n x k` problem (MIN_M <= m <= MAX_M) rather
+    than the pointer kernel: where the decode_gemm sweep on an H200 (docs/benchmarks.md, session
+    22) found it faster. Short K (at most two 256-byte steps: dt_proj, 2.8b 2.02 against 2.64 us
+    at 16 rows) at any row count; at 17-64 rows, weights of at least 1024 output rows and 2048
+    input columns (2.8b in_proj 10.7 against 11.8 us at 64 rows, out_proj 9.2 against 10.4). The
+    pointer kernel kept the rest: x_proj's 192 outputs (5.2 against 7.1 us at 64 rows), and at
+    16 rows the long-K weights (in_proj 9.35 against 9.41, out_proj 6.99 against 7.15)."""
+    return k <= 512 or (m > 16 and n >= 1024 and k >= 2048)
+
+
 def gpu_config(m: int, n: int, k: int, sms: int) -> triton.Config:
-    """The GPU config of an `m x n x k` problem (a rule; see the module docstring): 64 weight rows
-    a program, K steps of up to 256 bytes, the weight fetched early, and K split until the
-    programs reach four per SM (or K runs out of steps)."""
+    """The GPU config of an `m x n x k` problem (a rule, from the same sweep; see the module
+    docstring for why not a tuner): 64 weight rows a program and K steps of up to 256 bytes
+    everywhere. Short K (<= 512: one or two steps) fetches the weight early; long K leaves the loop
+    to the pipeliner (3 stages) and splits K until the programs cover the SMs, half of them above
+    16 rows, where a split's partial tile costs more."""
     bn, bk = _clip(64, 256, n, k)
-    split = split_k.split_counts(_cdiv(n, bn), _cdiv(k, bk), 4 * sms)[-1]
-    return _cfg(bn, bk, split, True, 1, 4)
+    if k <= 512:
+        return _cfg(bn, bk, 1, True, 1, 4)
+    target = sms if m <= 16 else sms // 2
+    split = 1
+    while _cdiv(n, bn) * split < target and split * 2 <= _cdiv(k, bk) and split < split_k.MAX_SPLIT_K:
+        split *= 2
+    return _cfg(bn, bk, split, False, 3, 4)
 
 
 def _config(m: int, n: int, k: int) -> dict:
@@ -113,7 +131,7 @@ def _even_k(k: int, meta: dict) -> bool:
 # M changes with the batch: it only enters through BLOCK_M (a power of two) and the masks, so it
 # stays out of the specialisation.
 @triton.jit(do_not_specialize=["M"])
-def _skinny_jit(
+def _int8_gemm_skinny_jit(
     x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr, partial_ptr, count_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_om,
@@ -194,4 +212,4 @@ def launch(tensors: tuple, m: int, n: int, k: int, key: tuple, flags: dict, meta
         if meta is None:
             meta = _TUNED[key] = _config(m, n, k)
     grid, args, kwargs = launch_call(tensors, m, n, k, flags, meta)
-    _skinny_jit[grid](*args, **kwargs)
+    _int8_gemm_skinny_jit[grid](*args, **kwargs)
