@@ -306,9 +306,8 @@ def test_skinny_config_rule(M, K, N):
 
 @pytest.mark.parametrize("M,K,N,chosen", [
     (16, 160, 5120, True), (64, 160, 5120, True),        # 2.8b dt_proj: short K, any rows
-    (64, 2560, 10240, True), (32, 5120, 2560, True),    # in_proj, out_proj above 16 rows
-    (16, 2560, 10240, False), (16, 5120, 2560, False),  # ... not at 16
-    (64, 5120, 192, False), (64, 768, 3072, False),     # x_proj; 130m in_proj (short of 2048)
+    (64, 2560, 10240, True), (2, 5120, 2560, True),     # in_proj, out_proj
+    (16, 5120, 192, False), (64, 768, 3072, False),     # x_proj; 130m in_proj (short of 2048)
 ])
 def test_skinny_kernel_is_used_where_the_sweep_found_it_faster(M, K, N, chosen):
     assert gemm_skinny.use_for(M, N, K) is chosen

@@ -92,13 +92,14 @@ def candidates(m: int, n: int, k: int, sms: int) -> List[triton.Config]:
 
 def use_for(m: int, n: int, k: int) -> bool:
     """Whether int8_gemm runs this kernel on an `m x n x k` problem (MIN_M <= m <= MAX_M) rather
-    than the pointer kernel: where the decode_gemm sweep on an H200 (docs/benchmarks.md, session
-    22) found it faster. Short K (at most two 256-byte steps: dt_proj, 2.8b 2.02 against 2.64 us
-    at 16 rows) at any row count; at 17-64 rows, weights of at least 1024 output rows and 2048
-    input columns (2.8b in_proj 10.7 against 11.8 us at 64 rows, out_proj 9.2 against 10.4). The
-    pointer kernel kept the rest: x_proj's 192 outputs (5.2 against 7.1 us at 64 rows), and at
-    16 rows the long-K weights (in_proj 9.35 against 9.41, out_proj 6.99 against 7.15)."""
-    return k <= 512 or (m > 16 and n >= 1024 and k >= 2048)
+    than the pointer kernel, from the decode_gemm sweeps on an H200 (docs/benchmarks.md, session
+    22): short K (at most two 256-byte steps: dt_proj, 2.8b 2.0 against 2.6-2.8 us at 2-16
+    rows), and weights of at least 1024 output rows and 2048 input columns (2.8b in_proj 9.9
+    against 11.3 us at 32 rows, 10.7 against 12.2 at 64; at 2-16 rows the pointer kernel's
+    autotuned configs ranged from 9.8 to 11.4 us, out_proj's from 7.3 to 11.2, while this
+    kernel's rule gives one config whatever the batch). The pointer kernel keeps the rest, x_proj's
+    192 outputs among them (5.2 against 7.1 us at 64 rows)."""
+    return k <= 512 or (n >= 1024 and k >= 2048)
 
 
 def gpu_config(m: int, n: int, k: int, sms: int) -> triton.Config:
