@@ -182,11 +182,10 @@ def test_schedule_of_the_packed_kernel(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("n,rows", [(192, 11), (320, 7), (448, 5), (576, 4)])
-def test_packed_blocks_and_partial_last_block(n, rows, monkeypatch):
+def test_packed_blocks_and_partial_last_block(n, rows):
     """Every row of every block, the last one partial, through the persistent loop (under the
     interpreter 3 programs, so each takes several blocks), against the reference; rows of one tile
     must not mix (the block-diagonal dense factor)."""
-    monkeypatch.setattr(hadamard, "_SPLIT_MAX_ROWS", 0)  # these row counts would split otherwise
     gen = torch.Generator().manual_seed(rows)
     x = make_x(gen, (rows,), n, torch.float16, "contiguous", DEVICE)
     x[rows // 2] = 0  # a zero row between non-zero ones stays zero
@@ -195,45 +194,6 @@ def test_packed_blocks_and_partial_last_block(n, rows, monkeypatch):
     assert not y[rows // 2].any()
     scale = scale_for(y, 0.9, DEVICE)
     assert_int8_close(hadamard_quantize(x, scale), hadamard_quantize_reference(x, scale))
-
-
-@needs_kernel
-@pytest.mark.parametrize("n,rows", [(5120, 1), (5120, 17), (2560, 16), (1536, 5), (320, 33), (192, 3)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_few_rows_split_their_blocks_over_programs(n, rows, dtype, monkeypatch):
-    """Decode-sized calls (up to _SPLIT_MAX_ROWS rows) of tensor-core sizes run the FMA kernel with
-    each row's output blocks split over programs (`_split` blocks each, the last part ragged where
-    it does not divide), and match the reference like every other path."""
-    launches = []
-    real = hadamard._hadamard_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append((grid, kwargs["PARTS"], kwargs["OUT_BLOCKS"]))
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(hadamard, "_hadamard_kernel", Spy())
-    gen = torch.Generator().manual_seed(n + rows)
-    x = make_x(gen, (rows,), n, dtype, "row_stride", DEVICE)
-    y_ref = hadamard_transform_reference(x)
-    assert_transform_close(hadamard_transform_triton(x), y_ref)
-    scale = scale_for(y_ref, 0.7, DEVICE)
-    assert_int8_close(hadamard_quantize(x, scale), hadamard_quantize_reference(x, scale))
-    bases, _ = _decompose(n)
-    m = math.prod(bases)
-    blocks = hadamard._split(rows, m)
-    assert launches == [((rows * -(-m // blocks),), -(-m // blocks), blocks)] * 2
-    assert -(-m // blocks) > 1
-
-
-def test_split_rule(monkeypatch):
-    monkeypatch.setattr(hadamard, "_INTERPRET", False)
-    assert [hadamard._split(rows, 20) for rows in (1, 16, 17, 64)] == [1, 1, 4, 4]
-    assert hadamard._split(40, 3) == 3
-    monkeypatch.setattr(hadamard, "_INTERPRET", True)
-    assert hadamard._split(1, 20) == 10 and hadamard._split(1, 3) == 2
 
 
 @needs_kernel

@@ -24,10 +24,7 @@ of two) and `S` the Sylvester matrix of order `P = 2**k`. Viewing a row as `X[b,
      loop over blocks, the next blocks' tiles streaming into shared memory (Triton's software
      pipelining) while one is computed;
    * otherwise (one row per program, `_hadamard_kernel`) fp32 FMAs, M rank-1 updates
-     `acc += D[:, b] (x) X[b, :]` in order b = 0..M-1. Calls of a few rows (decode steps, up to
-     `_SPLIT_MAX_ROWS`) take this kernel for tensor-core sizes too, each row's output row-blocks
-     split over several programs (`_split`): the same products and sums for every output value;
-     a packed tile would give a 16-row step six programs;
+     `acc += D[:, b] (x) X[b, :]` in order b = 0..M-1;
 2. Sylvester factor: a radix-2 fast Walsh-Hadamard transform of every tile row, `k` fp32 stages of
    `(u, v) -> (u + v, u - v)` written with reshape / split / join / permute (the stage order only
    changes the order of the same fp32 additions; see `_fwht_rows`);
@@ -116,10 +113,6 @@ _PROGRAMS_PER_SM = 3
 _STAGES = 3
 _STAGE_BYTES = 96 * 1024
 
-# Calls with at most this many rows (decode steps) split each row's dense-factor blocks over
-# programs (`_split`): the packed tensor-core kernel would give a 16-row step six programs.
-_SPLIT_MAX_ROWS = 64
-
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -175,57 +168,46 @@ def _hadamard_kernel(
     x_ptr, d_ptr, scale_ptr, out_ptr,
     D1, stride_0, stride_1, inv_sqrt_n,
     M: tl.constexpr, M_PAD: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, QUANT: tl.constexpr,
-    DENSE: tl.constexpr, PARTS: tl.constexpr, OUT_BLOCKS: tl.constexpr, OUT_PAD: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    DENSE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_for_previous(USE_PDL)
-    # Dense factors that tl.dot cannot take (DENSE == 2), powers of two (DENSE == 0), and calls
-    # with a few rows (PARTS > 1): PARTS programs a row, each computing OUT_BLOCKS consecutive
-    # output row-blocks of `D @ X` (padded to OUT_PAD), so that a decode step's handful of rows
-    # still spreads over many SMs. The tensor-core path for many rows is _hadamard_packed_kernel.
-    pid = tl.program_id(0)
-    row = pid // PARTS
-    first = (pid % PARTS) * OUT_BLOCKS
+    # Dense factors that tl.dot cannot take (DENSE == 2) and powers of two (DENSE == 0), one row
+    # per program; the tensor-core path is _hadamard_packed_kernel.
+    row = tl.program_id(0)
     # Rows are numbered over the (at most two, see _lead_layout) leading dims; 64-bit offsets so
     # that views of large buffers do not overflow.
     i0 = row // D1
     i1 = row - i0 * D1
     x_row = x_ptr + i0.to(tl.int64) * stride_0 + i1.to(tl.int64) * stride_1
-    offs_a = tl.arange(0, OUT_PAD)
-    blocks = first + offs_a
-    live = (offs_a < OUT_BLOCKS) & (blocks < M)
+    offs_a = tl.arange(0, M_PAD)
     offs_p = tl.arange(0, P)
+    rows_ok = offs_a[:, None] < M
 
     # Step 1 of the module docstring: acc = D @ X, X[b, p] = x[b * P + p] (rows >= M are zero).
     if DENSE == 0:  # M == 1: no dense factor
         acc = tl.load(x_row + offs_a[:, None] * P + offs_p[None, :]).to(tl.float32)
     else:
-        # fp32 FMAs: M rank-1 updates acc += D[blocks, b] (x) X[b, :] in order b = 0, 1, ..., M-1,
-        # each row X[b, :] loaded from memory (a register tile has no cheap row extraction). d_ptr
-        # holds D transposed and zero-padded to [M, M_PAD] in fp32, so D[:, b] is one contiguous
-        # load. Split programs unroll the loop, so that its M loads are in flight together.
-        acc = tl.zeros([OUT_PAD, P], dtype=tl.float32)
-        if PARTS > 1:
-            for b in tl.static_range(M):
-                d = tl.load(d_ptr + b * M_PAD + blocks, mask=live, other=0.0)
-                xb = tl.load(x_row + b * P + offs_p).to(tl.float32)
-                acc += d[:, None] * xb[None, :]
-        else:
-            for b in range(M):
-                d = tl.load(d_ptr + b * M_PAD + blocks, mask=live, other=0.0)
-                xb = tl.load(x_row + b * P + offs_p).to(tl.float32)
-                acc += d[:, None] * xb[None, :]
+        # fp32 FMAs (tiles too small for tl.dot, or a dense factor too large for one): M rank-1
+        # updates acc += D[:, b] (x) X[b, :] in order b = 0, 1, ..., M-1, each row X[b, :] loaded
+        # from memory (a register tile has no cheap row extraction). d_ptr holds D transposed and
+        # zero-padded to [M, M_PAD] in fp32, so D[:, b] is one contiguous load and the padding
+        # rows of acc stay zero without masks.
+        acc = tl.zeros([M_PAD, P], dtype=tl.float32)
+        for b in range(M):
+            d = tl.load(d_ptr + b * M_PAD + offs_a)
+            xb = tl.load(x_row + b * P + offs_p).to(tl.float32)
+            acc += d[:, None] * xb[None, :]
 
-    # Step 2: the Sylvester factor along every row (the Pease form suits the loads' layout).
+    # Step 2: the Sylvester factor along every row.
     if LOG_P > 0:
-        acc = _fwht_rows(acc, OUT_PAD, P, LOG_P, DENSE == 0 or PARTS > 1)
+        acc = _fwht_rows(acc, M_PAD, P, LOG_P, DENSE == 0)
     y = acc * inv_sqrt_n
 
-    offs = row.to(tl.int64) * (M * P) + blocks[:, None] * P + offs_p[None, :]
+    offs = row.to(tl.int64) * (M * P) + offs_a[:, None] * P + offs_p[None, :]
     if QUANT:
-        tl.store(out_ptr + offs, quantize_rn(y, tl.load(scale_ptr)), mask=live[:, None])
+        tl.store(out_ptr + offs, quantize_rn(y, tl.load(scale_ptr)), mask=rows_ok)
     else:
-        tl.store(out_ptr + offs, y, mask=live[:, None])
+        tl.store(out_ptr + offs, y, mask=rows_ok)
 
 
 @triton.jit
@@ -406,16 +388,6 @@ def _schedule(pack: int, n_blocks: int, tile: int, itemsize: int, device: torch.
     return min(n_blocks, per_sm * sm_count(device)), stages
 
 
-def _split(rows: int, m: int) -> int:
-    """Output row-blocks a program computes when a call's `rows` (at most _SPLIT_MAX_ROWS) split
-    their `m` blocks over programs: one each for up to 16 rows (2.8b: 20 programs a row), four
-    above (each program reloads its row's X from L2, traffic that grows with the blocks' count).
-    The interpreter pays per program: there two programs a row, which still splits every row."""
-    if _INTERPRET:
-        return max(1, -(-m // 2))
-    return min(m, 1 if rows <= 16 else 4)
-
-
 def _num_warps(tile: int) -> int:
     if _INTERPRET:
         return 1
@@ -501,20 +473,6 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: bool) -> torch.Tensor:
         d1, s0, s1 = 1, s1, 0
     p = 1 << k
     dense = _dense_mode(m, m_pad, p)
-    if dense == 1 and rows <= _SPLIT_MAX_ROWS:
-        # A decode step's few rows: the FMA kernel with each row's output blocks split over
-        # programs, `_split(rows, m)` blocks a program.
-        out_blocks = _split(rows, m)
-        parts = -(-m // out_blocks)
-        out_pad = triton.next_power_of_2(out_blocks)
-        table = _dense_table(bases, 1, m_pad, torch.float32, True, str(x.device))
-        _hadamard_kernel[(rows * parts,)](
-            xr, table, scale, out,
-            d1, s0, s1, 1.0 / math.sqrt(n),
-            M=m, M_PAD=m_pad, P=p, LOG_P=k, QUANT=quant, DENSE=2, PARTS=parts, OUT_BLOCKS=out_blocks,
-            OUT_PAD=out_pad, num_warps=_num_warps(out_pad * p), **launch_options(x.device),
-        )
-        return out
     if dense == 1:
         pack, mp = _packing_for(rows, m, m_pad, p)
         table = _dense_table(bases, pack, mp, torch.float16 if x.dtype == torch.float16 else torch.bfloat16,
@@ -534,7 +492,7 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: bool) -> torch.Tensor:
     _hadamard_kernel[(rows,)](
         xr, table, scale, out,
         d1, s0, s1, 1.0 / math.sqrt(n),
-        M=m, M_PAD=m_pad, P=p, LOG_P=k, QUANT=quant, DENSE=dense, PARTS=1, OUT_BLOCKS=m, OUT_PAD=m_pad,
+        M=m, M_PAD=m_pad, P=p, LOG_P=k, QUANT=quant, DENSE=dense,
         num_warps=_num_warps(m_pad << k), **launch_options(x.device),
     )
     return out
