@@ -54,7 +54,9 @@ in L2. Three kernels, chosen per call:
   keeps every SM loading (the last split to finish a tile sums the partials and runs the
   epilogue, in the same launch: split_k.py). Larger M takes wgmma-sized tiles. At one row
   (K and the addresses whole int32 words) the GEMV of gemv.py runs instead: CUDA cores, no
-  tensor-core tile.
+  tensor-core tile; at 2-64 rows, on the weights where it measured faster
+  (`gemm_skinny.use_for`), the kernel of gemm_skinny.py, whose MMA takes the weight rows on its
+  M side and the batch on its N side.
   Tiles are clipped to the problem (BLOCK_N <= next_pow2(N), BLOCK_K <= next_pow2(K), num_stages
   <= a split's K tiles).
 

@@ -12,10 +12,12 @@ before its first load. Here, as in the GEMV:
 * a program owns `BLOCK_N` weight rows, which are the MMA's M side (`w [BN, BK] @ x.T [BK, BM]`):
   on Hopper that is a 64-row wgmma whose N side is the padded batch, and both operands stay
   K-major (the int8 wgmma layout) without any copy, since `w` and `x` are both K-contiguous;
-* the weight tile of the first K step is loaded before the wait for the kernel ahead (weights are
-  never written by the kernels of a step, pdl.py), and each step loads the next weight tile before
-  it multiplies the current one (`EARLY`). The other form (`EARLY` off) leaves the loop to Triton's
-  software pipeliner (`num_stages` tiles in flight through shared memory), waiting first;
+* two loop forms. `EARLY`: the weight tile of the first K step is loaded before the wait for the
+  kernel ahead (weights are never written by the kernels of a step, pdl.py), and each step loads
+  the next weight tile into registers before it multiplies the current one. Otherwise Triton's
+  software pipeliner keeps `num_stages` tiles in flight through shared memory, after the wait.
+  Measured, the early fetch wins only where K is one or two steps (dt_proj); on long K one tile
+  in flight a program is too little (2.8b in_proj at 16 rows: 12.4 us at best against 9.4);
 * K may be split across programs (split_k.py) so that a projection with few output rows (x_proj's
   192, out_proj's 2560) still spreads over every SM.
 
