@@ -33,6 +33,18 @@ def _no_timing(kernel_call: Any, quantiles: Sequence[float]) -> List[float]:
 AUTOTUNE_DO_BENCH = _no_timing if INTERPRET else None
 
 
+def cdiv(a: int, b: int) -> int:
+    """`ceil(a / b)` for positive b. Plain Python on purpose, as `next_pow2`: triton.cdiv and
+    next_power_of_2 are ConstexprFunction objects in recent Triton, whose call costs microseconds
+    on every launch."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 _SM_COUNTS: Dict[torch.device, int] = {}
 
 

@@ -83,7 +83,7 @@ import triton.language as tl
 
 from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import precompile, sm_count
+from .dispatch import cdiv, next_pow2, precompile, sm_count
 from .dispatch import use_triton as _use_triton
 from . import gemm_skinny, gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
@@ -116,16 +116,6 @@ _OUT_MODES = {torch.int8: _OUT_INT8, torch.bfloat16: _OUT_BF16, torch.float16: _
 # ---------------------------------------------------------------------------------------------
 # Triton kernel
 # ---------------------------------------------------------------------------------------------
-
-
-def _cdiv(a: int, b: int) -> int:
-    # Plain Python on purpose: triton.cdiv / next_power_of_2 are ConstexprFunction objects in
-    # recent Triton, whose call costs microseconds on every launch.
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def _cfg(bm: int, bn: int, bk: int, group_m: int, stages: int, warps: int, split_k: int = 1) -> triton.Config:
@@ -167,27 +157,26 @@ _LARGE_CONFIGS = [  # prefill: compute bound, wgmma tiles
 ]
 
 
-
 def _skinny_family(m_bucket: int, n: int, k: int, sms: int) -> List[tuple]:
     """Configs for M <= SKINNY_MAX_M: one M tile, tiles clipped to the problem, and for each tile
     the K splits that bring the program count towards two per SM (a decode GEMM with few output
     columns, such as out_proj's 2560 or x_proj's 192, has fewer column tiles than SMs; split K,
     every SM streams its share of the weight)."""
     bm = max(16, m_bucket)
-    cap_n = max(16, _next_pow2(n))
-    cap_k = max(32, _next_pow2(k))
+    cap_n = max(16, next_pow2(n))
+    cap_k = max(32, next_pow2(k))
     family = []
     for bn in (32, 64, 128):
         for bk in (128, 256):
             bn_, bk_ = min(bn, cap_n), min(bk, cap_k)
             stage_bytes = (bm + bn_) * bk_
-            k_tiles = _cdiv(k, bk_)
+            k_tiles = cdiv(k, bk_)
             stages = max(2, min(4, k_tiles, _SKINNY_SMEM // stage_bytes))
             warps = 8 if bm * bn_ >= 128 * 128 else 4
             # Splits until the programs fill the SMs twice; `_prune_configs` clips the stages to
             # each split's K steps.
             family += [(bm, bn_, bk_, 1, stages, warps, split)
-                       for split in split_k.split_counts(_cdiv(n, bn_), k_tiles, 2 * sms)]
+                       for split in split_k.split_counts(cdiv(n, bn_), k_tiles, 2 * sms)]
     return family
 
 
@@ -213,13 +202,13 @@ def _prune_configs(configs: List[triton.Config], named_args: dict, **kwargs) -> 
     else:
         family = [c + (1,) for c in _LARGE_CONFIGS]
     # tl.dot needs every dim >= 16, and int8 MMA steps K by 32.
-    cap_n = max(16, _next_pow2(n))
-    cap_k = max(32, _next_pow2(k))
+    cap_n = max(16, next_pow2(n))
+    cap_k = max(32, next_pow2(k))
     out, seen = [], set()
     for bm, bn, bk, group_m, stages, warps, split in family:
         bn, bk = min(bn, cap_n), min(bk, cap_k)
         # More stages than K tiles only hold shared memory that could host another CTA.
-        stages = max(2, min(stages, _cdiv(_cdiv(k, bk), split)))
+        stages = max(2, min(stages, cdiv(cdiv(k, bk), split)))
         sig = (bm, bn, bk, group_m, stages, warps, split)
         if sig not in seen:
             seen.add(sig)
@@ -559,7 +548,7 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
     ws = _f32_vector(w_scale)
     b = _f32_vector(bias) if bias is not None else None
     os_ = _f32_vector(out_scale) if out_scale is not None else None
-    m_bucket = min(_next_pow2(m), _M_BUCKET_CAP)
+    m_bucket = min(next_pow2(m), _M_BUCKET_CAP)
 
     w_per_channel = ws.numel() > 1
     out_per_channel = os_ is not None and os_.numel() > 1
@@ -571,7 +560,7 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
     out2 = out.view(m, n)
 
     def grid(meta):
-        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
 
     def pointer_kernel() -> None:
         _launch(

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import split_k
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import sm_count
+from .dispatch import cdiv, next_pow2, sm_count
 from .gemm_epilogue import store_tile
 from .pdl import launch_options, wait_for_previous
 
@@ -48,17 +48,9 @@ MIN_M = 2
 MAX_M = 64
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length() if n > 1 else 1
-
-
 def block_m(m: int) -> int:
     """The padded row count of an `m`-row problem: `tl.dot` needs every dim >= 16."""
-    return max(16, _next_pow2(m))
+    return max(16, next_pow2(m))
 
 
 def _cfg(bn: int, bk: int, split: int, early: bool, stages: int, warps: int) -> triton.Config:
@@ -68,7 +60,7 @@ def _cfg(bn: int, bk: int, split: int, early: bool, stages: int, warps: int) -> 
 
 def _clip(bn: int, bk: int, n: int, k: int) -> tuple:
     # tl.dot needs every dim >= 16, and int8 MMA steps K by 32.
-    return min(bn, max(16, _next_pow2(n))), min(bk, max(32, _next_pow2(k)))
+    return min(bn, max(16, next_pow2(n))), min(bk, max(32, next_pow2(k)))
 
 
 def candidates(m: int, n: int, k: int, sms: int) -> List[triton.Config]:
@@ -79,8 +71,8 @@ def candidates(m: int, n: int, k: int, sms: int) -> List[triton.Config]:
     for bn0 in (64, 128):
         for bk0 in (128, 256, 512):
             bn, bk = _clip(bn0, bk0, n, k)
-            k_tiles = _cdiv(k, bk)
-            for split in split_k.split_counts(_cdiv(n, bn), k_tiles, 8 * sms):
+            k_tiles = cdiv(k, bk)
+            for split in split_k.split_counts(cdiv(n, bn), k_tiles, 8 * sms):
                 for early, stages in ((True, 1), (False, 3)):
                     for warps in (4, 8):
                         if warps == 8 and bn < 128:
@@ -115,7 +107,7 @@ def gpu_config(m: int, n: int, k: int, sms: int) -> triton.Config:
         return _cfg(bn, bk, 1, True, 1, 4)
     target = sms if m <= 16 else sms // 2
     split = 1
-    while _cdiv(n, bn) * split < target and split * 2 <= _cdiv(k, bk) and split < split_k.MAX_SPLIT_K:
+    while cdiv(n, bn) * split < target and split * 2 <= cdiv(k, bk) and split < split_k.MAX_SPLIT_K:
         split *= 2
     return _cfg(bn, bk, split, False, 3, 4)
 
@@ -197,7 +189,7 @@ def launch_call(tensors: tuple, m: int, n: int, k: int, flags: dict, meta: dict)
     bm = block_m(m)
     scratch = (split_k.scratch(x.device, *split_k.scratch_need(bm, n, ({**meta, "BLOCK_M": bm},)))
                if meta["SPLIT_K"] > 1 else (tensors[2], tensors[2]))
-    grid = (_cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
+    grid = (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
     args = (*tensors, *scratch, m, n, k, x.stride(0), w.stride(0), tensors[-1].stride(0))
     # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
     kwargs = dict(flags, **meta, BLOCK_M=bm, EVEN_K=_even_k(k, meta), enable_fp_fusion=False,

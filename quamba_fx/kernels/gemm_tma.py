@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .dispatch import INTERPRET, precompile_calls, sm_count
+from .dispatch import INTERPRET, next_pow2, precompile_calls, sm_count
 from .gemm_epilogue import epilogue
 
 __all__ = ["TmaConfig", "candidates", "launch", "launch_config", "supported"]
@@ -79,10 +79,6 @@ _INTERPRETER_PROGRAMS = 3
 _SMEM_LIMIT = 227 * 1024 - 2048  # H100 / H200 per-block limit, less barriers and slack
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length() if n > 1 else 1
-
-
 def _smem_bytes(c: TmaConfig, out_bytes: int) -> int:
     stage = (c.block_m + c.block_n) * c.block_k
     staging = c.block_m * (c.block_n // 2 if c.split else c.block_n) * out_bytes
@@ -99,7 +95,7 @@ def candidates(n: int, k: int, out_bytes: int) -> List[TmaConfig]:
 def _clip_candidates(configs: List[TmaConfig], n: int, k: int, out_bytes: int) -> List[TmaConfig]:
     """`configs` clipped to the problem (BLOCK_N <= next_pow2(N), BLOCK_K <= next_pow2(K)), within
     shared memory, without duplicates."""
-    cap_n, cap_k = max(16, _next_pow2(n)), max(32, _next_pow2(k))
+    cap_n, cap_k = max(16, next_pow2(n)), max(32, next_pow2(k))
     out, seen = [], set()
     for c in configs:
         c = c._replace(block_n=min(c.block_n, cap_n), block_k=min(c.block_k, cap_k))

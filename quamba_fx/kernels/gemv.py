@@ -31,7 +31,7 @@ import triton.language as tl
 
 from . import split_k
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import sm_count
+from .dispatch import cdiv, next_pow2, sm_count
 from .conv1d import conv_update_step
 from .gemm_epilogue import epilogue, store_tile
 from .pdl import launch_options, wait_for_previous
@@ -45,14 +45,6 @@ GEMV_MAX_M = 1
 # int8 values in an int32 word.
 _PACK = 4
 _WARPS = 4
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -74,8 +66,8 @@ def gpu_config(n: int, k_words: int, sms: int) -> triton.Config:
     which ranks configs unlike a decode step, where launches run back to back on weights that do
     not fit in L2. Timed that way (docs/benchmarks.md, session 20), the rule's pick was within 9%
     of the best of 6-28 configs on each 2.8b projection."""
-    bk = min(128, max(8, _next_pow2(k_words)))
-    split = split_k.split_counts(_cdiv(n, 16), _cdiv(k_words, bk), 4 * sms)[-1]
+    bk = min(128, max(8, next_pow2(k_words)))
+    split = split_k.split_counts(cdiv(n, 16), cdiv(k_words, bk), 4 * sms)[-1]
     return _cfg(16, bk, split, 1, _WARPS)
 
 
@@ -190,7 +182,7 @@ _TUNED: dict = {}
 
 def _grid(n: int):
     def grid(meta):
-        return (_cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
+        return (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
     return grid
 
 
