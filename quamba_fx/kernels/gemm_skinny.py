@@ -17,7 +17,7 @@ before its first load. Here, as in the GEMV:
   the next weight tile into registers before it multiplies the current one. Otherwise Triton's
   software pipeliner keeps `num_stages` tiles in flight through shared memory, after the wait.
   Measured, the early fetch wins only where K is one or two steps (dt_proj); on long K one tile
-  in flight a program is too little (2.8b in_proj at 16 rows: 12.4 us at best against 9.4);
+  in flight a program is too little to stream the weight (docs/benchmarks.md, run 7);
 * K may be split across programs (split_k.py) so that a projection with few output rows (x_proj's
   192, out_proj's 2560) still spreads over every SM.
 
@@ -86,13 +86,12 @@ def candidates(m: int, n: int, k: int, sms: int) -> List[triton.Config]:
 
 def use_for(m: int, n: int, k: int) -> bool:
     """Whether int8_gemm runs this kernel on an `m x n x k` problem (MIN_M <= m <= MAX_M) rather
-    than the pointer kernel, from the decode_gemm sweeps on an H200 (docs/benchmarks.md, session
-    22): short K (at most two 256-byte steps: dt_proj, 2.8b 2.0 against 2.6-2.8 us at 2-16
-    rows), and weights of at least 1024 output rows and 2048 input columns (2.8b in_proj 9.9
-    against 11.3 us at 32 rows, 10.7 against 12.2 at 64; at 2-16 rows the pointer kernel's
-    autotuned configs ranged from 9.8 to 11.4 us, out_proj's from 7.3 to 11.2, while this
-    kernel's rule gives one config whatever the batch). The pointer kernel keeps the rest, x_proj's
-    192 outputs among them (5.2 against 7.1 us at 64 rows)."""
+    than the pointer kernel: where the decode_gemm sweeps on an H200 found it faster (figures in
+    docs/benchmarks.md, run 7). Short K (at most two 256-byte steps, e.g. dt_proj) at any row
+    count, and weights of at least 1024 output rows and 2048 input columns (in_proj, out_proj of
+    the larger models), where the pointer kernel's autotuned configs also varied between processes
+    while this kernel's rule gives one config. The pointer kernel keeps the rest: narrow weights
+    such as x_proj's (its split tiles beat this kernel's there) and the 130m projections."""
     return k <= 512 or (n >= 1024 and k >= 2048)
 
 
