@@ -7,10 +7,10 @@ validation); the accumulation is exact in int32, so its numerical contract holds
 Why a third kernel: with 16-64 rows a decode GEMM is bound by streaming the weight, and its time
 is mostly the ramp (first bytes in flight) and the tail, not the MMAs. The pointer kernel of
 gemm.py puts the rows on the MMA's M side (16-row `mma.sync` tiles) and waits for the kernel ahead
-before its first load. Here, as in the GEMV:
+before its first load. Here:
 
 * a program owns `BLOCK_N` weight rows, which are the MMA's M side (`w [BN, BK] @ x.T [BK, BM]`):
-  on Hopper that is a 64-row wgmma whose N side is the padded batch, and both operands stay
+  64 rows on M and the padded batch on N, the shape Hopper's wgmma takes, and both operands stay
   K-major (the int8 wgmma layout) without any copy, since `w` and `x` are both K-contiguous;
 * two loop forms. `EARLY`: the weight tile of the first K step is loaded before the wait for the
   kernel ahead (weights are never written by the kernels of a step, pdl.py), and each step loads
