@@ -33,6 +33,7 @@ from .checkpoint import from_pretrained
 from .errors import InvalidArgumentError, QuambaError, TopologyError
 from .flows import fuse
 from .graph_info import META_KEY, is_kind
+from .graph_meta import GraphMeta, graph_meta, set_graph_meta
 from .passes.conv_fusion import fuse_conv1d_silu
 from .passes.rewrite import run_rules
 from .passes.verify import TopologyChecker, verify_topology
@@ -145,7 +146,7 @@ def annotate(gm: torch.fx.GraphModule) -> int:
     # verify_topology checks blocks 0..n-1 when it knows n; a graph holding a slice of the model
     # (after a graph break) only has its convs' own blocks checked.
     num_blocks = len(blocks) if blocks == set(range(len(blocks))) else None
-    gm.meta[META_KEY] = {"num_blocks": num_blocks, "source": "dynamo"}
+    set_graph_meta(gm, GraphMeta(num_blocks=num_blocks, source="dynamo"))
     return len(blocks)
 
 
@@ -278,7 +279,8 @@ def _checkpoint_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], o
         for i, n in enumerate(placeholders) if (name := _state_name(n))
         if saved.get(name) != tuple(example_inputs[i].shape)
     ]
-    blocks, saved_blocks = annotate(gm), loaded.meta[META_KEY]["num_blocks"]
+    loaded_meta = graph_meta(loaded)
+    blocks, saved_blocks = annotate(gm), loaded_meta.num_blocks
     if blocks != saved_blocks:
         wrong.insert(0, f"{blocks} blocks vs {saved_blocks}")
     if wrong:
@@ -288,7 +290,7 @@ def _checkpoint_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], o
     # and guards included), as it would the graph it replaces.
     if options["verify"]:
         verify_topology(loaded)
-    if options["fuse"] and loaded.meta[META_KEY].get("recipe") and not loaded.meta[META_KEY].get("fused"):
+    if options["fuse"] and loaded_meta.recipe and not loaded_meta.fused:
         loaded = fuse(loaded)
     loaded.requires_grad_(False)  # a private copy: keeps AOTAutograd on its inference path
     root = torch.nn.Module()

@@ -27,6 +27,7 @@ from .arch.tracing import check_input_ids, current_stage  # check_input_ids: re-
 from .checkpoint_format import save_pretrained
 from .errors import UnsupportedModelError
 from .graph_info import META_KEY  # noqa: F401  (re-exported: passes and tests read it from here)
+from .graph_meta import GraphMeta, graph_meta, set_graph_meta
 from .models import load_model
 from .text import attach_tokenizer
 
@@ -102,7 +103,7 @@ def capture(
 
     `model` is a `MambaForCausalLM` (output: fp32 logits `[B, L, vocab]`), a `MambaModel` (output: the
     last hidden state) or anything `quamba_fx.load_model` accepts (a built-in name or a checkpoint dir;
-    a directory's tokenizer is kept in `gm.meta["quamba"]["tokenizer"]`, see `quamba_fx.text`).
+    a directory's tokenizer is kept in `graph_meta(gm).tokenizer`, see `quamba_fx.text`).
     Models on the meta device are captured too; their graphs can be inspected and dumped, and raise
     `MetaDeviceError` when run. Shapes recorded in `node.meta["tensor_meta"]` are those of an
     `example_shape` input, computed with fake tensors (no arithmetic is done).
@@ -116,20 +117,20 @@ def capture(
     graph = _MambaTracer().trace(root)
     gm = MambaGraphModule(root, graph, class_name="MambaGraphModule")
     config = model.config
-    gm.meta[META_KEY] = {
-        "source": type(model).__name__,
-        "num_blocks": config.num_hidden_layers,
-        "config": arch.architecture(config),
-        "prefix": root.prefix,
-        "on_meta_device": model.get_input_embeddings().weight.is_meta,
-        "hf_config": config.to_dict(),
-        "dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""),
-    }
+    meta = set_graph_meta(gm, GraphMeta(
+        source=type(model).__name__,
+        num_blocks=config.num_hidden_layers,
+        config=arch.architecture(config),
+        prefix=root.prefix,
+        on_meta_device=model.get_input_embeddings().weight.is_meta,
+        hf_config=config.to_dict(),
+        dtype=str(model.get_input_embeddings().weight.dtype).replace("torch.", ""),
+    ))
     if source is not None:
         attach_tokenizer(gm, source)  # a model directory's tokenizer travels with its graph
     if propagate_shapes:
         annotate_shapes(gm, example_shape)
-    gm.meta[META_KEY]["capture_seconds"] = time.perf_counter() - started
+    meta.capture_seconds = time.perf_counter() - started
     return gm
 
 
@@ -144,4 +145,4 @@ def annotate_shapes(gm: torch.fx.GraphModule, example_shape: tuple[int, int] = (
     with fake_mode:
         example = torch.zeros(example_shape, dtype=torch.long, device=device)
     ShapeProp(gm, fake_mode=fake_mode).propagate(example)
-    gm.meta[META_KEY]["example_shape"] = list(example_shape)
+    graph_meta(gm).example_shape = list(example_shape)

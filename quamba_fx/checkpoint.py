@@ -36,6 +36,7 @@ from .checkpoint_format import (  # noqa: F401  (re-exported: the checkpoint API
 )
 from .errors import CheckpointError
 from .flows import quantized_structure
+from .graph_meta import graph_meta
 from .tensor_checks import name_list, non_finite_tensors
 from .text import attach_tokenizer
 
@@ -92,7 +93,7 @@ def _load(path: Path, device: str | torch.device) -> torch.fx.GraphModule:
     left = [name for name, t in [*gm.named_parameters(), *gm.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{weights} lacks tensors: {', '.join(left[:8])}")
-    gm.meta["quamba"]["on_meta_device"] = False
+    graph_meta(gm).on_meta_device = False
     attach_tokenizer(gm, path)
     annotate_shapes(gm, tuple(config["example_shape"]))
     return gm

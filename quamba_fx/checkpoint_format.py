@@ -36,6 +36,7 @@ from . import _atomic_dir
 from ._version import __version__
 from .arch import arch_for_class_name, arch_named, arch_names
 from .errors import CheckpointError, RecipeError
+from .graph_meta import find_graph_meta, graph_meta
 from .recipes import CONV_OUT, W8A8_TAPS, QuantSpec, Recipe
 from .tensor_checks import name_list, non_finite_tensors
 from .text import CHECKPOINT_TOKENIZER_DIR, TextCodec, as_codec, check_fits, save_tokenizer
@@ -135,16 +136,16 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool 
     takes; default: the one the graph carries) is copied into `path/tokenizer/`, its files hashed in
     the config, so the checkpoint is self-contained.
     """
-    meta = gm.meta.get("quamba")
-    if not meta or "hf_config" not in meta:
+    meta = find_graph_meta(gm)
+    if meta is None or meta.hf_config is None:
         raise CheckpointError("save_pretrained needs a graph made by quamba_fx.capture (it has no capture metadata)")
-    if meta.get("on_meta_device"):
+    if meta.on_meta_device:
         raise CheckpointError("this graph was captured on the meta device: it has no weights to save")
-    recipe = meta.get("recipe_spec")
-    if meta.get("recipe") is not None and not isinstance(recipe, Recipe):
+    recipe = meta.recipe_spec
+    if meta.recipe is not None and not isinstance(recipe, Recipe):
         raise CheckpointError(
-            f"this graph says it was quantized with recipe {meta['recipe']!r} but carries no Recipe "
-            "(meta['quamba']['recipe_spec']): quantize it with quamba_fx.quantize"
+            f"this graph says it was quantized with recipe {meta.recipe!r} but carries no Recipe "
+            "(graph_meta(gm).recipe_spec): quantize it with quamba_fx.quantize"
         )
     path = Path(path)
     codec = _checkpoint_codec(gm, tokenizer)
@@ -158,12 +159,12 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool 
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "recipe": recipe.to_dict() if recipe is not None else None,
-        "fused": bool(meta.get("fused", False)),
-        "source": meta["source"],
-        "dtype": meta["dtype"],
-        "example_shape": meta.get("example_shape", [1, 8]),
+        "fused": bool(meta.fused),
+        "source": meta.source,
+        "dtype": meta.dtype,
+        "example_shape": meta.example_shape if meta.example_shape is not None else [1, 8],
         "aliases": aliases,
-        "source_config": meta["hf_config"],
+        "source_config": meta.hf_config,
     }))
     created = _missing_ancestors(path.parent)
     try:
@@ -194,11 +195,12 @@ def save_pretrained(gm: torch.fx.GraphModule, path: str | Path, overwrite: bool 
 def _checkpoint_codec(gm: torch.fx.GraphModule, tokenizer: Any = None) -> TextCodec | None:
     """The tokenizer a checkpoint of `gm` keeps: `tokenizer`, else the graph's own; checked
     against the graph's vocabulary before anything is written."""
-    tokenizer = tokenizer if tokenizer is not None else gm.meta["quamba"].get("tokenizer")
+    meta = graph_meta(gm)
+    tokenizer = tokenizer if tokenizer is not None else meta.tokenizer
     if tokenizer is None:
         return None
     codec = as_codec(tokenizer)
-    check_fits(codec, gm.meta["quamba"]["hf_config"].get("vocab_size"), "this graph")
+    check_fits(codec, meta.hf_config.get("vocab_size"), "this graph")
     return codec
 
 

@@ -21,6 +21,7 @@ from .checkpoint import from_pretrained, is_quamba_checkpoint
 from .dump import dump, write_dump
 from .errors import InputError, QuambaError
 from .graph_info import block, is_kind
+from .graph_meta import graph_meta
 from .evaluate import EvalResult, evaluate
 from .flows import fuse, lower, quantize
 from .models import BUILTIN_SHAPES, load_model
@@ -65,7 +66,7 @@ def _linear_shape(module: torch.nn.Module) -> str:
 
 def _print_block_summary(gm: torch.fx.GraphModule) -> None:
     per_block = Counter(block(n) for n in gm.graph.nodes if block(n) is not None)
-    prefix = gm.meta["quamba"]["prefix"]
+    prefix = graph_meta(gm).prefix
     print(f"{'block':>5}  {'nodes':>5}  {'in_proj':>11}  {'conv1d (ch x k)':>15}  {'x_proj':>10}  "
           f"{'dt_proj':>10}  {'out_proj':>11}")
     for b in sorted(per_block):
@@ -185,7 +186,7 @@ def _eval_checkpoint(args: argparse.Namespace) -> int:
     if args.reference:
         reference = capture(load_model(args.reference))
     result = evaluate(qm, held_out, reference, batch_size=args.batch_size, progress=not args.quiet, codec=codec)
-    recipe = qm.meta["quamba"].get("recipe") or "float"
+    recipe = graph_meta(qm).recipe or "float"
     print(f"{args.model}: {result.windows} windows of {result.seq_len} {_unit(codec)}; recipe {recipe}")
     if reference is not None:
         _print_accuracy("fp32", _reference_row(result), tokenized)
@@ -213,7 +214,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _lowered(gm: torch.fx.GraphModule, name: str) -> torch.fx.GraphModule:
     """`--kernels`: the graph lowered to the Triton kernel ops (quantized graphs only)."""
-    if not gm.meta["quamba"].get("recipe"):
+    if not graph_meta(gm).recipe:
         raise InputError(f"--kernels runs the W8A8 kernels: {name} is a float model; quantize it first "
                          "(quamba-fx quantize ... --out DIR) and pass the checkpoint directory")
     return lower(gm)
@@ -248,9 +249,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.kernels:
         gm = _lowered(gm, args.model)
     gm = gm.to(device)
-    vocab = gm.meta["quamba"]["hf_config"]["vocab_size"]
+    vocab = graph_meta(gm).hf_config["vocab_size"]
     generator = torch.Generator().manual_seed(0)
-    kind = "W8A8 kernels" if args.kernels else f"recipe {gm.meta['quamba'].get('recipe') or 'float'}"
+    kind = "W8A8 kernels" if args.kernels else f"recipe {graph_meta(gm).recipe or 'float'}"
     print(f"{args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{kind}; median of {args.repeats} after 1 warm-up")
     print(f"{'batch':>5} {'seq':>6} {'ms':>10} {'tokens/s':>10}")
@@ -284,7 +285,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generation import generate_text
 
     gm = load_graph(args.model, device="cpu")
-    codec = source_codec(args.model, gm.meta["quamba"]["hf_config"]["vocab_size"])
+    codec = source_codec(args.model, graph_meta(gm).hf_config["vocab_size"])
     started = time.perf_counter()
     if args.kernels:
         from .runtime import Generator
@@ -303,7 +304,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = generate_text(gm, args.prompt, args.max_new_tokens, do_sample=args.sample,
                              temperature=args.temperature if args.sample else None,
                              top_k=args.top_k if args.sample else None, seed=args.seed, tokenizer=codec)
-        how = (f"recipe {gm.meta['quamba'].get('recipe') or 'float'}; no decode cache: each step reruns "
+        how = (f"recipe {graph_meta(gm).recipe or 'float'}; no decode cache: each step reruns "
                "the prefix (--kernels decodes from a cache)")
     elapsed = time.perf_counter() - started
     print(args.prompt + text)

@@ -17,7 +17,8 @@ import torch.fx
 
 from .catalog import DUMP_FORMATS
 from .errors import InvalidArgumentError, MissingDependencyError
-from .graph_info import META_KEY, block, fetch_attr, info, is_kind
+from .graph_info import block, fetch_attr, info, is_kind
+from .graph_meta import GraphMeta, find_graph_meta
 
 SCHEMA_VERSION = 1
 FORMATS = DUMP_FORMATS
@@ -102,7 +103,7 @@ def _selected(gm: torch.fx.GraphModule, only_block: int | None) -> list[torch.fx
     nodes = list(gm.graph.nodes)
     if only_block is None:
         return nodes
-    num_blocks = gm.meta.get(META_KEY, {}).get("num_blocks")
+    num_blocks = (find_graph_meta(gm) or GraphMeta()).num_blocks
     if num_blocks is not None and not 0 <= only_block < num_blocks:
         raise InvalidArgumentError(f"block {only_block} does not exist: the graph has blocks 0..{num_blocks - 1}")
     return [n for n in nodes if block(n) == only_block]
@@ -132,15 +133,15 @@ def to_json(gm: torch.fx.GraphModule, only_block: int | None = None) -> str:
         for index, src in enumerate(node.all_input_nodes)
         if src.name in names
     ]
-    graph_meta = gm.meta.get(META_KEY, {})
+    meta = find_graph_meta(gm) or GraphMeta()
     document = {
         "schema": "quamba-fx/graph",
         "schema_version": SCHEMA_VERSION,
         "model": {
-            "source": graph_meta.get("source"),
-            "num_blocks": graph_meta.get("num_blocks"),
-            "example_shape": graph_meta.get("example_shape"),
-            "config": _jsonable(graph_meta.get("config", {})),
+            "source": meta.source,
+            "num_blocks": meta.num_blocks,
+            "example_shape": meta.example_shape,
+            "config": _jsonable(meta.config),
         },
         "block": only_block,
         "nodes": [node_record(gm, n) for n in nodes],

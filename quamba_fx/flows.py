@@ -22,7 +22,7 @@ from torch import nn
 from .calibrate import Calibration, calibrate
 from .capture import annotate_shapes, capture
 from .errors import InvalidArgumentError, NonFiniteError
-from .graph_info import META_KEY
+from .graph_meta import find_graph_meta, graph_meta
 from .passes.conv_fusion import FuseConv1dSiLU
 from .passes.hadamard import RotateOutProjInput
 from .passes.kernel_lowering import LowerToKernels
@@ -55,7 +55,8 @@ def lowering_passes(dtype: torch.dtype, state_dtype: torch.dtype | None = None) 
 
 
 def _example_shape(gm: torch.fx.GraphModule) -> tuple[int, ...]:
-    return tuple(gm.meta[META_KEY].get("example_shape", (1, 8)))
+    shape = graph_meta(gm).example_shape
+    return tuple(shape if shape is not None else (1, 8))
 
 
 def quantize(
@@ -76,7 +77,7 @@ def quantize(
     `qm.get_submodule("backbone.layers.0.mixer.conv1d").output_scale`. Raises `NonFiniteError` when
     a weight holds NaN or infinity (even one calibration never reads, like an unused embedding row).
     `recipe` is a registered recipe's name (`naive`, `quamba`, `fp8`) or any `quamba_fx.recipes.Recipe`;
-    the graph keeps it (`meta["quamba"]["recipe_spec"]`), so `save_pretrained` can store it whole.
+    the graph keeps it (`graph_meta(gm).recipe_spec`), so `save_pretrained` can store it whole.
     A `calibration` recorded for another recipe (name or observers) raises `CalibrationError`.
     """
     recipe = as_recipe(recipe)
@@ -97,8 +98,8 @@ def quantize(
     else:
         calibration.check_matches(recipe, block_paths(gm))
     gm = Pipeline(quantization_passes(calibration.scales(recipe), recipe), dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
-    gm.meta[META_KEY]["recipe"] = recipe.name
-    gm.meta[META_KEY]["recipe_spec"] = recipe
+    meta = graph_meta(gm)
+    meta.recipe, meta.recipe_spec = recipe.name, recipe
     annotate_shapes(gm, _example_shape(gm))
     return gm
 
@@ -106,7 +107,7 @@ def quantize(
 def fuse(quantized: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of a quantized graph with each block's conv1d + SiLU as one fused int8 kernel call."""
     gm = Pipeline(fusion_passes())(copy.deepcopy(quantized))
-    gm.meta[META_KEY]["fused"] = True
+    graph_meta(gm).fused = True
     annotate_shapes(gm, _example_shape(gm))
     return gm
 
@@ -121,11 +122,12 @@ def lower(quantized: torch.fx.GraphModule, dtype: torch.dtype = torch.float16,
     the dtype `Generator`'s decode cache keeps each block's scan state in, by default float16 for
     the float16 lowering (as mamba_ssm) and float32 otherwise. The scan computes in fp32 either way.
     """
-    if not quantized.meta.get(META_KEY, {}).get("recipe"):
+    meta = find_graph_meta(quantized)
+    if meta is None or not meta.recipe:
         raise InvalidArgumentError("lower needs a quantized graph (quamba_fx.quantize or from_pretrained of a W8A8 checkpoint)")
     gm = Pipeline(lowering_passes(dtype, state_dtype))(copy.deepcopy(quantized))
-    gm.meta[META_KEY]["fused"] = True
-    gm.meta[META_KEY]["lowered"] = str(dtype).replace("torch.", "")
+    meta = graph_meta(gm)
+    meta.fused, meta.lowered = True, str(dtype).replace("torch.", "")
     annotate_shapes(gm, _example_shape(quantized))
     return gm
 
@@ -138,5 +140,6 @@ def quantized_structure(gm: torch.fx.GraphModule, recipe: Recipe, fused: bool) -
     if fused:
         passes += fusion_passes()
     gm = Pipeline(passes)(gm)
-    gm.meta[META_KEY].update(recipe=recipe.name, recipe_spec=recipe, fused=fused)
+    meta = graph_meta(gm)
+    meta.recipe, meta.recipe_spec, meta.fused = recipe.name, recipe, fused
     return gm

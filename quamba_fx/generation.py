@@ -40,6 +40,7 @@ from .checkpoint import from_pretrained as load_checkpoint
 from .checkpoint import is_quamba_checkpoint
 from .checkpoint import save_pretrained as save_checkpoint
 from .errors import InputError, MetaDeviceError, UnsupportedModelError
+from .graph_meta import GraphMeta, find_graph_meta
 from .models import load_model
 from .runtime import Generator
 from .text import as_codec, attach_tokenizer, check_fits, graph_codec
@@ -64,23 +65,23 @@ class QuambaCausalLMOutput(CausalLMOutput):
     quamba_cache: Generator | None = None
 
 
-def _graph_meta(graph: torch.fx.GraphModule) -> dict[str, Any]:
+def _graph_meta(graph: torch.fx.GraphModule) -> GraphMeta:
     """The capture metadata of a graph that maps token ids to logits; errors say what is wrong."""
     if not isinstance(graph, torch.fx.GraphModule):
         raise UnsupportedModelError(
             f"QuambaForCausalLM wraps a GraphModule from quamba_fx.capture/quantize/from_pretrained, "
             f"got {type(graph).__name__}"
         )
-    meta = graph.meta.get("quamba")
-    if not meta or "hf_config" not in meta:
+    meta = find_graph_meta(graph)
+    if meta is None or meta.hf_config is None:
         raise UnsupportedModelError("this GraphModule has no quamba capture metadata; make it with quamba_fx.capture")
     head_class = arch_of(graph).head_class.__name__
-    if meta.get("source") != head_class:
+    if meta.source != head_class:
         raise UnsupportedModelError(
             f"generation needs a graph with a language-model head (captured from {head_class}); "
-            f"this one was captured from {meta.get('source')} and returns hidden states"
+            f"this one was captured from {meta.source} and returns hidden states"
         )
-    if meta.get("on_meta_device"):
+    if meta.on_meta_device:
         raise MetaDeviceError("this graph was captured on the meta device: it has no weights to generate with")
     return meta
 
@@ -105,15 +106,15 @@ class QuambaForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, graph: torch.fx.GraphModule, config: MambaConfig | None = None):
         meta = _graph_meta(graph)
         if config is None:
-            config = arch_of(graph).config_class.from_dict(meta["hf_config"])
+            config = arch_of(graph).config_class.from_dict(meta.hf_config)
         super().__init__(config)
         # post_init runs transformers' weight initialisation over the submodules registered so far:
         # run it before the graph is attached, so no transformers release can re-initialise our
         # weights (`_init_weights` below is a no-op as a second line of defence).
         self.post_init()
         self.model = graph
-        self._prefix = meta.get("prefix", "backbone.")
-        self._lowered = bool(meta.get("lowered"))
+        self._prefix = meta.prefix if meta.prefix is not None else "backbone."
+        self._lowered = bool(meta.lowered)
         # One Generator (cache and CUDA graph) per batch size, made on first use and kept.
         self._generators: dict[int, Generator] = {}
         # Set by `generate` for the duration of a cached generation.

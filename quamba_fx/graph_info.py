@@ -19,7 +19,7 @@ from torch import nn
 from .quant.fp8_linear import Fp8Linear
 from .quant.linear import QuantizedLinear
 
-# The key of capture's annotations in `node.meta` and of the graph's facts in `gm.meta`.
+# The key of capture's annotations in `node.meta` (the graph's facts are a `graph_meta.GraphMeta`).
 META_KEY = "quamba"
 
 LAYOUT_OPS: set[str] = {

@@ -35,6 +35,7 @@ from transformers import StoppingCriteriaList
 
 from .errors import InputError
 from .generation import QuambaForCausalLM, StopOnStrings, as_causal_lm, truncate_at_stops
+from .graph_meta import GraphMeta, find_graph_meta
 from .text import ByteCodec, graph_codec, load_tokenizer, tokenizer_dir
 
 try:  # lm_eval is optional: the adapter is a plain class without it.
@@ -162,10 +163,10 @@ class QuambaLM(_Base):
 
     def get_model_info(self) -> dict[str, Any]:
         """What the harness records about the model in its results."""
-        meta = self.lm.model.meta.get("quamba", {})
+        meta = find_graph_meta(self.lm.model) or GraphMeta()
         return {
-            "quamba_recipe": meta.get("recipe"),
-            "quamba_source": meta.get("source"),
+            "quamba_recipe": meta.recipe,
+            "quamba_source": meta.source,
             "tokenizer": self._tokenizer_name,
         }
 

@@ -11,6 +11,7 @@ import torch.fx
 
 from .arch import arch_of
 from .graph_info import is_kind, op_name
+from .graph_meta import graph_meta
 from .recipes import (
     CONV_OUT,
     DT_PROJ_OUT,
@@ -35,9 +36,9 @@ __all__ = [
 
 def block_paths(gm: torch.fx.GraphModule) -> list[str]:
     """Module path of every block: `backbone.layers.0`, ... (where the graph's architecture puts them)."""
-    meta = gm.meta["quamba"]
+    meta = graph_meta(gm)
     arch = arch_of(gm)
-    return [arch.block_path(meta["prefix"], b) for b in range(meta["num_blocks"])]
+    return [arch.block_path(meta.prefix, b) for b in range(meta.num_blocks)]
 
 
 def tap_node(gm: torch.fx.GraphModule, block_path: str, tap: Tap) -> torch.fx.Node:

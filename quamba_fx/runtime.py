@@ -16,6 +16,7 @@ import torch.fx
 
 from .arch import arch_of
 from .errors import InputError
+from .graph_meta import find_graph_meta
 from .passes.kernel_lowering import cached_graph, ssm_state_dtype
 from .recipe import block_paths
 
@@ -75,7 +76,8 @@ class Generator:
     """
 
     def __init__(self, lowered: torch.fx.GraphModule, batch_size: int, cuda_graph: bool | None = None):
-        if not lowered.meta.get("quamba", {}).get("lowered"):
+        meta = find_graph_meta(lowered)
+        if meta is None or not meta.lowered:
             raise InputError("Generator needs a lowered graph: quamba_fx.lower(quamba_fx.quantize(...))")
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import InputError, QuambaError, UnsupportedModelError
+from .graph_meta import GraphMeta, find_graph_meta, graph_meta
 from .textdata import EmptyTextError, TextDataNotFoundError, chunk_sequences, load_bytes
 
 BYTE_VOCAB_SIZE = 256
@@ -260,20 +261,20 @@ def source_codec(source: str | Path, vocab_size: int) -> TextCodec:
 
 def attach_tokenizer(gm: torch.fx.GraphModule, path: str | Path) -> None:
     """Let `gm` carry the tokenizer of the model directory it was made from, when it has one, so
-    `quantize`, `generate_text` and `save_pretrained` find it (`meta["quamba"]["tokenizer"]`)."""
+    `quantize`, `generate_text` and `save_pretrained` find it (`graph_meta(gm).tokenizer`)."""
     if Path(path).is_dir() and tokenizer_dir(path) is not None:
-        meta = gm.meta["quamba"]
-        meta["tokenizer"] = load_tokenizer(path, meta["hf_config"].get("vocab_size"))
+        meta = graph_meta(gm)
+        meta.tokenizer = load_tokenizer(path, meta.hf_config.get("vocab_size"))
 
 
 def graph_codec(gm: torch.fx.GraphModule, what: str = "text") -> TextCodec:
     """The codec a graph carries (`from_pretrained` of a checkpoint with a tokenizer), else bytes
     for a vocab-256 graph; else `UnsupportedModelError` saying a tokenizer is needed."""
-    meta = gm.meta.get("quamba", {})
-    codec = meta.get("tokenizer")
+    meta = find_graph_meta(gm) or GraphMeta()
+    codec = meta.tokenizer
     if codec is not None:
         return codec
-    vocab = meta.get("hf_config", {}).get("vocab_size")
+    vocab = (meta.hf_config or {}).get("vocab_size")
     if vocab == BYTE_VOCAB_SIZE:
         return ByteCodec()
     raise UnsupportedModelError(

@@ -10,6 +10,7 @@ from quamba_fx.arch import MAMBA1, ArchSpec, Tap, arch_for_model, arch_for_model
 from quamba_fx.arch import arch_of, register_arch
 from quamba_fx.errors import QuambaError, RecipeError
 from quamba_fx.graph_info import block, info, role
+from quamba_fx.graph_meta import GRAPH_META_KEY, GraphMeta
 from quamba_fx.recipe import block_paths
 from quamba_fx.recipes import W8A8_TAPS
 from quamba_fx.runtime import MambaCache
@@ -39,7 +40,7 @@ def test_unknown_architectures_are_clear_errors():
         arch_named("mamba9")
 
     class Fake:
-        meta = {"quamba": {"config": {"model_type": "jamba"}}}
+        meta = {GRAPH_META_KEY: GraphMeta(config={"model_type": "jamba"})}
 
     with pytest.raises(QuambaError, match="model_type='jamba'"):
         arch_of(Fake())

@@ -11,6 +11,7 @@ from torch import nn
 import quamba_fx
 from quamba_fx.capture import ROLES
 from quamba_fx.graph_info import block, is_kind, role
+from quamba_fx.graph_meta import graph_meta
 
 from .conftest import make_model, tiny_config
 
@@ -116,14 +117,14 @@ def test_every_node_is_annotated(tiny_model):
     assert conv_roles == {"conv1d"}
     scan = next(n for n in gm.graph.nodes if is_kind(gm, n, "scan"))
     assert block(scan) == 0 and scan.meta["quamba"]["module"] == "backbone.layers.0.mixer"
-    assert gm.meta["quamba"]["num_blocks"] == 2
-    assert gm.meta["quamba"]["config"]["hidden_size"] == 32
+    assert graph_meta(gm).num_blocks == 2
+    assert graph_meta(gm).config["hidden_size"] == 32
 
 
 def test_meta_device_model_captures_with_shapes_and_refuses_to_run():
     model = quamba_fx.load_model("mamba-2.8b", device="meta")
     gm = quamba_fx.capture(model)
-    assert gm.meta["quamba"]["on_meta_device"]
+    assert graph_meta(gm).on_meta_device
     quamba_fx.verify_topology(gm)
     x_proj = next(n for n in gm.graph.nodes if n.target == "backbone.layers.63.mixer.x_proj")
     assert list(x_proj.meta["tensor_meta"].shape) == [1, 8, 160 + 32]
@@ -133,4 +134,4 @@ def test_meta_device_model_captures_with_shapes_and_refuses_to_run():
 
 def test_capture_accepts_builtin_name():
     gm = quamba_fx.capture("mamba-tiny")
-    assert gm.meta["quamba"]["num_blocks"] == 2
+    assert graph_meta(gm).num_blocks == 2

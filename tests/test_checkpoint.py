@@ -22,6 +22,7 @@ from quamba_fx import CheckpointError
 from quamba_fx.checkpoint import CONFIG_DIGEST_KEY, WEIGHTS_FILE
 from quamba_fx.checkpoint_format import _config_digest, _sha256
 from quamba_fx.errors import NonFiniteError
+from quamba_fx.graph_meta import graph_meta
 from quamba_fx.recipes import CONV_OUT, OUT_PROJ_IN, W8A8_TAPS, X_PROJ_OUT, QuantSpec, Recipe, make_recipe
 
 from .conftest import make_model, tiny_config
@@ -96,8 +97,8 @@ def test_a_never_registered_recipe_reloads_bit_identically(tmp_path, fused):
     quantized.save_pretrained(tmp_path / "custom")
     assert read_config(tmp_path / "custom")["recipe"] == CUSTOM.to_dict()
     loaded = quamba_fx.from_pretrained(tmp_path / "custom")
-    assert loaded.meta["quamba"]["recipe"] == "clip-late" and loaded.meta["quamba"]["recipe_spec"] == CUSTOM
-    assert loaded.meta["quamba"]["fused"] is fused
+    assert graph_meta(loaded).recipe == "clip-late" and graph_meta(loaded).recipe_spec == CUSTOM
+    assert graph_meta(loaded).fused is fused
     assert_same_graph(loaded, quantized, batches(1, seed=4)[0])
     # ... and saves again to the same config.
     loaded.save_pretrained(tmp_path / "again")
@@ -117,7 +118,7 @@ def test_format_1_checkpoints_still_load_identically(graphs, tmp_path, kind, per
     graphs[kind].save_pretrained(path)
     write_config(path, format_1_config(read_config(path), percentile), restamp=True)
     loaded = quamba_fx.from_pretrained(path)
-    assert loaded.meta["quamba"].get("recipe_spec") == (None if kind == "float" else graphs[kind].meta["quamba"]["recipe_spec"])
+    assert graph_meta(loaded).recipe_spec == (None if kind == "float" else graph_meta(graphs[kind]).recipe_spec)
     assert_same_graph(loaded, graphs[kind], batches(1, seed=4)[0])
 
 
@@ -125,12 +126,12 @@ def test_format_1_percentile_sets_the_conv1d_observer(graphs, tmp_path):
     graphs["quamba"].save_pretrained(tmp_path / "q")
     current = read_config(tmp_path / "q")
     write_config(tmp_path / "q", format_1_config(current, 99.9), restamp=True)
-    recipe = quamba_fx.from_pretrained(tmp_path / "q").meta["quamba"]["recipe_spec"]
+    recipe = graph_meta(quamba_fx.from_pretrained(tmp_path / "q")).recipe_spec
     assert recipe == make_recipe("quamba", percentile=99.9)
     assert recipe.spec(CONV_OUT).observer_kwargs == {"percentile": 99.9, "bins": 4096}
     # Format 1 treated a null percentile as the default.
     write_config(tmp_path / "q", format_1_config(current, None), restamp=True)
-    assert quamba_fx.from_pretrained(tmp_path / "q").meta["quamba"]["recipe_spec"] == make_recipe("quamba")
+    assert graph_meta(quamba_fx.from_pretrained(tmp_path / "q")).recipe_spec == make_recipe("quamba")
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -175,7 +176,7 @@ def test_a_recipe_tap_the_graph_lacks_is_one_checkpoint_error(saved):
 
 def test_a_graph_naming_a_recipe_it_does_not_carry_is_not_saved(graphs, tmp_path):
     gm = copy.deepcopy(graphs["quamba"])
-    del gm.meta["quamba"]["recipe_spec"]
+    graph_meta(gm).recipe_spec = None
     with pytest.raises(CheckpointError, match="quantized with recipe 'quamba' but carries no Recipe"):
         gm.save_pretrained(tmp_path / "x")
     assert not (tmp_path / "x").exists()
@@ -344,7 +345,7 @@ def test_overwrite_false_refuses_an_existing_checkpoint(graphs, saved):
     one_line(info)
     assert snapshot(saved.parent) == before
     quamba_fx.save_pretrained(graphs["naive"], saved.parent / "fresh", overwrite=False)
-    assert quamba_fx.from_pretrained(saved.parent / "fresh").meta["quamba"]["recipe"] == "naive"
+    assert graph_meta(quamba_fx.from_pretrained(saved.parent / "fresh")).recipe == "naive"
 
 
 # --- places that cannot be written ------------------------------------------------------------

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import quamba_fx
 from quamba_fx.calibrate import calibrate
 from quamba_fx.cli import main
+from quamba_fx.graph_meta import graph_meta
 from quamba_fx.quant.fp8 import (
     E4M3_MAX,
     FP8_DTYPE,
@@ -240,7 +241,7 @@ def test_fp8_checkpoint_reloads_bit_identically(tmp_path, tiny, fp8_graph):
     _, _, ids = tiny
     quamba_fx.save_pretrained(fp8_graph, tmp_path / "fp8")
     loaded = quamba_fx.from_pretrained(tmp_path / "fp8")
-    assert loaded.meta["quamba"]["recipe_spec"] == FP8
+    assert graph_meta(loaded).recipe_spec == FP8
     assert loaded.get_submodule("backbone.layers.0.mixer.out_proj").weight.dtype == FP8_DTYPE
     assert torch.equal(logits(loaded(ids)), logits(fp8_graph(ids)))
 
@@ -252,7 +253,7 @@ def test_cli_quantize_with_the_fp8_recipe_writes_a_loadable_fused_checkpoint(tmp
                  "--quiet", "--out", str(out)]) == 0
     assert "fp8 recipe" in capsys.readouterr().out
     loaded = quamba_fx.from_pretrained(out)
-    assert loaded.meta["quamba"]["recipe_spec"] == FP8
+    assert graph_meta(loaded).recipe_spec == FP8
     assert isinstance(loaded.get_submodule("backbone.layers.0.mixer.in_proj"), Fp8Linear)
     assert torch.isfinite(logits(loaded(torch.randint(0, 256, (1, 12))))).all()
 

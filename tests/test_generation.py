@@ -12,6 +12,7 @@ from transformers import GenerationConfig
 import quamba_fx
 from quamba_fx.errors import InputError, MetaDeviceError, UnsupportedModelError
 from quamba_fx.generation import QuambaForCausalLM, StopOnStrings, as_causal_lm, generate_text, truncate_at_stops
+from quamba_fx.graph_meta import graph_meta
 
 from .conftest import make_model, tiny_config
 
@@ -179,7 +180,7 @@ def test_fp16_state_decodes_like_the_uncached_graph(lowered_lm, varied_quantized
     low = lowered_lm.model
     ids = prompt(2, 20, seed=4)
     gen, decoded, uncached = decoded_and_uncached_logits(low, ids, 4)
-    assert low.meta["quamba"]["state_dtype"] == "float16"
+    assert graph_meta(low).state_dtype == "float16"
     assert all(s.dtype == torch.float16 and bool(s.any()) for s in gen.cache.ssm_states)
     error = float((decoded - uncached).norm() / uncached.norm())
     assert error < 2.0**-11, error

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.fx
 
+import quamba_fx
 from quamba_fx.errors import QuambaError
 from quamba_fx.graph_meta import (
     GRAPH_META_KEY,
@@ -15,6 +18,8 @@ from quamba_fx.graph_meta import (
     graph_meta,
     set_graph_meta,
 )
+
+from .conftest import make_model, tiny_config
 
 
 def _bare_graph() -> torch.fx.GraphModule:
@@ -61,3 +66,13 @@ def test_replace_is_a_shallow_copy_with_changes():
     assert cached.num_blocks == 2 and cached.state_dtype == "float16"
     assert cached.hf_config is meta.hf_config
 
+
+def test_capture_attaches_it_and_deepcopy_carries_it():
+    gm = quamba_fx.capture(make_model(tiny_config()))
+    meta = graph_meta(gm)
+    assert meta.source == "MambaForCausalLM" and meta.num_blocks == 2 and meta.prefix == "backbone."
+    assert meta.example_shape == [1, 8] and meta.dtype == "float32" and meta.hf_config["vocab_size"] == 97
+    copied = copy.deepcopy(gm)
+    assert graph_meta(copied) == meta and graph_meta(copied) is not meta
+    graph_meta(copied).recipe = "naive"
+    assert meta.recipe is None

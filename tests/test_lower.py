@@ -15,6 +15,7 @@ import torch
 import quamba_fx
 from quamba_fx import textdata
 from quamba_fx.graph_info import op_name
+from quamba_fx.graph_meta import graph_meta
 from quamba_fx.quant.linear import QuantizedLinear
 from quamba_fx.runtime import MambaCache
 
@@ -222,22 +223,22 @@ def test_cache_shapes_and_reset(tiny_quantized):
 ])
 def test_cache_state_dtype_follows_lower(tiny_quantized, kwargs, want):
     low = quamba_fx.lower(tiny_quantized, **kwargs)
-    assert low.meta["quamba"]["state_dtype"] == str(want).replace("torch.", "")
+    assert graph_meta(low).state_dtype == str(want).replace("torch.", "")
     cache = MambaCache.allocate(low, batch_size=2)
     assert [s.dtype for s in cache.ssm_states] == [want] * 2
     assert [s.dtype for s in cache.conv_states] == [torch.int8] * 2
     gen = quamba_fx.Generator(low, batch_size=2)
     assert [s.dtype for s in gen.cache.ssm_states] == [want] * 2
     # The cached graphs carry the lowered graph's facts.
-    assert gen.decode_graph.meta["quamba"]["state_dtype"] == low.meta["quamba"]["state_dtype"]
+    assert graph_meta(gen.decode_graph).state_dtype == graph_meta(low).state_dtype
 
 
 def test_graphs_lowered_before_the_state_dtype_was_recorded_keep_fp32(tiny_quantized):
     low = quamba_fx.lower(tiny_quantized)
-    del low.meta["quamba"]["state_dtype"]
+    graph_meta(low).state_dtype = None
     assert [s.dtype for s in MambaCache.allocate(low, batch_size=1).ssm_states] == [torch.float32] * 2
-    low.meta["quamba"]["state_dtype"] = "float64"
-    with pytest.raises(quamba_fx.InputError, match=r"state_dtype'\] is 'float64'.*lower the quantized graph again"):
+    graph_meta(low).state_dtype = "float64"
+    with pytest.raises(quamba_fx.InputError, match=r"state_dtype\) is 'float64'.*lower the quantized graph again"):
         MambaCache.allocate(low, batch_size=1)
 
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 import quamba_fx
 from quamba_fx.calibrate import Calibration, CalibrationError, calibrate
 from quamba_fx.evaluate import evaluate
+from quamba_fx.graph_meta import graph_meta
 from quamba_fx.passes.hadamard import RotateOutProjInput
 from quamba_fx.quant.linear import QuantizedLinear
 from quamba_fx.recipes import make_recipe
@@ -232,7 +233,7 @@ def test_a_calibration_must_match_the_recipe_observer_for_observer(float_gm):
         quantize(float_gm, recipe="quamba", calibration=at_99_9)
     assert "\n" not in str(info.value)
     qm = quantize(float_gm, recipe=make_recipe("quamba", percentile=99.9), calibration=at_99_9)
-    assert qm.meta["quamba"]["recipe_spec"] == make_recipe("quamba", percentile=99.9)
+    assert graph_meta(qm).recipe_spec == make_recipe("quamba", percentile=99.9)
     del at_99_9.observers["backbone.layers.1.norm.output_scale"]
     with pytest.raises(CalibrationError, match="no observer for backbone.layers.1.norm.output_scale"):
         quantize(float_gm, recipe=make_recipe("quamba", percentile=99.9), calibration=at_99_9)

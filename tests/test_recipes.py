@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import quamba_fx
 from quamba_fx.catalog import RECIPE_NAMES
 from quamba_fx.errors import InvalidArgumentError, QuambaError, RecipeError
+from quamba_fx.graph_meta import graph_meta
 from quamba_fx.quant import AbsMaxObserver, PercentileObserver
 from quamba_fx.recipes import (
     CONV_OUT,
@@ -158,7 +159,7 @@ def test_a_recipe_object_works_wherever_a_name_does():
         OUT_PROJ_IN: QuantSpec(observer="percentile", observer_args={"percentile": 99.0}),
     })
     qm = quamba_fx.quantize(model, [ids], recipe=mine, progress=False)
-    assert qm.meta["quamba"]["recipe"] == "clip-out-proj" and qm.meta["quamba"]["recipe_spec"] == mine
+    assert graph_meta(qm).recipe == "clip-out-proj" and graph_meta(qm).recipe_spec == mine
     calibration = quamba_fx.calibrate(quamba_fx.capture(model), [ids], mine, progress=False)
     assert isinstance(calibration.observers["backbone.layers.0.mixer.out_proj.input_scale"], PercentileObserver)
     assert isinstance(calibration.observers["backbone.layers.0.mixer.conv1d.output_scale"], AbsMaxObserver)

@@ -20,6 +20,7 @@ import quamba_fx
 from quamba_fx.cli import main
 from quamba_fx.errors import UnsupportedModelError
 from quamba_fx.generation import QuambaForCausalLM, generate_text
+from quamba_fx.graph_meta import graph_meta
 from quamba_fx.kernels import dispatch
 from quamba_fx.lm_eval_adapter import QuambaLM
 from quamba_fx.text import (
@@ -129,8 +130,8 @@ def test_codecs_from_objects_and_bytes(model_dir, codec, tmp_path):
 
 
 def test_quantize_from_a_directory_keeps_its_tokenizer(quantized, codec):
-    assert quantized.meta["quamba"]["recipe"] == "quamba"
-    assert quantized.meta["quamba"]["tokenizer"].name == codec.name
+    assert graph_meta(quantized).recipe == "quamba"
+    assert graph_meta(quantized).tokenizer.name == codec.name
 
 
 def test_evaluate_reports_perplexity_per_token_and_bits_per_byte(quantized, corpus, codec):
@@ -152,7 +153,7 @@ def test_evaluate_reports_perplexity_per_token_and_bits_per_byte(quantized, corp
 def test_checkpoint_keeps_the_tokenizer_and_generates(checkpoint, model_dir, codec, quantized):
     assert (checkpoint / "tokenizer" / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
     loaded = quamba_fx.from_pretrained(checkpoint)
-    assert loaded.meta["quamba"]["tokenizer"].name == codec.name
+    assert graph_meta(loaded).tokenizer.name == codec.name
     ids = torch.tensor([codec.encode("The city of")])
     assert torch.equal(loaded(ids), quantized(ids))
     text = generate_text(loaded, "The city of", 4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UnsupportedModelError
+from ..graph_meta import GraphMeta, find_graph_meta
 from .spec import ArchSpec
 
 __all__ = ["DEFAULT_ARCH", "arch_for_class_name", "arch_for_model", "arch_for_model_type", "arch_named", "arch_names", "arch_of",
@@ -63,12 +64,12 @@ def arch_for_class_name(name: Any) -> ArchSpec | None:
 
 
 def arch_of(gm: Any) -> ArchSpec:
-    """The spec of a captured graph, from the `arch` (or config `model_type`) capture recorded in
-    `gm.meta["quamba"]`; graphs without that metadata are read as `DEFAULT_ARCH`."""
-    meta = getattr(gm, "meta", {}).get("quamba", {})
-    if "arch" in meta:
-        return arch_named(meta["arch"])
-    model_type = meta.get("config", {}).get("model_type")
+    """The spec of a captured graph, from the `arch` (or config `model_type`) recorded in its
+    `GraphMeta`; graphs without that metadata are read as `DEFAULT_ARCH`."""
+    meta = find_graph_meta(gm) or GraphMeta()
+    if meta.arch is not None:
+        return arch_named(meta.arch)
+    model_type = meta.config.get("model_type")
     if model_type is not None:
         spec = arch_for_model_type(model_type)
         if spec is None:

@@ -125,7 +125,7 @@ class ArchSpec:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        """The accepted classes' names, as `gm.meta["quamba"]["source"]` and checkpoints record them."""
+        """The accepted classes' names, as `GraphMeta.source` and checkpoints record them."""
         return tuple(cls.__name__ for cls in self.classes)
 
     def class_named(self, name: str) -> type:

@@ -15,7 +15,7 @@ Each rule matches one reference subgraph and replaces it with one kernel op from
 The conv1d must already be fused (`passes.conv_fusion`; `quamba_fx.flows.lower` runs both). Float leftovers (embedding, lm_head) and the
 activations between kernels are cast to `dtype` (fp16 by default); the residual stream stays fp32.
 The scan computes in fp32; the decode cache keeps its state in `state_dtype` (recorded as
-`gm.meta["quamba"]["state_dtype"]`, read by `ssm_state_dtype`): by default fp16 for the fp16
+`graph_meta(gm).state_dtype`, read by `ssm_state_dtype`): by default fp16 for the fp16
 lowering, as mamba_ssm does (it halves the state read and written every decode step), and fp32
 otherwise (bf16's 8-bit mantissa is too coarse for a recurrent state; an fp32 lowering stays the
 exact option). The result computes what the reference graph computes up to the kernels' documented
@@ -34,7 +34,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import ops as reference_ops  # noqa: F401  (registers torch.ops.quamba.selective_scan, read below)
 from ..errors import InputError, InvalidArgumentError
-from ..graph_info import META_KEY, fetch_attr, info, op_name
+from ..graph_info import fetch_attr, info, op_name
+from ..graph_meta import GraphMeta, find_graph_meta, set_graph_meta
 from ..kernels import gemm_fp8  # noqa: F401  (registers torch.ops.quamba.fp8_gemm)
 from ..kernels import ops as kernel_ops  # noqa: F401  (registers the kernel ops)
 from ..quant.fp8_linear import Fp8Linear
@@ -122,9 +123,10 @@ def resolve_state_dtype(dtype: torch.dtype, state_dtype: torch.dtype | None) -> 
 def ssm_state_dtype(gm: torch.fx.GraphModule) -> torch.dtype:
     """The dtype a lowered graph's decode cache keeps the scan state in (fp32 for graphs lowered
     before the choice was recorded)."""
-    name = gm.meta.get(META_KEY, {}).get("state_dtype", "float32")
+    recorded = (find_graph_meta(gm) or GraphMeta()).state_dtype
+    name = "float32" if recorded is None else recorded
     if name not in STATE_DTYPES:
-        raise InputError(f"the graph's meta['quamba']['state_dtype'] is {name!r}, not one of "
+        raise InputError(f"the graph's state_dtype (graph_meta(gm).state_dtype) is {name!r}, not one of "
                          f"{', '.join(STATE_DTYPES)}: lower the quantized graph again")
     return STATE_DTYPES[name]
 
@@ -133,7 +135,7 @@ class LowerToKernels(PassBase):
     """Replace the reference ops of a fused W8A8 graph with Triton kernel ops (see module docs).
 
     `dtype` is the activations' dtype between kernels; `state_dtype` the decode cache's scan
-    state (None: fp16 for an fp16 lowering, else fp32), recorded in `gm.meta["quamba"]`.
+    state (None: fp16 for an fp16 lowering, else fp32), recorded in `graph_meta(gm).state_dtype`.
     """
 
     def __init__(self, dtype: torch.dtype = torch.float16, state_dtype: torch.dtype | None = None):
@@ -142,7 +144,8 @@ class LowerToKernels(PassBase):
         self.state_dtype = resolve_state_dtype(dtype, state_dtype)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        gm.meta.setdefault(META_KEY, {})["state_dtype"] = _dtype_name(self.state_dtype)
+        meta = find_graph_meta(gm) or set_graph_meta(gm, GraphMeta())
+        meta.state_dtype = _dtype_name(self.state_dtype)
         rules = [self.lower_linear, self.fuse_scan, self.fuse_hadamard_quantize, self.fuse_norm]
         changed = run_rules(gm, rules)
         changed |= fold_parameter_expressions(gm)
@@ -440,7 +443,8 @@ def cached_graph(lowered: torch.fx.GraphModule, decode: bool) -> torch.fx.GraphM
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
     gm = torch.fx.GraphModule(lowered, graph, class_name="CachedMambaGraph")
-    gm.meta["quamba"] = {**lowered.meta.get("quamba", {}), "cached": "decode" if decode else "prefill"}
+    # A copy, not the lowered graph's object: the two graphs differ in `cached`.
+    set_graph_meta(gm, (find_graph_meta(lowered) or GraphMeta()).replace(cached="decode" if decode else "prefill"))
     if decode:
         run_rules(gm, [fuse_dt_proj_into_state_update, fuse_conv_into_in_proj])
         _delete_unused_attributes(gm)

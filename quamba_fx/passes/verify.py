@@ -21,7 +21,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..arch import ArchSpec, arch_of
 from ..errors import TopologyError
-from ..graph_info import META_KEY, block, describe, is_kind, op_name, role
+from ..graph_info import block, describe, is_kind, op_name, role
+from ..graph_meta import GraphMeta, find_graph_meta
 
 
 def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -96,7 +97,7 @@ class TopologyChecker:
                         )
 
     def check_one_conv_per_block(self) -> None:
-        num_blocks = self.gm.meta.get(META_KEY, {}).get("num_blocks")
+        num_blocks = (find_graph_meta(self.gm) or GraphMeta()).num_blocks
         per_block: dict[int | None, list[torch.fx.Node]] = {}
         for conv in self.convs:
             per_block.setdefault(block(conv), []).append(conv)
