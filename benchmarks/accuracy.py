@@ -1,12 +1,13 @@
 """W8A8 accuracy on CPU: the trained byte model on WikiText-2, and a 130m-shaped model with outliers.
 
     python benchmarks/accuracy.py [--windows 64] [--seq-len 512] [--synthetic-layers 24]
+                                  [--recipes naive quamba fp8] [--skip-bytes-model] [--skip-synthetic]
 
-1. mamba-bytes-wt2: bits per byte on test.txt (fp32, naive, quamba), calibrated on valid.txt, plus
-   KL(fp32 || W8A8) and top-1 agreement.
+1. mamba-bytes-wt2: bits per byte on test.txt (fp32 and each recipe), calibrated on valid.txt, plus
+   KL(fp32 || quantized) and top-1 agreement.
 2. A random model of mamba-130m's shape with 4 injected outlier channels (x100) per block at
-   out_proj's input (quamba_fx.synthetic): KL and top-1 agreement of naive and quamba against its
-   own float graph, on byte windows of WikiText-2 used as token ids.
+   out_proj's input (quamba_fx.synthetic): KL and top-1 agreement of each recipe against its own
+   float graph, on byte windows of WikiText-2 used as token ids.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ def windows(split: str, seq_len: int, count: int) -> torch.Tensor:
     return textdata.chunk_sequences(textdata.load_bytes(textdata.find_wikitext(split)), seq_len, num_sequences=count)
 
 
-def compare(model, calib: torch.Tensor, held_out: torch.Tensor, batch: int) -> dict:
+def compare(model, calib: torch.Tensor, held_out: torch.Tensor, batch: int, recipes: list) -> dict:
     gm = quamba_fx.capture(model)
     rows = {"fp32": quamba_fx.evaluate(gm, held_out, batch_size=batch, progress=False)}
-    for recipe in ("naive", "quamba"):
+    for recipe in recipes:
         started = time.perf_counter()
         qm = quamba_fx.quantize(gm, calib.split(batch), recipe=recipe, progress=False)
         rows[recipe] = quamba_fx.evaluate(qm, held_out, gm, batch_size=batch, progress=False)
@@ -58,22 +59,25 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--synthetic-layers", type=int, default=24)
     parser.add_argument("--synthetic-windows", type=int, default=4)
+    parser.add_argument("--recipes", nargs="+", default=["naive", "quamba", "fp8"], help="registered recipe names")
     parser.add_argument("--skip-bytes-model", action="store_true", help="only the synthetic check")
+    parser.add_argument("--skip-synthetic", action="store_true", help="only the trained byte model")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"# CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
     if not args.skip_bytes_model:
         byte_rows = compare(quamba_fx.load_model("mamba-bytes-wt2"), windows("valid", args.seq_len, args.calib_windows),
-                            windows("test", args.seq_len, args.windows), batch=8)
+                            windows("test", args.seq_len, args.windows), batch=8, recipes=args.recipes)
         print_rows(f"mamba-bytes-wt2, {args.windows} x {args.seq_len} bytes of test.txt "
                    f"(calibration {args.calib_windows} x {args.seq_len} of valid.txt)", byte_rows)
-
+    if args.skip_synthetic:
+        return
     config = quamba_fx.builtin_config("mamba-130m")
     config.num_hidden_layers = args.synthetic_layers
     model = reinit_like_mamba_ssm(quamba_fx.random_model(config, seed=0))
     inject_out_proj_outliers(model, channels=4, factor=100.0)
     synth_rows = compare(model, windows("valid", 128, args.synthetic_windows),
-                         windows("test", 128, args.synthetic_windows), batch=2)
+                         windows("test", 128, args.synthetic_windows), batch=2, recipes=args.recipes)
     print_rows(f"mamba-130m shape ({args.synthetic_layers} layers, random weights, 4 outlier channels x100 "
                f"per block at out_proj's input; in/x/out_proj re-drawn like mamba_ssm); random logits saturate the softmax, "
                f"so compare the logits' relative error", synth_rows)

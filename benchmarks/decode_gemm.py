@@ -13,7 +13,8 @@ launch with programmatic dependent launch where the GPU has it, as in the model.
 Rows for each Mamba projection (2.8b and 130m shapes, the output dtype the lowered model asks of
 it) and each M:
 
-* rule    -- `int8_gemm` as the model calls it (GEMV at one row, gemm_skinny's rule at 2-64 rows);
+* rule    -- `int8_gemm` as the model calls it (the GEMV at one row; at 2-64 rows gemm_skinny's
+             rule where `gemm_skinny.use_for` picks it, else the pointer kernel);
 * pointer -- gemm.py's tensor-core kernel (autotuned), what ran at 2-64 rows before gemm_skinny;
 * fp16    -- cuBLAS `F.linear` in fp16 on fp16 copies of the weight (mamba_ssm's GEMMs);
 * with `--sweep-m`, at those M, every candidate config of gemm_skinny (`candidates`), best first.

@@ -250,6 +250,13 @@ def test_bad_state_dtype_is_refused(tiny_quantized, state_dtype):
     assert isinstance(raised.value, ValueError) and "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, "float16"])
+def test_bad_activation_dtype_is_refused(tiny_quantized, dtype):
+    match = r"dtype \(the activations between kernels\) must be torch.float16, torch.bfloat16 or torch.float32"
+    with pytest.raises(quamba_fx.InvalidArgumentError, match=match):
+        quamba_fx.lower(tiny_quantized, dtype=dtype)
+
+
 def test_clear_errors(tiny_quantized):
     float_graph = quamba_fx.capture(make_model(tiny_config(vocab_size=64)))
     with pytest.raises(ValueError, match="quantized graph"):

@@ -109,9 +109,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+# The activation dtypes a lowering may run between kernels: what the kernels' float outputs take.
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def resolve_state_dtype(dtype: torch.dtype, state_dtype: torch.dtype | None) -> torch.dtype:
     """The scan state's dtype for a lowering to `dtype`: `state_dtype`, or by default fp16 for the
-    fp16 lowering and fp32 for any other. Raises InvalidArgumentError for any other dtype."""
+    fp16 lowering and fp32 for any other. Raises InvalidArgumentError for any other dtype, and for
+    a `dtype` the kernels cannot produce between them."""
+    if dtype not in ACTIVATION_DTYPES:
+        raise InvalidArgumentError(
+            f"dtype (the activations between kernels) must be torch.float16, torch.bfloat16 or torch.float32, "
+            f"got {dtype!r}")
     if state_dtype is None:
         return torch.float16 if dtype == torch.float16 else torch.float32
     if state_dtype not in STATE_DTYPES.values():
