@@ -25,9 +25,9 @@ Every output is checked against `int8_linear` (int8 within one step, as the CUDA
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 from typing import Callable, Dict, List, Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -35,18 +35,6 @@ from gemm import MODEL_OUTS, SHAPES, _check, _inputs
 from gpu_timing import require_gpu, write_json
 
 DEVICE = "cuda"
-
-
-@contextlib.contextmanager
-def _patched(module, **values):
-    saved = {name: getattr(module, name) for name in values}
-    for name, value in values.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
 
 
 def chained_us(launch: Callable[[int], object], copies: int, replays: int = 10) -> float:
@@ -97,12 +85,12 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
         return gemm.int8_gemm(x_q, x_scale, weights[r], w_scale, bias, **kw)
 
     def pointer_call(r: int):
-        with _patched(gemm_skinny, MAX_M=0), _patched(gemv, GEMV_MAX_M=0):
+        with mock.patch.object(gemm_skinny, "MAX_M", 0), mock.patch.object(gemv, "GEMV_MAX_M", 0):
             return gemm.int8_gemm(x_q, x_scale, weights[r], w_scale, bias, **kw)
 
     rows: List[Dict] = []
 
-    def row(variant: str, launch: Callable[[int], object], wbytes: int = 1) -> None:
+    def row(variant: str, launch: Callable[[int], object]) -> None:
         try:
             check = _check(launch(0), want)
             us = chained_us(launch, copies)
@@ -111,7 +99,7 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
             return
         ok = check["max_abs_diff"] <= (1 if check["int8"] else 1e-2 * float(want.float().abs().max()))
         rows.append(dict(shape=name, M=m, K=k, N=n, out=out, variant=variant, us=us, copies=copies,
-                         weight_tbps=n * k * wbytes / (us * 1e-6) / 1e12, check=check, ok=ok))
+                         weight_tbps=n * k / (us * 1e-6) / 1e12, check=check, ok=ok))
 
     row("rule", model_call)
     if m > 1:
