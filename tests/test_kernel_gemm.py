@@ -613,7 +613,7 @@ def tma_path(monkeypatch):
     monkeypatch.setattr(gemm, "_TMA_MIN_M", 1)
     # On CUDA the wrapper would also time the pointer kernel against it: skip that race here.
     monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
-    monkeypatch.setattr(gemm, "_alternative_is_faster", lambda alternative, pointer, timed=True: True)
+    monkeypatch.setattr(gemm, "_alternative_is_faster", lambda alternative, pointer: True)
     monkeypatch.setattr(gemm_tma, "_TUNED", {})
     launched = []
     real = gemm_tma.launch_config
@@ -718,6 +718,24 @@ def test_a_failing_alternative_kernel_falls_back_to_the_pointer_kernel(monkeypat
         first = int8_gemm(*args)
     assert list(gemm._USES_ALTERNATIVE.values()) == [False]
     assert torch.equal(int8_gemm(*args), first)  # no second try, no second warning
+    assert_match(first, int8_gemm_reference(*args))
+
+
+def test_an_untimed_alternative_launches_once_on_first_sight(monkeypatch):
+    """On CUDA a one-row problem's first call launches the GEMV once: that launch both shows that
+    it runs on the device and computes the call's output (it used to be launched a second time)."""
+    launches = []
+    real = gemv.launch
+    monkeypatch.setattr(gemv, "launch", lambda *a, **k: (launches.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(gemm, "_INTERPRET", False)  # the choice as on CUDA
+    monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
+    gen = torch.Generator().manual_seed(16)
+    x = int8_values(gen, (1, 64), "uniform")
+    w = int8_values(gen, (32, 64), "uniform")
+    args = (x, scale(0.02, "cpu"), w, scale(0.003, "cpu", (32,)), None, scale(0.5, "cpu"))
+    first = int8_gemm(*args)
+    assert len(launches) == 1 and list(gemm._USES_ALTERNATIVE.values()) == [True]
+    assert torch.equal(int8_gemm(*args), first) and len(launches) == 2
     assert_match(first, int8_gemm_reference(*args))
 
 

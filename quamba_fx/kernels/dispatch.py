@@ -16,6 +16,11 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Under the interpreter, GEMMs with at least this many output columns (wider than any property
+# test's, as wide as a model's projections) take one wide tile: the interpreter's cost is per
+# operation, not per element, and the slow model tests run hundreds of such GEMMs.
+INTERPRETER_WIDE_N = 256
+
 if INTERPRET:
     from . import interpreter_compat
 

@@ -83,7 +83,7 @@ import triton.language as tl
 
 from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import cdiv, next_pow2, precompile, sm_count
+from .dispatch import INTERPRETER_WIDE_N, cdiv, next_pow2, precompile, sm_count
 from .dispatch import use_triton as _use_triton
 from . import gemm_skinny, gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
@@ -186,7 +186,8 @@ def _configs() -> List[triton.Config]:
         # tiles (ragged edges, K tails, the GROUP_M swizzle's short last group, K split in two).
         # Model-sized problems take a wide tile: the interpreter pays per operation, not per
         # element. `_interpreter_pick` leaves one config per problem: no tuning.
-        return [_cfg(16, 32, 32, 4, 1, 1), _cfg(16, 32, 32, 1, 1, 1, 2), _cfg(64, 64, 64, 4, 1, 1)]
+        return [_cfg(16, 32, 32, 4, 1, 1), _cfg(16, 32, 32, 1, 1, 1, 2), _cfg(16, 128, 128, 1, 1, 1),
+                _cfg(64, 64, 64, 4, 1, 1)]
     return [_cfg(*c) for c in _LARGE_CONFIGS]
 
 
@@ -288,44 +289,65 @@ def _int8_gemm_jit(
 _USES_ALTERNATIVE: dict = {}
 
 
-def _alternative_is_faster(alternative, pointer, timed: bool = True) -> bool:
-    """Tune both kernels (each call tunes on first sight) and compare their GPU times; untimed,
-    the alternative is chosen if it runs. Under the interpreter there is nothing to time: the
-    alternative, which the tests are there to check. An alternative that fails to compile or run
-    on this device is not chosen (with a warning): the pointer kernel runs every problem."""
+def _alternative_is_faster(alternative, pointer) -> bool:
+    """Tune both kernels (each call tunes on first sight) and compare their GPU times. Under the
+    interpreter there is nothing to time: the alternative, which the tests are there to check. An
+    alternative that fails to compile or run on this device is not chosen (with a warning): the
+    pointer kernel runs every problem."""
     if _INTERPRET:
         return True
     try:
-        if not timed:
-            alternative()
-            return True
         alternative_ms = gemm_tma.gpu_time_ms(alternative)
     except Exception as exc:  # noqa: BLE001 - reported, and the pointer kernel is always there
-        warnings.warn(f"quamba_fx: int8_gemm's {getattr(alternative, '__name__', 'alternative')} failed on this "
-                      f"device ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                      "using the pointer kernel for this problem", RuntimeWarning, stacklevel=3)
+        _warn_alternative_failed(alternative, exc)
         return False
     return alternative_ms <= gemm_tma.gpu_time_ms(pointer)
 
 
-def _runs_alternative(kind: str, key: tuple, alternative, pointer, timed: bool = True) -> bool:
-    """Whether `alternative` (a launch) runs this problem, timed against `pointer` on first sight
-    (untimed: whenever it runs on the device)."""
+def _alternative_runs(alternative) -> bool:
+    """Launch `alternative` once; False (with a warning) if it fails to compile or run here."""
+    try:
+        alternative()
+    except Exception as exc:  # noqa: BLE001 - reported, and the pointer kernel is always there
+        _warn_alternative_failed(alternative, exc)
+        return False
+    return True
+
+
+def _warn_alternative_failed(alternative, exc: Exception) -> None:
+    warnings.warn(f"quamba_fx: int8_gemm's {getattr(alternative, '__name__', 'alternative')} failed on this "
+                  f"device ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                  "using the pointer kernel for this problem", RuntimeWarning, stacklevel=4)
+
+
+def _ran_alternative(kind: str, key: tuple, alternative, pointer, timed: bool = True) -> bool:
+    """Launch `alternative` if it runs this problem and say whether it did; if not, the caller
+    launches `pointer`. On first sight the choice is made and recorded: timed against `pointer`,
+    or untimed, whether the alternative runs at all. An untimed first launch is this call's own,
+    not a trial to be repeated."""
     chosen = _USES_ALTERNATIVE.get((kind, key))
     if chosen is None:
-        chosen = _USES_ALTERNATIVE[(kind, key)] = _alternative_is_faster(alternative, pointer, timed)
+        if not timed and not _INTERPRET:
+            chosen = _USES_ALTERNATIVE[(kind, key)] = _alternative_runs(alternative)
+            return chosen
+        chosen = _USES_ALTERNATIVE[(kind, key)] = _alternative_is_faster(alternative, pointer)
+    if chosen:
+        alternative()
     return chosen
 
 
 def _interpreter_pick(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
     m_bucket, n, k = named_args["M_BUCKET"], named_args["N"], named_args["K"]
     if min(m_bucket, n, k) >= 128:
-        want = (64, 1)
+        want = (64, 64, 1)
+    elif n >= INTERPRETER_WIDE_N:
+        want = (16, 128, 1)  # a model's projection on a few rows (see gemv._config)
     else:
         # Skinny problems with three or more K tiles split K in two (a ragged last split included),
         # so the split-K path runs under the interpreter on most test shapes.
-        want = (16, 2 if m_bucket <= SKINNY_MAX_M and k > 64 else 1)
-    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["SPLIT_K"]) == want] or configs
+        want = (16, 32, 2 if m_bucket <= SKINNY_MAX_M and k > 64 else 1)
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]) == want] or configs
 
 
 _prune = _interpreter_pick if _INTERPRET else _prune_configs
@@ -580,8 +602,7 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
         def tma_kernel() -> None:
             gemm_tma.launch(tensors, m, n, k, m_bucket, flags)
 
-        if _runs_alternative("tma", key, tma_kernel, pointer_kernel):
-            tma_kernel()
+        if _ran_alternative("tma", key, tma_kernel, pointer_kernel):
             return out, None if conv is None else _conv_after(out, out_scale, conv)
     elif m <= gemv.GEMV_MAX_M and gemv.supported(x2, w):
         def gemv_kernel() -> None:
@@ -594,16 +615,14 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
         # Not timed: the graph-replayed timing keeps a one-row problem's weight in L2, unlike a
         # decode step; streamed from memory the GEMV was 1.3-1.7x faster than the pointer kernel
         # on every 2.8b projection (docs/benchmarks.md, session 20).
-        if _runs_alternative("gemv", key, gemv_kernel, pointer_kernel, timed=False):
-            gemv_kernel()
+        if _ran_alternative("gemv", key, gemv_kernel, pointer_kernel, timed=False):
             return out, None if conv is None else _conv_after(out, out_scale, conv)
     elif gemm_skinny.MIN_M <= m <= gemm_skinny.MAX_M and gemm_skinny.use_for(m, n, k):
         def skinny_kernel() -> None:
             gemm_skinny.launch(tensors, m, n, k, key, flags)
 
         # Not timed, for the GEMV's reason (benchmarks/decode_gemm.py times it as a step runs it).
-        if _runs_alternative("skinny", key, skinny_kernel, pointer_kernel, timed=False):
-            skinny_kernel()
+        if _ran_alternative("skinny", key, skinny_kernel, pointer_kernel, timed=False):
             return out, None if conv is None else _conv_after(out, out_scale, conv)
     pointer_kernel()
     return out, None if conv is None else _conv_after(out, out_scale, conv)

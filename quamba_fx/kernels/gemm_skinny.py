@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import split_k
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import cdiv, next_pow2, sm_count
+from .dispatch import INTERPRETER_WIDE_N, cdiv, next_pow2, sm_count
 from .gemm_epilogue import store_tile
 from .pdl import launch_options, wait_for_previous
 
@@ -113,6 +113,8 @@ def gpu_config(m: int, n: int, k: int, sms: int) -> triton.Config:
 
 def _config(m: int, n: int, k: int) -> dict:
     if _INTERPRET:
+        if n >= INTERPRETER_WIDE_N:
+            return _cfg(*_clip(128, 128, n, k), 1, True, 1, 1).all_kwargs()  # see gemv._config
         # Small tiles; problems with three or more K steps split K in two, so both paths run.
         return _cfg(32, 32, 2 if k > 64 else 1, True, 1, 1).all_kwargs()
     return gpu_config(m, n, k, sm_count()).all_kwargs()
