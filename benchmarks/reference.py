@@ -1,7 +1,8 @@
 """Speed against the reference stack: mamba_ssm fp16 vs our lowered W8A8, same weights, one process.
 
     python benchmarks/reference.py [--models mamba-130m mamba-2.8b] [--prefill 1x128 1x2048 8x2048]
-        [--decode-batches 1 16 64] [--breakdown-models mamba-2.8b] [--json PATH] [--smoke]
+        [--decode-batches 1 16 64] [--breakdown-models mamba-2.8b] [--recipes quamba fp8]
+        [--json PATH] [--smoke]
 
 Needs CUDA and the reference stack of /work/shared/anchors (`anchors.py` importable: put its folder
 on PYTHONPATH). For each model shape, from ONE seeded random `MambaForCausalLM` (in/x/out_proj drawn
@@ -9,7 +10,8 @@ as mamba_ssm initialises them, as benchmarks/e2e.py does):
 
 * the reference: `anchors.mamba_ssm_from_hf(model, float16)`, mamba_ssm's `MambaLMHeadModel` (CUDA
   selective scan and causal conv1d, Triton fused add+RMSNorm, cuBLAS fp16 GEMMs);
-* ours: `quamba_fx.lower(quamba_fx.quantize(model, one 1 x 256 calibration batch))`, W8A8.
+* ours: `quamba_fx.lower(quamba_fx.quantize(model, one 1 x 256 calibration batch, recipe=...))` for
+  each of `--recipes` (default `quamba`, labelled `w8a8`; others by their name, e.g. `fp8`).
 
 Rows (ratio = reference / ours, so > 1 means we are faster):
 
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import re
 import statistics
 import sys
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_timing, e2e (als
 from gpu_timing import write_json  # noqa: E402
 
 REF, OURS = "mamba_ssm", "w8a8"
+RECIPE_LABELS = {"quamba": OURS}  # the default recipe keeps the label every earlier run used
 KINDS = ("scan", "GEMM", "conv", "norm", "Hadamard", "other")
 # First match wins: Hadamard before GEMM (our hadamard_quantize may contain "dot"), scan before the
 # rest. Names seen: mamba_ssm `selective_scan_fwd_kernel`, `_selective_scan_update_kernel`,
@@ -230,22 +232,30 @@ def decode_rate(prefill: Callable, decode: Callable, prompt: torch.Tensor, steps
     return prompt.shape[0] * steps / (time.perf_counter() - started)
 
 
-def build(name: str, with_ref: bool) -> tuple:
-    """(lowered W8A8, mamba_ssm fp16 or None, same-weights check, vocab) from one seeded random model."""
+def recipe_label(recipe: str) -> str:
+    """The name of a recipe's rows in the tables and the JSON."""
+    return RECIPE_LABELS.get(recipe, recipe)
+
+
+def build(name: str, with_ref: bool, recipes: list[str]) -> tuple:
+    """({label: lowered model} for each recipe, mamba_ssm fp16 or None, same-weights check, vocab),
+    all from one seeded random model."""
     import quamba_fx
     from e2e import random_model
 
     model = random_model(name, DEVICE)
     vocab = model.config.vocab_size
-    started = time.perf_counter()
     calib = [torch.randint(0, vocab, (1, 256), device=DEVICE)]
-    lowered = quamba_fx.lower(quamba_fx.quantize(model, calib, progress=False))
-    log(f"{name}: quantized and lowered in {time.perf_counter() - started:.1f} s")
+    ours = {}
+    for recipe in recipes:
+        started = time.perf_counter()
+        ours[recipe_label(recipe)] = quamba_fx.lower(quamba_fx.quantize(model, calib, recipe=recipe, progress=False))
+        log(f"{name}: {recipe} quantized and lowered in {time.perf_counter() - started:.1f} s")
     check_ids = torch.randint(0, vocab, (1, 128), device=DEVICE)
     with torch.inference_mode():
         # fp32 HF logits before mamba_ssm is importable, so HF surely runs its own torch path.
         hf_logits = model(check_ids, use_cache=False).logits.float()
-        check = {"shape": [1, 128], "w8a8 vs hf fp32": rel_error(lowered(check_ids), hf_logits)}
+        check = {"shape": [1, 128], **{f"{k} vs hf fp32": rel_error(m(check_ids), hf_logits) for k, m in ours.items()}}
     ref = None
     if with_ref:
         import anchors
@@ -257,7 +267,7 @@ def build(name: str, with_ref: bool) -> tuple:
         + ", ".join(f"{k} {v:.4f}" for k, v in check.items() if k != "shape"))
     del model, hf_logits
     empty_cache()
-    return lowered, ref, check, vocab
+    return ours, ref, check, vocab
 
 
 def _timed(result_ms: dict, key: str, label: str, fn: Callable[[], object], slow: bool) -> None:
@@ -270,7 +280,7 @@ def _timed(result_ms: dict, key: str, label: str, fn: Callable[[], object], slow
         result_ms[key] = None
 
 
-def bench_prefill(lowered, ref, shapes, graphs: bool, vocab: int) -> list[dict]:
+def bench_prefill(ours: dict, ref, shapes, graphs: bool, vocab: int) -> list[dict]:
     from gpu_timing import graphed
 
     rows = []
@@ -281,11 +291,13 @@ def bench_prefill(lowered, ref, shapes, graphs: bool, vocab: int) -> list[dict]:
         impls: dict[str, Callable[[], Callable]] = {}
         if ref is not None:
             impls[REF] = lambda: (lambda: ref(ids).logits)
-        impls[OURS] = lambda: (lambda: lowered(ids))
+        for key, lowered in ours.items():
+            impls[key] = lambda lowered=lowered: (lambda: lowered(ids))
         if graphs and DEVICE == "cuda":
             if ref is not None:
                 impls[f"{REF} graph"] = lambda: graphed(lambda: ref(ids).logits)
-            impls[f"{OURS} graph"] = lambda: graphed(lambda: lowered(ids))
+            for key, lowered in ours.items():
+                impls[f"{key} graph"] = lambda lowered=lowered: graphed(lambda: lowered(ids))
         for key, make in impls.items():
             try:
                 fn = make()  # a graph is captured here (its warm-up autotunes)
@@ -301,9 +313,25 @@ def bench_prefill(lowered, ref, shapes, graphs: bool, vocab: int) -> list[dict]:
     return rows
 
 
-def bench_decode(lowered, ref, batches, steps: int, vocab: int) -> list[dict]:
+def _our_decode_rate(lowered, prompt: torch.Tensor, steps: int) -> tuple[float, int]:
+    """(tokens/s, decode state bytes) of `quamba_fx.Generator` replaying CUDA-graph steps."""
     import quamba_fx
 
+    gen = quamba_fx.Generator(lowered, prompt.shape[0], cuda_graph=DEVICE == "cuda")
+    return decode_rate(lambda p: gen.prefill(p)[:, -1], gen.decode, prompt, steps), gen.cache.nbytes
+
+
+def _our_decode_breakdown(lowered, prompt: torch.Tensor) -> dict:
+    """`kernel_breakdown` of one plain (not graph-replayed) decode step after `prompt`."""
+    import quamba_fx
+
+    gen = quamba_fx.Generator(lowered, prompt.shape[0], cuda_graph=False)
+    gen.prefill(prompt)
+    token = prompt[:, -1]
+    return kernel_breakdown(lambda: gen.decode(token), calls=5)
+
+
+def bench_decode(ours: dict, ref, batches, steps: int, vocab: int) -> list[dict]:
     rows = []
     for batch in batches:
         prompt = torch.randint(0, vocab, (batch, PROMPT_LEN), device=DEVICE)
@@ -317,20 +345,16 @@ def bench_decode(lowered, ref, batches, steps: int, vocab: int) -> list[dict]:
             except Exception as exc:
                 print(f"  [decode {batch} {REF}] failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr, flush=True)
                 row["tokens_per_s"][REF] = None
-        gen = quamba_fx.Generator(lowered, batch, cuda_graph=DEVICE == "cuda")
-        row["tokens_per_s"][OURS] = decode_rate(lambda p: gen.prefill(p)[:, -1], gen.decode, prompt, steps)
-        row["state_bytes"][OURS] = gen.cache.nbytes
-        del gen
-        empty_cache()
+        for key, lowered in ours.items():
+            row["tokens_per_s"][key], row["state_bytes"][key] = _our_decode_rate(lowered, prompt, steps)
+            empty_cache()
         log(f"  decode batch {batch}: " + ", ".join(
             f"{k} {v:.0f} tok/s" if v else f"{k} failed" for k, v in row["tokens_per_s"].items()))
         rows.append(row)
     return rows
 
 
-def bench_breakdown(lowered, ref, shapes, decode_batches, vocab: int) -> dict[str, dict]:
-    import quamba_fx
-
+def bench_breakdown(ours: dict, ref, shapes, decode_batches, vocab: int) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for batch, length in shapes:
         ids = torch.randint(0, vocab, (batch, length), device=DEVICE)
@@ -338,7 +362,8 @@ def bench_breakdown(lowered, ref, shapes, decode_batches, vocab: int) -> dict[st
         out[label] = {}
         if ref is not None:
             out[label][REF] = kernel_breakdown(lambda: ref(ids).logits)
-        out[label][OURS] = kernel_breakdown(lambda: lowered(ids))
+        for key, lowered in ours.items():
+            out[label][key] = kernel_breakdown(lambda: lowered(ids))
         log(f"  breakdown {label}: " + "; ".join(
             f"{k} " + ", ".join(f"{kind} {v[kind]:.2f}" for kind in (*KINDS, "total")) for k, v in out[label].items()))
     for batch in decode_batches:
@@ -351,11 +376,9 @@ def bench_breakdown(lowered, ref, shapes, decode_batches, vocab: int) -> dict[st
             dec.prefill(prompt)
             out[label][REF] = kernel_breakdown(lambda: dec.decode(token), calls=5)
             del dec
-        gen = quamba_fx.Generator(lowered, batch, cuda_graph=False)
-        gen.prefill(prompt)
-        out[label][OURS] = kernel_breakdown(lambda: gen.decode(token), calls=5)
-        del gen
-        empty_cache()
+        for key, lowered in ours.items():
+            out[label][key] = _our_decode_breakdown(lowered, prompt)
+            empty_cache()
         log(f"  breakdown {label}: " + "; ".join(
             f"{k} " + ", ".join(f"{kind} {v[kind]:.3f}" for kind in (*KINDS, "total")) for k, v in out[label].items()))
     return out
@@ -363,19 +386,20 @@ def bench_breakdown(lowered, ref, shapes, decode_batches, vocab: int) -> dict[st
 
 def bench_model(name: str, args, bandwidth: float, result: dict, save: Callable[[], None]) -> None:
     """Fills `result` section by section, calling `save` after each (a timeout keeps the rest)."""
-    lowered, ref, check, vocab = build(name, with_ref=not args.smoke)
-    result.update(check=check, weight_bytes={OURS: weight_bytes(lowered), **({REF: weight_bytes(ref)} if ref else {})},
+    ours, ref, check, vocab = build(name, not args.smoke, args.recipes)
+    result.update(check=check, weight_bytes={**{k: weight_bytes(m) for k, m in ours.items()},
+                                             **({REF: weight_bytes(ref)} if ref else {})},
                   prefill=[], decode=[])
     with torch.inference_mode():
-        result["prefill"] = bench_prefill(lowered, ref, args.prefill, not args.no_graph, vocab)
+        result["prefill"] = bench_prefill(ours, ref, args.prefill, not args.no_graph, vocab)
         save()
-        result["decode"] = bench_decode(lowered, ref, args.decode_batches, args.steps, vocab)
+        result["decode"] = bench_decode(ours, ref, args.decode_batches, args.steps, vocab)
         for row in result["decode"]:
             row["limit_fraction"] = limit_fractions(row, result["weight_bytes"], bandwidth)
         save()
         if name in args.breakdown_models:
-            result["breakdown"] = bench_breakdown(lowered, ref, args.breakdown_shapes, args.breakdown_decode_batches,
-                                                      vocab)
+            result["breakdown"] = bench_breakdown(ours, ref, args.breakdown_shapes, args.breakdown_decode_batches,
+                                                  vocab)
             save()
 
 
@@ -399,54 +423,68 @@ def _ratio(ref, ours) -> str:
     return f"{ref / ours:.2f}x" if ref and ours else "-"
 
 
+def _ours(results: list[dict]) -> list[str]:
+    """Our rows' labels, in the order they were built (the weight table has every impl)."""
+    return [k for k in results[0]["weight_bytes"] if k != REF] if results else [OURS]
+
+
 def print_tables(results: list[dict], bandwidth: float) -> None:
-    """Markdown tables (docs/benchmarks.md quotes them): ratio = reference / ours, > 1: we are faster."""
+    """Markdown tables (docs/benchmarks.md quotes them), one column pair per recipe: ratio =
+    reference time / ours, > 1: we are faster."""
+    ours = _ours(results)
     print(f"\nPrefill, ms per forward to logits (ratio = {REF} / ours; > 1: ours faster)\n")
-    print(f"| model | B x L | {REF} fp16 ms | W8A8 ms | ratio | {REF} graph ms | W8A8 graph ms | ratio (graph) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| model | B x L | {REF} fp16 ms | " + " | ".join(f"{k} ms | ratio" for k in ours)
+          + f" | {REF} graph ms | " + " | ".join(f"{k} graph ms | ratio (graph)" for k in ours) + " |")
+    print("|---|---|---|" + "---|---|" * len(ours) + "---|" + "---|---|" * len(ours))
     for r in results:
         for row in r["prefill"]:
             ms = row["ms"]
-            g_ref, g_ours = ms.get(f"{REF} graph"), ms.get(f"{OURS} graph")
-            print(f"| {r['model']} | {row['shape'][0]} x {row['shape'][1]} | {_cell(ms.get(REF), '.2f')} | "
-                  f"{_cell(ms.get(OURS), '.2f')} | {_ratio(ms.get(REF), ms.get(OURS))} | {_cell(g_ref, '.2f')} | "
-                  f"{_cell(g_ours, '.2f')} | {_ratio(g_ref, g_ours)} |")
+            plain = " | ".join(f"{_cell(ms.get(k), '.2f')} | {_ratio(ms.get(REF), ms.get(k))}" for k in ours)
+            g_ref = ms.get(f"{REF} graph")
+            graph = " | ".join(f"{_cell(ms.get(f'{k} graph'), '.2f')} | {_ratio(g_ref, ms.get(f'{k} graph'))}"
+                               for k in ours)
+            print(f"| {r['model']} | {row['shape'][0]} x {row['shape'][1]} | {_cell(ms.get(REF), '.2f')} | {plain} | "
+                  f"{_cell(g_ref, '.2f')} | {graph} |")
     print(f"\nDecode, tokens/s, CUDA-graph steps (ratio = ours / {REF}; > 1: ours faster); share of the "
           f"bandwidth limit batch x {bandwidth / 1e12:.2f} TB/s / bytes per step (weights | weights + state r/w)\n")
-    print(f"| model | batch | {REF} fp16 tok/s | W8A8 tok/s | ratio | {REF} % of limit | W8A8 % of limit |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| model | batch | {REF} fp16 tok/s | " + " | ".join(f"{k} tok/s | ratio" for k in ours)
+          + f" | {REF} % of limit | " + " | ".join(f"{k} % of limit" for k in ours) + " |")
+    print("|---|---|---|" + "---|---|" * len(ours) + "---|" + "---|" * len(ours))
     for r in results:
         for row in r["decode"]:
             t, frac = row["tokens_per_s"], row.get("limit_fraction", {})
             share = lambda k: (f"{100 * frac[k]['weights']:.1f}% \\| {100 * frac[k]['weights+state']:.1f}%"  # noqa: E731
                                if k in frac else "-")
-            print(f"| {r['model']} | {row['batch']} | {_cell(t.get(REF), '.0f')} | {_cell(t.get(OURS), '.0f')} | "
-                  f"{_ratio(t.get(OURS), t.get(REF))} | {share(REF)} | {share(OURS)} |")
-    print("\nWeights and decode state (bytes per sequence)\n")
-    print(f"| model | {REF} fp16 weights GB | W8A8 weights GB | {REF} state MiB/seq | W8A8 state MiB/seq | "
-          f"logits rel. error vs HF fp32 ({REF} / W8A8) |")
-    print("|---|---|---|---|---|---|")
+            rates = " | ".join(f"{_cell(t.get(k), '.0f')} | {_ratio(t.get(k), t.get(REF))}" for k in ours)
+            print(f"| {r['model']} | {row['batch']} | {_cell(t.get(REF), '.0f')} | {rates} | {share(REF)} | "
+                  + " | ".join(share(k) for k in ours) + " |")
+    print("\nWeights and decode state (bytes per sequence); logits' relative error against HF fp32\n")
+    impls = [REF, *ours]
+    print("| model | " + " | ".join(f"{k} weights GB" for k in impls) + " | "
+          + " | ".join(f"{k} state MiB/seq" for k in impls) + " | " + " | ".join(f"{k} logits error" for k in impls)
+          + " |")
+    print("|---|" + "---|---|---|" * len(impls))
     for r in results:
         wb, c = r["weight_bytes"], r["check"]
         row = r["decode"][0] if r["decode"] else {"batch": 1, "state_bytes": {}}
         state = lambda k: (f"{row['state_bytes'][k] / row['batch'] / 2**20:.2f}"  # noqa: E731
                            if k in row["state_bytes"] else "-")
-        err = f"{_cell(c.get(f'{REF} fp16 vs hf fp32'), '.4f')} / {c['w8a8 vs hf fp32']:.4f}"
-        print(f"| {r['model']} | {_cell(wb.get(REF, 0) / 1e9, '.3f')} | {wb[OURS] / 1e9:.3f} | {state(REF)} | "
-              f"{state(OURS)} | {err} |")
+        print(f"| {r['model']} | " + " | ".join(_cell(wb.get(k, 0) / 1e9, '.3f') for k in impls) + " | "
+              + " | ".join(state(k) for k in impls) + " | "
+              + " | ".join(_cell(c.get(f"{k} vs hf fp32"), '.4f') for k in impls) + " |")
     for r in results:
         if "breakdown" not in r:
             continue
         labels = list(r["breakdown"])
         print(f"\nKernel time by kind, {r['model']}, ms per call (torch.profiler, plain calls)\n")
-        print("| kind | " + " | ".join(f"{label} {REF} | {label} W8A8" for label in labels) + " |")
-        print("|---|" + "---|---|" * len(labels))
+        print("| kind | " + " | ".join(f"{label} {k}" for label in labels for k in impls) + " |")
+        print("|---|" + "---|" * len(impls) * len(labels))
         for kind in (*KINDS, "total"):
             cells = []
             for label in labels:
                 entry = r["breakdown"][label]
                 digits = ".3f" if label.startswith("decode") else ".2f"
-                cells += [format(entry[k][kind], digits) if k in entry else "-" for k in (REF, OURS)]
+                cells += [format(entry[k][kind], digits) if k in entry else "-" for k in impls]
             print(f"| {kind} | " + " | ".join(cells) + " |")
 
 
@@ -471,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--breakdown-shapes", nargs="*", type=_shape, default=BREAKDOWN_SHAPES, metavar="BxL")
     parser.add_argument("--breakdown-decode-batches", nargs="*", type=int, default=BREAKDOWN_DECODE_BATCHES,
                         metavar="B", help="decode batch sizes to profile by kernel kind")
+    parser.add_argument("--recipes", nargs="+", default=["quamba"],
+                        help="our recipes to lower and time (default: quamba, labelled w8a8)")
     parser.add_argument("--commit", default=None, help="the checkout's commit, recorded in the JSON")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--smoke", action="store_true",

@@ -44,7 +44,7 @@ _FLOAT_OUT = {torch.float32, torch.float16, torch.bfloat16}
 def _fp8_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
                      W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT8: tl.constexpr,
                      OUT_PER_CHANNEL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE_K: tl.constexpr):
     # Grouped tile order: GROUP_M row tiles share each column tile while it is in L2.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -64,7 +64,7 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, out_ptr, M, N,
         k = k0 + rk
         a = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
         b = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None], mask=(rn[None, :] < N) & (k[:, None] < K), other=0.0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=PROMOTE_K, out_dtype=tl.float32)
 
     # Epilogue in the reference's order: s = x_scale * w_scale[n] (one rounding), y = acc * s, + bias.
     n_ok = rn < N
@@ -85,6 +85,13 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, out_ptr, M, N,
         tl.store(out_ptr + out_offsets, q, mask=out_mask)
     else:
         tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# Hopper's fp8 wgmma accumulates in fewer bits than fp32 (Triton's default on sm_90 never adds the
+# partial sums into a true fp32 accumulator): at K = 2560-5120 that cost 10x cuBLAS's error
+# (docs/benchmarks.md, call 5d). Every PROMOTE_K products (one BLOCK_K step) the partial sum is added
+# into the fp32 accumulator, as cuBLAS does without its fast-accumulation mode. None: never.
+_PROMOTE_K: Optional[int] = 128
 
 
 def _tiles(m: int) -> tuple[int, int, int, int, int]:
@@ -172,7 +179,8 @@ def fp8_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: O
         x2.stride(0), w.stride(0),
         W_PER_CHANNEL=ws.numel() > 1, HAS_BIAS=b is not None, OUT_INT8=os_ is not None,
         OUT_PER_CHANNEL=os_ is not None and os_.numel() > 1,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+        PROMOTE_K=None if _PROMOTE_K is None else min(_PROMOTE_K, block_k), num_warps=warps, num_stages=stages,
         # Keeps `acc * s + bias` two roundings, as the reference computes it.
         enable_fp_fusion=False,
     )
