@@ -228,6 +228,24 @@ def test_lowering_turns_each_fp8_linear_into_one_fp8_gemm(fp8_lowered):
                    for n in fp8_lowered.graph.nodes)
 
 
+def test_lowering_runs_the_fp8_recipes_rotation_on_the_hadamard_kernel(fp8_lowered):
+    """The fp8 recipe quantizes the rotated out_proj input to e4m3, which hadamard_quantize (int8)
+    cannot take: the rotation alone goes to the kernel, not the reference's PyTorch transform."""
+    targets = [n.target for n in fp8_lowered.graph.nodes if n.op == "call_function"]
+    assert torch.ops.quamba.hadamard.default not in targets
+    rotations = [n for n in fp8_lowered.graph.nodes if n.target is torch.ops.quamba.hadamard_rotate.default]
+    assert len(rotations) == 2 and all(n.meta["quamba"]["kernel"] == "triton:hadamard_rotate" for n in rotations)
+    assert all(u.target is torch.ops.quamba.quantize_fp8.default for n in rotations for u in n.users)
+
+
+def test_hadamard_rotate_matches_the_reference_rotation():
+    x = torch.randn(3, 5, 40, dtype=torch.float16)
+    got = torch.ops.quamba.hadamard_rotate(x)
+    want = torch.ops.quamba.hadamard(x)
+    assert got.dtype == x.dtype and got.shape == x.shape and got.is_contiguous()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.slow  # 14 s under TRITON_INTERPRET=1, where every kernel of the graph is interpreted
 def test_lowered_fp8_graph_matches_the_reference(tiny, fp8_graph, fp8_lowered):
     _, _, ids = tiny

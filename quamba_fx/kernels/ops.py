@@ -17,7 +17,9 @@ from torch import Tensor
 
 from .conv1d import causal_conv1d_silu_int8, causal_conv1d_update_silu_int8
 from .gemm import ConvStep, int8_gemm, int8_gemm_conv_step
+from .hadamard import MAX_N as _HADAMARD_MAX_N
 from .hadamard import hadamard_quantize as _hadamard_quantize
+from .hadamard import hadamard_transform_triton as _hadamard_transform_triton
 from .norm import add_rmsnorm_quantize as _add_rmsnorm_quantize
 from .scan import selective_scan as _selective_scan
 from .scan import DeltaProjection, selective_state_update
@@ -227,6 +229,23 @@ def hadamard_quantize(x: Tensor, scale: Tensor) -> Tensor:
 @hadamard_quantize.register_fake
 def _hadamard_quantize_fake(x, scale):
     return torch.empty(x.shape, dtype=torch.int8, device=x.device)
+
+
+@torch.library.custom_op("quamba::hadamard_rotate", mutates_args=())
+def hadamard_rotate(x: Tensor) -> Tensor:
+    """`quamba::hadamard` on the Hadamard kernel: rotated in fp32, returned in x's dtype, contiguous.
+
+    For a rotation no int8 quantize follows (the fp8 recipe quantizes it to e4m3). Sizes beyond
+    the kernel's MAX_N run the reference.
+    """
+    if x.shape[-1] > _HADAMARD_MAX_N:
+        return torch.ops.quamba.hadamard(x)
+    return _hadamard_transform_triton(x).to(x.dtype)
+
+
+@hadamard_rotate.register_fake
+def _hadamard_rotate_fake(x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 @torch.library.custom_op("quamba::add_rmsnorm_quantize", mutates_args=())

@@ -49,6 +49,7 @@ SCAN = torch.ops.quamba.selective_scan.default
 SCAN_INT8 = torch.ops.quamba.selective_scan_int8.default
 HADAMARD = torch.ops.quamba.hadamard.default
 HADAMARD_QUANTIZE = torch.ops.quamba.hadamard_quantize.default
+HADAMARD_ROTATE = torch.ops.quamba.hadamard_rotate.default
 ADD_RMSNORM = torch.ops.quamba.add_rmsnorm_quantize.default
 FUSED_CONV = torch.ops.quamba.conv1d_silu_int8.default
 
@@ -57,6 +58,7 @@ KERNELS = {
     FP8_GEMM: "fp8_gemm",
     SCAN_INT8: "triton:selective_scan_int8",
     HADAMARD_QUANTIZE: "triton:hadamard_quantize",
+    HADAMARD_ROTATE: "triton:hadamard_rotate",
     ADD_RMSNORM: "triton:add_rmsnorm_quantize",
     FUSED_CONV: "triton:conv1d_silu_int8",
 }
@@ -80,6 +82,15 @@ def _is_cast(node: Any) -> bool:
 
 def _is_fp32_cast(node: torch.fx.Node) -> bool:
     return _is_cast(node) and (node.target == "float" or torch.float32 in node.args[1:])
+
+
+def _fuses_with_hadamard(node: torch.fx.Node) -> bool:
+    """Whether `node` is a per-tensor int8 quantize of a rotation nothing else reads (the pattern
+    `fuse_hadamard_quantize` turns into one kernel)."""
+    if not _is(node, QUANTIZE) or len(node.args) > 2:
+        return False
+    rotation = node.args[0]
+    return _is(rotation, HADAMARD) and len(rotation.users) == 1
 
 
 def _strip_casts(node: torch.fx.Node) -> torch.fx.Node:
@@ -155,7 +166,7 @@ class LowerToKernels(PassBase):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         meta = find_graph_meta(gm) or set_graph_meta(gm, GraphMeta())
         meta.state_dtype = _dtype_name(self.state_dtype)
-        rules = [self.lower_linear, self.fuse_scan, self.fuse_hadamard_quantize, self.fuse_norm]
+        rules = [self.lower_linear, self.fuse_scan, self.fuse_hadamard_quantize, self.lower_hadamard, self.fuse_norm]
         changed = run_rules(gm, rules)
         changed |= fold_parameter_expressions(gm)
         changed |= self.cast_float_leftovers(gm)
@@ -206,16 +217,22 @@ class LowerToKernels(PassBase):
 
     def fuse_hadamard_quantize(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         """`quantize(hadamard(cast(y)), s)` -> `hadamard_quantize(y, s)` (the kernel reads y's dtype)."""
-        if not _is(node, QUANTIZE):
+        if not _fuses_with_hadamard(node):
             return False
         rotation = node.args[0]
-        if not _is(rotation, HADAMARD) or len(rotation.users) != 1 or len(node.args) > 2:
-            return False
         source = _strip_casts(rotation.args[0])
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(HADAMARD_QUANTIZE, (source, node.args[1]))
         node.replace_all_uses_with(_annotate(new, node))
         gm.graph.erase_node(node)
+        return True
+
+    def lower_hadamard(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+        """`hadamard(y)` that no int8 quantize takes (the fp8 recipe's) -> `hadamard_rotate(y)`: the
+        kernel instead of the reference's PyTorch butterfly and dense matmul."""
+        if not _is(node, HADAMARD) or any(_fuses_with_hadamard(user) for user in node.users):
+            return False
+        node.target = HADAMARD_ROTATE
         return True
 
     def fuse_norm(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:

@@ -191,6 +191,13 @@ def _dense_int(bases: tuple[int, ...]) -> Tensor:
     return h
 
 
+@functools.lru_cache(maxsize=64)
+def _dense_on(bases: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`_dense_int(bases)` on `device` in `dtype`, made once: a host-to-device copy on every call
+    would cost a transfer per rotation and cannot be captured in a CUDA graph."""
+    return _dense_int(bases).to(device=device, dtype=dtype)
+
+
 def _sylvester_int(k: int) -> Tensor:
     h = torch.ones(1, 1, dtype=torch.int8)
     h2 = torch.tensor([[1, 1], [1, -1]], dtype=torch.int8)
@@ -268,7 +275,7 @@ def hadamard_transform(x: Tensor, dim: int = -1, *, inverse: bool = False) -> Te
     if k:
         v = _fwht_last(v)  # S is symmetric, so forward and inverse are the same here
     if bases:
-        d = _dense_int(bases).to(device=x.device, dtype=work_dtype)
+        d = _dense_on(bases, x.device, work_dtype)
         v = torch.matmul(d.T if inverse else d, v)
     v = v.mul_(1.0 / math.sqrt(n))
     return v.reshape(*lead, n).to(x.dtype).movedim(-1, dim)
