@@ -10,6 +10,7 @@ from .conv1d import (
     causal_conv1d_update_silu_int8,
     causal_conv1d_update_silu_int8_reference,
 )
+from .dispatch import clear_tuned_configs
 from .gemm import int8_gemm, int8_gemm_reference
 from .hadamard import hadamard_quantize, hadamard_quantize_reference
 from .norm import add_rmsnorm_quantize, add_rmsnorm_quantize_reference
@@ -22,6 +23,7 @@ __all__ = [
     "causal_conv1d_silu_int8_reference",
     "causal_conv1d_update_silu_int8",
     "causal_conv1d_update_silu_int8_reference",
+    "clear_tuned_configs",
     "hadamard_quantize",
     "hadamard_quantize_reference",
     "int8_gemm",

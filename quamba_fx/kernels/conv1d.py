@@ -61,7 +61,7 @@ import triton.language as tl
 
 from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import precompile
+from .dispatch import launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 
@@ -523,21 +523,24 @@ def causal_conv1d_update_silu_int8_reference(
 # The tuned launch parameters per autotune key. After a shape's first call, launches go straight
 # to the JIT function: the autotuner's per-call work (argument dictionaries, key building) is host
 # time that a B=1 prefill, a few microseconds of GPU work, cannot hide.
-_PREFILL_TUNED: dict = {}
+_PREFILL_TUNED: dict = tuned_configs("conv1d_prefill")
 
 
 def _launch_prefill(key: tuple, B: int, D: int, L: int, args: tuple, flags: dict) -> None:
-    tuned = _PREFILL_TUNED.get(key)
-    if tuned is None:
-        def grid(meta):
-            return (B * triton.cdiv(D, meta["BLOCK_D"]) * triton.cdiv(L, meta["BLOCK_L"]),)
+    launch_tuned(_PREFILL_TUNED, key, _autotune_prefill, _launch_prefill_config, B, D, L, args, flags)
 
-        precompile(_causal_conv1d_silu_int8_kernel.fn, args,
-                   ({**flags, **c.all_kwargs()} for c in _causal_conv1d_silu_int8_kernel.configs))
-        _causal_conv1d_silu_int8_kernel[grid](*args, **flags)
-        config = _causal_conv1d_silu_int8_kernel.best_config
-        _PREFILL_TUNED[key] = dict(config.all_kwargs())
-        return
+
+def _autotune_prefill(B: int, D: int, L: int, args: tuple, flags: dict) -> dict:
+    def grid(meta):
+        return (B * triton.cdiv(D, meta["BLOCK_D"]) * triton.cdiv(L, meta["BLOCK_L"]),)
+
+    precompile(_causal_conv1d_silu_int8_kernel.fn, args,
+               ({**flags, **c.all_kwargs()} for c in _causal_conv1d_silu_int8_kernel.configs))
+    _causal_conv1d_silu_int8_kernel[grid](*args, **flags)
+    return dict(_causal_conv1d_silu_int8_kernel.best_config.all_kwargs())
+
+
+def _launch_prefill_config(tuned: dict, B: int, D: int, L: int, args: tuple, flags: dict) -> None:
     n_programs = B * triton.cdiv(D, tuned["BLOCK_D"]) * triton.cdiv(L, tuned["BLOCK_L"])
     _causal_conv1d_silu_int8_kernel.fn[(n_programs,)](*args, **flags, **tuned)
 

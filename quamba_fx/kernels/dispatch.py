@@ -3,6 +3,11 @@
 `INTERPRET` is read once at import, like `triton.jit` does at decoration time: it decides whether
 the kernels are interpreted, so a later change of the variable would not affect them anyway. Every
 kernel module asks `use_triton` and otherwise runs its PyTorch reference.
+
+Tuned launch configs: each kernel module keeps the config it chose per problem key in a cache made
+by `tuned_configs`, filled through `chosen_config` (a config chosen by rule or by timing) or
+`launch_tuned` (a Triton autotuner's first launch, then the bare JIT function with its choice);
+`clear_tuned_configs` empties them all.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, MutableMapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -25,6 +30,72 @@ if INTERPRET:
     from . import interpreter_compat
 
     interpreter_compat.install()  # older Tritons' interpreter against NumPy >= 2.4, see there
+
+
+K = TypeVar("K")
+T = TypeVar("T")
+
+# Every cache `tuned_configs` made, by kernel name: what `clear_tuned_configs` empties. The kernel
+# modules import this module, never the reverse, so the caches register themselves here.
+_TUNED_CACHES: Dict[str, Dict[Any, Any]] = {}
+
+
+def tuned_configs(kernel_name: str) -> Dict[Any, Any]:
+    """A new cache of chosen launch configs (problem key -> config) for `kernel_name`, registered
+    for `clear_tuned_configs` and `tuned_config_counts`.
+
+    A name already registered returns that same cache instead of an error or a second cache: a
+    module executed again (`importlib.reload`, IPython's autoreload) then imports cleanly and
+    `clear_tuned_configs` still reaches the one cache it uses. Names must therefore be unique
+    per kernel (the module's name is the convention).
+    """
+    return _TUNED_CACHES.setdefault(kernel_name, {})
+
+
+def chosen_config(cache: MutableMapping[K, T], key: K, choose: Callable[[], T]) -> T:
+    """The config `cache` holds for `key`, or, on the key's first call, `choose()` recorded there.
+
+    `cache` is an argument, not a name to look up: tests swap a module's cache for a plain dict
+    or a dict-like that answers `get` alone (a pinned config), and this must read whichever the
+    module holds at call time. A missing config is `None`, so `choose` must not return `None`.
+    """
+    config = cache.get(key)
+    if config is None:
+        config = cache[key] = choose()
+    return config
+
+
+def launch_tuned(cache: MutableMapping[K, T], key: K, autotune: Callable[..., Optional[T]],
+                 launch: Callable[..., None], *args: Any) -> None:
+    """Launch one kernel call, tuned per `key`: without a config for `key` in `cache`,
+    `autotune(*args)` launches the call through the Triton autotuner and returns the config it
+    chose, which is recorded (`None`: nothing to record, the next call autotunes again); with one,
+    `launch(config, *args)` launches the bare JIT function with it.
+
+    The split exists for host time: the autotuner's per-call Python (argument dictionaries, key
+    building, heuristics) costs tens of microseconds that a decode step's launches cannot hide.
+    Positional `args` rather than closures keep the fast path free of per-call allocations.
+    """
+    config = cache.get(key)
+    if config is not None:
+        launch(config, *args)
+        return
+    config = autotune(*args)
+    if config is not None:
+        cache[key] = config
+
+
+def clear_tuned_configs() -> None:
+    """Forget every chosen launch config, so that each problem's next call chooses again: for
+    tests, after switching devices, or to re-tune. Triton's autotuners keep their own choice per
+    autotune key, which this leaves alone: a re-autotuned key may get the same config back."""
+    for cache in _TUNED_CACHES.values():
+        cache.clear()
+
+
+def tuned_config_counts() -> Dict[str, int]:
+    """How many configs each registered cache holds, by kernel name (a snapshot)."""
+    return {name: len(cache) for name, cache in _TUNED_CACHES.items()}
 
 
 def _no_timing(kernel_call: Any, quantiles: Sequence[float]) -> List[float]:

@@ -83,7 +83,7 @@ import triton.language as tl
 
 from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import INTERPRETER_WIDE_N, cdiv, next_pow2, precompile, sm_count
+from .dispatch import INTERPRETER_WIDE_N, cdiv, launch_tuned, next_pow2, precompile, sm_count, tuned_configs
 from .dispatch import use_triton as _use_triton
 from . import gemm_skinny, gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
@@ -363,26 +363,30 @@ _int8_gemm_kernel = triton.autotune(
 # bare JIT function with it, skipping the autotuner's and heuristics' per-call Python (about 25 us
 # of a 70 us call in a cProfile on an H200 host, Triton 3.6; decode launches are host-bound).
 # Keyed by everything that selects a config or a compiled variant.
-_TUNED: dict = {}
+_TUNED: dict = tuned_configs("gemm")
 
 
 def _launch(grid, args: tuple, key: tuple, m: int, n: int, k: int, **flags) -> None:
     """Launch the pointer kernel on `args` (all but the split-K scratch, which is added here)."""
+    launch_tuned(_TUNED, key, _autotune, _launch_config, grid, args, m, n, k, flags)
+
+
+def _launch_config(meta: dict, grid, args: tuple, m: int, n: int, k: int, flags: dict) -> None:
     head, tail = args[:7], args[7:]
-    meta = _TUNED.get(key)
-    if meta is not None:
-        scratch = (split_k.scratch(args[0].device, *split_k.scratch_need(m, n, (meta,))) if meta["SPLIT_K"] > 1
-                   else (args[2], args[2]))
-        _int8_gemm_jit[grid](*head, *scratch, *tail, **flags, **meta, EVEN_K=_even_k(k, meta))
-        return
+    scratch = (split_k.scratch(args[0].device, *split_k.scratch_need(m, n, (meta,))) if meta["SPLIT_K"] > 1
+               else (args[2], args[2]))
+    _int8_gemm_jit[grid](*head, *scratch, *tail, **flags, **meta, EVEN_K=_even_k(k, meta))
+
+
+def _autotune(grid, args: tuple, m: int, n: int, k: int, flags: dict) -> Optional[dict]:
+    head, tail = args[:7], args[7:]
     named = dict(zip(_int8_gemm_jit.arg_names, head + (None, None) + tail))
     candidates = [c.all_kwargs() for c in _prune(_int8_gemm_kernel.configs, named)]
     full = head + split_k.scratch(args[0].device, *split_k.scratch_need(m, n, candidates)) + tail
     precompile(_int8_gemm_jit, full, ({**flags, **c, "EVEN_K": _even_k(k, c)} for c in candidates))
     _int8_gemm_kernel[grid](*full, **flags)
     best = getattr(_int8_gemm_kernel, "best_config", None)
-    if best is not None:
-        _TUNED[key] = best.all_kwargs()
+    return None if best is None else best.all_kwargs()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import split_k
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import INTERPRETER_WIDE_N, cdiv, next_pow2, sm_count
+from .dispatch import INTERPRETER_WIDE_N, cdiv, chosen_config, next_pow2, sm_count, tuned_configs
 from .gemm_epilogue import store_tile
 from .pdl import launch_options, wait_for_previous
 
@@ -181,7 +181,7 @@ def _int8_gemm_skinny_jit(
 
 
 # gemm.py's problem key (N, K, M bucket, out dtype, flags, device) -> the config.
-_TUNED: dict = {}
+_TUNED: dict = tuned_configs("gemm_skinny")
 
 
 def launch_call(tensors: tuple, m: int, n: int, k: int, flags: dict, meta: dict) -> tuple:
@@ -204,8 +204,6 @@ def launch(tensors: tuple, m: int, n: int, k: int, key: tuple, flags: dict, meta
     <= MAX_M. `key` names everything that selects a config or a compiled variant, `flags` are the
     epilogue's; `meta` forces a config (benchmarks), else the rule's is used."""
     if meta is None:
-        meta = _TUNED.get(key)
-        if meta is None:
-            meta = _TUNED[key] = _config(m, n, k)
+        meta = chosen_config(_TUNED, key, lambda: _config(m, n, k))
     grid, args, kwargs = launch_call(tensors, m, n, k, flags, meta)
     _int8_gemm_skinny_jit[grid](*args, **kwargs)

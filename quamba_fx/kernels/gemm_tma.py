@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .dispatch import INTERPRET, next_pow2, precompile_calls, sm_count
+from .dispatch import INTERPRET, chosen_config, next_pow2, precompile_calls, sm_count, tuned_configs
 from .gemm_epilogue import epilogue
 
 __all__ = ["TmaConfig", "candidates", "launch", "launch_config", "supported"]
@@ -243,7 +243,7 @@ def gpu_time_ms(fn) -> float:
 
 
 # (N, K, M bucket, out dtype, flags, device) -> the config timed fastest.
-_TUNED: Dict[tuple, TmaConfig] = {}
+_TUNED: Dict[tuple, TmaConfig] = tuned_configs("gemm_tma")
 
 
 def _tune(cands: List[TmaConfig], tensors: Tuple, m: int, n: int, k: int, flags: Dict) -> TmaConfig:
@@ -266,8 +266,7 @@ def launch(tensors: Tuple, m: int, n: int, k: int, m_bucket: int, flags: Dict,
     """Launch the tuned kernel for this problem (tuning it on first sight); returns the config."""
     out = tensors[-1]
     key = (n, k, m_bucket, out.dtype, tuple(sorted(flags.items())), out.device)
-    c = _TUNED.get(key)
-    if c is None:
-        c = _TUNED[key] = _tune(configs or candidates(n, k, out.element_size()), tensors, m, n, k, flags)
+    c = chosen_config(_TUNED, key, lambda: _tune(configs or candidates(n, k, out.element_size()),
+                                                  tensors, m, n, k, flags))
     launch_config(c, tensors, m, n, k, flags)
     return c

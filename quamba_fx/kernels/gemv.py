@@ -32,7 +32,7 @@ import triton.language as tl
 from . import split_k
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import INTERPRETER_WIDE_N
-from .dispatch import cdiv, next_pow2, sm_count
+from .dispatch import cdiv, chosen_config, next_pow2, sm_count, tuned_configs
 from .conv1d import conv_update_step
 from .gemm_epilogue import epilogue, store_tile
 from .pdl import launch_options, wait_for_previous
@@ -182,7 +182,7 @@ def _int8_gemv_jit(
 
 
 # (N, K, out dtype, flags, device) -> the config.
-_TUNED: dict = {}
+_TUNED: dict = tuned_configs("gemv")
 
 
 def _grid(n: int):
@@ -199,9 +199,7 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
     adds the decode conv step of the first D columns (`gemm.int8_gemm_conv_step` validated it)."""
     x, w = tensors[0], tensors[1]
     k_words = k // _PACK
-    meta = _TUNED.get(key)
-    if meta is None:
-        meta = _TUNED[key] = _config(n, k_words)
+    meta = chosen_config(_TUNED, key, lambda: _config(n, k_words))
     scratch = (split_k.scratch(x.device, *split_k.scratch_need(1, n, (meta,))) if meta["SPLIT_K"] > 1
                else (tensors[2], tensors[2]))
     words = (x[0].view(torch.int32)[None], w.view(torch.int32)) + tuple(tensors[2:])

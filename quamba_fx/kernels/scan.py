@@ -108,7 +108,7 @@ import triton.language as tl
 
 from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import precompile
+from .dispatch import launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 from .gemm import int8_gemm, int8_gemm_reference
@@ -322,7 +322,7 @@ def _interpreter_pick(configs, named_args, **kwargs):
 # and the tuned launch parameters per key: after a shape's first call, launches go straight to
 # the JIT function, skipping the autotuner's per-call host work.
 _PRECOMPILED: set = set()
-_TUNED: dict = {}
+_TUNED: dict = tuned_configs("scan")
 
 
 @triton.autotune(configs=_scan_configs(), key=["d_inner", "d_state", "batch_bucket", "chunk_len", "PASS"],
@@ -967,19 +967,26 @@ def _launch_chunks(tune_base: tuple, pass_: int, batch: int, d_inner: int, n_run
                    flags: dict) -> None:
     """Pass 1 or 3 over `n_run` chunks: autotuned on a key's first call, then launched directly."""
     key = tune_base + (pass_,)
-    tuned = _TUNED.get(key)
-    if tuned is None:
-        def grid(meta):
-            return (batch * n_run * triton.cdiv(d_inner, meta["BLOCK_D"]),)
+    launch_tuned(_TUNED, key, _autotune_chunks, _launch_chunks_config, key, pass_, batch, d_inner, n_run, args, flags)
 
-        if key not in _PRECOMPILED:
-            _PRECOMPILED.add(key)
-            precompile(_selective_scan_kernel.fn, args,
-                       ({**flags, "PASS": pass_, **c.all_kwargs()} for c in _selective_scan_kernel.configs))
-        _selective_scan_kernel[grid](*args, **flags, PASS=pass_)
-        if not _INTERPRET:
-            _TUNED[key] = dict(_selective_scan_kernel.best_config.all_kwargs())
-        return
+
+def _autotune_chunks(key: tuple, pass_: int, batch: int, d_inner: int, n_run: int, args: tuple,
+                     flags: dict) -> Optional[dict]:
+    def grid(meta):
+        return (batch * n_run * triton.cdiv(d_inner, meta["BLOCK_D"]),)
+
+    if key not in _PRECOMPILED:
+        _PRECOMPILED.add(key)
+        precompile(_selective_scan_kernel.fn, args,
+                   ({**flags, "PASS": pass_, **c.all_kwargs()} for c in _selective_scan_kernel.configs))
+    _selective_scan_kernel[grid](*args, **flags, PASS=pass_)
+    # Interpreted, nothing is recorded: every call goes through the autotuner, whose pruning picks
+    # the config, so a test that pins `kernel.configs` gets its config without clearing `_TUNED`.
+    return None if _INTERPRET else dict(_selective_scan_kernel.best_config.all_kwargs())
+
+
+def _launch_chunks_config(tuned: dict, key: tuple, pass_: int, batch: int, d_inner: int, n_run: int,
+                          args: tuple, flags: dict) -> None:
     n_programs = batch * n_run * triton.cdiv(d_inner, tuned["BLOCK_D"])
     _selective_scan_kernel.fn[(n_programs,)](*args, **flags, PASS=pass_, **tuned)
 
