@@ -83,9 +83,11 @@ def _print_block_summary(gm: torch.fx.GraphModule) -> None:
 
 def state_bytes(module: torch.nn.Module, float_bytes: int | None = None) -> int:
     """Bytes of the state dict, each shared tensor (tied embeddings) counted once; `float_bytes`
-    counts floating-point tensors at that width (2 for "as if fp16")."""
+    counts wider floating-point tensors at that width (2 for "as if fp16"); narrower ones (e4m3
+    weights) keep their own."""
     unique = {t.data_ptr(): t for t in module.state_dict().values()}.values()
-    return sum(t.numel() * (float_bytes if float_bytes and t.is_floating_point() else t.element_size())
+    return sum(t.numel() * (min(float_bytes, t.element_size()) if float_bytes and t.is_floating_point()
+                            else t.element_size())
                for t in unique)
 
 

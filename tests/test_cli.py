@@ -254,3 +254,17 @@ def test_an_unexpected_exception_is_one_line_with_a_hint(monkeypatch, capsys):
     assert err.startswith("quamba-fx: internal error: RuntimeError: something that spans lines (rerun with --debug")
     with pytest.raises(RuntimeError):
         main(["--debug", "dump", "mamba-tiny"])
+
+
+def test_state_bytes_counts_wide_floats_as_fp16_and_keeps_narrower_ones():
+    """The size quoted "as deployed": fp32 tensors at 2 bytes, int8 and e4m3 weights at 1, a tied
+    tensor once."""
+    from quamba_fx.commands import state_bytes
+
+    module = torch.nn.Module()
+    module.register_buffer("f32", torch.zeros(10))
+    module.register_buffer("e4m3", torch.zeros(10).to(torch.float8_e4m3fn))
+    module.register_buffer("i8", torch.zeros(10, dtype=torch.int8))
+    module.register_buffer("tied", module.f32)
+    assert state_bytes(module, float_bytes=2) == 10 * 2 + 10 + 10
+    assert state_bytes(module) == 10 * 4 + 10 + 10
