@@ -9,6 +9,8 @@ Each rule matches one reference subgraph and replaces it with one kernel op from
 | `Fp8Linear` (fp8_linear)                                  | `fp8_gemm` (e4m3 GEMM)         |
 | `selective_scan(dequantize(u), ..., dequantize(z))`        | `selective_scan_int8`          |
 | `quantize(hadamard(y), s)`                                 | `hadamard_quantize`            |
+| `quantize_fp8(hadamard(y), s)` (per tensor)                | `hadamard_quantize_fp8`        |
+| `hadamard(y)` that no quantize above takes                 | `hadamard_rotate`              |
 | `[quantize](RMSNorm(residual + out))`                      | `add_rmsnorm_quantize`         |
 | expressions of parameters only (`-exp(A_log.float())`)     | folded into a buffer           |
 
@@ -40,7 +42,7 @@ from ..kernels import gemm_fp8  # noqa: F401  (registers torch.ops.quamba.fp8_ge
 from ..kernels import ops as kernel_ops  # noqa: F401  (registers the kernel ops)
 from ..quant.fp8_linear import Fp8Linear
 from ..quant.linear import QuantizedLinear
-from .quantize import DEQUANTIZE, QUANTIZE
+from .quantize import DEQUANTIZE, QUANTIZE, QUANTIZE_FP8
 from .rewrite import run_rules
 
 W8A8_LINEAR = torch.ops.quamba.w8a8_linear.default
@@ -49,6 +51,7 @@ SCAN = torch.ops.quamba.selective_scan.default
 SCAN_INT8 = torch.ops.quamba.selective_scan_int8.default
 HADAMARD = torch.ops.quamba.hadamard.default
 HADAMARD_QUANTIZE = torch.ops.quamba.hadamard_quantize.default
+HADAMARD_QUANTIZE_FP8 = torch.ops.quamba.hadamard_quantize_fp8.default
 HADAMARD_ROTATE = torch.ops.quamba.hadamard_rotate.default
 ADD_RMSNORM = torch.ops.quamba.add_rmsnorm_quantize.default
 FUSED_CONV = torch.ops.quamba.conv1d_silu_int8.default
@@ -58,6 +61,7 @@ KERNELS = {
     FP8_GEMM: "fp8_gemm",
     SCAN_INT8: "triton:selective_scan_int8",
     HADAMARD_QUANTIZE: "triton:hadamard_quantize",
+    HADAMARD_QUANTIZE_FP8: "triton:hadamard_quantize_fp8",
     HADAMARD_ROTATE: "triton:hadamard_rotate",
     ADD_RMSNORM: "triton:add_rmsnorm_quantize",
     FUSED_CONV: "triton:conv1d_silu_int8",
@@ -85,12 +89,26 @@ def _is_fp32_cast(node: torch.fx.Node) -> bool:
 
 
 def _fuses_with_hadamard(node: torch.fx.Node) -> bool:
-    """Whether `node` is a per-tensor int8 quantize of a rotation nothing else reads (the pattern
-    `fuse_hadamard_quantize` turns into one kernel)."""
-    if not _is(node, QUANTIZE) or len(node.args) > 2:
+    """Whether `node` is a per-tensor int8 or e4m3 quantize of a rotation nothing else reads (the
+    pattern `fuse_hadamard_quantize` turns into one kernel)."""
+    if _is(node, QUANTIZE):
+        per_tensor = len(node.args) <= 2
+    elif _is(node, QUANTIZE_FP8):
+        per_tensor = len(node.args) <= 2 and not node.kwargs and _is_scalar_attr(node)
+    else:
         return False
     rotation = node.args[0]
-    return _is(rotation, HADAMARD) and len(rotation.users) == 1
+    return per_tensor and _is(rotation, HADAMARD) and len(rotation.users) == 1
+
+
+def _is_scalar_attr(node: torch.fx.Node) -> bool:
+    # quantize_fp8 has no separate per-tensor form: a per-channel scale differs only in its shape,
+    # so only a scale known to hold one value (a get_attr, as the recipes insert) may fuse.
+    scale = node.args[1]
+    if not (isinstance(scale, torch.fx.Node) and scale.op == "get_attr"):
+        return False
+    gm = scale.graph.owning_module
+    return gm is not None and fetch_attr(gm, scale.target).numel() == 1
 
 
 def _strip_casts(node: torch.fx.Node) -> torch.fx.Node:
@@ -216,20 +234,23 @@ class LowerToKernels(PassBase):
         return True
 
     def fuse_hadamard_quantize(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-        """`quantize(hadamard(cast(y)), s)` -> `hadamard_quantize(y, s)` (the kernel reads y's dtype)."""
+        """`quantize(hadamard(cast(y)), s)` -> `hadamard_quantize(y, s)` (the kernel reads y's dtype);
+        `quantize_fp8(...)` of the same, per tensor (the fp8 recipe's) -> `hadamard_quantize_fp8`."""
         if not _fuses_with_hadamard(node):
             return False
         rotation = node.args[0]
         source = _strip_casts(rotation.args[0])
+        op = HADAMARD_QUANTIZE_FP8 if _is(node, QUANTIZE_FP8) else HADAMARD_QUANTIZE
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(HADAMARD_QUANTIZE, (source, node.args[1]))
+            new = gm.graph.call_function(op, (source, node.args[1]))
         node.replace_all_uses_with(_annotate(new, node))
         gm.graph.erase_node(node)
         return True
 
     def lower_hadamard(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-        """`hadamard(y)` that no int8 quantize takes (the fp8 recipe's) -> `hadamard_rotate(y)`: the
-        kernel instead of the reference's PyTorch butterfly and dense matmul."""
+        """`hadamard(y)` that no quantize fuses with -> `hadamard_rotate(y)`: the kernel instead of the
+        reference's PyTorch butterfly and dense matmul. Rules visit the rotation before its quantize,
+        so one that `fuse_hadamard_quantize` will take is left to it."""
         if not _is(node, HADAMARD) or any(_fuses_with_hadamard(user) for user in node.users):
             return False
         node.target = HADAMARD_ROTATE
