@@ -86,8 +86,8 @@ from .dispatch import sm_count
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 
-from ..quant import fp8 as _fp8  # noqa: F401  (registers torch.ops.quamba.quantize_fp8)
-from ..quant import qops as _qops  # noqa: F401  (registers torch.ops.quamba.quantize)
+from ..quant.fp8 import quantize_fp8 as _quantize_fp8  # torch.ops.quamba.quantize_fp8
+from ..quant.qops import quantize as _quantize_int8  # torch.ops.quamba.quantize
 from ..quant.hadamard import _check_size, _dense_int  # and registers torch.ops.quamba.hadamard
 from .rounding import quantize_e4m3_rn, quantize_rn
 
@@ -470,14 +470,14 @@ def hadamard_quantize_fp8_reference(x: torch.Tensor, scale: torch.Tensor) -> tor
     """PyTorch reference of `hadamard_quantize_fp8`: `quamba.quantize_fp8(quamba.hadamard(x.float()), scale)`."""
     _check_x("hadamard_quantize_fp8_reference", x)
     _check_scale("hadamard_quantize_fp8_reference", scale, x.device)
-    return torch.ops.quamba.quantize_fp8(hadamard_transform_reference(x), scale)
+    return _quantize_fp8(hadamard_transform_reference(x), scale)
 
 
 def hadamard_quantize_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """PyTorch reference of `hadamard_quantize`: `quamba.quantize(quamba.hadamard(x.float()), scale)`."""
     _check_x("hadamard_quantize_reference", x)
     _check_scale("hadamard_quantize_reference", scale, x.device)
-    return torch.ops.quamba.quantize(hadamard_transform_reference(x), scale)
+    return _quantize_int8(hadamard_transform_reference(x), scale)
 
 
 # ---------------------------------------------------------------------------------------------

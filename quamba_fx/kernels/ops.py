@@ -272,7 +272,8 @@ def add_rmsnorm_quantize(x: Tensor, residual: Optional[Tensor], weight: Tensor, 
     """Residual add + RMSNorm (+ int8 quantize): returns `(normed, residual_out)`.
 
     `residual_out = x.float() + residual` (fp32, the new residual stream); `normed` is int8 at
-    `scale`, or `out_dtype` when `scale` is None (the final norm before lm_head).
+    `scale` (e4m3 when `out_dtype` is float8_e4m3fn: the fp8 recipe), or `out_dtype` when `scale`
+    is None (the final norm before lm_head).
     """
     normed, resid = _add_rmsnorm_quantize(x, residual, weight, eps, None if scale is None else _scalar(scale),
                                           out_dtype)
@@ -281,7 +282,10 @@ def add_rmsnorm_quantize(x: Tensor, residual: Optional[Tensor], weight: Tensor, 
 
 @add_rmsnorm_quantize.register_fake
 def _add_rmsnorm_quantize_fake(x, residual, weight, eps, scale, out_dtype):
-    dtype = torch.int8 if scale is not None else out_dtype
+    if scale is None:
+        dtype = out_dtype
+    else:
+        dtype = torch.float8_e4m3fn if out_dtype == torch.float8_e4m3fn else torch.int8
     return (torch.empty(x.shape, dtype=dtype, device=x.device),
             torch.empty(x.shape, dtype=torch.float32, device=x.device))
 
