@@ -241,6 +241,21 @@ def test_lowering_fuses_the_fp8_recipes_rotation_and_its_e4m3_quantize(fp8_lower
                    for n in fused for a in n.all_input_nodes)
 
 
+def test_lowering_quantizes_the_norms_output_to_e4m3_in_the_norm_kernel(fp8_lowered):
+    """in_proj's e4m3 input comes straight out of add_rmsnorm_quantize: with the rotations fused
+    too, the lowered fp8 graph has no PyTorch quantize_fp8 left."""
+    targets = [n.target for n in fp8_lowered.graph.nodes if n.op == "call_function"]
+    assert torch.ops.quamba.quantize_fp8.default not in targets
+    norms = [n for n in fp8_lowered.graph.nodes if n.target is torch.ops.quamba.add_rmsnorm_quantize.default]
+    quantized = [n for n in norms if n.args[4] is not None]
+    # Both blocks' norms (e4m3 at their scale); norm_f before lm_head stays a float output.
+    assert len(norms) == 3 and len(quantized) == 2
+    assert all(n.args[5] == FP8_DTYPE for n in quantized)
+    for n in quantized:
+        normed = next(u for u in n.users if u.args[1] == 0)
+        assert all(u.target is torch.ops.quamba.fp8_gemm.default for u in normed.users)
+
+
 def test_a_rotation_with_other_users_stays_a_rotation_kernel():
     """`lower_hadamard` leaves only the rotations the fused rule takes: one that something besides
     the e4m3 quantize reads, or whose quantize is per channel, becomes hadamard_rotate."""

@@ -12,6 +12,7 @@ Each rule matches one reference subgraph and replaces it with one kernel op from
 | `quantize_fp8(hadamard(y), s)` (per tensor)                | `hadamard_quantize_fp8`        |
 | `hadamard(y)` that no quantize above takes                 | `hadamard_rotate`              |
 | `[quantize](RMSNorm(residual + out))`                      | `add_rmsnorm_quantize`         |
+| `quantize_fp8(RMSNorm(residual + out))` (per tensor)       | `add_rmsnorm_quantize` (e4m3)  |
 | expressions of parameters only (`-exp(A_log.float())`)     | folded into a buffer           |
 
 The conv1d must already be fused (`passes.conv_fusion`; `quamba_fx.flows.lower` runs both). Float leftovers (embedding, lm_head) and the
@@ -40,6 +41,7 @@ from ..graph_info import fetch_attr, info, op_name
 from ..graph_meta import GraphMeta, find_graph_meta, set_graph_meta
 from ..kernels import gemm_fp8  # noqa: F401  (registers torch.ops.quamba.fp8_gemm)
 from ..kernels import ops as kernel_ops  # noqa: F401  (registers the kernel ops)
+from ..quant.fp8 import FP8_DTYPE
 from ..quant.fp8_linear import Fp8Linear
 from ..quant.linear import QuantizedLinear
 from .quantize import DEQUANTIZE, QUANTIZE, QUANTIZE_FP8
@@ -109,6 +111,17 @@ def _is_scalar_attr(node: torch.fx.Node) -> bool:
         return False
     gm = scale.graph.owning_module
     return gm is not None and fetch_attr(gm, scale.target).numel() == 1
+
+
+def _fusable_norm_quantize(norm: torch.fx.Node) -> torch.fx.Node | None:
+    """The norm's only user when it is a per-tensor int8 or e4m3 quantize the kernel can take."""
+    users = list(norm.users)
+    if len(users) != 1 or len(users[0].args) != 2 or users[0].kwargs:
+        return None
+    user = users[0]
+    if _is(user, QUANTIZE) or (_is(user, QUANTIZE_FP8) and _is_scalar_attr(user)):
+        return user
+    return None
 
 
 def _strip_casts(node: torch.fx.Node) -> torch.fx.Node:
@@ -257,7 +270,9 @@ class LowerToKernels(PassBase):
         return True
 
     def fuse_norm(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-        """`[quantize](RMSNorm(cast(residual + out)))` -> `add_rmsnorm_quantize(out, residual, ...)`.
+        """`[quantize](RMSNorm(cast(residual + out)))` -> `add_rmsnorm_quantize(out, residual, ...)`;
+        a per-tensor `quantize_fp8` (the fp8 recipe's in_proj input) -> the same op with
+        `out_dtype=float8_e4m3fn`.
 
         The kernel also returns the new residual stream `float(residual + out)`, which replaces the
         add (and fp32 casts of it) for every later user: the next block's residual add reads it.
@@ -270,8 +285,9 @@ class LowerToKernels(PassBase):
             x, residual = stream.args[1], stream.args[0]
         else:
             x, residual = stream, None
-        users = list(node.users)
-        quantize = users[0] if len(users) == 1 and _is(users[0], QUANTIZE) and len(users[0].args) == 2 else None
+        quantize = _fusable_norm_quantize(node)
+        # With a scale, out_dtype picks e4m3 or int8 (the kernel ignores any other value).
+        out_dtype = FP8_DTYPE if quantize is not None and _is(quantize, QUANTIZE_FP8) else self.dtype
         graph = gm.graph
         with graph.inserting_before(node):
             weight = _get_attr(graph, f"{node.target}.weight", node)
@@ -279,7 +295,7 @@ class LowerToKernels(PassBase):
             scale = _get_attr(graph, quantize.args[1].target, node) if quantize is not None else None
             fused = _annotate(
                 graph.call_function(ADD_RMSNORM, (x, residual, weight, float(module.variance_epsilon), scale,
-                                                  self.dtype)),
+                                                  out_dtype)),
                 node)
             normed = _annotate(graph.call_function(operator.getitem, (fused, 0)), node)
             stream_out = _annotate(graph.call_function(operator.getitem, (fused, 1)), node)
