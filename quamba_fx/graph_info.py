@@ -36,7 +36,8 @@ ELEMENTWISE_OPS: set[str] = {
 # ops fusion and lowering insert). No module adds to these sets on import (tests/test_verify.py
 # checks it).
 # Ops that only change a tensor's encoding.
-QUANT_BOUNDARY_OPS: set[str] = {"quantize", "dequantize", "quantize_fp8", "dequantize_fp8", "hadamard_quantize"}
+QUANT_BOUNDARY_OPS: set[str] = {"quantize", "dequantize", "quantize_fp8", "dequantize_fp8", "hadamard_quantize",
+                                "hadamard_quantize_fp8"}
 # Ops that compute a depthwise causal conv1d or a Linear, besides nn.Conv1d / nn.Linear modules.
 CONV1D_OPS: set[str] = {
     "conv1d", "convolution", "conv1d_silu_int8", "conv1d_silu_int8_cached",

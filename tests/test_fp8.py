@@ -228,14 +228,63 @@ def test_lowering_turns_each_fp8_linear_into_one_fp8_gemm(fp8_lowered):
                    for n in fp8_lowered.graph.nodes)
 
 
-def test_lowering_runs_the_fp8_recipes_rotation_on_the_hadamard_kernel(fp8_lowered):
-    """The fp8 recipe quantizes the rotated out_proj input to e4m3, which hadamard_quantize (int8)
-    cannot take: the rotation alone goes to the kernel, not the reference's PyTorch transform."""
+def test_lowering_fuses_the_fp8_recipes_rotation_and_its_e4m3_quantize(fp8_lowered):
+    """The rotated out_proj input is quantized to e4m3 in the Hadamard kernel: no PyTorch rotation,
+    no separate rotation kernel and no quantize_fp8 pass over its output are left."""
     targets = [n.target for n in fp8_lowered.graph.nodes if n.op == "call_function"]
     assert torch.ops.quamba.hadamard.default not in targets
-    rotations = [n for n in fp8_lowered.graph.nodes if n.target is torch.ops.quamba.hadamard_rotate.default]
-    assert len(rotations) == 2 and all(n.meta["quamba"]["kernel"] == "triton:hadamard_rotate" for n in rotations)
-    assert all(u.target is torch.ops.quamba.quantize_fp8.default for n in rotations for u in n.users)
+    assert torch.ops.quamba.hadamard_rotate.default not in targets
+    fused = [n for n in fp8_lowered.graph.nodes if n.target is torch.ops.quamba.hadamard_quantize_fp8.default]
+    assert len(fused) == 2 and all(n.meta["quamba"]["kernel"] == "triton:hadamard_quantize_fp8" for n in fused)
+    assert all(u.target is torch.ops.quamba.fp8_gemm.default for n in fused for u in n.users)
+    assert not any(a.op == "call_function" and a.target is torch.ops.quamba.quantize_fp8.default
+                   for n in fused for a in n.all_input_nodes)
+
+
+def test_lowering_quantizes_the_norms_output_to_e4m3_in_the_norm_kernel(fp8_lowered):
+    """in_proj's e4m3 input comes straight out of add_rmsnorm_quantize: with the rotations fused
+    too, the lowered fp8 graph has no PyTorch quantize_fp8 left."""
+    targets = [n.target for n in fp8_lowered.graph.nodes if n.op == "call_function"]
+    assert torch.ops.quamba.quantize_fp8.default not in targets
+    norms = [n for n in fp8_lowered.graph.nodes if n.target is torch.ops.quamba.add_rmsnorm_quantize.default]
+    quantized = [n for n in norms if n.args[4] is not None]
+    # Both blocks' norms (e4m3 at their scale); norm_f before lm_head stays a float output.
+    assert len(norms) == 3 and len(quantized) == 2
+    assert all(n.args[5] == FP8_DTYPE for n in quantized)
+    for n in quantized:
+        normed = next(u for u in n.users if u.args[1] == 0)
+        assert all(u.target is torch.ops.quamba.fp8_gemm.default for u in normed.users)
+
+
+def test_a_rotation_with_other_users_stays_a_rotation_kernel():
+    """`lower_hadamard` leaves only the rotations the fused rule takes: one that something besides
+    the e4m3 quantize reads, or whose quantize is per channel, becomes hadamard_rotate."""
+    from quamba_fx.passes.kernel_lowering import LowerToKernels
+
+    root = torch.nn.Module()
+    root.register_buffer("s", torch.tensor(0.1))
+    root.register_buffer("s_channel", torch.full((8,), 0.01))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    shared = graph.call_function(torch.ops.quamba.hadamard.default, (x,))
+    q_shared = graph.call_function(torch.ops.quamba.quantize_fp8.default, (shared, graph.get_attr("s")))
+    alone = graph.call_function(torch.ops.quamba.hadamard.default, (x,))
+    q_alone = graph.call_function(torch.ops.quamba.quantize_fp8.default, (alone, graph.get_attr("s")))
+    channel = graph.call_function(torch.ops.quamba.hadamard.default, (x,))
+    q_channel = graph.call_function(torch.ops.quamba.quantize_fp8.default, (channel, graph.get_attr("s_channel")))
+    graph.output((q_shared, shared, q_alone, q_channel))
+    gm = torch.fx.GraphModule(root, graph)
+    LowerToKernels().call(gm)
+    counts = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            counts[n.target] = counts.get(n.target, 0) + 1
+    assert counts == {torch.ops.quamba.hadamard_rotate.default: 2, torch.ops.quamba.quantize_fp8.default: 2,
+                      torch.ops.quamba.hadamard_quantize_fp8.default: 1}
+    x_val = torch.randint(-8, 9, (3, 8)).float()  # exact sums: kernel and reference agree bit for bit
+    got = gm(x_val)
+    want_alone = torch.ops.quamba.quantize_fp8(torch.ops.quamba.hadamard(x_val), root.s)
+    assert torch.equal(got[2].view(torch.uint8), want_alone.view(torch.uint8))
 
 
 def test_hadamard_rotate_matches_the_reference_rotation():

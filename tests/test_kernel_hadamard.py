@@ -1,4 +1,4 @@
-"""Tests for the fused Hadamard transform + int8 quantize kernel (quamba_fx.kernels.hadamard).
+"""Tests for the fused Hadamard transform + int8 or e4m3 quantize kernels (quamba_fx.kernels.hadamard).
 
 Run on CPU with the Triton interpreter:
 
@@ -24,6 +24,8 @@ from quamba_fx.kernels import hadamard
 from quamba_fx.kernels.hadamard import (
     MAX_N,
     hadamard_quantize,
+    hadamard_quantize_fp8,
+    hadamard_quantize_fp8_reference,
     hadamard_quantize_reference,
     hadamard_transform_reference,
     hadamard_transform_triton,
@@ -72,6 +74,30 @@ def assert_int8_close(got: torch.Tensor, want: torch.Tensor) -> None:
     msg = f"{n_diff} of {diff.numel()} int8 values differ, max |diff| {int(diff.max()) if diff.numel() else 0}"
     assert n_diff == 0 or int(diff.max()) <= 1, msg
     assert n_diff <= 1 + diff.numel() // 1000, msg
+
+
+def e4m3_ordinal(q: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes as integers in value order (adjacent values differ by 1; +-0 are both 0)."""
+    code = q.cpu().view(torch.uint8).int()
+    magnitude = code & 0x7F
+    return torch.where(code >= 0x80, -magnitude, magnitude)
+
+
+def assert_fp8_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The e4m3 counterpart of assert_int8_close: at most one e4m3 value apart (compared as
+    codes), on at most 0.1% of the elements (+1)."""
+    assert got.dtype == want.dtype == torch.float8_e4m3fn
+    assert got.shape == want.shape and got.is_contiguous()
+    n_diff = int((got.cpu().view(torch.uint8) != want.cpu().view(torch.uint8)).sum())
+    diff = (e4m3_ordinal(got) - e4m3_ordinal(want)).abs()
+    msg = f"{n_diff} of {diff.numel()} e4m3 codes differ, max step {int(diff.max()) if diff.numel() else 0}"
+    assert n_diff == 0 or int(diff.max()) <= 1, msg
+    assert n_diff <= 1 + diff.numel() // 1000, msg
+
+
+def fp8_scale_for(y: torch.Tensor, factor: float, device: str) -> torch.Tensor:
+    """absmax(y) / 448 * factor: factor < 1 saturates the largest values."""
+    return (y.abs().amax().float().clamp_min(1e-6) / 448 * factor).reshape(()).to(device)
 
 
 def make_x(gen: torch.Generator, lead: tuple, n: int, dtype: torch.dtype, layout: str, device: str) -> torch.Tensor:
@@ -139,6 +165,20 @@ def test_matches_reference(case):
     assert_int8_close(q, q_ref)
     if case["factor"] < 1:
         assert int(q.int().abs().max()) >= 127, "the scale should saturate some values"
+
+
+@needs_kernel
+@settings(max_examples=15, **SETTINGS)
+@given(case=cases())
+def test_fp8_matches_reference(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    x = make_x(gen, case["lead"], case["n"], case["dtype"], case["layout"], DEVICE)
+    scale = fp8_scale_for(hadamard_transform_reference(x), case["factor"], DEVICE).reshape(case["scale_shape"])
+    q = hadamard_quantize_fp8(x, scale)
+    assert q.shape == x.shape
+    assert_fp8_close(q, hadamard_quantize_fp8_reference(x, scale))
+    if case["factor"] < 1:
+        assert float(q.float().abs().max()) == 448.0, "the scale should saturate some values"
 
 
 def test_packing_fills_the_tensor_core_tile():
@@ -325,7 +365,8 @@ QUANT_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [hadamard_quantize, hadamard_quantize_reference])
+@pytest.mark.parametrize("fn", [hadamard_quantize, hadamard_quantize_reference, hadamard_quantize_fp8,
+                                hadamard_quantize_fp8_reference])
 @pytest.mark.parametrize("override,match", QUANT_ERRORS)
 def test_quantize_rejects_bad_inputs(fn, override, match):
     kwargs = {"x": _x(), "scale": torch.tensor(0.1), **override}
@@ -355,3 +396,97 @@ def test_scale_device_mismatch_is_rejected():
         pytest.skip("needs a second device")
     with pytest.raises(ValueError, match=r"scale is on cpu but x is on cuda"):
         hadamard_quantize(_x().cuda(), torch.tensor(0.1))
+
+
+# ---------------------------------------------------------------------------------------------
+# float8 e4m3 output (hadamard_quantize_fp8): the int8 tests' cases, e4m3 budget
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,rows", [(192, 11), (320, 7), (448, 5), (576, 4), (1088, 3), (64, 5)])
+def test_fp8_packed_blocks_and_every_path(n, rows):
+    """The packed kernel's blocks (last one partial), the FMA path (1088) and no dense factor (64)."""
+    gen = torch.Generator().manual_seed(rows)
+    x = make_x(gen, (rows,), n, torch.float16, "contiguous", DEVICE)
+    x[rows // 2] = 0
+    scale = fp8_scale_for(hadamard_transform_reference(x), 0.9, DEVICE)
+    q = hadamard_quantize_fp8(x, scale)
+    assert_fp8_close(q, hadamard_quantize_fp8_reference(x, scale))
+    assert not q[rows // 2].float().any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", MAMBA_SIZES)
+def test_fp8_mamba_sizes(n):
+    gen = torch.Generator().manual_seed(n)
+    x = make_x(gen, (2, 2), n, torch.float16, "row_stride", DEVICE)
+    scale = fp8_scale_for(hadamard_transform_reference(x), 0.5, DEVICE)
+    assert_fp8_close(hadamard_quantize_fp8(x, scale), hadamard_quantize_fp8_reference(x, scale))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_largest_size_other_dtypes(dtype):
+    gen = torch.Generator().manual_seed(7)
+    x = make_x(gen, (3,), 5120, dtype, "contiguous", DEVICE)
+    if dtype == torch.float32:
+        x = x * torch.logspace(-6, 6, 5120, device=DEVICE)
+    scale = fp8_scale_for(hadamard_transform_reference(x), 0.8, DEVICE)
+    assert_fp8_close(hadamard_quantize_fp8(x, scale), hadamard_quantize_fp8_reference(x, scale))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 2, 8, 12, 24, 96, 192, 320, 1088, 1536, 2560])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_integer_inputs_are_exact(n, dtype):
+    """Exact partial sums (see test_integer_inputs_are_exact): the e4m3 codes must be identical."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randint(-8, 9, (3, n), generator=gen).to(dtype).to(DEVICE)
+    scale = fp8_scale_for(hadamard_transform_reference(x), 0.6, DEVICE)
+    got = hadamard_quantize_fp8(x, scale).cpu().view(torch.uint8)
+    assert torch.equal(got, hadamard_quantize_fp8_reference(x, scale).cpu().view(torch.uint8))
+
+
+@pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=needs_kernel)])
+def test_fp8_ties_subnormals_and_saturation(use_kernel):
+    """Exact e4m3 midpoints (ties to even), subnormal ones, saturation and -0.0, independent of the
+    reference: n = 1 is the identity, and x = (2v, 0, 0, 0) gives y = (v, v, v, v) for n = 4."""
+    device = DEVICE if use_kernel else "cpu"
+    fn = hadamard_quantize_fp8 if use_kernel else hadamard_quantize_fp8_reference
+    v = torch.tensor([1.0625, 1.1875, -1.1875, 2.0**-10, 3 * 2.0**-10, 464.0, -0.0, -2.0**-11, 1000.0, -1e30])
+    expected = [1.0, 1.25, -1.25, 0.0, 2.0**-8, 448.0, -0.0, -0.0, 448.0, -448.0]
+    want = torch.tensor(expected).to(torch.float8_e4m3fn).view(torch.uint8)
+    got = fn(v[:, None].to(device), torch.tensor(1.0, device=device))
+    assert torch.equal(got.cpu().view(torch.uint8).view(-1), want)
+    keep = v != 0  # the butterfly's -0 + 0 is +0: a -0.0 row does not survive n = 4
+    x4 = torch.zeros(int(keep.sum()), 4)
+    x4[:, 0] = 2 * v[keep]
+    got4 = fn(x4.to(device), torch.tensor(1.0, device=device)).cpu().view(torch.uint8)
+    assert torch.equal(got4, want[keep][:, None].expand(-1, 4))
+
+
+@needs_kernel
+def test_fp8_kernel_path_is_taken_and_scale_is_read_at_run_time(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    x = make_x(gen, (3,), 192, torch.float16, "contiguous", DEVICE)
+    scale = torch.tensor([0.05], device=DEVICE)
+    want_first = hadamard_quantize_fp8_reference(x, scale)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("entry point fell back to the reference")
+
+    monkeypatch.setattr(hadamard, "hadamard_quantize_fp8_reference", boom)
+    first = hadamard_quantize_fp8(x, scale)
+    scale.fill_(0.2)
+    second = hadamard_quantize_fp8(x, scale)
+    monkeypatch.undo()
+    assert_fp8_close(first, want_first)
+    assert_fp8_close(second, hadamard_quantize_fp8_reference(x, scale))
+    assert hadamard_quantize_fp8(torch.empty(0, 3, 64, device=DEVICE), scale).shape == (0, 3, 64)
+
+
+def test_fp8_cpu_without_interpreter_uses_reference(monkeypatch):
+    calls = reference_calls(monkeypatch, hadamard, "hadamard_quantize_fp8_reference")
+    q = hadamard_quantize_fp8(torch.randn(2, 12), torch.tensor(0.05))
+    assert calls == [1] and q.dtype == torch.float8_e4m3fn

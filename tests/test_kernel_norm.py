@@ -1,4 +1,4 @@
-"""Tests for the fused residual add + RMSNorm (+ int8 quantize) kernel (quamba_fx.kernels.norm).
+"""Tests for the fused residual add + RMSNorm (+ int8 or e4m3 quantize) kernel (quamba_fx.kernels.norm).
 
 Run on CPU with the Triton interpreter:
 
@@ -27,6 +27,7 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 # Relative tolerance of a normed value stored as this dtype: a few fp32 ulps apart before the cast
 # can round to neighbouring 16-bit values, one ulp of the output type apart.
 RTOL = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+FP8 = torch.float8_e4m3fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,12 +56,32 @@ def assert_int8_close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert n_diff <= 1 + diff.numel() // 1000, msg
 
 
+def e4m3_ordinal(q: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes as integers in value order (adjacent values differ by 1; +-0 are both 0)."""
+    code = q.cpu().view(torch.uint8).int()
+    magnitude = code & 0x7F
+    return torch.where(code >= 0x80, -magnitude, magnitude)
+
+
+def assert_fp8_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The e4m3 counterpart of assert_int8_close (one e4m3 value apart, compared as codes)."""
+    assert got.dtype == want.dtype == FP8
+    assert got.shape == want.shape and got.is_contiguous()
+    n_diff = int((got.cpu().view(torch.uint8) != want.cpu().view(torch.uint8)).sum())
+    diff = (e4m3_ordinal(got) - e4m3_ordinal(want)).abs()
+    msg = f"{n_diff} of {diff.numel()} e4m3 codes differ, max step {int(diff.max()) if diff.numel() else 0}"
+    assert n_diff == 0 or int(diff.max()) <= 1, msg
+    assert n_diff <= 1 + diff.numel() // 1000, msg
+
+
 def assert_outputs(got, want) -> None:
     (q, r), (q_ref, r_ref) = got, want
     assert r.dtype == torch.float32 and r.is_contiguous()
     assert torch.equal(r.cpu(), r_ref.cpu()), "the residual stream must be bit-exact"
     if q_ref.dtype == torch.int8:
         assert_int8_close(q, q_ref)
+    elif q_ref.dtype == FP8:
+        assert_fp8_close(q, q_ref)
     else:
         assert_normed_close(q, q_ref)
 
@@ -101,6 +122,7 @@ def cases(draw, max_h=300):
         eps=draw(st.sampled_from([1e-5, 1e-6, 0.1])),
         # None: the floating (norm_f) mode with this out_dtype; a number: scale = max|y| / 127 * it.
         out=draw(st.sampled_from([0.3, 0.8, 1.5, torch.float32, torch.float16, torch.bfloat16])),
+        fp8=draw(st.booleans()),  # with a scale: e4m3 out (scale = max|y| / 448 * out)
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -110,8 +132,9 @@ def run_both(case: dict, x, residual, weight):
         args = (x, residual, weight, case["eps"], None, case["out"])
     else:
         y, _ = add_rmsnorm_quantize_reference(x, residual, weight, case["eps"], None, torch.float32)
-        scale = (y.abs().amax().clamp_min(1e-6) / 127 * case["out"]).reshape(()).float()
-        args = (x, residual, weight, case["eps"], scale)
+        qmax = 448 if case.get("fp8") else 127
+        scale = (y.abs().amax().clamp_min(1e-6) / qmax * case["out"]).reshape(()).float()
+        args = (x, residual, weight, case["eps"], scale) + ((FP8,) if case.get("fp8") else ())
     return add_rmsnorm_quantize(*args), add_rmsnorm_quantize_reference(*args)
 
 
@@ -129,7 +152,8 @@ def test_matches_reference(case):
     assert got[0].shape == x.shape and got[1].shape == x.shape
     assert_outputs(got, want)
     if case["out"] in (0.3, 0.8) and x.numel() > 1:
-        assert int(got[0].int().abs().max()) >= 127, "the scale should saturate some values"
+        qmax = 448 if case["fp8"] else 127
+        assert float(got[0].float().abs().max()) >= qmax, "the scale should saturate some values"
 
 
 @needs_kernel
@@ -154,6 +178,8 @@ def test_mamba_sizes(H, has_res):
     case = dict(seed=H, lead=(2, 2), H=H, dtype=torch.float16, w_dtype=torch.float32, layout="row_stride",
                 res_layout="contiguous", has_res=has_res, eps=1e-5, out=0.5)
     x, residual, weight = build(case, DEVICE)
+    assert_outputs(*run_both(case, x, residual, weight))
+    case["fp8"] = True
     assert_outputs(*run_both(case, x, residual, weight))
     case["out"] = torch.float16
     assert_outputs(*run_both(case, x, residual, weight))
@@ -228,6 +254,21 @@ def test_ties_round_half_to_even(use_kernel):
         assert q.cpu()[0].tolist() == expected
 
 
+@pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=needs_kernel)])
+def test_fp8_ties_subnormals_and_saturation(use_kernel):
+    """As above (y = weight * r exactly), with e4m3 midpoints, a subnormal tie, saturation and
+    tiny negatives that round to -0.0, against e4m3 codes written out by hand."""
+    device = DEVICE if use_kernel else "cpu"
+    fn = add_rmsnorm_quantize if use_kernel else add_rmsnorm_quantize_reference
+    x = torch.tensor([[1.0, -1.0, 1.0, -1.0]] * 3, device=device)
+    cases = [([1.0625, 1.1875, 3 * 2.0**-10, 464.0], [1.0, -1.25, 2.0**-8, -448.0]),
+             ([2.0**-11, 2.0**-10, 1000.0, 0.8125], [0.0, -0.0, 448.0, -0.8125])]
+    for w, expected in cases:
+        q, _ = fn(x, None, torch.tensor(w, device=device), 0.0, torch.tensor(1.0, device=device), FP8)
+        want = torch.tensor(expected).to(FP8).view(torch.uint8)
+        assert torch.equal(q.cpu()[0].view(torch.uint8), want)
+
+
 @needs_kernel
 def test_first_block_returns_a_fresh_residual():
     """Without a residual, r is x.float(): a new tensor even when x already is contiguous fp32."""
@@ -248,6 +289,8 @@ def test_output_dtypes():
     # With a scale the result is int8 whatever out_dtype says (a graph may pass its op's default).
     for out_dtype in (None, torch.int8, torch.float16):
         assert add_rmsnorm_quantize(x, None, w, 1e-5, s, out_dtype)[0].dtype == torch.int8
+    # ... except float8_e4m3fn, the fp8 recipe's in_proj input.
+    assert add_rmsnorm_quantize(x, None, w, 1e-5, s, FP8)[0].dtype == FP8
 
 
 @needs_kernel

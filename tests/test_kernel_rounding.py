@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quamba_fx.kernels.rounding import fma_rn, quantize_rn
+from quamba_fx.kernels.rounding import fma_rn, quantize_e4m3_rn, quantize_rn
 
 from .kernel_support import DEVICE, needs_kernel
 
@@ -141,3 +141,96 @@ def test_quantize_step_matches_ieee_division(scale):
     out = torch.empty(y.numel(), dtype=torch.int8, device=DEVICE)
     _quantize_block_kernel[(triton.cdiv(y.numel(), BLOCK),)](y.to(DEVICE), s.to(DEVICE), out, y.numel(), BLOCK=BLOCK)
     assert torch.equal(out.cpu(), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_e4m3_rn: against quamba_fx.quant.fp8.quantize_fp8, bit for bit
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_e4m3_block_kernel(y_ptr, scale_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, quantize_e4m3_rn(y, tl.load(scale_ptr)), mask=mask)
+
+
+def run_e4m3(y: torch.Tensor, scale: float) -> torch.Tensor:
+    s = torch.tensor(scale, dtype=torch.float32, device=DEVICE)
+    out = torch.empty(y.numel(), dtype=torch.float8_e4m3fn, device=DEVICE)
+    _quantize_e4m3_block_kernel[(triton.cdiv(y.numel(), BLOCK),)](y.to(DEVICE), s, out, y.numel(), BLOCK=BLOCK)
+    return out.cpu()
+
+
+def e4m3_codes(t: torch.Tensor) -> list:
+    return t.view(torch.uint8).tolist()
+
+
+def nudged(x: torch.Tensor, ulps: int) -> torch.Tensor:
+    """x and its fp32 neighbours up to `ulps` away on each side."""
+    out, lo, hi = [x], x, x
+    for _ in range(ulps):
+        lo = torch.nextafter(lo, torch.tensor(-float("inf")))
+        hi = torch.nextafter(hi, torch.tensor(float("inf")))
+        out += [lo, hi]
+    return torch.cat(out)
+
+
+def e4m3_grid() -> torch.Tensor:
+    """Every finite e4m3 value and every midpoint between neighbours (the ties), as fp64."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+    values = torch.unique(codes[~codes.isnan()])
+    mids = (values[1:] + values[:-1]) / 2
+    return torch.cat([values, mids, torch.tensor([464.0, -464.0, 500.0, 2.0**-10, 2.0**-11])])
+
+
+def assert_matches_quantize_fp8(y: torch.Tensor, scale: float) -> None:
+    from quamba_fx.quant.fp8 import quantize_fp8
+
+    want = quantize_fp8(y, torch.tensor(scale, dtype=torch.float32))
+    got = run_e4m3(y, scale)
+    nan = want.float().isnan()
+    assert torch.equal(got.float().isnan(), nan)
+    assert e4m3_codes(got[~nan]) == e4m3_codes(want[~nan])
+
+
+@needs_kernel
+def test_e4m3_rounding_of_every_value_and_tie():
+    """scale 1: every e4m3 value, every midpoint (ties to even, subnormal ones included) and the fp32
+    values 1-3 ulps either side of them, both signs, saturation, zeros."""
+    y = nudged(e4m3_grid().float(), 3)
+    y = torch.cat([y, -y, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, 3e38, -3e38])])
+    assert_matches_quantize_fp8(y, 1.0)
+
+
+@needs_kernel
+def test_e4m3_negative_zero_and_tiny_negatives_keep_their_sign():
+    got = run_e4m3(torch.tensor([-0.0, -2.0**-11, -2.0**-10, 0.0]), 1.0)
+    assert e4m3_codes(got) == [0x80, 0x80, 0x80, 0x00]
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, for the +-3e38 inputs
+@pytest.mark.parametrize("scale", [1.0, 0.0371, 3.3e-4, 7.77, 1e-8, 0.1, 1.0e30, 0.013717, 0.0191, 2.0**-90,
+                                   2.0**118, 0.00223214])
+def test_e4m3_quotients_match_ieee_division(scale):
+    """y = (grid point) * scale +-4 ulps: the quotient's correct rounding decides every case close to
+    a tie; random quotients over the whole range, saturating ones and non-finite inputs."""
+    targets = (e4m3_grid() * scale).float()
+    gen = torch.Generator().manual_seed(1)
+    rand = (torch.rand(20000, generator=gen, dtype=torch.float64) * 2 - 1) * 2.0 ** torch.randint(
+        -14, 10, (20000,), generator=gen)
+    edges = (torch.tensor([448.0, -448.0], dtype=torch.float64) * scale).float()
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3e38, -3e38, 1e-45, float("nan")])
+    y = torch.cat([nudged(targets, 4), -nudged(targets, 4), nudged(edges, 4), (rand * scale).float(), special])
+    assert_matches_quantize_fp8(y, scale)
+
+
+@needs_kernel
+def test_e4m3_many_random_scales():
+    gen = torch.Generator().manual_seed(2)
+    for scale in (2.0 ** (torch.rand(40, generator=gen, dtype=torch.float64) * 60 - 40)).float().tolist():
+        y = (torch.randn(3000, generator=gen, dtype=torch.float64) * 300 * scale
+             * 2.0 ** torch.randint(-12, 2, (3000,), generator=gen)).float()
+        assert_matches_quantize_fp8(torch.cat([y, nudged((e4m3_grid() * scale).float(), 1)]), scale)

@@ -12,7 +12,12 @@ from .conv1d import (
 )
 from .dispatch import clear_tuned_configs
 from .gemm import int8_gemm, int8_gemm_reference
-from .hadamard import hadamard_quantize, hadamard_quantize_reference
+from .hadamard import (
+    hadamard_quantize,
+    hadamard_quantize_fp8,
+    hadamard_quantize_fp8_reference,
+    hadamard_quantize_reference,
+)
 from .norm import add_rmsnorm_quantize, add_rmsnorm_quantize_reference
 from .scan import selective_scan, selective_scan_int8_reference, selective_state_update
 
@@ -25,6 +30,8 @@ __all__ = [
     "causal_conv1d_update_silu_int8_reference",
     "clear_tuned_configs",
     "hadamard_quantize",
+    "hadamard_quantize_fp8",
+    "hadamard_quantize_fp8_reference",
     "hadamard_quantize_reference",
     "int8_gemm",
     "int8_gemm_reference",

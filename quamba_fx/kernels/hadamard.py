@@ -1,8 +1,10 @@
-"""Fused Hadamard rotation + per-tensor int8 quantization (Quamba's input to `out_proj`).
+"""Fused Hadamard rotation + per-tensor int8 or e4m3 quantization (Quamba's input to `out_proj`).
 
 `hadamard_quantize(x, scale) = quantize(hadamard_transform(x.float()), scale)`: the scan output `y`
 is rotated by the orthonormal Hadamard matrix `H = hadamard_matrix(n)` of `quamba_fx.quant.hadamard`
 (`x @ H.T` along the last dim) and quantized to int8 with one fp32 scale, in one pass over memory.
+`hadamard_quantize_fp8(x, scale) = quantize_fp8(hadamard_transform(x.float()), scale)` is the fp8
+recipe's version (float8 e4m3 out, the same kernels with another last step).
 `hadamard_transform_triton(x)` is the same kernel stopping before the quantization (fp32 out); it
 exists to test the transform itself, and is a fast fp32 rotation in its own right.
 
@@ -32,7 +34,10 @@ of two) and `S` the Sylvester matrix of order `P = 2**k`. Viewing a row as `X[b,
 4. (quantize) `q = clamp(round_half_even(y / scale), -128, 127)` with the correctly rounded fp32
    quotient, like `torch.ops.quamba.quantize` (`rounding.quantize_rn`: saturation by clamping y,
    a reciprocal product plus one exact FMA correction, rounding with the 1.5 * 2**23 trick; valid
-   for scales in [2**-126, 2**120]).
+   for scales in [2**-126, 2**120]). `hadamard_quantize_fp8` stores float8 e4m3 instead,
+   `e4m3(clamp(y / scale, -448, 448))` like `quamba.quantize_fp8` (`rounding.quantize_e4m3_rn`:
+   the same correctly rounded quotient, then rounding to nearest e4m3 in fp32 arithmetic; valid
+   for scales in [2**-90, 2**118]).
 
 Numerics versus the reference, and the test tolerances
 ------------------------------------------------------
@@ -52,7 +57,10 @@ sign, order or scale (those give errors of order 1). The quantized result is the
 around each boundary, hit by a tiny fraction of elements. The tests allow `|diff| <= 1` on at most
 0.1% of the elements (plus one), never more than one step. Bit equality is checked where every
 partial sum is exact (small integer-valued inputs, on every kernel path), and the quantize step
-alone is checked bit for bit against IEEE division.
+alone is checked bit for bit against IEEE division. The e4m3 output is likewise the same function
+of `y` as `quantize_fp8` (bit for bit, tests/test_kernel_rounding.py) and can only differ where
+`y / scale` lies within a few ulps of a midpoint between e4m3 values, by one code (adjacent e4m3
+values); its tests use the same budget.
 
 On CUDA nothing else changes: no approximate division, no transcendental functions. Speed:
 docs/benchmarks.md (benchmarks/hadamard_norm.py).
@@ -78,13 +86,16 @@ from .dispatch import sm_count
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 
-from ..quant import qops as _qops  # noqa: F401  (registers torch.ops.quamba.quantize)
+from ..quant.fp8 import quantize_fp8 as _quantize_fp8  # torch.ops.quamba.quantize_fp8
+from ..quant.qops import quantize as _quantize_int8  # torch.ops.quamba.quantize
 from ..quant.hadamard import _check_size, _dense_int  # and registers torch.ops.quamba.hadamard
-from .rounding import quantize_rn
+from .rounding import quantize_e4m3_rn, quantize_rn
 
 __all__ = [
     "MAX_N",
     "hadamard_quantize",
+    "hadamard_quantize_fp8",
+    "hadamard_quantize_fp8_reference",
     "hadamard_quantize_reference",
     "hadamard_transform_reference",
     "hadamard_transform_triton",
@@ -114,6 +125,9 @@ _STAGES = 3
 _STAGE_BYTES = 96 * 1024
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The kernels' QUANT constexpr: index of the output dtype (0: the fp32 rotation, no quantization).
+_OUT_DTYPES = (torch.float32, torch.int8, torch.float8_e4m3fn)
+_ROTATE, _INT8, _FP8 = 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +178,15 @@ def _dense_dot(dmat, x, acc, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _quantize(y, scale, QUANT: tl.constexpr):
+    # Step 4 of the module docstring, in the output format QUANT names (see _OUT_DTYPES).
+    if QUANT == 1:
+        return quantize_rn(y, scale)
+    else:
+        return quantize_e4m3_rn(y, scale)
+
+
+@triton.jit
 def _hadamard_kernel(
     x_ptr, d_ptr, scale_ptr, out_ptr,
     D1, stride_0, stride_1, inv_sqrt_n,
@@ -204,10 +227,10 @@ def _hadamard_kernel(
     y = acc * inv_sqrt_n
 
     offs = row.to(tl.int64) * (M * P) + offs_a[:, None] * P + offs_p[None, :]
-    if QUANT:
-        tl.store(out_ptr + offs, quantize_rn(y, tl.load(scale_ptr)), mask=rows_ok)
-    else:
+    if QUANT == 0:
         tl.store(out_ptr + offs, y, mask=rows_ok)
+    else:
+        tl.store(out_ptr + offs, _quantize(y, tl.load(scale_ptr), QUANT), mask=rows_ok)
 
 
 @triton.jit
@@ -251,7 +274,7 @@ def _hadamard_packed_kernel(
     r_in = offs_z // M
     b = offs_z - r_in * M
     dmat = tl.load(d_ptr + offs_z[:, None] * MP + offs_z[None, :])
-    if QUANT:
+    if QUANT != 0:
         scale = tl.load(scale_ptr)
     for blk in tl.range(tl.program_id(0), n_blocks, tl.num_programs(0), num_stages=STAGES):
         row = blk * R + r_in
@@ -269,10 +292,10 @@ def _hadamard_packed_kernel(
         y = acc * INV_SQRT_N
         out_off = row.to(tl.int64) * (M * P) + b * P
         out_ptrs = out_ptr + out_off[:, None] + offs_p[None, :]
-        if QUANT:
-            tl.store(out_ptrs, quantize_rn(y, scale), mask=live[:, None])
-        else:
+        if QUANT == 0:
             tl.store(out_ptrs, y, mask=live[:, None])
+        else:
+            tl.store(out_ptrs, _quantize(y, scale, QUANT), mask=live[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,11 +466,18 @@ def hadamard_transform_reference(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.quamba.hadamard(x.to(torch.float32))
 
 
+def hadamard_quantize_fp8_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference of `hadamard_quantize_fp8`: `quamba.quantize_fp8(quamba.hadamard(x.float()), scale)`."""
+    _check_x("hadamard_quantize_fp8_reference", x)
+    _check_scale("hadamard_quantize_fp8_reference", scale, x.device)
+    return _quantize_fp8(hadamard_transform_reference(x), scale)
+
+
 def hadamard_quantize_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """PyTorch reference of `hadamard_quantize`: `quamba.quantize(quamba.hadamard(x.float()), scale)`."""
     _check_x("hadamard_quantize_reference", x)
     _check_scale("hadamard_quantize_reference", scale, x.device)
-    return torch.ops.quamba.quantize(hadamard_transform_reference(x), scale)
+    return _quantize_int8(hadamard_transform_reference(x), scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +485,7 @@ def hadamard_quantize_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------
 
 
-def _launch(x: torch.Tensor, scale: torch.Tensor, quant: bool) -> torch.Tensor:
+def _launch(x: torch.Tensor, scale: torch.Tensor, quant: int) -> torch.Tensor:
     n = x.shape[-1]
     if n > MAX_N:
         raise ValueError(
@@ -463,7 +493,7 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: bool) -> torch.Tensor:
             "held in registers); use quamba_fx.quant.hadamard.hadamard_transform for larger sizes"
         )
     bases, m, m_pad, k = _config(n)
-    out = torch.empty(x.shape, dtype=torch.int8 if quant else torch.float32, device=x.device)
+    out = torch.empty(x.shape, dtype=_OUT_DTYPES[quant], device=x.device)
     xr, rows, d1, s0, s1 = _rows(x)
     if rows == 0:
         return out
@@ -520,7 +550,28 @@ def hadamard_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     _check_scale("hadamard_quantize", scale, x.device)
     if not _use_triton(x):
         return hadamard_quantize_reference(x, scale)
-    return _launch(x, scale, quant=True)
+    return _launch(x, scale, quant=_INT8)
+
+
+def hadamard_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`hadamard_quantize` with float8 e4m3 output: the fp8 recipe's input to `out_proj`.
+
+    Same arguments, layouts, sizes and fallbacks as `hadamard_quantize` (the fallback is
+    `hadamard_quantize_fp8_reference`); scales in [2**-90, 2**118].
+
+    Returns:
+        float8_e4m3fn `[..., n]`, contiguous: `quantize_fp8(hadamard_transform(x.float()), scale)`,
+        i.e. `e4m3(clamp((x.float() @ H.T) / scale, -448, 448))`, the quotient correctly rounded in
+        fp32, then rounded to nearest e4m3 (ties to even, subnormals included, -0.0 kept). Given
+        the same fp32 `y`, the quantization is bit-identical to `quantize_fp8`; results may differ
+        from the reference by one e4m3 step where `y / scale` sits at a rounding boundary (see the
+        module docstring).
+    """
+    _check_x("hadamard_quantize_fp8", x)
+    _check_scale("hadamard_quantize_fp8", scale, x.device)
+    if not _use_triton(x):
+        return hadamard_quantize_fp8_reference(x, scale)
+    return _launch(x, scale, quant=_FP8)
 
 
 def hadamard_transform_triton(x: torch.Tensor) -> torch.Tensor:
@@ -533,4 +584,4 @@ def hadamard_transform_triton(x: torch.Tensor) -> torch.Tensor:
     _check_x("hadamard_transform_triton", x)
     if not _use_triton(x):
         return hadamard_transform_reference(x)
-    return _launch(x, x, quant=False)  # scale pointer unused without QUANT
+    return _launch(x, x, quant=_ROTATE)  # scale pointer unused without QUANT

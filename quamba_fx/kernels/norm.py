@@ -1,4 +1,4 @@
-"""Fused residual add + RMSNorm (+ per-tensor int8 quantization), between Mamba blocks.
+"""Fused residual add + RMSNorm (+ per-tensor int8 or e4m3 quantization), between Mamba blocks.
 
 `add_rmsnorm_quantize(x, residual, weight, eps, scale)` reads a block's output `x` and the fp32
 residual stream once, and writes the new residual stream and the next block's (quantized) input:
@@ -10,8 +10,12 @@ residual stream once, and writes the new residual stream and the next block's (q
    HF casts `n` back to the input dtype before multiplying by `weight`; our graphs run the norm on
    the fp32 residual stream, so there is no such cast here: `y` is `fp32(weight) * n` in fp32;
 3. with `scale`: `q = clamp(round_half_even(y / scale), -128, 127)` as int8 (IEEE division, as
-   `torch.ops.quamba.quantize`), the input of the next block's int8 `in_proj`; without it (the final
-   `norm_f` before `lm_head`): `y` cast to `out_dtype` (default float16).
+   `torch.ops.quamba.quantize`), the input of the next block's int8 `in_proj`; with `scale` and
+   `out_dtype=torch.float8_e4m3fn` (the fp8 recipe's e4m3 `in_proj`):
+   `q = e4m3(clamp(y / scale, -448, 448))` like `torch.ops.quamba.quantize_fp8` (correctly rounded
+   quotient, then nearest e4m3, ties to even: `rounding.quantize_e4m3_rn`, scales in
+   [2**-90, 2**118]); without a scale (the final `norm_f` before `lm_head`): `y` cast to
+   `out_dtype` (default float16).
 
 Numerics versus the reference, and the test tolerances
 ------------------------------------------------------
@@ -26,7 +30,8 @@ since a few-ulp fp32 difference can move the fp16 rounding by one step. The int8
 function of `y` computed identically (correctly rounded division, exact half-to-even rounding), so
 it can differ only where `y / scale` lies within a few ulps of a .5 boundary: for values up to 127
 a window of ~127 * 2**-21, hit by a tiny fraction of elements, so the tests allow `|diff| <= 1` on
-at most 0.1% of the elements (plus one), never more than one step.
+at most 0.1% of the elements (plus one), never more than one step. The e4m3 output likewise
+(bit-identical to `quantize_fp8` given the same `y`): one e4m3 step, on as few elements.
 
 Performance design: memory-bound (x in, residual in, residual out, normed out: 11 bytes per element
 for fp16 x and int8 out), one program per row. Rows up to `_MAX_BLOCK_H` elements are held in
@@ -51,9 +56,10 @@ from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 
-from ..quant import qops as _qops  # noqa: F401  (registers torch.ops.quamba.quantize)
+from ..quant.fp8 import quantize_fp8 as _quantize_fp8  # torch.ops.quamba.quantize_fp8
+from ..quant.qops import quantize as _quantize  # torch.ops.quamba.quantize
 from .hadamard import _lead_layout
-from .rounding import quantize_rn
+from .rounding import quantize_e4m3_rn, quantize_rn
 
 __all__ = ["add_rmsnorm_quantize", "add_rmsnorm_quantize_reference"]
 
@@ -64,6 +70,7 @@ _MAX_BLOCK_H = 8192
 
 _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FP8 = torch.float8_e4m3fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,10 +88,13 @@ def _residual_sum(x_row, res_row, offs, mask, HAS_RES: tl.constexpr):
 
 @triton.jit
 def _normed_out(r, rstd, w_ptr, stride_w, offs, mask, scale_ptr, o_row, QUANT: tl.constexpr):
+    # QUANT: 0 float out (o_row's dtype), 1 int8, 2 e4m3.
     w = tl.load(w_ptr + offs * stride_w, mask=mask, other=0.0).to(tl.float32)
     y = w * (r * rstd)
-    if QUANT:
+    if QUANT == 1:
         tl.store(o_row + offs, quantize_rn(y, tl.load(scale_ptr)), mask=mask)
+    elif QUANT == 2:
+        tl.store(o_row + offs, quantize_e4m3_rn(y, tl.load(scale_ptr)), mask=mask)
     else:
         tl.store(o_row + offs, y.to(o_row.dtype.element_ty), mask=mask)
 
@@ -178,13 +188,14 @@ def _validate(fn: str, x: object, residual: object, weight: object, eps: object,
             )
         if scale.device != x.device:
             raise ValueError(f"{fn}: scale is on {scale.device} but x is on {x.device}")
-        # out_dtype is ignored with a scale (the result is int8), so that a graph can pass its
-        # op's default; only int8 or a float dtype are accepted, as a typo guard.
+        # With a scale the result is int8 unless out_dtype asks for e4m3; any other out_dtype is
+        # ignored, so that a graph can pass its op's default. Only int8 or a float dtype are
+        # accepted, as a typo guard.
         if out_dtype is not None and not (
             isinstance(out_dtype, torch.dtype) and (out_dtype == torch.int8 or out_dtype.is_floating_point)
         ):
             raise ValueError(f"{fn}: out_dtype must be None, torch.int8 or a float dtype, got {out_dtype!r}")
-        return torch.int8
+        return _FP8 if out_dtype == _FP8 else torch.int8
     if out_dtype is None:
         return torch.float16
     if out_dtype not in _OUT_DTYPES:
@@ -218,14 +229,23 @@ def add_rmsnorm_quantize_reference(
         torch.add(x.to(torch.float32), residual, out=r)
     variance = (r * r).mean(-1, keepdim=True)
     y = weight.to(torch.float32) * (r * torch.rsqrt(variance + eps))
+    if scale is not None and dtype == _FP8:
+        return _quantize_fp8(y, scale), r
     if scale is not None:
-        return torch.ops.quamba.quantize(y, scale), r
+        return _quantize(y, scale), r
     return y.to(dtype).contiguous(), r
 
 
 # ---------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------
+
+
+def _quant_kind(scale: Optional[torch.Tensor], dtype: torch.dtype) -> int:
+    """The kernel's QUANT: 0 float out, 1 int8, 2 e4m3."""
+    if scale is None:
+        return 0
+    return 2 if dtype == _FP8 else 1
 
 
 def _num_warps(block_h: int) -> int:
@@ -244,7 +264,7 @@ def add_rmsnorm_quantize(
     scale: Optional[torch.Tensor],
     out_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Residual add + RMSNorm (+ int8 quantize), fused: returns `(normed, residual_out)`.
+    """Residual add + RMSNorm (+ int8 or e4m3 quantize), fused: returns `(normed, residual_out)`.
 
     Args:
         x: `[..., H]` float16, bfloat16 or float32, the block output (e.g. out_proj's). Stride 1
@@ -252,15 +272,16 @@ def add_rmsnorm_quantize(
         residual: float32 `[..., H]` (x's shape), the residual stream, or None for the first block.
         weight: the norm's weight `[H]` (float32, float16 or bfloat16), applied in fp32.
         eps: the norm's epsilon (added to the mean of squares).
-        scale: per-tensor int8 scale, a 0-dim or 1-element float32 tensor read at run time, or
-            None for a floating output.
+        scale: per-tensor int8 (or e4m3) scale, a 0-dim or 1-element float32 tensor read at run
+            time, or None for a floating output.
         out_dtype: dtype of `normed` when `scale` is None: float16 (default), bfloat16 or float32.
-            Ignored when `scale` is given (the result is then int8).
+            With `scale`: `torch.float8_e4m3fn` for an e4m3 result, anything else gives int8.
 
     Returns:
         `(normed, residual_out)`, both contiguous of x's shape: `residual_out = x.float() + residual`
-        (float32, exact), `normed = quantize(weight * rmsnorm(residual_out), scale)` (int8) or the
-        normed values in `out_dtype`. See the module docstring for the numerics.
+        (float32, exact), `normed = quantize(weight * rmsnorm(residual_out), scale)` (int8),
+        `quantize_fp8(...)` of the same (e4m3), or the normed values in `out_dtype`. See the module
+        docstring for the numerics.
 
     CUDA tensors run the Triton kernel, as do CPU tensors under TRITON_INTERPRET=1; other CPU
     tensors run `add_rmsnorm_quantize_reference`.
@@ -292,7 +313,7 @@ def add_rmsnorm_quantize(
     _add_rmsnorm_kernel[(rows,)](
         x, res, weight, scale if scale is not None else r_out, out, r_out,
         H, d1, sx0, sx1, sr0, sr1, weight.stride(0), float(eps),
-        HAS_RES=residual is not None, QUANT=scale is not None, BLOCK_H=block_h, SINGLE=block_h >= H,
+        HAS_RES=residual is not None, QUANT=_quant_kind(scale, dtype), BLOCK_H=block_h, SINGLE=block_h >= H,
         num_warps=_num_warps(block_h), **launch_options(x.device),
     )
     return out, r_out

@@ -19,6 +19,8 @@ from .conv1d import causal_conv1d_silu_int8, causal_conv1d_update_silu_int8
 from .gemm import ConvStep, int8_gemm, int8_gemm_conv_step
 from .hadamard import MAX_N as _HADAMARD_MAX_N
 from .hadamard import hadamard_quantize as _hadamard_quantize
+from .hadamard import hadamard_quantize_fp8 as _hadamard_quantize_fp8
+from .hadamard import hadamard_quantize_fp8_reference as _hadamard_quantize_fp8_reference
 from .hadamard import hadamard_transform_triton as _hadamard_transform_triton
 from .norm import add_rmsnorm_quantize as _add_rmsnorm_quantize
 from .scan import selective_scan as _selective_scan
@@ -231,11 +233,27 @@ def _hadamard_quantize_fake(x, scale):
     return torch.empty(x.shape, dtype=torch.int8, device=x.device)
 
 
+@torch.library.custom_op("quamba::hadamard_quantize_fp8", mutates_args=())
+def hadamard_quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
+    """`quantize_fp8(hadamard(x.float()), scale)` in one kernel; float8_e4m3fn of x's shape, contiguous.
+
+    The fp8 recipe's rotation before out_proj. Sizes beyond the kernel's MAX_N run the reference.
+    """
+    if x.shape[-1] > _HADAMARD_MAX_N:
+        return _hadamard_quantize_fp8_reference(x, _scalar(scale))
+    return _hadamard_quantize_fp8(x, _scalar(scale))
+
+
+@hadamard_quantize_fp8.register_fake
+def _hadamard_quantize_fp8_fake(x, scale):
+    return torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+
+
 @torch.library.custom_op("quamba::hadamard_rotate", mutates_args=())
 def hadamard_rotate(x: Tensor) -> Tensor:
     """`quamba::hadamard` on the Hadamard kernel: rotated in fp32, returned in x's dtype, contiguous.
 
-    For a rotation no int8 quantize follows (the fp8 recipe quantizes it to e4m3). Sizes beyond
+    For a rotation no quantize fuses with (e.g. one whose output has several users). Sizes beyond
     the kernel's MAX_N run the reference.
     """
     if x.shape[-1] > _HADAMARD_MAX_N:
@@ -254,7 +272,8 @@ def add_rmsnorm_quantize(x: Tensor, residual: Optional[Tensor], weight: Tensor, 
     """Residual add + RMSNorm (+ int8 quantize): returns `(normed, residual_out)`.
 
     `residual_out = x.float() + residual` (fp32, the new residual stream); `normed` is int8 at
-    `scale`, or `out_dtype` when `scale` is None (the final norm before lm_head).
+    `scale` (e4m3 when `out_dtype` is float8_e4m3fn: the fp8 recipe), or `out_dtype` when `scale`
+    is None (the final norm before lm_head).
     """
     normed, resid = _add_rmsnorm_quantize(x, residual, weight, eps, None if scale is None else _scalar(scale),
                                           out_dtype)
@@ -263,7 +282,10 @@ def add_rmsnorm_quantize(x: Tensor, residual: Optional[Tensor], weight: Tensor, 
 
 @add_rmsnorm_quantize.register_fake
 def _add_rmsnorm_quantize_fake(x, residual, weight, eps, scale, out_dtype):
-    dtype = torch.int8 if scale is not None else out_dtype
+    if scale is None:
+        dtype = out_dtype
+    else:
+        dtype = torch.float8_e4m3fn if out_dtype == torch.float8_e4m3fn else torch.int8
     return (torch.empty(x.shape, dtype=dtype, device=x.device),
             torch.empty(x.shape, dtype=torch.float32, device=x.device))
 

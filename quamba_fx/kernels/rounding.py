@@ -16,6 +16,11 @@
   the correctly rounded fp32 quotient (like `torch.ops.quamba.quantize`), from a reciprocal product
   and one `fma_rn` correction (see its comments for why no division per element), for scales in
   [2**-126, 2**120].
+* `quantize_e4m3_rn(y, scale)`: the fp8 counterpart, `e4m3(clamp(y / scale, -448, 448))` (round
+  to nearest even, subnormals included) like `quamba_fx.quant.fp8.quantize_fp8`, bit for bit, for
+  scales in [2**-90, 2**118]. The rounding is done in fp32 arithmetic, so the value stored to fp8
+  is already an e4m3 value and any fp32 -> e4m3 cast of it is exact (the interpreter's own cast
+  rounds differently from torch's on a fifth of random inputs; the GPU's is never asked to round).
 * `mul_rn(a, b)`: `a * b` rounded once and never contracted with a later add into an FMA, for
   kernels compiled with fp fusion that must reproduce a two-rounding `a * b + c` (on CUDA a
   `mul.rn.f32` in inline PTX, which the compiler cannot see through; the interpreter never fuses).
@@ -33,7 +38,7 @@ import triton.language as tl
 
 from .dispatch import INTERPRET
 
-__all__ = ["f32_to_bf16_rne", "fma_rn", "mul_rn", "quantize_rn"]
+__all__ = ["f32_to_bf16_rne", "fma_rn", "mul_rn", "quantize_e4m3_rn", "quantize_rn"]
 
 # A compile-time constant: Triton accepts globals in kernels only as constexprs (and hashes their
 # values into the kernel's cache key).
@@ -112,6 +117,63 @@ def quantize_rn(y, scale):
     # hardware's own round-to-nearest-even does the rounding and the low byte of the bits is the
     # result (bits = 0x4B400000 + round(s), round(s) in [-128, 127]).
     return (s + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+# e4m3fn: 3 mantissa bits, largest finite 448 = 1.75 * 2**8, smallest normal 2**-6, so its ulp is
+# 2**(e - 3) in the binade [2**e, 2**(e + 1)) and 2**-9 below 2**-6 (subnormals).
+_E4M3_MAX = tl.constexpr(448.0)
+# The smallest ulp's biased fp32 exponent plus 3: max(e, this) - 3 is the ulp's exponent.
+_E4M3_MIN_ULP_EXP_PLUS_3 = tl.constexpr(127 - 9 + 3)
+
+
+@triton.jit
+def _e4m3_bits(q, negative):
+    """fp32 `q`, |q| <= 464, rounded to the nearest e4m3 value (ties to even), as its 8-bit code
+    (uint8) with the sign bit set where `negative` (q's own sign bit may be wrong on a zero: see
+    quantize_e4m3_rn); NaN gives 0x7F."""
+    a = tl.abs(q)
+    # NaN lanes round 0 instead (their exponent would make the constant below inf).
+    is_nan = a != a
+    a = tl.where(is_nan, 0.0, a)
+    biased = (a.to(tl.uint32, bitcast=True) >> 23).to(tl.int32)
+    ulp_exp = tl.maximum(biased, _E4M3_MIN_ULP_EXP_PLUS_3) - 3
+    # c = 1.5 * 2**23 * ulp: in [c, c + 16 ulp) the fp32 spacing is exactly ulp, so a + c rounds a
+    # to a multiple of ulp, to nearest even (c is an even multiple of it), and the subtraction is
+    # exact. a < 16 ulp always holds: a lies below the top of its own binade (or below 2**-6).
+    c = (ulp_exp << 23).to(tl.float32, bitcast=True) * 12582912.0
+    r = (a + c) - c
+    # Encode by hand rather than cast: the interpreter's fp32 -> e4m3 cast turns -0.0 into +0.0.
+    # Normal: fp32 bits >> 20 are (exponent << 3 | 3 mantissa bits), rebiased from 127 to 7
+    # (120 << 3 = 960); subnormal: r is m * 2**-9, m in [0, 7].
+    normal = (r.to(tl.uint32, bitcast=True) >> 20).to(tl.int32) - 960
+    sub = (r * 512.0).to(tl.int32)
+    code = tl.where(r >= 0.015625, normal, sub)
+    code = tl.where(is_nan, 0x7F, code)
+    return (code | tl.where(negative, 0x80, 0)).to(tl.uint8)
+
+
+@triton.jit
+def quantize_e4m3_rn(y, scale):
+    """`e4m3(clamp(y / scale, -448, 448))` as `tl.float8e4nv`, `y / scale` correctly rounded in
+    fp32 (so that rounding it again equals torch's `(x / s).clamp(-448, 448).to(float8_e4m3fn)`),
+    then to nearest e4m3, ties to even; NaN stays NaN. Scales in [2**-90, 2**118]."""
+    # The quotient as in quantize_rn (reciprocal, then one exact-residual correction): saturating
+    # y first to +-RN(448 * scale) keeps it finite; the quotient is then at most 448 * (1 + 2**-23)
+    # in magnitude, which rounds to 448 like the clamped value would (the next e4m3 boundary is
+    # 464), and any y beyond the bound has y / scale >= 448 * (1 - 2**-24), also 448. The residual
+    # y - q0 * scale is exact while it stays above fp32's underflow: for every quotient of at
+    # least 2**-11 (smaller ones round to zero anyway) when scale >= 2**-90; scale <= 2**118
+    # keeps 448 * scale finite.
+    inv = tl.math.div_rn(1.0, scale)
+    hi = _E4M3_MAX * scale
+    y_sat = tl.minimum(tl.maximum(y, -hi), hi)
+    y_sat = tl.where(y == y, y_sat, y)  # min/max may drop a NaN (the quantize keeps it)
+    q0 = y_sat * inv
+    q = fma_rn(fma_rn(-q0, scale, y_sat), inv, q0)
+    # The sign comes from y: the correction's `+0 + -0` makes every -0.0 quotient +0.0 (torch keeps
+    # -0.0, and rounds tiny negatives to it).
+    negative = (y.to(tl.uint32, bitcast=True) >> 31) != 0
+    return _e4m3_bits(q, negative).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit

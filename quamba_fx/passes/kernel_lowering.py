@@ -9,7 +9,10 @@ Each rule matches one reference subgraph and replaces it with one kernel op from
 | `Fp8Linear` (fp8_linear)                                  | `fp8_gemm` (e4m3 GEMM)         |
 | `selective_scan(dequantize(u), ..., dequantize(z))`        | `selective_scan_int8`          |
 | `quantize(hadamard(y), s)`                                 | `hadamard_quantize`            |
+| `quantize_fp8(hadamard(y), s)` (per tensor)                | `hadamard_quantize_fp8`        |
+| `hadamard(y)` that no quantize above takes                 | `hadamard_rotate`              |
 | `[quantize](RMSNorm(residual + out))`                      | `add_rmsnorm_quantize`         |
+| `quantize_fp8(RMSNorm(residual + out))` (per tensor)       | `add_rmsnorm_quantize` (e4m3)  |
 | expressions of parameters only (`-exp(A_log.float())`)     | folded into a buffer           |
 
 The conv1d must already be fused (`passes.conv_fusion`; `quamba_fx.flows.lower` runs both). Float leftovers (embedding, lm_head) and the
@@ -38,9 +41,10 @@ from ..graph_info import fetch_attr, info, op_name
 from ..graph_meta import GraphMeta, find_graph_meta, set_graph_meta
 from ..kernels import gemm_fp8  # noqa: F401  (registers torch.ops.quamba.fp8_gemm)
 from ..kernels import ops as kernel_ops  # noqa: F401  (registers the kernel ops)
+from ..quant.fp8 import FP8_DTYPE
 from ..quant.fp8_linear import Fp8Linear
 from ..quant.linear import QuantizedLinear
-from .quantize import DEQUANTIZE, QUANTIZE
+from .quantize import DEQUANTIZE, QUANTIZE, QUANTIZE_FP8
 from .rewrite import run_rules
 
 W8A8_LINEAR = torch.ops.quamba.w8a8_linear.default
@@ -49,6 +53,7 @@ SCAN = torch.ops.quamba.selective_scan.default
 SCAN_INT8 = torch.ops.quamba.selective_scan_int8.default
 HADAMARD = torch.ops.quamba.hadamard.default
 HADAMARD_QUANTIZE = torch.ops.quamba.hadamard_quantize.default
+HADAMARD_QUANTIZE_FP8 = torch.ops.quamba.hadamard_quantize_fp8.default
 HADAMARD_ROTATE = torch.ops.quamba.hadamard_rotate.default
 ADD_RMSNORM = torch.ops.quamba.add_rmsnorm_quantize.default
 FUSED_CONV = torch.ops.quamba.conv1d_silu_int8.default
@@ -58,6 +63,7 @@ KERNELS = {
     FP8_GEMM: "fp8_gemm",
     SCAN_INT8: "triton:selective_scan_int8",
     HADAMARD_QUANTIZE: "triton:hadamard_quantize",
+    HADAMARD_QUANTIZE_FP8: "triton:hadamard_quantize_fp8",
     HADAMARD_ROTATE: "triton:hadamard_rotate",
     ADD_RMSNORM: "triton:add_rmsnorm_quantize",
     FUSED_CONV: "triton:conv1d_silu_int8",
@@ -85,12 +91,37 @@ def _is_fp32_cast(node: torch.fx.Node) -> bool:
 
 
 def _fuses_with_hadamard(node: torch.fx.Node) -> bool:
-    """Whether `node` is a per-tensor int8 quantize of a rotation nothing else reads (the pattern
-    `fuse_hadamard_quantize` turns into one kernel)."""
-    if not _is(node, QUANTIZE) or len(node.args) > 2:
+    """Whether `node` is a per-tensor int8 or e4m3 quantize of a rotation nothing else reads (the
+    pattern `fuse_hadamard_quantize` turns into one kernel)."""
+    if _is(node, QUANTIZE):
+        per_tensor = len(node.args) <= 2
+    elif _is(node, QUANTIZE_FP8):
+        per_tensor = len(node.args) <= 2 and not node.kwargs and _is_scalar_attr(node)
+    else:
         return False
     rotation = node.args[0]
-    return _is(rotation, HADAMARD) and len(rotation.users) == 1
+    return per_tensor and _is(rotation, HADAMARD) and len(rotation.users) == 1
+
+
+def _is_scalar_attr(node: torch.fx.Node) -> bool:
+    # quantize_fp8 has no separate per-tensor form: a per-channel scale differs only in its shape,
+    # so only a scale known to hold one value (a get_attr, as the recipes insert) may fuse.
+    scale = node.args[1]
+    if not (isinstance(scale, torch.fx.Node) and scale.op == "get_attr"):
+        return False
+    gm = scale.graph.owning_module
+    return gm is not None and fetch_attr(gm, scale.target).numel() == 1
+
+
+def _fusable_norm_quantize(norm: torch.fx.Node) -> torch.fx.Node | None:
+    """The norm's only user when it is a per-tensor int8 or e4m3 quantize the kernel can take."""
+    users = list(norm.users)
+    if len(users) != 1 or len(users[0].args) != 2 or users[0].kwargs:
+        return None
+    user = users[0]
+    if _is(user, QUANTIZE) or (_is(user, QUANTIZE_FP8) and _is_scalar_attr(user)):
+        return user
+    return None
 
 
 def _strip_casts(node: torch.fx.Node) -> torch.fx.Node:
@@ -216,27 +247,32 @@ class LowerToKernels(PassBase):
         return True
 
     def fuse_hadamard_quantize(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-        """`quantize(hadamard(cast(y)), s)` -> `hadamard_quantize(y, s)` (the kernel reads y's dtype)."""
+        """`quantize(hadamard(cast(y)), s)` -> `hadamard_quantize(y, s)` (the kernel reads y's dtype);
+        `quantize_fp8(...)` of the same, per tensor (the fp8 recipe's) -> `hadamard_quantize_fp8`."""
         if not _fuses_with_hadamard(node):
             return False
         rotation = node.args[0]
         source = _strip_casts(rotation.args[0])
+        op = HADAMARD_QUANTIZE_FP8 if _is(node, QUANTIZE_FP8) else HADAMARD_QUANTIZE
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(HADAMARD_QUANTIZE, (source, node.args[1]))
+            new = gm.graph.call_function(op, (source, node.args[1]))
         node.replace_all_uses_with(_annotate(new, node))
         gm.graph.erase_node(node)
         return True
 
     def lower_hadamard(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-        """`hadamard(y)` that no int8 quantize takes (the fp8 recipe's) -> `hadamard_rotate(y)`: the
-        kernel instead of the reference's PyTorch butterfly and dense matmul."""
+        """`hadamard(y)` that no quantize fuses with -> `hadamard_rotate(y)`: the kernel instead of the
+        reference's PyTorch butterfly and dense matmul. Rules visit the rotation before its quantize,
+        so one that `fuse_hadamard_quantize` will take is left to it."""
         if not _is(node, HADAMARD) or any(_fuses_with_hadamard(user) for user in node.users):
             return False
         node.target = HADAMARD_ROTATE
         return True
 
     def fuse_norm(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-        """`[quantize](RMSNorm(cast(residual + out)))` -> `add_rmsnorm_quantize(out, residual, ...)`.
+        """`[quantize](RMSNorm(cast(residual + out)))` -> `add_rmsnorm_quantize(out, residual, ...)`;
+        a per-tensor `quantize_fp8` (the fp8 recipe's in_proj input) -> the same op with
+        `out_dtype=float8_e4m3fn`.
 
         The kernel also returns the new residual stream `float(residual + out)`, which replaces the
         add (and fp32 casts of it) for every later user: the next block's residual add reads it.
@@ -249,8 +285,9 @@ class LowerToKernels(PassBase):
             x, residual = stream.args[1], stream.args[0]
         else:
             x, residual = stream, None
-        users = list(node.users)
-        quantize = users[0] if len(users) == 1 and _is(users[0], QUANTIZE) and len(users[0].args) == 2 else None
+        quantize = _fusable_norm_quantize(node)
+        # With a scale, out_dtype picks e4m3 or int8 (the kernel ignores any other value).
+        out_dtype = FP8_DTYPE if quantize is not None and _is(quantize, QUANTIZE_FP8) else self.dtype
         graph = gm.graph
         with graph.inserting_before(node):
             weight = _get_attr(graph, f"{node.target}.weight", node)
@@ -258,7 +295,7 @@ class LowerToKernels(PassBase):
             scale = _get_attr(graph, quantize.args[1].target, node) if quantize is not None else None
             fused = _annotate(
                 graph.call_function(ADD_RMSNORM, (x, residual, weight, float(module.variance_epsilon), scale,
-                                                  self.dtype)),
+                                                  out_dtype)),
                 node)
             normed = _annotate(graph.call_function(operator.getitem, (fused, 0)), node)
             stream_out = _annotate(graph.call_function(operator.getitem, (fused, 1)), node)
