@@ -96,12 +96,16 @@ _PROMOTE_K: Optional[int] = 128
 
 def _tiles(m: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by M: small M (decode) wastes no rows.
-    Untuned starting points: the H200 sweep is benchmarks/gemm_fp8.py's job."""
+    From 8192 rows, 256-row tiles: with the promoted accumulation they were the fastest of ten
+    configs on 2.8b's in_proj and out_proj at 16384 rows on an H200 (11% and 6% faster than
+    128 x 128); at 2048 rows 128 x 128 won on out_proj (docs/benchmarks.md, session 23)."""
     if m <= 16:
         return 16, 64, 128, 4, 4
     if m <= 64:
         return 64, 64, 128, 4, 4
-    return 128, 128, 128, 8, 3
+    if m < 8192:
+        return 128, 128, 128, 8, 3
+    return 256, 128, 128, 8, 3
 
 
 def fp8_gemm_reference(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
