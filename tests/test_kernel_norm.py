@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from quamba_fx.kernels import norm
 from quamba_fx.kernels.norm import add_rmsnorm_quantize, add_rmsnorm_quantize_reference
 
-from .kernel_support import DEVICE, needs_kernel, reference_calls
+from .kernel_support import DEVICE, assert_fp8_close, needs_kernel, reference_calls
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -52,24 +52,6 @@ def assert_int8_close(got: torch.Tensor, want: torch.Tensor) -> None:
     diff = (got.cpu().int() - want.cpu().int()).abs()
     n_diff = int((diff != 0).sum())
     msg = f"{n_diff} of {diff.numel()} int8 values differ, max |diff| {int(diff.max()) if diff.numel() else 0}"
-    assert n_diff == 0 or int(diff.max()) <= 1, msg
-    assert n_diff <= 1 + diff.numel() // 1000, msg
-
-
-def e4m3_ordinal(q: torch.Tensor) -> torch.Tensor:
-    """e4m3 codes as integers in value order (adjacent values differ by 1; +-0 are both 0)."""
-    code = q.cpu().view(torch.uint8).int()
-    magnitude = code & 0x7F
-    return torch.where(code >= 0x80, -magnitude, magnitude)
-
-
-def assert_fp8_close(got: torch.Tensor, want: torch.Tensor) -> None:
-    """The e4m3 counterpart of assert_int8_close (one e4m3 value apart, compared as codes)."""
-    assert got.dtype == want.dtype == FP8
-    assert got.shape == want.shape and got.is_contiguous()
-    n_diff = int((got.cpu().view(torch.uint8) != want.cpu().view(torch.uint8)).sum())
-    diff = (e4m3_ordinal(got) - e4m3_ordinal(want)).abs()
-    msg = f"{n_diff} of {diff.numel()} e4m3 codes differ, max step {int(diff.max()) if diff.numel() else 0}"
     assert n_diff == 0 or int(diff.max()) <= 1, msg
     assert n_diff <= 1 + diff.numel() // 1000, msg
 
