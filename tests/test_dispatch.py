@@ -93,6 +93,19 @@ def test_chosen_config_chooses_once_per_key():
     assert cache == {1: {"BLOCK": 16}, 2: {"BLOCK": 32}, 3: {"BLOCK": 48}}
 
 
+def test_chosen_config_passes_its_arguments_to_choose_on_first_sight_only():
+    cache: dict = {}
+    calls = []
+
+    def choose(n, k):
+        calls.append((n, k))
+        return {"BLOCK_N": n, "BLOCK_K": k}
+
+    assert dispatch.chosen_config(cache, "key", choose, 64, 128) == {"BLOCK_N": 64, "BLOCK_K": 128}
+    assert dispatch.chosen_config(cache, "key", choose, 1, 1) == {"BLOCK_N": 64, "BLOCK_K": 128}
+    assert calls == [(64, 128)]
+
+
 def test_chosen_config_reads_a_dict_like_that_answers_get_alone():
     # The GEMM tests pin a config with a dict whose `get` answers every key.
     class Pinned(dict):

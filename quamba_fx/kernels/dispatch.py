@@ -52,16 +52,19 @@ def tuned_configs(kernel_name: str) -> Dict[Any, Any]:
     return _TUNED_CACHES.setdefault(kernel_name, {})
 
 
-def chosen_config(cache: MutableMapping[K, T], key: K, choose: Callable[[], T]) -> T:
-    """The config `cache` holds for `key`, or, on the key's first call, `choose()` recorded there.
+def chosen_config(cache: MutableMapping[K, T], key: K, choose: Callable[..., T], *args: Any) -> T:
+    """The config `cache` holds for `key`, or, on the key's first call, `choose(*args)` recorded
+    there.
 
     `cache` is an argument, not a name to look up: tests swap a module's cache for a plain dict
     or a dict-like that answers `get` alone (a pinned config), and this must read whichever the
     module holds at call time. A missing config is `None`, so `choose` must not return `None`.
+    Positional `args` rather than a closure keep a decode launch's lookup free of a per-call
+    allocation, as in `launch_tuned`.
     """
     config = cache.get(key)
     if config is None:
-        config = cache[key] = choose()
+        config = cache[key] = choose(*args)
     return config
 
 

@@ -204,6 +204,6 @@ def launch(tensors: tuple, m: int, n: int, k: int, key: tuple, flags: dict, meta
     <= MAX_M. `key` names everything that selects a config or a compiled variant, `flags` are the
     epilogue's; `meta` forces a config (benchmarks), else the rule's is used."""
     if meta is None:
-        meta = chosen_config(_TUNED, key, lambda: _config(m, n, k))
+        meta = chosen_config(_TUNED, key, _config, m, n, k)
     grid, args, kwargs = launch_call(tensors, m, n, k, flags, meta)
     _int8_gemm_skinny_jit[grid](*args, **kwargs)

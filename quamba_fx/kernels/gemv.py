@@ -199,7 +199,7 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
     adds the decode conv step of the first D columns (`gemm.int8_gemm_conv_step` validated it)."""
     x, w = tensors[0], tensors[1]
     k_words = k // _PACK
-    meta = chosen_config(_TUNED, key, lambda: _config(n, k_words))
+    meta = chosen_config(_TUNED, key, _config, n, k_words)
     scratch = (split_k.scratch(x.device, *split_k.scratch_need(1, n, (meta,))) if meta["SPLIT_K"] > 1
                else (tensors[2], tensors[2]))
     words = (x[0].view(torch.int32)[None], w.view(torch.int32)) + tuple(tensors[2:])
