@@ -171,12 +171,18 @@ def test_packing_fills_the_tensor_core_tile():
     assert hadamard._packing(20, 1024) == (1, 32)  # 3 rows would exceed _PACKED_MAX_TILE
 
 
-def test_calls_with_fewer_rows_than_a_packed_tile_use_one_row_tiles():
-    """A decode step (1-2 rows) would transform mostly padding in a packed tile."""
-    assert hadamard._packing_for(1, 20, 32, 256) == (1, 32)
-    assert hadamard._packing_for(2, 20, 32, 256) == (1, 32)
-    assert hadamard._packing_for(3, 20, 32, 256) == (3, 64)
-    assert hadamard._packing_for(16384, 12, 16, 128) == (5, 64)
+def test_calls_with_fewer_packed_tiles_than_programs_use_one_row_tiles():
+    """Short calls (decode steps, short prompts) run one row a tile when packing would leave SMs
+    idle; the interpreter (programs = 1) packs whenever a tile's worth of rows exists."""
+    assert hadamard._packing_for(1, 20, 32, 256, 1) == (1, 32)
+    assert hadamard._packing_for(2, 20, 32, 256, 1) == (1, 32)
+    assert hadamard._packing_for(3, 20, 32, 256, 1) == (3, 64)
+    assert hadamard._packing_for(16, 20, 32, 256, 132) == (1, 32)
+    assert hadamard._packing_for(128, 20, 32, 256, 132) == (1, 32)
+    assert hadamard._packing_for(393, 20, 32, 256, 132) == (1, 32)  # 131 packed tiles
+    assert hadamard._packing_for(394, 20, 32, 256, 132) == (3, 64)  # 132, the last one short
+    assert hadamard._packing_for(2048, 20, 32, 256, 132) == (3, 64)
+    assert hadamard._packing_for(16384, 12, 16, 128, 132) == (5, 64)
     x = torch.randn(1, 1, 5120, dtype=torch.float16, generator=torch.Generator().manual_seed(0))
     scale = torch.tensor(0.05)
     got = hadamard.hadamard_quantize(x, scale)

@@ -148,11 +148,18 @@ def _prefill_configs():
                 triton.Config({"BLOCK_D": 512, "BLOCK_L": 16}, num_warps=1)]
     # BLOCK_D / (32 * num_warps) channels per thread (4..16 bytes per access); BLOCK_L steps per
     # program trade the W-1 halo rows re-read per tile against the number of programs; PREFETCH
-    # 8 keeps twice as many loads in flight per warp for the large, bandwidth-bound shapes.
+    # 8 keeps twice as many loads in flight per warp for the large, bandwidth-bound shapes. Short
+    # prompts are latency-bound: 64 channels a warp and 8 or 16 steps give them more programs
+    # (H200, 2.8b's 5120 channels, docs/benchmarks.md run 9: 1 x 128 7.5 us against 8.6 with the
+    # best of the larger tiles, 1 x 2048 19.2 against 20.1).
     return [
         triton.Config({"BLOCK_D": bd, "BLOCK_L": bl, "PREFETCH": pf}, num_warps=nw)
         for bd, bl, nw, pf in [
+            (64, 8, 1, 4),
+            (64, 16, 1, 4),
+            (128, 8, 1, 4),
             (128, 16, 1, 4),
+            (256, 16, 2, 4),
             (256, 32, 1, 4),
             (256, 64, 1, 4),
             (512, 32, 2, 4),

@@ -82,7 +82,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import sm_count
+from .dispatch import cdiv, sm_count
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 
@@ -385,13 +385,15 @@ def _packing(m: int, p: int) -> Tuple[int, int]:
     return best
 
 
-def _packing_for(rows: int, m: int, m_pad: int, p: int) -> Tuple[int, int]:
-    """`_packing(m, p)`, or one row per tile when a call has fewer rows than a packed tile holds."""
+def _packing_for(rows: int, m: int, m_pad: int, p: int, programs: int) -> Tuple[int, int]:
+    """`_packing(m, p)`, or one row per tile when a call has fewer rows than a packed tile holds,
+    or when the packed tiles would not give every one of `programs` (the SM count on CUDA) a tile."""
     pack, mp = _packing(m, p)
-    if rows < pack:
-        # Decode steps (a row or two a call): a packed tile would mostly transform padding. The
-        # 2.8b decode step's 64 calls took 0.304 ms packed against 0.198 ms with one row per tile
-        # before packing (H200, benchmarks/reference.py, docs/benchmarks.md).
+    if rows < pack or cdiv(rows, pack) < programs:
+        # A short call's time is one tile's latency, not the padding it transforms: with fewer
+        # packed tiles than SMs, smaller one-row tiles on more SMs finish sooner. H200, 5120,
+        # fp16 (docs/benchmarks.md, run 9): 16 rows 7.6 us against 9.9 packed, 128 rows 8.2
+        # against 10.2; at 2048 rows (683 packed tiles) packing wins, 23.5 against 26.4 us.
         return 1, m_pad
     return pack, mp
 
@@ -409,6 +411,15 @@ def _schedule(pack: int, n_blocks: int, tile: int, itemsize: int, device: torch.
     per_sm = _PROGRAMS_PER_SM if tile <= _SMALL_TILE else min(_PROGRAMS_PER_SM, 2)
     stages = 1 if itemsize > 2 else max(1, min(_STAGES, _STAGE_BYTES // (tile * itemsize)))
     return min(n_blocks, per_sm * sm_count(device)), stages
+
+
+def _packed_num_warps(tile: int) -> int:
+    """Warps of the tensor-core kernel: one warpgroup (the 64-row wgmma's) for its tiles of up to
+    _PACKED_MAX_TILE values, packed or not. H200, 5120 (32 x 256 one-row tiles): 4 warps 7.4 /
+    7.6 / 8.2 us at 1 / 16 / 128 rows against 7.5 / 7.9 / 8.5 with 8 (docs/benchmarks.md, run 9)."""
+    if _INTERPRET:
+        return 1
+    return 4 if tile <= _PACKED_MAX_TILE else _num_warps(tile)
 
 
 def _num_warps(tile: int) -> int:
@@ -504,7 +515,8 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: int) -> torch.Tensor:
     p = 1 << k
     dense = _dense_mode(m, m_pad, p)
     if dense == 1:
-        pack, mp = _packing_for(rows, m, m_pad, p)
+        # The interpreter packs whenever a tile's worth of rows exists, so tests reach both paths.
+        pack, mp = _packing_for(rows, m, m_pad, p, 1 if _INTERPRET else sm_count(x.device))
         table = _dense_table(bases, pack, mp, torch.float16 if x.dtype == torch.float16 else torch.bfloat16,
                              False, str(x.device))
         n_blocks = triton.cdiv(rows, pack)
@@ -514,7 +526,7 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: int) -> torch.Tensor:
             rows, n_blocks, d1, s0, s1,
             INV_SQRT_N=1.0 / math.sqrt(n), M=m, R=pack, MP=mp, P=p, LOG_P=k, QUANT=quant,
             EMULATE_DOT=_INTERPRET, STAGES=stages,
-            num_warps=4 if pack > 1 else _num_warps(mp * p), **launch_options(x.device),
+            num_warps=_packed_num_warps(mp * p), **launch_options(x.device),
         )
         return out
     # dense 0 (no dense factor) needs no table: out is a dummy pointer, never read.
