@@ -193,3 +193,23 @@ def test_clear_tuned_configs_makes_the_kernels_choose_again_with_the_same_result
     again = run()
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert len(gemm._TUNED) > 0 and len(gemv._TUNED) > 0
+
+
+def test_op_function_is_the_function_behind_a_kernel_op_and_nothing_else():
+    import operator
+
+    from quamba_fx.kernels import ops
+
+    linear = dispatch.op_function(torch.ops.quamba.w8a8_linear.default)
+    assert callable(linear) and linear.__name__ == "w8a8_linear"
+    assert dispatch.op_function(torch.ops.quamba.add_rmsnorm_quantize.default).__name__ == "add_rmsnorm_quantize"
+    # The function computes what the op computes.
+    x = torch.randint(-9, 9, (3, 32), dtype=torch.int8)
+    w = torch.randint(-9, 9, (16, 32), dtype=torch.int8)
+    args = (x, torch.tensor(0.02), w, torch.rand(16) * 1e-2, None, torch.tensor(0.1), None)
+    assert torch.equal(linear(*args), torch.ops.quamba.w8a8_linear(*args))
+    # Not kernel ops: aten ops, the reference scan (it has a CUDA kernel of its own), plain functions.
+    assert dispatch.op_function(torch.ops.aten.add.Tensor) is None
+    assert dispatch.op_function(torch.ops.quamba.selective_scan.default) is None
+    assert dispatch.op_function(operator.add) is None
+    assert dispatch.op_function(ops.w8a8_linear) is None  # the CustomOpDef, not an OpOverload

@@ -151,6 +151,26 @@ def test_decode_step_logits_equal_the_prefill_of_the_longer_sequence(tiny_quanti
         torch.testing.assert_close(logits, full[:, 6 + i], rtol=1e-3, atol=1e-3)
 
 
+def test_generator_graphs_call_the_kernel_functions_without_the_dispatcher(tiny_quantized):
+    """The Generator's graphs only run, so their kernel nodes call the ops' functions directly;
+    the lowered graph a user holds keeps the ops (traceable, compilable, dumped as kernel ops)."""
+    low = quamba_fx.lower(tiny_quantized)
+    gen = quamba_fx.Generator(low, batch_size=1)
+
+    def quamba_ops(gm):
+        return [n for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
+                and n.target.namespace == "quamba"]
+
+    assert quamba_ops(low)
+    for gm in (gen.prefill_graph, gen.decode_graph):
+        assert quamba_ops(gm) == []
+        direct = [n for n in gm.graph.nodes if n.op == "call_function" and op_name(n) == "w8a8_linear"]
+        assert direct and all(callable(n.target) for n in direct)
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(0))
+    full = low(ids)
+    torch.testing.assert_close(gen.prefill(ids), full, rtol=0, atol=0)
+
+
 def test_decode_graph_folds_dt_proj_into_the_scan_and_the_conv_into_in_proj(tiny_quantized):
     low = quamba_fx.lower(tiny_quantized)
     gen = quamba_fx.Generator(low, batch_size=1)

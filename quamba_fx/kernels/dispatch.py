@@ -187,3 +187,34 @@ def precompile_calls(jit_fn: Any, calls: Sequence[Tuple[Sequence[Any], Dict[str,
         warnings.warn(f"quamba_fx: parallel precompile of {getattr(jit_fn, '__name__', jit_fn)} failed "
                       f"({type(exc).__name__}: {exc}); the autotuner compiles its configs one by one",
                       RuntimeWarning, stacklevel=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph ops and their direct calls
+# ---------------------------------------------------------------------------------------------
+
+# The function behind each op `graph_op` made, by op name ("quamba::w8a8_linear").
+_OP_FUNCTIONS: Dict[str, Callable[..., Any]] = {}
+
+
+def graph_op(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable[..., Any]], Any]:
+    """`torch.library.custom_op(name, mutates_args=...)` for a kernel op that runs the same
+    function on every device, keeping that function for `op_function`.
+
+    A graph calls the op through the dispatcher, which is what tracing, torch.compile and the
+    dumps need; a runtime graph that only ever runs (runtime.Generator's) may call the function
+    itself instead, sparing the custom-op machinery's host time on every launch.
+    """
+
+    def register(fn: Callable[..., Any]) -> Any:
+        _OP_FUNCTIONS[name] = fn
+        return torch.library.custom_op(name, mutates_args=tuple(mutates_args))(fn)
+
+    return register
+
+
+def op_function(target: Any) -> Optional[Callable[..., Any]]:
+    """The function a `graph_op` op runs, for its OpOverload `target`; None for any other target."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    return _OP_FUNCTIONS.get(target.name())

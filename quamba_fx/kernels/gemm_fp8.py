@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..quant.fp8 import _check_fp8_linear, _linear_out_dtype
 from ..quant.qops import _quantize_fp32
-from .dispatch import use_triton
+from .dispatch import graph_op, use_triton
 from .rounding import quantize_rn
 
 __all__ = ["BACKENDS", "fp8_gemm", "fp8_gemm_reference"]
@@ -191,7 +191,7 @@ def fp8_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: O
     return out
 
 
-@torch.library.custom_op("quamba::fp8_gemm", mutates_args=())
+@graph_op("quamba::fp8_gemm", mutates_args=())
 def fp8_gemm_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
                 out_scale: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """`fp8_gemm` as a graph op (the backend comes from `$QUAMBA_FX_FP8_GEMM`)."""

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .conv1d import causal_conv1d_silu_int8, causal_conv1d_update_silu_int8
+from .dispatch import graph_op
 from .gemm import ConvStep, int8_gemm, int8_gemm_conv_step
 from .hadamard import MAX_N as _HADAMARD_MAX_N
 from .hadamard import hadamard_quantize as _hadamard_quantize
@@ -40,7 +41,7 @@ def _scalar(scale: Tensor) -> Tensor:
 # --- conv1d ---------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("quamba::conv1d_silu_int8", mutates_args=())
+@graph_op("quamba::conv1d_silu_int8", mutates_args=())
 def conv1d_silu_int8(x_q: Tensor, x_scale: Tensor, weight: Tensor, bias: Optional[Tensor],
                      out_scale: Tensor) -> Tensor:
     """dequantize -> causal depthwise conv1d -> SiLU -> quantize, fused (see `kernels/conv1d.py`).
@@ -58,7 +59,7 @@ def _conv1d_silu_int8_fake(x_q, x_scale, weight, bias, out_scale):
     return x_q.new_empty((batch, length, channels)).transpose(1, 2)
 
 
-@torch.library.custom_op("quamba::conv1d_silu_int8_cached", mutates_args=("conv_state",))
+@graph_op("quamba::conv1d_silu_int8_cached", mutates_args=("conv_state",))
 def conv1d_silu_int8_cached(x_q: Tensor, x_scale: Tensor, weight: Tensor, bias: Optional[Tensor],
                             out_scale: Tensor, conv_state: Tensor, decode: bool) -> Tensor:
     """`conv1d_silu_int8` with a cache: `conv_state` int8 `[B, D, W-1]`, the last W-1 inputs.
@@ -84,7 +85,7 @@ def _conv1d_silu_int8_cached_fake(x_q, x_scale, weight, bias, out_scale, conv_st
 # --- W8A8 Linear --------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("quamba::w8a8_linear", mutates_args=())
+@graph_op("quamba::w8a8_linear", mutates_args=())
 def w8a8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
                 out_scale: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """The int8 GEMM kernel with its scale epilogue; numerics of `torch.ops.quamba.int8_linear`."""
@@ -96,7 +97,7 @@ def _w8a8_linear_fake(x_q, x_scale, w_q, w_scale, bias=None, out_scale=None, out
     return torch.ops.quamba.int8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
 
 
-@torch.library.custom_op("quamba::in_proj_conv_update", mutates_args=("conv_state",))
+@graph_op("quamba::in_proj_conv_update", mutates_args=("conv_state",))
 def in_proj_conv_update(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                         out_scale: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], conv_out_scale: Tensor,
                         conv_state: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,7 +137,7 @@ def _scan_int8(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scale, C_q, C_scale
                            z_scale=z_scale, out_dtype=out_dtype, **extra)
 
 
-@torch.library.custom_op("quamba::selective_scan_int8", mutates_args=())
+@graph_op("quamba::selective_scan_int8", mutates_args=())
 def selective_scan_int8(u_q: Tensor, u_scale: Tensor, delta_q: Tensor, delta_scale: Tensor, A: Tensor,
                         B_q: Tensor, B_scale: Tensor, C_q: Tensor, C_scale: Tensor, D: Optional[Tensor],
                         z_q: Optional[Tensor], z_scale: Optional[Tensor], delta_bias: Optional[Tensor],
@@ -156,7 +157,7 @@ def _selective_scan_int8_fake(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scal
     return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
 
 
-@torch.library.custom_op("quamba::selective_scan_int8_cached", mutates_args=("ssm_state",))
+@graph_op("quamba::selective_scan_int8_cached", mutates_args=("ssm_state",))
 def selective_scan_int8_cached(u_q: Tensor, u_scale: Tensor, delta_q: Tensor, delta_scale: Tensor, A: Tensor,
                                B_q: Tensor, B_scale: Tensor, C_q: Tensor, C_scale: Tensor, D: Optional[Tensor],
                                z_q: Optional[Tensor], z_scale: Optional[Tensor], delta_bias: Optional[Tensor],
@@ -189,7 +190,7 @@ def _selective_scan_int8_cached_fake(u_q, u_scale, delta_q, delta_scale, A, B_q,
     return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
 
 
-@torch.library.custom_op("quamba::dt_proj_state_update", mutates_args=("ssm_state",))
+@graph_op("quamba::dt_proj_state_update", mutates_args=("ssm_state",))
 def dt_proj_state_update(u_q: Tensor, u_scale: Tensor, dt_x_q: Tensor, dt_x_scale: Tensor, dt_weight: Tensor,
                          dt_weight_scale: Tensor, dt_bias: Optional[Tensor], delta_scale: Tensor, A: Tensor,
                          B_q: Tensor, B_scale: Tensor, C_q: Tensor, C_scale: Tensor, D: Optional[Tensor],
@@ -222,7 +223,7 @@ def _dt_proj_state_update_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_w
 # --- Hadamard and norm ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("quamba::hadamard_quantize", mutates_args=())
+@graph_op("quamba::hadamard_quantize", mutates_args=())
 def hadamard_quantize(x: Tensor, scale: Tensor) -> Tensor:
     """`quantize(hadamard(x.float()), scale)` in one kernel; int8 of x's shape, contiguous."""
     return _hadamard_quantize(x, _scalar(scale))
@@ -233,7 +234,7 @@ def _hadamard_quantize_fake(x, scale):
     return torch.empty(x.shape, dtype=torch.int8, device=x.device)
 
 
-@torch.library.custom_op("quamba::hadamard_quantize_fp8", mutates_args=())
+@graph_op("quamba::hadamard_quantize_fp8", mutates_args=())
 def hadamard_quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
     """`quantize_fp8(hadamard(x.float()), scale)` in one kernel; float8_e4m3fn of x's shape, contiguous.
 
@@ -249,7 +250,7 @@ def _hadamard_quantize_fp8_fake(x, scale):
     return torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
 
 
-@torch.library.custom_op("quamba::hadamard_rotate", mutates_args=())
+@graph_op("quamba::hadamard_rotate", mutates_args=())
 def hadamard_rotate(x: Tensor) -> Tensor:
     """`quamba::hadamard` on the Hadamard kernel: rotated in fp32, returned in x's dtype, contiguous.
 
@@ -266,7 +267,7 @@ def _hadamard_rotate_fake(x):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("quamba::add_rmsnorm_quantize", mutates_args=())
+@graph_op("quamba::add_rmsnorm_quantize", mutates_args=())
 def add_rmsnorm_quantize(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
                          scale: Optional[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Residual add + RMSNorm (+ int8 quantize): returns `(normed, residual_out)`.
