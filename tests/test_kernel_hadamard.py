@@ -20,9 +20,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import hadamard
+from quamba_fx.kernels import hadamard, ops
 from quamba_fx.kernels.hadamard import (
-    MAX_N,
     hadamard_quantize,
     hadamard_quantize_fp8,
     hadamard_quantize_fp8_reference,
@@ -372,10 +371,17 @@ def test_transform_rejects_bad_inputs(fn, x, match):
 
 
 @needs_kernel
-def test_kernel_rejects_sizes_beyond_max_n():
-    x = torch.zeros(1, 2 * MAX_N, device=DEVICE)
-    with pytest.raises(ValueError, match=rf"exceeds the kernel's limit MAX_N={MAX_N}"):
-        hadamard_quantize(x, torch.tensor(1.0, device=DEVICE))
+def test_rows_wider_than_the_kernel_takes_run_the_reference(monkeypatch):
+    """One rule for every entry point: past MAX_N the reference computes the same function."""
+    monkeypatch.setattr(hadamard, "MAX_N", 32)
+    monkeypatch.setattr(hadamard, "_launch", lambda *a, **k: pytest.fail("the kernel ran past MAX_N"))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    scale = torch.tensor(0.05, device=DEVICE)
+    assert torch.equal(hadamard_quantize(x, scale), hadamard.hadamard_quantize_reference(x, scale))
+    assert torch.equal(hadamard.hadamard_quantize_fp8(x, scale).view(torch.int8),
+                       hadamard_quantize_fp8_reference(x, scale).view(torch.int8))
+    assert torch.equal(hadamard.hadamard_transform_triton(x), hadamard_transform_reference(x))
+    assert torch.equal(ops.hadamard_rotate(x), torch.ops.quamba.hadamard(x))
 
 
 def test_scale_device_mismatch_is_rejected():

@@ -68,7 +68,8 @@ docs/benchmarks.md (benchmarks/hadamard_norm.py).
 Layouts: `x` is `[..., n]` with stride 1 along the last dim (other last-dim strides are copied
 first); leading dims may have any strides (e.g. a `[B, L, D]` view of a larger buffer), collapsed
 to at most two (row index -> two strides) without a copy. The output is a new contiguous tensor.
-Sizes: every `n` that `quamba_fx.quant.hadamard.is_hadamard_size` accepts, up to `MAX_N`.
+Sizes: every `n` that `quamba_fx.quant.hadamard.is_hadamard_size` accepts; the kernel runs up to
+`MAX_N`, wider rows run the reference (the same function, slower).
 """
 
 from __future__ import annotations
@@ -498,11 +499,6 @@ def hadamard_quantize_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.T
 
 def _launch(x: torch.Tensor, scale: torch.Tensor, quant: int) -> torch.Tensor:
     n = x.shape[-1]
-    if n > MAX_N:
-        raise ValueError(
-            f"hadamard kernel: n={n} exceeds the kernel's limit MAX_N={MAX_N} (one row per program, "
-            "held in registers); use quamba_fx.quant.hadamard.hadamard_transform for larger sizes"
-        )
     bases, m, m_pad, k = _config(n)
     out = torch.empty(x.shape, dtype=_OUT_DTYPES[quant], device=x.device)
     xr, rows, d1, s0, s1 = _rows(x)
@@ -540,12 +536,19 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: int) -> torch.Tensor:
     return out
 
 
+def _kernel_runs(x: torch.Tensor) -> bool:
+    """Whether the kernel takes `x`: a Triton device (see dispatch.use_triton) and rows of at most
+    MAX_N. Every entry point falls back to its reference otherwise, wider rows included: the
+    kernel holds a row in registers, and no Mamba size (d_inner up to 5120) comes near the limit."""
+    return _use_triton(x) and x.shape[-1] <= MAX_N
+
+
 def hadamard_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Rotate the last dim of `x` by the orthonormal Hadamard matrix and quantize to int8, fused.
 
     Args:
-        x: `[..., n]` float16, bfloat16 or float32; `n` any size `is_hadamard_size` accepts (up to
-            `MAX_N`), e.g. Mamba's d_inner 1536, 2048, 2560, 3072, 4096, 5120. The last dim should
+        x: `[..., n]` float16, bfloat16 or float32; `n` any size `is_hadamard_size` accepts (the
+            kernel's up to `MAX_N`), e.g. Mamba's d_inner 1536, 2048, 2560, 3072, 4096, 5120. The last dim should
             have stride 1 (else it is copied); leading dims may have any strides.
         scale: per-tensor scale, a 0-dim or 1-element float32 tensor on x's device, read by the
             kernel at run time (updating it in place needs no recompilation).
@@ -555,12 +558,12 @@ def hadamard_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         `clamp(round_half_even((x.float() @ H.T) / scale), -128, 127)` with the transform in fp32.
 
     CUDA tensors run the Triton kernel, as do CPU tensors under TRITON_INTERPRET=1; other CPU
-    tensors run `hadamard_quantize_reference`. Results may differ from the reference by one int8
+    tensors and rows wider than `MAX_N` run `hadamard_quantize_reference`. Results may differ from the reference by one int8
     step where the fp32 value sits at a rounding boundary (see the module docstring).
     """
     _check_x("hadamard_quantize", x)
     _check_scale("hadamard_quantize", scale, x.device)
-    if not _use_triton(x):
+    if not _kernel_runs(x):
         return hadamard_quantize_reference(x, scale)
     return _launch(x, scale, quant=_INT8)
 
@@ -581,7 +584,7 @@ def hadamard_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """
     _check_x("hadamard_quantize_fp8", x)
     _check_scale("hadamard_quantize_fp8", scale, x.device)
-    if not _use_triton(x):
+    if not _kernel_runs(x):
         return hadamard_quantize_fp8_reference(x, scale)
     return _launch(x, scale, quant=_FP8)
 
@@ -594,6 +597,6 @@ def hadamard_transform_triton(x: torch.Tensor) -> torch.Tensor:
     else `hadamard_transform_reference`.
     """
     _check_x("hadamard_transform_triton", x)
-    if not _use_triton(x):
+    if not _kernel_runs(x):
         return hadamard_transform_reference(x)
     return _launch(x, x, quant=_ROTATE)  # scale pointer unused without QUANT

@@ -18,10 +18,8 @@ from torch import Tensor
 from .conv1d import causal_conv1d_silu_int8, causal_conv1d_update_silu_int8
 from .dispatch import graph_op
 from .gemm import ConvStep, int8_gemm, int8_gemm_conv_step
-from .hadamard import MAX_N as _HADAMARD_MAX_N
 from .hadamard import hadamard_quantize as _hadamard_quantize
 from .hadamard import hadamard_quantize_fp8 as _hadamard_quantize_fp8
-from .hadamard import hadamard_quantize_fp8_reference as _hadamard_quantize_fp8_reference
 from .hadamard import hadamard_transform_triton as _hadamard_transform_triton
 from .norm import add_rmsnorm_quantize as _add_rmsnorm_quantize
 from .scan import selective_scan as _selective_scan
@@ -238,10 +236,8 @@ def _hadamard_quantize_fake(x, scale):
 def hadamard_quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
     """`quantize_fp8(hadamard(x.float()), scale)` in one kernel; float8_e4m3fn of x's shape, contiguous.
 
-    The fp8 recipe's rotation before out_proj. Sizes beyond the kernel's MAX_N run the reference.
+    The fp8 recipe's rotation before out_proj.
     """
-    if x.shape[-1] > _HADAMARD_MAX_N:
-        return _hadamard_quantize_fp8_reference(x, _scalar(scale))
     return _hadamard_quantize_fp8(x, _scalar(scale))
 
 
@@ -254,11 +250,8 @@ def _hadamard_quantize_fp8_fake(x, scale):
 def hadamard_rotate(x: Tensor) -> Tensor:
     """`quamba::hadamard` on the Hadamard kernel: rotated in fp32, returned in x's dtype, contiguous.
 
-    For a rotation no quantize fuses with (e.g. one whose output has several users). Sizes beyond
-    the kernel's MAX_N run the reference.
+    For a rotation no quantize fuses with (e.g. one whose output has several users).
     """
-    if x.shape[-1] > _HADAMARD_MAX_N:
-        return torch.ops.quamba.hadamard(x)
     return _hadamard_transform_triton(x).to(x.dtype)
 
 
