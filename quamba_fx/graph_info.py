@@ -41,7 +41,7 @@ QUANT_BOUNDARY_OPS: set[str] = {"quantize", "dequantize", "quantize_fp8", "dequa
 # Ops that compute a depthwise causal conv1d or a Linear, besides nn.Conv1d / nn.Linear modules.
 CONV1D_OPS: set[str] = {
     "conv1d", "convolution", "conv1d_silu_int8", "conv1d_silu_int8_cached",
-    # a decode step's in_proj with the conv1d step after it (passes/kernel_lowering.py)
+    # a decode step's in_proj with the conv1d step after it (passes/lowering/gemm.py)
     "in_proj_conv_update",
 }
 # int8_linear / fp8_linear: Dynamo inlines QuantizedLinear / Fp8Linear.forward, so the
@@ -49,7 +49,7 @@ CONV1D_OPS: set[str] = {
 LINEAR_OPS: set[str] = {"linear", "int8_linear", "w8a8_linear", "fp8_linear", "fp8_gemm"}
 SCAN_OPS: set[str] = {
     "selective_scan", "selective_scan_int8", "selective_scan_int8_cached",
-    # the decode step with dt_proj folded in (passes/kernel_lowering.py)
+    # the decode step with dt_proj folded in (passes/lowering/scan.py)
     "dt_proj_state_update",
 }
 

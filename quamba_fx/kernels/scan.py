@@ -83,7 +83,7 @@ Scales, A, D and delta_bias are loaded once per program; int8 is converted with 
 tricks rather than the slow I2F unit (every thread converts its part of B and C). The decode
 kernel is one program per (batch, channel block): one step, state updated in place; given a
 `DeltaProjection` it also computes delta from dt_proj's input row and weight (decode graphs fold
-dt_proj in this way, passes/kernel_lowering.py), sparing a GEMM launch a block.
+dt_proj in this way, passes/lowering/scan.py), sparing a GEMM launch a block.
 
 Triton chooses the tile's register layout itself; in the configs inspected it spread d_state over
 threads (following the d_state-contiguous accesses to A, B and C), so each step reduces over

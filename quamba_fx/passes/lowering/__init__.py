@@ -1,0 +1,38 @@
+"""The lowering rules, one file per kernel: what each kernel op replaces in the reference graph.
+
+Each file (`gemm`, `scan`, `hadamard`, `norm`) names the ops its kernel provides, says which
+kernel runs each (`KERNELS`, shown by the dumps), and gives its rewrite rules (`passes.rewrite`):
+`rules(dtype)` for the lowering of a whole graph (`dtype`: the activations between kernels), and
+`DECODE_RULES` for the one-token decode graph (`cached_graph`). This package only adds them up;
+a new kernel is a new file here plus its line below. The conv1d's rule is `passes.conv_fusion`, a
+pass of its own that runs before lowering and that the torch.compile backend reuses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..conv_fusion import FUSED_CONV
+from ..rewrite import Rule
+from . import gemm, hadamard, norm, scan
+
+__all__ = ["DECODE_RULES", "KERNELS", "rules"]
+
+# Kernel op -> the kernel that runs it, as `node.meta["quamba"]["kernel"]` records it.
+KERNELS = {
+    **gemm.KERNELS,
+    **scan.KERNELS,
+    **hadamard.KERNELS,
+    **norm.KERNELS,
+    FUSED_CONV: "triton:conv1d_silu_int8",
+}
+
+
+def rules(dtype: torch.dtype) -> list[Rule]:
+    """Every kernel's lowering rules, activations between kernels in `dtype`. Order matters only
+    where two rules could match the same node; none do (the Hadamard file orders its own two)."""
+    return gemm.rules(dtype) + scan.rules(dtype) + hadamard.rules(dtype) + norm.rules(dtype)
+
+
+# The decode graph's fusions, applied after the cached ops are in place.
+DECODE_RULES: list[Rule] = scan.DECODE_RULES + gemm.DECODE_RULES

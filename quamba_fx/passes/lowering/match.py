@@ -1,0 +1,59 @@
+"""Node tests and small graph edits the lowering rules share (one file per kernel beside this one)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from ...graph_info import fetch_attr, info
+
+__all__ = ["annotate", "get_attr", "is_call", "is_cast", "is_fp32_cast", "is_scalar_attr", "strip_casts"]
+
+
+def is_call(node: Any, target) -> bool:
+    """Whether `node` calls `target`; an op overload also matches a call of its packet (capture
+    writes `torch.ops.quamba.selective_scan(...)`, passes write `.default`)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    packet = getattr(target, "overloadpacket", None)
+    return node.target is target or (packet is not None and node.target is packet)
+
+
+def is_cast(node: Any) -> bool:
+    """A `.to(...)` or `.float()` method call."""
+    return isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in ("to", "float")
+
+
+def is_fp32_cast(node: torch.fx.Node) -> bool:
+    return is_cast(node) and (node.target == "float" or torch.float32 in node.args[1:])
+
+
+def strip_casts(node: torch.fx.Node) -> torch.fx.Node:
+    """The value under any chain of casts: the kernels read their input's dtype themselves."""
+    while is_cast(node):
+        node = node.args[0]
+    return node
+
+
+def is_scalar_attr(node: torch.fx.Node) -> bool:
+    """Whether the quantize `node`'s scale (its second argument) is a get_attr holding one value.
+
+    quantize_fp8 has no separate per-tensor form: a per-channel scale differs only in its shape, so
+    only a scale known to hold one value (a get_attr, as the recipes insert) may fuse."""
+    scale = node.args[1]
+    if not (isinstance(scale, torch.fx.Node) and scale.op == "get_attr"):
+        return False
+    gm = scale.graph.owning_module
+    return gm is not None and fetch_attr(gm, scale.target).numel() == 1
+
+
+def annotate(new: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
+    """`new` with a copy of `like`'s quamba annotations (block, role): what dumps and passes read."""
+    new.meta["quamba"] = {**info(like)}
+    return new
+
+
+def get_attr(graph: torch.fx.Graph, target: str, like: torch.fx.Node) -> torch.fx.Node:
+    return annotate(graph.get_attr(target), like)

@@ -1,0 +1,86 @@
+"""Lowering rules of the selective-scan kernel (kernels/scan.py): the reference scan of int8
+inputs becomes one kernel op, and a decode step's scan computes dt_proj itself."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.fx
+
+from ... import ops as reference_ops  # noqa: F401  (registers torch.ops.quamba.selective_scan)
+from ...graph_info import info
+from ...kernels import ops  # noqa: F401  (registers the kernel ops read below)
+from ..quantize import DEQUANTIZE
+from ..rewrite import Rule
+from .gemm import W8A8_LINEAR
+from .match import annotate, is_call
+
+SCAN = torch.ops.quamba.selective_scan.default
+SCAN_INT8 = torch.ops.quamba.selective_scan_int8.default
+SCAN_INT8_CACHED = torch.ops.quamba.selective_scan_int8_cached.default
+DT_PROJ_STATE_UPDATE = torch.ops.quamba.dt_proj_state_update.default
+
+KERNELS = {SCAN_INT8: "triton:selective_scan_int8"}
+
+_SCAN_ARGS = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus"]
+_SCAN_DEFAULTS = [None, None, None, None, None, None, None, None, True]
+
+
+def scan_args(node: torch.fx.Node) -> list:
+    """The selective_scan call's arguments in signature order, defaults filled in."""
+    values = list(node.args) + _SCAN_DEFAULTS[len(node.args):]
+    for i, name in enumerate(_SCAN_ARGS):
+        if name in node.kwargs:
+            values[i] = node.kwargs[name]
+    return values
+
+
+def fuse_scan(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
+    """`selective_scan` whose u, delta, B, C, z are dequantized int8 -> `selective_scan_int8`,
+    its output in `dtype`."""
+    if not is_call(node, SCAN):
+        return False
+    u, delta, A, B, C, D, z, delta_bias, softplus = scan_args(node)
+    if not all(is_call(t, DEQUANTIZE) for t in (u, delta, B, C, z)):
+        return False
+    (u_q, su), (dt_q, sdt), (b_q, sb), (c_q, sc), (z_q, sz) = (t.args[:2] for t in (u, delta, B, C, z))
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(
+            SCAN_INT8, (u_q, su, dt_q, sdt, A, b_q, sb, c_q, sc, D, z_q, sz, delta_bias, softplus, dtype))
+    node.replace_all_uses_with(annotate(new, node))
+    gm.graph.erase_node(node)
+    return True
+
+
+def fuse_dt_proj_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Decode only: `selective_scan_int8_cached(u, .., transpose(w8a8_linear(x, xs, w, ws, b, s)), s,
+    .., decode=True)`, dt_proj's int8 output feeding nothing else -> `dt_proj_state_update(u, ..,
+    x, xs, w, ws, b, s, ..)`: the scan kernel computes delta itself, one launch a block fewer."""
+    if not is_call(node, SCAN_INT8_CACHED) or node.args[-1] is not True:
+        return False
+    u, su, delta, delta_scale, *rest, state, _decode = node.args
+    if not (isinstance(delta, torch.fx.Node) and delta.op == "call_method" and delta.target == "transpose"
+            and tuple(delta.args[1:]) == (1, 2) and len(delta.users) == 1):
+        return False
+    linear = delta.args[0]
+    if not is_call(linear, W8A8_LINEAR) or len(linear.users) != 1 or linear.kwargs or len(linear.args) < 6:
+        return False
+    x, xs, w, ws, bias, out_scale = linear.args[:6]
+    if out_scale is not delta_scale:  # an int8 delta, the scale the scan reads it with
+        return False
+    with gm.graph.inserting_before(node):
+        fused = gm.graph.call_function(DT_PROJ_STATE_UPDATE, (u, su, x, xs, w, ws, bias, delta_scale, *rest, state))
+    fused.meta["quamba"] = {**info(node), "kernel": "triton:dt_proj_state_update"}
+    node.replace_all_uses_with(fused)
+    for dead in (node, delta, linear):
+        gm.graph.erase_node(dead)
+    return True
+
+
+def rules(dtype: torch.dtype) -> list[Rule]:
+    """The lowering rules, the scan's output in `dtype`."""
+    return [functools.partial(fuse_scan, dtype=dtype)]
+
+
+DECODE_RULES: list[Rule] = [fuse_dt_proj_into_state_update]
