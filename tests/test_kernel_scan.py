@@ -106,7 +106,7 @@ def cases(draw, max_b=3, max_d=40, max_l=40, min_l=1):
         d_inner=draw(st.one_of(st.integers(1, max_d), st.sampled_from([d for d in (1, 15, 16, 17, 33) if d <= max_d]))),
         # 5: a d_state that is padded to a power of two inside the kernel.
         d_state=draw(st.sampled_from([1, 4, 5, 8, 16])),
-        L=draw(st.one_of(st.integers(min_l, max_l), st.sampled_from([v for v in (1, 2, 3) if v >= min_l]))),
+        L=draw(st.one_of(st.integers(min_l, max_l), st.sampled_from([v for v in (1, 2, 3) if min_l <= v <= max_l]))),
         kind=kind,
         layout=draw(st.sampled_from(["graph", "contiguous", "strided"])),
         has_D=draw(st.booleans()),
