@@ -548,8 +548,8 @@ def hadamard_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
     Args:
         x: `[..., n]` float16, bfloat16 or float32; `n` any size `is_hadamard_size` accepts (the
-            kernel's up to `MAX_N`), e.g. Mamba's d_inner 1536, 2048, 2560, 3072, 4096, 5120. The last dim should
-            have stride 1 (else it is copied); leading dims may have any strides.
+            kernel's up to `MAX_N`), e.g. Mamba's d_inner 1536, 2048, 2560, 3072, 4096, 5120. The
+            last dim should have stride 1 (else it is copied); leading dims may have any strides.
         scale: per-tensor scale, a 0-dim or 1-element float32 tensor on x's device, read by the
             kernel at run time (updating it in place needs no recompilation).
 
@@ -558,8 +558,9 @@ def hadamard_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         `clamp(round_half_even((x.float() @ H.T) / scale), -128, 127)` with the transform in fp32.
 
     CUDA tensors run the Triton kernel, as do CPU tensors under TRITON_INTERPRET=1; other CPU
-    tensors and rows wider than `MAX_N` run `hadamard_quantize_reference`. Results may differ from the reference by one int8
-    step where the fp32 value sits at a rounding boundary (see the module docstring).
+    tensors and rows wider than `MAX_N` run `hadamard_quantize_reference`. Results may differ
+    from the reference by one int8 step where the fp32 value sits at a rounding boundary (see the
+    module docstring).
     """
     _check_x("hadamard_quantize", x)
     _check_scale("hadamard_quantize", scale, x.device)
