@@ -74,9 +74,10 @@ def direct_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     itself rather than `torch.ops.quamba.*`, recompiled in place; returns `gm`.
 
     Same computation, minus the dispatcher and custom-op wrapper on every launch: on the H200's
-    host that was 42.2 -> 19.2 ms for a plain mamba-130m decode step and 77.9 -> 62.4 ms for a plain
-    mamba-2.8b 1 x 128 prefill (docs/benchmarks.md, run 9). Only for graphs that just run: the
-    result can no longer be traced, compiled or dumped as kernel ops.
+    host that was 42.2 -> 19.2 ms for a plain mamba-130m decode step, and 77.9 -> 62.4 ms for a
+    plain mamba-2.8b 1 x 128 prefill of the lowered graph retargeted the same way, which is what
+    the prefill graph runs (docs/benchmarks.md, run 9). Only for graphs that just run: the result
+    can no longer be traced, compiled or dumped as kernel ops.
     """
     for node in gm.graph.nodes:
         function = op_function(node.target) if node.op == "call_function" else None

@@ -3,13 +3,14 @@ the launch configs each kernel chose per problem."""
 
 from __future__ import annotations
 
+import operator
 import threading
 
 import pytest
 import torch
 
 from quamba_fx import kernels
-from quamba_fx.kernels import conv1d, dispatch, gemm, gemm_skinny, gemm_tma, gemv, scan
+from quamba_fx.kernels import conv1d, dispatch, gemm, gemm_skinny, gemm_tma, gemv, ops, scan
 from quamba_fx.kernels.gemm import int8_gemm
 
 from .kernel_support import DEVICE, needs_kernel
@@ -196,10 +197,6 @@ def test_clear_tuned_configs_makes_the_kernels_choose_again_with_the_same_result
 
 
 def test_op_function_is_the_function_behind_a_kernel_op_and_nothing_else():
-    import operator
-
-    from quamba_fx.kernels import ops
-
     linear = dispatch.op_function(torch.ops.quamba.w8a8_linear.default)
     assert callable(linear) and linear.__name__ == "w8a8_linear"
     assert dispatch.op_function(torch.ops.quamba.add_rmsnorm_quantize.default).__name__ == "add_rmsnorm_quantize"
