@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from quamba_fx import kernels
+from quamba_fx import ops as reference_ops  # noqa: F401  (registers torch.ops.quamba.selective_scan)
 from quamba_fx.kernels import conv1d, dispatch, gemm, gemm_skinny, gemm_tma, gemv, ops, scan
 from quamba_fx.kernels.gemm import int8_gemm
 
