@@ -1,8 +1,8 @@
 """Opaque operators that appear as single nodes in captured graphs.
 
-`torch.ops.quamba.selective_scan` is the Mamba-1 selective scan. It is a `torch.library` custom op, so
-torch.fx, dynamo and export all see one node whatever the sequence length, and its fake implementation
-lets shape propagation run without computing anything.
+`torch.ops.quamba.selective_scan` is the Mamba-1 selective scan, `torch.ops.quamba.ssd_scan` Mamba-2's.
+Each is a `torch.library` custom op, so torch.fx, dynamo and export all see one node whatever the
+sequence length, and its fake implementation lets shape propagation run without computing anything.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from .errors import InputError
 from .kernels.scan import selective_scan as triton_selective_scan
 from .quant.hadamard import hadamard  # noqa: F401  (re-exported: torch.ops.quamba.hadamard is defined beside its math)
 from .scan_reference import selective_scan_reference
+from .ssd_reference import ssd_scan_reference
 
-__all__ = ["check_token_range", "hadamard", "selective_scan", "selective_scan_reference", "token_ids_in_range"]
+__all__ = ["check_token_range", "hadamard", "selective_scan", "selective_scan_reference", "ssd_scan",
+           "token_ids_in_range"]
 
 
 @torch.library.custom_op("quamba::selective_scan", mutates_args=())
@@ -51,6 +53,36 @@ def _selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 @selective_scan.register_fake
 def _selective_scan_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
     return u.new_empty(u.shape)
+
+
+@torch.library.custom_op("quamba::ssd_scan", mutates_args=())
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor],
+    dt_softplus: bool,
+    dt_min: float,
+    dt_max: float,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Mamba-2's scan (SSD): `y_t = S_t C_t + D * x_t` with `S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T`.
+
+    Layouts follow Hugging Face's `Mamba2Mixer`: `x` `[batch, L, heads, head_dim]`, `dt`
+    `[batch, L, heads]` (before `dt_bias`, softplus and the `[dt_min, dt_max]` clamp), `A`, `D`,
+    `dt_bias` `[heads]`, `B`, `C` `[batch, L, groups, state]`. Computed in fp32 in chunks of
+    `chunk_size` steps (`quamba_fx.ssd_reference`); the result is fp32 `[batch, L, heads, head_dim]`,
+    as Hugging Face's scan returns it to the gated norm. `dt_max` may be `math.inf` (HF's default).
+    """
+    return ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size)[0].contiguous()
+
+
+@ssd_scan.register_fake
+def _ssd_scan_fake(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size):
+    return x.new_empty(x.shape, dtype=torch.float32)
 
 
 def check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:
