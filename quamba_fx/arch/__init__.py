@@ -18,11 +18,11 @@ from .registry import (
     arch_of,
     register_arch,
 )
-from .spec import TAP_SITES, ArchSpec, CacheLayout, Tap, Topology
+from .spec import TAP_SITES, ArchSpec, Tap, Topology
 
 MAMBA1 = mamba1.MAMBA1
 
 __all__ = [
-    "DEFAULT_ARCH", "MAMBA1", "TAP_SITES", "ArchSpec", "CacheLayout", "Tap", "Topology", "arch_for_class_name", "arch_for_model",
+    "DEFAULT_ARCH", "MAMBA1", "TAP_SITES", "ArchSpec", "Tap", "Topology", "arch_for_class_name", "arch_for_model",
     "arch_for_model_type", "arch_named", "arch_names", "arch_of", "register_arch",
 ]

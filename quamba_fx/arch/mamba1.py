@@ -10,13 +10,14 @@ the wire; the residual stream, embeddings and lm_head stay float.
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from transformers import MambaConfig, MambaForCausalLM, MambaModel
 
 from .. import ops  # noqa: F401  (registers torch.ops.quamba.selective_scan, which the forward calls)
 from .registry import register_arch
-from .spec import ArchSpec, CacheLayout, Tap, Topology
+from .spec import ArchSpec, Tap, Topology
 from .tracing import check_input_ids, stage
 
 __all__ = [
@@ -128,6 +129,14 @@ def weight_shapes(config: MambaConfig, prefix: str) -> dict[str, list[int]]:
     return shapes
 
 
+def cache_shapes(gm: torch.fx.GraphModule, block_path: str, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`(conv_state, ssm_state)` shapes of a Mamba-1 block: `[B, D, W-1]` from the conv1d weight
+    `[D, 1, W]`, and `[B, D, N]` from `A_log` `[D, N]`."""
+    d_inner, _, width = gm.get_submodule(f"{block_path}.mixer.conv1d").weight.shape
+    states = gm.get_submodule(f"{block_path}.mixer").A_log.shape[-1]
+    return (batch_size, d_inner, width - 1), (batch_size, d_inner, states)
+
+
 MAMBA1 = register_arch(ArchSpec(
     name="mamba1",
     title="Mamba-1",
@@ -168,7 +177,7 @@ MAMBA1 = register_arch(ArchSpec(
     taps=W8A8_TAPS,
     # The scan output's outlier channels (Quamba, section 4).
     rotated="out_proj",
-    cache=CacheLayout(conv="conv1d", scan="scan", ssm_param="A_log"),
+    cache_shapes=cache_shapes,
     weight_shapes=weight_shapes,
     capture_root=Mamba1Root,
 ))

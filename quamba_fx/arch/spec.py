@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from ..errors import RecipeError
 
-__all__ = ["ArchSpec", "CacheLayout", "TAP_SITES", "Tap", "Topology"]
+__all__ = ["ArchSpec", "TAP_SITES", "Tap", "Topology"]
 
 # Where on a module a tap takes its activation: its output, its input, or the SiLU after it.
 TAP_SITES = ("output", "input", "activation")
@@ -70,17 +70,6 @@ class Topology:
 
 
 @dataclass(frozen=True)
-class CacheLayout:
-    """Where a block's decode state gets its shapes: the conv state is `[B, D, W-1]` for the
-    `conv` role's weight `[D, 1, W]`; the scan state is `[B, D, N]` for the parameter `ssm_param`
-    `[D, N]` of the `scan` role's module."""
-
-    conv: str
-    scan: str
-    ssm_param: str
-
-
-@dataclass(frozen=True)
 class ArchSpec:
     """An architecture quamba-fx can capture, check, quantize and run.
 
@@ -94,7 +83,8 @@ class ArchSpec:
     integers >= 1, `positive_numbers` as numbers > 0 and `booleans` (where present) as booleans. `taps` are the activations a W8A8 recipe quantizes, in order;
     `rotated` is the role of the Linear whose input a Hadamard recipe rotates (its outliers are the
     ones a per-tensor scale cannot fit).
-    `weight_shapes(config, prefix)` lists the tensors (name -> shape) a model of HF config
+    `cache_shapes(gm, block_path, batch_size)` gives the `(conv_state, ssm_state)` shapes of a
+    block's decode cache. `weight_shapes(config, prefix)` lists the tensors (name -> shape) a model of HF config
     `config` holds, for checkpoint validation. `capture_root(model)` is the module `quamba_fx.capture` traces: the model's submodules under
     their Hugging Face paths with a traceable forward that opens `arch.tracing.stage` for each
     role, and a `prefix` attribute (the blocks' parent path, e.g. `backbone.`).
@@ -119,7 +109,7 @@ class ArchSpec:
     topology: Topology
     taps: tuple[Tap, ...]
     rotated: str
-    cache: CacheLayout
+    cache_shapes: Callable[[Any, str, int], tuple[tuple[int, ...], tuple[int, ...]]]
     weight_shapes: Callable[[Any, str], dict[str, list[int]]]
     capture_root: Callable[[Any], Any]
 
@@ -169,9 +159,3 @@ class ArchSpec:
     def architecture(self, config: Any) -> dict:
         """The config fields that define the computation (the rest of a HF config is bookkeeping)."""
         return {key: getattr(config, key) for key in self.config_keys if hasattr(config, key)}
-
-    def cache_shapes(self, gm: Any, block_path: str, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """`(conv_state, ssm_state)` shapes of the block at `block_path` of `gm`, for `batch_size` rows."""
-        d_inner, _, width = gm.get_submodule(self.module_path(block_path, self.cache.conv)).weight.shape
-        ssm = getattr(gm.get_submodule(self.module_path(block_path, self.cache.scan)), self.cache.ssm_param)
-        return (batch_size, d_inner, width - 1), (batch_size, ssm.shape[0], ssm.shape[-1])
