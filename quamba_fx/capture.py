@@ -1,10 +1,11 @@
 """Capture a `transformers` model as one torch.fx graph, as its architecture spec says.
 
 We do not trace Hugging Face's `forward`: it branches on caches, kernel availability and training mode,
-and changes between 5.x releases. Instead the architecture spec (`quamba_fx.arch`; today Mamba-1)
+and changes between 5.x releases. Instead the architecture spec (`quamba_fx.arch`: Mamba-1, Mamba-2)
 gives a root module whose forward restates the inference dataflow over the model's own submodules,
 so every Linear/Conv1d/Embedding/RMSNorm stays a `call_module` node under its Hugging Face path
-(`backbone.layers.0.mixer.conv1d`), the scan is one `torch.ops.quamba.selective_scan` node, and the
+(`backbone.layers.0.mixer.conv1d`), the scan is one `torch.ops.quamba.selective_scan` (Mamba-2:
+`ssd_scan`) node, and the
 test suite pins the result to HF's eager logits.
 
 Every node gets `node.meta["quamba"] = {"role", "block", "module"}` from the `arch.tracing.stage`
@@ -49,13 +50,14 @@ class MambaGraphModule(torch.fx.GraphModule):
 
 
 class _MambaTracer(torch.fx.Tracer):
-    """Keeps Linear/Conv1d/Embedding/RMSNorm as modules and stamps each node with the current stage."""
+    """Keeps Linear/Conv1d/Embedding/RMSNorm (and Mamba-2's gated RMSNorm) as modules and stamps each
+    node with the current stage."""
 
     def __init__(self) -> None:
         super().__init__(autowrap_functions=(check_input_ids,))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (nn.Linear, nn.Conv1d, nn.Embedding)) or type(m).__name__.endswith("RMSNorm")
+        return isinstance(m, (nn.Linear, nn.Conv1d, nn.Embedding)) or type(m).__name__.endswith(("RMSNorm", "RMSNormGated"))
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)

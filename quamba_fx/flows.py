@@ -19,9 +19,10 @@ import torch
 import torch.fx
 from torch import nn
 
+from .arch import ArchSpec, arch_of
 from .calibrate import Calibration, calibrate
 from .capture import annotate_shapes, capture
-from .errors import InvalidArgumentError, NonFiniteError
+from .errors import InvalidArgumentError, NonFiniteError, UnsupportedModelError
 from .graph_meta import find_graph_meta, graph_meta
 from .passes.conv_fusion import FuseConv1dSiLU
 from .passes.hadamard import RotateOutProjInput
@@ -59,6 +60,16 @@ def _example_shape(gm: torch.fx.GraphModule) -> tuple[int, ...]:
     return tuple(shape if shape is not None else (1, 8))
 
 
+def _check_recipe_fits(recipe: Recipe, arch: ArchSpec) -> None:
+    # Otherwise calibration fails later on the first tap it cannot find, naming one module only.
+    blocks_have = {path for _, path in arch.modules}
+    missing = sorted({tap.module for tap in recipe.taps} - blocks_have)
+    if missing:
+        none_yet = "" if arch.taps else f"; no recipe quantizes {arch.title} models yet"
+        raise UnsupportedModelError(f"recipe {recipe.name!r} quantizes {', '.join(missing)}, which a {arch.title} "
+                                    f"block does not have{none_yet}")
+
+
 def quantize(
     model: nn.Module | torch.fx.GraphModule | str,
     calibration_data: Iterable[torch.Tensor] | None = None,
@@ -84,6 +95,7 @@ def quantize(
     # Always a deep copy: a fresh capture shares its modules with the user's model, and the passes
     # register scale buffers on them and swap Linears out.
     gm = copy.deepcopy(model if isinstance(model, torch.fx.GraphModule) else capture(model))
+    _check_recipe_fits(recipe, arch_of(gm))
     bad = non_finite_tensors([*gm.named_parameters(), *gm.named_buffers()])
     if bad:
         raise NonFiniteError(

@@ -1,7 +1,7 @@
 """Where models come from: built-in configs with seeded random weights, local checkpoints, live objects.
 
 The Hugging Face Hub is never contacted. The built-in names carry the published state-spaces Mamba-1
-shapes, so capture, dump and benchmarks see real architectures even without their weights.
+and Mamba-2 shapes, so capture, dump and benchmarks see real architectures even without their weights.
 """
 
 from __future__ import annotations
@@ -11,41 +11,42 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import MambaConfig, MambaForCausalLM
+from transformers import Mamba2Config, MambaConfig, PretrainedConfig
 
 from .arch import arch_for_model, arch_for_model_type, arch_named, arch_names
 from .catalog import BUILTIN_SHAPES, DEFAULT_MODEL, PACKAGED_MODELS, BuiltinShape  # noqa: F401  (re-exported)
 from .errors import CheckpointError, UnsupportedModelError
 
 
-def builtin_config(name: str) -> MambaConfig:
-    """The `MambaConfig` of a built-in model name (see `BUILTIN_SHAPES`)."""
+def builtin_config(name: str) -> PretrainedConfig:
+    """The config (`MambaConfig`, or `Mamba2Config` for `mamba2-*`) of a built-in model name (see
+    `BUILTIN_SHAPES`)."""
     if name not in BUILTIN_SHAPES:
         raise UnsupportedModelError(
             f"unknown built-in model {name!r}; built-in names are: {', '.join(BUILTIN_SHAPES)}"
         )
     shape = BUILTIN_SHAPES[name]
-    return MambaConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        state_size=16,
-        expand=2,
-        conv_kernel=4,
-        residual_in_fp32=True,
-        tie_word_embeddings=True,
-        use_cache=False,
-    )
+    common = dict(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
+                  state_size=shape.state_size, expand=2, conv_kernel=4, residual_in_fp32=True,
+                  tie_word_embeddings=True, use_cache=False)
+    if shape.arch == "mamba2":
+        return Mamba2Config(num_heads=2 * shape.hidden_size // shape.head_dim, head_dim=shape.head_dim, n_groups=1,
+                            chunk_size=shape.chunk_size, **common)
+    return MambaConfig(**common)
 
 
-def random_model(config: MambaConfig, seed: int = 0, device: str | torch.device = "cpu") -> MambaForCausalLM:
-    """A `MambaForCausalLM` with HF's initialisation under `torch.manual_seed(seed)`.
+def random_model(config: PretrainedConfig, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+    """The causal LM of `config`'s architecture (`MambaForCausalLM`, `Mamba2ForCausalLM`) with HF's
+    initialisation under `torch.manual_seed(seed)`.
 
     On `device="meta"` no memory is allocated: the model has shapes only, enough to capture and dump.
     """
+    arch = arch_for_model_type(getattr(config, "model_type", None))
+    if arch is None:
+        raise UnsupportedModelError(f"random_model needs a Mamba or Mamba2 config, got {type(config).__name__}")
     with torch.device(device):
         torch.manual_seed(seed)
-        model = MambaForCausalLM(config)
+        model = arch.head_class(config)
     return model.eval()
 
 

@@ -109,7 +109,7 @@ def test_class_named_maps_recorded_sources_to_classes():
 
 def test_a_checkpoint_of_an_unregistered_model_type_names_the_registered_ones(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "jamba"}')
-    with pytest.raises(QuambaError, match=r"model_type='jamba'; quamba-fx supports 'mamba' \(Mamba-1\) models"):
+    with pytest.raises(QuambaError, match=r"model_type='jamba'; quamba-fx supports 'mamba' \(Mamba-1\), 'mamba2' \(Mamba-2\) models"):
         quamba_fx.load_model(str(tmp_path))
 
 

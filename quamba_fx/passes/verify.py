@@ -1,7 +1,8 @@
-"""The topology check: every block is Linear(producer) -> conv1d -> Linear(consumer), once.
+"""The topology check: every block is Linear(producer) -> conv1d -> Linear(consumer) (Mamba-1) or
+Linear(producer) -> conv1d -> scan (Mamba-2), once.
 
 The roles come from the graph's architecture spec (`quamba_fx.arch`; for Mamba-1, in_proj and
-x_proj). Rules (see docs/quamba-dataflow in shared docs), each checked on the whole graph at once so
+x_proj; for Mamba-2, in_proj and the SSD scan). Rules (see docs/quamba-dataflow in shared docs), each checked on the whole graph at once so
 one error lists every violation; the spec's `topology.rules` names the ones that apply:
 
 1. `one_conv_per_block`: every block has exactly one conv1d;
@@ -10,10 +11,14 @@ one error lists every violation; the spec's `topology.rules` names the ones that
 3. `consumers`: a conv1d's output reaches only Linears (the consumer role) and the selective scan,
    through SiLU, layout and quantization-boundary ops only, and reaches at least one Linear;
 4. `conv_never_feeds_conv`: no conv1d reaches another conv1d through elementwise, layout and
-   boundary ops only.
+   boundary ops only;
+5. `feeds_scan` (Mamba-2, instead of 3): a conv1d's output reaches only its own block's scan,
+   through SiLU, layout and quantization-boundary ops only, and reaches it.
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import networkx as nx
 import torch.fx
@@ -65,7 +70,8 @@ class TopologyChecker:
         rules = self.arch.topology.rules
         whole_graph = {"conv_never_feeds_conv": self.check_conv_never_feeds_conv,
                        "one_conv_per_block": self.check_one_conv_per_block}
-        per_conv = {"producer": self.check_producer, "consumers": self.check_consumers}
+        per_conv = {"producer": self.check_producer, "consumers": self.check_consumers,
+                    "feeds_scan": self.check_feeds_scan}
         unknown = [rule for rule in rules if rule not in whole_graph and rule not in per_conv]
         if unknown:
             raise TopologyError(f"architecture {self.arch.name!r} names unknown topology rule(s) {unknown}; "
@@ -129,8 +135,9 @@ class TopologyChecker:
                 f"not by its own block's {self.producer}: {path}"
             )
 
-    def check_consumers(self, conv: torch.fx.Node) -> None:
-        linears = 0
+    def reached(self, conv: torch.fx.Node) -> Iterator[tuple[torch.fx.Node, list[torch.fx.Node]]]:
+        """The first nodes `conv`'s output reaches past SiLU, layout and boundary ops, each with
+        the path to it."""
         stack: list[tuple[torch.fx.Node, list[torch.fx.Node]]] = [(conv, [conv])]
         while stack:
             node, path = stack.pop()
@@ -138,21 +145,42 @@ class TopologyChecker:
                 walk = path + [user]
                 if self.kind(user, "layout", "quant_boundary") or op_name(user) == "silu":
                     stack.append((user, walk))
-                elif self.kind(user, "linear"):
-                    linears += 1
-                    if role(user) not in (None, self.consumer) or block(user) != block(conv):
-                        self.problems.append(
-                            f"conv1d {describe(conv)} feeds Linear {describe(user)} (role {role(user)!r}), "
-                            f"not its own block's {self.consumer}: {_path(walk)}"
-                        )
-                elif not self.kind(user, "scan", "conv1d"):
-                    # A conv1d consumer is reported by check_conv_never_feeds_conv.
+                else:
+                    yield user, walk
+
+    def check_consumers(self, conv: torch.fx.Node) -> None:
+        linears = 0
+        for user, walk in self.reached(conv):
+            if self.kind(user, "linear"):
+                linears += 1
+                if role(user) not in (None, self.consumer) or block(user) != block(conv):
                     self.problems.append(
-                        f"conv1d {describe(conv)} reaches {describe(user)}, which is neither a Linear ({self.consumer}) "
-                        f"nor the selective scan: {_path(walk)}"
+                        f"conv1d {describe(conv)} feeds Linear {describe(user)} (role {role(user)!r}), "
+                        f"not its own block's {self.consumer}: {_path(walk)}"
                     )
+            elif not self.kind(user, "scan", "conv1d"):
+                # A conv1d consumer is reported by check_conv_never_feeds_conv.
+                self.problems.append(
+                    f"conv1d {describe(conv)} reaches {describe(user)}, which is neither a Linear ({self.consumer}) "
+                    f"nor the selective scan: {_path(walk)}"
+                )
         if linears == 0:
             self.problems.append(f"conv1d {describe(conv)} reaches no Linear ({self.consumer})")
+
+    def check_feeds_scan(self, conv: torch.fx.Node) -> None:
+        scans = 0
+        for user, walk in self.reached(conv):
+            if self.kind(user, "scan"):
+                scans += 1
+                if block(user) != block(conv):
+                    self.problems.append(f"conv1d {describe(conv)} feeds the scan {describe(user)} of another "
+                                         f"block: {_path(walk)}")
+            elif not self.kind(user, "conv1d"):
+                # A conv1d consumer is reported by check_conv_never_feeds_conv.
+                self.problems.append(f"conv1d {describe(conv)} reaches {describe(user)}, which is not the "
+                                     f"{self.arch.title} scan: {_path(walk)}")
+        if scans == 0:
+            self.problems.append(f"conv1d {describe(conv)} reaches no scan")
 
 
 def verify_topology(gm: torch.fx.GraphModule) -> None:
