@@ -32,9 +32,9 @@ ELEMENTWISE_OPS: set[str] = {
     "truediv", "iadd", "imul", "pow", "rsqrt", "sqrt", "tanh", "clamp", "round",
 }
 # The `torch.ops.quamba` ops below are defined in quant/qops.py and quant/fp8.py (the int8 and
-# e4m3 references the quantize pass inserts), kernels/ops.py and kernels/gemm_fp8.py (the kernel
-# ops fusion and lowering insert). No module adds to these sets on import (tests/test_verify.py
-# checks it).
+# e4m3 references the quantize pass inserts) and in the kernel modules of kernels/ (conv1d, gemm,
+# gemm_fp8, scan, hadamard, norm: the kernel ops fusion and lowering insert). No module adds to
+# these sets on import (tests/test_verify.py checks it).
 # Ops that only change a tensor's encoding.
 QUANT_BOUNDARY_OPS: set[str] = {"quantize", "dequantize", "quantize_fp8", "dequantize_fp8", "hadamard_quantize",
                                 "hadamard_quantize_fp8"}

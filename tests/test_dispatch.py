@@ -11,7 +11,8 @@ import torch
 
 from quamba_fx import kernels
 from quamba_fx import ops as reference_ops  # noqa: F401  (registers torch.ops.quamba.selective_scan)
-from quamba_fx.kernels import conv1d, dispatch, gemm, gemm_skinny, gemm_tma, gemv, ops, scan
+from quamba_fx.kernels import conv1d, dispatch, gemm, gemm_skinny, gemm_tma, gemv, scan
+from quamba_fx.kernels import norm  # noqa: F401  (registers torch.ops.quamba.add_rmsnorm_quantize)
 from quamba_fx.kernels.gemm import int8_gemm
 
 from .kernel_support import DEVICE, needs_kernel
@@ -200,6 +201,7 @@ def test_clear_tuned_configs_makes_the_kernels_choose_again_with_the_same_result
 def test_op_function_is_the_function_behind_a_kernel_op_and_nothing_else():
     linear = dispatch.op_function(torch.ops.quamba.w8a8_linear.default)
     assert callable(linear) and linear.__name__ == "w8a8_linear"
+    # Named as its op, though norm.py binds the op as `add_rmsnorm_quantize_op` (beside the kernel's own).
     assert dispatch.op_function(torch.ops.quamba.add_rmsnorm_quantize.default).__name__ == "add_rmsnorm_quantize"
     # The function computes what the op computes.
     x = torch.randint(-9, 9, (3, 32), dtype=torch.int8)
@@ -210,4 +212,4 @@ def test_op_function_is_the_function_behind_a_kernel_op_and_nothing_else():
     assert dispatch.op_function(torch.ops.aten.add.Tensor) is None
     assert dispatch.op_function(torch.ops.quamba.selective_scan.default) is None
     assert dispatch.op_function(operator.add) is None
-    assert dispatch.op_function(ops.w8a8_linear) is None  # the CustomOpDef, not an OpOverload
+    assert dispatch.op_function(gemm.w8a8_linear_op) is None  # the CustomOpDef, not an OpOverload

@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import hadamard, ops
+from quamba_fx.kernels import hadamard
 from quamba_fx.kernels.hadamard import (
     hadamard_quantize,
     hadamard_quantize_fp8,
@@ -381,7 +381,7 @@ def test_rows_wider_than_the_kernel_takes_run_the_reference(monkeypatch):
     assert torch.equal(hadamard.hadamard_quantize_fp8(x, scale).view(torch.int8),
                        hadamard_quantize_fp8_reference(x, scale).view(torch.int8))
     assert torch.equal(hadamard.hadamard_transform_triton(x), hadamard_transform_reference(x))
-    assert torch.equal(ops.hadamard_rotate(x), torch.ops.quamba.hadamard(x))
+    assert torch.equal(hadamard.hadamard_rotate_op(x), torch.ops.quamba.hadamard(x))
 
 
 def test_scale_device_mismatch_is_rejected():

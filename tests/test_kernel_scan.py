@@ -487,8 +487,6 @@ def test_bad_delta_projections_are_refused(fn, change, match):
 def test_cached_op_keeps_the_state_in_its_dtype(state_dtype):
     """The decode cache's op writes the prefill's final state into `ssm_state` in that tensor's
     dtype (the kernel's fp32 state, rounded) and advances it in place by one decode step."""
-    from quamba_fx.kernels import ops as kernel_ops  # noqa: F401  (registers the op)
-
     case = dict(batch=2, d_inner=8, d_state=4, L=5, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
                 has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=False, out_dtype=None, seed=13)
     kw = build(case, DEVICE)

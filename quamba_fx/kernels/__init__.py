@@ -1,7 +1,8 @@
 """Triton kernels for quantized Mamba blocks, each with a pure-PyTorch reference of identical numerics.
 
-`ops` wraps them as `torch.library` custom ops (`torch.ops.quamba.*`) for graphs; the functions
-here are the direct entry points (Triton on CUDA, or on CPU under TRITON_INTERPRET=1).
+Each kernel module ends with its `torch.library` custom ops (`torch.ops.quamba.*`, `dispatch.graph_op`)
+for graphs; the functions here are the direct entry points (Triton on CUDA, or on CPU under
+TRITON_INTERPRET=1).
 """
 
 from .conv1d import (

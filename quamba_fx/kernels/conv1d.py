@@ -61,7 +61,7 @@ import triton.language as tl
 
 from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import launch_tuned, precompile, tuned_configs
+from .dispatch import as_scalar, graph_op, launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 
@@ -652,3 +652,56 @@ def causal_conv1d_update_silu_int8(
         num_warps=1 if _INTERPRET else 4, **launch_options(x_q.device),
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph ops (torch.ops.quamba.*, see dispatch.graph_op)
+# ---------------------------------------------------------------------------------------------
+
+
+def _conv_params(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    # nn.Conv1d keeps [D, 1, W]; the kernels take [D, W] fp32 (a view when already fp32).
+    w = weight.reshape(weight.shape[0], weight.shape[-1]).float()
+    return w, None if bias is None else bias.float()
+
+
+@graph_op("quamba::conv1d_silu_int8", mutates_args=())
+def conv1d_silu_int8_op(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        out_scale: torch.Tensor) -> torch.Tensor:
+    """dequantize -> causal depthwise conv1d -> SiLU -> quantize, fused (`causal_conv1d_silu_int8`).
+
+    `x_q` int8 `[B, D, L]` (any strides), `weight` nn.Conv1d's `[D, 1, W]`, scales fp32 tensors.
+    Returns int8 `[B, D, L]` laid out as `[B, L, D]` in memory.
+    """
+    w, b = _conv_params(weight, bias)
+    return causal_conv1d_silu_int8(x_q, as_scalar(x_scale), w, b, as_scalar(out_scale))
+
+
+@conv1d_silu_int8_op.register_fake
+def _conv1d_silu_int8_fake(x_q, x_scale, weight, bias, out_scale):
+    batch, channels, length = x_q.shape
+    return x_q.new_empty((batch, length, channels)).transpose(1, 2)
+
+
+@graph_op("quamba::conv1d_silu_int8_cached", mutates_args=("conv_state",))
+def conv1d_silu_int8_cached_op(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                               bias: Optional[torch.Tensor], out_scale: torch.Tensor, conv_state: torch.Tensor,
+                               decode: bool) -> torch.Tensor:
+    """`conv1d_silu_int8` with a cache: `conv_state` int8 `[B, D, W-1]`, the last W-1 inputs.
+
+    Prefill (`decode=False`) starts from zeros, as the uncached op does, and leaves the prompt's
+    last W-1 inputs in `conv_state`; decode (`decode=True`, `x_q` `[B, D, 1]`) continues from it.
+    """
+    w, b = _conv_params(weight, bias)
+    if decode:
+        out = causal_conv1d_update_silu_int8(x_q[:, :, 0], conv_state, as_scalar(x_scale), w, b, as_scalar(out_scale))
+        return out[:, None, :].transpose(1, 2)
+    out, final = causal_conv1d_silu_int8(x_q, as_scalar(x_scale), w, b, as_scalar(out_scale), return_final_state=True)
+    conv_state.copy_(final)
+    return out
+
+
+@conv1d_silu_int8_cached_op.register_fake
+def _conv1d_silu_int8_cached_fake(x_q, x_scale, weight, bias, out_scale, conv_state, decode):
+    batch, channels, length = x_q.shape
+    return x_q.new_empty((batch, length, channels)).transpose(1, 2)

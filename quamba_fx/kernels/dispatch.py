@@ -201,16 +201,33 @@ def graph_op(name: str, mutates_args: Sequence[str] = ()) -> Callable[[Callable[
     """`torch.library.custom_op(name, mutates_args=...)` for a kernel op that runs the same
     function on every device, keeping that function for `op_function`.
 
+    Each kernel module defines its ops at its end with this, so that a graph holds a kernel call
+    as one traceable node. The function runs the Triton kernel on CUDA (and on CPU under
+    TRITON_INTERPRET=1), else the module's PyTorch reference, so a lowered graph also runs,
+    slowly, on a plain CPU. Every op's fake must promise the exact layout the real op returns:
+    compilers trust the fake's strides. The `*_cached` ops carry a decode cache: `decode=False`
+    runs a whole prompt and writes the final state into the cache tensor; `decode=True` runs one
+    token from the cached state and advances it.
+
     A graph calls the op through the dispatcher, which is what tracing, torch.compile and the
     dumps need; a runtime graph that only ever runs (runtime.Generator's) may call the function
     itself instead, sparing the custom-op machinery's host time on every launch.
     """
 
     def register(fn: Callable[..., Any]) -> Any:
+        # The function takes the op's own name ("w8a8_linear"), whatever its module calls the op
+        # (`w8a8_linear_op`, beside the kernel's entry points): a runtime graph's node that calls it
+        # is then still named, dumped and classified (`graph_info.op_name`) as that op.
+        fn.__name__ = fn.__qualname__ = name.split("::", 1)[1]
         _OP_FUNCTIONS[name] = fn
         return torch.library.custom_op(name, mutates_args=tuple(mutates_args))(fn)
 
     return register
+
+
+def as_scalar(scale: torch.Tensor) -> torch.Tensor:
+    """An op's scale argument (any one-element tensor) as the 0-d fp32 tensor the kernels take."""
+    return scale.float().reshape(())
 
 
 def op_function(target: Any) -> Optional[Callable[..., Any]]:

@@ -84,10 +84,11 @@ import triton.language as tl
 from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import INTERPRETER_WIDE_N, cdiv, launch_tuned, next_pow2, precompile, sm_count, tuned_configs
+from .dispatch import as_scalar, graph_op
 from .dispatch import use_triton as _use_triton
 from . import gemm_skinny, gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
-from .conv1d import causal_conv1d_update_silu_int8
+from .conv1d import _conv_params, causal_conv1d_update_silu_int8
 from .pdl import launch_options, wait_for_previous
 from .gemm_epilogue import OUT_BF16 as _OUT_BF16
 from .gemm_epilogue import OUT_CAST as _OUT_CAST
@@ -649,3 +650,44 @@ def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, con
         return None
     _USES_ALTERNATIVE[("gemv_conv", key)] = True
     return u
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph ops (torch.ops.quamba.*, see dispatch.graph_op)
+# ---------------------------------------------------------------------------------------------
+
+
+@graph_op("quamba::w8a8_linear", mutates_args=())
+def w8a8_linear_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
+                   out_scale: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The int8 GEMM kernel with its scale epilogue; numerics of `torch.ops.quamba.int8_linear`."""
+    return int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
+
+
+@w8a8_linear_op.register_fake
+def _w8a8_linear_fake(x_q, x_scale, w_q, w_scale, bias=None, out_scale=None, out_dtype=None):
+    return torch.ops.quamba.int8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
+
+
+@graph_op("quamba::in_proj_conv_update", mutates_args=("conv_state",))
+def in_proj_conv_update_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                           out_scale: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                           conv_out_scale: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
+    """A decode step's in_proj and conv1d: `xz = w8a8_linear(x_q, .., out_scale)` (int8) and
+    `conv1d_silu_int8_cached(xz.transpose(1, 2)[:, :D], out_scale, conv_weight, conv_bias,
+    conv_out_scale, conv_state, decode=True)`, D = conv_state.shape[1]; returns `(xz, u)`, u
+    `[B, D, 1]` laid out `[B, 1, D]`. At batch 1 on the GPU one GEMV launch computes both
+    (`int8_gemm_conv_step`).
+    """
+    w, b = _conv_params(conv_weight, conv_bias)
+    xz, u = int8_gemm_conv_step(x_q, x_scale, w_q, w_scale, bias, out_scale,
+                                ConvStep(conv_state, w, b, as_scalar(conv_out_scale)))
+    return xz, u[:, None, :].transpose(1, 2)
+
+
+@in_proj_conv_update_op.register_fake
+def _in_proj_conv_update_fake(x_q, x_scale, w_q, w_scale, bias, out_scale, conv_weight, conv_bias, conv_out_scale,
+                              conv_state):
+    xz = torch.ops.quamba.int8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale, None)
+    batch, channels = conv_state.shape[:2]
+    return xz, x_q.new_empty((batch, 1, channels)).transpose(1, 2)

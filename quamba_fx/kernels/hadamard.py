@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import cdiv, sm_count
+from .dispatch import as_scalar, cdiv, graph_op, sm_count
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 
@@ -601,3 +601,47 @@ def hadamard_transform_triton(x: torch.Tensor) -> torch.Tensor:
     if not _kernel_runs(x):
         return hadamard_transform_reference(x)
     return _launch(x, x, quant=_ROTATE)  # scale pointer unused without QUANT
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph ops (torch.ops.quamba.*, see dispatch.graph_op)
+# ---------------------------------------------------------------------------------------------
+
+
+@graph_op("quamba::hadamard_quantize", mutates_args=())
+def hadamard_quantize_op(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`quantize(hadamard(x.float()), scale)` in one kernel; int8 of x's shape, contiguous."""
+    return hadamard_quantize(x, as_scalar(scale))
+
+
+@hadamard_quantize_op.register_fake
+def _hadamard_quantize_fake(x, scale):
+    return torch.empty(x.shape, dtype=torch.int8, device=x.device)
+
+
+@graph_op("quamba::hadamard_quantize_fp8", mutates_args=())
+def hadamard_quantize_fp8_op(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`quantize_fp8(hadamard(x.float()), scale)` in one kernel; float8_e4m3fn of x's shape, contiguous.
+
+    The fp8 recipe's rotation before out_proj.
+    """
+    return hadamard_quantize_fp8(x, as_scalar(scale))
+
+
+@hadamard_quantize_fp8_op.register_fake
+def _hadamard_quantize_fp8_fake(x, scale):
+    return torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+
+
+@graph_op("quamba::hadamard_rotate", mutates_args=())
+def hadamard_rotate_op(x: torch.Tensor) -> torch.Tensor:
+    """`quamba::hadamard` on the Hadamard kernel: rotated in fp32, returned in x's dtype, contiguous.
+
+    For a rotation no quantize fuses with (e.g. one whose output has several users).
+    """
+    return hadamard_transform_triton(x).to(x.dtype)
+
+
+@hadamard_rotate_op.register_fake
+def _hadamard_rotate_fake(x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET as _INTERPRET
+from .dispatch import as_scalar, graph_op
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 
@@ -317,3 +318,32 @@ def add_rmsnorm_quantize(
         num_warps=_num_warps(block_h), **launch_options(x.device),
     )
     return out, r_out
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph op (torch.ops.quamba.*, see dispatch.graph_op)
+# ---------------------------------------------------------------------------------------------
+
+
+@graph_op("quamba::add_rmsnorm_quantize", mutates_args=())
+def add_rmsnorm_quantize_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+                            scale: Optional[torch.Tensor], out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + RMSNorm (+ int8 quantize): returns `(normed, residual_out)`.
+
+    `residual_out = x.float() + residual` (fp32, the new residual stream); `normed` is int8 at
+    `scale` (e4m3 when `out_dtype` is float8_e4m3fn: the fp8 recipe), or `out_dtype` when `scale`
+    is None (the final norm before lm_head).
+    """
+    normed, resid = add_rmsnorm_quantize(x, residual, weight, eps, None if scale is None else as_scalar(scale),
+                                         out_dtype)
+    return normed, resid
+
+
+@add_rmsnorm_quantize_op.register_fake
+def _add_rmsnorm_quantize_fake(x, residual, weight, eps, scale, out_dtype):
+    if scale is None:
+        dtype = out_dtype
+    else:
+        dtype = torch.float8_e4m3fn if out_dtype == torch.float8_e4m3fn else torch.int8
+    return (torch.empty(x.shape, dtype=dtype, device=x.device),
+            torch.empty(x.shape, dtype=torch.float32, device=x.device))

@@ -108,7 +108,7 @@ import triton.language as tl
 
 from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import launch_tuned, precompile, tuned_configs
+from .dispatch import as_scalar, graph_op, launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 from .gemm import int8_gemm, int8_gemm_reference
@@ -1243,3 +1243,110 @@ def selective_state_update(
         **_flags(info, D, z, delta_bias, delta_softplus), **proj_flags, **launch_options(u.device),
     )
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph ops (torch.ops.quamba.*, see dispatch.graph_op)
+# ---------------------------------------------------------------------------------------------
+
+
+def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # The scan kernels take A, D and delta_bias in fp32 (a no-op for the folded fp32 buffers).
+    return None if t is None else t.float()
+
+
+def _scan_int8(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale,
+               delta_bias, delta_softplus, out_dtype, **extra):
+    A, D, delta_bias = _f32(A), _f32(D), _f32(delta_bias)
+    return selective_scan(u_q, delta_q, A, B_q, C_q, D, z_q, delta_bias, delta_softplus,
+                          u_scale=u_scale, delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale,
+                          z_scale=z_scale, out_dtype=out_dtype, **extra)
+
+
+@graph_op("quamba::selective_scan_int8", mutates_args=())
+def selective_scan_int8_op(u_q: torch.Tensor, u_scale: torch.Tensor, delta_q: torch.Tensor,
+                           delta_scale: torch.Tensor, A: torch.Tensor, B_q: torch.Tensor, B_scale: torch.Tensor,
+                           C_q: torch.Tensor, C_scale: torch.Tensor, D: Optional[torch.Tensor],
+                           z_q: Optional[torch.Tensor], z_scale: Optional[torch.Tensor],
+                           delta_bias: Optional[torch.Tensor], delta_softplus: bool,
+                           out_dtype: torch.dtype) -> torch.Tensor:
+    """The selective scan on int8 inputs dequantized in registers (`selective_scan`).
+
+    Layouts as `torch.ops.quamba.selective_scan`; the result is `[B, D, L]` laid out `[B, L, D]`.
+    """
+    return _scan_int8(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale,
+                      delta_bias, delta_softplus, out_dtype)
+
+
+@selective_scan_int8_op.register_fake
+def _selective_scan_int8_fake(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q,
+                              z_scale, delta_bias, delta_softplus, out_dtype):
+    batch, channels, length = u_q.shape
+    return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
+
+
+@graph_op("quamba::selective_scan_int8_cached", mutates_args=("ssm_state",))
+def selective_scan_int8_cached_op(u_q: torch.Tensor, u_scale: torch.Tensor, delta_q: torch.Tensor,
+                                  delta_scale: torch.Tensor, A: torch.Tensor, B_q: torch.Tensor,
+                                  B_scale: torch.Tensor, C_q: torch.Tensor, C_scale: torch.Tensor,
+                                  D: Optional[torch.Tensor], z_q: Optional[torch.Tensor],
+                                  z_scale: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                                  delta_softplus: bool, out_dtype: torch.dtype, ssm_state: torch.Tensor,
+                                  decode: bool) -> torch.Tensor:
+    """`selective_scan_int8` with a cache: `ssm_state` float16, bfloat16 or float32 `[B, D, N]`.
+
+    Prefill starts from a zero state and leaves the final one in `ssm_state`; decode (L = 1)
+    advances `ssm_state` by one step. The scan computes in fp32 either way; the state is stored
+    rounded to nearest even in `ssm_state`'s dtype.
+    """
+    if decode:
+        y = selective_state_update(
+            ssm_state, u_q[:, :, 0], delta_q[:, :, 0], _f32(A), B_q[:, :, 0], C_q[:, :, 0], _f32(D),
+            None if z_q is None else z_q[:, :, 0], _f32(delta_bias), delta_softplus,
+            u_scale=u_scale, delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale,
+            out_dtype=out_dtype)
+        return y[:, None, :].transpose(1, 2)
+    y, final = _scan_int8(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale,
+                          delta_bias, delta_softplus, out_dtype, return_final_state=True,
+                          state_dtype=ssm_state.dtype)
+    ssm_state.copy_(final)
+    return y
+
+
+@selective_scan_int8_cached_op.register_fake
+def _selective_scan_int8_cached_fake(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q,
+                                     z_scale, delta_bias, delta_softplus, out_dtype, ssm_state, decode):
+    batch, channels, length = u_q.shape
+    return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
+
+
+@graph_op("quamba::dt_proj_state_update", mutates_args=("ssm_state",))
+def dt_proj_state_update_op(u_q: torch.Tensor, u_scale: torch.Tensor, dt_x_q: torch.Tensor,
+                            dt_x_scale: torch.Tensor, dt_weight: torch.Tensor, dt_weight_scale: torch.Tensor,
+                            dt_bias: Optional[torch.Tensor], delta_scale: torch.Tensor, A: torch.Tensor,
+                            B_q: torch.Tensor, B_scale: torch.Tensor, C_q: torch.Tensor, C_scale: torch.Tensor,
+                            D: Optional[torch.Tensor], z_q: Optional[torch.Tensor], z_scale: Optional[torch.Tensor],
+                            delta_bias: Optional[torch.Tensor], delta_softplus: bool, out_dtype: torch.dtype,
+                            ssm_state: torch.Tensor) -> torch.Tensor:
+    """One decode step of `selective_scan_int8_cached` whose delta is dt_proj's int8 output
+    `w8a8_linear(dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale)`, computed
+    inside the scan kernel (`DeltaProjection`): the same delta, one launch fewer.
+
+    u_q, z_q: `[B, D, 1]`; dt_x_q: `[B, 1, R]`; B_q, C_q: `[B, N, 1]`; returns y `[B, D, 1]` laid
+    out `[B, 1, D]`, and advances `ssm_state` `[B, D, N]`.
+    """
+    proj = DeltaProjection(dt_x_q[:, 0], as_scalar(dt_x_scale), dt_weight, dt_weight_scale.float().reshape(-1),
+                           _f32(dt_bias), as_scalar(delta_scale))
+    y = selective_state_update(
+        ssm_state, u_q[:, :, 0], None, _f32(A), B_q[:, :, 0], C_q[:, :, 0], _f32(D),
+        None if z_q is None else z_q[:, :, 0], _f32(delta_bias), delta_softplus,
+        u_scale=u_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype, delta_proj=proj)
+    return y[:, None, :].transpose(1, 2)
+
+
+@dt_proj_state_update_op.register_fake
+def _dt_proj_state_update_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale,
+                               A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias, delta_softplus,
+                               out_dtype, ssm_state):
+    batch, channels, length = u_q.shape
+    return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)

@@ -18,7 +18,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..graph_info import META_KEY, info, op_name
-from ..kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_int8)
+from ..kernels import conv1d as conv1d_kernel  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_int8)
 from .rewrite import run_rules
 
 FUSED_CONV = torch.ops.quamba.conv1d_silu_int8.default

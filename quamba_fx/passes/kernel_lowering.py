@@ -1,7 +1,8 @@
 """Lower the W8A8 reference graph to GPU kernels: a rule table run to a fixpoint.
 
-Each rule matches one reference subgraph and replaces it with one kernel op from
-`quamba_fx.kernels.ops`, recording the kernel in `node.meta["quamba"]["kernel"]` (the dump shows it).
+Each rule matches one reference subgraph and replaces it with one kernel op, defined at the end of
+its kernel's module in `quamba_fx.kernels`, recording the kernel in `node.meta["quamba"]["kernel"]`
+(the dump shows it).
 The rules live beside each other in `passes/lowering`, one file per kernel; this module runs them,
 folds parameter expressions, casts the float leftovers, and derives the cached graphs:
 

@@ -4,8 +4,9 @@ Each file (`gemm`, `scan`, `hadamard`, `norm`) names the ops its kernel provides
 kernel runs each (`KERNELS`, shown by the dumps), and gives its rewrite rules (`passes.rewrite`):
 `rules(dtype)` for the lowering of a whole graph (`dtype`: the activations between kernels), and
 `DECODE_RULES` for the one-token decode graph (`cached_graph`). This package only adds them up;
-a new kernel is a new file here plus its line below. The conv1d's rule is `passes.conv_fusion`, a
-pass of its own that runs before lowering and that the torch.compile backend reuses.
+a new kernel is its module in `kernels/` (kernel, reference and ops), a new file here and its line
+below. The conv1d's rule is `passes.conv_fusion`, a pass of its own that runs before lowering and
+that the torch.compile backend reuses.
 """
 
 from __future__ import annotations

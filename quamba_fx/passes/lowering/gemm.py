@@ -11,8 +11,9 @@ import torch
 import torch.fx
 
 from ...graph_info import info
+from ...kernels import conv1d as conv1d_kernel  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_int8_cached)
+from ...kernels import gemm as gemm_kernel  # noqa: F401  (registers w8a8_linear and in_proj_conv_update)
 from ...kernels import gemm_fp8  # noqa: F401  (registers torch.ops.quamba.fp8_gemm)
-from ...kernels import ops  # noqa: F401  (registers the kernel ops read below)
 from ...quant.fp8_linear import Fp8Linear
 from ...quant.linear import QuantizedLinear
 from ..rewrite import Rule

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from ...kernels import ops  # noqa: F401  (registers the kernel ops read below)
+from ...kernels import hadamard as hadamard_kernel  # noqa: F401  (registers the kernel ops read below)
 from ...quant import hadamard as _reference  # noqa: F401  (registers torch.ops.quamba.hadamard)
 from ..quantize import QUANTIZE, QUANTIZE_FP8
 from ..rewrite import Rule

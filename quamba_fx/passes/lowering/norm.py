@@ -11,7 +11,7 @@ import torch.fx
 from torch import nn
 
 from ...graph_info import info
-from ...kernels import ops  # noqa: F401  (registers the kernel ops read below)
+from ...kernels import norm as norm_kernel  # noqa: F401  (registers the kernel ops read below)
 from ...quant.fp8 import FP8_DTYPE
 from ..quantize import QUANTIZE, QUANTIZE_FP8
 from ..rewrite import Rule

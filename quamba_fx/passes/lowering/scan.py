@@ -10,7 +10,7 @@ import torch.fx
 
 from ... import ops as reference_ops  # noqa: F401  (registers torch.ops.quamba.selective_scan)
 from ...graph_info import info
-from ...kernels import ops  # noqa: F401  (registers the kernel ops read below)
+from ...kernels import scan as scan_kernel  # noqa: F401  (registers the kernel ops read below)
 from ..quantize import DEQUANTIZE
 from ..rewrite import Rule
 from .gemm import W8A8_LINEAR
