@@ -1,4 +1,5 @@
-"""Train a small byte-level Mamba-1 (`transformers.MambaForCausalLM`, vocab 256) on WikiText-2.
+"""Train a small byte-level Mamba-1 (`transformers.MambaForCausalLM`, vocab 256) or, with `--arch
+mamba2`, Mamba-2 (`Mamba2ForCausalLM`) on WikiText-2.
 
 Trains on valid.txt for a fixed wall-clock budget, checks the weights against Hugging Face's own
 forward, saves them in fp16 with `save_pretrained` (atomically) and reports bits per byte on
@@ -8,11 +9,14 @@ test.txt, measured with the Hugging Face model in fp32 from the saved (fp16-roun
 HF's torch fallback runs the selective scan as a Python loop over every position, far too slow to
 train with, so training uses `parallel_forward`: the same parameters, the same numerics, but a
 chunked scan. Before training (and after) its logits are compared with `model(ids).logits`; the
-run aborts if they differ.
+run aborts if they differ. Mamba-2 trains through the same walk over HF's modules with
+`quamba_fx.ssd_reference.ssd_scan_reference` (the chunked SSD form, plain differentiable torch).
 
 Run from the repository root (so `quamba_fx` imports without installing):
 
     python -m benchmarks.train_bytes_model --device cuda --minutes 4
+    python -m benchmarks.train_bytes_model --arch mamba2 --device cuda --minutes 4 \
+        --out quamba_fx/models_data/mamba2-bytes-wt2
 
 On one H100 (torch 2.11) training runs at ~180k bytes/s (batch 32 x 512); with the checks, the
 test evaluation and saving, a 4-minute run takes about 4.5 minutes of wall clock.
@@ -35,9 +39,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import MambaConfig, MambaForCausalLM
+from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from quamba_fx.evaluate import evaluate
+from quamba_fx.ssd_reference import ssd_scan_reference
 from quamba_fx.textdata import (
     VOCAB_SIZE,
     chunk_sequences,
@@ -57,13 +62,17 @@ MAX_DEV_WINDOWS = 128
 
 @dataclass
 class ModelShape:
-    """The architecture knobs of the byte model; the rest of MambaConfig keeps HF's defaults."""
+    """The architecture knobs of the byte model; the rest of the config keeps HF's defaults.
+    `head_dim` and `n_groups` are Mamba-2's (its heads: expand * hidden / head_dim)."""
 
     num_hidden_layers: int = 4
     hidden_size: int = 256
     state_size: int = 16
     expand: int = 2
     conv_kernel: int = 4
+    arch: str = "mamba1"
+    head_dim: int = 64
+    n_groups: int = 1
 
 
 @dataclass
@@ -95,21 +104,27 @@ class TrainSettings:
     test_file: Path | None = None  # None: WikiText-2 test.txt
 
 
-def byte_model_config(shape: ModelShape) -> MambaConfig:
-    """A MambaConfig for a byte-level model: vocab 256, tied embeddings, byte 0 as pad/bos/eos."""
-    return MambaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        state_size=shape.state_size,
-        expand=shape.expand,
-        conv_kernel=shape.conv_kernel,
-        tie_word_embeddings=True,
-        residual_in_fp32=True,
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=0,
+def byte_model_config(shape: ModelShape, chunk_len: int = 64) -> MambaConfig | Mamba2Config:
+    """The config of a byte-level model: vocab 256, tied embeddings, byte 0 as pad/bos/eos.
+    A Mamba-2 config keeps `chunk_len` as its scan's chunk size."""
+    common = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=shape.hidden_size, num_hidden_layers=shape.num_hidden_layers,
+        state_size=shape.state_size, expand=shape.expand, conv_kernel=shape.conv_kernel, tie_word_embeddings=True,
+        residual_in_fp32=True, pad_token_id=0, bos_token_id=0, eos_token_id=0,
     )
+    if shape.arch == "mamba2":
+        return Mamba2Config(num_heads=shape.expand * shape.hidden_size // shape.head_dim, head_dim=shape.head_dim,
+                            n_groups=shape.n_groups, chunk_size=chunk_len, **common)
+    if shape.arch != "mamba1":
+        raise ValueError(f"--arch must be mamba1 or mamba2, got {shape.arch!r}")
+    return MambaConfig(**common)
+
+
+ByteModel = MambaForCausalLM | Mamba2ForCausalLM
+
+
+def model_class(shape: ModelShape) -> type:
+    return Mamba2ForCausalLM if shape.arch == "mamba2" else MambaForCausalLM
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,8 +225,25 @@ def mixer_forward(mixer: torch.nn.Module, hidden: torch.Tensor, chunk_len: int =
     return mixer.out_proj(y.to(hidden.dtype))
 
 
+def mamba2_mixer_forward(mixer: torch.nn.Module, hidden: torch.Tensor, chunk_len: int = 64) -> torch.Tensor:
+    """HF `Mamba2Mixer.forward` (no cache, no mask) with the SSD scan of `quamba_fx.ssd_reference`."""
+    length = hidden.shape[1]
+    d_inner, heads = mixer.intermediate_size, mixer.num_heads
+    groups_state = mixer.n_groups * mixer.ssm_state_size
+    z, xbc, dt = torch.split(mixer.in_proj(hidden), [d_inner, mixer.conv_dim, heads], dim=-1)
+    xbc = F.silu(mixer.conv1d(xbc.transpose(1, 2))[..., :length]).transpose(1, 2)
+    x, B, C = torch.split(xbc, [d_inner, groups_state, groups_state], dim=-1)
+    low, high = (float(v) for v in mixer.time_step_limit)
+    y, _ = ssd_scan_reference(
+        x.unflatten(-1, (heads, mixer.head_dim)), dt, -torch.exp(mixer.A_log.float()),
+        B.unflatten(-1, (mixer.n_groups, mixer.ssm_state_size)), C.unflatten(-1, (mixer.n_groups, mixer.ssm_state_size)),
+        mixer.D, mixer.dt_bias, True, low, high, chunk_len,
+    )
+    return mixer.out_proj(mixer.norm(y.flatten(-2), z).to(hidden.dtype))
+
+
 def parallel_forward(
-    model: MambaForCausalLM, input_ids: torch.Tensor, chunk_len: int = 64, dropout: float = 0.0
+    model: ByteModel, input_ids: torch.Tensor, chunk_len: int = 64, dropout: float = 0.0
 ) -> torch.Tensor:
     """Logits [b, L, vocab] (fp32) of `model` for `input_ids`, equal to `model(input_ids).logits`.
 
@@ -223,17 +255,18 @@ def parallel_forward(
     backbone = model.backbone
     drop = dropout if model.training else 0.0
     hidden = F.dropout(backbone.embeddings(input_ids), drop)
+    mixer_fn = mamba2_mixer_forward if isinstance(model, Mamba2ForCausalLM) else mixer_forward
     for block in backbone.layers:
         residual = hidden.float() if block.residual_in_fp32 else hidden
         normed = block.norm(hidden.to(block.norm.weight.dtype))
-        hidden = residual + F.dropout(mixer_forward(block.mixer, normed, chunk_len), drop)
+        hidden = residual + F.dropout(mixer_fn(block.mixer, normed, chunk_len), drop)
     hidden = backbone.norm_f(hidden)
     return model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
 
 
 @torch.no_grad()
 def check_against_hf(
-    model: MambaForCausalLM,
+    model: ByteModel,
     chunk_len: int,
     seq_len: int = 100,
     batch: int = 2,
@@ -260,7 +293,7 @@ def check_against_hf(
     error = (actual - expected).abs().max().item() / scale
     if not math.isfinite(error) or error >= tolerance:
         raise RuntimeError(
-            f"parallel forward disagrees with Hugging Face's MambaForCausalLM: max |diff| / scale = "
+            f"parallel forward disagrees with Hugging Face's {type(model).__name__}: max |diff| / scale = "
             f"{error:.3g} (tolerance {tolerance}); refusing to train a model whose saved weights would "
             f"mean something else to HF"
         )
@@ -336,7 +369,7 @@ def split_dev(ids: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.T
     return ids[: ids.numel() - n_dev], ids[ids.numel() - n_dev :]
 
 
-def dev_bits_per_byte(model: MambaForCausalLM, dev_windows: torch.Tensor, settings: TrainSettings) -> float:
+def dev_bits_per_byte(model: ByteModel, dev_windows: torch.Tensor, settings: TrainSettings) -> float:
     """Bits per byte of the parallel forward on the held-out windows (eval mode, same autocast)."""
     model.eval()
     try:
@@ -372,7 +405,7 @@ class _BestWeights:
 
 
 def train_model(
-    model: MambaForCausalLM,
+    model: ByteModel,
     train_ids: torch.Tensor,
     settings: TrainSettings,
     dev_windows: torch.Tensor | None = None,
@@ -435,7 +468,7 @@ def train_model(
 
 
 def _offer_dev(
-    model: MambaForCausalLM, dev_windows: torch.Tensor, step: int, best: _BestWeights, settings: TrainSettings
+    model: ByteModel, dev_windows: torch.Tensor, step: int, best: _BestWeights, settings: TrainSettings
 ) -> None:
     bpb = dev_bits_per_byte(model, dev_windows, settings)
     mark = " *" if bpb < best.bpb else ""
@@ -457,7 +490,7 @@ def _log_step(step: int, loss: float, lr: float, elapsed: float, settings: Train
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate_test_bpb(model: MambaForCausalLM, test_ids: torch.Tensor, settings: TrainSettings) -> tuple[float, int]:
+def evaluate_test_bpb(model: ByteModel, test_ids: torch.Tensor, settings: TrainSettings) -> tuple[float, int]:
     """Bits per byte of HF's own forward (fp32, eval mode) on fixed test windows; and their count."""
     windows = chunk_sequences(test_ids, settings.eval_seq_len, num_sequences=settings.eval_windows)
     model.eval()
@@ -472,7 +505,7 @@ def evaluate_test_bpb(model: MambaForCausalLM, test_ids: torch.Tensor, settings:
     return bpb, windows.shape[0]
 
 
-def save_atomically(model: MambaForCausalLM, run: dict, out: Path) -> None:
+def save_atomically(model: ByteModel, run: dict, out: Path) -> None:
     """Write `save_pretrained` files and the run JSON into a temp folder beside `out`, then swap it in.
 
     A crash while writing leaves the previous `out` untouched, never a half-written mix; the swap
@@ -501,8 +534,8 @@ def run(settings: TrainSettings) -> dict:
     test_ids = load_bytes(test_path)
 
     torch.manual_seed(settings.seed)
-    config = byte_model_config(settings.shape)
-    model = MambaForCausalLM(config).to(device)
+    config = byte_model_config(settings.shape, settings.chunk_len)
+    model = model_class(settings.shape)(config).to(device)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f}M parameters, {config.num_hidden_layers} layers, hidden {config.hidden_size}")
 
@@ -565,6 +598,9 @@ def parse_args(argv: list[str] | None = None) -> TrainSettings:
     p.add_argument("--state", type=int, default=s.state_size)
     p.add_argument("--expand", type=int, default=s.expand)
     p.add_argument("--conv", type=int, default=s.conv_kernel)
+    p.add_argument("--arch", choices=("mamba1", "mamba2"), default=s.arch)
+    p.add_argument("--head-dim", type=int, default=s.head_dim, help="Mamba-2 only")
+    p.add_argument("--groups", type=int, default=s.n_groups, help="Mamba-2 only: B/C groups")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -582,7 +618,7 @@ def parse_args(argv: list[str] | None = None) -> TrainSettings:
     p.add_argument("--train-file", type=Path, default=None, help="default: WikiText-2 valid.txt")
     p.add_argument("--test-file", type=Path, default=None, help="default: WikiText-2 test.txt")
     a = p.parse_args(argv)
-    shape = ModelShape(a.layers, a.hidden, a.state, a.expand, a.conv)
+    shape = ModelShape(a.layers, a.hidden, a.state, a.expand, a.conv, a.arch, a.head_dim, a.groups)
     return TrainSettings(
         shape=shape, minutes=a.minutes, max_steps=a.steps, batch=a.batch, seq_len=a.seq_len, lr=a.lr,
         warmup_steps=a.warmup, weight_decay=a.weight_decay, grad_clip=a.grad_clip, dropout=a.dropout,

@@ -49,6 +49,7 @@ BUILTIN_SHAPES: dict[str, BuiltinShape] = {
 # Trained checkpoints shipped inside the package (see benchmarks/train_bytes_model.py).
 PACKAGED_MODELS: dict[str, Path] = {
     "mamba-bytes-wt2": Path(__file__).parent / "models_data" / "mamba-bytes-wt2",
+    "mamba2-bytes-wt2": Path(__file__).parent / "models_data" / "mamba2-bytes-wt2",
 }
 DEFAULT_MODEL = "mamba-bytes-wt2"
 

@@ -199,3 +199,51 @@ def test_cpu_smoke_run_saves_a_loadable_fp16_model(small_text, tmp_path, capsys)
     with torch.no_grad():
         bpb = bits_per_byte(model.float()(windows, use_cache=False).logits, windows)
     assert bpb == pytest.approx(run["test_bpb"], rel=1e-5)
+
+
+# --- Mamba-2 ------------------------------------------------------------------------------------
+
+
+def _mamba2_model(seed: int = 0, **shape) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    shape = dict(dict(arch="mamba2", head_dim=16, n_groups=2), **shape)
+    model = tbm.model_class(tbm.ModelShape(**shape))(tbm.byte_model_config(tbm.ModelShape(**shape), chunk_len=8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("length, chunk_len", [(37, 8), (5, 64)])
+def test_mamba2_parallel_forward_matches_hf_logits_and_gradients(length, chunk_len):
+    model = _mamba2_model(num_hidden_layers=2, hidden_size=32, state_size=8)
+    ids = _ids(2, length)
+    with torch.no_grad():
+        assert _rel_diff(tbm.parallel_forward(model, ids, chunk_len), model(ids, use_cache=False).logits) < 1e-5
+    model.train()
+    grads = []
+    for forward in (lambda: model(ids, use_cache=False).logits, lambda: tbm.parallel_forward(model, ids, chunk_len)):
+        model.zero_grad()
+        forward().logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert _rel_diff(grads[1][name], grads[0][name]) < 1e-4, name
+
+
+def test_mamba2_cpu_smoke_run_saves_a_model_quamba_fx_loads(small_text, tmp_path):
+    train, test = small_text
+    out = tmp_path / "mamba2-bytes"
+    argv = [
+        "--arch", "mamba2", "--head-dim", "16", "--device", "cpu", "--steps", "4", "--minutes", "5",
+        "--out", str(out), "--layers", "2", "--hidden", "32", "--state", "8", "--batch", "4", "--seq-len", "64",
+        "--chunk-len", "16", "--warmup", "2", "--eval-every", "2", "--eval-seq-len", "64", "--eval-windows", "4",
+        "--train-file", str(train), "--test-file", str(test),
+    ]  # fmt: skip
+    assert tbm.main(argv) == 0
+    run = json.loads((out / tbm.RUN_JSON).read_text())
+    assert run["model_config"]["model_type"] == "mamba2" and run["model_config"]["chunk_size"] == 16
+    import quamba_fx
+
+    model = quamba_fx.load_model(str(out))
+    assert type(model).__name__ == "Mamba2ForCausalLM" and model.config.num_heads == 4
+    quamba_fx.verify_topology(quamba_fx.capture(model))
