@@ -2,8 +2,9 @@
 
     python benchmarks/accuracy.py [--windows 64] [--seq-len 512] [--synthetic-layers 24]
                                   [--recipes naive quamba fp8] [--skip-bytes-model] [--skip-synthetic]
+                                  [--bytes-model mamba-bytes-wt2 | mamba2-bytes-wt2]
 
-1. mamba-bytes-wt2: bits per byte on test.txt (fp32 and each recipe), calibrated on valid.txt, plus
+1. the trained byte model (`--bytes-model`, default mamba-bytes-wt2): bits per byte on test.txt (fp32 and each recipe), calibrated on valid.txt, plus
    KL(fp32 || quantized) and top-1 agreement.
 2. A random model of mamba-130m's shape with 4 injected outlier channels (x100) per block at
    out_proj's input (quamba_fx.synthetic): KL and top-1 agreement of each recipe against its own
@@ -62,13 +63,15 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["naive", "quamba", "fp8"], help="registered recipe names")
     parser.add_argument("--skip-bytes-model", action="store_true", help="only the synthetic check")
     parser.add_argument("--skip-synthetic", action="store_true", help="only the trained byte model")
+    parser.add_argument("--bytes-model", default="mamba-bytes-wt2", choices=["mamba-bytes-wt2", "mamba2-bytes-wt2"],
+                        help="the trained byte model of part 1")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"# CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
     if not args.skip_bytes_model:
-        byte_rows = compare(quamba_fx.load_model("mamba-bytes-wt2"), windows("valid", args.seq_len, args.calib_windows),
+        byte_rows = compare(quamba_fx.load_model(args.bytes_model), windows("valid", args.seq_len, args.calib_windows),
                             windows("test", args.seq_len, args.windows), batch=8, recipes=args.recipes)
-        print_rows(f"mamba-bytes-wt2, {args.windows} x {args.seq_len} bytes of test.txt "
+        print_rows(f"{args.bytes_model}, {args.windows} x {args.seq_len} bytes of test.txt "
                    f"(calibration {args.calib_windows} x {args.seq_len} of valid.txt)", byte_rows)
     if args.skip_synthetic:
         return

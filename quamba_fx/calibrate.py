@@ -14,8 +14,8 @@ from .errors import InputError, QuambaError
 from .graph_info import describe
 from .quant.observers import Observer, observer_class, observer_from_state_dict
 from .quant.qops import QMAX
-from .recipe import block_paths, tap_node
-from .recipes import Recipe, as_recipe
+from .recipe import block_paths, recipe_for_graph, tap_node
+from .recipes import Recipe
 
 CALIBRATION_FORMAT = 1
 
@@ -130,7 +130,7 @@ def calibrate(
                 "[batch, seq_len], or an iterable of such batches"
             )
         batches = [batches]
-    recipe = as_recipe(recipe)
+    recipe = recipe_for_graph(gm, recipe)
     taps: dict[torch.fx.Node, tuple[str, Observer]] = {}
     for path in block_paths(gm):
         for tap in recipe.taps:

@@ -19,18 +19,17 @@ import torch
 import torch.fx
 from torch import nn
 
-from .arch import ArchSpec, arch_of
 from .calibrate import Calibration, calibrate
 from .capture import annotate_shapes, capture
-from .errors import InvalidArgumentError, NonFiniteError, UnsupportedModelError
+from .errors import InvalidArgumentError, NonFiniteError
 from .graph_meta import find_graph_meta, graph_meta
 from .passes.conv_fusion import FuseConv1dSiLU
 from .passes.hadamard import RotateOutProjInput
 from .passes.kernel_lowering import LowerToKernels
 from .passes.quantize import InsertQuantDequant, LowerLinears, SinkDequantize
 from .pipeline import Pipeline
-from .recipe import block_paths
-from .recipes import Recipe, as_recipe
+from .recipe import block_paths, recipe_for_graph
+from .recipes import Recipe
 from .tensor_checks import name_list, non_finite_tensors
 
 
@@ -60,16 +59,6 @@ def _example_shape(gm: torch.fx.GraphModule) -> tuple[int, ...]:
     return tuple(shape if shape is not None else (1, 8))
 
 
-def _check_recipe_fits(recipe: Recipe, arch: ArchSpec) -> None:
-    # Otherwise calibration fails later on the first tap it cannot find, naming one module only.
-    blocks_have = {path for _, path in arch.modules}
-    missing = sorted({tap.module for tap in recipe.taps} - blocks_have)
-    if missing:
-        none_yet = "" if arch.taps else f"; no recipe quantizes {arch.title} models yet"
-        raise UnsupportedModelError(f"recipe {recipe.name!r} quantizes {', '.join(missing)}, which a {arch.title} "
-                                    f"block does not have{none_yet}")
-
-
 def quantize(
     model: nn.Module | torch.fx.GraphModule | str,
     calibration_data: Iterable[torch.Tensor] | None = None,
@@ -88,14 +77,15 @@ def quantize(
     `qm.get_submodule("backbone.layers.0.mixer.conv1d").output_scale`. Raises `NonFiniteError` when
     a weight holds NaN or infinity (even one calibration never reads, like an unused embedding row).
     `recipe` is a registered recipe's name (`naive`, `quamba`, `fp8`) or any `quamba_fx.recipes.Recipe`;
-    the graph keeps it (`graph_meta(gm).recipe_spec`), so `save_pretrained` can store it whole.
+    the graph keeps it (`graph_meta(gm).recipe_spec`), so `save_pretrained` can store it whole, as it
+    applies to the model's architecture (`recipe.recipe_for_graph`: on Mamba-2, without the x_proj
+    and dt_proj taps).
     A `calibration` recorded for another recipe (name or observers) raises `CalibrationError`.
     """
-    recipe = as_recipe(recipe)
     # Always a deep copy: a fresh capture shares its modules with the user's model, and the passes
     # register scale buffers on them and swap Linears out.
     gm = copy.deepcopy(model if isinstance(model, torch.fx.GraphModule) else capture(model))
-    _check_recipe_fits(recipe, arch_of(gm))
+    recipe = recipe_for_graph(gm, recipe)
     bad = non_finite_tensors([*gm.named_parameters(), *gm.named_buffers()])
     if bad:
         raise NonFiniteError(
@@ -147,6 +137,7 @@ def lower(quantized: torch.fx.GraphModule, dtype: torch.dtype = torch.float16,
 def quantized_structure(gm: torch.fx.GraphModule, recipe: Recipe, fused: bool) -> torch.fx.GraphModule:
     """`gm` (a float capture, typically on the meta device) rewritten as `quantize` (and `fuse`)
     would, with every scale 1.0: the structure a checkpoint's tensors are loaded into. Modifies `gm`."""
+    recipe = recipe_for_graph(gm, recipe)
     keys = [f"{p}.{tap.module}.{tap.scale}" for p in block_paths(gm) for tap in recipe.taps]
     passes = float_passes(recipe) + quantization_passes(dict.fromkeys(keys, 1.0), recipe)
     if fused:

@@ -18,7 +18,7 @@ from .scan_reference import selective_scan_reference
 from .ssd_reference import ssd_scan_reference
 
 __all__ = ["check_token_range", "hadamard", "selective_scan", "selective_scan_reference", "ssd_scan",
-           "token_ids_in_range"]
+           "ssd_scan_cached", "token_ids_in_range"]
 
 
 @torch.library.custom_op("quamba::selective_scan", mutates_args=())
@@ -82,6 +82,38 @@ def ssd_scan(
 
 @ssd_scan.register_fake
 def _ssd_scan_fake(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("quamba::ssd_scan_cached", mutates_args=("ssm_state",))
+def ssd_scan_cached(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor],
+    dt_softplus: bool,
+    dt_min: float,
+    dt_max: float,
+    chunk_size: int,
+    ssm_state: torch.Tensor,
+    decode: bool,
+) -> torch.Tensor:
+    """`ssd_scan` with a cache, `ssm_state` `[batch, heads, head_dim, state]` (any float dtype).
+
+    Prefill (`decode=False`) starts from zeros, as `ssd_scan` does, and leaves the final state in
+    `ssm_state`; decode (`decode=True`, any L, typically 1) continues from it and advances it.
+    """
+    y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
+                                  initial_state=ssm_state if decode else None)
+    ssm_state.copy_(final)
+    return y.contiguous()
+
+
+@ssd_scan_cached.register_fake
+def _ssd_scan_cached_fake(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, ssm_state, decode):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 

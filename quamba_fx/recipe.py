@@ -1,4 +1,4 @@
-"""Where a recipe's taps sit in a captured graph (`block_paths`, `tap_node`).
+"""Where a recipe's taps sit in a captured graph (`block_paths`, `recipe_for_graph`, `tap_node`).
 
 The recipes themselves (`Recipe`, `QuantSpec`, `Tap`, the registry and the built-in recipes)
 live in `quamba_fx.recipes`; the names re-exported here keep `quamba_fx.recipe.make_recipe` and
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch.fx
 
-from .arch import arch_of
+from .arch import arch_named, arch_names, arch_of
+from .errors import RecipeError
 from .graph_info import is_kind, op_name
 from .graph_meta import graph_meta
 from .recipes import (
@@ -30,7 +31,7 @@ from .recipes import (
 
 __all__ = [
     "CONV_OUT", "DT_PROJ_OUT", "IN_PROJ_OUT", "NORM_OUT", "OUT_PROJ_IN", "W8A8_TAPS", "X_PROJ_OUT", "QuantSpec",
-    "Recipe", "Tap", "as_recipe", "block_paths", "make_recipe", "register_recipe", "tap_node",
+    "Recipe", "Tap", "as_recipe", "block_paths", "make_recipe", "recipe_for_graph", "register_recipe", "tap_node",
 ]
 
 
@@ -39,6 +40,20 @@ def block_paths(gm: torch.fx.GraphModule) -> list[str]:
     meta = graph_meta(gm)
     arch = arch_of(gm)
     return [arch.block_path(meta.prefix, b) for b in range(meta.num_blocks)]
+
+
+def recipe_for_graph(gm: torch.fx.GraphModule, recipe: str | Recipe) -> Recipe:
+    """`recipe` (a name or a `Recipe`) as it applies to `gm`'s architecture: its taps on modules
+    that the architecture's blocks have (the built-in recipes name Mamba-1's six; a Mamba-2 block
+    has four of them). A tap on a module that no registered architecture has is a `RecipeError`,
+    not dropped: it is a misspelt path."""
+    recipe = as_recipe(recipe)
+    known = {path for spec in map(arch_named, arch_names()) for _, path in spec.modules}
+    unknown = [tap.key for tap in recipe.taps if tap.module not in known]
+    if unknown:
+        raise RecipeError("taps", f"{', '.join(unknown)}: no registered architecture has such a module "
+                                  f"(known: {', '.join(sorted(known - {''}))})")
+    return recipe.restricted_to({path for _, path in arch_of(gm).modules})
 
 
 def tap_node(gm: torch.fx.GraphModule, block_path: str, tap: Tap) -> torch.fx.Node:

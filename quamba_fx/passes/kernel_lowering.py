@@ -45,7 +45,8 @@ from .lowering.gemm import CONV_CACHED, FP8_GEMM, IN_PROJ_CONV_UPDATE, W8A8_LINE
 from .lowering.hadamard import HADAMARD, HADAMARD_QUANTIZE, HADAMARD_QUANTIZE_FP8, HADAMARD_ROTATE
 from .lowering.match import annotate, is_call, is_cast
 from .lowering.norm import ADD_RMSNORM
-from .lowering.scan import DT_PROJ_STATE_UPDATE, SCAN, SCAN_INT8, SCAN_INT8_CACHED, fuse_dt_proj_into_state_update
+from .lowering.scan import (DT_PROJ_STATE_UPDATE, SCAN, SCAN_INT8, SCAN_INT8_CACHED, SSD_SCAN, SSD_SCAN_CACHED,
+                            fuse_dt_proj_into_state_update)
 from .conv_fusion import FUSED_CONV
 from .rewrite import run_rules
 
@@ -205,6 +206,11 @@ def _delete_unused_attributes(gm: torch.fx.GraphModule) -> None:
 # Cached graphs for generation
 # ---------------------------------------------------------------------------------------------
 
+# Op -> (its cached form, the cache it reads: "conv" or "ssm").
+_CACHED_FORMS = {FUSED_CONV: (CONV_CACHED, "conv"), SCAN_INT8: (SCAN_INT8_CACHED, "ssm"),
+                 SSD_SCAN: (SSD_SCAN_CACHED, "ssm")}
+
+
 def cached_graph(lowered: torch.fx.GraphModule, decode: bool) -> torch.fx.GraphModule:
     """The prefill (`decode=False`) or one-token decode graph of a lowered graph.
 
@@ -224,12 +230,15 @@ def cached_graph(lowered: torch.fx.GraphModule, decode: bool) -> torch.fx.GraphM
                 conv_states = graph.placeholder("conv_states")
                 ssm_states = graph.placeholder("ssm_states")
             continue
-        if is_call(node, FUSED_CONV) or is_call(node, SCAN_INT8):
-            cached_op, states = (CONV_CACHED, conv_states) if is_call(node, FUSED_CONV) else (SCAN_INT8_CACHED, ssm_states)
-            state = graph.call_function(operator.getitem, (states, info(node)["block"]))
+        cached = next(((op, kind) for target, (op, kind) in _CACHED_FORMS.items() if is_call(node, target)), None)
+        if cached is not None:
+            cached_op, kind = cached
+            state = graph.call_function(operator.getitem, (conv_states if kind == "conv" else ssm_states,
+                                                           info(node)["block"]))
             args = torch.fx.node.map_arg(node.args, lambda n: env[n])
             env[node] = graph.call_function(cached_op, (*args, state, decode))
-            env[node].meta["quamba"] = {**info(node), "kernel": KERNELS[node.target] + ("_update" if decode else "")}
+            kernel = KERNELS.get(node.target, "reference")
+            env[node].meta["quamba"] = {**info(node), "kernel": kernel + ("_update" if decode else "")}
             state.meta["quamba"] = {**info(node)}
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])

@@ -149,6 +149,15 @@ class Recipe:
         """The tapped activations, in order."""
         return tuple(tap for tap, _ in self.specs)
 
+    def restricted_to(self, modules: set[str] | frozenset[str]) -> "Recipe":
+        """This recipe without the taps on modules outside `modules` (block-relative paths): what
+        it quantizes in an architecture whose blocks have only those (Mamba-2 has no x_proj or
+        dt_proj). Itself when every tap is kept; `RecipeError` when none is."""
+        kept = tuple((tap, spec) for tap, spec in self.specs if tap.module in modules)
+        if not kept:
+            raise RecipeError("taps", f"recipe {self.name!r} quantizes none of the modules {sorted(modules)}")
+        return self if len(kept) == len(self.specs) else replace(self, specs=kept)
+
     def spec(self, tap: Tap) -> QuantSpec:
         """The spec of `tap`; `KeyError` if this recipe does not quantize it."""
         for candidate, spec in self.specs:

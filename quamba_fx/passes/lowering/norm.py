@@ -47,6 +47,8 @@ def fuse_norm(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype)
     """
     if node.op != "call_module" or not is_rmsnorm(gm.get_submodule(node.target)):
         return False
+    if len(node.args) != 1 or node.kwargs:
+        return False  # a gated RMSNorm (Mamba-2's norm(y * silu(z))): not this kernel's computation
     module = gm.get_submodule(node.target)
     stream = strip_casts(node.args[0])
     if is_call(stream, operator.add) and info(stream).get("role") == "residual":

@@ -17,6 +17,10 @@ from .gemm import W8A8_LINEAR
 from .match import annotate, is_call
 
 SCAN = torch.ops.quamba.selective_scan.default
+# Mamba-2's scan has no kernel yet: lowered graphs keep the reference op, and cached graphs its
+# cached form (`quamba_fx/ops.py`).
+SSD_SCAN = torch.ops.quamba.ssd_scan.default
+SSD_SCAN_CACHED = torch.ops.quamba.ssd_scan_cached.default
 SCAN_INT8 = torch.ops.quamba.selective_scan_int8.default
 SCAN_INT8_CACHED = torch.ops.quamba.selective_scan_int8_cached.default
 DT_PROJ_STATE_UPDATE = torch.ops.quamba.dt_proj_state_update.default
