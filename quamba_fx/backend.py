@@ -29,10 +29,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
+from .arch import arch_named, arch_names
 from .checkpoint import from_pretrained
 from .errors import InvalidArgumentError, QuambaError, TopologyError
 from .flows import fuse
-from .graph_info import META_KEY, is_kind
+from .graph_info import META_KEY, is_kind, op_name
 from .graph_meta import GraphMeta, graph_meta, set_graph_meta
 from .passes.conv_fusion import fuse_conv1d_silu
 from .passes.rewrite import run_rules
@@ -146,8 +147,16 @@ def annotate(gm: torch.fx.GraphModule) -> int:
     # verify_topology checks blocks 0..n-1 when it knows n; a graph holding a slice of the model
     # (after a graph break) only has its convs' own blocks checked.
     num_blocks = len(blocks) if blocks == set(range(len(blocks))) else None
-    set_graph_meta(gm, GraphMeta(num_blocks=num_blocks, source="dynamo"))
+    set_graph_meta(gm, GraphMeta(num_blocks=num_blocks, source="dynamo", arch=_arch_by_scan(gm)))
     return len(blocks)
+
+
+def _arch_by_scan(gm: torch.fx.GraphModule) -> str | None:
+    """The architecture whose scan op the graph calls; None (read as the default) when it calls none."""
+    for spec in map(arch_named, arch_names()):
+        if any(_is_quamba_op(node) and op_name(node).startswith(spec.scan_op) for node in gm.graph.nodes):
+            return spec.name
+    return None
 
 
 def _is_quamba_op(node: torch.fx.Node, name: str | None = None) -> bool:

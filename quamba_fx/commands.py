@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from .arch import arch_of
 from .capture import annotate_shapes, capture
 from .checkpoint import from_pretrained, is_quamba_checkpoint
 from .dump import dump, write_dump
 from .errors import InputError, QuambaError
-from .graph_info import block, is_kind
+from .graph_info import block, is_kind, op_name
 from .graph_meta import graph_meta
 from .evaluate import EvalResult, evaluate
 from .flows import fuse, lower, quantize
@@ -60,25 +61,31 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
-def _linear_shape(module: torch.nn.Module) -> str:
-    return f"{module.in_features}->{module.out_features}"
+def _module_shape(module: torch.nn.Module) -> str | None:
+    """`in->out` for a Linear (float or quantized), `channels x k` for a Conv1d, None otherwise."""
+    if isinstance(module, torch.nn.Conv1d):
+        return f"{module.out_channels} x {module.kernel_size[0]}"
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return f"{module.in_features}->{module.out_features}"
+    return None
 
 
 def _print_block_summary(gm: torch.fx.GraphModule) -> None:
     per_block = Counter(block(n) for n in gm.graph.nodes if block(n) is not None)
-    prefix = graph_meta(gm).prefix
-    print(f"{'block':>5}  {'nodes':>5}  {'in_proj':>11}  {'conv1d (ch x k)':>15}  {'x_proj':>10}  "
-          f"{'dt_proj':>10}  {'out_proj':>11}")
+    arch, prefix = arch_of(gm), graph_meta(gm).prefix
+    # The block's Linear and Conv1d roles, in the architecture's dataflow order.
+    first = arch.block_path(prefix, min(per_block, default=0))
+    columns = [(role, path) for role, path in arch.modules
+               if path and _module_shape(gm.get_submodule(f"{first}.{path}")) is not None]
+    widths = [max(len(role), 15) for role, _ in columns]
+    print(f"{'block':>5}  {'nodes':>5}  " + "  ".join(f"{role:>{w}}" for (role, _), w in zip(columns, widths)))
     for b in sorted(per_block):
-        mixer = gm.get_submodule(f"{prefix}layers.{b}.mixer")
-        conv = mixer.conv1d
-        print(
-            f"{b:>5}  {per_block[b]:>5}  {_linear_shape(mixer.in_proj):>11}  "
-            f"{f'{conv.out_channels} x {conv.kernel_size[0]}':>15}  {_linear_shape(mixer.x_proj):>10}  "
-            f"{_linear_shape(mixer.dt_proj):>10}  {_linear_shape(mixer.out_proj):>11}"
-        )
+        path = arch.block_path(prefix, b)
+        shapes = [_module_shape(gm.get_submodule(f"{path}.{inner}")) for _, inner in columns]
+        print(f"{b:>5}  {per_block[b]:>5}  " + "  ".join(f"{shape:>{w}}" for shape, w in zip(shapes, widths)))
     kinds = Counter(k for n in gm.graph.nodes for k in ("conv1d", "scan") if is_kind(gm, n, k))
-    print(f"graph: {len(gm.graph.nodes)} nodes, {kinds['conv1d']} conv1d, {kinds['scan']} selective_scan ops")
+    scan = next((op_name(n) for n in gm.graph.nodes if is_kind(gm, n, "scan")), "scan")
+    print(f"graph: {len(gm.graph.nodes)} nodes, {kinds['conv1d']} conv1d, {kinds['scan']} {scan} ops")
 
 
 def state_bytes(module: torch.nn.Module, float_bytes: int | None = None) -> int:
@@ -130,7 +137,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     verify_topology(gm)
     verified = time.perf_counter() - started
     _print_block_summary(gm)
-    print("topology verified: every block is in_proj -> conv1d -> x_proj, no conv1d feeds a conv1d")
+    topology = arch_of(gm).topology
+    print(f"topology verified: every block is {topology.producer} -> {topology.conv} -> {topology.consumer}, "
+          f"no conv1d feeds a conv1d")
     print(f"time: load {built:.2f} s, capture {captured:.2f} s, verify {verified:.3f} s")
     if args.run:
         ids = torch.randint(0, model.config.vocab_size, (1, args.run), generator=torch.Generator().manual_seed(0))

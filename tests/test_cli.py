@@ -41,6 +41,26 @@ def test_demo_on_tiny_model_quantizes_and_evaluates(capsys):
     assert "W8A8     bits/byte" in out and "vs fp32" in out
 
 
+def test_demo_on_the_trained_mamba2_names_its_own_topology(capsys):
+    assert main(["demo", "--model", "mamba2-bytes-wt2", "--run", "4", "--windows", "2", "--seq-len", "64",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "4 conv1d, 4 ssd_scan ops" in out and out.count("256->1160") == 4 and "x_proj" not in out
+    assert "every block is in_proj -> conv1d -> scan" in out
+    fp32 = float(out.split("fp32     bits/byte ")[1].split()[0])
+    w8a8 = float(out.split("W8A8     bits/byte ")[1].split()[0])
+    assert abs(w8a8 / fp32 - 1) < 0.01
+
+
+def test_mamba2_checkpoint_quantizes_and_evaluates_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "m2"
+    assert main(["quantize", "mamba2-bytes-wt2", "--out", str(out), "--calib-windows", "2", "--seq-len", "64",
+                 "--quiet"]) == 0
+    assert main(["eval", str(out), "--windows", "2", "--seq-len", "64", "--reference", "mamba2-bytes-wt2",
+                 "--quiet"]) == 0
+    assert "quamba   bits/byte" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_demo_default_is_the_trained_byte_model(capsys):
     assert main(["demo", "--quiet", "--windows", "4"]) == 0

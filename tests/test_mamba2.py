@@ -453,3 +453,22 @@ def test_block_without_conv_is_rejected(gm):
 def test_the_scan_op_is_classified_as_a_scan(gm):
     scan = next(n for n in gm.graph.nodes if op_name(n) == "ssd_scan")
     assert is_kind(gm, scan, "scan")
+
+
+# --- torch.compile --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torch_compile_backend_checks_mamba2_graphs_as_mamba2(recwarn):
+    from quamba_fx.backend import QuambaBackendWarning
+
+    gm = quamba_fx.capture(make_mamba2(mamba2_config()))
+    fused = quamba_fx.fuse(quamba_fx.quantize(gm, torch.randint(0, 97, (2, 16)), progress=False))
+    ids = torch.randint(0, 97, (1, 12))
+    for graph in (gm, fused):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            assert_close_to_magnitude(torch.compile(graph, backend="quamba")(ids), graph(ids), rel=1e-5)
+    # Read as Mamba-1 (the default for graphs without metadata), its conv1d "reaches no x_proj"
+    # and the backend would warn and fall back.
+    assert not [w for w in recwarn if isinstance(w.message, QuambaBackendWarning)]

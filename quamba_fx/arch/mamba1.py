@@ -177,6 +177,7 @@ MAMBA1 = register_arch(ArchSpec(
     taps=W8A8_TAPS,
     # The scan output's outlier channels (Quamba, section 4).
     rotated="out_proj",
+    scan_op="selective_scan",
     cache_shapes=cache_shapes,
     weight_shapes=weight_shapes,
     capture_root=Mamba1Root,

@@ -182,6 +182,7 @@ MAMBA2 = register_arch(ArchSpec(
     # No W8A8 recipe quantizes Mamba-2 yet (Quamba2's recipes are issue 16's next step).
     taps=(),
     rotated="out_proj",
+    scan_op="ssd_scan",
     cache_shapes=cache_shapes,
     weight_shapes=weight_shapes,
     capture_root=Mamba2Root,

@@ -82,7 +82,9 @@ class ArchSpec:
     that define the computation, of which a checkpoint's config must hold `positive_ints` as
     integers >= 1, `positive_numbers` as numbers > 0 and `booleans` (where present) as booleans. `taps` are the activations a W8A8 recipe quantizes, in order;
     `rotated` is the role of the Linear whose input a Hadamard recipe rotates (its outliers are the
-    ones a per-tensor scale cannot fit).
+    ones a per-tensor scale cannot fit). `scan_op` names the `torch.ops.quamba` scan op capture
+    emits; its kernel and cached forms start with that name (`selective_scan_int8_cached`), which
+    is how a graph without metadata (Dynamo's) is told apart.
     `cache_shapes(gm, block_path, batch_size)` gives the `(conv_state, ssm_state)` shapes of a
     block's decode cache. `weight_shapes(config, prefix)` lists the tensors (name -> shape) a model of HF config
     `config` holds, for checkpoint validation. `capture_root(model)` is the module `quamba_fx.capture` traces: the model's submodules under
@@ -109,6 +111,7 @@ class ArchSpec:
     topology: Topology
     taps: tuple[Tap, ...]
     rotated: str
+    scan_op: str
     cache_shapes: Callable[[Any, str, int], tuple[tuple[int, ...], tuple[int, ...]]]
     weight_shapes: Callable[[Any, str], dict[str, list[int]]]
     capture_root: Callable[[Any], Any]
