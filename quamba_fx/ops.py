@@ -13,6 +13,7 @@ import torch
 
 from .errors import InputError
 from .kernels.scan import selective_scan as triton_selective_scan
+from .kernels.ssd import ssd_scan as triton_ssd_scan
 from .quant.hadamard import hadamard  # noqa: F401  (re-exported: torch.ops.quamba.hadamard is defined beside its math)
 from .scan_reference import selective_scan_reference
 from .ssd_reference import ssd_scan_reference
@@ -80,6 +81,12 @@ def ssd_scan(
     return ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size)[0].contiguous()
 
 
+@ssd_scan.register_kernel("cuda")
+def _ssd_scan_cuda(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size):
+    # The Triton kernel (`kernels/ssd.py`): the same scan in fp32, its own chunking.
+    return triton_ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size)
+
+
 @ssd_scan.register_fake
 def _ssd_scan_fake(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size):
     return x.new_empty(x.shape, dtype=torch.float32)
@@ -105,9 +112,15 @@ def ssd_scan_cached(
 
     Prefill (`decode=False`) starts from zeros, as `ssd_scan` does, and leaves the final state in
     `ssm_state`; decode (`decode=True`, any L, typically 1) continues from it and advances it.
+    CUDA tensors run the Triton kernel, others the reference.
     """
-    y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
-                                  initial_state=ssm_state if decode else None)
+    start = ssm_state if decode else None
+    if x.is_cuda:
+        y, final = triton_ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
+                                   initial_state=start, return_final_state=True)
+    else:
+        y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
+                                      initial_state=start)
     ssm_state.copy_(final)
     return y.contiguous()
 
