@@ -17,8 +17,9 @@ from transformers import MambaConfig, MambaForCausalLM, MambaModel
 
 from .. import ops  # noqa: F401  (registers torch.ops.quamba.selective_scan, which the forward calls)
 from .registry import register_arch
+from .root import BackboneRoot
 from .spec import ArchSpec, Tap, Topology
-from .tracing import check_input_ids, stage
+from .tracing import stage
 
 __all__ = [
     "CONV_OUT", "DT_PROJ_OUT", "IN_PROJ_OUT", "MAMBA1", "NORM_OUT", "OUT_PROJ_IN", "W8A8_TAPS", "X_PROJ_OUT",
@@ -34,49 +35,12 @@ OUT_PROJ_IN = Tap("mixer.out_proj", "input_scale", "input")
 W8A8_TAPS = (NORM_OUT, IN_PROJ_OUT, CONV_OUT, X_PROJ_OUT, DT_PROJ_OUT, OUT_PROJ_IN)
 
 
-
-class Mamba1Root(nn.Module):
-    """The model's submodules under their Hugging Face paths, with a traceable Mamba-1 forward.
-
-    We do not trace Hugging Face's `forward`: it branches on caches, kernel availability and
-    training mode, and changes between 5.x releases. This restates the inference dataflow over the
-    model's own submodules, so every Linear/Conv1d/Embedding/RMSNorm stays a module call under its
-    Hugging Face path and the scan is one `torch.ops.quamba.selective_scan` node.
-    """
+class Mamba1Root(BackboneRoot):
+    """A Mamba-1 model's submodules with a traceable forward (`arch.root`): the scan is one
+    `torch.ops.quamba.selective_scan` node."""
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.has_head = isinstance(model, MambaForCausalLM)
-        if self.has_head:
-            self.backbone = model.backbone
-            self.lm_head = model.lm_head
-            self.prefix = "backbone."
-        else:
-            self.embeddings, self.layers, self.norm_f = model.embeddings, model.layers, model.norm_f
-            self.prefix = ""
-        self.config = model.config
-        # Plain Python values, read before tracing: the tracer would turn `weight.dtype` into nodes.
-        # Capture after choosing the model's dtype.
-        layers = self.backbone.layers if self.has_head else self.layers
-        self.act_dtypes = [layer.norm.weight.dtype for layer in layers]
-        self.head_dtype = self.lm_head.weight.dtype if self.has_head else None
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        backbone = self.backbone if self.has_head else self
-        p = self.prefix
-        with stage("input"):
-            input_ids = check_input_ids(input_ids, backbone.embeddings.weight)
-            seq_len = input_ids.size(1)
-        with stage("embedding", module=f"{p}embeddings"):
-            hidden = backbone.embeddings(input_ids)
-        for i, layer in enumerate(backbone.layers):
-            hidden = self._block(layer, hidden, seq_len, i, f"{p}layers.{i}")
-        with stage("norm_f", module=f"{p}norm_f"):
-            hidden = backbone.norm_f(hidden)
-        if not self.has_head:
-            return hidden
-        with stage("lm_head", module="lm_head"):
-            return self.lm_head(hidden.to(self.head_dtype)).float()
+        super().__init__(model, MambaForCausalLM)
 
     def _block(self, layer: nn.Module, hidden, seq_len, i: int, path: str):
         mixer, m = layer.mixer, f"{path}.mixer"
@@ -105,9 +69,7 @@ class Mamba1Root(nn.Module):
             )
         with stage("out_proj", i, f"{m}.out_proj"):
             out = mixer.out_proj(y.transpose(1, 2).to(act_dtype))
-        with stage("residual", i, path):
-            residual = hidden.to(torch.float32) if layer.residual_in_fp32 else hidden
-            return residual + out
+        return self._residual(layer, hidden, out, i, path)
 
 
 def weight_shapes(config: MambaConfig, prefix: str) -> dict[str, list[int]]:

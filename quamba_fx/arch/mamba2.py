@@ -18,8 +18,9 @@ from .. import ops  # noqa: F401  (registers torch.ops.quamba.ssd_scan, which th
 from ..errors import UnsupportedModelError
 from ..graph_meta import graph_meta
 from .registry import register_arch
+from .root import BackboneRoot
 from .spec import ArchSpec, Topology
-from .tracing import check_input_ids, stage
+from .tracing import stage
 
 __all__ = ["MAMBA2", "Mamba2Root"]
 
@@ -30,60 +31,29 @@ def _widths(config: Mamba2Config) -> tuple[int, int, int]:
     return d_inner, d_inner + 2 * config.n_groups * config.state_size, config.num_heads
 
 
-class Mamba2Root(nn.Module):
-    """The model's submodules under their Hugging Face paths, with a traceable Mamba-2 forward.
-
-    As for Mamba-1 (`arch.mamba1.Mamba1Root`), the inference dataflow is restated over the model's
-    own submodules rather than traced through Hugging Face's cache- and kernel-dependent forward.
-    The gated RMSNorm stays one module call, so it computes whatever the installed transformers
-    computes (5.0 normalises over all of d_inner, later releases per group; the same when
-    n_groups is 1).
+class Mamba2Root(BackboneRoot):
+    """A Mamba-2 model's submodules with a traceable forward (`arch.root`): the scan is one
+    `torch.ops.quamba.ssd_scan` node. The gated RMSNorm stays one module call, so it computes
+    whatever the installed transformers computes (5.0 normalises over all of d_inner, later
+    releases per group; the same when n_groups is 1).
     """
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.has_head = isinstance(model, Mamba2ForCausalLM)
-        if self.has_head:
-            self.backbone = model.backbone
-            self.lm_head = model.lm_head
-            self.prefix = "backbone."
-        else:
-            self.embeddings, self.layers, self.norm_f = model.embeddings, model.layers, model.norm_f
-            self.prefix = ""
-        config = self.config = model.config
+        super().__init__(model, Mamba2ForCausalLM)
+        config = self.config
         # Plain Python values, read before tracing (the tracer would turn tensor attributes into nodes).
-        layers = self.backbone.layers if self.has_head else self.layers
-        self.act_dtypes = [layer.norm.weight.dtype for layer in layers]
-        self.head_dtype = self.lm_head.weight.dtype if self.has_head else None
         self.d_inner, self.conv_dim, self.heads = _widths(config)
         self.head_dim, self.groups, self.state = config.head_dim, config.n_groups, config.state_size
         self.chunk_size = int(config.chunk_size)
         self.dt_min, self.dt_max = (float(v) for v in config.time_step_limit)
         wanted = self.d_inner + self.conv_dim + self.heads
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(self.block_modules()):
             # transformers 5.0 also accepted an in_proj with extra "MLP" columns, which no published
             # Mamba-2 checkpoint has and later releases dropped.
             if layer.mixer.in_proj.out_features != wanted:
                 raise UnsupportedModelError(
                     f"Mamba-2 block {i}: in_proj makes {layer.mixer.in_proj.out_features} features, expected "
                     f"{wanted} (z {self.d_inner} + xBC {self.conv_dim} + dt {self.heads})")
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        backbone = self.backbone if self.has_head else self
-        p = self.prefix
-        with stage("input"):
-            input_ids = check_input_ids(input_ids, backbone.embeddings.weight)
-            seq_len = input_ids.size(1)
-        with stage("embedding", module=f"{p}embeddings"):
-            hidden = backbone.embeddings(input_ids)
-        for i, layer in enumerate(backbone.layers):
-            hidden = self._block(layer, hidden, seq_len, i, f"{p}layers.{i}")
-        with stage("norm_f", module=f"{p}norm_f"):
-            hidden = backbone.norm_f(hidden)
-        if not self.has_head:
-            return hidden
-        with stage("lm_head", module="lm_head"):
-            return self.lm_head(hidden.to(self.head_dtype)).float()
 
     def _block(self, layer: nn.Module, hidden, seq_len, i: int, path: str):
         mixer, m = layer.mixer, f"{path}.mixer"
@@ -111,9 +81,7 @@ class Mamba2Root(nn.Module):
             y = mixer.norm(y, z)
         with stage("out_proj", i, f"{m}.out_proj"):
             out = mixer.out_proj(y.to(act_dtype))
-        with stage("residual", i, path):
-            residual = hidden.to(torch.float32) if layer.residual_in_fp32 else hidden
-            return residual + out
+        return self._residual(layer, hidden, out, i, path)
 
 
 def weight_shapes(config: Mamba2Config, prefix: str) -> dict[str, list[int]]:
