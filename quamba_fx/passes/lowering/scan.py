@@ -17,8 +17,8 @@ from .gemm import W8A8_LINEAR
 from .match import annotate, is_call
 
 SCAN = torch.ops.quamba.selective_scan.default
-# Mamba-2's scan has no kernel yet: lowered graphs keep the reference op, and cached graphs its
-# cached form (`quamba_fx/ops.py`).
+# Mamba-2's scan keeps its op in lowered graphs (on CUDA it runs the Triton kernel of
+# kernels/ssd.py, on dequantized inputs), and its cached form in cached graphs (`quamba_fx/ops.py`).
 SSD_SCAN = torch.ops.quamba.ssd_scan.default
 SSD_SCAN_CACHED = torch.ops.quamba.ssd_scan_cached.default
 SCAN_INT8 = torch.ops.quamba.selective_scan_int8.default
