@@ -77,6 +77,7 @@ def ssd_scan(
     `dt_bias` `[heads]`, `B`, `C` `[batch, L, groups, state]`. Computed in fp32 in chunks of
     `chunk_size` steps (`quamba_fx.ssd_reference`); the result is fp32 `[batch, L, heads, head_dim]`,
     as Hugging Face's scan returns it to the gated norm. `dt_max` may be `math.inf` (HF's default).
+    CUDA tensors run the Triton kernel of `quamba_fx.kernels.ssd`, others the reference.
     """
     return ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size)[0].contiguous()
 
