@@ -5,8 +5,7 @@ and changes between 5.x releases. Instead the architecture spec (`quamba_fx.arch
 gives a root module whose forward restates the inference dataflow over the model's own submodules,
 so every Linear/Conv1d/Embedding/RMSNorm stays a `call_module` node under its Hugging Face path
 (`backbone.layers.0.mixer.conv1d`), the scan is one `torch.ops.quamba.selective_scan` (Mamba-2:
-`ssd_scan`) node, and the
-test suite pins the result to HF's eager logits.
+`ssd_scan`) node, and the test suite pins the result to HF's eager logits.
 
 Every node gets `node.meta["quamba"] = {"role", "block", "module"}` from the `arch.tracing.stage`
 context that was open when the tracer created it, and `node.meta["tensor_meta"]` from shape propagation.

@@ -48,7 +48,7 @@ CONV1D_OPS: set[str] = {
 # torch.compile backend sees the op.
 LINEAR_OPS: set[str] = {"linear", "int8_linear", "w8a8_linear", "fp8_linear", "fp8_gemm"}
 SCAN_OPS: set[str] = {
-    "selective_scan", "selective_scan_int8", "selective_scan_int8_cached", "ssd_scan",
+    "selective_scan", "selective_scan_int8", "selective_scan_int8_cached", "ssd_scan", "ssd_scan_cached",
     # the decode step with dt_proj folded in (passes/lowering/scan.py)
     "dt_proj_state_update",
 }
