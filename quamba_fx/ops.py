@@ -13,7 +13,6 @@ import torch
 
 from .errors import InputError
 from .kernels.scan import selective_scan as triton_selective_scan
-from .kernels.ssd import ssd_scan as triton_ssd_scan
 from .quant.hadamard import hadamard  # noqa: F401  (re-exported: torch.ops.quamba.hadamard is defined beside its math)
 from .scan_reference import selective_scan_reference
 from .ssd_reference import ssd_scan_reference
@@ -77,15 +76,10 @@ def ssd_scan(
     `dt_bias` `[heads]`, `B`, `C` `[batch, L, groups, state]`. Computed in fp32 in chunks of
     `chunk_size` steps (`quamba_fx.ssd_reference`); the result is fp32 `[batch, L, heads, head_dim]`,
     as Hugging Face's scan returns it to the gated norm. `dt_max` may be `math.inf` (HF's default).
-    CUDA tensors run the Triton kernel of `quamba_fx.kernels.ssd`, others the reference.
+    Every device runs the reference (its einsums are cuBLAS calls on CUDA): the first Triton
+    kernel, `quamba_fx.kernels.ssd`, measured 157x slower than mamba_ssm's (docs/benchmarks.md).
     """
     return ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size)[0].contiguous()
-
-
-@ssd_scan.register_kernel("cuda")
-def _ssd_scan_cuda(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size):
-    # The Triton kernel (`kernels/ssd.py`): the same scan in fp32, its own chunking.
-    return triton_ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size)
 
 
 @ssd_scan.register_fake
@@ -113,15 +107,9 @@ def ssd_scan_cached(
 
     Prefill (`decode=False`) starts from zeros, as `ssd_scan` does, and leaves the final state in
     `ssm_state`; decode (`decode=True`, any L, typically 1) continues from it and advances it.
-    CUDA tensors run the Triton kernel, others the reference.
     """
-    start = ssm_state if decode else None
-    if x.is_cuda:
-        y, final = triton_ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
-                                   initial_state=start, return_final_state=True)
-    else:
-        y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
-                                      initial_state=start)
+    y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
+                                  initial_state=ssm_state if decode else None)
     ssm_state.copy_(final)
     return y.contiguous()
 

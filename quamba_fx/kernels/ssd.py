@@ -16,6 +16,12 @@ three small matrix products per chunk (`tl.dot`), instead of a step-by-step loop
 loaded as dt = 0: they neither decay nor add. The chunk length is the kernel's tile, not the model's
 `chunk_size` (which only orders the reference's fp32 additions); every product runs in IEEE fp32
 (`input_precision="ieee"`), so results match the reference to fp32 rounding, not bit for bit.
+
+Not used by the graphs yet: on an H200 it took 16.7 ms for a 1 x 2048 mamba2-2.7b scan against
+mamba_ssm's 0.106 ms (`benchmarks/ssd.py`; docs/benchmarks.md, session 25). One program walks all
+of a head's chunks in turn (80 programs at batch 1), and IEEE fp32 dots run on CUDA cores. A fast
+version computes the chunks' states in parallel and carries them in a second pass, with
+fp16/bf16 tensor-core dots (fp32 accumulation), as mamba_ssm does.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from .gemm import W8A8_LINEAR
 from .match import annotate, is_call
 
 SCAN = torch.ops.quamba.selective_scan.default
-# Mamba-2's scan keeps its op in lowered graphs (on CUDA it runs the Triton kernel of
-# kernels/ssd.py, on dequantized inputs), and its cached form in cached graphs (`quamba_fx/ops.py`).
+# Mamba-2's scan keeps its reference op in lowered graphs (on dequantized inputs: no fast SSD
+# kernel yet, see kernels/ssd.py), and its cached form in cached graphs (`quamba_fx/ops.py`).
 SSD_SCAN = torch.ops.quamba.ssd_scan.default
 SSD_SCAN_CACHED = torch.ops.quamba.ssd_scan_cached.default
 SCAN_INT8 = torch.ops.quamba.selective_scan_int8.default
