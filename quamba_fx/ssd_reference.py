@@ -24,11 +24,12 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["ssd_recurrence_reference", "ssd_scan_reference"]
+__all__ = ["check_ssd_inputs", "ssd_recurrence_reference", "ssd_scan_reference"]
 
 
-def _check(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-           D: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], chunk_size: int) -> None:
+def check_ssd_inputs(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                     D: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor], chunk_size: int) -> None:
+    """Raise `InputError` naming the argument unless the scan's shapes agree and `chunk_size` >= 1."""
     if x.dim() != 4:
         raise InputError(f"ssd_scan: x must be [batch, L, heads, head_dim], got shape {tuple(x.shape)}")
     batch, length, heads, _ = x.shape
@@ -77,7 +78,7 @@ def ssd_scan_reference(
     `[batch, heads, head_dim, state]` (from `initial_state`, else zeros). Raises `InputError` on
     inconsistent shapes.
     """
-    _check(x, dt, A, B, C, D, dt_bias, chunk_size)
+    check_ssd_inputs(x, dt, A, B, C, D, dt_bias, chunk_size)
     batch, length, heads, head_dim = x.shape
     x32 = x.float()
     dt32 = _discretized_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)
@@ -118,7 +119,7 @@ def ssd_recurrence_reference(
     dt_min: float = 0.0, dt_max: float = math.inf, initial_state: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same scan as `ssd_scan_reference`, one step at a time: the definition, for tests."""
-    _check(x, dt, A, B, C, D, dt_bias, 1)
+    check_ssd_inputs(x, dt, A, B, C, D, dt_bias, 1)
     batch, length, heads, head_dim = x.shape
     x32 = x.float()
     dt32 = _discretized_dt(dt, dt_bias, dt_softplus, dt_min, dt_max)

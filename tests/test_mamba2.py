@@ -28,6 +28,7 @@ from quamba_fx.ssd_reference import ssd_recurrence_reference, ssd_scan_reference
 from quamba_fx.textdata import chunk_sequences, find_wikitext, load_bytes
 
 from .test_capture import assert_close_to_magnitude
+from .test_verify import add_conv, conv_node, silu_after
 
 
 def mamba2_config(**overrides) -> Mamba2Config:
@@ -369,17 +370,6 @@ def gm():
     return quamba_fx.capture(make_mamba2(mamba2_config()))
 
 
-def conv_node(gm, i):
-    return next(n for n in gm.graph.nodes if n.target == f"backbone.layers.{i}.mixer.conv1d")
-
-
-def silu_after(conv):
-    node = conv
-    while node.target is not torch.nn.functional.silu:
-        (node,) = node.users
-    return node
-
-
 def test_every_captured_config_passes_the_check():
     for config in (mamba2_config(), mamba2_config(n_groups=1, num_hidden_layers=3, conv_kernel=2)):
         for head in (True, False):
@@ -388,11 +378,7 @@ def test_every_captured_config_passes_the_check():
 
 def test_conv_feeding_conv_is_rejected_with_path(gm):
     silu = silu_after(conv_node(gm, 0))
-    channels = gm.get_submodule("backbone.layers.0.mixer.conv1d").in_channels
-    gm.add_submodule("extra_conv", nn.Conv1d(channels, channels, 4, groups=channels, padding=3))
-    with gm.graph.inserting_after(silu):
-        extra = gm.graph.call_module("extra_conv", (silu,))
-    extra.meta["quamba"] = {"role": "conv1d", "block": 0, "module": "extra_conv"}
+    extra = add_conv(gm, "extra_conv", silu, block=0)
     silu.replace_all_uses_with(extra, delete_user_cb=lambda user: user is not extra)
     with pytest.raises(TopologyError) as err:
         verify_topology(gm)

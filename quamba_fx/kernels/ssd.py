@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ssd_reference import ssd_scan_reference
+from ..ssd_reference import check_ssd_inputs, ssd_scan_reference
 from .dispatch import next_pow2
 from .dispatch import use_triton as _use_triton
 
@@ -141,8 +141,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
                                       initial_state=initial_state)
         return (y, final) if return_final_state else y
-    ssd_scan_reference(x[:, :0], dt[:, :0], A, B[:, :0], C[:, :0], D, dt_bias, dt_softplus, dt_min, dt_max,
-                       chunk_size)  # the same argument checks, on no steps
+    check_ssd_inputs(x, dt, A, B, C, D, dt_bias, chunk_size)
     batch, length, heads, head_dim = x.shape
     groups, state = B.shape[2], B.shape[3]
     # Unit stride along the last dim (the kernel's vector loads); slices of in_proj's output keep it.
