@@ -41,7 +41,8 @@ _EXPORTS: dict[str, str] = {
     "VerifyTopology": "passes.verify", "verify_topology": "passes.verify",
     "EvalResult": "evaluate", "evaluate": "evaluate",
     "Pipeline": "pipeline",
-    "QuantSpec": "recipes", "Recipe": "recipes", "make_recipe": "recipes", "register_recipe": "recipes",
+    "QuantSpec": "recipes", "Recipe": "recipes", "WeightSpec": "recipes", "make_recipe": "recipes",
+    "register_recipe": "recipes",
     "Generator": "runtime", "MambaCache": "runtime",
     "quantize": "flows",
 }

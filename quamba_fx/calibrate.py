@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, QuambaError
 from .graph_info import describe
+from .quant.gptq import HessianObserver
 from .quant.observers import Observer, observer_class, observer_from_state_dict
 from .quant.qops import QMAX
 from .recipe import block_paths, recipe_for_graph, tap_node
@@ -25,12 +26,17 @@ class CalibrationError(QuambaError, ValueError):
 
 
 class Calibration:
-    """Observers keyed by the scale buffer they set: `backbone.layers.0.mixer.conv1d.output_scale`."""
+    """Observers keyed by the scale buffer they set (`backbone.layers.0.mixer.conv1d.output_scale`),
+    and for a GPTQ recipe the input Hessian of each 4-bit Linear, keyed by its module path
+    (`backbone.layers.0.mixer.in_proj`). `save` keeps the observers only: Hessians are K x K
+    matrices a layer, recomputed from the calibration data when needed."""
 
-    def __init__(self, recipe: str, observers: dict[str, Observer], batches: int = 0):
+    def __init__(self, recipe: str, observers: dict[str, Observer], batches: int = 0,
+                 hessians: dict[str, torch.Tensor] | None = None):
         self.recipe = recipe
         self.observers = observers
         self.batches = batches
+        self.hessians = hessians or {}
 
     def check_matches(self, recipe: Recipe, blocks: list[str]) -> None:
         """Raise `CalibrationError` unless this calibration was recorded for `recipe`: the same name,
@@ -50,6 +56,13 @@ class Calibration:
                         f"the calibration's observer for {key} is {observer.label()}, but recipe {recipe.name!r} asks for "
                         f"{spec.observer} with {spec.observer_kwargs}; calibrate again with this recipe"
                     )
+        missing = [path for path in gptq_linears(recipe, blocks) if path not in self.hessians]
+        if missing:
+            raise CalibrationError(
+                f"recipe {recipe.name!r} quantizes weights with GPTQ, which needs the input statistics of "
+                f"{missing[0]}{f' and {len(missing) - 1} more Linears' if len(missing) > 1 else ''}; a saved "
+                "calibration does not keep them: pass calibration_data instead"
+            )
 
     def scales(self, recipe: Recipe | None = None) -> dict[str, float]:
         """The scale of every tap: observed statistic / the tap's `qmax` in `recipe` (127 for
@@ -82,10 +95,17 @@ class Calibration:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def gptq_linears(recipe: Recipe, blocks: list[str]) -> list[str]:
+    """Module paths of the Linears whose weights `recipe` quantizes with GPTQ, in blocks `blocks`."""
+    if recipe.weights.bits != 4 or recipe.weights.method != "gptq":
+        return []
+    return [f"{block}.{module}" for block in blocks for module in recipe.weights.modules]
+
+
 class _Recorder(torch.fx.Interpreter):
     """Runs the graph node by node and feeds the tapped values to their observers."""
 
-    def __init__(self, gm: torch.fx.GraphModule, taps: dict[torch.fx.Node, tuple[str, Observer]]):
+    def __init__(self, gm: torch.fx.GraphModule, taps: dict[torch.fx.Node, list[tuple[str, Any]]]):
         super().__init__(gm)
         # Our errors name the node and block themselves; torch.fx's "While executing ..." trailer
         # would turn them into many lines of graph internals.
@@ -95,8 +115,7 @@ class _Recorder(torch.fx.Interpreter):
 
     def run_node(self, node: torch.fx.Node) -> Any:
         value = super().run_node(node)
-        if node in self.taps:
-            key, observer = self.taps[node]
+        for key, observer in self.taps.get(node, ()):
             try:
                 observer.observe(value)
             except ValueError as exc:
@@ -113,7 +132,8 @@ def calibrate(
     recipe: str | Recipe = "quamba",
     progress: bool = True,
 ) -> Calibration:
-    """Record the statistics `recipe` needs, one independent set per block.
+    """Record the statistics `recipe` needs, one independent set per block: an observer for each
+    tapped activation and, for a GPTQ recipe, the input Hessian of each 4-bit Linear.
 
     `gm` is a float graph from `capture` (after the recipe's float passes, e.g. the Hadamard
     rotation, so statistics are those of the tensors that will really be quantized); `recipe` is a
@@ -131,11 +151,20 @@ def calibrate(
             )
         batches = [batches]
     recipe = recipe_for_graph(gm, recipe)
-    taps: dict[torch.fx.Node, tuple[str, Observer]] = {}
+    taps: dict[torch.fx.Node, list[tuple[str, Any]]] = {}
+    observers: dict[str, Observer] = {}
+    hessians: dict[str, HessianObserver] = {}
     for path in block_paths(gm):
         for tap in recipe.taps:
             key = f"{path}.{tap.module}.{tap.scale}"
-            taps[tap_node(gm, path, tap)] = (key, recipe.observer(tap, key))
+            observers[key] = recipe.observer(tap, key)
+            taps.setdefault(tap_node(gm, path, tap), []).append((key, observers[key]))
+    for target in gptq_linears(recipe, block_paths(gm)):
+        linear = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == target), None)
+        if linear is None:
+            raise CalibrationError(f"recipe {recipe.name!r} quantizes {target} with GPTQ, but the graph never calls it")
+        hessians[target] = HessianObserver(target)
+        taps.setdefault(linear.args[0], []).append((target, hessians[target]))
     recorder = _Recorder(gm, taps)
     count = 0
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -151,4 +180,4 @@ def calibrate(
             count += 1
     if count == 0:
         raise CalibrationError("calibration got no batches: pass at least one [batch, seq_len] tensor of token ids")
-    return Calibration(recipe.name, {key: obs for key, obs in taps.values()}, count)
+    return Calibration(recipe.name, observers, count, {key: h.hessian for key, h in hessians.items()})

@@ -410,6 +410,11 @@ def _check_architecture(config: dict[str, Any], hf_config: Any, header: dict, pa
         if source not in header or alias in header:
             raise CheckpointError(f"{where}: alias {alias} -> {source} does not match the tensors in {weights}")
     expected = arch.weight_shapes(hf_config, prefix)
+    recipe = config["recipe"]
+    if recipe is not None and recipe.weights.bits == 4:  # two 4-bit codes a byte along K
+        packed = tuple(f".{module}.weight" for module in recipe.weights.modules)
+        expected = {name: [shape[0], (shape[1] + 1) // 2] if name.endswith(packed) else shape
+                    for name, shape in expected.items()}
     for name, shape in expected.items():
         stored = header.get(config["aliases"].get(name, name))
         if stored is None:

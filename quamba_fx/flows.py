@@ -38,10 +38,12 @@ def float_passes(recipe: Recipe) -> list:
     return [RotateOutProjInput()] if recipe.hadamard else []
 
 
-def quantization_passes(scales: dict[str, float], recipe: Recipe) -> list:
-    """Passes that turn the calibrated float graph into the W8A8 reference graph."""
+def quantization_passes(scales: dict[str, float], recipe: Recipe,
+                        hessians: dict[str, torch.Tensor] | None = None) -> list:
+    """Passes that turn the calibrated float graph into the quantized reference graph (`hessians`:
+    the GPTQ input statistics of a 4-bit GPTQ recipe's Linears, by module path)."""
     dtypes = {tap.key: spec.dtype for tap, spec in recipe.specs}
-    return [InsertQuantDequant(scales, recipe.taps, dtypes), SinkDequantize(), LowerLinears()]
+    return [InsertQuantDequant(scales, recipe.taps, dtypes), SinkDequantize(), LowerLinears(recipe.weights, hessians)]
 
 
 def fusion_passes() -> list:
@@ -67,7 +69,8 @@ def quantize(
     progress: bool = True,
     dump_dir: str | None = None,
 ) -> torch.fx.GraphModule:
-    """Quantize a Mamba model to W8A8 and return the runnable reference graph.
+    """Quantize a Mamba model (W8A8, or with 4-bit weights: W4A8, W4A16) and return the runnable
+    reference graph.
 
     `model` is anything `capture` accepts, or a captured GraphModule (copied: the float graph and
     model are never modified). Statistics come from `calibration` if given, else from running
@@ -76,7 +79,9 @@ def quantize(
     buffers on its modules, e.g.
     `qm.get_submodule("backbone.layers.0.mixer.conv1d").output_scale`. Raises `NonFiniteError` when
     a weight holds NaN or infinity (even one calibration never reads, like an unused embedding row).
-    `recipe` is a registered recipe's name (`naive`, `quamba`, `fp8`) or any `quamba_fx.recipes.Recipe`;
+    `recipe` is a registered recipe's name (`naive`, `quamba`, `fp8`, `quamba2-w4a8`, ...; see
+    `quamba_fx.recipes.recipe_names()`) or any `quamba_fx.recipes.Recipe`; a weight-only
+    round-to-nearest recipe needs no calibration data;
     the graph keeps it (`graph_meta(gm).recipe_spec`), so `save_pretrained` can store it whole, as it
     applies to the model's architecture (`recipe.recipe_for_graph`: on Mamba-2, without the x_proj
     and dt_proj taps).
@@ -94,12 +99,15 @@ def quantize(
         )
     gm = Pipeline(float_passes(recipe), dump_dir=dump_dir and f"{dump_dir}/float")(gm)
     if calibration is None:
-        if calibration_data is None:
+        if calibration_data is not None:
+            calibration = calibrate(gm, calibration_data, recipe, progress=progress)
+        elif not recipe.specs and recipe.weights.method == "rtn":
+            calibration = Calibration(recipe.name, {})  # round-to-nearest weights only: nothing to observe
+        else:
             raise ValueError("quantize needs calibration_data (batches of token ids) or a saved calibration")
-        calibration = calibrate(gm, calibration_data, recipe, progress=progress)
-    else:
-        calibration.check_matches(recipe, block_paths(gm))
-    gm = Pipeline(quantization_passes(calibration.scales(recipe), recipe), dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
+    calibration.check_matches(recipe, block_paths(gm))
+    passes = quantization_passes(calibration.scales(recipe), recipe, calibration.hessians)
+    gm = Pipeline(passes, dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
     meta = graph_meta(gm)
     meta.recipe, meta.recipe_spec = recipe.name, recipe
     annotate_shapes(gm, _example_shape(gm))

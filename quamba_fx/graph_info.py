@@ -17,6 +17,7 @@ import torch.fx
 from torch import nn
 
 from .quant.fp8_linear import Fp8Linear
+from .quant.int4_linear import W4A8Linear, W4A16Linear
 from .quant.linear import QuantizedLinear
 
 # The key of capture's annotations in `node.meta` (the graph's facts are a `graph_meta.GraphMeta`).
@@ -40,15 +41,16 @@ QUANT_BOUNDARY_OPS: set[str] = {"quantize", "dequantize", "quantize_fp8", "dequa
                                 "hadamard_quantize_fp8"}
 # Ops that compute a depthwise causal conv1d or a Linear, besides nn.Conv1d / nn.Linear modules.
 CONV1D_OPS: set[str] = {
-    "conv1d", "convolution", "conv1d_silu_int8", "conv1d_silu_int8_cached",
+    "conv1d", "convolution", "conv1d_silu_int8", "conv1d_silu_int8_cached", "conv1d_silu", "conv1d_silu_cached",
     # a decode step's in_proj with the conv1d step after it (passes/lowering/gemm.py)
     "in_proj_conv_update",
 }
-# int8_linear / fp8_linear: Dynamo inlines QuantizedLinear / Fp8Linear.forward, so the
+# int8_linear / fp8_linear / w4a*_linear: Dynamo inlines the quantized Linears' forward, so the
 # torch.compile backend sees the op.
-LINEAR_OPS: set[str] = {"linear", "int8_linear", "w8a8_linear", "fp8_linear", "fp8_gemm"}
+LINEAR_OPS: set[str] = {"linear", "int8_linear", "w8a8_linear", "fp8_linear", "fp8_gemm", "w4a16_linear", "w4a8_linear"}
 SCAN_OPS: set[str] = {
-    "selective_scan", "selective_scan_int8", "selective_scan_int8_cached", "ssd_scan", "ssd_scan_cached",
+    "selective_scan", "selective_scan_cached", "selective_scan_int8", "selective_scan_int8_cached", "ssd_scan",
+    "ssd_scan_cached",
     # the decode step with dt_proj folded in (passes/lowering/scan.py)
     "dt_proj_state_update",
 }
@@ -87,7 +89,7 @@ def op_name(node: torch.fx.Node) -> str:
 
 # Module classes that compute a kind, besides nn.Conv1d / nn.Linear (e.g. a quantized Linear).
 _MODULE_KINDS: dict[str, tuple[type, ...]] = {
-    "conv1d": (nn.Conv1d,), "linear": (nn.Linear, QuantizedLinear, Fp8Linear),
+    "conv1d": (nn.Conv1d,), "linear": (nn.Linear, QuantizedLinear, Fp8Linear, W4A8Linear, W4A16Linear),
 }
 
 

@@ -1,6 +1,9 @@
 """Opaque operators that appear as single nodes in captured graphs.
 
 `torch.ops.quamba.selective_scan` is the Mamba-1 selective scan, `torch.ops.quamba.ssd_scan` Mamba-2's.
+`conv1d_silu` is a block's float conv1d + SiLU as one node (what lowering makes of a graph whose
+conv1d input is not quantized, e.g. W4A16's), and the `*_cached` ops are the forms of these that
+generation's prefill and decode graphs call, carrying the conv and scan states between calls.
 Each is a `torch.library` custom op, so torch.fx, dynamo and export all see one node whatever the
 sequence length, and its fake implementation lets shape propagation run without computing anything.
 """
@@ -17,8 +20,8 @@ from .quant.hadamard import hadamard  # noqa: F401  (re-exported: torch.ops.quam
 from .scan_reference import selective_scan_reference
 from .ssd_reference import ssd_scan_reference
 
-__all__ = ["check_token_range", "hadamard", "selective_scan", "selective_scan_reference", "ssd_scan",
-           "ssd_scan_cached", "token_ids_in_range"]
+__all__ = ["check_token_range", "conv1d_silu", "conv1d_silu_cached", "hadamard", "selective_scan",
+           "selective_scan_cached", "selective_scan_reference", "ssd_scan", "ssd_scan_cached", "token_ids_in_range"]
 
 
 @torch.library.custom_op("quamba::selective_scan", mutates_args=())
@@ -53,6 +56,90 @@ def _selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 @selective_scan.register_fake
 def _selective_scan_fake(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True):
     return u.new_empty(u.shape)
+
+
+@torch.library.custom_op("quamba::selective_scan_cached", mutates_args=("ssm_state",))
+def selective_scan_cached(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool,
+    ssm_state: torch.Tensor,
+    decode: bool,
+) -> torch.Tensor:
+    """`selective_scan` with a cache, `ssm_state` `[batch, d_inner, d_state]` (any float dtype).
+
+    Prefill (`decode=False`) starts from zeros, as `selective_scan` does, and leaves the final state
+    in `ssm_state`; decode (`decode=True`, any L, typically 1) continues from it and advances it.
+    Every device runs the reference loop (one step a token when decoding).
+    """
+    y, final = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                        initial_state=ssm_state if decode else None)
+    ssm_state.copy_(final)
+    return y.contiguous()
+
+
+@selective_scan_cached.register_fake
+def _selective_scan_cached_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state, decode):
+    return u.new_empty(u.shape)
+
+
+def _conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU of the depthwise causal conv of `x [B, C, L]` continuing `history [B, C, W-1]` (the
+    inputs before it), in fp32; returns `(y in x's dtype, the last W-1 inputs)`."""
+    padded = torch.cat([history.to(torch.float32), x.to(torch.float32)], dim=-1)
+    b = None if bias is None else bias.to(torch.float32)
+    y = torch.nn.functional.conv1d(padded, weight.to(torch.float32), b, groups=x.shape[1])
+    width = weight.shape[-1]
+    return torch.nn.functional.silu(y).to(x.dtype), padded[..., padded.shape[-1] - (width - 1):]
+
+
+def _check_conv(x: torch.Tensor, weight: torch.Tensor, op: str) -> None:
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
+        raise ValueError(f"{op}: x must be [B, C, L] and weight a depthwise [C, 1, W], got {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")
+
+
+@torch.library.custom_op("quamba::conv1d_silu", mutates_args=())
+def conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """`silu(conv1d(x, weight, bias, padding=W-1, groups=C)[..., :L])`, a Mamba block's causal
+    depthwise conv and its activation, on float `x [B, C, L]`; computed in fp32, returned in `x`'s dtype."""
+    _check_conv(x, weight, "conv1d_silu")
+    history = x.new_zeros(x.shape[0], x.shape[1], weight.shape[-1] - 1)
+    return _conv1d_silu(x, weight, bias, history)[0].contiguous()
+
+
+@conv1d_silu.register_fake
+def _conv1d_silu_fake(x, weight, bias):
+    _check_conv(x, weight, "conv1d_silu")
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("quamba::conv1d_silu_cached", mutates_args=("conv_state",))
+def conv1d_silu_cached(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       conv_state: torch.Tensor, decode: bool) -> torch.Tensor:
+    """`conv1d_silu` with a cache, `conv_state` `[B, C, W-1]` (x's dtype): the last W-1 inputs.
+
+    Prefill (`decode=False`) starts from zeros and leaves the last W-1 inputs (zero-padded when
+    L < W-1) in `conv_state`; decode (`decode=True`) continues from them and advances them.
+    """
+    _check_conv(x, weight, "conv1d_silu_cached")
+    history = conv_state if decode else torch.zeros_like(conv_state)
+    y, final = _conv1d_silu(x, weight, bias, history)
+    conv_state.copy_(final)
+    return y.contiguous()
+
+
+@conv1d_silu_cached.register_fake
+def _conv1d_silu_cached_fake(x, weight, bias, conv_state, decode):
+    _check_conv(x, weight, "conv1d_silu_cached")
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("quamba::ssd_scan", mutates_args=())

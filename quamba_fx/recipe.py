@@ -43,13 +43,14 @@ def block_paths(gm: torch.fx.GraphModule) -> list[str]:
 
 
 def recipe_for_graph(gm: torch.fx.GraphModule, recipe: str | Recipe) -> Recipe:
-    """`recipe` (a name or a `Recipe`) as it applies to `gm`'s architecture: its taps on modules
-    that the architecture's blocks have (the built-in recipes name Mamba-1's six; a Mamba-2 block
+    """`recipe` (a name or a `Recipe`) as it applies to `gm`'s architecture: its taps and weight
+    modules on modules that the architecture's blocks have (the built-in recipes name Mamba-1's six; a Mamba-2 block
     has four of them). A tap on a module that no registered architecture has is a `RecipeError`,
     not dropped: it is a misspelt path."""
     recipe = as_recipe(recipe)
     known = {path for spec in map(arch_named, arch_names()) for _, path in spec.modules}
     unknown = [tap.key for tap in recipe.taps if tap.module not in known]
+    unknown += [f"weights.modules: {m}" for m in recipe.weights.modules if m not in known]
     if unknown:
         raise RecipeError("taps", f"{', '.join(unknown)}: no registered architecture has such a module "
                                   f"(known: {', '.join(sorted(known - {''}))})")

@@ -19,7 +19,7 @@ from .arch import arch_of
 from .errors import InputError
 from .graph_meta import find_graph_meta
 from .kernels.dispatch import op_function
-from .passes.kernel_lowering import cached_graph, ssm_state_dtype
+from .passes.kernel_lowering import cached_graph, conv_state_dtype, ssm_state_dtype
 from .recipe import block_paths
 
 
@@ -39,15 +39,15 @@ class MambaCache:
     @classmethod
     def allocate(cls, gm: torch.fx.GraphModule, batch_size: int, device: torch.device | str | None = None) -> "MambaCache":
         """Zeroed states shaped for the blocks of `gm`, on `device` (default: the graph's), the scan
-        state in the dtype `gm` was lowered with."""
+        state in the dtype `gm` was lowered with, the conv state in its conv's input dtype."""
         if device is None:
             device = next(iter(gm.buffers())).device
         arch = arch_of(gm)
-        state_dtype = ssm_state_dtype(gm)
+        state_dtype, conv_dtype = ssm_state_dtype(gm), conv_state_dtype(gm)
         conv, ssm = [], []
         for path in block_paths(gm):
             conv_shape, ssm_shape = arch.cache_shapes(gm, path, batch_size)
-            conv.append(torch.zeros(conv_shape, dtype=torch.int8, device=device))
+            conv.append(torch.zeros(conv_shape, dtype=conv_dtype, device=device))
             ssm.append(torch.zeros(ssm_shape, dtype=state_dtype, device=device))
         return cls(conv, ssm)
 

@@ -1,4 +1,6 @@
-"""Fuse `dequantize -> conv1d -> [:, :, :L] -> SiLU -> quantize` into one int8 Triton kernel call.
+"""Fuse `dequantize -> conv1d -> [:, :, :L] -> SiLU -> quantize` into one int8 Triton kernel call,
+and a float `conv1d -> [:, :, :L] -> SiLU` (a recipe that leaves the conv1d's input unquantized,
+like W4A16) into one `conv1d_silu` op, the form generation's graphs give a cache.
 
 Matched on the quantized graph, anchored at the requantization; the fused node keeps the block's
 role, block index and module path, and counts as the block's conv1d for the topology check. The
@@ -19,9 +21,11 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..graph_info import META_KEY, info, op_name
 from ..kernels import conv1d as conv1d_kernel  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_int8)
+from ..ops import conv1d_silu  # noqa: F401  (registers torch.ops.quamba.conv1d_silu)
 from .rewrite import run_rules
 
 FUSED_CONV = torch.ops.quamba.conv1d_silu_int8.default
+FLOAT_CONV = torch.ops.quamba.conv1d_silu.default
 
 
 def _single_input(node: torch.fx.Node, check) -> torch.fx.Node | None:
@@ -119,9 +123,38 @@ def fuse_conv1d_silu(gm: torch.fx.GraphModule, q: torch.fx.Node) -> bool:
     return True
 
 
+def fuse_float_conv1d_silu(gm: torch.fx.GraphModule, silu: torch.fx.Node) -> bool:
+    """The float rule: `silu(conv1d(x)[..., :L])`, `x` not a dequantize -> `conv1d_silu(x, w, b)`.
+    Only on captured graphs (conv1d a module call): Dynamo's float graphs are not lowered."""
+    if not (silu.op in ("call_function", "call_method") and op_name(silu) == "silu" and len(silu.args) == 1):
+        return False
+    sliced = _single_input(silu, lambda n: op_name(n) == "getitem")
+    conv = sliced and _single_input(sliced, lambda n: n.op == "call_module")
+    parts = conv and _mamba_conv(gm, conv)
+    if not parts:
+        return False
+    x, weight, bias = parts
+    if not isinstance(x, torch.fx.Node) or op_name(x) == "dequantize" or not _keeps_length(sliced, x):
+        return False
+    meta = {**info(conv), "module": conv.target}
+    graph = gm.graph
+    with graph.inserting_before(silu):
+        operands = [graph.get_attr(weight), graph.get_attr(bias) if bias is not None else None]
+        for node in operands:
+            if node is not None:
+                node.meta[META_KEY] = dict(meta)
+        fused = graph.call_function(FLOAT_CONV, (x, *operands))
+    fused.meta[META_KEY] = dict(meta)
+    silu.replace_all_uses_with(fused)
+    for dead in (silu, sliced, conv):
+        graph.erase_node(dead)
+    return True
+
+
 class FuseConv1dSiLU(PassBase):
-    """Replace every block's int8 conv1d + SiLU subgraph with the fused kernel op."""
+    """Replace every block's conv1d + SiLU subgraph with one op: the fused int8 kernel's where
+    the conv1d's input and output are quantized, the float `conv1d_silu` where neither is."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        return PassResult(gm, run_rules(gm, [fuse_conv1d_silu]))
+        return PassResult(gm, run_rules(gm, [fuse_conv1d_silu, fuse_float_conv1d_silu]))
 

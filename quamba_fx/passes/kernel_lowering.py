@@ -47,7 +47,7 @@ from .lowering.match import annotate, is_call, is_cast
 from .lowering.norm import ADD_RMSNORM
 from .lowering.scan import (DT_PROJ_STATE_UPDATE, SCAN, SCAN_INT8, SCAN_INT8_CACHED, SSD_SCAN, SSD_SCAN_CACHED,
                             fuse_dt_proj_into_state_update)
-from .conv_fusion import FUSED_CONV
+from .conv_fusion import FLOAT_CONV, FUSED_CONV
 from .rewrite import run_rules
 
 # Kernel op -> the kernel that runs it (each kernel's file in passes/lowering says).
@@ -56,7 +56,7 @@ KERNELS = lowering.KERNELS
 __all__ = [
     "ADD_RMSNORM", "CONV_CACHED", "DT_PROJ_STATE_UPDATE", "FP8_GEMM", "FUSED_CONV", "HADAMARD", "HADAMARD_QUANTIZE",
     "HADAMARD_QUANTIZE_FP8", "HADAMARD_ROTATE", "IN_PROJ_CONV_UPDATE", "KERNELS", "SCAN", "SCAN_INT8",
-    "SCAN_INT8_CACHED", "W8A8_LINEAR", "LowerToKernels", "cached_graph", "fold_parameter_expressions",
+    "SCAN_INT8_CACHED", "W8A8_LINEAR", "LowerToKernels", "cached_graph", "conv_state_dtype", "fold_parameter_expressions",
     "fuse_conv_into_in_proj", "fuse_dt_proj_into_state_update", "resolve_state_dtype", "ssm_state_dtype",
 ]
 
@@ -206,9 +206,22 @@ def _delete_unused_attributes(gm: torch.fx.GraphModule) -> None:
 # Cached graphs for generation
 # ---------------------------------------------------------------------------------------------
 
+FLOAT_CONV_CACHED = torch.ops.quamba.conv1d_silu_cached.default
+SCAN_CACHED = torch.ops.quamba.selective_scan_cached.default
+
 # Op -> (its cached form, the cache it reads: "conv" or "ssm").
 _CACHED_FORMS = {FUSED_CONV: (CONV_CACHED, "conv"), SCAN_INT8: (SCAN_INT8_CACHED, "ssm"),
-                 SSD_SCAN: (SSD_SCAN_CACHED, "ssm")}
+                 SSD_SCAN: (SSD_SCAN_CACHED, "ssm"), FLOAT_CONV: (FLOAT_CONV_CACHED, "conv"),
+                 SCAN: (SCAN_CACHED, "ssm")}
+
+
+def conv_state_dtype(gm: torch.fx.GraphModule) -> torch.dtype:
+    """The dtype of a lowered graph's conv1d cache: int8 for the fused int8 conv (it keeps the
+    quantized inputs), else the dtype of the float conv's weight (the activations' dtype)."""
+    for node in gm.graph.nodes:
+        if is_call(node, FLOAT_CONV) or is_call(node, FLOAT_CONV_CACHED):
+            return fetch_attr(gm, node.args[1].target).dtype
+    return torch.int8
 
 
 def cached_graph(lowered: torch.fx.GraphModule, decode: bool) -> torch.fx.GraphModule:

@@ -7,13 +7,16 @@
    right before the compute op that consumes it (the form fusion passes match).
 3. `LowerLinears`: `dequantize -> Linear [-> quantize]` becomes one `QuantizedLinear` call with int8
    weights, reading int8 activations and, where the output is requantized, writing int8; behind a
-   `dequantize_fp8` (a `float8_e4m3` tap), an `Fp8Linear` with e4m3 weights instead.
+   `dequantize_fp8` (a `float8_e4m3` tap), an `Fp8Linear` with e4m3 weights instead. A recipe with
+   4-bit weights (`WeightSpec(bits=4)`) gets a `W4A8Linear` there, and its Linears that no tap
+   feeds become weight-only `W4A16Linear`s.
 
 Each tap's spec dtype picks its quantize/dequantize pair (`QDQ_OPS`).
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -23,8 +26,10 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from ..graph_info import info, op_name
 from ..quant import fp8 as _fp8_ops  # noqa: F401  (registers torch.ops.quamba.quantize_fp8 and friends)
 from ..quant.fp8_linear import Fp8Linear
+from ..quant.int4_linear import W4A8Linear, W4A16Linear
 from ..quant.linear import QuantizedLinear
 from ..recipe import block_paths, tap_node
+from ..recipes.spec import PER_CHANNEL_8BIT, WeightSpec
 from .rewrite import Rule, run_rules
 
 QUANTIZE = torch.ops.quamba.quantize.default
@@ -142,11 +147,26 @@ class SinkDequantize(PassBase):
         return PassResult(gm, run_rules(gm, self.rules))
 
 
-def lower_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+class _WeightPlan:
+    """Which Linears (full module paths) a recipe gives 4-bit weights, and the GPTQ input Hessians
+    of those that have them (round-to-nearest for the rest)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, weights: WeightSpec, hessians: dict[str, torch.Tensor] | None):
+        self.weights = weights
+        self.int4 = ({f"{path}.{module}" for path in block_paths(gm) for module in weights.modules}
+                     if weights.bits == 4 else set())
+        self.hessians = hessians or {}
+
+    def int4_linear(self, cls: type, target: str, linear: torch.nn.Linear) -> torch.nn.Module:
+        return cls.from_float(linear, self.weights.group_size, self.hessians.get(target))
+
+
+def lower_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, plan: _WeightPlan | None = None) -> bool:
     """`dequantize(q, s_in) -> Linear [-> quantize(., s_out)]` -> `QuantizedLinear(q, s_in[, s_out])`.
 
-    An e4m3 input (`dequantize_fp8`) gives an `Fp8Linear` instead; the requantization it absorbs
-    is always the int8 one (an int8 boundary such as conv1d's input follows the Linear).
+    An e4m3 input (`dequantize_fp8`) gives an `Fp8Linear` instead, and a Linear the recipe gives
+    4-bit weights a `W4A8Linear`; the requantization it absorbs is always the int8 one (an int8
+    boundary such as conv1d's input follows the Linear).
     """
     if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), torch.nn.Linear):
         return False
@@ -154,7 +174,14 @@ def lower_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if not (isinstance(source, torch.fx.Node) and source.op == "call_function" and source.target in LINEAR_FOR):
         return False
     q, in_scale, _ = source.args
-    gm.set_submodule(node.target, LINEAR_FOR[source.target].from_float(gm.get_submodule(node.target)))
+    linear = gm.get_submodule(node.target)
+    if plan is not None and node.target in plan.int4:
+        if source.target is not DEQUANTIZE:
+            raise ValueError(f"{node.target}: 4-bit weights take int8 or float inputs, but its input is "
+                             f"{op_name(source)}; give its input tap the int8 dtype")
+        gm.set_submodule(node.target, plan.int4_linear(W4A8Linear, node.target, linear))
+    else:
+        gm.set_submodule(node.target, LINEAR_FOR[source.target].from_float(linear))
     requant = [u for u in node.users if _is(u, QUANTIZE)]
     graph = gm.graph
     if len(requant) == 1 and len(node.users) == 1:
@@ -174,8 +201,29 @@ def lower_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return True
 
 
+def quantize_weights_only(gm: torch.fx.GraphModule, node: torch.fx.Node, plan: _WeightPlan) -> bool:
+    """`Linear(x)` with float `x`, on a module the recipe gives 4-bit weights -> `W4A16Linear(x)`."""
+    if node.op != "call_module" or node.target not in plan.int4 or type(gm.get_submodule(node.target)) is not torch.nn.Linear:
+        return False
+    source = node.args[0]
+    if isinstance(source, torch.fx.Node) and source.op == "call_function" and source.target in LINEAR_FOR:
+        return False  # lower_linear's: the input is quantized
+    gm.set_submodule(node.target, plan.int4_linear(W4A16Linear, node.target, gm.get_submodule(node.target)))
+    return True
+
+
 class LowerLinears(PassBase):
-    """Replace every float Linear fed by a dequantize with a W8A8 `QuantizedLinear`."""
+    """Replace every float Linear fed by a dequantize with a quantized Linear (`QuantizedLinear`,
+    `Fp8Linear` or `W4A8Linear`), and every other Linear that `weights` gives 4-bit weights with a
+    `W4A16Linear`. `hessians` maps a Linear's module path to its GPTQ input Hessian; 4-bit Linears
+    without one are rounded to nearest."""
+
+    def __init__(self, weights: WeightSpec = PER_CHANNEL_8BIT, hessians: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.weights = weights
+        self.hessians = hessians
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        return PassResult(gm, run_rules(gm, [lower_linear]))
+        plan = _WeightPlan(gm, self.weights, self.hessians)
+        rules = [functools.partial(lower_linear, plan=plan), functools.partial(quantize_weights_only, plan=plan)]
+        return PassResult(gm, run_rules(gm, rules))

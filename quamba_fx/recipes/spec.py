@@ -19,7 +19,8 @@ from ..quant.observers import Observer, make_observer, observer_class
 from ..quant.fp8 import E4M3_MAX
 from ..quant.qops import QMAX, QMIN
 
-__all__ = ["ABS_MAX_INT8", "ACTIVATION_DTYPES", "GRANULARITIES", "TAP_SITES", "QuantSpec", "Recipe", "Tap"]
+__all__ = ["ABS_MAX_INT8", "ACTIVATION_DTYPES", "GRANULARITIES", "LINEAR_MODULES", "TAP_SITES", "WEIGHT_METHODS",
+           "QuantSpec", "Recipe", "Tap", "WeightSpec"]
 
 # Activation dtypes a spec may name, with the range of their values (integer codes for int8, the
 # largest finite e4m3 magnitude for fp8). The quantize ops implement exactly these ranges, so a
@@ -115,27 +116,86 @@ class QuantSpec:
 ABS_MAX_INT8 = QuantSpec(dtype="int8", qmin=-128, qmax=127, granularity="per_tensor", observer="abs_max")
 
 
+# Every Linear of a block (block-relative paths, Mamba-1's four; a Mamba-2 block has in_proj and out_proj).
+LINEAR_MODULES = ("mixer.in_proj", "mixer.x_proj", "mixer.dt_proj", "mixer.out_proj")
+WEIGHT_METHODS = ("rtn", "gptq")
+WEIGHT_BITS = (8, 4)
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How a recipe stores Linear weights.
+
+    `bits=8` (the default, the W8A8 recipes): per-output-channel weights in the dtype of the Linear's
+    input tap (int8, or e4m3 behind a `float8_e4m3` tap), rounded to nearest; `group_size` must be
+    None and `method` "rtn". `bits=4` (Quamba2): int4 codes packed two a byte with one fp16 scale
+    per `group_size` input columns of a row, rounded to nearest (`rtn`) or with GPTQ (`gptq`, which
+    needs calibration data). 4-bit weights go to the Linears in `modules` (block-relative paths):
+    one whose input a tap quantizes to int8 becomes a `W4A8Linear`, any other a weight-only
+    `W4A16Linear`. Raises `RecipeError` naming the bad field.
+    """
+
+    bits: int = 8
+    group_size: int | None = None
+    method: str = "rtn"
+    modules: tuple[str, ...] = LINEAR_MODULES
+
+    def __post_init__(self) -> None:
+        _expect(_is_int(self.bits) and self.bits in WEIGHT_BITS, "weights.bits", "8 or 4", self.bits)
+        _expect(self.method in WEIGHT_METHODS, "weights.method", f"one of {', '.join(WEIGHT_METHODS)}", self.method)
+        if self.bits == 8:
+            _expect(self.group_size is None, "weights.group_size", "null for 8-bit weights (one scale a row)",
+                    self.group_size)
+            _expect(self.method == "rtn", "weights.method", "rtn for 8-bit weights", self.method)
+        else:
+            _expect(_is_int(self.group_size) and self.group_size >= 2 and self.group_size % 2 == 0,
+                    "weights.group_size", "an even integer >= 2 (Quamba2 uses 128)", self.group_size)
+        modules = self.modules
+        _expect(isinstance(modules, (tuple, list)) and all(isinstance(m, str) and m for m in modules)
+                and len(set(modules)) == len(modules), "weights.modules", "a list of distinct module paths", modules)
+        object.__setattr__(self, "modules", tuple(modules))
+
+    def to_dict(self) -> dict[str, Any]:
+        """This spec as JSON-ready data."""
+        return {"bits": self.bits, "group_size": self.group_size, "method": self.method, "modules": list(self.modules)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "WeightSpec":
+        """The spec `to_dict` wrote. Raises `RecipeError` naming a missing, unknown or bad field."""
+        _check_keys(data, ("bits", "group_size", "method", "modules"), "weights")
+        return cls(**data)
+
+
+# W8A8's weights: 8-bit, one scale per output channel.
+PER_CHANNEL_8BIT = WeightSpec()
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A quantization recipe: a `name`, whether out_proj's input is Hadamard-rotated (`hadamard`),
-    and a `QuantSpec` for each tapped activation (`specs`, in the order the taps are quantized).
+    a `QuantSpec` for each tapped activation (`specs`, in the order the taps are quantized), and how
+    Linear weights are stored (`weights`, by default 8-bit per channel).
 
     `specs` may be given as a mapping from `Tap` to `QuantSpec`; it is stored as `(tap, spec)`
-    pairs. Raises `RecipeError` naming the bad field for an invalid name, no taps, or a tap given
-    twice. Build one and pass it as `recipe=` to `quantize` or `calibrate`, or register it
+    pairs. Only a 4-bit weight recipe may have no taps (weight-only, W4A16). Raises `RecipeError`
+    naming the bad field for an invalid name, no taps, or a tap given twice. Build one and pass it as `recipe=` to `quantize` or `calibrate`, or register it
     (`quamba_fx.recipes.register_recipe`) to use it by name.
     """
 
     name: str
     hadamard: bool
     specs: tuple[tuple[Tap, QuantSpec], ...] = field(default=())
+    weights: WeightSpec = PER_CHANNEL_8BIT
 
     def __post_init__(self) -> None:
         _expect(isinstance(self.name, str) and 0 < len(self.name) <= _MAX_NAME_LENGTH and self.name.isprintable(),
                 "name", f"a printable string of 1 to {_MAX_NAME_LENGTH} characters", self.name)
         _expect(type(self.hadamard) is bool, "hadamard", "a boolean", self.hadamard)
+        _expect(isinstance(self.weights, WeightSpec), "weights", "a WeightSpec", self.weights)
         pairs = tuple(self.specs.items()) if isinstance(self.specs, Mapping) else self.specs
-        _expect(isinstance(pairs, (tuple, list)) and len(pairs) > 0, "taps", "a non-empty list of taps", pairs)
+        _expect(isinstance(pairs, (tuple, list)), "taps", "a list of taps", pairs)
+        _expect(len(pairs) > 0 or self.weights.bits < 8, "taps",
+                "a non-empty list of taps (only a 4-bit weight-only recipe quantizes no activation)", pairs)
         seen: set[str] = set()
         for i, pair in enumerate(pairs):
             _expect(isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], Tap)
@@ -150,13 +210,17 @@ class Recipe:
         return tuple(tap for tap, _ in self.specs)
 
     def restricted_to(self, modules: set[str] | frozenset[str]) -> "Recipe":
-        """This recipe without the taps on modules outside `modules` (block-relative paths): what
-        it quantizes in an architecture whose blocks have only those (Mamba-2 has no x_proj or
-        dt_proj). Itself when every tap is kept; `RecipeError` when none is."""
+        """This recipe without the taps and weight modules outside `modules` (block-relative
+        paths): what it quantizes in an architecture whose blocks have only those (Mamba-2 has no
+        x_proj or dt_proj). Itself when everything is kept; `RecipeError` when it would quantize
+        nothing."""
         kept = tuple((tap, spec) for tap, spec in self.specs if tap.module in modules)
-        if not kept:
+        weights = replace(self.weights, modules=tuple(m for m in self.weights.modules if m in modules))
+        if not kept and (self.specs or not weights.modules):
             raise RecipeError("taps", f"recipe {self.name!r} quantizes none of the modules {sorted(modules)}")
-        return self if len(kept) == len(self.specs) else replace(self, specs=kept)
+        if len(kept) == len(self.specs) and weights == self.weights:
+            return self
+        return replace(self, specs=kept, weights=weights)
 
     def spec(self, tap: Tap) -> QuantSpec:
         """The spec of `tap`; `KeyError` if this recipe does not quantize it."""
@@ -184,13 +248,17 @@ class Recipe:
             "hadamard": self.hadamard,
             "taps": [{"module": tap.module, "scale": tap.scale, "at": tap.at, "spec": spec.to_dict()}
                      for tap, spec in self.specs],
+            "weights": self.weights.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
         """The recipe `to_dict` wrote. Raises `RecipeError` naming the first missing, unknown or
-        malformed field (`taps[2].spec.observer`)."""
-        _check_keys(data, ("name", "hadamard", "taps"), None)
+        malformed field (`taps[2].spec.observer`). `weights` is the one field that may be absent:
+        recipes saved before it existed had 8-bit per-channel weights, its default."""
+        if isinstance(data, dict) and "weights" not in data:
+            data = {**data, "weights": PER_CHANNEL_8BIT.to_dict()}
+        _check_keys(data, ("name", "hadamard", "taps", "weights"), None)
         _expect(isinstance(data["taps"], list), "taps", "a list", data["taps"])
         specs = []
         for i, entry in enumerate(data["taps"]):
@@ -206,7 +274,7 @@ class Recipe:
             except RecipeError as exc:
                 raise exc.within(f"{where}.spec") from None
             specs.append((tap, spec))
-        return cls(data["name"], data["hadamard"], tuple(specs))
+        return cls(data["name"], data["hadamard"], tuple(specs), WeightSpec.from_dict(data["weights"]))
 
 
 def _check_keys(data: Any, keys: tuple[str, ...], where: str | None) -> None:

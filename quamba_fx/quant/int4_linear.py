@@ -1,0 +1,78 @@
+"""`W4A16Linear` and `W4A8Linear`: Quamba2's 4-bit-weight modules that replace an `nn.Linear` at
+the same module path (the packing and the ops are in `quant/int4.py`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .gptq import gptq_int4
+from .int4 import group_count, quantize_weight_int4
+
+
+class _Int4Linear(nn.Module):
+    """A packed 4-bit weight (`weight`, uint8 `[N, ceil(K/2)]`), its fp16 group scales
+    (`weight_scale`, `[N, ceil(K/group_size)]`) and an fp32 bias; subclasses say what the input is."""
+
+    LABEL: str
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 in_features: int, group_size: int, out_dtype: torch.dtype):
+        super().__init__()
+        n = weight.shape[0]
+        if weight.dtype != torch.uint8 or tuple(weight.shape) != (n, (in_features + 1) // 2):
+            raise ValueError(f"{type(self).__name__} needs a packed uint8 [N, {(in_features + 1) // 2}] weight for "
+                             f"K={in_features}, got {weight.dtype} {tuple(weight.shape)}")
+        if tuple(weight_scale.shape) != (n, group_count(in_features, group_size)):
+            raise ValueError(f"{type(self).__name__}: weight_scale must be [N, groups] = "
+                             f"[{n}, {group_count(in_features, group_size)}], got {tuple(weight_scale.shape)}")
+        self.in_features, self.out_features = in_features, n
+        self.group_size = group_size
+        self.out_dtype = out_dtype
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale.to(torch.float16))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int, hessian: torch.Tensor | None = None) -> "_Int4Linear":
+        """Quantize `linear`'s weight to grouped int4: with GPTQ when its input `hessian` is given,
+        else round-to-nearest. Buffers a pass registered on the float module (activation scales)
+        are carried over, so `get_attr` nodes pointing at them stay valid after the swap."""
+        weight = linear.weight.detach()
+        n, k = weight.shape
+        if weight.is_meta:  # rebuilding a graph skeleton before loading a checkpoint into it
+            packed = torch.empty(n, (k + 1) // 2, dtype=torch.uint8, device="meta")
+            scale = torch.empty(n, group_count(k, group_size), dtype=torch.float16, device="meta")
+        elif hessian is not None:
+            packed, scale = gptq_int4(weight, hessian, group_size)
+        else:
+            packed, scale = quantize_weight_int4(weight, group_size)
+        q = cls(packed, scale, linear.bias, k, group_size, linear.weight.dtype)
+        for name, buffer in linear.named_buffers(recurse=False):
+            q.register_buffer(name, buffer)
+        return q
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.LABEL}, int4 weights in groups of {self.group_size}")
+
+
+class W4A16Linear(_Int4Linear):
+    """Weight-only 4-bit Linear: `forward(x)` takes and returns floats (`quamba.w4a16_linear`)."""
+
+    LABEL = "W4A16"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quamba.w4a16_linear(x, self.weight, self.weight_scale, self.group_size, self.bias)
+
+
+class W4A8Linear(_Int4Linear):
+    """4-bit weights, int8 activations: `forward(x_q, x_scale, out_scale=None)` as `QuantizedLinear`'s
+    (int8 out at `out_scale`, else the float Linear's dtype); see `quamba.w4a8_linear`."""
+
+    LABEL = "W4A8"
+
+    def forward(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        out_dtype = None if out_scale is not None else self.out_dtype
+        return torch.ops.quamba.w4a8_linear(x_q, x_scale, self.weight, self.weight_scale, self.group_size,
+                                            self.bias, out_scale, out_dtype)

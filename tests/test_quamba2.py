@@ -1,0 +1,236 @@
+"""Quamba2's 4-bit-weight recipes (`quamba2-w4a8`, `quamba2-w4a16`) on Mamba-1 and Mamba-2: the
+recipe data, the quantize flow (GPTQ statistics from calibration), save/load, lowering and
+generation, and accuracy on both trained byte models (the kernels: test_kernel_gemm_w4.py)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import quamba_fx
+from quamba_fx import textdata
+from quamba_fx.calibrate import CalibrationError, calibrate
+from quamba_fx.errors import RecipeError
+from quamba_fx.flows import float_passes
+from quamba_fx.models import builtin_config, random_model
+from quamba_fx.pipeline import Pipeline
+from quamba_fx.quant.int4_linear import W4A8Linear, W4A16Linear
+from quamba_fx.recipes import QUAMBA, QUAMBA2_W4A8, QUAMBA2_W4A16, Recipe, WeightSpec, make_recipe
+from quamba_fx.runtime import Generator
+
+from .test_recipes import DELETE, edited, quamba_dict
+
+LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+def logits(gm, ids):
+    out = gm(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.fixture(scope="module", params=["mamba-tiny", "mamba2-tiny"])
+def float_graph(request):
+    return quamba_fx.capture(random_model(builtin_config(request.param), seed=1))
+
+
+IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+# --- the recipes as data ---------------------------------------------------------------------------
+
+
+def test_the_builtin_4bit_recipes_are_what_the_docs_say():
+    assert QUAMBA2_W4A8.specs == QUAMBA.specs and QUAMBA2_W4A8.hadamard
+    assert QUAMBA2_W4A16.specs == () and QUAMBA2_W4A16.hadamard
+    for recipe in (QUAMBA2_W4A8, QUAMBA2_W4A16):
+        assert recipe.weights == WeightSpec(bits=4, group_size=128, method="gptq")
+        assert make_recipe(recipe.name) is recipe
+        assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert QUAMBA.weights == WeightSpec() and QUAMBA.to_dict()["weights"] == {
+        "bits": 8, "group_size": None, "method": "rtn",
+        "modules": ["mixer.in_proj", "mixer.x_proj", "mixer.dt_proj", "mixer.out_proj"]}
+
+
+def test_a_recipe_saved_before_weight_specs_reads_as_8_bit_per_channel():
+    data = quamba_dict()
+    del data["weights"]
+    assert Recipe.from_dict(data) == QUAMBA
+
+
+@pytest.mark.parametrize("path, value, field, message", [
+    (("weights", "bits"), 3, "weights.bits", "must be 8 or 4, got 3"),
+    (("weights", "bits"), True, "weights.bits", "must be 8 or 4"),
+    (("weights", "group_size"), 128, "weights.group_size", "must be null for 8-bit weights"),
+    (("weights", "method"), "gptq", "weights.method", "must be rtn for 8-bit weights"),
+    (("weights", "method"), "awq", "weights.method", "must be one of rtn, gptq"),
+    (("weights", "modules"), ["mixer.in_proj", "mixer.in_proj"], "weights.modules", "must be a list of distinct"),
+    (("weights", "modules"), DELETE, "weights.modules", "is missing"),
+    (("weights", "scale"), 1, "weights.scale", "is not a recipe field; expected only bits, group_size, method, modules"),
+    (("weights",), [], "weights", "must be an object"),
+])
+def test_malformed_weight_specs_raise_one_line_naming_the_field(path, value, field, message):
+    with pytest.raises(RecipeError, match=message) as info:
+        Recipe.from_dict(edited(path, value))
+    assert info.value.field == field and "\n" not in str(info.value)
+
+
+def test_4bit_weights_need_an_even_group_and_only_weight_only_recipes_may_have_no_taps():
+    with pytest.raises(RecipeError, match="weights.group_size: must be an even integer >= 2"):
+        WeightSpec(bits=4, group_size=7)
+    with pytest.raises(RecipeError, match="taps: must be a non-empty list of taps"):
+        Recipe("none", False, ())
+    Recipe("weights-only", False, (), WeightSpec(bits=4, group_size=32))
+
+
+def test_a_misspelt_weight_module_is_an_error_not_ignored(float_graph):
+    recipe = dataclasses.replace(QUAMBA2_W4A16, weights=WeightSpec(bits=4, group_size=32, modules=("mixer.inproj",)))
+    with pytest.raises(RecipeError, match="weights.modules: mixer.inproj: no registered architecture"):
+        quamba_fx.quantize(float_graph, recipe=recipe, progress=False)
+
+
+# --- the flow --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized(float_graph):
+    return {recipe: quamba_fx.quantize(float_graph, IDS, recipe=recipe, progress=False)
+            for recipe in ("quamba2-w4a8", "quamba2-w4a16")}
+
+
+@pytest.mark.parametrize("recipe, cls", [("quamba2-w4a8", W4A8Linear), ("quamba2-w4a16", W4A16Linear)])
+def test_every_linear_of_every_block_gets_packed_4bit_weights(float_graph, quantized, recipe, cls):
+    qm = quantized[recipe]
+    block_linears = {name: m for name, m in qm.named_modules() if name.rsplit(".", 1)[-1] in LINEARS}
+    assert block_linears and all(type(m) is cls for m in block_linears.values())
+    for name, module in block_linears.items():
+        float_weight = float_graph.get_submodule(name).weight
+        assert module.weight.dtype == torch.uint8
+        assert module.weight.shape == (float_weight.shape[0], (float_weight.shape[1] + 1) // 2)
+        assert module.weight_scale.dtype == torch.float16
+    assert isinstance(qm.get_submodule("lm_head"), torch.nn.Linear)  # outside the blocks: kept float
+    assert quamba_fx.graph_meta.graph_meta(qm).recipe == recipe
+
+
+@pytest.mark.parametrize("recipe", ["quamba2-w4a8", "quamba2-w4a16"])
+def test_the_4bit_graph_stays_close_to_the_float_graph(float_graph, quantized, recipe):
+    reference, out = logits(float_graph, IDS), logits(quantized[recipe], IDS)
+    # Random weights are the worst case for 4 bits (no structure for groups to follow): measured 0.08-0.19.
+    assert float((out - reference).norm() / reference.norm()) < 0.3
+
+
+def test_gptq_is_used_and_beats_round_to_nearest_on_the_calibration_text(float_graph, quantized):
+    rtn = dataclasses.replace(QUAMBA2_W4A16, weights=dataclasses.replace(QUAMBA2_W4A16.weights, method="rtn"))
+    rtn_graph = quamba_fx.quantize(float_graph, recipe=rtn, progress=False)  # RTN, weights only: no data needed
+    reference = logits(float_graph, IDS)
+    error = {name: float((logits(gm, IDS) - reference).norm()) for name, gm in
+             (("gptq", quantized["quamba2-w4a16"]), ("rtn", rtn_graph))}
+    assert error["gptq"] < error["rtn"]
+
+
+def test_gptq_needs_calibration_data_not_just_a_saved_calibration(float_graph, tmp_path):
+    with pytest.raises(ValueError, match="quantize needs calibration_data"):
+        quamba_fx.quantize(float_graph, recipe="quamba2-w4a16", progress=False)
+    rotated = Pipeline(float_passes(QUAMBA2_W4A8))(copy.deepcopy(float_graph))  # the pass rotates in place
+    calibration = calibrate(rotated, IDS, QUAMBA2_W4A8, progress=False)
+    assert all(h.shape[0] == h.shape[1] for h in calibration.hessians.values()) and calibration.hessians
+    calibration.save(tmp_path / "calibration.json")
+    reloaded = type(calibration).load(tmp_path / "calibration.json")
+    with pytest.raises(CalibrationError, match="quantizes weights with GPTQ, which needs the input statistics"):
+        quamba_fx.quantize(float_graph, recipe="quamba2-w4a8", calibration=reloaded, progress=False)
+    # The statistics it was recorded with do the job, and give the same graph as calibrating anew.
+    direct = quamba_fx.quantize(float_graph, recipe="quamba2-w4a8", calibration=calibration, progress=False)
+    assert torch.equal(logits(direct, IDS), logits(quamba_fx.quantize(float_graph, IDS, recipe="quamba2-w4a8",
+                                                                      progress=False), IDS))
+
+
+def test_nan_calibration_activations_name_the_linear(float_graph):
+    broken = Pipeline(float_passes(QUAMBA2_W4A16))(copy.deepcopy(float_graph))
+    with torch.no_grad():
+        broken.get_submodule("backbone.embeddings").weight[3] = float("nan")
+    with pytest.raises(CalibrationError, match="is not finite"):
+        calibrate(broken, torch.full((1, 8), 3), QUAMBA2_W4A16, progress=False)
+
+
+@pytest.mark.parametrize("recipe", ["quamba2-w4a8", "quamba2-w4a16"])
+def test_save_and_load_are_bit_identical_and_4bit_checkpoints_are_small(float_graph, quantized, recipe, tmp_path):
+    qm = quantized[recipe]
+    quamba_fx.save_pretrained(qm, tmp_path / "q")
+    quamba_fx.save_pretrained(quamba_fx.quantize(float_graph, IDS, recipe="quamba", progress=False), tmp_path / "w8")
+    loaded = quamba_fx.from_pretrained(tmp_path / "q")
+    assert torch.equal(logits(loaded, IDS), logits(qm, IDS))
+    assert quamba_fx.graph_meta.graph_meta(loaded).recipe_spec == qm.meta["quamba"].recipe_spec
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "q") < size(tmp_path / "w8")
+
+
+@pytest.mark.parametrize("recipe", ["quamba2-w4a8", "quamba2-w4a16"])
+def test_lowered_4bit_graphs_generate_what_the_reference_generates(quantized, recipe):
+    qm = quantized[recipe]
+    lowered = quamba_fx.lower(qm, torch.float32)
+    assert torch.allclose(logits(lowered, IDS), logits(qm, IDS), rtol=1e-4, atol=1e-4)
+    tokens = IDS[:1, :9]
+    for _ in range(6):  # greedy by rerunning the whole prefix through the reference graph
+        tokens = torch.cat([tokens, logits(qm, tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(Generator(lowered, batch_size=1).generate(IDS[:1, :9], max_new_tokens=6), tokens)
+
+
+# --- accuracy on the trained byte models (benchmarks/accuracy.py measures with more text) ----------
+
+
+def windows(split: str, count: int, seq_len: int = 256) -> torch.Tensor:
+    return textdata.chunk_sequences(textdata.load_bytes(textdata.find_wikitext(split)), seq_len, num_sequences=count)
+
+
+NAIVE_W4 = {
+    # round to nearest, no rotation, abs-max activations: what the recipes' techniques are measured against
+    "quamba2-w4a16": Recipe("rtn-w4a16", False, (), WeightSpec(bits=4, group_size=128)),
+    "quamba2-w4a8": Recipe("rtn-w4a8", False, make_recipe("naive").specs, WeightSpec(bits=4, group_size=128)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["mamba-bytes-wt2", "mamba2-bytes-wt2"])
+def test_4bit_recipes_meet_their_accuracy_targets_and_beat_naive_rounding(model):
+    gm = quamba_fx.capture(quamba_fx.load_model(model))
+    calib, held_out = windows("valid", 16), windows("test", 16)
+    for recipe, bound in (("quamba2-w4a16", 0.02), ("quamba2-w4a8", 0.03)):
+        ours = quamba_fx.evaluate(quamba_fx.quantize(gm, calib.split(8), recipe=recipe, progress=False), held_out, gm,
+                                  batch_size=8, progress=False)
+        naive = quamba_fx.evaluate(quamba_fx.quantize(gm, calib.split(8), recipe=NAIVE_W4[recipe], progress=False),
+                                   held_out, gm, batch_size=8, progress=False)
+        assert ours.bits_per_byte / ours.reference_bits_per_byte - 1 < bound, recipe
+        assert ours.kl_divergence < naive.kl_divergence, recipe
+
+
+# --- the float conv1d and scan with a cache (what W4A16's generation graphs call) ------------------
+
+
+@pytest.mark.parametrize("length, split", [(9, 4), (3, 1), (2, 2)])
+def test_float_conv_and_scan_continue_from_their_cache_exactly(length, split):
+    g = torch.Generator().manual_seed(length)
+    b, c, n, width = 2, 6, 4, 4
+    x = torch.randn(b, c, length, generator=g)
+    weight, bias = torch.randn(c, 1, width, generator=g), torch.randn(c, generator=g)
+    whole = torch.ops.quamba.conv1d_silu(x, weight, bias)
+    expected = torch.nn.functional.silu(torch.nn.functional.conv1d(x, weight, bias, padding=width - 1, groups=c)[..., :length])
+    torch.testing.assert_close(whole, expected)
+    state = torch.full((b, c, width - 1), 7.0)  # prefill must ignore what the cache held
+    first = torch.ops.quamba.conv1d_silu_cached(x[..., :split], weight, bias, state, False)
+    steps = [torch.ops.quamba.conv1d_silu_cached(x[..., t:t + 1], weight, bias, state, True) for t in range(split, length)]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=-1), whole, rtol=1e-6, atol=1e-6)
+
+    u, delta, z = (torch.randn(b, c, length, generator=g) for _ in range(3))
+    A, B, C = -torch.rand(c, n, generator=g), torch.randn(b, n, length, generator=g), torch.randn(b, n, length, generator=g)
+    D, delta_bias = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    whole = torch.ops.quamba.selective_scan(u, delta, A, B, C, D, z, delta_bias, True)
+    ssm = torch.full((b, c, n), 3.0)
+    parts = [torch.ops.quamba.selective_scan_cached(u[..., :split], delta[..., :split], A, B[..., :split], C[..., :split],
+                                                    D, z[..., :split], delta_bias, True, ssm, False)]
+    for t in range(split, length):
+        s = slice(t, t + 1)
+        parts.append(torch.ops.quamba.selective_scan_cached(u[..., s], delta[..., s], A, B[..., s], C[..., s], D,
+                                                            z[..., s], delta_bias, True, ssm, True))
+    torch.testing.assert_close(torch.cat(parts, dim=-1), whole, rtol=1e-5, atol=1e-5)
