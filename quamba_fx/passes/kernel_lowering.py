@@ -10,6 +10,8 @@ folds parameter expressions, casts the float leftovers, and derives the cached g
 |-----------------------------------------------------------|--------------------------------|
 | `QuantizedLinear` (int8_linear)                            | `w8a8_linear` (int8 GEMM)      |
 | `Fp8Linear` (fp8_linear)                                  | `fp8_gemm` (e4m3 GEMM)         |
+| `W4A16Linear` / `W4A8Linear` (4-bit weights)              | `w4a16_gemm` / `w4a8_gemm`     |
+| float `conv1d -> [..., :L] -> SiLU` (by `conv_fusion`)     | `conv1d_silu` (reference)      |
 | `selective_scan(dequantize(u), ..., dequantize(z))`        | `selective_scan_int8`          |
 | `quantize(hadamard(y), s)`                                 | `hadamard_quantize`            |
 | `quantize_fp8(hadamard(y), s)` (per tensor)                | `hadamard_quantize_fp8`        |

@@ -1,6 +1,6 @@
 """The lowering rules, one file per kernel: what each kernel op replaces in the reference graph.
 
-Each file (`gemm`, `scan`, `hadamard`, `norm`) names the ops its kernel provides, says which
+Each file (`gemm`, `gemm_w4`, `scan`, `hadamard`, `norm`) names the ops its kernel provides, says which
 kernel runs each (`KERNELS`, shown by the dumps), and gives its rewrite rules (`passes.rewrite`):
 `rules(dtype)` for the lowering of a whole graph (`dtype`: the activations between kernels), and
 `DECODE_RULES` for the one-token decode graph (`cached_graph`). This package only adds them up;
@@ -15,13 +15,14 @@ import torch
 
 from ..conv_fusion import FUSED_CONV
 from ..rewrite import Rule
-from . import gemm, hadamard, norm, scan
+from . import gemm, gemm_w4, hadamard, norm, scan
 
 __all__ = ["DECODE_RULES", "KERNELS", "rules"]
 
 # Kernel op -> the kernel that runs it, as `node.meta["quamba"]["kernel"]` records it.
 KERNELS = {
     **gemm.KERNELS,
+    **gemm_w4.KERNELS,
     **scan.KERNELS,
     **hadamard.KERNELS,
     **norm.KERNELS,
@@ -32,7 +33,7 @@ KERNELS = {
 def rules(dtype: torch.dtype) -> list[Rule]:
     """Every kernel's lowering rules, activations between kernels in `dtype`. Order matters only
     where two rules could match the same node; none do (the Hadamard file orders its own two)."""
-    return gemm.rules(dtype) + scan.rules(dtype) + hadamard.rules(dtype) + norm.rules(dtype)
+    return gemm.rules(dtype) + gemm_w4.rules(dtype) + scan.rules(dtype) + hadamard.rules(dtype) + norm.rules(dtype)
 
 
 # The decode graph's fusions, applied after the cached ops are in place.

@@ -1,0 +1,79 @@
+"""Benchmark the 4-bit-weight GEMM kernels (kernels/gemm_w4.py) against cuBLAS fp16 and our int8 GEMM.
+
+    python benchmarks/gemm_w4.py [--json PATH] [--m 1 16 64 2048] [--group 128]
+
+Needs a CUDA device. For each Linear of mamba-2.8b (K -> N) and each M (1, 16, 64: decode batches;
+2048: a prefill), graph-replayed median times (triton.testing.do_bench, L2 flushed) of:
+
+* w4a16  -- `w4a16_gemm`: fp16 activations, packed int4 weights, fp16 group scales, fp16 out;
+* w4a8   -- `w4a8_gemm`: int8 activations, int4 weights, fp16 out;
+* w8a8   -- our int8 GEMM (`w8a8_linear`), per-channel int8 weights, fp16 out;
+* fp16   -- `F.linear` in fp16 (cuBLAS), what mamba_ssm runs.
+
+Speedups are fp16 time / ours. wTB/s is the weight bytes each streams per second (what bounds
+decode), against the copy bandwidth measured in the same run (`copy`: a 1 GiB device-to-device copy,
+read + write). Every row's result is checked against the op's reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from gpu_timing import graphed, require_gpu, time_ms, write_json
+
+SHAPES_2_8B = {"in_proj": (2560, 10240), "x_proj": (5120, 192), "dt_proj": (160, 5120), "out_proj": (5120, 2560)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 2048])
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    device = require_gpu("gemm_w4.py")
+    from quamba_fx.kernels import gemm  # noqa: F401  (registers w8a8_linear)
+    from quamba_fx.kernels import gemm_w4
+    from quamba_fx.quant.int4 import quantize_weight_int4
+    from quamba_fx.quant.qops import quantize_weight_per_channel
+
+    big = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
+    copy_ms = time_ms(graphed(lambda: big.clone()))
+    copy_tbs = 2 * big.numel() * 2 / (copy_ms * 1e-3) / 1e12
+    print(f"{device}; copy {copy_tbs:.2f} TB/s (read + write)")
+    del big
+    rows = []
+    print(f"{'layer':9} {'M':>5} {'fp16 ms':>8} {'w8a8':>8} {'w4a16':>8} {'w4a8':>8} {'w4a16 x':>8} {'w4a8 x':>8} "
+          f"{'w4 wTB/s':>9}")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, (k, n) in SHAPES_2_8B.items():
+        w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+        packed, scale = quantize_weight_int4(w, args.group)
+        w8, s8 = quantize_weight_per_channel(w)
+        w16 = w.half()
+        for m in args.m:
+            x = torch.randn(m, k, device="cuda", generator=g).half()
+            x_q = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8, generator=g)
+            x_scale = torch.tensor(0.01, device="cuda")
+            calls = {
+                "fp16": lambda: F.linear(x, w16),
+                "w8a8": lambda: torch.ops.quamba.w8a8_linear(x_q, x_scale, w8, s8, None, None, torch.float16),
+                "w4a16": lambda: gemm_w4.w4a16_gemm(x, packed, scale, args.group),
+                "w4a8": lambda: gemm_w4.w4a8_gemm(x_q, x_scale, packed, scale, args.group, None, None, torch.float16),
+            }
+            ms = {key: time_ms(graphed(fn)) for key, fn in calls.items()}
+            check16 = (calls["w4a16"]().float() - torch.ops.quamba.w4a16_linear(x, packed, scale, args.group).float())
+            check8 = (calls["w4a8"]().float() - torch.ops.quamba.w4a8_linear(x_q, x_scale, packed, scale, args.group,
+                                                                               None, None, torch.float16).float())
+            assert float(check16.abs().max()) < 0.05 and float(check8.abs().max()) < 0.05, (name, m)
+            w4_tbs = packed.numel() / (ms["w4a16"] * 1e-3) / 1e12
+            print(f"{name:9} {m:5d} {ms['fp16']:8.4f} {ms['w8a8']:8.4f} {ms['w4a16']:8.4f} {ms['w4a8']:8.4f} "
+                  f"{ms['fp16'] / ms['w4a16']:7.2f}x {ms['fp16'] / ms['w4a8']:7.2f}x {w4_tbs:9.2f}")
+            rows.append({"layer": name, "k": k, "n": n, "m": m, "ms": ms})
+    if args.json:
+        write_json(args.json, device, {"copy_tbs": copy_tbs, "group": args.group}, rows=rows)
+
+
+if __name__ == "__main__":
+    main()

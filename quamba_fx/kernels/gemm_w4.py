@@ -1,0 +1,176 @@
+"""GEMMs with 4-bit weights (Quamba2's W4A16 and W4A8): the packed codes are unpacked and
+multiplied in registers, one K block of one scale group at a time.
+
+A weight byte holds the codes of columns 2i (low nibble) and 2i+1 (high nibble); rather than
+interleave them back, the kernel splits the activations the same way, `x[:, 0::2]` against the low
+nibbles and `x[:, 1::2]` against the high ones, two dots a block. The codes are exact in fp16,
+bf16 and int8, so each dot is an exact-input product: W4A16 dots the float activations with the
+codes (fp32 accumulation), W4A8 the int8 activations (exact int32), and the block's sum is then
+scaled by the group's scale for each column, in fp32. A K block never straddles two groups
+(`BLOCK_K` divides the group size), so there is one scale a column per block.
+
+Numerics, against `quant/int4.py`'s references: W4A8's per-block sums are exact, as the
+reference's per-group sums, and only the fp32 sum over groups is in another order; W4A16's dots
+round like any fp16 GEMM with fp32 accumulation. The tests bound both.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..quant.int4 import _check_w4, w4a8_linear, w4a16_linear
+from ..quant.qops import _check_int8, _linear_out_dtype
+from .dispatch import cdiv, graph_op, use_triton
+from .gemm_epilogue import requant_int8
+
+__all__ = ["supported", "w4a16_gemm", "w4a8_gemm"]
+
+# A K block is one or more whole dots of 16 pairs of columns (tl.dot needs K >= 16 per operand).
+_MIN_BLOCK_K = 32
+
+
+def supported(group_size: int) -> bool:
+    """Whether the kernel takes weights in groups of `group_size` (a multiple of 32 columns; the
+    reference runs the others)."""
+    return group_size % _MIN_BLOCK_K == 0
+
+
+@triton.jit
+def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, x_scale_ptr, out_scale_ptr, out_ptr, M, N, K,
+                    stride_xm, stride_wn, stride_sn, stride_om,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    A8: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, REQUANT: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    half = tl.arange(0, BLOCK_K // 2)
+    row_ok = offs_m < M
+    col_ok = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        byte = k0 // 2 + half
+        packed = tl.load(w_rows + byte[None, :], mask=col_ok[:, None] & (2 * byte < K)[None, :], other=0)
+        wide = packed.to(tl.int32)
+        # Two's-complement nibbles, sign-extended: (v ^ 8) - 8 maps 0..15 to 0..7, -8..-1.
+        low = ((wide & 0xF) ^ 8) - 8
+        high = ((wide >> 4) ^ 8) - 8
+        even = k0 + 2 * half
+        x_even = tl.load(x_rows + even[None, :], mask=row_ok[:, None] & (even < K)[None, :], other=0)
+        x_odd = tl.load(x_rows + (even + 1)[None, :], mask=row_ok[:, None] & (even + 1 < K)[None, :], other=0)
+        if A8:
+            part = tl.dot(x_even, tl.trans(low.to(tl.int8))) + tl.dot(x_odd, tl.trans(high.to(tl.int8)))
+            part = part.to(tl.float32)
+        elif IEEE:
+            part = tl.dot(x_even, tl.trans(low.to(tl.float32)), input_precision="ieee")
+            part += tl.dot(x_odd, tl.trans(high.to(tl.float32)), input_precision="ieee")
+        else:
+            part = tl.dot(x_even, tl.trans(low.to(x_even.dtype)))
+            part += tl.dot(x_odd, tl.trans(high.to(x_even.dtype)))
+        scale = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=col_ok, other=0).to(tl.float32)
+        acc += part * scale[None, :]
+    cols = tl.where(col_ok, offs_n, 0)
+    y = acc
+    if A8:
+        y = y * tl.load(x_scale_ptr)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols)[None, :]
+    if REQUANT:
+        out = requant_int8(y, tl.load(out_scale_ptr))
+    else:
+        out = y.to(out_ptr.dtype.element_ty)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _blocks(m: int, group_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps): one 16-row tile for decode-sized M, where the weight
+    stream is the cost and narrow N tiles give every SM work; square tiles above."""
+    block_k = 128 if group_size % 128 == 0 else 64 if group_size % 64 == 0 else 32
+    if m <= 16:
+        return 16, 64, block_k, 4
+    return 64, 128, min(block_k, 64), 8
+
+
+def _launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor],
+            x_scale: Optional[Tensor], out_scale: Optional[Tensor], out: Tensor) -> Tensor:
+    k = x.shape[-1]
+    n = w_packed.shape[0]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    out2 = out.view(m, n)
+    block_m, block_n, block_k, warps = _blocks(m, group_size)
+    dummy = w_scale  # a pointer for the absent operands; never read (constexpr flags)
+    grid = (cdiv(m, block_m), cdiv(n, block_n))
+    _w4_gemm_kernel[grid](
+        x2, w_packed.contiguous(), w_scale.contiguous(), bias if bias is not None else dummy,
+        x_scale if x_scale is not None else dummy, out_scale if out_scale is not None else dummy, out2,
+        m, n, k, x2.stride(0), (k + 1) // 2, w_scale.shape[1], out2.stride(0),
+        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, A8=x_scale is not None,
+        IEEE=x.dtype == torch.float32, HAS_BIAS=bias is not None, REQUANT=out_scale is not None,
+        num_warps=warps, num_stages=3,
+    )
+    return out
+
+
+def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor] = None) -> Tensor:
+    """`quamba.w4a16_linear` on the Triton kernel where it runs (`dispatch.use_triton`) and the
+    group size suits it (`supported`), else the reference."""
+    n, _ = _check_w4("w4a16_gemm", x, w_packed, w_scale, group_size, bias)
+    if not (use_triton(x) and supported(group_size)) or x.numel() == 0:
+        return w4a16_linear(x, w_packed, w_scale, group_size, bias)
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    return _launch(x, w_packed, w_scale, group_size, bias32, None, None, out)
+
+
+def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
+              bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
+              out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """`quamba.w4a8_linear` on the Triton kernel where it runs and the group size suits it, else
+    the reference. Per-tensor activation and output scales only, as the recipes make them."""
+    _check_int8(x_q, "w4a8_gemm: x_q")
+    n, _ = _check_w4("w4a8_gemm", x_q, w_packed, w_scale, group_size, bias)
+    per_tensor = x_scale.numel() == 1 and (out_scale is None or out_scale.numel() == 1)
+    if not (use_triton(x_q) and supported(group_size) and per_tensor) or x_q.numel() == 0:
+        return w4a8_linear(x_q, x_scale, w_packed, w_scale, group_size, bias, out_scale, out_dtype)
+    out = torch.empty((*x_q.shape[:-1], n), dtype=_linear_out_dtype(out_scale, out_dtype), device=x_q.device)
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    scale32 = lambda s: None if s is None else s.to(torch.float32).reshape(1).contiguous()  # noqa: E731
+    return _launch(x_q, w_packed, w_scale, group_size, bias32, scale32(x_scale), scale32(out_scale), out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph ops (torch.ops.quamba.*, see dispatch.graph_op)
+# ---------------------------------------------------------------------------------------------
+
+
+@graph_op("quamba::w4a16_gemm")
+def w4a16_gemm_op(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor] = None) -> Tensor:
+    """The W4A16 GEMM kernel; numerics of `torch.ops.quamba.w4a16_linear` up to fp32 accumulation order."""
+    return w4a16_gemm(x, w_packed, w_scale, group_size, bias)
+
+
+@w4a16_gemm_op.register_fake
+def _w4a16_gemm_fake(x, w_packed, w_scale, group_size, bias=None):
+    return torch.ops.quamba.w4a16_linear(x, w_packed, w_scale, group_size, bias)
+
+
+@graph_op("quamba::w4a8_gemm")
+def w4a8_gemm_op(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
+                 bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
+                 out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The W4A8 GEMM kernel; numerics of `torch.ops.quamba.w4a8_linear` up to the order of the group sum."""
+    return w4a8_gemm(x_q, x_scale, w_packed, w_scale, group_size, bias, out_scale, out_dtype)
+
+
+@w4a8_gemm_op.register_fake
+def _w4a8_gemm_fake(x_q, x_scale, w_packed, w_scale, group_size, bias=None, out_scale=None, out_dtype=None):
+    return torch.ops.quamba.w4a8_linear(x_q, x_scale, w_packed, w_scale, group_size, bias, out_scale, out_dtype)

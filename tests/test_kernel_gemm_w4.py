@@ -1,0 +1,73 @@
+"""The 4-bit-weight GEMM kernels (kernels/gemm_w4.py) against their references, under the Triton
+interpreter on CPU (on CUDA as they are)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quamba_fx.kernels import gemm_w4
+from quamba_fx.kernels.dispatch import use_triton
+from quamba_fx.quant.int4 import quantize_weight_int4, w4a8_linear, w4a16_linear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def weights(n: int, k: int, group: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    packed, scale = quantize_weight_int4(torch.randn(n, k, generator=generator), group)
+    return packed.to(DEVICE), scale.to(DEVICE)
+
+
+@settings(max_examples=25)
+@given(m=st.integers(1, 40), n=st.integers(1, 70), k=st.integers(1, 200), group=st.sampled_from([32, 64, 128]),
+       bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 999))
+def test_w4a16_gemm_matches_the_reference(m, n, k, group, bias, dtype, seed):
+    packed, scale = weights(n, k, group, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    b = torch.randn(n, device=DEVICE) if bias else None
+    got = gemm_w4.w4a16_gemm(x, packed, scale, group, b)
+    expected = w4a16_linear(x, packed, scale, group, b)
+    assert got.dtype == dtype and got.shape == expected.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance * (1 + k ** 0.5))
+
+
+@settings(max_examples=25)
+@given(m=st.integers(1, 40), n=st.integers(1, 70), k=st.integers(1, 300), group=st.sampled_from([32, 128]),
+       bias=st.booleans(), requant=st.booleans(), seed=st.integers(0, 999))
+def test_w4a8_gemm_matches_the_reference(m, n, k, group, bias, requant, seed):
+    packed, scale = weights(n, k, group, seed)
+    x_q = torch.randint(-128, 128, (m, k), generator=torch.Generator().manual_seed(seed + 1), dtype=torch.int8).to(DEVICE)
+    x_scale = torch.tensor(0.02, device=DEVICE)
+    b = torch.randn(n, device=DEVICE) if bias else None
+    out_scale = torch.tensor(0.25, device=DEVICE) if requant else None
+    got = gemm_w4.w4a8_gemm(x_q, x_scale, packed, scale, group, b, out_scale)
+    expected = w4a8_linear(x_q, x_scale, packed, scale, group, b, out_scale)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if requant:  # the group sums add in another order: a quotient at a tie may round the other way
+        assert int((got.int() - expected.int()).abs().max()) <= 1
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_groups_the_kernel_does_not_take_run_the_reference():
+    packed, scale = weights(8, 24, 8, 0)
+    x = torch.randn(3, 24, device=DEVICE)
+    assert not gemm_w4.supported(8)
+    assert torch.equal(gemm_w4.w4a16_gemm(x, packed, scale, 8), w4a16_linear(x, packed, scale, 8))
+
+
+def test_the_graph_ops_take_leading_dims_and_have_fakes():
+    packed, scale = weights(40, 64, 32, 1)
+    x = torch.randn(2, 5, 64, device=DEVICE)
+    out = torch.ops.quamba.w4a16_gemm(x, packed, scale, 32)
+    torch.testing.assert_close(out, w4a16_linear(x, packed, scale, 32), rtol=1e-5, atol=1e-4)
+    with torch.device("meta"):
+        fake = torch.ops.quamba.w4a8_gemm(torch.empty(2, 5, 64, dtype=torch.int8), torch.empty(()),
+                                          packed.to("meta"), scale.to("meta"), 32, None, None, torch.float16)
+    assert fake.shape == (2, 5, 40) and fake.dtype == torch.float16
