@@ -1,7 +1,8 @@
-"""W8A8 accuracy on CPU: the trained byte model on WikiText-2, and a 130m-shaped model with outliers.
+"""Quantized accuracy on CPU: the trained byte model on WikiText-2, and a 130m-shaped model with outliers.
 
     python benchmarks/accuracy.py [--windows 64] [--seq-len 512] [--synthetic-layers 24]
-                                  [--recipes naive quamba fp8] [--skip-bytes-model] [--skip-synthetic]
+                                  [--recipes naive quamba fp8 naive-w4a8 quamba2-w4a8 naive-w4a16 quamba2-w4a16]
+                                  [--skip-bytes-model] [--skip-synthetic]
                                   [--bytes-model mamba-bytes-wt2 | mamba2-bytes-wt2]
 
 1. the trained byte model (`--bytes-model`, default mamba-bytes-wt2): bits per byte on test.txt (fp32 and each recipe), calibrated on valid.txt, plus
@@ -43,14 +44,14 @@ def compare(model, calib: torch.Tensor, held_out: torch.Tensor, batch: int, reci
 
 def print_rows(title: str, rows: dict) -> None:
     print(f"\n{title}")
-    print(f"{'recipe':<7} {'bits/byte':>9} {'vs fp32':>8} {'KL':>8} {'top-1':>7} {'logit rel err':>13} {'state MB':>9}")
+    print(f"{'recipe':<13} {'bits/byte':>9} {'vs fp32':>8} {'KL':>8} {'top-1':>7} {'logit rel err':>13} {'state MB':>9}")
     base = rows["fp32"].bits_per_byte
     for name, r in rows.items():
         rel = "" if name == "fp32" else f"{r.bits_per_byte / base - 1:+.2%}"
         kl = "" if r.kl_divergence is None else f"{r.kl_divergence:.5f}"
         top1 = "" if r.top1_agreement is None else f"{r.top1_agreement:.4f}"
         err = "" if r.logits_rel_error is None else f"{r.logits_rel_error:.4f}"
-        print(f"{name:<7} {r.bits_per_byte:>9.4f} {rel:>8} {kl:>8} {top1:>7} {err:>13} {r.bytes / 1e6:>9.2f}")
+        print(f"{name:<13} {r.bits_per_byte:>9.4f} {rel:>8} {kl:>8} {top1:>7} {err:>13} {r.bytes / 1e6:>9.2f}")
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Speed against the reference stack: mamba_ssm fp16 vs our lowered W8A8, same weights, one process.
 
     python benchmarks/reference.py [--models mamba-130m mamba-2.8b] [--prefill 1x128 1x2048 8x2048]
-        [--decode-batches 1 16 64] [--breakdown-models mamba-2.8b] [--recipes quamba fp8]
-        [--json PATH] [--smoke]
+        [--decode-batches 1 16 64] [--breakdown-models mamba-2.8b] [--recipes quamba fp8 quamba2-w4a8]
+        [--rtn-weights] [--json PATH] [--smoke]
 
 Needs CUDA and the reference stack of /work/shared/anchors (`anchors.py` importable: put its folder
 on PYTHONPATH). For each model shape, from ONE seeded random `MambaForCausalLM` (in/x/out_proj drawn
@@ -237,11 +237,15 @@ def recipe_label(recipe: str) -> str:
     return RECIPE_LABELS.get(recipe, recipe)
 
 
-def build(name: str, with_ref: bool, recipes: list[str]) -> tuple:
+def build(name: str, with_ref: bool, recipes: list[str], rtn_weights: bool = False) -> tuple:
     """({label: lowered model} for each recipe, mamba_ssm fp16 or None, same-weights check, vocab),
-    all from one seeded random model."""
+    all from one seeded random model. `rtn_weights`: 4-bit recipes round their weights to nearest
+    instead of running GPTQ (the same kernels and bytes; minutes less on the 2.8b shape)."""
+    import dataclasses
+
     import quamba_fx
     from e2e import random_model
+    from quamba_fx.recipes import make_recipe
 
     model = random_model(name, DEVICE)
     vocab = model.config.vocab_size
@@ -249,7 +253,10 @@ def build(name: str, with_ref: bool, recipes: list[str]) -> tuple:
     ours = {}
     for recipe in recipes:
         started = time.perf_counter()
-        ours[recipe_label(recipe)] = quamba_fx.lower(quamba_fx.quantize(model, calib, recipe=recipe, progress=False))
+        spec = make_recipe(recipe)
+        if rtn_weights and spec.weights.bits == 4:
+            spec = dataclasses.replace(spec, weights=dataclasses.replace(spec.weights, method="rtn"))
+        ours[recipe_label(recipe)] = quamba_fx.lower(quamba_fx.quantize(model, calib, recipe=spec, progress=False))
         log(f"{name}: {recipe} quantized and lowered in {time.perf_counter() - started:.1f} s")
     check_ids = torch.randint(0, vocab, (1, 128), device=DEVICE)
     with torch.inference_mode():
@@ -386,7 +393,7 @@ def bench_breakdown(ours: dict, ref, shapes, decode_batches, vocab: int) -> dict
 
 def bench_model(name: str, args, bandwidth: float, result: dict, save: Callable[[], None]) -> None:
     """Fills `result` section by section, calling `save` after each (a timeout keeps the rest)."""
-    ours, ref, check, vocab = build(name, not args.smoke, args.recipes)
+    ours, ref, check, vocab = build(name, not args.smoke, args.recipes, args.rtn_weights)
     result.update(check=check, weight_bytes={**{k: weight_bytes(m) for k, m in ours.items()},
                                              **({REF: weight_bytes(ref)} if ref else {})},
                   prefill=[], decode=[])
@@ -511,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="B", help="decode batch sizes to profile by kernel kind")
     parser.add_argument("--recipes", nargs="+", default=["quamba"],
                         help="our recipes to lower and time (default: quamba, labelled w8a8)")
+    parser.add_argument("--rtn-weights", action="store_true",
+                        help="4-bit recipes round weights to nearest instead of GPTQ (same kernels and bytes)")
     parser.add_argument("--commit", default=None, help="the checkout's commit, recorded in the JSON")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--smoke", action="store_true",

@@ -53,5 +53,5 @@ PACKAGED_MODELS: dict[str, Path] = {
 }
 DEFAULT_MODEL = "mamba-bytes-wt2"
 
-RECIPE_NAMES = ("naive", "quamba", "fp8", "quamba2-w4a8", "quamba2-w4a16")  # the --recipe choices; each one is a file in quamba_fx/recipes/
+RECIPE_NAMES = ("naive", "naive-w4a8", "naive-w4a16", "quamba", "fp8", "quamba2-w4a8", "quamba2-w4a16")  # the --recipe choices; each one is a file in quamba_fx/recipes/
 DUMP_FORMATS = ("text", "json", "dot", "svg")

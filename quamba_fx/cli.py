@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help=_model_arg_help() + " (byte-level, or with its tokenizer.json), or a checkpoint "
                     "directory from `quantize`")
     ev.add_argument("--recipe", choices=("none", *RECIPE_NAMES), default="quamba",
-                    help="none (float), naive or quamba (int8) or fp8 (e4m3) W8A8 (default: quamba)")
+                    help="none (float), or a recipe: naive, quamba (int8 W8A8), fp8 (e4m3), the 4-bit-weight "
+                    "naive-w4a8, naive-w4a16, quamba2-w4a8, quamba2-w4a16 (default: quamba)")
     ev.add_argument("--windows", type=positive_int, default=64,
                     help="evaluation windows, spread over the text (default: 64)")
     ev.add_argument("--text", type=existing_file, default=None, help="evaluation text file (default: WikiText-2 test.txt)")
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint directory to write (new, or empty; never replaces anything else)")
     qz.add_argument("--overwrite", action="store_true",
                     help="replace --out if it holds a quamba-fx checkpoint (anything else is always refused)")
-    qz.add_argument("--recipe", choices=RECIPE_NAMES, default="quamba", help="W8A8 recipe (default: quamba)")
+    qz.add_argument("--recipe", choices=RECIPE_NAMES, default="quamba", help="recipe (default: quamba, W8A8)")
     qz.add_argument("--fuse", action="store_true", help="also fuse each conv1d + SiLU into the int8 Triton kernel")
     _add_calibration_args(qz)
     qz.set_defaults(command_name="quantize")

@@ -14,6 +14,7 @@ import quamba_fx
 from quamba_fx import textdata
 from quamba_fx.calibrate import CalibrationError, calibrate
 from quamba_fx.errors import RecipeError
+from quamba_fx.graph_info import op_name
 from quamba_fx.flows import float_passes
 from quamba_fx.models import builtin_config, random_model
 from quamba_fx.pipeline import Pipeline
@@ -49,6 +50,10 @@ def test_the_builtin_4bit_recipes_are_what_the_docs_say():
         assert recipe.weights == WeightSpec(bits=4, group_size=128, method="gptq")
         assert make_recipe(recipe.name) is recipe
         assert Recipe.from_dict(recipe.to_dict()) == recipe
+    for name in ("naive-w4a8", "naive-w4a16"):  # their baselines: rounded to nearest, no rotation
+        baseline = make_recipe(name)
+        assert not baseline.hadamard and baseline.weights == WeightSpec(bits=4, group_size=128, method="rtn")
+    assert make_recipe("naive-w4a8").specs == make_recipe("naive").specs and make_recipe("naive-w4a16").specs == ()
     assert QUAMBA.weights == WeightSpec() and QUAMBA.to_dict()["weights"] == {
         "bits": 8, "group_size": None, "method": "rtn",
         "modules": ["mixer.in_proj", "mixer.x_proj", "mixer.dt_proj", "mixer.out_proj"]}
@@ -170,6 +175,9 @@ def test_save_and_load_are_bit_identical_and_4bit_checkpoints_are_small(float_gr
 def test_lowered_4bit_graphs_generate_what_the_reference_generates(quantized, recipe):
     qm = quantized[recipe]
     lowered = quamba_fx.lower(qm, torch.float32)
+    kernel = "w4a8_gemm" if recipe == "quamba2-w4a8" else "w4a16_gemm"
+    assert sum(op_name(n) == kernel for n in lowered.graph.nodes) == sum(
+        isinstance(m, (W4A8Linear, W4A16Linear)) for m in qm.modules())
     assert torch.allclose(logits(lowered, IDS), logits(qm, IDS), rtol=1e-4, atol=1e-4)
     tokens = IDS[:1, :9]
     for _ in range(6):  # greedy by rerunning the whole prefix through the reference graph
@@ -184,11 +192,6 @@ def windows(split: str, count: int, seq_len: int = 256) -> torch.Tensor:
     return textdata.chunk_sequences(textdata.load_bytes(textdata.find_wikitext(split)), seq_len, num_sequences=count)
 
 
-NAIVE_W4 = {
-    # round to nearest, no rotation, abs-max activations: what the recipes' techniques are measured against
-    "quamba2-w4a16": Recipe("rtn-w4a16", False, (), WeightSpec(bits=4, group_size=128)),
-    "quamba2-w4a8": Recipe("rtn-w4a8", False, make_recipe("naive").specs, WeightSpec(bits=4, group_size=128)),
-}
 
 
 @pytest.mark.slow
@@ -196,11 +199,13 @@ NAIVE_W4 = {
 def test_4bit_recipes_meet_their_accuracy_targets_and_beat_naive_rounding(model):
     gm = quamba_fx.capture(quamba_fx.load_model(model))
     calib, held_out = windows("valid", 16), windows("test", 16)
+
+    def measure(recipe):
+        qm = quamba_fx.quantize(gm, calib.split(8), recipe=recipe, progress=False)
+        return quamba_fx.evaluate(qm, held_out, gm, batch_size=8, progress=False)
+
     for recipe, bound in (("quamba2-w4a16", 0.02), ("quamba2-w4a8", 0.03)):
-        ours = quamba_fx.evaluate(quamba_fx.quantize(gm, calib.split(8), recipe=recipe, progress=False), held_out, gm,
-                                  batch_size=8, progress=False)
-        naive = quamba_fx.evaluate(quamba_fx.quantize(gm, calib.split(8), recipe=NAIVE_W4[recipe], progress=False),
-                                   held_out, gm, batch_size=8, progress=False)
+        ours, naive = measure(recipe), measure(recipe.replace("quamba2", "naive"))
         assert ours.bits_per_byte / ours.reference_bits_per_byte - 1 < bound, recipe
         assert ours.kl_divergence < naive.kl_divergence, recipe
 
