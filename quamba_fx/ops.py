@@ -1,9 +1,8 @@
 """Opaque operators that appear as single nodes in captured graphs.
 
-`torch.ops.quamba.selective_scan` is the Mamba-1 selective scan, `torch.ops.quamba.ssd_scan` Mamba-2's.
-`conv1d_silu` is a block's float conv1d + SiLU as one node (what lowering makes of a graph whose
-conv1d input is not quantized, e.g. W4A16's), and the `*_cached` ops are the forms of these that
-generation's prefill and decode graphs call, carrying the conv and scan states between calls.
+`torch.ops.quamba.selective_scan` is the Mamba-1 selective scan, `torch.ops.quamba.ssd_scan` Mamba-2's;
+their `*_cached` forms are what generation's prefill and decode graphs call, carrying the scan
+state between calls.
 Each is a `torch.library` custom op, so torch.fx, dynamo and export all see one node whatever the
 sequence length, and its fake implementation lets shape propagation run without computing anything.
 """
@@ -16,11 +15,12 @@ import torch
 
 from .errors import InputError
 from .kernels.scan import selective_scan as triton_selective_scan
+from .kernels.scan import selective_state_update as triton_state_update
 from .quant.hadamard import hadamard  # noqa: F401  (re-exported: torch.ops.quamba.hadamard is defined beside its math)
 from .scan_reference import selective_scan_reference
 from .ssd_reference import ssd_scan_reference
 
-__all__ = ["check_token_range", "conv1d_silu", "conv1d_silu_cached", "hadamard", "selective_scan",
+__all__ = ["check_token_range", "hadamard", "selective_scan",
            "selective_scan_cached", "selective_scan_reference", "ssd_scan", "ssd_scan_cached", "token_ids_in_range"]
 
 
@@ -76,7 +76,8 @@ def selective_scan_cached(
 
     Prefill (`decode=False`) starts from zeros, as `selective_scan` does, and leaves the final state
     in `ssm_state`; decode (`decode=True`, any L, typically 1) continues from it and advances it.
-    Every device runs the reference loop (one step a token when decoding).
+    CUDA tensors run the Triton scan in float mode (a one-token decode its state-update kernel),
+    others the reference loop.
     """
     y, final = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                         initial_state=ssm_state if decode else None)
@@ -84,62 +85,27 @@ def selective_scan_cached(
     return y.contiguous()
 
 
-@selective_scan_cached.register_fake
-def _selective_scan_cached_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state, decode):
-    return u.new_empty(u.shape)
+@selective_scan_cached.register_kernel("cuda")
+def _selective_scan_cached_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state, decode):
+    return selective_scan_cached_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state, decode)
 
 
-def _conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiLU of the depthwise causal conv of `x [B, C, L]` continuing `history [B, C, W-1]` (the
-    inputs before it), in fp32; returns `(y in x's dtype, the last W-1 inputs)`."""
-    padded = torch.cat([history.to(torch.float32), x.to(torch.float32)], dim=-1)
-    b = None if bias is None else bias.to(torch.float32)
-    y = torch.nn.functional.conv1d(padded, weight.to(torch.float32), b, groups=x.shape[1])
-    width = weight.shape[-1]
-    return torch.nn.functional.silu(y).to(x.dtype), padded[..., padded.shape[-1] - (width - 1):]
-
-
-def _check_conv(x: torch.Tensor, weight: torch.Tensor, op: str) -> None:
-    if x.dim() != 3 or weight.dim() != 3 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
-        raise ValueError(f"{op}: x must be [B, C, L] and weight a depthwise [C, 1, W], got {tuple(x.shape)} "
-                         f"and {tuple(weight.shape)}")
-
-
-@torch.library.custom_op("quamba::conv1d_silu", mutates_args=())
-def conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """`silu(conv1d(x, weight, bias, padding=W-1, groups=C)[..., :L])`, a Mamba block's causal
-    depthwise conv and its activation, on float `x [B, C, L]`; computed in fp32, returned in `x`'s dtype."""
-    _check_conv(x, weight, "conv1d_silu")
-    history = x.new_zeros(x.shape[0], x.shape[1], weight.shape[-1] - 1)
-    return _conv1d_silu(x, weight, bias, history)[0].contiguous()
-
-
-@conv1d_silu.register_fake
-def _conv1d_silu_fake(x, weight, bias):
-    _check_conv(x, weight, "conv1d_silu")
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("quamba::conv1d_silu_cached", mutates_args=("conv_state",))
-def conv1d_silu_cached(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       conv_state: torch.Tensor, decode: bool) -> torch.Tensor:
-    """`conv1d_silu` with a cache, `conv_state` `[B, C, W-1]` (x's dtype): the last W-1 inputs.
-
-    Prefill (`decode=False`) starts from zeros and leaves the last W-1 inputs (zero-padded when
-    L < W-1) in `conv_state`; decode (`decode=True`) continues from them and advances them.
-    """
-    _check_conv(x, weight, "conv1d_silu_cached")
-    history = conv_state if decode else torch.zeros_like(conv_state)
-    y, final = _conv1d_silu(x, weight, bias, history)
-    conv_state.copy_(final)
+def selective_scan_cached_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state, decode):
+    """`selective_scan_cached` on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if decode and u.shape[-1] == 1:
+        y = triton_state_update(ssm_state, u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], D,
+                                None if z is None else z[..., 0], delta_bias, delta_softplus)
+        return y[..., None]
+    y, final = triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                     initial_state=ssm_state if decode else None, return_final_state=True,
+                                     state_dtype=ssm_state.dtype)
+    ssm_state.copy_(final)
     return y.contiguous()
 
 
-@conv1d_silu_cached.register_fake
-def _conv1d_silu_cached_fake(x, weight, bias, conv_state, decode):
-    _check_conv(x, weight, "conv1d_silu_cached")
-    return x.new_empty(x.shape)
+@selective_scan_cached.register_fake
+def _selective_scan_cached_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ssm_state, decode):
+    return u.new_empty(u.shape)
 
 
 @torch.library.custom_op("quamba::ssd_scan", mutates_args=())

@@ -15,8 +15,10 @@ from quamba_fx import textdata
 from quamba_fx.calibrate import CalibrationError, calibrate
 from quamba_fx.errors import RecipeError
 from quamba_fx.graph_info import op_name
+from quamba_fx.kernels.dispatch import use_triton
 from quamba_fx.flows import float_passes
 from quamba_fx.models import builtin_config, random_model
+from quamba_fx.ops import selective_scan_cached_triton
 from quamba_fx.pipeline import Pipeline
 from quamba_fx.quant.int4_linear import W4A8Linear, W4A16Linear
 from quamba_fx.recipes import QUAMBA, QUAMBA2_W4A8, QUAMBA2_W4A16, Recipe, WeightSpec, make_recipe
@@ -239,3 +241,29 @@ def test_float_conv_and_scan_continue_from_their_cache_exactly(length, split):
         parts.append(torch.ops.quamba.selective_scan_cached(u[..., s], delta[..., s], A, B[..., s], C[..., s], D,
                                                             z[..., s], delta_bias, True, ssm, True))
     torch.testing.assert_close(torch.cat(parts, dim=-1), whole, rtol=1e-5, atol=1e-5)
+    if use_triton(u):  # what CUDA runs: the Triton scan in float mode and its state-update kernel
+        ssm_triton = torch.full((b, c, n), 3.0)
+        parts = [selective_scan_cached_triton(u[..., :split], delta[..., :split], A, B[..., :split], C[..., :split],
+                                              D, z[..., :split], delta_bias, True, ssm_triton, False)]
+        for t in range(split, length):
+            s = slice(t, t + 1)
+            parts.append(selective_scan_cached_triton(u[..., s], delta[..., s], A, B[..., s], C[..., s], D, z[..., s],
+                                                      delta_bias, True, ssm_triton, True))
+        torch.testing.assert_close(torch.cat(parts, dim=-1), whole, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ssm_triton, ssm, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_float_conv_update_kernel_matches_its_reference(width, dtype):
+    from quamba_fx.kernels.conv1d_float import conv1d_silu_update, conv1d_silu_update_reference
+
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(3, 300, generator=g).to(dtype)
+    weight, bias = torch.randn(300, 1, width, generator=g), torch.randn(300, generator=g)
+    state = torch.randn(3, 300, width - 1, generator=g).to(dtype)
+    expected_state = state.clone()
+    expected = conv1d_silu_update_reference(x, weight, bias, expected_state)
+    got = conv1d_silu_update(x, weight, bias, state)
+    assert got.dtype == dtype and torch.equal(state, expected_state)
+    torch.testing.assert_close(got, expected, rtol=1e-3 if dtype == torch.float16 else 1e-5, atol=1e-3)

@@ -21,7 +21,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..graph_info import META_KEY, info, op_name
 from ..kernels import conv1d as conv1d_kernel  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_int8)
-from ..ops import conv1d_silu  # noqa: F401  (registers torch.ops.quamba.conv1d_silu)
+from ..kernels import conv1d_float  # noqa: F401  (registers torch.ops.quamba.conv1d_silu)
 from .rewrite import run_rules
 
 FUSED_CONV = torch.ops.quamba.conv1d_silu_int8.default

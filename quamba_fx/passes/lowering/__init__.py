@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..conv_fusion import FUSED_CONV
+from ..conv_fusion import FLOAT_CONV, FUSED_CONV
 from ..rewrite import Rule
 from . import gemm, gemm_w4, hadamard, norm, scan
 
@@ -27,6 +27,7 @@ KERNELS = {
     **hadamard.KERNELS,
     **norm.KERNELS,
     FUSED_CONV: "triton:conv1d_silu_int8",
+    FLOAT_CONV: "conv1d_silu",
 }
 
 

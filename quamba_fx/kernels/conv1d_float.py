@@ -1,0 +1,136 @@
+"""A block's conv1d + SiLU on float activations (recipes that leave the conv's input unquantized,
+like W4A16): the reference, the decode-step Triton kernel, and the graph ops `conv1d_silu` and
+`conv1d_silu_cached`.
+
+A prefill runs PyTorch's conv1d (cuDNN on the GPU), one call a block. A decode step is a few
+multiply-adds a channel, which as PyTorch ops would be five launches a block; the kernel does the
+step, the SiLU and the roll of the cached inputs in one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .dispatch import cdiv, graph_op, use_triton
+
+__all__ = ["conv1d_silu_reference", "conv1d_silu_update", "conv1d_silu_update_reference"]
+
+_BLOCK_D = 256
+
+
+def _check_conv(x: Tensor, weight: Tensor, op: str) -> None:
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
+        raise ValueError(f"{op}: x must be [B, C, L] and weight a depthwise [C, 1, W], got {tuple(x.shape)} "
+                         f"and {tuple(weight.shape)}")
+
+
+def conv1d_silu_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          history: Tensor) -> tuple[Tensor, Tensor]:
+    """SiLU of the depthwise causal conv of `x [B, C, L]` continuing `history [B, C, W-1]` (the
+    inputs before it), in fp32; returns `(y in x's dtype, the last W-1 inputs in history's dtype)`."""
+    padded = torch.cat([history.to(torch.float32), x.to(torch.float32)], dim=-1)
+    b = None if bias is None else bias.to(torch.float32)
+    y = torch.nn.functional.conv1d(padded, weight.to(torch.float32), b, groups=x.shape[1])
+    last = padded[..., padded.shape[-1] - (weight.shape[-1] - 1):]
+    return torch.nn.functional.silu(y).to(x.dtype), last.to(history.dtype)
+
+
+def conv1d_silu_update_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Tensor) -> Tensor:
+    """One decode step: `x [B, C]`, `state [B, C, W-1]` advanced in place; returns y `[B, C]`."""
+    y, last = conv1d_silu_reference(x[..., None], weight, bias, state)
+    state.copy_(last)
+    return y[..., 0]
+
+
+@triton.jit
+def _conv1d_silu_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, D,
+                               stride_xb, stride_xd, stride_sb, stride_sd, stride_sk, stride_wd, stride_wk,
+                               stride_ob, stride_od,
+                               W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs_d < D
+    s_row = state_ptr + pid_b.to(tl.int64) * stride_sb + offs_d * stride_sd
+    x_new = tl.load(x_ptr + pid_b.to(tl.int64) * stride_xb + offs_d * stride_xd, mask=mask, other=0)
+    if HAS_BIAS:
+        acc = tl.load(bias_ptr + offs_d, mask=mask, other=0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # Column k of [state, x_new] meets tap k; each thread owns its channels, so reading column
+    # k + 1 and writing it to column k in the same step is safe.
+    for k in tl.static_range(W - 1):
+        column = tl.load(s_row + k * stride_sk, mask=mask, other=0)
+        acc += tl.load(w_ptr + offs_d * stride_wd + k * stride_wk, mask=mask, other=0).to(tl.float32) * column.to(tl.float32)
+        if k > 0:
+            tl.store(s_row + (k - 1) * stride_sk, column, mask=mask)
+    acc += tl.load(w_ptr + offs_d * stride_wd + (W - 1) * stride_wk, mask=mask, other=0).to(tl.float32) * x_new.to(tl.float32)
+    tl.store(s_row + (W - 2) * stride_sk, x_new.to(state_ptr.dtype.element_ty), mask=mask)
+    y = acc / (1.0 + tl.exp(-acc))
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_d * stride_od, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def conv1d_silu_update(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Tensor) -> Tensor:
+    """`conv1d_silu_update_reference` on the Triton kernel where it runs (`dispatch.use_triton`);
+    `x [B, C]` float, `weight [C, 1, W]` (W >= 2), `state [B, C, W-1]` in x's dtype or another float."""
+    batch, channels = x.shape
+    width = weight.shape[-1]
+    if not use_triton(x) or width < 2 or batch == 0:
+        return conv1d_silu_update_reference(x, weight, bias, state)
+    w = weight.reshape(channels, width)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _conv1d_silu_update_kernel[(cdiv(channels, _BLOCK_D), batch)](
+        x, state, w, bias if bias is not None else w, out, channels,
+        x.stride(0), x.stride(1), state.stride(0), state.stride(1), state.stride(2), w.stride(0), w.stride(1),
+        out.stride(0), out.stride(1), W=width, HAS_BIAS=bias is not None, BLOCK_D=_BLOCK_D,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph ops (torch.ops.quamba.*, see dispatch.graph_op)
+# ---------------------------------------------------------------------------------------------
+
+
+@graph_op("quamba::conv1d_silu")
+def conv1d_silu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """`silu(conv1d(x, weight, bias, padding=W-1, groups=C)[..., :L])`, a Mamba block's causal
+    depthwise conv and its activation, on float `x [B, C, L]`; computed in fp32, returned in `x`'s dtype."""
+    _check_conv(x, weight, "conv1d_silu")
+    history = x.new_zeros(x.shape[0], x.shape[1], weight.shape[-1] - 1)
+    return conv1d_silu_reference(x, weight, bias, history)[0].contiguous()
+
+
+@conv1d_silu_op.register_fake
+def _conv1d_silu_fake(x, weight, bias):
+    _check_conv(x, weight, "conv1d_silu")
+    return x.new_empty(x.shape)
+
+
+@graph_op("quamba::conv1d_silu_cached", mutates_args=("conv_state",))
+def conv1d_silu_cached_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: Tensor,
+                          decode: bool) -> Tensor:
+    """`conv1d_silu` with a cache, `conv_state` `[B, C, W-1]`: the last W-1 inputs.
+
+    Prefill (`decode=False`) starts from zeros and leaves the last W-1 inputs (zero-padded when
+    L < W-1) in `conv_state`; decode (`decode=True`) continues from them and advances them, a
+    one-token step on the update kernel.
+    """
+    _check_conv(x, weight, "conv1d_silu_cached")
+    if decode and x.shape[-1] == 1:
+        return conv1d_silu_update(x[..., 0], weight, bias, conv_state)[..., None]
+    history = conv_state if decode else torch.zeros_like(conv_state)
+    y, last = conv1d_silu_reference(x, weight, bias, history)
+    conv_state.copy_(last)
+    return y.contiguous()
+
+
+@conv1d_silu_cached_op.register_fake
+def _conv1d_silu_cached_fake(x, weight, bias, conv_state, decode):
+    _check_conv(x, weight, "conv1d_silu_cached")
+    return x.new_empty(x.shape)
