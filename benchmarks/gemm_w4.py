@@ -1,6 +1,6 @@
 """Benchmark the 4-bit-weight GEMM kernels (kernels/gemm_w4.py) against cuBLAS fp16 and our int8 GEMM.
 
-    python benchmarks/gemm_w4.py [--json PATH] [--m 1 16 64 2048] [--group 128]
+    python benchmarks/gemm_w4.py [--json PATH] [--m 1 16 64 2048] [--group 128] [--sweep]
 
 Needs a CUDA device. For each Linear of mamba-2.8b (K -> N) and each M (1, 16, 64: decode batches;
 2048: a prefill), graph-replayed median times (triton.testing.do_bench, L2 flushed) of:
@@ -12,7 +12,9 @@ Needs a CUDA device. For each Linear of mamba-2.8b (K -> N) and each M (1, 16, 6
 
 Speedups are fp16 time / ours. wTB/s is the weight bytes each streams per second (what bounds
 decode), against the copy bandwidth measured in the same run (`copy`: a 1 GiB device-to-device copy,
-read + write). Every row's result is checked against the op's reference.
+read + write). Every row's result is checked against the op's reference. `--sweep` also times
+a small grid of launch configs (W4A16 at M = 1, W4A8 at M = 64; `gemm_w4.default_config` is the
+rule's pick) and prints the fastest.
 """
 
 from __future__ import annotations
@@ -26,11 +28,36 @@ from gpu_timing import graphed, require_gpu, time_ms, write_json
 SHAPES_2_8B = {"in_proj": (2560, 10240), "x_proj": (5120, 192), "dt_proj": (160, 5120), "out_proj": (5120, 2560)}
 
 
+def sweep(gemm_w4, x, x_q, x_scale, packed, scale, group: int, m: int) -> dict:
+    """{kernel: (ms, config)} of the fastest config of a grid for this problem: W4A16 at one row
+    (its target is batch-1 decode), W4A8 at 64 (batch-64 decode)."""
+    kernels = [kernel for kernel, rows in (("w4a16", 1), ("w4a8", 64)) if rows == m]
+    block_m = 16 if m <= 16 else 64
+    grid = [(block_m, bn, bk, warps, 3) for bn in (16, 32, 64, 128) for bk in (64, 128) for warps in (4, 8)
+            if group % bk == 0]
+    best = {}
+    for kernel in kernels:
+        for config in grid:
+            if kernel == "w4a16":
+                fn = lambda: gemm_w4.w4a16_gemm(x, packed, scale, group, None, config)  # noqa: E731
+            else:
+                fn = lambda: gemm_w4.w4a8_gemm(x_q, x_scale, packed, scale, group, None, None, torch.float16,  # noqa: E731
+                                               config)
+            try:
+                t = time_ms(graphed(fn), rep=50)
+            except Exception:  # noqa: BLE001 - a config that does not compile (shared memory) is skipped
+                continue
+            if kernel not in best or t < best[kernel][0]:
+                best[kernel] = (t, config)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 2048])
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--json")
+    parser.add_argument("--sweep", action="store_true", help="time a grid of launch configs per row")
     args = parser.parse_args()
     device = require_gpu("gemm_w4.py")
     from quamba_fx.kernels import gemm  # noqa: F401  (registers w8a8_linear)
@@ -70,7 +97,12 @@ def main() -> None:
             w4_tbs = packed.numel() / (ms["w4a16"] * 1e-3) / 1e12
             print(f"{name:9} {m:5d} {ms['fp16']:8.4f} {ms['w8a8']:8.4f} {ms['w4a16']:8.4f} {ms['w4a8']:8.4f} "
                   f"{ms['fp16'] / ms['w4a16']:7.2f}x {ms['fp16'] / ms['w4a8']:7.2f}x {w4_tbs:9.2f}")
-            rows.append({"layer": name, "k": k, "n": n, "m": m, "ms": ms})
+            row = {"layer": name, "k": k, "n": n, "m": m, "ms": ms, "default": gemm_w4.default_config(m, n, args.group)}
+            if args.sweep:
+                row["sweep"] = sweep(gemm_w4, x, x_q, x_scale, packed, scale, args.group, m)
+                for kernel, (best_ms, best) in row["sweep"].items():
+                    print(f"    {kernel}: best {best_ms:.4f} ms with {best} (default {ms[kernel]:.4f})")
+            rows.append(row)
     if args.json:
         write_json(args.json, device, {"copy_tbs": copy_tbs, "group": args.group}, rows=rows)
 

@@ -28,7 +28,7 @@ from ..quant.qops import _check_int8, _linear_out_dtype
 from .dispatch import cdiv, graph_op, use_triton
 from .gemm_epilogue import requant_int8
 
-__all__ = ["supported", "w4a16_gemm", "w4a8_gemm"]
+__all__ = ["Config", "default_config", "supported", "w4a16_gemm", "w4a8_gemm"]
 
 # A K block is one or more whole dots of 16 pairs of columns (tl.dot needs K >= 16 per operand).
 _MIN_BLOCK_K = 32
@@ -90,23 +90,29 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, x_scale_ptr, out_scale_ptr, o
     tl.store(out_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _blocks(m: int, group_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps): one 16-row tile for decode-sized M, where the weight
-    stream is the cost and narrow N tiles give every SM work; square tiles above."""
+# A launch config: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+Config = tuple[int, int, int, int, int]
+
+
+def default_config(m: int, n: int, group_size: int) -> Config:
+    """The config by rule: one 16-row tile for decode-sized M, where the weight stream is the cost
+    and narrow N tiles give every SM work; larger tiles above."""
     block_k = 128 if group_size % 128 == 0 else 64 if group_size % 64 == 0 else 32
     if m <= 16:
-        return 16, 64, block_k, 4
-    return 64, 128, min(block_k, 64), 8
+        return 16, 64, block_k, 4, 3
+    return 64, 128, min(block_k, 64), 8, 3
 
 
 def _launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor],
-            x_scale: Optional[Tensor], out_scale: Optional[Tensor], out: Tensor) -> Tensor:
+            x_scale: Optional[Tensor], out_scale: Optional[Tensor], out: Tensor, config: Optional[Config]) -> Tensor:
     k = x.shape[-1]
     n = w_packed.shape[0]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     out2 = out.view(m, n)
-    block_m, block_n, block_k, warps = _blocks(m, group_size)
+    block_m, block_n, block_k, warps, stages = config or default_config(m, n, group_size)
+    if group_size % block_k:
+        raise ValueError(f"gemm_w4: BLOCK_K={block_k} must divide the group size {group_size}")
     dummy = w_scale  # a pointer for the absent operands; never read (constexpr flags)
     grid = (cdiv(m, block_m), cdiv(n, block_n))
     _w4_gemm_kernel[grid](
@@ -115,25 +121,27 @@ def _launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias:
         m, n, k, x2.stride(0), (k + 1) // 2, w_scale.shape[1], out2.stride(0),
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, A8=x_scale is not None,
         IEEE=x.dtype == torch.float32, HAS_BIAS=bias is not None, REQUANT=out_scale is not None,
-        num_warps=warps, num_stages=3,
+        num_warps=warps, num_stages=stages,
     )
     return out
 
 
-def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor] = None) -> Tensor:
+def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor] = None,
+               config: Optional[Config] = None) -> Tensor:
     """`quamba.w4a16_linear` on the Triton kernel where it runs (`dispatch.use_triton`) and the
-    group size suits it (`supported`), else the reference."""
+    group size suits it (`supported`), else the reference. `config` overrides `default_config`
+    (benchmarks/gemm_w4.py sweeps it)."""
     n, _ = _check_w4("w4a16_gemm", x, w_packed, w_scale, group_size, bias)
     if not (use_triton(x) and supported(group_size)) or x.numel() == 0:
         return w4a16_linear(x, w_packed, w_scale, group_size, bias)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    return _launch(x, w_packed, w_scale, group_size, bias32, None, None, out)
+    return _launch(x, w_packed, w_scale, group_size, bias32, None, None, out, config)
 
 
 def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
               bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
-              out_dtype: Optional[torch.dtype] = None) -> Tensor:
+              out_dtype: Optional[torch.dtype] = None, config: Optional[Config] = None) -> Tensor:
     """`quamba.w4a8_linear` on the Triton kernel where it runs and the group size suits it, else
     the reference. Per-tensor activation and output scales only, as the recipes make them."""
     _check_int8(x_q, "w4a8_gemm: x_q")
@@ -144,7 +152,7 @@ def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, g
     out = torch.empty((*x_q.shape[:-1], n), dtype=_linear_out_dtype(out_scale, out_dtype), device=x_q.device)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     scale32 = lambda s: None if s is None else s.to(torch.float32).reshape(1).contiguous()  # noqa: E731
-    return _launch(x_q, w_packed, w_scale, group_size, bias32, scale32(x_scale), scale32(out_scale), out)
+    return _launch(x_q, w_packed, w_scale, group_size, bias32, scale32(x_scale), scale32(out_scale), out, config)
 
 
 # ---------------------------------------------------------------------------------------------
