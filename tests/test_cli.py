@@ -61,6 +61,16 @@ def test_mamba2_checkpoint_quantizes_and_evaluates_from_the_command_line(tmp_pat
     assert "quamba   bits/byte" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("recipe", ["quamba2-w4a16", "quamba2-w4a8"])
+def test_4bit_recipes_quantize_and_evaluate_from_the_command_line(tmp_path, capsys, recipe):
+    out = tmp_path / "w4"
+    assert main([*QUICK_QUANTIZE[:2], "--out", str(out), "--recipe", recipe, *QUICK_QUANTIZE[2:]]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"]["name"] == recipe and config["recipe"]["weights"]["bits"] == 4
+    assert main(["eval", str(out), "--windows", "2", "--seq-len", "32", "--reference", "mamba-tiny", "--quiet"]) == 0
+    assert f"recipe {recipe}" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_demo_default_is_the_trained_byte_model(capsys):
     assert main(["demo", "--quiet", "--windows", "4"]) == 0
