@@ -5,7 +5,8 @@
 Needs a CUDA device. For each Linear of mamba-2.8b (K -> N) and each M (1, 16, 64: decode batches;
 2048: a prefill), graph-replayed median times (triton.testing.do_bench, L2 flushed) of:
 
-* w4a16  -- `w4a16_gemm`: fp16 activations, packed int4 weights, fp16 group scales, fp16 out;
+* w4a16  -- `w4a16_gemm`: fp16 activations, packed int4 weights, fp16 group scales, fp16 out
+            (at M = 1 its GEMV kernel);
 * w4a8   -- `w4a8_gemm`: int8 activations, int4 weights, fp16 out;
 * w8a8   -- our int8 GEMM (`w8a8_linear`), per-channel int8 weights, fp16 out;
 * fp16   -- `F.linear` in fp16 (cuBLAS), what mamba_ssm runs.
@@ -36,6 +37,12 @@ def sweep(gemm_w4, x, x_q, x_scale, packed, scale, group: int, m: int) -> dict:
     grid = [(block_m, bn, bk, warps, 3) for bn in (16, 32, 64, 128) for bk in (64, 128) for warps in (4, 8)
             if group % bk == 0]
     best = {}
+    if m == 1:
+        for config in [(bn, bk, warps) for bn in (8, 16, 32, 64, 128) for bk in (64, 128) for warps in (2, 4, 8)
+                       if group % bk == 0]:
+            t = time_ms(graphed(lambda: gemm_w4.w4a16_gemm(x, packed, scale, group, None, None, config)), rep=50)
+            if "w4a16 gemv" not in best or t < best["w4a16 gemv"][0]:
+                best["w4a16 gemv"] = (t, config)
     for kernel in kernels:
         for config in grid:
             if kernel == "w4a16":
@@ -101,7 +108,7 @@ def main() -> None:
             if args.sweep:
                 row["sweep"] = sweep(gemm_w4, x, x_q, x_scale, packed, scale, args.group, m)
                 for kernel, (best_ms, best) in row["sweep"].items():
-                    print(f"    {kernel}: best {best_ms:.4f} ms with {best} (default {ms[kernel]:.4f})")
+                    print(f"    {kernel}: best {best_ms:.4f} ms with {best} (default {ms[kernel.split()[0]]:.4f})")
             rows.append(row)
     if args.json:
         write_json(args.json, device, {"copy_tbs": copy_tbs, "group": args.group}, rows=rows)

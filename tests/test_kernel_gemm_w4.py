@@ -55,6 +55,17 @@ def test_w4a8_gemm_matches_the_reference(m, n, k, group, bias, requant, seed):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("k", [256, 77])
+def test_one_row_runs_the_gemv_and_both_kernels_agree(k):
+    packed, scale = weights(48, k, 32, 3)
+    x = torch.randn(1, k, device=DEVICE)
+    bias = torch.randn(48, device=DEVICE)
+    expected = w4a16_linear(x, packed, scale, 32, bias)
+    for kwargs in ({}, {"gemv": (16, 32, 4)}, {"config": (16, 32, 32, 4, 2)}):
+        torch.testing.assert_close(gemm_w4.w4a16_gemm(x, packed, scale, 32, bias, **kwargs), expected,
+                                   rtol=1e-5, atol=1e-4)
+
+
 def test_groups_the_kernel_does_not_take_run_the_reference():
     packed, scale = weights(8, 24, 8, 0)
     x = torch.randn(3, 24, device=DEVICE)

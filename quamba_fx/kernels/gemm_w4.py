@@ -7,7 +7,8 @@ nibbles and `x[:, 1::2]` against the high ones, two dots a block. The codes are 
 bf16 and int8, so each dot is an exact-input product: W4A16 dots the float activations with the
 codes (fp32 accumulation), W4A8 the int8 activations (exact int32), and the block's sum is then
 scaled by the group's scale for each column, in fp32. A K block never straddles two groups
-(`BLOCK_K` divides the group size), so there is one scale a column per block.
+(`BLOCK_K` divides the group size), so there is one scale a column per block. A single W4A16 row
+(a batch-1 decode step) runs a GEMV instead, the products summed on the CUDA cores.
 
 Numerics, against `quant/int4.py`'s references: W4A8's per-block sums are exact, as the
 reference's per-group sums, and only the fp32 sum over groups is in another order; W4A16's dots
@@ -28,7 +29,7 @@ from ..quant.qops import _check_int8, _linear_out_dtype
 from .dispatch import cdiv, graph_op, use_triton
 from .gemm_epilogue import requant_int8
 
-__all__ = ["Config", "default_config", "supported", "w4a16_gemm", "w4a8_gemm"]
+__all__ = ["Config", "GemvConfig", "default_config", "default_gemv_config", "supported", "w4a16_gemm", "w4a8_gemm"]
 
 # A K block is one or more whole dots of 16 pairs of columns (tl.dot needs K >= 16 per operand).
 _MIN_BLOCK_K = 32
@@ -90,6 +91,57 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, x_scale_ptr, out_scale_ptr, o
     tl.store(out_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_wn, stride_sn,
+                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One activation row: no tensor-core tile (15 of its 16 rows would be padding), the products
+    summed on the CUDA cores into a `[BLOCK_N, BLOCK_K / 2]` accumulator, reduced once at the end."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    half = tl.arange(0, BLOCK_K // 2)
+    col_ok = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        byte = k0 // 2 + half
+        packed = tl.load(w_rows + byte[None, :], mask=col_ok[:, None] & (2 * byte < K)[None, :], other=0)
+        wide = packed.to(tl.int32)
+        low = (((wide & 0xF) ^ 8) - 8).to(tl.float32)
+        high = (((wide >> 4) ^ 8) - 8).to(tl.float32)
+        even = k0 + 2 * half
+        x_even = tl.load(x_ptr + even, mask=even < K, other=0).to(tl.float32)
+        x_odd = tl.load(x_ptr + even + 1, mask=even + 1 < K, other=0).to(tl.float32)
+        scale = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=col_ok, other=0).to(tl.float32)
+        acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale[:, None]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + tl.where(col_ok, offs_n, 0))
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+# A GEMV launch config: (BLOCK_N, BLOCK_K, warps).
+GemvConfig = tuple[int, int, int]
+
+
+def default_gemv_config(n: int, group_size: int) -> GemvConfig:
+    block_k = 128 if group_size % 128 == 0 else 64 if group_size % 64 == 0 else 32
+    return 32, block_k, 4
+
+
+def _launch_gemv(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor], out: Tensor,
+                 config: Optional[GemvConfig]) -> Tensor:
+    k, n = x.shape[-1], w_packed.shape[0]
+    block_n, block_k, warps = config or default_gemv_config(n, group_size)
+    if group_size % block_k:
+        raise ValueError(f"gemm_w4: BLOCK_K={block_k} must divide the group size {group_size}")
+    _w4a16_gemv_kernel[(cdiv(n, block_n),)](
+        x.reshape(k).contiguous(), w_packed.contiguous(), w_scale.contiguous(), bias if bias is not None else w_scale,
+        out, n, k, (k + 1) // 2, w_scale.shape[1],
+        GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, num_warps=warps,
+    )
+    return out
+
+
 # A launch config: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
 Config = tuple[int, int, int, int, int]
 
@@ -127,15 +179,18 @@ def _launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias:
 
 
 def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor] = None,
-               config: Optional[Config] = None) -> Tensor:
-    """`quamba.w4a16_linear` on the Triton kernel where it runs (`dispatch.use_triton`) and the
-    group size suits it (`supported`), else the reference. `config` overrides `default_config`
-    (benchmarks/gemm_w4.py sweeps it)."""
+               config: Optional[Config] = None, gemv: Optional[GemvConfig] = None) -> Tensor:
+    """`quamba.w4a16_linear` on the Triton kernels where they run (`dispatch.use_triton`) and the
+    group size suits them (`supported`), else the reference: one row on the GEMV kernel, more on
+    the tensor-core one. `config` forces the tensor-core kernel with that config, `gemv` the GEMV
+    with that one (benchmarks/gemm_w4.py sweeps both)."""
     n, _ = _check_w4("w4a16_gemm", x, w_packed, w_scale, group_size, bias)
     if not (use_triton(x) and supported(group_size)) or x.numel() == 0:
         return w4a16_linear(x, w_packed, w_scale, group_size, bias)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    if gemv is not None or (config is None and x.numel() == x.shape[-1]):
+        return _launch_gemv(x, w_packed, w_scale, group_size, bias32, out, gemv)
     return _launch(x, w_packed, w_scale, group_size, bias32, None, None, out, config)
 
 
