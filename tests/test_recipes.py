@@ -118,7 +118,7 @@ def test_observers_come_from_the_specs():
 
 
 @pytest.mark.parametrize("name, error, message", [
-    ("awq", InvalidArgumentError, "unknown recipe 'awq'; choose one of 'naive', 'quamba'"),
+    ("awq", InvalidArgumentError, "unknown recipe 'awq'; choose one of 'naive', 'naive-w4a8', 'naive-w4a16', 'quamba'"),
     (3, InvalidArgumentError, "unknown recipe 3"),
 ])
 def test_unknown_recipe_names_are_rejected(name, error, message):
