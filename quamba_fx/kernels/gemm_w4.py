@@ -1,13 +1,13 @@
 """GEMMs with 4-bit weights (Quamba2's W4A16 and W4A8): the packed codes are unpacked and
 multiplied in registers, one K block of one scale group at a time.
 
-A weight byte holds the codes of columns 2i (low nibble) and 2i+1 (high nibble); rather than
-interleave them back, the kernel splits the activations the same way, `x[:, 0::2]` against the low
-nibbles and `x[:, 1::2]` against the high ones, two dots a block. The codes are exact in fp16,
+A weight byte holds the codes of columns 2i (low nibble) and 2i+1 (high nibble). The codes are exact in fp16,
 bf16 and int8, so each dot is an exact-input product: W4A16 dots the float activations with the
 codes (fp32 accumulation), W4A8 the int8 activations (exact int32), and the block's sum is then
 scaled by the group's scale for each column, in fp32. A K block never straddles two groups
-(`BLOCK_K` divides the group size), so there is one scale a column per block. A single W4A16 row
+(`BLOCK_K` divides the group size), so there is one scale a column per block. The codes are put
+back in column order in registers (`tl.join` of the nibbles), so the activations load as
+contiguous rows and each block is one dot of K = BLOCK_K. A single W4A16 row
 (a batch-1 decode step) runs a GEMV instead, the products summed on the CUDA cores.
 
 Numerics, against `quant/int4.py`'s references: W4A8's per-block sums are exact, as the
@@ -50,6 +50,7 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, x_scale_ptr, out_scale_ptr, o
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     half = tl.arange(0, BLOCK_K // 2)
     row_ok = offs_m < M
     col_ok = offs_n < N
@@ -60,21 +61,17 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, x_scale_ptr, out_scale_ptr, o
         byte = k0 // 2 + half
         packed = tl.load(w_rows + byte[None, :], mask=col_ok[:, None] & (2 * byte < K)[None, :], other=0)
         wide = packed.to(tl.int32)
-        # Two's-complement nibbles, sign-extended: (v ^ 8) - 8 maps 0..15 to 0..7, -8..-1.
-        low = ((wide & 0xF) ^ 8) - 8
-        high = ((wide >> 4) ^ 8) - 8
-        even = k0 + 2 * half
-        x_even = tl.load(x_rows + even[None, :], mask=row_ok[:, None] & (even < K)[None, :], other=0)
-        x_odd = tl.load(x_rows + (even + 1)[None, :], mask=row_ok[:, None] & (even + 1 < K)[None, :], other=0)
+        # Two's-complement nibbles, sign-extended ((v ^ 8) - 8 maps 0..15 to 0..7, -8..-1), put
+        # back in column order: [BN, BK/2] low and high -> [BN, BK/2, 2] -> [BN, BK].
+        codes = tl.reshape(tl.join(((wide & 0xF) ^ 8) - 8, ((wide >> 4) ^ 8) - 8), (BLOCK_N, BLOCK_K))
+        cols = k0 + offs_k
+        x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0)
         if A8:
-            part = tl.dot(x_even, tl.trans(low.to(tl.int8))) + tl.dot(x_odd, tl.trans(high.to(tl.int8)))
-            part = part.to(tl.float32)
+            part = tl.dot(x, tl.trans(codes.to(tl.int8))).to(tl.float32)
         elif IEEE:
-            part = tl.dot(x_even, tl.trans(low.to(tl.float32)), input_precision="ieee")
-            part += tl.dot(x_odd, tl.trans(high.to(tl.float32)), input_precision="ieee")
+            part = tl.dot(x, tl.trans(codes.to(tl.float32)), input_precision="ieee")
         else:
-            part = tl.dot(x_even, tl.trans(low.to(x_even.dtype)))
-            part += tl.dot(x_odd, tl.trans(high.to(x_even.dtype)))
+            part = tl.dot(x, tl.trans(codes.to(x.dtype)))
         scale = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=col_ok, other=0).to(tl.float32)
         acc += part * scale[None, :]
     cols = tl.where(col_ok, offs_n, 0)
@@ -95,24 +92,29 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, x_scale_ptr, out_scale_ptr, o
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_wn, stride_sn,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     """One activation row: no tensor-core tile (15 of its 16 rows would be padding), the products
-    summed on the CUDA cores into a `[BLOCK_N, BLOCK_K / 2]` accumulator, reduced once at the end."""
+    summed on the CUDA cores into a `[BLOCK_N, BLOCK_K / 2]` accumulator, reduced once at the end.
+    A block may span several groups (a decode step must keep many weight bytes in flight): each
+    column's scale is gathered (a few hundred bytes a block, from L1)."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     half = tl.arange(0, BLOCK_K // 2)
     col_ok = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    s_rows = s_ptr + offs_n[:, None] * stride_sn
     acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         byte = k0 // 2 + half
-        packed = tl.load(w_rows + byte[None, :], mask=col_ok[:, None] & (2 * byte < K)[None, :], other=0)
+        in_k = 2 * byte < K
+        packed = tl.load(w_rows + byte[None, :], mask=col_ok[:, None] & in_k[None, :], other=0)
         wide = packed.to(tl.int32)
         low = (((wide & 0xF) ^ 8) - 8).to(tl.float32)
         high = (((wide >> 4) ^ 8) - 8).to(tl.float32)
-        even = k0 + 2 * half
-        x_even = tl.load(x_ptr + even, mask=even < K, other=0).to(tl.float32)
+        even = 2 * byte
+        x_even = tl.load(x_ptr + even, mask=in_k, other=0).to(tl.float32)
         x_odd = tl.load(x_ptr + even + 1, mask=even + 1 < K, other=0).to(tl.float32)
-        scale = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=col_ok, other=0).to(tl.float32)
-        acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale[:, None]
+        # The even and odd column of a byte share a group (groups are even).
+        scale = tl.load(s_rows + (even // GROUP)[None, :], mask=col_ok[:, None] & in_k[None, :], other=0)
+        acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale.to(tl.float32)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + tl.where(col_ok, offs_n, 0))
@@ -123,17 +125,15 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, K, stride_wn, 
 GemvConfig = tuple[int, int, int]
 
 
-def default_gemv_config(n: int, group_size: int) -> GemvConfig:
-    block_k = 128 if group_size % 128 == 0 else 64 if group_size % 64 == 0 else 32
-    return 32, block_k, 4
+def default_gemv_config(n: int, k: int) -> GemvConfig:
+    """By rule: 8 weight rows a program (more programs for narrow N), 512 columns a block."""
+    return 8, 512 if k >= 512 else max(32, 1 << (k - 1).bit_length()), 4
 
 
 def _launch_gemv(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor], out: Tensor,
                  config: Optional[GemvConfig]) -> Tensor:
     k, n = x.shape[-1], w_packed.shape[0]
-    block_n, block_k, warps = config or default_gemv_config(n, group_size)
-    if group_size % block_k:
-        raise ValueError(f"gemm_w4: BLOCK_K={block_k} must divide the group size {group_size}")
+    block_n, block_k, warps = config or default_gemv_config(n, k)
     _w4a16_gemv_kernel[(cdiv(n, block_n),)](
         x.reshape(k).contiguous(), w_packed.contiguous(), w_scale.contiguous(), bias if bias is not None else w_scale,
         out, n, k, (k + 1) // 2, w_scale.shape[1],

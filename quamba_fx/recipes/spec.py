@@ -178,8 +178,9 @@ class Recipe:
 
     `specs` may be given as a mapping from `Tap` to `QuantSpec`; it is stored as `(tap, spec)`
     pairs. Only a 4-bit weight recipe may have no taps (weight-only, W4A16). Raises `RecipeError`
-    naming the bad field for an invalid name, no taps, or a tap given twice. Build one and pass it as `recipe=` to `quantize` or `calibrate`, or register it
-    (`quamba_fx.recipes.register_recipe`) to use it by name.
+    naming the bad field for an invalid name, no taps, or a tap given twice. Build one and pass it
+    as `recipe=` to `quantize` or `calibrate`, or register it (`quamba_fx.recipes.register_recipe`)
+    to use it by name.
     """
 
     name: str
