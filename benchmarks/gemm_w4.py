@@ -38,8 +38,7 @@ def sweep(gemm_w4, x, x_q, x_scale, packed, scale, group: int, m: int) -> dict:
             if group % bk == 0]
     best = {}
     if m == 1:
-        for config in [(bn, bk, warps) for bn in (8, 16, 32, 64, 128) for bk in (64, 128) for warps in (2, 4, 8)
-                       if group % bk == 0]:
+        for config in [(bn, bk, warps) for bn in (4, 8, 16) for bk in (256, 512, 1024) for warps in (4, 8)]:
             t = time_ms(graphed(lambda: gemm_w4.w4a16_gemm(x, packed, scale, group, None, None, config)), rep=50)
             if "w4a16 gemv" not in best or t < best["w4a16 gemv"][0]:
                 best["w4a16 gemv"] = (t, config)
