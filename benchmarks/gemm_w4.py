@@ -38,7 +38,9 @@ def sweep(gemm_w4, x, x_q, x_scale, packed, scale, group: int, m: int) -> dict:
             if group % bk == 0]
     best = {}
     if m == 1:
-        for config in [(bn, bk, warps) for bn in (4, 8, 16) for bk in (256, 512, 1024) for warps in (4, 8)]:
+        n, k = packed.shape[0], x.shape[-1]
+        for config in [(bn, bk, warps, splits) for bn in (4, 8, 16) for bk in (256, 512) for warps in (4, 8)
+                       for splits in sorted({1, gemm_w4.default_gemv_config(n, k)[3], 4})]:
             t = time_ms(graphed(lambda: gemm_w4.w4a16_gemm(x, packed, scale, group, None, None, config)), rep=50)
             if "w4a16 gemv" not in best or t < best["w4a16 gemv"][0]:
                 best["w4a16 gemv"] = (t, config)

@@ -61,7 +61,8 @@ def test_one_row_runs_the_gemv_and_both_kernels_agree(k):
     x = torch.randn(1, k, device=DEVICE)
     bias = torch.randn(48, device=DEVICE)
     expected = w4a16_linear(x, packed, scale, 32, bias)
-    for kwargs in ({}, {"gemv": (16, 128, 4)}, {"config": (16, 32, 32, 4, 2)}):  # a GEMV block spans 4 groups
+    # The rule's GEMV (K split), one block spanning 4 groups, K in 3 splits, the tensor-core kernel.
+    for kwargs in ({}, {"gemv": (16, 128, 4, 1)}, {"gemv": (8, 32, 4, 3)}, {"config": (16, 32, 32, 4, 2)}):
         torch.testing.assert_close(gemm_w4.w4a16_gemm(x, packed, scale, 32, bias, **kwargs), expected,
                                    rtol=1e-5, atol=1e-4)
 
