@@ -39,11 +39,13 @@ def float_passes(recipe: Recipe) -> list:
 
 
 def quantization_passes(scales: dict[str, float], recipe: Recipe,
-                        hessians: dict[str, torch.Tensor] | None = None) -> list:
+                        hessians: dict[str, torch.Tensor] | None = None, progress: bool = False) -> list:
     """Passes that turn the calibrated float graph into the quantized reference graph (`hessians`:
-    the GPTQ input statistics of a 4-bit GPTQ recipe's Linears, by module path)."""
+    the GPTQ input statistics of a 4-bit GPTQ recipe's Linears, by module path; `progress`: a bar
+    over them)."""
     dtypes = {tap.key: spec.dtype for tap, spec in recipe.specs}
-    return [InsertQuantDequant(scales, recipe.taps, dtypes), SinkDequantize(), LowerLinears(recipe.weights, hessians)]
+    return [InsertQuantDequant(scales, recipe.taps, dtypes), SinkDequantize(),
+            LowerLinears(recipe.weights, hessians, progress)]
 
 
 def fusion_passes() -> list:
@@ -106,7 +108,7 @@ def quantize(
         else:
             raise ValueError("quantize needs calibration_data (batches of token ids) or a saved calibration")
     calibration.check_matches(recipe, block_paths(gm))
-    passes = quantization_passes(calibration.scales(recipe), recipe, calibration.hessians)
+    passes = quantization_passes(calibration.scales(recipe), recipe, calibration.hessians, progress)
     gm = Pipeline(passes, dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
     meta = graph_meta(gm)
     meta.recipe, meta.recipe_spec = recipe.name, recipe

@@ -14,6 +14,7 @@ import quamba_fx
 from quamba_fx import textdata
 from quamba_fx.calibrate import CalibrationError, calibrate
 from quamba_fx.errors import RecipeError
+from quamba_fx.generation import QuambaForCausalLM
 from quamba_fx.graph_info import op_name
 from quamba_fx.kernels.dispatch import use_triton
 from quamba_fx.flows import float_passes
@@ -185,6 +186,8 @@ def test_lowered_4bit_graphs_generate_what_the_reference_generates(quantized, re
     for _ in range(6):  # greedy by rerunning the whole prefix through the reference graph
         tokens = torch.cat([tokens, logits(qm, tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(Generator(lowered, batch_size=1).generate(IDS[:1, :9], max_new_tokens=6), tokens)
+    hf_generated = QuambaForCausalLM(lowered).generate(IDS[:1, :9], do_sample=False, max_new_tokens=6)
+    assert torch.equal(hf_generated, tokens)
 
 
 # --- accuracy on the trained byte models (benchmarks/accuracy.py measures with more text) ----------

@@ -22,6 +22,7 @@ import operator
 import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from tqdm.auto import tqdm
 
 from ..graph_info import info, op_name
 from ..quant import fp8 as _fp8_ops  # noqa: F401  (registers torch.ops.quamba.quantize_fp8 and friends)
@@ -151,14 +152,21 @@ class _WeightPlan:
     """Which Linears (full module paths) a recipe gives 4-bit weights, and the GPTQ input Hessians
     of those that have them (round-to-nearest for the rest)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, weights: WeightSpec, hessians: dict[str, torch.Tensor] | None):
+    def __init__(self, gm: torch.fx.GraphModule, weights: WeightSpec, hessians: dict[str, torch.Tensor] | None,
+                 progress: bool = False):
         self.weights = weights
         self.int4 = ({f"{path}.{module}" for path in block_paths(gm) for module in weights.modules}
                      if weights.bits == 4 else set())
         self.hessians = hessians or {}
+        # GPTQ takes seconds a Linear on a large model: a bar when asked for and there is any.
+        count = sum(target in self.hessians for target in self.int4)
+        self.bar = tqdm(total=count, desc="GPTQ", unit="linear", disable=not (progress and count))
 
     def int4_linear(self, cls: type, target: str, linear: torch.nn.Linear) -> torch.nn.Module:
-        return cls.from_float(linear, self.weights.group_size, self.hessians.get(target))
+        module = cls.from_float(linear, self.weights.group_size, self.hessians.get(target))
+        if target in self.hessians:
+            self.bar.update(1)
+        return module
 
 
 def lower_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, plan: _WeightPlan | None = None) -> bool:
@@ -216,14 +224,19 @@ class LowerLinears(PassBase):
     """Replace every float Linear fed by a dequantize with a quantized Linear (`QuantizedLinear`,
     `Fp8Linear` or `W4A8Linear`), and every other Linear that `weights` gives 4-bit weights with a
     `W4A16Linear`. `hessians` maps a Linear's module path to its GPTQ input Hessian; 4-bit Linears
-    without one are rounded to nearest."""
+    without one are rounded to nearest. `progress` shows a bar over the GPTQ Linears."""
 
-    def __init__(self, weights: WeightSpec = PER_CHANNEL_8BIT, hessians: dict[str, torch.Tensor] | None = None):
+    def __init__(self, weights: WeightSpec = PER_CHANNEL_8BIT, hessians: dict[str, torch.Tensor] | None = None,
+                 progress: bool = False):
         super().__init__()
         self.weights = weights
         self.hessians = hessians
+        self.progress = progress
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        plan = _WeightPlan(gm, self.weights, self.hessians)
+        plan = _WeightPlan(gm, self.weights, self.hessians, self.progress)
         rules = [functools.partial(lower_linear, plan=plan), functools.partial(quantize_weights_only, plan=plan)]
-        return PassResult(gm, run_rules(gm, rules))
+        try:
+            return PassResult(gm, run_rules(gm, rules))
+        finally:
+            plan.bar.close()
