@@ -2,9 +2,9 @@
 like W4A16): the reference, the decode-step Triton kernel, and the graph ops `conv1d_silu` and
 `conv1d_silu_cached`.
 
-A prefill runs PyTorch's conv1d (cuDNN on the GPU), one call a block. A decode step is a few
-multiply-adds a channel, which as PyTorch ops would be five launches a block; the kernel does the
-step, the SiLU and the roll of the cached inputs in one.
+A prefill runs the reference: the W taps as shifted multiply-adds in PyTorch, a few elementwise
+launches a block. A decode step is a few multiply-adds a channel, which as PyTorch ops would be
+several launches a block; the kernel does the step, the SiLU and the roll of the cached inputs in one.
 """
 
 from __future__ import annotations
