@@ -12,7 +12,8 @@ outlier columns of out_proj's weight, so fewer groups are set by one large value
 
 Quamba2's own activation techniques for Mamba-2 (x's channels sorted and clustered with a scale
 per cluster, B and C with a scale per state group) need per-channel-group activation scales, which
-the quantize ops do not have yet: on Mamba-2, `quamba2-w4a8` uses per-tensor scales.
+the recipe specs (`per_tensor` only) and the int8 conv1d and scan kernels do not take yet: on
+Mamba-2, `quamba2-w4a8` uses per-tensor scales.
 """
 
 from __future__ import annotations
