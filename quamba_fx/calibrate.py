@@ -97,9 +97,7 @@ class Calibration:
 
 def gptq_linears(recipe: Recipe, blocks: list[str]) -> list[str]:
     """Module paths of the Linears whose weights `recipe` quantizes with GPTQ, in blocks `blocks`."""
-    if recipe.weights.bits != 4 or recipe.weights.method != "gptq":
-        return []
-    return [f"{block}.{module}" for block in blocks for module in recipe.weights.modules]
+    return recipe.weights.int4_linears(blocks) if recipe.weights.method == "gptq" else []
 
 
 class _Recorder(torch.fx.Interpreter):

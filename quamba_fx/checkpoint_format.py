@@ -37,6 +37,7 @@ from ._version import __version__
 from .arch import arch_for_class_name, arch_named, arch_names
 from .errors import CheckpointError, RecipeError
 from .graph_meta import find_graph_meta, graph_meta
+from .quant.int4 import packed_columns
 from .recipes import CONV_OUT, W8A8_TAPS, QuantSpec, Recipe
 from .tensor_checks import name_list, non_finite_tensors
 from .text import CHECKPOINT_TOKENIZER_DIR, TextCodec, as_codec, check_fits, save_tokenizer
@@ -413,7 +414,7 @@ def _check_architecture(config: dict[str, Any], hf_config: Any, header: dict, pa
     recipe = config["recipe"]
     if recipe is not None and recipe.weights.bits == 4:  # two 4-bit codes a byte along K
         packed = tuple(f".{module}.weight" for module in recipe.weights.modules)
-        expected = {name: [shape[0], (shape[1] + 1) // 2] if name.endswith(packed) else shape
+        expected = {name: [shape[0], packed_columns(shape[1])] if name.endswith(packed) else shape
                     for name, shape in expected.items()}
     for name, shape in expected.items():
         stored = header.get(config["aliases"].get(name, name))

@@ -236,23 +236,20 @@ def test_float_conv_and_scan_continue_from_their_cache_exactly(length, split):
     A, B, C = -torch.rand(c, n, generator=g), torch.randn(b, n, length, generator=g), torch.randn(b, n, length, generator=g)
     D, delta_bias = torch.randn(c, generator=g), torch.randn(c, generator=g)
     whole = torch.ops.quamba.selective_scan(u, delta, A, B, C, D, z, delta_bias, True)
-    ssm = torch.full((b, c, n), 3.0)
-    parts = [torch.ops.quamba.selective_scan_cached(u[..., :split], delta[..., :split], A, B[..., :split], C[..., :split],
-                                                    D, z[..., :split], delta_bias, True, ssm, False)]
-    for t in range(split, length):
-        s = slice(t, t + 1)
-        parts.append(torch.ops.quamba.selective_scan_cached(u[..., s], delta[..., s], A, B[..., s], C[..., s], D,
-                                                            z[..., s], delta_bias, True, ssm, True))
-    torch.testing.assert_close(torch.cat(parts, dim=-1), whole, rtol=1e-5, atol=1e-5)
+
+    def in_steps(scan_cached):
+        """A prefill of the first `split` steps, then one decode call a step; (y, final state)."""
+        ssm = torch.full((b, c, n), 3.0)  # prefill must ignore what the cache held
+        steps = [slice(0, split)] + [slice(t, t + 1) for t in range(split, length)]
+        parts = [scan_cached(u[..., s], delta[..., s], A, B[..., s], C[..., s], D, z[..., s], delta_bias, True, ssm,
+                             s.start > 0) for s in steps]
+        return torch.cat(parts, dim=-1), ssm
+
+    y, ssm = in_steps(torch.ops.quamba.selective_scan_cached)
+    torch.testing.assert_close(y, whole, rtol=1e-5, atol=1e-5)
     if use_triton(u):  # what CUDA runs: the Triton scan in float mode and its state-update kernel
-        ssm_triton = torch.full((b, c, n), 3.0)
-        parts = [selective_scan_cached_triton(u[..., :split], delta[..., :split], A, B[..., :split], C[..., :split],
-                                              D, z[..., :split], delta_bias, True, ssm_triton, False)]
-        for t in range(split, length):
-            s = slice(t, t + 1)
-            parts.append(selective_scan_cached_triton(u[..., s], delta[..., s], A, B[..., s], C[..., s], D, z[..., s],
-                                                      delta_bias, True, ssm_triton, True))
-        torch.testing.assert_close(torch.cat(parts, dim=-1), whole, rtol=1e-4, atol=1e-4)
+        y_triton, ssm_triton = in_steps(selective_scan_cached_triton)
+        torch.testing.assert_close(y_triton, whole, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ssm_triton, ssm, rtol=1e-4, atol=1e-4)
 
 

@@ -166,9 +166,9 @@ def _launch_gemv(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, 
     splits = cdiv(k, k_split)
     bias_arg = bias if bias is not None else w_scale
     target = out if splits == 1 else torch.empty((splits, n), dtype=torch.float32, device=x.device)
+    w, scales = w_packed.contiguous(), w_scale.contiguous()
     _w4a16_gemv_kernel[(cdiv(n, block_n), splits)](
-        x.reshape(k).contiguous(), w_packed.contiguous(), w_scale.contiguous(), bias_arg, target, n, k, k_split,
-        (k + 1) // 2, w_scale.shape[1],
+        x.reshape(k).contiguous(), w, scales, bias_arg, target, n, k, k_split, w.stride(0), scales.stride(0),
         GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, PARTIAL=splits > 1,
         num_warps=warps,
     )
@@ -201,12 +201,13 @@ def _launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias:
     block_m, block_n, block_k, warps, stages = config or default_config(m, n, group_size)
     if group_size % block_k:
         raise ValueError(f"gemm_w4: BLOCK_K={block_k} must divide the group size {group_size}")
-    dummy = w_scale  # a pointer for the absent operands; never read (constexpr flags)
+    w, scales = w_packed.contiguous(), w_scale.contiguous()
+    dummy = scales  # a pointer for the absent operands; never read (constexpr flags)
     grid = (cdiv(m, block_m), cdiv(n, block_n))
     _w4_gemm_kernel[grid](
-        x2, w_packed.contiguous(), w_scale.contiguous(), bias if bias is not None else dummy,
+        x2, w, scales, bias if bias is not None else dummy,
         x_scale if x_scale is not None else dummy, out_scale if out_scale is not None else dummy, out2,
-        m, n, k, x2.stride(0), (k + 1) // 2, w_scale.shape[1], out2.stride(0),
+        m, n, k, x2.stride(0), w.stride(0), scales.stride(0), out2.stride(0),
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, A8=x_scale is not None,
         IEEE=x.dtype == torch.float32, HAS_BIAS=bias is not None, REQUANT=out_scale is not None,
         num_warps=warps, num_stages=stages,

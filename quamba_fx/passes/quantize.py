@@ -155,8 +155,7 @@ class _WeightPlan:
     def __init__(self, gm: torch.fx.GraphModule, weights: WeightSpec, hessians: dict[str, torch.Tensor] | None,
                  progress: bool = False):
         self.weights = weights
-        self.int4 = ({f"{path}.{module}" for path in block_paths(gm) for module in weights.modules}
-                     if weights.bits == 4 else set())
+        self.int4 = set(weights.int4_linears(block_paths(gm)))
         self.hessians = hessians or {}
         # GPTQ takes seconds a Linear on a large model: a bar when asked for and there is any.
         count = sum(target in self.hessians for target in self.int4)

@@ -25,7 +25,7 @@ from .qops import _check_int8, _linear_epilogue, _linear_out_dtype, _scale_view
 
 __all__ = [
     "INT4_MAX", "INT4_MIN", "MIN_SCALE_INT4", "dequantize_weight_int4", "group_count", "int4_scales",
-    "pack_int4", "quantize_int4_codes", "quantize_weight_int4", "unpack_int4", "w4a16_linear", "w4a8_linear",
+    "pack_int4", "packed_columns", "quantize_int4_codes", "quantize_weight_int4", "unpack_int4", "w4a16_linear", "w4a8_linear",
 ]
 
 INT4_MIN = -8
@@ -37,6 +37,11 @@ MIN_SCALE_INT4 = 2.0 ** -14
 def group_count(k: int, group_size: int) -> int:
     """How many scale groups a row of `k` columns has (the last one may be partial)."""
     return math.ceil(k / group_size)
+
+
+def packed_columns(k: int) -> int:
+    """Bytes a packed row of `k` codes takes (two a byte, a zero nibble padding an odd `k`)."""
+    return (k + 1) // 2
 
 
 def pack_int4(q: Tensor) -> Tensor:
@@ -55,8 +60,8 @@ def unpack_int4(packed: Tensor, k: int) -> Tensor:
     """`pack_int4`'s inverse: `uint8 [N, ceil(k / 2)]` -> int8 codes `[N, k]`."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"unpack_int4 needs uint8 [N, K/2] packed codes, got {packed.dtype} {tuple(packed.shape)}")
-    if packed.shape[1] != (k + 1) // 2:
-        raise ValueError(f"unpack_int4: {packed.shape[1]} bytes a row cannot hold K={k} codes (needs {(k + 1) // 2})")
+    if packed.shape[1] != packed_columns(k):
+        raise ValueError(f"unpack_int4: {packed.shape[1]} bytes a row cannot hold K={k} codes (needs {packed_columns(k)})")
     wide = packed.to(torch.int16)
     low, high = wide & 0xF, wide >> 4
     codes = torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)[:, :k]
@@ -120,7 +125,7 @@ def _check_w4(op: str, x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size:
     if x.dim() < 1:
         raise ValueError(f"{op}: the activation must have at least one dim [..., K]")
     n, k = w_packed.shape[0], x.shape[-1]
-    if w_packed.shape[1] != (k + 1) // 2:
+    if w_packed.shape[1] != packed_columns(k):
         raise ValueError(f"{op}: the activation has K={k}, but w_packed {tuple(w_packed.shape)} holds "
                          f"{2 * w_packed.shape[1]} codes a row")
     if group_size < 2 or group_size % 2:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .gptq import gptq_int4
-from .int4 import group_count, quantize_weight_int4
+from .int4 import group_count, packed_columns, quantize_weight_int4
 
 
 class _Int4Linear(nn.Module):
@@ -20,8 +20,8 @@ class _Int4Linear(nn.Module):
                  in_features: int, group_size: int, out_dtype: torch.dtype):
         super().__init__()
         n = weight.shape[0]
-        if weight.dtype != torch.uint8 or tuple(weight.shape) != (n, (in_features + 1) // 2):
-            raise ValueError(f"{type(self).__name__} needs a packed uint8 [N, {(in_features + 1) // 2}] weight for "
+        if weight.dtype != torch.uint8 or tuple(weight.shape) != (n, packed_columns(in_features)):
+            raise ValueError(f"{type(self).__name__} needs a packed uint8 [N, {packed_columns(in_features)}] weight for "
                              f"K={in_features}, got {weight.dtype} {tuple(weight.shape)}")
         if tuple(weight_scale.shape) != (n, group_count(in_features, group_size)):
             raise ValueError(f"{type(self).__name__}: weight_scale must be [N, groups] = "
@@ -41,7 +41,7 @@ class _Int4Linear(nn.Module):
         weight = linear.weight.detach()
         n, k = weight.shape
         if weight.is_meta:  # rebuilding a graph skeleton before loading a checkpoint into it
-            packed = torch.empty(n, (k + 1) // 2, dtype=torch.uint8, device="meta")
+            packed = torch.empty(n, packed_columns(k), dtype=torch.uint8, device="meta")
             scale = torch.empty(n, group_count(k, group_size), dtype=torch.float16, device="meta")
         elif hessian is not None:
             packed, scale = gptq_int4(weight, hessian, group_size)

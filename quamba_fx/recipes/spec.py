@@ -155,6 +155,11 @@ class WeightSpec:
                 and len(set(modules)) == len(modules), "weights.modules", "a list of distinct module paths", modules)
         object.__setattr__(self, "modules", tuple(modules))
 
+    def int4_linears(self, blocks: list[str]) -> list[str]:
+        """Module paths of the Linears this spec gives 4-bit weights in the blocks at `blocks`
+        (`backbone.layers.0.mixer.in_proj`, ...); none for 8-bit weights."""
+        return [f"{block}.{module}" for block in blocks for module in self.modules] if self.bits == 4 else []
+
     def to_dict(self) -> dict[str, Any]:
         """This spec as JSON-ready data."""
         return {"bits": self.bits, "group_size": self.group_size, "method": self.method, "modules": list(self.modules)}
