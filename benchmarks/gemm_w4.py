@@ -14,8 +14,8 @@ Needs a CUDA device. For each Linear of mamba-2.8b (K -> N) and each M (1, 16, 6
 Speedups are fp16 time / ours. wTB/s is the weight bytes each streams per second (what bounds
 decode), against the copy bandwidth measured in the same run (`copy`: a 1 GiB device-to-device copy,
 read + write). Every row's result is checked against the op's reference. `--sweep` also times
-a small grid of launch configs (W4A16 at M = 1, W4A8 at M = 64; `gemm_w4.default_config` is the
-rule's pick) and prints the fastest.
+a small grid of launch configs (W4A16 at M = 1, W4A8 at M = 64; `gemv_w4.default_config` and
+`gemm_w4.default_config` are the rules' picks) and prints the fastest.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from gpu_timing import graphed, require_gpu, time_ms, write_json
 SHAPES_2_8B = {"in_proj": (2560, 10240), "x_proj": (5120, 192), "dt_proj": (160, 5120), "out_proj": (5120, 2560)}
 
 
-def sweep(gemm_w4, x, x_q, x_scale, packed, scale, group: int, m: int) -> dict:
+def sweep(gemm_w4, gemv_w4, x, x_q, x_scale, packed, scale, group: int, m: int) -> dict:
     """{kernel: (ms, config)} of the fastest config of a grid for this problem: W4A16 at one row
     (its target is batch-1 decode), W4A8 at 64 (batch-64 decode)."""
     kernels = [kernel for kernel, rows in (("w4a16", 1), ("w4a8", 64)) if rows == m]
@@ -39,8 +39,9 @@ def sweep(gemm_w4, x, x_q, x_scale, packed, scale, group: int, m: int) -> dict:
     best = {}
     if m == 1:
         n, k = packed.shape[0], x.shape[-1]
-        for config in [(bn, bk, warps, splits) for bn in (4, 8, 16) for bk in (256, 512) for warps in (4, 8)
-                       for splits in sorted({1, gemm_w4.default_gemv_config(n, k)[3], 4})]:
+        rule = gemv_w4.default_config(n, k, group)
+        for config in [(bn, bk, warps, splits) for bn in (16, 32, 64) for bk in (64, 128) for warps in (4, 8)
+                       for splits in sorted({1, rule[3], 2 * rule[3], 4}) if group % bk == 0]:
             t = time_ms(graphed(lambda: gemm_w4.w4a16_gemm(x, packed, scale, group, None, None, config)), rep=50)
             if "w4a16 gemv" not in best or t < best["w4a16 gemv"][0]:
                 best["w4a16 gemv"] = (t, config)
@@ -69,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     device = require_gpu("gemm_w4.py")
     from quamba_fx.kernels import gemm  # noqa: F401  (registers w8a8_linear)
-    from quamba_fx.kernels import gemm_w4
+    from quamba_fx.kernels import gemm_w4, gemv_w4
     from quamba_fx.quant.int4 import quantize_weight_int4
     from quamba_fx.quant.qops import quantize_weight_per_channel
 
@@ -107,7 +108,7 @@ def main() -> None:
                   f"{ms['fp16'] / ms['w4a16']:7.2f}x {ms['fp16'] / ms['w4a8']:7.2f}x {w4_tbs:9.2f}")
             row = {"layer": name, "k": k, "n": n, "m": m, "ms": ms, "default": gemm_w4.default_config(m, n, args.group)}
             if args.sweep:
-                row["sweep"] = sweep(gemm_w4, x, x_q, x_scale, packed, scale, args.group, m)
+                row["sweep"] = sweep(gemm_w4, gemv_w4, x, x_q, x_scale, packed, scale, args.group, m)
                 for kernel, (best_ms, best) in row["sweep"].items():
                     print(f"    {kernel}: best {best_ms:.4f} ms with {best} (default {ms[kernel.split()[0]]:.4f})")
             rows.append(row)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import gemm_w4
+from quamba_fx.kernels import gemm_w4, gemv_w4
 from quamba_fx.kernels.dispatch import use_triton
 from quamba_fx.quant.int4 import quantize_weight_int4, w4a8_linear, w4a16_linear
 
@@ -55,16 +55,30 @@ def test_w4a8_gemm_matches_the_reference(m, n, k, group, bias, requant, seed):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("k", [256, 77])
-def test_one_row_runs_the_gemv_and_both_kernels_agree(k):
+@pytest.mark.parametrize("k", [256, 104])
+def test_one_fp16_row_runs_the_gemv_and_both_kernels_agree(k):
     packed, scale = weights(48, k, 32, 3)
-    x = torch.randn(1, k, device=DEVICE)
+    x = torch.randn(1, k, device=DEVICE).half()
     bias = torch.randn(48, device=DEVICE)
-    expected = w4a16_linear(x, packed, scale, 32, bias)
-    # The rule's GEMV (K split), one block spanning 4 groups, K in 3 splits, the tensor-core kernel.
-    for kwargs in ({}, {"gemv": (16, 128, 4, 1)}, {"gemv": (8, 32, 4, 3)}, {"config": (16, 32, 32, 4, 2)}):
-        torch.testing.assert_close(gemm_w4.w4a16_gemm(x, packed, scale, 32, bias, **kwargs), expected,
-                                   rtol=1e-5, atol=1e-4)
+    expected = w4a16_linear(x.float(), packed, scale, 32, bias)
+    assert gemv_w4.supported(x, packed, 32)
+    # The rule's GEMV, one split, K in 3 splits (104 columns: a partial last block), the tensor-core kernel.
+    for kwargs in ({}, {"gemv": (16, 32, 4, 1)}, {"gemv": (8, 32, 4, 3)}, {"config": (16, 32, 32, 4, 2)}):
+        got = gemm_w4.w4a16_gemm(x, packed, scale, 32, bias, **kwargs)
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-2)
+
+
+def test_rows_the_gemv_does_not_take_run_the_tensor_core_kernel():
+    packed, scale = weights(48, 77, 32, 3)
+    for x in (torch.randn(1, 77, device=DEVICE).half(), torch.randn(1, 64, device=DEVICE)):
+        w = packed if x.shape[-1] == 77 else weights(48, 64, 32, 3)[0]
+        assert not gemv_w4.supported(x, w, 32)
+    x = torch.randn(1, 77, device=DEVICE)
+    torch.testing.assert_close(gemm_w4.w4a16_gemm(x, packed, scale, 32), w4a16_linear(x, packed, scale, 32),
+                               rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="GEMV takes one fp16 row"):
+        gemm_w4.w4a16_gemm(x, packed, scale, 32, gemv=(16, 32, 4, 1))
 
 
 def test_groups_the_kernel_does_not_take_run_the_reference():

@@ -8,7 +8,7 @@ scaled by the group's scale for each column, in fp32. A K block never straddles 
 (`BLOCK_K` divides the group size), so there is one scale a column per block. The codes are put
 back in column order in registers (`tl.join` of the nibbles), so the activations load as
 contiguous rows and each block is one dot of K = BLOCK_K. A single W4A16 row
-(a batch-1 decode step) runs a GEMV instead, the products summed on the CUDA cores.
+(a batch-1 decode step) runs the GEMV of gemv_w4.py instead, on the CUDA cores.
 
 Numerics, against `quant/int4.py`'s references: W4A8's per-block sums are exact, as the
 reference's per-group sums, and only the fp32 sum over groups is in another order; W4A16's dots
@@ -26,10 +26,11 @@ from torch import Tensor
 
 from ..quant.int4 import _check_w4, w4a8_linear, w4a16_linear
 from ..quant.qops import _check_int8, _linear_out_dtype
+from . import gemv_w4
 from .dispatch import cdiv, graph_op, use_triton
 from .gemm_epilogue import requant_int8
 
-__all__ = ["Config", "GemvConfig", "default_config", "default_gemv_config", "supported", "w4a16_gemm", "w4a8_gemm"]
+__all__ = ["Config", "default_config", "supported", "w4a16_gemm", "w4a8_gemm"]
 
 # A K block is one or more whole dots of 16 pairs of columns (tl.dot needs K >= 16 per operand).
 _MIN_BLOCK_K = 32
@@ -88,96 +89,6 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, x_scale_ptr, out_scale_ptr, o
     tl.store(out_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
-def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, K, K_SPLIT, stride_wn, stride_sn,
-                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       PARTIAL: tl.constexpr):
-    """One activation row: no tensor-core tile (15 of its 16 rows would be padding), the products
-    summed on the CUDA cores into a `[BLOCK_N, BLOCK_K / 2]` accumulator, reduced once at the end.
-    A block may span several groups (a decode step must keep many weight bytes in flight): each
-    column's scale is gathered (a few hundred bytes a block, from L1). With PARTIAL, program
-    (n, s) sums only columns [s * K_SPLIT, (s + 1) * K_SPLIT) and writes its fp32 partial sums to
-    row s of `out` (`_gemv_reduce_kernel` adds them up): narrow weights then still fill the GPU."""
-    pid_n = tl.program_id(0)
-    k_first = tl.program_id(1) * K_SPLIT
-    k_end = tl.minimum(k_first + K_SPLIT, K)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    half = tl.arange(0, BLOCK_K // 2)
-    col_ok = offs_n < N
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    s_rows = s_ptr + offs_n[:, None] * stride_sn
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-    for k0 in range(k_first, k_end, BLOCK_K):
-        byte = k0 // 2 + half
-        in_k = 2 * byte < k_end
-        packed = tl.load(w_rows + byte[None, :], mask=col_ok[:, None] & in_k[None, :], other=0)
-        wide = packed.to(tl.int32)
-        low = (((wide & 0xF) ^ 8) - 8).to(tl.float32)
-        high = (((wide >> 4) ^ 8) - 8).to(tl.float32)
-        even = 2 * byte
-        x_even = tl.load(x_ptr + even, mask=in_k, other=0).to(tl.float32)
-        x_odd = tl.load(x_ptr + even + 1, mask=even + 1 < k_end, other=0).to(tl.float32)
-        # The even and odd column of a byte share a group (groups are even).
-        scale = tl.load(s_rows + (even // GROUP)[None, :], mask=col_ok[:, None] & in_k[None, :], other=0)
-        acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale.to(tl.float32)
-    y = tl.sum(acc, axis=1)
-    if PARTIAL:
-        tl.store(out_ptr + tl.program_id(1) * N + offs_n, y, mask=col_ok)
-    else:
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + tl.where(col_ok, offs_n, 0))
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def _gemv_reduce_kernel(partial_ptr, bias_ptr, out_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = offs_n < N
-    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):  # a fixed order: the result does not depend on scheduling
-        y += tl.load(partial_ptr + s * N + offs_n, mask=mask, other=0)
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=mask, other=0)
-    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# A GEMV launch config: (BLOCK_N, BLOCK_K, warps, splits of K).
-GemvConfig = tuple[int, int, int, int]
-# Programs a GEMV should have to keep every SM of a large GPU streaming (the H200 has 132).
-_GEMV_PROGRAMS = 264
-
-
-def default_gemv_config(n: int, k: int) -> GemvConfig:
-    """By rule: 8 weight rows a program, 512 columns a block, and K split until there are about
-    `_GEMV_PROGRAMS` programs (x_proj's 192 rows alone would make 24)."""
-    block_n = 8
-    block_k = 512 if k >= 512 else max(32, 1 << (k - 1).bit_length())
-    blocks = cdiv(k, block_k)
-    splits = min(blocks, max(1, _GEMV_PROGRAMS // cdiv(n, block_n)))
-    return block_n, block_k, 4, splits
-
-
-def _launch_gemv(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor], out: Tensor,
-                 config: Optional[GemvConfig]) -> Tensor:
-    k, n = x.shape[-1], w_packed.shape[0]
-    block_n, block_k, warps, splits = config or default_gemv_config(n, k)
-    k_split = cdiv(cdiv(k, splits), block_k) * block_k  # whole blocks a split
-    splits = cdiv(k, k_split)
-    bias_arg = bias if bias is not None else w_scale
-    target = out if splits == 1 else torch.empty((splits, n), dtype=torch.float32, device=x.device)
-    w, scales = w_packed.contiguous(), w_scale.contiguous()
-    _w4a16_gemv_kernel[(cdiv(n, block_n), splits)](
-        x.reshape(k).contiguous(), w, scales, bias_arg, target, n, k, k_split, w.stride(0), scales.stride(0),
-        GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, PARTIAL=splits > 1,
-        num_warps=warps,
-    )
-    if splits > 1:
-        _gemv_reduce_kernel[(cdiv(n, 256),)](target, bias_arg, out, n, SPLITS=splits, HAS_BIAS=bias is not None,
-                                             BLOCK_N=256)
-    return out
-
-
 # A launch config: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
 Config = tuple[int, int, int, int, int]
 
@@ -216,7 +127,7 @@ def _launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias:
 
 
 def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor] = None,
-               config: Optional[Config] = None, gemv: Optional[GemvConfig] = None) -> Tensor:
+               config: Optional[Config] = None, gemv: Optional[gemv_w4.Config] = None) -> Tensor:
     """`quamba.w4a16_linear` on the Triton kernels where they run (`dispatch.use_triton`) and the
     group size suits them (`supported`), else the reference: one row on the GEMV kernel, more on
     the tensor-core one. `config` forces the tensor-core kernel with that config, `gemv` the GEMV
@@ -226,8 +137,11 @@ def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bi
         return w4a16_linear(x, w_packed, w_scale, group_size, bias)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    if gemv is not None or (config is None and x.numel() == x.shape[-1]):
-        return _launch_gemv(x, w_packed, w_scale, group_size, bias32, out, gemv)
+    if gemv is not None and not gemv_w4.supported(x, w_packed, group_size):
+        raise ValueError("w4a16_gemm: the GEMV takes one fp16 row, K a multiple of 8 and groups of 32k columns; "
+                         f"got x {x.dtype} {tuple(x.shape)} and groups of {group_size}")
+    if gemv is not None or (config is None and gemv_w4.supported(x, w_packed, group_size)):
+        return gemv_w4.launch(x, w_packed, w_scale, group_size, bias32, out, gemv)
     return _launch(x, w_packed, w_scale, group_size, bias32, None, None, out, config)
 
 

@@ -1,0 +1,202 @@
+"""W4A16 GEMV for one activation row (batch-1 decode): packed int4 weights streamed through the
+CUDA cores, two codes a byte, one fp16 scale per (output row, group of columns).
+
+Why it is written the way it is: a decode step is bound by how fast the weight bytes stream, and
+at 4 bits the instructions spent per byte decide whether the loop keeps up with memory. Triton's
+own unpacking (nibble shifts, int-to-float conversions, fp16-to-fp32 conversions of the
+activations) cost about 21 instructions a weight byte on sm_90; here one inline-PTX block turns
+four weight bytes and their eight activations into one fp32 partial sum for about 6:
+
+* a byte's two codes go into the two halves of one fp16x2 register with one byte permute and one
+  three-input logic op (`lop3`): the low nibble becomes the fp16 `1024 + (code ^ 8)`, the high one
+  `64 + (code ^ 8)` (0x6400 and 0x5400 are fp16 numbers whose last mantissa bit is worth 1 at
+  those nibble positions), and one fp16x2 multiply-add turns both into `code / 128` exactly;
+* the byte's two activations are already an fp16x2 pair (columns 2i and 2i + 1 are adjacent), so
+  one fp16x2 multiply-add accumulates both products; four bytes a lane are summed that way, then
+  the two lanes are converted and added in fp32 and scaled by the row's group scale.
+
+Numerics: each product `code / 128 * x` rounds to fp16 and four of them are summed in fp16 before
+fp32 takes over, so the result is within a few fp16 ulps of a partial sum of eight terms from the
+reference (`quant/int4.w4a16_linear`, fp32 throughout). The 1/128 keeps four products of the
+largest fp16 activation below fp16's range (4 x 8/128 x 65504 < 65504); a power of two, it is
+exact, and `128 * scale` undoes it. Under the Triton interpreter (no PTX) the same loop computes
+the eight products in fp32 instead: the tests check that path against the reference, and
+benchmarks/gemm_w4.py checks the PTX path on the GPU.
+
+A program owns `BLOCK_N` weight rows and walks K in blocks of `BLOCK_K` columns that never
+straddle a scale group (`BLOCK_K` divides the group size). K may be split over programs (narrow weights such as
+x_proj's 192 rows would otherwise leave most SMs idle); the splits then write fp32 partial rows,
+which `_reduce_kernel` adds in a fixed order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .dispatch import INTERPRET, cdiv
+
+__all__ = ["Config", "default_config", "launch", "supported"]
+
+# A launch config: (BLOCK_N rows, BLOCK_K columns, warps, splits of K).
+Config = tuple[int, int, int, int]
+
+# Programs a GEMV should have to keep every SM of a large GPU streaming (the H200 has 132).
+_PROGRAMS = 264
+# Columns a block at most: 64 weight bytes a row, four a thread.
+_MAX_BLOCK_K = 128
+# Weight bytes one PTX block takes (`pack`): a 32-bit register of them.
+_PACK = 4
+
+# Four weight bytes ($4, packed by Triton), their four activation pairs ($5-$8, fp16x2 each), the
+# row's group scale ($9, fp32, already times 128) and the four running sums ($13-$16). The sum of
+# the four bytes lands on the first running sum; the other three pass through.
+_DOT8_PTX = tl.constexpr("""{
+.reg .b32 t, c, h, k1, k2;
+.reg .f16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 k1, 0x20002000;
+mov.b32 k2, 0xB880C808;
+prmt.b32 t, $4, 0, 0x4040;
+lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
+fma.rn.f16x2 c, c, k1, k2;
+mul.rn.f16x2 h, c, $5;
+prmt.b32 t, $4, 0, 0x4141;
+lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
+fma.rn.f16x2 c, c, k1, k2;
+fma.rn.f16x2 h, c, $6, h;
+prmt.b32 t, $4, 0, 0x4242;
+lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
+fma.rn.f16x2 c, c, k1, k2;
+fma.rn.f16x2 h, c, $7, h;
+prmt.b32 t, $4, 0, 0x4343;
+lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
+fma.rn.f16x2 c, c, k1, k2;
+fma.rn.f16x2 h, c, $8, h;
+mov.b32 {lo, hi}, h;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 flo, flo, fhi;
+fma.rn.f32 $0, flo, $9, $13;
+mov.b32 $1, $14;
+mov.b32 $2, $15;
+mov.b32 $3, $16;
+}""")
+# What the constants are: k1 = (1/128, 1/128) and k2 = (-0.5625, -8.0625) in fp16 (high, low);
+# `lop3 ..., 0x6a` is (a & b) ^ c: the nibbles masked, then the fp16 exponent ORed in and the sign
+# bit of each code flipped (^ 8), so `(1024 + (code ^ 8)) / 128 - 8.0625 = code / 128` (and
+# likewise from 64 with 0.5625 for the high nibble).
+
+
+def supported(x: Tensor, w_packed: Tensor, group_size: int) -> bool:
+    """Whether the GEMV takes this problem: one fp16 row whose column pairs can be read as 32-bit
+    words, weight rows whose bytes can be read four at a time, and a group of whole blocks."""
+    k = x.shape[-1]
+    return (x.dtype == torch.float16 and x.numel() == k and k % 8 == 0 and group_size % 32 == 0
+            and x.data_ptr() % 4 == 0 and w_packed.data_ptr() % 4 == 0 and w_packed.stride(0) % 4 == 0)
+
+
+@triton.jit
+def _dot8_reference(packed, xw, scale, acc):
+    """What `_DOT8_PTX` computes, in fp32 (the interpreter's path): each byte's two codes times
+    its activation pair, times the row's scale (already times 128, hence the 1/128)."""
+    wide = packed.to(tl.int32)
+    low = (((wide & 0xF) ^ 8) - 8).to(tl.float32)
+    high = ((((wide >> 4) & 0xF) ^ 8) - 8).to(tl.float32)
+    x_even = xw.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    x_odd = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return acc + (low * x_even + high * x_odd) * (scale / 128.0)
+
+
+@triton.jit
+def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, K, K_SPLIT, stride_wn, stride_sn,
+                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, PTX: tl.constexpr):
+    # x_ptr: the activation row as 32-bit words (the fp16 pair of columns 2i, 2i + 1 is word i,
+    # matching weight byte i). With PARTIAL, program (n, s) sums columns [s * K_SPLIT,
+    # (s + 1) * K_SPLIT) into row s of `out` (fp32).
+    pid_n = tl.program_id(0)
+    k_first = tl.program_id(1) * K_SPLIT
+    k_end = tl.minimum(k_first + K_SPLIT, K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N  # rows past N wrap onto valid ones (never stored): no row masks on loads
+    byte = tl.arange(0, BLOCK_K // 2)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    # [BLOCK_N, BLOCK_K / 2] of repeated rows: each thread reads the words of its own weight bytes.
+    x_tile = x_ptr + (byte[None, :] + tl.zeros((BLOCK_N, 1), dtype=tl.int32))
+    s_rows = s_ptr + rows * stride_sn
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    for k0 in range(k_first, k_end, BLOCK_K):
+        if EVEN_K:
+            packed = tl.load(w_rows + k0 // 2 + byte[None, :])
+            xw = tl.load(x_tile + k0 // 2)
+        else:
+            in_k = (k0 + 2 * byte < k_end)[None, :]
+            packed = tl.load(w_rows + k0 // 2 + byte[None, :], mask=in_k, other=0)
+            xw = tl.load(x_tile + k0 // 2, mask=in_k, other=0)
+        scale = tl.broadcast_to((tl.load(s_rows + k0 // GROUP).to(tl.float32) * 128.0)[:, None],
+                                (BLOCK_N, BLOCK_K // 2))
+        if PTX:
+            acc = tl.inline_asm_elementwise(_DOT8_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                                            [packed, xw, scale, acc], dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            acc = _dot8_reference(packed, xw, scale, acc)
+    y = tl.sum(acc, axis=1)
+    col_ok = offs_n < N
+    if PARTIAL:
+        tl.store(out_ptr + tl.program_id(1) * N + offs_n, y, mask=col_ok)
+    else:
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + rows)
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _reduce_kernel(partial_ptr, bias_ptr, out_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs_n < N
+    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):  # a fixed order: the result does not depend on scheduling
+        y += tl.load(partial_ptr + s * N + offs_n, mask=mask, other=0)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=mask, other=0)
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def default_config(n: int, k: int, group_size: int) -> Config:
+    """By rule: 32 weight rows a program (16 bytes a thread a block, four PTX blocks), 128 columns
+    a block (or the group, if smaller), and K split until there are about `_PROGRAMS` programs."""
+    block_n = 32
+    block_k = min(_MAX_BLOCK_K, group_size)
+    splits = min(cdiv(k, block_k), max(1, _PROGRAMS // cdiv(n, block_n)))
+    return block_n, block_k, 4, splits
+
+
+def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor], out: Tensor,
+           config: Optional[Config] = None) -> Tensor:
+    """`out [1, N] = x [1, K] @ dequantized(w_packed)^T (+ bias, fp32)` for a problem `supported`
+    takes (the caller validated shapes and dtypes). `config` overrides `default_config`."""
+    k, n = x.shape[-1], w_packed.shape[0]
+    block_n, block_k, warps, splits = config or default_config(n, k, group_size)
+    if group_size % block_k or block_k % (2 * _PACK):
+        raise ValueError(f"gemv_w4: BLOCK_K={block_k} must divide the group size {group_size} and be a multiple of 8")
+    k_split = cdiv(cdiv(k, splits), block_k) * block_k  # whole blocks a split
+    splits = cdiv(k, k_split)
+    has_bias = bias is not None
+    target = out if splits == 1 else torch.empty((splits, n), dtype=torch.float32, device=x.device)
+    w, scales = w_packed.contiguous(), w_scale.contiguous()
+    words = x.reshape(k).view(torch.int32)
+    _w4a16_gemv_kernel[(cdiv(n, block_n), splits)](
+        words, w, scales, bias if has_bias else scales, target, n, k, k_split, w.stride(0), scales.stride(0),
+        GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=has_bias,
+        PARTIAL=splits > 1, PTX=not INTERPRET, num_warps=warps,
+    )
+    if splits > 1:
+        _reduce_kernel[(cdiv(n, 256),)](target, bias if has_bias else scales, out, n, SPLITS=splits,
+                                        HAS_BIAS=has_bias, BLOCK_N=256)
+    return out
