@@ -42,13 +42,13 @@ def sweep(gemm_w4, gemv_w4, x, x_q, x_scale, packed, scale, group: int, m: int) 
         rule = gemv_w4.default_config(n, k, group)
         for config in [(bn, bk, warps, splits) for bn in (16, 32, 64) for bk in (64, 128) for warps in (4, 8)
                        for splits in sorted({1, rule[3], 2 * rule[3], 4}) if group % bk == 0]:
-            t = time_ms(graphed(lambda: gemm_w4.w4a16_gemm(x, packed, scale, group, None, None, config)), rep=50)
+            t = time_ms(graphed(lambda: gemm_w4.w4a16_gemm(x, packed, scale, group, gemv=config)), rep=50)
             if "w4a16 gemv" not in best or t < best["w4a16 gemv"][0]:
                 best["w4a16 gemv"] = (t, config)
     for kernel in kernels:
         for config in grid:
             if kernel == "w4a16":
-                fn = lambda: gemm_w4.w4a16_gemm(x, packed, scale, group, None, config)  # noqa: E731
+                fn = lambda: gemm_w4.w4a16_gemm(x, packed, scale, group, config=config)  # noqa: E731
             else:
                 fn = lambda: gemm_w4.w4a8_gemm(x_q, x_scale, packed, scale, group, None, None, torch.float16,  # noqa: E731
                                                config)

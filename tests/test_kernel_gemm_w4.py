@@ -62,19 +62,35 @@ def test_one_fp16_row_runs_the_gemv_and_both_kernels_agree(k):
     bias = torch.randn(48, device=DEVICE)
     expected = w4a16_linear(x.float(), packed, scale, 32, bias)
     assert gemv_w4.supported(x, packed, 32)
-    # The rule's GEMV, one split, K in 3 splits (104 columns: a partial last block), the tensor-core kernel.
-    for kwargs in ({}, {"gemv": (16, 32, 4, 1)}, {"gemv": (8, 32, 4, 3)}, {"config": (16, 32, 32, 4, 2)}):
+    # The rule's GEMV; one group a block; blocks of two and four groups (104 columns: the last
+    # block partial, its second group absent); K in 3 splits; the tensor-core kernel.
+    for kwargs in ({}, {"gemv": (16, 32, 4, 1)}, {"gemv": (8, 64, 4, 1)}, {"gemv": (16, 128, 4, 2)},
+                   {"gemv": (8, 32, 4, 3)}, {"config": (16, 32, 32, 4, 2)}):
         got = gemm_w4.w4a16_gemm(x, packed, scale, 32, bias, **kwargs)
         assert got.dtype == torch.float16
         torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-2)
 
 
+def test_an_fp32_row_multiplied_in_fp16_runs_the_gemv_on_the_rounded_row():
+    packed, scale = weights(40, 96, 32, 4)
+    x = torch.randn(1, 96, device=DEVICE) * 3
+    expected = w4a16_linear(x.half().float(), packed, scale, 32)
+    got = gemm_w4.w4a16_gemm(x, packed, scale, 32, act_dtype=torch.float16, gemv=(8, 64, 4, 2))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    rows = torch.randn(5, 96, device=DEVICE)  # the tensor-core kernel rounds the same way
+    torch.testing.assert_close(gemm_w4.w4a16_gemm(rows, packed, scale, 32, act_dtype=torch.float16),
+                               w4a16_linear(rows.half().float(), packed, scale, 32), rtol=1e-3, atol=1e-2)
+    with pytest.raises(ValueError, match="act_dtype must be"):
+        gemm_w4.w4a16_gemm(x, packed, scale, 32, act_dtype=torch.int8)
+
+
 def test_rows_the_gemv_does_not_take_run_the_tensor_core_kernel():
     packed, scale = weights(48, 77, 32, 3)
-    for x in (torch.randn(1, 77, device=DEVICE).half(), torch.randn(1, 64, device=DEVICE)):
-        w = packed if x.shape[-1] == 77 else weights(48, 64, 32, 3)[0]
-        assert not gemv_w4.supported(x, w, 32)
-    x = torch.randn(1, 77, device=DEVICE)
+    assert not gemv_w4.supported(torch.randn(1, 77, device=DEVICE).half(), packed, 32)  # K not a multiple of 8
+    # An fp32 row the recipe does not round: the GEMV (fp16 products) is not allowed to take it.
+    packed, scale = weights(48, 64, 32, 3)
+    x = torch.randn(1, 64, device=DEVICE)
     torch.testing.assert_close(gemm_w4.w4a16_gemm(x, packed, scale, 32), w4a16_linear(x, packed, scale, 32),
                                rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="GEMV takes one fp16 row"):

@@ -127,22 +127,34 @@ def _launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias:
 
 
 def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor] = None,
-               config: Optional[Config] = None, gemv: Optional[gemv_w4.Config] = None) -> Tensor:
+               act_dtype: Optional[torch.dtype] = None, config: Optional[Config] = None,
+               gemv: Optional[gemv_w4.Config] = None) -> Tensor:
     """`quamba.w4a16_linear` on the Triton kernels where they run (`dispatch.use_triton`) and the
-    group size suits them (`supported`), else the reference: one row on the GEMV kernel, more on
-    the tensor-core one. `config` forces the tensor-core kernel with that config, `gemv` the GEMV
-    with that one (benchmarks/gemm_w4.py sweeps both)."""
+    group size suits them (`supported`), else the reference: a one-row problem on the GEMV where it
+    takes it (`gemv_w4.supported`), the rest on the tensor-core kernel.
+
+    `act_dtype` is the precision the activations are multiplied in (the recipe's "A16"): an fp32
+    `x` is rounded to it first (None: x's own dtype). The result has x's dtype either way.
+    `config` forces the tensor-core kernel with that config, `gemv` the GEMV with that one
+    (benchmarks/gemm_w4.py sweeps both)."""
     n, _ = _check_w4("w4a16_gemm", x, w_packed, w_scale, group_size, bias)
+    if act_dtype is not None and act_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"w4a16_gemm: act_dtype must be float16, bfloat16 or float32, got {act_dtype}")
+    rounds = act_dtype is not None and act_dtype != x.dtype and x.dtype == torch.float32
     if not (use_triton(x) and supported(group_size)) or x.numel() == 0:
-        return w4a16_linear(x, w_packed, w_scale, group_size, bias)
+        x_in = x.to(act_dtype).to(x.dtype) if rounds else x
+        return w4a16_linear(x_in, w_packed, w_scale, group_size, bias)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    if gemv is not None and not gemv_w4.supported(x, w_packed, group_size):
-        raise ValueError("w4a16_gemm: the GEMV takes one fp16 row, K a multiple of 8 and groups of 32k columns; "
-                         f"got x {x.dtype} {tuple(x.shape)} and groups of {group_size}")
-    if gemv is not None or (config is None and gemv_w4.supported(x, w_packed, group_size)):
+    # The GEMV multiplies in fp16: it takes an fp32 row only where the recipe rounds it to fp16.
+    gemv_takes = gemv_w4.supported(x, w_packed, group_size) and (x.dtype == torch.float16 or act_dtype == torch.float16)
+    if gemv is not None and not gemv_takes:
+        raise ValueError("w4a16_gemm: the GEMV takes one fp16 row (or an fp32 row with act_dtype float16), K a "
+                         f"multiple of 8 and groups of 32k columns; got x {x.dtype} {tuple(x.shape)}, act_dtype "
+                         f"{act_dtype} and groups of {group_size}")
+    if gemv is not None or (config is None and gemv_takes):
         return gemv_w4.launch(x, w_packed, w_scale, group_size, bias32, out, gemv)
-    return _launch(x, w_packed, w_scale, group_size, bias32, None, None, out, config)
+    return _launch(x.to(act_dtype) if rounds else x, w_packed, w_scale, group_size, bias32, None, None, out, config)
 
 
 def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
@@ -167,13 +179,15 @@ def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, g
 
 
 @graph_op("quamba::w4a16_gemm")
-def w4a16_gemm_op(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor] = None) -> Tensor:
-    """The W4A16 GEMM kernel; numerics of `torch.ops.quamba.w4a16_linear` up to fp32 accumulation order."""
-    return w4a16_gemm(x, w_packed, w_scale, group_size, bias)
+def w4a16_gemm_op(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor] = None,
+                  act_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The W4A16 GEMM kernels; numerics of `torch.ops.quamba.w4a16_linear` of x rounded to
+    `act_dtype`, up to accumulation order (and fp16 partial sums on the GEMV: gemv_w4.py)."""
+    return w4a16_gemm(x, w_packed, w_scale, group_size, bias, act_dtype)
 
 
 @w4a16_gemm_op.register_fake
-def _w4a16_gemm_fake(x, w_packed, w_scale, group_size, bias=None):
+def _w4a16_gemm_fake(x, w_packed, w_scale, group_size, bias=None, act_dtype=None):
     return torch.ops.quamba.w4a16_linear(x, w_packed, w_scale, group_size, bias)
 
 

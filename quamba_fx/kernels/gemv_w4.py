@@ -23,8 +23,8 @@ exact, and `128 * scale` undoes it. Under the Triton interpreter (no PTX) the sa
 the eight products in fp32 instead: the tests check that path against the reference, and
 benchmarks/gemm_w4.py checks the PTX path on the GPU.
 
-A program owns `BLOCK_N` weight rows and walks K in blocks of `BLOCK_K` columns that never
-straddle a scale group (`BLOCK_K` divides the group size). K may be split over programs (narrow weights such as
+A program owns `BLOCK_N` weight rows and walks K in blocks of `BLOCK_K` columns: a part of one
+scale group or several whole ones, each with its row's scale. K may be split over programs (narrow weights such as
 x_proj's 192 rows would otherwise leave most SMs idle); the splits then write fp32 partial rows,
 which `_reduce_kernel` adds in a fixed order.
 """
@@ -46,16 +46,17 @@ __all__ = ["Config", "default_config", "launch", "supported"]
 Config = tuple[int, int, int, int]
 
 # Programs a GEMV should have to keep every SM of a large GPU streaming (the H200 has 132).
-_PROGRAMS = 264
-# Columns a block at most: 64 weight bytes a row, four a thread.
-_MAX_BLOCK_K = 128
+_PROGRAMS = 528
+# Columns a block by default: 128 weight bytes a row.
+_BLOCK_K = 256
 # Weight bytes one PTX block takes (`pack`): a 32-bit register of them.
 _PACK = 4
 
-# Four weight bytes ($4, packed by Triton), their four activation pairs ($5-$8, fp16x2 each), the
-# row's group scale ($9, fp32, already times 128) and the four running sums ($13-$16). The sum of
-# the four bytes lands on the first running sum; the other three pass through.
-_DOT8_PTX = tl.constexpr("""{
+# Four weight bytes ($4, packed by Triton), their four activation pairs ($5-$8: fp16x2 words, or
+# fp32 pairs as 64-bit words), the row's group scale ($9, fp32, already times 128) and the four
+# running sums ($13-$16). The sum of the four bytes lands on the first running sum; the other
+# three pass through.
+_DOT8_BODY = """
 .reg .b32 t, c, h, k1, k2;
 .reg .f16 lo, hi;
 .reg .f32 flo, fhi;
@@ -64,19 +65,19 @@ mov.b32 k2, 0xB880C808;
 prmt.b32 t, $4, 0, 0x4040;
 lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
 fma.rn.f16x2 c, c, k1, k2;
-mul.rn.f16x2 h, c, $5;
+mul.rn.f16x2 h, c, X0;
 prmt.b32 t, $4, 0, 0x4141;
 lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
 fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 h, c, $6, h;
+fma.rn.f16x2 h, c, X1, h;
 prmt.b32 t, $4, 0, 0x4242;
 lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
 fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 h, c, $7, h;
+fma.rn.f16x2 h, c, X2, h;
 prmt.b32 t, $4, 0, 0x4343;
 lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
 fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 h, c, $8, h;
+fma.rn.f16x2 h, c, X3, h;
 mov.b32 {lo, hi}, h;
 cvt.f32.f16 flo, lo;
 cvt.f32.f16 fhi, hi;
@@ -85,7 +86,21 @@ fma.rn.f32 $0, flo, $9, $13;
 mov.b32 $1, $14;
 mov.b32 $2, $15;
 mov.b32 $3, $16;
-}""")
+"""
+# fp32 activations: each pair rounded to one fp16x2 word first (the even column in the low half).
+_FP32_PAIRS = "".join(f"mov.b64 {{e, o}}, ${5 + i};\ncvt.rn.f16x2.f32 x{i}, o, e;\n" for i in range(4))
+
+
+def _with_pairs(registers: list[str]) -> str:
+    body = _DOT8_BODY
+    for i, register in enumerate(registers):
+        body = body.replace(f"X{i}", register)
+    return body
+
+
+_DOT8_PTX_F16 = tl.constexpr("{" + _with_pairs(["$5", "$6", "$7", "$8"]) + "}")
+_DOT8_PTX_F32 = tl.constexpr("{\n.reg .b32 x0, x1, x2, x3;\n.reg .f32 e, o;\n" + _FP32_PAIRS
+                             + _with_pairs(["x0", "x1", "x2", "x3"]) + "}")
 # What the constants are: k1 = (1/128, 1/128) and k2 = (-0.5625, -8.0625) in fp16 (high, low);
 # `lop3 ..., 0x6a` is (a & b) ^ c: the nibbles masked, then the fp16 exponent ORed in and the sign
 # bit of each code flipped (^ 8), so `(1024 + (code ^ 8)) / 128 - 8.0625 = code / 128` (and
@@ -93,59 +108,79 @@ mov.b32 $3, $16;
 
 
 def supported(x: Tensor, w_packed: Tensor, group_size: int) -> bool:
-    """Whether the GEMV takes this problem: one fp16 row whose column pairs can be read as 32-bit
-    words, weight rows whose bytes can be read four at a time, and a group of whole blocks."""
+    """Whether the GEMV can run this problem: one fp16 or fp32 row whose column pairs can be read
+    as one word each, weight rows whose bytes can be read four at a time, and a group of whole
+    blocks. It multiplies in fp16: an fp32 row is rounded (the caller decides whether it may be)."""
     k = x.shape[-1]
-    return (x.dtype == torch.float16 and x.numel() == k and k % 8 == 0 and group_size % 32 == 0
-            and x.data_ptr() % 4 == 0 and w_packed.data_ptr() % 4 == 0 and w_packed.stride(0) % 4 == 0)
+    pair_bytes = 2 * x.element_size()
+    return (x.dtype in (torch.float16, torch.float32) and x.numel() == k and k % 8 == 0 and group_size % 32 == 0
+            and x.data_ptr() % pair_bytes == 0 and w_packed.data_ptr() % 4 == 0 and w_packed.stride(0) % 4 == 0)
 
 
 @triton.jit
-def _dot8_reference(packed, xw, scale, acc):
-    """What `_DOT8_PTX` computes, in fp32 (the interpreter's path): each byte's two codes times
-    its activation pair, times the row's scale (already times 128, hence the 1/128)."""
+def _pair(xw, HIGH: tl.constexpr, X32: tl.constexpr):
+    """One half of an activation pair word as fp32, after rounding to fp16 (what the PTX reads)."""
+    if X32:
+        half = (xw >> 32) if HIGH else xw
+        return half.to(tl.int32).to(tl.float32, bitcast=True).to(tl.float16).to(tl.float32)
+    else:
+        half = (xw >> 16) if HIGH else xw
+        return half.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _dot8_reference(packed, xw, scale, acc, X32: tl.constexpr):
+    """What the PTX computes, in fp32 (the interpreter's path): each byte's two codes times its
+    activation pair, times the row's scale (already times 128, hence the 1/128)."""
     wide = packed.to(tl.int32)
     low = (((wide & 0xF) ^ 8) - 8).to(tl.float32)
     high = ((((wide >> 4) & 0xF) ^ 8) - 8).to(tl.float32)
-    x_even = xw.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    x_odd = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return acc + (low * x_even + high * x_odd) * (scale / 128.0)
+    return acc + (low * _pair(xw, False, X32) + high * _pair(xw, True, X32)) * (scale / 128.0)
 
 
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, K, K_SPLIT, stride_wn, stride_sn,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, PTX: tl.constexpr):
-    # x_ptr: the activation row as 32-bit words (the fp16 pair of columns 2i, 2i + 1 is word i,
-    # matching weight byte i). With PARTIAL, program (n, s) sums columns [s * K_SPLIT,
-    # (s + 1) * K_SPLIT) into row s of `out` (fp32).
+                       HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, X32: tl.constexpr, PTX: tl.constexpr):
+    # x_ptr: the activation row as words of two columns (32-bit for fp16, 64-bit for fp32 (X32)):
+    # word i is columns 2i and 2i + 1, matching weight byte i. A block is SUBS sub-blocks of one
+    # scale group each, `[BLOCK_N, SUBS, SUB_BYTES]` weight bytes. With PARTIAL, program (n, s)
+    # sums columns [s * K_SPLIT, (s + 1) * K_SPLIT) into row s of `out` (fp32).
+    SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
+    SUBS: tl.constexpr = BLOCK_K // SUB_K
     pid_n = tl.program_id(0)
     k_first = tl.program_id(1) * K_SPLIT
     k_end = tl.minimum(k_first + K_SPLIT, K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_n % N  # rows past N wrap onto valid ones (never stored): no row masks on loads
-    byte = tl.arange(0, BLOCK_K // 2)
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    # [BLOCK_N, BLOCK_K / 2] of repeated rows: each thread reads the words of its own weight bytes.
-    x_tile = x_ptr + (byte[None, :] + tl.zeros((BLOCK_N, 1), dtype=tl.int32))
-    s_rows = s_ptr + rows * stride_sn
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    sub = tl.arange(0, SUBS)
+    byte = (sub[:, None] * (SUB_K // 2) + tl.arange(0, SUB_K // 2)[None, :])[None, :, :]  # [1, SUBS, SUB_K / 2]
+    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn
+    # Repeated rows: each thread reads the activation words of its own weight bytes (from L1).
+    x_tile = x_ptr + (byte + tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32))
+    s_rows = s_ptr + rows[:, None] * stride_sn
+    acc = tl.zeros((BLOCK_N, SUBS, SUB_K // 2), dtype=tl.float32)
     for k0 in range(k_first, k_end, BLOCK_K):
         if EVEN_K:
-            packed = tl.load(w_rows + k0 // 2 + byte[None, :])
+            packed = tl.load(w_rows + k0 // 2 + byte)
             xw = tl.load(x_tile + k0 // 2)
+            group_scale = tl.load(s_rows + k0 // GROUP + sub[None, :])
         else:
-            in_k = (k0 + 2 * byte < k_end)[None, :]
-            packed = tl.load(w_rows + k0 // 2 + byte[None, :], mask=in_k, other=0)
+            in_k = k0 + 2 * byte < k_end
+            packed = tl.load(w_rows + k0 // 2 + byte, mask=in_k, other=0)
             xw = tl.load(x_tile + k0 // 2, mask=in_k, other=0)
-        scale = tl.broadcast_to((tl.load(s_rows + k0 // GROUP).to(tl.float32) * 128.0)[:, None],
-                                (BLOCK_N, BLOCK_K // 2))
-        if PTX:
-            acc = tl.inline_asm_elementwise(_DOT8_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            group_scale = tl.load(s_rows + k0 // GROUP + sub[None, :], mask=(k0 + sub * SUB_K < k_end)[None, :],
+                                  other=0)
+        scale = tl.broadcast_to((group_scale.to(tl.float32) * 128.0)[:, :, None], (BLOCK_N, SUBS, SUB_K // 2))
+        if PTX and X32:
+            acc = tl.inline_asm_elementwise(_DOT8_PTX_F32, "=r,=r,=r,=r,r,l,l,l,l,r,r,r,r,r,r,r,r",
+                                            [packed, xw, scale, acc], dtype=tl.float32, is_pure=True, pack=4)
+        elif PTX:
+            acc = tl.inline_asm_elementwise(_DOT8_PTX_F16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
                                             [packed, xw, scale, acc], dtype=tl.float32, is_pure=True, pack=4)
         else:
-            acc = _dot8_reference(packed, xw, scale, acc)
-    y = tl.sum(acc, axis=1)
+            acc = _dot8_reference(packed, xw, scale, acc, X32)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
     col_ok = offs_n < N
     if PARTIAL:
         tl.store(out_ptr + tl.program_id(1) * N + offs_n, y, mask=col_ok)
@@ -169,12 +204,14 @@ def _reduce_kernel(partial_ptr, bias_ptr, out_ptr, N, SPLITS: tl.constexpr, HAS_
 
 
 def default_config(n: int, k: int, group_size: int) -> Config:
-    """By rule: 32 weight rows a program (16 bytes a thread a block, four PTX blocks), 128 columns
-    a block (or the group, if smaller), and K split until there are about `_PROGRAMS` programs."""
-    block_n = 32
-    block_k = min(_MAX_BLOCK_K, group_size)
+    """By rule: 8 warps; blocks of 256 columns (two groups of 128) where the group allows; 64 rows
+    a program where that still gives every SM of the GPU a row tile, else 16; and K split until
+    there are about `_PROGRAMS` programs. A decode step has no other work to overlap a GEMV's
+    memory latency with: many programs with several weight loads each keep enough bytes in flight."""
+    block_k = _BLOCK_K if _BLOCK_K % group_size == 0 or group_size % _BLOCK_K == 0 else group_size & -group_size
+    block_n = 64 if cdiv(n, 64) >= _PROGRAMS // 4 else 16
     splits = min(cdiv(k, block_k), max(1, _PROGRAMS // cdiv(n, block_n)))
-    return block_n, block_k, 4, splits
+    return block_n, block_k, 8, splits
 
 
 def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor], out: Tensor,
@@ -183,18 +220,20 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
     takes (the caller validated shapes and dtypes). `config` overrides `default_config`."""
     k, n = x.shape[-1], w_packed.shape[0]
     block_n, block_k, warps, splits = config or default_config(n, k, group_size)
-    if group_size % block_k or block_k % (2 * _PACK):
-        raise ValueError(f"gemv_w4: BLOCK_K={block_k} must divide the group size {group_size} and be a multiple of 8")
+    if (group_size % block_k and block_k % group_size) or block_k % (2 * _PACK) or block_k & (block_k - 1):
+        raise ValueError(f"gemv_w4: BLOCK_K={block_k} must be a power of two of at least 8 columns that divides "
+                         f"the group size {group_size} or is a multiple of it")
     k_split = cdiv(cdiv(k, splits), block_k) * block_k  # whole blocks a split
     splits = cdiv(k, k_split)
     has_bias = bias is not None
     target = out if splits == 1 else torch.empty((splits, n), dtype=torch.float32, device=x.device)
     w, scales = w_packed.contiguous(), w_scale.contiguous()
-    words = x.reshape(k).view(torch.int32)
+    x32 = x.dtype == torch.float32
+    words = x.reshape(k).view(torch.int64 if x32 else torch.int32)
     _w4a16_gemv_kernel[(cdiv(n, block_n), splits)](
         words, w, scales, bias if has_bias else scales, target, n, k, k_split, w.stride(0), scales.stride(0),
         GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=has_bias,
-        PARTIAL=splits > 1, PTX=not INTERPRET, num_warps=warps,
+        PARTIAL=splits > 1, X32=x32, PTX=not INTERPRET, num_warps=warps,
     )
     if splits > 1:
         _reduce_kernel[(cdiv(n, 256),)](target, bias if has_bias else scales, out, n, SPLITS=splits,

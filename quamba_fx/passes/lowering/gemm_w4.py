@@ -20,7 +20,8 @@ KERNELS = {W4A16_GEMM: "triton:w4a16_gemm", W4A8_GEMM: "triton:w4a8_gemm"}
 
 
 def lower_int4_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
-    """`W4A16Linear(x)` -> `w4a16_gemm(x, w, w_scale, group, bias)`; `W4A8Linear(x_q, s_in[, s_out])`
+    """`W4A16Linear(x)` -> `w4a16_gemm(x, w, w_scale, group, bias, act_dtype)` (`dtype`, or None
+    for an fp32 lowering); `W4A8Linear(x_q, s_in[, s_out])`
     -> `w4a8_gemm(x_q, s_in, w, w_scale, group, bias, s_out, out_dtype)`, the result `dtype`
     without an output scale."""
     module = gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -32,7 +33,10 @@ def lower_int4_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torc
         w_scale = get_attr(graph, f"{node.target}.weight_scale", node)
         bias = get_attr(graph, f"{node.target}.bias", node) if module.bias is not None else None
         if isinstance(module, W4A16Linear):
-            new = graph.call_function(W4A16_GEMM, (node.args[0], weight, w_scale, module.group_size, bias))
+            # In an fp16 or bf16 lowering the activations are multiplied in that dtype (the "A16"),
+            # even where the graph hands an fp32 value (the rotation before out_proj).
+            act_dtype = None if dtype == torch.float32 else dtype
+            new = graph.call_function(W4A16_GEMM, (node.args[0], weight, w_scale, module.group_size, bias, act_dtype))
         else:
             x_q, x_scale = node.args[:2]
             out_scale = node.args[2] if len(node.args) > 2 else None
