@@ -25,8 +25,8 @@ benchmarks/gemm_w4.py checks the PTX path on the GPU.
 
 A program owns `BLOCK_N` weight rows and walks K in blocks of `BLOCK_K` columns: a part of one
 scale group or several whole ones, each with its row's scale. K may be split over programs (narrow weights such as
-x_proj's 192 rows would otherwise leave most SMs idle); the splits then write fp32 partial rows,
-which `_reduce_kernel` adds in a fixed order.
+x_proj's 192 rows would otherwise leave most SMs idle); the last split of a row tile to finish
+adds the others' fp32 partials in split order (split_k.py), in the same launch.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import split_k
 from .dispatch import INTERPRET, cdiv
 
 __all__ = ["Config", "default_config", "launch", "supported"]
@@ -139,13 +140,15 @@ def _dot8_reference(packed, xw, scale, acc, X32: tl.constexpr):
 
 
 @triton.jit
-def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, K, K_SPLIT, stride_wn, stride_sn,
-                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, X32: tl.constexpr, PTX: tl.constexpr):
+def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr, N, K, K_SPLIT, stride_wn,
+                       stride_sn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, X32: tl.constexpr,
+                       PTX: tl.constexpr):
     # x_ptr: the activation row as words of two columns (32-bit for fp16, 64-bit for fp32 (X32)):
     # word i is columns 2i and 2i + 1, matching weight byte i. A block is SUBS sub-blocks of one
-    # scale group each, `[BLOCK_N, SUBS, SUB_BYTES]` weight bytes. With PARTIAL, program (n, s)
-    # sums columns [s * K_SPLIT, (s + 1) * K_SPLIT) into row s of `out` (fp32).
+    # scale group each, `[BLOCK_N, SUBS, SUB_BYTES]` weight bytes. Program (n, s) sums columns
+    # [s * K_SPLIT, (s + 1) * K_SPLIT); with SPLITS > 1 the last split of a row tile to finish
+    # adds the others' partials (split_k.py) and stores the tile.
     SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
     SUBS: tl.constexpr = BLOCK_K // SUB_K
     pid_n = tl.program_id(0)
@@ -181,26 +184,19 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, K, K_SPLIT, st
         else:
             acc = _dot8_reference(packed, xw, scale, acc, X32)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    col_ok = offs_n < N
-    if PARTIAL:
-        tl.store(out_ptr + tl.program_id(1) * N + offs_n, y, mask=col_ok)
-    else:
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + rows)
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=col_ok)
+    if SPLITS == 1:
+        _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS)
+    elif split_k.arrive(tl.reshape(y, (1, BLOCK_N)), partial_ptr, count_ptr, pid_n, tl.program_id(1), SPLITS, 1,
+                        BLOCK_N):
+        y = tl.reshape(split_k.total(partial_ptr, count_ptr, pid_n, SPLITS, 1, BLOCK_N), (BLOCK_N,))
+        _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS)
 
 
 @triton.jit
-def _reduce_kernel(partial_ptr, bias_ptr, out_ptr, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = offs_n < N
-    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):  # a fixed order: the result does not depend on scheduling
-        y += tl.load(partial_ptr + s * N + offs_n, mask=mask, other=0)
+def _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=mask, other=0)
-    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask)
+        y = y + tl.load(bias_ptr + rows)
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 def default_config(n: int, k: int, group_size: int) -> Config:
@@ -225,17 +221,19 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
                          f"the group size {group_size} or is a multiple of it")
     k_split = cdiv(cdiv(k, splits), block_k) * block_k  # whole blocks a split
     splits = cdiv(k, k_split)
+    tiles = cdiv(n, block_n)
     has_bias = bias is not None
-    target = out if splits == 1 else torch.empty((splits, n), dtype=torch.float32, device=x.device)
+    if splits > 1:
+        partials, counters = split_k.scratch(x.device, tiles * splits * block_n, tiles)
+        partials = partials.view(torch.float32)
+    else:
+        partials = counters = w_scale  # placeholders, never read
     w, scales = w_packed.contiguous(), w_scale.contiguous()
     x32 = x.dtype == torch.float32
     words = x.reshape(k).view(torch.int64 if x32 else torch.int32)
-    _w4a16_gemv_kernel[(cdiv(n, block_n), splits)](
-        words, w, scales, bias if has_bias else scales, target, n, k, k_split, w.stride(0), scales.stride(0),
-        GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, HAS_BIAS=has_bias,
-        PARTIAL=splits > 1, X32=x32, PTX=not INTERPRET, num_warps=warps,
+    _w4a16_gemv_kernel[(tiles, splits)](
+        words, w, scales, bias if has_bias else scales, out, partials, counters, n, k, k_split, w.stride(0),
+        scales.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits,
+        EVEN_K=k % block_k == 0, HAS_BIAS=has_bias, X32=x32, PTX=not INTERPRET, num_warps=warps,
     )
-    if splits > 1:
-        _reduce_kernel[(cdiv(n, 256),)](target, bias if has_bias else scales, out, n, SPLITS=splits,
-                                        HAS_BIAS=has_bias, BLOCK_N=256)
     return out

@@ -1,10 +1,10 @@
-"""Split-K for the int8 GEMM kernels: several programs share one output tile, each summing a range
-of K, and the last to finish adds the partial tiles up and runs the epilogue, all in one launch.
+"""Split-K for the GEMM and GEMV kernels: several programs share one output tile, each summing a
+range of K, and the last to finish adds the partial tiles up and runs the epilogue, all in one launch.
 
-How a tile is finished: every split writes its int32 partial tile to a scratch buffer and adds 1
-to the tile's arrival counter (an atomic); the split that sees SPLIT_K - 1 there sums all the
-partials (exact in int32, so the order does not matter), stores the output, and sets the counter
-back to 0. Counters are therefore zero between launches, and the scratch needs no clearing.
+How a tile is finished: every split writes its partial tile (int32 for the int8 kernels, fp32 for
+the W4A16 GEMV: a view of the same scratch) to a scratch buffer and adds 1 to the tile's arrival
+counter (an atomic); the split that sees SPLIT_K - 1 there sums all the partials in split order
+(exact in int32; a fixed order in fp32), stores the output, and sets the counter back to 0. Counters are therefore zero between launches, and the scratch needs no clearing.
 
 The scratch is shared per device and stream (launches on one stream run one after another); it is
 allocated outside CUDA-graph captures where it can be, because memory allocated inside a capture
@@ -62,10 +62,11 @@ def arrive(acc, partial_ptr, count_ptr, tile, pid_k, SPLIT_K: tl.constexpr, BLOC
 
 @triton.jit
 def total(partial_ptr, count_ptr, tile, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The sum of tile `tile`'s partials (called by the last split only); resets its counter."""
+    """The sum of tile `tile`'s partials (called by the last split only), in the scratch's dtype and
+    in split order (so also deterministic for floats); resets its counter."""
     slot = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     tile_partials = partial_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=partial_ptr.dtype.element_ty)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(tile_partials + s * (BLOCK_M * BLOCK_N) + slot, cache_modifier=".cg")
     tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
@@ -86,7 +87,7 @@ def split_counts(tiles: int, k_tiles: int, programs: int) -> List[int]:
 
 
 def scratch_need(m: int, n: int, metas: Iterable[dict]) -> Tuple[int, int]:
-    """(int32 partial values, counters) the largest split config among `metas` needs for an
+    """(32-bit partial values, counters) the largest split config among `metas` needs for an
     `m x n` output: configs with SPLIT_K = 1 need none; a config without BLOCK_M has one row."""
     partials = counters = 0
     for meta in metas:
