@@ -483,3 +483,18 @@ def test_fp8_cpu_without_interpreter_uses_reference(monkeypatch):
     calls = reference_calls(monkeypatch, hadamard, "hadamard_quantize_fp8_reference")
     q = hadamard_quantize_fp8(torch.randn(2, 12), torch.tensor(0.05))
     assert calls == [1] and q.dtype == torch.float8_e4m3fn
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_rotation_can_be_returned_in_half_precision_by_the_kernel_itself(dtype):
+    x = torch.randn(3, 5, 160, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    want = hadamard_transform_triton(x)  # fp32
+    got = hadamard_transform_triton(x.half(), out_dtype=dtype)
+    assert got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got, hadamard_transform_triton(x.half()).to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    rotated = torch.ops.quamba.hadamard_rotate(x.half(), dtype)
+    assert rotated.dtype == dtype and torch.equal(rotated, got)
+    with pytest.raises(ValueError, match="out_dtype must be"):
+        hadamard_transform_triton(x, out_dtype=torch.int8)

@@ -190,6 +190,20 @@ def test_lowered_4bit_graphs_generate_what_the_reference_generates(quantized, re
     assert torch.equal(hf_generated, tokens)
 
 
+def test_an_fp16_lowering_multiplies_w4a16_activations_in_fp16(quantized):
+    """The rotation before out_proj returns fp16 itself (no cast kernel) and every W4A16 GEMM
+    rounds its input to fp16; an fp32 lowering keeps both in fp32."""
+    qm = quantized["quamba2-w4a16"]
+    for dtype, act_dtype in ((torch.float16, torch.float16), (torch.float32, None)):
+        lowered = quamba_fx.lower(qm, dtype)
+        gemms = [n for n in lowered.graph.nodes if op_name(n) == "w4a16_gemm"]
+        assert gemms and all(n.args[5] == act_dtype for n in gemms)
+        rotations = [n for n in lowered.graph.nodes if op_name(n) == "hadamard_rotate"]
+        assert rotations and all((n.args[1:] or (None,))[0] == act_dtype for n in rotations)
+        if dtype == torch.float16:
+            assert all(n.args[0].op != "call_method" for n in rotations)  # read through their casts
+
+
 # --- accuracy on the trained byte models (benchmarks/accuracy.py measures with more text) ----------
 
 

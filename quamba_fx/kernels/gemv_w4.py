@@ -40,6 +40,7 @@ from torch import Tensor
 
 from . import split_k
 from .dispatch import INTERPRET, cdiv
+from .pdl import launch_options, wait_for_previous
 
 __all__ = ["Config", "default_config", "launch", "supported"]
 
@@ -143,7 +144,7 @@ def _dot8_reference(packed, xw, scale, acc, X32: tl.constexpr):
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr, N, K, K_SPLIT, stride_wn,
                        stride_sn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, X32: tl.constexpr,
-                       PTX: tl.constexpr):
+                       PTX: tl.constexpr, USE_PDL: tl.constexpr):
     # x_ptr: the activation row as words of two columns (32-bit for fp16, 64-bit for fp32 (X32)):
     # word i is columns 2i and 2i + 1, matching weight byte i. A block is SUBS sub-blocks of one
     # scale group each, `[BLOCK_N, SUBS, SUB_BYTES]` weight bytes. Program (n, s) sums columns
@@ -151,6 +152,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
     # adds the others' partials (split_k.py) and stores the tile.
     SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
     SUBS: tl.constexpr = BLOCK_K // SUB_K
+    wait_for_previous(USE_PDL)  # programmatic dependent launch (pdl.py): only the launch overlaps
     pid_n = tl.program_id(0)
     k_first = tl.program_id(1) * K_SPLIT
     k_end = tl.minimum(k_first + K_SPLIT, K)
@@ -235,5 +237,6 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
         words, w, scales, bias if has_bias else scales, out, partials, counters, n, k, k_split, w.stride(0),
         scales.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits,
         EVEN_K=k % block_k == 0, HAS_BIAS=has_bias, X32=x32, PTX=not INTERPRET, num_warps=warps,
+        **launch_options(x.device),
     )
     return out

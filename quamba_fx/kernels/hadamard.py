@@ -76,7 +76,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -497,10 +497,12 @@ def hadamard_quantize_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------
 
 
-def _launch(x: torch.Tensor, scale: torch.Tensor, quant: int) -> torch.Tensor:
+def _launch(x: torch.Tensor, scale: torch.Tensor, quant: int, rotation_dtype: torch.dtype = torch.float32
+            ) -> torch.Tensor:
     n = x.shape[-1]
     bases, m, m_pad, k = _config(n)
-    out = torch.empty(x.shape, dtype=_OUT_DTYPES[quant], device=x.device)
+    # The rotation (no quantization) is stored in `rotation_dtype`: the store rounds the fp32 result.
+    out = torch.empty(x.shape, dtype=rotation_dtype if quant == _ROTATE else _OUT_DTYPES[quant], device=x.device)
     xr, rows, d1, s0, s1 = _rows(x)
     if rows == 0:
         return out
@@ -590,17 +592,24 @@ def hadamard_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return _launch(x, scale, quant=_FP8)
 
 
-def hadamard_transform_triton(x: torch.Tensor) -> torch.Tensor:
-    """The rotation of `hadamard_quantize` without the quantization: fp32 `x.float() @ H.T`.
+def hadamard_transform_triton(x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The rotation of `hadamard_quantize` without the quantization: `x.float() @ H.T`, computed
+    in fp32 and returned in `out_dtype` (float32, float16 or bfloat16; rounded once to nearest).
 
     Same arguments, layouts and sizes as `hadamard_quantize` (no scale); returns a contiguous
-    float32 tensor of x's shape. Runs the same kernel (CUDA, or CPU under TRITON_INTERPRET=1),
-    else `hadamard_transform_reference`.
+    tensor of x's shape. Runs the same kernel (CUDA, or CPU under TRITON_INTERPRET=1), else
+    `hadamard_transform_reference`.
     """
     _check_x("hadamard_transform_triton", x)
+    if out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"hadamard_transform_triton: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     if not _kernel_runs(x):
-        return hadamard_transform_reference(x)
-    return _launch(x, x, quant=_ROTATE)  # scale pointer unused without QUANT
+        return hadamard_transform_reference(x).to(out_dtype)
+    if out_dtype == torch.bfloat16:
+        # Triton's fp32 -> bf16 conversion is not round-to-nearest everywhere (the interpreter's
+        # truncates): PyTorch rounds this one.
+        return _launch(x, x, quant=_ROTATE).to(out_dtype)
+    return _launch(x, x, quant=_ROTATE, rotation_dtype=out_dtype)  # scale pointer unused without QUANT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,14 +643,16 @@ def _hadamard_quantize_fp8_fake(x, scale):
 
 
 @graph_op("quamba::hadamard_rotate", mutates_args=())
-def hadamard_rotate_op(x: torch.Tensor) -> torch.Tensor:
-    """`quamba::hadamard` on the Hadamard kernel: rotated in fp32, returned in x's dtype, contiguous.
+def hadamard_rotate_op(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`quamba::hadamard` on the Hadamard kernel: rotated in fp32, returned in `out_dtype` (None:
+    x's dtype), contiguous.
 
-    For a rotation no quantize fuses with (e.g. one whose output has several users).
+    For a rotation no quantize fuses with (e.g. one whose output has several users, or the one
+    before a 4-bit-weight out_proj that multiplies in fp16).
     """
-    return hadamard_transform_triton(x).to(x.dtype)
+    return hadamard_transform_triton(x, out_dtype or x.dtype)
 
 
 @hadamard_rotate_op.register_fake
-def _hadamard_rotate_fake(x):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _hadamard_rotate_fake(x, out_dtype=None):
+    return torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
