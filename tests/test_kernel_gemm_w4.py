@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import gemm_w4, gemv_w4
+from quamba_fx.kernels import dequant_w4, gemm_w4, gemv_w4
 from quamba_fx.kernels.dispatch import use_triton
-from quamba_fx.quant.int4 import quantize_weight_int4, w4a8_linear, w4a16_linear
+from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4, w4a8_linear, w4a16_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
@@ -113,3 +113,23 @@ def test_the_graph_ops_take_leading_dims_and_have_fakes():
         fake = torch.ops.quamba.w4a8_gemm(torch.empty(2, 5, 64, dtype=torch.int8), torch.empty(()),
                                           packed.to("meta"), scale.to("meta"), 32, None, None, torch.float16)
     assert fake.shape == (2, 5, 40) and fake.dtype == torch.float16
+
+
+@pytest.mark.parametrize("k, group", [(160, 128), (77, 32)])
+def test_the_dequantize_kernel_writes_the_reference_weight(k, group):
+    packed, scale = weights(37, k, group, 5)
+    want = dequantize_weight_int4(packed.cpu(), scale.cpu(), group, k)
+    torch.testing.assert_close(dequant_w4.dequantize(packed, scale, group, k, torch.float32).cpu(), want, rtol=0, atol=0)
+    assert torch.equal(dequant_w4.dequantize(packed, scale, group, k, torch.float16).cpu(), want.half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_many_rows_run_a_gemm_on_the_dequantized_weight(dtype):
+    packed, scale = weights(24, 64, 32, 6)
+    x = torch.randn(gemm_w4.DEQUANT_MIN_ROWS + 3, 64, device=DEVICE).to(dtype)
+    bias = torch.randn(24, device=DEVICE)
+    got = gemm_w4.w4a16_gemm(x, packed, scale, 32, bias)
+    assert got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), w4a16_linear(x.float(), packed, scale, 32, bias), rtol=tolerance,
+                               atol=10 * tolerance)

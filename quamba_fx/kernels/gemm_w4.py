@@ -26,11 +26,15 @@ from torch import Tensor
 
 from ..quant.int4 import _check_w4, w4a8_linear, w4a16_linear
 from ..quant.qops import _check_int8, _linear_out_dtype
-from . import gemv_w4
+from . import dequant_w4, gemv_w4
 from .dispatch import cdiv, graph_op, use_triton
 from .gemm_epilogue import requant_int8
 
 __all__ = ["Config", "default_config", "supported", "w4a16_gemm", "w4a8_gemm"]
+
+# Rows from which a W4A16 problem dequantizes its weight and runs cuBLAS (dequant_w4.py): a
+# prefill's GEMM is bound by multiply-adds, where cuBLAS is 10x our mixed-input kernel.
+DEQUANT_MIN_ROWS = 256
 
 # A K block is one or more whole dots of 16 pairs of columns (tl.dot needs K >= 16 per operand).
 _MIN_BLOCK_K = 32
@@ -131,7 +135,8 @@ def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bi
                gemv: Optional[gemv_w4.Config] = None) -> Tensor:
     """`quamba.w4a16_linear` on the Triton kernels where they run (`dispatch.use_triton`) and the
     group size suits them (`supported`), else the reference: a one-row problem on the GEMV where it
-    takes it (`gemv_w4.supported`), the rest on the tensor-core kernel.
+    takes it (`gemv_w4.supported`), problems of `DEQUANT_MIN_ROWS` rows or more on cuBLAS (PyTorch's
+    GEMM on a CPU) after dequantizing the weight (`dequant_w4`), the rest on the tensor-core kernel.
 
     `act_dtype` is the precision the activations are multiplied in (the recipe's "A16"): an fp32
     `x` is rounded to it first (None: x's own dtype). The result has x's dtype either way.
@@ -154,7 +159,12 @@ def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bi
                          f"{act_dtype} and groups of {group_size}")
     if gemv is not None or (config is None and gemv_takes):
         return gemv_w4.launch(x, w_packed, w_scale, group_size, bias32, out, gemv)
-    return _launch(x.to(act_dtype) if rounds else x, w_packed, w_scale, group_size, bias32, None, None, out, config)
+    x_in = x.to(act_dtype) if rounds else x
+    if config is None and x.numel() >= DEQUANT_MIN_ROWS * x.shape[-1]:
+        w = dequant_w4.dequantize(w_packed, w_scale, group_size, x.shape[-1], x_in.dtype)
+        y = torch.nn.functional.linear(x_in, w)
+        return (y.float() + bias32 if bias32 is not None else y).to(x.dtype)
+    return _launch(x_in, w_packed, w_scale, group_size, bias32, None, None, out, config)
 
 
 def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
