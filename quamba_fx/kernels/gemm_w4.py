@@ -50,47 +50,53 @@ def supported(group_size: int) -> bool:
 def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, x_scale_ptr, out_scale_ptr, out_ptr, M, N, K,
                     stride_xm, stride_wn, stride_sn, stride_om,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    A8: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr, REQUANT: tl.constexpr):
+                    EVEN_K: tl.constexpr, A8: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    REQUANT: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     half = tl.arange(0, BLOCK_K // 2)
-    row_ok = offs_m < M
-    col_ok = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    # Rows and columns past M and N wrap onto valid ones (never stored): the loads need no row
+    # masks, and with EVEN_K none at all, so they stay wide vector loads.
+    rows = offs_m % M
+    cols_n = offs_n % N
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + cols_n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         byte = k0 // 2 + half
-        packed = tl.load(w_rows + byte[None, :], mask=col_ok[:, None] & (2 * byte < K)[None, :], other=0)
+        cols = k0 + offs_k
+        if EVEN_K:
+            packed = tl.load(w_rows + byte[None, :])
+            x = tl.load(x_rows + cols[None, :])
+        else:
+            packed = tl.load(w_rows + byte[None, :], mask=(2 * byte < K)[None, :], other=0)
+            x = tl.load(x_rows + cols[None, :], mask=(cols < K)[None, :], other=0)
         wide = packed.to(tl.int32)
         # Two's-complement nibbles, sign-extended ((v ^ 8) - 8 maps 0..15 to 0..7, -8..-1), put
         # back in column order: [BN, BK/2] low and high -> [BN, BK/2, 2] -> [BN, BK].
         codes = tl.reshape(tl.join(((wide & 0xF) ^ 8) - 8, ((wide >> 4) ^ 8) - 8), (BLOCK_N, BLOCK_K))
-        cols = k0 + offs_k
-        x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0)
         if A8:
             part = tl.dot(x, tl.trans(codes.to(tl.int8))).to(tl.float32)
         elif IEEE:
             part = tl.dot(x, tl.trans(codes.to(tl.float32)), input_precision="ieee")
         else:
             part = tl.dot(x, tl.trans(codes.to(x.dtype)))
-        scale = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=col_ok, other=0).to(tl.float32)
+        scale = tl.load(s_ptr + cols_n * stride_sn + k0 // GROUP).to(tl.float32)
         acc += part * scale[None, :]
-    cols = tl.where(col_ok, offs_n, 0)
     y = acc
     if A8:
         y = y * tl.load(x_scale_ptr)
     if HAS_BIAS:
-        y = y + tl.load(bias_ptr + cols)[None, :]
+        y = y + tl.load(bias_ptr + cols_n)[None, :]
     if REQUANT:
         out = requant_int8(y, tl.load(out_scale_ptr))
     else:
         out = y.to(out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(out_ptrs, out, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 # A launch config: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
@@ -123,7 +129,8 @@ def _launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias:
         x2, w, scales, bias if bias is not None else dummy,
         x_scale if x_scale is not None else dummy, out_scale if out_scale is not None else dummy, out2,
         m, n, k, x2.stride(0), w.stride(0), scales.stride(0), out2.stride(0),
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, A8=x_scale is not None,
+        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        A8=x_scale is not None,
         IEEE=x.dtype == torch.float32, HAS_BIAS=bias is not None, REQUANT=out_scale is not None,
         num_warps=warps, num_stages=stages,
     )
