@@ -5,7 +5,8 @@ Why it is written the way it is: a decode step is bound by how fast the weight b
 at 4 bits the instructions spent per byte decide whether the loop keeps up with memory. Triton's
 own unpacking (nibble shifts, int-to-float conversions, fp16-to-fp32 conversions of the
 activations) cost about 21 instructions a weight byte on sm_90; here one inline-PTX block turns
-four weight bytes and their eight activations into one fp32 partial sum for about 6:
+four weight bytes and their eight activations into one fp32 partial sum, and the loop costs 6 to 8
+(counted in the loop's SASS, compiled offline for sm_90):
 
 * a byte's two codes go into the two halves of one fp16x2 register with one byte permute and one
   three-input logic op (`lop3`): the low nibble becomes the fp16 `1024 + (code ^ 8)`, the high one
@@ -19,14 +20,17 @@ Numerics: each product `code / 128 * x` rounds to fp16 and four of them are summ
 fp32 takes over, so the result is within a few fp16 ulps of a partial sum of eight terms from the
 reference (`quant/int4.w4a16_linear`, fp32 throughout). The 1/128 keeps four products of the
 largest fp16 activation below fp16's range (4 x 8/128 x 65504 < 65504); a power of two, it is
-exact, and `128 * scale` undoes it. Under the Triton interpreter (no PTX) the same loop computes
-the eight products in fp32 instead: the tests check that path against the reference, and
-benchmarks/gemm_w4.py checks the PTX path on the GPU.
+exact, and `128 * scale` undoes it (products below fp16's normal range, 2^-14, keep fewer bits:
+an absolute error under 2^-24 * 128 a product). An fp32 row is rounded to fp16 pairs first (the
+recipe's "A16": `gemm_w4.w4a16_gemm` only sends one here when told to). Under the Triton
+interpreter (no PTX) the same loop computes the eight products in fp32 instead: the tests check
+that path against the reference, and benchmarks/gemm_w4.py checks the PTX path on the GPU.
 
 A program owns `BLOCK_N` weight rows and walks K in blocks of `BLOCK_K` columns: a part of one
-scale group or several whole ones, each with its row's scale. K may be split over programs (narrow weights such as
-x_proj's 192 rows would otherwise leave most SMs idle); the last split of a row tile to finish
-adds the others' fp32 partials in split order (split_k.py), in the same launch.
+scale group or several whole ones, each with its row's scale. K may be split over programs
+(narrow weights such as x_proj's 192 rows would otherwise leave most SMs idle); the last split of
+a row tile to finish adds the others' fp32 partials in split order (split_k.py), in the same
+launch.
 """
 
 from __future__ import annotations
