@@ -40,7 +40,7 @@ def sweep(gemm_w4, gemv_w4, x, x_q, x_scale, packed, scale, group: int, m: int) 
     if m == 1:
         n, k = packed.shape[0], x.shape[-1]
         rule = gemv_w4.default_config(n, k, group)
-        for config in [(bn, bk, warps, splits) for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for warps in (4, 8)
+        for config in [(bn, bk, warps, splits) for bn in (16, 64, 128) for bk in (128, 256, 512) for warps in (8,)
                        for splits in sorted({1, rule[3], 2 * rule[3]})]:
             t = time_ms(graphed(lambda: gemm_w4.w4a16_gemm(x, packed, scale, group, gemv=config)), rep=50)
             if "w4a16 gemv" not in best or t < best["w4a16 gemv"][0]:
