@@ -27,7 +27,7 @@ from torch import Tensor
 from ..quant.int4 import _check_w4, w4a8_linear, w4a16_linear
 from ..quant.qops import _check_int8, _linear_out_dtype
 from . import dequant_w4, gemv_w4
-from .dispatch import cdiv, graph_op, use_triton
+from .dispatch import INTERPRET, cdiv, graph_op, use_triton
 from .gemm_epilogue import requant_int8
 
 __all__ = ["Config", "default_config", "supported", "w4a16_gemm", "w4a8_gemm"]
@@ -46,12 +46,39 @@ def supported(group_size: int) -> bool:
     return group_size % _MIN_BLOCK_K == 0
 
 
+# Four packed bytes ($2) -> their four low and four high codes as sign-extended int8 ($0, $1), a
+# 32-bit register each: mask the nibbles, then OR 0xF0 into the bytes whose code is negative
+# (bit 3 set: 0x08 * 0x1E = 0xF0, no carry between bytes). Seven instructions for eight codes,
+# where per-code shifts and sign extensions took about three a code.
+_NIBBLES_PTX = tl.constexpr("""{
+.reg .b32 t, m;
+and.b32 $0, $2, 0x0F0F0F0F;
+and.b32 m, $2, 0x08080808;
+mad.lo.u32 $0, m, 0x1E, $0;
+shr.b32 t, $2, 4;
+and.b32 $1, t, 0x0F0F0F0F;
+and.b32 m, t, 0x08080808;
+mad.lo.u32 $1, m, 0x1E, $1;
+}""")
+
+
+@triton.jit
+def _nibbles(packed, PTX: tl.constexpr):
+    """The low and high codes of each packed byte, int8 (two's-complement nibbles sign-extended)."""
+    if PTX:
+        return tl.inline_asm_elementwise(_NIBBLES_PTX, "=r,=r,r", [packed], dtype=(tl.int8, tl.int8), is_pure=True,
+                                         pack=4)
+    else:
+        wide = packed.to(tl.int32)
+        return (((wide & 0xF) ^ 8) - 8).to(tl.int8), (((wide >> 4) ^ 8) - 8).to(tl.int8)
+
+
 @triton.jit
 def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, x_scale_ptr, out_scale_ptr, out_ptr, M, N, K,
                     stride_xm, stride_wn, stride_sn, stride_om,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, A8: tl.constexpr, IEEE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    REQUANT: tl.constexpr):
+                    REQUANT: tl.constexpr, PTX: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,12 +101,12 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, x_scale_ptr, out_scale_ptr, o
         else:
             packed = tl.load(w_rows + byte[None, :], mask=(2 * byte < K)[None, :], other=0)
             x = tl.load(x_rows + cols[None, :], mask=(cols < K)[None, :], other=0)
-        wide = packed.to(tl.int32)
-        # Two's-complement nibbles, sign-extended ((v ^ 8) - 8 maps 0..15 to 0..7, -8..-1), put
-        # back in column order: [BN, BK/2] low and high -> [BN, BK/2, 2] -> [BN, BK].
-        codes = tl.reshape(tl.join(((wide & 0xF) ^ 8) - 8, ((wide >> 4) ^ 8) - 8), (BLOCK_N, BLOCK_K))
+        # The codes as int8, put back in column order: [BN, BK/2] low and high -> [BN, BK/2, 2]
+        # -> [BN, BK].
+        low, high = _nibbles(packed, PTX)
+        codes = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
         if A8:
-            part = tl.dot(x, tl.trans(codes.to(tl.int8))).to(tl.float32)
+            part = tl.dot(x, tl.trans(codes)).to(tl.float32)
         elif IEEE:
             part = tl.dot(x, tl.trans(codes.to(tl.float32)), input_precision="ieee")
         else:
@@ -131,7 +158,7 @@ def _launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias:
         m, n, k, x2.stride(0), w.stride(0), scales.stride(0), out2.stride(0),
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         A8=x_scale is not None,
-        IEEE=x.dtype == torch.float32, HAS_BIAS=bias is not None, REQUANT=out_scale is not None,
+        IEEE=x.dtype == torch.float32, HAS_BIAS=bias is not None, REQUANT=out_scale is not None, PTX=not INTERPRET,
         num_warps=warps, num_stages=stages,
     )
     return out
