@@ -51,8 +51,8 @@ __all__ = ["Config", "default_config", "launch", "supported"]
 # A launch config: (BLOCK_N rows, BLOCK_K columns, warps, splits of K).
 Config = tuple[int, int, int, int]
 
-# Programs a GEMV should have to keep every SM of a large GPU streaming (the H200 has 132).
-_PROGRAMS = 528
+# Programs a GEMV should have to keep every SM of a large GPU streaming (8 per SM of the H200's 132).
+_PROGRAMS = 1056
 # Columns a block by default: 128 weight bytes a row.
 _BLOCK_K = 256
 # Weight bytes one PTX block takes (`pack`): a 32-bit register of them.
@@ -206,12 +206,13 @@ def _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr):
 
 
 def default_config(n: int, k: int, group_size: int) -> Config:
-    """By rule: 8 warps; blocks of 256 columns (two groups of 128) where the group allows; 64 rows
-    a program where that still gives every SM of the GPU a row tile, else 16; and K split until
-    there are about `_PROGRAMS` programs. A decode step has no other work to overlap a GEMV's
-    memory latency with: many programs with several weight loads each keep enough bytes in flight."""
+    """By rule: 16 weight rows a program, 8 warps, blocks of 256 columns (two groups of 128) where
+    the group allows, and K split until there are about `_PROGRAMS` programs. In session 27's
+    sweep on the H200 (docs/benchmarks.md) 16-row tiles and 8 warps won on every mamba-2.8b
+    projection, and more programs beat fewer: a decode step has no other work to hide a GEMV's
+    memory latency behind."""
     block_k = _BLOCK_K if _BLOCK_K % group_size == 0 or group_size % _BLOCK_K == 0 else group_size & -group_size
-    block_n = 64 if cdiv(n, 64) >= _PROGRAMS // 4 else 16
+    block_n = 16
     splits = min(cdiv(k, block_k), max(1, _PROGRAMS // cdiv(n, block_n)))
     return block_n, block_k, 8, splits
 
