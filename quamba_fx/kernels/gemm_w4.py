@@ -8,7 +8,9 @@ scaled by the group's scale for each column, in fp32. A K block never straddles 
 (`BLOCK_K` divides the group size), so there is one scale a column per block. The codes are put
 back in column order in registers (`tl.join` of the nibbles), so the activations load as
 contiguous rows and each block is one dot of K = BLOCK_K. A single W4A16 row
-(a batch-1 decode step) runs the GEMV of gemv_w4.py instead, on the CUDA cores.
+(a batch-1 decode step) runs the GEMV of gemv_w4.py instead, on the CUDA cores, and W4A16
+problems of `DEQUANT_MIN_ROWS` rows or more (a prefill) run cuBLAS on the weight dequantized by
+dequant_w4.py.
 
 Numerics, against `quant/int4.py`'s references: W4A8's per-block sums are exact, as the
 reference's per-group sums, and only the fp32 sum over groups is in another order; W4A16's dots
@@ -193,15 +195,14 @@ def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bi
         return w4a16_linear(x_in, w_packed, w_scale, group_size, bias)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    # The GEMV multiplies in fp16: it takes an fp32 row only where the recipe rounds it to fp16.
-    gemv_takes = gemv_w4.supported(x, w_packed, group_size) and (x.dtype == torch.float16 or act_dtype == torch.float16)
+    x_in = x.to(act_dtype) if rounds else x
+    gemv_takes = gemv_w4.supported(x_in, w_packed, group_size)
     if gemv is not None and not gemv_takes:
         raise ValueError("w4a16_gemm: the GEMV takes one fp16 row (or an fp32 row with act_dtype float16), K a "
                          f"multiple of 8 and groups of 32k columns; got x {x.dtype} {tuple(x.shape)}, act_dtype "
                          f"{act_dtype} and groups of {group_size}")
     if gemv is not None or (config is None and gemv_takes):
-        return gemv_w4.launch(x, w_packed, w_scale, group_size, bias32, out, gemv)
-    x_in = x.to(act_dtype) if rounds else x
+        return gemv_w4.launch(x_in, w_packed, w_scale, group_size, bias32, out, gemv)
     if config is None and x.numel() >= DEQUANT_MIN_ROWS * x.shape[-1]:
         w = dequant_w4.dequantize(w_packed, w_scale, group_size, x.shape[-1], x_in.dtype)
         y = torch.nn.functional.linear(x_in, w)

@@ -21,8 +21,7 @@ fp32 takes over, so the result is within a few fp16 ulps of a partial sum of eig
 reference (`quant/int4.w4a16_linear`, fp32 throughout). The 1/128 keeps four products of the
 largest fp16 activation below fp16's range (4 x 8/128 x 65504 < 65504); a power of two, it is
 exact, and `128 * scale` undoes it (products below fp16's normal range, 2^-14, keep fewer bits:
-an absolute error under 2^-24 * 128 a product). An fp32 row is rounded to fp16 pairs first (the
-recipe's "A16": `gemm_w4.w4a16_gemm` only sends one here when told to). Under the Triton
+an absolute error under 2^-24 * 128 a product). Under the Triton
 interpreter (no PTX) the same loop computes the eight products in fp32 instead: the tests check
 that path against the reference, and benchmarks/gemm_w4.py checks the PTX path on the GPU.
 
@@ -58,11 +57,10 @@ _BLOCK_K = 256
 # Weight bytes one PTX block takes (`pack`): a 32-bit register of them.
 _PACK = 4
 
-# Four weight bytes ($4, packed by Triton), their four activation pairs ($5-$8: fp16x2 words, or
-# fp32 pairs as 64-bit words), the row's group scale ($9, fp32, already times 128) and the four
-# running sums ($13-$16). The sum of the four bytes lands on the first running sum; the other
-# three pass through.
-_DOT8_BODY = """
+# Four weight bytes ($4, packed by Triton), their four activation pairs ($5-$8, fp16x2 words),
+# the row's group scale ($9, fp32, already times 128) and the four running sums ($13-$16). The
+# sum of the four bytes lands on the first running sum; the other three pass through.
+_DOT8_PTX = tl.constexpr("""{
 .reg .b32 t, c, h, k1, k2;
 .reg .f16 lo, hi;
 .reg .f32 flo, fhi;
@@ -71,19 +69,19 @@ mov.b32 k2, 0xB880C808;
 prmt.b32 t, $4, 0, 0x4040;
 lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
 fma.rn.f16x2 c, c, k1, k2;
-mul.rn.f16x2 h, c, X0;
+mul.rn.f16x2 h, c, $5;
 prmt.b32 t, $4, 0, 0x4141;
 lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
 fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 h, c, X1, h;
+fma.rn.f16x2 h, c, $6, h;
 prmt.b32 t, $4, 0, 0x4242;
 lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
 fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 h, c, X2, h;
+fma.rn.f16x2 h, c, $7, h;
 prmt.b32 t, $4, 0, 0x4343;
 lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
 fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 h, c, X3, h;
+fma.rn.f16x2 h, c, $8, h;
 mov.b32 {lo, hi}, h;
 cvt.f32.f16 flo, lo;
 cvt.f32.f16 fhi, hi;
@@ -92,21 +90,7 @@ fma.rn.f32 $0, flo, $9, $13;
 mov.b32 $1, $14;
 mov.b32 $2, $15;
 mov.b32 $3, $16;
-"""
-# fp32 activations: each pair rounded to one fp16x2 word first (the even column in the low half).
-_FP32_PAIRS = "".join(f"mov.b64 {{e, o}}, ${5 + i};\ncvt.rn.f16x2.f32 x{i}, o, e;\n" for i in range(4))
-
-
-def _with_pairs(registers: list[str]) -> str:
-    body = _DOT8_BODY
-    for i, register in enumerate(registers):
-        body = body.replace(f"X{i}", register)
-    return body
-
-
-_DOT8_PTX_F16 = tl.constexpr("{" + _with_pairs(["$5", "$6", "$7", "$8"]) + "}")
-_DOT8_PTX_F32 = tl.constexpr("{\n.reg .b32 x0, x1, x2, x3;\n.reg .f32 e, o;\n" + _FP32_PAIRS
-                             + _with_pairs(["x0", "x1", "x2", "x3"]) + "}")
+}""")
 # What the constants are: k1 = (1/128, 1/128) and k2 = (-0.5625, -8.0625) in fp16 (high, low);
 # `lop3 ..., 0x6a` is (a & b) ^ c: the nibbles masked, then the fp16 exponent ORed in and the sign
 # bit of each code flipped (^ 8), so `(1024 + (code ^ 8)) / 128 - 8.0625 = code / 128` (and
@@ -114,43 +98,33 @@ _DOT8_PTX_F32 = tl.constexpr("{\n.reg .b32 x0, x1, x2, x3;\n.reg .f32 e, o;\n" +
 
 
 def supported(x: Tensor, w_packed: Tensor, group_size: int) -> bool:
-    """Whether the GEMV can run this problem: one fp16 or fp32 row whose column pairs can be read
-    as one word each, weight rows whose bytes can be read four at a time, and a group of whole
-    blocks. It multiplies in fp16: an fp32 row is rounded (the caller decides whether it may be)."""
+    """Whether the GEMV can run this problem: one fp16 row whose column pairs can be read as one
+    32-bit word each, weight rows whose bytes can be read four at a time, and a group of whole
+    blocks (a multiple of 32 columns)."""
     k = x.shape[-1]
-    pair_bytes = 2 * x.element_size()
-    return (x.dtype in (torch.float16, torch.float32) and x.numel() == k and k % 8 == 0 and group_size % 32 == 0
-            and x.data_ptr() % pair_bytes == 0 and w_packed.data_ptr() % 4 == 0 and w_packed.stride(0) % 4 == 0)
+    return (x.dtype == torch.float16 and x.numel() == k and k % 8 == 0 and group_size % 32 == 0
+            and x.data_ptr() % 4 == 0 and w_packed.data_ptr() % 4 == 0 and w_packed.stride(0) % 4 == 0)
 
 
 @triton.jit
-def _pair(xw, HIGH: tl.constexpr, X32: tl.constexpr):
-    """One half of an activation pair word as fp32, after rounding to fp16 (what the PTX reads)."""
-    if X32:
-        half = (xw >> 32) if HIGH else xw
-        return half.to(tl.int32).to(tl.float32, bitcast=True).to(tl.float16).to(tl.float32)
-    else:
-        half = (xw >> 16) if HIGH else xw
-        return half.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _dot8_reference(packed, xw, scale, acc, X32: tl.constexpr):
+def _dot8_reference(packed, xw, scale, acc):
     """What the PTX computes, in fp32 (the interpreter's path): each byte's two codes times its
     activation pair, times the row's scale (already times 128, hence the 1/128)."""
     wide = packed.to(tl.int32)
     low = (((wide & 0xF) ^ 8) - 8).to(tl.float32)
     high = ((((wide >> 4) & 0xF) ^ 8) - 8).to(tl.float32)
-    return acc + (low * _pair(xw, False, X32) + high * _pair(xw, True, X32)) * (scale / 128.0)
+    x_even = xw.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    x_odd = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return acc + (low * x_even + high * x_odd) * (scale / 128.0)
 
 
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr, N, K, K_SPLIT, stride_wn,
                        stride_sn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, X32: tl.constexpr,
-                       PTX: tl.constexpr, USE_PDL: tl.constexpr):
-    # x_ptr: the activation row as words of two columns (32-bit for fp16, 64-bit for fp32 (X32)):
-    # word i is columns 2i and 2i + 1, matching weight byte i. A block is SUBS sub-blocks of one
+                       SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+    # x_ptr: the fp16 activation row as 32-bit words of two columns: word i is columns 2i and
+    # 2i + 1, matching weight byte i. A block is SUBS sub-blocks of one
     # scale group each, `[BLOCK_N, SUBS, SUB_BYTES]` weight bytes. Program (n, s) sums columns
     # [s * K_SPLIT, (s + 1) * K_SPLIT); with SPLITS > 1 the last split of a row tile to finish
     # adds the others' partials (split_k.py) and stores the tile.
@@ -181,14 +155,11 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
             group_scale = tl.load(s_rows + k0 // GROUP + sub[None, :], mask=(k0 + sub * SUB_K < k_end)[None, :],
                                   other=0)
         scale = tl.broadcast_to((group_scale.to(tl.float32) * 128.0)[:, :, None], (BLOCK_N, SUBS, SUB_K // 2))
-        if PTX and X32:
-            acc = tl.inline_asm_elementwise(_DOT8_PTX_F32, "=r,=r,=r,=r,r,l,l,l,l,r,r,r,r,r,r,r,r",
-                                            [packed, xw, scale, acc], dtype=tl.float32, is_pure=True, pack=4)
-        elif PTX:
-            acc = tl.inline_asm_elementwise(_DOT8_PTX_F16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+        if PTX:
+            acc = tl.inline_asm_elementwise(_DOT8_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
                                             [packed, xw, scale, acc], dtype=tl.float32, is_pure=True, pack=4)
         else:
-            acc = _dot8_reference(packed, xw, scale, acc, X32)
+            acc = _dot8_reference(packed, xw, scale, acc)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if SPLITS == 1:
         _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS)
@@ -236,12 +207,11 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
     else:
         partials = counters = w_scale  # placeholders, never read
     w, scales = w_packed.contiguous(), w_scale.contiguous()
-    x32 = x.dtype == torch.float32
-    words = x.reshape(k).view(torch.int64 if x32 else torch.int32)
+    words = x.reshape(k).view(torch.int32)
     _w4a16_gemv_kernel[(tiles, splits)](
         words, w, scales, bias if has_bias else scales, out, partials, counters, n, k, k_split, w.stride(0),
         scales.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits,
-        EVEN_K=k % block_k == 0, HAS_BIAS=has_bias, X32=x32, PTX=not INTERPRET, num_warps=warps,
+        EVEN_K=k % block_k == 0, HAS_BIAS=has_bias, PTX=not INTERPRET, num_warps=warps,
         **launch_options(x.device),
     )
     return out
