@@ -282,3 +282,22 @@ def test_the_float_conv_update_kernel_matches_its_reference(width, dtype):
     got = conv1d_silu_update(x, weight, bias, state)
     assert got.dtype == dtype and torch.equal(state, expected_state)
     torch.testing.assert_close(got, expected, rtol=1e-3 if dtype == torch.float16 else 1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("width, length", [(4, 70), (2, 1), (3, 2), (4, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_float_conv_prefill_kernel_matches_its_reference(width, length, dtype):
+    """Including lengths shorter than the history and a transposed (channels-contiguous) input,
+    the layout a block hands it."""
+    from quamba_fx.kernels.conv1d_float import conv1d_silu, conv1d_silu_reference
+
+    g = torch.Generator().manual_seed(width * 100 + length)
+    x = torch.randn(2, length, 100, generator=g).to(dtype).transpose(1, 2)
+    weight, bias = torch.randn(100, 1, width, generator=g), torch.randn(100, generator=g)
+    history = torch.randn(2, 100, width - 1, generator=g).to(dtype)
+    y_ref, last_ref = conv1d_silu_reference(x, weight, bias, history)
+    for b in (bias, None):
+        y_ref, last_ref = conv1d_silu_reference(x, weight, b, history)
+        y, last = conv1d_silu(x, weight, b, history)
+        assert y.dtype == dtype and y.is_contiguous() and torch.equal(last, last_ref)
+        torch.testing.assert_close(y, y_ref, rtol=1e-3 if dtype == torch.float16 else 1e-5, atol=1e-3)

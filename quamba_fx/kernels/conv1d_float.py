@@ -2,9 +2,13 @@
 like W4A16): the reference, the decode-step Triton kernel, and the graph ops `conv1d_silu` and
 `conv1d_silu_cached`.
 
-A prefill runs the reference: the W taps as shifted multiply-adds in PyTorch, a few elementwise
-launches a block. A decode step is a few multiply-adds a channel, which as PyTorch ops would be
-several launches a block; the kernel does the step, the SiLU and the roll of the cached inputs in one.
+A prefill runs `_conv1d_silu_kernel`: each program a `[BLOCK_L, BLOCK_D]` tile of positions and
+channels, the W taps read from the input (or, before position 0, from the history), summed in
+fp32 in the reference's order, then the SiLU. As PyTorch ops (the reference: a concatenation and
+W shifted multiply-adds) the W4A16 1 x 2048 prefill of mamba-2.8b spent 43 ms of its 76 ms of
+kernel time in them on the H200 (docs/benchmarks.md, session 27). A decode step is a few
+multiply-adds a channel, which as PyTorch ops would be several launches a block; the update
+kernel does the step, the SiLU and the roll of the cached inputs in one.
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ from torch import Tensor
 
 from .dispatch import cdiv, graph_op, use_triton
 
-__all__ = ["conv1d_silu_reference", "conv1d_silu_update", "conv1d_silu_update_reference"]
+__all__ = ["conv1d_silu", "conv1d_silu_reference", "conv1d_silu_update", "conv1d_silu_update_reference"]
 
 _BLOCK_D = 256
+# The prefill kernel's tile: positions x channels (channels are contiguous in a block's input,
+# which is a transposed view of in_proj's output).
+_PREFILL_BLOCK_L = 32
+_PREFILL_BLOCK_D = 64
 
 
 def _check_conv(x: Tensor, weight: Tensor, op: str) -> None:
@@ -100,6 +108,56 @@ def conv1d_silu_update(x: Tensor, weight: Tensor, bias: Optional[Tensor], state:
     return out
 
 
+@triton.jit
+def _conv1d_silu_kernel(x_ptr, hist_ptr, w_ptr, bias_ptr, out_ptr, D, L,
+                        stride_xb, stride_xd, stride_xl, stride_hb, stride_hd, stride_hk, stride_wd, stride_wk,
+                        stride_ob, stride_od, stride_ol,
+                        W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    b = tl.program_id(2).to(tl.int64)
+    d_ok = offs_d < D
+    x_rows = x_ptr + b * stride_xb + offs_d[None, :] * stride_xd
+    h_rows = hist_ptr + b * stride_hb + offs_d[None, :] * stride_hd
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    # Tap k meets position l - (W - 1) + k: the input from position 0 on, the history before it
+    # (its column W - 1 + position). Summed tap by tap, then the bias: the reference's order.
+    for k in tl.static_range(W):
+        pos = offs_l - (W - 1) + k
+        from_x = tl.load(x_rows + pos[:, None] * stride_xl, mask=((pos >= 0) & (pos < L))[:, None] & d_ok[None, :],
+                         other=0).to(tl.float32)
+        from_h = tl.load(h_rows + (pos + (W - 1))[:, None] * stride_hk, mask=(pos < 0)[:, None] & d_ok[None, :],
+                         other=0).to(tl.float32)
+        tap = tl.load(w_ptr + offs_d * stride_wd + k * stride_wk, mask=d_ok, other=0).to(tl.float32)
+        acc += (from_x + from_h) * tap[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=d_ok, other=0).to(tl.float32)[None, :]
+    y = acc / (1.0 + tl.exp(-acc))
+    out = out_ptr + b * stride_ob + offs_d[None, :] * stride_od + offs_l[:, None] * stride_ol
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(offs_l < L)[:, None] & d_ok[None, :])
+
+
+def conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], history: Tensor) -> tuple[Tensor, Tensor]:
+    """`conv1d_silu_reference` on the Triton kernel where it runs (`dispatch.use_triton`): `y`
+    contiguous in x's dtype, and the last W-1 inputs (history's dtype) from PyTorch (a few columns)."""
+    _check_conv(x, weight, "conv1d_silu")
+    batch, channels, length = x.shape
+    width = weight.shape[-1]
+    if not use_triton(x) or x.numel() == 0:
+        return conv1d_silu_reference(x, weight, bias, history)
+    w = weight.reshape(channels, width)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grid = (cdiv(length, _PREFILL_BLOCK_L), cdiv(channels, _PREFILL_BLOCK_D), batch)
+    _conv1d_silu_kernel[grid](
+        x, history, w, bias if bias is not None else w, out, channels, length,
+        x.stride(0), x.stride(1), x.stride(2), history.stride(0), history.stride(1), history.stride(2),
+        w.stride(0), w.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        W=width, HAS_BIAS=bias is not None, BLOCK_L=_PREFILL_BLOCK_L, BLOCK_D=_PREFILL_BLOCK_D,
+    )
+    tail = torch.cat([history, x[..., max(0, length - (width - 1)):].to(history.dtype)], dim=-1)
+    return out, tail[..., tail.shape[-1] - (width - 1):]
+
+
 # ---------------------------------------------------------------------------------------------
 # Graph ops (torch.ops.quamba.*, see dispatch.graph_op)
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +169,7 @@ def conv1d_silu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     depthwise conv and its activation, on float `x [B, C, L]`; computed in fp32, returned in `x`'s dtype."""
     _check_conv(x, weight, "conv1d_silu")
     history = x.new_zeros(x.shape[0], x.shape[1], weight.shape[-1] - 1)
-    return conv1d_silu_reference(x, weight, bias, history)[0].contiguous()
+    return conv1d_silu(x, weight, bias, history)[0].contiguous()
 
 
 @conv1d_silu_op.register_fake
@@ -133,7 +191,7 @@ def conv1d_silu_cached_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], con
     if decode and x.shape[-1] == 1:
         return conv1d_silu_update(x[..., 0], weight, bias, conv_state)[..., None]
     history = conv_state if decode else torch.zeros_like(conv_state)
-    y, last = conv1d_silu_reference(x, weight, bias, history)
+    y, last = conv1d_silu(x, weight, bias, history)
     conv_state.copy_(last)
     return y.contiguous()
 
