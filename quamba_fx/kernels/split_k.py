@@ -4,7 +4,8 @@ range of K, and the last to finish adds the partial tiles up and runs the epilog
 How a tile is finished: every split writes its partial tile (int32 for the int8 kernels, fp32 for
 the W4A16 GEMV: a view of the same scratch) to a scratch buffer and adds 1 to the tile's arrival
 counter (an atomic); the split that sees SPLIT_K - 1 there sums all the partials in split order
-(exact in int32; a fixed order in fp32), stores the output, and sets the counter back to 0. Counters are therefore zero between launches, and the scratch needs no clearing.
+(exact in int32; a fixed order in fp32), stores the output, and sets the counter back to 0.
+Counters are therefore zero between launches, and the scratch needs no clearing.
 
 The scratch is shared per device and stream (launches on one stream run one after another); it is
 allocated outside CUDA-graph captures where it can be, because memory allocated inside a capture
