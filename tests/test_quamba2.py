@@ -295,7 +295,6 @@ def test_the_float_conv_prefill_kernel_matches_its_reference(width, length, dtyp
     x = torch.randn(2, length, 100, generator=g).to(dtype).transpose(1, 2)
     weight, bias = torch.randn(100, 1, width, generator=g), torch.randn(100, generator=g)
     history = torch.randn(2, 100, width - 1, generator=g).to(dtype)
-    y_ref, last_ref = conv1d_silu_reference(x, weight, bias, history)
     for b in (bias, None):
         y_ref, last_ref = conv1d_silu_reference(x, weight, b, history)
         y, last = conv1d_silu(x, weight, b, history)
