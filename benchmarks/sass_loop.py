@@ -1,0 +1,129 @@
+"""Count the instructions of a Triton kernel's hottest loop in its sm_90 SASS, without a GPU.
+
+    python benchmarks/sass_loop.py gemv_w4 [--set BLOCK_N=16 BLOCK_K=256 SPLITS=6] [--warps 8]
+    python benchmarks/sass_loop.py gemm_w4 --set BLOCK_M=64 BLOCK_N=128 BLOCK_K=64 A8=1
+
+Triton compiles for a target it is told about, and its wheel ships `ptxas` and `nvdisasm`, so a
+kernel's machine code for the H200 can be read on a CPU-only machine. What this prints: the
+instruction count of the largest loop (a label with a backward branch to it), those instructions
+per element of the loop's tile that a thread handles (e.g. weight bytes), the mix by
+opcode, and whether the loop goes through shared memory (STS / LDS / BAR: layout conversions).
+Memory-bound kernels are not timed by it; it says how many instructions each byte costs, which
+decides whether a loop can keep up with memory at all (docs/benchmarks.md, session 27).
+
+Each kernel below names its signature and default constexprs; `--set` overrides constexprs.
+Pointers, strides and the sizes the model's shapes make multiples of 16 are declared so, as
+Triton specialises them at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+# kernel name -> (module, function, signature, default constexprs, the integer arguments the
+# model's shapes make multiples of 16 (Triton specialises on that at run time, and the address
+# arithmetic in the loop depends on it), elements a thread handles per loop step as a function of
+# the constexprs and warps: what the "per element" count divides by).
+KERNELS = {
+    "gemv_w4": (
+        "quamba_fx.kernels.gemv_w4", "_w4a16_gemv_kernel",
+        {"x_ptr": "*i32", "w_ptr": "*u8", "s_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*fp16",
+         "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_wn": "i32",
+         "stride_sn": "i32"},
+        {"GROUP": 128, "BLOCK_N": 16, "BLOCK_K": 256, "SPLITS": 1, "EVEN_K": True, "HAS_BIAS": False, "PTX": True,
+         "USE_PDL": True},
+        ("N", "K", "K_SPLIT"),
+        lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] / 2 / (32 * warps),  # weight bytes
+    ),
+    "gemm_w4": (
+        "quamba_fx.kernels.gemm_w4", "_w4_gemm_kernel",
+        {"x_ptr": "*i8", "w_ptr": "*u8", "s_ptr": "*fp16", "bias_ptr": "*fp32", "x_scale_ptr": "*fp32",
+         "out_scale_ptr": "*fp32", "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+         "stride_wn": "i32", "stride_sn": "i32", "stride_om": "i32"},
+        {"GROUP": 128, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "EVEN_K": True, "A8": True, "IEEE": False,
+         "HAS_BIAS": False, "REQUANT": False, "PTX": True},
+        ("N", "K"),
+        lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] / (32 * warps),  # weight codes
+    ),
+}
+
+
+def compile_sass(module: str, function: str, signature: dict, constexprs: dict, multiples: tuple, warps: int,
+                 stages: int) -> str:
+    """The kernel's SASS for sm_90, disassembled with Triton's bundled nvdisasm."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(module), function)
+    full = {**signature, **{name: "constexpr" for name in constexprs}}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+               if kind.startswith("*") or name.startswith("stride") or name in multiples}
+    source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([nvdisasm, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def hottest_loop(sass: str) -> list[str]:
+    """The instructions of the largest loop: from a label to the last backward branch to it."""
+    labels, instructions = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        instruction = re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        if instruction:
+            instructions.append(instruction.group(1))
+    best: list[str] = []
+    for end, text in enumerate(instructions):
+        target = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", text)
+        if target and labels.get(target.group(1), end + 1) <= end:
+            body = instructions[labels[target.group(1)]:end + 1]
+            best = body if len(body) > len(best) else best
+    return best
+
+
+def opcode(instruction: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kernel", choices=sorted(KERNELS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override constexprs")
+    parser.add_argument("--warps", type=int, default=8)
+    parser.add_argument("--stages", type=int, default=3)
+    args = parser.parse_args()
+    module, function, signature, constexprs, multiples, per_thread = KERNELS[args.kernel]
+    constexprs = dict(constexprs)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in constexprs:
+            parser.error(f"{args.kernel} has no constexpr {name!r} (it has {', '.join(constexprs)})")
+        constexprs[name] = int(value) if not isinstance(constexprs[name], bool) else value not in ("0", "False")
+    loop = hottest_loop(compile_sass(module, function, signature, constexprs, multiples, args.warps, args.stages))
+    if not loop:
+        raise SystemExit(f"{args.kernel}: no loop found in the SASS")
+    mix = collections.Counter(opcode(i) for i in loop)
+    elements = per_thread(constexprs, args.warps)
+    print(f"{args.kernel} {constexprs} warps={args.warps}")
+    print(f"loop: {len(loop)} instructions, {len(loop) / elements:.2f} per element ({elements:g} a thread a step)")
+    print("through shared memory:", {op: mix[op] for op in ("STS", "LDS", "LDSM", "BAR") if mix[op]} or "no")
+    print("mix:", ", ".join(f"{op} {count}" for op, count in mix.most_common()))
+
+
+if __name__ == "__main__":
+    main()
