@@ -25,6 +25,24 @@ import re
 import subprocess
 import tempfile
 
+# The selective scan's arguments, its layouts in the model (u, delta, z, y [B, L, D] read as
+# [B, D, L], so channel stride 1; B and C slices of x_proj's output, state stride 1; A and the
+# states d_state-contiguous) and the W8A8 flags.
+_SCAN_SIGNATURE = {"u_ptr": "*i8", "dt_ptr": "*i8", "A_ptr": "*fp32", "B_ptr": "*i8", "C_ptr": "*i8", "D_ptr": "*fp32",
+ "z_ptr": "*i8", "bias_ptr": "*fp32", "u_scale_ptr": "*fp32", "dt_scale_ptr": "*fp32",
+ "B_scale_ptr": "*fp32", "C_scale_ptr": "*fp32", "z_scale_ptr": "*fp32", "h0_ptr": "*fp32",
+ "y_ptr": "*fp16", "hT_ptr": "*fp32", "hc_ptr": "*fp32", "sc_ptr": "*fp32",
+ "batch_bucket": "i32", "d_inner": "i32", "d_state": "i32", "L": "i32", "chunk_len": "i32",
+ "n_chunks": "i32", "stride_ub": "i32", "stride_ul": "i32", "stride_tb": "i32", "stride_tl": "i32",
+ "stride_zb": "i32", "stride_zl": "i32", "stride_Bb": "i32", "stride_Bl": "i32", "stride_Cb": "i32",
+ "stride_Cl": "i32", "stride_Ad": "i32", "stride_hb": "i32", "stride_hd": "i32", "stride_yb": "i32",
+ "stride_yl": "i32", "stride_fb": "i32", "stride_fd": "i32", "stride_cc": "i32", "stride_cb": "i32"}
+_SCAN_CONSTEXPRS = {"stride_ud": 1, "stride_td": 1, "stride_zd": 1, "stride_Bn": 1, "stride_Cn": 1, "stride_An": 1,
+ "stride_hn": 1, "stride_yd": 1, "stride_fn": 1,
+ "U_Q": True, "DT_Q": True, "B_Q": True, "C_Q": True, "Z_Q": True, "HAS_D": True, "HAS_Z": True,
+ "SOFTPLUS": True, "HAS_H0": False, "WRITE_FINAL": True, "PASS": 3, "NS": 16}
+_SCAN_MULTIPLES = ("d_inner", "stride_ul", "stride_tl", "stride_zl", "stride_yl")
+
 # kernel name -> (module, function, signature, default constexprs, the integer arguments the
 # model's shapes make multiples of 16 (Triton specialises on that at run time, and the address
 # arithmetic in the loop depends on it), elements a thread handles per loop step as a function of
@@ -50,6 +68,18 @@ KERNELS = {
         ("N", "K"),
         lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] / (32 * warps),  # weight codes
     ),
+    "scan": (
+        "quamba_fx.kernels.scan", "_selective_scan_kernel",
+        _SCAN_SIGNATURE, {**_SCAN_CONSTEXPRS, "BLOCK_D": 128, "UNROLL": 2}, _SCAN_MULTIPLES,
+        lambda c, warps: c["BLOCK_D"] * c["UNROLL"] / (32 * warps),  # channel-steps
+    ),
+    "scan_rows": (
+        "quamba_fx.kernels.scan", "_selective_scan_rows_kernel",
+        {**_SCAN_SIGNATURE, "B_ptr": "*fp32", "C_ptr": "*fp32"},
+        {**_SCAN_CONSTEXPRS, "BLOCK_D": 32, "VEC": True},
+        _SCAN_MULTIPLES + ("stride_Bl", "stride_Cl"),
+        lambda c, warps: c["BLOCK_D"] / (32 * warps),  # channel-steps
+    ),
 }
 
 
@@ -63,6 +93,8 @@ def compile_sass(module: str, function: str, signature: dict, constexprs: dict, 
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(module), function)
+    if not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn  # an autotuned kernel's JIT function
     full = {**signature, **{name: "constexpr" for name in constexprs}}
     aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
                if kind.startswith("*") or name.startswith("stride") or name in multiples}
@@ -104,6 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kernel", choices=sorted(KERNELS))
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override constexprs")
+    parser.add_argument("--sig", nargs="*", default=[], metavar="NAME=TYPE", help="override argument types (*fp32, i32)")
     parser.add_argument("--warps", type=int, default=8)
     parser.add_argument("--stages", type=int, default=3)
     args = parser.parse_args()
@@ -114,6 +147,12 @@ def main() -> None:
         if name not in constexprs:
             parser.error(f"{args.kernel} has no constexpr {name!r} (it has {', '.join(constexprs)})")
         constexprs[name] = int(value) if not isinstance(constexprs[name], bool) else value not in ("0", "False")
+    signature = dict(signature)
+    for item in args.sig:
+        name, _, kind = item.partition("=")
+        if name not in signature:
+            parser.error(f"{args.kernel} has no argument {name!r}")
+        signature[name] = kind
     loop = hottest_loop(compile_sass(module, function, signature, constexprs, multiples, args.warps, args.stages))
     if not loop:
         raise SystemExit(f"{args.kernel}: no loop found in the SASS")
