@@ -522,9 +522,18 @@ def _load4(p, VEC: tl.constexpr):
 
 
 @triton.jit
-def _update4(h0, h1, h2, h3, a0, a1, a2, a3, dt, dtu, B_p, VEC: tl.constexpr):
+def _load16(p, VEC: tl.constexpr):
+    """The 16 fp32 values at `p` (one address in every lane), in every lane."""
+    v0, v1, v2, v3 = _load4(p, VEC)
+    v4, v5, v6, v7 = _load4(p + 4, VEC)
+    v8, v9, v10, v11 = _load4(p + 8, VEC)
+    v12, v13, v14, v15 = _load4(p + 12, VEC)
+    return v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15
+
+
+@triton.jit
+def _update4(h0, h1, h2, h3, a0, a1, a2, a3, dt, dtu, b0, b1, b2, b3):
     """Four states' recurrence step, `_state_step`'s arithmetic: h = exp2(dt * A2) * h + dtu * B."""
-    b0, b1, b2, b3 = _load4(B_p, VEC)
     h0 = tl.exp2(dt * a0) * h0 + dtu * b0
     h1 = tl.exp2(dt * a1) * h1 + dtu * b1
     h2 = tl.exp2(dt * a2) * h2 + dtu * b2
@@ -533,9 +542,8 @@ def _update4(h0, h1, h2, h3, a0, a1, a2, a3, dt, dtu, B_p, VEC: tl.constexpr):
 
 
 @triton.jit
-def _contract4(y, h0, h1, h2, h3, C_p, VEC: tl.constexpr):
+def _contract4(y, h0, h1, h2, h3, c0, c1, c2, c3):
     """`y` plus four states' terms of the sum over d_state, `sum_n h * C`."""
-    c0, c1, c2, c3 = _load4(C_p, VEC)
     return y + h0 * c0 + h1 * c1 + h2 * c2 + h3 * c3
 
 
@@ -656,37 +664,60 @@ def _selective_scan_rows_kernel(
     LOAD_Z: tl.constexpr = HAS_Z and PASS == 3
     STEP_Z_Q: tl.constexpr = Z_Q and LOAD_Z
 
-    # The next step's per-channel loads are issued before this step's math (the row pointers run
-    # one step ahead and stop at the chunk's last row, which is then re-read and unused).
+    # Loads run ahead of the math: u, delta and z two steps, B and C one step (a step's dependent
+    # chain is short next to a load's round trip, and few warps share a scheduler). The row
+    # pointers stop at the chunk's last row, which is then re-read and unused.
     u_r = tl.load(u_t + u_o, mask=mask_d, other=0)
     d_r = tl.load(t_t + t_o, mask=mask_d, other=0)
     z_r = u_r
     if LOAD_Z:
         z_r = tl.load(z_t + z_o, mask=mask_d, other=0)
+    adv = (1 < n_steps).to(tl.int32)
+    u_t += adv * stride_ul
+    t_t += adv * stride_tl
+    z_t += adv * stride_zl
+    u_n = tl.load(u_t + u_o, mask=mask_d, other=0)
+    d_n = tl.load(t_t + t_o, mask=mask_d, other=0)
+    z_n = u_n
+    if LOAD_Z:
+        z_n = tl.load(z_t + z_o, mask=mask_d, other=0)
+    b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _load16(B_t, VEC)
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = b0, b1, b2, b3, b4, b5, b6, b7, b8, \
+        b9, b10, b11, b12, b13, b14, b15
+    if PASS == 3:
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = _load16(C_t, VEC)
     for t in range(0, n_steps):
-        adv = (t + 1 < n_steps).to(tl.int32)
+        adv = (t + 2 < n_steps).to(tl.int32)
         u_t += adv * stride_ul
         t_t += adv * stride_tl
         z_t += adv * stride_zl
-        nu = tl.load(u_t + u_o, mask=mask_d, other=0)
-        nd = tl.load(t_t + t_o, mask=mask_d, other=0)
-        nz = nu
+        u_nn = tl.load(u_t + u_o, mask=mask_d, other=0)
+        d_nn = tl.load(t_t + t_o, mask=mask_d, other=0)
+        z_nn = u_nn
         if LOAD_Z:
-            nz = tl.load(z_t + z_o, mask=mask_d, other=0)
+            z_nn = tl.load(z_t + z_o, mask=mask_d, other=0)
+        adv1 = (t + 1 < n_steps).to(tl.int64)
+        B_t += adv1 * stride_Bl
+        C_t += adv1 * stride_Cl
+        nb0, nb1, nb2, nb3, nb4, nb5, nb6, nb7, nb8, nb9, nb10, nb11, nb12, nb13, nb14, nb15 = _load16(B_t, VEC)
+        nc0, nc1, nc2, nc3, nc4, nc5, nc6, nc7, nc8, nc9, nc10, nc11, nc12, nc13, nc14, nc15 = (
+            nb0, nb1, nb2, nb3, nb4, nb5, nb6, nb7, nb8, nb9, nb10, nb11, nb12, nb13, nb14, nb15)
+        if PASS == 3:
+            nc0, nc1, nc2, nc3, nc4, nc5, nc6, nc7, nc8, nc9, nc10, nc11, nc12, nc13, nc14, nc15 = _load16(C_t, VEC)
         dt, dtu, skip, gate = _channel_terms(u_r, d_r, z_r, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
                                              U_Q, DT_Q, B_Q, STEP_Z_Q, SOFTPLUS, HAS_D, LOAD_Z)
-        h0, h1, h2, h3 = _update4(h0, h1, h2, h3, a0, a1, a2, a3, dt, dtu, B_t, VEC)
-        h4, h5, h6, h7 = _update4(h4, h5, h6, h7, a4, a5, a6, a7, dt, dtu, B_t + 4, VEC)
-        h8, h9, h10, h11 = _update4(h8, h9, h10, h11, a8, a9, a10, a11, dt, dtu, B_t + 8, VEC)
-        h12, h13, h14, h15 = _update4(h12, h13, h14, h15, a12, a13, a14, a15, dt, dtu, B_t + 12, VEC)
+        h0, h1, h2, h3 = _update4(h0, h1, h2, h3, a0, a1, a2, a3, dt, dtu, b0, b1, b2, b3)
+        h4, h5, h6, h7 = _update4(h4, h5, h6, h7, a4, a5, a6, a7, dt, dtu, b4, b5, b6, b7)
+        h8, h9, h10, h11 = _update4(h8, h9, h10, h11, a8, a9, a10, a11, dt, dtu, b8, b9, b10, b11)
+        h12, h13, h14, h15 = _update4(h12, h13, h14, h15, a12, a13, a14, a15, dt, dtu, b12, b13, b14, b15)
         if PASS == 1:
             dt_sum += dt
         else:
             y = tl.zeros([BLOCK_D], dtype=tl.float32)
-            y = _contract4(y, h0, h1, h2, h3, C_t, VEC)
-            y = _contract4(y, h4, h5, h6, h7, C_t + 4, VEC)
-            y = _contract4(y, h8, h9, h10, h11, C_t + 8, VEC)
-            y = _contract4(y, h12, h13, h14, h15, C_t + 12, VEC)
+            y = _contract4(y, h0, h1, h2, h3, c0, c1, c2, c3)
+            y = _contract4(y, h4, h5, h6, h7, c4, c5, c6, c7)
+            y = _contract4(y, h8, h9, h10, h11, c8, c9, c10, c11)
+            y = _contract4(y, h12, h13, h14, h15, c12, c13, c14, c15)
             if C_Q:
                 y = y * C_scale
             if HAS_D:
@@ -695,9 +726,12 @@ def _selective_scan_rows_kernel(
                 y = y * gate
             tl.store(y_t + y_o, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d)
         y_t += stride_yl
-        B_t += stride_Bl
-        C_t += stride_Cl
-        u_r, d_r, z_r = nu, nd, nz
+        u_r, d_r, z_r = u_n, d_n, z_n
+        u_n, d_n, z_n = u_nn, d_nn, z_nn
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = (
+            nb0, nb1, nb2, nb3, nb4, nb5, nb6, nb7, nb8, nb9, nb10, nb11, nb12, nb13, nb14, nb15)
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = (
+            nc0, nc1, nc2, nc3, nc4, nc5, nc6, nc7, nc8, nc9, nc10, nc11, nc12, nc13, nc14, nc15)
 
     if PASS == 1:
         p = hc_p + chunk.to(tl.int64) * stride_cc
