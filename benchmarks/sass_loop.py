@@ -2,6 +2,7 @@
 
     python benchmarks/sass_loop.py gemv_w4 [--set BLOCK_N=16 BLOCK_K=256 SPLITS=6] [--warps 8]
     python benchmarks/sass_loop.py gemm_w4 --set BLOCK_M=64 BLOCK_N=128 BLOCK_K=64 A8=1
+    python benchmarks/sass_loop.py scan --warps 4 --set PASS=1 [--sig B_ptr=*fp16 C_ptr=*fp16]
 
 Triton compiles for a target it is told about, and its wheel ships `ptxas` and `nvdisasm`, so a
 kernel's machine code for the H200 can be read on a CPU-only machine. What this prints: the
@@ -28,19 +29,24 @@ import tempfile
 # The selective scan's arguments, its layouts in the model (u, delta, z, y [B, L, D] read as
 # [B, D, L], so channel stride 1; B and C slices of x_proj's output, state stride 1; A and the
 # states d_state-contiguous) and the W8A8 flags.
-_SCAN_SIGNATURE = {"u_ptr": "*i8", "dt_ptr": "*i8", "A_ptr": "*fp32", "B_ptr": "*i8", "C_ptr": "*i8", "D_ptr": "*fp32",
- "z_ptr": "*i8", "bias_ptr": "*fp32", "u_scale_ptr": "*fp32", "dt_scale_ptr": "*fp32",
- "B_scale_ptr": "*fp32", "C_scale_ptr": "*fp32", "z_scale_ptr": "*fp32", "h0_ptr": "*fp32",
- "y_ptr": "*fp16", "hT_ptr": "*fp32", "hc_ptr": "*fp32", "sc_ptr": "*fp32",
- "batch_bucket": "i32", "d_inner": "i32", "d_state": "i32", "L": "i32", "chunk_len": "i32",
- "n_chunks": "i32", "stride_ub": "i32", "stride_ul": "i32", "stride_tb": "i32", "stride_tl": "i32",
- "stride_zb": "i32", "stride_zl": "i32", "stride_Bb": "i32", "stride_Bl": "i32", "stride_Cb": "i32",
- "stride_Cl": "i32", "stride_Ad": "i32", "stride_hb": "i32", "stride_hd": "i32", "stride_yb": "i32",
- "stride_yl": "i32", "stride_fb": "i32", "stride_fd": "i32", "stride_cc": "i32", "stride_cb": "i32"}
-_SCAN_CONSTEXPRS = {"stride_ud": 1, "stride_td": 1, "stride_zd": 1, "stride_Bn": 1, "stride_Cn": 1, "stride_An": 1,
- "stride_hn": 1, "stride_yd": 1, "stride_fn": 1,
- "U_Q": True, "DT_Q": True, "B_Q": True, "C_Q": True, "Z_Q": True, "HAS_D": True, "HAS_Z": True,
- "SOFTPLUS": True, "HAS_H0": False, "WRITE_FINAL": True, "PASS": 3, "NS": 16}
+_SCAN_SIGNATURE = {
+    **{name: "*i8" for name in ("u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr")},
+    **{name: "*fp32" for name in ("A_ptr", "D_ptr", "bias_ptr", "u_scale_ptr", "dt_scale_ptr", "B_scale_ptr",
+                                  "C_scale_ptr", "z_scale_ptr", "h0_ptr", "hT_ptr", "hc_ptr", "sc_ptr")},
+    "y_ptr": "*fp16",
+    **{name: "i32" for name in ("batch_bucket", "d_inner", "d_state", "L", "chunk_len", "n_chunks",
+                                "stride_ub", "stride_ul", "stride_tb", "stride_tl", "stride_zb", "stride_zl",
+                                "stride_Bb", "stride_Bl", "stride_Cb", "stride_Cl", "stride_Ad", "stride_hb",
+                                "stride_hd", "stride_yb", "stride_yl", "stride_fb", "stride_fd", "stride_cc",
+                                "stride_cb")},
+}
+# Unit strides are constants to the compiled kernel (Triton specialises an integer argument of 1).
+_SCAN_CONSTEXPRS = {
+    **{name: 1 for name in ("stride_ud", "stride_td", "stride_zd", "stride_Bn", "stride_Cn", "stride_An",
+                            "stride_hn", "stride_yd", "stride_fn")},
+    **{flag: True for flag in ("U_Q", "DT_Q", "B_Q", "C_Q", "Z_Q", "HAS_D", "HAS_Z", "SOFTPLUS", "WRITE_FINAL")},
+    "HAS_H0": False, "PASS": 3, "NS": 16,
+}
 _SCAN_MULTIPLES = ("d_inner", "stride_ul", "stride_tl", "stride_zl", "stride_yl")
 
 # kernel name -> (module, function, signature, default constexprs, the integer arguments the
@@ -72,13 +78,6 @@ KERNELS = {
         "quamba_fx.kernels.scan", "_selective_scan_kernel",
         _SCAN_SIGNATURE, {**_SCAN_CONSTEXPRS, "BLOCK_D": 128, "UNROLL": 2}, _SCAN_MULTIPLES,
         lambda c, warps: c["BLOCK_D"] * c["UNROLL"] / (32 * warps),  # channel-steps
-    ),
-    "scan_rows": (
-        "quamba_fx.kernels.scan", "_selective_scan_rows_kernel",
-        {**_SCAN_SIGNATURE, "B_ptr": "*fp32", "C_ptr": "*fp32"},
-        {**_SCAN_CONSTEXPRS, "BLOCK_D": 32, "VEC": True},
-        _SCAN_MULTIPLES + ("stride_Bl", "stride_Cl"),
-        lambda c, warps: c["BLOCK_D"] / (32 * warps),  # channel-steps
     ),
 }
 

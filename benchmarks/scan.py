@@ -13,9 +13,6 @@ viewed as `[B, D, L]`, z the second half of in_proj's `[B, L, 2D]`, B and C slic
 (its native layout), y fp16. Both: D, delta_bias, softplus, z gate, A = -(1..16) as Mamba initialises
 it, delta_bias from dt in [1e-3, 1e-1] as Mamba initialises it.
 
-Ours runs twice: as shipped (the row kernel where d_state <= 16) and with the state-tile kernel
-(`scan.ROW_KERNEL = False`), same chunking.
-
 Timing: median of `triton.testing.do_bench` (L2 flushed between repetitions) over CUDA-graph replays
 of one call, so the figures are kernel time (as the issue's torch.profiler figures are), without the
 host's launch cost; the plain-call median is printed too. Correctness: ours and mamba_ssm's y against
@@ -118,13 +115,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         row["ours_rel_l2"], row["ours_max_rel"] = errors(ours, ref)
         row["ours_ms"] = time_ms(graphed(lambda: scan.selective_scan(**kw)))
         row["ours_plain_ms"] = time_ms(lambda: scan.selective_scan(**kw))
-        # The state-tile kernel (what ran before the row kernel), same shape and chunking.
-        scan.ROW_KERNEL = False
-        try:
-            row["tile_rel_l2"] = errors(scan.selective_scan(**kw), ref)[0]
-            row["tile_ms"] = time_ms(graphed(lambda: scan.selective_scan(**kw)))
-        finally:
-            scan.ROW_KERNEL = True
         for chunk in args.chunk_lens:
             scan.CHUNK_LEN = chunk
             try:
@@ -149,14 +139,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.cuda.empty_cache()
 
     print(f"\n{device}; ratio = ours / mamba_ssm (target <= {TARGET_RATIO}); ms per call, CUDA-graph replay")
-    print("| B x D x L | chunk | ours ms | state-tile kernel ms | mamba_ssm ms | ratio | ours rel L2 | mamba_ssm rel L2 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| B x D x L | chunk | ours ms | mamba_ssm ms | ratio | ours rel L2 | mamba_ssm rel L2 |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         theirs_ms = f"{r['mamba_ssm_ms']:.4f}" if "mamba_ssm_ms" in r else "n/a"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "n/a"
         their_err = f"{r['mamba_ssm_rel_l2']:.1e}" if "mamba_ssm_rel_l2" in r else "n/a"
-        print(f"| {r['batch']} x {r['d_inner']} x {r['L']} | {r['chunk_len']} | {r['ours_ms']:.4f} | "
-              f"{r['tile_ms']:.4f} | {theirs_ms} | "
+        print(f"| {r['batch']} x {r['d_inner']} x {r['L']} | {r['chunk_len']} | {r['ours_ms']:.4f} | {theirs_ms} | "
               f"{ratio} | {r['ours_rel_l2']:.1e} | {their_err} |")
     if args.json:
         write_json(args.json, device, {"commit": args.commit}, rows=rows)

@@ -504,273 +504,6 @@ def _selective_scan_kernel(
         tl.store(f, _to_out(h, hT_ptr.dtype.element_ty), mask=mask_nd & (chunk == n_chunks - 1))
 
 
-# ---------------------------------------------------------------------------------------------
-# The row kernel: passes 1 and 3 with each channel's states in one thread (d_state <= 16)
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _load4(p, VEC: tl.constexpr):
-    """The four fp32 values at `p` (a [BLOCK_D] tensor holding one address), in every lane: one
-    16-byte load on CUDA, four loads under the interpreter (which runs no PTX)."""
-    if VEC:
-        return tl.inline_asm_elementwise(
-            "ld.global.nc.v4.f32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [p.to(tl.int64, bitcast=True)],
-            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
-    else:
-        return tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
-
-
-@triton.jit
-def _load16(p, VEC: tl.constexpr):
-    """The 16 fp32 values at `p` (one address in every lane), in every lane."""
-    v0, v1, v2, v3 = _load4(p, VEC)
-    v4, v5, v6, v7 = _load4(p + 4, VEC)
-    v8, v9, v10, v11 = _load4(p + 8, VEC)
-    v12, v13, v14, v15 = _load4(p + 12, VEC)
-    return v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15
-
-
-@triton.jit
-def _update4(h0, h1, h2, h3, a0, a1, a2, a3, dt, dtu, b0, b1, b2, b3):
-    """Four states' recurrence step, `_state_step`'s arithmetic: h = exp2(dt * A2) * h + dtu * B."""
-    h0 = tl.exp2(dt * a0) * h0 + dtu * b0
-    h1 = tl.exp2(dt * a1) * h1 + dtu * b1
-    h2 = tl.exp2(dt * a2) * h2 + dtu * b2
-    h3 = tl.exp2(dt * a3) * h3 + dtu * b3
-    return h0, h1, h2, h3
-
-
-@triton.jit
-def _contract4(y, h0, h1, h2, h3, c0, c1, c2, c3):
-    """`y` plus four states' terms of the sum over d_state, `sum_n h * C`."""
-    return y + h0 * c0 + h1 * c1 + h2 * c2 + h3 * c3
-
-
-@triton.jit
-def _load_state4(p, n0, stride_n, mask_d, d_state, scale):
-    """States n0..n0+3 of the channels at `p` (fp32; 0 past d_state), each times `scale`."""
-    h0 = tl.load(p + n0 * stride_n, mask=mask_d & (n0 < d_state), other=0.0).to(tl.float32) * scale
-    h1 = tl.load(p + (n0 + 1) * stride_n, mask=mask_d & (n0 + 1 < d_state), other=0.0).to(tl.float32) * scale
-    h2 = tl.load(p + (n0 + 2) * stride_n, mask=mask_d & (n0 + 2 < d_state), other=0.0).to(tl.float32) * scale
-    h3 = tl.load(p + (n0 + 3) * stride_n, mask=mask_d & (n0 + 3 < d_state), other=0.0).to(tl.float32) * scale
-    return h0, h1, h2, h3
-
-
-@triton.jit
-def _store_state4(p, n0, stride_n, mask, d_state, h0, h1, h2, h3):
-    dtype = p.dtype.element_ty
-    tl.store(p + n0 * stride_n, _to_out(h0, dtype), mask=mask & (n0 < d_state))
-    tl.store(p + (n0 + 1) * stride_n, _to_out(h1, dtype), mask=mask & (n0 + 1 < d_state))
-    tl.store(p + (n0 + 2) * stride_n, _to_out(h2, dtype), mask=mask & (n0 + 2 < d_state))
-    tl.store(p + (n0 + 3) * stride_n, _to_out(h3, dtype), mask=mask & (n0 + 3 < d_state))
-
-
-@triton.jit(do_not_specialize=["L"])
-def _selective_scan_rows_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
-    h0_ptr, y_ptr, hT_ptr, hc_ptr, sc_ptr,
-    batch_bucket, d_inner, d_state, L, chunk_len, n_chunks,
-    stride_ub, stride_ud, stride_ul,
-    stride_tb, stride_td, stride_tl,
-    stride_zb, stride_zd, stride_zl,
-    stride_Bb, stride_Bn, stride_Bl,
-    stride_Cb, stride_Cn, stride_Cl,
-    stride_Ad, stride_An,
-    stride_hb, stride_hd, stride_hn,
-    stride_yb, stride_yd, stride_yl,
-    stride_fb, stride_fd, stride_fn,
-    stride_cc, stride_cb,
-    U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr, PASS: tl.constexpr,
-    NS: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr,
-):
-    """`_selective_scan_kernel` (same arguments, passes and outputs) with one channel a thread.
-
-    B and C are the fp32 buffer `_bc_rows` writes (the int8 codes or float values as fp32, zeros
-    past d_state; rows of 2 * NS values, B then C): every thread reads a step's 32 values as eight
-    16-byte loads, where converting them from int8 cost it ~100 instructions. The 16 states are 16
-    registers of the thread, so no step exchanges anything between threads.
-    """
-    pid = tl.program_id(0)
-    n_d = tl.cdiv(d_inner, BLOCK_D)
-    pid_d = pid % n_d
-    rest = pid // n_d
-    chunk = rest % n_chunks
-    pid_b = (rest // n_chunks).to(tl.int64)
-    t0 = chunk * chunk_len
-    n_steps = tl.minimum(chunk_len, L - t0)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < d_inner
-    offs_d64 = offs_d.to(tl.int64)
-
-    u_scale = _load_scale(u_scale_ptr, U_Q)
-    dt_scale = _load_scale(dt_scale_ptr, DT_Q)
-    B_scale = _load_scale(B_scale_ptr, B_Q)
-    C_scale = _load_scale(C_scale_ptr, C_Q)
-    z_scale = _load_scale(z_scale_ptr, Z_Q)
-    a_p = A_ptr + offs_d64 * stride_Ad
-    log2e = 1.4426950408889634
-    a0, a1, a2, a3 = _load_state4(a_p, 0, stride_An, mask_d, d_state, log2e)
-    a4, a5, a6, a7 = _load_state4(a_p, 4, stride_An, mask_d, d_state, log2e)
-    a8, a9, a10, a11 = _load_state4(a_p, 8, stride_An, mask_d, d_state, log2e)
-    a12, a13, a14, a15 = _load_state4(a_p, 12, stride_An, mask_d, d_state, log2e)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
-    else:
-        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-
-    # The state entering the chunk, as in `_selective_scan_kernel`: zeros in pass 1; in pass 3 h0
-    # (or zeros) for chunk 0, pass 2's carry for the others.
-    h0 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15 = (
-        h0, h0, h0, h0, h0, h0, h0, h0, h0, h0, h0, h0, h0, h0, h0)
-    hc_p = hc_ptr + pid_b * stride_cb + offs_d64 * NS
-    if PASS == 3:
-        if HAS_H0:
-            p = h0_ptr + pid_b * stride_hb + offs_d64 * stride_hd
-            first = mask_d & (chunk == 0)
-            h0, h1, h2, h3 = _load_state4(p, 0, stride_hn, first, d_state, 1.0)
-            h4, h5, h6, h7 = _load_state4(p, 4, stride_hn, first, d_state, 1.0)
-            h8, h9, h10, h11 = _load_state4(p, 8, stride_hn, first, d_state, 1.0)
-            h12, h13, h14, h15 = _load_state4(p, 12, stride_hn, first, d_state, 1.0)
-        p = hc_p + tl.maximum(chunk - 1, 0).to(tl.int64) * stride_cc
-        later = mask_d & (chunk > 0)
-        c0, c1, c2, c3 = _load_state4(p, 0, 1, later, d_state, 1.0)
-        h0, h1, h2, h3 = h0 + c0, h1 + c1, h2 + c2, h3 + c3
-        c0, c1, c2, c3 = _load_state4(p, 4, 1, later, d_state, 1.0)
-        h4, h5, h6, h7 = h4 + c0, h5 + c1, h6 + c2, h7 + c3
-        c0, c1, c2, c3 = _load_state4(p, 8, 1, later, d_state, 1.0)
-        h8, h9, h10, h11 = h8 + c0, h9 + c1, h10 + c2, h11 + c3
-        c0, c1, c2, c3 = _load_state4(p, 12, 1, later, d_state, 1.0)
-        h12, h13, h14, h15 = h12 + c0, h13 + c1, h14 + c2, h15 + c3
-    dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
-
-    t064 = t0.to(tl.int64)
-    u_t = u_ptr + pid_b * stride_ub + t064 * stride_ul
-    t_t = dt_ptr + pid_b * stride_tb + t064 * stride_tl
-    z_t = z_ptr + pid_b * stride_zb + t064 * stride_zl
-    y_t = y_ptr + pid_b * stride_yb + t064 * stride_yl
-    # One address in every lane: the step's B and C rows.
-    B_t = B_ptr + pid_b * stride_Bb + t064 * stride_Bl + tl.zeros([BLOCK_D], dtype=tl.int64)
-    C_t = C_ptr + pid_b * stride_Cb + t064 * stride_Cl + tl.zeros([BLOCK_D], dtype=tl.int64)
-    u_o = offs_d64 * stride_ud
-    t_o = offs_d64 * stride_td
-    z_o = offs_d64 * stride_zd
-    y_o = offs_d64 * stride_yd
-    LOAD_Z: tl.constexpr = HAS_Z and PASS == 3
-    STEP_Z_Q: tl.constexpr = Z_Q and LOAD_Z
-
-    # Loads run ahead of the math: u, delta and z two steps, B and C one step (a step's dependent
-    # chain is short next to a load's round trip, and few warps share a scheduler). The row
-    # pointers stop at the chunk's last row, which is then re-read and unused.
-    u_r = tl.load(u_t + u_o, mask=mask_d, other=0)
-    d_r = tl.load(t_t + t_o, mask=mask_d, other=0)
-    z_r = u_r
-    if LOAD_Z:
-        z_r = tl.load(z_t + z_o, mask=mask_d, other=0)
-    adv = (1 < n_steps).to(tl.int32)
-    u_t += adv * stride_ul
-    t_t += adv * stride_tl
-    z_t += adv * stride_zl
-    u_n = tl.load(u_t + u_o, mask=mask_d, other=0)
-    d_n = tl.load(t_t + t_o, mask=mask_d, other=0)
-    z_n = u_n
-    if LOAD_Z:
-        z_n = tl.load(z_t + z_o, mask=mask_d, other=0)
-    b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _load16(B_t, VEC)
-    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = b0, b1, b2, b3, b4, b5, b6, b7, b8, \
-        b9, b10, b11, b12, b13, b14, b15
-    if PASS == 3:
-        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = _load16(C_t, VEC)
-    for t in range(0, n_steps):
-        adv = (t + 2 < n_steps).to(tl.int32)
-        u_t += adv * stride_ul
-        t_t += adv * stride_tl
-        z_t += adv * stride_zl
-        u_nn = tl.load(u_t + u_o, mask=mask_d, other=0)
-        d_nn = tl.load(t_t + t_o, mask=mask_d, other=0)
-        z_nn = u_nn
-        if LOAD_Z:
-            z_nn = tl.load(z_t + z_o, mask=mask_d, other=0)
-        adv1 = (t + 1 < n_steps).to(tl.int64)
-        B_t += adv1 * stride_Bl
-        C_t += adv1 * stride_Cl
-        nb0, nb1, nb2, nb3, nb4, nb5, nb6, nb7, nb8, nb9, nb10, nb11, nb12, nb13, nb14, nb15 = _load16(B_t, VEC)
-        nc0, nc1, nc2, nc3, nc4, nc5, nc6, nc7, nc8, nc9, nc10, nc11, nc12, nc13, nc14, nc15 = (
-            nb0, nb1, nb2, nb3, nb4, nb5, nb6, nb7, nb8, nb9, nb10, nb11, nb12, nb13, nb14, nb15)
-        if PASS == 3:
-            nc0, nc1, nc2, nc3, nc4, nc5, nc6, nc7, nc8, nc9, nc10, nc11, nc12, nc13, nc14, nc15 = _load16(C_t, VEC)
-        dt, dtu, skip, gate = _channel_terms(u_r, d_r, z_r, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
-                                             U_Q, DT_Q, B_Q, STEP_Z_Q, SOFTPLUS, HAS_D, LOAD_Z)
-        h0, h1, h2, h3 = _update4(h0, h1, h2, h3, a0, a1, a2, a3, dt, dtu, b0, b1, b2, b3)
-        h4, h5, h6, h7 = _update4(h4, h5, h6, h7, a4, a5, a6, a7, dt, dtu, b4, b5, b6, b7)
-        h8, h9, h10, h11 = _update4(h8, h9, h10, h11, a8, a9, a10, a11, dt, dtu, b8, b9, b10, b11)
-        h12, h13, h14, h15 = _update4(h12, h13, h14, h15, a12, a13, a14, a15, dt, dtu, b12, b13, b14, b15)
-        if PASS == 1:
-            dt_sum += dt
-        else:
-            y = tl.zeros([BLOCK_D], dtype=tl.float32)
-            y = _contract4(y, h0, h1, h2, h3, c0, c1, c2, c3)
-            y = _contract4(y, h4, h5, h6, h7, c4, c5, c6, c7)
-            y = _contract4(y, h8, h9, h10, h11, c8, c9, c10, c11)
-            y = _contract4(y, h12, h13, h14, h15, c12, c13, c14, c15)
-            if C_Q:
-                y = y * C_scale
-            if HAS_D:
-                y = y + skip
-            if HAS_Z:
-                y = y * gate
-            tl.store(y_t + y_o, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d)
-        y_t += stride_yl
-        u_r, d_r, z_r = u_n, d_n, z_n
-        u_n, d_n, z_n = u_nn, d_nn, z_nn
-        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = (
-            nb0, nb1, nb2, nb3, nb4, nb5, nb6, nb7, nb8, nb9, nb10, nb11, nb12, nb13, nb14, nb15)
-        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = (
-            nc0, nc1, nc2, nc3, nc4, nc5, nc6, nc7, nc8, nc9, nc10, nc11, nc12, nc13, nc14, nc15)
-
-    if PASS == 1:
-        p = hc_p + chunk.to(tl.int64) * stride_cc
-        _store_state4(p, 0, 1, mask_d, NS, h0, h1, h2, h3)
-        _store_state4(p, 4, 1, mask_d, NS, h4, h5, h6, h7)
-        _store_state4(p, 8, 1, mask_d, NS, h8, h9, h10, h11)
-        _store_state4(p, 12, 1, mask_d, NS, h12, h13, h14, h15)
-        tl.store(sc_ptr + chunk.to(tl.int64) * (stride_cc // NS) + pid_b * (stride_cb // NS) + offs_d64, dt_sum,
-                 mask=mask_d)
-    elif WRITE_FINAL:
-        p = hT_ptr + pid_b * stride_fb + offs_d64 * stride_fd
-        last = mask_d & (chunk == n_chunks - 1)
-        _store_state4(p, 0, stride_fn, last, d_state, h0, h1, h2, h3)
-        _store_state4(p, 4, stride_fn, last, d_state, h4, h5, h6, h7)
-        _store_state4(p, 8, stride_fn, last, d_state, h8, h9, h10, h11)
-        _store_state4(p, 12, stride_fn, last, d_state, h12, h13, h14, h15)
-
-
-@triton.jit
-def _bc_rows_kernel(B_ptr, C_ptr, out_ptr, L, d_state,
-                    stride_Bb, stride_Bn, stride_Bl, stride_Cb, stride_Cn, stride_Cl,
-                    NS: tl.constexpr, BLOCK_L: tl.constexpr):
-    """B and C `[batch, d_state, L]` (int8 codes or floats, any strides) -> `out [batch, L, 2 * NS]`
-    fp32: each step's B then C, zeros past d_state. Exact (int8 and 16-bit floats fit in fp32);
-    the scales stay where `_selective_scan_kernel` applies them."""
-    pid_l = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_n = tl.arange(0, NS)
-    mask = (offs_l[:, None] < L) & (offs_n[None, :] < d_state)
-    l64 = offs_l.to(tl.int64)[:, None]
-    b = tl.load(B_ptr + pid_b * stride_Bb + offs_n[None, :] * stride_Bn + l64 * stride_Bl, mask=mask, other=0)
-    c = tl.load(C_ptr + pid_b * stride_Cb + offs_n[None, :] * stride_Cn + l64 * stride_Cl, mask=mask, other=0)
-    row = out_ptr + (pid_b * L + l64) * (2 * NS) + offs_n[None, :]
-    keep = offs_l[:, None] < L
-    tl.store(row, b.to(tl.float32), mask=keep)
-    tl.store(row + NS, c.to(tl.float32), mask=keep)
-
-
 @triton.jit
 def _carry_combine(a1, b1, a2, b2):
     # (a1, b1) then (a2, b2): h -> a2 * (a1 * h + b1) + b2.
@@ -1230,72 +963,33 @@ def _chunk_len(batch: int, d_inner: int, L: int) -> int:
     return chunk
 
 
-# Passes 1 and 3 with one channel a thread (`_selective_scan_rows_kernel`) where d_state fits its 16
-# registers; tests and benchmarks may turn it off. Configs: (BLOCK_D, num_warps), one channel a thread.
-ROW_KERNEL = True
-ROW_MAX_D_STATE = 16
-ROW_CONFIGS = [(32, 1), (64, 2), (128, 4)]
-
-
-def _row_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_D": 16}, num_warps=1), triton.Config({"BLOCK_D": 512}, num_warps=1)]
-    return [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd, w in ROW_CONFIGS]
-
-
-_selective_scan_rows_tuned = triton.autotune(
-    configs=_row_configs(), key=["d_inner", "d_state", "batch_bucket", "chunk_len", "PASS"],
-    prune_configs_by={"early_config_prune": _interpreter_pick}, do_bench=AUTOTUNE_DO_BENCH,
-)(_selective_scan_rows_kernel)
-
-
 def _launch_chunks(tune_base: tuple, pass_: int, batch: int, d_inner: int, n_run: int, args: tuple,
-                   flags: dict, rows: bool) -> None:
+                   flags: dict) -> None:
     """Pass 1 or 3 over `n_run` chunks: autotuned on a key's first call, then launched directly."""
-    key = tune_base + (pass_, rows)
-    launch_tuned(_TUNED, key, _autotune_chunks, _launch_chunks_config, key, pass_, batch, d_inner, n_run, args, flags,
-                 rows)
-
-
-def _chunk_kernel(rows: bool):
-    return _selective_scan_rows_tuned if rows else _selective_scan_kernel
+    key = tune_base + (pass_,)
+    launch_tuned(_TUNED, key, _autotune_chunks, _launch_chunks_config, key, pass_, batch, d_inner, n_run, args, flags)
 
 
 def _autotune_chunks(key: tuple, pass_: int, batch: int, d_inner: int, n_run: int, args: tuple,
-                     flags: dict, rows: bool) -> Optional[dict]:
+                     flags: dict) -> Optional[dict]:
     def grid(meta):
         return (batch * n_run * triton.cdiv(d_inner, meta["BLOCK_D"]),)
 
-    kernel = _chunk_kernel(rows)
-    if rows:
-        flags = {**flags, "VEC": not _INTERPRET}
     if key not in _PRECOMPILED:
         _PRECOMPILED.add(key)
-        precompile(kernel.fn, args, ({**flags, "PASS": pass_, **c.all_kwargs()} for c in kernel.configs))
-    kernel[grid](*args, **flags, PASS=pass_)
+        precompile(_selective_scan_kernel.fn, args,
+                   ({**flags, "PASS": pass_, **c.all_kwargs()} for c in _selective_scan_kernel.configs))
+    _selective_scan_kernel[grid](*args, **flags, PASS=pass_)
     # Interpreted, nothing is recorded: every call goes through the autotuner, whose pruning picks
     # the config, so a test that pins `kernel.configs` gets its config without clearing `_TUNED`.
-    return None if _INTERPRET else dict(kernel.best_config.all_kwargs())
+    return None if _INTERPRET else dict(_selective_scan_kernel.best_config.all_kwargs())
 
 
 def _launch_chunks_config(tuned: dict, key: tuple, pass_: int, batch: int, d_inner: int, n_run: int,
-                          args: tuple, flags: dict, rows: bool) -> None:
+                          args: tuple, flags: dict) -> None:
     n_programs = batch * n_run * triton.cdiv(d_inner, tuned["BLOCK_D"])
-    if rows:
-        flags = {**flags, "VEC": not _INTERPRET}
-    _chunk_kernel(rows).fn[(n_programs,)](*args, **flags, PASS=pass_, **tuned)
+    _selective_scan_kernel.fn[(n_programs,)](*args, **flags, PASS=pass_, **tuned)
 
-
-def _bc_rows(B: torch.Tensor, C: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """B and C as the row kernel reads them: `[batch, d_state, L]` views of one fp32 buffer
-    `[batch, L, 32]` (each step's B then C, zeros past d_state; `_bc_rows_kernel`)."""
-    batch, d_state, L = B.shape
-    ns = ROW_MAX_D_STATE
-    buf = torch.empty(batch, L, 2 * ns, dtype=torch.float32, device=B.device)
-    block_l = 64
-    _bc_rows_kernel[(triton.cdiv(L, block_l), batch)](B, C, buf, L, d_state, *B.stride(), *C.stride(), NS=ns,
-                                                       BLOCK_L=block_l, num_warps=4)
-    return buf[:, :, :d_state].transpose(1, 2), buf[:, :, ns:ns + d_state].transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1426,10 +1120,6 @@ def selective_scan(
     hc = torch.empty(max(n_prev, 1) * batch * d_inner * ns, dtype=torch.float32, device=u.device)
     sc = torch.empty(max(n_prev, 1) * batch * d_inner, dtype=torch.float32, device=u.device)
 
-    rows = ROW_KERNEL and d_state <= ROW_MAX_D_STATE
-    if rows:
-        B, C = _bc_rows(B, C)
-
     def args_for(pass_: int, n_run: int) -> tuple:
         return (
             u, delta, A, B, C, D if D is not None else A, zz, bias,
@@ -1445,7 +1135,7 @@ def selective_scan(
     tune_base = (d_inner, d_state, batch_bucket, chunk_len, u.dtype, delta.dtype, B.dtype, C.dtype, zz.dtype,
                  y.dtype, h0.dtype, final.dtype, tuple(sorted(flags.items())))
     if n_prev > 0:
-        _launch_chunks(tune_base, 1, batch, d_inner, n_prev, args_for(1, n_prev), flags, rows)
+        _launch_chunks(tune_base, 1, batch, d_inner, n_prev, args_for(1, n_prev), flags)
         ncp = triton.next_power_of_2(n_prev)
         block_dn = max(16, 4096 // ncp)
         _selective_scan_carry_kernel[(batch * triton.cdiv(d_inner * ns, block_dn),)](
@@ -1453,7 +1143,7 @@ def selective_scan(
             batch * d_inner * ns, d_inner * ns,
             HAS_H0=initial_state is not None, NS=ns, NCP=ncp, BLOCK_DN=block_dn, num_warps=4,
         )
-    _launch_chunks(tune_base, 3, batch, d_inner, n_chunks, args_for(3, n_chunks), flags, rows)
+    _launch_chunks(tune_base, 3, batch, d_inner, n_chunks, args_for(3, n_chunks), flags)
     if return_final_state:
         return y, final
     return y
