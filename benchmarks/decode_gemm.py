@@ -67,8 +67,27 @@ def _cfg_name(meta: dict, warps: int, stages: int) -> str:
     return f"bn{meta['BLOCK_N']} bk{meta['BLOCK_K']} split{meta['SPLIT_K']} {loop} w{warps}"
 
 
+# The one-row GEMV's sweep (`--gemv-sweep`): (BLOCK_N, BLOCK_K in int32 words, warps), each with every
+# SPLIT_K from 1 up to the K steps available.
+GEMV_TILES = [(16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 4), (16, 128, 8), (32, 128, 8)]
+
+
+def gemv_candidates(n: int, k: int) -> List[Dict]:
+    """Every GEMV config of the sweep for an `n x k` weight."""
+    from quamba_fx.kernels import gemv
+
+    out = []
+    for bn, bk, warps in GEMV_TILES:
+        k_steps = -(-(k // 4) // bk)
+        split = 1
+        while split <= min(k_steps, 32):
+            out.append(gemv._cfg(bn, bk, split, 1, warps))
+            split *= 2
+    return out
+
+
 def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
-                gen: torch.Generator) -> List[Dict]:
+                gen: torch.Generator, gemv_sweep: bool = False) -> List[Dict]:
     from quamba_fx.kernels import gemm, gemm_skinny, gemv
     from quamba_fx.kernels.dispatch import precompile_calls, sm_count
 
@@ -109,6 +128,20 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
     fp16_us = chained_us(lambda r: F.linear(x16, w16[r], b16), copies)
     rows.append(dict(shape=name, M=m, K=k, N=n, out="fp16", variant="fp16", us=fp16_us, copies=copies,
                      weight_tbps=n * k * 2 / (fp16_us * 1e-6) / 1e12, ok=True))
+    if gemv_sweep and m == 1:
+        for config in gemv_candidates(n, k):
+            meta = config.all_kwargs()
+            name_ = f"gemv bn{meta['BLOCK_N']} bk{meta['BLOCK_K']} split{meta['SPLIT_K']} w{config.num_warps}"
+
+            def gemv_call(r: int, config=config):
+                # The rule's config is chosen once per problem key: forget it, and answer with this one.
+                gemv._TUNED.clear()
+                with mock.patch.object(gemv, "gpu_config", lambda *_: config):
+                    return model_call(r)
+
+            gemv_call(0)
+            row(name_, lambda r, config=config: gemv_call(r) if r == 0 else model_call(r))
+        gemv._TUNED.clear()
     if sweep and gemm_skinny.MIN_M <= m <= gemm_skinny.MAX_M:
         dtype = want.dtype
         os_ = kw.get("out_scale")
@@ -157,6 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="rows (decode batch)")
     parser.add_argument("--sweep-m", type=int, nargs="*", default=[], help="M at which to time every config")
     parser.add_argument("--sweep-models", nargs="*", default=["2.8b"], help="shape sets the sweep covers")
+    parser.add_argument("--gemv-sweep", action="store_true", help="at M = 1, time every GEMV config of the sweep")
     parser.add_argument("--chain-mb", type=float, default=400.0, help="weight MB a chain of launches streams")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON (rewritten after each shape)")
     parser.add_argument("--commit", default="", help="recorded in the JSON")
@@ -170,7 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         for m in args.m:
             sweep = m in args.sweep_m and name.split()[0] in args.sweep_models
-            rows += bench_shape(name, m, k, n, sweep, args.chain_mb, gen)
+            rows += bench_shape(name, m, k, n, sweep, args.chain_mb, gen, args.gemv_sweep)
             if args.json:
                 write_json(args.json, device, {"commit": args.commit, "chain_mb": args.chain_mb}, rows=rows)
     _print(rows)

@@ -46,6 +46,7 @@ GEMV_MAX_M = 1
 # int8 values in an int32 word.
 _PACK = 4
 _WARPS = 4
+_WIDE_WARPS = 8
 
 
 def supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -63,13 +64,15 @@ def _cfg(bn: int, bk: int, split: int, stages: int, warps: int) -> triton.Config
 def gpu_config(n: int, k_words: int, sms: int) -> triton.Config:
     """The GPU config of an `n x k_words` problem: 16 columns a program, K steps of up to 128 words
     (512 bytes) a weight row, and K split until the programs reach four per SM (or K runs out of
-    steps). A rule, not a tuner: Triton's autotuner times single launches between L2 flushes,
-    which ranks configs unlike a decode step, where launches run back to back on weights that do
-    not fit in L2. Timed that way (docs/benchmarks.md, session 20), the rule's pick was within 9%
-    of the best of 6-28 configs on each 2.8b projection."""
+    steps); 8 warps for full 128-word steps, else 4. A rule, not a tuner: Triton's autotuner times
+    single launches between L2 flushes, which ranks configs unlike a decode step, where launches
+    run back to back on weights that do not fit in L2. Timed that way (docs/benchmarks.md, sessions
+    20 and 28), this rule was the best of 20-26 configs on the 2.8b in_proj, x_proj and out_proj
+    (the same tiles on 4 warps were 8-16% slower: a warp's loads wait on L1TEX, so twice the warps
+    keep twice the rows in flight), and 4 warps the best on dt_proj's 40-word rows."""
     bk = min(128, max(8, next_pow2(k_words)))
     split = split_k.split_counts(cdiv(n, 16), cdiv(k_words, bk), 4 * sms)[-1]
-    return _cfg(16, bk, split, 1, _WARPS)
+    return _cfg(16, bk, split, 1, _WIDE_WARPS if bk == 128 else _WARPS)
 
 
 def _config(n: int, k_words: int) -> dict:
