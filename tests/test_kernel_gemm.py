@@ -402,17 +402,18 @@ def test_conv_step_on_the_reference_path_and_its_errors():
 
 
 @pytest.mark.parametrize("K,N,want", [
-    # The 2.8b projections, with the config the rule gives each (bn, bk words, split).
-    (2560, 10240, (16, 128, 1)), (5120, 192, (16, 128, 8)), (160, 5120, (16, 64, 1)), (5120, 2560, (16, 128, 4)),
-    (4, 1, (16, 8, 1)),
+    # The 2.8b projections, with the config the rule gives each (bn, bk words, split, warps).
+    (2560, 10240, (16, 128, 1, 8)), (5120, 192, (16, 128, 8, 8)), (160, 5120, (16, 64, 1, 4)),
+    (5120, 2560, (16, 128, 4, 8)), (4, 1, (16, 8, 1, 4)),
 ])
 def test_gemv_config_rule(K, N, want):
     """16 columns a program, K steps of at most 128 words, and K splits (a power of two, each with
-    at least one step) only while the programs do not yet fill the SMs four times over."""
+    at least one step) only while the programs do not yet fill the SMs four times over; 8 warps
+    for full 128-word steps."""
     k_words = K // 4
     c = gemv.gpu_config(N, k_words, sms=132)
     bn, bk, split = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
-    assert (bn, bk, split) == want
+    assert (bn, bk, split, c.num_warps) == want
     assert split == 1 or -(-N // bn) * split // 2 < 4 * 132
     assert split <= max(1, -(-k_words // bk))
 
