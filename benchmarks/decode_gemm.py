@@ -1,7 +1,7 @@
 """Time the decode GEMMs the way a decode step runs them, and every config of the few-row kernel.
 
     python benchmarks/decode_gemm.py [--models 2.8b 130m] [--m 1 2 4 8 16 32 64] [--sweep-m 16 64]
-                                     [--sweep-models 2.8b] [--json PATH]
+                                     [--sweep-models 2.8b] [--gemv-sweep] [--json PATH]
 
 Needs a CUDA device. A decode step launches its GEMMs back to back on weights that do not fit in
 L2; `benchmarks/gemm.py` (do_bench: one launch between L2 flushes) ranks small kernels otherwise.
@@ -17,7 +17,8 @@ it) and each M:
              rule where `gemm_skinny.use_for` picks it, else the pointer kernel);
 * pointer -- gemm.py's tensor-core kernel (autotuned), what ran at 2-64 rows before gemm_skinny;
 * fp16    -- cuBLAS `F.linear` in fp16 on fp16 copies of the weight (mamba_ssm's GEMMs);
-* with `--sweep-m`, at those M, every candidate config of gemm_skinny (`candidates`), best first.
+* with `--sweep-m`, at those M, every candidate config of gemm_skinny (`candidates`), best first;
+* with `--gemv-sweep`, at M = 1, every GEMV config of `GEMV_TILES` with each split.
 
 Every output is checked against `int8_linear` (int8 within one step, as the CUDA kernel tests).
 """
@@ -72,8 +73,8 @@ def _cfg_name(meta: dict, warps: int, stages: int) -> str:
 GEMV_TILES = [(16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 4), (16, 128, 8), (32, 128, 8)]
 
 
-def gemv_candidates(n: int, k: int) -> List[Dict]:
-    """Every GEMV config of the sweep for an `n x k` weight."""
+def gemv_candidates(n: int, k: int) -> list:
+    """Every GEMV config (`triton.Config`) of the sweep for an `n x k` weight."""
     from quamba_fx.kernels import gemv
 
     out = []
@@ -139,7 +140,6 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
                 with mock.patch.object(gemv, "gpu_config", lambda *_: config):
                     return model_call(r)
 
-            gemv_call(0)
             row(name_, lambda r, config=config: gemv_call(r) if r == 0 else model_call(r))
         gemv._TUNED.clear()
     if sweep and gemm_skinny.MIN_M <= m <= gemm_skinny.MAX_M:
