@@ -37,6 +37,13 @@ def _check_conv(x: Tensor, weight: Tensor, op: str) -> None:
                          f"and {tuple(weight.shape)}")
 
 
+def _last_inputs(history: Tensor, x: Tensor, width: int) -> Tensor:
+    """The last W-1 of `history [B, C, W-1]` followed by `x [B, C, L]`, in history's dtype: the
+    conv's state after `x`."""
+    tail = torch.cat([history, x[..., max(0, x.shape[-1] - (width - 1)):].to(history.dtype)], dim=-1)
+    return tail[..., tail.shape[-1] - (width - 1):]
+
+
 def conv1d_silu_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                           history: Tensor) -> tuple[Tensor, Tensor]:
     """SiLU of the depthwise causal conv of `x [B, C, L]` continuing `history [B, C, W-1]` (the
@@ -52,8 +59,7 @@ def conv1d_silu_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor],
         y = y + padded[..., k:k + length] * taps[:, k, None]
     if bias is not None:
         y = y + bias.to(torch.float32)[:, None]
-    last = padded[..., padded.shape[-1] - (width - 1):]
-    return torch.nn.functional.silu(y).to(x.dtype), last.to(history.dtype)
+    return torch.nn.functional.silu(y).to(x.dtype), _last_inputs(history, x, width)
 
 
 def conv1d_silu_update_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Tensor) -> Tensor:
@@ -154,8 +160,7 @@ def conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], history: Tens
         w.stride(0), w.stride(1), out.stride(0), out.stride(1), out.stride(2),
         W=width, HAS_BIAS=bias is not None, BLOCK_L=_PREFILL_BLOCK_L, BLOCK_D=_PREFILL_BLOCK_D,
     )
-    tail = torch.cat([history, x[..., max(0, length - (width - 1)):].to(history.dtype)], dim=-1)
-    return out, tail[..., tail.shape[-1] - (width - 1):]
+    return out, _last_inputs(history, x, width)
 
 
 # ---------------------------------------------------------------------------------------------
