@@ -134,13 +134,10 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
             meta = config.all_kwargs()
             name_ = f"gemv bn{meta['BLOCK_N']} bk{meta['BLOCK_K']} split{meta['SPLIT_K']} w{config.num_warps}"
 
-            def gemv_call(r: int, config=config):
-                # The rule's config is chosen once per problem key: forget it, and answer with this one.
-                gemv._TUNED.clear()
-                with mock.patch.object(gemv, "gpu_config", lambda *_: config):
-                    return model_call(r)
-
-            row(name_, lambda r, config=config: gemv_call(r) if r == 0 else model_call(r))
+            # The rule's config is chosen once per problem key: forget it, and answer with this one.
+            gemv._TUNED.clear()
+            with mock.patch.object(gemv, "gpu_config", lambda *_, config=config: config):
+                row(name_, model_call)
         gemv._TUNED.clear()
     if sweep and gemm_skinny.MIN_M <= m <= gemm_skinny.MAX_M:
         dtype = want.dtype
