@@ -110,9 +110,12 @@ def _state_name(node: torch.fx.Node) -> str | None:
 
 
 def _node_module(node: torch.fx.Node) -> str | None:
-    stack = node.meta.get("nn_module_stack")
+    # The innermost module of the model's own tree: entries dynamo found in a module's globals
+    # (G[...]: transformers >= 5.25 wraps kernel functions such as causal_conv1d_fn as modules)
+    # are not in it.
+    stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if not path.startswith("G[")]
     if stack:
-        return module_path(list(stack.values())[-1][0])
+        return module_path(stack[-1])
     state = _state_name(node)
     return state.rpartition(".")[0] if state else None
 
@@ -125,9 +128,9 @@ def _block_of(path: str | None) -> int | None:
 def annotate(gm: torch.fx.GraphModule) -> int:
     """Write `node.meta["quamba"] = {"role", "block", "module"}` on dynamo's graph; return the block count.
 
-    A node's module comes from the innermost entry of its `nn_module_stack`. A node called outside
-    any module (our fused conv op) takes the module most of its parameter/buffer inputs belong to,
-    when they all belong to one block.
+    A node's module comes from the innermost entry of its `nn_module_stack` that is in the model's
+    own tree. A node called outside any module (our fused conv op) takes the module most of its
+    parameter/buffer inputs belong to, when they all belong to one block.
     """
     blocks: set[int] = set()
     for node in gm.graph.nodes:

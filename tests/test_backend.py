@@ -324,6 +324,21 @@ def test_module_path(text, path):
     assert module_path(text) == path
 
 
+def test_a_node_in_a_wrapped_kernel_function_belongs_to_its_model_module():
+    """transformers >= 5.25 runs HF's conv1d inside `causal_conv1d_fn`, which dynamo lists in the
+    module stack as a module from the globals (G[...]): the node's module is still the mixer."""
+    from quamba_fx.backend import _node_module
+
+    graph = torch.fx.Graph()
+    node = graph.placeholder("x")
+    mixer = "L['args'][0].backbone.layers.2.mixer"
+    node.meta["nn_module_stack"] = {
+        "1": (mixer, object),
+        "2": ("G['__import_transformers_dot_models_dot_mamba_dot_modeling_mamba'].causal_conv1d_fn", object),
+    }
+    assert _node_module(node) == "backbone.layers.2.mixer"
+
+
 # ---------------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------------
