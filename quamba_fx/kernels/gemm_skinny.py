@@ -38,7 +38,7 @@ from . import split_k
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import INTERPRETER_WIDE_N, cdiv, chosen_config, next_pow2, sm_count, tuned_configs
 from .gemm_epilogue import store_tile
-from .pdl import launch_options, wait_for_previous
+from .pdl import launch_options, prefetch_options, prefetch_to_l2, wait_for_previous
 
 __all__ = ["MAX_M", "MIN_M", "block_m", "candidates", "gpu_config", "launch", "launch_call", "use_for"]
 
@@ -131,10 +131,11 @@ def _int8_gemm_skinny_jit(
     x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr, partial_ptr, count_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_om,
+    PF_BYTES, PF_PROGRAMS,
     W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, EARLY: tl.constexpr, USE_PDL: tl.constexpr,
+    EVEN_K: tl.constexpr, EARLY: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # SPLIT_K consecutive programs share one tile of BLOCK_N weight rows (output columns).
     pid = tl.program_id(0)
@@ -151,6 +152,7 @@ def _int8_gemm_skinny_jit(
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    prefetch_to_l2(w_ptr, PF_BYTES, PF_PROGRAMS, PREFETCH)
     if EARLY:
         w = split_k.load_step(w_ptrs, offs_k, K, 0, EVEN_K)
         wait_for_previous(USE_PDL)  # x, the scratch and the output belong to the kernels ahead
@@ -193,8 +195,9 @@ def launch_call(tensors: tuple, m: int, n: int, k: int, flags: dict, meta: dict)
     grid = (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
     args = (*tensors, *scratch, m, n, k, x.stride(0), w.stride(0), tensors[-1].stride(0))
     # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
+    # The first programs, at most one an SM, ask L2 for the whole weight (pdl.prefetch_to_l2).
     kwargs = dict(flags, **meta, BLOCK_M=bm, EVEN_K=_even_k(k, meta), enable_fp_fusion=False,
-                  **launch_options(x.device))
+                  **prefetch_options(w, min(grid[0], sm_count(x.device))), **launch_options(x.device))
     return grid, args, kwargs
 
 

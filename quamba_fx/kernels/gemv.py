@@ -35,7 +35,7 @@ from .dispatch import INTERPRETER_WIDE_N
 from .dispatch import cdiv, chosen_config, next_pow2, sm_count, tuned_configs
 from .conv1d import conv_update_step
 from .gemm_epilogue import epilogue, store_tile
-from .pdl import launch_options, wait_for_previous
+from .pdl import launch_options, prefetch_options, prefetch_to_l2, wait_for_previous
 
 __all__ = ["GEMV_MAX_M", "launch", "supported"]
 
@@ -134,10 +134,11 @@ def _int8_gemv_jit(
     N, K,
     stride_wn,
     D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
+    PF_BYTES, PF_PROGRAMS,
     W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DP4A: tl.constexpr, USE_PDL: tl.constexpr,
+    DP4A: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
     CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     # CONV: also the decode conv step of columns < D_CONV (see _finish), its state `cs` [D, W-1]
@@ -158,6 +159,7 @@ def _int8_gemv_jit(
     x_ptrs = x_ptr + (offs_k[None, :] + tl.zeros((BLOCK_N, 1), dtype=tl.int32))
     w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
 
+    prefetch_to_l2(w_ptr, PF_BYTES, PF_PROGRAMS, PREFETCH)
     b = split_k.load_step(w_ptrs, offs_k, K, 0, EVEN_K)
     wait_for_previous(USE_PDL)  # x, the scratch and the output belong to the kernels ahead
 
@@ -188,12 +190,6 @@ def _int8_gemv_jit(
 _TUNED: dict = tuned_configs("gemv")
 
 
-def _grid(n: int):
-    def grid(meta):
-        return (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
-    return grid
-
-
 def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple | None = None) -> None:
     """Run the GEMV on `tensors = (x [1, K], w [N, K], x_scale, w_scale, bias, out_scale, out
     [1, N])` (placeholders for absent bias / out_scale), validated by `gemm.int8_gemm` and
@@ -214,8 +210,11 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
     else:
         conv_args = (x, x, x, x, x, 0, 0, 0, 0, 0)  # placeholders, never read
         conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
+    programs = cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"]
     # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
-    _int8_gemv_jit[_grid(n)](*words, *scratch, *conv_args[:5], n, k_words, w.stride(0) // _PACK, *conv_args[5:],
-                             **flags, **meta, **conv_flags, FAST_MATH=not _INTERPRET,
-                             EVEN_K=_even_k(k_words, meta), DP4A=not _INTERPRET, enable_fp_fusion=False,
-                             **launch_options(x.device))
+    # The first programs, at most one an SM, ask L2 for the whole weight (pdl.prefetch_to_l2).
+    _int8_gemv_jit[(programs,)](*words, *scratch, *conv_args[:5], n, k_words, w.stride(0) // _PACK, *conv_args[5:],
+                                **prefetch_options(w, min(programs, sm_count(x.device))),
+                                **flags, **meta, **conv_flags, FAST_MATH=not _INTERPRET,
+                                EVEN_K=_even_k(k_words, meta), DP4A=not _INTERPRET, enable_fp_fusion=False,
+                                **launch_options(x.device))

@@ -11,6 +11,13 @@ left (every program of this kernel is already resident or done when the signal t
 
 A kernel launched after a kernel without the wait (e.g. cuBLAS, or any PyTorch kernel) still starts
 only when that one ends: the early start needs the kernel ahead to signal it.
+
+The decode GEMMs also use that early start to stream the start of their weight into L2
+(`prefetch_to_l2`): the kernels between two GEMMs of a step (norm, scan, Hadamard) are
+latency-bound and leave memory idle, so a GEMM whose programs are resident while one of them runs
+has its first rows on their way before the wait. Only the first `L2_WINDOW_BYTES`: asking for the
+whole weight slowed the batch-1 GEMV by 5% on an H200 (not profiled further; a guess is that its
+own loads then wait behind requests for rows it needs last).
 """
 
 from __future__ import annotations
@@ -25,10 +32,21 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .dispatch import INTERPRET
 
-__all__ = ["ENABLED", "launch_options", "use_pdl", "wait_for_previous"]
+__all__ = ["ENABLED", "L2_PREFETCH", "launch_options", "prefetch_chunk", "prefetch_to_l2", "prefetch_options", "use_pdl",
+           "wait_for_previous"]
 
 # QUAMBA_FX_PDL=0 turns it off (e.g. to measure what it gains).
 ENABLED = os.environ.get("QUAMBA_FX_PDL", "1") != "0"
+# QUAMBA_FX_L2_PREFETCH=0 turns the weight prefetch off (it needs PDL to start early at all).
+L2_PREFETCH = os.environ.get("QUAMBA_FX_L2_PREFETCH", "1") != "0"
+# Bytes of a weight's start that are prefetched: about what memory delivers while one of the
+# latency-bound kernels runs (2-4 us). Measured on an H200 (docs/benchmarks.md, session 29): the
+# whole weight, or each program its own slice, slowed the batch-1 GEMV by 5-6%; 8 MiB sped up
+# decode at every batch.
+L2_WINDOW_BYTES = 8 << 20
+# Bytes of one bulk prefetch instruction: a program's share of a weight is asked for in pieces so
+# that no single request holds a copy engine for long.
+_PIECE = tl.constexpr(65536)
 _DEVICES: Dict[torch.device, bool] = {}
 
 
@@ -61,3 +79,51 @@ def wait_for_previous(USE_PDL: tl.constexpr):
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+def prefetch_options(w: torch.Tensor, programs: int) -> Dict[str, Any]:
+    """Keyword arguments for a launch of a kernel that takes `prefetch_to_l2`'s arguments
+    (`PF_BYTES`, `PF_PROGRAMS`, constexpr `PREFETCH`): the first `L2_WINDOW_BYTES` of the weight `w`
+    are asked for in L2 by the first `programs` programs (one chunk each; at most the launch's
+    programs) when `w` is one contiguous, 16-byte aligned block on a device with PDL (the bulk
+    prefetch is sm_90's) and the prefetch is on; otherwise nothing."""
+    nbytes = min(w.numel() * w.element_size(), L2_WINDOW_BYTES) // 16 * 16
+    if not (L2_PREFETCH and nbytes and programs > 0 and w.is_contiguous() and w.data_ptr() % 16 == 0
+            and use_pdl(w.device)):
+        return {"PF_BYTES": 0, "PF_PROGRAMS": 1, "PREFETCH": False}
+    return {"PF_BYTES": nbytes, "PF_PROGRAMS": programs, "PREFETCH": True}
+
+
+@triton.jit
+def prefetch_chunk(pid, PF_BYTES, PF_PROGRAMS):
+    """Byte range `[start, end)` of program `pid`'s chunk: PF_PROGRAMS chunks of whole 16-byte units
+    cover `[0, PF_BYTES)` (a multiple of 16) in order; trailing programs may get empty ones."""
+    total = PF_BYTES.to(tl.int64)
+    chunk = (tl.cdiv(total, PF_PROGRAMS) + 15) // 16 * 16
+    start = tl.minimum(pid.to(tl.int64) * chunk, total)
+    return start, tl.minimum(start + chunk, total)
+
+
+@triton.jit
+def prefetch_to_l2(ptr, PF_BYTES, PF_PROGRAMS, PREFETCH: tl.constexpr):
+    """Program `p < PF_PROGRAMS` asks L2 for chunk `p` of the `PF_BYTES` bytes at `ptr` (split into
+    PF_PROGRAMS 16-byte aligned chunks), with sm_90's bulk prefetch issued by its first thread; the
+    loads that follow find the lines there or on their way. A hint: nothing waits for it, nothing
+    is written. Call it before `wait_for_previous`, on memory the kernels ahead do not write."""
+    if PREFETCH:
+        pid = tl.program_id(0)
+        if pid < PF_PROGRAMS:
+            start, end = prefetch_chunk(pid, PF_BYTES, PF_PROGRAMS)
+            base = ptr.to(tl.pointer_type(tl.int8), bitcast=True)
+            for offset in range(start, end, _PIECE):
+                size = tl.minimum(end - offset, _PIECE).to(tl.int32)
+                address = (base + offset).to(tl.int64, bitcast=True)
+                _bulk_prefetch(address, size)
+
+
+@triton.jit
+def _bulk_prefetch(address, size):
+    tl.inline_asm_elementwise(
+        "{ .reg .pred first; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 first, t, 0; "
+        "@first cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [address, size], dtype=tl.int32, is_pure=False, pack=1)
