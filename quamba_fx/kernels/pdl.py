@@ -40,10 +40,10 @@ ENABLED = os.environ.get("QUAMBA_FX_PDL", "1") != "0"
 # QUAMBA_FX_L2_PREFETCH=0 turns the weight prefetch off (it needs PDL to start early at all).
 L2_PREFETCH = os.environ.get("QUAMBA_FX_L2_PREFETCH", "1") != "0"
 # Bytes of a weight's start that are prefetched: about what memory delivers while one of the
-# latency-bound kernels runs (2-4 us). Measured on an H200 (docs/benchmarks.md, session 29): the
-# whole weight, or each program its own slice, slowed the batch-1 GEMV by 5-6%; 8 MiB sped up
-# decode at every batch.
-L2_WINDOW_BYTES = 8 << 20
+# latency-bound kernels runs (1-3 us). Measured on an H200 (docs/benchmarks.md, session 29): the
+# whole weight, or each program its own slice, slowed the batch-1 GEMV by 5-6%, 16 MiB by 3%;
+# 4 MiB sped decode up by 3% at batch 1, 16 and 64, 8 MiB by a little less.
+L2_WINDOW_BYTES = 4 << 20
 # Bytes of one bulk prefetch instruction: a program's share of a weight is asked for in pieces so
 # that no single request holds a copy engine for long.
 _PIECE = tl.constexpr(65536)
