@@ -1,0 +1,130 @@
+"""The L2 weight prefetch of the decode GEMMs (kernels/pdl.py): which launches ask for it, that the
+chunks of the asking programs cover exactly the window, and that the compiled sm_90 kernels issue
+it before they wait on the kernel ahead."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quamba_fx.kernels import pdl
+
+_OFF = {"PF_BYTES": 0, "PF_PROGRAMS": 1, "PREFETCH": False}
+
+
+@pytest.fixture
+def pdl_device(monkeypatch):
+    """Pretend the tensors' device launches with PDL, as an H100 / H200 does."""
+    monkeypatch.setattr(pdl, "use_pdl", lambda device: True)
+    monkeypatch.setattr(pdl, "L2_PREFETCH", True)
+
+
+def test_no_prefetch_without_pdl():
+    assert not pdl.use_pdl(torch.device("cpu"))
+    assert pdl.prefetch_options(torch.zeros(64, 64, dtype=torch.int8), 8) == _OFF
+
+
+def test_a_weight_past_the_window_prefetches_the_window(pdl_device):
+    w = torch.zeros(pdl.L2_WINDOW_BYTES // 256 + 7, 256, dtype=torch.int8)
+    assert pdl.prefetch_options(w, 132) == {"PF_BYTES": pdl.L2_WINDOW_BYTES, "PF_PROGRAMS": 132, "PREFETCH": True}
+
+
+def test_a_small_weight_prefetches_its_whole_16_byte_units(pdl_device):
+    w = torch.zeros(3, 50, dtype=torch.int8)  # 150 bytes: the last 6 are no whole unit
+    assert pdl.prefetch_options(w, 2) == {"PF_BYTES": 144, "PF_PROGRAMS": 2, "PREFETCH": True}
+    w32 = torch.zeros(4, 8, dtype=torch.int32)  # counted in bytes, not elements
+    assert pdl.prefetch_options(w32, 1)["PF_BYTES"] == 128
+
+
+@pytest.mark.parametrize("case", ["switched off", "not contiguous", "misaligned", "no programs", "under 16 bytes"])
+def test_no_prefetch_where_the_bulk_prefetch_cannot_take_the_weight(pdl_device, monkeypatch, case):
+    w = torch.zeros(64, 128, dtype=torch.int8)
+    programs = 4
+    if case == "switched off":
+        monkeypatch.setattr(pdl, "L2_PREFETCH", False)
+    elif case == "not contiguous":
+        w = w[:, :64]
+    elif case == "misaligned":
+        w = w.view(-1)[1:1 + 64 * 64].view(64, 64)
+        assert w.data_ptr() % 16
+    elif case == "no programs":
+        programs = 0
+    else:
+        w = w[:1, :15].contiguous()
+    assert pdl.prefetch_options(w, programs) == _OFF
+
+
+@triton.jit
+def _chunks_kernel(out_ptr, PF_BYTES, PF_PROGRAMS):
+    pid = tl.program_id(0)
+    start, end = pdl.prefetch_chunk(pid, PF_BYTES, PF_PROGRAMS)
+    tl.store(out_ptr + 2 * pid, start)
+    tl.store(out_ptr + 2 * pid + 1, end)
+
+
+@settings(max_examples=25, deadline=None)
+@given(units=st.integers(1, 5000), programs=st.integers(1, 40))
+def test_the_asking_programs_chunks_cover_the_window_in_order(units, programs):
+    nbytes = 16 * units
+    out = torch.full((programs, 2), -1, dtype=torch.int64)
+    _chunks_kernel[(programs,)](out, nbytes, programs)
+    starts, ends = out[:, 0].tolist(), out[:, 1].tolist()
+    assert starts[0] == 0 and ends[-1] == nbytes
+    assert all(s <= e for s, e in zip(starts, ends))
+    assert all(e == s for e, s in zip(ends, starts[1:]))  # no gap, no overlap
+    assert all(s % 16 == 0 and e % 16 == 0 for s, e in zip(starts, ends))  # the instruction's units
+
+
+# Compiled for sm_90 in a child process: under TRITON_INTERPRET=1 (the test run's setting) the
+# kernels are interpreted functions, which Triton cannot compile.
+_COMPILE = textwrap.dedent('''
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from quamba_fx.kernels import gemm_skinny, gemv
+
+    def ptx(fn, signature, constexprs, warps):
+        full = {**signature, **{name: "constexpr" for name in constexprs}}
+        source = ASTSource(fn=fn, signature=full, constexprs=constexprs)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+
+    def kinds(names, kind):
+        return {name: kind for name in names.split()}
+
+    epilogue = dict(W_PER_CHANNEL=True, HAS_BIAS=False, OUT_MODE=1, OUT_PER_CHANNEL=False, EVEN_K=True,
+                    USE_PDL=True, PREFETCH=True)
+    scales = kinds("x_scale_ptr w_scale_ptr bias_ptr out_scale_ptr", "*fp32")
+    gemv_sig = {**kinds("x_ptr w_ptr", "*i32"), **scales, "out_ptr": "*i8", **kinds("partial_ptr count_ptr", "*i32"),
+                **kinds("cs_ptr cw_ptr cb_ptr cu_scale_ptr u_ptr", "*i8"),
+                **kinds("N K stride_wn D_CONV stride_csd stride_csk stride_cwd stride_cwk PF_BYTES PF_PROGRAMS", "i32")}
+    skinny_sig = {**kinds("x_ptr w_ptr", "*i8"), **scales, "out_ptr": "*i8", **kinds("partial_ptr count_ptr", "*i32"),
+                  **kinds("M N K stride_xm stride_wn stride_om PF_BYTES PF_PROGRAMS", "i32")}
+    print("gemv", ptx(gemv._int8_gemv_jit, gemv_sig, dict(
+        epilogue, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, DP4A=True, CONV=False, CONV_W=4, CONV_HAS_BIAS=False,
+        FAST_MATH=True), 8).replace("\\n", " "))
+    for early in (True, False):
+        print("skinny", ptx(gemm_skinny._int8_gemm_skinny_jit, skinny_sig, dict(
+            epilogue, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, EARLY=early), 4).replace("\\n", " "))
+''')
+
+
+def test_the_decode_gemms_prefetch_before_they_wait():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    kernels = run.stdout.splitlines()
+    assert [line.split()[0] for line in kernels] == ["gemv", "skinny", "skinny"]
+    for line in kernels:
+        prefetch, wait = line.find("cp.async.bulk.prefetch.L2.global"), line.find("griddepcontrol.wait")
+        assert 0 <= prefetch < wait, line.split()[0]
