@@ -18,6 +18,8 @@ before its first load. Here:
   software pipeliner keeps `num_stages` tiles in flight through shared memory, after the wait.
   Measured, the early fetch wins only where K is one or two steps (dt_proj); on long K one tile
   in flight a program is too little to stream the weight (docs/benchmarks.md, run 7);
+* in both forms the first programs ask L2 for the weight's first rows before the wait
+  (`pdl.prefetch_to_l2`);
 * K may be split across programs (split_k.py) so that a projection with few output rows (x_proj's
   192, out_proj's 2560) still spreads over every SM.
 
@@ -195,7 +197,7 @@ def launch_call(tensors: tuple, m: int, n: int, k: int, flags: dict, meta: dict)
     grid = (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
     args = (*tensors, *scratch, m, n, k, x.stride(0), w.stride(0), tensors[-1].stride(0))
     # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
-    # The first programs, at most one an SM, ask L2 for the whole weight (pdl.prefetch_to_l2).
+    # The first programs, at most one an SM, ask L2 for the weight's first rows (pdl.prefetch_to_l2).
     kwargs = dict(flags, **meta, BLOCK_M=bm, EVEN_K=_even_k(k, meta), enable_fp_fusion=False,
                   **prefetch_options(w, min(grid[0], sm_count(x.device))), **launch_options(x.device))
     return grid, args, kwargs

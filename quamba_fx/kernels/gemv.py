@@ -14,8 +14,9 @@ before the current one is used (two tiles in flight a thread). K may be split ac
 
 Launched with programmatic dependent launch where the GPU has it (pdl.py), a program loads
 its first weight tile before it waits for the kernel before it: the weights do not depend on it,
-so the launch and the first loads overlap that kernel's tail. Nothing is written, and the
-activations are not read, before the wait.
+so the launch and the first loads overlap that kernel's tail; the first programs also ask L2 for the
+weight's first rows (`pdl.prefetch_to_l2`). Nothing is written, and the activations are not read,
+before the wait.
 
 `gemm.int8_gemm` runs it for every one-row problem whose operands are whole words (`supported`),
 with one config by rule (`gpu_config`, which says why no tuner). Under the Triton interpreter the
@@ -212,7 +213,7 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
         conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
     programs = cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"]
     # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
-    # The first programs, at most one an SM, ask L2 for the whole weight (pdl.prefetch_to_l2).
+    # The first programs, at most one an SM, ask L2 for the weight's first rows (pdl.prefetch_to_l2).
     _int8_gemv_jit[(programs,)](*words, *scratch, *conv_args[:5], n, k_words, w.stride(0) // _PACK, *conv_args[5:],
                                 **prefetch_options(w, min(programs, sm_count(x.device))),
                                 **flags, **meta, **conv_flags, FAST_MATH=not _INTERPRET,

@@ -16,8 +16,9 @@ The decode GEMMs also use that early start to stream the start of their weight i
 (`prefetch_to_l2`): the kernels between two GEMMs of a step (norm, scan, Hadamard) are
 latency-bound and leave memory idle, so a GEMM whose programs are resident while one of them runs
 has its first rows on their way before the wait. Only the first `L2_WINDOW_BYTES`: asking for the
-whole weight slowed the batch-1 GEMV by 5% on an H200 (not profiled further; a guess is that its
-own loads then wait behind requests for rows it needs last).
+whole weight made batch-1 decode 5% slower on an H200 (not profiled further; a guess is that the
+GEMV's own loads then wait behind requests for rows it needs last). A separate kernel that streamed
+a whole projection into L2 while the small kernels ran made decode 11% slower.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .dispatch import INTERPRET
 
-__all__ = ["ENABLED", "L2_PREFETCH", "launch_options", "prefetch_chunk", "prefetch_to_l2", "prefetch_options", "use_pdl",
-           "wait_for_previous"]
+__all__ = ["ENABLED", "L2_PREFETCH", "L2_WINDOW_BYTES", "launch_options", "prefetch_chunk", "prefetch_options",
+           "prefetch_to_l2", "use_pdl", "wait_for_previous"]
 
 # QUAMBA_FX_PDL=0 turns it off (e.g. to measure what it gains).
 ENABLED = os.environ.get("QUAMBA_FX_PDL", "1") != "0"
@@ -44,8 +45,8 @@ L2_PREFETCH = os.environ.get("QUAMBA_FX_L2_PREFETCH", "1") != "0"
 # whole weight, or each program its own slice, slowed the batch-1 GEMV by 5-6%, 16 MiB by 3%;
 # 4 MiB sped decode up by 3% at batch 1, 16 and 64, 8 MiB by a little less.
 L2_WINDOW_BYTES = 4 << 20
-# Bytes of one bulk prefetch instruction: a program's share of a weight is asked for in pieces so
-# that no single request holds a copy engine for long.
+# Most bytes one bulk prefetch asks for. The PTX manual states no bound on its size; pieces keep each
+# request modest in case the hardware has one. (A 4 MiB window over 132 programs is one piece each.)
 _PIECE = tl.constexpr(65536)
 _DEVICES: Dict[torch.device, bool] = {}
 
