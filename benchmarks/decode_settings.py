@@ -1,0 +1,161 @@
+"""Decode tokens/s of one lowered model under each value of a module setting, in one process: the
+A/B of a kernel rule (e.g. the L2 prefetch window) without rebuilding the model per variant.
+
+    python benchmarks/decode_settings.py --set quamba_fx.kernels.pdl.L2_WINDOW_BYTES=0,4194304,8388608
+        [--model mamba-2.8b] [--batches 1 16 64] [--rounds 2] [--ref] [--commit SHA] [--json PATH] [--smoke]
+
+`--set MODULE.NAME=V1,V2,...` (Python literals; repeat the flag for a grid of every combination)
+is assigned before each variant's `quamba_fx.Generator` is built and its decode step captured, so
+it must be a setting read when a kernel is launched (a captured CUDA graph keeps what was read at
+capture). Variants run in order within each round and the rounds repeat the whole order, so a
+drift of the GPU's clock shows as a difference between rounds, not between variants. Every
+setting is put back at the end. `--ref` also times mamba_ssm's CUDA-graph decode once (needs
+/work/shared/anchors on PYTHONPATH, as benchmarks/reference.py does).
+
+Rows are tokens/s of greedy decode steps replayed from CUDA graphs after a 16-token prompt (as
+reference.py times them); the table gives each round, the mean, and the mean over the first
+variant's. `--smoke` checks the script on CPU (mamba-tiny, a few plain steps; the numbers mean
+nothing there). docs/benchmarks.md (session 29) has the L2 window sweep this script reproduces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import itertools
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference, gpu_timing (also when imported by a test)
+import reference as R  # noqa: E402
+from gpu_timing import write_json  # noqa: E402
+
+
+def parse_setting(text: str) -> tuple[object, str, list]:
+    """`MODULE.NAME=V1,V2,...` -> (module, NAME, [values]); a clear error for a name that does not
+    exist (a typo must not silently time the same setting twice) or a value that is no literal."""
+    name, sep, values = text.partition("=")
+    module_name, _, attr = name.rpartition(".")
+    if not sep or not module_name or not attr or not values:
+        raise ValueError(f"--set {text!r}: expected MODULE.NAME=V1,V2,...")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--set {text!r}: cannot import {module_name}: {exc}") from exc
+    if not hasattr(module, attr):
+        raise ValueError(f"--set {text!r}: {module_name} has no attribute {attr}")
+    parsed = []
+    for value in values.split(","):
+        try:
+            parsed.append(ast.literal_eval(value.strip()))
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"--set {text!r}: {value!r} is not a Python literal") from exc
+    return module, attr, parsed
+
+
+def variants(settings: list[tuple[object, str, list]]) -> list[dict]:
+    """Every combination of the settings' values, in order: [{(module, name): value}, ...]."""
+    keys = [(module, attr) for module, attr, _ in settings]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(values for _, _, values in settings))]
+
+
+def label(variant: dict) -> str:
+    return ", ".join(f"{attr}={value!r}" for (_, attr), value in variant.items())
+
+
+def run(args: argparse.Namespace, settings: list[tuple[object, str, list]]) -> dict:
+    """Time every variant of `settings` (`parse_setting`'s) at every batch for `args.rounds` rounds;
+    returns the results dict."""
+    grid = variants(settings)
+    saved = {(module, attr): getattr(module, attr) for module, attr, _ in settings}
+    ours, ref, check, vocab = R.build(args.model, args.ref, ["quamba"])
+    lowered = ours[R.OURS]
+    torch.manual_seed(1)
+    prompts = {b: torch.randint(0, vocab, (b, R.PROMPT_LEN), device=R.DEVICE) for b in args.batches}
+    result: dict = {"model": args.model, "check": check, "variants": [label(v) for v in grid], "rows": []}
+    try:
+        with torch.inference_mode():
+            if ref is not None:
+                result["mamba_ssm"] = {}
+                for batch, prompt in prompts.items():
+                    dec = R.RefDecoder(ref, batch, R.PROMPT_LEN + args.steps + 8)
+                    result["mamba_ssm"][str(batch)] = R.decode_rate(dec.prefill, dec.decode, prompt, args.steps)
+                    del dec
+                    R.log(f"  mamba_ssm batch {batch}: {result['mamba_ssm'][str(batch)]:.0f} tok/s")
+            for round_ in range(args.rounds):
+                for variant in grid:
+                    for (module, attr), value in variant.items():
+                        setattr(module, attr, value)
+                    for batch, prompt in prompts.items():
+                        rate, _ = R._our_decode_rate(lowered, prompt, args.steps)
+                        result["rows"].append({"variant": label(variant), "round": round_, "batch": batch,
+                                               "tokens_per_s": rate})
+                        R.log(f"  round {round_} {label(variant)} batch {batch}: {rate:.0f} tok/s")
+                        R.empty_cache()
+    finally:
+        for (module, attr), value in saved.items():
+            setattr(module, attr, value)
+    return result
+
+
+def print_table(result: dict, batches: list[int]) -> None:
+    names = result["variants"]
+    print(f"\nDecode tokens/s, {result['model']}, CUDA-graph steps (rounds; mean; mean / first variant's)")
+    print("| variant | batch | rounds | mean | vs first |" + (" vs mamba_ssm |" if "mamba_ssm" in result else ""))
+    print("|---|---|---|---|---|" + ("---|" if "mamba_ssm" in result else ""))
+    means = {(row["variant"], row["batch"]): [] for row in result["rows"]}
+    for row in result["rows"]:
+        means[(row["variant"], row["batch"])].append(row["tokens_per_s"])
+    for name in names:
+        for batch in batches:
+            rates = means[(name, batch)]
+            mean, first = statistics.fmean(rates), statistics.fmean(means[(names[0], batch)])
+            cells = [name, str(batch), " / ".join(f"{r:.0f}" for r in rates), f"{mean:.0f}", f"{mean / first:.3f}x"]
+            if "mamba_ssm" in result:
+                cells.append(f"{mean / result['mamba_ssm'][str(batch)]:.2f}x")
+            print("| " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", action="append", required=True, metavar="MODULE.NAME=V1,V2,...")
+    parser.add_argument("--model", default="mamba-2.8b")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=R.DECODE_STEPS, help="timed decode steps")
+    parser.add_argument("--ref", action="store_true", help="also time mamba_ssm's decode once")
+    parser.add_argument("--commit", default=None, help="the checkout's commit, recorded in the JSON")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--smoke", action="store_true", help="check the script on CPU: mamba-tiny, a few steps")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.steps < 1 or min(args.batches) < 1:
+        parser.error("--rounds, --steps and every batch must be at least 1")
+    if args.smoke:
+        if args.ref:
+            parser.error("--smoke runs our side only; drop --ref")
+        R.DEVICE = "cpu"
+        args.model, args.steps = "mamba-tiny", min(args.steps, 3)
+        device = "cpu (smoke run)"
+    else:
+        from gpu_timing import require_gpu
+
+        device = require_gpu("decode_settings.py")
+    try:
+        settings = [parse_setting(text) for text in args.set]
+    except ValueError as exc:
+        parser.error(str(exc))
+    result = run(args, settings)
+    print_table(result, args.batches)
+    if args.json:
+        write_json(args.json, device, {"commit": args.commit, "command": sys.argv[1:] if argv is None else argv},
+                   result=result)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

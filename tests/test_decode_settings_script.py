@@ -1,0 +1,73 @@
+"""benchmarks/decode_settings.py: each variant's setting is in force while its rows are timed and is
+put back afterwards, bad settings fail before any model is built, and the CPU smoke run writes the
+table and the JSON (so the script cannot rot while CI has no GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_settings.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("decode_settings_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+script = _load_script()
+SETTING = "quamba_fx.kernels.pdl.L2_WINDOW_BYTES"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("quamba_fx.kernels.pdl.L2_WINDOW_BYTE=1,2", "has no attribute L2_WINDOW_BYTE"),
+    ("quamba_fx.kernels.nowhere.X=1", "cannot import quamba_fx.kernels.nowhere"),
+    (f"{SETTING}=4 MiB", "is not a Python literal"),
+    (f"{SETTING}", "expected MODULE.NAME=V1,V2"),
+])
+def test_a_bad_setting_is_named(text, message):
+    with pytest.raises(ValueError, match=message):
+        script.parse_setting(text)
+
+
+def test_the_grid_is_every_combination_in_order():
+    from quamba_fx.kernels import pdl
+
+    grid = script.variants([script.parse_setting(f"{SETTING}=0,16"),
+                            script.parse_setting("quamba_fx.kernels.pdl.L2_PREFETCH=True,False")])
+    assert [list(v.values()) for v in grid] == [[0, True], [0, False], [16, True], [16, False]]
+    assert all(list(v) == [(pdl, "L2_WINDOW_BYTES"), (pdl, "L2_PREFETCH")] for v in grid)
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run_times_each_variant_under_its_setting(tmp_path, capsys, monkeypatch):
+    from quamba_fx.kernels import dispatch, pdl
+
+    # The script's logic is under test, not the kernels (their own tests run them interpreted).
+    monkeypatch.setattr(dispatch, "INTERPRET", False)
+    reference = script.R
+    monkeypatch.setattr(reference, "DEVICE", reference.DEVICE)  # the smoke run switches it to cpu
+    seen = []
+    timed = reference._our_decode_rate
+
+    def recording(lowered, prompt, steps):
+        seen.append((pdl.L2_WINDOW_BYTES, prompt.shape[0]))
+        return timed(lowered, prompt, steps)
+
+    monkeypatch.setattr(reference, "_our_decode_rate", recording)
+    before = pdl.L2_WINDOW_BYTES
+    out = tmp_path / "ab.json"
+    assert script.main(["--smoke", "--set", f"{SETTING}=0,16", "--batches", "1", "2", "--json", str(out)]) == 0
+    assert seen == [(0, 1), (0, 2), (16, 1), (16, 2)] * 2  # two rounds, each variant's value in force
+    assert pdl.L2_WINDOW_BYTES == before
+    assert "Decode tokens/s, mamba-tiny" in capsys.readouterr().out
+    result = json.loads(out.read_text())["result"]
+    assert result["variants"] == ["L2_WINDOW_BYTES=0", "L2_WINDOW_BYTES=16"]
+    assert len(result["rows"]) == 8 and all(row["tokens_per_s"] > 0 for row in result["rows"])
