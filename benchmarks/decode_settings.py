@@ -2,7 +2,8 @@
 A/B of a kernel rule (e.g. the L2 prefetch window) without rebuilding the model per variant.
 
     python benchmarks/decode_settings.py --set quamba_fx.kernels.pdl.L2_WINDOW_BYTES=0,4194304,8388608
-        [--model mamba-2.8b] [--batches 1 16 64] [--rounds 2] [--ref] [--commit SHA] [--json PATH] [--smoke]
+        [--model mamba-2.8b] [--recipe quamba] [--rtn-weights] [--batches 1 16 64] [--rounds 2] [--ref]
+        [--commit SHA] [--json PATH] [--smoke]
 
 `--set MODULE.NAME=V1,V2,...` (Python literals; repeat the flag for a grid of every combination)
 is assigned before each variant's `quamba_fx.Generator` is built and its decode step captured, so
@@ -72,11 +73,12 @@ def run(args: argparse.Namespace, settings: list[tuple[object, str, list]]) -> d
     returns the results dict."""
     grid = variants(settings)
     saved = {(module, attr): getattr(module, attr) for module, attr, _ in settings}
-    ours, ref, check, vocab = R.build(args.model, args.ref, ["quamba"])
-    lowered = ours[R.OURS]
+    ours, ref, check, vocab = R.build(args.model, args.ref, [args.recipe], args.rtn_weights)
+    lowered = ours[R.recipe_label(args.recipe)]
     torch.manual_seed(1)
     prompts = {b: torch.randint(0, vocab, (b, R.PROMPT_LEN), device=R.DEVICE) for b in args.batches}
-    result: dict = {"model": args.model, "check": check, "variants": [label(v) for v in grid], "rows": []}
+    result: dict = {"model": args.model, "recipe": args.recipe, "check": check,
+                    "variants": [label(v) for v in grid], "rows": []}
     try:
         with torch.inference_mode():
             if ref is not None:
@@ -104,7 +106,8 @@ def run(args: argparse.Namespace, settings: list[tuple[object, str, list]]) -> d
 
 def print_table(result: dict, batches: list[int]) -> None:
     names = result["variants"]
-    print(f"\nDecode tokens/s, {result['model']}, CUDA-graph steps (rounds; mean; mean / first variant's)")
+    print(f"\nDecode tokens/s, {result['model']} {result['recipe']}, CUDA-graph steps "
+          "(rounds; mean; mean / first variant's)")
     print("| variant | batch | rounds | mean | vs first |" + (" vs mamba_ssm |" if "mamba_ssm" in result else ""))
     print("|---|---|---|---|---|" + ("---|" if "mamba_ssm" in result else ""))
     means = {(row["variant"], row["batch"]): [] for row in result["rows"]}
@@ -124,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", action="append", required=True, metavar="MODULE.NAME=V1,V2,...")
     parser.add_argument("--model", default="mamba-2.8b")
+    parser.add_argument("--recipe", default="quamba", help="the recipe lowered (reference.py's --recipes names)")
+    parser.add_argument("--rtn-weights", action="store_true",
+                        help="4-bit recipes round their weights to nearest instead of running GPTQ (faster)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=R.DECODE_STEPS, help="timed decode steps")

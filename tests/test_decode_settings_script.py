@@ -67,7 +67,7 @@ def test_cpu_smoke_run_times_each_variant_under_its_setting(tmp_path, capsys, mo
     assert script.main(["--smoke", "--set", f"{SETTING}=0,16", "--batches", "1", "2", "--json", str(out)]) == 0
     assert seen == [(0, 1), (0, 2), (16, 1), (16, 2)] * 2  # two rounds, each variant's value in force
     assert pdl.L2_WINDOW_BYTES == before
-    assert "Decode tokens/s, mamba-tiny" in capsys.readouterr().out
+    assert "Decode tokens/s, mamba-tiny quamba" in capsys.readouterr().out
     result = json.loads(out.read_text())["result"]
     assert result["variants"] == ["L2_WINDOW_BYTES=0", "L2_WINDOW_BYTES=16"]
     assert len(result["rows"]) == 8 and all(row["tokens_per_s"] > 0 for row in result["rows"])
