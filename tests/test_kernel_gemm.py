@@ -298,6 +298,8 @@ def test_skinny_config_rule(M, K, N):
         bn, bk, split = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
         assert 16 <= bn <= max(16, 1 << (N - 1).bit_length()) and 32 <= bk <= max(32, 1 << (K - 1).bit_length())
         assert split <= max(1, -(-K // bk)) and c.num_warps % 4 == 0
+        assert c.kwargs["EARLY"] or c.num_stages * (bn + gemm_skinny.block_m(M)) * bk <= gemm_skinny._SWEEP_SMEM
+    assert {c.num_stages for c in candidates if not c.kwargs["EARLY"]} == {3, 4, 6}
     bn, bk, split = (rule.kwargs[key] for key in ("BLOCK_N", "BLOCK_K", "SPLIT_K"))
     assert split == 1 or -(-N // bn) * split // 2 < (132 if M <= 16 else 66)
     assert rule.kwargs["EARLY"] == (K <= 512)

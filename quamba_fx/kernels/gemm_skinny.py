@@ -65,17 +65,25 @@ def _clip(bn: int, bk: int, n: int, k: int) -> tuple:
     return min(bn, max(16, next_pow2(n))), min(bk, max(32, next_pow2(k)))
 
 
+# Shared memory a pipelined candidate may hold across its stages: under the 227 KiB an H100 / H200
+# CTA may take, with room for Triton's own scratch.
+_SWEEP_SMEM = 200 * 1024
+
+
 def candidates(m: int, n: int, k: int, sms: int) -> List[triton.Config]:
     """The configs `benchmarks/decode_gemm.py` times for an `m x n x k` problem: 64 or 128 weight
-    rows, K steps of 128-512 bytes, both loop forms, and for each the K splits that take the
-    programs towards one, two, four and eight per SM."""
+    rows, K steps of 128-512 bytes, the early-fetch loop and the pipelined one at 3, 4 or 6 stages
+    (those whose stages fit `_SWEEP_SMEM`), and for each the K splits that take the programs
+    towards one, two, four and eight per SM."""
     out, seen = [], set()
     for bn0 in (64, 128):
         for bk0 in (128, 256, 512):
             bn, bk = _clip(bn0, bk0, n, k)
             k_tiles = cdiv(k, bk)
             for split in split_k.split_counts(cdiv(n, bn), k_tiles, 8 * sms):
-                for early, stages in ((True, 1), (False, 3)):
+                for early, stages in ((True, 1), (False, 3), (False, 4), (False, 6)):
+                    if not early and stages * (bn + block_m(m)) * bk > _SWEEP_SMEM:
+                        continue
                     for warps in (4, 8):
                         if warps == 8 and bn < 128:
                             continue  # a 64-row tile is one warpgroup's wgmma
