@@ -28,6 +28,7 @@ import itertools
 import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -68,9 +69,11 @@ def label(variant: dict) -> str:
     return ", ".join(f"{attr}={value!r}" for (_, attr), value in variant.items())
 
 
-def run(args: argparse.Namespace, settings: list[tuple[object, str, list]]) -> dict:
+def run(args: argparse.Namespace, settings: list[tuple[object, str, list]],
+        save: Callable[[dict], None] = lambda result: None) -> dict:
     """Time every variant of `settings` (`parse_setting`'s) at every batch for `args.rounds` rounds;
-    returns the results dict."""
+    returns the results dict, also handed to `save` after every row (a run cut short keeps what it
+    measured)."""
     grid = variants(settings)
     saved = {(module, attr): getattr(module, attr) for module, attr, _ in settings}
     ours, ref, check, vocab = R.build(args.model, args.ref, [args.recipe], args.rtn_weights)
@@ -88,6 +91,7 @@ def run(args: argparse.Namespace, settings: list[tuple[object, str, list]]) -> d
                     result["mamba_ssm"][str(batch)] = R.decode_rate(dec.prefill, dec.decode, prompt, args.steps)
                     del dec
                     R.log(f"  mamba_ssm batch {batch}: {result['mamba_ssm'][str(batch)]:.0f} tok/s")
+                    save(result)
             for round_ in range(args.rounds):
                 for variant in grid:
                     for (module, attr), value in variant.items():
@@ -97,6 +101,7 @@ def run(args: argparse.Namespace, settings: list[tuple[object, str, list]]) -> d
                         result["rows"].append({"variant": label(variant), "round": round_, "batch": batch,
                                                "tokens_per_s": rate})
                         R.log(f"  round {round_} {label(variant)} batch {batch}: {rate:.0f} tok/s")
+                        save(result)
                         R.empty_cache()
     finally:
         for (module, attr), value in saved.items():
@@ -154,11 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = [parse_setting(text) for text in args.set]
     except ValueError as exc:
         parser.error(str(exc))
-    result = run(args, settings)
+    meta = {"commit": args.commit, "command": sys.argv[1:] if argv is None else argv}
+
+    def save(result: dict) -> None:
+        if args.json:
+            write_json(args.json, device, meta, result=result)
+
+    result = run(args, settings, save)
     print_table(result, args.batches)
     if args.json:
-        write_json(args.json, device, {"commit": args.commit, "command": sys.argv[1:] if argv is None else argv},
-                   result=result)
         print(f"\nwrote {args.json}")
     return 0
 
