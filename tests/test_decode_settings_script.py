@@ -4,25 +4,13 @@ table and the JSON (so the script cannot rot while CI has no GPU)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_settings.py"
+from .benchmark_scripts import load_benchmark
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("decode_settings_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load_script()
+script = load_benchmark("decode_settings.py", "decode_settings_benchmark")
 SETTING = "quamba_fx.kernels.pdl.L2_WINDOW_BYTES"
 
 

@@ -3,10 +3,7 @@ torch._scaled_mm backend against the exact reference `fp8_linear`, and benchmark
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +11,8 @@ import torch
 from quamba_fx.kernels import dispatch
 from quamba_fx.kernels.gemm_fp8 import fp8_gemm, fp8_gemm_reference
 from quamba_fx.quant.fp8 import E4M3_MAX, quantize_fp8, quantize_weight_per_channel_fp8
+
+from .benchmark_scripts import load_benchmark
 
 needs_interpreter = pytest.mark.skipif(not dispatch.INTERPRET, reason="runs the Triton kernel: set TRITON_INTERPRET=1")
 
@@ -99,18 +98,9 @@ def test_fp8_gemm_op_has_the_reference_shape_under_fake_tensors():
     assert out.shape == (6, 8) and out.dtype == torch.int8
 
 
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_fp8.py"
-    spec = importlib.util.spec_from_file_location("gemm_fp8_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @needs_interpreter
 def test_benchmark_smoke_runs_on_cpu_and_writes_checked_rows(tmp_path, capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("gemm_fp8.py", "gemm_fp8_benchmark")
     assert bench.main(["--smoke", "--json", str(tmp_path / "fp8.json")]) == 0
     data = json.loads((tmp_path / "fp8.json").read_text())
     assert data["meta"]["smoke"] is True

@@ -3,25 +3,13 @@ tables and a JSON with our side's rows (so the script cannot rot while CI has no
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reference.py"
+from .benchmark_scripts import load_benchmark
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("reference_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_script()
+ref = load_benchmark("reference.py", "reference_benchmark")
 
 
 @pytest.mark.parametrize("name, kind", [

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,18 +12,9 @@ from transformers import MambaForCausalLM
 
 from quamba_fx.textdata import find_wikitext
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_bytes_model.py"
+from .benchmark_scripts import load_benchmark
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_bytes_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-tbm = _load_script()
+tbm = load_benchmark("train_bytes_model.py", "train_bytes_model")
 
 
 def _model(seed: int = 0, **shape) -> MambaForCausalLM:
