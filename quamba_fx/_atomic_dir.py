@@ -151,19 +151,32 @@ def read_consistently(target: Path, read: Callable[[], T], attempts: int = 3) ->
     """`read()` the directory `target` without a lock, again if a save swapped it in the meantime.
 
     Saves replace the directory, never a file in it, so the same directory before and after means
-    every file came from one checkpoint. A failed read is retried only if a swap explains it.
+    every file came from one checkpoint. A failed read is retried only if a swap explains it: the
+    directory changed, or it is missing (a save between its two renames: the retry waits for it).
     """
     for _ in range(attempts):
         before = _identity(target)
         try:
             result = read()
         except Exception:
-            if _identity(target) == before:
+            after = _identity(target)
+            if after == before and after is not None:
                 raise
+            if after is None:  # missing: maybe a save between its two renames, which hold the lock
+                _wait_for_swap(target)
             continue
         if _identity(target) == before:
             return result
     return read()
+
+
+def _wait_for_swap(target: Path) -> None:
+    """Return once no save is swapping `target` (a save holds the lock for its swap only)."""
+    try:
+        with locked(target):
+            pass
+    except OSError:  # a place we can't write a lock file to: nobody can save there either
+        pass
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 import traceback
 import warnings
@@ -18,7 +19,7 @@ import torch
 
 import quamba_fx
 from quamba_fx import CheckpointError
-from quamba_fx._atomic_dir import KILL_AT_ENV
+from quamba_fx._atomic_dir import KILL_AT_ENV, locked, read_consistently
 
 from .conftest import make_model, tiny_config
 
@@ -180,3 +181,39 @@ def test_racing_writers_all_succeed_and_leave_a_loadable_checkpoint(graphs, logi
         assert [w.exitcode for w in writers] == [0, 0, 0]
         assert which(path, logits) in (0, 1)
         assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt"]
+
+
+def test_a_read_that_finds_the_directory_missing_waits_for_the_swap_and_retries(tmp_path):
+    # A save between its two renames (old moved aside, new not yet in place) holds the lock; a
+    # reader that finds nothing there before and after its failed read must wait for it, not fail.
+    target = tmp_path / "ckpt"
+    holding, release = threading.Event(), threading.Event()
+
+    def saver() -> None:
+        with locked(target):
+            holding.set()
+            release.wait(10)
+            target.mkdir()
+
+    def read() -> str:
+        release.set()  # the swap completes only after this read has failed
+        if not target.is_dir():
+            raise CheckpointError(f"{target} is not a directory written by save_pretrained")
+        return "read"
+
+    thread = threading.Thread(target=saver)
+    thread.start()
+    assert holding.wait(10)
+    try:
+        assert read_consistently(target, read) == "read"
+    finally:
+        release.set()
+        thread.join(10)
+
+
+def test_a_read_of_a_directory_that_never_appears_still_fails(tmp_path):
+    def read() -> str:
+        raise CheckpointError("not a directory written by save_pretrained")
+
+    with pytest.raises(CheckpointError):
+        read_consistently(tmp_path / "absent", read)
