@@ -82,9 +82,11 @@ KERNELS = {
 }
 
 
-def compile_sass(module: str, function: str, signature: dict, constexprs: dict, multiples: tuple, warps: int,
-                 stages: int) -> str:
-    """The kernel's SASS for sm_90, disassembled with Triton's bundled nvdisasm."""
+def compile_sm90(module: str, function: str, signature: dict, constexprs: dict, multiples: tuple, warps: int,
+                 stages: int):
+    """Triton's compiled kernel for sm_90 (its `asm` holds the PTX and the cubin): `signature` maps
+    the arguments to Triton types, `constexprs` gives the constexprs' values, and pointers, strides
+    and the arguments named in `multiples` are declared multiples of 16."""
     import importlib
 
     import triton
@@ -98,8 +100,15 @@ def compile_sass(module: str, function: str, signature: dict, constexprs: dict, 
     aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
                if kind.startswith("*") or name.startswith("stride") or name in multiples}
     source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def compile_sass(module: str, function: str, signature: dict, constexprs: dict, multiples: tuple, warps: int,
+                 stages: int) -> str:
+    """The kernel's SASS for sm_90 (see `compile_sm90`), disassembled with Triton's bundled nvdisasm."""
+    import triton
+
+    compiled = compile_sm90(module, function, signature, constexprs, multiples, warps, stages)
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
