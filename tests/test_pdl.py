@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from quamba_fx.kernels import pdl
 
+from .benchmark_scripts import BENCHMARKS
+
 _OFF = {"PF_BYTES": 0, "PF_PROGRAMS": 1, "PREFETCH": False}
 
 
@@ -36,6 +38,12 @@ def test_no_prefetch_without_pdl():
 def test_a_weight_past_the_window_prefetches_the_window(pdl_device):
     w = torch.zeros(pdl.L2_WINDOW_BYTES // 256 + 7, 256, dtype=torch.int8)
     assert pdl.prefetch_options(w, 132) == {"PF_BYTES": pdl.L2_WINDOW_BYTES, "PF_PROGRAMS": 132, "PREFETCH": True}
+
+
+def test_at_most_one_program_an_sm_asks(pdl_device):
+    w = torch.zeros(pdl.L2_WINDOW_BYTES // 256, 256, dtype=torch.int8)
+    options = pdl.prefetch_options(w, 5 * pdl.sm_count(w.device))
+    assert options["PF_PROGRAMS"] == pdl.sm_count(w.device) and options["PF_BYTES"] == pdl.L2_WINDOW_BYTES
 
 
 def test_a_small_weight_prefetches_its_whole_16_byte_units(pdl_device):
@@ -84,18 +92,16 @@ def test_the_asking_programs_chunks_cover_the_window_in_order(units, programs):
     assert all(s % 16 == 0 and e % 16 == 0 for s, e in zip(starts, ends))  # the instruction's units
 
 
-# Compiled for sm_90 in a child process: under TRITON_INTERPRET=1 (the test run's setting) the
-# kernels are interpreted functions, which Triton cannot compile.
+# Compiled for sm_90 in a child process, by benchmarks/sass_loop.py's compile step: under
+# TRITON_INTERPRET=1 (the test run's setting) the kernels are interpreted functions, which Triton
+# cannot compile.
 _COMPILE = textwrap.dedent('''
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from quamba_fx.kernels import gemm_skinny, gemv
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from sass_loop import compile_sm90
 
-    def ptx(fn, signature, constexprs, warps):
-        full = {**signature, **{name: "constexpr" for name in constexprs}}
-        source = ASTSource(fn=fn, signature=full, constexprs=constexprs)
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+    def ptx(module, function, signature, constexprs, warps):
+        return compile_sm90(f"quamba_fx.kernels.{module}", function, signature, constexprs, (), warps, 3).asm["ptx"]
 
     def kinds(names, kind):
         return {name: kind for name in names.split()}
@@ -108,11 +114,11 @@ _COMPILE = textwrap.dedent('''
                 **kinds("N K stride_wn D_CONV stride_csd stride_csk stride_cwd stride_cwk PF_BYTES PF_PROGRAMS", "i32")}
     skinny_sig = {**kinds("x_ptr w_ptr", "*i8"), **scales, "out_ptr": "*i8", **kinds("partial_ptr count_ptr", "*i32"),
                   **kinds("M N K stride_xm stride_wn stride_om PF_BYTES PF_PROGRAMS", "i32")}
-    print("gemv", ptx(gemv._int8_gemv_jit, gemv_sig, dict(
+    print("gemv", ptx("gemv", "_int8_gemv_jit", gemv_sig, dict(
         epilogue, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, DP4A=True, CONV=False, CONV_W=4, CONV_HAS_BIAS=False,
         FAST_MATH=True), 8).replace("\\n", " "))
     for early in (True, False):
-        print("skinny", ptx(gemm_skinny._int8_gemm_skinny_jit, skinny_sig, dict(
+        print("skinny", ptx("gemm_skinny", "_int8_gemm_skinny_jit", skinny_sig, dict(
             epilogue, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, EARLY=early), 4).replace("\\n", " "))
 ''')
 
@@ -121,7 +127,8 @@ def test_the_decode_gemms_prefetch_before_they_wait():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run([sys.executable, "-c", _COMPILE, str(BENCHMARKS)], capture_output=True, text=True, env=env,
+                         timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     kernels = run.stdout.splitlines()
     assert [line.split()[0] for line in kernels] == ["gemv", "skinny", "skinny"]

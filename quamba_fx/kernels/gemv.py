@@ -213,9 +213,9 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
         conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
     programs = cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"]
     # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
-    # The first programs, at most one an SM, ask L2 for the weight's first rows (pdl.prefetch_to_l2).
+    # The first programs ask L2 for the weight's first rows (pdl.prefetch_to_l2).
     _int8_gemv_jit[(programs,)](*words, *scratch, *conv_args[:5], n, k_words, w.stride(0) // _PACK, *conv_args[5:],
-                                **prefetch_options(w, min(programs, sm_count(x.device))),
+                                **prefetch_options(w, programs),
                                 **flags, **meta, **conv_flags, FAST_MATH=not _INTERPRET,
                                 EVEN_K=_even_k(k_words, meta), DP4A=not _INTERPRET, enable_fp_fusion=False,
                                 **launch_options(x.device))

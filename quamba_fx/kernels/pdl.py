@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .dispatch import INTERPRET
+from .dispatch import INTERPRET, sm_count
 
 __all__ = ["ENABLED", "L2_PREFETCH", "L2_WINDOW_BYTES", "launch_options", "prefetch_chunk", "prefetch_options",
            "prefetch_to_l2", "use_pdl", "wait_for_previous"]
@@ -83,16 +83,17 @@ def wait_for_previous(USE_PDL: tl.constexpr):
 
 
 def prefetch_options(w: torch.Tensor, programs: int) -> Dict[str, Any]:
-    """Keyword arguments for a launch of a kernel that takes `prefetch_to_l2`'s arguments
-    (`PF_BYTES`, `PF_PROGRAMS`, constexpr `PREFETCH`): the first `L2_WINDOW_BYTES` of the weight `w`
-    are asked for in L2 by the first `programs` programs (one chunk each; at most the launch's
-    programs) when `w` is one contiguous, 16-byte aligned block on a device with PDL (the bulk
-    prefetch is sm_90's) and the prefetch is on; otherwise nothing."""
+    """Keyword arguments for a launch of `programs` programs of a kernel that takes
+    `prefetch_to_l2`'s arguments (`PF_BYTES`, `PF_PROGRAMS`, constexpr `PREFETCH`): the first
+    `L2_WINDOW_BYTES` of the weight `w` are asked for in L2 by the launch's first programs, at most
+    one an SM (only those are resident while the kernel ahead runs), one chunk each, when `w` is
+    one contiguous, 16-byte aligned block on a device with PDL (the bulk prefetch is sm_90's) and
+    the prefetch is on; otherwise nothing."""
     nbytes = min(w.numel() * w.element_size(), L2_WINDOW_BYTES) // 16 * 16
     if not (L2_PREFETCH and nbytes and programs > 0 and w.is_contiguous() and w.data_ptr() % 16 == 0
             and use_pdl(w.device)):
         return {"PF_BYTES": 0, "PF_PROGRAMS": 1, "PREFETCH": False}
-    return {"PF_BYTES": nbytes, "PF_PROGRAMS": programs, "PREFETCH": True}
+    return {"PF_BYTES": nbytes, "PF_PROGRAMS": min(programs, sm_count(w.device)), "PREFETCH": True}
 
 
 @triton.jit
