@@ -130,16 +130,15 @@ _SM_COUNTS: Dict[torch.device, int] = {}
 def sm_count(device: Any = None) -> int:
     """Streaming multiprocessors of the CUDA `device` (default: the current one). Without one
     (CPU, the interpreter) the H100 / H200's 132, so that tuning rules can be checked anywhere."""
-    if not torch.cuda.is_available():
-        return 132
     dev = torch.device("cuda") if device is None else torch.device(device)
-    if dev.type != "cuda":
+    count = _SM_COUNTS.get(dev)  # first: decode launches ask per call, and the checks below cost microseconds
+    if count is not None:
+        return count
+    if dev.type != "cuda" or not torch.cuda.is_available():
         return 132
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    count = _SM_COUNTS.get(dev)
-    if count is None:
-        count = _SM_COUNTS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    count = _SM_COUNTS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
     return count
 
 
