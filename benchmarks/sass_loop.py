@@ -58,9 +58,9 @@ KERNELS = {
         "quamba_fx.kernels.gemv_w4", "_w4a16_gemv_kernel",
         {"x_ptr": "*i32", "w_ptr": "*u8", "s_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*fp16",
          "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_wn": "i32",
-         "stride_sn": "i32", "PF_BYTES": "i32", "PF_PROGRAMS": "i32"},
+         "stride_sn": "i32"},
         {"GROUP": 128, "BLOCK_N": 16, "BLOCK_K": 256, "SPLITS": 1, "EVEN_K": True, "HAS_BIAS": False, "PTX": True,
-         "USE_PDL": True, "PREFETCH": True},
+         "USE_PDL": True},
         ("N", "K", "K_SPLIT"),
         lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] / 2 / (32 * warps),  # weight bytes
     ),

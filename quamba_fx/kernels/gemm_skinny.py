@@ -167,7 +167,7 @@ def _int8_gemm_skinny_jit(
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    prefetch_to_l2(w_ptr, pid, PF_BYTES, PF_PROGRAMS, PREFETCH)
+    prefetch_to_l2(w_ptr, PF_BYTES, PF_PROGRAMS, PREFETCH)
     if EARLY:
         w = split_k.load_step(w_ptrs, offs_k, K, 0, EVEN_K)
         wait_for_previous(USE_PDL)  # x, the scratch and the output belong to the kernels ahead

@@ -154,7 +154,7 @@ def _int8_gemv_jit(
     x_ptrs = x_ptr + (offs_k[None, :] + tl.zeros((BLOCK_N, 1), dtype=tl.int32))
     w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
 
-    prefetch_to_l2(w_ptr, pid, PF_BYTES, PF_PROGRAMS, PREFETCH)
+    prefetch_to_l2(w_ptr, PF_BYTES, PF_PROGRAMS, PREFETCH)
     b = split_k.load_step(w_ptrs, offs_k, K, 0, EVEN_K)
     wait_for_previous(USE_PDL)  # x, the scratch and the output belong to the kernels ahead
 

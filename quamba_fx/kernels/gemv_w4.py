@@ -43,7 +43,7 @@ from torch import Tensor
 
 from . import split_k
 from .dispatch import INTERPRET, cdiv
-from .pdl import launch_options, prefetch_options, prefetch_to_l2, wait_for_previous
+from .pdl import launch_options, wait_for_previous
 
 __all__ = ["Config", "default_config", "launch", "supported"]
 
@@ -120,9 +120,9 @@ def _dot8_reference(packed, xw, scale, acc):
 
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr, N, K, K_SPLIT, stride_wn,
-                       stride_sn, PF_BYTES, PF_PROGRAMS, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       PTX: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                       stride_sn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     # x_ptr: the fp16 activation row as 32-bit words of two columns: word i is columns 2i and
     # 2i + 1, matching weight byte i. A block is SUBS sub-blocks of one
     # scale group each, `[BLOCK_N, SUBS, SUB_BYTES]` weight bytes. Program (n, s) sums columns
@@ -130,11 +130,8 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
     # adds the others' partials (split_k.py) and stores the tile.
     SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
     SUBS: tl.constexpr = BLOCK_K // SUB_K
-    # The first programs (in launch order: row tiles of the first split first) ask L2 for the
-    # weight's first bytes while the kernel ahead still runs (pdl.py), then wait for it.
+    wait_for_previous(USE_PDL)  # programmatic dependent launch (pdl.py): only the launch overlaps
     pid_n = tl.program_id(0)
-    prefetch_to_l2(w_ptr, tl.program_id(1) * tl.num_programs(0) + pid_n, PF_BYTES, PF_PROGRAMS, PREFETCH)
-    wait_for_previous(USE_PDL)
     k_first = tl.program_id(1) * K_SPLIT
     k_end = tl.minimum(k_first + K_SPLIT, K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -215,6 +212,6 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
         words, w, scales, bias if has_bias else scales, out, partials, counters, n, k, k_split, w.stride(0),
         scales.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits,
         EVEN_K=k % block_k == 0, HAS_BIAS=has_bias, PTX=not INTERPRET, num_warps=warps,
-        **prefetch_options(w, tiles * splits), **launch_options(x.device),
+        **launch_options(x.device),
     )
     return out

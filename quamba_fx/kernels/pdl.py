@@ -107,13 +107,13 @@ def prefetch_chunk(pid, PF_BYTES, PF_PROGRAMS):
 
 
 @triton.jit
-def prefetch_to_l2(ptr, pid, PF_BYTES, PF_PROGRAMS, PREFETCH: tl.constexpr):
-    """Program `pid < PF_PROGRAMS` (its index in launch order) asks L2 for chunk `pid` of the
-    `PF_BYTES` bytes at `ptr` (split into PF_PROGRAMS 16-byte aligned chunks), with sm_90's bulk
-    prefetch issued by its first thread; the loads that follow find the lines there or on their
-    way. A hint: nothing waits for it, nothing is written. Call it before `wait_for_previous`, on
-    memory the kernels ahead do not write."""
+def prefetch_to_l2(ptr, PF_BYTES, PF_PROGRAMS, PREFETCH: tl.constexpr):
+    """Program `p < PF_PROGRAMS` asks L2 for chunk `p` of the `PF_BYTES` bytes at `ptr` (split into
+    PF_PROGRAMS 16-byte aligned chunks), with sm_90's bulk prefetch issued by its first thread; the
+    loads that follow find the lines there or on their way. A hint: nothing waits for it, nothing
+    is written. Call it before `wait_for_previous`, on memory the kernels ahead do not write."""
     if PREFETCH:
+        pid = tl.program_id(0)
         if pid < PF_PROGRAMS:
             start, end = prefetch_chunk(pid, PF_BYTES, PF_PROGRAMS)
             base = ptr.to(tl.pointer_type(tl.int8), bitcast=True)
