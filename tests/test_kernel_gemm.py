@@ -332,13 +332,10 @@ def _conv_step_case(M: int, K: int, D: int, W: int, has_bias: bool, seed: int, d
 
 @needs_kernel
 @pytest.mark.parametrize("M, K, D, W, has_bias", [
-    (1, 64, 40, 4, True),     # the GEMV: one K step, tiles straddling the x/z edge (D not a multiple of 16)
+    (1, 64, 40, 4, True),     # one K step, tiles straddling the x/z edge (D not a multiple of 16)
     (1, 200, 37, 3, False),   # split K (the last program to arrive runs the epilogue)
     (1, 96, 16, 2, True),
-    (2, 64, 24, 4, True),     # the few-row GEMM: rows padded to 16
-    (5, 200, 37, 3, False),   # ... with split K
-    (17, 96, 20, 2, True),    # ... 32 padded rows
-    (70, 64, 24, 4, True),    # past its rows: the GEMM, then the conv kernel
+    (2, 64, 24, 4, True),     # two rows: the GEMM, then the conv kernel
 ])
 def test_gemm_with_a_conv_step_equals_the_gemm_then_the_conv_kernel(M, K, D, W, has_bias, monkeypatch):
     gemm_args, conv = _conv_step_case(M, K, D, W, has_bias, seed=K + D)
@@ -352,54 +349,34 @@ def test_gemm_with_a_conv_step_equals_the_gemm_then_the_conv_kernel(M, K, D, W, 
                         lambda *a, **k: conv_kernel_calls.append(1) or real(*a, **k))
     out, u = int8_gemm_conv_step(*gemm_args, conv)
     assert torch.equal(out, want)
-    # The GEMV's or the few-row GEMM's epilogue ran the step (no conv kernel), else the conv kernel.
-    in_epilogue = M == 1 or (M <= gemm.CONV_IN_EPILOGUE_MAX_M and gemm_skinny.use_for(M, want.shape[-1], K))
-    assert len(conv_kernel_calls) == (not in_epilogue)
-    if EXACT or not in_epilogue:
+    # One row: the GEMV's epilogue ran the step (no conv kernel); more rows: the conv kernel.
+    assert len(conv_kernel_calls) == (M > 1)
+    if EXACT or M > 1:
         assert torch.equal(u, want_u) and torch.equal(conv.state, state)
-    else:  # CUDA: the conv kernel's `acc + w * x` may contract into an FMA, the GEMMs' does not
+    else:  # CUDA: the conv kernel's `acc + w * x` may contract into an FMA, the GEMV's does not
         assert (u.int() - want_u.int()).abs().max() <= 1 and torch.equal(conv.state, state)
 
 
-@needs_kernel
-def test_the_rows_setting_sends_a_few_row_conv_step_to_the_conv_kernel(monkeypatch):
-    monkeypatch.setattr(gemm, "CONV_IN_EPILOGUE_MAX_M", 1)
-    gemm_args, conv = _conv_step_case(4, 64, 24, 4, True, seed=5)
-    state = conv.state.clone()
-    want = int8_gemm(*gemm_args)
-    want_u = causal_conv1d_update_silu_int8(want.reshape(4, -1)[:, :24], state, gemm_args[5], conv.weight,
-                                            conv.bias, conv.out_scale)
-    conv_kernel_calls = []
-    real = gemm.causal_conv1d_update_silu_int8
-    monkeypatch.setattr(gemm, "causal_conv1d_update_silu_int8",
-                        lambda *a, **k: conv_kernel_calls.append(1) or real(*a, **k))
-    out, u = int8_gemm_conv_step(*gemm_args, conv)
-    assert conv_kernel_calls == [1]
-    assert torch.equal(out, want) and torch.equal(u, want_u) and torch.equal(conv.state, state)
-
-
-@pytest.mark.skipif(not EXACT, reason="runs the GEMMs on CPU tensors: needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("rows, module, kernel", [(1, gemv, "GEMV"), (3, gemm_skinny, "few-row GEMM")])
-def test_a_conv_epilogue_that_fails_to_compile_falls_back_to_the_two_kernels(rows, module, kernel, monkeypatch):
-    """If the GEMV or the few-row GEMM with the conv epilogue cannot be built on the device, a
-    warning says so once and the GEMM then the conv kernel run, with the same results (and the
-    state advanced once)."""
-    real_launch = module.launch
+@pytest.mark.skipif(not EXACT, reason="runs the GEMV on CPU tensors: needs TRITON_INTERPRET=1")
+def test_a_gemv_conv_step_that_fails_to_compile_falls_back_to_the_two_kernels(monkeypatch):
+    """If the GEMV with the conv epilogue cannot be built on the device, a warning says so once and
+    the GEMV then the conv kernel run, with the same results (and the state advanced once)."""
+    real_launch = gemv.launch
 
     def no_conv_epilogue(*args, conv=None, **kwargs):
         if conv is not None:
             raise RuntimeError("no such instruction on this device")
         return real_launch(*args, **kwargs)
 
-    monkeypatch.setattr(module, "launch", no_conv_epilogue)
+    monkeypatch.setattr(gemv, "launch", no_conv_epilogue)
     monkeypatch.setattr(gemm, "_INTERPRET", False)  # compile failures are tolerated off the interpreter
     monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
-    gemm_args, conv = _conv_step_case(rows, 64, 40, 4, True, seed=9, device="cpu")
+    gemm_args, conv = _conv_step_case(1, 64, 40, 4, True, seed=9, device="cpu")
     state = conv.state.clone()
     want = int8_gemm_reference(*gemm_args)
-    want_u = causal_conv1d_update_silu_int8(want.reshape(rows, -1)[:, :40], state, gemm_args[5], conv.weight,
+    want_u = causal_conv1d_update_silu_int8(want.reshape(1, -1)[:, :40], state, gemm_args[5], conv.weight,
                                             conv.bias, conv.out_scale)
-    with pytest.warns(RuntimeWarning, match=f"{kernel} with a conv epilogue failed on this device .*no such instr"):
+    with pytest.warns(RuntimeWarning, match="GEMV with a conv epilogue failed on this device .*no such instruction"):
         out, u = int8_gemm_conv_step(*gemm_args, conv)
     assert torch.equal(out, want) and torch.equal(u, want_u) and torch.equal(conv.state, state)
     assert False in gemm._USES_ALTERNATIVE.values()

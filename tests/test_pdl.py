@@ -113,16 +113,13 @@ _COMPILE = textwrap.dedent('''
                 **kinds("cs_ptr cw_ptr cb_ptr cu_scale_ptr u_ptr", "*i8"),
                 **kinds("N K stride_wn D_CONV stride_csd stride_csk stride_cwd stride_cwk PF_BYTES PF_PROGRAMS", "i32")}
     skinny_sig = {**kinds("x_ptr w_ptr", "*i8"), **scales, "out_ptr": "*i8", **kinds("partial_ptr count_ptr", "*i32"),
-                  **kinds("cs_ptr cw_ptr cb_ptr cu_scale_ptr u_ptr", "*i8"),
-                  **kinds("M N K stride_xm stride_wn stride_om D_CONV stride_csm stride_csd stride_csk stride_cwd "
-                          "stride_cwk stride_um PF_BYTES PF_PROGRAMS", "i32")}
+                  **kinds("M N K stride_xm stride_wn stride_om PF_BYTES PF_PROGRAMS", "i32")}
     print("gemv", ptx("gemv", "_int8_gemv_jit", gemv_sig, dict(
         epilogue, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, DP4A=True, CONV=False, CONV_W=4, CONV_HAS_BIAS=False,
         FAST_MATH=True), 8).replace("\\n", " "))
     for early in (True, False):
         print("skinny", ptx("gemm_skinny", "_int8_gemm_skinny_jit", skinny_sig, dict(
-            epilogue, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, EARLY=early, CONV=False, CONV_W=4,
-            CONV_HAS_BIAS=False, FAST_MATH=True), 4).replace("\\n", " "))
+            epilogue, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, EARLY=early), 4).replace("\\n", " "))
 ''')
 
 

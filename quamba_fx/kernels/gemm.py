@@ -75,7 +75,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -497,12 +497,6 @@ def int8_gemm(
     return _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, None)[0]
 
 
-# Rows up to which the few-row GEMM runs a decode conv step in its epilogue (`int8_gemm_conv_step`;
-# the GEMV always does at one row). A setting rather than a constant so that
-# benchmarks/decode_settings.py can time the model both ways (1: never).
-CONV_IN_EPILOGUE_MAX_M = gemm_skinny.MAX_M
-
-
 @dataclass(frozen=True)
 class ConvStep:
     """A decode conv1d step fed by the first D int8 output columns of a GEMM (`int8_gemm_conv_step`):
@@ -526,12 +520,11 @@ def int8_gemm_conv_step(
     the conv step of its first `D = conv.state.shape[1]` columns: returns `(out, u)` with u int8
     `[M, D]`, and advances `conv.state`. A decode step's in_proj and conv1d.
 
-    A problem that the GEMV runs (batch-1 decode on the GPU), or the few-row GEMM up to
-    `CONV_IN_EPILOGUE_MAX_M` rows, is one launch: the epilogue of each output tile does the conv
-    step of its channels (`conv1d.conv_update_step`, the conv kernel's own arithmetic; on CUDA
-    those GEMMs are compiled without fp fusion, so where the conv kernel's `acc + w * x` contracts
-    into an FMA they round twice, as the reference does). Other problems run the GEMM, then the
-    conv kernel.
+    A one-row problem that the GEMV runs (batch-1 decode on the GPU) is one launch: the epilogue of
+    each column tile does the conv step of its channels (`conv1d.conv_update_step`, the conv
+    kernel's own arithmetic; on CUDA the GEMV is compiled without fp fusion, so where the conv
+    kernel's `acc + w * x` contracts into an FMA this one rounds twice, as the reference does).
+    Other problems run the GEMM, then the conv kernel.
     """
     if not isinstance(conv, ConvStep):
         raise ValueError(f"conv must be a ConvStep, got {type(conv).__name__}")
@@ -620,8 +613,8 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
         def gemv_kernel() -> None:
             gemv.launch(tensors, n, k, key, flags)
 
-        if conv is not None:
-            u = _conv_in_epilogue("GEMV", gemv.launch, (tensors, n, k, key, flags), conv, key)
+        if conv is not None and _USES_ALTERNATIVE.get(("gemv_conv", key), True):
+            u = _gemv_conv_step(tensors, n, k, key, flags, conv)
             if u is not None:
                 return out, u
         # Not timed: the graph-replayed timing keeps a one-row problem's weight in L2, unlike a
@@ -633,11 +626,6 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
         def skinny_kernel() -> None:
             gemm_skinny.launch(tensors, m, n, k, key, flags)
 
-        if conv is not None and m <= CONV_IN_EPILOGUE_MAX_M and _USES_ALTERNATIVE.get(("skinny", key), True):
-            u = _conv_in_epilogue("few-row GEMM", gemm_skinny.launch, (tensors, m, n, k, key, flags), conv, key)
-            if u is not None:
-                return out, u
-
         # Not timed, for the GEMV's reason (benchmarks/decode_gemm.py times it as a step runs it).
         if _ran_alternative("skinny", key, skinny_kernel, pointer_kernel, timed=False):
             return out, None if conv is None else _conv_after(out, out_scale, conv)
@@ -645,28 +633,22 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
     return out, None if conv is None else _conv_after(out, out_scale, conv)
 
 
-def _conv_in_epilogue(kernel: str, launch: Callable[..., None], args: tuple, conv: ConvStep,
-                      key: tuple) -> Optional[Tensor]:
-    """`launch(*args, conv=...)`: the decode GEMM `kernel` with the conv step in its epilogue,
-    returning the step's output u `[M, D]`; None (with a warning, once per problem) when it
-    fails to compile here, or failed before. A failed launch fails before its kernel runs: the
-    state is untouched."""
-    done = ("conv_epilogue", kernel, key)
-    if not _USES_ALTERNATIVE.get(done, True):
-        return None
-    state = conv.state
-    u = torch.empty(state.shape[:2], dtype=torch.int8, device=state.device)
+def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: ConvStep) -> Optional[Tensor]:
+    """The GEMV with the conv step in its epilogue; None (with a warning, once per problem) when it
+    fails to compile here. A failed launch fails before its kernel runs: the state is untouched."""
+    d = conv.state.shape[1]
+    u = torch.empty((1, d), dtype=torch.int8, device=tensors[0].device)
     try:
-        launch(*args, conv=(state, conv.weight, conv.bias, conv.out_scale, u))
+        gemv.launch(tensors, n, k, key, flags, conv=(conv.state, conv.weight, conv.bias, conv.out_scale, u))
     except Exception as exc:  # noqa: BLE001 - reported; the GEMM and conv kernels run instead
-        if done in _USES_ALTERNATIVE or _INTERPRET:  # it ran before: a real error
+        if ("gemv_conv", key) in _USES_ALTERNATIVE or _INTERPRET:  # it ran before: a real error
             raise
-        warnings.warn(f"quamba_fx: the {kernel} with a conv epilogue failed on this device ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); running the {kernel} and the conv "
+        warnings.warn(f"quamba_fx: the GEMV with a conv epilogue failed on this device ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); running the GEMV and the conv "
                       "kernel instead", RuntimeWarning, stacklevel=4)
-        _USES_ALTERNATIVE[done] = False
+        _USES_ALTERNATIVE[("gemv_conv", key)] = False
         return None
-    _USES_ALTERNATIVE[done] = True
+    _USES_ALTERNATIVE[("gemv_conv", key)] = True
     return u
 
 

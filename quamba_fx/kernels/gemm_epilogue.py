@@ -1,7 +1,6 @@
-"""The W8A8 GEMM epilogue shared by the GEMM kernels (gemm.py, gemm_tma.py, gemv.py,
-gemm_skinny.py): int32 accumulator tile -> dequantize -> bias -> requantize / cast, in the order
-gemm.py's numerical contract fixes; and the decode GEMMs' form that also runs the conv1d step fed by
-in_proj's x half (`store_tile_conv_step`).
+"""The W8A8 GEMM epilogue shared by the GEMM kernels (gemm.py, gemm_tma.py, gemv.py): int32
+accumulator tile -> dequantize -> bias -> requantize / cast, in the order gemm.py's numerical
+contract fixes.
 """
 
 from __future__ import annotations
@@ -9,10 +8,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .conv1d import conv_update_step
 from .rounding import f32_to_bf16_rne, quantize_rn
 
-__all__ = ["epilogue", "requant_int8", "store_tile", "store_tile_conv_step"]
+__all__ = ["epilogue", "requant_int8", "store_tile"]
 
 # out_dtype -> the kernels' OUT_MODE.
 OUT_INT8, OUT_BF16, OUT_CAST = 0, 1, 2
@@ -78,28 +76,3 @@ def store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_
     out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
                    W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
     tl.store(out_ptrs, out, mask=mask)
-
-
-@triton.jit
-def store_tile_conv_step(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
-                         out_scale_ptr, out_ptr, cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV,
-                         stride_csm, stride_csd, stride_csk, stride_cwd, stride_cwk, stride_um,
-                         W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_PER_CHANNEL: tl.constexpr,
-                         CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr):
-    """`store_tile` of an int8 output (the GEMM's per-tensor out_scale), then the decode conv1d step
-    of the tile's columns below D_CONV, one channel a column, one sequence a row: in a decode
-    graph in_proj's x half feeds the conv, whose state `cs [M, D, W-1]` (row stride `stride_csm`)
-    is rolled in place and whose int8 output goes to `u [M, D]` (row stride `stride_um`). The
-    conv kernel's own step (conv1d.conv_update_step), so both compute the same bits."""
-    out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
-                   W_PER_CHANNEL, HAS_BIAS, 0, OUT_PER_CHANNEL)
-    rows = offs_m.to(tl.int64)[:, None]
-    in_rows = (offs_m < M)[:, None]
-    tl.store(out_ptr + rows * stride_om + offs_n[None, :], out, mask=in_rows & (offs_n < N)[None, :])
-    # Channels as a full tile: the step's loads take their mask's shape.
-    channels = offs_n[None, :] + tl.zeros_like(rows).to(tl.int32)
-    mask_c = in_rows & (channels < D_CONV)
-    # The GEMM's int8 output is the conv's input, at the GEMM's out_scale.
-    u = conv_update_step(out, cs_ptr + rows * stride_csm, out_scale_ptr, cw_ptr, cb_ptr, cu_scale_ptr, channels,
-                         mask_c, stride_csd, stride_csk, stride_cwd, stride_cwk, CONV_W, CONV_HAS_BIAS, FAST_MATH)
-    tl.store(u_ptr + rows * stride_um + channels, u, mask=mask_c)

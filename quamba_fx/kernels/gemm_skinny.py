@@ -39,7 +39,7 @@ import triton.language as tl
 from . import split_k
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import INTERPRETER_WIDE_N, cdiv, chosen_config, next_pow2, sm_count, tuned_configs
-from .gemm_epilogue import store_tile, store_tile_conv_step
+from .gemm_epilogue import store_tile
 from .pdl import launch_options, prefetch_options, prefetch_to_l2, wait_for_previous
 
 __all__ = ["MAX_M", "MIN_M", "block_m", "candidates", "gpu_config", "launch", "launch_call", "use_for"]
@@ -139,19 +139,14 @@ def _even_k(k: int, meta: dict) -> bool:
 @triton.jit(do_not_specialize=["M"])
 def _int8_gemm_skinny_jit(
     x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr, partial_ptr, count_ptr,
-    cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_om,
-    D_CONV, stride_csm, stride_csd, stride_csk, stride_cwd, stride_cwk, stride_um,
     PF_BYTES, PF_PROGRAMS,
     W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr, EARLY: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-    CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
-    # CONV: also the decode conv step of columns < D_CONV (gemm_epilogue.store_tile_conv_step), its
-    # state `cs` [M, D, W-1] rolled in place, its output written to u [M, D].
     # SPLIT_K consecutive programs share one tile of BLOCK_N weight rows (output columns).
     pid = tl.program_id(0)
     pid_k = pid % SPLIT_K
@@ -188,31 +183,11 @@ def _int8_gemm_skinny_jit(
     acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]: the epilogue's tile shape
 
     if SPLIT_K == 1:
-        _finish(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr,
-                out_ptr, cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csm, stride_csd, stride_csk,
-                stride_cwd, stride_cwk, stride_um, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W,
-                CONV_HAS_BIAS, FAST_MATH)
+        store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
+                   out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
     elif split_k.arrive(acc, partial_ptr, count_ptr, pid_n, pid_k, SPLIT_K, BLOCK_M, BLOCK_N):
         # The last split to finish this tile: every split's partial is in, sum them and store.
         acc = split_k.total(partial_ptr, count_ptr, pid_n, SPLIT_K, BLOCK_M, BLOCK_N)
-        _finish(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr,
-                out_ptr, cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csm, stride_csd, stride_csk,
-                stride_cwd, stride_cwk, stride_um, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W,
-                CONV_HAS_BIAS, FAST_MATH)
-
-
-@triton.jit
-def _finish(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr,
-            out_ptr, cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csm, stride_csd, stride_csk,
-            stride_cwd, stride_cwk, stride_um, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-            OUT_MODE: tl.constexpr, OUT_PER_CHANNEL: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
-            CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr):
-    if CONV:
-        store_tile_conv_step(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
-                             out_scale_ptr, out_ptr, cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csm,
-                             stride_csd, stride_csk, stride_cwd, stride_cwk, stride_um, W_PER_CHANNEL, HAS_BIAS,
-                             OUT_PER_CHANNEL, CONV_W, CONV_HAS_BIAS, FAST_MATH)
-    else:
         store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
                    out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
 
@@ -221,39 +196,27 @@ def _finish(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr
 _TUNED: dict = tuned_configs("gemm_skinny")
 
 
-def launch_call(tensors: tuple, m: int, n: int, k: int, flags: dict, meta: dict, conv: tuple | None = None) -> tuple:
+def launch_call(tensors: tuple, m: int, n: int, k: int, flags: dict, meta: dict) -> tuple:
     """`(grid, args, kwargs)` of the launch of config `meta` on `tensors` (see `launch`)."""
     x, w = tensors[0], tensors[1]
     bm = block_m(m)
     scratch = (split_k.scratch(x.device, *split_k.scratch_need(bm, n, ({**meta, "BLOCK_M": bm},)))
                if meta["SPLIT_K"] > 1 else (tensors[2], tensors[2]))
-    if conv is not None:
-        state, cw, cb, cu_scale, u = conv
-        conv_args = (state, cw, cb if cb is not None else cw, cu_scale, u)
-        conv_sizes = (state.shape[1], state.stride(0), state.stride(1), state.stride(2), cw.stride(0), cw.stride(1),
-                      u.stride(0))
-        conv_flags = dict(CONV=True, CONV_W=cw.shape[1], CONV_HAS_BIAS=cb is not None)
-    else:
-        conv_args, conv_sizes = (x,) * 5, (0,) * 7  # placeholders, never read
-        conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
     grid = (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
-    args = (*tensors, *scratch, *conv_args, m, n, k, x.stride(0), w.stride(0), tensors[-1].stride(0), *conv_sizes)
+    args = (*tensors, *scratch, m, n, k, x.stride(0), w.stride(0), tensors[-1].stride(0))
     # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
     # The first programs ask L2 for the weight's first rows (pdl.prefetch_to_l2).
-    kwargs = dict(flags, **meta, **conv_flags, BLOCK_M=bm, EVEN_K=_even_k(k, meta), FAST_MATH=not _INTERPRET,
-                  enable_fp_fusion=False, **prefetch_options(w, grid[0]), **launch_options(x.device))
+    kwargs = dict(flags, **meta, BLOCK_M=bm, EVEN_K=_even_k(k, meta), enable_fp_fusion=False,
+                  **prefetch_options(w, grid[0]), **launch_options(x.device))
     return grid, args, kwargs
 
 
-def launch(tensors: tuple, m: int, n: int, k: int, key: tuple, flags: dict, meta: dict | None = None,
-           conv: tuple | None = None) -> None:
+def launch(tensors: tuple, m: int, n: int, k: int, key: tuple, flags: dict, meta: dict | None = None) -> None:
     """Run the kernel on `tensors = (x [M, K], w [N, K], x_scale, w_scale, bias, out_scale, out
     [M, N])` (placeholders for absent bias / out_scale), validated by `gemm.int8_gemm`; MIN_M <= M
     <= MAX_M. `key` names everything that selects a config or a compiled variant, `flags` are the
-    epilogue's; `meta` forces a config (benchmarks), else the rule's is used. `conv = (state [M, D,
-    W-1], weight [D, W], bias or None, out_scale, u [M, D])` adds the decode conv step of the first
-    D columns (`gemm.int8_gemm_conv_step` validated it)."""
+    epilogue's; `meta` forces a config (benchmarks), else the rule's is used."""
     if meta is None:
         meta = chosen_config(_TUNED, key, _config, m, n, k)
-    grid, args, kwargs = launch_call(tensors, m, n, k, flags, meta, conv)
+    grid, args, kwargs = launch_call(tensors, m, n, k, flags, meta)
     _int8_gemm_skinny_jit[grid](*args, **kwargs)

@@ -34,7 +34,8 @@ from . import split_k
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import INTERPRETER_WIDE_N
 from .dispatch import cdiv, chosen_config, next_pow2, sm_count, tuned_configs
-from .gemm_epilogue import store_tile, store_tile_conv_step
+from .conv1d import conv_update_step
+from .gemm_epilogue import epilogue, store_tile
 from .pdl import launch_options, prefetch_options, prefetch_to_l2, wait_for_previous
 
 __all__ = ["GEMV_MAX_M", "launch", "supported"]
@@ -108,15 +109,20 @@ def _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_
             cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
             W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
             OUT_PER_CHANNEL: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
-            CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr):
-    """The epilogue of a column tile (one row), with the decode conv step of its columns below
-    D_CONV when CONV (gemm_epilogue.store_tile_conv_step)."""
+            CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The epilogue of a column tile, then (CONV) the decode conv step of its columns below D_CONV:
+    in_proj's x half feeds the conv1d, one channel a column (conv1d.conv_update_step)."""
     row = tl.arange(0, 1)
     if CONV:
-        store_tile_conv_step(acc, row, offs_n, cols, 1, N, 0, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr,
-                             out_ptr, cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, 0, stride_csd, stride_csk,
-                             stride_cwd, stride_cwk, 0, W_PER_CHANNEL, HAS_BIAS, OUT_PER_CHANNEL, CONV_W,
-                             CONV_HAS_BIAS, FAST_MATH)
+        out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
+                       W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
+        tl.store(out_ptr + offs_n[None, :], out, mask=(offs_n < N)[None, :])
+        mask_c = offs_n < D_CONV
+        # The GEMM's int8 output is the conv's input, at the GEMM's out_scale.
+        u = conv_update_step(tl.reshape(out, [BLOCK_N]), cs_ptr, out_scale_ptr, cw_ptr, cb_ptr, cu_scale_ptr,
+                             offs_n, mask_c, stride_csd, stride_csk, stride_cwd, stride_cwk,
+                             CONV_W, CONV_HAS_BIAS, FAST_MATH)
+        tl.store(u_ptr + offs_n, u, mask=mask_c)
     else:
         store_tile(acc, row, offs_n, cols, 1, N, 0, x_scale_ptr, w_scale_ptr, bias_ptr,
                    out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
@@ -173,12 +179,12 @@ def _int8_gemv_jit(
     if SPLIT_K == 1:
         _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
                 cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
-                W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH)
+                W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH, BLOCK_N)
     elif split_k.arrive(acc, partial_ptr, count_ptr, pid_n, pid_k, SPLIT_K, 1, BLOCK_N):
         acc = split_k.total(partial_ptr, count_ptr, pid_n, SPLIT_K, 1, BLOCK_N)
         _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
                 cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
-                W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH)
+                W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH, BLOCK_N)
 
 
 # (N, K, out dtype, flags, device) -> the config.
