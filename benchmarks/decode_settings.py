@@ -7,8 +7,8 @@ A/B of a kernel rule (e.g. the L2 prefetch window) without rebuilding the model 
 
 `--set MODULE.NAME=V1,V2,...` (Python literals; repeat the flag for a grid of every combination)
 is assigned before each variant's `quamba_fx.Generator` is built and its decode step captured, so
-it must be a setting read when a kernel is launched (a captured CUDA graph keeps what was read at
-capture). Variants run in order within each round and the rounds repeat the whole order, so a
+it must be a setting read when a kernel is launched or its config chosen (the tuned-config caches
+are emptied for each variant; a captured CUDA graph keeps what was read at capture). Variants run in order within each round and the rounds repeat the whole order, so a
 drift of the GPU's clock shows as a difference between rounds, not between variants. Every
 setting is put back at the end. `--ref` also times mamba_ssm's CUDA-graph decode once (needs
 /work/shared/anchors on PYTHONPATH, as benchmarks/reference.py does).
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from quamba_fx.kernels.dispatch import clear_tuned_configs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference, gpu_timing (also when imported by a test)
 import reference as R  # noqa: E402
@@ -96,6 +98,9 @@ def run(args: argparse.Namespace, settings: list[tuple[object, str, list]],
                 for variant in grid:
                     for (module, attr), value in variant.items():
                         setattr(module, attr, value)
+                    # Configs chosen under the last variant would outlive it (the caches are keyed
+                    # by problem, not by setting): each variant chooses its own.
+                    clear_tuned_configs()
                     for batch, prompt in prompts.items():
                         rate, _ = R._our_decode_rate(lowered, prompt, args.steps)
                         result["rows"].append({"variant": label(variant), "round": round_, "batch": batch,

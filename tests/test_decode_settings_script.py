@@ -44,16 +44,22 @@ def test_cpu_smoke_run_times_each_variant_under_its_setting(tmp_path, capsys, mo
     monkeypatch.setattr(reference, "DEVICE", reference.DEVICE)  # the smoke run switches it to cpu
     seen = []
     timed = reference._our_decode_rate
+    # A tuned-config cache of its own (in a copy of the registry, put back afterwards): marked by
+    # each timed row, emptied when the variant changes.
+    monkeypatch.setattr(dispatch, "_TUNED_CACHES", dict(dispatch._TUNED_CACHES))
+    marks = dispatch.tuned_configs("test_decode_settings_marks")
 
     def recording(lowered, prompt, steps):
-        seen.append((pdl.L2_WINDOW_BYTES, prompt.shape[0]))
+        seen.append((pdl.L2_WINDOW_BYTES, prompt.shape[0], len(marks)))
+        marks[prompt.shape[0]] = True
         return timed(lowered, prompt, steps)
 
     monkeypatch.setattr(reference, "_our_decode_rate", recording)
     before = pdl.L2_WINDOW_BYTES
     out = tmp_path / "ab.json"
     assert script.main(["--smoke", "--set", f"{SETTING}=0,16", "--batches", "1", "2", "--json", str(out)]) == 0
-    assert seen == [(0, 1), (0, 2), (16, 1), (16, 2)] * 2  # two rounds, each variant's value in force
+    # Two rounds, each variant's value in force, and each variant choosing its configs afresh.
+    assert seen == [(0, 1, 0), (0, 2, 1), (16, 1, 0), (16, 2, 1)] * 2
     assert pdl.L2_WINDOW_BYTES == before
     assert "Decode tokens/s, mamba-tiny quamba" in capsys.readouterr().out
     result = json.loads(out.read_text())["result"]

@@ -16,8 +16,10 @@ before its first load. Here:
   kernel ahead (weights are never written by the kernels of a step, pdl.py), and each step loads
   the next weight tile into registers before it multiplies the current one. Otherwise Triton's
   software pipeliner keeps `num_stages` tiles in flight through shared memory, after the wait.
-  Measured, the early fetch wins only where K is one or two steps (dt_proj); on long K one tile
-  in flight a program is too little to stream the weight (docs/benchmarks.md, run 7);
+  Measured, the early fetch won only where K is one or two steps (dt_proj, run 7), and since
+  the pipeliner runs six 128-byte stages it wins there too (run 14): the rule keeps the early
+  fetch for K of a single step, where there is nothing to pipeline; on long K one tile in flight
+  a program is too little to stream the weight;
 * in both forms the first programs ask L2 for the weight's first rows before the wait
   (`pdl.prefetch_to_l2`);
 * K may be split across programs (split_k.py) so that a projection with few output rows (x_proj's
@@ -42,7 +44,8 @@ from .dispatch import INTERPRETER_WIDE_N, cdiv, chosen_config, next_pow2, sm_cou
 from .gemm_epilogue import store_tile
 from .pdl import launch_options, prefetch_options, prefetch_to_l2, wait_for_previous
 
-__all__ = ["MAX_M", "MIN_M", "block_m", "candidates", "gpu_config", "launch", "launch_call", "use_for"]
+__all__ = ["BLOCK_K", "MAX_M", "MIN_M", "STAGES", "block_m", "candidates", "gpu_config", "launch", "launch_call",
+           "use_for"]
 
 # Row counts this kernel runs: one row is the GEMV's (gemv.py), more than MAX_M the pointer
 # kernel's, whose tiles then fill the MMA's M side with rows.
@@ -105,20 +108,31 @@ def use_for(m: int, n: int, k: int) -> bool:
     return k <= 512 or (n >= 1024 and k >= 2048)
 
 
+# The rule's K step (bytes) and the pipelined loop's depth. The session-30 sweep on an H200 (2.8b
+# shapes at 2, 16 and 64 rows, docs/benchmarks.md run 14) found 128-byte steps six deep fastest on
+# in_proj, out_proj and dt_proj at every row count (in_proj at 16 rows 9.41 us against 9.75 for the
+# earlier 256 x 3, out_proj 6.66 against 7.02, dt_proj 1.92 against 2.18). Settings, so that
+# benchmarks/decode_settings.py can time a model under other values.
+BLOCK_K = 128
+STAGES = 6
+
+
 def gpu_config(m: int, n: int, k: int, sms: int) -> triton.Config:
-    """The GPU config of an `m x n x k` problem (a rule, from the same sweep; see the module
-    docstring for why not a tuner): 64 weight rows a program and K steps of up to 256 bytes
-    everywhere. Short K (<= 512: one or two steps) fetches the weight early; long K leaves the loop
-    to the pipeliner (3 stages) and splits K until the programs cover the SMs, half of them above
-    16 rows, where a split's partial tile costs more."""
-    bn, bk = _clip(64, 256, n, k)
-    if k <= 512:
+    """The GPU config of an `m x n x k` problem (a rule, from the sweeps; see the module docstring
+    for why not a tuner): 64 weight rows a program and K steps of `BLOCK_K` bytes. K of one step
+    fetches its weight tile early (before the wait: there is nothing to pipeline); longer K
+    leaves the loop to the pipeliner (`STAGES` deep), and past 512 bytes splits K until the
+    programs cover the SMs, half of them above 16 rows, where a split's partial tile costs more
+    (short K is never split: its splits measured slower than one program a tile)."""
+    bn, bk = _clip(64, BLOCK_K, n, k)
+    if k <= bk:
         return _cfg(bn, bk, 1, True, 1, 4)
-    target = sms if m <= 16 else sms // 2
     split = 1
-    while cdiv(n, bn) * split < target and split * 2 <= cdiv(k, bk) and split < split_k.MAX_SPLIT_K:
-        split *= 2
-    return _cfg(bn, bk, split, False, 3, 4)
+    if k > 512:
+        target = sms if m <= 16 else sms // 2
+        while cdiv(n, bn) * split < target and split * 2 <= cdiv(k, bk) and split < split_k.MAX_SPLIT_K:
+            split *= 2
+    return _cfg(bn, bk, split, False, STAGES, 4)
 
 
 def _config(m: int, n: int, k: int) -> dict:
