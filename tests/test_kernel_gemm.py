@@ -301,7 +301,8 @@ def test_skinny_config_rule(M, K, N):
         assert c.kwargs["EARLY"] or c.num_stages * (bn + gemm_skinny.block_m(M)) * bk <= gemm_skinny._SWEEP_SMEM
     assert {c.num_stages for c in candidates if not c.kwargs["EARLY"]} == {3, 4, 6}
     bn, bk, split = (rule.kwargs[key] for key in ("BLOCK_N", "BLOCK_K", "SPLIT_K"))
-    assert split == 1 or (K > 512 and -(-N // bn) * split // 2 < (132 if M <= 16 else 66))
+    assert split == 1 or (K > 512 and -(-N // bn) * split // 2 < (132 if M <= 16 else 66)
+                          and -(-K // bk) // split >= 5)
     assert rule.kwargs["EARLY"] == (K <= bk)
     assert rule.kwargs["EARLY"] or rule.num_stages == gemm_skinny.STAGES
     assert gemm_skinny.block_m(M) == max(16, M)
@@ -314,6 +315,7 @@ def test_skinny_config_rule(M, K, N):
     (64, 5120, 2560, (128, 2, False)),    # ... half of them above 16 rows
     (16, 160, 5120, (128, 1, False)),     # dt_proj: two steps, pipelined, short K never split
     (16, 48, 1536, (64, 1, True)),        # 130m dt_proj: one step, fetched early
+    (16, 5120, 192, (128, 8, False)),     # x_proj: 3 tiles, split while a split keeps 5 steps
 ])
 def test_skinny_rule_on_the_swept_shapes(M, K, N, want):
     """The configs the run-14 sweep found fastest on the 2.8b projections (docs/benchmarks.md)."""
@@ -325,7 +327,8 @@ def test_skinny_rule_on_the_swept_shapes(M, K, N, want):
 @pytest.mark.parametrize("M,K,N,chosen", [
     (16, 160, 5120, True), (64, 160, 5120, True),        # 2.8b dt_proj: short K, any rows
     (64, 2560, 10240, True), (2, 5120, 2560, True),     # in_proj, out_proj
-    (16, 5120, 192, False), (64, 768, 3072, False),     # x_proj; 130m in_proj (short of 2048)
+    (16, 5120, 192, True), (64, 5120, 192, False),     # x_proj up to 16 rows
+    (16, 768, 3072, False), (64, 1536, 80, False),     # 130m in_proj, x_proj (short of 2048)
 ])
 def test_skinny_kernel_is_used_where_the_sweep_found_it_faster(M, K, N, chosen):
     assert gemm_skinny.use_for(M, N, K) is chosen

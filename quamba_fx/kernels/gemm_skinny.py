@@ -44,7 +44,7 @@ from .dispatch import INTERPRETER_WIDE_N, cdiv, chosen_config, next_pow2, sm_cou
 from .gemm_epilogue import store_tile
 from .pdl import launch_options, prefetch_options, prefetch_to_l2, wait_for_previous
 
-__all__ = ["BLOCK_K", "MAX_M", "MIN_M", "STAGES", "block_m", "candidates", "gpu_config", "launch", "launch_call",
+__all__ = ["BLOCK_K", "MAX_M", "MIN_M", "NARROW_MAX_M", "STAGES", "block_m", "candidates", "gpu_config", "launch", "launch_call",
            "use_for"]
 
 # Row counts this kernel runs: one row is the GEMV's (gemv.py), more than MAX_M the pointer
@@ -97,15 +97,22 @@ def candidates(m: int, n: int, k: int, sms: int) -> List[triton.Config]:
     return out
 
 
+# Rows up to which narrow weights with long K (x_proj's 192 x 5120 on 2.8b) run this kernel: in
+# the session-30 sweep it took them in 3.43-3.44 us at 2 and 16 rows against the pointer kernel's
+# 3.90-3.94 (8 K splits), and lost at 64 (6.18 against 5.86). A setting, for decode_settings.py.
+NARROW_MAX_M = 16
+
+
 def use_for(m: int, n: int, k: int) -> bool:
     """Whether int8_gemm runs this kernel on an `m x n x k` problem (MIN_M <= m <= MAX_M) rather
     than the pointer kernel: where the decode_gemm sweeps on an H200 found it faster (figures in
-    docs/benchmarks.md, run 7). Short K (at most two 256-byte steps, e.g. dt_proj) at any row
-    count, and weights of at least 1024 output rows and 2048 input columns (in_proj, out_proj of
+    docs/benchmarks.md, runs 7 and 14). Short K (at most two 256-byte steps, e.g. dt_proj) at any
+    row count; weights of at least 1024 output rows and 2048 input columns (in_proj, out_proj of
     the larger models), where the pointer kernel's autotuned configs also varied between processes
-    while this kernel's rule gives one config. The pointer kernel keeps the rest: narrow weights
-    such as x_proj's (its split tiles beat this kernel's there) and the 130m projections."""
-    return k <= 512 or (n >= 1024 and k >= 2048)
+    while this kernel's rule gives one config; and narrower weights of 2048 input columns or more
+    (x_proj) up to NARROW_MAX_M rows. The pointer kernel keeps the rest: the 130m projections and
+    x_proj at more rows."""
+    return k <= 512 or (k >= 2048 and (n >= 1024 or m <= NARROW_MAX_M))
 
 
 # The rule's K step (bytes) and the pipelined loop's depth. The session-30 sweep on an H200 (2.8b
@@ -115,6 +122,9 @@ def use_for(m: int, n: int, k: int) -> bool:
 # benchmarks/decode_settings.py can time a model under other values.
 BLOCK_K = 128
 STAGES = 6
+# K steps a split keeps at least: fewer leave the pipeline little to overlap. x_proj (3 tiles of
+# 64 rows, 40 steps) measured 3.43 us at 8 splits, 3.53 at 16 and 4.04 at 32 (16 rows, run 14).
+_MIN_SPLIT_STEPS = 5
 
 
 def gpu_config(m: int, n: int, k: int, sms: int) -> triton.Config:
@@ -122,15 +132,18 @@ def gpu_config(m: int, n: int, k: int, sms: int) -> triton.Config:
     for why not a tuner): 64 weight rows a program and K steps of `BLOCK_K` bytes. K of one step
     fetches its weight tile early (before the wait: there is nothing to pipeline); longer K
     leaves the loop to the pipeliner (`STAGES` deep), and past 512 bytes splits K until the
-    programs cover the SMs, half of them above 16 rows, where a split's partial tile costs more
-    (short K is never split: its splits measured slower than one program a tile)."""
+    programs cover the SMs, half of them above 16 rows, where a split's partial tile costs more,
+    while each split keeps `_MIN_SPLIT_STEPS` K steps (short K is never split: its splits measured
+    slower than one program a tile)."""
     bn, bk = _clip(64, BLOCK_K, n, k)
     if k <= bk:
         return _cfg(bn, bk, 1, True, 1, 4)
     split = 1
     if k > 512:
         target = sms if m <= 16 else sms // 2
-        while cdiv(n, bn) * split < target and split * 2 <= cdiv(k, bk) and split < split_k.MAX_SPLIT_K:
+        steps = cdiv(k, bk)
+        while (cdiv(n, bn) * split < target and steps // (split * 2) >= _MIN_SPLIT_STEPS
+               and split < split_k.MAX_SPLIT_K):
             split *= 2
     return _cfg(bn, bk, split, False, STAGES, 4)
 
