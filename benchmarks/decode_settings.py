@@ -5,13 +5,14 @@ A/B of a kernel rule (e.g. the L2 prefetch window) without rebuilding the model 
         [--model mamba-2.8b] [--recipe quamba] [--rtn-weights] [--batches 1 16 64] [--rounds 2] [--ref]
         [--commit SHA] [--json PATH] [--smoke]
 
-`--set MODULE.NAME=V1,V2,...` (Python literals; repeat the flag for a grid of every combination)
-is assigned before each variant's `quamba_fx.Generator` is built and its decode step captured, so
-it must be a setting read when a kernel is launched or its config chosen (the tuned-config caches
-are emptied for each variant; a captured CUDA graph keeps what was read at capture). Variants run in order within each round and the rounds repeat the whole order, so a
-drift of the GPU's clock shows as a difference between rounds, not between variants. Every
-setting is put back at the end. `--ref` also times mamba_ssm's CUDA-graph decode once (needs
-/work/shared/anchors on PYTHONPATH, as benchmarks/reference.py does).
+`--set MODULE.NAME=V1,V2,...` (Python literals; repeat the flag for a grid of every combination) is
+assigned before each variant's `quamba_fx.Generator` is built and its decode step captured, so it
+must be a setting read when a kernel is launched or its config chosen (the tuned-config caches are
+emptied for each variant; a captured CUDA graph keeps what was read at capture). Variants run in
+order within each round and the rounds repeat the whole order, so a drift of the GPU's clock shows
+as a difference between rounds, not between variants. Every setting is put back at the end. `--ref`
+also times mamba_ssm's CUDA-graph decode once (needs /work/shared/anchors on PYTHONPATH, as
+benchmarks/reference.py does).
 
 Rows are tokens/s of greedy decode steps replayed from CUDA graphs after a 16-token prompt (as
 reference.py times them); the table gives each round, the mean, and the mean over the first

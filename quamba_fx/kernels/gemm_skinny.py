@@ -44,8 +44,8 @@ from .dispatch import INTERPRETER_WIDE_N, cdiv, chosen_config, next_pow2, sm_cou
 from .gemm_epilogue import store_tile
 from .pdl import launch_options, prefetch_options, prefetch_to_l2, wait_for_previous
 
-__all__ = ["BLOCK_K", "MAX_M", "MIN_M", "NARROW_MAX_M", "STAGES", "block_m", "candidates", "gpu_config", "launch", "launch_call",
-           "use_for"]
+__all__ = ["BLOCK_K", "MAX_M", "MIN_M", "NARROW_MAX_M", "STAGES", "block_m", "candidates", "gpu_config", "launch",
+           "launch_call", "use_for"]
 
 # Row counts this kernel runs: one row is the GEMV's (gemv.py), more than MAX_M the pointer
 # kernel's, whose tiles then fill the MMA's M side with rows.
