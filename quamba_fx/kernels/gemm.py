@@ -524,7 +524,9 @@ def int8_gemm_conv_step(
     each column tile does the conv step of its channels (`conv1d.conv_update_step`, the conv
     kernel's own arithmetic; on CUDA the GEMV is compiled without fp fusion, so where the conv
     kernel's `acc + w * x` contracts into an FMA this one rounds twice, as the reference does).
-    Other problems run the GEMM, then the conv kernel.
+    Other problems run the GEMM, then the conv kernel: the step in the few-row GEMM's epilogue
+    (2-64 rows) was tried twice and made decode 6-7% slower at batch 16 and 45% at batch 64 (its
+    per-element loads on the MMA tile; docs/benchmarks.md, runs 8 and 14).
     """
     if not isinstance(conv, ConvStep):
         raise ValueError(f"conv must be a ConvStep, got {type(conv).__name__}")
