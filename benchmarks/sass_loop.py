@@ -60,7 +60,7 @@ KERNELS = {
          "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_wn": "i32",
          "stride_sn": "i32"},
         {"GROUP": 128, "BLOCK_N": 16, "BLOCK_K": 256, "SPLITS": 1, "EVEN_K": True, "HAS_BIAS": False, "PTX": True,
-         "USE_PDL": True},
+         "USE_PDL": True, "AHEAD": 0},
         ("N", "K", "K_SPLIT"),
         lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] / 2 / (32 * warps),  # weight bytes
     ),
