@@ -1,6 +1,7 @@
 """Count the instructions of a Triton kernel's hottest loop in its sm_90 SASS, without a GPU.
 
     python benchmarks/sass_loop.py gemv_w4 [--set BLOCK_N=16 BLOCK_K=256 SPLITS=6] [--warps 8]
+    python benchmarks/sass_loop.py gemv --set AHEAD=2
     python benchmarks/sass_loop.py gemm_w4 --set BLOCK_M=64 BLOCK_N=128 BLOCK_K=64 A8=1
     python benchmarks/sass_loop.py scan --warps 4 --set PASS=1 [--sig B_ptr=*fp16 C_ptr=*fp16]
 
@@ -54,6 +55,20 @@ _SCAN_MULTIPLES = ("d_inner", "stride_ul", "stride_tl", "stride_zl", "stride_yl"
 # arithmetic in the loop depends on it), elements a thread handles per loop step as a function of
 # the constexprs and warps: what the "per element" count divides by).
 KERNELS = {
+    "gemv": (
+        "quamba_fx.kernels.gemv", "_int8_gemv_jit",
+        {"x_ptr": "*i32", "w_ptr": "*i32", **{name: "*fp32" for name in ("x_scale_ptr", "w_scale_ptr", "bias_ptr",
+                                                                        "out_scale_ptr")},
+         "out_ptr": "*i8", "partial_ptr": "*i32", "count_ptr": "*i32",
+         **{name: "*i8" for name in ("cs_ptr", "cw_ptr", "cb_ptr", "cu_scale_ptr", "u_ptr")},
+         **{name: "i32" for name in ("N", "K", "stride_wn", "D_CONV", "stride_csd", "stride_csk", "stride_cwd",
+                                     "stride_cwk", "PF_BYTES", "PF_PROGRAMS")}},
+        {"W_PER_CHANNEL": True, "HAS_BIAS": False, "OUT_MODE": 0, "OUT_PER_CHANNEL": False, "BLOCK_N": 16,
+         "BLOCK_K": 128, "SPLIT_K": 1, "EVEN_K": True, "DP4A": True, "USE_PDL": True, "PREFETCH": True, "CONV": False,
+         "CONV_W": 4, "CONV_HAS_BIAS": False, "FAST_MATH": True, "AHEAD": 0},
+        ("N", "K"),
+        lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] * 4 / (32 * warps),  # weight bytes (K counts int32 words)
+    ),
     "gemv_w4": (
         "quamba_fx.kernels.gemv_w4", "_w4a16_gemv_kernel",
         {"x_ptr": "*i32", "w_ptr": "*u8", "s_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*fp16",

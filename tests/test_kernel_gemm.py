@@ -972,3 +972,22 @@ def test_rejects_bad_inputs(fn, override, match):
 def test_rejects_bad_inputs_kernel_rules(override, match):
     with pytest.raises(ValueError, match=match):
         int8_gemm(**{**_good(), **override})
+
+
+@pytest.mark.skipif(not EXACT, reason="swaps the GEMV's launcher on CPU tensors: needs TRITON_INTERPRET=1")
+def test_the_gemv_prefetch_setting_reaches_the_launch_but_never_the_interpreter(monkeypatch):
+    seen = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(kwargs["AHEAD"])
+
+    monkeypatch.setattr(gemv, "_int8_gemv_jit", Launcher())
+    monkeypatch.setattr(gemv, "PREFETCH_AHEAD", 3)
+    monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
+    monkeypatch.setattr(gemv, "_TUNED", {})  # the configs chosen here are the fake launch's only
+    x, w = torch.ones(1, 64, dtype=torch.int8), torch.ones(32, 64, dtype=torch.int8)
+    for interpreted in (False, True):
+        monkeypatch.setattr(gemv, "_INTERPRET", interpreted)
+        int8_gemm(x, scale(0.1, "cpu"), w, scale(0.1, "cpu"), None, out_dtype=torch.float16)
+    assert seen == [3, 0]

@@ -3,11 +3,6 @@ interpreter on CPU (on CUDA as they are)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,8 +11,6 @@ from hypothesis import strategies as st
 from quamba_fx.kernels import dequant_w4, gemm_w4, gemv_w4
 from quamba_fx.kernels.dispatch import use_triton
 from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4, w4a8_linear, w4a16_linear
-
-from .benchmark_scripts import BENCHMARKS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
@@ -141,32 +134,6 @@ def test_many_rows_run_a_gemm_on_the_dequantized_weight(dtype):
     torch.testing.assert_close(got.float(), w4a16_linear(x.float(), packed, scale, 32, bias), rtol=tolerance,
                                atol=10 * tolerance)
 
-
-# Compiled for sm_90 in a child process by benchmarks/sass_loop.py (TRITON_INTERPRET=1, the test
-# run's setting, leaves the kernels uncompilable): which prefetches the GEMV's hottest loop issues.
-_LOOP_PREFETCHES = textwrap.dedent('''
-    import sys
-    sys.path.insert(0, sys.argv[1])
-    from sass_loop import KERNELS, compile_sass, hottest_loop, opcode
-
-    module, function, signature, constexprs, multiples, _ = KERNELS["gemv_w4"]
-    for ahead in (0, 4):
-        loop = hottest_loop(compile_sass(module, function, signature, dict(constexprs, AHEAD=ahead), multiples, 8, 3))
-        print(ahead, len(loop), sum(opcode(i) == "CCTL" for i in loop))
-''')
-
-
-def test_the_gemv_prefetches_blocks_ahead_in_its_loop_when_asked():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCHMARKS.parent), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, "-c", _LOOP_PREFETCHES, str(BENCHMARKS)], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    (off, off_len, off_prefetches), (on, on_len, on_prefetches) = (map(int, line.split()) for line in
-                                                                  run.stdout.splitlines())
-    assert (off, on) == (0, 4)
-    assert off_prefetches == 0 and on_prefetches >= 1
-    assert on_len <= off_len + 10  # a few instructions a block, on a loop of about 63
 
 
 def test_the_prefetch_setting_reaches_the_launch_but_never_the_interpreter(monkeypatch):

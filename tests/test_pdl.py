@@ -1,6 +1,7 @@
 """The L2 weight prefetch of the decode GEMMs (kernels/pdl.py): which launches ask for it, that the
-chunks of the asking programs cover exactly the window, and that the compiled sm_90 kernels issue
-it before they wait on the kernel ahead."""
+chunks of the asking programs cover exactly the window, that the compiled sm_90 kernels issue it
+before they wait on the kernel ahead, and that the GEMVs' in-loop prefetch (`PREFETCH_AHEAD`) is
+in their loops when asked for."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def test_the_asking_programs_chunks_cover_the_window_in_order(units, programs):
 _COMPILE = textwrap.dedent('''
     import sys
     sys.path.insert(0, sys.argv[1])
-    from sass_loop import compile_sm90
+    from sass_loop import KERNELS, compile_sm90
 
     def ptx(module, function, signature, constexprs, warps):
         return compile_sm90(f"quamba_fx.kernels.{module}", function, signature, constexprs, (), warps, 3).asm["ptx"]
@@ -106,32 +107,57 @@ _COMPILE = textwrap.dedent('''
     def kinds(names, kind):
         return {name: kind for name in names.split()}
 
+    module, function, signature, constexprs, multiples, _ = KERNELS["gemv"]
+    print("gemv", compile_sm90(module, function, signature, constexprs, multiples, 8, 3).asm["ptx"].replace("\\n", " "))
+    skinny_sig = {**kinds("x_ptr w_ptr", "*i8"), **kinds("x_scale_ptr w_scale_ptr bias_ptr out_scale_ptr", "*fp32"),
+                  "out_ptr": "*i8", **kinds("partial_ptr count_ptr", "*i32"),
+                  **kinds("M N K stride_xm stride_wn stride_om PF_BYTES PF_PROGRAMS", "i32")}
     epilogue = dict(W_PER_CHANNEL=True, HAS_BIAS=False, OUT_MODE=1, OUT_PER_CHANNEL=False, EVEN_K=True,
                     USE_PDL=True, PREFETCH=True)
-    scales = kinds("x_scale_ptr w_scale_ptr bias_ptr out_scale_ptr", "*fp32")
-    gemv_sig = {**kinds("x_ptr w_ptr", "*i32"), **scales, "out_ptr": "*i8", **kinds("partial_ptr count_ptr", "*i32"),
-                **kinds("cs_ptr cw_ptr cb_ptr cu_scale_ptr u_ptr", "*i8"),
-                **kinds("N K stride_wn D_CONV stride_csd stride_csk stride_cwd stride_cwk PF_BYTES PF_PROGRAMS", "i32")}
-    skinny_sig = {**kinds("x_ptr w_ptr", "*i8"), **scales, "out_ptr": "*i8", **kinds("partial_ptr count_ptr", "*i32"),
-                  **kinds("M N K stride_xm stride_wn stride_om PF_BYTES PF_PROGRAMS", "i32")}
-    print("gemv", ptx("gemv", "_int8_gemv_jit", gemv_sig, dict(
-        epilogue, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, DP4A=True, CONV=False, CONV_W=4, CONV_HAS_BIAS=False,
-        FAST_MATH=True), 8).replace("\\n", " "))
     for early in (True, False):
         print("skinny", ptx("gemm_skinny", "_int8_gemm_skinny_jit", skinny_sig, dict(
             epilogue, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, EARLY=early), 4).replace("\\n", " "))
 ''')
 
 
-def test_the_decode_gemms_prefetch_before_they_wait():
+def _run_compiled(script: str) -> list[str]:
+    """The stdout lines of `script`, run in a child process without the interpreter, with
+    benchmarks/ as its first argument."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, "-c", _COMPILE, str(BENCHMARKS)], capture_output=True, text=True, env=env,
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCHMARKS.parent), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, "-c", script, str(BENCHMARKS)], capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    kernels = run.stdout.splitlines()
+    return run.stdout.splitlines()
+
+
+def test_the_decode_gemms_prefetch_before_they_wait():
+    kernels = _run_compiled(_COMPILE)
     assert [line.split()[0] for line in kernels] == ["gemv", "skinny", "skinny"]
     for line in kernels:
         prefetch, wait = line.find("cp.async.bulk.prefetch.L2.global"), line.find("griddepcontrol.wait")
         assert 0 <= prefetch < wait, line.split()[0]
+
+
+# The hottest loop of each GEMV, in sm_90 SASS, without and with its prefetch some steps ahead.
+_LOOP_PREFETCHES = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from sass_loop import KERNELS, compile_sass, hottest_loop, opcode
+
+    for kernel in ("gemv", "gemv_w4"):
+        module, function, signature, constexprs, multiples, _ = KERNELS[kernel]
+        for ahead in (0, 2):
+            sass = compile_sass(module, function, signature, dict(constexprs, AHEAD=ahead), multiples, 8, 3)
+            loop = hottest_loop(sass)
+            print(kernel, ahead, len(loop), sum(opcode(i) == "CCTL" for i in loop))
+''')
+
+
+def test_the_gemvs_prefetch_steps_ahead_in_their_loops_when_asked():
+    rows = [line.split() for line in _run_compiled(_LOOP_PREFETCHES)]
+    assert [(kernel, int(ahead)) for kernel, ahead, _, _ in rows] == [("gemv", 0), ("gemv", 2), ("gemv_w4", 0),
+                                                                     ("gemv_w4", 2)]
+    for (_, _, off_len, off_prefetches), (_, _, on_len, on_prefetches) in (rows[:2], rows[2:]):
+        assert int(off_prefetches) == 0 and int(on_prefetches) >= 1  # CCTL: the line prefetch
+        assert int(on_len) <= int(off_len) * 4 // 3  # a few instructions a step, not a rebuilt loop

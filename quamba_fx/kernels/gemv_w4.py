@@ -43,7 +43,7 @@ from torch import Tensor
 
 from . import split_k
 from .dispatch import INTERPRET, cdiv
-from .pdl import launch_options, wait_for_previous
+from .pdl import launch_options, prefetch_lines_to_l2, wait_for_previous
 
 __all__ = ["PREFETCH_AHEAD", "Config", "default_config", "launch", "supported"]
 
@@ -53,7 +53,7 @@ Config = tuple[int, int, int, int]
 # Programs a GEMV should have to keep every SM of a large GPU streaming (8 per SM of the H200's 132).
 _PROGRAMS = 1056
 # Blocks ahead of the one being summed whose weight bytes each program asks L2 for (0: none; on
-# the GPU only). At 0.97 TB/s on in_proj (run 10's figures, docs/benchmarks.md) this GEMV has about
+# the GPU only). At 0.97 TB/s on in_proj (session 27, docs/benchmarks.md) this GEMV has about
 # 16 KB in flight an SM, its one block a program; a prefetch a few blocks ahead raises that without
 # registers (a register copy of the next block cost 3 byte permutes a byte). A setting for
 # benchmarks/decode_settings.py, off until an A/B on the GPU decides it.
@@ -155,7 +155,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
             # prefetch must stay inside the tensor), one 128-byte line a request.
             ahead = tl.minimum(k0 + AHEAD * BLOCK_K, K - 1) // 2
             lines = tl.arange(0, tl.cdiv(BLOCK_K // 2, 128))
-            _prefetch_line(w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+            prefetch_lines_to_l2(w_ptr + rows.to(tl.int64)[:, None] * stride_wn
                            + tl.minimum(ahead + lines * 128, (K - 1) // 2)[None, :])
         if EVEN_K:
             packed = tl.load(w_rows + k0 // 2 + byte)
@@ -180,13 +180,6 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
                         BLOCK_N):
         y = tl.reshape(split_k.total(partial_ptr, count_ptr, pid_n, SPLITS, 1, BLOCK_N), (BLOCK_N,))
         _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS)
-
-
-@triton.jit
-def _prefetch_line(ptrs):
-    """Ask L2 for the 128-byte line of each address (a hint: nothing waits for it)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
