@@ -12,6 +12,8 @@ from quamba_fx.kernels import dequant_w4, gemm_w4, gemv_w4
 from quamba_fx.kernels.dispatch import use_triton
 from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4, w4a8_linear, w4a16_linear
 
+from .kernel_support import LaunchRecorder
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -135,19 +137,13 @@ def test_many_rows_run_a_gemm_on_the_dequantized_weight(dtype):
                                atol=10 * tolerance)
 
 
-
 def test_the_prefetch_setting_reaches_the_launch_but_never_the_interpreter(monkeypatch):
-    seen = []
-
-    class Launcher:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: seen.append(kwargs["AHEAD"])
-
-    monkeypatch.setattr(gemv_w4, "_w4a16_gemv_kernel", Launcher())
+    launches = LaunchRecorder("AHEAD")
+    monkeypatch.setattr(gemv_w4, "_w4a16_gemv_kernel", launches)
     monkeypatch.setattr(gemv_w4, "PREFETCH_AHEAD", 4)
     packed, scale = weights(32, 256, 128, seed=1)
     x = torch.randn(1, 256).to(DEVICE, torch.float16)
     for interpreted in (False, True):
         monkeypatch.setattr(gemv_w4, "INTERPRET", interpreted)
         gemv_w4.launch(x, packed, scale, 128, None, torch.empty(1, 32, dtype=torch.float16, device=DEVICE))
-    assert seen == [4, 0]
+    assert launches.seen == [4, 0]
