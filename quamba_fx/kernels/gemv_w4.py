@@ -45,7 +45,7 @@ from . import split_k
 from .dispatch import INTERPRET, cdiv
 from .pdl import launch_options, prefetch_lines_to_l2, wait_for_previous
 
-__all__ = ["PREFETCH_AHEAD", "Config", "default_config", "launch", "supported"]
+__all__ = ["Config", "PREFETCH_AHEAD", "default_config", "launch", "supported"]
 
 # A launch config: (BLOCK_N rows, BLOCK_K columns, warps, splits of K).
 Config = tuple[int, int, int, int]
@@ -155,8 +155,8 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
             # prefetch must stay inside the tensor), one 128-byte line a request.
             ahead = tl.minimum(k0 + AHEAD * BLOCK_K, K - 1) // 2
             lines = tl.arange(0, tl.cdiv(BLOCK_K // 2, 128))
-            prefetch_lines_to_l2(w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-                           + tl.minimum(ahead + lines * 128, (K - 1) // 2)[None, :])
+            line_bytes = tl.minimum(ahead + lines * 128, (K - 1) // 2)
+            prefetch_lines_to_l2(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + line_bytes[None, :])
         if EVEN_K:
             packed = tl.load(w_rows + k0 // 2 + byte)
             xw = tl.load(x_tile + k0 // 2)
