@@ -181,7 +181,7 @@ def _int8_gemv_jit(
         if AHEAD > 0:
             # The rows' words AHEAD steps on (clamped inside the row), one request a 128-byte line.
             ahead = tl.minimum(pid_k * k_tiles * BLOCK_K + (kt + AHEAD) * BLOCK_K, K - 1)
-            lines = tl.minimum(ahead + tl.arange(0, tl.cdiv(BLOCK_K, 32)) * 32, K - 1)
+            lines = tl.minimum(ahead + tl.arange(0, (BLOCK_K + 31) // 32) * 32, K - 1)
             prefetch_lines_to_l2(w_ptr + cols.to(tl.int64)[:, None] * stride_wn + lines[None, :])
         sums = _dot4(a, b, sums, DP4A)
         b = b_next

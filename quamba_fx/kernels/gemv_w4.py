@@ -154,7 +154,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
             # Each row's bytes AHEAD blocks on (its last block once past the row's end: a
             # prefetch must stay inside the tensor), one 128-byte line a request.
             ahead = tl.minimum(k0 + AHEAD * BLOCK_K, K - 1) // 2
-            lines = tl.arange(0, tl.cdiv(BLOCK_K // 2, 128))
+            lines = tl.arange(0, (BLOCK_K // 2 + 127) // 128)
             line_bytes = tl.minimum(ahead + lines * 128, (K - 1) // 2)
             prefetch_lines_to_l2(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + line_bytes[None, :])
         if EVEN_K:
