@@ -131,22 +131,30 @@ def compile_sass(module: str, function: str, signature: dict, constexprs: dict, 
         return subprocess.run([nvdisasm, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
 
 
+_INSTRUCTION = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;")
+
+
+def instructions(sass: str) -> list[str]:
+    """Every instruction of nvdisasm's listing, in order, without addresses and encodings."""
+    return [m.group(1) for m in map(_INSTRUCTION.match, sass.splitlines()) if m]
+
+
 def hottest_loop(sass: str) -> list[str]:
     """The instructions of the largest loop: from a label to the last backward branch to it."""
-    labels, instructions = {}, []
+    labels, listing = {}, []
     for line in sass.splitlines():
         label = re.match(r"\s*\.(L_x_\d+):", line)
         if label:
-            labels[label.group(1)] = len(instructions)
+            labels[label.group(1)] = len(listing)
             continue
-        instruction = re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        instruction = _INSTRUCTION.match(line)
         if instruction:
-            instructions.append(instruction.group(1))
+            listing.append(instruction.group(1))
     best: list[str] = []
-    for end, text in enumerate(instructions):
+    for end, text in enumerate(listing):
         target = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", text)
         if target and labels.get(target.group(1), end + 1) <= end:
-            body = instructions[labels[target.group(1)]:end + 1]
+            body = listing[labels[target.group(1)]:end + 1]
             best = body if len(body) > len(best) else best
     return best
 

@@ -10,8 +10,11 @@ import torch
 from hypothesis import given, settings
 
 from quamba_fx.kernels import ssd
+from quamba_fx.errors import InputError
 from quamba_fx.kernels.dispatch import INTERPRET
 from quamba_fx.ssd_reference import ssd_scan_reference
+
+from .benchmark_scripts import BENCHMARKS, run_without_interpreter
 
 pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
                                 reason="the kernel runs on CUDA or under TRITON_INTERPRET=1")
@@ -25,9 +28,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @given(batch=st.integers(1, 2), length=st.integers(1, 80), heads=st.sampled_from([1, 2, 4]),
        head_dim=st.integers(1, 70), groups=st.sampled_from([1, 2]), state=st.integers(1, 40),
        dt_max=st.sampled_from([math.inf, 0.2]), with_state=st.booleans(), with_d=st.booleans(),
-       seed=st.integers(0, 2**16))
-@settings(max_examples=25)
-def test_kernel_matches_the_reference(batch, length, heads, head_dim, groups, state, dt_max, with_state, with_d, seed):
+       chunk=st.sampled_from([3, 16, 24, 128]), seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_kernel_matches_the_reference(batch, length, heads, head_dim, groups, state, dt_max, with_state, with_d,
+                                      chunk, seed):
     if heads % groups:
         groups = 1
     g = torch.Generator().manual_seed(seed)
@@ -38,12 +42,12 @@ def test_kernel_matches_the_reference(batch, length, heads, head_dim, groups, st
     bias = torch.randn(heads, generator=g)
     start = torch.randn(batch, heads, head_dim, state, generator=g) if with_state else None
     args = [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in (x, dt, A, B, C, D, bias)]
-    y, final = ssd.ssd_scan(*args, True, 0.0, dt_max, 16, initial_state=None if start is None else start.to(DEVICE),
+    y, final = ssd.ssd_scan(*args, True, 0.0, dt_max, chunk, initial_state=None if start is None else start.to(DEVICE),
                             return_final_state=True)
-    y_ref, final_ref = ssd_scan_reference(x, dt, A, B, C, D, bias, True, 0.0, dt_max, 16, initial_state=start)
+    y_ref, final_ref = ssd_scan_reference(x, dt, A, B, C, D, bias, True, 0.0, dt_max, chunk, initial_state=start)
     assert y.dtype == torch.float32 and y.shape == y_ref.shape and final.shape == final_ref.shape
-    # fp32 sums in another order (chunks of the kernel's tile, not the reference's), over up to 80
-    # steps and 40 states, some cancelling: a few 1e-6 of the magnitude observed.
+    # fp32 sums in another order (tiles of the kernels' products), over up to 80 steps and 40
+    # states, some cancelling: a few 1e-6 of the magnitude observed.
     assert relative_error(y.cpu(), y_ref) < 5e-5
     assert relative_error(final.cpu(), final_ref) < 5e-5
 
@@ -61,9 +65,129 @@ def test_kernel_reads_strided_slices_of_in_proj_output_in_place():
 
 
 def test_bad_shapes_are_refused_before_launching():
-    from quamba_fx.errors import InputError
-
     x = torch.zeros(1, 4, 2, 3, device=DEVICE)
     with pytest.raises(InputError, match="dt must be"):
         ssd.ssd_scan(x, torch.zeros(1, 4, 3, device=DEVICE), -torch.ones(2, device=DEVICE),
                      torch.zeros(1, 4, 1, 5, device=DEVICE), torch.zeros(1, 4, 1, 5, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs_take_16_bit_products_and_stay_close(dtype):
+    # What an fp16 model's in_proj and conv hand the scan: products in that dtype, sums and the
+    # state in fp32. The bound is the dtype's rounding of the weighted terms, not fp32's.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 70, 4, 24, generator=g).to(dtype)
+    dt = (torch.randn(2, 70, 4, generator=g) * 0.5).to(dtype)
+    A = -torch.rand(4, generator=g) * 4 - 0.5
+    B, C = (torch.randn(2, 70, 2, 20, generator=g).to(dtype) for _ in range(2))
+    D, bias = torch.randn(4, generator=g), torch.randn(4, generator=g) - 1
+    args = [t.to(DEVICE) for t in (x, dt, A, B, C, D, bias)]
+    y, final = ssd.ssd_scan(*args, True, 0.0, math.inf, 32, return_final_state=True)
+    y_ref, final_ref = ssd_scan_reference(x, dt, A, B, C, D, bias, True, 0.0, math.inf, 32)
+    tolerance = 1e-2 if dtype == torch.float16 else 4e-2
+    assert relative_error(y.cpu(), y_ref) < tolerance
+    assert relative_error(final.cpu(), final_ref) < tolerance
+
+
+def test_fp32_inputs_with_16_bit_products_track_the_reference_at_16_bit_precision():
+    # A graph lowered to fp16 hands the scan dequantized fp32 and asks for fp16 products.
+    g = torch.Generator().manual_seed(8)
+    x, dt = torch.randn(1, 40, 2, 16, generator=g), torch.randn(1, 40, 2, generator=g) * 0.5
+    A, B, C = -torch.rand(2, generator=g) - 0.5, torch.randn(1, 40, 1, 16, generator=g), torch.randn(1, 40, 1, 16, generator=g)
+    args = [t.to(DEVICE) for t in (x, dt, A, B, C)]
+    y_ref, _ = ssd_scan_reference(x, dt, A, B, C, chunk_size=16)
+    half = ssd.ssd_scan(*args, chunk_size=16, product_dtype=torch.float16).cpu()
+    assert 1e-6 < relative_error(half, y_ref) < 1e-2  # rounded, as an fp16 model's products are
+    with pytest.raises(InputError, match="product_dtype"):
+        ssd.ssd_scan(*args, product_dtype=torch.int8)
+
+
+def test_the_chunk_length_orders_sums_but_does_not_change_the_result():
+    g = torch.Generator().manual_seed(5)
+    x, dt = torch.randn(1, 50, 2, 16, generator=g), torch.randn(1, 50, 2, generator=g)
+    A, B, C = -torch.rand(2, generator=g), torch.randn(1, 50, 1, 16, generator=g), torch.randn(1, 50, 1, 16, generator=g)
+    args = [t.to(DEVICE) for t in (x, dt, A, B, C)]
+    outputs = [ssd.ssd_scan(*args, None, None, True, 0.0, math.inf, chunk).cpu() for chunk in (1, 7, 16, 50, 256)]
+    for y in outputs[1:]:
+        assert relative_error(y, outputs[0]) < 1e-5
+
+
+def _step_inputs(batch, length, heads, head_dim, groups, state, seed):
+    g = torch.Generator().manual_seed(seed)
+    return dict(x=torch.randn(batch, length, heads, head_dim, generator=g),
+                dt=torch.randn(batch, length, heads, generator=g), A=-torch.rand(heads, generator=g) * 4,
+                B=torch.randn(batch, length, groups, state, generator=g),
+                C=torch.randn(batch, length, groups, state, generator=g), D=torch.randn(heads, generator=g),
+                dt_bias=torch.randn(heads, generator=g))
+
+
+@given(batch=st.integers(1, 3), length=st.integers(1, 3), heads=st.sampled_from([1, 2, 4]),
+       head_dim=st.integers(1, 70), groups=st.sampled_from([1, 2]), state=st.integers(1, 40),
+       dt_max=st.sampled_from([math.inf, 0.2]), seed=st.integers(0, 2**16))
+@settings(max_examples=20, deadline=None)
+def test_state_update_continues_the_scan_in_place(batch, length, heads, head_dim, groups, state, dt_max, seed):
+    if heads % groups:
+        groups = 1
+    inputs = _step_inputs(batch, length, heads, head_dim, groups, state, seed)
+    start = torch.randn(batch, heads, head_dim, state, generator=torch.Generator().manual_seed(seed + 1))
+    cache = start.clone().to(DEVICE)
+    y = ssd.ssd_state_update(cache, **{k: v.to(DEVICE) for k, v in inputs.items()}, dt_max=dt_max)
+    y_ref, final_ref = ssd_scan_reference(**inputs, dt_max=dt_max, chunk_size=1, initial_state=start)
+    assert y.shape == y_ref.shape and y.dtype == torch.float32
+    assert relative_error(y.cpu(), y_ref) < 1e-5
+    assert relative_error(cache.cpu(), final_ref) < 1e-5
+
+
+def test_a_16_bit_state_is_rounded_once_after_the_steps():
+    inputs = _step_inputs(2, 1, 2, 8, 1, 16, seed=9)
+    start = torch.randn(2, 2, 8, 16, generator=torch.Generator().manual_seed(10)).half()
+    cache = start.clone().to(DEVICE)
+    ssd.ssd_state_update(cache, **{k: v.to(DEVICE) for k, v in inputs.items()})
+    _, final_ref = ssd_scan_reference(**inputs, initial_state=start.float())
+    assert cache.dtype == torch.float16
+    assert torch.allclose(cache.cpu().float(), final_ref.half().float(), rtol=1e-3, atol=1e-3)
+
+
+def test_state_update_refuses_a_state_of_the_wrong_shape():
+    inputs = {k: v.to(DEVICE) for k, v in _step_inputs(1, 1, 2, 8, 1, 16, seed=0).items()}
+    with pytest.raises(InputError, match="the state must be"):
+        ssd.ssd_state_update(torch.zeros(1, 2, 8, 15, device=DEVICE), **inputs)
+
+
+def test_cached_op_prefills_then_decodes_as_one_long_scan():
+    # The prompt through the chunked kernels leaves its final state in the cache; two decode steps
+    # then continue from it: together, the scan of the whole sequence.
+    inputs = _step_inputs(2, 13, 4, 16, 2, 16, seed=4)
+    args = lambda sl: [inputs[k][:, sl].to(DEVICE) for k in ("x", "dt")] + [inputs["A"].to(DEVICE)] + [
+        inputs[k][:, sl].to(DEVICE) for k in ("B", "C")] + [inputs["D"].to(DEVICE), inputs["dt_bias"].to(DEVICE)]
+    cache = torch.zeros(2, 4, 16, 16, device=DEVICE)
+    op = torch.ops.quamba.ssd_scan_triton_cached
+    ys = [op(*args(slice(0, 11)), True, 0.0, math.inf, 4, None, cache, False)]
+    for t in (11, 12):
+        ys.append(op(*args(slice(t, t + 1)), True, 0.0, math.inf, 4, None, cache, True))
+    y_ref, final_ref = ssd_scan_reference(**inputs, chunk_size=4)
+    assert relative_error(torch.cat(ys, dim=1).cpu(), y_ref) < 1e-5
+    assert relative_error(cache.cpu(), final_ref) < 1e-5
+
+
+def test_the_kernel_op_has_a_fake_and_the_references_result():
+    inputs = _step_inputs(1, 9, 2, 8, 1, 16, seed=6)
+    args = [inputs[k].to(DEVICE) for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")] + [True, 0.0, math.inf, 4, None]
+    torch.library.opcheck(torch.ops.quamba.ssd_scan_triton.default, args)
+    expected, _ = ssd_scan_reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args[:-1]])
+    assert relative_error(torch.ops.quamba.ssd_scan_triton(*args).cpu(), expected) < 1e-5
+
+
+def test_the_kernels_compile_for_sm90_without_spills_and_multiply_on_tensor_cores():
+    # Offline builds in a child process (the interpreter's kernels cannot be compiled), at the
+    # tiles mamba2-2.7b runs: what the interpreter cannot show. fp16 products, from fp16 inputs
+    # or a lowered graph's fp32 ones, put the three product kernels on wgmma; fp32 products run
+    # in IEEE fp32 on CUDA cores.
+    output = run_without_interpreter([str(BENCHMARKS / "ssd_sm90.py")])
+    rows = {(build, kernel): [int(v) for v in counts]
+            for build, kernel, *counts in (line.split() for line in output.splitlines()[1:])}
+    assert len(rows) == 18
+    products = {"_chunk_cb_kernel", "_chunk_state_kernel", "_chunk_scan_kernel"}
+    for (build, kernel), (stores, loads, wgmma) in rows.items():
+        assert stores == loads == 0, (build, kernel)
+        assert (wgmma > 0) == (build.endswith(":fp16") and kernel in products), (build, kernel)

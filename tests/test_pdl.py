@@ -5,9 +5,6 @@ in their loops when asked for."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -19,7 +16,7 @@ from hypothesis import strategies as st
 
 from quamba_fx.kernels import pdl
 
-from .benchmark_scripts import BENCHMARKS
+from .benchmark_scripts import BENCHMARKS, run_without_interpreter
 
 _OFF = {"PF_BYTES": 0, "PF_PROGRAMS": 1, "PREFETCH": False}
 
@@ -121,14 +118,8 @@ _COMPILE = textwrap.dedent('''
 
 
 def _run_compiled(script: str) -> list[str]:
-    """The stdout lines of `script`, run in a child process without the interpreter, with
-    benchmarks/ as its first argument."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCHMARKS.parent), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, "-c", script, str(BENCHMARKS)], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout.splitlines()
+    """The stdout lines of `script`, run without the interpreter, with benchmarks/ as its argument."""
+    return run_without_interpreter(["-c", script, str(BENCHMARKS)]).splitlines()
 
 
 def test_the_decode_gemms_prefetch_before_they_wait():

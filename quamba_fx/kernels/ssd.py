@@ -1,27 +1,24 @@
-"""Mamba-2's scan (SSD) as one Triton kernel: chunks of `BLOCK_Q` steps, the state in registers.
+"""Mamba-2's scan (SSD) on Triton: the chunks computed in parallel, the state carried between them.
 
 Semantics are those of `quamba_fx.ssd_reference.ssd_scan_reference` (the `quamba::ssd_scan` op):
 per head h, `S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T` and `y_t = S_t C_t + D_h x_t`, with
-`dt = clamp(softplus(dt + dt_bias), dt_min, dt_max)`, in fp32.
+`dt = clamp(softplus(dt + dt_bias), dt_min, dt_max)`; states and sums in fp32.
 
-One program owns one (batch, head, block of head_dim channels) and walks the sequence chunk by chunk,
-carrying the `[BLOCK_P, N]` state in registers. Inside a chunk it computes, with `cum` the running sum
-of `dt A` from the chunk's start:
+The sequence is cut into chunks of `chunk_size` steps (the model's, as the reference and mamba_ssm
+do). With `cum` the running sum of `dt A` from a chunk's start, five launches:
 
-    y      = exp(cum) * (C S^T)                                  the state entering the chunk
-           + ((C B^T) * exp(cum_l - cum_s) [s <= l]) (dt x)      the chunk's own steps
-    S_next = exp(cum_last) S + (dt x * exp(cum_last - cum))^T B
+1. `_chunk_dt_kernel`: dt discretised, and `cum`, per (batch, chunk, heads).
+2. `_chunk_cb_kernel`: `C B^T` inside each chunk, per B/C group (heads of a group share it).
+3. `_chunk_state_kernel`: the state each chunk adds on its own, `sum_s exp(cum_end - cum_s) dt_s x_s B_s^T`.
+4. `_state_passing_kernel`: the only sequential part: walks the chunks, turning what each added into
+   the state entering each chunk (in place), and the final state. It moves `[P, N]` per chunk and
+   head, a small fraction of the work.
+5. `_chunk_scan_kernel`: `y_l = exp(cum_l) C_l S_in^T + sum_{s <= l} (C_l B_s) exp(cum_l - cum_s) dt_s x_s + D x_l`.
 
-three small matrix products per chunk (`tl.dot`), instead of a step-by-step loop. Steps past L are
-loaded as dt = 0: they neither decay nor add. The chunk length is the kernel's tile, not the model's
-`chunk_size` (which only orders the reference's fp32 additions); every product runs in IEEE fp32
-(`input_precision="ieee"`), so results match the reference to fp32 rounding, not bit for bit.
-
-Not used by the graphs yet: on an H200 it took 16.7 ms for a 1 x 2048 mamba2-2.7b scan against
-mamba_ssm's 0.106 ms (`benchmarks/ssd.py`; docs/benchmarks.md, session 25). One program walks all
-of a head's chunks in turn (80 programs at batch 1), and IEEE fp32 dots run on CUDA cores. A fast
-version computes the chunks' states in parallel and carries them in a second pass, with
-fp16/bf16 tensor-core dots (fp32 accumulation), as mamba_ssm does.
+Launches 2, 3 and 5 are matrix products. Their operands are rounded to a chosen dtype: fp16/bf16
+run on tensor cores with fp32 accumulation, as mamba_ssm's kernels do (a graph lowered to fp16
+asks for fp16, the precision an fp16 model's scan reads); fp32 runs in IEEE fp32 and matches the
+reference to fp32 rounding. A decode step is `ssd_state_update`, one launch.
 """
 
 from __future__ import annotations
@@ -34,137 +31,427 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..errors import InputError
 from ..ssd_reference import check_ssd_inputs, ssd_scan_reference
-from .dispatch import next_pow2
+from .dispatch import INTERPRET, graph_op, next_pow2
 from .dispatch import use_triton as _use_triton
 
-__all__ = ["ssd_scan"]
+__all__ = ["ssd_scan", "ssd_scan_cached_op", "ssd_scan_op", "ssd_state_update", "tiles"]
+
 
 @triton.jit
-def _ssd_scan_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr, state_in_ptr, state_out_ptr,
-    L, H, P, N, heads_per_group, dt_min, dt_max,
-    stride_xb, stride_xl, stride_xh,
-    stride_dtb, stride_dtl,
-    stride_bb, stride_bl, stride_bg,
-    stride_cb, stride_cl, stride_cg,
-    stride_yb, stride_yl, stride_yh,
-    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.constexpr,
-    HAS_STATE_IN: tl.constexpr, HAS_STATE_OUT: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dot(a, b, acc, DOT: tl.constexpr, IEEE: tl.constexpr):
+    # Operands in DOT: fp32 ones in IEEE fp32 (tf32 would lose the reference's precision), 16-bit
+    # ones on tensor cores; fp32 accumulation either way.
+    if IEEE:
+        acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a.to(DOT), b.to(DOT), acc)
+    return acc
+
+
+@triton.jit
+def _discretize(dt, dt_min, dt_max, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.constexpr):
+    if SOFTPLUS:
+        # torch's softplus: linear above 20. log(1 + e^x) is not log1p: below about -17 it gives
+        # 0 where the reference gives e^x < 4e-8, a step that then adds almost nothing anyway.
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+    dt = tl.maximum(dt, dt_min)
+    if CLAMP_MAX:
+        dt = tl.minimum(dt, dt_max)
+    return dt
+
+
+@triton.jit
+def _chunk_dt_kernel(
+    dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cum_ptr,
+    L, H, chunk, n_chunks, dt_min, dt_max, stride_dtb, stride_dtl,
+    HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    b = pid_bh // H
-    h = pid_bh % H
-    g = h // heads_per_group
-    rp = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rn = tl.arange(0, BLOCK_N)
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    rh = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
     rq = tl.arange(0, BLOCK_Q)
+    t = c * chunk + rq
+    h_ok = rh < H
+    q_ok = rq < chunk
+    step_ok = q_ok & (t < L)
+    dt = tl.load(dt_ptr + b * stride_dtb + t[None, :] * stride_dtl + rh[:, None],
+                 mask=h_ok[:, None] & step_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        dt += tl.load(dt_bias_ptr + rh, mask=h_ok, other=0.0).to(tl.float32)[:, None]
+    dt = _discretize(dt, dt_min, dt_max, SOFTPLUS, CLAMP_MAX)
+    # Steps past L (the last chunk's tail) neither decay nor add: cum stays at the last real step's.
+    dt = tl.where(step_ok[None, :], dt, 0.0)
+    a = tl.load(A_ptr + rh, mask=h_ok, other=0.0).to(tl.float32)
+    cum = tl.cumsum(dt * a[:, None], axis=1)
+    offsets = ((b * H + rh[:, None]) * n_chunks + c) * chunk + rq[None, :]
+    out_ok = h_ok[:, None] & q_ok[None, :]
+    tl.store(dt_out_ptr + offsets, dt, mask=out_ok)
+    tl.store(cum_ptr + offsets, cum, mask=out_ok)
+
+
+@triton.jit
+def _chunk_cb_kernel(
+    B_ptr, C_ptr, cb_ptr,
+    L, G, N, chunk, n_chunks,
+    stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
+    DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_bc = tl.program_id(0)
+    b = pid_bc // n_chunks
+    c = pid_bc % n_chunks
+    g = tl.program_id(1)
+    s_tiles = tl.cdiv(chunk, BLOCK_S)
+    m = tl.program_id(2) // s_tiles
+    sb = tl.program_id(2) % s_tiles
+    if sb * BLOCK_S > m * BLOCK_M + BLOCK_M - 1:
+        return  # every (l, s) of the tile has s > l: the scan masks them without reading
+    rl = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rs = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    rk = tl.arange(0, BLOCK_K)
+    l_ok = (rl < chunk) & (c * chunk + rl < L)
+    s_ok = (rs < chunk) & (c * chunk + rs < L)
+    c_rows = C_ptr + b * stride_cb + (c * chunk + rl)[:, None] * stride_cl + g * stride_cg
+    b_cols = B_ptr + b * stride_bb + (c * chunk + rs)[None, :] * stride_bl + g * stride_bg
+    acc = tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32)
+    for k0 in range(0, N, BLOCK_K):
+        k = k0 + rk
+        cq = tl.load(c_rows + k[None, :], mask=l_ok[:, None] & (k < N)[None, :], other=0.0)
+        bq = tl.load(b_cols + k[:, None], mask=(k < N)[:, None] & s_ok[None, :], other=0.0)
+        acc = _dot(cq, bq, acc, DOT, IEEE)
+    offsets = ((b * n_chunks + c) * G + g) * chunk * chunk + rl[:, None] * chunk + rs[None, :]
+    tl.store(cb_ptr + offsets, acc, mask=(rl < chunk)[:, None] & (rs < chunk)[None, :])
+
+
+@triton.jit
+def _chunk_state_kernel(
+    x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr,
+    L, H, P, N, chunk, n_chunks, heads_per_group,
+    stride_xb, stride_xl, stride_xh, stride_bb, stride_bl, stride_bg,
+    DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid_bc = tl.program_id(0)
+    b = pid_bc // n_chunks
+    c = pid_bc % n_chunks
+    h = tl.program_id(1)
+    g = h // heads_per_group
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    rp = (tl.program_id(2) // n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rn = (tl.program_id(2) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rs = tl.arange(0, BLOCK_S)
     p_ok = rp < P
     n_ok = rn < N
-    a_h = tl.load(A_ptr + h).to(tl.float32)
-    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32) if HAS_DT_BIAS else 0.0
-    d_h = tl.load(D_ptr + h).to(tl.float32) if HAS_D else 0.0
-    state_offsets = ((b * H + h) * P + rp[:, None]) * N + rn[None, :]
-    state_mask = p_ok[:, None] & n_ok[None, :]
-    if HAS_STATE_IN:
-        state = tl.load(state_in_ptr + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    causal = rq[:, None] >= rq[None, :]
-
+    dt_row = ((b * H + h) * n_chunks + c) * chunk
+    end = tl.load(cum_ptr + dt_row + chunk - 1)
     x_base = x_ptr + b * stride_xb + h * stride_xh
-    dt_base = dt_ptr + b * stride_dtb + h
     b_base = B_ptr + b * stride_bb + g * stride_bg
-    c_base = C_ptr + b * stride_cb + g * stride_cg
-    y_base = y_ptr + b * stride_yb + h * stride_yh
-    for start in range(0, L, BLOCK_Q):
-        t = start + rq
-        t_ok = t < L
-        dt = tl.load(dt_base + t * stride_dtl, mask=t_ok, other=0.0).to(tl.float32) + dt_bias
-        if SOFTPLUS:
-            # torch's softplus: linear above 20. log(1 + e^x) is not log1p: below about -17 it gives
-            # 0 where the reference gives e^x < 4e-8, a step that then adds almost nothing anyway.
-            dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
-        dt = tl.maximum(dt, dt_min)
-        if CLAMP_MAX:
-            dt = tl.minimum(dt, dt_max)
-        dt = tl.where(t_ok, dt, 0.0)
-        cum = tl.cumsum(dt * a_h, axis=0)  # [Q]
-        # The chunk's total decay is cum's last entry, picked out exactly (a sum of it and zeros):
-        # a tl.sum of the terms would add them in another order, and the last step's
-        # exp(last - cum) would no longer be exactly 1.
-        last = tl.sum(tl.where(rq == BLOCK_Q - 1, cum, 0.0), axis=0)
-        x = tl.load(x_base + t[:, None] * stride_xl + rp[None, :], mask=t_ok[:, None] & p_ok[None, :],
-                    other=0.0).to(tl.float32)
-        bq = tl.load(b_base + t[:, None] * stride_bl + rn[None, :], mask=t_ok[:, None] & n_ok[None, :],
-                     other=0.0).to(tl.float32)
-        cq = tl.load(c_base + t[:, None] * stride_cl + rn[None, :], mask=t_ok[:, None] & n_ok[None, :],
-                     other=0.0).to(tl.float32)
-        inputs = x * dt[:, None]  # [Q, P]: dt_s x_s, what step s adds before decaying
-        # The state entering the chunk, decayed to each step and read through C.
-        y = tl.dot(cq, tl.trans(state), input_precision="ieee") * tl.exp(cum)[:, None]
-        # The chunk's own steps: exp(cum_l - cum_s) for s <= l (the difference is <= 0 there).
-        gap = tl.where(causal, cum[:, None] - cum[None, :], 0.0)
-        scores = tl.where(causal, tl.dot(cq, tl.trans(bq), input_precision="ieee") * tl.exp(gap), 0.0)
-        y += tl.dot(scores, inputs, input_precision="ieee")
-        if HAS_D:
-            y += x * d_h
-        tl.store(y_base + t[:, None] * stride_yl + rp[None, :], y, mask=t_ok[:, None] & p_ok[None, :])
-        to_end = tl.exp(last - cum)  # [Q]
-        state = state * tl.exp(last) + tl.dot(tl.trans(inputs * to_end[:, None]), bq, input_precision="ieee")
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for s0 in range(0, chunk, BLOCK_S):
+        s = s0 + rs
+        t = c * chunk + s
+        s_ok = (s < chunk) & (t < L)
+        cum = tl.load(cum_ptr + dt_row + s, mask=s < chunk, other=0.0)
+        dt = tl.load(dt_ptr + dt_row + s, mask=s < chunk, other=0.0)
+        # What step s adds, decayed to the chunk's end (<= 1: cum only falls as A < 0 and dt >= 0).
+        weight = tl.where(s_ok, dt * tl.exp(end - cum), 0.0)
+        xt = tl.load(x_base + t[None, :] * stride_xl + rp[:, None], mask=p_ok[:, None] & s_ok[None, :], other=0.0)
+        bq = tl.load(b_base + t[:, None] * stride_bl + rn[None, :], mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(xt, bq.to(tl.float32) * weight[:, None], acc, DOT, IEEE)
+    offsets = (((b * n_chunks + c) * H + h) * P + rp[:, None]) * N + rn[None, :]
+    tl.store(states_ptr + offsets, acc, mask=p_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _state_passing_kernel(
+    states_ptr, cum_ptr, state_in_ptr, state_out_ptr,
+    H, PN, chunk, n_chunks,
+    HAS_STATE_IN: tl.constexpr, HAS_STATE_OUT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < PN
+    if HAS_STATE_IN:
+        state = tl.load(state_in_ptr + (b * H + h) * PN + offs, mask=ok, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(0, n_chunks):
+        slot = states_ptr + ((b * n_chunks + c) * H + h) * PN + offs
+        added = tl.load(slot, mask=ok, other=0.0)
+        tl.store(slot, state, mask=ok)  # the slot now holds the state entering chunk c
+        decay = tl.exp(tl.load(cum_ptr + ((b * H + h) * n_chunks + c) * chunk + chunk - 1))
+        state = state * decay + added
     if HAS_STATE_OUT:
-        tl.store(state_out_ptr + state_offsets, state, mask=state_mask)
+        tl.store(state_out_ptr + (b * H + h) * PN + offs, state, mask=ok)
 
 
-def _tiles(head_dim: int, state: int) -> tuple[int, int, int]:
-    """(BLOCK_Q, BLOCK_P, BLOCK_N): the whole state in one tile (N <= 256 in every published
-    Mamba-2), head_dim in blocks of at most 64, chunks shorter as the state grows, to keep the
-    `[Q, N]` B and C tiles and the `[P, N]` state in registers. tl.dot needs every dim >= 16."""
-    block_n = max(16, next_pow2(state))
-    block_p = max(16, min(64, next_pow2(head_dim)))
-    block_q = 64 if block_n <= 64 else 32
-    return block_q, block_p, block_n
+@triton.jit
+def _chunk_scan_kernel(
+    x_ptr, C_ptr, cb_ptr, dt_ptr, cum_ptr, states_ptr, D_ptr, y_ptr,
+    L, H, P, N, G, chunk, n_chunks, heads_per_group,
+    stride_xb, stride_xl, stride_xh, stride_cb, stride_cl, stride_cg, stride_yb, stride_yl, stride_yh,
+    HAS_D: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid_bc = tl.program_id(0)
+    b = pid_bc // n_chunks
+    c = pid_bc % n_chunks
+    h = tl.program_id(1)
+    g = h // heads_per_group
+    p_tiles = tl.cdiv(P, BLOCK_P)
+    m = tl.program_id(2) // p_tiles
+    rl = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rp = (tl.program_id(2) % p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rk = tl.arange(0, BLOCK_K)
+    rs = tl.arange(0, BLOCK_S)
+    t_l = c * chunk + rl
+    l_in = rl < chunk
+    l_ok = l_in & (t_l < L)
+    p_ok = rp < P
+    dt_row = ((b * H + h) * n_chunks + c) * chunk
+    cum_l = tl.load(cum_ptr + dt_row + rl, mask=l_in, other=0.0)
+    x_base = x_ptr + b * stride_xb + h * stride_xh
+
+    # The state entering the chunk, read through C and decayed to each step.
+    c_rows = C_ptr + b * stride_cb + t_l[:, None] * stride_cl + g * stride_cg
+    state = states_ptr + (((b * n_chunks + c) * H + h) * P + rp[None, :]) * N
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, N, BLOCK_K):
+        k = k0 + rk
+        cq = tl.load(c_rows + k[None, :], mask=l_ok[:, None] & (k < N)[None, :], other=0.0)
+        st = tl.load(state + k[:, None], mask=(k < N)[:, None] & p_ok[None, :], other=0.0)
+        acc = _dot(cq, st, acc, DOT, IEEE)
+    acc = acc * tl.exp(cum_l)[:, None]
+
+    # The chunk's own steps s <= l, through the decayed C B^T.
+    cb_rows = cb_ptr + ((b * n_chunks + c) * G + g) * chunk * chunk + rl[:, None] * chunk
+    s_end = tl.minimum((m + 1) * BLOCK_M, chunk)
+    for s0 in range(0, s_end, BLOCK_S):
+        s = s0 + rs
+        s_in = s < chunk
+        causal = (rl[:, None] >= s[None, :]) & l_in[:, None] & s_in[None, :]
+        cum_s = tl.load(cum_ptr + dt_row + s, mask=s_in, other=0.0)
+        dt_s = tl.load(dt_ptr + dt_row + s, mask=s_in, other=0.0)
+        # Masked before the exp (s > l would grow) and before the product (those C B^T entries
+        # are never written).
+        cb = tl.load(cb_rows + s[None, :], mask=causal, other=0.0)
+        decay = tl.exp(tl.where(causal, cum_l[:, None] - cum_s[None, :], float("-inf")))
+        weights = tl.where(causal, cb * decay * dt_s[None, :], 0.0)
+        xs = tl.load(x_base + (c * chunk + s)[:, None] * stride_xl + rp[None, :],
+                     mask=(s_in & (c * chunk + s < L))[:, None] & p_ok[None, :], other=0.0)
+        acc = _dot(weights, xs, acc, DOT, IEEE)
+
+    if HAS_D:
+        x_l = tl.load(x_base + t_l[:, None] * stride_xl + rp[None, :], mask=l_ok[:, None] & p_ok[None, :], other=0.0)
+        acc += x_l.to(tl.float32) * tl.load(D_ptr + h).to(tl.float32)
+    y = y_ptr + b * stride_yb + t_l[:, None] * stride_yl + h * stride_yh + rp[None, :]
+    tl.store(y, acc, mask=l_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr,
+    L, H, P, N, heads_per_group, dt_min, dt_max,
+    stride_xb, stride_xl, stride_xh, stride_dtb, stride_dtl, stride_bb, stride_bl, stride_bg,
+    stride_cb, stride_cl, stride_cg, stride_yb, stride_yl, stride_yh,
+    HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = h // heads_per_group
+    rp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rn = tl.arange(0, BLOCK_N)
+    p_ok = rp < P
+    n_ok = rn < N
+    cells = state_ptr + ((b * H + h) * P + rp[:, None]) * N + rn[None, :]
+    cell_ok = p_ok[:, None] & n_ok[None, :]
+    state = tl.load(cells, mask=cell_ok, other=0.0).to(tl.float32)
+    a = tl.load(A_ptr + h).to(tl.float32)
+    bias = tl.load(dt_bias_ptr + h).to(tl.float32) if HAS_DT_BIAS else 0.0
+    d = tl.load(D_ptr + h).to(tl.float32) if HAS_D else 0.0
+    for t in range(0, L):  # a decode step is one token; a few more run the same recurrence
+        dt = _discretize(tl.load(dt_ptr + b * stride_dtb + t * stride_dtl + h).to(tl.float32) + bias,
+                         dt_min, dt_max, SOFTPLUS, CLAMP_MAX)
+        x = tl.load(x_ptr + b * stride_xb + t * stride_xl + h * stride_xh + rp, mask=p_ok, other=0.0).to(tl.float32)
+        bv = tl.load(B_ptr + b * stride_bb + t * stride_bl + g * stride_bg + rn, mask=n_ok, other=0.0).to(tl.float32)
+        cv = tl.load(C_ptr + b * stride_cb + t * stride_cl + g * stride_cg + rn, mask=n_ok, other=0.0).to(tl.float32)
+        state = state * tl.exp(dt * a) + (dt * x)[:, None] * bv[None, :]
+        y = tl.sum(state * cv[None, :], axis=1)
+        if HAS_D:
+            y += d * x
+        tl.store(y_ptr + b * stride_yb + t * stride_yl + h * stride_yh + rp, y, mask=p_ok)
+    tl.store(cells, state.to(state_ptr.dtype.element_ty), mask=cell_ok)
+
+
+_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _block(n: int, cap: int = 64) -> int:
+    # tl.dot needs every tile dim >= 16; masks cover the rest.
+    return max(16, min(cap, next_pow2(n)))
+
+
+def tiles(chunk: int, head_dim: int, state: int, ieee: bool = False) -> dict[str, int]:
+    """The launches' tile sizes for a chunk length, head_dim and state size: 64 a side at most (32
+    for IEEE fp32 products, whose operands take twice the registers: 64 spilled in offline sm_90
+    builds), 16 at least (tl.dot's minimum), the rest masked."""
+    cap = 32 if ieee else 64
+    return {"m": _block(chunk, cap), "s": _block(chunk, cap), "p": _block(head_dim, cap), "n": _block(state, cap),
+            "k": _block(state, cap)}
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
              dt_bias: Optional[Tensor] = None, dt_softplus: bool = True, dt_min: float = 0.0,
              dt_max: float = math.inf, chunk_size: int = 256, initial_state: Optional[Tensor] = None,
-             return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """Mamba-2's scan on the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1), else the reference.
+             return_final_state: bool = False,
+             product_dtype: Optional[torch.dtype] = None) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba-2's scan on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1), else the reference.
 
-    Arguments and layouts as `quamba_fx.ssd_reference.ssd_scan_reference` (which also validates them;
-    `chunk_size` only matters there). Returns y fp32 `[batch, L, heads, head_dim]`, and with
-    `return_final_state` also the fp32 state `[batch, heads, head_dim, state]`.
+    Arguments and layouts as `quamba_fx.ssd_reference.ssd_scan_reference`, which also validates them.
+    `x`, `B` and `C` may be strided views (in_proj's and the conv's outputs) with unit stride in their
+    last dim. The matrix products' operands are rounded to `product_dtype` (default: x's dtype):
+    fp16/bf16 run on tensor cores, fp32 in IEEE fp32; sums and states stay fp32. Returns y fp32
+    `[batch, L, heads, head_dim]`, and with `return_final_state` also the fp32 state
+    `[batch, heads, head_dim, state]`.
     """
-    if not _use_triton(x) or x.numel() == 0:
+    if not _use_triton(x) or x.numel() == 0 or B.numel() == 0:
         y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
                                       initial_state=initial_state)
         return (y, final) if return_final_state else y
     check_ssd_inputs(x, dt, A, B, C, D, dt_bias, chunk_size)
+    product_dtype = x.dtype if product_dtype is None else product_dtype
+    if product_dtype not in _DOT_DTYPES:
+        raise InputError(f"ssd_scan: product_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
+                         f"got {product_dtype!r}")
+    if INTERPRET and not x.is_cuda and product_dtype == torch.bfloat16:
+        product_dtype = torch.float32  # the interpreter's bf16 tl.dot returns garbage (a 16 x 16 product is off by 1e10)
     batch, length, heads, head_dim = x.shape
     groups, state = B.shape[2], B.shape[3]
-    # Unit stride along the last dim (the kernel's vector loads); slices of in_proj's output keep it.
-    x, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C))
-    dt = dt if dt.stride(-1) == 1 else dt.contiguous()
-    y = torch.empty((batch, length, heads, head_dim), dtype=torch.float32, device=x.device)
-    final = (torch.empty((batch, heads, head_dim, state), dtype=torch.float32, device=x.device)
-             if return_final_state else None)
+    x, B, C, dt = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C, dt))
+    dot, ieee = _DOT_DTYPES[product_dtype], product_dtype == torch.float32
+    chunk = min(chunk_size, length)  # a chunk longer than the sequence is the sequence
+    n_chunks = triton.cdiv(length, chunk)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dt_out = torch.empty((batch, heads, n_chunks, chunk), **f32)
+    cum = torch.empty((batch, heads, n_chunks, chunk), **f32)
+    cb = torch.empty((batch, n_chunks, groups, chunk, chunk), **f32)
+    states = torch.empty((batch, n_chunks, heads, head_dim, state), **f32)
+    y = torch.empty((batch, length, heads, head_dim), **f32)
+    final = torch.empty((batch, heads, head_dim, state), **f32) if return_final_state else None
     start = None if initial_state is None else initial_state.float().contiguous()
-    block_q, block_p, block_n = _tiles(head_dim, state)
-    grid = (batch * heads, triton.cdiv(head_dim, block_p))
-    _ssd_scan_kernel[grid](
-        x, dt, A.float().contiguous(), B, C, D.float().contiguous() if D is not None else x,
-        dt_bias.float().contiguous() if dt_bias is not None else x, y,
-        start if start is not None else y, final if final is not None else y,
-        length, heads, head_dim, state, heads // groups, float(dt_min), 0.0 if math.isinf(dt_max) else float(dt_max),
-        x.stride(0), x.stride(1), x.stride(2),
+    t = tiles(chunk, head_dim, state, ieee)
+
+    block_h = min(16, next_pow2(heads))
+    _chunk_dt_kernel[(batch, n_chunks, triton.cdiv(heads, block_h))](
+        dt, A.float().contiguous(), dt_bias.float().contiguous() if dt_bias is not None else dt, dt_out, cum,
+        length, heads, chunk, n_chunks, float(dt_min), 0.0 if math.isinf(dt_max) else float(dt_max),
         dt.stride(0), dt.stride(1),
-        B.stride(0), B.stride(1), B.stride(2),
-        C.stride(0), C.stride(1), C.stride(2),
+        HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), CLAMP_MAX=not math.isinf(dt_max),
+        BLOCK_H=block_h, BLOCK_Q=next_pow2(chunk),
+    )
+    cb_grid = (batch * n_chunks, groups, triton.cdiv(chunk, t["m"]) * triton.cdiv(chunk, t["s"]))
+    _chunk_cb_kernel[cb_grid](
+        B, C, cb, length, groups, state, chunk, n_chunks,
+        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
+        DOT=dot, IEEE=ieee, BLOCK_M=t["m"], BLOCK_S=t["s"], BLOCK_K=t["k"],
+    )
+    state_grid = (batch * n_chunks, heads, triton.cdiv(head_dim, t["p"]) * triton.cdiv(state, t["n"]))
+    _chunk_state_kernel[state_grid](
+        x, B, dt_out, cum, states, length, heads, head_dim, state, chunk, n_chunks, heads // groups,
+        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+        DOT=dot, IEEE=ieee, BLOCK_P=t["p"], BLOCK_N=t["n"], BLOCK_S=t["s"],
+    )
+    pn = head_dim * state
+    pass_block = min(1024, next_pow2(pn))
+    _state_passing_kernel[(batch, heads, triton.cdiv(pn, pass_block))](
+        states, cum, start if start is not None else states, final if final is not None else states,
+        heads, pn, chunk, n_chunks,
+        HAS_STATE_IN=start is not None, HAS_STATE_OUT=final is not None, BLOCK=pass_block,
+    )
+    scan_grid = (batch * n_chunks, heads, triton.cdiv(chunk, t["m"]) * triton.cdiv(head_dim, t["p"]))
+    _chunk_scan_kernel[scan_grid](
+        x, C, cb, dt_out, cum, states, D.float().contiguous() if D is not None else cum, y,
+        length, heads, head_dim, state, groups, chunk, n_chunks, heads // groups,
+        x.stride(0), x.stride(1), x.stride(2), C.stride(0), C.stride(1), C.stride(2),
         y.stride(0), y.stride(1), y.stride(2),
-        HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-        CLAMP_MAX=not math.isinf(dt_max), HAS_STATE_IN=start is not None, HAS_STATE_OUT=final is not None,
-        BLOCK_Q=block_q, BLOCK_P=block_p, BLOCK_N=block_n,
+        HAS_D=D is not None, DOT=dot, IEEE=ieee, BLOCK_M=t["m"], BLOCK_P=t["p"], BLOCK_K=t["k"], BLOCK_S=t["s"],
     )
     return (y, final) if return_final_state else y
+
+
+def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                     D: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None, dt_softplus: bool = True,
+                     dt_min: float = 0.0, dt_max: float = math.inf) -> Tensor:
+    """Advance `state` (`[batch, heads, head_dim, state]`, contiguous, any float dtype; updated in
+    place, rounded to its dtype once at the end) by the L steps of `x`, `dt`, `B`, `C` (layouts as
+    `ssd_scan`; a decode step has L = 1), one launch. Returns y fp32 `[batch, L, heads, head_dim]`.
+    """
+    check_ssd_inputs(x, dt, A, B, C, D, dt_bias, 1)
+    batch, length, heads, head_dim = x.shape
+    n_states = B.shape[3]
+    if tuple(state.shape) != (batch, heads, head_dim, n_states) or not state.is_contiguous():
+        raise InputError(f"ssd_state_update: the state must be a contiguous [batch, heads, head_dim, state] = "
+                         f"{[batch, heads, head_dim, n_states]}, got {list(state.shape)}")
+    if not _use_triton(x) or x.numel() == 0:
+        y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, max(1, length),
+                                      initial_state=state)
+        state.copy_(final)
+        return y
+    x, B, C, dt = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C, dt))
+    y = torch.empty((batch, length, heads, head_dim), dtype=torch.float32, device=x.device)
+    # 2048 state cells a program (16 a thread): a [64, 128] tile spilled in offline sm_90 builds,
+    # and smaller tiles give a batch-1 step more programs than 80 heads alone.
+    block_n = next_pow2(n_states)
+    block_p = max(1, min(next_pow2(head_dim), 2048 // block_n))
+    _state_update_kernel[(batch, heads, triton.cdiv(head_dim, block_p))](
+        state, x, dt, A.float().contiguous(), B, C, D.float().contiguous() if D is not None else y,
+        dt_bias.float().contiguous() if dt_bias is not None else y, y,
+        length, heads, head_dim, n_states, heads // B.shape[2], float(dt_min),
+        0.0 if math.isinf(dt_max) else float(dt_max),
+        x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), B.stride(2),
+        C.stride(0), C.stride(1), C.stride(2), y.stride(0), y.stride(1), y.stride(2),
+        HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+        CLAMP_MAX=not math.isinf(dt_max), BLOCK_P=block_p, BLOCK_N=block_n,
+    )
+    return y
+
+
+# --- graph ops: what the lowering rule (passes/lowering/scan.py) puts in place of `quamba::ssd_scan` ---
+
+
+@graph_op("quamba::ssd_scan_triton")
+def ssd_scan_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                dt_bias: Optional[Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
+                chunk_size: int, product_dtype: Optional[torch.dtype]) -> Tensor:
+    """`quamba::ssd_scan` (its arguments, its fp32 result) on this module's kernels, the matrix
+    products' operands rounded to `product_dtype` (None: x's dtype)."""
+    return ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, product_dtype=product_dtype)
+
+
+@ssd_scan_op.register_fake
+def _ssd_scan_fake(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, product_dtype):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@graph_op("quamba::ssd_scan_triton_cached", mutates_args=("ssm_state",))
+def ssd_scan_cached_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       dt_bias: Optional[Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
+                       chunk_size: int, product_dtype: Optional[torch.dtype], ssm_state: Tensor,
+                       decode: bool) -> Tensor:
+    """`quamba::ssd_scan_cached` on this module's kernels: a prompt through the chunked scan, its
+    final state into `ssm_state`; a decode step through `ssd_state_update`, in place."""
+    if decode:
+        return ssd_state_update(ssm_state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max)
+    y, final = ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, return_final_state=True,
+                        product_dtype=product_dtype)
+    ssm_state.copy_(final)
+    return y
+
+
+@ssd_scan_cached_op.register_fake
+def _ssd_scan_cached_fake(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, product_dtype,
+                          ssm_state, decode):
+    return x.new_empty(x.shape, dtype=torch.float32)
