@@ -129,8 +129,8 @@ def ssd_scan(
     `dt_bias` `[heads]`, `B`, `C` `[batch, L, groups, state]`. Computed in fp32 in chunks of
     `chunk_size` steps (`quamba_fx.ssd_reference`); the result is fp32 `[batch, L, heads, head_dim]`,
     as Hugging Face's scan returns it to the gated norm. `dt_max` may be `math.inf` (HF's default).
-    Every device runs the reference (its einsums are cuBLAS calls on CUDA): the first Triton
-    kernel, `quamba_fx.kernels.ssd`, measured 157x slower than mamba_ssm's (docs/benchmarks.md).
+    Every device runs the reference (its einsums are cuBLAS calls on CUDA); lowered graphs run
+    `quamba::ssd_scan_triton` instead, the chunked Triton kernels of `quamba_fx.kernels.ssd`.
     """
     return ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size)[0].contiguous()
 

@@ -48,6 +48,7 @@ from .lowering.hadamard import HADAMARD, HADAMARD_QUANTIZE, HADAMARD_QUANTIZE_FP
 from .lowering.match import annotate, is_call, is_cast
 from .lowering.norm import ADD_RMSNORM
 from .lowering.scan import (DT_PROJ_STATE_UPDATE, SCAN, SCAN_INT8, SCAN_INT8_CACHED, SSD_SCAN, SSD_SCAN_CACHED,
+                            SSD_SCAN_TRITON, SSD_SCAN_TRITON_CACHED,
                             fuse_dt_proj_into_state_update)
 from .conv_fusion import FLOAT_CONV, FUSED_CONV
 from .rewrite import run_rules
@@ -213,7 +214,7 @@ SCAN_CACHED = torch.ops.quamba.selective_scan_cached.default
 
 # Op -> (its cached form, the cache it reads: "conv" or "ssm").
 _CACHED_FORMS = {FUSED_CONV: (CONV_CACHED, "conv"), SCAN_INT8: (SCAN_INT8_CACHED, "ssm"),
-                 SSD_SCAN: (SSD_SCAN_CACHED, "ssm"), FLOAT_CONV: (FLOAT_CONV_CACHED, "conv"),
+                 SSD_SCAN: (SSD_SCAN_CACHED, "ssm"), SSD_SCAN_TRITON: (SSD_SCAN_TRITON_CACHED, "ssm"), FLOAT_CONV: (FLOAT_CONV_CACHED, "conv"),
                  SCAN: (SCAN_CACHED, "ssm")}
 
 

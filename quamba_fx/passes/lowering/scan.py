@@ -1,5 +1,6 @@
-"""Lowering rules of the selective-scan kernel (kernels/scan.py): the reference scan of int8
-inputs becomes one kernel op, and a decode step's scan computes dt_proj itself."""
+"""Lowering rules of the scan kernels: Mamba-1's reference scan of int8 inputs becomes one kernel
+op (kernels/scan.py), and a decode step's scan computes dt_proj itself; Mamba-2's SSD scan runs on
+its chunked kernels (kernels/ssd.py)."""
 
 from __future__ import annotations
 
@@ -11,21 +12,24 @@ import torch.fx
 from ... import ops as reference_ops  # noqa: F401  (registers torch.ops.quamba.selective_scan)
 from ...graph_info import info
 from ...kernels import scan as scan_kernel  # noqa: F401  (registers the kernel ops read below)
+from ...kernels import ssd as ssd_kernel  # noqa: F401  (the same, for Mamba-2)
 from ..quantize import DEQUANTIZE
 from ..rewrite import Rule
 from .gemm import W8A8_LINEAR
 from .match import annotate, is_call
 
 SCAN = torch.ops.quamba.selective_scan.default
-# Mamba-2's scan keeps its reference op in lowered graphs (on dequantized inputs: no fast SSD
-# kernel yet, see kernels/ssd.py), and its cached form in cached graphs (`quamba_fx/ops.py`).
+# Mamba-2's scan reads dequantized inputs (activations in the lowering's dtype): the kernel op
+# takes the reference op's arguments unchanged.
 SSD_SCAN = torch.ops.quamba.ssd_scan.default
 SSD_SCAN_CACHED = torch.ops.quamba.ssd_scan_cached.default
+SSD_SCAN_TRITON = torch.ops.quamba.ssd_scan_triton.default
+SSD_SCAN_TRITON_CACHED = torch.ops.quamba.ssd_scan_triton_cached.default
 SCAN_INT8 = torch.ops.quamba.selective_scan_int8.default
 SCAN_INT8_CACHED = torch.ops.quamba.selective_scan_int8_cached.default
 DT_PROJ_STATE_UPDATE = torch.ops.quamba.dt_proj_state_update.default
 
-KERNELS = {SCAN_INT8: "triton:selective_scan_int8"}
+KERNELS = {SCAN_INT8: "triton:selective_scan_int8", SSD_SCAN_TRITON: "triton:ssd_scan"}
 
 _SCAN_ARGS = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus"]
 _SCAN_DEFAULTS = [None, None, None, None, None, None, None, None, True]
@@ -52,6 +56,19 @@ def fuse_scan(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(
             SCAN_INT8, (u_q, su, dt_q, sdt, A, b_q, sb, c_q, sc, D, z_q, sz, delta_bias, softplus, dtype))
+    node.replace_all_uses_with(annotate(new, node))
+    gm.graph.erase_node(node)
+    return True
+
+
+def ssd_scan_on_kernels(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
+    """`ssd_scan` -> `ssd_scan_triton`, the same call on the chunked kernels, their matrix
+    products in `dtype` (the lowering's: the inputs are dequantized to fp32, and an fp16 model's
+    scan would read them in fp16)."""
+    if not is_call(node, SSD_SCAN) or node.kwargs:
+        return False
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(SSD_SCAN_TRITON, (*node.args, dtype))
     node.replace_all_uses_with(annotate(new, node))
     gm.graph.erase_node(node)
     return True
@@ -84,7 +101,7 @@ def fuse_dt_proj_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node
 
 def rules(dtype: torch.dtype) -> list[Rule]:
     """The lowering rules, the scan's output in `dtype`."""
-    return [functools.partial(fuse_scan, dtype=dtype)]
+    return [functools.partial(fuse_scan, dtype=dtype), functools.partial(ssd_scan_on_kernels, dtype=dtype)]
 
 
 DECODE_RULES: list[Rule] = [fuse_dt_proj_into_state_update]
