@@ -1,39 +1,60 @@
-"""Mamba-2's scan (SSD) alone: our Triton kernel (`kernels/ssd.py`) against mamba_ssm's Triton SSD
-(`mamba_chunk_scan_combined`, what its Mamba-2 runs), on mamba2-2.7b's scan shapes.
+"""Mamba-2's scan (SSD) alone: our Triton kernels (`quamba_fx/kernels/ssd.py`) against mamba_ssm's
+Triton SSD, on mamba2-2.7b's scan shapes; prefill and decode steps.
 
-    python benchmarks/ssd.py [--shapes 1,2048 8,2048] [--json PATH] [--commit SHA]
+    python benchmarks/ssd.py [--shapes 1,2048 8,2048] [--decode-batches 1 16 64] [--json PATH]
+        [--commit SHA] [--smoke]
 
-Both read the same fp16 x, dt, B and C (as in_proj and the conv1d leave them in an fp16 model) and
-the same fp32 A, D and dt_bias, with softplus on dt. Each row: CUDA-graph replay medians (ms) and
-each output's error against the fp32 PyTorch reference (`ssd_reference`) on the same inputs,
-max |diff| / max |reference|. Needs a CUDA device; mamba_ssm from `.anchors/` (see
-../shared/anchors/README.md), else ours alone.
+Prefill rows, each a CUDA-graph replay median (ms) and the output's error against the fp32 PyTorch
+reference on the same inputs (max |diff| / max |reference|):
+
+* `ours_fp16`: fp16 x, dt, B, C (an fp16 model's), fp16 products;
+* `ours_lowered`: the same values in fp32 with fp16 products, what a graph lowered to fp16 runs
+  (its scan reads dequantized fp32);
+* `reference_op`: `quamba::ssd_scan`'s PyTorch reference on the fp32 inputs, what an unlowered
+  graph runs on CUDA;
+* `mamba_ssm`: `mamba_chunk_scan_combined`, what mamba_ssm's Mamba-2 runs, on the fp16 inputs.
+
+Decode rows (one token a sequence, from an fp16 state): ours `ssd_state_update` against mamba_ssm's
+`selective_state_update` with its Mamba-2 layouts (A, dt, D broadcast over head_dim), each
+updating a copy of the same state; us a step and the state's error after 8 steps against the
+reference recurrence. Needs a CUDA device; mamba_ssm from `.anchors/` (see
+../shared/anchors/README.md), else ours alone. `--smoke` runs tiny shapes on CPU under
+TRITON_INTERPRET=1 (timings mean nothing there; the code paths and the JSON run).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import time
+from pathlib import Path
 
 import torch
-from gpu_timing import graphed, require_gpu, time_ms, write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_timing (also when a test imports this file)
+from gpu_timing import graphed, require_gpu, time_ms, write_json  # noqa: E402
 
 # mamba2-2.7b: d_model 2560, 80 heads of 64 channels, one B/C group, state 128, chunk 256.
-HEADS, HEAD_DIM, GROUPS, STATE, CHUNK = 80, 64, 1, 128, 256
+SHAPE = dict(heads=80, head_dim=64, groups=1, state=128, chunk=256)
+SMOKE_SHAPE = dict(heads=4, head_dim=16, groups=2, state=16, chunk=16)
+DECODE_CHECK_STEPS = 8
 
 
-def make_inputs(batch: int, length: int, seed: int = 0) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def make_inputs(batch: int, length: int, shape: dict, device: str, seed: int = 0) -> dict:
+    """fp16 x, dt, B, C (as in_proj and the conv1d leave them in an fp16 model); fp32 A, D, dt_bias."""
+    g = torch.Generator(device=device).manual_seed(seed)
 
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device="cuda") * scale).half()
+    def randn(*dims, scale=1.0):
+        return (torch.randn(*dims, generator=g, device=device) * scale).half()
 
+    heads = shape["heads"]
     return dict(
-        x=randn(batch, length, HEADS, HEAD_DIM), dt=randn(batch, length, HEADS, scale=0.5),
-        A=-torch.rand(HEADS, generator=g, device="cuda") * 8 - 1, B=randn(batch, length, GROUPS, STATE),
-        C=randn(batch, length, GROUPS, STATE), D=torch.randn(HEADS, generator=g, device="cuda"),
-        dt_bias=torch.rand(HEADS, generator=g, device="cuda") - 4.0,
+        x=randn(batch, length, heads, shape["head_dim"]), dt=randn(batch, length, heads, scale=0.5),
+        A=-torch.rand(heads, generator=g, device=device) * 8 - 1,
+        B=randn(batch, length, shape["groups"], shape["state"]), C=randn(batch, length, shape["groups"], shape["state"]),
+        D=torch.randn(heads, generator=g, device=device), dt_bias=torch.rand(heads, generator=g, device=device) - 4.0,
     )
 
 
@@ -41,58 +62,143 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected).abs().max() / expected.abs().max()).item()
 
 
+def _wall_ms(fn) -> float:
+    # --smoke: one call after a warm-up, on the host clock (the interpreter has no device to time).
+    fn()
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1e3
+
+
+def load_mamba_ssm():
+    """(mamba_chunk_scan_combined, selective_state_update), or (None, None) without mamba_ssm."""
+    try:
+        import anchors
+
+        anchors.enable()
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError as exc:
+        print(f"benchmarks/ssd.py: mamba_ssm not available ({exc}); timing ours alone", file=sys.stderr)
+        return None, None
+    return mamba_chunk_scan_combined, selective_state_update
+
+
+def prefill_row(batch: int, length: int, shape: dict, device: str, timer, theirs_fn) -> dict:
+    from quamba_fx.kernels import ssd
+    from quamba_fx.ssd_reference import ssd_scan_reference
+
+    kw = make_inputs(batch, length, shape, device)
+    chunk = shape["chunk"]
+    tail = (kw["D"], kw["dt_bias"], True, 0.0, math.inf, chunk)
+    half = (kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], *tail)
+    full = (kw["x"].float(), kw["dt"].float(), kw["A"], kw["B"].float(), kw["C"].float(), *tail)
+    expected, _ = ssd_scan_reference(*full)
+    impls = {
+        "ours_fp16": lambda: ssd.ssd_scan(*half),
+        "ours_lowered": lambda: ssd.ssd_scan(*full, product_dtype=torch.float16),
+        "reference_op": lambda: ssd_scan_reference(*full)[0],
+    }
+    if theirs_fn is not None:
+        impls["mamba_ssm"] = lambda: theirs_fn(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], chunk, D=kw["D"],
+                                               dt_bias=kw["dt_bias"], dt_softplus=True)
+    row: dict = {"batch": batch, "L": length}
+    for name, fn in impls.items():
+        row[f"{name}_error"] = relative_error(fn(), expected)
+        row[f"{name}_ms"] = timer(fn)
+    if "mamba_ssm_ms" in row:
+        row["ratio_fp16"] = row["mamba_ssm_ms"] / row["ours_fp16_ms"]
+        row["ratio_lowered"] = row["mamba_ssm_ms"] / row["ours_lowered_ms"]
+    return row
+
+
+def decode_row(batch: int, shape: dict, device: str, timer, theirs_fn) -> dict:
+    from quamba_fx.kernels import ssd
+    from quamba_fx.ssd_reference import ssd_scan_reference
+
+    heads, head_dim, n = shape["heads"], shape["head_dim"], shape["state"]
+    kw = make_inputs(batch, DECODE_CHECK_STEPS, shape, device, seed=1)
+    start = (torch.randn(batch, heads, head_dim, n, device=device) * 0.1).half()
+    _, expected = ssd_scan_reference(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"], kw["dt_bias"],
+                                     initial_state=start.float())
+
+    def ours(state, t):
+        return ssd.ssd_state_update(state, kw["x"][:, t:t + 1], kw["dt"][:, t:t + 1], kw["A"], kw["B"][:, t:t + 1],
+                                    kw["C"][:, t:t + 1], kw["D"], kw["dt_bias"])
+
+    impls = {"ours": ours}
+    if theirs_fn is not None:
+        # mamba_ssm's Mamba2.step layouts: A [h, p, n], dt [b, h, p], D and dt_bias [h, p], all
+        # broadcast over head_dim with stride 0.
+        A = kw["A"][:, None, None].expand(heads, head_dim, n)
+        D, bias = (t[:, None].expand(heads, head_dim) for t in (kw["D"], kw["dt_bias"]))
+
+        def theirs(state, t):
+            return theirs_fn(state, kw["x"][:, t], kw["dt"][:, t, :, None].expand(batch, heads, head_dim), A,
+                             kw["B"][:, t], kw["C"][:, t], D=D, dt_bias=bias, dt_softplus=True)
+
+        impls["mamba_ssm"] = theirs
+    row: dict = {"batch": batch}
+    for name, step in impls.items():
+        state = start.clone()
+        for t in range(DECODE_CHECK_STEPS):
+            step(state, t)
+        row[f"{name}_state_error"] = relative_error(state, expected)
+        timed_state = start.clone()
+        row[f"{name}_us"] = timer(lambda: step(timed_state, 0)) * 1e3
+    if "mamba_ssm_us" in row:
+        row["ratio"] = row["mamba_ssm_us"] / row["ours_us"]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=["1,2048", "8,2048"], metavar="B,L")
+    ap.add_argument("--decode-batches", nargs="*", type=int, default=[1, 16, 64])
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--commit", default="", help="recorded in the JSON")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     args = ap.parse_args(argv)
     try:
         shapes = [tuple(int(v) for v in text.split(",")) for text in args.shapes]
     except ValueError:
         shapes = []
-    if not shapes or any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
-        ap.error(f"--shapes takes B,L pairs of positive integers, got {args.shapes}")
-    device = require_gpu("ssd.py")
-    from quamba_fx.kernels import ssd
-    from quamba_fx.ssd_reference import ssd_scan_reference
+    if any(len(shape) != 2 or min(shape) < 1 for shape in shapes) or any(b < 1 for b in args.decode_batches):
+        ap.error(f"--shapes takes B,L pairs and --decode-batches positive integers, got {args.shapes} "
+                 f"and {args.decode_batches}")
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            ap.error("--smoke runs the kernels under the interpreter: set TRITON_INTERPRET=1")
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        device, where, shape, timer = "cpu", "cpu (smoke)", SMOKE_SHAPE, _wall_ms
+        theirs_scan = theirs_update = None
+        shapes = [(1, 40), (2, 24)]
+        args.decode_batches = [1, 2]
+    else:
+        where, device, shape = require_gpu("ssd.py"), "cuda", SHAPE
 
-    try:
-        import anchors
+        def timer(fn):
+            return time_ms(graphed(fn))
 
-        anchors.enable()
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except ImportError as exc:
-        print(f"benchmarks/ssd.py: mamba_ssm not available ({exc}); timing ours alone", file=sys.stderr)
-        mamba_chunk_scan_combined = None
+        theirs_scan, theirs_update = load_mamba_ssm()
 
-    rows = []
-    print(f"{device}: SSD scan, mamba2-2.7b heads ({HEADS} x {HEAD_DIM}, state {STATE}); ms per call, graph replay")
-    for batch, length in shapes:
-        kw = make_inputs(batch, length)
-        positional = (kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"], kw["dt_bias"], True, 0.0, math.inf, CHUNK)
-        reference, _ = ssd_scan_reference(*positional)
-        row: dict = dict(batch=batch, L=length)
+    result: dict = {"prefill": [], "decode": []}
 
-        def ours():
-            return ssd.ssd_scan(*positional)
-
-        row["ours_error"] = relative_error(ours(), reference)
-        row["ours_ms"] = time_ms(graphed(ours))
-        if mamba_chunk_scan_combined is not None:
-
-            def theirs():
-                return mamba_chunk_scan_combined(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], CHUNK, D=kw["D"],
-                                                 dt_bias=kw["dt_bias"], dt_softplus=True)
-
-            row["mamba_ssm_error"] = relative_error(theirs(), reference)
-            row["mamba_ssm_ms"] = time_ms(graphed(theirs))
-            row["ratio"] = row["mamba_ssm_ms"] / row["ours_ms"]
-        rows.append(row)
-        print("  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-              flush=True)
+    def save() -> None:
         if args.json:
-            write_json(args.json, device, {"commit": args.commit}, rows=rows)
+            write_json(args.json, where, {"commit": args.commit, "shape": shape}, **result)
+
+    print(f"{where}: SSD scan, {shape}; prefill ms per call, decode us per step (graph replays on CUDA)")
+    for batch, length in shapes:
+        result["prefill"].append(prefill_row(batch, length, shape, device, timer, theirs_scan))
+        print("  prefill " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in result["prefill"][-1].items()), flush=True)
+        save()
+    for batch in args.decode_batches:
+        result["decode"].append(decode_row(batch, shape, device, timer, theirs_update))
+        print("  decode " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in result["decode"][-1].items()), flush=True)
+        save()
     return 0
 
 

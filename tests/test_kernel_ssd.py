@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import hypothesis.strategies as st
@@ -14,7 +15,7 @@ from quamba_fx.errors import InputError
 from quamba_fx.kernels.dispatch import INTERPRET
 from quamba_fx.ssd_reference import ssd_scan_reference
 
-from .benchmark_scripts import BENCHMARKS, run_without_interpreter
+from .benchmark_scripts import BENCHMARKS, load_benchmark, run_without_interpreter
 
 pytestmark = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
                                 reason="the kernel runs on CUDA or under TRITON_INTERPRET=1")
@@ -191,3 +192,16 @@ def test_the_kernels_compile_for_sm90_without_spills_and_multiply_on_tensor_core
     for (build, kernel), (stores, loads, wgmma) in rows.items():
         assert stores == loads == 0, (build, kernel)
         assert (wgmma > 0) == (build.endswith(":fp16") and kernel in products), (build, kernel)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the smoke run is the CPU interpreter's")
+def test_the_benchmark_script_runs_its_smoke_rows(tmp_path):
+    # benchmarks/ssd.py compares with mamba_ssm on the GPU; this keeps its code paths from rotting.
+    script = load_benchmark("ssd.py", "ssd_benchmark")
+    assert script.main(["--smoke", "--json", str(tmp_path / "ssd.json")]) == 0
+    result = json.loads((tmp_path / "ssd.json").read_text())
+    assert [(row["batch"], row["L"]) for row in result["prefill"]] == [(1, 40), (2, 24)]
+    assert [row["batch"] for row in result["decode"]] == [1, 2]
+    for row in result["prefill"]:
+        assert row["reference_op_error"] == 0 and row["ours_fp16_error"] < 1e-2 and row["ours_lowered_error"] < 1e-2
+    assert all(row["ours_state_error"] < 1e-2 for row in result["decode"])
