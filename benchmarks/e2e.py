@@ -94,17 +94,21 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 
 def random_model(name: str, device: str | None = None):
-    """The seeded random `MambaForCausalLM` of a built-in shape, in/x/out_proj re-drawn on `device`
-    (default: this script's) as mamba_ssm initialises them; benchmarks/reference.py times it too."""
+    """The seeded random `MambaForCausalLM` (`Mamba2ForCausalLM` for `mamba2-*`) of a built-in
+    shape, its block Linears (in/x/out_proj; in/out_proj for Mamba-2) re-drawn on `device` (default:
+    this script's) as mamba_ssm initialises them; benchmarks/reference.py times it too."""
     import quamba_fx
-    from transformers import MambaForCausalLM
+    from transformers import Mamba2ForCausalLM, MambaForCausalLM
 
+    config = quamba_fx.builtin_config(name)
+    model_class = Mamba2ForCausalLM if config.model_type == "mamba2" else MambaForCausalLM
     with torch.device(device or DEVICE):
         torch.manual_seed(0)
-        model = MambaForCausalLM(quamba_fx.builtin_config(name)).eval()
+        model = model_class(config).eval()
         with torch.no_grad():
             for layer in model.backbone.layers:
-                for linear in (layer.mixer.in_proj, layer.mixer.x_proj, layer.mixer.out_proj):
+                names = ("in_proj", "x_proj", "out_proj")
+                for linear in (getattr(layer.mixer, n) for n in names if hasattr(layer.mixer, n)):
                     bound = 1.0 / linear.in_features ** 0.5
                     linear.weight.uniform_(-bound, bound)
     return model

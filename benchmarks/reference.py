@@ -5,11 +5,14 @@
         [--rtn-weights] [--json PATH] [--smoke]
 
 Needs CUDA and the reference stack of /work/shared/anchors (`anchors.py` importable: put its folder
-on PYTHONPATH). For each model shape, from ONE seeded random `MambaForCausalLM` (in/x/out_proj drawn
-as mamba_ssm initialises them, as benchmarks/e2e.py does):
+on PYTHONPATH). For each model shape, from ONE seeded random `MambaForCausalLM` (`Mamba2ForCausalLM`
+for the `mamba2-*` names; block Linears drawn as mamba_ssm initialises them, as benchmarks/e2e.py
+does):
 
-* the reference: `anchors.mamba_ssm_from_hf(model, float16)`, mamba_ssm's `MambaLMHeadModel` (CUDA
-  selective scan and causal conv1d, Triton fused add+RMSNorm, cuBLAS fp16 GEMMs);
+* the reference: mamba_ssm's `MambaLMHeadModel` with the same weights (`mamba_ssm_model`): for
+  Mamba-1 `anchors.mamba_ssm_from_hf(model, float16)` (CUDA selective scan and causal conv1d, Triton
+  fused add+RMSNorm, cuBLAS fp16 GEMMs); for Mamba-2 its `Mamba2` mixer (Triton SSD kernels, the
+  causal conv1d, Triton gated RMSNorm);
 * ours: `quamba_fx.lower(quamba_fx.quantize(model, one 1 x 256 calibration batch, recipe=...))` for
   each of `--recipes` (default `quamba`, labelled `w8a8`; others by their name, e.g. `fp8`).
 
@@ -53,11 +56,14 @@ KINDS = ("scan", "GEMM", "conv", "norm", "Hadamard", "other")
 # rest. Names seen: mamba_ssm `selective_scan_fwd_kernel`, `_selective_scan_update_kernel`,
 # `causal_conv1d_fwd_kernel`, `_layer_norm_fwd_1pass_kernel`; ours `_selective_scan_kernel`,
 # `_selective_state_update_kernel`, `_causal_conv1d_silu_int8_kernel`, `_add_rmsnorm_kernel`,
-# `_hadamard_kernel`, `_int8_gemm_jit`; cuBLAS `nvjet_*`, `sm90_xmma_gemm_*`, `gemv2T_kernel*`,
-# `splitKreduce_kernel`; on CPU (smoke) the op names `quamba::w8a8_linear`, `aten::addmm`.
+# `_hadamard_kernel`, `_int8_gemm_jit`; Mamba-2's SSD, mamba_ssm `_chunk_cumsum_fwd_kernel`,
+# `_bmm_chunk_fwd_kernel`, `_chunk_state_fwd_kernel`, `_state_passing_fwd_kernel`,
+# `_chunk_scan_fwd_kernel`, ours `_chunk_dt_kernel`, `_chunk_cb_kernel`, `_state_update_kernel`;
+# cuBLAS `nvjet_*`, `sm90_xmma_gemm_*`, `gemv2T_kernel*`, `splitKreduce_kernel`; on CPU (smoke) the op names `quamba::w8a8_linear`, `aten::addmm`.
 _PATTERNS = (
     ("Hadamard", r"hadamard"),
-    ("scan", r"selective_(scan|state)|scan_update|ssm_scan"),
+    ("scan", r"selective_(scan|state)|scan_update|ssm_scan|ssd|chunk_(cumsum|state|scan|cb|dt)|bmm_chunk"
+             r"|state_passing|state_update"),
     ("conv", r"conv1d"),
     ("norm", r"rms_?norm|layer_?norm"),
     ("GEMM", r"gemm|gemv|xmma|cutlass|nvjet|cublas|splitk|matmul|linear|wgmma|dot_kernel|_int_mm"
@@ -237,6 +243,37 @@ def recipe_label(recipe: str) -> str:
     return RECIPE_LABELS.get(recipe, recipe)
 
 
+def mamba_ssm_model(hf_model, dtype: torch.dtype):
+    """mamba_ssm's `MambaLMHeadModel` on CUDA in `dtype` with the weights of a transformers
+    `MambaForCausalLM` (anchors' mapping) or `Mamba2ForCausalLM`. The Mamba-2 parameter names are
+    HF's but for `embeddings` -> `embedding`; its gated norm is per B/C group in mamba_ssm, which
+    is HF's whole-row norm when `n_groups` is 1 (every built-in shape). `build` checks the logits."""
+    import anchors
+
+    config = hf_model.config
+    if config.model_type != "mamba2":
+        return anchors.mamba_ssm_from_hf(hf_model, dtype)
+    anchors.enable()
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    ssm = {"layer": "Mamba2", "d_state": config.state_size, "d_conv": config.conv_kernel, "expand": config.expand,
+           "headdim": config.head_dim, "ngroups": config.n_groups, "chunk_size": config.chunk_size,
+           "dt_limit": tuple(float(v) for v in config.time_step_limit), "bias": config.use_bias,
+           "conv_bias": config.use_conv_bias, "rmsnorm": True, "norm_before_gate": False}
+    mamba_config = MambaConfig(d_model=config.hidden_size, n_layer=config.num_hidden_layers,
+                               vocab_size=config.vocab_size, ssm_cfg=ssm, rms_norm=True,
+                               residual_in_fp32=config.residual_in_fp32, fused_add_norm=True,
+                               pad_vocab_size_multiple=8, tie_embeddings=bool(config.tie_word_embeddings))
+    model = MambaLMHeadModel(mamba_config, device=DEVICE, dtype=dtype).eval()
+    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf_model.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and mamba_config.tie_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"Mamba-2 weights do not map onto mamba_ssm: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 def build(name: str, with_ref: bool, recipes: list[str], rtn_weights: bool = False) -> tuple:
     """({label: lowered model} for each recipe, mamba_ssm fp16 or None, same-weights check, vocab),
     all from one seeded random model. `rtn_weights`: 4-bit recipes round their weights to nearest
@@ -267,7 +304,7 @@ def build(name: str, with_ref: bool, recipes: list[str], rtn_weights: bool = Fal
     if with_ref:
         import anchors
 
-        ref = anchors.mamba_ssm_from_hf(model, torch.float16)
+        ref = mamba_ssm_model(model, torch.float16)
         with torch.inference_mode():
             check[f"{REF} fp16 vs hf fp32"] = rel_error(ref(check_ids).logits[..., :vocab], hf_logits)
     log(f"{name}: logits relative error on {check['shape']}: "
@@ -523,11 +560,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit", default=None, help="the checkout's commit, recorded in the JSON")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--smoke", action="store_true",
-                        help="check the script on CPU: mamba-tiny, tiny shapes, our side only")
+                        help="check the script on CPU: mamba-tiny (or the --models ending in -tiny), tiny "
+                             "shapes, our side only")
     args = parser.parse_args(argv)
     if args.smoke:
         DEVICE, BUDGET_S = "cpu", 0.0
-        args.models, args.breakdown_models = ["mamba-tiny"], ["mamba-tiny"]
+        # The tiny built-ins only (mamba-tiny unless mamba2-tiny is asked for): --models' defaults
+        # would take minutes on CPU.
+        args.models = [m for m in args.models if m.endswith("-tiny")] or ["mamba-tiny"]
+        args.breakdown_models = args.models
         args.prefill, args.breakdown_shapes = [(1, 8), (2, 16)], [(1, 16)]
         args.decode_batches, args.steps, args.breakdown_decode_batches = [1, 2], 3, [1, 2]
     else:

@@ -30,6 +30,11 @@ ref = load_benchmark("reference.py", "reference_benchmark")
     ("_hadamard_kernel", "Hadamard"),
     ("_int8_gemm_jit", "GEMM"),
     ("_int8_gemm_skinny_jit", "GEMM"),
+    # Mamba-2's SSD: mamba_ssm's Triton kernels and ours
+    ("_chunk_cumsum_fwd_kernel", "scan"), ("_bmm_chunk_fwd_kernel", "scan"), ("_chunk_state_fwd_kernel", "scan"),
+    ("_state_passing_fwd_kernel", "scan"), ("_chunk_scan_fwd_kernel", "scan"),
+    ("_chunk_dt_kernel", "scan"), ("_chunk_cb_kernel", "scan"), ("_chunk_state_kernel", "scan"),
+    ("_state_passing_kernel", "scan"), ("_chunk_scan_kernel", "scan"), ("_state_update_kernel", "scan"),
     # cuBLAS and the rest
     ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "GEMM"),
     ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "GEMM"),
@@ -65,21 +70,22 @@ def test_shape_argument_rejects_what_is_not_BxL():
 
 
 @pytest.mark.slow
-def test_cpu_smoke_run_writes_tables_and_json(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("model", ["mamba-tiny", "mamba2-tiny"])
+def test_cpu_smoke_run_writes_tables_and_json(tmp_path, capsys, monkeypatch, model):
     from quamba_fx.kernels import dispatch
 
     # The script's logic is under test, not the kernels (their own tests run them interpreted):
     # the kernels' PyTorch references keep this run at seconds even under TRITON_INTERPRET=1.
     monkeypatch.setattr(dispatch, "INTERPRET", False)
     out = tmp_path / "ref.json"
-    assert ref.main(["--smoke", "--json", str(out)]) == 0
+    assert ref.main(["--smoke", "--models", model, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    for title in ("Prefill, ms per forward", "Decode, tokens/s", "Kernel time by kind, mamba-tiny"):
+    for title in ("Prefill, ms per forward", "Decode, tokens/s", f"Kernel time by kind, {model}"):
         assert title in printed
     data = json.loads(out.read_text())
     assert data["meta"]["device"] == "cpu (smoke run)" and data["copy_bandwidth_bytes_per_s"] > 0
     (result,) = data["results"]
-    assert result["model"] == "mamba-tiny"
+    assert result["model"] == model
     assert [row["shape"] for row in result["prefill"]] == [[1, 8], [2, 16]]
     assert all(row["ms"]["w8a8"] > 0 and "mamba_ssm" not in row["ms"] for row in result["prefill"])
     assert [row["batch"] for row in result["decode"]] == [1, 2]
