@@ -302,8 +302,6 @@ def build(name: str, with_ref: bool, recipes: list[str], rtn_weights: bool = Fal
         check = {"shape": [1, 128], **{f"{k} vs hf fp32": rel_error(m(check_ids), hf_logits) for k, m in ours.items()}}
     ref = None
     if with_ref:
-        import anchors
-
         ref = mamba_ssm_model(model, torch.float16)
         with torch.inference_mode():
             check[f"{REF} fp16 vs hf fp32"] = rel_error(ref(check_ids).logits[..., :vocab], hf_logits)
