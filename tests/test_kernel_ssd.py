@@ -179,15 +179,15 @@ def test_the_kernel_op_has_a_fake_and_the_references_result():
     assert relative_error(torch.ops.quamba.ssd_scan_triton(*args).cpu(), expected) < 1e-5
 
 
-def test_the_kernels_compile_for_sm90_without_spills_and_multiply_on_tensor_cores():
+def test_mamba2_kernels_compile_for_sm90_without_spills_and_multiply_on_tensor_cores():
     # Offline builds in a child process (the interpreter's kernels cannot be compiled), at the
     # tiles mamba2-2.7b runs: what the interpreter cannot show. fp16 products, from fp16 inputs
     # or a lowered graph's fp32 ones, put the three product kernels on wgmma; fp32 products run
     # in IEEE fp32 on CUDA cores.
-    output = run_without_interpreter([str(BENCHMARKS / "ssd_sm90.py")])
+    output = run_without_interpreter([str(BENCHMARKS / "mamba2_sm90.py")])
     rows = {(build, kernel): [int(v) for v in counts]
             for build, kernel, *counts in (line.split() for line in output.splitlines()[1:])}
-    assert len(rows) == 18
+    assert len(rows) == 21  # three builds of the six SSD kernels and the gated norm
     products = {"_chunk_cb_kernel", "_chunk_state_kernel", "_chunk_scan_kernel"}
     for (build, kernel), (stores, loads, wgmma) in rows.items():
         assert stores == loads == 0, (build, kernel)

@@ -277,17 +277,21 @@ def tiny_quantized():
                               progress=False)
 
 
-def test_lowered_mamba2_matches_its_reference_and_keeps_the_gated_norm(tiny_quantized):
+def test_lowered_mamba2_matches_its_reference_on_its_kernels(tiny_quantized):
     lowered = quamba_fx.lower(tiny_quantized, dtype=torch.float32)
     ops = {op_name(n) for n in lowered.graph.nodes}
-    assert {"w8a8_linear", "conv1d_silu_int8", "hadamard_quantize", "add_rmsnorm_quantize", "ssd_scan_triton"} <= ops
+    assert {"w8a8_linear", "conv1d_silu_int8", "hadamard_quantize", "add_rmsnorm_quantize", "ssd_scan_triton",
+            "gated_rmsnorm"} <= ops
     assert "ssd_scan" not in ops
     # Dequantized fp32 inputs; the products take the lowering's dtype, as each lowering asks.
     assert {n.args[-1] for n in lowered.graph.nodes if op_name(n) == "ssd_scan_triton"} == {torch.float32}
     half = quamba_fx.lower(tiny_quantized, dtype=torch.float16)
     assert {n.args[-1] for n in half.graph.nodes if op_name(n) == "ssd_scan_triton"} == {torch.float16}
-    # The gated norm is no add + RMSNorm: it must stay the module call it was.
-    assert any(n.op == "call_module" and n.target.endswith("mixer.norm") for n in lowered.graph.nodes)
+    # The gated norm is no add + RMSNorm: its own kernel, reading in_proj's int8 gate with its scale.
+    assert not any(n.op == "call_module" and n.target.endswith("mixer.norm") for n in lowered.graph.nodes)
+    gated = [n for n in lowered.graph.nodes if op_name(n) == "gated_rmsnorm"]
+    scans = [n for n in lowered.graph.nodes if op_name(n) == "ssd_scan_triton"]
+    assert len(gated) == len(scans) and all(n.args[2] is not None and op_name(n.args[1]) != "dequantize" for n in gated)
     ids = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         assert_close_to_magnitude(lowered(ids).float(), tiny_quantized(ids), rel=1e-4)

@@ -1,6 +1,6 @@
 """The lowering rules, one file per kernel: what each kernel op replaces in the reference graph.
 
-Each file (`gemm`, `gemm_w4`, `scan`, `hadamard`, `norm`) names the ops its kernel provides, says which
+Each file (`gemm`, `gemm_w4`, `scan`, `hadamard`, `norm`, `gated_norm`) names the ops its kernel provides, says which
 kernel runs each (`KERNELS`, shown by the dumps), and gives its rewrite rules (`passes.rewrite`):
 `rules(dtype)` for the lowering of a whole graph (`dtype`: the activations between kernels), and
 `DECODE_RULES` for the one-token decode graph (`cached_graph`). This package only adds them up;
@@ -15,7 +15,7 @@ import torch
 
 from ..conv_fusion import FLOAT_CONV, FUSED_CONV
 from ..rewrite import Rule
-from . import gemm, gemm_w4, hadamard, norm, scan
+from . import gated_norm, gemm, gemm_w4, hadamard, norm, scan
 
 __all__ = ["DECODE_RULES", "KERNELS", "rules"]
 
@@ -26,6 +26,7 @@ KERNELS = {
     **scan.KERNELS,
     **hadamard.KERNELS,
     **norm.KERNELS,
+    **gated_norm.KERNELS,
     FUSED_CONV: "triton:conv1d_silu_int8",
     FLOAT_CONV: "conv1d_silu",
 }
@@ -34,7 +35,8 @@ KERNELS = {
 def rules(dtype: torch.dtype) -> list[Rule]:
     """Every kernel's lowering rules, activations between kernels in `dtype`. Order matters only
     where two rules could match the same node; none do (the Hadamard file orders its own two)."""
-    return gemm.rules(dtype) + gemm_w4.rules(dtype) + scan.rules(dtype) + hadamard.rules(dtype) + norm.rules(dtype)
+    return (gemm.rules(dtype) + gemm_w4.rules(dtype) + scan.rules(dtype) + hadamard.rules(dtype) + norm.rules(dtype)
+            + gated_norm.rules(dtype))
 
 
 # The decode graph's fusions, applied after the cached ops are in place.

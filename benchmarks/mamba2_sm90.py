@@ -1,11 +1,13 @@
-"""Mamba-2's SSD kernels (quamba_fx/kernels/ssd.py) compiled for sm_90 offline: spills and wgmma.
+"""Mamba-2's kernels (the SSD scan's, kernels/ssd.py, and the gated norm, kernels/gated_norm.py)
+compiled for sm_90 offline: spills and wgmma.
 
-    python benchmarks/ssd_sm90.py [--builds fp16:fp16 fp32:fp16 fp32:fp32]
+    python benchmarks/mamba2_sm90.py [--builds fp16:fp16 fp32:fp16 fp32:fp32]
 
 No GPU needed (Triton's bundled ptxas and nvdisasm). A build is INPUTS:PRODUCTS, the dtype of x,
 dt, B and C and the one the matrix products round their operands to (an fp16 model: fp16:fp16; a
 graph lowered to fp16, whose scan reads dequantized fp32: fp32:fp16). For each build and kernel,
-at the tile sizes `ssd.tiles` picks for mamba2-2.7b (chunk 256, head_dim 64, state 128), one row:
+at the tile sizes `ssd.tiles` picks for mamba2-2.7b (chunk 256, head_dim 64, state 128; the gated
+norm's rows of d_inner 5120, int8 gate, fp16 out), one row:
 local stores and loads in its SASS (spills) and its wgmma instructions (`HGMMA`: products on
 Hopper's tensor cores). With 16-bit products the three product kernels should use wgmma; nothing
 should spill. The interpreter cannot see either; tests/test_kernel_ssd.py checks both from this
@@ -20,17 +22,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CHUNK, HEAD_DIM, STATE = 256, 64, 128
-MODULE = "quamba_fx.kernels.ssd"
+CHUNK, HEAD_DIM, STATE, D_INNER = 256, 64, 128, 5120
+SSD = "quamba_fx.kernels.ssd"
 
 
 def _kinds(names: str, kind: str) -> dict[str, str]:
     return {name: kind for name in names.split()}
 
 
-def builds(dtype: str, products: str) -> dict[str, tuple[dict, dict]]:
-    """Kernel name -> (signature, constexprs) for inputs (x, dt, B, C) of `dtype` and products
-    in `products` ("fp16" or "fp32" each)."""
+def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
+    """Kernel name -> (module, signature, constexprs) for inputs (x, dt, B, C; the gated norm's y)
+    of `dtype` and products in `products` ("fp16" or "fp32" each)."""
     import triton.language as tl
 
     from quamba_fx.kernels import ssd
@@ -42,28 +44,34 @@ def builds(dtype: str, products: str) -> dict[str, tuple[dict, dict]]:
     f32 = "*fp32"
     return {
         "_chunk_dt_kernel": (
+            SSD,
             {"dt_ptr": inputs, **_kinds("A_ptr dt_bias_ptr dt_out_ptr cum_ptr", f32),
              **_kinds("L H chunk n_chunks", "i32"), **_kinds("dt_min dt_max", "fp32"),
              **_kinds("stride_dtb stride_dtl", "i32")},
             dict(HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP_MAX=False, BLOCK_H=16, BLOCK_Q=CHUNK)),
         "_chunk_cb_kernel": (
+            SSD,
             {**_kinds("B_ptr C_ptr", inputs), "cb_ptr": f32,
              **_kinds("L G N chunk n_chunks stride_bb stride_bl stride_bg stride_cb stride_cl stride_cg", "i32")},
             dict(dot, BLOCK_M=t["m"], BLOCK_S=t["s"], BLOCK_K=t["k"])),
         "_chunk_state_kernel": (
+            SSD,
             {**_kinds("x_ptr B_ptr", inputs), **_kinds("dt_ptr cum_ptr states_ptr", f32),
              **_kinds("L H P N chunk n_chunks heads_per_group stride_xb stride_xl stride_xh stride_bb stride_bl "
                       "stride_bg", "i32")},
             dict(dot, BLOCK_P=t["p"], BLOCK_N=t["n"], BLOCK_S=t["s"])),
         "_state_passing_kernel": (
+            SSD,
             {**_kinds("states_ptr cum_ptr state_in_ptr state_out_ptr", f32), **_kinds("H PN chunk n_chunks", "i32")},
             dict(HAS_STATE_IN=False, HAS_STATE_OUT=True, BLOCK=1024)),
         "_chunk_scan_kernel": (
+            SSD,
             {**_kinds("x_ptr C_ptr", inputs), **_kinds("cb_ptr dt_ptr cum_ptr states_ptr D_ptr y_ptr", f32),
              **_kinds("L H P N G chunk n_chunks heads_per_group stride_xb stride_xl stride_xh stride_cb stride_cl "
                       "stride_cg stride_yb stride_yl stride_yh", "i32")},
             dict(dot, HAS_D=True, BLOCK_M=t["m"], BLOCK_P=t["p"], BLOCK_K=t["k"], BLOCK_S=t["s"])),
         "_state_update_kernel": (
+            SSD,
             {"state_ptr": "*fp16", **_kinds("x_ptr dt_ptr", inputs), "A_ptr": f32, **_kinds("B_ptr C_ptr", inputs),
              **_kinds("D_ptr dt_bias_ptr y_ptr", f32), **_kinds("L H P N heads_per_group", "i32"),
              **_kinds("dt_min dt_max", "fp32"),
@@ -71,6 +79,11 @@ def builds(dtype: str, products: str) -> dict[str, tuple[dict, dict]]:
                       "stride_cl stride_cg stride_yb stride_yl stride_yh", "i32")},
             dict(HAS_D=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP_MAX=False, BLOCK_P=2048 // STATE,
                  BLOCK_N=STATE)),
+        "_gated_rmsnorm_kernel": (
+            "quamba_fx.kernels.gated_norm",
+            {"y_ptr": inputs, "z_ptr": "*i8", **_kinds("z_scale_ptr w_ptr", f32), "out_ptr": "*fp16",
+             **_kinds("D G groups stride_y stride_z", "i32"), "eps": "fp32"},
+            dict(Z_INT8=True, BLOCK=8192, SINGLE=True)),
     }
 
 
@@ -83,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print("build kernel local_stores local_loads wgmma")
     for build in args.builds:
-        for name, (signature, constexprs) in builds(*build.split(":")).items():
-            sass = compile_sass(MODULE, name, signature, constexprs, (), 4, 2)
+        for name, (module, signature, constexprs) in builds(*build.split(":")).items():
+            warps = 8 if name == "_gated_rmsnorm_kernel" else 4  # gated_norm's launch: 8 for 8192-wide rows
+            sass = compile_sass(module, name, signature, constexprs, (), warps, 2)
             ops = [opcode(i) for i in instructions(sass)]
             counts = [ops.count(op) for op in ("STL", "LDL", "HGMMA")]
             print(build, name, *counts, flush=True)
