@@ -62,6 +62,10 @@ def _discretize(dt, dt_min, dt_max, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.conste
     return dt
 
 
+# Each kernel takes the batch index as int64: the offsets of a long batch's tensors (8 x 65536 x
+# 5120 elements of x) pass 2**31.
+
+
 @triton.jit
 def _chunk_dt_kernel(
     dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cum_ptr,
@@ -69,7 +73,7 @@ def _chunk_dt_kernel(
     HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     rh = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
     rq = tl.arange(0, BLOCK_Q)
@@ -100,7 +104,7 @@ def _chunk_cb_kernel(
     DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_bc = tl.program_id(0)
-    b = pid_bc // n_chunks
+    b = (pid_bc // n_chunks).to(tl.int64)
     c = pid_bc % n_chunks
     g = tl.program_id(1)
     s_tiles = tl.cdiv(chunk, BLOCK_S)
@@ -133,7 +137,7 @@ def _chunk_state_kernel(
     DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_bc = tl.program_id(0)
-    b = pid_bc // n_chunks
+    b = (pid_bc // n_chunks).to(tl.int64)
     c = pid_bc % n_chunks
     h = tl.program_id(1)
     g = h // heads_per_group
@@ -169,7 +173,7 @@ def _state_passing_kernel(
     H, PN, chunk, n_chunks,
     HAS_STATE_IN: tl.constexpr, HAS_STATE_OUT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < PN
@@ -196,7 +200,7 @@ def _chunk_scan_kernel(
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_bc = tl.program_id(0)
-    b = pid_bc // n_chunks
+    b = (pid_bc // n_chunks).to(tl.int64)
     c = pid_bc % n_chunks
     h = tl.program_id(1)
     g = h // heads_per_group
@@ -259,7 +263,7 @@ def _state_update_kernel(
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     g = h // heads_per_group
     rp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -317,15 +321,15 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     `[batch, L, heads, head_dim]`, and with `return_final_state` also the fp32 state
     `[batch, heads, head_dim, state]`.
     """
+    product_dtype = x.dtype if product_dtype is None else product_dtype
+    if product_dtype not in _DOT_DTYPES:
+        raise InputError(f"ssd_scan: product_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
+                         f"got {product_dtype!r}")
     if not _use_triton(x) or x.numel() == 0 or B.numel() == 0:
         y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
                                       initial_state=initial_state)
         return (y, final) if return_final_state else y
     check_ssd_inputs(x, dt, A, B, C, D, dt_bias, chunk_size)
-    product_dtype = x.dtype if product_dtype is None else product_dtype
-    if product_dtype not in _DOT_DTYPES:
-        raise InputError(f"ssd_scan: product_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
-                         f"got {product_dtype!r}")
     if INTERPRET and not x.is_cuda and product_dtype == torch.bfloat16:
         product_dtype = torch.float32  # the interpreter's bf16 tl.dot returns garbage (a 16 x 16 product is off by 1e10)
     batch, length, heads, head_dim = x.shape
