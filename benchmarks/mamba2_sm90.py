@@ -1,11 +1,11 @@
 """Mamba-2's kernels (the SSD scan's, kernels/ssd.py, and the gated norm, kernels/gated_norm.py)
 compiled for sm_90 offline: spills and wgmma.
 
-    python benchmarks/mamba2_sm90.py [--builds fp16:fp16 fp32:fp16 fp32:fp32]
+    python benchmarks/mamba2_sm90.py [--builds fp16:fp16 i8:fp16 fp32:fp32]
 
 No GPU needed (Triton's bundled ptxas and nvdisasm). A build is INPUTS:PRODUCTS, the dtype of x,
 dt, B and C and the one the matrix products round their operands to (an fp16 model: fp16:fp16; a
-graph lowered to fp16, whose scan reads dequantized fp32: fp32:fp16). For each build and kernel,
+W8A8 graph lowered to fp16, whose scan reads the int8 codes with their scales: i8:fp16). For each build and kernel,
 at the tile sizes `ssd.tiles` picks for mamba2-2.7b (chunk 256, head_dim 64, state 128; the gated
 norm's rows of d_inner 5120, int8 gate, fp16 out), one row:
 local stores and loads in its SASS (spills) and its wgmma instructions (`HGMMA`: products on
@@ -31,32 +31,33 @@ def _kinds(names: str, kind: str) -> dict[str, str]:
 
 
 def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
-    """Kernel name -> (module, signature, constexprs) for inputs (x, dt, B, C; the gated norm's y)
-    of `dtype` and products in `products` ("fp16" or "fp32" each)."""
+    """Kernel name -> (module, signature, constexprs) for inputs (x, dt, B, C) of `dtype` ("fp16",
+    "fp32" or "i8", the int8 codes with their scales) and products in `products` ("fp16" or
+    "fp32"); the gated norm reads fp32 y and an int8 gate in every build."""
     import triton.language as tl
 
     from quamba_fx.kernels import ssd
 
     ieee = products == "fp32"
     t = ssd.tiles(CHUNK, HEAD_DIM, STATE, ieee=ieee)
-    dot = dict(DOT=getattr(tl, {"fp16": "float16", "fp32": "float32"}[products]), IEEE=ieee)
+    dot = dict(DOT=getattr(tl, {"fp16": "float16", "fp32": "float32"}[products]), IEEE=ieee, SCALED=dtype == "i8")
     inputs = f"*{dtype}"
     f32 = "*fp32"
     return {
         "_chunk_dt_kernel": (
             SSD,
-            {"dt_ptr": inputs, **_kinds("A_ptr dt_bias_ptr dt_out_ptr cum_ptr", f32),
+            {"dt_ptr": inputs, **_kinds("A_ptr dt_bias_ptr dt_out_ptr cum_ptr scales_ptr", f32),
              **_kinds("L H chunk n_chunks", "i32"), **_kinds("dt_min dt_max", "fp32"),
              **_kinds("stride_dtb stride_dtl", "i32")},
-            dict(HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP_MAX=False, BLOCK_H=16, BLOCK_Q=CHUNK)),
+            dict(HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP_MAX=False, SCALED=dot["SCALED"], BLOCK_H=16, BLOCK_Q=CHUNK)),
         "_chunk_cb_kernel": (
             SSD,
-            {**_kinds("B_ptr C_ptr", inputs), "cb_ptr": f32,
+            {**_kinds("B_ptr C_ptr", inputs), **_kinds("cb_ptr scales_ptr", f32),
              **_kinds("L G N chunk n_chunks stride_bb stride_bl stride_bg stride_cb stride_cl stride_cg", "i32")},
             dict(dot, BLOCK_M=t["m"], BLOCK_S=t["s"], BLOCK_K=t["k"])),
         "_chunk_state_kernel": (
             SSD,
-            {**_kinds("x_ptr B_ptr", inputs), **_kinds("dt_ptr cum_ptr states_ptr", f32),
+            {**_kinds("x_ptr B_ptr", inputs), **_kinds("dt_ptr cum_ptr states_ptr scales_ptr", f32),
              **_kinds("L H P N chunk n_chunks heads_per_group stride_xb stride_xl stride_xh stride_bb stride_bl "
                       "stride_bg", "i32")},
             dict(dot, BLOCK_P=t["p"], BLOCK_N=t["n"], BLOCK_S=t["s"])),
@@ -66,22 +67,23 @@ def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
             dict(HAS_STATE_IN=False, HAS_STATE_OUT=True, BLOCK=1024)),
         "_chunk_scan_kernel": (
             SSD,
-            {**_kinds("x_ptr C_ptr", inputs), **_kinds("cb_ptr dt_ptr cum_ptr states_ptr D_ptr y_ptr", f32),
+            {**_kinds("x_ptr C_ptr", inputs), **_kinds("cb_ptr dt_ptr cum_ptr states_ptr D_ptr y_ptr scales_ptr", f32),
              **_kinds("L H P N G chunk n_chunks heads_per_group stride_xb stride_xl stride_xh stride_cb stride_cl "
                       "stride_cg stride_yb stride_yl stride_yh", "i32")},
             dict(dot, HAS_D=True, BLOCK_M=t["m"], BLOCK_P=t["p"], BLOCK_K=t["k"], BLOCK_S=t["s"])),
         "_state_update_kernel": (
             SSD,
             {"state_ptr": "*fp16", **_kinds("x_ptr dt_ptr", inputs), "A_ptr": f32, **_kinds("B_ptr C_ptr", inputs),
-             **_kinds("D_ptr dt_bias_ptr y_ptr", f32), **_kinds("L H P N heads_per_group", "i32"),
+             **_kinds("D_ptr dt_bias_ptr y_ptr scales_ptr", f32), **_kinds("L H P N heads_per_group", "i32"),
              **_kinds("dt_min dt_max", "fp32"),
              **_kinds("stride_xb stride_xl stride_xh stride_dtb stride_dtl stride_bb stride_bl stride_bg stride_cb "
                       "stride_cl stride_cg stride_yb stride_yl stride_yh", "i32")},
-            dict(HAS_D=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP_MAX=False, BLOCK_P=2048 // STATE,
+            dict(HAS_D=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP_MAX=False, SCALED=dot["SCALED"],
+                 BLOCK_P=2048 // STATE,
                  BLOCK_N=STATE)),
         "_gated_rmsnorm_kernel": (
             "quamba_fx.kernels.gated_norm",
-            {"y_ptr": inputs, "z_ptr": "*i8", **_kinds("z_scale_ptr w_ptr", f32), "out_ptr": "*fp16",
+            {"y_ptr": f32, "z_ptr": "*i8", **_kinds("z_scale_ptr w_ptr", f32), "out_ptr": "*fp16",
              **_kinds("D G groups stride_y stride_z", "i32"), "eps": "fp32"},
             dict(Z_INT8=True, BLOCK=8192, SINGLE=True)),
     }
@@ -91,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     from sass_loop import compile_sass, instructions, opcode
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--builds", nargs="+", default=["fp16:fp16", "fp32:fp16", "fp32:fp32"],
-                        choices=["fp16:fp16", "fp32:fp16", "fp32:fp32"], metavar="INPUTS:PRODUCTS")
+    choices = ["fp16:fp16", "i8:fp16", "fp32:fp16", "fp32:fp32", "i8:fp32"]
+    parser.add_argument("--builds", nargs="+", default=["fp16:fp16", "i8:fp16", "fp32:fp32"], choices=choices,
+                        metavar="INPUTS:PRODUCTS")
     args = parser.parse_args(argv)
     print("build kernel local_stores local_loads wgmma")
     for build in args.builds:

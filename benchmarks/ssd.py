@@ -8,8 +8,8 @@ Prefill rows, each a CUDA-graph replay median (ms) and the output's error agains
 reference on the same inputs (max |diff| / max |reference|):
 
 * `ours_fp16`: fp16 x, dt, B, C (an fp16 model's), fp16 products;
-* `ours_lowered`: the same values in fp32 with fp16 products, what a graph lowered to fp16 runs
-  (its scan reads dequantized fp32);
+* `ours_lowered`: the same values as int8 codes with per-tensor scales and fp16 products, what a
+  W8A8 graph lowered to fp16 runs (its error against the reference of the dequantized codes);
 * `reference_op`: `quamba::ssd_scan`'s PyTorch reference on the fp32 inputs, what an unlowered
   graph runs on CUDA;
 * `mamba_ssm`: `mamba_chunk_scan_combined`, what mamba_ssm's Mamba-2 runs, on the fp16 inputs.
@@ -53,9 +53,16 @@ def make_inputs(batch: int, length: int, shape: dict, device: str, seed: int = 0
     return dict(
         x=randn(batch, length, heads, shape["head_dim"]), dt=randn(batch, length, heads, scale=0.5),
         A=-torch.rand(heads, generator=g, device=device) * 8 - 1,
-        B=randn(batch, length, shape["groups"], shape["state"]), C=randn(batch, length, shape["groups"], shape["state"]),
+        B=randn(batch, length, shape["groups"], shape["state"]),
+        C=randn(batch, length, shape["groups"], shape["state"]),
         D=torch.randn(heads, generator=g, device=device), dt_bias=torch.rand(heads, generator=g, device=device) - 4.0,
     )
+
+
+def _int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor int8 codes of `t` and their fp32 scale (amax / 127), as the W8A8 recipe stores them."""
+    scale = (t.float().abs().max() / 127).clamp(min=1e-12)
+    return (t.float() / scale).round().clamp(-128, 127).to(torch.int8), scale
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -94,17 +101,22 @@ def prefill_row(batch: int, length: int, shape: dict, device: str, timer, theirs
     half = (kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], *tail)
     full = (kw["x"].float(), kw["dt"].float(), kw["A"], kw["B"].float(), kw["C"].float(), *tail)
     expected, _ = ssd_scan_reference(*full)
+    codes, scales = zip(*(_int8(kw[k]) for k in ("x", "dt", "B", "C")))
+    dequantized, _ = ssd_scan_reference(*(q.float() * s for q, s in zip(codes[:2], scales[:2])), kw["A"],
+                                        *(q.float() * s for q, s in zip(codes[2:], scales[2:])), *tail)
     impls = {
         "ours_fp16": lambda: ssd.ssd_scan(*half),
-        "ours_lowered": lambda: ssd.ssd_scan(*full, product_dtype=torch.float16),
+        "ours_lowered": lambda: ssd.ssd_scan(codes[0], codes[1], kw["A"], codes[2], codes[3], *tail,
+                                             product_dtype=torch.float16, input_scales=scales),
         "reference_op": lambda: ssd_scan_reference(*full)[0],
     }
+    references = {"ours_lowered": dequantized}
     if theirs_fn is not None:
         impls["mamba_ssm"] = lambda: theirs_fn(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], chunk, D=kw["D"],
                                                dt_bias=kw["dt_bias"], dt_softplus=True)
     row: dict = {"batch": batch, "L": length}
     for name, fn in impls.items():
-        row[f"{name}_error"] = relative_error(fn(), expected)
+        row[f"{name}_error"] = relative_error(fn(), references.get(name, expected))
         row[f"{name}_ms"] = timer(fn)
     if "mamba_ssm_ms" in row:
         row["ratio_fp16"] = row["mamba_ssm_ms"] / row["ours_fp16_ms"]

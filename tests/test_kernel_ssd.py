@@ -38,7 +38,7 @@ def test_kernel_matches_the_reference(batch, length, heads, head_dim, groups, st
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, length, heads, head_dim, generator=g)
     dt, A = torch.randn(batch, length, heads, generator=g), -torch.rand(heads, generator=g) * 4
-    B, C = torch.randn(batch, length, groups, state, generator=g), torch.randn(batch, length, groups, state, generator=g)
+    B, C = (torch.randn(batch, length, groups, state, generator=g) for _ in range(2))
     D = torch.randn(heads, generator=g) if with_d else None
     bias = torch.randn(heads, generator=g)
     start = torch.randn(batch, heads, head_dim, state, generator=g) if with_state else None
@@ -58,7 +58,8 @@ def test_kernel_reads_strided_slices_of_in_proj_output_in_place():
     torch.manual_seed(0)
     xbc = torch.randn(2, 9, 32 + 2 * 8, device=DEVICE)
     zxbcdt = torch.randn(2, 9, 50, device=DEVICE)
-    x, B, C = xbc[..., :32].unflatten(-1, (2, 16)), xbc[..., 32:40].unflatten(-1, (1, 8)), xbc[..., 40:].unflatten(-1, (1, 8))
+    x = xbc[..., :32].unflatten(-1, (2, 16))
+    B, C = xbc[..., 32:40].unflatten(-1, (1, 8)), xbc[..., 40:].unflatten(-1, (1, 8))
     dt, A = zxbcdt[..., -2:], -torch.rand(2, device=DEVICE)
     y = ssd.ssd_scan(x, dt, A, B, C, None, None, True, 0.0, math.inf, 4)
     y_ref, _ = ssd_scan_reference(*(t.cpu() for t in (x, dt, A, B, C)), None, None, True, 0.0, math.inf, 4)
@@ -94,7 +95,8 @@ def test_fp32_inputs_with_16_bit_products_track_the_reference_at_16_bit_precisio
     # A graph lowered to fp16 hands the scan dequantized fp32 and asks for fp16 products.
     g = torch.Generator().manual_seed(8)
     x, dt = torch.randn(1, 40, 2, 16, generator=g), torch.randn(1, 40, 2, generator=g) * 0.5
-    A, B, C = -torch.rand(2, generator=g) - 0.5, torch.randn(1, 40, 1, 16, generator=g), torch.randn(1, 40, 1, 16, generator=g)
+    A = -torch.rand(2, generator=g) - 0.5
+    B, C = (torch.randn(1, 40, 1, 16, generator=g) for _ in range(2))
     args = [t.to(DEVICE) for t in (x, dt, A, B, C)]
     y_ref, _ = ssd_scan_reference(x, dt, A, B, C, chunk_size=16)
     half = ssd.ssd_scan(*args, chunk_size=16, product_dtype=torch.float16).cpu()
@@ -106,7 +108,8 @@ def test_fp32_inputs_with_16_bit_products_track_the_reference_at_16_bit_precisio
 def test_the_chunk_length_orders_sums_but_does_not_change_the_result():
     g = torch.Generator().manual_seed(5)
     x, dt = torch.randn(1, 50, 2, 16, generator=g), torch.randn(1, 50, 2, generator=g)
-    A, B, C = -torch.rand(2, generator=g), torch.randn(1, 50, 1, 16, generator=g), torch.randn(1, 50, 1, 16, generator=g)
+    A = -torch.rand(2, generator=g)
+    B, C = (torch.randn(1, 50, 1, 16, generator=g) for _ in range(2))
     args = [t.to(DEVICE) for t in (x, dt, A, B, C)]
     outputs = [ssd.ssd_scan(*args, None, None, True, 0.0, math.inf, chunk).cpu() for chunk in (1, 7, 16, 50, 256)]
     for y in outputs[1:]:
@@ -163,9 +166,10 @@ def test_cached_op_prefills_then_decodes_as_one_long_scan():
         inputs[k][:, sl].to(DEVICE) for k in ("B", "C")] + [inputs["D"].to(DEVICE), inputs["dt_bias"].to(DEVICE)]
     cache = torch.zeros(2, 4, 16, 16, device=DEVICE)
     op = torch.ops.quamba.ssd_scan_triton_cached
-    ys = [op(*args(slice(0, 11)), True, 0.0, math.inf, 4, None, cache, False)]
+    no_scales = [None] * 4
+    ys = [op(*args(slice(0, 11)), True, 0.0, math.inf, 4, None, *no_scales, cache, False)]
     for t in (11, 12):
-        ys.append(op(*args(slice(t, t + 1)), True, 0.0, math.inf, 4, None, cache, True))
+        ys.append(op(*args(slice(t, t + 1)), True, 0.0, math.inf, 4, None, *no_scales, cache, True))
     y_ref, final_ref = ssd_scan_reference(**inputs, chunk_size=4)
     assert relative_error(torch.cat(ys, dim=1).cpu(), y_ref) < 1e-5
     assert relative_error(cache.cpu(), final_ref) < 1e-5
@@ -205,3 +209,44 @@ def test_the_benchmark_script_runs_its_smoke_rows(tmp_path):
     for row in result["prefill"]:
         assert row["reference_op_error"] == 0 and row["ours_fp16_error"] < 1e-2 and row["ours_lowered_error"] < 1e-2
     assert all(row["ours_state_error"] < 1e-2 for row in result["decode"])
+
+
+def _int8_inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    codes = dict(x=torch.randint(-128, 128, (2, 37, 4, 16), generator=g, dtype=torch.int8),
+                 dt=torch.randint(-128, 128, (2, 37, 4), generator=g, dtype=torch.int8),
+                 B=torch.randint(-128, 128, (2, 37, 2, 16), generator=g, dtype=torch.int8),
+                 C=torch.randint(-128, 128, (2, 37, 2, 16), generator=g, dtype=torch.int8))
+    scales = dict(x=torch.tensor(0.02), dt=torch.tensor(0.01), B=torch.tensor(0.03), C=torch.tensor(0.015))
+    rest = dict(A=-torch.rand(4, generator=g) * 4, D=torch.randn(4, generator=g), dt_bias=torch.randn(4, generator=g))
+    return codes, scales, rest
+
+
+@pytest.mark.parametrize("product_dtype", [torch.float32, torch.float16])
+def test_int8_inputs_with_their_scales_equal_the_scan_of_their_dequantized_values(product_dtype):
+    codes, scales, rest = _int8_inputs(seed=12)
+    dequantized = {k: codes[k].float() * scales[k] for k in codes}
+    y_ref, final_ref = ssd_scan_reference(**dequantized, **rest, chunk_size=8)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    y, final = ssd.ssd_scan(on(codes["x"]), on(codes["dt"]), on(rest["A"]), on(codes["B"]), on(codes["C"]),
+                            on(rest["D"]), on(rest["dt_bias"]), chunk_size=8, return_final_state=True,
+                            product_dtype=product_dtype, input_scales=tuple(on(scales[k]) for k in ("x", "dt", "B", "C")))
+    # int8 codes are exact in fp16 products; only the decayed weights and the state round there.
+    tolerance = 1e-5 if product_dtype == torch.float32 else 1e-2
+    assert relative_error(y.cpu(), y_ref) < tolerance and relative_error(final.cpu(), final_ref) < tolerance
+    state = torch.zeros(2, 4, 16, 16, device=DEVICE)
+    steps = [ssd.ssd_state_update(state, *(on(codes[k][:, t:t + 1]) for k in ("x", "dt")), on(rest["A"]),
+                                  *(on(codes[k][:, t:t + 1]) for k in ("B", "C")), on(rest["D"]), on(rest["dt_bias"]),
+                                  input_scales=tuple(on(scales[k]) for k in ("x", "dt", "B", "C")))
+             for t in range(3)]
+    y_steps, _ = ssd_scan_reference(**{k: v[:, :3] for k, v in dequantized.items()}, **rest, chunk_size=8)
+    assert relative_error(torch.cat(steps, dim=1).cpu(), y_steps) < 1e-5
+
+
+def test_int8_inputs_need_their_scales_and_float_inputs_none():
+    codes, scales, rest = _int8_inputs(seed=13)
+    with pytest.raises(InputError, match="need their input_scales"):
+        ssd.ssd_scan(codes["x"], codes["dt"], rest["A"], codes["B"], codes["C"])
+    with pytest.raises(InputError, match="four one-element scales"):
+        ssd.ssd_scan(codes["x"].float(), codes["dt"], rest["A"], codes["B"], codes["C"],
+                     input_scales=tuple(scales.values()))

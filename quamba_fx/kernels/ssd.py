@@ -62,15 +62,21 @@ def _discretize(dt, dt_min, dt_max, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.conste
     return dt
 
 
+# Int8 inputs come with their per-tensor scales in one fp32 tensor, at these positions.
+_X: tl.constexpr = tl.constexpr(0)
+_DT: tl.constexpr = tl.constexpr(1)
+_B: tl.constexpr = tl.constexpr(2)
+_C: tl.constexpr = tl.constexpr(3)
+
 # Each kernel takes the batch index as int64: the offsets of a long batch's tensors (8 x 65536 x
 # 5120 elements of x) pass 2**31.
 
 
 @triton.jit
 def _chunk_dt_kernel(
-    dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cum_ptr,
+    dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cum_ptr, scales_ptr,
     L, H, chunk, n_chunks, dt_min, dt_max, stride_dtb, stride_dtl,
-    HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -83,6 +89,8 @@ def _chunk_dt_kernel(
     step_ok = q_ok & (t < L)
     dt = tl.load(dt_ptr + b * stride_dtb + t[None, :] * stride_dtl + rh[:, None],
                  mask=h_ok[:, None] & step_ok[None, :], other=0.0).to(tl.float32)
+    if SCALED:
+        dt *= tl.load(scales_ptr + _DT)
     if HAS_DT_BIAS:
         dt += tl.load(dt_bias_ptr + rh, mask=h_ok, other=0.0).to(tl.float32)[:, None]
     dt = _discretize(dt, dt_min, dt_max, SOFTPLUS, CLAMP_MAX)
@@ -98,10 +106,11 @@ def _chunk_dt_kernel(
 
 @triton.jit
 def _chunk_cb_kernel(
-    B_ptr, C_ptr, cb_ptr,
+    B_ptr, C_ptr, cb_ptr, scales_ptr,
     L, G, N, chunk, n_chunks,
     stride_bb, stride_bl, stride_bg, stride_cb, stride_cl, stride_cg,
-    DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALED: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_bc = tl.program_id(0)
     b = (pid_bc // n_chunks).to(tl.int64)
@@ -125,16 +134,19 @@ def _chunk_cb_kernel(
         cq = tl.load(c_rows + k[None, :], mask=l_ok[:, None] & (k < N)[None, :], other=0.0)
         bq = tl.load(b_cols + k[:, None], mask=(k < N)[:, None] & s_ok[None, :], other=0.0)
         acc = _dot(cq, bq, acc, DOT, IEEE)
+    if SCALED:  # int8 codes are exact in any product dtype: the scales apply once, to the sums
+        acc *= tl.load(scales_ptr + _C) * tl.load(scales_ptr + _B)
     offsets = ((b * n_chunks + c) * G + g) * chunk * chunk + rl[:, None] * chunk + rs[None, :]
     tl.store(cb_ptr + offsets, acc, mask=(rl < chunk)[:, None] & (rs < chunk)[None, :])
 
 
 @triton.jit
 def _chunk_state_kernel(
-    x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr,
+    x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr, scales_ptr,
     L, H, P, N, chunk, n_chunks, heads_per_group,
     stride_xb, stride_xl, stride_xh, stride_bb, stride_bl, stride_bg,
-    DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    SCALED: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_bc = tl.program_id(0)
     b = (pid_bc // n_chunks).to(tl.int64)
@@ -163,6 +175,8 @@ def _chunk_state_kernel(
         xt = tl.load(x_base + t[None, :] * stride_xl + rp[:, None], mask=p_ok[:, None] & s_ok[None, :], other=0.0)
         bq = tl.load(b_base + t[:, None] * stride_bl + rn[None, :], mask=s_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot(xt, bq.to(tl.float32) * weight[:, None], acc, DOT, IEEE)
+    if SCALED:
+        acc *= tl.load(scales_ptr + _X) * tl.load(scales_ptr + _B)
     offsets = (((b * n_chunks + c) * H + h) * P + rp[:, None]) * N + rn[None, :]
     tl.store(states_ptr + offsets, acc, mask=p_ok[:, None] & n_ok[None, :])
 
@@ -193,10 +207,10 @@ def _state_passing_kernel(
 
 @triton.jit
 def _chunk_scan_kernel(
-    x_ptr, C_ptr, cb_ptr, dt_ptr, cum_ptr, states_ptr, D_ptr, y_ptr,
+    x_ptr, C_ptr, cb_ptr, dt_ptr, cum_ptr, states_ptr, D_ptr, y_ptr, scales_ptr,
     L, H, P, N, G, chunk, n_chunks, heads_per_group,
     stride_xb, stride_xl, stride_xh, stride_cb, stride_cl, stride_cg, stride_yb, stride_yl, stride_yh,
-    HAS_D: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_D: tl.constexpr, SCALED: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_bc = tl.program_id(0)
@@ -227,7 +241,9 @@ def _chunk_scan_kernel(
         cq = tl.load(c_rows + k[None, :], mask=l_ok[:, None] & (k < N)[None, :], other=0.0)
         st = tl.load(state + k[:, None], mask=(k < N)[:, None] & p_ok[None, :], other=0.0)
         acc = _dot(cq, st, acc, DOT, IEEE)
-    acc = acc * tl.exp(cum_l)[:, None]
+    c_scale = tl.load(scales_ptr + _C) if SCALED else 1.0
+    x_scale = tl.load(scales_ptr + _X) if SCALED else 1.0
+    acc = acc * (tl.exp(cum_l) * c_scale)[:, None]
 
     # The chunk's own steps s <= l, through the decayed C B^T.
     cb_rows = cb_ptr + ((b * n_chunks + c) * G + g) * chunk * chunk + rl[:, None] * chunk
@@ -242,26 +258,26 @@ def _chunk_scan_kernel(
         # are never written).
         cb = tl.load(cb_rows + s[None, :], mask=causal, other=0.0)
         decay = tl.exp(tl.where(causal, cum_l[:, None] - cum_s[None, :], float("-inf")))
-        weights = tl.where(causal, cb * decay * dt_s[None, :], 0.0)
+        weights = tl.where(causal, cb * decay * (dt_s * x_scale)[None, :], 0.0)
         xs = tl.load(x_base + (c * chunk + s)[:, None] * stride_xl + rp[None, :],
                      mask=(s_in & (c * chunk + s < L))[:, None] & p_ok[None, :], other=0.0)
         acc = _dot(weights, xs, acc, DOT, IEEE)
 
     if HAS_D:
         x_l = tl.load(x_base + t_l[:, None] * stride_xl + rp[None, :], mask=l_ok[:, None] & p_ok[None, :], other=0.0)
-        acc += x_l.to(tl.float32) * tl.load(D_ptr + h).to(tl.float32)
+        acc += x_l.to(tl.float32) * (x_scale * tl.load(D_ptr + h).to(tl.float32))
     y = y_ptr + b * stride_yb + t_l[:, None] * stride_yl + h * stride_yh + rp[None, :]
     tl.store(y, acc, mask=l_ok[:, None] & p_ok[None, :])
 
 
 @triton.jit
 def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr,
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dt_bias_ptr, y_ptr, scales_ptr,
     L, H, P, N, heads_per_group, dt_min, dt_max,
     stride_xb, stride_xl, stride_xh, stride_dtb, stride_dtl, stride_bb, stride_bl, stride_bg,
     stride_cb, stride_cl, stride_cg, stride_yb, stride_yl, stride_yh,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -276,12 +292,19 @@ def _state_update_kernel(
     a = tl.load(A_ptr + h).to(tl.float32)
     bias = tl.load(dt_bias_ptr + h).to(tl.float32) if HAS_DT_BIAS else 0.0
     d = tl.load(D_ptr + h).to(tl.float32) if HAS_D else 0.0
+    s_x = tl.load(scales_ptr + _X) if SCALED else 1.0
+    s_dt = tl.load(scales_ptr + _DT) if SCALED else 1.0
+    s_b = tl.load(scales_ptr + _B) if SCALED else 1.0
+    s_c = tl.load(scales_ptr + _C) if SCALED else 1.0
     for t in range(0, L):  # a decode step is one token; a few more run the same recurrence
-        dt = _discretize(tl.load(dt_ptr + b * stride_dtb + t * stride_dtl + h).to(tl.float32) + bias,
+        dt = _discretize(tl.load(dt_ptr + b * stride_dtb + t * stride_dtl + h).to(tl.float32) * s_dt + bias,
                          dt_min, dt_max, SOFTPLUS, CLAMP_MAX)
         x = tl.load(x_ptr + b * stride_xb + t * stride_xl + h * stride_xh + rp, mask=p_ok, other=0.0).to(tl.float32)
+        x *= s_x
         bv = tl.load(B_ptr + b * stride_bb + t * stride_bl + g * stride_bg + rn, mask=n_ok, other=0.0).to(tl.float32)
+        bv *= s_b
         cv = tl.load(C_ptr + b * stride_cb + t * stride_cl + g * stride_cg + rn, mask=n_ok, other=0.0).to(tl.float32)
+        cv *= s_c
         state = state * tl.exp(dt * a) + (dt * x)[:, None] * bv[None, :]
         y = tl.sum(state * cv[None, :], axis=1)
         if HAS_D:
@@ -291,6 +314,20 @@ def _state_update_kernel(
 
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _stacked_scales(x: Tensor, dt: Tensor, B: Tensor, C: Tensor,
+                    input_scales: Optional[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Optional[Tensor]:
+    """The four per-tensor scales as one fp32 tensor (the kernels' `scales_ptr`), after checking
+    that int8 inputs come with them and float inputs without."""
+    int8 = [t.dtype == torch.int8 for t in (x, dt, B, C)]
+    if input_scales is None:
+        if any(int8):
+            raise InputError("ssd_scan: int8 x, dt, B, C need their input_scales (x, dt, B, C)")
+        return None
+    if not all(int8) or len(input_scales) != 4 or any(s.numel() != 1 for s in input_scales):
+        raise InputError("ssd_scan: input_scales are four one-element scales, for int8 x, dt, B and C")
+    return torch.stack([s.reshape(()).float() for s in input_scales])
 
 
 def _block(n: int, cap: int = 64) -> int:
@@ -310,28 +347,33 @@ def tiles(chunk: int, head_dim: int, state: int, ieee: bool = False) -> dict[str
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
              dt_bias: Optional[Tensor] = None, dt_softplus: bool = True, dt_min: float = 0.0,
              dt_max: float = math.inf, chunk_size: int = 256, initial_state: Optional[Tensor] = None,
-             return_final_state: bool = False,
-             product_dtype: Optional[torch.dtype] = None) -> Tensor | tuple[Tensor, Tensor]:
+             return_final_state: bool = False, product_dtype: Optional[torch.dtype] = None,
+             input_scales: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba-2's scan on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1), else the reference.
 
     Arguments and layouts as `quamba_fx.ssd_reference.ssd_scan_reference`, which also validates them.
     `x`, `B` and `C` may be strided views (in_proj's and the conv's outputs) with unit stride in their
-    last dim. The matrix products' operands are rounded to `product_dtype` (default: x's dtype):
-    fp16/bf16 run on tensor cores, fp32 in IEEE fp32; sums and states stay fp32. Returns y fp32
-    `[batch, L, heads, head_dim]`, and with `return_final_state` also the fp32 state
-    `[batch, heads, head_dim, state]`.
+    last dim. With `input_scales` (per-tensor scales of x, dt, B and C), x, dt, B and C are int8
+    codes, dequantized as `q.float() * scale` inside the kernels. The matrix products' operands are
+    rounded to `product_dtype` (default: x's dtype, fp32 for int8 codes): fp16/bf16 run on tensor
+    cores, fp32 in IEEE fp32; sums and states stay fp32. Returns y fp32 `[batch, L, heads,
+    head_dim]`, and with `return_final_state` also the fp32 state `[batch, heads, head_dim, state]`.
     """
-    product_dtype = x.dtype if product_dtype is None else product_dtype
+    scales = _stacked_scales(x, dt, B, C, input_scales)
+    product_dtype = (torch.float32 if scales is not None else x.dtype) if product_dtype is None else product_dtype
     if product_dtype not in _DOT_DTYPES:
         raise InputError(f"ssd_scan: product_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
                          f"got {product_dtype!r}")
+    if scales is not None and not _use_triton(x):
+        x, dt, B, C = (q.float() * s for q, s in zip((x, dt, B, C), input_scales))
     if not _use_triton(x) or x.numel() == 0 or B.numel() == 0:
         y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
                                       initial_state=initial_state)
         return (y, final) if return_final_state else y
     check_ssd_inputs(x, dt, A, B, C, D, dt_bias, chunk_size)
     if INTERPRET and not x.is_cuda and product_dtype == torch.bfloat16:
-        product_dtype = torch.float32  # the interpreter's bf16 tl.dot returns garbage (a 16 x 16 product is off by 1e10)
+        # The interpreter's bf16 tl.dot returns garbage (a 16 x 16 product is off by 1e10).
+        product_dtype = torch.float32
     batch, length, heads, head_dim = x.shape
     groups, state = B.shape[2], B.shape[3]
     x, B, C, dt = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C, dt))
@@ -347,26 +389,28 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     final = torch.empty((batch, heads, head_dim, state), **f32) if return_final_state else None
     start = None if initial_state is None else initial_state.float().contiguous()
     t = tiles(chunk, head_dim, state, ieee)
+    scaled = scales is not None
+    scales = scales if scaled else cum  # a dummy pointer when unscaled, never read
 
     block_h = min(16, next_pow2(heads))
     _chunk_dt_kernel[(batch, n_chunks, triton.cdiv(heads, block_h))](
-        dt, A.float().contiguous(), dt_bias.float().contiguous() if dt_bias is not None else dt, dt_out, cum,
-        length, heads, chunk, n_chunks, float(dt_min), 0.0 if math.isinf(dt_max) else float(dt_max),
+        dt, A.float().contiguous(), dt_bias.float().contiguous() if dt_bias is not None else cum, dt_out, cum,
+        scales, length, heads, chunk, n_chunks, float(dt_min), 0.0 if math.isinf(dt_max) else float(dt_max),
         dt.stride(0), dt.stride(1),
-        HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), CLAMP_MAX=not math.isinf(dt_max),
+        HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), CLAMP_MAX=not math.isinf(dt_max), SCALED=scaled,
         BLOCK_H=block_h, BLOCK_Q=next_pow2(chunk),
     )
     cb_grid = (batch * n_chunks, groups, triton.cdiv(chunk, t["m"]) * triton.cdiv(chunk, t["s"]))
     _chunk_cb_kernel[cb_grid](
-        B, C, cb, length, groups, state, chunk, n_chunks,
+        B, C, cb, scales, length, groups, state, chunk, n_chunks,
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        DOT=dot, IEEE=ieee, BLOCK_M=t["m"], BLOCK_S=t["s"], BLOCK_K=t["k"],
+        SCALED=scaled, DOT=dot, IEEE=ieee, BLOCK_M=t["m"], BLOCK_S=t["s"], BLOCK_K=t["k"],
     )
     state_grid = (batch * n_chunks, heads, triton.cdiv(head_dim, t["p"]) * triton.cdiv(state, t["n"]))
     _chunk_state_kernel[state_grid](
-        x, B, dt_out, cum, states, length, heads, head_dim, state, chunk, n_chunks, heads // groups,
+        x, B, dt_out, cum, states, scales, length, heads, head_dim, state, chunk, n_chunks, heads // groups,
         x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
-        DOT=dot, IEEE=ieee, BLOCK_P=t["p"], BLOCK_N=t["n"], BLOCK_S=t["s"],
+        SCALED=scaled, DOT=dot, IEEE=ieee, BLOCK_P=t["p"], BLOCK_N=t["n"], BLOCK_S=t["s"],
     )
     pn = head_dim * state
     pass_block = min(1024, next_pow2(pn))
@@ -377,22 +421,28 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     )
     scan_grid = (batch * n_chunks, heads, triton.cdiv(chunk, t["m"]) * triton.cdiv(head_dim, t["p"]))
     _chunk_scan_kernel[scan_grid](
-        x, C, cb, dt_out, cum, states, D.float().contiguous() if D is not None else cum, y,
+        x, C, cb, dt_out, cum, states, D.float().contiguous() if D is not None else cum, y, scales,
         length, heads, head_dim, state, groups, chunk, n_chunks, heads // groups,
         x.stride(0), x.stride(1), x.stride(2), C.stride(0), C.stride(1), C.stride(2),
         y.stride(0), y.stride(1), y.stride(2),
-        HAS_D=D is not None, DOT=dot, IEEE=ieee, BLOCK_M=t["m"], BLOCK_P=t["p"], BLOCK_K=t["k"], BLOCK_S=t["s"],
+        HAS_D=D is not None, SCALED=scaled, DOT=dot, IEEE=ieee,
+        BLOCK_M=t["m"], BLOCK_P=t["p"], BLOCK_K=t["k"], BLOCK_S=t["s"],
     )
     return (y, final) if return_final_state else y
 
 
 def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                      D: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None, dt_softplus: bool = True,
-                     dt_min: float = 0.0, dt_max: float = math.inf) -> Tensor:
+                     dt_min: float = 0.0, dt_max: float = math.inf,
+                     input_scales: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor:
     """Advance `state` (`[batch, heads, head_dim, state]`, contiguous, any float dtype; updated in
-    place, rounded to its dtype once at the end) by the L steps of `x`, `dt`, `B`, `C` (layouts as
-    `ssd_scan`; a decode step has L = 1), one launch. Returns y fp32 `[batch, L, heads, head_dim]`.
+    place, rounded to its dtype once at the end) by the L steps of `x`, `dt`, `B`, `C` (layouts and
+    `input_scales` as `ssd_scan`; a decode step has L = 1), one launch. Returns y fp32
+    `[batch, L, heads, head_dim]`.
     """
+    scales = _stacked_scales(x, dt, B, C, input_scales)
+    if scales is not None and not _use_triton(x):
+        x, dt, B, C = (q.float() * s for q, s in zip((x, dt, B, C), input_scales))
     check_ssd_inputs(x, dt, A, B, C, D, dt_bias, 1)
     batch, length, heads, head_dim = x.shape
     n_states = B.shape[3]
@@ -412,13 +462,13 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
     block_p = max(1, min(next_pow2(head_dim), 2048 // block_n))
     _state_update_kernel[(batch, heads, triton.cdiv(head_dim, block_p))](
         state, x, dt, A.float().contiguous(), B, C, D.float().contiguous() if D is not None else y,
-        dt_bias.float().contiguous() if dt_bias is not None else y, y,
+        dt_bias.float().contiguous() if dt_bias is not None else y, y, scales if scales is not None else y,
         length, heads, head_dim, n_states, heads // B.shape[2], float(dt_min),
         0.0 if math.isinf(dt_max) else float(dt_max),
         x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), B.stride(2),
         C.stride(0), C.stride(1), C.stride(2), y.stride(0), y.stride(1), y.stride(2),
         HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-        CLAMP_MAX=not math.isinf(dt_max), BLOCK_P=block_p, BLOCK_N=block_n,
+        CLAMP_MAX=not math.isinf(dt_max), SCALED=scales is not None, BLOCK_P=block_p, BLOCK_N=block_n,
     )
     return y
 
@@ -426,36 +476,49 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
 # --- graph ops: what the lowering rule (passes/lowering/scan.py) puts in place of `quamba::ssd_scan` ---
 
 
+def _scales_of(x_scale: Optional[Tensor], dt_scale: Optional[Tensor], B_scale: Optional[Tensor],
+               C_scale: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    scales = (x_scale, dt_scale, B_scale, C_scale)
+    return None if all(s is None for s in scales) else scales
+
+
 @graph_op("quamba::ssd_scan_triton")
 def ssd_scan_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                 dt_bias: Optional[Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
-                chunk_size: int, product_dtype: Optional[torch.dtype]) -> Tensor:
+                chunk_size: int, product_dtype: Optional[torch.dtype], x_scale: Optional[Tensor] = None,
+                dt_scale: Optional[Tensor] = None, B_scale: Optional[Tensor] = None,
+                C_scale: Optional[Tensor] = None) -> Tensor:
     """`quamba::ssd_scan` (its arguments, its fp32 result) on this module's kernels, the matrix
-    products' operands rounded to `product_dtype` (None: x's dtype)."""
-    return ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, product_dtype=product_dtype)
+    products' operands rounded to `product_dtype` (None: x's dtype). With the four scales, x, dt,
+    B and C are the int8 codes whose dequantize the kernels fold in."""
+    return ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, product_dtype=product_dtype,
+                    input_scales=_scales_of(x_scale, dt_scale, B_scale, C_scale))
 
 
 @ssd_scan_op.register_fake
-def _ssd_scan_fake(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, product_dtype):
+def _ssd_scan_fake(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, product_dtype,
+                   x_scale=None, dt_scale=None, B_scale=None, C_scale=None):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
 @graph_op("quamba::ssd_scan_triton_cached", mutates_args=("ssm_state",))
 def ssd_scan_cached_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        dt_bias: Optional[Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
-                       chunk_size: int, product_dtype: Optional[torch.dtype], ssm_state: Tensor,
-                       decode: bool) -> Tensor:
-    """`quamba::ssd_scan_cached` on this module's kernels: a prompt through the chunked scan, its
-    final state into `ssm_state`; a decode step through `ssd_state_update`, in place."""
+                       chunk_size: int, product_dtype: Optional[torch.dtype], x_scale: Optional[Tensor],
+                       dt_scale: Optional[Tensor], B_scale: Optional[Tensor], C_scale: Optional[Tensor],
+                       ssm_state: Tensor, decode: bool) -> Tensor:
+    """`ssd_scan_triton` with a cache: a prompt through the chunked scan, its final state into
+    `ssm_state`; a decode step through `ssd_state_update`, in place."""
+    scales = _scales_of(x_scale, dt_scale, B_scale, C_scale)
     if decode:
-        return ssd_state_update(ssm_state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max)
+        return ssd_state_update(ssm_state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, scales)
     y, final = ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, return_final_state=True,
-                        product_dtype=product_dtype)
+                        product_dtype=product_dtype, input_scales=scales)
     ssm_state.copy_(final)
     return y
 
 
 @ssd_scan_cached_op.register_fake
 def _ssd_scan_cached_fake(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, product_dtype,
-                          ssm_state, decode):
+                          x_scale, dt_scale, B_scale, C_scale, ssm_state, decode):
     return x.new_empty(x.shape, dtype=torch.float32)

@@ -16,7 +16,7 @@ from ...kernels import ssd as ssd_kernel  # noqa: F401  (the same, for Mamba-2)
 from ..quantize import DEQUANTIZE
 from ..rewrite import Rule
 from .gemm import W8A8_LINEAR
-from .match import annotate, is_call
+from .match import annotate, is_call, is_scalar_attr
 
 SCAN = torch.ops.quamba.selective_scan.default
 # Mamba-2's scan reads dequantized inputs (activations in the lowering's dtype): the kernel op
@@ -61,16 +61,49 @@ def fuse_scan(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype)
     return True
 
 
+def _is_unflatten(node: object) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target == "unflatten"
+
+
+def _int8_code(node: object) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node | None] | None:
+    """(int8 code, scale, the unflatten after the dequantize or None) of a per-tensor
+    `[unflatten](dequantize(q, scale))` to fp32: x, B and C are unflattened after it, dt is not."""
+    unflatten = node if _is_unflatten(node) else None
+    if unflatten is not None:
+        node = unflatten.args[0]
+    if not is_call(node, DEQUANTIZE) or node.kwargs or not is_scalar_attr(node):
+        return None
+    if len(node.args) > 2 and node.args[2] != torch.float32:
+        return None
+    return node.args[0], node.args[1], unflatten
+
+
 def ssd_scan_on_kernels(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
     """`ssd_scan` -> `ssd_scan_triton`, the same call on the chunked kernels, their matrix
-    products in `dtype` (the lowering's: the inputs are dequantized to fp32, and an fp16 model's
-    scan would read them in fp16)."""
+    products in `dtype` (the lowering's: an fp16 model's scan would read its inputs in fp16). When
+    x, dt, B and C are all per-tensor dequantized int8, the kernels read the int8 codes and their
+    scales instead, and the dequantizes (fp32 tensors the size of x) go."""
     if not is_call(node, SSD_SCAN) or node.kwargs:
         return False
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(SSD_SCAN_TRITON, (*node.args, dtype))
+    x, dt, A, B, C, *rest = node.args
+    codes = [_int8_code(t) for t in (x, dt, B, C)]
+    inputs, scales = [x, dt, B, C], [None] * 4
+    graph = gm.graph
+    with graph.inserting_before(node):
+        if all(code is not None for code in codes):
+            inputs = [q if unflatten is None else annotate(
+                          graph.call_method("unflatten", (q, *unflatten.args[1:]), dict(unflatten.kwargs)), unflatten)
+                      for q, _, unflatten in codes]
+            scales = [scale for _, scale, _ in codes]
+        new = graph.call_function(SSD_SCAN_TRITON, (inputs[0], inputs[1], A, inputs[2], inputs[3], *rest, dtype,
+                                                    *scales))
     node.replace_all_uses_with(annotate(new, node))
-    gm.graph.erase_node(node)
+    graph.erase_node(node)
+    for dead in (x, dt, B, C):  # the unflattens and dequantizes no one reads any more
+        while (_is_unflatten(dead) or is_call(dead, DEQUANTIZE)) and not dead.users:
+            below = dead.args[0]
+            graph.erase_node(dead)
+            dead = below
     return True
 
 
