@@ -214,8 +214,8 @@ SCAN_CACHED = torch.ops.quamba.selective_scan_cached.default
 
 # Op -> (its cached form, the cache it reads: "conv" or "ssm").
 _CACHED_FORMS = {FUSED_CONV: (CONV_CACHED, "conv"), SCAN_INT8: (SCAN_INT8_CACHED, "ssm"),
-                 SSD_SCAN: (SSD_SCAN_CACHED, "ssm"), SSD_SCAN_TRITON: (SSD_SCAN_TRITON_CACHED, "ssm"), FLOAT_CONV: (FLOAT_CONV_CACHED, "conv"),
-                 SCAN: (SCAN_CACHED, "ssm")}
+                 SSD_SCAN: (SSD_SCAN_CACHED, "ssm"), SSD_SCAN_TRITON: (SSD_SCAN_TRITON_CACHED, "ssm"),
+                 FLOAT_CONV: (FLOAT_CONV_CACHED, "conv"), SCAN: (SCAN_CACHED, "ssm")}
 
 
 def conv_state_dtype(gm: torch.fx.GraphModule) -> torch.dtype:

@@ -1,9 +1,10 @@
 """The lowering rules, one file per kernel: what each kernel op replaces in the reference graph.
 
-Each file (`gemm`, `gemm_w4`, `scan`, `hadamard`, `norm`, `gated_norm`) names the ops its kernel provides, says which
-kernel runs each (`KERNELS`, shown by the dumps), and gives its rewrite rules (`passes.rewrite`):
-`rules(dtype)` for the lowering of a whole graph (`dtype`: the activations between kernels), and
-`DECODE_RULES` for the one-token decode graph (`cached_graph`). This package only adds them up;
+Each file (`gemm`, `gemm_w4`, `scan`, `hadamard`, `norm`, `gated_norm`) names the ops its kernel
+provides, says which kernel runs each (`KERNELS`, shown by the dumps), and gives its rewrite rules
+(`passes.rewrite`): `rules(dtype)` for the lowering of a whole graph (`dtype`: the activations
+between kernels), and `DECODE_RULES` for the one-token decode graph (`cached_graph`). This
+package only adds them up;
 a new kernel is its module in `kernels/` (kernel, reference and ops), a new file here and its line
 below. The conv1d's rule is `passes.conv_fusion`, a pass of its own that runs before lowering and
 that the torch.compile backend reuses.

@@ -9,23 +9,13 @@ import torch
 import torch.fx
 
 from ...kernels import gated_norm as gated_norm_kernel  # noqa: F401  (registers the kernel op read below)
-from ..quantize import DEQUANTIZE
 from ..rewrite import Rule
-from .match import annotate, get_attr, is_call, is_scalar_attr
+from .match import annotate, get_attr, per_tensor_int8
 from .norm import is_rmsnorm
 
 GATED_RMSNORM = torch.ops.quamba.gated_rmsnorm.default
 
 KERNELS = {GATED_RMSNORM: "triton:gated_rmsnorm"}
-
-
-def _int8_gate(gate: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
-    """(q, scale) of a per-tensor `dequantize(q, scale)` to fp32: what the kernel can read itself."""
-    if not is_call(gate, DEQUANTIZE) or gate.kwargs or not is_scalar_attr(gate):
-        return None
-    if len(gate.args) > 2 and gate.args[2] != torch.float32:  # (q, scale[, out_dtype[, axis]])
-        return None
-    return gate.args[0], gate.args[1]
 
 
 def fuse_gated_norm(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
@@ -39,7 +29,7 @@ def fuse_gated_norm(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.
     if not is_rmsnorm(module):
         return False
     y, gate = node.args
-    int8 = _int8_gate(gate)
+    int8 = per_tensor_int8(gate)
     z, z_scale = int8 if int8 is not None else (gate, None)
     with gm.graph.inserting_before(node):
         weight = get_attr(gm.graph, f"{node.target}.weight", node)

@@ -8,6 +8,7 @@ import torch
 import torch.fx
 
 from ...graph_info import fetch_attr, info
+from ..quantize import DEQUANTIZE
 
 __all__ = ["annotate", "get_attr", "is_call", "is_cast", "is_fp32_cast", "is_scalar_attr", "strip_casts"]
 
@@ -47,6 +48,16 @@ def is_scalar_attr(node: torch.fx.Node) -> bool:
         return False
     gm = scale.graph.owning_module
     return gm is not None and fetch_attr(gm, scale.target).numel() == 1
+
+
+def per_tensor_int8(node: object) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(q, scale) when `node` is `dequantize(q, scale)` to fp32 with a one-value scale: an int8
+    tensor a kernel can read with its scale instead of the fp32 copy."""
+    if not is_call(node, DEQUANTIZE) or node.kwargs or not is_scalar_attr(node):
+        return None
+    if len(node.args) > 2 and node.args[2] != torch.float32:  # (q, scale[, out_dtype[, axis]])
+        return None
+    return node.args[0], node.args[1]
 
 
 def annotate(new: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:

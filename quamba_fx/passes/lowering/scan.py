@@ -16,11 +16,11 @@ from ...kernels import ssd as ssd_kernel  # noqa: F401  (the same, for Mamba-2)
 from ..quantize import DEQUANTIZE
 from ..rewrite import Rule
 from .gemm import W8A8_LINEAR
-from .match import annotate, is_call, is_scalar_attr
+from .match import annotate, is_call, per_tensor_int8
 
 SCAN = torch.ops.quamba.selective_scan.default
-# Mamba-2's scan reads dequantized inputs (activations in the lowering's dtype): the kernel op
-# takes the reference op's arguments unchanged.
+# Mamba-2's scan: the kernel op takes the reference op's arguments, its products' dtype and, for
+# int8 inputs, their four scales (`ssd_scan_on_kernels`).
 SSD_SCAN = torch.ops.quamba.ssd_scan.default
 SSD_SCAN_CACHED = torch.ops.quamba.ssd_scan_cached.default
 SSD_SCAN_TRITON = torch.ops.quamba.ssd_scan_triton.default
@@ -69,13 +69,8 @@ def _int8_code(node: object) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Nod
     """(int8 code, scale, the unflatten after the dequantize or None) of a per-tensor
     `[unflatten](dequantize(q, scale))` to fp32: x, B and C are unflattened after it, dt is not."""
     unflatten = node if _is_unflatten(node) else None
-    if unflatten is not None:
-        node = unflatten.args[0]
-    if not is_call(node, DEQUANTIZE) or node.kwargs or not is_scalar_attr(node):
-        return None
-    if len(node.args) > 2 and node.args[2] != torch.float32:
-        return None
-    return node.args[0], node.args[1], unflatten
+    code = per_tensor_int8(node if unflatten is None else unflatten.args[0])
+    return None if code is None else (*code, unflatten)
 
 
 def ssd_scan_on_kernels(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
