@@ -30,10 +30,27 @@ def _kinds(names: str, kind: str) -> dict[str, str]:
     return {name: kind for name in names.split()}
 
 
+def _blocks(constexprs: dict, launch: dict) -> dict:
+    """`constexprs` plus the BLOCK_* entries of one of `ssd.tiles`' launches."""
+    return dict(constexprs, **{k: v for k, v in launch.items() if k.startswith("BLOCK_")})
+
+
+def launch_options(name: str) -> tuple[int, int]:
+    """(num_warps, num_stages) the kernel `name` launches with."""
+    from quamba_fx.kernels import ssd
+
+    if name == "_gated_rmsnorm_kernel":
+        return 8, 2  # gated_norm's launch: 8 warps for 8192-wide rows
+    kernel = {"_chunk_cb_kernel": "cb", "_chunk_state_kernel": "state", "_chunk_scan_kernel": "scan"}.get(name)
+    if kernel is None:
+        return 4, 2
+    return ssd.LAUNCH[kernel]["num_warps"], ssd.LAUNCH[kernel]["num_stages"]
+
+
 def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
     """Kernel name -> (module, signature, constexprs) for inputs (x, dt, B, C) of `dtype` ("fp16",
     "fp32" or "i8", the int8 codes with their scales) and products in `products` ("fp16" or
-    "fp32"); the gated norm reads fp32 y and an int8 gate in every build."""
+    "fp32"); the gated norm reads y as the scan writes it and an int8 gate."""
     import triton.language as tl
 
     from quamba_fx.kernels import ssd
@@ -43,6 +60,8 @@ def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
     dot = dict(DOT=getattr(tl, {"fp16": "float16", "fp32": "float32"}[products]), IEEE=ieee, SCALED=dtype == "i8")
     inputs = f"*{dtype}"
     f32 = "*fp32"
+    entering = f32 if ieee else f"*{products}"  # the states entering each chunk, as ssd_scan keeps them
+    out = f32 if ieee else f"*{products}"  # y as a graph lowered to the products' dtype asks for it
     return {
         "_chunk_dt_kernel": (
             SSD,
@@ -54,23 +73,25 @@ def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
             SSD,
             {**_kinds("B_ptr C_ptr", inputs), **_kinds("cb_ptr scales_ptr", f32),
              **_kinds("L G N chunk n_chunks stride_bb stride_bl stride_bg stride_cb stride_cl stride_cg", "i32")},
-            dict(dot, BLOCK_M=t["m"], BLOCK_S=t["s"], BLOCK_K=t["k"])),
+            _blocks(dot, t["cb"])),
         "_chunk_state_kernel": (
             SSD,
             {**_kinds("x_ptr B_ptr", inputs), **_kinds("dt_ptr cum_ptr states_ptr scales_ptr", f32),
              **_kinds("L H P N chunk n_chunks heads_per_group stride_xb stride_xl stride_xh stride_bb stride_bl "
                       "stride_bg", "i32")},
-            dict(dot, BLOCK_P=t["p"], BLOCK_N=t["n"], BLOCK_S=t["s"])),
+            _blocks(dot, t["state"])),
         "_state_passing_kernel": (
             SSD,
-            {**_kinds("states_ptr cum_ptr state_in_ptr state_out_ptr", f32), **_kinds("H PN chunk n_chunks", "i32")},
+            {**_kinds("states_ptr cum_ptr state_in_ptr", f32), "entering_ptr": entering,
+             "state_out_ptr": f32, **_kinds("H PN chunk n_chunks", "i32")},
             dict(HAS_STATE_IN=False, HAS_STATE_OUT=True, BLOCK=1024)),
         "_chunk_scan_kernel": (
             SSD,
-            {**_kinds("x_ptr C_ptr", inputs), **_kinds("cb_ptr dt_ptr cum_ptr states_ptr D_ptr y_ptr scales_ptr", f32),
+            {**_kinds("x_ptr C_ptr", inputs), **_kinds("cb_ptr dt_ptr cum_ptr", f32), "entering_ptr": entering,
+             **_kinds("D_ptr scales_ptr", f32), "y_ptr": out,
              **_kinds("L H P N G chunk n_chunks heads_per_group stride_xb stride_xl stride_xh stride_cb stride_cl "
                       "stride_cg stride_yb stride_yl stride_yh", "i32")},
-            dict(dot, HAS_D=True, BLOCK_M=t["m"], BLOCK_P=t["p"], BLOCK_K=t["k"], BLOCK_S=t["s"])),
+            _blocks(dict(dot, HAS_D=True), t["scan"])),
         "_state_update_kernel": (
             SSD,
             {"state_ptr": "*fp16", **_kinds("x_ptr dt_ptr", inputs), "A_ptr": f32, **_kinds("B_ptr C_ptr", inputs),
@@ -83,7 +104,7 @@ def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
                  BLOCK_N=STATE)),
         "_gated_rmsnorm_kernel": (
             "quamba_fx.kernels.gated_norm",
-            {"y_ptr": f32, "z_ptr": "*i8", **_kinds("z_scale_ptr w_ptr", f32), "out_ptr": "*fp16",
+            {"y_ptr": out, "z_ptr": "*i8", **_kinds("z_scale_ptr w_ptr", f32), "out_ptr": "*fp16",
              **_kinds("D G groups stride_y stride_z", "i32"), "eps": "fp32"},
             dict(Z_INT8=True, BLOCK=8192, SINGLE=True)),
     }
@@ -100,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print("build kernel local_stores local_loads wgmma")
     for build in args.builds:
         for name, (module, signature, constexprs) in builds(*build.split(":")).items():
-            warps = 8 if name == "_gated_rmsnorm_kernel" else 4  # gated_norm's launch: 8 for 8192-wide rows
-            sass = compile_sass(module, name, signature, constexprs, (), warps, 2)
+            sass = compile_sass(module, name, signature, constexprs, (), *launch_options(name))
             ops = [opcode(i) for i in instructions(sass)]
             counts = [ops.count(op) for op in ("STL", "LDL", "HGMMA")]
             print(build, name, *counts, flush=True)

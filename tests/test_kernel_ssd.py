@@ -167,12 +167,33 @@ def test_cached_op_prefills_then_decodes_as_one_long_scan():
     cache = torch.zeros(2, 4, 16, 16, device=DEVICE)
     op = torch.ops.quamba.ssd_scan_triton_cached
     no_scales = [None] * 4
-    ys = [op(*args(slice(0, 11)), True, 0.0, math.inf, 4, None, *no_scales, cache, False)]
+    ys = [op(*args(slice(0, 11)), True, 0.0, math.inf, 4, None, *no_scales, None, cache, False)]
     for t in (11, 12):
-        ys.append(op(*args(slice(t, t + 1)), True, 0.0, math.inf, 4, None, *no_scales, cache, True))
+        ys.append(op(*args(slice(t, t + 1)), True, 0.0, math.inf, 4, None, *no_scales, None, cache, True))
     y_ref, final_ref = ssd_scan_reference(**inputs, chunk_size=4)
     assert relative_error(torch.cat(ys, dim=1).cpu(), y_ref) < 1e-5
     assert relative_error(cache.cpu(), final_ref) < 1e-5
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_y_comes_in_the_asked_dtype_rounded_once_from_the_fp32_sums(out_dtype):
+    # A graph lowered to fp16 asks for fp16 y (half the bytes the gated norm reads); the sums
+    # are the fp32 ones, rounded at the store (within one ulp: the interpreter's bf16 cast
+    # truncates). Same for a decode step.
+    def rounded_from(low, high):
+        return low.dtype == out_dtype and bool(((low.float() - high).abs() <= high.abs() * 2.0**-7).all())
+
+    inputs = {k: v.to(DEVICE) for k, v in _step_inputs(2, 21, 4, 16, 2, 16, seed=8).items()}
+    y32 = ssd.ssd_scan(**inputs, chunk_size=8, product_dtype=torch.float32)
+    y16 = ssd.ssd_scan(**inputs, chunk_size=8, product_dtype=torch.float32, out_dtype=out_dtype)
+    assert rounded_from(y16, y32)
+    state = torch.randn(2, 4, 16, 16, device=DEVICE)
+    step = {k: v[:, :1] if v.dim() > 1 else v for k, v in inputs.items()}
+    y_step32 = ssd.ssd_state_update(state.clone(), **step)
+    y_step16 = ssd.ssd_state_update(state.clone(), **step, out_dtype=out_dtype)
+    assert rounded_from(y_step16, y_step32)
+    with pytest.raises(InputError, match="out_dtype"):
+        ssd.ssd_scan(**inputs, out_dtype=torch.int8)
 
 
 def test_the_kernel_op_has_a_fake_and_the_references_result():
@@ -181,6 +202,9 @@ def test_the_kernel_op_has_a_fake_and_the_references_result():
     torch.library.opcheck(torch.ops.quamba.ssd_scan_triton.default, args)
     expected, _ = ssd_scan_reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args[:-1]])
     assert relative_error(torch.ops.quamba.ssd_scan_triton(*args).cpu(), expected) < 1e-5
+    half = args + [None] * 4 + [torch.float16]
+    torch.library.opcheck(torch.ops.quamba.ssd_scan_triton.default, half)
+    assert torch.ops.quamba.ssd_scan_triton(*half).dtype == torch.float16
 
 
 def test_mamba2_kernels_compile_for_sm90_without_spills_and_multiply_on_tensor_cores():

@@ -286,10 +286,11 @@ def test_lowered_mamba2_matches_its_reference_on_its_kernels(tiny_quantized):
     # The scan reads in_proj's and the conv's int8 codes with their four scales (no dequantize left
     # in front of it); its products take the lowering's dtype, as each lowering asks.
     scans = [n for n in lowered.graph.nodes if op_name(n) == "ssd_scan_triton"]
-    assert all(n.args[11] == torch.float32 and all(s is not None for s in n.args[12:16]) for n in scans)
+    assert all(n.args[11] == n.args[16] == torch.float32 and all(s is not None for s in n.args[12:16]) for n in scans)
     assert not any(op_name(a) == "dequantize" for n in scans for a in n.all_input_nodes)
     half = quamba_fx.lower(tiny_quantized, dtype=torch.float16)
-    assert {n.args[11] for n in half.graph.nodes if op_name(n) == "ssd_scan_triton"} == {torch.float16}
+    assert {(n.args[11], n.args[16]) for n in half.graph.nodes if op_name(n) == "ssd_scan_triton"} == {
+        (torch.float16, torch.float16)}  # y too: what the gated norm reads
     # The gated norm is no add + RMSNorm: its own kernel, reading in_proj's int8 gate with its scale.
     assert not any(n.op == "call_module" and n.target.endswith("mixer.norm") for n in lowered.graph.nodes)
     gated = [n for n in lowered.graph.nodes if op_name(n) == "gated_rmsnorm"]

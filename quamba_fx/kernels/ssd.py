@@ -11,7 +11,7 @@ do). With `cum` the running sum of `dt A` from a chunk's start, five launches:
 2. `_chunk_cb_kernel`: `C B^T` inside each chunk, per B/C group (heads of a group share it).
 3. `_chunk_state_kernel`: the state each chunk adds on its own, `sum_s exp(cum_end - cum_s) dt_s x_s B_s^T`.
 4. `_state_passing_kernel`: the only sequential part: walks the chunks, turning what each added into
-   the state entering each chunk (in place), and the final state. It moves `[P, N]` per chunk and
+   the state entering each chunk (in the products' dtype), and the final state. It moves `[P, N]` per chunk and
    head, a small fraction of the work.
 5. `_chunk_scan_kernel`: `y_l = exp(cum_l) C_l S_in^T + sum_{s <= l} (C_l B_s) exp(cum_l - cum_s) dt_s x_s + D x_l`.
 
@@ -73,6 +73,20 @@ _C: tl.constexpr = tl.constexpr(3)
 
 
 @triton.jit
+def _unravel(tiles, heads, n_chunks):
+    # The product kernels' one grid axis, tiles fastest, then heads (or groups), then chunks and
+    # batch: a head's tiles re-read its chunk's x and state, and a group's heads its C, B and
+    # C B^T, while those are still in L2. (Chunks outermost with tiles innermost put a head's
+    # tiles thousands of programs apart, past what L2 keeps of an 8 x 2048 call.)
+    pid = tl.program_id(0)
+    tile = pid % tiles
+    rest = pid // tiles
+    head = rest % heads
+    rest = rest // heads
+    return tile, head, (rest // n_chunks).to(tl.int64), rest % n_chunks
+
+
+@triton.jit
 def _chunk_dt_kernel(
     dt_ptr, A_ptr, dt_bias_ptr, dt_out_ptr, cum_ptr, scales_ptr,
     L, H, chunk, n_chunks, dt_min, dt_max, stride_dtb, stride_dtl,
@@ -112,13 +126,10 @@ def _chunk_cb_kernel(
     SCALED: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_bc = tl.program_id(0)
-    b = (pid_bc // n_chunks).to(tl.int64)
-    c = pid_bc % n_chunks
-    g = tl.program_id(1)
     s_tiles = tl.cdiv(chunk, BLOCK_S)
-    m = tl.program_id(2) // s_tiles
-    sb = tl.program_id(2) % s_tiles
+    tile, g, b, c = _unravel(tl.cdiv(chunk, BLOCK_M) * s_tiles, G, n_chunks)
+    m = tile // s_tiles
+    sb = tile % s_tiles
     if sb * BLOCK_S > m * BLOCK_M + BLOCK_M - 1:
         return  # every (l, s) of the tile has s > l: the scan masks them without reading
     rl = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -148,14 +159,11 @@ def _chunk_state_kernel(
     SCALED: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_bc = tl.program_id(0)
-    b = (pid_bc // n_chunks).to(tl.int64)
-    c = pid_bc % n_chunks
-    h = tl.program_id(1)
-    g = h // heads_per_group
     n_tiles = tl.cdiv(N, BLOCK_N)
-    rp = (tl.program_id(2) // n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rn = (tl.program_id(2) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile, h, b, c = _unravel(tl.cdiv(P, BLOCK_P) * n_tiles, H, n_chunks)
+    g = h // heads_per_group
+    rp = (tile // n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rn = (tile % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     rs = tl.arange(0, BLOCK_S)
     p_ok = rp < P
     n_ok = rn < N
@@ -183,7 +191,7 @@ def _chunk_state_kernel(
 
 @triton.jit
 def _state_passing_kernel(
-    states_ptr, cum_ptr, state_in_ptr, state_out_ptr,
+    states_ptr, cum_ptr, state_in_ptr, entering_ptr, state_out_ptr,
     H, PN, chunk, n_chunks,
     HAS_STATE_IN: tl.constexpr, HAS_STATE_OUT: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -196,9 +204,11 @@ def _state_passing_kernel(
     else:
         state = tl.zeros((BLOCK,), dtype=tl.float32)
     for c in range(0, n_chunks):
-        slot = states_ptr + ((b * n_chunks + c) * H + h) * PN + offs
-        added = tl.load(slot, mask=ok, other=0.0)
-        tl.store(slot, state, mask=ok)  # the slot now holds the state entering chunk c
+        slot = ((b * n_chunks + c) * H + h) * PN + offs
+        added = tl.load(states_ptr + slot, mask=ok, other=0.0)
+        # The state entering chunk c, in the scan's product dtype (the scan rounds it to that
+        # anyway): 16-bit halves what the scan reads. entering may be states itself (fp32).
+        tl.store(entering_ptr + slot, state.to(entering_ptr.dtype.element_ty), mask=ok)
         decay = tl.exp(tl.load(cum_ptr + ((b * H + h) * n_chunks + c) * chunk + chunk - 1))
         state = state * decay + added
     if HAS_STATE_OUT:
@@ -207,21 +217,18 @@ def _state_passing_kernel(
 
 @triton.jit
 def _chunk_scan_kernel(
-    x_ptr, C_ptr, cb_ptr, dt_ptr, cum_ptr, states_ptr, D_ptr, y_ptr, scales_ptr,
+    x_ptr, C_ptr, cb_ptr, dt_ptr, cum_ptr, entering_ptr, D_ptr, y_ptr, scales_ptr,
     L, H, P, N, G, chunk, n_chunks, heads_per_group,
     stride_xb, stride_xl, stride_xh, stride_cb, stride_cl, stride_cg, stride_yb, stride_yl, stride_yh,
     HAS_D: tl.constexpr, SCALED: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_bc = tl.program_id(0)
-    b = (pid_bc // n_chunks).to(tl.int64)
-    c = pid_bc % n_chunks
-    h = tl.program_id(1)
-    g = h // heads_per_group
     p_tiles = tl.cdiv(P, BLOCK_P)
-    m = tl.program_id(2) // p_tiles
+    tile, h, b, c = _unravel(tl.cdiv(chunk, BLOCK_M) * p_tiles, H, n_chunks)
+    g = h // heads_per_group
+    m = tile // p_tiles
     rl = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rp = (tl.program_id(2) % p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rp = (tile % p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     rk = tl.arange(0, BLOCK_K)
     rs = tl.arange(0, BLOCK_S)
     t_l = c * chunk + rl
@@ -234,7 +241,7 @@ def _chunk_scan_kernel(
 
     # The state entering the chunk, read through C and decayed to each step.
     c_rows = C_ptr + b * stride_cb + t_l[:, None] * stride_cl + g * stride_cg
-    state = states_ptr + (((b * n_chunks + c) * H + h) * P + rp[None, :]) * N
+    state = entering_ptr + (((b * n_chunks + c) * H + h) * P + rp[None, :]) * N
     acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
     for k0 in range(0, N, BLOCK_K):
         k = k0 + rk
@@ -267,7 +274,7 @@ def _chunk_scan_kernel(
         x_l = tl.load(x_base + t_l[:, None] * stride_xl + rp[None, :], mask=l_ok[:, None] & p_ok[None, :], other=0.0)
         acc += x_l.to(tl.float32) * (x_scale * tl.load(D_ptr + h).to(tl.float32))
     y = y_ptr + b * stride_yb + t_l[:, None] * stride_yl + h * stride_yh + rp[None, :]
-    tl.store(y, acc, mask=l_ok[:, None] & p_ok[None, :])
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=l_ok[:, None] & p_ok[None, :])
 
 
 @triton.jit
@@ -309,7 +316,7 @@ def _state_update_kernel(
         y = tl.sum(state * cv[None, :], axis=1)
         if HAS_D:
             y += d * x
-        tl.store(y_ptr + b * stride_yb + t * stride_yl + h * stride_yh + rp, y, mask=p_ok)
+        tl.store(y_ptr + b * stride_yb + t * stride_yl + h * stride_yh + rp, y.to(y_ptr.dtype.element_ty), mask=p_ok)
     tl.store(cells, state.to(state_ptr.dtype.element_ty), mask=cell_ok)
 
 
@@ -330,25 +337,48 @@ def _stacked_scales(x: Tensor, dt: Tensor, B: Tensor, C: Tensor,
     return torch.stack([s.reshape(()).float() for s in input_scales])
 
 
-def _block(n: int, cap: int = 64) -> int:
+def _block(n: int, cap: int) -> int:
     # tl.dot needs every tile dim >= 16; masks cover the rest.
     return max(16, min(cap, next_pow2(n)))
 
 
-def tiles(chunk: int, head_dim: int, state: int, ieee: bool = False) -> dict[str, int]:
-    """The launches' tile sizes for a chunk length, head_dim and state size: 64 a side at most (32
-    for IEEE fp32 products, whose operands take twice the registers: 64 spilled in offline sm_90
-    builds), 16 at least (tl.dot's minimum), the rest masked."""
-    cap = 32 if ieee else 64
-    return {"m": _block(chunk, cap), "s": _block(chunk, cap), "p": _block(head_dim, cap), "n": _block(state, cap),
-            "k": _block(state, cap)}
+# The product kernels' launch settings: tile caps (BLOCK_*), warps and pipeline stages. `tiles`
+# sizes each launch's blocks from them; benchmarks/ssd.py --launch sweeps them on a GPU.
+LAUNCH: dict[str, dict[str, int]] = {
+    "cb": dict(BLOCK_M=64, BLOCK_S=64, BLOCK_K=64, num_warps=4, num_stages=2),
+    "state": dict(BLOCK_P=64, BLOCK_N=64, BLOCK_S=64, num_warps=4, num_stages=2),
+    # 8 warps: with 4, fp16 inputs spilled in offline sm_90 builds.
+    "scan": dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=64, BLOCK_S=64, num_warps=8, num_stages=2),
+}
+# Which problem dim each block tiles: M and S the chunk's steps, P head_dim, N and K the state.
+_TILED_DIM = {"BLOCK_M": "chunk", "BLOCK_S": "chunk", "BLOCK_P": "head_dim", "BLOCK_N": "state", "BLOCK_K": "state"}
+# IEEE fp32 operands take twice the registers of 16-bit ones: 64-wide tiles spilled in offline
+# sm_90 builds, 32 did not.
+_IEEE_CAP = 32
+
+
+def tiles(chunk: int, head_dim: int, state: int, ieee: bool = False) -> dict[str, dict[str, int]]:
+    """Each product kernel's launch keywords ("cb", "state", "scan") for a chunk length, head_dim
+    and state size: `LAUNCH`'s settings with every block the tiled dim's next power of two, capped
+    by `LAUNCH` (and at 32 for IEEE fp32 products), 16 at least (tl.dot's minimum)."""
+    dims = {"chunk": chunk, "head_dim": head_dim, "state": state}
+    launches = {}
+    for kernel, settings in LAUNCH.items():
+        launch = dict(settings)
+        for key in settings:
+            if key.startswith("BLOCK_"):
+                cap = min(settings[key], _IEEE_CAP) if ieee else settings[key]
+                launch[key] = _block(dims[_TILED_DIM[key]], cap)
+        launches[kernel] = launch
+    return launches
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
              dt_bias: Optional[Tensor] = None, dt_softplus: bool = True, dt_min: float = 0.0,
              dt_max: float = math.inf, chunk_size: int = 256, initial_state: Optional[Tensor] = None,
              return_final_state: bool = False, product_dtype: Optional[torch.dtype] = None,
-             input_scales: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor | tuple[Tensor, Tensor]:
+             input_scales: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None,
+             out_dtype: torch.dtype = torch.float32) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba-2's scan on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1), else the reference.
 
     Arguments and layouts as `quamba_fx.ssd_reference.ssd_scan_reference`, which also validates them.
@@ -356,19 +386,22 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     last dim. With `input_scales` (per-tensor scales of x, dt, B and C), x, dt, B and C are int8
     codes, dequantized as `q.float() * scale` inside the kernels. The matrix products' operands are
     rounded to `product_dtype` (default: x's dtype, fp32 for int8 codes): fp16/bf16 run on tensor
-    cores, fp32 in IEEE fp32; sums and states stay fp32. Returns y fp32 `[batch, L, heads,
-    head_dim]`, and with `return_final_state` also the fp32 state `[batch, heads, head_dim, state]`.
+    cores, fp32 in IEEE fp32; sums and the carried state stay fp32. Returns y `[batch, L, heads,
+    head_dim]` in `out_dtype` (fp32, fp16 or bf16: the sums rounded once), and with
+    `return_final_state` also the fp32 state `[batch, heads, head_dim, state]`.
     """
     scales = _stacked_scales(x, dt, B, C, input_scales)
     product_dtype = (torch.float32 if scales is not None else x.dtype) if product_dtype is None else product_dtype
-    if product_dtype not in _DOT_DTYPES:
-        raise InputError(f"ssd_scan: product_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
-                         f"got {product_dtype!r}")
+    for name, dtype in (("product_dtype", product_dtype), ("out_dtype", out_dtype)):
+        if dtype not in _DOT_DTYPES:
+            raise InputError(f"ssd_scan: {name} must be torch.float16, torch.bfloat16 or torch.float32, "
+                             f"got {dtype!r}")
     if scales is not None and not _use_triton(x):
         x, dt, B, C = (q.float() * s for q, s in zip((x, dt, B, C), input_scales))
     if not _use_triton(x) or x.numel() == 0 or B.numel() == 0:
         y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
                                       initial_state=initial_state)
+        y = y.to(out_dtype)
         return (y, final) if return_final_state else y
     check_ssd_inputs(x, dt, A, B, C, D, dt_bias, chunk_size)
     if INTERPRET and not x.is_cuda and product_dtype == torch.bfloat16:
@@ -377,20 +410,23 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     batch, length, heads, head_dim = x.shape
     groups, state = B.shape[2], B.shape[3]
     x, B, C, dt = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C, dt))
-    dot, ieee = _DOT_DTYPES[product_dtype], product_dtype == torch.float32
+    ieee = product_dtype == torch.float32
     chunk = min(chunk_size, length)  # a chunk longer than the sequence is the sequence
     n_chunks = triton.cdiv(length, chunk)
     f32 = dict(dtype=torch.float32, device=x.device)
     dt_out = torch.empty((batch, heads, n_chunks, chunk), **f32)
     cum = torch.empty((batch, heads, n_chunks, chunk), **f32)
-    cb = torch.empty((batch, n_chunks, groups, chunk, chunk), **f32)
+    cb_products = torch.empty((batch, n_chunks, groups, chunk, chunk), **f32)
     states = torch.empty((batch, n_chunks, heads, head_dim, state), **f32)
-    y = torch.empty((batch, length, heads, head_dim), **f32)
+    # The states entering each chunk: in place of what each chunk adds when the products are fp32.
+    entering = states if ieee else torch.empty_like(states, dtype=product_dtype)
+    y = torch.empty((batch, length, heads, head_dim), dtype=out_dtype, device=x.device)
     final = torch.empty((batch, heads, head_dim, state), **f32) if return_final_state else None
     start = None if initial_state is None else initial_state.float().contiguous()
-    t = tiles(chunk, head_dim, state, ieee)
+    launch = tiles(chunk, head_dim, state, ieee)
     scaled = scales is not None
     scales = scales if scaled else cum  # a dummy pointer when unscaled, never read
+    products = dict(SCALED=scaled, DOT=_DOT_DTYPES[product_dtype], IEEE=ieee)
 
     block_h = min(16, next_pow2(heads))
     _chunk_dt_kernel[(batch, n_chunks, triton.cdiv(heads, block_h))](
@@ -400,33 +436,33 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), CLAMP_MAX=not math.isinf(dt_max), SCALED=scaled,
         BLOCK_H=block_h, BLOCK_Q=next_pow2(chunk),
     )
-    cb_grid = (batch * n_chunks, groups, triton.cdiv(chunk, t["m"]) * triton.cdiv(chunk, t["s"]))
-    _chunk_cb_kernel[cb_grid](
-        B, C, cb, scales, length, groups, state, chunk, n_chunks,
-        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        SCALED=scaled, DOT=dot, IEEE=ieee, BLOCK_M=t["m"], BLOCK_S=t["s"], BLOCK_K=t["k"],
+    # The product kernels' one grid axis: tiles x heads (groups for C B^T) x chunks x batch.
+    cb = launch["cb"]
+    _chunk_cb_kernel[(triton.cdiv(chunk, cb["BLOCK_M"]) * triton.cdiv(chunk, cb["BLOCK_S"]) * groups
+                      * batch * n_chunks,)](
+        B, C, cb_products, scales, length, groups, state, chunk, n_chunks,
+        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), **products, **cb,
     )
-    state_grid = (batch * n_chunks, heads, triton.cdiv(head_dim, t["p"]) * triton.cdiv(state, t["n"]))
-    _chunk_state_kernel[state_grid](
+    st = launch["state"]
+    _chunk_state_kernel[(triton.cdiv(head_dim, st["BLOCK_P"]) * triton.cdiv(state, st["BLOCK_N"]) * heads
+                         * batch * n_chunks,)](
         x, B, dt_out, cum, states, scales, length, heads, head_dim, state, chunk, n_chunks, heads // groups,
-        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
-        SCALED=scaled, DOT=dot, IEEE=ieee, BLOCK_P=t["p"], BLOCK_N=t["n"], BLOCK_S=t["s"],
+        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), **products, **st,
     )
     pn = head_dim * state
     pass_block = min(1024, next_pow2(pn))
     _state_passing_kernel[(batch, heads, triton.cdiv(pn, pass_block))](
-        states, cum, start if start is not None else states, final if final is not None else states,
+        states, cum, start if start is not None else states, entering, final if final is not None else states,
         heads, pn, chunk, n_chunks,
         HAS_STATE_IN=start is not None, HAS_STATE_OUT=final is not None, BLOCK=pass_block,
     )
-    scan_grid = (batch * n_chunks, heads, triton.cdiv(chunk, t["m"]) * triton.cdiv(head_dim, t["p"]))
-    _chunk_scan_kernel[scan_grid](
-        x, C, cb, dt_out, cum, states, D.float().contiguous() if D is not None else cum, y, scales,
+    sc = launch["scan"]
+    _chunk_scan_kernel[(triton.cdiv(chunk, sc["BLOCK_M"]) * triton.cdiv(head_dim, sc["BLOCK_P"]) * heads
+                        * batch * n_chunks,)](
+        x, C, cb_products, dt_out, cum, entering, D.float().contiguous() if D is not None else cum, y, scales,
         length, heads, head_dim, state, groups, chunk, n_chunks, heads // groups,
         x.stride(0), x.stride(1), x.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
-        HAS_D=D is not None, SCALED=scaled, DOT=dot, IEEE=ieee,
-        BLOCK_M=t["m"], BLOCK_P=t["p"], BLOCK_K=t["k"], BLOCK_S=t["s"],
+        y.stride(0), y.stride(1), y.stride(2), HAS_D=D is not None, **products, **sc,
     )
     return (y, final) if return_final_state else y
 
@@ -434,12 +470,16 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
 def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                      D: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None, dt_softplus: bool = True,
                      dt_min: float = 0.0, dt_max: float = math.inf,
-                     input_scales: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor:
+                     input_scales: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None,
+                     out_dtype: torch.dtype = torch.float32) -> Tensor:
     """Advance `state` (`[batch, heads, head_dim, state]`, contiguous, any float dtype; updated in
     place, rounded to its dtype once at the end) by the L steps of `x`, `dt`, `B`, `C` (layouts and
-    `input_scales` as `ssd_scan`; a decode step has L = 1), one launch. Returns y fp32
-    `[batch, L, heads, head_dim]`.
+    `input_scales` as `ssd_scan`; a decode step has L = 1), one launch. Returns y `[batch, L,
+    heads, head_dim]` in `out_dtype`.
     """
+    if out_dtype not in _DOT_DTYPES:
+        raise InputError(f"ssd_state_update: out_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
+                         f"got {out_dtype!r}")
     scales = _stacked_scales(x, dt, B, C, input_scales)
     if scales is not None and not _use_triton(x):
         x, dt, B, C = (q.float() * s for q, s in zip((x, dt, B, C), input_scales))
@@ -453,9 +493,9 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
         y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, max(1, length),
                                       initial_state=state)
         state.copy_(final)
-        return y
+        return y.to(out_dtype)
     x, B, C, dt = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C, dt))
-    y = torch.empty((batch, length, heads, head_dim), dtype=torch.float32, device=x.device)
+    y = torch.empty((batch, length, heads, head_dim), dtype=out_dtype, device=x.device)
     # 2048 state cells a program (16 a thread): a [64, 128] tile spilled in offline sm_90 builds,
     # and smaller tiles give a batch-1 step more programs than 80 heads alone.
     block_n = next_pow2(n_states)
@@ -487,18 +527,19 @@ def ssd_scan_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
                 dt_bias: Optional[Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
                 chunk_size: int, product_dtype: Optional[torch.dtype], x_scale: Optional[Tensor] = None,
                 dt_scale: Optional[Tensor] = None, B_scale: Optional[Tensor] = None,
-                C_scale: Optional[Tensor] = None) -> Tensor:
-    """`quamba::ssd_scan` (its arguments, its fp32 result) on this module's kernels, the matrix
-    products' operands rounded to `product_dtype` (None: x's dtype). With the four scales, x, dt,
-    B and C are the int8 codes whose dequantize the kernels fold in."""
+                C_scale: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """`quamba::ssd_scan` (its arguments and result) on this module's kernels, the matrix
+    products' operands rounded to `product_dtype` (None: x's dtype), y in `out_dtype` (None:
+    fp32, as the reference op's). With the four scales, x, dt, B and C are the int8 codes whose
+    dequantize the kernels fold in."""
     return ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, product_dtype=product_dtype,
-                    input_scales=_scales_of(x_scale, dt_scale, B_scale, C_scale))
+                    input_scales=_scales_of(x_scale, dt_scale, B_scale, C_scale), out_dtype=out_dtype or torch.float32)
 
 
 @ssd_scan_op.register_fake
 def _ssd_scan_fake(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, product_dtype,
-                   x_scale=None, dt_scale=None, B_scale=None, C_scale=None):
-    return x.new_empty(x.shape, dtype=torch.float32)
+                   x_scale=None, dt_scale=None, B_scale=None, C_scale=None, out_dtype=None):
+    return x.new_empty(x.shape, dtype=out_dtype or torch.float32)
 
 
 @graph_op("quamba::ssd_scan_triton_cached", mutates_args=("ssm_state",))
@@ -506,19 +547,21 @@ def ssd_scan_cached_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
                        dt_bias: Optional[Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
                        chunk_size: int, product_dtype: Optional[torch.dtype], x_scale: Optional[Tensor],
                        dt_scale: Optional[Tensor], B_scale: Optional[Tensor], C_scale: Optional[Tensor],
-                       ssm_state: Tensor, decode: bool) -> Tensor:
+                       out_dtype: Optional[torch.dtype], ssm_state: Tensor, decode: bool) -> Tensor:
     """`ssd_scan_triton` with a cache: a prompt through the chunked scan, its final state into
     `ssm_state`; a decode step through `ssd_state_update`, in place."""
     scales = _scales_of(x_scale, dt_scale, B_scale, C_scale)
+    out_dtype = out_dtype or torch.float32
     if decode:
-        return ssd_state_update(ssm_state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, scales)
+        return ssd_state_update(ssm_state, x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, scales,
+                                out_dtype=out_dtype)
     y, final = ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, return_final_state=True,
-                        product_dtype=product_dtype, input_scales=scales)
+                        product_dtype=product_dtype, input_scales=scales, out_dtype=out_dtype)
     ssm_state.copy_(final)
     return y
 
 
 @ssd_scan_cached_op.register_fake
 def _ssd_scan_cached_fake(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size, product_dtype,
-                          x_scale, dt_scale, B_scale, C_scale, ssm_state, decode):
-    return x.new_empty(x.shape, dtype=torch.float32)
+                          x_scale, dt_scale, B_scale, C_scale, out_dtype, ssm_state, decode):
+    return x.new_empty(x.shape, dtype=out_dtype or torch.float32)

@@ -75,7 +75,8 @@ def _int8_code(node: object) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Nod
 
 def ssd_scan_on_kernels(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
     """`ssd_scan` -> `ssd_scan_triton`, the same call on the chunked kernels, their matrix
-    products in `dtype` (the lowering's: an fp16 model's scan would read its inputs in fp16). When
+    products and y in `dtype` (the lowering's: an fp16 model's scan would read its inputs in fp16
+    and write y in fp16, as mamba_ssm's does; the gated norm after it reads any float). When
     x, dt, B and C are all per-tensor dequantized int8, the kernels read the int8 codes and their
     scales instead, and the dequantizes (fp32 tensors the size of x) go."""
     if not is_call(node, SSD_SCAN) or node.kwargs:
@@ -91,7 +92,7 @@ def ssd_scan_on_kernels(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: to
                       for q, _, unflatten in codes]
             scales = [scale for _, scale, _ in codes]
         new = graph.call_function(SSD_SCAN_TRITON, (inputs[0], inputs[1], A, inputs[2], inputs[3], *rest, dtype,
-                                                    *scales))
+                                                    *scales, dtype))
     node.replace_all_uses_with(annotate(new, node))
     graph.erase_node(node)
     for dead in (x, dt, B, C):  # the unflattens and dequantizes no one reads any more
