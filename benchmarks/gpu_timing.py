@@ -56,6 +56,25 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
+def kernel_ms(fn: Callable[[], object], calls: int = 5) -> Dict[str, float]:
+    """Milliseconds per call of each CUDA kernel `fn` launches (by kernel name, heaviest first),
+    from `torch.profiler`, after one warm-up call outside the profile."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    us: Dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            us[event.name] = us.get(event.name, 0.0) + event.device_time_total
+    return {name: t / 1e3 / calls for name, t in sorted(us.items(), key=lambda kv: -kv[1])}
+
+
 def time_all(fns: Dict[str, Optional[Callable[[], object]]], rep: int = 200) -> Dict[str, Optional[float]]:
     """`time_ms` of each function; a failing or absent (None) one becomes a None row, reported."""
     ms: Dict[str, Optional[float]] = {}

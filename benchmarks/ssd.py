@@ -2,14 +2,14 @@
 Triton SSD, on mamba2-2.7b's scan shapes; prefill and decode steps.
 
     python benchmarks/ssd.py [--shapes 1,2048 8,2048] [--decode-batches 1 16 64] [--json PATH]
-        [--commit SHA] [--smoke]
+        [--commit SHA] [--kernels] [--launch KERNEL.KEY=V1,V2 ...] [--smoke]
 
 Prefill rows, each a CUDA-graph replay median (ms) and the output's error against the fp32 PyTorch
 reference on the same inputs (max |diff| / max |reference|):
 
-* `ours_fp16`: fp16 x, dt, B, C (an fp16 model's), fp16 products;
-* `ours_lowered`: the same values as int8 codes with per-tensor scales and fp16 products, what a
-  W8A8 graph lowered to fp16 runs (its error against the reference of the dequantized codes);
+* `ours_fp16`: fp16 x, dt, B, C (an fp16 model's), fp16 products, fp16 y;
+* `ours_lowered`: the same values as int8 codes with per-tensor scales, fp16 products and fp16 y,
+  what a W8A8 graph lowered to fp16 runs (its error against the reference of the dequantized codes);
 * `reference_op`: `quamba::ssd_scan`'s PyTorch reference on the fp32 inputs, what an unlowered
   graph runs on CUDA;
 * `mamba_ssm`: `mamba_chunk_scan_combined`, what mamba_ssm's Mamba-2 runs, on the fp16 inputs.
@@ -17,7 +17,12 @@ reference on the same inputs (max |diff| / max |reference|):
 Decode rows (one token a sequence, from an fp16 state): ours `ssd_state_update` against mamba_ssm's
 `selective_state_update` with its Mamba-2 layouts (A, dt, D broadcast over head_dim), each
 updating a copy of the same state; us a step and the state's error after 8 steps against the
-reference recurrence. Needs a CUDA device; mamba_ssm from `.anchors/` (see
+reference recurrence.
+
+`--kernels` adds each prefill implementation's time per kernel (torch.profiler) to its row.
+`--launch scan.num_warps=4,8` (repeatable: every combination is a variant) times ours under each
+value of `quamba_fx.kernels.ssd.LAUNCH`'s settings (prefill rows only, after the default's full
+rows), the sweep that chose the defaults. Needs a CUDA device; mamba_ssm from `.anchors/` (see
 ../shared/anchors/README.md), else ours alone. `--smoke` runs tiny shapes on CPU under
 TRITON_INTERPRET=1 (timings mean nothing there; the code paths and the JSON run).
 """
@@ -25,6 +30,7 @@ TRITON_INTERPRET=1 (timings mean nothing there; the code paths and the JSON run)
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -34,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_timing (also when a test imports this file)
-from gpu_timing import graphed, require_gpu, time_ms, write_json  # noqa: E402
+from gpu_timing import graphed, kernel_ms, require_gpu, time_ms, write_json  # noqa: E402
 
 # mamba2-2.7b: d_model 2560, 80 heads of 64 channels, one B/C group, state 128, chunk 256.
 SHAPE = dict(heads=80, head_dim=64, groups=1, state=128, chunk=256)
@@ -91,7 +97,10 @@ def load_mamba_ssm():
     return mamba_chunk_scan_combined, selective_state_update
 
 
-def prefill_row(batch: int, length: int, shape: dict, device: str, timer, theirs_fn) -> dict:
+def prefill_row(batch: int, length: int, shape: dict, device: str, timer, theirs_fn, names=None,
+                kernels: bool = False) -> dict:
+    """One prefill row: each implementation's error and time (those in `names`, default all), with
+    `kernels` also its time per kernel."""
     from quamba_fx.kernels import ssd
     from quamba_fx.ssd_reference import ssd_scan_reference
 
@@ -105,9 +114,10 @@ def prefill_row(batch: int, length: int, shape: dict, device: str, timer, theirs
     dequantized, _ = ssd_scan_reference(*(q.float() * s for q, s in zip(codes[:2], scales[:2])), kw["A"],
                                         *(q.float() * s for q, s in zip(codes[2:], scales[2:])), *tail)
     impls = {
-        "ours_fp16": lambda: ssd.ssd_scan(*half),
+        "ours_fp16": lambda: ssd.ssd_scan(*half, out_dtype=torch.float16),
         "ours_lowered": lambda: ssd.ssd_scan(codes[0], codes[1], kw["A"], codes[2], codes[3], *tail,
-                                             product_dtype=torch.float16, input_scales=scales),
+                                             product_dtype=torch.float16, input_scales=scales,
+                                             out_dtype=torch.float16),
         "reference_op": lambda: ssd_scan_reference(*full)[0],
     }
     references = {"ours_lowered": dequantized}
@@ -116,8 +126,12 @@ def prefill_row(batch: int, length: int, shape: dict, device: str, timer, theirs
                                                dt_bias=kw["dt_bias"], dt_softplus=True)
     row: dict = {"batch": batch, "L": length}
     for name, fn in impls.items():
+        if names is not None and name not in names:
+            continue
         row[f"{name}_error"] = relative_error(fn(), references.get(name, expected))
         row[f"{name}_ms"] = timer(fn)
+        if kernels and name != "reference_op":
+            row[f"{name}_kernels"] = kernel_ms(fn)
     if "mamba_ssm_ms" in row:
         row["ratio_fp16"] = row["mamba_ssm_ms"] / row["ours_fp16_ms"]
         row["ratio_lowered"] = row["mamba_ssm_ms"] / row["ours_lowered_ms"]
@@ -163,14 +177,50 @@ def decode_row(batch: int, shape: dict, device: str, timer, theirs_fn) -> dict:
     return row
 
 
+def parse_launch(text: str) -> tuple[str, str, list[int]]:
+    """`KERNEL.KEY=V1,V2,...` -> (kernel, key, values), checked against `ssd.LAUNCH`."""
+    from quamba_fx.kernels import ssd
+
+    name, sep, values = text.partition("=")
+    kernel, _, key = name.partition(".")
+    if not sep or kernel not in ssd.LAUNCH or key not in ssd.LAUNCH[kernel]:
+        raise ValueError(f"--launch {text!r}: expected KERNEL.KEY=V1,V2,... with KERNEL.KEY one of "
+                         + ", ".join(f"{k}.{s}" for k, settings in ssd.LAUNCH.items() for s in settings))
+    try:
+        return kernel, key, [int(v) for v in values.split(",")]
+    except ValueError:
+        raise ValueError(f"--launch {text!r}: the values must be integers") from None
+
+
+def launch_variants(settings: list[tuple[str, str, list[int]]]) -> list[dict]:
+    """Every combination of the settings' values: [{(kernel, key): value}, ...]."""
+    keys = [(kernel, key) for kernel, key, _ in settings]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(values for _, _, values in settings))]
+
+
+def _print_row(kind: str, row: dict) -> None:
+    print(f"  {kind} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in row.items() if not k.endswith("_kernels")), flush=True)
+    for key, per_kernel in row.items():
+        if key.endswith("_kernels"):
+            print(f"    {key[:-8]}: " + ", ".join(f"{name[:40]} {ms:.4g}" for name, ms in per_kernel.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=["1,2048", "8,2048"], metavar="B,L")
     ap.add_argument("--decode-batches", nargs="*", type=int, default=[1, 16, 64])
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--commit", default="", help="recorded in the JSON")
+    ap.add_argument("--kernels", action="store_true", help="add each prefill implementation's time per kernel")
+    ap.add_argument("--launch", action="append", default=[], metavar="KERNEL.KEY=V1,V2",
+                    help="also time ours under these ssd.LAUNCH settings (repeatable: a grid)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     args = ap.parse_args(argv)
+    try:
+        launch = [parse_launch(text) for text in args.launch]
+    except ValueError as exc:
+        ap.error(str(exc))
     try:
         shapes = [tuple(int(v) for v in text.split(",")) for text in args.shapes]
     except ValueError:
@@ -194,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
         theirs_scan, theirs_update = load_mamba_ssm()
 
-    result: dict = {"prefill": [], "decode": []}
+    result: dict = {"prefill": [], "decode": [], "launch": []}
 
     def save() -> None:
         if args.json:
@@ -202,15 +252,32 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{where}: SSD scan, {shape}; prefill ms per call, decode us per step (graph replays on CUDA)")
     for batch, length in shapes:
-        result["prefill"].append(prefill_row(batch, length, shape, device, timer, theirs_scan))
-        print("  prefill " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in result["prefill"][-1].items()), flush=True)
+        result["prefill"].append(prefill_row(batch, length, shape, device, timer, theirs_scan, kernels=args.kernels))
+        _print_row("prefill", result["prefill"][-1])
         save()
     for batch in args.decode_batches:
         result["decode"].append(decode_row(batch, shape, device, timer, theirs_update))
-        print("  decode " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in result["decode"][-1].items()), flush=True)
+        _print_row("decode", result["decode"][-1])
         save()
+    if launch:
+        from quamba_fx.kernels import ssd
+
+        saved = {kernel: dict(settings) for kernel, settings in ssd.LAUNCH.items()}
+        try:
+            for variant in launch_variants(launch):
+                for (kernel, key), value in variant.items():
+                    ssd.LAUNCH[kernel][key] = value
+                label = ", ".join(f"{kernel}.{key}={value}" for (kernel, key), value in variant.items())
+                for batch, length in shapes:
+                    row = {"launch": label, **prefill_row(batch, length, shape, device, timer, None,
+                                                          names=("ours_fp16", "ours_lowered"), kernels=args.kernels)}
+                    result["launch"].append(row)
+                    _print_row("prefill", row)
+                    save()
+        finally:
+            for kernel, settings in saved.items():
+                ssd.LAUNCH[kernel].clear()
+                ssd.LAUNCH[kernel].update(settings)
     return 0
 
 
