@@ -347,8 +347,9 @@ def _block(n: int, cap: int) -> int:
 LAUNCH: dict[str, dict[str, int]] = {
     "cb": dict(BLOCK_M=64, BLOCK_S=64, BLOCK_K=64, num_warps=4, num_stages=2),
     "state": dict(BLOCK_P=64, BLOCK_N=64, BLOCK_S=64, num_warps=4, num_stages=2),
-    # 8 warps: with 4, fp16 inputs spilled in offline sm_90 builds.
-    "scan": dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=64, BLOCK_S=64, num_warps=8, num_stages=2),
+    # docs/benchmarks.md (session 32) has the sweep: one stage (no software pipelining) ran int8
+    # inputs 1.8x faster than two at 8 x 2048, fp16 ones 1.2x; 8 warps beat 4 (which spill fp16).
+    "scan": dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=64, BLOCK_S=64, num_warps=8, num_stages=1),
 }
 # Which problem dim each block tiles: M and S the chunk's steps, P head_dim, N and K the state.
 _TILED_DIM = {"BLOCK_M": "chunk", "BLOCK_S": "chunk", "BLOCK_P": "head_dim", "BLOCK_N": "state", "BLOCK_K": "state"}
