@@ -23,6 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CHUNK, HEAD_DIM, STATE, D_INNER = 256, 64, 128, 5120
+# Integer arguments whose mamba2-2.7b values are multiples of 16 (2048 steps, 80 heads, ...): a
+# launch specializes on that (pointers and strides too), and the vector width of every load
+# follows from it. Without it the build shows scalar loads the GPU never runs.
+MULTIPLES = ("L", "H", "P", "N", "chunk", "heads_per_group", "PN")
+NORM_MULTIPLES = ("D", "G")  # the gated norm's row width and group width, 5120 each
 SSD = "quamba_fx.kernels.ssd"
 
 
@@ -121,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     print("build kernel local_stores local_loads wgmma")
     for build in args.builds:
         for name, (module, signature, constexprs) in builds(*build.split(":")).items():
-            sass = compile_sass(module, name, signature, constexprs, (), *launch_options(name))
+            multiples = NORM_MULTIPLES if name == "_gated_rmsnorm_kernel" else MULTIPLES
+            sass = compile_sass(module, name, signature, constexprs, multiples, *launch_options(name))
             ops = [opcode(i) for i in instructions(sass)]
             counts = [ops.count(op) for op in ("STL", "LDL", "HGMMA")]
             print(build, name, *counts, flush=True)

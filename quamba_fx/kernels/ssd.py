@@ -258,14 +258,14 @@ def _chunk_scan_kernel(
     for s0 in range(0, s_end, BLOCK_S):
         s = s0 + rs
         s_in = s < chunk
-        causal = (rl[:, None] >= s[None, :]) & l_in[:, None] & s_in[None, :]
         cum_s = tl.load(cum_ptr + dt_row + s, mask=s_in, other=0.0)
         dt_s = tl.load(dt_ptr + dt_row + s, mask=s_in, other=0.0)
-        # Masked before the exp (s > l would grow) and before the product (those C B^T entries
-        # are never written).
-        cb = tl.load(cb_rows + s[None, :], mask=causal, other=0.0)
-        decay = tl.exp(tl.where(causal, cum_l[:, None] - cum_s[None, :], float("-inf")))
-        weights = tl.where(causal, cb * decay * (dt_s * x_scale)[None, :], 0.0)
+        # The load's mask is constant along s in runs of 16 (vector loads); a causal one varies
+        # at every s, which made every load scalar. Entries s > l (C B^T may never have written
+        # them) are dropped by the where; min(., 0) keeps their exp finite (cum only falls).
+        cb = tl.load(cb_rows + s[None, :], mask=l_in[:, None] & s_in[None, :], other=0.0)
+        decay = tl.exp(tl.minimum(cum_l[:, None] - cum_s[None, :], 0.0))
+        weights = tl.where(rl[:, None] >= s[None, :], cb * decay * (dt_s * x_scale)[None, :], 0.0)
         xs = tl.load(x_base + (c * chunk + s)[:, None] * stride_xl + rp[None, :],
                      mask=(s_in & (c * chunk + s < L))[:, None] & p_ok[None, :], other=0.0)
         acc = _dot(weights, xs, acc, DOT, IEEE)
@@ -347,9 +347,8 @@ def _block(n: int, cap: int) -> int:
 LAUNCH: dict[str, dict[str, int]] = {
     "cb": dict(BLOCK_M=64, BLOCK_S=64, BLOCK_K=64, num_warps=4, num_stages=2),
     "state": dict(BLOCK_P=64, BLOCK_N=64, BLOCK_S=64, num_warps=4, num_stages=2),
-    # docs/benchmarks.md (session 32) has the sweep: one stage (no software pipelining) ran int8
-    # inputs 1.8x faster than two at 8 x 2048, fp16 ones 1.2x; 8 warps beat 4 (which spill fp16).
-    "scan": dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=64, BLOCK_S=64, num_warps=8, num_stages=1),
+    # docs/benchmarks.md (session 32) has the sweeps that chose these.
+    "scan": dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=64, BLOCK_S=32, num_warps=4, num_stages=1),
 }
 # Which problem dim each block tiles: M and S the chunk's steps, P head_dim, N and K the state.
 _TILED_DIM = {"BLOCK_M": "chunk", "BLOCK_S": "chunk", "BLOCK_P": "head_dim", "BLOCK_N": "state", "BLOCK_K": "state"}
