@@ -56,9 +56,9 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-def kernel_ms(fn: Callable[[], object], calls: int = 5) -> Dict[str, float]:
-    """Milliseconds per call of each CUDA kernel `fn` launches (by kernel name, heaviest first),
-    from `torch.profiler`, after one warm-up call outside the profile."""
+def cuda_kernel_events(fn: Callable[[], object], calls: int = 5) -> list:
+    """The CUDA kernel events (`torch.profiler`) of `calls` calls of `fn`, after one warm-up call
+    outside the profile (compilation and autotuning are not kernel time)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -68,10 +68,14 @@ def kernel_ms(fn: Callable[[], object], calls: int = 5) -> Dict[str, float]:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    return [event for event in prof.events() if event.device_type == DeviceType.CUDA]
+
+
+def kernel_ms(fn: Callable[[], object], calls: int = 5) -> Dict[str, float]:
+    """Milliseconds per call of each CUDA kernel `fn` launches, by kernel name, heaviest first."""
     us: Dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            us[event.name] = us.get(event.name, 0.0) + event.device_time_total
+    for event in cuda_kernel_events(fn, calls):
+        us[event.name] = us.get(event.name, 0.0) + event.device_time_total
     return {name: t / 1e3 / calls for name, t in sorted(us.items(), key=lambda kv: -kv[1])}
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_timing import require_gpu, write_json  # noqa: E402
+from gpu_timing import cuda_kernel_events, require_gpu, write_json  # noqa: E402
 
 
 def wall_ms(fn, calls: int = 50) -> float:
@@ -36,18 +36,8 @@ def wall_ms(fn, calls: int = 50) -> float:
 
 
 def kernel_ms_and_launches(fn, calls: int = 5) -> tuple[float, int]:
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    total_us = sum(e.device_time_total for e in kernels)
-    return total_us / 1e3 / calls, len(kernels) // calls
+    kernels = cuda_kernel_events(fn, calls)
+    return sum(e.device_time_total for e in kernels) / 1e3 / calls, len(kernels) // calls
 
 
 def profile_top(fn, top: int, calls: int = 50) -> str:
