@@ -7,11 +7,11 @@ No GPU needed (Triton's bundled ptxas and nvdisasm). A build is INPUTS:PRODUCTS,
 dt, B and C and the one the matrix products round their operands to (an fp16 model: fp16:fp16; a
 W8A8 graph lowered to fp16, whose scan reads the int8 codes with their scales: i8:fp16). For each build and kernel,
 at the tile sizes `ssd.tiles` picks for mamba2-2.7b (chunk 256, head_dim 64, state 128; the gated
-norm's rows of d_inner 5120, int8 gate, fp16 out), one row:
-local stores and loads in its SASS (spills) and its wgmma instructions (`HGMMA`: products on
-Hopper's tensor cores). With 16-bit products the three product kernels should use wgmma; nothing
-should spill. The interpreter cannot see either; tests/test_kernel_ssd.py checks both from this
-script's output.
+norm's rows of d_inner 5120, int8 gate, fp16 out), one row: local stores and loads in its SASS
+(spills), its wgmma instructions (`HGMMA`: products on Hopper's tensor cores) and the shared
+memory a program asks (a launch fails above sm_90's 232448 bytes). With 16-bit products the three
+product kernels should use wgmma; nothing should spill. The interpreter cannot see any of it;
+tests/test_kernel_ssd.py checks them from this script's output.
 """
 
 from __future__ import annotations
@@ -116,21 +116,21 @@ def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sass_loop import compile_sass, instructions, opcode
+    from sass_loop import compile_sm90, disassemble, instructions, opcode
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     choices = ["fp16:fp16", "i8:fp16", "fp32:fp16", "fp32:fp32", "i8:fp32"]
     parser.add_argument("--builds", nargs="+", default=["fp16:fp16", "i8:fp16", "fp32:fp32"], choices=choices,
                         metavar="INPUTS:PRODUCTS")
     args = parser.parse_args(argv)
-    print("build kernel local_stores local_loads wgmma")
+    print("build kernel local_stores local_loads wgmma shared_bytes")
     for build in args.builds:
         for name, (module, signature, constexprs) in builds(*build.split(":")).items():
             multiples = NORM_MULTIPLES if name == "_gated_rmsnorm_kernel" else MULTIPLES
-            sass = compile_sass(module, name, signature, constexprs, multiples, *launch_options(name))
-            ops = [opcode(i) for i in instructions(sass)]
+            compiled = compile_sm90(module, name, signature, constexprs, multiples, *launch_options(name))
+            ops = [opcode(i) for i in instructions(disassemble(compiled))]
             counts = [ops.count(op) for op in ("STL", "LDL", "HGMMA")]
-            print(build, name, *counts, flush=True)
+            print(build, name, *counts, compiled.metadata.shared, flush=True)
     return 0
 
 

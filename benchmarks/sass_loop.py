@@ -121,9 +121,13 @@ def compile_sm90(module: str, function: str, signature: dict, constexprs: dict, 
 def compile_sass(module: str, function: str, signature: dict, constexprs: dict, multiples: tuple, warps: int,
                  stages: int) -> str:
     """The kernel's SASS for sm_90 (see `compile_sm90`), disassembled with Triton's bundled nvdisasm."""
+    return disassemble(compile_sm90(module, function, signature, constexprs, multiples, warps, stages))
+
+
+def disassemble(compiled) -> str:
+    """The SASS of a kernel `compile_sm90` returned, from Triton's bundled nvdisasm."""
     import triton
 
-    compiled = compile_sm90(module, function, signature, constexprs, multiples, warps, stages)
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])

@@ -11,8 +11,8 @@ do). With `cum` the running sum of `dt A` from a chunk's start, five launches:
 2. `_chunk_cb_kernel`: `C B^T` inside each chunk, per B/C group (heads of a group share it).
 3. `_chunk_state_kernel`: the state each chunk adds on its own, `sum_s exp(cum_end - cum_s) dt_s x_s B_s^T`.
 4. `_state_passing_kernel`: the only sequential part: walks the chunks, turning what each added into
-   the state entering each chunk (in the products' dtype), and the final state. It moves `[P, N]` per chunk and
-   head, a small fraction of the work.
+   the state entering each chunk (in the products' dtype), and the final state. It moves `[P, N]`
+   per chunk and head, a small fraction of the work.
 5. `_chunk_scan_kernel`: `y_l = exp(cum_l) C_l S_in^T + sum_{s <= l} (C_l B_s) exp(cum_l - cum_s) dt_s x_s + D x_l`.
 
 Launches 2, 3 and 5 are matrix products. Their operands are rounded to a chosen dtype: fp16/bf16
@@ -76,8 +76,8 @@ _C: tl.constexpr = tl.constexpr(3)
 def _unravel(tiles, heads, n_chunks):
     # The product kernels' one grid axis, tiles fastest, then heads (or groups), then chunks and
     # batch: a head's tiles re-read its chunk's x and state, and a group's heads its C, B and
-    # C B^T, while those are still in L2. (Chunks outermost with tiles innermost put a head's
-    # tiles thousands of programs apart, past what L2 keeps of an 8 x 2048 call.)
+    # C B^T, while those are still in L2. (Batch and chunks on the fastest axis and tiles on the
+    # slowest, as before, put a head's tiles thousands of programs apart.)
     pid = tl.program_id(0)
     tile = pid % tiles
     rest = pid // tiles
