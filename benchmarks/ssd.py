@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             ap.error("--smoke runs the kernels under the interpreter: set TRITON_INTERPRET=1")
+        if args.kernels:
+            ap.error("--kernels profiles CUDA kernels; the smoke run has none")
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         device, where, shape, timer = "cpu", "cpu (smoke)", SMOKE_SHAPE, _wall_ms
         theirs_scan = theirs_update = None

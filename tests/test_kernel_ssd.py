@@ -227,13 +227,31 @@ def test_mamba2_kernels_compile_for_sm90_without_spills_and_multiply_on_tensor_c
 def test_the_benchmark_script_runs_its_smoke_rows(tmp_path):
     # benchmarks/ssd.py compares with mamba_ssm on the GPU; this keeps its code paths from rotting.
     script = load_benchmark("ssd.py", "ssd_benchmark")
-    assert script.main(["--smoke", "--json", str(tmp_path / "ssd.json")]) == 0
+    before = {kernel: dict(settings) for kernel, settings in ssd.LAUNCH.items()}
+    assert script.main(["--smoke", "--json", str(tmp_path / "ssd.json"), "--launch", "scan.num_warps=4,8",
+                        "--launch", "state.BLOCK_S=16"]) == 0
     result = json.loads((tmp_path / "ssd.json").read_text())
     assert [(row["batch"], row["L"]) for row in result["prefill"]] == [(1, 40), (2, 24)]
     assert [row["batch"] for row in result["decode"]] == [1, 2]
     for row in result["prefill"]:
         assert row["reference_op_error"] == 0 and row["ours_fp16_error"] < 1e-2 and row["ours_lowered_error"] < 1e-2
     assert all(row["ours_state_error"] < 1e-2 for row in result["decode"])
+    # The sweep: every combination at every shape, ours only, and the settings put back after.
+    assert [(row["launch"], row["batch"]) for row in result["launch"]] == [
+        (f"scan.num_warps={w}, state.BLOCK_S=16", b) for w in (4, 8) for b in (1, 2)]
+    assert all(row["ours_lowered_error"] < 1e-2 and "mamba_ssm_ms" not in row for row in result["launch"])
+    assert ssd.LAUNCH == before
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the smoke run is the CPU interpreter's")
+@pytest.mark.parametrize("argv, message", [(["--launch", "scan.warps=4"], "KERNEL.KEY one of"),
+                                           (["--launch", "scan.num_warps=four"], "must be integers"),
+                                           (["--kernels"], "profiles CUDA kernels")])
+def test_the_benchmark_script_refuses_bad_sweeps(argv, message, capsys):
+    script = load_benchmark("ssd.py", "ssd_benchmark")
+    with pytest.raises(SystemExit):
+        script.main(["--smoke", *argv])
+    assert message in capsys.readouterr().err
 
 
 def _int8_inputs(seed: int):
