@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ from quamba_fx.kernels.dispatch import clear_tuned_configs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference, gpu_timing (also when imported by a test)
 import reference as R  # noqa: E402
-from gpu_timing import write_json  # noqa: E402
+from gpu_timing import setting_grid, write_json  # noqa: E402
 
 
 def parse_setting(text: str) -> tuple[object, str, list]:
@@ -62,12 +61,6 @@ def parse_setting(text: str) -> tuple[object, str, list]:
     return module, attr, parsed
 
 
-def variants(settings: list[tuple[object, str, list]]) -> list[dict]:
-    """Every combination of the settings' values, in order: [{(module, name): value}, ...]."""
-    keys = [(module, attr) for module, attr, _ in settings]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(values for _, _, values in settings))]
-
-
 def label(variant: dict) -> str:
     return ", ".join(f"{attr}={value!r}" for (_, attr), value in variant.items())
 
@@ -77,7 +70,7 @@ def run(args: argparse.Namespace, settings: list[tuple[object, str, list]],
     """Time every variant of `settings` (`parse_setting`'s) at every batch for `args.rounds` rounds;
     returns the results dict, also handed to `save` after every row (a run cut short keeps what it
     measured)."""
-    grid = variants(settings)
+    grid = setting_grid(settings)
     saved = {(module, attr): getattr(module, attr) for module, attr, _ in settings}
     ours, ref, check, vocab = R.build(args.model, args.ref, [args.recipe], args.rtn_weights)
     lowered = ours[R.recipe_label(args.recipe)]

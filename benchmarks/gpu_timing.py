@@ -6,11 +6,12 @@ which puts this folder on sys.path).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -77,6 +78,13 @@ def kernel_ms(fn: Callable[[], object], calls: int = 5) -> Dict[str, float]:
     for event in cuda_kernel_events(fn, calls):
         us[event.name] = us.get(event.name, 0.0) + event.device_time_total
     return {name: t / 1e3 / calls for name, t in sorted(us.items(), key=lambda kv: -kv[1])}
+
+
+def setting_grid(settings: List[Tuple[object, str, list]]) -> List[Dict]:
+    """Every combination of `(owner, name, values)` settings' values, in order:
+    `[{(owner, name): value, ...}, ...]` (the variants of a benchmark's sweep)."""
+    keys = [(owner, name) for owner, name, _ in settings]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(values for _, _, values in settings))]
 
 
 def time_all(fns: Dict[str, Optional[Callable[[], object]]], rep: int = 200) -> Dict[str, Optional[float]]:

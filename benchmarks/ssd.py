@@ -30,7 +30,6 @@ TRITON_INTERPRET=1 (timings mean nothing there; the code paths and the JSON run)
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import os
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_timing (also when a test imports this file)
-from gpu_timing import graphed, kernel_ms, require_gpu, time_ms, write_json  # noqa: E402
+from gpu_timing import graphed, kernel_ms, require_gpu, setting_grid, time_ms, write_json  # noqa: E402
 
 # mamba2-2.7b: d_model 2560, 80 heads of 64 channels, one B/C group, state 128, chunk 256.
 SHAPE = dict(heads=80, head_dim=64, groups=1, state=128, chunk=256)
@@ -192,12 +191,6 @@ def parse_launch(text: str) -> tuple[str, str, list[int]]:
         raise ValueError(f"--launch {text!r}: the values must be integers") from None
 
 
-def launch_variants(settings: list[tuple[str, str, list[int]]]) -> list[dict]:
-    """Every combination of the settings' values: [{(kernel, key): value}, ...]."""
-    keys = [(kernel, key) for kernel, key, _ in settings]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(values for _, _, values in settings))]
-
-
 def _print_row(kind: str, row: dict) -> None:
     print(f"  {kind} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                    for k, v in row.items() if not k.endswith("_kernels")), flush=True)
@@ -266,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
         saved = {kernel: dict(settings) for kernel, settings in ssd.LAUNCH.items()}
         try:
-            for variant in launch_variants(launch):
+            for variant in setting_grid(launch):
                 for (kernel, key), value in variant.items():
                     ssd.LAUNCH[kernel][key] = value
                 label = ", ".join(f"{kernel}.{key}={value}" for (kernel, key), value in variant.items())

@@ -28,8 +28,8 @@ def test_a_bad_setting_is_named(text, message):
 def test_the_grid_is_every_combination_in_order():
     from quamba_fx.kernels import pdl
 
-    grid = script.variants([script.parse_setting(f"{SETTING}=0,16"),
-                            script.parse_setting("quamba_fx.kernels.pdl.L2_PREFETCH=True,False")])
+    grid = script.setting_grid([script.parse_setting(f"{SETTING}=0,16"),
+                                script.parse_setting("quamba_fx.kernels.pdl.L2_PREFETCH=True,False")])
     assert [list(v.values()) for v in grid] == [[0, True], [0, False], [16, True], [16, False]]
     assert all(list(v) == [(pdl, "L2_WINDOW_BYTES"), (pdl, "L2_PREFETCH")] for v in grid)
 

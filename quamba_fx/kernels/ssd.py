@@ -323,6 +323,11 @@ def _state_update_kernel(
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+def _check_float(fn: str, name: str, dtype: torch.dtype) -> None:
+    if dtype not in _DOT_DTYPES:
+        raise InputError(f"{fn}: {name} must be torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
+
+
 def _stacked_scales(x: Tensor, dt: Tensor, B: Tensor, C: Tensor,
                     input_scales: Optional[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Optional[Tensor]:
     """The four per-tensor scales as one fp32 tensor (the kernels' `scales_ptr`), after checking
@@ -392,10 +397,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     """
     scales = _stacked_scales(x, dt, B, C, input_scales)
     product_dtype = (torch.float32 if scales is not None else x.dtype) if product_dtype is None else product_dtype
-    for name, dtype in (("product_dtype", product_dtype), ("out_dtype", out_dtype)):
-        if dtype not in _DOT_DTYPES:
-            raise InputError(f"ssd_scan: {name} must be torch.float16, torch.bfloat16 or torch.float32, "
-                             f"got {dtype!r}")
+    _check_float("ssd_scan", "product_dtype", product_dtype)
+    _check_float("ssd_scan", "out_dtype", out_dtype)
     if scales is not None and not _use_triton(x):
         x, dt, B, C = (q.float() * s for q, s in zip((x, dt, B, C), input_scales))
     if not _use_triton(x) or x.numel() == 0 or B.numel() == 0:
@@ -477,9 +480,7 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
     `input_scales` as `ssd_scan`; a decode step has L = 1), one launch. Returns y `[batch, L,
     heads, head_dim]` in `out_dtype`.
     """
-    if out_dtype not in _DOT_DTYPES:
-        raise InputError(f"ssd_state_update: out_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
-                         f"got {out_dtype!r}")
+    _check_float("ssd_state_update", "out_dtype", out_dtype)
     scales = _stacked_scales(x, dt, B, C, input_scales)
     if scales is not None and not _use_triton(x):
         x, dt, B, C = (q.float() * s for q, s in zip((x, dt, B, C), input_scales))
