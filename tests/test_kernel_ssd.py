@@ -8,6 +8,8 @@ import math
 import hypothesis.strategies as st
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 
 from quamba_fx.kernels import ssd
@@ -293,3 +295,22 @@ def test_int8_inputs_need_their_scales_and_float_inputs_none():
     with pytest.raises(InputError, match="four one-element scales"):
         ssd.ssd_scan(codes["x"].float(), codes["dt"], rest["A"], codes["B"], codes["C"],
                      input_scales=tuple(scales.values()))
+
+
+@triton.jit
+def _widen_kernel(x_ptr, out_ptr, DTYPE: tl.constexpr):
+    offs = tl.arange(0, 256)
+    widened = ssd._widen(tl.load(x_ptr + offs), DTYPE)
+    tl.static_assert(widened.dtype == DTYPE)
+    # Stored as fp32 (exact for these values): the interpreter stores bfloat16 tensors wrongly.
+    tl.store(out_ptr + offs, widened.to(tl.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_int8_codes_widen_exactly_through_the_bit_trick(dtype):
+    # Every int8 value, through the integer add and bitcast that replace I2F in the scan's loads.
+    codes = torch.arange(-128, 128, dtype=torch.int8, device=DEVICE)
+    out = torch.empty(256, device=DEVICE)
+    _widen_kernel[(1,)](codes, out, DTYPE={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+                                           torch.float32: tl.float32}[dtype])
+    assert torch.equal(out.cpu(), torch.arange(-128, 128, dtype=torch.float32))

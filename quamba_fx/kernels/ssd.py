@@ -40,13 +40,30 @@ __all__ = ["ssd_scan", "ssd_scan_cached_op", "ssd_scan_op", "ssd_state_update", 
 
 
 @triton.jit
+def _widen(x, DTYPE: tl.constexpr):
+    # x in DTYPE. int8 codes go through integer adds and a bitcast instead of I2F, which sm_90 runs
+    # at a quarter of the integer rate: with 0x6400 the bits of fp16 1024.0 (an ulp of 1 up to
+    # 2048), bits 0x6480 + x are the fp16 1152 + x for x in [-128, 127], and subtracting 1152 is
+    # exact; fp32 the same from 2**23 (0x4B000000, ulp 1). bf16 (8 significant bits, too few
+    # for the trick) rounds the exact fp32 value, exactly: the interpreter's int8 -> bf16 is wrong.
+    if x.dtype == tl.int8 and DTYPE == tl.float16:
+        return (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    elif x.dtype == tl.int8 and DTYPE == tl.float32:
+        return (x.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    elif x.dtype == tl.int8:
+        return ((x.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0).to(DTYPE)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _dot(a, b, acc, DOT: tl.constexpr, IEEE: tl.constexpr):
     # Operands in DOT: fp32 ones in IEEE fp32 (tf32 would lose the reference's precision), 16-bit
     # ones on tensor cores; fp32 accumulation either way.
     if IEEE:
-        acc = tl.dot(a.to(DOT), b.to(DOT), acc, input_precision="ieee")
+        acc = tl.dot(_widen(a, DOT), _widen(b, DOT), acc, input_precision="ieee")
     else:
-        acc = tl.dot(a.to(DOT), b.to(DOT), acc)
+        acc = tl.dot(_widen(a, DOT), _widen(b, DOT), acc)
     return acc
 
 
@@ -182,7 +199,7 @@ def _chunk_state_kernel(
         weight = tl.where(s_ok, dt * tl.exp(end - cum), 0.0)
         xt = tl.load(x_base + t[None, :] * stride_xl + rp[:, None], mask=p_ok[:, None] & s_ok[None, :], other=0.0)
         bq = tl.load(b_base + t[:, None] * stride_bl + rn[None, :], mask=s_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot(xt, bq.to(tl.float32) * weight[:, None], acc, DOT, IEEE)
+        acc = _dot(xt, _widen(bq, tl.float32) * weight[:, None], acc, DOT, IEEE)
     if SCALED:
         acc *= tl.load(scales_ptr + _X) * tl.load(scales_ptr + _B)
     offsets = (((b * n_chunks + c) * H + h) * P + rp[:, None]) * N + rn[None, :]
@@ -272,7 +289,7 @@ def _chunk_scan_kernel(
 
     if HAS_D:
         x_l = tl.load(x_base + t_l[:, None] * stride_xl + rp[None, :], mask=l_ok[:, None] & p_ok[None, :], other=0.0)
-        acc += x_l.to(tl.float32) * (x_scale * tl.load(D_ptr + h).to(tl.float32))
+        acc += _widen(x_l, tl.float32) * (x_scale * tl.load(D_ptr + h).to(tl.float32))
     y = y_ptr + b * stride_yb + t_l[:, None] * stride_yl + h * stride_yh + rp[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=l_ok[:, None] & p_ok[None, :])
 
