@@ -132,6 +132,11 @@ _PROGRAMS_PER_SM = 3
 _STAGES = 3
 _STAGE_BYTES = 96 * 1024
 
+# The gated norm's tiles (gated_rmsnorm_hadamard_quantize): the norm's fp32 values and weights
+# beside the rotation's take registers and shared memory from the pipelining and from a second
+# program on the SM. A dict so a benchmark can sweep it (benchmarks/hadamard_norm.py).
+GATED_LAUNCH = {"num_warps": 8, "num_stages": 1, "programs_per_sm": 1}
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The kernels' QUANT constexpr: index of the output dtype (0: the fp32 rotation, no quantization).
 _OUT_DTYPES = (torch.float32, torch.int8, torch.float8_e4m3fn)
@@ -572,9 +577,9 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: int, rotation_dtype: to
         gated = dict(z_ptr=xr, z_scale_ptr=scale, w_ptr=xr, stride_z0=0, stride_z1=0, eps=0.0, Z_INT8=False,
                      GROUP_ROWS=1)
         if gate is not None:
-            # The norm's fp32 tile beside the rotation's: 8 warps hold both without spilling, and
-            # its loads leave no shared memory for a second stage (sm_90, mamba2-2.7b's 5120).
-            stages, num_warps = 1, (1 if _INTERPRET else 8)
+            if not _INTERPRET:
+                grid = min(n_blocks, GATED_LAUNCH["programs_per_sm"] * sm_count(x.device))
+                stages, num_warps = GATED_LAUNCH["num_stages"], GATED_LAUNCH["num_warps"]
             z_scale = gate.z_scale if gate.z_scale is not None else scale
             gated.update(z_ptr=tensors[1], z_scale_ptr=z_scale, w_ptr=gate.weight.contiguous(),
                          stride_z0=strides[1][0], stride_z1=strides[1][1], eps=gate.eps,
