@@ -1,8 +1,6 @@
-"""Benchmark the fused Hadamard + quantize, Mamba-2's gated norm + Hadamard + quantize, and residual
-add + RMSNorm + quantize kernels.
+"""Benchmark the fused Hadamard + quantize and residual add + RMSNorm + quantize kernels.
 
-    python benchmarks/hadamard_norm.py [--json PATH] [--shapes ROWSxN ...] [--no-graph]
-                                       [--only hadamard|gated|norm]
+    python benchmarks/hadamard_norm.py [--json PATH] [--shapes ROWSxN ...] [--no-graph] [--only hadamard|norm]
 
 Needs a CUDA device. For each (rows, n) it times (median of triton.testing.do_bench, which flushes
 L2 between repetitions), on an fp16 input `[rows, n]`:
@@ -15,20 +13,13 @@ Hadamard (n = d_inner, the scan output rotated before out_proj):
 
 Issue 13's target: the Hadamard "ours graph" row at >= 70% of copy for n = 5120.
 
-Gated norm + Hadamard (n = d_inner; y the SSD scan's fp16 output, z in_proj's int8 gate, a column
-slice of its output as in a Mamba-2 graph; groups of n):
-* ours        -- `gated_rmsnorm_hadamard_quantize` (one kernel, int8 out);
-* two kernels -- `gated_rmsnorm` (fp16 out) then `hadamard_quantize`, what an unfused graph runs;
-* copy        -- as above.
-
 Norm (n = H; x the block output, residual fp32):
 * ours        -- `add_rmsnorm_quantize(x, residual, w, eps, scale)` (int8 out + fp32 residual out);
 * ours fp16   -- the same without a scale (fp16 out: norm_f before lm_head);
 * reference   -- `add_rmsnorm_quantize_reference`, eager PyTorch;
 * copy        -- as above.
 
-GB/s counts the bytes the fused kernel must move (Hadamard: 2 + 1 bytes per element; gated: y 2 + z 1
-+ int8 1; norm: x 2 +
+GB/s counts the bytes the fused kernel must move (Hadamard: 2 + 1 bytes per element; norm: x 2 +
 residual 4 + residual out 4 + int8 1 = 11 bytes per element) for every row of a shape, so the column
 compares times, not each implementation's own traffic; "% copy" is copy time / row time. The
 "graph" rows replay the call from a CUDA graph, separating host launch cost from kernel time (it
@@ -52,7 +43,6 @@ from gpu_timing import graphed, print_rows, require_gpu, time_all, time_ms, writ
 # 1 x 2048 and 8 x 2048 prefill. Norm: n = d_model (2560 for 2.8b, 768 for 130m).
 HADAMARD_SHAPES: List[Tuple[int, int]] = [(2048, 5120), (16384, 5120), (2048, 1536), (16384, 1536), (16384, 2560)]
 NORM_SHAPES: List[Tuple[int, int]] = [(16384, 2560), (16384, 768)]
-GATED_SHAPES: List[Tuple[int, int]] = [(2048, 5120), (16384, 5120)]  # mamba2-2.7b, 1 and 8 x 2048
 DEVICE = "cuda"
 EPS = 1e-5
 
@@ -135,37 +125,6 @@ def bench_hadamard(rows: int, n: int, graph: bool, gen: torch.Generator) -> Dict
             "ms": time_all(fns)}
 
 
-def bench_gated(rows: int, n: int, graph: bool, gen: torch.Generator) -> Dict:
-    from quamba_fx.kernels.gated_norm import gated_rmsnorm
-    from quamba_fx.kernels.hadamard import gated_rmsnorm_hadamard_quantize, hadamard_quantize
-
-    y = torch.randn(rows, n, generator=gen).to(DEVICE, torch.float16)
-    projected = torch.randint(-128, 128, (rows, 2 * n + 336), generator=gen, dtype=torch.int8).to(DEVICE)
-    z = projected[:, :n]  # the gate's columns of in_proj's output (mamba2-2.7b's row: 10576)
-    z_scale = torch.tensor(0.05, device=DEVICE)
-    weight = (1 + 0.1 * torch.randn(n, generator=gen)).to(DEVICE)
-    normed = gated_rmsnorm(y, z, z_scale, weight, EPS, torch.float16)
-    scale = (normed.float().abs().amax() / 127 * 4).reshape(())  # the rotation spreads the largest values
-
-    def two_kernels():
-        return hadamard_quantize(gated_rmsnorm(y, z, z_scale, weight, EPS, torch.float16), scale)
-
-    def ours():
-        return gated_rmsnorm_hadamard_quantize(y, z, z_scale, weight, EPS, None, torch.float16, scale)
-
-    check = _int8_check(ours(), two_kernels())
-    nbytes = rows * n * (2 + 1 + 1)
-    src = torch.empty(nbytes // 2, dtype=torch.int8, device=DEVICE)  # read + write = nbytes
-    dst = torch.empty_like(src)
-    fns = {"ours": ours, "two kernels": two_kernels, "copy": lambda: dst.copy_(src)}
-    if graph:
-        fns["ours graph"] = graphed(ours)
-        fns["two graph"] = graphed(two_kernels)
-        fns["copy"] = graphed(fns["copy"])
-    return {"kernel": "gated_norm_hadamard", "shape": [rows, n], "bytes": nbytes, "check": check,
-            "ms": time_all(fns)}
-
-
 def bench_norm(rows: int, h: int, graph: bool, gen: torch.Generator) -> Dict:
     from quamba_fx.kernels.norm import add_rmsnorm_quantize, add_rmsnorm_quantize_reference
 
@@ -212,7 +171,7 @@ def _check_ok(check: Dict) -> bool:
 
 
 def _print_table(results: List[Dict]) -> None:
-    order = ["ours", "ours graph", "ours fp32", "ours fp16", "two kernels", "two graph", "reference", "copy"]
+    order = ["ours", "ours graph", "ours fp32", "ours fp16", "reference", "copy"]
     print(f"{'kernel':21} {'shape (rows,n)':>15} {'impl':>11} {'ms':>10} {'GB/s':>9} {'% copy':>7}")
     for r in results:
         print_rows(r["kernel"], r["shape"], r["ms"], order, r["bytes"], (21, 15, 11))
@@ -228,11 +187,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--shapes", metavar="ROWSxN", nargs="+", type=_parse_shape,
                         help="(rows, n) pairs to time, e.g. 16384x5120 (default: Hadamard "
-                        + " ".join(f"{r}x{n}" for r, n in HADAMARD_SHAPES) + "; gated "
-                        + " ".join(f"{r}x{n}" for r, n in GATED_SHAPES) + "; norm "
+                        + " ".join(f"{r}x{n}" for r, n in HADAMARD_SHAPES) + "; norm "
                         + " ".join(f"{r}x{n}" for r, n in NORM_SHAPES) + ")")
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay rows")
-    parser.add_argument("--only", choices=["hadamard", "gated", "norm"], help="time one kernel only")
+    parser.add_argument("--only", choices=["hadamard", "norm"], help="time one kernel only")
     args = parser.parse_args(argv)
 
     dev_name = require_gpu("hadamard_norm.py")
@@ -242,8 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     copy_gbs = copy_bandwidth()
     gen = torch.Generator().manual_seed(0)
     results = []
-    for kernel, bench, default in (("hadamard", bench_hadamard, HADAMARD_SHAPES),
-                                   ("gated", bench_gated, GATED_SHAPES), ("norm", bench_norm, NORM_SHAPES)):
+    for kernel, bench, default in (("hadamard", bench_hadamard, HADAMARD_SHAPES), ("norm", bench_norm, NORM_SHAPES)):
         if args.only not in (None, kernel):
             continue
         for rows, n in args.shapes or default:

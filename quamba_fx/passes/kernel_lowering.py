@@ -17,8 +17,6 @@ folds parameter expressions, casts the float leftovers, and derives the cached g
 | `quantize_fp8(hadamard(y), s)` (per tensor)                | `hadamard_quantize_fp8`        |
 | `hadamard(y)` that no quantize above takes                 | `hadamard_rotate`              |
 | `[quantize](RMSNorm(residual + out))`                      | `add_rmsnorm_quantize`         |
-| Mamba-2's `norm(y, [dequantize](z))` (gated RMSNorm)       | `gated_rmsnorm`                |
-| `hadamard_quantize(gated_rmsnorm(...), s)`, fp16 rows      | `gated_rmsnorm_hadamard_quantize` |
 | `quantize_fp8(RMSNorm(residual + out))` (per tensor)       | `add_rmsnorm_quantize` (e4m3)  |
 | expressions of parameters only (`-exp(A_log.float())`)     | folded into a buffer           |
 

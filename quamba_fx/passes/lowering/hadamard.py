@@ -14,7 +14,7 @@ from ...quant.int4_linear import W4A16Linear
 from ..quantize import QUANTIZE, QUANTIZE_FP8
 from ..rewrite import Rule
 from .gemm_w4 import W4A16_GEMM
-from .match import annotate, erase_unused, is_call, is_scalar_attr, strip_casts
+from .match import annotate, is_call, is_scalar_attr, strip_casts
 
 HADAMARD = torch.ops.quamba.hadamard.default
 HADAMARD_QUANTIZE = torch.ops.quamba.hadamard_quantize.default
@@ -53,7 +53,6 @@ def fuse_hadamard_quantize(gm: torch.fx.GraphModule, node: torch.fx.Node) -> boo
         new = gm.graph.call_function(op, (source, node.args[1]))
     node.replace_all_uses_with(annotate(new, node))
     gm.graph.erase_node(node)
-    erase_unused(rotation)  # and its casts: the gated norm's fusion counts its output's readers
     return True
 
 

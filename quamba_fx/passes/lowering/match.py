@@ -10,8 +10,7 @@ import torch.fx
 from ...graph_info import fetch_attr, info
 from ..quantize import DEQUANTIZE
 
-__all__ = ["annotate", "erase_unused", "get_attr", "is_call", "is_cast", "is_fp32_cast", "is_scalar_attr",
-           "strip_casts"]
+__all__ = ["annotate", "get_attr", "is_call", "is_cast", "is_fp32_cast", "is_scalar_attr", "strip_casts"]
 
 
 def is_call(node: Any, target) -> bool:
@@ -37,18 +36,6 @@ def strip_casts(node: torch.fx.Node) -> torch.fx.Node:
     while is_cast(node):
         node = node.args[0]
     return node
-
-
-def erase_unused(node: torch.fx.Node) -> None:
-    """Erase `node` if nothing reads it, then each cast under it that nothing reads anymore: a
-    rule that bypassed them leaves its input with no dead users for the next rule to count."""
-    if node.users:
-        return
-    below = node.args[0] if node.args else None
-    node.graph.erase_node(node)
-    while is_cast(below) and not below.users:
-        node, below = below, below.args[0]
-        node.graph.erase_node(node)
 
 
 def is_scalar_attr(node: torch.fx.Node) -> bool:
