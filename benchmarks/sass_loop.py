@@ -1,7 +1,7 @@
 """Count the instructions of a Triton kernel's hottest loop in its sm_90 SASS, without a GPU.
 
     python benchmarks/sass_loop.py gemv_w4 [--set BLOCK_N=16 BLOCK_K=256 SPLITS=6] [--warps 8]
-    python benchmarks/sass_loop.py gemv --set AHEAD=2
+    python benchmarks/sass_loop.py gemv --set SPLIT_K=4
     python benchmarks/sass_loop.py gemm_w4 --set BLOCK_M=64 BLOCK_N=128 BLOCK_K=64 A8=1
     python benchmarks/sass_loop.py scan --warps 4 --set PASS=1 [--sig B_ptr=*fp16 C_ptr=*fp16]
 
@@ -65,7 +65,7 @@ KERNELS = {
                                      "stride_cwk", "PF_BYTES", "PF_PROGRAMS")}},
         {"W_PER_CHANNEL": True, "HAS_BIAS": False, "OUT_MODE": 0, "OUT_PER_CHANNEL": False, "BLOCK_N": 16,
          "BLOCK_K": 128, "SPLIT_K": 1, "EVEN_K": True, "DP4A": True, "USE_PDL": True, "PREFETCH": True, "CONV": False,
-         "CONV_W": 4, "CONV_HAS_BIAS": False, "FAST_MATH": True, "AHEAD": 0},
+         "CONV_W": 4, "CONV_HAS_BIAS": False, "FAST_MATH": True},
         ("N", "K"),
         lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] * 4 / (32 * warps),  # weight bytes (K counts int32 words)
     ),
@@ -75,7 +75,7 @@ KERNELS = {
          "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_wn": "i32",
          "stride_sn": "i32"},
         {"GROUP": 128, "BLOCK_N": 16, "BLOCK_K": 256, "SPLITS": 1, "EVEN_K": True, "HAS_BIAS": False, "PTX": True,
-         "USE_PDL": True, "AHEAD": 0},
+         "USE_PDL": True},
         ("N", "K", "K_SPLIT"),
         lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] / 2 / (32 * warps),  # weight bytes
     ),

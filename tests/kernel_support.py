@@ -36,17 +36,6 @@ def reference_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) 
     return calls
 
 
-class LaunchRecorder:
-    """Stands in for a Triton JIT kernel (`kernel[grid](*args, **kwargs)`): records the keyword
-    argument `name` of every launch in `seen` and runs nothing."""
-
-    def __init__(self, name: str) -> None:
-        self.name, self.seen = name, []
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.seen.append(kwargs[self.name])
-
-
 def e4m3_ordinal(q: torch.Tensor) -> torch.Tensor:
     """e4m3 codes as integers in value order (adjacent values differ by 1; +-0 are both 0)."""
     code = q.cpu().view(torch.uint8).int()

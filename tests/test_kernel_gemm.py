@@ -25,7 +25,7 @@ from quamba_fx.kernels.conv1d import causal_conv1d_update_silu_int8
 from quamba_fx.kernels.gemm import ConvStep, int8_gemm, int8_gemm_conv_step, int8_gemm_reference
 from quamba_fx.quant.qops import MAX_INT8_LINEAR_K
 
-from .kernel_support import DEVICE, EXACT, LaunchRecorder, needs_kernel, reference_calls
+from .kernel_support import DEVICE, EXACT, needs_kernel, reference_calls
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -972,17 +972,3 @@ def test_rejects_bad_inputs(fn, override, match):
 def test_rejects_bad_inputs_kernel_rules(override, match):
     with pytest.raises(ValueError, match=match):
         int8_gemm(**{**_good(), **override})
-
-
-@pytest.mark.skipif(not EXACT, reason="swaps the GEMV's launcher on CPU tensors: needs TRITON_INTERPRET=1")
-def test_the_gemv_prefetch_setting_reaches_the_launch_but_never_the_interpreter(monkeypatch):
-    launches = LaunchRecorder("AHEAD")
-    monkeypatch.setattr(gemv, "_int8_gemv_jit", launches)
-    monkeypatch.setattr(gemv, "PREFETCH_AHEAD", 3)
-    monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
-    monkeypatch.setattr(gemv, "_TUNED", {})  # the configs chosen here are the fake launch's only
-    x, w = torch.ones(1, 64, dtype=torch.int8), torch.ones(32, 64, dtype=torch.int8)
-    for interpreted in (False, True):
-        monkeypatch.setattr(gemv, "_INTERPRET", interpreted)
-        int8_gemm(x, scale(0.1, "cpu"), w, scale(0.1, "cpu"), None, out_dtype=torch.float16)
-    assert launches.seen == [3, 0]

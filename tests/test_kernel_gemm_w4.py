@@ -12,7 +12,6 @@ from quamba_fx.kernels import dequant_w4, gemm_w4, gemv_w4
 from quamba_fx.kernels.dispatch import use_triton
 from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4, w4a8_linear, w4a16_linear
 
-from .kernel_support import LaunchRecorder
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
@@ -135,15 +134,3 @@ def test_many_rows_run_a_gemm_on_the_dequantized_weight(dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got.float(), w4a16_linear(x.float(), packed, scale, 32, bias), rtol=tolerance,
                                atol=10 * tolerance)
-
-
-def test_the_prefetch_setting_reaches_the_launch_but_never_the_interpreter(monkeypatch):
-    launches = LaunchRecorder("AHEAD")
-    monkeypatch.setattr(gemv_w4, "_w4a16_gemv_kernel", launches)
-    monkeypatch.setattr(gemv_w4, "PREFETCH_AHEAD", 4)
-    packed, scale = weights(32, 256, 128, seed=1)
-    x = torch.randn(1, 256).to(DEVICE, torch.float16)
-    for interpreted in (False, True):
-        monkeypatch.setattr(gemv_w4, "INTERPRET", interpreted)
-        gemv_w4.launch(x, packed, scale, 128, None, torch.empty(1, 32, dtype=torch.float16, device=DEVICE))
-    assert launches.seen == [4, 0]

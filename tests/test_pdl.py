@@ -1,7 +1,6 @@
 """The L2 weight prefetch of the decode GEMMs (kernels/pdl.py): which launches ask for it, that the
 chunks of the asking programs cover exactly the window, that the compiled sm_90 kernels issue it
-before they wait on the kernel ahead, and that the GEMVs' in-loop prefetch (`PREFETCH_AHEAD`) is
-in their loops when asked for."""
+before they wait on the kernel ahead."""
 
 from __future__ import annotations
 
@@ -128,27 +127,3 @@ def test_the_decode_gemms_prefetch_before_they_wait():
     for line in kernels:
         prefetch, wait = line.find("cp.async.bulk.prefetch.L2.global"), line.find("griddepcontrol.wait")
         assert 0 <= prefetch < wait, line.split()[0]
-
-
-# The hottest loop of each GEMV, in sm_90 SASS, without and with its prefetch some steps ahead.
-_LOOP_PREFETCHES = textwrap.dedent('''
-    import sys
-    sys.path.insert(0, sys.argv[1])
-    from sass_loop import KERNELS, compile_sass, hottest_loop, opcode
-
-    for kernel in ("gemv", "gemv_w4"):
-        module, function, signature, constexprs, multiples, _ = KERNELS[kernel]
-        for ahead in (0, 2):
-            sass = compile_sass(module, function, signature, dict(constexprs, AHEAD=ahead), multiples, 8, 3)
-            loop = hottest_loop(sass)
-            print(kernel, ahead, len(loop), sum(opcode(i) == "CCTL" for i in loop))
-''')
-
-
-def test_the_gemvs_prefetch_steps_ahead_in_their_loops_when_asked():
-    rows = [line.split() for line in _run_compiled(_LOOP_PREFETCHES)]
-    assert [(kernel, int(ahead)) for kernel, ahead, _, _ in rows] == [("gemv", 0), ("gemv", 2), ("gemv_w4", 0),
-                                                                     ("gemv_w4", 2)]
-    for (_, _, off_len, off_prefetches), (_, _, on_len, on_prefetches) in (rows[:2], rows[2:]):
-        assert int(off_prefetches) == 0 and int(on_prefetches) >= 1  # CCTL: the line prefetch
-        assert int(on_len) <= int(off_len) * 4 // 3  # a few instructions a step, not a rebuilt loop

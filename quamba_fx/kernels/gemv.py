@@ -36,19 +36,14 @@ from .dispatch import INTERPRETER_WIDE_N
 from .dispatch import cdiv, chosen_config, next_pow2, sm_count, tuned_configs
 from .conv1d import conv_update_step
 from .gemm_epilogue import epilogue, store_tile
-from .pdl import launch_options, prefetch_lines_to_l2, prefetch_options, prefetch_to_l2, wait_for_previous
+from .pdl import launch_options, prefetch_options, prefetch_to_l2, wait_for_previous
 
-__all__ = ["GEMV_MAX_M", "PREFETCH_AHEAD", "launch", "supported"]
+__all__ = ["GEMV_MAX_M", "launch", "supported"]
 
 # Problems with at most this many rows run here: with several, the rows' broadcast products need
 # layout exchanges through shared memory every step, and a few rows are the tensor-core kernel's.
 GEMV_MAX_M = 1
 
-# K steps ahead of the one being summed whose weight bytes each program asks L2 for (0: none; on
-# the GPU only; pdl.prefetch_lines_to_l2). The loop already loads the next step's tile into
-# registers; out_proj still streams at 58% of copy bandwidth (docs/benchmarks.md, run 13). A
-# setting for benchmarks/decode_settings.py, off until an A/B on the GPU decides it.
-PREFETCH_AHEAD = 0
 # int8 values in an int32 word.
 _PACK = 4
 _WARPS = 4
@@ -146,7 +141,6 @@ def _int8_gemv_jit(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     DP4A: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
     CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
-    AHEAD: tl.constexpr,
 ):
     # CONV: also the decode conv step of columns < D_CONV (see _finish), its state `cs` [D, W-1]
     # rolled in place, its output written to u.
@@ -178,11 +172,6 @@ def _int8_gemv_jit(
         # The next step's weight (the last again on the last step: cached, and unused).
         nxt = tl.minimum(kt + 1, k_tiles - 1)
         b_next = split_k.load_step(w_ptrs + nxt * BLOCK_K, offs_k, K, nxt, EVEN_K)
-        if AHEAD > 0:
-            # The rows' words AHEAD steps on (clamped inside the row), one request a 128-byte line.
-            ahead = tl.minimum(pid_k * k_tiles * BLOCK_K + (kt + AHEAD) * BLOCK_K, K - 1)
-            lines = tl.minimum(ahead + tl.arange(0, (BLOCK_K + 31) // 32) * 32, K - 1)
-            prefetch_lines_to_l2(w_ptr + cols.to(tl.int64)[:, None] * stride_wn + lines[None, :])
         sums = _dot4(a, b, sums, DP4A)
         b = b_next
     acc = tl.sum(sums, axis=1)[None, :]  # [1, BLOCK_N]: the epilogue's tile shape
@@ -229,4 +218,4 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
                                 **prefetch_options(w, programs),
                                 **flags, **meta, **conv_flags, FAST_MATH=not _INTERPRET,
                                 EVEN_K=_even_k(k_words, meta), DP4A=not _INTERPRET, enable_fp_fusion=False,
-                                AHEAD=0 if _INTERPRET else PREFETCH_AHEAD, **launch_options(x.device))
+                                **launch_options(x.device))

@@ -43,21 +43,15 @@ from torch import Tensor
 
 from . import split_k
 from .dispatch import INTERPRET, cdiv
-from .pdl import launch_options, prefetch_lines_to_l2, wait_for_previous
+from .pdl import launch_options, wait_for_previous
 
-__all__ = ["Config", "PREFETCH_AHEAD", "default_config", "launch", "supported"]
+__all__ = ["Config", "default_config", "launch", "supported"]
 
 # A launch config: (BLOCK_N rows, BLOCK_K columns, warps, splits of K).
 Config = tuple[int, int, int, int]
 
 # Programs a GEMV should have to keep every SM of a large GPU streaming (8 per SM of the H200's 132).
 _PROGRAMS = 1056
-# Blocks ahead of the one being summed whose weight bytes each program asks L2 for (0: none; on
-# the GPU only). At 0.97 TB/s on in_proj (session 27, docs/benchmarks.md) this GEMV has about
-# 16 KB in flight an SM, its one block a program; a prefetch a few blocks ahead raises that without
-# registers (a register copy of the next block cost 3 byte permutes a byte). A setting for
-# benchmarks/decode_settings.py, off until an A/B on the GPU decides it.
-PREFETCH_AHEAD = 0
 # Columns a block by default: 128 weight bytes a row.
 _BLOCK_K = 256
 # Weight bytes one PTX block takes (`pack`): a 32-bit register of them.
@@ -128,7 +122,7 @@ def _dot8_reference(packed, xw, scale, acc):
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr, N, K, K_SPLIT, stride_wn,
                        stride_sn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr,
-                       USE_PDL: tl.constexpr, AHEAD: tl.constexpr):
+                       USE_PDL: tl.constexpr):
     # x_ptr: the fp16 activation row as 32-bit words of two columns: word i is columns 2i and
     # 2i + 1, matching weight byte i. A block is SUBS sub-blocks of one
     # scale group each, `[BLOCK_N, SUBS, SUB_BYTES]` weight bytes. Program (n, s) sums columns
@@ -150,13 +144,6 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
     s_rows = s_ptr + rows[:, None] * stride_sn
     acc = tl.zeros((BLOCK_N, SUBS, SUB_K // 2), dtype=tl.float32)
     for k0 in range(k_first, k_end, BLOCK_K):
-        if AHEAD > 0:
-            # Each row's bytes AHEAD blocks on (its last block once past the row's end: a
-            # prefetch must stay inside the tensor), one 128-byte line a request.
-            ahead = tl.minimum(k0 + AHEAD * BLOCK_K, K - 1) // 2
-            lines = tl.arange(0, (BLOCK_K // 2 + 127) // 128)
-            line_bytes = tl.minimum(ahead + lines * 128, (K - 1) // 2)
-            prefetch_lines_to_l2(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + line_bytes[None, :])
         if EVEN_K:
             packed = tl.load(w_rows + k0 // 2 + byte)
             xw = tl.load(x_tile + k0 // 2)
@@ -225,6 +212,6 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
         words, w, scales, bias if has_bias else scales, out, partials, counters, n, k, k_split, w.stride(0),
         scales.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits,
         EVEN_K=k % block_k == 0, HAS_BIAS=has_bias, PTX=not INTERPRET, num_warps=warps,
-        AHEAD=0 if INTERPRET else PREFETCH_AHEAD, **launch_options(x.device),
+        **launch_options(x.device),
     )
     return out

@@ -33,7 +33,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .dispatch import INTERPRET, sm_count
 
-__all__ = ["ENABLED", "L2_PREFETCH", "L2_WINDOW_BYTES", "launch_options", "prefetch_chunk", "prefetch_lines_to_l2",
+__all__ = ["ENABLED", "L2_PREFETCH", "L2_WINDOW_BYTES", "launch_options", "prefetch_chunk",
            "prefetch_options", "prefetch_to_l2", "use_pdl", "wait_for_previous"]
 
 # QUAMBA_FX_PDL=0 turns it off (e.g. to measure what it gains).
@@ -129,12 +129,3 @@ def _bulk_prefetch(address, size):
         "{ .reg .pred first; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 first, t, 0; "
         "@first cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
         "=r,l,r", [address, size], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def prefetch_lines_to_l2(ptrs):
-    """Ask L2 for the 128-byte line holding each address of `ptrs` (`prefetch.global.L2`, sm_80
-    and later; compiled code only). A hint, as `prefetch_to_l2`: nothing waits for it. The GEMVs
-    use it inside their loops, on the rows of a block some steps ahead."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
