@@ -60,17 +60,6 @@ SHAPES = {
     "2.7b in_proj": (2560, 10576),
 }
 DEFAULT_M = [1, 16, 2048, 16384]
-
-
-def _explore() -> List:
-    """Tiles `--variants` also times that the tuner's candidates do not hold: four-warpgroup
-    256 x 256 tiles (twice the operand reuse of 128 x 256), deeper pipelines, a wider swizzle."""
-    from quamba_fx.kernels.gemm_tma import TmaConfig as C
-
-    return [C(256, 256, 64, 8, 3, 16), C(256, 256, 64, 8, 4, 16), C(256, 256, 128, 8, 2, 16),
-            C(256, 128, 128, 8, 4, 8, split=True), C(128, 256, 128, 16, 3, 8), C(128, 256, 64, 8, 5, 8)]
-
-
 CHECK_ROWS = 256  # rows that calibrate the int8 out_scale
 # What the lowered 2.8b model asks of each projection (quamba_fx.passes.lower: int8 where the
 # next kernel reads int8, fp16 before the residual add).
@@ -152,8 +141,8 @@ def _tma_variants(N: int, K: int, out_bytes: int) -> List:
     # Ablation of the first (largest) candidate: what flattening the tile and K loops is worth.
     # (Triton 3.6's automatic warp specialization, `warp_specialize=True`, compiles to the same
     # registers and shared memory as without it for sm_90 here: not applied, so not timed.)
-    extra = [cands[0]._replace(flatten=False)] + gemm_tma._clip_candidates(_explore(), N, K, out_bytes)
-    return cands + [c for c in dict.fromkeys(extra) if c not in cands]
+    extra = [cands[0]._replace(flatten=False)]
+    return cands + [c for c in extra if c not in cands]
 
 
 def _cfg_name(c) -> str:
