@@ -12,7 +12,6 @@ from quamba_fx.kernels import dequant_w4, gemm_w4, gemv_w4
 from quamba_fx.kernels.dispatch import use_triton
 from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4, w4a8_linear, w4a16_linear
 
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
