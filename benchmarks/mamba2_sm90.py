@@ -1,5 +1,6 @@
-"""Mamba-2's kernels (the SSD scan's, kernels/ssd.py, and the gated norm, kernels/gated_norm.py)
-compiled for sm_90 offline: spills and wgmma.
+"""Mamba-2's kernels (the SSD scan's, kernels/ssd.py; the gated norm, kernels/gated_norm.py; and
+the gated norm fused into out_proj's Hadamard quantize, kernels/hadamard.py) compiled for sm_90
+offline: spills and wgmma.
 
     python benchmarks/mamba2_sm90.py [--builds fp16:fp16 i8:fp16 fp32:fp32]
 
@@ -7,7 +8,8 @@ No GPU needed (Triton's bundled ptxas and nvdisasm). A build is INPUTS:PRODUCTS,
 dt, B and C and the one the matrix products round their operands to (an fp16 model: fp16:fp16; a
 W8A8 graph lowered to fp16, whose scan reads the int8 codes with their scales: i8:fp16). For each build and kernel,
 at the tile sizes `ssd.tiles` picks for mamba2-2.7b (chunk 256, head_dim 64, state 128; the gated
-norm's rows of d_inner 5120, int8 gate, fp16 out), one row: local stores and loads in its SASS
+norm's rows of d_inner 5120, int8 gate, fp16 out; the fused one in the decode graph's one-row
+tiles, for 16-bit products only, as the lowering fuses it), one row: local stores and loads in its SASS
 (spills), its wgmma instructions (`HGMMA`: products on Hopper's tensor cores) and the shared
 memory a program asks (a launch fails above sm_90's 232448 bytes). With 16-bit products the three
 product kernels should use wgmma; nothing should spill. The interpreter cannot see any of it;
@@ -28,6 +30,7 @@ CHUNK, HEAD_DIM, STATE, D_INNER = 256, 64, 128, 5120
 # follows from it. Without it the build shows scalar loads the GPU never runs.
 MULTIPLES = ("L", "H", "P", "N", "chunk", "heads_per_group", "PN")
 NORM_MULTIPLES = ("D", "G")  # the gated norm's row width and group width, 5120 each
+HADAMARD_MULTIPLES = ()  # a decode step's rows and blocks: the batch, 1 at batch 1
 SSD = "quamba_fx.kernels.ssd"
 
 
@@ -46,6 +49,10 @@ def launch_options(name: str) -> tuple[int, int]:
 
     if name == "_gated_rmsnorm_kernel":
         return 8, 2  # gated_norm's launch: 8 warps for 8192-wide rows
+    if name == "_hadamard_packed_kernel":
+        from quamba_fx.kernels import hadamard
+
+        return hadamard.GATED_WARPS, 3  # hadamard._launch's for the gated tiles (the loop's own: STAGES=1)
     kernel = {"_chunk_cb_kernel": "cb", "_chunk_state_kernel": "state", "_chunk_scan_kernel": "scan"}.get(name)
     if kernel is None:
         return 4, 2
@@ -112,7 +119,21 @@ def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
             {"y_ptr": out, "z_ptr": "*i8", **_kinds("z_scale_ptr w_ptr", f32), "out_ptr": "*fp16",
              **_kinds("D G groups stride_y stride_z", "i32"), "eps": "fp32"},
             dict(Z_INT8=True, BLOCK=8192, SINGLE=True)),
-    }
+    } | (_gated_hadamard(out) if products == "fp16" else {})
+
+
+def _gated_hadamard(y: str) -> dict[str, tuple[str, dict, dict]]:
+    """The fused gated norm + Hadamard quantize at d_inner 5120 as a decode step runs it (20 x 256,
+    one row a 32-row tile), reading y as `y` and an int8 gate at in_proj's row stride."""
+    import math
+
+    return {"_hadamard_packed_kernel": (
+        "quamba_fx.kernels.hadamard",
+        {"x_ptr": y, "d_ptr": "*fp16", "scale_ptr": "*fp32", "out_ptr": "*i8",
+         **_kinds("rows n_blocks D1 stride_0 stride_1", "i32"), "z_ptr": "*i8", **_kinds("z_scale_ptr w_ptr", "*fp32"),
+         **_kinds("stride_z0 stride_z1", "i32"), "eps": "fp32"},
+        dict(INV_SQRT_N=1 / math.sqrt(D_INNER), M=20, R=1, MP=32, P=256, LOG_P=8, QUANT=1, EMULATE_DOT=False,
+             STAGES=1, USE_PDL=True, GATED=True, Z_INT8=True, GROUP_ROWS=20))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     print("build kernel local_stores local_loads wgmma shared_bytes")
     for build in args.builds:
         for name, (module, signature, constexprs) in builds(*build.split(":")).items():
-            multiples = NORM_MULTIPLES if name == "_gated_rmsnorm_kernel" else MULTIPLES
+            multiples = {"_gated_rmsnorm_kernel": NORM_MULTIPLES,
+                         "_hadamard_packed_kernel": HADAMARD_MULTIPLES}.get(name, MULTIPLES)
             compiled = compile_sm90(module, name, signature, constexprs, multiples, *launch_options(name))
             ops = [opcode(i) for i in instructions(disassemble(compiled))]
             counts = [ops.count(op) for op in ("STL", "LDL", "HGMMA")]

@@ -32,7 +32,7 @@ from ..errors import InputError
 from .dispatch import INTERPRET, as_scalar, graph_op
 from .dispatch import use_triton as _use_triton
 
-__all__ = ["gated_rmsnorm", "gated_rmsnorm_op", "gated_rmsnorm_reference"]
+__all__ = ["check_gated_rmsnorm_args", "gated_rmsnorm", "gated_rmsnorm_op", "gated_rmsnorm_reference"]
 
 # Longest row held whole in registers (8192 fp32: 32 a thread over 8 warps); a module variable so
 # the tests can force the two-pass loop on small rows.
@@ -92,8 +92,10 @@ def gated_rmsnorm_reference(y: Tensor, z: Tensor, z_scale: Optional[Tensor], wei
     return (weight.float() * h).to(out_dtype)
 
 
-def _validate(y: Tensor, z: Tensor, z_scale: Optional[Tensor], weight: Tensor, out_dtype: torch.dtype,
-              group_size: Optional[int]) -> None:
+def check_gated_rmsnorm_args(y: Tensor, z: Tensor, z_scale: Optional[Tensor], weight: Tensor, out_dtype: torch.dtype,
+                             group_size: Optional[int]) -> None:
+    """Raise `InputError` unless `gated_rmsnorm` can take these arguments (shared with the fused
+    gated norm + Hadamard quantize of kernels/hadamard.py)."""
     if y.shape != z.shape or y.dim() < 1:
         raise InputError(f"gated_rmsnorm: y and z must have one shape [..., D], got {tuple(y.shape)} and "
                          f"{tuple(z.shape)}")
@@ -118,7 +120,7 @@ def gated_rmsnorm(y: Tensor, z: Tensor, z_scale: Optional[Tensor], weight: Tenso
     Any row strides; the last dim must be contiguous (else copied). CUDA tensors, and CPU ones
     under TRITON_INTERPRET=1, run the Triton kernel; others `gated_rmsnorm_reference`. Raises
     `InputError` on inconsistent arguments."""
-    _validate(y, z, z_scale, weight, out_dtype, group_size)
+    check_gated_rmsnorm_args(y, z, z_scale, weight, out_dtype, group_size)
     if not _use_triton(y) or y.numel() == 0:
         return gated_rmsnorm_reference(y, z, z_scale, weight, eps, out_dtype, group_size)
     width = y.shape[-1]

@@ -17,6 +17,7 @@ folds parameter expressions, casts the float leftovers, and derives the cached g
 | `quantize_fp8(hadamard(y), s)` (per tensor)                | `hadamard_quantize_fp8`        |
 | `hadamard(y)` that no quantize above takes                 | `hadamard_rotate`              |
 | `[quantize](RMSNorm(residual + out))`                      | `add_rmsnorm_quantize`         |
+| Mamba-2's `norm(y, [dequantize](z))` (gated RMSNorm)       | `gated_rmsnorm`                |
 | `quantize_fp8(RMSNorm(residual + out))` (per tensor)       | `add_rmsnorm_quantize` (e4m3)  |
 | expressions of parameters only (`-exp(A_log.float())`)     | folded into a buffer           |
 
@@ -27,7 +28,10 @@ The scan computes in fp32; the decode cache keeps its state in `state_dtype` (re
 lowering, as mamba_ssm does (it halves the state read and written every decode step), and fp32
 otherwise (bf16's 8-bit mantissa is too coarse for a recurrent state; an fp32 lowering stays the
 exact option). The result computes what the reference graph computes up to the kernels' documented
-rounding differences; `cached_graph` derives the prefill and decode graphs of generation from it.
+rounding differences; `cached_graph` derives the prefill and decode graphs of generation from it,
+and fuses further in the decode graph (`lowering.DECODE_RULES`: in_proj with the conv step, dt_proj
+with the scan step, Mamba-2's gated norm with the Hadamard quantize), where a step's time is its
+launches more than its bytes.
 """
 
 from __future__ import annotations

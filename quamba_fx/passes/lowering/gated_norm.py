@@ -1,5 +1,8 @@
-"""Lowering rule of the gated RMSNorm kernel (kernels/gated_norm.py): Mamba-2's `mixer.norm(y, z)`
-module call, with the dequantize of an int8 gate z folded in, becomes one kernel op."""
+"""Lowering rules of the gated RMSNorm kernel (kernels/gated_norm.py): Mamba-2's `mixer.norm(y, z)`
+module call, with the dequantize of an int8 gate z folded in, becomes one kernel op; and in the
+decode graph, where out_proj's Hadamard quantize is all that reads it, the norm becomes that
+kernel's prologue (`gated_rmsnorm_hadamard_quantize`, kernels/hadamard.py): one launch a block
+fewer in a step. Long prefills keep the two kernels, which are faster there."""
 
 from __future__ import annotations
 
@@ -8,14 +11,23 @@ import functools
 import torch
 import torch.fx
 
+from ...graph_info import fetch_attr
 from ...kernels import gated_norm as gated_norm_kernel  # noqa: F401  (registers the kernel op read below)
+from ...kernels.hadamard import packs_gated_norm
 from ..rewrite import Rule
-from .match import annotate, get_attr, per_tensor_int8
+from .hadamard import HADAMARD_QUANTIZE
+from .match import annotate, get_attr, is_call, per_tensor_int8
 from .norm import is_rmsnorm
 
 GATED_RMSNORM = torch.ops.quamba.gated_rmsnorm.default
+GATED_RMSNORM_HADAMARD_QUANTIZE = torch.ops.quamba.gated_rmsnorm_hadamard_quantize.default
 
-KERNELS = {GATED_RMSNORM: "triton:gated_rmsnorm"}
+KERNELS = {GATED_RMSNORM: "triton:gated_rmsnorm",
+           GATED_RMSNORM_HADAMARD_QUANTIZE: "triton:gated_rmsnorm_hadamard_quantize"}
+
+# Whether the decode graph fuses the norm into the Hadamard quantize: a setting that
+# benchmarks/decode_settings.py can turn off to measure what the fusion gains.
+FUSE_IN_DECODE = True
 
 
 def fuse_gated_norm(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
@@ -43,6 +55,35 @@ def fuse_gated_norm(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.
     return True
 
 
+def fuse_gated_norm_into_hadamard(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """`hadamard_quantize(gated_rmsnorm(y, z, z_scale, weight, eps, dtype, group), s)`, the normed
+    rows read by nothing else -> `gated_rmsnorm_hadamard_quantize(y, z, z_scale, weight, eps,
+    group, dtype, s)`. Decode only, and only where that kernel packs the rows
+    (`packs_gated_norm`: fp16 normed values, sizes and groups its tiles take); elsewhere the two
+    kernels stay."""
+    if not FUSE_IN_DECODE or not is_call(node, HADAMARD_QUANTIZE):
+        return False
+    norm = node.args[0]
+    if not is_call(norm, GATED_RMSNORM) or len(norm.users) != 1:
+        return False
+    y, z, z_scale, weight, eps, dtype, group_size = norm.args
+    width = fetch_attr(gm, weight.target).numel()
+    if not packs_gated_norm(width, group_size, dtype):
+        return False
+    with gm.graph.inserting_before(node):
+        fused = gm.graph.call_function(
+            GATED_RMSNORM_HADAMARD_QUANTIZE, (y, z, z_scale, weight, eps, group_size, dtype, node.args[1]))
+    node.replace_all_uses_with(annotate(fused, node))
+    fused.meta["quamba"]["kernel"] = KERNELS[GATED_RMSNORM_HADAMARD_QUANTIZE]
+    gm.graph.erase_node(node)
+    gm.graph.erase_node(norm)
+    return True
+
+
 def rules(dtype: torch.dtype) -> list[Rule]:
-    """The lowering rule, the normed output in `dtype` (what out_proj's Hadamard quantize reads)."""
+    """The lowering rules, the normed output in `dtype` (what out_proj's Hadamard quantize reads)."""
     return [functools.partial(fuse_gated_norm, dtype=dtype)]
+
+
+# The decode graph's fusion (`kernel_lowering.cached_graph` applies it).
+DECODE_RULES: list[Rule] = [fuse_gated_norm_into_hadamard]
