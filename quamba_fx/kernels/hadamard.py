@@ -134,9 +134,9 @@ _STAGE_BYTES = 96 * 1024
 
 # Warps of the gated norm's tiles (`gated_rmsnorm_hadamard_quantize`). The lowering runs that op
 # in the decode graph only: 1-64 rows, one-row tiles of one program each (from 2048 rows up it is
-# slower than the two kernels, docs/benchmarks.md, session 33). A setting that
-# benchmarks/decode_settings.py can sweep.
-GATED_WARPS = 4
+# slower than the two kernels). mamba2-2.7b decode on the H200, against 4 warps: +1.8% at batch 1,
+# +1.1% at 16 and 64 (docs/benchmarks.md, session 33). A setting decode_settings.py can sweep.
+GATED_WARPS = 8
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The kernels' QUANT constexpr: index of the output dtype (0: the fp32 rotation, no quantization).
