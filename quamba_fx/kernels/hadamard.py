@@ -134,8 +134,8 @@ _STAGE_BYTES = 96 * 1024
 
 # Warps of the gated norm's tiles (`gated_rmsnorm_hadamard_quantize`). The lowering runs that op
 # in the decode graph only: 1-64 rows, one-row tiles of one program each (from 2048 rows up it is
-# slower than the two kernels). mamba2-2.7b decode on the H200, against 4 warps: +1.8% at batch 1,
-# +1.1% at 16 and 64 (docs/benchmarks.md, session 33). A setting decode_settings.py can sweep.
+# slower than the two kernels). mamba2-2.7b decode on the H200, against 4 warps: +1.8%, +1.1% and
+# +1.0% at batch 1, 16 and 64 (docs/benchmarks.md, session 33). A setting decode_settings.py sweeps.
 GATED_WARPS = 8
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -706,8 +706,9 @@ def gated_rmsnorm_hadamard_quantize(y: torch.Tensor, z: torch.Tensor, z_scale: O
     contiguous. Where `packs_gated_norm` says no (or off a Triton device) it runs the two
     functions. The norm's sum of squares is added in another order than gated_rmsnorm's, which
     can move a normed value by one `norm_dtype` ulp, and so an int8 code by one step (rarely).
-    For decode steps: from 2048 rows up the two kernels are faster (the norm's arithmetic and
-    synchronous loads stall the rotation's pipeline; docs/benchmarks.md, session 33).
+    Meant for decode steps (a few rows, one launch fewer): from 2048 rows up the two kernels are
+    faster (the norm's arithmetic and synchronous loads stall the rotation's pipeline;
+    docs/benchmarks.md, session 33).
     """
     check_gated_rmsnorm_args(y, z, z_scale, weight, norm_dtype, group_size)
     _check_x("gated_rmsnorm_hadamard_quantize", y)

@@ -17,8 +17,8 @@ folds parameter expressions, casts the float leftovers, and derives the cached g
 | `quantize_fp8(hadamard(y), s)` (per tensor)                | `hadamard_quantize_fp8`        |
 | `hadamard(y)` that no quantize above takes                 | `hadamard_rotate`              |
 | `[quantize](RMSNorm(residual + out))`                      | `add_rmsnorm_quantize`         |
-| Mamba-2's `norm(y, [dequantize](z))` (gated RMSNorm)       | `gated_rmsnorm`                |
 | `quantize_fp8(RMSNorm(residual + out))` (per tensor)       | `add_rmsnorm_quantize` (e4m3)  |
+| Mamba-2's `norm(y, [dequantize](z))` (gated RMSNorm)       | `gated_rmsnorm`                |
 | expressions of parameters only (`-exp(A_log.float())`)     | folded into a buffer           |
 
 The conv1d must already be fused (`passes.conv_fusion`; `quamba_fx.flows.lower` runs both). Float leftovers (embedding, lm_head) and the
