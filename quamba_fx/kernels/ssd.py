@@ -46,10 +46,9 @@ def _widen(x, DTYPE: tl.constexpr):
     # 2048), bits 0x6480 + x are the fp16 1152 + x for x in [-128, 127], and subtracting 1152 is
     # exact; fp32 the same from 2**23 (0x4B000000, ulp 1). bf16 (8 significant bits, too few
     # for the trick) rounds the exact fp32 value, exactly: the interpreter's int8 -> bf16 is wrong.
+    # For DTYPE fp32 the final .to is a no-op, so one branch serves fp32 and bf16.
     if x.dtype == tl.int8 and DTYPE == tl.float16:
         return (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
-    elif x.dtype == tl.int8 and DTYPE == tl.float32:
-        return (x.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
     elif x.dtype == tl.int8:
         return ((x.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0).to(DTYPE)
     else:
