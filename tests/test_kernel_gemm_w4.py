@@ -71,6 +71,22 @@ def test_one_fp16_row_runs_the_gemv_and_both_kernels_agree(k):
         torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-2)
 
 
+@settings(max_examples=30)
+@given(n=st.integers(1, 70), words=st.integers(1, 48), group=st.sampled_from([32, 64, 128]),
+       block_n=st.sampled_from([8, 16]), block_k=st.sampled_from([32, 64, 128, 256]), splits=st.integers(1, 4),
+       seed=st.integers(0, 999))
+def test_gemv_configs_match_the_reference(n, words, group, block_n, block_k, splits, seed):
+    # Every split length, including splits of less than one block and a partial last block.
+    k = 8 * words
+    if group % block_k and block_k % group:
+        block_k = group
+    packed, scale = weights(n, k, group, seed)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 1)).half().to(DEVICE)
+    got = gemm_w4.w4a16_gemm(x, packed, scale, group, gemv=(block_n, block_k, 4, splits))
+    torch.testing.assert_close(got.float(), w4a16_linear(x.float(), packed, scale, group), rtol=2e-3,
+                               atol=2e-3 * (1 + k ** 0.5))
+
+
 def test_an_fp32_row_multiplied_in_fp16_runs_the_gemv_on_the_rounded_row():
     packed, scale = weights(40, 96, 32, 4)
     x = torch.randn(1, 96, device=DEVICE) * 3
@@ -133,3 +149,49 @@ def test_many_rows_run_a_gemm_on_the_dequantized_weight(dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got.float(), w4a16_linear(x.float(), packed, scale, 32, bias), rtol=tolerance,
                                atol=10 * tolerance)
+
+
+@settings(max_examples=20)
+@given(n=st.integers(2, 80), words=st.integers(1, 24), group=st.sampled_from([32, 64]), width=st.integers(2, 4),
+       bias=st.booleans(), conv_bias=st.booleans(), state_dtype=st.sampled_from([torch.float16, torch.float32]),
+       splits=st.integers(1, 3), data=st.data())
+def test_the_gemv_with_the_conv_step_gives_the_bits_of_the_two_kernels(n, words, group, width, bias, conv_bias,
+                                                                       state_dtype, splits, data):
+    # A decode step's W4A16 in_proj with the conv1d step in its epilogue (the x half, D <= N
+    # channels) against w4a16_gemm then the conv update kernel: the same output, u and state.
+    from quamba_fx.kernels.conv1d_float import conv1d_silu_update
+
+    k = 8 * words
+    channels = data.draw(st.integers(1, n))
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    packed, scale = weights(n, k, group, n + k)
+    x = torch.randn(1, 1, k, generator=g).half().to(DEVICE)
+    b = torch.randn(n, generator=g).to(DEVICE) if bias else None
+    conv_w = torch.randn(channels, 1, width, generator=g).to(DEVICE)
+    conv_b = torch.randn(channels, generator=g).to(DEVICE) if conv_bias else None
+    state = torch.randn(1, channels, width - 1, generator=g).to(DEVICE, state_dtype)
+    expected_state = state.clone()
+    expected_xz = gemm_w4.w4a16_gemm(x, packed, scale, group, b, torch.float16, gemv=(16, 32, 4, splits))
+    expected_u = conv1d_silu_update(expected_xz[:, 0, :channels], conv_w, conv_b, expected_state)[..., None]
+
+    xz, u = gemm_w4.w4a16_gemm_conv_step(x, packed, scale, group, b, torch.float16, conv_w, conv_b, state,
+                                         gemv=(16, 32, 4, splits))
+    assert xz.shape == (1, 1, n) and u.shape == (1, channels, 1) and u.dtype == xz.dtype == torch.float16
+    assert torch.equal(xz, expected_xz) and torch.equal(u, expected_u) and torch.equal(state, expected_state)
+
+
+def test_the_conv_step_runs_after_the_gemm_where_the_gemv_does_not_take_the_rows():
+    packed, scale = weights(48, 64, 32, 5)
+    x = (torch.randn(3, 1, 64, generator=torch.Generator().manual_seed(5)) / 8).half().to(DEVICE)
+    conv_w = torch.randn(20, 1, 4, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    state = torch.randn(3, 20, 3, generator=torch.Generator().manual_seed(7)).half().to(DEVICE)
+    reference_state = state.clone()
+    xz, u = gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state)
+    expected_xz = gemm_w4.w4a16_gemm(x, packed, scale, 32)
+    from quamba_fx.kernels.conv1d_float import conv1d_silu_update_reference
+
+    expected_u = conv1d_silu_update_reference(expected_xz[:, 0, :20], conv_w, None, reference_state)
+    assert torch.equal(xz, expected_xz) and u.shape == (3, 20, 1) and torch.equal(state, reference_state)
+    torch.testing.assert_close(u[..., 0], expected_u, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="conv_state"):
+        gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state[:, :, :2])

@@ -205,6 +205,33 @@ def test_an_fp16_lowering_multiplies_w4a16_activations_in_fp16(quantized):
             assert not any(is_cast(n.args[0]) for n in rotations)  # read through their casts
 
 
+def test_a_w4a16_decode_step_runs_in_proj_and_the_conv_as_one_op(quantized, monkeypatch):
+    """Mamba-1's decode graph folds the float conv step into in_proj's W4A16 GEMV
+    (lowering/gemm_w4.py); its logits are those of the two separate ops, bit for bit. Mamba-2's
+    conv reads a split of in_proj's output, not a chunk, and keeps its own op."""
+    from quamba_fx.graph_meta import find_graph_meta
+    from quamba_fx.passes.lowering import gemm_w4
+
+    lowered = quamba_fx.lower(quantized["quamba2-w4a16"])
+    meta = find_graph_meta(lowered)
+    blocks = meta.num_blocks if "Mamba2" not in meta.source else 0
+    ids = IDS[:1, :7]
+
+    def decode_two(gen: Generator) -> list[torch.Tensor]:
+        with torch.no_grad():
+            gen.prefill(ids[:, :5])
+            return [gen.decode(ids[:, t]) for t in (5, 6)]
+
+    fused = Generator(lowered, batch_size=1)
+    decode_ops = [op_name(n) for n in fused.decode_graph.graph.nodes if n.op == "call_function"]
+    assert decode_ops.count("w4a16_in_proj_conv_update") == blocks
+    assert decode_ops.count("conv1d_silu_cached") == meta.num_blocks - blocks
+    monkeypatch.setattr(gemm_w4, "FUSE_CONV_IN_DECODE", False)
+    separate = Generator(lowered, batch_size=1)
+    assert not any(op_name(n) == "w4a16_in_proj_conv_update" for n in separate.decode_graph.graph.nodes)
+    assert all(torch.equal(a, b) for a, b in zip(decode_two(fused), decode_two(separate)))
+
+
 # --- accuracy on the trained byte models (benchmarks/accuracy.py measures with more text) ----------
 
 

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from .dispatch import cdiv, graph_op, use_triton
 
-__all__ = ["conv1d_silu", "conv1d_silu_reference", "conv1d_silu_update", "conv1d_silu_update_reference"]
+__all__ = ["MAX_UPDATE_WIDTH", "conv1d_silu", "conv1d_silu_reference", "conv1d_silu_update",
+           "conv1d_silu_update_reference", "conv_silu_step"]
 
 _BLOCK_D = 256
 # The prefill kernel's tile: positions x channels (channels are contiguous in a block's input,
@@ -69,40 +70,71 @@ def conv1d_silu_update_reference(x: Tensor, weight: Tensor, bias: Optional[Tenso
     return y[..., 0]
 
 
+# Widths the decode step's kernels take (Mamba's is 4); wider convs run the reference.
+MAX_UPDATE_WIDTH = 4
+
+
+@triton.jit
+def conv_silu_step(x_new, s_base, w_ptr, bias_ptr, offs_d, mask_d, stride_sk, stride_wd, stride_wk,
+                   W: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One decode step of the channels `offs_d` (2 <= W <= 4) given their new inputs `x_new` (in
+    the conv input's dtype): the conv over `[state, x_new]` in fp32, tap by tap in the
+    reference's order, then the SiLU (returned, fp32); the state (`s_base`: the channels' rows of
+    one sequence's `[D, W-1]`) rolled left in place with `x_new` appended. Every column is read
+    before any is written: in the W4A16 GEMV's epilogue (gemv_w4.py) a channel may be held by
+    several threads, and the barrier keeps one thread's roll from reaching a column another has
+    yet to read. The update kernel below runs the same step, so both give the same bits."""
+    if HAS_BIAS:
+        acc = tl.load(bias_ptr + offs_d, mask=mask_d, other=0).to(tl.float32)
+    else:
+        acc = tl.zeros(offs_d.shape, dtype=tl.float32)
+    c0 = tl.load(s_base, mask=mask_d, other=0)
+    if W > 2:
+        c1 = tl.load(s_base + stride_sk, mask=mask_d, other=0)
+    else:
+        c1 = x_new.to(c0.dtype)
+    if W > 3:
+        c2 = tl.load(s_base + 2 * stride_sk, mask=mask_d, other=0)
+    else:
+        c2 = x_new.to(c0.dtype)
+    taps = w_ptr + offs_d * stride_wd
+    acc += tl.load(taps, mask=mask_d, other=0).to(tl.float32) * c0.to(tl.float32)
+    if W > 2:
+        acc += tl.load(taps + stride_wk, mask=mask_d, other=0).to(tl.float32) * c1.to(tl.float32)
+    if W > 3:
+        acc += tl.load(taps + 2 * stride_wk, mask=mask_d, other=0).to(tl.float32) * c2.to(tl.float32)
+    acc += tl.load(taps + (W - 1) * stride_wk, mask=mask_d, other=0).to(tl.float32) * x_new.to(tl.float32)
+    tl.debug_barrier()
+    if W > 2:
+        tl.store(s_base, c1, mask=mask_d)
+    if W > 3:
+        tl.store(s_base + stride_sk, c2, mask=mask_d)
+    tl.store(s_base + (W - 2) * stride_sk, x_new.to(c0.dtype), mask=mask_d)
+    return acc / (1.0 + tl.exp(-acc))
+
+
 @triton.jit
 def _conv1d_silu_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, D,
                                stride_xb, stride_xd, stride_sb, stride_sd, stride_sk, stride_wd, stride_wk,
                                stride_ob, stride_od,
                                W: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs_d < D
-    s_row = state_ptr + pid_b.to(tl.int64) * stride_sb + offs_d * stride_sd
-    x_new = tl.load(x_ptr + pid_b.to(tl.int64) * stride_xb + offs_d * stride_xd, mask=mask, other=0)
-    if HAS_BIAS:
-        acc = tl.load(bias_ptr + offs_d, mask=mask, other=0).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    # Column k of [state, x_new] meets tap k; each thread owns its channels, so reading column
-    # k + 1 and writing it to column k in the same step is safe.
-    for k in tl.static_range(W - 1):
-        column = tl.load(s_row + k * stride_sk, mask=mask, other=0)
-        acc += tl.load(w_ptr + offs_d * stride_wd + k * stride_wk, mask=mask, other=0).to(tl.float32) * column.to(tl.float32)
-        if k > 0:
-            tl.store(s_row + (k - 1) * stride_sk, column, mask=mask)
-    acc += tl.load(w_ptr + offs_d * stride_wd + (W - 1) * stride_wk, mask=mask, other=0).to(tl.float32) * x_new.to(tl.float32)
-    tl.store(s_row + (W - 2) * stride_sk, x_new.to(state_ptr.dtype.element_ty), mask=mask)
-    y = acc / (1.0 + tl.exp(-acc))
-    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_d * stride_od, y.to(out_ptr.dtype.element_ty), mask=mask)
+    x_new = tl.load(x_ptr + pid_b * stride_xb + offs_d * stride_xd, mask=mask, other=0)
+    y = conv_silu_step(x_new, state_ptr + pid_b * stride_sb + offs_d * stride_sd, w_ptr, bias_ptr, offs_d, mask,
+                       stride_sk, stride_wd, stride_wk, W, HAS_BIAS)
+    tl.store(out_ptr + pid_b * stride_ob + offs_d * stride_od, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def conv1d_silu_update(x: Tensor, weight: Tensor, bias: Optional[Tensor], state: Tensor) -> Tensor:
-    """`conv1d_silu_update_reference` on the Triton kernel where it runs (`dispatch.use_triton`);
-    `x [B, C]` float, `weight [C, 1, W]` (W >= 2), `state [B, C, W-1]` in x's dtype or another float."""
+    """`conv1d_silu_update_reference` on the Triton kernel where it runs (`dispatch.use_triton`,
+    2 <= W <= MAX_UPDATE_WIDTH); `x [B, C]` float, `weight [C, 1, W]`, `state [B, C, W-1]` in x's
+    dtype or another float."""
     batch, channels = x.shape
     width = weight.shape[-1]
-    if not use_triton(x) or width < 2 or batch == 0:
+    if not use_triton(x) or not 2 <= width <= MAX_UPDATE_WIDTH or batch == 0:
         return conv1d_silu_update_reference(x, weight, bias, state)
     w = weight.reshape(channels, width)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)

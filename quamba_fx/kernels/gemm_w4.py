@@ -29,10 +29,11 @@ from torch import Tensor
 from ..quant.int4 import _check_w4, w4a8_linear, w4a16_linear
 from ..quant.qops import _check_int8, _linear_out_dtype
 from . import dequant_w4, gemv_w4
+from .conv1d_float import MAX_UPDATE_WIDTH, conv1d_silu_update
 from .dispatch import INTERPRET, cdiv, graph_op, use_triton
 from .gemm_epilogue import requant_int8
 
-__all__ = ["Config", "default_config", "supported", "w4a16_gemm", "w4a8_gemm"]
+__all__ = ["Config", "default_config", "supported", "w4a16_gemm", "w4a16_gemm_conv_step", "w4a8_gemm"]
 
 # Rows from which a W4A16 problem dequantizes its weight and runs cuBLAS (dequant_w4.py): a
 # prefill's GEMM is bound by multiply-adds, where cuBLAS is 10x our mixed-input kernel.
@@ -210,6 +211,41 @@ def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bi
     return _launch(x_in, w_packed, w_scale, group_size, bias32, None, None, out, config)
 
 
+def w4a16_gemm_conv_step(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor],
+                         act_dtype: Optional[torch.dtype], conv_weight: Tensor, conv_bias: Optional[Tensor],
+                         conv_state: Tensor, gemv: Optional[gemv_w4.Config] = None) -> tuple[Tensor, Tensor]:
+    """A decode step's in_proj and conv1d on float activations: `xz = w4a16_gemm(x, ..)` (x
+    `[B, 1, K]`) and the conv step of its first `D = conv_state.shape[1]` columns
+    (`conv1d_float.conv1d_silu_update`: `conv_weight [D, 1, W]`, `conv_state [B, D, W-1]` advanced
+    in place); returns `(xz, u)`, u `[B, D, 1]` in xz's dtype.
+
+    One row that the GEMV takes (batch-1 decode on the GPU) is one launch: the epilogue of each
+    row tile runs its channels' conv step (`conv1d_float.conv_silu_step`, the conv kernel's own
+    arithmetic on the output as stored, so the same bits). Other problems run the GEMM, then the
+    conv kernel. `gemv` overrides the GEMV's config, as in `w4a16_gemm`."""
+    n, _ = _check_w4("w4a16_gemm_conv_step", x, w_packed, w_scale, group_size, bias)
+    if (x.dim() != 3 or x.shape[1] != 1 or conv_state.dim() != 3 or conv_state.shape[0] != x.shape[0]
+            or not 1 <= conv_state.shape[1] <= n or conv_weight.dim() != 3
+            or conv_weight.shape[:2] != (conv_state.shape[1], 1) or conv_weight.shape[2] != conv_state.shape[2] + 1):
+        raise ValueError(f"w4a16_gemm_conv_step: x must be one step [B, 1, K] and conv_state [B, D, W-1] with "
+                         f"D <= {n}, conv_weight [D, 1, W]; got x {tuple(x.shape)}, conv_state "
+                         f"{tuple(conv_state.shape)}, conv_weight {tuple(conv_weight.shape)}")
+    channels, width = conv_state.shape[1], conv_weight.shape[2]
+    x_in = x.to(act_dtype) if act_dtype is not None and x.dtype == torch.float32 else x
+    if (use_triton(x) and supported(group_size) and gemv_w4.supported(x_in, w_packed, group_size)
+            and 2 <= width <= MAX_UPDATE_WIDTH):
+        xz = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+        u = torch.empty((1, channels), dtype=x.dtype, device=x.device)
+        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+        step = gemv_w4.ConvStep(conv_state, conv_weight.reshape(channels, width),
+                                None if conv_bias is None else conv_bias.contiguous(), u)
+        gemv_w4.launch(x_in, w_packed, w_scale, group_size, bias32, xz, gemv, conv=step)
+        return xz, u[..., None]
+    xz = w4a16_gemm(x, w_packed, w_scale, group_size, bias, act_dtype)
+    u = conv1d_silu_update(xz[:, 0, :channels], conv_weight, conv_bias, conv_state)
+    return xz, u[..., None]
+
+
 def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
               bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
               out_dtype: Optional[torch.dtype] = None, config: Optional[Config] = None) -> Tensor:
@@ -242,6 +278,25 @@ def w4a16_gemm_op(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
 @w4a16_gemm_op.register_fake
 def _w4a16_gemm_fake(x, w_packed, w_scale, group_size, bias=None, act_dtype=None):
     return torch.ops.quamba.w4a16_linear(x, w_packed, w_scale, group_size, bias)
+
+
+@graph_op("quamba::w4a16_in_proj_conv_update", mutates_args=("conv_state",))
+def w4a16_in_proj_conv_update_op(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor],
+                                 act_dtype: Optional[torch.dtype], conv_weight: Tensor, conv_bias: Optional[Tensor],
+                                 conv_state: Tensor) -> tuple[Tensor, Tensor]:
+    """A decode step's W4A16 in_proj and conv1d: `xz = w4a16_gemm(x, .., act_dtype)` and
+    `conv1d_silu_cached(xz.transpose(1, 2)[:, :D], conv_weight, conv_bias, conv_state, decode=True)`,
+    D = conv_state.shape[1]; returns `(xz, u)`. At batch 1 on the GPU one GEMV launch computes
+    both (`w4a16_gemm_conv_step`)."""
+    return w4a16_gemm_conv_step(x, w_packed, w_scale, group_size, bias, act_dtype, conv_weight, conv_bias,
+                                conv_state)
+
+
+@w4a16_in_proj_conv_update_op.register_fake
+def _w4a16_in_proj_conv_update_fake(x, w_packed, w_scale, group_size, bias, act_dtype, conv_weight, conv_bias,
+                                    conv_state):
+    xz = torch.ops.quamba.w4a16_linear(x, w_packed, w_scale, group_size, bias)
+    return xz, xz.new_empty((conv_state.shape[0], conv_state.shape[1], 1))
 
 
 @graph_op("quamba::w4a8_gemm")

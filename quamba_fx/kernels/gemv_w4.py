@@ -34,7 +34,7 @@ launch.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -42,10 +42,11 @@ import triton.language as tl
 from torch import Tensor
 
 from . import split_k
+from .conv1d_float import conv_silu_step
 from .dispatch import INTERPRET, cdiv
 from .pdl import launch_options, wait_for_previous
 
-__all__ = ["Config", "default_config", "launch", "supported"]
+__all__ = ["Config", "ConvStep", "default_config", "launch", "supported"]
 
 # A launch config: (BLOCK_N rows, BLOCK_K columns, warps, splits of K).
 Config = tuple[int, int, int, int]
@@ -119,15 +120,18 @@ def _dot8_reference(packed, xw, scale, acc):
 
 
 @triton.jit
-def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr, N, K, K_SPLIT, stride_wn,
+def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr,
+                       cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
+                       N, K, K_SPLIT, stride_wn,
                        stride_sn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr,
-                       USE_PDL: tl.constexpr):
+                       USE_PDL: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr):
     # x_ptr: the fp16 activation row as 32-bit words of two columns: word i is columns 2i and
     # 2i + 1, matching weight byte i. A block is SUBS sub-blocks of one
     # scale group each, `[BLOCK_N, SUBS, SUB_BYTES]` weight bytes. Program (n, s) sums columns
     # [s * K_SPLIT, (s + 1) * K_SPLIT); with SPLITS > 1 the last split of a row tile to finish
-    # adds the others' partials (split_k.py) and stores the tile.
+    # adds the others' partials (split_k.py) and stores the tile. CONV: rows below D_CONV are
+    # in_proj's x half, and the tile's store also runs their decode conv step (`_store_rows`).
     SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
     SUBS: tl.constexpr = BLOCK_K // SUB_K
     wait_for_previous(USE_PDL)  # programmatic dependent launch (pdl.py): only the launch overlaps
@@ -162,18 +166,30 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
             acc = _dot8_reference(packed, xw, scale, acc)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if SPLITS == 1:
-        _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS)
+        _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS, cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV,
+                    stride_csd, stride_csk, stride_cwd, stride_cwk, CONV, CONV_W, CONV_HAS_BIAS)
     elif split_k.arrive(tl.reshape(y, (1, BLOCK_N)), partial_ptr, count_ptr, pid_n, tl.program_id(1), SPLITS, 1,
                         BLOCK_N):
         y = tl.reshape(split_k.total(partial_ptr, count_ptr, pid_n, SPLITS, 1, BLOCK_N), (BLOCK_N,))
-        _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS)
+        _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS, cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV,
+                    stride_csd, stride_csk, stride_cwd, stride_cwk, CONV, CONV_W, CONV_HAS_BIAS)
 
 
 @triton.jit
-def _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr):
+def _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr, cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV,
+                stride_csd, stride_csk, stride_cwd, stride_cwk, CONV: tl.constexpr, CONV_W: tl.constexpr,
+                CONV_HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rows)
-    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    out = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_n, out, mask=offs_n < N)
+    if CONV:
+        # The conv reads in_proj's output as stored (rounded to its dtype), as the separate
+        # conv kernel would read it back.
+        mask_c = offs_n < D_CONV
+        u = conv_silu_step(out, cs_ptr + offs_n * stride_csd, cw_ptr, cb_ptr, offs_n, mask_c, stride_csk, stride_cwd,
+                           stride_cwk, CONV_W, CONV_HAS_BIAS)
+        tl.store(u_ptr + offs_n, u.to(u_ptr.dtype.element_ty), mask=mask_c)
 
 
 def default_config(n: int, k: int, group_size: int) -> Config:
@@ -188,10 +204,21 @@ def default_config(n: int, k: int, group_size: int) -> Config:
     return block_n, block_k, 8, splits
 
 
+class ConvStep(NamedTuple):
+    """A decode conv1d step for the GEMV's epilogue (one sequence): `state [1, D, W-1]` advanced
+    in place, depthwise `weight [D, W]`, `bias [D]` or None, and `u [1, D]` for the SiLU output;
+    D <= N, 2 <= W <= conv1d_float.MAX_UPDATE_WIDTH."""
+    state: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    u: Tensor
+
+
 def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor], out: Tensor,
-           config: Optional[Config] = None) -> Tensor:
+           config: Optional[Config] = None, conv: Optional[ConvStep] = None) -> Tensor:
     """`out [1, N] = x [1, K] @ dequantized(w_packed)^T (+ bias, fp32)` for a problem `supported`
-    takes (the caller validated shapes and dtypes). `config` overrides `default_config`."""
+    takes (the caller validated shapes and dtypes), and with `conv` the conv step of out's first D
+    columns (`conv1d_float.conv_silu_step`). `config` overrides `default_config`."""
     k, n = x.shape[-1], w_packed.shape[0]
     block_n, block_k, warps, splits = config or default_config(n, k, group_size)
     if (group_size % block_k and block_k % group_size) or block_k % (2 * _PACK) or block_k & (block_k - 1):
@@ -208,10 +235,18 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
         partials = counters = w_scale  # placeholders, never read
     w, scales = w_packed.contiguous(), w_scale.contiguous()
     words = x.reshape(k).view(torch.int32)
+    if conv is not None:
+        state, cw = conv.state, conv.weight
+        conv_args = (state[0], cw, conv.bias if conv.bias is not None else cw, conv.u, state.shape[1],
+                     state.stride(1), state.stride(2), cw.stride(0), cw.stride(1))
+        conv_flags = dict(CONV=True, CONV_W=cw.shape[1], CONV_HAS_BIAS=conv.bias is not None)
+    else:
+        conv_args = (scales, scales, scales, scales, 0, 0, 0, 0, 0)  # placeholders, never read
+        conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
     _w4a16_gemv_kernel[(tiles, splits)](
-        words, w, scales, bias if has_bias else scales, out, partials, counters, n, k, k_split, w.stride(0),
-        scales.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits,
-        EVEN_K=k % block_k == 0, HAS_BIAS=has_bias, PTX=not INTERPRET, num_warps=warps,
+        words, w, scales, bias if has_bias else scales, out, partials, counters, *conv_args, n, k, k_split,
+        w.stride(0), scales.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits,
+        EVEN_K=k % block_k == 0, HAS_BIAS=has_bias, PTX=not INTERPRET, num_warps=warps, **conv_flags,
         **launch_options(x.device),
     )
     return out

@@ -48,6 +48,55 @@ def lower_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dty
     return True
 
 
+def projection_under_x_half(x_half: object) -> torch.fx.Node | None:
+    """The Linear's node when `x_half` is `chunk(transpose(linear, 1, 2), 2, dim=1)[0]`: the x half
+    of a block's in_proj output, as the conv1d reads it; else None."""
+    if not (isinstance(x_half, torch.fx.Node) and x_half.target is operator.getitem and x_half.args[1] == 0):
+        return None
+    chunk = x_half.args[0]
+    if not (chunk.op == "call_method" and chunk.target == "chunk" and chunk.args[1:] == (2,)
+            and chunk.kwargs == {"dim": 1}):
+        return None
+    transpose = chunk.args[0]
+    if not (transpose.op == "call_method" and transpose.target == "transpose" and tuple(transpose.args[1:]) == (1, 2)):
+        return None
+    return transpose.args[0]
+
+
+def hoist_conv_operands(linear: torch.fx.Node, operands: tuple) -> bool:
+    """Move the conv's parameters and cache slot (get_attr nodes and getitems of the cache list) up
+    to `linear`, where the fused op will read them; False, moving nothing, if one is computed."""
+    for operand in operands:
+        if isinstance(operand, torch.fx.Node) and not (
+                operand.op == "get_attr"
+                or (operand.op == "call_function" and all(a.op == "placeholder" for a in operand.all_input_nodes))):
+            return False
+    for operand in operands:
+        if isinstance(operand, torch.fx.Node):
+            linear.prepend(operand)
+    return True
+
+
+def replace_in_proj_and_conv(gm: torch.fx.GraphModule, linear: torch.fx.Node, conv: torch.fx.Node, op, args: tuple,
+                             kernel: str) -> None:
+    """Put `op(*args)` (results: in_proj's output, the conv's) where `linear` was, and erase
+    `linear` and `conv` (and the x half's getitem if nothing else reads it)."""
+    x_half = conv.args[0]
+    graph = gm.graph
+    with graph.inserting_before(linear):
+        fused = graph.call_function(op, args)
+        xz = graph.call_function(operator.getitem, (fused, 0))
+        u = graph.call_function(operator.getitem, (fused, 1))
+    fused.meta["quamba"] = {**info(linear), "kernel": kernel}
+    xz.meta["quamba"], u.meta["quamba"] = {**info(linear)}, {**info(conv)}
+    linear.replace_all_uses_with(xz)
+    conv.replace_all_uses_with(u)
+    graph.erase_node(conv)
+    graph.erase_node(linear)
+    if not x_half.users:
+        graph.erase_node(x_half)
+
+
 def fuse_conv_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Decode only: `conv1d_silu_int8_cached(chunk(transpose(w8a8_linear(.., s)), 2, dim=1)[0], s,
     .., decode=True)`, in_proj's int8 output at the scale the conv reads -> `in_proj_conv_update`,
@@ -56,43 +105,15 @@ def fuse_conv_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> boo
     if not is_call(node, CONV_CACHED) or node.args[-1] is not True:
         return False
     x_half, x_scale, conv_w, conv_b, conv_scale, state, _decode = node.args
-    if not (isinstance(x_half, torch.fx.Node) and x_half.target is operator.getitem and x_half.args[1] == 0):
-        return False
-    chunk = x_half.args[0]
-    if not (chunk.op == "call_method" and chunk.target == "chunk" and chunk.args[1:] == (2,)
-            and chunk.kwargs == {"dim": 1}):
-        return False
-    transpose = chunk.args[0]
-    if not (transpose.op == "call_method" and transpose.target == "transpose" and tuple(transpose.args[1:]) == (1, 2)):
-        return False
-    linear = transpose.args[0]
+    linear = projection_under_x_half(x_half)
     if not is_call(linear, W8A8_LINEAR) or linear.kwargs or len(linear.args) < 6 or linear.args[5] is not x_scale:
         return False
     if len(linear.args) > 6 and linear.args[6] is not None:
         return False
-    # The conv's parameters and cache slot are read before in_proj runs: move their nodes (get_attr
-    # and getitem of the cache list) up to it.
-    for operand in (conv_w, conv_b, conv_scale, state):
-        if isinstance(operand, torch.fx.Node) and not (
-                operand.op == "get_attr"
-                or (operand.op == "call_function" and all(a.op == "placeholder" for a in operand.all_input_nodes))):
-            return False
-    for operand in (conv_w, conv_b, conv_scale, state):
-        if isinstance(operand, torch.fx.Node):
-            linear.prepend(operand)
-    graph = gm.graph
-    with graph.inserting_before(linear):
-        fused = graph.call_function(IN_PROJ_CONV_UPDATE, (*linear.args[:6], conv_w, conv_b, conv_scale, state))
-        xz = graph.call_function(operator.getitem, (fused, 0))
-        u = graph.call_function(operator.getitem, (fused, 1))
-    fused.meta["quamba"] = {**info(linear), "kernel": "triton:in_proj_conv_update"}
-    xz.meta["quamba"], u.meta["quamba"] = {**info(linear)}, {**info(node)}
-    linear.replace_all_uses_with(xz)
-    node.replace_all_uses_with(u)
-    graph.erase_node(node)
-    graph.erase_node(linear)
-    if not x_half.users:
-        graph.erase_node(x_half)
+    if not hoist_conv_operands(linear, (conv_w, conv_b, conv_scale, state)):
+        return False
+    replace_in_proj_and_conv(gm, linear, node, IN_PROJ_CONV_UPDATE,
+                             (*linear.args[:6], conv_w, conv_b, conv_scale, state), "triton:in_proj_conv_update")
     return True
 
 

@@ -1,5 +1,6 @@
 """Lowering rules of the 4-bit-weight GEMM kernels (kernels/gemm_w4.py): every `W4A16Linear` and
-`W4A8Linear` becomes one GEMM op reading its packed weight and group scales."""
+`W4A8Linear` becomes one GEMM op reading its packed weight and group scales, and a decode step's
+W4A16 in_proj takes the float conv1d step into its epilogue."""
 
 from __future__ import annotations
 
@@ -8,13 +9,21 @@ import functools
 import torch
 import torch.fx
 
-from ...kernels import gemm_w4  # noqa: F401  (registers torch.ops.quamba.w4a16_gemm and w4a8_gemm)
+from ...kernels import conv1d_float  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_cached)
+from ...kernels import gemm_w4  # noqa: F401  (registers w4a16_gemm, w4a8_gemm, w4a16_in_proj_conv_update)
 from ...quant.int4_linear import W4A8Linear, W4A16Linear
 from ..rewrite import Rule
-from .match import annotate, get_attr
+from .gemm import hoist_conv_operands, projection_under_x_half, replace_in_proj_and_conv
+from .match import annotate, get_attr, is_call
 
 W4A16_GEMM = torch.ops.quamba.w4a16_gemm.default
 W4A8_GEMM = torch.ops.quamba.w4a8_gemm.default
+FLOAT_CONV_CACHED = torch.ops.quamba.conv1d_silu_cached.default
+W4A16_IN_PROJ_CONV_UPDATE = torch.ops.quamba.w4a16_in_proj_conv_update.default
+
+# Whether the decode graph folds the conv step into in_proj's GEMV: a setting that
+# benchmarks/decode_settings.py can turn off to measure what the fusion gains.
+FUSE_CONV_IN_DECODE = True
 
 KERNELS = {W4A16_GEMM: "triton:w4a16_gemm", W4A8_GEMM: "triton:w4a8_gemm"}
 
@@ -51,3 +60,24 @@ def lower_int4_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torc
 def rules(dtype: torch.dtype) -> list[Rule]:
     """The lowering rules, activations between kernels in `dtype`."""
     return [functools.partial(lower_int4_linear, dtype=dtype)]
+
+
+def fuse_conv_into_w4a16_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Decode only: `conv1d_silu_cached(chunk(transpose(w4a16_gemm(..)), 2, dim=1)[0], .., decode=True)`
+    -> `w4a16_in_proj_conv_update`, whose two results replace in_proj's output and the conv's: at
+    batch 1 the GEMV's epilogue runs the conv step, one launch a block fewer (as
+    lowering/gemm.py's `fuse_conv_into_in_proj` for W8A8)."""
+    if not FUSE_CONV_IN_DECODE or not is_call(node, FLOAT_CONV_CACHED) or node.args[-1] is not True:
+        return False
+    x_half, conv_w, conv_b, state, _decode = node.args
+    linear = projection_under_x_half(x_half)
+    if not is_call(linear, W4A16_GEMM) or linear.kwargs or len(linear.args) != 6:
+        return False
+    if not hoist_conv_operands(linear, (conv_w, conv_b, state)):
+        return False
+    replace_in_proj_and_conv(gm, linear, node, W4A16_IN_PROJ_CONV_UPDATE, (*linear.args, conv_w, conv_b, state),
+                             "triton:w4a16_in_proj_conv_update")
+    return True
+
+
+DECODE_RULES: list[Rule] = [fuse_conv_into_w4a16_in_proj]
