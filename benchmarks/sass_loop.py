@@ -71,11 +71,12 @@ KERNELS = {
     ),
     "gemv_w4": (
         "quamba_fx.kernels.gemv_w4", "_w4a16_gemv_kernel",
-        {"x_ptr": "*i32", "w_ptr": "*u8", "s_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*fp16",
-         "partial_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_wn": "i32",
-         "stride_sn": "i32"},
+        {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*fp16",
+         "partial_ptr": "*fp32", "count_ptr": "*i32", "cs_ptr": "*fp16", "cw_ptr": "*fp32", "cb_ptr": "*fp32",
+         "u_ptr": "*fp16", **{name: "i32" for name in ("D_CONV", "stride_csd", "stride_csk", "stride_cwd",
+                                                       "stride_cwk", "N", "K", "K_SPLIT", "stride_wn", "stride_sn")}},
         {"GROUP": 128, "BLOCK_N": 16, "BLOCK_K": 256, "SPLITS": 1, "EVEN_K": True, "HAS_BIAS": False, "PTX": True,
-         "USE_PDL": True},
+         "USE_PDL": True, "CONV": False, "CONV_W": 4, "CONV_HAS_BIAS": False},
         ("N", "K", "K_SPLIT"),
         lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] / 2 / (32 * warps),  # weight bytes
     ),

@@ -5,8 +5,8 @@ Why it is written the way it is: a decode step is bound by how fast the weight b
 at 4 bits the instructions spent per byte decide whether the loop keeps up with memory. Triton's
 own unpacking (nibble shifts, int-to-float conversions, fp16-to-fp32 conversions of the
 activations) cost about 21 instructions a weight byte on sm_90; here one inline-PTX block turns
-four weight bytes and their eight activations into one fp32 partial sum, and the loop costs 6 to 8
-(counted in the loop's SASS, compiled offline for sm_90):
+a weight word (four bytes) and its eight activations into one fp32 partial sum, and the loop costs
+about 9 (counted in the loop's SASS, compiled offline for sm_90: `benchmarks/sass_loop.py gemv_w4`):
 
 * a byte's two codes go into the two halves of one fp16x2 register with one byte permute and one
   three-input logic op (`lop3`): the low nibble becomes the fp16 `1024 + (code ^ 8)`, the high one
@@ -55,47 +55,48 @@ Config = tuple[int, int, int, int]
 _PROGRAMS = 1056
 # Columns a block by default: 128 weight bytes a row.
 _BLOCK_K = 256
-# Weight bytes one PTX block takes (`pack`): a 32-bit register of them.
+# Weight bytes in a word, the unit the PTX block takes.
 _PACK = 4
 
-# Four weight bytes ($4, packed by Triton), their four activation pairs ($5-$8, fp16x2 words),
-# the row's group scale ($9, fp32, already times 128) and the four running sums ($13-$16). The
-# sum of the four bytes lands on the first running sum; the other three pass through.
+# One weight word ($1: four bytes, eight codes, columns 8i to 8i + 7), its four activation pairs
+# ($2-$5, fp16x2 words), the row's group scale ($6, fp32, already times 128) and the running sum
+# ($7). One element a call (pack 1): Triton may lay a tile's elements out across rows in any
+# order, so each element must carry its whole sum (packing four int8 bytes a call summed them into
+# one slot, which was only right where a thread's four bytes were one row's: wrong on the GPU for
+# small tiles and unaligned rows).
 _DOT8_PTX = tl.constexpr("""{
 .reg .b32 t, c, h, k1, k2;
 .reg .f16 lo, hi;
 .reg .f32 flo, fhi;
 mov.b32 k1, 0x20002000;
 mov.b32 k2, 0xB880C808;
-prmt.b32 t, $4, 0, 0x4040;
+prmt.b32 t, $1, 0, 0x4040;
 lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
 fma.rn.f16x2 c, c, k1, k2;
-mul.rn.f16x2 h, c, $5;
-prmt.b32 t, $4, 0, 0x4141;
+mul.rn.f16x2 h, c, $2;
+prmt.b32 t, $1, 0, 0x4141;
 lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
 fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 h, c, $6, h;
-prmt.b32 t, $4, 0, 0x4242;
+fma.rn.f16x2 h, c, $3, h;
+prmt.b32 t, $1, 0, 0x4242;
 lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
 fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 h, c, $7, h;
-prmt.b32 t, $4, 0, 0x4343;
+fma.rn.f16x2 h, c, $4, h;
+prmt.b32 t, $1, 0, 0x4343;
 lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
 fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 h, c, $8, h;
+fma.rn.f16x2 h, c, $5, h;
 mov.b32 {lo, hi}, h;
 cvt.f32.f16 flo, lo;
 cvt.f32.f16 fhi, hi;
 add.f32 flo, flo, fhi;
-fma.rn.f32 $0, flo, $9, $13;
-mov.b32 $1, $14;
-mov.b32 $2, $15;
-mov.b32 $3, $16;
+fma.rn.f32 $0, flo, $6, $7;
 }""")
 # What the constants are: k1 = (1/128, 1/128) and k2 = (-0.5625, -8.0625) in fp16 (high, low);
 # `lop3 ..., 0x6a` is (a & b) ^ c: the nibbles masked, then the fp16 exponent ORed in and the sign
 # bit of each code flipped (^ 8), so `(1024 + (code ^ 8)) / 128 - 8.0625 = code / 128` (and
-# likewise from 64 with 0.5625 for the high nibble).
+# likewise from 64 with 0.5625 for the high nibble). `prmt ..., 0x4N4N` copies byte N into both
+# halves of the word, so one mask keeps its low nibble in the low half and its high one in the high.
 
 
 def supported(x: Tensor, w_packed: Tensor, group_size: int) -> bool:
@@ -108,15 +109,18 @@ def supported(x: Tensor, w_packed: Tensor, group_size: int) -> bool:
 
 
 @triton.jit
-def _dot8_reference(packed, xw, scale, acc):
-    """What the PTX computes, in fp32 (the interpreter's path): each byte's two codes times its
-    activation pair, times the row's scale (already times 128, hence the 1/128)."""
-    wide = packed.to(tl.int32)
-    low = (((wide & 0xF) ^ 8) - 8).to(tl.float32)
-    high = ((((wide >> 4) & 0xF) ^ 8) - 8).to(tl.float32)
-    x_even = xw.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    x_odd = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return acc + (low * x_even + high * x_odd) * (scale / 128.0)
+def _dot8_reference(word, x0, x1, x2, x3, scale, acc):
+    """What the PTX computes, in fp32 (the interpreter's path): the eight codes of each weight
+    word times their activations, times the row's scale (already times 128, hence the 1/128)."""
+    total = tl.zeros_like(acc)
+    for byte in tl.static_range(4):
+        pair = x0 if byte == 0 else (x1 if byte == 1 else (x2 if byte == 2 else x3))
+        x_even = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        x_odd = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        low = ((((word >> (8 * byte)) & 0xF) ^ 8) - 8).to(tl.float32)
+        high = ((((word >> (8 * byte + 4)) & 0xF) ^ 8) - 8).to(tl.float32)
+        total += low * x_even + high * x_odd
+    return acc + total * (scale / 128.0)
 
 
 @triton.jit
@@ -126,44 +130,53 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
                        stride_sn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr,
                        USE_PDL: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr):
-    # x_ptr: the fp16 activation row as 32-bit words of two columns: word i is columns 2i and
-    # 2i + 1, matching weight byte i. A block is SUBS sub-blocks of one
-    # scale group each, `[BLOCK_N, SUBS, SUB_BYTES]` weight bytes. Program (n, s) sums columns
-    # [s * K_SPLIT, (s + 1) * K_SPLIT); with SPLITS > 1 the last split of a row tile to finish
-    # adds the others' partials (split_k.py) and stores the tile. CONV: rows below D_CONV are
-    # in_proj's x half, and the tile's store also runs their decode conv step (`_store_rows`).
+    # x_ptr: the fp16 activation row as 32-bit words of two columns, so weight word i (columns
+    # 8i to 8i + 7) meets x words 4i to 4i + 3. w_ptr: the packed weight as 32-bit words
+    # (stride_wn counts words). A block is SUBS sub-blocks of one scale group each, `[BLOCK_N,
+    # SUBS, SUB_WORDS]` weight words. Program (n, s) sums columns [s * K_SPLIT, (s + 1) *
+    # K_SPLIT); with SPLITS > 1 the last split of a row tile to finish adds the others' partials
+    # (split_k.py) and stores the tile. CONV: rows below D_CONV are in_proj's x half, and the
+    # tile's store also runs their decode conv step (`_store_rows`).
     SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
     SUBS: tl.constexpr = BLOCK_K // SUB_K
+    SUB_WORDS: tl.constexpr = SUB_K // 8
     wait_for_previous(USE_PDL)  # programmatic dependent launch (pdl.py): only the launch overlaps
     pid_n = tl.program_id(0)
-    k_first = tl.program_id(1) * K_SPLIT
-    k_end = tl.minimum(k_first + K_SPLIT, K)
+    k_first = tl.program_id(1) * (K_SPLIT // 8)  # in words, as every K offset below
+    k_end = tl.minimum(k_first + K_SPLIT // 8, K // 8)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_n % N  # rows past N wrap onto valid ones (never stored): no row masks on loads
     sub = tl.arange(0, SUBS)
-    byte = (sub[:, None] * (SUB_K // 2) + tl.arange(0, SUB_K // 2)[None, :])[None, :, :]  # [1, SUBS, SUB_K / 2]
+    # [1, SUBS, SUB_WORDS]; a thread's words never contiguous to the compiler, so the weight loads
+    # take the layout of the activations' split (a word a thread at a time) instead of vectors that
+    # would be exchanged through shared memory every block.
+    word = tl.max_contiguous((sub[:, None] * SUB_WORDS + tl.arange(0, SUB_WORDS)[None, :])[None, :, :], [1, 1, 1])
     w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn
-    # Repeated rows: each thread reads the activation words of its own weight bytes (from L1).
-    x_tile = x_ptr + (byte + tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32))
+    # Repeated rows: each thread reads the activations of its own weight words (from L1), the
+    # four of a word as one vector, split in registers.
+    x_tile = x_ptr + 4 * (word + tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32))[:, :, :, None] + tl.arange(0, 4)
     s_rows = s_ptr + rows[:, None] * stride_sn
-    acc = tl.zeros((BLOCK_N, SUBS, SUB_K // 2), dtype=tl.float32)
-    for k0 in range(k_first, k_end, BLOCK_K):
+    acc = tl.zeros((BLOCK_N, SUBS, SUB_WORDS), dtype=tl.float32)
+    for k0 in range(k_first, k_end, BLOCK_K // 8):
         if EVEN_K:
-            packed = tl.load(w_rows + k0 // 2 + byte)
-            xw = tl.load(x_tile + k0 // 2)
-            group_scale = tl.load(s_rows + k0 // GROUP + sub[None, :])
+            packed = tl.load(w_rows + k0 + word)
+            xw = tl.load(x_tile + 4 * k0)
+            group_scale = tl.load(s_rows + (k0 * 8) // GROUP + sub[None, :])
         else:
-            in_k = k0 + 2 * byte < k_end
-            packed = tl.load(w_rows + k0 // 2 + byte, mask=in_k, other=0)
-            xw = tl.load(x_tile + k0 // 2, mask=in_k, other=0)
-            group_scale = tl.load(s_rows + k0 // GROUP + sub[None, :], mask=(k0 + sub * SUB_K < k_end)[None, :],
-                                  other=0)
-        scale = tl.broadcast_to((group_scale.to(tl.float32) * 128.0)[:, :, None], (BLOCK_N, SUBS, SUB_K // 2))
+            in_k = k0 + word < k_end
+            packed = tl.load(w_rows + k0 + word, mask=in_k, other=0)
+            xw = tl.load(x_tile + 4 * k0, mask=in_k[:, :, :, None], other=0)
+            group_scale = tl.load(s_rows + (k0 * 8) // GROUP + sub[None, :],
+                                  mask=(k0 + sub * SUB_WORDS < k_end)[None, :], other=0)
+        x02, x13 = tl.split(tl.reshape(xw, (BLOCK_N, SUBS, SUB_WORDS, 2, 2)))
+        x0, x2 = tl.split(x02)
+        x1, x3 = tl.split(x13)
+        scale = tl.broadcast_to((group_scale.to(tl.float32) * 128.0)[:, :, None], (BLOCK_N, SUBS, SUB_WORDS))
         if PTX:
-            acc = tl.inline_asm_elementwise(_DOT8_PTX, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-                                            [packed, xw, scale, acc], dtype=tl.float32, is_pure=True, pack=4)
+            acc = tl.inline_asm_elementwise(_DOT8_PTX, "=r,r,r,r,r,r,r,r", [packed, x0, x1, x2, x3, scale, acc],
+                                            dtype=tl.float32, is_pure=True, pack=1)
         else:
-            acc = _dot8_reference(packed, xw, scale, acc)
+            acc = _dot8_reference(packed, x0, x1, x2, x3, scale, acc)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     if SPLITS == 1:
         _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS, cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV,
@@ -235,6 +248,7 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
         partials = counters = w_scale  # placeholders, never read
     w, scales = w_packed.contiguous(), w_scale.contiguous()
     words = x.reshape(k).view(torch.int32)
+    w_words = w.view(torch.int32)
     if conv is not None:
         state, cw = conv.state, conv.weight
         conv_args = (state[0], cw, conv.bias if conv.bias is not None else cw, conv.u, state.shape[1],
@@ -244,8 +258,8 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
         conv_args = (scales, scales, scales, scales, 0, 0, 0, 0, 0)  # placeholders, never read
         conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
     _w4a16_gemv_kernel[(tiles, splits)](
-        words, w, scales, bias if has_bias else scales, out, partials, counters, *conv_args, n, k, k_split,
-        w.stride(0), scales.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits,
+        words, w_words, scales, bias if has_bias else scales, out, partials, counters, *conv_args, n, k, k_split,
+        w_words.stride(0), scales.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits,
         EVEN_K=k % block_k == 0, HAS_BIAS=has_bias, PTX=not INTERPRET, num_warps=warps, **conv_flags,
         **launch_options(x.device),
     )
