@@ -93,7 +93,8 @@ def test_an_fp32_row_multiplied_in_fp16_runs_the_gemv_on_the_rounded_row():
     expected = w4a16_linear(x.half().float(), packed, scale, 32)
     got = gemm_w4.w4a16_gemm(x, packed, scale, 32, act_dtype=torch.float16, gemv=(8, 64, 4, 2))
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    # On the GPU the GEMV sums four products in fp16 (gemv_w4.py): fp16 tolerances.
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-2)
     rows = torch.randn(5, 96, device=DEVICE)  # the tensor-core kernel rounds the same way
     torch.testing.assert_close(gemm_w4.w4a16_gemm(rows, packed, scale, 32, act_dtype=torch.float16),
                                w4a16_linear(rows.half().float(), packed, scale, 32), rtol=1e-3, atol=1e-2)

@@ -53,8 +53,10 @@ Config = tuple[int, int, int, int]
 
 # Programs a GEMV should have to keep every SM of a large GPU streaming (8 per SM of the H200's 132).
 _PROGRAMS = 1056
-# Columns a block by default: 128 weight bytes a row.
+# The rule's tile: columns a block (128 weight bytes a row), rows a program, warps.
 _BLOCK_K = 256
+_BLOCK_N = 16
+_WARPS = 8
 # Weight bytes in a word, the unit the PTX block takes.
 _PACK = 4
 
@@ -212,9 +214,8 @@ def default_config(n: int, k: int, group_size: int) -> Config:
     projection, and more programs beat fewer: a decode step has no other work to hide a GEMV's
     memory latency behind."""
     block_k = _BLOCK_K if _BLOCK_K % group_size == 0 or group_size % _BLOCK_K == 0 else group_size & -group_size
-    block_n = 16
-    splits = min(cdiv(k, block_k), max(1, _PROGRAMS // cdiv(n, block_n)))
-    return block_n, block_k, 8, splits
+    splits = min(cdiv(k, block_k), max(1, _PROGRAMS // cdiv(n, _BLOCK_N)))
+    return _BLOCK_N, block_k, _WARPS, splits
 
 
 class ConvStep(NamedTuple):
