@@ -188,27 +188,35 @@ def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bi
     `config` forces the tensor-core kernel with that config, `gemv` the GEMV with that one
     (benchmarks/gemm_w4.py sweeps both)."""
     n, _ = _check_w4("w4a16_gemm", x, w_packed, w_scale, group_size, bias)
+    return _w4a16_gemm("w4a16_gemm", n, x, w_packed, w_scale, group_size, bias, act_dtype, config, gemv, None)[0]
+
+
+def _w4a16_gemm(name: str, n: int, x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
+                bias: Optional[Tensor], act_dtype: Optional[torch.dtype], config: Optional[Config],
+                gemv: Optional[gemv_w4.Config], conv: Optional[gemv_w4.ConvStep]) -> tuple[Tensor, bool]:
+    """w4a16_gemm's body on checked weights (`n` rows): `(out, whether the GEMV ran the problem)`,
+    `conv` going to the GEMV's epilogue when it did (`w4a16_gemm_conv_step`)."""
     if act_dtype is not None and act_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"w4a16_gemm: act_dtype must be float16, bfloat16 or float32, got {act_dtype}")
+        raise ValueError(f"{name}: act_dtype must be float16, bfloat16 or float32, got {act_dtype}")
     rounds = act_dtype is not None and act_dtype != x.dtype and x.dtype == torch.float32
     if not (use_triton(x) and supported(group_size)) or x.numel() == 0:
         x_in = x.to(act_dtype).to(x.dtype) if rounds else x
-        return w4a16_linear(x_in, w_packed, w_scale, group_size, bias)
+        return w4a16_linear(x_in, w_packed, w_scale, group_size, bias), False
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     x_in = x.to(act_dtype) if rounds else x
     gemv_takes = gemv_w4.supported(x_in, w_packed, group_size)
     if gemv is not None and not gemv_takes:
-        raise ValueError("w4a16_gemm: the GEMV takes one fp16 row (or an fp32 row with act_dtype float16), K a "
+        raise ValueError(f"{name}: the GEMV takes one fp16 row (or an fp32 row with act_dtype float16), K a "
                          f"multiple of 8 and groups of 32k columns; got x {x.dtype} {tuple(x.shape)}, act_dtype "
                          f"{act_dtype} and groups of {group_size}")
     if gemv is not None or (config is None and gemv_takes):
-        return gemv_w4.launch(x_in, w_packed, w_scale, group_size, bias32, out, gemv)
+        return gemv_w4.launch(x_in, w_packed, w_scale, group_size, bias32, out, gemv, conv), True
     if config is None and x.numel() >= DEQUANT_MIN_ROWS * x.shape[-1]:
         w = dequant_w4.dequantize(w_packed, w_scale, group_size, x.shape[-1], x_in.dtype)
         y = torch.nn.functional.linear(x_in, w)
-        return (y.float() + bias32 if bias32 is not None else y).to(x.dtype)
-    return _launch(x_in, w_packed, w_scale, group_size, bias32, None, None, out, config)
+        return (y.float() + bias32 if bias32 is not None else y).to(x.dtype), False
+    return _launch(x_in, w_packed, w_scale, group_size, bias32, None, None, out, config), False
 
 
 def w4a16_gemm_conv_step(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor],
@@ -231,18 +239,14 @@ def w4a16_gemm_conv_step(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_siz
                          f"D <= {n}, conv_weight [D, 1, W]; got x {tuple(x.shape)}, conv_state "
                          f"{tuple(conv_state.shape)}, conv_weight {tuple(conv_weight.shape)}")
     channels, width = conv_state.shape[1], conv_weight.shape[2]
-    x_in = x.to(act_dtype) if act_dtype is not None and x.dtype == torch.float32 else x
-    if (use_triton(x) and supported(group_size) and gemv_w4.supported(x_in, w_packed, group_size)
-            and 2 <= width <= MAX_UPDATE_WIDTH):
-        xz = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-        u = torch.empty((1, channels), dtype=x.dtype, device=x.device)
-        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    step = None
+    if x.shape[0] == 1 and 2 <= width <= MAX_UPDATE_WIDTH:  # for the GEMV's epilogue, if the GEMV runs it
         step = gemv_w4.ConvStep(conv_state, conv_weight.reshape(channels, width),
-                                None if conv_bias is None else conv_bias.contiguous(), u)
-        gemv_w4.launch(x_in, w_packed, w_scale, group_size, bias32, xz, gemv, conv=step)
-        return xz, u[..., None]
-    xz = w4a16_gemm(x, w_packed, w_scale, group_size, bias, act_dtype)
-    u = conv1d_silu_update(xz[:, 0, :channels], conv_weight, conv_bias, conv_state)
+                                None if conv_bias is None else conv_bias.contiguous(),
+                                torch.empty((1, channels), dtype=x.dtype, device=x.device))
+    xz, fused = _w4a16_gemm("w4a16_gemm_conv_step", n, x, w_packed, w_scale, group_size, bias, act_dtype, None, gemv,
+                            step)
+    u = step.u if fused else conv1d_silu_update(xz[:, 0, :channels], conv_weight, conv_bias, conv_state)
     return xz, u[..., None]
 
 
