@@ -331,6 +331,37 @@ def _tap(acc, v, w_ptr, offs_d, mask_d, k: tl.constexpr, stride_wd, stride_wk, x
 
 
 @triton.jit
+def state_columns(s_base, x_new, mask_d, stride_sk, W: tl.constexpr):
+    """Columns c0..c2 of `[state, x_new]` for one decode conv step of the channels at `s_base`
+    (2 <= W <= 4; a column a narrow W lacks is x_new, in the state's dtype). All are read before
+    `roll_state` writes any: a channel may be held by several threads (the GEMVs' epilogues spread
+    a tile's channels over more threads), and its barrier keeps one thread's roll from reaching a
+    column another has yet to read. The int8 and the float decode steps both use the pair."""
+    c0 = tl.load(s_base, mask=mask_d, other=0)
+    if W > 2:
+        c1 = tl.load(s_base + stride_sk, mask=mask_d, other=0)
+    else:
+        c1 = x_new.to(c0.dtype)
+    if W > 3:
+        c2 = tl.load(s_base + 2 * stride_sk, mask=mask_d, other=0)
+    else:
+        c2 = x_new.to(c0.dtype)
+    return c0, c1, c2
+
+
+@triton.jit
+def roll_state(s_base, c1, c2, x_new, mask_d, stride_sk, W: tl.constexpr):
+    """The state rolled left in place with `x_new` appended, once every thread has read its
+    columns (`state_columns`)."""
+    tl.debug_barrier()
+    tl.store(s_base, c1, mask=mask_d)
+    if W > 2:
+        tl.store(s_base + stride_sk, c2, mask=mask_d)
+    if W > 3:
+        tl.store(s_base + 2 * stride_sk, x_new.to(c1.dtype), mask=mask_d)
+
+
+@triton.jit
 def conv_update_step(x_new, state_row, x_scale_ptr, w_ptr, bias_ptr, out_scale_ptr, offs_d, mask_d,
                      stride_sd, stride_sk, stride_wd, stride_wk,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -345,18 +376,7 @@ def conv_update_step(x_new, state_row, x_scale_ptr, w_ptr, bias_ptr, out_scale_p
         acc = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
     else:
         acc = tl.zeros(offs_d.shape, dtype=tl.float32)
-    # Columns c0..c2 of [state, x_new] (2 <= W <= 4), all read before any is written: a channel
-    # may be held by several threads (the GEMV's 16-channel tiles spread over 128), and the
-    # barrier below keeps one thread's roll from reaching a column another has yet to read.
-    c0 = tl.load(s_base, mask=mask_d, other=0)
-    if W > 2:
-        c1 = tl.load(s_base + stride_sk, mask=mask_d, other=0)
-    else:
-        c1 = x_new
-    if W > 3:
-        c2 = tl.load(s_base + 2 * stride_sk, mask=mask_d, other=0)
-    else:
-        c2 = x_new
+    c0, c1, c2 = state_columns(s_base, x_new, mask_d, stride_sk, W)
     acc = _tap(acc, c0, w_ptr, offs_d, mask_d, 0, stride_wd, stride_wk, x_scale)
     acc = _tap(acc, c1, w_ptr, offs_d, mask_d, 1, stride_wd, stride_wk, x_scale)
     if W > 2:
@@ -364,13 +384,7 @@ def conv_update_step(x_new, state_row, x_scale_ptr, w_ptr, bias_ptr, out_scale_p
     if W > 3:
         acc = _tap(acc, x_new, w_ptr, offs_d, mask_d, 3, stride_wd, stride_wk, x_scale)
     q = _silu_requant(acc, inv_out_scale, FAST_MATH)
-
-    tl.debug_barrier()
-    tl.store(s_base, c1, mask=mask_d)
-    if W > 2:
-        tl.store(s_base + stride_sk, c2, mask=mask_d)
-    if W > 3:
-        tl.store(s_base + 2 * stride_sk, x_new, mask=mask_d)
+    roll_state(s_base, c1, c2, x_new, mask_d, stride_sk, W)
     return q
 
 

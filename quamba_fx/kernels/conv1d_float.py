@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .conv1d import roll_state, state_columns
 from .dispatch import cdiv, graph_op, use_triton
 
 __all__ = ["MAX_UPDATE_WIDTH", "conv1d_silu", "conv1d_silu_reference", "conv1d_silu_update",
@@ -80,23 +81,14 @@ def conv_silu_step(x_new, s_base, w_ptr, bias_ptr, offs_d, mask_d, stride_sk, st
     """One decode step of the channels `offs_d` (2 <= W <= 4) given their new inputs `x_new` (in
     the conv input's dtype): the conv over `[state, x_new]` in fp32, tap by tap in the
     reference's order, then the SiLU (returned, fp32); the state (`s_base`: the channels' rows of
-    one sequence's `[D, W-1]`) rolled left in place with `x_new` appended. Every column is read
-    before any is written: in the W4A16 GEMV's epilogue (gemv_w4.py) a channel may be held by
-    several threads, and the barrier keeps one thread's roll from reaching a column another has
-    yet to read. The update kernel below runs the same step, so both give the same bits."""
+    one sequence's `[D, W-1]`) rolled left in place with `x_new` appended, by the int8 step's
+    column helpers (conv1d.py). The update kernel below and the W4A16 GEMV's epilogue
+    (gemv_w4.py) both run this step, so both give the same bits."""
     if HAS_BIAS:
         acc = tl.load(bias_ptr + offs_d, mask=mask_d, other=0).to(tl.float32)
     else:
         acc = tl.zeros(offs_d.shape, dtype=tl.float32)
-    c0 = tl.load(s_base, mask=mask_d, other=0)
-    if W > 2:
-        c1 = tl.load(s_base + stride_sk, mask=mask_d, other=0)
-    else:
-        c1 = x_new.to(c0.dtype)
-    if W > 3:
-        c2 = tl.load(s_base + 2 * stride_sk, mask=mask_d, other=0)
-    else:
-        c2 = x_new.to(c0.dtype)
+    c0, c1, c2 = state_columns(s_base, x_new, mask_d, stride_sk, W)
     taps = w_ptr + offs_d * stride_wd
     acc += tl.load(taps, mask=mask_d, other=0).to(tl.float32) * c0.to(tl.float32)
     if W > 2:
@@ -104,12 +96,7 @@ def conv_silu_step(x_new, s_base, w_ptr, bias_ptr, offs_d, mask_d, stride_sk, st
     if W > 3:
         acc += tl.load(taps + 2 * stride_wk, mask=mask_d, other=0).to(tl.float32) * c2.to(tl.float32)
     acc += tl.load(taps + (W - 1) * stride_wk, mask=mask_d, other=0).to(tl.float32) * x_new.to(tl.float32)
-    tl.debug_barrier()
-    if W > 2:
-        tl.store(s_base, c1, mask=mask_d)
-    if W > 3:
-        tl.store(s_base + stride_sk, c2, mask=mask_d)
-    tl.store(s_base + (W - 2) * stride_sk, x_new.to(c0.dtype), mask=mask_d)
+    roll_state(s_base, c1, c2, x_new, mask_d, stride_sk, W)
     return acc / (1.0 + tl.exp(-acc))
 
 
