@@ -39,8 +39,8 @@ def sweep(gemm_w4, gemv_w4, x, x_q, x_scale, packed, scale, group: int, m: int) 
     best = {}
     if m == 1:
         n, k = packed.shape[0], x.shape[-1]
-        rule = gemv_w4.default_config(n, k, group)
-        for config in [(bn, bk, warps, splits) for bn in (16, 64, 128) for bk in (128, 256, 512) for warps in (8,)
+        rule = gemv_w4.default_config(n, k)
+        for config in [(bn, bk, warps, splits) for bn in (16, 32, 64) for bk in (256, 512, 1024) for warps in (4, 8)
                        for splits in sorted({1, rule[3], 2 * rule[3]})]:
             t = time_ms(graphed(lambda: gemm_w4.w4a16_gemm(x, packed, scale, group, gemv=config)), rep=50)
             if "w4a16 gemv" not in best or t < best["w4a16 gemv"][0]:
@@ -75,7 +75,7 @@ def main() -> None:
     from quamba_fx.quant.qops import quantize_weight_per_channel
 
     big = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
-    copy_ms = time_ms(graphed(lambda: big.clone()))
+    copy_ms = time_ms(graphed(big.clone))
     copy_tbs = 2 * big.numel() * 2 / (copy_ms * 1e-3) / 1e12
     print(f"{device}; copy {copy_tbs:.2f} TB/s (read + write)")
     del big

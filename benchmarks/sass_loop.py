@@ -1,6 +1,6 @@
 """Count the instructions of a Triton kernel's hottest loop in its sm_90 SASS, without a GPU.
 
-    python benchmarks/sass_loop.py gemv_w4 [--set BLOCK_N=16 BLOCK_K=256 SPLITS=6] [--warps 8]
+    python benchmarks/sass_loop.py gemv_w4 [--set ROWS=2 THREAD_ROWS=8 CHUNKS=16 SPLITS=4] [--warps 4]
     python benchmarks/sass_loop.py gemv --set SPLIT_K=4
     python benchmarks/sass_loop.py gemm_w4 --set BLOCK_M=64 BLOCK_N=128 BLOCK_K=64 A8=1
     python benchmarks/sass_loop.py scan --warps 4 --set PASS=1 [--sig B_ptr=*fp16 C_ptr=*fp16]
@@ -74,11 +74,12 @@ KERNELS = {
         {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*fp16",
          "partial_ptr": "*fp32", "count_ptr": "*i32", "cs_ptr": "*fp16", "cw_ptr": "*fp32", "cb_ptr": "*fp32",
          "u_ptr": "*fp16", **{name: "i32" for name in ("D_CONV", "stride_csd", "stride_csk", "stride_cwd",
-                                                       "stride_cwk", "N", "K", "K_SPLIT", "stride_wn", "stride_sn")}},
-        {"GROUP": 128, "BLOCK_N": 16, "BLOCK_K": 256, "SPLITS": 1, "EVEN_K": True, "HAS_BIAS": False, "PTX": True,
-         "USE_PDL": True, "CONV": False, "CONV_W": 4, "CONV_HAS_BIAS": False},
-        ("N", "K", "K_SPLIT"),
-        lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] / 2 / (32 * warps),  # weight bytes
+                                                       "stride_cwk", "N", "K_WORDS", "SPLIT_CHUNKS", "stride_wn",
+                                                       "stride_sn")}},
+        {"GROUP_CHUNKS": 4, "ROWS": 1, "THREAD_ROWS": 16, "CHUNKS": 16, "SPLITS": 1, "EVEN_K": True, "HAS_BIAS": False,
+         "PTX": True, "USE_PDL": True, "CONV": False, "CONV_W": 4, "CONV_HAS_BIAS": False},
+        ("N", "K_WORDS", "SPLIT_CHUNKS"),
+        lambda c, warps: c["ROWS"] * c["THREAD_ROWS"] * c["CHUNKS"] * 16 / (32 * warps),  # weight bytes
     ),
     "gemm_w4": (
         "quamba_fx.kernels.gemm_w4", "_w4_gemm_kernel",

@@ -73,18 +73,25 @@ def test_one_fp16_row_runs_the_gemv_and_both_kernels_agree(k):
 
 @settings(max_examples=30)
 @given(n=st.integers(1, 70), words=st.integers(1, 48), group=st.sampled_from([32, 64, 128]),
-       block_n=st.sampled_from([8, 16]), block_k=st.sampled_from([32, 64, 128, 256]), splits=st.integers(1, 4),
-       seed=st.integers(0, 999))
-def test_gemv_configs_match_the_reference(n, words, group, block_n, block_k, splits, seed):
-    # Every split length, including splits of less than one block and a partial last block.
+       block_n=st.sampled_from([8, 16, 32, 64]), block_k=st.sampled_from([32, 64, 128, 256, 512]),
+       warps=st.sampled_from([1, 2, 4]), splits=st.integers(1, 4), seed=st.integers(0, 999))
+def test_gemv_configs_match_the_reference(n, words, group, block_n, block_k, warps, splits, seed):
+    # Every split length, including splits of less than one block and a partial last block; tiles
+    # whose threads lie over one row or several, and each take one row or several.
     k = 8 * words
-    if group % block_k and block_k % group:
-        block_k = group
     packed, scale = weights(n, k, group, seed)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 1)).half().to(DEVICE)
-    got = gemm_w4.w4a16_gemm(x, packed, scale, group, gemv=(block_n, block_k, 4, splits))
+    got = gemm_w4.w4a16_gemm(x, packed, scale, group, gemv=(block_n, block_k, warps, splits))
     torch.testing.assert_close(got.float(), w4a16_linear(x.float(), packed, scale, group), rtol=2e-3,
                                atol=2e-3 * (1 + k ** 0.5))
+
+
+def test_a_gemv_config_that_is_not_a_tile_is_refused():
+    packed, scale = weights(16, 64, 32, 0)
+    x = torch.randn(1, 64, device=DEVICE).half()
+    for config in ((16, 48, 4, 1), (12, 64, 4, 1), (16, 16, 4, 1), (16, 64, 0, 1)):
+        with pytest.raises(ValueError, match="gemv_w4: BLOCK_K"):
+            gemm_w4.w4a16_gemm(x, packed, scale, 32, gemv=config)
 
 
 def test_an_fp32_row_multiplied_in_fp16_runs_the_gemv_on_the_rounded_row():
@@ -93,7 +100,7 @@ def test_an_fp32_row_multiplied_in_fp16_runs_the_gemv_on_the_rounded_row():
     expected = w4a16_linear(x.half().float(), packed, scale, 32)
     got = gemm_w4.w4a16_gemm(x, packed, scale, 32, act_dtype=torch.float16, gemv=(8, 64, 4, 2))
     assert got.dtype == torch.float32
-    # On the GPU the GEMV sums four products in fp16 (gemv_w4.py): fp16 tolerances.
+    # On the GPU the GEMV sums sixteen products in fp16 (gemv_w4.py): fp16 tolerances.
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-2)
     rows = torch.randn(5, 96, device=DEVICE)  # the tensor-core kernel rounds the same way
     torch.testing.assert_close(gemm_w4.w4a16_gemm(rows, packed, scale, 32, act_dtype=torch.float16),

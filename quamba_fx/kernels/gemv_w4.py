@@ -2,34 +2,34 @@
 CUDA cores, two codes a byte, one fp16 scale per (output row, group of columns).
 
 Why it is written the way it is: a decode step is bound by how fast the weight bytes stream, and
-at 4 bits the instructions spent per byte decide whether the loop keeps up with memory. Triton's
-own unpacking (nibble shifts, int-to-float conversions, fp16-to-fp32 conversions of the
-activations) cost about 21 instructions a weight byte on sm_90; here one inline-PTX block turns
-a weight word (four bytes) and its eight activations into one fp32 partial sum, and the loop costs
-about 9 (counted in the loop's SASS, compiled offline for sm_90: `benchmarks/sass_loop.py gemv_w4`):
+at 4 bits a weight byte meets four activation bytes, so the loads and instructions spent around
+each weight byte decide whether the loop keeps up with memory:
 
-* a byte's two codes go into the two halves of one fp16x2 register with one byte permute and one
-  three-input logic op (`lop3`): the low nibble becomes the fp16 `1024 + (code ^ 8)`, the high one
-  `64 + (code ^ 8)` (0x6400 and 0x5400 are fp16 numbers whose last mantissa bit is worth 1 at
-  those nibble positions), and one fp16x2 multiply-add turns both into `code / 128` exactly;
-* the byte's two activations are already an fp16x2 pair (columns 2i and 2i + 1 are adjacent), so
-  one fp16x2 multiply-add accumulates both products; four bytes a lane are summed that way, then
-  the two lanes are converted and added in fp32 and scaled by the row's group scale.
+* the unit is a chunk: 32 columns of one row, four int32 weight words (one 16-byte load) and the
+  64 bytes of activations they meet (four 16-byte loads, from L1 after the first program). A
+  program's block is `[ROWS, THREAD_ROWS, CHUNKS]` chunks: its threads lie over THREAD_ROWS rows
+  and CHUNKS chunks, and a thread holding several rows (ROWS > 1) loads their activations once.
+  The rule's tile gives each thread one row: in the model, more rows a thread were slower
+  (docs/benchmarks.md, session 35);
+* a word's codes come out two at a time, columns (j, j + 4) of its eight in the two halves of one
+  fp16x2 register: one three-input logic op (`lop3`) masks two nibbles, sets an fp16 exponent
+  above them and flips the codes' sign bits, and one fp16x2 multiply-add makes `code / 128` of
+  both exactly. The activations are paired the same way (columns j and j + 4, `_pairs`), so one
+  fp16x2 multiply-add takes two products: twelve instructions a weight word and one shift, in
+  one inline-PTX block for the chunk (`_DOT32_PTX`).
 
-Numerics: each product `code / 128 * x` rounds to fp16 and four of them are summed in fp16 before
-fp32 takes over, so the result is within a few fp16 ulps of a partial sum of eight terms from the
-reference (`quant/int4.w4a16_linear`, fp32 throughout). The 1/128 keeps four products of the
-largest fp16 activation below fp16's range (4 x 8/128 x 65504 < 65504); a power of two, it is
-exact, and `128 * scale` undoes it (products below fp16's normal range, 2^-14, keep fewer bits:
-an absolute error under 2^-24 * 128 a product). Under the Triton
-interpreter (no PTX) the same loop computes the eight products in fp32 instead: the tests check
-that path against the reference, and benchmarks/gemm_w4.py checks the PTX path on the GPU.
+Numerics: each product `code / 128 * x` rounds to fp16 and a chunk's sixteen products a half are
+summed in fp16 before fp32 takes over with the row's group scale; the reference
+(`quant/int4.w4a16_linear`) is fp32 throughout. The 1/128 keeps sixteen products of the largest
+fp16 activation inside fp16's range (16 x 8/128 x 65504 = 65504); a power of two, it is exact, and
+`128 * scale` undoes it (products below fp16's normal range, 2^-14, keep fewer bits: an absolute
+error under 2^-24 * 128 a product). Under the Triton interpreter (no PTX) the same loop computes
+the products in fp32 from the same pairs (`_word_reference`): the tests check that path against
+the reference, and on the GPU the same tests check the PTX.
 
-A program owns `BLOCK_N` weight rows and walks K in blocks of `BLOCK_K` columns: a part of one
-scale group or several whole ones, each with its row's scale. K may be split over programs
-(narrow weights such as x_proj's 192 rows would otherwise leave most SMs idle); the last split of
-a row tile to finish adds the others' fp32 partials in split order (split_k.py), in the same
-launch.
+K may be split over programs (narrow weights such as x_proj's 192 rows would otherwise leave
+most SMs idle); the last split of a row tile to finish adds the others' fp32 partials in split
+order (split_k.py), in the same launch.
 """
 
 from __future__ import annotations
@@ -43,143 +43,197 @@ from torch import Tensor
 
 from . import split_k
 from .conv1d_float import conv_silu_step
-from .dispatch import INTERPRET, cdiv
+from .dispatch import INTERPRET, cdiv, next_pow2
 from .pdl import launch_options, wait_for_previous
 
 __all__ = ["Config", "ConvStep", "default_config", "launch", "supported"]
 
-# A launch config: (BLOCK_N rows, BLOCK_K columns, warps, splits of K).
+# A launch config: (BLOCK_N rows, BLOCK_K columns, warps, splits of K). The threads of a
+# program lie over BLOCK_K / 32 chunks and as many rows as that leaves (THREAD_ROWS); each
+# thread takes BLOCK_N / THREAD_ROWS rows.
 Config = tuple[int, int, int, int]
 
 # Programs a GEMV should have to keep every SM of a large GPU streaming (8 per SM of the H200's 132).
 _PROGRAMS = 1056
-# The rule's tile: columns a block (128 weight bytes a row), rows a program, warps.
-_BLOCK_K = 256
+# The rule's tile: rows a program, columns a block, warps.
 _BLOCK_N = 16
+_BLOCK_K = 512
 _WARPS = 8
-# Weight bytes in a word, the unit the PTX block takes.
-_PACK = 4
+# Columns a chunk: four int32 words of eight codes.
+_CHUNK = 32
 
-# One weight word ($1: four bytes, eight codes, columns 8i to 8i + 7), its four activation pairs
-# ($2-$5, fp16x2 words), the row's group scale ($6, fp32, already times 128) and the running sum
-# ($7). One element a call (pack 1): Triton may lay a tile's elements out across rows in any
-# order, so each element must carry its whole sum (packing four int8 bytes a call summed them into
-# one slot, which was only right where a thread's four bytes were one row's: wrong on the GPU for
-# small tiles and unaligned rows).
-_DOT8_PTX = tl.constexpr("""{
-.reg .b32 t, c, h, k1, k2;
-.reg .f16 lo, hi;
-.reg .f32 flo, fhi;
-mov.b32 k1, 0x20002000;
-mov.b32 k2, 0xB880C808;
-prmt.b32 t, $1, 0, 0x4040;
-lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
-fma.rn.f16x2 c, c, k1, k2;
-mul.rn.f16x2 h, c, $2;
-prmt.b32 t, $1, 0, 0x4141;
-lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
-fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 h, c, $3, h;
-prmt.b32 t, $1, 0, 0x4242;
-lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
-fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 h, c, $4, h;
-prmt.b32 t, $1, 0, 0x4343;
-lop3.b32 c, t, 0x00F0000F, 0x54806408, 0x6a;
-fma.rn.f16x2 c, c, k1, k2;
-fma.rn.f16x2 h, c, $5, h;
-mov.b32 {lo, hi}, h;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 flo, flo, fhi;
-fma.rn.f32 $0, flo, $6, $7;
-}""")
-# What the constants are: k1 = (1/128, 1/128) and k2 = (-0.5625, -8.0625) in fp16 (high, low);
-# `lop3 ..., 0x6a` is (a & b) ^ c: the nibbles masked, then the fp16 exponent ORed in and the sign
-# bit of each code flipped (^ 8), so `(1024 + (code ^ 8)) / 128 - 8.0625 = code / 128` (and
-# likewise from 64 with 0.5625 for the high nibble). `prmt ..., 0x4N4N` copies byte N into both
-# halves of the word, so one mask keeps its low nibble in the low half and its high one in the high.
+
+def _word_ptx(word: int, pairs: int) -> str:
+    """Weight word `$word` against its activation pairs `$pairs` to `$pairs + 3` (columns (0, 4),
+    (1, 5), (2, 6) and (3, 7)), added to `h`; the chunk's first word starts `h`."""
+    low, high = "0x000F000F, 0x64086408", "0x00F000F0, 0x64806480"
+    steps = ((f"${word}", low, "kl, bl"), (f"${word}", high, "kh, bh"), ("t", low, "kl, bl"), ("t", high, "kh, bh"))
+    lines = []
+    for j, (source, masks, constants) in enumerate(steps):
+        if j == 2:
+            lines.append(f"shr.b32 t, ${word}, 8;")
+        lines.append(f"lop3.b32 c, {source}, {masks}, 0x6a;")
+        lines.append(f"fma.rn.f16x2 c, c, {constants};")
+        starts = word == 1 and j == 0
+        lines.append(f"mul.rn.f16x2 h, c, ${pairs};" if starts else f"fma.rn.f16x2 h, c, ${pairs + j}, h;")
+    return "\n".join(lines)
+
+
+# Four weight words ($1-$4: a chunk of one row), their sixteen activation pairs ($5-$20, word i's
+# at $5 + 4i), the row's group scale ($21, fp32, already times 128) and the running sum ($22).
+# Columns (j, j + 4) of a word sit in bits (4j, 4j + 16) (j < 2; `shr 8` brings j = 2, 3 there).
+# The constants: kl, bl = 1/128, -8.0625 and kh, bh = 1/2048, -0.5625, in fp16 pairs;
+# `lop3 ..., 0x6a` is (a & b) ^ c: the two nibbles masked, the exponent of 1024 ORed in and each
+# code's top bit flipped, so a low nibble reads `1024 + (code ^ 8)` and a high one
+# `1024 + 16 (code ^ 8)`, and `(1024 + (code ^ 8)) / 128 - 8.0625 = code / 128` (likewise for the
+# high one); all exact in fp16.
+_DOT32_PTX = tl.constexpr("\n".join([
+    "{",
+    ".reg .b32 t, c, h, kl, bl, kh, bh;",
+    ".reg .f16 lo, hi;",
+    ".reg .f32 flo, fhi;",
+    "mov.b32 kl, 0x20002000;",
+    "mov.b32 bl, 0xC808C808;",
+    "mov.b32 kh, 0x10001000;",
+    "mov.b32 bh, 0xB880B880;",
+    *(_word_ptx(1 + i, 5 + 4 * i) for i in range(4)),
+    "mov.b32 {lo, hi}, h;",
+    "cvt.f32.f16 flo, lo;",
+    "cvt.f32.f16 fhi, hi;",
+    "add.f32 flo, flo, fhi;",
+    "fma.rn.f32 $0, flo, $21, $22;",
+    "}",
+]))
 
 
 def supported(x: Tensor, w_packed: Tensor, group_size: int) -> bool:
     """Whether the GEMV can run this problem: one fp16 row whose column pairs can be read as one
-    32-bit word each, weight rows whose bytes can be read four at a time, and a group of whole
-    blocks (a multiple of 32 columns)."""
+    32-bit word each, weight rows whose bytes can be read four at a time, and groups of whole
+    chunks (a multiple of 32 columns)."""
     k = x.shape[-1]
-    return (x.dtype == torch.float16 and x.numel() == k and k % 8 == 0 and group_size % 32 == 0
+    return (x.dtype == torch.float16 and x.numel() == k and k % 8 == 0 and group_size % _CHUNK == 0
             and x.data_ptr() % 4 == 0 and w_packed.data_ptr() % 4 == 0 and w_packed.stride(0) % 4 == 0)
 
 
 @triton.jit
-def _dot8_reference(word, x0, x1, x2, x3, scale, acc):
-    """What the PTX computes, in fp32 (the interpreter's path): the eight codes of each weight
-    word times their activations, times the row's scale (already times 128, hence the 1/128)."""
-    total = tl.zeros_like(acc)
-    for byte in tl.static_range(4):
-        pair = x0 if byte == 0 else (x1 if byte == 1 else (x2 if byte == 2 else x3))
-        x_even = pair.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        x_odd = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        low = ((((word >> (8 * byte)) & 0xF) ^ 8) - 8).to(tl.float32)
-        high = ((((word >> (8 * byte + 4)) & 0xF) ^ 8) - 8).to(tl.float32)
-        total += low * x_even + high * x_odd
-    return acc + total * (scale / 128.0)
+def _split4(t):
+    """The four elements of `t`'s last dimension (of 4) as four tensors."""
+    even, odd = tl.split(tl.reshape(t, t.shape[:-1] + (2, 2)))
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _pairs(words):
+    """The activation pairs of one weight word from its four activation words (`words [..., 4]`:
+    columns 0-1, 2-3, 4-5 and 6-7 of its eight): columns (0, 4), (1, 5), (2, 6) and (3, 7), as the
+    PTX takes its codes."""
+    q0, q1, q2, q3 = _split4(words)
+    return ((q0 & 0xFFFF) | (q2 << 16), ((q0 >> 16) & 0xFFFF) | (q2 & -65536),
+            (q1 & 0xFFFF) | (q3 << 16), ((q1 >> 16) & 0xFFFF) | (q3 & -65536))
+
+
+@triton.jit
+def _half(pair, HIGH: tl.constexpr):
+    """One fp16 half of a pair word, as fp32."""
+    bits = (pair >> 16) if HIGH else pair
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _word_reference(word, p0, p1, p2, p3):
+    """One weight word against its pairs, in fp32: column j's code (bits 4j to 4j + 3, two's
+    complement) meets the low half of pair j and column j + 4's the high half."""
+    total = tl.zeros(word.shape, dtype=tl.float32)
+    for j in tl.static_range(4):
+        pair = p0 if j == 0 else (p1 if j == 1 else (p2 if j == 2 else p3))
+        low = ((((word >> (4 * j)) & 0xF) ^ 8) - 8).to(tl.float32)
+        high = ((((word >> (4 * j + 16)) & 0xF) ^ 8) - 8).to(tl.float32)
+        total += low * _half(pair, False) + high * _half(pair, True)
+    return total
+
+
+@triton.jit
+def _dot32(w, a, b, c, d, scale, acc, PTX: tl.constexpr):
+    """`acc` plus a chunk's sum times its row's scale (already times 128): its four weight words
+    (`w [..., 4]`) against their activation pairs (`a`-`d`: each word's four, from `_pairs`)."""
+    w0, w1, w2, w3 = _split4(w)
+    if PTX:
+        return tl.inline_asm_elementwise(
+            _DOT32_PTX, "=r" + ",r" * 22,
+            [w0, w1, w2, w3, a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3],
+             d[0], d[1], d[2], d[3], scale, acc], dtype=tl.float32, is_pure=True, pack=1)
+    else:  # the interpreter's path: the same pairs, in fp32
+        total = (_word_reference(w0, a[0], a[1], a[2], a[3]) + _word_reference(w1, b[0], b[1], b[2], b[3])
+                 + _word_reference(w2, c[0], c[1], c[2], c[3]) + _word_reference(w3, d[0], d[1], d[2], d[3]))
+        return acc + total * (scale / 128.0)
+
+
+@triton.jit
+def _weight_block(w_tile, s_rows, k0, chunk, quad, word_end, GROUP_CHUNKS: tl.constexpr, EVEN_K: tl.constexpr):
+    """The weight words and group scales of the block from chunk `k0`, zero past `word_end`."""
+    group = s_rows + (k0 + chunk) // GROUP_CHUNKS
+    if EVEN_K:
+        return tl.load(w_tile + 4 * k0), tl.load(group)
+    first = 4 * (k0 + chunk)
+    return (tl.load(w_tile + 4 * k0, mask=first[:, :, :, None] + quad < word_end, other=0),
+            tl.load(group, mask=first < word_end, other=0))
 
 
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr,
                        cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
-                       N, K, K_SPLIT, stride_wn,
-                       stride_sn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       N, K_WORDS, SPLIT_CHUNKS, stride_wn, stride_sn, GROUP_CHUNKS: tl.constexpr,
+                       ROWS: tl.constexpr, THREAD_ROWS: tl.constexpr, CHUNKS: tl.constexpr,
                        SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr,
                        USE_PDL: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr):
-    # x_ptr: the fp16 activation row as 32-bit words of two columns, so weight word i (columns
-    # 8i to 8i + 7) meets x words 4i to 4i + 3. w_ptr: the packed weight as 32-bit words
-    # (stride_wn counts words). A block is SUBS sub-blocks of one scale group each, `[BLOCK_N,
-    # SUBS, SUB_WORDS]` weight words. Program (n, s) sums columns [s * K_SPLIT, (s + 1) *
-    # K_SPLIT); with SPLITS > 1 the last split of a row tile to finish adds the others' partials
-    # (split_k.py) and stores the tile. CONV: rows below D_CONV are in_proj's x half, and the
-    # tile's store also runs their decode conv step (`_store_rows`).
-    SUB_K: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
-    SUBS: tl.constexpr = BLOCK_K // SUB_K
-    SUB_WORDS: tl.constexpr = SUB_K // 8
-    wait_for_previous(USE_PDL)  # programmatic dependent launch (pdl.py): only the launch overlaps
+    # x_ptr: the fp16 activation row as 32-bit words of two columns; w_ptr: the packed weight as
+    # 32-bit words of eight codes (K_WORDS a row, stride_wn counts words). Chunk c is weight words
+    # 4c to 4c + 3 and activation words 16c to 16c + 15. Program (n, s) sums chunks [s *
+    # SPLIT_CHUNKS, (s + 1) * SPLIT_CHUNKS) of rows n * BLOCK_N + r * THREAD_ROWS + t (r < ROWS,
+    # t < THREAD_ROWS); with SPLITS > 1 the last split of a row tile to finish adds the others'
+    # partials (split_k.py) and stores the tile. CONV: rows below D_CONV are in_proj's x half,
+    # and the tile's store also runs their decode conv step (`_store_rows`).
+    BLOCK_N: tl.constexpr = ROWS * THREAD_ROWS
     pid_n = tl.program_id(0)
-    k_first = tl.program_id(1) * (K_SPLIT // 8)  # in words, as every K offset below
-    k_end = tl.minimum(k_first + K_SPLIT // 8, K // 8)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_first = tl.program_id(1) * SPLIT_CHUNKS
+    word_end = tl.minimum(4 * (c_first + SPLIT_CHUNKS), K_WORDS)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, ROWS)[:, None] * THREAD_ROWS + tl.arange(0, THREAD_ROWS)[None, :]
     rows = offs_n % N  # rows past N wrap onto valid ones (never stored): no row masks on loads
-    sub = tl.arange(0, SUBS)
-    # [1, SUBS, SUB_WORDS]; a thread's words never contiguous to the compiler, so the weight loads
-    # take the layout of the activations' split (a word a thread at a time) instead of vectors that
-    # would be exchanged through shared memory every block.
-    word = tl.max_contiguous((sub[:, None] * SUB_WORDS + tl.arange(0, SUB_WORDS)[None, :])[None, :, :], [1, 1, 1])
-    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn
-    # Repeated rows: each thread reads the activations of its own weight words (from L1), the
-    # four of a word as one vector, split in registers.
-    x_tile = x_ptr + 4 * (word + tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32))[:, :, :, None] + tl.arange(0, 4)
-    s_rows = s_ptr + rows[:, None] * stride_sn
-    acc = tl.zeros((BLOCK_N, SUBS, SUB_WORDS), dtype=tl.float32)
-    for k0 in range(k_first, k_end, BLOCK_K // 8):
+    chunk = tl.arange(0, CHUNKS)[None, None, :]
+    quad = tl.arange(0, 4)[None, None, None, :]
+    word = 4 * chunk[:, :, :, None] + quad  # [1, 1, CHUNKS, 4]
+    w_tile = w_ptr + rows.to(tl.int64)[:, :, None, None] * stride_wn + word
+    # The activations as [1, THREAD_ROWS, CHUNKS, 4] words (the rows repeated, so that they take
+    # the weight tile's layout): each thread loads its chunk's once a block.
+    x_tile = x_ptr + 16 * chunk[:, :, :, None] + quad + tl.zeros((1, THREAD_ROWS, 1, 1), dtype=tl.int32)
+    s_rows = s_ptr + rows[:, :, None] * stride_sn
+    acc = tl.zeros((ROWS, THREAD_ROWS, CHUNKS), dtype=tl.float32)
+    c_end = tl.minimum(c_first + SPLIT_CHUNKS, tl.cdiv(K_WORDS, 4))
+    last = c_first + (c_end - 1 - c_first) // CHUNKS * CHUNKS  # the first chunk of the split's last block
+    # The weight and its scales are no kernel's output: the first block is on its way before the
+    # wait for the kernel ahead.
+    w, group_scale = _weight_block(w_tile, s_rows, c_first, chunk, quad, word_end, GROUP_CHUNKS, EVEN_K)
+    wait_for_previous(USE_PDL)  # programmatic dependent launch (pdl.py): only the launch overlaps
+    for k0 in range(c_first, c_end, CHUNKS):
+        x_words = x_tile + 16 * k0
         if EVEN_K:
-            packed = tl.load(w_rows + k0 + word)
-            xw = tl.load(x_tile + 4 * k0)
-            group_scale = tl.load(s_rows + (k0 * 8) // GROUP + sub[None, :])
+            xa, xb, xc, xd = tl.load(x_words), tl.load(x_words + 4), tl.load(x_words + 8), tl.load(x_words + 12)
         else:
-            in_k = k0 + word < k_end
-            packed = tl.load(w_rows + k0 + word, mask=in_k, other=0)
-            xw = tl.load(x_tile + 4 * k0, mask=in_k[:, :, :, None], other=0)
-            group_scale = tl.load(s_rows + (k0 * 8) // GROUP + sub[None, :],
-                                  mask=(k0 + sub * SUB_WORDS < k_end)[None, :], other=0)
-        x02, x13 = tl.split(tl.reshape(xw, (BLOCK_N, SUBS, SUB_WORDS, 2, 2)))
-        x0, x2 = tl.split(x02)
-        x1, x3 = tl.split(x13)
-        scale = tl.broadcast_to((group_scale.to(tl.float32) * 128.0)[:, :, None], (BLOCK_N, SUBS, SUB_WORDS))
-        if PTX:
-            acc = tl.inline_asm_elementwise(_DOT8_PTX, "=r,r,r,r,r,r,r,r", [packed, x0, x1, x2, x3, scale, acc],
-                                            dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            acc = _dot8_reference(packed, x0, x1, x2, x3, scale, acc)
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+            first = 4 * (k0 + chunk[:, :, :, None])
+            xa = tl.load(x_words, mask=first < word_end, other=0)
+            xb = tl.load(x_words + 4, mask=first + 1 < word_end, other=0)
+            xc = tl.load(x_words + 8, mask=first + 2 < word_end, other=0)
+            xd = tl.load(x_words + 12, mask=first + 3 < word_end, other=0)
+        acc = _dot32(w, _pairs(xa), _pairs(xb), _pairs(xc), _pairs(xd), group_scale.to(tl.float32) * 128.0, acc, PTX)
+        # The next block's weights (the last block again on the last step: cached, unused).
+        # Loading them before this block's products instead was 2% slower in the model (session 35).
+        w, group_scale = _weight_block(w_tile, s_rows, tl.minimum(k0 + CHUNKS, last), chunk, quad, word_end,
+                                       GROUP_CHUNKS, EVEN_K)
+    y = tl.reshape(tl.sum(acc, axis=2), (BLOCK_N,))
+    offs_n = tl.reshape(offs_n, (BLOCK_N,))
+    rows = tl.reshape(rows, (BLOCK_N,))
     if SPLITS == 1:
         _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS, cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV,
                     stride_csd, stride_csk, stride_cwd, stride_cwk, CONV, CONV_W, CONV_HAS_BIAS)
@@ -207,16 +261,26 @@ def _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr, c
         tl.store(u_ptr + offs_n, u.to(u_ptr.dtype.element_ty), mask=mask_c)
 
 
-def default_config(n: int, k: int, group_size: int) -> Config:
-    """By rule: 16 weight rows a program, 8 warps, blocks of 256 columns (two groups of 128) where
-    the group allows, and K split until there are about `_PROGRAMS` programs. In session 27's
-    sweep on the H200 (docs/benchmarks.md) 16-row tiles and 8 warps won on every mamba-2.8b
-    projection, and more programs beat fewer: a decode step has no other work to hide a GEMV's
-    memory latency behind. Session 34 again in the model (mamba-2.8b W4A16, batch 1): 462 tokens/s
-    against 435 with 512-column blocks and 293-300 with 32-row tiles."""
-    block_k = _BLOCK_K if _BLOCK_K % group_size == 0 or group_size % _BLOCK_K == 0 else group_size & -group_size
+def default_config(n: int, k: int) -> Config:
+    """By rule: `_BLOCK_N` weight rows a program on `_WARPS` warps, blocks of `_BLOCK_K` columns
+    (fewer where K is shorter), and K split until there are about `_PROGRAMS` programs: a decode
+    step has no other work to hide a GEMV's memory latency behind, so more programs beat fewer
+    (session 27's sweep on the H200, docs/benchmarks.md)."""
+    block_k = min(_BLOCK_K, max(_CHUNK, next_pow2(k)))
     splits = min(cdiv(k, block_k), max(1, _PROGRAMS // cdiv(n, _BLOCK_N)))
     return _BLOCK_N, block_k, _WARPS, splits
+
+
+def _tile(config: Config) -> tuple[int, int, int]:
+    """A config's (ROWS, THREAD_ROWS, CHUNKS): the warps' threads lie over the block's chunks
+    first, then over rows; each thread takes the rest of the rows."""
+    block_n, block_k, warps, splits = config
+    if block_k % _CHUNK or block_k & (block_k - 1) or block_n & (block_n - 1) or min(warps, splits) < 1:
+        raise ValueError(f"gemv_w4: BLOCK_K={block_k} must be a power of two of at least {_CHUNK} columns, "
+                         f"BLOCK_N={block_n} a power of two, warps={warps} and splits={splits} positive")
+    chunks = block_k // _CHUNK
+    thread_rows = min(block_n, max(1, 32 * warps // chunks))
+    return block_n // thread_rows, thread_rows, chunks
 
 
 class ConvStep(NamedTuple):
@@ -235,10 +299,8 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
     takes (the caller validated shapes and dtypes), and with `conv` the conv step of out's first D
     columns (`conv1d_float.conv_silu_step`). `config` overrides `default_config`."""
     k, n = x.shape[-1], w_packed.shape[0]
-    block_n, block_k, warps, splits = config or default_config(n, k, group_size)
-    if (group_size % block_k and block_k % group_size) or block_k % (2 * _PACK) or block_k & (block_k - 1):
-        raise ValueError(f"gemv_w4: BLOCK_K={block_k} must be a power of two of at least 8 columns that divides "
-                         f"the group size {group_size} or is a multiple of it")
+    block_n, block_k, warps, splits = config = config or default_config(n, k)
+    rows, thread_rows, chunks = _tile(config)
     k_split = cdiv(cdiv(k, splits), block_k) * block_k  # whole blocks a split
     splits = cdiv(k, k_split)
     tiles = cdiv(n, block_n)
@@ -260,9 +322,9 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
         conv_args = (scales, scales, scales, scales, 0, 0, 0, 0, 0)  # placeholders, never read
         conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
     _w4a16_gemv_kernel[(tiles, splits)](
-        words, w_words, scales, bias if has_bias else scales, out, partials, counters, *conv_args, n, k, k_split,
-        w_words.stride(0), scales.stride(0), GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits,
-        EVEN_K=k % block_k == 0, HAS_BIAS=has_bias, PTX=not INTERPRET, num_warps=warps, **conv_flags,
-        **launch_options(x.device),
+        words, w_words, scales, bias if has_bias else scales, out, partials, counters, *conv_args, n, k // 8,
+        k_split // _CHUNK, w_words.stride(0), scales.stride(0), GROUP_CHUNKS=group_size // _CHUNK, ROWS=rows,
+        THREAD_ROWS=thread_rows, CHUNKS=chunks, SPLITS=splits, EVEN_K=k % k_split == 0, HAS_BIAS=has_bias,
+        PTX=not INTERPRET, num_warps=warps, **conv_flags, **launch_options(x.device),
     )
     return out
