@@ -215,7 +215,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
     # The weight and its scales are no kernel's output: the first block is on its way before the
     # wait for the kernel ahead.
     w, group_scale = _weight_block(w_tile, s_rows, c_first, chunk, quad, word_end, GROUP_CHUNKS, EVEN_K)
-    wait_for_previous(USE_PDL)  # programmatic dependent launch (pdl.py): only the launch overlaps
+    wait_for_previous(USE_PDL)  # programmatic dependent launch (pdl.py)
     for k0 in range(c_first, c_end, CHUNKS):
         x_words = x_tile + 16 * k0
         if EVEN_K:
