@@ -32,7 +32,7 @@ from ..errors import InputError
 from .dispatch import INTERPRET, as_scalar, graph_op
 from .dispatch import use_triton as _use_triton
 
-__all__ = ["check_gated_rmsnorm_args", "gated_rmsnorm", "gated_rmsnorm_op", "gated_rmsnorm_reference"]
+__all__ = ["check_gated_rmsnorm_args", "gated_rmsnorm", "gated_rmsnorm_op", "gated_rmsnorm_reference", "gated_row"]
 
 # Longest row held whole in registers (8192 fp32: 32 a thread over 8 warps); a module variable so
 # the tests can force the two-pass loop on small rows.
@@ -41,7 +41,10 @@ _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _gated_row(y_row, z_row, offs, mask, z_scale, Z_INT8: tl.constexpr):
+def gated_row(y_row, z_row, offs, mask, z_scale, Z_INT8: tl.constexpr):
+    """`y * silu(z)` in fp32 for the columns `offs` of one row (`z` int8 times `z_scale` with
+    Z_INT8), zero where `mask` is off: the gate that this norm and the fused Hadamard
+    (hadamard.py) both apply before they sum squares."""
     y = tl.load(y_row + offs, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_row + offs, mask=mask, other=0).to(tl.float32)
     if Z_INT8:
@@ -64,19 +67,19 @@ def _gated_rmsnorm_kernel(
     z_scale = tl.load(z_scale_ptr).to(tl.float32) if Z_INT8 else 1.0
     if SINGLE:
         mask = offs < G
-        h = _gated_row(y_row, z_row, offs, mask, z_scale, Z_INT8)
+        h = gated_row(y_row, z_row, offs, mask, z_scale, Z_INT8)
         rstd = tl.math.rsqrt(tl.sum(h * h, axis=0) / G + eps)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(o_row + offs, (w * (h * rstd)).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         squares = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, G, BLOCK):
-            h = _gated_row(y_row + start, z_row + start, offs, start + offs < G, z_scale, Z_INT8)
+            h = gated_row(y_row + start, z_row + start, offs, start + offs < G, z_scale, Z_INT8)
             squares += h * h
         rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / G + eps)
         for start in range(0, G, BLOCK):
             mask = start + offs < G
-            h = _gated_row(y_row + start, z_row + start, offs, mask, z_scale, Z_INT8)
+            h = gated_row(y_row + start, z_row + start, offs, mask, z_scale, Z_INT8)
             w = tl.load(w_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(o_row + start + offs, (w * (h * rstd)).to(out_ptr.dtype.element_ty), mask=mask)
 

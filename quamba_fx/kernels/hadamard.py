@@ -94,7 +94,7 @@ from .pdl import launch_options, wait_for_previous
 from ..quant.fp8 import quantize_fp8 as _quantize_fp8  # torch.ops.quamba.quantize_fp8
 from ..quant.qops import quantize as _quantize_int8  # torch.ops.quamba.quantize
 from ..quant.hadamard import _check_size, _dense_int, is_hadamard_size  # and registers quamba.hadamard
-from .gated_norm import _gated_row, check_gated_rmsnorm_args, gated_rmsnorm
+from .gated_norm import check_gated_rmsnorm_args, gated_rmsnorm, gated_row
 from .rounding import quantize_e4m3_rn, quantize_rn
 
 __all__ = [
@@ -274,7 +274,7 @@ def _gated_norm_tile(y_rows, z_rows, w_rows, offs_p, live, z_scale, eps, offs_z,
     # input computed in registers instead of read back from memory. A norm group is GROUP_ROWS
     # consecutive tile rows (rows start at multiples of M, which GROUP_ROWS divides), so its sum
     # of squares is the sum of those rows' sums, gathered with a [MP, MP] mask.
-    h = _gated_row(y_rows, z_rows, offs_p[None, :], live[:, None], z_scale, Z_INT8)
+    h = gated_row(y_rows, z_rows, offs_p[None, :], live[:, None], z_scale, Z_INT8)
     squares = tl.sum(h * h, axis=1)
     group = offs_z // GROUP_ROWS
     total = tl.sum(tl.where(group[:, None] == group[None, :], squares[None, :], 0.0), axis=1)
