@@ -47,11 +47,14 @@ from quamba_fx import ops as qops
 from quamba_fx.kernels import scan
 from quamba_fx.kernels.scan import (
     DeltaProjection,
+    DeltaProjectionW4,
     selective_scan,
     selective_scan_int8_reference,
     selective_state_update,
     selective_state_update_reference,
 )
+
+from quamba_fx.quant.int4 import quantize_weight_int4
 
 from .kernel_support import DEVICE, EXACT, needs_kernel, reference_calls
 
@@ -446,6 +449,68 @@ def test_dt_proj_above_the_batch_limit_runs_as_a_gemm_with_the_same_result(monke
     else:
         torch.testing.assert_close(split, fused, rtol=2.0**-10, atol=1e-6)
         torch.testing.assert_close(state, fused_state, rtol=1e-6, atol=1e-6)
+
+
+def _step_with_w4_projection(batch: int, d_inner: int, rank: int, group: int, has_bias: bool, seed: int,
+                             device: str | None = DEVICE):
+    """One W4A16 decode step's inputs (fp16, graph layouts) and a DeltaProjectionW4 whose x is a
+    slice of an x_proj-like fp16 row, as in the lowered graph."""
+    case = dict(batch=batch, d_inner=d_inner, d_state=5, L=1, kind={n: "float16" for n in ACT_NAMES},
+                layout="graph", has_D=True, has_z=True, has_bias=False, softplus=True, has_h0=False,
+                out_dtype=None, seed=seed)
+    kw = build(case, device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    xdbl = torch.randn(batch, rank + 7, generator=gen).half()
+    packed, scale = quantize_weight_int4(torch.randn(d_inner, rank, generator=gen) * 0.3, group)
+    proj = DeltaProjectionW4(x=xdbl[:, :rank].to(device), weight=packed.to(device), weight_scale=scale.to(device),
+                             group_size=group,
+                             bias=(torch.rand(d_inner, generator=gen) * 4 - 5).to(device) if has_bias else None)
+    tok = {k: kw[k][:, :, 0] for k in ACT_NAMES if k != "delta"}
+    rest = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state",) and not k.endswith("_scale")}
+    state = torch.randn(batch, d_inner, 5, generator=gen).to(device)
+    return tok, rest, proj, state
+
+
+@needs_kernel
+@settings(max_examples=12, **SETTINGS)
+@given(batch=st.integers(1, 3), d_inner=st.integers(1, 40), rank=st.integers(1, 40), group=st.sampled_from([8, 32]),
+       has_bias=st.booleans(), seed=st.integers(0, 99))
+def test_a_4bit_dt_proj_in_the_kernel_matches_the_gemv_then_the_update(batch, d_inner, rank, group, has_bias, seed):
+    # Odd ranks leave the last byte's high nibble as padding; ranks above BLOCK_R take several steps.
+    tok, rest, proj, state = _step_with_w4_projection(batch, d_inner, rank, group, has_bias, seed)
+    delta = proj.delta()
+    assert delta.dtype == torch.float16 and delta.shape == (batch, d_inner)
+    plain_state = state.clone()
+    plain = selective_state_update(plain_state, delta=delta, **tok, **rest)
+    projection = DeltaProjectionW4.delta
+    DeltaProjectionW4.delta = lambda self: pytest.fail("the projection ran as its own GEMV")
+    try:
+        fused = selective_state_update(state, delta=None, delta_proj=proj, **tok, **rest)
+    finally:
+        DeltaProjectionW4.delta = projection
+    # The kernel sums the projection in fp32 in its own order (the GEMV in fp16 products on a GPU):
+    # the fp16 deltas may differ in their last bit, which moves y and the state by about as much.
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=4e-3, atol=4e-3)
+    torch.testing.assert_close(state, plain_state, rtol=4e-3, atol=4e-3)
+
+
+def test_the_reference_with_a_4bit_projection_is_the_reference_with_its_delta():
+    tok, rest, proj, state = _step_with_w4_projection(2, 9, 13, 8, True, seed=4, device="cpu")
+    a, b = state.clone(), state.clone()
+    y_proj = selective_state_update_reference(a, delta=None, delta_proj=proj, **tok, **rest)
+    delta = torch.ops.quamba.w4a16_linear(proj.x, proj.weight, proj.weight_scale, proj.group_size, proj.bias)
+    y = selective_state_update_reference(b, delta=delta, **tok, **rest)
+    assert torch.equal(y_proj, y) and torch.equal(a, b)
+
+
+def test_a_4bit_projection_of_the_wrong_shape_is_refused():
+    tok, rest, proj, state = _step_with_w4_projection(1, 9, 13, 8, False, seed=4, device="cpu")
+    wrong = DeltaProjectionW4(proj.x, proj.weight[:5], proj.weight_scale[:5], 8, None)
+    with pytest.raises(ValueError, match="delta_proj.weight must be"):
+        selective_state_update(state, delta=None, delta_proj=wrong, **tok, **rest)
+    with pytest.raises(ValueError, match="delta_proj.weight_scale must be float16"):
+        selective_state_update(state, delta=None, delta_proj=DeltaProjectionW4(
+            proj.x, proj.weight, proj.weight_scale.float(), 8, None), **tok, **rest)
 
 
 def test_reference_with_a_projection_equals_the_reference_with_its_delta():

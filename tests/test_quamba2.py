@@ -205,31 +205,59 @@ def test_an_fp16_lowering_multiplies_w4a16_activations_in_fp16(quantized):
             assert not any(is_cast(n.args[0]) for n in rotations)  # read through their casts
 
 
+def block_counts(lowered: torch.nn.Module) -> tuple[int, int]:
+    """(blocks, the blocks a Mamba-1 decode fusion applies to: all of a Mamba-1 model's, none of a
+    Mamba-2's)."""
+    from quamba_fx.graph_meta import find_graph_meta
+
+    meta = find_graph_meta(lowered)
+    return meta.num_blocks, (meta.num_blocks if "Mamba2" not in meta.source else 0)
+
+
+def decode_two(gen: Generator) -> list[torch.Tensor]:
+    """The logits of two decode steps after a five-token prefill of IDS's first row."""
+    ids = IDS[:1, :7]
+    with torch.no_grad():
+        gen.prefill(ids[:, :5])
+        return [gen.decode(ids[:, t]) for t in (5, 6)]
+
+
+def decode_ops(gen: Generator) -> list[str]:
+    return [op_name(n) for n in gen.decode_graph.graph.nodes if n.op == "call_function"]
+
+
 def test_a_w4a16_decode_step_runs_in_proj_and_the_conv_as_one_op(quantized, monkeypatch):
     """Mamba-1's decode graph folds the float conv step into in_proj's W4A16 GEMV
     (lowering/gemm_w4.py); its logits are those of the two separate ops, bit for bit. Mamba-2's
     conv reads a split of in_proj's output, not a chunk, and keeps its own op."""
-    from quamba_fx.graph_meta import find_graph_meta
     from quamba_fx.passes.lowering import gemm_w4
 
     lowered = quamba_fx.lower(quantized["quamba2-w4a16"])
-    meta = find_graph_meta(lowered)
-    blocks = meta.num_blocks if "Mamba2" not in meta.source else 0
-    ids = IDS[:1, :7]
-
-    def decode_two(gen: Generator) -> list[torch.Tensor]:
-        with torch.no_grad():
-            gen.prefill(ids[:, :5])
-            return [gen.decode(ids[:, t]) for t in (5, 6)]
-
+    all_blocks, blocks = block_counts(lowered)
     fused = Generator(lowered, batch_size=1)
-    decode_ops = [op_name(n) for n in fused.decode_graph.graph.nodes if n.op == "call_function"]
-    assert decode_ops.count("w4a16_in_proj_conv_update") == blocks
-    assert decode_ops.count("conv1d_silu_cached") == meta.num_blocks - blocks
+    assert decode_ops(fused).count("w4a16_in_proj_conv_update") == blocks
+    assert decode_ops(fused).count("conv1d_silu_cached") == all_blocks - blocks
     monkeypatch.setattr(gemm_w4, "FUSE_CONV_IN_DECODE", False)
     separate = Generator(lowered, batch_size=1)
-    assert not any(op_name(n) == "w4a16_in_proj_conv_update" for n in separate.decode_graph.graph.nodes)
+    assert "w4a16_in_proj_conv_update" not in decode_ops(separate)
     assert all(torch.equal(a, b) for a, b in zip(decode_two(fused), decode_two(separate)))
+
+
+def test_a_w4a16_decode_step_can_fold_dt_proj_into_the_scan_update(quantized, monkeypatch):
+    """With the rule on (lowering/gemm_w4.py), Mamba-1's decode graph has no dt_proj GEMM: the scan
+    update computes delta; the logits are the separate ops' up to the order of dt_proj's sums.
+    Mamba-2 has no dt_proj."""
+    from quamba_fx.passes.lowering import gemm_w4
+
+    lowered = quamba_fx.lower(quantized["quamba2-w4a16"])
+    _, blocks = block_counts(lowered)
+    separate = Generator(lowered, batch_size=1)
+    monkeypatch.setattr(gemm_w4, "FUSE_DT_PROJ_IN_DECODE", True)
+    fused = Generator(lowered, batch_size=1)
+    assert decode_ops(fused).count("w4a16_dt_proj_state_update") == blocks
+    assert decode_ops(fused).count("w4a16_gemm") == decode_ops(separate).count("w4a16_gemm") - blocks
+    for a, b in zip(decode_two(fused), decode_two(separate)):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
 # --- accuracy on the trained byte models (benchmarks/accuracy.py measures with more text) ----------

@@ -82,8 +82,9 @@ chains overlap. Rows past the chunk's end are not masked: the row pointers stop 
 Scales, A, D and delta_bias are loaded once per program; int8 is converted with integer/float bit
 tricks rather than the slow I2F unit (every thread converts its part of B and C). The decode
 kernel is one program per (batch, channel block): one step, state updated in place; given a
-`DeltaProjection` it also computes delta from dt_proj's input row and weight (decode graphs fold
-dt_proj in this way, passes/lowering/scan.py), sparing a GEMM launch a block.
+`DeltaProjection` (int8 weights) or a `DeltaProjectionW4` (4-bit ones) it also computes delta
+from dt_proj's input row and weight (decode graphs fold dt_proj in this way,
+passes/lowering/scan.py and gemm_w4.py), sparing a GEMM launch a block.
 
 Triton chooses the tile's register layout itself; in the configs inspected it spread d_state over
 threads (following the d_state-contiguous accesses to A, B and C), so each step reduces over
@@ -113,12 +114,15 @@ from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 from .gemm import int8_gemm, int8_gemm_reference
 from .gemm_epilogue import requant_int8
+from .gemm_w4 import w4a16_gemm
 from .rounding import f32_to_bf16_rne, mul_rn
 
+from ..quant.int4 import _check_w4, w4a16_linear
 from ..scan_reference import selective_scan_reference
 
 __all__ = [
     "DeltaProjection",
+    "DeltaProjectionW4",
     "selective_scan",
     "selective_scan_int8_reference",
     "selective_state_update",
@@ -579,11 +583,38 @@ def _project_delta(w_first, x_row, w_ptr, x_scale_ptr, w_scale_ptr, wb_ptr, out_
 
 
 @triton.jit
+def _project_delta_w4(x_row, w_ptr, s_ptr, b_ptr, offs_d, mask_d, R, stride_wd, stride_sd,
+                      GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dt_proj's output for the channels `offs_d` from its 4-bit weight (two codes a byte, the
+    even column in the low nibble; one fp16 scale a group of GROUP columns): `w4a16_linear` of one
+    row, summed in fp32 and rounded to the row's dtype as the GEMM's output is, so the delta the
+    scan reads is what the separate GEMM would have written, up to the order of the fp32 sums."""
+    HALF: tl.constexpr = BLOCK_R // 2
+    byte = tl.arange(0, HALF)
+    w_rows = w_ptr + offs_d.to(tl.int64)[:, None] * stride_wd
+    s_rows = s_ptr + offs_d.to(tl.int64)[:, None] * stride_sd
+    acc = tl.zeros([offs_d.shape[0]], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        even = r0 + 2 * byte  # each byte's first column
+        live = mask_d[:, None] & (even < R)[None, :]
+        packed = tl.load(w_rows + r0 // 2 + byte[None, :], mask=live, other=0).to(tl.int32)
+        scale = tl.load(s_rows + (even // GROUP)[None, :], mask=live, other=0).to(tl.float32)
+        x_even = tl.load(x_row + even, mask=even < R, other=0).to(tl.float32)
+        x_odd = tl.load(x_row + even + 1, mask=even + 1 < R, other=0).to(tl.float32)
+        low = (((packed & 0xF) ^ 8) - 8).to(tl.float32) * scale
+        high = ((((packed >> 4) & 0xF) ^ 8) - 8).to(tl.float32) * scale
+        acc += tl.sum(low * x_even[None, :] + high * x_odd[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0)
+    return acc.to(x_row.dtype.element_ty)
+
+
+@triton.jit
 def _selective_state_update_kernel(
     h_ptr, u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
     y_ptr,
-    px_ptr, pw_ptr, px_scale_ptr, pw_scale_ptr, pb_ptr, R, stride_pxb, stride_pwd,
+    px_ptr, pw_ptr, px_scale_ptr, pw_scale_ptr, pb_ptr, R, stride_pxb, stride_pwd, stride_pws,
     d_inner, d_state,
     stride_hb, stride_hd, stride_hn,
     stride_ub, stride_ud,
@@ -597,15 +628,18 @@ def _selective_state_update_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     NS: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
     DT_PROJ: tl.constexpr, PW_PER_CHANNEL: tl.constexpr, PW_HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    PW_4BIT: tl.constexpr, PW_GROUP: tl.constexpr,
 ):
-    # DT_PROJ: delta is dt_proj's int8 output, computed here from its input row `px` [batch, R]
-    # and weight `pw` [d_inner, R] (see `DeltaProjection`) instead of read from dt_ptr.
+    # DT_PROJ: delta is dt_proj's output, computed here from its input row `px` [batch, R] and
+    # weight `pw` instead of read from dt_ptr: int8 codes `[d_inner, R]` (`DeltaProjection`) or,
+    # PW_4BIT, packed 4-bit ones `[d_inner, ceil(R / 2)]` with fp16 scales `[d_inner, groups]`
+    # of row stride stride_pws (`DeltaProjectionW4`).
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, NS)
     mask_d = offs_d < d_inner
-    if DT_PROJ:
+    if DT_PROJ and not PW_4BIT:
         # The weight does not depend on the kernels ahead: its load overlaps their tail.
         w_first = _load_projection_rows(pw_ptr, offs_d, mask_d, 0, R, stride_pwd, BLOCK_R)
     wait_for_previous(USE_PDL)
@@ -617,7 +651,10 @@ def _selective_state_update_kernel(
     h_p = h_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn
     h = tl.load(h_p, mask=mask_nd, other=0.0).to(tl.float32)
     u_r = tl.load(u_ptr + pid_b * stride_ub + offs_d64 * stride_ud, mask=mask_d, other=0)
-    if DT_PROJ:
+    if DT_PROJ and PW_4BIT:
+        t_r = _project_delta_w4(px_ptr + pid_b * stride_pxb, pw_ptr, pw_scale_ptr, pb_ptr, offs_d, mask_d, R,
+                                stride_pwd, stride_pws, PW_GROUP, PW_HAS_BIAS, BLOCK_R)
+    elif DT_PROJ:
         t_r = _project_delta(w_first, px_ptr + pid_b * stride_pxb, pw_ptr, px_scale_ptr, pw_scale_ptr, pb_ptr,
                              dt_scale_ptr, offs_d, mask_d, R, stride_pwd, PW_PER_CHANNEL, PW_HAS_BIAS, BLOCK_R)
     else:
@@ -771,6 +808,35 @@ class DeltaProjection:
         return self.weight[:, 0].expand(self.x.shape[0], self.weight.shape[0])
 
 
+@dataclass(frozen=True)
+class DeltaProjectionW4:
+    """dt_proj with 4-bit weights (the W4A16 recipe) as the decode step's delta: `delta =
+    w4a16_gemm(x, weight, weight_scale, group_size, bias)`, a float `[batch, d_inner]` in x's
+    dtype (`quamba_fx.kernels.gemm_w4`).
+
+    x: float `[batch, R]` (x_proj's dt slice), unit stride along R; weight: uint8 `[d_inner,
+    ceil(R / 2)]` (two codes a byte, `quant/int4.py`); weight_scale: fp16 `[d_inner, ceil(R /
+    group_size)]`; bias: fp32 `[d_inner]` or None. `selective_state_update(..., delta_proj=...)`
+    computes it inside the scan kernel: no GEMV launch and no delta round trip through memory. The
+    kernel sums in fp32 in another order than the GEMV (whose products are fp16), so the delta
+    matches the GEMV's to its rounding, not bit for bit.
+    """
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    group_size: int
+    bias: Optional[torch.Tensor]
+
+    def delta(self) -> torch.Tensor:
+        """The projection as its own W4A16 GEMM: `[batch, d_inner]` in x's dtype."""
+        return w4a16_gemm(self.x, self.weight, self.weight_scale, self.group_size, self.bias)
+
+    def delta_like(self) -> torch.Tensor:
+        """A zero-copy `[batch, d_inner]` view in x's dtype standing for the delta in shape checks."""
+        return self.x[:, :1].expand(self.x.shape[0], self.weight.shape[0])
+
+
 def _shape_info(u: object) -> dict:
     if not isinstance(u, torch.Tensor) or u.dim() != 2:
         raise ValueError(f"u must be a [batch, d_inner] tensor, got {_describe(u)}")
@@ -778,10 +844,13 @@ def _shape_info(u: object) -> dict:
 
 
 def _check_projection(p: object, delta: object, delta_scale: object, info: dict, device: torch.device) -> None:
-    if not isinstance(p, DeltaProjection):
-        raise ValueError(f"delta_proj must be a DeltaProjection, got {type(p).__name__}")
+    if not isinstance(p, (DeltaProjection, DeltaProjectionW4)):
+        raise ValueError(f"delta_proj must be a DeltaProjection or DeltaProjectionW4, got {type(p).__name__}")
     if delta is not None or delta_scale is not None:
         raise ValueError("with delta_proj, delta and delta_scale must be None (the projection computes them)")
+    if isinstance(p, DeltaProjectionW4):
+        _check_projection_w4(p, info, device)
+        return
     batch, d_inner = info["batch"], info["d_inner"]
     x, w = p.x, p.weight
     if not (isinstance(x, torch.Tensor) and x.dtype == torch.int8 and x.dim() == 2 and x.shape[0] == batch
@@ -803,6 +872,25 @@ def _check_projection(p: object, delta: object, delta_scale: object, info: dict,
                          f"got {_describe(ws)}")
     _check_param("delta_proj.bias", p.bias, (d_inner,), device, optional=True)
     for name in ("x", "x_scale", "weight", "weight_scale", "out_scale"):
+        if getattr(p, name).device != device:
+            raise ValueError(f"delta_proj.{name} is on {getattr(p, name).device} but u is on {device}")
+
+
+def _check_projection_w4(p: DeltaProjectionW4, info: dict, device: torch.device) -> None:
+    batch, d_inner = info["batch"], info["d_inner"]
+    x = p.x
+    if not (isinstance(x, torch.Tensor) and x.dtype in _FLOAT_DTYPES and x.dim() == 2 and x.shape[0] == batch
+            and x.shape[1] >= 1 and (x.shape[1] == 1 or x.stride(1) == 1)):
+        raise ValueError(f"delta_proj.x must be float [batch={batch}, R >= 1] with unit stride along R, "
+                         f"got {_describe(x)}")
+    n, _ = _check_w4("delta_proj", x, p.weight, p.weight_scale, p.group_size, p.bias)
+    if n != d_inner or p.weight.stride(1) != 1:
+        raise ValueError(f"delta_proj.weight must be [d_inner={d_inner}, ceil(R / 2)] with unit stride along "
+                         f"its bytes, got {_describe(p.weight)}")
+    if p.weight_scale.dtype != torch.float16:
+        raise ValueError(f"delta_proj.weight_scale must be float16, got {_describe(p.weight_scale)}")
+    _check_param("delta_proj.bias", p.bias, (d_inner,), device, optional=True)
+    for name in ("x", "weight", "weight_scale"):
         if getattr(p, name).device != device:
             raise ValueError(f"delta_proj.{name} is on {getattr(p, name).device} but u is on {device}")
 
@@ -878,15 +966,18 @@ def selective_state_update_reference(
     C_scale: Optional[torch.Tensor] = None,
     z_scale: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
-    delta_proj: Optional[DeltaProjection] = None,
+    delta_proj: Union[DeltaProjection, DeltaProjectionW4, None] = None,
 ) -> torch.Tensor:
     """PyTorch reference of `selective_state_update`: a one-step scan from `state` (read as fp32),
     updated in place (the new state rounded to nearest even in state's dtype)."""
     if delta_proj is not None:
         _check_projection(delta_proj, delta, delta_scale, _shape_info(u), u.device)
         p = delta_proj
-        delta = int8_gemm_reference(p.x, p.x_scale, p.weight, p.weight_scale, p.bias, p.out_scale)
-        delta_scale = p.out_scale
+        if isinstance(p, DeltaProjectionW4):
+            delta = w4a16_linear(p.x, p.weight, p.weight_scale, p.group_size, p.bias)
+        else:
+            delta = int8_gemm_reference(p.x, p.x_scale, p.weight, p.weight_scale, p.bias, p.out_scale)
+            delta_scale = p.out_scale
     scales = dict(u=u_scale, delta=delta_scale, B=B_scale, C=C_scale, z=z_scale)
     info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=2)
     out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
@@ -1176,7 +1267,7 @@ def selective_state_update(
     C_scale: Optional[torch.Tensor] = None,
     z_scale: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
-    delta_proj: Optional[DeltaProjection] = None,
+    delta_proj: Union[DeltaProjection, DeltaProjectionW4, None] = None,
 ) -> torch.Tensor:
     """One decode step of `selective_scan`, advancing `state` in place.
 
@@ -1187,7 +1278,7 @@ def selective_state_update(
             even in its dtype.
         u, delta, z: `[batch, d_inner]`; B, C: `[batch, d_state]`; any strides, int8 + scale or
             float. The other arguments are as in `selective_scan`.
-        delta_proj: dt_proj to compute delta from (`DeltaProjection`), with `delta` and
+        delta_proj: dt_proj to compute delta from (`DeltaProjection`, `DeltaProjectionW4`), with `delta` and
             `delta_scale` None: at batch <= DT_PROJ_MAX_BATCH inside the kernel, above it as a GEMM
             first (each program would re-read its channels' dt_proj rows once per sequence).
 
@@ -1197,10 +1288,12 @@ def selective_state_update(
     fused = None
     if delta_proj is not None:
         _check_projection(delta_proj, delta, delta_scale, _shape_info(u), u.device)
+        # An int8 delta comes with its scale; a 4-bit projection's is a float.
+        proj_scale = delta_proj.out_scale if isinstance(delta_proj, DeltaProjection) else None
         if u.shape[0] <= DT_PROJ_MAX_BATCH and _use_triton(u):
-            fused, delta, delta_scale = delta_proj, delta_proj.delta_like(), delta_proj.out_scale
+            fused, delta, delta_scale = delta_proj, delta_proj.delta_like(), proj_scale
         else:
-            delta, delta_scale = delta_proj.delta(), delta_proj.out_scale
+            delta, delta_scale = delta_proj.delta(), proj_scale
     scales = dict(u=u_scale, delta=delta_scale, B=B_scale, C=C_scale, z=z_scale)
     info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=2)
     out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
@@ -1211,14 +1304,20 @@ def selective_state_update(
             state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale=u_scale,
             delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype,
         )
-    if fused is not None:
+    if isinstance(fused, DeltaProjectionW4):
+        proj = (fused.x, fused.weight, A, fused.weight_scale, fused.bias if fused.bias is not None else A,
+                fused.x.shape[1], fused.x.stride(0), fused.weight.stride(0), fused.weight_scale.stride(0))
+        proj_flags = dict(DT_PROJ=True, PW_PER_CHANNEL=False, PW_HAS_BIAS=fused.bias is not None, PW_4BIT=True,
+                          PW_GROUP=fused.group_size)
+    elif fused is not None:
         proj = (fused.x, fused.weight, fused.x_scale, fused.weight_scale,
-                fused.bias if fused.bias is not None else A, fused.x.shape[1], fused.x.stride(0), fused.weight.stride(0))
+                fused.bias if fused.bias is not None else A, fused.x.shape[1], fused.x.stride(0),
+                fused.weight.stride(0), 0)
         proj_flags = dict(DT_PROJ=True, PW_PER_CHANNEL=fused.weight_scale.numel() > 1,
-                          PW_HAS_BIAS=fused.bias is not None)
+                          PW_HAS_BIAS=fused.bias is not None, PW_4BIT=False, PW_GROUP=1)
     else:
-        proj = (A, A, A, A, A, 0, 0, 0)  # placeholders, never read
-        proj_flags = dict(DT_PROJ=False, PW_PER_CHANNEL=False, PW_HAS_BIAS=False)
+        proj = (A, A, A, A, A, 0, 0, 0, 0)  # placeholders, never read
+        proj_flags = dict(DT_PROJ=False, PW_PER_CHANNEL=False, PW_HAS_BIAS=False, PW_4BIT=False, PW_GROUP=1)
 
     y = torch.empty(batch, d_inner, dtype=out_dtype, device=u.device)
     zz = z if z is not None else u
@@ -1350,3 +1449,33 @@ def _dt_proj_state_update_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_w
                                out_dtype, ssm_state):
     batch, channels, length = u_q.shape
     return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
+
+
+@graph_op("quamba::w4a16_dt_proj_state_update", mutates_args=("ssm_state",))
+def w4a16_dt_proj_state_update_op(u: torch.Tensor, dt_x: torch.Tensor, dt_weight: torch.Tensor,
+                                  dt_weight_scale: torch.Tensor, group_size: int, dt_bias: Optional[torch.Tensor],
+                                  act_dtype: Optional[torch.dtype], A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                                  D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                                  delta_bias: Optional[torch.Tensor], delta_softplus: bool,
+                                  ssm_state: torch.Tensor) -> torch.Tensor:
+    """One decode step of `selective_scan_cached` whose delta is dt_proj's W4A16 output
+    `w4a16_gemm(dt_x, dt_weight, dt_weight_scale, group_size, dt_bias, act_dtype)`, computed inside
+    the scan kernel (`DeltaProjectionW4`): one launch fewer, the same delta up to the order of its
+    sums.
+
+    u, z: float `[B, D, 1]`; dt_x: `[B, 1, R]`; B, C: `[B, N, 1]`; returns y `[B, D, 1]` (as
+    `selective_scan_cached` does) and advances `ssm_state` `[B, D, N]`.
+    """
+    x = dt_x[:, 0]
+    if act_dtype is not None and act_dtype != x.dtype and x.dtype == torch.float32:
+        x = x.to(act_dtype).to(x.dtype)  # the GEMM multiplies the row rounded to act_dtype
+    proj = DeltaProjectionW4(x, dt_weight, dt_weight_scale, group_size, None if dt_bias is None else dt_bias.float())
+    y = selective_state_update(ssm_state, u[..., 0], None, _f32(A), B[..., 0], C[..., 0], _f32(D),
+                               None if z is None else z[..., 0], _f32(delta_bias), delta_softplus, delta_proj=proj)
+    return y[..., None]
+
+
+@w4a16_dt_proj_state_update_op.register_fake
+def _w4a16_dt_proj_state_update_fake(u, dt_x, dt_weight, dt_weight_scale, group_size, dt_bias, act_dtype, A, B, C, D,
+                                     z, delta_bias, delta_softplus, ssm_state):
+    return u.new_empty(u.shape)

@@ -1,6 +1,7 @@
 """Lowering rules of the 4-bit-weight GEMM kernels (kernels/gemm_w4.py): every `W4A16Linear` and
-`W4A8Linear` becomes one GEMM op reading its packed weight and group scales, and a decode step's
-W4A16 in_proj takes the float conv1d step into its epilogue."""
+`W4A8Linear` becomes one GEMM op reading its packed weight and group scales; a decode step's
+W4A16 in_proj takes the float conv1d step into its epilogue, and (where turned on) its scan
+update computes dt_proj itself."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import torch
 import torch.fx
 
 from ...kernels import conv1d_float  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_cached)
+from ... import ops  # noqa: F401  (registers torch.ops.quamba.selective_scan_cached)
+from ...graph_info import info
 from ...kernels import gemm_w4  # noqa: F401  (registers w4a16_gemm, w4a8_gemm, w4a16_in_proj_conv_update)
+from ...kernels import scan  # noqa: F401  (registers w4a16_dt_proj_state_update)
 from ...quant.int4_linear import W4A8Linear, W4A16Linear
 from ..rewrite import Rule
 from .gemm import hoist_conv_operands, projection_under_x_half, replace_in_proj_and_conv
@@ -20,10 +24,16 @@ W4A16_GEMM = torch.ops.quamba.w4a16_gemm.default
 W4A8_GEMM = torch.ops.quamba.w4a8_gemm.default
 FLOAT_CONV_CACHED = torch.ops.quamba.conv1d_silu_cached.default
 W4A16_IN_PROJ_CONV_UPDATE = torch.ops.quamba.w4a16_in_proj_conv_update.default
+SCAN_CACHED = torch.ops.quamba.selective_scan_cached.default
+W4A16_DT_PROJ_STATE_UPDATE = torch.ops.quamba.w4a16_dt_proj_state_update.default
 
 # Whether the decode graph folds the conv step into in_proj's GEMV: a setting that
 # benchmarks/decode_settings.py can turn off to measure what the fusion gains.
 FUSE_CONV_IN_DECODE = True
+# Whether the decode graph folds dt_proj into the scan update (`fuse_dt_proj_into_state_update`):
+# off until it is timed on the GPU against the separate GEMV (written in session 35, which had no
+# device left to time it; tests turn it on).
+FUSE_DT_PROJ_IN_DECODE = False
 
 KERNELS = {W4A16_GEMM: "triton:w4a16_gemm", W4A8_GEMM: "triton:w4a8_gemm"}
 
@@ -80,4 +90,29 @@ def fuse_conv_into_w4a16_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) 
     return True
 
 
-DECODE_RULES: list[Rule] = [fuse_conv_into_w4a16_in_proj]
+def fuse_dt_proj_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Decode only: `selective_scan_cached(u, transpose(w4a16_gemm(x, w, ws, group, b, act), 1, 2),
+    A, B, C, D, z, delta_bias, softplus, state, decode=True)`, dt_proj's output feeding nothing else
+    -> `w4a16_dt_proj_state_update(u, x, w, ws, group, b, act, A, B, C, D, z, delta_bias, softplus,
+    state)`: the scan kernel computes delta itself, one launch a block fewer."""
+    if not (FUSE_DT_PROJ_IN_DECODE and is_call(node, SCAN_CACHED) and len(node.args) == 11 and not node.kwargs
+            and node.args[-1] is True):
+        return False
+    u, delta, A, B, C, D, z, delta_bias, softplus, state, _decode = node.args
+    if not (isinstance(delta, torch.fx.Node) and delta.op == "call_method" and delta.target == "transpose"
+            and tuple(delta.args[1:]) == (1, 2) and len(delta.users) == 1):
+        return False
+    gemm = delta.args[0]
+    if not is_call(gemm, W4A16_GEMM) or len(gemm.users) != 1 or gemm.kwargs or len(gemm.args) != 6:
+        return False
+    with gm.graph.inserting_before(node):
+        fused = gm.graph.call_function(W4A16_DT_PROJ_STATE_UPDATE,
+                                       (u, *gemm.args, A, B, C, D, z, delta_bias, softplus, state))
+    fused.meta["quamba"] = {**info(node), "kernel": "triton:w4a16_dt_proj_state_update"}
+    node.replace_all_uses_with(fused)
+    for dead in (node, delta, gemm):
+        gm.graph.erase_node(dead)
+    return True
+
+
+DECODE_RULES: list[Rule] = [fuse_conv_into_w4a16_in_proj, fuse_dt_proj_into_state_update]
