@@ -179,11 +179,12 @@ def test_the_gemv_with_the_conv_step_gives_the_bits_of_the_two_kernels(n, words,
     conv_b = torch.randn(channels, generator=g).to(DEVICE) if conv_bias else None
     state = torch.randn(1, channels, width - 1, generator=g).to(DEVICE, state_dtype)
     expected_state = state.clone()
-    expected_xz = gemm_w4.w4a16_gemm(x, packed, scale, group, b, torch.float16, gemv=(16, 32, 4, splits))
+    # 64-column blocks: up to three a row, so every split count here has blocks to take.
+    expected_xz = gemm_w4.w4a16_gemm(x, packed, scale, group, b, torch.float16, gemv=(16, 64, 4, splits))
     expected_u = conv1d_silu_update(expected_xz[:, 0, :channels], conv_w, conv_b, expected_state)[..., None]
 
     xz, u = gemm_w4.w4a16_gemm_conv_step(x, packed, scale, group, b, torch.float16, conv_w, conv_b, state,
-                                         gemv=(16, 32, 4, splits))
+                                         gemv=(16, 64, 4, splits))
     assert xz.shape == (1, 1, n) and u.shape == (1, channels, 1) and u.dtype == xz.dtype == torch.float16
     assert torch.equal(xz, expected_xz) and torch.equal(u, expected_u) and torch.equal(state, expected_state)
 

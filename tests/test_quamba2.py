@@ -243,6 +243,7 @@ def test_a_w4a16_decode_step_runs_in_proj_and_the_conv_as_one_op(quantized, monk
     assert all(torch.equal(a, b) for a, b in zip(decode_two(fused), decode_two(separate)))
 
 
+@pytest.mark.slow  # the rule is off by default: the fast suite need not build its graphs
 def test_a_w4a16_decode_step_can_fold_dt_proj_into_the_scan_update(quantized, monkeypatch):
     """With the rule on (lowering/gemm_w4.py), Mamba-1's decode graph has no dt_proj GEMM: the scan
     update computes delta; the logits are the separate ops' up to the order of dt_proj's sums.
