@@ -376,15 +376,23 @@ def test_kernel_path_is_taken(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
+def _decode_step_inputs(batch: int, d_inner: int, kind: str, seed: int, device: str | None):
+    """One decode step's activations but delta (`kind` storage, graph layouts) as `tok`, the other
+    keyword arguments but delta's scale and the initial state as `rest`, and a generator for more."""
+    case = dict(batch=batch, d_inner=d_inner, d_state=5, L=1, kind={n: kind for n in ACT_NAMES},
+                layout="graph", has_D=True, has_z=True, has_bias=False, softplus=True, has_h0=False,
+                out_dtype=None, seed=seed)
+    kw = build(case, device)
+    tok = {k: kw[k][:, :, 0] for k in ACT_NAMES if k != "delta"}
+    rest = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state", "delta_scale")}
+    return tok, rest, torch.Generator().manual_seed(seed + 1)
+
+
 def _step_with_projection(batch: int, d_inner: int, rank: int, per_channel: bool, has_bias: bool, seed: int,
                           device: str | None = DEVICE):
     """One decode step's inputs (int8, graph layouts) and a DeltaProjection whose x is a slice of an
     x_proj-like row, as in the lowered graph."""
-    case = dict(batch=batch, d_inner=d_inner, d_state=5, L=1, kind={n: "int8" for n in ACT_NAMES},
-                layout="graph", has_D=True, has_z=True, has_bias=False, softplus=True, has_h0=False,
-                out_dtype=None, seed=seed)
-    kw = build(case, device)
-    gen = torch.Generator().manual_seed(seed + 1)
+    tok, rest, gen = _decode_step_inputs(batch, d_inner, "int8", seed, device)
     xdbl = torch.randint(-128, 128, (batch, rank + 7), dtype=torch.int8, generator=gen)
     proj = DeltaProjection(
         x=xdbl[:, :rank].to(device), x_scale=torch.tensor(0.05, device=device),
@@ -393,10 +401,7 @@ def _step_with_projection(batch: int, d_inner: int, rank: int, per_channel: bool
         bias=(torch.rand(d_inner, generator=gen) * 4 - 5).to(device) if has_bias else None,
         out_scale=torch.tensor(0.04, device=device),
     )
-    tok = {k: kw[k][:, :, 0] for k in ACT_NAMES if k != "delta"}
-    rest = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state", "delta_scale")}
-    state = torch.randn(batch, d_inner, 5, generator=gen).to(device)
-    return tok, rest, proj, state
+    return tok, rest, proj, torch.randn(batch, d_inner, 5, generator=gen).to(device)
 
 
 @needs_kernel
@@ -455,20 +460,13 @@ def _step_with_w4_projection(batch: int, d_inner: int, rank: int, group: int, ha
                              device: str | None = DEVICE):
     """One W4A16 decode step's inputs (fp16, graph layouts) and a DeltaProjectionW4 whose x is a
     slice of an x_proj-like fp16 row, as in the lowered graph."""
-    case = dict(batch=batch, d_inner=d_inner, d_state=5, L=1, kind={n: "float16" for n in ACT_NAMES},
-                layout="graph", has_D=True, has_z=True, has_bias=False, softplus=True, has_h0=False,
-                out_dtype=None, seed=seed)
-    kw = build(case, device)
-    gen = torch.Generator().manual_seed(seed + 1)
+    tok, rest, gen = _decode_step_inputs(batch, d_inner, "float16", seed, device)
     xdbl = torch.randn(batch, rank + 7, generator=gen).half()
     packed, scale = quantize_weight_int4(torch.randn(d_inner, rank, generator=gen) * 0.3, group)
     proj = DeltaProjectionW4(x=xdbl[:, :rank].to(device), weight=packed.to(device), weight_scale=scale.to(device),
                              group_size=group,
                              bias=(torch.rand(d_inner, generator=gen) * 4 - 5).to(device) if has_bias else None)
-    tok = {k: kw[k][:, :, 0] for k in ACT_NAMES if k != "delta"}
-    rest = {k: v for k, v in kw.items() if k not in ACT_NAMES + ("initial_state",) and not k.endswith("_scale")}
-    state = torch.randn(batch, d_inner, 5, generator=gen).to(device)
-    return tok, rest, proj, state
+    return tok, rest, proj, torch.randn(batch, d_inner, 5, generator=gen).to(device)
 
 
 @needs_kernel
@@ -508,6 +506,9 @@ def test_a_4bit_projection_of_the_wrong_shape_is_refused():
     wrong = DeltaProjectionW4(proj.x, proj.weight[:5], proj.weight_scale[:5], 8, None)
     with pytest.raises(ValueError, match="delta_proj.weight must be"):
         selective_state_update(state, delta=None, delta_proj=wrong, **tok, **rest)
+    with pytest.raises(ValueError, match="delta_proj.x must be float"):
+        selective_state_update(state, delta=None, delta_proj=DeltaProjectionW4(
+            proj.x.to(torch.int8), proj.weight, proj.weight_scale, 8, None), **tok, **rest)
     with pytest.raises(ValueError, match="delta_proj.weight_scale must be float16"):
         selective_state_update(state, delta=None, delta_proj=DeltaProjectionW4(
             proj.x, proj.weight, proj.weight_scale.float(), 8, None), **tok, **rest)

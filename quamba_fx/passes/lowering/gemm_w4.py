@@ -18,7 +18,7 @@ from ...kernels import scan  # noqa: F401  (registers w4a16_dt_proj_state_update
 from ...quant.int4_linear import W4A8Linear, W4A16Linear
 from ..rewrite import Rule
 from .gemm import hoist_conv_operands, projection_under_x_half, replace_in_proj_and_conv
-from .match import annotate, get_attr, is_call
+from .match import annotate, get_attr, is_call, transposed_projection
 
 W4A16_GEMM = torch.ops.quamba.w4a16_gemm.default
 W4A8_GEMM = torch.ops.quamba.w4a8_gemm.default
@@ -99,11 +99,8 @@ def fuse_dt_proj_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node
             and node.args[-1] is True):
         return False
     u, delta, A, B, C, D, z, delta_bias, softplus, state, _decode = node.args
-    if not (isinstance(delta, torch.fx.Node) and delta.op == "call_method" and delta.target == "transpose"
-            and tuple(delta.args[1:]) == (1, 2) and len(delta.users) == 1):
-        return False
-    gemm = delta.args[0]
-    if not is_call(gemm, W4A16_GEMM) or len(gemm.users) != 1 or gemm.kwargs or len(gemm.args) != 6:
+    gemm = transposed_projection(delta, W4A16_GEMM)
+    if gemm is None or len(gemm.args) != 6:
         return False
     with gm.graph.inserting_before(node):
         fused = gm.graph.call_function(W4A16_DT_PROJ_STATE_UPDATE,

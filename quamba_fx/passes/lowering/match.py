@@ -60,6 +60,18 @@ def per_tensor_int8(node: object) -> tuple[torch.fx.Node, torch.fx.Node] | None:
     return node.args[0], node.args[1]
 
 
+def transposed_projection(node: Any, target) -> torch.fx.Node | None:
+    """The `target` call (no kwargs) whose output `node` is through `.transpose(1, 2)`, when the
+    transpose and the call feed nothing else: a dt_proj a decode rule can fold into the scan."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target == "transpose"
+            and tuple(node.args[1:]) == (1, 2) and len(node.users) == 1):
+        return None
+    projection = node.args[0]
+    if not is_call(projection, target) or len(projection.users) != 1 or projection.kwargs:
+        return None
+    return projection
+
+
 def annotate(new: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
     """`new` with a copy of `like`'s quamba annotations (block, role): what dumps and passes read."""
     new.meta["quamba"] = {**info(like)}

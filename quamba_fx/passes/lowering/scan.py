@@ -16,7 +16,7 @@ from ...kernels import ssd as ssd_kernel  # noqa: F401  (the same, for Mamba-2)
 from ..quantize import DEQUANTIZE
 from ..rewrite import Rule
 from .gemm import W8A8_LINEAR
-from .match import annotate, is_call, per_tensor_int8
+from .match import annotate, is_call, per_tensor_int8, transposed_projection
 
 SCAN = torch.ops.quamba.selective_scan.default
 # Mamba-2's scan: the kernel op takes the reference op's arguments, its products' dtype and, for
@@ -110,11 +110,8 @@ def fuse_dt_proj_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node
     if not is_call(node, SCAN_INT8_CACHED) or node.args[-1] is not True:
         return False
     u, su, delta, delta_scale, *rest, state, _decode = node.args
-    if not (isinstance(delta, torch.fx.Node) and delta.op == "call_method" and delta.target == "transpose"
-            and tuple(delta.args[1:]) == (1, 2) and len(delta.users) == 1):
-        return False
-    linear = delta.args[0]
-    if not is_call(linear, W8A8_LINEAR) or len(linear.users) != 1 or linear.kwargs or len(linear.args) < 6:
+    linear = transposed_projection(delta, W8A8_LINEAR)
+    if linear is None or len(linear.args) < 6:
         return False
     x, xs, w, ws, bias, out_scale = linear.args[:6]
     if out_scale is not delta_scale:  # an int8 delta, the scale the scan reads it with
