@@ -3,6 +3,7 @@
     python benchmarks/sass_loop.py gemv_w4 [--set ROWS=2 THREAD_ROWS=8 CHUNKS=16 SPLITS=4] [--warps 4]
     python benchmarks/sass_loop.py gemv --set SPLIT_K=4
     python benchmarks/sass_loop.py gemm_w4 --set BLOCK_M=64 BLOCK_N=128 BLOCK_K=64 A8=1
+    python benchmarks/sass_loop.py gemm_w4_skinny --set BLOCK_M=16 --warps 4 --stages 6
     python benchmarks/sass_loop.py scan --warps 4 --set PASS=1 [--sig B_ptr=*fp16 C_ptr=*fp16]
 
 Triton compiles for a target it is told about, and its wheel ships `ptxas` and `nvdisasm`, so a
@@ -89,6 +90,17 @@ KERNELS = {
         {"GROUP": 128, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "EVEN_K": True, "A8": True, "IEEE": False,
          "HAS_BIAS": False, "REQUANT": False, "PTX": True},
         ("N", "K"),
+        lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] / (32 * warps),  # weight codes
+    ),
+    "gemm_w4_skinny": (
+        "quamba_fx.kernels.gemm_w4_skinny", "_w4a8_skinny_kernel",
+        {"x_ptr": "*i8", "w_ptr": "*u8", "s_ptr": "*fp16", "bias_ptr": "*fp32", "x_scale_ptr": "*fp32",
+         "out_scale_ptr": "*fp32", "out_ptr": "*fp16", "partial_ptr": "*fp32", "count_ptr": "*i32",
+         **{name: "i32" for name in ("M", "N", "K", "K_BYTES", "GROUPS", "stride_xm", "stride_wn", "stride_sn",
+                                     "stride_om", "PF_BYTES", "PF_PROGRAMS")}},
+        {"GROUP": 128, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1, "EVEN_K": True, "HAS_BIAS": False,
+         "REQUANT": False, "PTX": True, "USE_PDL": True, "PREFETCH": True},
+        ("N", "K", "K_BYTES"),
         lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] / (32 * warps),  # weight codes
     ),
     "scan": (

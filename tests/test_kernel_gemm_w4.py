@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quamba_fx.kernels import dequant_w4, gemm_w4, gemv_w4
+from quamba_fx.kernels import dequant_w4, gemm_w4, gemm_w4_skinny, gemv_w4
 from quamba_fx.kernels.dispatch import use_triton
 from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4, w4a8_linear, w4a16_linear
 
@@ -53,6 +53,64 @@ def test_w4a8_gemm_matches_the_reference(m, n, k, group, bias, requant, seed):
         assert int((got.int() - expected.int()).abs().max()) <= 1
     else:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def w4a8_problem(m: int, n: int, k: int, group: int, bias: bool, requant: bool, seed: int):
+    """Random int8 activations, 4-bit weights and per-tensor scales of an `m x n x k` W4A8 Linear."""
+    packed, scale = weights(n, k, group, seed)
+    x_q = torch.randint(-128, 128, (m, k), generator=torch.Generator().manual_seed(seed + 1), dtype=torch.int8)
+    return dict(x_q=x_q.to(DEVICE), x_scale=torch.tensor(0.02, device=DEVICE), w_packed=packed, w_scale=scale,
+                group_size=group, bias=torch.randn(n, device=DEVICE) if bias else None,
+                out_scale=torch.tensor(0.25, device=DEVICE) if requant else None)
+
+
+def assert_w4a8_matches(got: torch.Tensor, problem: dict) -> None:
+    expected = w4a8_linear(**problem)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if problem["out_scale"] is not None:  # group sums in another order: a tie may round the other way
+        assert int((got.int() - expected.int()).abs().max()) <= 1
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=25)
+@given(m=st.integers(1, 64), n=st.integers(1, 150), k=st.integers(1, 400), group=st.sampled_from([64, 128]),
+       block_n=st.sampled_from([16, 32, 64]), block_k=st.sampled_from([64, 128]), splits=st.integers(1, 3),
+       bias=st.booleans(), requant=st.booleans(), seed=st.integers(0, 999))
+def test_the_skinny_w4a8_kernel_matches_the_reference(m, n, k, group, block_n, block_k, splits, bias, requant, seed):
+    # Odd K (a half-empty last byte), K steps past K in the last split, splits of no whole step,
+    # columns and rows past a tile's edge.
+    block_k = min(block_k, group)
+    problem = w4a8_problem(m, n, k, group, bias, requant, seed)
+    got = gemm_w4.w4a8_gemm(**problem, skinny=(block_n, block_k, splits, 1, 1))
+    assert_w4a8_matches(got, problem)
+
+
+def test_w4a8_decode_rows_run_the_skinny_kernel_when_it_is_on(monkeypatch):
+    launched = []
+    real_launch = gemm_w4_skinny.launch
+    monkeypatch.setattr(gemm_w4_skinny, "launch", lambda *a, **kw: launched.append(a[0].shape) or real_launch(*a, **kw))
+    problem = w4a8_problem(5, 40, 256, 128, True, False, 7)
+    assert_w4a8_matches(gemm_w4.w4a8_gemm(**problem), problem)
+    assert not launched  # off by default (gemm_w4.W4A8_SKINNY_MAX_M)
+    monkeypatch.setattr(gemm_w4, "W4A8_SKINNY_MAX_M", gemm_w4_skinny.MAX_M)
+    for m, group, runs_it in ((5, 128, True), (64, 128, True), (65, 128, False), (5, 32, False)):
+        problem = w4a8_problem(m, 40, 256, group, False, True, m)
+        problem["x_q"] = problem["x_q"].reshape(1, m, 256)  # leading dims flatten into rows
+        launched.clear()
+        assert_w4a8_matches(gemm_w4.w4a8_gemm(**problem), problem)
+        assert launched == ([torch.Size([m, 256])] if runs_it else []), (m, group)
+
+
+def test_skinny_w4a8_configs_and_problems_it_cannot_run_are_refused():
+    problem = w4a8_problem(4, 32, 128, 128, False, False, 0)
+    for config in ((64, 32, 1, 4, 3), (64, 96, 1, 4, 3)):
+        with pytest.raises(ValueError, match="BLOCK_K=.* must be one of"):
+            gemm_w4.w4a8_gemm(**problem, skinny=config)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        gemm_w4.w4a8_gemm(**w4a8_problem(65, 32, 128, 128, False, False, 0), skinny=(64, 64, 1, 4, 3))
+    with pytest.raises(ValueError, match="groups of 64k columns"):
+        gemm_w4.w4a8_gemm(**w4a8_problem(4, 32, 128, 32, False, False, 0), skinny=(64, 64, 1, 4, 3))
 
 
 @pytest.mark.parametrize("k", [256, 104])

@@ -113,6 +113,9 @@ _COMPILE = textwrap.dedent('''
     for early in (True, False):
         print("skinny", ptx("gemm_skinny", "_int8_gemm_skinny_jit", skinny_sig, dict(
             epilogue, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=1, EARLY=early), 4).replace("\\n", " "))
+    module, function, signature, constexprs, multiples, _ = KERNELS["gemm_w4_skinny"]
+    print("w4a8_skinny", compile_sm90(module, function, signature, constexprs, multiples, 4, 6).asm["ptx"].replace(
+        "\\n", " "))
 ''')
 
 
@@ -123,7 +126,7 @@ def _run_compiled(script: str) -> list[str]:
 
 def test_the_decode_gemms_prefetch_before_they_wait():
     kernels = _run_compiled(_COMPILE)
-    assert [line.split()[0] for line in kernels] == ["gemv", "skinny", "skinny"]
+    assert [line.split()[0] for line in kernels] == ["gemv", "skinny", "skinny", "w4a8_skinny"]
     for line in kernels:
         prefetch, wait = line.find("cp.async.bulk.prefetch.L2.global"), line.find("griddepcontrol.wait")
         assert 0 <= prefetch < wait, line.split()[0]

@@ -1,6 +1,6 @@
-"""The W8A8 GEMM epilogue shared by the GEMM kernels (gemm.py, gemm_tma.py, gemv.py): int32
+"""The GEMM epilogues: W8A8's shared by gemm.py, gemm_tma.py, gemm_skinny.py and gemv.py (int32
 accumulator tile -> dequantize -> bias -> requantize / cast, in the order gemm.py's numerical
-contract fixes.
+contract fixes), and the 4-bit weights' shared by gemm_w4.py and gemm_w4_skinny.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .rounding import f32_to_bf16_rne, quantize_rn
 
-__all__ = ["epilogue", "requant_int8", "store_tile"]
+__all__ = ["epilogue", "requant_int8", "store_tile", "store_w4_tile"]
 
 # out_dtype -> the kernels' OUT_MODE.
 OUT_INT8, OUT_BF16, OUT_CAST = 0, 1, 2
@@ -76,3 +76,22 @@ def store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_
     out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
                    W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
     tl.store(out_ptrs, out, mask=mask)
+
+
+@triton.jit
+def store_w4_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
+                  A8: tl.constexpr, HAS_BIAS: tl.constexpr, REQUANT: tl.constexpr):
+    """A 4-bit-weight GEMM's `acc [BM, BN]` (fp32, the group-scaled sums) -> `* x_scale` (A8: int8
+    activations) `(+ bias)` -> int8 at out_scale or the output's dtype, stored into `[M, N]` with
+    row stride `stride_om`, masked to its edges (`cols`: the in-range columns, as in `epilogue`)."""
+    y = acc
+    if A8:
+        y = y * tl.load(x_scale_ptr)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols)[None, :]
+    if REQUANT:
+        out = requant_int8(y, tl.load(out_scale_ptr))
+    else:
+        out = y.to(out_ptr.dtype.element_ty)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, out, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])

@@ -28,16 +28,24 @@ from torch import Tensor
 
 from ..quant.int4 import _check_w4, w4a8_linear, w4a16_linear
 from ..quant.qops import _check_int8, _linear_out_dtype
-from . import dequant_w4, gemv_w4
+from . import dequant_w4, gemm_w4_skinny, gemv_w4
 from .conv1d_float import MAX_UPDATE_WIDTH, conv1d_silu_update
 from .dispatch import INTERPRET, cdiv, graph_op, use_triton
-from .gemm_epilogue import requant_int8
+from .gemm_epilogue import store_w4_tile
+from .int4_codes import column_codes
 
-__all__ = ["Config", "default_config", "supported", "w4a16_gemm", "w4a16_gemm_conv_step", "w4a8_gemm"]
+__all__ = ["Config", "W4A8_SKINNY_MAX_M", "default_config", "supported", "w4a16_gemm", "w4a16_gemm_conv_step",
+           "w4a8_gemm"]
 
 # Rows from which a W4A16 problem dequantizes its weight and runs cuBLAS (dequant_w4.py): a
 # prefill's GEMM is bound by multiply-adds, where cuBLAS is 10x our mixed-input kernel.
 DEQUANT_MIN_ROWS = 256
+
+# Rows up to which W4A8 runs gemm_w4_skinny.py's kernel (the weight on the MMA's M side) rather
+# than this module's, where the group size suits it. Off (0) until it is timed on a GPU: it was
+# written on a machine without one (docs/benchmarks.md, session 36, has the commands). A
+# setting, so that benchmarks/decode_settings.py can time a model with either kernel.
+W4A8_SKINNY_MAX_M = 0
 
 # A K block is one or more whole dots of 16 pairs of columns (tl.dot needs K >= 16 per operand).
 _MIN_BLOCK_K = 32
@@ -47,33 +55,6 @@ def supported(group_size: int) -> bool:
     """Whether the kernel takes weights in groups of `group_size` (a multiple of 32 columns; the
     reference runs the others)."""
     return group_size % _MIN_BLOCK_K == 0
-
-
-# Four packed bytes ($2) -> their four low and four high codes as sign-extended int8 ($0, $1), a
-# 32-bit register each: mask the nibbles, then OR 0xF0 into the bytes whose code is negative
-# (bit 3 set: 0x08 * 0x1E = 0xF0, no carry between bytes). Seven instructions for eight codes,
-# where per-code shifts and sign extensions took about three a code.
-_NIBBLES_PTX = tl.constexpr("""{
-.reg .b32 t, m;
-and.b32 $0, $2, 0x0F0F0F0F;
-and.b32 m, $2, 0x08080808;
-mad.lo.u32 $0, m, 0x1E, $0;
-shr.b32 t, $2, 4;
-and.b32 $1, t, 0x0F0F0F0F;
-and.b32 m, t, 0x08080808;
-mad.lo.u32 $1, m, 0x1E, $1;
-}""")
-
-
-@triton.jit
-def _nibbles(packed, PTX: tl.constexpr):
-    """The low and high codes of each packed byte, int8 (two's-complement nibbles sign-extended)."""
-    if PTX:
-        return tl.inline_asm_elementwise(_NIBBLES_PTX, "=r,=r,r", [packed], dtype=(tl.int8, tl.int8), is_pure=True,
-                                         pack=4)
-    else:
-        wide = packed.to(tl.int32)
-        return (((wide & 0xF) ^ 8) - 8).to(tl.int8), (((wide >> 4) ^ 8) - 8).to(tl.int8)
 
 
 @triton.jit
@@ -104,10 +85,7 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, x_scale_ptr, out_scale_ptr, o
         else:
             packed = tl.load(w_rows + byte[None, :], mask=(2 * byte < K)[None, :], other=0)
             x = tl.load(x_rows + cols[None, :], mask=(cols < K)[None, :], other=0)
-        # The codes as int8, put back in column order: [BN, BK/2] low and high -> [BN, BK/2, 2]
-        # -> [BN, BK].
-        low, high = _nibbles(packed, PTX)
-        codes = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+        codes = column_codes(packed, PTX)  # [BN, BK] int8, back in column order
         if A8:
             part = tl.dot(x, tl.trans(codes)).to(tl.float32)
         elif IEEE:
@@ -116,17 +94,8 @@ def _w4_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, x_scale_ptr, out_scale_ptr, o
             part = tl.dot(x, tl.trans(codes.to(x.dtype)))
         scale = tl.load(s_ptr + cols_n * stride_sn + k0 // GROUP).to(tl.float32)
         acc += part * scale[None, :]
-    y = acc
-    if A8:
-        y = y * tl.load(x_scale_ptr)
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + cols_n)[None, :]
-    if REQUANT:
-        out = requant_int8(y, tl.load(out_scale_ptr))
-    else:
-        out = y.to(out_ptr.dtype.element_ty)
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, out, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    store_w4_tile(acc, offs_m, offs_n, cols_n, M, N, stride_om, x_scale_ptr, bias_ptr, out_scale_ptr, out_ptr, A8,
+                  HAS_BIAS, REQUANT)
 
 
 # A launch config: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
@@ -252,9 +221,14 @@ def w4a16_gemm_conv_step(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_siz
 
 def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
               bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
-              out_dtype: Optional[torch.dtype] = None, config: Optional[Config] = None) -> Tensor:
-    """`quamba.w4a8_linear` on the Triton kernel where it runs and the group size suits it, else
-    the reference. Per-tensor activation and output scales only, as the recipes make them."""
+              out_dtype: Optional[torch.dtype] = None, config: Optional[Config] = None,
+              skinny: Optional[gemm_w4_skinny.Config] = None) -> Tensor:
+    """`quamba.w4a8_linear` on the Triton kernels where they run and the group size suits them, else
+    the reference. Per-tensor activation and output scales only, as the recipes make them.
+
+    Up to `W4A8_SKINNY_MAX_M` rows (decode batches) run gemm_w4_skinny.py's kernel, more rows this
+    module's. `config` forces this module's kernel with that config, `skinny` the other kernel with
+    that one (benchmarks/gemm_w4.py sweeps both)."""
     _check_int8(x_q, "w4a8_gemm: x_q")
     n, _ = _check_w4("w4a8_gemm", x_q, w_packed, w_scale, group_size, bias)
     per_tensor = x_scale.numel() == 1 and (out_scale is None or out_scale.numel() == 1)
@@ -263,6 +237,15 @@ def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, g
     out = torch.empty((*x_q.shape[:-1], n), dtype=_linear_out_dtype(out_scale, out_dtype), device=x_q.device)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
     scale32 = lambda s: None if s is None else s.to(torch.float32).reshape(1).contiguous()  # noqa: E731
+    rows = x_q.numel() // x_q.shape[-1]
+    if skinny is not None and rows > gemm_w4_skinny.MAX_M:
+        raise ValueError(f"w4a8_gemm: the skinny kernel takes at most {gemm_w4_skinny.MAX_M} rows, got {rows}")
+    if skinny is not None and not gemm_w4_skinny.supported(group_size):
+        raise ValueError(f"w4a8_gemm: the skinny kernel takes groups of 64k columns, got {group_size}")
+    if skinny is not None or (config is None and rows <= W4A8_SKINNY_MAX_M and gemm_w4_skinny.supported(group_size)):
+        gemm_w4_skinny.launch(x_q.reshape(rows, -1).contiguous(), w_packed.contiguous(), w_scale.contiguous(),
+                              group_size, bias32, scale32(x_scale), scale32(out_scale), out.view(rows, n), skinny)
+        return out
     return _launch(x_q, w_packed, w_scale, group_size, bias32, scale32(x_scale), scale32(out_scale), out, config)
 
 
