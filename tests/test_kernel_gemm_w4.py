@@ -144,6 +144,22 @@ def test_gemv_configs_match_the_reference(n, words, group, block_n, block_k, war
                                atol=2e-3 * (1 + k ** 0.5))
 
 
+@pytest.mark.parametrize("n, words, group, config", [
+    (40, 48, 32, (16, 64, 4, 1)),  # 6 blocks in one split: the rotation through every step
+    (24, 40, 64, (8, 64, 4, 2)),  # 2 splits of 3 blocks, the last one's partial
+    (16, 8, 32, (16, 32, 4, 1)),  # 2 blocks: the block after next is past the split from the start
+    (33, 4, 32, (16, 32, 4, 1)),  # 1 block
+])
+def test_the_gemv_with_two_weight_blocks_in_flight_matches_the_reference(n, words, group, config, monkeypatch):
+    monkeypatch.setattr(gemv_w4, "WEIGHT_BLOCKS_AHEAD", 2)
+    k = 8 * words
+    packed, scale = weights(n, k, group, n)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(n)).half().to(DEVICE)
+    got = gemm_w4.w4a16_gemm(x, packed, scale, group, gemv=config)
+    torch.testing.assert_close(got.float(), w4a16_linear(x.float(), packed, scale, group), rtol=2e-3,
+                               atol=2e-3 * (1 + k ** 0.5))
+
+
 def test_a_gemv_config_that_is_not_a_tile_is_refused():
     packed, scale = weights(16, 64, 32, 0)
     x = torch.randn(1, 64, device=DEVICE).half()
