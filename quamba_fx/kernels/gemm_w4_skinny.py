@@ -148,16 +148,16 @@ def gpu_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
 
 
 def candidates(m: int, n: int, k: int, group_size: int, sms: int) -> List[Config]:
-    """The configs `benchmarks/gemm_w4.py --sweep` times: 64 or 128 weight rows, K steps of 64 or
-    128 codes (dividing the group), 3, 4, 6 or 8 stages, 4 or 8 warps (8 only for 128 rows), and
-    the K splits that take the programs towards one, two, four and eight per SM."""
+    """The configs `benchmarks/gemm_w4.py --sweep` times: 64 weight rows on 4 warps or 128 on 8
+    (one warpgroup's wgmma each 64 rows), K steps of 64 or 128 codes (dividing the group), 4 or 8
+    stages, and the K splits that take the programs towards one, two, four and eight per SM. Few
+    enough that a sweep of the 2.8b projections compiles and times in a few minutes."""
     out = []
-    for bn in sorted({min(b, max(16, next_pow2(n))) for b in (64, 128)}):
+    for bn, warps in sorted({(min(b, max(16, next_pow2(n))), w) for b, w in ((64, 4), (128, 8))}):
         for bk in (bk for bk in _BLOCK_KS if group_size % bk == 0):
             for split in split_k.split_counts(cdiv(n, bn), cdiv(k, bk), 8 * sms):
-                for stages in (3, 4, 6, 8):
-                    for warps in ((4, 8) if bn >= 128 else (4,)):
-                        out.append((bn, bk, split, warps, stages))
+                for stages in (4, 8):
+                    out.append((bn, bk, split, warps, stages))
     return out
 
 
