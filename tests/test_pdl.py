@@ -1,6 +1,7 @@
 """The L2 weight prefetch of the decode GEMMs (kernels/pdl.py): which launches ask for it, that the
 chunks of the asking programs cover exactly the window, that the compiled sm_90 kernels issue it
-before they wait on the kernel ahead."""
+before they wait on the kernel ahead; and that the decode state update with dt_proj inside loads
+the weight before it waits."""
 
 from __future__ import annotations
 
@@ -130,3 +131,36 @@ def test_the_decode_gemms_prefetch_before_they_wait():
     for line in kernels:
         prefetch, wait = line.find("cp.async.bulk.prefetch.L2.global"), line.find("griddepcontrol.wait")
         assert 0 <= prefetch < wait, line.split()[0]
+
+
+# The decode state update with dt_proj inside (kernels/scan.py), int8 and 4-bit weights, compiled
+# for sm_90 as above.
+_COMPILE_UPDATE = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from sass_loop import compile_sm90
+
+    pointers = ("h_ptr u_ptr dt_ptr A_ptr B_ptr C_ptr D_ptr z_ptr bias_ptr u_scale_ptr dt_scale_ptr B_scale_ptr "
+                "C_scale_ptr z_scale_ptr y_ptr px_ptr pw_ptr px_scale_ptr pw_scale_ptr pb_ptr").split()
+    ints = ("R stride_pxb stride_pwd stride_pws d_inner d_state stride_hb stride_hd stride_hn stride_ub stride_ud "
+            "stride_tb stride_td stride_zb stride_zd stride_Bb stride_Bn stride_Cb stride_Cn stride_Ad stride_An "
+            "stride_yb stride_yd").split()
+    flags = dict(U_Q=False, DT_Q=False, B_Q=False, C_Q=False, Z_Q=False, HAS_D=True, HAS_Z=True, SOFTPLUS=True,
+                 NS=16, BLOCK_D=32, USE_PDL=True, DT_PROJ=True, PW_PER_CHANNEL=True, PW_HAS_BIAS=True, BLOCK_R=256)
+    for name, four_bit, weight in (("int8", False, "*i8"), ("w4", True, "*u8")):
+        signature = {**{p: "*fp32" for p in pointers}, **{i: "i32" for i in ints}}
+        signature.update(u_ptr="*fp16", z_ptr="*fp16", B_ptr="*fp16", C_ptr="*fp16", y_ptr="*fp16", h_ptr="*fp16",
+                         px_ptr="*fp16" if four_bit else "*i8", pw_ptr=weight,
+                         pw_scale_ptr="*fp16" if four_bit else "*fp32")
+        kernel = compile_sm90("quamba_fx.kernels.scan", "_selective_state_update_kernel", signature,
+                              dict(flags, PW_4BIT=four_bit, PW_GROUP=128 if four_bit else 1), (), 4, 1)
+        print(name, kernel.asm["ptx"].replace("\\n", " "))
+''')
+
+
+def test_the_decode_state_update_loads_dt_projs_weight_before_it_waits():
+    kernels = _run_compiled(_COMPILE_UPDATE)
+    assert [line.split()[0] for line in kernels] == ["int8", "w4"]
+    for line in kernels:
+        wait = line.find("griddepcontrol.wait")
+        assert 0 <= line.find("ld.global") < wait, line.split()[0]

@@ -583,27 +583,45 @@ def _project_delta(w_first, x_row, w_ptr, x_scale_ptr, w_scale_ptr, wb_ptr, out_
 
 
 @triton.jit
-def _project_delta_w4(x_row, w_ptr, s_ptr, b_ptr, offs_d, mask_d, R, stride_wd, stride_sd,
+def _load_projection_w4(w_ptr, s_ptr, offs_d, mask_d, r0, R, stride_wd, stride_sd, GROUP: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
+    """dt_proj's 4-bit weight for the channels `offs_d`, columns r0 to r0 + BLOCK_R: the packed
+    bytes `[BLOCK_D, BLOCK_R / 2]` as int32 and each byte's group scale as fp32, zero past R."""
+    byte = tl.arange(0, BLOCK_R // 2)
+    even = r0 + 2 * byte  # each byte's first column
+    live = mask_d[:, None] & (even < R)[None, :]
+    offs_d64 = offs_d.to(tl.int64)[:, None]
+    packed = tl.load(w_ptr + offs_d64 * stride_wd + r0 // 2 + byte[None, :], mask=live, other=0).to(tl.int32)
+    scale = tl.load(s_ptr + offs_d64 * stride_sd + (even // GROUP)[None, :], mask=live, other=0).to(tl.float32)
+    return packed, scale
+
+
+@triton.jit
+def _w4_block_sums(packed, scale, x_row, r0, R, BLOCK_R: tl.constexpr):
+    """Each channel's sum over columns r0 to r0 + BLOCK_R of code * scale * x, in fp32 (the even
+    column in a byte's low nibble, the odd in its high one)."""
+    even = r0 + 2 * tl.arange(0, BLOCK_R // 2)
+    x_even = tl.load(x_row + even, mask=even < R, other=0).to(tl.float32)
+    x_odd = tl.load(x_row + even + 1, mask=even + 1 < R, other=0).to(tl.float32)
+    low = (((packed & 0xF) ^ 8) - 8).to(tl.float32) * scale
+    high = ((((packed >> 4) & 0xF) ^ 8) - 8).to(tl.float32) * scale
+    return tl.sum(low * x_even[None, :] + high * x_odd[None, :], axis=1)
+
+
+@triton.jit
+def _project_delta_w4(w_first, s_first, x_row, w_ptr, s_ptr, b_ptr, offs_d, mask_d, R, stride_wd, stride_sd,
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr):
     """dt_proj's output for the channels `offs_d` from its 4-bit weight (two codes a byte, the
     even column in the low nibble; one fp16 scale a group of GROUP columns): `w4a16_linear` of one
     row, summed in fp32 and rounded to the row's dtype as the GEMM's output is, so the delta the
-    scan reads is what the separate GEMM would have written, up to the order of the fp32 sums."""
-    HALF: tl.constexpr = BLOCK_R // 2
-    byte = tl.arange(0, HALF)
-    w_rows = w_ptr + offs_d.to(tl.int64)[:, None] * stride_wd
-    s_rows = s_ptr + offs_d.to(tl.int64)[:, None] * stride_sd
-    acc = tl.zeros([offs_d.shape[0]], dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        even = r0 + 2 * byte  # each byte's first column
-        live = mask_d[:, None] & (even < R)[None, :]
-        packed = tl.load(w_rows + r0 // 2 + byte[None, :], mask=live, other=0).to(tl.int32)
-        scale = tl.load(s_rows + (even // GROUP)[None, :], mask=live, other=0).to(tl.float32)
-        x_even = tl.load(x_row + even, mask=even < R, other=0).to(tl.float32)
-        x_odd = tl.load(x_row + even + 1, mask=even + 1 < R, other=0).to(tl.float32)
-        low = (((packed & 0xF) ^ 8) - 8).to(tl.float32) * scale
-        high = ((((packed >> 4) & 0xF) ^ 8) - 8).to(tl.float32) * scale
-        acc += tl.sum(low * x_even[None, :] + high * x_odd[None, :], axis=1)
+    scan reads is what the separate GEMM would have written, up to the order of the fp32 sums.
+    `w_first`, `s_first` are the first BLOCK_R columns' (`_load_projection_w4`), loaded by the
+    caller before it waited."""
+    acc = _w4_block_sums(w_first, s_first, x_row, 0, R, BLOCK_R)
+    for r0 in range(BLOCK_R, R, BLOCK_R):  # ranks above BLOCK_R (256): none in Mamba's shapes
+        packed, scale = _load_projection_w4(w_ptr, s_ptr, offs_d, mask_d, r0, R, stride_wd, stride_sd, GROUP,
+                                            BLOCK_R)
+        acc += _w4_block_sums(packed, scale, x_row, r0, R, BLOCK_R)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0)
     return acc.to(x_row.dtype.element_ty)
@@ -639,8 +657,11 @@ def _selective_state_update_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, NS)
     mask_d = offs_d < d_inner
-    if DT_PROJ and not PW_4BIT:
-        # The weight does not depend on the kernels ahead: its load overlaps their tail.
+    # The weight does not depend on the kernels ahead: its first tile's load overlaps their tail.
+    if DT_PROJ and PW_4BIT:
+        w_first, s_first = _load_projection_w4(pw_ptr, pw_scale_ptr, offs_d, mask_d, 0, R, stride_pwd, stride_pws,
+                                               PW_GROUP, BLOCK_R)
+    elif DT_PROJ:
         w_first = _load_projection_rows(pw_ptr, offs_d, mask_d, 0, R, stride_pwd, BLOCK_R)
     wait_for_previous(USE_PDL)
     mask_n = offs_n < d_state
@@ -652,8 +673,8 @@ def _selective_state_update_kernel(
     h = tl.load(h_p, mask=mask_nd, other=0.0).to(tl.float32)
     u_r = tl.load(u_ptr + pid_b * stride_ub + offs_d64 * stride_ud, mask=mask_d, other=0)
     if DT_PROJ and PW_4BIT:
-        t_r = _project_delta_w4(px_ptr + pid_b * stride_pxb, pw_ptr, pw_scale_ptr, pb_ptr, offs_d, mask_d, R,
-                                stride_pwd, stride_pws, PW_GROUP, PW_HAS_BIAS, BLOCK_R)
+        t_r = _project_delta_w4(w_first, s_first, px_ptr + pid_b * stride_pxb, pw_ptr, pw_scale_ptr, pb_ptr, offs_d,
+                                mask_d, R, stride_pwd, stride_pws, PW_GROUP, PW_HAS_BIAS, BLOCK_R)
     elif DT_PROJ:
         t_r = _project_delta(w_first, px_ptr + pid_b * stride_pxb, pw_ptr, px_scale_ptr, pw_scale_ptr, pb_ptr,
                              dt_scale_ptr, offs_d, mask_d, R, stride_pwd, PW_PER_CHANNEL, PW_HAS_BIAS, BLOCK_R)
