@@ -1,6 +1,6 @@
 """Mamba-2's gated norm fused into out_proj's Hadamard quantize (`gated_rmsnorm_hadamard_quantize`,
-kernels/hadamard.py) against the two kernels it replaces, under the Triton interpreter, and its
-decode-graph rule."""
+kernels/hadamard.py) or rotation (`gated_rmsnorm_hadamard_rotate`, before a W4A16 out_proj)
+against the two kernels each replaces, under the Triton interpreter, and their decode-graph rule."""
 
 from __future__ import annotations
 
@@ -67,6 +67,32 @@ def test_fused_kernel_equals_the_two_kernels(shape, rows, int8_gate, strided, se
     # The norm's sum of squares is added in another order: a normed fp16 value may move by an
     # ulp, and then an int8 code by one step, rarely.
     assert_int8_close(got, two_kernels(y, z, z_scale, weight, width // groups, scale))
+
+
+@given(shape=st.sampled_from(PACKED), rows=st.integers(1, 9), int8_gate=st.booleans(), strided=st.booleans(),
+       out_dtype=st.sampled_from([None, torch.float16, torch.float32]), seed=st.integers(0, 2**16))
+@settings(max_examples=20, deadline=None)
+def test_fused_rotation_equals_the_two_kernels(shape, rows, int8_gate, strided, out_dtype, seed):
+    width, groups = shape
+    y, z, z_scale, weight, _ = on_device(*inputs(rows, width, int8_gate, seed, z_columns=8 if strided else 0))
+    got = hadamard.gated_rmsnorm_hadamard_rotate(y, z, z_scale, weight, 1e-5, width // groups, torch.float16,
+                                                 out_dtype)
+    normed = gated_rmsnorm(y, z, z_scale, weight, 1e-5, torch.float16, width // groups)
+    want = hadamard.hadamard_transform_triton(normed, out_dtype or torch.float16)
+    assert got.dtype == want.dtype and got.shape == (rows, width)
+    # A normed fp16 value may move by an ulp (its sum of squares added in another order): the
+    # rotation then moves by at most about that ulp, and an fp16 output by one rounding step more.
+    assert_close_to_magnitude(got.float(), want.float(), rel=2e-3)
+
+
+def test_the_rotation_runs_the_kernel_and_refuses_bf16_out(monkeypatch):
+    monkeypatch.setattr(hadamard, "gated_rmsnorm", lambda *args: pytest.fail("fell back to the two kernels"))
+    y, z, z_scale, weight, _ = on_device(*inputs(2, 192, False, seed=9))
+    args = (y, z, z_scale, weight, 1e-5, None, torch.float16)
+    assert hadamard.gated_rmsnorm_hadamard_rotate(*args).dtype == torch.float16
+    with pytest.raises(ValueError, match="out_dtype must be float16 or float32"):
+        hadamard.gated_rmsnorm_hadamard_rotate(*args, torch.bfloat16)
+    torch.library.opcheck(torch.ops.quamba.gated_rmsnorm_hadamard_rotate.default, [*args, torch.float32])
 
 
 def test_three_dim_rows_and_a_whole_row_group():
@@ -167,3 +193,21 @@ def test_an_fp32_lowering_keeps_the_two_kernels_in_its_decode_graph(quantized_19
     decode = cached_graph(quamba_fx.lower(quantized_192, dtype=torch.float32), decode=True)
     ops = {op_name(n) for n in decode.graph.nodes}
     assert {"gated_rmsnorm", "hadamard_quantize"} <= ops and "gated_rmsnorm_hadamard_quantize" not in ops
+
+
+@pytest.mark.slow
+def test_a_w4a16_decode_graph_fuses_the_norm_into_the_rotation_and_steps_the_same(monkeypatch):
+    config = mamba2_config(hidden_size=96, num_heads=12, head_dim=16, chunk_size=4)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    quantized = quamba_fx.quantize(quamba_fx.capture(make_mamba2(config, seed=8)), ids, recipe="quamba2-w4a16",
+                                   progress=False)
+    lowered = quamba_fx.lower(quantized, dtype=torch.float16)
+    assert {"gated_rmsnorm", "hadamard_rotate"} <= {op_name(n) for n in lowered.graph.nodes}
+    decode = [op_name(n) for n in cached_graph(lowered, decode=True).graph.nodes]
+    assert decode.count("gated_rmsnorm_hadamard_rotate") == 2
+    assert "gated_rmsnorm" not in decode and "hadamard_rotate" not in decode
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    fused = _decode_logits(lowered, prompt, steps=3)
+    monkeypatch.setattr(gated_norm_lowering, "FUSE_IN_DECODE", False)
+    assert "gated_rmsnorm" in {op_name(n) for n in cached_graph(lowered, decode=True).graph.nodes}
+    assert_close_to_magnitude(fused.float(), _decode_logits(lowered, prompt, steps=3).float(), rel=1e-2)

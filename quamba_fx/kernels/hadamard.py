@@ -11,6 +11,8 @@ exists to test the transform itself, and is a fast fp32 rotation in its own righ
 the packed kernel's prologue: each tile's rows are normed in registers, rounded to fp16 as the norm
 kernel would store them, and rotated: one launch instead of two, and the normed rows never go to
 memory and back. Decode steps use it; long prefills do not (see the function).
+`gated_rmsnorm_hadamard_rotate` is the same without the quantization (the rotation before a
+W4A16 out_proj, which multiplies in fp16).
 
 Algorithm
 ---------
@@ -100,6 +102,7 @@ from .rounding import quantize_e4m3_rn, quantize_rn
 __all__ = [
     "MAX_N",
     "gated_rmsnorm_hadamard_quantize",
+    "gated_rmsnorm_hadamard_rotate",
     "hadamard_quantize",
     "hadamard_quantize_fp8",
     "hadamard_quantize_fp8_reference",
@@ -681,7 +684,7 @@ def hadamard_transform_triton(x: torch.Tensor, out_dtype: torch.dtype = torch.fl
 
 
 def packs_gated_norm(n: int, group_size: Optional[int], norm_dtype: torch.dtype) -> bool:
-    """Whether `gated_rmsnorm_hadamard_quantize` runs as one kernel on rows of `n` normed over
+    """Whether `gated_rmsnorm_hadamard_quantize` (and `_rotate`) runs as one kernel on rows of `n` normed over
     groups of `group_size` (None: the row) into `norm_dtype`: sizes the tensor-core kernel takes
     (every Mamba d_inner that is not a power of two), groups of whole tile rows (multiples of
     the Sylvester order P: 256 for 5120), fp16 normed values (fp32 ones would need the exact
@@ -717,6 +720,29 @@ def gated_rmsnorm_hadamard_quantize(y: torch.Tensor, z: torch.Tensor, z_scale: O
     if not (_kernel_runs(y) and packs_gated_norm(n, group_size, norm_dtype)):
         return hadamard_quantize(gated_rmsnorm(y, z, z_scale, weight, eps, norm_dtype, group_size), scale)
     return _launch(y, scale, quant=_INT8, gate=_Gate(z, z_scale, weight, float(eps), group_size or n, norm_dtype))
+
+
+def gated_rmsnorm_hadamard_rotate(y: torch.Tensor, z: torch.Tensor, z_scale: Optional[torch.Tensor],
+                                  weight: torch.Tensor, eps: float, group_size: Optional[int],
+                                  norm_dtype: torch.dtype, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Mamba-2's gated norm and the rotation before a W4A16 out_proj in one pass:
+    `hadamard_transform_triton(gated_rmsnorm(y, z, z_scale, weight, eps, norm_dtype, group_size),
+    out_dtype)` (None: `norm_dtype`), as `gated_rmsnorm_hadamard_quantize` is with the
+    quantization. Same conditions (`packs_gated_norm`, else the two functions), numerics (the
+    norm's sum of squares in another order: a normed value may move by one `norm_dtype` ulp) and
+    use (decode steps); returns `out_dtype` of y's shape, contiguous."""
+    check_gated_rmsnorm_args(y, z, z_scale, weight, norm_dtype, group_size)
+    _check_x("gated_rmsnorm_hadamard_rotate", y)
+    out_dtype = out_dtype or norm_dtype
+    if out_dtype not in (torch.float16, torch.float32):
+        # bf16 would need PyTorch's rounding after the kernel (see hadamard_transform_triton).
+        raise ValueError(f"gated_rmsnorm_hadamard_rotate: out_dtype must be float16 or float32, got {out_dtype}")
+    n = y.shape[-1]
+    if not (_kernel_runs(y) and packs_gated_norm(n, group_size, norm_dtype)):
+        return hadamard_transform_triton(gated_rmsnorm(y, z, z_scale, weight, eps, norm_dtype, group_size), out_dtype)
+    # The scale pointer is unused without a quantization: y stands in.
+    return _launch(y, y, quant=_ROTATE, rotation_dtype=out_dtype,
+                   gate=_Gate(z, z_scale, weight, float(eps), group_size or n, norm_dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,3 +804,18 @@ def gated_rmsnorm_hadamard_quantize_op(y: torch.Tensor, z: torch.Tensor, z_scale
 @gated_rmsnorm_hadamard_quantize_op.register_fake
 def _gated_rmsnorm_hadamard_quantize_fake(y, z, z_scale, weight, eps, group_size, norm_dtype, scale):
     return torch.empty(y.shape, dtype=torch.int8, device=y.device)
+
+
+@graph_op("quamba::gated_rmsnorm_hadamard_rotate", mutates_args=())
+def gated_rmsnorm_hadamard_rotate_op(y: torch.Tensor, z: torch.Tensor, z_scale: Optional[torch.Tensor],
+                                     weight: torch.Tensor, eps: float, group_size: Optional[int],
+                                     norm_dtype: torch.dtype, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`hadamard_rotate(gated_rmsnorm(y, z, ...), out_dtype)` in one kernel: a Mamba-2 block's norm
+    and the rotation of a W4A16 out_proj's input; `out_dtype` (None: `norm_dtype`) of y's shape."""
+    return gated_rmsnorm_hadamard_rotate(y, z, None if z_scale is None else as_scalar(z_scale), weight, eps,
+                                         group_size, norm_dtype, out_dtype)
+
+
+@gated_rmsnorm_hadamard_rotate_op.register_fake
+def _gated_rmsnorm_hadamard_rotate_fake(y, z, z_scale, weight, eps, group_size, norm_dtype, out_dtype=None):
+    return torch.empty(y.shape, dtype=out_dtype or norm_dtype, device=y.device)
