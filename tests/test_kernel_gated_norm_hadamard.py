@@ -154,13 +154,15 @@ def test_the_graph_op_has_a_fake_and_the_functions_result():
                        hadamard.gated_rmsnorm_hadamard_quantize(*args))
 
 
+MAMBA2_192 = dict(hidden_size=96, num_heads=12, head_dim=16, chunk_size=4)
+CALIBRATION_IDS = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
 @pytest.fixture(scope="module")
 def quantized_192():
     # d_inner 192 (12 heads of 16): a width the fused kernel packs, in two groups of 96.
-    config = mamba2_config(hidden_size=96, num_heads=12, head_dim=16, chunk_size=4)
-    gm = quamba_fx.capture(make_mamba2(config, seed=8))
-    return quamba_fx.quantize(gm, torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0)),
-                              progress=False)
+    gm = quamba_fx.capture(make_mamba2(mamba2_config(**MAMBA2_192), seed=8))
+    return quamba_fx.quantize(gm, CALIBRATION_IDS, progress=False)
 
 
 def _decode_logits(lowered, prompt: torch.Tensor, steps: int) -> torch.Tensor:
@@ -174,19 +176,25 @@ def _decode_logits(lowered, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.stack(logits, dim=1)
 
 
-@pytest.mark.slow
-def test_the_fp16_decode_graph_fuses_the_norm_into_the_hadamard_and_steps_the_same(quantized_192, monkeypatch):
-    lowered = quamba_fx.lower(quantized_192, dtype=torch.float16)
-    # A prefill keeps the two kernels (faster from 2048 rows up); the decode graph fuses them.
-    assert {"gated_rmsnorm", "hadamard_quantize"} <= {op_name(n) for n in lowered.graph.nodes}
+def assert_decode_fuses_the_norm(lowered, fused_op: str, rotation_op: str, monkeypatch) -> None:
+    """The lowered graph runs `gated_rmsnorm` and `rotation_op` (a prefill keeps the two kernels,
+    faster from 2048 rows up); its decode graph runs `fused_op` in their place in both blocks, and
+    three greedy decode steps give the unfused decode graph's logits."""
+    assert {"gated_rmsnorm", rotation_op} <= {op_name(n) for n in lowered.graph.nodes}
     decode = [op_name(n) for n in cached_graph(lowered, decode=True).graph.nodes]
-    assert decode.count("gated_rmsnorm_hadamard_quantize") == 2
-    assert "gated_rmsnorm" not in decode and "hadamard_quantize" not in decode
+    assert decode.count(fused_op) == 2
+    assert "gated_rmsnorm" not in decode and rotation_op not in decode
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
     fused = _decode_logits(lowered, prompt, steps=3)
     monkeypatch.setattr(gated_norm_lowering, "FUSE_IN_DECODE", False)
     assert "gated_rmsnorm" in {op_name(n) for n in cached_graph(lowered, decode=True).graph.nodes}
     assert_close_to_magnitude(fused.float(), _decode_logits(lowered, prompt, steps=3).float(), rel=1e-2)
+
+
+@pytest.mark.slow
+def test_the_fp16_decode_graph_fuses_the_norm_into_the_hadamard_and_steps_the_same(quantized_192, monkeypatch):
+    assert_decode_fuses_the_norm(quamba_fx.lower(quantized_192, dtype=torch.float16),
+                                 "gated_rmsnorm_hadamard_quantize", "hadamard_quantize", monkeypatch)
 
 
 def test_an_fp32_lowering_keeps_the_two_kernels_in_its_decode_graph(quantized_192):
@@ -197,17 +205,7 @@ def test_an_fp32_lowering_keeps_the_two_kernels_in_its_decode_graph(quantized_19
 
 @pytest.mark.slow
 def test_a_w4a16_decode_graph_fuses_the_norm_into_the_rotation_and_steps_the_same(monkeypatch):
-    config = mamba2_config(hidden_size=96, num_heads=12, head_dim=16, chunk_size=4)
-    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
-    quantized = quamba_fx.quantize(quamba_fx.capture(make_mamba2(config, seed=8)), ids, recipe="quamba2-w4a16",
-                                   progress=False)
-    lowered = quamba_fx.lower(quantized, dtype=torch.float16)
-    assert {"gated_rmsnorm", "hadamard_rotate"} <= {op_name(n) for n in lowered.graph.nodes}
-    decode = [op_name(n) for n in cached_graph(lowered, decode=True).graph.nodes]
-    assert decode.count("gated_rmsnorm_hadamard_rotate") == 2
-    assert "gated_rmsnorm" not in decode and "hadamard_rotate" not in decode
-    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
-    fused = _decode_logits(lowered, prompt, steps=3)
-    monkeypatch.setattr(gated_norm_lowering, "FUSE_IN_DECODE", False)
-    assert "gated_rmsnorm" in {op_name(n) for n in cached_graph(lowered, decode=True).graph.nodes}
-    assert_close_to_magnitude(fused.float(), _decode_logits(lowered, prompt, steps=3).float(), rel=1e-2)
+    gm = quamba_fx.capture(make_mamba2(mamba2_config(**MAMBA2_192), seed=8))
+    quantized = quamba_fx.quantize(gm, CALIBRATION_IDS, recipe="quamba2-w4a16", progress=False)
+    assert_decode_fuses_the_norm(quamba_fx.lower(quantized, dtype=torch.float16),
+                                 "gated_rmsnorm_hadamard_rotate", "hadamard_rotate", monkeypatch)
