@@ -74,7 +74,7 @@ KERNELS = {
         "quamba_fx.kernels.gemv_w4", "_w4a16_gemv_kernel",
         {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp16", "bias_ptr": "*fp32", "out_ptr": "*fp16",
          "partial_ptr": "*fp32", "count_ptr": "*i32", "cs_ptr": "*fp16", "cw_ptr": "*fp32", "cb_ptr": "*fp32",
-         "u_ptr": "*fp16", **{name: "i32" for name in ("D_CONV", "stride_csd", "stride_csk", "stride_cwd",
+         "u_ptr": "*fp16", **{name: "i32" for name in ("D_CONV", "CONV_START", "stride_csd", "stride_csk", "stride_cwd",
                                                        "stride_cwk", "N", "K_WORDS", "SPLIT_CHUNKS", "stride_wn",
                                                        "stride_sn")}},
         {"GROUP_CHUNKS": 4, "ROWS": 1, "THREAD_ROWS": 16, "CHUNKS": 16, "SPLITS": 1, "EVEN_K": True, "HAS_BIAS": False,

@@ -239,12 +239,14 @@ def test_many_rows_run_a_gemm_on_the_dequantized_weight(dtype):
        splits=st.integers(1, 3), data=st.data())
 def test_the_gemv_with_the_conv_step_gives_the_bits_of_the_two_kernels(n, words, group, width, bias, conv_bias,
                                                                        state_dtype, splits, data):
-    # A decode step's W4A16 in_proj with the conv1d step in its epilogue (the x half, D <= N
-    # channels) against w4a16_gemm then the conv update kernel: the same output, u and state.
+    # A decode step's W4A16 in_proj with the conv1d step in its epilogue (D <= N channels from
+    # column `start`: Mamba-1's x half from 0, Mamba-2's xBC after z) against w4a16_gemm then the
+    # conv update kernel: the same output, u and state.
     from quamba_fx.kernels.conv1d_float import conv1d_silu_update
 
     k = 8 * words
     channels = data.draw(st.integers(1, n))
+    start = data.draw(st.integers(0, n - channels))
     g = torch.Generator().manual_seed(n * 1000 + k)
     packed, scale = weights(n, k, group, n + k)
     x = torch.randn(1, 1, k, generator=g).half().to(DEVICE)
@@ -255,10 +257,11 @@ def test_the_gemv_with_the_conv_step_gives_the_bits_of_the_two_kernels(n, words,
     expected_state = state.clone()
     # 64-column blocks: up to three a row, so every split count here has blocks to take.
     expected_xz = gemm_w4.w4a16_gemm(x, packed, scale, group, b, torch.float16, gemv=(16, 64, 4, splits))
-    expected_u = conv1d_silu_update(expected_xz[:, 0, :channels], conv_w, conv_b, expected_state)[..., None]
+    expected_u = conv1d_silu_update(expected_xz[:, 0, start:start + channels], conv_w, conv_b,
+                                    expected_state)[..., None]
 
     xz, u = gemm_w4.w4a16_gemm_conv_step(x, packed, scale, group, b, torch.float16, conv_w, conv_b, state,
-                                         gemv=(16, 64, 4, splits))
+                                         gemv=(16, 64, 4, splits), conv_start=start)
     assert xz.shape == (1, 1, n) and u.shape == (1, channels, 1) and u.dtype == xz.dtype == torch.float16
     assert torch.equal(xz, expected_xz) and torch.equal(u, expected_u) and torch.equal(state, expected_state)
 
@@ -269,12 +272,14 @@ def test_the_conv_step_runs_after_the_gemm_where_the_gemv_does_not_take_the_rows
     conv_w = torch.randn(20, 1, 4, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     state = torch.randn(3, 20, 3, generator=torch.Generator().manual_seed(7)).half().to(DEVICE)
     reference_state = state.clone()
-    xz, u = gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state)
+    xz, u = gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state, conv_start=28)
     expected_xz = gemm_w4.w4a16_gemm(x, packed, scale, 32)
     from quamba_fx.kernels.conv1d_float import conv1d_silu_update_reference
 
-    expected_u = conv1d_silu_update_reference(expected_xz[:, 0, :20], conv_w, None, reference_state)
+    expected_u = conv1d_silu_update_reference(expected_xz[:, 0, 28:], conv_w, None, reference_state)
     assert torch.equal(xz, expected_xz) and u.shape == (3, 20, 1) and torch.equal(state, reference_state)
     torch.testing.assert_close(u[..., 0], expected_u, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="conv_state"):
         gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state[:, :, :2])
+    with pytest.raises(ValueError, match="conv_start 29"):  # its 20 channels would end past the 48 columns
+        gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state, conv_start=29)

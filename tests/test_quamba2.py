@@ -15,6 +15,7 @@ from quamba_fx import textdata
 from quamba_fx.calibrate import CalibrationError, calibrate
 from quamba_fx.errors import RecipeError
 from quamba_fx.generation import QuambaForCausalLM
+from quamba_fx.graph_meta import find_graph_meta
 from quamba_fx.graph_info import op_name
 from quamba_fx.kernels.dispatch import use_triton
 from quamba_fx.flows import float_passes
@@ -205,13 +206,11 @@ def test_an_fp16_lowering_multiplies_w4a16_activations_in_fp16(quantized):
             assert not any(is_cast(n.args[0]) for n in rotations)  # read through their casts
 
 
-def block_counts(lowered: torch.nn.Module) -> tuple[int, int]:
-    """(blocks, the blocks a Mamba-1 decode fusion applies to: all of a Mamba-1 model's, none of a
-    Mamba-2's)."""
-    from quamba_fx.graph_meta import find_graph_meta
-
+def mamba1_blocks(lowered: torch.nn.Module) -> int:
+    """The blocks a Mamba-1-only decode fusion (dt_proj into the scan update) applies to: all of a
+    Mamba-1 model's, none of a Mamba-2's, which has no dt_proj."""
     meta = find_graph_meta(lowered)
-    return meta.num_blocks, (meta.num_blocks if "Mamba2" not in meta.source else 0)
+    return 0 if "Mamba2" in meta.source else meta.num_blocks
 
 
 def decode_two(gen: Generator) -> list[torch.Tensor]:
@@ -227,16 +226,16 @@ def decode_ops(gen: Generator) -> list[str]:
 
 
 def test_a_w4a16_decode_step_runs_in_proj_and_the_conv_as_one_op(quantized, monkeypatch):
-    """Mamba-1's decode graph folds the float conv step into in_proj's W4A16 GEMV
-    (lowering/gemm_w4.py); its logits are those of the two separate ops, bit for bit. Mamba-2's
-    conv reads a split of in_proj's output, not a chunk, and keeps its own op."""
+    """The decode graph folds the float conv step into in_proj's W4A16 GEMV (lowering/gemm_w4.py):
+    Mamba-1's conv reads the x half of in_proj's output, Mamba-2's the xBC split after z. The
+    logits are those of the two separate ops, bit for bit."""
     from quamba_fx.passes.lowering import gemm_w4
 
     lowered = quamba_fx.lower(quantized["quamba2-w4a16"])
-    all_blocks, blocks = block_counts(lowered)
+    blocks = find_graph_meta(lowered).num_blocks
     fused = Generator(lowered, batch_size=1)
     assert decode_ops(fused).count("w4a16_in_proj_conv_update") == blocks
-    assert decode_ops(fused).count("conv1d_silu_cached") == all_blocks - blocks
+    assert "conv1d_silu_cached" not in decode_ops(fused)
     monkeypatch.setattr(gemm_w4, "FUSE_CONV_IN_DECODE", False)
     separate = Generator(lowered, batch_size=1)
     assert "w4a16_in_proj_conv_update" not in decode_ops(separate)
@@ -268,7 +267,7 @@ def test_a_w4a16_decode_step_can_fold_dt_proj_into_the_scan_update(quantized, mo
     from quamba_fx.passes.lowering import gemm_w4
 
     lowered = quamba_fx.lower(quantized["quamba2-w4a16"])
-    _, blocks = block_counts(lowered)
+    blocks = mamba1_blocks(lowered)
     separate = Generator(lowered, batch_size=1)
     monkeypatch.setattr(gemm_w4, "FUSE_DT_PROJ_IN_DECODE", True)
     fused = Generator(lowered, batch_size=1)

@@ -190,11 +190,13 @@ def _w4a16_gemm(name: str, n: int, x: Tensor, w_packed: Tensor, w_scale: Tensor,
 
 def w4a16_gemm_conv_step(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor],
                          act_dtype: Optional[torch.dtype], conv_weight: Tensor, conv_bias: Optional[Tensor],
-                         conv_state: Tensor, gemv: Optional[gemv_w4.Config] = None) -> tuple[Tensor, Tensor]:
+                         conv_state: Tensor, gemv: Optional[gemv_w4.Config] = None,
+                         conv_start: int = 0) -> tuple[Tensor, Tensor]:
     """A decode step's in_proj and conv1d on float activations: `xz = w4a16_gemm(x, ..)` (x
-    `[B, 1, K]`) and the conv step of its first `D = conv_state.shape[1]` columns
-    (`conv1d_float.conv1d_silu_update`: `conv_weight [D, 1, W]`, `conv_state [B, D, W-1]` advanced
-    in place); returns `(xz, u)`, u `[B, D, 1]` in xz's dtype.
+    `[B, 1, K]`) and the conv step of its `D = conv_state.shape[1]` columns from `conv_start`
+    (Mamba-1's x half: 0; Mamba-2's xBC: after z) (`conv1d_float.conv1d_silu_update`:
+    `conv_weight [D, 1, W]`, `conv_state [B, D, W-1]` advanced in place); returns `(xz, u)`, u
+    `[B, D, 1]` in xz's dtype.
 
     One row that the GEMV takes (batch-1 decode on the GPU) is one launch: the epilogue of each
     row tile runs its channels' conv step (`conv1d_float.conv_silu_step`, the conv kernel's own
@@ -202,20 +204,21 @@ def w4a16_gemm_conv_step(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_siz
     conv kernel. `gemv` overrides the GEMV's config, as in `w4a16_gemm`."""
     n, _ = _check_w4("w4a16_gemm_conv_step", x, w_packed, w_scale, group_size, bias)
     if (x.dim() != 3 or x.shape[1] != 1 or conv_state.dim() != 3 or conv_state.shape[0] != x.shape[0]
-            or not 1 <= conv_state.shape[1] <= n or conv_weight.dim() != 3
+            or conv_state.shape[1] < 1 or not 0 <= conv_start <= n - conv_state.shape[1] or conv_weight.dim() != 3
             or conv_weight.shape[:2] != (conv_state.shape[1], 1) or conv_weight.shape[2] != conv_state.shape[2] + 1):
         raise ValueError(f"w4a16_gemm_conv_step: x must be one step [B, 1, K] and conv_state [B, D, W-1] with "
-                         f"D <= {n}, conv_weight [D, 1, W]; got x {tuple(x.shape)}, conv_state "
-                         f"{tuple(conv_state.shape)}, conv_weight {tuple(conv_weight.shape)}")
+                         f"conv_start + D <= {n}, conv_weight [D, 1, W]; got x {tuple(x.shape)}, conv_state "
+                         f"{tuple(conv_state.shape)}, conv_start {conv_start}, conv_weight {tuple(conv_weight.shape)}")
     channels, width = conv_state.shape[1], conv_weight.shape[2]
     step = None
     if x.shape[0] == 1 and 2 <= width <= MAX_UPDATE_WIDTH:  # for the GEMV's epilogue, if the GEMV runs it
         step = gemv_w4.ConvStep(conv_state, conv_weight.reshape(channels, width),
                                 None if conv_bias is None else conv_bias.contiguous(),
-                                torch.empty((1, channels), dtype=x.dtype, device=x.device))
+                                torch.empty((1, channels), dtype=x.dtype, device=x.device), conv_start)
     xz, fused = _w4a16_gemm("w4a16_gemm_conv_step", n, x, w_packed, w_scale, group_size, bias, act_dtype, None, gemv,
                             step)
-    u = step.u if fused else conv1d_silu_update(xz[:, 0, :channels], conv_weight, conv_bias, conv_state)
+    u = step.u if fused else conv1d_silu_update(xz[:, 0, conv_start:conv_start + channels], conv_weight, conv_bias,
+                                                conv_state)
     return xz, u[..., None]
 
 
@@ -270,18 +273,18 @@ def _w4a16_gemm_fake(x, w_packed, w_scale, group_size, bias=None, act_dtype=None
 @graph_op("quamba::w4a16_in_proj_conv_update", mutates_args=("conv_state",))
 def w4a16_in_proj_conv_update_op(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor],
                                  act_dtype: Optional[torch.dtype], conv_weight: Tensor, conv_bias: Optional[Tensor],
-                                 conv_state: Tensor) -> tuple[Tensor, Tensor]:
+                                 conv_state: Tensor, conv_start: int = 0) -> tuple[Tensor, Tensor]:
     """A decode step's W4A16 in_proj and conv1d: `xz = w4a16_gemm(x, .., act_dtype)` and
-    `conv1d_silu_cached(xz.transpose(1, 2)[:, :D], conv_weight, conv_bias, conv_state, decode=True)`,
-    D = conv_state.shape[1]; returns `(xz, u)`. At batch 1 on the GPU one GEMV launch computes
-    both (`w4a16_gemm_conv_step`)."""
+    `conv1d_silu_cached(xz.transpose(1, 2)[:, conv_start:conv_start + D], conv_weight, conv_bias,
+    conv_state, decode=True)`, D = conv_state.shape[1]; returns `(xz, u)`. At batch 1 on the GPU
+    one GEMV launch computes both (`w4a16_gemm_conv_step`)."""
     return w4a16_gemm_conv_step(x, w_packed, w_scale, group_size, bias, act_dtype, conv_weight, conv_bias,
-                                conv_state)
+                                conv_state, conv_start=conv_start)
 
 
 @w4a16_in_proj_conv_update_op.register_fake
 def _w4a16_in_proj_conv_update_fake(x, w_packed, w_scale, group_size, bias, act_dtype, conv_weight, conv_bias,
-                                    conv_state):
+                                    conv_state, conv_start=0):
     xz = torch.ops.quamba.w4a16_linear(x, w_packed, w_scale, group_size, bias)
     return xz, xz.new_empty((conv_state.shape[0], conv_state.shape[1], 1))
 

@@ -188,7 +188,8 @@ def _weight_block(w_tile, s_rows, k0, chunk, quad, word_end, GROUP_CHUNKS: tl.co
 
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr,
-                       cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
+                       cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV, CONV_START, stride_csd, stride_csk, stride_cwd,
+                       stride_cwk,
                        N, K_WORDS, SPLIT_CHUNKS, stride_wn, stride_sn, GROUP_CHUNKS: tl.constexpr,
                        ROWS: tl.constexpr, THREAD_ROWS: tl.constexpr, CHUNKS: tl.constexpr,
                        SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr,
@@ -199,8 +200,9 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
     # 4c to 4c + 3 and activation words 16c to 16c + 15. Program (n, s) sums chunks [s *
     # SPLIT_CHUNKS, (s + 1) * SPLIT_CHUNKS) of rows n * BLOCK_N + r * THREAD_ROWS + t (r < ROWS,
     # t < THREAD_ROWS); with SPLITS > 1 the last split of a row tile to finish adds the others'
-    # partials (split_k.py) and stores the tile. CONV: rows below D_CONV are in_proj's x half,
-    # and the tile's store also runs their decode conv step (`_store_rows`).
+    # partials (split_k.py) and stores the tile. CONV: rows CONV_START to CONV_START + D_CONV are
+    # the conv's input (Mamba-1's x half: from 0; Mamba-2's xBC: after z), and the tile's store
+    # also runs their decode conv step (`_store_rows`).
     BLOCK_N: tl.constexpr = ROWS * THREAD_ROWS
     pid_n = tl.program_id(0)
     c_first = tl.program_id(1) * SPLIT_CHUNKS
@@ -252,17 +254,17 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
     rows = tl.reshape(rows, (BLOCK_N,))
     if SPLITS == 1:
         _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS, cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV,
-                    stride_csd, stride_csk, stride_cwd, stride_cwk, CONV, CONV_W, CONV_HAS_BIAS)
+                    CONV_START, stride_csd, stride_csk, stride_cwd, stride_cwk, CONV, CONV_W, CONV_HAS_BIAS)
     elif split_k.arrive(tl.reshape(y, (1, BLOCK_N)), partial_ptr, count_ptr, pid_n, tl.program_id(1), SPLITS, 1,
                         BLOCK_N):
         y = tl.reshape(split_k.total(partial_ptr, count_ptr, pid_n, SPLITS, 1, BLOCK_N), (BLOCK_N,))
         _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS, cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV,
-                    stride_csd, stride_csk, stride_cwd, stride_cwk, CONV, CONV_W, CONV_HAS_BIAS)
+                    CONV_START, stride_csd, stride_csk, stride_cwd, stride_cwk, CONV, CONV_W, CONV_HAS_BIAS)
 
 
 @triton.jit
 def _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr, cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV,
-                stride_csd, stride_csk, stride_cwd, stride_cwk, CONV: tl.constexpr, CONV_W: tl.constexpr,
+                CONV_START, stride_csd, stride_csk, stride_cwd, stride_cwk, CONV: tl.constexpr, CONV_W: tl.constexpr,
                 CONV_HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rows)
@@ -271,10 +273,12 @@ def _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr, c
     if CONV:
         # The conv reads in_proj's output as stored (rounded to its dtype), as the separate
         # conv kernel would read it back.
-        mask_c = offs_n < D_CONV
-        u = conv_silu_step(out, cs_ptr + offs_n * stride_csd, cw_ptr, cb_ptr, offs_n, mask_c, stride_csk, stride_cwd,
-                           stride_cwk, CONV_W, CONV_HAS_BIAS)
-        tl.store(u_ptr + offs_n, u.to(u_ptr.dtype.element_ty), mask=mask_c)
+        channel = offs_n - CONV_START
+        mask_c = (channel >= 0) & (channel < D_CONV)
+        channel = tl.where(mask_c, channel, 0)  # masked rows point at channel 0, never read
+        u = conv_silu_step(out, cs_ptr + channel * stride_csd, cw_ptr, cb_ptr, channel, mask_c, stride_csk,
+                           stride_cwd, stride_cwk, CONV_W, CONV_HAS_BIAS)
+        tl.store(u_ptr + channel, u.to(u_ptr.dtype.element_ty), mask=mask_c)
 
 
 def default_config(n: int, k: int) -> Config:
@@ -300,20 +304,22 @@ def _tile(config: Config) -> tuple[int, int, int]:
 
 
 class ConvStep(NamedTuple):
-    """A decode conv1d step for the GEMV's epilogue (one sequence): `state [1, D, W-1]` advanced
-    in place, depthwise `weight [D, W]`, `bias [D]` or None, and `u [1, D]` for the SiLU output;
-    D <= N, 2 <= W <= conv1d_float.MAX_UPDATE_WIDTH."""
+    """A decode conv1d step for the GEMV's epilogue (one sequence) over output columns `start` to
+    `start + D`: `state [1, D, W-1]` advanced in place, depthwise `weight [D, W]`, `bias [D]` or
+    None, and `u [1, D]` for the SiLU output; start + D <= N, 2 <= W <=
+    conv1d_float.MAX_UPDATE_WIDTH."""
     state: Tensor
     weight: Tensor
     bias: Optional[Tensor]
     u: Tensor
+    start: int = 0
 
 
 def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor], out: Tensor,
            config: Optional[Config] = None, conv: Optional[ConvStep] = None) -> Tensor:
     """`out [1, N] = x [1, K] @ dequantized(w_packed)^T (+ bias, fp32)` for a problem `supported`
-    takes (the caller validated shapes and dtypes), and with `conv` the conv step of out's first D
-    columns (`conv1d_float.conv_silu_step`). `config` overrides `default_config`."""
+    takes (the caller validated shapes and dtypes), and with `conv` the conv step of its D columns
+    from `conv.start` (`conv1d_float.conv_silu_step`). `config` overrides `default_config`."""
     k, n = x.shape[-1], w_packed.shape[0]
     block_n, block_k, warps, splits = config = config or default_config(n, k)
     rows, thread_rows, chunks = _tile(config)
@@ -331,11 +337,11 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
     w_words = w.view(torch.int32)
     if conv is not None:
         state, cw = conv.state, conv.weight
-        conv_args = (state[0], cw, conv.bias if conv.bias is not None else cw, conv.u, state.shape[1],
+        conv_args = (state[0], cw, conv.bias if conv.bias is not None else cw, conv.u, state.shape[1], conv.start,
                      state.stride(1), state.stride(2), cw.stride(0), cw.stride(1))
         conv_flags = dict(CONV=True, CONV_W=cw.shape[1], CONV_HAS_BIAS=conv.bias is not None)
     else:
-        conv_args = (scales, scales, scales, scales, 0, 0, 0, 0, 0)  # placeholders, never read
+        conv_args = (scales, scales, scales, scales, 0, 0, 0, 0, 0, 0)  # placeholders, never read
         conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
     _w4a16_gemv_kernel[(tiles, splits)](
         words, w_words, scales, bias if has_bias else scales, out, partials, counters, *conv_args, n, k // 8,

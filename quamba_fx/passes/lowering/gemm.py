@@ -63,6 +63,23 @@ def projection_under_x_half(x_half: object) -> torch.fx.Node | None:
     return transpose.args[0]
 
 
+def projection_under_split(x: object) -> tuple[torch.fx.Node, int] | None:
+    """`(the Linear's node, the first column)` when `x` is `transpose(split(linear, sizes, dim=-1)[i],
+    1, 2)`: Mamba-2's xBC columns of in_proj's output, as its conv1d reads them; else None."""
+    if not (isinstance(x, torch.fx.Node) and x.op == "call_method" and x.target == "transpose"
+            and tuple(x.args[1:]) == (1, 2)):
+        return None
+    item = x.args[0]
+    if not (item.op == "call_function" and item.target is operator.getitem and isinstance(item.args[1], int)):
+        return None
+    split = item.args[0]
+    if not (split.op == "call_function" and split.target in (torch.split, torch.functional.split)
+            and len(split.args) == 2 and split.kwargs == {"dim": -1} and isinstance(split.args[1], (list, tuple))
+            and all(isinstance(size, int) for size in split.args[1])):
+        return None
+    return split.args[0], sum(split.args[1][:item.args[1]])
+
+
 def hoist_conv_operands(linear: torch.fx.Node, operands: tuple) -> bool:
     """Move the conv's parameters and cache slot (get_attr nodes and getitems of the cache list) up
     to `linear`, where the fused op will read them; False, moving nothing, if one is computed."""
@@ -80,7 +97,8 @@ def hoist_conv_operands(linear: torch.fx.Node, operands: tuple) -> bool:
 def replace_in_proj_and_conv(gm: torch.fx.GraphModule, linear: torch.fx.Node, conv: torch.fx.Node, op, args: tuple,
                              kernel: str) -> None:
     """Put `op(*args)` (results: in_proj's output, the conv's) where `linear` was, and erase
-    `linear` and `conv` (and the x half's getitem if nothing else reads it)."""
+    `linear` and `conv`, and the conv input's view of in_proj's output (a getitem, or Mamba-2's
+    transpose of one) as far as nothing else reads it."""
     x_half = conv.args[0]
     graph = gm.graph
     with graph.inserting_before(linear):
@@ -93,8 +111,10 @@ def replace_in_proj_and_conv(gm: torch.fx.GraphModule, linear: torch.fx.Node, co
     conv.replace_all_uses_with(u)
     graph.erase_node(conv)
     graph.erase_node(linear)
-    if not x_half.users:
+    while isinstance(x_half, torch.fx.Node) and not x_half.users and x_half.op != "placeholder":
+        source = x_half.args[0]
         graph.erase_node(x_half)
+        x_half = source
 
 
 def fuse_conv_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:

@@ -17,7 +17,7 @@ from ...kernels import gemm_w4  # noqa: F401  (registers w4a16_gemm, w4a8_gemm, 
 from ...kernels import scan  # noqa: F401  (registers w4a16_dt_proj_state_update)
 from ...quant.int4_linear import W4A8Linear, W4A16Linear
 from ..rewrite import Rule
-from .gemm import hoist_conv_operands, projection_under_x_half, replace_in_proj_and_conv
+from .gemm import hoist_conv_operands, projection_under_split, projection_under_x_half, replace_in_proj_and_conv
 from .match import annotate, get_attr, is_call, transposed_projection
 
 W4A16_GEMM = torch.ops.quamba.w4a16_gemm.default
@@ -74,18 +74,22 @@ def rules(dtype: torch.dtype) -> list[Rule]:
 
 def fuse_conv_into_w4a16_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Decode only: `conv1d_silu_cached(chunk(transpose(w4a16_gemm(..)), 2, dim=1)[0], .., decode=True)`
-    -> `w4a16_in_proj_conv_update`, whose two results replace in_proj's output and the conv's: at
-    batch 1 the GEMV's epilogue runs the conv step, one launch a block fewer (as
-    lowering/gemm.py's `fuse_conv_into_in_proj` for W8A8)."""
+    (Mamba-1's x half), or of `transpose(split(w4a16_gemm(..), sizes, dim=-1)[i], 1, 2)` (Mamba-2's
+    xBC, from column `sum(sizes[:i])`) -> `w4a16_in_proj_conv_update`, whose two results replace
+    in_proj's output and the conv's: at batch 1 the GEMV's epilogue runs the conv step, one launch
+    a block fewer (as lowering/gemm.py's `fuse_conv_into_in_proj` for W8A8)."""
     if not FUSE_CONV_IN_DECODE or not is_call(node, FLOAT_CONV_CACHED) or node.args[-1] is not True:
         return False
-    x_half, conv_w, conv_b, state, _decode = node.args
-    linear = projection_under_x_half(x_half)
+    conv_input, conv_w, conv_b, state, _decode = node.args
+    linear, start = projection_under_x_half(conv_input), 0
+    if linear is None:
+        linear, start = projection_under_split(conv_input) or (None, 0)
     if not is_call(linear, W4A16_GEMM) or linear.kwargs or len(linear.args) != 6:
         return False
     if not hoist_conv_operands(linear, (conv_w, conv_b, state)):
         return False
-    replace_in_proj_and_conv(gm, linear, node, W4A16_IN_PROJ_CONV_UPDATE, (*linear.args, conv_w, conv_b, state),
+    replace_in_proj_and_conv(gm, linear, node, W4A16_IN_PROJ_CONV_UPDATE,
+                             (*linear.args, conv_w, conv_b, state, *((start,) if start else ())),
                              "triton:w4a16_in_proj_conv_update")
     return True
 
