@@ -684,12 +684,12 @@ def hadamard_transform_triton(x: torch.Tensor, out_dtype: torch.dtype = torch.fl
 
 
 def packs_gated_norm(n: int, group_size: Optional[int], norm_dtype: torch.dtype) -> bool:
-    """Whether `gated_rmsnorm_hadamard_quantize` (and `_rotate`) runs as one kernel on rows of `n` normed over
-    groups of `group_size` (None: the row) into `norm_dtype`: sizes the tensor-core kernel takes
-    (every Mamba d_inner that is not a power of two), groups of whole tile rows (multiples of
-    the Sylvester order P: 256 for 5120), fp16 normed values (fp32 ones would need the exact
-    three-way split; bf16 is left to the two kernels because the interpreter, which the tests
-    run, rounds fp32 to bf16 by truncation)."""
+    """Whether `gated_rmsnorm_hadamard_quantize` (and `..._rotate`) runs as one kernel on rows of
+    `n` normed over groups of `group_size` (None: the row) into `norm_dtype`: sizes the
+    tensor-core kernel takes (every Mamba d_inner that is not a power of two), groups of whole
+    tile rows (multiples of the Sylvester order P: 256 for 5120), fp16 normed values (fp32 ones
+    would need the exact three-way split; bf16 is left to the two kernels because the
+    interpreter, which the tests run, rounds fp32 to bf16 by truncation)."""
     if norm_dtype != torch.float16 or not is_hadamard_size(n) or n > MAX_N:
         return False
     _, m, m_pad, k = _config(n)

@@ -73,6 +73,8 @@ def fuse_gated_norm_into_hadamard(gm: torch.fx.GraphModule, node: torch.fx.Node)
         op, last = GATED_RMSNORM_HADAMARD_QUANTIZE, node.args[1]  # the scale
     elif is_call(node, HADAMARD_ROTATE):
         op, last = GATED_RMSNORM_HADAMARD_ROTATE, node.args[1] if len(node.args) > 1 else None  # out_dtype
+        if last == torch.bfloat16:  # the fused kernel stores fp16 or fp32 only
+            return False
     else:
         return False
     norm = node.args[0]
@@ -80,7 +82,7 @@ def fuse_gated_norm_into_hadamard(gm: torch.fx.GraphModule, node: torch.fx.Node)
         return False
     y, z, z_scale, weight, eps, dtype, group_size = norm.args
     width = fetch_attr(gm, weight.target).numel()
-    if not packs_gated_norm(width, group_size, dtype) or last == torch.bfloat16:
+    if not packs_gated_norm(width, group_size, dtype):
         return False
     with gm.graph.inserting_before(node):
         fused = gm.graph.call_function(op, (y, z, z_scale, weight, eps, group_size, dtype, last))
