@@ -11,6 +11,8 @@ run.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import warnings
 
@@ -350,18 +352,21 @@ def _conv_step_case(M: int, K: int, D: int, W: int, has_bias: bool, seed: int, d
 
 
 @needs_kernel
-@pytest.mark.parametrize("M, K, D, W, has_bias", [
-    (1, 64, 40, 4, True),     # one K step, tiles straddling the x/z edge (D not a multiple of 16)
-    (1, 200, 37, 3, False),   # split K (the last program to arrive runs the epilogue)
-    (1, 96, 16, 2, True),
-    (2, 64, 24, 4, True),     # two rows: the GEMM, then the conv kernel
+@pytest.mark.parametrize("M, K, D, W, has_bias, start", [
+    (1, 64, 40, 4, True, 0),     # one K step, tiles straddling the x/z edge (D not a multiple of 16)
+    (1, 200, 37, 3, False, 0),   # split K (the last program to arrive runs the epilogue)
+    (1, 96, 16, 2, True, 0),
+    (1, 64, 40, 4, True, 43),    # Mamba-2's layout: the conv's columns after others, tiles straddling both edges
+    (1, 200, 37, 3, False, 11),
+    (2, 64, 24, 4, True, 30),    # two rows: the GEMM, then the conv kernel
 ])
-def test_gemm_with_a_conv_step_equals_the_gemm_then_the_conv_kernel(M, K, D, W, has_bias, monkeypatch):
+def test_gemm_with_a_conv_step_equals_the_gemm_then_the_conv_kernel(M, K, D, W, has_bias, start, monkeypatch):
     gemm_args, conv = _conv_step_case(M, K, D, W, has_bias, seed=K + D)
+    conv = dataclasses.replace(conv, start=start)
     state = conv.state.clone()
     want = int8_gemm(*gemm_args)
-    want_u = causal_conv1d_update_silu_int8(want.reshape(M, -1)[:, :D], state, gemm_args[5], conv.weight,
-                                            conv.bias, conv.out_scale)
+    want_u = causal_conv1d_update_silu_int8(want.reshape(M, -1)[:, start:start + D], state, gemm_args[5],
+                                            conv.weight, conv.bias, conv.out_scale)
     conv_kernel_calls = []
     real = gemm.causal_conv1d_update_silu_int8
     monkeypatch.setattr(gemm, "causal_conv1d_update_silu_int8",
@@ -415,9 +420,11 @@ def test_conv_step_on_the_reference_path_and_its_errors():
     assert torch.equal(out, want) and torch.equal(u, want_u) and torch.equal(conv.state, state)
     with pytest.raises(ValueError, match="a conv step needs the GEMM's int8 output with one per-tensor out_scale"):
         int8_gemm_conv_step(*gemm_args[:5], scale(0.3, "cpu", (22,)), conv)
-    with pytest.raises(ValueError, match=r"conv.state must be int8 \[M, D, W-1\] with D <= N = 22"):
+    with pytest.raises(ValueError, match=r"conv.state must be int8 \[M, D, W-1\] with start \+ D <= N = 22"):
         int8_gemm_conv_step(*gemm_args, ConvStep(torch.zeros(1, 30, 3, dtype=torch.int8), conv.weight, None,
                                                  conv.out_scale))
+    with pytest.raises(ValueError, match="from column 15"):  # 8 channels from column 15 end past 22
+        int8_gemm_conv_step(*gemm_args, dataclasses.replace(conv, start=15))
     with pytest.raises(ValueError, match="conv must be a ConvStep"):
         int8_gemm_conv_step(*gemm_args, "conv")
 

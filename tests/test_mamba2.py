@@ -20,7 +20,7 @@ from quamba_fx.errors import InputError, RecipeError, UnsupportedModelError
 from quamba_fx.evaluate import evaluate
 from quamba_fx.generation import QuambaForCausalLM
 from quamba_fx.graph_info import block, is_kind, op_name, role
-from quamba_fx.graph_meta import graph_meta
+from quamba_fx.graph_meta import find_graph_meta, graph_meta
 from quamba_fx.recipe import recipe_for_graph
 from quamba_fx.recipes import CONV_OUT, X_PROJ_OUT, Recipe, Tap, make_recipe
 from quamba_fx.recipes.spec import ABS_MAX_INT8
@@ -307,8 +307,13 @@ def test_cached_generation_on_lowered_mamba2_equals_recomputing(tiny_quantized):
     with torch.no_grad():
         for _ in range(5):
             ids = torch.cat([ids, lowered(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(quamba_fx.Generator(lowered, batch_size=1).generate(prompt, 5), ids)
+    generator = quamba_fx.Generator(lowered, batch_size=1)
+    assert torch.equal(generator.generate(prompt, 5), ids)
     assert torch.equal(QuambaForCausalLM(lowered).generate(prompt, do_sample=False, max_new_tokens=5), ids)
+    # The decode steps ran the conv step in in_proj's GEMV epilogue (its xBC columns, after z).
+    decode = [op_name(n) for n in generator.decode_graph.graph.nodes]
+    assert decode.count("in_proj_conv_update") == find_graph_meta(lowered).num_blocks
+    assert "conv1d_silu_int8_cached" not in decode
 
 
 def test_hf_generate_on_the_float_graph_equals_hf(trained):

@@ -499,8 +499,9 @@ def int8_gemm(
 
 @dataclass(frozen=True)
 class ConvStep:
-    """A decode conv1d step fed by the first D int8 output columns of a GEMM (`int8_gemm_conv_step`):
-    `causal_conv1d_update_silu_int8(out[:, :D], state, out_scale_of_the_gemm, weight, bias, out_scale)`.
+    """A decode conv1d step fed by D int8 output columns of a GEMM from column `start` (Mamba-1's x
+    half: 0; Mamba-2's xBC: after z) (`int8_gemm_conv_step`): `causal_conv1d_update_silu_int8(
+    out[:, start:start + D], state, out_scale_of_the_gemm, weight, bias, out_scale)`.
 
     state: int8 `[M, D, W-1]`, advanced in place; weight: fp32 `[D, W]`; bias: fp32 `[D]` or None;
     out_scale: the conv output's one-element fp32 scale.
@@ -510,6 +511,7 @@ class ConvStep:
     weight: Tensor
     bias: Optional[Tensor]
     out_scale: Tensor
+    start: int = 0
 
 
 def int8_gemm_conv_step(
@@ -517,8 +519,8 @@ def int8_gemm_conv_step(
     conv: ConvStep,
 ) -> Tuple[Tensor, Tensor]:
     """`int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale)` (int8 out, one row per sequence) and
-    the conv step of its first `D = conv.state.shape[1]` columns: returns `(out, u)` with u int8
-    `[M, D]`, and advances `conv.state`. A decode step's in_proj and conv1d.
+    the conv step of its `D = conv.state.shape[1]` columns from `conv.start`: returns `(out, u)`
+    with u int8 `[M, D]`, and advances `conv.state`. A decode step's in_proj and conv1d.
 
     A one-row problem that the GEMV runs (batch-1 decode on the GPU) is one launch: the epilogue of
     each column tile does the conv step of its channels (`conv1d.conv_update_step`, the conv
@@ -535,7 +537,7 @@ def int8_gemm_conv_step(
 
 def _conv_after(out: Tensor, out_scale: Tensor, conv: ConvStep) -> Tensor:
     d = conv.state.shape[1]
-    rows = out.reshape(-1, out.shape[-1])[:, :d]
+    rows = out.reshape(-1, out.shape[-1])[:, conv.start:conv.start + d]
     return causal_conv1d_update_silu_int8(rows, conv.state, _f32_vector(out_scale).reshape(()), conv.weight,
                                           conv.bias, conv.out_scale)
 
@@ -544,10 +546,12 @@ def _check_conv_step(conv: ConvStep, out: Tensor, out_scale: Optional[Tensor]) -
     if out.dtype != torch.int8 or out_scale is None or out_scale.numel() != 1:
         raise ValueError("a conv step needs the GEMM's int8 output with one per-tensor out_scale")
     state = conv.state
-    if not isinstance(state, Tensor) or state.dim() != 3 or not 1 <= state.shape[1] <= out.shape[-1]:
-        raise ValueError(f"conv.state must be int8 [M, D, W-1] with D <= N = {out.shape[-1]}, "
-                         f"got {tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__}")
-    rows = out.reshape(-1, out.shape[-1])[:, :state.shape[1]]
+    if (not isinstance(state, Tensor) or state.dim() != 3 or state.shape[1] < 1
+            or not 0 <= conv.start <= out.shape[-1] - state.shape[1]):
+        raise ValueError(f"conv.state must be int8 [M, D, W-1] with start + D <= N = {out.shape[-1]}, got "
+                         f"{tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__} "
+                         f"from column {conv.start}")
+    rows = out.reshape(-1, out.shape[-1])[:, conv.start:conv.start + state.shape[1]]
     _validate_conv_step(rows, state, _f32_vector(out_scale).reshape(()), conv.weight, conv.bias, conv.out_scale)
 
 
@@ -641,7 +645,8 @@ def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, con
     d = conv.state.shape[1]
     u = torch.empty((1, d), dtype=torch.int8, device=tensors[0].device)
     try:
-        gemv.launch(tensors, n, k, key, flags, conv=(conv.state, conv.weight, conv.bias, conv.out_scale, u))
+        gemv.launch(tensors, n, k, key, flags, conv=(conv.state, conv.weight, conv.bias, conv.out_scale, u,
+                                                     conv.start))
     except Exception as exc:  # noqa: BLE001 - reported; the GEMM and conv kernels run instead
         if ("gemv_conv", key) in _USES_ALTERNATIVE or _INTERPRET:  # it ran before: a real error
             raise
@@ -674,22 +679,22 @@ def _w8a8_linear_fake(x_q, x_scale, w_q, w_scale, bias=None, out_scale=None, out
 @graph_op("quamba::in_proj_conv_update", mutates_args=("conv_state",))
 def in_proj_conv_update_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                            out_scale: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
-                           conv_out_scale: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
+                           conv_out_scale: Tensor, conv_state: Tensor, conv_start: int = 0) -> tuple[Tensor, Tensor]:
     """A decode step's in_proj and conv1d: `xz = w8a8_linear(x_q, .., out_scale)` (int8) and
-    `conv1d_silu_int8_cached(xz.transpose(1, 2)[:, :D], out_scale, conv_weight, conv_bias,
-    conv_out_scale, conv_state, decode=True)`, D = conv_state.shape[1]; returns `(xz, u)`, u
+    `conv1d_silu_int8_cached(xz.transpose(1, 2)[:, conv_start:conv_start + D], out_scale, conv_weight,
+    conv_bias, conv_out_scale, conv_state, decode=True)`, D = conv_state.shape[1]; returns `(xz, u)`, u
     `[B, D, 1]` laid out `[B, 1, D]`. At batch 1 on the GPU one GEMV launch computes both
     (`int8_gemm_conv_step`).
     """
     w, b = _conv_params(conv_weight, conv_bias)
     xz, u = int8_gemm_conv_step(x_q, x_scale, w_q, w_scale, bias, out_scale,
-                                ConvStep(conv_state, w, b, as_scalar(conv_out_scale)))
+                                ConvStep(conv_state, w, b, as_scalar(conv_out_scale), conv_start))
     return xz, u[:, None, :].transpose(1, 2)
 
 
 @in_proj_conv_update_op.register_fake
 def _in_proj_conv_update_fake(x_q, x_scale, w_q, w_scale, bias, out_scale, conv_weight, conv_bias, conv_out_scale,
-                              conv_state):
+                              conv_state, conv_start=0):
     xz = torch.ops.quamba.int8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale, None)
     batch, channels = conv_state.shape[:2]
     return xz, x_q.new_empty((batch, 1, channels)).transpose(1, 2)

@@ -106,23 +106,26 @@ def _dot4(a, b, acc, DP4A: tl.constexpr):
 
 @triton.jit
 def _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
-            cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
-            W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
+            cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, CONV_START, stride_csd, stride_csk, stride_cwd,
+            stride_cwk, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
             OUT_PER_CHANNEL: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
             CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The epilogue of a column tile, then (CONV) the decode conv step of its columns below D_CONV:
-    in_proj's x half feeds the conv1d, one channel a column (conv1d.conv_update_step)."""
+    """The epilogue of a column tile, then (CONV) the decode conv step of its columns CONV_START to
+    CONV_START + D_CONV (Mamba-1's x half from 0, Mamba-2's xBC after z), one channel a column
+    (conv1d.conv_update_step)."""
     row = tl.arange(0, 1)
     if CONV:
         out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
                        W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
         tl.store(out_ptr + offs_n[None, :], out, mask=(offs_n < N)[None, :])
-        mask_c = offs_n < D_CONV
+        channel = offs_n - CONV_START
+        mask_c = (channel >= 0) & (channel < D_CONV)
+        channel = tl.where(mask_c, channel, 0)  # masked columns point at channel 0, never read
         # The GEMM's int8 output is the conv's input, at the GEMM's out_scale.
         u = conv_update_step(tl.reshape(out, [BLOCK_N]), cs_ptr, out_scale_ptr, cw_ptr, cb_ptr, cu_scale_ptr,
-                             offs_n, mask_c, stride_csd, stride_csk, stride_cwd, stride_cwk,
+                             channel, mask_c, stride_csd, stride_csk, stride_cwd, stride_cwk,
                              CONV_W, CONV_HAS_BIAS, FAST_MATH)
-        tl.store(u_ptr + offs_n, u, mask=mask_c)
+        tl.store(u_ptr + channel, u, mask=mask_c)
     else:
         store_tile(acc, row, offs_n, cols, 1, N, 0, x_scale_ptr, w_scale_ptr, bias_ptr,
                    out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
@@ -134,7 +137,7 @@ def _int8_gemv_jit(
     cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr,
     N, K,
     stride_wn,
-    D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
+    D_CONV, CONV_START, stride_csd, stride_csk, stride_cwd, stride_cwk,
     PF_BYTES, PF_PROGRAMS,
     W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
     OUT_PER_CHANNEL: tl.constexpr,
@@ -142,8 +145,8 @@ def _int8_gemv_jit(
     DP4A: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
     CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
-    # CONV: also the decode conv step of columns < D_CONV (see _finish), its state `cs` [D, W-1]
-    # rolled in place, its output written to u.
+    # CONV: also the decode conv step of D_CONV columns from CONV_START (see _finish), its state
+    # `cs` [D, W-1] rolled in place, its output written to u.
     # x and w are int32 words (four int8 each): K and stride_wn count words.
     # SPLIT_K consecutive programs share one column tile.
     pid = tl.program_id(0)
@@ -178,13 +181,15 @@ def _int8_gemv_jit(
 
     if SPLIT_K == 1:
         _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
-                cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
-                W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH, BLOCK_N)
+                cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, CONV_START, stride_csd, stride_csk, stride_cwd,
+                stride_cwk, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH,
+                BLOCK_N)
     elif split_k.arrive(acc, partial_ptr, count_ptr, pid_n, pid_k, SPLIT_K, 1, BLOCK_N):
         acc = split_k.total(partial_ptr, count_ptr, pid_n, SPLIT_K, 1, BLOCK_N)
         _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
-                cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, stride_csd, stride_csk, stride_cwd, stride_cwk,
-                W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH, BLOCK_N)
+                cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, CONV_START, stride_csd, stride_csk, stride_cwd,
+                stride_cwk, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH,
+                BLOCK_N)
 
 
 # (N, K, out dtype, flags, device) -> the config.
@@ -195,8 +200,9 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
     """Run the GEMV on `tensors = (x [1, K], w [N, K], x_scale, w_scale, bias, out_scale, out
     [1, N])` (placeholders for absent bias / out_scale), validated by `gemm.int8_gemm` and
     `supported`. `key` names everything that selects a config or a compiled variant; `flags` are
-    the epilogue's. `conv = (state [1, D, W-1], weight [D, W], bias or None, out_scale, u [1, D])`
-    adds the decode conv step of the first D columns (`gemm.int8_gemm_conv_step` validated it)."""
+    the epilogue's. `conv = (state [1, D, W-1], weight [D, W], bias or None, out_scale, u [1, D],
+    start)` adds the decode conv step of the D columns from `start` (`gemm.int8_gemm_conv_step`
+    validated it)."""
     x, w = tensors[0], tensors[1]
     k_words = k // _PACK
     meta = chosen_config(_TUNED, key, _config, n, k_words)
@@ -204,12 +210,12 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
                else (tensors[2], tensors[2]))
     words = (x[0].view(torch.int32)[None], w.view(torch.int32)) + tuple(tensors[2:])
     if conv is not None:
-        state, cw, cb, cu_scale, u = conv
+        state, cw, cb, cu_scale, u, start = conv
         conv_args = (state[0], cw, cb if cb is not None else cw, cu_scale, u,
-                     state.shape[1], state.stride(1), state.stride(2), cw.stride(0), cw.stride(1))
+                     state.shape[1], start, state.stride(1), state.stride(2), cw.stride(0), cw.stride(1))
         conv_flags = dict(CONV=True, CONV_W=cw.shape[1], CONV_HAS_BIAS=cb is not None)
     else:
-        conv_args = (x, x, x, x, x, 0, 0, 0, 0, 0)  # placeholders, never read
+        conv_args = (x, x, x, x, x, 0, 0, 0, 0, 0, 0)  # placeholders, never read
         conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
     programs = cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"]
     # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).

@@ -80,6 +80,13 @@ def projection_under_split(x: object) -> tuple[torch.fx.Node, int] | None:
     return split.args[0], sum(split.args[1][:item.args[1]])
 
 
+def conv_input_projection(conv_input: object) -> tuple[torch.fx.Node, int] | None:
+    """`(in_proj's node, the first column the conv reads)` for a decode conv's input: Mamba-1's x
+    half (`projection_under_x_half`, from 0) or Mamba-2's xBC (`projection_under_split`); else None."""
+    linear = projection_under_x_half(conv_input)
+    return (linear, 0) if linear is not None else projection_under_split(conv_input)
+
+
 def hoist_conv_operands(linear: torch.fx.Node, operands: tuple) -> bool:
     """Move the conv's parameters and cache slot (get_attr nodes and getitems of the cache list) up
     to `linear`, where the fused op will read them; False, moving nothing, if one is computed."""
@@ -119,13 +126,14 @@ def replace_in_proj_and_conv(gm: torch.fx.GraphModule, linear: torch.fx.Node, co
 
 def fuse_conv_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Decode only: `conv1d_silu_int8_cached(chunk(transpose(w8a8_linear(.., s)), 2, dim=1)[0], s,
-    .., decode=True)`, in_proj's int8 output at the scale the conv reads -> `in_proj_conv_update`,
-    whose two results replace in_proj's output and the conv's: at batch 1 the GEMV's epilogue
-    runs the conv step, one launch a block fewer."""
+    .., decode=True)` (or Mamba-2's xBC split of it, `conv_input_projection`), in_proj's int8
+    output at the scale the conv reads -> `in_proj_conv_update`, whose two results replace
+    in_proj's output and the conv's: at batch 1 the GEMV's epilogue runs the conv step, one
+    launch a block fewer."""
     if not is_call(node, CONV_CACHED) or node.args[-1] is not True:
         return False
-    x_half, x_scale, conv_w, conv_b, conv_scale, state, _decode = node.args
-    linear = projection_under_x_half(x_half)
+    conv_input, x_scale, conv_w, conv_b, conv_scale, state, _decode = node.args
+    linear, start = conv_input_projection(conv_input) or (None, 0)
     if not is_call(linear, W8A8_LINEAR) or linear.kwargs or len(linear.args) < 6 or linear.args[5] is not x_scale:
         return False
     if len(linear.args) > 6 and linear.args[6] is not None:
@@ -133,7 +141,8 @@ def fuse_conv_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> boo
     if not hoist_conv_operands(linear, (conv_w, conv_b, conv_scale, state)):
         return False
     replace_in_proj_and_conv(gm, linear, node, IN_PROJ_CONV_UPDATE,
-                             (*linear.args[:6], conv_w, conv_b, conv_scale, state), "triton:in_proj_conv_update")
+                             (*linear.args[:6], conv_w, conv_b, conv_scale, state, *((start,) if start else ())),
+                             "triton:in_proj_conv_update")
     return True
 
 

@@ -17,7 +17,7 @@ from ...kernels import gemm_w4  # noqa: F401  (registers w4a16_gemm, w4a8_gemm, 
 from ...kernels import scan  # noqa: F401  (registers w4a16_dt_proj_state_update)
 from ...quant.int4_linear import W4A8Linear, W4A16Linear
 from ..rewrite import Rule
-from .gemm import hoist_conv_operands, projection_under_split, projection_under_x_half, replace_in_proj_and_conv
+from .gemm import conv_input_projection, hoist_conv_operands, replace_in_proj_and_conv
 from .match import annotate, get_attr, is_call, transposed_projection
 
 W4A16_GEMM = torch.ops.quamba.w4a16_gemm.default
@@ -81,9 +81,7 @@ def fuse_conv_into_w4a16_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) 
     if not FUSE_CONV_IN_DECODE or not is_call(node, FLOAT_CONV_CACHED) or node.args[-1] is not True:
         return False
     conv_input, conv_w, conv_b, state, _decode = node.args
-    linear, start = projection_under_x_half(conv_input), 0
-    if linear is None:
-        linear, start = projection_under_split(conv_input) or (None, 0)
+    linear, start = conv_input_projection(conv_input) or (None, 0)
     if not is_call(linear, W4A16_GEMM) or linear.kwargs or len(linear.args) != 6:
         return False
     if not hoist_conv_operands(linear, (conv_w, conv_b, state)):
