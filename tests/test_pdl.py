@@ -158,6 +158,7 @@ _COMPILE_UPDATE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # two sm_90 compiles in a child process (~7 s on 2 cores)
 def test_the_decode_state_update_loads_dt_projs_weight_before_it_waits():
     kernels = _run_compiled(_COMPILE_UPDATE)
     assert [line.split()[0] for line in kernels] == ["int8", "w4"]

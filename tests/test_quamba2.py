@@ -242,6 +242,7 @@ def test_a_w4a16_decode_step_runs_in_proj_and_the_conv_as_one_op(quantized, monk
     assert all(torch.equal(a, b) for a, b in zip(decode_two(fused), decode_two(separate)))
 
 
+@pytest.mark.slow  # the kernel is off by default; its own property test is in the fast suite
 def test_w4a8_decode_steps_on_the_skinny_kernel_give_the_other_kernels_logits(quantized, monkeypatch):
     """With gemm_w4.W4A8_SKINNY_MAX_M on, a W4A8 decode step's GEMMs run gemm_w4_skinny.py's
     kernel; the logits are the other kernel's up to the order of the group sums."""
