@@ -228,6 +228,7 @@ def test_mamba2_kernels_compile_for_sm90_without_spills_and_multiply_on_tensor_c
         assert (wgmma > 0) == (build.endswith(":fp16") and kernel in products), (build, kernel)
 
 
+@pytest.mark.slow  # 23 s on 2 cores; the kernels' own tests are in the fast suite
 @pytest.mark.skipif(not INTERPRET, reason="the smoke run is the CPU interpreter's")
 def test_the_benchmark_script_runs_its_smoke_rows(tmp_path):
     # benchmarks/ssd.py compares with mamba_ssm on the GPU; this keeps its code paths from rotting.
