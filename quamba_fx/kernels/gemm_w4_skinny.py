@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import split_k
+from . import gemm_skinny, split_k
 from .dispatch import INTERPRET, INTERPRETER_WIDE_N, cdiv, next_pow2, sm_count
 from .gemm_epilogue import store_w4_tile
 from .int4_codes import nibbles
@@ -186,7 +186,7 @@ def launch(x_q: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias
     if block_k not in _BLOCK_KS or group_size % block_k:
         raise ValueError(f"gemm_w4_skinny: BLOCK_K={block_k} must be one of {_BLOCK_KS} and divide the group "
                          f"size {group_size}")
-    block_m = max(16, next_pow2(m))
+    block_m = gemm_skinny.block_m(m)
     programs = cdiv(n, block_n) * splits
     if splits > 1:
         partials, counters = split_k.scratch(x_q.device, *split_k.scratch_need(
