@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import AUTOTUNE_DO_BENCH
+from .dispatch import AUTOTUNE_DO_BENCH, cdiv, next_pow2
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import as_scalar, graph_op, launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
@@ -553,7 +553,7 @@ def _launch_prefill(key: tuple, B: int, D: int, L: int, args: tuple, flags: dict
 
 def _autotune_prefill(B: int, D: int, L: int, args: tuple, flags: dict) -> dict:
     def grid(meta):
-        return (B * triton.cdiv(D, meta["BLOCK_D"]) * triton.cdiv(L, meta["BLOCK_L"]),)
+        return (B * cdiv(D, meta["BLOCK_D"]) * cdiv(L, meta["BLOCK_L"]),)
 
     precompile(_causal_conv1d_silu_int8_kernel.fn, args,
                ({**flags, **c.all_kwargs()} for c in _causal_conv1d_silu_int8_kernel.configs))
@@ -562,7 +562,7 @@ def _autotune_prefill(B: int, D: int, L: int, args: tuple, flags: dict) -> dict:
 
 
 def _launch_prefill_config(tuned: dict, B: int, D: int, L: int, args: tuple, flags: dict) -> None:
-    n_programs = B * triton.cdiv(D, tuned["BLOCK_D"]) * triton.cdiv(L, tuned["BLOCK_L"])
+    n_programs = B * cdiv(D, tuned["BLOCK_D"]) * cdiv(L, tuned["BLOCK_L"])
     _causal_conv1d_silu_int8_kernel.fn[(n_programs,)](*args, **flags, **tuned)
 
 
@@ -611,7 +611,7 @@ def causal_conv1d_silu_int8(
     s_strides = initial_state.stride() if initial_state is not None else (0, 0, 0)
     # Tune per power-of-two bucket of L rather than per exact length: prefill lengths vary
     # per request and re-tuning for each one would dominate.
-    l_bucket = triton.next_power_of_2(L)
+    l_bucket = next_pow2(L)
     args = (
         x_q, x_scale, weight, bias if bias is not None else weight, out_scale, state, out, final,
         D, L, l_bucket,
@@ -654,7 +654,7 @@ def causal_conv1d_update_silu_int8(
 
     out = torch.empty(B, D, dtype=torch.int8, device=x_q.device)
     block_d = 32 if _INTERPRET else 256
-    grid = (triton.cdiv(D, block_d), B)
+    grid = (cdiv(D, block_d), B)
     _causal_conv1d_update_silu_int8_kernel[grid](
         x_q, conv_state, x_scale, weight, bias if bias is not None else weight, out_scale, out,
         D,

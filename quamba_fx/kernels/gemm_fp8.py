@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..quant.fp8 import _check_fp8_linear, _linear_out_dtype
 from ..quant.qops import _quantize_fp32
-from .dispatch import graph_op, use_triton
+from .dispatch import cdiv, graph_op, use_triton
 from .rounding import quantize_rn
 
 __all__ = ["BACKENDS", "fp8_gemm", "fp8_gemm_reference"]
@@ -177,7 +177,7 @@ def fp8_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: O
         out.view(m, n).copy_(_scaled_mm(x2, xs, w.contiguous(), ws, b, os_, dtype))
         return out
     block_m, block_n, block_k, warps, stages = _tiles(m)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    grid = (cdiv(m, block_m) * cdiv(n, block_n),)
     _fp8_gemm_kernel[grid](
         x2, w, xs, ws, b if b is not None else xs, os_ if os_ is not None else xs, out, m, n, k,
         x2.stride(0), w.stride(0),

@@ -89,7 +89,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import as_scalar, cdiv, graph_op, sm_count
+from .dispatch import as_scalar, cdiv, graph_op, next_pow2, sm_count
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 
@@ -410,7 +410,7 @@ def _dense_table(bases: Tuple[int, ...], pack: int, m_pad: int, dtype: torch.dty
 def _config(n: int) -> Tuple[Tuple[int, ...], int, int, int]:
     bases, k = _check_size(n)
     m = math.prod(bases)
-    return bases, m, triton.next_power_of_2(m), k
+    return bases, m, next_pow2(m), k
 
 
 def _dense_mode(m: int, m_pad: int, p: int) -> int:
@@ -426,9 +426,9 @@ def _packing(m: int, p: int) -> Tuple[int, int]:
     """`(R, MP)` for the tensor-core kernel: R rows per tile of MP = next_power_of_2(R * M) rows,
     the R with the fewest dead tile rows (R * M / MP largest; the smallest R on ties) such that
     MP <= _MAX_DOT_M and the fp32 tile MP * P fits _PACKED_MAX_TILE; R = 1 when nothing packs."""
-    best = (1, triton.next_power_of_2(m))
+    best = (1, next_pow2(m))
     for r in range(2, _MAX_DOT_M // m + 1):
-        mp = triton.next_power_of_2(r * m)
+        mp = next_pow2(r * m)
         if mp <= _MAX_DOT_M and mp * p <= _PACKED_MAX_TILE and r * m * best[1] > best[0] * m * mp:
             best = (r, mp)
     return best
@@ -574,7 +574,7 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: int, rotation_dtype: to
         operand = x.dtype if gate is None else gate.norm_dtype  # what enters the MMA
         table = _dense_table(bases, pack, mp, torch.float16 if operand == torch.float16 else torch.bfloat16,
                              False, str(x.device))
-        n_blocks = triton.cdiv(rows, pack)
+        n_blocks = cdiv(rows, pack)
         grid, stages = _schedule(pack, n_blocks, mp * p, x.element_size(), x.device)
         num_warps = _packed_num_warps(mp * p)
         # The gate's arguments (unused pointers and values without GATED).

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import as_scalar, graph_op
+from .dispatch import as_scalar, graph_op, next_pow2
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 
@@ -310,7 +310,7 @@ def add_rmsnorm_quantize(
     dims = [(1, 0, 0)] * (2 - len(dims)) + dims
     (_, sx0, sr0), (d1, sx1, sr1) = dims
 
-    block_h = min(triton.next_power_of_2(H), _MAX_BLOCK_H)
+    block_h = min(next_pow2(H), _MAX_BLOCK_H)
     _add_rmsnorm_kernel[(rows,)](
         x, res, weight, scale if scale is not None else r_out, out, r_out,
         H, d1, sx0, sx1, sr0, sr1, weight.stride(0), float(eps),

@@ -107,7 +107,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import AUTOTUNE_DO_BENCH
+from .dispatch import AUTOTUNE_DO_BENCH, cdiv, next_pow2
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import as_scalar, graph_op, launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
@@ -1066,12 +1066,12 @@ def _chunk_len(batch: int, d_inner: int, L: int) -> int:
     if _INTERPRET:
         return INTERPRET_CHUNK_LEN
     if batch * d_inner >= PARALLEL_CHANNELS:
-        return max(triton.next_power_of_2(L), MIN_CHUNK_LEN)
-    want_chunks = triton.cdiv(TARGET_THREADS, batch * d_inner)
-    chunk = max(MIN_CHUNK_LEN, triton.next_power_of_2(triton.cdiv(L, want_chunks)),
-                triton.next_power_of_2(triton.cdiv(L, MAX_CHUNKS)))
-    if triton.cdiv(L, chunk) < MIN_CHUNKS:
-        return max(triton.next_power_of_2(L), MIN_CHUNK_LEN)
+        return max(next_pow2(L), MIN_CHUNK_LEN)
+    want_chunks = cdiv(TARGET_THREADS, batch * d_inner)
+    chunk = max(MIN_CHUNK_LEN, next_pow2(cdiv(L, want_chunks)),
+                next_pow2(cdiv(L, MAX_CHUNKS)))
+    if cdiv(L, chunk) < MIN_CHUNKS:
+        return max(next_pow2(L), MIN_CHUNK_LEN)
     return chunk
 
 
@@ -1085,7 +1085,7 @@ def _launch_chunks(tune_base: tuple, pass_: int, batch: int, d_inner: int, n_run
 def _autotune_chunks(key: tuple, pass_: int, batch: int, d_inner: int, n_run: int, args: tuple,
                      flags: dict) -> Optional[dict]:
     def grid(meta):
-        return (batch * n_run * triton.cdiv(d_inner, meta["BLOCK_D"]),)
+        return (batch * n_run * cdiv(d_inner, meta["BLOCK_D"]),)
 
     if key not in _PRECOMPILED:
         _PRECOMPILED.add(key)
@@ -1099,7 +1099,7 @@ def _autotune_chunks(key: tuple, pass_: int, batch: int, d_inner: int, n_run: in
 
 def _launch_chunks_config(tuned: dict, key: tuple, pass_: int, batch: int, d_inner: int, n_run: int,
                           args: tuple, flags: dict) -> None:
-    n_programs = batch * n_run * triton.cdiv(d_inner, tuned["BLOCK_D"])
+    n_programs = batch * n_run * cdiv(d_inner, tuned["BLOCK_D"])
     _selective_scan_kernel.fn[(n_programs,)](*args, **flags, PASS=pass_, **tuned)
 
 
@@ -1114,7 +1114,7 @@ def _flags(info: dict, D, z, delta_bias, delta_softplus: bool) -> dict:
     return dict(
         U_Q=q["u"], DT_Q=q["delta"], B_Q=q["B"], C_Q=q["C"], Z_Q=q.get("z", False),
         HAS_D=D is not None, HAS_Z=z is not None,
-        SOFTPLUS=bool(delta_softplus), NS=triton.next_power_of_2(info["d_state"]),
+        SOFTPLUS=bool(delta_softplus), NS=next_pow2(info["d_state"]),
     )
 
 
@@ -1219,12 +1219,12 @@ def selective_scan(
     zz = z if z is not None else u
     # Tune per batch bucket: batch 1 has d_inner / BLOCK_D programs and wants small blocks, large
     # batches fill the GPU anyway and want fewer, wider programs.
-    batch_bucket = min(triton.next_power_of_2(batch), 16)
+    batch_bucket = min(next_pow2(batch), 16)
     flags = dict(HAS_H0=initial_state is not None, WRITE_FINAL=return_final_state,
                  **_flags(info, D, z, delta_bias, delta_softplus))
     ns = flags["NS"]
     chunk_len = _chunk_len(batch, d_inner, L)
-    n_chunks = triton.cdiv(L, chunk_len)
+    n_chunks = cdiv(L, chunk_len)
     # Pass 1's outputs, pass 2 in place: per chunk but the last, the state at its end and its sum of
     # dt. (A 1-element dummy when there is one chunk: nothing reads or writes it.)
     n_prev = n_chunks - 1
@@ -1248,9 +1248,9 @@ def selective_scan(
                  y.dtype, h0.dtype, final.dtype, tuple(sorted(flags.items())))
     if n_prev > 0:
         _launch_chunks(tune_base, 1, batch, d_inner, n_prev, args_for(1, n_prev), flags)
-        ncp = triton.next_power_of_2(n_prev)
+        ncp = next_pow2(n_prev)
         block_dn = max(16, 4096 // ncp)
-        _selective_scan_carry_kernel[(batch * triton.cdiv(d_inner * ns, block_dn),)](
+        _selective_scan_carry_kernel[(batch * cdiv(d_inner * ns, block_dn),)](
             A, h0, hc, sc, d_inner, d_state, n_prev, *A.stride(), *h0_strides,
             batch * d_inner * ns, d_inner * ns,
             HAS_H0=initial_state is not None, NS=ns, NCP=ncp, BLOCK_DN=block_dn, num_warps=4,
@@ -1348,8 +1348,8 @@ def selective_state_update(
     # program also reads R bytes of weight a channel (160 on 2.8b) in one [BLOCK_D, BLOCK_R] tile:
     # 32 channels keep that tile at 64 registers a thread and give batch 1 160 programs, not 40.
     block_d = 16 if _INTERPRET else (32 if fused is not None else 128)
-    block_r = 8 if _INTERPRET else min(triton.next_power_of_2(max(proj[5], 1)), 256)
-    grid = (triton.cdiv(d_inner, block_d), batch)
+    block_r = 8 if _INTERPRET else min(next_pow2(max(proj[5], 1)), 256)
+    grid = (cdiv(d_inner, block_d), batch)
     _selective_state_update_kernel[grid](
         state, u, delta, A, B, C, D if D is not None else A, zz, _bias_or_zeros(delta_bias, d_inner, u.device),
         _scale_arg(u_scale, A), _scale_arg(delta_scale, A), _scale_arg(B_scale, A), _scale_arg(C_scale, A),

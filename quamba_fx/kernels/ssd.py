@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..ssd_reference import check_ssd_inputs, ssd_scan_reference
-from .dispatch import INTERPRET, graph_op, next_pow2
+from .dispatch import INTERPRET, cdiv, graph_op, next_pow2
 from .dispatch import use_triton as _use_triton
 
 __all__ = ["ssd_scan", "ssd_scan_cached_op", "ssd_scan_op", "ssd_state_update", "tiles"]
@@ -431,7 +431,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     x, B, C, dt = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, B, C, dt))
     ieee = product_dtype == torch.float32
     chunk = min(chunk_size, length)  # a chunk longer than the sequence is the sequence
-    n_chunks = triton.cdiv(length, chunk)
+    n_chunks = cdiv(length, chunk)
     f32 = dict(dtype=torch.float32, device=x.device)
     dt_out = torch.empty((batch, heads, n_chunks, chunk), **f32)
     cum = torch.empty((batch, heads, n_chunks, chunk), **f32)
@@ -448,7 +448,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     products = dict(SCALED=scaled, DOT=_DOT_DTYPES[product_dtype], IEEE=ieee)
 
     block_h = min(16, next_pow2(heads))
-    _chunk_dt_kernel[(batch, n_chunks, triton.cdiv(heads, block_h))](
+    _chunk_dt_kernel[(batch, n_chunks, cdiv(heads, block_h))](
         dt, A.float().contiguous(), dt_bias.float().contiguous() if dt_bias is not None else cum, dt_out, cum,
         scales, length, heads, chunk, n_chunks, float(dt_min), 0.0 if math.isinf(dt_max) else float(dt_max),
         dt.stride(0), dt.stride(1),
@@ -457,26 +457,26 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     )
     # The product kernels' one grid axis: tiles x heads (groups for C B^T) x chunks x batch.
     cb = launch["cb"]
-    _chunk_cb_kernel[(triton.cdiv(chunk, cb["BLOCK_M"]) * triton.cdiv(chunk, cb["BLOCK_S"]) * groups
+    _chunk_cb_kernel[(cdiv(chunk, cb["BLOCK_M"]) * cdiv(chunk, cb["BLOCK_S"]) * groups
                       * batch * n_chunks,)](
         B, C, cb_products, scales, length, groups, state, chunk, n_chunks,
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), **products, **cb,
     )
     st = launch["state"]
-    _chunk_state_kernel[(triton.cdiv(head_dim, st["BLOCK_P"]) * triton.cdiv(state, st["BLOCK_N"]) * heads
+    _chunk_state_kernel[(cdiv(head_dim, st["BLOCK_P"]) * cdiv(state, st["BLOCK_N"]) * heads
                          * batch * n_chunks,)](
         x, B, dt_out, cum, states, scales, length, heads, head_dim, state, chunk, n_chunks, heads // groups,
         x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), **products, **st,
     )
     pn = head_dim * state
     pass_block = min(1024, next_pow2(pn))
-    _state_passing_kernel[(batch, heads, triton.cdiv(pn, pass_block))](
+    _state_passing_kernel[(batch, heads, cdiv(pn, pass_block))](
         states, cum, start if start is not None else states, entering, final if final is not None else states,
         heads, pn, chunk, n_chunks,
         HAS_STATE_IN=start is not None, HAS_STATE_OUT=final is not None, BLOCK=pass_block,
     )
     sc = launch["scan"]
-    _chunk_scan_kernel[(triton.cdiv(chunk, sc["BLOCK_M"]) * triton.cdiv(head_dim, sc["BLOCK_P"]) * heads
+    _chunk_scan_kernel[(cdiv(chunk, sc["BLOCK_M"]) * cdiv(head_dim, sc["BLOCK_P"]) * heads
                         * batch * n_chunks,)](
         x, C, cb_products, dt_out, cum, entering, D.float().contiguous() if D is not None else cum, y, scales,
         length, heads, head_dim, state, groups, chunk, n_chunks, heads // groups,
@@ -517,7 +517,7 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
     # and smaller tiles give a batch-1 step more programs than 80 heads alone.
     block_n = next_pow2(n_states)
     block_p = max(1, min(next_pow2(head_dim), 2048 // block_n))
-    _state_update_kernel[(batch, heads, triton.cdiv(head_dim, block_p))](
+    _state_update_kernel[(batch, heads, cdiv(head_dim, block_p))](
         state, x, dt, A.float().contiguous(), B, C, D.float().contiguous() if D is not None else y,
         dt_bias.float().contiguous() if dt_bias is not None else y, y, scales if scales is not None else y,
         length, heads, head_dim, n_states, heads // B.shape[2], float(dt_min),
