@@ -28,13 +28,33 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual - expected).abs().max().item() / max(1e-6, expected.abs().max().item())
 
 
-@given(batch=st.integers(1, 2), length=st.integers(1, 80), heads=st.sampled_from([1, 2, 4]),
-       head_dim=st.integers(1, 70), groups=st.sampled_from([1, 2]), state=st.integers(1, 40),
-       dt_max=st.sampled_from([math.inf, 0.2]), with_state=st.booleans(), with_d=st.booleans(),
-       chunk=st.sampled_from([3, 16, 24, 128]), seed=st.integers(0, 2**16))
-@settings(max_examples=25, deadline=None)
+_SCAN_PROBLEMS = dict(
+    batch=st.integers(1, 2), length=st.integers(1, 80), heads=st.sampled_from([1, 2, 4]),
+    head_dim=st.integers(1, 70), groups=st.sampled_from([1, 2]), state=st.integers(1, 40),
+    dt_max=st.sampled_from([math.inf, 0.2]), with_state=st.booleans(), with_d=st.booleans(),
+    chunk=st.sampled_from([3, 16, 24, 128]), seed=st.integers(0, 2**16))
+
+
+# Interpreted, an example costs up to seconds: the fast suite takes a dozen, CI's slow run more.
+@given(**_SCAN_PROBLEMS)
+@settings(max_examples=12, deadline=None)
 def test_kernel_matches_the_reference(batch, length, heads, head_dim, groups, state, dt_max, with_state, with_d,
                                       chunk, seed):
+    check_kernel_against_reference(batch, length, heads, head_dim, groups, state, dt_max, with_state, with_d,
+                                   chunk, seed)
+
+
+@pytest.mark.slow
+@given(**_SCAN_PROBLEMS)
+@settings(max_examples=60, deadline=None)
+def test_kernel_matches_the_reference_on_more_problems(batch, length, heads, head_dim, groups, state, dt_max,
+                                                       with_state, with_d, chunk, seed):
+    check_kernel_against_reference(batch, length, heads, head_dim, groups, state, dt_max, with_state, with_d,
+                                   chunk, seed)
+
+
+def check_kernel_against_reference(batch, length, heads, head_dim, groups, state, dt_max, with_state, with_d,
+                                   chunk, seed):
     if heads % groups:
         groups = 1
     g = torch.Generator().manual_seed(seed)
