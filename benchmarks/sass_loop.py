@@ -78,7 +78,7 @@ KERNELS = {
                                                        "stride_cwk", "N", "K_WORDS", "SPLIT_CHUNKS", "stride_wn",
                                                        "stride_sn")}},
         {"GROUP_CHUNKS": 4, "ROWS": 1, "THREAD_ROWS": 16, "CHUNKS": 16, "SPLITS": 1, "EVEN_K": True, "HAS_BIAS": False,
-         "PTX": True, "USE_PDL": True, "CONV": False, "CONV_W": 4, "CONV_HAS_BIAS": False, "AHEAD": 1},
+         "PTX": True, "USE_PDL": True, "CONV": False, "CONV_W": 4, "CONV_HAS_BIAS": False},
         ("N", "K_WORDS", "SPLIT_CHUNKS"),
         lambda c, warps: c["ROWS"] * c["THREAD_ROWS"] * c["CHUNKS"] * 16 / (32 * warps),  # weight bytes
     ),

@@ -86,14 +86,17 @@ def test_the_skinny_w4a8_kernel_matches_the_reference(m, n, k, group, block_n, b
     assert_w4a8_matches(got, problem)
 
 
-def test_w4a8_decode_rows_run_the_skinny_kernel_when_it_is_on(monkeypatch):
+def test_w4a8_decode_rows_run_the_skinny_kernel_unless_it_is_off(monkeypatch):
     launched = []
     real_launch = gemm_w4_skinny.launch
     monkeypatch.setattr(gemm_w4_skinny, "launch", lambda *a, **kw: launched.append(a[0].shape) or real_launch(*a, **kw))
+    monkeypatch.setattr(gemm_w4, "W4A8_SKINNY_MAX_M", 0)
     problem = w4a8_problem(5, 40, 256, 128, True, False, 7)
     assert_w4a8_matches(gemm_w4.w4a8_gemm(**problem), problem)
-    assert not launched  # off by default (gemm_w4.W4A8_SKINNY_MAX_M)
-    monkeypatch.setattr(gemm_w4, "W4A8_SKINNY_MAX_M", gemm_w4_skinny.MAX_M)
+    assert not launched
+    monkeypatch.undo()
+    monkeypatch.setattr(gemm_w4_skinny, "launch", lambda *a, **kw: launched.append(a[0].shape) or real_launch(*a, **kw))
+    assert gemm_w4.W4A8_SKINNY_MAX_M == gemm_w4_skinny.MAX_M  # on by default
     for m, group, runs_it in ((5, 128, True), (64, 128, True), (65, 128, False), (5, 32, False)):
         problem = w4a8_problem(m, 40, 256, group, False, True, m)
         problem["x_q"] = problem["x_q"].reshape(1, m, 256)  # leading dims flatten into rows
@@ -140,22 +143,6 @@ def test_gemv_configs_match_the_reference(n, words, group, block_n, block_k, war
     packed, scale = weights(n, k, group, seed)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 1)).half().to(DEVICE)
     got = gemm_w4.w4a16_gemm(x, packed, scale, group, gemv=(block_n, block_k, warps, splits))
-    torch.testing.assert_close(got.float(), w4a16_linear(x.float(), packed, scale, group), rtol=2e-3,
-                               atol=2e-3 * (1 + k ** 0.5))
-
-
-@pytest.mark.parametrize("n, words, group, config", [
-    (40, 48, 32, (16, 64, 4, 1)),  # 6 blocks in one split: the rotation through every step
-    (24, 40, 64, (8, 64, 4, 2)),  # 2 splits of 3 blocks, the last one's partial
-    (16, 8, 32, (16, 32, 4, 1)),  # 2 blocks: the block after next is past the split from the start
-    (33, 4, 32, (16, 32, 4, 1)),  # 1 block
-])
-def test_the_gemv_with_two_weight_blocks_in_flight_matches_the_reference(n, words, group, config, monkeypatch):
-    monkeypatch.setattr(gemv_w4, "WEIGHT_BLOCKS_AHEAD", 2)
-    k = 8 * words
-    packed, scale = weights(n, k, group, n)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(n)).half().to(DEVICE)
-    got = gemm_w4.w4a16_gemm(x, packed, scale, group, gemv=config)
     torch.testing.assert_close(got.float(), w4a16_linear(x.float(), packed, scale, group), rtol=2e-3,
                                atol=2e-3 * (1 + k ** 0.5))
 

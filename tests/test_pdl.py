@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quamba_fx.kernels import pdl
+from quamba_fx.kernels.dispatch import INTERPRET
 
 from .benchmark_scripts import BENCHMARKS, run_without_interpreter
 
@@ -81,7 +82,8 @@ def _chunks_kernel(out_ptr, PF_BYTES, PF_PROGRAMS):
 @given(units=st.integers(1, 5000), programs=st.integers(1, 40))
 def test_the_asking_programs_chunks_cover_the_window_in_order(units, programs):
     nbytes = 16 * units
-    out = torch.full((programs, 2), -1, dtype=torch.int64)
+    # On the interpreter's CPU or, on a GPU machine, the GPU (a CPU tensor cannot go to a kernel).
+    out = torch.full((programs, 2), -1, dtype=torch.int64, device="cpu" if INTERPRET else "cuda")
     _chunks_kernel[(programs,)](out, nbytes, programs)
     starts, ends = out[:, 0].tolist(), out[:, 1].tolist()
     assert starts[0] == 0 and ends[-1] == nbytes

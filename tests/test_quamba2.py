@@ -243,36 +243,38 @@ def test_a_w4a16_decode_step_runs_in_proj_and_the_conv_as_one_op(quantized, monk
     assert all(torch.equal(a, b) for a, b in zip(decode_two(fused), decode_two(separate)))
 
 
-@pytest.mark.slow  # the kernel is off by default; its own property test is in the fast suite
+@pytest.mark.slow  # its own property test is in the fast suite
 def test_w4a8_decode_steps_on_the_skinny_kernel_give_the_other_kernels_logits(quantized, monkeypatch):
-    """With gemm_w4.W4A8_SKINNY_MAX_M on, a W4A8 decode step's GEMMs run gemm_w4_skinny.py's
-    kernel; the logits are the other kernel's up to the order of the group sums."""
+    """A W4A8 decode step's GEMMs run gemm_w4_skinny.py's kernel (gemm_w4.W4A8_SKINNY_MAX_M); the
+    logits are the other kernel's up to the order of the group sums."""
     from quamba_fx.kernels import gemm_w4, gemm_w4_skinny
 
     lowered = quamba_fx.lower(quantized["quamba2-w4a8"])
-    expected = decode_two(Generator(lowered, batch_size=1))
     launched = []
     real_launch = gemm_w4_skinny.launch
     monkeypatch.setattr(gemm_w4_skinny, "launch", lambda *a, **kw: launched.append(1) or real_launch(*a, **kw))
-    monkeypatch.setattr(gemm_w4, "W4A8_SKINNY_MAX_M", gemm_w4_skinny.MAX_M)
     got = decode_two(Generator(lowered, batch_size=1))
     assert launched
+    launched.clear()
+    monkeypatch.setattr(gemm_w4, "W4A8_SKINNY_MAX_M", 0)
+    expected = decode_two(Generator(lowered, batch_size=1))
+    assert not launched
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.slow  # the rule is off by default: the fast suite need not build its graphs
-def test_a_w4a16_decode_step_can_fold_dt_proj_into_the_scan_update(quantized, monkeypatch):
-    """With the rule on (lowering/gemm_w4.py), Mamba-1's decode graph has no dt_proj GEMM: the scan
-    update computes delta; the logits are the separate ops' up to the order of dt_proj's sums.
-    Mamba-2 has no dt_proj."""
+@pytest.mark.slow  # builds four graphs; the fold's kernel has its property test in the fast suite
+def test_a_w4a16_decode_step_folds_dt_proj_into_the_scan_update(quantized, monkeypatch):
+    """With the rule on (lowering/gemm_w4.py, the default), Mamba-1's decode graph has no dt_proj
+    GEMM: the scan update computes delta; the logits are the separate ops' up to the order of
+    dt_proj's sums. Mamba-2 has no dt_proj."""
     from quamba_fx.passes.lowering import gemm_w4
 
     lowered = quamba_fx.lower(quantized["quamba2-w4a16"])
     blocks = mamba1_blocks(lowered)
-    separate = Generator(lowered, batch_size=1)
-    monkeypatch.setattr(gemm_w4, "FUSE_DT_PROJ_IN_DECODE", True)
     fused = Generator(lowered, batch_size=1)
+    monkeypatch.setattr(gemm_w4, "FUSE_DT_PROJ_IN_DECODE", False)
+    separate = Generator(lowered, batch_size=1)
     assert decode_ops(fused).count("w4a16_dt_proj_state_update") == blocks
     assert decode_ops(fused).count("w4a16_gemm") == decode_ops(separate).count("w4a16_gemm") - blocks
     for a, b in zip(decode_two(fused), decode_two(separate)):

@@ -61,11 +61,6 @@ _BLOCK_K = 512
 _WARPS = 8
 # Columns a chunk: four int32 words of eight codes.
 _CHUNK = 32
-# Weight blocks a thread has asked for ahead of the block it multiplies: 1 (the next) or 2. Two
-# double the weight bytes in flight (session 35's Nsight Compute run found the loop waiting on
-# memory, 1.1 eligible warps a scheduler); written without a GPU, not yet timed, so 1 stays. A
-# setting, so that benchmarks/decode_settings.py can time the model with either.
-WEIGHT_BLOCKS_AHEAD = 1
 
 
 def _word_ptx(word: int, pairs: int) -> str:
@@ -193,8 +188,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
                        N, K_WORDS, SPLIT_CHUNKS, stride_wn, stride_sn, GROUP_CHUNKS: tl.constexpr,
                        ROWS: tl.constexpr, THREAD_ROWS: tl.constexpr, CHUNKS: tl.constexpr,
                        SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr,
-                       USE_PDL: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr,
-                       AHEAD: tl.constexpr):
+                       USE_PDL: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr):
     # x_ptr: the fp16 activation row as 32-bit words of two columns; w_ptr: the packed weight as
     # 32-bit words of eight codes (K_WORDS a row, stride_wn counts words). Chunk c is weight words
     # 4c to 4c + 3 and activation words 16c to 16c + 15. Program (n, s) sums chunks [s *
@@ -223,9 +217,6 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
     # The weight and its scales are no kernel's output: the first block is on its way before the
     # wait for the kernel ahead.
     w, group_scale = _weight_block(w_tile, s_rows, c_first, chunk, quad, word_end, GROUP_CHUNKS, EVEN_K)
-    if AHEAD == 2:
-        w_next, scale_next = _weight_block(w_tile, s_rows, tl.minimum(c_first + CHUNKS, last), chunk, quad,
-                                           word_end, GROUP_CHUNKS, EVEN_K)
     wait_for_previous(USE_PDL)  # programmatic dependent launch (pdl.py)
     for k0 in range(c_first, c_end, CHUNKS):
         x_words = x_tile + 16 * k0
@@ -238,17 +229,11 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
             xc = tl.load(x_words + 8, mask=first + 2 < word_end, other=0)
             xd = tl.load(x_words + 12, mask=first + 3 < word_end, other=0)
         acc = _dot32(w, _pairs(xa), _pairs(xb), _pairs(xc), _pairs(xd), group_scale.to(tl.float32) * 128.0, acc, PTX)
-        # The next block's weights (the last block again on the last step: cached, unused), or
-        # with AHEAD = 2 the block after it, so that two blocks a thread are in flight. Loading
-        # the next block before this block's products instead was 2% slower in the model
-        # (session 35).
-        if AHEAD == 2:
-            w, group_scale = w_next, scale_next
-            w_next, scale_next = _weight_block(w_tile, s_rows, tl.minimum(k0 + 2 * CHUNKS, last), chunk, quad,
-                                               word_end, GROUP_CHUNKS, EVEN_K)
-        else:
-            w, group_scale = _weight_block(w_tile, s_rows, tl.minimum(k0 + CHUNKS, last), chunk, quad, word_end,
-                                           GROUP_CHUNKS, EVEN_K)
+        # The next block's weights (the last block again on the last step: cached, unused). Loading
+        # it before this block's products was 2% slower in the model (session 35); keeping two
+        # blocks in flight 4% slower (session 37).
+        w, group_scale = _weight_block(w_tile, s_rows, tl.minimum(k0 + CHUNKS, last), chunk, quad, word_end,
+                                       GROUP_CHUNKS, EVEN_K)
     y = tl.reshape(tl.sum(acc, axis=2), (BLOCK_N,))
     offs_n = tl.reshape(offs_n, (BLOCK_N,))
     rows = tl.reshape(rows, (BLOCK_N,))
@@ -282,13 +267,16 @@ def _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr, c
 
 
 def default_config(n: int, k: int) -> Config:
-    """By rule: `_BLOCK_N` weight rows a program on `_WARPS` warps, blocks of `_BLOCK_K` columns
-    (fewer where K is shorter), and K split until there are about `_PROGRAMS` programs: a decode
-    step has no other work to hide a GEMV's memory latency behind, so more programs beat fewer
-    (session 27's sweep on the H200, docs/benchmarks.md)."""
+    """By rule: `_BLOCK_N` weight rows a program, blocks of `_BLOCK_K` columns (fewer where K is
+    shorter) on up to `_WARPS` warps but no more than the block's chunks x rows (more threads would
+    repeat the same chunks: mamba-2.8b's dt_proj, 160 columns, ran 2.51 us on 8 warps and 1.91 on 4
+    alone; the model's decode +3.5%, session 37), and K split until there are about `_PROGRAMS`
+    programs: a decode step has no other work to hide a GEMV's memory latency behind, so more
+    programs beat fewer (session 27's sweep on the H200, docs/benchmarks.md)."""
     block_k = min(_BLOCK_K, max(_CHUNK, next_pow2(k)))
+    warps = max(1, min(_WARPS, _BLOCK_N * (block_k // _CHUNK) // 32))
     splits = min(cdiv(k, block_k), max(1, _PROGRAMS // cdiv(n, _BLOCK_N)))
-    return _BLOCK_N, block_k, _WARPS, splits
+    return _BLOCK_N, block_k, warps, splits
 
 
 def _tile(config: Config) -> tuple[int, int, int]:
@@ -347,6 +335,6 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
         words, w_words, scales, bias if has_bias else scales, out, partials, counters, *conv_args, n, k // 8,
         k_split // _CHUNK, w_words.stride(0), scales.stride(0), GROUP_CHUNKS=group_size // _CHUNK, ROWS=rows,
         THREAD_ROWS=thread_rows, CHUNKS=chunks, SPLITS=splits, EVEN_K=k % k_split == 0, HAS_BIAS=has_bias,
-        PTX=not INTERPRET, AHEAD=WEIGHT_BLOCKS_AHEAD, num_warps=warps, **conv_flags, **launch_options(x.device),
+        PTX=not INTERPRET, num_warps=warps, **conv_flags, **launch_options(x.device),
     )
     return out
