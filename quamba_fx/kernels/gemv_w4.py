@@ -144,14 +144,15 @@ def _half(pair, HIGH: tl.constexpr):
 @triton.jit
 def _word_reference(word, p0, p1, p2, p3):
     """One weight word against its pairs, in fp32: column j's code (bits 4j to 4j + 3, two's
-    complement) meets the low half of pair j and column j + 4's the high half."""
-    total = tl.zeros(word.shape, dtype=tl.float32)
-    for j in tl.static_range(4):
-        pair = p0 if j == 0 else (p1 if j == 1 else (p2 if j == 2 else p3))
-        low = ((((word >> (4 * j)) & 0xF) ^ 8) - 8).to(tl.float32)
-        high = ((((word >> (4 * j + 16)) & 0xF) ^ 8) - 8).to(tl.float32)
-        total += low * _half(pair, False) + high * _half(pair, True)
-    return total
+    complement) meets the low half of pair j and column j + 4's the high half. The four j at once
+    on a new last axis: the interpreter pays per operation, not per element."""
+    # Pair j at index j of the new axis (the pairs may be broadcast over the word's rows).
+    pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), p0.shape + [4])
+    shift = 4 * tl.arange(0, 4)
+    w = tl.expand_dims(word, len(word.shape))
+    low = ((((w >> shift) & 0xF) ^ 8) - 8).to(tl.float32)
+    high = ((((w >> (shift + 16)) & 0xF) ^ 8) - 8).to(tl.float32)
+    return tl.sum(low * _half(pairs, False) + high * _half(pairs, True), axis=-1)
 
 
 @triton.jit
