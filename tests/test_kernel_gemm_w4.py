@@ -90,12 +90,6 @@ def test_w4a8_decode_rows_run_the_skinny_kernel_unless_it_is_off(monkeypatch):
     launched = []
     real_launch = gemm_w4_skinny.launch
     monkeypatch.setattr(gemm_w4_skinny, "launch", lambda *a, **kw: launched.append(a[0].shape) or real_launch(*a, **kw))
-    monkeypatch.setattr(gemm_w4, "W4A8_SKINNY_MAX_M", 0)
-    problem = w4a8_problem(5, 40, 256, 128, True, False, 7)
-    assert_w4a8_matches(gemm_w4.w4a8_gemm(**problem), problem)
-    assert not launched
-    monkeypatch.undo()
-    monkeypatch.setattr(gemm_w4_skinny, "launch", lambda *a, **kw: launched.append(a[0].shape) or real_launch(*a, **kw))
     assert gemm_w4.W4A8_SKINNY_MAX_M == gemm_w4_skinny.MAX_M  # on by default
     for m, group, runs_it in ((5, 128, True), (64, 128, True), (65, 128, False), (5, 32, False)):
         problem = w4a8_problem(m, 40, 256, group, False, True, m)
@@ -103,6 +97,11 @@ def test_w4a8_decode_rows_run_the_skinny_kernel_unless_it_is_off(monkeypatch):
         launched.clear()
         assert_w4a8_matches(gemm_w4.w4a8_gemm(**problem), problem)
         assert launched == ([torch.Size([m, 256])] if runs_it else []), (m, group)
+    monkeypatch.setattr(gemm_w4, "W4A8_SKINNY_MAX_M", 0)
+    problem = w4a8_problem(5, 40, 256, 128, True, False, 7)
+    launched.clear()
+    assert_w4a8_matches(gemm_w4.w4a8_gemm(**problem), problem)
+    assert not launched
 
 
 def test_skinny_w4a8_configs_and_problems_it_cannot_run_are_refused():

@@ -230,8 +230,8 @@ def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, g
     the reference. Per-tensor activation and output scales only, as the recipes make them.
 
     Up to `W4A8_SKINNY_MAX_M` rows (decode batches) run gemm_w4_skinny.py's kernel where the group
-    size suits it, more rows this module's. `config` forces this module's kernel with that config, `skinny` the other kernel with
-    that one (benchmarks/gemm_w4.py sweeps both)."""
+    size suits it, more rows this module's. `config` forces this module's kernel with that config,
+    `skinny` the other kernel with that one (benchmarks/gemm_w4.py sweeps both)."""
     _check_int8(x_q, "w4a8_gemm: x_q")
     n, _ = _check_w4("w4a8_gemm", x_q, w_packed, w_scale, group_size, bias)
     per_tensor = x_scale.numel() == 1 and (out_scale is None or out_scale.numel() == 1)
