@@ -6,7 +6,8 @@ offline: spills and wgmma.
 
 No GPU needed (Triton's bundled ptxas and nvdisasm). A build is INPUTS:PRODUCTS, the dtype of x,
 dt, B and C and the one the matrix products round their operands to (an fp16 model: fp16:fp16; a
-W8A8 graph lowered to fp16, whose scan reads the int8 codes with their scales: i8:fp16). For each build and kernel,
+W8A8 graph lowered to fp16, whose scan reads the int8 codes with their scales: i8:fp16; i8c:fp16 the
+same with a scale per channel of x, as Quamba2's recipes quantize it). For each build and kernel,
 at the tile sizes `ssd.tiles` picks for mamba2-2.7b (chunk 256, head_dim 64, state 128; the gated
 norm's rows of d_inner 5120, int8 gate, fp16 out; the fused one in the decode graph's one-row
 tiles, for 16-bit products only, as the lowering fuses it), one row: local stores and loads in its SASS
@@ -61,16 +62,19 @@ def launch_options(name: str) -> tuple[int, int]:
 
 def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
     """Kernel name -> (module, signature, constexprs) for inputs (x, dt, B, C) of `dtype` ("fp16",
-    "fp32" or "i8", the int8 codes with their scales) and products in `products` ("fp16" or
-    "fp32"); the gated norm reads y as the scan writes it and an int8 gate."""
+    "fp32", "i8": the int8 codes with per-tensor scales, or "i8c": x's scale per channel) and
+    products in `products` ("fp16" or "fp32"); the gated norm reads y as the scan writes it and an
+    int8 gate."""
     import triton.language as tl
 
     from quamba_fx.kernels import ssd
 
     ieee = products == "fp32"
     t = ssd.tiles(CHUNK, HEAD_DIM, STATE, ieee=ieee)
-    dot = dict(DOT=getattr(tl, {"fp16": "float16", "fp32": "float32"}[products]), IEEE=ieee, SCALED=dtype == "i8")
-    inputs = f"*{dtype}"
+    scaled = dtype in ("i8", "i8c")
+    dot = dict(DOT=getattr(tl, {"fp16": "float16", "fp32": "float32"}[products]), IEEE=ieee, SCALED=scaled)
+    per_channel = dict(PER_CHANNEL_X=dtype == "i8c")
+    inputs = "*i8" if scaled else f"*{dtype}"
     f32 = "*fp32"
     entering = f32 if ieee else f"*{products}"  # the states entering each chunk, as ssd_scan keeps them
     out = f32 if ieee else f"*{products}"  # y as a graph lowered to the products' dtype asks for it
@@ -91,7 +95,7 @@ def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
             {**_kinds("x_ptr B_ptr", inputs), **_kinds("dt_ptr cum_ptr states_ptr scales_ptr", f32),
              **_kinds("L H P N chunk n_chunks heads_per_group stride_xb stride_xl stride_xh stride_bb stride_bl "
                       "stride_bg", "i32")},
-            _blocks(dot, t["state"])),
+            _blocks(dict(dot, **per_channel), t["state"])),
         "_state_passing_kernel": (
             SSD,
             {**_kinds("states_ptr cum_ptr state_in_ptr", f32), "entering_ptr": entering,
@@ -103,7 +107,7 @@ def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
              **_kinds("D_ptr scales_ptr", f32), "y_ptr": out,
              **_kinds("L H P N G chunk n_chunks heads_per_group stride_xb stride_xl stride_xh stride_cb stride_cl "
                       "stride_cg stride_yb stride_yl stride_yh", "i32")},
-            _blocks(dict(dot, HAS_D=True), t["scan"])),
+            _blocks(dict(dot, HAS_D=True, **per_channel), t["scan"])),
         "_state_update_kernel": (
             SSD,
             {"state_ptr": "*fp16", **_kinds("x_ptr dt_ptr", inputs), "A_ptr": f32, **_kinds("B_ptr C_ptr", inputs),
@@ -111,9 +115,8 @@ def builds(dtype: str, products: str) -> dict[str, tuple[str, dict, dict]]:
              **_kinds("dt_min dt_max", "fp32"),
              **_kinds("stride_xb stride_xl stride_xh stride_dtb stride_dtl stride_bb stride_bl stride_bg stride_cb "
                       "stride_cl stride_cg stride_yb stride_yl stride_yh", "i32")},
-            dict(HAS_D=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP_MAX=False, SCALED=dot["SCALED"],
-                 BLOCK_P=2048 // STATE,
-                 BLOCK_N=STATE)),
+            dict(HAS_D=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP_MAX=False, SCALED=scaled, **per_channel,
+                 BLOCK_P=2048 // STATE, BLOCK_N=STATE)),
         "_gated_rmsnorm_kernel": (
             "quamba_fx.kernels.gated_norm",
             {"y_ptr": out, "z_ptr": "*i8", **_kinds("z_scale_ptr w_ptr", f32), "out_ptr": "*fp16",
@@ -140,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     from sass_loop import compile_sm90, disassemble, instructions, opcode
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    choices = ["fp16:fp16", "i8:fp16", "fp32:fp16", "fp32:fp32", "i8:fp32"]
-    parser.add_argument("--builds", nargs="+", default=["fp16:fp16", "i8:fp16", "fp32:fp32"], choices=choices,
+    choices = ["fp16:fp16", "i8:fp16", "i8c:fp16", "fp32:fp16", "fp32:fp32", "i8:fp32", "i8c:fp32"]
+    parser.add_argument("--builds", nargs="+", default=["fp16:fp16", "i8:fp16", "i8c:fp16", "fp32:fp32"],
+                        choices=choices,
                         metavar="INPUTS:PRODUCTS")
     args = parser.parse_args(argv)
     print("build kernel local_stores local_loads wgmma shared_bytes")

@@ -89,9 +89,11 @@ def cases(draw, max_b=3, max_d=70, max_l=40):
     x_scale = draw(st.floats(0.001, 0.1))
     # Relative to x_scale: from heavy saturation (0.2) to mostly in range (3).
     out_factor = draw(st.floats(0.2, 3.0))
+    # One output scale, or one a channel (Quamba2's Mamba-2 conv output).
+    per_channel_out = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     return dict(B=B, D=D, L=L, W=W, layout=layout, has_bias=has_bias, has_state=has_state,
-                x_scale=x_scale, out_scale=x_scale * out_factor, seed=seed)
+                x_scale=x_scale, out_scale=x_scale * out_factor, per_channel_out=per_channel_out, seed=seed)
 
 
 def build(case: dict, device: str):
@@ -100,7 +102,10 @@ def build(case: dict, device: str):
     x = make_x(gen, B, D, L, case["layout"], device)
     weight, bias = make_params(gen, D, W, case["has_bias"], device)
     state = rand_state(gen, B, D, W, device) if case["has_state"] else None
-    return x, scale(case["x_scale"], device), weight, bias, scale(case["out_scale"], device, (1,)), state
+    out_scale = scale(case["out_scale"], device, (1,))
+    if case.get("per_channel_out"):  # within 4x of the drawn scale, each channel its own
+        out_scale = (out_scale.cpu() * 4 ** (2 * torch.rand(D, generator=gen) - 1)).to(device)
+    return x, scale(case["x_scale"], device), weight, bias, out_scale, state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,11 +145,12 @@ def check_prefill(case: dict) -> None:
 
 
 @needs_kernel
-def test_model_sized_prefill_matches_reference():
+@pytest.mark.parametrize("per_channel_out", [False, True])
+def test_model_sized_prefill_matches_reference(per_channel_out):
     # Model-sized shapes take another tile (under the interpreter, a wide one that keeps
     # model-level tests affordable): same contract, ragged last L tile, initial state.
     case = dict(B=2, D=520, L=70, W=4, layout="inproj", has_bias=True, has_state=True, seed=5,
-                x_scale=0.03, out_scale=0.02)
+                x_scale=0.03, out_scale=0.02, per_channel_out=per_channel_out)
     x, xs, w, b, os_, s0 = build(case, DEVICE)
     out, final = causal_conv1d_silu_int8(x, xs, w, b, os_, s0, return_final_state=True)
     ref, ref_final = causal_conv1d_silu_int8_reference(x, xs, w, b, os_, s0, return_final_state=True)
@@ -362,7 +368,7 @@ def test_reference_agrees_with_float_conv1d(case):
     else:
         v = F.conv1d(torch.cat([s0.float() * xs, xin], dim=2), w3, b, groups=D)
         want_final = torch.cat([s0, x], dim=2)[..., -(W - 1):]
-    q = torch.clamp(torch.round(F.silu(v) / os_), -128, 127)
+    q = torch.clamp(torch.round(F.silu(v) / (os_.reshape(-1, 1) if os_.numel() > 1 else os_)), -128, 127)
     diff = (ref.float() - q).abs()
     assert diff.max() <= 1, f"max |diff| {diff.max()}"
     # Off-by-one only where rounding differences move a value across a .5 boundary: rare.

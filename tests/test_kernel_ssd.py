@@ -229,6 +229,7 @@ def test_the_kernel_op_has_a_fake_and_the_references_result():
     assert torch.ops.quamba.ssd_scan_triton(*half).dtype == torch.float16
 
 
+@pytest.mark.slow  # 15 s of offline builds on 2 cores; the kernels' own tests are in the fast suite
 def test_mamba2_kernels_compile_for_sm90_without_spills_and_multiply_on_tensor_cores():
     # Offline builds in a child process (the interpreter's kernels cannot be compiled), at the
     # tiles mamba2-2.7b runs: what the interpreter cannot show. fp16 products, from fp16 inputs
@@ -237,10 +238,11 @@ def test_mamba2_kernels_compile_for_sm90_without_spills_and_multiply_on_tensor_c
     output = run_without_interpreter([str(BENCHMARKS / "mamba2_sm90.py")])
     rows = {(build, kernel): [int(v) for v in counts]
             for build, kernel, *counts in (line.split() for line in output.splitlines()[1:])}
-    # Three builds of the six SSD kernels and the gated norm; the two 16-bit ones also the gated
-    # norm fused into the Hadamard quantize (an fp32 lowering keeps the two kernels), whose
-    # decode tiles of 32 rows are below wgmma's 64 (mma.sync instead).
-    assert len(rows) == 23
+    # Four builds of the six SSD kernels and the gated norm (fp16, int8 with per-tensor scales,
+    # int8 with per-channel x scales, fp32); the three 16-bit ones also the gated norm fused into
+    # the Hadamard quantize (an fp32 lowering keeps the two kernels), whose decode tiles of 32
+    # rows are below wgmma's 64 (mma.sync instead).
+    assert len(rows) == 31
     products = {"_chunk_cb_kernel", "_chunk_state_kernel", "_chunk_scan_kernel"}
     for (build, kernel), (stores, loads, wgmma, shared) in rows.items():
         assert stores == loads == 0, (build, kernel)
@@ -280,33 +282,46 @@ def test_the_benchmark_script_refuses_bad_sweeps(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def _int8_inputs(seed: int):
+def _int8_inputs(seed: int, per_channel: bool = False):
+    """int8 x, dt, B, C (2 groups of 2 heads) with their scales: per tensor, or x's per channel and
+    B's and C's per group (as Quamba2 quantizes them)."""
     g = torch.Generator().manual_seed(seed)
     codes = dict(x=torch.randint(-128, 128, (2, 37, 4, 16), generator=g, dtype=torch.int8),
                  dt=torch.randint(-128, 128, (2, 37, 4), generator=g, dtype=torch.int8),
                  B=torch.randint(-128, 128, (2, 37, 2, 16), generator=g, dtype=torch.int8),
                  C=torch.randint(-128, 128, (2, 37, 2, 16), generator=g, dtype=torch.int8))
-    scales = dict(x=torch.tensor(0.02), dt=torch.tensor(0.01), B=torch.tensor(0.03), C=torch.tensor(0.015))
+    if per_channel:  # scales spread over 64x, so that a channel read with another's scale shows
+        spread = lambda *shape: 0.001 * 64 ** torch.rand(shape, generator=g)  # noqa: E731
+        scales = dict(x=spread(4, 16), dt=torch.tensor(0.01), B=spread(2), C=spread(2))
+    else:
+        scales = dict(x=torch.tensor(0.02), dt=torch.tensor(0.01), B=torch.tensor(0.03), C=torch.tensor(0.015))
     rest = dict(A=-torch.rand(4, generator=g) * 4, D=torch.randn(4, generator=g), dt_bias=torch.randn(4, generator=g))
     return codes, scales, rest
 
 
-@pytest.mark.parametrize("product_dtype", [torch.float32, torch.float16])
-def test_int8_inputs_with_their_scales_equal_the_scan_of_their_dequantized_values(product_dtype):
-    codes, scales, rest = _int8_inputs(seed=12)
-    dequantized = {k: codes[k].float() * scales[k] for k in codes}
+def _dequantized(codes: dict, scales: dict) -> dict:
+    shapes = dict(x=(4, 16), dt=(), B=(2, 1), C=(2, 1))
+    return {k: codes[k].float() * (scales[k].reshape(shapes[k]) if scales[k].numel() > 1 else scales[k]) for k in codes}
+
+
+@pytest.mark.parametrize("product_dtype, per_channel", [(torch.float32, False), (torch.float16, False),
+                                                        (torch.float32, True), (torch.float16, True)])
+def test_int8_inputs_with_their_scales_equal_the_scan_of_their_dequantized_values(product_dtype, per_channel):
+    codes, scales, rest = _int8_inputs(seed=12, per_channel=per_channel)
+    dequantized = _dequantized(codes, scales)
     y_ref, final_ref = ssd_scan_reference(**dequantized, **rest, chunk_size=8)
     on = lambda t: t.to(DEVICE)  # noqa: E731
+    input_scales = tuple(on(scales[k]) for k in ("x", "dt", "B", "C"))
     y, final = ssd.ssd_scan(on(codes["x"]), on(codes["dt"]), on(rest["A"]), on(codes["B"]), on(codes["C"]),
                             on(rest["D"]), on(rest["dt_bias"]), chunk_size=8, return_final_state=True,
-                            product_dtype=product_dtype, input_scales=tuple(on(scales[k]) for k in ("x", "dt", "B", "C")))
+                            product_dtype=product_dtype, input_scales=input_scales)
     # int8 codes are exact in fp16 products; only the decayed weights and the state round there.
     tolerance = 1e-5 if product_dtype == torch.float32 else 1e-2
     assert relative_error(y.cpu(), y_ref) < tolerance and relative_error(final.cpu(), final_ref) < tolerance
     state = torch.zeros(2, 4, 16, 16, device=DEVICE)
     steps = [ssd.ssd_state_update(state, *(on(codes[k][:, t:t + 1]) for k in ("x", "dt")), on(rest["A"]),
                                   *(on(codes[k][:, t:t + 1]) for k in ("B", "C")), on(rest["D"]), on(rest["dt_bias"]),
-                                  input_scales=tuple(on(scales[k]) for k in ("x", "dt", "B", "C")))
+                                  input_scales=input_scales)
              for t in range(3)]
     y_steps, _ = ssd_scan_reference(**{k: v[:, :3] for k, v in dequantized.items()}, **rest, chunk_size=8)
     assert relative_error(torch.cat(steps, dim=1).cpu(), y_steps) < 1e-5
@@ -316,9 +331,23 @@ def test_int8_inputs_need_their_scales_and_float_inputs_none():
     codes, scales, rest = _int8_inputs(seed=13)
     with pytest.raises(InputError, match="need their input_scales"):
         ssd.ssd_scan(codes["x"], codes["dt"], rest["A"], codes["B"], codes["C"])
-    with pytest.raises(InputError, match="four one-element scales"):
+    with pytest.raises(InputError, match="are four scales"):
         ssd.ssd_scan(codes["x"].float(), codes["dt"], rest["A"], codes["B"], codes["C"],
                      input_scales=tuple(scales.values()))
+
+
+@pytest.mark.parametrize("which, shape, message", [
+    ("x", (4,), r"x's scale must be one value or one per channel \(64\)"),  # per head: no kernel takes it
+    ("dt", (4,), "dt's scale must be one value, got shape"),
+    ("B", (2, 16), r"B's scale must be one value or one per group \(2\)"),  # per state: no factoring out of C B^T
+    ("C", (3,), r"C's scale must be one value or one per group \(2\)"),
+])
+def test_scales_of_another_granularity_are_refused(which, shape, message):
+    codes, scales, rest = _int8_inputs(seed=14)
+    scales[which] = torch.full(shape, 0.01)
+    with pytest.raises(InputError, match=message):
+        ssd.ssd_scan(codes["x"], codes["dt"], rest["A"], codes["B"], codes["C"],
+                     input_scales=tuple(scales[k] for k in ("x", "dt", "B", "C")))
 
 
 @triton.jit

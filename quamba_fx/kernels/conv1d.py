@@ -16,7 +16,8 @@ Every step is an fp32 operation rounded to nearest-even (exp aside, see below), 
    `acc = acc + ws[d, k] * float32(xin[t-(W-1)+k])` -- int8 -> fp32 is exact; a separate multiply
    and add, not an FMA;
 3. SiLU: `y = acc / (1 + exp(-acc))` (negate, exp, add, divide);
-4. requantise: `s = y * r` with `r = 1 / out_scale` (a correctly rounded fp32 reciprocal);
+4. requantise: `s = y * r` with `r = 1 / out_scale` (a correctly rounded fp32 reciprocal; the
+   channel's own `out_scale[d]` when the scale is per channel);
 5. saturate then round: `q = round_half_to_even(clamp(s, -128, 127))`, stored as int8.
    Clamping first is equivalent to clamping after rounding because the bounds are integers.
    Non-finite scales or inputs (NaN/inf) are outside the contract.
@@ -114,6 +115,17 @@ def _silu_requant(acc, inv_out_scale, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
+def inverse_out_scale(out_scale_ptr, offs_d, mask_d, PER_CHANNEL: tl.constexpr):
+    """`1 / out_scale` (correctly rounded): one value, or with PER_CHANNEL `[BLOCK_D]` for channels
+    `offs_d` (Quamba2's Mamba-2 conv output: a scale per channel of x, per group of B and C)."""
+    if PER_CHANNEL:
+        scale = tl.load(out_scale_ptr + offs_d, mask=mask_d, other=1.0)
+    else:
+        scale = tl.load(out_scale_ptr)
+    return tl.math.div_rn(1.0, scale)
+
+
+@triton.jit
 def _load_step(x_base, s_base, offs_d, mask_d, pos, L, stride_xd, stride_xl, stride_sd, stride_sk,
                W: tl.constexpr, HAS_STATE: tl.constexpr):
     # The int8 inputs at time `pos` (may be negative) of the sequence [initial_state, x], for the
@@ -195,7 +207,8 @@ def _causal_conv1d_silu_int8_kernel(
     stride_sb, stride_sd, stride_sk,
     stride_ob, stride_od, stride_ol,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, WRITE_FINAL: tl.constexpr,
-    FAST_MATH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, PREFETCH: tl.constexpr = 4,
+    FAST_MATH: tl.constexpr, PER_CHANNEL_OUT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    PREFETCH: tl.constexpr = 4,
 ):
     # Each program owns BLOCK_D channels (the vectorised axis: contiguous in both the in_proj
     # read and the [B, L, D] write) over BLOCK_L time steps, and walks the steps in order with
@@ -227,7 +240,7 @@ def _causal_conv1d_silu_int8_kernel(
 
     # Scales are read from memory so that changing them in place needs no recompilation.
     x_scale = tl.load(x_scale_ptr)
-    inv_out_scale = tl.math.div_rn(1.0, tl.load(out_scale_ptr))
+    inv_out_scale = inverse_out_scale(out_scale_ptr, offs_d, mask_d, PER_CHANNEL_OUT)
     # c<j> multiplies the input j steps back, i.e. tap k = W-1-j.
     c0 = _tap_scale(w_ptr, offs_d, mask_d, stride_wd, stride_wk, x_scale, W - 1)
     c1 = _tap_scale(w_ptr, offs_d, mask_d, stride_wd, stride_wk, x_scale, W - 2)
@@ -309,8 +322,8 @@ def _causal_conv1d_update_silu_int8_kernel(
     stride_sb, stride_sd, stride_sk,
     stride_wd, stride_wk,
     stride_ob, stride_od,
-    W: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr, PER_CHANNEL_OUT: tl.constexpr,
+    BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_for_previous(USE_PDL)
     pid_d = tl.program_id(0)
@@ -320,7 +333,7 @@ def _causal_conv1d_update_silu_int8_kernel(
     x_new = tl.load(x_ptr + pid_b.to(tl.int64) * stride_xb + offs_d * stride_xd, mask=mask_d, other=0)
     q = conv_update_step(x_new, state_ptr + pid_b.to(tl.int64) * stride_sb, x_scale_ptr, w_ptr, bias_ptr,
                          out_scale_ptr, offs_d, mask_d, stride_sd, stride_sk, stride_wd, stride_wk,
-                         W, HAS_BIAS, FAST_MATH)
+                         W, HAS_BIAS, FAST_MATH, PER_CHANNEL_OUT)
     tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_d * stride_od, q, mask=mask_d)
 
 
@@ -364,14 +377,15 @@ def roll_state(s_base, c1, c2, x_new, mask_d, stride_sk, W: tl.constexpr):
 @triton.jit
 def conv_update_step(x_new, state_row, x_scale_ptr, w_ptr, bias_ptr, out_scale_ptr, offs_d, mask_d,
                      stride_sd, stride_sk, stride_wd, stride_wk,
-                     W: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr):
+                     W: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
+                     PER_CHANNEL_OUT: tl.constexpr = False):
     """One decode step of the channels `offs_d` of one sequence, given its new int8 inputs
     `x_new`: the conv over `[state, x_new]`, SiLU, requantised to int8 (returned), and the state
     (`state_row`: that sequence's `[D, W-1]`) rolled left in place with `x_new` appended. Also the
     in_proj GEMV's epilogue in decode graphs (gemv.py), so both compute the same step."""
     s_base = state_row + offs_d * stride_sd
     x_scale = tl.load(x_scale_ptr)
-    inv_out_scale = tl.math.div_rn(1.0, tl.load(out_scale_ptr))
+    inv_out_scale = inverse_out_scale(out_scale_ptr, offs_d, mask_d, PER_CHANNEL_OUT)
     if HAS_BIAS:
         acc = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
     else:
@@ -403,14 +417,14 @@ def _check_int8(name: str, t: object, ndim: int) -> torch.Tensor:
     return t
 
 
-def _check_scale(name: str, s: object, device: torch.device) -> None:
+def _check_scale(name: str, s: object, device: torch.device, channels: Optional[int] = None) -> None:
+    """A per-tensor scale, or with `channels` also one of shape `[channels]` (one a channel)."""
+    wanted = "a 0-dim or 1-element float32 tensor" + (f" or a float32 [{channels}] (one a channel)" if channels else "")
     if not isinstance(s, torch.Tensor):
-        raise ValueError(
-            f"{name} must be a 0-dim or 1-element float32 tensor (read by the kernel at run time), "
-            f"got {type(s).__name__}"
-        )
-    if s.dtype != torch.float32 or s.numel() != 1:
-        raise ValueError(f"{name} must be a 0-dim or 1-element float32 tensor, got {s.dtype} of shape {tuple(s.shape)}")
+        raise ValueError(f"{name} must be {wanted} (read by the kernel at run time), got {type(s).__name__}")
+    per_channel = channels is not None and tuple(s.shape) == (channels,)
+    if s.dtype != torch.float32 or (s.numel() != 1 and not per_channel):
+        raise ValueError(f"{name} must be {wanted}, got {s.dtype} of shape {tuple(s.shape)}")
     if s.device != device:
         raise ValueError(f"{name} is on {s.device} but x_q is on {device}")
 
@@ -451,7 +465,7 @@ def _validate_prefill(x_q, x_scale, weight, bias, out_scale, initial_state) -> i
     _check_int8("x_q", x_q, 3)
     B, D, _ = x_q.shape
     _check_scale("x_scale", x_scale, x_q.device)
-    _check_scale("out_scale", out_scale, x_q.device)
+    _check_scale("out_scale", out_scale, x_q.device, D)
     W = _check_params(weight, bias, D, x_q.device)
     if initial_state is not None:
         _check_state("initial_state", initial_state, B, D, W, x_q.device)
@@ -462,7 +476,7 @@ def _validate_update(x_q, conv_state, x_scale, weight, bias, out_scale) -> int:
     _check_int8("x_q", x_q, 2)
     B, D = x_q.shape
     _check_scale("x_scale", x_scale, x_q.device)
-    _check_scale("out_scale", out_scale, x_q.device)
+    _check_scale("out_scale", out_scale, x_q.device, D)
     W = _check_params(weight, bias, D, x_q.device)
     _check_state("conv_state", conv_state, B, D, W, x_q.device)
     return W
@@ -482,7 +496,8 @@ def _exp_f32(x: torch.Tensor) -> torch.Tensor:
 
 def _silu_requant_reference(acc: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
     y = acc / (1.0 + _exp_f32(-acc))
-    s = y * torch.reciprocal(out_scale.reshape(()))
+    # A per-channel scale `[D]` meets acc's channel dim, the one before the steps.
+    s = y * torch.reciprocal(out_scale.reshape(-1, 1) if out_scale.numel() > 1 else out_scale.reshape(()))
     return torch.round(torch.clamp(s, -128.0, 127.0)).to(torch.int8)
 
 
@@ -587,7 +602,7 @@ def causal_conv1d_silu_int8(
         x_scale: per-tensor input scale, 0-dim or 1-element float32 tensor on x_q's device.
         weight: float32 `[D, W]`, 2 <= W <= 4.
         bias: float32 `[D]` or None.
-        out_scale: per-tensor output scale, 0-dim or 1-element float32 tensor.
+        out_scale: output scale, per tensor (0-dim or 1-element float32) or per channel (float32 `[D]`).
         initial_state: optional int8 `[B, D, W-1]`, the W-1 inputs preceding `x_q` (same x_scale);
             zeros when None.
         return_final_state: also return the last W-1 input columns of `[initial_state, x_q]`.
@@ -621,7 +636,7 @@ def causal_conv1d_silu_int8(
         *out.stride(),
     )
     flags = dict(W=W, HAS_BIAS=bias is not None, HAS_STATE=initial_state is not None,
-                 WRITE_FINAL=return_final_state, FAST_MATH=not _INTERPRET)
+                 WRITE_FINAL=return_final_state, FAST_MATH=not _INTERPRET, PER_CHANNEL_OUT=out_scale.numel() > 1)
     _launch_prefill((D, l_bucket, W), B, D, L, args, flags)
     if return_final_state:
         return out, final
@@ -662,8 +677,8 @@ def causal_conv1d_update_silu_int8(
         *conv_state.stride(),
         *weight.stride(),
         *out.stride(),
-        W=W, HAS_BIAS=bias is not None, FAST_MATH=not _INTERPRET, BLOCK_D=block_d,
-        num_warps=1 if _INTERPRET else 4, **launch_options(x_q.device),
+        W=W, HAS_BIAS=bias is not None, FAST_MATH=not _INTERPRET, PER_CHANNEL_OUT=out_scale.numel() > 1,
+        BLOCK_D=block_d, num_warps=1 if _INTERPRET else 4, **launch_options(x_q.device),
     )
     return out
 

@@ -78,11 +78,26 @@ def _discretize(dt, dt_min, dt_max, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.conste
     return dt
 
 
-# Int8 inputs come with their per-tensor scales in one fp32 tensor, at these positions.
-_X: tl.constexpr = tl.constexpr(0)
-_DT: tl.constexpr = tl.constexpr(1)
-_B: tl.constexpr = tl.constexpr(2)
-_C: tl.constexpr = tl.constexpr(3)
+# Int8 inputs come with their scales in one fp32 tensor: dt's, then B's and C's per group (G
+# each; a per-tensor scale repeated), then x's, one or per channel (heads x head_dim). Offsets:
+@triton.jit
+def _b_scale(scales_ptr, g):
+    return tl.load(scales_ptr + 1 + g)
+
+
+@triton.jit
+def _c_scale(scales_ptr, g, G):
+    return tl.load(scales_ptr + 1 + G + g)
+
+
+@triton.jit
+def _x_scale(scales_ptr, G, h, P, rp, p_ok, PER_CHANNEL_X: tl.constexpr):
+    """x's scale: one value, or `[BLOCK_P]` for channels `rp` of head h."""
+    if PER_CHANNEL_X:
+        scale = tl.load(scales_ptr + 1 + 2 * G + h * P + rp, mask=p_ok, other=0.0)
+    else:
+        scale = tl.load(scales_ptr + 1 + 2 * G)
+    return scale
 
 # Each kernel takes the batch index as int64: the offsets of a long batch's tensors (8 x 65536 x
 # 5120 elements of x) pass 2**31.
@@ -120,7 +135,7 @@ def _chunk_dt_kernel(
     dt = tl.load(dt_ptr + b * stride_dtb + t[None, :] * stride_dtl + rh[:, None],
                  mask=h_ok[:, None] & step_ok[None, :], other=0.0).to(tl.float32)
     if SCALED:
-        dt *= tl.load(scales_ptr + _DT)
+        dt *= tl.load(scales_ptr)
     if HAS_DT_BIAS:
         dt += tl.load(dt_bias_ptr + rh, mask=h_ok, other=0.0).to(tl.float32)[:, None]
     dt = _discretize(dt, dt_min, dt_max, SOFTPLUS, CLAMP_MAX)
@@ -162,7 +177,7 @@ def _chunk_cb_kernel(
         bq = tl.load(b_cols + k[:, None], mask=(k < N)[:, None] & s_ok[None, :], other=0.0)
         acc = _dot(cq, bq, acc, DOT, IEEE)
     if SCALED:  # int8 codes are exact in any product dtype: the scales apply once, to the sums
-        acc *= tl.load(scales_ptr + _C) * tl.load(scales_ptr + _B)
+        acc *= _c_scale(scales_ptr, g, G) * _b_scale(scales_ptr, g)
     offsets = ((b * n_chunks + c) * G + g) * chunk * chunk + rl[:, None] * chunk + rs[None, :]
     tl.store(cb_ptr + offsets, acc, mask=(rl < chunk)[:, None] & (rs < chunk)[None, :])
 
@@ -172,7 +187,7 @@ def _chunk_state_kernel(
     x_ptr, B_ptr, dt_ptr, cum_ptr, states_ptr, scales_ptr,
     L, H, P, N, chunk, n_chunks, heads_per_group,
     stride_xb, stride_xl, stride_xh, stride_bb, stride_bl, stride_bg,
-    SCALED: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+    SCALED: tl.constexpr, PER_CHANNEL_X: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -199,8 +214,11 @@ def _chunk_state_kernel(
         xt = tl.load(x_base + t[None, :] * stride_xl + rp[:, None], mask=p_ok[:, None] & s_ok[None, :], other=0.0)
         bq = tl.load(b_base + t[:, None] * stride_bl + rn[None, :], mask=s_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot(xt, _widen(bq, tl.float32) * weight[:, None], acc, DOT, IEEE)
-    if SCALED:
-        acc *= tl.load(scales_ptr + _X) * tl.load(scales_ptr + _B)
+    if SCALED:  # x's channels are rows of the tile: its scales apply to the sums too
+        x_scale = _x_scale(scales_ptr, H // heads_per_group, h, P, rp, p_ok, PER_CHANNEL_X)
+        if PER_CHANNEL_X:
+            x_scale = x_scale[:, None]
+        acc *= x_scale * _b_scale(scales_ptr, g)
     offsets = (((b * n_chunks + c) * H + h) * P + rp[:, None]) * N + rn[None, :]
     tl.store(states_ptr + offsets, acc, mask=p_ok[:, None] & n_ok[None, :])
 
@@ -236,8 +254,8 @@ def _chunk_scan_kernel(
     x_ptr, C_ptr, cb_ptr, dt_ptr, cum_ptr, entering_ptr, D_ptr, y_ptr, scales_ptr,
     L, H, P, N, G, chunk, n_chunks, heads_per_group,
     stride_xb, stride_xl, stride_xh, stride_cb, stride_cl, stride_cg, stride_yb, stride_yl, stride_yh,
-    HAS_D: tl.constexpr, SCALED: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_D: tl.constexpr, SCALED: tl.constexpr, PER_CHANNEL_X: tl.constexpr, DOT: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     p_tiles = tl.cdiv(P, BLOCK_P)
     tile, h, b, c = _unravel(tl.cdiv(chunk, BLOCK_M) * p_tiles, H, n_chunks)
@@ -264,9 +282,17 @@ def _chunk_scan_kernel(
         cq = tl.load(c_rows + k[None, :], mask=l_ok[:, None] & (k < N)[None, :], other=0.0)
         st = tl.load(state + k[:, None], mask=(k < N)[:, None] & p_ok[None, :], other=0.0)
         acc = _dot(cq, st, acc, DOT, IEEE)
-    c_scale = tl.load(scales_ptr + _C) if SCALED else 1.0
-    x_scale = tl.load(scales_ptr + _X) if SCALED else 1.0
+    c_scale = _c_scale(scales_ptr, g, G) if SCALED else 1.0
+    x_scale = _x_scale(scales_ptr, G, h, P, rp, p_ok, PER_CHANNEL_X) if SCALED else 1.0
     acc = acc * (tl.exp(cum_l) * c_scale)[:, None]
+    # A per-tensor x scale folds into each step's weight; per-channel ones (columns of the tile)
+    # scale the steps' sums, kept apart for that.
+    if PER_CHANNEL_X:
+        step_scale = 1.0
+        steps = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    else:
+        step_scale = x_scale
+        steps = acc
 
     # The chunk's own steps s <= l, through the decayed C B^T.
     cb_rows = cb_ptr + ((b * n_chunks + c) * G + g) * chunk * chunk + rl[:, None] * chunk
@@ -281,10 +307,15 @@ def _chunk_scan_kernel(
         # them) are dropped by the where; min(., 0) keeps their exp finite (cum only falls).
         cb = tl.load(cb_rows + s[None, :], mask=l_in[:, None] & s_in[None, :], other=0.0)
         decay = tl.exp(tl.minimum(cum_l[:, None] - cum_s[None, :], 0.0))
-        weights = tl.where(rl[:, None] >= s[None, :], cb * decay * (dt_s * x_scale)[None, :], 0.0)
+        weights = tl.where(rl[:, None] >= s[None, :], cb * decay * (dt_s * step_scale)[None, :], 0.0)
         xs = tl.load(x_base + (c * chunk + s)[:, None] * stride_xl + rp[None, :],
                      mask=(s_in & (c * chunk + s < L))[:, None] & p_ok[None, :], other=0.0)
-        acc = _dot(weights, xs, acc, DOT, IEEE)
+        steps = _dot(weights, xs, steps, DOT, IEEE)
+    if PER_CHANNEL_X:
+        x_scale = x_scale[None, :]
+        acc += steps * x_scale
+    else:
+        acc = steps
 
     if HAS_D:
         x_l = tl.load(x_base + t_l[:, None] * stride_xl + rp[None, :], mask=l_ok[:, None] & p_ok[None, :], other=0.0)
@@ -300,7 +331,7 @@ def _state_update_kernel(
     stride_xb, stride_xl, stride_xh, stride_dtb, stride_dtl, stride_bb, stride_bl, stride_bg,
     stride_cb, stride_cl, stride_cg, stride_yb, stride_yl, stride_yh,
     HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.constexpr,
-    SCALED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALED: tl.constexpr, PER_CHANNEL_X: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -315,10 +346,11 @@ def _state_update_kernel(
     a = tl.load(A_ptr + h).to(tl.float32)
     bias = tl.load(dt_bias_ptr + h).to(tl.float32) if HAS_DT_BIAS else 0.0
     d = tl.load(D_ptr + h).to(tl.float32) if HAS_D else 0.0
-    s_x = tl.load(scales_ptr + _X) if SCALED else 1.0
-    s_dt = tl.load(scales_ptr + _DT) if SCALED else 1.0
-    s_b = tl.load(scales_ptr + _B) if SCALED else 1.0
-    s_c = tl.load(scales_ptr + _C) if SCALED else 1.0
+    G = H // heads_per_group
+    s_x = _x_scale(scales_ptr, G, h, P, rp, p_ok, PER_CHANNEL_X) if SCALED else 1.0
+    s_dt = tl.load(scales_ptr) if SCALED else 1.0
+    s_b = _b_scale(scales_ptr, g) if SCALED else 1.0
+    s_c = _c_scale(scales_ptr, g, G) if SCALED else 1.0
     for t in range(0, L):  # a decode step is one token; a few more run the same recurrence
         dt = _discretize(tl.load(dt_ptr + b * stride_dtb + t * stride_dtl + h).to(tl.float32) * s_dt + bias,
                          dt_min, dt_max, SOFTPLUS, CLAMP_MAX)
@@ -346,16 +378,41 @@ def _check_float(fn: str, name: str, dtype: torch.dtype) -> None:
 
 def _stacked_scales(x: Tensor, dt: Tensor, B: Tensor, C: Tensor,
                     input_scales: Optional[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Optional[Tensor]:
-    """The four per-tensor scales as one fp32 tensor (the kernels' `scales_ptr`), after checking
-    that int8 inputs come with them and float inputs without."""
+    """The scales as one fp32 tensor (the kernels' `scales_ptr`: dt's, B's and C's per group, x's),
+    after checking that int8 inputs come with them and float inputs without. x's scale is per
+    tensor or per channel (`[heads, head_dim]` or flat), B's and C's per tensor or per group
+    (`[groups]`: a per-channel one along the state would not factor out of `C B^T`), dt's per tensor."""
     int8 = [t.dtype == torch.int8 for t in (x, dt, B, C)]
     if input_scales is None:
         if any(int8):
             raise InputError("ssd_scan: int8 x, dt, B, C need their input_scales (x, dt, B, C)")
         return None
-    if not all(int8) or len(input_scales) != 4 or any(s.numel() != 1 for s in input_scales):
-        raise InputError("ssd_scan: input_scales are four one-element scales, for int8 x, dt, B and C")
-    return torch.stack([s.reshape(()).float() for s in input_scales])
+    if not all(int8) or len(input_scales) != 4:
+        raise InputError("ssd_scan: input_scales are four scales, for int8 x, dt, B and C")
+    x_scale, dt_scale, B_scale, C_scale = input_scales
+    heads, head_dim, groups = x.shape[-2], x.shape[-1], B.shape[-2]
+    for name, scale, per, count in (("x", x_scale, "channel", heads * head_dim), ("dt", dt_scale, None, 1),
+                                    ("B", B_scale, "group", groups), ("C", C_scale, "group", groups)):
+        if scale.numel() not in (1, count):
+            allowed = "one value" + (f" or one per {per} ({count})" if per else "")
+            raise InputError(f"ssd_scan: {name}'s scale must be {allowed}, got shape {list(scale.shape)}")
+    per_group = [s.reshape(-1).float().expand(groups) for s in (B_scale, C_scale)]
+    return torch.cat([dt_scale.reshape(1).float(), *per_group, x_scale.reshape(-1).float()])
+
+
+def _per_channel_x(scales: Optional[Tensor], groups: int) -> bool:
+    """Whether the stacked `scales` hold one scale per channel of x (more than dt's, B's, C's and one)."""
+    return scales is not None and scales.numel() > 2 + 2 * groups
+
+
+def _dequantized(x: Tensor, dt: Tensor, B: Tensor, C: Tensor,
+                 input_scales: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`q.float() * scale` of each input, each scale broadcast along its channels."""
+    x_scale, dt_scale, B_scale, C_scale = (s.float() for s in input_scales)
+    heads, head_dim = x.shape[-2:]
+    x_scale = x_scale.reshape(heads, head_dim) if x_scale.numel() > 1 else x_scale.reshape(())
+    B_scale, C_scale = (s.reshape(-1, 1) if s.numel() > 1 else s.reshape(()) for s in (B_scale, C_scale))
+    return x.float() * x_scale, dt.float() * dt_scale.reshape(()), B.float() * B_scale, C.float() * C_scale
 
 
 def _block(n: int, cap: int) -> int:
@@ -404,8 +461,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
 
     Arguments and layouts as `quamba_fx.ssd_reference.ssd_scan_reference`, which also validates them.
     `x`, `B` and `C` may be strided views (in_proj's and the conv's outputs) with unit stride in their
-    last dim. With `input_scales` (per-tensor scales of x, dt, B and C), x, dt, B and C are int8
-    codes, dequantized as `q.float() * scale` inside the kernels. The matrix products' operands are
+    last dim. With `input_scales` (the scales of x, dt, B and C: x's per tensor or per channel, B's
+    and C's per tensor or per group, dt's per tensor), x, dt, B and C are int8 codes, dequantized
+    as `q.float() * scale` inside the kernels. The matrix products' operands are
     rounded to `product_dtype` (default: x's dtype, fp32 for int8 codes): fp16/bf16 run on tensor
     cores, fp32 in IEEE fp32; sums and the carried state stay fp32. Returns y `[batch, L, heads,
     head_dim]` in `out_dtype` (fp32, fp16 or bf16: the sums rounded once), and with
@@ -416,7 +474,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     _check_float("ssd_scan", "product_dtype", product_dtype)
     _check_float("ssd_scan", "out_dtype", out_dtype)
     if scales is not None and not _use_triton(x):
-        x, dt, B, C = (q.float() * s for q, s in zip((x, dt, B, C), input_scales))
+        x, dt, B, C = _dequantized(x, dt, B, C, input_scales)
     if not _use_triton(x) or x.numel() == 0 or B.numel() == 0:
         y, final = ssd_scan_reference(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_min, dt_max, chunk_size,
                                       initial_state=initial_state)
@@ -443,7 +501,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     final = torch.empty((batch, heads, head_dim, state), **f32) if return_final_state else None
     start = None if initial_state is None else initial_state.float().contiguous()
     launch = tiles(chunk, head_dim, state, ieee)
-    scaled = scales is not None
+    scaled, per_channel_x = scales is not None, _per_channel_x(scales, groups)
     scales = scales if scaled else cum  # a dummy pointer when unscaled, never read
     products = dict(SCALED=scaled, DOT=_DOT_DTYPES[product_dtype], IEEE=ieee)
 
@@ -466,7 +524,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     _chunk_state_kernel[(cdiv(head_dim, st["BLOCK_P"]) * cdiv(state, st["BLOCK_N"]) * heads
                          * batch * n_chunks,)](
         x, B, dt_out, cum, states, scales, length, heads, head_dim, state, chunk, n_chunks, heads // groups,
-        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), **products, **st,
+        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), PER_CHANNEL_X=per_channel_x,
+        **products, **st,
     )
     pn = head_dim * state
     pass_block = min(1024, next_pow2(pn))
@@ -481,7 +540,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         x, C, cb_products, dt_out, cum, entering, D.float().contiguous() if D is not None else cum, y, scales,
         length, heads, head_dim, state, groups, chunk, n_chunks, heads // groups,
         x.stride(0), x.stride(1), x.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        y.stride(0), y.stride(1), y.stride(2), HAS_D=D is not None, **products, **sc,
+        y.stride(0), y.stride(1), y.stride(2), HAS_D=D is not None, PER_CHANNEL_X=per_channel_x, **products, **sc,
     )
     return (y, final) if return_final_state else y
 
@@ -499,7 +558,7 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
     _check_float("ssd_state_update", "out_dtype", out_dtype)
     scales = _stacked_scales(x, dt, B, C, input_scales)
     if scales is not None and not _use_triton(x):
-        x, dt, B, C = (q.float() * s for q, s in zip((x, dt, B, C), input_scales))
+        x, dt, B, C = _dequantized(x, dt, B, C, input_scales)
     check_ssd_inputs(x, dt, A, B, C, D, dt_bias, 1)
     batch, length, heads, head_dim = x.shape
     n_states = B.shape[3]
@@ -525,7 +584,8 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
         x.stride(0), x.stride(1), x.stride(2), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), B.stride(2),
         C.stride(0), C.stride(1), C.stride(2), y.stride(0), y.stride(1), y.stride(2),
         HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-        CLAMP_MAX=not math.isinf(dt_max), SCALED=scales is not None, BLOCK_P=block_p, BLOCK_N=block_n,
+        CLAMP_MAX=not math.isinf(dt_max), SCALED=scales is not None,
+        PER_CHANNEL_X=_per_channel_x(scales, B.shape[2]), BLOCK_P=block_p, BLOCK_N=block_n,
     )
     return y
 
