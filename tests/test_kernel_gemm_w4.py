@@ -219,12 +219,29 @@ def test_many_rows_run_a_gemm_on_the_dequantized_weight(dtype):
                                atol=10 * tolerance)
 
 
-@settings(max_examples=20)
-@given(n=st.integers(2, 80), words=st.integers(1, 24), group=st.sampled_from([32, 64]), width=st.integers(2, 4),
-       bias=st.booleans(), conv_bias=st.booleans(), state_dtype=st.sampled_from([torch.float16, torch.float32]),
-       splits=st.integers(1, 3), data=st.data())
+_CONV_STEP_CASES = dict(n=st.integers(2, 80), words=st.integers(1, 24), group=st.sampled_from([32, 64]),
+                       width=st.integers(2, 4), bias=st.booleans(), conv_bias=st.booleans(),
+                       state_dtype=st.sampled_from([torch.float16, torch.float32]), splits=st.integers(1, 3),
+                       data=st.data())
+
+
+@settings(max_examples=10)
+@given(**_CONV_STEP_CASES)
 def test_the_gemv_with_the_conv_step_gives_the_bits_of_the_two_kernels(n, words, group, width, bias, conv_bias,
                                                                        state_dtype, splits, data):
+    check_gemv_conv_step(n, words, group, width, bias, conv_bias, state_dtype, splits, data)
+
+
+@pytest.mark.slow
+@settings(max_examples=40)
+@given(**_CONV_STEP_CASES)
+def test_the_gemv_with_the_conv_step_gives_the_bits_of_the_two_kernels_on_more_cases(n, words, group, width, bias,
+                                                                                     conv_bias, state_dtype, splits,
+                                                                                     data):
+    check_gemv_conv_step(n, words, group, width, bias, conv_bias, state_dtype, splits, data)
+
+
+def check_gemv_conv_step(n, words, group, width, bias, conv_bias, state_dtype, splits, data):
     # A decode step's W4A16 in_proj with the conv1d step in its epilogue (D <= N channels from
     # column `start`: Mamba-1's x half from 0, Mamba-2's xBC after z) against w4a16_gemm then the
     # conv update kernel: the same output, u and state.
