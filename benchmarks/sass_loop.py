@@ -66,7 +66,7 @@ KERNELS = {
                                      "stride_cwd", "stride_cwk", "PF_BYTES", "PF_PROGRAMS")}},
         {"W_PER_CHANNEL": True, "HAS_BIAS": False, "OUT_MODE": 0, "OUT_PER_CHANNEL": False, "BLOCK_N": 16,
          "BLOCK_K": 128, "SPLIT_K": 1, "EVEN_K": True, "DP4A": True, "USE_PDL": True, "PREFETCH": True, "CONV": False,
-         "CONV_W": 4, "CONV_HAS_BIAS": False, "FAST_MATH": True},
+         "CONV_W": 4, "CONV_HAS_BIAS": False, "CONV_PER_CHANNEL": False, "FAST_MATH": True},
         ("N", "K"),
         lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] * 4 / (32 * warps),  # weight bytes (K counts int32 words)
     ),

@@ -10,6 +10,7 @@ import torch
 import torch.fx
 from tqdm.auto import tqdm
 
+from .arch import arch_of
 from .errors import InputError, QuambaError
 from .graph_info import describe
 from .quant.gptq import HessianObserver
@@ -64,9 +65,10 @@ class Calibration:
                 "calibration does not keep them: pass calibration_data instead"
             )
 
-    def scales(self, recipe: Recipe | None = None) -> dict[str, float]:
+    def scales(self, recipe: Recipe | None = None) -> dict[str, float | list[float]]:
         """The scale of every tap: observed statistic / the tap's `qmax` in `recipe` (127 for
-        int8, 448 for float8_e4m3); without a recipe, / 127 for every tap."""
+        int8, 448 for float8_e4m3); without a recipe, / 127 for every tap. A per-channel tap's is
+        a list, one scale a channel."""
         specs = recipe.specs if recipe is not None else ()
 
         def qmax(key: str) -> int:
@@ -152,10 +154,14 @@ def calibrate(
     taps: dict[torch.fx.Node, list[tuple[str, Any]]] = {}
     observers: dict[str, Observer] = {}
     hessians: dict[str, HessianObserver] = {}
+    arch = arch_of(gm)
     for path in block_paths(gm):
         for tap in recipe.taps:
             key = f"{path}.{tap.module}.{tap.scale}"
             observers[key] = recipe.observer(tap, key)
+            if recipe.spec(tap).granularity == "per_channel":  # with_channel_scales put it where the arch takes it
+                axis, _, groups = arch.channel_layout(gm, path, tap)
+                observers[key].set_layout(axis, groups)
             taps.setdefault(tap_node(gm, path, tap), []).append((key, observers[key]))
     for target in gptq_linears(recipe, block_paths(gm)):
         linear = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == target), None)

@@ -53,5 +53,6 @@ PACKAGED_MODELS: dict[str, Path] = {
 }
 DEFAULT_MODEL = "mamba-bytes-wt2"
 
-RECIPE_NAMES = ("naive", "naive-w4a8", "naive-w4a16", "quamba", "fp8", "quamba2-w4a8", "quamba2-w4a16")  # the --recipe choices; each one is a file in quamba_fx/recipes/
+# The --recipe choices; each one is defined in a file of quamba_fx/recipes/.
+RECIPE_NAMES = ("naive", "naive-w4a8", "naive-w4a16", "quamba", "fp8", "quamba2-w4a8", "quamba2-w4a16", "quamba2-w8a8")
 DUMP_FORMATS = ("text", "json", "dot", "svg")

@@ -38,13 +38,14 @@ def float_passes(recipe: Recipe) -> list:
     return [RotateOutProjInput()] if recipe.hadamard else []
 
 
-def quantization_passes(scales: dict[str, float], recipe: Recipe,
+def quantization_passes(scales: dict[str, float | list[float]], recipe: Recipe,
                         hessians: dict[str, torch.Tensor] | None = None, progress: bool = False) -> list:
     """Passes that turn the calibrated float graph into the quantized reference graph (`hessians`:
     the GPTQ input statistics of a 4-bit GPTQ recipe's Linears, by module path; `progress`: a bar
     over them)."""
     dtypes = {tap.key: spec.dtype for tap, spec in recipe.specs}
-    return [InsertQuantDequant(scales, recipe.taps, dtypes), SinkDequantize(),
+    per_channel = {tap.key for tap, spec in recipe.specs if spec.granularity == "per_channel"}
+    return [InsertQuantDequant(scales, recipe.taps, dtypes, per_channel), SinkDequantize(),
             LowerLinears(recipe.weights, hessians, progress)]
 
 

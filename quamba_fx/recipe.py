@@ -45,8 +45,9 @@ def block_paths(gm: torch.fx.GraphModule) -> list[str]:
 def recipe_for_graph(gm: torch.fx.GraphModule, recipe: str | Recipe) -> Recipe:
     """`recipe` (a name or a `Recipe`) as it applies to `gm`'s architecture: its taps and weight
     modules on modules that the architecture's blocks have (the built-in recipes name Mamba-1's six; a Mamba-2 block
-    has four of them). A tap on a module that no registered architecture has is a `RecipeError`,
-    not dropped: it is a misspelt path."""
+    has four of them), and its per-channel specs in place where the architecture takes them
+    (`Recipe.with_channel_scales`). A tap on a module that no registered architecture has is a
+    `RecipeError`, not dropped: it is a misspelt path."""
     recipe = as_recipe(recipe)
     known = {path for spec in map(arch_named, arch_names()) for _, path in spec.modules}
     unknown = [tap.key for tap in recipe.taps if tap.module not in known]
@@ -54,7 +55,15 @@ def recipe_for_graph(gm: torch.fx.GraphModule, recipe: str | Recipe) -> Recipe:
     if unknown:
         raise RecipeError("taps", f"{', '.join(unknown)}: no registered architecture has such a module "
                                   f"(known: {', '.join(sorted(known - {''}))})")
-    return recipe.restricted_to({path for _, path in arch_of(gm).modules})
+    arch = arch_of(gm)
+    recipe = recipe.restricted_to({path for _, path in arch.modules}).with_channel_scales(arch.channel_taps)
+    misplaced = [tap.key for tap, spec in recipe.specs if spec.granularity == "per_channel"
+                 and tap.key not in arch.channel_taps]
+    if misplaced:
+        where = ", ".join(arch.channel_taps) or "none"
+        raise RecipeError("taps", f"{', '.join(misplaced)}: {arch.title} takes one scale per channel only at {where}; "
+                                  "give the tap a per_tensor spec (or a per-channel one in channel_specs)")
+    return recipe
 
 
 def tap_node(gm: torch.fx.GraphModule, block_path: str, tap: Tap) -> torch.fx.Node:

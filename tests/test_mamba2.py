@@ -4,6 +4,7 @@ topology rules with readable errors, the built-in shapes, and W8A8 on the traine
 
 from __future__ import annotations
 
+import copy
 import math
 
 import hypothesis.strategies as st
@@ -16,7 +17,7 @@ from transformers import Mamba2Config, Mamba2ForCausalLM, Mamba2Model
 import quamba_fx
 from quamba_fx import TopologyError, verify_topology
 from quamba_fx.arch import arch_of
-from quamba_fx.errors import InputError, RecipeError, UnsupportedModelError
+from quamba_fx.errors import InputError, InvalidArgumentError, PassError, RecipeError, UnsupportedModelError
 from quamba_fx.evaluate import evaluate
 from quamba_fx.generation import QuambaForCausalLM
 from quamba_fx.graph_info import block, is_kind, op_name, role
@@ -314,6 +315,88 @@ def test_cached_generation_on_lowered_mamba2_equals_recomputing(tiny_quantized):
     decode = [op_name(n) for n in generator.decode_graph.graph.nodes]
     assert decode.count("in_proj_conv_update") == find_graph_meta(lowered).num_blocks
     assert "conv1d_silu_int8_cached" not in decode
+
+
+# --- Quamba2's scales of the conv1d output: x per channel, B and C per state group ---------------
+
+
+@pytest.fixture(scope="module")
+def tiny_channel_quantized():
+    # Two state groups of 8 (n_groups=2), so a per-group scale is not a per-tensor one.
+    gm = quamba_fx.capture(make_mamba2(mamba2_config(chunk_size=4), seed=5))
+    calibration = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
+    return quamba_fx.quantize(gm, calibration.split(2), recipe="quamba2-w8a8", progress=False)
+
+
+def _conv_scale(gm: torch.fx.GraphModule, block: int = 0) -> torch.Tensor:
+    return gm.get_submodule(f"backbone.layers.{block}.mixer.conv1d").output_scale
+
+
+def test_quamba2_scales_x_by_channel_and_b_and_c_by_state_group(tiny_channel_quantized):
+    qm = tiny_channel_quantized
+    d_inner, state = 64, 8  # hidden 32 x expand 2; B and C: 2 groups of 8
+    assert graph_meta(qm).recipe_spec.spec(CONV_OUT).granularity == "per_channel"
+    for index in range(2):
+        scale = _conv_scale(qm, index)
+        assert scale.shape == (d_inner + 4 * state,)
+        assert len(set(scale[:d_inner].tolist())) > d_inner // 2  # x: its channels' own scales
+        groups = scale[d_inner:].view(4, state)
+        assert torch.equal(groups, groups[:, :1].expand(-1, state))  # one a group, B's two then C's two
+    # Mamba-1's conv1d output feeds x_proj's GEMM: the recipe keeps quamba's percentile scale there.
+    mamba1 = quamba_fx.capture("mamba-tiny")
+    spec = recipe_for_graph(mamba1, "quamba2-w8a8").spec(CONV_OUT)
+    assert spec == make_recipe("quamba").spec(CONV_OUT)
+
+
+def test_per_channel_scales_lower_to_the_kernels_and_generate_as_recomputed(tiny_channel_quantized):
+    qm = tiny_channel_quantized
+    lowered = quamba_fx.lower(qm, dtype=torch.float32)
+    ops = {op_name(n) for n in lowered.graph.nodes}
+    assert {"conv1d_silu_int8", "ssd_scan_triton"} <= ops and "ssd_scan" not in ops
+    scans = [n for n in lowered.graph.nodes if op_name(n) == "ssd_scan_triton"]
+    assert not any(op_name(a) == "dequantize" for n in scans for a in n.all_input_nodes)
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_close_to_magnitude(lowered(ids).float(), qm(ids), rel=1e-4)
+        prompt, tokens = ids[:1, :7], ids[:1, :7]
+        for _ in range(2):
+            tokens = torch.cat([tokens, lowered(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    generator = quamba_fx.Generator(lowered, batch_size=1)
+    assert torch.equal(generator.generate(prompt, 2), tokens)  # the decode conv step reads per-channel scales too
+    assert "in_proj_conv_update" in {op_name(n) for n in generator.decode_graph.graph.nodes}
+
+
+def test_a_scale_edited_in_place_reaches_the_lowered_graph(tiny_channel_quantized):
+    # Each part of the split reads a view of the one buffer: an edit after lowering counts.
+    lowered = quamba_fx.lower(tiny_channel_quantized, dtype=torch.float32)
+    edited = copy.deepcopy(tiny_channel_quantized)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = lowered(ids)
+        for gm in (lowered, edited):
+            _conv_scale(gm)[:8] *= 2.0  # x's first eight channels
+            _conv_scale(gm)[64:72] *= 0.5  # B's first group
+        after = lowered(ids)
+        assert not torch.equal(after, before)
+        assert_close_to_magnitude(after.float(), edited(ids), rel=1e-4)
+
+
+def test_b_scales_that_differ_within_a_state_group_are_refused_by_lower(tiny_channel_quantized):
+    edited = copy.deepcopy(tiny_channel_quantized)
+    with torch.no_grad():
+        _conv_scale(edited, 1)[64 + 8 + 3] *= 2.0  # one channel of B's second group
+    with pytest.raises(PassError, match="B's scales differ within a state group") as raised:
+        quamba_fx.lower(edited)
+    assert isinstance(raised.value.__cause__, InvalidArgumentError)
+
+
+def test_per_channel_scales_save_and_reload_exactly(tiny_channel_quantized, tmp_path):
+    tiny_channel_quantized.save_pretrained(tmp_path / "q")
+    again = quamba_fx.from_pretrained(tmp_path / "q")
+    assert torch.equal(_conv_scale(again), _conv_scale(tiny_channel_quantized))
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(again(ids), tiny_channel_quantized(ids))
 
 
 def test_hf_generate_on_the_float_graph_equals_hf(trained):

@@ -1,6 +1,7 @@
-"""Quamba2's 4-bit-weight recipes (`quamba2-w4a8`, `quamba2-w4a16`) on Mamba-1 and Mamba-2: the
-recipe data, the quantize flow (GPTQ statistics from calibration), save/load, lowering and
-generation, and accuracy on both trained byte models (the kernels: test_kernel_gemm_w4.py)."""
+"""Quamba2's recipes on Mamba-1 and Mamba-2, mostly the 4-bit ones (`quamba2-w4a8`,
+`quamba2-w4a16`): the recipe data, the quantize flow (GPTQ statistics from calibration),
+save/load, lowering and generation, and accuracy on both trained byte models, `quamba2-w8a8`'s
+too (the kernels: test_kernel_gemm_w4.py; Mamba-2's per-channel conv scales: test_mamba2.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from quamba_fx.ops import selective_scan_cached_triton
 from quamba_fx.passes.lowering.match import is_cast
 from quamba_fx.pipeline import Pipeline
 from quamba_fx.quant.int4_linear import W4A8Linear, W4A16Linear
-from quamba_fx.recipes import QUAMBA, QUAMBA2_W4A8, QUAMBA2_W4A16, Recipe, WeightSpec, make_recipe
+from quamba_fx.recipes import (CONV_OUT, QUAMBA, QUAMBA2_W4A8, QUAMBA2_W4A16, QUAMBA2_W8A8, Recipe, WeightSpec,
+                               make_recipe)
+from quamba_fx.recipes.spec import CHANNEL_ABS_MAX_INT8
 from quamba_fx.runtime import Generator
 
 from .test_recipes import DELETE, edited, quamba_dict
@@ -51,6 +54,9 @@ IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
 def test_the_builtin_4bit_recipes_are_what_the_docs_say():
     assert QUAMBA2_W4A8.specs == QUAMBA.specs and QUAMBA2_W4A8.hadamard
     assert QUAMBA2_W4A16.specs == () and QUAMBA2_W4A16.hadamard
+    # Mamba-2's conv1d output per channel (x) and per state group (B, C): test_mamba2.py.
+    assert QUAMBA2_W4A8.channel_specs == QUAMBA2_W8A8.channel_specs == ((CONV_OUT, CHANNEL_ABS_MAX_INT8),)
+    assert QUAMBA2_W8A8.specs == QUAMBA.specs and QUAMBA2_W8A8.weights == QUAMBA.weights
     for recipe in (QUAMBA2_W4A8, QUAMBA2_W4A16):
         assert recipe.weights == WeightSpec(bits=4, group_size=128, method="gptq")
         assert make_recipe(recipe.name) is recipe
@@ -292,7 +298,7 @@ def windows(split: str, count: int, seq_len: int = 256) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["mamba-bytes-wt2", "mamba2-bytes-wt2"])
-def test_4bit_recipes_meet_their_accuracy_targets_and_beat_naive_rounding(model):
+def test_quamba2_recipes_meet_their_accuracy_targets_and_beat_naive_rounding(model):
     gm = quamba_fx.capture(quamba_fx.load_model(model))
     calib, held_out = windows("valid", 16), windows("test", 16)
 
@@ -304,6 +310,10 @@ def test_4bit_recipes_meet_their_accuracy_targets_and_beat_naive_rounding(model)
         ours, naive = measure(recipe), measure(recipe.replace("quamba2", "naive"))
         assert ours.bits_per_byte / ours.reference_bits_per_byte - 1 < bound, recipe
         assert ours.kl_divergence < naive.kl_divergence, recipe
+    w8a8 = measure("quamba2-w8a8")
+    assert w8a8.bits_per_byte / w8a8.reference_bits_per_byte - 1 < 0.01
+    if model == "mamba2-bytes-wt2":  # the conv1d output's scales per channel: closer than quamba's one
+        assert w8a8.kl_divergence < measure("quamba").kl_divergence
 
 
 # --- the float conv1d and scan with a cache (what W4A16's generation graphs call) ------------------

@@ -1,4 +1,4 @@
-"""Calibration observers: abs-max and histogram percentile against exact statistics."""
+"""Calibration observers: abs-max, histogram percentile and per-channel abs-max against exact statistics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quamba_fx.quant import MIN_SCALE, AbsMaxObserver, Observer, PercentileObserver, observer_from_state_dict
-from quamba_fx.quant.observers import OBSERVERS, make_observer, register_observer
+from quamba_fx.quant.observers import OBSERVERS, ChannelAbsMaxObserver, make_observer, register_observer
 
 PERCENTILES = [0.0, 10.0, 50.0, 90.0, 99.0, 99.9, 99.999, 100.0]
 
@@ -319,7 +319,7 @@ def test_registry_builds_observers_by_name_with_defaults_filled_in():
 
 
 @pytest.mark.parametrize("name, arguments, message", [
-    ("minmax", {}, "unknown observer 'minmax'; use one of abs_max, percentile"),
+    ("minmax", {}, "unknown observer 'minmax'; use one of abs_max, channel_abs_max, percentile"),
     (None, {}, "unknown observer None"),
     ("abs_max", {"percentile": 9.0}, "AbsMaxObserver has no argument 'percentile' \\(its arguments: none\\)"),
     ("percentile", {"bin": 8}, "PercentileObserver has no argument 'bin' \\(its arguments: percentile, bins\\)"),
@@ -342,3 +342,56 @@ def test_register_observer_refuses_a_taken_name_or_kind():
         register_observer("twin")(Twin)
     assert register_observer("abs_max")(AbsMaxObserver) is AbsMaxObserver  # the same class again: allowed
     assert "twin" not in OBSERVERS
+
+
+# --- the per-channel observer (Quamba2's Mamba-2 conv output scales) ----------------------------
+
+
+def _channel_observer() -> ChannelAbsMaxObserver:
+    # 10 channels along axis 1: 0-3 alone, then two runs of 2 groups of 3 (like B's and C's groups).
+    return ChannelAbsMaxObserver(name="conv", axis=1, groups=[(4, 7, 3), (7, 10, 3)])
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batches=st.integers(1, 4))
+def test_channel_abs_max_is_the_max_of_each_channel_then_of_each_group(seed, batches):
+    g = torch.Generator().manual_seed(seed)
+    obs = _channel_observer()
+    values = [torch.randn(2, 10, 5, generator=g) * (4 ** torch.rand(1, 10, 1, generator=g)) for _ in range(batches)]
+    for v in values:
+        obs.observe(v)
+    per_channel = torch.stack([v.abs().amax(dim=(0, 2)) for v in values]).amax(dim=0)
+    want = per_channel.clone()
+    for start in (4, 7):
+        want[start:start + 3] = per_channel[start:start + 3].max()
+    assert obs.value() == want.tolist()
+    assert obs.scale() == (want / 127).clamp_min(MIN_SCALE).tolist()
+    assert obs.count == sum(v.numel() for v in values) and obs.batches == batches
+
+
+def test_channel_observer_state_round_trips_through_json_and_resumes():
+    obs = _channel_observer()
+    obs.observe(torch.arange(30.0).reshape(1, 10, 3))
+    again = observer_from_state_dict(json.loads(json.dumps(obs.state_dict())))
+    assert isinstance(again, ChannelAbsMaxObserver) and again.value() == obs.value()
+    assert (again.axis, again.groups) == (1, ((4, 7, 3), (7, 10, 3)))
+    for o in (obs, again):
+        o.observe(torch.full((1, 10, 1), 100.0))
+    assert again.value() == obs.value() == [100.0] * 10
+
+
+def test_channel_observer_refuses_bad_layouts_and_changing_widths():
+    with pytest.raises(ValueError, match="disjoint runs"):
+        ChannelAbsMaxObserver(groups=[(0, 4, 3)])  # 4 channels are no whole number of groups of 3
+    with pytest.raises(ValueError, match="disjoint runs"):
+        ChannelAbsMaxObserver(groups=[(0, 4, 2), (2, 6, 2)])
+    obs = _channel_observer()
+    with pytest.raises(ValueError, match="channel groups reach channel 10, but the tensor has 8"):
+        obs.observe(torch.ones(1, 8, 2))
+    obs.observe(torch.ones(1, 10, 2))
+    with pytest.raises(ValueError, match="observed 12 channels after 10"):
+        obs.observe(torch.ones(1, 12, 2))
+    with pytest.raises(ValueError, match="10 NaN"):
+        obs.observe(torch.tensor([[[float("nan")]] * 10]).reshape(1, 10, 1))
+    with pytest.raises(RuntimeError, match="before any value"):
+        ChannelAbsMaxObserver().value()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from quamba_fx.recipes import (
     register_recipe,
     registry,
 )
+from quamba_fx.recipes.spec import CHANNEL_ABS_MAX_INT8
 
 from .conftest import make_model, tiny_config
 
@@ -194,12 +196,15 @@ DELETE = object()
 
 @pytest.mark.parametrize("path, value, field, message", [
     (("taps", 2, "spec", "observer"), "minmax", "taps[2].spec.observer",
-     "unknown observer 'minmax'; use one of abs_max, percentile"),
+     "unknown observer 'minmax'; use one of abs_max, channel_abs_max, percentile"),
     (("taps", 0, "spec", "dtype"), "int4", "taps[0].spec.dtype", "must be one of int8, float8_e4m3, got 'int4'"),
     (("taps", 0, "spec", "dtype"), 8, "taps[0].spec.dtype", "must be one of int8, float8_e4m3, got 8"),
     (("taps", 1, "spec", "qmin"), -127, "taps[1].spec.qmin", r"must be -128 \(the full int8 range\), got -127"),
     (("taps", 1, "spec", "qmax"), 127.0, "taps[1].spec.qmax", "must be 127"),
-    (("taps", 1, "spec", "granularity"), "per_channel", "taps[1].spec.granularity", "must be one of per_tensor"),
+    (("taps", 1, "spec", "granularity"), "per_block", "taps[1].spec.granularity",
+     "must be one of per_tensor, per_channel"),
+    (("taps", 1, "spec", "granularity"), "per_channel", "taps[1].spec.observer",
+     "must be 'channel_abs_max' for a per_channel spec and only then, got 'abs_max'"),
     (("taps", 2, "spec", "observer_args", "percentile"), 101, "taps[2].spec.observer_args",
      r"percentile must be in \[0, 100\], got 101"),
     (("taps", 2, "spec", "observer_args", "percentile"), [99], "taps[2].spec.observer_args.percentile",
@@ -281,3 +286,56 @@ def test_the_package_exports_the_recipe_api():
     assert quamba_fx.make_recipe is make_recipe and quamba_fx.register_recipe is register_recipe
     assert issubclass(quamba_fx.RecipeError, quamba_fx.InvalidArgumentError)
     assert quamba_fx.recipe.make_recipe is make_recipe  # the old module path keeps working
+
+
+# --- per-channel specs (Quamba2's scales of Mamba-2's conv1d output) ----------------------------
+
+
+@settings(max_examples=40)
+@given(recipe=RECIPES, data=st.data())
+def test_a_recipe_with_channel_specs_round_trips_exactly(recipe, data):
+    chosen = data.draw(st.lists(st.sampled_from(recipe.taps), unique_by=lambda tap: tap.key, min_size=1))
+    with_channels = Recipe(recipe.name, recipe.hadamard, recipe.specs, recipe.weights,
+                           {tap: CHANNEL_ABS_MAX_INT8 for tap in chosen})
+    again = Recipe.from_dict(through_json(with_channels.to_dict()))
+    assert again == with_channels and again.channel_specs == with_channels.channel_specs
+    assert "channel_taps" not in recipe.to_dict()  # a recipe without them writes what it always wrote
+
+
+def test_channel_specs_apply_only_where_an_architecture_takes_them():
+    recipe = make_recipe("quamba2-w8a8")
+    assert recipe.specs == make_recipe("quamba").specs and recipe.channel_specs == ((CONV_OUT, CHANNEL_ABS_MAX_INT8),)
+    assert recipe.with_channel_scales(()) == Recipe(recipe.name, True, recipe.specs)
+    mamba2 = recipe.with_channel_scales({CONV_OUT.key})
+    assert mamba2.spec(CONV_OUT) == CHANNEL_ABS_MAX_INT8 and mamba2.channel_specs == ()
+    assert all(mamba2.spec(tap) == recipe.spec(tap) for tap in recipe.taps if tap != CONV_OUT)
+
+
+@pytest.mark.parametrize("channel_specs, field, message", [
+    ({CONV_OUT: QuantSpec()}, "channel_taps[0].spec.granularity", "must be per_channel"),
+    ({Tap("mixer.conv1d", "other_scale", "activation"): CHANNEL_ABS_MAX_INT8}, "channel_taps[0]",
+     "must be a tap of the recipe's taps, given once, got 'mixer.conv1d.other_scale'"),
+    (((CONV_OUT, CHANNEL_ABS_MAX_INT8), (CONV_OUT, CHANNEL_ABS_MAX_INT8)), "channel_taps[1]",
+     "must be a tap of the recipe's taps, given once, got 'mixer.conv1d.output_scale'"),
+])
+def test_bad_channel_specs_are_refused(channel_specs, field, message):
+    with pytest.raises(RecipeError, match=re.escape(f"{field}: {message}")):
+        Recipe("mine", True, make_recipe("quamba").specs, channel_specs=channel_specs)
+
+
+@pytest.mark.parametrize("fields, field, message", [
+    (dict(granularity="per_channel"), "observer", "must be 'channel_abs_max' for a per_channel spec"),
+    (dict(observer="channel_abs_max"), "observer", "must be 'channel_abs_max' for a per_channel spec and only then"),
+    (dict(dtype="float8_e4m3", qmin=-448, qmax=448, granularity="per_channel", observer="channel_abs_max"),
+     "dtype", "must be int8 for a per_channel spec"),
+])
+def test_a_per_channel_spec_takes_the_channel_observer_and_int8(fields, field, message):
+    with pytest.raises(RecipeError, match=re.escape(f"{field}: {message}")):
+        QuantSpec(**fields)
+
+
+def test_a_per_channel_spec_where_the_architecture_takes_one_scale_is_refused():
+    per_channel_everywhere = Recipe("mine", True, {tap: CHANNEL_ABS_MAX_INT8 for tap in W8A8_TAPS})
+    gm = quamba_fx.capture(make_model(tiny_config()))
+    with pytest.raises(RecipeError, match="Mamba-1 takes one scale per channel only at none"):
+        quamba_fx.quantize(gm, torch.randint(0, 64, (1, 8)), recipe=per_channel_everywhere, progress=False)

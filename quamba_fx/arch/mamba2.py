@@ -112,6 +112,16 @@ def cache_shapes(gm: torch.fx.GraphModule, block_path: str, batch_size: int) -> 
     return (batch_size, conv_dim, width - 1), (batch_size, config["num_heads"], config["head_dim"], config["state_size"])
 
 
+def channel_layout(gm: torch.fx.GraphModule, block_path: str, tap) -> tuple[int, int, tuple[tuple[int, int, int], ...]]:
+    """The conv1d output's channels (`[B, conv_dim, L]`: axis 1, conv_dim of them) as the scan reads
+    them: x's `d_inner` each with its own scale, then B's and C's a state group at a time (a group's
+    scale factors out of `C B^T`; one per state would not)."""
+    config = graph_meta(gm).config
+    d_inner = int(config["expand"] * config["hidden_size"])
+    width, state = config["n_groups"] * config["state_size"], config["state_size"]
+    return 1, d_inner + 2 * width, ((d_inner, d_inner + width, state), (d_inner + width, d_inner + 2 * width, state))
+
+
 MAMBA2 = register_arch(ArchSpec(
     name="mamba2",
     title="Mamba-2",
@@ -147,11 +157,14 @@ MAMBA2 = register_arch(ArchSpec(
         conv="conv1d", producer="in_proj", consumer="scan",
         rules=("conv_never_feeds_conv", "one_conv_per_block", "producer", "feeds_scan"),
     ),
-    # No W8A8 recipe quantizes Mamba-2 yet (Quamba2's recipes are issue 16's next step).
+    # The recipes' taps are Mamba-1's; those on modules a Mamba-2 block has apply (`Recipe.restricted_to`).
     taps=(),
     rotated="out_proj",
     scan_op="ssd_scan",
     cache_shapes=cache_shapes,
     weight_shapes=weight_shapes,
     capture_root=Mamba2Root,
+    # The conv1d output feeds the scan alone (Mamba-1's feeds x_proj's GEMM, which needs one scale).
+    channel_taps=("mixer.conv1d.output_scale",),
+    channel_layout=channel_layout,
 ))

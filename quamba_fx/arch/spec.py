@@ -90,6 +90,10 @@ class ArchSpec:
     `config` holds, for checkpoint validation. `capture_root(model)` is the module `quamba_fx.capture` traces: the model's submodules under
     their Hugging Face paths with a traceable forward that opens `arch.tracing.stage` for each
     role, and a `prefix` attribute (the blocks' parent path, e.g. `backbone.`).
+    `channel_taps` are the tap keys (`mixer.conv1d.output_scale`) whose consumers take a scale per
+    channel (a recipe's `channel_specs` apply there); `channel_layout(gm, block_path, tap)` gives
+    such a tap's channel axis, its number of channels and the `(start, stop, size)` runs of
+    channels that must share a scale, `size` at a time (`quant.observers.ChannelAbsMaxObserver`).
     """
 
     name: str
@@ -115,6 +119,8 @@ class ArchSpec:
     cache_shapes: Callable[[Any, str, int], tuple[tuple[int, ...], tuple[int, ...]]]
     weight_shapes: Callable[[Any, str], dict[str, list[int]]]
     capture_root: Callable[[Any], Any]
+    channel_taps: tuple[str, ...] = ()
+    channel_layout: Callable[[Any, str, Tap], tuple[int, int, tuple[tuple[int, int, int], ...]]] | None = None
 
     @property
     def class_names(self) -> tuple[str, ...]:

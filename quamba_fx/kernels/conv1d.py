@@ -694,16 +694,21 @@ def _conv_params(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[to
     return w, None if bias is None else bias.float()
 
 
+def as_out_scale(scale: torch.Tensor) -> torch.Tensor:
+    """An op's output scale as the kernels take it: 0-d when one value, else `[D]` fp32."""
+    return scale.float().reshape(-1) if scale.numel() > 1 else as_scalar(scale)
+
+
 @graph_op("quamba::conv1d_silu_int8", mutates_args=())
 def conv1d_silu_int8_op(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         out_scale: torch.Tensor) -> torch.Tensor:
     """dequantize -> causal depthwise conv1d -> SiLU -> quantize, fused (`causal_conv1d_silu_int8`).
 
-    `x_q` int8 `[B, D, L]` (any strides), `weight` nn.Conv1d's `[D, 1, W]`, scales fp32 tensors.
-    Returns int8 `[B, D, L]` laid out as `[B, L, D]` in memory.
+    `x_q` int8 `[B, D, L]` (any strides), `weight` nn.Conv1d's `[D, 1, W]`, scales fp32 tensors
+    (`out_scale` one value or `[D]`). Returns int8 `[B, D, L]` laid out as `[B, L, D]` in memory.
     """
     w, b = _conv_params(weight, bias)
-    return causal_conv1d_silu_int8(x_q, as_scalar(x_scale), w, b, as_scalar(out_scale))
+    return causal_conv1d_silu_int8(x_q, as_scalar(x_scale), w, b, as_out_scale(out_scale))
 
 
 @conv1d_silu_int8_op.register_fake
@@ -723,9 +728,11 @@ def conv1d_silu_int8_cached_op(x_q: torch.Tensor, x_scale: torch.Tensor, weight:
     """
     w, b = _conv_params(weight, bias)
     if decode:
-        out = causal_conv1d_update_silu_int8(x_q[:, :, 0], conv_state, as_scalar(x_scale), w, b, as_scalar(out_scale))
+        out = causal_conv1d_update_silu_int8(x_q[:, :, 0], conv_state, as_scalar(x_scale), w, b,
+                                             as_out_scale(out_scale))
         return out[:, None, :].transpose(1, 2)
-    out, final = causal_conv1d_silu_int8(x_q, as_scalar(x_scale), w, b, as_scalar(out_scale), return_final_state=True)
+    out, final = causal_conv1d_silu_int8(x_q, as_scalar(x_scale), w, b, as_out_scale(out_scale),
+                                         return_final_state=True)
     conv_state.copy_(final)
     return out
 

@@ -84,11 +84,11 @@ import triton.language as tl
 from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import INTERPRETER_WIDE_N, cdiv, launch_tuned, next_pow2, precompile, sm_count, tuned_configs
-from .dispatch import as_scalar, graph_op
+from .dispatch import graph_op
 from .dispatch import use_triton as _use_triton
 from . import gemm_skinny, gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
-from .conv1d import _conv_params, causal_conv1d_update_silu_int8
+from .conv1d import _conv_params, as_out_scale, causal_conv1d_update_silu_int8
 from .pdl import launch_options, wait_for_previous
 from .gemm_epilogue import OUT_BF16 as _OUT_BF16
 from .gemm_epilogue import OUT_CAST as _OUT_CAST
@@ -504,7 +504,7 @@ class ConvStep:
     out[:, start:start + D], state, out_scale_of_the_gemm, weight, bias, out_scale)`.
 
     state: int8 `[M, D, W-1]`, advanced in place; weight: fp32 `[D, W]`; bias: fp32 `[D]` or None;
-    out_scale: the conv output's one-element fp32 scale.
+    out_scale: the conv output's fp32 scale, one element or one a channel (`[D]`).
     """
 
     state: Tensor
@@ -688,7 +688,7 @@ def in_proj_conv_update_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: T
     """
     w, b = _conv_params(conv_weight, conv_bias)
     xz, u = int8_gemm_conv_step(x_q, x_scale, w_q, w_scale, bias, out_scale,
-                                ConvStep(conv_state, w, b, as_scalar(conv_out_scale), conv_start))
+                                ConvStep(conv_state, w, b, as_out_scale(conv_out_scale), conv_start))
     return xz, u[:, None, :].transpose(1, 2)
 
 

@@ -109,10 +109,11 @@ def _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_
             cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, CONV_START, stride_csd, stride_csk, stride_cwd,
             stride_cwk, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
             OUT_PER_CHANNEL: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
-            CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr, BLOCK_N: tl.constexpr):
+            CONV_HAS_BIAS: tl.constexpr, CONV_PER_CHANNEL: tl.constexpr, FAST_MATH: tl.constexpr,
+            BLOCK_N: tl.constexpr):
     """The epilogue of a column tile, then (CONV) the decode conv step of its columns CONV_START to
     CONV_START + D_CONV (Mamba-1's x half from 0, Mamba-2's xBC after z), one channel a column
-    (conv1d.conv_update_step)."""
+    (conv1d.conv_update_step; CONV_PER_CHANNEL: the conv output's scale is one a channel)."""
     row = tl.arange(0, 1)
     if CONV:
         out = epilogue(acc, cols, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr.dtype.element_ty,
@@ -124,7 +125,7 @@ def _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_
         # The GEMM's int8 output is the conv's input, at the GEMM's out_scale.
         u = conv_update_step(tl.reshape(out, [BLOCK_N]), cs_ptr, out_scale_ptr, cw_ptr, cb_ptr, cu_scale_ptr,
                              channel, mask_c, stride_csd, stride_csk, stride_cwd, stride_cwk,
-                             CONV_W, CONV_HAS_BIAS, FAST_MATH)
+                             CONV_W, CONV_HAS_BIAS, FAST_MATH, CONV_PER_CHANNEL)
         tl.store(u_ptr + channel, u, mask=mask_c)
     else:
         store_tile(acc, row, offs_n, cols, 1, N, 0, x_scale_ptr, w_scale_ptr, bias_ptr,
@@ -143,7 +144,8 @@ def _int8_gemv_jit(
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     DP4A: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
-    CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr, FAST_MATH: tl.constexpr,
+    CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr, CONV_PER_CHANNEL: tl.constexpr,
+    FAST_MATH: tl.constexpr,
 ):
     # CONV: also the decode conv step of D_CONV columns from CONV_START (see _finish), its state
     # `cs` [D, W-1] rolled in place, its output written to u.
@@ -182,14 +184,14 @@ def _int8_gemv_jit(
     if SPLIT_K == 1:
         _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
                 cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, CONV_START, stride_csd, stride_csk, stride_cwd,
-                stride_cwk, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH,
-                BLOCK_N)
+                stride_cwk, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS,
+                CONV_PER_CHANNEL, FAST_MATH, BLOCK_N)
     elif split_k.arrive(acc, partial_ptr, count_ptr, pid_n, pid_k, SPLIT_K, 1, BLOCK_N):
         acc = split_k.total(partial_ptr, count_ptr, pid_n, SPLIT_K, 1, BLOCK_N)
         _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr,
                 cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr, D_CONV, CONV_START, stride_csd, stride_csk, stride_cwd,
-                stride_cwk, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS, FAST_MATH,
-                BLOCK_N)
+                stride_cwk, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL, CONV, CONV_W, CONV_HAS_BIAS,
+                CONV_PER_CHANNEL, FAST_MATH, BLOCK_N)
 
 
 # (N, K, out dtype, flags, device) -> the config.
@@ -213,10 +215,11 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
         state, cw, cb, cu_scale, u, start = conv
         conv_args = (state[0], cw, cb if cb is not None else cw, cu_scale, u,
                      state.shape[1], start, state.stride(1), state.stride(2), cw.stride(0), cw.stride(1))
-        conv_flags = dict(CONV=True, CONV_W=cw.shape[1], CONV_HAS_BIAS=cb is not None)
+        conv_flags = dict(CONV=True, CONV_W=cw.shape[1], CONV_HAS_BIAS=cb is not None,
+                          CONV_PER_CHANNEL=cu_scale.numel() > 1)
     else:
         conv_args = (x, x, x, x, x, 0, 0, 0, 0, 0, 0)  # placeholders, never read
-        conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
+        conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False, CONV_PER_CHANNEL=False)
     programs = cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"]
     # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
     # The first programs ask L2 for the weight's first rows (pdl.prefetch_to_l2).

@@ -81,6 +81,15 @@ def _per_tensor(gm: torch.fx.GraphModule, boundary: torch.fx.Node) -> bool:
     return isinstance(value, torch.Tensor) and value.numel() == 1
 
 
+def _per_channel_out(gm: torch.fx.GraphModule, q: torch.fx.Node) -> bool:
+    """Whether a quantize of the conv's output takes one scale a channel (`quantize(y, s, 1)`, `s`
+    a `[C]` buffer: Quamba2's Mamba-2 scales), which the kernel also takes."""
+    if q.kwargs or len(q.args) != 3 or q.args[2] != 1 or not isinstance(q.args[1], torch.fx.Node):
+        return False
+    scale = q.args[1]
+    return scale.op == "get_attr" and _attr(gm, scale.target).dim() == 1
+
+
 def _keeps_length(sliced: torch.fx.Node, x: torch.fx.Node) -> bool:
     """Whether the slice after the conv keeps exactly its input's length (what the kernel
     computes). Known on Dynamo graphs from their example values; a captured graph's slice is the
@@ -93,8 +102,9 @@ def _keeps_length(sliced: torch.fx.Node, x: torch.fx.Node) -> bool:
 
 def fuse_conv1d_silu(gm: torch.fx.GraphModule, q: torch.fx.Node) -> bool:
     """The rule: `quantize(silu(conv1d(dequantize(x_q, s_in))[..., :L]), s_out)` -> `conv1d_silu_int8`,
-    on graphs from quamba_fx (conv1d a module call) and on Dynamo's graphs of them (`F.conv1d`)."""
-    if not (q.op == "call_function" and op_name(q) == "quantize" and _per_tensor(gm, q)):
+    on graphs from quamba_fx (conv1d a module call) and on Dynamo's graphs of them (`F.conv1d`);
+    `s_out` one scale, or one a channel."""
+    if not (q.op == "call_function" and op_name(q) == "quantize" and (_per_tensor(gm, q) or _per_channel_out(gm, q))):
         return False
     silu = _single_input(q, lambda n: op_name(n) == "silu")
     sliced = silu and _single_input(silu, lambda n: op_name(n) == "getitem")

@@ -24,6 +24,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from tqdm.auto import tqdm
 
+from ..arch import arch_of
 from ..graph_info import info, op_name
 from ..quant import fp8 as _fp8_ops  # noqa: F401  (registers torch.ops.quamba.quantize_fp8 and friends)
 from ..quant.fp8_linear import Fp8Linear
@@ -63,15 +64,19 @@ class InsertQuantDequant(PassBase):
 
     `scales` maps a buffer path (`backbone.layers.0.mixer.conv1d.output_scale`) to its scale; the
     pass registers each as an fp32 buffer on its module, so scales live in the state dict and can be
-    changed in place without recompiling.
+    changed in place without recompiling. A tap in `per_channel` (tap keys) takes a `[C]` buffer,
+    one scale a channel along the axis its architecture names (`ArchSpec.channel_layout`): from a
+    list of C scales, or one number repeated (the placeholders a checkpoint's tensors load into).
     """
 
-    def __init__(self, scales: dict[str, float], taps, dtypes: dict[str, str] | None = None):
+    def __init__(self, scales: dict[str, float | list[float]], taps, dtypes: dict[str, str] | None = None,
+                 per_channel: frozenset[str] | set[str] = frozenset()):
         super().__init__()
         self.scales = scales
         self.taps = taps
         # tap key (`mixer.conv1d.output_scale`) -> spec dtype; a tap not named is int8.
         self.dtypes = dtypes or {}
+        self.per_channel = per_channel
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         for path in block_paths(gm):
@@ -82,16 +87,24 @@ class InsertQuantDequant(PassBase):
                     raise KeyError(f"no calibrated scale for {key}")
                 node = tap_node(gm, path, tap)
                 owner = gm.get_submodule(f"{path}.{tap.module}")
-                owner.register_buffer(tap.scale, torch.tensor(self.scales[key], dtype=torch.float32,
-                                                              device=_device_of(gm)))
                 meta = node.meta.get("tensor_meta")
+                value, axis = self.scales[key], ()
+                if tap.key in self.per_channel:
+                    channel_axis, channels, _ = arch_of(gm).channel_layout(gm, path, tap)
+                    if not isinstance(value, (list, tuple)):
+                        value = [value] * channels
+                    elif len(value) != channels:
+                        raise ValueError(f"{key}: {len(value)} per-channel scales for {channels} channels")
+                    axis = (channel_axis,)
+                owner.register_buffer(tap.scale, torch.tensor(value, dtype=torch.float32, device=_device_of(gm)))
                 float_dtype = getattr(meta, "dtype", torch.float32)
                 with gm.graph.inserting_after(node):
                     scale = _meta_like(gm.graph.get_attr(key), node)
                 with gm.graph.inserting_after(scale):
-                    q = _meta_like(gm.graph.call_function(quantize_op, (node, scale)), node, scale=key)
+                    q = _meta_like(gm.graph.call_function(quantize_op, (node, scale, *axis)), node, scale=key)
                 with gm.graph.inserting_after(q):
-                    dq = _meta_like(gm.graph.call_function(dequantize_op, (q, scale, float_dtype)), node, scale=key)
+                    dq = _meta_like(gm.graph.call_function(dequantize_op, (q, scale, float_dtype, *axis)), node,
+                                    scale=key)
                 node.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q)
         return PassResult(gm, True)
 
@@ -102,8 +115,42 @@ def _device_of(gm: torch.fx.GraphModule) -> torch.device:
 
 
 
+def _rank(node: torch.fx.Node) -> int | None:
+    """The rank of `node`'s value (the first one's for a split), from its shape metadata."""
+    meta = node.meta.get("tensor_meta")
+    if not hasattr(meta, "shape") and isinstance(meta, (tuple, list)) and meta:  # a split's: one a part
+        meta = meta[0]
+    shape = getattr(meta, "shape", None)
+    return None if shape is None else len(shape)
+
+
+def _channel_axis_after(node: torch.fx.Node, axis: int) -> tuple[int, list[int] | None] | None:
+    """Where a per-channel dequantize's channel `axis` lies after the layout op `node`, and for a
+    split along it the split's sizes (each part then takes its channels' scales); None where the
+    dequantize must stay (any other op, or ranks unknown)."""
+    rank = _rank(node)
+    if rank is None:
+        return None
+    name = op_name(node)
+    if name == "transpose" and len(node.args) == 3 and not node.kwargs:
+        d0, d1 = (d % rank for d in node.args[1:])
+        return (d1 if axis == d0 else d0 if axis == d1 else axis), None
+    if name == "split":
+        sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if not isinstance(dim, int):
+            return None
+        if dim % rank != axis:
+            return axis, None
+        if isinstance(sizes, (list, tuple)) and all(isinstance(v, int) for v in sizes):
+            return axis, list(sizes)
+    return None
+
+
 def sink_dequantize_past_layout(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """`layout(dequantize(q, s))` -> `dequantize(layout(q), s)`; for chunk/split, per getitem."""
+    """`layout(dequantize(q, s))` -> `dequantize(layout(q), s)`; for chunk/split, per getitem. A
+    per-channel dequantize (`dequantize(q, s, dtype, axis)`) moves only past a transpose (its axis
+    follows) and a split (split along the channel axis, each part takes a narrowed view of `s`)."""
     if node.op not in ("call_method", "call_function") or op_name(node) not in _SINKABLE:
         return False
     source = node.args[0] if node.args else None
@@ -111,7 +158,13 @@ def sink_dequantize_past_layout(gm: torch.fx.GraphModule, node: torch.fx.Node) -
         return False
     if op_name(node) in _MULTI_OUTPUT and not all(_is(u, operator.getitem) for u in node.users):
         return False
-    q, scale, dtype = source.args
+    q, scale, dtype, *axis = source.args
+    sizes = None
+    if axis:
+        after = _channel_axis_after(node, axis[0])
+        if after is None:
+            return False
+        axis, sizes = [after[0]], after[1]
     graph = gm.graph
     with graph.inserting_after(node):
         moved = _meta_like(graph.create_node(node.op, node.target, (q, *node.args[1:]), dict(node.kwargs)), node)
@@ -119,13 +172,21 @@ def sink_dequantize_past_layout(gm: torch.fx.GraphModule, node: torch.fx.Node) -
         for user in list(node.users):
             with graph.inserting_after(user):
                 item = _meta_like(graph.call_function(operator.getitem, (moved, user.args[1])), user)
-            with graph.inserting_after(item):
-                dq = _meta_like(graph.call_function(source.target, (item, scale, dtype)), user, **_scale_of(source))
+            part_scale = scale
+            if sizes is not None:  # this part's channels: a view, so an in-place scale edit reaches it
+                index = user.args[1]
+                with graph.inserting_after(item):
+                    part_scale = _meta_like(graph.call_function(torch.narrow, (scale, 0, sum(sizes[:index]),
+                                                                               sizes[index])), user)
+            with graph.inserting_after(part_scale if sizes is not None else item):
+                dq = _meta_like(graph.call_function(source.target, (item, part_scale, dtype, *axis)), user,
+                                **_scale_of(source))
             user.replace_all_uses_with(dq)
             graph.erase_node(user)
     else:
         with graph.inserting_after(moved):
-            dq = _meta_like(graph.call_function(source.target, (moved, scale, dtype)), node, **_scale_of(source))
+            dq = _meta_like(graph.call_function(source.target, (moved, scale, dtype, *axis)), node,
+                            **_scale_of(source))
         node.replace_all_uses_with(dq)
     graph.erase_node(node)
     if not source.users:

@@ -1,24 +1,25 @@
-"""Calibration observers: per-tensor statistics with bounded memory.
+"""Calibration observers: statistics of |x| with bounded memory.
 
 An observer sees every calibration batch of one tensor (`observe`), and afterwards reports one
-number (`value`) and the int8 scale derived from it (`scale`). Both observers keep O(1) state
-(the percentile observer a fixed-size histogram), whatever the number of batches.
+number (`value`) and the int8 scale derived from it (`scale`), or with `channel_abs_max` one a
+channel. Their state does not grow with the number of batches (the percentile observer keeps a
+fixed-size histogram, the channel observer one number a channel).
 
 State round-trips through `state_dict()` / `from_state_dict()` as plain Python values (str, int,
 float, list of int): JSON-serialisable as is; `from_state_dict` also accepts tensors in place of
 numbers and lists (as after a round-trip through safetensors).
 
 Recipes name their observers instead of holding factories, so that a recipe is plain data: the
-registry maps `abs_max` and `percentile` to their classes (`make_observer`, `register_observer`),
-and each class declares the keyword arguments a recipe may set, with their defaults (`defaults`)
-and their check (`check_arguments`).
+registry maps `abs_max`, `percentile` and `channel_abs_max` to their classes (`make_observer`,
+`register_observer`), and each class declares the keyword arguments a recipe may set, with their
+defaults (`defaults`) and their check (`check_arguments`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ from .qops import MIN_SCALE, QMAX
 __all__ = [
     "OBSERVERS",
     "AbsMaxObserver",
+    "ChannelAbsMaxObserver",
     "Observer",
     "PercentileObserver",
     "make_observer",
@@ -120,7 +122,7 @@ class Observer:
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"{self.label()}: observe() needs a torch.Tensor, got {type(x).__name__}")
-        absx = x.detach().to(torch.float32).abs().reshape(-1)
+        absx = x.detach().to(torch.float32).abs()
         if absx.numel() == 0:
             self.batches += 1
             return
@@ -132,9 +134,14 @@ class Observer:
                 f"{self.label()}: observed a tensor of shape {tuple(x.shape)} ({x.dtype}) with {n_nan} NaN "
                 f"and {n_inf} Inf values (after conversion to float32); calibration statistics need finite values"
             )
-        self._update(absx, float(absx.max()))
+        self._observe(absx)
         self.count += absx.numel()
         self.batches += 1
+
+    def _observe(self, absx: Tensor) -> None:
+        """Record the finite `|x|` of one batch, in its shape (per-tensor observers flatten it)."""
+        absx = absx.reshape(-1)
+        self._update(absx, float(absx.max()))
 
     def value(self) -> float:
         """The observed statistic (abs-max or percentile of |x|). Raises `RuntimeError` before any value was seen."""
@@ -336,8 +343,92 @@ def register_observer(name: str) -> Callable[[type[Observer]], type[Observer]]:
     return register
 
 
+class ChannelAbsMaxObserver(Observer):
+    """Running maximum of `|x|` per channel (along `axis` of every observed tensor), with channel
+    groups that share one scale: `groups` are `(start, stop, size)` runs of channels cut into
+    groups of `size` (Mamba-2's conv output: B's and C's channels a state group at a time); a
+    channel in no run is a group of its own. `value()` and `scale()` are lists, one number a
+    channel (a group's channels repeat its maximum), what a `[C]` scale buffer holds.
+
+    `axis` and `groups` describe the tapped tensor, not the recipe: `calibrate` sets them from the
+    architecture (`set_layout`) before the first batch. Memory: one fp32 a channel.
+    """
+
+    kind = "ChannelAbsMaxObserver"
+
+    def __init__(self, name: Optional[str] = None, axis: int = 1,
+                 groups: Sequence[Sequence[int]] = ()) -> None:
+        super().__init__(name)
+        self.axis = axis
+        self.groups: tuple[tuple[int, int, int], ...] = ()
+        self.max: Optional[Tensor] = None
+        self.set_layout(axis, groups)
+
+    def set_layout(self, axis: int, groups: Sequence[Sequence[int]]) -> None:
+        """Channels lie along `axis`; `groups` as the class says. `ValueError` for a run that is
+        not a whole number of groups, or runs that overlap."""
+        runs = tuple(sorted(tuple(int(v) for v in run) for run in groups))
+        end = 0
+        for start, stop, size in runs:
+            if not (start >= end and stop > start and size >= 1 and (stop - start) % size == 0):
+                raise ValueError(f"{self.label()}: channel groups {list(runs)} must be disjoint runs "
+                                 "(start, stop, size) of whole groups")
+            end = stop
+        self.axis, self.groups = int(axis), runs
+
+    def _observe(self, absx: Tensor) -> None:
+        if absx.dim() <= self.axis:
+            raise ValueError(f"{self.label()}: a tensor of shape {tuple(absx.shape)} has no channel dim {self.axis}")
+        channels = absx.movedim(self.axis, -1).reshape(-1, absx.shape[self.axis]).amax(dim=0).cpu()
+        if self.max is None:
+            if self.groups and self.groups[-1][1] > channels.numel():
+                raise ValueError(f"{self.label()}: channel groups reach channel {self.groups[-1][1]}, "
+                                 f"but the tensor has {channels.numel()}")
+            self.max = channels
+        elif channels.numel() != self.max.numel():
+            raise ValueError(f"{self.label()}: observed {channels.numel()} channels after {self.max.numel()}")
+        else:
+            self.max = torch.maximum(self.max, channels)
+
+    def _grouped(self) -> Tensor:
+        merged = self.max.clone()
+        for start, stop, size in self.groups:
+            run = merged[start:stop].view(-1, size)
+            merged[start:stop] = run.amax(dim=1, keepdim=True).expand_as(run).reshape(-1)
+        return merged
+
+    def value(self) -> list[float]:  # type: ignore[override]
+        """The abs-max of each channel's group, a number a channel."""
+        if self.count == 0:
+            raise RuntimeError(f"{self.label()}: value() called before any value was observed")
+        return self._grouped().tolist()
+
+    def scale(self, qmax: int = QMAX) -> list[float]:  # type: ignore[override]
+        """`value() / qmax` a channel, each floored at `MIN_SCALE`."""
+        if qmax <= 0:
+            raise ValueError(f"{self.label()}: qmax must be positive, got {qmax}")
+        return (torch.tensor(self.value()) / qmax).clamp_min(MIN_SCALE).tolist()
+
+    def _state(self) -> dict[str, Any]:
+        return {"axis": self.axis, "groups": [list(run) for run in self.groups],
+                "max": None if self.max is None else self.max.tolist()}
+
+    @classmethod
+    def _from_config(cls, state: Mapping[str, Any]) -> "ChannelAbsMaxObserver":
+        groups = [[_as_int(v) for v in run] for run in state.get("groups", [])]
+        return cls(name=state.get("name"), axis=_as_int(state.get("axis", 1)), groups=groups)
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        values = state.get("max")
+        self.max = None if values is None else torch.as_tensor(values, dtype=torch.float32).reshape(-1).clone()
+        if (self.max is None) != (self.count == 0):
+            raise ValueError(f"{self.label()}: state has {'no' if self.max is None else 'a'} per-channel maximum "
+                             f"but count {self.count}")
+
+
 register_observer("abs_max")(AbsMaxObserver)
 register_observer("percentile")(PercentileObserver)
+register_observer("channel_abs_max")(ChannelAbsMaxObserver)
 
 
 def observer_class(name: str) -> type[Observer]:

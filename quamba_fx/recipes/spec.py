@@ -19,15 +19,18 @@ from ..quant.observers import Observer, make_observer, observer_class
 from ..quant.fp8 import E4M3_MAX
 from ..quant.qops import QMAX, QMIN
 
-__all__ = ["ABS_MAX_INT8", "ACTIVATION_DTYPES", "GRANULARITIES", "LINEAR_MODULES", "TAP_SITES", "WEIGHT_METHODS",
-           "QuantSpec", "Recipe", "Tap", "WeightSpec"]
+__all__ = ["ABS_MAX_INT8", "ACTIVATION_DTYPES", "CHANNEL_ABS_MAX_INT8", "GRANULARITIES", "LINEAR_MODULES", "TAP_SITES",
+           "WEIGHT_METHODS", "QuantSpec", "Recipe", "Tap", "WeightSpec"]
 
 # Activation dtypes a spec may name, with the range of their values (integer codes for int8, the
 # largest finite e4m3 magnitude for fp8). The quantize ops implement exactly these ranges, so a
 # spec must use a dtype's full range; the scale is `statistic / qmax`.
 ACTIVATION_DTYPES: dict[str, tuple[int, int]] = {"int8": (QMIN, QMAX), "float8_e4m3": (-int(E4M3_MAX), int(E4M3_MAX))}
-# Activations are quantized with one scale per tensor: the ops read a 0-dim scale buffer.
-GRANULARITIES = ("per_tensor",)
+# One scale a tensor (a 0-dim buffer), or one a channel (a `[C]` buffer) where the architecture's
+# kernels take it (`ArchSpec.channel_taps`; Mamba-2's conv1d output: x by channel, B and C by
+# state group), always from the abs-max of each channel (or group): `channel_abs_max`.
+GRANULARITIES = ("per_tensor", "per_channel")
+CHANNEL_OBSERVER = "channel_abs_max"
 _MAX_NAME_LENGTH = 200
 
 
@@ -56,7 +59,10 @@ class QuantSpec:
 
     `observer_args` may be given as a mapping; it is stored as sorted `(name, value)` pairs with
     every default filled in, so the spec stays hashable and two spellings of one configuration
-    compare equal. Values must be JSON scalars. Raises `RecipeError` naming the bad field.
+    compare equal. Values must be JSON scalars. `granularity` `per_channel` (with the observer
+    `channel_abs_max`) gives one scale per channel, or per group of channels where the
+    architecture's kernels need one (see `Recipe.channel_specs`). Raises `RecipeError` naming the
+    bad field.
     """
 
     dtype: str = "int8"
@@ -74,6 +80,10 @@ class QuantSpec:
         _expect(_is_int(self.qmax) and self.qmax == high, "qmax", f"{high} (the full {self.dtype} range)", self.qmax)
         _expect(self.granularity in GRANULARITIES, "granularity", f"one of {', '.join(GRANULARITIES)}",
                 self.granularity)
+        per_channel = self.granularity == "per_channel"
+        _expect(per_channel == (self.observer == CHANNEL_OBSERVER), "observer",
+                f"{CHANNEL_OBSERVER!r} for a per_channel spec and only then", self.observer)
+        _expect(not per_channel or self.dtype == "int8", "dtype", "int8 for a per_channel spec", self.dtype)
         try:
             cls = observer_class(self.observer)
         except ValueError as exc:
@@ -114,6 +124,9 @@ class QuantSpec:
 # The plainest activation spec (int8, full range, one scale a tensor, abs-max), which most taps
 # of every built-in recipe use.
 ABS_MAX_INT8 = QuantSpec(dtype="int8", qmin=-128, qmax=127, granularity="per_tensor", observer="abs_max")
+# Its per-channel form (Quamba2's scales of Mamba-2's conv1d output).
+CHANNEL_ABS_MAX_INT8 = QuantSpec(dtype="int8", qmin=-128, qmax=127, granularity="per_channel",
+                                 observer=CHANNEL_OBSERVER)
 
 
 # Every Linear of a block (block-relative paths, Mamba-1's four; a Mamba-2 block has in_proj and out_proj).
@@ -182,16 +195,21 @@ class Recipe:
     Linear weights are stored (`weights`, by default 8-bit per channel).
 
     `specs` may be given as a mapping from `Tap` to `QuantSpec`; it is stored as `(tap, spec)`
-    pairs. Only a 4-bit weight recipe may have no taps (weight-only, W4A16). Raises `RecipeError`
-    naming the bad field for an invalid name, no taps, or a tap given twice. Build one and pass it
-    as `recipe=` to `quantize` or `calibrate`, or register it (`quamba_fx.recipes.register_recipe`)
-    to use it by name.
+    pairs. Only a 4-bit weight recipe may have no taps (weight-only, W4A16). `channel_specs`
+    (likewise) are `per_channel` specs that replace a tap's spec in the architectures whose kernels
+    take a scale per channel there (`ArchSpec.channel_taps`: Mamba-2's conv1d output, which feeds
+    the scan; Mamba-1's feeds x_proj's GEMM, which needs one scale); `quantize` applies them
+    (`with_channel_scales`). Raises `RecipeError` naming the bad field for an invalid name, no
+    taps, a tap given twice, or a channel spec that is not per channel or has no tap in `specs`.
+    Build one and pass it as `recipe=` to `quantize` or `calibrate`, or register it
+    (`quamba_fx.recipes.register_recipe`) to use it by name.
     """
 
     name: str
     hadamard: bool
     specs: tuple[tuple[Tap, QuantSpec], ...] = field(default=())
     weights: WeightSpec = PER_CHANNEL_8BIT
+    channel_specs: tuple[tuple[Tap, QuantSpec], ...] = field(default=())
 
     def __post_init__(self) -> None:
         _expect(isinstance(self.name, str) and 0 < len(self.name) <= _MAX_NAME_LENGTH and self.name.isprintable(),
@@ -209,6 +227,19 @@ class Recipe:
             _expect(pair[0].key not in seen, f"taps[{i}]", "a tap whose scale buffer no other tap uses", pair[0].key)
             seen.add(pair[0].key)
         object.__setattr__(self, "specs", tuple((tap, spec) for tap, spec in pairs))
+        channel = tuple(self.channel_specs.items()) if isinstance(self.channel_specs, Mapping) else self.channel_specs
+        _expect(isinstance(channel, (tuple, list)), "channel_taps", "a list of taps", channel)
+        overridden: set[str] = set()
+        for i, pair in enumerate(channel):
+            where = f"channel_taps[{i}]"
+            _expect(isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], Tap)
+                    and isinstance(pair[1], QuantSpec), where, "a (Tap, QuantSpec) pair", pair)
+            _expect(pair[0].key in seen and pair[0].key not in overridden, where,
+                    "a tap of the recipe's taps, given once", pair[0].key)
+            _expect(pair[1].granularity == "per_channel", f"{where}.spec.granularity", "per_channel",
+                    pair[1].granularity)
+            overridden.add(pair[0].key)
+        object.__setattr__(self, "channel_specs", tuple((tap, spec) for tap, spec in channel))
 
     @property
     def taps(self) -> tuple[Tap, ...]:
@@ -221,12 +252,23 @@ class Recipe:
         x_proj or dt_proj). Itself when everything is kept; `RecipeError` when it would quantize
         nothing."""
         kept = tuple((tap, spec) for tap, spec in self.specs if tap.module in modules)
+        channel = tuple((tap, spec) for tap, spec in self.channel_specs if tap.module in modules)
         weights = replace(self.weights, modules=tuple(m for m in self.weights.modules if m in modules))
         if not kept and (self.specs or not weights.modules):
             raise RecipeError("taps", f"recipe {self.name!r} quantizes none of the modules {sorted(modules)}")
-        if len(kept) == len(self.specs) and weights == self.weights:
+        if len(kept) == len(self.specs) and len(channel) == len(self.channel_specs) and weights == self.weights:
             return self
-        return replace(self, specs=kept, weights=weights)
+        return replace(self, specs=kept, weights=weights, channel_specs=channel)
+
+    def with_channel_scales(self, keys: set[str] | frozenset[str] | tuple[str, ...]) -> "Recipe":
+        """This recipe with each channel spec whose tap key is in `keys` (the taps where an
+        architecture takes per-channel scales) in place of the tap's spec, and no channel specs
+        left: the recipe a graph of that architecture is quantized with. Itself without any."""
+        if not self.channel_specs:
+            return self
+        chosen = {tap.key: spec for tap, spec in self.channel_specs if tap.key in keys}
+        return replace(self, specs=tuple((tap, chosen.get(tap.key, spec)) for tap, spec in self.specs),
+                       channel_specs=())
 
     def spec(self, tap: Tap) -> QuantSpec:
         """The spec of `tap`; `KeyError` if this recipe does not quantize it."""
@@ -249,38 +291,53 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """This recipe as JSON-ready data; `Recipe.from_dict(recipe.to_dict()) == recipe`."""
-        return {
+        data = {
             "name": self.name,
             "hadamard": self.hadamard,
-            "taps": [{"module": tap.module, "scale": tap.scale, "at": tap.at, "spec": spec.to_dict()}
-                     for tap, spec in self.specs],
+            "taps": _taps_to_list(self.specs),
             "weights": self.weights.to_dict(),
         }
+        if self.channel_specs:  # absent otherwise: earlier recipes' dicts stay as they were
+            data["channel_taps"] = _taps_to_list(self.channel_specs)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
         """The recipe `to_dict` wrote. Raises `RecipeError` naming the first missing, unknown or
-        malformed field (`taps[2].spec.observer`). `weights` is the one field that may be absent:
-        recipes saved before it existed had 8-bit per-channel weights, its default."""
+        malformed field (`taps[2].spec.observer`). `weights` and `channel_taps` may be absent:
+        recipes saved before `weights` existed had 8-bit per-channel weights, its default, and
+        `to_dict` leaves out an empty `channel_taps`."""
         if isinstance(data, dict) and "weights" not in data:
             data = {**data, "weights": PER_CHANNEL_8BIT.to_dict()}
-        _check_keys(data, ("name", "hadamard", "taps", "weights"), None)
-        _expect(isinstance(data["taps"], list), "taps", "a list", data["taps"])
-        specs = []
-        for i, entry in enumerate(data["taps"]):
-            where = f"taps[{i}]"
-            _check_keys(entry, ("module", "scale", "at", "spec"), where)
-            try:
-                tap = Tap(entry["module"], entry["scale"], entry["at"])
-            except RecipeError as exc:
-                raise exc.within(where) from None
-            _expect(isinstance(entry["spec"], dict), f"{where}.spec", "an object", entry["spec"])
-            try:
-                spec = QuantSpec.from_dict(entry["spec"])
-            except RecipeError as exc:
-                raise exc.within(f"{where}.spec") from None
-            specs.append((tap, spec))
-        return cls(data["name"], data["hadamard"], tuple(specs), WeightSpec.from_dict(data["weights"]))
+        if isinstance(data, dict) and "channel_taps" not in data:
+            data = {**data, "channel_taps": []}
+        _check_keys(data, ("name", "hadamard", "taps", "weights", "channel_taps"), None)
+        return cls(data["name"], data["hadamard"], _taps_from_list(data["taps"], "taps"),
+                   WeightSpec.from_dict(data["weights"]), _taps_from_list(data["channel_taps"], "channel_taps"))
+
+
+def _taps_to_list(specs: tuple[tuple[Tap, QuantSpec], ...]) -> list[dict[str, Any]]:
+    return [{"module": tap.module, "scale": tap.scale, "at": tap.at, "spec": spec.to_dict()} for tap, spec in specs]
+
+
+def _taps_from_list(entries: Any, field_name: str) -> tuple[tuple[Tap, QuantSpec], ...]:
+    """The `(tap, spec)` pairs `_taps_to_list` wrote; `RecipeError` naming the bad entry."""
+    _expect(isinstance(entries, list), field_name, "a list", entries)
+    specs = []
+    for i, entry in enumerate(entries):
+        where = f"{field_name}[{i}]"
+        _check_keys(entry, ("module", "scale", "at", "spec"), where)
+        try:
+            tap = Tap(entry["module"], entry["scale"], entry["at"])
+        except RecipeError as exc:
+            raise exc.within(where) from None
+        _expect(isinstance(entry["spec"], dict), f"{where}.spec", "an object", entry["spec"])
+        try:
+            spec = QuantSpec.from_dict(entry["spec"])
+        except RecipeError as exc:
+            raise exc.within(f"{where}.spec") from None
+        specs.append((tap, spec))
+    return tuple(specs)
 
 
 def _check_keys(data: Any, keys: tuple[str, ...], where: str | None) -> None:

@@ -10,7 +10,8 @@ import torch.fx
 from ...graph_info import fetch_attr, info
 from ..quantize import DEQUANTIZE
 
-__all__ = ["annotate", "get_attr", "is_call", "is_cast", "is_fp32_cast", "is_scalar_attr", "strip_casts"]
+__all__ = ["annotate", "channel_scale_values", "get_attr", "is_call", "is_cast", "is_fp32_cast", "is_scalar_attr",
+           "per_channel_int8", "strip_casts"]
 
 
 def is_call(node: Any, target) -> bool:
@@ -56,6 +57,28 @@ def per_tensor_int8(node: object) -> tuple[torch.fx.Node, torch.fx.Node] | None:
     if not is_call(node, DEQUANTIZE) or node.kwargs or not is_scalar_attr(node):
         return None
     if len(node.args) > 2 and node.args[2] != torch.float32:  # (q, scale[, out_dtype[, axis]])
+        return None
+    return node.args[0], node.args[1]
+
+
+def channel_scale_values(scale: Any) -> torch.Tensor | None:
+    """The values a per-channel scale node reads now: a get_attr buffer, or a `torch.narrow` of
+    one (how a split part takes its channels' scales, quantize.SinkDequantize); else None."""
+    narrowed = isinstance(scale, torch.fx.Node) and scale.op == "call_function" and scale.target is torch.narrow
+    attr = scale.args[0] if narrowed else scale
+    gm = attr.graph.owning_module if isinstance(attr, torch.fx.Node) else None
+    if gm is None or attr.op != "get_attr" or (narrowed and scale.kwargs):
+        return None
+    values = fetch_attr(gm, attr.target)
+    return values.narrow(*scale.args[1:]) if narrowed else values
+
+
+def per_channel_int8(node: object) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(q, scale) when `node` is `dequantize(q, scale, fp32, axis)` along the last of three dims
+    with a scale of one value a channel: an int8 `[B, L, C]` a kernel can read with its scales."""
+    if not is_call(node, DEQUANTIZE) or node.kwargs or len(node.args) != 4 or node.args[2] != torch.float32:
+        return None
+    if node.args[3] not in (2, -1) or channel_scale_values(node.args[1]) is None:
         return None
     return node.args[0], node.args[1]
 

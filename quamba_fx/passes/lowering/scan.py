@@ -5,18 +5,20 @@ its chunked kernels (kernels/ssd.py)."""
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 import torch.fx
 
 from ... import ops as reference_ops  # noqa: F401  (registers torch.ops.quamba.selective_scan)
+from ...errors import InvalidArgumentError
 from ...graph_info import info
 from ...kernels import scan as scan_kernel  # noqa: F401  (registers the kernel ops read below)
 from ...kernels import ssd as ssd_kernel  # noqa: F401  (the same, for Mamba-2)
 from ..quantize import DEQUANTIZE
 from ..rewrite import Rule
 from .gemm import W8A8_LINEAR
-from .match import annotate, is_call, per_tensor_int8, transposed_projection
+from .match import annotate, channel_scale_values, is_call, per_channel_int8, per_tensor_int8, transposed_projection
 
 SCAN = torch.ops.quamba.selective_scan.default
 # Mamba-2's scan: the kernel op takes the reference op's arguments, its products' dtype and, for
@@ -66,11 +68,34 @@ def _is_unflatten(node: object) -> bool:
 
 
 def _int8_code(node: object) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node | None] | None:
-    """(int8 code, scale, the unflatten after the dequantize or None) of a per-tensor
-    `[unflatten](dequantize(q, scale))` to fp32: x, B and C are unflattened after it, dt is not."""
+    """(int8 code, scale, the unflatten after the dequantize or None) of a per-tensor or
+    per-channel `[unflatten](dequantize(q, scale))` to fp32: x, B and C are unflattened after it,
+    dt is not."""
     unflatten = node if _is_unflatten(node) else None
-    code = per_tensor_int8(node if unflatten is None else unflatten.args[0])
+    dequantized = node if unflatten is None else unflatten.args[0]
+    code = per_tensor_int8(dequantized) or per_channel_int8(dequantized)
     return None if code is None else (*code, unflatten)
+
+
+def _group_scale(graph: torch.fx.Graph, name: str, scale: torch.fx.Node,
+                 unflatten: torch.fx.Node | None) -> torch.fx.Node:
+    """B's or C's scale as the kernels take it: as is when one value, else one a state group (the
+    first of each group's channels, a strided view). Quamba2's recipes give a group's channels
+    one scale (`arch.mamba2.channel_layout`); channels of one group with different scales cannot
+    be read from a group's sums, and are refused."""
+    values = channel_scale_values(scale)
+    if values is None or values.numel() == 1:
+        return scale
+    state = unflatten.args[-1][-1] if unflatten is not None and unflatten.args else None
+    if not isinstance(state, int) or values.numel() % state:
+        raise InvalidArgumentError(
+            f"ssd_scan: {name}'s per-channel scale ({values.numel()} values) is not one per state group")
+    groups = values.reshape(-1, state)
+    if not bool((groups == groups[:, :1]).all()):
+        raise InvalidArgumentError(
+            f"ssd_scan: {name}'s scales differ within a state group ({scale.name}); the scan kernels take one scale "
+            "a group (it factors out of C B^T): give a group's channels one scale")
+    return graph.call_function(operator.getitem, (scale, slice(None, None, state)))
 
 
 def ssd_scan_on_kernels(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
@@ -91,6 +116,8 @@ def ssd_scan_on_kernels(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: to
                           graph.call_method("unflatten", (q, *unflatten.args[1:]), dict(unflatten.kwargs)), unflatten)
                       for q, _, unflatten in codes]
             scales = [scale for _, scale, _ in codes]
+            scales[2:] = [_group_scale(graph, name, scale, unflatten)
+                          for name, (_, scale, unflatten) in zip("BC", codes[2:])]
         new = graph.call_function(SSD_SCAN_TRITON, (inputs[0], inputs[1], A, inputs[2], inputs[3], *rest, dtype,
                                                     *scales, dtype))
     node.replace_all_uses_with(annotate(new, node))
