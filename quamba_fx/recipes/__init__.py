@@ -19,13 +19,12 @@ from .taps import CONV_OUT, DT_PROJ_OUT, IN_PROJ_OUT, NORM_OUT, OUT_PROJ_IN, W8A
 FP8 = fp8.FP8
 NAIVE = naive.NAIVE
 QUAMBA = quamba.QUAMBA
-QUAMBA2_W8A8 = quamba2.QUAMBA2_W8A8
 QUAMBA2_W4A8 = quamba2.QUAMBA2_W4A8
 QUAMBA2_W4A16 = quamba2.QUAMBA2_W4A16
+QUAMBA2_W8A8 = quamba2.QUAMBA2_W8A8
 
 __all__ = [
     "ACTIVATION_DTYPES", "CONV_OUT", "DT_PROJ_OUT", "FP8", "GRANULARITIES", "IN_PROJ_OUT", "NAIVE", "NORM_OUT",
     "OUT_PROJ_IN", "QUAMBA", "QUAMBA2_W4A16", "QUAMBA2_W4A8", "QUAMBA2_W8A8", "TAP_SITES", "W8A8_TAPS", "X_PROJ_OUT",
-    "QuantSpec",
-    "Recipe", "Tap", "WeightSpec", "as_recipe", "make_recipe", "recipe_names", "register_recipe",
+    "QuantSpec", "Recipe", "Tap", "WeightSpec", "as_recipe", "make_recipe", "recipe_names", "register_recipe",
 ]

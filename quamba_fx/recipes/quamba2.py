@@ -1,9 +1,9 @@
 """The recipes of Quamba2 (Chiang et al., 2025): `quamba2-w8a8`, `quamba2-w4a8`, `quamba2-w4a16`.
 
-The 4-bit ones store every Linear of a block (in_proj, out_proj, and on Mamba-1 x_proj and dt_proj) as int4
-codes, two a byte, with one fp16 scale per 128 input columns of a row, quantized with GPTQ on the
-calibration data, and rotate out_proj's input with a Hadamard transform (which also spreads the
-outlier columns of out_proj's weight, so fewer groups are set by one large value).
+The 4-bit ones store every Linear of a block (in_proj, out_proj, and on Mamba-1 x_proj and
+dt_proj) as int4 codes, two a byte, with one fp16 scale per 128 input columns of a row, quantized
+with GPTQ on the calibration data, and rotate out_proj's input with a Hadamard transform (which
+also spreads the outlier columns of out_proj's weight, so fewer groups are set by one large value).
 
 - `quamba2-w4a8`: the activations as the `quamba` recipe quantizes them (int8; the conv1d+SiLU
   output at its 99.999th percentile, on Mamba-2 per channel: below), for throughput at large
@@ -20,8 +20,9 @@ in registers. Our kernels read a scale per channel at no cost in the products (x
 free index of every sum in the scan), which is the finer form of the same thing and needs no
 rearrangement; measured on mamba2-bytes-wt2 (docs/benchmarks.md, session 38), one scale a channel
 lowers the W8A8 KL to fp32 from 0.00078 (one scale for x, B and C) to 0.00053 (bits per byte
-unchanged within noise), and a per-channel percentile does no better than the abs-max. On Mamba-1 the conv1d output feeds x_proj's GEMM,
-which needs one scale: there these recipes keep `quamba`'s 99.999th-percentile scale.
+unchanged within noise), and a per-channel percentile does no better than the abs-max. On
+Mamba-1 the conv1d output feeds x_proj's GEMM, which needs one scale: there these recipes keep
+`quamba`'s 99.999th-percentile scale.
 """
 
 from __future__ import annotations
