@@ -79,7 +79,8 @@ def _discretize(dt, dt_min, dt_max, SOFTPLUS: tl.constexpr, CLAMP_MAX: tl.conste
 
 
 # Int8 inputs come with their scales in one fp32 tensor: dt's, then B's and C's per group (G
-# each; a per-tensor scale repeated), then x's, one or per channel (heads x head_dim). Offsets:
+# each; a per-tensor scale repeated), then x's, one or per channel (heads x head_dim). These read
+# them at their offsets:
 @triton.jit
 def _b_scale(scales_ptr, g):
     return tl.load(scales_ptr + 1 + g)
@@ -377,16 +378,17 @@ def _check_float(fn: str, name: str, dtype: torch.dtype) -> None:
 
 
 def _stacked_scales(x: Tensor, dt: Tensor, B: Tensor, C: Tensor,
-                    input_scales: Optional[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Optional[Tensor]:
-    """The scales as one fp32 tensor (the kernels' `scales_ptr`: dt's, B's and C's per group, x's),
-    after checking that int8 inputs come with them and float inputs without. x's scale is per
-    tensor or per channel (`[heads, head_dim]` or flat), B's and C's per tensor or per group
-    (`[groups]`: a per-channel one along the state would not factor out of `C B^T`), dt's per tensor."""
+                    input_scales: Optional[tuple[Tensor, Tensor, Tensor, Tensor]]) -> tuple[Optional[Tensor], bool]:
+    """The scales as one fp32 tensor (the kernels' `scales_ptr`: dt's, B's and C's per group, x's)
+    and whether x's are one a channel (the kernels' PER_CHANNEL_X), after checking that int8
+    inputs come with them and float inputs without. x's scale is per tensor or per channel
+    (`[heads, head_dim]` or flat), B's and C's per tensor or per group (`[groups]`: a per-channel
+    one along the state would not factor out of `C B^T`), dt's per tensor."""
     int8 = [t.dtype == torch.int8 for t in (x, dt, B, C)]
     if input_scales is None:
         if any(int8):
             raise InputError("ssd_scan: int8 x, dt, B, C need their input_scales (x, dt, B, C)")
-        return None
+        return None, False
     if not all(int8) or len(input_scales) != 4:
         raise InputError("ssd_scan: input_scales are four scales, for int8 x, dt, B and C")
     x_scale, dt_scale, B_scale, C_scale = input_scales
@@ -397,12 +399,8 @@ def _stacked_scales(x: Tensor, dt: Tensor, B: Tensor, C: Tensor,
             allowed = "one value" + (f" or one per {per} ({count})" if per else "")
             raise InputError(f"ssd_scan: {name}'s scale must be {allowed}, got shape {list(scale.shape)}")
     per_group = [s.reshape(-1).float().expand(groups) for s in (B_scale, C_scale)]
-    return torch.cat([dt_scale.reshape(1).float(), *per_group, x_scale.reshape(-1).float()])
-
-
-def _per_channel_x(scales: Optional[Tensor], groups: int) -> bool:
-    """Whether the stacked `scales` hold one scale per channel of x (more than dt's, B's, C's and one)."""
-    return scales is not None and scales.numel() > 2 + 2 * groups
+    stacked = torch.cat([dt_scale.reshape(1).float(), *per_group, x_scale.reshape(-1).float()])
+    return stacked, x_scale.numel() > 1
 
 
 def _dequantized(x: Tensor, dt: Tensor, B: Tensor, C: Tensor,
@@ -469,7 +467,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     head_dim]` in `out_dtype` (fp32, fp16 or bf16: the sums rounded once), and with
     `return_final_state` also the fp32 state `[batch, heads, head_dim, state]`.
     """
-    scales = _stacked_scales(x, dt, B, C, input_scales)
+    scales, per_channel_x = _stacked_scales(x, dt, B, C, input_scales)
     product_dtype = (torch.float32 if scales is not None else x.dtype) if product_dtype is None else product_dtype
     _check_float("ssd_scan", "product_dtype", product_dtype)
     _check_float("ssd_scan", "out_dtype", out_dtype)
@@ -501,7 +499,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     final = torch.empty((batch, heads, head_dim, state), **f32) if return_final_state else None
     start = None if initial_state is None else initial_state.float().contiguous()
     launch = tiles(chunk, head_dim, state, ieee)
-    scaled, per_channel_x = scales is not None, _per_channel_x(scales, groups)
+    scaled = scales is not None
     scales = scales if scaled else cum  # a dummy pointer when unscaled, never read
     products = dict(SCALED=scaled, DOT=_DOT_DTYPES[product_dtype], IEEE=ieee)
 
@@ -556,7 +554,7 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
     heads, head_dim]` in `out_dtype`.
     """
     _check_float("ssd_state_update", "out_dtype", out_dtype)
-    scales = _stacked_scales(x, dt, B, C, input_scales)
+    scales, per_channel_x = _stacked_scales(x, dt, B, C, input_scales)
     if scales is not None and not _use_triton(x):
         x, dt, B, C = _dequantized(x, dt, B, C, input_scales)
     check_ssd_inputs(x, dt, A, B, C, D, dt_bias, 1)
@@ -585,7 +583,7 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
         C.stride(0), C.stride(1), C.stride(2), y.stride(0), y.stride(1), y.stride(2),
         HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
         CLAMP_MAX=not math.isinf(dt_max), SCALED=scales is not None,
-        PER_CHANNEL_X=_per_channel_x(scales, B.shape[2]), BLOCK_P=block_p, BLOCK_N=block_n,
+        PER_CHANNEL_X=per_channel_x, BLOCK_P=block_p, BLOCK_N=block_n,
     )
     return y
 
