@@ -18,9 +18,9 @@
   [2**-126, 2**120].
 * `quantize_e4m3_rn(y, scale)`: the fp8 counterpart, `e4m3(clamp(y / scale, -448, 448))` (round
   to nearest even, subnormals included) like `quamba_fx.quant.fp8.quantize_fp8`, bit for bit, for
-  scales in [2**-90, 2**118]. The rounding is done in fp32 arithmetic, so the value stored to fp8
-  is already an e4m3 value and any fp32 -> e4m3 cast of it is exact (the interpreter's own cast
-  rounds differently from torch's on a fifth of random inputs; the GPU's is never asked to round).
+  scales in [2**-90, 2**118]. On CUDA the hardware's fp32 -> e4m3 conversion rounds the correctly
+  rounded quotient; under the interpreter, whose own cast rounds differently from torch's on a
+  fifth of random inputs, the rounding is done in fp32 arithmetic on the bits.
 * `mul_rn(a, b)`: `a * b` rounded once and never contracted with a later add into an FMA, for
   kernels compiled with fp fusion that must reproduce a two-rounding `a * b + c` (on CUDA a
   `mul.rn.f32` in inline PTX, which the compiler cannot see through; the interpreter never fuses).
@@ -28,7 +28,8 @@
   fp32 -> bf16 cast truncates, and its "rtne" mode rounds ties away from zero; the GPU's rounds).
 
 Only the interpreter pays for the emulation (a handful of numpy operations per element); on CUDA
-the flag below is a compile-time constant and the kernels keep their single `fma.rn.f32`.
+the flags below are compile-time constants and the kernels keep their single `fma.rn.f32` and
+`cvt.rn.satfinite.e4m3x2.f32`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ __all__ = ["f32_to_bf16_rne", "fma_rn", "mul_rn", "quantize_e4m3_rn", "quantize_
 # A compile-time constant: Triton accepts globals in kernels only as constexprs (and hashes their
 # values into the kernel's cache key).
 _EMULATE_FMA = tl.constexpr(INTERPRET)
+# The interpreter's own fp32 -> e4m3 cast rounds differently from torch's on a fifth of random
+# inputs, so it rounds by hand; compiled kernels use the hardware's conversion.
+_EMULATE_E4M3 = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -127,10 +131,9 @@ _E4M3_MIN_ULP_EXP_PLUS_3 = tl.constexpr(127 - 9 + 3)
 
 
 @triton.jit
-def _e4m3_bits(q, negative):
-    """fp32 `q`, |q| <= 464, rounded to the nearest e4m3 value (ties to even), as its 8-bit code
-    (uint8) with the sign bit set where `negative` (q's own sign bit may be wrong on a zero: see
-    quantize_e4m3_rn); NaN gives 0x7F."""
+def _e4m3_bits(q):
+    """|fp32 `q`|, |q| <= 464, rounded to the nearest e4m3 value (ties to even), as its 8-bit code
+    (uint8) without a sign bit; NaN gives 0x7F."""
     a = tl.abs(q)
     # NaN lanes round 0 instead (their exponent would make the constant below inf).
     is_nan = a != a
@@ -148,8 +151,7 @@ def _e4m3_bits(q, negative):
     normal = (r.to(tl.uint32, bitcast=True) >> 20).to(tl.int32) - 960
     sub = (r * 512.0).to(tl.int32)
     code = tl.where(r >= 0.015625, normal, sub)
-    code = tl.where(is_nan, 0x7F, code)
-    return (code | tl.where(negative, 0x80, 0)).to(tl.uint8)
+    return tl.where(is_nan, 0x7F, code).to(tl.uint8)
 
 
 @triton.jit
@@ -172,8 +174,17 @@ def quantize_e4m3_rn(y, scale):
     q = fma_rn(fma_rn(-q0, scale, y_sat), inv, q0)
     # The sign comes from y: the correction's `+0 + -0` makes every -0.0 quotient +0.0 (torch keeps
     # -0.0, and rounds tiny negatives to it).
-    negative = (y.to(tl.uint32, bitcast=True) >> 31) != 0
-    return _e4m3_bits(q, negative).to(tl.float8e4nv, bitcast=True)
+    sign = ((y.to(tl.uint32, bitcast=True) >> 31) << 7).to(tl.uint8)
+    if _EMULATE_E4M3:
+        magnitude = _e4m3_bits(q)
+    else:
+        # sm_89+'s cvt.rn.satfinite.e4m3x2.f32 (what Triton emits for this cast on sm_90) rounds to
+        # nearest even with subnormals, as _e4m3_bits does, in one instruction per two values
+        # instead of about twenty: the e4m3 Hadamard and norm kernels cost 1.3-1.7x their int8
+        # twins with the emulation (docs/benchmarks.md, run 8). |q| <= 464 never saturates wrongly
+        # (448 * (1 + 2**-23) rounds to 448 either way); a NaN gives 0x7F, as _e4m3_bits.
+        magnitude = tl.abs(q).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return (magnitude | sign).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
