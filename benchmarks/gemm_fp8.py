@@ -18,6 +18,8 @@ triton.testing.do_bench, L2 flushed between repetitions):
                 per-channel scale, no bias (a floor, not an alternative);
 * mm_rowwise -- `torch._scaled_mm` with row-wise scales (x_scale per row, w_scale per column), bf16
                 out: cuBLAS fusing the per-channel scale, what a bf16-output recipe could use;
+* int8       -- our W8A8 GEMM (`int8_gemm`, per-channel weight scale, bias, fp16 out) on the same
+                shape: what the fp8 recipe must match (issue 15), timed, not checked;
 * fp16       -- `F.linear` in fp16 with bias (cuBLAS), what the unquantized model runs.
 
 Speedups are fp16 time / row time. Each of our rows is checked against the exact reference
@@ -45,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quamba_fx.kernels import gemm_fp8  # noqa: E402
+from quamba_fx.kernels.gemm import int8_gemm  # noqa: E402
 from quamba_fx.kernels.gemm_fp8 import fp8_gemm, fp8_gemm_reference  # noqa: E402
 from quamba_fx.quant.fp8 import E4M3_MAX, quantize_fp8, quantize_weight_per_channel_fp8  # noqa: E402
 
@@ -65,7 +68,13 @@ def make_inputs(m: int, n: int, k: int, device: str) -> dict:
     x_scale = (x.float().abs().amax() / E4M3_MAX).reshape(())
     x_q = quantize_fp8(x, x_scale)
     w_q, w_scale = quantize_weight_per_channel_fp8(w)
-    return dict(x=x, w=w, bias=bias, x_q=x_q, x_scale=x_scale, w_q=w_q, w_scale=w_scale)
+    # int8 operands for the W8A8 row: symmetric, per-tensor activations, per-channel weights.
+    x_i8_scale = (x.float().abs().amax() / 127).reshape(())
+    w_i8_scale = w.float().abs().amax(dim=1).clamp_min(1e-8) / 127
+    x_i8 = torch.round(x.float() / x_i8_scale).clamp(-128, 127).to(torch.int8)
+    w_i8 = torch.round(w.float() / w_i8_scale[:, None]).clamp(-128, 127).to(torch.int8)
+    return dict(x=x, w=w, bias=bias, x_q=x_q, x_scale=x_scale, w_q=w_q, w_scale=w_scale,
+                x_i8=x_i8, x_i8_scale=x_i8_scale, w_i8=w_i8, w_i8_scale=w_i8_scale)
 
 
 def _fast_accumulation(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -89,6 +98,8 @@ def candidates(t: dict, gpu: bool) -> Dict[str, Optional[Callable[[], torch.Tens
         rows["mm_tensor"] = lambda: torch._scaled_mm(t["x_q"], w_t, scale_a=one, scale_b=one, out_dtype=torch.float16)
         rows["mm_rowwise"] = lambda: torch._scaled_mm(t["x_q"], w_t, scale_a=row_scale, scale_b=col_scale,
                                                       out_dtype=torch.bfloat16)
+        rows["int8"] = lambda: int8_gemm(t["x_i8"], t["x_i8_scale"], t["w_i8"], t["w_i8_scale"], t["bias"],
+                                         out_dtype=torch.float16)
         rows["fp16"] = lambda: F.linear(t["x"], w16, t["bias"].half())
     return rows
 

@@ -47,6 +47,52 @@ def test_fp8_gemm_matches_the_reference(backend, m, n, k, lead, out):
     assert close(y, reference)
 
 
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """Routes every TMA-addressable problem of 16 rows or more to gemm_tma's persistent kernel and
+    records the configs it launches."""
+    from quamba_fx.kernels import gemm_fp8, gemm_tma
+
+    monkeypatch.setattr(gemm_fp8, "_TMA_MIN_M", 16)
+    monkeypatch.setattr(gemm_tma, "_TUNED", {})
+    launched = []
+    real = gemm_tma.launch_config
+
+    def spy(c, tensors, m, n, k, flags):
+        launched.append((c, flags))
+        return real(c, tensors, m, n, k, flags)
+
+    monkeypatch.setattr(gemm_tma, "launch_config", spy)
+    return launched
+
+
+@needs_interpreter
+@pytest.mark.parametrize("m, n, k, lead", [(61, 96, 80, ()), (17, 48, 32, (2,)), (40, 32, 16, ())])
+@pytest.mark.parametrize("out", ["fp16", "bf16", "fp32", "int8", "int8_per_channel"])
+def test_fp8_prefill_runs_the_persistent_tma_kernel(m, n, k, lead, out, tma_launches):
+    """Ragged M and N tiles over 3 persistent programs, a K tail (80 = 2.5 steps of 32), K below one
+    step; fp32 accumulation with the partial sums promoted."""
+    x_q, xs, w_q, ws, bias = operands(m, n, k, seed=m, lead=lead)
+    out_scale = {"int8": torch.tensor(0.2), "int8_per_channel": torch.rand(n) * 0.3 + 0.05}.get(out)
+    out_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(out)
+    y = fp8_gemm(x_q, xs, w_q, ws, bias, out_scale, out_dtype, backend="triton")
+    reference = fp8_gemm_reference(x_q, xs, w_q, ws, bias, out_scale, out_dtype)
+    assert y.shape == reference.shape and y.dtype == reference.dtype
+    assert close(y, reference)
+    assert len(tma_launches) == 1, "the TMA kernel was not used"
+    config, flags = tma_launches[0]
+    assert flags["FP8"] and flags["PROMOTE_K"] == 128
+
+
+@needs_interpreter
+def test_fp8_prefill_below_the_tma_rows_or_unaligned_keeps_the_pointer_kernel(tma_launches):
+    x_q, xs, w_q, ws, bias = operands(8, 32, 32)  # 8 rows: below the (lowered) threshold
+    assert close(fp8_gemm(x_q, xs, w_q, ws, bias), fp8_gemm_reference(x_q, xs, w_q, ws, bias))
+    x_q, xs, w_q, ws, bias = operands(20, 32, 24)  # K = 24: rows not 16-byte aligned
+    assert close(fp8_gemm(x_q, xs, w_q, ws, bias), fp8_gemm_reference(x_q, xs, w_q, ws, bias))
+    assert tma_launches == []
+
+
 @needs_interpreter
 def test_fp8_gemm_per_tensor_weight_scale_and_no_bias():
     x_q, xs, w_q, _, _ = operands(4, 24, 32)
@@ -65,11 +111,12 @@ def test_fp8_gemm_reads_scales_at_run_time():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0) or dispatch.INTERPRET,
                     reason="Hopper's fp8 tensor cores (sm_90+)")
-def test_fp8_gemm_promotes_partial_sums_at_model_depth():
+@pytest.mark.parametrize("m", [64, 256])  # the pointer kernel, gemm_tma's persistent one
+def test_fp8_gemm_promotes_partial_sums_at_model_depth(m):
     """At a 2.8b out_proj's K (5120) the tensor cores' own fp8 accumulation, never promoted, was
     4e-3 off the exact sum (relative to its largest value); promoted every BLOCK_K products it must
     be as close as fp32 addition keeps it."""
-    x_q, xs, w_q, ws, bias = (t.cuda() for t in operands(256, 512, 5120, seed=3))
+    x_q, xs, w_q, ws, bias = (t.cuda() for t in operands(m, 512, 5120, seed=3))
     y = fp8_gemm(x_q, xs, w_q, ws, bias, out_dtype=torch.float32, backend="triton")
     reference = fp8_gemm_reference(x_q.cpu(), xs.cpu(), w_q.cpu(), ws.cpu(), bias.cpu(), out_dtype=torch.float32)
     error = (y.cpu() - reference).abs().max() / reference.abs().max()

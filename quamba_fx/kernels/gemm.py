@@ -90,9 +90,7 @@ from . import gemm_skinny, gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
 from .conv1d import _conv_params, as_out_scale, causal_conv1d_update_silu_int8
 from .pdl import launch_options, wait_for_previous
-from .gemm_epilogue import OUT_BF16 as _OUT_BF16
-from .gemm_epilogue import OUT_CAST as _OUT_CAST
-from .gemm_epilogue import OUT_INT8 as _OUT_INT8
+from .gemm_epilogue import OUT_MODES as _OUT_MODES
 from .gemm_epilogue import store_tile
 from torch import Tensor
 
@@ -109,9 +107,6 @@ _M_BUCKET_CAP = 16384
 
 # From this M bucket on, problems TMA can address run the persistent kernel of gemm_tma.py.
 _TMA_MIN_M = 256
-
-# out_dtype -> the kernel's OUT_MODE. Other floating dtypes (fp64, fp8) go to the reference.
-_OUT_MODES = {torch.int8: _OUT_INT8, torch.bfloat16: _OUT_BF16, torch.float16: _OUT_CAST, torch.float32: _OUT_CAST}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,15 +5,17 @@ contract fixes), and the 4-bit weights' shared by gemm_w4.py and gemm_w4_skinny.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from .rounding import f32_to_bf16_rne, quantize_rn
 
-__all__ = ["epilogue", "requant_int8", "store_tile", "store_w4_tile"]
+__all__ = ["OUT_MODES", "epilogue", "requant_int8", "store_tile", "store_w4_tile"]
 
-# out_dtype -> the kernels' OUT_MODE.
+# out_dtype -> the kernels' OUT_MODE. Other dtypes (fp64, fp8) have no kernel epilogue.
 OUT_INT8, OUT_BF16, OUT_CAST = 0, 1, 2
+OUT_MODES = {torch.int8: OUT_INT8, torch.bfloat16: OUT_BF16, torch.float16: OUT_CAST, torch.float32: OUT_CAST}
 
 
 @triton.jit

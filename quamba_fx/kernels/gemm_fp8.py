@@ -7,7 +7,9 @@ GPU implementations, chosen by `backend=` or the `QUAMBA_FX_FP8_GEMM` environmen
 they can be measured against each other (benchmarks/gemm_fp8.py):
 
 * `triton` (default): one Triton kernel, `tl.dot` on fp8 tiles (wgmma on Hopper), the whole
-  epilogue fused. Also runs on CPU under TRITON_INTERPRET=1.
+  epilogue fused. Prefill-sized problems (from 256 rows) that TMA can address run gemm_tma.py's
+  persistent kernel, int8's prefill kernel with an fp32 accumulator; the rest this module's
+  pointer kernel. Both also run on CPU under TRITON_INTERPRET=1.
 * `scaled_mm`: `torch._scaled_mm` (cuBLASLt) with unit scales and an fp32 result, then the epilogue
   in PyTorch (one more pass over `[M, N]` fp32). torch's fused row-wise scaling would save that pass
   but rounds to bf16 first, which the reference's epilogue does not.
@@ -30,7 +32,9 @@ from torch import Tensor
 
 from ..quant.fp8 import _check_fp8_linear, _linear_out_dtype
 from ..quant.qops import _quantize_fp32
-from .dispatch import cdiv, graph_op, use_triton
+from . import gemm_tma
+from .dispatch import cdiv, graph_op, next_pow2, use_triton
+from .gemm_epilogue import OUT_MODES
 from .rounding import quantize_rn
 
 __all__ = ["BACKENDS", "fp8_gemm", "fp8_gemm_reference"]
@@ -38,6 +42,10 @@ __all__ = ["BACKENDS", "fp8_gemm", "fp8_gemm_reference"]
 BACKENDS = ("triton", "scaled_mm")
 _BACKEND_VARIABLE = "QUAMBA_FX_FP8_GEMM"
 _FLOAT_OUT = {torch.float32, torch.float16, torch.bfloat16}
+# From this many rows, problems TMA can address run gemm_tma.py's persistent kernel, tuned per
+# power-of-two bucket of M up to the cap (as int8_gemm's prefill).
+_TMA_MIN_M = 256
+_M_BUCKET_CAP = 16384
 
 
 @triton.jit
@@ -175,6 +183,14 @@ def fp8_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: O
     os_ = _f32(out_scale) if out_scale is not None else None
     if chosen == "scaled_mm":
         out.view(m, n).copy_(_scaled_mm(x2, xs, w.contiguous(), ws, b, os_, dtype))
+        return out
+    out2 = out.view(m, n)
+    if m >= _TMA_MIN_M and gemm_tma.supported(x2, w, out2):
+        flags = dict(W_PER_CHANNEL=ws.numel() > 1, HAS_BIAS=b is not None, OUT_MODE=OUT_MODES[dtype],
+                     OUT_PER_CHANNEL=os_ is not None and os_.numel() > 1, **gemm_tma.fp8_flags(_PROMOTE_K))
+        # Unused pointers get a valid placeholder (x_scale): the kernel never reads them.
+        tensors = (x2, w, xs, ws, b if b is not None else xs, os_ if os_ is not None else xs, out2)
+        gemm_tma.launch(tensors, m, n, k, min(next_pow2(m), _M_BUCKET_CAP), flags)
         return out
     block_m, block_n, block_k, warps, stages = _tiles(m)
     grid = (cdiv(m, block_m) * cdiv(n, block_n),)

@@ -1,6 +1,9 @@
-"""Persistent W8A8 GEMM through TMA tensor descriptors: gemm.py's prefill path on Hopper.
+"""Persistent W8A8 GEMM through TMA tensor descriptors: the prefill path of gemm.py (int8) and
+gemm_fp8.py (e4m3) on Hopper.
 
-Same numerics and epilogue as gemm.py's kernel (`gemm_epilogue.epilogue`); different data movement:
+Same numerics and epilogue as those modules' pointer kernels (`gemm_epilogue.epilogue`; an fp8
+problem accumulates in fp32, its partial sums promoted every `promote_k` products as gemm_fp8.py
+does); different data movement:
 
 * Operands and output move through host-side TMA descriptors (`TensorDescriptor`): one bulk copy
   per tile instead of per-thread address arithmetic, zero-filled past the edges (so K tails and
@@ -33,7 +36,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .dispatch import INTERPRET, chosen_config, next_pow2, precompile_calls, sm_count, tuned_configs
 from .gemm_epilogue import epilogue
 
-__all__ = ["TmaConfig", "candidates", "launch", "launch_config", "supported"]
+__all__ = ["TmaConfig", "candidates", "fp8_flags", "launch", "launch_config", "supported"]
 
 
 class TmaConfig(NamedTuple):
@@ -68,6 +71,17 @@ _PREFILL = [
     # Narrow N, long K (x_proj: N = 192, K = 5120): small tiles give enough programs at M = 2048.
     TmaConfig(64, 64, 128, 8, 6, 4, per_sm=2),
 ]
+# fp8 prefill candidates. The promoted accumulation keeps a second accumulator tile live (the
+# tensor cores' partial sum), so the 128 x 256 tiles int8 prefers would spill: tiles of 128 x 128
+# per two warpgroups, and the 256 x 128 the pointer kernel found fastest (docs/benchmarks.md, run 8).
+# None of these spills in the sm_90 build; 128 x 256 x 64 with a split epilogue did.
+_FP8_PREFILL = [
+    TmaConfig(128, 128, 128, 8, 4, 8),
+    TmaConfig(128, 128, 128, 8, 3, 8, split=True),
+    TmaConfig(256, 128, 128, 8, 3, 8),
+    TmaConfig(256, 128, 64, 8, 4, 8),
+    TmaConfig(64, 64, 128, 8, 6, 4, per_sm=2),
+]
 # The interpreter runs one config: a small tile, and few programs, so that tests walk several
 # tiles per program (the persistent loop), ragged edges and K tails; model-sized problems (a
 # lowered model's prefill in the interpreter) a wide one, since the interpreter pays per
@@ -85,11 +99,18 @@ def _smem_bytes(c: TmaConfig, out_bytes: int) -> int:
     return c.stages * stage + staging
 
 
-def candidates(n: int, k: int, out_bytes: int) -> List[TmaConfig]:
-    """The configs to time for an `[N, K]` weight and `out_bytes`-wide outputs."""
+def candidates(n: int, k: int, out_bytes: int, fp8: bool = False) -> List[TmaConfig]:
+    """The configs to time for an `[N, K]` weight (int8, or e4m3 with `fp8`) and `out_bytes`-wide
+    outputs."""
     if INTERPRET:
         return [_INTERPRETER_WIDE_CONFIG if min(n, k) >= 128 else _INTERPRETER_CONFIG]
-    return _clip_candidates(_PREFILL, n, k, out_bytes)
+    return _clip_candidates(_FP8_PREFILL if fp8 else _PREFILL, n, k, out_bytes)
+
+
+def fp8_flags(promote_k: Optional[int]) -> Dict:
+    """The kernel flags that make it an e4m3 GEMM: fp32 accumulation, the tensor cores' partial sums
+    added into it every `promote_k` products (None: never). Merged into `launch`'s `flags`."""
+    return dict(FP8=True, PROMOTE_K=promote_k)
 
 
 def _clip_candidates(configs: List[TmaConfig], n: int, k: int, out_bytes: int) -> List[TmaConfig]:
@@ -143,13 +164,14 @@ def _store_tile(acc, off_m, off_n, N, out_desc, x_scale_ptr, w_scale_ptr, bias_p
 # M changes with every prefill length: it only enters through the descriptors' shapes and the tile
 # count, so it stays out of the specialisation (no recompile per M).
 @triton.jit(do_not_specialize=["M"])
-def _int8_gemm_tma_jit(
+def _gemm_tma_jit(
     x_desc, w_desc, out_desc, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr,
     M, N, K,
     W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, SPLIT: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    FP8: tl.constexpr = False, PROMOTE_K: tl.constexpr = None,
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -164,14 +186,14 @@ def _int8_gemm_tma_jit(
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_in_group, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
         for kt in range(k_tiles):
             off_k = kt * BLOCK_K
             a = x_desc.load([off_m, off_k])
             b = w_desc.load([off_n, off_k])
             # The transposed view keeps both operands K-major. out_dtype must be spelled out:
             # Triton 3.6 defaults it to fp32 and rejects an int32 accumulator otherwise.
-            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype, max_num_imprecise_acc=PROMOTE_K)
 
         tile_out += NUM_PROGRAMS
         pid_m, pid_n = _tile_coords(tile_out, num_pid_m, num_pid_in_group, GROUP_M)
@@ -208,6 +230,9 @@ def _call(c: TmaConfig, tensors: Tuple, m: int, n: int, k: int, flags: Dict) -> 
     out_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [c.block_m, bn_out])
     programs = _programs(c, x2.device)
     args = (x_desc, w_desc, out_desc, xs, ws, b, os_, m, n, k)
+    if flags.get("PROMOTE_K") is not None:
+        # At least once a K step: a dot of BLOCK_K products is the finest unit the kernel promotes.
+        flags = dict(flags, PROMOTE_K=min(flags["PROMOTE_K"], c.block_k))
     kwargs = dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
                   NUM_PROGRAMS=programs, FLATTEN=c.flatten, SPLIT=c.split, WARP_SPECIALIZE=c.warp_specialize,
                   num_stages=c.stages, num_warps=c.warps,
@@ -220,9 +245,9 @@ def _call(c: TmaConfig, tensors: Tuple, m: int, n: int, k: int, flags: Dict) -> 
 def launch_config(c: TmaConfig, tensors: Tuple, m: int, n: int, k: int, flags: Dict) -> None:
     """Launch with config `c`: `tensors` = (x2 [M, K], w [N, K], x_scale, w_scale, bias or a
     placeholder, out_scale or a placeholder, out [M, N]); `flags` = the kernel's W_PER_CHANNEL,
-    HAS_BIAS, OUT_MODE and OUT_PER_CHANNEL."""
+    HAS_BIAS, OUT_MODE and OUT_PER_CHANNEL, plus `fp8_flags(...)` for e4m3 operands."""
     args, kwargs, grid = _call(c, tensors, m, n, k, flags)
-    _int8_gemm_tma_jit[(grid,)](*args, **kwargs)
+    _gemm_tma_jit[(grid,)](*args, **kwargs)
 
 
 def gpu_time_ms(fn) -> float:
@@ -253,11 +278,12 @@ def _tune(cands: List[TmaConfig], tensors: Tuple, m: int, n: int, k: int, flags:
     for c in cands:
         args, kwargs, _ = _call(c, tensors, m, n, k, flags)
         calls.append((args, kwargs))
-    precompile_calls(_int8_gemm_tma_jit, calls)
+    precompile_calls(_gemm_tma_jit, calls)
     times = {c: gpu_time_ms(lambda c=c: launch_config(c, tensors, m, n, k, flags)) for c in cands}
     best = min(times, key=times.get)
     if times[best] == float("inf"):
-        raise RuntimeError(f"int8_gemm: no TMA config fits this device for N={n}, K={k}")
+        kind = "fp8_gemm" if flags.get("FP8") else "int8_gemm"
+        raise RuntimeError(f"{kind}: no TMA config fits this device for N={n}, K={k}")
     return best
 
 
@@ -266,7 +292,8 @@ def launch(tensors: Tuple, m: int, n: int, k: int, m_bucket: int, flags: Dict,
     """Launch the tuned kernel for this problem (tuning it on first sight); returns the config."""
     out = tensors[-1]
     key = (n, k, m_bucket, out.dtype, tuple(sorted(flags.items())), out.device)
-    c = chosen_config(_TUNED, key, lambda: _tune(configs or candidates(n, k, out.element_size()),
+    fp8 = bool(flags.get("FP8"))
+    c = chosen_config(_TUNED, key, lambda: _tune(configs or candidates(n, k, out.element_size(), fp8),
                                                   tensors, m, n, k, flags))
     launch_config(c, tensors, m, n, k, flags)
     return c
