@@ -18,6 +18,7 @@ triton.testing.do_bench, L2 flushed between repetitions):
                 per-channel scale, no bias (a floor, not an alternative);
 * mm_rowwise -- `torch._scaled_mm` with row-wise scales (x_scale per row, w_scale per column), bf16
                 out: cuBLAS fusing the per-channel scale, what a bf16-output recipe could use;
+* mm_rowwise16 -- the same with an fp16 output (out_proj's), where this torch and cuBLAS allow it;
 * int8       -- our W8A8 GEMM (`int8_gemm`, per-channel weight scale, bias, fp16 out) on the same
                 shape: what the fp8 recipe must match (issue 15), timed, not checked;
 * fp16       -- `F.linear` in fp16 with bias (cuBLAS), what the unquantized model runs.
@@ -98,6 +99,8 @@ def candidates(t: dict, gpu: bool) -> Dict[str, Optional[Callable[[], torch.Tens
         rows["mm_tensor"] = lambda: torch._scaled_mm(t["x_q"], w_t, scale_a=one, scale_b=one, out_dtype=torch.float16)
         rows["mm_rowwise"] = lambda: torch._scaled_mm(t["x_q"], w_t, scale_a=row_scale, scale_b=col_scale,
                                                       out_dtype=torch.bfloat16)
+        rows["mm_rowwise16"] = lambda: torch._scaled_mm(t["x_q"], w_t, scale_a=row_scale, scale_b=col_scale,
+                                                        out_dtype=torch.float16)
         rows["int8"] = lambda: int8_gemm(t["x_i8"], t["x_i8_scale"], t["w_i8"], t["w_i8_scale"], t["bias"],
                                          out_dtype=torch.float16)
         rows["fp16"] = lambda: F.linear(t["x"], w16, t["bias"].half())
