@@ -85,6 +85,23 @@ def test_fp8_prefill_runs_the_persistent_tma_kernel(m, n, k, lead, out, tma_laun
 
 
 @needs_interpreter
+@pytest.mark.parametrize("promote_k, steps", [(None, 1), (32, 1), (64, 2), (96, 3)])
+def test_fp8_prefill_promotes_within_a_dot_or_every_few_k_steps(promote_k, steps, tma_launches, monkeypatch):
+    """The interpreter's tiles take 32 K a step: promoting every 64 or 96 products runs the kernel's
+    own loop of 2 or 3 dots a promotion (K = 80: the last group reads past K, TMA's zeros)."""
+    from quamba_fx.kernels import gemm_fp8, gemm_tma
+
+    monkeypatch.setattr(gemm_fp8, "_PROMOTE_K", promote_k)
+    x_q, xs, w_q, ws, bias = operands(61, 96, 80, seed=5)
+    y = fp8_gemm(x_q, xs, w_q, ws, bias, out_dtype=torch.float32, backend="triton")
+    assert close(y, fp8_gemm_reference(x_q, xs, w_q, ws, bias, out_dtype=torch.float32))
+    config, flags = tma_launches[0]
+    args, kwargs, _ = gemm_tma._call(config, (x_q, w_q, xs, ws, bias, xs, y), 61, 96, 80, flags)
+    assert kwargs.get("PROMOTE_STEPS", 1) == steps
+    assert kwargs["PROMOTE_K"] == (None if steps > 1 or promote_k is None else promote_k)
+
+
+@needs_interpreter
 def test_fp8_prefill_below_the_tma_rows_or_unaligned_keeps_the_pointer_kernel(tma_launches):
     x_q, xs, w_q, ws, bias = operands(8, 32, 32)  # 8 rows: below the (lowered) threshold
     assert close(fp8_gemm(x_q, xs, w_q, ws, bias), fp8_gemm_reference(x_q, xs, w_q, ws, bias))
@@ -155,3 +172,21 @@ def test_benchmark_smoke_runs_on_cpu_and_writes_checked_rows(tmp_path, capsys):
     assert rows == {(s, m) for s in bench.SHAPES for m in bench.SMOKE_M}
     assert all(e is not None and e < 2e-3 for r in data["results"] for e in r["rel_error"].values())
     assert "2.8b in_proj" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("promote_k", [None, 128, 256])
+def test_fp8_tma_candidates_fit_shared_memory_and_keep_256_row_tiles_to_one_step(promote_k, monkeypatch):
+    """On the GPU the fp8 candidates for 2.8b's projections: a pipeline stage holds PROMOTE_STEPS K
+    steps of both operands, so deep promotion intervals drop the configs whose stages would not fit;
+    a 256-row tile promoted by hand (two accumulators) would spill and is never offered."""
+    from quamba_fx.kernels import gemm_tma
+
+    monkeypatch.setattr(gemm_tma, "INTERPRET", False)
+    for n, k in ((10240, 2560), (2560, 5120)):
+        for out_bytes in (1, 2):
+            got = gemm_tma.candidates(n, k, out_bytes, fp8=True, promote_k=promote_k)
+            assert got, (n, k, out_bytes)
+            for c in got:
+                assert gemm_tma._smem_bytes(c, out_bytes, promote_k) <= gemm_tma._SMEM_LIMIT
+                assert c.block_m < 256 or gemm_tma._promote_steps(promote_k, c.block_k) == 1
+    assert gemm_tma._smem_bytes(gemm_tma.TmaConfig(128, 128, 128, 8, 4, 8), 2, 256) > gemm_tma._SMEM_LIMIT

@@ -74,12 +74,13 @@ _PREFILL = [
 # fp8 prefill candidates. The promoted accumulation keeps a second accumulator tile live (the
 # tensor cores' partial sum), so the 128 x 256 tiles int8 prefers would spill: tiles of 128 x 128
 # per two warpgroups, and the 256 x 128 the pointer kernel found fastest (docs/benchmarks.md, run 8).
-# None of these spills in the sm_90 build; 128 x 256 x 64 with a split epilogue did.
+# None of these spills in the sm_90 build; 128 x 256 x 64 with a split epilogue did, and 256 x 128
+# promoted every few K steps (PROMOTE_STEPS) does (two accumulators of 128 registers a thread).
 _FP8_PREFILL = [
     TmaConfig(128, 128, 128, 8, 4, 8),
     TmaConfig(128, 128, 128, 8, 3, 8, split=True),
     TmaConfig(256, 128, 128, 8, 3, 8),
-    TmaConfig(256, 128, 64, 8, 4, 8),
+    TmaConfig(128, 128, 64, 8, 4, 8),
     TmaConfig(64, 64, 128, 8, 6, 4, per_sm=2),
 ]
 # The interpreter runs one config: a small tile, and few programs, so that tests walk several
@@ -93,27 +94,40 @@ _INTERPRETER_PROGRAMS = 3
 _SMEM_LIMIT = 227 * 1024 - 2048  # H100 / H200 per-block limit, less barriers and slack
 
 
-def _smem_bytes(c: TmaConfig, out_bytes: int) -> int:
-    stage = (c.block_m + c.block_n) * c.block_k
+def _promote_steps(promote_k: Optional[int], block_k: int) -> int:
+    """K steps between an fp8 kernel's own promotions: 1 where Triton promotes within each dot
+    (`promote_k` below two steps) or never (None)."""
+    return promote_k // block_k if promote_k is not None and promote_k >= 2 * block_k else 1
+
+
+def _smem_bytes(c: TmaConfig, out_bytes: int, promote_k: Optional[int] = None) -> int:
+    # A pipeline stage holds one iteration's loads: PROMOTE_STEPS K steps of both operands.
+    stage = (c.block_m + c.block_n) * c.block_k * _promote_steps(promote_k, c.block_k)
     staging = c.block_m * (c.block_n // 2 if c.split else c.block_n) * out_bytes
     return c.stages * stage + staging
 
 
-def candidates(n: int, k: int, out_bytes: int, fp8: bool = False) -> List[TmaConfig]:
-    """The configs to time for an `[N, K]` weight (int8, or e4m3 with `fp8`) and `out_bytes`-wide
-    outputs."""
+def candidates(n: int, k: int, out_bytes: int, fp8: bool = False, promote_k: Optional[int] = None) -> List[TmaConfig]:
+    """The configs to time for an `[N, K]` weight (int8, or e4m3 with `fp8`, promoted every
+    `promote_k` products) and `out_bytes`-wide outputs."""
     if INTERPRET:
         return [_INTERPRETER_WIDE_CONFIG if min(n, k) >= 128 else _INTERPRETER_CONFIG]
-    return _clip_candidates(_FP8_PREFILL if fp8 else _PREFILL, n, k, out_bytes)
+    if not fp8:
+        return _clip_candidates(_PREFILL, n, k, out_bytes)
+    clipped = _clip_candidates(_FP8_PREFILL, n, k, out_bytes, promote_k)
+    # Promoted by hand every few steps, a 256-row tile holds two 128-register accumulators: spills.
+    return [c for c in clipped if c.block_m < 256 or _promote_steps(promote_k, c.block_k) == 1]
 
 
 def fp8_flags(promote_k: Optional[int]) -> Dict:
     """The kernel flags that make it an e4m3 GEMM: fp32 accumulation, the tensor cores' partial sums
-    added into it every `promote_k` products (None: never). Merged into `launch`'s `flags`."""
+    added into it every `promote_k` products (None: never; at most once a K step below two K
+    steps, else every `promote_k // BLOCK_K` steps). Merged into `launch`'s `flags`."""
     return dict(FP8=True, PROMOTE_K=promote_k)
 
 
-def _clip_candidates(configs: List[TmaConfig], n: int, k: int, out_bytes: int) -> List[TmaConfig]:
+def _clip_candidates(configs: List[TmaConfig], n: int, k: int, out_bytes: int,
+                     promote_k: Optional[int] = None) -> List[TmaConfig]:
     """`configs` clipped to the problem (BLOCK_N <= next_pow2(N), BLOCK_K <= next_pow2(K)), within
     shared memory, without duplicates."""
     cap_n, cap_k = max(16, next_pow2(n)), max(32, next_pow2(k))
@@ -122,7 +136,7 @@ def _clip_candidates(configs: List[TmaConfig], n: int, k: int, out_bytes: int) -
         c = c._replace(block_n=min(c.block_n, cap_n), block_k=min(c.block_k, cap_k))
         if c.split and c.block_n < 32:
             c = c._replace(split=False)
-        if c not in seen and _smem_bytes(c, out_bytes) <= _SMEM_LIMIT:
+        if c not in seen and _smem_bytes(c, out_bytes, promote_k) <= _SMEM_LIMIT:
             seen.add(c)
             out.append(c)
     return out
@@ -171,7 +185,7 @@ def _gemm_tma_jit(
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, SPLIT: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    FP8: tl.constexpr = False, PROMOTE_K: tl.constexpr = None,
+    FP8: tl.constexpr = False, PROMOTE_K: tl.constexpr = None, PROMOTE_STEPS: tl.constexpr = 1,
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -187,13 +201,26 @@ def _gemm_tma_jit(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
-        for kt in range(k_tiles):
-            off_k = kt * BLOCK_K
-            a = x_desc.load([off_m, off_k])
-            b = w_desc.load([off_n, off_k])
-            # The transposed view keeps both operands K-major. out_dtype must be spelled out:
-            # Triton 3.6 defaults it to fp32 and rejects an int32 accumulator otherwise.
-            acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype, max_num_imprecise_acc=PROMOTE_K)
+        if PROMOTE_STEPS > 1:
+            # fp8, promoted every PROMOTE_STEPS K steps: the tensor cores accumulate that many
+            # dots into `part` at their own precision, then one fp32 add (Triton's
+            # max_num_imprecise_acc promotes at most once a dot). Steps past K read TMA's zeros.
+            for kt in range(0, k_tiles, PROMOTE_STEPS):
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for j in tl.static_range(PROMOTE_STEPS):
+                    off_k = (kt + j) * BLOCK_K
+                    a = x_desc.load([off_m, off_k])
+                    b = w_desc.load([off_n, off_k])
+                    part = tl.dot(a, b.T, part, out_dtype=tl.float32)
+                acc += part
+        else:
+            for kt in range(k_tiles):
+                off_k = kt * BLOCK_K
+                a = x_desc.load([off_m, off_k])
+                b = w_desc.load([off_n, off_k])
+                # The transposed view keeps both operands K-major. out_dtype must be spelled out:
+                # Triton 3.6 defaults it to fp32 and rejects an int32 accumulator otherwise.
+                acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype, max_num_imprecise_acc=PROMOTE_K)
 
         tile_out += NUM_PROGRAMS
         pid_m, pid_n = _tile_coords(tile_out, num_pid_m, num_pid_in_group, GROUP_M)
@@ -230,9 +257,14 @@ def _call(c: TmaConfig, tensors: Tuple, m: int, n: int, k: int, flags: Dict) -> 
     out_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [c.block_m, bn_out])
     programs = _programs(c, x2.device)
     args = (x_desc, w_desc, out_desc, xs, ws, b, os_, m, n, k)
-    if flags.get("PROMOTE_K") is not None:
-        # At least once a K step: a dot of BLOCK_K products is the finest unit the kernel promotes.
-        flags = dict(flags, PROMOTE_K=min(flags["PROMOTE_K"], c.block_k))
+    promote_k = flags.get("PROMOTE_K")
+    steps = _promote_steps(promote_k, c.block_k)
+    if steps > 1:
+        # Every few K steps: whole dots accumulate imprecisely between the kernel's own adds.
+        flags = dict(flags, PROMOTE_K=None, PROMOTE_STEPS=steps)
+    elif promote_k is not None:
+        # Within each K step: Triton splits the dot and adds every promote_k products.
+        flags = dict(flags, PROMOTE_K=min(promote_k, c.block_k))
     kwargs = dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
                   NUM_PROGRAMS=programs, FLATTEN=c.flatten, SPLIT=c.split, WARP_SPECIALIZE=c.warp_specialize,
                   num_stages=c.stages, num_warps=c.warps,
@@ -292,8 +324,8 @@ def launch(tensors: Tuple, m: int, n: int, k: int, m_bucket: int, flags: Dict,
     """Launch the tuned kernel for this problem (tuning it on first sight); returns the config."""
     out = tensors[-1]
     key = (n, k, m_bucket, out.dtype, tuple(sorted(flags.items())), out.device)
-    fp8 = bool(flags.get("FP8"))
-    c = chosen_config(_TUNED, key, lambda: _tune(configs or candidates(n, k, out.element_size(), fp8),
+    fp8, promote_k = bool(flags.get("FP8")), flags.get("PROMOTE_K")
+    c = chosen_config(_TUNED, key, lambda: _tune(configs or candidates(n, k, out.element_size(), fp8, promote_k),
                                                   tensors, m, n, k, flags))
     launch_config(c, tensors, m, n, k, flags)
     return c
