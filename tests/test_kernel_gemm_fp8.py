@@ -110,6 +110,35 @@ def test_fp8_prefill_below_the_tma_rows_or_unaligned_keeps_the_pointer_kernel(tm
     assert tma_launches == []
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+def test_scaled_mm_backend_fuses_the_scales_without_bias_or_falls_back(per_channel, out_dtype, monkeypatch):
+    from quamba_fx.kernels import gemm_fp8
+
+    monkeypatch.setattr(gemm_fp8, "use_triton", lambda t: True)  # the backends' dispatch, also on CPU
+    monkeypatch.setattr(gemm_fp8, "_FUSED_SCALES_WORK", {})
+    x_q, xs, w_q, ws, _ = operands(24, 40, 64, seed=2)
+    if not per_channel:
+        ws = torch.tensor(0.004)
+    y = fp8_gemm(x_q, xs, w_q, ws, out_dtype=out_dtype, backend="scaled_mm")
+    assert y.dtype == out_dtype and close(y, fp8_gemm_reference(x_q, xs, w_q, ws, out_dtype=out_dtype))
+    assert list(gemm_fp8._FUSED_SCALES_WORK) == [("cpu", out_dtype, per_channel)]
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Only bf16 high precision output types are supported for row-wise scaling.")
+
+    real = torch._scaled_mm
+    monkeypatch.setattr(gemm_fp8, "_FUSED_SCALES_WORK", {})
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(k) or
+                        (refuse() if k["scale_a"].numel() > 1 or k["scale_a"].item() != 1.0 else real(*a, **k)))
+    for _ in range(2):
+        y = fp8_gemm(x_q, xs, w_q, ws, out_dtype=out_dtype, backend="scaled_mm")
+        assert close(y, fp8_gemm_reference(x_q, xs, w_q, ws, out_dtype=out_dtype))
+    assert gemm_fp8._FUSED_SCALES_WORK == {("cpu", out_dtype, per_channel): False}
+    assert len(calls) == 3  # one refused fused call, then unit scales twice: the refusal is remembered
+
+
 @needs_interpreter
 def test_fp8_gemm_per_tensor_weight_scale_and_no_bias():
     x_q, xs, w_q, _, _ = operands(4, 24, 32)

@@ -10,9 +10,10 @@ they can be measured against each other (benchmarks/gemm_fp8.py):
   epilogue fused. Prefill-sized problems (from 256 rows) that TMA can address run gemm_tma.py's
   persistent kernel, int8's prefill kernel with an fp32 accumulator; the rest this module's
   pointer kernel. Both also run on CPU under TRITON_INTERPRET=1.
-* `scaled_mm`: `torch._scaled_mm` (cuBLASLt) with unit scales and an fp32 result, then the epilogue
-  in PyTorch (one more pass over `[M, N]` fp32). torch's fused row-wise scaling would save that pass
-  but rounds to bf16 first, which the reference's epilogue does not.
+* `scaled_mm`: `torch._scaled_mm` (cuBLASLt). A float output without bias takes the scales fused
+  (tensor-wise, or x's scale per row and the weight's per column), as newer torch allows for fp16
+  and fp32 outputs; otherwise (an int8 output, a bias, or a torch that refuses the fused form)
+  unit scales and an fp32 result, then the epilogue in PyTorch (one more pass over `[M, N]` fp32).
 
 Elsewhere (CPU without the interpreter, K == 0, an unsupported output dtype) the reference runs.
 The fp32 accumulation order differs from the exact reference, so results match it within fp32
@@ -134,8 +135,36 @@ def _f32(t: Tensor) -> Tensor:
     return t.to(torch.float32).contiguous()
 
 
+# Whether this torch's `_scaled_mm` took fused scales with a given output dtype, by (device type,
+# dtype, row-wise): an older one refuses row-wise scaling with other outputs than bf16, once.
+_FUSED_SCALES_WORK: dict = {}
+
+
+def _scaled_mm_fused(x2: Tensor, xs: Tensor, w: Tensor, ws: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+    """`acc * x_scale * w_scale[n]` in `dtype` from cuBLASLt's own epilogue, or None where refused."""
+    row_wise = ws.numel() > 1
+    key = (x2.device.type, dtype, row_wise)
+    if _FUSED_SCALES_WORK.get(key) is False:
+        return None
+    if row_wise:
+        scale_a, scale_b = xs.reshape(1, 1).expand(x2.shape[0], 1).contiguous(), ws.reshape(1, -1)
+    else:
+        scale_a, scale_b = xs.reshape(()), ws.reshape(())
+    try:
+        y = torch._scaled_mm(x2, w.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=dtype)
+    except RuntimeError:
+        _FUSED_SCALES_WORK[key] = False
+        return None
+    _FUSED_SCALES_WORK[key] = True
+    return y
+
+
 def _scaled_mm(x2: Tensor, xs: Tensor, w: Tensor, ws: Tensor, b: Optional[Tensor], os_: Optional[Tensor],
                dtype: torch.dtype) -> Tensor:
+    if os_ is None and b is None:
+        fused = _scaled_mm_fused(x2, xs, w, ws, dtype)
+        if fused is not None:
+            return fused
     one = torch.ones((), dtype=torch.float32, device=x2.device)
     # cuBLASLt wants mat2 column-major: w.t() of a row-major [N, K] weight is exactly that.
     a = torch._scaled_mm(x2, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
