@@ -81,6 +81,11 @@ _FP8_PREFILL = [
     TmaConfig(128, 128, 128, 8, 3, 8, split=True),
     TmaConfig(256, 128, 128, 8, 3, 8),
     TmaConfig(128, 128, 64, 8, 4, 8),
+    # One warpgroup a program, two programs an SM (167 registers a thread in the sm_90 build): while
+    # one waits for its MMAs to add them into fp32, the other's can run, the overlap cuBLAS gets
+    # from two consumer warpgroups (the promotion waits for the tensor cores within each K step).
+    TmaConfig(64, 128, 128, 8, 4, 4, per_sm=2),
+    TmaConfig(64, 128, 128, 8, 3, 4, per_sm=2),
     TmaConfig(64, 64, 128, 8, 6, 4, per_sm=2),
 ]
 # The interpreter runs one config: a small tile, and few programs, so that tests walk several
