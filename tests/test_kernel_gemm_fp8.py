@@ -12,7 +12,7 @@ from quamba_fx.kernels import dispatch
 from quamba_fx.kernels.gemm_fp8 import fp8_gemm, fp8_gemm_reference
 from quamba_fx.quant.fp8 import E4M3_MAX, quantize_fp8, quantize_weight_per_channel_fp8
 
-from .benchmark_scripts import load_benchmark
+from .benchmark_scripts import BENCHMARKS, load_benchmark, run_without_interpreter
 
 needs_interpreter = pytest.mark.skipif(not dispatch.INTERPRET, reason="runs the Triton kernel: set TRITON_INTERPRET=1")
 
@@ -219,3 +219,19 @@ def test_fp8_tma_candidates_fit_shared_memory_and_keep_256_row_tiles_to_one_step
                 assert gemm_tma._smem_bytes(c, out_bytes, promote_k) <= gemm_tma._SMEM_LIMIT
                 assert c.block_m < 256 or gemm_tma._promote_steps(promote_k, c.block_k) == 1
     assert gemm_tma._smem_bytes(gemm_tma.TmaConfig(128, 128, 128, 8, 4, 8), 2, 256) > gemm_tma._SMEM_LIMIT
+
+
+@pytest.mark.slow  # 25-45 s on 2 cores: 29 offline builds
+def test_tma_candidates_compile_for_sm90_without_spills_on_the_tensor_cores():
+    """What the interpreter cannot show: every int8 and e4m3 candidate of the persistent kernel,
+    at each promotion interval, compiles for sm_90 without spilling, multiplies with wgmma, asks
+    no more shared memory than a program may, and the programs meant to share an SM fit its
+    register file."""
+    output = run_without_interpreter([str(BENCHMARKS / "gemm_tma_sm90.py")])
+    rows = [line.split() for line in output.splitlines()[1:]]
+    builds = {build for build, *_ in rows}
+    assert builds == {"i8", "fp8:p128", "fp8:p256", "fp8:pnone"}
+    for build, tile, regs, stores, loads, gmma, shared, regs_fit_sm in rows:
+        assert int(stores) == int(loads) == 0, (build, tile)
+        assert int(gmma) > 0 and int(regs) <= 255, (build, tile)
+        assert int(shared) <= 232448 and regs_fit_sm == "1", (build, tile)

@@ -97,6 +97,10 @@ _INTERPRETER_WIDE_CONFIG = TmaConfig(64, 64, 64, 2, 1, 1)
 _INTERPRETER_PROGRAMS = 3
 
 _SMEM_LIMIT = 227 * 1024 - 2048  # H100 / H200 per-block limit, less barriers and slack
+# What the programs sharing an SM (per_sm) split, each also taking the driver's 1 KiB and the
+# barriers and slack allowed for above.
+_SMEM_PER_SM = 228 * 1024
+_SMEM_PER_PROGRAM_EXTRA = 1024 + 2048
 
 
 def _promote_steps(promote_k: Optional[int], block_k: int) -> int:
@@ -141,7 +145,8 @@ def _clip_candidates(configs: List[TmaConfig], n: int, k: int, out_bytes: int,
         c = c._replace(block_n=min(c.block_n, cap_n), block_k=min(c.block_k, cap_k))
         if c.split and c.block_n < 32:
             c = c._replace(split=False)
-        if c not in seen and _smem_bytes(c, out_bytes, promote_k) <= _SMEM_LIMIT:
+        smem = _smem_bytes(c, out_bytes, promote_k)
+        if c not in seen and smem <= _SMEM_LIMIT and c.per_sm * (smem + _SMEM_PER_PROGRAM_EXTRA) <= _SMEM_PER_SM:
             seen.add(c)
             out.append(c)
     return out
