@@ -157,16 +157,23 @@ def test_fp8_gemm_reads_scales_at_run_time():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0) or dispatch.INTERPRET,
                     reason="Hopper's fp8 tensor cores (sm_90+)")
-@pytest.mark.parametrize("m", [64, 256])  # the pointer kernel, gemm_tma's persistent one
-def test_fp8_gemm_promotes_partial_sums_at_model_depth(m):
+# (rows, promotion interval, bound): the pointer kernel and gemm_tma's persistent one at the
+# default 128; every 256 products (the persistent kernel's own loop of two dots a promotion) erred
+# 5.0e-4 to 5.2e-4 in the pointer kernel of run 8 (docs/benchmarks.md), so 1e-3 there.
+@pytest.mark.parametrize("m, promote_k, bound", [(64, 128, 5e-4), (256, 128, 5e-4), (256, 256, 1e-3)])
+def test_fp8_gemm_promotes_partial_sums_at_model_depth(m, promote_k, bound, monkeypatch):
     """At a 2.8b out_proj's K (5120) the tensor cores' own fp8 accumulation, never promoted, was
-    4e-3 off the exact sum (relative to its largest value); promoted every BLOCK_K products it must
-    be as close as fp32 addition keeps it."""
+    4e-3 off the exact sum (relative to its largest value); promoted every 128 products it must be
+    as close as fp32 addition keeps it."""
+    from quamba_fx.kernels import gemm_fp8, gemm_tma
+
+    monkeypatch.setattr(gemm_fp8, "_PROMOTE_K", promote_k)
+    monkeypatch.setattr(gemm_tma, "_TUNED", {})
     x_q, xs, w_q, ws, bias = (t.cuda() for t in operands(m, 512, 5120, seed=3))
     y = fp8_gemm(x_q, xs, w_q, ws, bias, out_dtype=torch.float32, backend="triton")
     reference = fp8_gemm_reference(x_q.cpu(), xs.cpu(), w_q.cpu(), ws.cpu(), bias.cpu(), out_dtype=torch.float32)
     error = (y.cpu() - reference).abs().max() / reference.abs().max()
-    assert error < 5e-4, f"relative error {error:.2e}"
+    assert error < bound, f"relative error {error:.2e}"
 
 
 def test_fp8_gemm_rejects_bad_arguments(monkeypatch):
