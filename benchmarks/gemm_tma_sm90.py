@@ -65,14 +65,16 @@ def build(config, fp8: bool, promote_k):
         **{name: "*fp32" for name in ("x_scale_ptr", "w_scale_ptr", "bias_ptr", "out_scale_ptr")},
         "M": "i32", "N": "i32", "K": "i32",
     }
-    steps = gemm_tma._promote_steps(promote_k, config.block_k) if fp8 else 1
-    constexprs = dict(
-        W_PER_CHANNEL=True, HAS_BIAS=False, OUT_MODE=0, OUT_PER_CHANNEL=False, BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, NUM_PROGRAMS=PROGRAMS * config.per_sm,
-        FLATTEN=config.flatten, SPLIT=config.split, WARP_SPECIALIZE=config.warp_specialize, FP8=fp8,
-        PROMOTE_K=None if not fp8 or promote_k is None or steps > 1 else min(promote_k, config.block_k),
-        PROMOTE_STEPS=steps,
-    )
+    flags = dict(W_PER_CHANNEL=True, HAS_BIAS=False, OUT_MODE=0, OUT_PER_CHANNEL=False)
+    if fp8:
+        flags.update(gemm_tma.fp8_flags(promote_k))
+    # Every constexpr named, defaults too: an offline build does not fill them in.
+    constexprs = {
+        "FP8": False, "PROMOTE_K": None, "PROMOTE_STEPS": 1, **gemm_tma.promotion_constexprs(flags, config.block_k),
+        "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "GROUP_M": config.group_m,
+        "NUM_PROGRAMS": PROGRAMS * config.per_sm, "FLATTEN": config.flatten, "SPLIT": config.split,
+        "WARP_SPECIALIZE": config.warp_specialize,
+    }
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name in ("N", "K")}
     source = ASTSource(fn=gemm_tma._gemm_tma_jit, signature={**signature, **{c: "constexpr" for c in constexprs}},
                        constexprs=constexprs, attrs=aligned)

@@ -35,6 +35,7 @@ from ..quant.fp8 import _check_fp8_linear, _linear_out_dtype
 from ..quant.qops import _quantize_fp32
 from . import gemm_tma
 from .dispatch import cdiv, graph_op, next_pow2, use_triton
+from .gemm import _M_BUCKET_CAP, _TMA_MIN_M  # int8_gemm's prefill rule: the same tuning buckets
 from .gemm_epilogue import OUT_MODES
 from .rounding import quantize_rn
 
@@ -43,10 +44,6 @@ __all__ = ["BACKENDS", "fp8_gemm", "fp8_gemm_reference"]
 BACKENDS = ("triton", "scaled_mm")
 _BACKEND_VARIABLE = "QUAMBA_FX_FP8_GEMM"
 _FLOAT_OUT = {torch.float32, torch.float16, torch.bfloat16}
-# From this many rows, problems TMA can address run gemm_tma.py's persistent kernel, tuned per
-# power-of-two bucket of M up to the cap (as int8_gemm's prefill).
-_TMA_MIN_M = 256
-_M_BUCKET_CAP = 16384
 
 
 @triton.jit

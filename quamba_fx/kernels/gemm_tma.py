@@ -36,7 +36,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .dispatch import INTERPRET, chosen_config, next_pow2, precompile_calls, sm_count, tuned_configs
 from .gemm_epilogue import epilogue
 
-__all__ = ["TmaConfig", "candidates", "fp8_flags", "launch", "launch_config", "supported"]
+__all__ = ["TmaConfig", "candidates", "fp8_flags", "launch", "launch_config", "promotion_constexprs", "supported"]
 
 
 class TmaConfig(NamedTuple):
@@ -252,6 +252,20 @@ def _gemm_tma_jit(
 # Launching
 # ---------------------------------------------------------------------------------------------
 
+def promotion_constexprs(flags: Dict, block_k: int) -> Dict:
+    """`flags` with an fp8 problem's PROMOTE_K (products) turned into what a BLOCK_K-step kernel
+    takes: PROMOTE_K for Triton within each dot, or PROMOTE_STEPS for the kernel's own loop."""
+    promote_k = flags.get("PROMOTE_K")
+    steps = _promote_steps(promote_k, block_k)
+    if steps > 1:
+        # Every few K steps: whole dots accumulate imprecisely between the kernel's own adds.
+        return dict(flags, PROMOTE_K=None, PROMOTE_STEPS=steps)
+    if promote_k is not None:
+        # Within each K step: Triton splits the dot and adds every promote_k products.
+        return dict(flags, PROMOTE_K=min(promote_k, block_k))
+    return flags
+
+
 def _programs(c: TmaConfig, device: torch.device) -> int:
     if INTERPRET:
         return _INTERPRETER_PROGRAMS
@@ -267,15 +281,8 @@ def _call(c: TmaConfig, tensors: Tuple, m: int, n: int, k: int, flags: Dict) -> 
     out_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [c.block_m, bn_out])
     programs = _programs(c, x2.device)
     args = (x_desc, w_desc, out_desc, xs, ws, b, os_, m, n, k)
-    promote_k = flags.get("PROMOTE_K")
-    steps = _promote_steps(promote_k, c.block_k)
-    if steps > 1:
-        # Every few K steps: whole dots accumulate imprecisely between the kernel's own adds.
-        flags = dict(flags, PROMOTE_K=None, PROMOTE_STEPS=steps)
-    elif promote_k is not None:
-        # Within each K step: Triton splits the dot and adds every promote_k products.
-        flags = dict(flags, PROMOTE_K=min(promote_k, c.block_k))
-    kwargs = dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+    kwargs = dict(promotion_constexprs(flags, c.block_k),
+                  BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
                   NUM_PROGRAMS=programs, FLATTEN=c.flatten, SPLIT=c.split, WARP_SPECIALIZE=c.warp_specialize,
                   num_stages=c.stages, num_warps=c.warps,
                   # Keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
