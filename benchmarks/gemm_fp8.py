@@ -79,7 +79,7 @@ def make_inputs(m: int, n: int, k: int, device: str) -> dict:
 
 
 def _fast_accumulation(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    with mock.patch.object(gemm_fp8, "_PROMOTE_K", None):
+    with mock.patch.object(gemm_fp8, "_PROMOTE_K", None), mock.patch.object(gemm_fp8, "_PREFILL_PROMOTE_K", None):
         return fn()
 
 

@@ -5,7 +5,7 @@ registers, spills, tensor-core instructions and shared memory, int8 and e4m3.
 
 No GPU needed (Triton's bundled ptxas, nvdisasm and cuobjdump). One row a candidate and build, at
 2.8b's in_proj shape (N 10240, K 2560) with an int8 output (in_proj's requantized one): int8
-operands, then e4m3 at each promotion interval (`gemm_fp8._PROMOTE_K`; none = the tensor cores'
+operands, then e4m3 at each promotion interval (`gemm_fp8._PREFILL_PROMOTE_K`; none = the tensor cores'
 own accumulation). Columns: the build, the tile (BLOCK_M x BLOCK_N x BLOCK_K / warps / stages /
 programs an SM, split epilogue), registers a thread, local stores and loads (spills), the
 kernel's `*GMMA` instructions (wgmma on Hopper's tensor cores), shared memory a program asks (the

@@ -71,7 +71,7 @@ def tma_launches(monkeypatch):
 @pytest.mark.parametrize("out", ["fp16", "bf16", "fp32", "int8", "int8_per_channel"])
 def test_fp8_prefill_runs_the_persistent_tma_kernel(m, n, k, lead, out, tma_launches):
     """Ragged M and N tiles over 3 persistent programs, a K tail (80 = 2.5 steps of 32), K below one
-    step; fp32 accumulation with the partial sums promoted."""
+    step; fp32 accumulation, by default without promoting the partial sums."""
     x_q, xs, w_q, ws, bias = operands(m, n, k, seed=m, lead=lead)
     out_scale = {"int8": torch.tensor(0.2), "int8_per_channel": torch.rand(n) * 0.3 + 0.05}.get(out)
     out_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(out)
@@ -81,7 +81,7 @@ def test_fp8_prefill_runs_the_persistent_tma_kernel(m, n, k, lead, out, tma_laun
     assert close(y, reference)
     assert len(tma_launches) == 1, "the TMA kernel was not used"
     config, flags = tma_launches[0]
-    assert flags["FP8"] and flags["PROMOTE_K"] == 128
+    assert flags["FP8"] and flags["PROMOTE_K"] is None
 
 
 @needs_interpreter
@@ -91,7 +91,7 @@ def test_fp8_prefill_promotes_within_a_dot_or_every_few_k_steps(promote_k, steps
     own loop of 2 or 3 dots a promotion (K = 80: the last group reads past K, TMA's zeros)."""
     from quamba_fx.kernels import gemm_fp8, gemm_tma
 
-    monkeypatch.setattr(gemm_fp8, "_PROMOTE_K", promote_k)
+    monkeypatch.setattr(gemm_fp8, "_PREFILL_PROMOTE_K", promote_k)
     x_q, xs, w_q, ws, bias = operands(61, 96, 80, seed=5)
     y = fp8_gemm(x_q, xs, w_q, ws, bias, out_dtype=torch.float32, backend="triton")
     assert close(y, fp8_gemm_reference(x_q, xs, w_q, ws, bias, out_dtype=torch.float32))
@@ -168,6 +168,7 @@ def test_fp8_gemm_promotes_partial_sums_at_model_depth(m, promote_k, bound, monk
     from quamba_fx.kernels import gemm_fp8, gemm_tma
 
     monkeypatch.setattr(gemm_fp8, "_PROMOTE_K", promote_k)
+    monkeypatch.setattr(gemm_fp8, "_PREFILL_PROMOTE_K", promote_k)
     monkeypatch.setattr(gemm_tma, "_TUNED", {})
     x_q, xs, w_q, ws, bias = (t.cuda() for t in operands(m, 512, 5120, seed=3))
     y = fp8_gemm(x_q, xs, w_q, ws, bias, out_dtype=torch.float32, backend="triton")

@@ -97,7 +97,13 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, out_ptr, M, N,
 # partial sums into a true fp32 accumulator): at K = 2560-5120 that cost 10x cuBLAS's error
 # (docs/benchmarks.md, call 5d). Every PROMOTE_K products (one BLOCK_K step) the partial sum is added
 # into the fp32 accumulator, as cuBLAS does without its fast-accumulation mode. None: never.
+# The pointer kernel (decode, short prompts) promotes; the persistent prefill kernel does not: on
+# an H100 promotion cost 6.5% of the 2.8b 8 x 2048 prefill (193.9 against 181.9 ms) and changed
+# nothing a model shows (mamba-bytes-wt2 bits/byte 1.87418 against 1.87442, fp32 1.87342; 2.8b
+# logits error 0.1736 against 0.1739), because rounding the inputs to e4m3 costs far more than the
+# short accumulator (docs/benchmarks.md, session 40).
 _PROMOTE_K: Optional[int] = 128
+_PREFILL_PROMOTE_K: Optional[int] = None
 
 
 def _tiles(m: int) -> tuple[int, int, int, int, int]:
@@ -213,7 +219,7 @@ def fp8_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: O
     out2 = out.view(m, n)
     if m >= _TMA_MIN_M and gemm_tma.supported(x2, w, out2):
         flags = dict(W_PER_CHANNEL=ws.numel() > 1, HAS_BIAS=b is not None, OUT_MODE=OUT_MODES[dtype],
-                     OUT_PER_CHANNEL=os_ is not None and os_.numel() > 1, **gemm_tma.fp8_flags(_PROMOTE_K))
+                     OUT_PER_CHANNEL=os_ is not None and os_.numel() > 1, **gemm_tma.fp8_flags(_PREFILL_PROMOTE_K))
         # Unused pointers get a valid placeholder (x_scale): the kernel never reads them.
         tensors = (x2, w, xs, ws, b if b is not None else xs, os_ if os_ is not None else xs, out2)
         gemm_tma.launch(tensors, m, n, k, min(next_pow2(m), _M_BUCKET_CAP), flags)
