@@ -9,9 +9,9 @@ triton.testing.do_bench, L2 flushed between repetitions):
 
 * triton     -- `fp8_gemm(backend="triton")`: e4m3 x e4m3 -> fp32, per-channel weight scale x
                 per-tensor activation scale and bias fused, fp16 out (what the fp8 recipe lowers to);
-* triton_fast_acc -- the same kernel without promoting the fp8 tensor cores' partial sums into the
-                fp32 accumulator (Triton's sm_90 default): what the promotion costs in time and buys
-                in error;
+* triton_fast_acc -- the same without promoting the fp8 tensor cores' partial sums into the fp32
+                accumulator (Triton's sm_90 default) in the pointer kernel too: the two rows differ
+                below 256 rows only, where that kernel runs and promotes;
 * scaled_mm  -- `fp8_gemm(backend="scaled_mm")`: torch._scaled_mm to fp32, epilogue in PyTorch
                 (the same numerics; `QUAMBA_FX_FP8_GEMM=scaled_mm` selects it in a lowered graph);
 * mm_tensor  -- bare `torch._scaled_mm`, per-tensor scales, fp16 out: cuBLAS's fp8 GEMM alone, no

@@ -1,7 +1,7 @@
 """The persistent TMA GEMM's prefill candidates (kernels/gemm_tma.py) compiled for sm_90 offline:
 registers, spills, tensor-core instructions and shared memory, int8 and e4m3.
 
-    python benchmarks/gemm_tma_sm90.py [--promote 128 256 none]
+    python benchmarks/gemm_tma_sm90.py [--promote 128 none]
 
 No GPU needed (Triton's bundled ptxas, nvdisasm and cuobjdump). One row a candidate and build, at
 2.8b's in_proj shape (N 10240, K 2560) with an int8 output (in_proj's requantized one): int8
@@ -70,7 +70,7 @@ def build(config, fp8: bool, promote_k):
         flags.update(gemm_tma.fp8_flags(promote_k))
     # Every constexpr named, defaults too: an offline build does not fill them in.
     constexprs = {
-        "FP8": False, "PROMOTE_K": None, "PROMOTE_STEPS": 1, **gemm_tma.promotion_constexprs(flags, config.block_k),
+        "FP8": False, "PROMOTE_K": None, **gemm_tma.promotion_constexprs(flags, config.block_k),
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "GROUP_M": config.group_m,
         "NUM_PROGRAMS": PROGRAMS * config.per_sm, "FLATTEN": config.flatten, "SPLIT": config.split,
         "WARP_SPECIALIZE": config.warp_specialize,
@@ -102,7 +102,7 @@ def rows(promotes: list) -> list[dict]:
                 local_stores=sum(opcode(i) == "STL" for i in listing),
                 local_loads=sum(opcode(i) == "LDL" for i in listing),
                 gmma=sum(opcode(i).endswith("GMMA") for i in listing),
-                shared=max(compiled.metadata.shared, gemm_tma._smem_bytes(config, 1, promote_k if fp8 else None)),
+                shared=max(compiled.metadata.shared, gemm_tma._smem_bytes(config, 1)),
                 regs_fit_sm=int(config.per_sm * config.warps * 32 * regs <= REGISTERS_PER_SM),
             ))
     return out
@@ -110,7 +110,7 @@ def rows(promotes: list) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--promote", nargs="+", default=["128", "256", "none"],
+    parser.add_argument("--promote", nargs="+", default=["128", "none"],
                         help="fp8 promotion intervals to build (products, or none)")
     args = parser.parse_args(argv)
     promotes = [None if p == "none" else int(p) for p in args.promote]

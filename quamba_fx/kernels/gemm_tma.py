@@ -2,8 +2,8 @@
 gemm_fp8.py (e4m3) on Hopper.
 
 Same numerics and epilogue as those modules' pointer kernels (`gemm_epilogue.epilogue`; an fp8
-problem accumulates in fp32, its partial sums promoted every `promote_k` products as gemm_fp8.py
-does); different data movement:
+problem accumulates in fp32, its partial sums promoted into it as often as gemm_fp8.py asks);
+different data movement:
 
 * Operands and output move through host-side TMA descriptors (`TensorDescriptor`): one bulk copy
   per tile instead of per-thread address arithmetic, zero-filled past the edges (so K tails and
@@ -74,8 +74,7 @@ _PREFILL = [
 # fp8 prefill candidates. The promoted accumulation keeps a second accumulator tile live (the
 # tensor cores' partial sum), so the 128 x 256 tiles int8 prefers would spill: tiles of 128 x 128
 # per two warpgroups, and the 256 x 128 the pointer kernel found fastest (docs/benchmarks.md, run 8).
-# None of these spills in the sm_90 build; 128 x 256 x 64 with a split epilogue did, and 256 x 128
-# promoted every few K steps (PROMOTE_STEPS) does (two accumulators of 128 registers a thread).
+# None of these spills in the sm_90 build, promoted or not; 128 x 256 x 64 with a split epilogue did.
 _FP8_PREFILL = [
     TmaConfig(128, 128, 128, 8, 4, 8),
     TmaConfig(128, 128, 128, 8, 3, 8, split=True),
@@ -87,6 +86,12 @@ _FP8_PREFILL = [
     TmaConfig(64, 128, 128, 8, 4, 4, per_sm=2),
     TmaConfig(64, 128, 128, 8, 3, 4, per_sm=2),
     TmaConfig(64, 64, 128, 8, 6, 4, per_sm=2),
+]
+# Not promoted, an e4m3 tile keeps one fp32 accumulator, as int8's int32 one: int8's 128 x 256
+# tiles build without spills then (254 and 233 registers; promoted, both spill).
+_FP8_PREFILL_UNPROMOTED = _FP8_PREFILL + [
+    TmaConfig(128, 256, 128, 8, 3, 8),
+    TmaConfig(128, 256, 128, 8, 3, 8, split=True),
 ]
 # The interpreter runs one config: a small tile, and few programs, so that tests walk several
 # tiles per program (the persistent loop), ragged edges and K tails; model-sized problems (a
@@ -103,40 +108,30 @@ _SMEM_PER_SM = 228 * 1024
 _SMEM_PER_PROGRAM_EXTRA = 1024 + 2048
 
 
-def _promote_steps(promote_k: Optional[int], block_k: int) -> int:
-    """K steps between an fp8 kernel's own promotions: 1 where Triton promotes within each dot
-    (`promote_k` below two steps) or never (None)."""
-    return promote_k // block_k if promote_k is not None and promote_k >= 2 * block_k else 1
-
-
-def _smem_bytes(c: TmaConfig, out_bytes: int, promote_k: Optional[int] = None) -> int:
-    # A pipeline stage holds one iteration's loads: PROMOTE_STEPS K steps of both operands.
-    stage = (c.block_m + c.block_n) * c.block_k * _promote_steps(promote_k, c.block_k)
+def _smem_bytes(c: TmaConfig, out_bytes: int) -> int:
+    stage = (c.block_m + c.block_n) * c.block_k
     staging = c.block_m * (c.block_n // 2 if c.split else c.block_n) * out_bytes
     return c.stages * stage + staging
 
 
 def candidates(n: int, k: int, out_bytes: int, fp8: bool = False, promote_k: Optional[int] = None) -> List[TmaConfig]:
-    """The configs to time for an `[N, K]` weight (int8, or e4m3 with `fp8`, promoted every
-    `promote_k` products) and `out_bytes`-wide outputs."""
+    """The configs to time for an `[N, K]` weight (int8, or e4m3 with `fp8`, its partial sums
+    promoted every `promote_k` products or never) and `out_bytes`-wide outputs."""
     if INTERPRET:
         return [_INTERPRETER_WIDE_CONFIG if min(n, k) >= 128 else _INTERPRETER_CONFIG]
     if not fp8:
         return _clip_candidates(_PREFILL, n, k, out_bytes)
-    clipped = _clip_candidates(_FP8_PREFILL, n, k, out_bytes, promote_k)
-    # Promoted by hand every few steps, a 256-row tile holds two 128-register accumulators: spills.
-    return [c for c in clipped if c.block_m < 256 or _promote_steps(promote_k, c.block_k) == 1]
+    return _clip_candidates(_FP8_PREFILL if promote_k is not None else _FP8_PREFILL_UNPROMOTED, n, k, out_bytes)
 
 
 def fp8_flags(promote_k: Optional[int]) -> Dict:
     """The kernel flags that make it an e4m3 GEMM: fp32 accumulation, the tensor cores' partial sums
-    added into it every `promote_k` products (None: never; at most once a K step below two K
-    steps, else every `promote_k // BLOCK_K` steps). Merged into `launch`'s `flags`."""
+    added into it every `promote_k` products (None: never; at most once a K step: a longer
+    interval promotes every BLOCK_K). Merged into `launch`'s `flags`."""
     return dict(FP8=True, PROMOTE_K=promote_k)
 
 
-def _clip_candidates(configs: List[TmaConfig], n: int, k: int, out_bytes: int,
-                     promote_k: Optional[int] = None) -> List[TmaConfig]:
+def _clip_candidates(configs: List[TmaConfig], n: int, k: int, out_bytes: int) -> List[TmaConfig]:
     """`configs` clipped to the problem (BLOCK_N <= next_pow2(N), BLOCK_K <= next_pow2(K)), within
     shared memory, without duplicates."""
     cap_n, cap_k = max(16, next_pow2(n)), max(32, next_pow2(k))
@@ -145,7 +140,7 @@ def _clip_candidates(configs: List[TmaConfig], n: int, k: int, out_bytes: int,
         c = c._replace(block_n=min(c.block_n, cap_n), block_k=min(c.block_k, cap_k))
         if c.split and c.block_n < 32:
             c = c._replace(split=False)
-        smem = _smem_bytes(c, out_bytes, promote_k)
+        smem = _smem_bytes(c, out_bytes)
         if c not in seen and smem <= _SMEM_LIMIT and c.per_sm * (smem + _SMEM_PER_PROGRAM_EXTRA) <= _SMEM_PER_SM:
             seen.add(c)
             out.append(c)
@@ -195,7 +190,7 @@ def _gemm_tma_jit(
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, SPLIT: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    FP8: tl.constexpr = False, PROMOTE_K: tl.constexpr = None, PROMOTE_STEPS: tl.constexpr = 1,
+    FP8: tl.constexpr = False, PROMOTE_K: tl.constexpr = None,
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -211,26 +206,14 @@ def _gemm_tma_jit(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
-        if PROMOTE_STEPS > 1:
-            # fp8, promoted every PROMOTE_STEPS K steps: the tensor cores accumulate that many
-            # dots into `part` at their own precision, then one fp32 add (Triton's
-            # max_num_imprecise_acc promotes at most once a dot). Steps past K read TMA's zeros.
-            for kt in range(0, k_tiles, PROMOTE_STEPS):
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for j in tl.static_range(PROMOTE_STEPS):
-                    off_k = (kt + j) * BLOCK_K
-                    a = x_desc.load([off_m, off_k])
-                    b = w_desc.load([off_n, off_k])
-                    part = tl.dot(a, b.T, part, out_dtype=tl.float32)
-                acc += part
-        else:
-            for kt in range(k_tiles):
-                off_k = kt * BLOCK_K
-                a = x_desc.load([off_m, off_k])
-                b = w_desc.load([off_n, off_k])
-                # The transposed view keeps both operands K-major. out_dtype must be spelled out:
-                # Triton 3.6 defaults it to fp32 and rejects an int32 accumulator otherwise.
-                acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype, max_num_imprecise_acc=PROMOTE_K)
+        for kt in range(k_tiles):
+            off_k = kt * BLOCK_K
+            a = x_desc.load([off_m, off_k])
+            b = w_desc.load([off_n, off_k])
+            # The transposed view keeps both operands K-major. out_dtype must be spelled out:
+            # Triton 3.6 defaults it to fp32 and rejects an int32 accumulator otherwise.
+            # PROMOTE_K (fp8): Triton adds the tensor cores' partial sum into fp32 that often.
+            acc = tl.dot(a, b.T, acc, out_dtype=acc.dtype, max_num_imprecise_acc=PROMOTE_K)
 
         tile_out += NUM_PROGRAMS
         pid_m, pid_n = _tile_coords(tile_out, num_pid_m, num_pid_in_group, GROUP_M)
@@ -253,17 +236,11 @@ def _gemm_tma_jit(
 # ---------------------------------------------------------------------------------------------
 
 def promotion_constexprs(flags: Dict, block_k: int) -> Dict:
-    """`flags` with an fp8 problem's PROMOTE_K (products) turned into what a BLOCK_K-step kernel
-    takes: PROMOTE_K for Triton within each dot, or PROMOTE_STEPS for the kernel's own loop."""
+    """`flags` with an fp8 problem's PROMOTE_K (products) capped at one K step: Triton promotes
+    at most once a dot. (Promoting every few steps by the kernel's own loop was measured slower
+    than both once a step and never: docs/benchmarks.md, session 40.)"""
     promote_k = flags.get("PROMOTE_K")
-    steps = _promote_steps(promote_k, block_k)
-    if steps > 1:
-        # Every few K steps: whole dots accumulate imprecisely between the kernel's own adds.
-        return dict(flags, PROMOTE_K=None, PROMOTE_STEPS=steps)
-    if promote_k is not None:
-        # Within each K step: Triton splits the dot and adds every promote_k products.
-        return dict(flags, PROMOTE_K=min(promote_k, block_k))
-    return flags
+    return flags if promote_k is None else dict(flags, PROMOTE_K=min(promote_k, block_k))
 
 
 def _programs(c: TmaConfig, device: torch.device) -> int:
