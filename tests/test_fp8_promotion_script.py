@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 
-
 from .benchmark_scripts import load_benchmark
 
 script = load_benchmark("fp8_promotion.py", "fp8_promotion_benchmark")
