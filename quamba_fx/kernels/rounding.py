@@ -168,23 +168,27 @@ def quantize_e4m3_rn(y, scale):
     # keeps 448 * scale finite.
     inv = tl.math.div_rn(1.0, scale)
     hi = _E4M3_MAX * scale
-    y_sat = tl.minimum(tl.maximum(y, -hi), hi)
-    y_sat = tl.where(y == y, y_sat, y)  # min/max may drop a NaN (the quantize keeps it)
+    # NaN-propagating min / max (one instruction each on sm_80+, numpy's on the interpreter): a NaN
+    # y stays NaN without a compare and select per value.
+    y_sat = tl.minimum(tl.maximum(y, -hi, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
     q0 = y_sat * inv
     q = fma_rn(fma_rn(-q0, scale, y_sat), inv, q0)
     # The sign comes from y: the correction's `+0 + -0` makes every -0.0 quotient +0.0 (torch keeps
-    # -0.0, and rounds tiny negatives to it).
-    sign = ((y.to(tl.uint32, bitcast=True) >> 31) << 7).to(tl.uint8)
+    # -0.0, and rounds tiny negatives to it). A nonzero quotient already has y's sign.
+    y_sign = y.to(tl.uint32, bitcast=True) & 0x80000000
     if _EMULATE_E4M3:
-        magnitude = _e4m3_bits(q)
+        sign = (y_sign >> 24).to(tl.uint8)
+        return (_e4m3_bits(q) | sign).to(tl.float8e4nv, bitcast=True)
     else:
         # sm_89+'s cvt.rn.satfinite.e4m3x2.f32 (what Triton emits for this cast on sm_90) rounds to
         # nearest even with subnormals, as _e4m3_bits does, in one instruction per two values
         # instead of about twenty: the e4m3 Hadamard and norm kernels cost 1.3-1.7x their int8
         # twins with the emulation (docs/benchmarks.md, run 8). |q| <= 464 never saturates wrongly
-        # (448 * (1 + 2**-23) rounds to 448 either way); a NaN gives 0x7F, as _e4m3_bits.
-        magnitude = tl.abs(q).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    return (magnitude | sign).to(tl.float8e4nv, bitcast=True)
+        # (448 * (1 + 2**-23) rounds to 448 either way). y's sign goes onto the fp32 quotient (one
+        # logic op) so that the conversion sets the code's sign itself: a sign OR'd on the byte
+        # afterwards cost a shift, a mask and a byte permute per value in the Hadamard kernel's loop.
+        signed = (q.to(tl.uint32, bitcast=True) | y_sign).to(tl.float32, bitcast=True)
+        return signed.to(tl.float8e4nv)
 
 
 @triton.jit
