@@ -227,7 +227,7 @@ def test_fp8_tma_candidates_fit_shared_memory_and_promoted_ones_keep_to_128_colu
                 assert c.per_sm * (smem + gemm_tma._SMEM_PER_PROGRAM_EXTRA) <= gemm_tma._SMEM_PER_SM
 
 
-@pytest.mark.slow  # 25-45 s on 2 cores: 29 offline builds
+@pytest.mark.slow  # 25-45 s on 2 cores: 27 offline builds
 def test_tma_candidates_compile_for_sm90_without_spills_on_the_tensor_cores():
     """What the interpreter cannot show: every int8 and e4m3 candidate of the persistent kernel,
     at each promotion interval, compiles for sm_90 without spilling, multiplies with wgmma, asks
