@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,20 +30,11 @@ REGISTERS_PER_SM = 65536
 PROGRAMS = 132  # the H200's SMs: a constexpr of the persistent loop
 
 
-def _tool(name: str) -> str:
-    import triton
-
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
-
-
 def registers(cubin: bytes) -> int:
     """Registers a thread of the cubin's kernel, from cuobjdump's resource usage."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
-    return int(re.search(r"REG:(\d+)", usage).group(1))
+    from sass_loop import run_cuda_tool
+
+    return int(re.search(r"REG:(\d+)", run_cuda_tool("cuobjdump", cubin, "--dump-resource-usage")).group(1))
 
 
 def build(config, fp8: bool, promote_k):

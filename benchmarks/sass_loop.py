@@ -138,15 +138,21 @@ def compile_sass(module: str, function: str, signature: dict, constexprs: dict, 
     return disassemble(compile_sm90(module, function, signature, constexprs, multiples, warps, stages))
 
 
-def disassemble(compiled) -> str:
-    """The SASS of a kernel `compile_sm90` returned, from Triton's bundled nvdisasm."""
+def run_cuda_tool(tool: str, cubin: bytes, *args: str) -> str:
+    """The stdout of Triton's bundled CUDA binary tool `tool` (nvdisasm, cuobjdump) run with `args`
+    on `cubin`, written to a temporary file for it."""
     import triton
 
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        return subprocess.run([nvdisasm, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([path, *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def disassemble(compiled) -> str:
+    """The SASS of a kernel `compile_sm90` returned, from Triton's bundled nvdisasm."""
+    return run_cuda_tool("nvdisasm", compiled.asm["cubin"], "-c")
 
 
 _INSTRUCTION = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;")
