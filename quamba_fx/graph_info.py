@@ -48,7 +48,7 @@ CONV1D_OPS: set[str] = {
 # int8_linear / fp8_linear / w4a*_linear: Dynamo inlines the quantized Linears' forward, so the
 # torch.compile backend sees the op.
 LINEAR_OPS: set[str] = {"linear", "int8_linear", "w8a8_linear", "fp8_linear", "fp8_gemm", "w4a16_linear", "w4a8_linear",
-                         "w4a16_gemm", "w4a8_gemm"}
+                         "w4a16_gemm", "w4a8_gemm", "logits_linear"}
 SCAN_OPS: set[str] = {
     "selective_scan", "selective_scan_cached", "selective_scan_int8", "selective_scan_int8_cached", "ssd_scan",
     "ssd_scan_cached", "ssd_scan_triton", "ssd_scan_triton_cached",

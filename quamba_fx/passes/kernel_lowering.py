@@ -20,6 +20,7 @@ folds parameter expressions, casts the float leftovers, and derives the cached g
 | `quantize_fp8(RMSNorm(residual + out))` (per tensor)       | `add_rmsnorm_quantize` (e4m3)  |
 | Mamba-2's `norm(y, [dequantize](z))` (gated RMSNorm)       | `gated_rmsnorm`                |
 | expressions of parameters only (`-exp(A_log.float())`)     | folded into a buffer           |
+| `float(lm_head(x))`, lm_head cast to fp16 / bf16           | `logits_linear` (fp32 out)     |
 
 The conv1d must already be fused (`passes.conv_fusion`; `quamba_fx.flows.lower` runs both). Float leftovers (embedding, lm_head) and the
 activations between kernels are cast to `dtype` (fp16 by default); the residual stream stays fp32.
@@ -128,6 +129,7 @@ class LowerToKernels(PassBase):
         changed = run_rules(gm, lowering.rules(self.dtype))
         changed |= fold_parameter_expressions(gm)
         changed |= self.cast_float_leftovers(gm)
+        changed |= run_rules(gm, lowering.HEAD_RULES)
         gm.graph.eliminate_dead_code()
         _delete_unused_attributes(gm)
         # Once, for every kernel node: the rules' new nodes and the conv1d fused by an earlier pass.
