@@ -66,7 +66,7 @@ _PATTERNS = (
              r"|state_passing|state_update"),
     ("conv", r"conv1d"),
     ("norm", r"rms_?norm|layer_?norm"),
-    ("GEMM", r"gemm|gemv|xmma|cutlass|nvjet|cublas|splitk|matmul|linear|wgmma|dot_kernel|_int_mm"
+    ("GEMM", r"gemm|gemv|skinny|xmma|cutlass|nvjet|cublas|splitk|matmul|linear|wgmma|dot_kernel|_int_mm"
              r"|aten::(mm|addmm|bmm)$"),
 )
 

@@ -20,7 +20,7 @@ from .arch import arch_of
 from .capture import annotate_shapes, capture
 from .checkpoint import from_pretrained, is_quamba_checkpoint
 from .dump import dump, write_dump
-from .errors import InputError, QuambaError
+from .errors import InputError
 from .graph_info import block, is_kind, op_name
 from .graph_meta import graph_meta
 from .evaluate import EvalResult, evaluate

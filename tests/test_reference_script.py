@@ -30,6 +30,7 @@ ref = load_benchmark("reference.py", "reference_benchmark")
     ("_hadamard_kernel", "Hadamard"),
     ("_int8_gemm_jit", "GEMM"),
     ("_int8_gemm_skinny_jit", "GEMM"),
+    ("_w4a8_skinny_kernel", "GEMM"), ("_w4a16_gemv_kernel", "GEMM"), ("_w4_gemm_kernel", "GEMM"),
     # Mamba-2's SSD: mamba_ssm's Triton kernels and ours
     ("_chunk_cumsum_fwd_kernel", "scan"), ("_bmm_chunk_fwd_kernel", "scan"), ("_chunk_state_fwd_kernel", "scan"),
     ("_state_passing_fwd_kernel", "scan"), ("_chunk_scan_fwd_kernel", "scan"),
