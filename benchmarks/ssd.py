@@ -10,6 +10,8 @@ reference on the same inputs (max |diff| / max |reference|):
 * `ours_fp16`: fp16 x, dt, B, C (an fp16 model's), fp16 products, fp16 y;
 * `ours_lowered`: the same values as int8 codes with per-tensor scales, fp16 products and fp16 y,
   what a W8A8 graph lowered to fp16 runs (its error against the reference of the dequantized codes);
+* `ours_lowered_channel`: the same with x's codes and scales per channel, as Quamba2's recipes
+  quantize x (the kernels' PER_CHANNEL_X path; its time does not depend on the values, call 41c);
 * `reference_op`: `quamba::ssd_scan`'s PyTorch reference on the fp32 inputs, what an unlowered
   graph runs on CUDA;
 * `mamba_ssm`: `mamba_chunk_scan_combined`, what mamba_ssm's Mamba-2 runs, on the fp16 inputs.
@@ -70,6 +72,12 @@ def _int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t.float() / scale).round().clamp(-128, 127).to(torch.int8), scale
 
 
+def _int8_per_channel(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of x `[batch, L, heads, head_dim]` with one fp32 scale per channel `[heads, head_dim]`."""
+    scale = (t.float().abs().amax(dim=(0, 1)) / 127).clamp(min=1e-12)
+    return (t.float() / scale).round().clamp(-128, 127).to(torch.int8), scale
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected).abs().max() / expected.abs().max()).item()
 
@@ -110,16 +118,24 @@ def prefill_row(batch: int, length: int, shape: dict, device: str, timer, theirs
     full = (kw["x"].float(), kw["dt"].float(), kw["A"], kw["B"].float(), kw["C"].float(), *tail)
     expected, _ = ssd_scan_reference(*full)
     codes, scales = zip(*(_int8(kw[k]) for k in ("x", "dt", "B", "C")))
-    dequantized, _ = ssd_scan_reference(*(q.float() * s for q, s in zip(codes[:2], scales[:2])), kw["A"],
-                                        *(q.float() * s for q, s in zip(codes[2:], scales[2:])), *tail)
+    # x, dt, A, B, C of the int8 codes, dequantized
+    dequantized_inputs = (*(q.float() * s for q, s in zip(codes[:2], scales[:2])), kw["A"],
+                          *(q.float() * s for q, s in zip(codes[2:], scales[2:])))
+    dequantized, _ = ssd_scan_reference(*dequantized_inputs, *tail)
+    x_codes, x_scales = _int8_per_channel(kw["x"])
+    channel_scales = (x_scales, *scales[1:])
+    per_channel, _ = ssd_scan_reference(x_codes.float() * x_scales, *dequantized_inputs[1:], *tail)
     impls = {
         "ours_fp16": lambda: ssd.ssd_scan(*half, out_dtype=torch.float16),
         "ours_lowered": lambda: ssd.ssd_scan(codes[0], codes[1], kw["A"], codes[2], codes[3], *tail,
                                              product_dtype=torch.float16, input_scales=scales,
                                              out_dtype=torch.float16),
+        "ours_lowered_channel": lambda: ssd.ssd_scan(x_codes, codes[1], kw["A"], codes[2], codes[3], *tail,
+                                                     product_dtype=torch.float16, input_scales=channel_scales,
+                                                     out_dtype=torch.float16),
         "reference_op": lambda: ssd_scan_reference(*full)[0],
     }
-    references = {"ours_lowered": dequantized}
+    references = {"ours_lowered": dequantized, "ours_lowered_channel": per_channel}
     if theirs_fn is not None:
         impls["mamba_ssm"] = lambda: theirs_fn(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], chunk, D=kw["D"],
                                                dt_bias=kw["dt_bias"], dt_softplus=True)
@@ -134,6 +150,7 @@ def prefill_row(batch: int, length: int, shape: dict, device: str, timer, theirs
     if "mamba_ssm_ms" in row:
         row["ratio_fp16"] = row["mamba_ssm_ms"] / row["ours_fp16_ms"]
         row["ratio_lowered"] = row["mamba_ssm_ms"] / row["ours_lowered_ms"]
+        row["ratio_lowered_channel"] = row["mamba_ssm_ms"] / row["ours_lowered_channel_ms"]
     return row
 
 

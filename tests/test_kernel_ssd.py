@@ -263,6 +263,7 @@ def test_the_benchmark_script_runs_its_smoke_rows(tmp_path):
     assert [row["batch"] for row in result["decode"]] == [1, 2]
     for row in result["prefill"]:
         assert row["reference_op_error"] == 0 and row["ours_fp16_error"] < 1e-2 and row["ours_lowered_error"] < 1e-2
+        assert row["ours_lowered_channel_error"] < 1e-2
     assert all(row["ours_state_error"] < 1e-2 for row in result["decode"])
     # The sweep: every combination at every shape, ours only, and the settings put back after.
     assert [(row["launch"], row["batch"]) for row in result["launch"]] == [
