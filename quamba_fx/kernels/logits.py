@@ -2,8 +2,8 @@
 
 Hugging Face's Mamba heads compute `lm_head(h).float()`. In a 16-bit lowering that is a GEMM
 writing `[tokens, vocab]` in fp16 and a second kernel reading them back to write fp32: at 8 x 2048
-tokens of mamba-2.8b's 50k vocabulary, 1.6 GB written, read again and 3.3 GB written, about 2.5
-ms of an H100's 180 ms prefill (docs/benchmarks.md, session 41). cuBLAS accumulates in fp32
+tokens of a 50k vocabulary, 1.6 GB written, read again and 3.3 GB written, 2.4-2.5 ms of a
+160-180 ms prefill on an H100 (docs/benchmarks.md, session 41). cuBLAS accumulates in fp32
 anyway and can write fp32 itself (`torch.mm(..., out_dtype=torch.float32)`, CUDA only), which
 also spares the logits their fp16 rounding. Elsewhere the op is the reference,
 `F.linear(x, weight).float()`.

@@ -278,8 +278,9 @@ def _chunk_scan_kernel(
     # added into the same accumulator. A per-tensor x scale multiplies their sums. Per-channel
     # ones (columns of the tile) scale each x tile before its product instead: applied to the sums
     # they cost a second accumulator (196 registers a thread, sm_90), or a [1, BLOCK_P] vector
-    # whose loads stalled the epilogue (0.57 ms against 0.45 for the per-tensor scan in call 41d,
-    # mamba2-2.7b 8 x 2048); scaled tiles, 0.51 ms. The scaled x is rounded to the product dtype.
+    # whose loads stalled the epilogue (0.57 ms against 0.45 per tensor, mamba2-2.7b at 8 x 2048
+    # on an H100); scaled tiles take 0.50 ms (docs/benchmarks.md, session 41). The scaled x is
+    # rounded to the product dtype.
     if PER_CHANNEL_X:
         x_scale = _x_scale(scales_ptr, G, h, P, rp, p_ok, PER_CHANNEL_X)[None, :]
     cb_rows = cb_ptr + ((b * n_chunks + c) * G + g) * chunk * chunk + rl[:, None] * chunk
