@@ -168,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         gen.prefill(prompt)
         results[label] = summarize(kernel_intervals(lambda: gen.decode(token), args.steps), args.steps, args.top,
                                    reference.classify)
-        del gen
         if ref is not None:
             dec = reference.RefDecoder(ref, args.batch, reference.PROMPT_LEN + args.steps + 8)
             dec.prefill(prompt)
