@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference, gpu_timing (also when a test imports this)
 import reference  # noqa: E402
-from gpu_timing import write_json  # noqa: E402
+from gpu_timing import profiled_events, write_json  # noqa: E402
 
 
 class Interval(NamedTuple):
@@ -102,19 +102,8 @@ def summarize(intervals: Sequence[Interval], steps: int, top: int, kind_of: Call
 def kernel_intervals(fn: Callable[[], object], calls: int) -> list[Interval]:
     """The device kernels (CPU op events on CPU) of `calls` calls of `fn`, after one call outside
     the profile, as intervals."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
     on_cuda = reference.DEVICE == "cuda"
-    fn()
-    reference.sync()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with profile(activities=activities) as prof:
-        for _ in range(calls):
-            fn()
-        reference.sync()
-    wanted = DeviceType.CUDA if on_cuda else DeviceType.CPU
-    events = [e for e in prof.events() if e.device_type == wanted]
+    events = profiled_events(fn, calls, cuda=on_cuda)
     if not on_cuda:  # top-level ops only: nested CPU events are not separate work
         events = [e for e in events if e.cpu_parent is None]
     return [Interval(float(e.time_range.start), float(e.time_range.end), e.name) for e in events]

@@ -57,25 +57,31 @@ def graphed(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-def cuda_kernel_events(fn: Callable[[], object], calls: int = 5) -> list:
+def profiled_events(fn: Callable[[], object], calls: int = 5, cuda: bool = True) -> list:
     """The CUDA kernel events (`torch.profiler`) of `calls` calls of `fn`, after one warm-up call
-    outside the profile (compilation and autotuning are not kernel time)."""
+    outside the profile (compilation and autotuning are not kernel time); with `cuda=False` (a
+    script's CPU smoke run) its CPU op events instead."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
-    return [event for event in prof.events() if event.device_type == DeviceType.CUDA]
+        sync()
+    wanted = DeviceType.CUDA if cuda else DeviceType.CPU
+    return [event for event in prof.events() if event.device_type == wanted]
 
 
 def kernel_ms(fn: Callable[[], object], calls: int = 5) -> Dict[str, float]:
     """Milliseconds per call of each CUDA kernel `fn` launches, by kernel name, heaviest first."""
     us: Dict[str, float] = {}
-    for event in cuda_kernel_events(fn, calls):
+    for event in profiled_events(fn, calls):
         us[event.name] = us.get(event.name, 0.0) + event.device_time_total
     return {name: t / 1e3 / calls for name, t in sorted(us.items(), key=lambda kv: -kv[1])}
 

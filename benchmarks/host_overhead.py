@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_timing import cuda_kernel_events, require_gpu, write_json  # noqa: E402
+from gpu_timing import profiled_events, require_gpu, write_json  # noqa: E402
 
 
 def wall_ms(fn, calls: int = 50) -> float:
@@ -36,7 +36,7 @@ def wall_ms(fn, calls: int = 50) -> float:
 
 
 def kernel_ms_and_launches(fn, calls: int = 5) -> tuple[float, int]:
-    kernels = cuda_kernel_events(fn, calls)
+    kernels = profiled_events(fn, calls)
     return sum(e.device_time_total for e in kernels) / 1e3 / calls, len(kernels) // calls
 
 

@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_timing, e2e (also when imported by a test)
-from gpu_timing import write_json  # noqa: E402
+from gpu_timing import profiled_events, write_json  # noqa: E402
 
 REF, OURS = "mamba_ssm", "w8a8"
 RECIPE_LABELS = {"quamba": OURS}  # the default recipe keeps the label every earlier run used
@@ -149,27 +149,11 @@ def kernel_breakdown(fn: Callable[[], object], calls: int = 3) -> dict:
 
     On CUDA the device kernels are summed; on CPU (smoke) the ops' self time.
     """
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()  # warm-up outside the profile: autotuning is not kernel time of the model
-    sync()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(calls):
-            fn()
-        sync()
     us = dict.fromkeys(KINDS, 0.0)
     per_kernel: dict[str, float] = {}
-    for event in prof.events():
-        if DEVICE == "cuda":
-            if event.device_type != DeviceType.CUDA:
-                continue
-            took = event.device_time_total
-        else:
-            if event.device_type != DeviceType.CPU:
-                continue
-            took = event.self_cpu_time_total
+    on_cuda = DEVICE == "cuda"
+    for event in profiled_events(fn, calls, cuda=on_cuda):
+        took = event.device_time_total if on_cuda else event.self_cpu_time_total
         us[classify(event.name)] += took
         per_kernel[event.name] = per_kernel.get(event.name, 0.0) + took
     ms: dict = {kind: t / 1e3 / calls for kind, t in us.items()}
@@ -297,8 +281,8 @@ def build(name: str, with_ref: bool, recipes: list[str], rtn_weights: bool = Fal
         ours[recipe_label(recipe)] = quamba_fx.lower(quamba_fx.quantize(model, calib, recipe=spec, progress=False))
         log(f"{name}: {recipe} quantized and lowered in {time.perf_counter() - started:.1f} s")
     check_ids = torch.randint(0, vocab, (1, 128), device=DEVICE)
-    ref = mamba_ssm_model(model, torch.float16) if with_ref and not hf_check else None
     if not hf_check:
+        ref = mamba_ssm_model(model, torch.float16) if with_ref else None
         del model
         empty_cache()
         return ours, ref, {"shape": [1, 128]}, vocab
