@@ -1,5 +1,6 @@
-"""The Triton interpreter shim (quamba_fx.kernels.interpreter_compat): loops with run-time bounds
-must run under TRITON_INTERPRET=1 on every Triton we accept, whatever NumPy pip picked."""
+"""The Triton interpreter shim (quamba_fx.kernels.interpreter_compat): loops with run-time bounds and
+masks built from program ids must run under TRITON_INTERPRET=1 on every Triton we accept, whatever
+NumPy pip picked."""
 
 from __future__ import annotations
 
@@ -52,9 +53,9 @@ def _raise_like_numpy_2_4(self):
 
 
 def test_install_fixes_an_index_that_fails(monkeypatch):
-    monkeypatch.setattr(interpreter_compat, "_installed", False)
+    monkeypatch.setattr(interpreter_compat, "_installed", set())
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", _fake_patcher(_raise_like_numpy_2_4))
-    assert interpreter_compat.install() is True
+    assert "index" in interpreter_compat.install()
 
     class Tensor:
         pass
@@ -67,11 +68,85 @@ def test_install_fixes_an_index_that_fails(monkeypatch):
 
 
 def test_install_leaves_a_working_interpreter_alone(monkeypatch):
-    monkeypatch.setattr(interpreter_compat, "_installed", False)
+    monkeypatch.setattr(interpreter_compat, "_installed", set())
     working = _fake_patcher(lambda self: int(self.handle.data.item()))
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", working)
-    assert interpreter_compat.install() is False
+    assert "index" not in interpreter_compat.install()
     assert interpreter._patch_lang_tensor is working
+
+
+@triton.jit
+def _chunk_masked_kernel(x_ptr, out_ptr, N, CHUNKS, BLOCK: tl.constexpr):
+    # The scan's pattern: a block mask and'ed with a comparison of a program-id scalar.
+    chunk = tl.program_id(0) % CHUNKS
+    offs = tl.arange(0, BLOCK)
+    mask = (offs[:, None] < N) & (offs[None, :] < N)
+    x = tl.load(x_ptr + offs[:, None] * N + offs[None, :], mask=mask & (chunk > 0), other=0.0)
+    tl.store(out_ptr + tl.program_id(0) * BLOCK * BLOCK + offs[:, None] * BLOCK + offs[None, :], x,
+             mask=mask & (chunk >= 0))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="checks the Triton interpreter (TRITON_INTERPRET=1)")
+def test_a_mask_and_ed_with_a_program_id_comparison_loads_and_stores():
+    n, block = 3, 4
+    x = torch.arange(1, n * n + 1, dtype=torch.float32)
+    out = torch.full((2, block, block), -1.0)
+    _chunk_masked_kernel[(2,)](x, out, n, 2, BLOCK=block)
+    assert torch.all(out[0, :n, :n] == 0)  # chunk 0: nothing loaded
+    assert torch.equal(out[1, :n, :n], x.view(n, n))
+    assert torch.all(out[:, n:, :] == -1) and torch.all(out[:, :, n:] == -1)  # masked stores
+
+
+class _StrictNative:
+    """A native interpreter module as Triton 3.9's: masks must be boolean."""
+
+    MEM_SEMANTIC = "kept"
+
+    def __init__(self):
+        self.masks = []
+
+    def _check(self, mask):
+        if mask.dtype != np.bool_:
+            raise ValueError("mask has unsupported dtype")
+        self.masks.append(mask)
+
+    def load(self, pointers, mask, other, dtype):
+        self._check(mask)
+        return other
+
+    def store(self, pointers, values, mask):
+        self._check(mask)
+
+    def atomic_rmw(self, op, pointers, values, mask, sem):
+        self._check(mask)
+        return values
+
+
+def test_install_makes_integer_masks_boolean_for_a_native_that_rejects_them(monkeypatch):
+    native = _StrictNative()
+    monkeypatch.setattr(interpreter_compat, "_installed", set())
+    monkeypatch.setattr(interpreter, "_interpreter", native)
+    assert "masks" in interpreter_compat.install()
+    wrapped = interpreter._interpreter
+    assert isinstance(wrapped, interpreter_compat.BoolMasks) and wrapped.MEM_SEMANTIC == "kept"
+    mask = np.array([1, 0, 1], dtype=np.int32)
+    wrapped.load(None, mask, np.zeros(3), None)
+    wrapped.store(None, np.zeros(3), mask)
+    wrapped.atomic_rmw(None, None, np.zeros(3), mask, None)
+    assert len(native.masks) == 3
+    assert all(m.dtype == np.bool_ and m.tolist() == [True, False, True] for m in native.masks)
+
+
+def test_install_leaves_a_native_that_takes_integer_masks_alone(monkeypatch):
+    class Lenient(_StrictNative):
+        def _check(self, mask):
+            self.masks.append(mask)
+
+    native = Lenient()
+    monkeypatch.setattr(interpreter_compat, "_installed", set())
+    monkeypatch.setattr(interpreter, "_interpreter", native)
+    assert "masks" not in interpreter_compat.install()
+    assert interpreter._interpreter is native
 
 
 def test_autotuners_time_nothing_under_the_interpreter():

@@ -29,7 +29,7 @@ INTERPRETER_WIDE_N = 256
 if INTERPRET:
     from . import interpreter_compat
 
-    interpreter_compat.install()  # older Tritons' interpreter against NumPy >= 2.4, see there
+    interpreter_compat.install()  # known interpreter faults of some Triton / NumPy pairs, see there
 
 
 K = TypeVar("K")

@@ -1,13 +1,22 @@
-"""Keeps the Triton interpreter (TRITON_INTERPRET=1) working with NumPy >= 2.4 on older Tritons.
+"""Keeps the Triton interpreter (TRITON_INTERPRET=1) working across the Tritons and NumPys we accept.
 
-Under the interpreter a kernel's scalar arguments are Triton tensors holding a 1-element, 1-D NumPy
-array, and a loop with a run-time bound (`for k in range(0, K, BLOCK)`: the GEMM, scan and two-pass
-norm kernels) calls the tensor's `__index__`, which Triton 3.6 defines as `int(data)`. NumPy 2.4
-turned that conversion of a 1-D array into a TypeError ("only 0-dimensional arrays can be converted
-to Python scalars"); later Tritons convert the single element instead. `install()` checks the
-interpreter's `__index__` on such an array and, only if it fails, adds the element-wise conversion
-after Triton's own patches (which the interpreter applies around every kernel call, and restores
-after it). Nothing changes on the GPU, or where the interpreter already works.
+`install()` probes the interpreter for two known faults and patches only the ones it finds; nothing
+changes on the GPU, or where the interpreter already works.
+
+* Scalar `__index__` (Triton 3.6 with NumPy >= 2.4). Under the interpreter a kernel's scalar
+  arguments are Triton tensors holding a 1-element, 1-D NumPy array, and a loop with a run-time
+  bound (`for k in range(0, K, BLOCK)`: the GEMM, scan and two-pass norm kernels) calls the
+  tensor's `__index__`, which Triton 3.6 defines as `int(data)`. NumPy 2.4 turned that conversion of
+  a 1-D array into a TypeError ("only 0-dimensional arrays can be converted to Python scalars");
+  later Tritons convert the single element instead. The fix adds the element-wise conversion after
+  Triton's own patches (which the interpreter applies around every kernel call, and restores after
+  it).
+* Integer masks (Triton 3.9). A comparison of scalars (`chunk > 0`, `chunk` from
+  `tl.program_id`) keeps its left operand's type in the interpreter's tensor handle, so a block
+  mask `&`-ed with it holds int32 zeros and ones. Tritons up to 3.8 loaded and stored through such
+  masks as through booleans; 3.9's native load, store and atomics reject them ("mask has
+  unsupported dtype"). The fix hands those three native calls the mask as booleans: the same
+  values, since a mask's elements are 0 or 1.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-_installed = False
+_installed: set[str] = set()
 
 
 def _index_fails(patch_lang_tensor: Callable[[Any, Any], None], scope_type: type) -> bool:
@@ -43,18 +52,7 @@ def _element_index(self: Any) -> int:
     return int(self.handle.data.item())
 
 
-def install() -> bool:
-    """Make the interpreter's scalar `__index__` NumPy-2.4-proof if it is not; True if it patched.
-
-    A no-op on a Triton whose interpreter works, or whose internals this does not recognise.
-    """
-    global _installed
-    if _installed:
-        return True
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return False
+def _fix_index(interpreter: Any) -> bool:
     original = getattr(interpreter, "_patch_lang_tensor", None)
     scope_type = getattr(interpreter, "_LangPatchScope", None)
     if original is None or scope_type is None or not _index_fails(original, scope_type):
@@ -65,5 +63,64 @@ def install() -> bool:
         scope.set_attr(tensor, "__index__", _element_index)
 
     interpreter._patch_lang_tensor = patch_lang_tensor
-    _installed = True
     return True
+
+
+def _int_masks_fail(native: Any) -> bool:
+    """Whether the interpreter's native load rejects an int32 mask (on a one-float buffer)."""
+    buffer = np.zeros(1, dtype=np.float32)
+    pointers = np.array([buffer.ctypes.data], dtype=np.uint64)
+    try:
+        native.load(pointers, np.ones(1, dtype=np.int32), np.zeros(1, dtype=np.float32), np.dtype(np.float32))
+    except (TypeError, ValueError):
+        return True
+    return False
+
+
+def _as_bool(mask: np.ndarray) -> np.ndarray:
+    return mask if mask.dtype == np.bool_ else mask.astype(np.bool_)
+
+
+class BoolMasks:
+    """The interpreter's native module with the masks of `load`, `store` and `atomic_rmw` made
+    boolean; every other attribute is the native module's."""
+
+    def __init__(self, native: Any):
+        self.native = native
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.native, name)
+
+    def load(self, pointers: np.ndarray, mask: np.ndarray, other: np.ndarray, dtype: Any) -> np.ndarray:
+        return self.native.load(pointers, _as_bool(mask), other, dtype)
+
+    def store(self, pointers: np.ndarray, values: np.ndarray, mask: np.ndarray) -> Any:
+        return self.native.store(pointers, values, _as_bool(mask))
+
+    def atomic_rmw(self, op: Any, pointers: np.ndarray, values: np.ndarray, mask: np.ndarray, sem: Any) -> Any:
+        return self.native.atomic_rmw(op, pointers, values, _as_bool(mask), sem)
+
+
+def _fix_masks(interpreter: Any) -> bool:
+    native = getattr(interpreter, "_interpreter", None)
+    if native is None or isinstance(native, BoolMasks) or not hasattr(native, "load") or not _int_masks_fail(native):
+        return False
+    interpreter._interpreter = BoolMasks(native)
+    return True
+
+
+_FIXES = {"index": _fix_index, "masks": _fix_masks}
+
+
+def install() -> set[str]:
+    """Apply each fix this interpreter needs (see the module docstring) once; returns the names of
+    the fixes in place ("index", "masks"), empty on a Triton whose interpreter works or whose
+    internals this does not recognise."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return set()
+    for name, fix in _FIXES.items():
+        if name not in _installed and fix(interpreter):
+            _installed.add(name)
+    return set(_installed)
