@@ -99,7 +99,7 @@ KERNELS = {
          **{name: "i32" for name in ("M", "N", "K", "K_BYTES", "GROUPS", "stride_xm", "stride_wn", "stride_sn",
                                      "stride_om", "PF_BYTES", "PF_PROGRAMS")}},
         {"GROUP": 128, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1, "EVEN_K": True, "HAS_BIAS": False,
-         "REQUANT": False, "PTX": True, "USE_PDL": True, "PREFETCH": True},
+         "REQUANT": False, "PTX": True, "USE_PDL": True, "PREFETCH": True, "ONE_DOT": True},
         ("N", "K", "K_BYTES"),
         lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] / (32 * warps),  # weight codes
     ),

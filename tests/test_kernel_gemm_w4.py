@@ -3,6 +3,8 @@ interpreter on CPU (on CUDA as they are)."""
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,6 +13,8 @@ from hypothesis import strategies as st
 from quamba_fx.kernels import dequant_w4, gemm_w4, gemm_w4_skinny, gemv_w4
 from quamba_fx.kernels.dispatch import use_triton
 from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4, w4a8_linear, w4a16_linear
+
+from .benchmark_scripts import BENCHMARKS, run_without_interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0, device=DEVICE)),
@@ -84,6 +88,43 @@ def test_the_skinny_w4a8_kernel_matches_the_reference(m, n, k, group, block_n, b
     problem = w4a8_problem(m, n, k, group, bias, requant, seed)
     got = gemm_w4.w4a8_gemm(**problem, skinny=(block_n, block_k, splits, 1, 1))
     assert_w4a8_matches(got, problem)
+
+
+@settings(max_examples=10, deadline=None)
+@given(m=st.integers(1, 64), n=st.integers(1, 100), k=st.integers(1, 300), group=st.sampled_from([64, 128]),
+       splits=st.integers(1, 2), requant=st.booleans(), seed=st.integers(0, 999))
+def test_the_skinny_kernels_two_step_forms_give_the_same_bits(m, n, k, group, splits, requant, seed):
+    # One dot over reordered columns or two (even, odd): the same exact int32 sums a step.
+    problem = w4a8_problem(m, n, k, group, False, requant, seed)
+    outs = []
+    for one_dot in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gemm_w4_skinny, "ONE_DOT_A_STEP", one_dot)
+            outs.append(gemm_w4.w4a8_gemm(**problem, skinny=(32, 64, splits, 1, 1)))
+    assert torch.equal(outs[0], outs[1])
+
+
+# The skinny kernel's K loop built for sm_90 (benchmarks/sass_loop.py) in a child process: under
+# TRITON_INTERPRET=1 the kernels are interpreted functions, which Triton cannot compile. Prints the
+# loop's wgmma waits for each rows count and step form.
+_COUNT_WAITS = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from sass_loop import KERNELS, compile_sm90, disassemble, hottest_loop
+
+    module, function, signature, constexprs, multiples, _ = KERNELS["gemm_w4_skinny"]
+    for rows in (16, 64):
+        for one_dot in (True, False):
+            built = compile_sm90(module, function, signature, {**constexprs, "BLOCK_M": rows, "ONE_DOT": one_dot},
+                                 multiples, 4, 6)
+            print(rows, one_dot, sum("WARPGROUP.DEPBAR" in line for line in hottest_loop(disassemble(built))))
+''')
+
+
+@pytest.mark.slow
+def test_the_skinny_kernels_one_dot_step_waits_on_its_wgmmas_once():
+    lines = run_without_interpreter(["-c", _COUNT_WAITS, str(BENCHMARKS)]).split("\n")
+    assert [line for line in lines if line] == ["16 True 1", "16 False 2", "64 True 1", "64 False 2"]
 
 
 def test_w4a8_decode_rows_run_the_skinny_kernel_unless_it_is_off(monkeypatch):

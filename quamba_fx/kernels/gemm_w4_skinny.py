@@ -12,8 +12,9 @@ kernel ahead. Here:
 
 * a program owns `BLOCK_N` weight rows, the MMA's M side, and the padded batch is the N side: the
   codes are made in registers (int4_codes.py), where Hopper's wgmma takes its A operand, and `x`
-  stays K-major for the B side, as the int8 wgmma wants. A K step is two MMAs: the codes' even
-  columns (low nibbles) with the activations' even columns, and the odd with the odd;
+  stays K-major for the B side, as the int8 wgmma wants. A K step is one MMA over its columns
+  reordered, even (the low nibbles) then odd, in the codes and the activations alike
+  (`ONE_DOT_A_STEP`; else two MMAs, the even columns' and the odd columns');
 * Triton's software pipeliner keeps `num_stages` K steps of both operands in flight;
 * the first programs ask L2 for the weight's first bytes before they wait for the kernel ahead
   (`pdl.prefetch_to_l2`), and the kernel launches with PDL;
@@ -63,7 +64,7 @@ def _w4a8_skinny_kernel(
     PF_BYTES, PF_PROGRAMS,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, REQUANT: tl.constexpr,
-    PTX: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    PTX: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, ONE_DOT: tl.constexpr,
 ):
     # SPLIT_K consecutive programs share one tile of BLOCK_N weight rows (output columns).
     pid = tl.program_id(0)
@@ -88,16 +89,25 @@ def _w4a8_skinny_kernel(
     for kt in range(0, k_tiles):
         packed = split_k.load_step(w_ptrs + kt * (BLOCK_K // 2), offs_b, K_BYTES, kt, EVEN_K)
         x = split_k.load_step(x_ptrs + kt * BLOCK_K, offs_k, K, kt, EVEN_K)
-        # The codes stay in packed order, the even columns' and the odd columns', and the
-        # activations are split the same way: putting the codes back in column order instead
-        # (gemm_w4.py's tl.join) made the compiler load the packed bytes two at a time and
-        # shuffle them, 253 instructions a step against 164 (sm_90 SASS, 16 rows,
-        # benchmarks/sass_loop.py); splitting x costs a few byte permutes in its smaller tile.
+        # The packed bytes hold columns 2i (low nibble) and 2i+1 (high). Putting the codes back in
+        # column order (gemm_w4.py's tl.join) made the compiler load the bytes two at a time and
+        # shuffle them (253 instructions a step at 16 rows, against 164 with the activations
+        # reordered instead, sm_90 SASS, benchmarks/sass_loop.py), so the activations follow the
+        # codes' order.
         even, odd = nibbles(packed, PTX)  # [BN, BK/2] int8 each: columns 2i and 2i+1
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-        # Weight rows on the MMA's M side, the batch on its N side; x.T is a K-major view.
-        part = tl.dot(even, tl.trans(x_even), out_dtype=tl.int32)
-        part = tl.dot(odd, tl.trans(x_odd), part, out_dtype=tl.int32)
+        if ONE_DOT:
+            # One dot over the step's columns reordered, the even then the odd, in the codes and
+            # the activations alike: the same int32 sum (exact in any order). Its four wgmmas
+            # issue as one group with one wait, where two dots wait twice a step.
+            codes = tl.reshape(tl.permute(tl.join(even, odd), (0, 2, 1)), (BLOCK_N, BLOCK_K))
+            x_cols = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)), (0, 2, 1)),
+                                (BLOCK_M, BLOCK_K))
+            # Weight rows on the MMA's M side, the batch on its N side; x.T is a K-major view.
+            part = tl.dot(codes, tl.trans(x_cols), out_dtype=tl.int32)
+        else:
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            part = tl.dot(even, tl.trans(x_even), out_dtype=tl.int32)
+            part = tl.dot(odd, tl.trans(x_odd), part, out_dtype=tl.int32)
         # A step lies in one group (BLOCK_K divides GROUP). The last split's steps past K read
         # the last group's scale: their codes and activations are zero.
         group = tl.minimum((first_step + kt) * BLOCK_K // GROUP, GROUPS - 1)
@@ -123,6 +133,11 @@ Config = tuple[int, int, int, int, int]
 # bytes of weight). Settings, so that benchmarks/decode_settings.py can time a model under others.
 STAGES = 6
 _MIN_SPLIT_STEPS = 5
+# A K step as one dot over reordered columns (True) or two, even and odd columns. One dot's sm_90
+# SASS (Tritons 3.6, 3.8, 3.9) has one wgmma wait a step instead of two and 3-13 instructions
+# fewer; with Triton 3.8 at 64 rows the codes also skip a store to shared memory and reload. Not
+# yet timed: a setting so that benchmarks/decode_settings.py can (docs/benchmarks.md, session 42).
+ONE_DOT_A_STEP = True
 
 
 def _block_k(group_size: int, k: int) -> int:
@@ -201,7 +216,7 @@ def launch(x_q: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias
         x_q.stride(0), w_packed.stride(0), w_scale.stride(0), out.stride(0),
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=splits,
         EVEN_K=k % (block_k * splits) == 0, HAS_BIAS=bias is not None, REQUANT=out_scale is not None,
-        PTX=not INTERPRET, num_warps=warps, num_stages=stages,
+        PTX=not INTERPRET, ONE_DOT=ONE_DOT_A_STEP, num_warps=warps, num_stages=stages,
         **prefetch_options(w_packed, programs), **launch_options(x_q.device),
     )
     return out
