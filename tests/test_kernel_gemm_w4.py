@@ -7,11 +7,14 @@ import textwrap
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quamba_fx.kernels import dequant_w4, gemm_w4, gemm_w4_skinny, gemv_w4
-from quamba_fx.kernels.dispatch import use_triton
+from quamba_fx.kernels.dispatch import INTERPRET, use_triton
+from quamba_fx.kernels.int4_codes import nibbles, nibbles_x16
 from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4, w4a8_linear, w4a16_linear
 
 from .benchmark_scripts import BENCHMARKS, run_without_interpreter
@@ -88,6 +91,28 @@ def test_the_skinny_w4a8_kernel_matches_the_reference(m, n, k, group, block_n, b
     problem = w4a8_problem(m, n, k, group, bias, requant, seed)
     got = gemm_w4.w4a8_gemm(**problem, skinny=(block_n, block_k, splits, 1, 1))
     assert_w4a8_matches(got, problem)
+
+
+@triton.jit
+def _codes_kernel(packed_ptr, out_ptr, PTX: tl.constexpr):
+    offs = tl.arange(0, 256)
+    packed = tl.load(packed_ptr + offs)
+    low, high = nibbles(packed, PTX)
+    low16, high16 = nibbles_x16(packed, PTX)
+    tl.store(out_ptr + offs, low)
+    tl.store(out_ptr + 256 + offs, high)
+    tl.store(out_ptr + 512 + offs, low16)
+    tl.store(out_ptr + 768 + offs, high16)
+
+
+def test_the_codes_times_16_are_16_times_the_codes_of_every_byte():
+    packed = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(DEVICE)
+    out = torch.empty((4, 256), dtype=torch.int8, device=DEVICE)
+    _codes_kernel[(1,)](packed, out, PTX=not INTERPRET)
+    low, high, low16, high16 = out.cpu().int()
+    byte = torch.arange(256)
+    assert torch.equal(low, ((byte & 0xF) ^ 8) - 8) and torch.equal(high, ((byte >> 4) ^ 8) - 8)
+    assert torch.equal(low16, 16 * low) and torch.equal(high16, 16 * high)
 
 
 @settings(max_examples=10, deadline=None)
