@@ -46,7 +46,8 @@ _SCAN_SIGNATURE = {
 _SCAN_CONSTEXPRS = {
     **{name: 1 for name in ("stride_ud", "stride_td", "stride_zd", "stride_Bn", "stride_Cn", "stride_An",
                             "stride_hn", "stride_yd", "stride_fn")},
-    **{flag: True for flag in ("U_Q", "DT_Q", "B_Q", "C_Q", "Z_Q", "HAS_D", "HAS_Z", "SOFTPLUS", "WRITE_FINAL")},
+    **{flag: True for flag in ("U_Q", "DT_Q", "B_Q", "C_Q", "Z_Q", "HAS_D", "HAS_Z", "SOFTPLUS", "WRITE_FINAL",
+                               "FAST_MATH")},
     "HAS_H0": False, "PASS": 3, "NS": 16,
 }
 _SCAN_MULTIPLES = ("d_inner", "stride_ul", "stride_tl", "stride_zl", "stride_yl")

@@ -15,7 +15,9 @@ it, delta_bias from dt in [1e-3, 1e-1] as Mamba initialises it.
 
 Timing: median of `triton.testing.do_bench` (L2 flushed between repetitions) over CUDA-graph replays
 of one call, so the figures are kernel time (as the issue's torch.profiler figures are), without the
-host's launch cost; the plain-call median is printed too. Correctness: ours and mamba_ssm's y against
+host's launch cost; the plain-call median is printed too, and `ours_other_math_ms` times our
+kernels with `scan.FAST_MATH` flipped (MUFU approximations against libdevice in the per-channel
+softplus and gate). Correctness: ours and mamba_ssm's y against
 `selective_scan_int8_reference` (fp32, on the GPU) on the same inputs: relative L2 error and the
 largest error over the largest |y|.
 """
@@ -118,6 +120,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         ours_call = functools.partial(scan.selective_scan, **kw)
         row["ours_ms"] = time_ms(graphed(ours_call))
         row["ours_plain_ms"] = time_ms(ours_call)
+        # The same kernels with libdevice's exp / log and IEEE divisions in the per-channel math
+        # (scan.FAST_MATH off): what the MUFU approximations buy, in the same process.
+        fast_math = scan.FAST_MATH
+        scan.FAST_MATH = not fast_math
+        try:
+            row["ours_other_math_rel_l2"] = errors(ours_call(), ref)[0]
+            row["ours_other_math_ms"] = time_ms(graphed(ours_call))
+        finally:
+            scan.FAST_MATH = fast_math
         for chunk in args.chunk_lens:
             scan.CHUNK_LEN = chunk
             try:

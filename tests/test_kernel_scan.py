@@ -40,6 +40,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -873,3 +875,35 @@ def test_update_rejects_bad_inputs(fn, override, match):
     kwargs.update(override)
     with pytest.raises(ValueError, match=match):
         fn(**kwargs)
+
+
+@triton.jit
+def _channel_math_kernel(x_ptr, softplus_ptr, silu_ptr, n, FAST_MATH: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(softplus_ptr + offs, scan._softplus(x, FAST_MATH), mask=mask)
+    tl.store(silu_ptr + offs, scan._silu(x, FAST_MATH), mask=mask)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_softplus_and_gate_are_within_ulps_of_float64(fast):
+    # Every x the scan may see from -30 to 25, densely around the series' switch (e = 1/8, x = -2.08)
+    # and torch's threshold (20). The interpreter runs the same formulas without PTX: there `fast`
+    # changes nothing; on CUDA it takes MUFU's ex2 / lg2 / rcp (scan.FAST_MATH's path).
+    if fast and DEVICE == "cpu":
+        pytest.skip("MUFU's approximations run on CUDA only")
+    x = torch.cat([torch.linspace(-30, 25, 20001), torch.linspace(-2.2, -1.9, 4001), torch.linspace(19.9, 20.1, 401)])
+    x = x.to(DEVICE)
+    softplus, silu = torch.empty_like(x), torch.empty_like(x)
+    _channel_math_kernel[(triton.cdiv(x.numel(), 1024),)](x, softplus, silu, x.numel(), FAST_MATH=fast, BLOCK=1024)
+    x64 = x.double()
+    want_softplus = torch.where(x64 > 20, x64, torch.log1p(torch.exp(x64)))
+    want_silu = x64 * torch.sigmoid(x64)
+    softplus_err = ((softplus.double() - want_softplus).abs() / want_softplus.abs()).max().item()
+    # SiLU: relative to |x| (the gate is x times a factor in (0, 1); near its zero the factor's
+    # error is what matters).
+    silu_err = ((silu.double() - want_silu).abs() / x64.abs().clamp_min(1e-30)).max().item()
+    assert softplus_err < (2.0**-19 if fast else 2.0**-21), softplus_err  # a few ulps; lg2: 2^-20
+    assert silu_err < 2.0**-20, silu_err

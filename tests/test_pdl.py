@@ -148,7 +148,8 @@ _COMPILE_UPDATE = textwrap.dedent('''
             "stride_tb stride_td stride_zb stride_zd stride_Bb stride_Bn stride_Cb stride_Cn stride_Ad stride_An "
             "stride_yb stride_yd").split()
     flags = dict(U_Q=False, DT_Q=False, B_Q=False, C_Q=False, Z_Q=False, HAS_D=True, HAS_Z=True, SOFTPLUS=True,
-                 NS=16, BLOCK_D=32, USE_PDL=True, DT_PROJ=True, PW_PER_CHANNEL=True, PW_HAS_BIAS=True, BLOCK_R=256)
+                 FAST_MATH=True, NS=16, BLOCK_D=32, USE_PDL=True, DT_PROJ=True, PW_PER_CHANNEL=True, PW_HAS_BIAS=True,
+                 BLOCK_R=256)
     for name, four_bit, weight in (("int8", False, "*i8"), ("w4", True, "*u8")):
         signature = {**{p: "*fp32" for p in pointers}, **{i: "i32" for i in ints}}
         signature.update(u_ptr="*fp16", z_ptr="*fp16", B_ptr="*fp16", C_ptr="*fp16", y_ptr="*fp16", h_ptr="*fp16",

@@ -20,8 +20,9 @@ model's dtype, fp16, the same way).
 1. dequantize: an int8 input `q` with scale `s` is `float32(q) * s` (the int8 -> fp32 conversion is
    exact); float inputs are upcast to fp32.
 2. `dt = delta (+ delta_bias[d])`; with `delta_softplus`, `dt = dt if dt > 20 else log1p(exp(dt))`
-   (torch's threshold rule), log1p evaluated as `log(w) * e / (w - 1)` with `w = 1 + e` (exact to
-   a few ulps, unlike `log(1 + e)` for small e), or `e` itself when `w == 1`.
+   (torch's threshold rule), log1p(e) evaluated by its series to e^7 below e = 1/8 and as
+   `log(w) + (e - (w - 1)) / w` with `w = 1 + e` above (a few ulps either way; with `FAST_MATH`
+   on CUDA the log, exp and division are MUFU's approximations: relative error below 2^-20).
 3. step: `h = exp(dt * A[d, n]) * h + (dt * u) * B[n]`; `y = sum_n h * C[n] + D[d] * u`.
 4. gate: `y = y * (z / (1 + exp(-z)))` (SiLU); then `y` is rounded to the output dtype (fp16 by
    default for int8 inputs, else u's dtype).
@@ -40,7 +41,8 @@ compiler, hence a different order of the sum over d_state, and different FMA con
 
 Against the reference (fp32, torch.exp / log1p / silu, no reassociation) the kernel is not
 bit-exact: exp/log implementations differ (numpy's under the interpreter, approximate hardware
-exp2/log on CUDA, relative errors ~2**-22), and the reassociations above add a few ulps. Each
+exp2/lg2/rcp on CUDA, relative errors ~2**-22 to 2**-20), and the reassociations above add a few
+ulps. Each
 step's error is a few fp32 ulps of the terms, and the scan is contractive (`exp(dt * A) <= 1` for
 `A <= 0`), so errors do not grow with L; the tests use rtol 1e-4 of the magnitude of the summed
 terms plus the output dtype's rounding (see tests/test_kernel_scan.py). Non-finite inputs are
@@ -154,22 +156,60 @@ def _to_f32(x, IS_INT8: tl.constexpr):
 
 
 @triton.jit
-def _softplus(x):
+def _approx_f32(x, op: tl.constexpr):
+    """One MUFU instruction with flush-to-zero (`ex2`, `lg2`, `rcp`): tl.exp, tl.log and fp32 `/`
+    add range and denormal fix-ups around it, or a polynomial (libdevice's log)."""
+    return tl.inline_asm_elementwise(op + ".approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _exp(x, FAST_MATH: tl.constexpr):
+    if FAST_MATH:
+        return _approx_f32(x * 1.4426950408889634, "ex2")
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _softplus(x, FAST_MATH: tl.constexpr):
     # torch's rule: x above 20, else log1p(exp(x)). The exp argument is clamped so that nothing
     # overflows in lanes whose result is discarded (numpy, under the interpreter, would warn).
-    e = tl.exp(tl.minimum(x, 20.0))
+    e = _exp(tl.minimum(x, 20.0), FAST_MATH)
+    # log1p(e) for e < 1/8 (x < -2.08, where dt_proj's biases put most channels) by its series to
+    # e^7: the omitted terms are under e^8 / 8, below an ulp of the sum at e = 1/8, and no log or
+    # division enters. From 1/8 up, log(w) for w = 1 + e plus (e - (w - 1)) / w, the first-order
+    # correction for the rounding of w (w - 1 is exact below 2). On CUDA the log is MUFU's lg2
+    # (absolute error about 2^-22.6: relative to log1p below 2^-20 at e = 1/8, 2^-22 from e = 1
+    # up) and the division MUFU's rcp: about 20 instructions against ~50 for libdevice's log and
+    # an IEEE division (sm_90 SASS).
+    es = tl.minimum(e, 0.125)  # the series is only kept below 1/8: no overflow where it is not
+    series = es * (1.0 + es * (-0.5 + es * (0.3333333333333333 + es * (-0.25 + es * (0.2 + es * (
+        -0.16666666666666666 + es * 0.14285714285714285))))))
     w = 1.0 + e
-    # log1p(e) = log(w) * e / (w - 1): the rounding error of 1 + e cancels (Goldberg's trick).
-    # When w == 1 (e < 2**-24), log1p(e) == e to fp32 precision.
-    tiny = w == 1.0
-    lp = tl.where(tiny, e, tl.log(w) * (e / tl.where(tiny, 1.0, w - 1.0)))
+    lost = e - (w - 1.0)
+    if FAST_MATH:
+        log_w = _approx_f32(w, "lg2") * 0.6931471805599453 + lost * _approx_f32(w, "rcp")
+    else:
+        log_w = tl.log(w) + lost / w
+    lp = tl.where(e < 0.125, series, log_w)
     return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _silu(z, FAST_MATH: tl.constexpr):
+    # Clamped so exp cannot overflow (for z < -80 the gate is ~z * 2e-35, i.e. 0 in fp16 and
+    # within an ulp of torch's silu in fp32).
+    if FAST_MATH:
+        return z * _approx_f32(1.0 + _exp(tl.minimum(-z, 80.0), FAST_MATH), "rcp")
+    else:
+        return z / (1.0 + tl.exp(tl.minimum(-z, 80.0)))
 
 
 @triton.jit
 def _channel_terms(u_raw, dt_raw, z_raw, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
                    U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, Z_Q: tl.constexpr,
-                   SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+                   SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, FAST_MATH: tl.constexpr):
     """Per-channel vectors of one step: dt, dt*u (times B's scale), the skip D*u and the SiLU gate."""
     u = _to_f32(u_raw, U_Q)
     if U_Q:
@@ -179,7 +219,7 @@ def _channel_terms(u_raw, dt_raw, z_raw, u_scale, dt_scale, B_scale, z_scale, bi
         dt = dt * dt_scale
     dt = dt + bias
     if SOFTPLUS:
-        dt = _softplus(dt)
+        dt = _softplus(dt, FAST_MATH)
     dtu = dt * u
     if B_Q:
         dtu = dtu * B_scale
@@ -191,9 +231,7 @@ def _channel_terms(u_raw, dt_raw, z_raw, u_scale, dt_scale, B_scale, z_scale, bi
         z = _to_f32(z_raw, Z_Q)
         if Z_Q:
             z = z * z_scale
-        # Clamped so exp cannot overflow (for z < -80 the gate is ~z * 2e-35, i.e. 0 in fp16 and
-        # within an ulp of torch's silu in fp32).
-        gate = z / (1.0 + tl.exp(tl.minimum(-z, 80.0)))
+        gate = _silu(z, FAST_MATH)
     else:
         gate = tl.zeros_like(u)
     return dt, dtu, skip, gate
@@ -261,11 +299,11 @@ def _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n,
 @triton.jit
 def _scan_step(h, A2, u_r, d_r, z_r, B_r, C_r, valid, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
                U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
-               SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+               SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, FAST_MATH: tl.constexpr):
     """One prefill step from raw inputs. A step that is not `valid` (past the end of its chunk, in
     the last unrolled iteration) runs with dt = 0 and dt*u = 0: h = exp(0) * h + 0 = h exactly."""
     dt, dtu, skip, gate = _channel_terms(u_r, d_r, z_r, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
-                                         U_Q, DT_Q, B_Q, Z_Q, SOFTPLUS, HAS_D, HAS_Z)
+                                         U_Q, DT_Q, B_Q, Z_Q, SOFTPLUS, HAS_D, HAS_Z, FAST_MATH)
     dt = tl.where(valid, dt, 0.0)
     dtu = tl.where(valid, dtu, 0.0)
     h, y = _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
@@ -275,10 +313,10 @@ def _scan_step(h, A2, u_r, d_r, z_r, B_r, C_r, valid, u_scale, dt_scale, B_scale
 @triton.jit
 def _local_step(h, A2, u_r, d_r, B_r, valid, u_scale, dt_scale, B_scale, bias,
                 U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr,
-                SOFTPLUS: tl.constexpr):
+                SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr):
     """Pass 1's step: the state update alone (no C, D, z, y); also returns dt for the chunk's sum."""
     dt, dtu, _skip, _gate = _channel_terms(u_r, d_r, u_r, u_scale, dt_scale, B_scale, 1.0, bias, bias,
-                                           U_Q, DT_Q, B_Q, False, SOFTPLUS, False, False)
+                                           U_Q, DT_Q, B_Q, False, SOFTPLUS, False, False, FAST_MATH)
     dt = tl.where(valid, dt, 0.0)
     dtu = tl.where(valid, dtu, 0.0)
     dA = tl.exp2(dt[None, :] * A2)
@@ -349,7 +387,7 @@ def _selective_scan_kernel(
     stride_fb, stride_fd, stride_fn,
     stride_cc, stride_cb,
     U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr,
     HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr, PASS: tl.constexpr,
     NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
 ):
@@ -485,12 +523,12 @@ def _selective_scan_kernel(
             valid = (zero_d + (t + k)) < n_steps
             if PASS == 1:
                 h, dt = _local_step(h, A2, su, sd, sB, valid, u_scale, dt_scale, B_scale, bias,
-                                    U_Q, DT_Q, B_Q, SOFTPLUS)
+                                    U_Q, DT_Q, B_Q, SOFTPLUS, FAST_MATH)
                 dt_sum += dt
             else:
                 h, y, dt = _scan_step(h, A2, su, sd, sz, sB, sC, valid, u_scale, dt_scale, B_scale, C_scale,
                                       z_scale, bias, Dv, U_Q, DT_Q, B_Q, C_Q, Z_Q, SOFTPLUS, HAS_D,
-                                      HAS_Z)
+                                      HAS_Z, FAST_MATH)
                 tl.store(y_t + k * stride_yl + y_o, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d & valid)
         y_t += UNROLL * stride_yl
 
@@ -643,7 +681,7 @@ def _selective_state_update_kernel(
     stride_Ad, stride_An,
     stride_yb, stride_yd,
     U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr,
     NS: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
     DT_PROJ: tl.constexpr, PW_PER_CHANNEL: tl.constexpr, PW_HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
     PW_4BIT: tl.constexpr, PW_GROUP: tl.constexpr,
@@ -701,7 +739,7 @@ def _selective_state_update_kernel(
         Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     dt, dtu, skip, gate = _channel_terms(u_r, t_r, z_r, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
-                                         U_Q, DT_Q, B_Q, Z_Q, SOFTPLUS, HAS_D, HAS_Z)
+                                         U_Q, DT_Q, B_Q, Z_Q, SOFTPLUS, HAS_D, HAS_Z, FAST_MATH)
     h, y = _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
     # In place: each program reads and writes only its own channels.
     tl.store(h_p, _to_out(h, h_ptr.dtype.element_ty), mask=mask_nd)
@@ -1039,6 +1077,14 @@ def _check_state_dtype(state_dtype: object, initial_state: Optional[torch.Tensor
     return state_dtype
 
 
+# On CUDA, the per-channel softplus and SiLU gate with MUFU's approximate ex2 / lg2 / rcp and
+# log1p's series below e = 1/8 (`_softplus`): sm_90 SASS of a chunked prefill's loops (Triton
+# 3.6, two steps an iteration, BLOCK_D 128 on 4 warps) 380 -> 333 instructions in pass 1 and
+# 607 -> 548 in pass 3 (docs/benchmarks.md, session 42; session 28 put this kernel's 1 x 2048
+# time near its issue floor).
+# The interpreter runs the same formulas with numpy's exp / log: the tests check the series and
+# its switch there. A setting so that benchmarks can time both; not yet timed.
+FAST_MATH = True
 # Chunk length of the prefill scan (tests and benchmarks may pin it; None: `_chunk_len`'s rule).
 CHUNK_LEN: Optional[int] = None
 # Under the interpreter: short chunks, so that the tests' sequences (up to 40 steps) span several.
@@ -1114,7 +1160,7 @@ def _flags(info: dict, D, z, delta_bias, delta_softplus: bool) -> dict:
     return dict(
         U_Q=q["u"], DT_Q=q["delta"], B_Q=q["B"], C_Q=q["C"], Z_Q=q.get("z", False),
         HAS_D=D is not None, HAS_Z=z is not None,
-        SOFTPLUS=bool(delta_softplus), NS=next_pow2(info["d_state"]),
+        SOFTPLUS=bool(delta_softplus), NS=next_pow2(info["d_state"]), FAST_MATH=FAST_MATH and not _INTERPRET,
     )
 
 
