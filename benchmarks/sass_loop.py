@@ -50,7 +50,9 @@ _SCAN_CONSTEXPRS = {
                                "FAST_MATH")},
     "HAS_H0": False, "PASS": 3, "NS": 16,
 }
-_SCAN_MULTIPLES = ("d_inner", "stride_ul", "stride_tl", "stride_zl", "stride_yl")
+# Multiples of 16 in the model: d_inner, d_state (16), and every row stride, B's and C's included
+# (x_proj's output rows of R + 2 N = 192 bytes on mamba-2.8b), so their loads are vectorised there.
+_SCAN_MULTIPLES = ("d_inner", "d_state", "stride_ul", "stride_tl", "stride_zl", "stride_yl", "stride_Bl", "stride_Cl")
 
 # kernel name -> (module, function, signature, default constexprs, the integer arguments the
 # model's shapes make multiples of 16 (Triton specialises on that at run time, and the address

@@ -1079,9 +1079,9 @@ def _check_state_dtype(state_dtype: object, initial_state: Optional[torch.Tensor
 
 # On CUDA, the per-channel softplus and SiLU gate with MUFU's approximate ex2 / lg2 / rcp and
 # log1p's series below e = 1/8 (`_softplus`): sm_90 SASS of a chunked prefill's loops (Triton
-# 3.6, two steps an iteration, BLOCK_D 128 on 4 warps) 380 -> 333 instructions in pass 1 and
-# 607 -> 548 in pass 3 (docs/benchmarks.md, session 42; session 28 put this kernel's 1 x 2048
-# time near its issue floor).
+# 3.6, two steps an iteration, BLOCK_D 128 on 4 warps, benchmarks/sass_loop.py) 353 -> 307
+# instructions in pass 1 and 567 -> 509 in pass 3 (docs/benchmarks.md, session 42; session 28 put
+# this kernel's 1 x 2048 time near its issue floor).
 # The interpreter runs the same formulas with numpy's exp / log: the tests check the series and
 # its switch there. A setting so that benchmarks can time both; not yet timed.
 FAST_MATH = True
