@@ -21,6 +21,32 @@ settings.register_profile("ci", parent=settings.get_profile("default"), derandom
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def every_kernel_launch_spells_out_fp_fusion():
+    """Under the interpreter, every launch of a quamba_fx kernel in any test must pass
+    `enable_fp_fusion` (kernels.dispatch.fp_fusion): Triton 3.10 turns the compile default off,
+    which would silently slow and re-round the kernels that leave it unset."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        module = getattr(self.fn, "__module__", "") or ""
+        if module.startswith("quamba_fx.") and "enable_fp_fusion" not in kwargs:
+            raise AssertionError(f"{module}.{self.fn.__name__} was launched without enable_fp_fusion "
+                                 "(pass **dispatch.fp_fusion() or pdl.launch_options)")
+        return original(self, *args, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = original
+
+
 def tiny_config(**overrides) -> MambaConfig:
     fields = dict(
         vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .conv1d import roll_state, state_columns
-from .dispatch import cdiv, graph_op, use_triton
+from .dispatch import cdiv, fp_fusion, graph_op, use_triton
 
 __all__ = ["MAX_UPDATE_WIDTH", "conv1d_silu", "conv1d_silu_reference", "conv1d_silu_update",
            "conv1d_silu_update_reference", "conv_silu_step"]
@@ -128,7 +128,7 @@ def conv1d_silu_update(x: Tensor, weight: Tensor, bias: Optional[Tensor], state:
     _conv1d_silu_update_kernel[(cdiv(channels, _BLOCK_D), batch)](
         x, state, w, bias if bias is not None else w, out, channels,
         x.stride(0), x.stride(1), state.stride(0), state.stride(1), state.stride(2), w.stride(0), w.stride(1),
-        out.stride(0), out.stride(1), W=width, HAS_BIAS=bias is not None, BLOCK_D=_BLOCK_D,
+        out.stride(0), out.stride(1), W=width, HAS_BIAS=bias is not None, BLOCK_D=_BLOCK_D, **fp_fusion(),
     )
     return out
 
@@ -177,7 +177,7 @@ def conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], history: Tens
         x, history, w, bias if bias is not None else w, out, channels, length,
         x.stride(0), x.stride(1), x.stride(2), history.stride(0), history.stride(1), history.stride(2),
         w.stride(0), w.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        W=width, HAS_BIAS=bias is not None, BLOCK_L=_PREFILL_BLOCK_L, BLOCK_D=_PREFILL_BLOCK_D,
+        W=width, HAS_BIAS=bias is not None, BLOCK_L=_PREFILL_BLOCK_L, BLOCK_D=_PREFILL_BLOCK_D, **fp_fusion(),
     )
     return out, _last_inputs(history, x, width)
 

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import cdiv
+from .dispatch import cdiv, fp_fusion
 
 __all__ = ["dequantize"]
 
@@ -56,5 +56,5 @@ def dequantize(w_packed: Tensor, w_scale: Tensor, group_size: int, k: int, dtype
     kb = w_packed.shape[1]
     grid = (cdiv(n, _BLOCK_N), cdiv(kb, _BLOCK_BYTES))
     _dequant_kernel[grid](w_packed, w_scale, out, n, k, kb, w_packed.stride(0), w_scale.stride(0), out.stride(0),
-                          GROUP=group_size, BLOCK_N=_BLOCK_N, BLOCK_BYTES=_BLOCK_BYTES, num_warps=4)
+                          GROUP=group_size, BLOCK_N=_BLOCK_N, BLOCK_BYTES=_BLOCK_BYTES, num_warps=4, **fp_fusion())
     return out

@@ -154,6 +154,15 @@ PARALLEL_COMPILE = os.environ.get("QUAMBA_FX_PARALLEL_COMPILE", "1") != "0"
 _pool: Optional[ThreadPoolExecutor] = None
 
 
+def fp_fusion(enabled: bool = True) -> Dict[str, bool]:
+    """`enable_fp_fusion` for a kernel launch, always spelled out. Triton up to 3.9 contracts
+    `a * b + c` into an FMA unless told otherwise; 3.9 warns on every process whose launches leave
+    it unset, and 3.10 turns the default off, which would make our kernels slower (the scan's state
+    update, the conv taps and norms are FMA chains) and change their roundings. `enabled=False`
+    where a contract needs two roundings (the GEMM epilogues' `a * s + bias`)."""
+    return {"enable_fp_fusion": enabled}
+
+
 def precompile(jit_fn: Any, args: Sequence[Any], variants: Iterable[Dict[str, Any]]) -> None:
     """Compile `jit_fn` for every keyword set in `variants` (config meta-parameters and flags,
     exactly as the autotuner will pass them), in parallel, without launching anything.

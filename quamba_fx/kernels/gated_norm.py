@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..errors import InputError
-from .dispatch import INTERPRET, as_scalar, graph_op, next_pow2
+from .dispatch import INTERPRET, as_scalar, fp_fusion, graph_op, next_pow2
 from .dispatch import use_triton as _use_triton
 
 __all__ = ["check_gated_rmsnorm_args", "gated_rmsnorm", "gated_rmsnorm_op", "gated_rmsnorm_reference", "gated_row"]
@@ -134,7 +134,7 @@ def gated_rmsnorm(y: Tensor, z: Tensor, z_scale: Optional[Tensor], weight: Tenso
     _gated_rmsnorm_kernel[(y2.shape[0] * (width // group),)](
         y2, z2, z_scale if z_scale is not None else y2, weight.contiguous(), out, width, group, width // group,
         y2.stride(0), z2.stride(0), float(eps), Z_INT8=z_scale is not None, BLOCK=block, SINGLE=block >= group,
-        num_warps=1 if INTERPRET else max(1, min(8, block // 128)),
+        num_warps=1 if INTERPRET else max(1, min(8, block // 128)), **fp_fusion(),
     )
     return out
 

@@ -598,8 +598,7 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
             m, n, k,
             **flags,
             # Keeps `a * s + bias` two roundings on the GPU (see the module docstring).
-            enable_fp_fusion=False,
-            **launch_options(x_q.device),
+            **launch_options(x_q.device, fuse_fp=False),
         )
 
     tensors = (x2, w, xs, ws, b_arg, os_arg, out2)

@@ -231,10 +231,11 @@ def launch_call(tensors: tuple, m: int, n: int, k: int, flags: dict, meta: dict)
                if meta["SPLIT_K"] > 1 else (tensors[2], tensors[2]))
     grid = (cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
     args = (*tensors, *scratch, m, n, k, x.stride(0), w.stride(0), tensors[-1].stride(0))
-    # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
+    # No FP fusion (`fuse_fp=False`): `a * s + bias` stays two roundings on the GPU (gemm.py's
+    # contract).
     # The first programs ask L2 for the weight's first rows (pdl.prefetch_to_l2).
-    kwargs = dict(flags, **meta, BLOCK_M=bm, EVEN_K=_even_k(k, meta), enable_fp_fusion=False,
-                  **prefetch_options(w, grid[0]), **launch_options(x.device))
+    kwargs = dict(flags, **meta, BLOCK_M=bm, EVEN_K=_even_k(k, meta),
+                  **prefetch_options(w, grid[0]), **launch_options(x.device, fuse_fp=False))
     return grid, args, kwargs
 
 

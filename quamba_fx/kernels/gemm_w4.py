@@ -30,7 +30,7 @@ from ..quant.int4 import _check_w4, w4a8_linear, w4a16_linear
 from ..quant.qops import _check_int8, _linear_out_dtype
 from . import dequant_w4, gemm_w4_skinny, gemv_w4
 from .conv1d_float import MAX_UPDATE_WIDTH, conv1d_silu_update
-from .dispatch import INTERPRET, cdiv, graph_op, use_triton
+from .dispatch import INTERPRET, cdiv, fp_fusion, graph_op, use_triton
 from .gemm_epilogue import store_w4_tile
 from .int4_codes import column_codes
 
@@ -139,7 +139,7 @@ def _launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias:
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         A8=x_scale is not None,
         IEEE=x.dtype == torch.float32, HAS_BIAS=bias is not None, REQUANT=out_scale is not None, PTX=not INTERPRET,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, **fp_fusion(),
     )
     return out
 

@@ -221,10 +221,11 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
         conv_args = (x, x, x, x, x, 0, 0, 0, 0, 0, 0)  # placeholders, never read
         conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False, CONV_PER_CHANNEL=False)
     programs = cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"]
-    # `enable_fp_fusion=False` keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
+    # No FP fusion (`fuse_fp=False`): `a * s + bias` stays two roundings on the GPU (gemm.py's
+    # contract).
     # The first programs ask L2 for the weight's first rows (pdl.prefetch_to_l2).
     _int8_gemv_jit[(programs,)](*words, *scratch, *conv_args[:5], n, k_words, w.stride(0) // _PACK, *conv_args[5:],
                                 **prefetch_options(w, programs),
                                 **flags, **meta, **conv_flags, FAST_MATH=not _INTERPRET,
-                                EVEN_K=_even_k(k_words, meta), DP4A=not _INTERPRET, enable_fp_fusion=False,
-                                **launch_options(x.device))
+                                EVEN_K=_even_k(k_words, meta), DP4A=not _INTERPRET,
+                                **launch_options(x.device, fuse_fp=False))

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .dispatch import INTERPRET, sm_count
+from .dispatch import INTERPRET, fp_fusion, sm_count
 
 __all__ = ["ENABLED", "L2_PREFETCH", "L2_WINDOW_BYTES", "launch_options", "prefetch_chunk",
            "prefetch_options", "prefetch_to_l2", "use_pdl", "wait_for_previous"]
@@ -65,12 +65,13 @@ def use_pdl(device: Any) -> bool:
     return have
 
 
-def launch_options(device: Any) -> Dict[str, bool]:
+def launch_options(device: Any, fuse_fp: bool = True) -> Dict[str, bool]:
     """Keyword arguments for a launch on `device` of a kernel with a `USE_PDL` constexpr: the
-    constexpr, and Triton's `launch_pdl` launch attribute where it is on."""
+    constexpr, Triton's `launch_pdl` launch attribute where it is on, and `enable_fp_fusion`
+    (`dispatch.fp_fusion(fuse_fp)`)."""
     if use_pdl(device):
-        return {"USE_PDL": True, "launch_pdl": True}
-    return {"USE_PDL": False}
+        return {"USE_PDL": True, "launch_pdl": True, **fp_fusion(fuse_fp)}
+    return {"USE_PDL": False, **fp_fusion(fuse_fp)}
 
 
 @triton.jit

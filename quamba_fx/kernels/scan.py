@@ -111,7 +111,7 @@ import triton.language as tl
 
 from .dispatch import AUTOTUNE_DO_BENCH, cdiv, next_pow2
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import as_scalar, graph_op, launch_tuned, precompile, tuned_configs
+from .dispatch import as_scalar, fp_fusion, graph_op, launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 from .gemm import int8_gemm, int8_gemm_reference
@@ -1267,7 +1267,7 @@ def selective_scan(
     # batches fill the GPU anyway and want fewer, wider programs.
     batch_bucket = min(next_pow2(batch), 16)
     flags = dict(HAS_H0=initial_state is not None, WRITE_FINAL=return_final_state,
-                 **_flags(info, D, z, delta_bias, delta_softplus))
+                 **_flags(info, D, z, delta_bias, delta_softplus), **fp_fusion())
     ns = flags["NS"]
     chunk_len = _chunk_len(batch, d_inner, L)
     n_chunks = cdiv(L, chunk_len)
@@ -1299,7 +1299,7 @@ def selective_scan(
         _selective_scan_carry_kernel[(batch * cdiv(d_inner * ns, block_dn),)](
             A, h0, hc, sc, d_inner, d_state, n_prev, *A.stride(), *h0_strides,
             batch * d_inner * ns, d_inner * ns,
-            HAS_H0=initial_state is not None, NS=ns, NCP=ncp, BLOCK_DN=block_dn, num_warps=4,
+            HAS_H0=initial_state is not None, NS=ns, NCP=ncp, BLOCK_DN=block_dn, num_warps=4, **fp_fusion(),
         )
     _launch_chunks(tune_base, 3, batch, d_inner, n_chunks, args_for(3, n_chunks), flags)
     if return_final_state:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..ssd_reference import check_ssd_inputs, ssd_scan_reference
-from .dispatch import INTERPRET, cdiv, graph_op, next_pow2
+from .dispatch import INTERPRET, cdiv, fp_fusion, graph_op, next_pow2
 from .dispatch import use_triton as _use_triton
 
 __all__ = ["ssd_scan", "ssd_scan_cached_op", "ssd_scan_op", "ssd_state_update", "tiles"]
@@ -505,7 +505,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     launch = tiles(chunk, head_dim, state, ieee)
     scaled = scales is not None
     scales = scales if scaled else cum  # a dummy pointer when unscaled, never read
-    products = dict(SCALED=scaled, DOT=_DOT_DTYPES[product_dtype], IEEE=ieee)
+    products = dict(SCALED=scaled, DOT=_DOT_DTYPES[product_dtype], IEEE=ieee, **fp_fusion())
 
     block_h = min(16, next_pow2(heads))
     _chunk_dt_kernel[(batch, n_chunks, cdiv(heads, block_h))](
@@ -513,7 +513,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         scales, length, heads, chunk, n_chunks, float(dt_min), 0.0 if math.isinf(dt_max) else float(dt_max),
         dt.stride(0), dt.stride(1),
         HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), CLAMP_MAX=not math.isinf(dt_max), SCALED=scaled,
-        BLOCK_H=block_h, BLOCK_Q=next_pow2(chunk),
+        BLOCK_H=block_h, BLOCK_Q=next_pow2(chunk), **fp_fusion(),
     )
     # The product kernels' one grid axis: tiles x heads (groups for C B^T) x chunks x batch.
     cb = launch["cb"]
@@ -534,7 +534,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     _state_passing_kernel[(batch, heads, cdiv(pn, pass_block))](
         states, cum, start if start is not None else states, entering, final if final is not None else states,
         heads, pn, chunk, n_chunks,
-        HAS_STATE_IN=start is not None, HAS_STATE_OUT=final is not None, BLOCK=pass_block,
+        HAS_STATE_IN=start is not None, HAS_STATE_OUT=final is not None, BLOCK=pass_block, **fp_fusion(),
     )
     sc = launch["scan"]
     _chunk_scan_kernel[(cdiv(chunk, sc["BLOCK_M"]) * cdiv(head_dim, sc["BLOCK_P"]) * heads
@@ -587,7 +587,7 @@ def ssd_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
         C.stride(0), C.stride(1), C.stride(2), y.stride(0), y.stride(1), y.stride(2),
         HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
         CLAMP_MAX=not math.isinf(dt_max), SCALED=scales is not None,
-        PER_CHANNEL_X=per_channel_x, BLOCK_P=block_p, BLOCK_N=block_n,
+        PER_CHANNEL_X=per_channel_x, BLOCK_P=block_p, BLOCK_N=block_n, **fp_fusion(),
     )
     return y
 
