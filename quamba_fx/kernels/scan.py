@@ -42,11 +42,10 @@ compiler, hence a different order of the sum over d_state, and different FMA con
 Against the reference (fp32, torch.exp / log1p / silu, no reassociation) the kernel is not
 bit-exact: exp/log implementations differ (numpy's under the interpreter, approximate hardware
 exp2/lg2/rcp on CUDA, relative errors ~2**-22 to 2**-20), and the reassociations above add a few
-ulps. Each
-step's error is a few fp32 ulps of the terms, and the scan is contractive (`exp(dt * A) <= 1` for
-`A <= 0`), so errors do not grow with L; the tests use rtol 1e-4 of the magnitude of the summed
-terms plus the output dtype's rounding (see tests/test_kernel_scan.py). Non-finite inputs are
-outside the contract.
+ulps. Each step's error is a few fp32 ulps of the terms, and the scan is contractive
+(`exp(dt * A) <= 1` for `A <= 0`), so errors do not grow with L; the tests use rtol 1e-4 of the
+magnitude of the summed terms plus the output dtype's rounding (see tests/test_kernel_scan.py).
+Non-finite inputs are outside the contract.
 
 Chunked prefill (when batch * d_inner < PARALLEL_CHANNELS)
 ----------------------------------------------------------
