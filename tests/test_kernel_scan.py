@@ -901,9 +901,14 @@ def test_the_softplus_and_gate_are_within_ulps_of_float64(fast):
     x64 = x.double()
     want_softplus = torch.where(x64 > 20, x64, torch.log1p(torch.exp(x64)))
     want_silu = x64 * torch.sigmoid(x64)
-    softplus_err = ((softplus.double() - want_softplus).abs() / want_softplus.abs()).max().item()
+    # Bounds in units of 2^-24, element by element: a few for the formulas, plus |x| because on
+    # CUDA every exp (tl.exp too) is ex2 of x * log2(e) rounded to fp32, a relative error up to
+    # about |x| * 2^-24 in exp(x) that carries into log1p(e) and the gate's factor; MUFU's lg2
+    # adds up to 2^-20 (16 units) just above the series' switch.
+    units = 2.0**-24 * (x64.abs().clamp_max(20.0) + (20.0 if fast else 8.0))
+    softplus_err = (softplus.double() - want_softplus).abs() / want_softplus.abs()
     # SiLU: relative to |x| (the gate is x times a factor in (0, 1); near its zero the factor's
     # error is what matters).
-    silu_err = ((silu.double() - want_silu).abs() / x64.abs().clamp_min(1e-30)).max().item()
-    assert softplus_err < (2.0**-19 if fast else 2.0**-21), softplus_err  # a few ulps; lg2: 2^-20
-    assert silu_err < 2.0**-20, silu_err
+    silu_err = (silu.double() - want_silu).abs() / x64.abs().clamp_min(1e-30)
+    assert torch.all(softplus_err <= units), float((softplus_err / units).max())
+    assert torch.all(silu_err <= units), float((silu_err / units).max())
