@@ -65,6 +65,7 @@ from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import as_scalar, fp_fusion, graph_op, launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
+from .rounding import approx_f32
 
 __all__ = [
     "causal_conv1d_silu_int8",
@@ -90,20 +91,14 @@ def _int8_to_f32(q):
 
 
 @triton.jit
-def _approx_f32(x, op: tl.constexpr):
-    # One MUFU instruction (ex2 / rcp) with flush-to-zero: tl.exp and fp32 `/` add range and
-    # denormal fix-ups around it, several issue slots per output where the budget is ~35.
-    return tl.inline_asm_elementwise(op + ".approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                     is_pure=True, pack=1)
-
-
-@triton.jit
 def _silu_requant(acc, inv_out_scale, FAST_MATH: tl.constexpr):
     if FAST_MATH:
         # silu(acc) / out_scale as (acc * r) * rcp(1 + 2**(-acc * log2 e)): six instructions.
         # An overflowing exponent gives rcp(inf) = 0, i.e. silu -> -0, as the exact form does.
-        e = _approx_f32(acc * -1.4426950408889634, "ex2")
-        s = (acc * inv_out_scale) * _approx_f32(1.0 + e, "rcp")
+        # One MUFU instruction each (rounding.approx_f32): the fix-ups of tl.exp and `/` would take
+        # several issue slots per output where the budget is ~35.
+        e = approx_f32(acc * -1.4426950408889634, "ex2")
+        s = (acc * inv_out_scale) * approx_f32(1.0 + e, "rcp")
     else:
         y = acc / (1.0 + tl.exp(-acc))
         s = y * inv_out_scale

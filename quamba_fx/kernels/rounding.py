@@ -27,6 +27,9 @@
 * `f32_to_bf16_rne(y)`: fp32 -> bf16 rounded to nearest even on the bits (the interpreter's own
   fp32 -> bf16 cast truncates, and its "rtne" mode rounds ties away from zero; the GPU's rounds).
 
+And one primitive that is not exact, for kernels' FAST_MATH paths (CUDA only, no interpreter
+form): `approx_f32(x, op)`, a single MUFU instruction (`ex2`, `lg2`, `rcp`) with flush-to-zero.
+
 Only the interpreter pays for the emulation (a handful of numpy operations per element); on CUDA
 the flags below are compile-time constants and the kernels keep their single `fma.rn.f32` and
 `cvt.rn.satfinite.e4m3x2.f32`.
@@ -39,7 +42,7 @@ import triton.language as tl
 
 from .dispatch import INTERPRET
 
-__all__ = ["f32_to_bf16_rne", "fma_rn", "mul_rn", "quantize_e4m3_rn", "quantize_rn"]
+__all__ = ["approx_f32", "f32_to_bf16_rne", "fma_rn", "mul_rn", "quantize_e4m3_rn", "quantize_rn"]
 
 # A compile-time constant: Triton accepts globals in kernels only as constexprs (and hashes their
 # values into the kernel's cache key).
@@ -82,6 +85,15 @@ def fma_rn(a, b, c):
         return _fma_round_to_odd(a, b, c)
     else:
         return tl.fma(a, b, c)
+
+
+@triton.jit
+def approx_f32(x, op: tl.constexpr):
+    """`op.approx.ftz.f32` of fp32 `x` (`op` one of "ex2", "lg2", "rcp"): one MUFU instruction
+    where tl.exp / tl.log and an fp32 `/` add range and denormal fix-ups around it, or a polynomial
+    (libdevice's log). Errors of an ulp or two (lg2: about 2^-22.6 absolute). CUDA only."""
+    return tl.inline_asm_elementwise(op + ".approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit

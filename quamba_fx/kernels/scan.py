@@ -116,7 +116,7 @@ from .pdl import launch_options, wait_for_previous
 from .gemm import int8_gemm, int8_gemm_reference
 from .gemm_epilogue import requant_int8
 from .gemm_w4 import w4a16_gemm
-from .rounding import f32_to_bf16_rne, mul_rn
+from .rounding import approx_f32, f32_to_bf16_rne, mul_rn
 
 from ..quant.int4 import _check_w4, w4a16_linear
 from ..scan_reference import selective_scan_reference
@@ -155,17 +155,9 @@ def _to_f32(x, IS_INT8: tl.constexpr):
 
 
 @triton.jit
-def _approx_f32(x, op: tl.constexpr):
-    """One MUFU instruction with flush-to-zero (`ex2`, `lg2`, `rcp`): tl.exp, tl.log and fp32 `/`
-    add range and denormal fix-ups around it, or a polynomial (libdevice's log)."""
-    return tl.inline_asm_elementwise(op + ".approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                     is_pure=True, pack=1)
-
-
-@triton.jit
 def _exp(x, FAST_MATH: tl.constexpr):
     if FAST_MATH:
-        return _approx_f32(x * 1.4426950408889634, "ex2")
+        return approx_f32(x * 1.4426950408889634, "ex2")
     else:
         return tl.exp(x)
 
@@ -188,7 +180,7 @@ def _softplus(x, FAST_MATH: tl.constexpr):
     w = 1.0 + e
     lost = e - (w - 1.0)
     if FAST_MATH:
-        log_w = _approx_f32(w, "lg2") * 0.6931471805599453 + lost * _approx_f32(w, "rcp")
+        log_w = approx_f32(w, "lg2") * 0.6931471805599453 + lost * approx_f32(w, "rcp")
     else:
         log_w = tl.log(w) + lost / w
     lp = tl.where(e < 0.125, series, log_w)
@@ -200,7 +192,7 @@ def _silu(z, FAST_MATH: tl.constexpr):
     # Clamped so exp cannot overflow (for z < -80 the gate is ~z * 2e-35, i.e. 0 in fp16 and
     # within an ulp of torch's silu in fp32).
     if FAST_MATH:
-        return z * _approx_f32(1.0 + _exp(tl.minimum(-z, 80.0), FAST_MATH), "rcp")
+        return z * approx_f32(1.0 + _exp(tl.minimum(-z, 80.0), FAST_MATH), "rcp")
     else:
         return z / (1.0 + tl.exp(tl.minimum(-z, 80.0)))
 
