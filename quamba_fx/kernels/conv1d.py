@@ -37,8 +37,9 @@ decides the int8 result.
 On CUDA the kernel is not bit-exact with the reference: it computes step 3-4 as
 `(acc * r) * rcp(1 + ex2(-acc * log2 e))` with the one-instruction `ex2.approx.ftz` and
 `rcp.approx.ftz` (FAST_MATH, on whenever the interpreter is off), and `acc + ws * f` contracts into
-an FMA. These are errors of a few fp32 ulps, so outputs sitting at a rounding boundary may differ by one int8 step; more would
-need |terms| / out_scale around 1e7, far outside any calibrated model.
+an FMA. These are errors of a few fp32 ulps, so outputs sitting at a rounding boundary may differ
+by one int8 step; more would need |terms| / out_scale around 1e7, far outside any calibrated
+model.
 
 Performance design (H100 target: >= 70% of copy bandwidth): a program owns a block of channels
 (D is the vectorised, coalesced axis of both the in_proj read and the [B, L, D] write) and walks a
@@ -65,7 +66,7 @@ from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import as_scalar, fp_fusion, graph_op, launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
-from .rounding import approx_f32
+from .rounding import approx_f32, int8_to_f32
 
 __all__ = [
     "causal_conv1d_silu_int8",
@@ -81,13 +82,6 @@ PrefillResult = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _int8_to_f32(q):
-    # Exact, through the float bits of 2**23 + 128 + q: two integer ops and one fp32 subtraction
-    # instead of an I2F conversion, which on H100 issues at 1/8 of the FP32 rate.
-    return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
 
 @triton.jit
@@ -247,16 +241,16 @@ def _causal_conv1d_silu_int8_kernel(
         bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
     # The halo: the W-1 inputs before t0 (previous tile, initial state or zeros).
-    h1 = _int8_to_f32(_load_step(x_b, s_b, offs_d, mask_d, t0 - 1, L, stride_xd, stride_xl, stride_sd, stride_sk,
-                                 W, HAS_STATE))
+    h1 = int8_to_f32(_load_step(x_b, s_b, offs_d, mask_d, t0 - 1, L, stride_xd, stride_xl, stride_sd, stride_sk,
+                                W, HAS_STATE))
     h2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     h3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if W >= 3:
-        h2 = _int8_to_f32(_load_step(x_b, s_b, offs_d, mask_d, t0 - 2, L, stride_xd, stride_xl, stride_sd,
-                                     stride_sk, W, HAS_STATE))
+        h2 = int8_to_f32(_load_step(x_b, s_b, offs_d, mask_d, t0 - 2, L, stride_xd, stride_xl, stride_sd,
+                                    stride_sk, W, HAS_STATE))
     if W >= 4:
-        h3 = _int8_to_f32(_load_step(x_b, s_b, offs_d, mask_d, t0 - 3, L, stride_xd, stride_xl, stride_sd,
-                                     stride_sk, W, HAS_STATE))
+        h3 = int8_to_f32(_load_step(x_b, s_b, offs_d, mask_d, t0 - 3, L, stride_xd, stride_xl, stride_sd,
+                                    stride_sk, W, HAS_STATE))
 
     # Software prefetch, PREFETCH (4 or 8) steps ahead: Triton emits loads and stores as ordered
     # side-effecting asm, so without it each step's load would only be issued after the previous
@@ -272,7 +266,7 @@ def _causal_conv1d_silu_int8_kernel(
         q6 = tl.load(x_row + 6 * stride_xl, mask=mask_d & (n_rows > 6), other=0)
         q7 = tl.load(x_row + 7 * stride_xl, mask=mask_d & (n_rows > 7), other=0)
     for i in tl.static_range(BLOCK_L):
-        cur = _int8_to_f32(q0)
+        cur = int8_to_f32(q0)
         q0 = q1
         q1 = q2
         q2 = q3
@@ -335,7 +329,7 @@ def _causal_conv1d_update_silu_int8_kernel(
 @triton.jit
 def _tap(acc, v, w_ptr, offs_d, mask_d, k: tl.constexpr, stride_wd, stride_wk, x_scale):
     ws = tl.load(w_ptr + offs_d * stride_wd + k * stride_wk, mask=mask_d, other=0.0) * x_scale
-    return acc + ws * _int8_to_f32(v)
+    return acc + ws * int8_to_f32(v)
 
 
 @triton.jit

@@ -116,7 +116,7 @@ from .pdl import launch_options, wait_for_previous
 from .gemm import int8_gemm, int8_gemm_reference
 from .gemm_epilogue import requant_int8
 from .gemm_w4 import w4a16_gemm
-from .rounding import approx_f32, f32_to_bf16_rne, mul_rn
+from .rounding import approx_f32, f32_to_bf16_rne, int8_to_f32, mul_rn
 
 from ..quant.int4 import _check_w4, w4a16_linear
 from ..scan_reference import selective_scan_reference
@@ -146,10 +146,8 @@ ScanResult = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 @triton.jit
 def _to_f32(x, IS_INT8: tl.constexpr):
     if IS_INT8:
-        # Exact, through the float bits of 2**23 + 128 + q: two integer ops and one fp32 subtraction
-        # instead of an I2F conversion, which on H100 issues at 1/8 of the FP32 rate (and every
-        # thread converts the whole B and C vectors each step).
-        return (x.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        # Not I2F: every thread converts the whole B and C vectors each step.
+        return int8_to_f32(x)
     else:
         return x.to(tl.float32)
 

@@ -35,6 +35,7 @@ from ..errors import InputError
 from ..ssd_reference import check_ssd_inputs, ssd_scan_reference
 from .dispatch import INTERPRET, cdiv, fp_fusion, graph_op, next_pow2
 from .dispatch import use_triton as _use_triton
+from .rounding import int8_to_f32
 
 __all__ = ["ssd_scan", "ssd_scan_cached_op", "ssd_scan_op", "ssd_state_update", "tiles"]
 
@@ -50,7 +51,7 @@ def _widen(x, DTYPE: tl.constexpr):
     if x.dtype == tl.int8 and DTYPE == tl.float16:
         return (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
     elif x.dtype == tl.int8:
-        return ((x.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0).to(DTYPE)
+        return int8_to_f32(x).to(DTYPE)
     else:
         return x.to(DTYPE)
 
