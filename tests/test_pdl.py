@@ -1,7 +1,7 @@
 """The L2 weight prefetch of the decode GEMMs (kernels/pdl.py): which launches ask for it, that the
 chunks of the asking programs cover exactly the window, that the compiled sm_90 kernels issue it
-before they wait on the kernel ahead; and that the decode state update with dt_proj inside loads
-the weight before it waits."""
+before they wait on the kernel ahead; that the decode state update with dt_proj inside loads the
+weight before it waits; and that the prefill's conv and scan kernels read nothing before it."""
 
 from __future__ import annotations
 
@@ -168,3 +168,45 @@ def test_the_decode_state_update_loads_dt_projs_weight_before_it_waits():
     for line in kernels:
         wait = line.find("griddepcontrol.wait")
         assert 0 <= line.find("ld.global") < wait, line.split()[0]
+
+
+# The prefill's conv and the three kernels of the chunked scan, compiled for sm_90 with PDL on.
+_COMPILE_PREFILL = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from sass_loop import KERNELS, compile_sm90
+
+    def ptx(module, function, signature, constexprs, warps):
+        return compile_sm90(f"quamba_fx.kernels.{module}", function, signature, constexprs, (), warps, 3).asm["ptx"]
+
+    module, function, signature, constexprs, multiples, _ = KERNELS["scan"]
+    for pass_ in (1, 3):
+        print(f"scan_pass{pass_}", compile_sm90(module, function, signature, dict(constexprs, PASS=pass_),
+                                                multiples, 4, 3).asm["ptx"].replace("\\n", " "))
+    carry = {**{p: "*fp32" for p in ("A_ptr", "h0_ptr", "hc_ptr", "sc_ptr")},
+             **{i: "i32" for i in ("d_inner", "d_state", "n_prev", "stride_Ad", "stride_An", "stride_hb",
+                                   "stride_hd", "stride_hn", "stride_cc", "stride_cb")}}
+    print("carry", ptx("scan", "_selective_scan_carry_kernel", carry,
+                       dict(HAS_H0=True, NS=16, NCP=16, BLOCK_DN=256, USE_PDL=True), 4).replace("\\n", " "))
+    conv = {**{p: "*i8" for p in ("x_ptr", "state_ptr", "out_ptr", "final_ptr")},
+            **{p: "*fp32" for p in ("x_scale_ptr", "w_ptr", "bias_ptr", "out_scale_ptr")},
+            **{i: "i32" for i in ("D", "L", "L_BUCKET", "stride_xb", "stride_xd", "stride_xl", "stride_wd",
+                                  "stride_wk", "stride_sb", "stride_sd", "stride_sk", "stride_ob", "stride_od",
+                                  "stride_ol")}}
+    print("conv", ptx("conv1d", "_causal_conv1d_silu_int8_kernel", conv,
+                      dict(W=4, HAS_BIAS=True, HAS_STATE=True, WRITE_FINAL=True, FAST_MATH=True,
+                           PER_CHANNEL_OUT=False, BLOCK_D=64, BLOCK_L=16, USE_PDL=True, PREFETCH=4), 1
+                      ).replace("\\n", " "))
+''')
+
+
+@pytest.mark.slow  # four sm_90 compiles in a child process (~20 s on 2 cores)
+def test_the_prefill_conv_and_scan_read_nothing_before_they_wait():
+    """Their every input may be the kernel ahead's output (in_proj's for the conv; dt_proj's delta,
+    pass 1's chunk states), so under PDL only their launch may overlap it."""
+    kernels = _run_compiled(_COMPILE_PREFILL)
+    assert [line.split()[0] for line in kernels] == ["scan_pass1", "scan_pass3", "carry", "conv"]
+    for line in kernels:
+        wait = line.find("griddepcontrol.wait")
+        assert 0 <= wait < line.find("ld.global"), line.split()[0]
+        assert wait < line.find("griddepcontrol.launch_dependents"), line.split()[0]

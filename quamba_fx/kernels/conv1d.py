@@ -63,7 +63,7 @@ import triton.language as tl
 
 from .dispatch import AUTOTUNE_DO_BENCH, cdiv, next_pow2
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import as_scalar, fp_fusion, graph_op, launch_tuned, precompile, tuned_configs
+from .dispatch import as_scalar, graph_op, launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 from .rounding import approx_f32, int8_to_f32
@@ -197,7 +197,7 @@ def _causal_conv1d_silu_int8_kernel(
     stride_ob, stride_od, stride_ol,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, WRITE_FINAL: tl.constexpr,
     FAST_MATH: tl.constexpr, PER_CHANNEL_OUT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-    PREFETCH: tl.constexpr = 4,
+    USE_PDL: tl.constexpr, PREFETCH: tl.constexpr = 4,
 ):
     # Each program owns BLOCK_D channels (the vectorised axis: contiguous in both the in_proj
     # read and the [B, L, D] write) over BLOCK_L time steps, and walks the steps in order with
@@ -206,6 +206,8 @@ def _causal_conv1d_silu_int8_kernel(
     # shifted loads converts every input W times and compiled (sm_90) to ~37 SASS instructions
     # per output; this walk needs ~26, most of them in the exp/divide epilogue.
     tl.static_assert(BLOCK_L >= PREFETCH)
+    # The input is in_proj's output, the kernel ahead: under PDL only the launch overlaps it.
+    wait_for_previous(USE_PDL)
     # A flat grid (D tiles fastest, then L tiles, then batch): no 65535 limit on grid axes 1/2,
     # and neighbouring programs touch neighbouring bytes of the same rows.
     pid = tl.program_id(0)
@@ -626,7 +628,7 @@ def causal_conv1d_silu_int8(
     )
     flags = dict(W=W, HAS_BIAS=bias is not None, HAS_STATE=initial_state is not None,
                  WRITE_FINAL=return_final_state, FAST_MATH=not _INTERPRET, PER_CHANNEL_OUT=out_scale.numel() > 1,
-                 **fp_fusion())
+                 **launch_options(x_q.device))
     _launch_prefill((D, l_bucket, W), B, D, L, args, flags)
     if return_final_state:
         return out, final

@@ -35,6 +35,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .dispatch import INTERPRET, chosen_config, next_pow2, precompile_calls, sm_count, tuned_configs
 from .gemm_epilogue import epilogue
+from .pdl import launch_options, wait_for_previous
 
 __all__ = ["TmaConfig", "candidates", "fp8_flags", "launch", "launch_config", "promotion_constexprs", "supported"]
 
@@ -190,8 +191,10 @@ def _gemm_tma_jit(
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, SPLIT: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    FP8: tl.constexpr = False, PROMOTE_K: tl.constexpr = None,
+    FP8: tl.constexpr = False, PROMOTE_K: tl.constexpr = None, USE_PDL: tl.constexpr = False,
 ):
+    # x is the kernel ahead's output: under PDL only the launch overlaps that kernel.
+    wait_for_previous(USE_PDL)
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -262,8 +265,8 @@ def _call(c: TmaConfig, tensors: Tuple, m: int, n: int, k: int, flags: Dict) -> 
                   BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
                   NUM_PROGRAMS=programs, FLATTEN=c.flatten, SPLIT=c.split, WARP_SPECIALIZE=c.warp_specialize,
                   num_stages=c.stages, num_warps=c.warps,
-                  # Keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
-                  enable_fp_fusion=False)
+                  # fuse_fp=False keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
+                  **launch_options(x2.device, fuse_fp=False))
     tiles = -(-m // c.block_m) * -(-n // c.block_n)
     return args, kwargs, min(programs, tiles)
 

@@ -10,7 +10,9 @@ next one launch at once: the next one's programs only take SM room the current o
 left (every program of this kernel is already resident or done when the signal takes effect).
 
 A kernel launched after a kernel without the wait (e.g. cuBLAS, or any PyTorch kernel) still starts
-only when that one ends: the early start needs the kernel ahead to signal it.
+only when that one ends: the early start needs the kernel ahead to signal it. So the prefill's
+kernels launch this way too (the conv, the three kernels of the chunked scan, the TMA GEMM): each
+one without it would cost the launch gap on both of its sides.
 
 The decode GEMMs also use that early start to stream the start of their weight into L2
 (`prefetch_to_l2`): the kernels between two GEMMs of a step (norm, scan, Hadamard) are

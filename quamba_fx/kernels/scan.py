@@ -110,7 +110,7 @@ import triton.language as tl
 
 from .dispatch import AUTOTUNE_DO_BENCH, cdiv, next_pow2
 from .dispatch import INTERPRET as _INTERPRET
-from .dispatch import as_scalar, fp_fusion, graph_op, launch_tuned, precompile, tuned_configs
+from .dispatch import as_scalar, graph_op, launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
 from .pdl import launch_options, wait_for_previous
 from .gemm import int8_gemm, int8_gemm_reference
@@ -377,7 +377,7 @@ def _selective_scan_kernel(
     stride_cc, stride_cb,
     U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr,
-    HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr, PASS: tl.constexpr,
+    HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr, PASS: tl.constexpr, USE_PDL: tl.constexpr,
     NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Passes 1 and 3 of the chunked scan over one chunk of `chunk_len` steps of BLOCK_D channels.
@@ -388,6 +388,9 @@ def _selective_scan_kernel(
     `hc[chunk-1]` after pass 2 otherwise), writing y, and the final state from the last chunk.
     """
     tl.static_assert(UNROLL == 1 or UNROLL == 2 or UNROLL == 4)
+    # Everything this kernel reads may come from the kernel ahead (the chunk states from pass 2,
+    # delta from dt_proj): under PDL only its launch overlaps that kernel.
+    wait_for_previous(USE_PDL)
     # A flat grid, channel blocks fastest: no 65535 limit on grid axis 1, and programs running
     # side by side read neighbouring bytes of the same [B, L, D] rows.
     pid = tl.program_id(0)
@@ -548,11 +551,12 @@ def _selective_scan_carry_kernel(
     stride_Ad, stride_An,
     stride_hb, stride_hd, stride_hn,
     stride_cc, stride_cb,
-    HAS_H0: tl.constexpr, NS: tl.constexpr, NCP: tl.constexpr, BLOCK_DN: tl.constexpr,
+    HAS_H0: tl.constexpr, NS: tl.constexpr, NCP: tl.constexpr, BLOCK_DN: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Pass 2: turns the chunks' local end states `hc[c]` (from zero) into the true states at the
     end of each chunk, `prod decay * h0 + ...`, in place: a scan over chunks of the pairs
     (decay = exp(A * sum dt), local state), for BLOCK_DN (channel, state) pairs of one sequence."""
+    wait_for_previous(USE_PDL)  # pass 1 wrote hc and sc
     pid = tl.program_id(0)
     n_dn = tl.cdiv(d_inner * NS, BLOCK_DN)
     pid_dn = pid % n_dn
@@ -1256,7 +1260,7 @@ def selective_scan(
     # batches fill the GPU anyway and want fewer, wider programs.
     batch_bucket = min(next_pow2(batch), 16)
     flags = dict(HAS_H0=initial_state is not None, WRITE_FINAL=return_final_state,
-                 **_flags(info, D, z, delta_bias, delta_softplus), **fp_fusion())
+                 **_flags(info, D, z, delta_bias, delta_softplus), **launch_options(u.device))
     ns = flags["NS"]
     chunk_len = _chunk_len(batch, d_inner, L)
     n_chunks = cdiv(L, chunk_len)
@@ -1288,7 +1292,8 @@ def selective_scan(
         _selective_scan_carry_kernel[(batch * cdiv(d_inner * ns, block_dn),)](
             A, h0, hc, sc, d_inner, d_state, n_prev, *A.stride(), *h0_strides,
             batch * d_inner * ns, d_inner * ns,
-            HAS_H0=initial_state is not None, NS=ns, NCP=ncp, BLOCK_DN=block_dn, num_warps=4, **fp_fusion(),
+            HAS_H0=initial_state is not None, NS=ns, NCP=ncp, BLOCK_DN=block_dn, num_warps=4,
+            **launch_options(u.device),
         )
     _launch_chunks(tune_base, 3, batch, d_inner, n_chunks, args_for(3, n_chunks), flags)
     if return_final_state:
