@@ -35,6 +35,7 @@ _SCAN_SIGNATURE = {
     **{name: "*i8" for name in ("u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr")},
     **{name: "*fp32" for name in ("A_ptr", "D_ptr", "bias_ptr", "u_scale_ptr", "dt_scale_ptr", "B_scale_ptr",
                                   "C_scale_ptr", "z_scale_ptr", "h0_ptr", "hT_ptr", "hc_ptr", "sc_ptr")},
+    "sync_ptr": "*i32",
     "y_ptr": "*fp16",
     **{name: "i32" for name in ("batch_bucket", "d_inner", "d_state", "L", "chunk_len", "n_chunks",
                                 "stride_ub", "stride_ul", "stride_tb", "stride_tl", "stride_zb", "stride_zl",
@@ -129,7 +130,8 @@ def compile_sm90(module: str, function: str, signature: dict, constexprs: dict, 
     if not isinstance(fn, triton.runtime.JITFunction):
         fn = fn.fn  # an autotuned kernel's JIT function
     full = {**signature, **{name: "constexpr" for name in constexprs}}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+    # Attributes are keyed by the argument's position in the kernel, not in `signature`.
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
                if kind.startswith("*") or name.startswith("stride") or name in multiples}
     source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})

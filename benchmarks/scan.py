@@ -15,9 +15,10 @@ it, delta_bias from dt in [1e-3, 1e-1] as Mamba initialises it.
 
 Timing: median of `triton.testing.do_bench` (L2 flushed between repetitions) over CUDA-graph replays
 of one call, so the figures are kernel time (as the issue's torch.profiler figures are), without the
-host's launch cost; the plain-call median is printed too, and `ours_other_math_ms` times our
+host's launch cost; the plain-call median is printed too, `ours_other_math_ms` times our
 kernels with `scan.FAST_MATH` flipped (MUFU approximations against libdevice in the per-channel
-softplus and gate). Correctness: ours and mamba_ssm's y against
+softplus and gate), and `ours_other_launch_ms` with `scan.ONE_LAUNCH` flipped (the chunked scan
+in one launch or three). Correctness: ours and mamba_ssm's y against
 `selective_scan_int8_reference` (fp32, on the GPU) on the same inputs: relative L2 error and the
 largest error over the largest |y|.
 """
@@ -120,15 +121,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         ours_call = functools.partial(scan.selective_scan, **kw)
         row["ours_ms"] = time_ms(graphed(ours_call))
         row["ours_plain_ms"] = time_ms(ours_call)
-        # The same kernels with libdevice's exp / log and IEEE divisions in the per-channel math
-        # (scan.FAST_MATH off): what the MUFU approximations buy, in the same process.
-        fast_math = scan.FAST_MATH
-        scan.FAST_MATH = not fast_math
-        try:
-            row["ours_other_math_rel_l2"] = errors(ours_call(), ref)[0]
-            row["ours_other_math_ms"] = time_ms(graphed(ours_call))
-        finally:
-            scan.FAST_MATH = fast_math
+        # Each setting flipped, in the same process: FAST_MATH (libdevice's exp / log and IEEE
+        # divisions in the per-channel math instead of MUFU's) and ONE_LAUNCH (the chunked scan as
+        # passes 1-3 in three launches instead of one).
+        for setting, label in (("FAST_MATH", "other_math"), ("ONE_LAUNCH", "other_launch")):
+            value = getattr(scan, setting)
+            setattr(scan, setting, not value)
+            try:
+                row[f"ours_{label}_rel_l2"] = errors(ours_call(), ref)[0]
+                row[f"ours_{label}_ms"] = time_ms(graphed(ours_call))
+            finally:
+                setattr(scan, setting, value)
         for chunk in args.chunk_lens:
             scan.CHUNK_LEN = chunk
             try:

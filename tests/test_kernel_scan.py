@@ -46,7 +46,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quamba_fx import ops as qops
-from quamba_fx.kernels import scan
+from quamba_fx.kernels import scan, split_k
 from quamba_fx.kernels.scan import (
     DeltaProjection,
     DeltaProjectionW4,
@@ -711,15 +711,61 @@ def test_long_sequence_is_stable():
 @needs_kernel
 # One-step chunks are the costliest case under the interpreter (a carry pass per step): slow.
 @pytest.mark.parametrize("chunk_len", [pytest.param(1, marks=pytest.mark.slow), 3, 8, 64])
-def test_chunked_scan_matches_reference(chunk_len, monkeypatch):
+@pytest.mark.parametrize("one_launch", [True, False], ids=["one launch", "three launches"])
+def test_chunked_scan_matches_reference(chunk_len, one_launch, monkeypatch):
     """The scan split into chunks over L (pass 1: each chunk's state from zero and its sum of dt;
     pass 2: the true state entering each chunk; pass 3: each chunk from that state) computes the
-    same scan: ragged last chunk, an initial state, a single step per chunk, and one chunk (64)."""
+    same scan: ragged last chunk, an initial state, a single step per chunk (37 chunks: more than
+    one launch takes), and one chunk (64); in one launch (PASS 0) or three."""
     monkeypatch.setattr(scan, "CHUNK_LEN", chunk_len)
+    monkeypatch.setattr(scan, "ONE_LAUNCH", one_launch)
     case = dict(batch=2, d_inner=20, d_state=5, L=37, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
                 has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=torch.float32, seed=12)
     kw = build(case, DEVICE)
     check_against_reference(kw)
+
+
+def _passes_run(monkeypatch) -> list:
+    """The PASS of every chunked-scan launch from now on."""
+    passes = []
+    launch = scan._launch_chunks
+    monkeypatch.setattr(scan, "_launch_chunks", lambda *a: passes.append(a[1]) or launch(*a))
+    return passes
+
+
+@needs_kernel
+@pytest.mark.parametrize("chunk_len, one_launch, want", [
+    (8, True, [0]), (8, False, [1, 3]), (1, True, [1, 3]), (64, True, [3]),
+], ids=["5 chunks", "5 chunks, switched off", "37 chunks", "one chunk"])
+def test_which_passes_run(chunk_len, one_launch, want, monkeypatch):
+    """With ONE_LAUNCH, one launch from 2 to ONE_LAUNCH_MAX_CHUNKS chunks, passes 1-3 above; passes
+    1-3 without it; pass 3 alone for one chunk."""
+    monkeypatch.setattr(scan, "CHUNK_LEN", chunk_len)
+    monkeypatch.setattr(scan, "ONE_LAUNCH", one_launch)
+    kw = build(dict(batch=1, d_inner=20, d_state=5, L=37, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                    has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=False, out_dtype=torch.float32,
+                    seed=3), DEVICE)
+    passes = _passes_run(monkeypatch)
+    selective_scan(**kw)
+    assert passes == want
+
+
+@needs_kernel
+def test_one_launch_leaves_its_scratch_zero_and_repeats_bit_for_bit(monkeypatch):
+    """The tickets, flags and counters are back at zero after each launch (a CUDA graph replays the
+    launch on the same scratch), and a second call gives the same bits: the entering states are
+    folded in a fixed order, whatever order the programs ran in."""
+    monkeypatch.setattr(scan, "CHUNK_LEN", 4)
+    monkeypatch.setattr(scan, "ONE_LAUNCH", True)
+    kw = build(dict(batch=2, d_inner=20, d_state=5, L=37, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                    has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=torch.float32,
+                    seed=4), DEVICE)
+    passes = _passes_run(monkeypatch)
+    first = selective_scan(**kw, return_final_state=True)
+    sync = split_k.scratch(torch.device(DEVICE), 0, scan._sync_words(2, 20))[1]
+    assert passes == [0] and not sync.any()
+    second = selective_scan(**kw, return_final_state=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second)) and not sync.any()
 
 
 def test_chunk_len_rule(monkeypatch):

@@ -71,6 +71,21 @@ So the tolerance of the tests (1e-4 of the magnitude of the summed terms, module
 chunked and unchunked prefill alike; bit-exactness holds only within one chunk (the interpreter's
 chunks are INTERPRET_CHUNK_LEN = 16 steps, so the decode-chain test, L <= 16, stays bit-exact).
 
+One launch (`ONE_LAUNCH`, up to 32 chunks)
+-----------------------------------------
+Passes 1 to 3 are three launches, each waiting for the whole of the one before, and at 1 x 128
+their work is a few microseconds a chunk. With `ONE_LAUNCH` one launch (PASS 0) runs them: each
+program takes a ticket (its place in the order programs start), does pass 1's part for its chunk
+(all but the last) and publishes it with a bit in a flag word of its channel block; then it waits
+until the chunks before it have published and folds their local states into h0 in chunk order,
+`h = exp2(S[j] * A2) * h + hloc[j]` (pass 2's pairs, combined sequentially instead of as a tree:
+the same terms, another rounding order, so within the same tolerance); then pass 3's part. A
+program waits only for smaller tickets, which are running or done and publish without waiting,
+so no schedule of the programs can deadlock. The scratch (tickets, flags, counters) returns to
+zero at the end of every launch, so CUDA graphs replay it unchanged. Under the interpreter the
+programs run one after another in ticket order, so the waits pass at once; the arithmetic is the
+same.
+
 Kernel design (d_inner 5120, d_state 16, L 2048)
 ------------------------------------------------
 A program owns `BLOCK_D` channels of one sequence (and one chunk) and keeps their
@@ -108,6 +123,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import split_k
 from .dispatch import AUTOTUNE_DO_BENCH, cdiv, next_pow2
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import as_scalar, graph_op, launch_tuned, precompile, tuned_configs
@@ -313,129 +329,19 @@ def _local_step(h, A2, u_r, d_r, B_r, valid, u_scale, dt_scale, B_scale, bias,
     return h, dt
 
 
-# Autotune candidates on GPUs: (BLOCK_D, num_warps, UNROLL).
-# * BLOCK_D / num_warps: batch * n_chunks * d_inner / BLOCK_D programs, each owning a
-#   [d_state, BLOCK_D] tile.
-# * UNROLL: time steps per loop iteration. A step's own work is a long dependent chain (softplus,
-#   exp, the state update, the sum over d_state, the gate) with fixed costs per iteration (layout
-#   exchanges through shared memory, the loads' round trip) that unrolled steps overlap: the steps
-#   of an iteration are independent except for one FMA per state element, and the next
-#   iteration's loads are issued before the current one's math.
-GPU_CONFIGS = [
-    (8, 1, 4), (16, 1, 2), (16, 1, 4), (32, 1, 2), (32, 1, 4), (64, 2, 2), (128, 4, 2), (128, 4, 4), (256, 8, 2),
-]
-
-
-def _config(block_d: int, num_warps: int, unroll: int) -> triton.Config:
-    return triton.Config({"BLOCK_D": block_d, "UNROLL": unroll}, num_warps=num_warps)
-
-
-def _scan_configs():
-    if _INTERPRET:
-        # Small tiles keep the numpy blocks cheap, and the test shapes (d_inner up to 40) still span
-        # several channel blocks; 2 steps per iteration exercise the partial last iteration. A real
-        # model's d_inner (512 and up) takes the wide tile: the interpreter pays per operation, not
-        # per element, so 32 narrow programs cost ~30x one wide one.
-        return [_config(16, 1, 2), _config(512, 1, 2)]
-    return [_config(*c) for c in GPU_CONFIGS]
-
-
-def _interpreter_pick(configs, named_args, **kwargs):
-    # One config per shape under the interpreter, so the autotuner never times numpy runs.
-    if not _INTERPRET:
-        return configs
-    wide = named_args["d_inner"] > 64
-    # Tests that pin one config (kernel.configs = [...]) get it whatever the shape.
-    return [c for c in configs if (c.kwargs["BLOCK_D"] == 512) == wide] or configs
-
-
-# Autotune keys (plus dtypes and flags) whose candidate configs were already compiled in parallel,
-# and the tuned launch parameters per key: after a shape's first call, launches go straight to
-# the JIT function, skipping the autotuner's per-call host work.
-_PRECOMPILED: set = set()
-_TUNED: dict = tuned_configs("scan")
-
-
-@triton.autotune(configs=_scan_configs(), key=["d_inner", "d_state", "batch_bucket", "chunk_len", "PASS"],
-                 prune_configs_by={"early_config_prune": _interpreter_pick}, do_bench=AUTOTUNE_DO_BENCH)
-# L == 1 would otherwise become a compile-time constant (and each new L % 16 class a new variant).
-@triton.jit(do_not_specialize=["L"])
-def _selective_scan_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
-    h0_ptr, y_ptr, hT_ptr, hc_ptr, sc_ptr,
-    batch_bucket, d_inner, d_state, L, chunk_len, n_chunks,
-    stride_ub, stride_ud, stride_ul,
-    stride_tb, stride_td, stride_tl,
-    stride_zb, stride_zd, stride_zl,
-    stride_Bb, stride_Bn, stride_Bl,
-    stride_Cb, stride_Cn, stride_Cl,
-    stride_Ad, stride_An,
-    stride_hb, stride_hd, stride_hn,
-    stride_yb, stride_yd, stride_yl,
-    stride_fb, stride_fd, stride_fn,
-    stride_cc, stride_cb,
+@triton.jit
+def _walk_chunk(
+    h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d, mask_n, B_o, C_o,
+    u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+    stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+    stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
     U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr,
-    HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr, PASS: tl.constexpr, USE_PDL: tl.constexpr,
-    NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
+    LOCAL: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """Passes 1 and 3 of the chunked scan over one chunk of `chunk_len` steps of BLOCK_D channels.
-
-    PASS 1 (chunks 0 .. n_chunks-2): the chunk's state from zero, stored into `hc[chunk]`
-    ([n_chunks-1, batch, d_inner, NS] fp32), and the chunk's sum of dt into `sc[chunk]`.
-    PASS 3 (every chunk): the scan from the state entering the chunk (h0 or zero for chunk 0,
-    `hc[chunk-1]` after pass 2 otherwise), writing y, and the final state from the last chunk.
-    """
-    tl.static_assert(UNROLL == 1 or UNROLL == 2 or UNROLL == 4)
-    # Everything this kernel reads may come from the kernel ahead (the chunk states from pass 2,
-    # delta from dt_proj): under PDL only its launch overlaps that kernel.
-    wait_for_previous(USE_PDL)
-    # A flat grid, channel blocks fastest: no 65535 limit on grid axis 1, and programs running
-    # side by side read neighbouring bytes of the same [B, L, D] rows.
-    pid = tl.program_id(0)
-    n_d = tl.cdiv(d_inner, BLOCK_D)
-    pid_d = pid % n_d
-    rest = pid // n_d
-    chunk = rest % n_chunks
-    pid_b = (rest // n_chunks).to(tl.int64)
-    t0 = chunk * chunk_len
-    n_steps = tl.minimum(chunk_len, L - t0)
-
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, NS)
-    mask_d = offs_d < d_inner
-    mask_n = offs_n < d_state
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    offs_d64 = offs_d.to(tl.int64)
-    B_o = offs_n * stride_Bn
-    C_o = offs_n * stride_Cn
-    # The chunk-state buffer: [chunk, batch, d_inner, NS] with NS innermost.
-    hc_o = offs_d64[None, :] * NS + offs_n[:, None]
-
-    # Loaded once per program. Scales come from memory so that updating them in place needs no
-    # recompilation.
-    u_scale = _load_scale(u_scale_ptr, U_Q)
-    dt_scale = _load_scale(dt_scale_ptr, DT_Q)
-    B_scale = _load_scale(B_scale_ptr, B_Q)
-    C_scale = _load_scale(C_scale_ptr, C_Q)
-    z_scale = _load_scale(z_scale_ptr, Z_Q)
-    A2 = tl.load(A_ptr + offs_d64[None, :] * stride_Ad + offs_n[:, None] * stride_An, mask=mask_nd,
-                 other=0.0) * 1.4426950408889634
-    # Always a loaded vector (zeros when the caller has no bias): see `_bias_or_zeros`.
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
-    else:
-        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-    h = tl.zeros([NS, BLOCK_D], dtype=tl.float32)
-    if PASS == 3:
-        if HAS_H0:
-            h = tl.load(h0_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn,
-                        mask=mask_nd & (chunk == 0), other=0.0).to(tl.float32)
-        # The state entering the chunk, from pass 2 (chunk 0 has none: masked off).
-        prev = tl.maximum(chunk - 1, 0).to(tl.int64)
-        h += tl.load(hc_ptr + prev * stride_cc + pid_b * stride_cb + hc_o, mask=mask_nd & (chunk > 0), other=0.0)
+    """Steps t0 .. t0 + n_steps - 1 of sequence pid_b from state `h` ([NS, BLOCK_D] fp32): with
+    LOCAL the state update alone (pass 1), else the whole step, storing y. Returns the state after
+    the last step and the sum of dt over the steps (only LOCAL sums it; else zeros)."""
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     # Row pointers (scalars, 64-bit: t * stride can pass 2**31 for long sequences), advanced one row
@@ -452,8 +358,8 @@ def _selective_scan_kernel(
     z_o = offs_d64 * stride_zd
     y_o = offs_d64 * stride_yd
     zero_d = tl.zeros([BLOCK_D], dtype=tl.int32)
-    LOAD_Z: tl.constexpr = HAS_Z and PASS == 3
-    LOAD_C: tl.constexpr = PASS == 3
+    LOAD_Z: tl.constexpr = HAS_Z and not LOCAL
+    LOAD_C: tl.constexpr = not LOCAL
 
     # Slots 0..UNROLL-1 hold the raw inputs of the current iteration's steps; the row pointers point
     # at the newest loaded row. Rows past the chunk's end are not masked (that would put predicates
@@ -513,7 +419,7 @@ def _selective_scan_kernel(
             else:
                 su, sd, sz, sB, sC = u3, d3, z3, B3, C3
             valid = (zero_d + (t + k)) < n_steps
-            if PASS == 1:
+            if LOCAL:
                 h, dt = _local_step(h, A2, su, sd, sB, valid, u_scale, dt_scale, B_scale, bias,
                                     U_Q, DT_Q, B_Q, SOFTPLUS, FAST_MATH)
                 dt_sum += dt
@@ -528,14 +434,257 @@ def _selective_scan_kernel(
         u1, d1, z1, B1, C1 = n1u, n1d, n1z, n1B, n1C
         u2, d2, z2, B2, C2 = n2u, n2d, n2z, n2B, n2C
         u3, d3, z3, B3, C3 = n3u, n3d, n3z, n3B, n3C
+    return h, dt_sum
 
-    if PASS == 1:
-        c64 = chunk.to(tl.int64)
-        tl.store(hc_ptr + c64 * stride_cc + pid_b * stride_cb + hc_o, h, mask=mask_nd)
-        tl.store(sc_ptr + c64 * (stride_cc // NS) + pid_b * (stride_cb // NS) + offs_d64, dt_sum, mask=mask_d)
-    elif WRITE_FINAL:
-        f = hT_ptr + pid_b * stride_fb + offs_d64[None, :] * stride_fd + offs_n[:, None] * stride_fn
-        tl.store(f, _to_out(h, hT_ptr.dtype.element_ty), mask=mask_nd & (chunk == n_chunks - 1))
+
+# One launch for the chunked scan (PASS 0). `sync` is int32 scratch, zero between launches:
+# [0] the next program's ticket, [1] programs finished, then per (sequence, channel block) `bd`:
+# [2 + bd] a bit per chunk that has published its local state, [2 + n_bd + bd] chunks finished.
+
+
+@triton.jit
+def _ticket(sync_ptr):
+    """This program's place in the launch, in the order programs start (not their grid ids): a
+    program only ever waits for programs with a smaller ticket, which are running or done and
+    publish without waiting for anything, so the waits cannot deadlock whatever the GPU schedules."""
+    return tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _publish(sync_ptr, bd, chunk):
+    """Tell the later chunks of `bd` that `chunk`'s local state and dt sum are stored."""
+    # Every thread's stores are issued before the flag moves; the release orders them before it.
+    tl.debug_barrier()
+    tl.atomic_or(sync_ptr + 2 + bd, tl.full([], 1, tl.int32) << chunk, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait_for_chunks(sync_ptr, bd, chunk):
+    """Spin until chunks 0 .. chunk-1 of `bd` have published (n_chunks <= 32: one bit each)."""
+    need = (tl.full([], 1, tl.int32) << chunk) - 1
+    seen = tl.atomic_or(sync_ptr + 2 + bd, 0, sem="acquire", scope="gpu")
+    while (seen & need) != need:
+        seen = tl.atomic_or(sync_ptr + 2 + bd, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _enter_chunk(h, A2, hc_base, sc_base, chunk, stride_hc, stride_sc, mask_nd, mask_d):
+    """The state entering `chunk` from `h` (h0 or zeros): the earlier chunks' local states folded in
+    order, `h = exp2(S[j] * A2) * h + hloc[j]` (pass 2's arithmetic, as a sequential scan). Four
+    chunks' loads go out together, so the walk costs one L2 round trip per four chunks."""
+    zero_d = tl.zeros(mask_d.shape, dtype=tl.int32)
+    for j0 in range(0, chunk, 4):
+        j1 = j0 + 1
+        j2 = j0 + 2
+        j3 = j0 + 3
+        # Past `chunk`, zeros: exp2(0) * h + 0 is h exactly. `.cg`: other programs' stores, via L2.
+        # 32-bit offsets: j < 32 and the chunked scan's batch * d_inner < 2**15, so j * stride < 2**31
+        # for d_state up to 1024.
+        s0 = tl.load(sc_base + j0 * stride_sc, mask=mask_d, other=0.0, cache_modifier=".cg")
+        l0 = tl.load(hc_base + j0 * stride_hc, mask=mask_nd, other=0.0, cache_modifier=".cg")
+        s1 = tl.load(sc_base + j1 * stride_sc, mask=mask_d & (zero_d + j1 < chunk), other=0.0,
+                     cache_modifier=".cg")
+        l1 = tl.load(hc_base + j1 * stride_hc, mask=mask_nd & (zero_d + j1 < chunk)[None, :],
+                     other=0.0, cache_modifier=".cg")
+        s2 = tl.load(sc_base + j2 * stride_sc, mask=mask_d & (zero_d + j2 < chunk), other=0.0,
+                     cache_modifier=".cg")
+        l2 = tl.load(hc_base + j2 * stride_hc, mask=mask_nd & (zero_d + j2 < chunk)[None, :],
+                     other=0.0, cache_modifier=".cg")
+        s3 = tl.load(sc_base + j3 * stride_sc, mask=mask_d & (zero_d + j3 < chunk), other=0.0,
+                     cache_modifier=".cg")
+        l3 = tl.load(hc_base + j3 * stride_hc, mask=mask_nd & (zero_d + j3 < chunk)[None, :],
+                     other=0.0, cache_modifier=".cg")
+        h = tl.exp2(s0[None, :] * A2) * h + l0
+        h = tl.exp2(s1[None, :] * A2) * h + l1
+        h = tl.exp2(s2[None, :] * A2) * h + l2
+        h = tl.exp2(s3[None, :] * A2) * h + l3
+    return h
+
+
+@triton.jit
+def _finish(sync_ptr, bd, n_chunks, n_programs):
+    """Count this program out; the last chunk of `bd` to finish clears bd's flags (every chunk of
+    bd has read them by then) and the last program of the launch the ticket, so the scratch is
+    zero again for the next launch."""
+    n_bd = n_programs // n_chunks
+    if tl.atomic_add(sync_ptr + 2 + n_bd + bd, 1, sem="acq_rel", scope="gpu") == n_chunks - 1:
+        tl.atomic_xchg(sync_ptr + 2 + bd, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(sync_ptr + 2 + n_bd + bd, 0, sem="relaxed", scope="gpu")
+    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_programs - 1:
+        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
+
+
+# Autotune candidates on GPUs: (BLOCK_D, num_warps, UNROLL).
+# * BLOCK_D / num_warps: batch * n_chunks * d_inner / BLOCK_D programs, each owning a
+#   [d_state, BLOCK_D] tile.
+# * UNROLL: time steps per loop iteration. A step's own work is a long dependent chain (softplus,
+#   exp, the state update, the sum over d_state, the gate) with fixed costs per iteration (layout
+#   exchanges through shared memory, the loads' round trip) that unrolled steps overlap: the steps
+#   of an iteration are independent except for one FMA per state element, and the next
+#   iteration's loads are issued before the current one's math.
+GPU_CONFIGS = [
+    (8, 1, 4), (16, 1, 2), (16, 1, 4), (32, 1, 2), (32, 1, 4), (64, 2, 2), (128, 4, 2), (128, 4, 4), (256, 8, 2),
+]
+
+
+def _config(block_d: int, num_warps: int, unroll: int) -> triton.Config:
+    return triton.Config({"BLOCK_D": block_d, "UNROLL": unroll}, num_warps=num_warps)
+
+
+def _scan_configs():
+    if _INTERPRET:
+        # Small tiles keep the numpy blocks cheap, and the test shapes (d_inner up to 40) still span
+        # several channel blocks; 2 steps per iteration exercise the partial last iteration. A real
+        # model's d_inner (512 and up) takes the wide tile: the interpreter pays per operation, not
+        # per element, so 32 narrow programs cost ~30x one wide one.
+        return [_config(16, 1, 2), _config(512, 1, 2)]
+    return [_config(*c) for c in GPU_CONFIGS]
+
+
+def _interpreter_pick(configs, named_args, **kwargs):
+    # One config per shape under the interpreter, so the autotuner never times numpy runs.
+    if not _INTERPRET:
+        return configs
+    wide = named_args["d_inner"] > 64
+    # Tests that pin one config (kernel.configs = [...]) get it whatever the shape.
+    return [c for c in configs if (c.kwargs["BLOCK_D"] == 512) == wide] or configs
+
+
+# Autotune keys (plus dtypes and flags) whose candidate configs were already compiled in parallel,
+# and the tuned launch parameters per key: after a shape's first call, launches go straight to
+# the JIT function, skipping the autotuner's per-call host work.
+_PRECOMPILED: set = set()
+_TUNED: dict = tuned_configs("scan")
+
+
+@triton.autotune(configs=_scan_configs(), key=["d_inner", "d_state", "batch_bucket", "chunk_len", "PASS"],
+                 prune_configs_by={"early_config_prune": _interpreter_pick}, do_bench=AUTOTUNE_DO_BENCH)
+# L == 1 would otherwise become a compile-time constant (and each new L % 16 class a new variant).
+@triton.jit(do_not_specialize=["L"])
+def _selective_scan_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
+    h0_ptr, y_ptr, hT_ptr, hc_ptr, sc_ptr, sync_ptr,
+    batch_bucket, d_inner, d_state, L, chunk_len, n_chunks,
+    stride_ub, stride_ud, stride_ul,
+    stride_tb, stride_td, stride_tl,
+    stride_zb, stride_zd, stride_zl,
+    stride_Bb, stride_Bn, stride_Bl,
+    stride_Cb, stride_Cn, stride_Cl,
+    stride_Ad, stride_An,
+    stride_hb, stride_hd, stride_hn,
+    stride_yb, stride_yd, stride_yl,
+    stride_fb, stride_fd, stride_fn,
+    stride_cc, stride_cb,
+    U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr,
+    HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr, PASS: tl.constexpr, USE_PDL: tl.constexpr,
+    NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
+):
+    """Passes 1 and 3 of the chunked scan over one chunk of `chunk_len` steps of BLOCK_D channels.
+
+    PASS 1 (chunks 0 .. n_chunks-2): the chunk's state from zero, stored into `hc[chunk]`
+    ([n_chunks-1, batch, d_inner, NS] fp32), and the chunk's sum of dt into `sc[chunk]`.
+    PASS 3 (every chunk): the scan from the state entering the chunk (h0 or zero for chunk 0,
+    `hc[chunk-1]` after pass 2 otherwise), writing y, and the final state from the last chunk.
+    PASS 0 (every chunk, one launch for the whole scan): pass 1's part, published to the later
+    chunks of its channels through `sync_ptr`; then, once every earlier chunk has published, the
+    entering state from theirs (`_enter_chunk`), and pass 3's part. See "One launch" above.
+    """
+    tl.static_assert(UNROLL == 1 or UNROLL == 2 or UNROLL == 4)
+    # Everything this kernel reads may come from the kernel ahead (the chunk states from pass 2,
+    # delta from dt_proj): under PDL only its launch overlaps that kernel.
+    wait_for_previous(USE_PDL)
+    # A flat grid, channel blocks fastest: no 65535 limit on grid axis 1, and programs running
+    # side by side read neighbouring bytes of the same [B, L, D] rows.
+    if PASS == 0:
+        pid = _ticket(sync_ptr)
+    else:
+        pid = tl.program_id(0)
+    n_d = tl.cdiv(d_inner, BLOCK_D)
+    pid_d = pid % n_d
+    rest = pid // n_d
+    chunk = rest % n_chunks
+    pid_b = (rest // n_chunks).to(tl.int64)
+    t0 = chunk * chunk_len
+    n_steps = tl.minimum(chunk_len, L - t0)
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NS)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    offs_d64 = offs_d.to(tl.int64)
+    B_o = offs_n * stride_Bn
+    C_o = offs_n * stride_Cn
+    # The chunk-state buffer: [chunk, batch, d_inner, NS] with NS innermost.
+    hc_o = offs_d64[None, :] * NS + offs_n[:, None]
+
+    # Loaded once per program. Scales come from memory so that updating them in place needs no
+    # recompilation.
+    u_scale = _load_scale(u_scale_ptr, U_Q)
+    dt_scale = _load_scale(dt_scale_ptr, DT_Q)
+    B_scale = _load_scale(B_scale_ptr, B_Q)
+    C_scale = _load_scale(C_scale_ptr, C_Q)
+    z_scale = _load_scale(z_scale_ptr, Z_Q)
+    A2 = tl.load(A_ptr + offs_d64[None, :] * stride_Ad + offs_n[:, None] * stride_An, mask=mask_nd,
+                 other=0.0) * 1.4426950408889634
+    # Always a loaded vector (zeros when the caller has no bias): see `_bias_or_zeros`.
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    else:
+        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    zero_h = tl.zeros([NS, BLOCK_D], dtype=tl.float32)
+    c64 = chunk.to(tl.int64)
+    hc_this = hc_ptr + c64 * stride_cc + pid_b * stride_cb + hc_o
+    sc_this = sc_ptr + c64 * (stride_cc // NS) + pid_b * (stride_cb // NS) + offs_d64
+    if PASS != 3:  # pass 1's part: the chunk's local state and sum of dt, for the chunks after it
+        # PASS 1 runs on the chunks but the last (n_chunks counts those); PASS 0 on every chunk.
+        n_local = n_chunks
+        if PASS == 0:
+            n_local = n_chunks - 1
+        if chunk < n_local:
+            hloc, dt_sum = _walk_chunk(
+                zero_h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
+                mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+                stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+                stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
+                U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, True, BLOCK_D, UNROLL)
+            tl.store(hc_this, hloc, mask=mask_nd)
+            tl.store(sc_this, dt_sum, mask=mask_d)
+            if PASS == 0:
+                _publish(sync_ptr, pid_b * n_d + pid_d, chunk)
+    if PASS != 1:  # pass 3's part: the scan from the state entering the chunk, writing y
+        h0_tile = h0_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn
+        h = zero_h
+        if PASS == 3:
+            # h0 for chunk 0, else the state pass 2 left at the end of the chunk before.
+            if HAS_H0:
+                h = tl.load(h0_tile, mask=mask_nd & (chunk == 0), other=0.0).to(tl.float32)
+            prev = tl.maximum(chunk - 1, 0).to(tl.int64)
+            h += tl.load(hc_ptr + prev * stride_cc + pid_b * stride_cb + hc_o, mask=mask_nd & (chunk > 0), other=0.0)
+        else:
+            # h0 carried through the chunks before this one, once they have published.
+            if HAS_H0:
+                h = tl.load(h0_tile, mask=mask_nd, other=0.0).to(tl.float32)
+            if chunk > 0:
+                _wait_for_chunks(sync_ptr, pid_b * n_d + pid_d, chunk)
+                h = _enter_chunk(h, A2, hc_ptr + pid_b * stride_cb + hc_o,
+                                 sc_ptr + pid_b * (stride_cb // NS) + offs_d64, chunk, stride_cc, stride_cc // NS,
+                                 mask_nd, mask_d)
+        h, _unused = _walk_chunk(
+            h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
+            mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+            stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+            stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
+            U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, False, BLOCK_D, UNROLL)
+        if WRITE_FINAL:
+            f = hT_ptr + pid_b * stride_fb + offs_d64[None, :] * stride_fd + offs_n[:, None] * stride_fn
+            tl.store(f, _to_out(h, hT_ptr.dtype.element_ty), mask=mask_nd & (chunk == n_chunks - 1))
+    if PASS == 0:
+        _finish(sync_ptr, pid_b * n_d + pid_d, n_chunks, tl.num_programs(0))
 
 
 @triton.jit
@@ -1098,6 +1247,20 @@ MAX_CHUNKS = 256
 MIN_CHUNKS = 3
 
 
+# The chunked scan in one launch (PASS 0: each chunk's program publishes its local state and the
+# later chunks fold the earlier ones in) instead of three (passes 1, 2 and 3), up to 32 chunks
+# (one bit each in the flags). Off until a GPU has run it: its waits between programs are tested
+# only under the interpreter, which runs programs one at a time (benchmarks/scan.py times both).
+ONE_LAUNCH = False
+ONE_LAUNCH_MAX_CHUNKS = 32
+
+
+def _sync_words(batch: int, d_inner: int) -> int:
+    """int32 words of PASS 0's scratch (see `_ticket`): two, plus two per (sequence, channel block),
+    counted for blocks of one channel, so that any config fits (40 KB at 1 x 5120)."""
+    return 2 + 2 * batch * d_inner
+
+
 def _chunk_len(batch: int, d_inner: int, L: int) -> int:
     """Steps per chunk of the prefill scan (a power of two; >= L means one chunk, no passes 1-2)."""
     if CHUNK_LEN is not None:
@@ -1271,12 +1434,12 @@ def selective_scan(
     hc = torch.empty(max(n_prev, 1) * batch * d_inner * ns, dtype=torch.float32, device=u.device)
     sc = torch.empty(max(n_prev, 1) * batch * d_inner, dtype=torch.float32, device=u.device)
 
-    def args_for(pass_: int, n_run: int) -> tuple:
+    def args_for(n_run: int, sync: torch.Tensor) -> tuple:
         return (
             u, delta, A, B, C, D if D is not None else A, zz, bias,
             _scale_arg(u_scale, A), _scale_arg(delta_scale, A), _scale_arg(B_scale, A), _scale_arg(C_scale, A),
             _scale_arg(z_scale, A),
-            h0, y, final, hc, sc,
+            h0, y, final, hc, sc, sync,
             batch_bucket, d_inner, d_state, L, chunk_len, n_run,
             *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
             *h0_strides, *y.stride(), d_inner * d_state, d_state, 1,
@@ -1285,8 +1448,13 @@ def selective_scan(
 
     tune_base = (d_inner, d_state, batch_bucket, chunk_len, u.dtype, delta.dtype, B.dtype, C.dtype, zz.dtype,
                  y.dtype, h0.dtype, final.dtype, tuple(sorted(flags.items())))
+    if n_prev > 0 and ONE_LAUNCH and n_chunks <= ONE_LAUNCH_MAX_CHUNKS:
+        sync = split_k.scratch(u.device, 0, _sync_words(batch, d_inner))[1]
+        _launch_chunks(tune_base, 0, batch, d_inner, n_chunks, args_for(n_chunks, sync), flags)
+        return (y, final) if return_final_state else y
+    no_sync = sc  # PASS 1 and 3 never touch it
     if n_prev > 0:
-        _launch_chunks(tune_base, 1, batch, d_inner, n_prev, args_for(1, n_prev), flags)
+        _launch_chunks(tune_base, 1, batch, d_inner, n_prev, args_for(n_prev, no_sync), flags)
         ncp = next_pow2(n_prev)
         block_dn = max(16, 4096 // ncp)
         _selective_scan_carry_kernel[(batch * cdiv(d_inner * ns, block_dn),)](
@@ -1295,7 +1463,7 @@ def selective_scan(
             HAS_H0=initial_state is not None, NS=ns, NCP=ncp, BLOCK_DN=block_dn, num_warps=4,
             **launch_options(u.device),
         )
-    _launch_chunks(tune_base, 3, batch, d_inner, n_chunks, args_for(3, n_chunks), flags)
+    _launch_chunks(tune_base, 3, batch, d_inner, n_chunks, args_for(n_chunks, no_sync), flags)
     if return_final_state:
         return y, final
     return y
