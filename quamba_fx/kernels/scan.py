@@ -302,6 +302,20 @@ def _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n,
 
 
 @triton.jit
+def _next_row(adv, u_t, t_t, z_t, B_t, C_t, stride_ul, stride_tl, stride_zl, stride_Bl, stride_Cl,
+              u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, HAS_Z: tl.constexpr, HAS_C: tl.constexpr):
+    """The row pointers moved on by `adv` rows (1, or 0 to stay on the chunk's last row), and the
+    raw inputs of the row they then point at (`_load_step`)."""
+    u_t += adv * stride_ul
+    t_t += adv * stride_tl
+    z_t += adv * stride_zl
+    B_t += adv * stride_Bl
+    C_t += adv * stride_Cl
+    return u_t, t_t, z_t, B_t, C_t, _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n,
+                                               HAS_Z, HAS_C)
+
+
+@triton.jit
 def _scan_step(h, A2, u_r, d_r, z_r, B_r, C_r, valid, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
                U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
                SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, FAST_MATH: tl.constexpr):
@@ -371,13 +385,9 @@ def _walk_chunk(
     u2, d2, z2, B2, C2 = u0, d0, z0, B0, C0
     u3, d3, z3, B3, C3 = u0, d0, z0, B0, C0
     for k in tl.static_range(1, UNROLL):
-        adv = (k < n_steps).to(tl.int32)
-        u_t += adv * stride_ul
-        t_t += adv * stride_tl
-        z_t += adv * stride_zl
-        B_t += adv * stride_Bl
-        C_t += adv * stride_Cl
-        ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, LOAD_Z, LOAD_C)
+        u_t, t_t, z_t, B_t, C_t, ld = _next_row((k < n_steps).to(tl.int32), u_t, t_t, z_t, B_t, C_t,
+                                                stride_ul, stride_tl, stride_zl, stride_Bl, stride_Cl,
+                                                u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, LOAD_Z, LOAD_C)
         if k == 1:
             u1, d1, z1, B1, C1 = ld
         elif k == 2:
@@ -393,13 +403,9 @@ def _walk_chunk(
         n2u, n2d, n2z, n2B, n2C = u0, d0, z0, B0, C0
         n3u, n3d, n3z, n3B, n3C = u0, d0, z0, B0, C0
         for k in tl.static_range(UNROLL):
-            adv = (t + UNROLL + k < n_steps).to(tl.int32)
-            u_t += adv * stride_ul
-            t_t += adv * stride_tl
-            z_t += adv * stride_zl
-            B_t += adv * stride_Bl
-            C_t += adv * stride_Cl
-            ld = _load_step(u_t, t_t, z_t, B_t, C_t, u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, LOAD_Z, LOAD_C)
+            u_t, t_t, z_t, B_t, C_t, ld = _next_row((t + UNROLL + k < n_steps).to(tl.int32), u_t, t_t, z_t, B_t,
+                                                    C_t, stride_ul, stride_tl, stride_zl, stride_Bl, stride_Cl,
+                                                    u_o, t_o, z_o, B_o, C_o, mask_d, mask_n, LOAD_Z, LOAD_C)
             if k == 0:
                 n0u, n0d, n0z, n0B, n0C = ld
             elif k == 1:
