@@ -476,13 +476,12 @@ def _wait_for_chunks(sync_ptr, bd, chunk):
 @triton.jit
 def _enter_chunk(h, A2, hc_base, sc_base, chunk, stride_hc, stride_sc, mask_nd, mask_d):
     """The state entering `chunk` from `h` (h0 or zeros): the earlier chunks' local states folded in
-    order, `h = exp2(S[j] * A2) * h + hloc[j]` (pass 2's arithmetic, as a sequential scan). Four
-    chunks' loads go out together, so the walk costs one L2 round trip per four chunks."""
+    order, `h = exp2(S[j] * A2) * h + hloc[j]` (pass 2's arithmetic, as a sequential scan). Two
+    chunks' loads go out together: one L2 round trip per two chunks (four in flight took the
+    kernel from 96 to 160 registers a thread on sm_90, two to 112)."""
     zero_d = tl.zeros(mask_d.shape, dtype=tl.int32)
-    for j0 in range(0, chunk, 4):
+    for j0 in tl.range(0, chunk, 2, num_stages=1):
         j1 = j0 + 1
-        j2 = j0 + 2
-        j3 = j0 + 3
         # Past `chunk`, zeros: exp2(0) * h + 0 is h exactly. `.cg`: other programs' stores, via L2.
         # 32-bit offsets: j < 32 and the chunked scan's batch * d_inner < 2**15, so j * stride < 2**31
         # for d_state up to 1024.
@@ -492,18 +491,8 @@ def _enter_chunk(h, A2, hc_base, sc_base, chunk, stride_hc, stride_sc, mask_nd, 
                      cache_modifier=".cg")
         l1 = tl.load(hc_base + j1 * stride_hc, mask=mask_nd & (zero_d + j1 < chunk)[None, :],
                      other=0.0, cache_modifier=".cg")
-        s2 = tl.load(sc_base + j2 * stride_sc, mask=mask_d & (zero_d + j2 < chunk), other=0.0,
-                     cache_modifier=".cg")
-        l2 = tl.load(hc_base + j2 * stride_hc, mask=mask_nd & (zero_d + j2 < chunk)[None, :],
-                     other=0.0, cache_modifier=".cg")
-        s3 = tl.load(sc_base + j3 * stride_sc, mask=mask_d & (zero_d + j3 < chunk), other=0.0,
-                     cache_modifier=".cg")
-        l3 = tl.load(hc_base + j3 * stride_hc, mask=mask_nd & (zero_d + j3 < chunk)[None, :],
-                     other=0.0, cache_modifier=".cg")
         h = tl.exp2(s0[None, :] * A2) * h + l0
         h = tl.exp2(s1[None, :] * A2) * h + l1
-        h = tl.exp2(s2[None, :] * A2) * h + l2
-        h = tl.exp2(s3[None, :] * A2) * h + l3
     return h
 
 
@@ -1259,6 +1248,11 @@ MIN_CHUNKS = 3
 # only under the interpreter, which runs programs one at a time (benchmarks/scan.py times both).
 ONE_LAUNCH = False
 ONE_LAUNCH_MAX_CHUNKS = 32
+# Registers a thread of the one-launch kernel may use. ptxas gives it 119-122 in the two-step
+# configs, where passes 1 and 3 take 80-97, though it fits in 96 with no spill (sm_90, Triton 3.6,
+# BLOCK_D 32 to 256: the same loop, no local memory): at BLOCK_D 128 that is five programs an SM
+# instead of four. The four-step configs spill under it; the autotuner weighs that.
+ONE_LAUNCH_MAX_REGISTERS = 96
 
 
 def _sync_words(batch: int, d_inner: int) -> int:
@@ -1456,7 +1450,8 @@ def selective_scan(
                  y.dtype, h0.dtype, final.dtype, tuple(sorted(flags.items())))
     if n_prev > 0 and ONE_LAUNCH and n_chunks <= ONE_LAUNCH_MAX_CHUNKS:
         sync = split_k.scratch(u.device, 0, _sync_words(batch, d_inner))[1]
-        _launch_chunks(tune_base, 0, batch, d_inner, n_chunks, args_for(n_chunks, sync), flags)
+        _launch_chunks(tune_base, 0, batch, d_inner, n_chunks, args_for(n_chunks, sync),
+                       dict(flags, maxnreg=ONE_LAUNCH_MAX_REGISTERS))
         return (y, final) if return_final_state else y
     no_sync = sc  # PASS 1 and 3 never touch it
     if n_prev > 0:
