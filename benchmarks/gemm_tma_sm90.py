@@ -62,7 +62,7 @@ def build(config, fp8: bool, promote_k):
         "FP8": False, "PROMOTE_K": None, **gemm_tma.promotion_constexprs(flags, config.block_k),
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "GROUP_M": config.group_m,
         "NUM_PROGRAMS": PROGRAMS * config.per_sm, "FLATTEN": config.flatten, "SPLIT": config.split,
-        "WARP_SPECIALIZE": config.warp_specialize,
+        "WARP_SPECIALIZE": config.warp_specialize, "USE_PDL": True,  # as it launches on Hopper
     }
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name in ("N", "K")}
     source = ASTSource(fn=gemm_tma._gemm_tma_jit, signature={**signature, **{c: "constexpr" for c in constexprs}},
