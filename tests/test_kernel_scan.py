@@ -734,14 +734,16 @@ def _passes_run(monkeypatch) -> list:
 
 
 @needs_kernel
-@pytest.mark.parametrize("chunk_len, one_launch, want", [
-    (8, True, [0]), (8, False, [1, 3]), (1, True, [1, 3]), (64, True, [3]),
-], ids=["5 chunks", "5 chunks, switched off", "37 chunks", "one chunk"])
-def test_which_passes_run(chunk_len, one_launch, want, monkeypatch):
-    """With ONE_LAUNCH, one launch from 2 to ONE_LAUNCH_MAX_CHUNKS chunks, passes 1-3 above; passes
-    1-3 without it; pass 3 alone for one chunk."""
+@pytest.mark.parametrize("chunk_len, one_launch, max_chunk_len, want", [
+    (8, True, 64, [0]), (8, False, 64, [1, 3]), (1, True, 64, [1, 3]), (8, True, 4, [1, 3]), (64, True, 64, [3]),
+], ids=["5 chunks", "5 chunks, switched off", "37 chunks", "chunks too long", "one chunk"])
+def test_which_passes_run(chunk_len, one_launch, max_chunk_len, want, monkeypatch):
+    """With ONE_LAUNCH, one launch from 2 to ONE_LAUNCH_MAX_CHUNKS chunks of up to
+    ONE_LAUNCH_MAX_CHUNK_LEN steps, else passes 1-3; passes 1-3 without it; pass 3 alone for one
+    chunk."""
     monkeypatch.setattr(scan, "CHUNK_LEN", chunk_len)
     monkeypatch.setattr(scan, "ONE_LAUNCH", one_launch)
+    monkeypatch.setattr(scan, "ONE_LAUNCH_MAX_CHUNK_LEN", max_chunk_len)
     kw = build(dict(batch=1, d_inner=20, d_state=5, L=37, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
                     has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=False, out_dtype=torch.float32,
                     seed=3), DEVICE)
@@ -950,8 +952,9 @@ def test_the_softplus_and_gate_are_within_ulps_of_float64(fast):
     # Bounds in units of 2^-24, element by element: a few for the formulas, plus |x| because on
     # CUDA every exp (tl.exp too) is ex2 of x * log2(e) rounded to fp32, a relative error up to
     # about |x| * 2^-24 in exp(x) that carries into log1p(e) and the gate's factor; MUFU's lg2
-    # adds up to 2^-20 (16 units) just above the series' switch.
-    units = 2.0**-24 * (x64.abs().clamp_max(20.0) + (20.0 if fast else 8.0))
+    # adds up to 2^-20 (16 units) just above the series' switch. libdevice's path took 1.014 times
+    # |x| + 8 units on an H100 (session 43; the interpreter stays under that): 10.
+    units = 2.0**-24 * (x64.abs().clamp_max(20.0) + (20.0 if fast else 10.0))
     softplus_err = (softplus.double() - want_softplus).abs() / want_softplus.abs()
     # SiLU: relative to |x| (the gate is x times a factor in (0, 1); near its zero the factor's
     # error is what matters).

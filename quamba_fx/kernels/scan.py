@@ -71,10 +71,10 @@ So the tolerance of the tests (1e-4 of the magnitude of the summed terms, module
 chunked and unchunked prefill alike; bit-exactness holds only within one chunk (the interpreter's
 chunks are INTERPRET_CHUNK_LEN = 16 steps, so the decode-chain test, L <= 16, stays bit-exact).
 
-One launch (`ONE_LAUNCH`, up to 32 chunks)
------------------------------------------
+One launch (`ONE_LAUNCH`, up to 32 chunks of up to 64 steps)
+------------------------------------------------------------
 Passes 1 to 3 are three launches, each waiting for the whole of the one before, and at 1 x 128
-their work is a few microseconds a chunk. With `ONE_LAUNCH` one launch (PASS 0) runs them: each
+their work is a few microseconds a chunk. So one launch (PASS 0) runs them there: each
 program takes a ticket (its place in the order programs start), does pass 1's part for its chunk
 (all but the last) and publishes it with a bit in a flag word of its channel block; then it waits
 until the chunks before it have published and folds their local states into h0 in chunk order,
@@ -1244,10 +1244,14 @@ MIN_CHUNKS = 3
 
 # The chunked scan in one launch (PASS 0: each chunk's program publishes its local state and the
 # later chunks fold the earlier ones in) instead of three (passes 1, 2 and 3), up to 32 chunks
-# (one bit each in the flags). Off until a GPU has run it: its waits between programs are tested
-# only under the interpreter, which runs programs one at a time (benchmarks/scan.py times both).
-ONE_LAUNCH = False
+# (one bit each in the flags) of at most ONE_LAUNCH_MAX_CHUNK_LEN steps. Measured on an H100
+# (docs/benchmarks.md, session 43; kernel ms, three launches -> one): 1 x 5120 x 128 (chunks of
+# 16) 0.0319 -> 0.0272, x 256 (16) 0.0427 -> 0.0398, x 512 (32) 0.0670 -> 0.0654, x 1024 (64)
+# 0.1159 -> 0.1149, but x 2048 (128) 0.2093 -> 0.2147: long chunks leave the fold little to save
+# and keep pass 1's part at pass 3's occupancy.
+ONE_LAUNCH = True
 ONE_LAUNCH_MAX_CHUNKS = 32
+ONE_LAUNCH_MAX_CHUNK_LEN = 64
 # Registers a thread of the one-launch kernel may use. ptxas gives it 119-122 in the two-step
 # configs, where passes 1 and 3 take 80-97, though it fits in 96 with no spill (sm_90, Triton 3.6,
 # BLOCK_D 32 to 256: the same loop, no local memory): at BLOCK_D 128 that is five programs an SM
@@ -1448,7 +1452,7 @@ def selective_scan(
 
     tune_base = (d_inner, d_state, batch_bucket, chunk_len, u.dtype, delta.dtype, B.dtype, C.dtype, zz.dtype,
                  y.dtype, h0.dtype, final.dtype, tuple(sorted(flags.items())))
-    if n_prev > 0 and ONE_LAUNCH and n_chunks <= ONE_LAUNCH_MAX_CHUNKS:
+    if n_prev > 0 and ONE_LAUNCH and n_chunks <= ONE_LAUNCH_MAX_CHUNKS and chunk_len <= ONE_LAUNCH_MAX_CHUNK_LEN:
         sync = split_k.scratch(u.device, 0, _sync_words(batch, d_inner))[1]
         _launch_chunks(tune_base, 0, batch, d_inner, n_chunks, args_for(n_chunks, sync),
                        dict(flags, maxnreg=ONE_LAUNCH_MAX_REGISTERS))
