@@ -633,8 +633,11 @@ def _selective_scan_kernel(
         Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
     zero_h = tl.zeros([NS, BLOCK_D], dtype=tl.float32)
     c64 = chunk.to(tl.int64)
-    hc_this = hc_ptr + c64 * stride_cc + pid_b * stride_cb + hc_o
-    sc_this = sc_ptr + c64 * (stride_cc // NS) + pid_b * (stride_cb // NS) + offs_d64
+    # This sequence's chunk states and dt sums; chunk c's are c * stride_cc (c * stride_cc // NS) on.
+    hc_seq = hc_ptr + pid_b * stride_cb + hc_o
+    sc_seq = sc_ptr + pid_b * (stride_cb // NS) + offs_d64
+    hc_this = hc_seq + c64 * stride_cc
+    sc_this = sc_seq + c64 * (stride_cc // NS)
     if PASS != 3:  # pass 1's part: the chunk's local state and sum of dt, for the chunks after it
         # PASS 1 runs on the chunks but the last (n_chunks counts those); PASS 0 on every chunk.
         n_local = n_chunks
@@ -659,16 +662,14 @@ def _selective_scan_kernel(
             if HAS_H0:
                 h = tl.load(h0_tile, mask=mask_nd & (chunk == 0), other=0.0).to(tl.float32)
             prev = tl.maximum(chunk - 1, 0).to(tl.int64)
-            h += tl.load(hc_ptr + prev * stride_cc + pid_b * stride_cb + hc_o, mask=mask_nd & (chunk > 0), other=0.0)
+            h += tl.load(hc_seq + prev * stride_cc, mask=mask_nd & (chunk > 0), other=0.0)
         else:
             # h0 carried through the chunks before this one, once they have published.
             if HAS_H0:
                 h = tl.load(h0_tile, mask=mask_nd, other=0.0).to(tl.float32)
             if chunk > 0:
                 _wait_for_chunks(sync_ptr, pid_b * n_d + pid_d, chunk)
-                h = _enter_chunk(h, A2, hc_ptr + pid_b * stride_cb + hc_o,
-                                 sc_ptr + pid_b * (stride_cb // NS) + offs_d64, chunk, stride_cc, stride_cc // NS,
-                                 mask_nd, mask_d)
+                h = _enter_chunk(h, A2, hc_seq, sc_seq, chunk, stride_cc, stride_cc // NS, mask_nd, mask_d)
         h, _unused = _walk_chunk(
             h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
             mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
