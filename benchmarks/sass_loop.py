@@ -65,7 +65,8 @@ KERNELS = {
         {"x_ptr": "*i32", "w_ptr": "*i32", **{name: "*fp32" for name in ("x_scale_ptr", "w_scale_ptr", "bias_ptr",
                                                                         "out_scale_ptr")},
          "out_ptr": "*i8", "partial_ptr": "*i32", "count_ptr": "*i32",
-         **{name: "*i8" for name in ("cs_ptr", "cw_ptr", "cb_ptr", "cu_scale_ptr", "u_ptr")},
+         # The conv step's state and output are int8 codes; its weight, bias and scale fp32.
+         "cs_ptr": "*i8", "cw_ptr": "*fp32", "cb_ptr": "*fp32", "cu_scale_ptr": "*fp32", "u_ptr": "*i8",
          **{name: "i32" for name in ("N", "K", "stride_wn", "D_CONV", "CONV_START", "stride_csd", "stride_csk",
                                      "stride_cwd", "stride_cwk", "PF_BYTES", "PF_PROGRAMS")}},
         {"W_PER_CHANNEL": True, "HAS_BIAS": False, "OUT_MODE": 0, "OUT_PER_CHANNEL": False, "BLOCK_N": 16,
