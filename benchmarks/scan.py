@@ -18,7 +18,10 @@ of one call, so the figures are kernel time (as the issue's torch.profiler figur
 host's launch cost; the plain-call median is printed too, `ours_other_math_ms` times our
 kernels with `scan.FAST_MATH` flipped (MUFU approximations against libdevice in the per-channel
 softplus and gate), and `ours_other_launch_ms` with `scan.ONE_LAUNCH` flipped (the chunked scan
-in one launch or three). Correctness: ours and mamba_ssm's y against
+in one launch or three). `dt_proj_gemm_ms`, `gemm_then_scan_ms` and `fused_dt_proj_ms` time
+dt_proj (mamba-2.8b's: rank ceil(d_model / 16), int8 weights, per-channel scales, a bias) as its own
+int8 GEMM, that GEMM then our scan, and our scan computing it itself (`DeltaProjection`): what
+folding dt_proj into the prefill's scan would save. Correctness: ours and mamba_ssm's y against
 `selective_scan_int8_reference` (fp32, on the GPU) on the same inputs: relative L2 error and the
 largest error over the largest |y|.
 """
@@ -64,6 +67,39 @@ def make_inputs(batch: int, d_inner: int, L: int, seed: int = 0) -> Dict[str, to
         B_scale=torch.tensor(0.03, device=DEVICE), C_scale=torch.tensor(0.03, device=DEVICE),
         z_scale=torch.tensor(0.02, device=DEVICE),
     )
+
+
+def make_projection(batch: int, d_inner: int, L: int, seed: int = 1):
+    """dt_proj as the lowered graph runs it: x the dt slice of x_proj's int8 `[B, L, R + 2N]`
+    output, int8 weights with per-channel scales, an fp32 bias; delta at make_inputs' scale."""
+    from quamba_fx.kernels.scan import DeltaProjection
+
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    rank = math.ceil(d_inner / 2 / 16)
+    xdbl = torch.randint(-128, 128, (batch, L, rank + 2 * D_STATE), dtype=torch.int8, device=DEVICE, generator=g)
+    weight = torch.randint(-128, 128, (d_inner, rank), dtype=torch.int8, device=DEVICE, generator=g)
+    # Scales that spread delta over most of the int8 range, a few percent saturating.
+    w_scale = torch.full((d_inner,), 1.5 / (128 * 128 * 0.02 * math.sqrt(rank)), device=DEVICE)
+    return DeltaProjection(x=xdbl[:, :, :rank], x_scale=torch.tensor(0.02, device=DEVICE), weight=weight,
+                           weight_scale=w_scale * (torch.rand(d_inner, device=DEVICE, generator=g) + 0.5),
+                           bias=torch.randn(d_inner, device=DEVICE, generator=g) * 0.1,
+                           out_scale=torch.tensor(0.01, device=DEVICE))
+
+
+def time_dt_proj(scan, kw: Dict[str, torch.Tensor], batch: int, d_inner: int, L: int) -> Dict[str, float]:
+    """dt_proj's GEMM alone, the GEMM then our scan, and our scan computing dt_proj itself."""
+    proj = make_projection(batch, d_inner, L)
+    rest = {k: v for k, v in kw.items() if k not in ("delta", "delta_scale")}
+
+    def gemm_then_scan():
+        return scan.selective_scan(**rest, delta=proj.delta().transpose(1, 2), delta_scale=proj.out_scale)
+
+    def fused():
+        return scan.selective_scan(**rest, delta=None, delta_proj=proj)
+
+    want = gemm_then_scan()
+    return dict(dt_proj_gemm_ms=time_ms(graphed(proj.delta)), gemm_then_scan_ms=time_ms(graphed(gemm_then_scan)),
+                fused_dt_proj_ms=time_ms(graphed(fused)), fused_dt_proj_rel_l2=errors(fused(), want)[0])
 
 
 def dequantized_fp16(kw: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -132,6 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 row[f"ours_{label}_ms"] = time_ms(graphed(ours_call))
             finally:
                 setattr(scan, setting, value)
+        row.update(time_dt_proj(scan, kw, batch, d_inner, L))
         for chunk in args.chunk_lens:
             scan.CHUNK_LEN = chunk
             try:

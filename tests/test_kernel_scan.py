@@ -37,6 +37,8 @@ same values in an fp32 state, its stored state rounded.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -750,6 +752,78 @@ def test_which_passes_run(chunk_len, one_launch, max_chunk_len, want, monkeypatc
     passes = _passes_run(monkeypatch)
     selective_scan(**kw)
     assert passes == want
+
+
+def _prefill_with_projection(batch: int, d_inner: int, L: int, rank: int, per_channel: bool, has_bias: bool,
+                              seed: int, device: str | None = DEVICE):
+    """A prefill's int8 inputs but delta (graph layouts) and a DeltaProjection whose x is the dt
+    slice of an x_proj-like `[batch, L, rank + 7]` output, as in the lowered graph."""
+    kw = build(dict(batch=batch, d_inner=d_inner, d_state=5, L=L, kind={n: "int8" for n in ACT_NAMES},
+                    layout="graph", has_D=True, has_z=True, has_bias=False, softplus=True, has_h0=True,
+                    out_dtype=torch.float16, seed=seed), device)
+    del kw["delta"], kw["delta_scale"]
+    gen = torch.Generator().manual_seed(seed + 1)
+    xdbl = torch.randint(-128, 128, (batch, L, rank + 7), dtype=torch.int8, generator=gen)
+    proj = DeltaProjection(
+        x=xdbl[:, :, :rank].to(device), x_scale=torch.tensor(0.05, device=device),
+        weight=torch.randint(-128, 128, (d_inner, rank), dtype=torch.int8, generator=gen).to(device),
+        weight_scale=(torch.rand(d_inner if per_channel else 1, generator=gen) * 4e-3 + 1e-4).to(device),
+        bias=(torch.rand(d_inner, generator=gen) * 4 - 5).to(device) if has_bias else None,
+        out_scale=torch.tensor(0.04, device=device),
+    )
+    return kw, proj
+
+
+@needs_kernel
+@pytest.mark.parametrize("chunk_len, one_launch", [(8, True), (8, False), (64, True)],
+                         ids=["one launch", "three launches", "one chunk"])
+@pytest.mark.parametrize("batch, d_inner, rank, per_channel, has_bias", [
+    (2, 20, 37, True, True),  # two rank steps, a partial channel block
+    (1, 33, 1, False, False),  # rank 1, one weight scale, no bias
+])
+def test_dt_proj_in_the_prefill_kernel_equals_the_gemm_then_the_scan(chunk_len, one_launch, batch, d_inner, rank,
+                                                                      per_channel, has_bias, monkeypatch):
+    """The prefill kernel computes dt_proj's int8 output itself (the program that walks a chunk
+    first: pass 1's part, or pass 3's on the last chunk) and scans the same delta bits as the GEMM
+    would give it: ragged chunks (37 steps), a partial last tile of 16 steps."""
+    monkeypatch.setattr(scan, "CHUNK_LEN", chunk_len)
+    monkeypatch.setattr(scan, "ONE_LAUNCH", one_launch)
+    kw, proj = _prefill_with_projection(batch, d_inner, 37, rank, per_channel, has_bias, seed=rank + d_inner)
+    plain = selective_scan(**kw, delta=proj.delta().transpose(1, 2), delta_scale=proj.out_scale,
+                           return_final_state=True)
+    allocate = scan._prefill_delta_buffer
+
+    def poisoned(*args):  # every delta the scan reads must be one the kernel wrote
+        buffer, scale = allocate(*args)
+        return buffer.fill_(77), scale
+
+    with monkeypatch.context() as m:
+        m.setattr(DeltaProjection, "delta", lambda self: pytest.fail("the projection ran as its own GEMM"))
+        m.setattr(scan, "_prefill_delta_buffer", poisoned)
+        fused = selective_scan(**kw, delta=None, delta_proj=proj, return_final_state=True)
+    for got, want in zip(fused, plain):
+        if EXACT:
+            assert torch.equal(got, want)
+        else:  # two compilations of the walk may contract its FMAs differently
+            torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-10, atol=1e-5)
+
+
+def test_the_prefill_reference_with_a_projection_is_the_reference_with_its_delta(monkeypatch):
+    monkeypatch.setattr(scan, "_use_triton", lambda t: False)
+    kw, proj = _prefill_with_projection(2, 9, 11, 13, True, True, seed=6, device="cpu")
+    fused = selective_scan(**kw, delta=None, delta_proj=proj)
+    plain = selective_scan(**kw, delta=proj.delta().transpose(1, 2), delta_scale=proj.out_scale)
+    assert torch.equal(fused, plain)
+
+
+def test_a_prefill_projection_of_the_wrong_shape_is_refused():
+    kw, proj = _prefill_with_projection(2, 9, 11, 13, True, True, seed=6, device="cpu")
+    with pytest.raises(ValueError, match=r"delta_proj must be a DeltaProjection whose x is int8 \[batch=2, L=11, R\]"):
+        selective_scan(**kw, delta=None, delta_proj=replace(proj, x=proj.x[:, 0]))
+    with pytest.raises(ValueError, match=r"delta_proj.weight must be int8 \[d_inner, R\] = \(9, 13\)"):
+        selective_scan(**kw, delta=None, delta_proj=replace(proj, weight=proj.weight[:, :5]))
+    with pytest.raises(ValueError, match="with delta_proj, delta and delta_scale must be None"):
+        selective_scan(**kw, delta=proj.delta().transpose(1, 2), delta_scale=proj.out_scale, delta_proj=proj)
 
 
 @needs_kernel

@@ -116,7 +116,7 @@ contiguous and returned transposed (`[batch, d_inner, L]` view), the layout out_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
 import torch
@@ -443,6 +443,51 @@ def _walk_chunk(
     return h, dt_sum
 
 
+# dt_proj inside the prefill scan (`DeltaProjection` with a `[batch, L, R]` x): a chunk's delta is
+# computed in tiles of PROJECT_STEPS steps x BLOCK_D channels, PROJECT_R ranks a tensor-core dot.
+PROJECT_STEPS = tl.constexpr(16)
+PROJECT_R = tl.constexpr(32)
+
+
+@triton.jit
+def _project_chunk(px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr, dt_ptr, dt_scale_ptr, pid_b, t0, n_steps,
+                   offs_d64, mask_d, R, stride_pxb, stride_pxl, stride_pwd, stride_tb, stride_td, stride_tl,
+                   PW_PER_CHANNEL: tl.constexpr, P_HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dt_proj's int8 output for steps t0 .. t0 + n_steps - 1 of sequence pid_b and the channels
+    `offs_d64`, stored into the delta buffer `dt_ptr`, where the walk that follows reads it: the
+    int32 sums of `int8_gemm(x, w)` (exact in any order) and its epilogue, so the same bits as the
+    GEMM it replaces. The barrier makes every thread's stores visible to the whole program."""
+    cols = tl.where(mask_d, offs_d64, 0)
+    if PW_PER_CHANNEL:
+        s = tl.load(px_scale_ptr) * tl.load(pw_scale_ptr + cols)
+    else:
+        s = tl.load(px_scale_ptr) * tl.load(pw_scale_ptr) + tl.zeros([BLOCK_D], dtype=tl.float32)
+    if P_HAS_BIAS:
+        bias = tl.load(pb_ptr + cols)
+    out_scale = tl.load(dt_scale_ptr)
+    offs_s = tl.arange(0, PROJECT_STEPS)
+    offs_r = tl.arange(0, PROJECT_R)
+    x_rows = px_ptr + pid_b * stride_pxb + (t0 + offs_s).to(tl.int64)[:, None] * stride_pxl + offs_r[None, :]
+    # The weight as [PROJECT_R, BLOCK_D] with R contiguous: both dot operands K-major.
+    w_cols = pw_ptr + cols[None, :] * stride_pwd + offs_r[:, None]
+    d_rows = dt_ptr + pid_b * stride_tb + (t0 + offs_s).to(tl.int64)[:, None] * stride_tl + offs_d64[None, :] * stride_td
+    for s0 in range(0, n_steps, PROJECT_STEPS):
+        mask_s = (s0 + offs_s < n_steps)[:, None]
+        acc = tl.zeros([PROJECT_STEPS, BLOCK_D], dtype=tl.int32)
+        for r0 in range(0, R, PROJECT_R):
+            mask_r = r0 + offs_r < R
+            x = tl.load(x_rows + s0 * stride_pxl + r0, mask=mask_s & mask_r[None, :], other=0)
+            w = tl.load(w_cols + r0, mask=mask_r[:, None], other=0)
+            acc = tl.dot(x, w, acc, out_dtype=tl.int32)
+        # Compiled with fp fusion (the walk wants its FMAs): `mul_rn` keeps the GEMM epilogue's
+        # product rounded before the bias is added.
+        y = mul_rn(acc.to(tl.float32), s[None, :])
+        if P_HAS_BIAS:
+            y = y + bias[None, :]
+        tl.store(d_rows + s0 * stride_tl, requant_int8(y, out_scale), mask=mask_s & mask_d[None, :])
+    tl.debug_barrier()
+
+
 # One launch for the chunked scan (PASS 0). `sync` is int32 scratch, zero between launches:
 # [0] the next program's ticket, [1] programs finished, then per (sequence, channel block) `bd`:
 # [2 + bd] a bit per chunk that has published its local state, [2 + n_bd + bd] chunks finished.
@@ -537,7 +582,14 @@ def _scan_configs():
     return [_config(*c) for c in GPU_CONFIGS]
 
 
+def _fits(config: triton.Config, flags: dict) -> bool:
+    """Whether a config can run a launch with these flags: dt_proj's tensor-core dot (DT_PROJ)
+    needs at least 16 channels a program."""
+    return not flags.get("DT_PROJ") or config.kwargs["BLOCK_D"] >= 16
+
+
 def _interpreter_pick(configs, named_args, **kwargs):
+    configs = [c for c in configs if _fits(c, kwargs)]
     # One config per shape under the interpreter, so the autotuner never times numpy runs.
     if not _INTERPRET:
         return configs
@@ -561,7 +613,8 @@ def _selective_scan_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
     h0_ptr, y_ptr, hT_ptr, hc_ptr, sc_ptr, sync_ptr,
-    batch_bucket, d_inner, d_state, L, chunk_len, n_chunks,
+    px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr,
+    batch_bucket, d_inner, d_state, L, chunk_len, n_chunks, R,
     stride_ub, stride_ud, stride_ul,
     stride_tb, stride_td, stride_tl,
     stride_zb, stride_zd, stride_zl,
@@ -572,9 +625,11 @@ def _selective_scan_kernel(
     stride_yb, stride_yd, stride_yl,
     stride_fb, stride_fd, stride_fn,
     stride_cc, stride_cb,
+    stride_pxb, stride_pxl, stride_pwd,
     U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr,
     HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr, PASS: tl.constexpr, USE_PDL: tl.constexpr,
+    DT_PROJ: tl.constexpr, PW_PER_CHANNEL: tl.constexpr, P_HAS_BIAS: tl.constexpr,
     NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Passes 1 and 3 of the chunked scan over one chunk of `chunk_len` steps of BLOCK_D channels.
@@ -586,10 +641,12 @@ def _selective_scan_kernel(
     PASS 0 (every chunk, one launch for the whole scan): pass 1's part, published to the later
     chunks of its channels through `sync_ptr`; then, once every earlier chunk has published, the
     entering state from theirs (`_enter_chunk`), and pass 3's part. See "One launch" above.
+    DT_PROJ: delta is dt_proj's output, computed by the program that walks a chunk first (pass 1's
+    part, or pass 3's on the last chunk) into the delta buffer `dt_ptr` (`_project_chunk`).
     """
     tl.static_assert(UNROLL == 1 or UNROLL == 2 or UNROLL == 4)
     # Everything this kernel reads may come from the kernel ahead (the chunk states from pass 2,
-    # delta from dt_proj): under PDL only its launch overlaps that kernel.
+    # delta from dt_proj, dt_proj's input from x_proj): under PDL only its launch overlaps that kernel.
     wait_for_previous(USE_PDL)
     # A flat grid, channel blocks fastest: no 65535 limit on grid axis 1, and programs running
     # side by side read neighbouring bytes of the same [B, L, D] rows.
@@ -644,6 +701,10 @@ def _selective_scan_kernel(
         if PASS == 0:
             n_local = n_chunks - 1
         if chunk < n_local:
+            if DT_PROJ:
+                _project_chunk(px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr, dt_ptr, dt_scale_ptr, pid_b, t0,
+                               n_steps, offs_d64, mask_d, R, stride_pxb, stride_pxl, stride_pwd, stride_tb,
+                               stride_td, stride_tl, PW_PER_CHANNEL, P_HAS_BIAS, BLOCK_D)
             hloc, dt_sum = _walk_chunk(
                 zero_h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
                 mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
@@ -655,6 +716,13 @@ def _selective_scan_kernel(
             if PASS == 0:
                 _publish(sync_ptr, pid_b * n_d + pid_d, chunk)
     if PASS != 1:  # pass 3's part: the scan from the state entering the chunk, writing y
+        if DT_PROJ:
+            # The last chunk had no local walk: its delta is computed here, before any wait for
+            # the chunks ahead.
+            if chunk == n_chunks - 1:
+                _project_chunk(px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr, dt_ptr, dt_scale_ptr, pid_b, t0,
+                               n_steps, offs_d64, mask_d, R, stride_pxb, stride_pxl, stride_pwd, stride_tb,
+                               stride_td, stride_tl, PW_PER_CHANNEL, P_HAS_BIAS, BLOCK_D)
         h0_tile = h0_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn
         h = zero_h
         if PASS == 3:
@@ -1298,7 +1366,8 @@ def _autotune_chunks(key: tuple, pass_: int, batch: int, d_inner: int, n_run: in
     if key not in _PRECOMPILED:
         _PRECOMPILED.add(key)
         precompile(_selective_scan_kernel.fn, args,
-                   ({**flags, "PASS": pass_, **c.all_kwargs()} for c in _selective_scan_kernel.configs))
+                   ({**flags, "PASS": pass_, **c.all_kwargs()} for c in _selective_scan_kernel.configs
+                    if _fits(c, flags)))
     _selective_scan_kernel[grid](*args, **flags, PASS=pass_)
     # Interpreted, nothing is recorded: every call goes through the autotuner, whose pruning picks
     # the config, so a test that pins `kernel.configs` gets its config without clearing `_TUNED`.
@@ -1354,6 +1423,28 @@ def _bias_or_zeros(delta_bias: Optional[torch.Tensor], d_inner: int, device: tor
     return zeros
 
 
+def _prefill_delta_buffer(p: object, delta: object, delta_scale: object,
+                          u: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A prefill's `delta_proj` checked, and the int8 `[batch, d_inner, L]` buffer (laid out
+    `[batch, L, d_inner]`, as the GEMM's output) the kernel computes delta into, with its scale."""
+    if not isinstance(u, torch.Tensor) or u.dim() != 3:
+        raise ValueError(f"u must be a [batch, d_inner, L] tensor, got {_describe(u)}")
+    batch, d_inner, length = u.shape
+    x = getattr(p, "x", None)
+    if not (isinstance(p, DeltaProjection) and isinstance(x, torch.Tensor) and x.dim() == 3
+            and tuple(x.shape[:2]) == (batch, length)):
+        raise ValueError(f"a prefill's delta_proj must be a DeltaProjection whose x is int8 [batch={batch}, "
+                         f"L={length}, R], got {type(p).__name__} with x {_describe(x)}")
+    _check_projection(replace(p, x=x[:, 0]), delta, delta_scale, dict(batch=batch, d_inner=d_inner), u.device)
+    buffer = torch.empty(batch, length, d_inner, dtype=torch.int8, device=u.device).transpose(1, 2)
+    return buffer, p.out_scale
+
+
+def _projection_flags(p: Optional[DeltaProjection]) -> dict:
+    return dict(DT_PROJ=p is not None, PW_PER_CHANNEL=p is not None and p.weight_scale.numel() > 1,
+                P_HAS_BIAS=p is not None and p.bias is not None)
+
+
 def _scale_arg(scale: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
     # Absent scales are never read (their flag is off); any tensor serves as the pointer.
     return scale if scale is not None else dummy
@@ -1379,6 +1470,7 @@ def selective_scan(
     return_final_state: bool = False,
     out_dtype: Optional[torch.dtype] = None,
     state_dtype: Optional[torch.dtype] = None,
+    delta_proj: Optional[DeltaProjection] = None,
 ) -> ScanResult:
     """Mamba-1 selective scan over a whole sequence (prefill); see the module docstring for numerics.
 
@@ -1396,6 +1488,9 @@ def selective_scan(
         out_dtype: dtype of y; default fp16 when any input is int8, else u's dtype.
         state_dtype: dtype of the final state (float16, bfloat16 or float32), rounded to nearest
             even from the fp32 state; default initial_state's dtype, float32 without one.
+        delta_proj: dt_proj to compute delta from (a `DeltaProjection` whose x is `[batch, L, R]`),
+            with `delta` and `delta_scale` None: the kernel computes dt_proj's int8 output itself,
+            the same bits as the GEMM, one launch fewer.
 
     Returns:
         y `[batch, d_inner, L]` whose memory is `[batch, L, d_inner]` contiguous; with
@@ -1405,6 +1500,8 @@ def selective_scan(
     CUDA tensors run the Triton kernel, as do CPU tensors under TRITON_INTERPRET=1; other CPU tensors
     run `selective_scan_int8_reference`.
     """
+    if delta_proj is not None:
+        delta, delta_scale = _prefill_delta_buffer(delta_proj, delta, delta_scale, u)
     scales = dict(u=u_scale, delta=delta_scale, B=B_scale, C=C_scale, z=z_scale)
     info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=3)
     out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
@@ -1413,6 +1510,8 @@ def selective_scan(
     batch, d_inner, L = u.shape
     d_state = info["d_state"]
     if not _use_triton(u) or batch * d_inner * L == 0:
+        if delta_proj is not None:
+            delta = delta_proj.delta().transpose(1, 2)
         return selective_scan_int8_reference(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale=u_scale, delta_scale=delta_scale,
             B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, initial_state=initial_state,
@@ -1429,7 +1528,10 @@ def selective_scan(
     # batches fill the GPU anyway and want fewer, wider programs.
     batch_bucket = min(next_pow2(batch), 16)
     flags = dict(HAS_H0=initial_state is not None, WRITE_FINAL=return_final_state,
-                 **_flags(info, D, z, delta_bias, delta_softplus), **launch_options(u.device))
+                 **_flags(info, D, z, delta_bias, delta_softplus), **_projection_flags(delta_proj),
+                 **launch_options(u.device))
+    proj = delta_proj or DeltaProjection(u, A, A, A, A, A)  # placeholders, never read without DT_PROJ
+    proj_strides = (*proj.x.stride()[:2], proj.weight.stride(0)) if delta_proj is not None else (0, 0, 0)
     ns = flags["NS"]
     chunk_len = _chunk_len(batch, d_inner, L)
     n_chunks = cdiv(L, chunk_len)
@@ -1446,10 +1548,11 @@ def selective_scan(
             _scale_arg(u_scale, A), _scale_arg(delta_scale, A), _scale_arg(B_scale, A), _scale_arg(C_scale, A),
             _scale_arg(z_scale, A),
             h0, y, final, hc, sc, sync,
-            batch_bucket, d_inner, d_state, L, chunk_len, n_run,
+            proj.x, proj.x_scale, proj.weight, proj.weight_scale, proj.bias if proj.bias is not None else A,
+            batch_bucket, d_inner, d_state, L, chunk_len, n_run, proj.x.shape[-1],
             *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
             *h0_strides, *y.stride(), d_inner * d_state, d_state, 1,
-            batch * d_inner * ns, d_inner * ns,
+            batch * d_inner * ns, d_inner * ns, *proj_strides,
         )
 
     tune_base = (d_inner, d_state, batch_bucket, chunk_len, u.dtype, delta.dtype, B.dtype, C.dtype, zz.dtype,
