@@ -917,7 +917,19 @@ def test_config_pruning(M, K, N):
         if M <= gemm.SKINNY_MAX_M:
             assert bm == max(16, m_bucket)  # one M tile: the weight is read once
         else:
-            assert split == 1 and bm >= 64
+            assert bm >= 64
+            tiles = -(-m_bucket // bm) * -(-N // bn)
+            # Split only a tiling with fewer tiles than SMs, to between one and four programs an SM.
+            assert split == 1 or (tiles < 132 <= tiles * split <= 4 * 132 and k_tiles // split >= 4)
+
+
+@pytest.mark.parametrize("M, K, N, splits", [(2048, 5120, 192, True), (2048, 2560, 10240, False),
+                                              (2048, 160, 5120, False), (16384, 5120, 2560, False)])
+def test_prefill_configs_split_k_only_where_tiles_leave_sms_idle(M, K, N, splits):
+    """x_proj at 2048 rows (N = 192) has fewer tiles than SMs whatever the tile: some candidates
+    split K. in_proj and dt_proj at 2048 rows, and out_proj at 16384, fill the SMs unsplit."""
+    pruned = gemm._prune_configs([], {"M_BUCKET": M, "N": N, "K": K})
+    assert any(c.kwargs["SPLIT_K"] > 1 for c in pruned) == splits
 
 
 def test_skinny_configs_split_k_when_column_tiles_are_few():

@@ -52,7 +52,8 @@ in L2. Three kernels, chosen per call:
   the problem is bound by streaming the weight: one M tile holds every row, and K may be split
   across SPLIT_K programs (`_skinny_family`), so that a decode GEMM with few output columns still
   keeps every SM loading (the last split to finish a tile sums the partials and runs the
-  epilogue, in the same launch: split_k.py). Larger M takes wgmma-sized tiles. At one row
+  epilogue, in the same launch: split_k.py). Larger M takes wgmma-sized tiles, split over K too
+  where its tiles are fewer than the SMs (`_large_family`: x_proj's 192 columns). At one row
   (K and the addresses whole int32 words) the GEMV of gemv.py runs instead: CUDA cores, no
   tensor-core tile; at 2-64 rows, on the weights where it measured faster
   (`gemm_skinny.use_for`), the kernel of gemm_skinny.py, whose MMA takes the weight rows on its
@@ -176,6 +177,27 @@ def _skinny_family(m_bucket: int, n: int, k: int, sms: int) -> List[tuple]:
     return family
 
 
+# A prefill split keeps at least this many K steps: fewer, and the partial tiles' traffic and the
+# final sum outweigh the SMs it brings in.
+_MIN_SPLIT_STEPS = 4
+
+
+def _large_family(m_bucket: int, n: int, k: int, sms: int) -> List[tuple]:
+    """Configs for M > SKINNY_MAX_M: the wgmma tiles, and for a tiling with fewer tiles than
+    SMs also its K splits that bring the programs to between one and four per SM. x_proj at 2048
+    rows (N = 192, K = 5120) has at most 96 tiles of 64 x 64 for 132 SMs, each a 40-step K loop:
+    unsplit, a third of the SMs idle for all of it."""
+    cap_n = max(16, next_pow2(n))
+    cap_k = max(32, next_pow2(k))
+    family = []
+    for bm, bn, bk, group_m, stages, warps in _LARGE_CONFIGS:
+        tiles = cdiv(m_bucket, bm) * cdiv(n, min(bn, cap_n))
+        k_tiles = cdiv(k, min(bk, cap_k))
+        family += [(bm, bn, bk, group_m, stages, warps, split) for split in (1, 2, 4, 8)
+                   if split == 1 or (tiles < sms <= tiles * split <= 4 * sms and k_tiles >= _MIN_SPLIT_STEPS * split)]
+    return family
+
+
 def _configs() -> List[triton.Config]:
     if _INTERPRET:
         # Small tiles keep the numpy blocks cheap, and test shapes still span several M, N and K
@@ -197,7 +219,7 @@ def _prune_configs(configs: List[triton.Config], named_args: dict, **kwargs) -> 
     if m_bucket <= SKINNY_MAX_M:
         family = _skinny_family(m_bucket, n, k, sm_count())
     else:
-        family = [c + (1,) for c in _LARGE_CONFIGS]
+        family = _large_family(m_bucket, n, k, sm_count())
     # tl.dot needs every dim >= 16, and int8 MMA steps K by 32.
     cap_n = max(16, next_pow2(n))
     cap_k = max(32, next_pow2(k))
