@@ -39,7 +39,7 @@ _SCAN_SIGNATURE = {
     "y_ptr": "*fp16",
     # dt_proj's input, weight and epilogue operands (read only with DT_PROJ).
     "px_ptr": "*i8", "pw_ptr": "*i8", **{name: "*fp32" for name in ("px_scale_ptr", "pw_scale_ptr", "pb_ptr")},
-    **{name: "i32" for name in ("R", "stride_pxb", "stride_pxl", "stride_pwd")},
+    **{name: "i32" for name in ("stride_pxb", "stride_pxl", "stride_pwd")},
     **{name: "i32" for name in ("batch_bucket", "d_inner", "d_state", "L", "chunk_len", "n_chunks",
                                 "stride_ub", "stride_ul", "stride_tb", "stride_tl", "stride_zb", "stride_zl",
                                 "stride_Bb", "stride_Bl", "stride_Cb", "stride_Cl", "stride_Ad", "stride_hb",
@@ -53,12 +53,12 @@ _SCAN_CONSTEXPRS = {
     **{flag: True for flag in ("U_Q", "DT_Q", "B_Q", "C_Q", "Z_Q", "HAS_D", "HAS_Z", "SOFTPLUS", "WRITE_FINAL",
                                "FAST_MATH")},
     "HAS_H0": False, "PASS": 3, "NS": 16, "USE_PDL": True, "DT_PROJ": False, "PW_PER_CHANNEL": True,
-    "P_HAS_BIAS": True,
+    "P_HAS_BIAS": True, "R": 160,
 }
 # Multiples of 16 in the model: d_inner, d_state (16), and every row stride, B's and C's included
 # (x_proj's output rows of R + 2 N = 192 bytes on mamba-2.8b), so their loads are vectorised there.
 _SCAN_MULTIPLES = ("d_inner", "d_state", "stride_ul", "stride_tl", "stride_zl", "stride_yl", "stride_Bl", "stride_Cl",
-                   "stride_pxl", "R")
+                   "stride_pxl")
 
 # kernel name -> (module, function, signature, default constexprs, the integer arguments the
 # model's shapes make multiples of 16 (Triton specialises on that at run time, and the address
