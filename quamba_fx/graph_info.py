@@ -52,8 +52,9 @@ LINEAR_OPS: set[str] = {"linear", "int8_linear", "w8a8_linear", "fp8_linear", "f
 SCAN_OPS: set[str] = {
     "selective_scan", "selective_scan_cached", "selective_scan_int8", "selective_scan_int8_cached", "ssd_scan",
     "ssd_scan_cached", "ssd_scan_triton", "ssd_scan_triton_cached",
-    # the decode step with dt_proj folded in (passes/lowering/scan.py, gemm_w4.py)
-    "dt_proj_state_update", "w4a16_dt_proj_state_update",
+    # the scan with dt_proj folded in: a decode step's, a prefill's (passes/lowering/scan.py, gemm_w4.py)
+    "dt_proj_state_update", "w4a16_dt_proj_state_update", "selective_scan_int8_dt_proj",
+    "selective_scan_int8_dt_proj_cached",
 }
 
 _KINDS = {

@@ -193,6 +193,33 @@ def test_decode_graph_folds_dt_proj_into_the_scan_and_the_conv_into_in_proj(tiny
     assert sum(op_name(n) == "w8a8_linear" and "dt_proj" in n.args[2].target for n in prefill) == blocks
 
 
+def test_prefill_scan_folds_dt_proj_in_when_asked_with_the_same_logits_and_generation(tiny_quantized, monkeypatch):
+    """With FUSE_DT_PROJ_IN_PREFILL each block's scan computes dt_proj itself (no dt_proj GEMM left
+    in the forward graph), in the forward, the cached prefill and the decode step, and every
+    output is the unfused graph's, bit for bit (the same delta bits, the same scan)."""
+    from quamba_fx.passes.lowering import scan as scan_rules
+
+    blocks = tiny_config().num_hidden_layers
+    # Short: the interpreter pays per kernel program (the kernel's own test covers several chunks).
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(5))
+
+    def run(low):
+        gen = quamba_fx.Generator(low, batch_size=1)
+        with torch.no_grad():
+            return [low(ids), gen.prefill(ids[:, :7]), gen.decode(ids[:, 7])], gen
+
+    plain, _ = run(quamba_fx.lower(tiny_quantized))
+    monkeypatch.setattr(scan_rules, "FUSE_DT_PROJ_IN_PREFILL", True)
+    low = quamba_fx.lower(tiny_quantized)
+    fused, gen = run(low)
+    for gm, name in ((low, "selective_scan_int8_dt_proj"), (gen.prefill_graph, "selective_scan_int8_dt_proj_cached"),
+                     (gen.decode_graph, "selective_scan_int8_dt_proj_cached")):
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        assert sum(op_name(n) == name for n in nodes) == blocks
+        assert not any(op_name(n) == "w8a8_linear" and "dt_proj" in n.args[2].target for n in nodes)
+    assert all(torch.equal(a, b) for a, b in zip(fused, plain))
+
+
 @pytest.mark.slow  # ~11 s under the interpreter; the kernel's own equality test is in the fast suite
 @pytest.mark.parametrize("batch", [1, 2])
 def test_fused_decode_kernels_give_the_logits_of_the_separate_ones(tiny_quantized, batch, monkeypatch):

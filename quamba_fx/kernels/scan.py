@@ -1760,6 +1760,81 @@ def _selective_scan_int8_cached_fake(u_q, u_scale, delta_q, delta_scale, A, B_q,
     return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
 
 
+def _dt_projection(dt_x_q: torch.Tensor, dt_x_scale: torch.Tensor, dt_weight: torch.Tensor,
+                   dt_weight_scale: torch.Tensor, dt_bias: Optional[torch.Tensor],
+                   delta_scale: torch.Tensor) -> DeltaProjection:
+    """An op's dt_proj arguments (`w8a8_linear`'s) as the kernels' `DeltaProjection`."""
+    return DeltaProjection(dt_x_q, as_scalar(dt_x_scale), dt_weight, dt_weight_scale.float().reshape(-1),
+                           _f32(dt_bias), as_scalar(delta_scale))
+
+
+@graph_op("quamba::selective_scan_int8_dt_proj", mutates_args=())
+def selective_scan_int8_dt_proj_op(u_q: torch.Tensor, u_scale: torch.Tensor, dt_x_q: torch.Tensor,
+                                   dt_x_scale: torch.Tensor, dt_weight: torch.Tensor, dt_weight_scale: torch.Tensor,
+                                   dt_bias: Optional[torch.Tensor], delta_scale: torch.Tensor, A: torch.Tensor,
+                                   B_q: torch.Tensor, B_scale: torch.Tensor, C_q: torch.Tensor,
+                                   C_scale: torch.Tensor, D: Optional[torch.Tensor], z_q: Optional[torch.Tensor],
+                                   z_scale: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                                   delta_softplus: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """`selective_scan_int8` whose delta is dt_proj's int8 output `w8a8_linear(dt_x_q, dt_x_scale,
+    dt_weight, dt_weight_scale, dt_bias, delta_scale)`, computed inside the scan kernel
+    (`DeltaProjection`): the same delta, one launch fewer. dt_x_q: `[B, L, R]`."""
+    proj = _dt_projection(dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale)
+    return _scan_int8(u_q, u_scale, None, None, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias,
+                      delta_softplus, out_dtype, delta_proj=proj)
+
+
+@selective_scan_int8_dt_proj_op.register_fake
+def _selective_scan_int8_dt_proj_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias,
+                                      delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias,
+                                      delta_softplus, out_dtype):
+    batch, channels, length = u_q.shape
+    return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
+
+
+@graph_op("quamba::selective_scan_int8_dt_proj_cached", mutates_args=("ssm_state",))
+def selective_scan_int8_dt_proj_cached_op(u_q: torch.Tensor, u_scale: torch.Tensor, dt_x_q: torch.Tensor,
+                                          dt_x_scale: torch.Tensor, dt_weight: torch.Tensor,
+                                          dt_weight_scale: torch.Tensor, dt_bias: Optional[torch.Tensor],
+                                          delta_scale: torch.Tensor, A: torch.Tensor, B_q: torch.Tensor,
+                                          B_scale: torch.Tensor, C_q: torch.Tensor, C_scale: torch.Tensor,
+                                          D: Optional[torch.Tensor], z_q: Optional[torch.Tensor],
+                                          z_scale: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                                          delta_softplus: bool, out_dtype: torch.dtype, ssm_state: torch.Tensor,
+                                          decode: bool) -> torch.Tensor:
+    """`selective_scan_int8_dt_proj` with a cache, as `selective_scan_int8_cached`: prefill leaves
+    the final state in `ssm_state`, decode (L = 1) advances it by one step (`dt_proj_state_update`)."""
+    if decode:
+        return _dt_proj_state_update(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias,
+                                     delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias,
+                                     delta_softplus, out_dtype, ssm_state)
+    proj = _dt_projection(dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale)
+    y, final = _scan_int8(u_q, u_scale, None, None, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias,
+                          delta_softplus, out_dtype, return_final_state=True, state_dtype=ssm_state.dtype,
+                          delta_proj=proj)
+    ssm_state.copy_(final)
+    return y
+
+
+@selective_scan_int8_dt_proj_cached_op.register_fake
+def _selective_scan_int8_dt_proj_cached_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias,
+                                             delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias,
+                                             delta_softplus, out_dtype, ssm_state, decode):
+    batch, channels, length = u_q.shape
+    return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
+
+
+def _dt_proj_state_update(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale, A,
+                          B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias, delta_softplus, out_dtype,
+                          ssm_state) -> torch.Tensor:
+    proj = _dt_projection(dt_x_q[:, 0], dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale)
+    y = selective_state_update(
+        ssm_state, u_q[:, :, 0], None, _f32(A), B_q[:, :, 0], C_q[:, :, 0], _f32(D),
+        None if z_q is None else z_q[:, :, 0], _f32(delta_bias), delta_softplus,
+        u_scale=u_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype, delta_proj=proj)
+    return y[:, None, :].transpose(1, 2)
+
+
 @graph_op("quamba::dt_proj_state_update", mutates_args=("ssm_state",))
 def dt_proj_state_update_op(u_q: torch.Tensor, u_scale: torch.Tensor, dt_x_q: torch.Tensor,
                             dt_x_scale: torch.Tensor, dt_weight: torch.Tensor, dt_weight_scale: torch.Tensor,
@@ -1775,13 +1850,9 @@ def dt_proj_state_update_op(u_q: torch.Tensor, u_scale: torch.Tensor, dt_x_q: to
     u_q, z_q: `[B, D, 1]`; dt_x_q: `[B, 1, R]`; B_q, C_q: `[B, N, 1]`; returns y `[B, D, 1]` laid
     out `[B, 1, D]`, and advances `ssm_state` `[B, D, N]`.
     """
-    proj = DeltaProjection(dt_x_q[:, 0], as_scalar(dt_x_scale), dt_weight, dt_weight_scale.float().reshape(-1),
-                           _f32(dt_bias), as_scalar(delta_scale))
-    y = selective_state_update(
-        ssm_state, u_q[:, :, 0], None, _f32(A), B_q[:, :, 0], C_q[:, :, 0], _f32(D),
-        None if z_q is None else z_q[:, :, 0], _f32(delta_bias), delta_softplus,
-        u_scale=u_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype, delta_proj=proj)
-    return y[:, None, :].transpose(1, 2)
+    return _dt_proj_state_update(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale,
+                                 A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias, delta_softplus, out_dtype,
+                                 ssm_state)
 
 
 @dt_proj_state_update_op.register_fake

@@ -13,6 +13,7 @@ folds parameter expressions, casts the float leftovers, and derives the cached g
 | `W4A16Linear` / `W4A8Linear` (4-bit weights)              | `w4a16_gemm` / `w4a8_gemm`     |
 | float `conv1d -> [..., :L] -> SiLU` (by `conv_fusion`)     | `conv1d_silu` (reference)      |
 | `selective_scan(dequantize(u), ..., dequantize(z))`        | `selective_scan_int8`          |
+| that, its delta dt_proj's alone (FUSE_DT_PROJ_IN_PREFILL)  | `selective_scan_int8_dt_proj`  |
 | `quantize(hadamard(y), s)`                                 | `hadamard_quantize`            |
 | `quantize_fp8(hadamard(y), s)` (per tensor)                | `hadamard_quantize_fp8`        |
 | `hadamard(y)` that no quantize above takes                 | `hadamard_rotate`              |
@@ -52,8 +53,8 @@ from .lowering.gemm import CONV_CACHED, FP8_GEMM, IN_PROJ_CONV_UPDATE, W8A8_LINE
 from .lowering.hadamard import HADAMARD, HADAMARD_QUANTIZE, HADAMARD_QUANTIZE_FP8, HADAMARD_ROTATE
 from .lowering.match import annotate, is_call, is_cast
 from .lowering.norm import ADD_RMSNORM
-from .lowering.scan import (DT_PROJ_STATE_UPDATE, SCAN, SCAN_INT8, SCAN_INT8_CACHED, SSD_SCAN, SSD_SCAN_CACHED,
-                            SSD_SCAN_TRITON, SSD_SCAN_TRITON_CACHED,
+from .lowering.scan import (DT_PROJ_SCAN_INT8, DT_PROJ_SCAN_INT8_CACHED, DT_PROJ_STATE_UPDATE, SCAN, SCAN_INT8,
+                            SCAN_INT8_CACHED, SSD_SCAN, SSD_SCAN_CACHED, SSD_SCAN_TRITON, SSD_SCAN_TRITON_CACHED,
                             fuse_dt_proj_into_state_update)
 from .conv_fusion import FLOAT_CONV, FUSED_CONV
 from .rewrite import run_rules
@@ -62,7 +63,7 @@ from .rewrite import run_rules
 KERNELS = lowering.KERNELS
 
 __all__ = [
-    "ADD_RMSNORM", "CONV_CACHED", "DT_PROJ_STATE_UPDATE", "FP8_GEMM", "FUSED_CONV", "HADAMARD", "HADAMARD_QUANTIZE",
+    "ADD_RMSNORM", "CONV_CACHED", "DT_PROJ_SCAN_INT8", "DT_PROJ_STATE_UPDATE", "FP8_GEMM", "FUSED_CONV", "HADAMARD", "HADAMARD_QUANTIZE",
     "HADAMARD_QUANTIZE_FP8", "HADAMARD_ROTATE", "IN_PROJ_CONV_UPDATE", "KERNELS", "SCAN", "SCAN_INT8",
     "SCAN_INT8_CACHED", "W8A8_LINEAR", "LowerToKernels", "cached_graph", "conv_state_dtype", "fold_parameter_expressions",
     "fuse_conv_into_in_proj", "fuse_dt_proj_into_state_update", "resolve_state_dtype", "ssm_state_dtype",
@@ -220,6 +221,7 @@ SCAN_CACHED = torch.ops.quamba.selective_scan_cached.default
 
 # Op -> (its cached form, the cache it reads: "conv" or "ssm").
 _CACHED_FORMS = {FUSED_CONV: (CONV_CACHED, "conv"), SCAN_INT8: (SCAN_INT8_CACHED, "ssm"),
+                 DT_PROJ_SCAN_INT8: (DT_PROJ_SCAN_INT8_CACHED, "ssm"),
                  SSD_SCAN: (SSD_SCAN_CACHED, "ssm"), SSD_SCAN_TRITON: (SSD_SCAN_TRITON_CACHED, "ssm"),
                  FLOAT_CONV: (FLOAT_CONV_CACHED, "conv"), SCAN: (SCAN_CACHED, "ssm")}
 

@@ -1,6 +1,6 @@
 """Lowering rules of the scan kernels: Mamba-1's reference scan of int8 inputs becomes one kernel
-op (kernels/scan.py), and a decode step's scan computes dt_proj itself; Mamba-2's SSD scan runs on
-its chunked kernels (kernels/ssd.py)."""
+op (kernels/scan.py), and a decode step's scan computes dt_proj itself (a prefill's too, with
+FUSE_DT_PROJ_IN_PREFILL); Mamba-2's SSD scan runs on its chunked kernels (kernels/ssd.py)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,16 @@ SSD_SCAN_TRITON_CACHED = torch.ops.quamba.ssd_scan_triton_cached.default
 SCAN_INT8 = torch.ops.quamba.selective_scan_int8.default
 SCAN_INT8_CACHED = torch.ops.quamba.selective_scan_int8_cached.default
 DT_PROJ_STATE_UPDATE = torch.ops.quamba.dt_proj_state_update.default
+DT_PROJ_SCAN_INT8 = torch.ops.quamba.selective_scan_int8_dt_proj.default
+DT_PROJ_SCAN_INT8_CACHED = torch.ops.quamba.selective_scan_int8_dt_proj_cached.default
 
-KERNELS = {SCAN_INT8: "triton:selective_scan_int8", SSD_SCAN_TRITON: "triton:ssd_scan"}
+KERNELS = {SCAN_INT8: "triton:selective_scan_int8", SSD_SCAN_TRITON: "triton:ssd_scan",
+           DT_PROJ_SCAN_INT8: "triton:selective_scan_int8_dt_proj"}
+
+# The prefill's scan computes dt_proj's output itself (`fuse_dt_proj_into_scan`). Off until timed:
+# counted in sm_90 SASS the fold adds 5-8% to the scan's loop instructions, about the time the
+# dt_proj GEMM it replaces takes (docs/benchmarks.md, session 44).
+FUSE_DT_PROJ_IN_PREFILL = False
 
 _SCAN_ARGS = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus"]
 _SCAN_DEFAULTS = [None, None, None, None, None, None, None, None, True]
@@ -60,6 +68,11 @@ def fuse_scan(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype)
             SCAN_INT8, (u_q, su, dt_q, sdt, A, b_q, sb, c_q, sc, D, z_q, sz, delta_bias, softplus, dtype))
     node.replace_all_uses_with(annotate(new, node))
     gm.graph.erase_node(node)
+    # The dequantizes no one reads any more: gone now, so that the next rules see the codes'
+    # real users (`fuse_dt_proj_into_scan` asks that dt_proj feed the scan alone).
+    for dead in {u, delta, B, C, z}:
+        if not dead.users:
+            gm.graph.erase_node(dead)
     return True
 
 
@@ -130,31 +143,56 @@ def ssd_scan_on_kernels(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: to
     return True
 
 
-def fuse_dt_proj_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Decode only: `selective_scan_int8_cached(u, .., transpose(w8a8_linear(x, xs, w, ws, b, s)), s,
-    .., decode=True)`, dt_proj's int8 output feeding nothing else -> `dt_proj_state_update(u, ..,
-    x, xs, w, ws, b, s, ..)`: the scan kernel computes delta itself, one launch a block fewer."""
-    if not is_call(node, SCAN_INT8_CACHED) or node.args[-1] is not True:
-        return False
-    u, su, delta, delta_scale, *rest, state, _decode = node.args
+def _same_value(a: object, b: object) -> bool:
+    """One node, or two reads of one attribute (the lowering's rules read a scale afresh; the
+    duplicates merge only after them)."""
+    return a is b or (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a.op == b.op == "get_attr"
+                      and a.target == b.target)
+
+
+def _dt_proj_into(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, target, kernel: str) -> bool:
+    """`node`, a scan called with `args` = `(u, su, transpose(w8a8_linear(x, xs, w, ws, b, s)), s,
+    *rest)`, dt_proj's int8 output feeding nothing else -> `target(u, su, x, xs, w, ws, b, s, *rest)`."""
+    u, su, delta, delta_scale, *rest = args
     linear = transposed_projection(delta, W8A8_LINEAR)
     if linear is None or len(linear.args) < 6:
         return False
     x, xs, w, ws, bias, out_scale = linear.args[:6]
-    if out_scale is not delta_scale:  # an int8 delta, the scale the scan reads it with
+    if not _same_value(out_scale, delta_scale):  # an int8 delta, the scale the scan reads it with
         return False
     with gm.graph.inserting_before(node):
-        fused = gm.graph.call_function(DT_PROJ_STATE_UPDATE, (u, su, x, xs, w, ws, bias, delta_scale, *rest, state))
-    fused.meta["quamba"] = {**info(node), "kernel": "triton:dt_proj_state_update"}
+        fused = gm.graph.call_function(target, (u, su, x, xs, w, ws, bias, delta_scale, *rest))
+    fused.meta["quamba"] = {**info(node), "kernel": kernel}
     node.replace_all_uses_with(fused)
     for dead in (node, delta, linear):
         gm.graph.erase_node(dead)
     return True
 
 
+def fuse_dt_proj_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Decode only: `selective_scan_int8_cached(u, .., transpose(w8a8_linear(x, xs, w, ws, b, s)), s,
+    .., decode=True)`, dt_proj's int8 output feeding nothing else -> `dt_proj_state_update(u, ..,
+    x, xs, w, ws, b, s, ..)`: the scan kernel computes delta itself, one launch a block fewer."""
+    if not is_call(node, SCAN_INT8_CACHED) or node.args[-1] is not True:
+        return False
+    # Without the decode flag: dt_proj_state_update runs decode steps only.
+    return _dt_proj_into(gm, node, node.args[:-1], DT_PROJ_STATE_UPDATE, "triton:dt_proj_state_update")
+
+
+def fuse_dt_proj_into_scan(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Prefill, with FUSE_DT_PROJ_IN_PREFILL: `selective_scan_int8(u, .., transpose(w8a8_linear(x,
+    xs, w, ws, b, s)), s, ..)`, dt_proj's int8 output feeding nothing else ->
+    `selective_scan_int8_dt_proj(u, .., x, xs, w, ws, b, s, ..)`: the scan kernel computes delta
+    itself, one launch a block fewer. Its cached form runs the decode step the same way."""
+    if not (FUSE_DT_PROJ_IN_PREFILL and is_call(node, SCAN_INT8)):
+        return False
+    return _dt_proj_into(gm, node, node.args, DT_PROJ_SCAN_INT8, KERNELS[DT_PROJ_SCAN_INT8])
+
+
 def rules(dtype: torch.dtype) -> list[Rule]:
     """The lowering rules, the scan's output in `dtype`."""
-    return [functools.partial(fuse_scan, dtype=dtype), functools.partial(ssd_scan_on_kernels, dtype=dtype)]
+    return [functools.partial(fuse_scan, dtype=dtype), functools.partial(ssd_scan_on_kernels, dtype=dtype),
+            fuse_dt_proj_into_scan]
 
 
 DECODE_RULES: list[Rule] = [fuse_dt_proj_into_state_update]
