@@ -816,6 +816,21 @@ def test_the_prefill_reference_with_a_projection_is_the_reference_with_its_delta
     assert torch.equal(fused, plain)
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["op", "cached op"])
+def test_the_prefill_projection_ops_pass_opcheck(cached):
+    """The graph ops of the fold (`selective_scan_int8_dt_proj` and its cached form): schema,
+    fake tensor (y's `[B, L, D]` layout) and autograd registration agree with the real op."""
+    kw, proj = _prefill_with_projection(1, 9, 5, 3, True, True, seed=2, device="cpu")
+    args = [kw["u"], kw["u_scale"], proj.x, proj.x_scale, proj.weight, proj.weight_scale, proj.bias, proj.out_scale,
+            kw["A"], kw["B"], kw["B_scale"], kw["C"], kw["C_scale"], kw["D"], kw["z"], kw["z_scale"], None, True,
+            torch.float16]
+    op = torch.ops.quamba.selective_scan_int8_dt_proj.default
+    if cached:
+        op = torch.ops.quamba.selective_scan_int8_dt_proj_cached.default
+        args += [torch.zeros(1, 9, 5), False]
+    torch.library.opcheck(op, tuple(args))
+
+
 def test_a_prefill_projection_of_the_wrong_shape_is_refused():
     kw, proj = _prefill_with_projection(2, 9, 11, 13, True, True, seed=6, device="cpu")
     with pytest.raises(ValueError, match=r"delta_proj must be a DeltaProjection whose x is int8 \[batch=2, L=11, R\]"):

@@ -1695,6 +1695,13 @@ def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.float()
 
 
+def _y_like(u: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A fake op's y for the scan input `u [B, D, L]`: `[B, D, L]` laid out `[B, L, D]`, as the
+    kernels return it."""
+    batch, channels, length = u.shape
+    return u.new_empty((batch, length, channels), dtype=dtype).transpose(1, 2)
+
+
 def _scan_int8(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale,
                delta_bias, delta_softplus, out_dtype, **extra):
     A, D, delta_bias = _f32(A), _f32(D), _f32(delta_bias)
@@ -1721,8 +1728,7 @@ def selective_scan_int8_op(u_q: torch.Tensor, u_scale: torch.Tensor, delta_q: to
 @selective_scan_int8_op.register_fake
 def _selective_scan_int8_fake(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q,
                               z_scale, delta_bias, delta_softplus, out_dtype):
-    batch, channels, length = u_q.shape
-    return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
+    return _y_like(u_q, out_dtype)
 
 
 @graph_op("quamba::selective_scan_int8_cached", mutates_args=("ssm_state",))
@@ -1756,8 +1762,7 @@ def selective_scan_int8_cached_op(u_q: torch.Tensor, u_scale: torch.Tensor, delt
 @selective_scan_int8_cached_op.register_fake
 def _selective_scan_int8_cached_fake(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q,
                                      z_scale, delta_bias, delta_softplus, out_dtype, ssm_state, decode):
-    batch, channels, length = u_q.shape
-    return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
+    return _y_like(u_q, out_dtype)
 
 
 def _dt_projection(dt_x_q: torch.Tensor, dt_x_scale: torch.Tensor, dt_weight: torch.Tensor,
@@ -1788,8 +1793,7 @@ def selective_scan_int8_dt_proj_op(u_q: torch.Tensor, u_scale: torch.Tensor, dt_
 def _selective_scan_int8_dt_proj_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias,
                                       delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias,
                                       delta_softplus, out_dtype):
-    batch, channels, length = u_q.shape
-    return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
+    return _y_like(u_q, out_dtype)
 
 
 @graph_op("quamba::selective_scan_int8_dt_proj_cached", mutates_args=("ssm_state",))
@@ -1820,8 +1824,7 @@ def selective_scan_int8_dt_proj_cached_op(u_q: torch.Tensor, u_scale: torch.Tens
 def _selective_scan_int8_dt_proj_cached_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias,
                                              delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias,
                                              delta_softplus, out_dtype, ssm_state, decode):
-    batch, channels, length = u_q.shape
-    return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
+    return _y_like(u_q, out_dtype)
 
 
 def _dt_proj_state_update(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale, A,
@@ -1859,8 +1862,7 @@ def dt_proj_state_update_op(u_q: torch.Tensor, u_scale: torch.Tensor, dt_x_q: to
 def _dt_proj_state_update_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale,
                                A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias, delta_softplus,
                                out_dtype, ssm_state):
-    batch, channels, length = u_q.shape
-    return u_q.new_empty((batch, length, channels), dtype=out_dtype).transpose(1, 2)
+    return _y_like(u_q, out_dtype)
 
 
 @graph_op("quamba::w4a16_dt_proj_state_update", mutates_args=("ssm_state",))
