@@ -831,6 +831,12 @@ def test_the_prefill_projection_ops_pass_opcheck(cached):
     torch.library.opcheck(op, tuple(args))
 
 
+def test_a_prefill_projection_over_no_steps_passes_the_state_through():
+    kw, proj = _prefill_with_projection(2, 9, 0, 5, True, True, seed=1)
+    y, final = selective_scan(**kw, delta=None, delta_proj=proj, return_final_state=True)
+    assert y.shape == (2, 9, 0) and torch.equal(final, kw["initial_state"])
+
+
 def test_a_prefill_projection_of_the_wrong_shape_is_refused():
     kw, proj = _prefill_with_projection(2, 9, 11, 13, True, True, seed=6, device="cpu")
     with pytest.raises(ValueError, match=r"delta_proj must be a DeltaProjection whose x is int8 \[batch=2, L=11, R\]"):

@@ -1435,7 +1435,9 @@ def _prefill_delta_buffer(p: object, delta: object, delta_scale: object,
             and tuple(x.shape[:2]) == (batch, length)):
         raise ValueError(f"a prefill's delta_proj must be a DeltaProjection whose x is int8 [batch={batch}, "
                          f"L={length}, R], got {type(p).__name__} with x {_describe(x)}")
-    _check_projection(replace(p, x=x[:, 0]), delta, delta_scale, dict(batch=batch, d_inner=d_inner), u.device)
+    # One step's rows stand for the sequence in the decode step's checks (zeros for an empty one).
+    step = x[:, 0] if length else x.new_zeros(batch, x.shape[-1])
+    _check_projection(replace(p, x=step), delta, delta_scale, dict(batch=batch, d_inner=d_inner), u.device)
     buffer = torch.empty(batch, length, d_inner, dtype=torch.int8, device=u.device).transpose(1, 2)
     return buffer, p.out_scale
 
