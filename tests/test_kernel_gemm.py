@@ -919,17 +919,29 @@ def test_config_pruning(M, K, N):
         else:
             assert bm >= 64
             tiles = -(-m_bucket // bm) * -(-N // bn)
-            # Split only a tiling with fewer tiles than SMs, to between one and four programs an SM.
-            assert split == 1 or (tiles < 132 <= tiles * split <= 4 * 132 and k_tiles // split >= 4)
+            # Split only where SMs idle, to at most four programs an SM, keeping 4 K steps a split.
+            assert split == 1 or (gemm._split_helps(tiles, split, 132) and tiles * split <= 4 * 132
+                                  and k_tiles // split >= 4)
 
 
-@pytest.mark.parametrize("M, K, N, splits", [(2048, 5120, 192, True), (2048, 2560, 10240, False),
-                                              (2048, 160, 5120, False), (16384, 5120, 2560, False)])
+@pytest.mark.parametrize("M, K, N, splits", [(2048, 5120, 192, True), (2048, 5120, 2560, True),
+                                              (2048, 2560, 10240, False), (2048, 160, 5120, False),
+                                              (16384, 5120, 2560, False)])
 def test_prefill_configs_split_k_only_where_tiles_leave_sms_idle(M, K, N, splits):
-    """x_proj at 2048 rows (N = 192) has fewer tiles than SMs whatever the tile: some candidates
-    split K. in_proj and dt_proj at 2048 rows, and out_proj at 16384, fill the SMs unsplit."""
+    """x_proj at 2048 rows (N = 192) has fewer tiles than SMs whatever the tile, out_proj a last
+    wave 21% full with 128 x 256 tiles: some candidates split K. in_proj and dt_proj at 2048 rows,
+    and out_proj at 16384, fill the SMs unsplit."""
     pruned = gemm._prune_configs([], {"M_BUCKET": M, "N": N, "K": K})
     assert any(c.kwargs["SPLIT_K"] > 1 for c in pruned) == splits
+
+
+@pytest.mark.parametrize("tiles, split, helps", [(96, 2, True), (96, 8, False), (40, 2, False), (160, 2, True),
+                                                 (160, 8, False), (320, 2, False), (640, 2, False)])
+def test_when_a_prefill_split_helps(tiles, split, helps):
+    """132 SMs: 96 tiles split in two reach every SM, in eight pass four an SM; 40 in two still
+    leave SMs idle; 160 tiles (two waves, the last 21% full) split in two fill 81%; 320 tiles
+    (81%) and 640 (97%) gain too little."""
+    assert gemm._split_helps(tiles, split, 132) == helps
 
 
 def test_skinny_configs_split_k_when_column_tiles_are_few():

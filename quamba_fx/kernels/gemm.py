@@ -53,7 +53,8 @@ in L2. Three kernels, chosen per call:
   across SPLIT_K programs (`_skinny_family`), so that a decode GEMM with few output columns still
   keeps every SM loading (the last split to finish a tile sums the partials and runs the
   epilogue, in the same launch: split_k.py). Larger M takes wgmma-sized tiles, split over K too
-  where its tiles are fewer than the SMs (`_large_family`: x_proj's 192 columns). At one row
+  where its tiles leave SMs idle (`_large_family`: x_proj's 192 columns, out_proj's last wave at
+  2048 rows). At one row
   (K and the addresses whole int32 words) the GEMV of gemv.py runs instead: CUDA cores, no
   tensor-core tile; at 2-64 rows, on the weights where it measured faster
   (`gemm_skinny.use_for`), the kernel of gemm_skinny.py, whose MMA takes the weight rows on its
@@ -182,11 +183,28 @@ def _skinny_family(m_bucket: int, n: int, k: int, sms: int) -> List[tuple]:
 _MIN_SPLIT_STEPS = 4
 
 
+def _wave_fill(programs: int, sms: int) -> float:
+    """The share of SM time a grid of equal programs uses, one program an SM at a time."""
+    return programs / (cdiv(programs, sms) * sms)
+
+
+def _split_helps(tiles: int, split: int, sms: int) -> bool:
+    """Whether K split `split` ways is worth timing for a tiling of `tiles` tiles: programs stay
+    within four an SM, and either the tiles leave SMs idle and the splits reach every SM, or the
+    splits fill the last wave better by at least 15 points."""
+    programs = tiles * split
+    if programs > 4 * sms:
+        return False
+    if tiles < sms:
+        return programs >= sms
+    return _wave_fill(programs, sms) >= _wave_fill(tiles, sms) + 0.15
+
+
 def _large_family(m_bucket: int, n: int, k: int, sms: int) -> List[tuple]:
-    """Configs for M > SKINNY_MAX_M: the wgmma tiles, and for a tiling with fewer tiles than
-    SMs also its K splits that bring the programs to between one and four per SM. x_proj at 2048
-    rows (N = 192, K = 5120) has at most 96 tiles of 64 x 64 for 132 SMs, each a 40-step K loop:
-    unsplit, a third of the SMs idle for all of it."""
+    """Configs for M > SKINNY_MAX_M: the wgmma tiles, and where a tiling leaves SMs idle also its
+    K splits that help (`_split_helps`). x_proj at 2048 rows (N = 192, K = 5120) has at most 96
+    tiles of 64 x 64 for 132 SMs, each a 40-step K loop: unsplit, a third of the SMs idle for all
+    of it. out_proj at 2048 rows has 160 tiles of 128 x 256: two waves, the second 21% full."""
     cap_n = max(16, next_pow2(n))
     cap_k = max(32, next_pow2(k))
     family = []
@@ -194,7 +212,7 @@ def _large_family(m_bucket: int, n: int, k: int, sms: int) -> List[tuple]:
         tiles = cdiv(m_bucket, bm) * cdiv(n, min(bn, cap_n))
         k_tiles = cdiv(k, min(bk, cap_k))
         family += [(bm, bn, bk, group_m, stages, warps, split) for split in (1, 2, 4, 8)
-                   if split == 1 or (tiles < sms <= tiles * split <= 4 * sms and k_tiles >= _MIN_SPLIT_STEPS * split)]
+                   if split == 1 or (_split_helps(tiles, split, sms) and k_tiles >= _MIN_SPLIT_STEPS * split)]
     return family
 
 
