@@ -363,8 +363,11 @@ def _load_before(path: str):
     resolve), so the two can be timed in one process."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("quamba_fx.kernels._gemm_before", path)
+    name = "quamba_fx.kernels._gemm_before"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: its dataclasses look their module up in sys.modules.
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 

@@ -53,7 +53,7 @@ _SCAN_CONSTEXPRS = {
     **{flag: True for flag in ("U_Q", "DT_Q", "B_Q", "C_Q", "Z_Q", "HAS_D", "HAS_Z", "SOFTPLUS", "WRITE_FINAL",
                                "FAST_MATH")},
     "HAS_H0": False, "PASS": 3, "NS": 16, "USE_PDL": True, "DT_PROJ": False, "PW_PER_CHANNEL": True,
-    "P_HAS_BIAS": True, "R": 160,
+    "PW_HAS_BIAS": True, "R": 160,
 }
 # Multiples of 16 in the model: d_inner, d_state (16), and every row stride, B's and C's included
 # (x_proj's output rows of R + 2 N = 192 bytes on mamba-2.8b), so their loads are vectorised there.

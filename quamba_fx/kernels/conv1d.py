@@ -65,7 +65,7 @@ from .dispatch import AUTOTUNE_DO_BENCH, cdiv, next_pow2
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import as_scalar, graph_op, launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
-from .pdl import launch_options, wait_for_previous
+from .pdl import launch_options, prefill_launch_options, wait_for_previous
 from .rounding import approx_f32, int8_to_f32
 
 __all__ = [
@@ -628,7 +628,7 @@ def causal_conv1d_silu_int8(
     )
     flags = dict(W=W, HAS_BIAS=bias is not None, HAS_STATE=initial_state is not None,
                  WRITE_FINAL=return_final_state, FAST_MATH=not _INTERPRET, PER_CHANNEL_OUT=out_scale.numel() > 1,
-                 **launch_options(x_q.device))
+                 **prefill_launch_options(x_q.device))
     _launch_prefill((D, l_bucket, W), B, D, L, args, flags)
     if return_final_state:
         return out, final

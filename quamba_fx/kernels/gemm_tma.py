@@ -35,7 +35,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .dispatch import INTERPRET, chosen_config, next_pow2, precompile_calls, sm_count, tuned_configs
 from .gemm_epilogue import epilogue
-from .pdl import launch_options, wait_for_previous
+from .pdl import prefill_launch_options, wait_for_previous
 
 __all__ = ["TmaConfig", "candidates", "fp8_flags", "launch", "launch_config", "promotion_constexprs", "supported"]
 
@@ -266,7 +266,7 @@ def _call(c: TmaConfig, tensors: Tuple, m: int, n: int, k: int, flags: Dict) -> 
                   NUM_PROGRAMS=programs, FLATTEN=c.flatten, SPLIT=c.split, WARP_SPECIALIZE=c.warp_specialize,
                   num_stages=c.stages, num_warps=c.warps,
                   # fuse_fp=False keeps `a * s + bias` two roundings on the GPU (gemm.py's contract).
-                  **launch_options(x2.device, fuse_fp=False))
+                  **prefill_launch_options(x2.device, fuse_fp=False))
     tiles = -(-m // c.block_m) * -(-n // c.block_n)
     return args, kwargs, min(programs, tiles)
 

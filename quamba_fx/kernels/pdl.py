@@ -10,9 +10,11 @@ next one launch at once: the next one's programs only take SM room the current o
 left (every program of this kernel is already resident or done when the signal takes effect).
 
 A kernel launched after a kernel without the wait (e.g. cuBLAS, or any PyTorch kernel) still starts
-only when that one ends: the early start needs the kernel ahead to signal it. So the prefill's
-kernels launch this way too (the conv, the three kernels of the chunked scan, the TMA GEMM): each
-one without it would cost the launch gap on both of its sides.
+only when that one ends: the early start needs the kernel ahead to signal it. The prefill's own
+kernels (the conv, the three kernels of the chunked scan, the TMA GEMM) can launch this way too
+(`prefill_launch_options`), but do not by default (`PREFILL`): on an H100 the mamba-2.8b W8A8
+prefill at 8 x 2048 took 201.0-202.3 ms with them launched so (three processes) against 181.6 ms
+with no PDL at all (session 44); session 41, before they had it, measured 184.75 ms.
 
 The decode GEMMs also use that early start to stream the start of their weight into L2
 (`prefetch_to_l2`): the kernels between two GEMMs of a step (norm, scan, Hadamard) are
@@ -35,11 +37,13 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .dispatch import INTERPRET, fp_fusion, sm_count
 
-__all__ = ["ENABLED", "L2_PREFETCH", "L2_WINDOW_BYTES", "launch_options", "prefetch_chunk",
-           "prefetch_options", "prefetch_to_l2", "use_pdl", "wait_for_previous"]
+__all__ = ["ENABLED", "L2_PREFETCH", "L2_WINDOW_BYTES", "PREFILL", "launch_options", "prefetch_chunk",
+           "prefetch_options", "prefetch_to_l2", "prefill_launch_options", "use_pdl", "wait_for_previous"]
 
 # QUAMBA_FX_PDL=0 turns it off (e.g. to measure what it gains).
 ENABLED = os.environ.get("QUAMBA_FX_PDL", "1") != "0"
+# QUAMBA_FX_PREFILL_PDL=1 turns it on for the prefill's own kernels (off: 10% slower at 8 x 2048).
+PREFILL = os.environ.get("QUAMBA_FX_PREFILL_PDL", "0") != "0"
 # QUAMBA_FX_L2_PREFETCH=0 turns the weight prefetch off (it needs PDL to start early at all).
 L2_PREFETCH = os.environ.get("QUAMBA_FX_L2_PREFETCH", "1") != "0"
 # Bytes of a weight's start that are prefetched: about what memory delivers while one of the
@@ -73,6 +77,13 @@ def launch_options(device: Any, fuse_fp: bool = True) -> Dict[str, bool]:
     (`dispatch.fp_fusion(fuse_fp)`)."""
     if use_pdl(device):
         return {"USE_PDL": True, "launch_pdl": True, **fp_fusion(fuse_fp)}
+    return {"USE_PDL": False, **fp_fusion(fuse_fp)}
+
+
+def prefill_launch_options(device: Any, fuse_fp: bool = True) -> Dict[str, bool]:
+    """`launch_options` for the prefill's own kernels: PDL only where `PREFILL` asks for it."""
+    if PREFILL:
+        return launch_options(device, fuse_fp)
     return {"USE_PDL": False, **fp_fusion(fuse_fp)}
 
 

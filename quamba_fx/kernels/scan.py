@@ -128,7 +128,7 @@ from .dispatch import AUTOTUNE_DO_BENCH, cdiv, next_pow2
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import as_scalar, graph_op, launch_tuned, precompile, tuned_configs
 from .dispatch import use_triton as _use_triton
-from .pdl import launch_options, wait_for_previous
+from .pdl import launch_options, prefill_launch_options, wait_for_previous
 from .gemm import int8_gemm, int8_gemm_reference
 from .gemm_epilogue import requant_int8
 from .gemm_w4 import w4a16_gemm
@@ -452,7 +452,7 @@ PROJECT_R = tl.constexpr(32)
 @triton.jit
 def _project_chunk(px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr, dt_ptr, dt_scale_ptr, pid_b, t0, n_steps,
                    offs_d64, mask_d, R: tl.constexpr, stride_pxb, stride_pxl, stride_pwd, stride_tb, stride_td, stride_tl,
-                   PW_PER_CHANNEL: tl.constexpr, P_HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+                   PW_PER_CHANNEL: tl.constexpr, PW_HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
     """dt_proj's int8 output for steps t0 .. t0 + n_steps - 1 of sequence pid_b and the channels
     `offs_d64`, stored into the delta buffer `dt_ptr`, where the walk that follows reads it: the
     int32 sums of `int8_gemm(x, w)` (exact in any order) and its epilogue, so the same bits as the
@@ -462,7 +462,7 @@ def _project_chunk(px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr, dt_ptr, d
         s = tl.load(px_scale_ptr) * tl.load(pw_scale_ptr + cols)
     else:
         s = tl.load(px_scale_ptr) * tl.load(pw_scale_ptr) + tl.zeros([BLOCK_D], dtype=tl.float32)
-    if P_HAS_BIAS:
+    if PW_HAS_BIAS:
         bias = tl.load(pb_ptr + cols)
     out_scale = tl.load(dt_scale_ptr)
     offs_s = tl.arange(0, PROJECT_STEPS)
@@ -482,7 +482,7 @@ def _project_chunk(px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr, dt_ptr, d
         # Compiled with fp fusion (the walk wants its FMAs): `mul_rn` keeps the GEMM epilogue's
         # product rounded before the bias is added.
         y = mul_rn(acc.to(tl.float32), s[None, :])
-        if P_HAS_BIAS:
+        if PW_HAS_BIAS:
             y = y + bias[None, :]
         tl.store(d_rows + s0 * stride_tl, requant_int8(y, out_scale), mask=mask_s & mask_d[None, :])
     tl.debug_barrier()
@@ -629,7 +629,7 @@ def _selective_scan_kernel(
     U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr,
     HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr, PASS: tl.constexpr, USE_PDL: tl.constexpr,
-    DT_PROJ: tl.constexpr, PW_PER_CHANNEL: tl.constexpr, P_HAS_BIAS: tl.constexpr, R: tl.constexpr,
+    DT_PROJ: tl.constexpr, PW_PER_CHANNEL: tl.constexpr, PW_HAS_BIAS: tl.constexpr, R: tl.constexpr,
     NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """Passes 1 and 3 of the chunked scan over one chunk of `chunk_len` steps of BLOCK_D channels.
@@ -704,7 +704,7 @@ def _selective_scan_kernel(
             if DT_PROJ:
                 _project_chunk(px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr, dt_ptr, dt_scale_ptr, pid_b, t0,
                                n_steps, offs_d64, mask_d, R, stride_pxb, stride_pxl, stride_pwd, stride_tb,
-                               stride_td, stride_tl, PW_PER_CHANNEL, P_HAS_BIAS, BLOCK_D)
+                               stride_td, stride_tl, PW_PER_CHANNEL, PW_HAS_BIAS, BLOCK_D)
             hloc, dt_sum = _walk_chunk(
                 zero_h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
                 mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
@@ -722,7 +722,7 @@ def _selective_scan_kernel(
             if chunk == n_chunks - 1:
                 _project_chunk(px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr, dt_ptr, dt_scale_ptr, pid_b, t0,
                                n_steps, offs_d64, mask_d, R, stride_pxb, stride_pxl, stride_pwd, stride_tb,
-                               stride_td, stride_tl, PW_PER_CHANNEL, P_HAS_BIAS, BLOCK_D)
+                               stride_td, stride_tl, PW_PER_CHANNEL, PW_HAS_BIAS, BLOCK_D)
         h0_tile = h0_ptr + pid_b * stride_hb + offs_d64[None, :] * stride_hd + offs_n[:, None] * stride_hn
         h = zero_h
         if PASS == 3:
@@ -1446,7 +1446,7 @@ def _projection_flags(p: Optional[DeltaProjection]) -> dict:
     # The rank is a constant to the kernel: its dots unroll (a model has one rank), which took the
     # projection's loop from 593 to 340 instructions a tile (sm_90, R = 160, BLOCK_D 128).
     return dict(DT_PROJ=p is not None, PW_PER_CHANNEL=p is not None and p.weight_scale.numel() > 1,
-                P_HAS_BIAS=p is not None and p.bias is not None, R=p.x.shape[-1] if p is not None else 1)
+                PW_HAS_BIAS=p is not None and p.bias is not None, R=p.x.shape[-1] if p is not None else 1)
 
 
 def _scale_arg(scale: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
@@ -1533,7 +1533,7 @@ def selective_scan(
     batch_bucket = min(next_pow2(batch), 16)
     flags = dict(HAS_H0=initial_state is not None, WRITE_FINAL=return_final_state,
                  **_flags(info, D, z, delta_bias, delta_softplus), **_projection_flags(delta_proj),
-                 **launch_options(u.device))
+                 **prefill_launch_options(u.device))
     proj = delta_proj or DeltaProjection(u, A, A, A, A, A)  # placeholders, never read without DT_PROJ
     proj_strides = (*proj.x.stride()[:2], proj.weight.stride(0)) if delta_proj is not None else (0, 0, 0)
     ns = flags["NS"]
@@ -1575,7 +1575,7 @@ def selective_scan(
             A, h0, hc, sc, d_inner, d_state, n_prev, *A.stride(), *h0_strides,
             batch * d_inner * ns, d_inner * ns,
             HAS_H0=initial_state is not None, NS=ns, NCP=ncp, BLOCK_DN=block_dn, num_warps=4,
-            **launch_options(u.device),
+            **prefill_launch_options(u.device),
         )
     _launch_chunks(tune_base, 3, batch, d_inner, n_chunks, args_for(n_chunks, no_sync), flags)
     if return_final_state:

@@ -36,9 +36,10 @@ DT_PROJ_SCAN_INT8_CACHED = torch.ops.quamba.selective_scan_int8_dt_proj_cached.d
 KERNELS = {SCAN_INT8: "triton:selective_scan_int8", SSD_SCAN_TRITON: "triton:ssd_scan",
            DT_PROJ_SCAN_INT8: "triton:selective_scan_int8_dt_proj"}
 
-# The prefill's scan computes dt_proj's output itself (`fuse_dt_proj_into_scan`). Off until timed:
-# counted in sm_90 SASS the fold adds 5-8% to the scan's loop instructions, about the time the
-# dt_proj GEMM it replaces takes (docs/benchmarks.md, session 44).
+# The prefill's scan computes dt_proj's output itself (`fuse_dt_proj_into_scan`). Off: on an H100
+# (session 44, docs/benchmarks.md) the fold made the 1 x 2048 scan 12% slower than the GEMM then the
+# scan, and mamba-2.8b's 8 x 2048 prefill 219 ms against 201; its 5-8% more loop instructions cost
+# more than the dt_proj GEMM they replace. Both were measured with prefill PDL on, since turned off.
 FUSE_DT_PROJ_IN_PREFILL = False
 
 _SCAN_ARGS = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus"]
