@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The measurements behind the open issues' figures of record, as named steps for a lent GPU.
+#
+#   COMMIT=$(git rev-parse HEAD) bash benchmarks/device_run.sh STEP [STEP ...]   (on the GPU machine)
+#   bash benchmarks/device_run.sh --list          the steps and what each measures
+#   bash benchmarks/device_run.sh --dry-run STEP  the commands, not run
+#
+# Why a script: a device call is limited to 10 minutes and a session to about 30, and the ignored
+# folders that held each session's call scripts do not survive a machine reset. Steps run in the
+# order given, each under its own time limit; a failing or timed-out step is recorded and the next
+# one still runs, so one bad step does not cost the call. Each step writes `<step>.log` (and its
+# JSON where the benchmark writes one) under $OUT (default ./out/device); `summary.txt` there has
+# one line a step: name, exit status (124 = timed out), seconds. Expects the reference stack in
+# .anchors/ (see ../shared/anchors/README.md) and WikiText-2 nowhere: every benchmark here uses
+# random seeded weights.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-$PWD/out/device}"
+export OUT COMMIT="${COMMIT:-unknown}"
+export PYTHONPATH="$PWD:$PWD/.anchors${PYTHONPATH:+:$PYTHONPATH}"
+
+# name | seconds | what it measures | command (run by bash; $OUT and $COMMIT expand at run time)
+STEPS=$(cat <<'EOF'
+tests-4bit|300|the 4-bit dt_proj decode fold's kernel test on CUDA (never seen to pass there)|python -m pytest -q -x --tb=short -p no:cacheprovider tests/test_kernel_scan.py -k 4bit
+tests-kernels|540|the kernel tests compiled for the GPU (no interpreter)|python -m pytest -q --tb=short -p no:cacheprovider tests/test_kernel_scan.py tests/test_kernel_conv1d.py tests/test_pdl.py tests/test_kernel_gemm.py tests/test_kernel_gemm_w4.py
+prefill|540|issue 13: mamba-2.8b W8A8 prefill 1x128, 1x2048, 8x2048 against mamba_ssm, plain and graph, with kernel time by kind|python benchmarks/reference.py --models mamba-2.8b --recipes quamba --prefill 1x128 1x2048 8x2048 --decode-batches --no-hf-check --breakdown-models mamba-2.8b --breakdown-shapes 1x128 1x2048 --breakdown-decode-batches --commit "$COMMIT" --json "$OUT/prefill.json"
+prefill-pdl|400|issue 13: the short prompt with the prefill's kernels launched with PDL (QUAMBA_FX_PREFILL_PDL=1), for an A/B with the prefill step|QUAMBA_FX_PREFILL_PDL=1 python benchmarks/reference.py --models mamba-2.8b --recipes quamba --prefill 1x128 1x2048 --decode-batches --no-hf-check --breakdown-models --commit "$COMMIT" --json "$OUT/prefill-pdl.json"
+decode|540|issue 14: mamba-2.8b W8A8 decode tokens/s at batch 1, 16, 64 against mamba_ssm, kernel time at batch 16|python benchmarks/reference.py --models mamba-2.8b --recipes quamba --prefill --decode-batches 1 16 64 --no-hf-check --breakdown-models mamba-2.8b --breakdown-shapes --breakdown-decode-batches 16 --commit "$COMMIT" --json "$OUT/decode.json"
+decode-w4|540|issue 16: mamba-2.8b W4A16 and W4A8 decode at batch 1, 16, 64 (round-to-nearest weights: GPTQ does not change the kernels)|python benchmarks/reference.py --models mamba-2.8b --recipes quamba2-w4a16 quamba2-w4a8 --rtn-weights --prefill --decode-batches 1 16 64 --no-hf-check --breakdown-models --commit "$COMMIT" --json "$OUT/decode-w4.json"
+mamba2|540|issue 16: mamba2-2.7b W8A8 prefill 8x2048 and decode at batch 1, 64 against mamba_ssm's Mamba-2|python benchmarks/reference.py --models mamba2-2.7b --recipes quamba --prefill 8x2048 --decode-batches 1 64 --no-hf-check --breakdown-models mamba2-2.7b --breakdown-shapes 8x2048 --breakdown-decode-batches --commit "$COMMIT" --json "$OUT/mamba2.json"
+scan|400|issue 13: the prefill scan alone against mamba_ssm's, with dt_proj folded in or not|python benchmarks/scan.py --shapes 1,5120,2048 8,5120,2048 1,5120,128 --commit "$COMMIT" --json "$OUT/scan.json"
+gemm|400|issue 13: the int8 prefill GEMMs of mamba-2.8b against cuBLAS fp16 at 2048 and 16384 rows|python benchmarks/gemm.py --m 2048 16384 --only 2.8b --model-outs --no-overhead --json "$OUT/gemm.json"
+w4-sweep|400|issue 16: the W4A8 decode GEMM's launch configs at 16 and 64 rows|python benchmarks/gemm_w4.py --m 16 64 --sweep --json "$OUT/w4-sweep.json"
+EOF
+)
+
+field() {  # step name, field number
+    awk -F'|' -v name="$1" -v f="$2" '$1 == name { print $f }' <<<"$STEPS"
+}
+
+list_steps() {
+    awk -F'|' '{ printf "%-14s %4ss  %s\n", $1, $2, $3 }' <<<"$STEPS"
+}
+
+dry_run=0
+case "${1:-}" in
+    ""|-h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; echo; list_steps; exit 0 ;;
+    --list) list_steps; exit 0 ;;
+    --dry-run) dry_run=1; shift ;;
+esac
+[ "$#" -gt 0 ] || { echo "device_run.sh: name at least one step (--list shows them)" >&2; exit 2; }
+for step in "$@"; do
+    [ -n "$(field "$step" 1)" ] || { echo "device_run.sh: no step '$step' (--list shows them)" >&2; exit 2; }
+done
+
+if [ "$dry_run" -eq 1 ]; then
+    for step in "$@"; do
+        echo "$(field "$step" 4)"
+    done
+    exit 0
+fi
+
+mkdir -p "$OUT"
+{
+    echo "commit $COMMIT, $(date -u +%FT%TZ)"
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+} > "$OUT/environment.txt" 2>&1
+failed=0
+for step in "$@"; do
+    start=$SECONDS
+    timeout "$(field "$step" 2)" bash -c "$(field "$step" 4)" > "$OUT/$step.log" 2>&1
+    status=$?
+    echo "$step status=$status seconds=$((SECONDS - start))" | tee -a "$OUT/summary.txt"
+    [ "$status" -eq 0 ] || failed=1
+done
+exit "$failed"
