@@ -158,3 +158,49 @@ def test_autotuners_time_nothing_under_the_interpreter():
     calls = []
     assert dispatch.AUTOTUNE_DO_BENCH(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
     assert calls == []
+
+
+@triton.jit
+def _times_two(x):
+    return x * 2.0
+
+
+@triton.jit
+def _helper_loop_kernel(x_ptr, out_ptr, CALLS: tl.constexpr):
+    # A device function called several times per program, as the scan calls its step helpers.
+    x = tl.load(x_ptr + tl.arange(0, 4))
+    for _ in tl.static_range(CALLS):
+        x = _times_two(x)
+    tl.store(out_ptr + tl.arange(0, 4), x)
+
+
+def _patch_sweeps(monkeypatch) -> list:
+    """Counts the interpreter's patching sweeps (`_patch_builtin` calls) from now on."""
+    sweeps = []
+    original = interpreter._patch_builtin
+    monkeypatch.setattr(interpreter, "_patch_builtin", lambda *a: sweeps.append(1) or original(*a))
+    return sweeps
+
+
+@pytest.mark.skipif(not INTERPRET, reason="checks the Triton interpreter (TRITON_INTERPRET=1)")
+def test_device_function_calls_do_not_patch_the_language_again(monkeypatch):
+    assert "repatching" in interpreter_compat.install()
+    x = torch.arange(4, dtype=torch.float32)
+    counts = {}
+    for calls in (1, 6):
+        sweeps = _patch_sweeps(monkeypatch)
+        out = torch.empty(4)
+        _helper_loop_kernel[(2,)](x, out, CALLS=calls)
+        assert torch.equal(out, x * 2.0**calls)
+        counts[calls] = len(sweeps)
+    # Each launch sweeps (the second too: the first restored the language), but no call does.
+    assert counts[1] == counts[6] > 0
+    assert tl.core.is_builtin(tl.program_id) and tl.core.is_builtin(tl.math.exp)
+
+
+def test_the_repatching_fix_wraps_once(monkeypatch):
+    monkeypatch.setattr(interpreter_compat, "_installed", set())
+    first = interpreter_compat._fix_repatching(interpreter) or interpreter._patch_lang.skips_patched
+    wrapped = interpreter._patch_lang
+    assert first and not interpreter_compat._fix_repatching(interpreter)
+    assert interpreter._patch_lang is wrapped

@@ -1,7 +1,7 @@
 """Keeps the Triton interpreter (TRITON_INTERPRET=1) working across the Tritons and NumPys we accept.
 
-`install()` probes the interpreter for two known faults and patches only the ones it finds; nothing
-changes on the GPU, or where the interpreter already works.
+`install()` probes the interpreter for two known faults and patches only the ones it finds, and
+removes one known cost; it is only called under the interpreter, so nothing changes on the GPU.
 
 * Scalar `__index__` (Triton 3.6 with NumPy >= 2.4). Under the interpreter a kernel's scalar
   arguments are Triton tensors holding a 1-element, 1-D NumPy array, and a loop with a run-time
@@ -17,6 +17,18 @@ changes on the GPU, or where the interpreter already works.
   masks as through booleans; 3.9's native load, store and atomics reject them ("mask has
   unsupported dtype"). The fix hands those three native calls the mask as booleans: the same
   values, since a mask's elements are 0 or 1.
+
+And one cost, not a fault:
+
+* Re-patching on every device-function call (every Triton we accept). The interpreter patches
+  `triton.language` when a kernel launches and restores it when the launch ends, and also on each
+  call of a `@triton.jit` helper inside the kernel (`_to_f32`, `fma_rn`, ...): four
+  `inspect.getmembers` sweeps over the language each time, for attributes the launch has already
+  patched (the sweeps only replace builtins, and a patched attribute no longer is one). Our
+  kernels call such helpers a few times per step, so the sweeps were about a quarter of an
+  interpreted model's time (tests/test_kernel_logits.py's lowered model: 9 of 39 s, 39 261 calls).
+  The fix skips the patching where the helper's language modules are already patched; a launch,
+  or a helper called outside any launch, still patches (and a launch still restores) as before.
 """
 
 from __future__ import annotations
@@ -109,13 +121,50 @@ def _fix_masks(interpreter: Any) -> bool:
     return True
 
 
-_FIXES = {"index": _fix_index, "masks": _fix_masks}
+class _NothingToRestore:
+    """The scope of a patching that was skipped: restoring it changes nothing."""
+
+    def restore(self) -> None:
+        pass
+
+
+def _language_patched(fn: Any, tl: Any) -> bool:
+    """Whether every Triton language module that `fn` sees (the interpreter patches `triton.language`
+    and `triton.language.core`, found in fn's globals) is patched now: a builtin, once patched, is
+    a plain function without Triton's builtin mark. `tl.math` is patched along with `tl`."""
+    is_builtin = tl.core.is_builtin
+    langs = [v for v in fn.__globals__.values() if v is tl or v is tl.core]
+    return bool(langs) and all(not is_builtin(lang.program_id) for lang in langs) and (
+        tl not in langs or not is_builtin(tl.math.exp))
+
+
+def _fix_repatching(interpreter: Any) -> bool:
+    original = getattr(interpreter, "_patch_lang", None)
+    if original is None or getattr(original, "skips_patched", False):
+        return False
+    import triton.language as tl
+
+    if not all(hasattr(x, "program_id") for x in (tl, tl.core)) or not hasattr(tl.core, "is_builtin"):
+        return False
+    nothing = _NothingToRestore()
+
+    def patch_lang(fn: Any) -> Any:
+        if _language_patched(fn, tl):
+            return nothing
+        return original(fn)
+
+    patch_lang.skips_patched = True
+    interpreter._patch_lang = patch_lang
+    return True
+
+
+_FIXES = {"index": _fix_index, "masks": _fix_masks, "repatching": _fix_repatching}
 
 
 def install() -> set[str]:
     """Apply each fix this interpreter needs (see the module docstring) once; returns the names of
-    the fixes in place ("index", "masks"), empty on a Triton whose interpreter works or whose
-    internals this does not recognise."""
+    the fixes in place ("index", "masks", "repatching"): none of the faults' on a Triton whose
+    interpreter has neither, none at all on one whose internals this does not recognise."""
     try:
         from triton.runtime import interpreter
     except ImportError:
