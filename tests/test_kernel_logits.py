@@ -66,10 +66,11 @@ def test_fp16_lowering_ends_in_the_op_and_keeps_the_head_module(tiny_quantized, 
     monkeypatch.setattr(lowering, "HEAD_RULES", [])
     without = quamba_fx.lower(tiny_quantized)
     assert any(n.op == "call_module" and n.target == "lm_head" for n in without.graph.nodes)
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    # Short: the interpreter pays per kernel program, and the head does not care about the length.
+    ids = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         got, want = low(ids), without(ids)
-    assert got.dtype == torch.float32 and got.shape == (2, 9, 64)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 64)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

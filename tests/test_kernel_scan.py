@@ -779,12 +779,25 @@ def _prefill_with_projection(batch: int, d_inner: int, L: int, rank: int, per_ch
     return kw, proj
 
 
+_TWO_RANK_STEPS = (2, 20, 37, True, True)  # two rank steps, a partial channel block
+_RANK_ONE = (1, 33, 1, False, False)  # rank 1, one weight scale, no bias
+_WALKS = {"one launch": (8, True), "three launches": (8, False), "one chunk": (64, True)}
+
+
+def _fold_case(shape: tuple, walk: str, slow: bool = False):
+    return pytest.param(*_WALKS[walk], *shape, id=f"{walk}-{'x'.join(map(str, shape[:3]))}",
+                        marks=[pytest.mark.slow] if slow else [])
+
+
 @needs_kernel
-@pytest.mark.parametrize("chunk_len, one_launch", [(8, True), (8, False), (64, True)],
-                         ids=["one launch", "three launches", "one chunk"])
-@pytest.mark.parametrize("batch, d_inner, rank, per_channel, has_bias", [
-    (2, 20, 37, True, True),  # two rank steps, a partial channel block
-    (1, 33, 1, False, False),  # rank 1, one weight scale, no bias
+@pytest.mark.parametrize("chunk_len, one_launch, batch, d_inner, rank, per_channel, has_bias", [
+    # Each walk and each shape in the fast suite; the other three pairs (~20 s interpreted) are slow.
+    _fold_case(_TWO_RANK_STEPS, "one launch"),
+    _fold_case(_RANK_ONE, "three launches"),
+    _fold_case(_RANK_ONE, "one chunk"),
+    _fold_case(_TWO_RANK_STEPS, "three launches", slow=True),
+    _fold_case(_TWO_RANK_STEPS, "one chunk", slow=True),
+    _fold_case(_RANK_ONE, "one launch", slow=True),
 ])
 def test_dt_proj_in_the_prefill_kernel_equals_the_gemm_then_the_scan(chunk_len, one_launch, batch, d_inner, rank,
                                                                       per_channel, has_bias, monkeypatch):

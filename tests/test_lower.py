@@ -193,6 +193,7 @@ def test_decode_graph_folds_dt_proj_into_the_scan_and_the_conv_into_in_proj(tiny
     assert sum(op_name(n) == "w8a8_linear" and "dt_proj" in n.args[2].target for n in prefill) == blocks
 
 
+@pytest.mark.slow  # ~15 s interpreted, for a rule that is off by default; the kernel's equality test is fast
 def test_prefill_scan_folds_dt_proj_in_when_asked_with_the_same_logits_and_generation(tiny_quantized, monkeypatch):
     """With FUSE_DT_PROJ_IN_PREFILL each block's scan computes dt_proj itself (no dt_proj GEMM left
     in the forward graph), in the forward, the cached prefill and the decode step, and every
