@@ -200,6 +200,7 @@ def test_device_function_calls_do_not_patch_the_language_again(monkeypatch):
 
 def test_the_repatching_fix_wraps_once(monkeypatch):
     monkeypatch.setattr(interpreter_compat, "_installed", set())
+    monkeypatch.setattr(interpreter, "_patch_lang", interpreter._patch_lang)  # put back afterwards
     first = interpreter_compat._fix_repatching(interpreter) or interpreter._patch_lang.skips_patched
     wrapped = interpreter._patch_lang
     assert first and not interpreter_compat._fix_repatching(interpreter)

@@ -482,8 +482,9 @@ def test_a_4bit_dt_proj_in_the_kernel_matches_the_projection_then_the_update(bat
     # Odd ranks leave the last byte's high nibble as padding; ranks above BLOCK_R take several steps.
     tok, rest, proj, state = _step_with_w4_projection(batch, d_inner, rank, group, has_bias, seed)
     # The plain path's delta is the fp32 reference's, not the GEMV's: on a GPU the GEMV sums each
-    # chunk's products in fp16 (gemv_w4.py), which moves delta by up to a few hundredths, far more
-    # than the last bit the kernel's fp32 sum may differ by. (The GEMV is held to its own bound by
+    # chunk's products in fp16 (gemv_w4.py), which moved delta by up to 0.006 on these inputs (a
+    # CPU emulation, docs/benchmarks.md session 45), more than the last bit the kernel's fp32 sum
+    # may differ by. (The GEMV is held to its own bound by
     # test_kernel_gemm_w4.py.)
     delta = w4a16_linear(proj.x, proj.weight, proj.weight_scale, proj.group_size, proj.bias)
     assert delta.dtype == torch.float16 and delta.shape == (batch, d_inner)
