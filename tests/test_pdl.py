@@ -29,6 +29,15 @@ def pdl_device(monkeypatch):
     monkeypatch.setattr(pdl, "L2_PREFETCH", True)
 
 
+@pytest.mark.parametrize("prefill", [False, True])
+def test_the_prefills_own_kernels_launch_with_pdl_only_when_asked(pdl_device, monkeypatch, prefill):
+    monkeypatch.setattr(pdl, "PREFILL", prefill)
+    assert pdl.launch_options("cuda")["USE_PDL"] is True and pdl.launch_options("cuda", pdl=False)["USE_PDL"] is False
+    options = pdl.prefill_launch_options("cuda", fuse_fp=False)
+    assert options["USE_PDL"] is prefill and options.get("launch_pdl", False) is prefill
+    assert options["enable_fp_fusion"] is False
+
+
 def test_no_prefetch_without_pdl():
     assert not pdl.use_pdl(torch.device("cpu"))
     assert pdl.prefetch_options(torch.zeros(64, 64, dtype=torch.int8), 8) == _OFF

@@ -71,20 +71,18 @@ def use_pdl(device: Any) -> bool:
     return have
 
 
-def launch_options(device: Any, fuse_fp: bool = True) -> Dict[str, bool]:
+def launch_options(device: Any, fuse_fp: bool = True, pdl: bool = True) -> Dict[str, bool]:
     """Keyword arguments for a launch on `device` of a kernel with a `USE_PDL` constexpr: the
-    constexpr, Triton's `launch_pdl` launch attribute where it is on, and `enable_fp_fusion`
-    (`dispatch.fp_fusion(fuse_fp)`)."""
-    if use_pdl(device):
+    constexpr, Triton's `launch_pdl` launch attribute where it is on (`pdl` and `use_pdl`), and
+    `enable_fp_fusion` (`dispatch.fp_fusion(fuse_fp)`)."""
+    if pdl and use_pdl(device):
         return {"USE_PDL": True, "launch_pdl": True, **fp_fusion(fuse_fp)}
     return {"USE_PDL": False, **fp_fusion(fuse_fp)}
 
 
 def prefill_launch_options(device: Any, fuse_fp: bool = True) -> Dict[str, bool]:
     """`launch_options` for the prefill's own kernels: PDL only where `PREFILL` asks for it."""
-    if PREFILL:
-        return launch_options(device, fuse_fp)
-    return {"USE_PDL": False, **fp_fusion(fuse_fp)}
+    return launch_options(device, fuse_fp, pdl=PREFILL)
 
 
 @triton.jit

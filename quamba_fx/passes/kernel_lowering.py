@@ -63,8 +63,8 @@ from .rewrite import run_rules
 KERNELS = lowering.KERNELS
 
 __all__ = [
-    "ADD_RMSNORM", "CONV_CACHED", "DT_PROJ_SCAN_INT8", "DT_PROJ_STATE_UPDATE", "FP8_GEMM", "FUSED_CONV", "HADAMARD", "HADAMARD_QUANTIZE",
-    "HADAMARD_QUANTIZE_FP8", "HADAMARD_ROTATE", "IN_PROJ_CONV_UPDATE", "KERNELS", "SCAN", "SCAN_INT8",
+    "ADD_RMSNORM", "CONV_CACHED", "DT_PROJ_SCAN_INT8", "DT_PROJ_STATE_UPDATE", "FP8_GEMM", "FUSED_CONV", "HADAMARD",
+    "HADAMARD_QUANTIZE", "HADAMARD_QUANTIZE_FP8", "HADAMARD_ROTATE", "IN_PROJ_CONV_UPDATE", "KERNELS", "SCAN", "SCAN_INT8",
     "SCAN_INT8_CACHED", "W8A8_LINEAR", "LowerToKernels", "cached_graph", "conv_state_dtype", "fold_parameter_expressions",
     "fuse_conv_into_in_proj", "fuse_dt_proj_into_state_update", "resolve_state_dtype", "ssm_state_dtype",
 ]
