@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from quamba_fx import ops as qops
@@ -477,6 +477,7 @@ def _step_with_w4_projection(batch: int, d_inner: int, rank: int, group: int, ha
 @settings(max_examples=12, **SETTINGS)
 @given(batch=st.integers(1, 3), d_inner=st.integers(1, 40), rank=st.integers(1, 40), group=st.sampled_from([8, 32]),
        has_bias=st.booleans(), seed=st.integers(0, 99))
+@example(batch=1, d_inner=1, rank=1, group=8, has_bias=False, seed=0)  # failed to compile on the H100 (session 46)
 def test_a_4bit_dt_proj_in_the_kernel_matches_the_projection_then_the_update(batch, d_inner, rank, group, has_bias,
                                                                              seed):
     # Odd ranks leave the last byte's high nibble as padding; ranks above BLOCK_R take several steps.
@@ -500,6 +501,19 @@ def test_a_4bit_dt_proj_in_the_kernel_matches_the_projection_then_the_update(bat
     # last bit, which moves y and the state by about as much.
     torch.testing.assert_close(fused.float(), plain.float(), rtol=4e-3, atol=4e-3)
     torch.testing.assert_close(state, plain_state, rtol=4e-3, atol=4e-3)
+
+
+@pytest.mark.parametrize("interpret, rank, four_bit, block_r", [
+    (False, 1, True, 2),  # one packed byte: a tile of one column would be a zero-length arange
+    (False, 1, False, 1),
+    (False, 160, True, 256),  # mamba-2.8b's rank in one tile
+    (False, 300, False, 256),
+    (True, 1, True, 2),
+    (True, 40, True, 8),  # the interpreter walks several tiles
+])
+def test_the_decode_projection_tile_fits_the_rank_and_holds_a_byte(monkeypatch, interpret, rank, four_bit, block_r):
+    monkeypatch.setattr(scan, "_INTERPRET", interpret)
+    assert scan._projection_block_r(rank, four_bit) == block_r
 
 
 def test_the_reference_with_a_4bit_projection_is_the_reference_with_its_delta():

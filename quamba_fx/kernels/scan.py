@@ -1592,6 +1592,14 @@ def selective_scan(
 DT_PROJ_MAX_BATCH = 8
 
 
+def _projection_block_r(rank: int, four_bit: bool) -> int:
+    """The columns of dt_proj's weight a decode program reads at a time: the rank rounded up to a
+    power of two, in one tile up to 256 (the interpreter takes tiles of 8 so that its tests walk
+    the loop over further tiles too). A 4-bit tile is BLOCK_R / 2 packed bytes, so at least 2."""
+    cap = 8 if _INTERPRET else 256
+    return max(min(next_pow2(max(rank, 1)), cap), 2 if four_bit else 1)
+
+
 def selective_state_update(
     state: torch.Tensor,
     u: torch.Tensor,
@@ -1670,7 +1678,7 @@ def selective_state_update(
     # program also reads R bytes of weight a channel (160 on 2.8b) in one [BLOCK_D, BLOCK_R] tile:
     # 32 channels keep that tile at 64 registers a thread and give batch 1 160 programs, not 40.
     block_d = 16 if _INTERPRET else (32 if fused is not None else 128)
-    block_r = 8 if _INTERPRET else min(next_pow2(max(proj[5], 1)), 256)
+    block_r = _projection_block_r(proj[5], four_bit=proj_flags["PW_4BIT"])
     grid = (cdiv(d_inner, block_d), batch)
     _selective_state_update_kernel[grid](
         state, u, delta, A, B, C, D if D is not None else A, zz, _bias_or_zeros(delta_bias, d_inner, u.device),
