@@ -6,7 +6,7 @@ Needs CUDA. Builds the lowered W8A8 model as benchmarks/reference.py does, then 
 call and a plain decode step (`Generator` with `cuda_graph=False`) prints: the wall time of a call
 (synchronized), the GPU kernel time of the same call (`torch.profiler`), their difference (what the
 host adds when it cannot keep ahead of the GPU), the number of kernel launches, and a cProfile of
-50 calls sorted by own time, to show which Python functions the host time is spent in.
+50 calls sorted by own time (`--sort` for others), to show which Python functions the host time is spent in.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def kernel_ms_and_launches(fn, calls: int = 5) -> tuple[float, int]:
     return sum(e.device_time_total for e in kernels) / 1e3 / calls, len(kernels) // calls
 
 
-def profile_top(fn, top: int, calls: int = 50) -> str:
+def profile_top(fn, top: int, sort_keys: list[str], calls: int = 50) -> str:
     fn()
     torch.cuda.synchronize()
     prof = cProfile.Profile()
@@ -50,7 +50,8 @@ def profile_top(fn, top: int, calls: int = 50) -> str:
     torch.cuda.synchronize()
     prof.disable()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    for key in sort_keys:
+        pstats.Stats(prof, stream=out).sort_stats(key).print_stats(top)
     return out.getvalue()
 
 
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mamba-130m")
     parser.add_argument("--shape", default="1x128", help="prefill BxL")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sort", nargs="+", default=["tottime"], choices=["tottime", "cumtime", "ncalls"],
+                        help="the cProfile orders to print, each its own table")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     batch, length = (int(v) for v in args.shape.lower().split("x"))
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                               host_us_per_launch=(wall - kernel) * 1e3 / max(launches, 1))
             print(f"{name}: wall {wall:.3f} ms, kernels {kernel:.3f} ms, {launches} launches, "
                   f"{rows[name]['host_us_per_launch']:.1f} us of unhidden host time per launch", flush=True)
-            print(profile_top(fn, args.top), flush=True)
+            print(profile_top(fn, args.top, args.sort), flush=True)
     if args.json:
         write_json(args.json, device, {"model": args.model, "shape": args.shape}, rows=rows)
     return 0
