@@ -171,6 +171,22 @@ def test_generator_graphs_call_the_kernel_functions_without_the_dispatcher(tiny_
     torch.testing.assert_close(gen.prefill(ids), full, rtol=0, atol=0)
 
 
+def test_generator_graphs_read_their_weights_without_walking_the_module_tree(tiny_quantized):
+    """Each weight or scale the runnable graphs read is held by the graph itself (one dict lookup,
+    not a chain of nn.Module.__getattr__), the very tensor of the lowered model; their state dicts
+    name the lowered model's tensors only."""
+    low = quamba_fx.lower(tiny_quantized)
+    gen = quamba_fx.Generator(low, batch_size=1)
+    for gm in (gen.prefill_graph, gen.decode_graph):
+        reads = [n for n in gm.graph.nodes if n.op == "get_attr"]
+        assert reads and all("." not in n.target and n.target in gm.__dict__ for n in reads)
+        assert set(gm.state_dict()) <= set(low.state_dict())  # nothing registered under the new names
+    weight = low.get_submodule("backbone.layers.0.mixer.in_proj").weight
+    assert any(v is weight for v in gen.decode_graph.__dict__.values())
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(gen.prefill(ids), low(ids), rtol=0, atol=0)
+
+
 def test_decode_graph_folds_dt_proj_into_the_scan_and_the_conv_into_in_proj(tiny_quantized):
     low = quamba_fx.lower(tiny_quantized)
     gen = quamba_fx.Generator(low, batch_size=1)
