@@ -31,6 +31,7 @@ decode-w4|540|issue 16: mamba-2.8b W4A16 and W4A8 decode at batch 1, 16, 64 (rou
 mamba2|540|issue 16: mamba2-2.7b W8A8 prefill 8x2048 and decode at batch 1, 64 against mamba_ssm's Mamba-2|python benchmarks/reference.py --models mamba2-2.7b --recipes quamba --prefill 8x2048 --decode-batches 1 64 --no-hf-check --breakdown-models mamba2-2.7b --breakdown-shapes 8x2048 --breakdown-decode-batches --commit "$COMMIT" --json "$OUT/mamba2.json"
 scan|400|issue 13: the prefill scan alone against mamba_ssm's, with dt_proj folded in or not|python benchmarks/scan.py --shapes 1,5120,2048 8,5120,2048 1,5120,128 --commit "$COMMIT" --json "$OUT/scan.json"
 gemm|400|issue 13: the int8 prefill GEMMs of mamba-2.8b against cuBLAS fp16 at 2048 and 16384 rows|python benchmarks/gemm.py --m 2048 16384 --only 2.8b --model-outs --no-overhead --json "$OUT/gemm.json"
+host|300|issues 13-14: the host time of plain calls (mamba-130m 1x128 prefill, decode step), with a cProfile and the A/B of the Generator graphs' flat weight reads|python benchmarks/host_overhead.py --model mamba-130m --shape 1x128 --top 30 --sort tottime cumtime --compare-flatten --json "$OUT/host.json"
 w4-sweep|400|issue 16: the W4A8 decode GEMM's launch configs at 16 and 64 rows|python benchmarks/gemm_w4.py --m 16 64 --sweep --json "$OUT/w4-sweep.json"
 EOF
 )

@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--sort", nargs="+", default=["tottime"], choices=["tottime", "cumtime", "ncalls"],
                         help="the cProfile orders to print, each its own table")
+    parser.add_argument("--compare-flatten", action="store_true",
+                        help="also time Generator graphs that read weights through the module tree "
+                             "(host_cpu.py's A/B, on this host; rounds interleaved)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     batch, length = (int(v) for v in args.shape.lower().split("x"))
@@ -88,6 +91,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: wall {wall:.3f} ms, kernels {kernel:.3f} ms, {launches} launches, "
                   f"{rows[name]['host_us_per_launch']:.1f} us of unhidden host time per launch", flush=True)
             print(profile_top(fn, args.top, args.sort), flush=True)
+        if args.compare_flatten:
+            from host_cpu import without_flattening
+
+            with without_flattening():
+                tree = quamba_fx.Generator(lowered, batch, cuda_graph=False)
+            tree.prefill(ids)
+            fns = {"decode step": lambda: gen.decode(token), "decode step, not flattened": lambda: tree.decode(token)}
+            rounds = {name: [] for name in fns}
+            for _ in range(4):
+                for name, fn in fns.items():
+                    rounds[name].append(wall_ms(fn))
+            rows["flatten A/B"] = rounds
+            print("flatten A/B, wall ms of a plain decode step, 4 interleaved rounds: "
+                  + "; ".join(f"{name} {' / '.join(f'{v:.2f}' for v in values)}" for name, values in rounds.items()))
     if args.json:
         write_json(args.json, device, {"model": args.model, "shape": args.shape}, rows=rows)
     return 0
