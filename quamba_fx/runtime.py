@@ -94,10 +94,11 @@ def _flatten_constants(gm: torch.fx.GraphModule) -> None:
     """Point each `get_attr` node at a plain attribute of `gm` holding the same tensor.
 
     FX reads `backbone.layers.0.mixer.in_proj.weight` as five `nn.Module.__getattr__` calls, each a
-    Python-level miss of the instance dict: 507 reads, 2915 calls, in a mamba-130m decode step,
-    about a tenth of its host time on the CPU machine with the kernels' launches stubbed out. An
-    entry of the instance dict is found without them. Modules and attributes of `gm` stay as they
-    were (its state dict, `named_modules`); only the graph's reads move."""
+    Python-level miss of the instance dict: 507 reads, 2915 calls, in a mamba-130m decode step.
+    Found in the instance dict instead, the step's host time fell by a fifth on the CPU machine
+    with the kernels' launches stubbed out (`benchmarks/host_cpu.py --compare-flatten`). Modules
+    and attributes of `gm` stay as they were (its state dict, `named_modules`); only the graph's
+    reads move."""
     for node in gm.graph.nodes:
         if node.op != "get_attr" or "." not in node.target:
             continue
