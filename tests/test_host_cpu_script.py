@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from triton.runtime import interpreter
 
@@ -13,6 +14,7 @@ from .benchmark_scripts import load_benchmark
 script = load_benchmark("host_cpu.py", "host_cpu_benchmark")
 
 
+@pytest.mark.slow  # a benchmark's smoke run (7 s): CI's slow run keeps it
 def test_tiny_run_times_both_variants_and_puts_the_launcher_back(tmp_path, capsys):
     launch = interpreter.InterpretedFunction.run
     out = tmp_path / "host.json"

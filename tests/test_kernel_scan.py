@@ -807,7 +807,7 @@ def _fold_case(shape: tuple, walk: str, slow: bool = False):
 @needs_kernel
 @pytest.mark.parametrize("chunk_len, one_launch, batch, d_inner, rank, per_channel, has_bias", [
     # Each walk and each shape in the fast suite; the other three pairs (~20 s interpreted) are slow.
-    _fold_case(_TWO_RANK_STEPS, "one launch"),
+    _fold_case(_TWO_RANK_STEPS, "one launch", slow=True),
     _fold_case(_RANK_ONE, "three launches"),
     _fold_case(_RANK_ONE, "one chunk"),
     _fold_case(_TWO_RANK_STEPS, "three launches", slow=True),
