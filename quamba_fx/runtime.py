@@ -17,6 +17,7 @@ import torch.fx
 
 from .arch import arch_of
 from .errors import InputError
+from .graph_info import fetch_attr
 from .graph_meta import find_graph_meta
 from .kernels.dispatch import op_function
 from .passes.kernel_lowering import cached_graph, conv_state_dtype, ssm_state_dtype
@@ -104,9 +105,11 @@ def _flatten_constants(gm: torch.fx.GraphModule) -> None:
             continue
         flat = "_const_" + node.target.replace(".", "_")
         if flat not in gm.__dict__:
-            owner, _, name = node.target.rpartition(".")
+            value = fetch_attr(gm, node.target)
+            if value is None:
+                continue  # a read of nothing stays as it was, to fail where FX always made it fail
             # Not setattr: nn.Module's would register a Parameter a second time under the new name.
-            gm.__dict__[flat] = getattr(gm.get_submodule(owner), name)
+            gm.__dict__[flat] = value
         node.target = flat
 
 
