@@ -18,7 +18,10 @@ it) and each M:
 * pointer -- gemm.py's tensor-core kernel (autotuned), what ran at 2-64 rows before gemm_skinny;
 * fp16    -- cuBLAS `F.linear` in fp16 on fp16 copies of the weight (mamba_ssm's GEMMs);
 * with `--sweep-m`, at those M, every candidate config of gemm_skinny (`candidates`), best first;
-* with `--gemv-sweep`, at M = 1, every GEMV config of `GEMV_TILES` with each split.
+* with `--gemv-sweep`, at M = 1, every GEMV config of `GEMV_TILES` with each split;
+* with `--pointer-sweep-m`, at those M, every config of the pointer kernel (`pointer_candidates`:
+  its autotuner's family, 256-column tiles, and each split config with the partials summed as
+  they arrive, `ATOMIC_SUM`). The rule row's notes name the config the autotuner chose.
 
 Every output is checked against `int8_linear` (int8 within one step, as the CUDA kernel tests).
 """
@@ -87,10 +90,64 @@ def gemv_candidates(n: int, k: int) -> list:
     return out
 
 
+def _pointer_name(meta: dict) -> str:
+    return (f"ptr bm{meta['BLOCK_M']} bn{meta['BLOCK_N']} bk{meta['BLOCK_K']} split{meta['SPLIT_K']}"
+            f"{' sum' if meta.get('ATOMIC_SUM') else ''} s{meta['num_stages']} w{meta['num_warps']}")
+
+
+def pointer_candidates(m: int, n: int, k: int) -> List[dict]:
+    """The pointer kernel's configs (launch metas) for an `m x n x k` problem: what its autotuner
+    times, plus tiles 256 columns wide (fewer re-reads of the activation from L2), and every split
+    config again with `ATOMIC_SUM`."""
+    from quamba_fx.kernels import gemm, split_k
+    from quamba_fx.kernels.dispatch import cdiv, next_pow2, sm_count
+
+    m_bucket = min(next_pow2(m), gemm._M_BUCKET_CAP)
+    named = {"M_BUCKET": m_bucket, "N": n, "K": k}
+    metas = [c.all_kwargs() for c in gemm._prune_configs([], named)]
+    bm = max(16, m_bucket)
+    if bm <= gemm.SKINNY_MAX_M and n >= 256:
+        for bk in (64, 128):
+            k_tiles = cdiv(k, bk)
+            for split in split_k.split_counts(cdiv(n, 256), k_tiles, 2 * sm_count()):
+                stages = max(2, min(3, cdiv(k_tiles, split)))
+                metas.append(gemm._cfg(bm, 256, bk, 1, stages, 8, split).all_kwargs())
+    return metas + [{**meta, "ATOMIC_SUM": True} for meta in metas if meta["SPLIT_K"] > 1]
+
+
+class _Pinned(dict):
+    """A `_TUNED` table that answers every problem with one launch config."""
+
+    def __init__(self, meta: dict):
+        super().__init__()
+        self.meta = meta
+
+    def get(self, key, default=None):
+        return self.meta
+
+
+def _precompile_pointer(metas: List[dict], x_q, x_scale, w_q, w_scale, bias, out_scale, dtype) -> None:
+    """Compile the pointer kernel for every meta in parallel, with the arguments `int8_gemm` passes."""
+    from quamba_fx.kernels import gemm, split_k
+    from quamba_fx.kernels.dispatch import next_pow2, precompile_calls
+    from quamba_fx.kernels.pdl import launch_options
+
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    out = torch.empty(m, n, dtype=dtype, device=x_q.device)
+    head = (x_q, w_q, x_scale, w_scale, bias, out_scale if out_scale is not None else x_scale, out)
+    scratch = split_k.scratch(x_q.device, *split_k.scratch_need(m, n, metas))
+    tail = (m, n, k, min(next_pow2(m), gemm._M_BUCKET_CAP), x_q.stride(0), w_q.stride(0), n)
+    flags = dict(W_PER_CHANNEL=True, HAS_BIAS=True, OUT_MODE=gemm._OUT_MODES[dtype], OUT_PER_CHANNEL=False,
+                 **launch_options(x_q.device, fuse_fp=False))
+    precompile_calls(gemm._int8_gemm_jit, [(head + scratch + tail, {**flags, **meta, "EVEN_K": gemm._even_k(k, meta)})
+                                           for meta in metas])
+
+
 def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
-                gen: torch.Generator, gemv_sweep: bool = False) -> List[Dict]:
+                gen: torch.Generator, gemv_sweep: bool = False, pointer_sweep: bool = False) -> List[Dict]:
     from quamba_fx.kernels import gemm, gemm_skinny, gemv
-    from quamba_fx.kernels.dispatch import precompile_calls, sm_count
+    from quamba_fx.kernels.dispatch import next_pow2, precompile_calls, sm_count
 
     out = MODEL_OUTS[name.split()[-1]]
     inp = _inputs(m, k, n, out, gen)
@@ -122,6 +179,9 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
                          weight_tbps=n * k / (us * 1e-6) / 1e12, check=check, ok=ok))
 
     row("rule", model_call)
+    chosen = [meta for key, meta in gemm._TUNED.items() if key[:3] == (n, k, min(next_pow2(m), gemm._M_BUCKET_CAP))]
+    if rows and rows[-1]["variant"] == "rule" and chosen:
+        rows[-1]["notes"] = "pointer kernel " + _pointer_name(chosen[0])
     if m > 1:
         row("pointer", pointer_call)
     w16 = [w.half() for w in weights]
@@ -139,6 +199,14 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
             with mock.patch.object(gemv, "gpu_config", lambda *_, config=config: config):
                 row(name_, model_call)
         gemv._TUNED.clear()
+    if pointer_sweep:
+        metas = pointer_candidates(m, n, k)
+        _precompile_pointer(metas, x_q, x_scale, weights[0], w_scale, bias, kw.get("out_scale"), want.dtype)
+        for meta in metas:
+            def pinned_call(r: int, meta=meta):
+                with mock.patch.object(gemm, "_TUNED", _Pinned(meta)):
+                    return pointer_call(r)
+            row(_pointer_name(meta), pinned_call)
     if sweep and gemm_skinny.MIN_M <= m <= gemm_skinny.MAX_M:
         dtype = want.dtype
         os_ = kw.get("out_scale")
@@ -179,6 +247,13 @@ def _print(rows: List[Dict]) -> None:
         print(f"{shape:16} {m:3d} {us('rule')} {us('pointer')} {us('fp16')} "
               f"{best['variant'] if best else '-':>38} {best['us'] if best else float('nan'):7.2f} "
               f"{rule_tbps} {len(sweep):7d} {bad:4d}")
+    for (shape, m), rs in by_problem.items():
+        if any(r["variant"].startswith("ptr ") for r in rs):
+            rule = next((r for r in rs if r["variant"] == "rule"), {})
+            print(f"\n{shape} M={m}, the pointer kernel's configs (rule: {rule.get('us', float('nan')):.2f} us, "
+                  f"{rule.get('notes', 'config unknown')}):")
+            for r in sorted((r for r in rs if r["variant"].startswith("ptr ")), key=lambda r: r["us"]):
+                print(f"  {r['variant']:44} {r['us']:8.2f} us {r['weight_tbps']:6.2f} wTB/s{'' if r['ok'] else ' BAD'}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -188,6 +263,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--sweep-m", type=int, nargs="*", default=[], help="M at which to time every config")
     parser.add_argument("--sweep-models", nargs="*", default=["2.8b"], help="shape sets the sweep covers")
     parser.add_argument("--gemv-sweep", action="store_true", help="at M = 1, time every GEMV config of the sweep")
+    parser.add_argument("--pointer-sweep-m", type=int, nargs="*", default=[],
+                        help="M at which to time every config of the pointer kernel (`pointer_candidates`)")
     parser.add_argument("--chain-mb", type=float, default=400.0, help="weight MB a chain of launches streams")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON (rewritten after each shape)")
     parser.add_argument("--commit", default="", help="recorded in the JSON")
@@ -201,7 +278,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         for m in args.m:
             sweep = m in args.sweep_m and name.split()[0] in args.sweep_models
-            rows += bench_shape(name, m, k, n, sweep, args.chain_mb, gen, args.gemv_sweep)
+            rows += bench_shape(name, m, k, n, sweep, args.chain_mb, gen, args.gemv_sweep,
+                                pointer_sweep=m in args.pointer_sweep_m and name.split()[0] in args.sweep_models)
             if args.json:
                 write_json(args.json, device, {"commit": args.commit, "chain_mb": args.chain_mb}, rows=rows)
     _print(rows)
