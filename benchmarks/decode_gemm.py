@@ -19,9 +19,8 @@ it) and each M:
 * fp16    -- cuBLAS `F.linear` in fp16 on fp16 copies of the weight (mamba_ssm's GEMMs);
 * with `--sweep-m`, at those M, every candidate config of gemm_skinny (`candidates`), best first;
 * with `--gemv-sweep`, at M = 1, every GEMV config of `GEMV_TILES` with each split;
-* with `--pointer-sweep-m`, at those M, every config of the pointer kernel (`pointer_candidates`:
-  its autotuner's family, 256-column tiles, and each split config with the partials summed as
-  they arrive, `ATOMIC_SUM`). The rule row's notes name the config the autotuner chose.
+* with `--pointer-sweep-m`, at those M, every config of the pointer kernel's autotuner
+  (`pointer_candidates`); the rule row's notes name the one it chose.
 
 Every output is checked against `int8_linear` (int8 within one step, as the CUDA kernel tests).
 """
@@ -92,27 +91,17 @@ def gemv_candidates(n: int, k: int) -> list:
 
 def _pointer_name(meta: dict) -> str:
     return (f"ptr bm{meta['BLOCK_M']} bn{meta['BLOCK_N']} bk{meta['BLOCK_K']} split{meta['SPLIT_K']}"
-            f"{' sum' if meta.get('ATOMIC_SUM') else ''} s{meta['num_stages']} w{meta['num_warps']}")
+            f" s{meta['num_stages']} w{meta['num_warps']}")
 
 
 def pointer_candidates(m: int, n: int, k: int) -> List[dict]:
-    """The pointer kernel's configs (launch metas) for an `m x n x k` problem: what its autotuner
-    times, plus tiles 256 columns wide (fewer re-reads of the activation from L2), and every split
-    config again with `ATOMIC_SUM`."""
-    from quamba_fx.kernels import gemm, split_k
-    from quamba_fx.kernels.dispatch import cdiv, next_pow2, sm_count
+    """The launch metas of every config the pointer kernel's autotuner times for an `m x n x k`
+    problem."""
+    from quamba_fx.kernels import gemm
+    from quamba_fx.kernels.dispatch import next_pow2
 
-    m_bucket = min(next_pow2(m), gemm._M_BUCKET_CAP)
-    named = {"M_BUCKET": m_bucket, "N": n, "K": k}
-    metas = [c.all_kwargs() for c in gemm._prune_configs([], named)]
-    bm = max(16, m_bucket)
-    if bm <= gemm.SKINNY_MAX_M and n >= 256:
-        for bk in (64, 128):
-            k_tiles = cdiv(k, bk)
-            for split in split_k.split_counts(cdiv(n, 256), k_tiles, 2 * sm_count()):
-                stages = max(2, min(3, cdiv(k_tiles, split)))
-                metas.append(gemm._cfg(bm, 256, bk, 1, stages, 8, split).all_kwargs())
-    return metas + [{**meta, "ATOMIC_SUM": True} for meta in metas if meta["SPLIT_K"] > 1]
+    named = {"M_BUCKET": min(next_pow2(m), gemm._M_BUCKET_CAP), "N": n, "K": k}
+    return [c.all_kwargs() for c in gemm._prune_configs([], named)]
 
 
 class _Pinned(dict):

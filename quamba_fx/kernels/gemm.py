@@ -269,7 +269,7 @@ def _int8_gemm_jit(
     W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, ATOMIC_SUM: tl.constexpr = False,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # SPLIT_K consecutive programs share one output tile, each summing one range of K tiles.
     pid = tl.program_id(0)
@@ -312,11 +312,6 @@ def _int8_gemm_jit(
     if SPLIT_K == 1:
         store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
                    out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
-    elif ATOMIC_SUM:
-        if split_k.arrive_summed(acc, partial_ptr, count_ptr, pid_m * num_pid_n + pid_n, SPLIT_K, BLOCK_M, BLOCK_N):
-            acc = split_k.take_sum(partial_ptr, count_ptr, pid_m * num_pid_n + pid_n, BLOCK_M, BLOCK_N)
-            store_tile(acc, offs_m, offs_n, cols, M, N, stride_om, x_scale_ptr, w_scale_ptr, bias_ptr,
-                       out_scale_ptr, out_ptr, W_PER_CHANNEL, HAS_BIAS, OUT_MODE, OUT_PER_CHANNEL)
     elif split_k.arrive(acc, partial_ptr, count_ptr, pid_m * num_pid_n + pid_n, pid_k, SPLIT_K, BLOCK_M, BLOCK_N):
         # The last split to finish this tile: every split's partial is in, sum them and store.
         acc = split_k.total(partial_ptr, count_ptr, pid_m * num_pid_n + pid_n, SPLIT_K, BLOCK_M, BLOCK_N)
@@ -414,12 +409,8 @@ def _launch(grid, args: tuple, key: tuple, m: int, n: int, k: int, **flags) -> N
 
 def _launch_config(meta: dict, grid, args: tuple, m: int, n: int, k: int, flags: dict) -> None:
     head, tail = args[:7], args[7:]
-    if meta["SPLIT_K"] == 1:
-        scratch = (args[2], args[2])
-    elif meta.get("ATOMIC_SUM"):
-        scratch = split_k.sum_scratch(args[0].device, *split_k.sum_need(m, n, meta))
-    else:
-        scratch = split_k.scratch(args[0].device, *split_k.scratch_need(m, n, (meta,)))
+    scratch = (split_k.scratch(args[0].device, *split_k.scratch_need(m, n, (meta,))) if meta["SPLIT_K"] > 1
+               else (args[2], args[2]))
     _int8_gemm_jit[grid](*head, *scratch, *tail, **flags, **meta, EVEN_K=_even_k(k, meta))
 
 

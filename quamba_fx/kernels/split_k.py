@@ -7,12 +7,6 @@ counter (an atomic); the split that sees SPLIT_K - 1 there sums all the partials
 (exact in int32; a fixed order in fp32), stores the output, and sets the counter back to 0.
 Counters are therefore zero between launches, and the scratch needs no clearing.
 
-int32 partials may instead be summed as they arrive (`arrive_summed` / `take_sum`): every split adds
-its tile into one running sum with integer atomics (exact, so the order they land in does not
-matter), and the last reads that one tile, where `total` reads SPLIT_K of them in one program
-while the other SMs wait. The last split sets the sum back to zero, so the sums' scratch
-(`sum_scratch`, zeroed when allocated) is zero between launches like the counters.
-
 The scratch is shared per device and stream (launches on one stream run one after another); it is
 allocated outside CUDA-graph captures where it can be, because memory allocated inside a capture
 is the graph's and is only initialised when the graph replays. A capture uses the device's scratch
@@ -31,8 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["arrive", "arrive_summed", "load_k_step", "load_step", "scratch", "scratch_need", "split_counts",
-           "sum_need", "sum_scratch", "take_sum", "total"]
+__all__ = ["arrive", "load_k_step", "load_step", "total", "scratch", "scratch_need", "split_counts"]
 
 
 @triton.jit
@@ -81,31 +74,6 @@ def total(partial_ptr, count_ptr, tile, SPLIT_K: tl.constexpr, BLOCK_M: tl.const
     return acc
 
 
-@triton.jit
-def arrive_summed(acc, sum_ptr, count_ptr, tile, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """Add this split's int32 partial `acc [BLOCK_M, BLOCK_N]` into tile `tile`'s running sum;
-    True for the split that arrives last (it must then call `take_sum`)."""
-    slot = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    tl.atomic_add(sum_ptr + tile.to(tl.int64) * (BLOCK_M * BLOCK_N) + slot, acc, sem="relaxed", scope="gpu")
-    # As in `arrive`: every thread's additions are made before the counter's release.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    return arrived == SPLIT_K - 1
-
-
-@triton.jit
-def take_sum(sum_ptr, count_ptr, tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Tile `tile`'s summed partials (called by the last split only); resets the sum and the
-    counter to zero for the next launch."""
-    slot = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    ptrs = sum_ptr + tile.to(tl.int64) * (BLOCK_M * BLOCK_N) + slot
-    acc = tl.load(ptrs, cache_modifier=".cg")
-    tl.store(ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), cache_modifier=".cg")
-    tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
-    return acc
-
-
 # Never more splits than this: each adds a partial tile's traffic and a share of the final sum.
 MAX_SPLIT_K = 32
 
@@ -132,53 +100,33 @@ def scratch_need(m: int, n: int, metas: Iterable[dict]) -> Tuple[int, int]:
     return partials, counters
 
 
-def sum_need(m: int, n: int, meta: dict) -> Tuple[int, int]:
-    """(int32 sum values, counters) a summed split config (`arrive_summed`) needs for an `m x n`
-    output: one tile each, whatever SPLIT_K."""
-    tiles = -(-m // meta.get("BLOCK_M", 1)) * -(-n // meta["BLOCK_N"])
-    return tiles * meta.get("BLOCK_M", 1) * meta["BLOCK_N"], tiles
-
-
-# (device, stream) -> (int32 partials, int32 counters); (device, stream) -> int32 sums. Grown on
-# demand; everything but the partials is zero between launches.
+# (device, stream) -> (int32 partials, int32 counters), grown on demand.
 _SCRATCH: Dict[tuple, Tuple[Tensor, Tensor]] = {}
-_SUMS: Dict[tuple, Tensor] = {}
 
 
-def _cached(store: dict, device: torch.device, sizes: Tuple[int, ...], make):
-    """`store`'s tensors for `device`'s current stream if each is at least `sizes` long, else
-    `make(sizes)`'s (kept for the stream, grown to the larger of old and new sizes). Inside a
-    CUDA-graph capture: any stream's that fit, else new ones that belong to that graph alone."""
-    def fits(have) -> bool:
-        return all(t.numel() >= size for t, size in zip(have, sizes))
-
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        for (dev, _), have in store.items():
-            if dev == device and fits(have):
-                return have
-        # Allocated in the graph's pool and zeroed by the graph itself: this graph's alone.
-        return make(sizes)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    have = store.get((device, stream))
-    if have is not None and fits(have):
-        return have
-    if have is not None:
-        sizes = tuple(max(size, t.numel()) for t, size in zip(have, sizes))
-    store[(device, stream)] = grown = make(sizes)
-    return grown
+def _fits(have: Tuple[Tensor, Tensor], partials: int, counters: int) -> bool:
+    return have[0].numel() >= partials and have[1].numel() >= counters
 
 
 def scratch(device: torch.device, partials: int, counters: int) -> Tuple[Tensor, Tensor]:
     """Scratch of at least the given sizes for a launch on `device`'s current stream (see the
     module docstring for streams and CUDA-graph captures)."""
-    return _cached(_SCRATCH, device, (partials, counters), lambda sizes: (
-        torch.empty(sizes[0], dtype=torch.int32, device=device),
-        torch.zeros(sizes[1], dtype=torch.int32, device=device)))
-
-
-def sum_scratch(device: torch.device, values: int, counters: int) -> Tuple[Tensor, Tensor]:
-    """(sums, counters) of at least the given sizes for `arrive_summed` on `device`'s current
-    stream, both zero; the counters are `scratch`'s, shared with the other split launches."""
-    sums = _cached(_SUMS, device, (values,), lambda sizes: (torch.zeros(sizes[0], dtype=torch.int32,
-                                                                         device=device),))[0]
-    return sums, scratch(device, 0, counters)[1]
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        for (dev, _), have in _SCRATCH.items():
+            if dev == device and _fits(have, partials, counters):
+                return have
+        # Allocated in the graph's pool and zeroed by the graph itself: this graph's alone.
+        return (torch.empty(partials, dtype=torch.int32, device=device),
+                torch.zeros(counters, dtype=torch.int32, device=device))
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    have = _SCRATCH.get(key)
+    if have is not None and _fits(have, partials, counters):
+        return have
+    if have is not None:
+        partials, counters = max(partials, have[0].numel()), max(counters, have[1].numel())
+    grown = (torch.empty(partials, dtype=torch.int32, device=device),
+             torch.zeros(counters, dtype=torch.int32, device=device))
+    _SCRATCH[key] = grown
+    return grown
