@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from .benchmark_scripts import load_benchmark
 
 script = load_benchmark("fp8_promotion.py", "fp8_promotion_benchmark")
 
 
+@pytest.mark.slow  # a benchmark's smoke run (23 s on CI): CI's slow run keeps it
 def test_cpu_smoke_run_times_each_variant_under_its_settings(tmp_path, capsys, monkeypatch):
     from quamba_fx.kernels import dispatch, gemm_fp8
 
