@@ -191,6 +191,22 @@ class _PinnedConfig(dict):
 
 
 @needs_kernel
+@pytest.mark.parametrize("M, split", [(37, 1), (37, 3), (32, 2)])
+def test_row_tiles_in_pairs_sum_every_k_range_once(M, split, monkeypatch):
+    """Row tiles launched in pairs (GROUP_M 2, the 128-row family's half tiles), an odd count of
+    them too, with and without split K: equal to the reference."""
+    monkeypatch.setattr(gemm, "_TUNED", _PinnedConfig(gemm._cfg(16, 32, 32, 2, 2, 1, split).all_kwargs()))
+    monkeypatch.setattr(gemv, "GEMV_MAX_M", 0)
+    monkeypatch.setattr(gemm_skinny, "MAX_M", 0)
+    gen = torch.Generator().manual_seed(M + split)
+    x = int8_values(gen, (M, 161), "extreme").to(DEVICE)
+    w = int8_values(gen, (70, 161), "uniform").to(DEVICE)
+    xs, ws = scale(0.02, DEVICE), (torch.rand(70, generator=gen) * 1e-3).to(DEVICE)
+    assert_match(int8_gemm(x, xs, w, ws, None, out_scale=scale(0.3, DEVICE)),
+                 int8_gemm_reference(x, xs, w, ws, None, out_scale=scale(0.3, DEVICE)))
+
+
+@needs_kernel
 @pytest.mark.parametrize("split", [2, 3, 5])
 @pytest.mark.parametrize("M,K,N", [(1, 200, 70), (37, 161, 45), (16, 96, 32), (5, 40, 33)])
 def test_split_k_sums_every_k_range_once(split, M, K, N, monkeypatch):
@@ -908,14 +924,16 @@ def test_config_pruning(M, K, N):
     assert pruned
     sigs = [gemm._config_sig(c) for c in pruned]
     assert len(set(sigs)) == len(sigs)
-    for bm, bn, bk, _, stages, _, split in sigs:
+    for bm, bn, bk, group_m, stages, _, split in sigs:
         assert bm >= 16 and bn >= 16 and bk >= 32  # tl.dot / int8 MMA minimums
         k_tiles = -(-K // bk)
         assert 1 <= split <= k_tiles or split == 1  # every split has K tiles to sum
         assert 2 <= stages <= max(2, -(-k_tiles // split))  # no more stages than a split's K tiles
         assert bn <= max(16, 1 << (N - 1).bit_length()) and bk <= max(32, 1 << (K - 1).bit_length())
         if M <= gemm.SKINNY_MAX_M:
-            assert bm == max(16, m_bucket)  # one M tile: the weight is read once
+            # One M tile, the weight read once; from 128 rows also two, side by side (GROUP_M).
+            assert bm == max(16, m_bucket) or (m_bucket >= 128 and bm == m_bucket // 2)
+            assert group_m == max(16, m_bucket) // bm
         else:
             assert bm >= 64
             tiles = -(-m_bucket // bm) * -(-N // bn)
@@ -942,6 +960,16 @@ def test_when_a_prefill_split_helps(tiles, split, helps):
     leave SMs idle; 160 tiles (two waves, the last 21% full) split in two fill 81%; 320 tiles
     (81%) and 640 (97%) gain too little."""
     assert gemm._split_helps(tiles, split, 132) == helps
+
+
+@pytest.mark.parametrize("M, halves", [(16, False), (64, False), (65, True), (128, True)])
+def test_short_prompts_also_try_two_row_tiles(M, halves):
+    """At 65-128 rows the activation is most of what a program streams: the family also has row
+    tiles of half the bucket, the two of a weight tile launched side by side (GROUP_M 2)."""
+    m_bucket = 1 << (M - 1).bit_length()
+    pruned = gemm._prune_configs([], {"M_BUCKET": m_bucket, "N": 2560, "K": 5120})
+    rows = {(c.kwargs["BLOCK_M"], c.kwargs["GROUP_M"]) for c in pruned}
+    assert rows == ({(m_bucket, 1), (m_bucket // 2, 2)} if halves else {(max(16, m_bucket), 1)})
 
 
 def test_skinny_configs_split_k_when_column_tiles_are_few():

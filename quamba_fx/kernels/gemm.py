@@ -49,7 +49,8 @@ in L2. Three kernels, chosen per call:
 * everything else (decode, short prompts, unaligned layouts): the pointer kernel here. Rows and
   columns past the edges are wrapped (`% M`, `% N`) instead of masked, so the main loop only masks
   K, and not at all when every split's K range is whole tiles (EVEN_K). Up to SKINNY_MAX_M rows
-  the problem is bound by streaming the weight: one M tile holds every row, and K may be split
+  the problem is bound by streaming the weight: one M tile holds every row (at 65-128 rows also
+  two tiles of half the rows, `_skinny_family`), and K may be split
   across SPLIT_K programs (`_skinny_family`), so that a decode GEMM with few output columns still
   keeps every SM loading (the last split to finish a tile sums the partials and runs the
   epilogue, in the same launch: split_k.py). Larger M takes wgmma-sized tiles, split over K too
@@ -126,9 +127,9 @@ def _config_sig(c: triton.Config) -> tuple:
     return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], c.num_stages, c.num_warps, kw["SPLIT_K"])
 
 
-# Problems with at most this many rows (decode steps, short prompts) are weight-bandwidth bound:
-# one M tile covers every row, so each weight byte is read once, and K may be split across programs
-# (`_skinny_family`).
+# Problems with at most this many rows (decode steps, short prompts) are bandwidth bound: one M
+# tile covers every row, so each weight byte is read once (or two tiles share each weight tile
+# through L2), and K may be split across programs (`_skinny_family`).
 SKINNY_MAX_M = 128
 
 # Shared memory one skinny config may use across its pipeline stages (the H100/H200 have 227 KiB a
@@ -155,26 +156,39 @@ _LARGE_CONFIGS = [  # prefill: compute bound, wgmma tiles
 ]
 
 
+# From this M bucket on, the skinny family also has row tiles of half the bucket.
+_SKINNY_HALF_ROWS_MIN_M = 128
+
+
 def _skinny_family(m_bucket: int, n: int, k: int, sms: int) -> List[tuple]:
     """Configs for M <= SKINNY_MAX_M: one M tile, tiles clipped to the problem, and for each tile
     the K splits that bring the program count towards two per SM (a decode GEMM with few output
     columns, such as out_proj's 2560 or x_proj's 192, has fewer column tiles than SMs; split K,
-    every SM streams its share of the weight)."""
-    bm = max(16, m_bucket)
+    every SM streams its share of the weight).
+
+    At 128 rows, also two row tiles of 64 (GROUP_M 2: the pair of one weight tile run side by
+    side, so the second reads it from L2). There the activation, not the weight, is most of what
+    an SM streams (128 rows against a 32-64 column weight tile each K step), and an SM streams
+    about 65 GB/s, so halving it per program made x_proj 1.2x and out_proj 1.07x faster launched
+    back to back on the H100 (docs/benchmarks.md, session 47)."""
     cap_n = max(16, next_pow2(n))
     cap_k = max(32, next_pow2(k))
+    row_tiles = [max(16, m_bucket)] + ([m_bucket // 2] if m_bucket >= _SKINNY_HALF_ROWS_MIN_M else [])
     family = []
-    for bn in (32, 64, 128):
-        for bk in (128, 256):
-            bn_, bk_ = min(bn, cap_n), min(bk, cap_k)
-            stage_bytes = (bm + bn_) * bk_
-            k_tiles = cdiv(k, bk_)
-            stages = max(2, min(4, k_tiles, _SKINNY_SMEM // stage_bytes))
-            warps = 8 if bm * bn_ >= 128 * 128 else 4
-            # Splits until the programs fill the SMs twice; `_prune_configs` clips the stages to
-            # each split's K steps.
-            family += [(bm, bn_, bk_, 1, stages, warps, split)
-                       for split in split_k.split_counts(cdiv(n, bn_), k_tiles, 2 * sms)]
+    for bm in row_tiles:
+        group_m = max(16, m_bucket) // bm
+        for bn in (32, 64, 128):
+            for bk in (128, 256):
+                bn_, bk_ = min(bn, cap_n), min(bk, cap_k)
+                stage_bytes = (bm + bn_) * bk_
+                k_tiles = cdiv(k, bk_)
+                stages = max(2, min(4, k_tiles, _SKINNY_SMEM // stage_bytes))
+                warps = 8 if bm * bn_ >= 128 * 128 else 4
+                tiles = group_m * cdiv(n, bn_)
+                # Splits until the programs fill the SMs twice; `_prune_configs` clips the stages
+                # to each split's K steps.
+                family += [(bm, bn_, bk_, group_m, stages, warps, split)
+                           for split in split_k.split_counts(tiles, k_tiles, 2 * sms)]
     return family
 
 
