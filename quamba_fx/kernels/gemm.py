@@ -169,8 +169,9 @@ def _skinny_family(m_bucket: int, n: int, k: int, sms: int) -> List[tuple]:
     At 128 rows, also two row tiles of 64 (GROUP_M 2: the pair of one weight tile run side by
     side, so the second reads it from L2). There the activation, not the weight, is most of what
     an SM streams (128 rows against a 32-64 column weight tile each K step), and an SM streams
-    about 65 GB/s, so halving it per program made x_proj 1.2x and out_proj 1.07x faster launched
-    back to back on the H100 (docs/benchmarks.md, session 47)."""
+    about 65 GB/s: with them the autotuner made 2.8b's x_proj 1.34x and out_proj 1.06x faster at
+    128 rows launched back to back on the H100, and the 1 x 128 prefill 7% faster
+    (docs/benchmarks.md, session 47)."""
     cap_n = max(16, next_pow2(n))
     cap_k = max(32, next_pow2(k))
     row_tiles = [max(16, m_bucket)] + ([m_bucket // 2] if m_bucket >= _SKINNY_HALF_ROWS_MIN_M else [])
