@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional
 from unittest import mock
 
@@ -102,17 +103,6 @@ def pointer_candidates(m: int, n: int, k: int) -> List[dict]:
 
     named = {"M_BUCKET": min(next_pow2(m), gemm._M_BUCKET_CAP), "N": n, "K": k}
     return [c.all_kwargs() for c in gemm._prune_configs([], named)]
-
-
-class _Pinned(dict):
-    """A `_TUNED` table that answers every problem with one launch config."""
-
-    def __init__(self, meta: dict):
-        super().__init__()
-        self.meta = meta
-
-    def get(self, key, default=None):
-        return self.meta
 
 
 def _precompile_pointer(metas: List[dict], x_q, x_scale, w_q, w_scale, bias, out_scale, dtype) -> None:
@@ -193,7 +183,8 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
         _precompile_pointer(metas, x_q, x_scale, weights[0], w_scale, bias, kw.get("out_scale"), want.dtype)
         for meta in metas:
             def pinned_call(r: int, meta=meta):
-                with mock.patch.object(gemm, "_TUNED", _Pinned(meta)):
+                # A `_TUNED` table that answers every problem with this config (only `get` is read).
+                with mock.patch.object(gemm, "_TUNED", SimpleNamespace(get=lambda *_, meta=meta: meta)):
                     return pointer_call(r)
             row(_pointer_name(meta), pinned_call)
     if sweep and gemm_skinny.MIN_M <= m <= gemm_skinny.MAX_M:
