@@ -105,24 +105,6 @@ def pointer_candidates(m: int, n: int, k: int) -> List[dict]:
     return [c.all_kwargs() for c in gemm._prune_configs([], named)]
 
 
-def _precompile_pointer(metas: List[dict], x_q, x_scale, w_q, w_scale, bias, out_scale, dtype) -> None:
-    """Compile the pointer kernel for every meta in parallel, with the arguments `int8_gemm` passes."""
-    from quamba_fx.kernels import gemm, split_k
-    from quamba_fx.kernels.dispatch import next_pow2, precompile_calls
-    from quamba_fx.kernels.pdl import launch_options
-
-    m, k = x_q.shape
-    n = w_q.shape[0]
-    out = torch.empty(m, n, dtype=dtype, device=x_q.device)
-    head = (x_q, w_q, x_scale, w_scale, bias, out_scale if out_scale is not None else x_scale, out)
-    scratch = split_k.scratch(x_q.device, *split_k.scratch_need(m, n, metas))
-    tail = (m, n, k, min(next_pow2(m), gemm._M_BUCKET_CAP), x_q.stride(0), w_q.stride(0), n)
-    flags = dict(W_PER_CHANNEL=True, HAS_BIAS=True, OUT_MODE=gemm._OUT_MODES[dtype], OUT_PER_CHANNEL=False,
-                 **launch_options(x_q.device, fuse_fp=False))
-    precompile_calls(gemm._int8_gemm_jit, [(head + scratch + tail, {**flags, **meta, "EVEN_K": gemm._even_k(k, meta)})
-                                           for meta in metas])
-
-
 def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
                 gen: torch.Generator, gemv_sweep: bool = False, pointer_sweep: bool = False) -> List[Dict]:
     from quamba_fx.kernels import gemm, gemm_skinny, gemv
@@ -179,9 +161,10 @@ def bench_shape(name: str, m: int, k: int, n: int, sweep: bool, chain_mb: float,
                 row(name_, model_call)
         gemv._TUNED.clear()
     if pointer_sweep:
-        metas = pointer_candidates(m, n, k)
-        _precompile_pointer(metas, x_q, x_scale, weights[0], w_scale, bias, kw.get("out_scale"), want.dtype)
-        for meta in metas:
+        # Already compiled, in parallel, where the pointer kernel ran on this problem above (the
+        # rule's or the pointer row's call: gemm's autotuner precompiles this same family); at
+        # one row, where neither runs it, they compile one by one.
+        for meta in pointer_candidates(m, n, k):
             def pinned_call(r: int, meta=meta):
                 # A `_TUNED` table that answers every problem with this config (only `get` is read).
                 with mock.patch.object(gemm, "_TUNED", SimpleNamespace(get=lambda *_, meta=meta: meta)):
