@@ -48,18 +48,16 @@ in L2. Three kernels, chosen per call:
   are a tie).
 * everything else (decode, short prompts, unaligned layouts): the pointer kernel here. Rows and
   columns past the edges are wrapped (`% M`, `% N`) instead of masked, so the main loop only masks
-  K, and not at all when every split's K range is whole tiles (EVEN_K). Up to SKINNY_MAX_M rows
-  the problem is bound by streaming the weight: one M tile holds every row (at 65-128 rows also
-  two tiles of half the rows, `_skinny_family`), and K may be split
-  across SPLIT_K programs (`_skinny_family`), so that a decode GEMM with few output columns still
-  keeps every SM loading (the last split to finish a tile sums the partials and runs the
-  epilogue, in the same launch: split_k.py). Larger M takes wgmma-sized tiles, split over K too
-  where its tiles leave SMs idle (`_large_family`: x_proj's 192 columns, out_proj's last wave at
-  2048 rows). At one row
-  (K and the addresses whole int32 words) the GEMV of gemv.py runs instead: CUDA cores, no
-  tensor-core tile; at 2-64 rows, on the weights where it measured faster
-  (`gemm_skinny.use_for`), the kernel of gemm_skinny.py, whose MMA takes the weight rows on its
-  M side and the batch on its N side.
+  K, and not at all when every split's K range is whole tiles (EVEN_K). Up to SKINNY_MAX_M rows the
+  problem is bound by streaming the weight: one M tile holds every row (at 65-128 rows also two
+  tiles of half the rows), and K may be split across SPLIT_K programs (`_skinny_family`), so that a
+  decode GEMM with few output columns still keeps every SM loading (the last split to finish a tile
+  sums the partials and runs the epilogue, in the same launch: split_k.py). Larger M takes
+  wgmma-sized tiles, split over K too where its tiles leave SMs idle (`_large_family`: x_proj's 192
+  columns, out_proj's last wave at 2048 rows). At one row (K and the addresses whole int32 words)
+  the GEMV of gemv.py runs instead: CUDA cores, no tensor-core tile; at 2-64 rows, on the weights
+  where it measured faster (`gemm_skinny.use_for`), the kernel of gemm_skinny.py, whose MMA takes
+  the weight rows on its M side and the batch on its N side.
   Tiles are clipped to the problem (BLOCK_N <= next_pow2(N), BLOCK_K <= next_pow2(K), num_stages
   <= a split's K tiles).
 
@@ -174,10 +172,11 @@ def _skinny_family(m_bucket: int, n: int, k: int, sms: int) -> List[tuple]:
     (docs/benchmarks.md, session 47)."""
     cap_n = max(16, next_pow2(n))
     cap_k = max(32, next_pow2(k))
-    row_tiles = [max(16, m_bucket)] + ([m_bucket // 2] if m_bucket >= _SKINNY_HALF_ROWS_MIN_M else [])
+    rows = max(16, m_bucket)
+    row_tiles = [rows] + ([m_bucket // 2] if m_bucket >= _SKINNY_HALF_ROWS_MIN_M else [])
     family = []
     for bm in row_tiles:
-        group_m = max(16, m_bucket) // bm
+        group_m = rows // bm
         for bn in (32, 64, 128):
             for bk in (128, 256):
                 bn_, bk_ = min(bn, cap_n), min(bk, cap_k)
