@@ -115,8 +115,9 @@ KERNELS = {
     ),
     "scan": (
         "quamba_fx.kernels.scan", "_selective_scan_kernel",
-        _SCAN_SIGNATURE, {**_SCAN_CONSTEXPRS, "BLOCK_D": 128, "UNROLL": 2}, _SCAN_MULTIPLES,
-        lambda c, warps: c["BLOCK_D"] * c["UNROLL"] / (32 * warps),  # channel-steps
+        _SCAN_SIGNATURE, {**_SCAN_CONSTEXPRS, "BLOCK_D": 128, "UNROLL": 2, "TILE_T": 0}, _SCAN_MULTIPLES,
+        # channel-steps: UNROLL a loop iteration, or TILE_T for the tiled walk
+        lambda c, warps: c["BLOCK_D"] * (c["TILE_T"] or c["UNROLL"]) / (32 * warps),
     ),
 }
 

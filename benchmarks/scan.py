@@ -1,7 +1,7 @@
 """Time our selective scan kernel alone against mamba_ssm's CUDA `selective_scan_fn` (issue 13).
 
     PYTHONPATH=$PWD:/path/to/anchors python benchmarks/scan.py [--json PATH] [--chunk-lens 64 128 ...]
-        [--shapes B,D,L ...] [--commit HASH]
+        [--shapes B,D,L ...] [--walks] [--commit HASH]
 
 Needs a CUDA device and the mamba_ssm anchors (`anchors.py`'s folder on the path; without them the
 mamba_ssm rows are left out). Shapes `(batch, d_inner, L)`: mamba-2.8b's 5120 channels at batch 1 and
@@ -15,15 +15,16 @@ it, delta_bias from dt in [1e-3, 1e-1] as Mamba initialises it.
 
 Timing: median of `triton.testing.do_bench` (L2 flushed between repetitions) over CUDA-graph replays
 of one call, so the figures are kernel time (as the issue's torch.profiler figures are), without the
-host's launch cost; the plain-call median is printed too, `ours_other_math_ms` times our
-kernels with `scan.FAST_MATH` flipped (MUFU approximations against libdevice in the per-channel
-softplus and gate), and `ours_other_launch_ms` with `scan.ONE_LAUNCH` flipped (the chunked scan
-in one launch or three). `dt_proj_gemm_ms`, `gemm_then_scan_ms` and `fused_dt_proj_ms` time
-dt_proj (mamba-2.8b's: rank ceil(d_model / 16), int8 weights, per-channel scales, a bias) as its own
-int8 GEMM, that GEMM then our scan, and our scan computing it itself (`DeltaProjection`): what
-folding dt_proj into the prefill's scan would save. Correctness: ours and mamba_ssm's y against
-`selective_scan_int8_reference` (fp32, on the GPU) on the same inputs: relative L2 error and the
-largest error over the largest |y|.
+host's launch cost; the plain-call median is printed too, `ours_other_math_ms` times our kernels
+with `scan.FAST_MATH` flipped (MUFU approximations against libdevice in the per-channel softplus and
+gate), `ours_other_launch_ms` with `scan.ONE_LAUNCH` flipped (the chunked scan in one launch or
+three), and with `--walks`, `ours_per_step_ms` and `ours_tiled_ms` autotune over one walk's
+candidates alone (`scan.GPU_CONFIGS`, `scan.TILED_GPU_CONFIGS`; the default is both). `dt_proj_gemm_ms`, `gemm_then_scan_ms`
+and `fused_dt_proj_ms` time dt_proj (mamba-2.8b's: rank ceil(d_model / 16), int8 weights,
+per-channel scales, a bias) as its own int8 GEMM, that GEMM then our scan, and our scan computing it
+itself (`DeltaProjection`): what folding dt_proj into the prefill's scan would save. Correctness:
+ours and mamba_ssm's y against `selective_scan_int8_reference` (fp32, on the GPU) on the same
+inputs: relative L2 error and the largest error over the largest |y|.
 """
 
 from __future__ import annotations
@@ -102,6 +103,28 @@ def time_dt_proj(scan, kw: Dict[str, torch.Tensor], batch: int, d_inner: int, L:
                 fused_dt_proj_ms=time_ms(graphed(fused)), fused_dt_proj_rel_l2=errors(fused(), want)[0])
 
 
+def time_walk(scan, call, ref: torch.Tensor, label: str, candidates: List[tuple]) -> Dict[str, object]:
+    """Our scan again with only `candidates` (one walk's configs) as the autotuner's: its time, error
+    and picks, as `ours_<label>_*`; the autotuner's full list and choices are put back after."""
+    kernel = scan._selective_scan_kernel
+    saved = (kernel.configs, dict(scan._TUNED), set(scan._PRECOMPILED))
+    kernel.configs = [scan._config(*c) for c in candidates]
+    kernel.cache.clear()
+    scan._TUNED.clear()
+    scan._PRECOMPILED.clear()
+    try:
+        got = call()
+        return {f"ours_{label}_rel_l2": errors(got, ref)[0], f"ours_{label}_ms": time_ms(graphed(call)),
+                f"ours_{label}_tuned": {f"pass{key[-1]}": dict(c) for key, c in scan._TUNED.items()}}
+    finally:
+        kernel.configs = saved[0]
+        kernel.cache.clear()
+        scan._TUNED.clear()
+        scan._TUNED.update(saved[1])
+        scan._PRECOMPILED.clear()
+        scan._PRECOMPILED.update(saved[2])
+
+
 def dequantized_fp16(kw: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """mamba_ssm's inputs: the same values in fp16, contiguous [B, D, L] / [B, N, L]."""
     out = {k: kw[k] for k in ("A", "D", "delta_bias")}
@@ -123,6 +146,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also time ours with the chunk length pinned to each of these")
     ap.add_argument("--shapes", nargs="*", default=None, metavar="B,D,L",
                     help="shapes instead of the issue's three, e.g. 8,1536,2048")
+    ap.add_argument("--walks", action="store_true",
+                    help="also time ours autotuned over each walk's configs alone (per-step, tiled)")
     args = ap.parse_args(argv)
     shapes = SHAPES
     if args.shapes:
@@ -168,6 +193,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 row[f"ours_{label}_ms"] = time_ms(graphed(ours_call))
             finally:
                 setattr(scan, setting, value)
+        if args.walks:
+            row.update(time_walk(scan, ours_call, ref, "per_step", scan.GPU_CONFIGS))
+            row.update(time_walk(scan, ours_call, ref, "tiled", scan.TILED_GPU_CONFIGS))
         row.update(time_dt_proj(scan, kw, batch, d_inner, L))
         for chunk in args.chunk_lens:
             scan.CHUNK_LEN = chunk
@@ -193,18 +221,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.cuda.empty_cache()
 
     print(f"\n{device}; ratio = ours / mamba_ssm (target <= {TARGET_RATIO}); ms per call, CUDA-graph replay")
-    print("| B x D x L | chunk | ours ms | mamba_ssm ms | ratio | ours rel L2 | mamba_ssm rel L2 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| B x D x L | chunk | ours ms | per-step walk ms | tiled walk ms | mamba_ssm ms | ratio | ours rel L2 | "
+          "mamba_ssm rel L2 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        walks = " | ".join(f"{r[f'ours_{w}_ms']:.4f}" if f"ours_{w}_ms" in r else "n/a" for w in ("per_step", "tiled"))
         theirs_ms = f"{r['mamba_ssm_ms']:.4f}" if "mamba_ssm_ms" in r else "n/a"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "n/a"
         their_err = f"{r['mamba_ssm_rel_l2']:.1e}" if "mamba_ssm_rel_l2" in r else "n/a"
-        print(f"| {r['batch']} x {r['d_inner']} x {r['L']} | {r['chunk_len']} | {r['ours_ms']:.4f} | {theirs_ms} | "
-              f"{ratio} | {r['ours_rel_l2']:.1e} | {their_err} |")
+        print(f"| {r['batch']} x {r['d_inner']} x {r['L']} | {r['chunk_len']} | {r['ours_ms']:.4f} | {walks} | "
+              f"{theirs_ms} | {ratio} | {r['ours_rel_l2']:.1e} | {their_err} |")
     if args.json:
         write_json(args.json, device, {"commit": args.commit}, rows=rows)
     # Ours must compute the scan: fp16 output rounding is ~3e-4 relative.
-    bad = [r for r in rows if not r["ours_rel_l2"] < 2e-3]
+    bad = [r for r in rows if not all(r.get(f"ours{w}_rel_l2", 0.0) < 2e-3 for w in ("", "_per_step", "_tiled"))]
     if bad:
         print(f"benchmarks/scan.py: ours is off the fp32 reference on {len(bad)} shapes", file=sys.stderr)
         return 1

@@ -70,11 +70,11 @@ SUBNORMAL_HALF_ULP = {torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134, torch.
 ACT_NAMES = ("u", "delta", "B", "C", "z")
 
 
-def _force_config(block_d: int, num_warps: int, unroll: int):
+def _force_config(block_d: int, num_warps: int, unroll: int, tile_t: int = 0):
     """Make the autotuned prefill kernel run one config (one config: the autotuner benchmarks nothing)."""
     kernel = scan._selective_scan_kernel
     saved = kernel.configs
-    kernel.configs = [scan._config(block_d, num_warps, unroll)]
+    kernel.configs = [scan._config(block_d, num_warps, unroll, tile_t)]
     # Tuned launches bypass the autotuner (and so its configs): forget them.
     scan._TUNED.clear()
     return kernel, saved
@@ -681,8 +681,16 @@ def test_softplus_and_extremes(use_kernel):
     torch.testing.assert_close(y.view(-1).cpu(), F.silu(z.view(-1).cpu()), rtol=1e-6, atol=1e-30)
 
 
+def _gpu_config_param(config: tuple):
+    """A GPU config as a test parameter; the tiled walk's are slow under the interpreter, whose
+    tl.associative_scan runs one element at a time in Python (CI still runs them; CUDA runs always)."""
+    tiled = len(config) > 3 and config[3] > 0
+    marks = [pytest.mark.slow] if tiled and DEVICE != "cuda" else []
+    return pytest.param(config, id="x".join(map(str, config)), marks=marks)
+
+
 @needs_kernel
-@pytest.mark.parametrize("config", scan.GPU_CONFIGS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("config", [_gpu_config_param(c) for c in scan.GPU_CONFIGS + scan.TILED_GPU_CONFIGS])
 def test_every_gpu_config(config):
     """Each autotune candidate computes the same scan (tile edges: d_inner not a multiple of any
     BLOCK_D, d_state padded from 12 to 16); under the interpreter too, where they are not tuned."""
@@ -745,6 +753,42 @@ def test_chunked_scan_matches_reference(chunk_len, one_launch, monkeypatch):
                 has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=torch.float32, seed=12)
     kw = build(case, DEVICE)
     check_against_reference(kw)
+
+
+@needs_kernel
+# The interpreter runs tl.associative_scan one element at a time in Python: few, small tiles.
+@pytest.mark.parametrize("tile_t, chunk_len, one_launch", [(4, 8, True), (8, 8, False), (8, 64, True)],
+                         ids=["two tiles a chunk, one launch", "one tile a chunk, three launches", "one chunk"])
+def test_tiled_walk_matches_reference(tile_t, chunk_len, one_launch, monkeypatch):
+    """The walk in tiles of TILE_T steps (the per-channel terms of a tile as one block, its state
+    updates scanned along time) computes the same scan: chunks of one and of several tiles, the
+    last tile ragged, an initial state, a padded d_state, in every pass."""
+    monkeypatch.setattr(scan, "CHUNK_LEN", chunk_len)
+    monkeypatch.setattr(scan, "ONE_LAUNCH", one_launch)
+    case = dict(batch=2, d_inner=20, d_state=5, L=37, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
+                has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=torch.float32, seed=13)
+    kw = build(case, DEVICE)
+    kernel, saved = _force_config(16, 1, 1, tile_t)
+    try:
+        check_against_reference(kw)
+    finally:
+        kernel.configs = saved
+        scan._TUNED.clear()
+
+
+@pytest.mark.slow
+@needs_kernel
+@settings(max_examples=6, **SETTINGS)
+@given(case=cases(max_l=24), tile_t=st.sampled_from([4, 8]))
+def test_tiled_walk_matches_reference_on_any_inputs(case, tile_t):
+    """The tiled walk over the property cases' dtypes, layouts and flags (float and mixed inputs, no
+    gate, no skip, no softplus, narrow states)."""
+    kernel, saved = _force_config(16, 1, 1, tile_t)
+    try:
+        check_prefill(case)
+    finally:
+        kernel.configs = saved
+        scan._TUNED.clear()
 
 
 def _passes_run(monkeypatch) -> list:

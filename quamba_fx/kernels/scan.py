@@ -102,6 +102,16 @@ kernel is one program per (batch, channel block): one step, state updated in pla
 from dt_proj's input row and weight (decode graphs fold dt_proj in this way,
 passes/lowering/scan.py and gemm_w4.py), sparing a GEMM launch a block.
 
+The tiled walk (`_walk_tiles`, configs with TILE_T > 0) is the autotuner's other candidate: a
+program takes TILE_T steps at a time, computes their per-channel terms as one `[TILE_T, BLOCK_D]`
+block and their state updates as one `[TILE_T, NS, BLOCK_D]` block, scanned along time with
+`tl.associative_scan` (the state entering the tile folded into the first step's input, so the
+scan's results are the states). In the layouts Triton picks for it (the tile's steps in each
+thread's registers) the scan is the per-step recurrence itself, and the layout exchanges happen
+once a tile instead of once a step: about 30% fewer instructions a channel-step, at twice the
+registers. It wins where the channels alone fill the GPU (8 x 5120 channels); with chunks
+(batch 1) the per-step walk stays faster.
+
 Triton chooses the tile's register layout itself; in the configs inspected it spread d_state over
 threads (following the d_state-contiguous accesses to A, B and C), so each step reduces over
 d_state with shuffles and moves dt, dt*u and y through shared memory. The autotuner picks BLOCK_D,
@@ -443,6 +453,76 @@ def _walk_chunk(
     return h, dt_sum
 
 
+@triton.jit
+def _walk_tiles(
+    h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d, mask_n, B_o, C_o,
+    u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+    stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+    stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
+    U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr,
+    LOCAL: tl.constexpr, BLOCK_D: tl.constexpr, TILE_T: tl.constexpr,
+):
+    """`_walk_chunk` in tiles of TILE_T steps: each tile's per-channel terms as one [TILE_T, BLOCK_D]
+    block, its state updates as a [TILE_T, NS, BLOCK_D] block scanned along time
+    (`tl.associative_scan` of the pairs (exp(dt * A), dt * u * B) under `_carry_combine`), then
+    shifted by the state entering the tile, `h_t = (prod decay) * h + local_t`. Same arguments and
+    results as `_walk_chunk`; the state before each step is grouped differently (a tree of products
+    and sums within a tile instead of one step after another), so it agrees with the per-step walk
+    to rounding, not bit for bit."""
+    dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    offs_t = tl.arange(0, TILE_T)
+    rows = (t0 + offs_t).to(tl.int64)[:, None]
+    u_t = u_ptr + pid_b * stride_ub + rows * stride_ul + offs_d64[None, :] * stride_ud
+    t_t = dt_ptr + pid_b * stride_tb + rows * stride_tl + offs_d64[None, :] * stride_td
+    z_t = z_ptr + pid_b * stride_zb + rows * stride_zl + offs_d64[None, :] * stride_zd
+    y_t = y_ptr + pid_b * stride_yb + rows * stride_yl + offs_d64[None, :] * stride_yd
+    B_t = B_ptr + pid_b * stride_Bb + rows * stride_Bl + B_o[None, :]
+    C_t = C_ptr + pid_b * stride_Cb + rows * stride_Cl + C_o[None, :]
+    first = (offs_t == 0)[:, None, None]
+    last = (offs_t == TILE_T - 1)[:, None, None]
+    # Pass 1's local walk needs neither the gate nor the skip.
+    GATED: tl.constexpr = HAS_Z and not LOCAL
+    SKIP: tl.constexpr = HAS_D and not LOCAL
+    for s0 in range(0, n_steps, TILE_T):
+        live = (s0 + offs_t < n_steps)[:, None]
+        m_td = live & mask_d[None, :]
+        m_tn = live & mask_n[None, :]
+        u_r = tl.load(u_t + s0 * stride_ul, mask=m_td, other=0)
+        d_r = tl.load(t_t + s0 * stride_tl, mask=m_td, other=0)
+        B_r = tl.load(B_t + s0 * stride_Bl, mask=m_tn, other=0)
+        if GATED:
+            z_r = tl.load(z_t + s0 * stride_zl, mask=m_td, other=0)
+        else:
+            z_r = u_r
+        dt, dtu, skip, gate = _channel_terms(u_r, d_r, z_r, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
+                                             U_Q, DT_Q, B_Q, Z_Q and GATED, SOFTPLUS, SKIP, GATED, FAST_MATH)
+        # Steps past the chunk's end: dt = 0 and dt*u = 0, the identity (1, 0) of the scan.
+        dt = tl.where(live, dt, 0.0)
+        dtu = tl.where(live, dtu, 0.0)
+        decay = tl.exp2(dt[:, None, :] * A2[None, :, :])
+        push = dtu[:, None, :] * _to_f32(B_r, B_Q)[:, :, None]
+        # The state entering the tile joins its first step's push, so the scan yields the states
+        # themselves: nothing reads its products of decays, which the compiler then drops where the
+        # tile's steps are a thread's own registers (and the scan is the per-step recurrence).
+        push = tl.where(first, decay * h[None, :, :] + push, push)
+        _prods, hs = tl.associative_scan((decay, push), 0, _carry_combine)
+        if LOCAL:
+            dt_sum += tl.sum(dt, axis=0)
+        else:
+            C_r = tl.load(C_t + s0 * stride_Cl, mask=m_tn, other=0)
+            y = tl.sum(hs * _to_f32(C_r, C_Q)[:, :, None], axis=1)
+            if C_Q:
+                y = y * C_scale
+            if SKIP:
+                y = y + skip
+            if GATED:
+                y = y * gate
+            tl.store(y_t + s0 * stride_yl, _to_out(y, y_ptr.dtype.element_ty), mask=m_td)
+        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+    return h, dt_sum
+
+
 # dt_proj inside the prefill scan (`DeltaProjection` with a `[batch, L, R]` x): a chunk's delta is
 # computed in tiles of PROJECT_STEPS steps x BLOCK_D channels, PROJECT_R ranks a tensor-core dot.
 PROJECT_STEPS = tl.constexpr(16)
@@ -555,7 +635,7 @@ def _finish(sync_ptr, bd, n_chunks, n_programs):
         tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
-# Autotune candidates on GPUs: (BLOCK_D, num_warps, UNROLL).
+# Autotune candidates on GPUs: (BLOCK_D, num_warps, UNROLL) for the per-step walk (`_walk_chunk`).
 # * BLOCK_D / num_warps: batch * n_chunks * d_inner / BLOCK_D programs, each owning a
 #   [d_state, BLOCK_D] tile.
 # * UNROLL: time steps per loop iteration. A step's own work is a long dependent chain (softplus,
@@ -566,10 +646,17 @@ def _finish(sync_ptr, bd, n_chunks, n_programs):
 GPU_CONFIGS = [
     (8, 1, 4), (16, 1, 2), (16, 1, 4), (32, 1, 2), (32, 1, 4), (64, 2, 2), (128, 4, 2), (128, 4, 4), (256, 8, 2),
 ]
+# * The tiled walk (`_walk_tiles`): (BLOCK_D, num_warps, 1, TILE_T). Fewer instructions a
+#   channel-step than the per-step walk (sm_90, Triton 3.8, benchmarks/sass_loop.py: pass 3's
+#   loop 177-189 against 254, pass 1's 129-138 against 154) at 168-255 registers a thread against
+#   80-97, so it wins where the channels fill the GPU without chunks: on an H100, 8 x 5120 x 2048
+#   1.03 ms against 1.12, but 1 x 5120 x 2048 (chunks of 128) 0.236 against 0.207
+#   (docs/benchmarks.md, session 48). Wider tiles and more warps timed slower everywhere.
+TILED_GPU_CONFIGS = [(16, 1, 1, 16), (16, 1, 1, 8), (8, 1, 1, 16)]
 
 
-def _config(block_d: int, num_warps: int, unroll: int) -> triton.Config:
-    return triton.Config({"BLOCK_D": block_d, "UNROLL": unroll}, num_warps=num_warps)
+def _config(block_d: int, num_warps: int, unroll: int, tile_t: int = 0) -> triton.Config:
+    return triton.Config({"BLOCK_D": block_d, "UNROLL": unroll, "TILE_T": tile_t}, num_warps=num_warps)
 
 
 def _scan_configs():
@@ -577,9 +664,10 @@ def _scan_configs():
         # Small tiles keep the numpy blocks cheap, and the test shapes (d_inner up to 40) still span
         # several channel blocks; 2 steps per iteration exercise the partial last iteration. A real
         # model's d_inner (512 and up) takes the wide tile: the interpreter pays per operation, not
-        # per element, so 32 narrow programs cost ~30x one wide one.
+        # per element, so 32 narrow programs cost ~30x one wide one. No tiled walk: the interpreter
+        # runs tl.associative_scan one element at a time in Python (its tests pin it).
         return [_config(16, 1, 2), _config(512, 1, 2)]
-    return [_config(*c) for c in GPU_CONFIGS]
+    return [_config(*c) for c in GPU_CONFIGS + TILED_GPU_CONFIGS]
 
 
 def _fits(config: triton.Config, flags: dict) -> bool:
@@ -630,7 +718,7 @@ def _selective_scan_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr,
     HAS_H0: tl.constexpr, WRITE_FINAL: tl.constexpr, PASS: tl.constexpr, USE_PDL: tl.constexpr,
     DT_PROJ: tl.constexpr, PW_PER_CHANNEL: tl.constexpr, PW_HAS_BIAS: tl.constexpr, R: tl.constexpr,
-    NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
+    NS: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr, TILE_T: tl.constexpr,
 ):
     """Passes 1 and 3 of the chunked scan over one chunk of `chunk_len` steps of BLOCK_D channels.
 
@@ -705,12 +793,20 @@ def _selective_scan_kernel(
                 _project_chunk(px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr, dt_ptr, dt_scale_ptr, pid_b, t0,
                                n_steps, offs_d64, mask_d, R, stride_pxb, stride_pxl, stride_pwd, stride_tb,
                                stride_td, stride_tl, PW_PER_CHANNEL, PW_HAS_BIAS, BLOCK_D)
-            hloc, dt_sum = _walk_chunk(
-                zero_h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
-                mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
-                stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
-                stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
-                U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, True, BLOCK_D, UNROLL)
+            if TILE_T > 0:
+                hloc, dt_sum = _walk_tiles(
+                    zero_h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
+                    mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+                    stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+                    stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
+                    U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, True, BLOCK_D, TILE_T)
+            else:
+                hloc, dt_sum = _walk_chunk(
+                    zero_h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
+                    mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+                    stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+                    stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
+                    U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, True, BLOCK_D, UNROLL)
             tl.store(hc_this, hloc, mask=mask_nd)
             tl.store(sc_this, dt_sum, mask=mask_d)
             if PASS == 0:
@@ -738,12 +834,20 @@ def _selective_scan_kernel(
             if chunk > 0:
                 _wait_for_chunks(sync_ptr, pid_b * n_d + pid_d, chunk)
                 h = _enter_chunk(h, A2, hc_seq, sc_seq, chunk, stride_cc, stride_cc // NS, mask_nd, mask_d)
-        h, _unused = _walk_chunk(
-            h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
-            mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
-            stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
-            stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
-            U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, False, BLOCK_D, UNROLL)
+        if TILE_T > 0:
+            h, _unused = _walk_tiles(
+                h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
+                mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+                stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+                stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
+                U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, False, BLOCK_D, TILE_T)
+        else:
+            h, _unused = _walk_chunk(
+                h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
+                mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+                stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+                stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
+                U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, False, BLOCK_D, UNROLL)
         if WRITE_FINAL:
             f = hT_ptr + pid_b * stride_fb + offs_d64[None, :] * stride_fd + offs_n[:, None] * stride_fn
             tl.store(f, _to_out(h, hT_ptr.dtype.element_ty), mask=mask_nd & (chunk == n_chunks - 1))
