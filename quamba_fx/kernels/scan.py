@@ -465,11 +465,12 @@ def _walk_tiles(
 ):
     """`_walk_chunk` in tiles of TILE_T steps: each tile's per-channel terms as one [TILE_T, BLOCK_D]
     block, its state updates as a [TILE_T, NS, BLOCK_D] block scanned along time
-    (`tl.associative_scan` of the pairs (exp(dt * A), dt * u * B) under `_carry_combine`), then
-    shifted by the state entering the tile, `h_t = (prod decay) * h + local_t`. Same arguments and
-    results as `_walk_chunk`; the state before each step is grouped differently (a tree of products
-    and sums within a tile instead of one step after another), so it agrees with the per-step walk
-    to rounding, not bit for bit."""
+    (`tl.associative_scan` of the pairs (exp(dt * A), dt * u * B) under `_carry_combine`), the
+    state entering the tile folded into the first pair (`exp(dt_0 * A) * h + dt_0 * u_0 * B_0`), so
+    that the scan's second output is the state after each step. Same arguments and results as
+    `_walk_chunk`. Where a tile's steps lie in one thread's registers the scan runs them in order,
+    the per-step walk's arithmetic; across threads it combines them as a tree, which agrees to
+    rounding, not bit for bit."""
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     offs_t = tl.arange(0, TILE_T)
     rows = (t0 + offs_t).to(tl.int64)[:, None]
@@ -648,8 +649,8 @@ GPU_CONFIGS = [
 ]
 # * The tiled walk (`_walk_tiles`): (BLOCK_D, num_warps, 1, TILE_T). Fewer instructions a
 #   channel-step than the per-step walk (sm_90, Triton 3.8, benchmarks/sass_loop.py: pass 3's
-#   loop 177-189 against 254, pass 1's 129-138 against 154) at 168-255 registers a thread against
-#   80-97, so it wins where the channels fill the GPU without chunks: on an H100, 8 x 5120 x 2048
+#   loop 166-189 against 254, pass 1's 124-129 against 154) at 168-255 registers a thread in pass 3
+#   against 80-97, so it wins where the channels fill the GPU without chunks: on an H100, 8 x 5120 x 2048
 #   1.03 ms against 1.12, but 1 x 5120 x 2048 (chunks of 128) 0.236 against 0.207
 #   (docs/benchmarks.md, session 48). Wider tiles and more warps timed slower everywhere.
 TILED_GPU_CONFIGS = [(16, 1, 1, 16), (16, 1, 1, 8), (8, 1, 1, 16)]
