@@ -37,6 +37,7 @@ same values in an fp32 state, its stored state rounded.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -78,6 +79,17 @@ def _force_config(block_d: int, num_warps: int, unroll: int, tile_t: int = 0):
     # Tuned launches bypass the autotuner (and so its configs): forget them.
     scan._TUNED.clear()
     return kernel, saved
+
+
+@contextlib.contextmanager
+def _pinned_config(*config):
+    """`_force_config` for the duration of a with block; the autotuner's configs come back after."""
+    kernel, saved = _force_config(*config)
+    try:
+        yield
+    finally:
+        kernel.configs = saved
+        scan._TUNED.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -697,12 +709,8 @@ def test_every_gpu_config(config):
     case = dict(batch=2, d_inner=260, d_state=12, L=3, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
                 has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=None, seed=9)
     kw = build(case, DEVICE)
-    kernel, saved = _force_config(*config)
-    try:
+    with _pinned_config(*config):
         y, final = selective_scan(**kw, return_final_state=True)
-    finally:
-        kernel.configs = saved
-        scan._TUNED.clear()
     y_ref, final_ref = ref_call(kw, return_final_state=True)
     mag, hmag = magnitudes(kw)
     assert_close_scan(y, y_ref, mag)
@@ -768,12 +776,8 @@ def test_tiled_walk_matches_reference(tile_t, chunk_len, one_launch, monkeypatch
     case = dict(batch=2, d_inner=20, d_state=5, L=37, kind={n: "int8" for n in ACT_NAMES}, layout="graph",
                 has_D=True, has_z=True, has_bias=True, softplus=True, has_h0=True, out_dtype=torch.float32, seed=13)
     kw = build(case, DEVICE)
-    kernel, saved = _force_config(16, 1, 1, tile_t)
-    try:
+    with _pinned_config(16, 1, 1, tile_t):
         check_against_reference(kw)
-    finally:
-        kernel.configs = saved
-        scan._TUNED.clear()
 
 
 @pytest.mark.slow
@@ -783,12 +787,8 @@ def test_tiled_walk_matches_reference(tile_t, chunk_len, one_launch, monkeypatch
 def test_tiled_walk_matches_reference_on_any_inputs(case, tile_t):
     """The tiled walk over the property cases' dtypes, layouts and flags (float and mixed inputs, no
     gate, no skip, no softplus, narrow states)."""
-    kernel, saved = _force_config(16, 1, 1, tile_t)
-    try:
+    with _pinned_config(16, 1, 1, tile_t):
         check_prefill(case)
-    finally:
-        kernel.configs = saved
-        scan._TUNED.clear()
 
 
 def _passes_run(monkeypatch) -> list:

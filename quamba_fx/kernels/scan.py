@@ -524,6 +524,34 @@ def _walk_tiles(
     return h, dt_sum
 
 
+@triton.jit
+def _walk(
+    h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d, mask_n, B_o, C_o,
+    u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+    stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+    stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
+    U_Q: tl.constexpr, DT_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr,
+    LOCAL: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr, TILE_T: tl.constexpr,
+):
+    """The config's walk over a chunk: tiled (`_walk_tiles`) when TILE_T > 0, else per step
+    (`_walk_chunk`); same arguments and results."""
+    if TILE_T > 0:
+        return _walk_tiles(
+            h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d, mask_n, B_o, C_o,
+            u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+            stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+            stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
+            U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, LOCAL, BLOCK_D, TILE_T)
+    else:
+        return _walk_chunk(
+            h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d, mask_n, B_o, C_o,
+            u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+            stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+            stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
+            U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, LOCAL, BLOCK_D, UNROLL)
+
+
 # dt_proj inside the prefill scan (`DeltaProjection` with a `[batch, L, R]` x): a chunk's delta is
 # computed in tiles of PROJECT_STEPS steps x BLOCK_D channels, PROJECT_R ranks a tensor-core dot.
 PROJECT_STEPS = tl.constexpr(16)
@@ -794,20 +822,12 @@ def _selective_scan_kernel(
                 _project_chunk(px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr, dt_ptr, dt_scale_ptr, pid_b, t0,
                                n_steps, offs_d64, mask_d, R, stride_pxb, stride_pxl, stride_pwd, stride_tb,
                                stride_td, stride_tl, PW_PER_CHANNEL, PW_HAS_BIAS, BLOCK_D)
-            if TILE_T > 0:
-                hloc, dt_sum = _walk_tiles(
-                    zero_h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
-                    mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
-                    stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
-                    stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
-                    U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, True, BLOCK_D, TILE_T)
-            else:
-                hloc, dt_sum = _walk_chunk(
-                    zero_h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
-                    mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
-                    stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
-                    stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
-                    U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, True, BLOCK_D, UNROLL)
+            hloc, dt_sum = _walk(
+                zero_h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
+                mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+                stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+                stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
+                U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, True, BLOCK_D, UNROLL, TILE_T)
             tl.store(hc_this, hloc, mask=mask_nd)
             tl.store(sc_this, dt_sum, mask=mask_d)
             if PASS == 0:
@@ -835,20 +855,12 @@ def _selective_scan_kernel(
             if chunk > 0:
                 _wait_for_chunks(sync_ptr, pid_b * n_d + pid_d, chunk)
                 h = _enter_chunk(h, A2, hc_seq, sc_seq, chunk, stride_cc, stride_cc // NS, mask_nd, mask_d)
-        if TILE_T > 0:
-            h, _unused = _walk_tiles(
-                h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
-                mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
-                stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
-                stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
-                U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, False, BLOCK_D, TILE_T)
-        else:
-            h, _unused = _walk_chunk(
-                h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
-                mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
-                stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
-                stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
-                U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, False, BLOCK_D, UNROLL)
+        h, _unused = _walk(
+            h, A2, u_ptr, dt_ptr, z_ptr, B_ptr, C_ptr, y_ptr, pid_b, t0, n_steps, offs_d64, mask_d,
+            mask_n, B_o, C_o, u_scale, dt_scale, B_scale, C_scale, z_scale, bias, Dv,
+            stride_ub, stride_ud, stride_ul, stride_tb, stride_td, stride_tl, stride_zb, stride_zd, stride_zl,
+            stride_Bb, stride_Bl, stride_Cb, stride_Cl, stride_yb, stride_yd, stride_yl,
+            U_Q, DT_Q, B_Q, C_Q, Z_Q, HAS_D, HAS_Z, SOFTPLUS, FAST_MATH, False, BLOCK_D, UNROLL, TILE_T)
         if WRITE_FINAL:
             f = hT_ptr + pid_b * stride_fb + offs_d64[None, :] * stride_fd + offs_n[:, None] * stride_fn
             tl.store(f, _to_out(h, hT_ptr.dtype.element_ty), mask=mask_nd & (chunk == n_chunks - 1))
