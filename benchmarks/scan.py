@@ -19,12 +19,13 @@ host's launch cost; the plain-call median is printed too, `ours_other_math_ms` t
 with `scan.FAST_MATH` flipped (MUFU approximations against libdevice in the per-channel softplus and
 gate), `ours_other_launch_ms` with `scan.ONE_LAUNCH` flipped (the chunked scan in one launch or
 three), and with `--walks`, `ours_per_step_ms` and `ours_tiled_ms` autotune over one walk's
-candidates alone (`scan.GPU_CONFIGS`, `scan.TILED_GPU_CONFIGS`; the default is both). `dt_proj_gemm_ms`, `gemm_then_scan_ms`
-and `fused_dt_proj_ms` time dt_proj (mamba-2.8b's: rank ceil(d_model / 16), int8 weights,
-per-channel scales, a bias) as its own int8 GEMM, that GEMM then our scan, and our scan computing it
-itself (`DeltaProjection`): what folding dt_proj into the prefill's scan would save. Correctness:
-ours and mamba_ssm's y against `selective_scan_int8_reference` (fp32, on the GPU) on the same
-inputs: relative L2 error and the largest error over the largest |y|.
+candidates alone (`scan.GPU_CONFIGS`, `scan.TILED_GPU_CONFIGS`; the default is both).
+`dt_proj_gemm_ms`, `gemm_then_scan_ms` and `fused_dt_proj_ms` time dt_proj (mamba-2.8b's: rank
+ceil(d_model / 16), int8 weights, per-channel scales, a bias) as its own int8 GEMM, that GEMM then
+our scan, and our scan computing it itself (`DeltaProjection`): what folding dt_proj into the
+prefill's scan would save. Correctness: ours and mamba_ssm's y against
+`selective_scan_int8_reference` (fp32, on the GPU) on the same inputs: relative L2 error and the
+largest error over the largest |y|.
 """
 
 from __future__ import annotations
