@@ -696,7 +696,7 @@ def test_softplus_and_extremes(use_kernel):
 def _gpu_config_param(config: tuple):
     """A GPU config as a test parameter; the tiled walk's are slow under the interpreter, whose
     tl.associative_scan runs one element at a time in Python (CI still runs them; CUDA runs always)."""
-    tiled = len(config) > 3 and config[3] > 0
+    tiled = config in scan.TILED_GPU_CONFIGS
     marks = [pytest.mark.slow] if tiled and DEVICE != "cuda" else []
     return pytest.param(config, id="x".join(map(str, config)), marks=marks)
 
