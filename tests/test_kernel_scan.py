@@ -99,12 +99,8 @@ def _one_config_on_cuda():
     if DEVICE != "cuda":
         yield
         return
-    kernel, saved = _force_config(*scan.GPU_CONFIGS[0])
-    try:
+    with _pinned_config(*scan.GPU_CONFIGS[0]):
         yield
-    finally:
-        kernel.configs = saved
-        scan._TUNED.clear()
 
 
 # ---------------------------------------------------------------------------------------------
