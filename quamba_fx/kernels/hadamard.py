@@ -110,7 +110,7 @@ __all__ = [
     "hadamard_transform_reference",
     "hadamard_transform_triton",
     "packs_gated_norm",
-    "rotate_quantize_row",
+    "rotate_row",
     "row_rotation",
     "row_rotation_table",
 ]
@@ -347,14 +347,15 @@ def _hadamard_packed_kernel(
 
 
 @triton.jit
-def rotate_quantize_row(src, dst, d_ptr, scale, M: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
-                        LOG_P: tl.constexpr, INV_SQRT_N: tl.constexpr, DENSE: tl.constexpr,
-                        EMULATE_DOT: tl.constexpr):
-    # `hadamard_quantize` of the one contiguous row of M * P values at `src` into the int8 row at
-    # `dst`, for another kernel's epilogue (the decode scan's, kernels/scan.py); its constexprs
-    # and d_ptr's table come from `row_rotation`. The same tile and steps as the packed kernel's
-    # one-row tiles (DENSE 1) or the one-row kernel's (DENSE 0: no dense factor), so the same
-    # sums in the same order. src is read through L2 (`.cg`): other programs wrote it.
+def rotate_row(src, dst, d_ptr, scale, M: tl.constexpr, MP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr,
+               INV_SQRT_N: tl.constexpr, DENSE: tl.constexpr, QUANT: tl.constexpr, EMULATE_DOT: tl.constexpr):
+    # The one contiguous row of M * P values at `src` rotated into the row at `dst`: quantized
+    # (QUANT 1, `hadamard_quantize`: int8 at `scale`) or stored in dst's float type (QUANT 0,
+    # `hadamard_transform_triton`), for another kernel's epilogue (the decode scan's,
+    # kernels/scan.py); the constexprs and d_ptr's table come from `row_rotation`. The same tile
+    # and steps as the packed kernel's one-row tiles (DENSE 1) or the one-row kernel's (DENSE 0:
+    # no dense factor), so the same sums in the same order. src is read through L2 (`.cg`): other
+    # programs wrote it.
     offs_z = tl.arange(0, MP)
     offs_p = tl.arange(0, P)
     live = offs_z < M
@@ -364,7 +365,11 @@ def rotate_quantize_row(src, dst, d_ptr, scale, M: tl.constexpr, MP: tl.constexp
         acc = _fwht_rows(_dense_dot_exact(dmat, x, EMULATE_DOT), MP, P, LOG_P, False)
     else:
         acc = _fwht_rows(x.to(tl.float32), MP, P, LOG_P, True)
-    tl.store(dst + offs_z[:, None] * P + offs_p[None, :], quantize_rn(acc * INV_SQRT_N, scale), mask=live[:, None])
+    y = acc * INV_SQRT_N
+    if QUANT == 1:
+        tl.store(dst + offs_z[:, None] * P + offs_p[None, :], quantize_rn(y, scale), mask=live[:, None])
+    else:
+        tl.store(dst + offs_z[:, None] * P + offs_p[None, :], y, mask=live[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +492,7 @@ def _schedule(pack: int, n_blocks: int, tile: int, itemsize: int, device: torch.
 
 
 def row_rotation(n: int) -> Optional[dict]:
-    """`rotate_quantize_row`'s constexprs for rows of `n` values, or None where its one-row tile
+    """`rotate_row`'s constexprs for rows of `n` values, or None where its one-row tile
     does not apply: sizes `is_hadamard_size` rejects, dense factors too large for the tensor
     cores, tiles over `_PACKED_MAX_TILE` values. Mamba's d_inner sizes all apply."""
     if not is_hadamard_size(n):
@@ -501,7 +506,7 @@ def row_rotation(n: int) -> Optional[dict]:
 
 
 def row_rotation_table(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The dense factor's table `rotate_quantize_row` reads for rows of `n` values of `dtype` (a
+    """The dense factor's table `rotate_row` reads for rows of `n` values of `dtype` (a
     placeholder, never read, for powers of two), where `row_rotation(n)` applies."""
     bases, m, m_pad, k = _config(n)
     if _dense_mode(m, m_pad, 1 << k) == 0:

@@ -191,15 +191,13 @@ def fuse_hadamard_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Nod
     """Decode only, with FUSE_HADAMARD_IN_DECODE: `hadamard_quantize(dt_proj_state_update(..)
     .transpose(1, 2), s)`, the step's y read by nothing else -> `dt_proj_state_update_hadamard_quantize(
     .., s)`: the last program of each sequence to finish its channels rotates the row
-    (kernels/scan.py), one launch a block fewer; the same int8 codes."""
+    (kernels/scan.py), one launch a block fewer; the same int8 codes. W4A16's rotation has its own
+    rule (lowering/gemm_w4.py's `fuse_rotation_into_state_update`)."""
     if not (FUSE_HADAMARD_IN_DECODE and is_call(node, HADAMARD_QUANTIZE)):
         return False
     view = node.args[0]
-    if not (isinstance(view, torch.fx.Node) and view.op == "call_method" and view.target == "transpose"
-            and tuple(view.args[1:]) == (1, 2) and not view.kwargs and len(view.users) == 1):
-        return False
-    step = view.args[0]
-    if not is_call(step, DT_PROJ_STATE_UPDATE) or len(step.users) != 1:
+    step = transposed_projection(view, DT_PROJ_STATE_UPDATE)
+    if step is None:
         return False
     with gm.graph.inserting_before(node):
         fused = gm.graph.call_function(DT_PROJ_STATE_UPDATE_HADAMARD, (*step.args, node.args[1]))
