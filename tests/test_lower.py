@@ -189,7 +189,11 @@ def test_generator_graphs_read_their_weights_without_walking_the_module_tree(tin
     torch.testing.assert_close(gen.prefill(ids), low(ids), rtol=0, atol=0)
 
 
-def test_decode_graph_folds_dt_proj_and_the_rotation_into_the_scan_and_the_conv_into_in_proj(tiny_quantized):
+def test_decode_graph_folds_dt_proj_and_the_rotation_into_the_scan_and_the_conv_into_in_proj(tiny_quantized,
+                                                                                             monkeypatch):
+    from quamba_fx.passes.lowering import scan as scan_rules
+
+    monkeypatch.setattr(scan_rules, "FUSE_HADAMARD_IN_DECODE", True)  # off by default until timed
     low = quamba_fx.lower(tiny_quantized)
     gen = quamba_fx.Generator(low, batch_size=1)
     blocks = tiny_config().num_hidden_layers
@@ -231,6 +235,7 @@ def test_the_rotation_in_the_decode_scan_changes_no_logit(tiny_quantized, monkey
             gen.prefill(ids[:, :4])
             return [gen.decode(ids[:, t]) for t in (4, 5)]
 
+    monkeypatch.setattr(scan_rules, "FUSE_HADAMARD_IN_DECODE", True)
     fused = steps()
     monkeypatch.setattr(scan_rules, "FUSE_HADAMARD_IN_DECODE", False)
     assert all(torch.equal(a, b) for a, b in zip(fused, steps()))

@@ -37,8 +37,8 @@ FUSE_CONV_IN_DECODE = True
 # mamba-2.8b W4A16 batch-1 decode 559 -> 601 tokens/s (session 37). A setting, as above.
 FUSE_DT_PROJ_IN_DECODE = True
 # Whether that scan update also rotates its output for out_proj (`fuse_rotation_into_state_update`,
-# as lowering/scan.py's FUSE_HADAMARD_IN_DECODE does for W8A8). A setting, as above; not yet timed.
-FUSE_ROTATION_IN_DECODE = True
+# as lowering/scan.py's FUSE_HADAMARD_IN_DECODE does for W8A8). Off until timed, as that one.
+FUSE_ROTATION_IN_DECODE = False
 
 KERNELS = {W4A16_GEMM: "triton:w4a16_gemm", W4A8_GEMM: "triton:w4a8_gemm"}
 

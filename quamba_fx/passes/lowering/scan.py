@@ -45,9 +45,11 @@ KERNELS = {SCAN_INT8: "triton:selective_scan_int8", SSD_SCAN_TRITON: "triton:ssd
 # more than the dt_proj GEMM they replace. Both were measured with prefill PDL on, since turned off.
 FUSE_DT_PROJ_IN_PREFILL = False
 
-# The decode step's scan also rotates and quantizes its y for out_proj (`fuse_hadamard_into_state_update`):
-# one launch a block fewer. A setting benchmarks/decode_settings.py can turn off to measure it.
-FUSE_HADAMARD_IN_DECODE = True
+# Whether the decode step's scan also rotates and quantizes its y for out_proj
+# (`fuse_hadamard_into_state_update`): one launch a block fewer. Off until timed on a GPU (its tests
+# run it under the interpreter; no device was lent in session 50): `device_run.sh rotation-ab` is the
+# A/B that decides it.
+FUSE_HADAMARD_IN_DECODE = False
 
 _SCAN_ARGS = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus"]
 _SCAN_DEFAULTS = [None, None, None, None, None, None, None, None, True]
