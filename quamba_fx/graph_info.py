@@ -55,8 +55,6 @@ SCAN_OPS: set[str] = {
     # the scan with dt_proj folded in: a decode step's, a prefill's (passes/lowering/scan.py, gemm_w4.py)
     "dt_proj_state_update", "w4a16_dt_proj_state_update", "selective_scan_int8_dt_proj",
     "selective_scan_int8_dt_proj_cached",
-    # a decode step's scan with out_proj's Hadamard quantize after it, too (passes/lowering/scan.py)
-    "dt_proj_state_update_hadamard_quantize", "w4a16_dt_proj_state_update_hadamard_rotate",
 }
 
 _KINDS = {

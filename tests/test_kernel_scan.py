@@ -50,7 +50,6 @@ from hypothesis import strategies as st
 
 from quamba_fx import ops as qops
 from quamba_fx.kernels import scan, split_k
-from quamba_fx.kernels.hadamard import hadamard_quantize, hadamard_transform_triton, row_rotation
 from quamba_fx.kernels.scan import (
     DeltaProjection,
     DeltaProjectionW4,
@@ -449,55 +448,6 @@ def test_dt_proj_in_the_kernel_equals_the_gemm_then_the_update(batch, d_inner, r
         torch.testing.assert_close(fused, plain, rtol=2.0**-10, atol=1e-6)
         ulp = 1e-6 if state.dtype == torch.float32 else 2.0**-10  # an fp32 state's few ulps, or an fp16 one
         torch.testing.assert_close(state.float(), plain_state.float(), rtol=ulp, atol=1e-6)
-
-
-@needs_kernel
-@pytest.mark.parametrize("batch, d_inner, fold_dt_proj, max_batch, rotate_to, in_launch", [
-    (1, 320, True, 64, torch.int8, True),  # 20 x 16: the dense factor on tensor cores; 20 programs a sequence
-    (2, 320, True, 64, torch.float16, True),  # the rotation alone (before a W4A16 out_proj), stored in fp16
-    (3, 128, False, 64, torch.int8, True),  # a power of two: butterflies only; delta read, not computed
-    (3, 128, True, 2, torch.int8, False),  # above HADAMARD_MAX_BATCH: the Hadamard kernel after the step
-    (2, 40, True, 64, torch.int8, False),  # 20 x 2: no one-row tile (row_rotation is None): the same
-    (1, 128, True, 64, torch.bfloat16, False),  # a bf16 rotation, which PyTorch rounds: the same
-])
-def test_the_step_rotates_its_row_as_the_hadamard_kernel_does(batch, d_inner, fold_dt_proj, max_batch, rotate_to,
-                                                               in_launch, monkeypatch):
-    """`hadamard_scale` / `hadamard_dtype`: the step returns `hadamard_quantize(y, scale)` /
-    `hadamard_transform_triton(y, dtype)`, rotated by the last program of each sequence where
-    `row_rotation` applies; the same values and state as the two kernels, the arrival counters
-    back at zero, and a second launch the same again."""
-    monkeypatch.setattr(scan, "HADAMARD_MAX_BATCH", max_batch)
-    tok, rest, proj, state = _step_with_projection(batch, d_inner, 11, True, True, seed=batch + d_inner)
-    step = dict(delta=None, delta_proj=proj) if fold_dt_proj else dict(delta=proj.delta(), delta_scale=proj.out_scale)
-    plain_state = state.clone()
-    y = selective_state_update(plain_state, **step, **tok, **rest)
-    scale = (y.float().pow(2).mean().sqrt() / 40).reshape(1)  # codes spread over about +-100
-    quantized = rotate_to == torch.int8
-    want = hadamard_quantize(y, scale) if quantized else hadamard_transform_triton(y, rotate_to)
-    rotation = dict(hadamard_scale=scale) if quantized else dict(hadamard_dtype=rotate_to)
-    assert (row_rotation(d_inner) is None) == (d_inner == 40)
-    separate = []
-    for name in ("hadamard_quantize", "hadamard_transform_triton"):
-        kernel = getattr(scan, name)
-        monkeypatch.setattr(scan, name, lambda *a, kernel=kernel: separate.append(1) or kernel(*a))
-    for _ in range(2):
-        fused_state = state.clone()
-        got = selective_state_update(fused_state, **step, **tok, **rest, **rotation)
-        assert got.dtype == rotate_to and got.shape == (batch, d_inner)
-        if EXACT:
-            assert torch.equal(got, want) and torch.equal(fused_state, plain_state)
-        elif quantized:  # another launch's y may differ by an ulp (see above): a code at a rounding boundary by one
-            assert (got.int() - want.int()).abs().max() <= 1 and (got != want).float().mean() <= 0.01
-            torch.testing.assert_close(fused_state, plain_state, rtol=1e-6, atol=1e-6)
-        else:
-            torch.testing.assert_close(got, want, rtol=2.0**-9, atol=1e-5)
-            torch.testing.assert_close(fused_state, plain_state, rtol=1e-6, atol=1e-6)
-        assert all(not counters.any() for _, counters in split_k._SCRATCH.values())
-    assert len(separate) == (0 if in_launch else 2)
-    with pytest.raises(ValueError, match="hadamard_scale must be a 1-element float32"):
-        selective_state_update(state.clone(), **step, **tok, **rest, hadamard_scale=scale.double())
-    with pytest.raises(ValueError, match="not both"):
-        selective_state_update(state.clone(), **step, **tok, **rest, hadamard_scale=scale, hadamard_dtype=torch.float16)
 
 
 @needs_kernel

@@ -189,25 +189,16 @@ def test_generator_graphs_read_their_weights_without_walking_the_module_tree(tin
     torch.testing.assert_close(gen.prefill(ids), low(ids), rtol=0, atol=0)
 
 
-def test_decode_graph_folds_dt_proj_and_the_rotation_into_the_scan_and_the_conv_into_in_proj(tiny_quantized,
-                                                                                             monkeypatch):
-    from quamba_fx.passes.lowering import scan as scan_rules
-
-    monkeypatch.setattr(scan_rules, "FUSE_HADAMARD_IN_DECODE", True)  # off by default until timed
+def test_decode_graph_folds_dt_proj_into_the_scan_and_the_conv_into_in_proj(tiny_quantized):
     low = quamba_fx.lower(tiny_quantized)
     gen = quamba_fx.Generator(low, batch_size=1)
     blocks = tiny_config().num_hidden_layers
     decode = [n for n in gen.decode_graph.graph.nodes if n.op == "call_function"]
     prefill = [n for n in gen.prefill_graph.graph.nodes if n.op == "call_function"]
-    scans = [n for n in decode if op_name(n) == "dt_proj_state_update_hadamard_quantize"]
+    scans = [n for n in decode if op_name(n) == "dt_proj_state_update"]
     convs = [n for n in decode if op_name(n) == "in_proj_conv_update"]
     assert len(scans) == len(convs) == blocks
-    assert all(n.meta["quamba"]["kernel"] == "triton:dt_proj_state_update_hadamard_quantize" for n in scans)
-    # out_proj reads the scan's int8 output, at its own input scale.
-    out_projs = [n for n in decode if op_name(n) == "w8a8_linear" and "out_proj" in n.args[2].target]
-    assert [n.args[0] for n in out_projs] == scans and all(n.args[1] is s.args[-1] for n, s in zip(out_projs, scans))
-    assert not any(op_name(n) in ("hadamard_quantize", "dt_proj_state_update") for n in decode)
-    assert sum(op_name(n) == "hadamard_quantize" for n in prefill) == blocks
+    assert all(n.meta["quamba"]["kernel"] == "triton:dt_proj_state_update" for n in scans)
     assert all(n.meta["quamba"]["kernel"] == "triton:in_proj_conv_update" for n in convs)
     # dt_proj's weight is read by the scan's op, in_proj's and the conv's by one op: no GEMM of
     # dt_proj or in_proj, no conv op left in the decode graph; the prefill graph keeps them all.
@@ -218,27 +209,6 @@ def test_decode_graph_folds_dt_proj_and_the_rotation_into_the_scan_and_the_conv_
     assert not any(op_name(n) == "conv1d_silu_int8_cached" for n in decode)
     assert sum(op_name(n) == "conv1d_silu_int8_cached" for n in prefill) == blocks
     assert sum(op_name(n) == "w8a8_linear" and "dt_proj" in n.args[2].target for n in prefill) == blocks
-
-
-@pytest.mark.slow  # ~10 s interpreted; the kernel's equality test (test_kernel_scan.py) is fast
-def test_the_rotation_in_the_decode_scan_changes_no_logit(tiny_quantized, monkeypatch):
-    """The decode step with out_proj's Hadamard quantize in the scan's launch gives the two
-    kernels' logits bit for bit (the same y, tile and sums), two sequences, two steps."""
-    from quamba_fx.passes.lowering import scan as scan_rules
-
-    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(8))
-    low = quamba_fx.lower(tiny_quantized)
-
-    def steps() -> list[torch.Tensor]:
-        gen = quamba_fx.Generator(low, batch_size=2)
-        with torch.no_grad():
-            gen.prefill(ids[:, :4])
-            return [gen.decode(ids[:, t]) for t in (4, 5)]
-
-    monkeypatch.setattr(scan_rules, "FUSE_HADAMARD_IN_DECODE", True)
-    fused = steps()
-    monkeypatch.setattr(scan_rules, "FUSE_HADAMARD_IN_DECODE", False)
-    assert all(torch.equal(a, b) for a, b in zip(fused, steps()))
 
 
 @pytest.mark.slow  # ~15 s interpreted, for a rule that is off by default; the kernel's equality test is fast

@@ -110,9 +110,6 @@ __all__ = [
     "hadamard_transform_reference",
     "hadamard_transform_triton",
     "packs_gated_norm",
-    "rotate_row",
-    "row_rotation",
-    "row_rotation_table",
 ]
 
 
@@ -346,32 +343,6 @@ def _hadamard_packed_kernel(
             tl.store(out_ptrs, _quantize(y, scale, QUANT), mask=live[:, None])
 
 
-@triton.jit
-def rotate_row(src, dst, d_ptr, scale, M: tl.constexpr, MP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr,
-               INV_SQRT_N: tl.constexpr, DENSE: tl.constexpr, QUANT: tl.constexpr, EMULATE_DOT: tl.constexpr):
-    # The one contiguous row of M * P values at `src` rotated into the row at `dst`: quantized
-    # (QUANT 1, `hadamard_quantize`: int8 at `scale`) or stored in dst's float type (QUANT 0,
-    # `hadamard_transform_triton`), for another kernel's epilogue (the decode scan's,
-    # kernels/scan.py); the constexprs and d_ptr's table come from `row_rotation`. The same tile
-    # and steps as the packed kernel's one-row tiles (DENSE 1) or the one-row kernel's (DENSE 0:
-    # no dense factor), so the same sums in the same order. src is read through L2 (`.cg`): other
-    # programs wrote it.
-    offs_z = tl.arange(0, MP)
-    offs_p = tl.arange(0, P)
-    live = offs_z < M
-    x = tl.load(src + offs_z[:, None] * P + offs_p[None, :], mask=live[:, None], other=0.0, cache_modifier=".cg")
-    if DENSE == 1:
-        dmat = tl.load(d_ptr + offs_z[:, None] * MP + offs_z[None, :])
-        acc = _fwht_rows(_dense_dot_exact(dmat, x, EMULATE_DOT), MP, P, LOG_P, False)
-    else:
-        acc = _fwht_rows(x.to(tl.float32), MP, P, LOG_P, True)
-    y = acc * INV_SQRT_N
-    if QUANT == 1:
-        tl.store(dst + offs_z[:, None] * P + offs_p[None, :], quantize_rn(y, scale), mask=live[:, None])
-    else:
-        tl.store(dst + offs_z[:, None] * P + offs_p[None, :], y, mask=live[:, None])
-
-
 # ---------------------------------------------------------------------------------------------
 # Host-side helpers
 # ---------------------------------------------------------------------------------------------
@@ -489,30 +460,6 @@ def _schedule(pack: int, n_blocks: int, tile: int, itemsize: int, device: torch.
     per_sm = _PROGRAMS_PER_SM if tile <= _SMALL_TILE else min(_PROGRAMS_PER_SM, 2)
     stages = 1 if itemsize > 2 else max(1, min(_STAGES, _STAGE_BYTES // (tile * itemsize)))
     return min(n_blocks, per_sm * sm_count(device)), stages
-
-
-def row_rotation(n: int) -> Optional[dict]:
-    """`rotate_row`'s constexprs for rows of `n` values, or None where its one-row tile
-    does not apply: sizes `is_hadamard_size` rejects, dense factors too large for the tensor
-    cores, tiles over `_PACKED_MAX_TILE` values. Mamba's d_inner sizes all apply."""
-    if not is_hadamard_size(n):
-        return None
-    _, m, m_pad, k = _config(n)
-    p = 1 << k
-    dense = _dense_mode(m, m_pad, p)
-    if dense == 2 or m_pad * p > _PACKED_MAX_TILE:
-        return None
-    return dict(M=m, MP=m_pad, P=p, LOG_P=k, INV_SQRT_N=1.0 / math.sqrt(n), DENSE=dense)
-
-
-def row_rotation_table(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The dense factor's table `rotate_row` reads for rows of `n` values of `dtype` (a
-    placeholder, never read, for powers of two), where `row_rotation(n)` applies."""
-    bases, m, m_pad, k = _config(n)
-    if _dense_mode(m, m_pad, 1 << k) == 0:
-        return torch.empty(1, dtype=torch.float16, device=device)
-    return _dense_table(bases, 1, m_pad, torch.float16 if dtype == torch.float16 else torch.bfloat16, False,
-                        str(device))
 
 
 def _packed_num_warps(tile: int) -> int:

@@ -142,7 +142,6 @@ from .pdl import launch_options, prefill_launch_options, wait_for_previous
 from .gemm import int8_gemm, int8_gemm_reference
 from .gemm_epilogue import requant_int8
 from .gemm_w4 import w4a16_gemm
-from .hadamard import hadamard_quantize, hadamard_transform_triton, rotate_row, row_rotation, row_rotation_table
 from .rounding import approx_f32, f32_to_bf16_rne, int8_to_f32, mul_rn
 
 from ..quant.int4 import _check_w4, w4a16_linear
@@ -995,7 +994,6 @@ def _selective_state_update_kernel(
     u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
     y_ptr,
     px_ptr, pw_ptr, px_scale_ptr, pw_scale_ptr, pb_ptr, R, stride_pxb, stride_pwd, stride_pws,
-    rot_table_ptr, rot_scale_ptr, rot_out_ptr, count_ptr,
     d_inner, d_state,
     stride_hb, stride_hd, stride_hn,
     stride_ub, stride_ud,
@@ -1010,13 +1008,7 @@ def _selective_state_update_kernel(
     NS: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
     DT_PROJ: tl.constexpr, PW_PER_CHANNEL: tl.constexpr, PW_HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
     PW_4BIT: tl.constexpr, PW_GROUP: tl.constexpr,
-    ROTATE: tl.constexpr, ROT_M: tl.constexpr, ROT_MP: tl.constexpr, ROT_P: tl.constexpr, ROT_LOG_P: tl.constexpr,
-    ROT_INV_SQRT_N: tl.constexpr, ROT_DENSE: tl.constexpr, ROT_QUANT: tl.constexpr, EMULATE_DOT: tl.constexpr,
 ):
-    # ROTATE: y is scratch, and the last program of a sequence to store its channels rotates the
-    # sequence's whole row into rot_out (`hadamard.rotate_row`, out_proj's input; ROT_QUANT 1:
-    # quantized to int8 at rot_scale), counting arrivals in count_ptr[sequence] as split_k.py's
-    # GEMMs count splits.
     # DT_PROJ: delta is dt_proj's output, computed here from its input row `px` [batch, R] and
     # weight `pw` instead of read from dt_ptr: int8 codes `[d_inner, R]` (`DeltaProjection`) or,
     # PW_4BIT, packed 4-bit ones `[d_inner, ceil(R / 2)]` with fp16 scales `[d_inner, groups]`
@@ -1074,20 +1066,7 @@ def _selective_state_update_kernel(
     h, y = _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
     # In place: each program reads and writes only its own channels.
     tl.store(h_p, _to_out(h, h_ptr.dtype.element_ty), mask=mask_nd)
-    y_row = y_ptr + pid_b * stride_yb
-    if ROTATE:
-        # Through L2 (.cg), where the last program reads it; every thread's store is issued before
-        # the barrier, which orders them before the atomic's release.
-        tl.store(y_row + offs_d64 * stride_yd, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d, cache_modifier=".cg")
-        tl.debug_barrier()
-        arrived = tl.atomic_add(count_ptr + pid_b, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.num_programs(0) - 1:
-            rot_scale = tl.load(rot_scale_ptr) if ROT_QUANT == 1 else 1.0
-            rotate_row(y_row, rot_out_ptr + pid_b * d_inner, rot_table_ptr, rot_scale, ROT_M, ROT_MP, ROT_P, ROT_LOG_P,
-                       ROT_INV_SQRT_N, ROT_DENSE, ROT_QUANT, EMULATE_DOT)
-            tl.atomic_xchg(count_ptr + pid_b, 0, sem="relaxed", scope="gpu")
-    else:
-        tl.store(y_row + offs_d64 * stride_yd, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(y_ptr + pid_b * stride_yb + offs_d64 * stride_yd, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1729,13 +1708,6 @@ def selective_scan(
 # saving fixed: on those two points they cross near batch 9.
 DT_PROJ_MAX_BATCH = 8
 
-# Decode steps given `hadamard_scale` or `hadamard_dtype` rotate their rows in the same launch up to
-# this batch, above it with the Hadamard kernel after the step. The rotation's tile gives the launch 32 KiB of shared
-# memory and 126 registers a thread instead of 114 (sm_90, 2.8b's 5120 channels), which may cost
-# the state update occupancy at large batches; the A/B is benchmarks/decode_settings.py's
-# `--set quamba_fx.kernels.scan.HADAMARD_MAX_BATCH=0,64` (docs/benchmarks.md, session 50).
-HADAMARD_MAX_BATCH = 64
-
 
 def _projection_block_r(rank: int, four_bit: bool) -> int:
     """The columns of dt_proj's weight a decode program reads at a time: the rank rounded up to a
@@ -1764,8 +1736,6 @@ def selective_state_update(
     z_scale: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     delta_proj: Union[DeltaProjection, DeltaProjectionW4, None] = None,
-    hadamard_scale: Optional[torch.Tensor] = None,
-    hadamard_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """One decode step of `selective_scan`, advancing `state` in place.
 
@@ -1779,31 +1749,10 @@ def selective_state_update(
         delta_proj: dt_proj to compute delta from (`DeltaProjection`, `DeltaProjectionW4`), with `delta` and
             `delta_scale` None: at batch <= DT_PROJ_MAX_BATCH inside the kernel, above it as a GEMM
             first (each program would re-read its channels' dt_proj rows once per sequence).
-        hadamard_scale: out_proj's input scale (a 1-element float32 tensor): the step returns
-            `hadamard.hadamard_quantize(y, hadamard_scale)` instead of y, rotated in the same launch
-            where `hadamard.row_rotation` takes d_inner (Mamba's sizes) and the batch is at most
-            HADAMARD_MAX_BATCH, by the last program of each sequence to finish; elsewhere by the
-            Hadamard kernel after it. The same int8 codes either way (the same tile and sums).
-        hadamard_dtype: instead of `hadamard_scale` (the rotation before a W4A16 out_proj): the
-            step returns `hadamard.hadamard_transform_triton(y, hadamard_dtype)`, in the same
-            launch on the same terms for float16 and float32.
 
     Returns:
-        y `[batch, d_inner]`, contiguous, dtype `out_dtype` (default as in `selective_scan`); with
-        `hadamard_scale` or `hadamard_dtype`, its rotation (int8 codes, or in `hadamard_dtype`).
+        y `[batch, d_inner]`, contiguous, dtype `out_dtype` (default as in `selective_scan`).
     """
-    rotating = hadamard_scale is not None or hadamard_dtype is not None
-    if rotating:
-        _check_rotation(hadamard_scale, hadamard_dtype, u)
-        if not (isinstance(u, torch.Tensor) and u.dim() == 2 and u.shape[0] <= HADAMARD_MAX_BATCH
-                and row_rotation(u.shape[1]) is not None and hadamard_dtype in (None, torch.float16, torch.float32)):
-            # Above the batch limit, no one-row tile for this width, a bfloat16 rotation (which
-            # PyTorch rounds, see hadamard_transform_triton), or bad input (which the call below
-            # reports): two kernels.
-            y = selective_state_update(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale=u_scale,
-                                       delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale,
-                                       out_dtype=out_dtype, delta_proj=delta_proj)
-            return _rotated(y, hadamard_scale, hadamard_dtype)
     fused = None
     if delta_proj is not None:
         _check_projection(delta_proj, delta, delta_scale, _shape_info(u), u.device)
@@ -1819,11 +1768,10 @@ def selective_state_update(
     _check_state("state", state, info, u.device)
     batch, d_inner = u.shape
     if not _use_triton(u) or batch * d_inner == 0:
-        y = selective_state_update_reference(
+        return selective_state_update_reference(
             state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale=u_scale,
             delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype,
         )
-        return _rotated(y, hadamard_scale, hadamard_dtype) if rotating else y
     if isinstance(fused, DeltaProjectionW4):
         proj = (fused.x, fused.weight, A, fused.weight_scale, fused.bias if fused.bias is not None else A,
                 fused.x.shape[1], fused.x.stride(0), fused.weight.stride(0), fused.weight_scale.stride(0))
@@ -1840,16 +1788,6 @@ def selective_state_update(
         proj_flags = dict(DT_PROJ=False, PW_PER_CHANNEL=False, PW_HAS_BIAS=False, PW_4BIT=False, PW_GROUP=1)
 
     y = torch.empty(batch, d_inner, dtype=out_dtype, device=u.device)
-    if rotating:
-        quant = hadamard_scale is not None
-        rotated = torch.empty(batch, d_inner, dtype=torch.int8 if quant else hadamard_dtype, device=u.device)
-        rot = (row_rotation_table(d_inner, out_dtype, u.device), hadamard_scale if quant else A, rotated,
-               split_k.scratch(u.device, 0, batch)[1])
-        rot_flags = dict(ROTATE=True, ROT_QUANT=int(quant), **{f"ROT_{k}": v for k, v in row_rotation(d_inner).items()})
-    else:
-        rot = (A, A, A, A)  # placeholders, never read
-        rot_flags = dict(ROTATE=False, ROT_M=1, ROT_MP=1, ROT_P=1, ROT_LOG_P=0, ROT_INV_SQRT_N=1.0, ROT_DENSE=0,
-                         ROT_QUANT=0)
     zz = z if z is not None else u
     # Decode moves ~70 bytes of state per channel and does one step: a memory-bound kernel, so
     # 128-channel programs of 4 warps (d_state 16: 2048 states, 16 per thread) keep enough bytes in
@@ -1865,35 +1803,13 @@ def selective_state_update(
         _scale_arg(z_scale, A),
         y,
         *proj,
-        *rot,
         d_inner, info["d_state"],
         *state.stride(), *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
         *y.stride(),
         BLOCK_D=block_d, num_warps=1 if _INTERPRET else 4, BLOCK_R=block_r,
-        **_flags(info, D, z, delta_bias, delta_softplus), **proj_flags, **rot_flags, EMULATE_DOT=_INTERPRET,
-        **launch_options(u.device),
+        **_flags(info, D, z, delta_bias, delta_softplus), **proj_flags, **launch_options(u.device),
     )
-    return rotated if rotating else y
-
-
-def _check_rotation(scale: object, dtype: object, u: object) -> None:
-    if scale is not None and dtype is not None:
-        raise ValueError("selective_state_update: give hadamard_scale (int8 codes) or hadamard_dtype (the rotation "
-                         "alone), not both")
-    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"selective_state_update: hadamard_dtype must be float16, bfloat16 or float32, got {dtype}")
-    if scale is None:
-        return
-    if not (isinstance(scale, torch.Tensor) and scale.dtype == torch.float32 and scale.numel() == 1):
-        raise ValueError(f"selective_state_update: hadamard_scale must be a 1-element float32 tensor, got "
-                         f"{_describe(scale)}")
-    if isinstance(u, torch.Tensor) and scale.device != u.device:
-        raise ValueError(f"selective_state_update: hadamard_scale is on {scale.device} but u is on {u.device}")
-
-
-def _rotated(y: torch.Tensor, scale: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """y rotated by the Hadamard kernel: quantized at `scale`, or in `dtype`."""
-    return hadamard_quantize(y, scale) if scale is not None else hadamard_transform_triton(y, dtype)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2040,15 +1956,13 @@ def _selective_scan_int8_dt_proj_cached_fake(u_q, u_scale, dt_x_q, dt_x_scale, d
 
 def _dt_proj_state_update(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale, A,
                           B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias, delta_softplus, out_dtype,
-                          ssm_state, hadamard_scale=None) -> torch.Tensor:
-    # y `[B, D, 1]` laid out `[B, 1, D]`; with hadamard_scale, out_proj's int8 input `[B, 1, D]`.
+                          ssm_state) -> torch.Tensor:
     proj = _dt_projection(dt_x_q[:, 0], dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale)
     y = selective_state_update(
         ssm_state, u_q[:, :, 0], None, _f32(A), B_q[:, :, 0], C_q[:, :, 0], _f32(D),
         None if z_q is None else z_q[:, :, 0], _f32(delta_bias), delta_softplus,
-        u_scale=u_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype, delta_proj=proj,
-        hadamard_scale=hadamard_scale)
-    return y[:, None, :] if hadamard_scale is not None else y[:, None, :].transpose(1, 2)
+        u_scale=u_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype, delta_proj=proj)
+    return y[:, None, :].transpose(1, 2)
 
 
 @graph_op("quamba::dt_proj_state_update", mutates_args=("ssm_state",))
@@ -2078,29 +1992,6 @@ def _dt_proj_state_update_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_w
     return _y_like(u_q, out_dtype)
 
 
-@graph_op("quamba::dt_proj_state_update_hadamard_quantize", mutates_args=("ssm_state",))
-def dt_proj_state_update_hadamard_quantize_op(
-        u_q: torch.Tensor, u_scale: torch.Tensor, dt_x_q: torch.Tensor, dt_x_scale: torch.Tensor,
-        dt_weight: torch.Tensor, dt_weight_scale: torch.Tensor, dt_bias: Optional[torch.Tensor],
-        delta_scale: torch.Tensor, A: torch.Tensor, B_q: torch.Tensor, B_scale: torch.Tensor, C_q: torch.Tensor,
-        C_scale: torch.Tensor, D: Optional[torch.Tensor], z_q: Optional[torch.Tensor],
-        z_scale: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], delta_softplus: bool,
-        out_dtype: torch.dtype, ssm_state: torch.Tensor, hadamard_scale: torch.Tensor) -> torch.Tensor:
-    """`hadamard_quantize(dt_proj_state_update(...).transpose(1, 2), hadamard_scale)` in one launch
-    (`selective_state_update`'s `hadamard_scale`): out_proj's int8 input `[B, 1, D]`, the step's y
-    `[B, D]` in `out_dtype` only scratch. Advances `ssm_state` as `dt_proj_state_update` does."""
-    return _dt_proj_state_update(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale,
-                                 A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias, delta_softplus, out_dtype,
-                                 ssm_state, hadamard_scale)
-
-
-@dt_proj_state_update_hadamard_quantize_op.register_fake
-def _dt_proj_state_update_hadamard_quantize_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale,
-                                                 dt_bias, delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale,
-                                                 delta_bias, delta_softplus, out_dtype, ssm_state, hadamard_scale):
-    return u_q.new_empty((u_q.shape[0], 1, u_q.shape[1]), dtype=torch.int8)
-
-
 @graph_op("quamba::w4a16_dt_proj_state_update", mutates_args=("ssm_state",))
 def w4a16_dt_proj_state_update_op(u: torch.Tensor, dt_x: torch.Tensor, dt_weight: torch.Tensor,
                                   dt_weight_scale: torch.Tensor, group_size: int, dt_bias: Optional[torch.Tensor],
@@ -2116,43 +2007,16 @@ def w4a16_dt_proj_state_update_op(u: torch.Tensor, dt_x: torch.Tensor, dt_weight
     u, z: float `[B, D, 1]`; dt_x: `[B, 1, R]`; B, C: `[B, N, 1]`; returns y `[B, D, 1]` (as
     `selective_scan_cached` does) and advances `ssm_state` `[B, D, N]`.
     """
-    return _w4a16_dt_proj_state_update(u, dt_x, dt_weight, dt_weight_scale, group_size, dt_bias, act_dtype, A, B, C,
-                                       D, z, delta_bias, delta_softplus, ssm_state)[..., None]
+    x = dt_x[:, 0]
+    if act_dtype is not None and act_dtype != x.dtype and x.dtype == torch.float32:
+        x = x.to(act_dtype).to(x.dtype)  # the GEMM multiplies the row rounded to act_dtype
+    proj = DeltaProjectionW4(x, dt_weight, dt_weight_scale, group_size, None if dt_bias is None else dt_bias.float())
+    y = selective_state_update(ssm_state, u[..., 0], None, _f32(A), B[..., 0], C[..., 0], _f32(D),
+                               None if z is None else z[..., 0], _f32(delta_bias), delta_softplus, delta_proj=proj)
+    return y[..., None]
 
 
 @w4a16_dt_proj_state_update_op.register_fake
 def _w4a16_dt_proj_state_update_fake(u, dt_x, dt_weight, dt_weight_scale, group_size, dt_bias, act_dtype, A, B, C, D,
                                      z, delta_bias, delta_softplus, ssm_state):
     return u.new_empty(u.shape)
-
-
-def _w4a16_dt_proj_state_update(u, dt_x, dt_weight, dt_weight_scale, group_size, dt_bias, act_dtype, A, B, C, D, z,
-                                delta_bias, delta_softplus, ssm_state, hadamard_dtype=None) -> torch.Tensor:
-    # y `[B, D]`; with hadamard_dtype, its rotation in that dtype.
-    x = dt_x[:, 0]
-    if act_dtype is not None and act_dtype != x.dtype and x.dtype == torch.float32:
-        x = x.to(act_dtype).to(x.dtype)  # the GEMM multiplies the row rounded to act_dtype
-    proj = DeltaProjectionW4(x, dt_weight, dt_weight_scale, group_size, None if dt_bias is None else dt_bias.float())
-    return selective_state_update(ssm_state, u[..., 0], None, _f32(A), B[..., 0], C[..., 0], _f32(D),
-                                  None if z is None else z[..., 0], _f32(delta_bias), delta_softplus, delta_proj=proj,
-                                  hadamard_dtype=hadamard_dtype)
-
-
-@graph_op("quamba::w4a16_dt_proj_state_update_hadamard_rotate", mutates_args=("ssm_state",))
-def w4a16_dt_proj_state_update_hadamard_rotate_op(
-        u: torch.Tensor, dt_x: torch.Tensor, dt_weight: torch.Tensor, dt_weight_scale: torch.Tensor, group_size: int,
-        dt_bias: Optional[torch.Tensor], act_dtype: Optional[torch.dtype], A: torch.Tensor, B: torch.Tensor,
-        C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-        delta_softplus: bool, ssm_state: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """`hadamard_rotate(w4a16_dt_proj_state_update(...).transpose(1, 2), out_dtype)` in one launch
-    (`selective_state_update`'s `hadamard_dtype`): the rotation before a W4A16 out_proj `[B, 1, D]`
-    in `out_dtype` (None: u's dtype, as y's). Advances `ssm_state` as `w4a16_dt_proj_state_update` does."""
-    return _w4a16_dt_proj_state_update(u, dt_x, dt_weight, dt_weight_scale, group_size, dt_bias, act_dtype, A, B, C,
-                                       D, z, delta_bias, delta_softplus, ssm_state, out_dtype or u.dtype)[:, None, :]
-
-
-@w4a16_dt_proj_state_update_hadamard_rotate_op.register_fake
-def _w4a16_dt_proj_state_update_hadamard_rotate_fake(u, dt_x, dt_weight, dt_weight_scale, group_size, dt_bias,
-                                                     act_dtype, A, B, C, D, z, delta_bias, delta_softplus, ssm_state,
-                                                     out_dtype=None):
-    return u.new_empty((u.shape[0], 1, u.shape[1]), dtype=out_dtype or u.dtype)

@@ -32,8 +32,8 @@ otherwise (bf16's 8-bit mantissa is too coarse for a recurrent state; an fp32 lo
 exact option). The result computes what the reference graph computes up to the kernels' documented
 rounding differences; `cached_graph` derives the prefill and decode graphs of generation from it,
 and fuses further in the decode graph (`lowering.DECODE_RULES`: in_proj with the conv step, dt_proj
-with the scan step, and where turned on out_proj's Hadamard quantize or rotation too; Mamba-2's gated
-norm with the Hadamard quantize or rotation), where a step's time is its launches more than its bytes.
+with the scan step, Mamba-2's gated norm with the Hadamard quantize or rotation), where a step's
+time is its launches more than its bytes.
 """
 
 from __future__ import annotations

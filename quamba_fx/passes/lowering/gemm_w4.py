@@ -1,7 +1,7 @@
 """Lowering rules of the 4-bit-weight GEMM kernels (kernels/gemm_w4.py): every `W4A16Linear` and
 `W4A8Linear` becomes one GEMM op reading its packed weight and group scales; a decode step's
 W4A16 in_proj takes the float conv1d step into its epilogue, and (where turned on) its scan
-update computes dt_proj itself and rotates its output for out_proj."""
+update computes dt_proj itself."""
 
 from __future__ import annotations
 
@@ -26,9 +26,6 @@ FLOAT_CONV_CACHED = torch.ops.quamba.conv1d_silu_cached.default
 W4A16_IN_PROJ_CONV_UPDATE = torch.ops.quamba.w4a16_in_proj_conv_update.default
 SCAN_CACHED = torch.ops.quamba.selective_scan_cached.default
 W4A16_DT_PROJ_STATE_UPDATE = torch.ops.quamba.w4a16_dt_proj_state_update.default
-W4A16_DT_PROJ_STATE_UPDATE_HADAMARD = torch.ops.quamba.w4a16_dt_proj_state_update_hadamard_rotate.default
-# lowering/hadamard.py's HADAMARD_ROTATE (which imports this module's W4A16_GEMM).
-_HADAMARD_ROTATE = torch.ops.quamba.hadamard_rotate.default
 
 # Whether the decode graph folds the conv step into in_proj's GEMV: a setting that
 # benchmarks/decode_settings.py can turn off to measure what the fusion gains.
@@ -36,9 +33,6 @@ FUSE_CONV_IN_DECODE = True
 # Whether the decode graph folds dt_proj into the scan update (`fuse_dt_proj_into_state_update`):
 # mamba-2.8b W4A16 batch-1 decode 559 -> 601 tokens/s (session 37). A setting, as above.
 FUSE_DT_PROJ_IN_DECODE = True
-# Whether that scan update also rotates its output for out_proj (`fuse_rotation_into_state_update`,
-# as lowering/scan.py's FUSE_HADAMARD_IN_DECODE does for W8A8). Off until timed, as that one.
-FUSE_ROTATION_IN_DECODE = False
 
 KERNELS = {W4A16_GEMM: "triton:w4a16_gemm", W4A8_GEMM: "triton:w4a8_gemm"}
 
@@ -119,25 +113,4 @@ def fuse_dt_proj_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node
     return True
 
 
-def fuse_rotation_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Decode only, with FUSE_ROTATION_IN_DECODE: `hadamard_rotate(
-    w4a16_dt_proj_state_update(..).transpose(1, 2)[, dtype])`, the step's y read by nothing else ->
-    `w4a16_dt_proj_state_update_hadamard_rotate(.., dtype)`: the rotation before the W4A16 out_proj
-    in the scan's launch, one launch a block fewer; the same values."""
-    if not (FUSE_ROTATION_IN_DECODE and is_call(node, _HADAMARD_ROTATE) and not node.kwargs):
-        return False
-    step = transposed_projection(node.args[0], W4A16_DT_PROJ_STATE_UPDATE)
-    if step is None:
-        return False
-    view = node.args[0]
-    with gm.graph.inserting_before(node):
-        fused = gm.graph.call_function(W4A16_DT_PROJ_STATE_UPDATE_HADAMARD, (*step.args, *node.args[1:]))
-    fused.meta["quamba"] = {**info(step), "kernel": "triton:w4a16_dt_proj_state_update_hadamard_rotate"}
-    node.replace_all_uses_with(fused)
-    for dead in (node, view, step):
-        gm.graph.erase_node(dead)
-    return True
-
-
-DECODE_RULES: list[Rule] = [fuse_conv_into_w4a16_in_proj, fuse_dt_proj_into_state_update,
-                            fuse_rotation_into_state_update]
+DECODE_RULES: list[Rule] = [fuse_conv_into_w4a16_in_proj, fuse_dt_proj_into_state_update]
