@@ -2,14 +2,15 @@
 kernels' own start and end times in graph-replayed steps.
 
     python benchmarks/decode_timeline.py [--model mamba-2.8b] [--recipe quamba2-w4a16] [--rtn-weights]
-        [--batch 1] [--steps 8] [--ref] [--top 12] [--json PATH] [--commit SHA] [--smoke]
+        [--batches 1 16] [--steps 8] [--ref] [--top 12] [--json PATH] [--commit SHA] [--smoke]
 
 Summed kernel times (`reference.py`'s breakdown) say what each kind costs, but not what a step
 waits for: our kernels launch with programmatic dependent launch, so neighbours overlap (session
 37 summed 3.05 ms of kernels in a 1.77 ms step), and a step of a few hundred few-microsecond
 kernels may lose time in the gaps between them. This profiles `--steps` decode steps replayed from
 CUDA graphs (`quamba_fx.Generator`; with `--ref` also mamba_ssm's own graph of the same weights,
-as reference.py builds it) and reports, per step:
+as reference.py builds it) at each of `--batches` (one model build for all: a 2.8b build takes
+over a minute of a device call) and reports, per step:
 
 * `wall`: the profiled window (first kernel start to last kernel end) over the steps;
 * `kernels`: launches a step, and `summed`: their durations added up;
@@ -123,12 +124,32 @@ def print_summary(label: str, s: dict) -> None:
         print(f"| {g['before'][:48]} | {g['after'][:48]} | {g['us_per_step']:.2f} | {g['count_per_step']:.1f} |")
 
 
+def timeline_at(lowered, label: str, ref, batch: int, vocab: int, steps: int, top: int) -> dict:
+    """{stack: summary} of `steps` decode steps at `batch` after a random prompt: ours (`label`)
+    and, with `ref`, mamba_ssm's."""
+    import quamba_fx
+
+    prompt = torch.randint(0, vocab, (batch, reference.PROMPT_LEN), device=reference.DEVICE)
+    token = prompt[:, -1]
+    results: dict = {}
+    with torch.inference_mode():
+        gen = quamba_fx.Generator(lowered, batch, cuda_graph=reference.DEVICE == "cuda")
+        gen.prefill(prompt)
+        results[label] = summarize(kernel_intervals(lambda: gen.decode(token), steps), steps, top, reference.classify)
+        if ref is not None:
+            dec = reference.RefDecoder(ref, batch, reference.PROMPT_LEN + steps + 8)
+            dec.prefill(prompt)
+            results[reference.REF] = summarize(kernel_intervals(lambda: dec.decode(token), steps), steps, top,
+                                               reference.classify)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mamba-2.8b")
     parser.add_argument("--recipe", default="quamba")
     parser.add_argument("--rtn-weights", action="store_true", help="4-bit recipes round weights to nearest")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--steps", type=int, default=8, help="profiled decode steps")
     parser.add_argument("--top", type=int, default=12, help="largest gap pairs listed")
     parser.add_argument("--ref", action="store_true", help="also mamba_ssm's graph-replayed step")
@@ -136,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--smoke", action="store_true", help="mamba-tiny on CPU: the code paths, no figures")
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.steps < 1 or args.top < 0:
-        parser.error("--batch and --steps must be at least 1, --top at least 0")
+    if min(args.batches) < 1 or args.steps < 1 or args.top < 0:
+        parser.error("--batches and --steps must be at least 1, --top at least 0")
     if args.smoke:
         reference.DEVICE, args.model, args.ref = "cpu", "mamba-tiny", False
     else:
@@ -145,31 +166,19 @@ def main(argv: list[str] | None = None) -> int:
 
         require_gpu("decode_timeline.py")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import quamba_fx
-
     ours, ref, _, vocab = reference.build(args.model, args.ref, [args.recipe], args.rtn_weights, hf_check=False)
     (label, lowered), = ours.items()
-    prompt = torch.randint(0, vocab, (args.batch, reference.PROMPT_LEN), device=reference.DEVICE)
-    token = prompt[:, -1]
-    results: dict = {}
-    with torch.inference_mode():
-        gen = quamba_fx.Generator(lowered, args.batch, cuda_graph=reference.DEVICE == "cuda")
-        gen.prefill(prompt)
-        results[label] = summarize(kernel_intervals(lambda: gen.decode(token), args.steps), args.steps, args.top,
-                                   reference.classify)
-        if ref is not None:
-            dec = reference.RefDecoder(ref, args.batch, reference.PROMPT_LEN + args.steps + 8)
-            dec.prefill(prompt)
-            results[reference.REF] = summarize(kernel_intervals(lambda: dec.decode(token), args.steps), args.steps,
-                                               args.top, reference.classify)
     device = torch.cuda.get_device_name() if reference.DEVICE == "cuda" else "cpu (smoke run)"
     how = "steps from CUDA graphs" if reference.DEVICE == "cuda" else "plain steps"
-    print(f"{device}: {args.model} {label} decode at batch {args.batch}, {args.steps} {how}")
-    for name, summary in results.items():
-        print_summary(name, summary)
-    if args.json:
-        write_json(args.json, device, {"commit": args.commit, "model": args.model, "recipe": args.recipe,
-                                       "batch": args.batch, "steps": args.steps}, results=results)
+    results: dict = {}
+    for batch in args.batches:
+        results[str(batch)] = at_batch = timeline_at(lowered, label, ref, batch, vocab, args.steps, args.top)
+        print(f"{device}: {args.model} {label} decode at batch {batch}, {args.steps} {how}")
+        for name, summary in at_batch.items():
+            print_summary(name, summary)
+        if args.json:  # after every batch: a call cut short keeps what it measured
+            write_json(args.json, device, {"commit": args.commit, "model": args.model, "recipe": args.recipe,
+                                           "batches": args.batches, "steps": args.steps}, results=results)
     return 0
 
 

@@ -56,13 +56,14 @@ def test_cpu_smoke_run_prints_and_writes_json(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(dispatch, "INTERPRET", False)  # the script's logic, not the kernels, is under test
     out = tmp_path / "timeline.json"
-    assert timeline.main(["--smoke", "--steps", "2", "--json", str(out)]) == 0
+    assert timeline.main(["--smoke", "--steps", "2", "--batches", "1", "2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "w8a8: per step" in printed and "| gap before | gap after |" in printed
     data = json.loads(out.read_text())
-    summary = data["results"]["w8a8"]
-    assert data["meta"]["model"] == "mamba-tiny" and summary["kernels"] > 0
-    assert summary["busy_us"] <= summary["wall_us"] + 1e-6
+    assert data["meta"]["model"] == "mamba-tiny" and sorted(data["results"]) == ["1", "2"]
+    for at_batch in data["results"].values():
+        summary = at_batch["w8a8"]
+        assert summary["kernels"] > 0 and summary["busy_us"] <= summary["wall_us"] + 1e-6
 
 
 def test_bad_arguments_are_refused(capsys):
