@@ -1,6 +1,6 @@
 """Lowering rules of the GEMM kernels (kernels/gemm.py and its GEMV / few-row / TMA paths,
 kernels/gemm_fp8.py): every quantized Linear becomes one GEMM op, and a decode step's in_proj
-takes the conv1d step into its epilogue."""
+takes the conv1d step into its epilogue and the add + RMSNorm before it into its prologue."""
 
 from __future__ import annotations
 
@@ -14,15 +14,22 @@ from ...graph_info import info
 from ...kernels import conv1d as conv1d_kernel  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_int8_cached)
 from ...kernels import gemm as gemm_kernel  # noqa: F401  (registers w8a8_linear and in_proj_conv_update)
 from ...kernels import gemm_fp8  # noqa: F401  (registers torch.ops.quamba.fp8_gemm)
+from ...quant.fp8 import FP8_DTYPE
 from ...quant.fp8_linear import Fp8Linear
 from ...quant.linear import QuantizedLinear
 from ..rewrite import Rule
-from .match import annotate, get_attr, is_call
+from .match import annotate, get_attr, is_call, same_value
+from .norm import ADD_RMSNORM
 
 W8A8_LINEAR = torch.ops.quamba.w8a8_linear.default
 FP8_GEMM = torch.ops.quamba.fp8_gemm.default
 CONV_CACHED = torch.ops.quamba.conv1d_silu_int8_cached.default
 IN_PROJ_CONV_UPDATE = torch.ops.quamba.in_proj_conv_update.default
+RMSNORM_IN_PROJ_CONV_UPDATE = torch.ops.quamba.rmsnorm_in_proj_conv_update.default
+
+# The decode graph's add + RMSNorm between blocks runs inside in_proj's GEMV at batch 1
+# (`fuse_norm_into_in_proj`). A setting, so that benchmarks/decode_settings.py can time both.
+FUSE_NORM_IN_DECODE = True
 
 KERNELS = {W8A8_LINEAR: "triton:int8_gemm", FP8_GEMM: "fp8_gemm"}
 
@@ -146,9 +153,47 @@ def fuse_conv_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> boo
     return True
 
 
+def fuse_norm_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Decode only, with FUSE_NORM_IN_DECODE: `in_proj_conv_update(getitem(add_rmsnorm_quantize(x,
+    residual, w, eps, s, int8), 0), s, ..)`, the norm's codes feeding nothing else ->
+    `rmsnorm_in_proj_conv_update(x, residual, w, eps, s, ..)`, whose third result (the new
+    residual stream) replaces the norm's: at batch 1 the GEMV normalizes its own input, one launch
+    a block fewer."""
+    if not (FUSE_NORM_IN_DECODE and is_call(node, IN_PROJ_CONV_UPDATE)):
+        return False
+    codes, x_scale = node.args[:2]
+    if not (is_call(codes, operator.getitem) and codes.args[1] == 0 and len(codes.users) == 1):
+        return False
+    norm = codes.args[0]
+    if not is_call(norm, ADD_RMSNORM) or len(norm.args) != 6 or norm.kwargs:
+        return False
+    x, residual, weight, eps, scale, out_dtype = norm.args
+    if scale is None or out_dtype == FP8_DTYPE or not same_value(scale, x_scale):
+        return False
+    streams = [user for user in norm.users if user is not codes]
+    if not all(is_call(user, operator.getitem) and user.args[1] == 1 for user in streams):
+        return False
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    if any(order[reader] < order[node] for stream in streams for reader in stream.users):
+        return False  # the new residual stream would be read before the fused op makes it
+    graph = gm.graph
+    with graph.inserting_before(node):
+        fused = graph.call_function(RMSNORM_IN_PROJ_CONV_UPDATE, (x, residual, weight, eps, x_scale, *node.args[2:]))
+        stream_out = graph.call_function(operator.getitem, (fused, 2))
+    fused.meta["quamba"] = {**info(node), "kernel": "triton:rmsnorm_in_proj_conv_update"}
+    stream_out.meta["quamba"] = {**info(norm)}
+    node.replace_all_uses_with(fused)  # its (xz, u) are the fused op's first two results
+    for stream in streams:
+        stream.replace_all_uses_with(stream_out)
+        graph.erase_node(stream)
+    for dead in (node, codes, norm):
+        graph.erase_node(dead)
+    return True
+
+
 def rules(dtype: torch.dtype) -> list[Rule]:
     """The lowering rules, activations between kernels in `dtype`."""
     return [functools.partial(lower_linear, dtype=dtype)]
 
 
-DECODE_RULES: list[Rule] = [fuse_conv_into_in_proj]
+DECODE_RULES: list[Rule] = [fuse_conv_into_in_proj, fuse_norm_into_in_proj]
