@@ -178,7 +178,8 @@ def _int8_gemv_jit(
     wait_for_previous(USE_PDL)  # x, the scratch and the output belong to the kernels ahead
     if NORM:
         # Every program normalizes the whole row, rather than one kernel before it writing the
-        # codes once: a 2.5-5 KB row costs a program less than the launch and the wait it spares.
+        # codes once: the norm's launch and grid-wide wait traded for its work in every program
+        # (gemm.rmsnorm_int8_gemm_conv_step; the trade is timed by device_run.sh norm-ab).
         normed_row(nx_ptr, nres_ptr, nw_ptr, stride_nw, x_scale_ptr, codes_ptr + pid * stride_xp * 4, ro_ptr,
                    (tl.arange(0, BLOCK_H) < K * 4) & (pid == 0), K * 4, eps, NORM_HAS_RES, 1, BLOCK_H)
         # The row's codes, stored by all of the program's threads, are read back by others.
