@@ -399,20 +399,26 @@ def test_gemm_with_a_conv_step_equals_the_gemm_then_the_conv_kernel(M, K, D, W, 
         assert (u.int() - want_u.int()).abs().max() <= 1 and torch.equal(conv.state, state)
 
 
+def _gemv_fails_to_compile_with(monkeypatch, keyword: str, message: str) -> None:
+    """gemv.launch raises `message`, as a failed compile would, whenever it is given `keyword`
+    (its conv epilogue or norm prologue); off the interpreter, with no launch remembered."""
+    real_launch = gemv.launch
+
+    def launch(*args, **kwargs):
+        if kwargs.get(keyword) is not None:
+            raise RuntimeError(message)
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(gemv, "launch", launch)
+    monkeypatch.setattr(gemm, "_INTERPRET", False)  # compile failures are tolerated off the interpreter
+    monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
+
+
 @pytest.mark.skipif(not EXACT, reason="runs the GEMV on CPU tensors: needs TRITON_INTERPRET=1")
 def test_a_gemv_conv_step_that_fails_to_compile_falls_back_to_the_two_kernels(monkeypatch):
     """If the GEMV with the conv epilogue cannot be built on the device, a warning says so once and
     the GEMV then the conv kernel run, with the same results (and the state advanced once)."""
-    real_launch = gemv.launch
-
-    def no_conv_epilogue(*args, conv=None, **kwargs):
-        if conv is not None:
-            raise RuntimeError("no such instruction on this device")
-        return real_launch(*args, **kwargs)
-
-    monkeypatch.setattr(gemv, "launch", no_conv_epilogue)
-    monkeypatch.setattr(gemm, "_INTERPRET", False)  # compile failures are tolerated off the interpreter
-    monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
+    _gemv_fails_to_compile_with(monkeypatch, "conv", "no such instruction on this device")
     gemm_args, conv = _conv_step_case(1, 64, 40, 4, True, seed=9, device="cpu")
     state = conv.state.clone()
     want = int8_gemm_reference(*gemm_args)
@@ -469,16 +475,7 @@ def test_gemv_with_the_norm_and_a_conv_step_equals_the_norm_kernel_then_the_gemm
 
 @pytest.mark.skipif(not EXACT, reason="runs the GEMV on CPU tensors: needs TRITON_INTERPRET=1")
 def test_a_gemv_norm_prologue_that_fails_to_compile_falls_back_to_the_norm_kernel(monkeypatch):
-    real_launch = gemv.launch
-
-    def no_norm_prologue(*args, norm=None, **kwargs):
-        if norm is not None:
-            raise RuntimeError("too many registers")
-        return real_launch(*args, **kwargs)
-
-    monkeypatch.setattr(gemv, "launch", no_norm_prologue)
-    monkeypatch.setattr(gemm, "_INTERPRET", False)
-    monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
+    _gemv_fails_to_compile_with(monkeypatch, "norm", "too many registers")
     norm, gemm_rest, conv = _norm_case(1, 64, 40, True, torch.float16, seed=4, device="cpu")
     state = conv.state.clone()
     x_q, want_r = add_rmsnorm_quantize(norm.x, norm.residual, norm.weight, norm.eps, norm.scale)

@@ -761,10 +761,13 @@ def rmsnorm_int8_gemm_conv_step(
     check_norm_args("rmsnorm_int8_gemm_conv_step", norm.x, norm.residual, norm.weight, norm.eps, norm.scale, None)
     x = norm.x
     k = x.shape[-1]
-    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)  # what the norm makes: shapes checked on it
-    n, _, dtype = _validate(codes, norm.scale, w_q, w_scale, bias, out_scale, None)
-    one_row = x.numel() == k and gemv.GEMV_MAX_M >= 1 and n > 0 and dtype == torch.int8 and _use_triton(x)
-    if one_row and k <= NORM_MAX_K and gemv.supported(codes.view(1, k), w_q) and w_q.stride(1) == 1:
+    # The two functions of the other path validate their own arguments; only the GEMV's needs it here.
+    if x.numel() == k and 0 < k <= NORM_MAX_K and gemv.GEMV_MAX_M >= 1 and _use_triton(x):
+        codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)  # what the norm makes: shapes checked on it
+        n, _, dtype = _validate(codes, norm.scale, w_q, w_scale, bias, out_scale, None)
+    else:
+        n, dtype = 0, None
+    if n > 0 and dtype == torch.int8 and gemv.supported(codes.view(1, k), w_q) and w_q.stride(1) == 1:
         out = torch.empty((*x.shape[:-1], n), dtype=dtype, device=x.device)
         _check_conv_step(conv, out, out_scale)
         tensors, key, flags = _operands(codes, norm.scale, w_q, w_scale, bias, out_scale, out, 1, n, k)
