@@ -74,13 +74,16 @@ KERNELS = {
          "cs_ptr": "*i8", "cw_ptr": "*fp32", "cb_ptr": "*fp32", "cu_scale_ptr": "*fp32", "u_ptr": "*i8",
          # The norm prologue's block output, residual stream, norm weight, residual out and codes.
          "nx_ptr": "*fp16", "nres_ptr": "*fp32", "nw_ptr": "*fp32", "ro_ptr": "*fp32", "codes_ptr": "*i8",
+         # The Hadamard prologue's scan output and transposed dense factor.
+         "hy_ptr": "*fp16", "hd_ptr": "*fp32",
          **{name: "i32" for name in ("N", "K", "stride_wn", "D_CONV", "CONV_START", "stride_csd", "stride_csk",
                                      "stride_cwd", "stride_cwk", "stride_xp", "stride_nw", "PF_BYTES",
-                                     "PF_PROGRAMS")}, "eps": "fp32"},
+                                     "PF_PROGRAMS")}, "eps": "fp32", "inv_sqrt_n": "fp32"},
         {"W_PER_CHANNEL": True, "HAS_BIAS": False, "OUT_MODE": 0, "OUT_PER_CHANNEL": False, "BLOCK_N": 16,
          "BLOCK_K": 128, "SPLIT_K": 1, "EVEN_K": True, "DP4A": True, "USE_PDL": True, "PREFETCH": True, "CONV": False,
          "CONV_W": 4, "CONV_HAS_BIAS": False, "CONV_PER_CHANNEL": False, "FAST_MATH": True, "NORM": False,
-         "NORM_HAS_RES": False, "BLOCK_H": 16},
+         "NORM_HAS_RES": False, "BLOCK_H": 16, "HAD": False, "HAD_M": 1, "HAD_MP": 1, "HAD_ROWS": 1, "HAD_P": 1,
+         "HAD_LOG_P": 0, "HAD_DENSE": 0},
         ("N", "K"),
         lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] * 4 / (32 * warps),  # weight bytes (K counts int32 words)
     ),

@@ -90,6 +90,7 @@ from .dispatch import use_triton as _use_triton
 from . import gemm_skinny, gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
 from .conv1d import _conv_params, as_out_scale, causal_conv1d_update_silu_int8
+from .hadamard import check_quantize_args, hadamard_quantize
 from .norm import add_rmsnorm_quantize, check_norm_args
 from .pdl import launch_options, wait_for_previous
 from .gemm_epilogue import OUT_MODES as _OUT_MODES
@@ -99,8 +100,8 @@ from torch import Tensor
 from ..quant import qops  # noqa: F401  (registers torch.ops.quamba.int8_linear, the reference)
 from ..quant.qops import _check_linear, _linear_out_dtype
 
-__all__ = ["ConvStep", "NORM_MAX_K", "NormStep", "int8_gemm", "int8_gemm_conv_step", "int8_gemm_reference",
-           "rmsnorm_int8_gemm_conv_step"]
+__all__ = ["ConvStep", "NormStep", "PROLOGUE_MAX_K", "hadamard_int8_gemm", "int8_gemm", "int8_gemm_conv_step",
+           "int8_gemm_reference", "rmsnorm_int8_gemm_conv_step"]
 
 
 # Tuning is per power-of-two bucket of M, not per exact M: prefill lengths vary per request and
@@ -110,9 +111,10 @@ _M_BUCKET_CAP = 16384
 
 # From this M bucket on, problems TMA can address run the persistent kernel of gemm_tma.py.
 _TMA_MIN_M = 256
-# The longest row whose norm the GEMV computes in its prologue (`rmsnorm_int8_gemm_conv_step`):
-# held in registers whole, as the norm kernel's single pass holds it.
-NORM_MAX_K = 8192
+# The longest row whose norm or rotation the GEMV computes in its prologue
+# (`rmsnorm_int8_gemm_conv_step`, `hadamard_int8_gemm`): held in registers whole, as the norm
+# kernel's single pass holds it (the rotation: the row-blocks a program needs, at most the row).
+PROLOGUE_MAX_K = 8192
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,28 +699,35 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
     return out, None if conv is None else _conv_after(out, out_scale, conv)
 
 
-def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: ConvStep,
-                    norm: Optional[tuple] = None) -> Optional[Tensor]:
-    """The GEMV with the conv step in its epilogue (and with `norm`, gemv.launch's, the norm in its
-    prologue); None (with a warning, once per problem) when it fails to compile here. A failed
-    launch fails before its kernel runs: the state is untouched."""
-    kind = "gemv_conv" if norm is None else "gemv_norm_conv"
-    d = conv.state.shape[1]
-    u = torch.empty((1, d), dtype=torch.int8, device=tensors[1].device)
+def _gemv_once(kind: str, key: tuple, what: str, launch) -> bool:
+    """Run `launch()`, a GEMV with an epilogue or prologue of its own, and say whether it ran:
+    False (with a warning, once per problem) when it fails to compile on this device, so that the
+    caller runs the separate kernels. A failed launch fails before its kernel runs: no state is
+    touched."""
     try:
-        gemv.launch(tensors, n, k, key, flags, conv=(conv.state, conv.weight, conv.bias, conv.out_scale, u,
-                                                     conv.start), norm=norm)
+        launch()
     except Exception as exc:  # noqa: BLE001 - reported; the separate kernels run instead
         if (kind, key) in _USES_ALTERNATIVE or _INTERPRET:  # it ran before: a real error
             raise
-        warnings.warn(f"quamba_fx: the GEMV with a conv epilogue{'' if norm is None else ' and a norm prologue'} "
-                      f"failed on this device ({type(exc).__name__}: "
+        warnings.warn(f"quamba_fx: the GEMV with {what} failed on this device ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); running separate kernels instead",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=5)
         _USES_ALTERNATIVE[(kind, key)] = False
-        return None
+        return False
     _USES_ALTERNATIVE[(kind, key)] = True
-    return u
+    return True
+
+
+def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: ConvStep,
+                    norm: Optional[tuple] = None) -> Optional[Tensor]:
+    """The GEMV with the conv step in its epilogue (and with `norm`, gemv.launch's, the norm in its
+    prologue); None when it fails to compile here (`_gemv_once`)."""
+    u = torch.empty((1, conv.state.shape[1]), dtype=torch.int8, device=tensors[1].device)
+    ran = _gemv_once("gemv_conv" if norm is None else "gemv_norm_conv", key,
+                     "a conv epilogue" + ("" if norm is None else " and a norm prologue"),
+                     lambda: gemv.launch(tensors, n, k, key, flags, norm=norm,
+                                         conv=(conv.state, conv.weight, conv.bias, conv.out_scale, u, conv.start)))
+    return u if ran else None
 
 
 @dataclass(frozen=True)
@@ -762,7 +771,7 @@ def rmsnorm_int8_gemm_conv_step(
     x = norm.x
     k = x.shape[-1]
     # The two functions of the other path validate their own arguments; only the GEMV's needs it here.
-    if x.numel() == k and 0 < k <= NORM_MAX_K and gemv.GEMV_MAX_M >= 1 and _use_triton(x):
+    if x.numel() == k and 0 < k <= PROLOGUE_MAX_K and gemv.GEMV_MAX_M >= 1 and _use_triton(x):
         codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)  # what the norm makes: shapes checked on it
         n, _, dtype = _validate(codes, norm.scale, w_q, w_scale, bias, out_scale, None)
     else:
@@ -783,6 +792,36 @@ def rmsnorm_int8_gemm_conv_step(
     return out, u, r_out
 
 
+def hadamard_int8_gemm(y: Tensor, y_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
+                       out_scale: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """`int8_gemm(hadamard_quantize(y, y_scale), y_scale, w_q, w_scale, bias, out_scale, out_dtype)`:
+    Quamba's rotation of the scan output, its quantization, and out_proj. Arguments as those two
+    functions take them (ValueErrors naming this function for y and y_scale).
+
+    A one-row problem that the GEMV runs (batch-1 decode on the GPU) is one launch: each GEMV
+    program rotates and quantizes the row-blocks of y that its K range reads, into a scratch row of
+    its own (`hadamard.rotated_rows`, the one-row Hadamard kernel's fp32 FMA arithmetic), then runs
+    its columns. Where `hadamard_quantize` itself runs that arithmetic (powers of two, and dense
+    factors too small for tensor cores) the codes are its codes; where it runs the tensor-core
+    kernel (Mamba's other sizes, e.g. 5120) the fp32 sums add up in another order, which can move
+    a code by one step where `y / y_scale` sits at a rounding boundary (hadamard.py's contract).
+    Other problems run `hadamard_quantize`, then `int8_gemm`.
+    """
+    k = check_quantize_args("hadamard_int8_gemm", y, y_scale)
+    if y.numel() == k and 0 < k <= PROLOGUE_MAX_K and gemv.GEMV_MAX_M >= 1 and _use_triton(y):
+        codes = torch.empty(y.shape, dtype=torch.int8, device=y.device)  # what the rotation makes: shapes checked on it
+        n, _, dtype = _validate(codes, y_scale, w_q, w_scale, bias, out_scale, out_dtype)
+        if n > 0 and dtype in _OUT_MODES and gemv.supported(codes.view(1, k), w_q) and w_q.stride(1) == 1:
+            out = torch.empty((*y.shape[:-1], n), dtype=dtype, device=y.device)
+            tensors, key, flags = _operands(codes, y_scale, w_q, w_scale, bias, out_scale, out, 1, n, k)
+            row = y.reshape(1, k).contiguous()
+            if (_USES_ALTERNATIVE.get(("gemv_hadamard", key), True)
+                    and _gemv_once("gemv_hadamard", key, "a Hadamard prologue",
+                                   lambda: gemv.launch(tensors, n, k, key, flags, hadamard=row))):
+                return out
+    return int8_gemm(hadamard_quantize(y, y_scale), y_scale, w_q, w_scale, bias, out_scale, out_dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Graph ops (torch.ops.quamba.*, see dispatch.graph_op)
 # ---------------------------------------------------------------------------------------------
@@ -798,6 +837,20 @@ def w8a8_linear_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, b
 @w8a8_linear_op.register_fake
 def _w8a8_linear_fake(x_q, x_scale, w_q, w_scale, bias=None, out_scale=None, out_dtype=None):
     return torch.ops.quamba.int8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
+
+
+@graph_op("quamba::hadamard_w8a8_linear", mutates_args=())
+def hadamard_w8a8_linear_op(y: Tensor, y_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
+                            out_scale: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A decode step's rotation, quantize and out_proj: `w8a8_linear(hadamard_quantize(y, y_scale),
+    y_scale, w_q, ..)`. At batch 1 on the GPU one GEMV launch computes both (`hadamard_int8_gemm`)."""
+    return hadamard_int8_gemm(y, as_scalar(y_scale), w_q, w_scale, bias, out_scale, out_dtype)
+
+
+@hadamard_w8a8_linear_op.register_fake
+def _hadamard_w8a8_linear_fake(y, y_scale, w_q, w_scale, bias=None, out_scale=None, out_dtype=None):
+    codes = torch.empty(y.shape, dtype=torch.int8, device=y.device)
+    return torch.ops.quamba.int8_linear(codes, y_scale, w_q, w_scale, bias, out_scale, out_dtype)
 
 
 @graph_op("quamba::in_proj_conv_update", mutates_args=("conv_state",))

@@ -29,7 +29,7 @@ RMSNORM_IN_PROJ_CONV_UPDATE = torch.ops.quamba.rmsnorm_in_proj_conv_update.defau
 
 # The decode graph's add + RMSNorm between blocks runs inside in_proj's GEMV at batch 1
 # (`fuse_norm_into_in_proj`). Off until a GPU has timed it (session 51 got no device; the A/B is
-# `benchmarks/device_run.sh norm-ab`): a fused launch can lose to the two it replaces (session 50's
+# `benchmarks/device_run.sh prologue-ab`): a fused launch can lose to the two it replaces (session 50's
 # rotation in the scan's launch did). A setting, so that benchmarks/decode_settings.py times both.
 FUSE_NORM_IN_DECODE = False
 

@@ -1,5 +1,6 @@
 """Lowering rules of the Hadamard kernel (kernels/hadamard.py): a rotation and the per-tensor
-quantize after it become one kernel op; a rotation nothing quantizes runs on the kernel alone."""
+quantize after it become one kernel op; a rotation nothing quantizes runs on the kernel alone; in
+the decode graph, the rotation can move into out_proj's batch-1 GEMV."""
 
 from __future__ import annotations
 
@@ -8,18 +9,28 @@ import functools
 import torch
 import torch.fx
 
+from ...graph_info import info
+from ...kernels import gemm as gemm_kernel  # noqa: F401  (registers hadamard_w8a8_linear)
 from ...kernels import hadamard as hadamard_kernel  # noqa: F401  (registers the kernel ops read below)
 from ...quant import hadamard as _reference  # noqa: F401  (registers torch.ops.quamba.hadamard)
 from ...quant.int4_linear import W4A16Linear
 from ..quantize import QUANTIZE, QUANTIZE_FP8
 from ..rewrite import Rule
+from .gemm import W8A8_LINEAR
 from .gemm_w4 import W4A16_GEMM
-from .match import annotate, is_call, is_scalar_attr, strip_casts
+from .match import annotate, is_call, is_scalar_attr, same_value, strip_casts
 
 HADAMARD = torch.ops.quamba.hadamard.default
 HADAMARD_QUANTIZE = torch.ops.quamba.hadamard_quantize.default
 HADAMARD_QUANTIZE_FP8 = torch.ops.quamba.hadamard_quantize_fp8.default
 HADAMARD_ROTATE = torch.ops.quamba.hadamard_rotate.default
+HADAMARD_W8A8_LINEAR = torch.ops.quamba.hadamard_w8a8_linear.default
+
+# The decode graph's rotation + quantize before out_proj runs inside out_proj's GEMV at batch 1
+# (`fuse_hadamard_into_out_proj`). Off until a GPU has timed it, for the reason FUSE_NORM_IN_DECODE
+# is (lowering/gemm.py); `benchmarks/device_run.sh prologue-ab` times both. A setting, for
+# benchmarks/decode_settings.py.
+FUSE_HADAMARD_IN_OUT_PROJ = False
 
 KERNELS = {
     HADAMARD_QUANTIZE: "triton:hadamard_quantize",
@@ -87,3 +98,24 @@ def rules(dtype: torch.dtype) -> list[Rule]:
     """The lowering rules (the kernels' outputs take their input's or the quantize's dtype, or
     `dtype` before a W4A16 Linear)."""
     return [fuse_hadamard_quantize, functools.partial(lower_hadamard, dtype=dtype)]
+
+
+def fuse_hadamard_into_out_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Decode only, with FUSE_HADAMARD_IN_OUT_PROJ: `w8a8_linear(hadamard_quantize(y, s), s, ..)`,
+    the codes feeding nothing else -> `hadamard_w8a8_linear(y, s, ..)`: at batch 1 the GEMV rotates
+    and quantizes its own input, one launch a block fewer."""
+    if not (FUSE_HADAMARD_IN_OUT_PROJ and is_call(node, W8A8_LINEAR)):
+        return False
+    codes, x_scale = node.args[:2]
+    if not (is_call(codes, HADAMARD_QUANTIZE) and len(codes.users) == 1 and same_value(codes.args[1], x_scale)):
+        return False
+    with gm.graph.inserting_before(node):
+        fused = gm.graph.call_function(HADAMARD_W8A8_LINEAR, (codes.args[0], *node.args[1:]), dict(node.kwargs))
+    fused.meta["quamba"] = {**info(node), "kernel": "triton:hadamard_w8a8_linear"}
+    node.replace_all_uses_with(fused)
+    gm.graph.erase_node(node)
+    gm.graph.erase_node(codes)
+    return True
+
+
+DECODE_RULES: list[Rule] = [fuse_hadamard_into_out_proj]
