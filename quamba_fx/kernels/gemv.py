@@ -231,8 +231,9 @@ _TUNED: dict = tuned_configs("gemv")
 
 
 def _rotation_rows(k: int, p: int, m_pad: int, meta: dict) -> int:
-    """The row-blocks of P values (a power of two, at most m_pad) that a program's K range may touch
-    in the HAD prologue: its range is `k_tiles * BLOCK_K` words from a multiple of that."""
+    """How many row-blocks of P values a program's K range may touch in the HAD prologue, as a power
+    of two no larger than m_pad (m_pad from the program's first block covers all that remain): a
+    range is `k_tiles * BLOCK_K` words from a multiple of that."""
     span = cdiv(cdiv(k // _PACK, meta["BLOCK_K"]), meta["SPLIT_K"]) * meta["BLOCK_K"] * _PACK
     rows = max(((start % p) + span - 1) // p + 1 for start in range(0, span * meta["SPLIT_K"], span))
     return min(next_pow2(rows), m_pad)
