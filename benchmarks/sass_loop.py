@@ -93,9 +93,12 @@ KERNELS = {
          "partial_ptr": "*fp32", "count_ptr": "*i32", "cs_ptr": "*fp16", "cw_ptr": "*fp32", "cb_ptr": "*fp32",
          "u_ptr": "*fp16", **{name: "i32" for name in ("D_CONV", "CONV_START", "stride_csd", "stride_csk", "stride_cwd",
                                                        "stride_cwk", "N", "K_WORDS", "SPLIT_CHUNKS", "stride_wn",
-                                                       "stride_sn")}},
+                                                       "stride_sn", "stride_xp")},
+         # The rotation prologue's scan output, transposed dense factor and fp16 scratch.
+         "hy_ptr": "*fp16", "hd_ptr": "*fp32", "rot_ptr": "*fp16", "inv_sqrt_n": "fp32"},
         {"GROUP_CHUNKS": 4, "ROWS": 1, "THREAD_ROWS": 16, "CHUNKS": 16, "SPLITS": 1, "EVEN_K": True, "HAS_BIAS": False,
-         "PTX": True, "USE_PDL": True, "CONV": False, "CONV_W": 4, "CONV_HAS_BIAS": False},
+         "PTX": True, "USE_PDL": True, "CONV": False, "CONV_W": 4, "CONV_HAS_BIAS": False, "HAD": False, "HAD_M": 1,
+         "HAD_MP": 1, "HAD_ROWS": 1, "HAD_P": 1, "HAD_LOG_P": 0, "HAD_DENSE": 0},
         ("N", "K_WORDS", "SPLIT_CHUNKS"),
         lambda c, warps: c["ROWS"] * c["THREAD_ROWS"] * c["CHUNKS"] * 16 / (32 * warps),  # weight bytes
     ),

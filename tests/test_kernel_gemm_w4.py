@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from quamba_fx.kernels import dequant_w4, gemm_w4, gemm_w4_skinny, gemv_w4
 from quamba_fx.kernels.dispatch import INTERPRET, use_triton
+from quamba_fx.kernels.hadamard import hadamard_transform_triton
 from quamba_fx.kernels.int4_codes import nibbles, nibbles_x16
 from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4, w4a8_linear, w4a16_linear
 
@@ -352,3 +353,44 @@ def test_the_conv_step_runs_after_the_gemm_where_the_gemv_does_not_take_the_rows
         gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state[:, :, :2])
     with pytest.raises(ValueError, match="conv_start 29"):  # its 20 channels would end past the 48 columns
         gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state, conv_start=29)
+
+
+@pytest.mark.parametrize("k, n, group, y_dtype", [
+    (64, 48, 32, torch.float16),     # a power of two: the Sylvester factor alone
+    (160, 40, 32, torch.float32),    # 20 x 8: the FMA path in the Hadamard kernel too
+    (1536, 24, 128, torch.float16),  # 12 x 128 (130m's d_inner): the Hadamard kernel's tensor cores
+    (5120, 16, 128, torch.bfloat16),  # 20 x 256 (2.8b's): ten programs of 1024 columns, four row-blocks each
+])
+def test_w4a16_gemv_with_a_rotation_prologue_equals_the_rotation_then_the_gemv(k, n, group, y_dtype, monkeypatch):
+    """One launch at one row: each GEMV program rotates the row-blocks its columns read into fp16,
+    and the output is the rotation kernel's then the GEMV's. Where the rotation sums on tensor
+    cores (on the GPU) an fp16 value can differ in its last bit, moving the output by as little."""
+    packed, scale = weights(n, k, group, seed=k + n)
+    y = torch.randn(1, 1, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, y_dtype)
+    bias = torch.randn(n, device=DEVICE)
+    rotated = []
+    real = gemv_w4.launch
+    monkeypatch.setattr(gemv_w4, "launch", lambda *a, **kw: rotated.append(kw.get("rotate", False)) or real(*a, **kw))
+    got = gemm_w4.hadamard_w4a16_gemm(y, torch.float16, packed, scale, group, bias, torch.float16)
+    assert rotated == [True]
+    expected = gemm_w4.w4a16_gemm(hadamard_transform_triton(y, torch.float16), packed, scale, group, bias,
+                                  torch.float16)
+    assert got.dtype == torch.float16 and got.shape == expected.shape
+    if INTERPRET or k in (64, 160):
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-3, atol=2e-3)
+
+
+def test_the_rotation_before_a_w4a16_gemm_runs_as_two_kernels_where_the_gemv_does_not_fuse_it():
+    """Two rows, or a rotation kept in fp32: the rotation kernel, then w4a16_gemm; bad inputs are
+    named."""
+    packed, scale = weights(40, 160, 32, seed=3)
+    y = torch.randn(2, 1, 160, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    for rows, rot_dtype in ((y, torch.float16), (y[:1], torch.float32)):
+        got = gemm_w4.hadamard_w4a16_gemm(rows, rot_dtype, packed, scale, 32)
+        assert torch.equal(got, gemm_w4.w4a16_gemm(hadamard_transform_triton(rows, rot_dtype), packed, scale, 32))
+    with pytest.raises(ValueError, match="hadamard_w4a16_gemm: x must be float16, bfloat16 or float32"):
+        gemm_w4.hadamard_w4a16_gemm(y.to(torch.int8), torch.float16, packed, scale, 32)
+    with pytest.raises(ValueError, match="no Hadamard matrix construction for n=150"):
+        gemm_w4.hadamard_w4a16_gemm(y[..., :150], torch.float16, packed, scale, 32)

@@ -90,7 +90,7 @@ from .dispatch import use_triton as _use_triton
 from . import gemm_skinny, gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
 from .conv1d import _conv_params, as_out_scale, causal_conv1d_update_silu_int8
-from .hadamard import check_quantize_args, hadamard_quantize
+from .hadamard import check_rotation_args, hadamard_quantize
 from .norm import add_rmsnorm_quantize, check_norm_args
 from .pdl import launch_options, wait_for_previous
 from .gemm_epilogue import OUT_MODES as _OUT_MODES
@@ -807,7 +807,10 @@ def hadamard_int8_gemm(y: Tensor, y_scale: Tensor, w_q: Tensor, w_scale: Tensor,
     a code by one step where `y / y_scale` sits at a rounding boundary (hadamard.py's contract).
     Other problems run `hadamard_quantize`, then `int8_gemm`.
     """
-    k = check_quantize_args("hadamard_int8_gemm", y, y_scale)
+    if not isinstance(y_scale, Tensor):
+        raise ValueError(f"hadamard_int8_gemm: scale must be a 0-dim or 1-element float32 tensor, got "
+                         f"{type(y_scale).__name__}")
+    k = check_rotation_args("hadamard_int8_gemm", y, y_scale)
     if y.numel() == k and 0 < k <= PROLOGUE_MAX_K and gemv.GEMV_MAX_M >= 1 and _use_triton(y):
         codes = torch.empty(y.shape, dtype=torch.int8, device=y.device)  # what the rotation makes: shapes checked on it
         n, _, dtype = _validate(codes, y_scale, w_q, w_scale, bias, out_scale, out_dtype)

@@ -38,7 +38,7 @@ from .dispatch import INTERPRETER_WIDE_N
 from .dispatch import cdiv, chosen_config, next_pow2, sm_count, tuned_configs
 from .conv1d import conv_update_step
 from .gemm_epilogue import epilogue, store_tile
-from .hadamard import row_rotation, rotated_rows
+from .hadamard import range_blocks, row_rotation, rotated_rows
 from .norm import normed_row
 from .pdl import launch_options, prefetch_options, prefetch_to_l2, wait_for_previous
 
@@ -230,15 +230,6 @@ def _int8_gemv_jit(
 _TUNED: dict = tuned_configs("gemv")
 
 
-def _rotation_rows(k: int, p: int, m_pad: int, meta: dict) -> int:
-    """How many row-blocks of P values a program's K range may touch in the HAD prologue, as a power
-    of two no larger than m_pad (m_pad from the program's first block covers all that remain): a
-    range is `k_tiles * BLOCK_K` words from a multiple of that."""
-    span = cdiv(cdiv(k // _PACK, meta["BLOCK_K"]), meta["SPLIT_K"]) * meta["BLOCK_K"] * _PACK
-    rows = max(((start % p) + span - 1) // p + 1 for start in range(0, span * meta["SPLIT_K"], span))
-    return min(next_pow2(rows), m_pad)
-
-
 def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple | None = None,
            norm: tuple | None = None, hadamard: torch.Tensor | None = None) -> None:
     """Run the GEMV on `tensors = (x [1, K], w [N, K], x_scale, w_scale, bias, out_scale, out
@@ -275,7 +266,8 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
         had_args = (hadamard, table if table is not None else hadamard, 1.0 / math.sqrt(k))
         had_flags = dict(HAD=True, HAD_M=rotation["M"], HAD_MP=rotation["M_PAD"], HAD_P=rotation["P"],
                          HAD_LOG_P=rotation["LOG_P"], HAD_DENSE=rotation["DENSE"],
-                         HAD_ROWS=_rotation_rows(k, rotation["P"], rotation["M_PAD"], meta))
+                         HAD_ROWS=range_blocks(cdiv(cdiv(k_words, meta["BLOCK_K"]), meta["SPLIT_K"]) * meta["BLOCK_K"] * _PACK,
+                                               meta["SPLIT_K"], rotation["P"], rotation["M_PAD"]))
     else:
         had_args = (w, w, 0.0)  # placeholders, never read
         had_flags = dict(HAD=False, HAD_M=1, HAD_MP=1, HAD_ROWS=1, HAD_P=1, HAD_LOG_P=0, HAD_DENSE=0)

@@ -101,7 +101,7 @@ from .rounding import quantize_e4m3_rn, quantize_rn
 
 __all__ = [
     "MAX_N",
-    "check_quantize_args",
+    "check_rotation_args",
     "gated_rmsnorm_hadamard_quantize",
     "gated_rmsnorm_hadamard_rotate",
     "hadamard_quantize",
@@ -111,6 +111,7 @@ __all__ = [
     "hadamard_transform_reference",
     "hadamard_transform_triton",
     "packs_gated_norm",
+    "range_blocks",
     "rotated_rows",
     "row_rotation",
 ]
@@ -433,6 +434,15 @@ def _config(n: int) -> Tuple[Tuple[int, ...], int, int, int]:
     return bases, m, next_pow2(m), k
 
 
+def range_blocks(span: int, ranges: int, p: int, m_pad: int) -> int:
+    """`rotated_rows`' ROWS for a kernel whose programs each read `span` consecutive elements of
+    the rotated row, the i-th program from `i * span` (`ranges` of them): the most row-blocks of
+    `p` values such a range touches, as a power of two no larger than m_pad (m_pad blocks from a
+    range's first cover every block that remains)."""
+    touched = max(((start % p) + span - 1) // p + 1 for start in range(0, span * ranges, span))
+    return min(next_pow2(touched), m_pad)
+
+
 def row_rotation(n: int, device: torch.device) -> Tuple[Optional[torch.Tensor], dict]:
     """`(table, constexprs)` with which `rotated_rows` rotates rows of `n` on its FMA path: the
     transposed fp32 dense factor (None for powers of two, which have none) and its M, M_PAD, P,
@@ -531,10 +541,12 @@ def _check_x(fn: str, x: object) -> int:
     return n
 
 
-def check_quantize_args(fn: str, x: object, scale: object) -> int:
-    """`hadamard_quantize`'s argument checks, ValueErrors naming `fn`; returns n."""
+def check_rotation_args(fn: str, x: object, scale: object = None) -> int:
+    """The checks of a rotation's input (and of `hadamard_quantize`'s scale, when given),
+    ValueErrors naming `fn`; returns n."""
     n = _check_x(fn, x)
-    _check_scale(fn, scale, x.device)
+    if scale is not None:
+        _check_scale(fn, scale, x.device)
     return n
 
 

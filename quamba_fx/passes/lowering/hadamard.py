@@ -11,6 +11,7 @@ import torch.fx
 
 from ...graph_info import info
 from ...kernels import gemm as gemm_kernel  # noqa: F401  (registers hadamard_w8a8_linear)
+from ...kernels import gemm_w4 as gemm_w4_kernel  # noqa: F401  (registers hadamard_w4a16_gemm)
 from ...kernels import hadamard as hadamard_kernel  # noqa: F401  (registers the kernel ops read below)
 from ...quant import hadamard as _reference  # noqa: F401  (registers torch.ops.quamba.hadamard)
 from ...quant.int4_linear import W4A16Linear
@@ -25,9 +26,10 @@ HADAMARD_QUANTIZE = torch.ops.quamba.hadamard_quantize.default
 HADAMARD_QUANTIZE_FP8 = torch.ops.quamba.hadamard_quantize_fp8.default
 HADAMARD_ROTATE = torch.ops.quamba.hadamard_rotate.default
 HADAMARD_W8A8_LINEAR = torch.ops.quamba.hadamard_w8a8_linear.default
+HADAMARD_W4A16_GEMM = torch.ops.quamba.hadamard_w4a16_gemm.default
 
-# The decode graph's rotation + quantize before out_proj runs inside out_proj's GEMV at batch 1
-# (`fuse_hadamard_into_out_proj`). Off until a GPU has timed it, for the reason FUSE_NORM_IN_DECODE
+# The decode graph's rotation (+ quantize) before out_proj runs inside out_proj's GEMV at batch 1,
+# W8A8's and W4A16's (`fuse_hadamard_into_out_proj`). Off until a GPU has timed it, for the reason FUSE_NORM_IN_DECODE
 # is (lowering/gemm.py); `benchmarks/device_run.sh prologue-ab` times both. A setting, for
 # benchmarks/decode_settings.py.
 FUSE_HADAMARD_IN_OUT_PROJ = False
@@ -101,20 +103,28 @@ def rules(dtype: torch.dtype) -> list[Rule]:
 
 
 def fuse_hadamard_into_out_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Decode only, with FUSE_HADAMARD_IN_OUT_PROJ: `w8a8_linear(hadamard_quantize(y, s), s, ..)`,
-    the codes feeding nothing else -> `hadamard_w8a8_linear(y, s, ..)`: at batch 1 the GEMV rotates
-    and quantizes its own input, one launch a block fewer."""
-    if not (FUSE_HADAMARD_IN_OUT_PROJ and is_call(node, W8A8_LINEAR)):
+    """Decode only, with FUSE_HADAMARD_IN_OUT_PROJ: `w8a8_linear(hadamard_quantize(y, s), s, ..)`
+    -> `hadamard_w8a8_linear(y, s, ..)`, and `w4a16_gemm(hadamard_rotate(y, dt), ..)` ->
+    `hadamard_w4a16_gemm(y, dt, ..)`, the rotation feeding nothing else: at batch 1 the GEMV
+    rotates its own input, one launch a block fewer."""
+    if not FUSE_HADAMARD_IN_OUT_PROJ or node.kwargs:
         return False
-    codes, x_scale = node.args[:2]
-    if not (is_call(codes, HADAMARD_QUANTIZE) and len(codes.users) == 1 and same_value(codes.args[1], x_scale)):
+    rotation = node.args[0] if node.args else None
+    if is_call(node, W8A8_LINEAR) and is_call(rotation, HADAMARD_QUANTIZE) and same_value(rotation.args[1],
+                                                                                          node.args[1]):
+        op, args = HADAMARD_W8A8_LINEAR, (rotation.args[0], *node.args[1:])
+    elif is_call(node, W4A16_GEMM) and is_call(rotation, HADAMARD_ROTATE) and len(rotation.args) == 2:
+        op, args = HADAMARD_W4A16_GEMM, (*rotation.args, *node.args[1:])
+    else:
+        return False
+    if len(rotation.users) != 1 or rotation.kwargs:
         return False
     with gm.graph.inserting_before(node):
-        fused = gm.graph.call_function(HADAMARD_W8A8_LINEAR, (codes.args[0], *node.args[1:]), dict(node.kwargs))
-    fused.meta["quamba"] = {**info(node), "kernel": "triton:hadamard_w8a8_linear"}
+        fused = gm.graph.call_function(op, args)
+    fused.meta["quamba"] = {**info(node), "kernel": f"triton:{op._schema.name.split('::')[1]}"}
     node.replace_all_uses_with(fused)
     gm.graph.erase_node(node)
-    gm.graph.erase_node(codes)
+    gm.graph.erase_node(rotation)
     return True
 
 
