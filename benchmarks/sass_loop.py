@@ -95,10 +95,14 @@ KERNELS = {
                                                        "stride_cwk", "N", "K_WORDS", "SPLIT_CHUNKS", "stride_wn",
                                                        "stride_sn", "stride_xp")},
          # The rotation prologue's scan output, transposed dense factor and fp16 scratch.
-         "hy_ptr": "*fp16", "hd_ptr": "*fp32", "rot_ptr": "*fp16", "inv_sqrt_n": "fp32"},
+         "hy_ptr": "*fp16", "hd_ptr": "*fp32", "row_ptr": "*fp16", "inv_sqrt_n": "fp32",
+         # The norm prologue's block output, residual stream, norm weight and residual out.
+         "nx_ptr": "*fp16", "nres_ptr": "*fp32", "nw_ptr": "*fp32", "ro_ptr": "*fp32", "stride_nw": "i32",
+         "eps": "fp32"},
         {"GROUP_CHUNKS": 4, "ROWS": 1, "THREAD_ROWS": 16, "CHUNKS": 16, "SPLITS": 1, "EVEN_K": True, "HAS_BIAS": False,
          "PTX": True, "USE_PDL": True, "CONV": False, "CONV_W": 4, "CONV_HAS_BIAS": False, "HAD": False, "HAD_M": 1,
-         "HAD_MP": 1, "HAD_ROWS": 1, "HAD_P": 1, "HAD_LOG_P": 0, "HAD_DENSE": 0},
+         "HAD_MP": 1, "HAD_ROWS": 1, "HAD_P": 1, "HAD_LOG_P": 0, "HAD_DENSE": 0, "NORM": False, "NORM_HAS_RES": False,
+         "BLOCK_H": 16},
         ("N", "K_WORDS", "SPLIT_CHUNKS"),
         lambda c, warps: c["ROWS"] * c["THREAD_ROWS"] * c["CHUNKS"] * 16 / (32 * warps),  # weight bytes
     ),

@@ -33,11 +33,12 @@ from .conv1d_float import MAX_UPDATE_WIDTH, conv1d_silu_update
 from .dispatch import INTERPRET, cdiv, fp_fusion, graph_op, use_triton
 from .gemm import PROLOGUE_MAX_K
 from .hadamard import check_rotation_args, hadamard_transform_triton
+from .norm import add_rmsnorm_quantize, check_norm_args
 from .gemm_epilogue import store_w4_tile
 from .int4_codes import column_codes
 
-__all__ = ["Config", "W4A8_SKINNY_MAX_M", "default_config", "hadamard_w4a16_gemm", "supported", "w4a16_gemm",
-           "w4a16_gemm_conv_step", "w4a8_gemm"]
+__all__ = ["Config", "W4A8_SKINNY_MAX_M", "default_config", "hadamard_w4a16_gemm", "rmsnorm_w4a16_gemm_conv_step",
+           "supported", "w4a16_gemm", "w4a16_gemm_conv_step", "w4a8_gemm"]
 
 # Rows from which a W4A16 problem dequantizes its weight and runs cuBLAS (dequant_w4.py): a
 # prefill's GEMM is bound by multiply-adds, where cuBLAS is 10x our mixed-input kernel.
@@ -205,23 +206,67 @@ def w4a16_gemm_conv_step(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_siz
     arithmetic on the output as stored, so the same bits). Other problems run the GEMM, then the
     conv kernel. `gemv` overrides the GEMV's config, as in `w4a16_gemm`."""
     n, _ = _check_w4("w4a16_gemm_conv_step", x, w_packed, w_scale, group_size, bias)
-    if (x.dim() != 3 or x.shape[1] != 1 or conv_state.dim() != 3 or conv_state.shape[0] != x.shape[0]
-            or conv_state.shape[1] < 1 or not 0 <= conv_start <= n - conv_state.shape[1] or conv_weight.dim() != 3
-            or conv_weight.shape[:2] != (conv_state.shape[1], 1) or conv_weight.shape[2] != conv_state.shape[2] + 1):
-        raise ValueError(f"w4a16_gemm_conv_step: x must be one step [B, 1, K] and conv_state [B, D, W-1] with "
-                         f"conv_start + D <= {n}, conv_weight [D, 1, W]; got x {tuple(x.shape)}, conv_state "
-                         f"{tuple(conv_state.shape)}, conv_start {conv_start}, conv_weight {tuple(conv_weight.shape)}")
-    channels, width = conv_state.shape[1], conv_weight.shape[2]
-    step = None
-    if x.shape[0] == 1 and 2 <= width <= MAX_UPDATE_WIDTH:  # for the GEMV's epilogue, if the GEMV runs it
-        step = gemv_w4.ConvStep(conv_state, conv_weight.reshape(channels, width),
-                                None if conv_bias is None else conv_bias.contiguous(),
-                                torch.empty((1, channels), dtype=x.dtype, device=x.device), conv_start)
+    step = _conv_step("w4a16_gemm_conv_step", x, n, conv_weight, conv_bias, conv_state, conv_start)
+    channels = conv_state.shape[1]
     xz, fused = _w4a16_gemm("w4a16_gemm_conv_step", n, x, w_packed, w_scale, group_size, bias, act_dtype, None, gemv,
                             step)
     u = step.u if fused else conv1d_silu_update(xz[:, 0, conv_start:conv_start + channels], conv_weight, conv_bias,
                                                 conv_state)
     return xz, u[..., None]
+
+
+def _conv_step(name: str, x: Tensor, n: int, conv_weight: Tensor, conv_bias: Optional[Tensor], conv_state: Tensor,
+               conv_start: int) -> Optional[gemv_w4.ConvStep]:
+    """Checks a decode conv step's arguments against in_proj's input `x` and its `n` output
+    columns (ValueError naming `name`); the GEMV epilogue's step (u in x's dtype) where one row
+    and the conv's width suit it, else None."""
+    if (x.dim() != 3 or x.shape[1] != 1 or conv_state.dim() != 3 or conv_state.shape[0] != x.shape[0]
+            or conv_state.shape[1] < 1 or not 0 <= conv_start <= n - conv_state.shape[1] or conv_weight.dim() != 3
+            or conv_weight.shape[:2] != (conv_state.shape[1], 1) or conv_weight.shape[2] != conv_state.shape[2] + 1):
+        raise ValueError(f"{name}: x must be one step [B, 1, K] and conv_state [B, D, W-1] with "
+                         f"conv_start + D <= {n}, conv_weight [D, 1, W]; got x {tuple(x.shape)}, conv_state "
+                         f"{tuple(conv_state.shape)}, conv_start {conv_start}, conv_weight {tuple(conv_weight.shape)}")
+    channels, width = conv_state.shape[1], conv_weight.shape[2]
+    if x.shape[0] != 1 or not 2 <= width <= MAX_UPDATE_WIDTH:
+        return None
+    return gemv_w4.ConvStep(conv_state, conv_weight.reshape(channels, width),
+                            None if conv_bias is None else conv_bias.contiguous(),
+                            torch.empty((1, channels), dtype=x.dtype, device=x.device), conv_start)
+
+
+def rmsnorm_w4a16_gemm_conv_step(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, eps: float,
+                                 w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor],
+                                 act_dtype: Optional[torch.dtype], conv_weight: Tensor, conv_bias: Optional[Tensor],
+                                 conv_state: Tensor, conv_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """`h, residual_out = add_rmsnorm_quantize(x, residual, norm_weight, eps, None, fp16)`, then
+    `w4a16_gemm_conv_step(h, w_packed, .., conv_start)`: returns `(xz, u, residual_out)`. A W4A16
+    decode step's residual add and RMSNorm between blocks, its in_proj and its conv1d.
+
+    One row that the GEMV takes (batch-1 decode on the GPU) is one launch: each GEMV program
+    computes the whole normed row itself, with the norm kernel's arithmetic (norm.normed_row), into
+    an fp16 scratch row of its own, then runs its rows and their conv step. The normed values are
+    the norm kernel's up to the order in which the sum of squares adds up (norm.py: on the GPU,
+    the two kernels' layouts may differ in it). Other problems run the norm kernel, then
+    `w4a16_gemm_conv_step`."""
+    name = "rmsnorm_w4a16_gemm_conv_step"
+    check_norm_args(name, x, residual, norm_weight, eps, None, torch.float16)
+    k = x.shape[-1]
+    h = torch.empty(x.shape, dtype=torch.float16, device=x.device)  # what the norm makes: shapes checked on it
+    n, _ = _check_w4(name, h, w_packed, w_scale, group_size, bias)
+    step = _conv_step(name, h, n, conv_weight, conv_bias, conv_state, conv_start)
+    if (step is not None and act_dtype in (None, torch.float16) and x.numel() == k and k <= PROLOGUE_MAX_K
+            and use_triton(x) and supported(group_size) and gemv_w4.supported(h.view(1, k), w_packed, group_size)):
+        xz = torch.empty((1, 1, n), dtype=torch.float16, device=x.device)
+        r_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        rows = None if residual is None else residual.reshape(1, k).contiguous()
+        gemv_w4.launch(x.reshape(1, k).contiguous(), w_packed, w_scale, group_size,
+                       None if bias is None else bias.to(torch.float32).contiguous(), xz, conv=step,
+                       norm=(rows, norm_weight, eps, r_out))
+        return xz, step.u[..., None], r_out
+    h, r_out = add_rmsnorm_quantize(x, residual, norm_weight, eps, None, torch.float16)
+    xz, u = w4a16_gemm_conv_step(h, w_packed, w_scale, group_size, bias, act_dtype, conv_weight, conv_bias, conv_state,
+                                 conv_start=conv_start)
+    return xz, u, r_out
 
 
 def hadamard_w4a16_gemm(y: Tensor, rot_dtype: torch.dtype, w_packed: Tensor, w_scale: Tensor, group_size: int,
@@ -307,6 +352,29 @@ def hadamard_w4a16_gemm_op(y: Tensor, rot_dtype: torch.dtype, w_packed: Tensor, 
 @hadamard_w4a16_gemm_op.register_fake
 def _hadamard_w4a16_gemm_fake(y, rot_dtype, w_packed, w_scale, group_size, bias=None, act_dtype=None):
     return y.new_empty((*y.shape[:-1], w_packed.shape[0]), dtype=rot_dtype)
+
+
+@graph_op("quamba::rmsnorm_w4a16_in_proj_conv_update", mutates_args=("conv_state",))
+def rmsnorm_w4a16_in_proj_conv_update_op(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, eps: float,
+                                         w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor],
+                                         act_dtype: Optional[torch.dtype], conv_weight: Tensor,
+                                         conv_bias: Optional[Tensor], conv_state: Tensor,
+                                         conv_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """A W4A16 decode step's add + RMSNorm between blocks, in_proj and conv1d: `h, residual_out =
+    add_rmsnorm_quantize(x, residual, norm_weight, eps, None, fp16)`, then
+    `w4a16_in_proj_conv_update(h, ..)`; returns `(xz, u, residual_out)`. At batch 1 on the GPU one
+    GEMV launch computes all three (`rmsnorm_w4a16_gemm_conv_step`)."""
+    return rmsnorm_w4a16_gemm_conv_step(x, residual, norm_weight, eps, w_packed, w_scale, group_size, bias, act_dtype,
+                                        conv_weight, conv_bias, conv_state, conv_start)
+
+
+@rmsnorm_w4a16_in_proj_conv_update_op.register_fake
+def _rmsnorm_w4a16_in_proj_conv_update_fake(x, residual, norm_weight, eps, w_packed, w_scale, group_size, bias,
+                                            act_dtype, conv_weight, conv_bias, conv_state, conv_start=0):
+    h = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+    xz, u = _w4a16_in_proj_conv_update_fake(h, w_packed, w_scale, group_size, bias, act_dtype, conv_weight, conv_bias,
+                                            conv_state, conv_start)
+    return xz, u, torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
 @graph_op("quamba::w4a16_in_proj_conv_update", mutates_args=("conv_state",))
