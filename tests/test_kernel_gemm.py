@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from quamba_fx.kernels import gemm, gemm_skinny, gemv, split_k
 from quamba_fx.kernels.conv1d import causal_conv1d_update_silu_int8
-from quamba_fx.kernels.gemm import (ConvStep, NormStep, hadamard_int8_gemm, int8_gemm, int8_gemm_conv_step, int8_gemm_reference,
-                                    rmsnorm_int8_gemm_conv_step)
+from quamba_fx.kernels.gemm import (ConvStep, NormStep, hadamard_int8_gemm, int8_gemm, int8_gemm_conv_step,
+                                    int8_gemm_reference, rmsnorm_int8_gemm_conv_step)
 from quamba_fx.kernels.hadamard import hadamard_quantize
 from quamba_fx.kernels.norm import add_rmsnorm_quantize
 from quamba_fx.quant.qops import MAX_INT8_LINEAR_K

@@ -264,10 +264,10 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
     if hadamard is not None:
         table, rotation = row_rotation(k, w.device)
         had_args = (hadamard, table if table is not None else hadamard, 1.0 / math.sqrt(k))
+        span = cdiv(cdiv(k_words, meta["BLOCK_K"]), meta["SPLIT_K"]) * meta["BLOCK_K"] * _PACK  # a split's columns
         had_flags = dict(HAD=True, HAD_M=rotation["M"], HAD_MP=rotation["M_PAD"], HAD_P=rotation["P"],
                          HAD_LOG_P=rotation["LOG_P"], HAD_DENSE=rotation["DENSE"],
-                         HAD_ROWS=range_blocks(cdiv(cdiv(k_words, meta["BLOCK_K"]), meta["SPLIT_K"]) * meta["BLOCK_K"] * _PACK,
-                                               meta["SPLIT_K"], rotation["P"], rotation["M_PAD"]))
+                         HAD_ROWS=range_blocks(span, meta["SPLIT_K"], rotation["P"], rotation["M_PAD"]))
     else:
         had_args = (w, w, 0.0)  # placeholders, never read
         had_flags = dict(HAD=False, HAD_M=1, HAD_MP=1, HAD_ROWS=1, HAD_P=1, HAD_LOG_P=0, HAD_DENSE=0)

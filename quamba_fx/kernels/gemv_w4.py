@@ -34,9 +34,8 @@ order (split_k.py), in the same launch.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
-
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -386,7 +385,8 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
         conv_args = (scales, scales, scales, scales, 0, 0, 0, 0, 0, 0)  # placeholders, never read
         conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
     _w4a16_gemv_kernel[(tiles, splits)](
-        words, w_words, scales, bias if has_bias else scales, out, partials, counters, *conv_args, *had_args, *norm_args, n, k // 8,
+        words, w_words, scales, bias if has_bias else scales, out, partials, counters, *conv_args, *had_args,
+        *norm_args, n, k // 8,
         k_split // _CHUNK, w_words.stride(0), scales.stride(0), GROUP_CHUNKS=group_size // _CHUNK, ROWS=rows,
         THREAD_ROWS=thread_rows, CHUNKS=chunks, SPLITS=splits, EVEN_K=k % k_split == 0, HAS_BIAS=has_bias,
         PTX=not INTERPRET, num_warps=warps, **conv_flags, **had_flags, **norm_flags,

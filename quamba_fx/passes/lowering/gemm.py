@@ -28,9 +28,10 @@ IN_PROJ_CONV_UPDATE = torch.ops.quamba.in_proj_conv_update.default
 RMSNORM_IN_PROJ_CONV_UPDATE = torch.ops.quamba.rmsnorm_in_proj_conv_update.default
 
 # The decode graph's add + RMSNorm between blocks runs inside in_proj's GEMV at batch 1, W8A8's
-# and W4A16's (`fuse_norm_into_in_proj`, gemm_w4.py's `fuse_norm_into_w4a16_in_proj`). Off until a GPU has timed it (session 51 got no device; the A/B is
-# `benchmarks/device_run.sh prologue-ab`): a fused launch can lose to the two it replaces (session 50's
-# rotation in the scan's launch did). A setting, so that benchmarks/decode_settings.py times both.
+# and W4A16's (`fuse_norm_into_in_proj`, gemm_w4.py's `fuse_norm_into_w4a16_in_proj`). Off until a
+# GPU has timed it (sessions 51-52 got no device; the A/B is `benchmarks/device_run.sh
+# prologue-ab`): a fused launch can lose to the two it replaces (session 50's rotation in the
+# scan's launch did). A setting, so that benchmarks/decode_settings.py times both.
 FUSE_NORM_IN_DECODE = False
 
 KERNELS = {W8A8_LINEAR: "triton:int8_gemm", FP8_GEMM: "fp8_gemm"}
