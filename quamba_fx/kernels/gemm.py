@@ -90,7 +90,7 @@ from .dispatch import use_triton as _use_triton
 from . import gemm_skinny, gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
 from .conv1d import _conv_params, as_out_scale, causal_conv1d_update_silu_int8
-from .hadamard import check_rotation_args, hadamard_quantize
+from .hadamard import check_quantize_args, hadamard_quantize
 from .norm import add_rmsnorm_quantize, check_norm_args
 from .pdl import launch_options, wait_for_previous
 from .gemm_epilogue import OUT_MODES as _OUT_MODES
@@ -730,6 +730,24 @@ def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, con
     return u if ran else None
 
 
+def _prologue_gemv(x: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                   out_scale: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Optional[tuple]:
+    """`(out, tensors, key, flags)` (`_operands`') of a GEMV that makes its own int8 input from the
+    float row `x` in a prologue (the norm's or the rotation's), when the GEMV runs the problem:
+    one row on a Triton device, K up to PROLOGUE_MAX_K, operands it reads as words; else None.
+    The GEMM's arguments are validated against the codes the prologue makes; the separate kernels
+    the callers run otherwise validate their own."""
+    k = x.shape[-1]
+    if not (x.numel() == k and 0 < k <= PROLOGUE_MAX_K and gemv.GEMV_MAX_M >= 1 and _use_triton(x)):
+        return None
+    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)  # what the prologue makes: shapes checked on it
+    n, _, dtype = _validate(codes, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
+    if n == 0 or dtype not in _OUT_MODES or not gemv.supported(codes.view(1, k), w_q) or w_q.stride(1) != 1:
+        return None
+    out = torch.empty((*x.shape[:-1], n), dtype=dtype, device=x.device)
+    return (out, *_operands(codes, x_scale, w_q, w_scale, bias, out_scale, out, 1, n, k))
+
+
 @dataclass(frozen=True)
 class NormStep:
     """The residual add + RMSNorm + int8 quantize that makes a GEMM's input
@@ -770,16 +788,11 @@ def rmsnorm_int8_gemm_conv_step(
     check_norm_args("rmsnorm_int8_gemm_conv_step", norm.x, norm.residual, norm.weight, norm.eps, norm.scale, None)
     x = norm.x
     k = x.shape[-1]
-    # The two functions of the other path validate their own arguments; only the GEMV's needs it here.
-    if x.numel() == k and 0 < k <= PROLOGUE_MAX_K and gemv.GEMV_MAX_M >= 1 and _use_triton(x):
-        codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)  # what the norm makes: shapes checked on it
-        n, _, dtype = _validate(codes, norm.scale, w_q, w_scale, bias, out_scale, None)
-    else:
-        n, dtype = 0, None
-    if n > 0 and dtype == torch.int8 and gemv.supported(codes.view(1, k), w_q) and w_q.stride(1) == 1:
-        out = torch.empty((*x.shape[:-1], n), dtype=dtype, device=x.device)
+    problem = _prologue_gemv(x, norm.scale, w_q, w_scale, bias, out_scale, None)
+    if problem is not None:
+        out, tensors, key, flags = problem
+        n = out.shape[-1]
         _check_conv_step(conv, out, out_scale)
-        tensors, key, flags = _operands(codes, norm.scale, w_q, w_scale, bias, out_scale, out, 1, n, k)
         if _USES_ALTERNATIVE.get(("gemv_norm_conv", key), True):
             r_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
             residual = None if norm.residual is None else norm.residual.reshape(1, k).contiguous()
@@ -807,21 +820,15 @@ def hadamard_int8_gemm(y: Tensor, y_scale: Tensor, w_q: Tensor, w_scale: Tensor,
     a code by one step where `y / y_scale` sits at a rounding boundary (hadamard.py's contract).
     Other problems run `hadamard_quantize`, then `int8_gemm`.
     """
-    if not isinstance(y_scale, Tensor):
-        raise ValueError(f"hadamard_int8_gemm: scale must be a 0-dim or 1-element float32 tensor, got "
-                         f"{type(y_scale).__name__}")
-    k = check_rotation_args("hadamard_int8_gemm", y, y_scale)
-    if y.numel() == k and 0 < k <= PROLOGUE_MAX_K and gemv.GEMV_MAX_M >= 1 and _use_triton(y):
-        codes = torch.empty(y.shape, dtype=torch.int8, device=y.device)  # what the rotation makes: shapes checked on it
-        n, _, dtype = _validate(codes, y_scale, w_q, w_scale, bias, out_scale, out_dtype)
-        if n > 0 and dtype in _OUT_MODES and gemv.supported(codes.view(1, k), w_q) and w_q.stride(1) == 1:
-            out = torch.empty((*y.shape[:-1], n), dtype=dtype, device=y.device)
-            tensors, key, flags = _operands(codes, y_scale, w_q, w_scale, bias, out_scale, out, 1, n, k)
-            row = y.reshape(1, k).contiguous()
-            if (_USES_ALTERNATIVE.get(("gemv_hadamard", key), True)
-                    and _gemv_once("gemv_hadamard", key, "a Hadamard prologue",
-                                   lambda: gemv.launch(tensors, n, k, key, flags, hadamard=row))):
-                return out
+    k = check_quantize_args("hadamard_int8_gemm", y, y_scale)
+    problem = _prologue_gemv(y, y_scale, w_q, w_scale, bias, out_scale, out_dtype)
+    if problem is not None:
+        out, tensors, key, flags = problem
+        row = y.reshape(1, k).contiguous()
+        if (_USES_ALTERNATIVE.get(("gemv_hadamard", key), True)
+                and _gemv_once("gemv_hadamard", key, "a Hadamard prologue",
+                               lambda: gemv.launch(tensors, out.shape[-1], k, key, flags, hadamard=row))):
+            return out
     return int8_gemm(hadamard_quantize(y, y_scale), y_scale, w_q, w_scale, bias, out_scale, out_dtype)
 
 

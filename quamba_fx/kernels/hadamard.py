@@ -101,6 +101,7 @@ from .rounding import quantize_e4m3_rn, quantize_rn
 
 __all__ = [
     "MAX_N",
+    "check_quantize_args",
     "check_rotation_args",
     "gated_rmsnorm_hadamard_quantize",
     "gated_rmsnorm_hadamard_rotate",
@@ -529,7 +530,8 @@ def _num_warps(tile: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_x(fn: str, x: object) -> int:
+def check_rotation_args(fn: str, x: object) -> int:
+    """The checks of a rotation's input `x [..., n]` (ValueErrors naming `fn`); returns n."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -541,12 +543,11 @@ def _check_x(fn: str, x: object) -> int:
     return n
 
 
-def check_rotation_args(fn: str, x: object, scale: object = None) -> int:
-    """The checks of a rotation's input (and of `hadamard_quantize`'s scale, when given),
-    ValueErrors naming `fn`; returns n."""
-    n = _check_x(fn, x)
-    if scale is not None:
-        _check_scale(fn, scale, x.device)
+def check_quantize_args(fn: str, x: object, scale: object) -> int:
+    """The checks of a rotation's input and of the per-tensor scale that quantizes it
+    (ValueErrors naming `fn`); returns n."""
+    n = check_rotation_args(fn, x)
+    _check_scale(fn, scale, x.device)
     return n
 
 
@@ -571,21 +572,19 @@ def _check_scale(fn: str, scale: object, device: torch.device) -> None:
 
 def hadamard_transform_reference(x: torch.Tensor) -> torch.Tensor:
     """fp32 `hadamard_transform(x.float())` through `torch.ops.quamba.hadamard`, contiguous."""
-    _check_x("hadamard_transform_reference", x)
+    check_rotation_args("hadamard_transform_reference", x)
     return torch.ops.quamba.hadamard(x.to(torch.float32))
 
 
 def hadamard_quantize_fp8_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """PyTorch reference of `hadamard_quantize_fp8`: `quamba.quantize_fp8(quamba.hadamard(x.float()), scale)`."""
-    _check_x("hadamard_quantize_fp8_reference", x)
-    _check_scale("hadamard_quantize_fp8_reference", scale, x.device)
+    check_quantize_args("hadamard_quantize_fp8_reference", x, scale)
     return _quantize_fp8(hadamard_transform_reference(x), scale)
 
 
 def hadamard_quantize_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """PyTorch reference of `hadamard_quantize`: `quamba.quantize(quamba.hadamard(x.float()), scale)`."""
-    _check_x("hadamard_quantize_reference", x)
-    _check_scale("hadamard_quantize_reference", scale, x.device)
+    check_quantize_args("hadamard_quantize_reference", x, scale)
     return _quantize_int8(hadamard_transform_reference(x), scale)
 
 
@@ -684,8 +683,7 @@ def hadamard_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     from the reference by one int8 step where the fp32 value sits at a rounding boundary (see the
     module docstring).
     """
-    _check_x("hadamard_quantize", x)
-    _check_scale("hadamard_quantize", scale, x.device)
+    check_quantize_args("hadamard_quantize", x, scale)
     if not _kernel_runs(x):
         return hadamard_quantize_reference(x, scale)
     return _launch(x, scale, quant=_INT8)
@@ -705,8 +703,7 @@ def hadamard_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         from the reference by one e4m3 step where `y / scale` sits at a rounding boundary (see the
         module docstring).
     """
-    _check_x("hadamard_quantize_fp8", x)
-    _check_scale("hadamard_quantize_fp8", scale, x.device)
+    check_quantize_args("hadamard_quantize_fp8", x, scale)
     if not _kernel_runs(x):
         return hadamard_quantize_fp8_reference(x, scale)
     return _launch(x, scale, quant=_FP8)
@@ -720,7 +717,7 @@ def hadamard_transform_triton(x: torch.Tensor, out_dtype: torch.dtype = torch.fl
     tensor of x's shape. Runs the same kernel (CUDA, or CPU under TRITON_INTERPRET=1), else
     `hadamard_transform_reference`.
     """
-    _check_x("hadamard_transform_triton", x)
+    check_rotation_args("hadamard_transform_triton", x)
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hadamard_transform_triton: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     if not _kernel_runs(x):
@@ -763,8 +760,7 @@ def gated_rmsnorm_hadamard_quantize(y: torch.Tensor, z: torch.Tensor, z_scale: O
     docs/benchmarks.md, session 33).
     """
     check_gated_rmsnorm_args(y, z, z_scale, weight, norm_dtype, group_size)
-    _check_x("gated_rmsnorm_hadamard_quantize", y)
-    _check_scale("gated_rmsnorm_hadamard_quantize", scale, y.device)
+    check_quantize_args("gated_rmsnorm_hadamard_quantize", y, scale)
     n = y.shape[-1]
     if not (_kernel_runs(y) and packs_gated_norm(n, group_size, norm_dtype)):
         return hadamard_quantize(gated_rmsnorm(y, z, z_scale, weight, eps, norm_dtype, group_size), scale)
@@ -781,7 +777,7 @@ def gated_rmsnorm_hadamard_rotate(y: torch.Tensor, z: torch.Tensor, z_scale: Opt
     norm's sum of squares in another order: a normed value may move by one `norm_dtype` ulp) and
     use (decode steps); returns `out_dtype` of y's shape, contiguous."""
     check_gated_rmsnorm_args(y, z, z_scale, weight, norm_dtype, group_size)
-    _check_x("gated_rmsnorm_hadamard_rotate", y)
+    check_rotation_args("gated_rmsnorm_hadamard_rotate", y)
     out_dtype = out_dtype or norm_dtype
     if out_dtype not in (torch.float16, torch.float32):
         # bf16 would need PyTorch's rounding after the kernel (see hadamard_transform_triton).

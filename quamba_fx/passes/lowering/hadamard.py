@@ -29,9 +29,9 @@ HADAMARD_W8A8_LINEAR = torch.ops.quamba.hadamard_w8a8_linear.default
 HADAMARD_W4A16_GEMM = torch.ops.quamba.hadamard_w4a16_gemm.default
 
 # The decode graph's rotation (+ quantize) before out_proj runs inside out_proj's GEMV at batch 1,
-# W8A8's and W4A16's (`fuse_hadamard_into_out_proj`). Off until a GPU has timed it, for the reason FUSE_NORM_IN_DECODE
-# is (lowering/gemm.py); `benchmarks/device_run.sh prologue-ab` times both. A setting, for
-# benchmarks/decode_settings.py.
+# W8A8's and W4A16's (`fuse_hadamard_into_out_proj`). Off until a GPU has timed it, for the reason
+# FUSE_NORM_IN_DECODE is (lowering/gemm.py); `benchmarks/device_run.sh prologue-ab` times both. A
+# setting, for benchmarks/decode_settings.py.
 FUSE_HADAMARD_IN_OUT_PROJ = False
 
 KERNELS = {
