@@ -453,3 +453,73 @@ def test_the_w4a16_norm_step_runs_two_kernels_where_the_gemv_does_not_take_it():
     with pytest.raises(ValueError, match="rmsnorm_w4a16_gemm_conv_step: weight has 63 elements but x has H=64"):
         gemm_w4.rmsnorm_w4a16_gemm_conv_step(x, None, weight[:63], 1e-5, packed, scale, 32, None, None, conv_w, None,
                                              state)
+
+
+def _fused_case(form: str):
+    """Arguments of one W4A16 fused GEMV entry at one row, and a function running its two-kernel
+    form on copies of any state: `(call, two_kernels)`, each returning a tuple of tensors."""
+    from quamba_fx.kernels.conv1d_float import conv1d_silu_update
+
+    gen = torch.Generator().manual_seed(31)
+    packed, scale = weights(96, 64, 32, seed=31)
+    x = torch.randn(1, 1, 64, generator=gen).half().to(DEVICE)
+    residual = torch.randn(1, 1, 64, generator=gen).to(DEVICE)
+    weight = (torch.rand(64, generator=gen) + 0.5).to(DEVICE)
+    conv_w = torch.randn(40, 1, 4, generator=gen).to(DEVICE)
+    state = torch.randn(1, 40, 3, generator=gen).half().to(DEVICE)
+    if form == "conv":
+        def call():
+            return gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state)
+
+        def two_kernels(s):
+            xz = gemm_w4.w4a16_gemm(x, packed, scale, 32)
+            return xz, conv1d_silu_update(xz[:, 0, :40], conv_w, None, s)[..., None]
+    elif form == "norm":
+        def call():
+            return gemm_w4.rmsnorm_w4a16_gemm_conv_step(x, residual, weight, 1e-5, packed, scale, 32, None, None,
+                                                        conv_w, None, state)
+
+        def two_kernels(s):
+            h, r = add_rmsnorm_quantize(x, residual, weight, 1e-5, None, torch.float16)
+            xz = gemm_w4.w4a16_gemm(h, packed, scale, 32)
+            return xz, conv1d_silu_update(xz[:, 0, :40], conv_w, None, s)[..., None], r
+    else:
+        def call():
+            return (gemm_w4.hadamard_w4a16_gemm(x, torch.float16, packed, scale, 32),)
+
+        def two_kernels(s):
+            return (gemm_w4.w4a16_gemm(hadamard_transform_triton(x, torch.float16), packed, scale, 32),)
+    return call, two_kernels, state
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the GEMV on CPU tensors: needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("form, keyword", [("conv", "conv"), ("norm", "norm"), ("rotation", "rotate")])
+def test_a_fused_w4a16_gemv_that_fails_to_compile_falls_back_to_the_separate_kernels(form, keyword, monkeypatch):
+    """If the GEMV with an epilogue or prologue of its own cannot be built on the device, a warning
+    says so once and the separate kernels run, with the same results and any state advanced once;
+    later calls do not try again."""
+    import warnings
+
+    from quamba_fx.kernels import gemm
+
+    real_launch = gemv_w4.launch
+
+    def launch(*args, **kwargs):
+        if kwargs.get(keyword) or (keyword == "conv" and len(args) > 7 and args[7] is not None):
+            raise RuntimeError("no such instruction on this device")
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(gemv_w4, "launch", launch)
+    monkeypatch.setattr(gemm, "_INTERPRET", False)  # compile failures are tolerated off the interpreter
+    monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
+    call, two_kernels, state = _fused_case(form)
+    want_state = state.clone()
+    want = two_kernels(want_state)
+    with pytest.warns(RuntimeWarning, match="GEMV with a .* failed on this device .*no such instruction"):
+        got = call()
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)) and torch.equal(state, want_state)
+    assert list(gemm._USES_ALTERNATIVE.values()).count(False) == 1  # the norm's fallback still fuses the conv
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        call()
+    assert not any("failed on this device" in str(w.message) for w in seen)

@@ -76,7 +76,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import triton
@@ -679,7 +679,7 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
         def gemv_kernel() -> None:
             gemv.launch(tensors, n, k, key, flags)
 
-        if conv is not None and _USES_ALTERNATIVE.get(("gemv_conv", key), True):
+        if conv is not None:
             u = _gemv_conv_step(tensors, n, k, key, flags, conv)
             if u is not None:
                 return out, u
@@ -699,11 +699,14 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
     return out, None if conv is None else _conv_after(out, out_scale, conv)
 
 
-def _gemv_once(kind: str, key: tuple, what: str, launch) -> bool:
-    """Run `launch()`, a GEMV with an epilogue or prologue of its own, and say whether it ran:
-    False (with a warning, once per problem) when it fails to compile on this device, so that the
-    caller runs the separate kernels. A failed launch fails before its kernel runs: no state is
-    touched."""
+def fused_gemv_ran(kind: str, key: tuple, what: str, launch: Callable[[], object]) -> bool:
+    """Run `launch()`, a GEMV with an epilogue or prologue of its own (`what`, for the warning),
+    and say whether it ran: False, without trying, where it failed before on this problem (`kind`,
+    `key`), and False with a warning, once a problem, when it fails to compile on this device, so
+    that the caller runs the separate kernels. A failed launch fails before its kernel runs: no
+    state is touched. Under the interpreter a failure is a bug and is raised."""
+    if _USES_ALTERNATIVE.get((kind, key)) is False:
+        return False
     try:
         launch()
     except Exception as exc:  # noqa: BLE001 - reported; the separate kernels run instead
@@ -721,9 +724,9 @@ def _gemv_once(kind: str, key: tuple, what: str, launch) -> bool:
 def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: ConvStep,
                     norm: Optional[tuple] = None) -> Optional[Tensor]:
     """The GEMV with the conv step in its epilogue (and with `norm`, gemv.launch's, the norm in its
-    prologue); None when it fails to compile here (`_gemv_once`)."""
+    prologue); None when it fails to compile here (`fused_gemv_ran`)."""
     u = torch.empty((1, conv.state.shape[1]), dtype=torch.int8, device=tensors[1].device)
-    ran = _gemv_once("gemv_conv" if norm is None else "gemv_norm_conv", key,
+    ran = fused_gemv_ran("gemv_conv" if norm is None else "gemv_norm_conv", key,
                      "a conv epilogue" + ("" if norm is None else " and a norm prologue"),
                      lambda: gemv.launch(tensors, n, k, key, flags, norm=norm,
                                          conv=(conv.state, conv.weight, conv.bias, conv.out_scale, u, conv.start)))
@@ -793,13 +796,12 @@ def rmsnorm_int8_gemm_conv_step(
         out, tensors, key, flags = problem
         n = out.shape[-1]
         _check_conv_step(conv, out, out_scale)
-        if _USES_ALTERNATIVE.get(("gemv_norm_conv", key), True):
-            r_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-            residual = None if norm.residual is None else norm.residual.reshape(1, k).contiguous()
-            u = _gemv_conv_step(tensors, n, k, key, flags, conv,
-                                norm=(x.reshape(1, k).contiguous(), residual, norm.weight, norm.eps, r_out))
-            if u is not None:
-                return out, u, r_out
+        r_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        residual = None if norm.residual is None else norm.residual.reshape(1, k).contiguous()
+        u = _gemv_conv_step(tensors, n, k, key, flags, conv,
+                            norm=(x.reshape(1, k).contiguous(), residual, norm.weight, norm.eps, r_out))
+        if u is not None:
+            return out, u, r_out
     x_q, r_out = add_rmsnorm_quantize(x, norm.residual, norm.weight, norm.eps, norm.scale)
     out, u = int8_gemm_conv_step(x_q, norm.scale, w_q, w_scale, bias, out_scale, conv)
     return out, u, r_out
@@ -825,9 +827,8 @@ def hadamard_int8_gemm(y: Tensor, y_scale: Tensor, w_q: Tensor, w_scale: Tensor,
     if problem is not None:
         out, tensors, key, flags = problem
         row = y.reshape(1, k).contiguous()
-        if (_USES_ALTERNATIVE.get(("gemv_hadamard", key), True)
-                and _gemv_once("gemv_hadamard", key, "a Hadamard prologue",
-                               lambda: gemv.launch(tensors, out.shape[-1], k, key, flags, hadamard=row))):
+        if fused_gemv_ran("gemv_hadamard", key, "a Hadamard prologue",
+                          lambda: gemv.launch(tensors, out.shape[-1], k, key, flags, hadamard=row)):
             return out
     return int8_gemm(hadamard_quantize(y, y_scale), y_scale, w_q, w_scale, bias, out_scale, out_dtype)
 

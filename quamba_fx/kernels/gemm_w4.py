@@ -31,7 +31,7 @@ from ..quant.qops import _check_int8, _linear_out_dtype
 from . import dequant_w4, gemm_w4_skinny, gemv_w4
 from .conv1d_float import MAX_UPDATE_WIDTH, conv1d_silu_update
 from .dispatch import INTERPRET, cdiv, fp_fusion, graph_op, use_triton
-from .gemm import PROLOGUE_MAX_K
+from .gemm import PROLOGUE_MAX_K, fused_gemv_ran
 from .hadamard import check_rotation_args, hadamard_transform_triton
 from .norm import add_rmsnorm_quantize, check_norm_args
 from .gemm_epilogue import store_w4_tile
@@ -166,8 +166,8 @@ def w4a16_gemm(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bi
 def _w4a16_gemm(name: str, n: int, x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
                 bias: Optional[Tensor], act_dtype: Optional[torch.dtype], config: Optional[Config],
                 gemv: Optional[gemv_w4.Config], conv: Optional[gemv_w4.ConvStep]) -> tuple[Tensor, bool]:
-    """w4a16_gemm's body on checked weights (`n` rows): `(out, whether the GEMV ran the problem)`,
-    `conv` going to the GEMV's epilogue when it did (`w4a16_gemm_conv_step`)."""
+    """w4a16_gemm's body on checked weights (`n` rows): `(out, whether the GEMV's epilogue ran
+    `conv`)`; the caller runs the conv step where it did not (`w4a16_gemm_conv_step`)."""
     if act_dtype is not None and act_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"{name}: act_dtype must be float16, bfloat16 or float32, got {act_dtype}")
     rounds = act_dtype is not None and act_dtype != x.dtype and x.dtype == torch.float32
@@ -183,7 +183,11 @@ def _w4a16_gemm(name: str, n: int, x: Tensor, w_packed: Tensor, w_scale: Tensor,
                          f"multiple of 8 and groups of 32k columns; got x {x.dtype} {tuple(x.shape)}, act_dtype "
                          f"{act_dtype} and groups of {group_size}")
     if gemv is not None or (config is None and gemv_takes):
-        return gemv_w4.launch(x_in, w_packed, w_scale, group_size, bias32, out, gemv, conv), True
+        if conv is not None and fused_gemv_ran(
+                "w4_gemv_conv", _gemv_key(x_in, w_packed, group_size, bias), "a conv epilogue",
+                lambda: gemv_w4.launch(x_in, w_packed, w_scale, group_size, bias32, out, gemv, conv)):
+            return out, True
+        return gemv_w4.launch(x_in, w_packed, w_scale, group_size, bias32, out, gemv), False
     if config is None and x.numel() >= DEQUANT_MIN_ROWS * x.shape[-1]:
         w = dequant_w4.dequantize(w_packed, w_scale, group_size, x.shape[-1], x_in.dtype)
         y = torch.nn.functional.linear(x_in, w)
@@ -213,6 +217,11 @@ def w4a16_gemm_conv_step(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_siz
     u = step.u if fused else conv1d_silu_update(xz[:, 0, conv_start:conv_start + channels], conv_weight, conv_bias,
                                                 conv_state)
     return xz, u[..., None]
+
+
+def _gemv_key(x: Tensor, w_packed: Tensor, group_size: int, bias: Optional[Tensor]) -> tuple:
+    """What names a GEMV problem for `fused_gemv_ran`'s record of the fused forms that failed."""
+    return (w_packed.shape[0], x.shape[-1], group_size, bias is not None, x.device)
 
 
 def _conv_step(name: str, x: Tensor, n: int, conv_weight: Tensor, conv_bias: Optional[Tensor], conv_state: Tensor,
@@ -259,10 +268,12 @@ def rmsnorm_w4a16_gemm_conv_step(x: Tensor, residual: Optional[Tensor], norm_wei
         xz = torch.empty((1, 1, n), dtype=torch.float16, device=x.device)
         r_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         rows = None if residual is None else residual.reshape(1, k).contiguous()
-        gemv_w4.launch(x.reshape(1, k).contiguous(), w_packed, w_scale, group_size,
-                       None if bias is None else bias.to(torch.float32).contiguous(), xz, conv=step,
-                       norm=(rows, norm_weight, eps, r_out))
-        return xz, step.u[..., None], r_out
+        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+        if fused_gemv_ran("w4_gemv_norm_conv", _gemv_key(h, w_packed, group_size, bias),
+                          "a norm prologue and a conv epilogue",
+                          lambda: gemv_w4.launch(x.reshape(1, k).contiguous(), w_packed, w_scale, group_size, bias32,
+                                                 xz, conv=step, norm=(rows, norm_weight, eps, r_out))):
+            return xz, step.u[..., None], r_out
     h, r_out = add_rmsnorm_quantize(x, residual, norm_weight, eps, None, torch.float16)
     xz, u = w4a16_gemm_conv_step(h, w_packed, w_scale, group_size, bias, act_dtype, conv_weight, conv_bias, conv_state,
                                  conv_start=conv_start)
@@ -290,7 +301,11 @@ def hadamard_w4a16_gemm(y: Tensor, rot_dtype: torch.dtype, w_packed: Tensor, w_s
         return w4a16_gemm(hadamard_transform_triton(y, rot_dtype), w_packed, w_scale, group_size, bias, act_dtype)
     out = torch.empty((*y.shape[:-1], n), dtype=torch.float16, device=y.device)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    return gemv_w4.launch(y.reshape(1, k).contiguous(), w_packed, w_scale, group_size, bias32, out, rotate=True)
+    if fused_gemv_ran("w4_gemv_hadamard", _gemv_key(y, w_packed, group_size, bias), "a Hadamard prologue",
+                      lambda: gemv_w4.launch(y.reshape(1, k).contiguous(), w_packed, w_scale, group_size, bias32,
+                                             out, rotate=True)):
+        return out
+    return w4a16_gemm(hadamard_transform_triton(y, rot_dtype), w_packed, w_scale, group_size, bias, act_dtype)
 
 
 def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
