@@ -17,8 +17,12 @@ over a minute of a device call) and reports, per step:
 * `busy`: time at least one kernel runs (the union of the intervals), `idle` = wall - busy (no
   kernel running: launch latency not hidden, host gaps between replays), and `overlap` = summed
   - busy (kernels running together: PDL's early starts);
-* by kind (reference.py's kinds): launches, summed time, and the idle time just before that
-  kind's kernels (whose start waited on nothing running);
+* by kind (reference.py's kinds): launches, summed time, share of the busy time (`step_share`:
+  the busy time between the end before a kernel's and its own, what a kernel adds to a chain of
+  early-launched kernels, unlike its duration, which counts its wait for the kernel ahead), and
+  the idle time just before that kind's kernels (whose start waited on nothing running);
+* a block's kernels (from one add + RMSNorm to the next) in the order they end, each position's
+  mean share: what in_proj, x_proj, the scan, ... each add to a block;
 * the largest gaps by (kernel before, kernel after) pair, summed over the window.
 
 `--smoke` runs mamba-tiny on CPU with the profiler's CPU op events standing in for kernels: the
@@ -45,15 +49,64 @@ class Interval(NamedTuple):
     name: str
 
 
+def union(intervals: Sequence[Interval]) -> list[tuple[float, float]]:
+    """The union of the intervals as disjoint (start, end) stretches, in order."""
+    out: list[tuple[float, float]] = []
+    for start, end, _ in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
 def busy_time(intervals: Sequence[Interval]) -> float:
     """Length of the union of the intervals: time at least one of them runs."""
-    busy, reach = 0.0, float("-inf")
-    for start, end, _ in sorted(intervals):
-        if end <= reach:
-            continue
-        busy += end - max(start, reach)
-        reach = end
-    return busy
+    return sum(end - start for start, end in union(intervals))
+
+
+def step_share(intervals: Sequence[Interval]) -> list[tuple[float, str]]:
+    """Each interval's share of the busy time: the busy time between the end before its own (in
+    end order) and its end, as (share, name). In a chain of kernels launched early that wait for
+    the kernel ahead (PDL), a kernel's share is what it adds to the step, its wait and launch
+    included, where its duration counts the wait twice; the shares add up to the busy time."""
+    stretches = union(intervals)
+    out: list[tuple[float, str]] = []
+    previous, first = float("-inf"), 0
+    for _, end, name in sorted(intervals, key=lambda i: i.end):
+        share = 0.0
+        while first < len(stretches) and stretches[first][1] <= previous:
+            first += 1
+        for start, stop in stretches[first:]:
+            if start >= end:
+                break
+            share += min(stop, end) - max(start, previous)
+        out.append((share, name))
+        previous = end
+    return out
+
+
+def block_shares(shares: Sequence[tuple[float, str]], starts_block: Callable[[str], bool]) -> dict:
+    """The mean share (`step_share`, in end order) of each kernel position in a model block, a
+    block starting at each kernel `starts_block` names (the add + RMSNorm between blocks): what
+    in_proj, x_proj, ... each add to a block, which per-kind sums mix up (the GEMM kind holds
+    every projection). Blocks of the most common length count; `blocks` says how many."""
+    blocks: list[list[tuple[float, str]]] = []
+    for share, name in shares:
+        if starts_block(name):
+            blocks.append([])
+        if blocks:
+            blocks[-1].append((share, name))
+    if not blocks:
+        return {"blocks": 0, "positions": []}
+    lengths = [len(b) for b in blocks]
+    length = max(set(lengths), key=lengths.count)
+    kept = [b for b in blocks if len(b) == length]
+    positions = []
+    for i in range(length):
+        names = sorted({b[i][1] for b in kept})
+        positions.append({"kernel": " / ".join(names), "share_us": sum(b[i][0] for b in kept) / len(kept)})
+    return {"blocks": len(kept), "positions": positions}
 
 
 def gaps(intervals: Sequence[Interval]) -> list[tuple[float, str, str]]:
@@ -70,7 +123,8 @@ def gaps(intervals: Sequence[Interval]) -> list[tuple[float, str, str]]:
 
 
 def summarize(intervals: Sequence[Interval], steps: int, top: int, kind_of: Callable[[str], str]) -> dict:
-    """Per-step figures of `intervals` (the kernels of `steps` steps), see the module docstring."""
+    """Per-step figures of `intervals` (the kernels of `steps` steps), see the module docstring;
+    blocks start at the kernels `kind_of` calls "norm"."""
     if not intervals:
         raise ValueError("no kernel intervals to summarize")
     wall = max(i.end for i in intervals) - min(i.start for i in intervals)
@@ -79,9 +133,13 @@ def summarize(intervals: Sequence[Interval], steps: int, top: int, kind_of: Call
     idle = gaps(intervals)
     kinds: dict[str, dict] = {}
     for start, end, name in intervals:
-        entry = kinds.setdefault(kind_of(name), {"launches": 0, "summed_us": 0.0, "idle_before_us": 0.0})
+        entry = kinds.setdefault(kind_of(name), {"launches": 0, "summed_us": 0.0, "share_us": 0.0,
+                                                 "idle_before_us": 0.0})
         entry["launches"] += 1
         entry["summed_us"] += end - start
+    shares = step_share(intervals)
+    for share, name in shares:
+        kinds[kind_of(name)]["share_us"] += share
     by_pair: dict[tuple[str, str], list[float]] = {}
     for length, before, after in idle:
         kinds[kind_of(after)]["idle_before_us"] += length
@@ -95,7 +153,7 @@ def summarize(intervals: Sequence[Interval], steps: int, top: int, kind_of: Call
         for key in entry:
             entry[key] /= steps
     largest = sorted(by_pair.items(), key=lambda kv: -kv[1][0])[:top]
-    return {**per_step, "kinds": kinds,
+    return {**per_step, "kinds": kinds, "block": block_shares(shares, lambda name: kind_of(name) == "norm"),
             "gaps": [{"before": b, "after": a, "us_per_step": t / steps, "count_per_step": n / steps}
                      for (b, a), (t, n) in largest]}
 
@@ -114,10 +172,16 @@ def print_summary(label: str, s: dict) -> None:
     print(f"\n{label}: per step {s['wall_us']:.1f} us wall, {s['kernels']:.0f} kernels, summed {s['summed_us']:.1f}, "
           f"busy {s['busy_us']:.1f}, idle {s['idle_us']:.1f} ({100 * s['idle_us'] / s['wall_us']:.1f}%), "
           f"overlap {s['overlap_us']:.1f}\n")
-    print("| kind | launches | summed us | idle before us |")
-    print("|---|---|---|---|")
-    for kind, e in sorted(s["kinds"].items(), key=lambda kv: -kv[1]["summed_us"]):
-        print(f"| {kind} | {e['launches']:.0f} | {e['summed_us']:.1f} | {e['idle_before_us']:.1f} |")
+    print("| kind | launches | summed us | share of busy us | share a launch us | idle before us |")
+    print("|---|---|---|---|---|---|")
+    for kind, e in sorted(s["kinds"].items(), key=lambda kv: -kv[1]["share_us"]):
+        print(f"| {kind} | {e['launches']:.0f} | {e['summed_us']:.1f} | {e['share_us']:.1f} | "
+              f"{e['share_us'] / max(e['launches'], 1e-9):.2f} | {e['idle_before_us']:.1f} |")
+    print(f"\nA block's kernels in the order they end, mean share us over {s['block']['blocks']} blocks\n")
+    print("| position | kernel | share us |")
+    print("|---|---|---|")
+    for i, p in enumerate(s["block"]["positions"]):
+        print(f"| {i} | {p['kernel'][:60]} | {p['share_us']:.2f} |")
     print("\n| gap before | gap after | us per step | gaps per step |")
     print("|---|---|---|---|")
     for g in s["gaps"]:

@@ -22,9 +22,25 @@ def test_busy_time_and_gaps_of_a_hand_made_timeline():
     assert timeline.gaps(spans) == [(3, "b", "c")]
     s = timeline.summarize(spans, steps=1, top=5, kind_of=lambda name: "x" if name in "ab" else "y")
     assert (s["wall_us"], s["summed_us"], s["busy_us"], s["idle_us"], s["overlap_us"]) == (12, 12, 9, 3, 3)
-    assert s["kinds"]["y"] == {"launches": 2, "summed_us": 5, "idle_before_us": 3}
-    assert s["kinds"]["x"]["idle_before_us"] == 0
+    assert s["kinds"]["y"] == {"launches": 2, "summed_us": 5, "share_us": 4, "idle_before_us": 3}
+    assert s["kinds"]["x"]["idle_before_us"] == 0 and s["kinds"]["x"]["share_us"] == 5  # a 4, b the 1 after it
+    assert timeline.step_share(spans) == [(4, "a"), (1, "b"), (2, "d"), (2, "c")]
     assert s["gaps"] == [{"before": "b", "after": "c", "us_per_step": 3, "count_per_step": 1}]
+
+
+def test_a_chain_of_early_launched_kernels_shares_the_step_by_what_each_adds():
+    # PDL: each kernel starts while the one ahead runs and waits for it; durations overlap, shares don't
+    chain = [Interval(0, 10, "norm"), Interval(1, 30, "gemv"), Interval(25, 33, "scan")]
+    assert timeline.step_share(chain) == [(10, "norm"), (20, "gemv"), (3, "scan")]
+
+
+def test_block_shares_average_each_position_over_blocks_of_the_common_length():
+    shares = [(9, "head"), (1, "norm"), (4, "gemv"), (2, "scan"), (3, "norm"), (6, "gemv"), (4, "scan"),
+              (1, "norm"), (5, "gemv")]  # a head before the first block; the last block is cut short
+    got = timeline.block_shares(shares, lambda name: name == "norm")
+    assert got == {"blocks": 2, "positions": [{"kernel": "norm", "share_us": 2}, {"kernel": "gemv", "share_us": 5},
+                                              {"kernel": "scan", "share_us": 3}]}
+    assert timeline.block_shares(shares, lambda name: False) == {"blocks": 0, "positions": []}
 
 
 def test_a_step_with_no_kernels_is_an_error():
@@ -47,6 +63,9 @@ def test_busy_idle_and_overlap_add_up(raw):
     # the idle time is the gaps', and it is all attributed to the kinds that ended a gap
     assert sum(g["us_per_step"] for g in summary["gaps"]) == pytest.approx(summary["idle_us"])
     assert sum(k["idle_before_us"] for k in summary["kinds"].values()) == pytest.approx(summary["idle_us"])
+    # the shares split the busy time among the kernels, none negative
+    assert sum(k["share_us"] for k in summary["kinds"].values()) == pytest.approx(summary["busy_us"])
+    assert min(share for share, _ in timeline.step_share(intervals)) >= 0
     assert sum(k["launches"] for k in summary["kinds"].values()) == pytest.approx(len(intervals) / 2)
 
 
@@ -58,7 +77,7 @@ def test_cpu_smoke_run_prints_and_writes_json(tmp_path, capsys, monkeypatch):
     out = tmp_path / "timeline.json"
     assert timeline.main(["--smoke", "--steps", "2", "--batches", "1", "2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "w8a8: per step" in printed and "| gap before | gap after |" in printed
+    assert "w8a8: per step" in printed and "| gap before | gap after |" in printed and "| position |" in printed
     data = json.loads(out.read_text())
     assert data["meta"]["model"] == "mamba-tiny" and sorted(data["results"]) == ["1", "2"]
     for at_batch in data["results"].values():
