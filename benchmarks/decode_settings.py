@@ -3,7 +3,7 @@ A/B of a kernel rule (e.g. the L2 prefetch window) without rebuilding the model 
 
     python benchmarks/decode_settings.py --set quamba_fx.kernels.pdl.L2_WINDOW_BYTES=0,4194304,8388608
         [--model mamba-2.8b] [--recipe quamba] [--rtn-weights] [--batches 1 16 64] [--rounds 2] [--ref]
-        [--commit SHA] [--json PATH] [--smoke]
+        [--greedy] [--commit SHA] [--json PATH] [--smoke]
 
 `--set MODULE.NAME=V1,V2,...` (Python literals; repeat the flag for a grid of every combination) is
 assigned before each variant's `quamba_fx.Generator` is built and its decode step captured, so it
@@ -15,8 +15,10 @@ also times mamba_ssm's CUDA-graph decode once (needs /work/shared/anchors on PYT
 benchmarks/reference.py does).
 
 Rows are tokens/s of greedy decode steps replayed from CUDA graphs after a 16-token prompt (as
-reference.py times them); the table gives each round, the mean, and the mean over the first
-variant's. `--smoke` checks the script on CPU (mamba-tiny, a few plain steps; the numbers mean
+reference.py times them: a replay, then the argmax, a step); with `--greedy`, of
+`Generator.greedy`, whose graphs hold the argmax and `quamba_fx.runtime.STEPS_PER_GRAPH` steps
+(`--greedy --set quamba_fx.runtime.STEPS_PER_GRAPH=1,8,32`: what the host's gap between replays
+costs). The table gives each round, the mean, and the mean over the first variant's. `--smoke` checks the script on CPU (mamba-tiny, a few plain steps; the numbers mean
 nothing there). docs/benchmarks.md (session 29) has the L2 window sweep this script reproduces.
 """
 
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace, settings: list[tuple[object, str, list]],
     lowered = ours[R.recipe_label(args.recipe)]
     torch.manual_seed(1)
     prompts = {b: torch.randint(0, vocab, (b, R.PROMPT_LEN), device=R.DEVICE) for b in args.batches}
-    result: dict = {"model": args.model, "recipe": args.recipe, "check": check,
+    result: dict = {"model": args.model, "recipe": args.recipe, "check": check, "greedy": args.greedy,
                     "variants": [label(v) for v in grid], "rows": []}
     try:
         with torch.inference_mode():
@@ -96,7 +98,8 @@ def run(args: argparse.Namespace, settings: list[tuple[object, str, list]],
                     # by problem, not by setting): each variant chooses its own.
                     clear_tuned_configs()
                     for batch, prompt in prompts.items():
-                        rate, _ = R._our_decode_rate(lowered, prompt, args.steps)
+                        rate = (R.our_greedy_rate(lowered, prompt, args.steps) if args.greedy
+                                else R._our_decode_rate(lowered, prompt, args.steps)[0])
                         result["rows"].append({"variant": label(variant), "round": round_, "batch": batch,
                                                "tokens_per_s": rate})
                         R.log(f"  round {round_} {label(variant)} batch {batch}: {rate:.0f} tok/s")
@@ -110,7 +113,8 @@ def run(args: argparse.Namespace, settings: list[tuple[object, str, list]],
 
 def print_table(result: dict, batches: list[int]) -> None:
     names = result["variants"]
-    print(f"\nDecode tokens/s, {result['model']} {result['recipe']}, CUDA-graph steps "
+    how = "Generator.greedy" if result.get("greedy") else "CUDA-graph steps"
+    print(f"\nDecode tokens/s, {result['model']} {result['recipe']}, {how} "
           "(rounds; mean; mean / first variant's)")
     print("| variant | batch | rounds | mean | vs first |" + (" vs mamba_ssm |" if "mamba_ssm" in result else ""))
     print("|---|---|---|---|---|" + ("---|" if "mamba_ssm" in result else ""))
@@ -138,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=R.DECODE_STEPS, help="timed decode steps")
     parser.add_argument("--ref", action="store_true", help="also time mamba_ssm's decode once")
+    parser.add_argument("--greedy", action="store_true",
+                        help="time our steps through Generator.greedy (graphs of STEPS_PER_GRAPH steps)")
     parser.add_argument("--commit", default=None, help="the checkout's commit, recorded in the JSON")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--smoke", action="store_true", help="check the script on CPU: mamba-tiny, a few steps")

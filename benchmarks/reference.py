@@ -353,6 +353,22 @@ def _our_decode_rate(lowered, prompt: torch.Tensor, steps: int) -> tuple[float, 
     return decode_rate(lambda p: gen.prefill(p)[:, -1], gen.decode, prompt, steps), gen.cache.nbytes
 
 
+def our_greedy_rate(lowered, prompt: torch.Tensor, steps: int) -> float:
+    """Tokens/s of `quamba_fx.Generator.greedy` after `prompt`: greedy steps with the argmax and
+    the next step's input on the GPU, `steps_per_graph` (`quamba_fx.runtime.STEPS_PER_GRAPH`) of
+    them a CUDA graph replay; after warm-up steps that capture its graphs."""
+    import quamba_fx
+
+    gen = quamba_fx.Generator(lowered, prompt.shape[0], cuda_graph=DEVICE == "cuda")
+    token = gen.prefill(prompt)[:, -1].argmax(-1)
+    token = gen.greedy(token, max(3, 2 * gen.steps_per_graph))[:, -1]
+    sync()
+    started = time.perf_counter()
+    gen.greedy(token, steps)
+    sync()
+    return prompt.shape[0] * steps / (time.perf_counter() - started)
+
+
 def _our_decode_breakdown(lowered, prompt: torch.Tensor) -> dict:
     """`kernel_breakdown` of one plain (not graph-replayed) decode step after `prompt`."""
     import quamba_fx

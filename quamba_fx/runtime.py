@@ -4,7 +4,9 @@
 `passes.lower.cached_graph`): the prefill graph runs the prompt and leaves each block's last conv
 inputs and final scan state in a `MambaCache`; the decode graph advances them by one token. On CUDA
 the decode step is captured once as a CUDA graph and replayed, so batch-1 decode costs the kernels'
-time, not one Python launch per kernel. Both graphs call the kernel ops' functions directly
+time, not one Python launch per kernel; greedy decoding (`Generator.greedy`, `generate`) captures
+`steps_per_graph` steps, their argmax and the feeding of each token to the next step in one graph,
+so that nothing runs on the host between them. Both graphs call the kernel ops' functions directly
 (`direct_calls`), not through the dispatcher: plain calls spend less host time a launch.
 """
 
@@ -22,6 +24,11 @@ from .graph_meta import find_graph_meta
 from .kernels.dispatch import op_function
 from .passes.kernel_lowering import cached_graph, conv_state_dtype, ssm_state_dtype
 from .recipe import block_paths
+
+# Greedy decode steps a CUDA graph of `Generator.greedy` holds, unless the Generator is given its
+# own. Between two replays the host launches the next, and the GPU idles for the gap; more steps
+# a graph spread that gap over them, at the cost of one capture (and its memory) per Generator.
+STEPS_PER_GRAPH = 1
 
 
 @dataclass
@@ -117,17 +124,24 @@ class Generator:
     """Prefill + cached decode of a lowered graph for a fixed batch size.
 
     `prefill(input_ids [B, L])` returns logits `[B, L, V]` and fills the cache; `decode(tokens [B])`
-    returns the next logits `[B, V]`; `generate(input_ids, n)` is greedy decoding. `cuda_graph`
-    (default: on for CUDA models) replays the decode step from a CUDA graph captured on first use.
+    returns the next logits `[B, V]`; `greedy(tokens [B], n)` runs n greedy steps and returns the
+    tokens they pick; `generate(input_ids, n)` is prefill then greedy decoding. `cuda_graph`
+    (default: on for CUDA models) replays the decode step from a CUDA graph captured on first use,
+    and `greedy` replays `steps_per_graph` steps (default `STEPS_PER_GRAPH`) from one graph.
     """
 
-    def __init__(self, lowered: torch.fx.GraphModule, batch_size: int, cuda_graph: bool | None = None):
+    def __init__(self, lowered: torch.fx.GraphModule, batch_size: int, cuda_graph: bool | None = None,
+                 steps_per_graph: int | None = None):
         meta = find_graph_meta(lowered)
         if meta is None or not meta.lowered:
             raise InputError("Generator needs a lowered graph: quamba_fx.lower(quamba_fx.quantize(...))")
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        steps_per_graph = STEPS_PER_GRAPH if steps_per_graph is None else steps_per_graph
+        if not isinstance(steps_per_graph, int) or steps_per_graph < 1:
+            raise InputError(f"steps_per_graph must be an integer >= 1, got {steps_per_graph!r}")
         self.batch_size = batch_size
+        self.steps_per_graph = steps_per_graph
         self.prefill_graph = direct_calls(cached_graph(lowered, decode=False))
         self.decode_graph = direct_calls(cached_graph(lowered, decode=True))
         self.device = next(iter(lowered.buffers())).device
@@ -138,6 +152,9 @@ class Generator:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_ids: torch.Tensor | None = None
         self._static_logits: torch.Tensor | None = None
+        self._greedy_graph: torch.cuda.CUDAGraph | None = None
+        self._greedy_ids: torch.Tensor | None = None
+        self._greedy_tokens: torch.Tensor | None = None
 
     def _check_ids(self, input_ids: torch.Tensor, length: int | None = None) -> None:
         if input_ids.dim() != 2 or input_ids.shape[0] != self.batch_size:
@@ -166,21 +183,71 @@ class Generator:
         return self._static_logits[:, -1].clone()
 
     def _capture(self, ids: torch.Tensor) -> None:
-        # Warm-up runs (Triton autotuning and compilation) change the cache: restore it after.
-        saved = self.cache.clone()
         self._static_ids = ids.clone()
+        self._graph = self._captured(
+            lambda: self.decode_graph(self._static_ids, self.cache.conv_states, self.cache.ssm_states))
+
+    def _captured(self, step) -> torch.cuda.CUDAGraph:
+        """A CUDA graph of `step()` (whose outputs its caller keeps from the capture), after two
+        warm-up runs on a side stream for Triton's autotuning and compilation. The warm-up changes
+        the cache, so it is restored; capture records without running, so the cache is left as it
+        was."""
+        saved = self.cache.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.decode_graph(self._static_ids, self.cache.conv_states, self.cache.ssm_states)
+                step()
         torch.cuda.current_stream().wait_stream(stream)
         self.cache.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._static_logits = self.decode_graph(self._static_ids, self.cache.conv_states, self.cache.ssm_states)
-        self._graph = graph
-        # Capture records without running: the cache still holds the state before this step.
+            step()
+        return graph
+
+    def _greedy_steps(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """`out.shape[1]` greedy steps from the tokens in `ids [B, 1]`: step i's argmax goes to
+        `out[:, i]` and into `ids` for the next step. What a greedy CUDA graph holds."""
+        for i in range(out.shape[1]):
+            logits = self.decode_graph(ids, self.cache.conv_states, self.cache.ssm_states)
+            picked = logits[:, -1].argmax(dim=-1)
+            out[:, i].copy_(picked)
+            ids.copy_(picked[:, None])
+
+    @torch.no_grad()
+    def greedy(self, tokens: torch.Tensor, steps: int) -> torch.Tensor:
+        """`steps` greedy decode steps from the last tokens `tokens [B]`: returns the tokens they
+        pick, `[B, steps]` int64, and advances the cache by `steps`.
+
+        With CUDA graphs, whole groups of `steps_per_graph` steps replay from one graph (captured on
+        first use), each step's token fed to the next on the GPU; the steps left over replay the
+        one-step graph of `decode`. The tokens are those of `decode` then argmax, step by step."""
+        if not isinstance(steps, int) or steps < 0:
+            raise InputError(f"steps must be an integer >= 0, got {steps!r}")
+        if tokens.numel() != self.batch_size:
+            raise InputError(f"expected {self.batch_size} token(s), one a sequence, got shape {tuple(tokens.shape)}")
+        ids = tokens.reshape(self.batch_size, 1).to(self.device, torch.long)
+        if not self.use_cuda_graph:
+            out = torch.empty((self.batch_size, steps), dtype=torch.long, device=self.device)
+            self._greedy_steps(ids.clone(), out)
+            return out
+        chunks = []
+        per_graph = self.steps_per_graph
+        for _ in range(steps // per_graph if per_graph > 1 else 0):
+            if self._greedy_graph is None:
+                self._greedy_ids = ids.clone()
+                self._greedy_tokens = torch.empty((self.batch_size, per_graph), dtype=torch.long, device=self.device)
+                self._greedy_graph = self._captured(lambda: self._greedy_steps(self._greedy_ids, self._greedy_tokens))
+            self._greedy_ids.copy_(ids)
+            self._greedy_graph.replay()
+            chunks.append(self._greedy_tokens.clone())  # overwritten by the next replay
+            ids = chunks[-1][:, -1:]
+        for _ in range(steps - per_graph * len(chunks)):
+            picked = self.decode(ids).argmax(dim=-1)
+            chunks.append(picked[:, None])
+            ids = picked
+        return torch.cat(chunks, dim=1) if chunks else torch.empty((self.batch_size, 0), dtype=torch.long,
+                                                                    device=self.device)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -188,11 +255,9 @@ class Generator:
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         input_ids = input_ids.to(self.device)
-        logits = self.prefill(input_ids)[:, -1]
-        tokens = [input_ids]
-        for step in range(max_new_tokens):
-            nxt = logits.argmax(dim=-1)
-            tokens.append(nxt[:, None])
-            if step + 1 < max_new_tokens:
-                logits = self.decode(nxt)
-        return torch.cat(tokens, dim=1)
+        last_logits = self.prefill(input_ids)[:, -1]
+        if max_new_tokens == 0:
+            return input_ids.clone()
+        first = last_logits.argmax(dim=-1)
+        rest = self.greedy(first, max_new_tokens - 1)
+        return torch.cat([input_ids, first[:, None].to(input_ids.dtype), rest.to(input_ids.dtype)], dim=1)

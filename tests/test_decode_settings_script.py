@@ -65,3 +65,28 @@ def test_cpu_smoke_run_times_each_variant_under_its_setting(tmp_path, capsys, mo
     result = json.loads(out.read_text())["result"]
     assert result["variants"] == ["L2_WINDOW_BYTES=0", "L2_WINDOW_BYTES=16"]
     assert len(result["rows"]) == 8 and all(row["tokens_per_s"] > 0 for row in result["rows"])
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run_times_greedy_steps_under_each_steps_per_graph(tmp_path, capsys, monkeypatch):
+    from quamba_fx import runtime
+    from quamba_fx.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "INTERPRET", False)  # the script's logic, not the kernels
+    reference = script.R
+    monkeypatch.setattr(reference, "DEVICE", reference.DEVICE)
+    seen = []
+    timed = reference.our_greedy_rate
+
+    def recording(lowered, prompt, steps):
+        seen.append(runtime.STEPS_PER_GRAPH)
+        return timed(lowered, prompt, steps)
+
+    monkeypatch.setattr(reference, "our_greedy_rate", recording)
+    out = tmp_path / "greedy.json"
+    assert script.main(["--smoke", "--greedy", "--set", "quamba_fx.runtime.STEPS_PER_GRAPH=1,2", "--batches", "1",
+                        "--rounds", "1", "--json", str(out)]) == 0
+    assert seen == [1, 2] and runtime.STEPS_PER_GRAPH == 1
+    assert "mamba-tiny quamba, Generator.greedy" in capsys.readouterr().out
+    result = json.loads(out.read_text())["result"]
+    assert result["greedy"] and all(row["tokens_per_s"] > 0 for row in result["rows"])
