@@ -24,9 +24,8 @@ from hypothesis import strategies as st
 
 from quamba_fx.kernels import gemm, gemm_skinny, gemv, split_k
 from quamba_fx.kernels.conv1d import causal_conv1d_update_silu_int8
-from quamba_fx.kernels.gemm import (ConvStep, NormStep, hadamard_int8_gemm, int8_gemm, int8_gemm_conv_step,
-                                    int8_gemm_reference, rmsnorm_int8_gemm_conv_step)
-from quamba_fx.kernels.hadamard import hadamard_quantize
+from quamba_fx.kernels.gemm import (ConvStep, NormStep, int8_gemm, int8_gemm_conv_step, int8_gemm_reference,
+                                    rmsnorm_int8_gemm_conv_step)
 from quamba_fx.kernels.norm import add_rmsnorm_quantize
 from quamba_fx.quant.qops import MAX_INT8_LINEAR_K
 
@@ -402,7 +401,7 @@ def test_gemm_with_a_conv_step_equals_the_gemm_then_the_conv_kernel(M, K, D, W, 
 
 def _gemv_fails_to_compile_with(monkeypatch, keyword: str, message: str) -> None:
     """gemv.launch raises `message`, as a failed compile would, whenever it is given `keyword`
-    (its conv epilogue, norm or Hadamard prologue); off the interpreter, with no launch remembered."""
+    (its conv epilogue or norm prologue); off the interpreter, with no launch remembered."""
     real_launch = gemv.launch
 
     def launch(*args, **kwargs):
@@ -486,79 +485,6 @@ def test_a_gemv_norm_prologue_that_fails_to_compile_falls_back_to_the_norm_kerne
     assert torch.equal(out, want) and torch.equal(u, want_u) and torch.equal(r, want_r)
     assert torch.equal(conv.state, state)  # advanced once
     assert list(gemm._USES_ALTERNATIVE.values()).count(False) == 1
-
-
-def _hadamard_case(M: int, K: int, N: int, y_dtype: torch.dtype, out: str, seed: int, device: str | None = DEVICE):
-    """A scan output y [M, 1, K] and out_proj's GEMM arguments after its scale; `out`: "fp32",
-    "fp16" (float outputs, bias) or "int8" (a per-tensor out scale)."""
-    gen = torch.Generator().manual_seed(seed)
-    y = (torch.randn(M, 1, K, generator=gen) * 2).to(y_dtype).to(device)
-    y_scale = torch.tensor([0.04]).to(device)
-    w_q = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8).to(device)
-    w_scale = (torch.rand(N, generator=gen) * 0.01 + 1e-3).to(device)
-    bias = (torch.randn(N, generator=gen) if out != "int8" else None)
-    out_scale = torch.tensor([0.5]).to(device) if out == "int8" else None
-    out_dtype = {"fp32": torch.float32, "fp16": torch.float16, "int8": None}[out]
-    return y, y_scale, (w_q, w_scale, bias.to(device) if bias is not None else None, out_scale, out_dtype)
-
-
-@needs_kernel
-@pytest.mark.parametrize("M, K, N, y_dtype, out", [
-    (1, 64, 48, torch.float16, "fp32"),   # a power of two: the Sylvester factor alone, one row-block
-    (1, 160, 40, torch.float32, "int8"),  # 20 x 8, the FMA path in the Hadamard kernel too; split K mid-block
-    (1, 1536, 24, torch.bfloat16, "fp16"),  # 12 x 128 (130m's d_inner): the Hadamard kernel's tensor cores
-    (1, 5120, 300, torch.float16, "fp32"),  # 20 x 256 (2.8b's): every row-block in one program
-    (2, 160, 40, torch.float16, "fp32"),  # two rows: the Hadamard kernel, then the GEMM
-])
-def test_gemv_with_a_hadamard_prologue_equals_the_hadamard_kernel_then_the_gemm(M, K, N, y_dtype, out, monkeypatch):
-    """One launch at one row: each GEMV program rotates and quantizes the row-blocks its K range
-    reads, and the output is the two kernels'. Where the Hadamard kernel sums on tensor cores (on
-    the GPU) a code may move by one step at a rounding boundary (hadamard.py's contract): the
-    output may then differ by that code's product, on a few codes at most."""
-    y, y_scale, rest = _hadamard_case(M, K, N, y_dtype, out, seed=K + N)
-    want = int8_gemm(hadamard_quantize(y, y_scale), y_scale, *rest)
-    launches = []
-    real = gemv.launch
-    monkeypatch.setattr(gemv, "launch", lambda *a, **k: launches.append(k.get("hadamard") is not None) or real(*a, **k))
-    got = hadamard_int8_gemm(y, y_scale, *rest)
-    assert launches == ([True] if M == 1 else [])  # more rows: the few-row GEMM, not the GEMV
-    assert got.shape == want.shape and got.dtype == want.dtype
-    if EXACT or K in (64, 160):
-        assert torch.equal(got, want)
-    else:
-        w_q, w_scale = rest[0], rest[1]
-        step = y_scale * w_scale * w_q.abs().max(dim=1).values.float()  # one code's largest effect a column
-        codes_moved = ((got.float() - want.float()).abs() / step).max().item()
-        assert codes_moved <= 1 + K // 1000
-
-
-@pytest.mark.skipif(not EXACT, reason="runs the GEMV on CPU tensors: needs TRITON_INTERPRET=1")
-def test_a_gemv_hadamard_prologue_that_fails_to_compile_falls_back_to_the_hadamard_kernel(monkeypatch):
-    _gemv_fails_to_compile_with(monkeypatch, "hadamard", "out of shared memory")
-    y, y_scale, rest = _hadamard_case(1, 160, 40, torch.float16, "fp32", seed=8, device="cpu")
-    want = int8_gemm(hadamard_quantize(y, y_scale), y_scale, *rest)
-    with pytest.warns(RuntimeWarning, match="GEMV with a Hadamard prologue failed on this device .*shared memory"):
-        got = hadamard_int8_gemm(y, y_scale, *rest)
-    assert torch.equal(got, want)
-    assert list(gemm._USES_ALTERNATIVE.values()).count(False) == 1
-    with warnings.catch_warnings(record=True) as seen:  # no second try, no second warning
-        warnings.simplefilter("always")
-        assert torch.equal(hadamard_int8_gemm(y, y_scale, *rest), want)
-    assert not any("Hadamard prologue" in str(w.message) for w in seen)
-
-
-def test_hadamard_gemm_errors_name_the_function():
-    y, y_scale, rest = _hadamard_case(1, 160, 40, torch.float16, "fp32", seed=5, device="cpu")
-    with pytest.raises(ValueError, match="hadamard_int8_gemm: x must be float16, bfloat16 or float32"):
-        hadamard_int8_gemm(y.to(torch.int8), y_scale, *rest)
-    with pytest.raises(ValueError, match="no Hadamard matrix construction for n=150"):
-        hadamard_int8_gemm(y[..., :150], y_scale, *rest)
-    with pytest.raises(ValueError, match="hadamard_int8_gemm: scale must be a 0-dim or 1-element float32 tensor"):
-        hadamard_int8_gemm(y, 0.04, *rest)
-    with pytest.raises(ValueError, match="K"):  # the weight's K is not y's
-        hadamard_int8_gemm(y, y_scale, rest[0][:, :128], *rest[1:])
-    # On the reference path (CPU without the interpreter) it is the two functions' result.
-    assert torch.equal(hadamard_int8_gemm(y, y_scale, *rest), int8_gemm(hadamard_quantize(y, y_scale), y_scale, *rest))
 
 
 def test_norm_step_errors_name_the_function():

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from quamba_fx.kernels import dequant_w4, gemm_w4, gemm_w4_skinny, gemv_w4
 from quamba_fx.kernels.dispatch import INTERPRET, use_triton
-from quamba_fx.kernels.hadamard import hadamard_transform_triton
 from quamba_fx.kernels.norm import add_rmsnorm_quantize
 from quamba_fx.kernels.int4_codes import nibbles, nibbles_x16
 from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4, w4a8_linear, w4a16_linear
@@ -356,47 +355,6 @@ def test_the_conv_step_runs_after_the_gemm_where_the_gemv_does_not_take_the_rows
         gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state, conv_start=29)
 
 
-@pytest.mark.parametrize("k, n, group, y_dtype", [
-    (64, 48, 32, torch.float16),     # a power of two: the Sylvester factor alone
-    (160, 40, 32, torch.float32),    # 20 x 8: the FMA path in the Hadamard kernel too
-    (1536, 24, 128, torch.float16),  # 12 x 128 (130m's d_inner): the Hadamard kernel's tensor cores
-    (5120, 16, 128, torch.bfloat16),  # 20 x 256 (2.8b's): ten programs of 1024 columns, four row-blocks each
-])
-def test_w4a16_gemv_with_a_rotation_prologue_equals_the_rotation_then_the_gemv(k, n, group, y_dtype, monkeypatch):
-    """One launch at one row: each GEMV program rotates the row-blocks its columns read into fp16,
-    and the output is the rotation kernel's then the GEMV's. Where the rotation sums on tensor
-    cores (on the GPU) an fp16 value can differ in its last bit, moving the output by as little."""
-    packed, scale = weights(n, k, group, seed=k + n)
-    y = torch.randn(1, 1, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, y_dtype)
-    bias = torch.randn(n, device=DEVICE)
-    rotated = []
-    real = gemv_w4.launch
-    monkeypatch.setattr(gemv_w4, "launch", lambda *a, **kw: rotated.append(kw.get("rotate", False)) or real(*a, **kw))
-    got = gemm_w4.hadamard_w4a16_gemm(y, torch.float16, packed, scale, group, bias, torch.float16)
-    assert rotated == [True]
-    expected = gemm_w4.w4a16_gemm(hadamard_transform_triton(y, torch.float16), packed, scale, group, bias,
-                                  torch.float16)
-    assert got.dtype == torch.float16 and got.shape == expected.shape
-    if INTERPRET or k in (64, 160):
-        assert torch.equal(got, expected)
-    else:
-        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-3, atol=2e-3)
-
-
-def test_the_rotation_before_a_w4a16_gemm_runs_as_two_kernels_where_the_gemv_does_not_fuse_it():
-    """Two rows, or a rotation kept in fp32: the rotation kernel, then w4a16_gemm; bad inputs are
-    named."""
-    packed, scale = weights(40, 160, 32, seed=3)
-    y = torch.randn(2, 1, 160, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    for rows, rot_dtype in ((y, torch.float16), (y[:1], torch.float32)):
-        got = gemm_w4.hadamard_w4a16_gemm(rows, rot_dtype, packed, scale, 32)
-        assert torch.equal(got, gemm_w4.w4a16_gemm(hadamard_transform_triton(rows, rot_dtype), packed, scale, 32))
-    with pytest.raises(ValueError, match="hadamard_w4a16_gemm: x must be float16, bfloat16 or float32"):
-        gemm_w4.hadamard_w4a16_gemm(y.to(torch.int8), torch.float16, packed, scale, 32)
-    with pytest.raises(ValueError, match="no Hadamard matrix construction for n=150"):
-        gemm_w4.hadamard_w4a16_gemm(y[..., :150], torch.float16, packed, scale, 32)
-
-
 @pytest.mark.parametrize("k, n, channels, has_residual, x_dtype", [
     (64, 96, 40, True, torch.float16),     # Mamba-1's x half: the conv reads columns 0-39
     (256, 300, 128, False, torch.float32),  # the first block: no residual yet
@@ -474,7 +432,7 @@ def _fused_case(form: str):
         def two_kernels(s):
             xz = gemm_w4.w4a16_gemm(x, packed, scale, 32)
             return xz, conv1d_silu_update(xz[:, 0, :40], conv_w, None, s)[..., None]
-    elif form == "norm":
+    else:
         def call():
             return gemm_w4.rmsnorm_w4a16_gemm_conv_step(x, residual, weight, 1e-5, packed, scale, 32, None, None,
                                                         conv_w, None, state)
@@ -483,17 +441,11 @@ def _fused_case(form: str):
             h, r = add_rmsnorm_quantize(x, residual, weight, 1e-5, None, torch.float16)
             xz = gemm_w4.w4a16_gemm(h, packed, scale, 32)
             return xz, conv1d_silu_update(xz[:, 0, :40], conv_w, None, s)[..., None], r
-    else:
-        def call():
-            return (gemm_w4.hadamard_w4a16_gemm(x, torch.float16, packed, scale, 32),)
-
-        def two_kernels(s):
-            return (gemm_w4.w4a16_gemm(hadamard_transform_triton(x, torch.float16), packed, scale, 32),)
     return call, two_kernels, state
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs the GEMV on CPU tensors: needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("form, keyword", [("conv", "conv"), ("norm", "norm"), ("rotation", "rotate")])
+@pytest.mark.parametrize("form, keyword", [("conv", "conv"), ("norm", "norm")])
 def test_a_fused_w4a16_gemv_that_fails_to_compile_falls_back_to_the_separate_kernels(form, keyword, monkeypatch):
     """If the GEMV with an epilogue or prologue of its own cannot be built on the device, a warning
     says so once and the separate kernels run, with the same results and any state advanced once;

@@ -227,13 +227,10 @@ def test_decode_graph_folds_dt_proj_into_the_scan_and_the_conv_into_in_proj(tiny
     assert sum(op_name(n) == "w8a8_linear" and "dt_proj" in n.args[2].target for n in prefill) == blocks
 
 
-@pytest.mark.parametrize("setting,op", [("gemm.FUSE_NORM_IN_DECODE", "rmsnorm_in_proj_conv_update"),
-                                        ("hadamard.FUSE_HADAMARD_IN_OUT_PROJ", "hadamard_w8a8_linear")])
+@pytest.mark.parametrize("setting,op", [("gemm.FUSE_NORM_IN_DECODE", "rmsnorm_in_proj_conv_update")])
 def test_decode_gemv_prologues_give_the_logits_of_the_separate_kernels(tiny_quantized, monkeypatch, setting, op):
-    """With the add + RMSNorm in in_proj's GEMV, or the rotation + quantize in out_proj's, batch-1
-    decode steps give the logits (and the cache) of the graph that runs the separate kernels, bit
-    for bit under the interpreter (mamba-tiny's d_inner is a power of two, where the Hadamard
-    kernel runs the prologue's own arithmetic)."""
+    """With the add + RMSNorm in in_proj's GEMV, batch-1 decode steps give the logits (and the
+    cache) of the graph that runs the separate kernels, bit for bit under the interpreter."""
     from quamba_fx.passes import lowering
 
     module, name = setting.split(".")
@@ -252,23 +249,6 @@ def test_decode_gemv_prologues_give_the_logits_of_the_separate_kernels(tiny_quan
 
     fused, separate = decode_two(True), decode_two(False)
     assert all(torch.equal(a, b) for a, b in zip(fused, separate))
-
-
-def test_decode_graph_with_the_rotation_in_out_proj_keeps_no_hadamard_kernel(tiny_quantized, monkeypatch):
-    """FUSE_HADAMARD_IN_OUT_PROJ takes every block's hadamard_quantize into its out_proj op, which
-    reads out_proj's weight and the rotation's scale; the prefill graph keeps the two kernels."""
-    from quamba_fx.passes.lowering import hadamard as hadamard_rules
-
-    monkeypatch.setattr(hadamard_rules, "FUSE_HADAMARD_IN_OUT_PROJ", True)
-    gen = quamba_fx.Generator(quamba_fx.lower(tiny_quantized), batch_size=1)
-    blocks = tiny_config().num_hidden_layers
-    decode = [n for n in gen.decode_graph.graph.nodes if n.op == "call_function"]
-    fused = [n for n in decode if op_name(n) == "hadamard_w8a8_linear"]
-    assert len(fused) == blocks and all("out_proj" in n.args[2].target for n in fused)
-    assert not any(op_name(n) == "hadamard_quantize" for n in decode)
-    assert not any(op_name(n) == "w8a8_linear" and "out_proj" in n.args[2].target for n in decode)
-    prefill = [n for n in gen.prefill_graph.graph.nodes if n.op == "call_function"]
-    assert sum(op_name(n) == "hadamard_quantize" for n in prefill) == blocks
 
 
 @pytest.mark.slow  # ~15 s interpreted, for a rule that is off by default; the kernel's equality test is fast

@@ -90,7 +90,6 @@ from .dispatch import use_triton as _use_triton
 from . import gemm_skinny, gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
 from .conv1d import _conv_params, as_out_scale, causal_conv1d_update_silu_int8
-from .hadamard import check_quantize_args, hadamard_quantize
 from .norm import add_rmsnorm_quantize, check_norm_args
 from .pdl import launch_options, wait_for_previous
 from .gemm_epilogue import OUT_MODES as _OUT_MODES
@@ -100,8 +99,8 @@ from torch import Tensor
 from ..quant import qops  # noqa: F401  (registers torch.ops.quamba.int8_linear, the reference)
 from ..quant.qops import _check_linear, _linear_out_dtype
 
-__all__ = ["ConvStep", "NormStep", "PROLOGUE_MAX_K", "hadamard_int8_gemm", "int8_gemm", "int8_gemm_conv_step",
-           "int8_gemm_reference", "rmsnorm_int8_gemm_conv_step"]
+__all__ = ["ConvStep", "NormStep", "PROLOGUE_MAX_K", "int8_gemm", "int8_gemm_conv_step", "int8_gemm_reference",
+           "rmsnorm_int8_gemm_conv_step"]
 
 
 # Tuning is per power-of-two bucket of M, not per exact M: prefill lengths vary per request and
@@ -111,9 +110,8 @@ _M_BUCKET_CAP = 16384
 
 # From this M bucket on, problems TMA can address run the persistent kernel of gemm_tma.py.
 _TMA_MIN_M = 256
-# The longest row whose norm or rotation the GEMV computes in its prologue
-# (`rmsnorm_int8_gemm_conv_step`, `hadamard_int8_gemm`): held in registers whole, as the norm
-# kernel's single pass holds it (the rotation: the row-blocks a program needs, at most the row).
+# The longest row whose norm the GEMV computes in its prologue (`rmsnorm_int8_gemm_conv_step`):
+# held in registers whole, as the norm kernel's single pass holds it.
 PROLOGUE_MAX_K = 8192
 
 
@@ -736,7 +734,7 @@ def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, con
 def _prologue_gemv(x: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                    out_scale: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Optional[tuple]:
     """`(out, tensors, key, flags)` (`_operands`') of a GEMV that makes its own int8 input from the
-    float row `x` in a prologue (the norm's or the rotation's), when the GEMV runs the problem:
+    float row `x` in a prologue (the norm's), when the GEMV runs the problem:
     one row on a Triton device, K up to PROLOGUE_MAX_K, operands it reads as words; else None.
     The GEMM's arguments are validated against the codes the prologue makes; the separate kernels
     the callers run otherwise validate their own."""
@@ -807,32 +805,6 @@ def rmsnorm_int8_gemm_conv_step(
     return out, u, r_out
 
 
-def hadamard_int8_gemm(y: Tensor, y_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
-                       out_scale: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """`int8_gemm(hadamard_quantize(y, y_scale), y_scale, w_q, w_scale, bias, out_scale, out_dtype)`:
-    Quamba's rotation of the scan output, its quantization, and out_proj. Arguments as those two
-    functions take them (ValueErrors naming this function for y and y_scale).
-
-    A one-row problem that the GEMV runs (batch-1 decode on the GPU) is one launch: each GEMV
-    program rotates and quantizes the row-blocks of y that its K range reads, into a scratch row of
-    its own (`hadamard.rotated_rows`, the one-row Hadamard kernel's fp32 FMA arithmetic), then runs
-    its columns. Where `hadamard_quantize` itself runs that arithmetic (powers of two, and dense
-    factors too small for tensor cores) the codes are its codes; where it runs the tensor-core
-    kernel (Mamba's other sizes, e.g. 5120) the fp32 sums add up in another order, which can move
-    a code by one step where `y / y_scale` sits at a rounding boundary (hadamard.py's contract).
-    Other problems run `hadamard_quantize`, then `int8_gemm`.
-    """
-    k = check_quantize_args("hadamard_int8_gemm", y, y_scale)
-    problem = _prologue_gemv(y, y_scale, w_q, w_scale, bias, out_scale, out_dtype)
-    if problem is not None:
-        out, tensors, key, flags = problem
-        row = y.reshape(1, k).contiguous()
-        if fused_gemv_ran("gemv_hadamard", key, "a Hadamard prologue",
-                          lambda: gemv.launch(tensors, out.shape[-1], k, key, flags, hadamard=row)):
-            return out
-    return int8_gemm(hadamard_quantize(y, y_scale), y_scale, w_q, w_scale, bias, out_scale, out_dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # Graph ops (torch.ops.quamba.*, see dispatch.graph_op)
 # ---------------------------------------------------------------------------------------------
@@ -848,20 +820,6 @@ def w8a8_linear_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, b
 @w8a8_linear_op.register_fake
 def _w8a8_linear_fake(x_q, x_scale, w_q, w_scale, bias=None, out_scale=None, out_dtype=None):
     return torch.ops.quamba.int8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
-
-
-@graph_op("quamba::hadamard_w8a8_linear", mutates_args=())
-def hadamard_w8a8_linear_op(y: Tensor, y_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
-                            out_scale: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """A decode step's rotation, quantize and out_proj: `w8a8_linear(hadamard_quantize(y, y_scale),
-    y_scale, w_q, ..)`. At batch 1 on the GPU one GEMV launch computes both (`hadamard_int8_gemm`)."""
-    return hadamard_int8_gemm(y, as_scalar(y_scale), w_q, w_scale, bias, out_scale, out_dtype)
-
-
-@hadamard_w8a8_linear_op.register_fake
-def _hadamard_w8a8_linear_fake(y, y_scale, w_q, w_scale, bias=None, out_scale=None, out_dtype=None):
-    codes = torch.empty(y.shape, dtype=torch.int8, device=y.device)
-    return torch.ops.quamba.int8_linear(codes, y_scale, w_q, w_scale, bias, out_scale, out_dtype)
 
 
 @graph_op("quamba::in_proj_conv_update", mutates_args=("conv_state",))

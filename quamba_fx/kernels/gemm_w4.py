@@ -32,12 +32,11 @@ from . import dequant_w4, gemm_w4_skinny, gemv_w4
 from .conv1d_float import MAX_UPDATE_WIDTH, conv1d_silu_update
 from .dispatch import INTERPRET, cdiv, fp_fusion, graph_op, use_triton
 from .gemm import PROLOGUE_MAX_K, fused_gemv_ran
-from .hadamard import check_rotation_args, hadamard_transform_triton
 from .norm import add_rmsnorm_quantize, check_norm_args
 from .gemm_epilogue import store_w4_tile
 from .int4_codes import column_codes
 
-__all__ = ["Config", "W4A8_SKINNY_MAX_M", "default_config", "hadamard_w4a16_gemm", "rmsnorm_w4a16_gemm_conv_step",
+__all__ = ["Config", "W4A8_SKINNY_MAX_M", "default_config", "rmsnorm_w4a16_gemm_conv_step",
            "supported", "w4a16_gemm", "w4a16_gemm_conv_step", "w4a8_gemm"]
 
 # Rows from which a W4A16 problem dequantizes its weight and runs cuBLAS (dequant_w4.py): a
@@ -280,34 +279,6 @@ def rmsnorm_w4a16_gemm_conv_step(x: Tensor, residual: Optional[Tensor], norm_wei
     return xz, u, r_out
 
 
-def hadamard_w4a16_gemm(y: Tensor, rot_dtype: torch.dtype, w_packed: Tensor, w_scale: Tensor, group_size: int,
-                        bias: Optional[Tensor] = None, act_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """`w4a16_gemm(hadamard_transform_triton(y, rot_dtype), w_packed, w_scale, group_size, bias,
-    act_dtype)`: the rotation of the scan output before a W4A16 out_proj, and out_proj.
-
-    One row of an fp16 rotation that the GEMV takes (batch-1 decode on the GPU) is one launch: each
-    GEMV program rotates the row-blocks of y that its columns read, rounds them to fp16 into a
-    scratch row of its own (`hadamard.rotated_rows`, the one-row Hadamard kernel's fp32 FMA
-    arithmetic), then runs its rows. Where `hadamard_transform_triton` runs that arithmetic itself
-    (powers of two, dense factors too small for tensor cores) the fp16 values are its values;
-    where it sums on tensor cores (e.g. 5120) they can differ in the last bit. Other problems run
-    the two kernels."""
-    k = check_rotation_args("hadamard_w4a16_gemm", y)
-    n, _ = _check_w4("hadamard_w4a16_gemm", y, w_packed, w_scale, group_size, bias)
-    fused = (rot_dtype == torch.float16 and act_dtype in (None, torch.float16) and y.numel() == k
-             and 0 < k <= PROLOGUE_MAX_K and use_triton(y) and supported(group_size)
-             and gemv_w4.supported(torch.empty((1, k), dtype=torch.float16, device=y.device), w_packed, group_size))
-    if not fused:
-        return w4a16_gemm(hadamard_transform_triton(y, rot_dtype), w_packed, w_scale, group_size, bias, act_dtype)
-    out = torch.empty((*y.shape[:-1], n), dtype=torch.float16, device=y.device)
-    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    if fused_gemv_ran("w4_gemv_hadamard", _gemv_key(y, w_packed, group_size, bias), "a Hadamard prologue",
-                      lambda: gemv_w4.launch(y.reshape(1, k).contiguous(), w_packed, w_scale, group_size, bias32,
-                                             out, rotate=True)):
-        return out
-    return w4a16_gemm(hadamard_transform_triton(y, rot_dtype), w_packed, w_scale, group_size, bias, act_dtype)
-
-
 def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
               bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
               out_dtype: Optional[torch.dtype] = None, config: Optional[Config] = None,
@@ -354,19 +325,6 @@ def w4a16_gemm_op(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
 @w4a16_gemm_op.register_fake
 def _w4a16_gemm_fake(x, w_packed, w_scale, group_size, bias=None, act_dtype=None):
     return torch.ops.quamba.w4a16_linear(x, w_packed, w_scale, group_size, bias)
-
-
-@graph_op("quamba::hadamard_w4a16_gemm")
-def hadamard_w4a16_gemm_op(y: Tensor, rot_dtype: torch.dtype, w_packed: Tensor, w_scale: Tensor, group_size: int,
-                           bias: Optional[Tensor] = None, act_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """A decode step's rotation before a W4A16 out_proj, and out_proj: `w4a16_gemm(hadamard_rotate(y,
-    rot_dtype), ..)`. At batch 1 on the GPU one GEMV launch computes both (`hadamard_w4a16_gemm`)."""
-    return hadamard_w4a16_gemm(y, rot_dtype, w_packed, w_scale, group_size, bias, act_dtype)
-
-
-@hadamard_w4a16_gemm_op.register_fake
-def _hadamard_w4a16_gemm_fake(y, rot_dtype, w_packed, w_scale, group_size, bias=None, act_dtype=None):
-    return y.new_empty((*y.shape[:-1], w_packed.shape[0]), dtype=rot_dtype)
 
 
 @graph_op("quamba::rmsnorm_w4a16_in_proj_conv_update", mutates_args=("conv_state",))
