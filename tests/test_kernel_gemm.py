@@ -24,9 +24,7 @@ from hypothesis import strategies as st
 
 from quamba_fx.kernels import gemm, gemm_skinny, gemv, split_k
 from quamba_fx.kernels.conv1d import causal_conv1d_update_silu_int8
-from quamba_fx.kernels.gemm import (ConvStep, NormStep, int8_gemm, int8_gemm_conv_step, int8_gemm_reference,
-                                    rmsnorm_int8_gemm_conv_step)
-from quamba_fx.kernels.norm import add_rmsnorm_quantize
+from quamba_fx.kernels.gemm import ConvStep, int8_gemm, int8_gemm_conv_step, int8_gemm_reference
 from quamba_fx.quant.qops import MAX_INT8_LINEAR_K
 
 from .kernel_support import DEVICE, EXACT, needs_kernel, reference_calls
@@ -401,7 +399,7 @@ def test_gemm_with_a_conv_step_equals_the_gemm_then_the_conv_kernel(M, K, D, W, 
 
 def _gemv_fails_to_compile_with(monkeypatch, keyword: str, message: str) -> None:
     """gemv.launch raises `message`, as a failed compile would, whenever it is given `keyword`
-    (its conv epilogue or norm prologue); off the interpreter, with no launch remembered."""
+    (its conv epilogue); off the interpreter, with no launch remembered."""
     real_launch = gemv.launch
 
     def launch(*args, **kwargs):
@@ -432,75 +430,6 @@ def test_a_gemv_conv_step_that_fails_to_compile_falls_back_to_the_two_kernels(mo
         warnings.simplefilter("always")
         int8_gemm_conv_step(*gemm_args, conv)
     assert not any("conv epilogue" in str(w.message) for w in seen)
-
-
-def _norm_case(M: int, K: int, D: int, has_residual: bool, x_dtype: torch.dtype, seed: int,
-               device: str | None = DEVICE):
-    """`_conv_step_case`'s GEMM and conv step, its int8 input made by a residual add + RMSNorm."""
-    (x_q, x_scale, *gemm_rest), conv = _conv_step_case(M, K, D, 4, True, seed, device)
-    gen = torch.Generator().manual_seed(seed + 1)
-    norm = NormStep(x=(torch.randn(M, 1, K, generator=gen) * 3).to(x_dtype).to(device),
-                    residual=torch.randn(M, 1, K, generator=gen).to(device) if has_residual else None,
-                    weight=(torch.rand(K, generator=gen) + 0.5).to(device), eps=1e-5, scale=x_scale)
-    return norm, gemm_rest, conv
-
-
-@needs_kernel
-@pytest.mark.parametrize("M, K, D, has_residual, x_dtype", [
-    (1, 64, 40, True, torch.float16),    # one K step
-    (1, 200, 37, False, torch.float32),  # split K, a row shorter than its power-of-two block; the first block
-    (1, 96, 16, True, torch.bfloat16),
-    (2, 64, 24, True, torch.float16),    # two rows: the norm kernel, then the GEMM and the conv kernel
-])
-def test_gemv_with_the_norm_and_a_conv_step_equals_the_norm_kernel_then_the_gemm_and_conv(
-        M, K, D, has_residual, x_dtype, monkeypatch):
-    """One launch at one row: every GEMV program normalizes the row itself, and the codes, the
-    GEMM's output, the conv step and the new residual stream are the separate kernels'."""
-    norm, gemm_rest, conv = _norm_case(M, K, D, has_residual, x_dtype, seed=K + D)
-    state = conv.state.clone()
-    x_q, want_r = add_rmsnorm_quantize(norm.x, norm.residual, norm.weight, norm.eps, norm.scale)
-    want, want_u = int8_gemm_conv_step(x_q, norm.scale, *gemm_rest, dataclasses.replace(conv, state=state))
-    launches = []
-    real = gemv.launch
-    monkeypatch.setattr(gemv, "launch", lambda *a, **k: launches.append(k.get("norm") is not None) or real(*a, **k))
-    out, u, r = rmsnorm_int8_gemm_conv_step(norm, *gemm_rest, conv)
-    assert launches == ([True] if M == 1 else [])  # more rows: the few-row GEMM, not the GEMV
-    assert torch.equal(r, want_r) and r.dtype == torch.float32
-    if EXACT:
-        assert torch.equal(out, want) and torch.equal(u, want_u) and torch.equal(conv.state, state)
-    else:  # CUDA: the sum of squares may add up in another order (norm.py), moving a rare code
-        for got, ref in ((out, want), (u, want_u), (conv.state, state)):
-            assert (got != ref).float().mean().item() <= 0.01
-
-
-@pytest.mark.skipif(not EXACT, reason="runs the GEMV on CPU tensors: needs TRITON_INTERPRET=1")
-def test_a_gemv_norm_prologue_that_fails_to_compile_falls_back_to_the_norm_kernel(monkeypatch):
-    _gemv_fails_to_compile_with(monkeypatch, "norm", "too many registers")
-    norm, gemm_rest, conv = _norm_case(1, 64, 40, True, torch.float16, seed=4, device="cpu")
-    state = conv.state.clone()
-    x_q, want_r = add_rmsnorm_quantize(norm.x, norm.residual, norm.weight, norm.eps, norm.scale)
-    want, want_u = int8_gemm_conv_step(x_q, norm.scale, *gemm_rest, dataclasses.replace(conv, state=state))
-    with pytest.warns(RuntimeWarning, match="conv epilogue and a norm prologue failed on this device .*registers"):
-        out, u, r = rmsnorm_int8_gemm_conv_step(norm, *gemm_rest, conv)
-    assert torch.equal(out, want) and torch.equal(u, want_u) and torch.equal(r, want_r)
-    assert torch.equal(conv.state, state)  # advanced once
-    assert list(gemm._USES_ALTERNATIVE.values()).count(False) == 1
-
-
-def test_norm_step_errors_name_the_function():
-    norm, gemm_rest, conv = _norm_case(1, 16, 8, True, torch.float16, seed=3, device="cpu")
-    with pytest.raises(ValueError, match="norm must be a NormStep"):
-        rmsnorm_int8_gemm_conv_step((norm.x, norm.residual), *gemm_rest, conv)
-    with pytest.raises(ValueError, match="rmsnorm_int8_gemm_conv_step: weight has 15 elements but x has H=16"):
-        rmsnorm_int8_gemm_conv_step(dataclasses.replace(norm, weight=norm.weight[:15]), *gemm_rest, conv)
-    with pytest.raises(ValueError, match="norm.scale must be a 1-element float32 tensor"):
-        rmsnorm_int8_gemm_conv_step(dataclasses.replace(norm, scale=0.1), *gemm_rest, conv)
-    # On the reference path (CPU without the interpreter) it is the two functions' result.
-    x_q, want_r = add_rmsnorm_quantize(norm.x, norm.residual, norm.weight, norm.eps, norm.scale)
-    state = conv.state.clone()
-    want, want_u = int8_gemm_conv_step(x_q, norm.scale, *gemm_rest, dataclasses.replace(conv, state=state))
-    out, u, r = rmsnorm_int8_gemm_conv_step(norm, *gemm_rest, conv)
-    assert torch.equal(out, want) and torch.equal(u, want_u) and torch.equal(r, want_r)
 
 
 def test_conv_step_on_the_reference_path_and_its_errors():
