@@ -72,18 +72,11 @@ KERNELS = {
          "out_ptr": "*i8", "partial_ptr": "*i32", "count_ptr": "*i32",
          # The conv step's state and output are int8 codes; its weight, bias and scale fp32.
          "cs_ptr": "*i8", "cw_ptr": "*fp32", "cb_ptr": "*fp32", "cu_scale_ptr": "*fp32", "u_ptr": "*i8",
-         # The norm prologue's block output, residual stream, norm weight, residual out and codes.
-         "nx_ptr": "*fp16", "nres_ptr": "*fp32", "nw_ptr": "*fp32", "ro_ptr": "*fp32", "codes_ptr": "*i8",
-         # The Hadamard prologue's scan output and transposed dense factor.
-         "hy_ptr": "*fp16", "hd_ptr": "*fp32",
          **{name: "i32" for name in ("N", "K", "stride_wn", "D_CONV", "CONV_START", "stride_csd", "stride_csk",
-                                     "stride_cwd", "stride_cwk", "stride_xp", "stride_nw", "PF_BYTES",
-                                     "PF_PROGRAMS")}, "eps": "fp32", "inv_sqrt_n": "fp32"},
+                                     "stride_cwd", "stride_cwk", "PF_BYTES", "PF_PROGRAMS")}},
         {"W_PER_CHANNEL": True, "HAS_BIAS": False, "OUT_MODE": 0, "OUT_PER_CHANNEL": False, "BLOCK_N": 16,
          "BLOCK_K": 128, "SPLIT_K": 1, "EVEN_K": True, "DP4A": True, "USE_PDL": True, "PREFETCH": True, "CONV": False,
-         "CONV_W": 4, "CONV_HAS_BIAS": False, "CONV_PER_CHANNEL": False, "FAST_MATH": True, "NORM": False,
-         "NORM_HAS_RES": False, "BLOCK_H": 16, "HAD": False, "HAD_M": 1, "HAD_MP": 1, "HAD_ROWS": 1, "HAD_P": 1,
-         "HAD_LOG_P": 0, "HAD_DENSE": 0},
+         "CONV_W": 4, "CONV_HAS_BIAS": False, "CONV_PER_CHANNEL": False, "FAST_MATH": True},
         ("N", "K"),
         lambda c, warps: c["BLOCK_N"] * c["BLOCK_K"] * 4 / (32 * warps),  # weight bytes (K counts int32 words)
     ),
@@ -93,16 +86,9 @@ KERNELS = {
          "partial_ptr": "*fp32", "count_ptr": "*i32", "cs_ptr": "*fp16", "cw_ptr": "*fp32", "cb_ptr": "*fp32",
          "u_ptr": "*fp16", **{name: "i32" for name in ("D_CONV", "CONV_START", "stride_csd", "stride_csk", "stride_cwd",
                                                        "stride_cwk", "N", "K_WORDS", "SPLIT_CHUNKS", "stride_wn",
-                                                       "stride_sn", "stride_xp")},
-         # The rotation prologue's scan output, transposed dense factor and fp16 scratch.
-         "hy_ptr": "*fp16", "hd_ptr": "*fp32", "row_ptr": "*fp16", "inv_sqrt_n": "fp32",
-         # The norm prologue's block output, residual stream, norm weight and residual out.
-         "nx_ptr": "*fp16", "nres_ptr": "*fp32", "nw_ptr": "*fp32", "ro_ptr": "*fp32", "stride_nw": "i32",
-         "eps": "fp32"},
+                                                       "stride_sn")}},
         {"GROUP_CHUNKS": 4, "ROWS": 1, "THREAD_ROWS": 16, "CHUNKS": 16, "SPLITS": 1, "EVEN_K": True, "HAS_BIAS": False,
-         "PTX": True, "USE_PDL": True, "CONV": False, "CONV_W": 4, "CONV_HAS_BIAS": False, "HAD": False, "HAD_M": 1,
-         "HAD_MP": 1, "HAD_ROWS": 1, "HAD_P": 1, "HAD_LOG_P": 0, "HAD_DENSE": 0, "NORM": False, "NORM_HAS_RES": False,
-         "BLOCK_H": 16},
+         "PTX": True, "USE_PDL": True, "CONV": False, "CONV_W": 4, "CONV_HAS_BIAS": False},
         ("N", "K_WORDS", "SPLIT_CHUNKS"),
         lambda c, warps: c["ROWS"] * c["THREAD_ROWS"] * c["CHUNKS"] * 16 / (32 * warps),  # weight bytes
     ),

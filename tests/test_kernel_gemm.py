@@ -24,10 +24,7 @@ from hypothesis import strategies as st
 
 from quamba_fx.kernels import gemm, gemm_skinny, gemv, split_k
 from quamba_fx.kernels.conv1d import causal_conv1d_update_silu_int8
-from quamba_fx.kernels.gemm import (ConvStep, NormStep, hadamard_int8_gemm, int8_gemm, int8_gemm_conv_step,
-                                    int8_gemm_reference, rmsnorm_int8_gemm_conv_step)
-from quamba_fx.kernels.hadamard import hadamard_quantize
-from quamba_fx.kernels.norm import add_rmsnorm_quantize
+from quamba_fx.kernels.gemm import ConvStep, int8_gemm, int8_gemm_conv_step, int8_gemm_reference
 from quamba_fx.quant.qops import MAX_INT8_LINEAR_K
 
 from .kernel_support import DEVICE, EXACT, needs_kernel, reference_calls
@@ -402,7 +399,7 @@ def test_gemm_with_a_conv_step_equals_the_gemm_then_the_conv_kernel(M, K, D, W, 
 
 def _gemv_fails_to_compile_with(monkeypatch, keyword: str, message: str) -> None:
     """gemv.launch raises `message`, as a failed compile would, whenever it is given `keyword`
-    (its conv epilogue, norm or Hadamard prologue); off the interpreter, with no launch remembered."""
+    (its conv epilogue); off the interpreter, with no launch remembered."""
     real_launch = gemv.launch
 
     def launch(*args, **kwargs):
@@ -433,148 +430,6 @@ def test_a_gemv_conv_step_that_fails_to_compile_falls_back_to_the_two_kernels(mo
         warnings.simplefilter("always")
         int8_gemm_conv_step(*gemm_args, conv)
     assert not any("conv epilogue" in str(w.message) for w in seen)
-
-
-def _norm_case(M: int, K: int, D: int, has_residual: bool, x_dtype: torch.dtype, seed: int,
-               device: str | None = DEVICE):
-    """`_conv_step_case`'s GEMM and conv step, its int8 input made by a residual add + RMSNorm."""
-    (x_q, x_scale, *gemm_rest), conv = _conv_step_case(M, K, D, 4, True, seed, device)
-    gen = torch.Generator().manual_seed(seed + 1)
-    norm = NormStep(x=(torch.randn(M, 1, K, generator=gen) * 3).to(x_dtype).to(device),
-                    residual=torch.randn(M, 1, K, generator=gen).to(device) if has_residual else None,
-                    weight=(torch.rand(K, generator=gen) + 0.5).to(device), eps=1e-5, scale=x_scale)
-    return norm, gemm_rest, conv
-
-
-@needs_kernel
-@pytest.mark.parametrize("M, K, D, has_residual, x_dtype", [
-    (1, 64, 40, True, torch.float16),    # one K step
-    (1, 200, 37, False, torch.float32),  # split K, a row shorter than its power-of-two block; the first block
-    (1, 96, 16, True, torch.bfloat16),
-    (2, 64, 24, True, torch.float16),    # two rows: the norm kernel, then the GEMM and the conv kernel
-])
-def test_gemv_with_the_norm_and_a_conv_step_equals_the_norm_kernel_then_the_gemm_and_conv(
-        M, K, D, has_residual, x_dtype, monkeypatch):
-    """One launch at one row: every GEMV program normalizes the row itself, and the codes, the
-    GEMM's output, the conv step and the new residual stream are the separate kernels'."""
-    norm, gemm_rest, conv = _norm_case(M, K, D, has_residual, x_dtype, seed=K + D)
-    state = conv.state.clone()
-    x_q, want_r = add_rmsnorm_quantize(norm.x, norm.residual, norm.weight, norm.eps, norm.scale)
-    want, want_u = int8_gemm_conv_step(x_q, norm.scale, *gemm_rest, dataclasses.replace(conv, state=state))
-    launches = []
-    real = gemv.launch
-    monkeypatch.setattr(gemv, "launch", lambda *a, **k: launches.append(k.get("norm") is not None) or real(*a, **k))
-    out, u, r = rmsnorm_int8_gemm_conv_step(norm, *gemm_rest, conv)
-    assert launches == ([True] if M == 1 else [])  # more rows: the few-row GEMM, not the GEMV
-    assert torch.equal(r, want_r) and r.dtype == torch.float32
-    if EXACT:
-        assert torch.equal(out, want) and torch.equal(u, want_u) and torch.equal(conv.state, state)
-    else:  # CUDA: the sum of squares may add up in another order (norm.py), moving a rare code
-        for got, ref in ((out, want), (u, want_u), (conv.state, state)):
-            assert (got != ref).float().mean().item() <= 0.01
-
-
-@pytest.mark.skipif(not EXACT, reason="runs the GEMV on CPU tensors: needs TRITON_INTERPRET=1")
-def test_a_gemv_norm_prologue_that_fails_to_compile_falls_back_to_the_norm_kernel(monkeypatch):
-    _gemv_fails_to_compile_with(monkeypatch, "norm", "too many registers")
-    norm, gemm_rest, conv = _norm_case(1, 64, 40, True, torch.float16, seed=4, device="cpu")
-    state = conv.state.clone()
-    x_q, want_r = add_rmsnorm_quantize(norm.x, norm.residual, norm.weight, norm.eps, norm.scale)
-    want, want_u = int8_gemm_conv_step(x_q, norm.scale, *gemm_rest, dataclasses.replace(conv, state=state))
-    with pytest.warns(RuntimeWarning, match="conv epilogue and a norm prologue failed on this device .*registers"):
-        out, u, r = rmsnorm_int8_gemm_conv_step(norm, *gemm_rest, conv)
-    assert torch.equal(out, want) and torch.equal(u, want_u) and torch.equal(r, want_r)
-    assert torch.equal(conv.state, state)  # advanced once
-    assert list(gemm._USES_ALTERNATIVE.values()).count(False) == 1
-
-
-def _hadamard_case(M: int, K: int, N: int, y_dtype: torch.dtype, out: str, seed: int, device: str | None = DEVICE):
-    """A scan output y [M, 1, K] and out_proj's GEMM arguments after its scale; `out`: "fp32",
-    "fp16" (float outputs, bias) or "int8" (a per-tensor out scale)."""
-    gen = torch.Generator().manual_seed(seed)
-    y = (torch.randn(M, 1, K, generator=gen) * 2).to(y_dtype).to(device)
-    y_scale = torch.tensor([0.04]).to(device)
-    w_q = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8).to(device)
-    w_scale = (torch.rand(N, generator=gen) * 0.01 + 1e-3).to(device)
-    bias = (torch.randn(N, generator=gen) if out != "int8" else None)
-    out_scale = torch.tensor([0.5]).to(device) if out == "int8" else None
-    out_dtype = {"fp32": torch.float32, "fp16": torch.float16, "int8": None}[out]
-    return y, y_scale, (w_q, w_scale, bias.to(device) if bias is not None else None, out_scale, out_dtype)
-
-
-@needs_kernel
-@pytest.mark.parametrize("M, K, N, y_dtype, out", [
-    (1, 64, 48, torch.float16, "fp32"),   # a power of two: the Sylvester factor alone, one row-block
-    (1, 160, 40, torch.float32, "int8"),  # 20 x 8, the FMA path in the Hadamard kernel too; split K mid-block
-    (1, 1536, 24, torch.bfloat16, "fp16"),  # 12 x 128 (130m's d_inner): the Hadamard kernel's tensor cores
-    (1, 5120, 300, torch.float16, "fp32"),  # 20 x 256 (2.8b's): every row-block in one program
-    (2, 160, 40, torch.float16, "fp32"),  # two rows: the Hadamard kernel, then the GEMM
-])
-def test_gemv_with_a_hadamard_prologue_equals_the_hadamard_kernel_then_the_gemm(M, K, N, y_dtype, out, monkeypatch):
-    """One launch at one row: each GEMV program rotates and quantizes the row-blocks its K range
-    reads, and the output is the two kernels'. Where the Hadamard kernel sums on tensor cores (on
-    the GPU) a code may move by one step at a rounding boundary (hadamard.py's contract): the
-    output may then differ by that code's product, on a few codes at most."""
-    y, y_scale, rest = _hadamard_case(M, K, N, y_dtype, out, seed=K + N)
-    want = int8_gemm(hadamard_quantize(y, y_scale), y_scale, *rest)
-    launches = []
-    real = gemv.launch
-    monkeypatch.setattr(gemv, "launch", lambda *a, **k: launches.append(k.get("hadamard") is not None) or real(*a, **k))
-    got = hadamard_int8_gemm(y, y_scale, *rest)
-    assert launches == ([True] if M == 1 else [])  # more rows: the few-row GEMM, not the GEMV
-    assert got.shape == want.shape and got.dtype == want.dtype
-    if EXACT or K in (64, 160):
-        assert torch.equal(got, want)
-    else:
-        w_q, w_scale = rest[0], rest[1]
-        step = y_scale * w_scale * w_q.abs().max(dim=1).values.float()  # one code's largest effect a column
-        codes_moved = ((got.float() - want.float()).abs() / step).max().item()
-        assert codes_moved <= 1 + K // 1000
-
-
-@pytest.mark.skipif(not EXACT, reason="runs the GEMV on CPU tensors: needs TRITON_INTERPRET=1")
-def test_a_gemv_hadamard_prologue_that_fails_to_compile_falls_back_to_the_hadamard_kernel(monkeypatch):
-    _gemv_fails_to_compile_with(monkeypatch, "hadamard", "out of shared memory")
-    y, y_scale, rest = _hadamard_case(1, 160, 40, torch.float16, "fp32", seed=8, device="cpu")
-    want = int8_gemm(hadamard_quantize(y, y_scale), y_scale, *rest)
-    with pytest.warns(RuntimeWarning, match="GEMV with a Hadamard prologue failed on this device .*shared memory"):
-        got = hadamard_int8_gemm(y, y_scale, *rest)
-    assert torch.equal(got, want)
-    assert list(gemm._USES_ALTERNATIVE.values()).count(False) == 1
-    with warnings.catch_warnings(record=True) as seen:  # no second try, no second warning
-        warnings.simplefilter("always")
-        assert torch.equal(hadamard_int8_gemm(y, y_scale, *rest), want)
-    assert not any("Hadamard prologue" in str(w.message) for w in seen)
-
-
-def test_hadamard_gemm_errors_name_the_function():
-    y, y_scale, rest = _hadamard_case(1, 160, 40, torch.float16, "fp32", seed=5, device="cpu")
-    with pytest.raises(ValueError, match="hadamard_int8_gemm: x must be float16, bfloat16 or float32"):
-        hadamard_int8_gemm(y.to(torch.int8), y_scale, *rest)
-    with pytest.raises(ValueError, match="no Hadamard matrix construction for n=150"):
-        hadamard_int8_gemm(y[..., :150], y_scale, *rest)
-    with pytest.raises(ValueError, match="hadamard_int8_gemm: scale must be a 0-dim or 1-element float32 tensor"):
-        hadamard_int8_gemm(y, 0.04, *rest)
-    with pytest.raises(ValueError, match="K"):  # the weight's K is not y's
-        hadamard_int8_gemm(y, y_scale, rest[0][:, :128], *rest[1:])
-    # On the reference path (CPU without the interpreter) it is the two functions' result.
-    assert torch.equal(hadamard_int8_gemm(y, y_scale, *rest), int8_gemm(hadamard_quantize(y, y_scale), y_scale, *rest))
-
-
-def test_norm_step_errors_name_the_function():
-    norm, gemm_rest, conv = _norm_case(1, 16, 8, True, torch.float16, seed=3, device="cpu")
-    with pytest.raises(ValueError, match="norm must be a NormStep"):
-        rmsnorm_int8_gemm_conv_step((norm.x, norm.residual), *gemm_rest, conv)
-    with pytest.raises(ValueError, match="rmsnorm_int8_gemm_conv_step: weight has 15 elements but x has H=16"):
-        rmsnorm_int8_gemm_conv_step(dataclasses.replace(norm, weight=norm.weight[:15]), *gemm_rest, conv)
-    with pytest.raises(ValueError, match="norm.scale must be a 1-element float32 tensor"):
-        rmsnorm_int8_gemm_conv_step(dataclasses.replace(norm, scale=0.1), *gemm_rest, conv)
-    # On the reference path (CPU without the interpreter) it is the two functions' result.
-    x_q, want_r = add_rmsnorm_quantize(norm.x, norm.residual, norm.weight, norm.eps, norm.scale)
-    state = conv.state.clone()
-    want, want_u = int8_gemm_conv_step(x_q, norm.scale, *gemm_rest, dataclasses.replace(conv, state=state))
-    out, u, r = rmsnorm_int8_gemm_conv_step(norm, *gemm_rest, conv)
-    assert torch.equal(out, want) and torch.equal(u, want_u) and torch.equal(r, want_r)
 
 
 def test_conv_step_on_the_reference_path_and_its_errors():

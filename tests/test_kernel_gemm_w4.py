@@ -14,8 +14,6 @@ from hypothesis import strategies as st
 
 from quamba_fx.kernels import dequant_w4, gemm_w4, gemm_w4_skinny, gemv_w4
 from quamba_fx.kernels.dispatch import INTERPRET, use_triton
-from quamba_fx.kernels.hadamard import hadamard_transform_triton
-from quamba_fx.kernels.norm import add_rmsnorm_quantize
 from quamba_fx.kernels.int4_codes import nibbles, nibbles_x16
 from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4, w4a8_linear, w4a16_linear
 
@@ -356,170 +354,39 @@ def test_the_conv_step_runs_after_the_gemm_where_the_gemv_does_not_take_the_rows
         gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state, conv_start=29)
 
 
-@pytest.mark.parametrize("k, n, group, y_dtype", [
-    (64, 48, 32, torch.float16),     # a power of two: the Sylvester factor alone
-    (160, 40, 32, torch.float32),    # 20 x 8: the FMA path in the Hadamard kernel too
-    (1536, 24, 128, torch.float16),  # 12 x 128 (130m's d_inner): the Hadamard kernel's tensor cores
-    (5120, 16, 128, torch.bfloat16),  # 20 x 256 (2.8b's): ten programs of 1024 columns, four row-blocks each
-])
-def test_w4a16_gemv_with_a_rotation_prologue_equals_the_rotation_then_the_gemv(k, n, group, y_dtype, monkeypatch):
-    """One launch at one row: each GEMV program rotates the row-blocks its columns read into fp16,
-    and the output is the rotation kernel's then the GEMV's. Where the rotation sums on tensor
-    cores (on the GPU) an fp16 value can differ in its last bit, moving the output by as little."""
-    packed, scale = weights(n, k, group, seed=k + n)
-    y = torch.randn(1, 1, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, y_dtype)
-    bias = torch.randn(n, device=DEVICE)
-    rotated = []
-    real = gemv_w4.launch
-    monkeypatch.setattr(gemv_w4, "launch", lambda *a, **kw: rotated.append(kw.get("rotate", False)) or real(*a, **kw))
-    got = gemm_w4.hadamard_w4a16_gemm(y, torch.float16, packed, scale, group, bias, torch.float16)
-    assert rotated == [True]
-    expected = gemm_w4.w4a16_gemm(hadamard_transform_triton(y, torch.float16), packed, scale, group, bias,
-                                  torch.float16)
-    assert got.dtype == torch.float16 and got.shape == expected.shape
-    if INTERPRET or k in (64, 160):
-        assert torch.equal(got, expected)
-    else:
-        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-3, atol=2e-3)
-
-
-def test_the_rotation_before_a_w4a16_gemm_runs_as_two_kernels_where_the_gemv_does_not_fuse_it():
-    """Two rows, or a rotation kept in fp32: the rotation kernel, then w4a16_gemm; bad inputs are
-    named."""
-    packed, scale = weights(40, 160, 32, seed=3)
-    y = torch.randn(2, 1, 160, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    for rows, rot_dtype in ((y, torch.float16), (y[:1], torch.float32)):
-        got = gemm_w4.hadamard_w4a16_gemm(rows, rot_dtype, packed, scale, 32)
-        assert torch.equal(got, gemm_w4.w4a16_gemm(hadamard_transform_triton(rows, rot_dtype), packed, scale, 32))
-    with pytest.raises(ValueError, match="hadamard_w4a16_gemm: x must be float16, bfloat16 or float32"):
-        gemm_w4.hadamard_w4a16_gemm(y.to(torch.int8), torch.float16, packed, scale, 32)
-    with pytest.raises(ValueError, match="no Hadamard matrix construction for n=150"):
-        gemm_w4.hadamard_w4a16_gemm(y[..., :150], torch.float16, packed, scale, 32)
-
-
-@pytest.mark.parametrize("k, n, channels, has_residual, x_dtype", [
-    (64, 96, 40, True, torch.float16),     # Mamba-1's x half: the conv reads columns 0-39
-    (256, 300, 128, False, torch.float32),  # the first block: no residual yet
-    (128, 64, 32, True, torch.bfloat16),
-])
-def test_w4a16_gemv_with_the_norm_and_a_conv_step_equals_the_norm_kernel_then_the_gemv(k, n, channels, has_residual,
-                                                                                       x_dtype, monkeypatch):
-    """One launch at one row: each GEMV program normalizes the row itself, and in_proj's output,
-    the conv step, its state and the new residual stream are the norm kernel's then the GEMV's.
-    On the GPU the sum of squares may add up in another order (norm.py), moving an fp16 value by
-    its last bit."""
-    gen = torch.Generator().manual_seed(k + n)
-    x = (torch.randn(1, 1, k, generator=gen) * 3).to(x_dtype).to(DEVICE)
-    residual = torch.randn(1, 1, k, generator=gen).to(DEVICE) if has_residual else None
-    weight = (torch.rand(k, generator=gen) + 0.5).to(DEVICE)
-    packed, scale = weights(n, k, 32, seed=k)
-    conv_w = torch.randn(channels, 1, 4, generator=gen).to(DEVICE)
-    conv_b = torch.randn(channels, generator=gen).to(DEVICE)
-    state = torch.randn(1, channels, 3, generator=gen).half().to(DEVICE)
-    want_state = state.clone()
-    normed = []
-    real = gemv_w4.launch
-    monkeypatch.setattr(gemv_w4, "launch", lambda *a, **kw: normed.append(kw.get("norm") is not None) or real(*a, **kw))
-    xz, u, r = gemm_w4.rmsnorm_w4a16_gemm_conv_step(x, residual, weight, 1e-5, packed, scale, 32, None, torch.float16,
-                                                     conv_w, conv_b, state)
-    assert normed == [True]
-    h, want_r = add_rmsnorm_quantize(x, residual, weight, 1e-5, None, torch.float16)
-    want_xz, want_u = gemm_w4.w4a16_gemm_conv_step(h, packed, scale, 32, None, torch.float16, conv_w, conv_b,
-                                                   want_state)
-    assert torch.equal(r, want_r)
-    assert xz.shape == want_xz.shape and u.shape == want_u.shape and xz.dtype == u.dtype == torch.float16
-    if INTERPRET:
-        assert torch.equal(xz, want_xz) and torch.equal(u, want_u) and torch.equal(state, want_state)
-    else:
-        for got, want in ((xz, want_xz), (u, want_u), (state, want_state)):
-            torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
-
-
-def test_the_w4a16_norm_step_runs_two_kernels_where_the_gemv_does_not_take_it():
-    """Two rows: the norm kernel, then w4a16_gemm_conv_step (and its conv kernel); bad norm
-    arguments are named."""
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 1, 64, generator=gen).half().to(DEVICE)
-    weight = (torch.rand(64, generator=gen) + 0.5).to(DEVICE)
-    packed, scale = weights(96, 64, 32, seed=2)
-    conv_w, state = torch.randn(40, 1, 4, generator=gen).to(DEVICE), torch.zeros(2, 40, 3).half().to(DEVICE)
-    want_state = state.clone()
-    xz, u, r = gemm_w4.rmsnorm_w4a16_gemm_conv_step(x, None, weight, 1e-5, packed, scale, 32, None, None, conv_w,
-                                                     None, state)
-    h, want_r = add_rmsnorm_quantize(x, None, weight, 1e-5, None, torch.float16)
-    want_xz, want_u = gemm_w4.w4a16_gemm_conv_step(h, packed, scale, 32, None, None, conv_w, None, want_state)
-    assert torch.equal(xz, want_xz) and torch.equal(u, want_u) and torch.equal(r, want_r)
-    assert torch.equal(state, want_state)
-    with pytest.raises(ValueError, match="rmsnorm_w4a16_gemm_conv_step: weight has 63 elements but x has H=64"):
-        gemm_w4.rmsnorm_w4a16_gemm_conv_step(x, None, weight[:63], 1e-5, packed, scale, 32, None, None, conv_w, None,
-                                             state)
-
-
-def _fused_case(form: str):
-    """Arguments of one W4A16 fused GEMV entry at one row, and a function running its two-kernel
-    form on copies of any state: `(call, two_kernels)`, each returning a tuple of tensors."""
-    from quamba_fx.kernels.conv1d_float import conv1d_silu_update
-
-    gen = torch.Generator().manual_seed(31)
-    packed, scale = weights(96, 64, 32, seed=31)
-    x = torch.randn(1, 1, 64, generator=gen).half().to(DEVICE)
-    residual = torch.randn(1, 1, 64, generator=gen).to(DEVICE)
-    weight = (torch.rand(64, generator=gen) + 0.5).to(DEVICE)
-    conv_w = torch.randn(40, 1, 4, generator=gen).to(DEVICE)
-    state = torch.randn(1, 40, 3, generator=gen).half().to(DEVICE)
-    if form == "conv":
-        def call():
-            return gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state)
-
-        def two_kernels(s):
-            xz = gemm_w4.w4a16_gemm(x, packed, scale, 32)
-            return xz, conv1d_silu_update(xz[:, 0, :40], conv_w, None, s)[..., None]
-    elif form == "norm":
-        def call():
-            return gemm_w4.rmsnorm_w4a16_gemm_conv_step(x, residual, weight, 1e-5, packed, scale, 32, None, None,
-                                                        conv_w, None, state)
-
-        def two_kernels(s):
-            h, r = add_rmsnorm_quantize(x, residual, weight, 1e-5, None, torch.float16)
-            xz = gemm_w4.w4a16_gemm(h, packed, scale, 32)
-            return xz, conv1d_silu_update(xz[:, 0, :40], conv_w, None, s)[..., None], r
-    else:
-        def call():
-            return (gemm_w4.hadamard_w4a16_gemm(x, torch.float16, packed, scale, 32),)
-
-        def two_kernels(s):
-            return (gemm_w4.w4a16_gemm(hadamard_transform_triton(x, torch.float16), packed, scale, 32),)
-    return call, two_kernels, state
-
-
 @pytest.mark.skipif(not INTERPRET, reason="runs the GEMV on CPU tensors: needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("form, keyword", [("conv", "conv"), ("norm", "norm"), ("rotation", "rotate")])
-def test_a_fused_w4a16_gemv_that_fails_to_compile_falls_back_to_the_separate_kernels(form, keyword, monkeypatch):
-    """If the GEMV with an epilogue or prologue of its own cannot be built on the device, a warning
-    says so once and the separate kernels run, with the same results and any state advanced once;
-    later calls do not try again."""
+def test_a_fused_w4a16_gemv_that_fails_to_compile_falls_back_to_the_separate_kernels(monkeypatch):
+    """If the GEMV with the conv step in its epilogue cannot be built on the device, a warning says
+    so once and the GEMV then the conv kernel run, with the same results and the state advanced
+    once; later calls do not try again."""
     import warnings
 
     from quamba_fx.kernels import gemm
+    from quamba_fx.kernels.conv1d_float import conv1d_silu_update
 
     real_launch = gemv_w4.launch
 
     def launch(*args, **kwargs):
-        if kwargs.get(keyword) or (keyword == "conv" and len(args) > 7 and args[7] is not None):
+        if kwargs.get("conv") is not None or (len(args) > 7 and args[7] is not None):
             raise RuntimeError("no such instruction on this device")
         return real_launch(*args, **kwargs)
 
     monkeypatch.setattr(gemv_w4, "launch", launch)
     monkeypatch.setattr(gemm, "_INTERPRET", False)  # compile failures are tolerated off the interpreter
     monkeypatch.setattr(gemm, "_USES_ALTERNATIVE", {})
-    call, two_kernels, state = _fused_case(form)
+    gen = torch.Generator().manual_seed(31)
+    packed, scale = weights(96, 64, 32, seed=31)
+    x = torch.randn(1, 1, 64, generator=gen).half().to(DEVICE)
+    conv_w = torch.randn(40, 1, 4, generator=gen).to(DEVICE)
+    state = torch.randn(1, 40, 3, generator=gen).half().to(DEVICE)
     want_state = state.clone()
-    want = two_kernels(want_state)
-    with pytest.warns(RuntimeWarning, match="GEMV with a .* failed on this device .*no such instruction"):
-        got = call()
-    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)) and torch.equal(state, want_state)
-    assert list(gemm._USES_ALTERNATIVE.values()).count(False) == 1  # the norm's fallback still fuses the conv
+    want_xz = gemm_w4.w4a16_gemm(x, packed, scale, 32)
+    want_u = conv1d_silu_update(want_xz[:, 0, :40], conv_w, None, want_state)[..., None]
+    with pytest.warns(RuntimeWarning, match="GEMV with a conv epilogue failed on this device .*no such instruction"):
+        xz, u = gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state)
+    assert torch.equal(xz, want_xz) and torch.equal(u, want_u) and torch.equal(state, want_state)
+    assert list(gemm._USES_ALTERNATIVE.values()).count(False) == 1
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        call()
+        gemm_w4.w4a16_gemm_conv_step(x, packed, scale, 32, None, None, conv_w, None, state)
     assert not any("failed on this device" in str(w.message) for w in seen)

@@ -189,86 +189,26 @@ def test_generator_graphs_read_their_weights_without_walking_the_module_tree(tin
     torch.testing.assert_close(gen.prefill(ids), low(ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("fuse_norm", [False, True])
-def test_decode_graph_folds_dt_proj_into_the_scan_and_the_conv_into_in_proj(tiny_quantized, fuse_norm,
-                                                                            monkeypatch):
-    """...and with FUSE_NORM_IN_DECODE the add + RMSNorm before in_proj too."""
-    from quamba_fx.passes.lowering import gemm as gemm_rules
-
-    monkeypatch.setattr(gemm_rules, "FUSE_NORM_IN_DECODE", fuse_norm)
+def test_decode_graph_folds_dt_proj_into_the_scan_and_the_conv_into_in_proj(tiny_quantized):
     low = quamba_fx.lower(tiny_quantized)
     gen = quamba_fx.Generator(low, batch_size=1)
     blocks = tiny_config().num_hidden_layers
     decode = [n for n in gen.decode_graph.graph.nodes if n.op == "call_function"]
     prefill = [n for n in gen.prefill_graph.graph.nodes if n.op == "call_function"]
     scans = [n for n in decode if op_name(n) == "dt_proj_state_update"]
-    op = "rmsnorm_in_proj_conv_update" if fuse_norm else "in_proj_conv_update"
-    convs = [n for n in decode if op_name(n) == op]
+    convs = [n for n in decode if op_name(n) == "in_proj_conv_update"]
     assert len(scans) == len(convs) == blocks
     assert all(n.meta["quamba"]["kernel"] == "triton:dt_proj_state_update" for n in scans)
-    assert all(n.meta["quamba"]["kernel"] == f"triton:{op}" for n in convs)
-    # dt_proj's weight is read by the scan's op; in_proj's and the conv's (and with fuse_norm the
-    # norm's) by one op: no GEMM of dt_proj or in_proj, no conv op (and only the final norm,
-    # before lm_head) left in the decode graph; the prefill graph keeps them all.
+    assert all(n.meta["quamba"]["kernel"] == "triton:in_proj_conv_update" for n in convs)
+    # dt_proj's weight is read by the scan's op, in_proj's and the conv's by one op: no GEMM of
+    # dt_proj or in_proj, no conv op left in the decode graph; the prefill graph keeps them all.
     assert all("dt_proj" in n.args[4].target for n in scans)
-    if fuse_norm:
-        assert all("norm" in n.args[2].target and "in_proj" in n.args[5].target and "conv1d" in n.args[9].target
-                   for n in convs)
-        assert convs[0].args[1] is None and all(n.args[1] is not None for n in convs[1:])  # the first has no residual
-    else:
-        assert all("in_proj" in n.args[2].target and "conv1d" in n.args[6].target for n in convs)
+    assert all("in_proj" in n.args[2].target and "conv1d" in n.args[6].target for n in convs)
     gemm_weights = [n.args[2].target for n in decode if op_name(n) == "w8a8_linear"]
     assert not any("dt_proj" in t or "in_proj" in t for t in gemm_weights)
     assert not any(op_name(n) == "conv1d_silu_int8_cached" for n in decode)
-    norms = [n.args[4] for n in decode if op_name(n) == "add_rmsnorm_quantize"]
-    assert len(norms) == (1 if fuse_norm else blocks + 1) and norms[-1] is None
     assert sum(op_name(n) == "conv1d_silu_int8_cached" for n in prefill) == blocks
-    assert sum(op_name(n) == "add_rmsnorm_quantize" for n in prefill) == blocks + 1
     assert sum(op_name(n) == "w8a8_linear" and "dt_proj" in n.args[2].target for n in prefill) == blocks
-
-
-@pytest.mark.parametrize("setting,op", [("gemm.FUSE_NORM_IN_DECODE", "rmsnorm_in_proj_conv_update"),
-                                        ("hadamard.FUSE_HADAMARD_IN_OUT_PROJ", "hadamard_w8a8_linear")])
-def test_decode_gemv_prologues_give_the_logits_of_the_separate_kernels(tiny_quantized, monkeypatch, setting, op):
-    """With the add + RMSNorm in in_proj's GEMV, or the rotation + quantize in out_proj's, batch-1
-    decode steps give the logits (and the cache) of the graph that runs the separate kernels, bit
-    for bit under the interpreter (mamba-tiny's d_inner is a power of two, where the Hadamard
-    kernel runs the prologue's own arithmetic)."""
-    from quamba_fx.passes import lowering
-
-    module, name = setting.split(".")
-    low = quamba_fx.lower(tiny_quantized)
-    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(6))
-
-    def decode_two(fuse: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(getattr(lowering, module), name, fuse)
-        gen = quamba_fx.Generator(low, batch_size=1)
-        fused = [n for n in gen.decode_graph.graph.nodes if op_name(n) == op]
-        assert len(fused) == (tiny_config().num_hidden_layers if fuse else 0)
-        assert all(n.meta["quamba"]["kernel"] == f"triton:{op}" for n in fused)
-        with torch.no_grad():
-            gen.prefill(ids[:, :5])
-            return [gen.decode(ids[:, t]) for t in (5, 6)]
-
-    fused, separate = decode_two(True), decode_two(False)
-    assert all(torch.equal(a, b) for a, b in zip(fused, separate))
-
-
-def test_decode_graph_with_the_rotation_in_out_proj_keeps_no_hadamard_kernel(tiny_quantized, monkeypatch):
-    """FUSE_HADAMARD_IN_OUT_PROJ takes every block's hadamard_quantize into its out_proj op, which
-    reads out_proj's weight and the rotation's scale; the prefill graph keeps the two kernels."""
-    from quamba_fx.passes.lowering import hadamard as hadamard_rules
-
-    monkeypatch.setattr(hadamard_rules, "FUSE_HADAMARD_IN_OUT_PROJ", True)
-    gen = quamba_fx.Generator(quamba_fx.lower(tiny_quantized), batch_size=1)
-    blocks = tiny_config().num_hidden_layers
-    decode = [n for n in gen.decode_graph.graph.nodes if n.op == "call_function"]
-    fused = [n for n in decode if op_name(n) == "hadamard_w8a8_linear"]
-    assert len(fused) == blocks and all("out_proj" in n.args[2].target for n in fused)
-    assert not any(op_name(n) == "hadamard_quantize" for n in decode)
-    assert not any(op_name(n) == "w8a8_linear" and "out_proj" in n.args[2].target for n in decode)
-    prefill = [n for n in gen.prefill_graph.graph.nodes if n.op == "call_function"]
-    assert sum(op_name(n) == "hadamard_quantize" for n in prefill) == blocks
 
 
 @pytest.mark.slow  # ~15 s interpreted, for a rule that is off by default; the kernel's equality test is fast

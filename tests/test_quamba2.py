@@ -254,43 +254,6 @@ def test_a_w4a16_decode_step_runs_in_proj_and_the_conv_as_one_op(quantized, monk
     assert all(torch.equal(a, b) for a, b in zip(decode_two(fused), decode_two(separate)))
 
 
-@pytest.mark.slow  # builds two graphs; the prologue's kernel test is in the fast suite
-def test_a_w4a16_decode_step_can_rotate_inside_out_proj(quantized, monkeypatch):
-    """With FUSE_HADAMARD_IN_OUT_PROJ (lowering/hadamard.py), every rotation kernel before a W4A16
-    out_proj moves into out_proj's GEMV; the logits are those of the rotation kernel and the GEMV,
-    bit for bit (the tiny models' d_inner is a power of two, where both compute the same sums).
-    Mamba-2's rotation is one only where its gated norm does not run in the rotation's kernel
-    (hadamard.packs_gated_norm: not at powers of two, so here)."""
-    from quamba_fx.passes.lowering import hadamard
-
-    lowered = quamba_fx.lower(quantized["quamba2-w4a16"])
-    separate = Generator(lowered, batch_size=1)
-    rotations = decode_ops(separate).count("hadamard_rotate")
-    assert rotations == find_graph_meta(lowered).num_blocks
-    monkeypatch.setattr(hadamard, "FUSE_HADAMARD_IN_OUT_PROJ", True)
-    fused = Generator(lowered, batch_size=1)
-    assert decode_ops(fused).count("hadamard_w4a16_gemm") == rotations
-    assert "hadamard_rotate" not in decode_ops(fused)
-    assert all(torch.equal(a, b) for a, b in zip(decode_two(fused), decode_two(separate)))
-
-
-@pytest.mark.slow  # builds two graphs; the prologue's kernel test is in the fast suite
-def test_a_w4a16_decode_step_can_normalize_inside_in_proj(quantized, monkeypatch):
-    """With FUSE_NORM_IN_DECODE (lowering/gemm.py), every block's add + RMSNorm moves into its
-    W4A16 in_proj GEMV (the final norm, before lm_head, stays); the logits are those of the norm
-    kernel and the GEMV, bit for bit under the interpreter."""
-    from quamba_fx.passes.lowering import gemm
-
-    lowered = quamba_fx.lower(quantized["quamba2-w4a16"])
-    blocks = find_graph_meta(lowered).num_blocks
-    separate = Generator(lowered, batch_size=1)
-    monkeypatch.setattr(gemm, "FUSE_NORM_IN_DECODE", True)
-    fused = Generator(lowered, batch_size=1)
-    assert decode_ops(fused).count("rmsnorm_w4a16_in_proj_conv_update") == blocks
-    assert decode_ops(fused).count("add_rmsnorm_quantize") == 1
-    assert all(torch.equal(a, b) for a, b in zip(decode_two(fused), decode_two(separate)))
-
-
 @pytest.mark.slow  # its own property test is in the fast suite
 def test_w4a8_decode_steps_on_the_skinny_kernel_give_the_other_kernels_logits(quantized, monkeypatch):
     """A W4A8 decode step's GEMMs run gemm_w4_skinny.py's kernel (gemm_w4.W4A8_SKINNY_MAX_M); the

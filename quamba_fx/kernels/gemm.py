@@ -85,13 +85,11 @@ import triton.language as tl
 from .dispatch import AUTOTUNE_DO_BENCH
 from .dispatch import INTERPRET as _INTERPRET
 from .dispatch import INTERPRETER_WIDE_N, cdiv, launch_tuned, next_pow2, precompile, sm_count, tuned_configs
-from .dispatch import as_scalar, graph_op
+from .dispatch import graph_op
 from .dispatch import use_triton as _use_triton
 from . import gemm_skinny, gemm_tma, gemv, split_k
 from .conv1d import _validate_update as _validate_conv_step
 from .conv1d import _conv_params, as_out_scale, causal_conv1d_update_silu_int8
-from .hadamard import check_quantize_args, hadamard_quantize
-from .norm import add_rmsnorm_quantize, check_norm_args
 from .pdl import launch_options, wait_for_previous
 from .gemm_epilogue import OUT_MODES as _OUT_MODES
 from .gemm_epilogue import store_tile
@@ -100,8 +98,7 @@ from torch import Tensor
 from ..quant import qops  # noqa: F401  (registers torch.ops.quamba.int8_linear, the reference)
 from ..quant.qops import _check_linear, _linear_out_dtype
 
-__all__ = ["ConvStep", "NormStep", "PROLOGUE_MAX_K", "hadamard_int8_gemm", "int8_gemm", "int8_gemm_conv_step",
-           "int8_gemm_reference", "rmsnorm_int8_gemm_conv_step"]
+__all__ = ["ConvStep", "int8_gemm", "int8_gemm_conv_step", "int8_gemm_reference"]
 
 
 # Tuning is per power-of-two bucket of M, not per exact M: prefill lengths vary per request and
@@ -111,10 +108,6 @@ _M_BUCKET_CAP = 16384
 
 # From this M bucket on, problems TMA can address run the persistent kernel of gemm_tma.py.
 _TMA_MIN_M = 256
-# The longest row whose norm or rotation the GEMV computes in its prologue
-# (`rmsnorm_int8_gemm_conv_step`, `hadamard_int8_gemm`): held in registers whole, as the norm
-# kernel's single pass holds it (the rotation: the row-blocks a program needs, at most the row).
-PROLOGUE_MAX_K = 8192
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,27 +604,6 @@ def _check_conv_step(conv: ConvStep, out: Tensor, out_scale: Optional[Tensor]) -
     _validate_conv_step(rows, state, _f32_vector(out_scale).reshape(()), conv.weight, conv.bias, conv.out_scale)
 
 
-def _operands(x_q, x_scale, w_q, w_scale, bias, out_scale, out: Tensor, m: int, n: int, k: int) -> tuple:
-    """`(tensors, key, flags)` of a validated problem whose output `out` is allocated: the
-    kernels' operands `(x [M, K], w, x_scale, w_scale, bias, out_scale, out [M, N])` (fp32 scales
-    and bias; x_scale stands in for an absent bias / out_scale, never read), the problem key that
-    selects configs and compiled variants, and the epilogue's flags."""
-    x2 = _as_rows(x_q, m, k)
-    w = w_q if k <= 1 or w_q.stride(1) == 1 else w_q.contiguous()
-    xs = _f32_vector(x_scale)
-    ws = _f32_vector(w_scale)
-    b = _f32_vector(bias) if bias is not None else None
-    os_ = _f32_vector(out_scale) if out_scale is not None else None
-    m_bucket = min(next_pow2(m), _M_BUCKET_CAP)
-    w_per_channel = ws.numel() > 1
-    out_per_channel = os_ is not None and os_.numel() > 1
-    flags = dict(W_PER_CHANNEL=w_per_channel, HAS_BIAS=b is not None, OUT_MODE=_OUT_MODES[out.dtype],
-                 OUT_PER_CHANNEL=out_per_channel)
-    tensors = (x2, w, xs, ws, b if b is not None else xs, os_ if os_ is not None else xs, out.view(m, n))
-    key = (n, k, m_bucket, out.dtype, w_per_channel, b is not None, out_per_channel, x_q.device)
-    return tensors, key, flags
-
-
 def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Optional[ConvStep]):
     """int8_gemm's body: `(out, u)`, u the conv step's output when `conv` is given, else None."""
     n, k, dtype = _validate(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
@@ -651,9 +623,23 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
     out = torch.empty((*lead, n), dtype=dtype, device=x_q.device)
     if conv is not None:
         _check_conv_step(conv, out, out_scale)
-    tensors, key, flags = _operands(x_q, x_scale, w_q, w_scale, bias, out_scale, out, m, n, k)
-    x2, w, xs, ws, b_arg, os_arg, out2 = tensors
-    m_bucket = key[2]
+
+    x2 = _as_rows(x_q, m, k)
+    w = w_q if k <= 1 or w_q.stride(1) == 1 else w_q.contiguous()
+    xs = _f32_vector(x_scale)
+    ws = _f32_vector(w_scale)
+    b = _f32_vector(bias) if bias is not None else None
+    os_ = _f32_vector(out_scale) if out_scale is not None else None
+    m_bucket = min(next_pow2(m), _M_BUCKET_CAP)
+
+    w_per_channel = ws.numel() > 1
+    out_per_channel = os_ is not None and os_.numel() > 1
+    flags = dict(W_PER_CHANNEL=w_per_channel, HAS_BIAS=b is not None, OUT_MODE=out_mode,
+                 OUT_PER_CHANNEL=out_per_channel)
+    # Unused pointers get a valid placeholder (x_scale): the kernels never read them.
+    b_arg = b if b is not None else xs
+    os_arg = os_ if os_ is not None else xs
+    out2 = out.view(m, n)
 
     def grid(meta):
         return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
@@ -662,13 +648,15 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
         _launch(
             grid,
             (x2, w, xs, ws, b_arg, os_arg, out, m, n, k, m_bucket, x2.stride(0), w.stride(0), n),
-            key,
+            (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device),
             m, n, k,
             **flags,
             # Keeps `a * s + bias` two roundings on the GPU (see the module docstring).
             **launch_options(x_q.device, fuse_fp=False),
         )
 
+    tensors = (x2, w, xs, ws, b_arg, os_arg, out2)
+    key = (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device)
     if m_bucket >= _TMA_MIN_M and gemm_tma.supported(x2, w, out2):
         def tma_kernel() -> None:
             gemm_tma.launch(tensors, m, n, k, m_bucket, flags)
@@ -700,11 +688,11 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
 
 
 def fused_gemv_ran(kind: str, key: tuple, what: str, launch: Callable[[], object]) -> bool:
-    """Run `launch()`, a GEMV with an epilogue or prologue of its own (`what`, for the warning),
-    and say whether it ran: False, without trying, where it failed before on this problem (`kind`,
-    `key`), and False with a warning, once a problem, when it fails to compile on this device, so
-    that the caller runs the separate kernels. A failed launch fails before its kernel runs: no
-    state is touched. Under the interpreter a failure is a bug and is raised."""
+    """Run `launch()`, a GEMV with an epilogue of its own (`what`, for the warning), and say whether
+    it ran: False, without trying, where it failed before on this problem (`kind`, `key`), and
+    False with a warning, once a problem, when it fails to compile on this device, so that the
+    caller runs the separate kernels. A failed launch fails before its kernel runs: no state is
+    touched. Under the interpreter a failure is a bug and is raised."""
     if _USES_ALTERNATIVE.get((kind, key)) is False:
         return False
     try:
@@ -721,116 +709,14 @@ def fused_gemv_ran(kind: str, key: tuple, what: str, launch: Callable[[], object
     return True
 
 
-def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: ConvStep,
-                    norm: Optional[tuple] = None) -> Optional[Tensor]:
-    """The GEMV with the conv step in its epilogue (and with `norm`, gemv.launch's, the norm in its
-    prologue); None when it fails to compile here (`fused_gemv_ran`)."""
-    u = torch.empty((1, conv.state.shape[1]), dtype=torch.int8, device=tensors[1].device)
-    ran = fused_gemv_ran("gemv_conv" if norm is None else "gemv_norm_conv", key,
-                     "a conv epilogue" + ("" if norm is None else " and a norm prologue"),
-                     lambda: gemv.launch(tensors, n, k, key, flags, norm=norm,
-                                         conv=(conv.state, conv.weight, conv.bias, conv.out_scale, u, conv.start)))
+def _gemv_conv_step(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: ConvStep) -> Optional[Tensor]:
+    """The GEMV with the conv step in its epilogue; None when it fails to compile here
+    (`fused_gemv_ran`)."""
+    u = torch.empty((1, conv.state.shape[1]), dtype=torch.int8, device=tensors[0].device)
+    ran = fused_gemv_ran("gemv_conv", key, "a conv epilogue",
+                         lambda: gemv.launch(tensors, n, k, key, flags,
+                                             conv=(conv.state, conv.weight, conv.bias, conv.out_scale, u, conv.start)))
     return u if ran else None
-
-
-def _prologue_gemv(x: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                   out_scale: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Optional[tuple]:
-    """`(out, tensors, key, flags)` (`_operands`') of a GEMV that makes its own int8 input from the
-    float row `x` in a prologue (the norm's or the rotation's), when the GEMV runs the problem:
-    one row on a Triton device, K up to PROLOGUE_MAX_K, operands it reads as words; else None.
-    The GEMM's arguments are validated against the codes the prologue makes; the separate kernels
-    the callers run otherwise validate their own."""
-    k = x.shape[-1]
-    if not (x.numel() == k and 0 < k <= PROLOGUE_MAX_K and gemv.GEMV_MAX_M >= 1 and _use_triton(x)):
-        return None
-    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)  # what the prologue makes: shapes checked on it
-    n, _, dtype = _validate(codes, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
-    if n == 0 or dtype not in _OUT_MODES or not gemv.supported(codes.view(1, k), w_q) or w_q.stride(1) != 1:
-        return None
-    out = torch.empty((*x.shape[:-1], n), dtype=dtype, device=x.device)
-    return (out, *_operands(codes, x_scale, w_q, w_scale, bias, out_scale, out, 1, n, k))
-
-
-@dataclass(frozen=True)
-class NormStep:
-    """The residual add + RMSNorm + int8 quantize that makes a GEMM's input
-    (`rmsnorm_int8_gemm_conv_step`): `norm.add_rmsnorm_quantize(x, residual, weight, eps, scale)`,
-    whose scale is also the GEMM's x_scale.
-
-    x: the block output, float `[..., K]`; residual: the fp32 residual stream of x's shape, or None
-    for the first block; weight: the norm's `[K]`; scale: a 1-element fp32 tensor.
-    """
-
-    x: Tensor
-    residual: Optional[Tensor]
-    weight: Tensor
-    eps: float
-    scale: Tensor
-
-
-def rmsnorm_int8_gemm_conv_step(
-    norm: NormStep, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], out_scale: Tensor, conv: ConvStep,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """`x_q, residual_out = add_rmsnorm_quantize(norm.x, norm.residual, norm.weight, norm.eps,
-    norm.scale)`, then `int8_gemm_conv_step(x_q, norm.scale, w_q, w_scale, bias, out_scale, conv)`:
-    returns `(out, u, residual_out)`. A decode step's residual add and RMSNorm between blocks, its
-    in_proj and its conv1d.
-
-    A one-row problem that the GEMV runs (batch-1 decode on the GPU) is one launch: each of the
-    GEMV's programs computes the whole normed row itself, with the norm kernel's arithmetic
-    (norm.normed_row), into a scratch row of its own, then runs its columns and their conv step
-    (`int8_gemm_conv_step`). The codes are the norm kernel's up to the order in which the sum of
-    squares adds up, which the two kernels' layouts may differ in on the GPU (norm.py's tolerance:
-    one step on rare elements); under the interpreter they are equal. Other problems run the
-    norm kernel, then `int8_gemm_conv_step`.
-    """
-    if not isinstance(norm, NormStep):
-        raise ValueError(f"norm must be a NormStep, got {type(norm).__name__}")
-    if not isinstance(norm.scale, Tensor):
-        raise ValueError(f"norm.scale must be a 1-element float32 tensor, got {type(norm.scale).__name__}")
-    check_norm_args("rmsnorm_int8_gemm_conv_step", norm.x, norm.residual, norm.weight, norm.eps, norm.scale, None)
-    x = norm.x
-    k = x.shape[-1]
-    problem = _prologue_gemv(x, norm.scale, w_q, w_scale, bias, out_scale, None)
-    if problem is not None:
-        out, tensors, key, flags = problem
-        n = out.shape[-1]
-        _check_conv_step(conv, out, out_scale)
-        r_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        residual = None if norm.residual is None else norm.residual.reshape(1, k).contiguous()
-        u = _gemv_conv_step(tensors, n, k, key, flags, conv,
-                            norm=(x.reshape(1, k).contiguous(), residual, norm.weight, norm.eps, r_out))
-        if u is not None:
-            return out, u, r_out
-    x_q, r_out = add_rmsnorm_quantize(x, norm.residual, norm.weight, norm.eps, norm.scale)
-    out, u = int8_gemm_conv_step(x_q, norm.scale, w_q, w_scale, bias, out_scale, conv)
-    return out, u, r_out
-
-
-def hadamard_int8_gemm(y: Tensor, y_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
-                       out_scale: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """`int8_gemm(hadamard_quantize(y, y_scale), y_scale, w_q, w_scale, bias, out_scale, out_dtype)`:
-    Quamba's rotation of the scan output, its quantization, and out_proj. Arguments as those two
-    functions take them (ValueErrors naming this function for y and y_scale).
-
-    A one-row problem that the GEMV runs (batch-1 decode on the GPU) is one launch: each GEMV
-    program rotates and quantizes the row-blocks of y that its K range reads, into a scratch row of
-    its own (`hadamard.rotated_rows`, the one-row Hadamard kernel's fp32 FMA arithmetic), then runs
-    its columns. Where `hadamard_quantize` itself runs that arithmetic (powers of two, and dense
-    factors too small for tensor cores) the codes are its codes; where it runs the tensor-core
-    kernel (Mamba's other sizes, e.g. 5120) the fp32 sums add up in another order, which can move
-    a code by one step where `y / y_scale` sits at a rounding boundary (hadamard.py's contract).
-    Other problems run `hadamard_quantize`, then `int8_gemm`.
-    """
-    k = check_quantize_args("hadamard_int8_gemm", y, y_scale)
-    problem = _prologue_gemv(y, y_scale, w_q, w_scale, bias, out_scale, out_dtype)
-    if problem is not None:
-        out, tensors, key, flags = problem
-        row = y.reshape(1, k).contiguous()
-        if fused_gemv_ran("gemv_hadamard", key, "a Hadamard prologue",
-                          lambda: gemv.launch(tensors, out.shape[-1], k, key, flags, hadamard=row)):
-            return out
-    return int8_gemm(hadamard_quantize(y, y_scale), y_scale, w_q, w_scale, bias, out_scale, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -848,20 +734,6 @@ def w8a8_linear_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, b
 @w8a8_linear_op.register_fake
 def _w8a8_linear_fake(x_q, x_scale, w_q, w_scale, bias=None, out_scale=None, out_dtype=None):
     return torch.ops.quamba.int8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype)
-
-
-@graph_op("quamba::hadamard_w8a8_linear", mutates_args=())
-def hadamard_w8a8_linear_op(y: Tensor, y_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
-                            out_scale: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """A decode step's rotation, quantize and out_proj: `w8a8_linear(hadamard_quantize(y, y_scale),
-    y_scale, w_q, ..)`. At batch 1 on the GPU one GEMV launch computes both (`hadamard_int8_gemm`)."""
-    return hadamard_int8_gemm(y, as_scalar(y_scale), w_q, w_scale, bias, out_scale, out_dtype)
-
-
-@hadamard_w8a8_linear_op.register_fake
-def _hadamard_w8a8_linear_fake(y, y_scale, w_q, w_scale, bias=None, out_scale=None, out_dtype=None):
-    codes = torch.empty(y.shape, dtype=torch.int8, device=y.device)
-    return torch.ops.quamba.int8_linear(codes, y_scale, w_q, w_scale, bias, out_scale, out_dtype)
 
 
 @graph_op("quamba::in_proj_conv_update", mutates_args=("conv_state",))
@@ -886,29 +758,3 @@ def _in_proj_conv_update_fake(x_q, x_scale, w_q, w_scale, bias, out_scale, conv_
     xz = torch.ops.quamba.int8_linear(x_q, x_scale, w_q, w_scale, bias, out_scale, None)
     batch, channels = conv_state.shape[:2]
     return xz, x_q.new_empty((batch, 1, channels)).transpose(1, 2)
-
-
-@graph_op("quamba::rmsnorm_in_proj_conv_update", mutates_args=("conv_state",))
-def rmsnorm_in_proj_conv_update_op(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, eps: float,
-                                   x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                                   out_scale: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
-                                   conv_out_scale: Tensor, conv_state: Tensor,
-                                   conv_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """A decode step's add + RMSNorm between blocks, in_proj and conv1d: `x_q, residual_out =
-    add_rmsnorm_quantize(x, residual, norm_weight, eps, x_scale)`, then `in_proj_conv_update(x_q,
-    x_scale, w_q, ..)`; returns `(xz, u, residual_out)`. At batch 1 on the GPU one GEMV launch
-    computes all three (`rmsnorm_int8_gemm_conv_step`)."""
-    w, b = _conv_params(conv_weight, conv_bias)
-    xz, u, r = rmsnorm_int8_gemm_conv_step(NormStep(x, residual, norm_weight, eps, as_scalar(x_scale)), w_q, w_scale,
-                                           bias, out_scale, ConvStep(conv_state, w, b, as_out_scale(conv_out_scale),
-                                                                     conv_start))
-    return xz, u[:, None, :].transpose(1, 2), r
-
-
-@rmsnorm_in_proj_conv_update_op.register_fake
-def _rmsnorm_in_proj_conv_update_fake(x, residual, norm_weight, eps, x_scale, w_q, w_scale, bias, out_scale,
-                                      conv_weight, conv_bias, conv_out_scale, conv_state, conv_start=0):
-    x_q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    xz, u = _in_proj_conv_update_fake(x_q, x_scale, w_q, w_scale, bias, out_scale, conv_weight, conv_bias,
-                                      conv_out_scale, conv_state, conv_start)
-    return xz, u, torch.empty(x.shape, dtype=torch.float32, device=x.device)

@@ -31,14 +31,12 @@ from ..quant.qops import _check_int8, _linear_out_dtype
 from . import dequant_w4, gemm_w4_skinny, gemv_w4
 from .conv1d_float import MAX_UPDATE_WIDTH, conv1d_silu_update
 from .dispatch import INTERPRET, cdiv, fp_fusion, graph_op, use_triton
-from .gemm import PROLOGUE_MAX_K, fused_gemv_ran
-from .hadamard import check_rotation_args, hadamard_transform_triton
-from .norm import add_rmsnorm_quantize, check_norm_args
+from .gemm import fused_gemv_ran
 from .gemm_epilogue import store_w4_tile
 from .int4_codes import column_codes
 
-__all__ = ["Config", "W4A8_SKINNY_MAX_M", "default_config", "hadamard_w4a16_gemm", "rmsnorm_w4a16_gemm_conv_step",
-           "supported", "w4a16_gemm", "w4a16_gemm_conv_step", "w4a8_gemm"]
+__all__ = ["Config", "W4A8_SKINNY_MAX_M", "default_config", "supported", "w4a16_gemm", "w4a16_gemm_conv_step",
+           "w4a8_gemm"]
 
 # Rows from which a W4A16 problem dequantizes its weight and runs cuBLAS (dequant_w4.py): a
 # prefill's GEMM is bound by multiply-adds, where cuBLAS is 10x our mixed-input kernel.
@@ -243,71 +241,6 @@ def _conv_step(name: str, x: Tensor, n: int, conv_weight: Tensor, conv_bias: Opt
                             torch.empty((1, channels), dtype=x.dtype, device=x.device), conv_start)
 
 
-def rmsnorm_w4a16_gemm_conv_step(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, eps: float,
-                                 w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor],
-                                 act_dtype: Optional[torch.dtype], conv_weight: Tensor, conv_bias: Optional[Tensor],
-                                 conv_state: Tensor, conv_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """`h, residual_out = add_rmsnorm_quantize(x, residual, norm_weight, eps, None, fp16)`, then
-    `w4a16_gemm_conv_step(h, w_packed, .., conv_start)`: returns `(xz, u, residual_out)`. A W4A16
-    decode step's residual add and RMSNorm between blocks, its in_proj and its conv1d.
-
-    One row that the GEMV takes (batch-1 decode on the GPU) is one launch: each GEMV program
-    computes the whole normed row itself, with the norm kernel's arithmetic (norm.normed_row), into
-    an fp16 scratch row of its own, then runs its rows and their conv step. The normed values are
-    the norm kernel's up to the order in which the sum of squares adds up (norm.py: on the GPU,
-    the two kernels' layouts may differ in it). Other problems run the norm kernel, then
-    `w4a16_gemm_conv_step`."""
-    name = "rmsnorm_w4a16_gemm_conv_step"
-    check_norm_args(name, x, residual, norm_weight, eps, None, torch.float16)
-    k = x.shape[-1]
-    h = torch.empty(x.shape, dtype=torch.float16, device=x.device)  # what the norm makes: shapes checked on it
-    n, _ = _check_w4(name, h, w_packed, w_scale, group_size, bias)
-    step = _conv_step(name, h, n, conv_weight, conv_bias, conv_state, conv_start)
-    if (step is not None and act_dtype in (None, torch.float16) and x.numel() == k and k <= PROLOGUE_MAX_K
-            and use_triton(x) and supported(group_size) and gemv_w4.supported(h.view(1, k), w_packed, group_size)):
-        xz = torch.empty((1, 1, n), dtype=torch.float16, device=x.device)
-        r_out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        rows = None if residual is None else residual.reshape(1, k).contiguous()
-        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-        if fused_gemv_ran("w4_gemv_norm_conv", _gemv_key(h, w_packed, group_size, bias),
-                          "a norm prologue and a conv epilogue",
-                          lambda: gemv_w4.launch(x.reshape(1, k).contiguous(), w_packed, w_scale, group_size, bias32,
-                                                 xz, conv=step, norm=(rows, norm_weight, eps, r_out))):
-            return xz, step.u[..., None], r_out
-    h, r_out = add_rmsnorm_quantize(x, residual, norm_weight, eps, None, torch.float16)
-    xz, u = w4a16_gemm_conv_step(h, w_packed, w_scale, group_size, bias, act_dtype, conv_weight, conv_bias, conv_state,
-                                 conv_start=conv_start)
-    return xz, u, r_out
-
-
-def hadamard_w4a16_gemm(y: Tensor, rot_dtype: torch.dtype, w_packed: Tensor, w_scale: Tensor, group_size: int,
-                        bias: Optional[Tensor] = None, act_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """`w4a16_gemm(hadamard_transform_triton(y, rot_dtype), w_packed, w_scale, group_size, bias,
-    act_dtype)`: the rotation of the scan output before a W4A16 out_proj, and out_proj.
-
-    One row of an fp16 rotation that the GEMV takes (batch-1 decode on the GPU) is one launch: each
-    GEMV program rotates the row-blocks of y that its columns read, rounds them to fp16 into a
-    scratch row of its own (`hadamard.rotated_rows`, the one-row Hadamard kernel's fp32 FMA
-    arithmetic), then runs its rows. Where `hadamard_transform_triton` runs that arithmetic itself
-    (powers of two, dense factors too small for tensor cores) the fp16 values are its values;
-    where it sums on tensor cores (e.g. 5120) they can differ in the last bit. Other problems run
-    the two kernels."""
-    k = check_rotation_args("hadamard_w4a16_gemm", y)
-    n, _ = _check_w4("hadamard_w4a16_gemm", y, w_packed, w_scale, group_size, bias)
-    fused = (rot_dtype == torch.float16 and act_dtype in (None, torch.float16) and y.numel() == k
-             and 0 < k <= PROLOGUE_MAX_K and use_triton(y) and supported(group_size)
-             and gemv_w4.supported(torch.empty((1, k), dtype=torch.float16, device=y.device), w_packed, group_size))
-    if not fused:
-        return w4a16_gemm(hadamard_transform_triton(y, rot_dtype), w_packed, w_scale, group_size, bias, act_dtype)
-    out = torch.empty((*y.shape[:-1], n), dtype=torch.float16, device=y.device)
-    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    if fused_gemv_ran("w4_gemv_hadamard", _gemv_key(y, w_packed, group_size, bias), "a Hadamard prologue",
-                      lambda: gemv_w4.launch(y.reshape(1, k).contiguous(), w_packed, w_scale, group_size, bias32,
-                                             out, rotate=True)):
-        return out
-    return w4a16_gemm(hadamard_transform_triton(y, rot_dtype), w_packed, w_scale, group_size, bias, act_dtype)
-
-
 def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
               bias: Optional[Tensor] = None, out_scale: Optional[Tensor] = None,
               out_dtype: Optional[torch.dtype] = None, config: Optional[Config] = None,
@@ -354,42 +287,6 @@ def w4a16_gemm_op(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,
 @w4a16_gemm_op.register_fake
 def _w4a16_gemm_fake(x, w_packed, w_scale, group_size, bias=None, act_dtype=None):
     return torch.ops.quamba.w4a16_linear(x, w_packed, w_scale, group_size, bias)
-
-
-@graph_op("quamba::hadamard_w4a16_gemm")
-def hadamard_w4a16_gemm_op(y: Tensor, rot_dtype: torch.dtype, w_packed: Tensor, w_scale: Tensor, group_size: int,
-                           bias: Optional[Tensor] = None, act_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """A decode step's rotation before a W4A16 out_proj, and out_proj: `w4a16_gemm(hadamard_rotate(y,
-    rot_dtype), ..)`. At batch 1 on the GPU one GEMV launch computes both (`hadamard_w4a16_gemm`)."""
-    return hadamard_w4a16_gemm(y, rot_dtype, w_packed, w_scale, group_size, bias, act_dtype)
-
-
-@hadamard_w4a16_gemm_op.register_fake
-def _hadamard_w4a16_gemm_fake(y, rot_dtype, w_packed, w_scale, group_size, bias=None, act_dtype=None):
-    return y.new_empty((*y.shape[:-1], w_packed.shape[0]), dtype=rot_dtype)
-
-
-@graph_op("quamba::rmsnorm_w4a16_in_proj_conv_update", mutates_args=("conv_state",))
-def rmsnorm_w4a16_in_proj_conv_update_op(x: Tensor, residual: Optional[Tensor], norm_weight: Tensor, eps: float,
-                                         w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor],
-                                         act_dtype: Optional[torch.dtype], conv_weight: Tensor,
-                                         conv_bias: Optional[Tensor], conv_state: Tensor,
-                                         conv_start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """A W4A16 decode step's add + RMSNorm between blocks, in_proj and conv1d: `h, residual_out =
-    add_rmsnorm_quantize(x, residual, norm_weight, eps, None, fp16)`, then
-    `w4a16_in_proj_conv_update(h, ..)`; returns `(xz, u, residual_out)`. At batch 1 on the GPU one
-    GEMV launch computes all three (`rmsnorm_w4a16_gemm_conv_step`)."""
-    return rmsnorm_w4a16_gemm_conv_step(x, residual, norm_weight, eps, w_packed, w_scale, group_size, bias, act_dtype,
-                                        conv_weight, conv_bias, conv_state, conv_start)
-
-
-@rmsnorm_w4a16_in_proj_conv_update_op.register_fake
-def _rmsnorm_w4a16_in_proj_conv_update_fake(x, residual, norm_weight, eps, w_packed, w_scale, group_size, bias,
-                                            act_dtype, conv_weight, conv_bias, conv_state, conv_start=0):
-    h = torch.empty(x.shape, dtype=torch.float16, device=x.device)
-    xz, u = _w4a16_in_proj_conv_update_fake(h, w_packed, w_scale, group_size, bias, act_dtype, conv_weight, conv_bias,
-                                            conv_state, conv_start)
-    return xz, u, torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
 
 @graph_op("quamba::w4a16_in_proj_conv_update", mutates_args=("conv_state",))

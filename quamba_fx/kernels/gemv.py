@@ -26,8 +26,6 @@ reference.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -38,8 +36,6 @@ from .dispatch import INTERPRETER_WIDE_N
 from .dispatch import cdiv, chosen_config, next_pow2, sm_count, tuned_configs
 from .conv1d import conv_update_step
 from .gemm_epilogue import epilogue, store_tile
-from .hadamard import range_blocks, row_rotation, rotated_rows
-from .norm import normed_row
 from .pdl import launch_options, prefetch_options, prefetch_to_l2, wait_for_previous
 
 __all__ = ["GEMV_MAX_M", "launch", "supported"]
@@ -140,34 +136,23 @@ def _finish(acc, offs_n, cols, N, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_
 def _int8_gemv_jit(
     x_ptr, w_ptr, x_scale_ptr, w_scale_ptr, bias_ptr, out_scale_ptr, out_ptr, partial_ptr, count_ptr,
     cs_ptr, cw_ptr, cb_ptr, cu_scale_ptr, u_ptr,
-    nx_ptr, nres_ptr, nw_ptr, ro_ptr, codes_ptr, hy_ptr, hd_ptr,
     N, K,
     stride_wn,
     D_CONV, CONV_START, stride_csd, stride_csk, stride_cwd, stride_cwk,
-    stride_xp, stride_nw, eps, inv_sqrt_n,
     PF_BYTES, PF_PROGRAMS,
     W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_MODE: tl.constexpr,
     OUT_PER_CHANNEL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     DP4A: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
     CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr, CONV_PER_CHANNEL: tl.constexpr,
-    FAST_MATH: tl.constexpr, NORM: tl.constexpr, NORM_HAS_RES: tl.constexpr, BLOCK_H: tl.constexpr,
-    HAD: tl.constexpr, HAD_M: tl.constexpr, HAD_MP: tl.constexpr, HAD_ROWS: tl.constexpr, HAD_P: tl.constexpr,
-    HAD_LOG_P: tl.constexpr, HAD_DENSE: tl.constexpr,
+    FAST_MATH: tl.constexpr,
 ):
     # CONV: also the decode conv step of D_CONV columns from CONV_START (see _finish), its state
     # `cs` [D, W-1] rolled in place, its output written to u.
-    # NORM: x is not an input but this program's row of the scratch `codes` (x_ptr's bytes, rows
-    # stride_xp words apart), which the program first fills with add_rmsnorm_quantize's int8 row
-    # of the block output `nx` and the residual stream `nres` (norm.normed_row, the norm kernel's
-    # own arithmetic: norm weight `nw`, eps, x_scale as the quantize's scale); program 0 also
-    # stores the new residual stream at `ro`.
-    # HAD: likewise, but the program fills only the part of its scratch row that its K range
-    # reads, with hadamard_quantize's codes of `hy` (hadamard.rotated_rows, the one-row kernel's
-    # arithmetic: the transposed dense factor at `hd`, x_scale as the quantize's scale): the
-    # row-blocks of HAD_P values that hold its range, HAD_ROWS of them at most.
     # x and w are int32 words (four int8 each): K and stride_wn count words.
-    # SPLIT_K consecutive programs share one column tile.
+    # SPLIT_K consecutive programs share one column tile. x comes from the kernel ahead: a norm or
+    # rotation prologue computing it in every program (one launch fewer) was measured slower, W8A8
+    # and W4A16 (docs/benchmarks.md, session 53).
     pid = tl.program_id(0)
     pid_k = pid % SPLIT_K
     pid_n = pid // SPLIT_K
@@ -179,27 +164,12 @@ def _int8_gemv_jit(
     # x is loaded as a [BLOCK_N, BLOCK_K] tile of repeated rows, in the layout of the weight tile
     # it multiplies: each thread reads the words it needs (from L1 after the first). Loaded as a
     # [BLOCK_K] vector it went through shared memory every step (4 barriers an iteration, sm_90).
-    x_ptrs = x_ptr + pid * stride_xp + (offs_k[None, :] + tl.zeros((BLOCK_N, 1), dtype=tl.int32))
+    x_ptrs = x_ptr + (offs_k[None, :] + tl.zeros((BLOCK_N, 1), dtype=tl.int32))
     w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
 
     prefetch_to_l2(w_ptr, PF_BYTES, PF_PROGRAMS, PREFETCH)
     b = split_k.load_step(w_ptrs, offs_k, K, 0, EVEN_K)
     wait_for_previous(USE_PDL)  # x, the scratch and the output belong to the kernels ahead
-    if NORM:
-        # Every program normalizes the whole row, rather than one kernel before it writing the
-        # codes once: the norm's launch and grid-wide wait traded for its work in every program
-        # (gemm.rmsnorm_int8_gemm_conv_step; the trade is timed by device_run.sh prologue-ab).
-        normed_row(nx_ptr, nres_ptr, nw_ptr, stride_nw, x_scale_ptr, codes_ptr + pid * stride_xp * 4, ro_ptr,
-                   (tl.arange(0, BLOCK_H) < K * 4) & (pid == 0), K * 4, eps, NORM_HAS_RES, 1, BLOCK_H)
-        # The row's codes, stored by all of the program's threads, are read back by others.
-        tl.debug_barrier()
-    if HAD:
-        # The rotation's row-blocks mix all of `hy` but are independent of each other, so a
-        # program computes only those its K range covers (k_tiles * BLOCK_K words from its start).
-        first_block = (pid_k * k_tiles * BLOCK_K * 4) // HAD_P
-        rotated_rows(hy_ptr, hd_ptr, tl.load(x_scale_ptr), codes_ptr + pid * stride_xp * 4, first_block, inv_sqrt_n,
-                     HAD_M, HAD_MP, HAD_ROWS, HAD_P, HAD_LOG_P, 1, HAD_DENSE)
-        tl.debug_barrier()
 
     # Element-wise running sums, reduced over K once after the loop: a reduction every step would
     # put a chain of shuffles between each load and the next.
@@ -230,48 +200,19 @@ def _int8_gemv_jit(
 _TUNED: dict = tuned_configs("gemv")
 
 
-def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple | None = None,
-           norm: tuple | None = None, hadamard: torch.Tensor | None = None) -> None:
+def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple | None = None) -> None:
     """Run the GEMV on `tensors = (x [1, K], w [N, K], x_scale, w_scale, bias, out_scale, out
     [1, N])` (placeholders for absent bias / out_scale), validated by `gemm.int8_gemm` and
     `supported`. `key` names everything that selects a config or a compiled variant; `flags` are
     the epilogue's. `conv = (state [1, D, W-1], weight [D, W], bias or None, out_scale, u [1, D],
     start)` adds the decode conv step of the D columns from `start` (`gemm.int8_gemm_conv_step`
-    validated it). `norm = (x [1, K] float, residual [1, K] fp32 or None, weight [K], eps,
-    residual_out [1, K] fp32)` makes the GEMV's input itself, `add_rmsnorm_quantize(x, residual,
-    weight, eps, x_scale)` (`gemm.rmsnorm_int8_gemm_conv_step` validated it); `tensors[0]` is then
-    not read. `hadamard = y [1, K] float` likewise makes it `hadamard_quantize(y, x_scale)`; at
-    most one of `norm` and `hadamard`."""
-    w = tensors[1]
+    validated it)."""
+    x, w = tensors[0], tensors[1]
     k_words = k // _PACK
     meta = chosen_config(_TUNED, key, _config, n, k_words)
-    programs = cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"]
-    scratch = (split_k.scratch(w.device, *split_k.scratch_need(1, n, (meta,))) if meta["SPLIT_K"] > 1
+    scratch = (split_k.scratch(x.device, *split_k.scratch_need(1, n, (meta,))) if meta["SPLIT_K"] > 1
                else (tensors[2], tensors[2]))
-    if norm is None and hadamard is None:
-        x_words, stride_xp, codes = tensors[0][0].view(torch.int32)[None], 0, w
-    else:
-        # The prologue makes the input: one row of codes a program, written before its loop reads it.
-        codes = torch.empty((programs, k), dtype=torch.int8, device=w.device)
-        x_words, stride_xp = codes.view(torch.int32), k_words
-    if norm is not None:
-        nx, residual, nw, eps, r_out = norm
-        norm_args = (nx, residual if residual is not None else nx, nw, r_out, nw.stride(0), float(eps))
-        norm_flags = dict(NORM=True, NORM_HAS_RES=residual is not None, BLOCK_H=next_pow2(k))
-    else:
-        norm_args = (w, w, w, w, 0, 0.0)  # placeholders, never read
-        norm_flags = dict(NORM=False, NORM_HAS_RES=False, BLOCK_H=16)
-    if hadamard is not None:
-        table, rotation = row_rotation(k, w.device)
-        had_args = (hadamard, table if table is not None else hadamard, 1.0 / math.sqrt(k))
-        span = cdiv(cdiv(k_words, meta["BLOCK_K"]), meta["SPLIT_K"]) * meta["BLOCK_K"] * _PACK  # a split's columns
-        had_flags = dict(HAD=True, HAD_M=rotation["M"], HAD_MP=rotation["M_PAD"], HAD_P=rotation["P"],
-                         HAD_LOG_P=rotation["LOG_P"], HAD_DENSE=rotation["DENSE"],
-                         HAD_ROWS=range_blocks(span, meta["SPLIT_K"], rotation["P"], rotation["M_PAD"]))
-    else:
-        had_args = (w, w, 0.0)  # placeholders, never read
-        had_flags = dict(HAD=False, HAD_M=1, HAD_MP=1, HAD_ROWS=1, HAD_P=1, HAD_LOG_P=0, HAD_DENSE=0)
-    words = (x_words, w.view(torch.int32)) + tuple(tensors[2:])
+    words = (x[0].view(torch.int32)[None], w.view(torch.int32)) + tuple(tensors[2:])
     if conv is not None:
         state, cw, cb, cu_scale, u, start = conv
         conv_args = (state[0], cw, cb if cb is not None else cw, cu_scale, u,
@@ -279,14 +220,14 @@ def launch(tensors: tuple, n: int, k: int, key: tuple, flags: dict, conv: tuple 
         conv_flags = dict(CONV=True, CONV_W=cw.shape[1], CONV_HAS_BIAS=cb is not None,
                           CONV_PER_CHANNEL=cu_scale.numel() > 1)
     else:
-        conv_args = (w, w, w, w, w, 0, 0, 0, 0, 0, 0)  # placeholders, never read
+        conv_args = (x, x, x, x, x, 0, 0, 0, 0, 0, 0)  # placeholders, never read
         conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False, CONV_PER_CHANNEL=False)
+    programs = cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"]
     # No FP fusion (`fuse_fp=False`): `a * s + bias` stays two roundings on the GPU (gemm.py's
     # contract).
     # The first programs ask L2 for the weight's first rows (pdl.prefetch_to_l2).
-    _int8_gemv_jit[(programs,)](*words, *scratch, *conv_args[:5], *norm_args[:4], codes, *had_args[:2], n, k_words,
-                                w.stride(0) // _PACK, *conv_args[5:], stride_xp, *norm_args[4:], had_args[2],
+    _int8_gemv_jit[(programs,)](*words, *scratch, *conv_args[:5], n, k_words, w.stride(0) // _PACK, *conv_args[5:],
                                 **prefetch_options(w, programs),
-                                **flags, **meta, **conv_flags, **norm_flags, **had_flags, FAST_MATH=not _INTERPRET,
+                                **flags, **meta, **conv_flags, FAST_MATH=not _INTERPRET,
                                 EVEN_K=_even_k(k_words, meta), DP4A=not _INTERPRET,
-                                **launch_options(w.device, fuse_fp=False))
+                                **launch_options(x.device, fuse_fp=False))

@@ -34,7 +34,6 @@ order (split_k.py), in the same launch.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -45,8 +44,6 @@ from torch import Tensor
 from . import split_k
 from .conv1d_float import conv_silu_step
 from .dispatch import INTERPRET, cdiv, next_pow2
-from .hadamard import range_blocks, row_rotation, rotated_rows
-from .norm import normed_row
 from .pdl import launch_options, wait_for_previous
 
 __all__ = ["Config", "ConvStep", "default_config", "launch", "supported"]
@@ -188,15 +185,11 @@ def _weight_block(w_tile, s_rows, k0, chunk, quad, word_end, GROUP_CHUNKS: tl.co
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, count_ptr,
                        cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV, CONV_START, stride_csd, stride_csk, stride_cwd,
-                       stride_cwk, hy_ptr, hd_ptr, row_ptr, stride_xp, inv_sqrt_n,
-                       nx_ptr, nres_ptr, nw_ptr, ro_ptr, stride_nw, eps,
+                       stride_cwk,
                        N, K_WORDS, SPLIT_CHUNKS, stride_wn, stride_sn, GROUP_CHUNKS: tl.constexpr,
                        ROWS: tl.constexpr, THREAD_ROWS: tl.constexpr, CHUNKS: tl.constexpr,
                        SPLITS: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, PTX: tl.constexpr,
-                       USE_PDL: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr,
-                       HAD: tl.constexpr, HAD_M: tl.constexpr, HAD_MP: tl.constexpr, HAD_ROWS: tl.constexpr,
-                       HAD_P: tl.constexpr, HAD_LOG_P: tl.constexpr, HAD_DENSE: tl.constexpr,
-                       NORM: tl.constexpr, NORM_HAS_RES: tl.constexpr, BLOCK_H: tl.constexpr):
+                       USE_PDL: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_HAS_BIAS: tl.constexpr):
     # x_ptr: the fp16 activation row as 32-bit words of two columns; w_ptr: the packed weight as
     # 32-bit words of eight codes (K_WORDS a row, stride_wn counts words). Chunk c is weight words
     # 4c to 4c + 3 and activation words 16c to 16c + 15. Program (n, s) sums chunks [s *
@@ -205,18 +198,9 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
     # partials (split_k.py) and stores the tile. CONV: rows CONV_START to CONV_START + D_CONV are
     # the conv's input (Mamba-1's x half: from 0; Mamba-2's xBC: after z), and the tile's store
     # also runs their decode conv step (`_store_rows`).
-    # HAD, NORM (at most one): x is not an input but this program's row of the fp16 scratch `row`
-    # (x_ptr's words, rows stride_xp words apart), which the program fills first (as gemv.py's
-    # prologues do). HAD: over its own columns, with the rotation of `hy` rounded to fp16
-    # (hadamard.rotated_rows, the one-row Hadamard kernel's arithmetic, the transposed dense
-    # factor at `hd`): the HAD_ROWS row-blocks of HAD_P values from the one that holds its first
-    # column. NORM: whole, with add_rmsnorm_quantize's fp16 row of the block output `nx` and the
-    # residual stream `nres` (norm.normed_row, the norm kernel's arithmetic, norm weight `nw`);
-    # program 0 also stores the new residual stream at `ro`.
     BLOCK_N: tl.constexpr = ROWS * THREAD_ROWS
     pid_n = tl.program_id(0)
     c_first = tl.program_id(1) * SPLIT_CHUNKS
-    program = pid_n * SPLITS + tl.program_id(1)
     word_end = tl.minimum(4 * (c_first + SPLIT_CHUNKS), K_WORDS)
     offs_n = pid_n * BLOCK_N + tl.arange(0, ROWS)[:, None] * THREAD_ROWS + tl.arange(0, THREAD_ROWS)[None, :]
     rows = offs_n % N  # rows past N wrap onto valid ones (never stored): no row masks on loads
@@ -226,8 +210,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
     w_tile = w_ptr + rows.to(tl.int64)[:, :, None, None] * stride_wn + word
     # The activations as [1, THREAD_ROWS, CHUNKS, 4] words (the rows repeated, so that they take
     # the weight tile's layout): each thread loads its chunk's once a block.
-    x_tile = (x_ptr + program * stride_xp + 16 * chunk[:, :, :, None] + quad
-              + tl.zeros((1, THREAD_ROWS, 1, 1), dtype=tl.int32))
+    x_tile = x_ptr + 16 * chunk[:, :, :, None] + quad + tl.zeros((1, THREAD_ROWS, 1, 1), dtype=tl.int32)
     s_rows = s_ptr + rows[:, :, None] * stride_sn
     acc = tl.zeros((ROWS, THREAD_ROWS, CHUNKS), dtype=tl.float32)
     c_end = tl.minimum(c_first + SPLIT_CHUNKS, tl.cdiv(K_WORDS, 4))
@@ -236,15 +219,6 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
     # wait for the kernel ahead.
     w, group_scale = _weight_block(w_tile, s_rows, c_first, chunk, quad, word_end, GROUP_CHUNKS, EVEN_K)
     wait_for_previous(USE_PDL)  # programmatic dependent launch (pdl.py)
-    if HAD:
-        rotated_rows(hy_ptr, hd_ptr, 1.0, row_ptr + program * stride_xp * 2, (c_first * 32) // HAD_P, inv_sqrt_n,
-                     HAD_M, HAD_MP, HAD_ROWS, HAD_P, HAD_LOG_P, 0, HAD_DENSE)
-        # The row, stored by all of the program's threads, is read back by others.
-        tl.debug_barrier()
-    if NORM:
-        normed_row(nx_ptr, nres_ptr, nw_ptr, stride_nw, nw_ptr, row_ptr + program * stride_xp * 2, ro_ptr,
-                   (tl.arange(0, BLOCK_H) < K_WORDS * 8) & (program == 0), K_WORDS * 8, eps, NORM_HAS_RES, 0, BLOCK_H)
-        tl.debug_barrier()
     for k0 in range(c_first, c_end, CHUNKS):
         x_words = x_tile + 16 * k0
         if EVEN_K:
@@ -331,16 +305,10 @@ class ConvStep(NamedTuple):
 
 
 def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: Optional[Tensor], out: Tensor,
-           config: Optional[Config] = None, conv: Optional[ConvStep] = None, rotate: bool = False,
-           norm: Optional[tuple] = None) -> Tensor:
+           config: Optional[Config] = None, conv: Optional[ConvStep] = None) -> Tensor:
     """`out [1, N] = x [1, K] @ dequantized(w_packed)^T (+ bias, fp32)` for a problem `supported`
     takes (the caller validated shapes and dtypes), and with `conv` the conv step of its D columns
-    from `conv.start` (`conv1d_float.conv_silu_step`). `config` overrides `default_config`.
-    `rotate`: the input is `hadamard_transform_triton(x, fp16)` (x [1, K] float, K a Hadamard
-    size), which each program computes for its own columns (`_w4a16_gemv_kernel`'s HAD). `norm =
-    (residual [1, K] fp32 or None, weight [K], eps, residual_out [1, K] fp32)`: the input is
-    `add_rmsnorm_quantize(x, residual, weight, eps, None, fp16)`'s first result, which each
-    program computes whole (NORM), program 0 storing the second at residual_out."""
+    from `conv.start` (`conv1d_float.conv_silu_step`). `config` overrides `default_config`."""
     k, n = x.shape[-1], w_packed.shape[0]
     block_n, block_k, warps, splits = config = config or default_config(n, k)
     rows, thread_rows, chunks = _tile(config)
@@ -354,27 +322,7 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
     else:
         partials = counters = w_scale  # placeholders, never read
     w, scales = w_packed.contiguous(), w_scale.contiguous()
-    if rotate or norm is not None:
-        # The prologue makes the input: one fp16 row a program, written before its loop reads it.
-        scratch = torch.empty((tiles * splits, k), dtype=torch.float16, device=x.device)
-        words, stride_xp = scratch.view(torch.int32), k // 2
-    else:
-        words, stride_xp, scratch = x.reshape(k).view(torch.int32), 0, x
-    had_flags = dict(HAD=False, HAD_M=1, HAD_MP=1, HAD_ROWS=1, HAD_P=1, HAD_LOG_P=0, HAD_DENSE=0)
-    had_args = (x, x, scratch, stride_xp, 0.0)  # the rotation's: placeholders without `rotate`
-    if rotate:
-        table, rotation = row_rotation(k, x.device)
-        had_args = (x.reshape(k), table if table is not None else x, scratch, stride_xp, 1.0 / math.sqrt(k))
-        had_flags.update(HAD=True, HAD_M=rotation["M"], HAD_MP=rotation["M_PAD"], HAD_P=rotation["P"],
-                         HAD_LOG_P=rotation["LOG_P"], HAD_DENSE=rotation["DENSE"],
-                         HAD_ROWS=range_blocks(k_split, splits, rotation["P"], rotation["M_PAD"]))
-    if norm is not None:
-        residual, nw, eps, r_out = norm
-        norm_args = (x, residual if residual is not None else x, nw, r_out, nw.stride(0), float(eps))
-        norm_flags = dict(NORM=True, NORM_HAS_RES=residual is not None, BLOCK_H=next_pow2(k))
-    else:
-        norm_args = (x, x, x, x, 0, 0.0)  # placeholders, never read
-        norm_flags = dict(NORM=False, NORM_HAS_RES=False, BLOCK_H=16)
+    words = x.reshape(k).view(torch.int32)
     w_words = w.view(torch.int32)
     if conv is not None:
         state, cw = conv.state, conv.weight
@@ -385,11 +333,9 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
         conv_args = (scales, scales, scales, scales, 0, 0, 0, 0, 0, 0)  # placeholders, never read
         conv_flags = dict(CONV=False, CONV_W=2, CONV_HAS_BIAS=False)
     _w4a16_gemv_kernel[(tiles, splits)](
-        words, w_words, scales, bias if has_bias else scales, out, partials, counters, *conv_args, *had_args,
-        *norm_args, n, k // 8,
+        words, w_words, scales, bias if has_bias else scales, out, partials, counters, *conv_args, n, k // 8,
         k_split // _CHUNK, w_words.stride(0), scales.stride(0), GROUP_CHUNKS=group_size // _CHUNK, ROWS=rows,
         THREAD_ROWS=thread_rows, CHUNKS=chunks, SPLITS=splits, EVEN_K=k % k_split == 0, HAS_BIAS=has_bias,
-        PTX=not INTERPRET, num_warps=warps, **conv_flags, **had_flags, **norm_flags,
-        **launch_options(x.device),
+        PTX=not INTERPRET, num_warps=warps, **conv_flags, **launch_options(x.device),
     )
     return out

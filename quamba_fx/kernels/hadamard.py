@@ -112,9 +112,6 @@ __all__ = [
     "hadamard_transform_reference",
     "hadamard_transform_triton",
     "packs_gated_norm",
-    "range_blocks",
-    "rotated_rows",
-    "row_rotation",
 ]
 
 
@@ -209,46 +206,6 @@ def _quantize(y, scale, QUANT: tl.constexpr):
 
 
 @triton.jit
-def rotated_rows(x_row, d_ptr, scale, out_row, b0, inv_sqrt_n, M: tl.constexpr, M_PAD: tl.constexpr,
-                 ROWS: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, QUANT: tl.constexpr, DENSE: tl.constexpr):
-    """Row-blocks b0 .. b0 + ROWS - 1 of the rotation of one row `x` (X[b, p] = x[b * P + p]),
-    quantized as QUANT says (0: fp32), stored at `out_row + b * P + p` for the blocks below M.
-    Steps 1-4 of the module docstring on the FMA path (DENSE 0 or 2; d_ptr as `_hadamard_kernel`
-    reads it): the one-row kernel's arithmetic, whole rows (b0 = 0, ROWS = M_PAD) there, and the
-    prologue of the GEMV that rotates its own input (gemv.py), which needs only the blocks of its
-    K range. Each block's sums do not depend on which other blocks share the tile."""
-    offs_a = b0 + tl.arange(0, ROWS)
-    offs_p = tl.arange(0, P)
-    rows_ok = offs_a[:, None] < M
-
-    # Step 1: acc = D @ X (rows >= M are zero).
-    if DENSE == 0:  # M == 1: no dense factor
-        acc = tl.load(x_row + offs_a[:, None] * P + offs_p[None, :], mask=rows_ok, other=0.0).to(tl.float32)
-    else:
-        # fp32 FMAs (tiles too small for tl.dot, or a dense factor too large for one): M rank-1
-        # updates acc += D[:, b] (x) X[b, :] in order b = 0, 1, ..., M-1, each row X[b, :] loaded
-        # from memory (a register tile has no cheap row extraction). d_ptr holds D transposed and
-        # zero-padded to [M, M_PAD] in fp32, so D[:, b] is one contiguous load and the padding
-        # rows of acc stay zero.
-        acc = tl.zeros([ROWS, P], dtype=tl.float32)
-        for b in range(M):
-            d = tl.load(d_ptr + b * M_PAD + offs_a, mask=offs_a < M_PAD, other=0.0)
-            xb = tl.load(x_row + b * P + offs_p).to(tl.float32)
-            acc += d[:, None] * xb[None, :]
-
-    # Step 2: the Sylvester factor along every row.
-    if LOG_P > 0:
-        acc = _fwht_rows(acc, ROWS, P, LOG_P, DENSE == 0)
-    y = acc * inv_sqrt_n
-
-    out_ptrs = out_row + offs_a[:, None] * P + offs_p[None, :]
-    if QUANT == 0:
-        tl.store(out_ptrs, y, mask=rows_ok)
-    else:
-        tl.store(out_ptrs, _quantize(y, scale, QUANT), mask=rows_ok)
-
-
-@triton.jit
 def _hadamard_kernel(
     x_ptr, d_ptr, scale_ptr, out_ptr,
     D1, stride_0, stride_1, inv_sqrt_n,
@@ -264,12 +221,35 @@ def _hadamard_kernel(
     i0 = row // D1
     i1 = row - i0 * D1
     x_row = x_ptr + i0.to(tl.int64) * stride_0 + i1.to(tl.int64) * stride_1
-    if QUANT != 0:
-        scale = tl.load(scale_ptr)
+    offs_a = tl.arange(0, M_PAD)
+    offs_p = tl.arange(0, P)
+    rows_ok = offs_a[:, None] < M
+
+    # Step 1 of the module docstring: acc = D @ X, X[b, p] = x[b * P + p] (rows >= M are zero).
+    if DENSE == 0:  # M == 1: no dense factor
+        acc = tl.load(x_row + offs_a[:, None] * P + offs_p[None, :]).to(tl.float32)
     else:
-        scale = 1.0
-    rotated_rows(x_row, d_ptr, scale, out_ptr + row.to(tl.int64) * (M * P), 0, inv_sqrt_n,
-                 M, M_PAD, M_PAD, P, LOG_P, QUANT, DENSE)
+        # fp32 FMAs (tiles too small for tl.dot, or a dense factor too large for one): M rank-1
+        # updates acc += D[:, b] (x) X[b, :] in order b = 0, 1, ..., M-1, each row X[b, :] loaded
+        # from memory (a register tile has no cheap row extraction). d_ptr holds D transposed and
+        # zero-padded to [M, M_PAD] in fp32, so D[:, b] is one contiguous load and the padding
+        # rows of acc stay zero without masks.
+        acc = tl.zeros([M_PAD, P], dtype=tl.float32)
+        for b in range(M):
+            d = tl.load(d_ptr + b * M_PAD + offs_a)
+            xb = tl.load(x_row + b * P + offs_p).to(tl.float32)
+            acc += d[:, None] * xb[None, :]
+
+    # Step 2: the Sylvester factor along every row.
+    if LOG_P > 0:
+        acc = _fwht_rows(acc, M_PAD, P, LOG_P, DENSE == 0)
+    y = acc * inv_sqrt_n
+
+    offs = row.to(tl.int64) * (M * P) + offs_a[:, None] * P + offs_p[None, :]
+    if QUANT == 0:
+        tl.store(out_ptr + offs, y, mask=rows_ok)
+    else:
+        tl.store(out_ptr + offs, _quantize(y, tl.load(scale_ptr), QUANT), mask=rows_ok)
 
 
 @triton.jit
@@ -433,25 +413,6 @@ def _config(n: int) -> Tuple[Tuple[int, ...], int, int, int]:
     bases, k = _check_size(n)
     m = math.prod(bases)
     return bases, m, next_pow2(m), k
-
-
-def range_blocks(span: int, ranges: int, p: int, m_pad: int) -> int:
-    """`rotated_rows`' ROWS for a kernel whose programs each read `span` consecutive elements of
-    the rotated row, the i-th program from `i * span` (`ranges` of them): the most row-blocks of
-    `p` values such a range touches, as a power of two no larger than m_pad (m_pad blocks from a
-    range's first cover every block that remains)."""
-    touched = max(((start % p) + span - 1) // p + 1 for start in range(0, span * ranges, span))
-    return min(next_pow2(touched), m_pad)
-
-
-def row_rotation(n: int, device: torch.device) -> Tuple[Optional[torch.Tensor], dict]:
-    """`(table, constexprs)` with which `rotated_rows` rotates rows of `n` on its FMA path: the
-    transposed fp32 dense factor (None for powers of two, which have none) and its M, M_PAD, P,
-    LOG_P and DENSE. For kernels that rotate their own input (gemv.py's prologue)."""
-    bases, m, m_pad, k = _config(n)
-    dense = 0 if m == 1 else 2
-    table = None if dense == 0 else _dense_table(bases, 1, m_pad, torch.float32, True, str(device))
-    return table, dict(M=m, M_PAD=m_pad, P=1 << k, LOG_P=k, DENSE=dense)
 
 
 def _dense_mode(m: int, m_pad: int, p: int) -> int:

@@ -62,7 +62,7 @@ from ..quant.qops import quantize as _quantize  # torch.ops.quamba.quantize
 from .hadamard import _lead_layout
 from .rounding import quantize_e4m3_rn, quantize_rn
 
-__all__ = ["add_rmsnorm_quantize", "add_rmsnorm_quantize_reference", "check_norm_args", "normed_row"]
+__all__ = ["add_rmsnorm_quantize", "add_rmsnorm_quantize_reference", "normed_row"]
 
 
 # Longest row kept whole in registers (8192 fp32 = 32 values a thread over 8 warps); a module
@@ -101,15 +101,14 @@ def _normed_out(r, rstd, w_ptr, stride_w, offs, mask, scale_ptr, o_row, QUANT: t
 
 
 @triton.jit
-def normed_row(x_row, res_row, w_ptr, stride_w, scale_ptr, o_row, ro_row, ro_mask, H, eps, HAS_RES: tl.constexpr,
+def normed_row(x_row, res_row, w_ptr, stride_w, scale_ptr, o_row, ro_row, H, eps, HAS_RES: tl.constexpr,
                QUANT: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One row held whole in registers (H <= BLOCK_H): the new residual row where `ro_mask` (a
-    `[BLOCK_H]` mask), and the normed row at `o_row` (QUANT as in `_normed_out`). The kernel's
-    single-pass path, and the prologue of the GEMV that normalizes its own input (gemv.py)."""
+    """One row held whole in registers (H <= BLOCK_H): the new residual row at `ro_row`, and the
+    normed row at `o_row` (QUANT as in `_normed_out`). The kernel's single-pass path."""
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
     r = _residual_sum(x_row, res_row, offs, mask, HAS_RES)
-    tl.store(ro_row + offs, r, mask=ro_mask)
+    tl.store(ro_row + offs, r, mask=mask)
     # Masked lanes hold 0.0 and add nothing to the sum of squares.
     rstd = tl.math.rsqrt(tl.sum(r * r, axis=0) / H + eps)
     _normed_out(r, rstd, w_ptr, stride_w, offs, mask, scale_ptr, o_row, QUANT)
@@ -135,8 +134,7 @@ def _add_rmsnorm_kernel(
     offs = tl.arange(0, BLOCK_H)
 
     if SINGLE:
-        normed_row(x_row, res_row, w_ptr, stride_w, scale_ptr, o_row, ro_row, offs < H, H, eps, HAS_RES, QUANT,
-                   BLOCK_H)
+        normed_row(x_row, res_row, w_ptr, stride_w, scale_ptr, o_row, ro_row, H, eps, HAS_RES, QUANT, BLOCK_H)
     else:
         # Pass 1: write r, accumulate per-lane partial sums of squares, reduce once at the end.
         ss = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -162,10 +160,9 @@ def _describe(t: object) -> str:
     return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def check_norm_args(fn: str, x: object, residual: object, weight: object, eps: object, scale: object,
-                    out_dtype: object) -> torch.dtype:
-    """Checks `add_rmsnorm_quantize`'s arguments (ValueError naming `fn`); returns the dtype of the
-    normed output."""
+def _validate(fn: str, x: object, residual: object, weight: object, eps: object, scale: object,
+              out_dtype: object) -> torch.dtype:
+    """Checks the arguments; returns the dtype of the normed output."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _X_DTYPES:
@@ -233,7 +230,7 @@ def add_rmsnorm_quantize_reference(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of `add_rmsnorm_quantize`: same arguments, numerics (up to summation
     order, see the module docstring) and layouts."""
-    dtype = check_norm_args("add_rmsnorm_quantize_reference", x, residual, weight, eps, scale, out_dtype)
+    dtype = _validate("add_rmsnorm_quantize_reference", x, residual, weight, eps, scale, out_dtype)
     # Always a fresh contiguous tensor, also when x is already fp32 and there is no residual.
     r = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if residual is None:
@@ -299,7 +296,7 @@ def add_rmsnorm_quantize(
     CUDA tensors run the Triton kernel, as do CPU tensors under TRITON_INTERPRET=1; other CPU
     tensors run `add_rmsnorm_quantize_reference`.
     """
-    dtype = check_norm_args("add_rmsnorm_quantize", x, residual, weight, eps, scale, out_dtype)
+    dtype = _validate("add_rmsnorm_quantize", x, residual, weight, eps, scale, out_dtype)
     if not _use_triton(x):
         return add_rmsnorm_quantize_reference(x, residual, weight, eps, scale, out_dtype)
 

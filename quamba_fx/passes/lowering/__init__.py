@@ -45,5 +45,4 @@ def rules(dtype: torch.dtype) -> list[Rule]:
 HEAD_RULES: list[Rule] = logits.HEAD_RULES
 
 # The decode graph's fusions, applied after the cached ops are in place.
-DECODE_RULES: list[Rule] = (scan.DECODE_RULES + gemm.DECODE_RULES + gemm_w4.DECODE_RULES + gated_norm.DECODE_RULES
-                             + hadamard.DECODE_RULES)
+DECODE_RULES: list[Rule] = scan.DECODE_RULES + gemm.DECODE_RULES + gemm_w4.DECODE_RULES + gated_norm.DECODE_RULES

@@ -1,6 +1,6 @@
 """Lowering rules of the GEMM kernels (kernels/gemm.py and its GEMV / few-row / TMA paths,
 kernels/gemm_fp8.py): every quantized Linear becomes one GEMM op, and a decode step's in_proj
-takes the conv1d step into its epilogue and the add + RMSNorm before it into its prologue."""
+takes the conv1d step into its epilogue."""
 
 from __future__ import annotations
 
@@ -14,25 +14,15 @@ from ...graph_info import info
 from ...kernels import conv1d as conv1d_kernel  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_int8_cached)
 from ...kernels import gemm as gemm_kernel  # noqa: F401  (registers w8a8_linear and in_proj_conv_update)
 from ...kernels import gemm_fp8  # noqa: F401  (registers torch.ops.quamba.fp8_gemm)
-from ...quant.fp8 import FP8_DTYPE
 from ...quant.fp8_linear import Fp8Linear
 from ...quant.linear import QuantizedLinear
 from ..rewrite import Rule
-from .match import annotate, get_attr, is_call, same_value
-from .norm import ADD_RMSNORM
+from .match import annotate, get_attr, is_call
 
 W8A8_LINEAR = torch.ops.quamba.w8a8_linear.default
 FP8_GEMM = torch.ops.quamba.fp8_gemm.default
 CONV_CACHED = torch.ops.quamba.conv1d_silu_int8_cached.default
 IN_PROJ_CONV_UPDATE = torch.ops.quamba.in_proj_conv_update.default
-RMSNORM_IN_PROJ_CONV_UPDATE = torch.ops.quamba.rmsnorm_in_proj_conv_update.default
-
-# The decode graph's add + RMSNorm between blocks runs inside in_proj's GEMV at batch 1, W8A8's
-# and W4A16's (`fuse_norm_into_in_proj`, gemm_w4.py's `fuse_norm_into_w4a16_in_proj`). Off until a
-# GPU has timed it (sessions 51-52 got no device; the A/B is `benchmarks/device_run.sh
-# prologue-ab`): a fused launch can lose to the two it replaces (session 50's rotation in the
-# scan's launch did). A setting, so that benchmarks/decode_settings.py times both.
-FUSE_NORM_IN_DECODE = False
 
 KERNELS = {W8A8_LINEAR: "triton:int8_gemm", FP8_GEMM: "fp8_gemm"}
 
@@ -156,67 +146,9 @@ def fuse_conv_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> boo
     return True
 
 
-def norm_feeding(gm: torch.fx.GraphModule, consumer: torch.fx.Node, normed: object) -> torch.fx.Node | None:
-    """The `add_rmsnorm_quantize` node when `normed` (an input of `consumer`) is its first result
-    read by nothing else, and its second result (the new residual stream) is read only after
-    `consumer`, so that one op in `consumer`'s place can make both; else None."""
-    if not (is_call(normed, operator.getitem) and normed.args[1] == 0 and len(normed.users) == 1):
-        return None
-    norm = normed.args[0]
-    if not is_call(norm, ADD_RMSNORM) or len(norm.args) != 6 or norm.kwargs:
-        return None
-    streams = [user for user in norm.users if user is not normed]
-    if not all(is_call(user, operator.getitem) and user.args[1] == 1 for user in streams):
-        return None
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    if any(order[reader] < order[consumer] for stream in streams for reader in stream.users):
-        return None  # the new residual stream would be read before the fused op makes it
-    return norm
-
-
-def replace_norm_and_consumer(gm: torch.fx.GraphModule, norm: torch.fx.Node, consumer: torch.fx.Node, op,
-                              args: tuple, kernel: str) -> None:
-    """Put `op(*args)` where `consumer` was: its results are the consumer's, then the norm's new
-    residual stream, which replaces the norm's; erase the consumer, the norm and its getitems."""
-    graph = gm.graph
-    normed = consumer.args[0]
-    streams = [user for user in norm.users if user is not normed]
-    with graph.inserting_before(consumer):
-        fused = graph.call_function(op, args)
-        stream_out = graph.call_function(operator.getitem, (fused, 2))
-    fused.meta["quamba"] = {**info(consumer), "kernel": kernel}
-    stream_out.meta["quamba"] = {**info(norm)}
-    consumer.replace_all_uses_with(fused)  # its results are the fused op's first two
-    for stream in streams:
-        stream.replace_all_uses_with(stream_out)
-        graph.erase_node(stream)
-    for dead in (consumer, normed, norm):
-        graph.erase_node(dead)
-
-
-def fuse_norm_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Decode only, with FUSE_NORM_IN_DECODE: `in_proj_conv_update(getitem(add_rmsnorm_quantize(x,
-    residual, w, eps, s, int8), 0), s, ..)`, the norm's codes feeding nothing else ->
-    `rmsnorm_in_proj_conv_update(x, residual, w, eps, s, ..)`, whose third result (the new
-    residual stream) replaces the norm's: at batch 1 the GEMV normalizes its own input, one launch
-    a block fewer."""
-    if not (FUSE_NORM_IN_DECODE and is_call(node, IN_PROJ_CONV_UPDATE)):
-        return False
-    norm = norm_feeding(gm, node, node.args[0])
-    if norm is None:
-        return False
-    x, residual, weight, eps, scale, out_dtype = norm.args
-    if scale is None or out_dtype == FP8_DTYPE or not same_value(scale, node.args[1]):
-        return False
-    replace_norm_and_consumer(gm, norm, node, RMSNORM_IN_PROJ_CONV_UPDATE,
-                              (x, residual, weight, eps, node.args[1], *node.args[2:]),
-                              "triton:rmsnorm_in_proj_conv_update")
-    return True
-
-
 def rules(dtype: torch.dtype) -> list[Rule]:
     """The lowering rules, activations between kernels in `dtype`."""
     return [functools.partial(lower_linear, dtype=dtype)]
 
 
-DECODE_RULES: list[Rule] = [fuse_conv_into_in_proj, fuse_norm_into_in_proj]
+DECODE_RULES: list[Rule] = [fuse_conv_into_in_proj]

@@ -1,8 +1,7 @@
 """Lowering rules of the 4-bit-weight GEMM kernels (kernels/gemm_w4.py): every `W4A16Linear` and
 `W4A8Linear` becomes one GEMM op reading its packed weight and group scales; a decode step's
 W4A16 in_proj takes the float conv1d step into its epilogue, and (where turned on) its scan
-update computes dt_proj itself, and (where turned on) its in_proj GEMV makes its own input with the
-add + RMSNorm before it."""
+update computes dt_proj itself."""
 
 from __future__ import annotations
 
@@ -18,16 +17,13 @@ from ...kernels import gemm_w4  # noqa: F401  (registers w4a16_gemm, w4a8_gemm, 
 from ...kernels import scan  # noqa: F401  (registers w4a16_dt_proj_state_update)
 from ...quant.int4_linear import W4A8Linear, W4A16Linear
 from ..rewrite import Rule
-from . import gemm as gemm_rules
-from .gemm import conv_input_projection, hoist_conv_operands, norm_feeding, replace_in_proj_and_conv
-from .gemm import replace_norm_and_consumer
+from .gemm import conv_input_projection, hoist_conv_operands, replace_in_proj_and_conv
 from .match import annotate, get_attr, is_call, transposed_projection
 
 W4A16_GEMM = torch.ops.quamba.w4a16_gemm.default
 W4A8_GEMM = torch.ops.quamba.w4a8_gemm.default
 FLOAT_CONV_CACHED = torch.ops.quamba.conv1d_silu_cached.default
 W4A16_IN_PROJ_CONV_UPDATE = torch.ops.quamba.w4a16_in_proj_conv_update.default
-RMSNORM_W4A16_IN_PROJ_CONV_UPDATE = torch.ops.quamba.rmsnorm_w4a16_in_proj_conv_update.default
 SCAN_CACHED = torch.ops.quamba.selective_scan_cached.default
 W4A16_DT_PROJ_STATE_UPDATE = torch.ops.quamba.w4a16_dt_proj_state_update.default
 
@@ -117,23 +113,4 @@ def fuse_dt_proj_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node
     return True
 
 
-def fuse_norm_into_w4a16_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Decode only, with lowering/gemm.py's FUSE_NORM_IN_DECODE: `w4a16_in_proj_conv_update(getitem(
-    add_rmsnorm_quantize(x, residual, w, eps, None, fp16), 0), ..)`, the normed row feeding nothing
-    else -> `rmsnorm_w4a16_in_proj_conv_update(x, residual, w, eps, ..)`, whose third result
-    replaces the norm's new residual stream: at batch 1 the GEMV normalizes its own input, as
-    W8A8's does (`gemm.fuse_norm_into_in_proj`)."""
-    if not (gemm_rules.FUSE_NORM_IN_DECODE and is_call(node, W4A16_IN_PROJ_CONV_UPDATE)):
-        return False
-    norm = norm_feeding(gm, node, node.args[0])
-    if norm is None:
-        return False
-    x, residual, weight, eps, scale, out_dtype = norm.args
-    if scale is not None or out_dtype != torch.float16:
-        return False
-    replace_norm_and_consumer(gm, norm, node, RMSNORM_W4A16_IN_PROJ_CONV_UPDATE,
-                              (x, residual, weight, eps, *node.args[1:]), "triton:rmsnorm_w4a16_in_proj_conv_update")
-    return True
-
-
-DECODE_RULES: list[Rule] = [fuse_conv_into_w4a16_in_proj, fuse_dt_proj_into_state_update, fuse_norm_into_w4a16_in_proj]
+DECODE_RULES: list[Rule] = [fuse_conv_into_w4a16_in_proj, fuse_dt_proj_into_state_update]

@@ -1,6 +1,5 @@
 """Lowering rules of the Hadamard kernel (kernels/hadamard.py): a rotation and the per-tensor
-quantize after it become one kernel op; a rotation nothing quantizes runs on the kernel alone; in
-the decode graph, the rotation can move into out_proj's batch-1 GEMV."""
+quantize after it become one kernel op; a rotation nothing quantizes runs on the kernel alone."""
 
 from __future__ import annotations
 
@@ -9,30 +8,18 @@ import functools
 import torch
 import torch.fx
 
-from ...graph_info import info
-from ...kernels import gemm as gemm_kernel  # noqa: F401  (registers hadamard_w8a8_linear)
-from ...kernels import gemm_w4 as gemm_w4_kernel  # noqa: F401  (registers hadamard_w4a16_gemm)
 from ...kernels import hadamard as hadamard_kernel  # noqa: F401  (registers the kernel ops read below)
 from ...quant import hadamard as _reference  # noqa: F401  (registers torch.ops.quamba.hadamard)
 from ...quant.int4_linear import W4A16Linear
 from ..quantize import QUANTIZE, QUANTIZE_FP8
 from ..rewrite import Rule
-from .gemm import W8A8_LINEAR
 from .gemm_w4 import W4A16_GEMM
-from .match import annotate, is_call, is_scalar_attr, same_value, strip_casts
+from .match import annotate, is_call, is_scalar_attr, strip_casts
 
 HADAMARD = torch.ops.quamba.hadamard.default
 HADAMARD_QUANTIZE = torch.ops.quamba.hadamard_quantize.default
 HADAMARD_QUANTIZE_FP8 = torch.ops.quamba.hadamard_quantize_fp8.default
 HADAMARD_ROTATE = torch.ops.quamba.hadamard_rotate.default
-HADAMARD_W8A8_LINEAR = torch.ops.quamba.hadamard_w8a8_linear.default
-HADAMARD_W4A16_GEMM = torch.ops.quamba.hadamard_w4a16_gemm.default
-
-# The decode graph's rotation (+ quantize) before out_proj runs inside out_proj's GEMV at batch 1,
-# W8A8's and W4A16's (`fuse_hadamard_into_out_proj`). Off until a GPU has timed it, for the reason
-# FUSE_NORM_IN_DECODE is (lowering/gemm.py); `benchmarks/device_run.sh prologue-ab` times both. A
-# setting, for benchmarks/decode_settings.py.
-FUSE_HADAMARD_IN_OUT_PROJ = False
 
 KERNELS = {
     HADAMARD_QUANTIZE: "triton:hadamard_quantize",
@@ -100,32 +87,3 @@ def rules(dtype: torch.dtype) -> list[Rule]:
     """The lowering rules (the kernels' outputs take their input's or the quantize's dtype, or
     `dtype` before a W4A16 Linear)."""
     return [fuse_hadamard_quantize, functools.partial(lower_hadamard, dtype=dtype)]
-
-
-def fuse_hadamard_into_out_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Decode only, with FUSE_HADAMARD_IN_OUT_PROJ: `w8a8_linear(hadamard_quantize(y, s), s, ..)`
-    -> `hadamard_w8a8_linear(y, s, ..)`, and `w4a16_gemm(hadamard_rotate(y, dt), ..)` ->
-    `hadamard_w4a16_gemm(y, dt, ..)`, the rotation feeding nothing else: at batch 1 the GEMV
-    rotates its own input, one launch a block fewer."""
-    if not FUSE_HADAMARD_IN_OUT_PROJ or node.kwargs:
-        return False
-    rotation = node.args[0] if node.args else None
-    if is_call(node, W8A8_LINEAR) and is_call(rotation, HADAMARD_QUANTIZE) and same_value(rotation.args[1],
-                                                                                          node.args[1]):
-        op, args = HADAMARD_W8A8_LINEAR, (rotation.args[0], *node.args[1:])
-    elif is_call(node, W4A16_GEMM) and is_call(rotation, HADAMARD_ROTATE) and len(rotation.args) == 2:
-        op, args = HADAMARD_W4A16_GEMM, (*rotation.args, *node.args[1:])
-    else:
-        return False
-    if len(rotation.users) != 1 or rotation.kwargs:
-        return False
-    with gm.graph.inserting_before(node):
-        fused = gm.graph.call_function(op, args)
-    fused.meta["quamba"] = {**info(node), "kernel": f"triton:{op._schema.name.split('::')[1]}"}
-    node.replace_all_uses_with(fused)
-    gm.graph.erase_node(node)
-    gm.graph.erase_node(rotation)
-    return True
-
-
-DECODE_RULES: list[Rule] = [fuse_hadamard_into_out_proj]

@@ -11,7 +11,7 @@ from ...graph_info import fetch_attr, info
 from ..quantize import DEQUANTIZE
 
 __all__ = ["annotate", "channel_scale_values", "get_attr", "is_call", "is_cast", "is_fp32_cast", "is_scalar_attr",
-           "per_channel_int8", "same_value", "strip_casts"]
+           "per_channel_int8", "strip_casts"]
 
 
 def is_call(node: Any, target) -> bool:
@@ -21,13 +21,6 @@ def is_call(node: Any, target) -> bool:
         return False
     packet = getattr(target, "overloadpacket", None)
     return node.target is target or (packet is not None and node.target is packet)
-
-
-def same_value(a: object, b: object) -> bool:
-    """One node, or two reads of one attribute (the lowering's rules read a scale afresh; the
-    duplicates merge only after them)."""
-    return a is b or (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a.op == b.op == "get_attr"
-                      and a.target == b.target)
 
 
 def is_cast(node: Any) -> bool:
