@@ -640,6 +640,8 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
     b_arg = b if b is not None else xs
     os_arg = os_ if os_ is not None else xs
     out2 = out.view(m, n)
+    tensors = (x2, w, xs, ws, b_arg, os_arg, out2)
+    key = (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device)
 
     def grid(meta):
         return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
@@ -648,15 +650,13 @@ def _int8_gemm(x_q, x_scale, w_q, w_scale, bias, out_scale, out_dtype, conv: Opt
         _launch(
             grid,
             (x2, w, xs, ws, b_arg, os_arg, out, m, n, k, m_bucket, x2.stride(0), w.stride(0), n),
-            (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device),
+            key,
             m, n, k,
             **flags,
             # Keeps `a * s + bias` two roundings on the GPU (see the module docstring).
             **launch_options(x_q.device, fuse_fp=False),
         )
 
-    tensors = (x2, w, xs, ws, b_arg, os_arg, out2)
-    key = (n, k, m_bucket, dtype, w_per_channel, b is not None, out_per_channel, x_q.device)
     if m_bucket >= _TMA_MIN_M and gemm_tma.supported(x2, w, out2):
         def tma_kernel() -> None:
             gemm_tma.launch(tensors, m, n, k, m_bucket, flags)
