@@ -36,6 +36,7 @@ gemm|400|issue 13: the int8 prefill GEMMs of mamba-2.8b against cuBLAS fp16 at 2
 host|300|issues 13-14: the host time of plain calls (mamba-130m 1x128 prefill, decode step), with a cProfile and the A/B of the Generator graphs' flat weight reads|python benchmarks/host_overhead.py --model mamba-130m --shape 1x128 --top 30 --sort tottime cumtime --compare-flatten --json "$OUT/host.json"
 w4-sweep|400|issue 16: the W4A8 decode GEMM's launch configs at 16 and 64 rows|python benchmarks/gemm_w4.py --m 16 64 --sweep --json "$OUT/w4-sweep.json"
 greedy-ab|360|issue 14: what the host's gap between CUDA-graph replays costs: mamba-2.8b W8A8 greedy decode at batch 1 and 16 with 1, 8 and 32 steps a graph (Generator.greedy), two rounds, mamba_ssm alongside; Generator's tests on the GPU first|python -m pytest -q --tb=short -p no:cacheprovider tests/test_generator.py -m "slow or not slow" && python benchmarks/decode_settings.py --model mamba-2.8b --batches 1 16 --rounds 2 --ref --greedy --set quamba_fx.runtime.STEPS_PER_GRAPH=1,8,32 --commit "$COMMIT" --json "$OUT/greedy-ab.json"
+dt-proj-b16|300|issue 14: mamba-2.8b W8A8 decode at batch 16 with dt_proj inside the scan update (DT_PROJ_MAX_BATCH 16) or as its GEMM (8, the rule since session 21, from kernel times of that day), two rounds, mamba_ssm alongside|python benchmarks/decode_settings.py --model mamba-2.8b --batches 16 --rounds 2 --ref --set quamba_fx.kernels.scan.DT_PROJ_MAX_BATCH=8,16 --commit "$COMMIT" --json "$OUT/dt-proj-b16.json"
 EOF
 )
 
