@@ -1,6 +1,7 @@
 """Benchmark the 4-bit-weight GEMM kernels (kernels/gemm_w4.py) against cuBLAS fp16 and our int8 GEMM.
 
     python benchmarks/gemm_w4.py [--json PATH] [--m 1 16 64 2048] [--group 128] [--sweep]
+        [--layers in_proj out_proj]
 
 Needs a CUDA device. For each Linear of mamba-2.8b (K -> N) and each M (1, 16, 64: decode batches;
 2048: a prefill), graph-replayed median times (triton.testing.do_bench, L2 flushed) of:
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--json")
     parser.add_argument("--sweep", action="store_true", help="time a grid of launch configs per row")
+    parser.add_argument("--layers", nargs="+", choices=sorted(SHAPES_2_8B), default=list(SHAPES_2_8B),
+                        help="the Linears timed (e.g. the ones a profiler run looks at)")
     args = parser.parse_args()
     device = require_gpu("gemm_w4.py")
     from quamba_fx.kernels import gemm  # noqa: F401  (registers w8a8_linear)
@@ -100,7 +103,8 @@ def main() -> None:
     print(f"{'layer':9} {'M':>5} {'fp16 ms':>8} {'w8a8':>8} {'w4a16':>8} {'w4a8':>8} {'w4a8s':>8} {'w4a16 x':>8} "
           f"{'w4a8 x':>8} {'w4a8s x':>8} {'w4 wTB/s':>9}")
     g = torch.Generator(device="cuda").manual_seed(0)
-    for name, (k, n) in SHAPES_2_8B.items():
+    for name in args.layers:
+        k, n = SHAPES_2_8B[name]
         w = torch.randn(n, k, device="cuda", generator=g) * 0.02
         packed, scale = quantize_weight_int4(w, args.group)
         w8, s8 = quantize_weight_per_channel(w)
