@@ -62,7 +62,7 @@ from ..quant.qops import quantize as _quantize  # torch.ops.quamba.quantize
 from .hadamard import _lead_layout
 from .rounding import quantize_e4m3_rn, quantize_rn
 
-__all__ = ["add_rmsnorm_quantize", "add_rmsnorm_quantize_reference", "normed_row"]
+__all__ = ["add_rmsnorm_quantize", "add_rmsnorm_quantize_reference"]
 
 
 # Longest row kept whole in registers (8192 fp32 = 32 values a thread over 8 warps); a module
@@ -101,7 +101,7 @@ def _normed_out(r, rstd, w_ptr, stride_w, offs, mask, scale_ptr, o_row, QUANT: t
 
 
 @triton.jit
-def normed_row(x_row, res_row, w_ptr, stride_w, scale_ptr, o_row, ro_row, H, eps, HAS_RES: tl.constexpr,
+def _normed_row(x_row, res_row, w_ptr, stride_w, scale_ptr, o_row, ro_row, H, eps, HAS_RES: tl.constexpr,
                QUANT: tl.constexpr, BLOCK_H: tl.constexpr):
     """One row held whole in registers (H <= BLOCK_H): the new residual row at `ro_row`, and the
     normed row at `o_row` (QUANT as in `_normed_out`). The kernel's single-pass path."""
@@ -134,7 +134,7 @@ def _add_rmsnorm_kernel(
     offs = tl.arange(0, BLOCK_H)
 
     if SINGLE:
-        normed_row(x_row, res_row, w_ptr, stride_w, scale_ptr, o_row, ro_row, H, eps, HAS_RES, QUANT, BLOCK_H)
+        _normed_row(x_row, res_row, w_ptr, stride_w, scale_ptr, o_row, ro_row, H, eps, HAS_RES, QUANT, BLOCK_H)
     else:
         # Pass 1: write r, accumulate per-lane partial sums of squares, reduce once at the end.
         ss = tl.zeros([BLOCK_H], dtype=tl.float32)
