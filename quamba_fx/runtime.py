@@ -226,6 +226,8 @@ class Generator:
             raise InputError(f"steps must be an integer >= 0, got {steps!r}")
         if tokens.numel() != self.batch_size:
             raise InputError(f"expected {self.batch_size} token(s), one a sequence, got shape {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise InputError(f"tokens must be integer ids, got {tokens.dtype}")
         ids = tokens.reshape(self.batch_size, 1).to(self.device, torch.long)
         if not self.use_cuda_graph:
             out = torch.empty((self.batch_size, steps), dtype=torch.long, device=self.device)

@@ -75,4 +75,6 @@ def test_bad_greedy_arguments_are_named(lowered):
         gen.greedy(token, -1)
     with pytest.raises(InputError, match=r"expected 2 token\(s\), one a sequence, got shape \(3,\)"):
         gen.greedy(torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(InputError, match="tokens must be integer ids, got torch.float32"):
+        gen.greedy(torch.zeros(2), 2)
     assert gen.greedy(token, 0).shape == (2, 0)
