@@ -184,14 +184,14 @@ class Generator:
 
     def _capture(self, ids: torch.Tensor) -> None:
         self._static_ids = ids.clone()
-        self._graph = self._captured(
+        self._graph, self._static_logits = self._captured(
             lambda: self.decode_graph(self._static_ids, self.cache.conv_states, self.cache.ssm_states))
 
-    def _captured(self, step) -> torch.cuda.CUDAGraph:
-        """A CUDA graph of `step()` (whose outputs its caller keeps from the capture), after two
-        warm-up runs on a side stream for Triton's autotuning and compilation. The warm-up changes
-        the cache, so it is restored; capture records without running, so the cache is left as it
-        was."""
+    def _captured(self, step):
+        """`(graph, out)`: a CUDA graph of `step()` and the output the capture returned (the buffer
+        each replay writes), after two warm-up runs on a side stream for Triton's autotuning and
+        compilation. The warm-up changes the cache, so it is restored; capture records without
+        running, so the cache is left as it was."""
         saved = self.cache.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -202,8 +202,8 @@ class Generator:
         self.cache.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            step()
-        return graph
+            out = step()
+        return graph, out
 
     def _greedy_steps(self, ids: torch.Tensor, out: torch.Tensor) -> None:
         """`out.shape[1]` greedy steps from the tokens in `ids [B, 1]`: step i's argmax goes to
@@ -239,7 +239,8 @@ class Generator:
             if self._greedy_graph is None:
                 self._greedy_ids = ids.clone()
                 self._greedy_tokens = torch.empty((self.batch_size, per_graph), dtype=torch.long, device=self.device)
-                self._greedy_graph = self._captured(lambda: self._greedy_steps(self._greedy_ids, self._greedy_tokens))
+                self._greedy_graph, _ = self._captured(
+                    lambda: self._greedy_steps(self._greedy_ids, self._greedy_tokens))
             self._greedy_ids.copy_(ids)
             self._greedy_graph.replay()
             chunks.append(self._greedy_tokens.clone())  # overwritten by the next replay

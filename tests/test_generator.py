@@ -78,3 +78,86 @@ def test_bad_greedy_arguments_are_named(lowered):
     with pytest.raises(InputError, match="tokens must be integer ids, got torch.float32"):
         gen.greedy(torch.zeros(2), 2)
     assert gen.greedy(token, 0).shape == (2, 0)
+
+
+class FakeGraph:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the step again and writes
+    its output into the buffer the capture returned, as a real replay writes its output buffer."""
+
+    def __init__(self, step, out):
+        self.step, self.out, self.replays = step, out, 0
+
+    def replay(self):
+        self.replays += 1
+        new = self.step()
+        if isinstance(self.out, torch.Tensor):
+            self.out.copy_(new)
+
+
+def fake_capture(gen: quamba_fx.Generator):
+    """`Generator._captured` as a CUDA capture behaves: the step is recorded, not run (its side
+    effects on the cache are undone), and its output buffer is what replays write."""
+    graphs = []
+
+    def captured(step):
+        saved = gen.cache.clone()
+        out = step()
+        gen.cache.copy_(saved)
+        graphs.append(FakeGraph(step, out))
+        return graphs[-1], out
+
+    return captured, graphs
+
+
+def test_graph_replays_give_the_tokens_and_logits_of_plain_steps(lowered, monkeypatch):
+    """The CUDA-graph paths of decode and greedy (static inputs, replays, the copies out, whole
+    graphs then the steps left over), run on the CPU with replays that rerun the captured step:
+    the same logits, tokens and cache as plain steps."""
+    prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    graphed = quamba_fx.Generator(lowered, batch_size=2, steps_per_graph=2)
+    plain = quamba_fx.Generator(lowered, batch_size=2)
+    if graphed.device.type == "cuda":
+        pytest.skip("on CUDA the real graphs run in test_greedy_steps_pick_what_decode_then_argmax_picks")
+    graphed.use_cuda_graph = True  # the graph paths, with captures faked below
+    captured, graphs = fake_capture(graphed)
+    monkeypatch.setattr(graphed, "_captured", captured)
+    first = graphed.prefill(prompt)[:, -1].argmax(-1)
+    assert torch.equal(first, plain.prefill(prompt)[:, -1].argmax(-1))
+    logits = graphed.decode(first)
+    torch.testing.assert_close(logits, plain.decode(first), rtol=0, atol=0)
+    token = logits.argmax(-1)
+    got = graphed.greedy(token, 5)  # two replays of the two-step graph, then one of decode's
+    assert torch.equal(got, step_by_step(plain, token, 5))
+    assert [g.replays for g in graphs] == [2, 2]  # decode's graph: the step above and the tail
+    for mine, other in zip((*graphed.cache.conv_states, *graphed.cache.ssm_states),
+                           (*plain.cache.conv_states, *plain.cache.ssm_states)):
+        assert torch.equal(mine, other)
+
+
+def test_capture_warms_up_twice_restores_the_cache_and_returns_the_graph_and_its_output(lowered, monkeypatch):
+    """`_captured` on fakes of torch.cuda's streams and graphs: two warm-up runs whose effect on the
+    cache is undone, then the capture, whose output is returned with the graph."""
+    import contextlib
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    gen = quamba_fx.Generator(lowered, batch_size=1)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "graph")
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    before = gen.cache.clone()
+    runs = []
+
+    def step():
+        runs.append(torch.equal(gen.cache.ssm_states[0], before.ssm_states[0]))
+        for state in gen.cache.ssm_states:
+            state.add_(1)
+        return f"out {len(runs)}"
+
+    graph, out = gen._captured(step)
+    assert (graph, out) == ("graph", "out 3")
+    assert runs == [True, False, True]  # the capture starts from the cache as it was
