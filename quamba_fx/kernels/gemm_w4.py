@@ -182,7 +182,7 @@ def _w4a16_gemm(name: str, n: int, x: Tensor, w_packed: Tensor, w_scale: Tensor,
                          f"{act_dtype} and groups of {group_size}")
     if gemv is not None or (config is None and gemv_takes):
         if conv is not None and fused_gemv_ran(
-                "w4_gemv_conv", _gemv_key(x_in, w_packed, group_size, bias), "a conv epilogue",
+                "w4_gemv_conv", (n, x_in.shape[-1], group_size, bias is not None, x.device), "a conv epilogue",
                 lambda: gemv_w4.launch(x_in, w_packed, w_scale, group_size, bias32, out, gemv, conv)):
             return out, True
         return gemv_w4.launch(x_in, w_packed, w_scale, group_size, bias32, out, gemv), False
@@ -208,37 +208,23 @@ def w4a16_gemm_conv_step(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_siz
     arithmetic on the output as stored, so the same bits). Other problems run the GEMM, then the
     conv kernel. `gemv` overrides the GEMV's config, as in `w4a16_gemm`."""
     n, _ = _check_w4("w4a16_gemm_conv_step", x, w_packed, w_scale, group_size, bias)
-    step = _conv_step("w4a16_gemm_conv_step", x, n, conv_weight, conv_bias, conv_state, conv_start)
-    channels = conv_state.shape[1]
+    if (x.dim() != 3 or x.shape[1] != 1 or conv_state.dim() != 3 or conv_state.shape[0] != x.shape[0]
+            or conv_state.shape[1] < 1 or not 0 <= conv_start <= n - conv_state.shape[1] or conv_weight.dim() != 3
+            or conv_weight.shape[:2] != (conv_state.shape[1], 1) or conv_weight.shape[2] != conv_state.shape[2] + 1):
+        raise ValueError(f"w4a16_gemm_conv_step: x must be one step [B, 1, K] and conv_state [B, D, W-1] with "
+                         f"conv_start + D <= {n}, conv_weight [D, 1, W]; got x {tuple(x.shape)}, conv_state "
+                         f"{tuple(conv_state.shape)}, conv_start {conv_start}, conv_weight {tuple(conv_weight.shape)}")
+    channels, width = conv_state.shape[1], conv_weight.shape[2]
+    step = None
+    if x.shape[0] == 1 and 2 <= width <= MAX_UPDATE_WIDTH:  # for the GEMV's epilogue, if the GEMV runs it
+        step = gemv_w4.ConvStep(conv_state, conv_weight.reshape(channels, width),
+                                None if conv_bias is None else conv_bias.contiguous(),
+                                torch.empty((1, channels), dtype=x.dtype, device=x.device), conv_start)
     xz, fused = _w4a16_gemm("w4a16_gemm_conv_step", n, x, w_packed, w_scale, group_size, bias, act_dtype, None, gemv,
                             step)
     u = step.u if fused else conv1d_silu_update(xz[:, 0, conv_start:conv_start + channels], conv_weight, conv_bias,
                                                 conv_state)
     return xz, u[..., None]
-
-
-def _gemv_key(x: Tensor, w_packed: Tensor, group_size: int, bias: Optional[Tensor]) -> tuple:
-    """What names a GEMV problem for `fused_gemv_ran`'s record of the fused forms that failed."""
-    return (w_packed.shape[0], x.shape[-1], group_size, bias is not None, x.device)
-
-
-def _conv_step(name: str, x: Tensor, n: int, conv_weight: Tensor, conv_bias: Optional[Tensor], conv_state: Tensor,
-               conv_start: int) -> Optional[gemv_w4.ConvStep]:
-    """Checks a decode conv step's arguments against in_proj's input `x` and its `n` output
-    columns (ValueError naming `name`); the GEMV epilogue's step (u in x's dtype) where one row
-    and the conv's width suit it, else None."""
-    if (x.dim() != 3 or x.shape[1] != 1 or conv_state.dim() != 3 or conv_state.shape[0] != x.shape[0]
-            or conv_state.shape[1] < 1 or not 0 <= conv_start <= n - conv_state.shape[1] or conv_weight.dim() != 3
-            or conv_weight.shape[:2] != (conv_state.shape[1], 1) or conv_weight.shape[2] != conv_state.shape[2] + 1):
-        raise ValueError(f"{name}: x must be one step [B, 1, K] and conv_state [B, D, W-1] with "
-                         f"conv_start + D <= {n}, conv_weight [D, 1, W]; got x {tuple(x.shape)}, conv_state "
-                         f"{tuple(conv_state.shape)}, conv_start {conv_start}, conv_weight {tuple(conv_weight.shape)}")
-    channels, width = conv_state.shape[1], conv_weight.shape[2]
-    if x.shape[0] != 1 or not 2 <= width <= MAX_UPDATE_WIDTH:
-        return None
-    return gemv_w4.ConvStep(conv_state, conv_weight.reshape(channels, width),
-                            None if conv_bias is None else conv_bias.contiguous(),
-                            torch.empty((1, channels), dtype=x.dtype, device=x.device), conv_start)
 
 
 def w4a8_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int,

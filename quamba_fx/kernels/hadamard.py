@@ -101,8 +101,6 @@ from .rounding import quantize_e4m3_rn, quantize_rn
 
 __all__ = [
     "MAX_N",
-    "check_quantize_args",
-    "check_rotation_args",
     "gated_rmsnorm_hadamard_quantize",
     "gated_rmsnorm_hadamard_rotate",
     "hadamard_quantize",
@@ -491,7 +489,7 @@ def _num_warps(tile: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_rotation_args(fn: str, x: object) -> int:
+def _check_rotation_args(fn: str, x: object) -> int:
     """The checks of a rotation's input `x [..., n]` (ValueErrors naming `fn`); returns n."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -504,10 +502,10 @@ def check_rotation_args(fn: str, x: object) -> int:
     return n
 
 
-def check_quantize_args(fn: str, x: object, scale: object) -> int:
+def _check_quantize_args(fn: str, x: object, scale: object) -> int:
     """The checks of a rotation's input and of the per-tensor scale that quantizes it
     (ValueErrors naming `fn`); returns n."""
-    n = check_rotation_args(fn, x)
+    n = _check_rotation_args(fn, x)
     _check_scale(fn, scale, x.device)
     return n
 
@@ -533,19 +531,19 @@ def _check_scale(fn: str, scale: object, device: torch.device) -> None:
 
 def hadamard_transform_reference(x: torch.Tensor) -> torch.Tensor:
     """fp32 `hadamard_transform(x.float())` through `torch.ops.quamba.hadamard`, contiguous."""
-    check_rotation_args("hadamard_transform_reference", x)
+    _check_rotation_args("hadamard_transform_reference", x)
     return torch.ops.quamba.hadamard(x.to(torch.float32))
 
 
 def hadamard_quantize_fp8_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """PyTorch reference of `hadamard_quantize_fp8`: `quamba.quantize_fp8(quamba.hadamard(x.float()), scale)`."""
-    check_quantize_args("hadamard_quantize_fp8_reference", x, scale)
+    _check_quantize_args("hadamard_quantize_fp8_reference", x, scale)
     return _quantize_fp8(hadamard_transform_reference(x), scale)
 
 
 def hadamard_quantize_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """PyTorch reference of `hadamard_quantize`: `quamba.quantize(quamba.hadamard(x.float()), scale)`."""
-    check_quantize_args("hadamard_quantize_reference", x, scale)
+    _check_quantize_args("hadamard_quantize_reference", x, scale)
     return _quantize_int8(hadamard_transform_reference(x), scale)
 
 
@@ -644,7 +642,7 @@ def hadamard_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     from the reference by one int8 step where the fp32 value sits at a rounding boundary (see the
     module docstring).
     """
-    check_quantize_args("hadamard_quantize", x, scale)
+    _check_quantize_args("hadamard_quantize", x, scale)
     if not _kernel_runs(x):
         return hadamard_quantize_reference(x, scale)
     return _launch(x, scale, quant=_INT8)
@@ -664,7 +662,7 @@ def hadamard_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         from the reference by one e4m3 step where `y / scale` sits at a rounding boundary (see the
         module docstring).
     """
-    check_quantize_args("hadamard_quantize_fp8", x, scale)
+    _check_quantize_args("hadamard_quantize_fp8", x, scale)
     if not _kernel_runs(x):
         return hadamard_quantize_fp8_reference(x, scale)
     return _launch(x, scale, quant=_FP8)
@@ -678,7 +676,7 @@ def hadamard_transform_triton(x: torch.Tensor, out_dtype: torch.dtype = torch.fl
     tensor of x's shape. Runs the same kernel (CUDA, or CPU under TRITON_INTERPRET=1), else
     `hadamard_transform_reference`.
     """
-    check_rotation_args("hadamard_transform_triton", x)
+    _check_rotation_args("hadamard_transform_triton", x)
     if out_dtype not in _FLOAT_DTYPES:
         raise ValueError(f"hadamard_transform_triton: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     if not _kernel_runs(x):
@@ -721,7 +719,7 @@ def gated_rmsnorm_hadamard_quantize(y: torch.Tensor, z: torch.Tensor, z_scale: O
     docs/benchmarks.md, session 33).
     """
     check_gated_rmsnorm_args(y, z, z_scale, weight, norm_dtype, group_size)
-    check_quantize_args("gated_rmsnorm_hadamard_quantize", y, scale)
+    _check_quantize_args("gated_rmsnorm_hadamard_quantize", y, scale)
     n = y.shape[-1]
     if not (_kernel_runs(y) and packs_gated_norm(n, group_size, norm_dtype)):
         return hadamard_quantize(gated_rmsnorm(y, z, z_scale, weight, eps, norm_dtype, group_size), scale)
@@ -738,7 +736,7 @@ def gated_rmsnorm_hadamard_rotate(y: torch.Tensor, z: torch.Tensor, z_scale: Opt
     norm's sum of squares in another order: a normed value may move by one `norm_dtype` ulp) and
     use (decode steps); returns `out_dtype` of y's shape, contiguous."""
     check_gated_rmsnorm_args(y, z, z_scale, weight, norm_dtype, group_size)
-    check_rotation_args("gated_rmsnorm_hadamard_rotate", y)
+    _check_rotation_args("gated_rmsnorm_hadamard_rotate", y)
     out_dtype = out_dtype or norm_dtype
     if out_dtype not in (torch.float16, torch.float32):
         # bf16 would need PyTorch's rounding after the kernel (see hadamard_transform_triton).
