@@ -16,7 +16,7 @@ from .graph_info import describe
 from .quant.gptq import HessianObserver
 from .quant.observers import Observer, observer_class, observer_from_state_dict
 from .quant.qops import QMAX
-from .recipe import block_paths, recipe_for_graph, tap_node
+from .recipe import block_paths, head_path, recipe_for_graph, tap_node
 from .recipes import Recipe
 
 CALIBRATION_FORMAT = 1
@@ -39,10 +39,11 @@ class Calibration:
         self.batches = batches
         self.hessians = hessians or {}
 
-    def check_matches(self, recipe: Recipe, blocks: list[str]) -> None:
+    def check_matches(self, recipe: Recipe, blocks: list[str], head: str | None = None) -> None:
         """Raise `CalibrationError` unless this calibration was recorded for `recipe`: the same name,
         and for every tap of every block in `blocks` an observer of the class and arguments its spec
-        names (a graph records its recipe, so scales from other observers would be misdescribed)."""
+        names (a graph records its recipe, so scales from other observers would be misdescribed),
+        and a GPTQ Hessian for every Linear it quantizes so (the head at `head` among them)."""
         if self.recipe != recipe.name:
             raise CalibrationError(f"the calibration was recorded for recipe {self.recipe!r}, not {recipe.name!r}")
         for block in blocks:
@@ -57,7 +58,7 @@ class Calibration:
                         f"the calibration's observer for {key} is {observer.label()}, but recipe {recipe.name!r} asks for "
                         f"{spec.observer} with {spec.observer_kwargs}; calibrate again with this recipe"
                     )
-        missing = [path for path in gptq_linears(recipe, blocks) if path not in self.hessians]
+        missing = [path for path in gptq_linears(recipe, blocks, head) if path not in self.hessians]
         if missing:
             raise CalibrationError(
                 f"recipe {recipe.name!r} quantizes weights with GPTQ, which needs the input statistics of "
@@ -97,9 +98,13 @@ class Calibration:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def gptq_linears(recipe: Recipe, blocks: list[str]) -> list[str]:
-    """Module paths of the Linears whose weights `recipe` quantizes with GPTQ, in blocks `blocks`."""
-    return recipe.weights.int4_linears(blocks) if recipe.weights.method == "gptq" else []
+def gptq_linears(recipe: Recipe, blocks: list[str], head: str | None = None) -> list[str]:
+    """Module paths of the Linears whose weights `recipe` quantizes with GPTQ: in blocks `blocks`,
+    and the head at `head` (None: the graph has none) where the recipe quantizes it too."""
+    if recipe.weights.method != "gptq":
+        return []
+    with_head = head is not None and recipe.weights.embedding_and_head
+    return recipe.weights.int4_linears(blocks) + ([head] if with_head else [])
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -163,7 +168,7 @@ def calibrate(
                 axis, _, groups = arch.channel_layout(gm, path, tap)
                 observers[key].set_layout(axis, groups)
             taps.setdefault(tap_node(gm, path, tap), []).append((key, observers[key]))
-    for target in gptq_linears(recipe, block_paths(gm)):
+    for target in gptq_linears(recipe, block_paths(gm), head_path(gm)):
         linear = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == target), None)
         if linear is None:
             raise CalibrationError(f"recipe {recipe.name!r} quantizes {target} with GPTQ, but the graph never calls it")

@@ -412,8 +412,10 @@ def _check_architecture(config: dict[str, Any], hf_config: Any, header: dict, pa
             raise CheckpointError(f"{where}: alias {alias} -> {source} does not match the tensors in {weights}")
     expected = arch.weight_shapes(hf_config, prefix)
     recipe = config["recipe"]
+    packs_embedding = recipe is not None and recipe.weights.embedding_and_head
     if recipe is not None and recipe.weights.bits == 4:  # two 4-bit codes a byte along K
         packed = tuple(f".{module}.weight" for module in recipe.weights.modules)
+        packed += (f"{prefix}embeddings.weight",) if packs_embedding else ()
         expected = {name: [shape[0], packed_columns(shape[1])] if name.endswith(packed) else shape
                     for name, shape in expected.items()}
     for name, shape in expected.items():
@@ -422,9 +424,11 @@ def _check_architecture(config: dict[str, Any], hf_config: Any, header: dict, pa
             raise CheckpointError(f"{weights} lacks {name}, which the architecture in {CONFIG_FILE} needs")
         if stored[1] != shape:
             raise CheckpointError(f"{weights}: {name} has shape {stored[1]} but {where} describes {shape}")
-    embedding_dtype = header[f"{prefix}embeddings.weight"][0]
-    if embedding_dtype != SAFETENSORS_DTYPES[config["dtype"]]:
-        raise CheckpointError(f"{where}: dtype is {config['dtype']} but {weights} holds {embedding_dtype} weights")
+    # The dtype shows in a float table: the embedding's, or where it is packed, the final norm's.
+    float_table = f"{prefix}norm_f.weight" if packs_embedding else f"{prefix}embeddings.weight"
+    stored_dtype = header[float_table][0]
+    if stored_dtype != SAFETENSORS_DTYPES[config["dtype"]]:
+        raise CheckpointError(f"{where}: dtype is {config['dtype']} but {weights} holds {stored_dtype} weights")
 
 
 def _validated_config(path: Path) -> dict[str, Any]:

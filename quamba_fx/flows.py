@@ -28,7 +28,7 @@ from .passes.hadamard import RotateOutProjInput
 from .passes.kernel_lowering import LowerToKernels
 from .passes.quantize import InsertQuantDequant, LowerLinears, SinkDequantize
 from .pipeline import Pipeline
-from .recipe import block_paths, recipe_for_graph
+from .recipe import block_paths, head_path, recipe_for_graph
 from .recipes import Recipe
 from .tensor_checks import name_list, non_finite_tensors
 
@@ -108,7 +108,7 @@ def quantize(
             calibration = Calibration(recipe.name, {})  # round-to-nearest weights only: nothing to observe
         else:
             raise ValueError("quantize needs calibration_data (batches of token ids) or a saved calibration")
-    calibration.check_matches(recipe, block_paths(gm))
+    calibration.check_matches(recipe, block_paths(gm), head_path(gm))
     passes = quantization_passes(calibration.scales(recipe), recipe, calibration.hessians, progress)
     gm = Pipeline(passes, dump_dir=dump_dir and f"{dump_dir}/quantize")(gm)
     meta = graph_meta(gm)

@@ -11,7 +11,7 @@ import torch.fx
 
 from .arch import arch_named, arch_names, arch_of
 from .errors import RecipeError
-from .graph_info import is_kind, op_name
+from .graph_info import info, is_kind, op_name
 from .graph_meta import graph_meta
 from .recipes import (
     CONV_OUT,
@@ -40,6 +40,11 @@ def block_paths(gm: torch.fx.GraphModule) -> list[str]:
     meta = graph_meta(gm)
     arch = arch_of(gm)
     return [arch.block_path(meta.prefix, b) for b in range(meta.num_blocks)]
+
+
+def head_path(gm: torch.fx.GraphModule) -> str | None:
+    """Module path of the language-model head the graph calls (`lm_head`), None for a graph without one."""
+    return next((n.target for n in gm.graph.nodes if n.op == "call_module" and info(n).get("role") == "lm_head"), None)
 
 
 def recipe_for_graph(gm: torch.fx.GraphModule, recipe: str | Recipe) -> Recipe:

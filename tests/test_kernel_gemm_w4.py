@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from quamba_fx.kernels import dequant_w4, gemm_w4, gemm_w4_skinny, gemv_w4
 from quamba_fx.kernels.dispatch import INTERPRET, use_triton
 from quamba_fx.kernels.int4_codes import nibbles, nibbles_x16
-from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4, w4a8_linear, w4a16_linear
+from quamba_fx.quant.int4 import (dequantize_weight_int4, quantize_weight_int4, w4_embedding, w4a8_linear,
+                                  w4a16_linear)
 
 from .benchmark_scripts import BENCHMARKS, run_without_interpreter
 
@@ -285,6 +286,31 @@ def test_the_dequantize_kernel_writes_the_reference_weight(k, group):
     want = dequantize_weight_int4(packed.cpu(), scale.cpu(), group, k)
     torch.testing.assert_close(dequant_w4.dequantize(packed, scale, group, k, torch.float32).cpu(), want, rtol=0, atol=0)
     assert torch.equal(dequant_w4.dequantize(packed, scale, group, k, torch.float16).cpu(), want.half())
+
+
+@settings(max_examples=12)
+@given(vocab=st.integers(1, 40), dim=st.integers(1, 300), group=st.sampled_from([32, 128]),
+       shape=st.sampled_from([(1, 1), (2, 5), (3,), (1, 17)]), dtype=st.sampled_from([torch.float16, torch.float32]),
+       index_dtype=st.sampled_from([torch.int64, torch.int32]), seed=st.integers(0, 999))
+def test_the_embedding_gather_gives_the_reference_rows_bit_for_bit(vocab, dim, group, shape, dtype, index_dtype, seed):
+    # An odd dim (a zero nibble pads each packed row), rows of a partial last group, ids of any shape.
+    packed, scale = weights(vocab, dim, group, seed)
+    ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed), dtype=index_dtype)
+    got = dequant_w4.w4_embedding_gather(ids.to(DEVICE), packed, scale, group, dim, dtype)
+    assert got.shape == (*shape, dim) and got.dtype == dtype
+    assert torch.equal(got.cpu(), w4_embedding(ids, packed.cpu(), scale.cpu(), group, dim, dtype))
+
+
+def test_an_id_outside_the_table_is_a_nan_row_in_the_kernel_and_an_error_in_the_reference():
+    packed, scale = weights(10, 64, 32, 1)
+    ids = torch.tensor([[3, 10, -1, 9]])
+    got = dequant_w4.w4_embedding_gather(ids.to(DEVICE), packed, scale, 32, 64, torch.float16).cpu()
+    assert got[0, 1].isnan().all() and got[0, 2].isnan().all()
+    assert torch.equal(got[0, [0, 3]], w4_embedding(ids[:, [0, 3]], packed.cpu(), scale.cpu(), 32, 64, torch.float16)[0])
+    with pytest.raises(IndexError, match=r"token ids must lie in \[0, 10\)"):
+        w4_embedding(ids, packed.cpu(), scale.cpu(), 32, 64, torch.float16)
+    with pytest.raises(ValueError, match="w_packed must be uint8"):
+        dequant_w4.w4_embedding_gather(ids.to(DEVICE), packed, scale, 32, 100, torch.float16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

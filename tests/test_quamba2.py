@@ -19,12 +19,14 @@ from quamba_fx.generation import QuambaForCausalLM
 from quamba_fx.graph_meta import find_graph_meta
 from quamba_fx.graph_info import op_name
 from quamba_fx.kernels.dispatch import use_triton
+from quamba_fx.commands import state_bytes
 from quamba_fx.flows import float_passes
 from quamba_fx.models import builtin_config, random_model
 from quamba_fx.ops import selective_scan_cached_triton
 from quamba_fx.passes.lowering.match import is_cast
 from quamba_fx.pipeline import Pipeline
-from quamba_fx.quant.int4_linear import W4A8Linear, W4A16Linear
+from quamba_fx.quant.int4 import dequantize_weight_int4, quantize_weight_int4
+from quamba_fx.quant.int4_linear import W4A8Linear, W4A16Linear, W4Embedding
 from quamba_fx.recipes import (CONV_OUT, QUAMBA, QUAMBA2_W4A8, QUAMBA2_W4A16, QUAMBA2_W8A8, Recipe, WeightSpec,
                                make_recipe)
 from quamba_fx.recipes.spec import CHANNEL_ABS_MAX_INT8
@@ -60,12 +62,13 @@ def test_the_builtin_4bit_recipes_are_what_the_docs_say():
     assert QUAMBA2_W4A8.channel_specs == QUAMBA2_W8A8.channel_specs == ((CONV_OUT, CHANNEL_ABS_MAX_INT8),)
     assert QUAMBA2_W8A8.specs == QUAMBA.specs and QUAMBA2_W8A8.weights == QUAMBA.weights
     for recipe in (QUAMBA2_W4A8, QUAMBA2_W4A16):
-        assert recipe.weights == WeightSpec(bits=4, group_size=128, method="gptq")
+        assert recipe.weights == WeightSpec(bits=4, group_size=128, method="gptq", embedding_and_head=True)
         assert make_recipe(recipe.name) is recipe
         assert Recipe.from_dict(recipe.to_dict()) == recipe
     for name in ("naive-w4a8", "naive-w4a16"):  # their baselines: rounded to nearest, no rotation
         baseline = make_recipe(name)
-        assert not baseline.hadamard and baseline.weights == WeightSpec(bits=4, group_size=128, method="rtn")
+        assert not baseline.hadamard and baseline.weights == WeightSpec(bits=4, group_size=128, method="rtn",
+                                                                        embedding_and_head=True)
     assert make_recipe("naive-w4a8").specs == make_recipe("naive").specs and make_recipe("naive-w4a16").specs == ()
     assert QUAMBA.weights == WeightSpec() and QUAMBA.to_dict()["weights"] == {
         "bits": 8, "group_size": None, "method": "rtn",
@@ -88,11 +91,21 @@ def test_a_recipe_saved_before_weight_specs_reads_as_8_bit_per_channel():
     (("weights", "modules"), DELETE, "weights.modules", "is missing"),
     (("weights", "scale"), 1, "weights.scale", "is not a recipe field; expected only bits, group_size, method, modules"),
     (("weights",), [], "weights", "must be an object"),
+    (("weights", "embedding_and_head"), True, "weights.embedding_and_head", "true only with 4-bit weights"),
+    (("weights", "embedding_and_head"), "yes", "weights.embedding_and_head", "must be true or false"),
 ])
 def test_malformed_weight_specs_raise_one_line_naming_the_field(path, value, field, message):
     with pytest.raises(RecipeError, match=message) as info:
         Recipe.from_dict(edited(path, value))
     assert info.value.field == field and "\n" not in str(info.value)
+
+
+def test_a_4bit_recipe_saved_before_the_embedding_flag_keeps_its_float_embedding_and_head():
+    data = QUAMBA2_W4A16.to_dict()
+    assert data["weights"]["embedding_and_head"] is True
+    del data["weights"]["embedding_and_head"]
+    assert Recipe.from_dict(data).weights == dataclasses.replace(QUAMBA2_W4A16.weights, embedding_and_head=False)
+    assert "embedding_and_head" not in QUAMBA.to_dict()["weights"]  # 8-bit recipes' dicts as they were
 
 
 def test_4bit_weights_need_an_even_group_and_only_weight_only_recipes_may_have_no_taps():
@@ -128,8 +141,59 @@ def test_every_linear_of_every_block_gets_packed_4bit_weights(float_graph, quant
         assert module.weight.dtype == torch.uint8
         assert module.weight.shape == (float_weight.shape[0], (float_weight.shape[1] + 1) // 2)
         assert module.weight_scale.dtype == torch.float16
-    assert isinstance(qm.get_submodule("lm_head"), torch.nn.Linear)  # outside the blocks: kept float
     assert quamba_fx.graph_meta.graph_meta(qm).recipe == recipe
+
+
+@pytest.mark.parametrize("recipe", ["quamba2-w4a8", "quamba2-w4a16"])
+def test_the_embedding_is_rounded_and_the_head_gets_gptq(float_graph, quantized, recipe):
+    qm = quantized[recipe]
+    embedding, head = qm.get_submodule("backbone.embeddings"), qm.get_submodule("lm_head")
+    assert type(embedding) is W4Embedding and type(head) is W4A16Linear  # the head weight-only in both recipes
+    table = float_graph.get_submodule("backbone.embeddings").weight
+    packed, scale = quantize_weight_int4(table, 128)
+    assert torch.equal(embedding.weight, packed) and torch.equal(embedding.weight_scale, scale)
+    assert not torch.equal(head.weight, packed)  # GPTQ's, from the head input's calibrated Hessian
+    ids = torch.tensor([[0, 5, 255], [7, 7, 1]])
+    rows = dequantize_weight_int4(packed, scale, 128, table.shape[1])[ids]
+    assert torch.equal(embedding(ids), rows.to(table.dtype))
+
+
+def test_a_tied_pair_rounded_to_nearest_keeps_one_table(float_graph, tmp_path):
+    rtn = dataclasses.replace(QUAMBA2_W4A16, weights=dataclasses.replace(QUAMBA2_W4A16.weights, method="rtn"))
+    qm = quamba_fx.quantize(float_graph, recipe=rtn, progress=False)
+    embedding, head = qm.get_submodule("backbone.embeddings"), qm.get_submodule("lm_head")
+    # One tensor, as in the float model: the same packed codes and scales, not equal copies.
+    assert embedding.weight is head.weight and embedding.weight_scale is head.weight_scale
+    assert torch.equal(head.weight, quantize_weight_int4(float_graph.get_submodule("lm_head").weight, 128)[0])
+    quamba_fx.save_pretrained(qm, tmp_path / "q")
+    loaded = quamba_fx.from_pretrained(tmp_path / "q")
+    assert loaded.get_submodule("backbone.embeddings").weight is loaded.get_submodule("lm_head").weight
+    assert torch.equal(logits(loaded, IDS), logits(qm, IDS))
+
+
+def test_gptq_recipes_calibrate_the_head_and_a_headless_model_needs_no_head_statistics(float_graph):
+    assert "lm_head" in calibrate(float_graph, IDS, QUAMBA2_W4A16, progress=False).hessians
+    backbone = quamba_fx.capture(random_model(builtin_config("mamba-tiny"), seed=1).backbone)
+    qm = quamba_fx.quantize(backbone, IDS, recipe="quamba2-w4a16", progress=False)
+    assert type(qm.get_submodule("embeddings")) is W4Embedding
+
+
+def test_an_untied_head_gets_its_own_table_and_the_flag_off_keeps_both_float():
+    untied = quamba_fx.capture(random_model(builtin_config("mamba-tiny").__class__(
+        **{**builtin_config("mamba-tiny").to_dict(), "tie_word_embeddings": False}), seed=2))
+    assert untied.get_submodule("lm_head").weight is not untied.get_submodule("backbone.embeddings").weight
+    rtn = dataclasses.replace(QUAMBA2_W4A16, weights=dataclasses.replace(QUAMBA2_W4A16.weights, method="rtn"))
+    qm = quamba_fx.quantize(untied, recipe=rtn, progress=False)
+    embedding, head = qm.get_submodule("backbone.embeddings"), qm.get_submodule("lm_head")
+    assert type(embedding) is W4Embedding and type(head) is W4A16Linear and embedding.weight is not head.weight
+    assert torch.equal(head.weight, quantize_weight_int4(untied.get_submodule("lm_head").weight, 128)[0])  # rtn
+    assert torch.equal(embedding.weight, quantize_weight_int4(untied.get_submodule("backbone.embeddings").weight, 128)[0])
+    blocks_only = dataclasses.replace(rtn, weights=dataclasses.replace(rtn.weights, embedding_and_head=False))
+    float_tables = quamba_fx.quantize(untied, recipe=blocks_only, progress=False)
+    assert type(float_tables.get_submodule("backbone.embeddings")) is torch.nn.Embedding
+    assert type(float_tables.get_submodule("lm_head")) is torch.nn.Linear
+    # Each [256, 64] table: 2 bytes a value at fp16 against half a byte plus an fp16 scale per 64.
+    assert state_bytes(float_tables, float_bytes=2) - state_bytes(qm, float_bytes=2) == 2 * (256 * 64 * 2 - 256 * 32 - 256 * 2)
 
 
 @pytest.mark.parametrize("recipe", ["quamba2-w4a8", "quamba2-w4a16"])
@@ -190,9 +254,9 @@ def test_save_and_load_are_bit_identical_and_4bit_checkpoints_are_small(float_gr
 def test_lowered_4bit_graphs_generate_what_the_reference_generates(quantized, recipe):
     qm = quantized[recipe]
     lowered = quamba_fx.lower(qm, torch.float32)
-    kernel = "w4a8_gemm" if recipe == "quamba2-w4a8" else "w4a16_gemm"
-    assert sum(op_name(n) == kernel for n in lowered.graph.nodes) == sum(
-        isinstance(m, (W4A8Linear, W4A16Linear)) for m in qm.modules())
+    # Each 4-bit Linear its GEMM (the head weight-only in both recipes), the embedding its gather.
+    for kernel, cls in (("w4a8_gemm", W4A8Linear), ("w4a16_gemm", W4A16Linear), ("w4_embedding_gather", W4Embedding)):
+        assert sum(op_name(n) == kernel for n in lowered.graph.nodes) == sum(type(m) is cls for m in qm.modules())
     assert torch.allclose(logits(lowered, IDS), logits(qm, IDS), rtol=1e-4, atol=1e-4)
     tokens = IDS[:1, :9]
     for _ in range(6):  # greedy by rerunning the whole prefix through the reference graph

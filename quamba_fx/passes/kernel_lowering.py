@@ -152,11 +152,14 @@ class LowerToKernels(PassBase):
                 continue
             module.to(self.dtype)
             changed = True
-        head = next((n for n in gm.graph.nodes if n.op == "call_module" and info(n).get("role") == "lm_head"), None)
+        # The head: a float Linear, or the GEMM a 4-bit head (`W4A16Linear`) was lowered to.
+        head = next((n for n in gm.graph.nodes if n.op in ("call_module", "call_function")
+                     and info(n).get("role") == "lm_head" and n.args and isinstance(n.args[0], torch.fx.Node)), None)
         if head is not None:
-            embedding = next(m for m in gm.modules() if isinstance(m, nn.Embedding))
-            lm_head = gm.get_submodule(head.target)
-            if lm_head.weight.shape == embedding.weight.shape and torch.equal(lm_head.weight, embedding.weight):
+            embedding = next((m for m in gm.modules() if isinstance(m, nn.Embedding)), None)
+            lm_head = gm.get_submodule(head.target) if head.op == "call_module" else None
+            if (isinstance(lm_head, nn.Linear) and embedding is not None and lm_head.weight.shape == embedding.weight.shape
+                    and torch.equal(lm_head.weight, embedding.weight)):
                 lm_head.weight = embedding.weight  # tied in the source model: keep one copy
             cast = head.args[0]
             if is_cast(cast):

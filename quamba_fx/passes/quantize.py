@@ -9,7 +9,8 @@
    weights, reading int8 activations and, where the output is requantized, writing int8; behind a
    `dequantize_fp8` (a `float8_e4m3` tap), an `Fp8Linear` with e4m3 weights instead. A recipe with
    4-bit weights (`WeightSpec(bits=4)`) gets a `W4A8Linear` there, and its Linears that no tap
-   feeds become weight-only `W4A16Linear`s.
+   feeds become weight-only `W4A16Linear`s; with `embedding_and_head`, the LM head becomes a
+   `W4A16Linear` and the token embedding a `W4Embedding` (`quantize_embedding_and_head`).
 
 Each tap's spec dtype picks its quantize/dequantize pair (`QDQ_OPS`).
 """
@@ -28,9 +29,9 @@ from ..arch import arch_of
 from ..graph_info import info, op_name
 from ..quant import fp8 as _fp8_ops  # noqa: F401  (registers torch.ops.quamba.quantize_fp8 and friends)
 from ..quant.fp8_linear import Fp8Linear
-from ..quant.int4_linear import W4A8Linear, W4A16Linear
+from ..quant.int4_linear import W4A8Linear, W4A16Linear, W4Embedding
 from ..quant.linear import QuantizedLinear
-from ..recipe import block_paths, tap_node
+from ..recipe import block_paths, head_path, tap_node
 from ..recipes.spec import PER_CHANNEL_8BIT, WeightSpec
 from .rewrite import Rule, run_rules
 
@@ -219,7 +220,8 @@ class _WeightPlan:
         self.int4 = set(weights.int4_linears(block_paths(gm)))
         self.hessians = hessians or {}
         # GPTQ takes seconds a Linear on a large model: a bar when asked for and there is any.
-        count = sum(target in self.hessians for target in self.int4)
+        head = head_path(gm) if weights.embedding_and_head else None
+        count = sum(target in self.hessians for target in (*self.int4, head))
         self.bar = tqdm(total=count, desc="GPTQ", unit="linear", disable=not (progress and count))
 
     def int4_linear(self, cls: type, target: str, linear: torch.nn.Linear) -> torch.nn.Module:
@@ -280,11 +282,44 @@ def quantize_weights_only(gm: torch.fx.GraphModule, node: torch.fx.Node, plan: _
     return True
 
 
+def _module_node(gm: torch.fx.GraphModule, role: str, kind: type) -> torch.fx.Node | None:
+    """The graph's call of a `kind` module labelled `role` at capture (`arch.tracing.stage`)."""
+    return next((n for n in gm.graph.nodes if n.op == "call_module" and info(n).get("role") == role
+                 and type(gm.get_submodule(n.target)) is kind), None)
+
+
+def quantize_embedding_and_head(gm: torch.fx.GraphModule, plan: _WeightPlan) -> bool:
+    """The float token embedding -> `W4Embedding` and the float LM head -> weight-only
+    `W4A16Linear` (its input is no tap's), in `plan`'s groups: the head with GPTQ where the plan
+    has its Hessian, the embedding rounded to nearest. A head tied to the embedding (one tensor in
+    the source model) and rounded to nearest is the embedding's table, so the two keep one packed
+    tensor; a GPTQ head gets a table of its own. Measured on mamba-bytes-wt2 (quamba2-w4a16,
+    docs/benchmarks.md, session 54), bits per byte against fp32: one rounded table +0.43%, one
+    GPTQ table read by both +0.34%, a GPTQ head beside a rounded embedding +0.31% (and on a random
+    mamba-tiny the shared GPTQ table was worse than rounding: GPTQ spends the rows' own accuracy
+    on the head's outputs, which lookups do not share)."""
+    embedding_node = _module_node(gm, "embedding", torch.nn.Embedding)
+    head_node = _module_node(gm, "lm_head", torch.nn.Linear)
+    embedding = gm.get_submodule(embedding_node.target) if embedding_node is not None else None
+    head = gm.get_submodule(head_node.target) if head_node is not None else None
+    if head is not None:
+        quantized_head = plan.int4_linear(W4A16Linear, head_node.target, head)
+        gm.set_submodule(head_node.target, quantized_head)
+        if embedding is not None and embedding.weight is head.weight and head_node.target not in plan.hessians:
+            gm.set_submodule(embedding_node.target, W4Embedding.sharing(quantized_head))
+            return True
+    if embedding is not None:
+        gm.set_submodule(embedding_node.target, W4Embedding.from_float(embedding, plan.weights.group_size))
+    return embedding is not None or head is not None
+
+
 class LowerLinears(PassBase):
     """Replace every float Linear fed by a dequantize with a quantized Linear (`QuantizedLinear`,
     `Fp8Linear` or `W4A8Linear`), and every other Linear that `weights` gives 4-bit weights with a
-    `W4A16Linear`. `hessians` maps a Linear's module path to its GPTQ input Hessian; 4-bit Linears
-    without one are rounded to nearest. `progress` shows a bar over the GPTQ Linears."""
+    `W4A16Linear`, and with `weights.embedding_and_head` the embedding and head as well
+    (`quantize_embedding_and_head`). `hessians` maps a Linear's module path to its GPTQ input
+    Hessian; 4-bit Linears without one are rounded to nearest. `progress` shows a bar over the GPTQ
+    Linears."""
 
     def __init__(self, weights: WeightSpec = PER_CHANNEL_8BIT, hessians: dict[str, torch.Tensor] | None = None,
                  progress: bool = False):
@@ -297,6 +332,9 @@ class LowerLinears(PassBase):
         plan = _WeightPlan(gm, self.weights, self.hessians, self.progress)
         rules = [functools.partial(lower_linear, plan=plan), functools.partial(quantize_weights_only, plan=plan)]
         try:
-            return PassResult(gm, run_rules(gm, rules))
+            changed = run_rules(gm, rules)
+            if self.weights.embedding_and_head:
+                changed |= quantize_embedding_and_head(gm, plan)
         finally:
             plan.bar.close()
+        return PassResult(gm, changed)

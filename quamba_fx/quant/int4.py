@@ -25,7 +25,8 @@ from .qops import _check_int8, _linear_epilogue, _linear_out_dtype, _scale_view
 
 __all__ = [
     "INT4_MAX", "INT4_MIN", "MIN_SCALE_INT4", "dequantize_weight_int4", "group_count", "int4_scales",
-    "pack_int4", "packed_columns", "quantize_int4_codes", "quantize_weight_int4", "unpack_int4", "w4a16_linear", "w4a8_linear",
+    "pack_int4", "packed_columns", "quantize_int4_codes", "quantize_weight_int4", "unpack_int4", "w4_embedding",
+    "w4a16_linear", "w4a8_linear",
 ]
 
 INT4_MIN = -8
@@ -190,3 +191,37 @@ def _w4a8_linear_fake(x_q, x_scale, w_packed, w_scale, group_size, bias=None, ou
     _check_int8(x_q, "w4a8_linear: x_q")
     n, _ = _check_w4("w4a8_linear", x_q, w_packed, w_scale, group_size, bias)
     return x_q.new_empty((*x_q.shape[:-1], n), dtype=_linear_out_dtype(out_scale, out_dtype))
+
+
+def _check_embedding(ids: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, dim: int, dtype: torch.dtype) -> None:
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"w4_embedding: ids must be int64 or int32, got {ids.dtype}")
+    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2 or w_packed.shape[1] != packed_columns(dim):
+        raise ValueError(f"w4_embedding: w_packed must be uint8 [V, {packed_columns(dim)}] for dim {dim}, "
+                         f"got {w_packed.dtype} {tuple(w_packed.shape)}")
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"w4_embedding: group_size must be an even integer >= 2, got {group_size}")
+    _check_scales(w_scale, w_packed.shape[0], dim, group_size, "w4_embedding")
+    if not dtype.is_floating_point:
+        raise ValueError(f"w4_embedding: dtype must be floating, got {dtype}")
+
+
+@torch.library.custom_op("quamba::w4_embedding", mutates_args=())
+def w4_embedding(ids: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, dim: int,
+                 dtype: torch.dtype) -> Tensor:
+    """Embedding lookup in a 4-bit table (`[V, dim]` packed as a Linear weight): row `ids[...]`
+    dequantized, `code * fp32(scale)` rounded once to `dtype`; `[*ids.shape, dim]`. An id outside
+    [0, V) raises here; kernels, which cannot raise without a sync, write NaN rows for it."""
+    _check_embedding(ids, w_packed, w_scale, group_size, dim, dtype)
+    flat = ids.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= w_packed.shape[0]):
+        raise IndexError(f"w4_embedding: token ids must lie in [0, {w_packed.shape[0]}), got "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
+    rows = dequantize_weight_int4(w_packed.index_select(0, flat), w_scale.index_select(0, flat), group_size, dim)
+    return rows.to(dtype).reshape(*ids.shape, dim)
+
+
+@w4_embedding.register_fake
+def _w4_embedding_fake(ids, w_packed, w_scale, group_size, dim, dtype):
+    _check_embedding(ids, w_packed, w_scale, group_size, dim, dtype)
+    return w_packed.new_empty((*ids.shape, dim), dtype=dtype)

@@ -1,5 +1,6 @@
 """`W4A16Linear` and `W4A8Linear`: Quamba2's 4-bit-weight modules that replace an `nn.Linear` at
-the same module path (the packing and the ops are in `quant/int4.py`)."""
+the same module path, and `W4Embedding`, which replaces the token embedding (the packing and the
+ops are in `quant/int4.py`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from .gptq import gptq_int4
-from .int4 import group_count, packed_columns, quantize_weight_int4
+from .int4 import group_count, packed_columns, quantize_weight_int4, w4_embedding  # noqa: F401  (registers the op)
 
 
 class _Int4Linear(nn.Module):
@@ -76,3 +77,50 @@ class W4A8Linear(_Int4Linear):
         out_dtype = None if out_scale is not None else self.out_dtype
         return torch.ops.quamba.w4a8_linear(x_q, x_scale, self.weight, self.weight_scale, self.group_size,
                                             self.bias, out_scale, out_dtype)
+
+
+class W4Embedding(nn.Module):
+    """A token embedding stored as a 4-bit table: `weight` (uint8 `[V, ceil(D/2)]`) and
+    `weight_scale` (fp16 `[V, groups]`) in `W4A16Linear`'s layout, so a head tied to the embedding
+    shares both tensors with it. `forward(ids)` gives `[*ids.shape, D]` in `out_dtype`
+    (`quamba.w4_embedding`)."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, embedding_dim: int, group_size: int,
+                 out_dtype: torch.dtype):
+        super().__init__()
+        v = weight.shape[0]
+        if weight.dtype != torch.uint8 or tuple(weight.shape) != (v, packed_columns(embedding_dim)):
+            raise ValueError(f"W4Embedding needs a packed uint8 [V, {packed_columns(embedding_dim)}] table for "
+                             f"D={embedding_dim}, got {weight.dtype} {tuple(weight.shape)}")
+        if tuple(weight_scale.shape) != (v, group_count(embedding_dim, group_size)):
+            raise ValueError(f"W4Embedding: weight_scale must be [V, groups] = "
+                             f"[{v}, {group_count(embedding_dim, group_size)}], got {tuple(weight_scale.shape)}")
+        self.num_embeddings, self.embedding_dim = v, embedding_dim
+        self.group_size = group_size
+        self.out_dtype = out_dtype
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale)
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, group_size: int) -> "W4Embedding":
+        """Round `embedding`'s table to nearest, `group_size` columns a scale."""
+        table = embedding.weight.detach()
+        v, d = table.shape
+        if table.is_meta:  # rebuilding a graph skeleton before loading a checkpoint into it
+            packed = torch.empty(v, packed_columns(d), dtype=torch.uint8, device="meta")
+            scale = torch.empty(v, group_count(d, group_size), dtype=torch.float16, device="meta")
+        else:
+            packed, scale = quantize_weight_int4(table, group_size)
+        return cls(packed, scale, d, group_size, table.dtype)
+
+    @classmethod
+    def sharing(cls, head: _Int4Linear) -> "W4Embedding":
+        """The embedding of a head tied to it: the same packed tensor and scales, not copies."""
+        return cls(head.weight, head.weight_scale, head.in_features, head.group_size, head.out_dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quamba.w4_embedding(ids, self.weight, self.weight_scale, self.group_size, self.embedding_dim,
+                                             self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, int4 table in groups of {self.group_size}")

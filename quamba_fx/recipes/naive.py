@@ -24,6 +24,6 @@ NAIVE = register_recipe(Recipe(
     },
 ))
 
-RTN_INT4 = WeightSpec(bits=4, group_size=128, method="rtn")
+RTN_INT4 = WeightSpec(bits=4, group_size=128, method="rtn", embedding_and_head=True)
 NAIVE_W4A8 = register_recipe(Recipe(name="naive-w4a8", hadamard=False, specs=NAIVE.specs, weights=RTN_INT4))
 NAIVE_W4A16 = register_recipe(Recipe(name="naive-w4a16", hadamard=False, specs=(), weights=RTN_INT4))

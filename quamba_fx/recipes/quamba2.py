@@ -33,7 +33,7 @@ from .spec import CHANNEL_ABS_MAX_INT8, Recipe, WeightSpec
 from .taps import CONV_OUT
 
 GROUP_SIZE = 128
-GPTQ_INT4 = WeightSpec(bits=4, group_size=GROUP_SIZE, method="gptq")
+GPTQ_INT4 = WeightSpec(bits=4, group_size=GROUP_SIZE, method="gptq", embedding_and_head=True)
 # Where an architecture takes them (Mamba-2), a scale per channel of the conv1d output.
 CHANNEL_SCALES = ((CONV_OUT, CHANNEL_ABS_MAX_INT8),)
 

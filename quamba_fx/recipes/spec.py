@@ -145,13 +145,16 @@ class WeightSpec:
     per `group_size` input columns of a row, rounded to nearest (`rtn`) or with GPTQ (`gptq`, which
     needs calibration data). 4-bit weights go to the Linears in `modules` (block-relative paths):
     one whose input a tap quantizes to int8 becomes a `W4A8Linear`, any other a weight-only
-    `W4A16Linear`. Raises `RecipeError` naming the bad field.
+    `W4A16Linear`. `embedding_and_head` (4-bit only) stores the token embedding (rounded to
+    nearest) and the LM head (by `method`) in the same groups too, as Quamba2 does; a tied pair
+    rounded to nearest keeps one packed tensor. Raises `RecipeError` naming the bad field.
     """
 
     bits: int = 8
     group_size: int | None = None
     method: str = "rtn"
     modules: tuple[str, ...] = LINEAR_MODULES
+    embedding_and_head: bool = False
 
     def __post_init__(self) -> None:
         _expect(_is_int(self.bits) and self.bits in WEIGHT_BITS, "weights.bits", "8 or 4", self.bits)
@@ -163,6 +166,8 @@ class WeightSpec:
         else:
             _expect(_is_int(self.group_size) and self.group_size >= 2 and self.group_size % 2 == 0,
                     "weights.group_size", "an even integer >= 2 (Quamba2 uses 128)", self.group_size)
+        _expect(isinstance(self.embedding_and_head, bool) and (self.bits == 4 or not self.embedding_and_head),
+                "weights.embedding_and_head", "true or false, and true only with 4-bit weights", self.embedding_and_head)
         modules = self.modules
         _expect(isinstance(modules, (tuple, list)) and all(isinstance(m, str) and m for m in modules)
                 and len(set(modules)) == len(modules), "weights.modules", "a list of distinct module paths", modules)
@@ -175,12 +180,18 @@ class WeightSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """This spec as JSON-ready data."""
-        return {"bits": self.bits, "group_size": self.group_size, "method": self.method, "modules": list(self.modules)}
+        data = {"bits": self.bits, "group_size": self.group_size, "method": self.method, "modules": list(self.modules)}
+        if self.embedding_and_head:  # absent otherwise: earlier recipes' dicts stay as they were
+            data["embedding_and_head"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> "WeightSpec":
-        """The spec `to_dict` wrote. Raises `RecipeError` naming a missing, unknown or bad field."""
-        _check_keys(data, ("bits", "group_size", "method", "modules"), "weights")
+        """The spec `to_dict` wrote. Raises `RecipeError` naming a missing, unknown or bad field.
+        `embedding_and_head` may be absent (false): specs saved before it existed had float ones."""
+        if isinstance(data, dict) and "embedding_and_head" not in data:
+            data = {**data, "embedding_and_head": False}
+        _check_keys(data, ("bits", "group_size", "method", "modules", "embedding_and_head"), "weights")
         return cls(**data)
 
 

@@ -1,7 +1,8 @@
 """Lowering rules of the 4-bit-weight GEMM kernels (kernels/gemm_w4.py): every `W4A16Linear` and
-`W4A8Linear` becomes one GEMM op reading its packed weight and group scales; a decode step's
-W4A16 in_proj takes the float conv1d step into its epilogue, and (where turned on) its scan
-update computes dt_proj itself."""
+`W4A8Linear` becomes one GEMM op reading its packed weight and group scales, and a 4-bit token
+embedding (`W4Embedding`) one gather (kernels/dequant_w4.py); a decode step's W4A16 in_proj takes
+the float conv1d step into its epilogue, and (where turned on) its scan update computes dt_proj
+itself."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ import torch.fx
 from ...kernels import conv1d_float  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_cached)
 from ... import ops  # noqa: F401  (registers torch.ops.quamba.selective_scan_cached)
 from ...graph_info import info
+from ...kernels import dequant_w4  # noqa: F401  (registers w4_embedding_gather)
 from ...kernels import gemm_w4  # noqa: F401  (registers w4a16_gemm, w4a8_gemm, w4a16_in_proj_conv_update)
 from ...kernels import scan  # noqa: F401  (registers w4a16_dt_proj_state_update)
-from ...quant.int4_linear import W4A8Linear, W4A16Linear
+from ...quant.int4_linear import W4A8Linear, W4A16Linear, W4Embedding
 from ..rewrite import Rule
 from .gemm import conv_input_projection, hoist_conv_operands, replace_in_proj_and_conv
 from .match import annotate, get_attr, is_call, transposed_projection
 
 W4A16_GEMM = torch.ops.quamba.w4a16_gemm.default
 W4A8_GEMM = torch.ops.quamba.w4a8_gemm.default
+W4_EMBEDDING_GATHER = torch.ops.quamba.w4_embedding_gather.default
 FLOAT_CONV_CACHED = torch.ops.quamba.conv1d_silu_cached.default
 W4A16_IN_PROJ_CONV_UPDATE = torch.ops.quamba.w4a16_in_proj_conv_update.default
 SCAN_CACHED = torch.ops.quamba.selective_scan_cached.default
@@ -34,7 +37,8 @@ FUSE_CONV_IN_DECODE = True
 # mamba-2.8b W4A16 batch-1 decode 559 -> 601 tokens/s (session 37). A setting, as above.
 FUSE_DT_PROJ_IN_DECODE = True
 
-KERNELS = {W4A16_GEMM: "triton:w4a16_gemm", W4A8_GEMM: "triton:w4a8_gemm"}
+KERNELS = {W4A16_GEMM: "triton:w4a16_gemm", W4A8_GEMM: "triton:w4a8_gemm",
+           W4_EMBEDDING_GATHER: "triton:w4_embedding_gather"}
 
 
 def lower_int4_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
@@ -66,9 +70,26 @@ def lower_int4_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torc
     return True
 
 
+def lower_int4_embedding(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
+    """`W4Embedding(ids)` -> `w4_embedding_gather(ids, w, w_scale, group, dim, dtype)`: the rows in
+    the lowering's dtype, as a float embedding gives them once it is cast to it."""
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if not isinstance(module, W4Embedding):
+        return False
+    graph = gm.graph
+    with graph.inserting_before(node):
+        weight = get_attr(graph, f"{node.target}.weight", node)
+        w_scale = get_attr(graph, f"{node.target}.weight_scale", node)
+        new = graph.call_function(W4_EMBEDDING_GATHER, (node.args[0], weight, w_scale, module.group_size,
+                                                        module.embedding_dim, dtype))
+    node.replace_all_uses_with(annotate(new, node))
+    graph.erase_node(node)
+    return True
+
+
 def rules(dtype: torch.dtype) -> list[Rule]:
     """The lowering rules, activations between kernels in `dtype`."""
-    return [functools.partial(lower_int4_linear, dtype=dtype)]
+    return [functools.partial(lower_int4_linear, dtype=dtype), functools.partial(lower_int4_embedding, dtype=dtype)]
 
 
 def fuse_conv_into_w4a16_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
