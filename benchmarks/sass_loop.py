@@ -1,6 +1,6 @@
 """Count the instructions of a Triton kernel's hottest loop in its sm_90 SASS, without a GPU.
 
-    python benchmarks/sass_loop.py gemv_w4 [--set ROWS=2 THREAD_ROWS=8 CHUNKS=16 SPLITS=4] [--warps 4]
+    python benchmarks/sass_loop.py gemv_w4 [--set ROWS=2 THREAD_ROWS=8 CHUNKS=16 SPLITS=4] [--warps 4] [--maxnreg 32]
     python benchmarks/sass_loop.py gemv --set SPLIT_K=4
     python benchmarks/sass_loop.py gemm_w4 --set BLOCK_M=64 BLOCK_N=128 BLOCK_K=64 A8=1
     python benchmarks/sass_loop.py gemm_w4_skinny --set BLOCK_M=16 --warps 4 --stages 6
@@ -10,7 +10,9 @@ Triton compiles for a target it is told about, and its wheel ships `ptxas` and `
 kernel's machine code for the H200 can be read on a CPU-only machine. What this prints: the
 instruction count of the largest loop (a label with a backward branch to it), those instructions
 per element of the loop's tile that a thread handles (e.g. weight bytes), the mix by
-opcode, and whether the loop goes through shared memory (STS / LDS / BAR: layout conversions).
+opcode, whether the loop goes through shared memory (STS / LDS / BAR: layout conversions), and
+the registers a thread takes and whether any spill (STL / LDL anywhere in the kernel; `--maxnreg`
+caps them as Triton's launch option does).
 Memory-bound kernels are not timed by it; it says how many instructions each byte costs, which
 decides whether a loop can keep up with memory at all (docs/benchmarks.md, session 27).
 
@@ -27,6 +29,7 @@ import os
 import re
 import subprocess
 import tempfile
+from typing import Optional
 
 # The selective scan's arguments, its layouts in the model (u, delta, z, y [B, L, D] read as
 # [B, D, L], so channel stride 1; B and C slices of x_proj's output, state stride 1; A and the
@@ -123,10 +126,11 @@ KERNELS = {
 
 
 def compile_sm90(module: str, function: str, signature: dict, constexprs: dict, multiples: tuple, warps: int,
-                 stages: int):
+                 stages: int, maxnreg: Optional[int] = None):
     """Triton's compiled kernel for sm_90 (its `asm` holds the PTX and the cubin): `signature` maps
     the arguments to Triton types, `constexprs` gives the constexprs' values, and pointers, strides
-    and the arguments named in `multiples` are declared multiples of 16."""
+    and the arguments named in `multiples` are declared multiples of 16; `maxnreg` caps the
+    registers a thread."""
     import importlib
 
     import triton
@@ -141,7 +145,8 @@ def compile_sm90(module: str, function: str, signature: dict, constexprs: dict, 
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
                if kind.startswith("*") or name.startswith("stride") or name in multiples}
     source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def compile_sass(module: str, function: str, signature: dict, constexprs: dict, multiples: tuple, warps: int,
@@ -160,6 +165,12 @@ def run_cuda_tool(tool: str, cubin: bytes, *args: str) -> str:
         f.write(cubin)
         f.flush()
         return subprocess.run([path, *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def registers(compiled) -> int:
+    """The registers a thread of a kernel `compile_sm90` returned takes (cuobjdump's REG)."""
+    usage = run_cuda_tool("cuobjdump", compiled.asm["cubin"], "--dump-resource-usage")
+    return int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 def disassemble(compiled) -> str:
@@ -206,6 +217,7 @@ def main() -> None:
     parser.add_argument("--sig", nargs="*", default=[], metavar="NAME=TYPE", help="override argument types (*fp32, i32)")
     parser.add_argument("--warps", type=int, default=8)
     parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--maxnreg", type=int, help="cap the registers a thread (Triton's maxnreg)")
     args = parser.parse_args()
     module, function, signature, constexprs, multiples, per_thread = KERNELS[args.kernel]
     constexprs = dict(constexprs)
@@ -220,7 +232,9 @@ def main() -> None:
         if name not in signature:
             parser.error(f"{args.kernel} has no argument {name!r}")
         signature[name] = kind
-    loop = hottest_loop(compile_sass(module, function, signature, constexprs, multiples, args.warps, args.stages))
+    compiled = compile_sm90(module, function, signature, constexprs, multiples, args.warps, args.stages, args.maxnreg)
+    sass = disassemble(compiled)
+    loop = hottest_loop(sass)
     if not loop:
         raise SystemExit(f"{args.kernel}: no loop found in the SASS")
     mix = collections.Counter(opcode(i) for i in loop)
@@ -229,6 +243,8 @@ def main() -> None:
     print(f"loop: {len(loop)} instructions, {len(loop) / elements:.2f} per element ({elements:g} a thread a step)")
     print("through shared memory:", {op: mix[op] for op in ("STS", "LDS", "LDSM", "BAR") if mix[op]} or "no")
     print("mix:", ", ".join(f"{op} {count}" for op, count in mix.most_common()))
+    spills = sum(opcode(i) in ("STL", "LDL") for i in instructions(sass))
+    print(f"registers a thread: {registers(compiled)}; spills (STL / LDL in the kernel): {spills or 'none'}")
 
 
 if __name__ == "__main__":

@@ -213,6 +213,28 @@ def test_gemv_configs_match_the_reference(n, words, group, block_n, block_k, war
                                atol=2e-3 * (1 + k ** 0.5))
 
 
+@settings(max_examples=12)
+@given(rows=st.sampled_from([2, 4]), n=st.integers(1, 100), words=st.integers(1, 100),
+       group=st.sampled_from([32, 64, 128]), block_k=st.sampled_from([128, 256, 512]), warps=st.sampled_from([2, 4, 8]),
+       splits=st.integers(1, 3), bias=st.booleans(), seed=st.integers(0, 999))
+def test_a_gemv_whose_threads_take_several_rows_matches_the_reference(rows, n, words, group, block_k, warps, splits,
+                                                                      bias, seed):
+    # Each thread takes `rows` rows, each a weight tile of its own that meets the shared
+    # activation pairs (gemv_w4.py): rows past N (wrapped onto valid ones), K of partial blocks
+    # and groups, K split, a bias.
+    thread_rows = 32 * warps // (block_k // 32)  # the threads lie over the chunks first
+    config = (rows * thread_rows, block_k, warps, splits)
+    assert gemv_w4._tile(config) == (rows, thread_rows, block_k // 32)
+    k = 8 * words
+    packed, scale = weights(n, k, group, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, k, generator=generator).half().to(DEVICE)
+    b = torch.randn(n, generator=generator).to(DEVICE) if bias else None
+    got = gemm_w4.w4a16_gemm(x, packed, scale, group, b, gemv=config)
+    torch.testing.assert_close(got.float(), w4a16_linear(x.float(), packed, scale, group, b), rtol=2e-3,
+                               atol=2e-3 * (1 + k ** 0.5))
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="a register cap exists only for compiled kernels")
 def test_a_register_cap_changes_no_bit_of_the_gemv(monkeypatch):
     # gemv_w4._MAX_REGISTERS: a launch option, the same loop in fewer registers; out_proj's shape
@@ -328,14 +350,14 @@ def test_many_rows_run_a_gemm_on_the_dequantized_weight(dtype):
 _CONV_STEP_CASES = dict(n=st.integers(2, 80), words=st.integers(1, 24), group=st.sampled_from([32, 64]),
                        width=st.integers(2, 4), bias=st.booleans(), conv_bias=st.booleans(),
                        state_dtype=st.sampled_from([torch.float16, torch.float32]), splits=st.integers(1, 3),
-                       data=st.data())
+                       rows=st.sampled_from([1, 2, 4]), data=st.data())
 
 
 @settings(max_examples=10)
 @given(**_CONV_STEP_CASES)
 def test_the_gemv_with_the_conv_step_gives_the_bits_of_the_two_kernels(n, words, group, width, bias, conv_bias,
-                                                                       state_dtype, splits, data):
-    check_gemv_conv_step(n, words, group, width, bias, conv_bias, state_dtype, splits, data)
+                                                                       state_dtype, splits, rows, data):
+    check_gemv_conv_step(n, words, group, width, bias, conv_bias, state_dtype, splits, rows, data)
 
 
 @pytest.mark.slow
@@ -343,11 +365,11 @@ def test_the_gemv_with_the_conv_step_gives_the_bits_of_the_two_kernels(n, words,
 @given(**_CONV_STEP_CASES)
 def test_the_gemv_with_the_conv_step_gives_the_bits_of_the_two_kernels_on_more_cases(n, words, group, width, bias,
                                                                                      conv_bias, state_dtype, splits,
-                                                                                     data):
-    check_gemv_conv_step(n, words, group, width, bias, conv_bias, state_dtype, splits, data)
+                                                                                     rows, data):
+    check_gemv_conv_step(n, words, group, width, bias, conv_bias, state_dtype, splits, rows, data)
 
 
-def check_gemv_conv_step(n, words, group, width, bias, conv_bias, state_dtype, splits, data):
+def check_gemv_conv_step(n, words, group, width, bias, conv_bias, state_dtype, splits, rows, data):
     # A decode step's W4A16 in_proj with the conv1d step in its epilogue (D <= N channels from
     # column `start`: Mamba-1's x half from 0, Mamba-2's xBC after z) against w4a16_gemm then the
     # conv update kernel: the same output, u and state.
@@ -364,13 +386,16 @@ def check_gemv_conv_step(n, words, group, width, bias, conv_bias, state_dtype, s
     conv_b = torch.randn(channels, generator=g).to(DEVICE) if conv_bias else None
     state = torch.randn(1, channels, width - 1, generator=g).to(DEVICE, state_dtype)
     expected_state = state.clone()
-    # 64-column blocks: up to three a row, so every split count here has blocks to take.
-    expected_xz = gemm_w4.w4a16_gemm(x, packed, scale, group, b, torch.float16, gemv=(16, 64, 4, splits))
+    # 64-column blocks: up to three a row, so every split count here has blocks to take. A warp's
+    # 32 threads over 2 chunks and 16 rows, each thread taking `rows` rows (16 x rows a tile).
+    config = (16, 64, 4, splits) if rows == 1 else (16 * rows, 64, 1, splits)
+    assert gemv_w4._tile(config)[0] == rows
+    expected_xz = gemm_w4.w4a16_gemm(x, packed, scale, group, b, torch.float16, gemv=config)
     expected_u = conv1d_silu_update(expected_xz[:, 0, start:start + channels], conv_w, conv_b,
                                     expected_state)[..., None]
 
     xz, u = gemm_w4.w4a16_gemm_conv_step(x, packed, scale, group, b, torch.float16, conv_w, conv_b, state,
-                                         gemv=(16, 64, 4, splits), conv_start=start)
+                                         gemv=config, conv_start=start)
     assert xz.shape == (1, 1, n) and u.shape == (1, channels, 1) and u.dtype == xz.dtype == torch.float16
     assert torch.equal(xz, expected_xz) and torch.equal(u, expected_u) and torch.equal(state, expected_state)
 

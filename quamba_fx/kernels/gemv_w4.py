@@ -7,16 +7,19 @@ each weight byte decide whether the loop keeps up with memory:
 
 * the unit is a chunk: 32 columns of one row, four int32 weight words (one 16-byte load) and the
   64 bytes of activations they meet (four 16-byte loads, from L1 after the first program). A
-  program's block is `[ROWS, THREAD_ROWS, CHUNKS]` chunks: its threads lie over THREAD_ROWS rows
-  and CHUNKS chunks, and a thread holding several rows (ROWS > 1) loads their activations once.
-  The rule's tile gives each thread one row: in the model, more rows a thread were slower
-  (docs/benchmarks.md, session 35);
+  program's threads lie over THREAD_ROWS rows and CHUNKS chunks, and each takes ROWS rows,
+  THREAD_ROWS apart: a weight tile a row, each of the activation tile's shape and layout, so
+  that the rows share the activations' loads and pairs in registers and one PTX block takes their
+  products. (One `[ROWS, THREAD_ROWS, CHUNKS]` tile took another layout than the activations,
+  converted through shared memory in the loop, and was slower in the model: docs/benchmarks.md,
+  sessions 35 and 53.) The rule's tile gives each thread one row; more rows a thread this way are
+  untimed (session 54);
 * a word's codes come out two at a time, columns (j, j + 4) of its eight in the two halves of one
   fp16x2 register: one three-input logic op (`lop3`) masks two nibbles, sets an fp16 exponent
   above them and flips the codes' sign bits, and one fp16x2 multiply-add makes `code / 128` of
   both exactly. The activations are paired the same way (columns j and j + 4, `_pairs`), so one
   fp16x2 multiply-add takes two products: twelve instructions a weight word and one shift, in
-  one inline-PTX block for the chunk (`_DOT32_PTX`).
+  one inline-PTX block for the chunk of a thread's rows (`_dot32_ptx`).
 
 Numerics: each product `code / 128 * x` rounds to fp16 and a chunk's sixteen products a half are
 summed in fp16 before fp32 takes over with the row's group scale; the reference
@@ -69,47 +72,53 @@ _CHUNK = 32
 _MAX_REGISTERS: Optional[int] = None
 
 
-def _word_ptx(word: int, pairs: int) -> str:
+@triton.constexpr_function
+def _word_ptx(word: int, pairs: int, first: bool) -> str:
     """Weight word `$word` against its activation pairs `$pairs` to `$pairs + 3` (columns (0, 4),
-    (1, 5), (2, 6) and (3, 7)), added to `h`; the chunk's first word starts `h`."""
+    (1, 5), (2, 6) and (3, 7)), added to `h`; a chunk's `first` word starts `h`."""
     low, high = "0x000F000F, 0x64086408", "0x00F000F0, 0x64806480"
     steps = ((f"${word}", low, "kl, bl"), (f"${word}", high, "kh, bh"), ("t", low, "kl, bl"), ("t", high, "kh, bh"))
     lines = []
-    for j, (source, masks, constants) in enumerate(steps):
+    for j, step in enumerate(steps):  # (no nested unpacking: Triton's dependency finder refuses it)
+        source, masks, constants = step
         if j == 2:
             lines.append(f"shr.b32 t, ${word}, 8;")
         lines.append(f"lop3.b32 c, {source}, {masks}, 0x6a;")
         lines.append(f"fma.rn.f16x2 c, c, {constants};")
-        starts = word == 1 and j == 0
-        lines.append(f"mul.rn.f16x2 h, c, ${pairs};" if starts else f"fma.rn.f16x2 h, c, ${pairs + j}, h;")
+        lines.append(f"mul.rn.f16x2 h, c, ${pairs};" if first and j == 0 else f"fma.rn.f16x2 h, c, ${pairs + j}, h;")
     return "\n".join(lines)
 
 
-# Four weight words ($1-$4: a chunk of one row), their sixteen activation pairs ($5-$20, word i's
-# at $5 + 4i), the row's group scale ($21, fp32, already times 128) and the running sum ($22).
-# Columns (j, j + 4) of a word sit in bits (4j, 4j + 16) (j < 2; `shr 8` brings j = 2, 3 there).
-# The constants: kl, bl = 1/128, -8.0625 and kh, bh = 1/2048, -0.5625, in fp16 pairs;
-# `lop3 ..., 0x6a` is (a & b) ^ c: the two nibbles masked, the exponent of 1024 ORed in and each
-# code's top bit flipped, so a low nibble reads `1024 + (code ^ 8)` and a high one
-# `1024 + 16 (code ^ 8)`, and `(1024 + (code ^ 8)) / 128 - 8.0625 = code / 128` (likewise for the
-# high one); all exact in fp16.
-_DOT32_PTX = tl.constexpr("\n".join([
-    "{",
-    ".reg .b32 t, c, h, kl, bl, kh, bh;",
-    ".reg .f16 lo, hi;",
-    ".reg .f32 flo, fhi;",
-    "mov.b32 kl, 0x20002000;",
-    "mov.b32 bl, 0xC808C808;",
-    "mov.b32 kh, 0x10001000;",
-    "mov.b32 bh, 0xB880B880;",
-    *(_word_ptx(1 + i, 5 + 4 * i) for i in range(4)),
-    "mov.b32 {lo, hi}, h;",
-    "cvt.f32.f16 flo, lo;",
-    "cvt.f32.f16 fhi, hi;",
-    "add.f32 flo, flo, fhi;",
-    "fma.rn.f32 $0, flo, $21, $22;",
-    "}",
-]))
+@triton.constexpr_function
+def _dot32_ptx(rows: int) -> str:
+    """The PTX of a chunk of `rows` weight rows that share their activations: the sums $0 to
+    $rows - 1; then the rows' four weight words each (row r's at $rows + 4r), the sixteen
+    activation pairs (word i's at $5rows + 4i), the rows' group scales (fp32, already times 128:
+    $6rows + 16 on) and their running sums ($6rows + 16 + rows on). For one row: $1-$4 the words,
+    $5-$20 the pairs, $21 the scale, $22 the sum.
+
+    Columns (j, j + 4) of a word sit in bits (4j, 4j + 16) (j < 2; `shr 8` brings j = 2, 3 there).
+    The constants: kl, bl = 1/128, -8.0625 and kh, bh = 1/2048, -0.5625, in fp16 pairs;
+    `lop3 ..., 0x6a` is (a & b) ^ c: the two nibbles masked, the exponent of 1024 ORed in and each
+    code's top bit flipped, so a low nibble reads `1024 + (code ^ 8)` and a high one
+    `1024 + 16 (code ^ 8)`, and `(1024 + (code ^ 8)) / 128 - 8.0625 = code / 128` (likewise for
+    the high one); all exact in fp16."""
+    pairs, scales, sums = 5 * rows, 5 * rows + 16, 6 * rows + 16
+    lines = ["{", ".reg .b32 t, c, h, kl, bl, kh, bh;", ".reg .f16 lo, hi;", ".reg .f32 flo, fhi;",
+             "mov.b32 kl, 0x20002000;", "mov.b32 bl, 0xC808C808;", "mov.b32 kh, 0x10001000;",
+             "mov.b32 bh, 0xB880B880;"]
+    for r in range(rows):
+        lines += [_word_ptx(rows + 4 * r + i, pairs + 4 * i, i == 0) for i in range(4)]
+        lines += ["mov.b32 {lo, hi}, h;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 flo, flo, fhi;",
+                  f"fma.rn.f32 ${r}, flo, ${scales + r}, ${sums + r};"]
+    return "\n".join(lines + ["}"])
+
+
+@triton.constexpr_function
+def _dot32_constraints(rows: int) -> str:
+    """`_dot32_ptx(rows)`'s operands: `rows` fp32 sums out; four words a row, sixteen pairs, and a
+    scale and a running sum a row in."""
+    return ",".join(["=r"] * rows + ["r"] * (6 * rows + 16))
 
 
 def supported(x: Tensor, w_packed: Tensor, group_size: int) -> bool:
@@ -152,7 +161,7 @@ def _word_reference(word, p0, p1, p2, p3):
     """One weight word against its pairs, in fp32: column j's code (bits 4j to 4j + 3, two's
     complement) meets the low half of pair j and column j + 4's the high half. The four j at once
     on a new last axis: the interpreter pays per operation, not per element."""
-    # Pair j at index j of the new axis (the pairs may be broadcast over the word's rows).
+    # Pair j at index j of the new axis.
     pairs = tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), p0.shape + [4])
     shift = 4 * tl.arange(0, 4)
     w = tl.expand_dims(word, len(word.shape))
@@ -162,30 +171,48 @@ def _word_reference(word, p0, p1, p2, p3):
 
 
 @triton.jit
-def _dot32(w, a, b, c, d, scale, acc, PTX: tl.constexpr):
-    """`acc` plus a chunk's sum times its row's scale (already times 128): its four weight words
-    (`w [..., 4]`) against their activation pairs (`a`-`d`: each word's four, from `_pairs`)."""
-    w0, w1, w2, w3 = _split4(w)
+def _dot32(w, a, b, c, d, group_scale, acc, ROWS: tl.constexpr, PTX: tl.constexpr):
+    """`acc` plus a chunk's sums times their rows' group scales, for each of a thread's ROWS rows
+    (`w`, `group_scale` and `acc` are tuples of a tensor a row): a row's four weight words
+    (`w[r] [..., 4]`) against the activation pairs (`a`-`d`: each word's four, from `_pairs`),
+    which the rows share: one PTX block takes them all."""
+    words = ()
+    scales = ()
+    for r in tl.static_range(ROWS):
+        words = words + _split4(w[r])
+        scales = scales + (group_scale[r].to(tl.float32) * 128.0,)
     if PTX:
-        return tl.inline_asm_elementwise(
-            _DOT32_PTX, "=r" + ",r" * 22,
-            [w0, w1, w2, w3, a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3],
-             d[0], d[1], d[2], d[3], scale, acc], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_dot32_ptx(ROWS), _dot32_constraints(ROWS),
+                                         words + a + b + c + d + scales + acc, dtype=(tl.float32,) * ROWS,
+                                         is_pure=True, pack=1)
     else:  # the interpreter's path: the same pairs, in fp32
-        total = (_word_reference(w0, a[0], a[1], a[2], a[3]) + _word_reference(w1, b[0], b[1], b[2], b[3])
-                 + _word_reference(w2, c[0], c[1], c[2], c[3]) + _word_reference(w3, d[0], d[1], d[2], d[3]))
-        return acc + total * (scale / 128.0)
+        sums = ()
+        for r in tl.static_range(ROWS):
+            total = (_word_reference(words[4 * r], a[0], a[1], a[2], a[3])
+                     + _word_reference(words[4 * r + 1], b[0], b[1], b[2], b[3])
+                     + _word_reference(words[4 * r + 2], c[0], c[1], c[2], c[3])
+                     + _word_reference(words[4 * r + 3], d[0], d[1], d[2], d[3]))
+            sums = sums + (acc[r] + total * (scales[r] / 128.0),)
+        return sums
 
 
 @triton.jit
-def _weight_block(w_tile, s_rows, k0, chunk, quad, word_end, GROUP_CHUNKS: tl.constexpr, EVEN_K: tl.constexpr):
-    """The weight words and group scales of the block from chunk `k0`, zero past `word_end`."""
-    group = s_rows + (k0 + chunk) // GROUP_CHUNKS
-    if EVEN_K:
-        return tl.load(w_tile + 4 * k0), tl.load(group)
+def _weight_block(w_tiles, s_rows, k0, chunk, quad, word_end, ROWS: tl.constexpr, GROUP_CHUNKS: tl.constexpr,
+                  EVEN_K: tl.constexpr):
+    """The weight words and group scales of the block from chunk `k0`, zero past `word_end`: a
+    tuple of each, a tensor for each of a thread's rows."""
+    words = ()
+    scales = ()
     first = 4 * (k0 + chunk)
-    return (tl.load(w_tile + 4 * k0, mask=first[:, :, :, None] + quad < word_end, other=0),
-            tl.load(group, mask=first < word_end, other=0))
+    for r in tl.static_range(ROWS):
+        group = s_rows[r] + (k0 + chunk) // GROUP_CHUNKS
+        if EVEN_K:
+            words = words + (tl.load(w_tiles[r] + 4 * k0),)
+            scales = scales + (tl.load(group),)
+        else:
+            words = words + (tl.load(w_tiles[r] + 4 * k0, mask=first[:, :, None] + quad < word_end, other=0),)
+            scales = scales + (tl.load(group, mask=first < word_end, other=0),)
+    return words, scales
 
 
 @triton.jit
@@ -208,42 +235,53 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, coun
     pid_n = tl.program_id(0)
     c_first = tl.program_id(1) * SPLIT_CHUNKS
     word_end = tl.minimum(4 * (c_first + SPLIT_CHUNKS), K_WORDS)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, ROWS)[:, None] * THREAD_ROWS + tl.arange(0, THREAD_ROWS)[None, :]
-    rows = offs_n % N  # rows past N wrap onto valid ones (never stored): no row masks on loads
-    chunk = tl.arange(0, CHUNKS)[None, None, :]
-    quad = tl.arange(0, 4)[None, None, None, :]
-    word = 4 * chunk[:, :, :, None] + quad  # [1, 1, CHUNKS, 4]
-    w_tile = w_ptr + rows.to(tl.int64)[:, :, None, None] * stride_wn + word
-    # The activations as [1, THREAD_ROWS, CHUNKS, 4] words (the rows repeated, so that they take
-    # the weight tile's layout): each thread loads its chunk's once a block.
-    x_tile = x_ptr + 16 * chunk[:, :, :, None] + quad + tl.zeros((1, THREAD_ROWS, 1, 1), dtype=tl.int32)
-    s_rows = s_ptr + rows[:, :, None] * stride_sn
-    acc = tl.zeros((ROWS, THREAD_ROWS, CHUNKS), dtype=tl.float32)
+    chunk = tl.arange(0, CHUNKS)[None, :]
+    quad = tl.arange(0, 4)[None, None, :]
+    word = 4 * chunk[:, :, None] + quad  # [1, CHUNKS, 4]
+    # The activations as [THREAD_ROWS, CHUNKS, 4] words (the rows repeated, so that they take the
+    # weight tiles' layout): each thread loads its chunk's once a block.
+    x_tile = x_ptr + 16 * chunk[:, :, None] + quad + tl.zeros((THREAD_ROWS, 1, 1), dtype=tl.int32)
+    # A thread's ROWS rows, THREAD_ROWS apart: a weight tile and its scales a row (tuples), each of
+    # the activation tile's shape, so that they meet the activations in registers (no layout
+    # conversion: the module's docstring).
+    w_tiles = ()
+    s_rows = ()
+    for r in tl.static_range(ROWS):
+        # Rows past N wrap onto valid ones (never stored): no row masks on loads.
+        row = (pid_n * BLOCK_N + r * THREAD_ROWS + tl.arange(0, THREAD_ROWS)[:, None]) % N
+        w_tiles = w_tiles + (w_ptr + row.to(tl.int64)[:, :, None] * stride_wn + word,)
+        s_rows = s_rows + (s_ptr + row * stride_sn,)
+    acc = (tl.zeros((THREAD_ROWS, CHUNKS), dtype=tl.float32),) * ROWS
     c_end = tl.minimum(c_first + SPLIT_CHUNKS, tl.cdiv(K_WORDS, 4))
     last = c_first + (c_end - 1 - c_first) // CHUNKS * CHUNKS  # the first chunk of the split's last block
     # The weight and its scales are no kernel's output: the first block is on its way before the
     # wait for the kernel ahead.
-    w, group_scale = _weight_block(w_tile, s_rows, c_first, chunk, quad, word_end, GROUP_CHUNKS, EVEN_K)
+    w, group_scale = _weight_block(w_tiles, s_rows, c_first, chunk, quad, word_end, ROWS, GROUP_CHUNKS, EVEN_K)
     wait_for_previous(USE_PDL)  # programmatic dependent launch (pdl.py)
     for k0 in range(c_first, c_end, CHUNKS):
         x_words = x_tile + 16 * k0
         if EVEN_K:
             xa, xb, xc, xd = tl.load(x_words), tl.load(x_words + 4), tl.load(x_words + 8), tl.load(x_words + 12)
         else:
-            first = 4 * (k0 + chunk[:, :, :, None])
+            first = 4 * (k0 + chunk[:, :, None])
             xa = tl.load(x_words, mask=first < word_end, other=0)
             xb = tl.load(x_words + 4, mask=first + 1 < word_end, other=0)
             xc = tl.load(x_words + 8, mask=first + 2 < word_end, other=0)
             xd = tl.load(x_words + 12, mask=first + 3 < word_end, other=0)
-        acc = _dot32(w, _pairs(xa), _pairs(xb), _pairs(xc), _pairs(xd), group_scale.to(tl.float32) * 128.0, acc, PTX)
+        acc = _dot32(w, _pairs(xa), _pairs(xb), _pairs(xc), _pairs(xd), group_scale, acc, ROWS, PTX)
         # The next block's weights (the last block again on the last step: cached, unused). Loading
         # it before this block's products was 2% slower in the model (session 35); keeping two
         # blocks in flight 4% slower (session 37).
-        w, group_scale = _weight_block(w_tile, s_rows, tl.minimum(k0 + CHUNKS, last), chunk, quad, word_end,
+        w, group_scale = _weight_block(w_tiles, s_rows, tl.minimum(k0 + CHUNKS, last), chunk, quad, word_end, ROWS,
                                        GROUP_CHUNKS, EVEN_K)
-    y = tl.reshape(tl.sum(acc, axis=2), (BLOCK_N,))
-    offs_n = tl.reshape(offs_n, (BLOCK_N,))
-    rows = tl.reshape(rows, (BLOCK_N,))
+    # The rows' sums as one [BLOCK_N] tile, row r * THREAD_ROWS + t at that index.
+    row_of = tl.arange(0, ROWS)[:, None]
+    y = tl.zeros((ROWS, THREAD_ROWS), dtype=tl.float32)
+    for r in tl.static_range(ROWS):
+        y = tl.where(row_of == r, tl.sum(acc[r], axis=1)[None, :], y)
+    y = tl.reshape(y, (BLOCK_N,))
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N
     if SPLITS == 1:
         _store_rows(y, offs_n, rows, N, bias_ptr, out_ptr, HAS_BIAS, cs_ptr, cw_ptr, cb_ptr, u_ptr, D_CONV,
                     CONV_START, stride_csd, stride_csk, stride_cwd, stride_cwk, CONV, CONV_W, CONV_HAS_BIAS)
