@@ -11,6 +11,19 @@ from .gptq import gptq_int4
 from .int4 import group_count, packed_columns, quantize_weight_int4, w4_embedding  # noqa: F401  (registers the op)
 
 
+def _check_packed(owner: nn.Module, weight: torch.Tensor, weight_scale: torch.Tensor, k: int, group_size: int) -> int:
+    """The rows of a packed 4-bit matrix of `k` columns (uint8 `[rows, ceil(k/2)]`) with its group
+    scales (`[rows, groups]`); a ValueError naming `owner`'s class for any other shape."""
+    rows = weight.shape[0]
+    if weight.dtype != torch.uint8 or tuple(weight.shape) != (rows, packed_columns(k)):
+        raise ValueError(f"{type(owner).__name__} needs a packed uint8 [N, {packed_columns(k)}] weight for "
+                         f"K={k}, got {weight.dtype} {tuple(weight.shape)}")
+    if tuple(weight_scale.shape) != (rows, group_count(k, group_size)):
+        raise ValueError(f"{type(owner).__name__}: weight_scale must be [N, groups] = "
+                         f"[{rows}, {group_count(k, group_size)}], got {tuple(weight_scale.shape)}")
+    return rows
+
+
 class _Int4Linear(nn.Module):
     """A packed 4-bit weight (`weight`, uint8 `[N, ceil(K/2)]`), its fp16 group scales
     (`weight_scale`, `[N, ceil(K/group_size)]`) and an fp32 bias; subclasses say what the input is."""
@@ -20,13 +33,7 @@ class _Int4Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  in_features: int, group_size: int, out_dtype: torch.dtype):
         super().__init__()
-        n = weight.shape[0]
-        if weight.dtype != torch.uint8 or tuple(weight.shape) != (n, packed_columns(in_features)):
-            raise ValueError(f"{type(self).__name__} needs a packed uint8 [N, {packed_columns(in_features)}] weight for "
-                             f"K={in_features}, got {weight.dtype} {tuple(weight.shape)}")
-        if tuple(weight_scale.shape) != (n, group_count(in_features, group_size)):
-            raise ValueError(f"{type(self).__name__}: weight_scale must be [N, groups] = "
-                             f"[{n}, {group_count(in_features, group_size)}], got {tuple(weight_scale.shape)}")
+        n = _check_packed(self, weight, weight_scale, in_features, group_size)
         self.in_features, self.out_features = in_features, n
         self.group_size = group_size
         self.out_dtype = out_dtype
@@ -88,14 +95,8 @@ class W4Embedding(nn.Module):
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, embedding_dim: int, group_size: int,
                  out_dtype: torch.dtype):
         super().__init__()
-        v = weight.shape[0]
-        if weight.dtype != torch.uint8 or tuple(weight.shape) != (v, packed_columns(embedding_dim)):
-            raise ValueError(f"W4Embedding needs a packed uint8 [V, {packed_columns(embedding_dim)}] table for "
-                             f"D={embedding_dim}, got {weight.dtype} {tuple(weight.shape)}")
-        if tuple(weight_scale.shape) != (v, group_count(embedding_dim, group_size)):
-            raise ValueError(f"W4Embedding: weight_scale must be [V, groups] = "
-                             f"[{v}, {group_count(embedding_dim, group_size)}], got {tuple(weight_scale.shape)}")
-        self.num_embeddings, self.embedding_dim = v, embedding_dim
+        self.num_embeddings = _check_packed(self, weight, weight_scale, embedding_dim, group_size)
+        self.embedding_dim = embedding_dim
         self.group_size = group_size
         self.out_dtype = out_dtype
         self.register_buffer("weight", weight)
