@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=positive_int, default=50, help="sample among the k likeliest tokens (default: 50)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     gen.add_argument("--kernels", action="store_true",
-                     help="a quantized checkpoint on the W8A8 kernels with a decode cache (greedy)")
+                     help="a quantized checkpoint on its recipe's Triton kernels with a decode cache (greedy)")
     gen.add_argument("--device", type=compute_device, default=None,
                      help="with --kernels: cpu, cuda or cuda:N (default: cuda when available)")
     gen.set_defaults(command_name="generate")
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence (default: 128)")
     bench.add_argument("--repeats", type=positive_int, default=5, help="timed repetitions (default: 5)")
     bench.add_argument("--kernels", action="store_true",
-                       help="lower a quantized checkpoint to the W8A8 kernels first, and time cached decode")
+                       help="lower a quantized checkpoint to its recipe's Triton kernels first, and time cached decode")
     bench.add_argument("--decode-steps", type=non_negative_int, default=32,
                        help="with --kernels: decode steps to time (default: 32)")
     bench.set_defaults(command_name="bench")

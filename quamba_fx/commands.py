@@ -226,7 +226,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _lowered(gm: torch.fx.GraphModule, name: str) -> torch.fx.GraphModule:
     """`--kernels`: the graph lowered to the Triton kernel ops (quantized graphs only)."""
     if not graph_meta(gm).recipe:
-        raise InputError(f"--kernels runs the W8A8 kernels: {name} is a float model; quantize it first "
+        raise InputError(f"--kernels runs the quantized kernels: {name} is a float model; quantize it first "
                          "(quamba-fx quantize ... --out DIR) and pass the checkpoint directory")
     return lower(gm)
 
@@ -262,7 +262,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     gm = gm.to(device)
     vocab = graph_meta(gm).hf_config["vocab_size"]
     generator = torch.Generator().manual_seed(0)
-    kind = "W8A8 kernels" if args.kernels else f"recipe {graph_meta(gm).recipe or 'float'}"
+    recipe = graph_meta(gm).recipe
+    kind = f"{recipe} kernels" if args.kernels else f"recipe {recipe or 'float'}"
     print(f"{args.model} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{kind}; median of {args.repeats} after 1 warm-up")
     print(f"{'batch':>5} {'seq':>6} {'ms':>10} {'tokens/s':>10}")
@@ -310,7 +311,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise InputError("prompt is empty: generation needs at least one token to continue")
         tokens = runner.generate(prompt, args.max_new_tokens)[0, prompt.shape[1]:].tolist()
         text = codec.decode(tokens)
-        how = f"W8A8 kernels on {device}, decode cache"
+        how = f"{graph_meta(gm).recipe} kernels on {device}, decode cache"
     else:
         text = generate_text(gm, args.prompt, args.max_new_tokens, do_sample=args.sample,
                              temperature=args.temperature if args.sample else None,
