@@ -32,6 +32,7 @@ from gpu_timing import graphed, require_gpu, time_ms, write_json
 SHAPES_2_8B = {"in_proj": (2560, 10240), "x_proj": (5120, 192), "dt_proj": (160, 5120), "out_proj": (5120, 2560)}
 # The LM head (vocabulary 50280), 4-bit in Quamba2's recipes since session 54: timed when named.
 HEAD_2_8B = {"lm_head": (2560, 50280)}
+TIMEABLE = {**SHAPES_2_8B, **HEAD_2_8B}
 
 
 def sweep(gemm_w4, gemv_w4, x, x_q, x_scale, packed, scale, group: int, m: int) -> dict:
@@ -86,7 +87,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--json")
     parser.add_argument("--sweep", action="store_true", help="time a grid of launch configs per row")
-    parser.add_argument("--layers", nargs="+", choices=sorted({**SHAPES_2_8B, **HEAD_2_8B}), default=list(SHAPES_2_8B),
+    parser.add_argument("--layers", nargs="+", choices=sorted(TIMEABLE), default=list(SHAPES_2_8B),
                         help="the Linears timed (e.g. the ones a profiler run looks at; lm_head only when named)")
     args = parser.parse_args()
     device = require_gpu("gemm_w4.py")
@@ -106,7 +107,7 @@ def main() -> None:
           f"{'w4a8 x':>8} {'w4a8s x':>8} {'w4 wTB/s':>9}")
     g = torch.Generator(device="cuda").manual_seed(0)
     for name in args.layers:
-        k, n = {**SHAPES_2_8B, **HEAD_2_8B}[name]
+        k, n = TIMEABLE[name]
         w = torch.randn(n, k, device="cuda", generator=g) * 0.02
         packed, scale = quantize_weight_int4(w, args.group)
         w8, s8 = quantize_weight_per_channel(w)
