@@ -14,7 +14,7 @@ import torch
 import quamba_fx
 from quamba_fx import textdata
 from quamba_fx.calibrate import CalibrationError, calibrate
-from quamba_fx.errors import RecipeError
+from quamba_fx.errors import CheckpointError, RecipeError
 from quamba_fx.generation import QuambaForCausalLM
 from quamba_fx.graph_meta import find_graph_meta
 from quamba_fx.graph_info import op_name
@@ -32,6 +32,7 @@ from quamba_fx.recipes import (CONV_OUT, QUAMBA, QUAMBA2_W4A8, QUAMBA2_W4A16, QU
 from quamba_fx.recipes.spec import CHANNEL_ABS_MAX_INT8
 from quamba_fx.runtime import Generator
 
+from .test_checkpoint import read_config, write_config
 from .test_recipes import DELETE, edited, quamba_dict
 
 LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -246,6 +247,23 @@ def test_save_and_load_are_bit_identical_and_4bit_checkpoints_are_small(float_gr
     assert quamba_fx.graph_meta.graph_meta(loaded).recipe_spec == qm.meta["quamba"].recipe_spec
     size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
     assert size(tmp_path / "q") < size(tmp_path / "w8")
+
+
+def test_a_4bit_checkpoint_is_checked_against_its_packed_embedding(float_graph, tmp_path):
+    # The embedding is packed, so the dtype is read off the final norm and the table's shape is
+    # the packed one: a restamped config claiming another dtype or vocabulary is refused.
+    rtn = dataclasses.replace(QUAMBA2_W4A16, weights=dataclasses.replace(QUAMBA2_W4A16.weights, method="rtn"))
+    quamba_fx.save_pretrained(quamba_fx.quantize(float_graph, recipe=rtn, progress=False), tmp_path / "q")
+    config = read_config(tmp_path / "q")
+    write_config(tmp_path / "q", {**config, "dtype": "float16"}, restamp=True)
+    with pytest.raises(CheckpointError, match="dtype is float16 but .* holds F32 weights"):
+        quamba_fx.from_pretrained(tmp_path / "q")
+    vocab, packed = config["source_config"]["vocab_size"], (config["source_config"]["hidden_size"] + 1) // 2
+    write_config(tmp_path / "q", {**config, "source_config": {**config["source_config"], "vocab_size": vocab + 2}},
+                 restamp=True)
+    with pytest.raises(CheckpointError,
+                       match=rf"embeddings.weight has shape \[{vocab}, {packed}\] but .*describes \[{vocab + 2}, {packed}\]"):
+        quamba_fx.from_pretrained(tmp_path / "q")
 
 
 # Both recipes run over 10 s on the oldest CI leg (W4A8 the longer): CI's slow run keeps them.
