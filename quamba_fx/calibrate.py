@@ -14,9 +14,9 @@ from .arch import arch_of
 from .errors import InputError, QuambaError
 from .graph_info import describe
 from .quant.gptq import HessianObserver
-from .quant.observers import Observer, observer_class, observer_from_state_dict
+from .quant.observers import Observer, make_observer, observer_class, observer_from_state_dict
 from .quant.qops import QMAX
-from .recipe import block_paths, head_path, recipe_for_graph, tap_node
+from .recipe import HEAD_INPUT_SCALE, block_paths, head_input_node, head_path, head_scale_key, recipe_for_graph, tap_node
 from .recipes import Recipe
 
 CALIBRATION_FORMAT = 1
@@ -41,23 +41,25 @@ class Calibration:
 
     def check_matches(self, recipe: Recipe, blocks: list[str], head: str | None = None) -> None:
         """Raise `CalibrationError` unless this calibration was recorded for `recipe`: the same name,
-        and for every tap of every block in `blocks` an observer of the class and arguments its spec
-        names (a graph records its recipe, so scales from other observers would be misdescribed),
-        and a GPTQ Hessian for every Linear it quantizes so (the head at `head` among them)."""
+        and for every tap of every block in `blocks` (and the input of the head at `head`, where the
+        recipe quantizes it) an observer of the class and arguments its spec names (a graph records
+        its recipe, so scales from other observers would be misdescribed), and a GPTQ Hessian for
+        every Linear it quantizes so (the head among them)."""
         if self.recipe != recipe.name:
             raise CalibrationError(f"the calibration was recorded for recipe {self.recipe!r}, not {recipe.name!r}")
-        for block in blocks:
-            for tap, spec in recipe.specs:
-                key = f"{block}.{tap.key}"
-                observer = self.observers.get(key)
-                if observer is None:
-                    raise CalibrationError(f"the calibration has no observer for {key}, which recipe {recipe.name!r} quantizes; "
-                                           "calibrate again with this recipe")
-                if type(observer) is not observer_class(spec.observer) or observer.arguments() != spec.observer_kwargs:
-                    raise CalibrationError(
-                        f"the calibration's observer for {key} is {observer.label()}, but recipe {recipe.name!r} asks for "
-                        f"{spec.observer} with {spec.observer_kwargs}; calibrate again with this recipe"
-                    )
+        expected = [(f"{block}.{tap.key}", spec) for block in blocks for tap, spec in recipe.specs]
+        if recipe.head is not None and head is not None:
+            expected.append((f"{head}.{HEAD_INPUT_SCALE}", recipe.head))
+        for key, spec in expected:
+            observer = self.observers.get(key)
+            if observer is None:
+                raise CalibrationError(f"the calibration has no observer for {key}, which recipe {recipe.name!r} quantizes; "
+                                       "calibrate again with this recipe")
+            if type(observer) is not observer_class(spec.observer) or observer.arguments() != spec.observer_kwargs:
+                raise CalibrationError(
+                    f"the calibration's observer for {key} is {observer.label()}, but recipe {recipe.name!r} asks for "
+                    f"{spec.observer} with {spec.observer_kwargs}; calibrate again with this recipe"
+                )
         missing = [path for path in gptq_linears(recipe, blocks, head) if path not in self.hessians]
         if missing:
             raise CalibrationError(
@@ -70,10 +72,12 @@ class Calibration:
         """The scale of every tap: observed statistic / the tap's `qmax` in `recipe` (127 for
         int8, 448 for float8_e4m3); without a recipe, / 127 for every tap. A per-channel tap's is
         a list, one scale a channel."""
-        specs = recipe.specs if recipe is not None else ()
+        specs = [(tap.key, spec) for tap, spec in recipe.specs] if recipe is not None else []
+        if recipe is not None and recipe.head is not None:
+            specs.append((HEAD_INPUT_SCALE, recipe.head))
 
         def qmax(key: str) -> int:
-            return next((spec.qmax for tap, spec in specs if key.endswith(f".{tap.key}")), QMAX)
+            return next((spec.qmax for suffix, spec in specs if key.endswith(f".{suffix}")), QMAX)
 
         return {key: obs.scale(qmax(key)) for key, obs in self.observers.items()}
 
@@ -138,7 +142,8 @@ def calibrate(
     progress: bool = True,
 ) -> Calibration:
     """Record the statistics `recipe` needs, one independent set per block: an observer for each
-    tapped activation and, for a GPTQ recipe, the input Hessian of each 4-bit Linear.
+    tapped activation (and the head's input, where the recipe quantizes it) and, for a GPTQ recipe,
+    the input Hessian of each 4-bit Linear.
 
     `gm` is a float graph from `capture` (after the recipe's float passes, e.g. the Hadamard
     rotation, so statistics are those of the tensors that will really be quantized); `recipe` is a
@@ -168,6 +173,10 @@ def calibrate(
                 axis, _, groups = arch.channel_layout(gm, path, tap)
                 observers[key].set_layout(axis, groups)
             taps.setdefault(tap_node(gm, path, tap), []).append((key, observers[key]))
+    head_key = head_scale_key(gm, recipe)
+    if head_key is not None:
+        observers[head_key] = make_observer(recipe.head.observer, recipe.head.observer_kwargs, label=head_key)
+        taps.setdefault(head_input_node(gm), []).append((head_key, observers[head_key]))
     for target in gptq_linears(recipe, block_paths(gm), head_path(gm)):
         linear = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == target), None)
         if linear is None:

@@ -424,8 +424,11 @@ def _check_architecture(config: dict[str, Any], hf_config: Any, header: dict, pa
             raise CheckpointError(f"{weights} lacks {name}, which the architecture in {CONFIG_FILE} needs")
         if stored[1] != shape:
             raise CheckpointError(f"{weights}: {name} has shape {stored[1]} but {where} describes {shape}")
-    # The dtype shows in a float table: the embedding's, or where it is packed, the final norm's.
-    float_table = f"{prefix}norm_f.weight" if packs_embedding else f"{prefix}embeddings.weight"
+    # The dtype shows in a float table: the embedding's, or where it is quantized (4-bit, or int8
+    # sharing a W8A8 head's table), the final norm's.
+    embedding = f"{prefix}embeddings.weight"
+    quantized_embedding = packs_embedding or header[config["aliases"].get(embedding, embedding)][0] == "I8"
+    float_table = f"{prefix}norm_f.weight" if quantized_embedding else embedding
     stored_dtype = header[float_table][0]
     if stored_dtype != SAFETENSORS_DTYPES[config["dtype"]]:
         raise CheckpointError(f"{where}: dtype is {config['dtype']} but {weights} holds {stored_dtype} weights")

@@ -28,7 +28,7 @@ from .passes.hadamard import RotateOutProjInput
 from .passes.kernel_lowering import LowerToKernels
 from .passes.quantize import InsertQuantDequant, LowerLinears, SinkDequantize
 from .pipeline import Pipeline
-from .recipe import block_paths, head_path, recipe_for_graph
+from .recipe import block_paths, head_path, head_scale_key, recipe_for_graph
 from .recipes import Recipe
 from .tensor_checks import name_list, non_finite_tensors
 
@@ -45,7 +45,7 @@ def quantization_passes(scales: dict[str, float | list[float]], recipe: Recipe,
     over them)."""
     dtypes = {tap.key: spec.dtype for tap, spec in recipe.specs}
     per_channel = {tap.key for tap, spec in recipe.specs if spec.granularity == "per_channel"}
-    return [InsertQuantDequant(scales, recipe.taps, dtypes, per_channel), SinkDequantize(),
+    return [InsertQuantDequant(scales, recipe.taps, dtypes, per_channel, head=recipe.head is not None), SinkDequantize(),
             LowerLinears(recipe.weights, hessians, progress)]
 
 
@@ -150,6 +150,7 @@ def quantized_structure(gm: torch.fx.GraphModule, recipe: Recipe, fused: bool) -
     would, with every scale 1.0: the structure a checkpoint's tensors are loaded into. Modifies `gm`."""
     recipe = recipe_for_graph(gm, recipe)
     keys = [f"{p}.{tap.module}.{tap.scale}" for p in block_paths(gm) for tap in recipe.taps]
+    keys += [key] if (key := head_scale_key(gm, recipe)) is not None else []
     passes = float_passes(recipe) + quantization_passes(dict.fromkeys(keys, 1.0), recipe)
     if fused:
         passes += fusion_passes()

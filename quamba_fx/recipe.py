@@ -31,7 +31,8 @@ from .recipes import (
 
 __all__ = [
     "CONV_OUT", "DT_PROJ_OUT", "IN_PROJ_OUT", "NORM_OUT", "OUT_PROJ_IN", "W8A8_TAPS", "X_PROJ_OUT", "QuantSpec",
-    "Recipe", "Tap", "as_recipe", "block_paths", "make_recipe", "recipe_for_graph", "register_recipe", "tap_node",
+    "Recipe", "Tap", "as_recipe", "block_paths", "head_input_node", "head_scale_key", "make_recipe", "recipe_for_graph",
+    "register_recipe", "tap_node",
 ]
 
 
@@ -45,6 +46,32 @@ def block_paths(gm: torch.fx.GraphModule) -> list[str]:
 def head_path(gm: torch.fx.GraphModule) -> str | None:
     """Module path of the language-model head the graph calls (`lm_head`), None for a graph without one."""
     return next((n.target for n in gm.graph.nodes if n.op == "call_module" and info(n).get("role") == "lm_head"), None)
+
+
+# The head's input scale buffer (on the head module) under a recipe with a `head` spec.
+HEAD_INPUT_SCALE = "input_scale"
+
+
+def head_scale_key(gm: torch.fx.GraphModule, recipe: Recipe) -> str | None:
+    """The buffer path of the head's input scale (`lm_head.input_scale`) where `recipe` quantizes
+    the head's input (`Recipe.head`) and the graph has a head; else None."""
+    head = head_path(gm)
+    return f"{head}.{HEAD_INPUT_SCALE}" if recipe.head is not None and head is not None else None
+
+
+def head_input_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The value the LM head's input quantization reads: the head's input under any `.to(dtype)`
+    casts (the capture's `norm_f(x).to(weight.dtype)`), so the quantize follows the final norm
+    directly and fuses into its kernel, and the casts apply to the dequantized value, which
+    `passes.quantize.fold_cast_into_dequantize` then folds; None for a graph without a head."""
+    head = head_path(gm)
+    if head is None:
+        return None
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == head).args[0]
+    while (node.op == "call_method" and node.target == "to" and len(node.args) == 2 and not node.kwargs
+           and isinstance(node.args[0], torch.fx.Node) and isinstance(node.args[1], torch.dtype)):
+        node = node.args[0]
+    return node
 
 
 def recipe_for_graph(gm: torch.fx.GraphModule, recipe: str | Recipe) -> Recipe:

@@ -4,6 +4,7 @@ errors for every malformed or edited field. Killed and concurrent saves: test_ch
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -28,6 +29,9 @@ from quamba_fx.recipes import CONV_OUT, OUT_PROJ_IN, W8A8_TAPS, X_PROJ_OUT, Quan
 from .conftest import make_model, tiny_config
 
 
+FLOAT_HEAD_QUAMBA = dataclasses.replace(make_recipe("quamba"), head=None)
+
+
 def batches(count=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 97, (2, 12), generator=g) for _ in range(count)]
@@ -37,11 +41,15 @@ def batches(count=2, seed=0):
 def graphs():
     model = make_model(tiny_config(hidden_size=32, conv_kernel=3))
     quantized = quamba_fx.quantize(model, batches(), recipe="quamba", progress=False)
+    float_head = quamba_fx.quantize(model, batches(), recipe=FLOAT_HEAD_QUAMBA, progress=False)
     return {
         "float": quamba_fx.capture(model),
         "naive": quamba_fx.quantize(model, batches(), recipe="naive", progress=False),
         "quamba": quantized,
         "fused": quamba_fx.fuse(quantized),
+        # What format 1 saved: the quamba recipe before its head was quantized.
+        "quamba-format-1": float_head,
+        "fused-format-1": quamba_fx.fuse(float_head),
     }
 
 
@@ -112,7 +120,8 @@ def format_1_config(config, percentile):
     return {**old, "format_version": 1, "recipe": name, "percentile": percentile}
 
 
-@pytest.mark.parametrize("kind, percentile", [("float", None), ("naive", None), ("quamba", 99.999), ("fused", 99.999)])
+@pytest.mark.parametrize("kind, percentile", [("float", None), ("naive", None), ("quamba-format-1", 99.999),
+                                              ("fused-format-1", 99.999)])
 def test_format_1_checkpoints_still_load_identically(graphs, tmp_path, kind, percentile):
     path = tmp_path / kind
     graphs[kind].save_pretrained(path)
@@ -123,15 +132,15 @@ def test_format_1_checkpoints_still_load_identically(graphs, tmp_path, kind, per
 
 
 def test_format_1_percentile_sets_the_conv1d_observer(graphs, tmp_path):
-    graphs["quamba"].save_pretrained(tmp_path / "q")
+    graphs["quamba-format-1"].save_pretrained(tmp_path / "q")
     current = read_config(tmp_path / "q")
     write_config(tmp_path / "q", format_1_config(current, 99.9), restamp=True)
     recipe = graph_meta(quamba_fx.from_pretrained(tmp_path / "q")).recipe_spec
-    assert recipe == make_recipe("quamba", percentile=99.9)
+    assert recipe == dataclasses.replace(make_recipe("quamba", percentile=99.9), head=None)
     assert recipe.spec(CONV_OUT).observer_kwargs == {"percentile": 99.9, "bins": 4096}
     # Format 1 treated a null percentile as the default.
     write_config(tmp_path / "q", format_1_config(current, None), restamp=True)
-    assert graph_meta(quamba_fx.from_pretrained(tmp_path / "q")).recipe_spec == make_recipe("quamba")
+    assert graph_meta(quamba_fx.from_pretrained(tmp_path / "q")).recipe_spec == FLOAT_HEAD_QUAMBA
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -191,7 +200,10 @@ def test_files_are_safetensors_and_json_only(saved):
     tensors = load_file(saved / WEIGHTS_FILE)
     assert tensors["backbone.layers.0.mixer.in_proj.weight"].dtype == torch.int8
     assert tensors["backbone.layers.1.mixer.conv1d.output_scale"].shape == ()
-    assert config["aliases"] == {"lm_head.weight": "backbone.embeddings.weight"}
+    # The tied embedding reads the W8A8 head's int8 table: both tensors stored once.
+    assert tensors["backbone.embeddings.weight"].dtype == torch.int8 and "lm_head.weight_scale" not in tensors
+    assert config["aliases"] == {"lm_head.weight": "backbone.embeddings.weight",
+                                 "lm_head.weight_scale": "backbone.embeddings.weight_scale"}
 
 
 def test_save_replaces_an_old_checkpoint_and_leaves_no_temporaries(graphs, saved):
@@ -379,7 +391,7 @@ def test_missing_parents_are_created_and_removed_again_on_failure(graphs, tmp_pa
 
 
 def test_non_finite_weights_are_not_saved(graphs, tmp_path):
-    gm = copy.deepcopy(graphs["quamba"])
+    gm = copy.deepcopy(graphs["quamba-format-1"])  # a float embedding table
     with torch.no_grad():
         gm.get_parameter("backbone.norm_f.weight")[3] = float("nan")
         gm.get_parameter("backbone.embeddings.weight")[96, 0] = float("inf")

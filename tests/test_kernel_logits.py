@@ -1,4 +1,5 @@
-"""The head op (`quamba::logits_linear`) and its lowering rule: fp32 logits from one GEMM."""
+"""The float head's op (`quamba::logits_linear`) and its lowering rule: fp32 logits from one GEMM.
+The W8A8 head's own rule (its int8 GEMM writing fp32): test_w8a8_head.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from .conftest import make_model, tiny_config
 def tiny_quantized():
     model = make_model(tiny_config(vocab_size=64, num_hidden_layers=2))
     torch.manual_seed(1)
-    return quamba_fx.quantize(model, [torch.randint(0, 64, (2, 24))], progress=False)
+    # naive: a recipe whose head stays float (quamba's is W8A8).
+    return quamba_fx.quantize(model, [torch.randint(0, 64, (2, 24))], recipe="naive", progress=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

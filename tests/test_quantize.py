@@ -64,7 +64,7 @@ def test_every_linear_of_every_block_is_int8(quantized):
             module = quantized.get_submodule(f"backbone.layers.{b}.mixer.{name}")
             assert isinstance(module, QuantizedLinear)
             assert module.weight.dtype == torch.int8 and module.weight_scale.shape == (module.out_features,)
-    assert isinstance(quantized.get_submodule("lm_head"), torch.nn.Linear)  # head stays float
+    assert isinstance(quantized.get_submodule("lm_head"), QuantizedLinear)  # quamba's head is W8A8 too
 
 
 def test_int8_edges_carry_int8_tensors(quantized):

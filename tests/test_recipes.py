@@ -61,6 +61,7 @@ RECIPES = st.builds(
     name=st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=20).filter(str.isprintable),
     hadamard=st.booleans(),
     specs=st.lists(st.tuples(TAPS, SPECS), min_size=1, max_size=8, unique_by=lambda pair: pair[0].key),
+    head=st.one_of(st.none(), SPECS),
 )
 
 
@@ -226,6 +227,11 @@ DELETE = object()
     (("name",), "", "name", "must be a printable string"),
     (("name",), "two\nlines", "name", "must be a printable string"),
     (("percentile",), 99.9, "percentile", "is not a recipe field; expected only name, hadamard, taps"),
+    (("head",), "abs_max", "head", "must be an object or null, got 'abs_max'"),
+    (("head", "observer"), "minmax", "head.observer", "unknown observer 'minmax'"),
+    (("head", "granularity"), "per_channel", "head.observer", "must be 'channel_abs_max' for a per_channel spec"),
+    (("head",), {"dtype": "float8_e4m3", "qmin": -448, "qmax": 448, "granularity": "per_tensor",
+                 "observer": "abs_max", "observer_args": {}}, "head", "must be an int8 per_tensor spec"),
 ])
 def test_malformed_recipe_dicts_raise_one_line_naming_the_field(path, value, field, message):
     with pytest.raises(RecipeError, match=message) as info:
@@ -305,7 +311,7 @@ def test_a_recipe_with_channel_specs_round_trips_exactly(recipe, data):
 def test_channel_specs_apply_only_where_an_architecture_takes_them():
     recipe = make_recipe("quamba2-w8a8")
     assert recipe.specs == make_recipe("quamba").specs and recipe.channel_specs == ((CONV_OUT, CHANNEL_ABS_MAX_INT8),)
-    assert recipe.with_channel_scales(()) == Recipe(recipe.name, True, recipe.specs)
+    assert recipe.with_channel_scales(()) == Recipe(recipe.name, True, recipe.specs, head=recipe.head)
     mamba2 = recipe.with_channel_scales({CONV_OUT.key})
     assert mamba2.spec(CONV_OUT) == CHANNEL_ABS_MAX_INT8 and mamba2.channel_specs == ()
     assert all(mamba2.spec(tap) == recipe.spec(tap) for tap in recipe.taps if tap != CONV_OUT)

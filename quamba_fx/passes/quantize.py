@@ -10,7 +10,8 @@
    `dequantize_fp8` (a `float8_e4m3` tap), an `Fp8Linear` with e4m3 weights instead. A recipe with
    4-bit weights (`WeightSpec(bits=4)`) gets a `W4A8Linear` there, and its Linears that no tap
    feeds become weight-only `W4A16Linear`s; with `embedding_and_head`, the LM head becomes a
-   `W4A16Linear` and the token embedding a `W4Embedding` (`quantize_embedding_and_head`).
+   `W4A16Linear` and the token embedding a `W4Embedding` (`quantize_embedding_and_head`). A W8A8
+   head (`Recipe.head`) tied to the embedding shares its int8 table with an `Int8Embedding`.
 
 Each tap's spec dtype picks its quantize/dequantize pair (`QDQ_OPS`).
 """
@@ -30,8 +31,8 @@ from ..graph_info import info, op_name
 from ..quant import fp8 as _fp8_ops  # noqa: F401  (registers torch.ops.quamba.quantize_fp8 and friends)
 from ..quant.fp8_linear import Fp8Linear
 from ..quant.int4_linear import W4A8Linear, W4A16Linear, W4Embedding
-from ..quant.linear import QuantizedLinear
-from ..recipe import block_paths, head_path, tap_node
+from ..quant.linear import Int8Embedding, QuantizedLinear
+from ..recipe import HEAD_INPUT_SCALE, block_paths, head_input_node, head_path, tap_node
 from ..recipes.spec import PER_CHANNEL_8BIT, WeightSpec
 from .rewrite import Rule, run_rules
 
@@ -68,28 +69,26 @@ class InsertQuantDequant(PassBase):
     changed in place without recompiling. A tap in `per_channel` (tap keys) takes a `[C]` buffer,
     one scale a channel along the axis its architecture names (`ArchSpec.channel_layout`): from a
     list of C scales, or one number repeated (the placeholders a checkpoint's tensors load into).
+    With `head` (a recipe's `Recipe.head`), the LM head's input gets an int8 pair too, at the scale
+    `scales` holds for `lm_head.input_scale` (`recipe.head_scale_key`).
     """
 
     def __init__(self, scales: dict[str, float | list[float]], taps, dtypes: dict[str, str] | None = None,
-                 per_channel: frozenset[str] | set[str] = frozenset()):
+                 per_channel: frozenset[str] | set[str] = frozenset(), head: bool = False):
         super().__init__()
         self.scales = scales
         self.taps = taps
         # tap key (`mixer.conv1d.output_scale`) -> spec dtype; a tap not named is int8.
         self.dtypes = dtypes or {}
         self.per_channel = per_channel
+        self.head = head
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         for path in block_paths(gm):
             for tap in self.taps:
                 key = f"{path}.{tap.module}.{tap.scale}"
-                quantize_op, dequantize_op = QDQ_OPS[self.dtypes.get(tap.key, "int8")]
-                if key not in self.scales:
-                    raise KeyError(f"no calibrated scale for {key}")
                 node = tap_node(gm, path, tap)
-                owner = gm.get_submodule(f"{path}.{tap.module}")
-                meta = node.meta.get("tensor_meta")
-                value, axis = self.scales[key], ()
+                value, axis = self._scale(key), ()
                 if tap.key in self.per_channel:
                     channel_axis, channels, _ = arch_of(gm).channel_layout(gm, path, tap)
                     if not isinstance(value, (list, tuple)):
@@ -97,17 +96,35 @@ class InsertQuantDequant(PassBase):
                     elif len(value) != channels:
                         raise ValueError(f"{key}: {len(value)} per-channel scales for {channels} channels")
                     axis = (channel_axis,)
-                owner.register_buffer(tap.scale, torch.tensor(value, dtype=torch.float32, device=_device_of(gm)))
-                float_dtype = getattr(meta, "dtype", torch.float32)
-                with gm.graph.inserting_after(node):
-                    scale = _meta_like(gm.graph.get_attr(key), node)
-                with gm.graph.inserting_after(scale):
-                    q = _meta_like(gm.graph.call_function(quantize_op, (node, scale, *axis)), node, scale=key)
-                with gm.graph.inserting_after(q):
-                    dq = _meta_like(gm.graph.call_function(dequantize_op, (q, scale, float_dtype, *axis)), node,
-                                    scale=key)
-                node.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q)
+                _insert_pair(gm, node, key, value, self.dtypes.get(tap.key, "int8"), axis)
+        head = head_path(gm) if self.head else None
+        if head is not None:
+            key = f"{head}.{HEAD_INPUT_SCALE}"
+            _insert_pair(gm, head_input_node(gm), key, self._scale(key), "int8", ())
         return PassResult(gm, True)
+
+    def _scale(self, key: str) -> float | list[float]:
+        if key not in self.scales:
+            raise KeyError(f"no calibrated scale for {key}")
+        return self.scales[key]
+
+
+def _insert_pair(gm: torch.fx.GraphModule, node: torch.fx.Node, key: str, value: float | list[float], dtype: str,
+                 axis: tuple[int, ...]) -> None:
+    """`node` -> `dequantize(quantize(node, s), s)` for all of its users, `s` a new fp32 buffer at
+    `key` holding `value`, the pair `dtype`'s (`QDQ_OPS`), along `axis` for a per-channel scale."""
+    quantize_op, dequantize_op = QDQ_OPS[dtype]
+    owner_path, _, name = key.rpartition(".")
+    gm.get_submodule(owner_path).register_buffer(name, torch.tensor(value, dtype=torch.float32,
+                                                                     device=_device_of(gm)))
+    float_dtype = getattr(node.meta.get("tensor_meta"), "dtype", torch.float32)
+    with gm.graph.inserting_after(node):
+        scale = _meta_like(gm.graph.get_attr(key), node)
+    with gm.graph.inserting_after(scale):
+        q = _meta_like(gm.graph.call_function(quantize_op, (node, scale, *axis)), node, scale=key)
+    with gm.graph.inserting_after(q):
+        dq = _meta_like(gm.graph.call_function(dequantize_op, (q, scale, float_dtype, *axis)), node, scale=key)
+    node.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q)
 
 
 def _device_of(gm: torch.fx.GraphModule) -> torch.device:
@@ -201,10 +218,32 @@ def _scale_of(node: torch.fx.Node) -> dict:
 
 
 
-class SinkDequantize(PassBase):
-    """Push every dequantize past the layout ops after it (see `sink_dequantize_past_layout`)."""
+def fold_cast_into_dequantize(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """`dequantize(q, s, dtype).to(other)` -> `dequantize(q, s, other)`: one rounding of the fp32
+    products instead of two (none where the dtypes agree), and a quantized Linear behind the cast
+    must see its dequantize (the head's `norm_f(x).to(weight.dtype)`)."""
+    if not (node.op == "call_method" and node.target == "to" and len(node.args) == 2 and not node.kwargs
+            and isinstance(node.args[1], torch.dtype)):
+        return False
+    source = node.args[0]
+    if not (isinstance(source, torch.fx.Node) and source.op == "call_function" and source.target in LINEAR_FOR):
+        return False
+    q, scale, _, *axis = source.args
+    with gm.graph.inserting_after(node):
+        folded = _meta_like(gm.graph.call_function(source.target, (q, scale, node.args[1], *axis)), node,
+                            **_scale_of(source))
+    node.replace_all_uses_with(folded)
+    gm.graph.erase_node(node)
+    if not source.users:
+        gm.graph.erase_node(source)
+    return True
 
-    rules: list[Rule] = [sink_dequantize_past_layout]
+
+class SinkDequantize(PassBase):
+    """Push every dequantize past the layout ops after it (see `sink_dequantize_past_layout`), and
+    fold the casts after it into it (`fold_cast_into_dequantize`)."""
+
+    rules: list[Rule] = [sink_dequantize_past_layout, fold_cast_into_dequantize]
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         return PassResult(gm, run_rules(gm, self.rules))
@@ -331,10 +370,18 @@ class LowerLinears(PassBase):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         plan = _WeightPlan(gm, self.weights, self.hessians, self.progress)
         rules = [functools.partial(lower_linear, plan=plan), functools.partial(quantize_weights_only, plan=plan)]
+        embedding_node = _module_node(gm, "embedding", torch.nn.Embedding)
+        head_node = _module_node(gm, "lm_head", torch.nn.Linear)
+        tied = (embedding_node is not None and head_node is not None and
+                gm.get_submodule(embedding_node.target).weight is gm.get_submodule(head_node.target).weight)
         try:
             changed = run_rules(gm, rules)
             if self.weights.embedding_and_head:
                 changed |= quantize_embedding_and_head(gm, plan)
         finally:
             plan.bar.close()
+        if tied and type(head := gm.get_submodule(head_node.target)) is QuantizedLinear:
+            # A W8A8 head (`Recipe.head`) tied to the embedding: one int8 table for both, as the
+            # float model had one tensor, rather than an int8 copy beside the float table.
+            gm.set_submodule(embedding_node.target, Int8Embedding.sharing(head))
         return PassResult(gm, changed)

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .qops import _check_int8, _linear_epilogue, _linear_out_dtype, _scale_view
+from .qops import _check_int8, _linear_epilogue, _linear_out_dtype, _scale_view, checked_token_ids
 
 __all__ = [
     "INT4_MAX", "INT4_MIN", "MIN_SCALE_INT4", "dequantize_weight_int4", "group_count", "int4_scales",
@@ -213,10 +213,7 @@ def w4_embedding(ids: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int
     dequantized, `code * fp32(scale)` rounded once to `dtype`; `[*ids.shape, dim]`. An id outside
     [0, V) raises here; kernels, which cannot raise without a sync, write NaN rows for it."""
     _check_embedding(ids, w_packed, w_scale, group_size, dim, dtype)
-    flat = ids.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= w_packed.shape[0]):
-        raise IndexError(f"w4_embedding: token ids must lie in [0, {w_packed.shape[0]}), got "
-                         f"[{int(flat.min())}, {int(flat.max())}]")
+    flat = checked_token_ids("w4_embedding", ids, w_packed.shape[0])
     rows = dequantize_weight_int4(w_packed.index_select(0, flat), w_scale.index_select(0, flat), group_size, dim)
     return rows.to(dtype).reshape(*ids.shape, dim)
 

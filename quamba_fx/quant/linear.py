@@ -1,4 +1,5 @@
-"""`QuantizedLinear`: the W8A8 module that replaces an `nn.Linear` at the same module path."""
+"""`QuantizedLinear`: the W8A8 module that replaces an `nn.Linear` at the same module path; and
+`Int8Embedding`, the token embedding that shares a tied W8A8 head's int8 table."""
 
 from __future__ import annotations
 
@@ -72,3 +73,31 @@ class QuantizedLinear(_PerChannelLinear):
     def forward(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
         out_dtype = None if out_scale is not None else self.out_dtype
         return torch.ops.quamba.int8_linear(x_q, x_scale, self.weight, self.weight_scale, self.bias, out_scale, out_dtype)
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding stored as int8 codes with one fp32 scale a row: `weight` `[V, D]` and
+    `weight_scale` `[V]`, a `QuantizedLinear`'s layout, so a head tied to the embedding shares both
+    tensors with it (`sharing`). `forward(ids)` gives `[*ids.shape, D]` in `out_dtype`
+    (`quamba.int8_embedding`)."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype):
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.dim() != 2 or tuple(weight_scale.shape) != (weight.shape[0],):
+            raise ValueError(f"Int8Embedding needs an int8 [V, D] table and [V] scales, got {weight.dtype} "
+                             f"{tuple(weight.shape)} and {tuple(weight_scale.shape)}")
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.out_dtype = out_dtype
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale)
+
+    @classmethod
+    def sharing(cls, head: QuantizedLinear) -> "Int8Embedding":
+        """The embedding of a head tied to it: the head's int8 weight and row scales, not copies."""
+        return cls(head.weight, head.weight_scale, head.out_dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quamba.int8_embedding(ids, self.weight, self.weight_scale, self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 table, one scale a row"

@@ -240,6 +240,44 @@ def _int8_linear_fake(x_q, x_scale, w_q, w_scale, bias=None, out_scale=None, out
 # ---------------------------------------------------------------------------------------------
 
 
+def checked_token_ids(op: str, ids: Tensor, rows: int) -> Tensor:
+    """`ids` flattened, once every id is known to name one of a table's `rows` rows: an id outside
+    [0, rows) raises `IndexError` (the references can; the kernels write NaN rows instead)."""
+    flat = ids.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
+        raise IndexError(f"{op}: token ids must lie in [0, {rows}), got [{int(flat.min())}, {int(flat.max())}]")
+    return flat
+
+
+def _check_int8_embedding(ids: Tensor, w_q: Tensor, w_scale: Tensor, dtype: torch.dtype) -> None:
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"int8_embedding: ids must be int64 or int32, got {ids.dtype}")
+    if w_q.dtype != torch.int8 or w_q.dim() != 2:
+        raise ValueError(f"int8_embedding: the table must be int8 [V, D], got {w_q.dtype} {tuple(w_q.shape)}")
+    if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (w_q.shape[0],):
+        raise ValueError(f"int8_embedding: the scales must be fp32 [{w_q.shape[0]}] (one a row), got "
+                         f"{w_scale.dtype} {tuple(w_scale.shape)}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"int8_embedding: dtype must be floating, got {dtype}")
+
+
+@torch.library.custom_op("quamba::int8_embedding", mutates_args=())
+def int8_embedding(ids: Tensor, w_q: Tensor, w_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """Embedding lookup in an int8 table with one fp32 scale a row (the weight of a W8A8 head, which
+    a tied embedding shares): row `ids[...]` as `code * scale` in fp32, rounded once to `dtype`;
+    `[*ids.shape, D]`. An id outside [0, V) raises `IndexError`."""
+    _check_int8_embedding(ids, w_q, w_scale, dtype)
+    flat = checked_token_ids("int8_embedding", ids, w_q.shape[0])
+    rows = w_q.index_select(0, flat).to(torch.float32) * w_scale.index_select(0, flat)[:, None]
+    return rows.to(dtype).reshape(*ids.shape, w_q.shape[1])
+
+
+@int8_embedding.register_fake
+def _int8_embedding_fake(ids, w_q, w_scale, dtype):
+    _check_int8_embedding(ids, w_q, w_scale, dtype)
+    return w_q.new_empty((*ids.shape, w_q.shape[1]), dtype=dtype)
+
+
 def absmax_to_scale(absmax: Tensor, qmax: int = QMAX) -> Tensor:
     """fp32 scale(s) `max(absmax / qmax, MIN_SCALE)` (fp32 division), elementwise."""
     if qmax <= 0:

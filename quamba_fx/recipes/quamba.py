@@ -4,6 +4,10 @@ The conv1d+SiLU output (x_proj's input, which feeds the scan's B, C and dt) has 
 outliers: an abs-max scale would spend most of the int8 range on them, so it takes the
 99.999th-percentile of |x| instead and clips them. out_proj's input is Hadamard-rotated, which
 spreads its outliers over all channels; every other activation takes its abs-max.
+
+The LM head is W8A8 too, as in Quamba's code: its input (the final norm's output) at its abs-max,
+its weight per output channel. It is the largest single weight a decode step reads (50280 x 2560 on
+mamba-2.8b), and on mamba-bytes-wt2 it costs +0.01% bits per byte (docs/benchmarks.md, session 55).
 """
 
 from __future__ import annotations
@@ -26,4 +30,5 @@ QUAMBA = register_recipe(Recipe(
         DT_PROJ_OUT: ABS_MAX_INT8,
         OUT_PROJ_IN: ABS_MAX_INT8,
     },
+    head=ABS_MAX_INT8,
 ))

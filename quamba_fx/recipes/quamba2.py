@@ -10,7 +10,8 @@ also spreads the outlier columns of out_proj's weight, so fewer groups are set b
   batch, where the GEMMs are compute-bound.
 - `quamba2-w4a16`: weight-only; activations stay in the float dtype, for single-user decoding,
   which only streams weights.
-- `quamba2-w8a8`: `quamba`'s 8-bit weights and activations with Quamba2's Mamba-2 scales (below).
+- `quamba2-w8a8`: `quamba`'s 8-bit weights and activations (its W8A8 head too) with Quamba2's
+  Mamba-2 scales (below).
 
 Mamba-2's conv1d output (x, B and C, read by the scan alone) gets Quamba2's finer scales in the
 W8A8 and W4A8 recipes (`channel_specs`): x one a channel, B and C one per state group, each the
@@ -41,4 +42,4 @@ QUAMBA2_W4A8 = register_recipe(Recipe(name="quamba2-w4a8", hadamard=True, specs=
                                       channel_specs=CHANNEL_SCALES))
 QUAMBA2_W4A16 = register_recipe(Recipe(name="quamba2-w4a16", hadamard=True, specs=(), weights=GPTQ_INT4))
 QUAMBA2_W8A8 = register_recipe(Recipe(name="quamba2-w8a8", hadamard=True, specs=QUAMBA.specs,
-                                      channel_specs=CHANNEL_SCALES))
+                                      channel_specs=CHANNEL_SCALES, head=QUAMBA.head))

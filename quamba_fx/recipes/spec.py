@@ -212,6 +212,10 @@ class Recipe:
     the scan; Mamba-1's feeds x_proj's GEMM, which needs one scale); `quantize` applies them
     (`with_channel_scales`). Raises `RecipeError` naming the bad field for an invalid name, no
     taps, a tap given twice, or a channel spec that is not per channel or has no tap in `specs`.
+    `head`, when given, quantizes the language-model head as Quamba does: its input (the final
+    norm's output) by this per-tensor int8 spec, its weight to int8 per output channel, so a
+    decode step streams half the head's bytes; None keeps the head float (or 4-bit weight-only,
+    with `weights.embedding_and_head`). Its scale is the head's `input_scale` buffer.
     Build one and pass it as `recipe=` to `quantize` or `calibrate`, or register it
     (`quamba_fx.recipes.register_recipe`) to use it by name.
     """
@@ -221,6 +225,7 @@ class Recipe:
     specs: tuple[tuple[Tap, QuantSpec], ...] = field(default=())
     weights: WeightSpec = PER_CHANNEL_8BIT
     channel_specs: tuple[tuple[Tap, QuantSpec], ...] = field(default=())
+    head: QuantSpec | None = None
 
     def __post_init__(self) -> None:
         _expect(isinstance(self.name, str) and 0 < len(self.name) <= _MAX_NAME_LENGTH and self.name.isprintable(),
@@ -251,6 +256,12 @@ class Recipe:
                     pair[1].granularity)
             overridden.add(pair[0].key)
         object.__setattr__(self, "channel_specs", tuple((tap, spec) for tap, spec in channel))
+        if self.head is not None:
+            _expect(isinstance(self.head, QuantSpec), "head", "a QuantSpec or None", self.head)
+            _expect(self.head.dtype == "int8" and self.head.granularity == "per_tensor", "head",
+                    "an int8 per_tensor spec (the head's GEMM takes one int8 input scale)", self.head)
+            _expect(self.weights.bits == 8, "head",
+                    "None with 4-bit weights (weights.embedding_and_head quantizes their head)", self.head)
 
     @property
     def taps(self) -> tuple[Tap, ...]:
@@ -310,21 +321,28 @@ class Recipe:
         }
         if self.channel_specs:  # absent otherwise: earlier recipes' dicts stay as they were
             data["channel_taps"] = _taps_to_list(self.channel_specs)
+        if self.head is not None:  # likewise
+            data["head"] = self.head.to_dict()
         return data
 
     @classmethod
     def from_dict(cls, data: Any) -> "Recipe":
         """The recipe `to_dict` wrote. Raises `RecipeError` naming the first missing, unknown or
-        malformed field (`taps[2].spec.observer`). `weights` and `channel_taps` may be absent:
-        recipes saved before `weights` existed had 8-bit per-channel weights, its default, and
-        `to_dict` leaves out an empty `channel_taps`."""
-        if isinstance(data, dict) and "weights" not in data:
-            data = {**data, "weights": PER_CHANNEL_8BIT.to_dict()}
-        if isinstance(data, dict) and "channel_taps" not in data:
-            data = {**data, "channel_taps": []}
-        _check_keys(data, ("name", "hadamard", "taps", "weights", "channel_taps"), None)
+        malformed field (`taps[2].spec.observer`). `weights`, `channel_taps` and `head` may be
+        absent: recipes saved before `weights` existed had 8-bit per-channel weights, its default,
+        and `to_dict` leaves out an empty `channel_taps` and a float head."""
+        if isinstance(data, dict):
+            data = {"weights": PER_CHANNEL_8BIT.to_dict(), "channel_taps": [], "head": None, **data}
+        _check_keys(data, ("name", "hadamard", "taps", "weights", "channel_taps", "head"), None)
+        head = data["head"]
+        if head is not None:
+            _expect(isinstance(head, dict), "head", "an object or null", head)
+            try:
+                head = QuantSpec.from_dict(head)
+            except RecipeError as exc:
+                raise exc.within("head") from None
         return cls(data["name"], data["hadamard"], _taps_from_list(data["taps"], "taps"),
-                   WeightSpec.from_dict(data["weights"]), _taps_from_list(data["channel_taps"], "channel_taps"))
+                   WeightSpec.from_dict(data["weights"]), _taps_from_list(data["channel_taps"], "channel_taps"), head)
 
 
 def _taps_to_list(specs: tuple[tuple[Tap, QuantSpec], ...]) -> list[dict[str, Any]]:

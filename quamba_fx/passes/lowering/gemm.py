@@ -1,6 +1,7 @@
 """Lowering rules of the GEMM kernels (kernels/gemm.py and its GEMV / few-row / TMA paths,
 kernels/gemm_fp8.py): every quantized Linear becomes one GEMM op, and a decode step's in_proj
-takes the conv1d step into its epilogue."""
+takes the conv1d step into its epilogue; and of the gather that reads a tied W8A8 head's table
+as the embedding (kernels/gather_int8.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import torch.fx
 from ...graph_info import info
 from ...kernels import conv1d as conv1d_kernel  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_int8_cached)
 from ...kernels import gemm as gemm_kernel  # noqa: F401  (registers w8a8_linear and in_proj_conv_update)
+from ...kernels import gather_int8  # noqa: F401  (registers torch.ops.quamba.int8_embedding_gather)
 from ...kernels import gemm_fp8  # noqa: F401  (registers torch.ops.quamba.fp8_gemm)
 from ...quant.fp8_linear import Fp8Linear
-from ...quant.linear import QuantizedLinear
+from ...quant.linear import Int8Embedding, QuantizedLinear
 from ..rewrite import Rule
 from .match import annotate, get_attr, is_call
 
@@ -23,8 +25,9 @@ W8A8_LINEAR = torch.ops.quamba.w8a8_linear.default
 FP8_GEMM = torch.ops.quamba.fp8_gemm.default
 CONV_CACHED = torch.ops.quamba.conv1d_silu_int8_cached.default
 IN_PROJ_CONV_UPDATE = torch.ops.quamba.in_proj_conv_update.default
+INT8_EMBEDDING_GATHER = torch.ops.quamba.int8_embedding_gather.default
 
-KERNELS = {W8A8_LINEAR: "triton:int8_gemm", FP8_GEMM: "fp8_gemm"}
+KERNELS = {W8A8_LINEAR: "triton:int8_gemm", FP8_GEMM: "fp8_gemm", INT8_EMBEDDING_GATHER: "triton:int8_embedding_gather"}
 
 
 def lower_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
@@ -43,6 +46,21 @@ def lower_linear(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dty
         bias = get_attr(graph, f"{node.target}.bias", node) if module.bias is not None else None
         out_dtype = None if out_scale is not None else dtype
         new = graph.call_function(op, (x_q, x_scale, weight, w_scale, bias, out_scale, out_dtype))
+    node.replace_all_uses_with(annotate(new, node))
+    graph.erase_node(node)
+    return True
+
+
+def lower_int8_embedding(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: torch.dtype) -> bool:
+    """`Int8Embedding(ids)` (the table of a tied W8A8 head) -> `int8_embedding_gather(ids, w,
+    w_scale, dtype)`: the rows in the lowering's dtype, as a float embedding gives them once cast."""
+    if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), Int8Embedding):
+        return False
+    graph = gm.graph
+    with graph.inserting_before(node):
+        weight = get_attr(graph, f"{node.target}.weight", node)
+        w_scale = get_attr(graph, f"{node.target}.weight_scale", node)
+        new = graph.call_function(INT8_EMBEDDING_GATHER, (node.args[0], weight, w_scale, dtype))
     node.replace_all_uses_with(annotate(new, node))
     graph.erase_node(node)
     return True
@@ -148,7 +166,7 @@ def fuse_conv_into_in_proj(gm: torch.fx.GraphModule, node: torch.fx.Node) -> boo
 
 def rules(dtype: torch.dtype) -> list[Rule]:
     """The lowering rules, activations between kernels in `dtype`."""
-    return [functools.partial(lower_linear, dtype=dtype)]
+    return [functools.partial(lower_linear, dtype=dtype), functools.partial(lower_int8_embedding, dtype=dtype)]
 
 
 DECODE_RULES: list[Rule] = [fuse_conv_into_in_proj]
