@@ -16,7 +16,8 @@ from .graph_info import describe
 from .quant.gptq import HessianObserver
 from .quant.observers import Observer, make_observer, observer_class, observer_from_state_dict
 from .quant.qops import QMAX
-from .recipe import HEAD_INPUT_SCALE, block_paths, head_input_node, head_path, head_scale_key, recipe_for_graph, tap_node
+from .recipe import (HEAD_INPUT_SCALE, block_paths, head_input_node, head_path, head_scale_key, recipe_for_graph,
+                     tap_node)
 from .recipes import Recipe
 
 CALIBRATION_FORMAT = 1
@@ -53,8 +54,8 @@ class Calibration:
         for key, spec in expected:
             observer = self.observers.get(key)
             if observer is None:
-                raise CalibrationError(f"the calibration has no observer for {key}, which recipe {recipe.name!r} quantizes; "
-                                       "calibrate again with this recipe")
+                raise CalibrationError(f"the calibration has no observer for {key}, which recipe {recipe.name!r} "
+                                       "quantizes; calibrate again with this recipe")
             if type(observer) is not observer_class(spec.observer) or observer.arguments() != spec.observer_kwargs:
                 raise CalibrationError(
                     f"the calibration's observer for {key} is {observer.label()}, but recipe {recipe.name!r} asks for "

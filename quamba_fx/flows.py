@@ -45,8 +45,8 @@ def quantization_passes(scales: dict[str, float | list[float]], recipe: Recipe,
     over them)."""
     dtypes = {tap.key: spec.dtype for tap, spec in recipe.specs}
     per_channel = {tap.key for tap, spec in recipe.specs if spec.granularity == "per_channel"}
-    return [InsertQuantDequant(scales, recipe.taps, dtypes, per_channel, head=recipe.head is not None), SinkDequantize(),
-            LowerLinears(recipe.weights, hessians, progress)]
+    return [InsertQuantDequant(scales, recipe.taps, dtypes, per_channel, head=recipe.head is not None),
+            SinkDequantize(), LowerLinears(recipe.weights, hessians, progress)]
 
 
 def fusion_passes() -> list:

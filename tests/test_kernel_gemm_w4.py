@@ -235,20 +235,6 @@ def test_a_gemv_whose_threads_take_several_rows_matches_the_reference(rows, n, w
                                atol=2e-3 * (1 + k ** 0.5))
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="a register cap exists only for compiled kernels")
-def test_a_register_cap_changes_no_bit_of_the_gemv(monkeypatch):
-    # gemv_w4._MAX_REGISTERS: a launch option, the same loop in fewer registers; out_proj's shape
-    # (five splits) and in_proj's (one).
-    for n, k in ((2560, 5120), (10240, 2560)):
-        packed, scale = weights(n, k, 128, 5)
-        x = torch.randn(1, k, device=DEVICE).half()
-        free = gemm_w4.w4a16_gemm(x, packed, scale, 128)
-        monkeypatch.setattr(gemv_w4, "_MAX_REGISTERS", 32)
-        capped = gemm_w4.w4a16_gemm(x, packed, scale, 128)
-        monkeypatch.setattr(gemv_w4, "_MAX_REGISTERS", None)
-        assert torch.equal(free, capped)
-
-
 def test_a_gemv_config_that_is_not_a_tile_is_refused():
     packed, scale = weights(16, 64, 32, 0)
     x = torch.randn(1, 64, device=DEVICE).half()

@@ -175,7 +175,10 @@ def test_a_quantized_checkpoint_is_scored_through_checkpoint_arg(byte_graph, tmp
     context, choices = TOY_MULTIPLE_CHOICE[0]
     results = lm.loglikelihood([Request(context, choice) for choice in choices])
     expected = direct_loglikelihood(qgm, list(context.encode()), list(choices[0].encode()))
-    assert results[0][0] == pytest.approx(expected[0], abs=1e-4)
+    # The adapter scores the three choices as one padded batch, the direct run one sequence: the
+    # reference scan's fp32 sums differ by ~1e-5 between the two, which can move one int8 code of
+    # the head's input (the final norm at one scale) and the log-likelihood by ~1e-2 (0.008 seen).
+    assert results[0][0] == pytest.approx(expected[0], abs=0.03)
     assert max(range(3), key=lambda c: results[c][0]) == 0
     assert isinstance(lm.generate_until([Request(context, {"until": ["\n"], "max_gen_toks": 8})])[0], str)
 

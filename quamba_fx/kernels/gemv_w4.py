@@ -57,6 +57,8 @@ __all__ = ["Config", "ConvStep", "default_config", "launch", "supported"]
 Config = tuple[int, int, int, int]
 
 # Programs a GEMV should have to keep every SM of a large GPU streaming (8 per SM of the H200's 132).
+# At 40 registers a thread only six 256-thread programs fit an SM; capping the registers at 32 to
+# fit eight, or halving this, changed nothing on an H100 (docs/benchmarks.md, session 55).
 _PROGRAMS = 1056
 # The rule's tile: rows a program, columns a block, warps.
 _BLOCK_N = 16
@@ -64,12 +66,6 @@ _BLOCK_K = 512
 _WARPS = 8
 # Columns a chunk: four int32 words of eight codes.
 _CHUNK = 32
-# A cap on the registers a thread (Triton's `maxnreg`), or None for the compiler's choice. The
-# kernel takes 40 on sm_90, so six 256-thread programs fit an SM, 792 on 132 SMs, and out_proj's
-# 800 programs (2.8b, five splits) run in two waves; at 32 (no spills, the same loop, offline
-# SASS) eight fit, as `_PROGRAMS` assumes. A setting until the GPU has timed it (session 54,
-# device step `w4-maxnreg`).
-_MAX_REGISTERS: Optional[int] = None
 
 
 @triton.constexpr_function
@@ -380,12 +376,6 @@ def launch(x: Tensor, w_packed: Tensor, w_scale: Tensor, group_size: int, bias: 
         words, w_words, scales, bias if has_bias else scales, out, partials, counters, *conv_args, n, k // 8,
         k_split // _CHUNK, w_words.stride(0), scales.stride(0), GROUP_CHUNKS=group_size // _CHUNK, ROWS=rows,
         THREAD_ROWS=thread_rows, CHUNKS=chunks, SPLITS=splits, EVEN_K=k % k_split == 0, HAS_BIAS=has_bias,
-        PTX=not INTERPRET, num_warps=warps, **conv_flags, **launch_options(x.device), **_register_cap(),
+        PTX=not INTERPRET, num_warps=warps, **conv_flags, **launch_options(x.device),
     )
     return out
-
-
-def _register_cap() -> dict:
-    """`maxnreg` for a compiled launch where `_MAX_REGISTERS` sets one (the interpreter has no
-    registers to cap)."""
-    return {} if _MAX_REGISTERS is None or INTERPRET else {"maxnreg": _MAX_REGISTERS}

@@ -223,7 +223,7 @@ def fold_cast_into_dequantize(gm: torch.fx.GraphModule, node: torch.fx.Node) -> 
     products instead of two (none where the dtypes agree), and a quantized Linear behind the cast
     must see its dequantize (the head's `norm_f(x).to(weight.dtype)`)."""
     if not (node.op == "call_method" and node.target == "to" and len(node.args) == 2 and not node.kwargs
-            and isinstance(node.args[1], torch.dtype)):
+            and isinstance(node.args[1], torch.dtype) and node.args[1].is_floating_point):
         return False
     source = node.args[0]
     if not (isinstance(source, torch.fx.Node) and source.op == "call_function" and source.target in LINEAR_FOR):
