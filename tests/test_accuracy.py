@@ -1,8 +1,9 @@
 """Accuracy of the W8A8 recipes on the trained byte model and on WikiText-2 text.
 
 Measured (benchmarks/accuracy.py, 64 x 512 bytes of test.txt): fp32 1.8734 bits/byte, naive +6.0%,
-quamba +0.17%. These tests use fewer windows; their margins are set so a regression that loses the
-percentile scale, the Hadamard rotation or the per-block scales fails them.
+quamba +0.08% (+0.17% before its head was W8A8, session 55). These tests use fewer windows; their
+margins are set so a regression that loses the percentile scale, the Hadamard rotation or the
+per-block scales fails them.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ spreads its outliers over all channels; every other activation takes its abs-max
 
 The LM head is W8A8 too, as in Quamba's code: its input (the final norm's output) at its abs-max,
 its weight per output channel. It is the largest single weight a decode step reads (50280 x 2560 on
-mamba-2.8b), and on mamba-bytes-wt2 it costs +0.01% bits per byte (docs/benchmarks.md, session 55).
+mamba-2.8b); on the trained byte models it and the tied embedding's int8 table (passes/quantize.py)
+move bits per byte within noise and the KL to fp32 by 2-15% (docs/benchmarks.md, session 55).
 """
 
 from __future__ import annotations
