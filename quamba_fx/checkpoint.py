@@ -49,10 +49,23 @@ def _skeleton(config: dict[str, Any]) -> torch.fx.GraphModule:
     dtype = getattr(torch, config["dtype"])
     with torch.device("meta"):
         model = cls(hf_config).to(dtype)
+    _tie_as_saved(model, config["aliases"])
     gm = capture(model.eval(), propagate_shapes=False)
     if config["recipe"] is None:
         return gm
     return quantized_structure(gm, config["recipe"], fused=bool(config.get("fused")))
+
+
+def _tie_as_saved(model: torch.nn.Module, aliases: dict[str, str]) -> None:
+    """Share the parameters the checkpoint stored once (its `aliases`) in the float model the
+    skeleton starts from. Quantization decides by that sharing whether a W8A8 head and the
+    embedding get one int8 table, and whether transformers ties a model built on the meta device
+    depends on its version (5.0 does not)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for alias, source in aliases.items():
+        if alias in params and source in params and params[alias] is not params[source]:
+            owner, _, name = alias.rpartition(".")
+            setattr(model.get_submodule(owner), name, params[source])
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> torch.fx.GraphModule:

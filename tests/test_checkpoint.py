@@ -604,3 +604,17 @@ def test_any_restamped_config_edit_loads_or_raises_one_checkpoint_error(pristine
             quamba_fx.from_pretrained(path)
         except CheckpointError as exc:
             assert "\n" not in str(exc)
+
+
+def test_the_skeleton_shares_the_parameters_the_checkpoint_stored_once():
+    # transformers 5.0 builds a model on the meta device untied; the W8A8 head and the embedding
+    # get one int8 table only where their float weights are one tensor, so the skeleton is tied
+    # from the checkpoint's aliases, whatever the version does.
+    from quamba_fx.checkpoint import _tie_as_saved
+
+    model = make_model(tiny_config(hidden_size=32, conv_kernel=3))
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert model.lm_head.weight is not model.backbone.embeddings.weight
+    _tie_as_saved(model, {"lm_head.weight": "backbone.embeddings.weight",
+                          "lm_head.weight_scale": "backbone.embeddings.weight_scale"})  # not a float parameter: skipped
+    assert model.lm_head.weight is model.backbone.embeddings.weight
