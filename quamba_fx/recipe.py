@@ -31,7 +31,7 @@ from .recipes import (
 
 __all__ = [
     "CONV_OUT", "DT_PROJ_OUT", "IN_PROJ_OUT", "NORM_OUT", "OUT_PROJ_IN", "W8A8_TAPS", "X_PROJ_OUT", "QuantSpec",
-    "Recipe", "Tap", "as_recipe", "block_paths", "head_input_node", "head_scale_key", "make_recipe", "recipe_for_graph",
+    "Recipe", "Tap", "as_recipe", "block_paths", "head_input_node", "head_node", "head_scale_key", "make_recipe", "recipe_for_graph",
     "register_recipe", "tap_node",
 ]
 
@@ -43,9 +43,16 @@ def block_paths(gm: torch.fx.GraphModule) -> list[str]:
     return [arch.block_path(meta.prefix, b) for b in range(meta.num_blocks)]
 
 
+def head_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The graph's call of its language-model head (the module labelled `lm_head` at capture), None
+    for a graph without one."""
+    return next((n for n in gm.graph.nodes if n.op == "call_module" and info(n).get("role") == "lm_head"), None)
+
+
 def head_path(gm: torch.fx.GraphModule) -> str | None:
     """Module path of the language-model head the graph calls (`lm_head`), None for a graph without one."""
-    return next((n.target for n in gm.graph.nodes if n.op == "call_module" and info(n).get("role") == "lm_head"), None)
+    head = head_node(gm)
+    return None if head is None else head.target
 
 
 # The head's input scale buffer (on the head module) under a recipe with a `head` spec.
@@ -64,10 +71,10 @@ def head_input_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
     casts (the capture's `norm_f(x).to(weight.dtype)`), so the quantize follows the final norm
     directly and fuses into its kernel, and the casts apply to the dequantized value, which
     `passes.quantize.fold_cast_into_dequantize` then folds; None for a graph without a head."""
-    head = head_path(gm)
+    head = head_node(gm)
     if head is None:
         return None
-    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == head).args[0]
+    node = head.args[0]
     while (node.op == "call_method" and node.target == "to" and len(node.args) == 2 and not node.kwargs
            and isinstance(node.args[0], torch.fx.Node) and isinstance(node.args[1], torch.dtype)):
         node = node.args[0]

@@ -327,7 +327,8 @@ def _module_node(gm: torch.fx.GraphModule, role: str, kind: type) -> torch.fx.No
                  and type(gm.get_submodule(n.target)) is kind), None)
 
 
-def quantize_embedding_and_head(gm: torch.fx.GraphModule, plan: _WeightPlan) -> bool:
+def quantize_embedding_and_head(gm: torch.fx.GraphModule, plan: _WeightPlan, embedding_node: torch.fx.Node | None,
+                                head_node: torch.fx.Node | None, tied: bool) -> bool:
     """The float token embedding -> `W4Embedding` and the float LM head -> weight-only
     `W4A16Linear` (its input is no tap's), in `plan`'s groups: the head with GPTQ where the plan
     has its Hessian, the embedding rounded to nearest. A head tied to the embedding (one tensor in
@@ -336,15 +337,14 @@ def quantize_embedding_and_head(gm: torch.fx.GraphModule, plan: _WeightPlan) -> 
     docs/benchmarks.md, session 54), bits per byte against fp32: one rounded table +0.43%, one
     GPTQ table read by both +0.34%, a GPTQ head beside a rounded embedding +0.31% (and on a random
     mamba-tiny the shared GPTQ table was worse than rounding: GPTQ spends the rows' own accuracy
-    on the head's outputs, which lookups do not share)."""
-    embedding_node = _module_node(gm, "embedding", torch.nn.Embedding)
-    head_node = _module_node(gm, "lm_head", torch.nn.Linear)
+    on the head's outputs, which lookups do not share). `embedding_node` and `head_node` are the
+    float modules' calls (`_module_node`), `tied` whether they hold one tensor."""
     embedding = gm.get_submodule(embedding_node.target) if embedding_node is not None else None
     head = gm.get_submodule(head_node.target) if head_node is not None else None
     if head is not None:
         quantized_head = plan.int4_linear(W4A16Linear, head_node.target, head)
         gm.set_submodule(head_node.target, quantized_head)
-        if embedding is not None and embedding.weight is head.weight and head_node.target not in plan.hessians:
+        if tied and head_node.target not in plan.hessians:
             gm.set_submodule(embedding_node.target, W4Embedding.sharing(quantized_head))
             return True
     if embedding is not None:
@@ -372,12 +372,13 @@ class LowerLinears(PassBase):
         rules = [functools.partial(lower_linear, plan=plan), functools.partial(quantize_weights_only, plan=plan)]
         embedding_node = _module_node(gm, "embedding", torch.nn.Embedding)
         head_node = _module_node(gm, "lm_head", torch.nn.Linear)
+        # Read before the rules swap the head out: whether the float model holds one tensor for both.
         tied = (embedding_node is not None and head_node is not None and
                 gm.get_submodule(embedding_node.target).weight is gm.get_submodule(head_node.target).weight)
         try:
             changed = run_rules(gm, rules)
             if self.weights.embedding_and_head:
-                changed |= quantize_embedding_and_head(gm, plan)
+                changed |= quantize_embedding_and_head(gm, plan, embedding_node, head_node, tied)
         finally:
             plan.bar.close()
         if tied and type(head := gm.get_submodule(head_node.target)) is QuantizedLinear:
