@@ -59,11 +59,9 @@ from quamba_fx.kernels.scan import (
     selective_state_update_reference,
 )
 
-from quamba_fx.kernels.hadamard import hadamard_quantize, hadamard_quantize_reference
 from quamba_fx.quant.int4 import quantize_weight_int4, w4a16_linear
 
 from .kernel_support import DEVICE, EXACT, needs_kernel, reference_calls
-from .test_kernel_hadamard import assert_int8_close
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 RTOL = 1e-4
@@ -468,105 +466,6 @@ def test_dt_proj_above_the_batch_limit_runs_as_a_gemm_with_the_same_result(monke
     else:
         torch.testing.assert_close(split, fused, rtol=2.0**-10, atol=1e-6)
         torch.testing.assert_close(state, fused_state, rtol=1e-6, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# out_proj's Hadamard quantize inside the decode kernel (hadamard_scale)
-# ---------------------------------------------------------------------------------------------
-
-
-def _rotation_scale(device) -> torch.Tensor:
-    return torch.tensor(0.02, device=device)
-
-
-@needs_kernel
-@pytest.mark.parametrize("batch, d_inner, projection, out_dtype", [
-    (1, 64, True, torch.float16),  # a power of two: the Sylvester factor alone
-    (3, 320, True, torch.float16),  # 20 x 16: the tensor-core tile (M 20 padded to 32)
-    (2, 192, False, torch.float32),  # 12 x 16, fp32 y (three bf16 parts in the MMA), delta given
-    (2, 192, False, torch.bfloat16),
-    (10, 320, True, torch.float16),  # above DT_PROJ_MAX_BATCH: dt_proj as a GEMM first
-])
-def test_the_rotated_step_is_the_step_then_the_hadamard_quantize(batch, d_inner, projection, out_dtype):
-    """The launch that also rotates gives out_proj's int8 input as `hadamard_quantize` of the step's
-    y would, and the same state: bit for bit under the interpreter, where both run the same
-    arithmetic; on CUDA within the Hadamard kernel's own tolerance (different MMA shapes)."""
-    tok, rest, proj, state = _step_with_projection(batch, d_inner, 9, True, True, seed=batch + d_inner)
-    step = dict(delta=None, delta_proj=proj) if projection else dict(delta=proj.delta(), delta_scale=proj.out_scale)
-    rest["out_dtype"] = out_dtype
-    scale = _rotation_scale(DEVICE)
-    plain_state = state.clone()
-    # The rotating step first: its scratch y must not find the plain step's y in freed memory.
-    got = selective_state_update(state, **step, **tok, **rest, hadamard_scale=scale)
-    want = hadamard_quantize(selective_state_update(plain_state, **step, **tok, **rest), scale)
-    assert got.dtype == torch.int8 and got.shape == (batch, d_inner) and got.is_contiguous()
-    assert 0 < int((got != 0).sum())  # the scale leaves most codes off zero: a real comparison
-    if EXACT:
-        assert torch.equal(got, want) and torch.equal(state, plain_state)
-    else:
-        assert_int8_close(got, want)
-        torch.testing.assert_close(state, plain_state, rtol=1e-6, atol=1e-6)
-
-
-@needs_kernel
-def test_the_rotating_step_leaves_its_counters_zero_and_repeats_bit_for_bit():
-    """Each sequence's arrival counter is back at zero after the launch (a CUDA graph replays it on
-    the same scratch): a second step from the same state gives the same codes."""
-    tok, rest, proj, state = _step_with_projection(3, 320, 9, True, True, seed=8)
-    scale = _rotation_scale(DEVICE)
-    first_state = state.clone()
-    first = selective_state_update(first_state, delta=None, delta_proj=proj, **tok, **rest, hadamard_scale=scale)
-    counters = split_k.scratch(torch.device(DEVICE), 0, 3)[1]
-    assert not counters[:3].any()
-    second = selective_state_update(state, delta=None, delta_proj=proj, **tok, **rest, hadamard_scale=scale)
-    assert torch.equal(first, second) and torch.equal(first_state, state) and not counters[:3].any()
-
-
-def test_without_a_kernel_the_rotated_step_is_the_references_composed(monkeypatch):
-    tok, rest, proj, state = _step_with_projection(2, 192, 9, True, True, seed=3, device="cpu")
-    scale = _rotation_scale("cpu")
-    want_state = state.clone()
-    want = hadamard_quantize_reference(
-        selective_state_update_reference(want_state, delta=proj.delta(), delta_scale=proj.out_scale, **tok, **rest),
-        scale)
-    calls = reference_calls(monkeypatch, scan, "selective_state_update_reference")
-    got = selective_state_update(state, delta=None, delta_proj=proj, **tok, **rest, hadamard_scale=scale)
-    assert calls == [1] and torch.equal(got, want) and torch.equal(state, want_state)
-
-
-@needs_kernel
-def test_a_row_the_kernel_cannot_rotate_in_place_takes_the_hadamard_kernel(monkeypatch):
-    """Sizes without a one-row tile (`row_rotation` None) still give the rotated step, from the two
-    kernels."""
-    tok, rest, proj, state = _step_with_projection(2, 192, 9, True, True, seed=4)
-    scale = _rotation_scale(DEVICE)
-    plain_state = state.clone()
-    want = hadamard_quantize(selective_state_update(plain_state, delta=None, delta_proj=proj, **tok, **rest), scale)
-    monkeypatch.setattr(scan, "row_rotation", lambda *args: None)
-    got = selective_state_update(state, delta=None, delta_proj=proj, **tok, **rest, hadamard_scale=scale)
-    assert torch.equal(got, want) and torch.equal(state, plain_state)
-
-
-@pytest.mark.parametrize("scale, match", [
-    (torch.tensor([0.1, 0.2]), "scale must be a 0-dim or 1-element float32 tensor"),
-    (torch.tensor(1, dtype=torch.int32), "scale must be a 0-dim or 1-element float32 tensor"),
-    (0.1, "scale must be a 0-dim or 1-element float32 tensor"),
-])
-def test_a_bad_rotation_scale_is_refused(scale, match):
-    tok, rest, proj, state = _step_with_projection(1, 64, 9, True, True, seed=1, device="cpu")
-    with pytest.raises(ValueError, match=f"selective_state_update: {match}"):
-        selective_state_update(state, delta=None, delta_proj=proj, **tok, **rest, hadamard_scale=scale)
-
-
-def test_the_rotating_decode_op_passes_opcheck():
-    """`dt_proj_state_update_hadamard_quantize`: schema, fake tensor (int8 `[B, 1, D]`) and the
-    in-place state agree with the real op."""
-    tok, rest, proj, state = _step_with_projection(2, 64, 5, True, True, seed=2, device="cpu")
-    col = {k: v[:, :, None] for k, v in tok.items()}
-    args = (col["u"], rest["u_scale"], proj.x[:, None, :], proj.x_scale, proj.weight, proj.weight_scale, proj.bias,
-            proj.out_scale, rest["A"], col["B"], rest["B_scale"], col["C"], rest["C_scale"], rest["D"], col["z"],
-            rest["z_scale"], rest["delta_bias"], rest["delta_softplus"], torch.float16, state, _rotation_scale("cpu"))
-    torch.library.opcheck(torch.ops.quamba.dt_proj_state_update_hadamard_quantize.default, args)
 
 
 def _step_with_w4_projection(batch: int, d_inner: int, rank: int, group: int, has_bias: bool, seed: int,

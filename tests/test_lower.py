@@ -16,7 +16,6 @@ import quamba_fx
 from quamba_fx import textdata
 from quamba_fx.graph_info import op_name
 from quamba_fx.graph_meta import graph_meta
-from quamba_fx.passes.lowering import scan as lowering_scan
 from quamba_fx.quant.linear import QuantizedLinear
 from quamba_fx.runtime import MambaCache
 
@@ -189,21 +188,16 @@ def test_generator_graphs_read_their_weights_without_walking_the_module_tree(tin
     torch.testing.assert_close(gen.prefill(ids), low(ids), rtol=0, atol=0)
 
 
-def test_decode_graph_folds_dt_proj_and_the_hadamard_into_the_scan_and_the_conv_into_in_proj(tiny_quantized):
+def test_decode_graph_folds_dt_proj_into_the_scan_and_the_conv_into_in_proj(tiny_quantized):
     low = quamba_fx.lower(tiny_quantized)
     gen = quamba_fx.Generator(low, batch_size=1)
     blocks = tiny_config().num_hidden_layers
     decode = [n for n in gen.decode_graph.graph.nodes if n.op == "call_function"]
     prefill = [n for n in gen.prefill_graph.graph.nodes if n.op == "call_function"]
-    scans = [n for n in decode if op_name(n) == "dt_proj_state_update_hadamard_quantize"]
+    scans = [n for n in decode if op_name(n) == "dt_proj_state_update"]
     convs = [n for n in decode if op_name(n) == "in_proj_conv_update"]
     assert len(scans) == len(convs) == blocks
-    assert all(n.meta["quamba"]["kernel"] == "triton:dt_proj_state_update_hadamard_quantize" for n in scans)
-    # out_proj reads the scan's int8 output with the scale the scan quantized it with.
-    out_projs = [n for n in decode if op_name(n) == "w8a8_linear" and "out_proj" in n.args[2].target]
-    assert [n.args[0] for n in out_projs] == scans and all(n.args[1] is s.args[-1] for n, s in zip(out_projs, scans))
-    assert not any(op_name(n) in ("hadamard_quantize", "dt_proj_state_update") for n in decode)
-    assert sum(op_name(n) == "hadamard_quantize" for n in prefill) == blocks
+    assert all(n.meta["quamba"]["kernel"] == "triton:dt_proj_state_update" for n in scans)
     assert all(n.meta["quamba"]["kernel"] == "triton:in_proj_conv_update" for n in convs)
     # dt_proj's weight is read by the scan's op, in_proj's and the conv's by one op: no GEMM of
     # dt_proj or in_proj, no conv op left in the decode graph; the prefill graph keeps them all.
@@ -214,26 +208,6 @@ def test_decode_graph_folds_dt_proj_and_the_hadamard_into_the_scan_and_the_conv_
     assert not any(op_name(n) == "conv1d_silu_int8_cached" for n in decode)
     assert sum(op_name(n) == "conv1d_silu_int8_cached" for n in prefill) == blocks
     assert sum(op_name(n) == "w8a8_linear" and "dt_proj" in n.args[2].target for n in prefill) == blocks
-
-
-def test_decode_with_the_hadamard_in_the_scan_generates_what_the_two_kernels_do(tiny_quantized, monkeypatch):
-    """The rule changes launches, not results: the same tokens and the same logits bit for bit
-    (under the interpreter both paths run the same arithmetic)."""
-    low = quamba_fx.lower(tiny_quantized)
-    prompt = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(4))
-    runs = {}
-    for fused in (True, False):
-        monkeypatch.setattr(lowering_scan, "FUSE_HADAMARD_IN_DECODE", fused)
-        gen = quamba_fx.Generator(low, batch_size=3)
-        assert any(op_name(n) == "dt_proj_state_update_hadamard_quantize"
-                   for n in gen.decode_graph.graph.nodes) == fused
-        logits = gen.prefill(prompt)[:, -1]
-        steps = []
-        for _ in range(3):
-            logits = gen.decode(logits.argmax(-1))
-            steps.append(logits)
-        runs[fused] = torch.stack(steps)
-    assert torch.equal(runs[True], runs[False])
 
 
 @pytest.mark.slow  # ~15 s interpreted, for a rule that is off by default; the kernel's equality test is fast

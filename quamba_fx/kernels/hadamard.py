@@ -110,9 +110,6 @@ __all__ = [
     "hadamard_transform_reference",
     "hadamard_transform_triton",
     "packs_gated_norm",
-    "RowRotation",
-    "rotate_row",
-    "row_rotation",
 ]
 
 
@@ -274,41 +271,6 @@ def _dense_dot_exact(dmat, x, EMULATE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _rotate_tile(x, dmat, INV_SQRT_N: tl.constexpr, MP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr,
-                 EMULATE_DOT: tl.constexpr):
-    # Steps 1-3 of the module docstring on a tensor-core tile: the dense factor on the MMA, the
-    # Sylvester factor on its output, the normalisation.
-    acc = _dense_dot_exact(dmat, x, EMULATE_DOT)
-    acc = _fwht_rows(acc, MP, P, LOG_P, False)
-    return acc * INV_SQRT_N
-
-
-@triton.jit
-def rotate_row(x_ptr, stride_x, out_ptr, d_ptr, scale_ptr,
-               INV_SQRT_N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr,
-               DENSE: tl.constexpr, QUANT: tl.constexpr, EMULATE_DOT: tl.constexpr):
-    """One row's rotation (and quantization, QUANT) inside another kernel's program, as the
-    one-row tiles of this module's kernels compute it (`RowRotation` holds the arguments): the
-    row's `M * P` values at `x_ptr` (`stride_x` apart), stored contiguous at `out_ptr`. The row is
-    read through L2 (`.cg`): it is meant for a row that other programs of the same launch wrote."""
-    offs_m = tl.arange(0, MP)
-    offs_p = tl.arange(0, P)
-    live = offs_m[:, None] < M
-    x = tl.load(x_ptr + (offs_m[:, None] * P + offs_p[None, :]) * stride_x, mask=live, other=0.0,
-                cache_modifier=".cg")
-    if DENSE == 1:
-        y = _rotate_tile(x, tl.load(d_ptr + offs_m[:, None] * MP + offs_m[None, :]), INV_SQRT_N, MP, P, LOG_P,
-                         EMULATE_DOT)
-    else:  # M == 1: the Sylvester factor alone, as _hadamard_kernel's DENSE == 0
-        y = _fwht_rows(x.to(tl.float32), MP, P, LOG_P, True) * INV_SQRT_N
-    out_ptrs = out_ptr + offs_m[:, None] * P + offs_p[None, :]
-    if QUANT == 0:
-        tl.store(out_ptrs, y, mask=live)
-    else:
-        tl.store(out_ptrs, _quantize(y, tl.load(scale_ptr), QUANT), mask=live)
-
-
-@triton.jit
 def _gated_norm_tile(y_rows, z_rows, w_rows, offs_p, live, z_scale, eps, offs_z,
                      Z_INT8: tl.constexpr, GROUP_ROWS: tl.constexpr, P: tl.constexpr, OUT: tl.constexpr):
     # gated_rmsnorm (kernels/gated_norm.py) of the tile's row-blocks, in OUT: the packed kernel's
@@ -369,7 +331,10 @@ def _hadamard_packed_kernel(
                                  live, z_scale, eps, offs_z, Z_INT8, GROUP_ROWS, P, d_ptr.dtype.element_ty)
         else:
             x = tl.load(x_ptr + x_off[:, None] + offs_p[None, :], mask=live[:, None], other=0.0)
-        y = _rotate_tile(x, dmat, INV_SQRT_N, MP, P, LOG_P, EMULATE_DOT)
+        # Step 1 of the module docstring, then step 2 on the MMA's output, then 3 and 4.
+        acc = _dense_dot_exact(dmat, x, EMULATE_DOT)
+        acc = _fwht_rows(acc, MP, P, LOG_P, False)
+        y = acc * INV_SQRT_N
         out_off = row.to(tl.int64) * (M * P) + b * P
         out_ptrs = out_ptr + out_off[:, None] + offs_p[None, :]
         if QUANT == 0:
@@ -649,40 +614,6 @@ def _launch(x: torch.Tensor, scale: torch.Tensor, quant: int, rotation_dtype: to
         num_warps=_num_warps(m_pad << k), **launch_options(x.device),
     )
     return out
-
-
-class RowRotation(NamedTuple):
-    """`rotate_row`'s table and constexprs for rows of one size and dtype (`row_rotation`)."""
-
-    table: torch.Tensor  # the dense factor padded to [MP, MP] in the MMA operand type (unread when M == 1)
-    inv_sqrt_n: float
-    m: int
-    mp: int
-    p: int
-    log_p: int
-    dense: int
-
-    def constexprs(self) -> dict:
-        """`rotate_row`'s constexprs, by its names."""
-        return dict(INV_SQRT_N=self.inv_sqrt_n, M=self.m, MP=self.mp, P=self.p, LOG_P=self.log_p,
-                    DENSE=self.dense, EMULATE_DOT=_INTERPRET)
-
-
-def row_rotation(n: int, dtype: torch.dtype, device: torch.device) -> Optional[RowRotation]:
-    """How another kernel rotates a row of `n` values of `dtype` in one of its programs
-    (`rotate_row`), as this module's kernels rotate a row on its own: the one-row tensor-core tile
-    (every Mamba d_inner that is not a power of two) or, for powers of two, the Sylvester factor
-    alone. None for sizes that take the FMA path or whose tile is wider than `_PACKED_MAX_TILE`."""
-    if dtype not in _FLOAT_DTYPES or not is_hadamard_size(n) or n > MAX_N:
-        return None
-    bases, m, m_pad, k = _config(n)
-    p = 1 << k
-    dense = _dense_mode(m, m_pad, p)
-    if dense == 2 or m_pad * p > _PACKED_MAX_TILE:
-        return None
-    operand = torch.float16 if dtype == torch.float16 else torch.bfloat16
-    table = _dense_table(bases, 1, m_pad, operand, False, str(device))
-    return RowRotation(table, 1.0 / math.sqrt(n), m, m_pad, p, k, dense)
 
 
 def _kernel_runs(x: torch.Tensor) -> bool:

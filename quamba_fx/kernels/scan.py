@@ -142,8 +142,6 @@ from .pdl import launch_options, prefill_launch_options, wait_for_previous
 from .gemm import int8_gemm, int8_gemm_reference
 from .gemm_epilogue import requant_int8
 from .gemm_w4 import w4a16_gemm
-from .hadamard import _check_scale as _check_rotation_scale
-from .hadamard import hadamard_quantize, rotate_row, row_rotation
 from .rounding import approx_f32, f32_to_bf16_rne, int8_to_f32, mul_rn
 
 from ..quant.int4 import _check_w4, w4a16_linear
@@ -1010,14 +1008,7 @@ def _selective_state_update_kernel(
     NS: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
     DT_PROJ: tl.constexpr, PW_PER_CHANNEL: tl.constexpr, PW_HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
     PW_4BIT: tl.constexpr, PW_GROUP: tl.constexpr,
-    q_ptr, q_scale_ptr, rot_ptr, count_ptr, stride_qb,
-    ROTATE: tl.constexpr, INV_SQRT_N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
-    LOG_P: tl.constexpr, DENSE: tl.constexpr, EMULATE_DOT: tl.constexpr,
 ):
-    # ROTATE: the step's output is `hadamard_quantize(y, q_scale)` at q_ptr, y itself scratch: the
-    # last program of a sequence to store its channels of y rotates the whole row (`rotate_row`
-    # with the other constexprs, kernels/hadamard.py), so out_proj's input needs no launch of its
-    # own. count_ptr holds a zero counter per sequence, zero again when the launch ends.
     # DT_PROJ: delta is dt_proj's output, computed here from its input row `px` [batch, R] and
     # weight `pw` instead of read from dt_ptr: int8 codes `[d_inner, R]` (`DeltaProjection`) or,
     # PW_4BIT, packed 4-bit ones `[d_inner, ceil(R / 2)]` with fp16 scales `[d_inner, groups]`
@@ -1075,18 +1066,7 @@ def _selective_state_update_kernel(
     h, y = _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
     # In place: each program reads and writes only its own channels.
     tl.store(h_p, _to_out(h, h_ptr.dtype.element_ty), mask=mask_nd)
-    y_out = y_ptr + pid_b * stride_yb + offs_d64 * stride_yd
-    if ROTATE:
-        # .cg: through L2, where the program that rotates the row reads it.
-        tl.store(y_out, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d, cache_modifier=".cg")
-        # Every thread's y is stored before the counter moves (the release orders them before it).
-        tl.debug_barrier()
-        if tl.atomic_add(count_ptr + pid_b, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
-            tl.atomic_xchg(count_ptr + pid_b, 0, sem="relaxed", scope="gpu")
-            rotate_row(y_ptr + pid_b * stride_yb, stride_yd, q_ptr + pid_b * stride_qb, rot_ptr, q_scale_ptr,
-                       INV_SQRT_N, M, MP, P, LOG_P, DENSE, 1, EMULATE_DOT)
-    else:
-        tl.store(y_out, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(y_ptr + pid_b * stride_yb + offs_d64 * stride_yd, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1729,12 +1709,6 @@ def selective_scan(
 DT_PROJ_MAX_BATCH = 8
 
 
-# Channels of a decode program that also rotates its row (`hadamard_scale`) when dt_proj runs as a
-# GEMM first (batch above DT_PROJ_MAX_BATCH), with a warp per 32 of them; 128 otherwise, as without
-# the rotation. A setting decode_settings.py can sweep: not yet timed.
-ROTATE_BLOCK_D = 256
-
-
 def _projection_block_r(rank: int, four_bit: bool) -> int:
     """The columns of dt_proj's weight a decode program reads at a time: the rank rounded up to a
     power of two, in one tile up to 256 (the interpreter takes tiles of 8 so that its tests walk
@@ -1762,7 +1736,6 @@ def selective_state_update(
     z_scale: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     delta_proj: Union[DeltaProjection, DeltaProjectionW4, None] = None,
-    hadamard_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One decode step of `selective_scan`, advancing `state` in place.
 
@@ -1776,15 +1749,9 @@ def selective_state_update(
         delta_proj: dt_proj to compute delta from (`DeltaProjection`, `DeltaProjectionW4`), with `delta` and
             `delta_scale` None: at batch <= DT_PROJ_MAX_BATCH inside the kernel, above it as a GEMM
             first (each program would re-read its channels' dt_proj rows once per sequence).
-        hadamard_scale: out_proj's input scale (0-dim or 1-element float32), or None. Given, the
-            step returns `kernels.hadamard.hadamard_quantize(y, hadamard_scale)` instead of y, from
-            the same launch: the last program of a sequence to store its y rotates and quantizes
-            the row, as the Hadamard kernel's one-row tile would (d_inner sizes `row_rotation`
-            takes; others run the two kernels).
 
     Returns:
-        y `[batch, d_inner]`, contiguous, dtype `out_dtype` (default as in `selective_scan`); int8
-        with `hadamard_scale`.
+        y `[batch, d_inner]`, contiguous, dtype `out_dtype` (default as in `selective_scan`).
     """
     fused = None
     if delta_proj is not None:
@@ -1799,16 +1766,12 @@ def selective_state_update(
     info = _validate(u, delta, A, B, C, D, z, delta_bias, scales, state_dims=2)
     out_dtype = _check_out_dtype(out_dtype, any(info["quant"].values()), u.dtype)
     _check_state("state", state, info, u.device)
-    if hadamard_scale is not None:
-        _check_rotation_scale("selective_state_update", hadamard_scale, u.device)
     batch, d_inner = u.shape
     if not _use_triton(u) or batch * d_inner == 0:
-        y = selective_state_update_reference(
+        return selective_state_update_reference(
             state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale=u_scale,
             delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype,
         )
-        return y if hadamard_scale is None else hadamard_quantize(y, hadamard_scale)
-    rotation = None if hadamard_scale is None else row_rotation(d_inner, out_dtype, u.device)
     if isinstance(fused, DeltaProjectionW4):
         proj = (fused.x, fused.weight, A, fused.weight_scale, fused.bias if fused.bias is not None else A,
                 fused.x.shape[1], fused.x.stride(0), fused.weight.stride(0), fused.weight_scale.stride(0))
@@ -1825,27 +1788,13 @@ def selective_state_update(
         proj_flags = dict(DT_PROJ=False, PW_PER_CHANNEL=False, PW_HAS_BIAS=False, PW_4BIT=False, PW_GROUP=1)
 
     y = torch.empty(batch, d_inner, dtype=out_dtype, device=u.device)
-    if rotation is not None:
-        q = torch.empty(batch, d_inner, dtype=torch.int8, device=u.device)
-        rotate = dict(q_ptr=q, q_scale_ptr=hadamard_scale, rot_ptr=rotation.table,
-                      count_ptr=split_k.scratch(u.device, 0, batch)[1], stride_qb=q.stride(0),
-                      ROTATE=True, **rotation.constexprs())
-    else:  # placeholders, never read
-        rotate = dict(q_ptr=y, q_scale_ptr=A, rot_ptr=A, count_ptr=A, stride_qb=0, ROTATE=False, INV_SQRT_N=1.0,
-                      M=1, MP=1, P=1, LOG_P=0, DENSE=0, EMULATE_DOT=False)
     zz = z if z is not None else u
     # Decode moves ~70 bytes of state per channel and does one step: a memory-bound kernel, so
     # 128-channel programs of 4 warps (d_state 16: 2048 states, 16 per thread) keep enough bytes in
     # flight; no autotuning, since the kernel updates state in place. With dt_proj inside, a
     # program also reads R bytes of weight a channel (160 on 2.8b) in one [BLOCK_D, BLOCK_R] tile:
     # 32 channels keep that tile at 64 registers a thread and give batch 1 160 programs, not 40.
-    # Rotating, the program that finishes a row holds the row's [MP, P] tile besides (32 x 256 fp32
-    # for 5120): wider programs of more warps keep that at 32 values a thread, so the registers
-    # it needs do not halve how many of the step's programs an SM holds.
-    block_d = 32 if fused is not None else (ROTATE_BLOCK_D if rotation is not None else 128)
-    num_warps = max(4, block_d // 32)
-    if _INTERPRET:
-        block_d, num_warps = 16, 1
+    block_d = 16 if _INTERPRET else (32 if fused is not None else 128)
     block_r = _projection_block_r(proj[5], four_bit=proj_flags["PW_4BIT"])
     grid = (cdiv(d_inner, block_d), batch)
     _selective_state_update_kernel[grid](
@@ -1857,12 +1806,10 @@ def selective_state_update(
         d_inner, info["d_state"],
         *state.stride(), *u.stride(), *delta.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(),
         *y.stride(),
-        BLOCK_D=block_d, num_warps=num_warps, BLOCK_R=block_r,
-        **_flags(info, D, z, delta_bias, delta_softplus), **proj_flags, **rotate, **launch_options(u.device),
+        BLOCK_D=block_d, num_warps=1 if _INTERPRET else 4, BLOCK_R=block_r,
+        **_flags(info, D, z, delta_bias, delta_softplus), **proj_flags, **launch_options(u.device),
     )
-    if hadamard_scale is None:
-        return y
-    return q if rotation is not None else hadamard_quantize(y, hadamard_scale)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1991,7 +1938,7 @@ def selective_scan_int8_dt_proj_cached_op(u_q: torch.Tensor, u_scale: torch.Tens
     if decode:
         return _dt_proj_state_update(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias,
                                      delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias,
-                                     delta_softplus, out_dtype, ssm_state).transpose(1, 2)
+                                     delta_softplus, out_dtype, ssm_state)
     proj = _dt_projection(dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale)
     y, final = _scan_int8(u_q, u_scale, None, None, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias,
                           delta_softplus, out_dtype, return_final_state=True, state_dtype=ssm_state.dtype,
@@ -2009,15 +1956,13 @@ def _selective_scan_int8_dt_proj_cached_fake(u_q, u_scale, dt_x_q, dt_x_scale, d
 
 def _dt_proj_state_update(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale, A,
                           B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias, delta_softplus, out_dtype,
-                          ssm_state, hadamard_scale=None) -> torch.Tensor:
-    """y `[B, 1, D]` (int8, rotated, with `hadamard_scale`)."""
+                          ssm_state) -> torch.Tensor:
     proj = _dt_projection(dt_x_q[:, 0], dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale)
     y = selective_state_update(
         ssm_state, u_q[:, :, 0], None, _f32(A), B_q[:, :, 0], C_q[:, :, 0], _f32(D),
         None if z_q is None else z_q[:, :, 0], _f32(delta_bias), delta_softplus,
-        u_scale=u_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype, delta_proj=proj,
-        hadamard_scale=None if hadamard_scale is None else as_scalar(hadamard_scale))
-    return y[:, None, :]
+        u_scale=u_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype, delta_proj=proj)
+    return y[:, None, :].transpose(1, 2)
 
 
 @graph_op("quamba::dt_proj_state_update", mutates_args=("ssm_state",))
@@ -2037,7 +1982,7 @@ def dt_proj_state_update_op(u_q: torch.Tensor, u_scale: torch.Tensor, dt_x_q: to
     """
     return _dt_proj_state_update(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale,
                                  A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias, delta_softplus, out_dtype,
-                                 ssm_state).transpose(1, 2)
+                                 ssm_state)
 
 
 @dt_proj_state_update_op.register_fake
@@ -2045,33 +1990,6 @@ def _dt_proj_state_update_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_w
                                A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias, delta_softplus,
                                out_dtype, ssm_state):
     return _y_like(u_q, out_dtype)
-
-
-@graph_op("quamba::dt_proj_state_update_hadamard_quantize", mutates_args=("ssm_state",))
-def dt_proj_state_update_hadamard_quantize_op(u_q: torch.Tensor, u_scale: torch.Tensor, dt_x_q: torch.Tensor,
-                                              dt_x_scale: torch.Tensor, dt_weight: torch.Tensor,
-                                              dt_weight_scale: torch.Tensor, dt_bias: Optional[torch.Tensor],
-                                              delta_scale: torch.Tensor, A: torch.Tensor, B_q: torch.Tensor,
-                                              B_scale: torch.Tensor, C_q: torch.Tensor, C_scale: torch.Tensor,
-                                              D: Optional[torch.Tensor], z_q: Optional[torch.Tensor],
-                                              z_scale: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
-                                              delta_softplus: bool, out_dtype: torch.dtype, ssm_state: torch.Tensor,
-                                              out_scale: torch.Tensor) -> torch.Tensor:
-    """`hadamard_quantize(dt_proj_state_update(...).transpose(1, 2), out_scale)`, out_proj's int8
-    input, from the scan's own launch (`selective_state_update`'s `hadamard_scale`): one launch a
-    block fewer in a decode step. The same arguments, then out_proj's input scale; returns int8
-    `[B, 1, D]`, contiguous, and advances `ssm_state`."""
-    return _dt_proj_state_update(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale, dt_bias, delta_scale,
-                                 A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale, delta_bias, delta_softplus, out_dtype,
-                                 ssm_state, hadamard_scale=out_scale)
-
-
-@dt_proj_state_update_hadamard_quantize_op.register_fake
-def _dt_proj_state_update_hadamard_quantize_fake(u_q, u_scale, dt_x_q, dt_x_scale, dt_weight, dt_weight_scale,
-                                                 dt_bias, delta_scale, A, B_q, B_scale, C_q, C_scale, D, z_q, z_scale,
-                                                 delta_bias, delta_softplus, out_dtype, ssm_state, out_scale):
-    batch, channels, _ = u_q.shape
-    return u_q.new_empty((batch, 1, channels), dtype=torch.int8)
 
 
 @graph_op("quamba::w4a16_dt_proj_state_update", mutates_args=("ssm_state",))

@@ -85,8 +85,7 @@ def per_channel_int8(node: object) -> tuple[torch.fx.Node, torch.fx.Node] | None
 
 def transposed_projection(node: Any, target) -> torch.fx.Node | None:
     """The `target` call (no kwargs) whose output `node` is through `.transpose(1, 2)`, when the
-    transpose and the call feed nothing else: a dt_proj a decode rule can fold into the scan, or a
-    scan step whose output the next kernel can compute in its launch."""
+    transpose and the call feed nothing else: a dt_proj a decode rule can fold into the scan."""
     if not (isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target == "transpose"
             and tuple(node.args[1:]) == (1, 2) and len(node.users) == 1):
         return None

@@ -1,7 +1,6 @@
 """Lowering rules of the scan kernels: Mamba-1's reference scan of int8 inputs becomes one kernel
 op (kernels/scan.py), and a decode step's scan computes dt_proj itself (a prefill's too, with
-FUSE_DT_PROJ_IN_PREFILL) and rotates and quantizes out_proj's input (FUSE_HADAMARD_IN_DECODE);
-Mamba-2's SSD scan runs on its chunked kernels (kernels/ssd.py)."""
+FUSE_DT_PROJ_IN_PREFILL); Mamba-2's SSD scan runs on its chunked kernels (kernels/ssd.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from ...kernels import ssd as ssd_kernel  # noqa: F401  (the same, for Mamba-2)
 from ..quantize import DEQUANTIZE
 from ..rewrite import Rule
 from .gemm import W8A8_LINEAR
-from .hadamard import HADAMARD_QUANTIZE
 from .match import annotate, channel_scale_values, is_call, per_channel_int8, per_tensor_int8, transposed_projection
 
 SCAN = torch.ops.quamba.selective_scan.default
@@ -32,7 +30,6 @@ SSD_SCAN_TRITON_CACHED = torch.ops.quamba.ssd_scan_triton_cached.default
 SCAN_INT8 = torch.ops.quamba.selective_scan_int8.default
 SCAN_INT8_CACHED = torch.ops.quamba.selective_scan_int8_cached.default
 DT_PROJ_STATE_UPDATE = torch.ops.quamba.dt_proj_state_update.default
-DT_PROJ_STATE_UPDATE_HADAMARD_QUANTIZE = torch.ops.quamba.dt_proj_state_update_hadamard_quantize.default
 DT_PROJ_SCAN_INT8 = torch.ops.quamba.selective_scan_int8_dt_proj.default
 DT_PROJ_SCAN_INT8_CACHED = torch.ops.quamba.selective_scan_int8_dt_proj_cached.default
 
@@ -44,10 +41,6 @@ KERNELS = {SCAN_INT8: "triton:selective_scan_int8", SSD_SCAN_TRITON: "triton:ssd
 # scan, and mamba-2.8b's 8 x 2048 prefill 219 ms against 201; its 5-8% more loop instructions cost
 # more than the dt_proj GEMM they replace. Both were measured with prefill PDL on, since turned off.
 FUSE_DT_PROJ_IN_PREFILL = False
-
-# The decode step's scan also rotates and quantizes out_proj's input (`fuse_hadamard_into_state_update`):
-# a setting benchmarks/decode_settings.py can turn off to measure what it gains.
-FUSE_HADAMARD_IN_DECODE = True
 
 _SCAN_ARGS = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus"]
 _SCAN_DEFAULTS = [None, None, None, None, None, None, None, None, True]
@@ -187,25 +180,6 @@ def fuse_dt_proj_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node
     return _dt_proj_into(gm, node, node.args[:-1], DT_PROJ_STATE_UPDATE, "triton:dt_proj_state_update")
 
 
-def fuse_hadamard_into_state_update(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Decode only: `hadamard_quantize(transpose(dt_proj_state_update(..), 1, 2), s)`, the step's y
-    read by nothing else -> `dt_proj_state_update_hadamard_quantize(.., s)`: the scan's last
-    program of each sequence rotates and quantizes the row, one launch a block fewer."""
-    if not (FUSE_HADAMARD_IN_DECODE and is_call(node, HADAMARD_QUANTIZE)):
-        return False
-    y, scale = node.args
-    update = transposed_projection(y, DT_PROJ_STATE_UPDATE)
-    if update is None:
-        return False
-    with gm.graph.inserting_before(node):
-        fused = gm.graph.call_function(DT_PROJ_STATE_UPDATE_HADAMARD_QUANTIZE, (*update.args, scale))
-    fused.meta["quamba"] = {**info(update), "kernel": "triton:dt_proj_state_update_hadamard_quantize"}
-    node.replace_all_uses_with(fused)
-    for dead in (node, y, update):
-        gm.graph.erase_node(dead)
-    return True
-
-
 def fuse_dt_proj_into_scan(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Prefill, with FUSE_DT_PROJ_IN_PREFILL: `selective_scan_int8(u, .., transpose(w8a8_linear(x,
     xs, w, ws, b, s)), s, ..)`, dt_proj's int8 output feeding nothing else ->
@@ -222,4 +196,4 @@ def rules(dtype: torch.dtype) -> list[Rule]:
             fuse_dt_proj_into_scan]
 
 
-DECODE_RULES: list[Rule] = [fuse_dt_proj_into_state_update, fuse_hadamard_into_state_update]
+DECODE_RULES: list[Rule] = [fuse_dt_proj_into_state_update]
