@@ -458,6 +458,7 @@ def test_dt_proj_above_the_batch_limit_runs_as_a_gemm_with_the_same_result(monke
     gemms = []
     real = DeltaProjection.delta
     monkeypatch.setattr(scan, "DT_PROJ_MAX_BATCH", 1)
+    monkeypatch.setattr(scan, "DT_PROJ_ROWS_MAX_BATCH", 0)  # nor in a block of sequences
     monkeypatch.setattr(DeltaProjection, "delta", lambda self: gemms.append(1) or real(self))
     split = selective_state_update(state, delta=None, delta_proj=proj, **tok, **rest)
     assert gemms == [1]
@@ -466,6 +467,46 @@ def test_dt_proj_above_the_batch_limit_runs_as_a_gemm_with_the_same_result(monke
     else:
         torch.testing.assert_close(split, fused, rtol=2.0**-10, atol=1e-6)
         torch.testing.assert_close(state, fused_state, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch, d_inner, rank, per_channel, has_bias, state_dtype", [
+    (16, 40, 9, True, True, torch.float32),  # one block of sequences, a partial block of channels
+    (9, 33, 37, False, True, torch.float16),  # a partial block of sequences; K padded from 37 to 64
+    (33, 16, 1, True, False, torch.float32),  # three blocks of sequences, the last holding one
+])
+def test_dt_proj_for_a_block_of_sequences_equals_the_gemm_then_the_update(batch, d_inner, rank, per_channel,
+                                                                         has_bias, state_dtype, monkeypatch):
+    """Above DT_PROJ_MAX_BATCH the projection runs inside `_state_update_rows_kernel`, one MMA for
+    ROWS_BLOCK_B sequences: the GEMM's int32 sums and epilogue, so the same delta and step."""
+    tok, rest, proj, state = _step_with_projection(batch, d_inner, rank, per_channel, has_bias, seed=batch + rank)
+    state = state.to(state_dtype)
+    plain_state = state.clone()
+    plain = selective_state_update(plain_state, delta=proj.delta(), delta_scale=proj.out_scale, **tok, **rest)
+    monkeypatch.setattr(DeltaProjection, "delta", lambda self: pytest.fail("the projection ran as its own GEMM"))
+    rows = selective_state_update(state, delta=None, delta_proj=proj, **tok, **rest)
+    if EXACT:
+        assert torch.equal(rows, plain) and torch.equal(state, plain_state)
+    else:
+        torch.testing.assert_close(rows, plain, rtol=2.0**-10, atol=1e-6)
+        ulp = 1e-6 if state.dtype == torch.float32 else 2.0**-10
+        torch.testing.assert_close(state.float(), plain_state.float(), rtol=ulp, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch, rows_max, four_bit, runs", [
+    (8, 64, False, False),  # up to DT_PROJ_MAX_BATCH: the per-sequence kernel
+    (9, 64, False, True), (64, 64, False, True),
+    (65, 64, False, False),  # above the limit: the GEMM
+    (16, 0, False, False),  # turned off
+    (16, 64, True, False),  # a 4-bit projection: its own kernel
+])
+def test_which_batches_take_the_block_of_sequences_kernel(batch, rows_max, four_bit, runs, monkeypatch):
+    monkeypatch.setattr(scan, "DT_PROJ_ROWS_MAX_BATCH", rows_max)
+    x = torch.zeros(batch, 5, dtype=torch.float16 if four_bit else torch.int8)
+    proj = (DeltaProjectionW4(x, torch.zeros(8, 3, dtype=torch.uint8), torch.ones(8, 1), 8, None) if four_bit
+            else DeltaProjection(x, torch.tensor(1.0), torch.zeros(8, 5, dtype=torch.int8), torch.ones(8), None,
+                                 torch.tensor(1.0)))
+    assert scan._rows_kernel_takes(proj, torch.zeros(batch, 8, 4)) == runs
 
 
 def _step_with_w4_projection(batch: int, d_inner: int, rank: int, group: int, has_bias: bool, seed: int,

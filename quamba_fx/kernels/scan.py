@@ -255,13 +255,14 @@ def _channel_terms(u_raw, dt_raw, z_raw, u_scale, dt_scale, B_scale, z_scale, bi
 @triton.jit
 def _state_step(h, A2, dt, dtu, B_raw, C_raw, C_scale, skip, gate,
                 B_Q: tl.constexpr, C_Q: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
-    """One recurrence step on the [NS, BLOCK_D] tile; returns the new state and y (fp32 [BLOCK_D])."""
+    """One recurrence step on the [NS, BLOCK_D] tile; returns the new state and y (fp32 [BLOCK_D]).
+    B and C are [NS, 1] (one sequence's, for every channel) or [NS, BLOCK_D] tiles."""
     Bv = _to_f32(B_raw, B_Q)
     Cv = _to_f32(C_raw, C_Q)
     # A2 = A * log2(e): exp(dt * A) as one multiply and one exp2 (MUFU ex2) per element.
     dA = tl.exp2(dt[None, :] * A2)
-    h = dA * h + dtu[None, :] * Bv[:, None]
-    y = tl.sum(h * Cv[:, None], axis=0)
+    h = dA * h + dtu[None, :] * Bv
+    y = tl.sum(h * Cv, axis=0)
     if C_Q:
         y = y * C_scale
     if HAS_D:
@@ -335,7 +336,7 @@ def _scan_step(h, A2, u_r, d_r, z_r, B_r, C_r, valid, u_scale, dt_scale, B_scale
                                          U_Q, DT_Q, B_Q, Z_Q, SOFTPLUS, HAS_D, HAS_Z, FAST_MATH)
     dt = tl.where(valid, dt, 0.0)
     dtu = tl.where(valid, dtu, 0.0)
-    h, y = _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
+    h, y = _state_step(h, A2, dt, dtu, B_r[:, None], C_r[:, None], C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
     return h, y, dt
 
 
@@ -1063,10 +1064,101 @@ def _selective_state_update_kernel(
 
     dt, dtu, skip, gate = _channel_terms(u_r, t_r, z_r, u_scale, dt_scale, B_scale, z_scale, bias, Dv,
                                          U_Q, DT_Q, B_Q, Z_Q, SOFTPLUS, HAS_D, HAS_Z, FAST_MATH)
-    h, y = _state_step(h, A2, dt, dtu, B_r, C_r, C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
+    h, y = _state_step(h, A2, dt, dtu, B_r[:, None], C_r[:, None], C_scale, skip, gate, B_Q, C_Q, HAS_D, HAS_Z)
     # In place: each program reads and writes only its own channels.
     tl.store(h_p, _to_out(h, h_ptr.dtype.element_ty), mask=mask_nd)
     tl.store(y_ptr + pid_b * stride_yb + offs_d64 * stride_yd, _to_out(y, y_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _state_update_rows_kernel(
+    h_ptr, u_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    u_scale_ptr, dt_scale_ptr, B_scale_ptr, C_scale_ptr, z_scale_ptr,
+    y_ptr,
+    px_ptr, pw_ptr, px_scale_ptr, pw_scale_ptr, pb_ptr,
+    batch, d_inner, d_state, R,
+    stride_hb, stride_hd, stride_hn,
+    stride_ub, stride_ud,
+    stride_zb, stride_zd,
+    stride_Bb, stride_Bn,
+    stride_Cb, stride_Cn,
+    stride_Ad, stride_An,
+    stride_yb, stride_yd,
+    stride_pxb, stride_pwd,
+    U_Q: tl.constexpr, B_Q: tl.constexpr, C_Q: tl.constexpr, Z_Q: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_MATH: tl.constexpr,
+    PW_PER_CHANNEL: tl.constexpr, PW_HAS_BIAS: tl.constexpr,
+    NS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    # The decode step with dt_proj inside for BLOCK_B sequences at once: their deltas for the
+    # program's BLOCK_D channels are one int8 MMA ([BLOCK_B, R] x [R, BLOCK_D], the GEMM's int32
+    # sums and epilogue, so the same bits as `_project_delta`), so dt_proj's weight is read once
+    # per BLOCK_B sequences instead of once per sequence.
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_d = offs_d < d_inner
+    w = tl.load(pw_ptr + offs_d.to(tl.int64)[:, None] * stride_pwd + offs_r[None, :],
+                mask=mask_d[:, None] & (offs_r < R)[None, :], other=0)
+    wait_for_previous(USE_PDL)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    x = tl.load(px_ptr + offs_b.to(tl.int64)[:, None] * stride_pxb + offs_r[None, :],
+                mask=(offs_b < batch)[:, None] & (offs_r < R)[None, :], other=0)
+    acc = tl.dot(x, tl.trans(w), out_dtype=tl.int32)
+    if PW_PER_CHANNEL:
+        ws = tl.load(px_scale_ptr) * tl.load(pw_scale_ptr + offs_d, mask=mask_d, other=1.0)
+    else:
+        ws = tl.load(px_scale_ptr) * tl.load(pw_scale_ptr) + tl.zeros([BLOCK_D], dtype=tl.float32)
+    t = mul_rn(acc.to(tl.float32), tl.broadcast_to(ws[None, :], [BLOCK_B, BLOCK_D]))
+    if PW_HAS_BIAS:
+        t = t + tl.load(pb_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
+    t_r = requant_int8(t, tl.load(dt_scale_ptr))  # [BLOCK_B, BLOCK_D]
+
+    # The state tile is [BLOCK_B, NS, BLOCK_D]; what a sequence or a channel shares is loaded once
+    # as a 2-D tile and broadcast (per-element pointer tiles for B, C and A took 255 registers a
+    # thread and spilled). 32-bit offsets within the state: the host checks that they fit.
+    offs_n = tl.arange(0, NS)
+    mask_b = offs_b < batch
+    mask_n = offs_n < d_state
+    mask_bd = mask_b[:, None] & mask_d[None, :]
+    mask_h = mask_bd[:, None, :] & mask_n[None, :, None]
+    h_off = (offs_b[:, None, None] * stride_hb + offs_n[None, :, None] * stride_hn
+             + offs_d[None, None, :] * stride_hd)
+    h = tl.load(h_ptr + h_off, mask=mask_h, other=0.0).to(tl.float32)
+    row64 = offs_b.to(tl.int64)[:, None]
+    u_r = tl.load(u_ptr + row64 * stride_ub + offs_d[None, :] * stride_ud, mask=mask_bd, other=0)
+    if HAS_Z:
+        z_r = tl.load(z_ptr + row64 * stride_zb + offs_d[None, :] * stride_zd, mask=mask_bd, other=0)
+    else:
+        z_r = u_r
+    mask_bn = mask_b[:, None] & mask_n[None, :]
+    B_r = tl.load(B_ptr + row64 * stride_Bb + offs_n[None, :] * stride_Bn, mask=mask_bn, other=0)
+    C_r = tl.load(C_ptr + row64 * stride_Cb + offs_n[None, :] * stride_Cn, mask=mask_bn, other=0)
+    A2 = tl.load(A_ptr + offs_d[None, :].to(tl.int64) * stride_Ad + offs_n[:, None] * stride_An,
+                 mask=mask_n[:, None] & mask_d[None, :], other=0.0) * 1.4426950408889634
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
+    else:
+        Dv = tl.zeros([1, BLOCK_D], dtype=tl.float32)
+    dt, dtu, skip, gate = _channel_terms(u_r, t_r, z_r, _load_scale(u_scale_ptr, U_Q), tl.load(dt_scale_ptr),
+                                         _load_scale(B_scale_ptr, B_Q), _load_scale(z_scale_ptr, Z_Q), bias, Dv,
+                                         U_Q, True, B_Q, Z_Q, SOFTPLUS, HAS_D, HAS_Z, FAST_MATH)
+    # _state_step's arithmetic, a sequence per leading index.
+    Bv = _to_f32(B_r, B_Q)[:, :, None]
+    Cv = _to_f32(C_r, C_Q)[:, :, None]
+    h = tl.exp2(dt[:, None, :] * A2[None, :, :]) * h + dtu[:, None, :] * Bv
+    y = tl.sum(h * Cv, axis=1)
+    if C_Q:
+        y = y * tl.load(C_scale_ptr)
+    if HAS_D:
+        y = y + skip
+    if HAS_Z:
+        y = y * gate
+    tl.store(h_ptr + h_off, _to_out(h, h_ptr.dtype.element_ty), mask=mask_h)
+    tl.store(y_ptr + row64 * stride_yb + offs_d[None, :] * stride_yd, _to_out(y, y_ptr.dtype.element_ty),
+             mask=mask_bd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1709,6 +1801,55 @@ def selective_scan(
 DT_PROJ_MAX_BATCH = 8
 
 
+# Above DT_PROJ_MAX_BATCH and up to this batch, a decode step with an int8 DeltaProjection runs it
+# inside the kernel for ROWS_BLOCK_B sequences at a time (`_state_update_rows_kernel`): one MMA
+# per program, dt_proj's weight read once per ROWS_BLOCK_B sequences. 0 turns that off (dt_proj
+# then runs as its own GEMM above DT_PROJ_MAX_BATCH). A setting decode_settings.py sweeps.
+DT_PROJ_ROWS_MAX_BATCH = 64
+ROWS_BLOCK_B = 16
+# Channels a program: 16 with 4 warps compiles to 168 registers a thread, no spills (Triton 3.6,
+# sm_90), so 3 programs an SM and batch 16's 320 programs (2.8b) in one wave; 32 with 8 warps to 209.
+ROWS_BLOCK_D = 16
+
+
+def _rows_kernel_takes(proj: object, state: object) -> bool:
+    """Whether `_state_update_rows_kernel` runs this step's projection (see DT_PROJ_ROWS_MAX_BATCH):
+    an int8 one of a rank the MMA's K tile holds, above DT_PROJ_MAX_BATCH, on a state whose
+    element offsets fit the kernel's 32-bit arithmetic."""
+    if not (isinstance(proj, DeltaProjection) and isinstance(state, torch.Tensor) and state.dim() == 3):
+        return False
+    reach = sum((size - 1) * abs(stride) for size, stride in zip(state.shape, state.stride()))
+    return DT_PROJ_MAX_BATCH < state.shape[0] <= DT_PROJ_ROWS_MAX_BATCH and proj.x.shape[1] <= 256 and reach < 2**31
+
+
+def _state_update_rows(state, u, A, B, C, D, z, delta_bias, delta_softplus, proj: DeltaProjection, info: dict,
+                       out_dtype: torch.dtype, u_scale, B_scale, C_scale, z_scale) -> torch.Tensor:
+    """`selective_state_update` with dt_proj inside, on `_state_update_rows_kernel`."""
+    batch, d_inner = u.shape
+    y = torch.empty(batch, d_inner, dtype=out_dtype, device=u.device)
+    zz = z if z is not None else u
+    flags = _flags(info, D, z, delta_bias, delta_softplus)
+    del flags["DT_Q"]  # the kernel's delta is the projection's int8 output
+    # tl.dot's smallest int8 tiles: 16 rows, K a multiple of 32 (the rank, padded with zeros).
+    block_r = max(32, next_pow2(proj.x.shape[1]))
+    block_d = 16 if _INTERPRET else ROWS_BLOCK_D
+    grid = (cdiv(d_inner, block_d), cdiv(batch, ROWS_BLOCK_B))
+    _state_update_rows_kernel[grid](
+        state, u, A, B, C, D if D is not None else A, zz, _bias_or_zeros(delta_bias, d_inner, u.device),
+        _scale_arg(u_scale, A), proj.out_scale, _scale_arg(B_scale, A), _scale_arg(C_scale, A),
+        _scale_arg(z_scale, A),
+        y,
+        proj.x, proj.weight, proj.x_scale, proj.weight_scale, proj.bias if proj.bias is not None else A,
+        batch, d_inner, info["d_state"], proj.x.shape[1],
+        *state.stride(), *u.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(), *y.stride(),
+        proj.x.stride(0), proj.weight.stride(0),
+        PW_PER_CHANNEL=proj.weight_scale.numel() > 1, PW_HAS_BIAS=proj.bias is not None,
+        BLOCK_D=block_d, BLOCK_B=ROWS_BLOCK_B, BLOCK_R=block_r, num_warps=1 if _INTERPRET else max(4, block_d // 4),
+        **flags, **launch_options(u.device),
+    )
+    return y
+
+
 def _projection_block_r(rank: int, four_bit: bool) -> int:
     """The columns of dt_proj's weight a decode program reads at a time: the rank rounded up to a
     power of two, in one tile up to 256 (the interpreter takes tiles of 8 so that its tests walk
@@ -1758,7 +1899,7 @@ def selective_state_update(
         _check_projection(delta_proj, delta, delta_scale, _shape_info(u), u.device)
         # An int8 delta comes with its scale; a 4-bit projection's is a float.
         proj_scale = delta_proj.out_scale if isinstance(delta_proj, DeltaProjection) else None
-        if u.shape[0] <= DT_PROJ_MAX_BATCH and _use_triton(u):
+        if _use_triton(u) and (u.shape[0] <= DT_PROJ_MAX_BATCH or _rows_kernel_takes(delta_proj, state)):
             fused, delta, delta_scale = delta_proj, delta_proj.delta_like(), proj_scale
         else:
             delta, delta_scale = delta_proj.delta(), proj_scale
@@ -1772,6 +1913,9 @@ def selective_state_update(
             state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale=u_scale,
             delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype,
         )
+    if fused is not None and batch > DT_PROJ_MAX_BATCH:
+        return _state_update_rows(state, u, A, B, C, D, z, delta_bias, delta_softplus, fused, info, out_dtype,
+                                  u_scale, B_scale, C_scale, z_scale)
     if isinstance(fused, DeltaProjectionW4):
         proj = (fused.x, fused.weight, A, fused.weight_scale, fused.bias if fused.bias is not None else A,
                 fused.x.shape[1], fused.x.stride(0), fused.weight.stride(0), fused.weight_scale.stride(0))
