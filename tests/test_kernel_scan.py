@@ -479,6 +479,7 @@ def test_dt_proj_for_a_block_of_sequences_equals_the_gemm_then_the_update(batch,
                                                                          has_bias, state_dtype, monkeypatch):
     """Above DT_PROJ_MAX_BATCH the projection runs inside `_state_update_rows_kernel`, one MMA for
     ROWS_BLOCK_B sequences: the GEMM's int32 sums and epilogue, so the same delta and step."""
+    monkeypatch.setattr(scan, "DT_PROJ_ROWS_MAX_BATCH", 64)  # several blocks of sequences too
     tok, rest, proj, state = _step_with_projection(batch, d_inner, rank, per_channel, has_bias, seed=batch + rank)
     state = state.to(state_dtype)
     plain_state = state.clone()
@@ -494,14 +495,16 @@ def test_dt_proj_for_a_block_of_sequences_equals_the_gemm_then_the_update(batch,
 
 
 @pytest.mark.parametrize("batch, rows_max, four_bit, runs", [
-    (8, 64, False, False),  # up to DT_PROJ_MAX_BATCH: the per-sequence kernel
-    (9, 64, False, True), (64, 64, False, True),
-    (65, 64, False, False),  # above the limit: the GEMM
+    (8, None, False, False),  # up to DT_PROJ_MAX_BATCH: the per-sequence kernel
+    (9, None, False, True), (16, None, False, True),
+    (17, None, False, False),  # above the limit (16 by default): the GEMM
+    (64, 64, False, True), (65, 64, False, False),
     (16, 0, False, False),  # turned off
-    (16, 64, True, False),  # a 4-bit projection: its own kernel
+    (16, None, True, False),  # a 4-bit projection: its own kernel
 ])
 def test_which_batches_take_the_block_of_sequences_kernel(batch, rows_max, four_bit, runs, monkeypatch):
-    monkeypatch.setattr(scan, "DT_PROJ_ROWS_MAX_BATCH", rows_max)
+    if rows_max is not None:
+        monkeypatch.setattr(scan, "DT_PROJ_ROWS_MAX_BATCH", rows_max)
     x = torch.zeros(batch, 5, dtype=torch.float16 if four_bit else torch.int8)
     proj = (DeltaProjectionW4(x, torch.zeros(8, 3, dtype=torch.uint8), torch.ones(8, 1), 8, None) if four_bit
             else DeltaProjection(x, torch.tensor(1.0), torch.zeros(8, 5, dtype=torch.int8), torch.ones(8), None,

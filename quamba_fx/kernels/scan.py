@@ -1803,9 +1803,10 @@ DT_PROJ_MAX_BATCH = 8
 
 # Above DT_PROJ_MAX_BATCH and up to this batch, a decode step with an int8 DeltaProjection runs it
 # inside the kernel for ROWS_BLOCK_B sequences at a time (`_state_update_rows_kernel`): one MMA
-# per program, dt_proj's weight read once per ROWS_BLOCK_B sequences. 0 turns that off (dt_proj
-# then runs as its own GEMM above DT_PROJ_MAX_BATCH). A setting decode_settings.py sweeps.
-DT_PROJ_ROWS_MAX_BATCH = 64
+# per program, dt_proj's weight read once per ROWS_BLOCK_B sequences. Above it dt_proj runs as its
+# own GEMM; 0 turns the kernel off. mamba-2.8b W8A8 on an H100 (session 56, docs/benchmarks.md):
+# batch 16 6867 tokens/s against 6765 with the GEMM (+1.5%), batch 64 18397 against 18890 (-2.6%).
+DT_PROJ_ROWS_MAX_BATCH = 16
 ROWS_BLOCK_B = 16
 # Channels a program: 16 with 4 warps compiles to 168 registers a thread, no spills (Triton 3.6,
 # sm_90), so 3 programs an SM and batch 16's 320 programs (2.8b) in one wave; 32 with 8 warps to 209.
