@@ -100,7 +100,10 @@ tricks rather than the slow I2F unit (every thread converts its part of B and C)
 kernel is one program per (batch, channel block): one step, state updated in place; given a
 `DeltaProjection` (int8 weights) or a `DeltaProjectionW4` (4-bit ones) it also computes delta
 from dt_proj's input row and weight (decode graphs fold dt_proj in this way,
-passes/lowering/scan.py and gemm_w4.py), sparing a GEMM launch a block.
+passes/lowering/scan.py and gemm_w4.py), sparing a GEMM launch a block. Up to DT_PROJ_MAX_BATCH
+sequences; above it, up to DT_PROJ_ROWS_MAX_BATCH, an int8 projection runs in a second decode
+kernel (`_state_update_rows_kernel`) whose programs take 16 sequences each, their deltas one int8
+MMA, so that dt_proj's weight is not read again for every sequence; above that, as its GEMM.
 
 The tiled walk (`_walk_tiles`, configs with TILE_T > 0) is the autotuner's other candidate: a
 program takes TILE_T steps at a time, computes their per-channel terms as one `[TILE_T, BLOCK_D]`
