@@ -1892,8 +1892,9 @@ def selective_state_update(
         u, delta, z: `[batch, d_inner]`; B, C: `[batch, d_state]`; any strides, int8 + scale or
             float. The other arguments are as in `selective_scan`.
         delta_proj: dt_proj to compute delta from (`DeltaProjection`, `DeltaProjectionW4`), with `delta` and
-            `delta_scale` None: at batch <= DT_PROJ_MAX_BATCH inside the kernel, above it as a GEMM
-            first (each program would re-read its channels' dt_proj rows once per sequence).
+            `delta_scale` None: at batch <= DT_PROJ_MAX_BATCH inside the kernel; above it, an int8
+            one up to DT_PROJ_ROWS_MAX_BATCH inside the kernel for 16 sequences a program; else as
+            a GEMM first (each program would re-read its channels' dt_proj rows once per sequence).
 
     Returns:
         y `[batch, d_inner]`, contiguous, dtype `out_dtype` (default as in `selective_scan`).
