@@ -1810,9 +1810,12 @@ DT_PROJ_MAX_BATCH = 8
 # batch 16 6867 tokens/s against 6765 with the GEMM (+1.5%), batch 64 18397 against 18890 (-2.6%).
 DT_PROJ_ROWS_MAX_BATCH = 16
 ROWS_BLOCK_B = 16
-# Channels a program: 16 with 4 warps compiles to 168 registers a thread, no spills (Triton 3.6,
-# sm_90), so 3 programs an SM and batch 16's 320 programs (2.8b) in one wave; 32 with 8 warps to 209.
+# Channels and warps a program: 16 channels on 4 warps compile to 168 registers a thread, no
+# spills (Triton 3.6, sm_90), so 3 programs an SM and batch 16's 320 programs (2.8b) in one wave;
+# on 8 warps to 106 (2 programs an SM, two waves at batch 16, but half the tile a thread, which
+# larger batches may prefer: not yet timed); 32 channels on 8 warps to 209.
 ROWS_BLOCK_D = 16
+ROWS_WARPS = 4
 
 
 def _rows_kernel_takes(proj: object, state: object) -> bool:
@@ -1847,7 +1850,7 @@ def _state_update_rows(state, u, A, B, C, D, z, delta_bias, delta_softplus, proj
         *state.stride(), *u.stride(), *zz.stride(), *B.stride(), *C.stride(), *A.stride(), *y.stride(),
         proj.x.stride(0), proj.weight.stride(0),
         PW_PER_CHANNEL=proj.weight_scale.numel() > 1, PW_HAS_BIAS=proj.bias is not None,
-        BLOCK_D=block_d, BLOCK_B=ROWS_BLOCK_B, BLOCK_R=block_r, num_warps=1 if _INTERPRET else max(4, block_d // 4),
+        BLOCK_D=block_d, BLOCK_B=ROWS_BLOCK_B, BLOCK_R=block_r, num_warps=1 if _INTERPRET else ROWS_WARPS,
         **flags, **launch_options(u.device),
     )
     return y
