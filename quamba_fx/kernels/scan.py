@@ -562,6 +562,16 @@ PROJECT_R = tl.constexpr(32)
 
 
 @triton.jit
+def _projection_scale(x_scale_ptr, w_scale_ptr, offs_d, mask_d, W_PER_CHANNEL: tl.constexpr):
+    """dt_proj's GEMM epilogue scale `x_scale * w_scale` for the channels `offs_d` (fp32 [BLOCK_D];
+    1 * x_scale on masked-off channels)."""
+    if W_PER_CHANNEL:
+        return tl.load(x_scale_ptr) * tl.load(w_scale_ptr + offs_d, mask=mask_d, other=1.0)
+    else:
+        return tl.load(x_scale_ptr) * tl.load(w_scale_ptr) + tl.zeros([offs_d.shape[0]], dtype=tl.float32)
+
+
+@triton.jit
 def _project_chunk(px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr, dt_ptr, dt_scale_ptr, pid_b, t0, n_steps,
                    offs_d64, mask_d, R: tl.constexpr, stride_pxb, stride_pxl, stride_pwd, stride_tb, stride_td, stride_tl,
                    PW_PER_CHANNEL: tl.constexpr, PW_HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -570,10 +580,7 @@ def _project_chunk(px_ptr, px_scale_ptr, pw_ptr, pw_scale_ptr, pb_ptr, dt_ptr, d
     int32 sums of `int8_gemm(x, w)` (exact in any order) and its epilogue, so the same bits as the
     GEMM it replaces. The barrier makes every thread's stores visible to the whole program."""
     cols = tl.where(mask_d, offs_d64, 0)
-    if PW_PER_CHANNEL:
-        s = tl.load(px_scale_ptr) * tl.load(pw_scale_ptr + cols)
-    else:
-        s = tl.load(px_scale_ptr) * tl.load(pw_scale_ptr) + tl.zeros([BLOCK_D], dtype=tl.float32)
+    s = _projection_scale(px_scale_ptr, pw_scale_ptr, cols, mask_d, PW_PER_CHANNEL)
     if PW_HAS_BIAS:
         bias = tl.load(pb_ptr + cols)
     out_scale = tl.load(dt_scale_ptr)
@@ -934,10 +941,7 @@ def _project_delta(w_first, x_row, w_ptr, x_scale_ptr, w_scale_ptr, wb_ptr, out_
     for r0 in range(BLOCK_R, R, BLOCK_R):  # ranks above BLOCK_R (256): none in Mamba's shapes
         x = tl.load(x_row + r0 + offs_r, mask=r0 + offs_r < R, other=0).to(tl.int32)
         acc += tl.sum(_load_projection_rows(w_ptr, offs_d, mask_d, r0, R, stride_wd, BLOCK_R) * x[None, :], axis=1)
-    if W_PER_CHANNEL:
-        s = tl.load(x_scale_ptr) * tl.load(w_scale_ptr + offs_d, mask=mask_d, other=1.0)
-    else:
-        s = tl.load(x_scale_ptr) * tl.load(w_scale_ptr) + tl.zeros([offs_d.shape[0]], dtype=tl.float32)
+    s = _projection_scale(x_scale_ptr, w_scale_ptr, offs_d, mask_d, W_PER_CHANNEL)
     # This kernel is compiled with fp fusion (the state update wants its FMAs): `mul_rn` keeps the
     # GEMM epilogue's product rounded before the bias is added.
     y = mul_rn(acc.to(tl.float32), s)
@@ -1108,11 +1112,8 @@ def _state_update_rows_kernel(
     x = tl.load(px_ptr + offs_b.to(tl.int64)[:, None] * stride_pxb + offs_r[None, :],
                 mask=(offs_b < batch)[:, None] & (offs_r < R)[None, :], other=0)
     acc = tl.dot(x, tl.trans(w), out_dtype=tl.int32)
-    if PW_PER_CHANNEL:
-        ws = tl.load(px_scale_ptr) * tl.load(pw_scale_ptr + offs_d, mask=mask_d, other=1.0)
-    else:
-        ws = tl.load(px_scale_ptr) * tl.load(pw_scale_ptr) + tl.zeros([BLOCK_D], dtype=tl.float32)
-    t = mul_rn(acc.to(tl.float32), tl.broadcast_to(ws[None, :], [BLOCK_B, BLOCK_D]))
+    ws = _projection_scale(px_scale_ptr, pw_scale_ptr, offs_d, mask_d, PW_PER_CHANNEL)
+    t = mul_rn(acc.to(tl.float32), ws[None, :])
     if PW_HAS_BIAS:
         t = t + tl.load(pb_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
     t_r = requant_int8(t, tl.load(dt_scale_ptr))  # [BLOCK_B, BLOCK_D]
