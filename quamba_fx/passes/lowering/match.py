@@ -11,7 +11,7 @@ from ...graph_info import fetch_attr, info
 from ..quantize import DEQUANTIZE
 
 __all__ = ["annotate", "channel_scale_values", "get_attr", "is_call", "is_cast", "is_fp32_cast", "is_scalar_attr",
-           "per_channel_int8", "strip_casts"]
+           "per_channel_int8", "same_value", "strip_casts"]
 
 
 def is_call(node: Any, target) -> bool:
@@ -81,6 +81,13 @@ def per_channel_int8(node: object) -> tuple[torch.fx.Node, torch.fx.Node] | None
     if node.args[3] not in (2, -1) or channel_scale_values(node.args[1]) is None:
         return None
     return node.args[0], node.args[1]
+
+
+def same_value(a: object, b: object) -> bool:
+    """One node, or two reads of one attribute (the lowering's rules read a scale afresh; the
+    duplicates merge only after them)."""
+    return a is b or (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a.op == b.op == "get_attr"
+                      and a.target == b.target)
 
 
 def transposed_projection(node: Any, target) -> torch.fx.Node | None:

@@ -18,7 +18,8 @@ from ...kernels import ssd as ssd_kernel  # noqa: F401  (the same, for Mamba-2)
 from ..quantize import DEQUANTIZE
 from ..rewrite import Rule
 from .gemm import W8A8_LINEAR
-from .match import annotate, channel_scale_values, is_call, per_channel_int8, per_tensor_int8, transposed_projection
+from .match import (annotate, channel_scale_values, is_call, per_channel_int8, per_tensor_int8, same_value,
+                    transposed_projection)
 
 SCAN = torch.ops.quamba.selective_scan.default
 # Mamba-2's scan: the kernel op takes the reference op's arguments, its products' dtype and, for
@@ -144,13 +145,6 @@ def ssd_scan_on_kernels(gm: torch.fx.GraphModule, node: torch.fx.Node, dtype: to
     return True
 
 
-def _same_value(a: object, b: object) -> bool:
-    """One node, or two reads of one attribute (the lowering's rules read a scale afresh; the
-    duplicates merge only after them)."""
-    return a is b or (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a.op == b.op == "get_attr"
-                      and a.target == b.target)
-
-
 def _dt_proj_into(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, target, kernel: str) -> bool:
     """`node`, a scan called with `args` = `(u, su, transpose(w8a8_linear(x, xs, w, ws, b, s)), s,
     *rest)`, dt_proj's int8 output feeding nothing else -> `target(u, su, x, xs, w, ws, b, s, *rest)`."""
@@ -159,7 +153,7 @@ def _dt_proj_into(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, ta
     if linear is None or len(linear.args) < 6:
         return False
     x, xs, w, ws, bias, out_scale = linear.args[:6]
-    if not _same_value(out_scale, delta_scale):  # an int8 delta, the scale the scan reads it with
+    if not same_value(out_scale, delta_scale):  # an int8 delta, the scale the scan reads it with
         return False
     with gm.graph.inserting_before(node):
         fused = gm.graph.call_function(target, (u, su, x, xs, w, ws, bias, delta_scale, *rest))
