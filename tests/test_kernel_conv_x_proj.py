@@ -106,8 +106,11 @@ def test_in_proj_conv_x_proj_takes_the_kernel_from_two_to_max_batch_rows(m, take
     xz, u, x_dbl = in_proj_conv_x_proj(*in_proj, conv, proj)
     assert len(launches) == takes
     assert torch.equal(xz, xz_want) and torch.equal(conv.state, state)
-    if EXACT or m > 1:
+    if EXACT or not takes:
         assert torch.equal(u, u_want) and torch.equal(x_dbl, x_dbl_want)
+    else:  # CUDA: the conv kernel may contract an FMA that the shared launch does not
+        assert (u.int() - u_want.int()).abs().max() <= 1
+        assert torch.equal(x_dbl, int8_gemm(u, conv.out_scale, proj.weight, proj.weight_scale, None, proj.out_scale))
     monkeypatch.setattr(conv_x_proj, "MAX_BATCH", 0)
     assert not conv_x_proj.takes(x, conv, proj)
 
