@@ -1902,12 +1902,14 @@ def selective_state_update(
     Returns:
         y `[batch, d_inner]`, contiguous, dtype `out_dtype` (default as in `selective_scan`).
     """
-    fused = None
+    fused, rows_kernel = None, False
     if delta_proj is not None:
         _check_projection(delta_proj, delta, delta_scale, _shape_info(u), u.device)
         # An int8 delta comes with its scale; a 4-bit projection's is a float.
         proj_scale = delta_proj.out_scale if isinstance(delta_proj, DeltaProjection) else None
-        if _use_triton(u) and (u.shape[0] <= DT_PROJ_MAX_BATCH or _rows_kernel_takes(delta_proj, state)):
+        # Decided once: the rows kernel (above DT_PROJ_MAX_BATCH) or the per-sequence one.
+        rows_kernel = _use_triton(u) and _rows_kernel_takes(delta_proj, state)
+        if _use_triton(u) and (u.shape[0] <= DT_PROJ_MAX_BATCH or rows_kernel):
             fused, delta, delta_scale = delta_proj, delta_proj.delta_like(), proj_scale
         else:
             delta, delta_scale = delta_proj.delta(), proj_scale
@@ -1921,7 +1923,7 @@ def selective_state_update(
             state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale=u_scale,
             delta_scale=delta_scale, B_scale=B_scale, C_scale=C_scale, z_scale=z_scale, out_dtype=out_dtype,
         )
-    if fused is not None and batch > DT_PROJ_MAX_BATCH:
+    if rows_kernel:
         return _state_update_rows(state, u, A, B, C, D, z, delta_bias, delta_softplus, fused, info, out_dtype,
                                   u_scale, B_scale, C_scale, z_scale)
     if isinstance(fused, DeltaProjectionW4):
