@@ -255,6 +255,7 @@ def test_fused_decode_kernels_give_the_logits_of_the_separate_ones(tiny_quantize
             gen.prefill(ids[:, :5])
             return [gen.decode(ids[:, t]) for t in (5, 6)]
 
+    monkeypatch.setattr(conv_x_proj, "MAX_BATCH", 16)  # on (off by default until timed on a GPU)
     fused = decode_two()
     monkeypatch.setattr(scan, "DT_PROJ_MAX_BATCH", 0)  # dt_proj as its own GEMM first
     monkeypatch.setattr(gemv, "GEMV_MAX_M", 0)  # no GEMV: in_proj, then the conv kernel

@@ -22,7 +22,7 @@ so its conv step rounds `acc + w * x` twice, as the reference and the batch-1 GE
 do, where the conv kernel may contract it into an FMA (one code apart at most).
 
 `in_proj_conv_x_proj` is the graph op's body: in_proj's GEMM, then this kernel at 2..MAX_BATCH
-rows; at one row the GEMV with its conv epilogue and x_proj's GEMV, as before; above MAX_BATCH
+rows (off by default until timed on a GPU, see MAX_BATCH); at one row the GEMV with its conv epilogue and x_proj's GEMV, as before; above MAX_BATCH
 the GEMM, the conv kernel and x_proj's GEMM.
 
 The accumulator is shared per device and stream and is zero between launches (the last program
@@ -53,8 +53,11 @@ __all__ = ["BLOCK_C", "MAX_BATCH", "Projection", "conv_step_x_proj", "conv_step_
            "in_proj_conv_x_proj", "takes"]
 
 # Batches (rows) this kernel runs: from 2 (one row: the GEMV's conv epilogue) to MAX_BATCH; 0 turns
-# it off. A setting, for benchmarks/decode_settings.py.
-MAX_BATCH = 16
+# it off. Off until a GPU has timed it against the two kernels (device_run.sh's `conv-x-proj` step:
+# no device was lent in session 57, when it was written); it compiles for sm_90 under Triton 3.6
+# and 3.8 (offline builds, no spills) and matches the two kernels under the interpreter. A
+# setting, for benchmarks/decode_settings.py.
+MAX_BATCH = 0
 # Channels a program on the GPU: 64 gives 2.8b's 5120 channels 80 programs, each one 12 KB of
 # x_proj's weight and one 64-deep MMA step. A setting, as MAX_BATCH.
 BLOCK_C = 64
