@@ -85,12 +85,14 @@ def test_the_accumulator_is_clear_after_each_launch():
 
 
 @needs_kernel
-@pytest.mark.parametrize("m, takes", [(1, False), (2, True), (16, True), (17, False)])
-def test_in_proj_conv_x_proj_takes_the_kernel_from_two_to_max_batch_rows_when_on(m, takes, monkeypatch):
-    """The op's body: in_proj's GEMM, then the shared launch at 2..MAX_BATCH rows; at one row the
-    GEMV with its conv epilogue and x_proj's GEMV, above MAX_BATCH the three kernels; the same
-    results either way."""
+@pytest.mark.parametrize("m, min_batch, takes", [(1, 2, False), (1, 1, True), (2, 2, True), (16, 2, True),
+                                                  (17, 2, False)])
+def test_in_proj_conv_x_proj_takes_the_kernel_from_min_to_max_batch_rows_when_on(m, min_batch, takes, monkeypatch):
+    """The op's body: in_proj's GEMM, then the shared launch at MIN_BATCH..MAX_BATCH rows; below,
+    at one row, the GEMV with its conv epilogue and x_proj's GEMV, above MAX_BATCH the three
+    kernels; the same results either way."""
     monkeypatch.setattr(conv_x_proj, "MAX_BATCH", 16)
+    monkeypatch.setattr(conv_x_proj, "MIN_BATCH", min_batch)
     gen = torch.Generator().manual_seed(m)
     d, n, k = 32, 18, 48
     x = torch.randint(-128, 128, (m, 1, k), dtype=torch.int8, generator=gen).to(DEVICE)

@@ -21,8 +21,8 @@ under the interpreter; on CUDA this kernel is compiled without fp fusion (the GE
 so its conv step rounds `acc + w * x` twice, as the reference and the batch-1 GEMV's conv epilogue
 do, where the conv kernel may contract it into an FMA (one code apart at most).
 
-`in_proj_conv_x_proj` is the graph op's body: in_proj's GEMM, then this kernel at 2..MAX_BATCH
-rows (off by default until timed on a GPU, see MAX_BATCH); at one row the GEMV with its conv epilogue and x_proj's GEMV, as before; above MAX_BATCH
+`in_proj_conv_x_proj` is the graph op's body: in_proj's GEMM, then this kernel at MIN_BATCH (2)
+to MAX_BATCH rows (off by default until timed on a GPU, see MAX_BATCH); at one row the GEMV with its conv epilogue and x_proj's GEMV, as before; above MAX_BATCH
 the GEMM, the conv kernel and x_proj's GEMM.
 
 The accumulator is shared per device and stream and is zero between launches (the last program
@@ -49,7 +49,7 @@ from .gemm import ConvStep, _f32_vector, _validate, int8_gemm, int8_gemm_conv_st
 from .gemm_epilogue import OUT_INT8, store_tile
 from .pdl import launch_options, wait_for_previous
 
-__all__ = ["BLOCK_C", "MAX_BATCH", "Projection", "conv_step_x_proj", "conv_step_x_proj_reference",
+__all__ = ["BLOCK_C", "MAX_BATCH", "MIN_BATCH", "Projection", "conv_step_x_proj", "conv_step_x_proj_reference",
            "in_proj_conv_x_proj", "takes"]
 
 # Batches (rows) this kernel runs: from 2 (one row: the GEMV's conv epilogue) to MAX_BATCH; 0 turns
@@ -58,6 +58,11 @@ __all__ = ["BLOCK_C", "MAX_BATCH", "Projection", "conv_step_x_proj", "conv_step_
 # and 3.8 (offline builds, no spills) and matches the two kernels under the interpreter. A
 # setting, for benchmarks/decode_settings.py.
 MAX_BATCH = 0
+# The fewest rows it runs: at one row the in_proj GEMV runs the conv step in its epilogue and
+# x_proj is a GEMV of its own, which this kernel could replace (the GEMV then without its conv
+# epilogue: two launches either way). 2 keeps one row on the GEMVs; 1 is for the A/B
+# (device_run.sh's `conv-x-proj-b1` step). A setting, as MAX_BATCH.
+MIN_BATCH = 2
 # Channels a program on the GPU: 64 gives 2.8b's 5120 channels 80 programs, each one 12 KB of
 # x_proj's weight and one 64-deep MMA step. A setting, as MAX_BATCH.
 BLOCK_C = 64
@@ -216,11 +221,11 @@ def conv_step_x_proj(rows: Tensor, x_scale: Tensor, conv: ConvStep, proj: Projec
 
 
 def takes(x_q: Tensor, conv: ConvStep, proj: Projection) -> bool:
-    """Whether `in_proj_conv_x_proj` runs this kernel: 2..MAX_BATCH rows on a device the kernels
-    run on, the conv's columns from in_proj's first (Mamba-1's x half), one conv output scale
-    (x_proj's input scale), and an x_proj of at most MAX_N outputs."""
+    """Whether `in_proj_conv_x_proj` runs this kernel: MIN_BATCH..MAX_BATCH rows on a device the
+    kernels run on, the conv's columns from in_proj's first (Mamba-1's x half), one conv output
+    scale (x_proj's input scale), and an x_proj of at most MAX_N outputs."""
     m = x_q.numel() // x_q.shape[-1] if x_q.dim() and x_q.shape[-1] else 0
-    return (2 <= m <= min(MAX_BATCH, _MAX_ROWS) and _use_triton(x_q) and conv.start == 0
+    return (max(MIN_BATCH, 1) <= m <= min(MAX_BATCH, _MAX_ROWS) and _use_triton(x_q) and conv.start == 0
             and isinstance(conv.out_scale, Tensor) and conv.out_scale.numel() == 1
             and isinstance(proj.weight, Tensor) and proj.weight.dim() == 2 and proj.weight.shape[0] <= MAX_N)
 
@@ -253,7 +258,7 @@ def in_proj_conv_x_proj_op(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: T
     """`in_proj_conv_update(x_q, .., conv_state)` (results `xz`, `u [B, D, 1]` laid out `[B, 1, D]`)
     and `w8a8_linear(u.transpose(1, 2), conv_out_scale, x_proj_weight, x_proj_weight_scale,
     x_proj_bias, x_proj_out_scale)` (`x_dbl [B, 1, N]` int8): a Mamba-1 decode step's in_proj,
-    conv step and x_proj, the last two in one launch at 2..MAX_BATCH sequences
+    conv step and x_proj, the last two in one launch at MIN_BATCH..MAX_BATCH sequences
     (`in_proj_conv_x_proj`)."""
     w, b = _conv_params(conv_weight, conv_bias)
     xz, u, x_dbl = in_proj_conv_x_proj(
