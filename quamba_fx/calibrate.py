@@ -16,8 +16,8 @@ from .graph_info import describe
 from .quant.gptq import HessianObserver
 from .quant.observers import Observer, make_observer, observer_class, observer_from_state_dict
 from .quant.qops import QMAX
-from .recipe import (HEAD_INPUT_SCALE, block_paths, head_input_node, head_path, head_scale_key, recipe_for_graph,
-                     tap_node)
+from .recipe import (HEAD_INPUT_SCALE, block_paths, head_input_node, head_path, head_scale_key, head_scale_path,
+                     recipe_for_graph, tap_node)
 from .recipes import Recipe
 
 CALIBRATION_FORMAT = 1
@@ -50,7 +50,7 @@ class Calibration:
             raise CalibrationError(f"the calibration was recorded for recipe {self.recipe!r}, not {recipe.name!r}")
         expected = [(f"{block}.{tap.key}", spec) for block in blocks for tap, spec in recipe.specs]
         if recipe.head is not None and head is not None:
-            expected.append((f"{head}.{HEAD_INPUT_SCALE}", recipe.head))
+            expected.append((head_scale_path(head), recipe.head))
         for key, spec in expected:
             observer = self.observers.get(key)
             if observer is None:

@@ -31,7 +31,7 @@ from .recipes import (
 
 __all__ = [
     "CONV_OUT", "DT_PROJ_OUT", "IN_PROJ_OUT", "NORM_OUT", "OUT_PROJ_IN", "W8A8_TAPS", "X_PROJ_OUT", "QuantSpec",
-    "Recipe", "Tap", "as_recipe", "block_paths", "head_input_node", "head_node", "head_scale_key", "make_recipe", "recipe_for_graph",
+    "Recipe", "Tap", "as_recipe", "block_paths", "head_input_node", "head_node", "head_scale_key", "head_scale_path", "make_recipe", "recipe_for_graph",
     "register_recipe", "tap_node",
 ]
 
@@ -59,11 +59,17 @@ def head_path(gm: torch.fx.GraphModule) -> str | None:
 HEAD_INPUT_SCALE = "input_scale"
 
 
+def head_scale_path(head: str) -> str:
+    """The buffer path of the input scale of the head at module path `head`: `lm_head.input_scale`.
+    The one spelling that calibration, the quantize pass and the flows share."""
+    return f"{head}.{HEAD_INPUT_SCALE}"
+
+
 def head_scale_key(gm: torch.fx.GraphModule, recipe: Recipe) -> str | None:
-    """The buffer path of the head's input scale (`lm_head.input_scale`) where `recipe` quantizes
+    """The buffer path of the head's input scale (`head_scale_path`) where `recipe` quantizes
     the head's input (`Recipe.head`) and the graph has a head; else None."""
     head = head_path(gm)
-    return f"{head}.{HEAD_INPUT_SCALE}" if recipe.head is not None and head is not None else None
+    return head_scale_path(head) if recipe.head is not None and head is not None else None
 
 
 def head_input_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:

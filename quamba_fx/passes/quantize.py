@@ -32,7 +32,7 @@ from ..quant import fp8 as _fp8_ops  # noqa: F401  (registers torch.ops.quamba.q
 from ..quant.fp8_linear import Fp8Linear
 from ..quant.int4_linear import W4A8Linear, W4A16Linear, W4Embedding
 from ..quant.linear import Int8Embedding, QuantizedLinear
-from ..recipe import HEAD_INPUT_SCALE, block_paths, head_input_node, head_path, tap_node
+from ..recipe import block_paths, head_input_node, head_path, head_scale_path, tap_node
 from ..recipes.spec import PER_CHANNEL_8BIT, WeightSpec
 from .rewrite import Rule, run_rules
 
@@ -99,7 +99,7 @@ class InsertQuantDequant(PassBase):
                 _insert_pair(gm, node, key, value, self.dtypes.get(tap.key, "int8"), axis)
         head = head_path(gm) if self.head else None
         if head is not None:
-            key = f"{head}.{HEAD_INPUT_SCALE}"
+            key = head_scale_path(head)
             _insert_pair(gm, head_input_node(gm), key, self._scale(key), "int8", ())
         return PassResult(gm, True)
 
