@@ -61,7 +61,7 @@ MAX_BATCH = 0
 # The fewest rows it runs: at one row the in_proj GEMV runs the conv step in its epilogue and
 # x_proj is a GEMV of its own, which this kernel could replace (the GEMV then without its conv
 # epilogue: two launches either way). 2 keeps one row on the GEMVs; 1 is for the A/B
-# (device_run.sh's `conv-x-proj-b1` step). A setting, as MAX_BATCH.
+# (device_run.sh's `conv-x-proj` step). A setting, as MAX_BATCH.
 MIN_BATCH = 2
 # Channels a program on the GPU: 64 gives 2.8b's 5120 channels 80 programs, each one 12 KB of
 # x_proj's weight and one 64-deep MMA step. A setting, as MAX_BATCH.
