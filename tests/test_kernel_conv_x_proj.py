@@ -148,3 +148,6 @@ def test_more_outputs_than_a_program_holds_run_the_two_kernels(monkeypatch):
         "__getitem__": lambda self, grid: launches.append(grid) or real[grid]})())
     _check_against_two_kernels(*_case(4, 64, 18, 4, True, True, True, seed=11))
     assert launches == []
+    monkeypatch.setattr(conv_x_proj, "MAX_N", 256)  # the spy does see the launch it would make
+    _check_against_two_kernels(*_case(4, 64, 18, 4, True, True, True, seed=11))
+    assert len(launches) == 1

@@ -1,4 +1,4 @@
-"""A Mamba-1 decode step's conv1d step and x_proj in one launch, for a few sequences (2-16).
+"""A Mamba-1 decode step's conv1d step and x_proj in one launch, for a few sequences (1-64).
 
 At batch 16 a block's conv step (one small kernel, 2.4 us on an H100) and x_proj (a 192 x 5120
 GEMM with K split over 24 programs, 3.8 us) are two of its eight launches; the step's time is
@@ -22,8 +22,9 @@ so its conv step rounds `acc + w * x` twice, as the reference and the batch-1 GE
 do, where the conv kernel may contract it into an FMA (one code apart at most).
 
 `in_proj_conv_x_proj` is the graph op's body: in_proj's GEMM, then this kernel at MIN_BATCH (2)
-to MAX_BATCH rows (off by default until timed on a GPU, see MAX_BATCH); at one row the GEMV with its conv epilogue and x_proj's GEMV, as before; above MAX_BATCH
-the GEMM, the conv kernel and x_proj's GEMM.
+to MAX_BATCH rows (off by default until timed on a GPU, see MAX_BATCH); at one row the GEMV with
+its conv epilogue and x_proj's GEMV, as before; above MAX_BATCH the GEMM, the conv kernel and
+x_proj's GEMM.
 
 The accumulator is shared per device and stream and is zero between launches (the last program
 clears it), like split_k.py's counters; the same caveats about CUDA-graph captures apply.
