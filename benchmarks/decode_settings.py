@@ -18,8 +18,12 @@ Rows are tokens/s of greedy decode steps replayed from CUDA graphs after a 16-to
 reference.py times them: a replay, then the argmax, a step); with `--greedy`, of
 `Generator.greedy`, whose graphs hold the argmax and `quamba_fx.runtime.STEPS_PER_GRAPH` steps
 (`--greedy --set quamba_fx.runtime.STEPS_PER_GRAPH=1,8,32`: what the host's gap between replays
-costs). The table gives each round, the mean, and the mean over the first variant's. `--smoke` checks the script on CPU (mamba-tiny, a few plain steps; the numbers mean
-nothing there). docs/benchmarks.md (session 29) has the L2 window sweep this script reproduces.
+costs). The table gives each round, the mean, and the mean over the first variant's, and (for
+CUDA-graph steps) how many leading greedy steps gave the first variant's tokens at that batch in
+every round: a variant that computes something else (a kernel wrong on this GPU) departs at
+once, while kernels that round differently (an FMA contracted or not) may agree throughout or
+depart later, as greedy decoding amplifies any difference. `--smoke` checks the script on CPU
+(mamba-tiny, a few plain steps; the numbers mean nothing there). docs/benchmarks.md (session 29) has the L2 window sweep this script reproduces.
 """
 
 from __future__ import annotations
@@ -63,6 +67,12 @@ def parse_setting(text: str) -> tuple[object, str, list]:
     return module, attr, parsed
 
 
+def leading_equal_steps(tokens: torch.Tensor, first: torch.Tensor) -> int:
+    """How many leading steps of greedy `tokens [steps, B]` equal `first`'s in every sequence."""
+    differ = (tokens != first).any(dim=1).nonzero()
+    return int(differ[0]) if differ.numel() else tokens.shape[0]
+
+
 def label(variant: dict) -> str:
     return ", ".join(f"{attr}={value!r}" for (_, attr), value in variant.items())
 
@@ -80,6 +90,7 @@ def run(args: argparse.Namespace, settings: list[tuple[object, str, list]],
     prompts = {b: torch.randint(0, vocab, (b, R.PROMPT_LEN), device=R.DEVICE) for b in args.batches}
     result: dict = {"model": args.model, "recipe": args.recipe, "check": check, "greedy": args.greedy,
                     "variants": [label(v) for v in grid], "rows": []}
+    first_tokens: dict[int, torch.Tensor] = {}  # batch -> the first variant's greedy tokens [steps, B]
     try:
         with torch.inference_mode():
             if ref is not None:
@@ -98,10 +109,15 @@ def run(args: argparse.Namespace, settings: list[tuple[object, str, list]],
                     # by problem, not by setting): each variant chooses its own.
                     clear_tuned_configs()
                     for batch, prompt in prompts.items():
+                        tokens: list = []
                         rate = (R.our_greedy_rate(lowered, prompt, args.steps) if args.greedy
-                                else R._our_decode_rate(lowered, prompt, args.steps)[0])
-                        result["rows"].append({"variant": label(variant), "round": round_, "batch": batch,
-                                               "tokens_per_s": rate})
+                                else R._our_decode_rate(lowered, prompt, args.steps, tokens)[0])
+                        row = {"variant": label(variant), "round": round_, "batch": batch, "tokens_per_s": rate}
+                        if tokens:
+                            steps = torch.stack(tokens).cpu()
+                            first_tokens.setdefault(batch, steps)
+                            row["equal_steps"] = leading_equal_steps(steps, first_tokens[batch])
+                        result["rows"].append(row)
                         R.log(f"  round {round_} {label(variant)} batch {batch}: {rate:.0f} tok/s")
                         save(result)
                         R.empty_cache()
@@ -116,18 +132,25 @@ def print_table(result: dict, batches: list[int]) -> None:
     how = "Generator.greedy" if result.get("greedy") else "CUDA-graph steps"
     print(f"\nDecode tokens/s, {result['model']} {result['recipe']}, {how} "
           "(rounds; mean; mean / first variant's)")
-    print("| variant | batch | rounds | mean | vs first |" + (" vs mamba_ssm |" if "mamba_ssm" in result else ""))
-    print("|---|---|---|---|---|" + ("---|" if "mamba_ssm" in result else ""))
+    ref = "mamba_ssm" in result
+    equal = any("equal_steps" in row for row in result["rows"])
+    print("| variant | batch | rounds | mean | vs first |" + (" vs mamba_ssm |" if ref else "")
+          + (" steps with the first's tokens |" if equal else ""))
+    print("|---|---|---|---|---|" + ("---|" if ref else "") + ("---|" if equal else ""))
     means = {(row["variant"], row["batch"]): [] for row in result["rows"]}
+    agree = {(row["variant"], row["batch"]): [] for row in result["rows"]}
     for row in result["rows"]:
         means[(row["variant"], row["batch"])].append(row["tokens_per_s"])
+        agree[(row["variant"], row["batch"])].append(row.get("equal_steps"))
     for name in names:
         for batch in batches:
             rates = means[(name, batch)]
             mean, first = statistics.fmean(rates), statistics.fmean(means[(names[0], batch)])
             cells = [name, str(batch), " / ".join(f"{r:.0f}" for r in rates), f"{mean:.0f}", f"{mean / first:.3f}x"]
-            if "mamba_ssm" in result:
+            if ref:
                 cells.append(f"{mean / result['mamba_ssm'][str(batch)]:.2f}x")
+            if equal:
+                cells.append(str(min(agree[(name, batch)])))
             print("| " + " | ".join(cells) + " |")
 
 

@@ -209,9 +209,11 @@ class RefDecoder:
         return logits[:, -1]
 
 
-def decode_rate(prefill: Callable, decode: Callable, prompt: torch.Tensor, steps: int) -> float:
+def decode_rate(prefill: Callable, decode: Callable, prompt: torch.Tensor, steps: int,
+                tokens: list | None = None) -> float:
     """Tokens/s of greedy steps (decode + argmax) after `prompt`, after 3 warm-up steps; `prefill`
-    returns the last position's logits `[B, V]`, `decode` maps tokens `[B]` to logits `[B, V]`."""
+    returns the last position's logits `[B, V]`, `decode` maps tokens `[B]` to logits `[B, V]`.
+    `tokens`, if given, receives each timed step's greedy tokens `[B]` (left on the device)."""
     token = prefill(prompt).argmax(-1)
     for _ in range(3):
         token = decode(token).argmax(-1)
@@ -219,6 +221,8 @@ def decode_rate(prefill: Callable, decode: Callable, prompt: torch.Tensor, steps
     started = time.perf_counter()
     for _ in range(steps):
         token = decode(token).argmax(-1)
+        if tokens is not None:
+            tokens.append(token)
     sync()
     return prompt.shape[0] * steps / (time.perf_counter() - started)
 
@@ -346,12 +350,13 @@ def bench_prefill(ours: dict, ref, shapes, graphs: bool, vocab: int) -> list[dic
     return rows
 
 
-def _our_decode_rate(lowered, prompt: torch.Tensor, steps: int) -> tuple[float, int]:
-    """(tokens/s, decode state bytes) of `quamba_fx.Generator` replaying CUDA-graph steps."""
+def _our_decode_rate(lowered, prompt: torch.Tensor, steps: int, tokens: list | None = None) -> tuple[float, int]:
+    """(tokens/s, decode state bytes) of `quamba_fx.Generator` replaying CUDA-graph steps;
+    `tokens` as in `decode_rate`."""
     import quamba_fx
 
     gen = quamba_fx.Generator(lowered, prompt.shape[0], cuda_graph=DEVICE == "cuda")
-    return decode_rate(lambda p: gen.prefill(p)[:, -1], gen.decode, prompt, steps), gen.cache.nbytes
+    return decode_rate(lambda p: gen.prefill(p)[:, -1], gen.decode, prompt, steps, tokens), gen.cache.nbytes
 
 
 def our_greedy_rate(lowered, prompt: torch.Tensor, steps: int) -> float:

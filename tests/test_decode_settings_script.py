@@ -49,10 +49,10 @@ def test_cpu_smoke_run_times_each_variant_under_its_setting(tmp_path, capsys, mo
     monkeypatch.setattr(dispatch, "_TUNED_CACHES", dict(dispatch._TUNED_CACHES))
     marks = dispatch.tuned_configs("test_decode_settings_marks")
 
-    def recording(lowered, prompt, steps):
+    def recording(lowered, prompt, steps, tokens=None):
         seen.append((pdl.L2_WINDOW_BYTES, prompt.shape[0], len(marks)))
         marks[prompt.shape[0]] = True
-        return timed(lowered, prompt, steps)
+        return timed(lowered, prompt, steps, tokens)
 
     monkeypatch.setattr(reference, "_our_decode_rate", recording)
     before = pdl.L2_WINDOW_BYTES
@@ -65,6 +65,20 @@ def test_cpu_smoke_run_times_each_variant_under_its_setting(tmp_path, capsys, mo
     result = json.loads(out.read_text())["result"]
     assert result["variants"] == ["L2_WINDOW_BYTES=0", "L2_WINDOW_BYTES=16"]
     assert len(result["rows"]) == 8 and all(row["tokens_per_s"] > 0 for row in result["rows"])
+    # The L2 window changes no value: every greedy step gives the first variant's tokens.
+    assert all(row["equal_steps"] == 3 for row in result["rows"])
+
+
+def test_leading_equal_steps_counts_until_any_sequence_departs():
+    import torch
+
+    first = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])
+    assert script.leading_equal_steps(first.clone(), first) == 4
+    departed = first.clone()
+    departed[2, 1] = 0
+    assert script.leading_equal_steps(departed, first) == 2
+    departed[0, 0] = 9
+    assert script.leading_equal_steps(departed, first) == 0
 
 
 @pytest.mark.slow
