@@ -138,6 +138,13 @@ def block(node: torch.fx.Node) -> int | None:
     return info(node).get("block")
 
 
+def module_call(gm: torch.fx.GraphModule, role_name: str, kind: type | None = None) -> torch.fx.Node | None:
+    """The graph's first call of a module labelled `role_name` at capture (`arch.tracing.stage`:
+    "lm_head", "embedding", ...), with `kind` only a module of exactly that type; None if none."""
+    return next((n for n in gm.graph.nodes if n.op == "call_module" and role(n) == role_name
+                 and (kind is None or type(gm.get_submodule(n.target)) is kind)), None)
+
+
 def describe(node: torch.fx.Node) -> str:
     """`name` plus whatever is known of it: `backbone_layers_0_mixer_conv1d [backbone.layers.0.mixer.conv1d, block 0]`."""
     details = []

@@ -11,7 +11,7 @@ import torch.fx
 
 from .arch import arch_named, arch_names, arch_of
 from .errors import RecipeError
-from .graph_info import info, is_kind, op_name
+from .graph_info import is_kind, module_call, op_name
 from .graph_meta import graph_meta
 from .recipes import (
     CONV_OUT,
@@ -46,7 +46,7 @@ def block_paths(gm: torch.fx.GraphModule) -> list[str]:
 def head_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
     """The graph's call of its language-model head (the module labelled `lm_head` at capture), None
     for a graph without one."""
-    return next((n for n in gm.graph.nodes if n.op == "call_module" and info(n).get("role") == "lm_head"), None)
+    return module_call(gm, "lm_head")
 
 
 def head_path(gm: torch.fx.GraphModule) -> str | None:

@@ -27,7 +27,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from tqdm.auto import tqdm
 
 from ..arch import arch_of
-from ..graph_info import info, op_name
+from ..graph_info import info, module_call, op_name
 from ..quant import fp8 as _fp8_ops  # noqa: F401  (registers torch.ops.quamba.quantize_fp8 and friends)
 from ..quant.fp8_linear import Fp8Linear
 from ..quant.int4_linear import W4A8Linear, W4A16Linear, W4Embedding
@@ -321,12 +321,6 @@ def quantize_weights_only(gm: torch.fx.GraphModule, node: torch.fx.Node, plan: _
     return True
 
 
-def _module_node(gm: torch.fx.GraphModule, role: str, kind: type) -> torch.fx.Node | None:
-    """The graph's call of a `kind` module labelled `role` at capture (`arch.tracing.stage`)."""
-    return next((n for n in gm.graph.nodes if n.op == "call_module" and info(n).get("role") == role
-                 and type(gm.get_submodule(n.target)) is kind), None)
-
-
 def quantize_embedding_and_head(gm: torch.fx.GraphModule, plan: _WeightPlan, embedding_node: torch.fx.Node | None,
                                 head_node: torch.fx.Node | None, tied: bool) -> bool:
     """The float token embedding -> `W4Embedding` and the float LM head -> weight-only
@@ -338,7 +332,7 @@ def quantize_embedding_and_head(gm: torch.fx.GraphModule, plan: _WeightPlan, emb
     GPTQ table read by both +0.34%, a GPTQ head beside a rounded embedding +0.31% (and on a random
     mamba-tiny the shared GPTQ table was worse than rounding: GPTQ spends the rows' own accuracy
     on the head's outputs, which lookups do not share). `embedding_node` and `head_node` are the
-    float modules' calls (`_module_node`), `tied` whether they hold one tensor."""
+    float modules' calls (`graph_info.module_call`), `tied` whether they hold one tensor."""
     embedding = gm.get_submodule(embedding_node.target) if embedding_node is not None else None
     head = gm.get_submodule(head_node.target) if head_node is not None else None
     if head is not None:
@@ -370,8 +364,8 @@ class LowerLinears(PassBase):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         plan = _WeightPlan(gm, self.weights, self.hessians, self.progress)
         rules = [functools.partial(lower_linear, plan=plan), functools.partial(quantize_weights_only, plan=plan)]
-        embedding_node = _module_node(gm, "embedding", torch.nn.Embedding)
-        head_node = _module_node(gm, "lm_head", torch.nn.Linear)
+        embedding_node = module_call(gm, "embedding", torch.nn.Embedding)
+        head_node = module_call(gm, "lm_head", torch.nn.Linear)
         # Read before the rules swap the head out: whether the float model holds one tensor for both.
         tied = (embedding_node is not None and head_node is not None and
                 gm.get_submodule(embedding_node.target).weight is gm.get_submodule(head_node.target).weight)
