@@ -23,7 +23,8 @@ CUDA-graph steps) how many leading greedy steps gave the first variant's tokens 
 every round: a variant that computes something else (a kernel wrong on this GPU) departs at
 once, while kernels that round differently (an FMA contracted or not) may agree throughout or
 depart later, as greedy decoding amplifies any difference. `--smoke` checks the script on CPU
-(mamba-tiny, a few plain steps; the numbers mean nothing there). docs/benchmarks.md (session 29) has the L2 window sweep this script reproduces.
+(mamba-tiny, a few plain steps; the numbers mean nothing there). docs/benchmarks.md (session 29)
+has the L2 window sweep this script reproduces.
 """
 
 from __future__ import annotations
