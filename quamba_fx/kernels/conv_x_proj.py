@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import split_k
 from .conv1d import _validate_update as _validate_conv_step
 from .conv1d import (_conv_params, as_out_scale, causal_conv1d_update_silu_int8,
                      causal_conv1d_update_silu_int8_reference, conv_update_step)
@@ -139,19 +140,10 @@ _ACCUMULATORS: Dict[tuple, Tuple[Tensor, Tensor]] = {}
 
 def _accumulator(device: torch.device, values: int) -> Tuple[Tensor, Tensor]:
     """A zeroed accumulator of at least `values` int32 and its arrival counter for a launch on
-    `device`'s current stream: allocated outside CUDA-graph captures where it can be (split_k.scratch
-    says why); inside a capture without one, the graph's own, zeroed by the graph."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        for (dev, _), have in _ACCUMULATORS.items():
-            if dev == device and have[0].numel() >= values:
-                return have
-        return torch.zeros(values, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    have = _ACCUMULATORS.get((device, stream))
-    if have is None or have[0].numel() < values:
-        have = _ACCUMULATORS[(device, stream)] = (torch.zeros(values, dtype=torch.int32, device=device),
-                                                  torch.zeros(1, dtype=torch.int32, device=device))
-    return have
+    `device`'s current stream (`split_k.stream_buffers`: allocated outside CUDA-graph captures
+    where it can be; inside a capture without one, the graph's own, zeroed by the graph)."""
+    return split_k.stream_buffers(_ACCUMULATORS, device, (values, 1),
+                                  lambda n: tuple(torch.zeros(size, dtype=torch.int32, device=device) for size in n))
 
 
 def _warps(block_m: int) -> int:
