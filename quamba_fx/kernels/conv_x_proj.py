@@ -152,18 +152,17 @@ def _warps(block_m: int) -> int:
     return 4 if block_m <= 16 else 8
 
 
-def _check(rows: Tensor, x_scale: Tensor, conv: ConvStep, proj: Projection) -> Tensor:
+def _check(rows: Tensor, x_scale: Tensor, conv: ConvStep, proj: Projection) -> None:
     """Validate the conv step (as the conv kernel does) and x_proj (as `int8_gemm` does, on the
-    conv's output); returns that output, allocated."""
+    conv's output)."""
     if not isinstance(conv, ConvStep) or not isinstance(proj, Projection):
         raise ValueError(f"conv must be a ConvStep and proj a Projection, got {type(conv).__name__} and "
                          f"{type(proj).__name__}")
     _validate_conv_step(rows, conv.state, x_scale, conv.weight, conv.bias, conv.out_scale)
     if conv.out_scale.numel() != 1:
         raise ValueError("x_proj reads the conv's output at one per-tensor scale, got one a channel")
-    u = torch.empty(rows.shape, dtype=torch.int8, device=rows.device)
-    _validate(u, conv.out_scale, proj.weight, proj.weight_scale, proj.bias, proj.out_scale, None)
-    return u
+    # the conv's output has the rows' dtype, shape and device: they stand in for it
+    _validate(rows, conv.out_scale, proj.weight, proj.weight_scale, proj.bias, proj.out_scale, None)
 
 
 def conv_step_x_proj_reference(rows: Tensor, x_scale: Tensor, conv: ConvStep,
@@ -183,7 +182,7 @@ def conv_step_x_proj(rows: Tensor, x_scale: Tensor, conv: ConvStep, proj: Projec
     on more than 64 rows or more than MAX_N outputs. CPU tensors without the interpreter run the
     references; ValueError on bad arguments, before anything is written.
     """
-    u = _check(rows, x_scale, conv, proj)
+    _check(rows, x_scale, conv, proj)
     m, d = rows.shape
     n = proj.weight.shape[0]
     if not _use_triton(rows) or m * d * n == 0:
@@ -193,6 +192,7 @@ def conv_step_x_proj(rows: Tensor, x_scale: Tensor, conv: ConvStep, proj: Projec
         return u, int8_gemm(u, conv.out_scale, proj.weight, proj.weight_scale, proj.bias, proj.out_scale)
     rows = rows if rows.stride(1) == 1 else rows.contiguous()
     weight = proj.weight if proj.weight.stride(1) == 1 else proj.weight.contiguous()
+    u = torch.empty(m, d, dtype=torch.int8, device=rows.device)
     out = torch.empty(m, n, dtype=torch.int8, device=rows.device)
     block_m, block_n = max(16, next_pow2(m)), max(16, next_pow2(n))
     block_c = 32 if _INTERPRET else BLOCK_C
