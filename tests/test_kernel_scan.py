@@ -496,8 +496,8 @@ def test_dt_proj_for_a_block_of_sequences_equals_the_gemm_then_the_update(batch,
 
 @pytest.mark.parametrize("batch, rows_max, four_bit, runs", [
     (8, None, False, False),  # up to DT_PROJ_MAX_BATCH: the per-sequence kernel
-    (9, None, False, True), (16, None, False, True),
-    (17, None, False, False),  # above the limit (16 by default): the GEMM
+    (9, None, False, True), (32, None, False, True),
+    (33, None, False, False),  # above the limit (32 by default): the GEMM
     (64, 64, False, True), (65, 64, False, False),
     (16, 0, False, False),  # turned off
     (16, None, True, False),  # a 4-bit projection: its own kernel

@@ -1808,13 +1808,16 @@ DT_PROJ_MAX_BATCH = 8
 # inside the kernel for ROWS_BLOCK_B sequences at a time (`_state_update_rows_kernel`): one MMA
 # per program, dt_proj's weight read once per ROWS_BLOCK_B sequences. Above it dt_proj runs as its
 # own GEMM; 0 turns the kernel off. mamba-2.8b W8A8 on an H100 (session 56, docs/benchmarks.md):
-# batch 16 6867 tokens/s against 6765 with the GEMM (+1.5%), batch 64 18397 against 18890 (-2.6%).
-DT_PROJ_ROWS_MAX_BATCH = 16
+# batch 16 6867 tokens/s against 6765 with the GEMM (+1.5%), batch 64 18397 against 18890 (-2.6%);
+# session 58, two rounds each: batch 16 6922 against 6830 (+1.3%), 32 11729 against 11654
+# (+0.6%), 64 18624 against 19263 (-3.3%).
+DT_PROJ_ROWS_MAX_BATCH = 32
 ROWS_BLOCK_B = 16
 # Channels and warps a program: 16 channels on 4 warps compile to 168 registers a thread, no
 # spills (Triton 3.6, sm_90), so 3 programs an SM and batch 16's 320 programs (2.8b) in one wave;
-# on 8 warps to 106 (2 programs an SM, two waves at batch 16, but half the tile a thread, which
-# larger batches may prefer: not yet timed); 32 channels on 8 warps to 209.
+# on 8 warps to 106 (2 programs an SM, two waves at batch 16, but half the tile a thread); 32
+# channels on 8 warps to 209. Timed in the model (session 58, H100): 8 warps +0.4% at batch 16,
+# -2.2% at 32, -3.7% at 64 against 4.
 ROWS_BLOCK_D = 16
 ROWS_WARPS = 4
 
