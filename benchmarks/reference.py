@@ -64,8 +64,7 @@ _PATTERNS = (
     ("Hadamard", r"hadamard"),
     ("scan", r"selective_(scan|state)|scan_update|ssm_scan|ssd|chunk_(cumsum|state|scan|cb|dt)|bmm_chunk"
              r"|state_passing|state_update"),
-    # `_conv_step_x_proj_kernel` (batch 2-16 decode) also runs x_proj's GEMM: counted as conv.
-    ("conv", r"conv1d|conv_step"),
+    ("conv", r"conv1d"),
     ("norm", r"rms_?norm|layer_?norm"),
     ("GEMM", r"gemm|gemv|skinny|xmma|cutlass|nvjet|cublas|splitk|matmul|linear|wgmma|dot_kernel|_int_mm"
              r"|aten::(mm|addmm|bmm)$"),

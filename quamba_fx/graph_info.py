@@ -42,8 +42,8 @@ QUANT_BOUNDARY_OPS: set[str] = {"quantize", "dequantize", "quantize_fp8", "dequa
 # Ops that compute a depthwise causal conv1d or a Linear, besides nn.Conv1d / nn.Linear modules.
 CONV1D_OPS: set[str] = {
     "conv1d", "convolution", "conv1d_silu_int8", "conv1d_silu_int8_cached", "conv1d_silu", "conv1d_silu_cached",
-    # a decode step's in_proj with the conv1d step after it, and x_proj (passes/lowering/gemm.py, gemm_w4.py)
-    "in_proj_conv_update", "w4a16_in_proj_conv_update", "in_proj_conv_x_proj",
+    # a decode step's in_proj with the conv1d step after it (passes/lowering/gemm.py, gemm_w4.py)
+    "in_proj_conv_update", "w4a16_in_proj_conv_update",
 }
 # int8_linear / fp8_linear / w4a*_linear: Dynamo inlines the quantized Linears' forward, so the
 # torch.compile backend sees the op.

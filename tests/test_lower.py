@@ -188,26 +188,23 @@ def test_generator_graphs_read_their_weights_without_walking_the_module_tree(tin
     torch.testing.assert_close(gen.prefill(ids), low(ids), rtol=0, atol=0)
 
 
-def test_decode_graph_folds_dt_proj_into_the_scan_and_the_conv_and_x_proj_into_in_proj(tiny_quantized):
+def test_decode_graph_folds_dt_proj_into_the_scan_and_the_conv_into_in_proj(tiny_quantized):
     low = quamba_fx.lower(tiny_quantized)
     gen = quamba_fx.Generator(low, batch_size=1)
     blocks = tiny_config().num_hidden_layers
     decode = [n for n in gen.decode_graph.graph.nodes if n.op == "call_function"]
     prefill = [n for n in gen.prefill_graph.graph.nodes if n.op == "call_function"]
     scans = [n for n in decode if op_name(n) == "dt_proj_state_update"]
-    convs = [n for n in decode if op_name(n) == "in_proj_conv_x_proj"]
+    convs = [n for n in decode if op_name(n) == "in_proj_conv_update"]
     assert len(scans) == len(convs) == blocks
     assert all(n.meta["quamba"]["kernel"] == "triton:dt_proj_state_update" for n in scans)
-    assert all(n.meta["quamba"]["kernel"] == "triton:in_proj_conv_x_proj" for n in convs)
-    # dt_proj's weight is read by the scan's op; in_proj's, the conv's and x_proj's by one op: no
-    # GEMM of dt_proj, in_proj or x_proj, no conv op left in the decode graph; the prefill graph
-    # keeps them all.
+    assert all(n.meta["quamba"]["kernel"] == "triton:in_proj_conv_update" for n in convs)
+    # dt_proj's weight is read by the scan's op, in_proj's and the conv's by one op: no GEMM of
+    # dt_proj or in_proj, no conv op left in the decode graph; the prefill graph keeps them all.
     assert all("dt_proj" in n.args[4].target for n in scans)
-    assert all("in_proj" in n.args[2].target and "conv1d" in n.args[6].target and "x_proj" in n.args[10].target
-               for n in convs)
+    assert all("in_proj" in n.args[2].target and "conv1d" in n.args[6].target for n in convs)
     gemm_weights = [n.args[2].target for n in decode if op_name(n) == "w8a8_linear"]
-    assert not any(name in t for t in gemm_weights for name in ("dt_proj", "in_proj", "x_proj"))
-    assert not any(op_name(n) == "in_proj_conv_update" for n in decode)
+    assert not any("dt_proj" in t or "in_proj" in t for t in gemm_weights)
     assert not any(op_name(n) == "conv1d_silu_int8_cached" for n in decode)
     assert sum(op_name(n) == "conv1d_silu_int8_cached" for n in prefill) == blocks
     assert sum(op_name(n) == "w8a8_linear" and "dt_proj" in n.args[2].target for n in prefill) == blocks
@@ -244,7 +241,7 @@ def test_prefill_scan_folds_dt_proj_in_when_asked_with_the_same_logits_and_gener
 @pytest.mark.slow  # ~11 s under the interpreter; the kernel's own equality test is in the fast suite
 @pytest.mark.parametrize("batch", [1, 2])
 def test_fused_decode_kernels_give_the_logits_of_the_separate_ones(tiny_quantized, batch, monkeypatch):
-    from quamba_fx.kernels import conv_x_proj, gemv, scan
+    from quamba_fx.kernels import gemv, scan
 
     low = quamba_fx.lower(tiny_quantized)
     ids = torch.randint(0, 64, (batch, 7), generator=torch.Generator().manual_seed(4))
@@ -255,11 +252,9 @@ def test_fused_decode_kernels_give_the_logits_of_the_separate_ones(tiny_quantize
             gen.prefill(ids[:, :5])
             return [gen.decode(ids[:, t]) for t in (5, 6)]
 
-    monkeypatch.setattr(conv_x_proj, "MAX_BATCH", 16)  # on (off by default until timed on a GPU)
     fused = decode_two()
     monkeypatch.setattr(scan, "DT_PROJ_MAX_BATCH", 0)  # dt_proj as its own GEMM first
     monkeypatch.setattr(gemv, "GEMV_MAX_M", 0)  # no GEMV: in_proj, then the conv kernel
-    monkeypatch.setattr(conv_x_proj, "MAX_BATCH", 0)  # then x_proj's GEMM
     separate = decode_two()
     assert all(torch.equal(a, b) for a, b in zip(fused, separate))
 

@@ -29,7 +29,6 @@ ref = load_benchmark("reference.py", "reference_benchmark")
     ("_add_rmsnorm_kernel", "norm"),
     ("_hadamard_kernel", "Hadamard"),
     ("_int8_gemm_jit", "GEMM"),
-    ("_conv_step_x_proj_kernel", "conv"),  # the conv step with x_proj's GEMM (batch 2-16 decode)
     ("_int8_gemm_skinny_jit", "GEMM"),
     ("_w4a8_skinny_kernel", "GEMM"), ("_w4a16_gemv_kernel", "GEMM"), ("_w4_gemm_kernel", "GEMM"),
     # Mamba-2's SSD: mamba_ssm's Triton kernels and ours

@@ -18,15 +18,14 @@ graph while split-K GEMMs run on that device from another stream.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["arrive", "load_k_step", "load_step", "total", "scratch", "scratch_need", "split_counts",
-           "stream_buffers"]
+__all__ = ["arrive", "load_k_step", "load_step", "total", "scratch", "scratch_need", "split_counts"]
 
 
 @triton.jit
@@ -105,34 +104,29 @@ def scratch_need(m: int, n: int, metas: Iterable[dict]) -> Tuple[int, int]:
 _SCRATCH: Dict[tuple, Tuple[Tensor, Tensor]] = {}
 
 
-def stream_buffers(cache: Dict[tuple, Tuple[Tensor, ...]], device: torch.device, need: Tuple[int, ...],
-                   make: Callable[[Tuple[int, ...]], Tuple[Tensor, ...]]) -> Tuple[Tensor, ...]:
-    """Buffers of at least `need` elements each, from `cache` (keyed by device and stream) for a
-    launch on `device`'s current stream, made by `make(sizes)` where none fit: grown to the
-    larger of the old and the needed sizes. Inside a CUDA-graph capture, any fitting buffers of
-    the device are taken, else `make` gives the graph its own (see the module docstring)."""
-    def fits(have: Tuple[Tensor, ...]) -> bool:
-        return all(t.numel() >= n for t, n in zip(have, need))
-
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        for (dev, _), have in cache.items():
-            if dev == device and fits(have):
-                return have
-        # Allocated in the graph's pool (and zeroed, where `make` zeroes, by the graph itself).
-        return make(need)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    have = cache.get((device, stream))
-    if have is not None and fits(have):
-        return have
-    if have is not None:
-        need = tuple(max(n, t.numel()) for t, n in zip(have, need))
-    cache[(device, stream)] = grown = make(need)
-    return grown
+def _fits(have: Tuple[Tensor, Tensor], partials: int, counters: int) -> bool:
+    return have[0].numel() >= partials and have[1].numel() >= counters
 
 
 def scratch(device: torch.device, partials: int, counters: int) -> Tuple[Tensor, Tensor]:
     """Scratch of at least the given sizes for a launch on `device`'s current stream (see the
-    module docstring for streams and CUDA-graph captures): partials uninitialised, counters zero."""
-    return stream_buffers(_SCRATCH, device, (partials, counters),
-                          lambda n: (torch.empty(n[0], dtype=torch.int32, device=device),
-                                     torch.zeros(n[1], dtype=torch.int32, device=device)))
+    module docstring for streams and CUDA-graph captures)."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        for (dev, _), have in _SCRATCH.items():
+            if dev == device and _fits(have, partials, counters):
+                return have
+        # Allocated in the graph's pool and zeroed by the graph itself: this graph's alone.
+        return (torch.empty(partials, dtype=torch.int32, device=device),
+                torch.zeros(counters, dtype=torch.int32, device=device))
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    have = _SCRATCH.get(key)
+    if have is not None and _fits(have, partials, counters):
+        return have
+    if have is not None:
+        partials, counters = max(partials, have[0].numel()), max(counters, have[1].numel())
+    grown = (torch.empty(partials, dtype=torch.int32, device=device),
+             torch.zeros(counters, dtype=torch.int32, device=device))
+    _SCRATCH[key] = grown
+    return grown

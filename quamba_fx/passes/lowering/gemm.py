@@ -1,7 +1,7 @@
 """Lowering rules of the GEMM kernels (kernels/gemm.py and its GEMV / few-row / TMA paths,
 kernels/gemm_fp8.py): every quantized Linear becomes one GEMM op, and a decode step's in_proj
-takes the conv1d step into its epilogue, and Mamba-1's x_proj after it (kernels/conv_x_proj.py);
-and of the gather that reads a tied W8A8 head's table as the embedding (kernels/gather_int8.py)."""
+takes the conv1d step into its epilogue; and of the gather that reads a tied W8A8 head's table
+as the embedding (kernels/gather_int8.py)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,18 @@ import torch.fx
 
 from ...graph_info import info
 from ...kernels import conv1d as conv1d_kernel  # noqa: F401  (registers torch.ops.quamba.conv1d_silu_int8_cached)
-from ...kernels import conv_x_proj  # noqa: F401  (registers torch.ops.quamba.in_proj_conv_x_proj)
 from ...kernels import gemm as gemm_kernel  # noqa: F401  (registers w8a8_linear and in_proj_conv_update)
 from ...kernels import gather_int8  # noqa: F401  (registers torch.ops.quamba.int8_embedding_gather)
 from ...kernels import gemm_fp8  # noqa: F401  (registers torch.ops.quamba.fp8_gemm)
 from ...quant.fp8_linear import Fp8Linear
 from ...quant.linear import Int8Embedding, QuantizedLinear
 from ..rewrite import Rule
-from .match import annotate, get_attr, is_call, same_value
+from .match import annotate, get_attr, is_call
 
 W8A8_LINEAR = torch.ops.quamba.w8a8_linear.default
 FP8_GEMM = torch.ops.quamba.fp8_gemm.default
 CONV_CACHED = torch.ops.quamba.conv1d_silu_int8_cached.default
 IN_PROJ_CONV_UPDATE = torch.ops.quamba.in_proj_conv_update.default
-IN_PROJ_CONV_X_PROJ = torch.ops.quamba.in_proj_conv_x_proj.default
 INT8_EMBEDDING_GATHER = torch.ops.quamba.int8_embedding_gather.default
 
 KERNELS = {W8A8_LINEAR: "triton:int8_gemm", FP8_GEMM: "fp8_gemm", INT8_EMBEDDING_GATHER: "triton:int8_embedding_gather"}
@@ -171,41 +169,4 @@ def rules(dtype: torch.dtype) -> list[Rule]:
     return [functools.partial(lower_linear, dtype=dtype), functools.partial(lower_int8_embedding, dtype=dtype)]
 
 
-def fuse_x_proj_into_conv_step(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Decode only, Mamba-1: `w8a8_linear(transpose(in_proj_conv_update(..)[1], 1, 2), s, w, ws, b,
-    s_out)`, x_proj on the conv's output (read at the conv's output scale `s`, one int8 output
-    scale `s_out`) -> `in_proj_conv_x_proj`, whose three results replace in_proj's output, the
-    conv's and x_proj's: at 2-16 sequences the conv step and x_proj share one launch."""
-    if not is_call(node, W8A8_LINEAR) or node.kwargs or len(node.args) < 6:
-        return False
-    transpose, x_scale, weight, w_scale, bias, out_scale = node.args[:6]
-    if out_scale is None or (len(node.args) > 6 and node.args[6] is not None):
-        return False
-    if not (isinstance(transpose, torch.fx.Node) and transpose.op == "call_method" and transpose.target == "transpose"
-            and tuple(transpose.args[1:]) == (1, 2)):
-        return False
-    u = transpose.args[0]
-    if not (isinstance(u, torch.fx.Node) and u.target is operator.getitem and u.args[1] == 1):
-        return False
-    fused = u.args[0]
-    # Ten arguments: no conv_start, so the conv reads in_proj's first columns (Mamba-1's x half).
-    if not is_call(fused, IN_PROJ_CONV_UPDATE) or fused.kwargs or len(fused.args) != 10:
-        return False
-    if not same_value(x_scale, fused.args[8]) or not hoist_conv_operands(fused, (weight, w_scale, bias, out_scale)):
-        return False
-    graph = gm.graph
-    with graph.inserting_before(fused):
-        new = graph.call_function(IN_PROJ_CONV_X_PROJ, (*fused.args, weight, w_scale, bias, out_scale))
-        x_dbl = graph.call_function(operator.getitem, (new, 2))
-    new.meta["quamba"] = {**info(fused), "kernel": "triton:in_proj_conv_x_proj"}
-    x_dbl.meta["quamba"] = {**info(node)}
-    fused.replace_all_uses_with(new)  # its getitems of xz and u now read the new op
-    node.replace_all_uses_with(x_dbl)
-    graph.erase_node(node)
-    if not transpose.users:
-        graph.erase_node(transpose)
-    graph.erase_node(fused)
-    return True
-
-
-DECODE_RULES: list[Rule] = [fuse_conv_into_in_proj, fuse_x_proj_into_conv_step]
+DECODE_RULES: list[Rule] = [fuse_conv_into_in_proj]
