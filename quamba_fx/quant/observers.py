@@ -8,7 +8,7 @@ fixed-size histogram, the channel observer one number a channel).
 State round-trips through `state_dict()` / `from_state_dict()` as plain Python values (str, int,
 float, list of int): JSON-serialisable as is; `from_state_dict` also accepts tensors in place of
 numbers and lists (as after a round-trip through safetensors; store the floats as fp64 tensors
-there, since an fp32 percentile or bound moves the value by up to about 1e-5 relative).
+there: an fp32 percentile moved the value by up to 3e-5 relative in a test of 300 draws).
 
 Recipes name their observers instead of holding factories, so that a recipe is plain data: the
 registry maps `abs_max`, `percentile` and `channel_abs_max` to their classes (`make_observer`,
