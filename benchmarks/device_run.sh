@@ -4,6 +4,7 @@
 #   COMMIT=$(git rev-parse HEAD) bash benchmarks/device_run.sh STEP [STEP ...]   (on the GPU machine)
 #   bash benchmarks/device_run.sh --list          the steps and what each measures
 #   bash benchmarks/device_run.sh --dry-run STEP  the commands, not run
+#   bash benchmarks/device_run.sh --digest        the sources' digest (run here before a call)
 #
 # Why a script: a device call is limited to 10 minutes and a session to about 30, and the ignored
 # folders that held each session's call scripts do not survive a machine reset. Steps run in the
@@ -45,6 +46,16 @@ w4-rows-ab|540|issue 16: mamba-2.8b W4A16 batch-1 decode with the W4A16 GEMV's t
 EOF
 )
 
+# A digest of the sources a device call copies (Python and shell files of the package, the
+# benchmarks and the tests, and pyproject.toml; no caches, no build outputs). The copy carries no
+# git history, so COMMIT is only a label: environment.txt records this digest beside it, and
+# `--digest` run on the checkout at that commit must print the same, or the label is wrong.
+source_digest() {
+    find quamba_fx benchmarks tests pyproject.toml -type f \( -name '*.py' -o -name '*.sh' -o -name '*.toml' \) \
+        -not -path '*/__pycache__/*' -not -path '*.egg-info/*' -print0 \
+        | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
+}
+
 field() {  # step name, field number
     awk -F'|' -v name="$1" -v f="$2" '$1 == name { print $f }' <<<"$STEPS"
 }
@@ -55,8 +66,9 @@ list_steps() {
 
 dry_run=0
 case "${1:-}" in
-    ""|-h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; echo; list_steps; exit 0 ;;
+    ""|-h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; echo; list_steps; exit 0 ;;
     --list) list_steps; exit 0 ;;
+    --digest) source_digest; exit 0 ;;
     --dry-run) dry_run=1; shift ;;
 esac
 [ "$#" -gt 0 ] || { echo "device_run.sh: name at least one step (--list shows them)" >&2; exit 2; }
@@ -74,6 +86,7 @@ fi
 mkdir -p "$OUT"
 {
     echo "commit $COMMIT, $(date -u +%FT%TZ)"
+    echo "sources $(source_digest)"
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
     python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } > "$OUT/environment.txt" 2>&1

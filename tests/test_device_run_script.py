@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -78,4 +79,30 @@ def test_a_failing_step_is_recorded_and_the_next_one_still_runs(tmp_path):
     assert run.returncode == 1
     summary = (out / "summary.txt").read_text().splitlines()
     assert [line.split()[:2] for line in summary] == [["tests-4bit", "status=3"]] * 2
-    assert (out / "environment.txt").read_text().startswith("commit abc123")
+    environment = (out / "environment.txt").read_text().splitlines()
+    assert environment[0].startswith("commit abc123")
+    assert environment[1] == f"sources {_digest(ROOT)}"
+
+
+def _digest(root: Path) -> str:
+    run = subprocess.run(["bash", str(root / "benchmarks" / "device_run.sh"), "--digest"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
+
+
+def test_the_sources_digest_names_the_tree_that_ran(tmp_path):
+    # A copy of the sources as the device gets them, with a cache and a log beside them.
+    copy = tmp_path / "copy"
+    for part in ("quamba_fx", "benchmarks", "tests"):
+        shutil.copytree(ROOT / part, copy / part)
+    shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    (copy / "quamba_fx" / "__pycache__").mkdir(exist_ok=True)
+    (copy / "quamba_fx" / "__pycache__" / "stale.py").write_text("x = 1\n")
+    (copy / "benchmarks" / "notes.log").write_text("not a source\n")
+    digest = _digest(copy)
+    assert re.fullmatch(r"[0-9a-f]{16}", digest)
+    assert digest == _digest(ROOT)
+    with open(copy / "quamba_fx" / "kernels" / "scan.py", "a") as f:
+        f.write("# edited\n")
+    assert _digest(copy) != digest
