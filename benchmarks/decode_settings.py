@@ -11,8 +11,8 @@ must be a setting read when a kernel is launched or its config chosen (the tuned
 emptied for each variant; a captured CUDA graph keeps what was read at capture). Variants run in
 order within each round and the rounds repeat the whole order, so a drift of the GPU's clock shows
 as a difference between rounds, not between variants. Every setting is put back at the end. `--ref`
-also times mamba_ssm's CUDA-graph decode once (needs /work/shared/anchors on PYTHONPATH, as
-benchmarks/reference.py does).
+also times mamba_ssm's CUDA-graph decode at the start of every round (needs /work/shared/anchors
+on PYTHONPATH, as benchmarks/reference.py does); the ratios divide by its mean.
 
 Rows are tokens/s of greedy decode steps replayed from CUDA graphs after a 16-token prompt (as
 reference.py times them: a replay, then the argmax, a step); with `--greedy`, of
@@ -78,6 +78,22 @@ def label(variant: dict) -> str:
     return ", ".join(f"{attr}={value!r}" for (_, attr), value in variant.items())
 
 
+def time_reference(ref, prompts: dict[int, torch.Tensor], steps: int, result: dict) -> None:
+    """One round of mamba_ssm's CUDA-graph decode at every batch, into `result`: its rates a round
+    (`mamba_ssm_rounds`) and their mean (`mamba_ssm`, what the ratios divide by). Timed in every
+    round, as our variants are, because its figure drifts too (2.4% between two processes at
+    batch 16 in session 58): one sample would put that drift into every ratio."""
+    rounds = result.setdefault("mamba_ssm_rounds", {})
+    means = result.setdefault("mamba_ssm", {})
+    for batch, prompt in prompts.items():
+        dec = R.RefDecoder(ref, batch, R.PROMPT_LEN + steps + 8)
+        rate = R.decode_rate(dec.prefill, dec.decode, prompt, steps)
+        del dec
+        rounds.setdefault(str(batch), []).append(rate)
+        means[str(batch)] = statistics.fmean(rounds[str(batch)])
+        R.log(f"  mamba_ssm batch {batch}: {rate:.0f} tok/s")
+
+
 def run(args: argparse.Namespace, settings: list[tuple[object, str, list]],
         save: Callable[[dict], None] = lambda result: None) -> dict:
     """Time every variant of `settings` (`parse_setting`'s) at every batch for `args.rounds` rounds;
@@ -94,15 +110,10 @@ def run(args: argparse.Namespace, settings: list[tuple[object, str, list]],
     first_tokens: dict[int, torch.Tensor] = {}  # batch -> the first variant's greedy tokens [steps, B]
     try:
         with torch.inference_mode():
-            if ref is not None:
-                result["mamba_ssm"] = {}
-                for batch, prompt in prompts.items():
-                    dec = R.RefDecoder(ref, batch, R.PROMPT_LEN + args.steps + 8)
-                    result["mamba_ssm"][str(batch)] = R.decode_rate(dec.prefill, dec.decode, prompt, args.steps)
-                    del dec
-                    R.log(f"  mamba_ssm batch {batch}: {result['mamba_ssm'][str(batch)]:.0f} tok/s")
-                    save(result)
             for round_ in range(args.rounds):
+                if ref is not None:
+                    time_reference(ref, prompts, args.steps, result)
+                    save(result)
                 for variant in grid:
                     for (module, attr), value in variant.items():
                         setattr(module, attr, value)
@@ -153,6 +164,11 @@ def print_table(result: dict, batches: list[int]) -> None:
             if equal:
                 cells.append(str(min(agree[(name, batch)])))
             print("| " + " | ".join(cells) + " |")
+    for batch in batches if ref else ():
+        rates = result["mamba_ssm_rounds"][str(batch)]
+        cells = ["mamba_ssm", str(batch), " / ".join(f"{r:.0f}" for r in rates),
+                 f"{result['mamba_ssm'][str(batch)]:.0f}", "", "1.00x"] + ([""] if equal else [])
+        print("| " + " | ".join(cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=R.DECODE_STEPS, help="timed decode steps")
-    parser.add_argument("--ref", action="store_true", help="also time mamba_ssm's decode once")
+    parser.add_argument("--ref", action="store_true", help="also time mamba_ssm's decode, once a round")
     parser.add_argument("--greedy", action="store_true",
                         help="time our steps through Generator.greedy (graphs of STEPS_PER_GRAPH steps)")
     parser.add_argument("--commit", default=None, help="the checkout's commit, recorded in the JSON")

@@ -4,9 +4,12 @@ table and the JSON (so the script cannot rot while CI has no GPU)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from .benchmark_scripts import load_benchmark
 
@@ -104,3 +107,32 @@ def test_cpu_smoke_run_times_greedy_steps_under_each_steps_per_graph(tmp_path, c
     assert "mamba-tiny quamba, Generator.greedy" in capsys.readouterr().out
     result = json.loads(out.read_text())["result"]
     assert result["greedy"] and all(row["tokens_per_s"] > 0 for row in result["rows"])
+
+
+def test_mamba_ssm_is_timed_each_round_and_the_ratios_divide_by_its_mean(monkeypatch, capsys):
+    # The script's bookkeeping, with both decoders replaced by canned rates (mamba_ssm needs a GPU).
+    reference = script.R
+    events = []
+    monkeypatch.setattr(reference, "DEVICE", "cpu")
+    monkeypatch.setattr(reference, "build", lambda model, with_ref, recipes, rtn: (
+        {reference.recipe_label("quamba"): "ours"}, "mamba_ssm model", {}, 8))
+    monkeypatch.setattr(reference, "RefDecoder", lambda ref, batch, length: SimpleNamespace(prefill=None, decode=None))
+    ref_rates = iter([100.0, 300.0])
+    monkeypatch.setattr(reference, "decode_rate",
+                        lambda prefill, decode, prompt, steps: events.append("mamba_ssm") or next(ref_rates))
+
+    def ours(lowered, prompt, steps, tokens):
+        events.append("ours")
+        tokens.append(torch.zeros(prompt.shape[0], dtype=torch.long))
+        return 400.0, None
+
+    monkeypatch.setattr(reference, "_our_decode_rate", ours)
+    args = argparse.Namespace(model="mamba-tiny", ref=True, recipe="quamba", rtn_weights=False, batches=[1],
+                              steps=1, rounds=2, greedy=False)
+    result = script.run(args, [script.parse_setting(f"{SETTING}=0,16")])
+    assert events == ["mamba_ssm", "ours", "ours"] * 2
+    assert result["mamba_ssm_rounds"] == {"1": [100.0, 300.0]} and result["mamba_ssm"] == {"1": 200.0}
+    script.print_table(result, [1])
+    out = capsys.readouterr().out
+    assert "| L2_WINDOW_BYTES=0 | 1 | 400 / 400 | 400 | 1.000x | 2.00x | 1 |" in out
+    assert "| mamba_ssm | 1 | 100 / 300 | 200 |  | 1.00x |  |" in out
